@@ -1,0 +1,352 @@
+#include "config.hpp"
+
+#include <array>
+#include <cerrno>
+#include <cstddef>
+#include <cstdio>
+#include <memory>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+
+namespace p11mux {
+namespace {
+
+// ---- Value kinds -------------------------------------------------------------------------
+// ValueKind<T> says how text becomes a T: parse() returns false for a bad value and
+// expected() describes the accepted values for the error message. A Config field of a new
+// type needs one specialization here (e.g. unsigned: digits only, range-checked; bool:
+// true|false); the key table below picks the kind from the field's type.
+
+template <typename T>
+struct ValueKind;  // deliberately undefined
+
+template <>
+struct ValueKind<std::string> {
+    static bool parse(std::string_view text, std::string& out) {
+        out.assign(text);
+        return true;
+    }
+    static std::string expected() { return "a string"; }
+};
+
+template <>
+struct ValueKind<std::optional<std::string>> {
+    // Empty means unset, so an environment override can clear a value set by the file.
+    static bool parse(std::string_view text, std::optional<std::string>& out) {
+        if (text.empty())
+            out.reset();
+        else
+            out.emplace(text);
+        return true;
+    }
+    static std::string expected() { return "a string"; }
+};
+
+template <typename E>
+struct EnumName {
+    std::string_view name;
+    E value;
+};
+
+// The spelling of each enum value, one list per enum type (found by overload on the tag).
+constexpr std::array<EnumName<SessionMode>, 2> names_of(std::type_identity<SessionMode>) {
+    return {{{"serialize", SessionMode::serialize}, {"multiplex", SessionMode::multiplex}}};
+}
+constexpr std::array<EnumName<LockingMode>, 4> names_of(std::type_identity<LockingMode>) {
+    return {{{"auto", LockingMode::automatic},
+             {"os", LockingMode::os},
+             {"callbacks", LockingMode::callbacks},
+             {"none", LockingMode::none}}};
+}
+constexpr std::array<EnumName<spdlog::level::level_enum>, 6> names_of(
+    std::type_identity<spdlog::level::level_enum>) {
+    namespace lv = spdlog::level;
+    return {{{"off", lv::off},
+             {"error", lv::err},
+             {"warn", lv::warn},
+             {"info", lv::info},
+             {"debug", lv::debug},
+             {"trace", lv::trace}}};
+}
+
+template <typename E>
+    requires std::is_enum_v<E>
+struct ValueKind<E> {
+    static constexpr auto names = names_of(std::type_identity<E>{});
+
+    static bool parse(std::string_view text, E& out) {
+        for (const auto& n : names) {
+            if (n.name == text) {
+                out = n.value;
+                return true;
+            }
+        }
+        return false;
+    }
+    static std::string expected() {
+        std::string s;
+        for (const auto& n : names) {
+            if (!s.empty()) s += '|';
+            s += n.name;
+        }
+        return s;
+    }
+    static std::string_view name(E value) noexcept {
+        for (const auto& n : names)
+            if (n.value == value) return n.name;
+        return "?";
+    }
+};
+
+// ---- The key table -----------------------------------------------------------------------
+
+struct KeySpec {
+    std::string_view section;  // empty: top-level
+    std::string_view name;
+    bool (*assign)(Config&, std::string_view text);  // false: bad value
+    std::string (*expected)();
+};
+
+// A key stored at config.*Path[0].*Path[1]...; its value kind follows from the field type.
+template <auto... Path>
+constexpr KeySpec key(std::string_view section, std::string_view name) {
+    using Field = std::remove_reference_t<decltype((std::declval<Config&>() .* ... .* Path))>;
+    using Kind = ValueKind<Field>;
+    return {section, name,
+            [](Config& c, std::string_view text) { return Kind::parse(text, (c .* ... .* Path)); },
+            &Kind::expected};
+}
+
+// Every configuration key, once. The file parser and the environment overrides both read it.
+constexpr std::array kKeys{
+    key<&Config::module>("", "module"),
+    key<&Config::session_mode>("", "session_mode"),
+    key<&Config::backend, &Config::Backend::locking>("backend", "locking"),
+    key<&Config::backend, &Config::Backend::init_reserved>("backend", "init_reserved"),
+    key<&Config::log, &Config::Log::level>("log", "level"),
+    key<&Config::log, &Config::Log::file>("log", "file"),
+};
+
+constexpr std::string_view kEnvPrefix = "P11MUX_";
+constexpr char kConfigFileVar[] = "P11MUX_CONFIG";
+
+// P11MUX_[SECTION_]KEY. A fixed buffer rather than std::string so the table can be checked
+// at compile time with compilers whose constexpr std::string support lags (clang 14).
+class EnvName {
+public:
+    constexpr explicit EnvName(const KeySpec& k) {
+        append(kEnvPrefix);
+        if (!k.section.empty()) {
+            append(k.section);
+            append("_");
+        }
+        append(k.name);
+    }
+    constexpr std::string_view view() const { return {buf_.data(), fits() ? len_ : buf_.size()}; }
+    constexpr bool fits() const { return len_ <= buf_.size(); }
+
+private:
+    constexpr void append(std::string_view part) {
+        for (char ch : part) {
+            if (len_ < buf_.size())
+                buf_[len_] = (ch >= 'a' && ch <= 'z') ? static_cast<char>(ch - 'a' + 'A') : ch;
+            ++len_;  // past the end: fits() is false and the table check fails
+        }
+    }
+    std::array<char, 64> buf_{};
+    std::size_t len_ = 0;
+};
+
+// Names are lower-case identifiers, so upper-casing them is one-to-one; the joined
+// environment names must still be distinct ("a_b"+"c" vs "a"+"b_c") and not P11MUX_CONFIG.
+constexpr bool lower_identifier(std::string_view s) {
+    for (char ch : s)
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_')) return false;
+    return true;
+}
+constexpr bool table_is_consistent() {
+    for (std::size_t i = 0; i < kKeys.size(); ++i) {
+        const KeySpec& a = kKeys[i];
+        if (a.name.empty() || !lower_identifier(a.name) || !lower_identifier(a.section)) return false;
+        const EnvName env(a);
+        if (!env.fits() || env.view() == kConfigFileVar) return false;
+        for (std::size_t j = i + 1; j < kKeys.size(); ++j)
+            if (env.view() == EnvName(kKeys[j]).view()) return false;
+    }
+    return true;
+}
+static_assert(table_is_consistent(), "config keys must be lower-case and map to distinct P11MUX_* names");
+
+const KeySpec* find_key(std::string_view section, std::string_view name) {
+    for (const KeySpec& k : kKeys)
+        if (k.section == section && k.name == name) return &k;
+    return nullptr;
+}
+
+bool known_section(std::string_view section) {
+    for (const KeySpec& k : kKeys)
+        if (!k.section.empty() && k.section == section) return true;
+    return false;
+}
+
+// "session_mode" or "[log] level": how messages name a key.
+std::string describe(const KeySpec& k) {
+    if (k.section.empty()) return std::string(k.name);
+    return "[" + std::string(k.section) + "] " + std::string(k.name);
+}
+
+std::string bad_value(const KeySpec& k, std::string_view text) {
+    return "bad value '" + std::string(text) + "' for " + describe(k) + " (expected " + k.expected() + ")";
+}
+
+// "top-level key 'x'" or "key 'x' in section [s]"
+std::string key_in_section(std::string_view section, std::string_view name) {
+    if (section.empty()) return "top-level key '" + std::string(name) + "'";
+    return "key '" + std::string(name) + "' in section [" + std::string(section) + "]";
+}
+
+// ---- INI parsing -------------------------------------------------------------------------
+
+constexpr std::string_view kSpace = " \t\r\v\f";
+
+std::string_view trim(std::string_view s) {
+    const auto first = s.find_first_not_of(kSpace);
+    if (first == std::string_view::npos) return {};
+    const auto last = s.find_last_not_of(kSpace);
+    return s.substr(first, last - first + 1);
+}
+
+bool is_comment_start(char ch) { return ch == '#' || ch == ';'; }
+
+// Empty, or a comment (after trimming).
+bool nothing_but_comment(std::string_view rest) { return rest.empty() || is_comment_start(rest.front()); }
+
+// Cuts a trailing comment: a '#' or ';' that follows whitespace.
+std::string_view strip_trailing_comment(std::string_view s) {
+    for (std::size_t i = 1; i < s.size(); ++i)
+        if (is_comment_start(s[i]) && kSpace.find(s[i - 1]) != std::string_view::npos) return s.substr(0, i);
+    return s;
+}
+
+class IniParser {
+public:
+    IniParser(std::string_view file_name, Config& config) : file_name_(file_name), config_(config) {}
+
+    void parse(std::string_view text) {
+        if (text.starts_with("\xEF\xBB\xBF")) text.remove_prefix(3);  // UTF-8 byte order mark
+        std::size_t line_no = 0;
+        while (!text.empty()) {
+            const auto eol = text.find('\n');
+            const std::string_view line = text.substr(0, eol);
+            text.remove_prefix(eol == std::string_view::npos ? text.size() : eol + 1);
+            ++line_no;
+            parse_line(trim(line), line_no);
+        }
+    }
+
+private:
+    [[noreturn]] void fail(std::size_t line_no, const std::string& what) const {
+        throw ConfigError(std::string(file_name_) + ":" + std::to_string(line_no) + ": " + what);
+    }
+
+    void parse_line(std::string_view line, std::size_t line_no) {
+        if (nothing_but_comment(line)) return;
+        if (line.front() == '[') return parse_section(line, line_no);
+
+        const auto eq = line.find('=');
+        if (eq == std::string_view::npos)
+            fail(line_no, "expected 'key = value' or '[section]', got '" + std::string(line) + "'");
+        const std::string_view name = trim(line.substr(0, eq));
+        if (name.empty()) fail(line_no, "missing key before '='");
+        const KeySpec* k = find_key(section_, name);
+        if (k == nullptr) fail(line_no, "unknown " + key_in_section(section_, name));
+        std::size_t& first = first_line_[static_cast<std::size_t>(k - kKeys.data())];
+        if (first != 0)
+            fail(line_no, "duplicate " + key_in_section(section_, name) + " (first set on line " +
+                              std::to_string(first) + ")");
+        first = line_no;
+        const std::string_view value = parse_value(line.substr(eq + 1), name, line_no);
+        if (!k->assign(config_, value)) fail(line_no, bad_value(*k, value));
+    }
+
+    void parse_section(std::string_view line, std::size_t line_no) {
+        const auto close = line.find(']');
+        if (close == std::string_view::npos)
+            fail(line_no, "unterminated section header '" + std::string(line) + "'");
+        const std::string_view rest = trim(line.substr(close + 1));
+        if (!nothing_but_comment(rest))
+            fail(line_no, "unexpected text '" + std::string(rest) + "' after section header");
+        const std::string_view name = trim(line.substr(1, close - 1));
+        if (!known_section(name)) fail(line_no, "unknown section [" + std::string(name) + "]");
+        section_ = name;
+    }
+
+    std::string_view parse_value(std::string_view raw, std::string_view name, std::size_t line_no) const {
+        const std::string_view v = trim(raw);
+        if (v.empty() || v.front() != '"') return trim(strip_trailing_comment(raw));
+        const auto close = v.find('"', 1);
+        if (close == std::string_view::npos)
+            fail(line_no, "unterminated quoted value for " + key_in_section(section_, name));
+        const std::string_view rest = trim(v.substr(close + 1));
+        if (!nothing_but_comment(rest))
+            fail(line_no, "unexpected text '" + std::string(rest) + "' after quoted value for " +
+                              key_in_section(section_, name));
+        return v.substr(1, close - 1);
+    }
+
+    std::string_view file_name_;
+    Config& config_;
+    std::string_view section_;  // empty: top-level
+    std::array<std::size_t, kKeys.size()> first_line_{};  // 0: not seen yet
+};
+
+void apply_env_overrides(Config& config, const EnvLookup& env) {
+    for (const KeySpec& k : kKeys) {
+        const std::string var(EnvName(k).view());
+        const char* value = env(var.c_str());
+        if (value == nullptr) continue;
+        if (!k.assign(config, value))
+            throw ConfigError("environment variable " + var + ": " + bad_value(k, value));
+    }
+}
+
+struct FileCloser {
+    void operator()(std::FILE* f) const noexcept { std::fclose(f); }
+};
+
+std::string read_file(const std::string& path) {
+    auto fail = [&path](int err) -> ConfigError {
+        const std::string reason = err != 0 ? std::generic_category().message(err) : "read error";
+        return ConfigError("cannot read config file '" + path + "': " + reason);
+    };
+    errno = 0;
+    const std::unique_ptr<std::FILE, FileCloser> f{std::fopen(path.c_str(), "rb")};
+    if (!f) throw fail(errno);
+    std::string text;
+    std::array<char, 4096> buf;
+    std::size_t n = 0;
+    while ((n = std::fread(buf.data(), 1, buf.size(), f.get())) > 0) text.append(buf.data(), n);
+    if (std::ferror(f.get())) throw fail(errno);
+    return text;
+}
+
+}  // namespace
+
+Config parse_config(std::string_view text, std::string_view file_name, const EnvLookup& env) {
+    Config config;
+    IniParser(file_name, config).parse(text);
+    apply_env_overrides(config, env);
+    return config;
+}
+
+Config load_config(const EnvLookup& env) {
+    const char* path = env(kConfigFileVar);
+    if (path == nullptr || *path == '\0') return parse_config({}, {}, env);
+    return parse_config(read_file(path), path, env);
+}
+
+std::string_view to_string(SessionMode mode) noexcept { return ValueKind<SessionMode>::name(mode); }
+std::string_view to_string(LockingMode mode) noexcept { return ValueKind<LockingMode>::name(mode); }
+
+}  // namespace p11mux

@@ -1,0 +1,79 @@
+// p11mux configuration: an INI file named by P11MUX_CONFIG, overridden key by key by
+// P11MUX_* environment variables.
+//
+// File syntax (keys and section names are case-sensitive, lower case):
+//
+//   # whole-line comment (also ';')
+//   module = /usr/lib/softhsm/libsofthsm2.so      # trailing comment after whitespace
+//   session_mode = multiplex
+//   [backend]
+//   locking = auto
+//   init_reserved = "configdir='sql:/tmp/db' certPrefix='' keyPrefix='' secmod='secmod.db'"
+//   [log]
+//   level = debug
+//   file = /var/log/p11mux.log
+//
+// Keys before any section are top-level. A value may be double-quoted (the quotes are
+// stripped, there are no escapes, so a quoted value cannot contain '"'); an unquoted value
+// ends at a '#' or ';' that follows whitespace. A key may appear once per file.
+//
+// Environment overrides: P11MUX_<KEY> for top-level keys, P11MUX_<SECTION>_<KEY> otherwise
+// (upper case), e.g. P11MUX_MODULE, P11MUX_BACKEND_LOCKING, P11MUX_LOG_LEVEL. A set variable
+// wins over the file; an empty value means "empty" (for module and init_reserved: not
+// configured). Other P11MUX_* variables are not looked at.
+#pragma once
+
+#include <spdlog/common.h>
+
+#include <functional>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace p11mux {
+
+// How application sessions map onto backend sessions.
+enum class SessionMode { serialize, multiplex };      // config text: serialize|multiplex
+
+// What the proxy asks of the backend's C_Initialize for locking.
+enum class LockingMode { automatic, os, callbacks, none };  // config text: auto|os|callbacks|none
+
+struct Config {
+    std::string module;  // top-level `module`: path of the backend PKCS#11 library; empty = not configured
+    SessionMode session_mode = SessionMode::serialize;  // top-level `session_mode`
+    struct Backend {
+        LockingMode locking = LockingMode::automatic;  // [backend] locking
+        // [backend] init_reserved: passed as pReserved to the backend's C_Initialize (NSS
+        // softoken needs one). An empty value leaves it unset (pReserved = NULL).
+        std::optional<std::string> init_reserved;
+    } backend;
+    struct Log {
+        spdlog::level::level_enum level = spdlog::level::warn;  // [log] level: off|error|warn|info|debug|trace
+        std::string file;                                        // [log] file: path; empty = stderr
+    } log;
+};
+
+// Every configuration problem; the message names the file and line or the environment
+// variable, the key, and what was expected.
+class ConfigError : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+// getenv-like: returns nullptr when `name` is unset. Injected so tests need no real environment.
+using EnvLookup = std::function<const char*(const char* name)>;
+
+// Reads the file named by P11MUX_CONFIG (if set and non-empty), then applies P11MUX_* env
+// overrides. Throws ConfigError.
+Config load_config(const EnvLookup& env);
+
+// Parses INI text (file_name is used in messages only), then applies env overrides.
+// Throws ConfigError.
+Config parse_config(std::string_view text, std::string_view file_name, const EnvLookup& env);
+
+// The configuration spelling of a value, for log messages.
+std::string_view to_string(SessionMode mode) noexcept;
+std::string_view to_string(LockingMode mode) noexcept;
+
+}  // namespace p11mux

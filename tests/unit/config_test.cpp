@@ -1,0 +1,364 @@
+// Unit tests for proxy/config: INI parsing, P11MUX_* environment overrides, error messages.
+#include "../../proxy/config.hpp"
+
+#include <doctest/doctest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <string>
+
+using p11mux::Config;
+using p11mux::ConfigError;
+using p11mux::EnvLookup;
+using p11mux::LockingMode;
+using p11mux::SessionMode;
+
+namespace {
+
+using EnvMap = std::map<std::string, std::string>;
+
+// A getenv stand-in over a fixed map; the std::function owns the map, so the returned
+// pointers live as long as the lookup does.
+EnvLookup env_from(EnvMap vars = {}) {
+    return [vars = std::move(vars)](const char* name) -> const char* {
+        const auto it = vars.find(name);
+        return it == vars.end() ? nullptr : it->second.c_str();
+    };
+}
+
+Config parse(std::string_view text, EnvMap vars = {}) {
+    return p11mux::parse_config(text, "test.conf", env_from(std::move(vars)));
+}
+
+// The ConfigError message of parsing `text`, or "(no error)".
+std::string error_of(std::string_view text, EnvMap vars = {}) {
+    try {
+        parse(text, std::move(vars));
+    } catch (const ConfigError& e) {
+        return e.what();
+    }
+    return "(no error)";
+}
+
+// A file in a fresh temporary directory, removed with the directory at scope exit.
+class TempDir {
+public:
+    TempDir() {
+        std::string tmpl = (std::filesystem::temp_directory_path() / "p11mux-config-test-XXXXXX").string();
+        REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
+        path_ = tmpl;
+    }
+    ~TempDir() {
+        std::error_code ec;
+        std::filesystem::remove_all(path_, ec);
+    }
+    TempDir(const TempDir&) = delete;  // one owner removes the directory
+    TempDir& operator=(const TempDir&) = delete;
+
+    std::string write(const std::string& name, std::string_view content) const {
+        const auto file = path_ / name;
+        std::ofstream out(file, std::ios::binary);
+        out << content;
+        REQUIRE(out.good());
+        return file.string();
+    }
+    std::string path() const { return path_.string(); }
+
+private:
+    std::filesystem::path path_;
+};
+
+}  // namespace
+
+TEST_CASE("defaults with no file and an empty environment") {
+    const Config c = parse("");
+    CHECK(c.module.empty());
+    CHECK(c.session_mode == SessionMode::serialize);
+    CHECK(c.backend.locking == LockingMode::automatic);
+    CHECK_FALSE(c.backend.init_reserved.has_value());
+    CHECK(c.log.level == spdlog::level::warn);
+    CHECK(c.log.file.empty());
+
+    const Config loaded = p11mux::load_config(env_from());
+    CHECK(loaded.module.empty());
+    CHECK(loaded.session_mode == SessionMode::serialize);
+    CHECK(loaded.backend.locking == LockingMode::automatic);
+    CHECK_FALSE(loaded.backend.init_reserved.has_value());
+    CHECK(loaded.log.level == spdlog::level::warn);
+    CHECK(loaded.log.file.empty());
+}
+
+TEST_CASE("the file sets every key") {
+    const Config c = parse(
+        "module = /usr/lib/softhsm/libsofthsm2.so\n"
+        "session_mode = multiplex\n"
+        "[backend]\n"
+        "locking = os\n"
+        "init_reserved = secret\n"
+        "[log]\n"
+        "level = debug\n"
+        "file = /var/log/p11mux.log\n");
+    CHECK(c.module == "/usr/lib/softhsm/libsofthsm2.so");
+    CHECK(c.session_mode == SessionMode::multiplex);
+    CHECK(c.backend.locking == LockingMode::os);
+    CHECK(c.backend.init_reserved == "secret");
+    CHECK(c.log.level == spdlog::level::debug);
+    CHECK(c.log.file == "/var/log/p11mux.log");
+}
+
+TEST_CASE("every enum spelling is accepted") {
+    SUBCASE("session_mode") {
+        CHECK(parse("session_mode = serialize").session_mode == SessionMode::serialize);
+        CHECK(parse("session_mode = multiplex").session_mode == SessionMode::multiplex);
+    }
+    SUBCASE("[backend] locking") {
+        CHECK(parse("[backend]\nlocking = auto").backend.locking == LockingMode::automatic);
+        CHECK(parse("[backend]\nlocking = os").backend.locking == LockingMode::os);
+        CHECK(parse("[backend]\nlocking = callbacks").backend.locking == LockingMode::callbacks);
+        CHECK(parse("[backend]\nlocking = none").backend.locking == LockingMode::none);
+    }
+    SUBCASE("[log] level") {
+        CHECK(parse("[log]\nlevel = off").log.level == spdlog::level::off);
+        CHECK(parse("[log]\nlevel = error").log.level == spdlog::level::err);
+        CHECK(parse("[log]\nlevel = warn").log.level == spdlog::level::warn);
+        CHECK(parse("[log]\nlevel = info").log.level == spdlog::level::info);
+        CHECK(parse("[log]\nlevel = debug").log.level == spdlog::level::debug);
+        CHECK(parse("[log]\nlevel = trace").log.level == spdlog::level::trace);
+    }
+}
+
+TEST_CASE("comments, blank lines and whitespace are ignored") {
+    const Config c = parse(
+        "# leading comment\n"
+        "; semicolon comment\n"
+        "\n"
+        "   \t\n"
+        "  module=/lib/a.so   # trailing comment\r\n"
+        "\tsession_mode\t=\tmultiplex ; trailing semicolon comment\n"
+        "  [ log ]   # section comment\n"
+        "   # indented comment\n"
+        "file = /tmp/a#b.log\n"
+        "level = info");  // no final newline
+    CHECK(c.module == "/lib/a.so");
+    CHECK(c.session_mode == SessionMode::multiplex);
+    CHECK(c.log.file == "/tmp/a#b.log");  // '#' not after whitespace is part of the value
+    CHECK(c.log.level == spdlog::level::info);
+}
+
+TEST_CASE("a UTF-8 byte order mark and CRLF line ends are accepted") {
+    const Config c = parse("\xEF\xBB\xBFmodule = /lib/a.so\r\n[log]\r\nlevel = debug\r\n");
+    CHECK(c.module == "/lib/a.so");
+    CHECK(c.log.level == spdlog::level::debug);
+    CHECK(error_of("\xEF\xBB\xBFmodule = a\r\nbogus = 1\r\n") == "test.conf:2: unknown top-level key 'bogus'");
+}
+
+TEST_CASE("quoted values keep spaces, quotes and comment characters") {
+    const Config c = parse(
+        "module = \"  /opt/my lib/p11.so  \"  # comment after quotes\n"
+        "[backend]\n"
+        "init_reserved = \"configdir='sql:/tmp/db' certPrefix='' keyPrefix='' secmod='secmod.db'\"\n"
+        "[log]\n"
+        "file = \"/tmp/x # not a comment.log\"\n");
+    CHECK(c.module == "  /opt/my lib/p11.so  ");
+    CHECK(c.backend.init_reserved == "configdir='sql:/tmp/db' certPrefix='' keyPrefix='' secmod='secmod.db'");
+    CHECK(c.log.file == "/tmp/x # not a comment.log");
+}
+
+TEST_CASE("empty values") {
+    const Config c = parse("module =\n[backend]\ninit_reserved = \"\"\n[log]\nfile = # comment only\n");
+    CHECK(c.module.empty());
+    CHECK_FALSE(c.backend.init_reserved.has_value());  // empty init_reserved = not set
+    CHECK(c.log.file.empty());
+}
+
+TEST_CASE("unknown key: message names file, line, key and section") {
+    CHECK(error_of("[backend]\nlocking = os\n\nmax_sesions = 3\n") ==
+          "test.conf:4: unknown key 'max_sesions' in section [backend]");
+    CHECK(error_of("# c\nmodul = /lib/a.so\n") == "test.conf:2: unknown top-level key 'modul'");
+    // A top-level key inside a section is not that section's key.
+    CHECK(error_of("[log]\nmodule = /lib/a.so\n") == "test.conf:2: unknown key 'module' in section [log]");
+    // Keys are case-sensitive.
+    CHECK(error_of("Module = /lib/a.so\n") == "test.conf:1: unknown top-level key 'Module'");
+}
+
+TEST_CASE("unknown section") {
+    CHECK(error_of("module = a\n\n[pool]\nmax_sessions = 3\n") == "test.conf:3: unknown section [pool]");
+    CHECK(error_of("[Log]\n") == "test.conf:1: unknown section [Log]");
+}
+
+TEST_CASE("bad value: message names file, line, key and the accepted values") {
+    CHECK(error_of("module = a\n\nsession_mode = fast\n") ==
+          "test.conf:3: bad value 'fast' for session_mode (expected serialize|multiplex)");
+    CHECK(error_of("[backend]\nlocking = automatic\n") ==
+          "test.conf:2: bad value 'automatic' for [backend] locking (expected auto|os|callbacks|none)");
+    CHECK(error_of("[log]\nlevel = loud\n") ==
+          "test.conf:2: bad value 'loud' for [log] level (expected off|error|warn|info|debug|trace)");
+    CHECK(error_of("[log]\nlevel = WARN\n") ==
+          "test.conf:2: bad value 'WARN' for [log] level (expected off|error|warn|info|debug|trace)");
+    CHECK(error_of("[log]\nlevel =\n") ==
+          "test.conf:2: bad value '' for [log] level (expected off|error|warn|info|debug|trace)");
+}
+
+TEST_CASE("malformed lines") {
+    CHECK(error_of("module = a\njust some words\n") ==
+          "test.conf:2: expected 'key = value' or '[section]', got 'just some words'");
+    CHECK(error_of("= value\n") == "test.conf:1: missing key before '='");
+    CHECK(error_of("\n[backend\n") == "test.conf:2: unterminated section header '[backend'");
+    CHECK(error_of("[backend] locking = os\n") ==
+          "test.conf:1: unexpected text 'locking = os' after section header");
+    CHECK(error_of("[backend]\ninit_reserved = \"abc\n") ==
+          "test.conf:2: unterminated quoted value for key 'init_reserved' in section [backend]");
+    CHECK(error_of("module = \"/lib/a.so\" extra\n") ==
+          "test.conf:1: unexpected text 'extra' after quoted value for top-level key 'module'");
+}
+
+TEST_CASE("duplicate key in the same file") {
+    CHECK(error_of("module = a\n# c\nmodule = b\n") ==
+          "test.conf:3: duplicate top-level key 'module' (first set on line 1)");
+    // A section may be reopened, but a key still appears once.
+    CHECK(error_of("[log]\nlevel = info\n[backend]\nlocking = os\n[log]\nlevel = debug\n") ==
+          "test.conf:6: duplicate key 'level' in section [log] (first set on line 2)");
+    // The same key name in different sections is two keys.
+    CHECK(error_of("[log]\nfile = a\n[backend]\nlocking = os\n") == "(no error)");
+}
+
+TEST_CASE("environment overrides beat the file") {
+    const Config c = parse(
+        "module = /lib/file.so\n"
+        "session_mode = serialize\n"
+        "[backend]\n"
+        "locking = os\n"
+        "init_reserved = from-file\n"
+        "[log]\n"
+        "level = info\n"
+        "file = /tmp/file.log\n",
+        {{"P11MUX_MODULE", "/lib/env.so"},
+         {"P11MUX_SESSION_MODE", "multiplex"},
+         {"P11MUX_BACKEND_LOCKING", "none"},
+         {"P11MUX_BACKEND_INIT_RESERVED", "from-env"},
+         {"P11MUX_LOG_LEVEL", "trace"},
+         {"P11MUX_LOG_FILE", "/tmp/env.log"}});
+    CHECK(c.module == "/lib/env.so");
+    CHECK(c.session_mode == SessionMode::multiplex);
+    CHECK(c.backend.locking == LockingMode::none);
+    CHECK(c.backend.init_reserved == "from-env");
+    CHECK(c.log.level == spdlog::level::trace);
+    CHECK(c.log.file == "/tmp/env.log");
+}
+
+TEST_CASE("an unset variable leaves the file's value") {
+    const Config c = parse("module = /lib/file.so\n[log]\nlevel = info\n", {{"P11MUX_LOG_FILE", "/tmp/env.log"}});
+    CHECK(c.module == "/lib/file.so");
+    CHECK(c.log.level == spdlog::level::info);
+    CHECK(c.log.file == "/tmp/env.log");
+}
+
+TEST_CASE("environment alone configures everything") {
+    const Config c = p11mux::load_config(env_from({{"P11MUX_MODULE", "/lib/env.so"},
+                                                   {"P11MUX_SESSION_MODE", "multiplex"},
+                                                   {"P11MUX_BACKEND_LOCKING", "callbacks"},
+                                                   {"P11MUX_BACKEND_INIT_RESERVED", "configdir='sql:/db'"},
+                                                   {"P11MUX_LOG_LEVEL", "off"},
+                                                   {"P11MUX_LOG_FILE", "/tmp/env.log"}}));
+    CHECK(c.module == "/lib/env.so");
+    CHECK(c.session_mode == SessionMode::multiplex);
+    CHECK(c.backend.locking == LockingMode::callbacks);
+    CHECK(c.backend.init_reserved == "configdir='sql:/db'");
+    CHECK(c.log.level == spdlog::level::off);
+    CHECK(c.log.file == "/tmp/env.log");
+}
+
+TEST_CASE("an empty environment value sets the key to empty") {
+    const Config c = parse("module = /lib/file.so\n[backend]\ninit_reserved = x\n[log]\nfile = /tmp/f.log\n",
+                           {{"P11MUX_MODULE", ""}, {"P11MUX_BACKEND_INIT_RESERVED", ""}, {"P11MUX_LOG_FILE", ""}});
+    CHECK(c.module.empty());
+    CHECK_FALSE(c.backend.init_reserved.has_value());
+    CHECK(c.log.file.empty());
+    // For an enum, empty is a bad value rather than "default".
+    CHECK(error_of("", {{"P11MUX_SESSION_MODE", ""}}) ==
+          "environment variable P11MUX_SESSION_MODE: bad value '' for session_mode (expected serialize|multiplex)");
+}
+
+TEST_CASE("bad environment value: message names the variable and the key") {
+    CHECK(error_of("", {{"P11MUX_LOG_LEVEL", "loud"}}) ==
+          "environment variable P11MUX_LOG_LEVEL: bad value 'loud' for [log] level "
+          "(expected off|error|warn|info|debug|trace)");
+    CHECK(error_of("", {{"P11MUX_BACKEND_LOCKING", "Auto"}}) ==
+          "environment variable P11MUX_BACKEND_LOCKING: bad value 'Auto' for [backend] locking "
+          "(expected auto|os|callbacks|none)");
+    // Raised even when the file's own value is fine.
+    CHECK_THROWS_WITH_AS(parse("session_mode = multiplex\n", {{"P11MUX_SESSION_MODE", "fast"}}),
+                         "environment variable P11MUX_SESSION_MODE: bad value 'fast' for session_mode "
+                         "(expected serialize|multiplex)",
+                         ConfigError);
+}
+
+TEST_CASE("only the table's P11MUX_* names and P11MUX_CONFIG are looked up") {
+    std::set<std::string> asked;
+    const EnvLookup recording = [&asked](const char* name) -> const char* {
+        asked.insert(name);
+        return std::string_view(name) == "P11MUX_BOGUS" ? "whatever" : nullptr;
+    };
+    (void)p11mux::load_config(recording);
+    CHECK(asked == std::set<std::string>{"P11MUX_CONFIG", "P11MUX_MODULE", "P11MUX_SESSION_MODE",
+                                         "P11MUX_BACKEND_LOCKING", "P11MUX_BACKEND_INIT_RESERVED",
+                                         "P11MUX_LOG_LEVEL", "P11MUX_LOG_FILE"});
+}
+
+TEST_CASE("load_config reads the file named by P11MUX_CONFIG, then applies overrides") {
+    const TempDir dir;
+    const std::string path = dir.write("p11mux.conf",
+                                       "module = /lib/file.so\n"
+                                       "[backend]\n"
+                                       "init_reserved = \"configdir='sql:/tmp/db' certPrefix=''\"\n"
+                                       "[log]\n"
+                                       "level = debug\n");
+    const Config c = p11mux::load_config(env_from({{"P11MUX_CONFIG", path}, {"P11MUX_LOG_LEVEL", "error"}}));
+    CHECK(c.module == "/lib/file.so");
+    CHECK(c.backend.init_reserved == "configdir='sql:/tmp/db' certPrefix=''");
+    CHECK(c.log.level == spdlog::level::err);
+}
+
+TEST_CASE("load_config: errors in the file name the real path") {
+    const TempDir dir;
+    const std::string path = dir.write("bad.conf", "module = a\n[backend]\nlocking = fast\n");
+    CHECK_THROWS_WITH_AS(
+        p11mux::load_config(env_from({{"P11MUX_CONFIG", path}})),
+        (path + ":3: bad value 'fast' for [backend] locking (expected auto|os|callbacks|none)").c_str(),
+        ConfigError);
+}
+
+TEST_CASE("load_config: a missing or unreadable file is an error naming the path") {
+    const TempDir dir;
+    SUBCASE("missing") {
+        const std::string path = dir.path() + "/nope.conf";
+        CHECK_THROWS_WITH_AS(p11mux::load_config(env_from({{"P11MUX_CONFIG", path}})),
+                             ("cannot read config file '" + path + "': No such file or directory").c_str(),
+                             ConfigError);
+    }
+    SUBCASE("a directory") {
+        CHECK_THROWS_WITH_AS(p11mux::load_config(env_from({{"P11MUX_CONFIG", dir.path()}})),
+                             ("cannot read config file '" + dir.path() + "': Is a directory").c_str(),
+                             ConfigError);
+    }
+}
+
+TEST_CASE("load_config: an empty P11MUX_CONFIG means no file") {
+    const Config c = p11mux::load_config(env_from({{"P11MUX_CONFIG", ""}, {"P11MUX_MODULE", "/lib/env.so"}}));
+    CHECK(c.module == "/lib/env.so");
+}
+
+TEST_CASE("to_string gives the configuration spelling") {
+    CHECK(p11mux::to_string(SessionMode::serialize) == "serialize");
+    CHECK(p11mux::to_string(SessionMode::multiplex) == "multiplex");
+    CHECK(p11mux::to_string(LockingMode::automatic) == "auto");
+    CHECK(p11mux::to_string(LockingMode::os) == "os");
+    CHECK(p11mux::to_string(LockingMode::callbacks) == "callbacks");
+    CHECK(p11mux::to_string(LockingMode::none) == "none");
+    // Round trip: what to_string prints, the parser reads back.
+    for (const auto mode : {LockingMode::automatic, LockingMode::os, LockingMode::callbacks, LockingMode::none})
+        CHECK(parse("[backend]\nlocking = " + std::string(p11mux::to_string(mode))).backend.locking == mode);
+}
