@@ -1,0 +1,139 @@
+#include "backend.hpp"
+
+#include "proxy_mutexes.hpp"
+
+#include <p11mux/ckr_error.hpp>
+#include <p11mux/rv_names.hpp>
+
+#include <array>
+#include <cstring>
+
+namespace p11mux {
+
+std::string_view to_string(BackendLocking locking) noexcept {
+  switch (locking) {
+    case BackendLocking::automatic: return "auto";
+    case BackendLocking::os: return "os";
+    case BackendLocking::callbacks: return "callbacks";
+    case BackendLocking::none: return "none";
+  }
+  return "?";
+}
+
+Backend::Backend(const BackendOptions& options) : path_(options.path), library_(options.path) {
+  auto get_list = reinterpret_cast<CK_C_GetFunctionList>(library_.symbol("C_GetFunctionList"));
+  if (get_list == nullptr) {
+    throw CkrError(CKR_GENERAL_ERROR,
+                   "backend module '" + path_ + "' is not a PKCS#11 module: no C_GetFunctionList");
+  }
+  if (get_list == options.self) {
+    throw CkrError(CKR_GENERAL_ERROR,
+                   "backend module '" + path_ + "' is p11mux itself; name the vendor module");
+  }
+  resolve_functions();
+  initialize(options);
+}
+
+Backend::~Backend() { (void)finalize(); }
+
+// Prefer the v3.0 interface; its list is sized by the interface, not by the
+// version field of a 2.x list (pkcs11-notes, "v3.0").
+void Backend::resolve_functions() {
+  if (auto get_interface =
+          reinterpret_cast<CK_C_GetInterface>(library_.symbol("C_GetInterface"))) {
+    CK_VERSION v3{3, 0};
+    CK_INTERFACE* iface = nullptr;
+    auto* name = reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>("PKCS 11"));
+    if (get_interface(name, &v3, &iface, 0) == CKR_OK && iface != nullptr &&
+        iface->pFunctionList != nullptr) {
+      auto* list = static_cast<CK_FUNCTION_LIST_3_0*>(iface->pFunctionList);
+      if (list->version.major >= 3) {
+        functions_ = *list;
+        return;
+      }
+    }
+  }
+  auto get_list = reinterpret_cast<CK_C_GetFunctionList>(library_.symbol("C_GetFunctionList"));
+  CK_FUNCTION_LIST* list = nullptr;
+  if (CK_RV rv = get_list(&list); rv != CKR_OK || list == nullptr) {
+    throw CkrError(rv != CKR_OK ? rv : CKR_GENERAL_ERROR,
+                   "backend module '" + path_ + "': C_GetFunctionList failed: " +
+                       std::string(rv_name(rv)));
+  }
+  // Copy exactly the v2.x list; the v3.0 tail stays NULL.
+  std::memcpy(&functions_, list, sizeof(CK_FUNCTION_LIST));
+  if (functions_.C_Initialize == nullptr) {
+    throw CkrError(CKR_GENERAL_ERROR,
+                   "backend module '" + path_ + "' has no C_Initialize in its function list");
+  }
+}
+
+// pkcs11-notes, "Initializing the backend": OS locking, then p11mux's own
+// callbacks, then no locking (the backend is then serialized by p11mux).
+void Backend::initialize(const BackendOptions& options) {
+  std::string reserved = options.init_reserved.value_or("");
+  CK_C_INITIALIZE_ARGS args{};
+  args.pReserved = options.init_reserved ? reserved.data() : nullptr;
+
+  auto attempt = [&](BackendLocking how) {
+    args.flags = how == BackendLocking::os ? CKF_OS_LOCKING_OK : 0;
+    bool callbacks = how == BackendLocking::callbacks;
+    args.CreateMutex = callbacks ? &proxy_mutexes::create : nullptr;
+    args.DestroyMutex = callbacks ? &proxy_mutexes::destroy : nullptr;
+    args.LockMutex = callbacks ? &proxy_mutexes::lock : nullptr;
+    args.UnlockMutex = callbacks ? &proxy_mutexes::unlock : nullptr;
+    // NULL args mean "no threads"; with an init string we still need the struct.
+    bool null_args = how == BackendLocking::none && !options.init_reserved;
+    return functions_.C_Initialize(null_args ? nullptr : &args);
+  };
+
+  std::array<BackendLocking, 3> order{BackendLocking::os, BackendLocking::callbacks,
+                                      BackendLocking::none};
+  size_t first = 0, last = order.size();
+  if (options.locking != BackendLocking::automatic) {
+    for (size_t i = 0; i < order.size(); ++i) {
+      if (order[i] == options.locking) first = i, last = i + 1;
+    }
+  }
+  CK_RV rv = CKR_GENERAL_ERROR;
+  std::string tried;
+  for (size_t i = first; i < last; ++i) {
+    rv = attempt(order[i]);
+    tried += std::string(tried.empty() ? "" : ", ") + std::string(to_string(order[i])) + " -> " +
+             std::string(rv_name(rv));
+    if (rv == CKR_OK) {
+      locking_ = order[i];
+      thread_safe_ = order[i] != BackendLocking::none;
+      owns_initialization_ = true;
+      return;
+    }
+    if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+      // Someone else in this process initialized it with locking we cannot
+      // see; assume the worst unless the configuration says it was OS locking.
+      locking_ = options.locking == BackendLocking::os ? BackendLocking::os : BackendLocking::none;
+      thread_safe_ = options.locking == BackendLocking::os;
+      owns_initialization_ = false;
+      return;
+    }
+    // Only "that kind of locking is not for me" moves on to the next kind.
+    if (rv != CKR_CANT_LOCK && rv != CKR_ARGUMENTS_BAD) break;
+  }
+  throw CkrError(rv, "backend module '" + path_ + "': C_Initialize failed: " +
+                         std::string(rv_name(rv)) + " (tried " + tried + ")");
+}
+
+CK_RV Backend::finalize() noexcept {
+  if (finalized_ || !owns_initialization_) {
+    finalized_ = true;
+    return CKR_OK;
+  }
+  finalized_ = true;
+  return functions_.C_Finalize(nullptr);
+}
+
+void Backend::abandon() noexcept {
+  finalized_ = true;
+  library_.leak();
+}
+
+}  // namespace p11mux

@@ -1,0 +1,73 @@
+// The backend: the vendor PKCS#11 module p11mux forwards to, loaded from a
+// path and initialized with the best locking it accepts.
+#pragma once
+
+#include "shared_library.hpp"
+
+#include <p11mux/pkcs11.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace p11mux {
+
+// How the backend's C_Initialize was called; `automatic` tries them in order.
+enum class BackendLocking { automatic, os, callbacks, none };
+std::string_view to_string(BackendLocking locking) noexcept;
+
+struct BackendOptions {
+  std::string path;
+  BackendLocking locking = BackendLocking::automatic;
+  // Passed as pReserved to the backend's C_Initialize (NSS softoken's init string).
+  std::optional<std::string> init_reserved;
+  // p11mux's own C_GetFunctionList, to refuse loading p11mux as its own backend.
+  CK_C_GetFunctionList self = nullptr;
+};
+
+class Backend {
+ public:
+  // Loads and initializes the module. Throws CkrError with a message that names
+  // the path and, when the backend refused, its CKR code.
+  explicit Backend(const BackendOptions& options);
+  // Finalizes the backend (if p11mux initialized it) and unloads it.
+  ~Backend();
+  Backend(const Backend&) = delete;  // owns a loaded, initialized library
+  Backend& operator=(const Backend&) = delete;
+
+  // Every function, v3.0 ones included; an entry the backend lacks is NULL.
+  const CK_FUNCTION_LIST_3_0& functions() const noexcept { return functions_; }
+  // False when the backend only accepted C_Initialize without locking: then
+  // every call into it must be serialized by p11mux.
+  bool thread_safe() const noexcept { return thread_safe_; }
+  BackendLocking locking() const noexcept { return locking_; }
+  CK_VERSION version() const noexcept { return functions_.version; }
+  // True when the backend offers the v3.0 "PKCS 11" interface.
+  bool has_v3() const noexcept { return functions_.version.major >= 3; }
+  // True when someone else in the process had initialized it already, so
+  // p11mux must not finalize it.
+  bool shared() const noexcept { return !owns_initialization_; }
+  const std::string& path() const noexcept { return path_; }
+
+  // Calls the backend's C_Finalize now (idempotent); also wakes its blocked
+  // C_WaitForSlotEvent callers, as the spec says.
+  CK_RV finalize() noexcept;
+  // After fork() or with threads stuck inside it: never call into the backend
+  // again and never unload it.
+  void abandon() noexcept;
+
+ private:
+  void resolve_functions();
+  void initialize(const BackendOptions& options);
+
+  std::string path_;
+  SharedLibrary library_;
+  CK_FUNCTION_LIST_3_0 functions_{};
+  BackendLocking locking_ = BackendLocking::none;
+  bool thread_safe_ = false;
+  bool owns_initialization_ = false;
+  bool finalized_ = false;
+};
+
+}  // namespace p11mux

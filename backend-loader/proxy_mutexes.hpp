@@ -1,0 +1,16 @@
+// The mutex callbacks p11mux hands the backend when it accepts callbacks but
+// not CKF_OS_LOCKING_OK. They are p11mux's own: the application's callbacks
+// are never passed on (pkcs11-notes: "Never hand the application's callbacks
+// to the backend").
+#pragma once
+
+#include <p11mux/pkcs11.h>
+
+namespace p11mux::proxy_mutexes {
+
+CK_RV create(CK_VOID_PTR_PTR mutex);
+CK_RV destroy(CK_VOID_PTR mutex);
+CK_RV lock(CK_VOID_PTR mutex);
+CK_RV unlock(CK_VOID_PTR mutex);
+
+}  // namespace p11mux::proxy_mutexes

@@ -1,0 +1,65 @@
+#include "entry_points.hpp"
+
+#include "forward.hpp"
+#include "module.hpp"
+
+#include <optional>
+
+namespace p11mux::entry_points {
+namespace {
+
+// Each `entry` function of the table, by name; everything else is generated.
+#define P11MUX_ENTRY_entry(name) entry_##name
+#define P11MUX_ENTRY_handled(name) &Entry<fn::name>::call
+#define P11MUX_ENTRY_global(name) &Entry<fn::name>::call
+#define P11MUX_ENTRY_session(name) &Entry<fn::name>::call
+#define P11MUX_LIST_MEMBER(name, since, dispatch, args) .name = P11MUX_ENTRY_##dispatch(name),
+
+constexpr auto entry_C_Initialize = &initialize;
+constexpr auto entry_C_Finalize = &finalize;
+constexpr auto entry_C_GetFunctionList = &get_function_list_entry;
+constexpr auto entry_C_WaitForSlotEvent = &wait_for_slot_event;
+
+// The v2.40 list: exactly the 68 functions of CK_FUNCTION_LIST.
+constinit CK_FUNCTION_LIST function_list_v2 = {
+    .version = {2, 40},
+    P11MUX_FUNCTIONS_V2(P11MUX_LIST_MEMBER)
+};
+
+}  // namespace
+
+CK_RV initialize(CK_VOID_PTR init_args) { return the_module.initialize(init_args); }
+
+CK_RV finalize(CK_VOID_PTR reserved) { return the_module.finalize(reserved); }
+
+CK_RV get_function_list_entry(CK_FUNCTION_LIST_PTR_PTR list) {
+  if (list == nullptr) return CKR_ARGUMENTS_BAD;
+  *list = &function_list_v2;
+  return CKR_OK;
+}
+
+CK_C_GetFunctionList get_function_list() noexcept { return &get_function_list_entry; }
+
+// Blocking waits must not hold the call gate, or C_Finalize could never drain:
+// the caller registers as a waiter inside the gate, then leaves it to wait.
+CK_RV wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot, CK_VOID_PTR reserved) {
+  std::optional<Runtime::WaiterRef> waiter;
+  {
+    Module::Call call(the_module);
+    Runtime* rt = call.runtime();
+    if (rt == nullptr) return CKR_CRYPTOKI_NOT_INITIALIZED;
+    if ((flags & CKF_DONT_BLOCK) != 0) {
+      return forward<fn::C_WaitForSlotEvent>(*rt, flags, slot, reserved);
+    }
+    if (CK_RV rv = check_arguments<fn::C_WaitForSlotEvent>(false, flags, slot, reserved);
+        rv != CKR_OK) {
+      return rv;
+    }
+    // Registered inside the gate, so C_Finalize, once drained, sees this waiter
+    // and keeps the runtime alive until it has returned.
+    waiter.emplace(*rt);
+  }
+  return waiter->runtime().wait_for_slot_event(flags, slot);
+}
+
+}  // namespace p11mux::entry_points

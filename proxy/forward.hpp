@@ -1,0 +1,55 @@
+// The entry point of every function whose dispatch is global, session or
+// handled, generated from <p11mux/functions.h>. The hot path — a session call
+// — is: enter the call gate (one atomic add on a per-thread shard), check the
+// arguments (compile-time letters), look the handle up (no table lock), lock
+// that session, call the backend, unlock, leave the gate. Nothing allocates,
+// nothing is formatted unless tracing is on.
+#pragma once
+
+#include "arg_check.hpp"
+#include "call_trace.hpp"
+#include "function_traits.hpp"
+#include "handled.hpp"
+#include "module.hpp"
+
+namespace p11mux {
+
+template <class F, class... A>
+CK_RV forward(Runtime& rt, A... a) noexcept {
+  if (CK_RV rv = check_arguments<F>(rt.functions().version.major >= 3, a...); rv != CKR_OK) return rv;
+  if constexpr (F::dispatch == Dispatch::handled) {
+    return handler<F>(rt, a...);
+  } else {
+    auto backend_fn = rt.functions().*F::member;
+    if (backend_fn == nullptr) return CKR_FUNCTION_NOT_SUPPORTED;
+    if constexpr (F::dispatch == Dispatch::session) {
+      return [&](CK_SESSION_HANDLE handle, auto... rest) {
+        SessionLease session = rt.sessions().lease(handle);
+        if (!session) return CKR_SESSION_HANDLE_INVALID;
+        OptionalGuard serial(rt.backend_lock());
+        return backend_fn(session->backend, rest...);
+      }(a...);
+    } else {
+      OptionalGuard serial(rt.backend_lock());
+      return backend_fn(a...);
+    }
+  }
+}
+
+template <class F, class Pointer = typename F::Pointer>
+struct Entry;
+
+template <class F, class... A>
+struct Entry<F, CK_RV (*)(A...)> {
+  static CK_RV call(A... a) noexcept {
+    Module::Call call(the_module);
+    Runtime* rt = call.runtime();
+    if (rt == nullptr) [[unlikely]] return CKR_CRYPTOKI_NOT_INITIALIZED;
+    if (rt->tracing()) [[unlikely]] {
+      return traced_call<F>(rt->log(), [&] { return forward<F>(*rt, a...); }, a...);
+    }
+    return forward<F>(*rt, a...);
+  }
+};
+
+}  // namespace p11mux

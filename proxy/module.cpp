@@ -1,0 +1,101 @@
+#include "module.hpp"
+
+#include "entry_points.hpp"
+#include "logging.hpp"
+
+#include <p11mux/ckr_error.hpp>
+
+#include <pthread.h>
+
+#include <cstdlib>
+
+namespace p11mux {
+
+constinit Module the_module;
+
+Module::~Module() {
+  // At process exit the backend may already be torn down by its own static
+  // destructors; finalizing it is the application's job (C_Finalize).
+  (void)runtime_.release();
+}
+
+CK_RV Module::initialize(CK_VOID_PTR init_args) noexcept {
+  InitArgs args;
+  if (CK_RV rv = parse_init_args(init_args, args); rv != CKR_OK) return rv;
+  register_fork_handler();
+
+  // Many threads may race the first C_Initialize: one wins and initializes,
+  // the others wait for its outcome so that none sees a half-built state.
+  for (;;) {
+    std::uint32_t phase = phase_.load(std::memory_order_acquire);
+    if (phase == ready) return CKR_CRYPTOKI_ALREADY_INITIALIZED;
+    if (phase == uninitialized) {
+      if (phase_.compare_exchange_weak(phase, initializing, std::memory_order_acq_rel)) break;
+      continue;
+    }
+    phase_.wait(phase, std::memory_order_acquire);
+  }
+  CK_RV rv = start(args);
+  phase_.store(rv == CKR_OK ? ready : uninitialized, std::memory_order_release);
+  phase_.notify_all();
+  return rv;
+}
+
+CK_RV Module::start(const InitArgs& args) noexcept {
+  if (forked_.exchange(false)) {
+    // The runtime belongs to the parent process: leak it untouched.
+    if (runtime_) runtime_->abandon();
+    (void)runtime_.release();
+  }
+  try {
+    Config config = load_config([](const char* name) { return std::getenv(name); });
+    runtime_ = std::make_unique<Runtime>(config, args, entry_points::get_function_list());
+  } catch (const CkrError& e) {
+    log_startup_error(e.what());
+    return e.rv();
+  } catch (const ConfigError& e) {
+    log_startup_error(e.what());
+    return CKR_GENERAL_ERROR;
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  } catch (const std::exception& e) {
+    log_startup_error(e.what());
+    return CKR_GENERAL_ERROR;
+  }
+  gate_.open();
+  return CKR_OK;
+}
+
+CK_RV Module::finalize(CK_VOID_PTR reserved) noexcept {
+  if (reserved != nullptr) return CKR_ARGUMENTS_BAD;
+  std::uint32_t phase = ready;
+  if (!phase_.compare_exchange_strong(phase, finalizing, std::memory_order_acq_rel)) {
+    return CKR_CRYPTOKI_NOT_INITIALIZED;
+  }
+  // New calls now get CKR_CRYPTOKI_NOT_INITIALIZED; the ones inside finish
+  // before the backend is finalized under them.
+  gate_.close_and_drain();
+  if (runtime_->shutdown()) {
+    runtime_.reset();
+  } else {
+    (void)runtime_.release();  // a thread is stuck in the backend: keep it all
+  }
+  phase_.store(uninitialized, std::memory_order_release);
+  phase_.notify_all();
+  return CKR_OK;
+}
+
+void Module::on_fork_child() noexcept {
+  // The child must call C_Initialize before anything works again, and must
+  // never touch the parent's backend sessions (pkcs11-notes, "fork()").
+  gate_.reset_after_fork();
+  forked_.store(true, std::memory_order_relaxed);
+  phase_.store(uninitialized, std::memory_order_relaxed);
+}
+
+void Module::register_fork_handler() noexcept {
+  if (fork_handler_registered_.exchange(true)) return;
+  pthread_atfork(nullptr, nullptr, [] { the_module.on_fork_child(); });
+}
+
+}  // namespace p11mux

@@ -1,0 +1,62 @@
+// The one p11mux instance in a process: the lifecycle state, the call gate
+// and the runtime. This is the only mutable global object in the library.
+#pragma once
+
+#include "call_gate.hpp"
+#include "runtime.hpp"
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+namespace p11mux {
+
+class Module {
+ public:
+  constexpr Module() = default;
+  ~Module();
+  Module(const Module&) = delete;
+  Module& operator=(const Module&) = delete;
+
+  CK_RV initialize(CK_VOID_PTR init_args) noexcept;
+  CK_RV finalize(CK_VOID_PTR reserved) noexcept;
+
+  // A call in flight: holds the gate open for C_Finalize to wait on.
+  class Call {
+   public:
+    explicit Call(Module& m) noexcept : m_(m) {
+      if (m_.gate_.enter(shard_)) rt_ = m_.runtime_.get();
+    }
+    ~Call() {
+      if (rt_ != nullptr) m_.gate_.leave(shard_);
+    }
+    Call(const Call&) = delete;
+    Call& operator=(const Call&) = delete;
+    // NULL when p11mux is not initialized: return CKR_CRYPTOKI_NOT_INITIALIZED.
+    Runtime* runtime() const noexcept { return rt_; }
+
+   private:
+    Module& m_;
+    Runtime* rt_ = nullptr;
+    std::size_t shard_ = 0;
+  };
+
+  // pthread_atfork child handler: only atomic stores, no locks.
+  void on_fork_child() noexcept;
+
+ private:
+  enum Phase : std::uint32_t { uninitialized, initializing, ready, finalizing };
+  CK_RV start(const InitArgs& args) noexcept;
+  void register_fork_handler() noexcept;
+
+  std::atomic<std::uint32_t> phase_{uninitialized};
+  std::atomic<bool> forked_{false};
+  std::atomic<bool> fork_handler_registered_{false};
+  CallGate gate_;
+  // Written only while the gate is closed and drained; read inside a Call.
+  std::unique_ptr<Runtime> runtime_;
+};
+
+extern constinit Module the_module;
+
+}  // namespace p11mux

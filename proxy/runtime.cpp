@@ -1,0 +1,141 @@
+#include "runtime.hpp"
+
+#include "logging.hpp"
+
+#include <p11mux/ckr_error.hpp>
+#include <p11mux/rv_names.hpp>
+
+#include <chrono>
+
+namespace p11mux {
+namespace {
+
+using namespace std::chrono_literals;
+
+// How often an emulated blocking C_WaitForSlotEvent asks the backend.
+constexpr auto kSlotEventPoll = 100ms;
+// How long C_Finalize waits for blocked C_WaitForSlotEvent callers to return
+// after the backend was finalized, before it gives up on them.
+constexpr auto kWaiterGrace = 2s;
+
+BackendOptions backend_options(const Config& config, CK_C_GetFunctionList self) {
+  if (config.module.empty()) {
+    throw CkrError(CKR_GENERAL_ERROR,
+                   "no backend module configured: set P11MUX_MODULE, or `module` in the file "
+                   "named by P11MUX_CONFIG");
+  }
+  BackendOptions options;
+  options.path = config.module;
+  options.init_reserved = config.backend.init_reserved;
+  options.self = self;
+  switch (config.backend.locking) {
+    case LockingMode::automatic: options.locking = BackendLocking::automatic; break;
+    case LockingMode::os: options.locking = BackendLocking::os; break;
+    case LockingMode::callbacks: options.locking = BackendLocking::callbacks; break;
+    case LockingMode::none: options.locking = BackendLocking::none; break;
+  }
+  return options;
+}
+
+}  // namespace
+
+Runtime::Runtime(const Config& config, const InitArgs& init, CK_C_GetFunctionList self)
+    : config_(config),
+      locks_(init.locks),
+      log_(make_logger(config.log.level, config.log.file, locks_)),
+      tracing_(log_->should_log(spdlog::level::trace)),
+      backend_(std::make_unique<Backend>(backend_options(config, self))),
+      functions_(backend_->functions()),
+      backend_lock_(backend_->thread_safe() ? nullptr : std::make_unique<Mutex>(locks_)),
+      sessions_(locks_) {
+  if (config.session_mode == SessionMode::multiplex) {
+    throw CkrError(CKR_GENERAL_ERROR,
+                   "session_mode = multiplex is not available in this build; use serialize");
+  }
+  log_->info("backend '{}' initialized: cryptoki {}.{}, locking {}{}{}", backend_->path(),
+             backend_->version().major, backend_->version().minor,
+             to_string(backend_->locking()),
+             backend_->thread_safe() ? "" : " (not thread-safe: every call serialized)",
+             backend_->shared() ? ", already initialized by another user" : "");
+  if (locks_.uses_app_callbacks()) log_->info("using the application's mutex callbacks");
+}
+
+Runtime::~Runtime() = default;
+
+CK_RV Runtime::close_session(SessionLease lease) noexcept {
+  CK_RV rv = CKR_OK;
+  if (functions_.C_CloseSession != nullptr) {
+    OptionalGuard serial(backend_lock());
+    rv = functions_.C_CloseSession(lease->backend);
+  }
+  // A backend session that is already gone (HSM restart, token removed) is as
+  // closed as the application wants it to be.
+  if (rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED ||
+      rv == CKR_DEVICE_REMOVED || rv == CKR_TOKEN_NOT_PRESENT) {
+    rv = CKR_OK;
+  }
+  sessions_.close(std::move(lease));
+  return rv;
+}
+
+Runtime::WaiterRef::WaiterRef(Runtime& rt) noexcept : rt_(rt) {
+  rt_.waiters_.fetch_add(1, std::memory_order_seq_cst);
+}
+
+Runtime::WaiterRef::~WaiterRef() {
+  rt_.waiters_.fetch_sub(1, std::memory_order_seq_cst);
+  wake_all(rt_.waiters_);
+}
+
+CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept {
+  auto wait = functions_.C_WaitForSlotEvent;
+  if (wait == nullptr) return CKR_FUNCTION_NOT_SUPPORTED;
+  if (backend_->thread_safe()) {
+    // Block in the backend; C_Finalize wakes us by finalizing it.
+    if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;
+    CK_RV rv = wait(flags, slot, nullptr);
+    if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;
+    if (rv != CKR_FUNCTION_NOT_SUPPORTED) return rv;
+  }
+  // Not thread-safe (blocking would hold the backend lock for ever) or no
+  // blocking support: poll without blocking, waking early for C_Finalize.
+  for (;;) {
+    if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;
+    CK_RV rv;
+    {
+      OptionalGuard serial(backend_lock());
+      rv = wait(flags | CKF_DONT_BLOCK, slot, nullptr);
+    }
+    if (rv != CKR_NO_EVENT) return rv;
+    timed_wait(stopping_, 0, kSlotEventPoll);
+  }
+}
+
+bool Runtime::shutdown() noexcept {
+  sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
+  stopping_.store(1, std::memory_order_seq_cst);
+  wake_all(stopping_);
+  {
+    OptionalGuard serial(backend_lock());
+    if (CK_RV rv = backend_->finalize(); rv != CKR_OK) {
+      log_->warn("backend C_Finalize returned {}", rv_name(rv));
+    }
+  }
+  auto deadline = std::chrono::steady_clock::now() + kWaiterGrace;
+  for (;;) {
+    std::uint32_t n = waiters_.load(std::memory_order_seq_cst);
+    if (n == 0) return true;
+    auto left = deadline - std::chrono::steady_clock::now();
+    if (left <= decltype(left)::zero()) break;
+    timed_wait(waiters_, n, std::min<std::chrono::nanoseconds>(left, 10ms));
+  }
+  log_->error("{} C_WaitForSlotEvent call(s) still inside the backend after C_Finalize; "
+              "keeping the backend loaded",
+              waiters_.load());
+  backend_->abandon();
+  return false;
+}
+
+void Runtime::abandon() noexcept { backend_->abandon(); }
+
+}  // namespace p11mux

@@ -1,0 +1,77 @@
+// Everything that exists between C_Initialize and C_Finalize: the loaded
+// backend, the virtual sessions, the locks and the logger.
+#pragma once
+
+#include "backend.hpp"
+#include "config.hpp"
+#include "init_args.hpp"
+#include "lock.hpp"
+#include "session_table.hpp"
+
+#include <spdlog/logger.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+namespace p11mux {
+
+class Runtime {
+ public:
+  // Loads and initializes the backend. Throws CkrError (or spdlog_ex for a log
+  // file that cannot be opened) with a message that names the problem.
+  Runtime(const Config& config, const InitArgs& init, CK_C_GetFunctionList self);
+  ~Runtime();
+  Runtime(const Runtime&) = delete;  // owns the backend and every session
+  Runtime& operator=(const Runtime&) = delete;
+
+  const CK_FUNCTION_LIST_3_0& functions() const noexcept { return functions_; }
+  const Backend& backend() const noexcept { return *backend_; }
+  // Held around every backend call when the backend is not thread-safe; NULL otherwise.
+  Mutex* backend_lock() noexcept { return backend_lock_.get(); }
+  SessionTable& sessions() noexcept { return sessions_; }
+  spdlog::logger& log() noexcept { return *log_; }
+  bool tracing() const noexcept { return tracing_; }
+  const Config& config() const noexcept { return config_; }
+
+  // C_WaitForSlotEvent without CKF_DONT_BLOCK. The caller has left the call
+  // gate (so that C_Finalize is not held up) and holds a WaiterRef.
+  CK_RV wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept;
+
+  // Keeps the runtime alive for a blocked C_WaitForSlotEvent.
+  class WaiterRef {
+   public:
+    explicit WaiterRef(Runtime& rt) noexcept;
+    ~WaiterRef();
+    WaiterRef(const WaiterRef&) = delete;
+    WaiterRef& operator=(const WaiterRef&) = delete;
+    Runtime& runtime() const noexcept { return rt_; }
+
+   private:
+    Runtime& rt_;
+  };
+
+  // C_Finalize, after the call gate has drained: closes every session, wakes
+  // the slot-event waiters, finalizes the backend. Returns false when a waiter
+  // is still stuck inside the backend: the runtime must then be leaked.
+  bool shutdown() noexcept;
+  // After fork(): the parent's backend and sessions are not ours to touch.
+  void abandon() noexcept;
+
+  // Closes a leased session's backend session and frees the virtual one.
+  CK_RV close_session(SessionLease lease) noexcept;
+
+ private:
+  const Config config_;
+  const LockSource locks_;
+  std::shared_ptr<spdlog::logger> log_;
+  bool tracing_;
+  std::unique_ptr<Backend> backend_;
+  CK_FUNCTION_LIST_3_0 functions_;  // copied: one indirection less per call
+  std::unique_ptr<Mutex> backend_lock_;
+  SessionTable sessions_;
+  std::atomic<std::uint32_t> stopping_{0};
+  std::atomic<std::uint32_t> waiters_{0};
+};
+
+}  // namespace p11mux

@@ -1,0 +1,171 @@
+// Virtual sessions: the handles the application sees, each mapped to a backend
+// session and guarded by its own lock.
+//
+// A handle is (generation << 24) | (index + 1): never 0, and a stale copy of a
+// closed session's handle never matches the entry's next occupant. Entries live
+// in chunks that are never freed while the table exists, so a lookup racing a
+// close finds either the live session or a mismatched handle, never freed
+// memory. Looking up a handle takes no table lock; only open and close do.
+//
+// Lock order (one place, kept everywhere): Session::lock, then the backend
+// lock (Runtime), then SessionTable's free-list lock. The free-list lock is
+// never held across a backend call.
+#pragma once
+
+#include "lock.hpp"
+
+#include <p11mux/pkcs11.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <utility>
+#include <vector>
+
+namespace p11mux {
+
+struct Session {
+  explicit Session(const LockSource& locks) : lock(locks) {}
+  Session(const Session&) = delete;  // lives at a fixed address: handles point at it
+  Session& operator=(const Session&) = delete;
+
+  Mutex lock;  // serializes every call on this virtual session
+  // The virtual handle while open; 0 while free. Written under `lock`.
+  std::atomic<CK_SESSION_HANDLE> handle{0};
+  std::uint64_t generation = 0;  // owned by the table's free list
+
+  // Guarded by `lock` (read without it only by the notify trampoline, which
+  // runs inside a backend call that this session's open or call started).
+  CK_SESSION_HANDLE backend = CK_INVALID_HANDLE;
+  CK_SLOT_ID slot = 0;
+  CK_SESSION_HANDLE opening_handle = 0;  // the handle being opened, for Notify
+  CK_NOTIFY notify = nullptr;
+  CK_VOID_PTR application = nullptr;
+};
+
+// A locked, live session; unlocks when it goes out of scope.
+class SessionLease {
+ public:
+  SessionLease() noexcept = default;
+  explicit SessionLease(Session* s) noexcept : s_(s) {}
+  SessionLease(SessionLease&& other) noexcept : s_(other.s_) { other.s_ = nullptr; }
+  SessionLease& operator=(SessionLease&& other) noexcept {
+    std::swap(s_, other.s_);
+    return *this;
+  }
+  SessionLease(const SessionLease&) = delete;  // exactly one unlock per lock
+  ~SessionLease() {
+    if (s_ != nullptr) s_->lock.unlock();
+  }
+  explicit operator bool() const noexcept { return s_ != nullptr; }
+  Session* operator->() const noexcept { return s_; }
+  Session& operator*() const noexcept { return *s_; }
+
+ private:
+  Session* s_ = nullptr;
+};
+
+// kSize sessions constructed in place: they hold locks and are pointed
+// at by handles, so they never move.
+class SessionChunk {
+ public:
+  static constexpr std::size_t kSize = 256;
+
+  explicit SessionChunk(const LockSource& locks) {
+    std::size_t built = 0;
+    try {
+      for (; built < kSize; ++built) new (&storage_[built]) Session(locks);
+    } catch (...) {
+      while (built > 0) at(--built).~Session();
+      throw;
+    }
+  }
+  ~SessionChunk() {
+    for (std::size_t i = 0; i < kSize; ++i) at(i).~Session();
+  }
+  SessionChunk(const SessionChunk&) = delete;
+  SessionChunk& operator=(const SessionChunk&) = delete;
+
+  Session& at(std::size_t i) noexcept {
+    return *std::launder(reinterpret_cast<Session*>(&storage_[i]));
+  }
+
+ private:
+  struct alignas(Session) Storage {
+    std::byte bytes[sizeof(Session)];
+  };
+  std::array<Storage, kSize> storage_;
+};
+
+class SessionTable {
+ public:
+  static constexpr unsigned kIndexBits = 24;
+  static constexpr unsigned kChunkBits = 8;
+  static constexpr std::size_t kChunkSize = SessionChunk::kSize;
+  static_assert(kChunkSize == std::size_t{1} << kChunkBits);
+  static constexpr std::size_t kMaxChunks = (std::size_t{1} << kIndexBits) / kChunkSize;
+  static constexpr CK_SESSION_HANDLE kIndexMask = (CK_SESSION_HANDLE{1} << kIndexBits) - 1;
+
+  explicit SessionTable(const LockSource& locks);
+  ~SessionTable();
+  SessionTable(const SessionTable&) = delete;
+  SessionTable& operator=(const SessionTable&) = delete;
+
+  // The live session with this handle, locked; empty for a stale or bogus one.
+  SessionLease lease(CK_SESSION_HANDLE handle) noexcept {
+    CK_SESSION_HANDLE slot_number = handle & kIndexMask;
+    if (slot_number == 0) return {};
+    std::size_t index = slot_number - 1;
+    Chunk* chunk = chunks_[index >> kChunkBits].load(std::memory_order_acquire);
+    if (chunk == nullptr) return {};
+    Session& s = chunk->at(index & (kChunkSize - 1));
+    if (s.handle.load(std::memory_order_acquire) != handle) return {};
+    s.lock.lock();
+    if (s.handle.load(std::memory_order_relaxed) != handle) {
+      s.lock.unlock();
+      return {};
+    }
+    return SessionLease(&s);
+  }
+
+  // A free entry, locked, with its next handle in opening_handle; the caller
+  // fills it and calls publish(), or gives it back with discard().
+  // Throws CkrError(CKR_SESSION_COUNT) when all 16M entries are in use.
+  SessionLease reserve();
+  void publish(Session& s) noexcept;
+  void discard(SessionLease lease) noexcept;
+  // Marks a leased session closed and returns its entry to the free list.
+  void close(SessionLease lease) noexcept;
+
+  // Calls fn(SessionLease) for every live session, locking each in turn.
+  template <class Fn>
+  void for_each_live(Fn&& fn) {
+    std::size_t chunks = chunk_count_.load(std::memory_order_acquire);
+    for (std::size_t c = 0; c < chunks; ++c) {
+      Chunk* chunk = chunks_[c].load(std::memory_order_acquire);
+      for (std::size_t i = 0; i < kChunkSize; ++i) {
+        CK_SESSION_HANDLE h = chunk->at(i).handle.load(std::memory_order_acquire);
+        if (h == 0) continue;
+        if (SessionLease lease = this->lease(h)) fn(std::move(lease));
+      }
+    }
+  }
+
+  // Sessions open now (for tests and metrics).
+  std::size_t live_count() const noexcept;
+
+ private:
+  using Chunk = SessionChunk;
+  void release_index(std::uint32_t index) noexcept;
+
+  const LockSource& locks_;
+  std::array<std::atomic<Chunk*>, kMaxChunks> chunks_{};
+  std::atomic<std::size_t> chunk_count_{0};
+  Mutex free_lock_;                   // guards free_ and chunk growth
+  std::vector<std::uint32_t> free_;   // entry indexes ready for reuse
+  std::atomic<std::size_t> live_{0};
+};
+
+}  // namespace p11mux
