@@ -1,0 +1,116 @@
+// The function table, the configuration and counters, and the call-accounting
+// scopes behind global_call / slot_call / session_call.
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "mock_state.h"
+
+namespace p11mux::mock {
+
+const FnInfo kFunctions[kFunctionCount] = {
+#define MOCK_INFO(name, kind, op) {#name, Kind::kind, Op::op},
+    MOCK_ALL_FUNCTIONS(MOCK_INFO)
+#undef MOCK_INFO
+};
+
+int function_index(const char* name) {
+  if (name == nullptr) return -1;
+  for (std::size_t i = 0; i < kFunctionCount; ++i)
+    if (std::strcmp(kFunctions[i].name, name) == 0) return static_cast<int>(i);
+  return -1;
+}
+
+Module& module() {
+  static Module* const instance = new Module;
+  return *instance;
+}
+
+bool Settings::apply(const MockConfig& c) {
+  char name[sizeof c.fail_function + 1] = {};
+  std::memcpy(name, c.fail_function, sizeof c.fail_function);
+  int fn = -1;
+  if (name[0] != '\0' && (fn = function_index(name)) < 0) return false;
+
+  auto relaxed = std::memory_order_relaxed;
+  accept_locking.store(c.accept_locking ? c.accept_locking : MOCK_LOCK_ALL, relaxed);
+  slot_count.store(c.slot_count ? c.slot_count : 1, relaxed);
+  max_sessions.store(c.max_sessions, relaxed);
+  token_max_sessions.store(c.token_max_session_count, relaxed);
+  token_max_rw_sessions.store(c.token_max_rw_session_count, relaxed);
+  call_spin_us.store(c.call_spin_us, relaxed);
+  slow_us.store(c.slow_us, relaxed);
+  open_session_us.store(c.open_session_us, relaxed);
+  fail_rv.store(c.fail_rv, relaxed);
+  fail_nth.store(c.fail_nth, relaxed);
+  fail_seen.store(0, relaxed);
+  fail_fn.store(fn, relaxed);
+  provide_v3.store(c.provide_v3 != 0, relaxed);
+  wait_blocking_unsupported.store(c.wait_blocking_unsupported != 0, relaxed);
+  return true;
+}
+
+std::optional<CK_RV> Settings::injected_failure(Fn fn) {
+  auto relaxed = std::memory_order_relaxed;
+  if (fail_fn.load(relaxed) != static_cast<int>(fn)) return std::nullopt;
+  unsigned long nth = fail_nth.load(relaxed);
+  unsigned long seen = fail_seen.fetch_add(1, relaxed) + 1;
+  if (nth != 0 && seen != nth) return std::nullopt;
+  return fail_rv.load(relaxed);
+}
+
+void Counters::reset() {
+  for (auto* c : {&initialize_calls, &initialize_ok, &finalize_calls, &sessions_open,
+                  &sessions_opened_total, &sessions_closed_total, &sessions_closed_by_finalize,
+                  &sessions_dropped, &calls_total, &max_concurrent_calls, &library_violations,
+                  &session_violations, &finalize_during_call, &calls_after_finalize,
+                  &last_session, &last_random_len})
+    c->store(0, std::memory_order_relaxed);
+  for (auto& c : calls) c.store(0, std::memory_order_relaxed);
+}
+
+CallScope::CallScope(Fn fn) : tracked_(info(fn).kind != Kind::Boot) {
+  Module& m = module();
+  bump(m.counters.calls_total);
+  bump(m.counters.calls[static_cast<unsigned>(fn)]);
+  if (!tracked_) return;
+  auto relaxed = std::memory_order_relaxed;
+  others_active_ = m.active.fetch_add(1, relaxed);
+  unsigned long others = others_active_ + m.waiting.load(relaxed);
+  unsigned long now = others + 1;
+  unsigned long peak = m.counters.max_concurrent_calls.load(relaxed);
+  while (now > peak && !m.counters.max_concurrent_calls.compare_exchange_weak(peak, now, relaxed)) {
+  }
+  if (others > 0 && m.initialized() && !m.thread_safe()) bump(m.counters.library_violations);
+}
+
+CallScope::~CallScope() {
+  if (tracked_) module().active.fetch_sub(1, std::memory_order_relaxed);
+}
+
+SessionScope::SessionScope(Session& s) : s_(s) {
+  if (s_.inside.fetch_add(1, std::memory_order_relaxed) != 0)
+    bump(module().counters.session_violations);
+}
+
+SessionScope::~SessionScope() { s_.inside.fetch_sub(1, std::memory_order_relaxed); }
+
+CK_RV not_initialized() {
+  bump(module().counters.calls_after_finalize);
+  return CKR_CRYPTOKI_NOT_INITIALIZED;
+}
+
+void pause_us(unsigned long us) {
+  if (us == 0) return;
+  auto length = std::chrono::microseconds(us);
+  if (us > 100) {
+    std::this_thread::sleep_for(length);
+    return;
+  }
+  // Short waits spin: sleeping would round them up to the scheduler's tick.
+  auto until = std::chrono::steady_clock::now() + length;
+  while (std::chrono::steady_clock::now() < until) {
+  }
+}
+
+}  // namespace p11mux::mock
