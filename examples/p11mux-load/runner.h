@@ -1,0 +1,24 @@
+// Runs the load: starts the worker threads, paces them, prints progress, and
+// collects their statistics.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "operations.h"
+#include "plan.h"
+#include "stats.h"
+
+namespace p11mux::load {
+
+struct RunOutput {
+  std::vector<std::unique_ptr<ThreadStats>> threads;
+  double elapsed = 0.0;  // seconds from the start of the measured phase to the end of its last op
+  bool interrupted = false;
+};
+
+// ctx.schedule is filled in here. Throws SetupError if a worker cannot set up
+// (open its session, or be started at all); no op has run then.
+RunOutput run_load(const Plan& plan, RunContext ctx, bool show_progress);
+
+}  // namespace p11mux::load
