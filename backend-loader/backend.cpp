@@ -26,7 +26,8 @@ Backend::Backend(const BackendOptions& options) : path_(options.path), library_(
     throw CkrError(CKR_GENERAL_ERROR,
                    "backend module '" + path_ + "' is not a PKCS#11 module: no C_GetFunctionList");
   }
-  if (get_list == options.self) {
+  CK_FUNCTION_LIST* list = nullptr;
+  if (options.self != nullptr && get_list(&list) == CKR_OK && list == options.self) {
     throw CkrError(CKR_GENERAL_ERROR,
                    "backend module '" + path_ + "' is p11mux itself; name the vendor module");
   }
@@ -118,7 +119,11 @@ void Backend::initialize(const BackendOptions& options) {
     // Only "that kind of locking is not for me" moves on to the next kind.
     if (rv != CKR_CANT_LOCK && rv != CKR_ARGUMENTS_BAD) break;
   }
-  throw CkrError(rv, "backend module '" + path_ + "': C_Initialize failed: " +
+  // The backend's refusal of a locking kind is not the application's problem:
+  // CKR_CANT_LOCK or CKR_ARGUMENTS_BAD would misdescribe its own arguments.
+  bool misleading = rv == CKR_CANT_LOCK || rv == CKR_ARGUMENTS_BAD;
+  throw CkrError(misleading ? CKR_GENERAL_ERROR : rv,
+                 "backend module '" + path_ + "': C_Initialize failed: " +
                          std::string(rv_name(rv)) + " (tried " + tried + ")");
 }
 

@@ -22,8 +22,9 @@ struct BackendOptions {
   BackendLocking locking = BackendLocking::automatic;
   // Passed as pReserved to the backend's C_Initialize (NSS softoken's init string).
   std::optional<std::string> init_reserved;
-  // p11mux's own C_GetFunctionList, to refuse loading p11mux as its own backend.
-  CK_C_GetFunctionList self = nullptr;
+  // p11mux's own function list, to refuse loading p11mux as its own backend
+  // (which would re-enter its own C_Initialize).
+  const CK_FUNCTION_LIST* self = nullptr;
 };
 
 class Backend {

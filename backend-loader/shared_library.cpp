@@ -12,9 +12,9 @@ namespace p11mux {
 
 SharedLibrary::SharedLibrary(const std::string& path) {
   // dlopen's message for a missing file is cryptic about which file it means;
-  // say it plainly first.
+  // say it plainly first. (A bare name is searched for by dlopen itself.)
   struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) {
+  if (path.find('/') != std::string::npos && ::stat(path.c_str(), &st) != 0) {
     throw CkrError(CKR_GENERAL_ERROR,
                    "cannot load backend module '" + path + "': " + std::strerror(errno));
   }

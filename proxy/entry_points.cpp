@@ -38,7 +38,7 @@ CK_RV get_function_list_entry(CK_FUNCTION_LIST_PTR_PTR list) {
   return CKR_OK;
 }
 
-CK_C_GetFunctionList get_function_list() noexcept { return &get_function_list_entry; }
+const CK_FUNCTION_LIST* function_list() noexcept { return &function_list_v2; }
 
 // Blocking waits must not hold the call gate, or C_Finalize could never drain:
 // the caller registers as a waiter inside the gate, then leaves it to wait.

@@ -11,7 +11,7 @@ CK_RV finalize(CK_VOID_PTR reserved);
 CK_RV get_function_list_entry(CK_FUNCTION_LIST_PTR_PTR list);
 CK_RV wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot, CK_VOID_PTR reserved);
 
-// p11mux's own C_GetFunctionList, so the backend loader can refuse to load us.
-CK_C_GetFunctionList get_function_list() noexcept;
+// p11mux's own function list, so the backend loader can refuse to load us.
+const CK_FUNCTION_LIST* function_list() noexcept;
 
 }  // namespace p11mux::entry_points

@@ -7,16 +7,20 @@
 
 #include <cstddef>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 
 namespace p11mux {
 
 enum class Dispatch { entry, handled, global, session };
 
+// The argument types of a CK_C_xxx function pointer, as a tuple.
 template <class Fn>
-struct FunctionArity;
+struct FunctionArgs;
 template <class... A>
-struct FunctionArity<CK_RV (*)(A...)> : std::integral_constant<std::size_t, sizeof...(A)> {};
+struct FunctionArgs<CK_RV (*)(A...)> {
+  using type = std::tuple<A...>;
+};
 
 namespace fn {
 
@@ -28,7 +32,7 @@ namespace fn {
     static constexpr std::string_view args = args_;                                 \
     static constexpr auto member = &CK_FUNCTION_LIST_3_0::name_;                    \
     using Pointer = CK_##name_;                                                     \
-    static_assert(args.size() == FunctionArity<Pointer>::value,                     \
+    static_assert(args.size() == std::tuple_size_v<FunctionArgs<Pointer>::type>,                     \
                   "functions.h: one argument letter per argument of " #name_);     \
   };
 P11MUX_FUNCTIONS(P11MUX_DESCRIBE)

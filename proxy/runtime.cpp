@@ -18,7 +18,7 @@ constexpr auto kSlotEventPoll = 100ms;
 // after the backend was finalized, before it gives up on them.
 constexpr auto kWaiterGrace = 2s;
 
-BackendOptions backend_options(const Config& config, CK_C_GetFunctionList self) {
+BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* self) {
   if (config.module.empty()) {
     throw CkrError(CKR_GENERAL_ERROR,
                    "no backend module configured: set P11MUX_MODULE, or `module` in the file "
@@ -39,7 +39,7 @@ BackendOptions backend_options(const Config& config, CK_C_GetFunctionList self) 
 
 }  // namespace
 
-Runtime::Runtime(const Config& config, const InitArgs& init, CK_C_GetFunctionList self)
+Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self)
     : config_(config),
       locks_(init.locks),
       log_(make_logger(config.log.level, config.log.file, locks_)),

@@ -20,7 +20,7 @@ class Runtime {
  public:
   // Loads and initializes the backend. Throws CkrError (or spdlog_ex for a log
   // file that cannot be opened) with a message that names the problem.
-  Runtime(const Config& config, const InitArgs& init, CK_C_GetFunctionList self);
+  Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self);
   ~Runtime();
   Runtime(const Runtime&) = delete;  // owns the backend and every session
   Runtime& operator=(const Runtime&) = delete;

@@ -1,0 +1,70 @@
+// A fixed number of calls through any PKCS#11 module, for instruction counting
+// with callgrind: run it at two lengths and the difference is the per-call cost.
+//   call-loop MODULE OP COUNT [PIN]
+//   OP: random (C_GenerateRandom, 16 bytes) | session-info | open-close
+#include <p11mux/pkcs11.h>
+#include <p11mux/rv_names.hpp>
+
+#include <dlfcn.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace {
+
+[[noreturn]] void die(const std::string& what, CK_RV rv) {
+  std::fprintf(stderr, "call-loop: %s: %s\n", what.c_str(), std::string(p11mux::rv_name(rv)).c_str());
+  std::exit(2);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 4) {
+    std::fprintf(stderr, "usage: call-loop MODULE random|session-info|open-close COUNT\n");
+    return 2;
+  }
+  void* lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+  if (lib == nullptr) {
+    std::fprintf(stderr, "call-loop: %s\n", dlerror());
+    return 2;
+  }
+  auto get_list = reinterpret_cast<CK_C_GetFunctionList>(dlsym(lib, "C_GetFunctionList"));
+  CK_FUNCTION_LIST* p = nullptr;
+  if (get_list == nullptr || get_list(&p) != CKR_OK) die("C_GetFunctionList", CKR_GENERAL_ERROR);
+  CK_C_INITIALIZE_ARGS args{};
+  args.flags = CKF_OS_LOCKING_OK;
+  if (CK_RV rv = p->C_Initialize(&args); rv != CKR_OK) die("C_Initialize", rv);
+  CK_ULONG count = 1;
+  CK_SLOT_ID slot = 0;
+  if (CK_RV rv = p->C_GetSlotList(CK_TRUE, &slot, &count); rv != CKR_OK || count == 0) {
+    die("C_GetSlotList (no token?)", rv);
+  }
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  if (CK_RV rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &h); rv != CKR_OK) {
+    die("C_OpenSession", rv);
+  }
+  std::string op = argv[2];
+  long n = std::atol(argv[3]);
+  CK_BYTE buf[16];
+  CK_SESSION_INFO info;
+  for (long i = 0; i < n; ++i) {
+    CK_RV rv = CKR_OK;
+    if (op == "random") {
+      rv = p->C_GenerateRandom(h, buf, sizeof buf);
+    } else if (op == "session-info") {
+      rv = p->C_GetSessionInfo(h, &info);
+    } else if (op == "open-close") {
+      CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+      rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s);
+      if (rv == CKR_OK) rv = p->C_CloseSession(s);
+    } else {
+      die("unknown op " + op, CKR_ARGUMENTS_BAD);
+    }
+    if (rv != CKR_OK) die(op, rv);
+  }
+  p->C_CloseSession(h);
+  p->C_Finalize(nullptr);
+  return 0;
+}

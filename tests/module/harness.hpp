@@ -1,0 +1,113 @@
+// Loads libp11mux.so the way an application does, with the mock backend
+// behind it, and gives tests the mock's counters.
+#pragma once
+
+#include <p11mux/pkcs11.h>
+
+#include "mock_control.h"
+
+#include <doctest/doctest.h>
+#include <dlfcn.h>
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <initializer_list>
+#include <utility>
+#include <string>
+#include <vector>
+
+namespace p11mux::test {
+
+// Every test starts from a clean environment: no config file, the mock as backend.
+inline void reset_environment() {
+  for (const char* name : {"P11MUX_CONFIG", "P11MUX_SESSION_MODE", "P11MUX_BACKEND_LOCKING",
+                           "P11MUX_BACKEND_INIT_RESERVED", "P11MUX_LOG_LEVEL", "P11MUX_LOG_FILE"}) {
+    ::unsetenv(name);
+  }
+  ::setenv("P11MUX_MODULE", P11MUX_TEST_MOCK_PATH, 1);
+  ::setenv("P11MUX_LOG_LEVEL", "off", 1);
+}
+
+struct Libraries {
+  Libraries() {
+    void* mock_lib = ::dlopen(P11MUX_TEST_MOCK_PATH, RTLD_NOW | RTLD_LOCAL);
+    REQUIRE_MESSAGE(mock_lib != nullptr, ::dlerror());
+    mock = reinterpret_cast<MockGetControlFn>(::dlsym(mock_lib, "mock_get_control"))();
+    void* lib = ::dlopen(P11MUX_TEST_LIBRARY_PATH, RTLD_NOW | RTLD_LOCAL);
+    REQUIRE_MESSAGE(lib != nullptr, ::dlerror());
+    auto get_list = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(lib, "C_GetFunctionList"));
+    REQUIRE(static_cast<bool>(get_list));
+    REQUIRE(get_list(&p11) == CKR_OK);
+  }
+  const MockControl* mock = nullptr;
+  CK_FUNCTION_LIST* p11 = nullptr;
+};
+
+// Both libraries are loaded once (both are -z nodelete, like in real use).
+inline Libraries& libs() {
+  static Libraries instance;
+  return instance;
+}
+
+inline MockStats mock_stats() {
+  MockStats s{};
+  libs().mock->stats(&s);
+  return s;
+}
+
+// A test's p11mux: resets the mock, configures it, initializes p11mux, and
+// finalizes it at the end whatever happened.
+class Proxy {
+ public:
+  using Environment = std::initializer_list<std::pair<const char*, const char*>>;
+
+  explicit Proxy(MockConfig config = {}, CK_VOID_PTR init_args = nullptr, Environment env = {})
+      : p11(libs().p11) {
+    reset_environment();
+    for (auto [name, value] : env) ::setenv(name, value, 1);
+    CHECK(libs().mock->reset() == 0);
+    REQUIRE(libs().mock->configure(&config) == 0);
+    CK_C_INITIALIZE_ARGS os{};
+    os.flags = CKF_OS_LOCKING_OK;
+    REQUIRE(p11->C_Initialize(init_args != nullptr ? init_args : &os) == CKR_OK);
+  }
+  ~Proxy() { p11->C_Finalize(nullptr); }
+  Proxy(const Proxy&) = delete;
+  Proxy& operator=(const Proxy&) = delete;
+
+  CK_SESSION_HANDLE open(CK_SLOT_ID slot = 0, CK_FLAGS flags = CKF_SERIAL_SESSION | CKF_RW_SESSION) {
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    REQUIRE(p11->C_OpenSession(slot, flags, nullptr, nullptr, &h) == CKR_OK);
+    return h;
+  }
+
+  CK_FUNCTION_LIST* p11;
+};
+
+// Runs fn with stderr redirected to a file; returns what was written.
+template <class Fn>
+std::string capture_stderr(Fn fn) {
+  char path[] = "/tmp/p11mux-stderr-XXXXXX";
+  int fd = ::mkstemp(path);
+  REQUIRE(fd >= 0);
+  std::fflush(stderr);
+  int saved = ::dup(2);
+  ::dup2(fd, 2);
+  fn();
+  std::fflush(stderr);
+  ::dup2(saved, 2);
+  ::close(saved);
+  std::string text;
+  ::lseek(fd, 0, SEEK_SET);
+  char buf[4096];
+  for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;) text.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  ::unlink(path);
+  return text;
+}
+
+inline CK_MECHANISM sha256() { return CK_MECHANISM{CKM_SHA256, nullptr, 0}; }
+
+}  // namespace p11mux::test
