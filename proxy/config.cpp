@@ -43,6 +43,49 @@ struct ValueKind<std::optional<std::string>> {
     static std::string expected() { return "a string"; }
 };
 
+template <>
+struct ValueKind<unsigned long> {
+    // Decimal digits only: no sign, no spaces, no suffix, within range.
+    static bool parse(std::string_view text, unsigned long& out) {
+        if (text.empty() || text.size() > 12) return false;
+        unsigned long value = 0;
+        for (char c : text) {
+            if (c < '0' || c > '9') return false;
+            value = value * 10 + static_cast<unsigned long>(c - '0');
+        }
+        out = value;
+        return true;
+    }
+    static std::string expected() { return "a whole number from 0 to 999999999999"; }
+};
+
+template <>
+struct ValueKind<std::optional<unsigned long>> {
+    // Empty means unset (e.g. pool.max_sessions: learn it from the token).
+    static bool parse(std::string_view text, std::optional<unsigned long>& out) {
+        if (text.empty()) {
+            out.reset();
+            return true;
+        }
+        unsigned long value = 0;
+        if (!ValueKind<unsigned long>::parse(text, value)) return false;
+        out = value;
+        return true;
+    }
+    static std::string expected() { return ValueKind<unsigned long>::expected() + " or empty"; }
+};
+
+template <>
+struct ValueKind<bool> {
+    static bool parse(std::string_view text, bool& out) {
+        if (text == "true") out = true;
+        else if (text == "false") out = false;
+        else return false;
+        return true;
+    }
+    static std::string expected() { return "true|false"; }
+};
+
 template <typename E>
 struct EnumName {
     std::string_view name;
@@ -126,6 +169,12 @@ constexpr std::array kKeys{
     key<&Config::backend, &Config::Backend::init_reserved>("backend", "init_reserved"),
     key<&Config::log, &Config::Log::level>("log", "level"),
     key<&Config::log, &Config::Log::file>("log", "file"),
+    key<&Config::pool, &Config::Pool::max_sessions>("pool", "max_sessions"),
+    key<&Config::pool, &Config::Pool::wait_ms>("pool", "wait_ms"),
+    key<&Config::pool, &Config::Pool::prewarm>("pool", "prewarm"),
+    key<&Config::pool, &Config::Pool::keep_login>("pool", "keep_login"),
+    key<&Config::pool, &Config::Pool::idle_timeout_s>("pool", "idle_timeout_s"),
+    key<&Config::pool, &Config::Pool::keepalive_s>("pool", "keepalive_s"),
 };
 
 constexpr std::string_view kEnvPrefix = "P11MUX_";

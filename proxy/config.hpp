@@ -52,6 +52,15 @@ struct Config {
         spdlog::level::level_enum level = spdlog::level::warn;  // [log] level: off|error|warn|info|debug|trace
         std::string file;                                        // [log] file: path; empty = stderr
     } log;
+    // The backend session pool (README, "Session pool").
+    struct Pool {
+        std::optional<unsigned long> max_sessions;  // [pool] max_sessions: unset = the token's limit
+        unsigned long wait_ms = 5000;               // [pool] wait_ms: wait at the limit, then CKR_SESSION_COUNT
+        unsigned long prewarm = 0;                  // [pool] prewarm: sessions opened at C_Initialize
+        bool keep_login = false;                    // [pool] keep_login: stay logged in with no app session
+        unsigned long idle_timeout_s = 0;           // [pool] idle_timeout_s: close idle sessions (0: never)
+        unsigned long keepalive_s = 0;              // [pool] keepalive_s: ping idle sessions (0: never)
+    } pool;
 };
 
 // Every configuration problem; the message names the file and line or the environment

@@ -185,7 +185,7 @@ TEST_CASE("unknown key: message names file, line, key and section") {
 }
 
 TEST_CASE("unknown section") {
-    CHECK(error_of("module = a\n\n[pool]\nmax_sessions = 3\n") == "test.conf:3: unknown section [pool]");
+    CHECK(error_of("module = a\n\n[poool]\nmax_sessions = 3\n") == "test.conf:3: unknown section [poool]");
     CHECK(error_of("[Log]\n") == "test.conf:1: unknown section [Log]");
 }
 
@@ -305,7 +305,10 @@ TEST_CASE("only the table's P11MUX_* names and P11MUX_CONFIG are looked up") {
     (void)p11mux::load_config(recording);
     CHECK(asked == std::set<std::string>{"P11MUX_CONFIG", "P11MUX_MODULE", "P11MUX_SESSION_MODE",
                                          "P11MUX_BACKEND_LOCKING", "P11MUX_BACKEND_INIT_RESERVED",
-                                         "P11MUX_LOG_LEVEL", "P11MUX_LOG_FILE"});
+                                         "P11MUX_LOG_LEVEL", "P11MUX_LOG_FILE",
+                                         "P11MUX_POOL_MAX_SESSIONS", "P11MUX_POOL_WAIT_MS",
+                                         "P11MUX_POOL_PREWARM", "P11MUX_POOL_KEEP_LOGIN",
+                                         "P11MUX_POOL_IDLE_TIMEOUT_S", "P11MUX_POOL_KEEPALIVE_S"});
 }
 
 TEST_CASE("load_config reads the file named by P11MUX_CONFIG, then applies overrides") {
@@ -361,4 +364,39 @@ TEST_CASE("to_string gives the configuration spelling") {
     // Round trip: what to_string prints, the parser reads back.
     for (const auto mode : {LockingMode::automatic, LockingMode::os, LockingMode::callbacks, LockingMode::none})
         CHECK(parse("[backend]\nlocking = " + std::string(p11mux::to_string(mode))).backend.locking == mode);
+}
+
+TEST_CASE("pool keys: whole numbers, booleans, and an optional limit") {
+    const Config defaults = parse("");
+    CHECK_FALSE(defaults.pool.max_sessions.has_value());
+    CHECK(defaults.pool.wait_ms == 5000);
+    CHECK_FALSE(defaults.pool.keep_login);
+
+    const Config c = parse("[pool]\nmax_sessions = 16\nwait_ms = 250\nprewarm = 4\n"
+                           "keep_login = true\nidle_timeout_s = 30\nkeepalive_s = 10\n");
+    REQUIRE(c.pool.max_sessions.has_value());
+    CHECK(*c.pool.max_sessions == 16);
+    CHECK(c.pool.wait_ms == 250);
+    CHECK(c.pool.prewarm == 4);
+    CHECK(c.pool.keep_login);
+    CHECK(c.pool.idle_timeout_s == 30);
+    CHECK(c.pool.keepalive_s == 10);
+
+    CHECK(parse("[pool]\nmax_sessions = 8\n", {{"P11MUX_POOL_MAX_SESSIONS", ""}}).pool.max_sessions ==
+          std::nullopt);
+    CHECK(parse("", {{"P11MUX_POOL_KEEP_LOGIN", "false"}}).pool.keep_login == false);
+}
+
+TEST_CASE("pool keys: bad numbers and booleans are errors naming the key") {
+    for (const char* bad : {"-1", "12x", " ", "1e3", "0x10", "9999999999999"}) {
+        CAPTURE(bad);
+        const std::string err = error_of(std::string("[pool]\nwait_ms = \"") + bad + "\"\n");
+        CHECK(err.find("test.conf:2") != std::string::npos);
+        CHECK(err.find("wait_ms") != std::string::npos);
+        CHECK(err.find("whole number") != std::string::npos);
+    }
+    const std::string err = error_of("[pool]\nkeep_login = yes\n");
+    CHECK(err.find("true|false") != std::string::npos);
+    CHECK(error_of("", {{"P11MUX_POOL_PREWARM", "many"}}).find("P11MUX_POOL_PREWARM") !=
+          std::string::npos);
 }

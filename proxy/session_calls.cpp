@@ -1,21 +1,13 @@
+// C_OpenSession, C_CloseSession and C_CloseAllSessions: the virtual session
+// lifecycle (dispatch `handled`).
 #include "handled.hpp"
 
 #include <p11mux/ckr_error.hpp>
-#include <p11mux/version.h>
 
-#include <algorithm>
-#include <cstring>
 #include <new>
 
 namespace p11mux {
 namespace {
-
-// PKCS#11 strings are blank-padded, not NUL-terminated.
-template <std::size_t N>
-void set_padded(CK_UTF8CHAR (&field)[N], std::string_view text) {
-  std::memset(field, ' ', N);
-  std::memcpy(field, text.data(), std::min(N, text.size()));
-}
 
 // The backend hands its Notify our trampoline; the application gets its own
 // callback with the virtual handle (pkcs11-notes, "Sessions").
@@ -25,15 +17,6 @@ CK_RV notify_trampoline(CK_SESSION_HANDLE, CK_NOTIFICATION event, CK_VOID_PTR co
 }
 
 }  // namespace
-
-CK_RV get_info(Runtime&, CK_INFO_PTR info) noexcept {
-  *info = CK_INFO{};
-  info->cryptokiVersion = CK_VERSION{2, 40};
-  set_padded(info->manufacturerID, "p11mux");
-  set_padded(info->libraryDescription, "p11mux PKCS#11 multiplexer");
-  info->libraryVersion = CK_VERSION{P11MUX_VERSION_MAJOR, P11MUX_VERSION_MINOR};
-  return CKR_OK;
-}
 
 CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR application,
                    CK_NOTIFY notify, CK_SESSION_HANDLE_PTR session) noexcept {

@@ -1,0 +1,30 @@
+// C_GetInfo: p11mux describes itself (dispatch `handled`).
+#include "handled.hpp"
+
+#include <p11mux/version.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace p11mux {
+namespace {
+
+// PKCS#11 strings are blank-padded, not NUL-terminated.
+template <std::size_t N>
+void set_padded(CK_UTF8CHAR (&field)[N], std::string_view text) {
+  std::memset(field, ' ', N);
+  std::memcpy(field, text.data(), std::min(N, text.size()));
+}
+
+}  // namespace
+
+CK_RV get_info(Runtime&, CK_INFO_PTR info) noexcept {
+  *info = CK_INFO{};
+  info->cryptokiVersion = CK_VERSION{2, 40};
+  set_padded(info->manufacturerID, "p11mux");
+  set_padded(info->libraryDescription, "p11mux PKCS#11 multiplexer");
+  info->libraryVersion = CK_VERSION{P11MUX_VERSION_MAJOR, P11MUX_VERSION_MINOR};
+  return CKR_OK;
+}
+
+}  // namespace p11mux
