@@ -1,6 +1,10 @@
 // The function table, the configuration and counters, and the call-accounting
 // scopes behind global_call / slot_call / session_call.
+#include <cctype>
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 
@@ -47,6 +51,32 @@ bool Settings::apply(const MockConfig& c) {
   fail_fn.store(fn, relaxed);
   provide_v3.store(c.provide_v3 != 0, relaxed);
   wait_blocking_unsupported.store(c.wait_blocking_unsupported != 0, relaxed);
+  return true;
+}
+
+bool Settings::apply_environment() {
+  struct Variable {
+    const char* name;
+    std::atomic<unsigned long>& field;
+    std::optional<unsigned long> value;
+  };
+  Variable vars[] = {{"MOCK_CALL_SPIN_US", call_spin_us, {}},
+                     {"MOCK_SLOW_US", slow_us, {}},
+                     {"MOCK_OPEN_SESSION_US", open_session_us, {}}};
+  for (Variable& v : vars) {
+    const char* text = std::getenv(v.name);
+    if (text == nullptr) continue;
+    char* end = nullptr;
+    errno = 0;
+    unsigned long value = std::strtoul(text, &end, 10);
+    if (!std::isdigit(static_cast<unsigned char>(text[0])) || *end != '\0' || errno != 0) {
+      std::fprintf(stderr, "p11mux-mock: %s=%s is not a whole number of microseconds\n", v.name, text);
+      return false;
+    }
+    v.value = value;
+  }
+  for (Variable& v : vars)
+    if (v.value) v.field.store(*v.value, std::memory_order_relaxed);
   return true;
 }
 

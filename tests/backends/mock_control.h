@@ -101,6 +101,17 @@ typedef struct MockConfig {
                                     SoftHSM2); 0 = it blocks */
 } MockConfig;
 
+/* Environment: for programs that cannot call mock_configure() (p11mux-load,
+ * scripts/bench.sh), each of these that is set is read by C_Initialize and
+ * overrides its field (until the next mock_configure() or mock_reset()); a
+ * value that is not a whole number makes C_Initialize fail with
+ * CKR_GENERAL_ERROR, a line on stderr and nothing changed.
+ *   MOCK_CALL_SPIN_US -> call_spin_us
+ *   MOCK_SLOW_US -> slow_us
+ *   MOCK_OPEN_SESSION_US -> open_session_us
+ * Example: MOCK_OPEN_SESSION_US=1000 p11mux-load --module libp11mux-mock.so ...
+ * is a network HSM whose C_OpenSession takes 1 ms. */
+
 /* Where an injected failure happens: after the initialized check and, for
  * session calls, after the session lookup, the overlap accounting and the
  * call_spin_us wait; the function then returns fail_rv without doing anything

@@ -53,6 +53,7 @@ CK_RV locking_form(const CK_C_INITIALIZE_ARGS* args, unsigned long accepted,
 CK_RV Module::initialize(CK_VOID_PTR init_args) {
   std::lock_guard life(lifecycle_mu_);
   if (initialized()) return CKR_CRYPTOKI_ALREADY_INITIALIZED;
+  if (!settings.apply_environment()) return CKR_GENERAL_ERROR;
 
   auto* args = static_cast<CK_C_INITIALIZE_ARGS*>(init_args);
   unsigned long accepted = settings.accept_locking.load(std::memory_order_relaxed);

@@ -99,6 +99,9 @@ struct Settings {
 
   // False if fail_function is unknown (nothing changed then).
   bool apply(const MockConfig& config);
+  // The MOCK_* environment variables that are set (see mock_control.h); false,
+  // with a line on stderr and nothing changed, if one is not a number.
+  bool apply_environment();
   // The injected return value for this call of fn, if any.
   std::optional<CK_RV> injected_failure(Fn fn);
 };

@@ -9,6 +9,7 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <latch>
 #include <string>
@@ -357,6 +358,54 @@ TEST_CASE_FIXTURE(Fixture, "C_Finalize while another thread is inside a call") {
   unsigned char buf[4];
   CHECK(ck->C_GenerateRandom(h, buf, sizeof buf) == CKR_CRYPTOKI_NOT_INITIALIZED);
   CHECK(stats().calls_after_finalize == 1);
+}
+
+// Sets an environment variable for one scope.
+struct ScopedEnv {
+  const char* name;
+  ScopedEnv(const char* n, const char* value) : name(n) { setenv(n, value, 1); }
+  ~ScopedEnv() { unsetenv(name); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+};
+
+template <class F>
+std::chrono::microseconds time_of(F&& f) {
+  auto start = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start);
+}
+
+TEST_CASE_FIXTURE(Fixture, "MOCK_* environment variables configure delays at C_Initialize") {
+  SUBCASE("set: they override the configuration") {
+    ScopedEnv open_us("MOCK_OPEN_SESSION_US", "20000");
+    ScopedEnv slow_us("MOCK_SLOW_US", "20000");
+    init_os();
+    CK_SESSION_HANDLE h = 0;
+    CHECK(time_of([&] { h = open(); }) >= 20ms);
+    unsigned char buf[4];
+    CHECK(time_of([&] { CHECK(ck->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK); }) >= 20ms);
+    // A later mock_configure() wins until the next C_Initialize.
+    configure(MockConfig{});
+    CHECK(time_of([&] { open(); }) < 20ms);
+  }
+  SUBCASE("unset: the configuration stands") {
+    init_os();
+    CHECK(time_of([&] { open(); }) < 20ms);
+  }
+  SUBCASE("not a number: C_Initialize fails, nothing changes") {
+    {
+      ScopedEnv open_us("MOCK_OPEN_SESSION_US", "20000");
+      for (const char* bad : {"", "-1", "1ms", "x", "99999999999999999999999"}) {
+        CAPTURE(bad);
+        ScopedEnv spin("MOCK_CALL_SPIN_US", bad);
+        CHECK(ck->C_Initialize(nullptr) == CKR_GENERAL_ERROR);
+        CHECK(stats().initialized == 0);
+      }
+    }
+    init_os();
+    CHECK(time_of([&] { open(); }) < 20ms);  // the valid variable was not applied either
+  }
 }
 
 TEST_CASE_FIXTURE(Fixture, "session handles, limits and token info") {
