@@ -9,6 +9,7 @@ packages=(
   libspdlog-dev doctest-dev libp11-kit-dev
   softhsm2 opensc p11-kit p11-kit-modules gnutls-bin libnss3 libnss3-tools
   clang libclang-rt-14-dev valgrind
+  gnuplot-nox
 )
 
 missing=()
