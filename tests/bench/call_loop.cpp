@@ -1,6 +1,7 @@
 // A fixed number of calls through any PKCS#11 module, for instruction counting
 // with callgrind: run it at two lengths and the difference is the per-call cost.
-//   call-loop MODULE OP COUNT [PIN]
+// Uses the first slot with an initialized token; no login.
+//   call-loop MODULE OP COUNT
 //   OP: random (C_GenerateRandom, 16 bytes) | session-info | open-close
 #include <p11mux/pkcs11.h>
 #include <p11mux/rv_names.hpp>
@@ -10,12 +11,28 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 namespace {
 
 [[noreturn]] void die(const std::string& what, CK_RV rv) {
   std::fprintf(stderr, "call-loop: %s: %s\n", what.c_str(), std::string(p11mux::rv_name(rv)).c_str());
   std::exit(2);
+}
+
+// The first slot with an initialized token: SoftHSM2 also lists an empty
+// slot, and a proxy may list several modules' slots.
+CK_SLOT_ID first_initialized_token(CK_FUNCTION_LIST* p) {
+  CK_ULONG count = 0;
+  if (CK_RV rv = p->C_GetSlotList(CK_TRUE, nullptr, &count); rv != CKR_OK) die("C_GetSlotList", rv);
+  std::vector<CK_SLOT_ID> slots(count);
+  if (CK_RV rv = p->C_GetSlotList(CK_TRUE, slots.data(), &count); rv != CKR_OK) die("C_GetSlotList", rv);
+  slots.resize(count);
+  for (CK_SLOT_ID slot : slots) {
+    CK_TOKEN_INFO info;
+    if (p->C_GetTokenInfo(slot, &info) == CKR_OK && (info.flags & CKF_TOKEN_INITIALIZED)) return slot;
+  }
+  die("no initialized token", CKR_TOKEN_NOT_PRESENT);
 }
 
 }  // namespace
@@ -36,11 +53,7 @@ int main(int argc, char** argv) {
   CK_C_INITIALIZE_ARGS args{};
   args.flags = CKF_OS_LOCKING_OK;
   if (CK_RV rv = p->C_Initialize(&args); rv != CKR_OK) die("C_Initialize", rv);
-  CK_ULONG count = 1;
-  CK_SLOT_ID slot = 0;
-  if (CK_RV rv = p->C_GetSlotList(CK_TRUE, &slot, &count); rv != CKR_OK || count == 0) {
-    die("C_GetSlotList (no token?)", rv);
-  }
+  CK_SLOT_ID slot = first_initialized_token(p);
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
   if (CK_RV rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &h); rv != CKR_OK) {
     die("C_OpenSession", rv);
