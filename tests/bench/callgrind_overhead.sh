@@ -1,51 +1,122 @@
 #!/usr/bin/env bash
-# Instructions per call added by p11mux (and p11-kit's proxy, for comparison)
-# over SoftHSM2, counted with callgrind: two run lengths, so start-up cancels.
-# Deterministic, unlike wall time on a shared machine.
-#   tests/bench/callgrind_overhead.sh BUILD_DIR [OPS...]
+# Instructions per call added by p11mux (and by p11-kit's proxy, for
+# comparison), counted with callgrind: each case runs call-loop at two lengths,
+# so start-up and shutdown cancel out. Deterministic, unlike wall time on a
+# shared machine. Run by scripts/bench.sh; also useful alone.
 set -euo pipefail
-build=${1:?usage: callgrind_overhead.sh BUILD_DIR [random session-info open-close]}
-shift
-ops=("$@")
-[ ${#ops[@]} -gt 0 ] || ops=(random session-info open-close)
-loop="$build/tests/bench/call-loop"
-p11mux="$build/proxy/libp11mux.so"
-softhsm=/usr/lib/softhsm/libsofthsm2.so
-p11kit=/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so
+
+usage() {
+  cat <<'EOF'
+Usage: tests/bench/callgrind_overhead.sh [options]
+
+Counts instructions per PKCS#11 call (valgrind --tool=callgrind) for each
+backend called directly and through p11mux (and p11-kit-proxy over SoftHSM2),
+and prints the difference to the direct call.
+
+Options:
+  --build DIR       build tree with call-loop, libp11mux.so, the mock and the
+                    p11-kit shim (default: build/release)
+  --backends LIST   softhsm, mock (default: "softhsm mock")
+  --configs LIST    direct, serialize, multiplex, p11kit (default: all; p11kit
+                    only over SoftHSM2)
+  --ops LIST        random (C_GenerateRandom, 16 bytes), session-info,
+                    open-close (default: all three)
+  --short N         calls in the short run (default 2000)
+  --long N          calls in the long run (default 12000)
+  --csv FILE        also write the rows as CSV
+  -h, --help        this text
+A configuration whose module refuses to initialize (e.g. session_mode =
+multiplex before it exists) is reported as unavailable.
+EOF
+}
+
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+build="$repo/build/release"
+backends="softhsm mock"
+configs="direct serialize multiplex p11kit"
+ops="random session-info open-close"
 short=2000
 long=12000
+csv=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --build) build=$2; shift 2 ;;
+    --backends) backends=$2; shift 2 ;;
+    --configs) configs=$2; shift 2 ;;
+    --ops) ops=$2; shift 2 ;;
+    --short) short=$2; shift 2 ;;
+    --long) long=$2; shift 2 ;;
+    --csv) csv=$2; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "callgrind_overhead.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+build=$(cd "$build" && pwd)
+loop="$build/tests/bench/call-loop"
+p11mux="$build/proxy/libp11mux.so"
+mock="$build/tests/backends/libp11mux-mock.so"
+shim="$build/tests/bench/libp11kit-isolate.so"
+softhsm=/usr/lib/softhsm/libsofthsm2.so
+p11kit=/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so
+for f in "$loop" "$p11mux" "$mock" "$shim"; do
+  [ -e "$f" ] || { echo "callgrind_overhead.sh: $f not found: build first (see --help)" >&2; exit 2; }
+done
+command -v valgrind >/dev/null || { echo "callgrind_overhead.sh: valgrind not installed (scripts/setup.sh)" >&2; exit 2; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/tokens"
+mkdir -p "$work/tokens" "$work/p11kit"
 printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$work" \
-  > "$work/softhsm2.conf"
+  >"$work/softhsm2.conf"
 export SOFTHSM2_CONF="$work/softhsm2.conf"
 softhsm2-util --init-token --free --label bench --so-pin 12345678 --pin 123456 >/dev/null
-# p11-kit's proxy loads the modules p11-kit is configured with: just SoftHSM2 here.
-mkdir -p "$work/p11kit/modules"
-printf 'module: %s\n' "$softhsm" > "$work/p11kit/modules/softhsm2.module"
-export P11MUX_MODULE="$softhsm" P11MUX_LOG_LEVEL=off
+# p11-kit-proxy with SoftHSM2 as its only module (see p11kit_isolate.cpp).
+printf 'module: %s\n' "$softhsm" >"$work/p11kit/softhsm2.module"
+export P11MUX_LOG_LEVEL=off
 
-instructions() {  # MODULE OP COUNT -> total instructions
-  local out="$work/cg.out"
-  env XDG_CONFIG_HOME="$work/p11kit-user" P11_KIT_NO_USER_CONFIG=1 \
-    P11_KIT_CONFIG_MODULE_PATH="$work/p11kit/modules" \
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$loop" "$1" "$2" "$3" \
-    >/dev/null 2>"$work/vg.err" || { cat "$work/vg.err" >&2; return 1; }
+# run BACKEND CONFIG OP COUNT: total instructions, or fails with the reason on stderr.
+run() {
+  local backend_path=${!1} config=$2 op=$3 count=$4 module
+  local -a env=()
+  case $config in
+    direct) module=$backend_path ;;
+    serialize | multiplex)
+      module=$p11mux
+      env=(P11MUX_MODULE="$backend_path" P11MUX_SESSION_MODE="$config") ;;
+    p11kit)
+      module=$p11kit
+      env=(P11KIT_ISOLATE_MODULES="$work/p11kit" LD_PRELOAD="$shim") ;;
+  esac
+  local out="$work/callgrind.out"
+  rm -f "$out"
+  if ! env "${env[@]}" valgrind --tool=callgrind --callgrind-out-file="$out" \
+    "$loop" "$module" "$op" "$count" >/dev/null 2>"$work/valgrind.err"; then
+    grep -v '^==' "$work/valgrind.err" | head -1 >&2
+    return 1
+  fi
   grep -E '^(summary|totals):' "$out" | head -1 | awk '{print $2}'
 }
 
-printf '%-14s %-14s %14s %14s\n' "call" "module" "instr/call" "added"
-for op in "${ops[@]}"; do
-  base=""
-  for m in softhsm p11mux p11kit; do
-    path=${!m}
-    [ -e "$path" ] || continue
-    a=$(instructions "$path" "$op" $short) || continue
-    b=$(instructions "$path" "$op" $long) || continue
-    per=$(( (b - a) / (long - short) ))
-    [ -n "$base" ] || base=$per
-    printf '%-14s %-14s %14d %+14d\n' "$op" "$m" "$per" $(( per - base ))
+[ -z "$csv" ] || echo "backend,config,call,instructions_per_call,added_to_direct,status" >"$csv"
+printf '%-8s %-10s %-13s %12s %10s\n' backend config call instr/call added
+for backend in $backends; do
+  for op in $ops; do
+    base=""
+    for config in $configs; do
+      [ "$config" != p11kit ] || [ "$backend" = softhsm ] || continue
+      if a=$(run "$backend" "$config" "$op" "$short" 2>"$work/why") &&
+        b=$(run "$backend" "$config" "$op" "$long" 2>"$work/why"); then
+        per=$(((b - a) / (long - short)))
+        [ "$config" != direct ] || base=$per
+        added=""
+        [ -z "$base" ] || added=$((per - base))
+        printf '%-8s %-10s %-13s %12d %10s\n' "$backend" "$config" "$op" "$per" "${added:+$(printf '%+d' "$added")}"
+        [ -z "$csv" ] || echo "$backend,$config,$op,$per,$added,ok" >>"$csv"
+      else
+        why=$(head -c 160 "$work/why" | tr ',\n' '; ' | sed 's/ *$//')
+        printf '%-8s %-10s %-13s %12s %10s  %s\n' "$backend" "$config" "$op" unavailable "" "$why"
+        [ -z "$csv" ] || echo "$backend,$config,$op,,,unavailable: $why" >>"$csv"
+      fi
+    done
   done
 done
