@@ -1,0 +1,388 @@
+#!/usr/bin/env bash
+# Turns the CSV files of scripts/bench.sh into results.md (tables and the
+# targets of issue 5, marked pass or miss, as information) and throughput.png.
+# Called by scripts/bench.sh; run it alone to redo the report from the CSVs.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: tests/bench/report.sh DIR
+
+Reads DIR/results.csv, DIR/callgrind.csv and DIR/meta.env (written by
+scripts/bench.sh), writes DIR/results.md and DIR/throughput.png (if gnuplot is
+installed) and prints the targets table.
+EOF
+}
+case ${1:-} in
+  -h | --help) usage; exit 0 ;;
+  "") usage >&2; exit 2 ;;
+esac
+dir=$1
+[ -f "$dir/results.csv" ] || { echo "report.sh: no $dir/results.csv" >&2; exit 2; }
+
+# ---- load the results ----
+# By "section/backend/config/op/sessions/threads": median ops/s, ratio,
+# status, errors.
+declare -A med=() ratio=() stat=() errs=()
+declare -a matrix_ops=() matrix_threads=()
+while IFS=, read -r section backend config op sessions threads _runs m _lo _hi r _to e f st; do
+  [ "$section" != section ] || continue
+  k="$section/$backend/$config/$op/$sessions/$threads"
+  med[$k]=$m
+  ratio[$k]=$r
+  stat[$k]=$st
+  errs[$k]=$((${e:-0} + ${f:-0}))
+  if [ "$section" = matrix ]; then
+    [[ " ${matrix_ops[*]} " == *" $op "* ]] || matrix_ops+=("$op")
+    [[ " ${matrix_threads[*]} " == *" $threads "* ]] || matrix_threads+=("$threads")
+  fi
+done <"$dir/results.csv"
+declare -A instr=() added=() cgstat=()
+if [ -f "$dir/callgrind.csv" ]; then
+  while IFS=, read -r backend config call per add st; do
+    [ "$backend" != backend ] || continue
+    instr[$backend/$config/$call]=$per
+    added[$backend/$config/$call]=$add
+    cgstat[$backend/$config/$call]=$st
+  done <"$dir/callgrind.csv"
+fi
+date="" commit="" cpu="" softhsm="" p11kit="" runs="" duration="" warmup="" load_start="" load_end="" elapsed=""
+# shellcheck disable=SC1091
+[ ! -f "$dir/meta.env" ] || source "$dir/meta.env"
+
+# ---- formatting ----
+configs=(direct serialize multiplex p11kit)
+declare -A title=([direct]="SoftHSM2 direct" [serialize]="p11mux serialize" [multiplex]="p11mux multiplex"
+  [p11kit]="p11-kit-proxy")
+declare -A op_title=([random]="random (C_GenerateRandom 32 B)" [digest]="digest (SHA-256)"
+  [sign-ec]="sign-ec (ECDSA P-256)" [sign-rsa]="sign-rsa (RSA-2048 PKCS#1)" [open-close]="open-close")
+
+thousands() { sed ':a;s/\B[0-9]\{3\}\>/,&/;ta'; }
+int() { printf '%.0f' "$1" | thousands; }
+# One table cell for key K: "12,345 (0.98x)", or what happened instead.
+cell() {
+  local k=$1 st=${stat[$1]:-}
+  case $st in
+    "") echo "" ;;
+    ok) echo "$(int "${med[$k]}")${ratio[$k]:+ (${ratio[$k]}x)}" ;;
+    unavailable*) echo "unavailable" ;;
+    crash*) echo "**crash** (${st#crash })" ;;
+    *) echo "${med[$k]:+$(int "${med[$k]}") }$st" ;;
+  esac
+}
+has() { [ -n "${stat[$1]:-}" ]; }
+ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a + 0 >= b + 0) }'; }
+div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+verdict() { if [ "$1" = 0 ]; then echo pass; else echo "**miss**"; fi; }
+
+# ---- Markdown ----
+report() {
+  echo "# p11mux benchmark results"
+  echo
+  echo "${date:-?}, commit \`${commit:-?}\`, ${cpu:-?}, SoftHSM2 ${softhsm:-?}, p11-kit ${p11kit:-?}."
+  echo "Each figure is the median of ${runs:-?} run(s) of ${duration:-?} s (after ${warmup:-?} s of warm-up)"
+  echo "of \`p11mux-load\`, the configurations' runs interleaved. Load average ${load_start:-?} at the start,"
+  echo "${load_end:-?} at the end (the machine is shared: wall-clock figures are noisy; the instruction"
+  echo "counts are not). Made by \`scripts/bench.sh\` in ${elapsed:-?} s; every run is in runs.csv."
+
+  if [ ${#matrix_ops[@]} -gt 0 ]; then
+    echo
+    echo "## Throughput over SoftHSM2, one session per thread"
+    echo
+    echo "ops/s (ratio to SoftHSM2 called directly)"
+    echo
+    echo "| op | threads | ${title[direct]} | ${title[serialize]} | ${title[multiplex]} | ${title[p11kit]} |"
+    echo "|---|--:|--:|--:|--:|--:|"
+    for op in "${matrix_ops[@]}"; do
+      for t in "${matrix_threads[@]}"; do
+        printf '| %s | %s |' "$op" "$t"
+        for c in "${configs[@]}"; do printf ' %s |' "$(cell "matrix/softhsm/$c/$op/per-thread/$t")"; done
+        echo
+      done
+    done
+  fi
+
+  if has overhead/mock/direct/random/per-thread/1; then
+    echo
+    echo "## p11mux's cost per call over the null backend"
+    echo
+    echo "\`p11mux-load --op random\` over the mock backend, whose C_GenerateRandom does almost nothing:"
+    echo "ns per call per thread (= threads / ops/s), and what p11mux adds. The figure includes the"
+    echo "tool's own per-op bookkeeping, which is the same in every column."
+    echo
+    echo "| threads | mock direct | ${title[serialize]} | ${title[multiplex]} |"
+    echo "|--:|--:|--:|--:|"
+    for t in 1 2; do
+      local base="overhead/mock/direct/random/per-thread/$t"
+      has "$base" || continue
+      printf '| %s |' "$t"
+      for c in direct serialize multiplex; do
+        local k="overhead/mock/$c/random/per-thread/$t"
+        if [ "${stat[$k]:-}" = ok ]; then
+          local ns base_ns
+          ns=$(awk -v t="$t" -v o="${med[$k]}" 'BEGIN { printf "%.0f", t * 1e9 / o }')
+          base_ns=$(awk -v t="$t" -v o="${med[$base]}" 'BEGIN { printf "%.0f", t * 1e9 / o }')
+          if [ "$c" = direct ]; then printf ' %s ns |' "$ns"; else printf ' %s ns (%+d ns) |' "$ns" $((ns - base_ns)); fi
+        else
+          printf ' %s |' "$(cell "$k")"
+        fi
+      done
+      echo
+    done
+  fi
+
+  if [ ${#instr[@]} -gt 0 ]; then
+    echo
+    echo "## Instructions per call (callgrind)"
+    echo
+    echo "\`tests/bench/callgrind_overhead.sh\`: two run lengths, so start-up cancels; deterministic."
+    echo
+    echo "| call | backend | direct | ${title[serialize]} | ${title[multiplex]} | ${title[p11kit]} |"
+    echo "|---|---|--:|--:|--:|--:|"
+    for call in random session-info open-close; do
+      for backend in softhsm mock; do
+        [ -n "${cgstat[$backend/direct/$call]:-}" ] || continue
+        local name=${call/random/C_GenerateRandom}
+        name=${name/session-info/C_GetSessionInfo}
+        name=${name/open-close/C_OpenSession + C_CloseSession}
+        printf '| %s | %s |' "$name" "${backend/softhsm/SoftHSM2}"
+        for c in "${configs[@]}"; do
+          local k="$backend/$c/$call"
+          case ${cgstat[$k]:-} in
+            "") printf ' |' ;;
+            ok) if [ "$c" = direct ]; then printf ' %s |' "$(int "${instr[$k]}")"
+                else printf ' %s (%+d) |' "$(int "${instr[$k]}")" "${added[$k]}"; fi ;;
+            *) printf ' unavailable |' ;;
+          esac
+        done
+        echo
+      done
+    done
+  fi
+
+  if has open/mock/direct/open-close/per-thread/1; then
+    echo
+    echo "## Session open+close against a backend with 1 ms C_OpenSession"
+    echo
+    echo "The mock with \`MOCK_OPEN_SESSION_US=1000\` (a network HSM), \`--op open-close\`: ops/s (ratio to direct)."
+    echo
+    echo "| threads | mock direct | ${title[serialize]} | ${title[multiplex]} |"
+    echo "|--:|--:|--:|--:|"
+    for t in 1 8; do
+      has "open/mock/direct/open-close/per-thread/$t" || continue
+      printf '| %s |' "$t"
+      for c in direct serialize multiplex; do printf ' %s |' "$(cell "open/mock/$c/open-close/per-thread/$t")"; done
+      echo
+    done
+  fi
+
+  if has shared/softhsm/direct/sign-ec/shared/8; then
+    echo
+    echo "## One session shared by all threads (SoftHSM2)"
+    echo
+    echo "\`--sessions shared\`: every thread uses the same session, which the PKCS#11 spec does not allow"
+    echo "and real applications do anyway. ops/s (ratio to SoftHSM2 direct with one session per thread);"
+    echo "SoftHSM2 and p11-kit-proxy are run in a subprocess and their crash is recorded."
+    echo
+    echo "| op | threads | ${title[direct]} | ${title[serialize]} | ${title[multiplex]} | ${title[p11kit]} |"
+    echo "|---|--:|--:|--:|--:|--:|"
+    for op in sign-ec digest; do
+      for t in 8 64; do
+        has "shared/softhsm/direct/$op/shared/$t" || continue
+        printf '| %s | %s |' "$op" "$t"
+        for c in "${configs[@]}"; do printf ' %s |' "$(cell "shared/softhsm/$c/$op/shared/$t")"; done
+        echo
+      done
+    done
+  fi
+
+  echo
+  targets
+}
+
+# ---- the targets of issue 5 ----
+# Each row: target, configuration, measured, verdict.
+targets() {
+  echo "## Targets (issue 5; information, not assertions)"
+  echo
+  echo "| target | configuration | measured | |"
+  echo "|---|---|---|---|"
+  local c op t k misses measured
+  for c in serialize multiplex; do
+    for op in random digest; do
+      has "matrix/softhsm/$c/$op/per-thread/1" || continue
+      if [[ ${stat[matrix/softhsm/$c/$op/per-thread/1]} == unavailable* ]]; then
+        echo "| $op, session per thread: >= 0.95x direct | $c | unavailable | |"; continue
+      fi
+      misses=0 measured=""
+      for t in "${matrix_threads[@]}"; do
+        k="matrix/softhsm/$c/$op/per-thread/$t"
+        local r=${ratio[$k]:-}
+        measured+="${measured:+, }${r:-?}x @$t"
+        [ -n "$r" ] && ge "$r" 0.95 || misses=$((misses + 1))
+      done
+      echo "| $op, session per thread: >= 0.95x direct | $c | $measured | $(verdict $misses) |"
+    done
+  done
+  for c in serialize multiplex; do
+    local k1="overhead/mock/$c/random/per-thread/1" b1="overhead/mock/direct/random/per-thread/1"
+    has "$k1" || continue
+    if [ "${stat[$k1]}" = ok ] && [ "${stat[$b1]}" = ok ]; then
+      local ns
+      ns=$(awk -v a="${med[$k1]}" -v b="${med[$b1]}" 'BEGIN { printf "%.0f", 1e9 / a - 1e9 / b }')
+      echo "| added per call over the null backend, 1 thread: <= 50 ns | $c | $ns ns | $(verdict $([ "$ns" -le 50 ] && echo 0 || echo 1)) |"
+    else
+      echo "| added per call over the null backend, 1 thread: <= 50 ns | $c | $(cell "$k1") | |"
+    fi
+  done
+  for c in serialize multiplex; do
+    for backend in mock softhsm; do
+      for call in random session-info; do
+        k="$backend/$c/$call"
+        [ -n "${cgstat[$k]:-}" ] || continue
+        if [ "${cgstat[$k]}" = ok ]; then
+          echo "| added instructions per call ($call over $backend): <= 100 | $c | ${added[$k]} | $(verdict $([ "${added[$k]}" -le 100 ] && echo 0 || echo 1)) |"
+        else
+          echo "| added instructions per call ($call over $backend): <= 100 | $c | unavailable | |"
+        fi
+      done
+    done
+  done
+  for c in serialize multiplex; do
+    has "matrix/softhsm/$c/open-close/per-thread/1" || continue
+    if [[ ${stat[matrix/softhsm/$c/open-close/per-thread/1]} == unavailable* ]]; then
+      echo "| open+close: >= 1.0x direct SoftHSM2 | $c | unavailable | |"; continue
+    fi
+    misses=0 measured=""
+    for t in "${matrix_threads[@]}"; do
+      local r=${ratio[matrix/softhsm/$c/open-close/per-thread/$t]:-}
+      measured+="${measured:+, }${r:-?}x @$t"
+      [ -n "$r" ] && ge "$r" 1.0 || misses=$((misses + 1))
+    done
+    echo "| open+close: >= 1.0x direct SoftHSM2 | $c | $measured | $(verdict $misses) |"
+  done
+  for c in serialize multiplex; do
+    has "open/mock/$c/open-close/per-thread/1" || continue
+    if [[ ${stat[open/mock/$c/open-close/per-thread/1]} == unavailable* ]]; then
+      echo "| open+close, 1 ms backend: >= 20x direct | $c | unavailable | |"; continue
+    fi
+    misses=0 measured=""
+    for t in 1 8; do
+      local r=${ratio[open/mock/$c/open-close/per-thread/$t]:-}
+      has "open/mock/$c/open-close/per-thread/$t" || continue
+      measured+="${measured:+, }${r:-?}x @$t"
+      [ -n "$r" ] && ge "$r" 20 || misses=$((misses + 1))
+    done
+    echo "| open+close, 1 ms backend: >= 20x direct | $c | $measured | $(verdict $misses) |"
+  done
+  for c in multiplex serialize; do
+    k="shared/softhsm/$c/sign-ec/shared/8"
+    has "$k" || continue
+    local what="shared session, 8 threads, sign-ec: >= 0.95x direct per-thread, 0 errors"
+    [ "$c" = multiplex ] || what="$what (target is for multiplex)"
+    if [ "${stat[$k]}" = ok ] && [ -n "${ratio[$k]}" ]; then
+      echo "| $what | $c | ${ratio[$k]}x, ${errs[$k]} errors | $(verdict $(ge "${ratio[$k]}" 0.95 && [ "${errs[$k]}" = 0 ] && echo 0 || echo 1)) |"
+    else
+      echo "| $what | $c | $(cell "$k") | $([[ ${stat[$k]} == unavailable* ]] || echo '**miss**') |"
+    fi
+  done
+  for c in "${configs[@]}"; do
+    has "matrix/softhsm/$c/random/per-thread/2" || has "matrix/softhsm/$c/digest/per-thread/2" || continue
+    misses=0 measured=""
+    for op in "${matrix_ops[@]}"; do
+      local k2="matrix/softhsm/$c/$op/per-thread/2" k64="matrix/softhsm/$c/$op/per-thread/64"
+      [ "${stat[$k2]:-}" = ok ] && [ "${stat[$k64]:-}" = ok ] || continue
+      local q
+      q=$(div "${med[$k64]}" "${med[$k2]}")
+      measured+="${measured:+, }$op ${q}x"
+      ge "$q" 0.8 || misses=$((misses + 1))
+    done
+    [ -n "$measured" ] || { echo "| 64 threads >= 0.8x 2 threads | $c | unavailable | |"; continue; }
+    echo "| 64 threads >= 0.8x 2 threads | $c | $measured | $(verdict $misses) |"
+  done
+}
+
+report >"$dir/results.md"
+
+# ---- chart: throughput vs threads, one panel per op ----
+# plot_data FILE SECTION OP SESSIONS THREADS...: writes the data file and sets
+# $series to the gnuplot plot arguments of the configurations that have data.
+plot_data() {
+  local file=$1 section=$2 op=$3 sessions=$4
+  shift 4
+  local -a cols=()
+  local t c i k
+  {
+    echo "# threads ${configs[*]}"
+    for t in "$@"; do
+      printf '%s' "$t"
+      for i in "${!configs[@]}"; do
+        k="$section/softhsm/${configs[$i]}/$op/$sessions/$t"
+        if [ "${stat[$k]:-}" = ok ]; then
+          printf ' %s' "${med[$k]}"
+          [[ " ${cols[*]} " == *" $i "* ]] || cols+=("$i")
+        else
+          printf ' ?'
+        fi
+      done
+      echo
+    done
+  } >"$file"
+  series=""
+  for i in "${!configs[@]}"; do
+    [[ " ${cols[*]} " == *" $i "* ]] || continue
+    c=${configs[$i]}
+    series+="${series:+, }'$file' using 1:$((i + 2)) with linespoints ls $((i + 1)) title '${title[$c]}'"
+  done
+}
+
+chart() {
+  [ ${#matrix_ops[@]} -gt 0 ] || return 0
+  command -v gnuplot >/dev/null || { echo "report.sh: gnuplot not installed: no chart" >&2; return 0; }
+  local data series
+  data=$(mktemp -d)
+  local -a plots=()
+  for op in "${matrix_ops[@]}"; do
+    plot_data "$data/$op.dat" matrix "$op" per-thread "${matrix_threads[@]}"
+    [ -z "$series" ] || plots+=("set title '${op_title[$op]:-$op}, one session per thread'" "plot $series")
+  done
+  if has shared/softhsm/serialize/sign-ec/shared/8; then
+    plot_data "$data/shared.dat" shared sign-ec shared 8 64
+    local crashed="" c
+    for c in "${configs[@]}"; do
+      [[ ${stat[shared/softhsm/$c/sign-ec/shared/8]:-} != crash* ]] || crashed+="${crashed:+, }${title[$c]}"
+    done
+    [ -z "$series" ] ||
+      plots+=("set title \"sign-ec, ONE session shared by all threads${crashed:+\\n(crashed: $crashed)}\"" "plot $series")
+  fi
+  local n=$((${#plots[@]} / 2))
+  local cols=3 rows=$(((n + 2) / 3))
+  {
+    echo "set terminal pngcairo size 1500,$((rows * 420)) font 'sans,10'"
+    echo "set output '$dir/throughput.png'"
+    echo "set datafile missing '?'"
+    echo "set key top left box opaque"
+    echo "set logscale x 2"
+    echo "set xtics (1, 2, 8, 64)"
+    echo "set xrange [0.8:80]"
+    echo "set yrange [0:*]"
+    echo "set format y '%.0s%c'"
+    echo "set grid ytics"
+    echo "set xlabel 'threads'"
+    echo "set ylabel 'ops/s'"
+    echo "set style line 1 lc rgb '#555555' lw 2 pt 7"
+    echo "set style line 2 lc rgb '#1f77b4' lw 2 pt 5"
+    echo "set style line 3 lc rgb '#2ca02c' lw 2 pt 9"
+    echo "set style line 4 lc rgb '#d62728' lw 2 pt 13"
+    echo "set multiplot layout $rows,$cols title 'p11mux-load over SoftHSM2 (median of ${runs:-?} runs, ${cpu:-?}, load ${load_start%% *})'"
+    printf '%s\n' "${plots[@]}"
+    echo "unset multiplot"
+  } >"$data/plot.gp"
+  gnuplot "$data/plot.gp" 2>"$data/gnuplot.err" || { cat "$data/gnuplot.err" >&2; rm -rf "$data"; return 1; }
+  rm -rf "$data"
+}
+chart
+
+sed -n '/^## Targets/,$p' "$dir/results.md"
+echo
+echo "report: wrote $dir/results.md$([ ! -f "$dir/throughput.png" ] || echo " and throughput.png")"
