@@ -26,8 +26,7 @@ Backend::Backend(const BackendOptions& options) : path_(options.path), library_(
     throw CkrError(CKR_GENERAL_ERROR,
                    "backend module '" + path_ + "' is not a PKCS#11 module: no C_GetFunctionList");
   }
-  CK_FUNCTION_LIST* list = nullptr;
-  if (options.self != nullptr && get_list(&list) == CKR_OK && list == options.self) {
+  if (is_self(library_, options.self)) {
     throw CkrError(CKR_GENERAL_ERROR,
                    "backend module '" + path_ + "' is p11mux itself; name the vendor module");
   }
@@ -37,32 +36,28 @@ Backend::Backend(const BackendOptions& options) : path_(options.path), library_(
 
 Backend::~Backend() { (void)finalize(); }
 
-// Prefer the v3.0 interface; its list is sized by the interface, not by the
+// Prefer the v3.0 interface; its list is sized by the interface, never by the
 // version field of a 2.x list (pkcs11-notes, "v3.0").
 void Backend::resolve_functions() {
-  if (auto get_interface =
-          reinterpret_cast<CK_C_GetInterface>(library_.symbol("C_GetInterface"))) {
-    CK_VERSION v3{3, 0};
-    CK_INTERFACE* iface = nullptr;
-    auto* name = reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>("PKCS 11"));
-    if (get_interface(name, &v3, &iface, 0) == CKR_OK && iface != nullptr &&
-        iface->pFunctionList != nullptr) {
-      auto* list = static_cast<CK_FUNCTION_LIST_3_0*>(iface->pFunctionList);
-      if (list->version.major >= 3) {
-        functions_ = *list;
-        return;
-      }
+  interfaces_ = discover_interfaces(library_);
+  if (interfaces_.v3 != nullptr) {
+    functions_ = *interfaces_.v3;  // exactly the 3.0 part of a 3.x list
+  } else {
+    auto get_list =
+        reinterpret_cast<CK_C_GetFunctionList>(library_.symbol("C_GetFunctionList"));
+    CK_FUNCTION_LIST* list = nullptr;
+    if (CK_RV rv = get_list(&list); rv != CKR_OK || list == nullptr) {
+      throw CkrError(rv != CKR_OK ? rv : CKR_GENERAL_ERROR,
+                     "backend module '" + path_ + "': C_GetFunctionList failed: " +
+                         std::string(rv_name(rv)));
     }
+    // Copy exactly the v2.x list; the v3.0 tail stays NULL, so those calls
+    // return CKR_FUNCTION_NOT_SUPPORTED. A list from C_GetFunctionList that
+    // claims 3.x is still only known to be CK_FUNCTION_LIST-sized: record the
+    // interface actually negotiated, which the forwarders go by.
+    std::memcpy(&functions_, list, sizeof(CK_FUNCTION_LIST));
+    if (functions_.version.major >= 3) functions_.version = CK_VERSION{2, 40};
   }
-  auto get_list = reinterpret_cast<CK_C_GetFunctionList>(library_.symbol("C_GetFunctionList"));
-  CK_FUNCTION_LIST* list = nullptr;
-  if (CK_RV rv = get_list(&list); rv != CKR_OK || list == nullptr) {
-    throw CkrError(rv != CKR_OK ? rv : CKR_GENERAL_ERROR,
-                   "backend module '" + path_ + "': C_GetFunctionList failed: " +
-                       std::string(rv_name(rv)));
-  }
-  // Copy exactly the v2.x list; the v3.0 tail stays NULL.
-  std::memcpy(&functions_, list, sizeof(CK_FUNCTION_LIST));
   if (functions_.C_Initialize == nullptr) {
     throw CkrError(CKR_GENERAL_ERROR,
                    "backend module '" + path_ + "' has no C_Initialize in its function list");

@@ -2,6 +2,7 @@
 // path and initialized with the best locking it accepts.
 #pragma once
 
+#include "backend_interfaces.hpp"
 #include "shared_library.hpp"
 
 #include <p11mux/pkcs11.h>
@@ -43,9 +44,12 @@ class Backend {
   // every call into it must be serialized by p11mux.
   bool thread_safe() const noexcept { return thread_safe_; }
   BackendLocking locking() const noexcept { return locking_; }
+  // The version of the interface p11mux negotiated (2.x unless has_v3()).
   CK_VERSION version() const noexcept { return functions_.version; }
   // True when the backend offers the v3.0 "PKCS 11" interface.
-  bool has_v3() const noexcept { return functions_.version.major >= 3; }
+  bool has_v3() const noexcept { return interfaces_.v3 != nullptr; }
+  // Everything it offers, vendor interfaces included (found before C_Initialize).
+  const BackendInterfaces& interfaces() const noexcept { return interfaces_; }
   // True when someone else in the process had initialized it already, so
   // p11mux must not finalize it.
   bool shared() const noexcept { return !owns_initialization_; }
@@ -64,6 +68,7 @@ class Backend {
 
   std::string path_;
   SharedLibrary library_;
+  BackendInterfaces interfaces_;
   CK_FUNCTION_LIST_3_0 functions_{};
   BackendLocking locking_ = BackendLocking::none;
   bool thread_safe_ = false;
