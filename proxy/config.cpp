@@ -102,6 +102,9 @@ constexpr std::array<EnumName<LockingMode>, 4> names_of(std::type_identity<Locki
              {"callbacks", LockingMode::callbacks},
              {"none", LockingMode::none}}};
 }
+constexpr std::array<EnumName<VendorInterfaces>, 2> names_of(std::type_identity<VendorInterfaces>) {
+    return {{{"hide", VendorInterfaces::hide}, {"pass", VendorInterfaces::pass}}};
+}
 constexpr std::array<EnumName<spdlog::level::level_enum>, 6> names_of(
     std::type_identity<spdlog::level::level_enum>) {
     namespace lv = spdlog::level;
@@ -167,6 +170,7 @@ constexpr std::array kKeys{
     key<&Config::session_mode>("", "session_mode"),
     key<&Config::backend, &Config::Backend::locking>("backend", "locking"),
     key<&Config::backend, &Config::Backend::init_reserved>("backend", "init_reserved"),
+    key<&Config::backend, &Config::Backend::vendor_interfaces>("backend", "vendor_interfaces"),
     key<&Config::log, &Config::Log::level>("log", "level"),
     key<&Config::log, &Config::Log::file>("log", "file"),
     key<&Config::pool, &Config::Pool::max_sessions>("pool", "max_sessions"),

@@ -39,6 +39,9 @@ enum class SessionMode { serialize, multiplex };      // config text: serialize|
 // What the proxy asks of the backend's C_Initialize for locking.
 enum class LockingMode { automatic, os, callbacks, none };  // config text: auto|os|callbacks|none
 
+// Whether C_GetInterfaceList/C_GetInterface pass on the backend's vendor interfaces.
+enum class VendorInterfaces { hide, pass };  // config text: hide|pass
+
 struct Config {
     std::string module;  // top-level `module`: path of the backend PKCS#11 library; empty = not configured
     SessionMode session_mode = SessionMode::serialize;  // top-level `session_mode`
@@ -47,6 +50,9 @@ struct Config {
         // [backend] init_reserved: passed as pReserved to the backend's C_Initialize (NSS
         // softoken needs one). An empty value leaves it unset (pReserved = NULL).
         std::optional<std::string> init_reserved;
+        // [backend] vendor_interfaces: pass lists the backend's non-standard interfaces and
+        // returns them unchanged (their calls bypass p11mux: no virtual sessions, no serialization).
+        VendorInterfaces vendor_interfaces = VendorInterfaces::hide;
     } backend;
     struct Log {
         spdlog::level::level_enum level = spdlog::level::warn;  // [log] level: off|error|warn|info|debug|trace

@@ -305,6 +305,7 @@ TEST_CASE("only the table's P11MUX_* names and P11MUX_CONFIG are looked up") {
     (void)p11mux::load_config(recording);
     CHECK(asked == std::set<std::string>{"P11MUX_CONFIG", "P11MUX_MODULE", "P11MUX_SESSION_MODE",
                                          "P11MUX_BACKEND_LOCKING", "P11MUX_BACKEND_INIT_RESERVED",
+                                         "P11MUX_BACKEND_VENDOR_INTERFACES",
                                          "P11MUX_LOG_LEVEL", "P11MUX_LOG_FILE",
                                          "P11MUX_POOL_MAX_SESSIONS", "P11MUX_POOL_WAIT_MS",
                                          "P11MUX_POOL_PREWARM", "P11MUX_POOL_KEEP_LOGIN",
@@ -399,4 +400,17 @@ TEST_CASE("pool keys: bad numbers and booleans are errors naming the key") {
     CHECK(err.find("true|false") != std::string::npos);
     CHECK(error_of("", {{"P11MUX_POOL_PREWARM", "many"}}).find("P11MUX_POOL_PREWARM") !=
           std::string::npos);
+}
+
+TEST_CASE("[backend] vendor_interfaces: hide by default, pass from the file or the environment") {
+    using p11mux::VendorInterfaces;
+    CHECK(parse("").backend.vendor_interfaces == VendorInterfaces::hide);
+    CHECK(parse("[backend]\nvendor_interfaces = pass\n").backend.vendor_interfaces ==
+          VendorInterfaces::pass);
+    CHECK(parse("[backend]\nvendor_interfaces = pass\n", {{"P11MUX_BACKEND_VENDOR_INTERFACES", "hide"}})
+              .backend.vendor_interfaces == VendorInterfaces::hide);
+    CHECK(parse("", {{"P11MUX_BACKEND_VENDOR_INTERFACES", "pass"}}).backend.vendor_interfaces ==
+          VendorInterfaces::pass);
+    CHECK(error_of("[backend]\nvendor_interfaces = yes\n") ==
+          "test.conf:2: bad value 'yes' for [backend] vendor_interfaces (expected hide|pass)");
 }
