@@ -8,7 +8,8 @@
 
 namespace p11mux {
 
-CK_RV get_info(Runtime& rt, CK_INFO_PTR info) noexcept;
+CK_RV get_info(Runtime& rt, CK_INFO_PTR info) noexcept;      // through the 2.40 list
+CK_RV get_info_3_0(Runtime& rt, CK_INFO_PTR info) noexcept;  // through the 3.0 list
 CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR application,
                    CK_NOTIFY notify, CK_SESSION_HANDLE_PTR session) noexcept;
 CK_RV close_session(Runtime& rt, CK_SESSION_HANDLE session) noexcept;
@@ -24,5 +25,25 @@ template <>
 constexpr auto handler<fn::C_CloseSession> = &close_session;
 template <>
 constexpr auto handler<fn::C_CloseAllSessions> = &close_all_sessions;
+
+// C_GetInfo reports the version of the list it is called through, so the 3.0
+// list's C_GetInfo is a function of its own; in_list_3_0<F> names the function
+// behind each `handled` member of the 3.0 list.
+namespace fn {
+struct C_GetInfo_3_0 : C_GetInfo {};
+}  // namespace fn
+template <>
+constexpr auto handler<fn::C_GetInfo_3_0> = &get_info_3_0;
+
+template <class F>
+struct InList30 {
+  using type = F;
+};
+template <>
+struct InList30<fn::C_GetInfo> {
+  using type = fn::C_GetInfo_3_0;
+};
+template <class F>
+using in_list_3_0 = typename InList30<F>::type;
 
 }  // namespace p11mux

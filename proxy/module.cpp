@@ -36,6 +36,7 @@ CK_RV Module::initialize(CK_VOID_PTR init_args) noexcept {
     phase_.wait(phase, std::memory_order_acquire);
   }
   CK_RV rv = start(args);
+  interface_probe_.invalidate();  // the configuration may have changed since the probe
   phase_.store(rv == CKR_OK ? ready : uninitialized, std::memory_order_release);
   phase_.notify_all();
   return rv;
@@ -80,6 +81,7 @@ CK_RV Module::finalize(CK_VOID_PTR reserved) noexcept {
   } else {
     (void)runtime_.release();  // a thread is stuck in the backend: keep it all
   }
+  interface_probe_.invalidate();  // a probe made while finalizing must not outlive it
   phase_.store(uninitialized, std::memory_order_release);
   phase_.notify_all();
   return CKR_OK;
@@ -89,8 +91,13 @@ void Module::on_fork_child() noexcept {
   // The child must call C_Initialize before anything works again, and must
   // never touch the parent's backend sessions (pkcs11-notes, "fork()").
   gate_.reset_after_fork();
+  interface_probe_.reset_after_fork();
   forked_.store(true, std::memory_order_relaxed);
   phase_.store(uninitialized, std::memory_order_relaxed);
+}
+
+std::shared_ptr<const ProbedBackend> Module::probed_interfaces() noexcept {
+  return interface_probe_.get(entry_points::function_list());
 }
 
 void Module::register_fork_handler() noexcept {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "call_gate.hpp"
+#include "interfaces.hpp"
 #include "runtime.hpp"
 
 #include <atomic>
@@ -44,6 +45,11 @@ class Module {
   // pthread_atfork child handler: only atomic stores, no locks.
   void on_fork_child() noexcept;
 
+  // What the configured backend offers, probed without initializing it, for
+  // C_GetInterfaceList/C_GetInterface before C_Initialize (interfaces.hpp).
+  // Probed again after each C_Initialize or C_Finalize. NULL only when out of memory.
+  std::shared_ptr<const ProbedBackend> probed_interfaces() noexcept;
+
  private:
   enum Phase : std::uint32_t { uninitialized, initializing, ready, finalizing };
   CK_RV start(const InitArgs& args) noexcept;
@@ -55,6 +61,7 @@ class Module {
   CallGate gate_;
   // Written only while the gate is closed and drained; read inside a Call.
   std::unique_ptr<Runtime> runtime_;
+  InterfaceProbe interface_probe_;
 };
 
 extern constinit Module the_module;
