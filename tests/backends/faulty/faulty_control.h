@@ -1,0 +1,169 @@
+/* Control interface of libp11mux-faulty.so, the fault-injecting test backend.
+ *
+ * The faulty module is a PKCS#11 module that loads another one (the target:
+ * SoftHSM2 by default, or the mock) and forwards every call to it, except
+ * that, by configuration, it
+ *   - returns a chosen CKR code instead of forwarding a call: on a given
+ *     function (or on every function, "*") with a probability drawn from a
+ *     seeded PRNG, or on the Nth call of that function;
+ *   - refuses C_OpenSession with CKR_SESSION_COUNT beyond N open sessions;
+ *   - simulates an HSM restart (faulty_restart): every open session
+ *     disappears at once, its target session really closed; later calls on
+ *     the old handles return CKR_SESSION_HANDLE_INVALID;
+ *   - simulates a removed device (faulty_set_removed): session calls return
+ *     CKR_DEVICE_REMOVED, token calls CKR_TOKEN_NOT_PRESENT;
+ *   - adds latency to C_OpenSession, C_CloseSession, C_Login and the crypto
+ *     calls, like a network HSM (the "slow" backend, over a real token).
+ * It hands out its own session handles (never reused), so stale handles are
+ * always recognised, and it counts what the tests assert on: sessions opened
+ * and closed, faults injected, calls overlapping on one session.
+ *
+ * Configuration comes from the environment when the library is loaded and on
+ * faulty_reset(), so that any program can use it through P11MUX_MODULE alone:
+ *   P11MUX_FAULTY_TARGET  path of the target module
+ *                         (default /usr/lib/softhsm/libsofthsm2.so)
+ *   P11MUX_FAULTY_SEED    PRNG seed (default 1)
+ *   P11MUX_FAULTY_FAIL    rules, comma-separated, FUNCTION:RV:p=PROBABILITY or
+ *                         FUNCTION:RV:nth=N; FUNCTION is a name or "*", RV a
+ *                         CKR_ name or a number. Example:
+ *                         "*:CKR_DEVICE_ERROR:p=0.01,C_OpenSession:CKR_DEVICE_MEMORY:nth=3"
+ *   P11MUX_FAULTY_MAX_SESSIONS  CKR_SESSION_COUNT beyond this many (0 = no limit)
+ *   P11MUX_FAULTY_LATENCY open=US,close=US,login=US,crypto=US (microseconds)
+ * A malformed variable makes C_Initialize fail with CKR_GENERAL_ERROR and a
+ * message on stderr. Tests can instead set everything with faulty_configure()
+ * (reach it with dlopen of the same path p11mux is given, then dlsym).
+ *
+ * Plain C, LP64 (CK_ULONG is unsigned long). The library is linked with
+ * -z nodelete: its state survives dlclose.
+ */
+#ifndef P11MUX_FAULTY_CONTROL_H
+#define P11MUX_FAULTY_CONTROL_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Entries in FaultyStats.calls/faults: the functions of CK_FUNCTION_LIST_3_0
+ * in order (C_Initialize = 0 ... C_WaitForSlotEvent = 67 ... 91), the order of
+ * include/p11mux/functions.h. */
+#define FAULTY_FUNCTION_COUNT 92
+#define FAULTY_MAX_RULES 8
+/* Session handles the faulty module hands out count up from here. */
+#define FAULTY_SESSION_HANDLE_BASE 0x7A000001UL
+#define FAULTY_DEFAULT_TARGET "/usr/lib/softhsm/libsofthsm2.so"
+
+/* One fault: the first rule (in array order) that fires wins.
+ * "*" matches every function except C_Initialize, C_Finalize,
+ * C_GetFunctionList, C_GetInterfaceList, C_GetInterface, C_CloseSession and
+ * C_CloseAllSessions: a failed close leaves the target session open, which is
+ * its own test (name C_CloseSession explicitly to inject it). */
+typedef struct FaultyRule {
+  char function[40];         /* "C_Sign", "*", or "" for an unused rule */
+  unsigned long rv;          /* returned instead of forwarding the call */
+  unsigned long per_million; /* probability, in millionths (used when nth == 0) */
+  unsigned long nth;         /* only the Nth matching call since faulty_configure
+                                (1-based); 0 = use per_million */
+} FaultyRule;
+
+typedef struct FaultyConfig {
+  char target[512];    /* target module; "" = P11MUX_FAULTY_TARGET or the
+                          default. Read by C_Initialize (and by
+                          C_GetInterface* before it) */
+  unsigned long seed;  /* PRNG seed; draws restart at faulty_configure */
+  FaultyRule rules[FAULTY_MAX_RULES];
+  unsigned long max_sessions; /* 0 = no limit */
+  /* Latency added before forwarding (microseconds; 0 = none). */
+  unsigned long open_session_us; /* C_OpenSession */
+  unsigned long close_session_us; /* C_CloseSession */
+  unsigned long login_us;        /* C_Login, C_Logout, C_LoginUser */
+  unsigned long crypto_us;       /* every function named after Encrypt,
+                                    Decrypt, Sign, Verify, Digest, Generate,
+                                    Wrap, Derive, Random or Message */
+} FaultyConfig;
+
+typedef struct FaultyStats {
+  int initialized;
+  unsigned long initialize_calls, initialize_ok, finalize_calls;
+  unsigned long calls_total;
+  unsigned long calls_not_initialized; /* answered CKR_CRYPTOKI_NOT_INITIALIZED */
+  unsigned long max_concurrent_calls;  /* threads inside at once (waiters included) */
+  /* Two calls on one session at once, or a session closed (by
+   * C_CloseAllSessions) while a call on it was in progress. */
+  unsigned long session_violations;
+  /* Calls inside (other than blocked C_WaitForSlotEvent) when C_Finalize came. */
+  unsigned long finalize_during_call;
+
+  /* Sessions. Always: opened = closed + closed_all + dropped + open_at_finalize
+   * + open. At the end of a clean run open_at_finalize is 0 (the proxy closed
+   * everything it opened before finalizing). */
+  unsigned long sessions_open;
+  unsigned long sessions_opened;
+  unsigned long sessions_closed;     /* C_CloseSession */
+  unsigned long sessions_closed_all; /* C_CloseAllSessions */
+  unsigned long sessions_dropped;    /* faulty_restart, faulty_set_removed */
+  unsigned long sessions_open_at_finalize;
+  unsigned long max_sessions_open;
+  unsigned long stale_handle_calls;  /* calls on unknown or dropped handles */
+  unsigned long session_count_refusals; /* CKR_SESSION_COUNT from max_sessions */
+  unsigned long restarts;
+  unsigned long target_sessions_closed_by_restart;
+
+  unsigned long faults_injected; /* by rules, all functions */
+  unsigned long delayed_calls;   /* calls that got latency */
+  unsigned long calls[FAULTY_FUNCTION_COUNT];
+  unsigned long faults[FAULTY_FUNCTION_COUNT];
+} FaultyStats;
+
+/* Replaces the configuration (NULL: from the environment). Returns 0, or -1
+ * if a rule names an unknown function (nothing changed then). Counters are
+ * kept. May be called while initialized; takes effect at once. */
+int faulty_configure(const FaultyConfig* config);
+/* The configuration the environment describes; -1 (and *out untouched) if a
+ * variable is malformed, with the reason in the text returned by
+ * faulty_last_error(). */
+int faulty_config_from_env(FaultyConfig* out);
+const char* faulty_last_error(void);
+void faulty_stats(FaultyStats* out);
+/* Configuration from the environment, counters zero, device present. Call
+ * while not initialized (returns 1 if it was: it then finalizes first). */
+int faulty_reset(void);
+/* HSM restart: every open session is dropped at once (target sessions closed
+ * as soon as no call is inside them). Returns how many. */
+unsigned long faulty_restart(void);
+/* 1: device removed (also drops every session); 0: back. */
+void faulty_set_removed(int removed);
+/* Function name of index i, NULL if out of range; calls of a function by name
+ * (~0UL if unknown). */
+const char* faulty_function_name(unsigned long index);
+unsigned long faulty_calls(const char* function_name);
+
+typedef int (*FaultyConfigureFn)(const FaultyConfig*);
+typedef int (*FaultyConfigFromEnvFn)(FaultyConfig*);
+typedef const char* (*FaultyLastErrorFn)(void);
+typedef void (*FaultyStatsFn)(FaultyStats*);
+typedef int (*FaultyResetFn)(void);
+typedef unsigned long (*FaultyRestartFn)(void);
+typedef void (*FaultySetRemovedFn)(int);
+typedef const char* (*FaultyFunctionNameFn)(unsigned long);
+typedef unsigned long (*FaultyCallsFn)(const char*);
+
+typedef struct FaultyControl {
+  FaultyConfigureFn configure;
+  FaultyConfigFromEnvFn config_from_env;
+  FaultyLastErrorFn last_error;
+  FaultyStatsFn stats;
+  FaultyResetFn reset;
+  FaultyRestartFn restart;
+  FaultySetRemovedFn set_removed;
+  FaultyFunctionNameFn function_name;
+  FaultyCallsFn calls;
+} FaultyControl;
+
+const FaultyControl* faulty_get_control(void);
+typedef const FaultyControl* (*FaultyGetControlFn)(void);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* P11MUX_FAULTY_CONTROL_H */

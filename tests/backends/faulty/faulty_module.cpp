@@ -1,0 +1,253 @@
+// The faulty module's state: initialization, the session table, restarts and
+// removal.
+#include "faulty_state.hpp"
+
+#include <cstdio>
+#include <vector>
+
+namespace p11mux::faulty {
+
+Module& module() {
+  static Module* const instance = [] {
+    auto* m = new Module;
+    FaultyConfig config{};
+    std::string error;
+    if (config_from_env(config, error)) m->settings.apply(config);
+    // A malformed environment is reported by C_Initialize.
+    return m;
+  }();
+  return *instance;
+}
+
+Session::~Session() {
+  if (!close_on_destroy.load(std::memory_order_relaxed)) return;
+  if (target_closed.exchange(true)) return;
+  // Only within the initialization that opened it: after a re-initialization
+  // the same target handle may name someone else's session.
+  Module& m = module();
+  if (!m.initialized() || m.generation() != generation) return;
+  if (target->functions.C_CloseSession(target_handle) == CKR_OK) {
+    bump(m.counters.target_sessions_closed_by_restart);
+  }
+}
+
+// ---- lifecycle ----
+
+CK_RV Module::initialize(CK_VOID_PTR init_args) {
+  std::lock_guard life(lifecycle_mu_);
+  bump(counters.initialize_calls);
+  if (initialized()) return CKR_CRYPTOKI_ALREADY_INITIALIZED;
+  FaultyConfig env_config{};
+  std::string error;
+  if (!config_from_env(env_config, error)) {
+    std::fprintf(stderr, "libp11mux-faulty: %s\n", error.c_str());
+    return CKR_GENERAL_ERROR;
+  }
+  const Target* t = load_target(settings.target_path(), error);
+  if (t == nullptr) {
+    std::fprintf(stderr, "libp11mux-faulty: %s\n", error.c_str());
+    return CKR_GENERAL_ERROR;
+  }
+  // The caller's arguments go to the target as they are: its answer (locking
+  // accepted or CKR_CANT_LOCK) is the faulty module's, which is thread-safe
+  // itself whatever the target is.
+  CK_RV rv = t->functions.C_Initialize(init_args);
+  if (rv != CKR_OK && rv != CKR_CRYPTOKI_ALREADY_INITIALIZED) return rv;
+  owns_target_init_ = rv == CKR_OK;
+  target_.store(t, std::memory_order_release);
+  generation_.fetch_add(1, std::memory_order_relaxed);
+  removed_.store(false, std::memory_order_relaxed);
+  initialized_.store(true, std::memory_order_release);
+  bump(counters.initialize_ok);
+  return rv;
+}
+
+template <class Pred>
+std::vector<std::shared_ptr<Session>> Module::take_locked(Pred&& pred) {
+  std::vector<std::shared_ptr<Session>> taken;
+  for (auto it = sessions_.begin(); it != sessions_.end();) {
+    if (pred(*it->second)) {
+      taken.push_back(std::move(it->second));
+      it = sessions_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  counters.sessions_open.fetch_sub(taken.size(), std::memory_order_relaxed);
+  return taken;
+}
+
+bool Module::finalize_locked() {
+  if (!initialized()) return false;
+  unsigned long inside = active.load(std::memory_order_relaxed);
+  if (inside != 0) bump(counters.finalize_during_call, inside);
+  initialized_.store(false, std::memory_order_release);
+  std::vector<std::shared_ptr<Session>> left;
+  {
+    std::unique_lock table(table_mu_);
+    left = take_locked([](const Session&) { return true; });
+  }
+  // The target's C_Finalize closes them.
+  for (auto& s : left) s->target_closed.store(true, std::memory_order_relaxed);
+  bump(counters.sessions_open_at_finalize, left.size());
+  if (owns_target_init_) (void)target().functions.C_Finalize(nullptr);
+  owns_target_init_ = false;
+  return true;
+}
+
+CK_RV Module::finalize(CK_VOID_PTR reserved) {
+  std::lock_guard life(lifecycle_mu_);
+  bump(counters.finalize_calls);
+  if (reserved != nullptr) return CKR_ARGUMENTS_BAD;
+  return finalize_locked() ? CKR_OK : CKR_CRYPTOKI_NOT_INITIALIZED;
+}
+
+int Module::reset() {
+  std::lock_guard life(lifecycle_mu_);
+  int was_initialized = finalize_locked() ? 1 : 0;
+  FaultyConfig config{};
+  std::string error;
+  if (!config_from_env(config, error)) config = FaultyConfig{};
+  settings.apply(config);
+  counters.reset();
+  removed_.store(false, std::memory_order_relaxed);
+  return was_initialized;
+}
+
+const Target* Module::probe_target() {
+  if (initialized()) return &target();
+  std::string error;
+  return load_target(settings.target_path(), error);
+}
+
+// ---- sessions ----
+
+CK_RV Module::lookup(CK_SESSION_HANDLE handle, std::shared_ptr<Session>& out) {
+  {
+    std::shared_lock table(table_mu_);
+    if (auto it = sessions_.find(handle); it != sessions_.end()) {
+      out = it->second;
+      return CKR_OK;
+    }
+  }
+  bump(counters.stale_handle_calls);
+  return removed() ? CKR_DEVICE_REMOVED : CKR_SESSION_HANDLE_INVALID;
+}
+
+namespace {
+
+// The target calls Notify with its own handle: the application gets ours.
+CK_RV notify_trampoline(CK_SESSION_HANDLE, CK_NOTIFICATION event, CK_VOID_PTR context) {
+  auto* s = static_cast<Session*>(context);
+  return s->notify(s->handle, event, s->application);
+}
+
+}  // namespace
+
+CK_RV Module::open_session(Fn fn, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR application,
+                           CK_NOTIFY notify, CK_SESSION_HANDLE_PTR out) {
+  if (out == nullptr) return CKR_ARGUMENTS_BAD;
+  if (removed()) return CKR_TOKEN_NOT_PRESENT;
+  // Reserve a place first, so that racing opens never exceed the limit.
+  unsigned long now = counters.sessions_open.fetch_add(1, std::memory_order_relaxed) + 1;
+  auto unreserve = [&] { counters.sessions_open.fetch_sub(1, std::memory_order_relaxed); };
+  if (unsigned long max = settings.max_sessions(); max != 0 && now > max) {
+    unreserve();
+    bump(counters.session_count_refusals);
+    return CKR_SESSION_COUNT;
+  }
+  if (auto rv = settings.inject(fn, counters)) {
+    unreserve();
+    return *rv;
+  }
+  settings.delay(fn, counters);
+
+  const Target& t = target();
+  auto s = std::make_shared<Session>(next_handle_.fetch_add(1, std::memory_order_relaxed), slot,
+                                     &t, generation(), notify, application);
+  std::shared_lock opening(open_mu_);
+  CK_RV rv = t.functions.C_OpenSession(slot, flags, notify ? s.get() : application,
+                                       notify ? &notify_trampoline : nullptr, &s->target_handle);
+  if (rv != CKR_OK) {
+    unreserve();
+    return rv;
+  }
+  {
+    std::unique_lock table(table_mu_);
+    sessions_.emplace(s->handle, s);
+  }
+  bump(counters.sessions_opened);
+  raise_peak(counters.max_sessions_open, now);
+  *out = s->handle;
+  return CKR_OK;
+}
+
+CK_RV Module::close_session(Fn fn, CK_SESSION_HANDLE handle) {
+  std::shared_ptr<Session> s;
+  if (CK_RV rv = lookup(handle, s); rv != CKR_OK) return rv;
+  if (s->inside.fetch_add(1, std::memory_order_relaxed) != 0) bump(counters.session_violations);
+  struct Leave {
+    Session& s;
+    ~Leave() { s.inside.fetch_sub(1, std::memory_order_relaxed); }
+  } leave{*s};
+  if (removed()) return CKR_DEVICE_REMOVED;
+  // An injected failure leaves the session open, as a failing HSM would.
+  if (auto rv = settings.inject(fn, counters)) return *rv;
+  settings.delay(fn, counters);
+
+  if (s->target_closed.exchange(true)) return CKR_SESSION_HANDLE_INVALID;  // raced a restart
+  CK_RV rv = s->target->functions.C_CloseSession(s->target_handle);
+  if (rv != CKR_OK && rv != CKR_SESSION_HANDLE_INVALID && rv != CKR_SESSION_CLOSED) {
+    s->target_closed.store(false, std::memory_order_relaxed);  // still open there
+    return rv;
+  }
+  std::unique_lock table(table_mu_);
+  if (auto it = sessions_.find(handle); it != sessions_.end() && it->second == s) {
+    sessions_.erase(it);
+    counters.sessions_open.fetch_sub(1, std::memory_order_relaxed);
+    bump(counters.sessions_closed);
+  }
+  return rv;
+}
+
+CK_RV Module::close_all_sessions(Fn fn, CK_SLOT_ID slot) {
+  if (removed()) return CKR_TOKEN_NOT_PRESENT;
+  if (auto rv = settings.inject(fn, counters)) return *rv;
+  std::unique_lock opening(open_mu_);
+  CK_RV rv = target().functions.C_CloseAllSessions(slot);
+  if (rv != CKR_OK) return rv;
+  std::vector<std::shared_ptr<Session>> closed;
+  {
+    std::unique_lock table(table_mu_);
+    closed = take_locked([&](const Session& s) { return s.slot == slot; });
+  }
+  for (auto& s : closed) {
+    s->target_closed.store(true, std::memory_order_relaxed);
+    // Closing a session under a call in progress on it is the same race as
+    // two calls on it at once.
+    if (s->inside.load(std::memory_order_relaxed) != 0) bump(counters.session_violations);
+  }
+  bump(counters.sessions_closed_all, closed.size());
+  return rv;
+}
+
+unsigned long Module::restart() {
+  std::vector<std::shared_ptr<Session>> dropped;
+  {
+    std::unique_lock table(table_mu_);
+    dropped = take_locked([](const Session&) { return true; });
+  }
+  for (auto& s : dropped) s->close_on_destroy.store(true, std::memory_order_relaxed);
+  bump(counters.sessions_dropped, dropped.size());
+  bump(counters.restarts);
+  // Each target session is closed by whoever drops the last reference: here,
+  // or the call still inside it when that call returns.
+  return dropped.size();
+}
+
+void Module::set_removed(bool removed) {
+  if (removed) restart();
+  removed_.store(removed, std::memory_order_relaxed);
+}
+
+}  // namespace p11mux::faulty

@@ -1,0 +1,402 @@
+// The faulty module on its own, over the mock (whose counters show what
+// really reached the target): forwarding, handle mapping, each kind of fault,
+// and the configuration from the environment.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <p11mux/pkcs11.h>
+
+#include "faulty_control.h"
+#include "mock_control.h"
+
+#include <dlfcn.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+namespace {
+
+struct Libraries {
+  Libraries() {
+    void* mock_lib = ::dlopen(MOCK_LIBRARY_PATH, RTLD_NOW | RTLD_LOCAL);
+    REQUIRE_MESSAGE(mock_lib != nullptr, ::dlerror());
+    mock = reinterpret_cast<MockGetControlFn>(::dlsym(mock_lib, "mock_get_control"))();
+    void* lib = ::dlopen(FAULTY_LIBRARY_PATH, RTLD_NOW | RTLD_LOCAL);
+    REQUIRE_MESSAGE(lib != nullptr, ::dlerror());
+    faulty = reinterpret_cast<FaultyGetControlFn>(::dlsym(lib, "faulty_get_control"))();
+    auto get_list = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(lib, "C_GetFunctionList"));
+    REQUIRE(get_list(&p11) == CKR_OK);
+    get_interface = reinterpret_cast<CK_C_GetInterface>(::dlsym(lib, "C_GetInterface"));
+    REQUIRE(static_cast<bool>(get_interface));
+  }
+  const MockControl* mock = nullptr;
+  const FaultyControl* faulty = nullptr;
+  CK_FUNCTION_LIST* p11 = nullptr;
+  CK_C_GetInterface get_interface = nullptr;
+};
+
+Libraries& libs() {
+  static Libraries instance;
+  return instance;
+}
+
+FaultyConfig over_mock() {
+  FaultyConfig c{};
+  std::strcpy(c.target, MOCK_LIBRARY_PATH);
+  c.seed = 1;
+  return c;
+}
+
+void add_rule(FaultyConfig& c, const char* function, CK_RV rv, unsigned long per_million,
+              unsigned long nth) {
+  for (auto& r : c.rules) {
+    if (r.function[0] != '\0') continue;
+    std::strcpy(r.function, function);
+    r.rv = rv;
+    r.per_million = per_million;
+    r.nth = nth;
+    return;
+  }
+  FAIL("no free rule");
+}
+
+// Index of a function in the counters (both modules use the order of CK_FUNCTION_LIST_3_0).
+unsigned long index_of(const char* name) {
+  for (unsigned long i = 0; i < FAULTY_FUNCTION_COUNT; ++i) {
+    if (std::strcmp(libs().faulty->function_name(i), name) == 0) return i;
+  }
+  FAIL("unknown function " << name);
+  return 0;
+}
+
+FaultyStats faulty_stats() {
+  FaultyStats s{};
+  libs().faulty->stats(&s);
+  return s;
+}
+
+MockStats mock_stats() {
+  MockStats s{};
+  libs().mock->stats(&s);
+  return s;
+}
+
+// The faulty module initialized over a fresh mock; finalized at the end.
+struct Fixture {
+  explicit Fixture(FaultyConfig c = over_mock(), MockConfig m = {}) : p11(libs().p11) {
+    ::unsetenv("P11MUX_FAULTY_FAIL");
+    CHECK(libs().faulty->reset() == 0);
+    CHECK(libs().mock->reset() == 0);
+    REQUIRE(libs().mock->configure(&m) == 0);
+    REQUIRE(libs().faulty->configure(&c) == 0);
+    CK_C_INITIALIZE_ARGS args{};
+    args.flags = CKF_OS_LOCKING_OK;
+    REQUIRE(p11->C_Initialize(&args) == CKR_OK);
+  }
+  ~Fixture() { p11->C_Finalize(nullptr); }
+  Fixture(const Fixture&) = delete;
+  Fixture& operator=(const Fixture&) = delete;
+
+  CK_SESSION_HANDLE open() {
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    REQUIRE(p11->C_OpenSession(0, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &h) ==
+            CKR_OK);
+    return h;
+  }
+  CK_RV random(CK_SESSION_HANDLE h) {
+    CK_BYTE buf[16];
+    return p11->C_GenerateRandom(h, buf, sizeof buf);
+  }
+
+  CK_FUNCTION_LIST* p11;
+};
+
+// opened = closed + closed_all + dropped + open_at_finalize + open
+void check_session_balance(const FaultyStats& s) {
+  CHECK(s.sessions_opened == s.sessions_closed + s.sessions_closed_all + s.sessions_dropped +
+                                 s.sessions_open_at_finalize + s.sessions_open);
+}
+
+TEST_CASE("forwards calls with its own session handles") {
+  {
+    Fixture f;
+    CHECK(mock_stats().initialized == 1);
+    CK_SESSION_HANDLE h = f.open();
+    CHECK(h >= FAULTY_SESSION_HANDLE_BASE);
+    CHECK(f.random(h) == CKR_OK);
+    CHECK(mock_stats().last_session >= MOCK_SESSION_HANDLE_BASE);  // the mock's own handle
+    CHECK(mock_stats().last_session != h);
+    CK_SESSION_INFO info{};
+    CHECK(f.p11->C_GetSessionInfo(h, &info) == CKR_OK);
+    CHECK((info.flags & CKF_RW_SESSION) != 0);
+    CHECK(f.random(h + 1) == CKR_SESSION_HANDLE_INVALID);
+    CHECK(f.p11->C_CloseSession(h) == CKR_OK);
+    CHECK(f.random(h) == CKR_SESSION_HANDLE_INVALID);
+    CHECK(f.p11->C_CloseSession(h) == CKR_SESSION_HANDLE_INVALID);
+    CHECK(mock_stats().sessions_closed_total == 1);
+    CHECK(libs().faulty->calls("C_GenerateRandom") == 3);
+  }
+  CHECK(mock_stats().initialized == 0);
+  FaultyStats s = faulty_stats();
+  CHECK(s.sessions_opened == 1);
+  CHECK(s.sessions_closed == 1);
+  CHECK(s.sessions_open_at_finalize == 0);
+  CHECK(s.stale_handle_calls == 3);
+  check_session_balance(s);
+}
+
+TEST_CASE("sessions left open at C_Finalize are counted") {
+  {
+    Fixture f;
+    f.open();
+    f.open();
+  }
+  FaultyStats s = faulty_stats();
+  CHECK(s.sessions_open_at_finalize == 2);
+  CHECK(s.sessions_open == 0);
+  check_session_balance(s);
+}
+
+TEST_CASE("a rule on the Nth call") {
+  FaultyConfig c = over_mock();
+  add_rule(c, "C_GenerateRandom", CKR_DEVICE_ERROR, 0, 2);
+  Fixture f(c);
+  CK_SESSION_HANDLE h = f.open();
+  CHECK(f.random(h) == CKR_OK);
+  CHECK(f.random(h) == CKR_DEVICE_ERROR);
+  CHECK(f.random(h) == CKR_OK);
+  CHECK(libs().mock->calls("C_GenerateRandom") == 2);  // the failed call never reached it
+  FaultyStats s = faulty_stats();
+  CHECK(s.faults_injected == 1);
+  CHECK(s.faults[index_of("C_GenerateRandom")] == 1);
+  CHECK(s.faults[index_of("C_SeedRandom")] == 0);
+  CHECK(libs().mock->function_name(index_of("C_GenerateRandom")) ==
+        std::string_view("C_GenerateRandom"));
+}
+
+std::vector<CK_RV> draw_sequence(unsigned long seed) {
+  FaultyConfig c = over_mock();
+  c.seed = seed;
+  add_rule(c, "C_GenerateRandom", CKR_FUNCTION_FAILED, 300000, 0);
+  Fixture f(c);
+  CK_SESSION_HANDLE h = f.open();
+  std::vector<CK_RV> rvs;
+  for (int i = 0; i < 1000; ++i) rvs.push_back(f.random(h));
+  return rvs;
+}
+
+TEST_CASE("a rule with a probability follows the seed") {
+  auto a = draw_sequence(7), b = draw_sequence(7), other = draw_sequence(8);
+  CHECK(a == b);
+  CHECK(a != other);
+  auto failed = std::count(a.begin(), a.end(), CKR_FUNCTION_FAILED);
+  CHECK(failed > 200);  // 30% of 1000, give or take
+  CHECK(failed < 400);
+  CHECK(std::count(a.begin(), a.end(), CKR_OK) == 1000 - failed);
+}
+
+TEST_CASE("'*' matches every call but the lifecycle and the closes") {
+  Fixture f;
+  CK_SESSION_HANDLE h = f.open();
+  FaultyConfig c = over_mock();
+  add_rule(c, "*", CKR_DEVICE_MEMORY, 1000000, 0);
+  REQUIRE(libs().faulty->configure(&c) == 0);
+  CHECK(f.random(h) == CKR_DEVICE_MEMORY);
+  CK_ULONG count = 0;
+  CHECK(f.p11->C_GetSlotList(CK_FALSE, nullptr, &count) == CKR_DEVICE_MEMORY);
+  CK_SESSION_HANDLE other = 0;
+  CHECK(f.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &other) ==
+        CKR_DEVICE_MEMORY);
+  CHECK(f.p11->C_CloseSession(h) == CKR_OK);
+  CHECK(f.p11->C_CloseAllSessions(0) == CKR_OK);
+}
+
+TEST_CASE("a failed C_CloseSession leaves the session open") {
+  FaultyConfig c = over_mock();
+  add_rule(c, "C_CloseSession", CKR_DEVICE_ERROR, 0, 1);
+  Fixture f(c);
+  CK_SESSION_HANDLE h = f.open();
+  CHECK(f.p11->C_CloseSession(h) == CKR_DEVICE_ERROR);
+  CHECK(f.random(h) == CKR_OK);
+  CHECK(mock_stats().sessions_open == 1);
+  CHECK(f.p11->C_CloseSession(h) == CKR_OK);
+  CHECK(mock_stats().sessions_open == 0);
+}
+
+TEST_CASE("CKR_SESSION_COUNT beyond max_sessions") {
+  FaultyConfig c = over_mock();
+  c.max_sessions = 2;
+  Fixture f(c);
+  CK_SESSION_HANDLE a = f.open();
+  f.open();
+  CK_SESSION_HANDLE h = 0;
+  CHECK(f.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_SESSION_COUNT);
+  CHECK(f.p11->C_CloseSession(a) == CKR_OK);
+  CHECK(f.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
+  FaultyStats s = faulty_stats();
+  CHECK(s.session_count_refusals == 1);
+  CHECK(s.max_sessions_open == 2);
+  CHECK(mock_stats().sessions_opened_total == 3);
+}
+
+TEST_CASE("an HSM restart drops every session and really closes it") {
+  Fixture f;
+  std::vector<CK_SESSION_HANDLE> old{f.open(), f.open(), f.open()};
+  CHECK(libs().faulty->restart() == 3);
+  CHECK(mock_stats().sessions_open == 0);
+  for (auto h : old) CHECK(f.random(h) == CKR_SESSION_HANDLE_INVALID);
+  CHECK(f.p11->C_CloseSession(old[0]) == CKR_SESSION_HANDLE_INVALID);
+  CK_SESSION_HANDLE h = f.open();
+  CHECK(f.random(h) == CKR_OK);
+  FaultyStats s = faulty_stats();
+  CHECK(s.sessions_dropped == 3);
+  CHECK(s.target_sessions_closed_by_restart == 3);
+  CHECK(s.restarts == 1);
+  check_session_balance(s);
+}
+
+TEST_CASE("a restart during a call closes that target session after the call") {
+  MockConfig m{};
+  m.slow_us = 200000;  // C_GenerateRandom stays inside the mock
+  Fixture f(over_mock(), m);
+  CK_SESSION_HANDLE h = f.open();
+  std::atomic<bool> started{false};
+  CK_RV rv = CKR_GENERAL_ERROR;
+  std::thread call([&] {
+    started = true;
+    rv = f.random(h);
+  });
+  while (!started) std::this_thread::yield();
+  while (libs().mock->calls("C_GenerateRandom") == 0) std::this_thread::yield();  // inside it now
+  CHECK(libs().faulty->restart() == 1);
+  call.join();
+  CHECK(rv == CKR_OK);
+  CHECK(mock_stats().session_violations == 0);  // not closed under the call
+  CHECK(mock_stats().sessions_open == 0);       // but closed once it returned
+  CHECK(faulty_stats().target_sessions_closed_by_restart == 1);
+}
+
+TEST_CASE("a removed device: CKR_DEVICE_REMOVED, then old sessions are gone") {
+  Fixture f;
+  CK_SESSION_HANDLE h = f.open();
+  libs().faulty->set_removed(1);
+  CHECK(f.random(h) == CKR_DEVICE_REMOVED);
+  CHECK(f.p11->C_CloseSession(h) == CKR_DEVICE_REMOVED);
+  CK_SESSION_HANDLE other = 0;
+  CHECK(f.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &other) ==
+        CKR_TOKEN_NOT_PRESENT);
+  CK_TOKEN_INFO info{};
+  CHECK(f.p11->C_GetTokenInfo(0, &info) == CKR_TOKEN_NOT_PRESENT);
+  CK_SLOT_INFO slot{};
+  CHECK(f.p11->C_GetSlotInfo(0, &slot) == CKR_OK);
+  libs().faulty->set_removed(0);
+  CHECK(f.random(h) == CKR_SESSION_HANDLE_INVALID);
+  CHECK(f.random(f.open()) == CKR_OK);
+  CHECK(mock_stats().sessions_open == 1);
+}
+
+TEST_CASE("latency is added to the configured calls") {
+  FaultyConfig c = over_mock();
+  c.open_session_us = 1000;
+  c.login_us = 1000;
+  c.crypto_us = 100;
+  Fixture f(c);
+  CK_SESSION_HANDLE h = f.open();
+  CHECK(f.random(h) == CKR_OK);
+  CK_SESSION_INFO info{};
+  CHECK(f.p11->C_GetSessionInfo(h, &info) == CKR_OK);
+  CHECK(f.p11->C_Login(h, CKU_USER, (CK_UTF8CHAR_PTR) "1234", 4) == CKR_OK);
+  CHECK(faulty_stats().delayed_calls == 3);  // open, random, login
+}
+
+TEST_CASE("two calls on one session at once are counted") {
+  MockConfig m{};
+  m.call_spin_us = 2000;
+  Fixture f(over_mock(), m);
+  CK_SESSION_HANDLE h = f.open();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&] {
+      for (int i = 0; i < 20; ++i) f.random(h);
+    });
+  for (auto& t : threads) t.join();
+  CHECK(faulty_stats().session_violations > 0);
+  CHECK(faulty_stats().max_concurrent_calls > 1);
+}
+
+TEST_CASE("C_CloseAllSessions closes the slot's sessions") {
+  Fixture f;
+  CK_SESSION_HANDLE a = f.open(), b = f.open();
+  CHECK(f.p11->C_CloseAllSessions(0) == CKR_OK);
+  CHECK(f.random(a) == CKR_SESSION_HANDLE_INVALID);
+  CHECK(f.random(b) == CKR_SESSION_HANDLE_INVALID);
+  FaultyStats s = faulty_stats();
+  CHECK(s.sessions_closed_all == 2);
+  CHECK(s.session_violations == 0);
+  check_session_balance(s);
+}
+
+TEST_CASE("the 3.0 interface when the target has one") {
+  MockConfig m{};
+  m.provide_v3 = 1;
+  Fixture f(over_mock(), m);
+  CK_INTERFACE* iface = nullptr;
+  CK_VERSION v30{3, 0};
+  REQUIRE(libs().get_interface(nullptr, &v30, &iface, 0) == CKR_OK);
+  auto* list = static_cast<CK_FUNCTION_LIST_3_0*>(iface->pFunctionList);
+  CHECK(list->version.major == 3);
+  CK_SESSION_HANDLE h = f.open();
+  CHECK(list->C_SessionCancel(h, 0) == CKR_OK);
+  CHECK(libs().mock->calls("C_SessionCancel") == 1);
+}
+
+TEST_CASE("the configuration from the environment") {
+  ::setenv("P11MUX_FAULTY_FAIL", "*:CKR_DEVICE_ERROR:p=0.01,C_OpenSession:0x31:nth=3", 1);
+  ::setenv("P11MUX_FAULTY_SEED", "42", 1);
+  ::setenv("P11MUX_FAULTY_MAX_SESSIONS", "16", 1);
+  ::setenv("P11MUX_FAULTY_LATENCY", "open=2000,close=10,login=2000,crypto=300", 1);
+  FaultyConfig c{};
+  REQUIRE(libs().faulty->config_from_env(&c) == 0);
+  CHECK(std::strcmp(c.rules[0].function, "*") == 0);
+  CHECK(c.rules[0].rv == CKR_DEVICE_ERROR);
+  CHECK(c.rules[0].per_million == 10000);
+  CHECK(std::strcmp(c.rules[1].function, "C_OpenSession") == 0);
+  CHECK(c.rules[1].rv == CKR_DEVICE_MEMORY);
+  CHECK(c.rules[1].nth == 3);
+  CHECK(c.rules[2].function[0] == '\0');
+  CHECK(c.seed == 42);
+  CHECK(c.max_sessions == 16);
+  CHECK(c.open_session_us == 2000);
+  CHECK(c.close_session_us == 10);
+  CHECK(c.crypto_us == 300);
+
+  for (const char* bad : {"C_Nope:CKR_DEVICE_ERROR:p=0.1", "C_Sign:CKR_NOPE:p=0.1",
+                          "C_Sign:CKR_DEVICE_ERROR:p=2", "C_Sign:CKR_DEVICE_ERROR:nth=0",
+                          "C_Sign:CKR_DEVICE_ERROR"}) {
+    CAPTURE(bad);
+    ::setenv("P11MUX_FAULTY_FAIL", bad, 1);
+    CHECK(libs().faulty->config_from_env(&c) == -1);
+    CHECK(std::strstr(libs().faulty->last_error(), "P11MUX_FAULTY_FAIL") != nullptr);
+  }
+  // C_Initialize refuses a malformed environment.
+  CHECK(libs().faulty->reset() == 0);
+  CK_C_INITIALIZE_ARGS args{};
+  args.flags = CKF_OS_LOCKING_OK;
+  CHECK(libs().p11->C_Initialize(&args) == CKR_GENERAL_ERROR);
+  for (const char* name : {"P11MUX_FAULTY_FAIL", "P11MUX_FAULTY_SEED",
+                           "P11MUX_FAULTY_MAX_SESSIONS", "P11MUX_FAULTY_LATENCY"}) {
+    ::unsetenv(name);
+  }
+}
+
+TEST_CASE("an unknown function in a rule is refused") {
+  FaultyConfig c = over_mock();
+  add_rule(c, "C_Nope", CKR_DEVICE_ERROR, 0, 1);
+  CHECK(libs().faulty->configure(&c) == -1);
+}
+
+}  // namespace
