@@ -97,6 +97,8 @@ if [ "$do_build" = 1 ]; then
   cmake --build "$build" --target p11mux p11mux-load p11mux-mock call-loop p11kit-isolate >/dev/null
 fi
 build=$(cd "$build" && pwd)
+src=$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' "$build/CMakeCache.txt" 2>/dev/null || true)
+src=${src:-$repo}  # the source tree that was built, for the commit in the report
 load="$build/examples/p11mux-load/p11mux-load"
 p11mux="$build/proxy/libp11mux.so"
 mock="$build/tests/backends/libp11mux-mock.so"
@@ -333,7 +335,7 @@ echo "bench: done in $((elapsed / 60)) min $((elapsed % 60)) s; load average now
 # ---- report ----
 cat >"$out/meta.env" <<EOF
 date='$(date -u '+%Y-%m-%d %H:%M UTC')'
-commit='$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)'
+commit='$(git -C "$src" describe --always --dirty 2>/dev/null || echo "unknown: $src")'
 cpu='$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//') x $(nproc)'
 softhsm='$(dpkg-query -W -f='${Version}' softhsm2 2>/dev/null || echo '?')'
 p11kit='$(dpkg-query -W -f='${Version}' p11-kit-modules 2>/dev/null || echo '?')'

@@ -66,7 +66,7 @@ cell() {
     "") echo "" ;;
     ok) echo "$(int "${med[$k]}")${ratio[$k]:+ (${ratio[$k]}x)}" ;;
     unavailable*) echo "unavailable" ;;
-    crash*) echo "**crash** (${st#crash })" ;;
+    crash*) echo "**crash** (${st//crash /})" ;;
     *) echo "${med[$k]:+$(int "${med[$k]}") }$st" ;;
   esac
 }
@@ -151,7 +151,7 @@ report() {
           case ${cgstat[$k]:-} in
             "") printf ' |' ;;
             ok) if [ "$c" = direct ]; then printf ' %s |' "$(int "${instr[$k]}")"
-                else printf ' %s (%+d) |' "$(int "${instr[$k]}")" "${added[$k]}"; fi ;;
+                else printf ' %s (%s) |' "$(int "${instr[$k]}")" "$(printf '%+d' "${added[$k]}" | thousands)"; fi ;;
             *) printf ' unavailable |' ;;
           esac
         done
@@ -205,10 +205,20 @@ report() {
 targets() {
   echo "## Targets (issue 5; information, not assertions)"
   echo
+  local c op t k misses measured
+  # A mode that could not start has no figures: one line instead of its rows.
+  local -a modes=()
+  for c in serialize multiplex; do
+    local why=""
+    for k in "${!stat[@]}"; do
+      [[ $k == */"$c"/* ]] || continue
+      if [[ ${stat[$k]} == unavailable* ]]; then why=${stat[$k]#unavailable: }; else why=""; break; fi
+    done
+    if [ -n "$why" ]; then echo "p11mux $c: not measured, unavailable (\`$why\`)."; echo; else modes+=("$c"); fi
+  done
   echo "| target | configuration | measured | |"
   echo "|---|---|---|---|"
-  local c op t k misses measured
-  for c in serialize multiplex; do
+  for c in "${modes[@]}"; do
     for op in random digest; do
       has "matrix/softhsm/$c/$op/per-thread/1" || continue
       if [[ ${stat[matrix/softhsm/$c/$op/per-thread/1]} == unavailable* ]]; then
@@ -224,7 +234,7 @@ targets() {
       echo "| $op, session per thread: >= 0.95x direct | $c | $measured | $(verdict $misses) |"
     done
   done
-  for c in serialize multiplex; do
+  for c in "${modes[@]}"; do
     local k1="overhead/mock/$c/random/per-thread/1" b1="overhead/mock/direct/random/per-thread/1"
     has "$k1" || continue
     if [ "${stat[$k1]}" = ok ] && [ "${stat[$b1]}" = ok ]; then
@@ -235,8 +245,8 @@ targets() {
       echo "| added per call over the null backend, 1 thread: <= 50 ns | $c | $(cell "$k1") | |"
     fi
   done
-  for c in serialize multiplex; do
-    for backend in mock softhsm; do
+  for c in "${modes[@]}"; do
+    for backend in mock; do
       for call in random session-info; do
         k="$backend/$c/$call"
         [ -n "${cgstat[$k]:-}" ] || continue
@@ -248,7 +258,7 @@ targets() {
       done
     done
   done
-  for c in serialize multiplex; do
+  for c in "${modes[@]}"; do
     has "matrix/softhsm/$c/open-close/per-thread/1" || continue
     if [[ ${stat[matrix/softhsm/$c/open-close/per-thread/1]} == unavailable* ]]; then
       echo "| open+close: >= 1.0x direct SoftHSM2 | $c | unavailable | |"; continue
@@ -261,7 +271,7 @@ targets() {
     done
     echo "| open+close: >= 1.0x direct SoftHSM2 | $c | $measured | $(verdict $misses) |"
   done
-  for c in serialize multiplex; do
+  for c in "${modes[@]}"; do
     has "open/mock/$c/open-close/per-thread/1" || continue
     if [[ ${stat[open/mock/$c/open-close/per-thread/1]} == unavailable* ]]; then
       echo "| open+close, 1 ms backend: >= 20x direct | $c | unavailable | |"; continue
@@ -276,6 +286,7 @@ targets() {
     echo "| open+close, 1 ms backend: >= 20x direct | $c | $measured | $(verdict $misses) |"
   done
   for c in multiplex serialize; do
+    [[ " ${modes[*]} " == *" $c "* ]] || continue
     k="shared/softhsm/$c/sign-ec/shared/8"
     has "$k" || continue
     local what="shared session, 8 threads, sign-ec: >= 0.95x direct per-thread, 0 errors"
@@ -286,7 +297,7 @@ targets() {
       echo "| $what | $c | $(cell "$k") | $([[ ${stat[$k]} == unavailable* ]] || echo '**miss**') |"
     fi
   done
-  for c in "${configs[@]}"; do
+  for c in direct "${modes[@]}" p11kit; do
     has "matrix/softhsm/$c/random/per-thread/2" || has "matrix/softhsm/$c/digest/per-thread/2" || continue
     misses=0 measured=""
     for op in "${matrix_ops[@]}"; do
@@ -348,20 +359,27 @@ chart() {
   done
   if has shared/softhsm/serialize/sign-ec/shared/8; then
     plot_data "$data/shared.dat" shared sign-ec shared 8 64
-    local crashed="" c
+    local crashed="" c k
     for c in "${configs[@]}"; do
       [[ ${stat[shared/softhsm/$c/sign-ec/shared/8]:-} != crash* ]] || crashed+="${crashed:+, }${title[$c]}"
     done
+    # For reference: SoftHSM2 directly, but with a session per thread.
+    local ref="$data/shared-ref.dat" t
+    for t in 8 64; do
+      k="matrix/softhsm/direct/sign-ec/per-thread/$t"
+      [ "${stat[$k]:-}" != ok ] || echo "$t ${med[$k]}" >>"$ref"
+    done
+    [ ! -s "$ref" ] || series+="${series:+, }'$ref' using 1:2 with linespoints ls 1 dt 2 title '${title[direct]}, session per thread'"
     [ -z "$series" ] ||
       plots+=("set title \"sign-ec, ONE session shared by all threads${crashed:+\\n(crashed: $crashed)}\"" "plot $series")
   fi
   local n=$((${#plots[@]} / 2))
   local cols=3 rows=$(((n + 2) / 3))
   {
-    echo "set terminal pngcairo size 1500,$((rows * 420)) font 'sans,10'"
+    echo "set terminal pngcairo noenhanced size 1500,$((rows * 420)) font 'sans,10'"
     echo "set output '$dir/throughput.png'"
     echo "set datafile missing '?'"
-    echo "set key top left box opaque"
+    echo "set key bottom right box opaque"
     echo "set logscale x 2"
     echo "set xtics (1, 2, 8, 64)"
     echo "set xrange [0.8:80]"
