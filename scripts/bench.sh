@@ -221,8 +221,8 @@ json_number() { grep -o "\"$1\":[-0-9.e+]*" | head -1 | cut -d: -f2; }
 
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-# Medians by "section/backend/config/op/sessions/threads"; status likewise.
-declare -A med=() stat=()
+# Medians by "section/backend/config/op/sessions/threads", for the ratios.
+declare -A med=()
 results="$out/results.csv"
 echo "section,backend,config,op,sessions,threads,runs,median_ops_per_sec,min_ops_per_sec,max_ops_per_sec,ratio,ratio_to,errors,failed_checks,status" >"$results"
 
@@ -248,7 +248,8 @@ run_case() {
       [[ " ${states[$c]:-} " == *" $status "* ]] || states[$c]+="${states[$c]:+ / }$status"
     done
   done
-  local line="  $(printf '%-10s %-10s %3s thr' "$op" "$sessions" "$threads")"
+  local line
+  line="  $(printf '%-10s %-10s %3s thr' "$op" "$sessions" "$threads")"
   for c in "${cfgs[@]}"; do
     local key="$section/$backend/$c/$op/$sessions/$threads" m="" lo="" hi="" ratio="" n=0 st
     if ! probe "$backend" "$c"; then
@@ -275,7 +276,6 @@ run_case() {
         line+="  $c ${m:+$(printf '%.0f/s ' "$m")}[$st]"
       fi
     fi
-    stat[$key]=$st
     echo "$section,$backend,$c,$op,$sessions,$threads,$n,$m,$lo,$hi,$ratio,${base:+${base//\//:}},${errs[$c]:-},${fails[$c]:-},$st" >>"$results"
   done
   echo "$line"

@@ -88,7 +88,7 @@ softhsm2-util --init-token --free --label demo --so-pin 12345678 --pin 123456 >/
 echo "    ok: token 'demo' in $work, with an EC P-256 key pair"
 
 # The workload: ECDSA signatures and SHA-256 digests, every result verified.
-workload=(--token-label demo --op sign-ec,digest --threads "$threads" --verify-all --quiet)
+workload=(--token-label demo --op "sign-ec,digest" --threads "$threads" --verify-all --quiet)
 
 step "4. $threads threads on ONE shared session, through p11mux (libp11mux.so in front of SoftHSM2)"
 export P11MUX_MODULE="$softhsm"
