@@ -89,6 +89,10 @@ IFS=, read -r -a ops <<<"$ops"
 IFS=, read -r -a threads_list <<<"$threads_list"
 IFS=, read -r -a configs <<<"$configs"
 want() { [[ ",$sections," == *",$1,"* ]]; }
+for s in ${sections//,/ }; do
+  [[ " matrix overhead open shared callgrind " == *" $s "* ]] ||
+    { echo "bench.sh: unknown section '$s' (see --help)" >&2; exit 2; }
+done
 
 # ---- build and paths ----
 if [ "$do_build" = 1 ]; then
@@ -185,8 +189,8 @@ limit=$(awk -v d="$duration" -v w="$warmup" 'BEGIN { printf "%d", d + w + 60 }')
 # run_one SECTION BACKEND CONFIG OP SESSIONS THREADS RUN [VAR=VALUE...]
 # One p11mux-load process; sets $ops_s, $errors, $failed (verification
 # failures) and $status (ok, errors, crash SIGxxx, hang, failed: ...) and
-# appends them to runs.csv. A crash is the expected outcome
-# of some cases, so it is recorded, never fatal.
+# appends them to runs.csv. A crash is the expected outcome of some cases, so
+# it is recorded, never fatal.
 run_one() {
   local section=$1 backend=$2 config=$3 op=$4 sessions=$5 threads=$6 run=$7
   shift 7
