@@ -52,11 +52,18 @@ extern "C" {
 #define FAULTY_SESSION_HANDLE_BASE 0x7A000001UL
 #define FAULTY_DEFAULT_TARGET "/usr/lib/softhsm/libsofthsm2.so"
 
-/* One fault: the first rule (in array order) that fires wins.
+/* One fault: the first rule (in array order) that fires wins. A fault
+ * leaves the target and the application agreeing on whether an operation is
+ * still active, as a real error would: on a call that ends an operation
+ * (C_Sign, C_Digest, C_xxxFinal...) the call is forwarded and its answer
+ * replaced, when it did end the operation (a length query does not); on any
+ * other call the fault replaces the call.
  * "*" matches every function except C_Initialize, C_Finalize,
- * C_GetFunctionList, C_GetInterfaceList, C_GetInterface, C_CloseSession and
- * C_CloseAllSessions: a failed close leaves the target session open, which is
- * its own test (name C_CloseSession explicitly to inject it). */
+ * C_GetFunctionList, C_GetInterfaceList, C_GetInterface, C_CloseSession,
+ * C_CloseAllSessions (a failed close leaves the target session open, which is
+ * its own test: name C_CloseSession explicitly) and the calls that continue
+ * an operation (C_xxxUpdate, C_FindObjects, C_DigestKey, message parts: an
+ * error there would end the operation for the application only). */
 typedef struct FaultyRule {
   char function[40];         /* "C_Sign", "*", or "" for an unused rule */
   unsigned long rv;          /* returned instead of forwarding the call */

@@ -8,6 +8,7 @@
 
 #include <cstring>
 #include <new>
+#include <tuple>
 #include <type_traits>
 
 namespace p11mux::faulty {
@@ -85,6 +86,18 @@ class SessionUse {
   Session& s_;
 };
 
+// Whether a call that can end its operation did: not a length query (NULL
+// output buffer, letter 'o') and not CKR_BUFFER_TOO_SMALL.
+template <class D, class... A>
+bool ended_operation(CK_RV rv, A... a) {
+  if (rv == CKR_BUFFER_TOO_SMALL) return false;
+  constexpr std::size_t out = D::args.find('o');
+  if constexpr (out != std::string_view::npos) {
+    if (rv == CKR_OK && std::get<out>(std::tuple<A...>{a...}) == nullptr) return false;
+  }
+  return true;
+}
+
 // ---- generated forwarders ----
 template <class D, class Pointer = typename D::Pointer>
 struct Forward;
@@ -104,10 +117,18 @@ struct Forward<D, CK_RV (*)(A...)> {
           if (CK_RV rv = m.lookup(handle, s); rv != CKR_OK) return rv;
           SessionUse use(*s);
           if (m.removed()) return CKR_DEVICE_REMOVED;
-          if (auto rv = m.settings.inject(D::fn, m.counters)) return *rv;
+          if constexpr (op_effect(D::name) != OpEffect::ends) {
+            if (auto rv = m.settings.inject(D::fn, m.counters)) return *rv;
+          }
           m.settings.delay(D::fn, m.counters);
           if (target_fn == nullptr) return CKR_FUNCTION_NOT_SUPPORTED;
-          return target_fn(s->target_handle, rest...);
+          CK_RV rv = target_fn(s->target_handle, rest...);
+          if constexpr (op_effect(D::name) == OpEffect::ends) {
+            if (ended_operation<D>(rv, a...)) {
+              if (auto injected = m.settings.inject(D::fn, m.counters)) return *injected;
+            }
+          }
+          return rv;
         }(a...);
       } else {
         if (needs_token(D::name) && m.removed()) return CKR_TOKEN_NOT_PRESENT;

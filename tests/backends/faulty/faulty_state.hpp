@@ -69,8 +69,37 @@ constexpr Latency latency_of(std::string_view name) {
   return Latency::none;
 }
 
+// What a call does to the operation (sign, digest, find...) it belongs to.
+// An injected fault must leave the target and the application agreeing on
+// whether that operation is still active, as a real error would:
+//   begins     (C_xxxInit): the fault replaces the call, nothing starts;
+//   ends       (single-part calls, C_xxxFinal): the call is forwarded and its
+//              answer replaced by the fault, when it did end the operation
+//              (not a length query, not CKR_BUFFER_TOO_SMALL);
+//   continues  (C_xxxUpdate, C_FindObjects, C_DigestKey, message parts): a
+//              fault would end the operation for the application only, so
+//              "*" leaves them alone; a rule naming one injects before
+//              forwarding and the target's operation stays active.
+enum class OpEffect { none, begins, ends, continues };
+constexpr OpEffect op_effect(std::string_view name) {
+  if (name.ends_with("Init") && name != "C_Initialize") return OpEffect::begins;
+  for (std::string_view ending :
+       {"C_Encrypt", "C_Decrypt", "C_Digest", "C_Sign", "C_Verify", "C_SignRecover",
+        "C_VerifyRecover", "C_EncryptFinal", "C_DecryptFinal", "C_DigestFinal", "C_SignFinal",
+        "C_VerifyFinal", "C_FindObjectsFinal", "C_MessageEncryptFinal", "C_MessageDecryptFinal",
+        "C_MessageSignFinal", "C_MessageVerifyFinal"}) {
+    if (name == ending) return OpEffect::ends;
+  }
+  if (contains(name, "Update") || contains(name, "MessageBegin") ||
+      contains(name, "MessageNext") || name == "C_FindObjects" || name == "C_DigestKey") {
+    return OpEffect::continues;
+  }
+  return OpEffect::none;
+}
+
 // Functions a "*" rule never matches (see FaultyRule).
 constexpr bool wildcard_excluded(std::string_view name) {
+  if (op_effect(name) == OpEffect::continues) return true;
   for (std::string_view excluded :
        {"C_Initialize", "C_Finalize", "C_GetFunctionList", "C_GetInterfaceList", "C_GetInterface",
         "C_CloseSession", "C_CloseAllSessions"}) {

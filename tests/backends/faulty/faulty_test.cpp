@@ -215,6 +215,48 @@ TEST_CASE("'*' matches every call but the lifecycle and the closes") {
   CHECK(f.p11->C_CloseAllSessions(0) == CKR_OK);
 }
 
+TEST_CASE("a fault on a call that ends an operation ends it in the target too") {
+  FaultyConfig c = over_mock();
+  add_rule(c, "C_Sign", CKR_DEVICE_ERROR, 0, 1);
+  Fixture f(c);
+  CK_SESSION_HANDLE h = f.open();
+  CK_MECHANISM mech{CKM_ECDSA, nullptr, 0};
+  CK_BBOOL yes = CK_TRUE;
+  CK_ATTRIBUTE sign[] = {{CKA_SIGN, &yes, sizeof yes}};
+  CK_OBJECT_HANDLE pub = 0, priv = 0;
+  CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  REQUIRE(f.p11->C_GenerateKeyPair(h, &gen, nullptr, 0, sign, 1, &pub, &priv) == CKR_OK);
+  CK_BYTE data[32] = {1}, sig[64];
+  CK_ULONG len = 0;
+  REQUIRE(f.p11->C_SignInit(h, &mech, priv) == CKR_OK);
+  CHECK(f.p11->C_Sign(h, data, sizeof data, nullptr, &len) == CKR_OK);  // a length query: no fault
+  len = sizeof sig;
+  CHECK(f.p11->C_Sign(h, data, sizeof data, sig, &len) == CKR_DEVICE_ERROR);
+  CHECK(f.p11->C_SignInit(h, &mech, priv) == CKR_OK);  // not CKR_OPERATION_ACTIVE
+  len = sizeof sig;
+  CHECK(f.p11->C_Sign(h, data, sizeof data, sig, &len) == CKR_OK);
+  CHECK(libs().mock->calls("C_Sign") == 3);
+}
+
+TEST_CASE("'*' leaves alone the calls that continue an operation") {
+  FaultyConfig c = over_mock();
+  add_rule(c, "*", CKR_DEVICE_ERROR, 1000000, 0);
+  Fixture f;
+  CK_SESSION_HANDLE h = f.open();
+  CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
+  REQUIRE(f.p11->C_DigestInit(h, &sha) == CKR_OK);
+  REQUIRE(libs().faulty->configure(&c) == 0);
+  CK_BYTE data[8] = {};
+  CHECK(f.p11->C_DigestUpdate(h, data, sizeof data) == CKR_OK);
+  CK_BYTE out[64];
+  CK_ULONG len = sizeof out;
+  CHECK(f.p11->C_DigestFinal(h, out, &len) == CKR_DEVICE_ERROR);  // forwarded, then failed
+  CHECK(f.p11->C_DigestInit(h, &sha) == CKR_DEVICE_ERROR);        // replaced: nothing started
+  FaultyConfig none = over_mock();
+  REQUIRE(libs().faulty->configure(&none) == 0);
+  CHECK(f.p11->C_DigestInit(h, &sha) == CKR_OK);  // the target agrees: nothing active
+}
+
 TEST_CASE("a failed C_CloseSession leaves the session open") {
   FaultyConfig c = over_mock();
   add_rule(c, "C_CloseSession", CKR_DEVICE_ERROR, 0, 1);
