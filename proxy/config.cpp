@@ -173,12 +173,21 @@ constexpr std::array kKeys{
     key<&Config::backend, &Config::Backend::vendor_interfaces>("backend", "vendor_interfaces"),
     key<&Config::log, &Config::Log::level>("log", "level"),
     key<&Config::log, &Config::Log::file>("log", "file"),
+    key<&Config::log, &Config::Log::functions>("log", "functions"),
+    key<&Config::log, &Config::Log::min_duration_us>("log", "min_duration_us"),
+    key<&Config::log, &Config::Log::async>("log", "async"),
+    key<&Config::log, &Config::Log::rotate_size_kb>("log", "rotate_size_kb"),
+    key<&Config::log, &Config::Log::rotate_files>("log", "rotate_files"),
     key<&Config::pool, &Config::Pool::max_sessions>("pool", "max_sessions"),
     key<&Config::pool, &Config::Pool::wait_ms>("pool", "wait_ms"),
     key<&Config::pool, &Config::Pool::prewarm>("pool", "prewarm"),
     key<&Config::pool, &Config::Pool::keep_login>("pool", "keep_login"),
     key<&Config::pool, &Config::Pool::idle_timeout_s>("pool", "idle_timeout_s"),
     key<&Config::pool, &Config::Pool::keepalive_s>("pool", "keepalive_s"),
+    key<&Config::metrics, &Config::Metrics::enabled>("metrics", "enabled"),
+    key<&Config::metrics, &Config::Metrics::listen>("metrics", "listen"),
+    key<&Config::metrics, &Config::Metrics::allow_remote>("metrics", "allow_remote"),
+    key<&Config::metrics, &Config::Metrics::signal>("metrics", "signal"),
 };
 
 constexpr std::string_view kEnvPrefix = "P11MUX_";

@@ -12,6 +12,8 @@
 //   [log]
 //   level = debug
 //   file = /var/log/p11mux.log
+//   [metrics]
+//   listen = 127.0.0.1:9464
 //
 // Keys before any section are top-level. A value may be double-quoted (the quotes are
 // stripped, there are no escapes, so a quoted value cannot contain '"'); an unquoted value
@@ -57,7 +59,20 @@ struct Config {
     struct Log {
         spdlog::level::level_enum level = spdlog::level::warn;  // [log] level: off|error|warn|info|debug|trace
         std::string file;                                        // [log] file: path; empty = stderr
+        // Trace filters. [log] functions: comma-separated names; "-C_X" leaves one out; empty = all.
+        std::string functions;
+        unsigned long min_duration_us = 0;  // [log] min_duration_us: trace only calls at least this slow
+        bool async = false;                 // [log] async: a p11mux thread writes; callers never wait on I/O
+        unsigned long rotate_size_kb = 0;   // [log] rotate_size_kb: rotate the file at this size (0: never)
+        unsigned long rotate_files = 5;     // [log] rotate_files: rotated files kept
     } log;
+    // Metrics and the stats endpoint (README, "Observability").
+    struct Metrics {
+        bool enabled = false;       // [metrics] enabled (also on when listen or signal is set)
+        std::string listen;         // [metrics] listen: HOST:PORT or a unix socket path; empty = no endpoint
+        bool allow_remote = false;  // [metrics] allow_remote: let listen name a non-loopback address
+        bool signal = false;        // [metrics] signal: SIGUSR1 logs the summary table
+    } metrics;
     // The backend session pool (README, "Session pool").
     struct Pool {
         std::optional<unsigned long> max_sessions;  // [pool] max_sessions: unset = the token's limit

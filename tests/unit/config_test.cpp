@@ -309,7 +309,12 @@ TEST_CASE("only the table's P11MUX_* names and P11MUX_CONFIG are looked up") {
                                          "P11MUX_LOG_LEVEL", "P11MUX_LOG_FILE",
                                          "P11MUX_POOL_MAX_SESSIONS", "P11MUX_POOL_WAIT_MS",
                                          "P11MUX_POOL_PREWARM", "P11MUX_POOL_KEEP_LOGIN",
-                                         "P11MUX_POOL_IDLE_TIMEOUT_S", "P11MUX_POOL_KEEPALIVE_S"});
+                                         "P11MUX_POOL_IDLE_TIMEOUT_S", "P11MUX_POOL_KEEPALIVE_S",
+                                         "P11MUX_LOG_FUNCTIONS", "P11MUX_LOG_MIN_DURATION_US",
+                                         "P11MUX_LOG_ASYNC", "P11MUX_LOG_ROTATE_SIZE_KB",
+                                         "P11MUX_LOG_ROTATE_FILES", "P11MUX_METRICS_ENABLED",
+                                         "P11MUX_METRICS_LISTEN", "P11MUX_METRICS_ALLOW_REMOTE",
+                                         "P11MUX_METRICS_SIGNAL"});
 }
 
 TEST_CASE("load_config reads the file named by P11MUX_CONFIG, then applies overrides") {
@@ -400,6 +405,58 @@ TEST_CASE("pool keys: bad numbers and booleans are errors naming the key") {
     CHECK(err.find("true|false") != std::string::npos);
     CHECK(error_of("", {{"P11MUX_POOL_PREWARM", "many"}}).find("P11MUX_POOL_PREWARM") !=
           std::string::npos);
+}
+
+TEST_CASE("observability keys: trace filters, log sinks, metrics") {
+    const Config defaults = parse("");
+    CHECK(defaults.log.functions.empty());
+    CHECK(defaults.log.min_duration_us == 0);
+    CHECK_FALSE(defaults.log.async);
+    CHECK(defaults.log.rotate_size_kb == 0);
+    CHECK(defaults.log.rotate_files == 5);
+    CHECK_FALSE(defaults.metrics.enabled);
+    CHECK(defaults.metrics.listen.empty());
+    CHECK_FALSE(defaults.metrics.allow_remote);
+    CHECK_FALSE(defaults.metrics.signal);
+
+    const Config c = parse("[log]\nfunctions = C_Sign,-C_GenerateRandom\nmin_duration_us = 250\n"
+                           "async = true\nrotate_size_kb = 1024\nrotate_files = 2\n"
+                           "[metrics]\nenabled = true\nlisten = 127.0.0.1:9464\n"
+                           "allow_remote = true\nsignal = true\n");
+    CHECK(c.log.functions == "C_Sign,-C_GenerateRandom");
+    CHECK(c.log.min_duration_us == 250);
+    CHECK(c.log.async);
+    CHECK(c.log.rotate_size_kb == 1024);
+    CHECK(c.log.rotate_files == 2);
+    CHECK(c.metrics.enabled);
+    CHECK(c.metrics.listen == "127.0.0.1:9464");
+    CHECK(c.metrics.allow_remote);
+    CHECK(c.metrics.signal);
+
+    const Config env = parse("[metrics]\nlisten = /run/p11mux.sock\n",
+                             {{"P11MUX_METRICS_LISTEN", ""}, {"P11MUX_LOG_ASYNC", "true"},
+                              {"P11MUX_METRICS_SIGNAL", "true"}, {"P11MUX_LOG_MIN_DURATION_US", "7"}});
+    CHECK(env.metrics.listen.empty());
+    CHECK(env.log.async);
+    CHECK(env.metrics.signal);
+    CHECK(env.log.min_duration_us == 7);
+
+    CHECK(error_of("[metrics]\nsignal = on\n").find("[metrics] signal") != std::string::npos);
+    CHECK(error_of("[log]\nmin_duration_us = 1.5\n").find("whole number") != std::string::npos);
+    CHECK(error_of("[metrics]\nport = 9464\n") == "test.conf:2: unknown key 'port' in section [metrics]");
+}
+
+TEST_CASE("[backend] vendor_interfaces: hide by default, pass from the file or the environment") {
+    using p11mux::VendorInterfaces;
+    CHECK(parse("").backend.vendor_interfaces == VendorInterfaces::hide);
+    CHECK(parse("[backend]\nvendor_interfaces = pass\n").backend.vendor_interfaces ==
+          VendorInterfaces::pass);
+    CHECK(parse("[backend]\nvendor_interfaces = pass\n", {{"P11MUX_BACKEND_VENDOR_INTERFACES", "hide"}})
+              .backend.vendor_interfaces == VendorInterfaces::hide);
+    CHECK(parse("", {{"P11MUX_BACKEND_VENDOR_INTERFACES", "pass"}}).backend.vendor_interfaces ==
+          VendorInterfaces::pass);
+    CHECK(error_of("[backend]\nvendor_interfaces = yes\n") ==
+          "test.conf:2: bad value 'yes' for [backend] vendor_interfaces (expected hide|pass)");
 }
 
 TEST_CASE("[backend] vendor_interfaces: hide by default, pass from the file or the environment") {
