@@ -1,0 +1,146 @@
+// Call metrics: per function calls, errors by return code and a latency
+// histogram; the time calls wait for their session's lock; and the figures of
+// each slot's session pool.
+//
+// The hot path takes no lock and shares no counter: a call counts itself in
+// one of kShards shards, picked from the address of its stack like CallGate's
+// (so no TLS), with relaxed atomic adds on cache lines that only the threads
+// of that shard touch. A snapshot sums the shards; counters only grow, so a
+// snapshot taken while calls run is a consistent lower bound.
+#pragma once
+
+#include "function_traits.hpp"
+#include "lock.hpp"
+
+#include <p11mux/pkcs11.h>
+
+#include <array>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+namespace p11mux {
+
+// Every function of <p11mux/functions.h>, numbered in table order.
+#define P11MUX_FUNCTION_NAME(name, since, dispatch, args) std::string_view(#name),
+inline constexpr std::array kFunctionNames{P11MUX_FUNCTIONS(P11MUX_FUNCTION_NAME)};
+#undef P11MUX_FUNCTION_NAME
+inline constexpr std::size_t kFunctionCount = kFunctionNames.size();
+
+constexpr std::optional<std::size_t> function_index_of(std::string_view name) noexcept {
+  for (std::size_t i = 0; i < kFunctionCount; ++i) {
+    if (kFunctionNames[i] == name) return i;
+  }
+  return std::nullopt;
+}
+
+template <class F>
+inline constexpr std::size_t function_index = *function_index_of(F::name);
+
+// Log-scale buckets: bucket i < kCount-1 holds durations in (2^(i-1), 2^i] us
+// (bucket 0: up to 1 us), the last one everything above 2^22 us (4.2 s).
+struct LatencyBuckets {
+  static constexpr std::size_t kCount = 24;
+
+  static constexpr std::size_t index(std::uint64_t ns) noexcept {
+    std::uint64_t us = (ns + 999) / 1000;  // rounded up: a bucket's bound is inclusive
+    if (us <= 1) return 0;
+    std::size_t i = 64 - static_cast<std::size_t>(__builtin_clzll(us - 1));  // ceil(log2(us))
+    return i < kCount - 1 ? i : kCount - 1;
+  }
+  // The inclusive upper bound of bucket i in ns; the last bucket has none.
+  static constexpr std::uint64_t upper_ns(std::size_t i) noexcept { return std::uint64_t{1000} << i; }
+};
+
+// Plain counts of one histogram, summed over shards.
+struct HistogramCounts {
+  std::array<std::uint64_t, LatencyBuckets::kCount> buckets{};
+  std::uint64_t sum_ns = 0;
+  std::uint64_t max_ns = 0;
+
+  std::uint64_t count() const noexcept;
+  // The q-quantile (0..1) in ns, interpolated within its bucket; 0 when empty.
+  double quantile_ns(double q) const noexcept;
+};
+
+struct ErrorCount {
+  std::size_t function;
+  CK_RV rv;
+  std::uint64_t count;
+};
+
+struct MetricsSnapshot {
+  std::array<HistogramCounts, kFunctionCount> latency{};  // calls = latency[f].count()
+  std::array<std::uint64_t, kFunctionCount> errors{};     // calls that returned other than CKR_OK
+  std::vector<ErrorCount> errors_by_rv;                   // by function, then rv
+  // Errors whose (function, rv) found no room in a shard's table (hundreds of
+  // distinct pairs on one shard): counted in `errors`, not by rv.
+  std::uint64_t errors_unclassified = 0;
+  HistogramCounts lock_wait;  // one entry per session-lock acquisition
+};
+
+class Metrics {
+ public:
+  Metrics();  // allocates every shard (a few hundred KiB): only when metrics are on
+  ~Metrics();
+  Metrics(const Metrics&) = delete;  // threads hold references to its shards
+  Metrics& operator=(const Metrics&) = delete;
+
+  void record_call(std::size_t function, CK_RV rv, std::uint64_t ns) noexcept;
+  void record_lock_wait(std::uint64_t ns) noexcept;
+  MetricsSnapshot snapshot() const;
+
+  struct Shard;
+
+ private:
+  std::unique_ptr<Shard[]> shards_;
+};
+
+// The figures of one slot's backend session pool. The pool updates them with
+// relaxed atomics as sessions move; p11mux only reads them (for /metrics,
+// /stats and the summary). Gauges are signed so that a transient order of
+// updates cannot wrap them.
+struct SlotPoolMetrics {
+  std::atomic<std::int64_t> open{0};    // backend sessions open on the slot: idle + in use
+  std::atomic<std::int64_t> idle{0};    // open, in the pool or a thread cache, ready for reuse
+  std::atomic<std::int64_t> in_use{0};  // open and held by a virtual session
+  std::atomic<std::uint64_t> waits{0};  // C_OpenSession calls that waited at the session limit
+  std::atomic<std::uint64_t> wait_ns{0};         // the total time those calls waited
+  std::atomic<std::uint64_t> discarded_dead{0};  // sessions dropped because the backend said gone
+};
+
+// One SlotPoolMetrics per slot, created on first use and never moved or freed
+// while the registry exists. Readers walk the list without a lock.
+class PoolMetricsRegistry {
+ public:
+  explicit PoolMetricsRegistry(const LockSource& locks);
+  ~PoolMetricsRegistry();
+  PoolMetricsRegistry(const PoolMetricsRegistry&) = delete;  // hands out references
+  PoolMetricsRegistry& operator=(const PoolMetricsRegistry&) = delete;
+
+  // The slot's figures; NULL only when out of memory.
+  SlotPoolMetrics* slot(CK_SLOT_ID slot) noexcept;
+
+  // fn(CK_SLOT_ID, const SlotPoolMetrics&) for every slot, newest first.
+  template <class Fn>
+  void for_each(Fn&& fn) const {
+    for (const Node* n = head_.load(std::memory_order_acquire); n != nullptr; n = n->next) {
+      fn(n->slot, n->metrics);
+    }
+  }
+
+ private:
+  struct Node {
+    CK_SLOT_ID slot;
+    SlotPoolMetrics metrics;
+    Node* next;
+  };
+  Mutex lock_;  // serializes additions; readers need none
+  std::atomic<Node*> head_{nullptr};
+};
+
+}  // namespace p11mux
