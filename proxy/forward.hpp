@@ -7,15 +7,16 @@
 #pragma once
 
 #include "arg_check.hpp"
-#include "call_trace.hpp"
 #include "function_traits.hpp"
 #include "handled.hpp"
 #include "module.hpp"
+#include "observe.hpp"
 
 namespace p11mux {
 
-template <class F, class... A>
-CK_RV forward(Runtime& rt, A... a) noexcept {
+// `seen` is NoObservation on the normal path, CallObservation when observed.
+template <class F, class Observation, class... A>
+CK_RV forward_observed(Runtime& rt, Observation& seen, A... a) noexcept {
   if (CK_RV rv = check_arguments<F>(rt.functions().version.major >= 3, a...); rv != CKR_OK) return rv;
   if constexpr (F::dispatch == Dispatch::handled) {
     return handler<F>(rt, a...);
@@ -24,8 +25,9 @@ CK_RV forward(Runtime& rt, A... a) noexcept {
     if (backend_fn == nullptr) return CKR_FUNCTION_NOT_SUPPORTED;
     if constexpr (F::dispatch == Dispatch::session) {
       return [&](CK_SESSION_HANDLE handle, auto... rest) {
-        SessionLease session = rt.sessions().lease(handle);
+        SessionLease session = seen.lease(rt.sessions(), handle);
         if (!session) return CKR_SESSION_HANDLE_INVALID;
+        seen.ran_on(session->backend);
         OptionalGuard serial(rt.backend_lock());
         return backend_fn(session->backend, rest...);
       }(a...);
@@ -34,6 +36,12 @@ CK_RV forward(Runtime& rt, A... a) noexcept {
       return backend_fn(a...);
     }
   }
+}
+
+template <class F, class... A>
+CK_RV forward(Runtime& rt, A... a) noexcept {
+  NoObservation none;
+  return forward_observed<F>(rt, none, a...);
 }
 
 template <class F, class Pointer = typename F::Pointer>
@@ -45,8 +53,11 @@ struct Entry<F, CK_RV (*)(A...)> {
     Module::Call call(the_module);
     Runtime* rt = call.runtime();
     if (rt == nullptr) [[unlikely]] return CKR_CRYPTOKI_NOT_INITIALIZED;
-    if (rt->tracing()) [[unlikely]] {
-      return traced_call<F>(rt->log(), [&] { return forward<F>(*rt, a...); }, a...);
+    // Tracing or metrics: the one branch they cost when both are off.
+    if (rt->observing()) [[unlikely]] {
+      return observed_call<F>(
+          rt->observer(), rt->log(),
+          [&](CallObservation& seen) { return forward_observed<F>(*rt, seen, a...); }, a...);
     }
     return forward<F>(*rt, a...);
   }

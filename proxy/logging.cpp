@@ -1,9 +1,16 @@
 #include "logging.hpp"
 
+#include "thread_signals.hpp"
+
+#include <spdlog/async_logger.h>
+#include <spdlog/details/thread_pool.h>
 #include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/basic_file_sink.h>
+#include <spdlog/sinks/rotating_file_sink.h>
 #include <spdlog/sinks/sink.h>
 #include <spdlog/sinks/stdout_sinks.h>
+
+#include <pthread.h>
 
 #include <cstdio>
 
@@ -38,25 +45,75 @@ class LockedSink final : public spdlog::sinks::sink {
   Mutex lock_;
 };
 
+// %t is the calling thread's ID even with async logging: spdlog records it
+// when the record is made.
 constexpr const char* kPattern = "%Y-%m-%dT%H:%M:%S.%f p11mux[%P:%t] %l: %v";
+constexpr std::size_t kAsyncQueue = 8192;  // records
+
+// Keeps the thread pool alive with the async logger. The returned logger
+// pointer aliases this holder, so whoever drops the last reference destroys
+// it: the logger goes first, then the pool, whose destructor drains the queue
+// and joins its thread there (queued records hold the async logger itself,
+// never this holder, so that is never the pool's own thread).
+struct AsyncHolder {
+  std::shared_ptr<spdlog::details::thread_pool> pool;
+  std::shared_ptr<spdlog::async_logger> logger;
+};
+
+// The holder's deleter, found again through the logger's control block
+// (std::get_deleter) for the count of dropped records.
+struct HolderDeleter {
+  AsyncHolder* holder = nullptr;
+  void operator()(AsyncHolder* h) const noexcept { delete h; }
+};
+
+std::shared_ptr<spdlog::sinks::sink> make_sink(const Config::Log& config) {
+  if (config.file.empty()) return std::make_shared<spdlog::sinks::stderr_sink_st>();
+  if (config.rotate_size_kb != 0) {
+    return std::make_shared<spdlog::sinks::rotating_file_sink_st>(
+        config.file, config.rotate_size_kb * 1024, config.rotate_files);
+  }
+  return std::make_shared<spdlog::sinks::basic_file_sink_st>(config.file);
+}
 
 }  // namespace
 
-std::shared_ptr<spdlog::logger> make_logger(spdlog::level::level_enum level,
-                                            const std::string& file, const LockSource& locks) {
-  std::shared_ptr<spdlog::sinks::sink> inner;
-  if (file.empty()) {
-    inner = std::make_shared<spdlog::sinks::stderr_sink_st>();
+std::shared_ptr<spdlog::logger> make_logger(const Config::Log& config, const LockSource& locks,
+                                            bool may_create_threads) {
+  auto sink = std::make_shared<LockedSink>(make_sink(config), locks);
+  const bool async = config.async && may_create_threads && !locks.uses_app_callbacks();
+  std::shared_ptr<spdlog::logger> logger;
+  if (async) {
+    auto* raw = new AsyncHolder;
+    std::shared_ptr<AsyncHolder> holder(raw, HolderDeleter{raw});
+    holder->pool = with_signals_blocked([] {
+      return std::make_shared<spdlog::details::thread_pool>(
+          kAsyncQueue, 1, [] { pthread_setname_np(pthread_self(), "p11mux-log"); });
+    });
+    holder->logger = std::make_shared<spdlog::async_logger>(
+        "p11mux", std::move(sink), holder->pool, spdlog::async_overflow_policy::overrun_oldest);
+    logger = std::shared_ptr<spdlog::logger>(holder, holder->logger.get());
   } else {
-    inner = std::make_shared<spdlog::sinks::basic_file_sink_st>(file);
+    // Not registered with spdlog's global registry: the logger belongs to the runtime.
+    logger = std::make_shared<spdlog::logger>("p11mux", std::move(sink));
   }
-  auto sink = std::make_shared<LockedSink>(std::move(inner), locks);
-  // Not registered with spdlog's global registry: the logger belongs to the runtime.
-  auto logger = std::make_shared<spdlog::logger>("p11mux", std::move(sink));
   logger->set_pattern(kPattern);
-  logger->set_level(level);
+  logger->set_level(config.level);
   logger->flush_on(spdlog::level::warn);
+  if (config.async && !async) {
+    logger->info("[log] async is off: {}", may_create_threads
+                                               ? "the application's mutex callbacks are in use"
+                                               : "CKF_LIBRARY_CANT_CREATE_OS_THREADS");
+  }
+  if (config.rotate_size_kb != 0 && config.file.empty()) {
+    logger->warn("[log] rotate_size_kb needs [log] file: logging to stderr without rotation");
+  }
   return logger;
+}
+
+std::size_t dropped_records(const std::shared_ptr<spdlog::logger>& log) noexcept {
+  const auto* deleter = std::get_deleter<HolderDeleter>(log);
+  return deleter != nullptr ? deleter->holder->pool->overrun_counter() : 0;
 }
 
 void log_startup_error(const std::string& message) noexcept {

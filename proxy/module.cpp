@@ -91,6 +91,7 @@ void Module::on_fork_child() noexcept {
   // The child must call C_Initialize before anything works again, and must
   // never touch the parent's backend sessions (pkcs11-notes, "fork()").
   gate_.reset_after_fork();
+  Observer::after_fork();  // closes the child's copy of the parent's stats endpoint
   interface_probe_.reset_after_fork();
   forked_.store(true, std::memory_order_relaxed);
   phase_.store(uninitialized, std::memory_order_relaxed);

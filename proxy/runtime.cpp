@@ -42,8 +42,10 @@ BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* sel
 Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self)
     : config_(config),
       locks_(init.locks),
-      log_(make_logger(config.log.level, config.log.file, locks_)),
+      log_(make_logger(config.log, locks_, init.may_create_threads)),
       tracing_(log_->should_log(spdlog::level::trace)),
+      observer_(std::make_unique<Observer>(config, locks_, init.may_create_threads, log_)),
+      observing_(observer_->active()),
       backend_(std::make_unique<Backend>(backend_options(config, self))),
       functions_(backend_->functions()),
       backend_lock_(backend_->thread_safe() ? nullptr : std::make_unique<Mutex>(locks_)),
@@ -58,9 +60,11 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
              backend_->thread_safe() ? "" : " (not thread-safe: every call serialized)",
              backend_->shared() ? ", already initialized by another user" : "");
   if (locks_.uses_app_callbacks()) log_->info("using the application's mutex callbacks");
+  observer_->start(sessions_);
 }
 
-Runtime::~Runtime() = default;
+// The stats thread reads the sessions and the pool: it stops before they go.
+Runtime::~Runtime() { observer_->stop(); }
 
 CK_RV Runtime::close_session(SessionLease lease) noexcept {
   CK_RV rv = CKR_OK;
@@ -112,6 +116,7 @@ CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept
 }
 
 bool Runtime::shutdown() noexcept {
+  observer_->finalize();  // the summary while sessions and pool still show their figures
   sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
   stopping_.store(1, std::memory_order_seq_cst);
   wake_all(stopping_);

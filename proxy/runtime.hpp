@@ -6,6 +6,7 @@
 #include "config.hpp"
 #include "init_args.hpp"
 #include "lock.hpp"
+#include "observer.hpp"
 #include "session_table.hpp"
 
 #include <spdlog/logger.h>
@@ -32,6 +33,9 @@ class Runtime {
   SessionTable& sessions() noexcept { return sessions_; }
   spdlog::logger& log() noexcept { return *log_; }
   bool tracing() const noexcept { return tracing_; }
+  // Tracing or metrics on: calls take the observed path (observe.hpp).
+  bool observing() const noexcept { return observing_; }
+  Observer& observer() noexcept { return *observer_; }
   const Config& config() const noexcept { return config_; }
 
   // C_WaitForSlotEvent without CKF_DONT_BLOCK. The caller has left the call
@@ -66,6 +70,10 @@ class Runtime {
   const LockSource locks_;
   std::shared_ptr<spdlog::logger> log_;
   bool tracing_;
+  // Before the sessions and the pool, which it reports on; its thread is
+  // stopped first thing in shutdown() and ~Runtime().
+  std::unique_ptr<Observer> observer_;
+  bool observing_;
   std::unique_ptr<Backend> backend_;
   CK_FUNCTION_LIST_3_0 functions_;  // copied: one indirection less per call
   std::unique_ptr<Mutex> backend_lock_;

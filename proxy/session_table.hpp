@@ -115,6 +115,12 @@ class SessionTable {
 
   // The live session with this handle, locked; empty for a stale or bogus one.
   SessionLease lease(CK_SESSION_HANDLE handle) noexcept {
+    return lease(handle, [](Mutex& lock) noexcept { lock.lock(); });
+  }
+  // The same, taking the session's lock with lock_session(Mutex&): the hook
+  // where metrics time the wait for it (lock contention).
+  template <class LockSession>
+  SessionLease lease(CK_SESSION_HANDLE handle, LockSession&& lock_session) noexcept {
     CK_SESSION_HANDLE slot_number = handle & kIndexMask;
     if (slot_number == 0) return {};
     std::size_t index = slot_number - 1;
@@ -122,7 +128,7 @@ class SessionTable {
     if (chunk == nullptr) return {};
     Session& s = chunk->at(index & (kChunkSize - 1));
     if (s.handle.load(std::memory_order_acquire) != handle) return {};
-    s.lock.lock();
+    lock_session(s.lock);
     if (s.handle.load(std::memory_order_relaxed) != handle) {
       s.lock.unlock();
       return {};
