@@ -11,6 +11,7 @@
 
 #include "ckr_names.h"
 #include "histogram.h"
+#include "p11mux_stats.h"
 #include "plan.h"
 #include "report.h"
 #include "schedule.h"
@@ -400,4 +401,51 @@ TEST_CASE("formatting helpers") {
   CHECK(ckr_name(CKR_OPERATION_CANCEL_FAILED) == "CKR_OPERATION_CANCEL_FAILED");
   CHECK(ckr_name(0x0FFF) == "CKR_0x00000FFF");
   CHECK(ckr_name(CKR_VENDOR_DEFINED + 5) == "CKR_VENDOR_DEFINED+0x5");
+}
+
+TEST_CASE("--stats-url: the endpoint's forms, checked while parsing the command line") {
+  StatsUrl tcp = parse_stats_url("http://127.0.0.1:9464");
+  CHECK(tcp.host == "127.0.0.1");
+  CHECK(tcp.port == 9464);
+  CHECK(parse_stats_url("http://localhost:1/metrics").host == "127.0.0.1");
+  CHECK(parse_stats_url("unix:/run/p11mux.sock").socket_path == "/run/p11mux.sock");
+  CHECK(plan_of({"--module", "m.so", "--stats-url", "http://127.0.0.1:9464/"}).stats_url == "http://127.0.0.1:9464/");
+  CHECK_FALSE(plan_of({"--module", "m.so"}).stats_url.has_value());
+  CHECK(usage_error({"--module", "m.so", "--stats-url", "https://127.0.0.1:9464"}).find("--stats-url") !=
+        std::string::npos);
+  CHECK(usage_error({"--module", "m.so", "--stats-url", "http://127.0.0.1:9464/stats"}).find("/metrics") !=
+        std::string::npos);
+  CHECK(usage_error({"--module", "m.so", "--stats-url", "http://127.0.0.1"}).find("port") != std::string::npos);
+  CHECK(usage_error({"--module", "m.so", "--stats-url", "http://example.com:80"}).find("IPv4") !=
+        std::string::npos);
+  CHECK(usage_error({"--module", "m.so", "--stats-url", "unix:"}).find("empty") != std::string::npos);
+}
+
+TEST_CASE("--stats-url: figures summed over series, and the lines shown") {
+  const char* text =
+      "# HELP p11mux_calls_total x\n# TYPE p11mux_calls_total counter\n"
+      "p11mux_calls_total{function=\"C_Sign\"} 1000\np11mux_calls_total{function=\"C_SignInit\"} 1000\n"
+      "# TYPE p11mux_call_errors_total counter\n"
+      "p11mux_call_errors_total{function=\"C_Sign\",rv=\"CKR_DEVICE_ERROR\"} 3\n"
+      "p11mux_session_lock_wait_seconds_bucket{le=\"+Inf\"} 2000\n"
+      "p11mux_session_lock_wait_seconds_sum 0.004\np11mux_session_lock_wait_seconds_count 2000\n"
+      "p11mux_sessions_open 4\np11mux_pool_sessions_in_use{slot=\"0\"} 3\n"
+      "p11mux_pool_sessions_in_use{slot=\"1\"} 1\np11mux_pool_sessions_idle{slot=\"0\"} 2\n"
+      "p11mux_pool_waits_total{slot=\"0\"} 5\n";
+  auto f = parse_metrics(text);
+  REQUIRE(f);
+  CHECK(f->calls == 2000);
+  CHECK(f->errors == 3);
+  CHECK(f->lock_acquisitions == 2000);
+  CHECK(f->pool_in_use == 4);
+  CHECK(f->pool_idle == 2);
+  CHECK_FALSE(parse_metrics("<html>not metrics</html>\n"));
+  P11muxFigures before;
+  CHECK(live_line(before, *f, 2.0) ==
+        "p11mux: 1000 calls/s, 2 errors/s, lock wait 2.00 us/call, 4 sessions, pool 4 busy 2 idle 5 waits");
+  CHECK(final_line(*f) == "p11mux   2000 calls, 3 errors, session lock wait 4.00 ms in all, 4 sessions open, 5 pool waits");
+  std::string error;
+  CHECK_FALSE(fetch_metrics(parse_stats_url("unix:/nonexistent/p11mux.sock"), std::chrono::milliseconds(200),
+                            &error));
+  CHECK(error.find("connect") != std::string::npos);
 }

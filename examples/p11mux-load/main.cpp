@@ -3,7 +3,9 @@
 // verdict is 0 (clean) or 1 (errors or failed checks). See --help.
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
 #include <random>
 
@@ -11,6 +13,7 @@
 #include "keys.h"
 #include "module.h"
 #include "operations.h"
+#include "p11mux_stats.h"
 #include "pin.h"
 #include "plan.h"
 #include "report.h"
@@ -117,7 +120,36 @@ int run(const Plan& plan) {
     notice("running " + plan.mix.to_string() + " with " + std::to_string(plan.threads) +
            " thread(s) on token '" + token.label + "'; Ctrl-C stops early");
   }
-  RunOutput out = run_load(plan, ctx, progress);
+  // --stats-url: p11mux's own figures beside ours, once a second and at the end.
+  std::optional<StatsUrl> stats_url;
+  std::optional<P11muxFigures> last_figures;
+  auto last_time = std::chrono::steady_clock::now();
+  auto fetch = [&]() -> std::optional<P11muxFigures> {
+    std::string error;
+    std::optional<std::string> text = fetch_metrics(*stats_url, std::chrono::milliseconds(500), &error);
+    std::optional<P11muxFigures> figures = text ? parse_metrics(*text) : std::nullopt;
+    if (!figures && !plan.quiet) {
+      notice("--stats-url: " + (text ? std::string("no p11mux metrics in the reply") : error));
+    }
+    return figures;
+  };
+  if (plan.stats_url) {
+    stats_url = parse_stats_url(*plan.stats_url);
+    last_figures = fetch();
+  }
+  std::function<void()> each_second;
+  if (stats_url && !plan.quiet) {
+    each_second = [&] {
+      std::optional<P11muxFigures> now = fetch();
+      auto t = std::chrono::steady_clock::now();
+      if (now && last_figures) {
+        std::cerr << live_line(*last_figures, *now, std::chrono::duration<double>(t - last_time).count()) << "\n";
+      }
+      if (now) last_figures = now;
+      last_time = t;
+    };
+  }
+  RunOutput out = run_load(plan, ctx, progress, each_second);
   Summary summary = merge_stats(plan.mix, out.threads);
   summary.elapsed = out.elapsed;
   summary.interrupted = out.interrupted;
@@ -128,6 +160,9 @@ int run(const Plan& plan) {
     print_json(std::cout, plan, info, summary);
   } else {
     print_human(std::cout, plan, info, summary);
+    if (stats_url) {
+      if (std::optional<P11muxFigures> figures = fetch()) std::cout << final_line(*figures) << "\n";
+    }
   }
   std::cout.flush();
   return summary.failed() ? kExitFailed : kExitOk;

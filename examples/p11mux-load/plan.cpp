@@ -6,6 +6,8 @@
 #include <cmath>
 #include <sstream>
 
+#include "p11mux_stats.h"
+
 namespace po = boost::program_options;
 
 namespace p11mux::load {
@@ -74,6 +76,10 @@ const char* const kNotes =
     "PIN: --pin, else the environment variable P11MUX_LOAD_PIN, else a prompt on the\n"
     "terminal (echo off). Note that --pin is visible to other users in the process list.\n"
     "The PIN is never printed or logged.\n"
+    "\n"
+    "p11mux's figures (--stats-url, with p11mux's [metrics] listen set): once a second\n"
+    "a line on stderr with its calls/s, errors/s, session lock wait and pool use, and a\n"
+    "summary line after the report (not with --json).\n"
     "\n"
     "Exit status: 0 success; 1 if any error or verification failure happened during the\n"
     "measured phase (collisions and warmup errors do not count); 2 bad usage or setup.\n"
@@ -144,7 +150,9 @@ po::options_description make_options() {
 
   po::options_description output("Output", kHelpWidth, kHelpWidth / 2);
   output.add_options()("json", "print the summary as one JSON object on stdout")(
-      "quiet,q", "no progress lines on stderr")("help,h", "show this help")("version", "show the version");
+      "quiet,q", "no progress lines on stderr")(
+      "stats-url", po::value<std::string>()->value_name("URL"),
+      "show p11mux's own figures live from its metrics endpoint: http://HOST:PORT or unix:PATH")("help,h", "show this help")("version", "show the version");
 
   po::options_description all(kHelpWidth, kHelpWidth / 2);
   all.add(target).add(load).add(output);
@@ -354,6 +362,10 @@ ParseResult parse_command_line(int argc, const char* const argv[]) {
   }
   p.json = vm.count("json") > 0;
   p.quiet = vm.count("quiet") > 0;
+  if (vm.count("stats-url")) {
+    (void)parse_stats_url(str("stats-url"));  // a bad URL is a usage error, before any setup
+    p.stats_url = str("stats-url");
+  }
 
   if (p.mix.contains(OpKind::login_logout)) {
     if (p.mix.entries().size() != 1) {

@@ -90,6 +90,7 @@ struct Plan {
 
   bool json = false;
   bool quiet = false;
+  std::optional<std::string> stats_url;  // p11mux's metrics endpoint, checked by parse_stats_url
 };
 
 struct ParseResult {

@@ -58,7 +58,7 @@ class Run {
     }
   }
 
-  RunOutput run(bool show_progress) {
+  RunOutput run(bool show_progress, const std::function<void()>& each_second) {
     start_threads();
     ready_.wait();
     if (setup_error_) {
@@ -71,7 +71,7 @@ class Run {
     const Clock::time_point t0 = Clock::now();
     schedule_.begin(t0);
     go_.count_down();
-    monitor(t0, show_progress);
+    monitor(t0, show_progress, each_second);
     join();
 
     std::uint64_t last_end = 0;
@@ -166,9 +166,10 @@ class Run {
   }
 
   // The main thread: progress once a second, Ctrl-C, waiting for the end.
-  void monitor(Clock::time_point t0, bool show_progress) {
+  void monitor(Clock::time_point t0, bool show_progress, const std::function<void()>& each_second) {
     const Clock::time_point measure_start = schedule_.measure_start();
     Clock::time_point next_line = t0 + std::chrono::seconds(1);
+    Clock::time_point next_tick = next_line;
     Clock::time_point last_time = t0;
     std::uint64_t last_ops = 0;
     while (finished_.load(std::memory_order_acquire) < threads_.size()) {
@@ -179,6 +180,10 @@ class Run {
         if (show_progress) std::fputs("p11mux-load: interrupted, finishing the ops in flight\n", stderr);
       }
       const Clock::time_point now = Clock::now();
+      if (each_second && now >= next_tick) {
+        next_tick += std::chrono::seconds(1);
+        each_second();
+      }
       if (!show_progress || now < next_line) continue;
       next_line += std::chrono::seconds(1);
       std::uint64_t ops = 0, errors = 0;
@@ -218,9 +223,10 @@ class Run {
 
 }  // namespace
 
-RunOutput run_load(const Plan& plan, RunContext ctx, bool show_progress) {
+RunOutput run_load(const Plan& plan, RunContext ctx, bool show_progress,
+                   const std::function<void()>& each_second) {
   Run run(plan, ctx);
-  return run.run(show_progress);
+  return run.run(show_progress, each_second);
 }
 
 }  // namespace p11mux::load

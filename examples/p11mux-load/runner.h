@@ -2,6 +2,7 @@
 // collects their statistics.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -18,7 +19,9 @@ struct RunOutput {
 };
 
 // ctx.schedule is filled in here. Throws SetupError if a worker cannot set up
-// (open its session, or be started at all); no op has run then.
-RunOutput run_load(const Plan& plan, RunContext ctx, bool show_progress);
+// (open its session, or be started at all); no op has run then. `each_second`
+// (if set) runs on the main thread once a second while the load runs.
+RunOutput run_load(const Plan& plan, RunContext ctx, bool show_progress,
+                   const std::function<void()>& each_second = {});
 
 }  // namespace p11mux::load
