@@ -10,7 +10,9 @@
 #include "function_traits.hpp"
 #include "handled.hpp"
 #include "module.hpp"
+#include "multiplex.hpp"
 #include "observe.hpp"
+#include "session_effects.hpp"
 
 namespace p11mux {
 
@@ -23,17 +25,33 @@ CK_RV forward_observed(Runtime& rt, Observation& seen, A... a) noexcept {
   } else {
     auto backend_fn = rt.functions().*F::member;
     if (backend_fn == nullptr) return CKR_FUNCTION_NOT_SUPPORTED;
+    auto call_backend = [&](auto... args) {
+      OptionalGuard serial(rt.backend_lock());
+      return backend_fn(args...);
+    };
     if constexpr (F::dispatch == Dispatch::session) {
       return [&](CK_SESSION_HANDLE handle, auto... rest) {
+        if (rt.multiplexed()) return forward_multiplexed<F>(rt, seen, call_backend, handle, rest...);
+        // Serialize mode: the session's lock is held across the call.
         SessionLease session = seen.lease(rt.sessions(), handle);
         if (!session) return CKR_SESSION_HANDLE_INVALID;
-        seen.ran_on(session->backend);
-        OptionalGuard serial(rt.backend_lock());
-        return backend_fn(session->backend, rest...);
+        Binding& binding = session->anchor;
+        seen.ran_on(binding.backend);
+        CK_RV rv = call_backend(binding.backend, rest...);
+        if (drained_for_retry<F>(rt, session->slot, rv, rest...)) [[unlikely]] {
+          rv = call_backend(binding.backend, rest...);
+        }
+        note_call<F>(rt, binding, session->slot, rv, rest...);
+        return rv;
       }(a...);
     } else {
-      OptionalGuard serial(rt.backend_lock());
-      return backend_fn(a...);
+      CK_RV rv = call_backend(a...);
+      if constexpr (std::is_same_v<F, fn::C_InitToken>) {
+        if (drained_for_retry<F>(rt, std::get<0>(std::tuple<A...>{a...}), rv)) {
+          rv = call_backend(a...);
+        }
+      }
+      return rv;
     }
   }
 }

@@ -50,7 +50,7 @@ CK_RV Module::start(const InitArgs& args) noexcept {
   }
   try {
     Config config = load_config([](const char* name) { return std::getenv(name); });
-    runtime_ = std::make_unique<Runtime>(config, args, entry_points::function_list());
+    runtime_ = std::make_unique<Runtime>(config, args, entry_points::function_list(), ++epochs_);
   } catch (const CkrError& e) {
     log_startup_error(e.what());
     return e.rv();

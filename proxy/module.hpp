@@ -58,6 +58,7 @@ class Module {
   std::atomic<std::uint32_t> phase_{uninitialized};
   std::atomic<bool> forked_{false};
   std::atomic<bool> fork_handler_registered_{false};
+  std::uint64_t epochs_ = 0;  // runtimes created so far; written only while initializing
   CallGate gate_;
   // Written only while the gate is closed and drained; read inside a Call.
   std::unique_ptr<Runtime> runtime_;

@@ -1,6 +1,7 @@
 #include "runtime.hpp"
 
 #include "logging.hpp"
+#include "operation_state.hpp"
 
 #include <p11mux/ckr_error.hpp>
 #include <p11mux/rv_names.hpp>
@@ -39,9 +40,12 @@ BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* sel
 
 }  // namespace
 
-Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self)
+Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self,
+                 std::uint64_t epoch)
     : config_(config),
       locks_(init.locks),
+      may_create_threads_(init.may_create_threads),
+      multiplexed_(config.session_mode == SessionMode::multiplex),
       log_(make_logger(config.log, locks_, init.may_create_threads)),
       tracing_(log_->should_log(spdlog::level::trace)),
       observer_(std::make_unique<Observer>(config, locks_, init.may_create_threads, log_)),
@@ -49,11 +53,10 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
       backend_(std::make_unique<Backend>(backend_options(config, self))),
       functions_(backend_->functions()),
       backend_lock_(backend_->thread_safe() ? nullptr : std::make_unique<Mutex>(locks_)),
-      sessions_(locks_) {
-  if (config.session_mode == SessionMode::multiplex) {
-    throw CkrError(CKR_GENERAL_ERROR,
-                   "session_mode = multiplex is not available in this build; use serialize");
-  }
+      sessions_(locks_),
+      pool_(std::make_unique<SessionPool>(SessionPool::Backend{functions_, backend_lock_.get()},
+                                          config.pool, locks_, epoch, *log_)) {
+  pool_->prewarm();
   log_->info("backend '{}' initialized: cryptoki {}.{}, locking {}{}{}", backend_->path(),
              backend_->version().major, backend_->version().minor,
              to_string(backend_->locking()),
@@ -66,20 +69,52 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
 // The stats thread reads the sessions and the pool: it stops before they go.
 Runtime::~Runtime() { observer_->stop(); }
 
+// Ends what the virtual session left behind, so that the next user of the
+// backend session sees none of it: active operations (v3.0 C_SessionCancel,
+// or C_FindObjectsFinal for a search), and the session objects it created.
+// False when that is not possible: the session must then be closed instead.
+bool Runtime::reset_backend_session(Binding& s) noexcept {
+  if (s.discard) return false;
+  OptionalGuard serial(backend_lock());
+  if (s.ops != 0 && functions_.C_SessionCancel != nullptr &&
+      functions_.C_SessionCancel(s.backend, cancel_flags(s.ops)) == CKR_OK) {
+    s.ops = 0;
+  }
+  if (s.ops == op::find && functions_.C_FindObjectsFinal(s.backend) == CKR_OK) s.ops = 0;
+  if (s.ops != 0) return false;
+  for (CK_OBJECT_HANDLE object : s.objects) {
+    CK_RV rv = functions_.C_DestroyObject(s.backend, object);
+    if (rv != CKR_OK && rv != CKR_OBJECT_HANDLE_INVALID) return false;
+  }
+  s.objects.clear();
+  return true;
+}
+
 CK_RV Runtime::close_session(SessionLease lease) noexcept {
-  CK_RV rv = CKR_OK;
-  if (functions_.C_CloseSession != nullptr) {
-    OptionalGuard serial(backend_lock());
-    rv = functions_.C_CloseSession(lease->backend);
+  Session* s = &*lease;
+  // No new call gets in; multiplexed calls still running finish first.
+  s->closing = true;
+  s->handle.store(0, std::memory_order_release);
+  if (s->in_flight.load(std::memory_order_acquire) != 0) {
+    { SessionLease unlock = std::move(lease); }
+    for (std::uint32_t n; (n = s->in_flight.load(std::memory_order_acquire)) != 0;) {
+      timed_wait(s->in_flight, n, std::chrono::milliseconds(10));
+    }
+    s->lock.lock();
+    lease = SessionLease(s);
   }
-  // A backend session that is already gone (HSM restart, token removed) is as
-  // closed as the application wants it to be.
-  if (rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED ||
-      rv == CKR_DEVICE_REMOVED || rv == CKR_TOKEN_NOT_PRESENT) {
-    rv = CKR_OK;
+  for (auto& extra : s->extra) {
+    if (extra->backend == CK_INVALID_HANDLE) continue;
+    bool clean = reset_backend_session(*extra);
+    pool_->give(s->slot, s->rw, extra->backend, clean);
+    extra->clear();
   }
+  // A session opened with a Notify callback carries the application's
+  // callback: never reused.
+  bool clean = s->notify == nullptr && reset_backend_session(s->anchor);
+  pool_->close(s->slot, s->rw, s->anchor.backend, clean);
   sessions_.close(std::move(lease));
-  return rv;
+  return CKR_OK;
 }
 
 Runtime::WaiterRef::WaiterRef(Runtime& rt) noexcept : rt_(rt) {
@@ -118,6 +153,7 @@ CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept
 bool Runtime::shutdown() noexcept {
   observer_->finalize();  // the summary while sessions and pool still show their figures
   sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
+  pool_->close_all();
   stopping_.store(1, std::memory_order_seq_cst);
   wake_all(stopping_);
   {

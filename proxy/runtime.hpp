@@ -7,6 +7,7 @@
 #include "init_args.hpp"
 #include "lock.hpp"
 #include "observer.hpp"
+#include "session_pool.hpp"
 #include "session_table.hpp"
 
 #include <spdlog/logger.h>
@@ -21,7 +22,9 @@ class Runtime {
  public:
   // Loads and initializes the backend. Throws CkrError (or spdlog_ex for a log
   // file that cannot be opened) with a message that names the problem.
-  Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self);
+  // `epoch` tells this initialization from earlier ones (threads' pool caches).
+  Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self,
+          std::uint64_t epoch);
   ~Runtime();
   Runtime(const Runtime&) = delete;  // owns the backend and every session
   Runtime& operator=(const Runtime&) = delete;
@@ -31,12 +34,16 @@ class Runtime {
   // Held around every backend call when the backend is not thread-safe; NULL otherwise.
   Mutex* backend_lock() noexcept { return backend_lock_.get(); }
   SessionTable& sessions() noexcept { return sessions_; }
+  SessionPool& pool() noexcept { return *pool_; }
   spdlog::logger& log() noexcept { return *log_; }
   bool tracing() const noexcept { return tracing_; }
   // Tracing or metrics on: calls take the observed path (observe.hpp).
   bool observing() const noexcept { return observing_; }
   Observer& observer() noexcept { return *observer_; }
   const Config& config() const noexcept { return config_; }
+  bool may_create_threads() const noexcept { return may_create_threads_; }
+  // session_mode = multiplex: one backend session per calling thread.
+  bool multiplexed() const noexcept { return multiplexed_; }
 
   // C_WaitForSlotEvent without CKF_DONT_BLOCK. The caller has left the call
   // gate (so that C_Finalize is not held up) and holds a WaiterRef.
@@ -62,12 +69,15 @@ class Runtime {
   // After fork(): the parent's backend and sessions are not ours to touch.
   void abandon() noexcept;
 
-  // Closes a leased session's backend session and frees the virtual one.
+  // Resets a leased session's backend session and gives it back to the pool
+  // (or closes it when it cannot be made clean), then frees the virtual one.
   CK_RV close_session(SessionLease lease) noexcept;
 
  private:
   const Config config_;
   const LockSource locks_;
+  const bool may_create_threads_;
+  const bool multiplexed_;
   std::shared_ptr<spdlog::logger> log_;
   bool tracing_;
   // Before the sessions and the pool, which it reports on; its thread is
@@ -78,8 +88,11 @@ class Runtime {
   CK_FUNCTION_LIST_3_0 functions_;  // copied: one indirection less per call
   std::unique_ptr<Mutex> backend_lock_;
   SessionTable sessions_;
+  std::unique_ptr<SessionPool> pool_;
   std::atomic<std::uint32_t> stopping_{0};
   std::atomic<std::uint32_t> waiters_{0};
+
+  bool reset_backend_session(Binding& binding) noexcept;
 };
 
 }  // namespace p11mux

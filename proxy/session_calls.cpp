@@ -18,8 +18,13 @@ CK_RV notify_trampoline(CK_SESSION_HANDLE, CK_NOTIFICATION event, CK_VOID_PTR co
 
 }  // namespace
 
+// With a Notify callback the backend session is the application's alone:
+// it is opened for it (with p11mux's trampoline) and closed with it, not
+// pooled, because a pooled session cannot change its callback.
 CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR application,
                    CK_NOTIFY notify, CK_SESSION_HANDLE_PTR session) noexcept {
+  // Checked here because a pooled session would hide the backend's refusal.
+  if ((flags & CKF_SERIAL_SESSION) == 0) return CKR_SESSION_PARALLEL_NOT_SUPPORTED;
   SessionLease lease;
   try {
     lease = rt.sessions().reserve();
@@ -29,13 +34,17 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
     return CKR_HOST_MEMORY;
   }
   lease->slot = slot;
+  lease->rw = (flags & CKF_RW_SESSION) != 0;
   lease->notify = notify;
   lease->application = application;
   CK_RV rv;
-  {
+  if (notify != nullptr) {
     OptionalGuard serial(rt.backend_lock());
-    rv = rt.functions().C_OpenSession(slot, flags, notify ? lease.operator->() : nullptr,
-                                      notify ? &notify_trampoline : nullptr, &lease->backend);
+    rv = rt.functions().C_OpenSession(slot, flags, lease.operator->(), &notify_trampoline,
+                                      &lease->anchor.backend);
+    if (rv == CKR_OK) rt.pool().adopt(slot, lease->rw);
+  } else {
+    rv = rt.pool().open(slot, lease->rw, lease->anchor.backend);
   }
   if (rv != CKR_OK) {
     rt.sessions().discard(std::move(lease));
@@ -53,13 +62,17 @@ CK_RV close_session(Runtime& rt, CK_SESSION_HANDLE session) noexcept {
 }
 
 CK_RV close_all_sessions(Runtime& rt, CK_SLOT_ID slot) noexcept {
+  // Not the backend's C_CloseAllSessions: that would also close p11mux's
+  // idle pooled sessions. Asking for the slot's info validates the slot ID.
+  CK_SLOT_INFO info{};
+  {
+    OptionalGuard serial(rt.backend_lock());
+    if (CK_RV rv = rt.functions().C_GetSlotInfo(slot, &info); rv != CKR_OK) return rv;
+  }
   rt.sessions().for_each_live([&](SessionLease lease) {
     if (lease->slot == slot) (void)rt.close_session(std::move(lease));
   });
-  // Lets the backend validate the slot ID (CKR_SLOT_ID_INVALID) and close
-  // anything p11mux did not open itself.
-  OptionalGuard serial(rt.backend_lock());
-  return rt.functions().C_CloseAllSessions(slot);
+  return CKR_OK;
 }
 
 }  // namespace p11mux

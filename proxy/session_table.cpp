@@ -37,9 +37,12 @@ SessionLease SessionTable::reserve() {
   s.generation = (s.generation + 1) & ((std::uint64_t{1} << (64 - kIndexBits)) - 1);
   if (s.generation == 0) s.generation = 1;
   s.opening_handle = (s.generation << kIndexBits) | (index + 1);
-  s.backend = CK_INVALID_HANDLE;
   s.notify = nullptr;
   s.application = nullptr;
+  s.rw = false;
+  s.anchor.clear();
+  for (auto& b : s.extra) b->clear();
+  s.closing = false;
   return SessionLease(&s);
 }
 
@@ -55,9 +58,10 @@ void SessionTable::discard(SessionLease lease) noexcept {
 }
 
 void SessionTable::close(SessionLease lease) noexcept {
-  CK_SESSION_HANDLE h = lease->handle.load(std::memory_order_relaxed);
+  // opening_handle, not handle: a closing multiplexed session is already at 0.
+  CK_SESSION_HANDLE h = lease->opening_handle;
   lease->handle.store(0, std::memory_order_release);
-  lease->backend = CK_INVALID_HANDLE;
+  lease->anchor.backend = CK_INVALID_HANDLE;
   live_.fetch_sub(1, std::memory_order_relaxed);
   { SessionLease unlock = std::move(lease); }
   release_index(static_cast<std::uint32_t>((h & kIndexMask) - 1));

@@ -20,29 +20,59 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <new>
 #include <utility>
 #include <vector>
 
 namespace p11mux {
 
+// One backend session serving a virtual session, with what the virtual
+// session left on it (so that it can be reset before anyone else uses it).
+struct Binding {
+  CK_SESSION_HANDLE backend = CK_INVALID_HANDLE;
+  std::uint16_t ops = 0;       // operations active on it (OpMask, operation_state.hpp)
+  bool discard = false;        // close it at the end, never reuse it
+  bool busy = false;           // multiplex: a call is running on it
+  std::thread::id owner;       // multiplex: the thread that used it last
+  std::vector<CK_OBJECT_HANDLE> objects;  // session objects created through it
+
+  void clear() noexcept {
+    backend = CK_INVALID_HANDLE;
+    ops = 0;
+    discard = busy = false;
+    owner = {};
+    objects.clear();
+  }
+};
+
 struct Session {
   explicit Session(const LockSource& locks) : lock(locks) {}
   Session(const Session&) = delete;  // lives at a fixed address: handles point at it
   Session& operator=(const Session&) = delete;
 
-  Mutex lock;  // serializes every call on this virtual session
-  // The virtual handle while open; 0 while free. Written under `lock`.
+  // Serialize mode: held across every call on the session. Multiplex mode:
+  // held only while bindings are chosen and updated, never across a call.
+  Mutex lock;
+  // The virtual handle while open; 0 while free or closing. Written under `lock`.
   std::atomic<CK_SESSION_HANDLE> handle{0};
   std::uint64_t generation = 0;  // owned by the table's free list
 
   // Guarded by `lock` (read without it only by the notify trampoline, which
   // runs inside a backend call that this session's open or call started).
-  CK_SESSION_HANDLE backend = CK_INVALID_HANDLE;
   CK_SLOT_ID slot = 0;
+  bool rw = false;                       // R/W or R/O: the pool kind of its backend sessions
   CK_SESSION_HANDLE opening_handle = 0;  // the handle being opened, for Notify
   CK_NOTIFY notify = nullptr;
   CK_VOID_PTR application = nullptr;
+  // The backend session opened with the virtual session, kept until it closes.
+  Binding anchor;
+  // Multiplex mode: more backend sessions, for threads calling at the same time.
+  std::vector<std::unique_ptr<Binding>> extra;
+  // Multiplex mode: calls between choosing a binding and giving it up; a
+  // closing session waits for them.
+  std::atomic<std::uint32_t> in_flight{0};
+  bool closing = false;
 };
 
 // A locked, live session; unlocks when it goes out of scope.

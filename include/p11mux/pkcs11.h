@@ -17,6 +17,7 @@ static_assert(sizeof(CK_ULONG) == 8, "p11mux assumes an LP64 platform");
 #define CKF_MESSAGE_DECRYPT 0x00000004UL
 #define CKF_MESSAGE_SIGN 0x00000008UL
 #define CKF_MESSAGE_VERIFY 0x00000010UL
+#define CKF_FIND_OBJECTS 0x00000040UL
 
 extern "C" {
 

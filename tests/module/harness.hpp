@@ -12,24 +12,24 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <initializer_list>
 #include <utility>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace p11mux::test {
 
 // Every test starts from a clean environment: no config file, the mock as backend.
 inline void reset_environment() {
-  for (const char* name : {"P11MUX_CONFIG", "P11MUX_SESSION_MODE", "P11MUX_BACKEND_LOCKING",
-                           "P11MUX_BACKEND_INIT_RESERVED", "P11MUX_LOG_LEVEL", "P11MUX_LOG_FILE",
-                           "P11MUX_LOG_FUNCTIONS", "P11MUX_LOG_MIN_DURATION_US", "P11MUX_LOG_ASYNC",
-                           "P11MUX_LOG_ROTATE_SIZE_KB", "P11MUX_LOG_ROTATE_FILES",
-                           "P11MUX_METRICS_ENABLED", "P11MUX_METRICS_LISTEN",
-                           "P11MUX_METRICS_ALLOW_REMOTE", "P11MUX_METRICS_SIGNAL"}) {
-    ::unsetenv(name);
+  std::vector<std::string> names;
+  for (char** e = environ; *e != nullptr; ++e) {
+    std::string_view entry(*e);
+    if (entry.rfind("P11MUX_", 0) == 0) names.emplace_back(entry.substr(0, entry.find('=')));
   }
+  for (const auto& name : names) ::unsetenv(name.c_str());
   ::setenv("P11MUX_MODULE", P11MUX_TEST_MOCK_PATH, 1);
   ::setenv("P11MUX_LOG_LEVEL", "off", 1);
 }

@@ -1,6 +1,7 @@
 // C_Finalize while calls are running, blocking slot events, and fork().
 #include "harness.hpp"
 
+#include <pthread.h>
 #include <sys/wait.h>
 
 #include <atomic>
@@ -109,13 +110,35 @@ TEST_CASE("CKF_DONT_BLOCK is forwarded: CKR_NO_EVENT or the event") {
   CHECK(proxy.p11->C_WaitForSlotEvent(CKF_DONT_BLOCK, nullptr, nullptr) == CKR_ARGUMENTS_BAD);
 }
 
+// The mock, unlike SoftHSM2, is not fork-safe: a fork while another thread
+// holds one of its internal locks leaves that lock held in the child. These
+// atfork handlers hold the traffic thread outside any call while fork() runs,
+// as a fork-safe backend would (p11mux itself takes no lock at fork).
+std::atomic<bool> fork_pause{false}, traffic_paused{false}, pause_at_fork{false};
+void hold_traffic() {
+  if (!pause_at_fork) return;
+  fork_pause = true;
+  while (!traffic_paused) std::this_thread::yield();
+}
+void release_traffic() { fork_pause = false; }
+
 TEST_CASE("fork: the child must C_Initialize, then works; the parent carries on") {
+  static bool registered = (pthread_atfork(hold_traffic, release_traffic, release_traffic), true);
+  (void)registered;
   Proxy proxy;
   CK_SESSION_HANDLE parent_session = proxy.open();
   std::atomic<bool> stop{false};
+  pause_at_fork = true;
   std::thread traffic([&] {
     CK_BYTE buf[8];
-    while (!stop) proxy.p11->C_GenerateRandom(parent_session, buf, sizeof buf);
+    while (!stop) {
+      if (fork_pause) {
+        traffic_paused = true;
+        while (fork_pause) std::this_thread::yield();
+        traffic_paused = false;
+      }
+      proxy.p11->C_GenerateRandom(parent_session, buf, sizeof buf);
+    }
   });
   std::this_thread::sleep_for(10ms);
   pid_t pid = ::fork();
@@ -145,6 +168,7 @@ TEST_CASE("fork: the child must C_Initialize, then works; the parent carries on"
   REQUIRE(::waitpid(pid, &status, 0) == pid);
   stop = true;
   traffic.join();
+  pause_at_fork = false;
   REQUIRE(WIFEXITED(status));
   CHECK(WEXITSTATUS(status) == 0);
   CK_BYTE buf[8];

@@ -13,7 +13,7 @@ namespace {
 
 CK_SESSION_HANDLE open(SessionTable& table, CK_SESSION_HANDLE backend) {
   SessionLease lease = table.reserve();
-  lease->backend = backend;
+  lease->anchor.backend = backend;
   CK_SESSION_HANDLE h = lease->opening_handle;
   table.publish(*lease);
   return h;
@@ -33,7 +33,7 @@ TEST_CASE("handles are non-zero, unique, and map to their backend session") {
   for (CK_SESSION_HANDLE h : seen) {
     SessionLease lease = table.lease(h);
     REQUIRE(lease);
-    CHECK(lease->backend > 0x5000);
+    CHECK(lease->anchor.backend > 0x5000);
     ++b;
   }
 }
@@ -51,7 +51,7 @@ TEST_CASE("a closed session's handle is stale even after its entry is reused") {
   CHECK_FALSE(table.lease(first));
   SessionLease lease = table.lease(second);
   REQUIRE(lease);
-  CHECK(lease->backend == 0x5002);
+  CHECK(lease->anchor.backend == 0x5002);
 }
 
 TEST_CASE("bogus handles are rejected without touching memory") {

@@ -1,0 +1,271 @@
+// The backend session pool, over the mock: reuse, limits and waiting, reset
+// on return, login semantics, dead sessions, thread caches, prewarm.
+#include "harness.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <thread>
+
+namespace p11mux::test {
+namespace {
+
+using namespace std::chrono_literals;
+
+CK_UTF8CHAR* pin(const char* text) {
+  return reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>(text));
+}
+
+// A liveness guard, not a timing assertion.
+template <class T>
+bool finishes(std::future<T>& f) {
+  return f.wait_for(20s) == std::future_status::ready;
+}
+
+TEST_CASE("open+close reuses one backend session; nothing leaks at C_Finalize") {
+  {
+    Proxy proxy;
+    for (int i = 0; i < 100; ++i) {
+      CK_SESSION_HANDLE h = proxy.open();
+      CK_BYTE buf[8];
+      REQUIRE(proxy.p11->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
+      REQUIRE(proxy.p11->C_CloseSession(h) == CKR_OK);
+    }
+    CHECK(mock_stats().sessions_opened_total == 1);
+    CHECK(mock_stats().sessions_open == 1);  // idle in the pool
+  }
+  MockStats s = mock_stats();
+  CHECK(s.sessions_open == 0);
+  CHECK(s.sessions_opened_total == s.sessions_closed_total);
+  CHECK(s.sessions_closed_by_finalize == 0);
+}
+
+TEST_CASE("at the backend's limit: learn it, wait, then CKR_SESSION_COUNT") {
+  MockConfig c{};
+  c.max_sessions = 4;  // the token does not say so (reports no limit)
+  Proxy proxy(c, nullptr, {{"P11MUX_POOL_WAIT_MS", "100"}});
+  std::vector<CK_SESSION_HANDLE> held;
+  for (int i = 0; i < 4; ++i) held.push_back(proxy.open(0, CKF_SERIAL_SESSION));
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  CHECK(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_SESSION_COUNT);
+  CHECK(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_SESSION_COUNT);
+  CHECK(mock_stats().sessions_open == 4);
+  REQUIRE(proxy.p11->C_CloseSession(held.back()) == CKR_OK);
+  held.pop_back();
+  CHECK(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
+  CHECK(mock_stats().sessions_opened_total == 4);  // the returned one was reused
+  // At the limit, an idle session of the other kind is traded for one of this kind.
+  REQUIRE(proxy.p11->C_CloseSession(h) == CKR_OK);
+  CHECK(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &h) ==
+        CKR_OK);
+  CHECK(mock_stats().sessions_opened_total == 5);
+  CHECK(mock_stats().sessions_open == 4);
+}
+
+TEST_CASE("a waiter at the limit gets the session another thread gives back") {
+  Proxy proxy({}, nullptr, {{"P11MUX_POOL_MAX_SESSIONS", "1"}, {"P11MUX_POOL_WAIT_MS", "15000"}});
+  CK_SESSION_HANDLE first = proxy.open(0, CKF_SERIAL_SESSION);
+  auto waiter = std::async(std::launch::async, [&] {
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    return proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h);
+  });
+  std::this_thread::sleep_for(50ms);
+  REQUIRE(proxy.p11->C_CloseSession(first) == CKR_OK);
+  REQUIRE(finishes(waiter));
+  CHECK(waiter.get() == CKR_OK);
+  CHECK(mock_stats().sessions_opened_total == 1);
+}
+
+TEST_CASE("a waiter wakes when a dirty session is closed instead of returned") {
+  Proxy proxy({}, nullptr, {{"P11MUX_POOL_MAX_SESSIONS", "1"}, {"P11MUX_POOL_WAIT_MS", "15000"}});
+  CK_SESSION_HANDLE first = proxy.open();
+  CK_MECHANISM mech{CKM_SHA256, nullptr, 0};
+  REQUIRE(proxy.p11->C_DigestInit(first, &mech) == CKR_OK);  // left active: not reusable (v2 mock)
+  auto waiter = std::async(std::launch::async, [&] {
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    return proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h);
+  });
+  std::this_thread::sleep_for(50ms);
+  REQUIRE(proxy.p11->C_CloseSession(first) == CKR_OK);
+  REQUIRE(finishes(waiter));
+  CHECK(waiter.get() == CKR_OK);
+  CHECK(mock_stats().sessions_opened_total == 2);
+}
+
+TEST_CASE("an open that fails in the backend returns its error and leaves no one waiting") {
+  MockConfig c{};
+  std::snprintf(c.fail_function, sizeof c.fail_function, "C_OpenSession");
+  c.fail_rv = CKR_DEVICE_ERROR;
+  Proxy proxy(c, nullptr, {{"P11MUX_POOL_MAX_SESSIONS", "1"}});
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  for (int i = 0; i < 3; ++i) {
+    CHECK(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_DEVICE_ERROR);
+  }
+  MockConfig ok{};
+  libs().mock->configure(&ok);
+  CHECK(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
+}
+
+TEST_CASE("reset on return: session objects, operations and searches do not leak to the next user") {
+  for (int v3 : {0, 1}) {
+    CAPTURE(v3);
+    MockConfig c{};
+    c.provide_v3 = v3;
+    Proxy proxy(c);
+    CK_SESSION_HANDLE a = proxy.open();
+    // A session object and an active sign and find, left behind.
+    CK_OBJECT_CLASS cls = CKO_DATA;
+    CK_BBOOL no = CK_FALSE;
+    CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_TOKEN, &no, sizeof no}};
+    CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
+    REQUIRE(proxy.p11->C_CreateObject(a, tmpl, 2, &obj) == CKR_OK);
+    CHECK(mock_stats().session_objects == 1);
+    REQUIRE(proxy.p11->C_FindObjectsInit(a, nullptr, 0) == CKR_OK);
+    REQUIRE(proxy.p11->C_CloseSession(a) == CKR_OK);
+    CHECK(mock_stats().session_objects == 0);
+    CK_SESSION_HANDLE b = proxy.open();
+    CHECK(proxy.p11->C_FindObjectsInit(b, nullptr, 0) == CKR_OK);  // no search left active
+    CK_OBJECT_HANDLE found[4];
+    CK_ULONG n = 99;
+    REQUIRE(proxy.p11->C_FindObjects(b, found, 4, &n) == CKR_OK);
+    CHECK(n == 0);  // and a's session object is gone
+    REQUIRE(proxy.p11->C_FindObjectsFinal(b) == CKR_OK);
+    CK_MECHANISM mech{CKM_SHA256, nullptr, 0};
+    REQUIRE(proxy.p11->C_DigestInit(b, &mech) == CKR_OK);
+    REQUIRE(proxy.p11->C_CloseSession(b) == CKR_OK);
+    CK_SESSION_HANDLE next = proxy.open();
+    CHECK(proxy.p11->C_DigestInit(next, &mech) == CKR_OK);  // no digest left active
+    // The search and the object were cleaned in place; the digest needed
+    // C_SessionCancel (v3.0) or a fresh session (v2.40).
+    CHECK(mock_stats().sessions_opened_total == (v3 ? 1u : 2u));
+  }
+}
+
+TEST_CASE("token objects survive the reset") {
+  Proxy proxy;
+  CK_SESSION_HANDLE a = proxy.open();
+  CK_OBJECT_CLASS cls = CKO_DATA;
+  CK_BBOOL yes = CK_TRUE;
+  CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_TOKEN, &yes, sizeof yes}};
+  CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
+  std::string user = MOCK_USER_PIN;
+  REQUIRE(proxy.p11->C_Login(a, CKU_USER, pin(MOCK_USER_PIN), user.size()) == CKR_OK);
+  REQUIRE(proxy.p11->C_CreateObject(a, tmpl, 2, &obj) == CKR_OK);
+  REQUIRE(proxy.p11->C_CloseSession(a) == CKR_OK);
+  CHECK(mock_stats().token_objects == 1);
+}
+
+TEST_CASE("the application's last session closing logs the token out, unless keep_login") {
+  for (bool keep : {false, true}) {
+    CAPTURE(keep);
+    Proxy proxy({}, nullptr, {{"P11MUX_POOL_KEEP_LOGIN", keep ? "true" : "false"}});
+    CK_SESSION_HANDLE a = proxy.open();
+    CK_SESSION_HANDLE b = proxy.open();
+    REQUIRE(proxy.p11->C_Login(a, CKU_USER, pin(MOCK_USER_PIN), 4) == CKR_OK);
+    CHECK(proxy.p11->C_Login(b, CKU_USER, pin(MOCK_USER_PIN), 4) == CKR_USER_ALREADY_LOGGED_IN);
+    REQUIRE(proxy.p11->C_CloseSession(a) == CKR_OK);
+    CHECK(libs().mock->token_user(0) == CKU_USER);  // b is still open
+    REQUIRE(proxy.p11->C_CloseSession(b) == CKR_OK);
+    CHECK(mock_stats().sessions_open >= 1);  // pooled
+    CHECK(libs().mock->token_user(0) == (keep ? CKU_USER : MOCK_NOBODY));
+  }
+}
+
+TEST_CASE("SO login works while only idle pooled R/O sessions exist") {
+  Proxy proxy;
+  CK_SESSION_HANDLE ro = proxy.open(0, CKF_SERIAL_SESSION);
+  REQUIRE(proxy.p11->C_CloseSession(ro) == CKR_OK);  // idle in the pool now
+  CK_SESSION_HANDLE rw = proxy.open(0, CKF_SERIAL_SESSION | CKF_RW_SESSION);
+  CHECK(proxy.p11->C_Login(rw, CKU_SO, pin(MOCK_SO_PIN), 4) == CKR_OK);
+  REQUIRE(proxy.p11->C_Logout(rw) == CKR_OK);
+  // With an R/O session of the application's own open, the spec's refusal stands.
+  CK_SESSION_HANDLE mine = proxy.open(0, CKF_SERIAL_SESSION);
+  CHECK(proxy.p11->C_Login(rw, CKU_SO, pin(MOCK_SO_PIN), 4) == CKR_SESSION_READ_ONLY_EXISTS);
+  (void)mine;
+}
+
+TEST_CASE("C_InitToken works while only idle pooled sessions exist") {
+  Proxy proxy;
+  CK_SESSION_HANDLE h = proxy.open();
+  REQUIRE(proxy.p11->C_CloseSession(h) == CKR_OK);
+  CK_UTF8CHAR label[32];
+  std::memset(label, ' ', sizeof label);
+  CHECK(proxy.p11->C_InitToken(0, pin(MOCK_SO_PIN), 4, label) == CKR_OK);
+  CK_SESSION_HANDLE open_one = proxy.open();
+  CHECK(proxy.p11->C_InitToken(0, pin(MOCK_SO_PIN), 4, label) == CKR_SESSION_EXISTS);
+  (void)open_one;
+}
+
+TEST_CASE("a dead backend session is discarded; the next open gets a fresh one") {
+  Proxy proxy;
+  CK_SESSION_HANDLE a = proxy.open();
+  CK_SESSION_HANDLE idle = proxy.open();
+  REQUIRE(proxy.p11->C_CloseSession(idle) == CKR_OK);  // one idle in the pool
+  CHECK(libs().mock->drop_sessions() == 2);           // the HSM restarts
+  CK_BYTE buf[8];
+  CHECK(proxy.p11->C_GenerateRandom(a, buf, sizeof buf) == CKR_SESSION_HANDLE_INVALID);
+  CHECK(proxy.p11->C_CloseSession(a) == CKR_OK);
+  CK_SESSION_HANDLE b = proxy.open();
+  CHECK(proxy.p11->C_GenerateRandom(b, buf, sizeof buf) == CKR_OK);
+}
+
+TEST_CASE("a thread's cached sessions return to the pool when it exits") {
+  Proxy proxy;
+  std::thread([&] {
+    CK_SESSION_HANDLE h = proxy.open();
+    CHECK(proxy.p11->C_CloseSession(h) == CKR_OK);  // into this thread's cache
+  }).join();
+  CK_SESSION_HANDLE h = proxy.open();  // reused from the shared pool
+  CK_BYTE buf[8];
+  CHECK(proxy.p11->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
+  CHECK(mock_stats().sessions_opened_total == 1);
+}
+
+TEST_CASE("many threads opening and closing: bounded by the limit, nothing leaks") {
+  {
+    Proxy proxy({}, nullptr, {{"P11MUX_POOL_MAX_SESSIONS", "3"}, {"P11MUX_POOL_WAIT_MS", "20000"}});
+    std::atomic<int> errors{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 12; ++t) {
+      threads.emplace_back([&] {
+        for (int i = 0; i < 200; ++i) {
+          CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+          if (proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) != CKR_OK) {
+            errors++;
+            continue;
+          }
+          CK_BYTE buf[8];
+          if (proxy.p11->C_GenerateRandom(h, buf, sizeof buf) != CKR_OK) errors++;
+          if (proxy.p11->C_CloseSession(h) != CKR_OK) errors++;
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    CHECK(errors == 0);
+    CHECK(mock_stats().sessions_opened_total <= 3);
+    CHECK(mock_stats().max_concurrent_calls >= 1);
+  }
+  MockStats s = mock_stats();
+  CHECK(s.sessions_opened_total == s.sessions_closed_total);
+  CHECK(s.session_violations == 0);
+}
+
+TEST_CASE("pool.prewarm opens sessions at C_Initialize") {
+  Proxy proxy({}, nullptr, {{"P11MUX_POOL_PREWARM", "3"}});
+  CHECK(mock_stats().sessions_open == 3);
+  CK_SESSION_HANDLE h = proxy.open(0, CKF_SERIAL_SESSION);
+  (void)h;
+  CHECK(mock_stats().sessions_opened_total == 3);
+}
+
+TEST_CASE("sessions opened with a Notify callback are the application's alone") {
+  Proxy proxy;
+  auto notify = [](CK_SESSION_HANDLE, CK_NOTIFICATION, CK_VOID_PTR) -> CK_RV { return CKR_OK; };
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  REQUIRE(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, notify, &h) == CKR_OK);
+  REQUIRE(proxy.p11->C_CloseSession(h) == CKR_OK);
+  CHECK(mock_stats().sessions_open == 0);
+}
+
+}  // namespace
+}  // namespace p11mux::test
