@@ -57,6 +57,15 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
       pool_(std::make_unique<SessionPool>(SessionPool::Backend{functions_, backend_lock_.get()},
                                           config.pool, locks_, epoch, *log_)) {
   pool_->prewarm();
+  std::chrono::seconds idle(config.pool.idle_timeout_s), keepalive(config.pool.keepalive_s);
+  if (idle.count() > 0 || keepalive.count() > 0) {
+    if (may_create_threads_) {
+      maintenance_ = std::make_unique<PoolMaintenance>(*pool_, idle, keepalive);
+    } else {
+      log_->warn("pool.idle_timeout_s and pool.keepalive_s are off: "
+                 "CKF_LIBRARY_CANT_CREATE_OS_THREADS forbids p11mux's maintenance thread");
+    }
+  }
   log_->info("backend '{}' initialized: cryptoki {}.{}, locking {}{}{}", backend_->path(),
              backend_->version().major, backend_->version().minor,
              to_string(backend_->locking()),
@@ -151,6 +160,7 @@ CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept
 }
 
 bool Runtime::shutdown() noexcept {
+  maintenance_.reset();  // no pool work may race the backend's finalization
   observer_->finalize();  // the summary while sessions and pool still show their figures
   sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
   pool_->close_all();

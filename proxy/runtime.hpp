@@ -7,6 +7,7 @@
 #include "init_args.hpp"
 #include "lock.hpp"
 #include "observer.hpp"
+#include "pool_maintenance.hpp"
 #include "session_pool.hpp"
 #include "session_table.hpp"
 
@@ -89,6 +90,7 @@ class Runtime {
   std::unique_ptr<Mutex> backend_lock_;
   SessionTable sessions_;
   std::unique_ptr<SessionPool> pool_;
+  std::unique_ptr<PoolMaintenance> maintenance_;  // only with a period configured and threads allowed
   std::atomic<std::uint32_t> stopping_{0};
   std::atomic<std::uint32_t> waiters_{0};
 

@@ -269,3 +269,54 @@ TEST_CASE("sessions opened with a Notify callback are the application's alone") 
 
 }  // namespace
 }  // namespace p11mux::test
+
+namespace p11mux::test {
+namespace {
+
+// Polls until pred() holds: a liveness check with a generous bound, not a timing assertion.
+template <class Pred>
+bool eventually(Pred pred) {
+  for (int i = 0; i < 200; ++i) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(50ms);
+  }
+  return false;
+}
+
+TEST_CASE("maintenance: idle sessions past pool.idle_timeout_s are closed") {
+  Proxy proxy({}, nullptr, {{"P11MUX_POOL_IDLE_TIMEOUT_S", "1"}});
+  CK_SESSION_HANDLE h = proxy.open();
+  REQUIRE(proxy.p11->C_CloseSession(h) == CKR_OK);
+  // The closed session sits in this thread's cache; a session in the shared
+  // pool is what maintenance looks at: give it back from a thread that exits.
+  std::thread([&] {
+    CK_SESSION_HANDLE t = proxy.open();
+    CHECK(proxy.p11->C_CloseSession(t) == CKR_OK);
+  }).join();
+  CHECK(eventually([] { return mock_stats().sessions_closed_total >= 1; }));
+}
+
+TEST_CASE("maintenance: idle sessions are pinged every pool.keepalive_s") {
+  Proxy proxy({}, nullptr, {{"P11MUX_POOL_KEEPALIVE_S", "1"}});
+  std::thread([&] {
+    CK_SESSION_HANDLE t = proxy.open();
+    CHECK(proxy.p11->C_CloseSession(t) == CKR_OK);
+  }).join();
+  CHECK(eventually([] { return libs().mock->calls("C_GetSessionInfo") >= 2; }));
+  CHECK(mock_stats().sessions_open == 1);  // kept alive, not closed
+}
+
+TEST_CASE("maintenance never starts under CKF_LIBRARY_CANT_CREATE_OS_THREADS") {
+  CK_C_INITIALIZE_ARGS args{};
+  args.flags = CKF_OS_LOCKING_OK | CKF_LIBRARY_CANT_CREATE_OS_THREADS;
+  Proxy proxy({}, &args, {{"P11MUX_POOL_KEEPALIVE_S", "1"}});
+  std::thread([&] {
+    CK_SESSION_HANDLE t = proxy.open();
+    CHECK(proxy.p11->C_CloseSession(t) == CKR_OK);
+  }).join();
+  std::this_thread::sleep_for(2500ms);
+  CHECK(libs().mock->calls("C_GetSessionInfo") == 0);
+}
+
+}  // namespace
+}  // namespace p11mux::test
