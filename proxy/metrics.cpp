@@ -93,6 +93,7 @@ std::uint64_t HistogramCounts::count() const noexcept {
 double HistogramCounts::quantile_ns(double q) const noexcept {
   const std::uint64_t n = count();
   if (n == 0) return 0.0;
+  if (n == 1) return static_cast<double>(max_ns);  // the one value there is
   const double rank = std::clamp(q, 0.0, 1.0) * static_cast<double>(n);
   std::uint64_t below = 0;
   for (std::size_t i = 0; i < buckets.size(); ++i) {

@@ -119,6 +119,10 @@ TEST_CASE("quantiles interpolate within buckets and never exceed the maximum") {
   CHECK(h.quantile_ns(0.5) == doctest::Approx(1450.0));
   CHECK(h.quantile_ns(1.0) <= 1900.0);
   CHECK(h.quantile_ns(0.0) >= 1000.0);
+  HistogramCounts one;
+  one.buckets[6] = 1;  // (32, 64] us
+  one.sum_ns = one.max_ns = 40000;
+  CHECK(one.quantile_ns(0.5) == 40000.0);
 }
 
 TEST_CASE("pool figures: one entry per slot, stable, safe to register concurrently") {
