@@ -15,6 +15,7 @@ results directory:
   results.csv       one row per case: median ops/s of the runs, ratio, status
   results.md        the tables, the targets of issue 5 with pass/miss
   throughput.png    throughput vs threads per operation
+  overhead.csv      CPU ns per call over the null mock
   callgrind.csv     instructions per call
   runs.csv          every single run
 A full run takes about 12 minutes on 2 cores; --quick about 2.
@@ -22,8 +23,8 @@ A full run takes about 12 minutes on 2 cores; --quick about 2.
 Sections (--only):
   matrix     ops x threads x {direct, serialize, multiplex, p11kit}, one
              session per thread
-  overhead   ns per call over the (near-)null mock, direct vs p11mux, 1 and 2
-             threads (op random)
+  overhead   CPU ns per call over the (near-)null mock, direct vs p11mux, 1 and
+             2 threads (op random at two run lengths, so start-up cancels)
   open       open+close against a mock whose C_OpenSession takes 1 ms
   shared     all threads on ONE session (sign-ec, digest; 8 and 64 threads):
              SoftHSM2 directly crashes, which is recorded as a crash
@@ -232,8 +233,11 @@ echo "section,backend,config,op,sessions,threads,runs,median_ops_per_sec,min_ops
 
 # run_case SECTION BACKEND OP SESSIONS THREADS BASE CONFIGS... [-- VAR=VALUE...]
 # Runs every configuration $runs times, interleaved (run 1 of each, then run
-# 2...) so drifting machine load hits all alike; records the medians and the
-# ratio to the median of BASE (a key of $med, or "" for none).
+# 2...) so drifting machine load hits all alike, and records the medians.
+# BASE is what the ratio compares with: a configuration of this case (the
+# ratio is then the median of the per-run ratios, each run against the one
+# just before or after it) or the key of another case in $med (median over
+# median), or "" for none.
 run_case() {
   local section=$1 backend=$2 op=$3 sessions=$4 threads=$5 base=$6
   shift 6
@@ -241,18 +245,19 @@ run_case() {
   while [ $# -gt 0 ] && [ "$1" != -- ]; do cfgs+=("$1"); shift; done
   [ $# -eq 0 ] || { shift; extra=("$@"); }
   local c r
-  local -A vals=() errs=() fails=() states=()
+  local -A val=() errs=() fails=() states=()  # val[config/run] = ops/s
   for ((r = 1; r <= runs; r++)); do
     for c in "${cfgs[@]}"; do
       probe "$backend" "$c" || continue
       run_one "$section" "$backend" "$c" "$op" "$sessions" "$threads" "$r" "${extra[@]}"
-      [ -z "$ops_s" ] || vals[$c]+="$ops_s "
+      [ -z "$ops_s" ] || val[$c/$r]=$ops_s
       errs[$c]=$((${errs[$c]:-0} + ${errors:-0}))
       fails[$c]=$((${fails[$c]:-0} + ${failed:-0}))
       [[ " ${states[$c]:-} " == *" $status "* ]] || states[$c]+="${states[$c]:+ / }$status"
     done
   done
-  local line
+  local line base_key=$base
+  [[ $base == */* ]] || base_key="$section/$backend/$base/$op/$sessions/$threads"
   line="  $(printf '%-10s %-10s %3s thr' "$op" "$sessions" "$threads")"
   for c in "${cfgs[@]}"; do
     local key="$section/$backend/$c/$op/$sessions/$threads" m="" lo="" hi="" ratio="" n=0 st
@@ -260,8 +265,13 @@ run_case() {
       st="unavailable: ${unavailable[$backend/$c]}"
       line+="  $c n/a"
     else
-      local -a v=()
-      read -r -a v <<<"${vals[$c]:-}"
+      local -a v=() q=()
+      for ((r = 1; r <= runs; r++)); do
+        [ -z "${val[$c/$r]:-}" ] || v+=("${val[$c/$r]}")
+        if [[ $base != */* ]] && [ -n "${val[$c/$r]:-}" ] && [ -n "${val[$base/$r]:-}" ]; then
+          q+=("$(awk -v a="${val[$c/$r]}" -v b="${val[$base/$r]}" 'BEGIN { print a / b }')")
+        fi
+      done
       n=${#v[@]}
       st=${states[$c]}
       if [ "$n" -gt 0 ]; then
@@ -270,9 +280,12 @@ run_case() {
         hi=$(printf '%s\n' "${v[@]}" | sort -g | tail -1)
         med[$key]=$m
       fi
-      local b=${med[$base]:-}
-      if [ -n "$m" ] && [ -n "$b" ] && [ "$key" != "$base" ]; then
-        ratio=$(awk -v a="$m" -v b="$b" 'BEGIN { printf "%.3f", a / b }')
+      if [ "$key" != "$base_key" ]; then
+        if [ ${#q[@]} -gt 0 ]; then
+          ratio=$(printf '%.3f' "$(median "${q[@]}")")
+        elif [[ $base == */* ]] && [ -n "$m" ] && [ -n "${med[$base]:-}" ]; then
+          ratio=$(awk -v a="$m" -v b="${med[$base]}" 'BEGIN { printf "%.3f", a / b }')
+        fi
       fi
       if [ "$st" = ok ]; then
         line+="  $c $(printf '%.0f' "$m")/s${ratio:+ (${ratio}x)}"
@@ -280,7 +293,7 @@ run_case() {
         line+="  $c ${m:+$(printf '%.0f/s ' "$m")}[$st]"
       fi
     fi
-    echo "$section,$backend,$c,$op,$sessions,$threads,$n,$m,$lo,$hi,$ratio,${base:+${base//\//:}},${errs[$c]:-},${fails[$c]:-},$st" >>"$results"
+    echo "$section,$backend,$c,$op,$sessions,$threads,$n,$m,$lo,$hi,$ratio,${base_key//\//:},${errs[$c]:-},${fails[$c]:-},$st" >>"$results"
   done
   echo "$line"
 }
@@ -294,23 +307,73 @@ if want matrix; then
   echo "== throughput, one session per thread (SoftHSM2)"
   for op in "${ops[@]}"; do
     for t in "${threads_list[@]}"; do
-      run_case matrix softhsm "$op" per-thread "$t" "matrix/softhsm/direct/$op/per-thread/$t" "${configs[@]}"
+      run_case matrix softhsm "$op" per-thread "$t" direct "${configs[@]}"
     done
   done
 fi
 
+# cpu_seconds CONFIG THREADS COUNT: user+system CPU time of one p11mux-load
+# run of COUNT random ops over the mock.
+cpu_seconds() {
+  select_config mock "$1"
+  local TIMEFORMAT='%3U %3S'
+  {
+    time env "${menv[@]}" "$load" --module "$module" "${token[@]}" --op random --threads "$2" \
+      --count "$3" --quiet >/dev/null 2>"$work/cpu.err"
+  } 2>"$work/cpu.time" || { head -1 "$work/cpu.err" >&2; return 1; }
+  awk '{ print $1 + $2 }' "$work/cpu.time"
+}
+
+# p11mux's own cost per call: CPU time (not wall time: on a shared machine a
+# process's share of the CPU varies far more than 50 ns per call) of COUNT2 -
+# COUNT1 calls, so start-up cancels, like callgrind_overhead.sh's two lengths.
+# Writes overhead.csv; the added ns are the median of the per-run differences.
+overhead_case() {
+  local t=$1 n1=$2 n2=$3 c r a b
+  local -A ns=()
+  for ((r = 1; r <= runs; r++)); do
+    for c in direct serialize multiplex; do
+      probe mock "$c" || continue
+      if a=$(cpu_seconds "$c" "$t" "$n1") && b=$(cpu_seconds "$c" "$t" "$n2"); then
+        ns[$c/$r]=$(awk -v a="$a" -v b="$b" -v n=$((n2 - n1)) 'BEGIN { printf "%.1f", (b - a) * 1e9 / n }')
+      fi
+    done
+  done
+  local line
+  line="  random     per-thread $(printf '%3s' "$t") thr  CPU ns per call:"
+  for c in direct serialize multiplex; do
+    local -a v=() d=()
+    local m="" add="" st=ok
+    if probe mock "$c"; then
+      for ((r = 1; r <= runs; r++)); do
+        [ -n "${ns[$c/$r]:-}" ] || continue
+        v+=("${ns[$c/$r]}")
+        [ -z "${ns[direct/$r]:-}" ] || d+=("$(awk -v a="${ns[$c/$r]}" -v b="${ns[direct/$r]}" 'BEGIN { print a - b }')")
+      done
+      [ ${#v[@]} -gt 0 ] && m=$(median "${v[@]}") || st=failed
+      [ "$c" = direct ] || [ ${#d[@]} -eq 0 ] || add=$(printf '%.1f' "$(median "${d[@]}")")
+      line+="  $c ${m:-?}${add:+ ($(printf '%+.1f' "$add"))}"
+    else
+      st="unavailable: ${unavailable[mock/$c]}"
+      line+="  $c n/a"
+    fi
+    echo "$c,$t,${#v[@]},$m,$add,$st" >>"$out/overhead.csv"
+  done
+  echo "$line"
+}
+
 if want overhead; then
-  echo "== p11mux's cost per call over the null mock (op random)"
+  echo "== p11mux's cost per call over the null mock (op random, CPU time of two run lengths)"
+  echo "config,threads,runs,median_cpu_ns_per_call,added_ns,status" >"$out/overhead.csv"
   for t in 1 2; do
-    run_case overhead mock random per-thread "$t" "overhead/mock/direct/random/per-thread/$t" \
-      direct serialize multiplex
+    if [ "$quick" = 1 ]; then overhead_case "$t" 300000 1500000; else overhead_case "$t" 500000 3000000; fi
   done
 fi
 
 if want open; then
   echo "== open+close against a backend whose C_OpenSession takes 1 ms (mock)"
   for t in 1 8; do
-    run_case open mock open-close per-thread "$t" "open/mock/direct/open-close/per-thread/$t" \
+    run_case open mock open-close per-thread "$t" direct \
       direct serialize multiplex -- MOCK_OPEN_SESSION_US=1000
   done
 fi
