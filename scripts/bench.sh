@@ -302,6 +302,9 @@ run_case() {
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 started=$(date +%s)
 echo "bench: results in $out; $runs run(s) of ${duration} s per case; load average $load_start on $(nproc) CPUs"
+if awk -v l="${load_start%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n) }'; then
+  echo "bench: note: the load average is above the CPU count: wall-clock figures will be noisy"
+fi
 
 if want matrix; then
   echo "== throughput, one session per thread (SoftHSM2)"
