@@ -17,20 +17,22 @@
 namespace p11mux {
 
 // `seen` is NoObservation on the normal path, CallObservation when observed.
+// Inlined into Entry<F>::call: one stack frame on the hot path (callgrind:
+// each extra frame costs ~15 instructions of register saves).
 template <class F, class Observation, class... A>
-CK_RV forward_observed(Runtime& rt, Observation& seen, A... a) noexcept {
+[[gnu::always_inline]] inline CK_RV forward_observed(Runtime& rt, Observation& seen, A... a) noexcept {
   if (CK_RV rv = check_arguments<F>(rt.functions().version.major >= 3, a...); rv != CKR_OK) return rv;
   if constexpr (F::dispatch == Dispatch::handled) {
     return handler<F>(rt, a...);
   } else {
     auto backend_fn = rt.functions().*F::member;
     if (backend_fn == nullptr) return CKR_FUNCTION_NOT_SUPPORTED;
-    auto call_backend = [&](auto... args) {
+    auto call_backend = [&](auto... args) __attribute__((always_inline)) {
       OptionalGuard serial(rt.backend_lock());
       return backend_fn(args...);
     };
     if constexpr (F::dispatch == Dispatch::session) {
-      return [&](CK_SESSION_HANDLE handle, auto... rest) {
+      return [&](CK_SESSION_HANDLE handle, auto... rest) __attribute__((always_inline)) {
         if (rt.multiplexed()) return forward_multiplexed<F>(rt, seen, call_backend, handle, rest...);
         // Serialize mode: the session's lock is held across the call.
         SessionLease session = seen.lease(rt.sessions(), handle);
@@ -57,7 +59,7 @@ CK_RV forward_observed(Runtime& rt, Observation& seen, A... a) noexcept {
 }
 
 template <class F, class... A>
-CK_RV forward(Runtime& rt, A... a) noexcept {
+[[gnu::always_inline]] inline CK_RV forward(Runtime& rt, A... a) noexcept {
   NoObservation none;
   return forward_observed<F>(rt, none, a...);
 }

@@ -30,7 +30,7 @@ class Mutex {
   Mutex(const Mutex&) = delete;  // a mutex has an identity; copying one is a bug
   Mutex& operator=(const Mutex&) = delete;
 
-  void lock() noexcept {
+  [[gnu::always_inline]] void lock() noexcept {
     if (app_ != nullptr) [[unlikely]] {
       app_lock();
       return;
@@ -42,7 +42,7 @@ class Mutex {
     }
   }
 
-  void unlock() noexcept {
+  [[gnu::always_inline]] void unlock() noexcept {
     if (app_ != nullptr) [[unlikely]] {
       app_unlock();
       return;
@@ -53,9 +53,9 @@ class Mutex {
   }
 
  private:
-  void lock_contended() noexcept;
-  void app_lock() noexcept;
-  void app_unlock() noexcept;
+  [[gnu::cold]] void lock_contended() noexcept;
+  [[gnu::cold]] void app_lock() noexcept;
+  [[gnu::cold]] void app_unlock() noexcept;
 
   // 0 unlocked, 1 locked, 2 locked with waiters (Drepper, "Futexes Are Tricky").
   std::atomic<std::uint32_t> state_{0};
@@ -78,10 +78,10 @@ class MutexGuard {
 // that is not thread-safe.
 class OptionalGuard {
  public:
-  explicit OptionalGuard(Mutex* m) noexcept : m_(m) {
+  [[gnu::always_inline]] explicit OptionalGuard(Mutex* m) noexcept : m_(m) {
     if (m_ != nullptr) m_->lock();
   }
-  ~OptionalGuard() {
+  [[gnu::always_inline]] ~OptionalGuard() {
     if (m_ != nullptr) m_->unlock();
   }
   OptionalGuard(const OptionalGuard&) = delete;

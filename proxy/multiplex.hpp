@@ -97,7 +97,7 @@ class InFlight {
 };
 
 template <class F, class Observation, class CallBackend, class... Rest>
-CK_RV forward_multiplexed(Runtime& rt, Observation& seen, CallBackend call_backend,
+[[gnu::noinline]] CK_RV forward_multiplexed(Runtime& rt, Observation& seen, CallBackend call_backend,
                           CK_SESSION_HANDLE handle, Rest... rest) noexcept {
   const auto me = std::this_thread::get_id();
   Session* s = nullptr;

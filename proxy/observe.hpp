@@ -17,7 +17,7 @@
 namespace p11mux {
 
 struct NoObservation {
-  SessionLease lease(SessionTable& sessions, CK_SESSION_HANDLE handle) const noexcept {
+  [[gnu::always_inline]] SessionLease lease(SessionTable& sessions, CK_SESSION_HANDLE handle) const noexcept {
     return sessions.lease(handle);
   }
   void ran_on(CK_SESSION_HANDLE) const noexcept {}

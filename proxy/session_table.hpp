@@ -86,7 +86,7 @@ class SessionLease {
     return *this;
   }
   SessionLease(const SessionLease&) = delete;  // exactly one unlock per lock
-  ~SessionLease() {
+  [[gnu::always_inline]] ~SessionLease() {
     if (s_ != nullptr) s_->lock.unlock();
   }
   explicit operator bool() const noexcept { return s_ != nullptr; }
@@ -144,13 +144,14 @@ class SessionTable {
   SessionTable& operator=(const SessionTable&) = delete;
 
   // The live session with this handle, locked; empty for a stale or bogus one.
-  SessionLease lease(CK_SESSION_HANDLE handle) noexcept {
-    return lease(handle, [](Mutex& lock) noexcept { lock.lock(); });
+  [[gnu::always_inline]] SessionLease lease(CK_SESSION_HANDLE handle) noexcept {
+    return lease(handle, [](Mutex& lock) noexcept __attribute__((always_inline)) { lock.lock(); });
   }
   // The same, taking the session's lock with lock_session(Mutex&): the hook
   // where metrics time the wait for it (lock contention).
   template <class LockSession>
-  SessionLease lease(CK_SESSION_HANDLE handle, LockSession&& lock_session) noexcept {
+  [[gnu::always_inline]] SessionLease lease(CK_SESSION_HANDLE handle,
+                                            LockSession&& lock_session) noexcept {
     CK_SESSION_HANDLE slot_number = handle & kIndexMask;
     if (slot_number == 0) return {};
     std::size_t index = slot_number - 1;
