@@ -1,35 +1,15 @@
 #include <p11mux/mechanism_names.hpp>
 
-#include <algorithm>
-#include <array>
-#include <utility>
+#include "name_table.hpp"
 
 namespace p11mux {
 namespace {
 
-using Name = std::pair<CK_ULONG, std::string_view>;
+using name_table::find;
+using name_table::one_name_per_value;
+using name_table::sorted;
 
-template <std::size_t N>
-constexpr std::array<Name, N> sorted(std::array<Name, N> names) {
-  std::sort(names.begin(), names.end());
-  return names;
-}
 
-template <std::size_t N>
-constexpr bool one_name_per_value(const std::array<Name, N>& names) {
-  return std::adjacent_find(names.begin(), names.end(), [](const Name& a, const Name& b) {
-           return a.first == b.first;
-         }) == names.end();
-}
-
-template <std::size_t N>
-std::string_view find(const std::array<Name, N>& names, CK_ULONG value) noexcept {
-  auto it = std::lower_bound(names.begin(), names.end(), value,
-                             [](const Name& entry, CK_ULONG v) { return entry.first < v; });
-  return it != names.end() && it->first == value ? it->second : std::string_view{};
-}
-
-#define P11MUX_NAME(name) Name{name, #name}
 // Every CKM_ of p11-kit's pkcs11.h, generated once from it. Where two names
 // share a value the current one is kept: CKM_EC_KEY_PAIR_GEN, not
 // CKM_ECDSA_KEY_PAIR_GEN; CKM_CAST128_*, not CKM_CAST5_*.

@@ -62,9 +62,14 @@ TEST_CASE("at the backend's limit: learn it, wait, then CKR_SESSION_COUNT") {
   CHECK(mock_stats().sessions_open == 4);
 }
 
-TEST_CASE("a waiter at the limit gets the session another thread gives back") {
+// At a limit of one session, a second C_OpenSession waits; closing the first
+// must wake it, whether the session comes back to the pool (clean) or is
+// closed because it cannot be reset (dirty: an operation left active).
+void waiter_wakes_when_first_session_closes(bool dirty) {
   Proxy proxy({}, nullptr, {{"P11MUX_POOL_MAX_SESSIONS", "1"}, {"P11MUX_POOL_WAIT_MS", "15000"}});
   CK_SESSION_HANDLE first = proxy.open(0, CKF_SERIAL_SESSION);
+  CK_MECHANISM mech{CKM_SHA256, nullptr, 0};
+  if (dirty) REQUIRE(proxy.p11->C_DigestInit(first, &mech) == CKR_OK);  // v2 mock: no cancel
   auto waiter = std::async(std::launch::async, [&] {
     CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
     return proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h);
@@ -73,23 +78,15 @@ TEST_CASE("a waiter at the limit gets the session another thread gives back") {
   REQUIRE(proxy.p11->C_CloseSession(first) == CKR_OK);
   REQUIRE(finishes(waiter));
   CHECK(waiter.get() == CKR_OK);
-  CHECK(mock_stats().sessions_opened_total == 1);
+  CHECK(mock_stats().sessions_opened_total == (dirty ? 2u : 1u));
+}
+
+TEST_CASE("a waiter at the limit gets the session another thread gives back") {
+  waiter_wakes_when_first_session_closes(false);
 }
 
 TEST_CASE("a waiter wakes when a dirty session is closed instead of returned") {
-  Proxy proxy({}, nullptr, {{"P11MUX_POOL_MAX_SESSIONS", "1"}, {"P11MUX_POOL_WAIT_MS", "15000"}});
-  CK_SESSION_HANDLE first = proxy.open();
-  CK_MECHANISM mech{CKM_SHA256, nullptr, 0};
-  REQUIRE(proxy.p11->C_DigestInit(first, &mech) == CKR_OK);  // left active: not reusable (v2 mock)
-  auto waiter = std::async(std::launch::async, [&] {
-    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
-    return proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h);
-  });
-  std::this_thread::sleep_for(50ms);
-  REQUIRE(proxy.p11->C_CloseSession(first) == CKR_OK);
-  REQUIRE(finishes(waiter));
-  CHECK(waiter.get() == CKR_OK);
-  CHECK(mock_stats().sessions_opened_total == 2);
+  waiter_wakes_when_first_session_closes(true);
 }
 
 TEST_CASE("an open that fails in the backend returns its error and leaves no one waiting") {
