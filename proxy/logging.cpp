@@ -52,12 +52,13 @@ constexpr std::size_t kAsyncQueue = 8192;  // records
 
 // Keeps the thread pool alive with the async logger. The returned logger
 // pointer aliases this holder, so whoever drops the last reference destroys
-// it: the logger goes first, then the pool, whose destructor drains the queue
-// and joins its thread there (queued records hold the async logger itself,
-// never this holder, so that is never the pool's own thread).
+// it (never the writer thread: queued records hold the async logger, not
+// this holder). The pool goes first: its destructor drains the queue and
+// joins the writer, so the logger and its sinks are destroyed after the
+// thread that wrote through them is gone (a join ThreadSanitizer sees, too).
 struct AsyncHolder {
-  std::shared_ptr<spdlog::details::thread_pool> pool;
   std::shared_ptr<spdlog::async_logger> logger;
+  std::shared_ptr<spdlog::details::thread_pool> pool;
 };
 
 // The holder's deleter, found again through the logger's control block
