@@ -15,6 +15,7 @@
 #include <cstring>
 #include <cstdlib>
 #include <initializer_list>
+#include <map>
 #include <utility>
 #include <string>
 #include <string_view>
@@ -23,6 +24,12 @@
 namespace p11mux::test {
 
 // Every test starts from a clean environment: no config file, the mock as backend.
+// Variables a test pins for its whole scope: they survive reset_environment().
+inline std::map<std::string, std::string>& pinned_environment() {
+  static std::map<std::string, std::string> pinned;
+  return pinned;
+}
+
 inline void reset_environment() {
   std::vector<std::string> names;
   for (char** e = environ; *e != nullptr; ++e) {
@@ -32,6 +39,7 @@ inline void reset_environment() {
   for (const auto& name : names) ::unsetenv(name.c_str());
   ::setenv("P11MUX_MODULE", P11MUX_TEST_MOCK_PATH, 1);
   ::setenv("P11MUX_LOG_LEVEL", "off", 1);
+  for (const auto& [name, value] : pinned_environment()) ::setenv(name.c_str(), value.c_str(), 1);
 }
 
 struct Libraries {

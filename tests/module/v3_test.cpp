@@ -72,14 +72,20 @@ MockConfig mock_with_v3(bool v3_on = true) {
 // The vendor_interfaces setting for one test; the harness does not know the variable.
 class VendorSetting {
  public:
+  // Pinned: it survives the environment resets of before_initialize() and Proxy.
   explicit VendorSetting(const char* value) {
     if (value != nullptr) {
+      pinned_environment()[kVendorEnv] = value;
       ::setenv(kVendorEnv, value, 1);
     } else {
+      pinned_environment().erase(kVendorEnv);
       ::unsetenv(kVendorEnv);
     }
   }
-  ~VendorSetting() { ::unsetenv(kVendorEnv); }
+  ~VendorSetting() {
+    pinned_environment().erase(kVendorEnv);
+    ::unsetenv(kVendorEnv);
+  }
   VendorSetting(const VendorSetting&) = delete;
   VendorSetting& operator=(const VendorSetting&) = delete;
 };
