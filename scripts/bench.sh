@@ -133,6 +133,9 @@ printf 'module: %s\n' "$softhsm" >"$work/p11kit-softhsm/softhsm2.module"
   { echo "bench.sh: cannot create the keys on the SoftHSM2 token" >&2; exit 1; }
 
 # ---- one configuration: module path and environment ----
+# per-thread-direct: the backend directly with a session per thread whatever
+# the case's session mode, as the reference of the shared-session cases.
+declare -A sessions_of=([per-thread-direct]=per-thread)
 # Sets $module, the array $menv and the array $token for CONFIG over BACKEND.
 select_config() {
   local backend=$1 config=$2 backend_path
@@ -145,7 +148,7 @@ select_config() {
   fi
   menv=()
   case $config in
-    direct) module=$backend_path ;;
+    direct | per-thread-direct) module=$backend_path ;;
     serialize | multiplex)
       module=$p11mux
       menv=(P11MUX_MODULE="$backend_path" P11MUX_SESSION_MODE="$config") ;;
@@ -201,7 +204,7 @@ run_one() {
   failed=""
   {
     env "${menv[@]}" "$@" timeout -k 5 "$limit" "$load" --module "$module" "${token[@]}" \
-      --op "$op" --threads "$threads" --sessions "$sessions" --warmup "$warmup" \
+      --op "$op" --threads "$threads" --sessions "${sessions_of[$config]:-$sessions}" --warmup "$warmup" \
       --duration "$duration" --quiet --json >"$json" 2>"$err"
   } 2>/dev/null || rc=$?
   ops_s=""
@@ -385,8 +388,8 @@ if want shared; then
   echo "== one session shared by all threads (SoftHSM2; ratio to direct with a session per thread)"
   for op in sign-ec digest; do
     for t in 8 64; do
-      run_case shared softhsm "$op" shared "$t" "matrix/softhsm/direct/$op/per-thread/$t" \
-        direct serialize multiplex p11kit
+      run_case shared softhsm "$op" shared "$t" per-thread-direct \
+        per-thread-direct direct serialize multiplex p11kit
     done
   done
 fi

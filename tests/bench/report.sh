@@ -69,12 +69,19 @@ declare -A op_title=([random]="random (C_GenerateRandom 32 B)" [digest]="digest 
 
 thousands() { sed ':a;s/\B[0-9]\{3\}\>/,&/;ta'; }
 int() { printf '%.0f' "$1" | thousands; }
+# A ratio as "0.94x", "12.3x", "2,530x" ("?x" if missing): two decimals are
+# already more than the noise allows.
+x() {
+  [ -n "${1:-}" ] || { echo "?x"; return; }
+  awk -v r="$1" 'BEGIN { printf (r >= 100 ? "%.0f" : r >= 10 ? "%.1f" : "%.2f"), r }' | thousands
+  printf 'x'
+}
 # One table cell for key K: "12,345 (0.98x)", or what happened instead.
 cell() {
   local k=$1 st=${stat[$1]:-}
   case $st in
     "") echo "" ;;
-    ok) echo "$(int "${med[$k]}")${ratio[$k]:+ (${ratio[$k]}x)}" ;;
+    ok) echo "$(int "${med[$k]}")${ratio[$k]:+ ($(x "${ratio[$k]}"))}" ;;
     unavailable*) echo "unavailable" ;;
     crash*) echo "**crash** (${st//crash /})" ;;
     *) echo "${med[$k]:+$(int "${med[$k]}") }$st" ;;
@@ -192,16 +199,17 @@ report() {
     echo "## One session shared by all threads (SoftHSM2)"
     echo
     echo "\`--sessions shared\`: every thread uses the same session, which the PKCS#11 spec does not allow"
-    echo "and real applications do anyway. ops/s (ratio to SoftHSM2 direct with one session per thread);"
-    echo "SoftHSM2 and p11-kit-proxy are run in a subprocess and their crash is recorded."
+    echo "and real applications do anyway. ops/s (ratio to SoftHSM2 directly with one session per"
+    echo "thread, run alongside); SoftHSM2 and p11-kit-proxy are run in a subprocess and their crash"
+    echo "is recorded."
     echo
-    echo "| op | threads | ${title[direct]} | ${title[serialize]} | ${title[multiplex]} | ${title[p11kit]} |"
-    echo "|---|--:|--:|--:|--:|--:|"
+    echo "| op | threads | ${title[direct]}, session per thread | ${title[direct]} | ${title[serialize]} | ${title[multiplex]} | ${title[p11kit]} |"
+    echo "|---|--:|--:|--:|--:|--:|--:|"
     for op in sign-ec digest; do
       for t in 8 64; do
         has "shared/softhsm/direct/$op/shared/$t" || continue
         printf '| %s | %s |' "$op" "$t"
-        for c in "${configs[@]}"; do printf ' %s |' "$(cell "shared/softhsm/$c/$op/shared/$t")"; done
+        for c in per-thread-direct "${configs[@]}"; do printf ' %s |' "$(cell "shared/softhsm/$c/$op/shared/$t")"; done
         echo
       done
     done
@@ -251,7 +259,7 @@ targets() {
       for t in "${matrix_threads[@]}"; do
         k="matrix/softhsm/$c/$op/per-thread/$t"
         local r=${ratio[$k]:-}
-        measured+="${measured:+, }${r:-?}x @$t"
+        measured+="${measured:+, }$(x "$r") @$t"
         [ -n "$r" ] && ge "$r" 0.95 || misses=$((misses + 1))
       done
       echo "| $op, session per thread: >= 0.95x direct | $c | $measured | $(verdict $misses) |"
@@ -285,7 +293,7 @@ targets() {
     misses=0 measured=""
     for t in "${matrix_threads[@]}"; do
       local r=${ratio[matrix/softhsm/$c/open-close/per-thread/$t]:-}
-      measured+="${measured:+, }${r:-?}x @$t"
+      measured+="${measured:+, }$(x "$r") @$t"
       [ -n "$r" ] && ge "$r" 1.0 || misses=$((misses + 1))
     done
     echo "| open+close: >= 1.0x direct SoftHSM2 | $c | $measured | $(verdict $misses) |"
@@ -299,7 +307,7 @@ targets() {
     for t in 1 8; do
       local r=${ratio[open/mock/$c/open-close/per-thread/$t]:-}
       has "open/mock/$c/open-close/per-thread/$t" || continue
-      measured+="${measured:+, }${r:-?}x @$t"
+      measured+="${measured:+, }$(x "$r") @$t"
       [ -n "$r" ] && ge "$r" 20 || misses=$((misses + 1))
     done
     echo "| open+close, 1 ms backend: >= 20x direct | $c | $measured | $(verdict $misses) |"
@@ -311,9 +319,9 @@ targets() {
     local what="shared session, 8 threads, sign-ec: >= 0.95x direct per-thread, 0 errors"
     [ "$c" = multiplex ] || what="$what (target is for multiplex)"
     if [ "${stat[$k]}" = ok ] && [ -n "${ratio[$k]}" ]; then
-      echo "| $what | $c | ${ratio[$k]}x, ${errs[$k]} errors | $(if ge "${ratio[$k]}" 0.95 && [ "${errs[$k]}" = 0 ]; then echo pass; else echo "**miss**"; fi) |"
+      echo "| $what | $c | $(x "${ratio[$k]}"), ${errs[$k]} errors | $(if ge "${ratio[$k]}" 0.95 && [ "${errs[$k]}" = 0 ]; then echo pass; else echo "**miss**"; fi) |"
     elif [ "${stat[$k]}" = ok ]; then
-      echo "| $what | $c | $(int "${med[$k]}") ops/s, no per-thread figure to compare (matrix not run) | |"
+      echo "| $what | $c | $(int "${med[$k]}") ops/s, no per-thread figure to compare | |"
     else
       echo "| $what | $c | $(cell "$k") | **miss** |"
     fi
@@ -387,7 +395,7 @@ chart() {
     # For reference: SoftHSM2 directly, but with a session per thread.
     local ref="$data/shared-ref.dat" t
     for t in 8 64; do
-      k="matrix/softhsm/direct/sign-ec/per-thread/$t"
+      k="shared/softhsm/per-thread-direct/sign-ec/shared/$t"
       [ "${stat[$k]:-}" != ok ] || echo "$t ${med[$k]}" >>"$ref"
     done
     [ ! -s "$ref" ] || series+="${series:+, }'$ref' using 1:2 with linespoints ls 1 dt 2 title '${title[direct]}, session per thread'"
