@@ -55,7 +55,8 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
       backend_lock_(backend_->thread_safe() ? nullptr : std::make_unique<Mutex>(locks_)),
       sessions_(locks_),
       pool_(std::make_unique<SessionPool>(SessionPool::Backend{functions_, backend_lock_.get()},
-                                          config.pool, locks_, epoch, *log_)) {
+                                          config.pool, locks_, epoch, *log_)),
+      poll_lock_(locks_) {
   pool_->prewarm();
   std::chrono::seconds idle(config.pool.idle_timeout_s), keepalive(config.pool.keepalive_s);
   if (idle.count() > 0 || keepalive.count() > 0) {
@@ -148,9 +149,10 @@ CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept
   // Not thread-safe (blocking would hold the backend lock for ever) or no
   // blocking support: poll without blocking, waking early for C_Finalize.
   for (;;) {
-    if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;
     CK_RV rv;
     {
+      MutexGuard poll(poll_lock_);
+      if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;
       OptionalGuard serial(backend_lock());
       rv = wait(flags | CKF_DONT_BLOCK, slot, nullptr);
     }
@@ -164,7 +166,10 @@ bool Runtime::shutdown() noexcept {
   observer_->finalize();  // the summary while sessions and pool still show their figures
   sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
   pool_->close_all();
-  stopping_.store(1, std::memory_order_seq_cst);
+  {
+    MutexGuard poll(poll_lock_);  // a poll in progress finishes first
+    stopping_.store(1, std::memory_order_seq_cst);
+  }
   wake_all(stopping_);
   {
     OptionalGuard serial(backend_lock());

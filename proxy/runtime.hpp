@@ -92,6 +92,9 @@ class Runtime {
   std::unique_ptr<SessionPool> pool_;
   std::unique_ptr<PoolMaintenance> maintenance_;  // only with a period configured and threads allowed
   std::atomic<std::uint32_t> stopping_{0};
+  // Held by a polling C_WaitForSlotEvent across "not stopping? then ask the
+  // backend", and by shutdown() to set stopping_: no poll after finalization.
+  Mutex poll_lock_;
   std::atomic<std::uint32_t> waiters_{0};
 
   bool reset_backend_session(Binding& binding) noexcept;
