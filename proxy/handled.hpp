@@ -18,13 +18,13 @@ CK_RV close_all_sessions(Runtime& rt, CK_SLOT_ID slot) noexcept;
 template <class F>
 constexpr auto handler = nullptr;
 template <>
-constexpr auto handler<fn::C_GetInfo> = &get_info;
+inline constexpr auto handler<fn::C_GetInfo> = &get_info;
 template <>
-constexpr auto handler<fn::C_OpenSession> = &open_session;
+inline constexpr auto handler<fn::C_OpenSession> = &open_session;
 template <>
-constexpr auto handler<fn::C_CloseSession> = &close_session;
+inline constexpr auto handler<fn::C_CloseSession> = &close_session;
 template <>
-constexpr auto handler<fn::C_CloseAllSessions> = &close_all_sessions;
+inline constexpr auto handler<fn::C_CloseAllSessions> = &close_all_sessions;
 
 // C_GetInfo reports the version of the list it is called through, so the 3.0
 // list's C_GetInfo is a function of its own; in_list_3_0<F> names the function
@@ -33,7 +33,7 @@ namespace fn {
 struct C_GetInfo_3_0 : C_GetInfo {};
 }  // namespace fn
 template <>
-constexpr auto handler<fn::C_GetInfo_3_0> = &get_info_3_0;
+inline constexpr auto handler<fn::C_GetInfo_3_0> = &get_info_3_0;
 
 template <class F>
 struct InList30 {

@@ -145,7 +145,7 @@ class SessionTable {
 
   // The live session with this handle, locked; empty for a stale or bogus one.
   [[gnu::always_inline]] SessionLease lease(CK_SESSION_HANDLE handle) noexcept {
-    return lease(handle, [](Mutex& lock) noexcept __attribute__((always_inline)) { lock.lock(); });
+    return lease(handle, [](Mutex& lock) __attribute__((always_inline)) { lock.lock(); });
   }
   // The same, taking the session's lock with lock_session(Mutex&): the hook
   // where metrics time the wait for it (lock contention).
