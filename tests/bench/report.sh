@@ -372,7 +372,7 @@ plot_data() {
   for i in "${!configs[@]}"; do
     [[ " ${cols[*]} " == *" $i "* ]] || continue
     c=${configs[$i]}
-    series+="${series:+, }'$file' using 1:$((i + 2)) with linespoints ls $((i + 1)) title '${title[$c]}'"
+    series+="${series:+, }'$file' using 1:(\$$((i + 2)) / 1000) with linespoints ls $((i + 1)) title '${title[$c]}'"
   done
 }
 
@@ -398,25 +398,25 @@ chart() {
       k="shared/softhsm/per-thread-direct/sign-ec/shared/$t"
       [ "${stat[$k]:-}" != ok ] || echo "$t ${med[$k]}" >>"$ref"
     done
-    [ ! -s "$ref" ] || series+="${series:+, }'$ref' using 1:2 with linespoints ls 1 dt 2 title '${title[direct]}, session per thread'"
+    [ ! -s "$ref" ] || series+="${series:+, }'$ref' using 1:(\$2 / 1000) with linespoints ls 1 dt 2 title '${title[direct]}, session per thread'"
     [ -z "$series" ] ||
       plots+=("set title \"sign-ec, ONE session shared by all threads${crashed:+\\n(crashed: $crashed)}\"" "plot $series")
   fi
   local n=$((${#plots[@]} / 2))
   local ncols=3 rows=$(((n + 2) / 3))
   {
-    echo "set terminal pngcairo noenhanced size 1500,$((rows * 420)) font 'sans,10'"
+    echo "set terminal pngcairo noenhanced size 1500,$((rows * 470)) font 'sans,10'"
     echo "set output '$dir/throughput.png'"
     echo "set datafile missing '?'"
-    echo "set key bottom right box opaque"
+    echo "set key below maxrows 2 Left reverse samplen 2 width 1"
     echo "set logscale x 2"
     echo "set xtics (1, 2, 8, 64)"
     echo "set xrange [0.8:80]"
     echo "set yrange [0:*]"
-    echo "set format y '%.0s%c'"
+    echo "set format y '%g'"
     echo "set grid ytics"
-    echo "set xlabel 'threads'"
-    echo "set ylabel 'ops/s'"
+    echo "set xlabel 'threads' offset 0,0.5"
+    echo "set ylabel 'thousand ops/s'"
     echo "set style line 1 lc rgb '#555555' lw 2 pt 7"
     echo "set style line 2 lc rgb '#1f77b4' lw 2 pt 5"
     echo "set style line 3 lc rgb '#2ca02c' lw 2 pt 9"
