@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean clone: installs what is needed, builds
 # p11mux three times (plain, ThreadSanitizer, AddressSanitizer+UBSan) with
-# warnings as errors, and runs the tests in each. Exits non-zero on any failure.
+# warnings as errors, and runs the tests in each; then fuzzes it for a minute
+# (a fourth build, clang with libFuzzer). Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -35,3 +36,16 @@ build build/asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DP11MUX_SANITIZE=address -DP
 ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
   LSAN_OPTIONS="suppressions=$PWD/tests/lsan.supp" \
   run build/asan -LE external
+
+# libFuzzer (clang): libp11mux.so and the mock built with ASan+UBSan and
+# coverage, the committed corpus replayed, then 60 s of fuzzing from it with
+# a fixed seed (tests/fuzz/README.md). A crash, leak or sanitizer report
+# fails the run and leaves the input in build/fuzz/.
+echo "== libFuzzer build (clang): fuzzing p11mux over the mock for 60 s"
+cmake -S . -B build/fuzz -G Ninja -DP11MUX_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DCMAKE_CXX_COMPILER=clang++ -DP11MUX_FUZZ=ON -DP11MUX_BUILD_EXAMPLES=OFF >/dev/null
+cmake --build build/fuzz -j "$jobs" --target p11mux-fuzz
+rm -rf build/fuzz/corpus && mkdir -p build/fuzz/corpus
+UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+  build/fuzz/tests/fuzz/p11mux-fuzz -seed=1 -max_total_time=60 -timeout=10 -max_len=1024 \
+  -len_control=0 -print_final_stats=1 -artifact_prefix=build/fuzz/ build/fuzz/corpus tests/fuzz/corpus

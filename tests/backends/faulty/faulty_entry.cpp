@@ -11,11 +11,9 @@
 #include <tuple>
 #include <type_traits>
 
-namespace p11mux::faulty {
-namespace {
-
 // ---- one descriptor per function ----
-namespace desc {
+// (Outside the anonymous namespace: clang warns about members unused by some.)
+namespace p11mux::faulty::desc {
 #define FAULTY_DESCRIBE(name_, since_, dispatch_, args_)            \
   struct name_ {                                                    \
     static constexpr Fn fn = Fn::name_;                             \
@@ -28,7 +26,10 @@ namespace desc {
   };
 P11MUX_FUNCTIONS(FAULTY_DESCRIBE)
 #undef FAULTY_DESCRIBE
-}  // namespace desc
+}  // namespace p11mux::faulty::desc
+
+namespace p11mux::faulty {
+namespace {
 
 // Exceptions never cross the C boundary.
 template <class F>
