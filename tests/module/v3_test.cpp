@@ -69,10 +69,10 @@ MockConfig mock_with_v3(bool v3_on = true) {
   return c;
 }
 
-// The vendor_interfaces setting for one test; the harness does not know the variable.
+// The vendor_interfaces setting for one test (NULL: unset). Pinned: it
+// survives the environment resets of before_initialize() and Proxy.
 class VendorSetting {
  public:
-  // Pinned: it survives the environment resets of before_initialize() and Proxy.
   explicit VendorSetting(const char* value) {
     if (value != nullptr) {
       pinned_environment()[kVendorEnv] = value;
@@ -432,7 +432,7 @@ TEST_CASE("vendor interfaces: hidden by default; with pass, the backend's own, u
     CHECK(described_interfaces() == kBoth);
     CHECK(v3().get_interface(utf8(RECORDER_VENDOR_INTERFACE), nullptr, &got, 0) ==
           CKR_ARGUMENTS_BAD);
-    ::setenv(kVendorEnv, "hide", 1);
+    VendorSetting explicit_hide("hide");
     Proxy proxy({}, nullptr, {{"P11MUX_MODULE", P11MUX_TEST_RECORDER_PATH}});
     CHECK(described_interfaces() == kBoth);
   }
