@@ -126,6 +126,11 @@ class FaultyBackend {
     REQUIRE(p11.C_Finalize(nullptr) == CKR_OK);
     finalized_ = true;
     FaultyStats s = faulty_stats();
+    MESSAGE("backend sessions: opened " << s.sessions_opened << ", closed " << s.sessions_closed
+                                        << ", closed by C_CloseAllSessions "
+                                        << s.sessions_closed_all << ", dropped by restarts "
+                                        << s.sessions_dropped << ", open at C_Finalize "
+                                        << s.sessions_open_at_finalize);
     CHECK(s.session_violations == 0);
     CHECK(s.finalize_during_call == 0);
     CHECK(s.sessions_open_at_finalize == 0);

@@ -165,6 +165,11 @@ CK_RV Module::open_session(Fn fn, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR a
   const Target& t = target();
   auto s = std::make_shared<Session>(next_handle_.fetch_add(1, std::memory_order_relaxed), slot,
                                      &t, generation(), notify, application);
+  std::uint64_t epoch;
+  {
+    std::shared_lock table(table_mu_);
+    epoch = restart_epoch_;
+  }
   std::shared_lock opening(open_mu_);
   CK_RV rv = t.functions.C_OpenSession(slot, flags, notify ? s.get() : application,
                                        notify ? &notify_trampoline : nullptr, &s->target_handle);
@@ -172,9 +177,17 @@ CK_RV Module::open_session(Fn fn, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR a
     unreserve();
     return rv;
   }
+  bool published = false;
   {
     std::unique_lock table(table_mu_);
-    sessions_.emplace(s->handle, s);
+    if (restart_epoch_ == epoch) published = sessions_.emplace(s->handle, s).second;
+  }
+  if (!published) {
+    // The device restarted (or went away) while the session was being opened:
+    // it is gone with the others, and the open failed.
+    unreserve();
+    s->close_on_destroy.store(true, std::memory_order_relaxed);
+    return removed() ? CKR_DEVICE_REMOVED : CKR_DEVICE_ERROR;
   }
   bump(counters.sessions_opened);
   raise_peak(counters.max_sessions_open, now);
@@ -235,6 +248,7 @@ unsigned long Module::restart() {
   std::vector<std::shared_ptr<Session>> dropped;
   {
     std::unique_lock table(table_mu_);
+    ++restart_epoch_;
     dropped = take_locked([](const Session&) { return true; });
   }
   for (auto& s : dropped) s->close_on_destroy.store(true, std::memory_order_relaxed);
@@ -246,8 +260,10 @@ unsigned long Module::restart() {
 }
 
 void Module::set_removed(bool removed) {
-  if (removed) restart();
+  // Removed first, then the restart: a session whose open overlaps the
+  // removal is dropped by the restart or refused by the epoch check.
   removed_.store(removed, std::memory_order_relaxed);
+  if (removed) restart();
 }
 
 }  // namespace p11mux::faulty

@@ -260,7 +260,8 @@ class Module {
   std::atomic<const Target*> target_{nullptr};
   std::atomic<std::uint64_t> generation_{0};
   std::atomic<bool> removed_{false};
-  bool owns_target_init_ = false;  // lifecycle_mu_
+  std::uint64_t restart_epoch_ = 0;  // bumped by every restart; table_mu_
+  bool owns_target_init_ = false;    // lifecycle_mu_
 };
 
 // The one instance, deliberately leaked (threads may outlive static destructors).
