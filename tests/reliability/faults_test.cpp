@@ -272,10 +272,10 @@ void check_and_report(const char* name, const FaultRun& run, const FaultResult& 
   CHECK(r.recovered == run.threads);
 }
 
-void faults_and_restart(FaultyBackend& b, const char* name) {
+void faults_and_restart(FaultyBackend& b, const char* name, long conversations) {
   b.apply(one_percent_faults());
   FaultRun run;
-  run.conversations = scaled(300, 30);
+  run.conversations = conversations;
   run.chaos = [] { faulty().restart(); };
   FaultResult r = run_faults(b, run);
   check_and_report(name, run, r);
@@ -290,7 +290,7 @@ TEST_CASE("1% injected errors and an HSM restart mid-run" * doctest::test_suite(
   MockTarget target;
   {
     FaultyBackend b(mock_path(), 0, "", MOCK_USER_PIN);
-    faults_and_restart(b, "mock");
+    faults_and_restart(b, "mock", scaled(1500, 60));
   }
   MockTarget::check();
 }
@@ -440,7 +440,7 @@ TEST_CASE("a backend C_CloseSession that fails once costs no session slot" *
 TEST_CASE("1% injected errors and an HSM restart mid-run" * doctest::test_suite("softhsm2")) {
   p11test::SoftHsmToken softhsm;
   FaultyBackend b(softhsm2_path(), 0, softhsm.label(), p11test::kUserPin);
-  faults_and_restart(b, "softhsm2");
+  faults_and_restart(b, "softhsm2", scaled(300, 30));
 }
 
 TEST_CASE("a slow network HSM, 32 threads" * doctest::test_suite("softhsm2")) {

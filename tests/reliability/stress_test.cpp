@@ -159,7 +159,7 @@ void stress_over_mock(const char* name, const MockConfig& config, long iteration
 TEST_CASE("stress over the mock in race-detector mode" * doctest::test_suite("mock")) {
   MockConfig c{};
   c.accept_locking = MOCK_LOCK_NONE;  // not thread-safe: p11mux must serialize everything
-  stress_over_mock("mock-race-detector", c, scaled(400, 20));
+  stress_over_mock("mock-race-detector", c, scaled(1500, 60));
   CHECK(mock_stats().init_locking == MOCK_LOCK_NONE);
 }
 
@@ -168,7 +168,7 @@ TEST_CASE("stress over the mock with OS locking and lingering calls" *
   MockConfig c{};
   c.accept_locking = MOCK_LOCK_OS;
   c.call_spin_us = 5;  // every session call stays inside a while: overlaps happen
-  stress_over_mock("mock-os-locking", c, scaled(400, 20));
+  stress_over_mock("mock-os-locking", c, scaled(1500, 60));
   CHECK(mock_stats().max_concurrent_calls > 1);
 }
 
@@ -258,7 +258,7 @@ TEST_CASE("stress over SoftHSM2" * doctest::test_suite("softhsm2")) {
   REQUIRE(p11.C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr,
                             &setup) == CKR_OK);
   Token token = prepare_token(p11, setup, slot, p11test::kUserPin);
-  StressResult r = run_stress(p11, token, scaled(60, 4), std::chrono::seconds(60));
+  StressResult r = run_stress(p11, token, scaled(150, 10), std::chrono::seconds(60));
   CHECK(p11.C_CloseSession(setup) == CKR_OK);
   CHECK(p11.C_Finalize(nullptr) == CKR_OK);
   check_and_report("softhsm2", r);
@@ -281,7 +281,7 @@ TEST_CASE("stress over SoftHSM2, watched by the faulty module" * doctest::test_s
   REQUIRE(p11.C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr,
                             &setup) == CKR_OK);
   Token token = prepare_token(p11, setup, slot, p11test::kUserPin);
-  StressResult r = run_stress(p11, token, scaled(40, 4), std::chrono::seconds(60));
+  StressResult r = run_stress(p11, token, scaled(100, 8), std::chrono::seconds(60));
   CHECK(p11.C_CloseSession(setup) == CKR_OK);
   CHECK(p11.C_Finalize(nullptr) == CKR_OK);
   check_and_report("softhsm2-watched", r);
