@@ -108,7 +108,8 @@ report() {
     echo
     echo "## Throughput over SoftHSM2, one session per thread"
     echo
-    echo "ops/s (ratio to SoftHSM2 called directly)"
+    echo "ops/s (ratio to SoftHSM2 called directly: the median of the ratios of runs made back to back,"
+    echo "which on a loaded machine can differ from the ratio of the two medians)"
     echo
     echo "| op | threads | ${title[direct]} | ${title[serialize]} | ${title[multiplex]} | ${title[p11kit]} |"
     echo "|---|--:|--:|--:|--:|--:|"
