@@ -2,7 +2,7 @@
 // <p11mux/functions.h>: a session call (first argument letter 'h') maps the
 // handle, any other call is forwarded as is, both after the removal check,
 // the fault rules and the latency. Eight functions are hand-written, named
-// in one place below (handler<>): the lifecycle, the interfaces and the
+// in one place below (Handler<>): the lifecycle, the interfaces and the
 // session lifecycle.
 #include "faulty_state.hpp"
 
@@ -186,29 +186,33 @@ CK_RV close_all_sessions(CK_SLOT_ID slot) {
   });
 }
 
+// The hand-written functions, in one list. (A flag rather than comparing the
+// function pointer with nullptr: GCC's UBSan builds do not treat that
+// comparison as a constant expression.)
 template <class D>
-constexpr typename D::Pointer handler = nullptr;
-template <>
-constexpr CK_C_Initialize handler<desc::C_Initialize> = &initialize;
-template <>
-constexpr CK_C_Finalize handler<desc::C_Finalize> = &finalize;
-template <>
-constexpr CK_C_GetFunctionList handler<desc::C_GetFunctionList> = &get_function_list;
-template <>
-constexpr CK_C_GetInterfaceList handler<desc::C_GetInterfaceList> = &get_interface_list;
-template <>
-constexpr CK_C_GetInterface handler<desc::C_GetInterface> = &get_interface;
-template <>
-constexpr CK_C_OpenSession handler<desc::C_OpenSession> = &open_session;
-template <>
-constexpr CK_C_CloseSession handler<desc::C_CloseSession> = &close_session;
-template <>
-constexpr CK_C_CloseAllSessions handler<desc::C_CloseAllSessions> = &close_all_sessions;
+struct Handler {
+  static constexpr bool hand_written = false;
+};
+#define FAULTY_HANDLED(name, function)                 \
+  template <>                                          \
+  struct Handler<desc::name> {                         \
+    static constexpr bool hand_written = true;         \
+    static constexpr CK_##name fn = &function;         \
+  };
+FAULTY_HANDLED(C_Initialize, initialize)
+FAULTY_HANDLED(C_Finalize, finalize)
+FAULTY_HANDLED(C_GetFunctionList, get_function_list)
+FAULTY_HANDLED(C_GetInterfaceList, get_interface_list)
+FAULTY_HANDLED(C_GetInterface, get_interface)
+FAULTY_HANDLED(C_OpenSession, open_session)
+FAULTY_HANDLED(C_CloseSession, close_session)
+FAULTY_HANDLED(C_CloseAllSessions, close_all_sessions)
+#undef FAULTY_HANDLED
 
 template <class D>
 constexpr typename D::Pointer entry() {
-  if constexpr (handler<D> != nullptr) {
-    return handler<D>;
+  if constexpr (Handler<D>::hand_written) {
+    return Handler<D>::fn;
   } else {
     return &Forward<D>::call;
   }
