@@ -92,12 +92,14 @@ typedef struct FaultyStats {
   int initialized;
   unsigned long initialize_calls, initialize_ok, finalize_calls;
   unsigned long calls_total;
-  unsigned long calls_not_initialized; /* answered CKR_CRYPTOKI_NOT_INITIALIZED */
+  /* Answered CKR_CRYPTOKI_NOT_INITIALIZED; not C_WaitForSlotEvent, which the
+   * spec lets race C_Finalize. */
+  unsigned long calls_not_initialized;
   unsigned long max_concurrent_calls;  /* threads inside at once (waiters included) */
   /* Two calls on one session at once, or a session closed (by
    * C_CloseAllSessions) while a call on it was in progress. */
   unsigned long session_violations;
-  /* Calls inside (other than blocked C_WaitForSlotEvent) when C_Finalize came. */
+  /* Calls inside (other than C_WaitForSlotEvent) when C_Finalize came. */
   unsigned long finalize_during_call;
 
   /* Sessions. Always: opened = closed + closed_all + dropped + open_at_finalize

@@ -110,7 +110,11 @@ struct Forward<D, CK_RV (*)(A...)> {
     CallScope scope(D::fn, true, waiter);
     return guarded([&]() -> CK_RV {
       Module& m = module();
-      if (!m.initialized()) return not_initialized();
+      if (!m.initialized()) {
+        // The spec lets C_WaitForSlotEvent race C_Finalize: not counted.
+        if constexpr (waiter) return CKR_CRYPTOKI_NOT_INITIALIZED;
+        return not_initialized();
+      }
       auto target_fn = m.target().functions.*D::member;
       if constexpr (D::args[0] == 'h') {
         return [&](CK_SESSION_HANDLE handle, auto... rest) -> CK_RV {
