@@ -225,7 +225,8 @@ void cycles_over_mock(bool blocking_waits) {
       for (long n = 0; i == 0 ? n < cycles : !stop.load(); ++n) {
         t.record("C_Initialize", p11.C_Initialize(os_locking()),
                  {CKR_CRYPTOKI_ALREADY_INITIALIZED});
-        if (i == 1) std::this_thread::sleep_for(100us);
+        // Initialized a while, so that the other threads' calls get in.
+        std::this_thread::sleep_for(i == 0 ? 200us : 100us);
         t.record("C_Finalize", p11.C_Finalize(nullptr), down);
         if (i == 1) std::this_thread::sleep_for(300us);
       }
