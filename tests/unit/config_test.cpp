@@ -458,16 +458,3 @@ TEST_CASE("[backend] vendor_interfaces: hide by default, pass from the file or t
     CHECK(error_of("[backend]\nvendor_interfaces = yes\n") ==
           "test.conf:2: bad value 'yes' for [backend] vendor_interfaces (expected hide|pass)");
 }
-
-TEST_CASE("[backend] vendor_interfaces: hide by default, pass from the file or the environment") {
-    using p11mux::VendorInterfaces;
-    CHECK(parse("").backend.vendor_interfaces == VendorInterfaces::hide);
-    CHECK(parse("[backend]\nvendor_interfaces = pass\n").backend.vendor_interfaces ==
-          VendorInterfaces::pass);
-    CHECK(parse("[backend]\nvendor_interfaces = pass\n", {{"P11MUX_BACKEND_VENDOR_INTERFACES", "hide"}})
-              .backend.vendor_interfaces == VendorInterfaces::hide);
-    CHECK(parse("", {{"P11MUX_BACKEND_VENDOR_INTERFACES", "pass"}}).backend.vendor_interfaces ==
-          VendorInterfaces::pass);
-    CHECK(error_of("[backend]\nvendor_interfaces = yes\n") ==
-          "test.conf:2: bad value 'yes' for [backend] vendor_interfaces (expected hide|pass)");
-}
