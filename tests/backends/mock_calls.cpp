@@ -37,7 +37,7 @@ bool Settings::apply(const MockConfig& c) {
   if (name[0] != '\0' && (fn = function_index(name)) < 0) return false;
 
   auto relaxed = std::memory_order_relaxed;
-  accept_locking.store(c.accept_locking ? c.accept_locking : MOCK_LOCK_ALL, relaxed);
+  accept_locking.store(c.accept_locking ? c.accept_locking : kDefaultAcceptLocking, relaxed);
   slot_count.store(c.slot_count ? c.slot_count : 1, relaxed);
   max_sessions.store(c.max_sessions, relaxed);
   token_max_sessions.store(c.token_max_session_count, relaxed);

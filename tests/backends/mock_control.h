@@ -1,4 +1,5 @@
-/* Control interface of the p11mux test backend, libp11mux-mock.so.
+/* Control interface of the p11mux test backend, libp11mux-mock.so, and of
+ * libp11mux-race-detector.so.
  *
  * The mock is a PKCS#11 v2.40 module (optionally v3.0) with fake but checkable
  * crypto, and the instrument for p11mux's own tests: it counts calls and
@@ -22,6 +23,15 @@
  *
  * The library is linked with -z nodelete: its state survives every dlclose(),
  * so a test must call mock_reset() itself to start clean.
+ *
+ * libp11mux-race-detector.so is the same module built so that it reports
+ * itself not thread-safe unless configured otherwise: C_Initialize with
+ * CKF_OS_LOCKING_OK or with mutex callbacks returns CKR_CANT_LOCK, NULL
+ * arguments succeed, and every overlap of two calls in the library or on one
+ * session is counted (MockStats.library_violations, .session_violations).
+ * A program that only knows PKCS#11 (P11MUX_MODULE=.../libp11mux-race-detector.so)
+ * thus gets the race detector; a test reads the counters with mock_stats().
+ * It is a separate library with its own state, not the mock under another name.
  */
 #ifndef P11MUX_MOCK_CONTROL_H
 #define P11MUX_MOCK_CONTROL_H
@@ -31,7 +41,8 @@ extern "C" {
 #endif
 
 /* MockConfig.accept_locking: which C_Initialize forms succeed (others fail
- * with CKR_CANT_LOCK). 0 means MOCK_LOCK_ALL.
+ * with CKR_CANT_LOCK). 0 means MOCK_LOCK_ALL in libp11mux-mock.so and
+ * MOCK_LOCK_NONE in libp11mux-race-detector.so (see below).
  *   OS:        CKF_OS_LOCKING_OK set (with or without the four callbacks)
  *   CALLBACKS: flag clear, all four mutex callbacks set. The mock calls
  *              CreateMutex+LockMutex+UnlockMutex once in C_Initialize (the
@@ -73,7 +84,7 @@ extern "C" {
 /* Configuration. A zero-filled struct gives the default of every field. */
 typedef struct MockConfig {
   /* Read at C_Initialize. */
-  unsigned long accept_locking; /* MOCK_LOCK_* bits; 0 = MOCK_LOCK_ALL */
+  unsigned long accept_locking; /* MOCK_LOCK_* bits; 0 = the library's default */
   unsigned long slot_count;     /* slots 0..n-1, token present, label
                                    "mock-token-N"; 0 = 1 */
   /* Read on every call: changing them while initialized takes effect at once. */

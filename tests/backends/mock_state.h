@@ -81,8 +81,17 @@ unsigned char xor_byte(unsigned long key_id);
 void fill_random(unsigned char* out, std::size_t len);
 
 // ---- configuration, read lock-free on every call ----
+
+// What accept_locking = 0 means: every form, or in libp11mux-race-detector.so
+// (the same sources built with MOCK_DEFAULT_ACCEPT_LOCKING=MOCK_LOCK_NONE)
+// only NULL arguments, so that any program loading it gets the race detector.
+#ifndef MOCK_DEFAULT_ACCEPT_LOCKING
+#define MOCK_DEFAULT_ACCEPT_LOCKING MOCK_LOCK_ALL
+#endif
+inline constexpr unsigned long kDefaultAcceptLocking = MOCK_DEFAULT_ACCEPT_LOCKING;
+
 struct Settings {
-  std::atomic<unsigned long> accept_locking{MOCK_LOCK_ALL};
+  std::atomic<unsigned long> accept_locking{kDefaultAcceptLocking};
   std::atomic<unsigned long> slot_count{1};
   std::atomic<unsigned long> max_sessions{0};
   std::atomic<unsigned long> token_max_sessions{0};

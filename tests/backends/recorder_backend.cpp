@@ -5,6 +5,7 @@
 #include "recorder_control.h"
 
 #include "function_traits.hpp"
+#include "interface_table.hpp"
 
 #include <array>
 #include <cstdint>
@@ -148,34 +149,12 @@ CK_INTERFACE interfaces[] = {
 };
 
 CK_RV interface_list(CK_INTERFACE_PTR list, CK_ULONG_PTR count) {
-  if (count == nullptr) return CKR_ARGUMENTS_BAD;
-  const CK_ULONG n = std::size(interfaces);
-  if (list != nullptr) {
-    if (*count < n) {
-      *count = n;
-      return CKR_BUFFER_TOO_SMALL;
-    }
-    std::memcpy(list, interfaces, sizeof interfaces);
-  }
-  *count = n;
-  return CKR_OK;
+  return p11mux::test_backends::list_interfaces(interfaces, list, count);
 }
 
 CK_RV find_interface(CK_UTF8CHAR_PTR name, CK_VERSION_PTR version, CK_INTERFACE_PTR_PTR out,
                      CK_FLAGS flags) {
-  if (out == nullptr) return CKR_ARGUMENTS_BAD;
-  for (CK_INTERFACE& i : interfaces) {
-    if (name != nullptr && std::strcmp(reinterpret_cast<const char*>(name),
-                                       reinterpret_cast<const char*>(i.pInterfaceName)) != 0) {
-      continue;
-    }
-    const auto* v = static_cast<const CK_VERSION*>(i.pFunctionList);
-    if (version != nullptr && (version->major != v->major || version->minor != v->minor)) continue;
-    if ((i.flags & flags) != flags) continue;
-    *out = &i;
-    return CKR_OK;
-  }
-  return CKR_ARGUMENTS_BAD;
+  return p11mux::test_backends::find_interface(interfaces, name, version, out, flags);
 }
 
 }  // namespace

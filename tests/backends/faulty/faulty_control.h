@@ -30,7 +30,13 @@
  *   P11MUX_FAULTY_MAX_SESSIONS  CKR_SESSION_COUNT beyond this many (0 = no limit)
  *   P11MUX_FAULTY_LATENCY open=US,close=US,login=US,crypto=US (microseconds)
  * A malformed variable makes C_Initialize fail with CKR_GENERAL_ERROR and a
- * message on stderr. Tests can instead set everything with faulty_configure()
+ * message on stderr.
+ *
+ * libp11mux-slow.so, the "slow" backend, is the same module built with one
+ * difference: when P11MUX_FAULTY_LATENCY is unset its latency is
+ * FAULTY_SLOW_LATENCY (a network HSM over SoftHSM2, or over the target
+ * named) instead of none; P11MUX_FAULTY_LATENCY= (empty) turns it off. It is a
+ * separate library with its own state and the same control functions. Tests can instead set everything with faulty_configure()
  * (reach it with dlopen of the same path p11mux is given, then dlsym).
  *
  * Plain C, LP64 (CK_ULONG is unsigned long). The library is linked with
@@ -51,6 +57,10 @@ extern "C" {
 /* Session handles the faulty module hands out count up from here. */
 #define FAULTY_SESSION_HANDLE_BASE 0x7A000001UL
 #define FAULTY_DEFAULT_TARGET "/usr/lib/softhsm/libsofthsm2.so"
+/* libp11mux-slow.so's latency (microseconds) when P11MUX_FAULTY_LATENCY is
+ * unset: round trips to a network HSM for sessions and login, and a
+ * half-millisecond for each crypto call. */
+#define FAULTY_SLOW_LATENCY "open=2000,close=1000,login=2000,crypto=500"
 
 /* One fault: the first rule (in array order) that fires wins. A fault
  * leaves the target and the application agreeing on whether an operation is

@@ -13,6 +13,13 @@
 #include <map>
 #include <thread>
 
+// P11MUX_FAULTY_LATENCY when it is unset: none, or a network HSM's in
+// libp11mux-slow.so (these sources built with
+// FAULTY_DEFAULT_LATENCY=FAULTY_SLOW_LATENCY).
+#ifndef FAULTY_DEFAULT_LATENCY
+#define FAULTY_DEFAULT_LATENCY ""
+#endif
+
 namespace p11mux::faulty {
 
 int function_index(std::string_view name) {
@@ -269,7 +276,8 @@ bool config_from_env(FaultyConfig& out, std::string& error) {
     }
     c.max_sessions = *n;
   }
-  if (!parse_latency(env("P11MUX_FAULTY_LATENCY"), c, error)) {
+  const char* latency = std::getenv("P11MUX_FAULTY_LATENCY");
+  if (!parse_latency(latency != nullptr ? latency : FAULTY_DEFAULT_LATENCY, c, error)) {
     error = "P11MUX_FAULTY_LATENCY: " + error;
     return false;
   }
