@@ -100,14 +100,48 @@ class Metrics {
   std::unique_ptr<Shard[]> shards_;
 };
 
+// A gauge that a thread moves on its own shard (picked like Metrics' from its
+// stack address): multiplexed calls borrow and give back pooled sessions on
+// every call, and must not all write one shared cache line for it. Reads sum
+// the shards; a shard alone may go negative, the sum settles.
+class ShardedGauge {
+ public:
+  void add(std::int64_t delta) noexcept {
+    shards_[this_thread_shard()].value.fetch_add(delta, std::memory_order_relaxed);
+  }
+  std::int64_t load(std::memory_order order = std::memory_order_relaxed) const noexcept {
+    std::int64_t sum = 0;
+    for (const auto& s : shards_) sum += s.value.load(order);
+    return sum;
+  }
+  // For tests and resets: not atomic with concurrent add().
+  ShardedGauge& operator=(std::int64_t value) noexcept {
+    for (auto& s : shards_) s.value.store(0, std::memory_order_relaxed);
+    shards_[0].value.store(value, std::memory_order_relaxed);
+    return *this;
+  }
+
+ private:
+  static constexpr std::size_t kShards = 16;
+  static std::size_t this_thread_shard() noexcept {
+    int local = 0;  // thread stacks are megabytes apart: hash the 64 KiB region
+    auto region = reinterpret_cast<std::uintptr_t>(&local) >> 16;
+    return static_cast<std::size_t>((region * 0x9E3779B97F4A7C15ull) >> 60) % kShards;
+  }
+  struct alignas(64) Shard {
+    std::atomic<std::int64_t> value{0};
+  };
+  std::array<Shard, kShards> shards_{};
+};
+
 // The figures of one slot's backend session pool. The pool updates them with
 // relaxed atomics as sessions move; p11mux only reads them (for /metrics,
 // /stats and the summary). Gauges are signed so that a transient order of
 // updates cannot wrap them.
 struct SlotPoolMetrics {
-  std::atomic<std::int64_t> open{0};    // backend sessions open on the slot: idle + in use
-  std::atomic<std::int64_t> idle{0};    // open, in the pool or a thread cache, ready for reuse
-  std::atomic<std::int64_t> in_use{0};  // open and held by a virtual session
+  std::atomic<std::int64_t> open{0};  // backend sessions open on the slot: idle + in use
+  ShardedGauge idle;                  // open, in the pool or a thread cache, ready for reuse
+  ShardedGauge in_use;                // open and held by a virtual session (or a multiplexed call)
   std::atomic<std::uint64_t> waits{0};  // C_OpenSession calls that waited at the session limit
   std::atomic<std::uint64_t> wait_ns{0};         // the total time those calls waited
   std::atomic<std::uint64_t> discarded_dead{0};  // sessions dropped because the backend said gone

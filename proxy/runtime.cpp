@@ -55,7 +55,8 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
       backend_lock_(backend_->thread_safe() ? nullptr : std::make_unique<Mutex>(locks_)),
       sessions_(locks_),
       pool_(std::make_unique<SessionPool>(SessionPool::Backend{functions_, backend_lock_.get()},
-                                          config.pool, locks_, epoch, *log_)),
+                                          config.pool, locks_, epoch, *log_,
+                                          observer_->pools())),
       poll_lock_(locks_) {
   pool_->prewarm();
   std::chrono::seconds idle(config.pool.idle_timeout_s), keepalive(config.pool.keepalive_s);
@@ -82,22 +83,24 @@ Runtime::~Runtime() { observer_->stop(); }
 // Ends what the virtual session left behind, so that the next user of the
 // backend session sees none of it: active operations (v3.0 C_SessionCancel,
 // or C_FindObjectsFinal for a search), and the session objects it created.
-// False when that is not possible: the session must then be closed instead.
-bool Runtime::reset_backend_session(Binding& s) noexcept {
-  if (s.discard) return false;
+// Fate::close when that is not possible; Fate::dead when a call marked it
+// discard (session_effects.hpp: the backend said the session or device is gone).
+SessionPool::Fate Runtime::reset_backend_session(Binding& s) noexcept {
+  using Fate = SessionPool::Fate;
+  if (s.discard) return Fate::dead;
   OptionalGuard serial(backend_lock());
   if (s.ops != 0 && functions_.C_SessionCancel != nullptr &&
       functions_.C_SessionCancel(s.backend, cancel_flags(s.ops)) == CKR_OK) {
     s.ops = 0;
   }
   if (s.ops == op::find && functions_.C_FindObjectsFinal(s.backend) == CKR_OK) s.ops = 0;
-  if (s.ops != 0) return false;
+  if (s.ops != 0) return Fate::close;
   for (CK_OBJECT_HANDLE object : s.objects) {
     CK_RV rv = functions_.C_DestroyObject(s.backend, object);
-    if (rv != CKR_OK && rv != CKR_OBJECT_HANDLE_INVALID) return false;
+    if (rv != CKR_OK && rv != CKR_OBJECT_HANDLE_INVALID) return Fate::close;
   }
   s.objects.clear();
-  return true;
+  return Fate::reuse;
 }
 
 CK_RV Runtime::close_session(SessionLease lease) noexcept {
@@ -115,14 +118,15 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
   }
   for (auto& extra : s->extra) {
     if (extra->backend == CK_INVALID_HANDLE) continue;
-    bool clean = reset_backend_session(*extra);
-    pool_->give(s->slot, s->rw, extra->backend, clean);
+    pool_->give(s->slot, s->rw, extra->backend, reset_backend_session(*extra));
     extra->clear();
   }
   // A session opened with a Notify callback carries the application's
   // callback: never reused.
-  bool clean = s->notify == nullptr && reset_backend_session(s->anchor);
-  pool_->close(s->slot, s->rw, s->anchor.backend, clean);
+  SessionPool::Fate fate = s->anchor.discard   ? SessionPool::Fate::dead
+                           : s->notify != nullptr ? SessionPool::Fate::close
+                                                  : reset_backend_session(s->anchor);
+  pool_->close(s->slot, s->rw, s->anchor.backend, fate);
   sessions_.close(std::move(lease));
   return CKR_OK;
 }

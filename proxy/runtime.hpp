@@ -97,7 +97,9 @@ class Runtime {
   Mutex poll_lock_;
   std::atomic<std::uint32_t> waiters_{0};
 
-  bool reset_backend_session(Binding& binding) noexcept;
+  // Ends what a virtual session left on a backend session; says whether it
+  // can be pooled again.
+  SessionPool::Fate reset_backend_session(Binding& binding) noexcept;
 };
 
 }  // namespace p11mux

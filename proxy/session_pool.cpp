@@ -32,7 +32,8 @@ struct Idle {
 
 class SessionPool::SlotPool {
  public:
-  SlotPool(CK_SLOT_ID slot_id, const LockSource& locks) : id(slot_id), lock(locks) {}
+  SlotPool(CK_SLOT_ID slot_id, const LockSource& locks, SlotPoolMetrics* reported)
+      : id(slot_id), lock(locks), figures(reported != nullptr ? reported : &unreported) {}
 
   const CK_SLOT_ID id;
   Mutex lock;
@@ -46,6 +47,22 @@ class SessionPool::SlotPool {
   std::atomic<std::uint64_t> generation{0};  // bumped when the device may have restarted
   std::atomic<std::uint32_t> returns{0};     // futex word: bumped whenever room appears
   std::atomic<std::uint32_t> waiters{0};
+
+  // For /metrics: the registry's figures, or `unreported` if it had no memory.
+  SlotPoolMetrics unreported;
+  SlotPoolMetrics* const figures;
+  void lent_idle() noexcept {
+    figures->idle.add(-1);
+    figures->in_use.add(1);
+  }
+  void lent_new() noexcept {
+    figures->open.fetch_add(1, std::memory_order_relaxed);
+    figures->in_use.add(1);
+  }
+  void closed(std::int64_t n, bool were_idle) noexcept {
+    figures->open.fetch_sub(n, std::memory_order_relaxed);
+    if (were_idle) figures->idle.add(-n);
+  }
 
   unsigned long open_total() const noexcept { return open[0] + open[1]; }
   bool has_room(bool rw) const noexcept {
@@ -122,9 +139,9 @@ thread_local ThreadCacheOwner this_thread_owner;
 }  // namespace
 
 SessionPool::SessionPool(Backend backend, const Config::Pool& config, const LockSource& locks,
-                         std::uint64_t epoch, spdlog::logger& log)
+                         std::uint64_t epoch, spdlog::logger& log, PoolMetricsRegistry& figures)
     : backend_(backend), config_(config), locks_(locks), epoch_(epoch), log_(log),
-      registry_lock_(locks) {}
+      figures_(figures), registry_lock_(locks) {}
 
 SessionPool::~SessionPool() {
   close_all();
@@ -154,7 +171,7 @@ SessionPool::SlotPool* SessionPool::slot_pool(CK_SLOT_ID slot) noexcept {
   if (n == kMaxSlots) return nullptr;
   SlotPool* p = nullptr;
   try {
-    p = new SlotPool(slot, locks_);
+    p = new SlotPool(slot, locks_, figures_.slot(slot));
     p->idle[0].reserve(16);
     p->idle[1].reserve(16);
   } catch (...) {
@@ -207,7 +224,8 @@ void SessionPool::retire(ThreadCache* cache) noexcept {
     try {
       e.slot->idle[e.rw].push_back(e.idle);
     } catch (...) {
-      --e.slot->open[e.rw];  // cannot keep it: close it below
+      --e.slot->open[e.rw];  // cannot keep it: close it
+      e.slot->closed(1, true);
       OptionalGuard serial(backend_.lock);
       (void)backend_.functions.C_CloseSession(e.idle.handle);
     }
@@ -243,14 +261,21 @@ CK_RV SessionPool::borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noex
   return pool == nullptr ? CKR_HOST_MEMORY : take(*pool, rw, out);
 }
 
-void SessionPool::give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, bool clean) noexcept {
+void SessionPool::give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
   SlotPool* pool = slot_pool(slot);
-  if (pool == nullptr) {
+  if (pool == nullptr) {  // cannot happen for a slot that lent this session
     backend_close(handle);
-  } else if (clean) {
-    give_back(*pool, rw, handle);
+    return;
+  }
+  settle(*pool, rw, handle, fate);
+}
+
+void SessionPool::settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
+  pool.figures->in_use.add(-1);
+  if (fate == Fate::reuse) {
+    give_back(pool, rw, handle);
   } else {
-    discard(*pool, rw, handle);
+    discard(pool, rw, handle, fate == Fate::dead);
   }
 }
 
@@ -260,15 +285,20 @@ void SessionPool::adopt(CK_SLOT_ID slot, bool rw) noexcept {
     ++pool->open[rw];
     ++pool->app_sessions;
     pool->app_read_only += rw ? 0 : 1;
+    pool->lent_new();
   }
 }
 
 CK_RV SessionPool::take(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept {
   if (ThreadCache* cache = this_thread_cache(false)) {
     MutexGuard guard(cache->lock);
-    if (cache->pop(pool, rw, out)) return CKR_OK;
+    if (cache->pop(pool, rw, out)) {
+      pool.lent_idle();
+      return CKR_OK;
+    }
   }
   auto deadline = Clock::now() + std::chrono::milliseconds(config_.wait_ms);
+  bool waited = false;
   std::vector<CK_SESSION_HANDLE> stale;
   for (;;) {
     enum { reused, reserved, replace_other, full } outcome = full;
@@ -296,13 +326,20 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcep
       }
       if (!stale.empty()) pool.signal();
     }
-    for (CK_SESSION_HANDLE h : stale) backend_close(h);
+    // Stale: given back before the device said a session was gone.
+    for (CK_SESSION_HANDLE h : stale) drop_idle(pool, h, /*dead=*/true);
     stale.clear();
-    if (victim != CK_INVALID_HANDLE) backend_close(victim);
-    if (outcome == reused) return CKR_OK;
+    if (victim != CK_INVALID_HANDLE) drop_idle(pool, victim, /*dead=*/false);
+    if (outcome == reused) {
+      pool.lent_idle();
+      return CKR_OK;
+    }
     if (outcome == reserved || outcome == replace_other) {
       CK_RV rv = backend_open(pool.id, rw, out);
-      if (rv == CKR_OK) return CKR_OK;
+      if (rv == CKR_OK) {
+        pool.lent_new();
+        return CKR_OK;
+      }
       bool retry = false;
       {
         MutexGuard guard(pool.lock);
@@ -319,17 +356,23 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcep
       if (!retry) return rv;
       continue;  // the limit is now known: wait below on the next round
     }
-    if (steal(pool, rw, out)) return CKR_OK;
+    if (steal(pool, rw, out)) {
+      pool.lent_idle();
+      return CKR_OK;
+    }
     // At the limit with an idle session of the other kind in some thread's
     // cache: close it and open one of this kind in its place.
     if (CK_SESSION_HANDLE other; steal(pool, !rw, other)) {
-      backend_close(other);
+      drop_idle(pool, other, /*dead=*/false);
       {
         MutexGuard guard(pool.lock);
         --pool.open[!rw];
         ++pool.open[rw];
       }
-      if (CK_RV rv = backend_open(pool.id, rw, out); rv == CKR_OK) return CKR_OK;
+      if (CK_RV rv = backend_open(pool.id, rw, out); rv == CKR_OK) {
+        pool.lent_new();
+        return CKR_OK;
+      }
       MutexGuard guard(pool.lock);
       --pool.open[rw];
       pool.signal();
@@ -337,9 +380,13 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcep
     }
     auto now = Clock::now();
     if (now >= deadline) return CKR_SESSION_COUNT;
+    if (!std::exchange(waited, true)) pool.figures->waits.fetch_add(1, std::memory_order_relaxed);
     pool.waiters.fetch_add(1, std::memory_order_acq_rel);
     timed_wait(pool.returns, ticket, deadline - now);
     pool.waiters.fetch_sub(1, std::memory_order_acq_rel);
+    auto slept = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - now);
+    pool.figures->wait_ns.fetch_add(static_cast<std::uint64_t>(slept.count()),
+                                    std::memory_order_relaxed);
   }
 }
 
@@ -354,7 +401,7 @@ bool SessionPool::steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcep
   return false;
 }
 
-void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, bool clean) noexcept {
+void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
   SlotPool* pool = slot_pool(slot);
   if (pool == nullptr) {  // cannot happen for a slot that opened this session
     backend_close(handle);
@@ -370,11 +417,7 @@ void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, bool
       (void)backend_.functions.C_Logout(handle);
     }
   }
-  if (clean) {
-    give_back(*pool, rw, handle);
-  } else {
-    discard(*pool, rw, handle);
-  }
+  settle(*pool, rw, handle, fate);
 }
 
 void SessionPool::give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept {
@@ -385,6 +428,7 @@ void SessionPool::give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) n
       MutexGuard guard(cache->lock);
       if (cache->count < cache->entries.size()) {
         cache->entries[cache->count++] = ThreadCache::Entry{&pool, rw, idle};
+        pool.figures->idle.add(1);
         return;
       }
     }
@@ -394,19 +438,30 @@ void SessionPool::give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) n
     pool.idle[rw].push_back(idle);
   } catch (...) {
     --pool.open[rw];
+    pool.closed(1, false);
     pool.signal();
     OptionalGuard serial(backend_.lock);
     (void)backend_.functions.C_CloseSession(handle);
     return;
   }
+  pool.figures->idle.add(1);
   pool.signal();
 }
 
-void SessionPool::discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept {
+void SessionPool::discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, bool dead) noexcept {
   backend_close(handle);
+  pool.closed(1, false);
+  if (dead) pool.figures->discarded_dead.fetch_add(1, std::memory_order_relaxed);
   MutexGuard guard(pool.lock);
   --pool.open[rw];
   pool.signal();
+}
+
+// Closes a session taken off the idle lists (pool.open already adjusted).
+void SessionPool::drop_idle(SlotPool& pool, CK_SESSION_HANDLE handle, bool dead) noexcept {
+  backend_close(handle);
+  pool.closed(1, true);
+  if (dead) pool.figures->discarded_dead.fetch_add(1, std::memory_order_relaxed);
 }
 
 void SessionPool::invalidate(CK_SLOT_ID slot) noexcept {
@@ -447,7 +502,7 @@ bool SessionPool::drain_idle(CK_SLOT_ID slot, bool read_only_only) noexcept {
   } catch (...) {
     // Out of memory listing them: leave the pool as it is.
   }
-  for (CK_SESSION_HANDLE h : doomed) backend_close(h);
+  for (CK_SESSION_HANDLE h : doomed) drop_idle(*pool, h, /*dead=*/false);
   return drained;
 }
 
@@ -478,19 +533,21 @@ void SessionPool::prewarm() noexcept {
       }
       MutexGuard guard(pool->lock);
       pool->idle[0].push_back(Idle{h, pool->generation.load(), Clock::now()});
+      pool->figures->open.fetch_add(1, std::memory_order_relaxed);
+      pool->figures->idle.add(1);
     }
   }
 }
 
 void SessionPool::close_all() noexcept {
-  std::vector<CK_SESSION_HANDLE> doomed;
+  std::vector<std::pair<SlotPool*, CK_SESSION_HANDLE>> doomed;
   try {
     MutexGuard registry(registry_lock_);
     for (std::size_t i = 0; i < slot_count_.load(); ++i) {
       SlotPool* pool = slots_[i].load();
       MutexGuard guard(pool->lock);
       for (bool rw : {false, true}) {
-        for (const Idle& idle : pool->idle[rw]) doomed.push_back(idle.handle);
+        for (const Idle& idle : pool->idle[rw]) doomed.emplace_back(pool, idle.handle);
         pool->open[rw] -= pool->idle[rw].size();
         pool->idle[rw].clear();
       }
@@ -499,7 +556,7 @@ void SessionPool::close_all() noexcept {
         for (std::size_t j = cache->count; j-- > 0;) {
           auto& e = cache->entries[j];
           if (e.slot != pool) continue;
-          doomed.push_back(e.idle.handle);
+          doomed.emplace_back(pool, e.idle.handle);
           --pool->open[e.rw];
           e = cache->entries[--cache->count];
         }
@@ -509,7 +566,7 @@ void SessionPool::close_all() noexcept {
   } catch (...) {
     // Out of memory: what was not listed is finalized with the backend.
   }
-  for (CK_SESSION_HANDLE h : doomed) backend_close(h);
+  for (auto [pool, h] : doomed) drop_idle(*pool, h, /*dead=*/false);
 }
 
 void SessionPool::maintain(std::chrono::seconds idle_limit, std::chrono::seconds keepalive) noexcept {
@@ -551,7 +608,7 @@ void SessionPool::maintain(std::chrono::seconds idle_limit, std::chrono::seconds
       OptionalGuard serial(backend_.lock);
       rv = backend_.functions.C_GetSessionInfo(a.idle.handle, &info);
     } else {
-      backend_close(a.idle.handle);
+      drop_idle(*a.pool, a.idle.handle, /*dead=*/false);
     }
     MutexGuard guard(a.pool->lock);
     if (!a.expired) {
@@ -560,6 +617,8 @@ void SessionPool::maintain(std::chrono::seconds idle_limit, std::chrono::seconds
         a.pool->idle[a.rw].push_back(a.idle);  // capacity is there: it was just removed
       } else {
         --a.pool->open[a.rw];  // expired inside the HSM: forget it
+        a.pool->closed(1, true);
+        a.pool->figures->discarded_dead.fetch_add(1, std::memory_order_relaxed);
       }
     }
     a.pool->signal();

@@ -9,6 +9,9 @@
 // gives a session back or gives up a reservation wakes the waiters, so none
 // sleeps past its deadline.
 //
+// Its figures (open, idle, in use, waits, sessions discarded as dead) go to
+// the observer's PoolMetricsRegistry as they change, with relaxed atomics.
+//
 // Lock order (see also session_table.hpp): Session::lock, then a SlotPool's
 // lock, then the backend lock; a ThreadCache's lock is taken alone or under a
 // SlotPool's lock, never the other way round.
@@ -16,6 +19,7 @@
 
 #include "config.hpp"
 #include "lock.hpp"
+#include "metrics.hpp"
 
 #include <p11mux/pkcs11.h>
 
@@ -40,15 +44,24 @@ class SessionPool {
   };
 
   SessionPool(Backend backend, const Config::Pool& config, const LockSource& locks,
-              std::uint64_t epoch, spdlog::logger& log);
+              std::uint64_t epoch, spdlog::logger& log, PoolMetricsRegistry& figures);
   ~SessionPool();
   SessionPool(const SessionPool&) = delete;  // owns backend sessions
   SessionPool& operator=(const SessionPool&) = delete;
 
+  // What becomes of a backend session given back: pooled again, closed
+  // (it could not be reset), or closed and counted as dead (a call marked it
+  // discard: the backend said the session or device is gone).
+  enum class Fate { reuse, close, dead };
+
   // A backend session for a multiplexed call, and its return: like open()
   // and close() but not the application's session (no login accounting).
   CK_RV borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept;
-  void give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, bool clean) noexcept;
+  void give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
+  // Multiplexed calls give back with clean = !Binding::discard.
+  void give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, bool clean) noexcept {
+    give(slot, rw, handle, clean ? Fate::reuse : Fate::dead);
+  }
 
   // A backend session for a new virtual session: from this thread's cache,
   // the shared pool, another thread's cache, or newly opened. Counts the
@@ -57,10 +70,10 @@ class SessionPool {
   // Counts a backend session the caller opened itself (with a Notify
   // callback) as the application's; it comes back through close(..., false).
   void adopt(CK_SLOT_ID slot, bool rw) noexcept;
-  // Gives a virtual session's backend session back: reused when `clean`,
-  // closed otherwise. Logs the token out when it was the application's last
+  // Gives a virtual session's backend session back, to be reused or closed
+  // as `fate` says. Logs the token out when it was the application's last
   // session on the slot (unless pool.keep_login).
-  void close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, bool clean) noexcept;
+  void close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
 
   // A backend call said the session or device is gone: idle sessions of that
   // slot are not to be trusted either.
@@ -92,8 +105,10 @@ class SessionPool {
   ThreadCache* this_thread_cache(bool create) noexcept;
   CK_RV take(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept;
   bool steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept;
+  void settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   void give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept;
-  void discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept;
+  void discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, bool dead) noexcept;
+  void drop_idle(SlotPool& pool, CK_SESSION_HANDLE handle, bool dead) noexcept;
   CK_RV backend_open(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept;
   void backend_close(CK_SESSION_HANDLE handle) noexcept;
   void retire(ThreadCache* cache) noexcept;
@@ -104,6 +119,7 @@ class SessionPool {
   const LockSource& locks_;
   const std::uint64_t epoch_;
   spdlog::logger& log_;
+  PoolMetricsRegistry& figures_;
 
   static constexpr std::size_t kMaxSlots = 256;
   std::array<std::atomic<SlotPool*>, kMaxSlots> slots_{};

@@ -169,6 +169,70 @@ TEST_CASE("metrics match a known call sequence exactly, over a unix socket") {
   CHECK(::stat(sock.c_str(), &st) != 0);  // removed at C_Finalize
 }
 
+// The session pool's figures for slot 0, as /metrics shows them.
+struct PoolFigures {
+  double open, idle, in_use, waits, wait_s, discarded_dead;
+};
+
+PoolFigures pool_figures(const std::string& sock) {
+  auto m = http_get(endpoint_of(sock), "/metrics");
+  REQUIRE(m);
+  auto prom = parse_prometheus(m->body);
+  INFO(m->body);
+  for (const auto& e : prom.errors) FAIL_CHECK(e);
+  auto at = [&](const char* name) { return prom.at(std::string(name) + "{slot=\"0\"}"); };
+  return {at("p11mux_pool_sessions_open"),     at("p11mux_pool_sessions_idle"),
+          at("p11mux_pool_sessions_in_use"),   at("p11mux_pool_waits_total"),
+          at("p11mux_pool_wait_seconds_total"), at("p11mux_pool_sessions_discarded_total")};
+}
+
+TEST_CASE("pool metrics follow the backend sessions: open, idle, in use, waits, dead ones") {
+  std::string sock = temp_path("pool.sock");
+  Proxy proxy({}, nullptr,
+              {{"P11MUX_METRICS_LISTEN", sock.c_str()},
+               {"P11MUX_POOL_MAX_SESSIONS", "3"},
+               {"P11MUX_POOL_WAIT_MS", "20"}});
+  CK_FUNCTION_LIST* p = proxy.p11;
+  CK_SESSION_HANDLE a = proxy.open(), b = proxy.open(), c = proxy.open();
+  REQUIRE(p->C_CloseSession(c) == CKR_OK);
+  PoolFigures f = pool_figures(sock);
+  CHECK(f.open == 3);
+  CHECK(f.in_use == 2);
+  CHECK(f.idle == 1);
+  CHECK(f.waits == 0);
+  CHECK(f.discarded_dead == 0);
+
+  // The idle one is reused; then at the limit an open waits and gives up.
+  c = proxy.open();
+  CK_SESSION_HANDLE d = CK_INVALID_HANDLE;
+  CHECK(p->C_OpenSession(0, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &d) ==
+        CKR_SESSION_COUNT);
+  f = pool_figures(sock);
+  CHECK(f.open == 3);
+  CHECK(f.in_use == 3);
+  CHECK(f.idle == 0);
+  CHECK(f.waits == 1);
+  CHECK(f.wait_s > 0);
+
+  // The device restarts: the session that says so is closed, not pooled.
+  CHECK(libs().mock->drop_sessions() == 3);
+  CK_BYTE buf[8];
+  CHECK(p->C_GenerateRandom(a, buf, sizeof buf) == CKR_SESSION_HANDLE_INVALID);
+  REQUIRE(p->C_CloseSession(a) == CKR_OK);
+  f = pool_figures(sock);
+  CHECK(f.open == 2);
+  CHECK(f.in_use == 2);
+  CHECK(f.idle == 0);
+  CHECK(f.discarded_dead == 1);
+  // A session closed without trouble goes back to the pool.
+  REQUIRE(p->C_CloseSession(b) == CKR_OK);
+  f = pool_figures(sock);
+  CHECK(f.open == 2);
+  CHECK(f.in_use == 1);
+  CHECK(f.idle == 1);
+  CHECK(f.discarded_dead == 1);
+}
+
 TEST_CASE("the endpoint answers over loopback TCP with valid Prometheus text and JSON") {
   std::string log = temp_path("tcp.log");
   ::unlink(log.c_str());
