@@ -1,6 +1,7 @@
 // Faults: p11mux in front of the faulty module, which wraps the mock or
 // SoftHSM2 and injects errors (1% of calls), an HSM restart mid-run, a
-// session limit, a removed device, network-HSM latency, and a failing close.
+// session limit, a removed device and a failing close; and in front of the
+// slow module (the same, with network-HSM latency).
 // The application must never crash or hang (every wait is bounded), every
 // code it gets must be a real CKR code, it must recover (new sessions work
 // after the restart), and at C_Finalize every backend session p11mux opened
@@ -67,17 +68,20 @@ bool session_dead(CK_RV rv) {
 
 // p11mux over the faulty module over `target`; the token is prepared with no
 // fault configured, then `faults` applies.
+// The module is the faulty one, or the slow one (which keeps the latency its
+// environment gives it, P11MUX_FAULTY_LATENCY or its default, until apply()).
 class FaultyBackend {
  public:
   FaultyBackend(const char* target, CK_SLOT_ID slot_hint, const std::string& label,
-                std::string pin)
-      : p11(p11mux()) {
-    use_backend(faulty_path());
-    REQUIRE(faulty().reset() == 0);
+                std::string pin, bool slow_module = false)
+      : p11(p11mux()), control(slow_module ? slow() : faulty()) {
+    use_backend(slow_module ? slow_path() : faulty_path());
+    REQUIRE(control.reset() == 0);
     FaultyConfig none{};
+    REQUIRE(control.config_from_env(&none) == 0);
     std::snprintf(none.target, sizeof none.target, "%s", target);
     target_ = none.target;
-    REQUIRE(faulty().configure(&none) == 0);
+    REQUIRE(control.configure(&none) == 0);
     REQUIRE(p11.C_Initialize(os_locking()) == CKR_OK);
     token.slot = slot_hint;
 #ifdef P11MUX_RELIABILITY_SOFTHSM2
@@ -105,8 +109,9 @@ class FaultyBackend {
 
   void apply(FaultyConfig c) {
     std::snprintf(c.target, sizeof c.target, "%s", target_.c_str());
-    REQUIRE(faulty().configure(&c) == 0);
+    REQUIRE(control.configure(&c) == 0);
   }
+  FaultyStats stats() const { return faulty_stats(control); }
   void no_faults() { apply(FaultyConfig{}); }
 
   // A new session works: open, sign and verify, close.
@@ -125,7 +130,7 @@ class FaultyBackend {
   FaultyStats finalize_and_check() {
     REQUIRE(p11.C_Finalize(nullptr) == CKR_OK);
     finalized_ = true;
-    FaultyStats s = faulty_stats();
+    FaultyStats s = stats();
     MESSAGE("backend sessions: opened " << s.sessions_opened << ", closed " << s.sessions_closed
                                         << ", closed by C_CloseAllSessions "
                                         << s.sessions_closed_all << ", dropped by restarts "
@@ -142,6 +147,7 @@ class FaultyBackend {
   void finalized() { finalized_ = true; }
 
   CK_FUNCTION_LIST& p11;
+  const FaultyControl& control;
   Token token;
 
  private:
@@ -258,8 +264,9 @@ FaultResult run_faults(FaultyBackend& b, const FaultRun& run) {
   return r;
 }
 
-void check_and_report(const char* name, const FaultRun& run, const FaultResult& r) {
-  FaultyStats s = faulty_stats();
+void check_and_report(FaultyBackend& b, const char* name, const FaultRun& run,
+                      const FaultResult& r) {
+  FaultyStats s = b.stats();
   std::printf("FIGURES faults %s mode=%s: threads=%zu conversations=%lu calls=%lu "
               "faults_injected=%lu restarts=%lu sessions_dropped=%lu recovered=%zu/%zu "
               "invalid_codes=%lu wrong=%lu seconds=%.1f\n",
@@ -278,7 +285,7 @@ void faults_and_restart(FaultyBackend& b, const char* name, long conversations) 
   run.conversations = conversations;
   run.chaos = [] { faulty().restart(); };
   FaultResult r = run_faults(b, run);
-  check_and_report(name, run, r);
+  check_and_report(b, name, run, r);
   CHECK(faulty_stats().faults_injected > 0);
   CHECK(faulty_stats().restarts == 1);
   b.no_faults();
@@ -306,7 +313,7 @@ TEST_CASE("a device removed and put back" * doctest::test_suite("mock")) {
     run.chaos_pause = 20ms;
     run.chaos_end = [] { faulty().set_removed(0); };
     FaultResult r = run_faults(b, run);
-    check_and_report("mock-removed", run, r);
+    check_and_report(b, "mock-removed", run, r);
     CHECK(r.tally.count_rv(CKR_DEVICE_REMOVED) + r.tally.count_rv(CKR_TOKEN_NOT_PRESENT) +
               r.tally.count_rv(CKR_SESSION_HANDLE_INVALID) > 0);
     b.check_fresh_session();
@@ -364,24 +371,19 @@ TEST_CASE("an HSM that allows 8 sessions, 16 threads" * doctest::test_suite("moc
   MockTarget::check();
 }
 
-// A network HSM: every open, close, login and crypto call takes milliseconds.
-// Calls on different sessions must overlap in it (p11mux must not serialize
-// a thread-safe backend), and nothing may time out or leak.
+// A network HSM (libp11mux-slow.so as it comes): every open, close, login
+// and crypto call takes milliseconds. Calls on different sessions must
+// overlap in it (p11mux must not serialize a thread-safe backend), and
+// nothing may time out or leak.
 void slow_hsm(FaultyBackend& b, const char* name, long conversations) {
-  FaultyConfig c{};
-  c.open_session_us = 2000;
-  c.close_session_us = 1000;
-  c.login_us = 2000;
-  c.crypto_us = 500;
-  b.apply(c);
   FaultRun run;
   run.threads = 32;
   run.conversations = conversations;
   FaultResult r = run_faults(b, run);
-  check_and_report(name, run, r);
+  check_and_report(b, name, run, r);
   CHECK(r.tally.unexpected_count() == 0);
   for (const auto& u : r.tally.unexpected()) MESSAGE("unexpected: " << u);
-  FaultyStats s = faulty_stats();
+  FaultyStats s = b.stats();
   std::printf("FIGURES faults %s backend: delayed_calls=%lu max_concurrent=%lu\n", name,
               s.delayed_calls, s.max_concurrent_calls);
   CHECK(s.delayed_calls > 0);
@@ -392,7 +394,7 @@ void slow_hsm(FaultyBackend& b, const char* name, long conversations) {
 TEST_CASE("a slow network HSM, 32 threads" * doctest::test_suite("mock")) {
   MockTarget target;
   {
-    FaultyBackend b(mock_path(), 0, "", MOCK_USER_PIN);
+    FaultyBackend b(mock_path(), 0, "", MOCK_USER_PIN, true);
     slow_hsm(b, "mock-slow", scaled(20, 5));
   }
   MockTarget::check();
@@ -445,7 +447,7 @@ TEST_CASE("1% injected errors and an HSM restart mid-run" * doctest::test_suite(
 
 TEST_CASE("a slow network HSM, 32 threads" * doctest::test_suite("softhsm2")) {
   p11test::SoftHsmToken softhsm;
-  FaultyBackend b(softhsm2_path(), 0, softhsm.label(), p11test::kUserPin);
+  FaultyBackend b(softhsm2_path(), 0, softhsm.label(), p11test::kUserPin, true);
   slow_hsm(b, "softhsm2-slow", scaled(10, 3));
 }
 #endif

@@ -1,9 +1,9 @@
 // Stress: 64 threads of mixed traffic through libp11mux.so, on sessions
 // shared between threads and on sessions of their own, in the session mode
 // that P11MUX_SESSION_MODE names (ctest registers each mode).
-//   - over the mock in race-detector mode (it accepts only C_Initialize
-//     without locking, so p11mux must serialize every call into it): zero
-//     library and session violations;
+//   - over the race detector (libp11mux-race-detector.so: it accepts only
+//     C_Initialize without locking, so p11mux must serialize every call into
+//     it): zero library and session violations;
 //   - over the mock with OS locking and calls that linger inside it: zero
 //     session violations while calls really overlap;
 //   - over SoftHSM2: no crash, only the codes the spec allows each call.
@@ -126,12 +126,14 @@ void check_and_report(const char* name, const StressResult& r) {
   CHECK(r.iterations > 0);
 }
 
-// p11mux over the mock: a token with the signing key on a setup session.
-void stress_over_mock(const char* name, const MockConfig& config, long iterations) {
+// p11mux over the mock or the race detector (`path`, `control`): a token with
+// the signing key on a setup session.
+void stress_over_mock(const char* name, const char* path, const MockControl& control,
+                      const MockConfig& config, long iterations) {
   CK_FUNCTION_LIST& p11 = p11mux();
-  use_backend(mock_path());
-  REQUIRE(mock().reset() == 0);
-  REQUIRE(mock().configure(&config) == 0);
+  use_backend(path);
+  REQUIRE(control.reset() == 0);
+  REQUIRE(control.configure(&config) == 0);
   REQUIRE(p11.C_Initialize(os_locking()) == CKR_OK);
   CK_SESSION_HANDLE setup = CK_INVALID_HANDLE;
   REQUIRE(p11.C_OpenSession(0, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &setup) ==
@@ -141,7 +143,7 @@ void stress_over_mock(const char* name, const MockConfig& config, long iteration
   CHECK(p11.C_CloseSession(setup) == CKR_OK);
   REQUIRE(p11.C_Finalize(nullptr) == CKR_OK);
 
-  MockStats s = mock_stats();
+  MockStats s = mock_stats(control);
   std::printf("FIGURES stress %s backend: calls=%lu max_concurrent=%lu library_violations=%lu "
               "session_violations=%lu sessions_opened=%lu\n",
               name, s.calls_total, s.max_concurrent_calls, s.library_violations,
@@ -156,11 +158,12 @@ void stress_over_mock(const char* name, const MockConfig& config, long iteration
   CHECK(s.sessions_opened_total == s.sessions_closed_total);
 }
 
-TEST_CASE("stress over the mock in race-detector mode" * doctest::test_suite("mock")) {
-  MockConfig c{};
-  c.accept_locking = MOCK_LOCK_NONE;  // not thread-safe: p11mux must serialize everything
-  stress_over_mock("mock-race-detector", c, scaled(1500, 60));
-  CHECK(mock_stats().init_locking == MOCK_LOCK_NONE);
+// The race detector as it comes (not thread-safe: p11mux must serialize
+// every call into it).
+TEST_CASE("stress over the race detector" * doctest::test_suite("mock")) {
+  stress_over_mock("race-detector", race_detector_path(), race_detector(), MockConfig{},
+                   scaled(1500, 60));
+  CHECK(mock_stats(race_detector()).init_locking == MOCK_LOCK_NONE);
 }
 
 TEST_CASE("stress over the mock with OS locking and lingering calls" *
@@ -168,7 +171,7 @@ TEST_CASE("stress over the mock with OS locking and lingering calls" *
   MockConfig c{};
   c.accept_locking = MOCK_LOCK_OS;
   c.call_spin_us = 5;  // every session call stays inside a while: overlaps happen
-  stress_over_mock("mock-os-locking", c, scaled(1500, 60));
+  stress_over_mock("mock-os-locking", mock_path(), mock(), c, scaled(1500, 60));
   CHECK(mock_stats().max_concurrent_calls > 1);
 }
 

@@ -75,15 +75,39 @@ CK_FUNCTION_LIST& p11mux() {
   return *list;
 }
 
+const char* race_detector_path() { return P11MUX_TEST_RACE_DETECTOR_PATH; }
+const char* slow_path() { return P11MUX_TEST_SLOW_PATH; }
+
+namespace {
+
+const MockControl* mock_control(const char* path) {
+  return reinterpret_cast<MockGetControlFn>(::dlsym(open_library(path), "mock_get_control"))();
+}
+
+const FaultyControl* faulty_control(const char* path) {
+  return reinterpret_cast<FaultyGetControlFn>(
+      ::dlsym(open_library(path), "faulty_get_control"))();
+}
+
+}  // namespace
+
 const MockControl& mock() {
-  static const MockControl* control = reinterpret_cast<MockGetControlFn>(
-      ::dlsym(open_library(mock_path()), "mock_get_control"))();
+  static const MockControl* control = mock_control(mock_path());
+  return *control;
+}
+
+const MockControl& race_detector() {
+  static const MockControl* control = mock_control(race_detector_path());
   return *control;
 }
 
 const FaultyControl& faulty() {
-  static const FaultyControl* control = reinterpret_cast<FaultyGetControlFn>(
-      ::dlsym(open_library(faulty_path()), "faulty_get_control"))();
+  static const FaultyControl* control = faulty_control(faulty_path());
+  return *control;
+}
+
+const FaultyControl& slow() {
+  static const FaultyControl* control = faulty_control(slow_path());
   return *control;
 }
 
@@ -106,15 +130,15 @@ CK_C_INITIALIZE_ARGS* os_locking() {
   return &args;
 }
 
-MockStats mock_stats() {
+MockStats mock_stats(const MockControl& control) {
   MockStats s{};
-  mock().stats(&s);
+  control.stats(&s);
   return s;
 }
 
-FaultyStats faulty_stats() {
+FaultyStats faulty_stats(const FaultyControl& control) {
   FaultyStats s{};
-  faulty().stats(&s);
+  control.stats(&s);
   return s;
 }
 

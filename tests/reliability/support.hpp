@@ -41,6 +41,14 @@ const MockControl& mock();
 const FaultyControl& faulty();
 const char* mock_path();
 const char* faulty_path();
+// The named test backends (tests/backends): the race detector (the mock, not
+// thread-safe unless configured otherwise) and the slow module (the faulty
+// module with network-HSM latency unless configured otherwise). Each is its
+// own library with its own state.
+const MockControl& race_detector();
+const FaultyControl& slow();
+const char* race_detector_path();
+const char* slow_path();
 const char* softhsm2_path();  // P11MUX_RELIABILITY_SOFTHSM2 or the Debian path
 
 // Points p11mux at a backend; keeps P11MUX_SESSION_MODE from the environment
@@ -51,8 +59,8 @@ std::string session_mode();
 // CKF_OS_LOCKING_OK, as threaded applications pass it.
 CK_C_INITIALIZE_ARGS* os_locking();
 
-MockStats mock_stats();
-FaultyStats faulty_stats();
+MockStats mock_stats(const MockControl& control = mock());
+FaultyStats faulty_stats(const FaultyControl& control = faulty());
 
 // A code from the PKCS#11 header's set (not an unknown or vendor value).
 bool valid_ckr(CK_RV rv);
