@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <iterator>
 #include <string_view>
@@ -145,7 +146,15 @@ CK_RV answer(const Tuple& args) {
   } else if constexpr (letter == 't' && D::name == "C_GetAttributeValue") {
     for (CK_ULONG i = 0; arg != nullptr && i < std::get<I + 1>(args); ++i) arg[i].ulValueLen = 0;
   } else if constexpr (letter == 'b' && D::name == "C_GenerateRandom") {
-    if (arg != nullptr) std::memset(arg, 0, std::get<I + 1>(args));
+    // Not random, but never the same twice in a row (callers check that):
+    // a count of this thread's calls, then zeros.
+    thread_local std::uint64_t calls = 0;
+    ++calls;
+    if (arg != nullptr) {
+      const CK_ULONG n = std::get<I + 1>(args);
+      std::memset(arg, 0, n);
+      std::memcpy(arg, &calls, std::min<CK_ULONG>(n, sizeof calls));
+    }
   }
   return CKR_OK;
 }

@@ -15,7 +15,9 @@
  *   - every byte output (digests, signatures, ciphertext, wrapped keys,
  *     operation state) is NULL_OUTPUT_LEN zero bytes: a NULL buffer asks for
  *     that length, a shorter one gets CKR_BUFFER_TOO_SMALL, as the spec says;
- *   - C_GenerateRandom gives zeros; C_WaitForSlotEvent reports slot 0 at once.
+ *   - C_GenerateRandom gives a count of the calling thread's calls (8 bytes,
+ *     little-endian) then zeros: never the same twice in a row on a thread;
+ *   - C_WaitForSlotEvent reports slot 0 at once.
  * Interfaces: "PKCS 11" 3.0 (the default) and 2.40; C_GetFunctionList gives
  * the 2.40 list. */
 #ifndef P11MUX_NULL_BACKEND_H

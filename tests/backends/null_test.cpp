@@ -255,6 +255,10 @@ TEST_CASE("the null backend's outputs") {
   CK_MECHANISM gen{CKM_AES_KEY_GEN, nullptr, 0};
   REQUIRE(p11->C_GenerateKey(a, &gen, nullptr, 0, &key) == CKR_OK);
   CHECK(key >= NULL_OBJECT_HANDLE_BASE);
+  CK_BYTE first[16], second[16];
+  REQUIRE(p11->C_GenerateRandom(a, first, sizeof first) == CKR_OK);
+  REQUIRE(p11->C_GenerateRandom(a, second, sizeof second) == CKR_OK);
+  CHECK(std::memcmp(first, second, sizeof first) != 0);
   CK_SLOT_ID event = 99;
   CHECK(p11->C_WaitForSlotEvent(0, &event, nullptr) == CKR_OK);
   CHECK(event == 0);
