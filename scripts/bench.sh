@@ -9,13 +9,14 @@ usage() {
 Usage: scripts/bench.sh [options]
 
 Runs p11mux-load against SoftHSM2 on a fresh throwaway token and against the
-mock backend, directly and through p11mux (session_mode serialize and
+mock and null backends, directly and through p11mux (session_mode serialize and
 multiplex) and p11-kit-proxy (loading SoftHSM2 only), and writes to the
 results directory:
   results.csv       one row per case: median ops/s of the runs, ratio, status
   results.md        the tables, the targets of issue 5 with pass/miss
   throughput.png    throughput vs threads per operation
-  overhead.csv      CPU ns per call over the null mock
+  overhead.csv      CPU ns per call of p11mux-load over the null backend
+  null-overhead.csv CPU ns per call, by function, over the null backend
   callgrind.csv     instructions per call
   runs.csv          every single run
 A full run takes about 12 minutes on 2 cores; --quick about 2.
@@ -23,8 +24,10 @@ A full run takes about 12 minutes on 2 cores; --quick about 2.
 Sections (--only):
   matrix     ops x threads x {direct, serialize, multiplex, p11kit}, one
              session per thread
-  overhead   CPU ns per call over the (near-)null mock, direct vs p11mux, 1 and
-             2 threads (op random at two run lengths, so start-up cancels)
+  overhead   CPU ns per call over the null backend (libp11mux-null.so), direct
+             vs p11mux: p11mux-load at 1 and 2 threads (op random at two run
+             lengths, so start-up cancels), and tests/bench/null-overhead
+             (five calls, one thread, median of the rounds)
   open       open+close against a mock whose C_OpenSession takes 1 ms
   shared     all threads on ONE session (sign-ec, digest; 8 and 64 threads):
              SoftHSM2 directly crashes, which is recorded as a crash
@@ -99,7 +102,8 @@ done
 if [ "$do_build" = 1 ]; then
   [ -f "$build/CMakeCache.txt" ] ||
     cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-  cmake --build "$build" --target p11mux p11mux-load p11mux-mock call-loop p11kit-isolate >/dev/null
+  cmake --build "$build" --target p11mux p11mux-load p11mux-mock p11mux-null call-loop \
+    null-overhead p11kit-isolate >/dev/null
 fi
 build=$(cd "$build" && pwd)
 src=$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' "$build/CMakeCache.txt" 2>/dev/null || true)
@@ -107,10 +111,12 @@ src=${src:-$repo}  # the source tree that was built, for the commit in the repor
 load="$build/examples/p11mux-load/p11mux-load"
 p11mux="$build/proxy/libp11mux.so"
 mock="$build/tests/backends/libp11mux-mock.so"
+null="$build/tests/backends/libp11mux-null.so"
+null_overhead="$build/tests/bench/null-overhead"
 shim="$build/tests/bench/libp11kit-isolate.so"
 softhsm=/usr/lib/softhsm/libsofthsm2.so
 p11kit=/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so
-for f in "$load" "$p11mux" "$mock" "$shim" "$softhsm" "$p11kit"; do
+for f in "$load" "$p11mux" "$mock" "$null" "$null_overhead" "$shim" "$softhsm" "$p11kit"; do
   [ -e "$f" ] || { echo "bench.sh: $f is missing (scripts/setup.sh, then build; see --help)" >&2; exit 2; }
 done
 command -v gnuplot >/dev/null || echo "bench.sh: gnuplot not installed (scripts/setup.sh): no chart" >&2
@@ -142,6 +148,9 @@ select_config() {
   if [ "$backend" = mock ]; then
     backend_path=$mock
     token=(--token-label mock-token-0 --no-login)
+  elif [ "$backend" = null ]; then
+    backend_path=$null
+    token=(--token-label null-token --no-login)
   else
     backend_path=$softhsm
     token=(--token-label bench)
@@ -319,9 +328,9 @@ if want matrix; then
 fi
 
 # cpu_seconds CONFIG THREADS COUNT: user+system CPU time of one p11mux-load
-# run of COUNT random ops over the mock.
+# run of COUNT random ops over the null backend.
 cpu_seconds() {
-  select_config mock "$1"
+  select_config null "$1"
   local TIMEFORMAT='%3U %3S'
   {
     time env "${menv[@]}" "$load" --module "$module" "${token[@]}" --op random --threads "$2" \
@@ -339,7 +348,7 @@ overhead_case() {
   local -A ns=()
   for ((r = 1; r <= runs; r++)); do
     for c in direct serialize multiplex; do
-      probe mock "$c" || continue
+      probe null "$c" || continue
       if a=$(cpu_seconds "$c" "$t" "$n1") && b=$(cpu_seconds "$c" "$t" "$n2"); then
         ns[$c/$r]=$(awk -v a="$a" -v b="$b" -v n=$((n2 - n1)) 'BEGIN { printf "%.1f", (b - a) * 1e9 / n }')
       fi
@@ -350,7 +359,7 @@ overhead_case() {
   for c in direct serialize multiplex; do
     local -a v=() d=()
     local m="" add="" st=ok
-    if probe mock "$c"; then
+    if probe null "$c"; then
       for ((r = 1; r <= runs; r++)); do
         [ -n "${ns[$c/$r]:-}" ] || continue
         v+=("${ns[$c/$r]}")
@@ -360,7 +369,7 @@ overhead_case() {
       [ "$c" = direct ] || [ ${#d[@]} -eq 0 ] || add=$(printf '%.1f' "$(median "${d[@]}")")
       line+="  $c ${m:-?}${add:+ ($(printf '%+.1f' "$add"))}"
     else
-      st="unavailable: ${unavailable[mock/$c]}"
+      st="unavailable: ${unavailable[null/$c]}"
       line+="  $c n/a"
     fi
     echo "$c,$t,${#v[@]},$m,$add,$st" >>"$out/overhead.csv"
@@ -369,11 +378,16 @@ overhead_case() {
 }
 
 if want overhead; then
-  echo "== p11mux's cost per call over the null mock (op random, CPU time of two run lengths)"
+  echo "== p11mux's cost per call over the null backend (p11mux-load --op random, CPU time of two run lengths)"
   echo "config,threads,runs,median_cpu_ns_per_call,added_ns,status" >"$out/overhead.csv"
   for t in 1 2; do
     if [ "$quick" = 1 ]; then overhead_case "$t" 300000 1500000; else overhead_case "$t" 500000 3000000; fi
   done
+  echo "== p11mux's cost per call over the null backend, by function (tests/bench/null-overhead)"
+  rounds=$((runs > 7 ? runs : 7))
+  if [ "$quick" = 1 ]; then rounds=3; fi
+  "$null_overhead" "$p11mux" "$null" --rounds "$rounds" --count $((quick ? 50000 : 200000)) \
+    --csv "$out/null-overhead.csv" | sed 's/^/  /'
 fi
 
 if want open; then

@@ -126,13 +126,13 @@ report() {
     echo
     echo "## p11mux's cost per call over the null backend"
     echo
-    echo "\`p11mux-load --op random\` over the mock backend, whose C_GenerateRandom does almost nothing:"
+    echo "\`p11mux-load --op random\` over the null backend (\`libp11mux-null.so\`: every call returns at once):"
     echo "CPU time per call (user + system, all threads; two run lengths so start-up cancels), and what"
     echo "p11mux adds (median of the per-run differences). CPU time, because on a shared machine a"
     echo "process's share of the CPU, and so its wall-clock rate, varies by far more than 50 ns a call."
     echo "The figures include the tool's own per-op bookkeeping, the same in every column."
     echo
-    echo "| threads | mock direct | ${title[serialize]} | ${title[multiplex]} |"
+    echo "| threads | null direct | ${title[serialize]} | ${title[multiplex]} |"
     echo "|--:|--:|--:|--:|"
     for t in 1 2; do
       [ -n "${cpu_stat[direct/$t]:-}" ] || continue
@@ -148,6 +148,27 @@ report() {
       done
       echo
     done
+  fi
+
+  if [ -f "$dir/null-overhead.csv" ]; then
+    echo
+    echo "By function, from \`tests/bench/null-overhead\` (one thread, one process: the null backend"
+    echo "called directly and through p11mux; CPU ns per call, median of the rounds, and the median"
+    echo "of the per-round differences to direct):"
+    echo
+    echo "| call | null direct | ${title[serialize]} | ${title[multiplex]} |"
+    echo "|---|--:|--:|--:|"
+    local op config rounds m add last=""
+    while IFS=, read -r op config rounds m add; do
+      [ "$op" != op ] || continue
+      if [ "$op" != "$last" ]; then
+        [ -z "$last" ] || echo
+        printf '| %s |' "$op"
+        last=$op
+      fi
+      if [ -z "$add" ]; then printf ' %s ns |' "$m"; else printf ' %s ns (%+.1f) |' "$m" "$add"; fi
+    done <"$dir/null-overhead.csv"
+    [ -z "$last" ] || echo
   fi
 
   if [ ${#instr[@]} -gt 0 ]; then
