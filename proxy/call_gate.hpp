@@ -1,13 +1,21 @@
 // Counts the calls in flight so that C_Finalize can close the door and wait
-// for them, without a shared lock or a shared counter on the hot path: each
-// thread counts on its own shard (picked from its stack address, so no TLS),
-// and C_Finalize sums the shards. The seq_cst pair (shard increment, then
-// open-flag load; flag store, then shard loads) guarantees that either the
-// caller sees the door closed or C_Finalize sees the caller.
+// for them, and fork() can hold the door and wait for them, without a shared
+// lock or a shared counter on the hot path: each thread counts on its own
+// shard (picked from its stack address, so no TLS), and the closer sums the
+// shards. The seq_cst pair (shard increment, then state load; state store,
+// then shard loads) guarantees that either the caller sees the door not open
+// or the closer sees the caller.
+//
+// States: closed (not initialized, or C_Finalize draining: callers are
+// refused), open, and held (a fork() in progress: callers wait outside until
+// the parent's atfork handler opens the door again, and get no error).
 #pragma once
+
+#include "lock.hpp"
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 
@@ -16,43 +24,96 @@ namespace p11mux {
 class CallGate {
  public:
   // True when the caller may proceed; it must then call leave(shard).
-  bool enter(std::size_t& shard) noexcept {
+  [[gnu::always_inline]] bool enter(std::size_t& shard) noexcept {
     shard = this_thread_shard();
     shards_[shard].calls.fetch_add(1, std::memory_order_seq_cst);
-    if (open_.load(std::memory_order_seq_cst)) [[likely]] return true;
-    leave(shard);
-    return false;
+    if (state_.load(std::memory_order_seq_cst) == kOpen) [[likely]] return true;
+    return enter_slow(shard);
   }
 
-  void leave(std::size_t shard) noexcept {
+  [[gnu::always_inline]] void leave(std::size_t shard) noexcept {
     shards_[shard].calls.fetch_sub(1, std::memory_order_seq_cst);
-    if (!open_.load(std::memory_order_seq_cst)) [[unlikely]] {
-      drained_epoch_.fetch_add(1, std::memory_order_seq_cst);
-      drained_epoch_.notify_all();
-    }
+    if (state_.load(std::memory_order_seq_cst) != kOpen) [[unlikely]] drained();
   }
 
-  void open() noexcept { open_.store(true, std::memory_order_seq_cst); }
+  void open() noexcept {
+    state_.store(kOpen, std::memory_order_seq_cst);
+    wake_all(state_);
+  }
 
-  // Refuses new calls, then waits until every call that got in has left.
+  // Refuses new calls (held ones too), then waits until every call that got
+  // in has left.
   void close_and_drain() noexcept {
-    open_.store(false, std::memory_order_seq_cst);
+    state_.store(kClosed, std::memory_order_seq_cst);
+    wake_all(state_);  // callers held for a fork: refused now
     for (;;) {
       std::uint32_t epoch = drained_epoch_.load(std::memory_order_seq_cst);
       if (in_flight() == 0) return;
-      drained_epoch_.wait(epoch, std::memory_order_seq_cst);
+      timed_wait(drained_epoch_, epoch, std::chrono::seconds(1));
+    }
+  }
+
+  // atfork prepare, from a thread that has entered the gate itself (so that
+  // a C_Finalize racing the fork waits for resume()): holds new callers
+  // outside, then waits up to `limit` for the other calls in flight to
+  // leave. At the limit (a call stuck in the backend, or the forking thread
+  // inside a call) the gate stays held and the fork goes ahead.
+  enum class Hold { not_open, drained, timed_out };
+  Hold hold(std::chrono::nanoseconds limit) noexcept {
+    std::uint32_t expected = kOpen;
+    if (!state_.compare_exchange_strong(expected, kHeld, std::memory_order_seq_cst)) {
+      return Hold::not_open;
+    }
+    auto deadline = std::chrono::steady_clock::now() + limit;
+    for (;;) {
+      std::uint32_t epoch = drained_epoch_.load(std::memory_order_seq_cst);
+      if (in_flight() <= 1) return Hold::drained;  // only the forking thread's own entry
+      auto left = deadline - std::chrono::steady_clock::now();
+      if (left <= decltype(left)::zero()) return Hold::timed_out;
+      timed_wait(drained_epoch_, epoch, left);
+    }
+  }
+
+  // atfork parent: lets the held callers in, unless C_Finalize closed the
+  // gate meanwhile.
+  void resume() noexcept {
+    std::uint32_t expected = kHeld;
+    if (state_.compare_exchange_strong(expected, kOpen, std::memory_order_seq_cst)) {
+      wake_all(state_);
     }
   }
 
   // In a forked child only the forking thread exists: the parent's calls in
   // flight will never leave. Called from the atfork child handler: no locks.
   void reset_after_fork() noexcept {
-    open_.store(false, std::memory_order_relaxed);
+    state_.store(kClosed, std::memory_order_relaxed);
     for (auto& s : shards_) s.calls.store(0, std::memory_order_relaxed);
   }
 
  private:
+  static constexpr std::uint32_t kClosed = 0, kOpen = 1, kHeld = 2;
   static constexpr std::size_t kShards = 32;
+
+  // The door is not open: step back out (so that a drain or a fork is not
+  // held up by us), then wait outside while it is held for a fork.
+  [[gnu::cold, gnu::noinline]] bool enter_slow(std::size_t shard) noexcept {
+    for (;;) {
+      leave(shard);
+      std::uint32_t state;
+      while ((state = state_.load(std::memory_order_seq_cst)) == kHeld) {
+        timed_wait(state_, kHeld, std::chrono::seconds(1));
+      }
+      if (state == kClosed) return false;
+      shards_[shard].calls.fetch_add(1, std::memory_order_seq_cst);
+      if (state_.load(std::memory_order_seq_cst) == kOpen) return true;
+    }
+  }
+
+  // A call left while a drain or a fork may be waiting: wake it to re-count.
+  [[gnu::cold, gnu::noinline]] void drained() noexcept {
+    drained_epoch_.fetch_add(1, std::memory_order_seq_cst);
+    wake_all(drained_epoch_);
+  }
 
   std::uint64_t in_flight() const noexcept {
     std::uint64_t total = 0;
@@ -60,7 +121,7 @@ class CallGate {
     return total;
   }
 
-  static std::size_t this_thread_shard() noexcept {
+  [[gnu::always_inline]] static std::size_t this_thread_shard() noexcept {
     // Thread stacks are megabytes apart: hash the 64 KiB region of a local.
     int local = 0;
     auto region = reinterpret_cast<std::uintptr_t>(&local) >> 16;
@@ -71,7 +132,8 @@ class CallGate {
     std::atomic<std::uint64_t> calls{0};
   };
   std::array<Shard, kShards> shards_{};
-  std::atomic<bool> open_{false};
+  // Futex words (timed_wait/wake_all: no mutex, usable in atfork handlers).
+  std::atomic<std::uint32_t> state_{kClosed};
   std::atomic<std::uint32_t> drained_epoch_{0};
 };
 

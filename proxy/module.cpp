@@ -7,11 +7,19 @@
 
 #include <pthread.h>
 
+#include <chrono>
 #include <cstdlib>
+#include <utility>
 
 namespace p11mux {
 
 constinit Module the_module;
+
+namespace {
+// How long fork() waits for calls inside the backend. A fork from inside a
+// p11mux call, or a call stuck in the backend, costs this much, never a deadlock.
+constexpr auto kForkHoldLimit = std::chrono::seconds(3);
+}  // namespace
 
 Module::~Module() {
   // At process exit the backend may already be torn down by its own static
@@ -87,9 +95,27 @@ CK_RV Module::finalize(CK_VOID_PTR reserved) noexcept {
   return CKR_OK;
 }
 
+void Module::on_fork_prepare() noexcept {
+  // Entered like a call: a C_Finalize racing the fork waits for on_fork_parent().
+  fork_entered_ = gate_.enter(fork_shard_);
+  if (!fork_entered_) return;  // not initialized: no call can be inside the backend
+  if (gate_.hold(kForkHoldLimit) == CallGate::Hold::timed_out) {
+    runtime_->log().warn("fork(): calls still inside the backend after {} s; forking anyway "
+                         "(the child may find the backend's locks held)",
+                         kForkHoldLimit.count());
+  }
+}
+
+void Module::on_fork_parent() noexcept {
+  if (!std::exchange(fork_entered_, false)) return;
+  gate_.resume();
+  gate_.leave(fork_shard_);
+}
+
 void Module::on_fork_child() noexcept {
   // The child must call C_Initialize before anything works again, and must
   // never touch the parent's backend sessions (pkcs11-notes, "fork()").
+  fork_entered_ = false;
   gate_.reset_after_fork();
   Observer::after_fork();  // closes the child's copy of the parent's stats endpoint
   interface_probe_.reset_after_fork();
@@ -103,7 +129,8 @@ std::shared_ptr<const ProbedBackend> Module::probed_interfaces() noexcept {
 
 void Module::register_fork_handler() noexcept {
   if (fork_handler_registered_.exchange(true)) return;
-  pthread_atfork(nullptr, nullptr, [] { the_module.on_fork_child(); });
+  pthread_atfork([] { the_module.on_fork_prepare(); }, [] { the_module.on_fork_parent(); },
+                 [] { the_module.on_fork_child(); });
 }
 
 }  // namespace p11mux

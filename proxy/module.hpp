@@ -42,7 +42,12 @@ class Module {
     std::size_t shard_ = 0;
   };
 
-  // pthread_atfork child handler: only atomic stores, no locks.
+  // pthread_atfork handlers. Calls are kept out of the backend across fork()
+  // (the child would inherit the backend's locks as they were held):
+  // prepare holds new calls at the gate and waits, bounded, for the ones
+  // inside; parent lets the held ones in. The child handler takes no lock.
+  void on_fork_prepare() noexcept;
+  void on_fork_parent() noexcept;
   void on_fork_child() noexcept;
 
   // What the configured backend offers, probed without initializing it, for
@@ -58,6 +63,10 @@ class Module {
   std::atomic<std::uint32_t> phase_{uninitialized};
   std::atomic<bool> forked_{false};
   std::atomic<bool> fork_handler_registered_{false};
+  // The forking thread's own entry, from prepare to parent (glibc runs one
+  // fork's handlers at a time, under its atfork lock).
+  bool fork_entered_ = false;
+  std::size_t fork_shard_ = 0;
   std::uint64_t epochs_ = 0;  // runtimes created so far; written only while initializing
   CallGate gate_;
   // Written only while the gate is closed and drained; read inside a Call.

@@ -1,12 +1,15 @@
 // C_Finalize while calls are running, blocking slot events, and fork().
 #include "harness.hpp"
 
-#include <pthread.h>
+#include <signal.h>
 #include <sys/wait.h>
 
 #include <atomic>
 #include <chrono>
+#include <fstream>
 #include <future>
+#include <iterator>
+#include <string>
 #include <thread>
 
 namespace p11mux::test {
@@ -110,41 +113,45 @@ TEST_CASE("CKF_DONT_BLOCK is forwarded: CKR_NO_EVENT or the event") {
   CHECK(proxy.p11->C_WaitForSlotEvent(CKF_DONT_BLOCK, nullptr, nullptr) == CKR_ARGUMENTS_BAD);
 }
 
-// The mock, unlike SoftHSM2, is not fork-safe: a fork while another thread
-// holds one of its internal locks leaves that lock held in the child. These
-// atfork handlers hold the traffic thread outside any call while fork() runs,
-// as a fork-safe backend would (p11mux itself takes no lock at fork).
-std::atomic<bool> fork_pause{false}, traffic_paused{false}, pause_at_fork{false};
-void hold_traffic() {
-  if (!pause_at_fork) return;
-  fork_pause = true;
-  while (!traffic_paused) std::this_thread::yield();
+// Waits (bounded) for a forked child; its exit status, or -1 if it hung or died.
+int child_status(pid_t pid) {
+  auto deadline = std::chrono::steady_clock::now() + 30s;
+  int status = 0;
+  while (::waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(1ms);
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
-void release_traffic() { fork_pause = false; }
+
+// Until the mock has seen `n` calls of `function` enter (a liveness guard bounds it).
+void wait_for_calls(const char* function, unsigned long n) {
+  auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (libs().mock->calls(function) < n) {
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(1ms);
+  }
+}
 
 TEST_CASE("fork: the child must C_Initialize, then works; the parent carries on") {
-  static bool registered = (pthread_atfork(hold_traffic, release_traffic, release_traffic), true);
-  (void)registered;
   Proxy proxy;
   CK_SESSION_HANDLE parent_session = proxy.open();
   std::atomic<bool> stop{false};
-  pause_at_fork = true;
+  std::atomic<unsigned long> failed{0};
   std::thread traffic([&] {
     CK_BYTE buf[8];
-    while (!stop) {
-      if (fork_pause) {
-        traffic_paused = true;
-        while (fork_pause) std::this_thread::yield();
-        traffic_paused = false;
-      }
-      proxy.p11->C_GenerateRandom(parent_session, buf, sizeof buf);
-    }
+    while (!stop) failed += proxy.p11->C_GenerateRandom(parent_session, buf, sizeof buf) != CKR_OK;
   });
   std::this_thread::sleep_for(10ms);
   pid_t pid = ::fork();
   REQUIRE(pid >= 0);
   if (pid == 0) {
     // In the child: exit codes say which check failed (doctest is not fork-safe).
+    ::alarm(20);  // a hang ends the child: the parent sees it fail
     CK_BYTE buf[8];
     CK_ULONG n = 0;
     if (proxy.p11->C_GetSlotList(CK_FALSE, nullptr, &n) != CKR_CRYPTOKI_NOT_INITIALIZED) _exit(2);
@@ -164,15 +171,89 @@ TEST_CASE("fork: the child must C_Initialize, then works; the parent carries on"
     if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(8);
     _exit(0);
   }
-  int status = 0;
-  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK(child_status(pid) == 0);
   stop = true;
   traffic.join();
-  pause_at_fork = false;
-  REQUIRE(WIFEXITED(status));
-  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(failed == 0);
   CK_BYTE buf[8];
   CHECK(proxy.p11->C_GenerateRandom(parent_session, buf, sizeof buf) == CKR_OK);
+}
+
+// The child inherits the backend's memory as it was at fork(): a call inside
+// the backend then (holding its locks) never leaves it in the child. The
+// mock's race detector counts threads inside its calls; over a backend
+// initialized without locking, the child's first call finds the copied count
+// and records a violation unless p11mux kept every call out across fork().
+TEST_CASE("fork waits for a call inside the backend; callers meanwhile get no error") {
+  MockConfig c{};
+  c.accept_locking = MOCK_LOCK_NONE;
+  c.slow_us = 500000;  // C_GenerateRandom stays in the backend 0.5 s
+  Proxy proxy(c);
+  CK_SESSION_HANDLE slow_session = proxy.open(), busy_session = proxy.open();
+  auto slow = std::async(std::launch::async, [&] {
+    CK_BYTE buf[8];
+    return proxy.p11->C_GenerateRandom(slow_session, buf, sizeof buf);
+  });
+  std::atomic<bool> stop{false};
+  std::atomic<unsigned long> calls{0}, failed{0};
+  std::thread busy([&] {
+    CK_SESSION_INFO info{};
+    for (; !stop; ++calls) failed += proxy.p11->C_GetSessionInfo(busy_session, &info) != CKR_OK;
+  });
+  wait_for_calls("C_GenerateRandom", 1);  // inside the backend, for a while yet
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::alarm(20);
+    if (proxy.p11->C_Initialize(nullptr) != CKR_OK) _exit(2);
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    if (proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) != CKR_OK) _exit(3);
+    CK_SESSION_INFO info{};
+    if (proxy.p11->C_GetSessionInfo(h, &info) != CKR_OK) _exit(4);
+    if (mock_stats().library_violations != 0) _exit(5);  // a parent's call was inside at fork()
+    if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(6);
+    _exit(0);
+  }
+  CHECK(child_status(pid) == 0);
+  REQUIRE(finishes(slow));
+  CHECK(slow.get() == CKR_OK);
+  auto deadline = std::chrono::steady_clock::now() + 20s;
+  for (unsigned long before = calls; calls < before + 10;) {  // the held caller got back in
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::yield();
+  }
+  stop = true;
+  busy.join();
+  CHECK(failed == 0);
+  CHECK(mock_stats().library_violations == 0);
+}
+
+TEST_CASE("fork with a call stuck in the backend goes ahead after a bounded wait, and says so") {
+  std::string log = "/tmp/p11mux-lifecycle-" + std::to_string(::getpid()) + ".log";
+  ::unlink(log.c_str());
+  {
+    MockConfig c{};
+    c.slow_us = 4500000;  // longer than p11mux waits at fork() (3 s)
+    Proxy proxy(c, nullptr, {{"P11MUX_LOG_LEVEL", "warn"}, {"P11MUX_LOG_FILE", log.c_str()}});
+    CK_SESSION_HANDLE h = proxy.open();
+    auto stuck = std::async(std::launch::async, [&] {
+      CK_BYTE buf[8];
+      return proxy.p11->C_GenerateRandom(h, buf, sizeof buf);
+    });
+    wait_for_calls("C_GenerateRandom", 1);
+    pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) _exit(0);
+    CHECK(child_status(pid) == 0);
+    REQUIRE(finishes(stuck));
+    CHECK(stuck.get() == CKR_OK);
+    CK_SESSION_INFO info{};
+    CHECK(proxy.p11->C_GetSessionInfo(h, &info) == CKR_OK);  // the gate is open again
+  }
+  std::ifstream in(log);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(text.find("fork(): calls still inside the backend after 3 s") != std::string::npos);
+  ::unlink(log.c_str());
 }
 
 }  // namespace
