@@ -1,6 +1,7 @@
 #include "runtime.hpp"
 
 #include "logging.hpp"
+#include "module.hpp"
 #include "operation_state.hpp"
 
 #include <p11mux/ckr_error.hpp>
@@ -155,6 +156,9 @@ CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept
   for (;;) {
     CK_RV rv;
     {
+      // A poll is a backend call like any other: fork() waits for it.
+      Module::Call call(the_module);
+      if (call.runtime() != this) return CKR_CRYPTOKI_NOT_INITIALIZED;
       MutexGuard poll(poll_lock_);
       if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;
       OptionalGuard serial(backend_lock());

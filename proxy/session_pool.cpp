@@ -576,6 +576,10 @@ void SessionPool::maintain(std::chrono::seconds idle_limit, std::chrono::seconds
     Idle idle;
     bool expired;
   };
+  // The maintenance thread's backend calls are calls like any other: fork()
+  // and C_Finalize wait for them.
+  Module::Call call(the_module);
+  if (call.runtime() == nullptr || &call.runtime()->pool() != this) return;
   std::vector<Aged> aged;
   auto now = Clock::now();
   try {
