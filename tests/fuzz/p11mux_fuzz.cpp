@@ -1,8 +1,10 @@
 // libFuzzer target: decodes its input into a sequence of PKCS#11 calls with
-// hostile arguments and runs them through libp11mux.so over the mock backend,
-// in "null" mode (a plain token: every form of locking accepted) or in
-// race-detector mode (not thread-safe: p11mux must serialize), the first byte
-// of the input choosing.
+// hostile arguments and runs them through libp11mux.so over one of two test
+// backends, the first byte of the input choosing: the null backend
+// (libp11mux-null.so: every call succeeds, with plausible outputs, so
+// p11mux's success paths run with whatever arguments got through its
+// checks) or the race detector (libp11mux-race-detector.so: a token that is
+// not thread-safe, so p11mux must serialize, and that counts overlaps).
 //
 // Hostile, but never a lie about memory: every buffer is exactly as long as
 // the length passed with it (allocated to that size, so AddressSanitizer sees
@@ -14,20 +16,22 @@
 // size, attribute templates with random types and value lengths, wrong PINs,
 // every C_Initialize argument form, C_Finalize and re-initialization in the
 // middle, simulated HSM restarts and backend failures injected into any
-// function (mock_configure), Notify callbacks.
+// function (mock_configure), Notify callbacks (these last over the race
+// detector only).
 //
 // The call table is generated from <p11mux/functions.h>: every function of
 // CK_FUNCTION_LIST_3_0, its arguments built from its letters and its types.
 //
 // After each input (p11mux finalized): every code returned was a real CKR
-// code, and the mock saw no overlapping calls, no call while it was not
-// initialized, and no session left open. A failure aborts (libFuzzer keeps
-// the input).
+// code, and the race detector saw no overlapping calls, no call while it was
+// not initialized, and no session left open. A failure aborts (libFuzzer
+// keeps the input).
 #include <p11mux/functions.h>
 #include <p11mux/pkcs11.h>
 #include <p11mux/rv_names.hpp>
 
 #include "mock_control.h"
+#include "null_backend.h"
 
 #include <dlfcn.h>
 
@@ -54,7 +58,7 @@ struct Libraries {
   CK_FUNCTION_LIST_3_0 v2_as_3{};  // the 2.40 list's members, the 3.0 ones NULL
   CK_C_GetInterfaceList get_interface_list = nullptr;
   CK_C_GetInterface get_interface = nullptr;
-  const MockControl* mock = nullptr;
+  const MockControl* mock = nullptr;  // the race detector's controls
 };
 Libraries libs;
 
@@ -63,12 +67,13 @@ Libraries libs;
   std::abort();
 }
 
+// Both backends are loaded here, so that coverage sees them from the start.
 void load_libraries() {
-  ::setenv("P11MUX_MODULE", P11MUX_FUZZ_MOCK_PATH, 1);
   ::setenv("P11MUX_LOG_LEVEL", "off", 1);
-  void* mock = ::dlopen(P11MUX_FUZZ_MOCK_PATH, RTLD_NOW | RTLD_LOCAL);
+  void* mock = ::dlopen(P11MUX_FUZZ_RACE_DETECTOR_PATH, RTLD_NOW | RTLD_LOCAL);
+  void* null = ::dlopen(P11MUX_FUZZ_NULL_PATH, RTLD_NOW | RTLD_LOCAL);
   void* lib = ::dlopen(P11MUX_FUZZ_LIBRARY_PATH, RTLD_NOW | RTLD_LOCAL);
-  if (mock == nullptr || lib == nullptr) die(::dlerror());
+  if (mock == nullptr || null == nullptr || lib == nullptr) die(::dlerror());
   libs.mock = reinterpret_cast<MockGetControlFn>(::dlsym(mock, "mock_get_control"))();
   auto get_list = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(lib, "C_GetFunctionList"));
   if (get_list == nullptr || get_list(&libs.v2) != CKR_OK) die("C_GetFunctionList");
@@ -131,7 +136,8 @@ struct State {
   std::vector<CK_SESSION_HANDLE> sessions, closed;
   std::vector<CK_OBJECT_HANDLE> objects;
   CK_C_INITIALIZE_ARGS init_args{};
-  MockConfig backend{};  // the mock's configuration for this input
+  bool race_detector = false;  // else the null backend
+  MockConfig backend{};        // the race detector's configuration for this input
   unsigned long calls = 0;
 
   explicit State(Input i) : in(i) {}
@@ -177,7 +183,8 @@ struct State {
     static const CK_ULONG interesting[] = {
         0, 1, 2, 3, CKU_SO, CKU_USER, CKU_CONTEXT_SPECIFIC, CKF_SERIAL_SESSION,
         CKF_SERIAL_SESSION | CKF_RW_SESSION, CKF_DONT_BLOCK, ~0UL, 0x80000000UL,
-        MOCK_OBJECT_HANDLE_BASE, MOCK_SESSION_HANDLE_BASE};
+        MOCK_OBJECT_HANDLE_BASE, MOCK_SESSION_HANDLE_BASE, NULL_OBJECT_HANDLE_BASE,
+        NULL_SESSION_HANDLE_BASE};
     switch (in.below(6)) {
       case 0: return in.u64();
       case 1: return in.pick(interesting);
@@ -506,6 +513,7 @@ enum Extra : std::size_t {
 };
 
 void extra(State& s, std::size_t op) {
+  if (!s.race_detector) return;  // the null backend has no state to disturb
   const MockControl& mock = *libs.mock;
   switch (op) {
     case kRestart: mock.drop_sessions(); break;
@@ -565,11 +573,12 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   State s{Input(data, size)};
   const MockControl& mock = *libs.mock;
-  // The backend: "null" (a plain token) or race detector, and its options.
+  // The backend, and the race detector's options.
   std::uint8_t mode = s.in.byte();
-  if (mock.reset() != 0) die("the mock was still initialized");
-  MockConfig& c = s.backend;
-  c.accept_locking = (mode & 1) != 0 ? MOCK_LOCK_NONE : MOCK_LOCK_ALL;
+  s.race_detector = (mode & 1) != 0;
+  ::setenv("P11MUX_MODULE", s.race_detector ? P11MUX_FUZZ_RACE_DETECTOR_PATH : P11MUX_FUZZ_NULL_PATH, 1);
+  if (mock.reset() != 0) die("the race detector was still initialized");
+  MockConfig& c = s.backend;  // accept_locking 0: not thread-safe
   c.provide_v3 = (mode & 2) != 0;
   c.slot_count = (mode & 4) != 0 ? 2 : 1;
   c.wait_blocking_unsupported = (mode & 8) != 0;
@@ -590,6 +599,6 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   check_rv("C_Finalize", rv);
   MockStats st{};
   mock.stats(&st);
-  check_backend(st);
+  check_backend(st);  // all zero when the null backend ran
   return 0;
 }
