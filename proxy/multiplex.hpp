@@ -33,11 +33,16 @@ Binding* find_binding(Session& s, Pred pred) noexcept {
   return nullptr;
 }
 
+// A call that continues an operation: it runs where that operation is.
+constexpr bool continues(Effect e) noexcept {
+  return (e.step == Step::update || e.step == Step::finish) && e.ops != 0;
+}
+
 template <class F>
-Binding* claim_binding(Session& s, std::thread::id me) noexcept {
+[[gnu::noinline]] Binding* search_binding(Session& s, std::thread::id me) noexcept {
   constexpr Effect e = effect<F>;
   Binding* b = nullptr;
-  if constexpr ((e.step == Step::update || e.step == Step::finish) && e.ops != 0) {
+  if constexpr (continues(e)) {
     b = find_binding(s, [&](Binding& x) { return !x.busy && x.owner == me && (x.ops & e.ops); });
     if (b == nullptr) {
       int active = 0;
@@ -61,6 +66,19 @@ Binding* claim_binding(Session& s, std::thread::id me) noexcept {
   return b;
 }
 
+// Inline, the common case: the anchor is this thread's, free, and holds the
+// operation the call continues, if any. The search would pick it first.
+template <class F>
+[[gnu::always_inline]] inline Binding* claim_binding(Session& s, std::thread::id me) noexcept {
+  constexpr Effect e = effect<F>;
+  Binding& a = s.anchor;  // valid while the session is open
+  if (a.owner == me && !a.busy && (!continues(e) || (a.ops & e.ops) != 0)) [[likely]] {
+    a.busy = true;
+    return &a;
+  }
+  return search_binding<F>(s, me);
+}
+
 // A new binding for a backend session from the pool; NULL without memory.
 inline Binding* add_binding(Session& s, CK_SESSION_HANDLE backend) noexcept {
   Binding* b = nullptr;
@@ -81,69 +99,80 @@ inline Binding* add_binding(Session& s, CK_SESSION_HANDLE backend) noexcept {
   return b;
 }
 
-// Counts a call between choosing a binding and giving it up, so that
-// C_CloseSession can wait for it.
-class InFlight {
- public:
-  explicit InFlight(Session& s) noexcept : s_(s) { s_.in_flight.fetch_add(1, std::memory_order_acq_rel); }
-  ~InFlight() {
-    if (s_.in_flight.fetch_sub(1, std::memory_order_acq_rel) == 1) wake_all(s_.in_flight);
-  }
-  InFlight(const InFlight&) = delete;
-  InFlight& operator=(const InFlight&) = delete;
+// A call counts in Session::in_flight from choosing its binding until giving
+// it up, so that C_CloseSession can wait for it. Both ends run under the
+// session's lock, as does the closer's "closing = true, then read in_flight":
+// either the closer sees our decrement, or we see `closing` and wake it. So
+// the futex wake (a syscall) happens only when a closer waits, not per call.
+inline void enter_call(Session& s) noexcept { s.in_flight.fetch_add(1, std::memory_order_relaxed); }
 
- private:
-  Session& s_;
-};
+inline void leave_call(Session& s) noexcept {
+  // Release: the closer reads the count without the lock before taking it.
+  if (s.in_flight.fetch_sub(1, std::memory_order_release) == 1 && s.closing) [[unlikely]] {
+    wake_all(s.in_flight);
+  }
+}
+
+// No free binding: a new one from the pool (cold). Leaves the call count
+// itself when it fails.
+[[gnu::cold, gnu::noinline]] inline CK_RV bind_from_pool(Runtime& rt, Session& s, std::thread::id me,
+                                                        Binding*& b) noexcept {
+  // Fixed while the session is open, which it stays while we count in in_flight.
+  const CK_SLOT_ID slot = s.slot;
+  const bool rw = s.rw;
+  CK_SESSION_HANDLE fresh = CK_INVALID_HANDLE;
+  CK_RV rv = rt.pool().borrow(slot, rw, fresh);
+  MutexGuard guard(s.lock);
+  if (rv == CKR_OK && s.closing) rv = CKR_SESSION_CLOSED;
+  if (rv == CKR_OK) {
+    b = add_binding(s, fresh);
+    if (b == nullptr) rv = CKR_HOST_MEMORY;
+  }
+  if (rv != CKR_OK) {
+    if (fresh != CK_INVALID_HANDLE) rt.pool().give(slot, rw, fresh, true);
+    leave_call(s);
+    return rv;
+  }
+  b->busy = true;
+  b->owner = me;
+  return CKR_OK;
+}
 
 template <class F, class Observation, class CallBackend, class... Rest>
 [[gnu::noinline]] CK_RV forward_multiplexed(Runtime& rt, Observation& seen, CallBackend call_backend,
-                          CK_SESSION_HANDLE handle, Rest... rest) noexcept {
+                                            CK_SESSION_HANDLE handle, Rest... rest) noexcept {
   const auto me = std::this_thread::get_id();
   Session* s = nullptr;
   Binding* b = nullptr;
-  CK_SLOT_ID slot = 0;
-  bool rw = false;
-  std::optional<InFlight> in_flight;
   {
     SessionLease lease = seen.lease(rt.sessions(), handle);
     if (!lease) return CKR_SESSION_HANDLE_INVALID;
     s = &*lease;
-    slot = s->slot;
-    rw = s->rw;
     b = claim_binding<F>(*s, me);
-    in_flight.emplace(*s);  // while the lock is held: a closer will wait for us
+    enter_call(*s);
   }
-  if (b == nullptr) {
-    CK_SESSION_HANDLE fresh = CK_INVALID_HANDLE;
-    if (CK_RV rv = rt.pool().borrow(slot, rw, fresh); rv != CKR_OK) return rv;
-    MutexGuard guard(s->lock);
-    if (s->closing) {
-      rt.pool().give(slot, rw, fresh, true);
-      return CKR_SESSION_CLOSED;
-    }
-    b = add_binding(*s, fresh);
-    if (b == nullptr) {
-      rt.pool().give(slot, rw, fresh, true);
-      return CKR_HOST_MEMORY;
-    }
-    b->busy = true;
-    b->owner = me;
+  if (b == nullptr) [[unlikely]] {
+    if (CK_RV rv = bind_from_pool(rt, *s, me, b); rv != CKR_OK) return rv;
   }
   seen.ran_on(b->backend);
   CK_RV rv = call_backend(b->backend, rest...);
-  if (drained_for_retry<F>(rt, slot, rv, rest...)) [[unlikely]] rv = call_backend(b->backend, rest...);
+  if (drained_for_retry<F>(rt, s->slot, rv, rest...)) [[unlikely]] rv = call_backend(b->backend, rest...);
   CK_SESSION_HANDLE release = CK_INVALID_HANDLE;
-  bool clean = true;
+  CK_SLOT_ID slot = 0;
+  bool rw = false, clean = true;
   {
     MutexGuard guard(s->lock);
-    note_call<F>(rt, *b, slot, rv, rest...);
+    note_call<F>(rt, *b, s->slot, rv, rest...);
     b->busy = false;
     if (b != &s->anchor && b->ops == 0 && b->objects.empty()) {
+      // Detached from the session here: the pool gets it after we leave.
       release = b->backend;
       clean = !b->discard;
+      slot = s->slot;
+      rw = s->rw;
       b->clear();
     }
+    leave_call(*s);
   }
   if (release != CK_INVALID_HANDLE) rt.pool().give(slot, rw, release, clean);
   return rv;
