@@ -35,7 +35,7 @@ Binding* find_binding(Session& s, Pred pred) noexcept {
 
 // A call that continues an operation: it runs where that operation is.
 constexpr bool continues(Effect e) noexcept {
-  return (e.step == Step::update || e.step == Step::finish) && e.ops != 0;
+  return (e.step == Step::update || e.step == Step::finish || e.step == Step::message) && e.ops != 0;
 }
 
 template <class F>

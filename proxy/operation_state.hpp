@@ -25,7 +25,9 @@ inline constexpr OpMask encrypt = 1 << 0, decrypt = 1 << 1, digest = 1 << 2, sig
                         message_sign = 1 << 10, message_verify = 1 << 11;
 }  // namespace op
 
-enum class Step : std::uint8_t { none, start, update, finish, cancel, create };
+// `message`: one message of a v3.0 message-based operation, which needs the
+// operation (so multiplex mode runs it where the operation is) but never ends it.
+enum class Step : std::uint8_t { none, start, update, finish, cancel, create, message };
 
 struct Effect {
   Step step = Step::none;
@@ -72,7 +74,8 @@ P11MUX_EFFECT(C_FindObjectsInit, start, op::find)
 P11MUX_EFFECT(C_FindObjects, update, op::find)
 P11MUX_EFFECT(C_FindObjectsFinal, finish, op::find)
 // Message-based operations stay active across messages, errors included,
-// until their Final (v3.0 §5.x): only Init and Final change them.
+// until their Final (v3.0 §5.9-5.14: "active until ... C_MessageEncryptFinal";
+// an error ends only the message): only Init and Final change them.
 P11MUX_EFFECT(C_MessageEncryptInit, start, op::message_encrypt)
 P11MUX_EFFECT(C_MessageEncryptFinal, finish, op::message_encrypt)
 P11MUX_EFFECT(C_MessageDecryptInit, start, op::message_decrypt)
@@ -81,18 +84,18 @@ P11MUX_EFFECT(C_MessageSignInit, start, op::message_sign)
 P11MUX_EFFECT(C_MessageSignFinal, finish, op::message_sign)
 P11MUX_EFFECT(C_MessageVerifyInit, start, op::message_verify)
 P11MUX_EFFECT(C_MessageVerifyFinal, finish, op::message_verify)
-P11MUX_EFFECT(C_EncryptMessage, update, 0)
-P11MUX_EFFECT(C_EncryptMessageBegin, update, 0)
-P11MUX_EFFECT(C_EncryptMessageNext, update, 0)
-P11MUX_EFFECT(C_DecryptMessage, update, 0)
-P11MUX_EFFECT(C_DecryptMessageBegin, update, 0)
-P11MUX_EFFECT(C_DecryptMessageNext, update, 0)
-P11MUX_EFFECT(C_SignMessage, update, 0)
-P11MUX_EFFECT(C_SignMessageBegin, update, 0)
-P11MUX_EFFECT(C_SignMessageNext, update, 0)
-P11MUX_EFFECT(C_VerifyMessage, update, 0)
-P11MUX_EFFECT(C_VerifyMessageBegin, update, 0)
-P11MUX_EFFECT(C_VerifyMessageNext, update, 0)
+P11MUX_EFFECT(C_EncryptMessage, message, op::message_encrypt)
+P11MUX_EFFECT(C_EncryptMessageBegin, message, op::message_encrypt)
+P11MUX_EFFECT(C_EncryptMessageNext, message, op::message_encrypt)
+P11MUX_EFFECT(C_DecryptMessage, message, op::message_decrypt)
+P11MUX_EFFECT(C_DecryptMessageBegin, message, op::message_decrypt)
+P11MUX_EFFECT(C_DecryptMessageNext, message, op::message_decrypt)
+P11MUX_EFFECT(C_SignMessage, message, op::message_sign)
+P11MUX_EFFECT(C_SignMessageBegin, message, op::message_sign)
+P11MUX_EFFECT(C_SignMessageNext, message, op::message_sign)
+P11MUX_EFFECT(C_VerifyMessage, message, op::message_verify)
+P11MUX_EFFECT(C_VerifyMessageBegin, message, op::message_verify)
+P11MUX_EFFECT(C_VerifyMessageNext, message, op::message_verify)
 P11MUX_EFFECT(C_SessionCancel, cancel, 0)
 // Functions that may create session objects (CKA_TOKEN false).
 P11MUX_EFFECT(C_CreateObject, create, 0)
@@ -167,6 +170,8 @@ constexpr OpMask ops_after(OpMask before, CK_RV rv, A... args) noexcept {
     if (rv == CKR_BUFFER_TOO_SMALL) return before;
     if (rv == CKR_OK && is_length_query<F>(args...)) return before;
     return static_cast<OpMask>(before & ~e.ops);
+  } else if constexpr (e.step == Step::message) {
+    return before;
   } else if constexpr (e.step == Step::cancel) {
     if (rv != CKR_OK) return before;
     return static_cast<OpMask>(before & ~ops_of_cancel_flags(std::get<1>(std::tuple<A...>{args...})));

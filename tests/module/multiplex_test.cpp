@@ -1,12 +1,23 @@
 // Multiplex mode over the mock: one application session, one backend
-// session per calling thread.
+// session per calling thread. v3.0 message-based operations over the
+// recording backend, which answers CKR_OK and tells which session it got.
 #include "harness.hpp"
+
+#include "function_traits.hpp"
+#include "operation_state.hpp"
+#include "recorder_control.h"
 
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <future>
+#include <string>
 #include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace p11mux::test {
 namespace {
@@ -184,6 +195,152 @@ TEST_CASE("multiplex over a non-thread-safe backend still never overlaps calls")
   }
   for (auto& t : threads) t.join();
   CHECK(mock_stats().library_violations == 0);
+}
+
+// p11mux's 3.0 function list, and the recorder (the same instance p11mux loads).
+struct V3 {
+  V3() {
+    void* p11mux = ::dlopen(P11MUX_TEST_LIBRARY_PATH, RTLD_NOW | RTLD_LOCAL);
+    REQUIRE_MESSAGE(p11mux != nullptr, ::dlerror());
+    auto get_interface = reinterpret_cast<CK_C_GetInterface>(::dlsym(p11mux, "C_GetInterface"));
+    REQUIRE(static_cast<bool>(get_interface));
+    void* recorder = ::dlopen(P11MUX_TEST_RECORDER_PATH, RTLD_NOW | RTLD_LOCAL);
+    REQUIRE_MESSAGE(recorder != nullptr, ::dlerror());
+    last_call = reinterpret_cast<RecorderLastCallFn>(::dlsym(recorder, "recorder_last_call"));
+    REQUIRE(static_cast<bool>(last_call));
+    CK_VERSION v30{3, 0};
+    CK_INTERFACE* iface = nullptr;
+    REQUIRE(get_interface(reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>("PKCS 11")), &v30, &iface,
+                          0) == CKR_OK);
+    list = static_cast<CK_FUNCTION_LIST_3_0*>(iface->pFunctionList);
+  }
+  CK_FUNCTION_LIST_3_0* list = nullptr;
+  RecorderLastCallFn last_call = nullptr;
+};
+
+V3& v3() {
+  static V3 instance;
+  return instance;
+}
+
+// Calls F on the session with arguments that pass p11mux's checks (pointers
+// into zeroed memory; the recorder reads nothing) and returns the backend
+// session it reached.
+alignas(64) unsigned char arena[2048];
+
+template <class F>
+unsigned long call_on(CK_SESSION_HANDLE h) {
+  using Args = typename FunctionArgs<typename F::Pointer>::type;
+  Args args{};
+  [&]<std::size_t... I>(std::index_sequence<I...>) {
+    auto sample = [&](auto& arg, std::size_t i) {
+      using T = std::remove_reference_t<decltype(arg)>;
+      if constexpr (std::is_pointer_v<T>) arg = reinterpret_cast<T>(arena + 64 * (i + 1));
+      else arg = i == 0 ? static_cast<T>(h) : T{};
+    };
+    (sample(std::get<I>(args), I), ...);
+  }(std::make_index_sequence<std::tuple_size_v<Args>>{});
+  CK_RV rv = std::apply(v3().list->*F::member, args);
+  CHECK_MESSAGE(rv == CKR_OK, F::name);
+  RecorderCall rec{};
+  REQUIRE(v3().last_call(std::string(F::name).c_str(), &rec) == 0);
+  return rec.args[0];
+}
+
+// Runs each function on a thread of its own, one after the other. The
+// threads live until the end, so none reuses another's id (p11mux would take
+// it for the same thread).
+class DistinctThreads {
+ public:
+  DistinctThreads() : release_(released_.get_future().share()) {}
+  ~DistinctThreads() {
+    released_.set_value();
+    for (auto& t : threads_) t.join();
+  }
+  template <class Fn>
+  void run(Fn fn) {
+    std::promise<void> ran;
+    std::future<void> done = ran.get_future();
+    threads_.emplace_back([this, fn, ran = std::move(ran)]() mutable {
+      fn();
+      ran.set_value();
+      release_.wait();
+    });
+    done.wait();
+  }
+
+ private:
+  std::promise<void> released_;
+  std::shared_future<void> release_;
+  std::vector<std::thread> threads_;
+};
+
+// Init on one thread, each per-message call on another, Final on another: all
+// on the backend session the operation started on. Another thread's plain
+// call runs elsewhere while the operation is active, there once Final ended it.
+template <class Init, class Final, class... Messages>
+void message_operation_follows_its_session() {
+  const Proxy::Environment env = {{"P11MUX_MODULE", P11MUX_TEST_RECORDER_PATH},
+                                  {"P11MUX_SESSION_MODE", "multiplex"}};
+  Proxy proxy({}, nullptr, env);
+  CK_SESSION_HANDLE shared = proxy.open();
+  DistinctThreads threads;
+  unsigned long backend = 0;
+  threads.run([&] { backend = call_on<Init>(shared); });
+  ([&] {
+    CAPTURE(Messages::name);
+    threads.run([&] { CHECK(call_on<Messages>(shared) == backend); });
+  }(), ...);
+  threads.run([&] { CHECK(call_on<fn::C_GetSessionInfo>(shared) != backend); });
+  threads.run([&] { CHECK(call_on<Final>(shared) == backend); });
+  threads.run([&] { CHECK(call_on<fn::C_GetSessionInfo>(shared) == backend); });
+}
+
+TEST_CASE("v3.0 message-based encryption: every message reaches the session holding the operation") {
+  message_operation_follows_its_session<fn::C_MessageEncryptInit, fn::C_MessageEncryptFinal,
+                                        fn::C_EncryptMessage, fn::C_EncryptMessageBegin,
+                                        fn::C_EncryptMessageNext>();
+}
+
+TEST_CASE("v3.0 message-based decryption: every message reaches the session holding the operation") {
+  message_operation_follows_its_session<fn::C_MessageDecryptInit, fn::C_MessageDecryptFinal,
+                                        fn::C_DecryptMessage, fn::C_DecryptMessageBegin,
+                                        fn::C_DecryptMessageNext>();
+}
+
+TEST_CASE("v3.0 message-based signing: every message reaches the session holding the operation") {
+  message_operation_follows_its_session<fn::C_MessageSignInit, fn::C_MessageSignFinal,
+                                        fn::C_SignMessage, fn::C_SignMessageBegin,
+                                        fn::C_SignMessageNext>();
+}
+
+TEST_CASE("v3.0 message-based verification: every message reaches the session holding the operation") {
+  message_operation_follows_its_session<fn::C_MessageVerifyInit, fn::C_MessageVerifyFinal,
+                                        fn::C_VerifyMessage, fn::C_VerifyMessageBegin,
+                                        fn::C_VerifyMessageNext>();
+}
+
+// v3.0 §5.9-5.14: an error ends the message, not the message-based operation,
+// which stays active until its Final.
+template <class... Messages>
+void messages_never_end(OpMask op) {
+  for (CK_RV rv : {CKR_OK, CKR_BUFFER_TOO_SMALL, CKR_DATA_LEN_RANGE, CKR_ENCRYPTED_DATA_INVALID,
+                   CKR_SIGNATURE_INVALID, CKR_OPERATION_NOT_INITIALIZED}) {
+    CAPTURE(rv);
+    ([&] { CHECK_MESSAGE(ops_after<Messages>(op, rv, CK_SESSION_HANDLE{1}) == op, Messages::name); }(),
+     ...);
+  }
+}
+
+TEST_CASE("a per-message call never ends its message-based operation, errors included") {
+  messages_never_end<fn::C_EncryptMessage, fn::C_EncryptMessageBegin, fn::C_EncryptMessageNext>(
+      op::message_encrypt);
+  messages_never_end<fn::C_DecryptMessage, fn::C_DecryptMessageBegin, fn::C_DecryptMessageNext>(
+      op::message_decrypt);
+  messages_never_end<fn::C_SignMessage, fn::C_SignMessageBegin, fn::C_SignMessageNext>(
+      op::message_sign);
+  messages_never_end<fn::C_VerifyMessage, fn::C_VerifyMessageBegin, fn::C_VerifyMessageNext>(
+      op::message_verify);
 }
 
 }  // namespace
