@@ -8,6 +8,11 @@
 #include <cstring>
 #include <thread>
 
+#include <p11mux/functions.h>
+
+#include <iterator>
+#include <string_view>
+
 #include "mock_state.h"
 
 namespace p11mux::mock {
@@ -17,6 +22,28 @@ const FnInfo kFunctions[kFunctionCount] = {
     MOCK_ALL_FUNCTIONS(MOCK_INFO)
 #undef MOCK_INFO
 };
+
+// The mock's table carries what p11mux's does not (kind, operation); its
+// order must stay p11mux's, which the function index and the lists rely on.
+namespace {
+constexpr std::string_view kMockOrder[] = {
+#define MOCK_NAME(name, kind, op) #name,
+    MOCK_ALL_FUNCTIONS(MOCK_NAME)
+#undef MOCK_NAME
+};
+constexpr std::string_view kP11muxOrder[] = {
+#define P11MUX_NAME(name, since, dispatch, args) #name,
+    P11MUX_FUNCTIONS(P11MUX_NAME)
+#undef P11MUX_NAME
+};
+constexpr bool same_order() {
+  if (std::size(kMockOrder) != std::size(kP11muxOrder)) return false;
+  for (std::size_t i = 0; i < std::size(kMockOrder); ++i)
+    if (kMockOrder[i] != kP11muxOrder[i]) return false;
+  return true;
+}
+static_assert(same_order(), "mock_function_table.h must list <p11mux/functions.h>'s functions in order");
+}  // namespace
 
 int function_index(const char* name) {
   if (name == nullptr) return -1;

@@ -1,6 +1,8 @@
-// Every PKCS#11 function the mock implements, described once, in the order of
-// CK_FUNCTION_LIST_3_0 (so the position here is the "function index" used by
-// MockStats::calls). The function lists, the call counters, the name lookup and
+// Every PKCS#11 function the mock implements, in the order of
+// <p11mux/functions.h> and CK_FUNCTION_LIST_3_0 (checked at compile time in
+// mock_calls.cpp), with what the mock needs beyond p11mux's table: the kind of
+// call and the operation it continues. The position here is the "function
+// index" used by MockStats::calls. The function lists, the call counters, the name lookup and
 // the v3.0 declarations are all expanded from this table.
 //
 // Columns: X(name, kind, op)
