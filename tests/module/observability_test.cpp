@@ -233,6 +233,36 @@ TEST_CASE("pool metrics follow the backend sessions: open, idle, in use, waits, 
   CHECK(f.discarded_dead == 1);
 }
 
+TEST_CASE("pool metrics add up after multiplexed calls borrow and give back sessions on many threads") {
+  std::string sock = temp_path("pool-mux.sock");
+  MockConfig mock{};
+  mock.call_spin_us = 200;  // calls overlap: threads borrow backend sessions of their own
+  Proxy proxy(mock, nullptr,
+              {{"P11MUX_METRICS_LISTEN", sock.c_str()}, {"P11MUX_SESSION_MODE", "multiplex"}});
+  CK_SESSION_HANDLE shared = proxy.open();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&] {
+      CK_MECHANISM mech = sha256();
+      CK_BYTE data[] = "abc", digest[MOCK_DIGEST_LEN];
+      for (int i = 0; i < 50; ++i) {
+        CK_ULONG len = sizeof digest;
+        CHECK(proxy.p11->C_DigestInit(shared, &mech) == CKR_OK);
+        CHECK(proxy.p11->C_Digest(shared, data, 3, digest, &len) == CKR_OK);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();  // their cached sessions went back to the pool
+  PoolFigures f = pool_figures(sock);
+  CHECK(f.open == static_cast<double>(mock_stats().sessions_open));
+  CHECK(f.in_use == 1);  // the session's own backend session
+  CHECK(f.idle == f.open - 1);
+  REQUIRE(proxy.p11->C_CloseSession(shared) == CKR_OK);
+  f = pool_figures(sock);
+  CHECK(f.in_use == 0);
+  CHECK(f.idle == f.open);
+}
+
 TEST_CASE("the endpoint answers over loopback TCP with valid Prometheus text and JSON") {
   std::string log = temp_path("tcp.log");
   ::unlink(log.c_str());
