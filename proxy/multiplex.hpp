@@ -10,7 +10,9 @@
 //      FindObjects...) runs where that operation is: on this thread's own
 //      binding if the operation is active there; otherwise on the one other
 //      binding that has it active, when there is exactly one and it is not in
-//      use (a hand-off between threads: thread pools, coroutines).
+//      use (a hand-off between threads: thread pools, coroutines). A v3.0
+//      message (C_EncryptMessage...) or C_Message*Final waits while it is in
+//      use: many threads sending messages through one operation is its point.
 //   2. Otherwise on this thread's own binding, if it has one free.
 //   3. Otherwise on any free binding with no operation active.
 //   4. Otherwise on a new binding from the pool.
@@ -20,6 +22,8 @@
 #include "runtime.hpp"
 #include "session_effects.hpp"
 
+#include <chrono>
+#include <cstdint>
 #include <thread>
 
 namespace p11mux {
@@ -37,6 +41,20 @@ Binding* find_binding(Session& s, Pred pred) noexcept {
 constexpr bool continues(Effect e) noexcept {
   return (e.step == Step::update || e.step == Step::finish || e.step == Step::message) && e.ops != 0;
 }
+
+// A message-based operation is made for many messages, from many threads at
+// once: a call on it waits while the binding holding it is busy, where a
+// call continuing another operation would run elsewhere (and get the
+// backend's CKR_OPERATION_NOT_INITIALIZED).
+constexpr bool waits_for_its_operation(Effect e) noexcept {
+  constexpr OpMask message_ops =
+      op::message_encrypt | op::message_decrypt | op::message_sign | op::message_verify;
+  return continues(e) && (e.ops & message_ops) != 0;
+}
+
+// Session::in_flight: calls in its low bits, plus this for each call waiting
+// for a busy binding (so leaving a binding wakes them).
+inline constexpr std::uint32_t kWaiter = 1u << 16;
 
 template <class F>
 [[gnu::noinline]] Binding* search_binding(Session& s, std::thread::id me) noexcept {
@@ -66,6 +84,33 @@ template <class F>
   return b;
 }
 
+// The binding holding the call's message-based operation, once it is free
+// (waits_for_its_operation). Called and returns with s.lock held; the caller
+// counts in in_flight, so the session stays open while we wait.
+template <class F>
+[[gnu::cold, gnu::noinline]] Binding* claim_when_free(Session& s, std::thread::id me) noexcept {
+  constexpr Effect e = effect<F>;
+  for (;;) {
+    int holders = 0;
+    bool busy = false;
+    find_binding(s, [&](Binding& x) {
+      if ((x.ops & e.ops) != 0) {
+        ++holders;
+        busy = x.busy;
+      }
+      return false;
+    });
+    if (s.closing || holders != 1 || !busy) return search_binding<F>(s, me);
+    // Added and read under the lock: the call that frees the binding
+    // changes the count and wakes us under it too.
+    const std::uint32_t now = s.in_flight.fetch_add(kWaiter, std::memory_order_relaxed) + kWaiter;
+    s.lock.unlock();
+    timed_wait(s.in_flight, now, std::chrono::milliseconds(10));  // the bound is a backstop
+    s.lock.lock();
+    s.in_flight.fetch_sub(kWaiter, std::memory_order_relaxed);
+  }
+}
+
 // Inline, the common case: the anchor is this thread's, free, and holds the
 // operation the call continues, if any. The search would pick it first.
 template <class F>
@@ -76,6 +121,7 @@ template <class F>
     a.busy = true;
     return &a;
   }
+  if constexpr (waits_for_its_operation(e)) return claim_when_free<F>(s, me);
   return search_binding<F>(s, me);
 }
 
@@ -106,11 +152,12 @@ inline Binding* add_binding(Session& s, CK_SESSION_HANDLE backend) noexcept {
 // the futex wake (a syscall) happens only when a closer waits, not per call.
 inline void enter_call(Session& s) noexcept { s.in_flight.fetch_add(1, std::memory_order_relaxed); }
 
+// Also wakes the calls waiting for a busy binding (claim_when_free): this
+// one may have freed theirs.
 inline void leave_call(Session& s) noexcept {
   // Release: the closer reads the count without the lock before taking it.
-  if (s.in_flight.fetch_sub(1, std::memory_order_release) == 1 && s.closing) [[unlikely]] {
-    wake_all(s.in_flight);
-  }
+  const std::uint32_t before = s.in_flight.fetch_sub(1, std::memory_order_release);
+  if (before >= kWaiter || (before == 1 && s.closing)) [[unlikely]] wake_all(s.in_flight);
 }
 
 // No free binding: a new one from the pool (cold). Leaves the call count
@@ -148,8 +195,8 @@ template <class F, class Observation, class CallBackend, class... Rest>
     SessionLease lease = seen.lease(rt.sessions(), handle);
     if (!lease) return CKR_SESSION_HANDLE_INVALID;
     s = &*lease;
+    enter_call(*s);  // first: claim_binding may wait, the lock released
     b = claim_binding<F>(*s, me);
-    enter_call(*s);
   }
   if (b == nullptr) [[unlikely]] {
     if (CK_RV rv = bind_from_pool(rt, *s, me, b); rv != CKR_OK) return rv;

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdint>
 #include <future>
+#include <latch>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -318,6 +319,40 @@ TEST_CASE("v3.0 message-based verification: every message reaches the session ho
   message_operation_follows_its_session<fn::C_MessageVerifyInit, fn::C_MessageVerifyFinal,
                                         fn::C_VerifyMessage, fn::C_VerifyMessageBegin,
                                         fn::C_VerifyMessageNext>();
+}
+
+unsigned long backend_sessions_opened() {
+  RecorderCall rec{};
+  REQUIRE(v3().last_call("C_OpenSession", &rec) == 0);
+  return rec.count;
+}
+
+TEST_CASE("threads sending messages through one message-based operation at once all reach it") {
+  const Proxy::Environment env = {{"P11MUX_MODULE", P11MUX_TEST_RECORDER_PATH},
+                                  {"P11MUX_SESSION_MODE", "multiplex"}};
+  Proxy proxy({}, nullptr, env);
+  CK_SESSION_HANDLE shared = proxy.open();
+  const unsigned long backend = call_on<fn::C_MessageEncryptInit>(shared);
+  // While one thread's message runs on the operation's backend session, the
+  // others wait for it. Had one run elsewhere, p11mux would have opened a
+  // backend session for it: the pool holds none but this one.
+  const unsigned long opened = backend_sessions_opened();
+  std::vector<std::thread> threads;
+  std::latch start(8);
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&] {
+      start.arrive_and_wait();
+      for (int i = 0; i < 20000; ++i) {
+        CK_BYTE iv[12] = {}, data[16] = {}, out[16];
+        CK_ULONG out_len = sizeof out;
+        CHECK(v3().list->C_EncryptMessage(shared, iv, sizeof iv, nullptr, 0, data, sizeof data, out,
+                                          &out_len) == CKR_OK);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(backend_sessions_opened() == opened);
+  CHECK(call_on<fn::C_MessageEncryptFinal>(shared) == backend);
 }
 
 // v3.0 §5.9-5.14: an error ends the message, not the message-based operation,
