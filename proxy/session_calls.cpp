@@ -39,9 +39,12 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
   lease->application = application;
   CK_RV rv;
   if (notify != nullptr) {
-    OptionalGuard serial(rt.backend_lock());
-    rv = rt.functions().C_OpenSession(slot, flags, lease.operator->(), &notify_trampoline,
-                                      &lease->anchor.backend);
+    {
+      OptionalGuard serial(rt.backend_lock());
+      rv = rt.functions().C_OpenSession(slot, flags, lease.operator->(), &notify_trampoline,
+                                        &lease->anchor.backend);
+    }
+    // Outside the backend lock: on a slot's first use the pool takes it too.
     if (rv == CKR_OK) rt.pool().adopt(slot, lease->rw);
   } else {
     rv = rt.pool().open(slot, lease->rw, lease->anchor.backend);

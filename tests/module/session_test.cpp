@@ -3,7 +3,11 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <future>
 #include <thread>
 
 namespace p11mux::test {
@@ -161,6 +165,28 @@ TEST_CASE("Notify receives the virtual handle and the application's pointer") {
   CHECK(seen.handle == h);
   CHECK(seen.event == CKN_SURRENDER);
   CHECK(seen.application == &seen);
+}
+
+// Found by the fuzzer: the first session on a slot, opened with Notify over a
+// backend p11mux must serialize, deadlocked on the backend lock (the pool
+// learns the slot's limits from C_GetTokenInfo under that same lock).
+TEST_CASE("a Notify session as a slot's first, over a backend that is not thread-safe") {
+  MockConfig c{};
+  c.accept_locking = MOCK_LOCK_NONE;
+  Proxy proxy(c);
+  auto notify = [](CK_SESSION_HANDLE, CK_NOTIFICATION, CK_VOID_PTR) -> CK_RV { return CKR_OK; };
+  std::promise<CK_RV> opened;
+  auto result = opened.get_future();
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  std::thread opener([&] { opened.set_value(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, notify, &h)); });
+  if (result.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+    // The opener cannot be joined, so doctest never gets to report: say it here.
+    std::fputs("LIVENESS GUARD: C_OpenSession with Notify still blocked after 30 s\n", stderr);
+    std::_Exit(1);
+  }
+  opener.join();
+  REQUIRE(result.get() == CKR_OK);
+  CHECK(proxy.p11->C_CloseSession(h) == CKR_OK);
 }
 
 TEST_CASE("C_CloseAllSessions closes that slot's sessions only") {
