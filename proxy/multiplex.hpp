@@ -185,6 +185,25 @@ inline void leave_call(Session& s) noexcept {
   return CKR_OK;
 }
 
+// After a call on one of the extra bindings, with s.lock held (released
+// here): one with nothing left on it goes back to the pool, detached under
+// the lock and given after it.
+[[gnu::noinline]] inline void give_up_extra(Runtime& rt, Session& s, Binding& b) noexcept {
+  if (b.ops != 0 || !b.objects.empty()) {
+    leave_call(s);
+    s.lock.unlock();
+    return;
+  }
+  const CK_SESSION_HANDLE release = b.backend;
+  const bool clean = !b.discard;
+  const CK_SLOT_ID slot = s.slot;
+  const bool rw = s.rw;
+  b.clear();
+  leave_call(s);
+  s.lock.unlock();
+  rt.pool().give(slot, rw, release, clean);
+}
+
 template <class F, class Observation, class CallBackend, class... Rest>
 [[gnu::noinline]] CK_RV forward_multiplexed(Runtime& rt, Observation& seen, CallBackend call_backend,
                                             CK_SESSION_HANDLE handle, Rest... rest) noexcept {
@@ -204,24 +223,15 @@ template <class F, class Observation, class CallBackend, class... Rest>
   seen.ran_on(b->backend);
   CK_RV rv = call_backend(b->backend, rest...);
   if (drained_for_retry<F>(rt, s->slot, rv, rest...)) [[unlikely]] rv = call_backend(b->backend, rest...);
-  CK_SESSION_HANDLE release = CK_INVALID_HANDLE;
-  CK_SLOT_ID slot = 0;
-  bool rw = false, clean = true;
-  {
-    MutexGuard guard(s->lock);
-    note_call<F>(rt, *b, s->slot, rv, rest...);
-    b->busy = false;
-    if (b != &s->anchor && b->ops == 0 && b->objects.empty()) {
-      // Detached from the session here: the pool gets it after we leave.
-      release = b->backend;
-      clean = !b->discard;
-      slot = s->slot;
-      rw = s->rw;
-      b->clear();
-    }
+  s->lock.lock();
+  note_call<F>(rt, *b, s->slot, rv, rest...);
+  b->busy = false;
+  if (b != &s->anchor) [[unlikely]] {
+    give_up_extra(rt, *s, *b);
+  } else {
     leave_call(*s);
+    s->lock.unlock();
   }
-  if (release != CK_INVALID_HANDLE) rt.pool().give(slot, rw, release, clean);
   return rv;
 }
 
