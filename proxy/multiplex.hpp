@@ -176,7 +176,7 @@ inline void leave_call(Session& s) noexcept {
     if (b == nullptr) rv = CKR_HOST_MEMORY;
   }
   if (rv != CKR_OK) {
-    if (fresh != CK_INVALID_HANDLE) rt.pool().give(slot, rw, fresh, true);
+    if (fresh != CK_INVALID_HANDLE) rt.pool().give(slot, rw, fresh, SessionPool::Fate::reuse);
     leave_call(s);
     return rv;
   }
@@ -195,13 +195,13 @@ inline void leave_call(Session& s) noexcept {
     return;
   }
   const CK_SESSION_HANDLE release = b.backend;
-  const bool clean = !b.discard;
+  const SessionPool::Fate fate = SessionPool::unreset_fate(b.discard, b.dead);
   const CK_SLOT_ID slot = s.slot;
   const bool rw = s.rw;
   b.clear();
   leave_call(s);
   s.lock.unlock();
-  rt.pool().give(slot, rw, release, clean);
+  rt.pool().give(slot, rw, release, fate);
 }
 
 template <class F, class Observation, class CallBackend, class... Rest>

@@ -84,11 +84,11 @@ Runtime::~Runtime() { observer_->stop(); }
 // Ends what the virtual session left behind, so that the next user of the
 // backend session sees none of it: active operations (v3.0 C_SessionCancel,
 // or C_FindObjectsFinal for a search), and the session objects it created.
-// Fate::close when that is not possible; Fate::dead when a call marked it
-// discard (session_effects.hpp: the backend said the session or device is gone).
+// Fate::close when that is not possible or a call marked it discard;
+// Fate::dead when the backend said the session or device is gone.
 SessionPool::Fate Runtime::reset_backend_session(Binding& s) noexcept {
   using Fate = SessionPool::Fate;
-  if (s.discard) return Fate::dead;
+  if (s.discard) return SessionPool::unreset_fate(s.discard, s.dead);
   OptionalGuard serial(backend_lock());
   if (s.ops != 0 && functions_.C_SessionCancel != nullptr &&
       functions_.C_SessionCancel(s.backend, cancel_flags(s.ops)) == CKR_OK) {
@@ -124,9 +124,9 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
   }
   // A session opened with a Notify callback carries the application's
   // callback: never reused.
-  SessionPool::Fate fate = s->anchor.discard   ? SessionPool::Fate::dead
-                           : s->notify != nullptr ? SessionPool::Fate::close
-                                                  : reset_backend_session(s->anchor);
+  SessionPool::Fate fate = s->notify != nullptr && !s->anchor.discard
+                               ? SessionPool::Fate::close
+                               : reset_backend_session(s->anchor);
   pool_->close(s->slot, s->rw, s->anchor.backend, fate);
   sessions_.close(std::move(lease));
   return CKR_OK;

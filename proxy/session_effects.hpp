@@ -56,7 +56,7 @@ void note_call(Runtime& rt, Binding& s, CK_SLOT_ID slot, CK_RV rv, Rest... rest)
     s.ops = ops_after<F>(s.ops, rv, s.backend, rest...);
   }
   if (rv != CKR_OK && session_gone(rv)) [[unlikely]] {
-    s.discard = true;
+    s.discard = s.dead = true;
     rt.pool().invalidate(slot);
   }
 }

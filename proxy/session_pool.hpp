@@ -58,9 +58,10 @@ class SessionPool {
   // and close() but not the application's session (no login accounting).
   CK_RV borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept;
   void give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
-  // Multiplexed calls give back with clean = !Binding::discard.
-  void give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, bool clean) noexcept {
-    give(slot, rw, handle, clean ? Fate::reuse : Fate::dead);
+  // A backend session given back without a reset: pooled again unless a
+  // call marked it discard (Binding::discard, Binding::dead).
+  static Fate unreset_fate(bool discard, bool dead) noexcept {
+    return !discard ? Fate::reuse : dead ? Fate::dead : Fate::close;
   }
 
   // A backend session for a new virtual session: from this thread's cache,

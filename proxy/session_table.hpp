@@ -33,6 +33,7 @@ struct Binding {
   CK_SESSION_HANDLE backend = CK_INVALID_HANDLE;
   std::uint16_t ops = 0;       // operations active on it (OpMask, operation_state.hpp)
   bool discard = false;        // close it at the end, never reuse it
+  bool dead = false;           // the backend said it (or its device) is gone: discard, counted
   bool busy = false;           // multiplex: a call is running on it
   std::thread::id owner;       // multiplex: the thread that used it last
   std::vector<CK_OBJECT_HANDLE> objects;  // session objects created through it
@@ -40,7 +41,7 @@ struct Binding {
   void clear() noexcept {
     backend = CK_INVALID_HANDLE;
     ops = 0;
-    discard = busy = false;
+    discard = dead = busy = false;
     owner = {};
     objects.clear();
   }

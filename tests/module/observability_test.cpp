@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <regex>
 #include <set>
@@ -231,6 +232,27 @@ TEST_CASE("pool metrics follow the backend sessions: open, idle, in use, waits, 
   CHECK(f.in_use == 1);
   CHECK(f.idle == 1);
   CHECK(f.discarded_dead == 1);
+}
+
+TEST_CASE("pool metrics: a session closed for another reason than a dead device is not counted dead") {
+  std::string sock = temp_path("pool-undead.sock");
+  MockConfig mock{};
+  // p11mux cannot tell whether the object it created is a session object,
+  // so it closes the backend session at the end instead of resetting it.
+  std::snprintf(mock.fail_function, sizeof mock.fail_function, "C_GetAttributeValue");
+  mock.fail_rv = CKR_FUNCTION_FAILED;
+  Proxy proxy(mock, nullptr, {{"P11MUX_METRICS_LISTEN", sock.c_str()}});
+  CK_SESSION_HANDLE a = proxy.open();
+  CK_OBJECT_CLASS cls = CKO_DATA;
+  CK_BBOOL no = CK_FALSE;
+  CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_TOKEN, &no, sizeof no}};
+  CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
+  REQUIRE(proxy.p11->C_CreateObject(a, tmpl, 2, &obj) == CKR_OK);
+  REQUIRE(proxy.p11->C_CloseSession(a) == CKR_OK);
+  PoolFigures f = pool_figures(sock);
+  CHECK(f.open == 0);  // closed, not pooled
+  CHECK(f.idle == 0);
+  CHECK(f.discarded_dead == 0);
 }
 
 TEST_CASE("pool metrics add up after multiplexed calls borrow and give back sessions on many threads") {
