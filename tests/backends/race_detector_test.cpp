@@ -5,11 +5,11 @@
 #include "backends_test_support.hpp"
 
 #include "mock_control.h"
+#include "std_mutex_callbacks.hpp"
 
 #include <atomic>
 #include <chrono>
 #include <functional>
-#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -38,22 +38,10 @@ RaceDetector& detector() {
   return d;
 }
 
-CK_RV create_mutex(CK_VOID_PTR_PTR out) {
-  *out = new std::mutex;
-  return CKR_OK;
-}
-CK_RV destroy_mutex(CK_VOID_PTR m) {
-  delete static_cast<std::mutex*>(m);
-  return CKR_OK;
-}
-CK_RV lock_mutex(CK_VOID_PTR m) {
-  static_cast<std::mutex*>(m)->lock();
-  return CKR_OK;
-}
-CK_RV unlock_mutex(CK_VOID_PTR m) {
-  static_cast<std::mutex*>(m)->unlock();
-  return CKR_OK;
-}
+using p11mux::test_backends::create_mutex;
+using p11mux::test_backends::destroy_mutex;
+using p11mux::test_backends::lock_mutex;
+using p11mux::test_backends::unlock_mutex;
 
 void run_threads(const std::function<void(int)>& body) {
   std::vector<std::thread> threads;

@@ -32,6 +32,7 @@
 
 #include "mock_control.h"
 #include "null_backend.h"
+#include "std_mutex_callbacks.hpp"
 
 #include <dlfcn.h>
 
@@ -42,7 +43,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
@@ -111,23 +111,10 @@ class Input {
 CK_RV fuzz_notify(CK_SESSION_HANDLE, CK_NOTIFICATION, CK_VOID_PTR) { return CKR_OK; }
 
 // The application's mutex callbacks (C_Initialize with callbacks): real ones.
-CK_RV create_mutex(CK_VOID_PTR_PTR out) {
-  if (out == nullptr) return CKR_ARGUMENTS_BAD;
-  *out = new std::mutex;
-  return CKR_OK;
-}
-CK_RV destroy_mutex(CK_VOID_PTR m) {
-  delete static_cast<std::mutex*>(m);
-  return CKR_OK;
-}
-CK_RV lock_mutex(CK_VOID_PTR m) {
-  static_cast<std::mutex*>(m)->lock();
-  return CKR_OK;
-}
-CK_RV unlock_mutex(CK_VOID_PTR m) {
-  static_cast<std::mutex*>(m)->unlock();
-  return CKR_OK;
-}
+using p11mux::test_backends::create_mutex;
+using p11mux::test_backends::destroy_mutex;
+using p11mux::test_backends::lock_mutex;
+using p11mux::test_backends::unlock_mutex;
 
 struct State {
   Input in;
