@@ -185,23 +185,21 @@ inline void leave_call(Session& s) noexcept {
   return CKR_OK;
 }
 
-// After a call on one of the extra bindings, with s.lock held (released
-// here): one with nothing left on it goes back to the pool, detached under
-// the lock and given after it.
-[[gnu::noinline]] inline void give_up_extra(Runtime& rt, Session& s, Binding& b) noexcept {
-  if (b.ops != 0 || !b.objects.empty()) {
-    leave_call(s);
-    s.lock.unlock();
-    return;
-  }
-  const CK_SESSION_HANDLE release = b.backend;
-  const SessionPool::Fate fate = SessionPool::unreset_fate(b.discard, b.dead);
-  const CK_SLOT_ID slot = s.slot;
-  const bool rw = s.rw;
+// A backend session to give back to the pool after the session lock is
+// released: an extra binding with nothing left on it, detached under the lock.
+struct Release {
+  CK_SESSION_HANDLE backend = CK_INVALID_HANDLE;
+  SessionPool::Fate fate = SessionPool::Fate::reuse;
+  CK_SLOT_ID slot = 0;
+  bool rw = false;
+};
+
+// With s.lock held, after a call on an extra binding.
+[[gnu::noinline]] inline Release detach_if_idle(Session& s, Binding& b) noexcept {
+  if (b.ops != 0 || !b.objects.empty()) return {};
+  Release r{b.backend, SessionPool::unreset_fate(b.discard, b.dead), s.slot, s.rw};
   b.clear();
-  leave_call(s);
-  s.lock.unlock();
-  rt.pool().give(slot, rw, release, fate);
+  return r;
 }
 
 template <class F, class Observation, class CallBackend, class... Rest>
@@ -223,14 +221,16 @@ template <class F, class Observation, class CallBackend, class... Rest>
   seen.ran_on(b->backend);
   CK_RV rv = call_backend(b->backend, rest...);
   if (drained_for_retry<F>(rt, s->slot, rv, rest...)) [[unlikely]] rv = call_backend(b->backend, rest...);
-  s->lock.lock();
-  note_call<F>(rt, *b, s->slot, rv, rest...);
-  b->busy = false;
-  if (b != &s->anchor) [[unlikely]] {
-    give_up_extra(rt, *s, *b);
-  } else {
+  Release release;
+  {
+    MutexGuard guard(s->lock);
+    note_call<F>(rt, *b, s->slot, rv, rest...);
+    b->busy = false;
+    if (b != &s->anchor) [[unlikely]] release = detach_if_idle(*s, *b);
     leave_call(*s);
-    s->lock.unlock();
+  }
+  if (release.backend != CK_INVALID_HANDLE) [[unlikely]] {
+    rt.pool().give(release.slot, release.rw, release.backend, release.fate);
   }
   return rv;
 }
