@@ -95,6 +95,14 @@ class Proxy {
     return h;
   }
 
+  // C_CreateObject of a CKO_DATA object, a session object unless on_token.
+  CK_RV create_data_object(CK_SESSION_HANDLE h, bool on_token, CK_OBJECT_HANDLE& out) {
+    CK_OBJECT_CLASS cls = CKO_DATA;
+    CK_BBOOL token = on_token ? CK_TRUE : CK_FALSE;
+    CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_TOKEN, &token, sizeof token}};
+    return p11->C_CreateObject(h, tmpl, 2, &out);
+  }
+
   CK_FUNCTION_LIST* p11;
 };
 

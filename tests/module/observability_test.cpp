@@ -243,11 +243,8 @@ TEST_CASE("pool metrics: a session closed for another reason than a dead device 
   mock.fail_rv = CKR_FUNCTION_FAILED;
   Proxy proxy(mock, nullptr, {{"P11MUX_METRICS_LISTEN", sock.c_str()}});
   CK_SESSION_HANDLE a = proxy.open();
-  CK_OBJECT_CLASS cls = CKO_DATA;
-  CK_BBOOL no = CK_FALSE;
-  CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_TOKEN, &no, sizeof no}};
   CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
-  REQUIRE(proxy.p11->C_CreateObject(a, tmpl, 2, &obj) == CKR_OK);
+  REQUIRE(proxy.create_data_object(a, false, obj) == CKR_OK);
   REQUIRE(proxy.p11->C_CloseSession(a) == CKR_OK);
   PoolFigures f = pool_figures(sock);
   CHECK(f.open == 0);  // closed, not pooled

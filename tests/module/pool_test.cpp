@@ -111,11 +111,8 @@ TEST_CASE("reset on return: session objects, operations and searches do not leak
     Proxy proxy(c);
     CK_SESSION_HANDLE a = proxy.open();
     // A session object and an active sign and find, left behind.
-    CK_OBJECT_CLASS cls = CKO_DATA;
-    CK_BBOOL no = CK_FALSE;
-    CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_TOKEN, &no, sizeof no}};
     CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
-    REQUIRE(proxy.p11->C_CreateObject(a, tmpl, 2, &obj) == CKR_OK);
+    REQUIRE(proxy.create_data_object(a, false, obj) == CKR_OK);
     CHECK(mock_stats().session_objects == 1);
     REQUIRE(proxy.p11->C_FindObjectsInit(a, nullptr, 0) == CKR_OK);
     REQUIRE(proxy.p11->C_CloseSession(a) == CKR_OK);
@@ -141,13 +138,10 @@ TEST_CASE("reset on return: session objects, operations and searches do not leak
 TEST_CASE("token objects survive the reset") {
   Proxy proxy;
   CK_SESSION_HANDLE a = proxy.open();
-  CK_OBJECT_CLASS cls = CKO_DATA;
-  CK_BBOOL yes = CK_TRUE;
-  CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_TOKEN, &yes, sizeof yes}};
   CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
   std::string user = MOCK_USER_PIN;
   REQUIRE(proxy.p11->C_Login(a, CKU_USER, pin(MOCK_USER_PIN), user.size()) == CKR_OK);
-  REQUIRE(proxy.p11->C_CreateObject(a, tmpl, 2, &obj) == CKR_OK);
+  REQUIRE(proxy.create_data_object(a, true, obj) == CKR_OK);
   REQUIRE(proxy.p11->C_CloseSession(a) == CKR_OK);
   CHECK(mock_stats().token_objects == 1);
 }
