@@ -12,6 +12,7 @@
 #pragma once
 
 #include "lock.hpp"
+#include "thread_shard.hpp"
 
 #include <array>
 #include <atomic>
@@ -122,10 +123,7 @@ class CallGate {
   }
 
   [[gnu::always_inline]] static std::size_t this_thread_shard() noexcept {
-    // Thread stacks are megabytes apart: hash the 64 KiB region of a local.
-    int local = 0;
-    auto region = reinterpret_cast<std::uintptr_t>(&local) >> 16;
-    return static_cast<std::size_t>((region * 0x9E3779B97F4A7C15ull) >> 59) % kShards;
+    return thread_shard<kShards>();
   }
 
   struct alignas(64) Shard {

@@ -14,12 +14,7 @@ constexpr std::size_t kShards = 16;
 constexpr std::size_t kErrorSlots = 128;
 constexpr unsigned kRvBits = 56;
 
-std::size_t this_thread_shard() noexcept {
-  // As CallGate: thread stacks are megabytes apart, so hash the 64 KiB region of a local.
-  int local = 0;
-  auto region = reinterpret_cast<std::uintptr_t>(&local) >> 16;
-  return static_cast<std::size_t>((region * 0x9E3779B97F4A7C15ull) >> 60) % kShards;
-}
+std::size_t this_thread_shard() noexcept { return thread_shard<kShards>(); }
 
 struct AtomicHistogram {
   std::array<std::atomic<std::uint64_t>, LatencyBuckets::kCount> buckets{};

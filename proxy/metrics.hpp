@@ -11,6 +11,7 @@
 
 #include "function_traits.hpp"
 #include "lock.hpp"
+#include "thread_shard.hpp"
 
 #include <p11mux/pkcs11.h>
 
@@ -123,11 +124,7 @@ class ShardedGauge {
 
  private:
   static constexpr std::size_t kShards = 16;
-  static std::size_t this_thread_shard() noexcept {
-    int local = 0;  // thread stacks are megabytes apart: hash the 64 KiB region
-    auto region = reinterpret_cast<std::uintptr_t>(&local) >> 16;
-    return static_cast<std::size_t>((region * 0x9E3779B97F4A7C15ull) >> 60) % kShards;
-  }
+  static std::size_t this_thread_shard() noexcept { return thread_shard<kShards>(); }
   struct alignas(64) Shard {
     std::atomic<std::int64_t> value{0};
   };
