@@ -25,8 +25,7 @@ template <class F, class Observation, class... A>
   if constexpr (F::dispatch == Dispatch::handled) {
     return handler<F>(rt, a...);
   } else {
-    auto backend_fn = rt.functions().*F::member;
-    if (backend_fn == nullptr) return CKR_FUNCTION_NOT_SUPPORTED;
+    auto backend_fn = rt.functions().*F::member;  // never NULL (backend_table.hpp)
     auto call_backend = [&](auto... args) __attribute__((always_inline)) {
       OptionalGuard serial(rt.backend_lock());
       return backend_fn(args...);

@@ -1,5 +1,6 @@
 #include "runtime.hpp"
 
+#include "backend_table.hpp"
 #include "logging.hpp"
 #include "module.hpp"
 #include "operation_state.hpp"
@@ -52,7 +53,7 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
       observer_(std::make_unique<Observer>(config, locks_, init.may_create_threads, log_)),
       observing_(observer_->active()),
       backend_(std::make_unique<Backend>(backend_options(config, self))),
-      functions_(backend_->functions()),
+      functions_(without_null_entries(backend_->functions())),
       backend_lock_(backend_->thread_safe() ? nullptr : std::make_unique<Mutex>(locks_)),
       sessions_(locks_),
       pool_(std::make_unique<SessionPool>(SessionPool::Backend{functions_, backend_lock_.get()},
@@ -90,8 +91,7 @@ SessionPool::Fate Runtime::reset_backend_session(Binding& s) noexcept {
   using Fate = SessionPool::Fate;
   if (s.discard) return SessionPool::unreset_fate(s.discard, s.dead);
   OptionalGuard serial(backend_lock());
-  if (s.ops != 0 && functions_.C_SessionCancel != nullptr &&
-      functions_.C_SessionCancel(s.backend, cancel_flags(s.ops)) == CKR_OK) {
+  if (s.ops != 0 && functions_.C_SessionCancel(s.backend, cancel_flags(s.ops)) == CKR_OK) {
     s.ops = 0;
   }
   if (s.ops == op::find && functions_.C_FindObjectsFinal(s.backend) == CKR_OK) s.ops = 0;
@@ -143,7 +143,6 @@ Runtime::WaiterRef::~WaiterRef() {
 
 CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept {
   auto wait = functions_.C_WaitForSlotEvent;
-  if (wait == nullptr) return CKR_FUNCTION_NOT_SUPPORTED;
   if (backend_->thread_safe()) {
     // Block in the backend; C_Finalize wakes us by finalizing it.
     if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;

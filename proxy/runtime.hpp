@@ -30,6 +30,8 @@ class Runtime {
   Runtime(const Runtime&) = delete;  // owns the backend and every session
   Runtime& operator=(const Runtime&) = delete;
 
+  // The backend's functions, a NULL entry answering CKR_FUNCTION_NOT_SUPPORTED
+  // (backend_table.hpp); backend().functions() tells which it really has.
   const CK_FUNCTION_LIST_3_0& functions() const noexcept { return functions_; }
   const Backend& backend() const noexcept { return *backend_; }
   // Held around every backend call when the backend is not thread-safe; NULL otherwise.

@@ -29,6 +29,9 @@
  *                         "*:CKR_DEVICE_ERROR:p=0.01,C_OpenSession:CKR_DEVICE_MEMORY:nth=3"
  *   P11MUX_FAULTY_MAX_SESSIONS  CKR_SESSION_COUNT beyond this many (0 = no limit)
  *   P11MUX_FAULTY_LATENCY open=US,close=US,login=US,crypto=US (microseconds)
+ *   P11MUX_FAULTY_MISSING  functions left NULL in the lists it hands out,
+ *                         comma-separated names (a module lacking them); read
+ *                         by C_GetFunctionList and C_GetInterface*
  * A malformed variable makes C_Initialize fail with CKR_GENERAL_ERROR and a
  * message on stderr.
  *

@@ -6,7 +6,10 @@
 // session lifecycle.
 #include "faulty_state.hpp"
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <new>
 #include <tuple>
 #include <type_traits>
@@ -232,10 +235,43 @@ char interface_name[] = "PKCS 11";
 CK_INTERFACE interface_v3{reinterpret_cast<CK_CHAR*>(interface_name), &list_v3, 0};
 CK_INTERFACE interface_v2{reinterpret_cast<CK_CHAR*>(interface_name), &list_v2, 0};
 
+// P11MUX_FAULTY_MISSING=C_CloseSession,C_Logout,...: the lists handed out
+// have those entries NULL, like a vendor module that lacks functions. Read
+// whenever a list is asked for; the copies are rewritten then (tests ask
+// before initializing, from one thread).
+CK_FUNCTION_LIST sparse_v2;
+CK_FUNCTION_LIST_3_0 sparse_v3;
+
+bool missing(std::string_view names, std::string_view name) {
+  for (std::size_t at = 0; at <= names.size();) {
+    std::size_t end = std::min(names.find(',', at), names.size());
+    if (names.substr(at, end - at) == name) return true;
+    at = end + 1;
+  }
+  return false;
+}
+
+template <class List>
+void* as_listed(List& full, List& sparse) {
+  const char* env = std::getenv("P11MUX_FAULTY_MISSING");
+  if (env == nullptr || *env == '\0') return &full;
+  std::string_view names(env);
+  sparse = full;
+#define FAULTY_CLEAR(name, since, dispatch, args) \
+  if (missing(names, #name)) sparse.name = nullptr;
+  if constexpr (std::is_same_v<List, CK_FUNCTION_LIST>) {
+    P11MUX_FUNCTIONS_V2(FAULTY_CLEAR)
+  } else {
+    P11MUX_FUNCTIONS(FAULTY_CLEAR)
+  }
+#undef FAULTY_CLEAR
+  return &sparse;
+}
+
 CK_RV get_function_list(CK_FUNCTION_LIST_PTR_PTR list) {
   CallScope scope(Fn::C_GetFunctionList, false);
   if (list == nullptr) return CKR_ARGUMENTS_BAD;
-  *list = &list_v2;
+  *list = static_cast<CK_FUNCTION_LIST*>(as_listed(list_v2, sparse_v2));
   return CKR_OK;
 }
 
@@ -244,6 +280,8 @@ CK_RV get_function_list(CK_FUNCTION_LIST_PTR_PTR list) {
 std::size_t offered(CK_INTERFACE* (&out)[2]) {
   const Target* t = module().probe_target();
   std::size_t n = 0;
+  interface_v3.pFunctionList = as_listed(list_v3, sparse_v3);
+  interface_v2.pFunctionList = as_listed(list_v2, sparse_v2);
   if (t != nullptr && t->v3) out[n++] = &interface_v3;
   out[n++] = &interface_v2;
   return n;
