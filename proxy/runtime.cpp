@@ -124,10 +124,11 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
   }
   // A session opened with a Notify callback carries the application's
   // callback: never reused.
-  SessionPool::Fate fate = s->notify != nullptr && !s->anchor.discard
+  SessionPool::Fate fate = s->notify.load(std::memory_order_relaxed) != nullptr && !s->anchor.discard
                                ? SessionPool::Fate::close
                                : reset_backend_session(s->anchor);
   pool_->close(s->slot, s->rw, s->anchor.backend, fate);
+  s->notify.store(nullptr, std::memory_order_release);  // a late notification reaches nobody
   sessions_.close(std::move(lease));
   return CKR_OK;
 }

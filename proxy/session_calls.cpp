@@ -10,17 +10,22 @@ namespace p11mux {
 namespace {
 
 // The backend hands its Notify our trampoline; the application gets its own
-// callback with the virtual handle (pkcs11-notes, "Sessions").
+// callback with the virtual handle (docs/pkcs11-facts.md, "Sessions"). The
+// callback is read once, atomically: a backend that notifies a session after
+// it was closed (its entry free, or reused without a callback) reaches nobody.
 CK_RV notify_trampoline(CK_SESSION_HANDLE, CK_NOTIFICATION event, CK_VOID_PTR context) {
   auto* session = static_cast<Session*>(context);
-  return session->notify(session->opening_handle, event, session->application);
+  CK_NOTIFY notify = session->notify.load(std::memory_order_acquire);
+  if (notify == nullptr) return CKR_OK;
+  return notify(session->opening_handle, event, session->application.load(std::memory_order_relaxed));
 }
 
 }  // namespace
 
 // With a Notify callback the backend session is the application's alone:
 // it is opened for it (with p11mux's trampoline) and closed with it, not
-// pooled, because a pooled session cannot change its callback.
+// pooled, because a pooled session cannot change its callback. It counts
+// against the slot's session limit like any other.
 CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR application,
                    CK_NOTIFY notify, CK_SESSION_HANDLE_PTR session) noexcept {
   // Checked here because a pooled session would hide the backend's refusal.
@@ -35,20 +40,11 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
   }
   lease->slot = slot;
   lease->rw = (flags & CKF_RW_SESSION) != 0;
-  lease->notify = notify;
-  lease->application = application;
-  CK_RV rv;
-  if (notify != nullptr) {
-    {
-      OptionalGuard serial(rt.backend_lock());
-      rv = rt.functions().C_OpenSession(slot, flags, lease.operator->(), &notify_trampoline,
-                                        &lease->anchor.backend);
-    }
-    // Outside the backend lock: on a slot's first use the pool takes it too.
-    if (rv == CKR_OK) rt.pool().adopt(slot, lease->rw);
-  } else {
-    rv = rt.pool().open(slot, lease->rw, lease->anchor.backend);
-  }
+  lease->application.store(application, std::memory_order_relaxed);
+  lease->notify.store(notify, std::memory_order_release);
+  CK_RV rv = notify != nullptr ? rt.pool().open_notified(slot, lease->rw, lease.operator->(),
+                                                         &notify_trampoline, lease->anchor.backend)
+                               : rt.pool().open(slot, lease->rw, lease->anchor.backend);
   if (rv != CKR_OK) {
     rt.sessions().discard(std::move(lease));
     return rv;

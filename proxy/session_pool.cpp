@@ -22,13 +22,19 @@ unsigned long token_limit(CK_ULONG reported) noexcept {
              : reported;
 }
 
-struct Idle {
+}  // namespace
+
+struct SessionPool::Idle {
   CK_SESSION_HANDLE handle;
   std::uint64_t generation;  // the slot's generation when it was given back
   SessionPool::Clock::time_point since;
 };
 
-}  // namespace
+struct SessionPool::Taken {
+  SlotPool* pool;
+  bool rw;
+  Idle idle;
+};
 
 class SessionPool::SlotPool {
  public:
@@ -42,7 +48,13 @@ class SessionPool::SlotPool {
   unsigned long open[2] = {0, 0};   // backend sessions open or being opened, [rw]
   unsigned long app_sessions = 0;   // the application's virtual sessions on this slot
   unsigned long app_read_only = 0;  // ... of which read-only
-  unsigned long limit = kUnlimited, rw_limit = kUnlimited;
+  // The limit in force; `ceiling` is the configured or reported one. Below
+  // the ceiling, the limit was learned from CKR_SESSION_COUNT: from
+  // probe_after on, one session above it may be tried (probing).
+  unsigned long limit = kUnlimited, ceiling = kUnlimited, rw_limit = kUnlimited;
+  Clock::time_point probe_after{};
+  bool probing = false;
+  bool logging_out = false;  // the last application session's C_Logout is under way
 
   std::atomic<std::uint64_t> generation{0};  // bumped when the device may have restarted
   std::atomic<std::uint32_t> returns{0};     // futex word: bumped whenever room appears
@@ -65,14 +77,31 @@ class SessionPool::SlotPool {
   }
 
   unsigned long open_total() const noexcept { return open[0] + open[1]; }
-  bool has_room(bool rw) const noexcept {
-    return open_total() < limit && (!rw || open[1] < rw_limit);
+  bool kind_has_room(bool rw) const noexcept { return !rw || open[1] < rw_limit; }
+  bool has_room(bool rw) const noexcept { return open_total() < limit && kind_has_room(rw); }
+  // At a learned limit, time to try one more (kLimitProbeInterval after the refusal).
+  bool may_probe(bool rw, Clock::time_point now) const noexcept {
+    return limit < ceiling && !probing && now >= probe_after && open_total() < ceiling &&
+           kind_has_room(rw);
+  }
+  // The backend refused a session with `open_now` open (the refused one not
+  // counted): that is the limit for now (never 0), probed again later.
+  void learn_limit(unsigned long open_now, Clock::time_point now) noexcept {
+    limit = std::max<unsigned long>(open_now, 1);
+    probe_after = now + kLimitProbeInterval;
+  }
+  // A session opened above the learned limit: the limit rises with it, and
+  // the next probe may follow at once.
+  void probe_succeeded() noexcept {
+    limit = std::min(std::max(limit, open_total()), ceiling);
+    probe_after = {};
   }
   void signal() noexcept {
     returns.fetch_add(1, std::memory_order_release);
     if (waiters.load(std::memory_order_acquire) != 0) wake_all(returns);
   }
-  // Pops an idle session of this kind and generation; stale ones go to `stale`.
+  // Pops an idle session of this kind and generation; stale ones go to `stale`
+  // (no longer counted as open: the caller closes them).
   bool pop(bool rw, CK_SESSION_HANDLE& out, std::vector<CK_SESSION_HANDLE>& stale) {
     std::uint64_t gen = generation.load(std::memory_order_acquire);
     auto& list = idle[rw];
@@ -91,7 +120,7 @@ class SessionPool::SlotPool {
 };
 
 // A thread's few idle sessions; its lock is uncontended except when another
-// thread steals from it or the pool drains it.
+// thread steals from it or the pool sweeps it.
 class SessionPool::ThreadCache {
  public:
   explicit ThreadCache(const LockSource& locks) : lock(locks) {}
@@ -104,16 +133,26 @@ class SessionPool::ThreadCache {
   std::array<Entry, kThreadCacheSize> entries{};
   std::size_t count = 0;
 
-  bool pop(SlotPool& slot, bool rw, CK_SESSION_HANDLE& out) noexcept {
+  // An idle session of this slot, kind and generation. Entries of the slot
+  // from an older generation (given back before the device said a session
+  // was gone) are stale: they are taken out too, into `stale`, and the caller
+  // closes them and stops counting them as open.
+  bool pop(SlotPool& slot, bool rw, CK_SESSION_HANDLE& out, std::vector<Taken>& stale) {
     std::uint64_t gen = slot.generation.load(std::memory_order_acquire);
+    bool found = false;
     for (std::size_t i = count; i-- > 0;) {
-      if (entries[i].slot == &slot && entries[i].rw == rw && entries[i].idle.generation == gen) {
-        out = entries[i].idle.handle;
-        entries[i] = entries[--count];
-        return true;
+      Entry& e = entries[i];
+      if (e.slot != &slot) continue;
+      if (e.idle.generation != gen) {
+        stale.push_back(Taken{e.slot, e.rw, e.idle});  // capacity reserved by the caller
+        e = entries[--count];
+      } else if (!found && e.rw == rw) {
+        out = e.idle.handle;
+        e = entries[--count];
+        found = true;
       }
     }
-    return false;
+    return found;
   }
 };
 
@@ -149,44 +188,71 @@ SessionPool::~SessionPool() {
   for (auto& s : slots_) delete s.load(std::memory_order_relaxed);
 }
 
-SessionPool::SlotPool* SessionPool::slot_pool(CK_SLOT_ID slot) noexcept {
+SessionPool::SlotPool* SessionPool::find_slot(CK_SLOT_ID slot) noexcept {
   std::size_t n = slot_count_.load(std::memory_order_acquire);
   for (std::size_t i = 0; i < n; ++i) {
     SlotPool* p = slots_[i].load(std::memory_order_acquire);
     if (p->id == slot) return p;
   }
-  // First use of this slot: learn its limits from the token (outside the registry lock).
+  return nullptr;
+}
+
+CK_RV SessionPool::slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept {
+  if ((out = find_slot(slot)) != nullptr) return CKR_OK;
+  // First use of this slot: the backend must know it (a bogus slot ID must
+  // not take a place in the table), and its token tells the session limits.
+  // Asked outside every pool lock.
   CK_TOKEN_INFO info{};
-  CK_RV info_rv = CKR_FUNCTION_NOT_SUPPORTED;
-  if (backend_.functions.C_GetTokenInfo != nullptr) {
+  CK_RV info_rv;
+  {
     OptionalGuard serial(backend_.lock);
     info_rv = backend_.functions.C_GetTokenInfo(slot, &info);
   }
-  MutexGuard guard(registry_lock_);
-  n = slot_count_.load(std::memory_order_relaxed);
-  for (std::size_t i = 0; i < n; ++i) {
-    SlotPool* p = slots_[i].load(std::memory_order_relaxed);
-    if (p->id == slot) return p;
+  if (info_rv == CKR_FUNCTION_NOT_SUPPORTED) {
+    CK_SLOT_INFO slot_info{};
+    OptionalGuard serial(backend_.lock);
+    if (CK_RV rv = backend_.functions.C_GetSlotInfo(slot, &slot_info);
+        rv != CKR_OK && rv != CKR_FUNCTION_NOT_SUPPORTED) {
+      return rv;
+    }
+  } else if (info_rv != CKR_OK) {
+    return info_rv;
   }
-  if (n == kMaxSlots) return nullptr;
-  SlotPool* p = nullptr;
-  try {
-    p = new SlotPool(slot, locks_, figures_.slot(slot));
-    p->idle[0].reserve(16);
-    p->idle[1].reserve(16);
-  } catch (...) {
-    delete p;
-    return nullptr;
+  bool full = false;
+  {
+    MutexGuard guard(registry_lock_);
+    std::size_t n = slot_count_.load(std::memory_order_relaxed);
+    for (std::size_t i = 0; i < n && out == nullptr; ++i) {
+      SlotPool* p = slots_[i].load(std::memory_order_relaxed);
+      if (p->id == slot) out = p;
+    }
+    if (out != nullptr) return CKR_OK;  // made by another thread meanwhile
+    full = n == kMaxSlots;
+    if (!full) {
+      try {
+        auto p = std::make_unique<SlotPool>(slot, locks_, figures_.slot(slot));
+        p->idle[0].reserve(16);
+        p->idle[1].reserve(16);
+        if (info_rv == CKR_OK) {
+          p->ceiling = token_limit(info.ulMaxSessionCount);
+          p->rw_limit = token_limit(info.ulMaxRwSessionCount);
+        }
+        if (config_.max_sessions) p->ceiling = std::max<unsigned long>(*config_.max_sessions, 1);
+        p->limit = p->ceiling;
+        p->rw_limit = std::min(p->rw_limit, p->ceiling);
+        out = p.release();
+      } catch (...) {
+        return CKR_HOST_MEMORY;
+      }
+      slots_[n].store(out, std::memory_order_release);
+      slot_count_.store(n + 1, std::memory_order_release);
+    }
   }
-  if (info_rv == CKR_OK) {
-    p->limit = token_limit(info.ulMaxSessionCount);
-    p->rw_limit = token_limit(info.ulMaxRwSessionCount);
+  if (full) {
+    log_.error("slot {}: more than {} slots in use; no session pool for it", slot, kMaxSlots);
+    return CKR_HOST_MEMORY;
   }
-  if (config_.max_sessions) p->limit = std::max<unsigned long>(*config_.max_sessions, 1);
-  p->rw_limit = std::min(p->rw_limit, p->limit);
-  slots_[n].store(p, std::memory_order_release);
-  slot_count_.store(n + 1, std::memory_order_release);
-  return p;
+  return CKR_OK;
 }
 
 SessionPool::ThreadCache* SessionPool::this_thread_cache(bool create) noexcept {
@@ -220,23 +286,26 @@ void SessionPool::retire(ThreadCache* cache) noexcept {
   // Slot locks only after the cache lock is released (lock order).
   for (std::size_t i = 0; i < count; ++i) {
     auto& e = entries[i];
-    MutexGuard guard(e.slot->lock);
-    try {
-      e.slot->idle[e.rw].push_back(e.idle);
-    } catch (...) {
-      --e.slot->open[e.rw];  // cannot keep it: close it
-      e.slot->closed(1, true);
-      OptionalGuard serial(backend_.lock);
-      (void)backend_.functions.C_CloseSession(e.idle.handle);
+    bool kept = true;
+    {
+      MutexGuard guard(e.slot->lock);
+      try {
+        e.slot->idle[e.rw].push_back(e.idle);
+      } catch (...) {
+        --e.slot->open[e.rw];  // cannot keep it: close it
+        kept = false;
+      }
+      e.slot->signal();
     }
-    e.slot->signal();
+    if (!kept) drop_idle(*e.slot, e.idle.handle, /*dead=*/false);
   }
 }
 
-CK_RV SessionPool::backend_open(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept {
+CK_RV SessionPool::backend_open(CK_SLOT_ID slot, bool rw, Notify notify,
+                                CK_SESSION_HANDLE& out) noexcept {
   OptionalGuard serial(backend_.lock);
   CK_FLAGS flags = CKF_SERIAL_SESSION | (rw ? CKF_RW_SESSION : 0);
-  return backend_.functions.C_OpenSession(slot, flags, nullptr, nullptr, &out);
+  return backend_.functions.C_OpenSession(slot, flags, notify.context, notify.callback, &out);
 }
 
 void SessionPool::backend_close(CK_SESSION_HANDLE handle) noexcept {
@@ -244,25 +313,48 @@ void SessionPool::backend_close(CK_SESSION_HANDLE handle) noexcept {
   (void)backend_.functions.C_CloseSession(handle);
 }
 
-CK_RV SessionPool::open(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept {
-  SlotPool* pool = slot_pool(slot);
-  if (pool == nullptr) return CKR_HOST_MEMORY;
-  CK_RV rv = take(*pool, rw, out);
-  if (rv == CKR_OK) {
-    MutexGuard guard(pool->lock);
-    ++pool->app_sessions;
-    pool->app_read_only += rw ? 0 : 1;
+// A C_Logout for the slot's last application session may be under way: a new
+// application session is counted only after it (it must not log out a login
+// made on the new session).
+void SessionPool::count_app_session(SlotPool& pool, bool rw) noexcept {
+  MutexGuard guard(pool.lock);
+  while (pool.logging_out) {
+    std::uint32_t ticket = pool.returns.load(std::memory_order_acquire);
+    pool.waiters.fetch_add(1, std::memory_order_acq_rel);
+    pool.lock.unlock();
+    timed_wait(pool.returns, ticket, std::chrono::milliseconds(10));
+    pool.lock.lock();
+    pool.waiters.fetch_sub(1, std::memory_order_acq_rel);
   }
+  ++pool.app_sessions;
+  pool.app_read_only += rw ? 0 : 1;
+}
+
+CK_RV SessionPool::open(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept {
+  SlotPool* pool = nullptr;
+  if (CK_RV rv = slot_pool(slot, pool); rv != CKR_OK) return rv;
+  CK_RV rv = take(*pool, rw, Notify{}, out);
+  if (rv == CKR_OK) count_app_session(*pool, rw);
+  return rv;
+}
+
+CK_RV SessionPool::open_notified(CK_SLOT_ID slot, bool rw, CK_VOID_PTR context, CK_NOTIFY notify,
+                                 CK_SESSION_HANDLE& out) noexcept {
+  SlotPool* pool = nullptr;
+  if (CK_RV rv = slot_pool(slot, pool); rv != CKR_OK) return rv;
+  CK_RV rv = take(*pool, rw, Notify{context, notify}, out);
+  if (rv == CKR_OK) count_app_session(*pool, rw);
   return rv;
 }
 
 CK_RV SessionPool::borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept {
-  SlotPool* pool = slot_pool(slot);
-  return pool == nullptr ? CKR_HOST_MEMORY : take(*pool, rw, out);
+  SlotPool* pool = nullptr;
+  if (CK_RV rv = slot_pool(slot, pool); rv != CKR_OK) return rv;
+  return take(*pool, rw, Notify{}, out);
 }
 
 void SessionPool::give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
-  SlotPool* pool = slot_pool(slot);
+  SlotPool* pool = find_slot(slot);
   if (pool == nullptr) {  // cannot happen for a slot that lent this session
     backend_close(handle);
     return;
@@ -279,97 +371,133 @@ void SessionPool::settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate
   }
 }
 
-void SessionPool::adopt(CK_SLOT_ID slot, bool rw) noexcept {
-  if (SlotPool* pool = slot_pool(slot)) {
-    MutexGuard guard(pool->lock);
-    ++pool->open[rw];
-    ++pool->app_sessions;
-    pool->app_read_only += rw ? 0 : 1;
-    pool->lent_new();
+// Pooled sessions are reused unless the session must be the caller's own
+// (`notify`: opened with the application's callback). At the limit, idle
+// sessions of the other kind, or any idle one for an own session, are closed
+// to make room; failing that the caller waits for a session to come back.
+CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept {
+  const bool reuse = notify.callback == nullptr;
+  std::vector<Taken> stale;
+  try {
+    stale.reserve(kThreadCacheSize);
+  } catch (...) {
+    return CKR_HOST_MEMORY;
   }
-}
-
-CK_RV SessionPool::take(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept {
-  if (ThreadCache* cache = this_thread_cache(false)) {
-    MutexGuard guard(cache->lock);
-    if (cache->pop(pool, rw, out)) {
+  if (ThreadCache* cache = this_thread_cache(false); cache != nullptr && reuse) {
+    bool found;
+    {
+      MutexGuard guard(cache->lock);
+      found = cache->pop(pool, rw, out, stale);
+    }
+    for (const Taken& t : stale) {
+      {
+        MutexGuard guard(pool.lock);
+        --pool.open[t.rw];
+        pool.signal();
+      }
+      drop_idle(pool, t.idle.handle, /*dead=*/true);
+    }
+    stale.clear();
+    if (found) {
       pool.lent_idle();
       return CKR_OK;
     }
   }
   auto deadline = Clock::now() + std::chrono::milliseconds(config_.wait_ms);
   bool waited = false;
-  std::vector<CK_SESSION_HANDLE> stale;
+  std::vector<CK_SESSION_HANDLE> stale_shared;
   for (;;) {
-    enum { reused, reserved, replace_other, full } outcome = full;
+    enum { reused, reserved, full } outcome = full;
+    bool probe = false;
     CK_SESSION_HANDLE victim = CK_INVALID_HANDLE;
     std::uint32_t ticket = 0;
+    auto now = Clock::now();
+    Clock::time_point next_probe{};
     {
       MutexGuard guard(pool.lock);
       ticket = pool.returns.load(std::memory_order_acquire);
       try {
-        if (pool.pop(rw, out, stale)) {
+        if (reuse && pool.pop(rw, out, stale_shared)) {
           outcome = reused;
-        } else if (pool.has_room(rw)) {
+        } else if (pool.has_room(rw) || (probe = pool.may_probe(rw, now))) {
           ++pool.open[rw];
+          pool.probing = probe;
           outcome = reserved;
-        } else if (!pool.idle[!rw].empty() && (!rw || pool.open[1] < pool.rw_limit)) {
-          // At the limit with idle sessions of the other kind: trade one in.
-          victim = pool.idle[!rw].back().handle;
-          pool.idle[!rw].pop_back();
-          --pool.open[!rw];
-          ++pool.open[rw];
-          outcome = replace_other;
+        } else if (pool.kind_has_room(rw)) {
+          // At the limit with an idle session in the way (of the other kind,
+          // or any for an own session): trade it in.
+          for (bool kind : {!rw, rw}) {
+            if ((kind == rw && reuse) || pool.idle[kind].empty()) continue;
+            victim = pool.idle[kind].back().handle;
+            pool.idle[kind].pop_back();
+            --pool.open[kind];
+            ++pool.open[rw];
+            outcome = reserved;
+            break;
+          }
         }
       } catch (...) {
         return CKR_HOST_MEMORY;
       }
-      if (!stale.empty()) pool.signal();
+      if (!stale_shared.empty()) pool.signal();
+      if (pool.limit < pool.ceiling) next_probe = pool.probe_after;
     }
     // Stale: given back before the device said a session was gone.
-    for (CK_SESSION_HANDLE h : stale) drop_idle(pool, h, /*dead=*/true);
-    stale.clear();
+    for (CK_SESSION_HANDLE h : stale_shared) drop_idle(pool, h, /*dead=*/true);
+    stale_shared.clear();
     if (victim != CK_INVALID_HANDLE) drop_idle(pool, victim, /*dead=*/false);
     if (outcome == reused) {
       pool.lent_idle();
       return CKR_OK;
     }
-    if (outcome == reserved || outcome == replace_other) {
-      CK_RV rv = backend_open(pool.id, rw, out);
+    if (outcome == reserved) {
+      CK_RV rv = backend_open(pool.id, rw, notify, out);
+      bool learned = false, retry = false;
+      unsigned long open_now = 0;
+      {
+        MutexGuard guard(pool.lock);
+        if (rv == CKR_OK) {
+          if (probe) pool.probe_succeeded();
+        } else {
+          --pool.open[rw];
+          if (rv == CKR_SESSION_COUNT) {
+            // The token's limit, for now, is what is open: wait for one.
+            open_now = pool.open_total();
+            pool.learn_limit(open_now, Clock::now());
+            learned = true;
+            retry = open_now > 0;
+          }
+          pool.signal();  // the reservation is free again
+        }
+        if (probe) pool.probing = false;
+      }
       if (rv == CKR_OK) {
         pool.lent_new();
         return CKR_OK;
       }
-      bool retry = false;
-      {
-        MutexGuard guard(pool.lock);
-        --pool.open[rw];
-        if (rv == CKR_SESSION_COUNT) {
-          // The token's real limit is what is open now (never 0): wait for one.
-          pool.limit = std::max<unsigned long>(pool.open_total(), 1);
-          retry = pool.open_total() > 0;
-          log_.info("slot {}: backend refused a session at {} open; limit learned", pool.id,
-                    pool.open_total());
-        }
-        pool.signal();  // the reservation is free again
+      if (learned) {
+        log_.info("slot {}: backend refused a session at {} open; limit {} for now", pool.id,
+                  open_now, std::max<unsigned long>(open_now, 1));
       }
       if (!retry) return rv;
       continue;  // the limit is now known: wait below on the next round
     }
-    if (steal(pool, rw, out)) {
+    if (reuse && steal(pool, rw, out)) {
       pool.lent_idle();
       return CKR_OK;
     }
-    // At the limit with an idle session of the other kind in some thread's
-    // cache: close it and open one of this kind in its place.
-    if (CK_SESSION_HANDLE other; steal(pool, !rw, other)) {
+    // At the limit with an idle session in some thread's cache that is in the
+    // way: close it and open one of this kind (or our own) in its place.
+    CK_SESSION_HANDLE other = CK_INVALID_HANDLE;
+    bool other_rw = !rw;
+    if (steal(pool, !rw, other) || (!reuse && steal(pool, other_rw = rw, other))) {
       drop_idle(pool, other, /*dead=*/false);
       {
         MutexGuard guard(pool.lock);
-        --pool.open[!rw];
+        --pool.open[other_rw];
         ++pool.open[rw];
       }
-      if (CK_RV rv = backend_open(pool.id, rw, out); rv == CKR_OK) {
+      if (CK_RV rv = backend_open(pool.id, rw, notify, out); rv == CKR_OK) {
         pool.lent_new();
         return CKR_OK;
       }
@@ -378,11 +506,13 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcep
       pool.signal();
       continue;
     }
-    auto now = Clock::now();
+    now = Clock::now();
     if (now >= deadline) return CKR_SESSION_COUNT;
     if (!std::exchange(waited, true)) pool.figures->waits.fetch_add(1, std::memory_order_relaxed);
+    // A learned limit may be probed before the deadline: wake for that too.
+    auto until = next_probe > now ? std::min(deadline, next_probe) : deadline;
     pool.waiters.fetch_add(1, std::memory_order_acq_rel);
-    timed_wait(pool.returns, ticket, deadline - now);
+    timed_wait(pool.returns, ticket, std::max<Clock::duration>(until - now, std::chrono::milliseconds(1)));
     pool.waiters.fetch_sub(1, std::memory_order_acq_rel);
     auto slept = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - now);
     pool.figures->wait_ns.fetch_add(static_cast<std::uint64_t>(slept.count()),
@@ -391,31 +521,58 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcep
 }
 
 // At the limit, idle sessions in other threads' caches are as good as the
-// pool's own: never wait while one sits unused.
+// pool's own: never wait while one sits unused. Stale ones met on the way
+// are closed.
 bool SessionPool::steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept {
-  MutexGuard guard(registry_lock_);
-  for (ThreadCache* cache : caches_) {
-    MutexGuard cache_guard(cache->lock);
-    if (cache->pop(pool, rw, out)) return true;
+  std::vector<Taken> stale;
+  bool found = false;
+  try {
+    MutexGuard guard(registry_lock_);
+    for (ThreadCache* cache : caches_) {
+      stale.reserve(stale.size() + kThreadCacheSize);
+      MutexGuard cache_guard(cache->lock);
+      if (cache->pop(pool, rw, out, stale)) {
+        found = true;
+        break;
+      }
+    }
+  } catch (...) {
+    // Out of memory: what was found so far is handled below.
   }
-  return false;
+  for (const Taken& t : stale) {
+    {
+      MutexGuard guard(pool.lock);
+      --pool.open[t.rw];
+      pool.signal();
+    }
+    drop_idle(pool, t.idle.handle, /*dead=*/true);
+  }
+  return found;
 }
 
 void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
-  SlotPool* pool = slot_pool(slot);
+  SlotPool* pool = find_slot(slot);
   if (pool == nullptr) {  // cannot happen for a slot that opened this session
     backend_close(handle);
     return;
   }
+  bool logout = false;
   {
     // The application's last session on the token: the spec logs it out.
     MutexGuard guard(pool->lock);
     --pool->app_sessions;
     pool->app_read_only -= rw ? 0 : 1;
-    if (pool->app_sessions == 0 && !config_.keep_login && backend_.functions.C_Logout) {
+    logout = pool->app_sessions == 0 && !config_.keep_login;
+    if (logout) pool->logging_out = true;
+  }
+  if (logout) {
+    {
       OptionalGuard serial(backend_.lock);
       (void)backend_.functions.C_Logout(handle);
     }
+    MutexGuard guard(pool->lock);
+    pool->logging_out = false;
+    pool->signal();
   }
   settle(*pool, rw, handle, fate);
 }
@@ -433,19 +590,20 @@ void SessionPool::give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) n
       }
     }
   }
-  MutexGuard guard(pool.lock);
-  try {
-    pool.idle[rw].push_back(idle);
-  } catch (...) {
-    --pool.open[rw];
-    pool.closed(1, false);
-    pool.signal();
-    OptionalGuard serial(backend_.lock);
-    (void)backend_.functions.C_CloseSession(handle);
-    return;
+  {
+    MutexGuard guard(pool.lock);
+    try {
+      pool.idle[rw].push_back(idle);
+      pool.figures->idle.add(1);
+      pool.signal();
+      return;
+    } catch (...) {
+      --pool.open[rw];
+      pool.signal();
+    }
   }
-  pool.figures->idle.add(1);
-  pool.signal();
+  pool.closed(1, false);
+  backend_close(handle);
 }
 
 void SessionPool::discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, bool dead) noexcept {
@@ -464,60 +622,93 @@ void SessionPool::drop_idle(SlotPool& pool, CK_SESSION_HANDLE handle, bool dead)
   if (dead) pool.figures->discarded_dead.fetch_add(1, std::memory_order_relaxed);
 }
 
+template <class Pick>
+void SessionPool::sweep(SlotPool* only, bool forget, Pick pick, std::vector<Taken>& out) noexcept {
+  try {
+    MutexGuard registry(registry_lock_);
+    for (std::size_t i = 0; i < slot_count_.load(std::memory_order_relaxed); ++i) {
+      SlotPool* pool = slots_[i].load(std::memory_order_relaxed);
+      if (only != nullptr && pool != only) continue;
+      MutexGuard guard(pool->lock);
+      bool taken = false;
+      for (bool rw : {false, true}) {
+        auto& list = pool->idle[rw];
+        out.reserve(out.size() + list.size());
+        auto keep = std::partition(list.begin(), list.end(),
+                                   [&](const Idle& idle) { return !pick(rw, idle); });
+        for (auto it = keep; it != list.end(); ++it) out.push_back(Taken{pool, rw, *it});
+        if (forget) pool->open[rw] -= static_cast<unsigned long>(list.end() - keep);
+        taken |= keep != list.end();
+        list.erase(keep, list.end());
+      }
+      for (ThreadCache* cache : caches_) {
+        out.reserve(out.size() + kThreadCacheSize);
+        MutexGuard cache_guard(cache->lock);
+        for (std::size_t j = cache->count; j-- > 0;) {
+          auto& e = cache->entries[j];
+          if (e.slot != pool || !pick(e.rw, e.idle)) continue;
+          out.push_back(Taken{pool, e.rw, e.idle});
+          if (forget) --pool->open[e.rw];
+          e = cache->entries[--cache->count];
+          taken = true;
+        }
+      }
+      if (taken && forget) pool->signal();
+    }
+  } catch (...) {
+    // Out of memory listing them: what was not taken stays where it was.
+  }
+}
+
 void SessionPool::invalidate(CK_SLOT_ID slot) noexcept {
-  if (SlotPool* pool = slot_pool(slot)) {
+  if (SlotPool* pool = find_slot(slot)) {
     pool->generation.fetch_add(1, std::memory_order_acq_rel);
   }
 }
 
 bool SessionPool::drain_idle(CK_SLOT_ID slot, bool read_only_only) noexcept {
-  SlotPool* pool = slot_pool(slot);
+  SlotPool* pool = find_slot(slot);
   if (pool == nullptr) return false;
-  std::vector<CK_SESSION_HANDLE> doomed;
-  bool drained = false;
-  try {
-    MutexGuard registry(registry_lock_);
+  {
     MutexGuard guard(pool->lock);
     bool app_has = read_only_only ? pool->app_read_only > 0 : pool->app_sessions > 0;
     if (app_has) return false;
-    for (bool rw : {false, true}) {
-      if (rw && read_only_only) continue;
-      for (const Idle& i : pool->idle[rw]) doomed.push_back(i.handle);
-      pool->open[rw] -= pool->idle[rw].size();
-      pool->idle[rw].clear();
-      for (ThreadCache* cache : caches_) {
-        MutexGuard cache_guard(cache->lock);
-        for (std::size_t i = cache->count; i-- > 0;) {
-          auto& e = cache->entries[i];
-          if (e.slot == pool && e.rw == rw) {
-            doomed.push_back(e.idle.handle);
-            --pool->open[rw];
-            e = cache->entries[--cache->count];
-          }
-        }
-      }
-    }
-    drained = !doomed.empty();
-    pool->signal();
-  } catch (...) {
-    // Out of memory listing them: leave the pool as it is.
   }
-  for (CK_SESSION_HANDLE h : doomed) drop_idle(*pool, h, /*dead=*/false);
-  return drained;
+  std::vector<Taken> doomed;
+  sweep(pool, /*forget=*/true, [&](bool rw, const Idle&) { return !(rw && read_only_only); },
+        doomed);
+  for (const Taken& t : doomed) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+  return !doomed.empty();
 }
 
 void SessionPool::prewarm() noexcept {
-  if (config_.prewarm == 0 || backend_.functions.C_GetSlotList == nullptr) return;
-  std::vector<CK_SLOT_ID> slots(64);
-  CK_ULONG count = slots.size();
+  if (config_.prewarm == 0) return;
+  std::vector<CK_SLOT_ID> slots;
+  CK_ULONG count = 64;
+  try {
+    slots.resize(count);
+  } catch (...) {
+    return;
+  }
   {
     OptionalGuard serial(backend_.lock);
     if (backend_.functions.C_GetSlotList(CK_TRUE, slots.data(), &count) != CKR_OK) return;
   }
-  slots.resize(count);
+  slots.resize(std::min<CK_ULONG>(count, slots.size()));
   for (CK_SLOT_ID slot : slots) {
-    SlotPool* pool = slot_pool(slot);
-    if (pool == nullptr) return;
+    // A token that is not initialized yet cannot open sessions: not a
+    // problem worth a warning at every C_Initialize.
+    CK_TOKEN_INFO info{};
+    {
+      OptionalGuard serial(backend_.lock);
+      if (backend_.functions.C_GetTokenInfo(slot, &info) == CKR_OK &&
+          (info.flags & CKF_TOKEN_INITIALIZED) == 0) {
+        log_.debug("slot {}: token not initialized; not prewarmed", slot);
+        continue;
+      }
+    }
+    SlotPool* pool = nullptr;
+    if (slot_pool(slot, pool) != CKR_OK) continue;
     for (unsigned long i = 0; i < config_.prewarm; ++i) {
       {
         MutexGuard guard(pool->lock);
@@ -525,121 +716,98 @@ void SessionPool::prewarm() noexcept {
         ++pool->open[0];
       }
       CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
-      if (CK_RV rv = backend_open(slot, false, h); rv != CKR_OK) {
-        MutexGuard guard(pool->lock);
-        --pool->open[0];
+      if (CK_RV rv = backend_open(slot, false, Notify{}, h); rv != CKR_OK) {
+        {
+          MutexGuard guard(pool->lock);
+          --pool->open[0];
+        }
         log_.warn("slot {}: prewarm stopped at {} sessions: {}", slot, i, rv_name(rv));
         break;
       }
-      MutexGuard guard(pool->lock);
-      pool->idle[0].push_back(Idle{h, pool->generation.load(), Clock::now()});
       pool->figures->open.fetch_add(1, std::memory_order_relaxed);
-      pool->figures->idle.add(1);
+      bool kept = true;
+      {
+        MutexGuard guard(pool->lock);
+        try {
+          pool->idle[0].push_back(Idle{h, pool->generation.load(), Clock::now()});
+          pool->figures->idle.add(1);
+        } catch (...) {
+          --pool->open[0];
+          kept = false;
+        }
+      }
+      if (!kept) {
+        pool->closed(1, false);
+        backend_close(h);
+        break;
+      }
     }
   }
 }
 
 void SessionPool::close_all() noexcept {
-  std::vector<std::pair<SlotPool*, CK_SESSION_HANDLE>> doomed;
-  try {
-    MutexGuard registry(registry_lock_);
-    for (std::size_t i = 0; i < slot_count_.load(); ++i) {
-      SlotPool* pool = slots_[i].load();
-      MutexGuard guard(pool->lock);
-      for (bool rw : {false, true}) {
-        for (const Idle& idle : pool->idle[rw]) doomed.emplace_back(pool, idle.handle);
-        pool->open[rw] -= pool->idle[rw].size();
-        pool->idle[rw].clear();
-      }
-      for (ThreadCache* cache : caches_) {
-        MutexGuard cache_guard(cache->lock);
-        for (std::size_t j = cache->count; j-- > 0;) {
-          auto& e = cache->entries[j];
-          if (e.slot != pool) continue;
-          doomed.emplace_back(pool, e.idle.handle);
-          --pool->open[e.rw];
-          e = cache->entries[--cache->count];
-        }
-      }
-      pool->signal();
-    }
-  } catch (...) {
-    // Out of memory: what was not listed is finalized with the backend.
-  }
-  for (auto [pool, h] : doomed) drop_idle(*pool, h, /*dead=*/false);
+  std::vector<Taken> doomed;
+  sweep(nullptr, /*forget=*/true, [](bool, const Idle&) { return true; }, doomed);
+  for (const Taken& t : doomed) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
 }
 
+// Idle sessions in the pools and in threads' caches alike: those idle longer
+// than `idle_limit` are closed, those idle longer than `keepalive` are asked
+// for their info (a round trip that keeps them alive in the HSM); one that
+// fails is closed and counted dead.
 void SessionPool::maintain(std::chrono::seconds idle_limit, std::chrono::seconds keepalive) noexcept {
-  struct Aged {
-    SlotPool* pool;
-    bool rw;
-    Idle idle;
-    bool expired;
-  };
   // The maintenance thread's backend calls are calls like any other: fork()
   // and C_Finalize wait for them.
   Module::Call call(the_module);
   if (call.runtime() == nullptr || &call.runtime()->pool() != this) return;
-  std::vector<Aged> aged;
-  auto now = Clock::now();
-  try {
-    for (std::size_t i = 0; i < slot_count_.load(); ++i) {
-      SlotPool* pool = slots_[i].load();
-      MutexGuard guard(pool->lock);
-      for (bool rw : {false, true}) {
-        auto& list = pool->idle[rw];
-        auto keep = std::partition(list.begin(), list.end(), [&](const Idle& idle) {
-          auto age = now - idle.since;
-          return !(idle_limit.count() > 0 && age > idle_limit) &&
-                 !(keepalive.count() > 0 && age > keepalive);
-        });
-        for (auto it = keep; it != list.end(); ++it) {
-          bool expired = idle_limit.count() > 0 && now - it->since > idle_limit;
-          aged.push_back(Aged{pool, rw, *it, expired});
-          if (expired) --pool->open[rw];
-        }
-        list.erase(keep, list.end());
-      }
-    }
-  } catch (...) {
-    return;
-  }
-  // Sessions in threads' caches are in use often enough not to need either.
-  for (Aged& a : aged) {
-    CK_RV rv = CKR_SESSION_CLOSED;
-    if (!a.expired) {
-      CK_SESSION_INFO info{};
+  const auto now = Clock::now();
+  auto older_than = [&](std::chrono::seconds limit, const Idle& idle) {
+    return limit.count() > 0 && now - idle.since > limit;
+  };
+  std::vector<Taken> expired, aged;
+  sweep(nullptr, /*forget=*/true,
+        [&](bool, const Idle& idle) { return older_than(idle_limit, idle); }, expired);
+  for (const Taken& t : expired) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+  // Still counted as open while pinged: the limit holds throughout.
+  sweep(nullptr, /*forget=*/false,
+        [&](bool, const Idle& idle) { return older_than(keepalive, idle); }, aged);
+  for (Taken& t : aged) {
+    CK_SESSION_INFO info{};
+    CK_RV rv;
+    {
       OptionalGuard serial(backend_.lock);
-      rv = backend_.functions.C_GetSessionInfo(a.idle.handle, &info);
-    } else {
-      drop_idle(*a.pool, a.idle.handle, /*dead=*/false);
+      rv = backend_.functions.C_GetSessionInfo(t.idle.handle, &info);
     }
-    MutexGuard guard(a.pool->lock);
-    if (!a.expired) {
+    bool kept = false;
+    {
+      MutexGuard guard(t.pool->lock);
       if (rv == CKR_OK) {
-        a.idle.since = Clock::now();
-        a.pool->idle[a.rw].push_back(a.idle);  // capacity is there: it was just removed
-      } else {
-        --a.pool->open[a.rw];  // expired inside the HSM: forget it
-        a.pool->closed(1, true);
-        a.pool->figures->discarded_dead.fetch_add(1, std::memory_order_relaxed);
+        t.idle.since = Clock::now();
+        try {
+          t.pool->idle[t.rw].push_back(t.idle);
+          kept = true;
+        } catch (...) {
+        }
       }
+      if (!kept) --t.pool->open[t.rw];
+      t.pool->signal();
     }
-    a.pool->signal();
+    // Gone inside the HSM, or no room to keep it: close it all the same.
+    if (!kept) drop_idle(*t.pool, t.idle.handle, /*dead=*/rv != CKR_OK);
   }
 }
 
 SessionPool::SlotFigures SessionPool::figures(CK_SLOT_ID slot) noexcept {
   SlotFigures f;
-  SlotPool* pool = slot_pool(slot);
+  SlotPool* pool = find_slot(slot);
   if (pool == nullptr) return f;
+  MutexGuard registry(registry_lock_);
   {
     MutexGuard guard(pool->lock);
     f.open = pool->open_total();
     f.idle = pool->idle[0].size() + pool->idle[1].size();
     f.limit = pool->limit;
   }
-  MutexGuard registry(registry_lock_);
   for (ThreadCache* cache : caches_) {
     MutexGuard guard(cache->lock);
     for (std::size_t i = 0; i < cache->count; ++i) f.idle += cache->entries[i].slot == pool;

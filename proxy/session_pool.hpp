@@ -2,19 +2,24 @@
 // per thread in front of the shared pool so that open+close on one thread
 // usually takes no shared lock.
 //
-// The pool owns every backend session that no virtual session holds. It
-// knows the token's session limit (from the configuration, the token info, or
-// learned from CKR_SESSION_COUNT) and makes C_OpenSession wait, up to
-// pool.wait_ms, for a session to come back at that limit. Every path that
-// gives a session back or gives up a reservation wakes the waiters, so none
-// sleeps past its deadline.
+// The pool owns every backend session that no virtual session holds, and
+// counts every backend session p11mux has open on a slot, so that it never
+// opens more than the token's limit (from the configuration, the token info,
+// or learned from CKR_SESSION_COUNT; a learned limit is probed again after
+// kLimitProbeInterval, so a transient refusal does not stick). It makes
+// C_OpenSession wait, up to pool.wait_ms, for a session to come back at that
+// limit. Every path that gives a session back or gives up a reservation wakes
+// the waiters, so none sleeps past its deadline.
+//
+// A slot gets a pool only once the backend has confirmed the slot exists: a
+// bogus slot ID leaves no trace.
 //
 // Its figures (open, idle, in use, waits, sessions discarded as dead) go to
 // the observer's PoolMetricsRegistry as they change, with relaxed atomics.
 //
-// Lock order (see also session_table.hpp): Session::lock, then a SlotPool's
-// lock, then the backend lock; a ThreadCache's lock is taken alone or under a
-// SlotPool's lock, never the other way round.
+// Lock order (see also session_table.hpp): Session::lock, then the registry
+// lock, then a SlotPool's lock, then a ThreadCache's lock. No backend call
+// and no log record is made under the registry, slot or cache locks.
 #pragma once
 
 #include "config.hpp"
@@ -68,9 +73,12 @@ class SessionPool {
   // the shared pool, another thread's cache, or newly opened. Counts the
   // application's session on the slot (for logout on the last close).
   CK_RV open(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept;
-  // Counts a backend session the caller opened itself (with a Notify
-  // callback) as the application's; it comes back through close(..., false).
-  void adopt(CK_SLOT_ID slot, bool rw) noexcept;
+  // A new backend session opened with the application's Notify callback
+  // (`notify`, `context`): never a pooled one, but within the slot's limit
+  // like any other (an idle session is closed to make room). It comes back
+  // through close() with Fate::close.
+  CK_RV open_notified(CK_SLOT_ID slot, bool rw, CK_VOID_PTR context, CK_NOTIFY notify,
+                      CK_SESSION_HANDLE& out) noexcept;
   // Gives a virtual session's backend session back, to be reused or closed
   // as `fate` says. Logs the token out when it was the application's last
   // session on the slot (unless pool.keep_login).
@@ -94,6 +102,11 @@ class SessionPool {
   struct SlotFigures {
     unsigned long open = 0, idle = 0, limit = 0;
   };
+  // How long a limit learned from CKR_SESSION_COUNT holds before the pool
+  // tries one session above it again.
+  static constexpr std::chrono::seconds kLimitProbeInterval{1};
+  // Slots with a pool at most (each one the backend confirmed).
+  static constexpr std::size_t kMaxSlots = 1024;
   SlotFigures figures(CK_SLOT_ID slot) noexcept;  // for tests and metrics
 
   std::uint64_t epoch() const noexcept { return epoch_; }
@@ -102,15 +115,32 @@ class SessionPool {
   class ThreadCache;
 
  private:
-  SlotPool* slot_pool(CK_SLOT_ID slot) noexcept;  // NULL when out of memory
+  struct Idle;
+  struct Taken;
+  struct Notify {
+    CK_VOID_PTR context = nullptr;
+    CK_NOTIFY callback = nullptr;
+  };
+  // The slot's pool, made on first use once the backend confirms the slot
+  // (else its CKR code: CKR_SLOT_ID_INVALID...); find_slot never makes one.
+  CK_RV slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept;
+  SlotPool* find_slot(CK_SLOT_ID slot) noexcept;
   ThreadCache* this_thread_cache(bool create) noexcept;
-  CK_RV take(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept;
+  CK_RV take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept;
   bool steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept;
+  void count_app_session(SlotPool& pool, bool rw) noexcept;
   void settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   void give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept;
   void discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, bool dead) noexcept;
   void drop_idle(SlotPool& pool, CK_SESSION_HANDLE handle, bool dead) noexcept;
-  CK_RV backend_open(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept;
+  // Takes out of the shared idle lists and every thread's cache the idle
+  // sessions of `only` (every slot when NULL) for which pick(rw, idle) is
+  // true, appending them to `out`. With `forget` they stop counting as open
+  // (the caller closes them); without, they still count (the caller puts
+  // them back or forgets them). The one sweep over pools and caches.
+  template <class Pick>
+  void sweep(SlotPool* only, bool forget, Pick pick, std::vector<Taken>& out) noexcept;
+  CK_RV backend_open(CK_SLOT_ID slot, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept;
   void backend_close(CK_SESSION_HANDLE handle) noexcept;
   void retire(ThreadCache* cache) noexcept;
   friend struct ThreadCacheOwner;
@@ -122,7 +152,6 @@ class SessionPool {
   spdlog::logger& log_;
   PoolMetricsRegistry& figures_;
 
-  static constexpr std::size_t kMaxSlots = 256;
   std::array<std::atomic<SlotPool*>, kMaxSlots> slots_{};
   std::atomic<std::size_t> slot_count_{0};
   Mutex registry_lock_;  // guards slot creation and caches_

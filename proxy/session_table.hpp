@@ -64,8 +64,9 @@ struct Session {
   CK_SLOT_ID slot = 0;
   bool rw = false;                       // R/W or R/O: the pool kind of its backend sessions
   CK_SESSION_HANDLE opening_handle = 0;  // the handle being opened, for Notify
-  CK_NOTIFY notify = nullptr;
-  CK_VOID_PTR application = nullptr;
+  // Read by the notify trampoline from inside backend calls, without the lock.
+  std::atomic<CK_NOTIFY> notify{nullptr};
+  std::atomic<CK_VOID_PTR> application{nullptr};
   // The backend session opened with the virtual session, kept until it closes.
   Binding anchor;
   // Multiplex mode: more backend sessions, for threads calling at the same time.
