@@ -119,6 +119,16 @@ class SessionPool::SlotPool {
   }
 };
 
+// Sessions taken out of one thread's cache because they are stale (at most all of them).
+struct SessionPool::Stale {
+  struct Entry {
+    bool rw;
+    CK_SESSION_HANDLE handle;
+  };
+  std::array<Entry, kThreadCacheSize> entries;
+  std::size_t count = 0;
+};
+
 // A thread's few idle sessions; its lock is uncontended except when another
 // thread steals from it or the pool sweeps it.
 class SessionPool::ThreadCache {
@@ -137,14 +147,14 @@ class SessionPool::ThreadCache {
   // from an older generation (given back before the device said a session
   // was gone) are stale: they are taken out too, into `stale`, and the caller
   // closes them and stops counting them as open.
-  bool pop(SlotPool& slot, bool rw, CK_SESSION_HANDLE& out, std::vector<Taken>& stale) {
+  bool pop(SlotPool& slot, bool rw, CK_SESSION_HANDLE& out, SessionPool::Stale& stale) noexcept {
     std::uint64_t gen = slot.generation.load(std::memory_order_acquire);
     bool found = false;
     for (std::size_t i = count; i-- > 0;) {
       Entry& e = entries[i];
       if (e.slot != &slot) continue;
       if (e.idle.generation != gen) {
-        stale.push_back(Taken{e.slot, e.rw, e.idle});  // capacity reserved by the caller
+        stale.entries[stale.count++] = {e.rw, e.idle.handle};
         e = entries[--count];
       } else if (!found && e.rw == rw) {
         out = e.idle.handle;
@@ -377,27 +387,14 @@ void SessionPool::settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate
 // to make room; failing that the caller waits for a session to come back.
 CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept {
   const bool reuse = notify.callback == nullptr;
-  std::vector<Taken> stale;
-  try {
-    stale.reserve(kThreadCacheSize);
-  } catch (...) {
-    return CKR_HOST_MEMORY;
-  }
   if (ThreadCache* cache = this_thread_cache(false); cache != nullptr && reuse) {
+    Stale stale;
     bool found;
     {
       MutexGuard guard(cache->lock);
       found = cache->pop(pool, rw, out, stale);
     }
-    for (const Taken& t : stale) {
-      {
-        MutexGuard guard(pool.lock);
-        --pool.open[t.rw];
-        pool.signal();
-      }
-      drop_idle(pool, t.idle.handle, /*dead=*/true);
-    }
-    stale.clear();
+    if (stale.count != 0) [[unlikely]] drop_stale(pool, stale);
     if (found) {
       pool.lent_idle();
       return CKR_OK;
@@ -524,30 +521,31 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
 // pool's own: never wait while one sits unused. Stale ones met on the way
 // are closed.
 bool SessionPool::steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept {
-  std::vector<Taken> stale;
-  bool found = false;
-  try {
-    MutexGuard guard(registry_lock_);
-    for (ThreadCache* cache : caches_) {
-      stale.reserve(stale.size() + kThreadCacheSize);
-      MutexGuard cache_guard(cache->lock);
-      if (cache->pop(pool, rw, out, stale)) {
-        found = true;
-        break;
+  for (bool found = false;;) {
+    Stale stale;
+    {
+      MutexGuard guard(registry_lock_);
+      for (ThreadCache* cache : caches_) {
+        MutexGuard cache_guard(cache->lock);
+        found = cache->pop(pool, rw, out, stale);
+        if (found || stale.count != 0) break;
       }
     }
-  } catch (...) {
-    // Out of memory: what was found so far is handled below.
+    if (stale.count == 0) return found;
+    drop_stale(pool, stale);  // outside the locks; then look again
+    if (found) return true;
   }
-  for (const Taken& t : stale) {
-    {
-      MutexGuard guard(pool.lock);
-      --pool.open[t.rw];
-      pool.signal();
-    }
-    drop_idle(pool, t.idle.handle, /*dead=*/true);
+}
+
+void SessionPool::drop_stale(SlotPool& pool, const Stale& stale) noexcept {
+  {
+    MutexGuard guard(pool.lock);
+    for (std::size_t i = 0; i < stale.count; ++i) --pool.open[stale.entries[i].rw];
+    pool.signal();
   }
-  return found;
+  for (std::size_t i = 0; i < stale.count; ++i) {
+    drop_idle(pool, stale.entries[i].handle, /*dead=*/true);
+  }
 }
 
 void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {

@@ -128,6 +128,9 @@ class SessionPool {
   ThreadCache* this_thread_cache(bool create) noexcept;
   CK_RV take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept;
   bool steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept;
+  struct Stale;
+  // Closes stale sessions taken out of a thread's cache; they no longer count as open.
+  void drop_stale(SlotPool& pool, const Stale& stale) noexcept;
   void count_app_session(SlotPool& pool, bool rw) noexcept;
   void settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   void give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept;
