@@ -50,18 +50,30 @@ class SessionPool {
   SessionPool& operator=(const SessionPool&) = delete;
 
   // What becomes of a backend session given back: pooled again, closed
-  // (it could not be reset), or closed and counted as dead (a call marked it
-  // discard: the backend said the session or device is gone).
-  enum class Fate { reuse, close, dead };
+  // because p11mux cannot prove it clean (counted by reason), or closed and
+  // counted as dead (a call marked it discard: the backend said the session
+  // or device is gone).
+  struct Fate {
+    enum Kind : std::uint8_t { reuse, close, dead };
+    Kind kind = reuse;
+    CloseReason why{};  // with close
+    constexpr Fate(Kind k = reuse) noexcept : kind(k) {}  // NOLINT: Fate::reuse, Fate::dead
+    static constexpr Fate closed(CloseReason why) noexcept {
+      Fate f(close);
+      f.why = why;
+      return f;
+    }
+    constexpr bool operator==(Kind k) const noexcept { return kind == k; }
+  };
 
   // A backend session for a multiplexed call, and its return: like open()
   // and close() but not the application's session (no login accounting).
   CK_RV borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept;
   void give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   // A backend session given back without a reset: pooled again unless a
-  // call marked it discard (Binding::discard, Binding::dead).
-  static Fate unreset_fate(bool discard, bool dead) noexcept {
-    return !discard ? Fate::reuse : dead ? Fate::dead : Fate::close;
+  // call marked it discard (Binding::discard, Binding::dead, Binding::why).
+  static Fate unreset_fate(bool discard, bool dead, CloseReason why) noexcept {
+    return !discard ? Fate::reuse : dead ? Fate::dead : Fate::closed(why);
   }
 
   // A backend session for a new virtual session: from this thread's cache,
@@ -108,7 +120,7 @@ class SessionPool {
   bool steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept;
   void settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   void give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept;
-  void discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, bool dead) noexcept;
+  void discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   void drop_idle(SlotPool& pool, CK_SESSION_HANDLE handle, bool dead) noexcept;
   CK_RV backend_open(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept;
   void backend_close(CK_SESSION_HANDLE handle) noexcept;
