@@ -378,5 +378,33 @@ TEST_CASE("a per-message call never ends its message-based operation, errors inc
       op::message_verify);
 }
 
+// C_SessionCancel names operations, not a backend session: from any thread it
+// reaches the backend sessions that hold them.
+TEST_CASE("C_SessionCancel from another thread cancels the operation where it runs") {
+  MockConfig c{};
+  c.provide_v3 = 1;
+  Proxy proxy(c, nullptr, kMultiplex);
+  CK_FUNCTION_LIST_3_0* p3 = v3().list;
+  CK_SESSION_HANDLE shared = proxy.open();
+  CK_MECHANISM digest = sha256();
+  CK_OBJECT_HANDLE key = make_key_pair(proxy, shared);
+  CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
+  REQUIRE(proxy.p11->C_DigestInit(shared, &digest) == CKR_OK);
+  // Another thread's sign operation, on another backend session.
+  std::thread([&] {
+    REQUIRE(proxy.p11->C_DigestInit(shared, &digest) == CKR_OK);
+    REQUIRE(proxy.p11->C_SignInit(shared, &ecdsa, key) == CKR_OK);
+  }).join();
+  CK_RV cancelled = CKR_GENERAL_ERROR;
+  std::thread([&] { cancelled = p3->C_SessionCancel(shared, CKF_DIGEST | CKF_SIGN); }).join();
+  CHECK(cancelled == CKR_OK);
+  // Both digests and the signature are gone: Init succeeds again on each thread.
+  CHECK(proxy.p11->C_DigestInit(shared, &digest) == CKR_OK);
+  std::thread([&] {
+    CHECK(proxy.p11->C_DigestInit(shared, &digest) == CKR_OK);
+    CHECK(proxy.p11->C_SignInit(shared, &ecdsa, key) == CKR_OK);
+  }).join();
+}
+
 }  // namespace
 }  // namespace p11mux::test
