@@ -57,9 +57,13 @@ class SessionPool {
     enum Kind : std::uint8_t { reuse, close, dead };
     Kind kind = reuse;
     CloseReason why{};  // with close
-    constexpr Fate(Kind k = reuse) noexcept : kind(k) {}  // NOLINT: Fate::reuse, Fate::dead
+    // Fate::reuse or Fate::dead; a close needs its reason: Fate::closed(why).
+    consteval Fate(Kind k = reuse) : kind(k) {  // NOLINT: implicit on purpose
+      if (k == close) throw "SessionPool::Fate: a close needs a reason, Fate::closed(why)";
+    }
     static constexpr Fate closed(CloseReason why) noexcept {
-      Fate f(close);
+      Fate f;
+      f.kind = close;
       f.why = why;
       return f;
     }
