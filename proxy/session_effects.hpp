@@ -92,6 +92,7 @@ CreatedBy<F> find_created(Runtime& rt, CK_SESSION_HANDLE backend, CK_RV rv, Rest
       }
     }
     if (!keys.complete) created.deny(CloseReason::object_untracked);
+    if (created.unclean) return created;  // closed at the end: what it made dies with it
     for (std::size_t i = 0; i < keys.count; ++i) {
       CK_BBOOL on_token = CK_FALSE;
       CK_ATTRIBUTE query{CKA_TOKEN, &on_token, sizeof on_token};
