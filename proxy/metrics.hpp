@@ -9,6 +9,7 @@
 // snapshot taken while calls run is a consistent lower bound.
 #pragma once
 
+#include "close_reason.hpp"
 #include "function_traits.hpp"
 #include "lock.hpp"
 #include "thread_shard.hpp"
@@ -142,6 +143,8 @@ struct SlotPoolMetrics {
   std::atomic<std::uint64_t> waits{0};  // C_OpenSession calls that waited at the session limit
   std::atomic<std::uint64_t> wait_ns{0};         // the total time those calls waited
   std::atomic<std::uint64_t> discarded_dead{0};  // sessions dropped because the backend said gone
+  // Sessions closed instead of pooled: p11mux could not prove them clean.
+  std::array<std::atomic<std::uint64_t>, kCloseReasonCount> unclean{};
 };
 
 // One SlotPoolMetrics per slot, created on first use and never moved or freed

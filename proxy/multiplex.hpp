@@ -25,6 +25,8 @@
 #include <chrono>
 #include <cstdint>
 #include <thread>
+#include <type_traits>
+#include <vector>
 
 namespace p11mux {
 
@@ -76,7 +78,10 @@ template <class F>
     }
   }
   if (b == nullptr) b = find_binding(s, [&](Binding& x) { return !x.busy && x.owner == me; });
-  if (b == nullptr) b = find_binding(s, [&](Binding& x) { return !x.busy && x.ops == 0; });
+  // Not one an error may have left an operation on: its owner may still end it.
+  if (b == nullptr) {
+    b = find_binding(s, [&](Binding& x) { return !x.busy && (x.ops | x.maybe) == 0; });
+  }
   if (b != nullptr) {
     b->busy = true;
     b->owner = me;
@@ -196,15 +201,102 @@ struct Release {
 
 // With s.lock held, after a call on an extra binding.
 [[gnu::noinline]] inline Release detach_if_idle(Session& s, Binding& b) noexcept {
-  if (b.ops != 0 || !b.objects.empty()) return {};
-  Release r{b.backend, SessionPool::unreset_fate(b.discard, b.dead), s.slot, s.rw};
+  if (b.ops != 0 || b.maybe != 0 || !b.objects.empty()) return {};
+  Release r{b.backend, SessionPool::unreset_fate(b.discard, b.dead, b.why), s.slot, s.rw};
   b.clear();
   return r;
+}
+
+// C_SessionCancel names operations, not a backend session: it runs on every
+// binding that holds (or may hold) one of them, once none of those is busy.
+// False, with nothing done, when no binding holds any: then it runs where
+// any other call would.
+template <class Observation, class CallBackend>
+[[gnu::cold, gnu::noinline]] bool cancel_where_held(Runtime& rt, Observation& seen,
+                                                    CallBackend call_backend, CK_SESSION_HANDLE handle,
+                                                    CK_FLAGS flags, CK_RV& rv) noexcept {
+  using F = fn::C_SessionCancel;
+  const OpMask named = ops_of_cancel_flags(flags);
+  // Flags p11mux does not know go to every binding it cancels on.
+  const CK_FLAGS unknown = flags & ~cancel_flags(kAllOps);
+  struct Target {
+    Binding* binding;
+    CK_FLAGS flags;
+    CK_RV rv;
+  };
+  std::vector<Target> targets;
+  std::vector<Release> releases;
+  Session* s = nullptr;
+  try {
+    targets.reserve(4);
+    SessionLease lease = seen.lease(rt.sessions(), handle);
+    if (!lease) {
+      rv = CKR_SESSION_HANDLE_INVALID;
+      return true;
+    }
+    s = &*lease;
+    enter_call(*s);
+    for (;;) {
+      bool busy = false;
+      targets.clear();
+      find_binding(*s, [&](Binding& x) {
+        if (const OpMask held = (x.ops | x.maybe) & named; held != 0) {
+          busy = busy || x.busy;
+          targets.push_back({&x, (flags & cancel_flags(held)) | unknown, CKR_OK});
+        }
+        return false;
+      });
+      if (targets.empty() || s->closing) {
+        leave_call(*s);
+        if (targets.empty()) return false;
+        rv = CKR_SESSION_CLOSED;
+        return true;
+      }
+      if (!busy) break;
+      const std::uint32_t now = s->in_flight.fetch_add(kWaiter, std::memory_order_relaxed) + kWaiter;
+      s->lock.unlock();
+      timed_wait(s->in_flight, now, std::chrono::milliseconds(10));  // the bound is a backstop
+      s->lock.lock();
+      s->in_flight.fetch_sub(kWaiter, std::memory_order_relaxed);
+    }
+    releases.reserve(targets.size());
+    for (Target& t : targets) t.binding->busy = true;
+  } catch (...) {
+    if (s != nullptr) {
+      MutexGuard guard(s->lock);
+      leave_call(*s);
+    }
+    rv = CKR_HOST_MEMORY;
+    return true;
+  }
+  seen.ran_on(targets.front().binding->backend);
+  rv = CKR_OK;
+  for (Target& t : targets) {
+    t.rv = call_backend(t.binding->backend, t.flags);
+    if (rv == CKR_OK) rv = t.rv;
+  }
+  {
+    MutexGuard guard(s->lock);
+    for (Target& t : targets) {
+      Binding& b = *t.binding;
+      record_call<F>(rt, b, s->slot, t.rv, NothingCreated{}, t.flags);
+      b.busy = false;
+      if (&b != &s->anchor) {
+        if (Release r = detach_if_idle(*s, b); r.backend != CK_INVALID_HANDLE) releases.push_back(r);
+      }
+    }
+    leave_call(*s);
+  }
+  for (const Release& r : releases) rt.pool().give(r.slot, r.rw, r.backend, r.fate);
+  return true;
 }
 
 template <class F, class Observation, class CallBackend, class... Rest>
 [[gnu::noinline]] CK_RV forward_multiplexed(Runtime& rt, Observation& seen, CallBackend call_backend,
                                             CK_SESSION_HANDLE handle, Rest... rest) noexcept {
+  if constexpr (std::is_same_v<F, fn::C_SessionCancel>) {
+    if (CK_RV rv; cancel_where_held(rt, seen, call_backend, handle, rest..., rv)) return rv;
+  }
   const auto me = std::this_thread::get_id();
   Session* s = nullptr;
   Binding* b = nullptr;
@@ -221,10 +313,19 @@ template <class F, class Observation, class CallBackend, class... Rest>
   seen.ran_on(b->backend);
   CK_RV rv = call_backend(b->backend, rest...);
   if (drained_for_retry<F>(rt, s->slot, rv, rest...)) [[unlikely]] rv = call_backend(b->backend, rest...);
+  // Backend calls for what the call created, before the lock (the binding is
+  // ours while busy).
+  const CreatedBy<F> created = find_created<F>(rt, b->backend, rv, rest...);
   Release release;
   {
     MutexGuard guard(s->lock);
-    note_call<F>(rt, *b, s->slot, rv, rest...);
+    record_call<F>(rt, *b, s->slot, rv, created, rest...);
+    if constexpr (std::is_same_v<F, fn::C_DestroyObject>) {
+      // The object may have been created through another binding.
+      if (rv == CKR_OK) {
+        find_binding(*s, [&](Binding& x) { return forget_object(x, rest...), false; });
+      }
+    }
     b->busy = false;
     if (b != &s->anchor) [[unlikely]] release = detach_if_idle(*s, *b);
     leave_call(*s);

@@ -8,6 +8,12 @@
 // length query (NULL output buffer) or returned CKR_BUFFER_TOO_SMALL; any other
 // error from an Update or final call ends it too. When in doubt an operation
 // is kept "active": a needless reset is cheap, a dirty pooled session is not.
+//
+// Backends bend these rules (SoftHSM2 keeps a digest active after C_DigestKey
+// fails), so p11mux keeps two masks: `ops`, what the spec says is active,
+// which multiplex mode routes calls by; and `maybe`, what an error may have
+// left active on a backend that ignores the spec. Both must be empty, or be
+// cancelled, before a backend session is pooled again.
 #pragma once
 
 #include "function_traits.hpp"
@@ -25,9 +31,12 @@ inline constexpr OpMask encrypt = 1 << 0, decrypt = 1 << 1, digest = 1 << 2, sig
                         message_sign = 1 << 10, message_verify = 1 << 11;
 }  // namespace op
 
+inline constexpr OpMask kAllOps = (op::message_verify << 1) - 1;
+
 // `message`: one message of a v3.0 message-based operation, which needs the
 // operation (so multiplex mode runs it where the operation is) but never ends it.
-enum class Step : std::uint8_t { none, start, update, finish, cancel, create, message };
+// `restore`: C_SetOperationState, which may make any operation active.
+enum class Step : std::uint8_t { none, start, update, finish, cancel, create, message, restore };
 
 struct Effect {
   Step step = Step::none;
@@ -97,6 +106,7 @@ P11MUX_EFFECT(C_VerifyMessage, message, op::message_verify)
 P11MUX_EFFECT(C_VerifyMessageBegin, message, op::message_verify)
 P11MUX_EFFECT(C_VerifyMessageNext, message, op::message_verify)
 P11MUX_EFFECT(C_SessionCancel, cancel, 0)
+P11MUX_EFFECT(C_SetOperationState, restore, kAllOps)
 // Functions that may create session objects (CKA_TOKEN false).
 P11MUX_EFFECT(C_CreateObject, create, 0)
 P11MUX_EFFECT(C_CopyObject, create, 0)
@@ -126,7 +136,7 @@ constexpr CK_FLAGS cancel_flags(OpMask ops) noexcept {
 
 constexpr OpMask ops_of_cancel_flags(CK_FLAGS f) noexcept {
   OpMask m = 0;
-  for (OpMask bit = 1; bit != 0 && bit <= op::message_verify; bit = static_cast<OpMask>(bit << 1)) {
+  for (OpMask bit = 1; bit != 0 && bit <= kAllOps; bit = static_cast<OpMask>(bit << 1)) {
     if (cancel_flags(bit) & f) m |= bit;
   }
   return m;
@@ -177,6 +187,36 @@ constexpr OpMask ops_after(OpMask before, CK_RV rv, A... args) noexcept {
     return static_cast<OpMask>(before & ~ops_of_cancel_flags(std::get<1>(std::tuple<A...>{args...})));
   } else {
     return before;
+  }
+}
+
+// The operations an error may have left active after a call, on a backend
+// that does not end them as the spec says (`maybe`, before and after), given
+// those the spec says were active before it (`ops`). Any error from a call
+// that would end or continue an operation leaves it "maybe active" until a
+// successful Init or final call, or a C_SessionCancel, proves otherwise.
+template <class F, class... A>
+constexpr OpMask maybe_after(OpMask ops, OpMask maybe, CK_RV rv, A... args) noexcept {
+  constexpr Effect e = effect<F>;
+  const auto without = [&](OpMask m) { return static_cast<OpMask>(maybe & ~m); };
+  const OpMask held = static_cast<OpMask>((ops | maybe) & e.ops);
+  if constexpr (e.step == Step::start) {
+    // A successful Init: the backend had no such operation left.
+    return rv == CKR_OK ? without(e.ops) : maybe;
+  } else if constexpr (e.step == Step::update) {
+    if (rv == CKR_OK || rv == CKR_BUFFER_TOO_SMALL) return maybe;
+    return static_cast<OpMask>(maybe | held);
+  } else if constexpr (e.step == Step::finish) {
+    if (rv == CKR_BUFFER_TOO_SMALL || (rv == CKR_OK && is_length_query<F>(args...))) return maybe;
+    return rv == CKR_OK ? without(e.ops) : static_cast<OpMask>(maybe | held);
+  } else if constexpr (e.step == Step::cancel) {
+    if (rv != CKR_OK) return maybe;
+    return without(ops_of_cancel_flags(std::get<1>(std::tuple<A...>{args...})));
+  } else if constexpr (e.step == Step::restore) {
+    // Whatever the saved state held, successful or not: p11mux cannot see it.
+    return static_cast<OpMask>(maybe | e.ops);
+  } else {
+    return maybe;
   }
 }
 

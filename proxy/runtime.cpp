@@ -83,22 +83,31 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
 Runtime::~Runtime() { observer_->stop(); }
 
 // Ends what the virtual session left behind, so that the next user of the
-// backend session sees none of it: active operations (v3.0 C_SessionCancel,
-// or C_FindObjectsFinal for a search), and the session objects it created.
-// Fate::close when that is not possible or a call marked it discard;
-// Fate::dead when the backend said the session or device is gone.
+// backend session sees none of it: active operations, those an error may have
+// left active (v3.0 C_SessionCancel, or C_FindObjectsFinal for a search), and
+// the session objects it created. Fate::reuse only when that is proven done;
+// otherwise closed, with the reason counted (deny by default); Fate::dead when
+// the backend said the session or device is gone.
 SessionPool::Fate Runtime::reset_backend_session(Binding& s) noexcept {
   using Fate = SessionPool::Fate;
-  if (s.discard) return SessionPool::unreset_fate(s.discard, s.dead);
+  if (s.discard) return SessionPool::unreset_fate(s.discard, s.dead, s.why);
   OptionalGuard serial(backend_lock());
-  if (s.ops != 0 && functions_.C_SessionCancel(s.backend, cancel_flags(s.ops)) == CKR_OK) {
-    s.ops = 0;
+  const OpMask pending = s.ops | s.maybe;
+  if (pending != 0 && functions_.C_SessionCancel(s.backend, cancel_flags(pending)) == CKR_OK) {
+    s.ops = s.maybe = 0;
   }
-  if (s.ops == op::find && functions_.C_FindObjectsFinal(s.backend) == CKR_OK) s.ops = 0;
-  if (s.ops != 0) return Fate::close;
+  if ((s.ops | s.maybe) == op::find) {
+    // Either answer proves no search is left.
+    CK_RV rv = functions_.C_FindObjectsFinal(s.backend);
+    if (rv == CKR_OK || rv == CKR_OPERATION_NOT_INITIALIZED) s.ops = s.maybe = 0;
+  }
+  if (s.ops != 0) return Fate::closed(CloseReason::operation_active);
+  if (s.maybe != 0) return Fate::closed(CloseReason::operation_maybe_active);
   for (CK_OBJECT_HANDLE object : s.objects) {
     CK_RV rv = functions_.C_DestroyObject(s.backend, object);
-    if (rv != CKR_OK && rv != CKR_OBJECT_HANDLE_INVALID) return Fate::close;
+    if (rv != CKR_OK && rv != CKR_OBJECT_HANDLE_INVALID) {
+      return Fate::closed(CloseReason::object_not_destroyed);
+    }
   }
   s.objects.clear();
   return Fate::reuse;
@@ -125,7 +134,7 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
   // A session opened with a Notify callback carries the application's
   // callback: never reused.
   SessionPool::Fate fate = s->notify.load(std::memory_order_relaxed) != nullptr && !s->anchor.discard
-                               ? SessionPool::Fate::close
+                               ? SessionPool::Fate::closed(CloseReason::notify_callback)
                                : reset_backend_session(s->anchor);
   pool_->close(s->slot, s->rw, s->anchor.backend, fate);
   s->notify.store(nullptr, std::memory_order_release);  // a late notification reaches nobody

@@ -377,7 +377,7 @@ void SessionPool::settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate
   if (fate == Fate::reuse) {
     give_back(pool, rw, handle);
   } else {
-    discard(pool, rw, handle, fate == Fate::dead);
+    discard(pool, rw, handle, fate);
   }
 }
 
@@ -604,10 +604,15 @@ void SessionPool::give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) n
   backend_close(handle);
 }
 
-void SessionPool::discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, bool dead) noexcept {
+void SessionPool::discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
   backend_close(handle);
   pool.closed(1, false);
-  if (dead) pool.figures->discarded_dead.fetch_add(1, std::memory_order_relaxed);
+  if (fate == Fate::dead) {
+    pool.figures->discarded_dead.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    auto& counter = pool.figures->unclean[static_cast<std::size_t>(fate.why)];
+    counter.fetch_add(1, std::memory_order_relaxed);
+  }
   MutexGuard guard(pool.lock);
   --pool.open[rw];
   pool.signal();

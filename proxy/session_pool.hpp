@@ -55,18 +55,34 @@ class SessionPool {
   SessionPool& operator=(const SessionPool&) = delete;
 
   // What becomes of a backend session given back: pooled again, closed
-  // (it could not be reset), or closed and counted as dead (a call marked it
-  // discard: the backend said the session or device is gone).
-  enum class Fate { reuse, close, dead };
+  // because p11mux cannot prove it clean (counted by reason), or closed and
+  // counted as dead (a call marked it discard: the backend said the session
+  // or device is gone).
+  struct Fate {
+    enum Kind : std::uint8_t { reuse, close, dead };
+    Kind kind = reuse;
+    CloseReason why{};  // with close
+    // Fate::reuse or Fate::dead; a close needs its reason: Fate::closed(why).
+    consteval Fate(Kind k = reuse) : kind(k) {  // NOLINT: implicit on purpose
+      if (k == close) throw "SessionPool::Fate: a close needs a reason, Fate::closed(why)";
+    }
+    static constexpr Fate closed(CloseReason why) noexcept {
+      Fate f;
+      f.kind = close;
+      f.why = why;
+      return f;
+    }
+    constexpr bool operator==(Kind k) const noexcept { return kind == k; }
+  };
 
   // A backend session for a multiplexed call, and its return: like open()
   // and close() but not the application's session (no login accounting).
   CK_RV borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept;
   void give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   // A backend session given back without a reset: pooled again unless a
-  // call marked it discard (Binding::discard, Binding::dead).
-  static Fate unreset_fate(bool discard, bool dead) noexcept {
-    return !discard ? Fate::reuse : dead ? Fate::dead : Fate::close;
+  // call marked it discard (Binding::discard, Binding::dead, Binding::why).
+  static Fate unreset_fate(bool discard, bool dead, CloseReason why) noexcept {
+    return !discard ? Fate::reuse : dead ? Fate::dead : Fate::closed(why);
   }
 
   // A backend session for a new virtual session: from this thread's cache,
@@ -76,7 +92,7 @@ class SessionPool {
   // A new backend session opened with the application's Notify callback
   // (`notify`, `context`): never a pooled one, but within the slot's limit
   // like any other (an idle session is closed to make room). It comes back
-  // through close() with Fate::close.
+  // through close(), closed with CloseReason::notify_callback.
   CK_RV open_notified(CK_SLOT_ID slot, bool rw, CK_VOID_PTR context, CK_NOTIFY notify,
                       CK_SESSION_HANDLE& out) noexcept;
   // Gives a virtual session's backend session back, to be reused or closed
@@ -134,7 +150,7 @@ class SessionPool {
   void count_app_session(SlotPool& pool, bool rw) noexcept;
   void settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   void give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept;
-  void discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, bool dead) noexcept;
+  void discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   void drop_idle(SlotPool& pool, CK_SESSION_HANDLE handle, bool dead) noexcept;
   // Takes out of the shared idle lists and every thread's cache the idle
   // sessions of `only` (every slot when NULL) for which pick(rw, idle) is

@@ -12,6 +12,7 @@
 // never held across a backend call.
 #pragma once
 
+#include "close_reason.hpp"
 #include "lock.hpp"
 
 #include <p11mux/pkcs11.h>
@@ -32,7 +33,9 @@ namespace p11mux {
 struct Binding {
   CK_SESSION_HANDLE backend = CK_INVALID_HANDLE;
   std::uint16_t ops = 0;       // operations active on it (OpMask, operation_state.hpp)
+  std::uint16_t maybe = 0;     // operations an error may have left active (OpMask)
   bool discard = false;        // close it at the end, never reuse it
+  CloseReason why{};           // with discard, unless dead: why (counted by the pool)
   bool dead = false;           // the backend said it (or its device) is gone: discard, counted
   bool busy = false;           // multiplex: a call is running on it
   std::thread::id owner;       // multiplex: the thread that used it last
@@ -40,8 +43,9 @@ struct Binding {
 
   void clear() noexcept {
     backend = CK_INVALID_HANDLE;
-    ops = 0;
+    ops = maybe = 0;
     discard = dead = busy = false;
+    why = {};
     owner = {};
     objects.clear();
   }

@@ -87,10 +87,13 @@ void json_latency(Text& t, const HistogramCounts& h) {
 std::vector<SlotFigures> slot_figures(const PoolMetricsRegistry& pools) {
   std::vector<SlotFigures> out;
   pools.for_each([&](CK_SLOT_ID slot, const SlotPoolMetrics& m) {
-    out.push_back({slot, m.open.load(std::memory_order_relaxed), m.idle.load(std::memory_order_relaxed),
-                   m.in_use.load(std::memory_order_relaxed), m.waits.load(std::memory_order_relaxed),
-                   m.wait_ns.load(std::memory_order_relaxed),
-                   m.discarded_dead.load(std::memory_order_relaxed)});
+    SlotFigures& f = out.emplace_back(SlotFigures{
+        slot, m.open.load(std::memory_order_relaxed), m.idle.load(std::memory_order_relaxed),
+        m.in_use.load(std::memory_order_relaxed), m.waits.load(std::memory_order_relaxed),
+        m.wait_ns.load(std::memory_order_relaxed), m.discarded_dead.load(std::memory_order_relaxed)});
+    for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
+      f.unclean[r] = m.unclean[r].load(std::memory_order_relaxed);
+    }
   });
   std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.slot < b.slot; });
   return out;
@@ -158,6 +161,15 @@ std::string prometheus_text(const MetricsSnapshot& m, const LiveFigures& live) {
     family(t, p.name, p.type, p.help);
     for (const SlotFigures& s : live.slots) t.put("{}{{slot=\"{}\"}} {}\n", p.name, s.slot, p.value(s));
   }
+  family(t, "p11mux_pool_sessions_unclean_total", "counter",
+         "Backend sessions closed instead of pooled because p11mux could not prove them clean, "
+         "by slot and reason.");
+  for (const SlotFigures& s : live.slots) {
+    for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
+      t.put("p11mux_pool_sessions_unclean_total{{slot=\"{}\",reason=\"{}\"}} {}\n", s.slot,
+            kCloseReasonNames[r], s.unclean[r]);
+    }
+  }
 
   family(t, "p11mux_log_records_dropped_total", "counter",
          "Log records dropped because the asynchronous log queue was full.");
@@ -197,9 +209,15 @@ std::string stats_json(const MetricsSnapshot& m, const LiveFigures& live) {
   for (std::size_t i = 0; i < live.slots.size(); ++i) {
     const SlotFigures& s = live.slots[i];
     t.put("{}{{\"slot\":{},\"open\":{},\"idle\":{},\"in_use\":{},\"waits\":{},\"wait_us\":{:.3f},"
-          "\"discarded_dead\":{}}}",
+          "\"discarded_dead\":{},\"closed_unclean\":{{",
           i == 0 ? "" : ",", s.slot, s.open, s.idle, s.in_use, s.waits,
           micros(static_cast<double>(s.wait_ns)), s.discarded_dead);
+    for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
+      t.put("{}", r == 0 ? "" : ",");
+      json_string(t, kCloseReasonNames[r]);
+      t.put(":{}", s.unclean[r]);
+    }
+    t.put("}}}}");
   }
   t.put("]}}\n");
   return t.take();
@@ -246,10 +264,16 @@ std::vector<std::string> summary_lines(const MetricsSnapshot& m, const LiveFigur
                                 micros(static_cast<double>(m.lock_wait.max_ns))));
   }
   for (const SlotFigures& s : live.slots) {
+    std::string unclean;
+    for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
+      if (s.unclean[r] == 0) continue;
+      unclean += fmt::format("{} {} {}", unclean.empty() ? "" : ",", kCloseReasonNames[r], s.unclean[r]);
+    }
     lines.push_back(fmt::format("  slot {} pool: {} open ({} idle, {} in use), {} waits ({:.1f} ms), "
-                                "{} discarded dead",
+                                "{} discarded dead, closed unclean:{}",
                                 s.slot, s.open, s.idle, s.in_use, s.waits,
-                                static_cast<double>(s.wait_ns) / 1e6, s.discarded_dead));
+                                static_cast<double>(s.wait_ns) / 1e6, s.discarded_dead,
+                                unclean.empty() ? " none" : unclean));
   }
   if (live.log_records_dropped != 0) {
     lines.push_back(fmt::format("  log: {} records dropped (asynchronous queue full)", live.log_records_dropped));

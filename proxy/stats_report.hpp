@@ -5,6 +5,7 @@
 
 #include "metrics.hpp"
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -15,6 +16,7 @@ struct SlotFigures {
   CK_SLOT_ID slot = 0;
   std::int64_t open = 0, idle = 0, in_use = 0;
   std::uint64_t waits = 0, wait_ns = 0, discarded_dead = 0;
+  std::array<std::uint64_t, kCloseReasonCount> unclean{};  // closed instead of pooled, by reason
 };
 
 // Figures read at the moment of the report, beside the counters.

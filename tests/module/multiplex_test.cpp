@@ -378,5 +378,65 @@ TEST_CASE("a per-message call never ends its message-based operation, errors inc
       op::message_verify);
 }
 
+// C_SessionCancel names operations, not a backend session: from any thread it
+// reaches the backend sessions that hold them.
+TEST_CASE("C_SessionCancel from another thread cancels the operation where it runs") {
+  MockConfig c{};
+  c.provide_v3 = 1;
+  Proxy proxy(c, nullptr, kMultiplex);
+  CK_FUNCTION_LIST_3_0* p3 = v3().list;
+  CK_SESSION_HANDLE shared = proxy.open();
+  CK_MECHANISM digest = sha256();
+  CK_OBJECT_HANDLE key = make_key_pair(proxy, shared);
+  CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
+  REQUIRE(proxy.p11->C_DigestInit(shared, &digest) == CKR_OK);
+  // Another thread's sign operation, on another backend session.
+  std::thread([&] {
+    REQUIRE(proxy.p11->C_DigestInit(shared, &digest) == CKR_OK);
+    REQUIRE(proxy.p11->C_SignInit(shared, &ecdsa, key) == CKR_OK);
+  }).join();
+  CK_RV cancelled = CKR_GENERAL_ERROR;
+  std::thread([&] { cancelled = p3->C_SessionCancel(shared, CKF_DIGEST | CKF_SIGN); }).join();
+  CHECK(cancelled == CKR_OK);
+  // Both digests and the signature are gone: Init succeeds again on each thread.
+  CHECK(proxy.p11->C_DigestInit(shared, &digest) == CKR_OK);
+  std::thread([&] {
+    CHECK(proxy.p11->C_DigestInit(shared, &digest) == CKR_OK);
+    CHECK(proxy.p11->C_SignInit(shared, &ecdsa, key) == CKR_OK);
+  }).join();
+}
+
+// Backends that keep an operation after an error (SoftHSM2: a failed
+// C_DigestKey): the operation is "maybe active" until proven ended, and never
+// in the mask multiplex mode routes by.
+TEST_CASE("an error in an operation leaves it maybe active until an Init, a final call or a cancel") {
+  const CK_SESSION_HANDLE h = 1;
+  CK_BYTE out[32];
+  CK_ULONG len = sizeof out;
+  CK_MECHANISM mech = sha256();
+  // Errors from calls that continue or end an active operation.
+  CHECK(ops_after<fn::C_DigestKey>(op::digest, CKR_KEY_HANDLE_INVALID, h, CK_OBJECT_HANDLE{7}) == 0);
+  CHECK(maybe_after<fn::C_DigestKey>(op::digest, 0, CKR_KEY_HANDLE_INVALID, h, CK_OBJECT_HANDLE{7}) ==
+        op::digest);
+  CHECK(maybe_after<fn::C_DigestFinal>(op::digest, 0, CKR_DEVICE_ERROR, h, out, &len) == op::digest);
+  CHECK(maybe_after<fn::C_DigestEncryptUpdate>(op::digest | op::encrypt, 0, CKR_DATA_LEN_RANGE, h, out,
+                                               CK_ULONG{1}, out, &len) == (op::digest | op::encrypt));
+  // Not after a length query, CKR_BUFFER_TOO_SMALL, or for an operation never started.
+  CHECK(maybe_after<fn::C_DigestFinal>(op::digest, 0, CKR_BUFFER_TOO_SMALL, h, out, &len) == 0);
+  CHECK(maybe_after<fn::C_DigestFinal>(op::digest, 0, CKR_OK, h, nullptr, &len) == 0);
+  CHECK(maybe_after<fn::C_DigestUpdate>(0, 0, CKR_OPERATION_NOT_INITIALIZED, h, out, CK_ULONG{1}) == 0);
+  // Still maybe after another error; ended by a successful final call, a
+  // successful Init (the backend had none left), or C_SessionCancel.
+  CHECK(maybe_after<fn::C_DigestFinal>(0, op::digest, CKR_DEVICE_ERROR, h, out, &len) == op::digest);
+  CHECK(maybe_after<fn::C_DigestFinal>(0, op::digest, CKR_OK, h, out, &len) == 0);
+  CHECK(maybe_after<fn::C_DigestInit>(0, op::digest, CKR_OK, h, &mech) == 0);
+  CHECK(maybe_after<fn::C_DigestInit>(0, op::digest, CKR_OPERATION_ACTIVE, h, &mech) == op::digest);
+  CHECK(maybe_after<fn::C_SessionCancel>(0, op::digest | op::sign, CKR_OK, h, CK_FLAGS{CKF_DIGEST}) ==
+        op::sign);
+  // Whatever C_SetOperationState restored is unknown.
+  CHECK(maybe_after<fn::C_SetOperationState>(0, 0, CKR_OK, h, out, CK_ULONG{1}, CK_OBJECT_HANDLE{0},
+                                             CK_OBJECT_HANDLE{0}) == kAllOps);
+}
+
 }  // namespace
 }  // namespace p11mux::test

@@ -2,9 +2,13 @@
 // on return, login semantics, dead sessions, thread caches, prewarm.
 #include "harness.hpp"
 
+#include "../unit/observe_test_support.hpp"
+
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <future>
+#include <string>
 #include <thread>
 
 namespace p11mux::test {
@@ -307,6 +311,132 @@ TEST_CASE("maintenance never starts under CKF_LIBRARY_CANT_CREATE_OS_THREADS") {
   }).join();
   std::this_thread::sleep_for(2500ms);
   CHECK(libs().mock->calls("C_GetSessionInfo") == 0);
+}
+
+}  // namespace
+}  // namespace p11mux::test
+
+namespace p11mux::test {
+namespace {
+
+// /metrics: p11mux_pool_sessions_unclean_total for slot 0, by reason.
+struct Unclean {
+  std::string sock;
+  double operator()(const char* reason) const {
+    auto m = http_get(endpoint_of(sock), "/metrics");
+    REQUIRE(m);
+    auto prom = parse_prometheus(m->body);
+    for (const auto& e : prom.errors) FAIL_CHECK(e);
+    return prom.at(std::string("p11mux_pool_sessions_unclean_total{slot=\"0\",reason=\"") + reason +
+                   "\"}");
+  }
+};
+
+std::string unclean_socket(const char* name) {
+  return "/tmp/p11mux-pool-" + std::to_string(::getpid()) + "-" + name;
+}
+
+void configure_failure(const char* function, CK_RV rv) {
+  MockConfig c{};
+  c.provide_v3 = 0;
+  std::snprintf(c.fail_function, sizeof c.fail_function, "%s", function);
+  c.fail_rv = rv;
+  REQUIRE(libs().mock->configure(&c) == 0);
+}
+
+TEST_CASE("sessions closed instead of pooled are counted by reason (v2.40 backend: no C_SessionCancel)") {
+  std::string sock = unclean_socket("unclean.sock");
+  MockConfig v2{};
+  v2.provide_v3 = 0;  // the default; said for the reader
+  Proxy proxy(v2, nullptr, {{"P11MUX_METRICS_LISTEN", sock.c_str()}});
+  CK_FUNCTION_LIST* p = proxy.p11;
+  Unclean unclean{sock};
+  CK_MECHANISM digest = sha256();
+  CK_BYTE data[4] = {1, 2, 3, 4};
+
+  // A clean session is pooled: nothing counted, nothing closed.
+  CK_SESSION_HANDLE h = proxy.open();
+  REQUIRE(p->C_DigestInit(h, &digest) == CKR_OK);
+  CK_BYTE out[MOCK_DIGEST_LEN];
+  CK_ULONG len = sizeof out;
+  REQUIRE(p->C_Digest(h, data, sizeof data, out, &len) == CKR_OK);
+  REQUIRE(p->C_CloseSession(h) == CKR_OK);
+  CHECK(mock_stats().sessions_closed_total == 0);
+  for (std::string r : {"operation_active", "operation_maybe_active", "unknown_mechanism",
+                        "object_untracked", "object_not_destroyed", "notify_callback"}) {
+    CAPTURE(r);
+    CHECK(unclean(r.c_str()) == 0);
+  }
+
+  SUBCASE("an operation left active") {
+    h = proxy.open();
+    REQUIRE(p->C_DigestInit(h, &digest) == CKR_OK);
+    REQUIRE(p->C_CloseSession(h) == CKR_OK);
+    CHECK(unclean("operation_active") == 1);
+  }
+  SUBCASE("an operation an error may have left active") {
+    h = proxy.open();
+    REQUIRE(p->C_DigestInit(h, &digest) == CKR_OK);
+    configure_failure("C_DigestUpdate", CKR_DEVICE_MEMORY);
+    CHECK(p->C_DigestUpdate(h, data, sizeof data) == CKR_DEVICE_MEMORY);
+    REQUIRE(p->C_CloseSession(h) == CKR_OK);
+    CHECK(unclean("operation_maybe_active") == 1);
+    CHECK(unclean("operation_active") == 0);
+  }
+  SUBCASE("a key made with a vendor-defined mechanism") {
+    h = proxy.open();
+    CK_MECHANISM vendor{CKM_VENDOR_DEFINED + 7, nullptr, 0};
+    CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+    REQUIRE(p->C_GenerateKey(h, &vendor, nullptr, 0, &key) == CKR_OK);
+    REQUIRE(p->C_CloseSession(h) == CKR_OK);
+    CHECK(unclean("unknown_mechanism") == 1);
+  }
+  SUBCASE("an object whose CKA_TOKEN cannot be read") {
+    h = proxy.open();
+    configure_failure("C_GetAttributeValue", CKR_DEVICE_MEMORY);
+    CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
+    REQUIRE(proxy.create_data_object(h, false, object) == CKR_OK);
+    REQUIRE(p->C_CloseSession(h) == CKR_OK);
+    CHECK(unclean("object_untracked") == 1);
+  }
+  SUBCASE("a session object that cannot be destroyed") {
+    h = proxy.open();
+    CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
+    REQUIRE(proxy.create_data_object(h, false, object) == CKR_OK);
+    configure_failure("C_DestroyObject", CKR_GENERAL_ERROR);
+    REQUIRE(p->C_CloseSession(h) == CKR_OK);
+    CHECK(unclean("object_not_destroyed") == 1);
+  }
+  SUBCASE("a session opened with a Notify callback") {
+    auto notify = [](CK_SESSION_HANDLE, CK_NOTIFICATION, CK_VOID_PTR) -> CK_RV { return CKR_OK; };
+    REQUIRE(p->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, notify, &h) == CKR_OK);
+    REQUIRE(p->C_CloseSession(h) == CKR_OK);
+    CHECK(unclean("notify_callback") == 1);
+  }
+  // Each was closed, not pooled.
+  CHECK(mock_stats().sessions_closed_total == 1);
+}
+
+TEST_CASE("a v3.0 backend's C_SessionCancel proves an operation ended: the session is pooled") {
+  std::string sock = unclean_socket("cancel.sock");
+  MockConfig v3{};
+  v3.provide_v3 = 1;
+  Proxy proxy(v3, nullptr, {{"P11MUX_METRICS_LISTEN", sock.c_str()}});
+  CK_FUNCTION_LIST* p = proxy.p11;
+  CK_MECHANISM digest = sha256();
+  CK_BYTE data[4] = {1, 2, 3, 4};
+  CK_SESSION_HANDLE h = proxy.open();
+  REQUIRE(p->C_DigestInit(h, &digest) == CKR_OK);
+  MockConfig fail{};
+  fail.provide_v3 = 1;
+  std::snprintf(fail.fail_function, sizeof fail.fail_function, "C_DigestUpdate");
+  fail.fail_rv = CKR_DEVICE_MEMORY;
+  REQUIRE(libs().mock->configure(&fail) == 0);
+  CHECK(p->C_DigestUpdate(h, data, sizeof data) == CKR_DEVICE_MEMORY);
+  REQUIRE(p->C_CloseSession(h) == CKR_OK);
+  CHECK(mock_stats().sessions_closed_total == 0);
+  CHECK(libs().mock->calls("C_SessionCancel") == 1);
+  CHECK(Unclean{sock}("operation_maybe_active") == 0);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Digests: known answers, size queries, multi-part, operation state.
 #include "../support/crypto.h"
 #include "../support/doctest_ck.h"
+#include "../support/environment.h"
 #include "../support/fixture.h"
 
 #include <algorithm>
@@ -99,4 +100,34 @@ TEST_CASE_FIXTURE(SessionFixture, "digest operation state: not initialized, alre
   CK_ULONG length = out.size();
   REQUIRE_RV(p11.C_DigestFinal(session, out.data(), &length), CKR_OK);
   CHECK(to_hex(out) == kAbcSha256);
+}
+
+// SoftHSM2 keeps a digest active after C_DigestKey fails with
+// CKR_KEY_HANDLE_INVALID, where the spec says the error ends it. Through
+// p11mux the next session (on the same pooled backend session) must still
+// start from nothing: its own digest, of its own data (issue 10, defect 2).
+// Run in both session modes; directly, the second session is a new one anyway.
+TEST_CASE("an operation an error left active does not reach the next session") {
+  for (std::string mode : {"serialize", "multiplex"}) {
+    CAPTURE(mode);
+    ScopedEnv session_mode("P11MUX_SESSION_MODE", mode);
+    TokenFixture f;
+    const Bytes previous = to_bytes("the previous session's data");
+    {
+      Session first(f.p11, f.slot, Access::read_only);
+      REQUIRE_RV(f.p11.C_DigestInit(first, &sha256), CKR_OK);
+      REQUIRE_RV(f.p11.C_DigestUpdate(first, const_cast<CK_BYTE*>(previous.data()), previous.size()),
+                 CKR_OK);
+      CHECK(f.p11.C_DigestKey(first, 0x7fffff) != CKR_OK);
+    }
+    Session next(f.p11, f.slot, Access::read_only);
+    CHECK_RV(f.p11.C_DigestInit(next, &sha256), CKR_OK);
+    Bytes data = to_bytes(kAbc);
+    REQUIRE_RV(f.p11.C_DigestUpdate(next, data.data(), data.size()), CKR_OK);
+    Bytes out(32, 0);
+    CK_ULONG length = out.size();
+    REQUIRE_RV(f.p11.C_DigestFinal(next, out.data(), &length), CKR_OK);
+    out.resize(length);
+    CHECK(to_hex(out) == kAbcSha256);
+  }
 }
