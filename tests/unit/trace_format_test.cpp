@@ -247,6 +247,20 @@ TEST_CASE("C_GetAttributeValue: a backend that reports a length beyond the buffe
   CHECK(r.find("{CKA_WRAP_TEMPLATE={CKA_LABEL [1000 bytes]}}") != std::string::npos);
 }
 
+TEST_CASE("output buffers: never read beyond the capacity given on entry, whatever length comes back") {
+  // C_FindObjects: a backend claiming more handles than ulMaxObjectCount.
+  CK_OBJECT_HANDLE found[3] = {0xb000001, 0xb000002, 0xcafe};  // the third is beyond the capacity
+  CK_ULONG n = 1000;
+  std::string r = record<fn::C_FindObjects>(CallFacts{}, {}, CK_SESSION_HANDLE{1}, found, CK_ULONG{2}, &n);
+  CHECK(r == "C_FindObjects(0x1, [max 2: 0xb000001, 0xb000002], ->1000) = CKR_OK [0.0 us]");
+  // 'o' buffers are shown by capacity and returned length, never by content.
+  CK_BYTE out[4] = {0xca, 0xfe, 0xca, 0xfe};
+  CK_ULONG out_len = 4096;
+  std::array<CK_ULONG, 5> caps{0, 0, 0, 4, 0};
+  r = record<fn::C_Encrypt>(CallFacts{CKR_BUFFER_TOO_SMALL}, caps, CK_SESSION_HANDLE{1}, out, CK_ULONG{4}, out, &out_len);
+  CHECK(r == "C_Encrypt(0x1, [4 bytes], [4]->4096) = CKR_BUFFER_TOO_SMALL [0.0 us]");
+}
+
 TEST_CASE("a template the call refused is not walked: a huge count over a short template") {
   CK_OBJECT_CLASS cls = CKO_DATA;
   CK_ATTRIBUTE one[] = {{CKA_CLASS, &cls, sizeof cls}};
