@@ -8,9 +8,10 @@
 
 namespace p11mux::proxy_mutexes {
 
-CK_RV create(CK_VOID_PTR_PTR mutex);
-CK_RV destroy(CK_VOID_PTR mutex);
-CK_RV lock(CK_VOID_PTR mutex);
-CK_RV unlock(CK_VOID_PTR mutex);
+// Never throw: they are called from C (CKR_HOST_MEMORY, CKR_GENERAL_ERROR instead).
+CK_RV create(CK_VOID_PTR_PTR mutex) noexcept;
+CK_RV destroy(CK_VOID_PTR mutex) noexcept;
+CK_RV lock(CK_VOID_PTR mutex) noexcept;
+CK_RV unlock(CK_VOID_PTR mutex) noexcept;
 
 }  // namespace p11mux::proxy_mutexes

@@ -24,12 +24,30 @@
 
 namespace p11mux {
 
+// C_GetAttributeValue's template as the caller gave it: each attribute's
+// ulValueLen on entry (its buffer's capacity), which the call overwrites.
+// Captured only once the call has passed p11mux's checks and the session
+// lookup (CallObservation::ran_on), i.e. when the backend gets to read it
+// too: a refused call's count is never walked.
+struct TemplateCapacities {
+  bool captured = false;
+  CK_ULONG count = 0;                                 // min(ulCount, kMaxAttributesShown)
+  std::array<CK_ULONG, kMaxAttributesShown> of;     // left uninitialized: only [0, count) is read
+
+  void capture(const CK_ATTRIBUTE* attributes, CK_ULONG attribute_count) noexcept {
+    count = attributes == nullptr ? 0 : std::min<CK_ULONG>(attribute_count, kMaxAttributesShown);
+    for (CK_ULONG i = 0; i < count; ++i) of[i] = attributes[i].ulValueLen;
+    captured = true;
+  }
+};
+
 // What the tracer learns from the call besides its arguments.
 struct CallFacts {
   CK_RV rv = CKR_OK;
   std::uint64_t elapsed_ns = 0;
   std::uint64_t lock_wait_ns = 0;
   CK_SESSION_HANDLE backend = CK_INVALID_HANDLE;  // the backend session, when known
+  const TemplateCapacities* template_capacities = nullptr;  // C_GetAttributeValue's
 };
 
 // The capacity of each output buffer ('o'), read before the call overwrites
@@ -82,8 +100,24 @@ void format_argument(TraceBuffer& out, const Tuple& args, const CallFacts& facts
     } else if constexpr (letter == 'm') {
       format_mechanism(out, value);
     } else if constexpr (letter == 't') {
-      constexpr bool output = std::is_same_v<F, fn::C_GetAttributeValue>;
-      format_template(out, value, std::get<I + 1>(args), !output || template_filled(facts.rv));
+      // Walked only as far as the call validated it: an input template when
+      // the call accepted it, C_GetAttributeValue's when its capacities were
+      // captured on the way to the backend. Otherwise by count alone (a
+      // stale handle with a count of 1,000,000 and a short template).
+      const CK_ULONG count = std::get<I + 1>(args);
+      if constexpr (std::is_same_v<F, fn::C_GetAttributeValue>) {
+        const TemplateCapacities* caps_in = facts.template_capacities;
+        if (caps_in != nullptr && caps_in->captured) {
+          // capture() took min(count, kMaxAttributesShown), the attributes shown.
+          format_filled_template(out, value, count, caps_in->of.data(), template_filled(facts.rv));
+        } else {
+          format_template_count(out, value, count);
+        }
+      } else if (facts.rv == CKR_OK) {
+        format_template(out, value, count, true);
+      } else {
+        format_template_count(out, value, count);
+      }
     } else if constexpr (letter == 'b') {
       const CK_ULONG length = std::get<I + 1>(args);
       if (value == nullptr) {

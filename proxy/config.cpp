@@ -43,24 +43,30 @@ struct ValueKind<std::optional<std::string>> {
     static std::string expected() { return "a string"; }
 };
 
-template <>
-struct ValueKind<unsigned long> {
-    // Decimal digits only: no sign, no spaces, no suffix, within range.
+// Decimal digits only: no sign, no spaces, no suffix; at most 12 digits, so no overflow.
+bool parse_digits(std::string_view text, unsigned long& out) {
+    if (text.empty() || text.size() > 12) return false;
+    unsigned long value = 0;
+    for (char c : text) {
+        if (c < '0' || c > '9') return false;
+        value = value * 10 + static_cast<unsigned long>(c - '0');
+    }
+    out = value;
+    return true;
+}
+
+// A whole number from Min to Max. Every numeric key has its range (README,
+// "Configuration"): a value beyond it is an error, never wrapped or clamped
+// (idle_timeout_s = 10000000000 once overflowed its conversion to nanoseconds).
+template <unsigned long Min, unsigned long Max>
+struct Number {
+    static_assert(Min <= Max && Max <= 999999999999UL);
     static bool parse(std::string_view text, unsigned long& out) {
-        if (text.empty() || text.size() > 12) return false;
         unsigned long value = 0;
-        for (char c : text) {
-            if (c < '0' || c > '9') return false;
-            value = value * 10 + static_cast<unsigned long>(c - '0');
-        }
+        if (!parse_digits(text, value) || value < Min || value > Max) return false;
         out = value;
         return true;
     }
-    static std::string expected() { return "a whole number from 0 to 999999999999"; }
-};
-
-template <>
-struct ValueKind<std::optional<unsigned long>> {
     // Empty means unset (e.g. pool.max_sessions: learn it from the token).
     static bool parse(std::string_view text, std::optional<unsigned long>& out) {
         if (text.empty()) {
@@ -68,11 +74,14 @@ struct ValueKind<std::optional<unsigned long>> {
             return true;
         }
         unsigned long value = 0;
-        if (!ValueKind<unsigned long>::parse(text, value)) return false;
+        if (!parse(text, value)) return false;
         out = value;
         return true;
     }
-    static std::string expected() { return ValueKind<unsigned long>::expected() + " or empty"; }
+    static std::string expected() {
+        return "a whole number from " + std::to_string(Min) + " to " + std::to_string(Max);
+    }
+    static std::string expected_or_empty() { return expected() + " or empty"; }
 };
 
 template <>
@@ -158,11 +167,31 @@ struct KeySpec {
 template <auto... Path>
 constexpr KeySpec key(std::string_view section, std::string_view name) {
     using Field = std::remove_reference_t<decltype((std::declval<Config&>() .* ... .* Path))>;
+    static_assert(!std::is_same_v<Field, unsigned long> && !std::is_same_v<Field, std::optional<unsigned long>>,
+                  "a numeric key is declared with number<Min, Max, ...>: every one has a range");
     using Kind = ValueKind<Field>;
     return {section, name,
             [](Config& c, std::string_view text) { return Kind::parse(text, (c .* ... .* Path)); },
             &Kind::expected};
 }
+
+// A numeric key, unsigned long (or optional: empty = unset), from Min to Max.
+template <unsigned long Min, unsigned long Max, auto... Path>
+constexpr KeySpec number(std::string_view section, std::string_view name) {
+    using Field = std::remove_reference_t<decltype((std::declval<Config&>() .* ... .* Path))>;
+    using Kind = Number<Min, Max>;
+    constexpr bool optional = std::is_same_v<Field, std::optional<unsigned long>>;
+    static_assert(optional || std::is_same_v<Field, unsigned long>);
+    return {section, name,
+            [](Config& c, std::string_view text) { return Kind::parse(text, (c .* ... .* Path)); },
+            optional ? &Kind::expected_or_empty : &Kind::expected};
+}
+
+// The ranges (README, "Configuration"). Durations stay far from any overflow
+// when converted to nanoseconds; counts stay within what a process can hold.
+constexpr unsigned long kOneHourMs = 3'600'000;
+constexpr unsigned long kOneHourUs = 3'600'000'000;
+constexpr unsigned long kThirtyDaysS = 30 * 24 * 3600;
 
 // Every configuration key, once. The file parser and the environment overrides both read it.
 constexpr std::array kKeys{
@@ -174,16 +203,16 @@ constexpr std::array kKeys{
     key<&Config::log, &Config::Log::level>("log", "level"),
     key<&Config::log, &Config::Log::file>("log", "file"),
     key<&Config::log, &Config::Log::functions>("log", "functions"),
-    key<&Config::log, &Config::Log::min_duration_us>("log", "min_duration_us"),
+    number<0, kOneHourUs, &Config::log, &Config::Log::min_duration_us>("log", "min_duration_us"),
     key<&Config::log, &Config::Log::async>("log", "async"),
-    key<&Config::log, &Config::Log::rotate_size_kb>("log", "rotate_size_kb"),
-    key<&Config::log, &Config::Log::rotate_files>("log", "rotate_files"),
-    key<&Config::pool, &Config::Pool::max_sessions>("pool", "max_sessions"),
-    key<&Config::pool, &Config::Pool::wait_ms>("pool", "wait_ms"),
-    key<&Config::pool, &Config::Pool::prewarm>("pool", "prewarm"),
+    number<0, 16 * 1024 * 1024, &Config::log, &Config::Log::rotate_size_kb>("log", "rotate_size_kb"),
+    number<0, 1000, &Config::log, &Config::Log::rotate_files>("log", "rotate_files"),
+    number<1, 1'000'000, &Config::pool, &Config::Pool::max_sessions>("pool", "max_sessions"),
+    number<0, kOneHourMs, &Config::pool, &Config::Pool::wait_ms>("pool", "wait_ms"),
+    number<0, 1024, &Config::pool, &Config::Pool::prewarm>("pool", "prewarm"),
     key<&Config::pool, &Config::Pool::keep_login>("pool", "keep_login"),
-    key<&Config::pool, &Config::Pool::idle_timeout_s>("pool", "idle_timeout_s"),
-    key<&Config::pool, &Config::Pool::keepalive_s>("pool", "keepalive_s"),
+    number<0, kThirtyDaysS, &Config::pool, &Config::Pool::idle_timeout_s>("pool", "idle_timeout_s"),
+    number<0, kThirtyDaysS, &Config::pool, &Config::Pool::keepalive_s>("pool", "keepalive_s"),
     key<&Config::metrics, &Config::Metrics::enabled>("metrics", "enabled"),
     key<&Config::metrics, &Config::Metrics::listen>("metrics", "listen"),
     key<&Config::metrics, &Config::Metrics::allow_remote>("metrics", "allow_remote"),

@@ -13,6 +13,8 @@
 
 #include <chrono>
 #include <cstdint>
+#include <tuple>
+#include <type_traits>
 
 namespace p11mux {
 
@@ -27,6 +29,10 @@ struct CallObservation {
   CK_SESSION_HANDLE backend = CK_INVALID_HANDLE;
   std::uint64_t lock_wait_ns = 0;
   bool locked = false;
+  // C_GetAttributeValue, traced: its template's capacities, taken in ran_on.
+  TemplateCapacities* capture = nullptr;
+  const CK_ATTRIBUTE* capture_template = nullptr;
+  CK_ULONG capture_count = 0;
 
   SessionLease lease(SessionTable& sessions, CK_SESSION_HANDLE handle) noexcept {
     return sessions.lease(handle, [this](Mutex& lock) {
@@ -38,7 +44,12 @@ struct CallObservation {
       locked = true;
     });
   }
-  void ran_on(CK_SESSION_HANDLE backend_session) noexcept { backend = backend_session; }
+  // Called just before the backend is: the arguments passed p11mux's checks
+  // and the session handle is valid, so the backend reads them as well.
+  void ran_on(CK_SESSION_HANDLE backend_session) noexcept {
+    backend = backend_session;
+    if (capture != nullptr) capture->capture(capture_template, capture_count);
+  }
 };
 
 // `body(CallObservation&)` is the call: forward<F> with an observation.
@@ -49,6 +60,16 @@ CK_RV observed_call(Observer& observer, spdlog::logger& log, Body&& body, A... a
   std::array<CK_ULONG, sizeof...(A)> capacities{};
   if (trace) capacities = output_capacities<F>(a...);
   CallObservation seen;
+  constexpr bool fills_template = std::is_same_v<F, fn::C_GetAttributeValue>;
+  std::array<TemplateCapacities, fills_template ? 1 : 0> template_capacities;
+  if constexpr (fills_template) {
+    if (trace) {
+      const std::tuple<A...> args{a...};
+      seen.capture = &template_capacities[0];
+      seen.capture_template = std::get<2>(args);
+      seen.capture_count = std::get<3>(args);
+    }
+  }
   const auto start = std::chrono::steady_clock::now();
   const CK_RV rv = body(seen);
   const auto ns = static_cast<std::uint64_t>(
@@ -58,7 +79,10 @@ CK_RV observed_call(Observer& observer, spdlog::logger& log, Body&& body, A... a
     if (seen.locked) metrics->record_lock_wait(seen.lock_wait_ns);
   }
   if (trace && ns >= observer.min_trace_ns()) {
-    write_trace<F>(log, CallFacts{rv, ns, seen.lock_wait_ns, seen.backend}, capacities, a...);
+    write_trace<F>(log,
+                   CallFacts{rv, ns, seen.lock_wait_ns, seen.backend,
+                             fills_template ? template_capacities.data() : nullptr},
+                   capacities, a...);
   }
   observer.poll_summary_request();
   return rv;

@@ -136,17 +136,25 @@ void Observer::start(const SessionTable& sessions) noexcept {
     return;
   }
   int fd = signal_installed_ ? summary_eventfd() : -1;
-  StatsServer::Handlers handlers{[this] { return prometheus(); }, [this] { return json(); },
-                                 [this] { log_summary(); }};
+  // noexcept: whatever fails here (the handlers, the thread, the message
+  // naming the endpoint) is logged at most, and the calls go on without it.
   try {
+    StatsServer::Handlers handlers{[this] { return prometheus(); }, [this] { return json(); },
+                                   [this] { log_summary(); }};
     server_ = std::make_unique<StatsServer>(listen_, fd, std::move(handlers));
   } catch (const std::exception& e) {
-    log_.warn("[metrics] listen: endpoint '{}' not started: {}",
-              listen_ ? (listen_->kind == ListenAddress::Kind::tcp
-                             ? listen_->host + ":" + std::to_string(listen_->port)
-                             : listen_->path)
-                      : "",
-              e.what());
+    try {
+      log_.warn("[metrics] listen: endpoint '{}' not started: {}",
+                listen_ ? (listen_->kind == ListenAddress::Kind::tcp
+                               ? listen_->host + ":" + std::to_string(listen_->port)
+                               : listen_->path)
+                        : "",
+                e.what());
+    } catch (...) {
+    }
+    polling_ = signal_installed_;
+    return;
+  } catch (...) {
     polling_ = signal_installed_;
     return;
   }

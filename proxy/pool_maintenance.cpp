@@ -1,9 +1,12 @@
 #include "pool_maintenance.hpp"
 
+#include "thread_signals.hpp"
+
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
-#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
+
+#include <pthread.h>
 
 #include <algorithm>
 #include <thread>
@@ -20,13 +23,19 @@ struct PoolMaintenance::State {
   boost::asio::steady_timer timer{io};
   std::thread thread;
 
-  void arm() {
-    timer.expires_after(period);
-    timer.async_wait([this](const boost::system::error_code& error) {
-      if (error) return;  // cancelled: stopping
-      pool.maintain(idle_timeout, keepalive);
-      arm();
-    });
+  // Runs on the thread (as the timer's handler) where an exception would end
+  // the process: a timer that cannot be armed (no memory) ends maintenance;
+  // the pool's sessions are still closed at C_Finalize.
+  void arm() noexcept {
+    try {
+      timer.expires_after(period);
+      timer.async_wait([this](const boost::system::error_code& error) {
+        if (error) return;  // cancelled: stopping
+        pool.maintain(idle_timeout, keepalive);
+        arm();
+      });
+    } catch (...) {
+    }
   }
 };
 
@@ -45,12 +54,24 @@ PoolMaintenance::PoolMaintenance(SessionPool& pool, std::chrono::seconds idle_ti
   if (idle_timeout.count() == 0 && keepalive.count() == 0) return;
   state_ = std::make_unique<State>(pool, idle_timeout, keepalive);
   state_->arm();
-  state_->thread = std::thread([s = state_.get()] { s->io.run(); });
+  // A p11mux thread: every signal blocked (README, "Observability"), named.
+  state_->thread = with_signals_blocked([s = state_.get()] {
+    return std::thread([s]() noexcept {
+      try {
+        s->io.run();
+      } catch (...) {
+        // A handler's exception (none is expected) ends maintenance, not the process.
+      }
+    });
+  });
+  pthread_setname_np(state_->thread.native_handle(), "p11mux-pool");
 }
 
 PoolMaintenance::~PoolMaintenance() {
   if (!state_) return;
-  boost::asio::post(state_->io, [s = state_.get()] { s->timer.cancel(); });
+  // stop() neither allocates nor throws (a posted cancel could): run()
+  // returns once a maintain() in progress has finished.
+  state_->io.stop();
   state_->thread.join();
 }
 

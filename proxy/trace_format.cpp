@@ -15,7 +15,7 @@ constexpr std::size_t kMaxListShown = 16;     // of CKA_ALLOWED_MECHANISMS, foun
 constexpr int kMaxTemplateDepth = 2;          // CKA_WRAP_TEMPLATE inside a template...
 
 void format_template_at(TraceBuffer& out, const CK_ATTRIBUTE* attributes, CK_ULONG count,
-                        bool values, int depth);
+                        bool values, int depth, const CK_ULONG* capacities = nullptr, bool filled = true);
 
 template <class... Args>
 void put(TraceBuffer& out, fmt::format_string<Args...> format, Args&&... args) {
@@ -104,7 +104,9 @@ void format_padded(TraceBuffer& out, const CK_UTF8CHAR (&field)[N]) {
   format_text(out, field, length);
 }
 
-void format_attribute_value(TraceBuffer& out, const CK_ATTRIBUTE& a, int depth) {
+// `nested_values`: whether a nested template's values may be read (not in an
+// output, whose nested buffers' sizes are unknown).
+void format_attribute_value(TraceBuffer& out, const CK_ATTRIBUTE& a, int depth, bool nested_values) {
   const auto* bytes = static_cast<const unsigned char*>(a.pValue);
   const CK_ULONG length = a.ulValueLen;
   auto as_ulong = [&] {
@@ -159,7 +161,7 @@ void format_attribute_value(TraceBuffer& out, const CK_ATTRIBUTE& a, int depth) 
       if (length % sizeof(CK_ATTRIBUTE) == 0 && depth < kMaxTemplateDepth &&
           reinterpret_cast<std::uintptr_t>(bytes) % alignof(CK_ATTRIBUTE) == 0) {
         return format_template_at(out, static_cast<const CK_ATTRIBUTE*>(a.pValue),
-                                  length / sizeof(CK_ATTRIBUTE), true, depth + 1);
+                                  length / sizeof(CK_ATTRIBUTE), nested_values, depth + 1);
       }
       put(out, "({} bytes)", length);
       return;
@@ -170,13 +172,34 @@ void format_attribute_value(TraceBuffer& out, const CK_ATTRIBUTE& a, int depth) 
 }
 
 void format_template_at(TraceBuffer& out, const CK_ATTRIBUTE* attributes, CK_ULONG count,
-                        bool values, int depth) {
+                        bool values, int depth, const CK_ULONG* capacities, bool filled) {
   out.push_back('{');
-  for (CK_ULONG i = 0; attributes != nullptr && i < count; ++i) {
+  const CK_ULONG shown = std::min<CK_ULONG>(count, kMaxAttributesShown);
+  for (CK_ULONG i = 0; attributes != nullptr && i < shown; ++i) {
     const CK_ATTRIBUTE& a = attributes[i];
     if (i > 0) append(out, ", ");
     format_name(out, attribute_name(a.type), "CKA_", a.type);
-    if (a.ulValueLen == CK_UNAVAILABLE_INFORMATION) {
+    if (capacities != nullptr) {
+      // An output: the value is read only where the call defined it, and
+      // never beyond the buffer the caller gave.
+      const CK_ULONG capacity = capacities[i];
+      if (!filled) {
+        if (a.pValue == nullptr) {
+          append(out, " (NULL)");
+        } else {
+          put(out, " [{} bytes]", capacity);
+        }
+      } else if (a.ulValueLen == CK_UNAVAILABLE_INFORMATION) {
+        append(out, "=unavailable");
+      } else if (a.pValue == nullptr) {
+        put(out, " ({} bytes)", a.ulValueLen);  // the answer to a length query
+      } else if (a.ulValueLen > capacity) {
+        put(out, " [{} bytes]->{}", capacity, a.ulValueLen);  // not written: the buffer is short
+      } else {
+        out.push_back('=');
+        format_attribute_value(out, a, depth, false);
+      }
+    } else if (a.ulValueLen == CK_UNAVAILABLE_INFORMATION) {
       append(out, "=unavailable");
     } else if (a.pValue == nullptr) {
       put(out, " ({} bytes)", a.ulValueLen);  // a length query, or its answer
@@ -184,9 +207,10 @@ void format_template_at(TraceBuffer& out, const CK_ATTRIBUTE* attributes, CK_ULO
       put(out, " [{} bytes]", a.ulValueLen);
     } else {
       out.push_back('=');
-      format_attribute_value(out, a, depth);
+      format_attribute_value(out, a, depth, true);
     }
   }
+  if (attributes != nullptr && count > shown) put(out, ", ... {} in all", count);
   out.push_back('}');
 }
 
@@ -217,6 +241,21 @@ void format_session(TraceBuffer& out, CK_SESSION_HANDLE virtual_handle, CK_SESSI
 
 void format_template(TraceBuffer& out, const CK_ATTRIBUTE* attributes, CK_ULONG count, bool values) {
   format_template_at(out, attributes, count, values, 0);
+}
+
+void format_template_count(TraceBuffer& out, const CK_ATTRIBUTE* attributes, CK_ULONG count) {
+  if (attributes == nullptr && count == 0) {
+    append(out, "{}");
+  } else if (attributes == nullptr) {
+    put(out, "NULL, {}", count);
+  } else {
+    put(out, "{{{} attribute{}}}", count, count == 1 ? "" : "s");
+  }
+}
+
+void format_filled_template(TraceBuffer& out, const CK_ATTRIBUTE* attributes, CK_ULONG count,
+                            const CK_ULONG* capacities, bool filled) {
+  format_template_at(out, attributes, count, true, 0, capacities, filled);
 }
 
 void format_mechanism(TraceBuffer& out, const CK_MECHANISM* mechanism) {

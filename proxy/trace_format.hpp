@@ -15,6 +15,7 @@
 
 #include <spdlog/fmt/fmt.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string_view>
 
@@ -38,9 +39,25 @@ void format_number(TraceBuffer& out, CK_ULONG value);
 void format_session(TraceBuffer& out, CK_SESSION_HANDLE virtual_handle, CK_SESSION_HANDLE backend);
 // "CKM_SHA256", "CKM_AES_GCM{iv 12 bytes, aad 0 bytes, tag 128 bits}", "NULL".
 void format_mechanism(TraceBuffer& out, const CK_MECHANISM* mechanism);
+// Attributes of a template written in one record: the first ones, then "... N in all".
+inline constexpr std::size_t kMaxAttributesShown = 32;
 // "{CKA_CLASS=CKO_SECRET_KEY, CKA_VALUE=*** (32 bytes), CKA_LABEL="k1"}".
-// Without `values`, only types and lengths (a template the call did not fill).
+// Without `values`, only types and lengths. Walks the first kMaxAttributesShown
+// attributes: only for a template the call read (it returned CKR_OK).
 void format_template(TraceBuffer& out, const CK_ATTRIBUTE* attributes, CK_ULONG count, bool values);
+// "{3 attributes}": a template the call refused, by its count alone. How far
+// the call read it is unknown (it may have stopped at a bad handle, or at the
+// first bad attribute of a count that is a lie), so it is not walked.
+void format_template_count(TraceBuffer& out, const CK_ATTRIBUTE* attributes, CK_ULONG count);
+// C_GetAttributeValue's template after the call. capacities[i] is attribute i's
+// ulValueLen on entry, for the first min(count, kMaxAttributesShown). A value
+// is shown only when `filled` (the return code defines the values), the
+// returned length is not CK_UNAVAILABLE_INFORMATION, and it fits the caller's
+// buffer: a backend that reports the required length with CKR_BUFFER_TOO_SMALL
+// must not make the tracer read past that buffer. Nested templates
+// (CKA_WRAP_TEMPLATE...) show lengths only: their buffers' sizes are unknown.
+void format_filled_template(TraceBuffer& out, const CK_ATTRIBUTE* attributes, CK_ULONG count,
+                            const CK_ULONG* capacities, bool filled);
 // "0.4 us", "1234.5 us".
 void format_duration(TraceBuffer& out, std::uint64_t ns);
 // C_InitToken's label: 32 blank-padded bytes.

@@ -36,6 +36,7 @@ constexpr std::array<std::string_view, kCount> kNames = {
 
 struct Records {
   std::mutex mu;
+  unsigned long attribute_length = 0;  // recorder_set_attribute_length
   std::array<RecorderCall, kCount> calls{};
   CK_SESSION_HANDLE next_session = RECORDER_SESSION_BASE;
 };
@@ -111,6 +112,21 @@ CK_RV respond(A... a) {
     zero(std::get<sizeof...(A) - 1>(args));
   } else if constexpr (I == i_C_WaitForSlotEvent) {
     return CKR_NO_EVENT;
+  } else if constexpr (I == i_C_GetAttributeValue) {
+    unsigned long length = 0;
+    {
+      std::lock_guard lock(records().mu);
+      length = records().attribute_length;
+    }
+    CK_ATTRIBUTE* attributes = std::get<2>(args);
+    CK_RV rv = CKR_OK;
+    for (CK_ULONG i = 0; length != 0 && attributes != nullptr && i < std::get<3>(args); ++i) {
+      if (attributes[i].pValue != nullptr && attributes[i].ulValueLen < length) {
+        attributes[i].ulValueLen = length;
+        rv = CKR_BUFFER_TOO_SMALL;
+      }
+    }
+    return rv;
   }
   return CKR_OK;
 }
@@ -186,4 +202,10 @@ RECORDER_EXPORT void recorder_reset(void) {
   std::lock_guard lock(records().mu);
   records().calls = {};
   records().next_session = RECORDER_SESSION_BASE;
+  records().attribute_length = 0;
+}
+
+RECORDER_EXPORT void recorder_set_attribute_length(unsigned long length) {
+  std::lock_guard lock(records().mu);
+  records().attribute_length = length;
 }

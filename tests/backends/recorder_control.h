@@ -6,7 +6,8 @@
  * session handle of C_OpenSession (RECORDER_SESSION_BASE counting up), a
  * zeroed CK_INFO (cryptoki 3.0) / CK_SLOT_INFO / CK_TOKEN_INFO / CK_SESSION_INFO
  * / CK_MECHANISM_INFO, one slot (0) from C_GetSlotList, an empty mechanism
- * list, and CKR_NO_EVENT from C_WaitForSlotEvent. It is not initialized-aware.
+ * list, CKR_NO_EVENT from C_WaitForSlotEvent, and C_GetAttributeValue's
+ * lengths when recorder_set_attribute_length() asks for a lie. It is not initialized-aware.
  *
  * Interfaces, all flagged CKF_INTERFACE_FORK_SAFE (which a proxy must not
  * repeat for its own lists): "PKCS 11" 3.0 (the default), "PKCS 11" 2.40, and
@@ -35,8 +36,16 @@ typedef struct RecorderCall {
 /* Fills *out for the function named (e.g. "C_EncryptMessage"); returns 0, or
  * -1 if no PKCS#11 function has that name. */
 int recorder_last_call(const char* function, RecorderCall* out);
-/* Forgets every call; sessions count from RECORDER_SESSION_BASE again. */
+/* Forgets every call and clears the length below; sessions count from
+ * RECORDER_SESSION_BASE again. */
 void recorder_reset(void);
+
+/* A non-compliant C_GetAttributeValue, like some vendor modules: with a
+ * length set, every attribute whose buffer (pValue not NULL) is shorter gets
+ * that length in ulValueLen (the required length, where the spec says
+ * CK_UNAVAILABLE_INFORMATION), nothing is written to its buffer, and the call
+ * returns CKR_BUFFER_TOO_SMALL. 0 (the default) = off. */
+void recorder_set_attribute_length(unsigned long length);
 
 /* The vendor interface's function list: a CK_VERSION (1.0), then echo, which
  * returns value + 1 and is recorded under the name "echo". */
@@ -47,6 +56,7 @@ typedef struct RecorderVendorFunctions {
 
 typedef int (*RecorderLastCallFn)(const char*, RecorderCall*);
 typedef void (*RecorderResetFn)(void);
+typedef void (*RecorderSetAttributeLengthFn)(unsigned long);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -3,6 +3,7 @@
 
 #include <doctest/doctest.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -405,6 +406,66 @@ TEST_CASE("pool keys: bad numbers and booleans are errors naming the key") {
     CHECK(err.find("true|false") != std::string::npos);
     CHECK(error_of("", {{"P11MUX_POOL_PREWARM", "many"}}).find("P11MUX_POOL_PREWARM") !=
           std::string::npos);
+}
+
+// Every numeric key, its environment variable and its range (README, "Configuration").
+struct NumericKey {
+    const char* section;
+    const char* name;
+    const char* env;
+    unsigned long min, max;
+};
+constexpr NumericKey kNumericKeys[] = {
+    {"log", "min_duration_us", "P11MUX_LOG_MIN_DURATION_US", 0, 3'600'000'000},
+    {"log", "rotate_size_kb", "P11MUX_LOG_ROTATE_SIZE_KB", 0, 16'777'216},
+    {"log", "rotate_files", "P11MUX_LOG_ROTATE_FILES", 0, 1000},
+    {"pool", "max_sessions", "P11MUX_POOL_MAX_SESSIONS", 1, 1'000'000},
+    {"pool", "wait_ms", "P11MUX_POOL_WAIT_MS", 0, 3'600'000},
+    {"pool", "prewarm", "P11MUX_POOL_PREWARM", 0, 1024},
+    {"pool", "idle_timeout_s", "P11MUX_POOL_IDLE_TIMEOUT_S", 0, 2'592'000},
+    {"pool", "keepalive_s", "P11MUX_POOL_KEEPALIVE_S", 0, 2'592'000},
+};
+
+TEST_CASE("every numeric key is bounded, in the file and in the environment, with an error naming it") {
+    for (const NumericKey& k : kNumericKeys) {
+        CAPTURE(k.name);
+        const std::string section = std::string("[") + k.section + "]\n";
+        auto line = [&](unsigned long v) { return section + k.name + " = " + std::to_string(v) + "\n"; };
+        const std::string expected = "(expected a whole number from " + std::to_string(k.min) + " to " +
+                                     std::to_string(k.max);
+        const std::string key = std::string("[") + k.section + "] " + k.name;
+        CHECK(error_of(line(k.max)) == "(no error)");
+        CHECK(error_of(line(k.min)) == "(no error)");
+        CHECK(error_of("", {{k.env, std::to_string(k.max)}}) == "(no error)");
+        for (unsigned long bad : {k.max + 1, 999'999'999'999UL}) {
+            CAPTURE(bad);
+            const std::string in_file = error_of(line(bad));
+            CHECK(in_file.rfind("test.conf:2: bad value '" + std::to_string(bad) + "' for " + key + " " + expected, 0) == 0);
+            const std::string in_env = error_of("", {{k.env, std::to_string(bad)}});
+            CHECK(in_env.rfind(std::string("environment variable ") + k.env + ": bad value '" + std::to_string(bad) +
+                                   "' for " + key + " " + expected, 0) == 0);
+        }
+        if (k.min > 0) CHECK(error_of(line(k.min - 1)).find(expected) != std::string::npos);
+    }
+}
+
+TEST_CASE("pool.idle_timeout_s and prewarm: the values that overflowed or ate memory are refused") {
+    // 10000000000 s overflowed the conversion to nanoseconds (every idle session closed at once).
+    CHECK(error_of("[pool]\nidle_timeout_s = 10000000000\n") ==
+          "test.conf:2: bad value '10000000000' for [pool] idle_timeout_s (expected a whole number from 0 to 2592000)");
+    CHECK(error_of("", {{"P11MUX_POOL_KEEPALIVE_S", "10000000000"}}).find("[pool] keepalive_s") != std::string::npos);
+    CHECK(error_of("[pool]\nprewarm = 999999999999\n") ==
+          "test.conf:2: bad value '999999999999' for [pool] prewarm (expected a whole number from 0 to 1024)");
+    // The largest accepted period still converts to nanoseconds without overflow.
+    const Config c = parse("[pool]\nidle_timeout_s = 2592000\nkeepalive_s = 2592000\n");
+    const auto ns = std::chrono::nanoseconds(std::chrono::seconds(c.pool.idle_timeout_s));
+    CHECK(ns.count() == 2'592'000'000'000'000);
+    CHECK(std::chrono::steady_clock::now() + std::chrono::seconds(c.pool.keepalive_s) >
+          std::chrono::steady_clock::now());
+    // An optional number: empty is still "unset", 0 is out of range.
+    CHECK_FALSE(parse("[pool]\nmax_sessions =\n").pool.max_sessions.has_value());
+    CHECK(error_of("[pool]\nmax_sessions = 0\n") ==
+          "test.conf:2: bad value '0' for [pool] max_sessions (expected a whole number from 1 to 1000000 or empty)");
 }
 
 TEST_CASE("observability keys: trace filters, log sinks, metrics") {

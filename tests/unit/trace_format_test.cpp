@@ -9,7 +9,9 @@
 #include <doctest/doctest.h>
 #include <spdlog/sinks/ostream_sink.h>
 
+#include <memory>
 #include <sstream>
+#include <vector>
 
 namespace p11mux {
 namespace {
@@ -183,16 +185,99 @@ TEST_CASE("mechanism, template and output handles in one record") {
         "C_GetSessionInfo(0x1, {slot 2, state 3, flags 0x6}) = CKR_OK [0.0 us]");
 }
 
+// C_GetAttributeValue traced as observed_call does: capacities taken on the
+// way to the backend, then the "backend" answers.
+template <class Backend>
+std::string get_attributes(CK_ATTRIBUTE* t, CK_ULONG count, Backend backend) {
+  TemplateCapacities caps;
+  caps.capture(t, count);
+  CK_RV rv = backend();
+  return record<fn::C_GetAttributeValue>(CallFacts{rv, 0, 0, 0, &caps}, {}, CK_SESSION_HANDLE{1},
+                                         CK_OBJECT_HANDLE{7}, t, count);
+}
+
 TEST_CASE("C_GetAttributeValue: values only once the call filled them, secrets masked") {
   unsigned char buf[4] = {0xde, 0xad, 0xbe, 0xef};
   CK_ATTRIBUTE t[] = {{CKA_ID, buf, 4}, {CKA_VALUE, buf, 4}};
-  std::string ok = record<fn::C_GetAttributeValue>(CallFacts{}, {}, CK_SESSION_HANDLE{1}, CK_OBJECT_HANDLE{7}, t,
-                                                   CK_ULONG{2});
+  std::string ok = get_attributes(t, 2, [] { return CKR_OK; });
   CHECK(ok == "C_GetAttributeValue(0x1, 7, {CKA_ID=deadbeef (4 bytes), CKA_VALUE=*** (4 bytes)}) = CKR_OK [0.0 us]");
-  std::string failed = record<fn::C_GetAttributeValue>(CallFacts{CKR_OBJECT_HANDLE_INVALID}, {},
-                                                       CK_SESSION_HANDLE{1}, CK_OBJECT_HANDLE{7}, t, CK_ULONG{2});
+  std::string failed = get_attributes(t, 2, [] { return CKR_OBJECT_HANDLE_INVALID; });
   CHECK(failed.find("dead") == std::string::npos);
   CHECK(failed.find("{CKA_ID [4 bytes], CKA_VALUE [4 bytes]}") != std::string::npos);
+  // A call refused before the backend (no capacities taken): the count alone.
+  std::string refused = record<fn::C_GetAttributeValue>(CallFacts{CKR_SESSION_HANDLE_INVALID}, {},
+                                                        CK_SESSION_HANDLE{1}, CK_OBJECT_HANDLE{7}, t, CK_ULONG{2});
+  CHECK(refused == "C_GetAttributeValue(0x1, 7, {2 attributes}) = CKR_SESSION_HANDLE_INVALID [0.0 us]");
+}
+
+TEST_CASE("C_GetAttributeValue: a backend that reports a length beyond the buffer is not read past it") {
+  // A 4-byte buffer, then a canary that must never reach the log (under ASan
+  // the heap block ends at the canary: reading further is an overflow).
+  const unsigned char bytes[8] = {0x11, 0x22, 0x33, 0x44, 0xca, 0xfe, 0xba, 0xbe};
+  auto block = std::make_unique<unsigned char[]>(8);
+  std::copy_n(bytes, 8, block.get());
+  unsigned char* buf = block.get();
+  for (CK_RV lie : {CKR_BUFFER_TOO_SMALL, CKR_OK}) {
+    CAPTURE(lie);
+    // Non-compliant: the required length (12), not CK_UNAVAILABLE_INFORMATION.
+    CK_ATTRIBUTE t[] = {{CKA_ID, buf, 4}, {CKA_LABEL, buf, 4}, {CKA_MODULUS, buf, 4}};
+    std::string r = get_attributes(t, 3, [&] {
+      for (auto& a : t) a.ulValueLen = 12;
+      return lie;
+    });
+    CHECK(r.find("cafe") == std::string::npos);
+    CHECK(r.find("\\xca") == std::string::npos);
+    CHECK(r.find("{CKA_ID [4 bytes]->12, CKA_LABEL [4 bytes]->12, CKA_MODULUS [4 bytes]->12}") != std::string::npos);
+  }
+  // A length within the buffer is shown, and no further than that length.
+  CK_ATTRIBUTE fits[] = {{CKA_ID, buf, 4}, {CKA_LABEL, nullptr, 0}, {CKA_SUBJECT, buf, 4}};
+  std::string r = get_attributes(fits, 3, [&] {
+    fits[0].ulValueLen = 2;
+    fits[1].ulValueLen = 5;  // a length query's answer
+    fits[2].ulValueLen = CK_UNAVAILABLE_INFORMATION;
+    return CKR_BUFFER_TOO_SMALL;
+  });
+  CHECK(r == "C_GetAttributeValue(0x1, 7, {CKA_ID=1122 (2 bytes), CKA_LABEL (5 bytes), CKA_SUBJECT=unavailable}) = "
+             "CKR_BUFFER_TOO_SMALL [0.0 us]");
+  // A nested template's buffers have no known capacity: lengths only.
+  unsigned char inner_value[2] = {0x99, 0x88};
+  CK_ATTRIBUTE inner[] = {{CKA_LABEL, inner_value, 1000}};
+  CK_ATTRIBUTE wrap[] = {{CKA_WRAP_TEMPLATE, inner, sizeof inner}};
+  r = get_attributes(wrap, 1, [] { return CKR_OK; });
+  CHECK(r.find("{CKA_WRAP_TEMPLATE={CKA_LABEL [1000 bytes]}}") != std::string::npos);
+}
+
+TEST_CASE("output buffers: never read beyond the capacity given on entry, whatever length comes back") {
+  // C_FindObjects: a backend claiming more handles than ulMaxObjectCount.
+  CK_OBJECT_HANDLE found[3] = {0xb000001, 0xb000002, 0xcafe};  // the third is beyond the capacity
+  CK_ULONG n = 1000;
+  std::string r = record<fn::C_FindObjects>(CallFacts{}, {}, CK_SESSION_HANDLE{1}, found, CK_ULONG{2}, &n);
+  CHECK(r == "C_FindObjects(0x1, [max 2: 0xb000001, 0xb000002], ->1000) = CKR_OK [0.0 us]");
+  // 'o' buffers are shown by capacity and returned length, never by content.
+  CK_BYTE out[4] = {0xca, 0xfe, 0xca, 0xfe};
+  CK_ULONG out_len = 4096;
+  std::array<CK_ULONG, 5> caps{0, 0, 0, 4, 0};
+  r = record<fn::C_Encrypt>(CallFacts{CKR_BUFFER_TOO_SMALL}, caps, CK_SESSION_HANDLE{1}, out, CK_ULONG{4}, out, &out_len);
+  CHECK(r == "C_Encrypt(0x1, [4 bytes], [4]->4096) = CKR_BUFFER_TOO_SMALL [0.0 us]");
+}
+
+TEST_CASE("a template the call refused is not walked: a huge count over a short template") {
+  CK_OBJECT_CLASS cls = CKO_DATA;
+  CK_ATTRIBUTE one[] = {{CKA_CLASS, &cls, sizeof cls}};
+  std::string r = record<fn::C_FindObjectsInit>(CallFacts{CKR_SESSION_HANDLE_INVALID}, {}, CK_SESSION_HANDLE{1},
+                                                one, CK_ULONG{1'000'000});
+  CHECK(r == "C_FindObjectsInit(0x1, {1000000 attributes}) = CKR_SESSION_HANDLE_INVALID [0.0 us]");
+  r = record<fn::C_CreateObject>(CallFacts{CKR_TEMPLATE_INCOMPLETE}, {}, CK_SESSION_HANDLE{1}, one, CK_ULONG{1},
+                                 static_cast<CK_OBJECT_HANDLE_PTR>(nullptr));
+  CHECK(r == "C_CreateObject(0x1, {1 attribute}, NULL) = CKR_TEMPLATE_INCOMPLETE [0.0 us]");
+  r = record<fn::C_FindObjectsInit>(CallFacts{CKR_OK}, {}, CK_SESSION_HANDLE{1},
+                                    static_cast<CK_ATTRIBUTE_PTR>(nullptr), CK_ULONG{0});
+  CHECK(r == "C_FindObjectsInit(0x1, {}) = CKR_OK [0.0 us]");
+  // An accepted template is shown, its first kMaxAttributesShown attributes.
+  std::vector<CK_ATTRIBUTE> many(kMaxAttributesShown + 8, CK_ATTRIBUTE{CKA_CLASS, &cls, sizeof cls});
+  r = record<fn::C_FindObjectsInit>(CallFacts{CKR_OK}, {}, CK_SESSION_HANDLE{1}, many.data(),
+                                    static_cast<CK_ULONG>(many.size()));
+  CHECK(r.find("CKA_CLASS=CKO_DATA, ... 40 in all}") != std::string::npos);
 }
 
 }  // namespace
