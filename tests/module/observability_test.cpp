@@ -345,7 +345,12 @@ TEST_CASE("p11mux's threads are named and block every signal: pool maintenance, 
   Proxy proxy({}, nullptr,
               {{"P11MUX_POOL_IDLE_TIMEOUT_S", "60"}, {"P11MUX_METRICS_LISTEN", sock.c_str()},
                {"P11MUX_LOG_ASYNC", "true"}, {"P11MUX_LOG_LEVEL", "info"}, {"P11MUX_LOG_FILE", "/dev/null"}});
+  // The log thread names itself once it runs: wait for it (a liveness bound).
   auto threads = blocked_signals_of_threads("p11mux-");
+  for (int i = 0; i < 250 && threads.count("p11mux-log") == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    threads = blocked_signals_of_threads("p11mux-");
+  }
   CHECK(threads.count("p11mux-pool") == 1);
   CHECK(threads.count("p11mux-stats") == 1);
   CHECK(threads.count("p11mux-log") == 1);
