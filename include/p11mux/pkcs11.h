@@ -192,3 +192,50 @@ typedef CK_FUNCTION_LIST_3_0* CK_FUNCTION_LIST_3_0_PTR;
 }  // extern "C"
 
 #endif  // CKF_INTERFACE_FORK_SAFE
+
+// The SSL 3.0 / TLS key-and-MAC derivation parameters (CKM_SSL3_KEY_AND_MAC_DERIVE,
+// CKM_TLS_KEY_AND_MAC_DERIVE, CKM_TLS12_KEY_AND_MAC_DERIVE): p11-kit's header
+// has the mechanisms but not these structures, through which the module
+// returns up to four key handles instead of phKey.
+#ifndef P11MUX_HAVE_SSL3_KEY_MAT
+#define P11MUX_HAVE_SSL3_KEY_MAT 1
+extern "C" {
+typedef struct CK_SSL3_RANDOM_DATA {
+  CK_BYTE_PTR pClientRandom;
+  CK_ULONG ulClientRandomLen;
+  CK_BYTE_PTR pServerRandom;
+  CK_ULONG ulServerRandomLen;
+} CK_SSL3_RANDOM_DATA;
+
+typedef struct CK_SSL3_KEY_MAT_OUT {
+  CK_OBJECT_HANDLE hClientMacSecret;
+  CK_OBJECT_HANDLE hServerMacSecret;
+  CK_OBJECT_HANDLE hClientKey;
+  CK_OBJECT_HANDLE hServerKey;
+  CK_BYTE_PTR pIVClient;
+  CK_BYTE_PTR pIVServer;
+} CK_SSL3_KEY_MAT_OUT;
+typedef CK_SSL3_KEY_MAT_OUT* CK_SSL3_KEY_MAT_OUT_PTR;
+
+typedef struct CK_SSL3_KEY_MAT_PARAMS {
+  CK_ULONG ulMacSizeInBits;
+  CK_ULONG ulKeySizeInBits;
+  CK_ULONG ulIVSizeInBits;
+  CK_BBOOL bIsExport;
+  CK_SSL3_RANDOM_DATA RandomInfo;
+  CK_SSL3_KEY_MAT_OUT_PTR pReturnedKeyMaterial;
+} CK_SSL3_KEY_MAT_PARAMS;
+typedef CK_SSL3_KEY_MAT_PARAMS* CK_SSL3_KEY_MAT_PARAMS_PTR;
+
+typedef struct CK_TLS12_KEY_MAT_PARAMS {
+  CK_ULONG ulMacSizeInBits;
+  CK_ULONG ulKeySizeInBits;
+  CK_ULONG ulIVSizeInBits;
+  CK_BBOOL bIsExport;
+  CK_SSL3_RANDOM_DATA RandomInfo;
+  CK_SSL3_KEY_MAT_OUT_PTR pReturnedKeyMaterial;
+  CK_MECHANISM_TYPE prfHashMechanism;
+} CK_TLS12_KEY_MAT_PARAMS;
+typedef CK_TLS12_KEY_MAT_PARAMS* CK_TLS12_KEY_MAT_PARAMS_PTR;
+}  // extern "C"
+#endif  // P11MUX_HAVE_SSL3_KEY_MAT
