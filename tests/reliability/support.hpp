@@ -49,6 +49,10 @@ const MockControl& race_detector();
 const FaultyControl& slow();
 const char* race_detector_path();
 const char* slow_path();
+// The spec bender (the mock bending the spec as real modules do, every
+// MOCK_BEND_* on unless configured otherwise), its own library too.
+const MockControl& spec_bender();
+const char* spec_bender_path();
 const char* softhsm2_path();  // P11MUX_RELIABILITY_SOFTHSM2 or the Debian path
 
 // Points p11mux at a backend; keeps P11MUX_SESSION_MODE from the environment
