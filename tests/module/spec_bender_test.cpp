@@ -47,11 +47,12 @@ MockConfig bends(unsigned long bits) {
 }
 
 // The session mode of this run: each test case runs once per mode.
-#define FOR_BOTH_SESSION_MODES(mode)          \
-  const char* mode = "serialize";             \
-  SUBCASE("serialize") {}                     \
+#define FOR_BOTH_SESSION_MODES(mode)           \
+  const char* mode = "serialize";              \
+  SUBCASE("serialize") {}                      \
   SUBCASE("multiplex") { mode = "multiplex"; } \
-  CAPTURE(mode)
+  std::string session_mode = mode;             \
+  CAPTURE(session_mode)
 
 // libp11mux.so initialized over the spec bender in a session mode.
 class BenderProxy {
@@ -244,7 +245,7 @@ TEST_CASE("spec bender: the pool never goes above its limit with transient CKR_S
   FOR_BOTH_SESSION_MODES(mode);
   constexpr unsigned long kLimit = 3;
   MockConfig c = bends(MOCK_BEND_ALL);
-  c.transient_count_every = 5;
+  c.transient_count_every = 2;  // the pool opens few: refuse often
   BenderProxy proxy(mode, c,
                     {{"P11MUX_POOL_WAIT_MS", "200"}, {"P11MUX_POOL_MAX_SESSIONS", "3"}});
   CK_FUNCTION_LIST* p = proxy.p11;

@@ -92,7 +92,12 @@ StressResult run_stress(CK_FUNCTION_LIST& p11, const Token& token, long iteratio
   run_threads(kThreads, [&](std::size_t i) {
     Rng rng(seed + i);
     Workload w(p11, token, tallies[i]);
-    if (transient_count) w.allow_transient_session_count();
+    if (transient_count) {
+      w.allow_transient_session_count();
+      // A multiplexed call may need a backend session of its own: it waits
+      // for one at the limit, then answers CKR_SESSION_COUNT (README).
+      if (session_mode() == "multiplex") tallies[i].allow_everywhere(CKR_SESSION_COUNT);
+    }
     CK_SESSION_HANDLE mine = CK_INVALID_HANDLE;
     if (w.open(mine, i % 2 == 0) != CKR_OK) return;
     long n = 0;
@@ -148,7 +153,8 @@ void check_and_report(const char* name, const StressResult& r) {
 // p11mux over the mock or the race detector (`path`, `control`): a token with
 // the signing key on a setup session.
 void stress_over_mock(const char* name, const char* path, const MockControl& control,
-                      const MockConfig& config, long iterations, bool transient_count = false) {
+                      const MockConfig& config, long iterations, bool transient_count = false,
+                      std::chrono::seconds time_cap = std::chrono::seconds(60)) {
   CK_FUNCTION_LIST& p11 = p11mux();
   use_backend(path);
   REQUIRE(control.reset() == 0);
@@ -157,7 +163,7 @@ void stress_over_mock(const char* name, const char* path, const MockControl& con
   CK_SESSION_HANDLE setup = CK_INVALID_HANDLE;
   REQUIRE(open_retrying(p11, 0, CKF_SERIAL_SESSION | CKF_RW_SESSION, setup) == CKR_OK);
   Token token = prepare_token(p11, setup, 0, MOCK_USER_PIN);
-  StressResult r = run_stress(p11, token, iterations, std::chrono::seconds(60), transient_count);
+  StressResult r = run_stress(p11, token, iterations, time_cap, transient_count);
   CHECK(p11.C_CloseSession(setup) == CKR_OK);
   REQUIRE(p11.C_Finalize(nullptr) == CKR_OK);
 
@@ -274,7 +280,7 @@ TEST_CASE("C_CloseAllSessions racing calls on the same slot" * doctest::test_sui
 // reused handles, transient CKR_SESSION_COUNT, slow opens ...).
 TEST_CASE("stress over the spec bender" * doctest::test_suite("spec-bender")) {
   stress_over_mock("spec-bender", spec_bender_path(), spec_bender(), MockConfig{},
-                   scaled(600, 30), /*transient_count=*/true);
+                   scaled(300, 20), /*transient_count=*/true, std::chrono::seconds(30));
   MockStats s = mock_stats(spec_bender());
   std::printf("FIGURES stress spec-bender bends: ops_kept=%lu handles_reused=%lu "
               "session_count=%lu\n",
@@ -314,7 +320,7 @@ struct CanaryCounts {
   unsigned long sessions = 0, refused = 0;
   unsigned long inherited_operation = 0;  // an Init of a fresh session found one active
   unsigned long foreign_object = 0;       // an object of an already closed session found
-  unsigned long own_missing = 0;          // its own objects not found
+  unsigned long own_missing = 0;          // its own objects not found (or found twice)
   unsigned long wrong = 0;                // a digest or signature that is not its own
   unsigned long other_error = 0;
   std::vector<std::string> first_errors;
@@ -363,12 +369,24 @@ TEST_CASE("spec bender: a canary per virtual session, the pool within its limit"
   CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
   CK_MECHANISM mac{CKM_SHA256_HMAC, nullptr, 0};
 
+  const bool multiplex = session_mode() == "multiplex";
   run_threads(kCanaryThreads, [&](std::size_t t) {
     CanaryCounts& c = counts[t];
     Rng rng(seed + 1000 + t);
     for (long n = 0; n < iterations && Clock::now() < end; ++n) {
       Canary canary{t, n};
       std::string label = canary.label();
+      // A multiplexed call may answer CKR_SESSION_COUNT (README: it waits for
+      // a backend session at the limit first): the session's checks are then off.
+      bool degraded = false;
+      auto fail = [&](const char* call, CK_RV code) {
+        if (code == CKR_SESSION_COUNT && multiplex) {
+          degraded = true;
+          ++c.refused;
+        } else {
+          c.error(std::string(call) + " " + rv_string(code));
+        }
+      };
       Bytes data(label.begin(), label.end());
       CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
       CK_RV rv = p11.C_OpenSession(0, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &s);
@@ -389,10 +407,10 @@ TEST_CASE("spec bender: a canary per virtual session, the pool within its limit"
                                {CKA_CLASS, &data_class, sizeof data_class}};
       CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE, key = CK_INVALID_HANDLE;
       if ((rv = p11.C_CreateObject(s, tagged, 3, &obj)) != CKR_OK)
-        c.error("C_CreateObject " + rv_string(rv));
+        fail("C_CreateObject", rv);
       CK_MECHANISM gen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
       if ((rv = p11.C_GenerateKey(s, &gen, tagged, 2, &key)) != CKR_OK)
-        c.error("C_GenerateKey " + rv_string(rv));
+        fail("C_GenerateKey", rv);
       unsigned long own_objects = 2;
       if (rng.chance(30)) {
         CK_SSL3_KEY_MAT_OUT out{};
@@ -404,7 +422,7 @@ TEST_CASE("spec bender: a canary per virtual session, the pool within its limit"
         if ((rv = p11.C_DeriveKey(s, &tls, key, tagged, 2, nullptr)) == CKR_OK)
           own_objects += 4;
         else
-          c.error("C_DeriveKey " + rv_string(rv));
+          fail("C_DeriveKey", rv);
       }
       if (rng.chance(20)) {
         CK_MECHANISM wrap{CKM_AES_KEY_WRAP, nullptr, 0};
@@ -414,28 +432,32 @@ TEST_CASE("spec bender: a canary per virtual session, the pool within its limit"
                                   &unwrapped)) == CKR_OK)
           ++own_objects;
         else
-          c.error("C_UnwrapKey " + rv_string(rv));
+          fail("C_UnwrapKey", rv);
       }
       // Its operations: a fresh session has none active.
       rv = p11.C_DigestInit(s, &sha);
       if (rv == CKR_OPERATION_ACTIVE) ++c.inherited_operation;
-      else if (rv != CKR_OK) c.error("C_DigestInit " + rv_string(rv));
+      else if (rv != CKR_OK) fail("C_DigestInit", rv);
       bool digesting = rv == CKR_OK;
       if (digesting && (rv = p11.C_DigestUpdate(s, data.data(), data.size())) != CKR_OK)
-        c.error("C_DigestUpdate " + rv_string(rv));
+        fail("C_DigestUpdate", rv);
       rv = p11.C_SignInit(s, &mac, key);
       if (rv == CKR_OPERATION_ACTIVE) ++c.inherited_operation;
-      else if (rv != CKR_OK) c.error("C_SignInit " + rv_string(rv));
+      else if (rv != CKR_OK) fail("C_SignInit", rv);
       if (rv == CKR_OK) {
         CK_BYTE sig[MOCK_DIGEST_LEN];
         CK_ULONG len = sizeof sig;
         if ((rv = p11.C_Sign(s, data.data(), data.size(), sig, &len)) != CKR_OK) {
-          c.error("C_Sign " + rv_string(rv));
-        } else if (p11.C_VerifyInit(s, &mac, key) == CKR_OK) {
+          fail("C_Sign", rv);
+        } else if ((rv = p11.C_VerifyInit(s, &mac, key)) == CKR_OK) {
           // The signature is of its own data with its own key.
-          if (p11.C_Verify(s, data.data(), data.size(), sig, len) != CKR_OK) ++c.wrong;
-        } else {
+          rv = p11.C_Verify(s, data.data(), data.size(), sig, len);
+          if (rv == CKR_SIGNATURE_INVALID) ++c.wrong;
+          else if (rv != CKR_OK) fail("C_Verify", rv);
+        } else if (rv == CKR_OPERATION_ACTIVE) {
           ++c.inherited_operation;
+        } else {
+          fail("C_VerifyInit", rv);
         }
       }
       // Its view of the objects: its own, never one of a session already closed.
@@ -444,12 +466,12 @@ TEST_CASE("spec bender: a canary per virtual session, the pool within its limit"
       CK_ATTRIBUTE find[] = {{CKA_APPLICATION, application, sizeof application}};
       unsigned long own_found = 0;
       if ((rv = p11.C_FindObjectsInit(s, find, 1)) != CKR_OK) {
-        c.error("C_FindObjectsInit " + rv_string(rv));
+        fail("C_FindObjectsInit", rv);
       } else {
         std::vector<CK_OBJECT_HANDLE> found(512);
         CK_ULONG count = 0;
         if ((rv = p11.C_FindObjects(s, found.data(), found.size(), &count)) != CKR_OK)
-          c.error("C_FindObjects " + rv_string(rv));
+          fail("C_FindObjects", rv);
         p11.C_FindObjectsFinal(s);
         for (CK_ULONG k = 0; k < count; ++k) {
           char text[64] = {};
@@ -457,7 +479,7 @@ TEST_CASE("spec bender: a canary per virtual session, the pool within its limit"
           rv = p11.C_GetAttributeValue(s, found[k], &get, 1);
           if (rv == CKR_OBJECT_HANDLE_INVALID) continue;  // its session closed meanwhile
           if (rv != CKR_OK) {
-            c.error("C_GetAttributeValue " + rv_string(rv));
+            fail("C_GetAttributeValue", rv);
             continue;
           }
           unsigned long owner = 0;
@@ -471,24 +493,37 @@ TEST_CASE("spec bender: a canary per virtual session, the pool within its limit"
           else if (owner_n <= closed_before[owner]) ++c.foreign_object;
         }
       }
-      if (own_found != own_objects) ++c.own_missing;
+      // Its own, by a search of its label (the search above may be cut short
+      // when objects leak).
+      CK_ATTRIBUTE own[] = {{CKA_APPLICATION, application, sizeof application},
+                            {CKA_LABEL, label.data(), label.size()}};
+      if ((rv = p11.C_FindObjectsInit(s, own, 2)) != CKR_OK) {
+        fail("C_FindObjectsInit", rv);
+      } else {
+        std::vector<CK_OBJECT_HANDLE> found(64);
+        CK_ULONG count = 0;
+        if ((rv = p11.C_FindObjects(s, found.data(), found.size(), &count)) != CKR_OK)
+          fail("C_FindObjects", rv);
+        p11.C_FindObjectsFinal(s);
+        if (!degraded && (count != own_objects || own_found > own_objects)) ++c.own_missing;
+      }
       // End the digest, or leave it in error (the bender keeps it active).
       if (digesting) {
         if (rng.chance(40)) {
           if ((rv = p11.C_DigestKey(s, 0x7fff0000 + t)) != CKR_KEY_HANDLE_INVALID &&
               rv != CKR_OBJECT_HANDLE_INVALID)
-            c.error("C_DigestKey " + rv_string(rv));
+            fail("C_DigestKey", rv);
         } else {
           CK_BYTE d[MOCK_DIGEST_LEN], expected[MOCK_DIGEST_LEN];
           CK_ULONG len = sizeof d;
           bender.reference_digest(data.data(), data.size(), expected);
           if ((rv = p11.C_DigestFinal(s, d, &len)) != CKR_OK)
-            c.error("C_DigestFinal " + rv_string(rv));
+            fail("C_DigestFinal", rv);
           else if (len != sizeof d || std::memcmp(d, expected, sizeof d) != 0)
             ++c.wrong;
         }
       }
-      if ((rv = p11.C_CloseSession(s)) != CKR_OK) c.error("C_CloseSession " + rv_string(rv));
+      if ((rv = p11.C_CloseSession(s)) != CKR_OK) fail("C_CloseSession", rv);
       closed[t].store(n);
     }
   }, "canary");

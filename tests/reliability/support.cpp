@@ -181,6 +181,7 @@ bool Tally::record(const char* call, CK_RV rv, RvSet allowed) {
   ++by_call_[call][rv];
   bool ok = rv == CKR_OK;
   for (CK_RV a : allowed) ok = ok || rv == a;
+  for (CK_RV a : everywhere_) ok = ok || rv == a;
   if (!valid_ckr(rv)) {
     ++invalid_count_;
     ok = false;
