@@ -185,8 +185,9 @@ typedef struct MockConfig {
 /* Where an injected failure happens: after the initialized check and, for
  * session calls, after the session lookup, the overlap accounting and the
  * call_spin_us wait; the function then returns fail_rv without doing anything
- * else, except that the operation it continues ends (as any error would). The
- * Nth count restarts with every mock_configure(). */
+ * else, except that the operation it continues ends (as any error would;
+ * with MOCK_BEND_KEEP_OP it stays active). The Nth count restarts with every
+ * mock_configure(). */
 
 /* Counters and records. All counters are cumulative since mock_reset(). */
 typedef struct MockStats {

@@ -6,7 +6,12 @@
 //     it): zero library and session violations;
 //   - over the mock with OS locking and calls that linger inside it: zero
 //     session violations while calls really overlap;
-//   - over SoftHSM2: no crash, only the codes the spec allows each call.
+//   - over SoftHSM2: no crash, only the codes the spec allows each call;
+//   - over the spec bender (libp11mux-spec-bender.so, a backend bending the
+//     spec as real ones do): the same traffic, then a canary per virtual
+//     session (its objects, operations, digests and MACs are its own), the
+//     pool within its limit, and C_Finalize and fork() bounded while threads
+//     wait at the limit.
 // Everywhere: every result right (digests, signatures, searches), and every
 // backend session closed by C_Finalize.
 #include "support.hpp"
