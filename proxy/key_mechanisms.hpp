@@ -32,73 +32,6 @@ enum class KeyOutputs : unsigned char {
   sp800_108_feedback,  // the same in CK_SP800_108_FEEDBACK_KDF_PARAMS
 };
 
-namespace key_params {
-
-// The OASIS layouts p11-kit's v2.40 header lacks (PKCS#11 2.40 §2.36-2.38,
-// 3.0 §2.42), for reading the returned handles only.
-struct Ssl3RandomData {
-  CK_BYTE_PTR pClientRandom;
-  CK_ULONG ulClientRandomLen;
-  CK_BYTE_PTR pServerRandom;
-  CK_ULONG ulServerRandomLen;
-};
-struct Ssl3KeyMatOut {
-  CK_OBJECT_HANDLE hClientMacSecret, hServerMacSecret, hClientKey, hServerKey;
-  CK_BYTE_PTR pIVClient, pIVServer;
-};
-struct Ssl3KeyMatParams {
-  CK_ULONG ulMacSizeInBits, ulKeySizeInBits, ulIVSizeInBits;
-  CK_BBOOL bIsExport;
-  Ssl3RandomData RandomInfo;
-  Ssl3KeyMatOut* pReturnedKeyMaterial;
-};
-struct Tls12KeyMatParams {
-  CK_ULONG ulMacSizeInBits, ulKeySizeInBits, ulIVSizeInBits;
-  CK_BBOOL bIsExport;
-  Ssl3RandomData RandomInfo;
-  Ssl3KeyMatOut* pReturnedKeyMaterial;
-  CK_MECHANISM_TYPE prfHashMechanism;
-};
-struct WtlsRandomData {
-  CK_BYTE_PTR pClientRandom;
-  CK_ULONG ulClientRandomLen;
-  CK_BYTE_PTR pServerRandom;
-  CK_ULONG ulServerRandomLen;
-};
-struct WtlsKeyMatOut {
-  CK_OBJECT_HANDLE hMacSecret, hKey;
-  CK_BYTE_PTR pIV;
-};
-struct WtlsKeyMatParams {
-  CK_MECHANISM_TYPE DigestMechanism;
-  CK_ULONG ulMacSizeInBits, ulKeySizeInBits, ulIVSizeInBits, ulSequenceNumber;
-  CK_BBOOL bIsExport;
-  WtlsRandomData RandomInfo;
-  WtlsKeyMatOut* pReturnedKeyMaterial;
-};
-struct DerivedKey {
-  CK_ATTRIBUTE_PTR pTemplate;
-  CK_ULONG ulAttributeCount;
-  CK_OBJECT_HANDLE_PTR phKey;
-};
-struct Sp800108KdfParams {
-  CK_MECHANISM_TYPE prfType;
-  CK_ULONG ulNumberOfDataParams;
-  CK_VOID_PTR pDataParams;
-  CK_ULONG ulAdditionalDerivedKeys;
-  DerivedKey* pAdditionalDerivedKeys;
-};
-struct Sp800108FeedbackKdfParams {
-  CK_MECHANISM_TYPE prfType;
-  CK_ULONG ulNumberOfDataParams;
-  CK_VOID_PTR pDataParams;
-  CK_ULONG ulIVLen;
-  CK_BYTE_PTR pIV;
-  CK_ULONG ulAdditionalDerivedKeys;
-  DerivedKey* pAdditionalDerivedKeys;
-};
-
-}  // namespace key_params
 
 struct DeriveMechanism {
   CK_MECHANISM_TYPE type;
@@ -218,7 +151,6 @@ const Params* params_of(const CK_MECHANISM& m) noexcept {
 // Adds the handles a successful call returned inside its mechanism parameter.
 // False when the parameter is missing or too short to hold them.
 inline bool add_parameter_keys(KeyOutputs outputs, const CK_MECHANISM& m, ReturnedKeys& out) noexcept {
-  using namespace key_params;
   auto key_mat = [&](const auto* p) {
     if (p == nullptr || p->pReturnedKeyMaterial == nullptr) return false;
     // Key sizes of 0: no such keys made, and the fields hold whatever the
@@ -248,17 +180,17 @@ inline bool add_parameter_keys(KeyOutputs outputs, const CK_MECHANISM& m, Return
   };
   switch (outputs) {
     case KeyOutputs::handle_args: return true;
-    case KeyOutputs::ssl3_key_mat: return key_mat(params_of<Ssl3KeyMatParams>(m));
-    case KeyOutputs::tls12_key_mat: return key_mat(params_of<Tls12KeyMatParams>(m));
+    case KeyOutputs::ssl3_key_mat: return key_mat(params_of<CK_SSL3_KEY_MAT_PARAMS>(m));
+    case KeyOutputs::tls12_key_mat: return key_mat(params_of<CK_TLS12_KEY_MAT_PARAMS>(m));
     case KeyOutputs::wtls_key_mat: {
-      const auto* p = params_of<WtlsKeyMatParams>(m);
+      const auto* p = params_of<CK_WTLS_KEY_MAT_PARAMS>(m);
       if (p == nullptr || p->pReturnedKeyMaterial == nullptr) return false;
       if (p->ulMacSizeInBits != 0) out.add(p->pReturnedKeyMaterial->hMacSecret);
       if (p->ulKeySizeInBits != 0) out.add(p->pReturnedKeyMaterial->hKey);
       return true;
     }
-    case KeyOutputs::sp800_108: return derived(params_of<Sp800108KdfParams>(m));
-    case KeyOutputs::sp800_108_feedback: return derived(params_of<Sp800108FeedbackKdfParams>(m));
+    case KeyOutputs::sp800_108: return derived(params_of<CK_SP800_108_KDF_PARAMS>(m));
+    case KeyOutputs::sp800_108_feedback: return derived(params_of<CK_SP800_108_FEEDBACK_KDF_PARAMS>(m));
   }
   return false;
 }

@@ -41,7 +41,7 @@ ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1
 # built with ASan+UBSan and coverage, the committed corpus replayed, then 60 s
 # of fuzzing from it with a fixed seed (tests/fuzz/README.md). A crash, leak
 # or sanitizer report fails the run and leaves the input in build/fuzz/.
-echo "== libFuzzer build (clang): fuzzing p11mux over the null and race-detector backends for 60 s"
+echo "== libFuzzer build (clang): fuzzing p11mux over the null, race-detector and spec-bender backends for 60 s"
 cmake -S . -B build/fuzz -G Ninja -DP11MUX_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCMAKE_CXX_COMPILER=clang++ -DP11MUX_FUZZ=ON -DP11MUX_BUILD_EXAMPLES=OFF >/dev/null
 cmake --build build/fuzz -j "$jobs" --target p11mux-fuzz

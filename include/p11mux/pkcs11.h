@@ -192,3 +192,100 @@ typedef CK_FUNCTION_LIST_3_0* CK_FUNCTION_LIST_3_0_PTR;
 }  // extern "C"
 
 #endif  // CKF_INTERFACE_FORK_SAFE
+
+// Mechanism parameters through which a module returns key handles besides
+// (or instead of) phKey, and which p11-kit's header lacks: the SSL 3.0 / TLS
+// key-and-MAC derivations (up to four handles), WTLS, and the v3.0 SP 800-108
+// KDFs. p11mux reads them to follow every session key (proxy/key_mechanisms.hpp).
+#ifndef P11MUX_HAVE_SSL3_KEY_MAT
+#define P11MUX_HAVE_SSL3_KEY_MAT 1
+extern "C" {
+typedef struct CK_SSL3_RANDOM_DATA {
+  CK_BYTE_PTR pClientRandom;
+  CK_ULONG ulClientRandomLen;
+  CK_BYTE_PTR pServerRandom;
+  CK_ULONG ulServerRandomLen;
+} CK_SSL3_RANDOM_DATA;
+
+typedef struct CK_SSL3_KEY_MAT_OUT {
+  CK_OBJECT_HANDLE hClientMacSecret;
+  CK_OBJECT_HANDLE hServerMacSecret;
+  CK_OBJECT_HANDLE hClientKey;
+  CK_OBJECT_HANDLE hServerKey;
+  CK_BYTE_PTR pIVClient;
+  CK_BYTE_PTR pIVServer;
+} CK_SSL3_KEY_MAT_OUT;
+typedef CK_SSL3_KEY_MAT_OUT* CK_SSL3_KEY_MAT_OUT_PTR;
+
+typedef struct CK_SSL3_KEY_MAT_PARAMS {
+  CK_ULONG ulMacSizeInBits;
+  CK_ULONG ulKeySizeInBits;
+  CK_ULONG ulIVSizeInBits;
+  CK_BBOOL bIsExport;
+  CK_SSL3_RANDOM_DATA RandomInfo;
+  CK_SSL3_KEY_MAT_OUT_PTR pReturnedKeyMaterial;
+} CK_SSL3_KEY_MAT_PARAMS;
+typedef CK_SSL3_KEY_MAT_PARAMS* CK_SSL3_KEY_MAT_PARAMS_PTR;
+
+typedef struct CK_TLS12_KEY_MAT_PARAMS {
+  CK_ULONG ulMacSizeInBits;
+  CK_ULONG ulKeySizeInBits;
+  CK_ULONG ulIVSizeInBits;
+  CK_BBOOL bIsExport;
+  CK_SSL3_RANDOM_DATA RandomInfo;
+  CK_SSL3_KEY_MAT_OUT_PTR pReturnedKeyMaterial;
+  CK_MECHANISM_TYPE prfHashMechanism;
+} CK_TLS12_KEY_MAT_PARAMS;
+typedef CK_TLS12_KEY_MAT_PARAMS* CK_TLS12_KEY_MAT_PARAMS_PTR;
+
+// WTLS key-and-MAC derivation (CKM_WTLS_SERVER/CLIENT_KEY_AND_MAC_DERIVE).
+typedef struct CK_WTLS_RANDOM_DATA {
+  CK_BYTE_PTR pClientRandom;
+  CK_ULONG ulClientRandomLen;
+  CK_BYTE_PTR pServerRandom;
+  CK_ULONG ulServerRandomLen;
+} CK_WTLS_RANDOM_DATA;
+
+typedef struct CK_WTLS_KEY_MAT_OUT {
+  CK_OBJECT_HANDLE hMacSecret;
+  CK_OBJECT_HANDLE hKey;
+  CK_BYTE_PTR pIV;
+} CK_WTLS_KEY_MAT_OUT;
+
+typedef struct CK_WTLS_KEY_MAT_PARAMS {
+  CK_MECHANISM_TYPE DigestMechanism;
+  CK_ULONG ulMacSizeInBits;
+  CK_ULONG ulKeySizeInBits;
+  CK_ULONG ulIVSizeInBits;
+  CK_ULONG ulSequenceNumber;
+  CK_BBOOL bIsExport;
+  CK_WTLS_RANDOM_DATA RandomInfo;
+  CK_WTLS_KEY_MAT_OUT* pReturnedKeyMaterial;
+} CK_WTLS_KEY_MAT_PARAMS;
+
+// v3.0 SP 800-108 KDFs (CKM_SP800_108_*_KDF): more keys in pAdditionalDerivedKeys.
+typedef struct CK_DERIVED_KEY {
+  CK_ATTRIBUTE_PTR pTemplate;
+  CK_ULONG ulAttributeCount;
+  CK_OBJECT_HANDLE_PTR phKey;
+} CK_DERIVED_KEY;
+
+typedef struct CK_SP800_108_KDF_PARAMS {
+  CK_MECHANISM_TYPE prfType;
+  CK_ULONG ulNumberOfDataParams;
+  CK_VOID_PTR pDataParams;
+  CK_ULONG ulAdditionalDerivedKeys;
+  CK_DERIVED_KEY* pAdditionalDerivedKeys;
+} CK_SP800_108_KDF_PARAMS;
+
+typedef struct CK_SP800_108_FEEDBACK_KDF_PARAMS {
+  CK_MECHANISM_TYPE prfType;
+  CK_ULONG ulNumberOfDataParams;
+  CK_VOID_PTR pDataParams;
+  CK_ULONG ulIVLen;
+  CK_BYTE_PTR pIV;
+  CK_ULONG ulAdditionalDerivedKeys;
+  CK_DERIVED_KEY* pAdditionalDerivedKeys;
+} CK_SP800_108_FEEDBACK_KDF_PARAMS;
+}  // extern "C"
+#endif  // P11MUX_HAVE_SSL3_KEY_MAT

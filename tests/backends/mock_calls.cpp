@@ -57,6 +57,53 @@ Module& module() {
   return *instance;
 }
 
+namespace {
+
+// MockConfig.bend as it is in force: 0 is the library's default, OBEY none.
+unsigned long resolve_bend(unsigned long bend) {
+  if (bend == 0) bend = kDefaultBend;
+  return (bend & MOCK_BEND_OBEY) != 0 ? 0 : bend & MOCK_BEND_ALL;
+}
+
+bool parse_number(const char* text, unsigned long& out, int base = 10) {
+  char* end = nullptr;
+  errno = 0;
+  out = std::strtoul(text, &end, base);
+  return std::isdigit(static_cast<unsigned char>(text[0])) && *end == '\0' && errno == 0;
+}
+
+// MOCK_BEND: a number, or names separated by commas.
+bool parse_bend(const char* text, unsigned long& out) {
+  if (parse_number(text, out, 0)) return true;
+  static constexpr struct {
+    std::string_view name;
+    unsigned long bits;
+  } kNames[] = {{"keep-op", MOCK_BEND_KEEP_OP},
+                {"fill-len", MOCK_BEND_FILL_LEN},
+                {"reuse-handles", MOCK_BEND_REUSE_HANDLES},
+                {"key-mat", MOCK_BEND_KEY_MAT},
+                {"transient-count", MOCK_BEND_TRANSIENT_COUNT},
+                {"slow-open", MOCK_BEND_SLOW_OPEN},
+                {"all", MOCK_BEND_ALL},
+                {"none", MOCK_BEND_OBEY}};
+  out = 0;
+  std::string_view rest(text);
+  while (true) {
+    std::string_view word = rest.substr(0, rest.find(','));
+    bool known = false;
+    for (const auto& n : kNames)
+      if (word == n.name) {
+        out |= n.bits;
+        known = true;
+      }
+    if (!known) return false;
+    if (word.size() == rest.size()) return true;
+    rest.remove_prefix(word.size() + 1);
+  }
+}
+
+}  // namespace
+
 bool Settings::apply(const MockConfig& c) {
   char name[sizeof c.fail_function + 1] = {};
   std::memcpy(name, c.fail_function, sizeof c.fail_function);
@@ -78,6 +125,10 @@ bool Settings::apply(const MockConfig& c) {
   fail_fn.store(fn, relaxed);
   provide_v3.store(c.provide_v3 != 0, relaxed);
   wait_blocking_unsupported.store(c.wait_blocking_unsupported != 0, relaxed);
+  bend.store(resolve_bend(c.bend), relaxed);
+  transient_count_every.store(
+      c.transient_count_every ? c.transient_count_every : MOCK_BEND_TRANSIENT_COUNT_EVERY, relaxed);
+  opens_seen.store(0, relaxed);
   return true;
 }
 
@@ -89,21 +140,35 @@ bool Settings::apply_environment() {
   };
   Variable vars[] = {{"MOCK_CALL_SPIN_US", call_spin_us, {}},
                      {"MOCK_SLOW_US", slow_us, {}},
-                     {"MOCK_OPEN_SESSION_US", open_session_us, {}}};
+                     {"MOCK_OPEN_SESSION_US", open_session_us, {}},
+                     {"MOCK_TRANSIENT_COUNT_EVERY", transient_count_every, {}}};
   for (Variable& v : vars) {
     const char* text = std::getenv(v.name);
     if (text == nullptr) continue;
-    char* end = nullptr;
-    errno = 0;
-    unsigned long value = std::strtoul(text, &end, 10);
-    if (!std::isdigit(static_cast<unsigned char>(text[0])) || *end != '\0' || errno != 0) {
-      std::fprintf(stderr, "p11mux-mock: %s=%s is not a whole number of microseconds\n", v.name, text);
+    unsigned long value = 0;
+    if (!parse_number(text, value)) {
+      std::fprintf(stderr, "p11mux-mock: %s=%s is not a whole number\n", v.name, text);
       return false;
     }
     v.value = value;
   }
+  std::optional<unsigned long> bend_value;
+  if (const char* text = std::getenv("MOCK_BEND"); text != nullptr) {
+    unsigned long value = 0;
+    if (!parse_bend(text, value)) {
+      std::fprintf(stderr,
+                   "p11mux-mock: MOCK_BEND=%s is neither a number nor a list of keep-op, "
+                   "fill-len, reuse-handles, key-mat, transient-count, slow-open, all, none\n",
+                   text);
+      return false;
+    }
+    bend_value = resolve_bend(value);
+  }
   for (Variable& v : vars)
     if (v.value) v.field.store(*v.value, std::memory_order_relaxed);
+  if (transient_count_every.load(std::memory_order_relaxed) == 0)
+    transient_count_every.store(MOCK_BEND_TRANSIENT_COUNT_EVERY, std::memory_order_relaxed);
+  if (bend_value) bend.store(*bend_value, std::memory_order_relaxed);
   return true;
 }
 
@@ -121,7 +186,9 @@ void Counters::reset() {
                   &sessions_opened_total, &sessions_closed_total, &sessions_closed_by_finalize,
                   &sessions_dropped, &calls_total, &max_concurrent_calls, &library_violations,
                   &session_violations, &finalize_during_call, &calls_after_finalize,
-                  &last_session, &last_random_len})
+                  &last_session, &last_random_len, &sessions_open_peak, &bend_ops_kept,
+                  &bend_lengths_filled, &bend_handles_reused, &bend_key_mat_keys,
+                  &bend_session_count})
     c->store(0, std::memory_order_relaxed);
   for (auto& c : calls) c.store(0, std::memory_order_relaxed);
 }

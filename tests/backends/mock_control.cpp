@@ -41,6 +41,12 @@ MOCK_EXPORT void mock_stats(MockStats* out) {
   out->last_session = get(c.last_session);
   out->last_random_len = get(c.last_random_len);
   for (std::size_t i = 0; i < kFunctionCount; ++i) out->calls[i] = get(c.calls[i]);
+  out->sessions_open_peak = get(c.sessions_open_peak);
+  out->bend_ops_kept = get(c.bend_ops_kept);
+  out->bend_lengths_filled = get(c.bend_lengths_filled);
+  out->bend_handles_reused = get(c.bend_handles_reused);
+  out->bend_key_mat_keys = get(c.bend_key_mat_keys);
+  out->bend_session_count = get(c.bend_session_count);
 }
 
 MOCK_EXPORT int mock_reset(void) { return module().reset(); }

@@ -32,6 +32,16 @@
  * A program that only knows PKCS#11 (P11MUX_MODULE=.../libp11mux-race-detector.so)
  * thus gets the race detector; a test reads the counters with mock_stats().
  * It is a separate library with its own state, not the mock under another name.
+ *
+ * libp11mux-spec-bender.so is the same module again, with every "bend" of
+ * MockConfig.bend on by default: it misbehaves the way real vendor modules do
+ * (SoftHSM2, NSS softoken), within what an application can cope with, so
+ * that p11mux's promises can be tested over a backend that does not keep the
+ * spec's. It keeps operations active after errors, fills ulValueLen on
+ * CKR_BUFFER_TOO_SMALL, reuses handle numbers at once, returns the keys of
+ * the SSL3/TLS key-and-MAC derivations inside the mechanism parameter, answers
+ * CKR_SESSION_COUNT now and then below the limit, and opens sessions slowly.
+ * It is thread-safe (every locking form accepted), with its own state.
  */
 #ifndef P11MUX_MOCK_CONTROL_H
 #define P11MUX_MOCK_CONTROL_H
@@ -66,7 +76,8 @@ extern "C" {
 #define MOCK_FUNCTION_COUNT 92
 
 /* Handles: sessions count up from MOCK_SESSION_HANDLE_BASE, objects from
- * MOCK_OBJECT_HANDLE_BASE; neither is ever reused until mock_reset(). */
+ * MOCK_OBJECT_HANDLE_BASE; neither is ever reused until mock_reset() (unless
+ * MOCK_BEND_REUSE_HANDLES). */
 #define MOCK_SESSION_HANDLE_BASE 0x5000UL
 #define MOCK_OBJECT_HANDLE_BASE 0x0B000000UL
 
@@ -80,6 +91,46 @@ extern "C" {
 
 /* mock_token_user() when nobody is logged in on the token. */
 #define MOCK_NOBODY (~0UL)
+
+/* MockConfig.bend: deviations from the spec that real modules show, one bit
+ * each. 0 means the library's default: none in libp11mux-mock.so and
+ * libp11mux-race-detector.so, MOCK_BEND_ALL in libp11mux-spec-bender.so;
+ * MOCK_BEND_OBEY (alone) means none in every library.
+ *   KEEP_OP: an error in an Update, Final, single-part (C_Digest, C_Sign,
+ *     C_Verify, C_Encrypt ...) or C_DigestKey call leaves the operation
+ *     active (the spec says it ends it; SoftHSM2 2.6 keeps a digest after
+ *     C_DigestKey fails with CKR_KEY_HANDLE_INVALID): the next Init answers
+ *     CKR_OPERATION_ACTIVE and C_DigestFinal digests the data so far. Injected
+ *     failures (fail_function) keep it active too.
+ *   FILL_LEN: C_GetAttributeValue with a buffer too small sets ulValueLen to
+ *     the length needed (not CK_UNAVAILABLE_INFORMATION), CKR_BUFFER_TOO_SMALL.
+ *   REUSE_HANDLES: a new session or object gets the lowest free handle number
+ *     (from the bases above) at once, like SoftHSM2 after re-initialization.
+ *   KEY_MAT: C_DeriveKey with CKM_SSL3_KEY_AND_MAC_DERIVE,
+ *     CKM_TLS_KEY_AND_MAC_DERIVE or CKM_TLS12_KEY_AND_MAC_DERIVE (parameter
+ *     CK_SSL3_KEY_MAT_PARAMS / CK_TLS12_KEY_MAT_PARAMS) creates up to four
+ *     SESSION secret keys (MAC keys if ulMacSizeInBits, cipher keys if
+ *     ulKeySizeInBits; CKA_TOKEN is forced false) and returns their handles in
+ *     *pReturnedKeyMaterial, never through phKey, like NSS softoken. Without
+ *     the bit these mechanisms are CKR_MECHANISM_INVALID. (The spec allows
+ *     this; the bend is that it is the only derivation whose keys p11mux cannot
+ *     see in phKey.)
+ *   TRANSIENT_COUNT: every transient_count_every-th C_OpenSession that would
+ *     succeed answers CKR_SESSION_COUNT instead (the next one succeeds).
+ *   SLOW_OPEN: when open_session_us is 0, C_OpenSession sleeps
+ *     MOCK_BEND_SLOW_OPEN_US.
+ * The environment variable MOCK_BEND (see below) sets it too. */
+#define MOCK_BEND_KEEP_OP 0x1UL
+#define MOCK_BEND_FILL_LEN 0x2UL
+#define MOCK_BEND_REUSE_HANDLES 0x4UL
+#define MOCK_BEND_KEY_MAT 0x8UL
+#define MOCK_BEND_TRANSIENT_COUNT 0x10UL
+#define MOCK_BEND_SLOW_OPEN 0x20UL
+#define MOCK_BEND_ALL 0x3fUL
+#define MOCK_BEND_OBEY 0x80000000UL
+/* transient_count_every = 0 means this; MOCK_BEND_SLOW_OPEN's sleep. */
+#define MOCK_BEND_TRANSIENT_COUNT_EVERY 16UL
+#define MOCK_BEND_SLOW_OPEN_US 200UL
 
 /* Configuration. A zero-filled struct gives the default of every field. */
 typedef struct MockConfig {
@@ -110,6 +161,10 @@ typedef struct MockConfig {
   int wait_blocking_unsupported; /* 1: C_WaitForSlotEvent without CKF_DONT_BLOCK
                                     returns CKR_FUNCTION_NOT_SUPPORTED (like
                                     SoftHSM2); 0 = it blocks */
+  /* Appended for the spec-bending backend; read on every call. */
+  unsigned long bend;                  /* MOCK_BEND_* bits; 0 = the library's default */
+  unsigned long transient_count_every; /* MOCK_BEND_TRANSIENT_COUNT period; 0 =
+                                          MOCK_BEND_TRANSIENT_COUNT_EVERY */
 } MockConfig;
 
 /* Environment: for programs that cannot call mock_configure() (p11mux-load,
@@ -120,14 +175,19 @@ typedef struct MockConfig {
  *   MOCK_CALL_SPIN_US -> call_spin_us
  *   MOCK_SLOW_US -> slow_us
  *   MOCK_OPEN_SESSION_US -> open_session_us
+ *   MOCK_TRANSIENT_COUNT_EVERY -> transient_count_every
+ *   MOCK_BEND -> bend: a number (decimal or 0x...), or names separated by
+ *     commas: keep-op, fill-len, reuse-handles, key-mat, transient-count,
+ *     slow-open, all, none (= MOCK_BEND_OBEY); e.g. MOCK_BEND=keep-op,fill-len
  * Example: MOCK_OPEN_SESSION_US=1000 p11mux-load --module libp11mux-mock.so ...
  * is a network HSM whose C_OpenSession takes 1 ms. */
 
 /* Where an injected failure happens: after the initialized check and, for
  * session calls, after the session lookup, the overlap accounting and the
  * call_spin_us wait; the function then returns fail_rv without doing anything
- * else, except that the operation it continues ends (as any error would). The
- * Nth count restarts with every mock_configure(). */
+ * else, except that the operation it continues ends (as any error would;
+ * with MOCK_BEND_KEEP_OP it stays active). The Nth count restarts with every
+ * mock_configure(). */
 
 /* Counters and records. All counters are cumulative since mock_reset(). */
 typedef struct MockStats {
@@ -172,6 +232,14 @@ typedef struct MockStats {
   unsigned long last_random_len; /* ulRandomLen of the last C_GenerateRandom */
 
   unsigned long calls[MOCK_FUNCTION_COUNT]; /* per function, by function index */
+
+  /* Appended for the spec-bending backend. */
+  unsigned long sessions_open_peak;   /* most sessions open at once, all slots */
+  unsigned long bend_ops_kept;        /* KEEP_OP: operations left active by an error */
+  unsigned long bend_lengths_filled;  /* FILL_LEN: ulValueLen filled on a short buffer */
+  unsigned long bend_handles_reused;  /* REUSE_HANDLES: handle numbers handed out again */
+  unsigned long bend_key_mat_keys;    /* KEY_MAT: keys returned in a mechanism parameter */
+  unsigned long bend_session_count;   /* TRANSIENT_COUNT: CKR_SESSION_COUNT below the limit */
 } MockStats;
 
 /* Sets the configuration (NULL = defaults). Returns 0, or -1 if fail_function
@@ -212,7 +280,12 @@ unsigned long mock_token_user(unsigned long slot_id);
  *   use the PRIVATE key's handle, so the public key verifies.
  * encryption = XOR of every byte with xor_byte(key_id) = (key_id % 255) + 1;
  *   the same key_id rule as signatures (encrypt with public, decrypt with
- *   private works). Output length = input length; *Final returns 0 bytes. */
+ *   private works). Output length = input length; *Final returns 0 bytes.
+ * C_WrapKey / C_UnwrapKey: the key's CKA_VALUE encrypted as above with the
+ *   wrapping key; the unwrapped key is a generic secret key (template applied).
+ * C_DeriveKey: a generic secret key whose CKA_VALUE is digest(base key's
+ *   CKA_VALUE || mechanism parameter bytes), template applied; the key-and-MAC
+ *   derivations: see MOCK_BEND_KEY_MAT. */
 void mock_reference_digest(const unsigned char* data, unsigned long len,
                            unsigned char out[MOCK_DIGEST_LEN]);
 void mock_reference_signature(unsigned long key_id, const unsigned char* data,

@@ -183,20 +183,38 @@ unsigned long Module::slot_count() const {
 CK_RV Module::open_session(const std::shared_ptr<Token>& token, CK_FLAGS flags, CK_VOID_PTR app,
                            CK_NOTIFY notify, CK_SESSION_HANDLE& out) {
   if ((flags & CKF_SERIAL_SESSION) == 0) return CKR_SESSION_PARALLEL_NOT_SUPPORTED;
-  pause_us(settings.open_session_us.load(std::memory_order_relaxed));
+  auto relaxed = std::memory_order_relaxed;
+  unsigned long delay = settings.open_session_us.load(relaxed);
+  if (delay == 0 && settings.bends(MOCK_BEND_SLOW_OPEN)) delay = MOCK_BEND_SLOW_OPEN_US;
+  pause_us(delay);
   std::unique_lock table(table_mu_);
   if (!initialized()) return CKR_CRYPTOKI_NOT_INITIALIZED;  // finalized meanwhile
   std::lock_guard lock(token->mu);
-  unsigned long limit = settings.max_sessions.load(std::memory_order_relaxed);
+  unsigned long limit = settings.max_sessions.load(relaxed);
   if (limit != 0 && token->ro_sessions + token->rw_sessions >= limit) return CKR_SESSION_COUNT;
   bool rw = (flags & CKF_RW_SESSION) != 0;
-  if (!rw && token->user.load(std::memory_order_relaxed) == CKU_SO)
-    return CKR_SESSION_READ_WRITE_SO_EXISTS;
-  CK_SESSION_HANDLE handle = next_session_++;
+  if (!rw && token->user.load(relaxed) == CKU_SO) return CKR_SESSION_READ_WRITE_SO_EXISTS;
+  if (settings.bends(MOCK_BEND_TRANSIENT_COUNT)) {
+    unsigned long every = std::max(settings.transient_count_every.load(relaxed), 1UL);
+    if ((settings.opens_seen.fetch_add(1, relaxed) + 1) % every == 0) {
+      bump(counters.bend_session_count);
+      return CKR_SESSION_COUNT;
+    }
+  }
+  CK_SESSION_HANDLE handle = next_session_;
+  if (settings.bends(MOCK_BEND_REUSE_HANDLES)) {
+    handle = lowest_free(sessions_, MOCK_SESSION_HANDLE_BASE);
+    if (handle < next_session_) bump(counters.bend_handles_reused);
+  }
+  next_session_ = std::max(next_session_, handle + 1);
   sessions_.emplace(handle, std::make_shared<Session>(handle, token, flags, app, notify));
   ++(rw ? token->rw_sessions : token->ro_sessions);
   bump(counters.sessions_open);
   bump(counters.sessions_opened_total);
+  // Exact: sessions_open only changes under table_mu_ held exclusively.
+  unsigned long now = counters.sessions_open.load(relaxed);
+  if (now > counters.sessions_open_peak.load(relaxed))
+    counters.sessions_open_peak.store(now, relaxed);
   out = handle;
   return CKR_OK;
 }

@@ -115,7 +115,12 @@ MOCK_EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HAND
       } else if (a.pValue == nullptr) {
         a.ulValueLen = value->size();
       } else if (a.ulValueLen < value->size()) {
-        a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+        if (module().settings.bends(MOCK_BEND_FILL_LEN)) {
+          a.ulValueLen = value->size();  // what NSS softoken and others do
+          bump(module().counters.bend_lengths_filled);
+        } else {
+          a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+        }
         rv = CKR_BUFFER_TOO_SMALL;
       } else {
         if (!value->empty()) std::memcpy(a.pValue, value->data(), value->size());
@@ -228,20 +233,161 @@ MOCK_EXPORT CK_RV C_GenerateKeyPair(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR
   });
 }
 
-MOCK_EXPORT CK_RV C_WrapKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR, CK_OBJECT_HANDLE,
-                            CK_OBJECT_HANDLE, CK_BYTE_PTR, CK_ULONG_PTR) {
-  return session_call(Fn::C_WrapKey, hSession, [](Session&) { return CKR_FUNCTION_NOT_SUPPORTED; });
+// ---- wrapping and derivation (fake crypto, see mock_control.h) ----
+
+MOCK_EXPORT CK_RV C_WrapKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+                            CK_OBJECT_HANDLE hWrappingKey, CK_OBJECT_HANDLE hKey,
+                            CK_BYTE_PTR pWrappedKey, CK_ULONG_PTR pulWrappedKeyLen) {
+  return session_call(Fn::C_WrapKey, hSession, [&](Session& s) -> CK_RV {
+    if (pMechanism == nullptr || pulWrappedKeyLen == nullptr) return CKR_ARGUMENTS_BAD;
+    ObjectStore& store = module().objects;
+    std::optional<Object> wrapping = store.get(hWrappingKey, s.viewer());
+    if (!wrapping) return CKR_WRAPPING_KEY_HANDLE_INVALID;
+    std::optional<Object> key = store.get(hKey, s.viewer());
+    if (!key) return CKR_KEY_HANDLE_INVALID;
+    const Bytes* value = key->find(CKA_VALUE);
+    if (value == nullptr) return CKR_KEY_NOT_WRAPPABLE;
+    if (pWrappedKey == nullptr) {
+      *pulWrappedKeyLen = value->size();
+      return CKR_OK;
+    }
+    bool fits = *pulWrappedKeyLen >= value->size();
+    *pulWrappedKeyLen = value->size();
+    if (!fits) return CKR_BUFFER_TOO_SMALL;
+    unsigned char k = xor_byte(wrapping->key_id);
+    for (std::size_t i = 0; i < value->size(); ++i) pWrappedKey[i] = (*value)[i] ^ k;
+    return CKR_OK;
+  });
 }
 
-MOCK_EXPORT CK_RV C_UnwrapKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR, CK_OBJECT_HANDLE,
-                              CK_BYTE_PTR, CK_ULONG, CK_ATTRIBUTE_PTR, CK_ULONG,
-                              CK_OBJECT_HANDLE_PTR) {
-  return session_call(Fn::C_UnwrapKey, hSession,
-                      [](Session&) { return CKR_FUNCTION_NOT_SUPPORTED; });
+MOCK_EXPORT CK_RV C_UnwrapKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+                              CK_OBJECT_HANDLE hUnwrappingKey, CK_BYTE_PTR pWrappedKey,
+                              CK_ULONG ulWrappedKeyLen, CK_ATTRIBUTE_PTR pTemplate,
+                              CK_ULONG ulAttributeCount, CK_OBJECT_HANDLE_PTR phKey) {
+  return session_call(Fn::C_UnwrapKey, hSession, [&](Session& s) -> CK_RV {
+    Attributes templ;
+    if (CK_RV rv = read_template(pTemplate, ulAttributeCount, templ); rv != CKR_OK) return rv;
+    if (pMechanism == nullptr || phKey == nullptr || pWrappedKey == nullptr)
+      return CKR_ARGUMENTS_BAD;
+    std::optional<Object> unwrapping = module().objects.get(hUnwrappingKey, s.viewer());
+    if (!unwrapping) return CKR_UNWRAPPING_KEY_HANDLE_INVALID;
+    Bytes value(pWrappedKey, pWrappedKey + ulWrappedKeyLen);
+    unsigned char k = xor_byte(unwrapping->key_id);
+    for (auto& b : value) b ^= k;
+    Object key = new_object(CKO_SECRET_KEY, CKK_GENERIC_SECRET);
+    key.set({CKA_VALUE, std::move(value)});
+    key.set(templ);
+    if (CK_RV rv = admit(s, key); rv != CKR_OK) return rv;
+    *phKey = module().objects.add(std::move(key));
+    return CKR_OK;
+  });
 }
 
-MOCK_EXPORT CK_RV C_DeriveKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR, CK_OBJECT_HANDLE,
-                              CK_ATTRIBUTE_PTR, CK_ULONG, CK_OBJECT_HANDLE_PTR) {
-  return session_call(Fn::C_DeriveKey, hSession,
-                      [](Session&) { return CKR_FUNCTION_NOT_SUPPORTED; });
+namespace {
+
+bool key_and_mac_derive(CK_MECHANISM_TYPE type) {
+  return type == CKM_SSL3_KEY_AND_MAC_DERIVE || type == CKM_TLS_KEY_AND_MAC_DERIVE ||
+         type == CKM_TLS12_KEY_AND_MAC_DERIVE;
+}
+
+// Key material of `bits` bits drawn from the base key's value and a label.
+Bytes derived_value(const Bytes& base, const unsigned char* extra, std::size_t extra_len,
+                    unsigned char label, CK_ULONG bits) {
+  Bytes input{label};
+  input.insert(input.end(), base.begin(), base.end());
+  if (extra != nullptr) input.insert(input.end(), extra, extra + extra_len);
+  Bytes out;
+  while (out.size() < (bits + 7) / 8) {
+    Digest d = reference_digest(input.data(), input.size());
+    out.insert(out.end(), d.begin(), d.end());
+    input.push_back(static_cast<unsigned char>(out.size()));
+  }
+  out.resize((bits + 7) / 8);
+  return out;
+}
+
+// The SSL3/TLS key-and-MAC derivations: up to four session keys, returned in
+// the parameter's CK_SSL3_KEY_MAT_OUT, like NSS softoken.
+CK_RV derive_key_material(Session& s, const CK_MECHANISM& mech, const Bytes& base,
+                          const Attributes& templ) {
+  std::size_t size = mech.mechanism == CKM_TLS12_KEY_AND_MAC_DERIVE
+                         ? sizeof(CK_TLS12_KEY_MAT_PARAMS)
+                         : sizeof(CK_SSL3_KEY_MAT_PARAMS);
+  if (mech.pParameter == nullptr || mech.ulParameterLen != size) return CKR_MECHANISM_PARAM_INVALID;
+  // CK_TLS12_KEY_MAT_PARAMS begins with CK_SSL3_KEY_MAT_PARAMS's fields.
+  const auto& params = *static_cast<const CK_SSL3_KEY_MAT_PARAMS*>(mech.pParameter);
+  CK_SSL3_KEY_MAT_OUT* out = params.pReturnedKeyMaterial;
+  if (out == nullptr || params.ulMacSizeInBits % 8 != 0 || params.ulKeySizeInBits % 8 != 0 ||
+      params.ulIVSizeInBits % 8 != 0)
+    return CKR_MECHANISM_PARAM_INVALID;
+  const CK_SSL3_RANDOM_DATA& random = params.RandomInfo;
+  Bytes randoms;
+  if (random.pClientRandom != nullptr)
+    randoms.insert(randoms.end(), random.pClientRandom,
+                   random.pClientRandom + random.ulClientRandomLen);
+  if (random.pServerRandom != nullptr)
+    randoms.insert(randoms.end(), random.pServerRandom,
+                   random.pServerRandom + random.ulServerRandomLen);
+
+  CK_ULONG bits[4] = {params.ulMacSizeInBits, params.ulMacSizeInBits, params.ulKeySizeInBits,
+                      params.ulKeySizeInBits};
+  std::vector<std::optional<Object>> keys(4);
+  for (unsigned char i = 0; i < 4; ++i) {
+    if (bits[i] == 0) continue;
+    Object key = new_object(CKO_SECRET_KEY, CKK_GENERIC_SECRET);
+    key.set({CKA_VALUE, derived_value(base, randoms.data(), randoms.size(), i, bits[i])});
+    key.set(templ);
+    key.set(flag(CKA_TOKEN, false));  // always session keys
+    if (CK_RV rv = admit(s, key); rv != CKR_OK) return rv;
+    keys[i] = std::move(key);
+  }
+  CK_OBJECT_HANDLE handles[4] = {CK_INVALID_HANDLE, CK_INVALID_HANDLE, CK_INVALID_HANDLE,
+                                 CK_INVALID_HANDLE};
+  Module& m = module();
+  for (int i = 0; i < 4; ++i)
+    if (keys[i]) {
+      handles[i] = m.objects.add(std::move(*keys[i]));
+      bump(m.counters.bend_key_mat_keys);
+    }
+  out->hClientMacSecret = handles[0];
+  out->hServerMacSecret = handles[1];
+  out->hClientKey = handles[2];
+  out->hServerKey = handles[3];
+  CK_ULONG iv_len = params.ulIVSizeInBits / 8;
+  if (iv_len != 0 && out->pIVClient != nullptr)
+    fill_random(out->pIVClient, iv_len);
+  if (iv_len != 0 && out->pIVServer != nullptr)
+    fill_random(out->pIVServer, iv_len);
+  return CKR_OK;
+}
+
+}  // namespace
+
+MOCK_EXPORT CK_RV C_DeriveKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+                              CK_OBJECT_HANDLE hBaseKey, CK_ATTRIBUTE_PTR pTemplate,
+                              CK_ULONG ulAttributeCount, CK_OBJECT_HANDLE_PTR phKey) {
+  return session_call(Fn::C_DeriveKey, hSession, [&](Session& s) -> CK_RV {
+    Attributes templ;
+    if (CK_RV rv = read_template(pTemplate, ulAttributeCount, templ); rv != CKR_OK) return rv;
+    if (pMechanism == nullptr) return CKR_ARGUMENTS_BAD;
+    std::optional<Object> base = module().objects.get(hBaseKey, s.viewer());
+    if (!base) return CKR_KEY_HANDLE_INVALID;
+    const Bytes* value = base->find(CKA_VALUE);
+    Bytes base_value = value != nullptr ? *value : Bytes{};
+    if (key_and_mac_derive(pMechanism->mechanism)) {
+      if (!module().settings.bends(MOCK_BEND_KEY_MAT)) return CKR_MECHANISM_INVALID;
+      return derive_key_material(s, *pMechanism, base_value, templ);
+    }
+    if (phKey == nullptr) return CKR_ARGUMENTS_BAD;
+    if (pMechanism->pParameter == nullptr && pMechanism->ulParameterLen != 0)
+      return CKR_MECHANISM_PARAM_INVALID;
+    Object key = new_object(CKO_SECRET_KEY, CKK_GENERIC_SECRET);
+    key.set({CKA_VALUE, derived_value(base_value,
+                                      static_cast<const unsigned char*>(pMechanism->pParameter),
+                                      pMechanism->ulParameterLen, 0, 8 * MOCK_DIGEST_LEN)});
+    key.set(templ);
+    if (CK_RV rv = admit(s, key); rv != CKR_OK) return rv;
+    *phKey = module().objects.add(std::move(key));
+    return CKR_OK;
+  });
 }

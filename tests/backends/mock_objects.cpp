@@ -1,4 +1,5 @@
 // The in-memory object store: attribute lists keyed by handle.
+#include <algorithm>
 #include <cstring>
 
 #include "mock_state.h"
@@ -58,8 +59,14 @@ const Object* ObjectStore::visible(CK_OBJECT_HANDLE handle, Viewer who) const {
 }
 
 CK_OBJECT_HANDLE ObjectStore::add(Object obj) {
+  Module& m = module();
   std::unique_lock lock(mu_);
-  CK_OBJECT_HANDLE handle = next_++;
+  CK_OBJECT_HANDLE handle = next_;
+  if (m.settings.bends(MOCK_BEND_REUSE_HANDLES)) {
+    handle = lowest_free(objects_, MOCK_OBJECT_HANDLE_BASE);
+    if (handle < next_) bump(m.counters.bend_handles_reused);
+  }
+  next_ = std::max(next_, handle + 1);
   if (obj.key_id == 0) obj.key_id = handle;
   objects_.emplace(handle, std::move(obj));
   return handle;

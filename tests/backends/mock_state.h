@@ -89,6 +89,12 @@ void fill_random(unsigned char* out, std::size_t len);
 #define MOCK_DEFAULT_ACCEPT_LOCKING MOCK_LOCK_ALL
 #endif
 inline constexpr unsigned long kDefaultAcceptLocking = MOCK_DEFAULT_ACCEPT_LOCKING;
+// What bend = 0 means: libp11mux-spec-bender.so is built with
+// MOCK_DEFAULT_BEND=MOCK_BEND_ALL.
+#ifndef MOCK_DEFAULT_BEND
+#define MOCK_DEFAULT_BEND 0UL
+#endif
+inline constexpr unsigned long kDefaultBend = MOCK_DEFAULT_BEND;
 
 struct Settings {
   std::atomic<unsigned long> accept_locking{kDefaultAcceptLocking};
@@ -105,6 +111,11 @@ struct Settings {
   std::atomic<unsigned long> fail_seen{0};  // calls of fail_fn since configure
   std::atomic<bool> provide_v3{false};
   std::atomic<bool> wait_blocking_unsupported{false};
+  std::atomic<unsigned long> bend{kDefaultBend};  // MOCK_BEND_* bits in force (OBEY resolved)
+  std::atomic<unsigned long> transient_count_every{MOCK_BEND_TRANSIENT_COUNT_EVERY};
+  std::atomic<unsigned long> opens_seen{0};  // C_OpenSession that could succeed
+
+  bool bends(unsigned long bit) const { return (bend.load(std::memory_order_relaxed) & bit) != 0; }
 
   // False if fail_function is unknown (nothing changed then).
   bool apply(const MockConfig& config);
@@ -124,6 +135,8 @@ struct Counters {
       finalize_during_call{0}, calls_after_finalize{0};
   std::atomic<unsigned long> last_session{0}, last_random_len{0};
   std::array<std::atomic<unsigned long>, kFunctionCount> calls{};
+  std::atomic<unsigned long> sessions_open_peak{0}, bend_ops_kept{0}, bend_lengths_filled{0},
+      bend_handles_reused{0}, bend_key_mat_keys{0}, bend_session_count{0};
 
   void reset();
 };
@@ -190,8 +203,16 @@ class ObjectStore {
   // order their calls for ThreadSanitizer.
   mutable std::shared_mutex mu_;
   std::map<CK_OBJECT_HANDLE, Object> objects_;
-  CK_OBJECT_HANDLE next_ = MOCK_OBJECT_HANDLE_BASE;
+  CK_OBJECT_HANDLE next_ = MOCK_OBJECT_HANDLE_BASE;  // above every handle handed out so far
 };
+
+// The lowest number from `base` that is not a key of `taken` (an ordered map).
+template <class Map>
+unsigned long lowest_free(const Map& taken, unsigned long base) {
+  unsigned long h = base;
+  for (auto it = taken.lower_bound(base); it != taken.end() && it->first == h; ++it) ++h;
+  return h;
+}
 
 // ---- tokens and sessions ----
 inline constexpr CK_USER_TYPE kNobody = MOCK_NOBODY;
@@ -402,7 +423,12 @@ CK_RV session_call(Fn fn, CK_SESSION_HANDLE handle, F&& body) noexcept {
       rv = *injected;
     else
       rv = body(*s);
-    if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL && info(fn).op != Op::None) s->end(info(fn).op);
+    if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL && info(fn).op != Op::None) {
+      if (!m.settings.bends(MOCK_BEND_KEEP_OP))
+        s->end(info(fn).op);
+      else if (s->op(info(fn).op).active)
+        bump(m.counters.bend_ops_kept);
+    }
     return rv;
   });
 }

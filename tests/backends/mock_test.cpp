@@ -927,3 +927,284 @@ TEST_CASE_FIXTURE(Fixture, "v3.0 interfaces") {
   CHECK(f3->C_MessageSignInit(0x42, &sha, 0) == CKR_SESSION_HANDLE_INVALID);
   CHECK(mock->calls("C_MessageSignInit") == 2);
 }
+
+// ---- the spec bends (MockConfig.bend): each deviation seen by a direct caller ----
+
+namespace {
+
+MockConfig bending(unsigned long bits) {
+  MockConfig cfg{};
+  cfg.bend = bits;
+  return cfg;
+}
+
+}  // namespace
+
+TEST_CASE_FIXTURE(Fixture, "bend keep-op: an error leaves the operation active") {
+  CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
+  Buffer data = bytes("so far");
+  unsigned char expected[MOCK_DIGEST_LEN], out[MOCK_DIGEST_LEN];
+  mock->reference_digest(data.data(), data.size(), expected);
+  CK_ULONG len = sizeof out;
+
+  SUBCASE("obeying (bend 0): C_DigestKey on a bad key ends the digest") {
+    init_os();
+    CK_SESSION_HANDLE h = open();
+    REQUIRE(ck->C_DigestInit(h, &sha) == CKR_OK);
+    REQUIRE(ck->C_DigestUpdate(h, data.data(), data.size()) == CKR_OK);
+    CHECK(ck->C_DigestKey(h, 0xdead) == CKR_KEY_HANDLE_INVALID);
+    CHECK(ck->C_DigestFinal(h, out, &len) == CKR_OPERATION_NOT_INITIALIZED);
+    CHECK(ck->C_DigestInit(h, &sha) == CKR_OK);
+    CHECK(stats().bend_ops_kept == 0);
+  }
+  SUBCASE("bending: the digest survives C_DigestKey's error, like SoftHSM2") {
+    configure(bending(MOCK_BEND_KEEP_OP));
+    init_os();
+    CK_SESSION_HANDLE h = open();
+    REQUIRE(ck->C_DigestInit(h, &sha) == CKR_OK);
+    REQUIRE(ck->C_DigestUpdate(h, data.data(), data.size()) == CKR_OK);
+    CHECK(ck->C_DigestKey(h, 0xdead) == CKR_KEY_HANDLE_INVALID);
+    CHECK(ck->C_DigestInit(h, &sha) == CKR_OPERATION_ACTIVE);
+    REQUIRE(ck->C_DigestFinal(h, out, &len) == CKR_OK);
+    CHECK(std::memcmp(out, expected, sizeof out) == 0);  // the data so far
+    CHECK(stats().bend_ops_kept == 1);
+  }
+  SUBCASE("bending: single-part, Update and Final errors keep sign and verify too") {
+    configure(bending(MOCK_BEND_KEEP_OP));
+    init_os();
+    CK_SESSION_HANDLE h = open();
+    CK_OBJECT_HANDLE key = secret_key(h);
+    CK_MECHANISM mac{CKM_SHA256_HMAC, nullptr, 0};
+    REQUIRE(ck->C_SignInit(h, &mac, key) == CKR_OK);
+    CHECK(ck->C_Sign(h, nullptr, 5, out, &len) == CKR_ARGUMENTS_BAD);
+    CHECK(ck->C_SignInit(h, &mac, key) == CKR_OPERATION_ACTIVE);
+    CHECK(ck->C_SignUpdate(h, nullptr, 5) == CKR_ARGUMENTS_BAD);
+    CHECK(ck->C_SignFinal(h, nullptr, nullptr) == CKR_ARGUMENTS_BAD);
+    CHECK(ck->C_SignInit(h, &mac, key) == CKR_OPERATION_ACTIVE);
+    REQUIRE(ck->C_VerifyInit(h, &mac, key) == CKR_OK);
+    unsigned char wrong[MOCK_DIGEST_LEN] = {};
+    CHECK(ck->C_Verify(h, data.data(), data.size(), wrong, sizeof wrong) ==
+          CKR_SIGNATURE_INVALID);
+    CHECK(ck->C_VerifyInit(h, &mac, key) == CKR_OPERATION_ACTIVE);
+    CHECK(stats().bend_ops_kept == 4);
+    // Only closing the session ends them.
+    REQUIRE(ck->C_CloseSession(h) == CKR_OK);
+  }
+  ck->C_Finalize(nullptr);
+}
+
+TEST_CASE_FIXTURE(Fixture, "bend fill-len: a short buffer gets the length it needs") {
+  unsigned long bits = 0;
+  SUBCASE("obeying") { bits = 0; }
+  SUBCASE("bending") { bits = MOCK_BEND_FILL_LEN; }
+  configure(bending(bits));
+  init_os();
+  CK_SESSION_HANDLE h = open();
+  unsigned char label[] = "a label of 24 characters";
+  CK_OBJECT_CLASS cls = CKO_DATA;
+  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_LABEL, label, sizeof label - 1}};
+  CK_OBJECT_HANDLE obj = 0;
+  REQUIRE(ck->C_CreateObject(h, templ, 2, &obj) == CKR_OK);
+  unsigned char small[4];
+  CK_ATTRIBUTE get{CKA_LABEL, small, sizeof small};
+  CHECK(ck->C_GetAttributeValue(h, obj, &get, 1) == CKR_BUFFER_TOO_SMALL);
+  if (bits != 0) {
+    CHECK(get.ulValueLen == sizeof label - 1);
+    CHECK(stats().bend_lengths_filled == 1);
+  } else {
+    CHECK(get.ulValueLen == CK_UNAVAILABLE_INFORMATION);
+    CHECK(stats().bend_lengths_filled == 0);
+  }
+  ck->C_Finalize(nullptr);
+}
+
+TEST_CASE_FIXTURE(Fixture, "bend reuse-handles: the lowest free number at once") {
+  SUBCASE("obeying: never reused") {
+    init_os();
+    CK_SESSION_HANDLE a = open();
+    CK_OBJECT_HANDLE k = secret_key(a);
+    REQUIRE(ck->C_DestroyObject(a, k) == CKR_OK);
+    CHECK(secret_key(a) != k);
+    REQUIRE(ck->C_CloseSession(a) == CKR_OK);
+    CHECK(open() != a);
+  }
+  SUBCASE("bending") {
+    configure(bending(MOCK_BEND_REUSE_HANDLES));
+    init_os();
+    CK_SESSION_HANDLE a = open(), b = open();
+    CHECK(a == MOCK_SESSION_HANDLE_BASE);
+    CHECK(b == MOCK_SESSION_HANDLE_BASE + 1);
+    CK_OBJECT_HANDLE k1 = secret_key(b), k2 = secret_key(b);
+    REQUIRE(ck->C_DestroyObject(b, k1) == CKR_OK);
+    CHECK(secret_key(b) == k1);
+    REQUIRE(ck->C_CloseSession(a) == CKR_OK);
+    CHECK(open() == a);
+    // Closing b destroys its keys: the next key of a new session gets k1 again.
+    REQUIRE(ck->C_CloseSession(b) == CKR_OK);
+    CK_SESSION_HANDLE c = open();
+    CHECK(c == b);
+    CHECK(secret_key(c) == k1);
+    CHECK(secret_key(c) == k2);
+    CHECK(stats().bend_handles_reused == 5);
+  }
+  ck->C_Finalize(nullptr);
+}
+
+TEST_CASE_FIXTURE(Fixture, "bend key-mat: TLS derivation returns session keys in the parameter") {
+  CK_SSL3_KEY_MAT_OUT out{};
+  unsigned char client_random[32] = {1}, server_random[32] = {2};
+  unsigned char iv_client[16] = {}, iv_server[16] = {};
+  out.pIVClient = iv_client;
+  out.pIVServer = iv_server;
+  CK_SSL3_KEY_MAT_PARAMS params{};
+  params.ulMacSizeInBits = 256;
+  params.ulKeySizeInBits = 128;
+  params.ulIVSizeInBits = 128;
+  params.RandomInfo = {client_random, sizeof client_random, server_random, sizeof server_random};
+  params.pReturnedKeyMaterial = &out;
+  CK_MECHANISM derive{CKM_TLS_KEY_AND_MAC_DERIVE, &params, sizeof params};
+
+  SUBCASE("obeying: the mechanism is invalid; other derivations return phKey") {
+    init_os();
+    CK_SESSION_HANDLE h = open();
+    CK_OBJECT_HANDLE base = secret_key(h), key = 0;
+    CHECK(ck->C_DeriveKey(h, &derive, base, nullptr, 0, nullptr) == CKR_MECHANISM_INVALID);
+    CK_MECHANISM plain{CKM_SHA256_KEY_DERIVATION, nullptr, 0};
+    REQUIRE(ck->C_DeriveKey(h, &plain, base, nullptr, 0, &key) == CKR_OK);
+    CHECK(key != CK_INVALID_HANDLE);
+  }
+  SUBCASE("bending: four usable session keys, gone with their session") {
+    configure(bending(MOCK_BEND_KEY_MAT));
+    init_os();
+    CK_SESSION_HANDLE h = open();
+    CK_OBJECT_HANDLE base = secret_key(h);
+    CK_BBOOL yes = CK_TRUE;
+    CK_ATTRIBUTE token[] = {{CKA_TOKEN, &yes, sizeof yes}};  // ignored: always session keys
+    REQUIRE(ck->C_DeriveKey(h, &derive, base, token, 1, nullptr) == CKR_OK);
+    CK_OBJECT_HANDLE keys[] = {out.hClientMacSecret, out.hServerMacSecret, out.hClientKey,
+                               out.hServerKey};
+    for (CK_OBJECT_HANDLE k : keys) CHECK(k != CK_INVALID_HANDLE);
+    CHECK(iv_client[0] + iv_client[1] + iv_client[2] != 0);
+    CHECK(stats().bend_key_mat_keys == 4);
+    CHECK(stats().session_objects == 5);
+    CK_MECHANISM mac{CKM_SHA256_HMAC, nullptr, 0};
+    Buffer data = bytes("finished");
+    unsigned char sig[MOCK_DIGEST_LEN], expected[MOCK_DIGEST_LEN];
+    CK_ULONG len = sizeof sig;
+    REQUIRE(ck->C_SignInit(h, &mac, out.hClientMacSecret) == CKR_OK);
+    REQUIRE(ck->C_Sign(h, data.data(), data.size(), sig, &len) == CKR_OK);
+    mock->reference_signature(out.hClientMacSecret, data.data(), data.size(), expected);
+    CHECK(std::memcmp(sig, expected, sizeof sig) == 0);
+    // TLS 1.2's parameter, and a MAC-only derivation: two keys.
+    CK_TLS12_KEY_MAT_PARAMS params12{};
+    params12.ulMacSizeInBits = 256;
+    params12.pReturnedKeyMaterial = &out;
+    params12.prfHashMechanism = CKM_SHA256;
+    CK_MECHANISM derive12{CKM_TLS12_KEY_AND_MAC_DERIVE, &params12, sizeof params12};
+    REQUIRE(ck->C_DeriveKey(h, &derive12, base, nullptr, 0, nullptr) == CKR_OK);
+    CHECK(out.hClientMacSecret != CK_INVALID_HANDLE);
+    CHECK(out.hClientKey == CK_INVALID_HANDLE);
+    CHECK(stats().bend_key_mat_keys == 6);
+    CK_MECHANISM bad{CKM_TLS12_KEY_AND_MAC_DERIVE, &params, sizeof params};  // wrong size
+    CHECK(ck->C_DeriveKey(h, &bad, base, nullptr, 0, nullptr) == CKR_MECHANISM_PARAM_INVALID);
+
+    REQUIRE(ck->C_CloseSession(h) == CKR_OK);
+    CHECK(stats().session_objects == 0);
+    CK_SESSION_HANDLE next = open();
+    CHECK(ck->C_SignInit(next, &mac, keys[0]) == CKR_KEY_HANDLE_INVALID);
+  }
+  ck->C_Finalize(nullptr);
+}
+
+TEST_CASE_FIXTURE(Fixture, "wrap, unwrap and derive keys with the fake crypto") {
+  init_os();
+  CK_SESSION_HANDLE h = open();
+  CK_OBJECT_HANDLE kek = secret_key(h), key = secret_key(h);
+  CK_MECHANISM wrap{CKM_AES_KEY_WRAP, nullptr, 0};
+  unsigned char wrapped[64];
+  CK_ULONG len = 0;
+  REQUIRE(ck->C_WrapKey(h, &wrap, kek, key, nullptr, &len) == CKR_OK);
+  CHECK(len == 32);
+  len = sizeof wrapped;
+  REQUIRE(ck->C_WrapKey(h, &wrap, kek, key, wrapped, &len) == CKR_OK);
+  CK_OBJECT_HANDLE unwrapped = 0;
+  REQUIRE(ck->C_UnwrapKey(h, &wrap, kek, wrapped, len, nullptr, 0, &unwrapped) == CKR_OK);
+  unsigned char a[32], b[32];
+  CK_ATTRIBUTE va{CKA_VALUE, a, sizeof a}, vb{CKA_VALUE, b, sizeof b};
+  REQUIRE(ck->C_GetAttributeValue(h, key, &va, 1) == CKR_OK);
+  REQUIRE(ck->C_GetAttributeValue(h, unwrapped, &vb, 1) == CKR_OK);
+  CHECK(std::memcmp(a, b, sizeof a) == 0);
+  CHECK(ck->C_UnwrapKey(h, &wrap, 0xdead, wrapped, len, nullptr, 0, &unwrapped) ==
+        CKR_UNWRAPPING_KEY_HANDLE_INVALID);
+  CK_MECHANISM derive{CKM_SHA256_KEY_DERIVATION, nullptr, 0};
+  CK_OBJECT_HANDLE derived = 0;
+  REQUIRE(ck->C_DeriveKey(h, &derive, key, nullptr, 0, &derived) == CKR_OK);
+  CHECK(ck->C_DeriveKey(h, &derive, 0xdead, nullptr, 0, &derived) == CKR_KEY_HANDLE_INVALID);
+  CHECK(stats().session_objects == 4);
+  REQUIRE(ck->C_CloseSession(h) == CKR_OK);
+  CHECK(stats().session_objects == 0);
+  ck->C_Finalize(nullptr);
+}
+
+TEST_CASE_FIXTURE(Fixture, "bend transient-count: every Nth open is refused below the limit") {
+  MockConfig cfg = bending(MOCK_BEND_TRANSIENT_COUNT);
+  cfg.transient_count_every = 3;
+  configure(cfg);
+  init_os();
+  std::vector<CK_RV> rvs;
+  for (int i = 0; i < 7; ++i) {
+    CK_SESSION_HANDLE h = 0;
+    rvs.push_back(ck->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h));
+  }
+  std::vector<CK_RV> expected = {CKR_OK, CKR_OK, CKR_SESSION_COUNT, CKR_OK,
+                                 CKR_OK, CKR_SESSION_COUNT, CKR_OK};
+  CHECK(rvs == expected);
+  MockStats st = stats();
+  CHECK(st.bend_session_count == 2);
+  CHECK(st.sessions_open == 5);
+  CHECK(st.sessions_open_peak == 5);
+  ck->C_Finalize(nullptr);
+}
+
+TEST_CASE_FIXTURE(Fixture, "sessions_open_peak is the most open at once") {
+  init_os();
+  CK_SESSION_HANDLE a = open(), b = open();
+  REQUIRE(ck->C_CloseSession(a) == CKR_OK);
+  REQUIRE(ck->C_CloseSession(b) == CKR_OK);
+  open();
+  CHECK(stats().sessions_open_peak == 2);
+  ck->C_Finalize(nullptr);
+}
+
+TEST_CASE_FIXTURE(Fixture, "bend slow-open and the MOCK_BEND environment variable") {
+  SUBCASE("names") {
+    ScopedEnv bend("MOCK_BEND", "slow-open,fill-len");
+    init_os();
+    CHECK(time_of([&] { open(); }) >= std::chrono::microseconds(MOCK_BEND_SLOW_OPEN_US));
+    // A later mock_configure() wins until the next C_Initialize.
+    configure(MockConfig{});
+    CHECK(time_of([&] { open(); }) < std::chrono::microseconds(MOCK_BEND_SLOW_OPEN_US));
+  }
+  SUBCASE("a number, and none") {
+    {
+      ScopedEnv bend("MOCK_BEND", "0x10");
+      ScopedEnv every("MOCK_TRANSIENT_COUNT_EVERY", "1");
+      init_os();
+      CK_SESSION_HANDLE h = 0;
+      CHECK(ck->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_SESSION_COUNT);
+      REQUIRE(ck->C_Finalize(nullptr) == CKR_OK);
+    }
+    ScopedEnv bend("MOCK_BEND", "none");
+    init_os();
+    open();
+  }
+  SUBCASE("not a bend: C_Initialize fails") {
+    for (const char* bad : {"", "keep-op,", "keep_op", "all,nope", "-3"}) {
+      CAPTURE(bad);
+      ScopedEnv bend("MOCK_BEND", bad);
+      CHECK(ck->C_Initialize(nullptr) == CKR_GENERAL_ERROR);
+    }
+    init_os();
+  }
+  ck->C_Finalize(nullptr);
+}

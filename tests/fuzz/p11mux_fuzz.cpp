@@ -1,10 +1,14 @@
 // libFuzzer target: decodes its input into a sequence of PKCS#11 calls with
-// hostile arguments and runs them through libp11mux.so over one of two test
+// hostile arguments and runs them through libp11mux.so over one of three test
 // backends, the first byte of the input choosing: the null backend
 // (libp11mux-null.so: every call succeeds, with plausible outputs, so
 // p11mux's success paths run with whatever arguments got through its
-// checks) or the race detector (libp11mux-race-detector.so: a token that is
-// not thread-safe, so p11mux must serialize, and that counts overlaps).
+// checks), the race detector (libp11mux-race-detector.so: a token that is
+// not thread-safe, so p11mux must serialize, and that counts overlaps) or the
+// spec bender (libp11mux-spec-bender.so: the same token, thread-safe, bending
+// the spec as real modules do: operations kept after errors, ulValueLen
+// filled on CKR_BUFFER_TOO_SMALL, handles reused at once, TLS keys returned
+// in the mechanism parameter, transient CKR_SESSION_COUNT).
 //
 // Hostile, but never a lie about memory: every buffer is exactly as long as
 // the length passed with it (allocated to that size, so AddressSanitizer sees
@@ -17,14 +21,14 @@
 // every C_Initialize argument form, C_Finalize and re-initialization in the
 // middle, simulated HSM restarts and backend failures injected into any
 // function (mock_configure), Notify callbacks (these last over the race
-// detector only).
+// detector and the spec bender only).
 //
 // The call table is generated from <p11mux/functions.h>: every function of
 // CK_FUNCTION_LIST_3_0, its arguments built from its letters and its types.
 //
 // After each input (p11mux finalized): every code returned was a real CKR
-// code, and the race detector saw no overlapping calls, no call while it was
-// not initialized, and no session left open. A failure aborts (libFuzzer
+// code, and the race detector (or the spec bender) saw no overlapping calls,
+// no call while it was not initialized, and no session left open. A failure aborts (libFuzzer
 // keeps the input).
 #include <p11mux/functions.h>
 #include <p11mux/pkcs11.h>
@@ -58,7 +62,8 @@ struct Libraries {
   CK_FUNCTION_LIST_3_0 v2_as_3{};  // the 2.40 list's members, the 3.0 ones NULL
   CK_C_GetInterfaceList get_interface_list = nullptr;
   CK_C_GetInterface get_interface = nullptr;
-  const MockControl* mock = nullptr;  // the race detector's controls
+  const MockControl* mock = nullptr;    // the race detector's controls
+  const MockControl* bender = nullptr;  // the spec bender's
 };
 Libraries libs;
 
@@ -67,14 +72,16 @@ Libraries libs;
   std::abort();
 }
 
-// Both backends are loaded here, so that coverage sees them from the start.
+// Every backend is loaded here, so that coverage sees them from the start.
 void load_libraries() {
   ::setenv("P11MUX_LOG_LEVEL", "off", 1);
   void* mock = ::dlopen(P11MUX_FUZZ_RACE_DETECTOR_PATH, RTLD_NOW | RTLD_LOCAL);
+  void* bender = ::dlopen(P11MUX_FUZZ_SPEC_BENDER_PATH, RTLD_NOW | RTLD_LOCAL);
   void* null = ::dlopen(P11MUX_FUZZ_NULL_PATH, RTLD_NOW | RTLD_LOCAL);
   void* lib = ::dlopen(P11MUX_FUZZ_LIBRARY_PATH, RTLD_NOW | RTLD_LOCAL);
-  if (mock == nullptr || null == nullptr || lib == nullptr) die(::dlerror());
+  if (mock == nullptr || bender == nullptr || null == nullptr || lib == nullptr) die(::dlerror());
   libs.mock = reinterpret_cast<MockGetControlFn>(::dlsym(mock, "mock_get_control"))();
+  libs.bender = reinterpret_cast<MockGetControlFn>(::dlsym(bender, "mock_get_control"))();
   auto get_list = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(lib, "C_GetFunctionList"));
   if (get_list == nullptr || get_list(&libs.v2) != CKR_OK) die("C_GetFunctionList");
   std::memcpy(&libs.v2_as_3, libs.v2, sizeof(CK_FUNCTION_LIST));
@@ -123,8 +130,9 @@ struct State {
   std::vector<CK_SESSION_HANDLE> sessions, closed;
   std::vector<CK_OBJECT_HANDLE> objects;
   CK_C_INITIALIZE_ARGS init_args{};
-  bool race_detector = false;  // else the null backend
-  MockConfig backend{};        // the race detector's configuration for this input
+  bool race_detector = false;  // the race detector or the spec bender; else the null backend
+  const MockControl* control = nullptr;  // that one's controls
+  MockConfig backend{};        // its configuration for this input
   unsigned long calls = 0;
 
   explicit State(Input i) : in(i) {}
@@ -186,14 +194,39 @@ struct State {
         CKM_SHA256, CKM_SHA_1, CKM_ECDSA, CKM_ECDSA_SHA256, CKM_EC_KEY_PAIR_GEN,
         CKM_RSA_PKCS, CKM_RSA_PKCS_KEY_PAIR_GEN, CKM_AES_KEY_GEN, CKM_AES_CBC,
         CKM_AES_CBC_PAD, CKM_AES_GCM, CKM_ECDH1_DERIVE, CKM_GENERIC_SECRET_KEY_GEN,
-        CKM_VENDOR_DEFINED};
+        CKM_VENDOR_DEFINED, CKM_TLS_KEY_AND_MAC_DERIVE, CKM_TLS12_KEY_AND_MAC_DERIVE};
     if (in.below(12) == 0) return nullptr;  // v3.0's "cancel"; refused on v2.40
     auto* m = objects_of<CK_MECHANISM>(1);
     m->mechanism = in.below(4) == 0 ? in.u64() : in.pick(types);
     std::size_t n = in.below(4) == 0 ? in.below(65) : 0;
     m->pParameter = n == 0 && in.below(2) == 0 ? nullptr : filled(n);
     m->ulParameterLen = n;
+    if (m->mechanism == CKM_TLS_KEY_AND_MAC_DERIVE || m->mechanism == CKM_TLS12_KEY_AND_MAC_DERIVE)
+      key_material(*m, n);
     return m;
+  }
+
+  // The key-and-MAC derivations' parameter carries a pointer (to where the
+  // module returns the keys): always a real one, its size from n.
+  void key_material(CK_MECHANISM& m, std::size_t n) {
+    auto* out = objects_of<CK_SSL3_KEY_MAT_OUT>(1);
+    CK_ULONG mac_bits = (n & 1) != 0 ? 256 : 0, key_bits = (n & 2) != 0 ? 128 : 0;
+    if (m.mechanism == CKM_TLS12_KEY_AND_MAC_DERIVE) {
+      auto* p = objects_of<CK_TLS12_KEY_MAT_PARAMS>(1);
+      p->ulMacSizeInBits = mac_bits;
+      p->ulKeySizeInBits = key_bits;
+      p->pReturnedKeyMaterial = out;
+      p->prfHashMechanism = CKM_SHA256;
+      m.pParameter = p;
+      m.ulParameterLen = sizeof *p;
+    } else {
+      auto* p = objects_of<CK_SSL3_KEY_MAT_PARAMS>(1);
+      p->ulMacSizeInBits = mac_bits;
+      p->ulKeySizeInBits = key_bits;
+      p->pReturnedKeyMaterial = out;
+      m.pParameter = p;
+      m.ulParameterLen = sizeof *p;
+    }
   }
 
   // An attribute template; `count` is its length.
@@ -501,7 +534,7 @@ enum Extra : std::size_t {
 
 void extra(State& s, std::size_t op) {
   if (!s.race_detector) return;  // the null backend has no state to disturb
-  const MockControl& mock = *libs.mock;
+  const MockControl& mock = *s.control;
   switch (op) {
     case kRestart: mock.drop_sessions(); break;
     case kSlotEvent: mock.trigger_slot_event(s.in.below(3)); break;
@@ -559,13 +592,32 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   State s{Input(data, size)};
-  const MockControl& mock = *libs.mock;
-  // The backend, and the race detector's options.
+  // The backend, and the mock's options: bit 0 the race detector (bit 5 the
+  // spec bender instead), else the null backend.
   std::uint8_t mode = s.in.byte();
   s.race_detector = (mode & 1) != 0;
-  ::setenv("P11MUX_MODULE", s.race_detector ? P11MUX_FUZZ_RACE_DETECTOR_PATH : P11MUX_FUZZ_NULL_PATH, 1);
+  bool bender = s.race_detector && (mode & 32) != 0;
+  s.control = bender ? libs.bender : libs.mock;
+  const MockControl& mock = *s.control;
+  ::setenv("P11MUX_MODULE",
+           !s.race_detector ? P11MUX_FUZZ_NULL_PATH
+           : bender         ? P11MUX_FUZZ_SPEC_BENDER_PATH
+                            : P11MUX_FUZZ_RACE_DETECTOR_PATH,
+           1);
   if (mock.reset() != 0) die("the race detector was still initialized");
-  MockConfig& c = s.backend;  // accept_locking 0: not thread-safe
+  if (libs.bender->reset() != 0) die("the spec bender was still initialized");
+  MockConfig& c = s.backend;  // accept_locking 0: the race detector is not thread-safe
+  // Every bend but the slow opens, which would only slow the fuzzer down.
+  if (bender) c.bend = MOCK_BEND_ALL & ~MOCK_BEND_SLOW_OPEN;
+  c.transient_count_every = 3 + (mode >> 7);
+  // Bit 6 with the spec bender: every call traced (to /dev/null), so that the
+  // tracer meets the lengths the bender fills in.
+  bool trace = bender && (mode & 64) != 0;
+  ::setenv("P11MUX_LOG_LEVEL", trace ? "trace" : "off", 1);
+  if (trace)
+    ::setenv("P11MUX_LOG_FILE", "/dev/null", 1);
+  else
+    ::unsetenv("P11MUX_LOG_FILE");
   c.provide_v3 = (mode & 2) != 0;
   c.slot_count = (mode & 4) != 0 ? 2 : 1;
   c.wait_blocking_unsupported = (mode & 8) != 0;

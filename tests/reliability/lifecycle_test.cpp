@@ -106,17 +106,19 @@ void check_round(const char* name, const FinalizeRound& r) {
 // wake it); the mock counts both, at most once per waiter. Over a
 // serialized backend p11mux holds the backend lock around each poll, so no
 // call may reach the backend after its C_Finalize.
-void finalize_over_mock(const char* name, MockConfig c, long rounds, bool racy_waits) {
-  use_backend(mock_path());
+// `path`, `control`: the mock, or the spec bender.
+void finalize_over_mock(const char* name, MockConfig c, long rounds, bool racy_waits,
+                        const char* path = mock_path(), const MockControl& control = mock()) {
+  use_backend(path);
   Tally all;
   for (long round = 0; round < rounds; ++round) {
     CAPTURE(round);
-    REQUIRE(mock().reset() == 0);
-    REQUIRE(mock().configure(&c) == 0);
+    REQUIRE(control.reset() == 0);
+    REQUIRE(control.configure(&c) == 0);
     FinalizeRound r = finalize_under_traffic(0);
     check_round(name, r);
     all.merge(r.tally);
-    MockStats s = mock_stats();
+    MockStats s = mock_stats(control);
     CHECK(s.initialized == 0);
     if (racy_waits) {
       CHECK(s.finalize_during_call + s.calls_after_finalize <= kWaiters);
@@ -201,17 +203,18 @@ TEST_CASE("a polled C_WaitForSlotEvent never reaches a finalized backend" *
 // to wake it), and the mock's own counts include such waits.
 // `blocking_waits`: the mock blocks in C_WaitForSlotEvent; otherwise it
 // cannot, and p11mux polls.
-void cycles_over_mock(bool blocking_waits) {
+// `c`, `path`, `control`: the mock's configuration; the spec bender instead.
+void cycles_over_mock(bool blocking_waits, MockConfig c = {}, const char* path = mock_path(),
+                      const MockControl& control = mock()) {
   CK_FUNCTION_LIST& p11 = p11mux();
   use_backend(faulty_path());
-  REQUIRE(mock().reset() == 0);
-  MockConfig c{};
+  REQUIRE(control.reset() == 0);
   c.accept_locking = MOCK_LOCK_OS;
   c.wait_blocking_unsupported = blocking_waits ? 0 : 1;
-  REQUIRE(mock().configure(&c) == 0);
+  REQUIRE(control.configure(&c) == 0);
   REQUIRE(faulty().reset() == 0);
   FaultyConfig fc{};
-  std::snprintf(fc.target, sizeof fc.target, "%s", mock_path());
+  std::snprintf(fc.target, sizeof fc.target, "%s", path);
   REQUIRE(faulty().configure(&fc) == 0);
   const long cycles = scaled(1000, 100);
   constexpr std::size_t kWorkers = 8;
@@ -263,7 +266,7 @@ void cycles_over_mock(bool blocking_waits) {
   Tally all;
   for (auto& t : tallies) all.merge(t);
   all.record("C_Finalize", p11.C_Finalize(nullptr), down);  // whoever initialized last
-  MockStats s = mock_stats();
+  MockStats s = mock_stats(control);
   const unsigned long inits = all.count("C_Initialize", CKR_OK);
   std::printf("FIGURES lifecycle cycles%s mode=%s: cycles=%ld initializations=%lu threads=%zu "
               "calls=%lu backend_initializations=%lu\n",
@@ -407,13 +410,13 @@ int mock_child(CK_FUNCTION_LIST& p11, const void*) {
   return 0;
 }
 
-void fork_over_mock(ForkPoint where) {
+void fork_over_mock(ForkPoint where, MockConfig c = {}, const char* path = mock_path(),
+                    const MockControl& control = mock()) {
   CK_FUNCTION_LIST& p11 = p11mux();
-  use_backend(mock_path());
-  REQUIRE(mock().reset() == 0);
-  MockConfig c{};
+  use_backend(path);
+  REQUIRE(control.reset() == 0);
   c.accept_locking = MOCK_LOCK_OS;
-  REQUIRE(mock().configure(&c) == 0);
+  REQUIRE(control.configure(&c) == 0);
   REQUIRE(p11.C_Initialize(os_locking()) == CKR_OK);
   CK_SESSION_HANDLE shared = CK_INVALID_HANDLE;
   REQUIRE(p11.C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &shared) == CKR_OK);
@@ -450,7 +453,7 @@ void fork_over_mock(ForkPoint where) {
   CHECK(r.children_ok == forks);
   CHECK(parent.unexpected_count() == 0);
   for (const auto& u : parent.unexpected()) MESSAGE("parent: unexpected " << u);
-  MockStats s = mock_stats();  // the parent's mock
+  MockStats s = mock_stats(control);  // the parent's mock
   CHECK(s.session_violations == 0);
   CHECK(s.sessions_open == 0);
 }
@@ -464,6 +467,31 @@ TEST_CASE("fork between two calls of busy threads" * doctest::test_suite("mock")
 // ctest registration reliability-lifecycle-fork-mid-call.
 TEST_CASE("fork while threads are inside calls" * doctest::test_suite("fork-mid-call")) {
   fork_over_mock(ForkPoint::mid_call);
+}
+
+// ---- over the spec bender: operations kept after errors, reused handles,
+// slow opens (the transient CKR_SESSION_COUNT is the stress suite's) ----
+
+MockConfig bends_but_count() {
+  MockConfig c{};
+  c.bend = MOCK_BEND_ALL & ~MOCK_BEND_TRANSIENT_COUNT;
+  return c;
+}
+
+TEST_CASE("C_Finalize while 32 threads are inside calls" * doctest::test_suite("spec-bender")) {
+  MockConfig c = bends_but_count();
+  c.accept_locking = MOCK_LOCK_OS;
+  c.slow_us = 2000;
+  finalize_over_mock("spec-bender", c, scaled(10, 3), true, spec_bender_path(), spec_bender());
+}
+
+TEST_CASE("C_Initialize/C_Finalize cycles with threads running" *
+          doctest::test_suite("spec-bender")) {
+  cycles_over_mock(false, bends_but_count(), spec_bender_path(), spec_bender());
+}
+
+TEST_CASE("fork between two calls of busy threads" * doctest::test_suite("spec-bender")) {
+  fork_over_mock(ForkPoint::between_calls, bends_but_count(), spec_bender_path(), spec_bender());
 }
 
 #ifdef P11MUX_RELIABILITY_SOFTHSM2

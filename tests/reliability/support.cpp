@@ -77,6 +77,7 @@ CK_FUNCTION_LIST& p11mux() {
 
 const char* race_detector_path() { return P11MUX_TEST_RACE_DETECTOR_PATH; }
 const char* slow_path() { return P11MUX_TEST_SLOW_PATH; }
+const char* spec_bender_path() { return P11MUX_TEST_SPEC_BENDER_PATH; }
 
 namespace {
 
@@ -98,6 +99,11 @@ const MockControl& mock() {
 
 const MockControl& race_detector() {
   static const MockControl* control = mock_control(race_detector_path());
+  return *control;
+}
+
+const MockControl& spec_bender() {
+  static const MockControl* control = mock_control(spec_bender_path());
   return *control;
 }
 
@@ -175,6 +181,7 @@ bool Tally::record(const char* call, CK_RV rv, RvSet allowed) {
   ++by_call_[call][rv];
   bool ok = rv == CKR_OK;
   for (CK_RV a : allowed) ok = ok || rv == a;
+  for (CK_RV a : everywhere_) ok = ok || rv == a;
   if (!valid_ckr(rv)) {
     ++invalid_count_;
     ok = false;

@@ -27,7 +27,7 @@ void compute_digests(CK_FUNCTION_LIST& p11, CK_SESSION_HANDLE s, Token& token) {
 CK_RV Workload::open(CK_SESSION_HANDLE& out, bool rw) {
   CK_FLAGS flags = CKF_SERIAL_SESSION | (rw ? CKF_RW_SESSION : 0);
   CK_RV rv = p11_.C_OpenSession(token_.slot, flags, nullptr, nullptr, &out);
-  tally_.record("C_OpenSession", rv);
+  tally_.record("C_OpenSession", rv, transient_count_ ? Allowed::open_transient : RvSet{});
   return rv;
 }
 

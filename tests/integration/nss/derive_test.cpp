@@ -19,25 +19,6 @@ using namespace p11test;
 
 namespace {
 
-// CK_SSL3_KEY_MAT_PARAMS and what it points to (PKCS#11 2.40 §2.36), which
-// p11-kit's header lacks.
-struct Ssl3RandomData {
-  CK_BYTE_PTR pClientRandom;
-  CK_ULONG ulClientRandomLen;
-  CK_BYTE_PTR pServerRandom;
-  CK_ULONG ulServerRandomLen;
-};
-struct Ssl3KeyMatOut {
-  CK_OBJECT_HANDLE hClientMacSecret, hServerMacSecret, hClientKey, hServerKey;
-  CK_BYTE_PTR pIVClient, pIVServer;
-};
-struct Ssl3KeyMatParams {
-  CK_ULONG ulMacSizeInBits, ulKeySizeInBits, ulIVSizeInBits;
-  CK_BBOOL bIsExport;
-  Ssl3RandomData RandomInfo;
-  Ssl3KeyMatOut* pReturnedKeyMaterial;
-};
-
 CK_OBJECT_HANDLE import_master_secret(CK_FUNCTION_LIST_3_0* fn, CK_SESSION_HANDLE session) {
   CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
   CK_KEY_TYPE type = CKK_GENERIC_SECRET;
@@ -58,9 +39,9 @@ std::vector<CK_OBJECT_HANDLE> derive_tls_key_material(CK_FUNCTION_LIST_3_0* fn,
                                                       CK_SESSION_HANDLE session) {
   CK_OBJECT_HANDLE master = import_master_secret(fn, session);
   Bytes client_random(32, 0x01), server_random(32, 0x02), iv_client(16, 0), iv_server(16, 0);
-  Ssl3KeyMatOut out{CK_INVALID_HANDLE, CK_INVALID_HANDLE, CK_INVALID_HANDLE, CK_INVALID_HANDLE,
+  CK_SSL3_KEY_MAT_OUT out{CK_INVALID_HANDLE, CK_INVALID_HANDLE, CK_INVALID_HANDLE, CK_INVALID_HANDLE,
                     iv_client.data(), iv_server.data()};
-  Ssl3KeyMatParams params{160, 128, 128, CK_FALSE,
+  CK_SSL3_KEY_MAT_PARAMS params{160, 128, 128, CK_FALSE,
                           {client_random.data(), client_random.size(), server_random.data(),
                            server_random.size()},
                           &out};
