@@ -68,6 +68,10 @@ class Module {
   bool fork_entered_ = false;
   std::size_t fork_shard_ = 0;
   std::uint64_t epochs_ = 0;  // runtimes created so far; written only while initializing
+  // The highest session handle generation of the runtimes so far: the next
+  // session table starts above it, so that a handle kept across C_Finalize
+  // (or fork()) never names a session of a later initialization.
+  std::uint64_t generation_floor_ = 0;
   CallGate gate_;
   // Written only while the gate is closed and drained; read inside a Call.
   std::unique_ptr<Runtime> runtime_;

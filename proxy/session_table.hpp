@@ -138,6 +138,7 @@ class SessionTable {
   static_assert(kChunkSize == std::size_t{1} << kChunkBits);
   static constexpr std::size_t kMaxChunks = (std::size_t{1} << kIndexBits) / kChunkSize;
   static constexpr CK_SESSION_HANDLE kIndexMask = (CK_SESSION_HANDLE{1} << kIndexBits) - 1;
+  static constexpr std::uint64_t kGenerationMask = (std::uint64_t{1} << (64 - kIndexBits)) - 1;
 
   explicit SessionTable(const LockSource& locks);
   ~SessionTable();
@@ -194,11 +195,21 @@ class SessionTable {
   // Sessions open now (for tests and metrics).
   std::size_t live_count() const noexcept;
 
+  // Handles across initializations: a new table starts its generations
+  // above the previous table's highest, so that a handle kept from before
+  // C_Finalize (or from the parent before fork()) never matches a session of
+  // this one. start_above() before the first reserve(); highest_generation()
+  // once no session is being opened (C_Finalize after the drain, or a
+  // forked child, where no other thread exists).
+  void start_above(std::uint64_t floor) noexcept { floor_ = floor & kGenerationMask; }
+  std::uint64_t highest_generation() noexcept;
+
  private:
   using Chunk = SessionChunk;
   void release_index(std::uint32_t index) noexcept;
 
   const LockSource& locks_;
+  std::uint64_t floor_ = 0;  // generations of this table are above it
   std::array<std::atomic<Chunk*>, kMaxChunks> chunks_{};
   std::atomic<std::size_t> chunk_count_{0};
   Mutex free_lock_;                   // guards free_ and chunk growth

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <fstream>
@@ -11,6 +12,7 @@
 #include <iterator>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace p11mux::test {
 namespace {
@@ -254,6 +256,57 @@ TEST_CASE("fork with a call stuck in the backend goes ahead after a bounded wait
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   CHECK(text.find("fork(): calls still inside the backend after 3 s") != std::string::npos);
   ::unlink(log.c_str());
+}
+
+// Issue 10, defect 13: a handle kept across C_Finalize/C_Initialize names
+// nothing in the new initialization (it used to equal the first new one).
+TEST_CASE("a session handle kept across C_Finalize/C_Initialize is stale, not the new session's") {
+  Proxy proxy;
+  CK_SESSION_HANDLE old = proxy.open();
+  REQUIRE(proxy.p11->C_Finalize(nullptr) == CKR_OK);
+  CK_C_INITIALIZE_ARGS os{};
+  os.flags = CKF_OS_LOCKING_OK;
+  REQUIRE(proxy.p11->C_Initialize(&os) == CKR_OK);
+  CK_SESSION_HANDLE fresh = proxy.open();
+  CHECK(fresh != old);
+  CHECK(proxy.p11->C_CloseSession(old) == CKR_SESSION_HANDLE_INVALID);
+  CK_SESSION_INFO info{};
+  CHECK(proxy.p11->C_GetSessionInfo(fresh, &info) == CKR_OK);  // still open
+  // Again, with sessions reused within one initialization first.
+  REQUIRE(proxy.p11->C_CloseSession(fresh) == CKR_OK);
+  std::vector<CK_SESSION_HANDLE> before;
+  for (int i = 0; i < 3; ++i) before.push_back(proxy.open());
+  REQUIRE(proxy.p11->C_Finalize(nullptr) == CKR_OK);
+  REQUIRE(proxy.p11->C_Initialize(&os) == CKR_OK);
+  std::vector<CK_SESSION_HANDLE> after;
+  for (int i = 0; i < 3; ++i) after.push_back(proxy.open());
+  for (CK_SESSION_HANDLE h : before) {
+    CHECK(std::find(after.begin(), after.end(), h) == after.end());
+    CHECK(proxy.p11->C_CloseSession(h) == CKR_SESSION_HANDLE_INVALID);
+  }
+  for (CK_SESSION_HANDLE h : after) CHECK(proxy.p11->C_GetSessionInfo(h, &info) == CKR_OK);
+}
+
+TEST_CASE("a parent's session handle names no session of the child's initialization") {
+  Proxy proxy;
+  CK_SESSION_HANDLE parent_session = proxy.open();
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::alarm(20);
+    if (proxy.p11->C_Initialize(nullptr) != CKR_OK) _exit(2);
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    if (proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) != CKR_OK) _exit(3);
+    if (h == parent_session) _exit(4);
+    if (proxy.p11->C_CloseSession(parent_session) != CKR_SESSION_HANDLE_INVALID) _exit(5);
+    CK_SESSION_INFO info{};
+    if (proxy.p11->C_GetSessionInfo(h, &info) != CKR_OK) _exit(6);
+    if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(7);
+    _exit(0);
+  }
+  CHECK(child_status(pid) == 0);
+  CK_SESSION_INFO info{};
+  CHECK(proxy.p11->C_GetSessionInfo(parent_session, &info) == CKR_OK);
 }
 
 }  // namespace
