@@ -20,7 +20,6 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <thread>
 #include <new>
 #include <utility>
 #include <vector>
@@ -35,14 +34,14 @@ struct Binding {
   bool discard = false;        // close it at the end, never reuse it
   bool dead = false;           // the backend said it (or its device) is gone: discard, counted
   bool busy = false;           // multiplex: a call is running on it
-  std::thread::id owner;       // multiplex: the thread that used it last
+  std::uint64_t owner = 0;     // multiplex: the thread that used it last (this_thread_number())
   std::vector<CK_OBJECT_HANDLE> objects;  // session objects created through it
 
   void clear() noexcept {
     backend = CK_INVALID_HANDLE;
     ops = 0;
     discard = dead = busy = false;
-    owner = {};
+    owner = 0;
     objects.clear();
   }
 };
