@@ -4,7 +4,10 @@
 // shard (picked from its stack address, so no TLS), and the closer sums the
 // shards. The seq_cst pair (shard increment, then state load; state store,
 // then shard loads) guarantees that either the caller sees the door not open
-// or the closer sees the caller.
+// or the closer sees the caller. A caller first looks at the door without
+// counting: once it is closed, knocking callers never count, so a drain ends
+// however many threads keep knocking (refused callers that counted for a
+// moment kept the sum from ever reaching zero).
 //
 // States: closed (not initialized, or C_Finalize draining: callers are
 // refused), open, and held (a fork() in progress: callers wait outside until
@@ -27,6 +30,7 @@ class CallGate {
   // True when the caller may proceed; it must then call leave(shard).
   [[gnu::always_inline]] bool enter(std::size_t& shard) noexcept {
     shard = this_thread_shard();
+    if (state_.load(std::memory_order_relaxed) != kOpen) [[unlikely]] return enter_uncounted(shard);
     shards_[shard].calls.fetch_add(1, std::memory_order_seq_cst);
     if (state_.load(std::memory_order_seq_cst) == kOpen) [[likely]] return true;
     return enter_slow(shard);
@@ -98,8 +102,13 @@ class CallGate {
   // The door is not open: step back out (so that a drain or a fork is not
   // held up by us), then wait outside while it is held for a fork.
   [[gnu::cold, gnu::noinline]] bool enter_slow(std::size_t shard) noexcept {
+    leave(shard);
+    return enter_uncounted(shard);
+  }
+  // Not counted: wait outside while the door is held, count only once it
+  // looks open.
+  [[gnu::cold, gnu::noinline]] bool enter_uncounted(std::size_t shard) noexcept {
     for (;;) {
-      leave(shard);
       std::uint32_t state;
       while ((state = state_.load(std::memory_order_seq_cst)) == kHeld) {
         timed_wait(state_, kHeld, std::chrono::seconds(1));
@@ -107,6 +116,7 @@ class CallGate {
       if (state == kClosed) return false;
       shards_[shard].calls.fetch_add(1, std::memory_order_seq_cst);
       if (state_.load(std::memory_order_seq_cst) == kOpen) return true;
+      leave(shard);
     }
   }
 

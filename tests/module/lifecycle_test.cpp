@@ -258,6 +258,48 @@ TEST_CASE("fork with a call stuck in the backend goes ahead after a bounded wait
   ::unlink(log.c_str());
 }
 
+// Issue 10, defect 3: refused callers used to count as in flight for a
+// moment, and with enough of them knocking the drain never saw zero (48 s at
+// 128 threads). The bound is a liveness guard, far above a normal drain.
+TEST_CASE("C_Finalize finishes promptly while 256 threads keep knocking") {
+  constexpr int kThreads = 256;
+  Proxy proxy;
+  std::vector<CK_SESSION_HANDLE> sessions;
+  for (int t = 0; t < kThreads; ++t) sessions.push_back(proxy.open(0, CKF_SERIAL_SESSION));
+  std::atomic<bool> stop{false};
+  std::atomic<int> knocking{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, h = sessions[t]] {
+      bool counted = false;
+      CK_INFO info{};
+      CK_BYTE buf[8];
+      while (!stop.load(std::memory_order_relaxed)) {
+        (void)proxy.p11->C_GetInfo(&info);
+        (void)proxy.p11->C_GenerateRandom(h, buf, sizeof buf);
+        if (!std::exchange(counted, true)) knocking++;
+      }
+    });
+  }
+  while (knocking < kThreads) std::this_thread::sleep_for(1ms);
+  auto finalize = std::async(std::launch::async, [&] {
+    auto start = std::chrono::steady_clock::now();
+    CK_RV rv = proxy.p11->C_Finalize(nullptr);
+    return std::pair{rv, std::chrono::steady_clock::now() - start};
+  });
+  bool prompt = finalize.wait_for(10s) == std::future_status::ready;
+  stop = true;  // lets a starved drain finish, so that the test ends either way
+  for (auto& t : threads) t.join();
+  CHECK(prompt);
+  auto [rv, took] = finalize.get();
+  CHECK(rv == CKR_OK);
+  MESSAGE("C_Finalize with " << kThreads << " threads knocking: "
+                             << std::chrono::duration<double, std::milli>(took).count() << " ms");
+  MockStats s = mock_stats();
+  CHECK(s.calls_after_finalize == 0);
+  CHECK(s.finalize_during_call == 0);
+}
+
 // Issue 10, defect 13: a handle kept across C_Finalize/C_Initialize names
 // nothing in the new initialization (it used to equal the first new one).
 TEST_CASE("a session handle kept across C_Finalize/C_Initialize is stale, not the new session's") {
