@@ -87,8 +87,11 @@ CK_RV Module::finalize(CK_VOID_PTR reserved) noexcept {
     return CKR_CRYPTOKI_NOT_INITIALIZED;
   }
   // New calls now get CKR_CRYPTOKI_NOT_INITIALIZED; the ones inside finish
-  // before the backend is finalized under them.
-  gate_.close_and_drain();
+  // before the backend is finalized under them. Calls waiting for a pooled
+  // session are woken to return at once rather than at their deadline.
+  gate_.close();
+  runtime_->pool().interrupt_waiters();
+  gate_.drain();
   generation_floor_ = runtime_->sessions().highest_generation();
   if (runtime_->shutdown()) {
     runtime_.reset();

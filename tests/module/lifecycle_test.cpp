@@ -300,6 +300,74 @@ TEST_CASE("C_Finalize finishes promptly while 256 threads keep knocking") {
   CHECK(s.finalize_during_call == 0);
 }
 
+// Issue 10, defect 6: a thread waiting for a session at the pool's limit is
+// not inside the backend; C_Finalize wakes it at once rather than waiting
+// out pool.wait_ms.
+TEST_CASE("C_Finalize wakes a thread waiting at the pool limit: CKR_CRYPTOKI_NOT_INITIALIZED") {
+  Proxy proxy({}, nullptr, {{"P11MUX_POOL_MAX_SESSIONS", "1"}, {"P11MUX_POOL_WAIT_MS", "30000"}});
+  proxy.open(0, CKF_SERIAL_SESSION);
+  auto waiter = std::async(std::launch::async, [&] {
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    return proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h);
+  });
+  std::this_thread::sleep_for(200ms);  // asleep in the pool by now
+  REQUIRE(waiter.wait_for(0s) == std::future_status::timeout);
+  auto finalize = std::async(std::launch::async, [&] { return proxy.p11->C_Finalize(nullptr); });
+  bool prompt = finalize.wait_for(10s) == std::future_status::ready;
+  CHECK(prompt);  // without the wake-up: 30 s
+  REQUIRE(finishes(finalize));
+  CHECK(finalize.get() == CKR_OK);
+  REQUIRE(finishes(waiter));
+  CHECK(waiter.get() == CKR_CRYPTOKI_NOT_INITIALIZED);
+  MockStats s = mock_stats();
+  CHECK(s.sessions_open == 0);
+  CHECK(s.calls_after_finalize == 0);
+}
+
+// ... nor does fork() wait for it (it used to, 3 s, with a warning); the
+// waiter in the parent still gets its session once one is given back.
+TEST_CASE("fork does not wait for a thread waiting at the pool limit") {
+  std::string log = "/tmp/p11mux-lifecycle-park-" + std::to_string(::getpid()) + ".log";
+  ::unlink(log.c_str());
+  {
+    Proxy proxy({}, nullptr,
+                {{"P11MUX_POOL_MAX_SESSIONS", "1"}, {"P11MUX_POOL_WAIT_MS", "30000"},
+                 {"P11MUX_LOG_LEVEL", "warn"}, {"P11MUX_LOG_FILE", log.c_str()}});
+    CK_SESSION_HANDLE first = proxy.open(0, CKF_SERIAL_SESSION);
+    auto waiter = std::async(std::launch::async, [&] {
+      CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+      CK_RV rv = proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h);
+      CK_BYTE buf[8];
+      return rv == CKR_OK ? proxy.p11->C_GenerateRandom(h, buf, sizeof buf) : rv;
+    });
+    std::this_thread::sleep_for(200ms);  // asleep in the pool by now
+    REQUIRE(waiter.wait_for(0s) == std::future_status::timeout);
+    auto start = std::chrono::steady_clock::now();
+    pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::alarm(20);
+      if (proxy.p11->C_Initialize(nullptr) != CKR_OK) _exit(2);
+      CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+      if (proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) != CKR_OK) _exit(3);
+      if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(4);
+      _exit(0);
+    }
+    auto fork_took = std::chrono::steady_clock::now() - start;
+    CHECK(child_status(pid) == 0);
+    MESSAGE("fork() with a waiter at the pool limit: "
+            << std::chrono::duration<double, std::milli>(fork_took).count() << " ms");
+    CHECK(waiter.wait_for(0s) == std::future_status::timeout);  // still waiting
+    REQUIRE(proxy.p11->C_CloseSession(first) == CKR_OK);
+    REQUIRE(finishes(waiter));
+    CHECK(waiter.get() == CKR_OK);
+  }
+  std::ifstream in(log);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(text.find("fork()") == std::string::npos);
+  ::unlink(log.c_str());
+}
+
 // Issue 10, defect 13: a handle kept across C_Finalize/C_Initialize names
 // nothing in the new initialization (it used to equal the first new one).
 TEST_CASE("a session handle kept across C_Finalize/C_Initialize is stale, not the new session's") {
