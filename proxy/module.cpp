@@ -52,13 +52,18 @@ CK_RV Module::initialize(CK_VOID_PTR init_args) noexcept {
 
 CK_RV Module::start(const InitArgs& args) noexcept {
   if (forked_.exchange(false)) {
-    // The runtime belongs to the parent process: leak it untouched.
-    if (runtime_) runtime_->abandon();
+    // The runtime belongs to the parent process: leak it untouched (but the
+    // parent's handles, which the child has copies of, stay stale here).
+    if (runtime_) {
+      generation_floor_ = runtime_->sessions().highest_generation();
+      runtime_->abandon();
+    }
     (void)runtime_.release();
   }
   try {
     Config config = load_config([](const char* name) { return std::getenv(name); });
     runtime_ = std::make_unique<Runtime>(config, args, entry_points::function_list(), ++epochs_);
+    runtime_->sessions().start_above(generation_floor_);  // before the gate opens
   } catch (const CkrError& e) {
     log_startup_error(e.what());
     return e.rv();
@@ -82,8 +87,12 @@ CK_RV Module::finalize(CK_VOID_PTR reserved) noexcept {
     return CKR_CRYPTOKI_NOT_INITIALIZED;
   }
   // New calls now get CKR_CRYPTOKI_NOT_INITIALIZED; the ones inside finish
-  // before the backend is finalized under them.
-  gate_.close_and_drain();
+  // before the backend is finalized under them. Calls waiting for a pooled
+  // session are woken to return at once rather than at their deadline.
+  gate_.close();
+  runtime_->pool().interrupt_waiters();
+  gate_.drain();
+  generation_floor_ = runtime_->sessions().highest_generation();
   if (runtime_->shutdown()) {
     runtime_.reset();
   } else {

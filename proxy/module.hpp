@@ -42,6 +42,14 @@ class Module {
     std::size_t shard_ = 0;
   };
 
+  // A call about to sleep outside the backend (SessionPool::take at the
+  // limit): fork() does not wait for it while it is parked. unpark() waits
+  // while a fork holds the gate, so that no parked call enters the backend
+  // across fork(). C_Finalize wakes parked waiters itself (they return
+  // CKR_CRYPTOKI_NOT_INITIALIZED).
+  void park() noexcept { gate_.park(); }
+  void unpark() noexcept { gate_.unpark(); }
+
   // pthread_atfork handlers. Calls are kept out of the backend across fork()
   // (the child would inherit the backend's locks as they were held):
   // prepare holds new calls at the gate and waits, bounded, for the ones
@@ -68,6 +76,10 @@ class Module {
   bool fork_entered_ = false;
   std::size_t fork_shard_ = 0;
   std::uint64_t epochs_ = 0;  // runtimes created so far; written only while initializing
+  // The highest session handle generation of the runtimes so far: the next
+  // session table starts above it, so that a handle kept across C_Finalize
+  // (or fork()) never names a session of a later initialization.
+  std::uint64_t generation_floor_ = 0;
   CallGate gate_;
   // Written only while the gate is closed and drained; read inside a Call.
   std::unique_ptr<Runtime> runtime_;

@@ -22,13 +22,32 @@
 #include "runtime.hpp"
 #include "session_effects.hpp"
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
 namespace p11mux {
+
+// Which thread owns a binding: a number no other thread ever gets again
+// (std::thread::id is reused once a thread exits, and a new thread would
+// inherit the exited one's bindings with their operations). Initial-exec
+// TLS: one %fs-relative load on the hot path, no __tls_get_addr call.
+inline std::atomic<std::uint64_t> thread_numbers{0};
+[[gnu::tls_model("initial-exec")]] inline constinit thread_local std::uint64_t this_thread_number_ = 0;
+
+[[gnu::cold, gnu::noinline]] inline std::uint64_t assign_thread_number() noexcept {
+  this_thread_number_ = thread_numbers.fetch_add(1, std::memory_order_relaxed) + 1;
+  return this_thread_number_;
+}
+
+// Never 0 (a free binding's owner).
+[[gnu::always_inline]] inline std::uint64_t this_thread_number() noexcept {
+  std::uint64_t n = this_thread_number_;
+  if (n == 0) [[unlikely]] n = assign_thread_number();
+  return n;
+}
 
 template <class Pred>
 Binding* find_binding(Session& s, Pred pred) noexcept {
@@ -59,7 +78,7 @@ constexpr bool waits_for_its_operation(Effect e) noexcept {
 inline constexpr std::uint32_t kWaiter = 1u << 16;
 
 template <class F>
-[[gnu::noinline]] Binding* search_binding(Session& s, std::thread::id me) noexcept {
+[[gnu::noinline]] Binding* search_binding(Session& s, std::uint64_t me) noexcept {
   constexpr Effect e = effect<F>;
   Binding* b = nullptr;
   if constexpr (continues(e)) {
@@ -93,7 +112,7 @@ template <class F>
 // (waits_for_its_operation). Called and returns with s.lock held; the caller
 // counts in in_flight, so the session stays open while we wait.
 template <class F>
-[[gnu::cold, gnu::noinline]] Binding* claim_when_free(Session& s, std::thread::id me) noexcept {
+[[gnu::cold, gnu::noinline]] Binding* claim_when_free(Session& s, std::uint64_t me) noexcept {
   constexpr Effect e = effect<F>;
   for (;;) {
     int holders = 0;
@@ -119,7 +138,7 @@ template <class F>
 // Inline, the common case: the anchor is this thread's, free, and holds the
 // operation the call continues, if any. The search would pick it first.
 template <class F>
-[[gnu::always_inline]] inline Binding* claim_binding(Session& s, std::thread::id me) noexcept {
+[[gnu::always_inline]] inline Binding* claim_binding(Session& s, std::uint64_t me) noexcept {
   constexpr Effect e = effect<F>;
   Binding& a = s.anchor;  // valid while the session is open
   if (a.owner == me && !a.busy && (!continues(e) || (a.ops & e.ops) != 0)) [[likely]] {
@@ -167,7 +186,7 @@ inline void leave_call(Session& s) noexcept {
 
 // No free binding: a new one from the pool (cold). Leaves the call count
 // itself when it fails.
-[[gnu::cold, gnu::noinline]] inline CK_RV bind_from_pool(Runtime& rt, Session& s, std::thread::id me,
+[[gnu::cold, gnu::noinline]] inline CK_RV bind_from_pool(Runtime& rt, Session& s, std::uint64_t me,
                                                         Binding*& b) noexcept {
   // Fixed while the session is open, which it stays while we count in in_flight.
   const CK_SLOT_ID slot = s.slot;
@@ -297,7 +316,7 @@ template <class F, class Observation, class CallBackend, class... Rest>
   if constexpr (std::is_same_v<F, fn::C_SessionCancel>) {
     if (CK_RV rv; cancel_where_held(rt, seen, call_backend, handle, rest..., rv)) return rv;
   }
-  const auto me = std::this_thread::get_id();
+  const std::uint64_t me = this_thread_number();
   Session* s = nullptr;
   Binding* b = nullptr;
   {

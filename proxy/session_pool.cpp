@@ -509,11 +509,35 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     // A learned limit may be probed before the deadline: wake for that too.
     auto until = next_probe > now ? std::min(deadline, next_probe) : deadline;
     pool.waiters.fetch_add(1, std::memory_order_acq_rel);
-    timed_wait(pool.returns, ticket, std::max<Clock::duration>(until - now, std::chrono::milliseconds(1)));
+    // Parked while asleep: fork() does not wait for us, and we wait for
+    // fork() before going on. Read after the ticket: interrupt_waiters()
+    // sets interrupted_, then bumps the ticket.
+    the_module.park();
+    bool interrupted = interrupted_.load(std::memory_order_seq_cst);
+    if (!interrupted) {
+      timed_wait(pool.returns, ticket, std::max<Clock::duration>(until - now, std::chrono::milliseconds(1)));
+    }
+    the_module.unpark();
     pool.waiters.fetch_sub(1, std::memory_order_acq_rel);
+    // C_Finalize: give up at once, whatever the deadline.
+    if (interrupted || interrupted_.load(std::memory_order_seq_cst)) {
+      return CKR_CRYPTOKI_NOT_INITIALIZED;
+    }
     auto slept = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - now);
     pool.figures->wait_ns.fetch_add(static_cast<std::uint64_t>(slept.count()),
                                     std::memory_order_relaxed);
+  }
+}
+
+void SessionPool::interrupt_waiters() noexcept {
+  interrupted_.store(true, std::memory_order_seq_cst);
+  // Under the registry lock: a slot pool created meanwhile is either seen
+  // here or its waiters see interrupted_.
+  MutexGuard registry(registry_lock_);
+  for (std::size_t i = 0; i < slot_count_.load(std::memory_order_acquire); ++i) {
+    SlotPool* pool = slots_[i].load(std::memory_order_acquire);
+    pool->returns.fetch_add(1, std::memory_order_seq_cst);
+    wake_all(pool->returns);
   }
 }
 

@@ -109,6 +109,10 @@ class SessionPool {
   bool drain_idle(CK_SLOT_ID slot, bool read_only_only) noexcept;
   // Opens pool.prewarm read-only sessions on every slot with a token.
   void prewarm() noexcept;
+  // C_Finalize, once the call gate is closed: calls waiting at the limit
+  // (pool.wait_ms) return CKR_CRYPTOKI_NOT_INITIALIZED now, and no call
+  // waits any more.
+  void interrupt_waiters() noexcept;
   // Closes every idle session (C_Finalize, after all virtual sessions closed).
   void close_all() noexcept;
   // Closes sessions idle longer than `idle`, pings those idle longer than
@@ -173,6 +177,7 @@ class SessionPool {
 
   std::array<std::atomic<SlotPool*>, kMaxSlots> slots_{};
   std::atomic<std::size_t> slot_count_{0};
+  std::atomic<bool> interrupted_{false};  // interrupt_waiters() was called
   Mutex registry_lock_;  // guards slot creation and caches_
   std::vector<ThreadCache*> caches_;
 };

@@ -2,6 +2,7 @@
 
 #include <p11mux/ckr_error.hpp>
 
+#include <algorithm>
 #include <new>
 
 namespace p11mux {
@@ -34,7 +35,7 @@ SessionLease SessionTable::reserve() {
   Session& s = chunks_[index >> kChunkBits].load(std::memory_order_acquire)->at(
       index & (kChunkSize - 1));
   s.lock.lock();
-  s.generation = (s.generation + 1) & ((std::uint64_t{1} << (64 - kIndexBits)) - 1);
+  s.generation = (std::max(s.generation, floor_) + 1) & kGenerationMask;
   if (s.generation == 0) s.generation = 1;
   s.opening_handle = (s.generation << kIndexBits) | (index + 1);
   s.notify = nullptr;
@@ -71,6 +72,16 @@ void SessionTable::release_index(std::uint32_t index) noexcept {
   MutexGuard guard(free_lock_);
   // Capacity for every index was reserved when its chunk was added.
   free_.push_back(index);
+}
+
+std::uint64_t SessionTable::highest_generation() noexcept {
+  std::uint64_t highest = floor_;
+  std::size_t chunks = chunk_count_.load(std::memory_order_acquire);
+  for (std::size_t c = 0; c < chunks; ++c) {
+    Chunk* chunk = chunks_[c].load(std::memory_order_acquire);
+    for (std::size_t i = 0; i < kChunkSize; ++i) highest = std::max(highest, chunk->at(i).generation);
+  }
+  return highest;
 }
 
 std::size_t SessionTable::live_count() const noexcept {

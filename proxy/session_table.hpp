@@ -21,7 +21,6 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <thread>
 #include <new>
 #include <utility>
 #include <vector>
@@ -38,7 +37,7 @@ struct Binding {
   CloseReason why{};           // with discard, unless dead: why (counted by the pool)
   bool dead = false;           // the backend said it (or its device) is gone: discard, counted
   bool busy = false;           // multiplex: a call is running on it
-  std::thread::id owner;       // multiplex: the thread that used it last
+  std::uint64_t owner = 0;     // multiplex: the thread that used it last (this_thread_number())
   std::vector<CK_OBJECT_HANDLE> objects;  // session objects created through it
 
   void clear() noexcept {
@@ -46,7 +45,7 @@ struct Binding {
     ops = maybe = 0;
     discard = dead = busy = false;
     why = {};
-    owner = {};
+    owner = 0;
     objects.clear();
   }
 };
@@ -143,6 +142,7 @@ class SessionTable {
   static_assert(kChunkSize == std::size_t{1} << kChunkBits);
   static constexpr std::size_t kMaxChunks = (std::size_t{1} << kIndexBits) / kChunkSize;
   static constexpr CK_SESSION_HANDLE kIndexMask = (CK_SESSION_HANDLE{1} << kIndexBits) - 1;
+  static constexpr std::uint64_t kGenerationMask = (std::uint64_t{1} << (64 - kIndexBits)) - 1;
 
   explicit SessionTable(const LockSource& locks);
   ~SessionTable();
@@ -199,11 +199,21 @@ class SessionTable {
   // Sessions open now (for tests and metrics).
   std::size_t live_count() const noexcept;
 
+  // Handles across initializations: a new table starts its generations
+  // above the previous table's highest, so that a handle kept from before
+  // C_Finalize (or from the parent before fork()) never matches a session of
+  // this one. start_above() before the first reserve(); highest_generation()
+  // once no session is being opened (C_Finalize after the drain, or a
+  // forked child, where no other thread exists).
+  void start_above(std::uint64_t floor) noexcept { floor_ = floor & kGenerationMask; }
+  std::uint64_t highest_generation() noexcept;
+
  private:
   using Chunk = SessionChunk;
   void release_index(std::uint32_t index) noexcept;
 
   const LockSource& locks_;
+  std::uint64_t floor_ = 0;  // generations of this table are above it
   std::array<std::atomic<Chunk*>, kMaxChunks> chunks_{};
   std::atomic<std::size_t> chunk_count_{0};
   Mutex free_lock_;                   // guards free_ and chunk growth

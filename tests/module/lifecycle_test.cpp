@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <fstream>
@@ -11,6 +12,15 @@
 #include <iterator>
 #include <string>
 #include <thread>
+#include <vector>
+
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define P11MUX_TEST_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+#define P11MUX_TEST_SANITIZED 1
+#endif
+#endif
 
 namespace p11mux::test {
 namespace {
@@ -254,6 +264,172 @@ TEST_CASE("fork with a call stuck in the backend goes ahead after a bounded wait
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   CHECK(text.find("fork(): calls still inside the backend after 3 s") != std::string::npos);
   ::unlink(log.c_str());
+}
+
+// Issue 10, defect 3: refused callers used to count as in flight for a
+// moment, and with enough of them knocking the drain never saw zero (48 s at
+// 128 threads). The bound is a liveness guard, far above a normal drain.
+TEST_CASE("C_Finalize finishes promptly while 256 threads keep knocking") {
+  constexpr int kThreads = 256;
+  Proxy proxy;
+  std::vector<CK_SESSION_HANDLE> sessions;
+  for (int t = 0; t < kThreads; ++t) sessions.push_back(proxy.open(0, CKF_SERIAL_SESSION));
+  std::atomic<bool> stop{false};
+  std::atomic<int> knocking{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, h = sessions[t]] {
+      bool counted = false;
+      CK_INFO info{};
+      CK_BYTE buf[8];
+      while (!stop.load(std::memory_order_relaxed)) {
+        (void)proxy.p11->C_GetInfo(&info);
+        (void)proxy.p11->C_GenerateRandom(h, buf, sizeof buf);
+        if (!std::exchange(counted, true)) knocking++;
+      }
+    });
+  }
+  while (knocking < kThreads) std::this_thread::sleep_for(1ms);
+  auto finalize = std::async(std::launch::async, [&] {
+    auto start = std::chrono::steady_clock::now();
+    CK_RV rv = proxy.p11->C_Finalize(nullptr);
+    return std::pair{rv, std::chrono::steady_clock::now() - start};
+  });
+#ifdef P11MUX_TEST_SANITIZED
+  constexpr auto kBound = 60s;  // every knock is many times slower, the CPUs as few
+#else
+  constexpr auto kBound = 10s;
+#endif
+  bool prompt = finalize.wait_for(kBound) == std::future_status::ready;
+  stop = true;  // lets a starved drain finish, so that the test ends either way
+  for (auto& t : threads) t.join();
+  CHECK(prompt);
+  auto [rv, took] = finalize.get();
+  CHECK(rv == CKR_OK);
+  MESSAGE("C_Finalize with " << kThreads << " threads knocking: "
+                             << std::chrono::duration<double, std::milli>(took).count() << " ms");
+  MockStats s = mock_stats();
+  CHECK(s.calls_after_finalize == 0);
+  CHECK(s.finalize_during_call == 0);
+}
+
+// Issue 10, defect 6: a thread waiting for a session at the pool's limit is
+// not inside the backend; C_Finalize wakes it at once rather than waiting
+// out pool.wait_ms.
+TEST_CASE("C_Finalize wakes a thread waiting at the pool limit: CKR_CRYPTOKI_NOT_INITIALIZED") {
+  Proxy proxy({}, nullptr, {{"P11MUX_POOL_MAX_SESSIONS", "1"}, {"P11MUX_POOL_WAIT_MS", "30000"}});
+  proxy.open(0, CKF_SERIAL_SESSION);
+  auto waiter = std::async(std::launch::async, [&] {
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    return proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h);
+  });
+  std::this_thread::sleep_for(200ms);  // asleep in the pool by now
+  REQUIRE(waiter.wait_for(0s) == std::future_status::timeout);
+  auto finalize = std::async(std::launch::async, [&] { return proxy.p11->C_Finalize(nullptr); });
+  bool prompt = finalize.wait_for(10s) == std::future_status::ready;
+  CHECK(prompt);  // without the wake-up: 30 s
+  REQUIRE(finishes(finalize));
+  CHECK(finalize.get() == CKR_OK);
+  REQUIRE(finishes(waiter));
+  CHECK(waiter.get() == CKR_CRYPTOKI_NOT_INITIALIZED);
+  MockStats s = mock_stats();
+  CHECK(s.sessions_open == 0);
+  CHECK(s.calls_after_finalize == 0);
+}
+
+// ... nor does fork() wait for it (it used to, 3 s, with a warning); the
+// waiter in the parent still gets its session once one is given back.
+TEST_CASE("fork does not wait for a thread waiting at the pool limit") {
+  std::string log = "/tmp/p11mux-lifecycle-park-" + std::to_string(::getpid()) + ".log";
+  ::unlink(log.c_str());
+  {
+    Proxy proxy({}, nullptr,
+                {{"P11MUX_POOL_MAX_SESSIONS", "1"}, {"P11MUX_POOL_WAIT_MS", "30000"},
+                 {"P11MUX_LOG_LEVEL", "warn"}, {"P11MUX_LOG_FILE", log.c_str()}});
+    CK_SESSION_HANDLE first = proxy.open(0, CKF_SERIAL_SESSION);
+    auto waiter = std::async(std::launch::async, [&] {
+      CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+      CK_RV rv = proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h);
+      CK_BYTE buf[8];
+      return rv == CKR_OK ? proxy.p11->C_GenerateRandom(h, buf, sizeof buf) : rv;
+    });
+    std::this_thread::sleep_for(200ms);  // asleep in the pool by now
+    REQUIRE(waiter.wait_for(0s) == std::future_status::timeout);
+    auto start = std::chrono::steady_clock::now();
+    pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::alarm(20);
+      if (proxy.p11->C_Initialize(nullptr) != CKR_OK) _exit(2);
+      CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+      if (proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) != CKR_OK) _exit(3);
+      if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(4);
+      _exit(0);
+    }
+    auto fork_took = std::chrono::steady_clock::now() - start;
+    CHECK(child_status(pid) == 0);
+    MESSAGE("fork() with a waiter at the pool limit: "
+            << std::chrono::duration<double, std::milli>(fork_took).count() << " ms");
+    CHECK(waiter.wait_for(0s) == std::future_status::timeout);  // still waiting
+    REQUIRE(proxy.p11->C_CloseSession(first) == CKR_OK);
+    REQUIRE(finishes(waiter));
+    CHECK(waiter.get() == CKR_OK);
+  }
+  std::ifstream in(log);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(text.find("fork()") == std::string::npos);
+  ::unlink(log.c_str());
+}
+
+// Issue 10, defect 13: a handle kept across C_Finalize/C_Initialize names
+// nothing in the new initialization (it used to equal the first new one).
+TEST_CASE("a session handle kept across C_Finalize/C_Initialize is stale, not the new session's") {
+  Proxy proxy;
+  CK_SESSION_HANDLE old = proxy.open();
+  REQUIRE(proxy.p11->C_Finalize(nullptr) == CKR_OK);
+  CK_C_INITIALIZE_ARGS os{};
+  os.flags = CKF_OS_LOCKING_OK;
+  REQUIRE(proxy.p11->C_Initialize(&os) == CKR_OK);
+  CK_SESSION_HANDLE fresh = proxy.open();
+  CHECK(fresh != old);
+  CHECK(proxy.p11->C_CloseSession(old) == CKR_SESSION_HANDLE_INVALID);
+  CK_SESSION_INFO info{};
+  CHECK(proxy.p11->C_GetSessionInfo(fresh, &info) == CKR_OK);  // still open
+  // Again, with sessions reused within one initialization first.
+  REQUIRE(proxy.p11->C_CloseSession(fresh) == CKR_OK);
+  std::vector<CK_SESSION_HANDLE> before;
+  for (int i = 0; i < 3; ++i) before.push_back(proxy.open());
+  REQUIRE(proxy.p11->C_Finalize(nullptr) == CKR_OK);
+  REQUIRE(proxy.p11->C_Initialize(&os) == CKR_OK);
+  std::vector<CK_SESSION_HANDLE> after;
+  for (int i = 0; i < 3; ++i) after.push_back(proxy.open());
+  for (CK_SESSION_HANDLE h : before) {
+    CHECK(std::find(after.begin(), after.end(), h) == after.end());
+    CHECK(proxy.p11->C_CloseSession(h) == CKR_SESSION_HANDLE_INVALID);
+  }
+  for (CK_SESSION_HANDLE h : after) CHECK(proxy.p11->C_GetSessionInfo(h, &info) == CKR_OK);
+}
+
+TEST_CASE("a parent's session handle names no session of the child's initialization") {
+  Proxy proxy;
+  CK_SESSION_HANDLE parent_session = proxy.open();
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::alarm(20);
+    if (proxy.p11->C_Initialize(nullptr) != CKR_OK) _exit(2);
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    if (proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) != CKR_OK) _exit(3);
+    if (h == parent_session) _exit(4);
+    if (proxy.p11->C_CloseSession(parent_session) != CKR_SESSION_HANDLE_INVALID) _exit(5);
+    CK_SESSION_INFO info{};
+    if (proxy.p11->C_GetSessionInfo(h, &info) != CKR_OK) _exit(6);
+    if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(7);
+    _exit(0);
+  }
+  CHECK(child_status(pid) == 0);
+  CK_SESSION_INFO info{};
+  CHECK(proxy.p11->C_GetSessionInfo(parent_session, &info) == CKR_OK);
 }
 
 }  // namespace

@@ -118,6 +118,45 @@ TEST_CASE("an operation started on one thread continues on another (hand-off)") 
   b.join();
 }
 
+// Issue 10, defect 9: bindings used to be keyed by std::thread::id, which a
+// new thread gets again once the old one exited: it inherited the exited
+// thread's digest (CKR_OPERATION_ACTIVE on its own C_DigestInit).
+TEST_CASE("a new thread never inherits an exited thread's operation, even with its thread id") {
+  Proxy proxy({}, nullptr, kMultiplex);
+  CK_MECHANISM mech{CKM_SHA256, nullptr, 0};
+  std::string mine = "thread B's data", theirs = "thread A's data, abandoned";
+  bool reused = false;
+  CK_RV init_rv = CKR_OK, final_rv = CKR_OK;
+  Signature out{};
+  for (int attempt = 0; attempt < 200 && !reused; ++attempt) {
+    CK_SESSION_HANDLE shared = proxy.open();
+    std::thread::id a_id;
+    std::thread([&] {
+      a_id = std::this_thread::get_id();
+      CHECK(proxy.p11->C_DigestInit(shared, &mech) == CKR_OK);
+      CHECK(proxy.p11->C_DigestUpdate(shared, reinterpret_cast<CK_BYTE*>(theirs.data()),
+                                      theirs.size()) == CKR_OK);
+    }).join();  // exits with its digest active
+    std::thread([&] {
+      if (std::this_thread::get_id() != a_id) return;  // not the case under test: again
+      reused = true;
+      init_rv = proxy.p11->C_DigestInit(shared, &mech);
+      CHECK(proxy.p11->C_DigestUpdate(shared, reinterpret_cast<CK_BYTE*>(mine.data()),
+                                      mine.size()) == CKR_OK);
+      CK_ULONG len = out.size();
+      final_rv = proxy.p11->C_DigestFinal(shared, out.data(), &len);
+    }).join();
+    REQUIRE(proxy.p11->C_CloseSession(shared) == CKR_OK);
+  }
+  REQUIRE(reused);  // glibc hands an exited thread's id (its pthread_t) to the next one
+  CHECK(init_rv == CKR_OK);
+  CHECK(final_rv == CKR_OK);
+  Signature expected{};
+  libs().mock->reference_digest(reinterpret_cast<const unsigned char*>(mine.data()), mine.size(),
+                                expected.data());
+  CHECK(out == expected);
+}
+
 TEST_CASE("session objects are usable from every thread and destroyed when the session closes") {
   Proxy proxy({}, nullptr, kMultiplex);
   CK_SESSION_HANDLE shared = proxy.open();

@@ -132,5 +132,73 @@ TEST_CASE("fork hold: nothing to hold when closed; C_Finalize during a fork refu
   CHECK_FALSE(gate.enter(shard));
 }
 
+// Issue 10, defect 6: a call asleep outside the backend (waiting for a
+// pooled session) does not hold fork() up, and does not go back in while
+// the gate is held.
+TEST_CASE("fork hold does not wait for parked calls; one waking meanwhile waits for resume") {
+  CallGate gate;
+  gate.open();
+  std::size_t parked_shard = 0;
+  REQUIRE(gate.enter(parked_shard));
+  gate.park();
+  std::size_t own = 0;
+  REQUIRE(gate.enter(own));
+  CHECK(gate.hold(std::chrono::seconds(20)) == CallGate::Hold::drained);
+  std::atomic<bool> unparked{false};
+  auto waker = std::async(std::launch::async, [&] {
+    gate.unpark();
+    unparked.store(true);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK_FALSE(unparked.load());  // held: it waits outside the backend
+  gate.resume();
+  gate.leave(own);
+  waker.get();
+  CHECK(unparked.load());
+  // Unparked, it counts again: a new hold waits for it.
+  REQUIRE(gate.enter(own));
+  CHECK(gate.hold(std::chrono::milliseconds(10)) == CallGate::Hold::timed_out);
+  gate.resume();
+  gate.leave(own);
+  gate.leave(parked_shard);
+  gate.close_and_drain();
+}
+
+TEST_CASE("park/unpark racing fork holds: no unparked call is ever inside during a hold") {
+  CallGate gate;
+  gate.open();
+  std::atomic<bool> stop{false}, in_fork{false};
+  std::atomic<long> inside_in_fork{0}, rounds{0};
+  std::vector<std::thread> sleepers;
+  for (int t = 0; t < 4; ++t) {
+    sleepers.emplace_back([&] {
+      while (!stop.load()) {
+        std::size_t shard = 0;
+        if (!gate.enter(shard)) continue;
+        gate.park();
+        std::this_thread::yield();  // "asleep in the pool"
+        gate.unpark();
+        if (in_fork.load()) inside_in_fork.fetch_add(1);  // "in the backend"
+        rounds.fetch_add(1);
+        gate.leave(shard);
+      }
+    });
+  }
+  for (int fork = 0; fork < 50; ++fork) {
+    std::size_t own = 0;
+    REQUIRE(gate.enter(own));
+    CHECK(gate.hold(std::chrono::seconds(20)) == CallGate::Hold::drained);
+    in_fork.store(true);
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+    in_fork.store(false);
+    gate.resume();
+    gate.leave(own);
+  }
+  stop.store(true);
+  for (auto& t : sleepers) t.join();
+  CHECK(inside_in_fork.load() == 0);
+  CHECK(rounds.load() > 0);
+}
+
 }  // namespace
 }  // namespace p11mux
