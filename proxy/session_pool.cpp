@@ -54,6 +54,7 @@ class SessionPool::SlotPool {
   unsigned long limit = kUnlimited, ceiling = kUnlimited, rw_limit = kUnlimited;
   Clock::time_point probe_after{};
   bool probing = false;
+  unsigned refusals = 0;  // CKR_SESSION_COUNT answers in a row, below the limit
   bool logging_out = false;  // the last application session's C_Logout is under way
 
   std::atomic<std::uint64_t> generation{0};  // bumped when the device may have restarted
@@ -85,10 +86,16 @@ class SessionPool::SlotPool {
            kind_has_room(rw);
   }
   // The backend refused a session with `open_now` open (the refused one not
-  // counted): that is the limit for now (never 0), probed again later.
-  void learn_limit(unsigned long open_now, Clock::time_point now) noexcept {
+  // counted). A single refusal may be transient (another process's sessions,
+  // an HSM busy for a moment): true means try again at once. Refused twice
+  // in a row, or refused a probe, that is the limit for now (never 0),
+  // probed again later.
+  bool refused(unsigned long open_now, bool was_probe, Clock::time_point now) noexcept {
+    if (!was_probe && ++refusals < 2) return true;
+    refusals = 0;
     limit = std::max<unsigned long>(open_now, 1);
     probe_after = now + kLimitProbeInterval;
+    return false;
   }
   // A session opened above the learned limit: the limit rises with it, and
   // the next probe may follow at once.
@@ -454,15 +461,19 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       {
         MutexGuard guard(pool.lock);
         if (rv == CKR_OK) {
+          pool.refusals = 0;
           if (probe) pool.probe_succeeded();
         } else {
           --pool.open[rw];
           if (rv == CKR_SESSION_COUNT) {
-            // The token's limit, for now, is what is open: wait for one.
             open_now = pool.open_total();
-            pool.learn_limit(open_now, Clock::now());
-            learned = true;
-            retry = open_now > 0;
+            if (pool.refused(open_now, probe, Clock::now())) {
+              retry = true;  // once more at once: it may have been transient
+            } else {
+              // The token's limit, for now, is what is open: wait for one.
+              learned = true;
+              retry = open_now > 0;
+            }
           }
           pool.signal();  // the reservation is free again
         }

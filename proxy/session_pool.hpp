@@ -5,8 +5,8 @@
 // The pool owns every backend session that no virtual session holds, and
 // counts every backend session p11mux has open on a slot, so that it never
 // opens more than the token's limit (from the configuration, the token info,
-// or learned from CKR_SESSION_COUNT; a learned limit is probed again after
-// kLimitProbeInterval, so a transient refusal does not stick). It makes
+// or learned from two CKR_SESSION_COUNT in a row; a learned limit is probed
+// again after kLimitProbeInterval, so a transient refusal does not stick). It makes
 // C_OpenSession wait, up to pool.wait_ms, for a session to come back at that
 // limit. Every path that gives a session back or gives up a reservation wakes
 // the waiters, so none sleeps past its deadline.

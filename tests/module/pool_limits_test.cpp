@@ -103,6 +103,19 @@ TEST_CASE("a limit learned from CKR_SESSION_COUNT rises again when the backend h
   CHECK(mock_stats().sessions_open == 3);
 }
 
+TEST_CASE("one transient CKR_SESSION_COUNT does not lower the limit: the open is retried") {
+  MockConfig c{};
+  std::snprintf(c.fail_function, sizeof c.fail_function, "C_OpenSession");
+  c.fail_rv = CKR_SESSION_COUNT;
+  c.fail_nth = 2;  // the HSM is busy for a moment, once
+  Proxy proxy(c, nullptr, {{"P11MUX_SESSION_MODE", session_mode()}, {"P11MUX_POOL_WAIT_MS", "0"}});
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE, d = CK_INVALID_HANDLE;
+  REQUIRE(open_on(proxy, 0, a) == CKR_OK);
+  CHECK(open_on(proxy, 0, b) == CKR_OK);
+  CHECK(open_on(proxy, 0, d) == CKR_OK);
+  CHECK(mock_stats().sessions_open == 3);
+}
+
 TEST_CASE("sessions opened with a Notify callback count against the session limit") {
   Proxy proxy({}, nullptr,
               {{"P11MUX_SESSION_MODE", session_mode()},
