@@ -14,6 +14,10 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
                    CK_NOTIFY notify, CK_SESSION_HANDLE_PTR session) noexcept;
 CK_RV close_session(Runtime& rt, CK_SESSION_HANDLE session) noexcept;
 CK_RV close_all_sessions(Runtime& rt, CK_SLOT_ID slot) noexcept;
+// What the backend calls for a session opened with a Notify callback
+// (`context` is the Session): the application's callback, with its virtual
+// handle; nothing for a session closed (or reopened without a callback) since.
+CK_RV notify_trampoline(CK_SESSION_HANDLE backend, CK_NOTIFICATION event, CK_VOID_PTR context) noexcept;
 
 template <class F>
 constexpr auto handler = nullptr;

@@ -137,7 +137,6 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
                                ? SessionPool::Fate::closed(CloseReason::notify_callback)
                                : reset_backend_session(s->anchor);
   pool_->close(s->slot, s->rw, s->anchor.backend, fate);
-  s->notify.store(nullptr, std::memory_order_release);  // a late notification reaches nobody
   sessions_.close(std::move(lease));
   return CKR_OK;
 }

@@ -7,20 +7,16 @@
 #include <new>
 
 namespace p11mux {
-namespace {
-
 // The backend hands its Notify our trampoline; the application gets its own
 // callback with the virtual handle (docs/pkcs11-facts.md, "Sessions"). The
 // callback is read once, atomically: a backend that notifies a session after
 // it was closed (its entry free, or reused without a callback) reaches nobody.
-CK_RV notify_trampoline(CK_SESSION_HANDLE, CK_NOTIFICATION event, CK_VOID_PTR context) {
+CK_RV notify_trampoline(CK_SESSION_HANDLE, CK_NOTIFICATION event, CK_VOID_PTR context) noexcept {
   auto* session = static_cast<Session*>(context);
   CK_NOTIFY notify = session->notify.load(std::memory_order_acquire);
   if (notify == nullptr) return CKR_OK;
   return notify(session->opening_handle, event, session->application.load(std::memory_order_relaxed));
 }
-
-}  // namespace
 
 // With a Notify callback the backend session is the application's alone:
 // it is opened for it (with p11mux's trampoline) and closed with it, not

@@ -54,6 +54,7 @@ void SessionTable::publish(Session& s) noexcept {
 
 void SessionTable::discard(SessionLease lease) noexcept {
   auto index = static_cast<std::uint32_t>((lease->opening_handle & kIndexMask) - 1);
+  lease->notify.store(nullptr, std::memory_order_release);  // a late notification reaches nobody
   { SessionLease unlock = std::move(lease); }
   release_index(index);
 }
@@ -63,6 +64,7 @@ void SessionTable::close(SessionLease lease) noexcept {
   CK_SESSION_HANDLE h = lease->opening_handle;
   lease->handle.store(0, std::memory_order_release);
   lease->anchor.backend = CK_INVALID_HANDLE;
+  lease->notify.store(nullptr, std::memory_order_release);  // a late notification reaches nobody
   live_.fetch_sub(1, std::memory_order_relaxed);
   { SessionLease unlock = std::move(lease); }
   release_index(static_cast<std::uint32_t>((h & kIndexMask) - 1));
