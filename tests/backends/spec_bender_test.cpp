@@ -2,6 +2,7 @@
 // bend of mock_control.h is on; it is a library with its own state.
 #include "backends_test_support.hpp"
 
+#include "key_material.hpp"
 #include "mock_control.h"
 
 #include <stdlib.h>
@@ -52,14 +53,9 @@ TEST_CASE("the spec bender bends by default, and obeys when told to") {
   CK_MECHANISM gen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
   CK_OBJECT_HANDLE base = 0;
   REQUIRE(ck->C_GenerateKey(h2, &gen, nullptr, 0, &base) == CKR_OK);
-  CK_SSL3_KEY_MAT_OUT out{};
-  CK_SSL3_KEY_MAT_PARAMS params{};
-  params.ulMacSizeInBits = 160;
-  params.ulKeySizeInBits = 128;
-  params.pReturnedKeyMaterial = &out;
-  CK_MECHANISM derive{CKM_SSL3_KEY_AND_MAC_DERIVE, &params, sizeof params};
-  CHECK(ck->C_DeriveKey(h2, &derive, base, nullptr, 0, nullptr) == CKR_OK);
-  CHECK(out.hServerKey != CK_INVALID_HANDLE);
+  test::KeyMaterialDerive derive(CKM_SSL3_KEY_AND_MAC_DERIVE, 160, 128);
+  CHECK(ck->C_DeriveKey(h2, &derive.mechanism, base, nullptr, 0, nullptr) == CKR_OK);
+  CHECK(derive.out.hServerKey != CK_INVALID_HANDLE);
   // transient-count: within MOCK_BEND_TRANSIENT_COUNT_EVERY opens one is refused.
   int refused = 0;
   for (unsigned long i = 0; i < MOCK_BEND_TRANSIENT_COUNT_EVERY; ++i) {

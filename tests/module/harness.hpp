@@ -11,6 +11,7 @@
 
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <cstdlib>
@@ -19,6 +20,7 @@
 #include <utility>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 namespace p11mux::test {
@@ -129,5 +131,15 @@ std::string capture_stderr(Fn fn) {
 }
 
 inline CK_MECHANISM sha256() { return CK_MECHANISM{CKM_SHA256, nullptr, 0}; }
+
+// Polls until pred() holds, for up to 10 s: a liveness check, not a timing assertion.
+template <class Pred>
+bool eventually(Pred pred) {
+  for (int i = 0; i < 200; ++i) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
 
 }  // namespace p11mux::test

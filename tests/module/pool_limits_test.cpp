@@ -25,16 +25,6 @@ const char* session_mode() {
   return mode;
 }
 
-// Polls until pred() holds: a liveness check with a generous bound, not a timing assertion.
-template <class Pred>
-bool eventually(Pred pred) {
-  for (int i = 0; i < 200; ++i) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(50ms);
-  }
-  return false;
-}
-
 TEST_CASE("slot IDs the backend does not know leave no trace in the pool") {
   Proxy proxy({}, nullptr, {{"P11MUX_SESSION_MODE", session_mode()}});
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;

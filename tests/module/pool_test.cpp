@@ -268,16 +268,6 @@ TEST_CASE("sessions opened with a Notify callback are the application's alone") 
 namespace p11mux::test {
 namespace {
 
-// Polls until pred() holds: a liveness check with a generous bound, not a timing assertion.
-template <class Pred>
-bool eventually(Pred pred) {
-  for (int i = 0; i < 200; ++i) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(50ms);
-  }
-  return false;
-}
-
 TEST_CASE("maintenance: idle sessions past pool.idle_timeout_s are closed") {
   Proxy proxy({}, nullptr, {{"P11MUX_POOL_IDLE_TIMEOUT_S", "1"}});
   CK_SESSION_HANDLE h = proxy.open();

@@ -5,6 +5,7 @@
 // and the tracer never reads past a caller's buffer. Each invariant runs in
 // both session modes.
 #include "harness.hpp"
+#include "key_material.hpp"
 
 #include <algorithm>
 #include <array>
@@ -145,15 +146,9 @@ TEST_CASE("spec bender: a closed virtual session's objects are neither visible n
     REQUIRE(p->C_DeriveKey(first, &plain, base, nullptr, 0, &derived) == CKR_OK);
     keys.push_back(derived);
     // C_DeriveKey returning four keys in the mechanism parameter (NSS softoken)
-    CK_SSL3_KEY_MAT_OUT out{};
-    CK_SSL3_KEY_MAT_PARAMS params{};
-    params.ulMacSizeInBits = 256;
-    params.ulKeySizeInBits = 128;
-    params.pReturnedKeyMaterial = &out;
-    CK_MECHANISM tls{CKM_TLS_KEY_AND_MAC_DERIVE, &params, sizeof params};
-    REQUIRE(p->C_DeriveKey(first, &tls, base, nullptr, 0, nullptr) == CKR_OK);
-    for (CK_OBJECT_HANDLE k :
-         {out.hClientMacSecret, out.hServerMacSecret, out.hClientKey, out.hServerKey}) {
+    KeyMaterialDerive tls;
+    REQUIRE(p->C_DeriveKey(first, &tls.mechanism, base, nullptr, 0, nullptr) == CKR_OK);
+    for (CK_OBJECT_HANDLE k : tls.keys()) {
       REQUIRE(k != CK_INVALID_HANDLE);
       keys.push_back(k);
     }
@@ -167,7 +162,7 @@ TEST_CASE("spec bender: a closed virtual session's objects are neither visible n
     objects.insert(objects.end(), keys.begin(), keys.end());
     // The MAC key works in its own session.
     CK_MECHANISM mac{CKM_SHA256_HMAC, nullptr, 0};
-    REQUIRE(p->C_SignInit(first, &mac, out.hClientMacSecret) == CKR_OK);
+    REQUIRE(p->C_SignInit(first, &mac, tls.out.hClientMacSecret) == CKR_OK);
     unsigned char sig[MOCK_DIGEST_LEN];
     CK_ULONG sig_len = sizeof sig;
     REQUIRE(p->C_Sign(first, wrapped, sizeof wrapped, sig, &sig_len) == CKR_OK);

@@ -17,6 +17,8 @@
 #include "support.hpp"
 #include "workload.hpp"
 
+#include "key_material.hpp"
+
 #include <doctest/doctest.h>
 
 #ifdef P11MUX_RELIABILITY_SOFTHSM2
@@ -418,13 +420,8 @@ TEST_CASE("spec bender: a canary per virtual session, the pool within its limit"
         fail("C_GenerateKey", rv);
       unsigned long own_objects = 2;
       if (rng.chance(30)) {
-        CK_SSL3_KEY_MAT_OUT out{};
-        CK_SSL3_KEY_MAT_PARAMS params{};
-        params.ulMacSizeInBits = 256;
-        params.ulKeySizeInBits = 128;
-        params.pReturnedKeyMaterial = &out;
-        CK_MECHANISM tls{CKM_TLS_KEY_AND_MAC_DERIVE, &params, sizeof params};
-        if ((rv = p11.C_DeriveKey(s, &tls, key, tagged, 2, nullptr)) == CKR_OK)
+        test::KeyMaterialDerive tls;
+        if ((rv = p11.C_DeriveKey(s, &tls.mechanism, key, tagged, 2, nullptr)) == CKR_OK)
           own_objects += 4;
         else
           fail("C_DeriveKey", rv);
