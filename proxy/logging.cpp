@@ -11,6 +11,8 @@
 #include <spdlog/sinks/stdout_sinks.h>
 
 #include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstdio>
 
@@ -31,6 +33,16 @@ class LockedSink final : public spdlog::sinks::sink {
     MutexGuard guard(lock_);
     inner_->flush();
   }
+  // fork(): see hold_log_for_fork().
+  void hold() noexcept {
+    lock_.lock();
+    try {
+      inner_->flush();
+    } catch (...) {  // a full disk must not stop fork()
+    }
+  }
+  void release() noexcept { lock_.unlock(); }
+
   void set_pattern(const std::string& pattern) override {
     MutexGuard guard(lock_);
     inner_->set_pattern(pattern);
@@ -45,10 +57,38 @@ class LockedSink final : public spdlog::sinks::sink {
   Mutex lock_;
 };
 
-// %t is the calling thread's ID even with async logging: spdlog records it
-// when the record is made.
+// %t is the calling thread's ID even with async logging: it is recorded when
+// the record is made (by ForkAwareLogger when sync).
 constexpr const char* kPattern = "%Y-%m-%dT%H:%M:%S.%f p11mux[%P:%t] %l: %v";
 constexpr std::size_t kAsyncQueue = 8192;  // records
+
+// The calling thread's kernel ID, cached. spdlog caches its own in a
+// thread_local that nothing can reset, so the thread that called fork() would
+// go on logging its parent's ID in the child (`p11mux[child:parent]`); this
+// cache is forgotten in the child (forget_thread_id_after_fork).
+thread_local std::size_t tl_thread_id = 0;
+
+std::size_t current_thread_id() noexcept {
+  if (tl_thread_id == 0) [[unlikely]] {
+    tl_thread_id = static_cast<std::size_t>(::syscall(SYS_gettid));
+  }
+  return tl_thread_id;
+}
+
+// A logger whose records carry current_thread_id(). sink_it_ runs in the
+// calling thread, and only for a record that is logged.
+template <class Base>
+class ForkAwareLogger final : public Base {
+ public:
+  using Base::Base;
+
+ protected:
+  void sink_it_(const spdlog::details::log_msg& msg) override {
+    spdlog::details::log_msg own = msg;
+    own.thread_id = current_thread_id();
+    Base::sink_it_(own);
+  }
+};
 
 // Keeps the thread pool alive with the async logger. The returned logger
 // pointer aliases this holder, so whoever drops the last reference destroys
@@ -91,16 +131,25 @@ std::shared_ptr<spdlog::logger> make_logger(const Config::Log& config, const Loc
       return std::make_shared<spdlog::details::thread_pool>(
           kAsyncQueue, 1, [] { pthread_setname_np(pthread_self(), "p11mux-log"); });
     });
+    // spdlog's async_logger is final: its records keep spdlog's thread ID,
+    // which is the parent's for the thread that called fork().
     holder->logger = std::make_shared<spdlog::async_logger>(
         "p11mux", std::move(sink), holder->pool, spdlog::async_overflow_policy::overrun_oldest);
     logger = std::shared_ptr<spdlog::logger>(holder, holder->logger.get());
   } else {
     // Not registered with spdlog's global registry: the logger belongs to the runtime.
-    logger = std::make_shared<spdlog::logger>("p11mux", std::move(sink));
+    logger = std::make_shared<ForkAwareLogger<spdlog::logger>>("p11mux", std::move(sink));
   }
   logger->set_pattern(kPattern);
   logger->set_level(config.level);
-  logger->flush_on(spdlog::level::warn);
+  // Every record is flushed as it is written (by the writer thread with
+  // async), so that a crash, abort() or SIGTERM loses none, and at exit or
+  // fork() no record waits in a buffer. Below debug no record is made per
+  // call, so this costs nothing there; at debug and trace it is one write(2)
+  // per record, which the README's figures measure. Flushing every record
+  // also makes a periodic flush (a thread, which
+  // CKF_LIBRARY_CANT_CREATE_OS_THREADS forbids) and a flush at exit moot.
+  logger->flush_on(spdlog::level::trace);
   if (config.async && !async) {
     logger->info("[log] async is off: {}", may_create_threads
                                                ? "the application's mutex callbacks are in use"
@@ -116,6 +165,20 @@ std::size_t dropped_records(const std::shared_ptr<spdlog::logger>& log) noexcept
   const auto* deleter = std::get_deleter<HolderDeleter>(log);
   return deleter != nullptr ? deleter->holder->pool->overrun_counter() : 0;
 }
+
+void hold_log_for_fork(spdlog::logger& log) noexcept {
+  for (const auto& sink : log.sinks()) {
+    if (auto* locked = dynamic_cast<LockedSink*>(sink.get())) locked->hold();
+  }
+}
+
+void release_log_after_fork(spdlog::logger& log) noexcept {
+  for (const auto& sink : log.sinks()) {
+    if (auto* locked = dynamic_cast<LockedSink*>(sink.get())) locked->release();
+  }
+}
+
+void forget_thread_id_after_fork() noexcept { tl_thread_id = 0; }
 
 void log_startup_error(const std::string& message) noexcept {
   std::fprintf(stderr, "p11mux: error: %s\n", message.c_str());

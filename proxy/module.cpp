@@ -113,10 +113,12 @@ void Module::on_fork_prepare() noexcept {
                          "(the child may find the backend's locks held)",
                          kForkHoldLimit.count());
   }
+  hold_log_for_fork(runtime_->log());
 }
 
 void Module::on_fork_parent() noexcept {
   if (!std::exchange(fork_entered_, false)) return;
+  release_log_after_fork(runtime_->log());
   gate_.resume();
   gate_.leave(fork_shard_);
 }
@@ -124,7 +126,8 @@ void Module::on_fork_parent() noexcept {
 void Module::on_fork_child() noexcept {
   // The child must call C_Initialize before anything works again, and must
   // never touch the parent's backend sessions (pkcs11-notes, "fork()").
-  fork_entered_ = false;
+  if (std::exchange(fork_entered_, false)) release_log_after_fork(runtime_->log());
+  forget_thread_id_after_fork();
   gate_.reset_after_fork();
   Observer::after_fork();  // closes the child's copy of the parent's stats endpoint
   interface_probe_.reset_after_fork();

@@ -53,7 +53,8 @@ class Module {
   // pthread_atfork handlers. Calls are kept out of the backend across fork()
   // (the child would inherit the backend's locks as they were held):
   // prepare holds new calls at the gate and waits, bounded, for the ones
-  // inside; parent lets the held ones in. The child handler takes no lock.
+  // inside, then flushes the log and holds it (logging.hpp); parent lets the
+  // held ones in. The child handler takes no lock (it releases the log).
   void on_fork_prepare() noexcept;
   void on_fork_parent() noexcept;
   void on_fork_child() noexcept;
