@@ -56,13 +56,21 @@ CK_RV Module::start(const InitArgs& args) noexcept {
     // parent's handles, which the child has copies of, stay stale here).
     if (runtime_) {
       generation_floor_ = runtime_->sessions().highest_generation();
+      inherited_config_ = &runtime_->config();
+      inherited_locking_.reset();
+      if (runtime_->backend().initialized_by_us()) {
+        inherited_locking_ = runtime_->backend().locking();
+      }
       runtime_->abandon();
     }
     (void)runtime_.release();
   }
   try {
-    Config config = load_config([](const char* name) { return std::getenv(name); });
-    runtime_ = std::make_unique<Runtime>(config, args, entry_points::function_list(), ++epochs_);
+    Config config = inherited_config_ != nullptr
+                        ? *inherited_config_
+                        : load_config([](const char* name) { return std::getenv(name); });
+    runtime_ = std::make_unique<Runtime>(config, args, entry_points::function_list(), ++epochs_,
+                                         inherited_locking_);
     runtime_->sessions().start_above(generation_floor_);  // before the gate opens
   } catch (const CkrError& e) {
     log_startup_error(e.what());
@@ -76,6 +84,8 @@ CK_RV Module::start(const InitArgs& args) noexcept {
     log_startup_error(e.what());
     return CKR_GENERAL_ERROR;
   }
+  inherited_config_ = nullptr;
+  inherited_locking_.reset();
   gate_.open();
   return CKR_OK;
 }
