@@ -3,6 +3,8 @@
 #include "thread_signals.hpp"
 
 #include <spdlog/async_logger.h>
+#include <spdlog/details/fmt_helper.h>
+#include <spdlog/details/os.h>
 #include <spdlog/details/thread_pool.h>
 #include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/basic_file_sink.h>
@@ -14,6 +16,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 
 namespace p11mux {
@@ -57,36 +60,32 @@ class LockedSink final : public spdlog::sinks::sink {
   Mutex lock_;
 };
 
-// %t is the calling thread's ID even with async logging: it is recorded when
-// the record is made (by ForkAwareLogger when sync).
-constexpr const char* kPattern = "%Y-%m-%dT%H:%M:%S.%f p11mux[%P:%t] %l: %v";
+// %k (ThreadIdFlag, for %t) is the calling thread's ID even with async
+// logging: spdlog records it when the record is made.
+constexpr const char* kPattern = "%Y-%m-%dT%H:%M:%S.%f p11mux[%P:%k] %l: %v";
 constexpr std::size_t kAsyncQueue = 8192;  // records
 
-// The calling thread's kernel ID, cached. spdlog caches its own in a
-// thread_local that nothing can reset, so the thread that called fork() would
-// go on logging its parent's ID in the child (`p11mux[child:parent]`); this
-// cache is forgotten in the child (forget_thread_id_after_fork).
-thread_local std::size_t tl_thread_id = 0;
+// spdlog caches a thread's ID in a thread_local that nothing resets, so the
+// thread that called fork() would go on logging its parent's thread ID in the
+// child (`p11mux[child:parent]`), sync or async (the ID is taken when the
+// record is made). The child's fork handler notes that stale ID and the
+// thread's own (note_thread_id_after_fork), and %k writes the ID through
+// them. Written only in a child's fork handler, when it has no other thread.
+std::atomic<std::size_t> stale_thread_id{0};
+std::atomic<std::size_t> forked_thread_id{0};
 
-std::size_t current_thread_id() noexcept {
-  if (tl_thread_id == 0) [[unlikely]] {
-    tl_thread_id = static_cast<std::size_t>(::syscall(SYS_gettid));
-  }
-  return tl_thread_id;
-}
-
-// A logger whose records carry current_thread_id(). sink_it_ runs in the
-// calling thread, and only for a record that is logged.
-template <class Base>
-class ForkAwareLogger final : public Base {
+class ThreadIdFlag final : public spdlog::custom_flag_formatter {
  public:
-  using Base::Base;
-
- protected:
-  void sink_it_(const spdlog::details::log_msg& msg) override {
-    spdlog::details::log_msg own = msg;
-    own.thread_id = current_thread_id();
-    Base::sink_it_(own);
+  void format(const spdlog::details::log_msg& msg, const std::tm&,
+              spdlog::memory_buf_t& dest) override {
+    std::size_t id = msg.thread_id;
+    if (id == stale_thread_id.load(std::memory_order_relaxed)) {
+      id = forked_thread_id.load(std::memory_order_relaxed);
+    }
+    spdlog::details::fmt_helper::append_int(id, dest);
+  }
+  std::unique_ptr<custom_flag_formatter> clone() const override {
+    return std::make_unique<ThreadIdFlag>();
   }
 };
 
@@ -131,16 +130,16 @@ std::shared_ptr<spdlog::logger> make_logger(const Config::Log& config, const Loc
       return std::make_shared<spdlog::details::thread_pool>(
           kAsyncQueue, 1, [] { pthread_setname_np(pthread_self(), "p11mux-log"); });
     });
-    // spdlog's async_logger is final: its records keep spdlog's thread ID,
-    // which is the parent's for the thread that called fork().
     holder->logger = std::make_shared<spdlog::async_logger>(
         "p11mux", std::move(sink), holder->pool, spdlog::async_overflow_policy::overrun_oldest);
     logger = std::shared_ptr<spdlog::logger>(holder, holder->logger.get());
   } else {
     // Not registered with spdlog's global registry: the logger belongs to the runtime.
-    logger = std::make_shared<ForkAwareLogger<spdlog::logger>>("p11mux", std::move(sink));
+    logger = std::make_shared<spdlog::logger>("p11mux", std::move(sink));
   }
-  logger->set_pattern(kPattern);
+  auto formatter = std::make_unique<spdlog::pattern_formatter>();
+  formatter->add_flag<ThreadIdFlag>('k').set_pattern(kPattern);
+  logger->set_formatter(std::move(formatter));
   logger->set_level(config.level);
   // Every record is flushed as it is written (by the writer thread with
   // async), so that a crash, abort() or SIGTERM loses none, and at exit or
@@ -178,7 +177,11 @@ void release_log_after_fork(spdlog::logger& log) noexcept {
   }
 }
 
-void forget_thread_id_after_fork() noexcept { tl_thread_id = 0; }
+void note_thread_id_after_fork() noexcept {
+  stale_thread_id.store(spdlog::details::os::thread_id(), std::memory_order_relaxed);
+  forked_thread_id.store(static_cast<std::size_t>(::syscall(SYS_gettid)),
+                         std::memory_order_relaxed);
+}
 
 void log_startup_error(const std::string& message) noexcept {
   std::fprintf(stderr, "p11mux: error: %s\n", message.c_str());

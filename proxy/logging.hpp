@@ -40,7 +40,7 @@ void release_log_after_fork(spdlog::logger& log) noexcept;
 
 // In the child, in the thread that called fork(): its records carry its own
 // thread ID again, not its parent's.
-void forget_thread_id_after_fork() noexcept;
+void note_thread_id_after_fork() noexcept;
 
 // For errors before there is a configuration to say where logs go
 // (an unreadable config file): straight to stderr.

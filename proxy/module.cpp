@@ -137,7 +137,7 @@ void Module::on_fork_child() noexcept {
   // The child must call C_Initialize before anything works again, and must
   // never touch the parent's backend sessions (pkcs11-notes, "fork()").
   if (std::exchange(fork_entered_, false)) release_log_after_fork(runtime_->log());
-  forget_thread_id_after_fork();
+  note_thread_id_after_fork();
   gate_.reset_after_fork();
   Observer::after_fork();  // closes the child's copy of the parent's stats endpoint
   interface_probe_.reset_after_fork();

@@ -234,34 +234,43 @@ TEST_CASE("fork: a record logged before fork() is in the log once, however many 
 
 // Issue 12, defect 3: the thread that called fork() logged its parent's
 // thread ID in the child (`p11mux[9349:9348]`).
-TEST_CASE("fork: a child's records carry its own process and thread IDs") {
+TEST_CASE("fork: a child's records carry its own process and thread IDs, sync or async") {
   const std::string log = "/tmp/p11mux-fork-ids-test.log";
-  ::unlink(log.c_str());
-  pid_t pid = -1;
-  {
-    Proxy proxy({}, nullptr, {{"P11MUX_LOG_LEVEL", "info"}, {"P11MUX_LOG_FILE", log.c_str()}});
-    std::fflush(stdout);  // else the child writes the runner's buffered output again
-    pid = ::fork();
-    REQUIRE(pid >= 0);
-    if (pid == 0) {
-      ::alarm(20);
-      CK_C_INITIALIZE_ARGS os{};
-      os.flags = CKF_OS_LOCKING_OK;
-      if (proxy.p11->C_Initialize(&os) != CKR_OK) _exit(2);  // logs its initialization
-      if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(3);
-      exit_like_exit(0);
+  for (const char* async : {"false", "true"}) {
+    const std::string mode = async;
+    CAPTURE(mode);
+    ::unlink(log.c_str());
+    pid_t pid = -1;
+    {
+      Proxy proxy({}, nullptr,
+                  {{"P11MUX_LOG_LEVEL", "info"},
+                   {"P11MUX_LOG_FILE", log.c_str()},
+                   {"P11MUX_LOG_ASYNC", async}});
+      std::fflush(stdout);  // else the child writes the runner's buffered output again
+      pid = ::fork();
+      REQUIRE(pid >= 0);
+      if (pid == 0) {
+        ::alarm(20);
+        CK_C_INITIALIZE_ARGS os{};
+        os.flags = CKF_OS_LOCKING_OK;
+        if (proxy.p11->C_Initialize(&os) != CKR_OK) _exit(2);  // logs its initialization
+        if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(3);
+        exit_like_exit(0);
+      }
+      int status = wait_status(pid);
+      CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
     }
-    int status = wait_status(pid);
-    CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+    reset_environment();
+    std::string text = read_file(log);
+    const std::string child = std::to_string(pid);
+    // The child's only thread is the one that forked: its thread ID is the child's process ID.
+    CHECK(text.find("p11mux[" + child + ":" + child + "] info: backend") != std::string::npos);
+    CHECK(occurrences(text, "p11mux[" + child + ":" + child + "]") ==
+          occurrences(text, "p11mux[" + child + ":"));
+    // ... and the parent's records are untouched.
+    const std::string parent = std::to_string(::getpid());
+    CHECK(text.find("p11mux[" + parent + ":" + parent + "] info: backend") != std::string::npos);
   }
-  reset_environment();
-  std::string text = read_file(log);
-  const std::string child = std::to_string(pid);
-  // The child's only thread is the one that forked: its thread ID is the child's process ID.
-  CHECK(text.find("p11mux[" + child + ":" + child + "] info: backend") != std::string::npos);
-  CHECK(occurrences(text, "p11mux[" + child + ":") >= 1);
-  CHECK(occurrences(text, "p11mux[" + child + ":" + child + "]") ==
-        occurrences(text, "p11mux[" + child + ":"));
   ::unlink(log.c_str());
 }
 
