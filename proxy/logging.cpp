@@ -143,9 +143,9 @@ std::shared_ptr<spdlog::logger> make_logger(const Config::Log& config, const Loc
   logger->set_level(config.level);
   // Every record is flushed as it is written (by the writer thread with
   // async), so that a crash, abort() or SIGTERM loses none, and at exit or
-  // fork() no record waits in a buffer. Below debug no record is made per
-  // call, so this costs nothing there; at debug and trace it is one write(2)
-  // per record, which the README's figures measure. Flushing every record
+  // fork() no record waits in a buffer. At info and above no record is made
+  // per call, so this costs nothing there; at trace it is one write(2) per
+  // call record, which the README's figures measure. Flushing every record
   // also makes a periodic flush (a thread, which
   // CKF_LIBRARY_CANT_CREATE_OS_THREADS forbids) and a flush at exit moot.
   logger->flush_on(spdlog::level::trace);
