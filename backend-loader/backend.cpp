@@ -103,6 +103,22 @@ void Backend::initialize(const BackendOptions& options) {
       owns_initialization_ = true;
       return;
     }
+    if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED && options.inherited) {
+      // A forked child's copy of the backend p11mux initialized in the parent
+      // (a backend that handles fork() itself answers CKR_OK above). Its
+      // locking is what p11mux chose then: keep it rather than serialize.
+      // And it is ours: nobody else in this process initialized it, and a
+      // fork-unaware backend's state is a private copy of the parent's
+      // memory, so the child's C_Finalize finalizes it (releasing that copy,
+      // the parent's sessions included, in the child only). Leaving it
+      // initialized would make the child's next C_Initialize find it
+      // "already initialized by another user" and serialize every call.
+      locking_ = *options.inherited;
+      thread_safe_ = locking_ != BackendLocking::none;
+      owns_initialization_ = true;
+      inherited_ = true;
+      return;
+    }
     if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED) {
       // Someone else in this process initialized it with locking we cannot
       // see; assume the worst unless the configuration says it was OS locking.

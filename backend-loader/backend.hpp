@@ -23,6 +23,9 @@ struct BackendOptions {
   BackendLocking locking = BackendLocking::automatic;
   // Passed as pReserved to the backend's C_Initialize (NSS softoken's init string).
   std::optional<std::string> init_reserved;
+  // In a forked child: the locking p11mux initialized this backend with in
+  // the parent, while it was still initialized at fork().
+  std::optional<BackendLocking> inherited;
   // p11mux's own function list, to refuse loading p11mux as its own backend
   // (which would re-enter its own C_Initialize).
   const CK_FUNCTION_LIST* self = nullptr;
@@ -53,6 +56,11 @@ class Backend {
   // True when someone else in the process had initialized it already, so
   // p11mux must not finalize it.
   bool shared() const noexcept { return !owns_initialization_; }
+  // True when this is a forked child's copy of the backend p11mux had
+  // initialized in the parent (BackendOptions::inherited).
+  bool inherited() const noexcept { return inherited_; }
+  // Initialized by p11mux and not finalized yet: a child forked now inherits it.
+  bool initialized_by_us() const noexcept { return owns_initialization_ && !finalized_; }
   const std::string& path() const noexcept { return path_; }
 
   // Calls the backend's C_Finalize now (idempotent); also wakes its blocked
@@ -73,6 +81,7 @@ class Backend {
   BackendLocking locking_ = BackendLocking::none;
   bool thread_safe_ = false;
   bool owns_initialization_ = false;
+  bool inherited_ = false;
   bool finalized_ = false;
 };
 

@@ -3,6 +3,8 @@
 #include "thread_signals.hpp"
 
 #include <spdlog/async_logger.h>
+#include <spdlog/details/fmt_helper.h>
+#include <spdlog/details/os.h>
 #include <spdlog/details/thread_pool.h>
 #include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/basic_file_sink.h>
@@ -11,7 +13,10 @@
 #include <spdlog/sinks/stdout_sinks.h>
 
 #include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 
 namespace p11mux {
@@ -31,6 +36,16 @@ class LockedSink final : public spdlog::sinks::sink {
     MutexGuard guard(lock_);
     inner_->flush();
   }
+  // fork(): see hold_log_for_fork().
+  void hold() noexcept {
+    lock_.lock();
+    try {
+      inner_->flush();
+    } catch (...) {  // a full disk must not stop fork()
+    }
+  }
+  void release() noexcept { lock_.unlock(); }
+
   void set_pattern(const std::string& pattern) override {
     MutexGuard guard(lock_);
     inner_->set_pattern(pattern);
@@ -45,10 +60,34 @@ class LockedSink final : public spdlog::sinks::sink {
   Mutex lock_;
 };
 
-// %t is the calling thread's ID even with async logging: spdlog records it
-// when the record is made.
-constexpr const char* kPattern = "%Y-%m-%dT%H:%M:%S.%f p11mux[%P:%t] %l: %v";
+// %k (ThreadIdFlag, for %t) is the calling thread's ID even with async
+// logging: spdlog records it when the record is made.
+constexpr const char* kPattern = "%Y-%m-%dT%H:%M:%S.%f p11mux[%P:%k] %l: %v";
 constexpr std::size_t kAsyncQueue = 8192;  // records
+
+// spdlog caches a thread's ID in a thread_local that nothing resets, so the
+// thread that called fork() would go on logging its parent's thread ID in the
+// child (`p11mux[child:parent]`), sync or async (the ID is taken when the
+// record is made). The child's fork handler notes that stale ID and the
+// thread's own (note_thread_id_after_fork), and %k writes the ID through
+// them. Written only in a child's fork handler, when it has no other thread.
+std::atomic<std::size_t> stale_thread_id{0};
+std::atomic<std::size_t> forked_thread_id{0};
+
+class ThreadIdFlag final : public spdlog::custom_flag_formatter {
+ public:
+  void format(const spdlog::details::log_msg& msg, const std::tm&,
+              spdlog::memory_buf_t& dest) override {
+    std::size_t id = msg.thread_id;
+    if (id == stale_thread_id.load(std::memory_order_relaxed)) {
+      id = forked_thread_id.load(std::memory_order_relaxed);
+    }
+    spdlog::details::fmt_helper::append_int(id, dest);
+  }
+  std::unique_ptr<custom_flag_formatter> clone() const override {
+    return std::make_unique<ThreadIdFlag>();
+  }
+};
 
 // Keeps the thread pool alive with the async logger. The returned logger
 // pointer aliases this holder, so whoever drops the last reference destroys
@@ -98,9 +137,18 @@ std::shared_ptr<spdlog::logger> make_logger(const Config::Log& config, const Loc
     // Not registered with spdlog's global registry: the logger belongs to the runtime.
     logger = std::make_shared<spdlog::logger>("p11mux", std::move(sink));
   }
-  logger->set_pattern(kPattern);
+  auto formatter = std::make_unique<spdlog::pattern_formatter>();
+  formatter->add_flag<ThreadIdFlag>('k').set_pattern(kPattern);
+  logger->set_formatter(std::move(formatter));
   logger->set_level(config.level);
-  logger->flush_on(spdlog::level::warn);
+  // Every record is flushed as it is written (by the writer thread with
+  // async), so that a crash, abort() or SIGTERM loses none, and at exit or
+  // fork() no record waits in a buffer. At info and above no record is made
+  // per call, so this costs nothing there; at trace it is one write(2) per
+  // call record, which the README's figures measure. Flushing every record
+  // also makes a periodic flush (a thread, which
+  // CKF_LIBRARY_CANT_CREATE_OS_THREADS forbids) and a flush at exit moot.
+  logger->flush_on(spdlog::level::trace);
   if (config.async && !async) {
     logger->info("[log] async is off: {}", may_create_threads
                                                ? "the application's mutex callbacks are in use"
@@ -115,6 +163,24 @@ std::shared_ptr<spdlog::logger> make_logger(const Config::Log& config, const Loc
 std::size_t dropped_records(const std::shared_ptr<spdlog::logger>& log) noexcept {
   const auto* deleter = std::get_deleter<HolderDeleter>(log);
   return deleter != nullptr ? deleter->holder->pool->overrun_counter() : 0;
+}
+
+void hold_log_for_fork(spdlog::logger& log) noexcept {
+  for (const auto& sink : log.sinks()) {
+    if (auto* locked = dynamic_cast<LockedSink*>(sink.get())) locked->hold();
+  }
+}
+
+void release_log_after_fork(spdlog::logger& log) noexcept {
+  for (const auto& sink : log.sinks()) {
+    if (auto* locked = dynamic_cast<LockedSink*>(sink.get())) locked->release();
+  }
+}
+
+void note_thread_id_after_fork() noexcept {
+  stale_thread_id.store(spdlog::details::os::thread_id(), std::memory_order_relaxed);
+  forked_thread_id.store(static_cast<std::size_t>(::syscall(SYS_gettid)),
+                         std::memory_order_relaxed);
 }
 
 void log_startup_error(const std::string& message) noexcept {

@@ -31,6 +31,17 @@ std::shared_ptr<spdlog::logger> make_logger(const Config::Log& config, const Loc
 // Records an async logger dropped because its queue was full; 0 otherwise.
 std::size_t dropped_records(const std::shared_ptr<spdlog::logger>& log) noexcept;
 
+// fork(): the atfork prepare handler flushes the log and holds its sink
+// until the fork is over, so that the child's copy of the file's buffer is
+// empty (at its exit, the child would write the parent's records again) and
+// no record is half-written into it. Parent and child release it.
+void hold_log_for_fork(spdlog::logger& log) noexcept;
+void release_log_after_fork(spdlog::logger& log) noexcept;
+
+// In the child, in the thread that called fork(): its records carry its own
+// thread ID again, not its parent's.
+void note_thread_id_after_fork() noexcept;
+
 // For errors before there is a configuration to say where logs go
 // (an unreadable config file): straight to stderr.
 void log_startup_error(const std::string& message) noexcept;

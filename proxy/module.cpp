@@ -56,13 +56,21 @@ CK_RV Module::start(const InitArgs& args) noexcept {
     // parent's handles, which the child has copies of, stay stale here).
     if (runtime_) {
       generation_floor_ = runtime_->sessions().highest_generation();
+      inherited_config_ = &runtime_->config();
+      inherited_locking_.reset();
+      if (runtime_->backend().initialized_by_us()) {
+        inherited_locking_ = runtime_->backend().locking();
+      }
       runtime_->abandon();
     }
     (void)runtime_.release();
   }
   try {
-    Config config = load_config([](const char* name) { return std::getenv(name); });
-    runtime_ = std::make_unique<Runtime>(config, args, entry_points::function_list(), ++epochs_);
+    Config config = inherited_config_ != nullptr
+                        ? *inherited_config_
+                        : load_config([](const char* name) { return std::getenv(name); });
+    runtime_ = std::make_unique<Runtime>(config, args, entry_points::function_list(), ++epochs_,
+                                         inherited_locking_);
     runtime_->sessions().start_above(generation_floor_);  // before the gate opens
   } catch (const CkrError& e) {
     log_startup_error(e.what());
@@ -76,6 +84,8 @@ CK_RV Module::start(const InitArgs& args) noexcept {
     log_startup_error(e.what());
     return CKR_GENERAL_ERROR;
   }
+  inherited_config_ = nullptr;
+  inherited_locking_.reset();
   gate_.open();
   return CKR_OK;
 }
@@ -113,10 +123,12 @@ void Module::on_fork_prepare() noexcept {
                          "(the child may find the backend's locks held)",
                          kForkHoldLimit.count());
   }
+  hold_log_for_fork(runtime_->log());
 }
 
 void Module::on_fork_parent() noexcept {
   if (!std::exchange(fork_entered_, false)) return;
+  release_log_after_fork(runtime_->log());
   gate_.resume();
   gate_.leave(fork_shard_);
 }
@@ -124,7 +136,8 @@ void Module::on_fork_parent() noexcept {
 void Module::on_fork_child() noexcept {
   // The child must call C_Initialize before anything works again, and must
   // never touch the parent's backend sessions (pkcs11-notes, "fork()").
-  fork_entered_ = false;
+  if (std::exchange(fork_entered_, false)) release_log_after_fork(runtime_->log());
+  note_thread_id_after_fork();
   gate_.reset_after_fork();
   Observer::after_fork();  // closes the child's copy of the parent's stats endpoint
   interface_probe_.reset_after_fork();

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <optional>
 
 namespace p11mux {
 
@@ -53,7 +54,8 @@ class Module {
   // pthread_atfork handlers. Calls are kept out of the backend across fork()
   // (the child would inherit the backend's locks as they were held):
   // prepare holds new calls at the gate and waits, bounded, for the ones
-  // inside; parent lets the held ones in. The child handler takes no lock.
+  // inside, then flushes the log and holds it (logging.hpp); parent lets the
+  // held ones in. The child handler takes no lock (it releases the log).
   void on_fork_prepare() noexcept;
   void on_fork_parent() noexcept;
   void on_fork_child() noexcept;
@@ -80,6 +82,16 @@ class Module {
   // session table starts above it, so that a handle kept across C_Finalize
   // (or fork()) never names a session of a later initialization.
   std::uint64_t generation_floor_ = 0;
+  // A forked child's inheritance from the parent's initialization, kept until
+  // the child's C_Initialize succeeds (a later, non-forked re-initialization
+  // reads the environment again, as in any process). The configuration the
+  // parent was initialized with, in the parent's runtime, which the child
+  // leaks: the child's environment may have been cleared (nginx does so for
+  // its workers). And the locking p11mux had initialized the backend with,
+  // when it had: the child's copy of a backend answers
+  // CKR_CRYPTOKI_ALREADY_INITIALIZED, and is still p11mux's own.
+  const Config* inherited_config_ = nullptr;
+  std::optional<BackendLocking> inherited_locking_;
   CallGate gate_;
   // Written only while the gate is closed and drained; read inside a Call.
   std::unique_ptr<Runtime> runtime_;

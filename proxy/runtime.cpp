@@ -21,7 +21,8 @@ constexpr auto kSlotEventPoll = 100ms;
 // after the backend was finalized, before it gives up on them.
 constexpr auto kWaiterGrace = 2s;
 
-BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* self) {
+BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* self,
+                               std::optional<BackendLocking> inherited) {
   if (config.module.empty()) {
     throw CkrError(CKR_GENERAL_ERROR,
                    "no backend module configured: set P11MUX_MODULE, or `module` in the file "
@@ -31,6 +32,7 @@ BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* sel
   options.path = config.module;
   options.init_reserved = config.backend.init_reserved;
   options.self = self;
+  options.inherited = inherited;
   switch (config.backend.locking) {
     case LockingMode::automatic: options.locking = BackendLocking::automatic; break;
     case LockingMode::os: options.locking = BackendLocking::os; break;
@@ -43,7 +45,7 @@ BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* sel
 }  // namespace
 
 Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self,
-                 std::uint64_t epoch)
+                 std::uint64_t epoch, std::optional<BackendLocking> inherited)
     : config_(config),
       locks_(init.locks),
       may_create_threads_(init.may_create_threads),
@@ -52,7 +54,7 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
       tracing_(log_->should_log(spdlog::level::trace)),
       observer_(std::make_unique<Observer>(config, locks_, init.may_create_threads, log_)),
       observing_(observer_->active()),
-      backend_(std::make_unique<Backend>(backend_options(config, self))),
+      backend_(std::make_unique<Backend>(backend_options(config, self, inherited))),
       functions_(without_null_entries(backend_->functions())),
       backend_lock_(backend_->thread_safe() ? nullptr : std::make_unique<Mutex>(locks_)),
       sessions_(locks_),
@@ -74,7 +76,9 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
              backend_->version().major, backend_->version().minor,
              to_string(backend_->locking()),
              backend_->thread_safe() ? "" : " (not thread-safe: every call serialized)",
-             backend_->shared() ? ", already initialized by another user" : "");
+             backend_->shared()      ? ", already initialized by another user"
+             : backend_->inherited() ? ", as initialized before fork()"
+                                     : "");
   if (locks_.uses_app_callbacks()) log_->info("using the application's mutex callbacks");
   observer_->start(sessions_);
 }

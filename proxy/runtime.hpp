@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <optional>
 
 namespace p11mux {
 
@@ -24,8 +25,10 @@ class Runtime {
   // Loads and initializes the backend. Throws CkrError (or spdlog_ex for a log
   // file that cannot be opened) with a message that names the problem.
   // `epoch` tells this initialization from earlier ones (threads' pool caches).
+  // `inherited`: in a forked child, the locking p11mux initialized the
+  // backend with in the parent (BackendOptions::inherited).
   Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self,
-          std::uint64_t epoch);
+          std::uint64_t epoch, std::optional<BackendLocking> inherited = {});
   ~Runtime();
   Runtime(const Runtime&) = delete;  // owns the backend and every session
   Runtime& operator=(const Runtime&) = delete;

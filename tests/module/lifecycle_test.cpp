@@ -1,12 +1,15 @@
 // C_Finalize while calls are running, blocking slot events, and fork().
 #include "harness.hpp"
 
+#include <fcntl.h>
 #include <signal.h>
+#include <unistd.h>
 #include <sys/wait.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <future>
 #include <iterator>
@@ -430,6 +433,89 @@ TEST_CASE("a parent's session handle names no session of the child's initializat
   CHECK(child_status(pid) == 0);
   CK_SESSION_INFO info{};
   CHECK(proxy.p11->C_GetSessionInfo(parent_session, &info) == CKR_OK);
+}
+
+// Issue 12, defect 4: the child's copy of the backend answers
+// CKR_CRYPTOKI_ALREADY_INITIALIZED (the mock does, as SoftHSM2 does); p11mux
+// took it for someone else's and serialized every call in the child.
+TEST_CASE("fork: the child keeps the locking p11mux initialized the backend with, and owns it") {
+  const std::string log = "/tmp/p11mux-fork-backend-test.log";
+  ::unlink(log.c_str());
+  pid_t pid = -1;
+  {
+    Proxy proxy({}, nullptr, {{"P11MUX_LOG_LEVEL", "info"}, {"P11MUX_LOG_FILE", log.c_str()}});
+    std::fflush(stdout);  // else the child writes the runner's buffered output again
+    pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::alarm(20);
+      CK_C_INITIALIZE_ARGS os{};
+      os.flags = CKF_OS_LOCKING_OK;
+      if (proxy.p11->C_Initialize(&os) != CKR_OK) _exit(2);
+      CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+      if (proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) != CKR_OK) _exit(3);
+      CK_BYTE buf[8];
+      if (proxy.p11->C_GenerateRandom(h, buf, sizeof buf) != CKR_OK) _exit(4);
+      unsigned long finalized = mock_stats().finalize_calls;
+      if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(5);
+      // Owned: the child's C_Finalize finalized its copy of the backend, so
+      // that its next C_Initialize starts it afresh.
+      if (mock_stats().finalize_calls != finalized + 1) _exit(6);
+      if (proxy.p11->C_Initialize(&os) != CKR_OK) _exit(7);
+      if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(8);
+      std::fflush(nullptr);  // as exit() would
+      _exit(0);
+    }
+    CHECK(child_status(pid) == 0);
+  }
+  reset_environment();
+  std::ifstream in(log);
+  std::vector<std::string> child_inits;
+  for (std::string line; std::getline(in, line);) {
+    if (line.find("p11mux[" + std::to_string(pid) + ":") == std::string::npos) continue;
+    if (line.find("initialized: cryptoki") != std::string::npos) child_inits.push_back(line);
+  }
+  REQUIRE(child_inits.size() == 2);
+  for (const std::string& line : child_inits) {
+    CAPTURE(line);
+    CHECK(line.find("locking os") != std::string::npos);
+    CHECK(line.find("serialized") == std::string::npos);
+    CHECK(line.find("another user") == std::string::npos);
+  }
+  CHECK(child_inits[0].find("as initialized before fork()") != std::string::npos);
+  CHECK(child_inits[1].find("before fork()") == std::string::npos);
+  ::unlink(log.c_str());
+}
+
+// Issue 12, defect 5: nginx clears its workers' environment, and the child's
+// C_Initialize failed with "no backend module configured".
+TEST_CASE("fork: a child whose environment was cleared starts from the parent's configuration") {
+  Proxy proxy;
+  CK_SESSION_HANDLE parent_session = proxy.open();
+  std::fflush(stdout);  // else the child writes the runner's buffered output again
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::alarm(20);
+    if (::clearenv() != 0) _exit(2);
+    CK_C_INITIALIZE_ARGS os{};
+    os.flags = CKF_OS_LOCKING_OK;
+    if (proxy.p11->C_Initialize(&os) != CKR_OK) _exit(3);
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    if (proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) != CKR_OK) _exit(4);
+    CK_BYTE buf[8];
+    if (proxy.p11->C_GenerateRandom(h, buf, sizeof buf) != CKR_OK) _exit(5);
+    if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(6);
+    // A re-initialization that follows no fork() reads the environment, as in
+    // any process: here, nothing configured (its error to stderr, muted).
+    int devnull = ::open("/dev/null", O_WRONLY);
+    if (devnull < 0 || ::dup2(devnull, 2) < 0) _exit(7);
+    if (proxy.p11->C_Initialize(&os) != CKR_GENERAL_ERROR) _exit(8);
+    _exit(0);
+  }
+  CHECK(child_status(pid) == 0);
+  CK_BYTE buf[8];
+  CHECK(proxy.p11->C_GenerateRandom(parent_session, buf, sizeof buf) == CKR_OK);
 }
 
 }  // namespace

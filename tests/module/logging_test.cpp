@@ -1,13 +1,19 @@
-// Call tracing: every call logged at trace level, PINs never.
+// Call tracing: every call logged at trace level, PINs never. The log file
+// across a crash and across fork().
 #include "harness.hpp"
 #include "recorder_control.h"
 
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <memory>
 #include <sstream>
+#include <thread>
 
 namespace p11mux::test {
 namespace {
@@ -127,6 +133,144 @@ TEST_CASE("trace: a backend that reports a length beyond the caller's buffer is 
   CHECK(text.find("{CKA_ID [4 bytes]->64, CKA_LABEL [4 bytes]->64}) = CKR_BUFFER_TOO_SMALL") != std::string::npos);
   CHECK(text.find("cafe") == std::string::npos);
   CHECK(text.find("\\xca") == std::string::npos);
+  ::unlink(log.c_str());
+}
+
+std::size_t occurrences(const std::string& text, const std::string& what) {
+  std::size_t n = 0;
+  for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+// Waits (bounded) for a forked child; its raw wait status, or -1 if it hung.
+int wait_status(pid_t pid) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  int status = 0;
+  while (::waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return status;
+}
+
+// What exit() does to stdio streams (it writes out their buffers), without
+// running the test runner's static destructors in a child.
+[[noreturn]] void exit_like_exit(int code) {
+  std::fflush(nullptr);
+  ::_exit(code);
+}
+
+constexpr const char* kInitLine = "initialized: cryptoki";
+
+// Issue 12, defect 1: records below warn sat in the file's buffer, and a
+// process that died lost them (0 lines of 10).
+TEST_CASE("log records survive the process dying: abort() or SIGTERM after 10 calls") {
+  const std::string log = "/tmp/p11mux-dying-test.log";
+  struct Case {
+    const char* level;
+    int signal;
+  };
+  for (Case c : {Case{"trace", SIGABRT}, Case{"debug", SIGTERM}, Case{"info", SIGABRT}}) {
+    const std::string level = c.level;
+    CAPTURE(level);
+    ::unlink(log.c_str());
+    (void)libs();  // loaded before fork()
+    std::fflush(stdout);  // else the child writes the runner's buffered output again
+    pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::alarm(20);
+      reset_environment();
+      ::setenv("P11MUX_LOG_LEVEL", c.level, 1);
+      ::setenv("P11MUX_LOG_FILE", log.c_str(), 1);
+      CK_FUNCTION_LIST* p = libs().p11;
+      CK_C_INITIALIZE_ARGS os{};
+      os.flags = CKF_OS_LOCKING_OK;
+      if (libs().mock->reset() != 0 || p->C_Initialize(&os) != CKR_OK) _exit(2);
+      CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+      if (p->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) != CKR_OK) _exit(3);
+      CK_BYTE buf[8];
+      for (int i = 0; i < 10; ++i) {
+        if (p->C_GenerateRandom(h, buf, sizeof buf) != CKR_OK) _exit(4);
+      }
+      ::signal(c.signal, SIG_DFL);  // not the test runner's crash handler
+      ::raise(c.signal);
+      _exit(5);
+    }
+    int status = wait_status(pid);
+    REQUIRE(WIFSIGNALED(status));
+    CHECK(WTERMSIG(status) == c.signal);
+    std::string text = read_file(log);
+    CHECK(occurrences(text, kInitLine) == 1);
+    if (level == "trace") CHECK(occurrences(text, "C_GenerateRandom(") == 10);
+  }
+  ::unlink(log.c_str());
+}
+
+// Issue 12, defect 2: a record still buffered at fork() was written again by
+// each child at its exit (3 times with 2 nginx workers).
+TEST_CASE("fork: a record logged before fork() is in the log once, however many children exit") {
+  const std::string log = "/tmp/p11mux-fork-once-test.log";
+  ::unlink(log.c_str());
+  {
+    Proxy proxy({}, nullptr, {{"P11MUX_LOG_LEVEL", "info"}, {"P11MUX_LOG_FILE", log.c_str()}});
+    for (int i = 0; i < 2; ++i) {
+      std::fflush(stdout);  // else the child writes the runner's buffered output again
+      pid_t pid = ::fork();
+      REQUIRE(pid >= 0);
+      if (pid == 0) exit_like_exit(0);
+      int status = wait_status(pid);
+      CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+    }
+  }
+  reset_environment();
+  CHECK(occurrences(read_file(log), kInitLine) == 1);
+  ::unlink(log.c_str());
+}
+
+// Issue 12, defect 3: the thread that called fork() logged its parent's
+// thread ID in the child (`p11mux[9349:9348]`).
+TEST_CASE("fork: a child's records carry its own process and thread IDs, sync or async") {
+  const std::string log = "/tmp/p11mux-fork-ids-test.log";
+  for (const char* async : {"false", "true"}) {
+    const std::string mode = async;
+    CAPTURE(mode);
+    ::unlink(log.c_str());
+    pid_t pid = -1;
+    {
+      Proxy proxy({}, nullptr,
+                  {{"P11MUX_LOG_LEVEL", "info"},
+                   {"P11MUX_LOG_FILE", log.c_str()},
+                   {"P11MUX_LOG_ASYNC", async}});
+      std::fflush(stdout);  // else the child writes the runner's buffered output again
+      pid = ::fork();
+      REQUIRE(pid >= 0);
+      if (pid == 0) {
+        ::alarm(20);
+        CK_C_INITIALIZE_ARGS os{};
+        os.flags = CKF_OS_LOCKING_OK;
+        if (proxy.p11->C_Initialize(&os) != CKR_OK) _exit(2);  // logs its initialization
+        if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(3);
+        exit_like_exit(0);
+      }
+      int status = wait_status(pid);
+      CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+    }
+    reset_environment();
+    std::string text = read_file(log);
+    const std::string child = std::to_string(pid);
+    // The child's only thread is the one that forked: its thread ID is the child's process ID.
+    CHECK(text.find("p11mux[" + child + ":" + child + "] info: backend") != std::string::npos);
+    CHECK(occurrences(text, "p11mux[" + child + ":" + child + "]") ==
+          occurrences(text, "p11mux[" + child + ":"));
+    // ... and the parent's records are untouched.
+    const std::string parent = std::to_string(::getpid());
+    CHECK(text.find("p11mux[" + parent + ":" + parent + "] info: backend") != std::string::npos);
+  }
   ::unlink(log.c_str());
 }
 
