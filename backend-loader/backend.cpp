@@ -37,7 +37,7 @@ Backend::Backend(const BackendOptions& options) : path_(options.path), library_(
 Backend::~Backend() { (void)finalize(); }
 
 // Prefer the v3.0 interface; its list is sized by the interface, never by the
-// version field of a 2.x list (pkcs11-notes, "v3.0").
+// version field of a 2.x list (docs/pkcs11-facts.md, "v3.0").
 void Backend::resolve_functions() {
   interfaces_ = discover_interfaces(library_);
   if (interfaces_.v3 != nullptr) {
@@ -64,7 +64,7 @@ void Backend::resolve_functions() {
   }
 }
 
-// pkcs11-notes, "Initializing the backend": OS locking, then p11mux's own
+// docs/pkcs11-facts.md, "Initializing the backend": OS locking, then p11mux's own
 // callbacks, then no locking (the backend is then serialized by p11mux).
 void Backend::initialize(const BackendOptions& options) {
   std::string reserved = options.init_reserved.value_or("");

@@ -1,7 +1,6 @@
 // The mutex callbacks p11mux hands the backend when it accepts callbacks but
 // not CKF_OS_LOCKING_OK. They are p11mux's own: the application's callbacks
-// are never passed on (pkcs11-notes: "Never hand the application's callbacks
-// to the backend").
+// are never passed on (docs/pkcs11-facts.md, "Initializing the backend").
 #pragma once
 
 #include <p11mux/pkcs11.h>

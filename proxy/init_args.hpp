@@ -13,7 +13,7 @@ struct InitArgs {
 };
 
 // Returns CKR_OK and fills `out`, or CKR_ARGUMENTS_BAD for some-but-not-all
-// callbacks or a non-NULL pReserved. The four cases (pkcs11-notes):
+// callbacks or a non-NULL pReserved. The four cases (docs/pkcs11-facts.md):
 //   1. flag clear, no callbacks: no concurrent calls promised; OS locks are harmless.
 //   2. flag clear, callbacks: p11mux's own locks use the application's callbacks.
 //   3. flag set, no callbacks: OS locks.

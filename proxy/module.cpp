@@ -135,7 +135,7 @@ void Module::on_fork_parent() noexcept {
 
 void Module::on_fork_child() noexcept {
   // The child must call C_Initialize before anything works again, and must
-  // never touch the parent's backend sessions (pkcs11-notes, "fork()").
+  // never touch the parent's backend sessions (docs/pkcs11-facts.md, "fork()").
   if (std::exchange(fork_entered_, false)) release_log_after_fork(runtime_->log());
   note_thread_id_after_fork();
   gate_.reset_after_fork();

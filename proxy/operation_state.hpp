@@ -1,7 +1,7 @@
 // Which operation each function starts, continues or ends, and which
 // functions create objects: the facts the session pool needs to reset a
 // backend session and that multiplex mode needs to keep an operation on one
-// backend session (pkcs11-notes, "Sessions"). Described once, per function.
+// backend session (docs/pkcs11-facts.md, "Operations"). Described once, per function.
 //
 // The rules (PKCS#11 2.40 §5.x): an operation starts with a successful Init;
 // it ends with its final call (single-part or Final) unless that call was a

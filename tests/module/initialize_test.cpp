@@ -1,5 +1,5 @@
 // C_Initialize and C_Finalize as the application sees them, and how p11mux
-// initializes the backend (pkcs11-notes, "C_Initialize", "Initializing the backend").
+// initializes the backend (docs/pkcs11-facts.md, "C_Initialize", "Initializing the backend").
 #include "function_traits.hpp"
 #include "harness.hpp"
 

@@ -1,4 +1,4 @@
-// C_Initialize's argument rules (pkcs11-notes, "C_Initialize").
+// C_Initialize's argument rules (docs/pkcs11-facts.md, "C_Initialize").
 #include "init_args.hpp"
 
 #include <doctest/doctest.h>
