@@ -126,6 +126,29 @@ TEST_CASE("CKF_DONT_BLOCK is forwarded: CKR_NO_EVENT or the event") {
   CHECK(proxy.p11->C_WaitForSlotEvent(CKF_DONT_BLOCK, nullptr, nullptr) == CKR_ARGUMENTS_BAD);
 }
 
+// Runs body() in a forked child, which exits with what it returns (exit
+// codes say which check failed: doctest is not fork-safe); a hang ends the
+// child after 20 s. Returns the child's pid, for child_status().
+template <class Body>
+pid_t in_child(Body body) {
+  std::fflush(stdout);  // else the child writes the runner's buffered output again
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::alarm(20);
+    _exit(body());
+  }
+  return pid;
+}
+
+// The child's first steps in most fork tests: initialize, open a session.
+// 0, or the step that failed (2, 3).
+int initialize_and_open(CK_FUNCTION_LIST* p11, CK_SESSION_HANDLE& h, CK_VOID_PTR args = nullptr) {
+  if (p11->C_Initialize(args) != CKR_OK) return 2;
+  if (p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) != CKR_OK) return 3;
+  return 0;
+}
+
 // Waits (bounded) for a forked child; its exit status, or -1 if it hung or died.
 int child_status(pid_t pid) {
   auto deadline = std::chrono::steady_clock::now() + 30s;
@@ -214,19 +237,15 @@ TEST_CASE("fork waits for a call inside the backend; callers meanwhile get no er
     for (; !stop; ++calls) failed += proxy.p11->C_GetSessionInfo(busy_session, &info) != CKR_OK;
   });
   wait_for_calls("C_GenerateRandom", 1);  // inside the backend, for a while yet
-  pid_t pid = ::fork();
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    ::alarm(20);
-    if (proxy.p11->C_Initialize(nullptr) != CKR_OK) _exit(2);
+  pid_t pid = in_child([&] {
     CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
-    if (proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) != CKR_OK) _exit(3);
+    if (int step = initialize_and_open(proxy.p11, h)) return step;
     CK_SESSION_INFO info{};
-    if (proxy.p11->C_GetSessionInfo(h, &info) != CKR_OK) _exit(4);
-    if (mock_stats().library_violations != 0) _exit(5);  // a parent's call was inside at fork()
-    if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(6);
-    _exit(0);
-  }
+    if (proxy.p11->C_GetSessionInfo(h, &info) != CKR_OK) return 4;
+    if (mock_stats().library_violations != 0) return 5;  // a parent's call was inside at fork()
+    if (proxy.p11->C_Finalize(nullptr) != CKR_OK) return 6;
+    return 0;
+  });
   CHECK(child_status(pid) == 0);
   REQUIRE(finishes(slow));
   CHECK(slow.get() == CKR_OK);
@@ -359,16 +378,11 @@ TEST_CASE("fork does not wait for a thread waiting at the pool limit") {
     std::this_thread::sleep_for(200ms);  // asleep in the pool by now
     REQUIRE(waiter.wait_for(0s) == std::future_status::timeout);
     auto start = std::chrono::steady_clock::now();
-    pid_t pid = ::fork();
-    REQUIRE(pid >= 0);
-    if (pid == 0) {
-      ::alarm(20);
-      if (proxy.p11->C_Initialize(nullptr) != CKR_OK) _exit(2);
+    pid_t pid = in_child([&] {
       CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
-      if (proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) != CKR_OK) _exit(3);
-      if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(4);
-      _exit(0);
-    }
+      if (int step = initialize_and_open(proxy.p11, h)) return step;
+      return proxy.p11->C_Finalize(nullptr) == CKR_OK ? 0 : 4;
+    });
     auto fork_took = std::chrono::steady_clock::now() - start;
     CHECK(child_status(pid) == 0);
     MESSAGE("fork() with a waiter at the pool limit: "
@@ -416,20 +430,16 @@ TEST_CASE("a session handle kept across C_Finalize/C_Initialize is stale, not th
 TEST_CASE("a parent's session handle names no session of the child's initialization") {
   Proxy proxy;
   CK_SESSION_HANDLE parent_session = proxy.open();
-  pid_t pid = ::fork();
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    ::alarm(20);
-    if (proxy.p11->C_Initialize(nullptr) != CKR_OK) _exit(2);
+  pid_t pid = in_child([&] {
     CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
-    if (proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) != CKR_OK) _exit(3);
-    if (h == parent_session) _exit(4);
-    if (proxy.p11->C_CloseSession(parent_session) != CKR_SESSION_HANDLE_INVALID) _exit(5);
+    if (int step = initialize_and_open(proxy.p11, h)) return step;
+    if (h == parent_session) return 4;
+    if (proxy.p11->C_CloseSession(parent_session) != CKR_SESSION_HANDLE_INVALID) return 5;
     CK_SESSION_INFO info{};
-    if (proxy.p11->C_GetSessionInfo(h, &info) != CKR_OK) _exit(6);
-    if (proxy.p11->C_Finalize(nullptr) != CKR_OK) _exit(7);
-    _exit(0);
-  }
+    if (proxy.p11->C_GetSessionInfo(h, &info) != CKR_OK) return 6;
+    if (proxy.p11->C_Finalize(nullptr) != CKR_OK) return 7;
+    return 0;
+  });
   CHECK(child_status(pid) == 0);
   CK_SESSION_INFO info{};
   CHECK(proxy.p11->C_GetSessionInfo(parent_session, &info) == CKR_OK);
