@@ -234,9 +234,18 @@ TEST_CASE("fork: a record logged before fork() is in the log once, however many 
 
 // Issue 12, defect 3: the thread that called fork() logged its parent's
 // thread ID in the child (`p11mux[9349:9348]`).
+// The child starts from the parent's configuration, so with [log] async it
+// starts a writer thread; ThreadSanitizer does not allow a thread to start
+// after a multi-threaded fork(), so its build checks the synchronous log only.
+#if defined(__SANITIZE_THREAD__)
+constexpr const char* kLogAsync[] = {"false"};
+#else
+constexpr const char* kLogAsync[] = {"false", "true"};
+#endif
+
 TEST_CASE("fork: a child's records carry its own process and thread IDs, sync or async") {
   const std::string log = "/tmp/p11mux-fork-ids-test.log";
-  for (const char* async : {"false", "true"}) {
+  for (const char* async : kLogAsync) {
     const std::string mode = async;
     CAPTURE(mode);
     ::unlink(log.c_str());
