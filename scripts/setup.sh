@@ -10,6 +10,10 @@ packages=(
   softhsm2 opensc p11-kit p11-kit-modules gnutls-bin libnss3 libnss3-tools
   clang libclang-rt-14-dev valgrind
   gnuplot-nox
+  # tests/clients: the clients and servers p11mux is tried with, and the
+  # Debian package build (dpkg-shlibdeps)
+  openssl libengine-pkcs11-openssl python3-pykcs11 openjdk-17-jdk-headless
+  nginx-light stunnel4 dpkg-dev file
 )
 
 missing=()
