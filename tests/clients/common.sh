@@ -18,6 +18,12 @@ readonly SOFTHSM2_MODULE=${P11MUX_TEST_SOFTHSM2_MODULE:-/usr/lib/softhsm/libsoft
 readonly P11MUX_LIBRARY=${P11MUX_TEST_LIBRARY:?P11MUX_TEST_LIBRARY names libp11mux.so}
 MODES=(direct serialize multiplex)
 
+# The steps see only the configuration they write: a developer's own P11MUX_*
+# settings would override the test's file. The test suite's P11MUX_TEST_* stay.
+while IFS= read -r name; do
+  [[ $name == P11MUX_TEST_* ]] || unset "$name"
+done < <(compgen -e P11MUX_)
+
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/p11mux-client.XXXXXX") || exit 1
 # Every process a test starts in the background is stopped on exit.
 STARTED=()
