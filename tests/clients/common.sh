@@ -52,6 +52,20 @@ require_tools() {
   done
 }
 
+# step TEXT COMMAND...: runs COMMAND, bounded in time and without a terminal to
+# ask on, and prints TEXT, its output and its exit code. A step that fails
+# counts in STEP_FAILURES, which client_steps returns as its own failure.
+STEP_FAILURES=0
+step() {
+  local text=$1 rc
+  shift
+  echo "== $text"
+  timeout -k 5 30 "$@" </dev/null 2>&1
+  rc=$?
+  echo "-> exit $rc"
+  ((rc == 0)) || ((++STEP_FAILURES))
+}
+
 # free_port: a TCP port on 127.0.0.1 that nothing listens on now.
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

@@ -8,19 +8,6 @@ require_tools p11tool certtool softhsm2-util timeout
 
 export GNUTLS_PIN=$PIN
 
-# step TEXT COMMAND...: runs COMMAND, bounded, and prints TEXT, its output and
-# its exit code. A step that fails fails the steps (see client_steps' end).
-STEP_FAILURES=0
-step() {
-  local text=$1 rc
-  shift
-  echo "== $text"
-  timeout -k 5 30 "$@" 2>&1
-  rc=$?
-  echo "-> exit $rc"
-  ((rc == 0)) || ((++STEP_FAILURES))
-}
-
 client_steps() {
   local token="pkcs11:token=$LABEL" key
   # With a setting that needs a thread (ignored directly), p11mux must log

@@ -5,20 +5,6 @@
 source "$(dirname "$0")/common.sh"
 require_tools modutil certutil softhsm2-util timeout
 
-# step TEXT COMMAND...: runs COMMAND, bounded, without a terminal to ask on,
-# and prints TEXT, its output and its exit code. A step that fails fails the
-# steps (see client_steps' end).
-STEP_FAILURES=0
-step() {
-  local text=$1 rc
-  shift
-  echo "== $text"
-  timeout -k 5 30 "$@" </dev/null 2>&1
-  rc=$?
-  echo "-> exit $rc"
-  ((rc == 0)) || ((++STEP_FAILURES))
-}
-
 # sorted_step TEXT COMMAND...: the same, with the output normalized and sorted
 # (lists in the backend's object order, which differs between tokens).
 sorted_step() {

@@ -13,19 +13,6 @@ if [[ ! -e $ENGINES_DIR/pkcs11.so ]]; then
   exit 77
 fi
 
-# step TEXT COMMAND...: runs COMMAND, bounded, and prints TEXT, its output and
-# its exit code. A step that fails fails the steps (see client_steps' end).
-STEP_FAILURES=0
-step() {
-  local text=$1 rc
-  shift
-  echo "== $text"
-  timeout -k 5 30 "$@" 2>&1
-  rc=$?
-  echo "-> exit $rc"
-  ((rc == 0)) || ((++STEP_FAILURES))
-}
-
 client_steps() {
   local token="pkcs11:token=$LABEL" key
   cat >"$CASE/openssl.cnf" <<EOF
