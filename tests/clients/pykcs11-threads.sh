@@ -28,8 +28,8 @@ readonly SCRIPT=$(dirname "$0")/pykcs11_threads.py
 client_steps() {
   local expect=one-operation
   [[ $MODE == multiplex ]] && expect=per-thread
-  timeout -k 5 90 "$PYTHON" "$SCRIPT" --module "$MODULE" --label "$LABEL" --pin "$PIN" \
-    --threads 16 --count 40 --seconds 20 --expect "$expect" --info "$WORK/$MODE.info"
+  timeout -k 5 40 "$PYTHON" "$SCRIPT" --module "$MODULE" --label "$LABEL" --pin "$PIN" \
+    --threads 16 --count 40 --seconds 10 --expect "$expect" --info "$WORK/$MODE.info"
 }
 
 compare_modes
