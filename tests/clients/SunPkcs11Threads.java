@@ -3,14 +3,15 @@
 //   java SunPkcs11Threads CONFIG PIN THREADS COUNT SECONDS INFO
 //
 // Logs in through the PKCS11 KeyStore, generates an EC P-256 and an RSA-2048
-// key pair on the token with the provider's KeyPairGenerator (session
-// objects, as SunPKCS11 makes them), then THREADS threads each sign COUNT
-// messages of their own (attempt i with the EC key and SHA256withECDSA when i
-// is even, the RSA key and SHA256withRSA when odd) through the provider, and
-// each signature is verified against its own message with the public key
-// through Java's own providers (SunEC, SunRsaSign). SunPKCS11 keeps its own pool of sessions, so the threads sign
-// on several sessions at once, in parallel: Java holds no lock across a
-// PKCS#11 call.
+// key pair on the token with the provider's KeyPairGenerator (session objects,
+// as SunPKCS11 makes them), then THREADS threads each sign COUNT messages of
+// their own (attempt i with the EC key and SHA256withECDSA when i is even, the
+// RSA key and SHA256withRSA when odd) through the provider, and each signature
+// is verified against its own message with the public key through Java's own
+// providers (SunEC, SunRsaSign). SunPKCS11 keeps its own pool of sessions, so
+// the threads sign on several sessions at once, in parallel: Java holds no
+// lock across a PKCS#11 call (a trace through p11mux showed up to 31 calls in
+// flight at once).
 //
 // Prints only what is deterministic; timings go to the INFO file. Exit 0
 // when every attempt signed and verified.
@@ -72,8 +73,9 @@ public class SunPkcs11Threads {
     // One thread first: a signature verifies, and not for another message.
     for (int k = 0; k < 2; k++) {
       byte[] sig = sign(p, pairs[k], k, "one thread");
-      System.out.println(SIGNATURES[k] + ": signature verifies: " + verify(publics[k], k, "one thread", sig)
-          + ", another message's rejected: " + !verify(publics[k], k, "another message", sig));
+      System.out.println(SIGNATURES[k] + ": signature verifies: "
+          + verify(publics[k], k, "one thread", sig) + ", another message's rejected: "
+          + !verify(publics[k], k, "another message", sig));
     }
 
     AtomicInteger attempts = new AtomicInteger();
@@ -105,7 +107,8 @@ public class SunPkcs11Threads {
     boolean finished = pool.awaitTermination((deadline - System.nanoTime()) / 1000000 + 10000,
         TimeUnit.MILLISECONDS);
     double seconds = (System.nanoTime() - start) / 1e9;
-    Files.writeString(info, String.format("%d threads: %d attempts, %d signed, %d verified in %.2f s%n",
+    Files.writeString(info, String.format(
+        "%d threads: %d attempts, %d signed, %d verified in %.2f s%n",
         threads, attempts.get(), signed.get(), verified.get(), seconds));
     int total = threads * count;
     System.out.println(threads + " threads x " + count + " signing in parallel: "

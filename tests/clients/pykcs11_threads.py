@@ -167,7 +167,8 @@ if args.expect == "one-operation":
 else:
     want = ok["A"] and ok["B"]
 if want:
-    print("two threads interleaved on the session (A init, B init, A and B sign): as this mode specifies")
+    print("two threads interleaved on the session (A init, B init, A and B sign): "
+          "as this mode specifies")
 else:
     fail("two threads interleaved on the session, expected %s: A %s, B init %s, B %s"
          % (args.expect, ok["A"], name(result.get("B init", -1)), ok["B"]))
