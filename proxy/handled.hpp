@@ -14,6 +14,7 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
                    CK_NOTIFY notify, CK_SESSION_HANDLE_PTR session) noexcept;
 CK_RV close_session(Runtime& rt, CK_SESSION_HANDLE session) noexcept;
 CK_RV close_all_sessions(Runtime& rt, CK_SLOT_ID slot) noexcept;
+CK_RV get_token_info(Runtime& rt, CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) noexcept;
 // What the backend calls for a session opened with a Notify callback
 // (`context` is the Session): the application's callback, with its virtual
 // handle; nothing for a session closed (or reopened without a callback) since.
@@ -23,6 +24,8 @@ template <class F>
 constexpr auto handler = nullptr;
 template <>
 inline constexpr auto handler<fn::C_GetInfo> = &get_info;
+template <>
+inline constexpr auto handler<fn::C_GetTokenInfo> = &get_token_info;
 template <>
 inline constexpr auto handler<fn::C_OpenSession> = &open_session;
 template <>

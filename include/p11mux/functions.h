@@ -32,7 +32,7 @@
   X(C_GetFunctionList, 2, entry, "p")             \
   X(C_GetSlotList, 2, global, "vop")                \
   X(C_GetSlotInfo, 2, global, "vp")                 \
-  X(C_GetTokenInfo, 2, global, "vp")                \
+  X(C_GetTokenInfo, 2, handled, "vp")               \
   X(C_GetMechanismList, 2, global, "vop")           \
   X(C_GetMechanismInfo, 2, global, "vvp")           \
   X(C_InitToken, 2, global, "vkvp")                 \

@@ -1,7 +1,8 @@
 // The pool's own promises over a backend that refuses, forgets and restarts:
 // slots it does not know leave no trace, stale sessions stop counting, a
 // learned limit does not stick, every backend session counts against the
-// limit (Notify ones too), and maintenance reaches threads' caches.
+// limit (Notify ones too), maintenance reaches threads' caches, and the
+// token info tells the application's figures.
 #include "harness.hpp"
 
 #include <chrono>
@@ -34,6 +35,40 @@ TEST_CASE("slot IDs the backend does not know leave no trace in the pool") {
   CHECK(open_on(proxy, 0, h) == CKR_OK);
   CK_BYTE buf[8];
   CHECK(proxy.p11->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
+}
+
+TEST_CASE("C_GetTokenInfo tells the application's session figures, not p11mux's backend sessions") {
+  MockConfig c{};
+  c.token_max_session_count = 100;
+  c.token_max_rw_session_count = CK_EFFECTIVELY_INFINITE;
+  CK_TOKEN_INFO info{};
+  SUBCASE("pool.max_sessions caps the limits the token reports") {
+    Proxy proxy(c, nullptr, {{"P11MUX_SESSION_MODE", session_mode()}, {"P11MUX_POOL_MAX_SESSIONS", "4"}});
+    REQUIRE(proxy.p11->C_GetTokenInfo(0, &info) == CKR_OK);
+    CHECK(info.ulMaxSessionCount == 4);
+    CHECK(info.ulMaxRwSessionCount == 4);
+    // Sessions the application closed stay open in the pool: the backend
+    // would count them.
+    CK_SESSION_HANDLE a = proxy.open(0, CKF_SERIAL_SESSION | CKF_RW_SESSION);
+    CK_SESSION_HANDLE b = proxy.open(0, CKF_SERIAL_SESSION);
+    REQUIRE(proxy.p11->C_CloseSession(a) == CKR_OK);
+    REQUIRE(proxy.p11->C_CloseSession(b) == CKR_OK);
+    REQUIRE(mock_stats().sessions_open == 2);
+    REQUIRE(proxy.p11->C_GetTokenInfo(0, &info) == CKR_OK);
+    CHECK(info.ulSessionCount == CK_UNAVAILABLE_INFORMATION);
+    CHECK(info.ulRwSessionCount == CK_UNAVAILABLE_INFORMATION);
+  }
+  SUBCASE("without it, a lower limit of the token's stands") {
+    c.token_max_session_count = 3;
+    Proxy proxy(c, nullptr, {{"P11MUX_SESSION_MODE", session_mode()}});
+    REQUIRE(proxy.p11->C_GetTokenInfo(0, &info) == CKR_OK);
+    CHECK(info.ulMaxSessionCount == 3);
+    CHECK(info.ulMaxRwSessionCount == CK_EFFECTIVELY_INFINITE);
+  }
+  SUBCASE("a bogus slot is the backend's error") {
+    Proxy proxy(c, nullptr, {{"P11MUX_POOL_MAX_SESSIONS", "4"}});
+    CHECK(proxy.p11->C_GetTokenInfo(77, &info) == CKR_SLOT_ID_INVALID);
+  }
 }
 
 TEST_CASE("stale sessions in a thread's cache stop counting against the limit") {
