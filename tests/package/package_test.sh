@@ -38,8 +38,11 @@ for tool in cmake cpack dpkg-deb dpkg-shlibdeps dpkg-architecture file readelf \
   pkcs11-tool softhsm2-util p11-kit p11tool pkg-config; do
   need "$tool" "$(command -v "$tool" >/dev/null && echo yes)"
 done
+[[ $(id -u) -eq 0 ]] && need setpriv "$(command -v setpriv >/dev/null && echo yes)"
 need "$SOFTHSM2_MODULE" "$([[ -e $SOFTHSM2_MODULE ]] && echo yes)"
 need "$SOFTHSM2_REGISTRATION (package softhsm2)" "$([[ -e $SOFTHSM2_REGISTRATION ]] && echo yes)"
+need "p11-kit user configuration (/etc/pkcs11/pkcs11.conf says user-config: none)" \
+  "$(grep -qE '^[[:space:]]*user-config:[[:space:]]*none' /etc/pkcs11/pkcs11.conf 2>/dev/null || echo yes)"
 
 # Nothing from the caller's environment configures p11mux here.
 while read -r var; do unset "$var"; done < <(compgen -e | grep '^P11MUX_')
