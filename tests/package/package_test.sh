@@ -27,11 +27,12 @@ fail() {
   exit 1
 }
 
+# need WHAT yes|"" [WHY]: skip, or fail under CI, unless present.
 need() {
-  local what=$1 present=$2
+  local what=$1 present=$2 why=${3:-"not found (scripts/setup.sh installs it)"}
   [[ $present == yes ]] && return
-  [[ -n ${CI:-} ]] && fail "$what not found (scripts/setup.sh installs it)"
-  echo "SKIP: $what not found (scripts/setup.sh installs it)"
+  [[ -n ${CI:-} ]] && fail "$what $why"
+  echo "SKIP: $what $why"
   exit 77
 }
 for tool in cmake cpack dpkg-deb dpkg-shlibdeps dpkg-architecture file readelf \
@@ -41,8 +42,9 @@ done
 [[ $(id -u) -eq 0 ]] && need setpriv "$(command -v setpriv >/dev/null && echo yes)"
 need "$SOFTHSM2_MODULE" "$([[ -e $SOFTHSM2_MODULE ]] && echo yes)"
 need "$SOFTHSM2_REGISTRATION (package softhsm2)" "$([[ -e $SOFTHSM2_REGISTRATION ]] && echo yes)"
-need "p11-kit user configuration (/etc/pkcs11/pkcs11.conf says user-config: none)" \
-  "$(grep -qE '^[[:space:]]*user-config:[[:space:]]*none' /etc/pkcs11/pkcs11.conf 2>/dev/null || echo yes)"
+need "p11-kit's user configuration" \
+  "$(grep -qE '^[[:space:]]*user-config:[[:space:]]*none' /etc/pkcs11/pkcs11.conf 2>/dev/null || echo yes)" \
+  "is off (/etc/pkcs11/pkcs11.conf: user-config: none)"
 
 # Nothing from the caller's environment configures p11mux here.
 while read -r var; do unset "$var"; done < <(compgen -e | grep '^P11MUX_')
