@@ -131,7 +131,12 @@ void Observer::start(const SessionTable& sessions) noexcept {
   if (signal_) signal_installed_ = install_signal_handler(log_);
   if (!listen_ && !signal_installed_) return;
   if (!may_create_threads_) {
-    if (listen_) log_.info("[metrics] listen: no endpoint under CKF_LIBRARY_CANT_CREATE_OS_THREADS");
+    // The application forbids threads (GnuTLS does): an endpoint asked for
+    // does not start, and the user must be told at the default level.
+    if (listen_) {
+      log_.warn("[metrics] listen: no endpoint: the application initialized p11mux with "
+                "CKF_LIBRARY_CANT_CREATE_OS_THREADS");
+    }
     polling_ = signal_installed_;
     return;
   }

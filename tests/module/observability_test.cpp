@@ -404,6 +404,38 @@ TEST_CASE("CKF_LIBRARY_CANT_CREATE_OS_THREADS: no endpoint, no async log thread,
   ::unlink(log.c_str());
 }
 
+std::size_t occurrences(const std::string& text, const std::string& what) {
+  std::size_t n = 0;
+  for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+// Issue 12: GnuTLS initializes modules with CKF_LIBRARY_CANT_CREATE_OS_THREADS,
+// and the endpoint the user asked for did not start with only an info line.
+TEST_CASE("CKF_LIBRARY_CANT_CREATE_OS_THREADS: each feature asked for and left off is a warning, once") {
+  std::string sock = temp_path("nothreads-warn.sock");
+  std::string log = temp_path("nothreads-warn.log");
+  ::unlink(log.c_str());
+  {
+    CK_C_INITIALIZE_ARGS args = no_threads_args();
+    Proxy proxy({}, &args,
+                {{"P11MUX_METRICS_LISTEN", sock.c_str()}, {"P11MUX_LOG_ASYNC", "true"},
+                 {"P11MUX_POOL_IDLE_TIMEOUT_S", "60"}, {"P11MUX_LOG_LEVEL", "warn"},
+                 {"P11MUX_LOG_FILE", log.c_str()}});
+    CK_SESSION_HANDLE h = proxy.open();
+    CK_BYTE buf[8];
+    REQUIRE(proxy.p11->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
+  }
+  std::string text = slurp(log);
+  INFO(text);
+  CHECK(occurrences(text, "warning: [metrics] listen: no endpoint: the application initialized p11mux with "
+                          "CKF_LIBRARY_CANT_CREATE_OS_THREADS") == 1);
+  CHECK(occurrences(text, "warning: [log] async is off: CKF_LIBRARY_CANT_CREATE_OS_THREADS") == 1);
+  CHECK(occurrences(text, "warning: pool.idle_timeout_s and pool.keepalive_s are off") == 1);
+  CHECK(occurrences(text, "CKF_LIBRARY_CANT_CREATE_OS_THREADS") == 3);
+  ::unlink(log.c_str());
+}
+
 TEST_CASE("a remote listen address or an unknown traced function fails C_Initialize") {
   auto init_with = [](std::initializer_list<std::pair<const char*, const char*>> env) {
     reset_environment();
