@@ -225,6 +225,7 @@ constexpr std::array kKeys{
     key<&Config::metrics, &Config::Metrics::listen>("metrics", "listen"),
     key<&Config::metrics, &Config::Metrics::allow_remote>("metrics", "allow_remote"),
     key<&Config::metrics, &Config::Metrics::signal>("metrics", "signal"),
+    key<&Config::metrics, &Config::Metrics::summary>("metrics", "summary"),
 };
 
 constexpr std::string_view kEnvPrefix = "P11MUX_";

@@ -73,10 +73,11 @@ struct Config {
     } log;
     // Metrics and the stats endpoint (README, "Observability").
     struct Metrics {
-        bool enabled = false;       // [metrics] enabled (also on when listen or signal is set)
+        bool enabled = false;       // [metrics] enabled (also on when listen, signal or summary is set)
         std::string listen;         // [metrics] listen: HOST:PORT or a unix socket path; empty = no endpoint
         bool allow_remote = false;  // [metrics] allow_remote: let listen name a non-loopback address
         bool signal = false;        // [metrics] signal: SIGUSR1 logs the summary table
+        bool summary = false;       // [metrics] summary: C_Finalize logs the summary table
     } metrics;
     // The backend session pool (README, "Session pool").
     struct Pool {

@@ -325,7 +325,7 @@ TEST_CASE("only the table's P11MUX_* names and P11MUX_CONFIG are looked up") {
                                          "P11MUX_LOG_ASYNC", "P11MUX_LOG_ROTATE_SIZE_KB",
                                          "P11MUX_LOG_ROTATE_FILES", "P11MUX_METRICS_ENABLED",
                                          "P11MUX_METRICS_LISTEN", "P11MUX_METRICS_ALLOW_REMOTE",
-                                         "P11MUX_METRICS_SIGNAL"});
+                                         "P11MUX_METRICS_SIGNAL", "P11MUX_METRICS_SUMMARY"});
 }
 
 TEST_CASE("load_config reads the file named by P11MUX_CONFIG, then applies overrides") {
@@ -557,11 +557,12 @@ TEST_CASE("observability keys: trace filters, log sinks, metrics") {
     CHECK(defaults.metrics.listen.empty());
     CHECK_FALSE(defaults.metrics.allow_remote);
     CHECK_FALSE(defaults.metrics.signal);
+    CHECK_FALSE(defaults.metrics.summary);
 
     const Config c = parse("[log]\nfunctions = C_Sign,-C_GenerateRandom\nmin_duration_us = 250\n"
                            "async = true\nrotate_size_kb = 1024\nrotate_files = 2\n"
                            "[metrics]\nenabled = true\nlisten = 127.0.0.1:9464\n"
-                           "allow_remote = true\nsignal = true\n");
+                           "allow_remote = true\nsignal = true\nsummary = true\n");
     CHECK(c.log.functions == "C_Sign,-C_GenerateRandom");
     CHECK(c.log.min_duration_us == 250);
     CHECK(c.log.async);
@@ -571,6 +572,7 @@ TEST_CASE("observability keys: trace filters, log sinks, metrics") {
     CHECK(c.metrics.listen == "127.0.0.1:9464");
     CHECK(c.metrics.allow_remote);
     CHECK(c.metrics.signal);
+    CHECK(c.metrics.summary);
 
     const Config env = parse("[metrics]\nlisten = /run/p11mux.sock\n",
                              {{"P11MUX_METRICS_LISTEN", ""}, {"P11MUX_LOG_ASYNC", "true"},
@@ -581,6 +583,8 @@ TEST_CASE("observability keys: trace filters, log sinks, metrics") {
     CHECK(env.log.min_duration_us == 7);
 
     CHECK(error_of("[metrics]\nsignal = on\n").find("[metrics] signal") != std::string::npos);
+    CHECK(error_of("", {{"P11MUX_METRICS_SUMMARY", "log"}}) ==
+          "environment variable P11MUX_METRICS_SUMMARY: bad value 'log' for [metrics] summary (expected true|false)");
     CHECK(error_of("[log]\nmin_duration_us = 1.5\n").find("whole number") != std::string::npos);
     CHECK(error_of("[metrics]\nport = 9464\n") == "test.conf:2: unknown key 'port' in section [metrics]");
 }
