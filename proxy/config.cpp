@@ -1,13 +1,21 @@
 #include "config.hpp"
 
+#include <unistd.h>  // environ
+
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstddef>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <system_error>
 #include <type_traits>
 #include <utility>
+
+#ifndef P11MUX_DEFAULT_CONFIG_FILE
+#error "P11MUX_DEFAULT_CONFIG_FILE: the build passes ${sysconfdir}/p11mux/p11mux.conf"
+#endif
 
 namespace p11mux {
 namespace {
@@ -217,6 +225,7 @@ constexpr std::array kKeys{
     key<&Config::metrics, &Config::Metrics::listen>("metrics", "listen"),
     key<&Config::metrics, &Config::Metrics::allow_remote>("metrics", "allow_remote"),
     key<&Config::metrics, &Config::Metrics::signal>("metrics", "signal"),
+    key<&Config::metrics, &Config::Metrics::summary>("metrics", "summary"),
 };
 
 constexpr std::string_view kEnvPrefix = "P11MUX_";
@@ -250,7 +259,8 @@ private:
 };
 
 // Names are lower-case identifiers, so upper-casing them is one-to-one; the joined
-// environment names must still be distinct ("a_b"+"c" vs "a"+"b_c") and not P11MUX_CONFIG.
+// environment names must still be distinct ("a_b"+"c" vs "a"+"b_c"), not P11MUX_CONFIG,
+// and outside the prefixes reserved for the project's tools.
 constexpr bool lower_identifier(std::string_view s) {
     for (char ch : s)
         if (!((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_')) return false;
@@ -262,6 +272,8 @@ constexpr bool table_is_consistent() {
         if (a.name.empty() || !lower_identifier(a.name) || !lower_identifier(a.section)) return false;
         const EnvName env(a);
         if (!env.fits() || env.view() == kConfigFileVar) return false;
+        for (std::string_view reserved : kReservedEnvPrefixes)
+            if (env.view().starts_with(reserved)) return false;
         for (std::size_t j = i + 1; j < kKeys.size(); ++j)
             if (env.view() == EnvName(kKeys[j]).view()) return false;
     }
@@ -392,10 +404,85 @@ private:
     std::array<std::size_t, kKeys.size()> first_line_{};  // 0: not seen yet
 };
 
-void apply_env_overrides(Config& config, const EnvLookup& env) {
+// ---- Environment overrides ---------------------------------------------------------------
+
+// Edit distance (insertions, deletions, substitutions), for "did you mean".
+std::size_t edit_distance(std::string_view a, std::string_view b) {
+    std::vector<std::size_t> row(b.size() + 1);
+    for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+    for (std::size_t i = 1; i <= a.size(); ++i) {
+        std::size_t diagonal = row[0];
+        row[0] = i;
+        for (std::size_t j = 1; j <= b.size(); ++j) {
+            const std::size_t above = row[j];
+            row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+            diagonal = above;
+        }
+    }
+    return row[b.size()];
+}
+
+// The variable a misspelled one most likely meant, or empty: the nearest known name by edit
+// distance (case aside), when it is close; or the one key whose name the variable gives
+// without its section (P11MUX_LOCKING: P11MUX_BACKEND_LOCKING).
+std::string nearest_variable(std::string_view unknown) {
+    std::string upper(unknown);
+    for (char& ch : upper)
+        if (ch >= 'a' && ch <= 'z') ch = static_cast<char>(ch - 'a' + 'A');
+    const std::string_view rest = std::string_view(upper).substr(kEnvPrefix.size());
+    std::string best;
+    std::size_t best_distance = std::max<std::size_t>(2, rest.size() / 4) + 1;  // "close"
+    auto consider = [&](std::string_view known) {
+        const std::size_t d = edit_distance(upper, known);
+        if (d < best_distance) {
+            best_distance = d;
+            best.assign(known);
+        }
+    };
+    consider(kConfigFileVar);
+    for (const KeySpec& k : kKeys) consider(EnvName(k).view());
+    if (!best.empty() || rest.empty()) return best;
+    for (const KeySpec& k : kKeys) {
+        const EnvName env(k);
+        const std::string_view known = env.view();
+        if (known.size() > kEnvPrefix.size() + rest.size() && known.ends_with(rest) &&
+            known[known.size() - rest.size() - 1] == '_') {
+            if (!best.empty()) return {};  // several sections have it: no guess
+            best.assign(known);
+        }
+    }
+    return best;
+}
+
+bool reserved_variable(std::string_view name) {
+    return std::any_of(kReservedEnvPrefixes.begin(), kReservedEnvPrefixes.end(),
+                       [name](std::string_view prefix) { return name.starts_with(prefix); });
+}
+
+bool known_variable(std::string_view name) {
+    if (name == kConfigFileVar) return true;
+    return std::any_of(kKeys.begin(), kKeys.end(), [name](const KeySpec& k) { return EnvName(k).view() == name; });
+}
+
+// A P11MUX_* variable that names no setting is an error, as an unknown key in the file is:
+// ignored, a typo would leave the setting at its default without a word.
+void check_variable_names(const Environment& env) {
+    std::vector<std::string> names = env.names();
+    std::sort(names.begin(), names.end());  // the same variable reported whatever environ's order
+    for (const std::string& name : names) {
+        if (!name.starts_with(kEnvPrefix) || known_variable(name) || reserved_variable(name)) continue;
+        std::string message = "unknown environment variable " + name;
+        if (const std::string guess = nearest_variable(name); !guess.empty())
+            message += " (did you mean " + guess + "?)";
+        throw ConfigError(message);
+    }
+}
+
+void apply_env_overrides(Config& config, const Environment& env) {
+    check_variable_names(env);
     for (const KeySpec& k : kKeys) {
         const std::string var(EnvName(k).view());
-        const char* value = env(var.c_str());
+        const char* value = env.get(var.c_str());
         if (value == nullptr) continue;
         if (!k.assign(config, value))
             throw ConfigError("environment variable " + var + ": " + bad_value(k, value));
@@ -406,13 +493,15 @@ struct FileCloser {
     void operator()(std::FILE* f) const noexcept { std::fclose(f); }
 };
 
-std::string read_file(const std::string& path) {
+// The file's text; nullopt when `missing_ok` and the file does not exist.
+std::optional<std::string> read_file(const std::string& path, bool missing_ok = false) {
     auto fail = [&path](int err) -> ConfigError {
         const std::string reason = err != 0 ? std::generic_category().message(err) : "read error";
         return ConfigError("cannot read config file '" + path + "': " + reason);
     };
     errno = 0;
     const std::unique_ptr<std::FILE, FileCloser> f{std::fopen(path.c_str(), "rb")};
+    if (!f && missing_ok && (errno == ENOENT || errno == ENOTDIR)) return std::nullopt;
     if (!f) throw fail(errno);
     std::string text;
     std::array<char, 4096> buf;
@@ -424,17 +513,36 @@ std::string read_file(const std::string& path) {
 
 }  // namespace
 
-Config parse_config(std::string_view text, std::string_view file_name, const EnvLookup& env) {
+Environment process_environment() {
+    return {[](const char* name) { return std::getenv(name); },
+            [] {
+                std::vector<std::string> names;
+                for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+                    const std::string_view entry(*e);
+                    if (entry.starts_with(kEnvPrefix)) names.emplace_back(entry.substr(0, entry.find('=')));
+                }
+                return names;
+            }};
+}
+
+std::string_view default_config_file() noexcept { return P11MUX_DEFAULT_CONFIG_FILE; }
+
+Config parse_config(std::string_view text, std::string_view file_name, const Environment& env) {
     Config config;
     IniParser(file_name, config).parse(text);
     apply_env_overrides(config, env);
     return config;
 }
 
-Config load_config(const EnvLookup& env) {
-    const char* path = env(kConfigFileVar);
-    if (path == nullptr || *path == '\0') return parse_config({}, {}, env);
-    return parse_config(read_file(path), path, env);
+Config load_config(const Environment& env, std::string_view default_file) {
+    if (const char* path = env.get(kConfigFileVar); path != nullptr) {
+        if (*path == '\0') return parse_config({}, {}, env);  // set but empty: no file at all
+        return parse_config(*read_file(path), path, env);
+    }
+    const std::string path(default_file);
+    if (path.empty()) return parse_config({}, {}, env);
+    const std::optional<std::string> text = read_file(path, true);
+    return parse_config(text.value_or(std::string()), path, env);
 }
 
 std::string_view to_string(SessionMode mode) noexcept { return ValueKind<SessionMode>::name(mode); }

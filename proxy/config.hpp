@@ -1,4 +1,5 @@
-// p11mux configuration: an INI file named by P11MUX_CONFIG, overridden key by key by
+// p11mux configuration: an INI file named by P11MUX_CONFIG (or, when that is unset, the
+// default file, ${sysconfdir}/p11mux/p11mux.conf, if it exists), overridden key by key by
 // P11MUX_* environment variables.
 //
 // File syntax (keys and section names are case-sensitive, lower case):
@@ -22,16 +23,20 @@
 // Environment overrides: P11MUX_<KEY> for top-level keys, P11MUX_<SECTION>_<KEY> otherwise
 // (upper case), e.g. P11MUX_MODULE, P11MUX_BACKEND_LOCKING, P11MUX_LOG_LEVEL. A set variable
 // wins over the file; an empty value means "empty" (for module and init_reserved: not
-// configured). Other P11MUX_* variables are not looked at.
+// configured). Any other P11MUX_* variable is an error, like an unknown key in the file
+// (a misspelled setting must not be silently ignored), except under the prefixes reserved
+// for the project's own tools (kReservedEnvPrefixes), which p11mux never reads.
 #pragma once
 
 #include <spdlog/common.h>
 
+#include <array>
 #include <functional>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace p11mux {
 
@@ -68,10 +73,11 @@ struct Config {
     } log;
     // Metrics and the stats endpoint (README, "Observability").
     struct Metrics {
-        bool enabled = false;       // [metrics] enabled (also on when listen or signal is set)
+        bool enabled = false;       // [metrics] enabled (also on when listen, signal or summary is set)
         std::string listen;         // [metrics] listen: HOST:PORT or a unix socket path; empty = no endpoint
         bool allow_remote = false;  // [metrics] allow_remote: let listen name a non-loopback address
         bool signal = false;        // [metrics] signal: SIGUSR1 logs the summary table
+        bool summary = false;       // [metrics] summary: C_Finalize logs the summary table
     } metrics;
     // The backend session pool (README, "Session pool").
     struct Pool {
@@ -91,16 +97,37 @@ public:
     using std::runtime_error::runtime_error;
 };
 
-// getenv-like: returns nullptr when `name` is unset. Injected so tests need no real environment.
+// getenv-like: returns nullptr when `name` is unset.
 using EnvLookup = std::function<const char*(const char* name)>;
 
-// Reads the file named by P11MUX_CONFIG (if set and non-empty), then applies P11MUX_* env
-// overrides. Throws ConfigError.
-Config load_config(const EnvLookup& env);
+// The environment as the configuration reads it. Injected so tests need no real environment.
+struct Environment {
+    EnvLookup get;
+    // The names of every variable set (only the P11MUX_* ones matter).
+    std::function<std::vector<std::string>()> names;
+};
+
+// The process's own environment (getenv and environ).
+Environment process_environment();
+
+// P11MUX_* variables that belong to the project's tools and tests, never to the module:
+// P11MUX_TEST_* (test suites), P11MUX_LOAD_* (the load tester), P11MUX_FAULTY_* (the faulty
+// and slow test backends). No configuration key may map to a name under them.
+inline constexpr std::array<std::string_view, 3> kReservedEnvPrefixes{"P11MUX_TEST_", "P11MUX_LOAD_",
+                                                                      "P11MUX_FAULTY_"};
+
+// ${sysconfdir}/p11mux/p11mux.conf of the build (/etc/p11mux/p11mux.conf for prefix /usr).
+std::string_view default_config_file() noexcept;
+
+// Reads the file named by P11MUX_CONFIG if it is set and non-empty; with P11MUX_CONFIG set but
+// empty, no file; with it unset, `default_file` if that exists (a missing default file is no
+// error, an unreadable or malformed one is). Then applies the P11MUX_* env overrides.
+// Throws ConfigError.
+Config load_config(const Environment& env, std::string_view default_file = default_config_file());
 
 // Parses INI text (file_name is used in messages only), then applies env overrides.
 // Throws ConfigError.
-Config parse_config(std::string_view text, std::string_view file_name, const EnvLookup& env);
+Config parse_config(std::string_view text, std::string_view file_name, const Environment& env);
 
 // The configuration spelling of a value, for log messages.
 std::string_view to_string(SessionMode mode) noexcept;

@@ -3,7 +3,6 @@
 #include "entry_points.hpp"
 #include "module.hpp"
 
-#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <thread>
@@ -22,7 +21,7 @@ std::shared_ptr<const ProbedBackend> probe(const CK_FUNCTION_LIST* self) noexcep
     return nullptr;
   }
   try {
-    Config config = load_config([](const char* name) { return std::getenv(name); });
+    Config config = load_config(process_environment());
     result->vendor = config.backend.vendor_interfaces;
     if (!config.module.empty()) {
       result->backend = std::make_unique<BackendProbe>(config.module, self);

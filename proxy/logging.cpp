@@ -149,8 +149,9 @@ std::shared_ptr<spdlog::logger> make_logger(const Config::Log& config, const Loc
   // also makes a periodic flush (a thread, which
   // CKF_LIBRARY_CANT_CREATE_OS_THREADS forbids) and a flush at exit moot.
   logger->flush_on(spdlog::level::trace);
+  // Asked for and not given: a warning, so that it shows at the default level.
   if (config.async && !async) {
-    logger->info("[log] async is off: {}", may_create_threads
+    logger->warn("[log] async is off: {}", may_create_threads
                                                ? "the application's mutex callbacks are in use"
                                                : "CKF_LIBRARY_CANT_CREATE_OS_THREADS");
   }

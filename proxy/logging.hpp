@@ -8,7 +8,7 @@
 // oldest record is dropped rather than the caller blocked (counted: see
 // dropped_records). Async needs a thread and a queue lock of its own, so it
 // stays off under CKF_LIBRARY_CANT_CREATE_OS_THREADS and with the
-// application's mutex callbacks; the logger then says so at info level.
+// application's mutex callbacks; the logger then says so at warn level.
 #pragma once
 
 #include "config.hpp"

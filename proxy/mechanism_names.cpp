@@ -334,13 +334,52 @@ constexpr auto kNames = sorted(std::array{
     P11MUX_NAME(CKM_EC_EDWARDS_KEY_PAIR_GEN),
     P11MUX_NAME(CKM_EDDSA),
 });
-#undef P11MUX_NAME
 static_assert(one_name_per_value(kNames));
+
+// The values of mechanism parameter fields that the trace shows by name.
+constexpr auto kMgfs = sorted(std::array{
+    P11MUX_NAME(CKG_MGF1_SHA1),
+    P11MUX_NAME(CKG_MGF1_SHA224),
+    P11MUX_NAME(CKG_MGF1_SHA256),
+    P11MUX_NAME(CKG_MGF1_SHA384),
+    P11MUX_NAME(CKG_MGF1_SHA512),
+    P11MUX_NAME(CKG_MGF1_SHA3_224),
+    P11MUX_NAME(CKG_MGF1_SHA3_256),
+    P11MUX_NAME(CKG_MGF1_SHA3_384),
+    P11MUX_NAME(CKG_MGF1_SHA3_512),
+});
+static_assert(one_name_per_value(kMgfs));
+
+constexpr auto kOaepSources = sorted(std::array{
+    P11MUX_NAME(CKZ_DATA_SPECIFIED),
+});
+
+constexpr auto kEcKdfs = sorted(std::array{
+    P11MUX_NAME(CKD_NULL),
+    P11MUX_NAME(CKD_SHA1_KDF),
+    P11MUX_NAME(CKD_SHA1_KDF_ASN1),
+    P11MUX_NAME(CKD_SHA1_KDF_CONCATENATE),
+    P11MUX_NAME(CKD_SHA224_KDF),
+    P11MUX_NAME(CKD_SHA256_KDF),
+    P11MUX_NAME(CKD_SHA384_KDF),
+    P11MUX_NAME(CKD_SHA512_KDF),
+    P11MUX_NAME(CKD_CPDIVERSIFY_KDF),
+});
+static_assert(one_name_per_value(kEcKdfs));
+#undef P11MUX_NAME
 
 }  // namespace
 
 std::string_view mechanism_name(CK_MECHANISM_TYPE mechanism) noexcept {
   return find(kNames, mechanism);
 }
+
+std::string_view mgf_name(CK_RSA_PKCS_MGF_TYPE mgf) noexcept { return find(kMgfs, mgf); }
+
+std::string_view oaep_source_name(CK_RSA_PKCS_OAEP_SOURCE_TYPE source) noexcept {
+  return find(kOaepSources, source);
+}
+
+std::string_view ec_kdf_name(CK_ULONG kdf) noexcept { return find(kEcKdfs, kdf); }
 
 }  // namespace p11mux

@@ -8,7 +8,6 @@
 #include <pthread.h>
 
 #include <chrono>
-#include <cstdlib>
 #include <utility>
 
 namespace p11mux {
@@ -68,7 +67,7 @@ CK_RV Module::start(const InitArgs& args) noexcept {
   try {
     Config config = inherited_config_ != nullptr
                         ? *inherited_config_
-                        : load_config([](const char* name) { return std::getenv(name); });
+                        : load_config(process_environment());
     runtime_ = std::make_unique<Runtime>(config, args, entry_points::function_list(), ++epochs_,
                                          inherited_locking_);
     runtime_->sessions().start_above(generation_floor_);  // before the gate opens

@@ -114,13 +114,16 @@ Observer::Observer(const Config& config, const LockSource& locks, bool may_creat
       may_create_threads_(may_create_threads),
       tracing_(log_.should_log(spdlog::level::trace)),
       signal_(config.metrics.signal),
+      summary_at_finalize_(config.metrics.summary),
       traced_(parse_functions(config.log.functions)),
       min_trace_ns_(config.log.min_duration_us * 1000),
       pools_(locks) {
   if (!config.metrics.listen.empty()) {
     listen_ = parse_listen(config.metrics.listen, config.metrics.allow_remote);
   }
-  if (config.metrics.enabled || listen_ || signal_) metrics_ = std::make_unique<Metrics>();
+  if (config.metrics.enabled || listen_ || signal_ || summary_at_finalize_) {
+    metrics_ = std::make_unique<Metrics>();
+  }
 }
 
 Observer::~Observer() { stop(); }
@@ -131,7 +134,12 @@ void Observer::start(const SessionTable& sessions) noexcept {
   if (signal_) signal_installed_ = install_signal_handler(log_);
   if (!listen_ && !signal_installed_) return;
   if (!may_create_threads_) {
-    if (listen_) log_.info("[metrics] listen: no endpoint under CKF_LIBRARY_CANT_CREATE_OS_THREADS");
+    // The application forbids threads (GnuTLS does): an endpoint asked for
+    // does not start, and the user must be told at the default level.
+    if (listen_) {
+      log_.warn("[metrics] listen: no endpoint: the application initialized p11mux with "
+                "CKF_LIBRARY_CANT_CREATE_OS_THREADS");
+    }
     polling_ = signal_installed_;
     return;
   }
@@ -166,7 +174,7 @@ void Observer::start(const SessionTable& sessions) noexcept {
 }
 
 void Observer::finalize() noexcept {
-  if (metrics_) log_summary();
+  if (summary_at_finalize_) log_summary();
   stop();
   log_.flush();
 }

@@ -1,6 +1,6 @@
 // Everything p11mux does to be watched, for one initialization: the trace
 // filters, the metrics, the stats thread (HTTP endpoint and SIGUSR1), and
-// the summary table at C_Finalize. The runtime owns one; calls reach it only
+// the summary table at C_Finalize when [metrics] summary asks for it. The runtime owns one; calls reach it only
 // when tracing or metrics are on (Runtime::observing), so with both off the
 // cost is one predictable branch per call.
 //
@@ -52,7 +52,9 @@ class Observer {
   // stats thread as configured. An endpoint that cannot be bound (address in
   // use: a parent process may still serve it after fork) is logged, not fatal.
   void start(const SessionTable& sessions) noexcept;
-  // C_Finalize, after the last call: the summary table to the log, then stop().
+  // C_Finalize, after the last call: the summary table to the log if
+  // [metrics] summary asks for it (a short-lived tool must not print a table
+  // at every exit because an endpoint is configured), then stop().
   void finalize() noexcept;
   // Stops the stats thread and gives SIGUSR1 back. Idempotent.
   void stop() noexcept;
@@ -85,6 +87,7 @@ class Observer {
   const bool may_create_threads_;
   const bool tracing_;
   const bool signal_;
+  const bool summary_at_finalize_;
   std::array<bool, kFunctionCount> traced_{};
   std::uint64_t min_trace_ns_ = 0;
   std::unique_ptr<Metrics> metrics_;

@@ -26,7 +26,8 @@ BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* sel
   if (config.module.empty()) {
     throw CkrError(CKR_GENERAL_ERROR,
                    "no backend module configured: set P11MUX_MODULE, or `module` in the file "
-                   "named by P11MUX_CONFIG");
+                   "named by P11MUX_CONFIG or, with that unset, in " +
+                       std::string(default_config_file()));
   }
   BackendOptions options;
   options.path = config.module;

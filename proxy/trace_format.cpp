@@ -277,7 +277,9 @@ void format_mechanism(TraceBuffer& out, const CK_MECHANISM* mechanism) {
         const auto& pss = *static_cast<const CK_RSA_PKCS_PSS_PARAMS*>(p);
         append(out, "{hash ");
         format_mechanism_type(out, pss.hashAlg);
-        put(out, ", mgf {:#x}, salt {} bytes}}", pss.mgf, pss.sLen);
+        append(out, ", mgf ");
+        format_name(out, mgf_name(pss.mgf), "CKG_", pss.mgf);
+        put(out, ", salt {} bytes}}", pss.sLen);
         return;
       }
       break;
@@ -286,7 +288,11 @@ void format_mechanism(TraceBuffer& out, const CK_MECHANISM* mechanism) {
         const auto& oaep = *static_cast<const CK_RSA_PKCS_OAEP_PARAMS*>(p);
         append(out, "{hash ");
         format_mechanism_type(out, oaep.hashAlg);
-        put(out, ", mgf {:#x}, label {} bytes}}", oaep.mgf, oaep.ulSourceDataLen);
+        append(out, ", mgf ");
+        format_name(out, mgf_name(oaep.mgf), "CKG_", oaep.mgf);
+        append(out, ", source ");
+        format_name(out, oaep_source_name(oaep.source), "CKZ_", oaep.source);
+        put(out, ", label {} bytes}}", oaep.ulSourceDataLen);
         return;
       }
       break;
@@ -306,8 +312,10 @@ void format_mechanism(TraceBuffer& out, const CK_MECHANISM* mechanism) {
     case CKM_ECDH1_DERIVE: case CKM_ECDH1_COFACTOR_DERIVE:
       if (is(static_cast<CK_ECDH1_DERIVE_PARAMS*>(nullptr))) {
         const auto& ecdh = *static_cast<const CK_ECDH1_DERIVE_PARAMS*>(p);
-        put(out, "{{kdf {:#x}, shared data {} bytes, public data {} bytes}}", ecdh.kdf,
-            ecdh.ulSharedDataLen, ecdh.ulPublicDataLen);
+        append(out, "{kdf ");
+        format_name(out, ec_kdf_name(ecdh.kdf), "CKD_", ecdh.kdf);
+        put(out, ", shared data {} bytes, public data {} bytes}}", ecdh.ulSharedDataLen,
+            ecdh.ulPublicDataLen);
         return;
       }
       break;

@@ -289,3 +289,11 @@ typedef struct CK_SP800_108_FEEDBACK_KDF_PARAMS {
 } CK_SP800_108_FEEDBACK_KDF_PARAMS;
 }  // extern "C"
 #endif  // P11MUX_HAVE_SSL3_KEY_MAT
+
+// MGF1 over SHA-3 (v2.40 errata, v3.0), which p11-kit's header lacks: named in traces.
+#ifndef CKG_MGF1_SHA3_224
+#define CKG_MGF1_SHA3_224 0x00000006UL
+#define CKG_MGF1_SHA3_256 0x00000007UL
+#define CKG_MGF1_SHA3_384 0x00000008UL
+#define CKG_MGF1_SHA3_512 0x00000009UL
+#endif

@@ -25,7 +25,8 @@
 
 namespace p11mux::test {
 
-// Every test starts from a clean environment: no config file, the mock as backend.
+// Every test starts from a clean environment: no config file (P11MUX_CONFIG set but
+// empty: not even the default file of a p11mux installed on the host), the mock as backend.
 // Variables a test pins for its whole scope: they survive reset_environment().
 inline std::map<std::string, std::string>& pinned_environment() {
   static std::map<std::string, std::string> pinned;
@@ -39,6 +40,7 @@ inline void reset_environment() {
     if (entry.rfind("P11MUX_", 0) == 0) names.emplace_back(entry.substr(0, entry.find('=')));
   }
   for (const auto& name : names) ::unsetenv(name.c_str());
+  ::setenv("P11MUX_CONFIG", "", 1);
   ::setenv("P11MUX_MODULE", P11MUX_TEST_MOCK_PATH, 1);
   ::setenv("P11MUX_LOG_LEVEL", "off", 1);
   for (const auto& [name, value] : pinned_environment()) ::setenv(name.c_str(), value.c_str(), 1);

@@ -3,6 +3,9 @@
 #include "function_traits.hpp"
 #include "harness.hpp"
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <fstream>
 #include <thread>
@@ -320,6 +323,74 @@ TEST_CASE("a bad configuration file: C_Initialize fails naming file, line and ke
   err = capture_stderr([&] { rv = libs().p11->C_Initialize(nullptr); });
   CHECK(rv == CKR_GENERAL_ERROR);
   CHECK_MESSAGE(err.find("/nonexistent/p11mux.conf") != std::string::npos, err);
+  ::unlink(path.c_str());
+  reset_environment();
+}
+
+// Issue 12: a misspelled variable was ignored, leaving its setting at the default.
+TEST_CASE("a misspelled P11MUX_ variable fails C_Initialize as an unknown key in the file does") {
+  auto initialize = [](std::string& err) {
+    CK_RV rv = CKR_OK;
+    err = capture_stderr([&] { rv = libs().p11->C_Initialize(nullptr); });
+    if (rv == CKR_OK) libs().p11->C_Finalize(nullptr);
+    return rv;
+  };
+  std::string err;
+  reset_environment();
+  std::string path = "/tmp/p11mux-test-unknown-key-" + std::to_string(::getpid()) + ".conf";
+  std::ofstream(path) << "sesion_mode = multiplex\n";
+  ::setenv("P11MUX_CONFIG", path.c_str(), 1);
+  const CK_RV in_file = initialize(err);
+  ::unlink(path.c_str());
+  CHECK(in_file == CKR_GENERAL_ERROR);
+
+  reset_environment();
+  ::setenv("P11MUX_SESION_MODE", "multiplex", 1);
+  CHECK(initialize(err) == in_file);
+  CHECK_MESSAGE(err.find("unknown environment variable P11MUX_SESION_MODE (did you mean "
+                         "P11MUX_SESSION_MODE?)") != std::string::npos,
+                err);
+  CK_ULONG n = 0;
+  CHECK(libs().p11->C_GetSlotList(CK_FALSE, nullptr, &n) == CKR_CRYPTOKI_NOT_INITIALIZED);
+
+  // The prefixes of the project's own tools are theirs: no error.
+  reset_environment();
+  ::setenv("P11MUX_TEST_ANYTHING", "1", 1);
+  ::setenv("P11MUX_LOAD_PIN", "123456", 1);
+  ::setenv("P11MUX_FAULTY_SEED", "42", 1);
+  CHECK(initialize(err) == CKR_OK);
+  CHECK(err.empty());
+  reset_environment();
+}
+
+// The forked child starts from the parent's parsed configuration: it reads
+// no file again (here the file has gone bad since), whatever its environment.
+TEST_CASE("fork: the child does not read the configuration file again") {
+  reset_environment();
+  std::string path = "/tmp/p11mux-test-fork-" + std::to_string(::getpid()) + ".conf";
+  std::ofstream(path) << "module = " << P11MUX_TEST_MOCK_PATH << "\n";
+  ::setenv("P11MUX_CONFIG", path.c_str(), 1);
+  ::unsetenv("P11MUX_MODULE");
+  libs().mock->reset();
+  CK_C_INITIALIZE_ARGS os{};
+  os.flags = CKF_OS_LOCKING_OK;
+  REQUIRE(libs().p11->C_Initialize(&os) == CKR_OK);
+  std::fflush(stdout);
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::alarm(20);
+    { std::ofstream(path) << "modul = broken\n"; }
+    ::setenv("P11MUX_SESION_MODE", "multiplex", 1);
+    if (libs().p11->C_Initialize(&os) != CKR_OK) _exit(3);
+    if (libs().p11->C_Finalize(nullptr) != CKR_OK) _exit(4);
+    _exit(0);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(libs().p11->C_Finalize(nullptr) == CKR_OK);
   ::unlink(path.c_str());
   reset_environment();
 }

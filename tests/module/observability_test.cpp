@@ -404,6 +404,38 @@ TEST_CASE("CKF_LIBRARY_CANT_CREATE_OS_THREADS: no endpoint, no async log thread,
   ::unlink(log.c_str());
 }
 
+std::size_t occurrences(const std::string& text, const std::string& what) {
+  std::size_t n = 0;
+  for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+// Issue 12: GnuTLS initializes modules with CKF_LIBRARY_CANT_CREATE_OS_THREADS,
+// and the endpoint the user asked for did not start with only an info line.
+TEST_CASE("CKF_LIBRARY_CANT_CREATE_OS_THREADS: each feature asked for and left off is a warning, once") {
+  std::string sock = temp_path("nothreads-warn.sock");
+  std::string log = temp_path("nothreads-warn.log");
+  ::unlink(log.c_str());
+  {
+    CK_C_INITIALIZE_ARGS args = no_threads_args();
+    Proxy proxy({}, &args,
+                {{"P11MUX_METRICS_LISTEN", sock.c_str()}, {"P11MUX_LOG_ASYNC", "true"},
+                 {"P11MUX_POOL_IDLE_TIMEOUT_S", "60"}, {"P11MUX_LOG_LEVEL", "warn"},
+                 {"P11MUX_LOG_FILE", log.c_str()}});
+    CK_SESSION_HANDLE h = proxy.open();
+    CK_BYTE buf[8];
+    REQUIRE(proxy.p11->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
+  }
+  std::string text = slurp(log);
+  INFO(text);
+  CHECK(occurrences(text, "warning: [metrics] listen: no endpoint: the application initialized p11mux with "
+                          "CKF_LIBRARY_CANT_CREATE_OS_THREADS") == 1);
+  CHECK(occurrences(text, "warning: [log] async is off: CKF_LIBRARY_CANT_CREATE_OS_THREADS") == 1);
+  CHECK(occurrences(text, "warning: pool.idle_timeout_s and pool.keepalive_s are off") == 1);
+  CHECK(occurrences(text, "CKF_LIBRARY_CANT_CREATE_OS_THREADS") == 3);
+  ::unlink(log.c_str());
+}
+
 TEST_CASE("a remote listen address or an unknown traced function fails C_Initialize") {
   auto init_with = [](std::initializer_list<std::pair<const char*, const char*>> env) {
     reset_environment();
@@ -485,7 +517,7 @@ TEST_CASE("no PIN and no secret key value in the log, at any level, sync or asyn
       {
         Proxy proxy({}, nullptr,
                     {{"P11MUX_LOG_LEVEL", level}, {"P11MUX_LOG_FILE", log.c_str()}, {"P11MUX_LOG_ASYNC", async},
-                     {"P11MUX_METRICS_ENABLED", "true"}});
+                     {"P11MUX_METRICS_SUMMARY", "true"}});
         secret_workout(proxy.p11, so_new, user_new, user_newer, wrong, key, exponent);
       }
       std::string text = slurp(log);
@@ -603,12 +635,12 @@ TEST_CASE("trace filters: a function list, exclusions, and a minimum duration") 
   ::unlink(log.c_str());
 }
 
-TEST_CASE("C_Finalize writes the summary table to the log") {
+TEST_CASE("C_Finalize writes the summary table to the log with [metrics] summary = true") {
   std::string log = temp_path("summary.log");
   ::unlink(log.c_str());
   {
     Proxy proxy({}, nullptr,
-                {{"P11MUX_METRICS_ENABLED", "true"}, {"P11MUX_LOG_LEVEL", "info"}, {"P11MUX_LOG_FILE", log.c_str()}});
+                {{"P11MUX_METRICS_SUMMARY", "true"}, {"P11MUX_LOG_LEVEL", "info"}, {"P11MUX_LOG_FILE", log.c_str()}});
     CK_SESSION_HANDLE h = proxy.open();
     CK_BYTE buf[8];
     for (int i = 0; i < 7; ++i) REQUIRE(proxy.p11->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
@@ -619,6 +651,36 @@ TEST_CASE("C_Finalize writes the summary table to the log") {
   CHECK(std::regex_search(text, std::regex("info:   C_GenerateRandom +7 +0 ")));
   CHECK(text.find("1 sessions open, 8 calls, 0 errors") != std::string::npos);
   ::unlink(log.c_str());
+}
+
+// Issue 12: every short-lived p11tool run printed an 11-line table labelled
+// "warning:" because metrics were on for the endpoint.
+TEST_CASE("no summary at C_Finalize unless [metrics] summary asks for it, at the default level too") {
+  std::string log = temp_path("no-summary.log");
+  std::string sock = temp_path("no-summary.sock");
+  for (const char* level : {"warn", "info"}) {
+    CAPTURE(level);
+    for (const char* summary : {"false", "true"}) {
+      CAPTURE(summary);
+      ::unlink(log.c_str());
+      ::unlink(sock.c_str());
+      {
+        Proxy proxy({}, nullptr,
+                    {{"P11MUX_METRICS_LISTEN", sock.c_str()}, {"P11MUX_METRICS_ENABLED", "true"},
+                     {"P11MUX_METRICS_SUMMARY", summary}, {"P11MUX_LOG_LEVEL", level},
+                     {"P11MUX_LOG_FILE", log.c_str()}});
+        CK_SESSION_HANDLE h = proxy.open();
+        CK_BYTE buf[8];
+        REQUIRE(proxy.p11->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
+      }
+      std::string text = slurp(log);
+      INFO(text);
+      CHECK((text.find("metrics summary:") != std::string::npos) == (std::string_view(summary) == "true"));
+      CHECK((text.find("C_GenerateRandom") != std::string::npos) == (std::string_view(summary) == "true"));
+    }
+  }
+  ::unlink(log.c_str());
+  ::unlink(sock.c_str());
 }
 
 std::atomic<int> g_application_usr1{0};

@@ -59,7 +59,7 @@ void* open_library(const char* path) {
 const char* mock_path() { return P11MUX_TEST_MOCK_PATH; }
 const char* faulty_path() { return P11MUX_TEST_FAULTY_PATH; }
 const char* softhsm2_path() {
-  const char* env = std::getenv("P11MUX_RELIABILITY_SOFTHSM2");
+  const char* env = std::getenv("P11MUX_TEST_SOFTHSM2_MODULE");
   return env != nullptr && *env != '\0' ? env : "/usr/lib/softhsm/libsofthsm2.so";
 }
 

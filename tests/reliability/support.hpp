@@ -53,7 +53,7 @@ const char* slow_path();
 // MOCK_BEND_* on unless configured otherwise), its own library too.
 const MockControl& spec_bender();
 const char* spec_bender_path();
-const char* softhsm2_path();  // P11MUX_RELIABILITY_SOFTHSM2 or the Debian path
+const char* softhsm2_path();  // P11MUX_TEST_SOFTHSM2_MODULE or the Debian path
 
 // Points p11mux at a backend; keeps P11MUX_SESSION_MODE from the environment
 // (ctest sets it per registration). Not thread-safe (setenv).

@@ -13,6 +13,7 @@
 
 using p11mux::Config;
 using p11mux::ConfigError;
+using p11mux::Environment;
 using p11mux::EnvLookup;
 using p11mux::LockingMode;
 using p11mux::SessionMode;
@@ -21,14 +22,23 @@ namespace {
 
 using EnvMap = std::map<std::string, std::string>;
 
-// A getenv stand-in over a fixed map; the std::function owns the map, so the returned
-// pointers live as long as the lookup does.
-EnvLookup env_from(EnvMap vars = {}) {
-    return [vars = std::move(vars)](const char* name) -> const char* {
-        const auto it = vars.find(name);
-        return it == vars.end() ? nullptr : it->second.c_str();
-    };
+// A getenv stand-in over a fixed map; the std::functions share the map, so the returned
+// pointers live as long as the environment does.
+Environment env_from(EnvMap vars = {}) {
+    auto shared = std::make_shared<const EnvMap>(std::move(vars));
+    return {[shared](const char* name) -> const char* {
+                const auto it = shared->find(name);
+                return it == shared->end() ? nullptr : it->second.c_str();
+            },
+            [shared] {
+                std::vector<std::string> names;
+                for (const auto& entry : *shared) names.push_back(entry.first);
+                return names;
+            }};
 }
+
+// load_config with no default file, so that the host's own never gets in.
+Config load(EnvMap vars = {}) { return p11mux::load_config(env_from(std::move(vars)), ""); }
 
 Config parse(std::string_view text, EnvMap vars = {}) {
     return p11mux::parse_config(text, "test.conf", env_from(std::move(vars)));
@@ -83,7 +93,7 @@ TEST_CASE("defaults with no file and an empty environment") {
     CHECK(c.log.level == spdlog::level::warn);
     CHECK(c.log.file.empty());
 
-    const Config loaded = p11mux::load_config(env_from());
+    const Config loaded = load();
     CHECK(loaded.module.empty());
     CHECK(loaded.session_mode == SessionMode::serialize);
     CHECK(loaded.backend.locking == LockingMode::automatic);
@@ -258,12 +268,12 @@ TEST_CASE("an unset variable leaves the file's value") {
 }
 
 TEST_CASE("environment alone configures everything") {
-    const Config c = p11mux::load_config(env_from({{"P11MUX_MODULE", "/lib/env.so"},
-                                                   {"P11MUX_SESSION_MODE", "multiplex"},
-                                                   {"P11MUX_BACKEND_LOCKING", "callbacks"},
-                                                   {"P11MUX_BACKEND_INIT_RESERVED", "configdir='sql:/db'"},
-                                                   {"P11MUX_LOG_LEVEL", "off"},
-                                                   {"P11MUX_LOG_FILE", "/tmp/env.log"}}));
+    const Config c = load({{"P11MUX_MODULE", "/lib/env.so"},
+                           {"P11MUX_SESSION_MODE", "multiplex"},
+                           {"P11MUX_BACKEND_LOCKING", "callbacks"},
+                           {"P11MUX_BACKEND_INIT_RESERVED", "configdir='sql:/db'"},
+                           {"P11MUX_LOG_LEVEL", "off"},
+                           {"P11MUX_LOG_FILE", "/tmp/env.log"}});
     CHECK(c.module == "/lib/env.so");
     CHECK(c.session_mode == SessionMode::multiplex);
     CHECK(c.backend.locking == LockingMode::callbacks);
@@ -301,9 +311,9 @@ TEST_CASE("only the table's P11MUX_* names and P11MUX_CONFIG are looked up") {
     std::set<std::string> asked;
     const EnvLookup recording = [&asked](const char* name) -> const char* {
         asked.insert(name);
-        return std::string_view(name) == "P11MUX_BOGUS" ? "whatever" : nullptr;
+        return std::string_view(name) == "P11MUX_TEST_MODULE" ? "whatever" : nullptr;
     };
-    (void)p11mux::load_config(recording);
+    (void)p11mux::load_config({recording, [] { return std::vector<std::string>{"P11MUX_TEST_MODULE"}; }}, "");
     CHECK(asked == std::set<std::string>{"P11MUX_CONFIG", "P11MUX_MODULE", "P11MUX_SESSION_MODE",
                                          "P11MUX_BACKEND_LOCKING", "P11MUX_BACKEND_INIT_RESERVED",
                                          "P11MUX_BACKEND_VENDOR_INTERFACES",
@@ -315,7 +325,7 @@ TEST_CASE("only the table's P11MUX_* names and P11MUX_CONFIG are looked up") {
                                          "P11MUX_LOG_ASYNC", "P11MUX_LOG_ROTATE_SIZE_KB",
                                          "P11MUX_LOG_ROTATE_FILES", "P11MUX_METRICS_ENABLED",
                                          "P11MUX_METRICS_LISTEN", "P11MUX_METRICS_ALLOW_REMOTE",
-                                         "P11MUX_METRICS_SIGNAL"});
+                                         "P11MUX_METRICS_SIGNAL", "P11MUX_METRICS_SUMMARY"});
 }
 
 TEST_CASE("load_config reads the file named by P11MUX_CONFIG, then applies overrides") {
@@ -326,7 +336,7 @@ TEST_CASE("load_config reads the file named by P11MUX_CONFIG, then applies overr
                                        "init_reserved = \"configdir='sql:/tmp/db' certPrefix=''\"\n"
                                        "[log]\n"
                                        "level = debug\n");
-    const Config c = p11mux::load_config(env_from({{"P11MUX_CONFIG", path}, {"P11MUX_LOG_LEVEL", "error"}}));
+    const Config c = load({{"P11MUX_CONFIG", path}, {"P11MUX_LOG_LEVEL", "error"}});
     CHECK(c.module == "/lib/file.so");
     CHECK(c.backend.init_reserved == "configdir='sql:/tmp/db' certPrefix=''");
     CHECK(c.log.level == spdlog::level::err);
@@ -336,7 +346,7 @@ TEST_CASE("load_config: errors in the file name the real path") {
     const TempDir dir;
     const std::string path = dir.write("bad.conf", "module = a\n[backend]\nlocking = fast\n");
     CHECK_THROWS_WITH_AS(
-        p11mux::load_config(env_from({{"P11MUX_CONFIG", path}})),
+        load({{"P11MUX_CONFIG", path}}),
         (path + ":3: bad value 'fast' for [backend] locking (expected auto|os|callbacks|none)").c_str(),
         ConfigError);
 }
@@ -345,20 +355,88 @@ TEST_CASE("load_config: a missing or unreadable file is an error naming the path
     const TempDir dir;
     SUBCASE("missing") {
         const std::string path = dir.path() + "/nope.conf";
-        CHECK_THROWS_WITH_AS(p11mux::load_config(env_from({{"P11MUX_CONFIG", path}})),
+        CHECK_THROWS_WITH_AS(load({{"P11MUX_CONFIG", path}}),
                              ("cannot read config file '" + path + "': No such file or directory").c_str(),
                              ConfigError);
     }
     SUBCASE("a directory") {
-        CHECK_THROWS_WITH_AS(p11mux::load_config(env_from({{"P11MUX_CONFIG", dir.path()}})),
+        CHECK_THROWS_WITH_AS(load({{"P11MUX_CONFIG", dir.path()}}),
                              ("cannot read config file '" + dir.path() + "': Is a directory").c_str(),
                              ConfigError);
     }
 }
 
 TEST_CASE("load_config: an empty P11MUX_CONFIG means no file") {
-    const Config c = p11mux::load_config(env_from({{"P11MUX_CONFIG", ""}, {"P11MUX_MODULE", "/lib/env.so"}}));
+    const Config c = load({{"P11MUX_CONFIG", ""}, {"P11MUX_MODULE", "/lib/env.so"}});
     CHECK(c.module == "/lib/env.so");
+}
+
+TEST_CASE("load_config: with P11MUX_CONFIG unset, the default file is read, and the environment beats it") {
+    const TempDir dir;
+    const std::string path = dir.write("p11mux.conf", "module = /lib/default.so\n[log]\nlevel = debug\n");
+    const Config c = p11mux::load_config(env_from({{"P11MUX_LOG_LEVEL", "error"}}), path);
+    CHECK(c.module == "/lib/default.so");
+    CHECK(c.log.level == spdlog::level::err);
+    // P11MUX_CONFIG wins over the default file; set but empty, it means no file at all.
+    const std::string other = dir.write("other.conf", "module = /lib/other.so\n");
+    CHECK(p11mux::load_config(env_from({{"P11MUX_CONFIG", other}}), path).module == "/lib/other.so");
+    CHECK(p11mux::load_config(env_from({{"P11MUX_CONFIG", ""}}), path).module.empty());
+}
+
+TEST_CASE("load_config: a missing default file is no error; an unreadable or malformed one is") {
+    const TempDir dir;
+    for (const std::string& missing : {dir.path() + "/nope.conf", dir.path() + "/none/p11mux.conf"}) {
+        CAPTURE(missing);
+        const Config c = p11mux::load_config(env_from({{"P11MUX_MODULE", "/lib/env.so"}}), missing);
+        CHECK(c.module == "/lib/env.so");
+        CHECK(c.session_mode == SessionMode::serialize);
+    }
+    // A path component that is a file (ENOTDIR) is a missing file too.
+    const std::string file = dir.write("plain", "");
+    CHECK_NOTHROW(p11mux::load_config(env_from(), file + "/p11mux.conf"));
+    CHECK_THROWS_WITH_AS(p11mux::load_config(env_from(), dir.path()),
+                         ("cannot read config file '" + dir.path() + "': Is a directory").c_str(), ConfigError);
+    const std::string bad = dir.write("bad.conf", "module = /lib/x.so\nsesion_mode = multiplex\n");
+    CHECK_THROWS_WITH_AS(p11mux::load_config(env_from(), bad),
+                         (bad + ":2: unknown top-level key 'sesion_mode'").c_str(), ConfigError);
+    // A malformed default file is not read at all when P11MUX_CONFIG names another.
+    CHECK_NOTHROW(p11mux::load_config(env_from({{"P11MUX_CONFIG", ""}}), bad));
+}
+
+TEST_CASE("the default file is under the build's sysconfdir") {
+    CHECK(p11mux::default_config_file().ends_with("/p11mux/p11mux.conf"));
+    CHECK(p11mux::default_config_file().starts_with("/"));
+}
+
+TEST_CASE("a P11MUX_* variable that names no setting is an error, with the likely one named") {
+    CHECK(error_of("", {{"P11MUX_SESION_MODE", "multiplex"}}) ==
+          "unknown environment variable P11MUX_SESION_MODE (did you mean P11MUX_SESSION_MODE?)");
+    CHECK(error_of("", {{"P11MUX_LOG_LEVL", "debug"}}) ==
+          "unknown environment variable P11MUX_LOG_LEVL (did you mean P11MUX_LOG_LEVEL?)");
+    CHECK(error_of("", {{"P11MUX_log_level", "debug"}}) ==
+          "unknown environment variable P11MUX_log_level (did you mean P11MUX_LOG_LEVEL?)");
+    CHECK(error_of("", {{"P11MUX_CONFG", "/etc/x.conf"}}) ==
+          "unknown environment variable P11MUX_CONFG (did you mean P11MUX_CONFIG?)");
+    // The key without its section.
+    CHECK(error_of("", {{"P11MUX_LOCKING", "os"}}) ==
+          "unknown environment variable P11MUX_LOCKING (did you mean P11MUX_BACKEND_LOCKING?)");
+    CHECK(error_of("", {{"P11MUX_MAX_SESSIONS", "4"}}) ==
+          "unknown environment variable P11MUX_MAX_SESSIONS (did you mean P11MUX_POOL_MAX_SESSIONS?)");
+    // Nothing close: no guess.
+    CHECK(error_of("", {{"P11MUX_BOGUS", "1"}}) == "unknown environment variable P11MUX_BOGUS");
+    CHECK(error_of("", {{"P11MUX_", ""}}) == "unknown environment variable P11MUX_");
+    // Set but empty is still set; and a file does not hide it.
+    CHECK(error_of("module = /lib/file.so\n", {{"P11MUX_MODUEL", ""}}) ==
+          "unknown environment variable P11MUX_MODUEL (did you mean P11MUX_MODULE?)");
+    CHECK_THROWS_AS(load({{"P11MUX_SESION_MODE", "multiplex"}, {"P11MUX_MODULE", "/lib/env.so"}}), ConfigError);
+}
+
+TEST_CASE("the prefixes reserved for the project's tools are not settings, and are no error") {
+    const Config c = parse("", {{"P11MUX_TEST_MODULE", "/lib/x.so"}, {"P11MUX_TEST_SEED", "42"},
+                                {"P11MUX_LOAD_PIN", "123456"}, {"P11MUX_FAULTY_FAIL", "*:CKR_DEVICE_ERROR"},
+                                {"P11MUX_MODULE", "/lib/env.so"}, {"P11MUXER", "x"}, {"OTHER", "y"}});
+    CHECK(c.module == "/lib/env.so");
+    for (std::string_view prefix : p11mux::kReservedEnvPrefixes) CHECK(prefix.starts_with("P11MUX_"));
 }
 
 TEST_CASE("to_string gives the configuration spelling") {
@@ -479,11 +557,12 @@ TEST_CASE("observability keys: trace filters, log sinks, metrics") {
     CHECK(defaults.metrics.listen.empty());
     CHECK_FALSE(defaults.metrics.allow_remote);
     CHECK_FALSE(defaults.metrics.signal);
+    CHECK_FALSE(defaults.metrics.summary);
 
     const Config c = parse("[log]\nfunctions = C_Sign,-C_GenerateRandom\nmin_duration_us = 250\n"
                            "async = true\nrotate_size_kb = 1024\nrotate_files = 2\n"
                            "[metrics]\nenabled = true\nlisten = 127.0.0.1:9464\n"
-                           "allow_remote = true\nsignal = true\n");
+                           "allow_remote = true\nsignal = true\nsummary = true\n");
     CHECK(c.log.functions == "C_Sign,-C_GenerateRandom");
     CHECK(c.log.min_duration_us == 250);
     CHECK(c.log.async);
@@ -493,6 +572,7 @@ TEST_CASE("observability keys: trace filters, log sinks, metrics") {
     CHECK(c.metrics.listen == "127.0.0.1:9464");
     CHECK(c.metrics.allow_remote);
     CHECK(c.metrics.signal);
+    CHECK(c.metrics.summary);
 
     const Config env = parse("[metrics]\nlisten = /run/p11mux.sock\n",
                              {{"P11MUX_METRICS_LISTEN", ""}, {"P11MUX_LOG_ASYNC", "true"},
@@ -503,6 +583,8 @@ TEST_CASE("observability keys: trace filters, log sinks, metrics") {
     CHECK(env.log.min_duration_us == 7);
 
     CHECK(error_of("[metrics]\nsignal = on\n").find("[metrics] signal") != std::string::npos);
+    CHECK(error_of("", {{"P11MUX_METRICS_SUMMARY", "log"}}) ==
+          "environment variable P11MUX_METRICS_SUMMARY: bad value 'log' for [metrics] summary (expected true|false)");
     CHECK(error_of("[log]\nmin_duration_us = 1.5\n").find("whole number") != std::string::npos);
     CHECK(error_of("[metrics]\nport = 9464\n") == "test.conf:2: unknown key 'port' in section [metrics]");
 }

@@ -64,7 +64,7 @@ TEST_CASE("mechanisms: name and a summary of known parameters, never their bytes
   CHECK(mechanism({CKM_AES_GCM, &gcm, sizeof gcm}) == "CKM_AES_GCM{iv 12 bytes, aad 5 bytes, tag 128 bits}");
   CK_RSA_PKCS_PSS_PARAMS pss{CKM_SHA256, CKG_MGF1_SHA256, 32};
   CHECK(mechanism({CKM_SHA256_RSA_PKCS_PSS, &pss, sizeof pss}) ==
-        "CKM_SHA256_RSA_PKCS_PSS{hash CKM_SHA256, mgf 0x2, salt 32 bytes}");
+        "CKM_SHA256_RSA_PKCS_PSS{hash CKM_SHA256, mgf CKG_MGF1_SHA256, salt 32 bytes}");
   unsigned char secret_param[16] = {0xab, 0xcd, 0xef};
   std::string cbc = mechanism({CKM_AES_CBC, secret_param, sizeof secret_param});
   CHECK(cbc == "CKM_AES_CBC{parameter 16 bytes}");
@@ -75,6 +75,32 @@ TEST_CASE("mechanisms: name and a summary of known parameters, never their bytes
   TraceBuffer b;
   format_mechanism(b, nullptr);
   CHECK(text_of(b) == "NULL");
+}
+
+TEST_CASE("mechanism parameters: MGF, OAEP source and ECDH KDF by name, unknown values in hex") {
+  CK_RSA_PKCS_PSS_PARAMS pss{CKM_SHA384, CKG_MGF1_SHA384, 48};
+  CHECK(mechanism({CKM_RSA_PKCS_PSS, &pss, sizeof pss}) ==
+        "CKM_RSA_PKCS_PSS{hash CKM_SHA384, mgf CKG_MGF1_SHA384, salt 48 bytes}");
+  pss.mgf = CKG_MGF1_SHA3_256;
+  CHECK(mechanism({CKM_RSA_PKCS_PSS, &pss, sizeof pss}) ==
+        "CKM_RSA_PKCS_PSS{hash CKM_SHA384, mgf CKG_MGF1_SHA3_256, salt 48 bytes}");
+  pss.mgf = 0x42;
+  CHECK(mechanism({CKM_RSA_PKCS_PSS, &pss, sizeof pss}) ==
+        "CKM_RSA_PKCS_PSS{hash CKM_SHA384, mgf CKG_0x42, salt 48 bytes}");
+  unsigned char label[3] = {1, 2, 3};
+  CK_RSA_PKCS_OAEP_PARAMS oaep{CKM_SHA256, CKG_MGF1_SHA256, CKZ_DATA_SPECIFIED, label, sizeof label};
+  CHECK(mechanism({CKM_RSA_PKCS_OAEP, &oaep, sizeof oaep}) ==
+        "CKM_RSA_PKCS_OAEP{hash CKM_SHA256, mgf CKG_MGF1_SHA256, source CKZ_DATA_SPECIFIED, label 3 bytes}");
+  CK_RSA_PKCS_OAEP_PARAMS no_source{CKM_SHA_1, CKG_MGF1_SHA1, 0, nullptr, 0};
+  CHECK(mechanism({CKM_RSA_PKCS_OAEP, &no_source, sizeof no_source}) ==
+        "CKM_RSA_PKCS_OAEP{hash CKM_SHA_1, mgf CKG_MGF1_SHA1, source CKZ_0x0, label 0 bytes}");
+  unsigned char point[65] = {0x04};
+  CK_ECDH1_DERIVE_PARAMS ecdh{CKD_NULL, 0, nullptr, sizeof point, point};
+  CHECK(mechanism({CKM_ECDH1_DERIVE, &ecdh, sizeof ecdh}) ==
+        "CKM_ECDH1_DERIVE{kdf CKD_NULL, shared data 0 bytes, public data 65 bytes}");
+  ecdh.kdf = CKD_SHA256_KDF;
+  CHECK(mechanism({CKM_ECDH1_DERIVE, &ecdh, sizeof ecdh}) ==
+        "CKM_ECDH1_DERIVE{kdf CKD_SHA256_KDF, shared data 0 bytes, public data 65 bytes}");
 }
 
 TEST_CASE("templates: types by name, public values shown, secrets masked") {
