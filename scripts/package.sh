@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Builds the Debian package from a clean Release build directory:
-#   scripts/package.sh [BUILD_DIR]     (default build/package)
+#   scripts/package.sh [BUILD_DIR [CMAKE_ARGS...]]   (default build/package)
 # Prints the .deb's path on the last line. Install it with
 #   sudo apt install ./build/package/p11mux_*.deb
-# Extra CMake arguments: P11MUX_PACKAGE_CMAKE_ARGS (e.g. -DP11MUX_PACKAGE_MAINTAINER=...).
+# CMAKE_ARGS are passed to CMake (e.g. -DP11MUX_PACKAGE_MAINTAINER=...). Not an
+# environment variable: P11MUX_* names are p11mux's settings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-build/package}
+shift $(($# > 0 ? 1 : 0))
 
 # Clean, but only a build directory (or an empty or missing one).
 if [[ -d $dir && -n $(ls -A "$dir") && ! -f $dir/CMakeCache.txt ]]; then
@@ -28,9 +30,8 @@ fi
 # installs what `all` builds, which is then the module and p11mux-load only.
 # Warnings are not errors here: GCC 12 at -O3 (Release) warns falsely
 # (-Wrestrict in std::string's operator+), and CI builds with -Werror at -O2.
-# shellcheck disable=SC2086  # P11MUX_PACKAGE_CMAKE_ARGS is split on purpose
 cmake -S . -B "$dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX=/usr \
-  -DBUILD_TESTING=OFF ${P11MUX_PACKAGE_CMAKE_ARGS:-} >/dev/null
+  -DBUILD_TESTING=OFF "$@" >/dev/null
 cmake --build "$dir" -j "$(nproc)" --target p11mux p11mux-load
 (cd "$dir" && cpack -G DEB >cpack.log) || { cat "$dir/cpack.log"; exit 1; }
 (cd "$dir" && ls "$PWD"/p11mux_*.deb)

@@ -12,7 +12,7 @@
 # serial numbers). Equal, not successful: pkcs11-tool --test exits 1 on SoftHSM2
 # 2.6.1 itself, because of an RSA-OAEP case SoftHSM2 refuses.
 #
-# Environment: P11MUX_SOFTHSM2_MODULE (default /usr/lib/softhsm/libsofthsm2.so),
+# Environment: P11MUX_TEST_SOFTHSM2_MODULE (default /usr/lib/softhsm/libsofthsm2.so),
 # P11MUX_MODULE (default: the SoftHSM2 module). Exit 0 pass, 1 fail, 2 usage,
 # 77 skipped (tools missing).
 set -u
@@ -22,7 +22,7 @@ if [[ $# -ne 1 ]]; then
   exit 2
 fi
 readonly under_test=$1
-readonly softhsm=${P11MUX_SOFTHSM2_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+readonly softhsm=${P11MUX_TEST_SOFTHSM2_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 export P11MUX_MODULE=${P11MUX_MODULE:-$softhsm}
 readonly label=p11mux-test so_pin=12345678 pin=123456
 
