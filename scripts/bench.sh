@@ -55,6 +55,8 @@ Options:
   --tls-keys LIST   ec (P-256), rsa (2048) (default ec)
   --tls-servers LIST    stunnel,nginx (default both)
   --tls-backends LIST   softhsm,slow (default both)
+  --tls-slow-latency L  the slow backend's latency, as P11MUX_FAULTY_LATENCY
+                    (default its own: open=2000,close=1000,login=2000,crypto=500)
   --out DIR         results directory (default bench-results)
   --build DIR       build tree (default build/release); it is configured
                     and built first unless --no-build
@@ -88,6 +90,7 @@ tls_clients=8
 tls_keys=ec
 tls_servers=stunnel,nginx
 tls_backends=softhsm,slow
+tls_slow_latency=""
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) quick=1; runs=1; duration=0.7; warmup=0.2; tls_duration=3; shift ;;
@@ -103,6 +106,7 @@ while [ $# -gt 0 ]; do
     --tls-keys) tls_keys=$2; shift 2 ;;
     --tls-servers) tls_servers=$2; shift 2 ;;
     --tls-backends) tls_backends=$2; shift 2 ;;
+    --tls-slow-latency) tls_slow_latency=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --build) build=$2; shift 2 ;;
     --no-build) do_build=0; shift ;;
@@ -512,6 +516,7 @@ tls_select() {
   if [ "$1" = slow ]; then
     backend_path=$slow
     menv=(P11MUX_FAULTY_MAX_SESSIONS=4)
+    [ -z "$tls_slow_latency" ] || menv+=(P11MUX_FAULTY_LATENCY="$tls_slow_latency")
   fi
   case $2 in
     direct) module=$backend_path ;;
@@ -729,8 +734,8 @@ if [ -s "$out/tls.csv" ] && [ "$(wc -l <"$out/tls.csv")" -gt 1 ]; then
     echo "Full handshakes (TLSv1.3, no resumption), the server key on the token through"
     echo "the OpenSSL pkcs11 engine; $tls_clients \`openssl s_time -new\` clients for ${tls_duration} s,"
     echo "median of $runs run(s), ratio to direct. nginx with 2 workers, stunnel with a"
-    echo "thread per connection. \"slow\" is libp11mux-slow.so over SoftHSM2 (open 2 ms,"
-    echo "login 2 ms, 0.5 ms per crypto call, at most 4 sessions per process)."
+    echo "thread per connection. \"slow\" is libp11mux-slow.so over SoftHSM2, at most 4"
+    echo "sessions per process, latency (µs) ${tls_slow_latency:-open=2000,close=1000,login=2000,crypto=500}."
     echo
     echo "| backend | key | server | direct | serialize | multiplex |"
     echo "|---|---|---|---|---|---|"

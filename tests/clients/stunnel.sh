@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # stunnel in threads mode, a threaded TLS server, with its key on the token:
 # one process, a thread per connection, every handshake signed through the
-# OpenSSL engine; clients connect in parallel, so calls on the key's session
-# overlap. In front of a small HTTP backend (python3 -m http.server).
+# OpenSSL engine (libp11, which takes a session from its own pool for each
+# signature, opening more as threads overlap); clients connect in parallel.
+# In front of a small HTTP backend (python3 -m http.server).
 here=$(dirname "$0")
 source "$here/common.sh"
 source "$here/tls_common.sh"
