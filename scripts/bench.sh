@@ -19,7 +19,7 @@ results directory:
   null-overhead.csv CPU ns per call, by function, over the null backend
   callgrind.csv     instructions per call
   runs.csv          every single run
-A full run takes about 12 minutes on 2 cores; --quick about 2.
+A full run takes about 21 minutes on 2 cores (9 of them tls); --quick about 4.
 
 Sections (--only):
   matrix     ops x threads x {direct, serialize, multiplex, p11kit}, one
@@ -38,8 +38,8 @@ Sections (--only):
              through p11mux in both modes, over SoftHSM2 and over the slow
              backend (libp11mux-slow.so: network-HSM latency, at most 4
              sessions per process); parallel openssl s_time clients. Writes
-             tls.csv, tls-runs.csv and a table in results.md. About 7
-             minutes with the defaults
+             tls.csv, tls-runs.csv and a table in results.md. About 9
+             minutes with the defaults, 2 per key type with --quick
 
 Options:
   --quick           1 run of 0.7 s per case, callgrind on C_GenerateRandom only
