@@ -17,10 +17,14 @@ client_steps() {
   backend_port=$(free_port)
   mkdir -p "$CASE/www"
   echo "p11mux-page served through stunnel" >"$CASE/www/index.html"
-  python3 -m http.server --bind 127.0.0.1 --directory "$CASE/www" "$backend_port" \
+  # The interpreter itself, not a wrapper (pyenv's shim) whose PID would be
+  # stopped without it.
+  local python
+  python=$(python3 -c 'import sys; print(sys.executable)')
+  "$python" -m http.server --bind 127.0.0.1 --directory "$CASE/www" "$backend_port" \
     >"$CASE/backend.log" 2>&1 &
   local backend=$!
-  started "$backend"
+  server_started "$backend"
   cat >"$CASE/stunnel.conf" <<EOF
 foreground = yes
 pid = $CASE/stunnel.pid
@@ -41,7 +45,7 @@ options = NO_TICKET
 EOF
   stunnel4 "$CASE/stunnel.conf" >"$CASE/stunnel.out" 2>&1 &
   local stunnel=$!
-  started "$stunnel"
+  server_started "$stunnel"
   if ! wait_port "$backend_port" "$backend"; then
     echo "the backend does not listen"
     cat "$CASE/backend.log"
