@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared steps of the TLS server tests (nginx.sh, stunnel.sh), sourced after
 # common.sh: a key on the token, its certificate, the OpenSSL engine's
 # configuration, and bounded handshake loops.
