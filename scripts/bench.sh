@@ -19,7 +19,7 @@ results directory:
   null-overhead.csv CPU ns per call, by function, over the null backend
   callgrind.csv     instructions per call
   runs.csv          every single run
-A full run takes about 12 minutes on 2 cores; --quick about 2.
+A full run takes about 21 minutes on 2 cores (9 of them tls); --quick about 4.
 
 Sections (--only):
   matrix     ops x threads x {direct, serialize, multiplex, p11kit}, one
@@ -32,6 +32,14 @@ Sections (--only):
   shared     all threads on ONE session (sign-ec, digest; 8 and 64 threads):
              SoftHSM2 directly crashes, which is recorded as a crash
   callgrind  instructions per call (tests/bench/callgrind_overhead.sh)
+  tls        full TLS handshakes per second (TLSv1.3, no resumption) through
+             stunnel (threads) and nginx (2 workers) with the server key on
+             the token, loaded by the OpenSSL pkcs11 engine: directly and
+             through p11mux in both modes, over SoftHSM2 and over the slow
+             backend (libp11mux-slow.so: network-HSM latency, at most 4
+             sessions per process); parallel openssl s_time clients. Writes
+             tls.csv, tls-runs.csv and a table in results.md. About 9
+             minutes with the defaults, 2 per key type with --quick
 
 Options:
   --quick           1 run of 0.7 s per case, callgrind on C_GenerateRandom only
@@ -42,6 +50,13 @@ Options:
   --ops LIST        matrix ops (default random,digest,sign-ec,sign-rsa,open-close)
   --threads LIST    matrix thread counts (default 1,2,8,64)
   --configs LIST    direct,serialize,multiplex,p11kit (default: all)
+  --tls-duration S  measured seconds per TLS run (default 10)
+  --tls-clients N   parallel openssl s_time clients (default 8)
+  --tls-keys LIST   ec (P-256), rsa (2048) (default ec)
+  --tls-servers LIST    stunnel,nginx (default both)
+  --tls-backends LIST   softhsm,slow (default both)
+  --tls-slow-latency L  the slow backend's latency, as P11MUX_FAULTY_LATENCY
+                    (default its own: open=2000,close=1000,login=2000,crypto=500)
   --out DIR         results directory (default bench-results)
   --build DIR       build tree (default build/release); it is configured
                     and built first unless --no-build
@@ -62,7 +77,7 @@ runs=3
 duration=1.5
 warmup=0.5
 quick=0
-sections="matrix,overhead,open,shared,callgrind"
+sections="matrix,overhead,open,shared,callgrind,tls"
 ops="random,digest,sign-ec,sign-rsa,open-close"
 threads_list="1,2,8,64"
 configs="direct,serialize,multiplex,p11kit"
@@ -70,9 +85,15 @@ out="$repo/bench-results"
 build="$repo/build/release"
 do_build=1
 publish=0
+tls_duration=10
+tls_clients=8
+tls_keys=ec
+tls_servers=stunnel,nginx
+tls_backends=softhsm,slow
+tls_slow_latency=""
 while [ $# -gt 0 ]; do
   case $1 in
-    --quick) quick=1; runs=1; duration=0.7; warmup=0.2; shift ;;
+    --quick) quick=1; runs=1; duration=0.7; warmup=0.2; tls_duration=3; shift ;;
     --runs) runs=$2; shift 2 ;;
     --duration) duration=$2; shift 2 ;;
     --warmup) warmup=$2; shift 2 ;;
@@ -80,6 +101,12 @@ while [ $# -gt 0 ]; do
     --ops) ops=$2; shift 2 ;;
     --threads) threads_list=$2; shift 2 ;;
     --configs) configs=$2; shift 2 ;;
+    --tls-duration) tls_duration=$2; shift 2 ;;
+    --tls-clients) tls_clients=$2; shift 2 ;;
+    --tls-keys) tls_keys=$2; shift 2 ;;
+    --tls-servers) tls_servers=$2; shift 2 ;;
+    --tls-backends) tls_backends=$2; shift 2 ;;
+    --tls-slow-latency) tls_slow_latency=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --build) build=$2; shift 2 ;;
     --no-build) do_build=0; shift ;;
@@ -89,12 +116,17 @@ while [ $# -gt 0 ]; do
   esac
 done
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "bench.sh: --runs wants a positive number" >&2; exit 2; }
+[[ $tls_duration =~ ^[1-9][0-9]*$ ]] || { echo "bench.sh: --tls-duration wants whole seconds" >&2; exit 2; }
+[[ $tls_clients =~ ^[1-9][0-9]*$ ]] || { echo "bench.sh: --tls-clients wants a positive number" >&2; exit 2; }
 IFS=, read -r -a ops <<<"$ops"
 IFS=, read -r -a threads_list <<<"$threads_list"
 IFS=, read -r -a configs <<<"$configs"
+IFS=, read -r -a tls_keys <<<"$tls_keys"
+IFS=, read -r -a tls_servers <<<"$tls_servers"
+IFS=, read -r -a tls_backends <<<"$tls_backends"
 want() { [[ ",$sections," == *",$1,"* ]]; }
 for s in ${sections//,/ }; do
-  [[ " matrix overhead open shared callgrind " == *" $s "* ]] ||
+  [[ " matrix overhead open shared callgrind tls " == *" $s "* ]] ||
     { echo "bench.sh: unknown section '$s' (see --help)" >&2; exit 2; }
 done
 
@@ -103,7 +135,7 @@ if [ "$do_build" = 1 ]; then
   [ -f "$build/CMakeCache.txt" ] ||
     cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
   cmake --build "$build" --target p11mux p11mux-load p11mux-mock p11mux-null call-loop \
-    null-overhead p11kit-isolate >/dev/null
+    null-overhead p11kit-isolate p11mux-slow >/dev/null
 fi
 build=$(cd "$build" && pwd)
 src=$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' "$build/CMakeCache.txt" 2>/dev/null || true)
@@ -114,6 +146,8 @@ mock="$build/tests/backends/libp11mux-mock.so"
 null="$build/tests/backends/libp11mux-null.so"
 null_overhead="$build/tests/bench/null-overhead"
 shim="$build/tests/bench/libp11kit-isolate.so"
+slow="$build/tests/backends/faulty/libp11mux-slow.so"
+engine=/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so
 softhsm=/usr/lib/softhsm/libsofthsm2.so
 p11kit=/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so
 for f in "$load" "$p11mux" "$mock" "$null" "$null_overhead" "$shim" "$softhsm" "$p11kit"; do
@@ -124,7 +158,8 @@ command -v gnuplot >/dev/null || echo "bench.sh: gnuplot not installed (scripts/
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+tls_pid=""  # the TLS server running, stopped on exit
+trap '[ -z "$tls_pid" ] || kill "$tls_pid" 2>/dev/null; rm -rf "$work"' EXIT
 ulimit -c 0  # the crashes recorded below need no core files
 
 # A fresh SoftHSM2 token with the keys p11mux-load uses, and p11-kit
@@ -415,6 +450,263 @@ if want callgrind; then
   "$repo/tests/bench/callgrind_overhead.sh" "${cg[@]}" | sed 's/^/  /'
 fi
 
+# ---- TLS handshakes through servers with the key on the token ----
+# One server at a time on 127.0.0.1, its key loaded by the OpenSSL pkcs11
+# engine (libp11) from the bench token; $tls_clients openssl s_time processes
+# make full handshakes (-new: no resumption; TLSv1.3, no tickets) for
+# $tls_duration s. stunnel connects to a port nobody listens on: the
+# handshake comes first, and the figure is handshakes, not the backend.
+tls_dir="$work/tls"
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# tls_engine_conf NAME MODULE: an openssl.cnf loading the engine for MODULE.
+tls_engine_conf() {
+  cat >"$tls_dir/openssl-$1.cnf" <<EOF
+openssl_conf = openssl_init
+[openssl_init]
+engines = engine_section
+[engine_section]
+pkcs11 = pkcs11_section
+[pkcs11_section]
+engine_id = pkcs11
+dynamic_path = $engine
+MODULE_PATH = $2
+init = 1
+EOF
+}
+
+tls_key_uri() { echo "pkcs11:token=bench;object=tls-$1;type=private;pin-value=123456"; }
+
+# tls_setup: the keys on the bench token and their certificates; fails
+# (no TLS figures) when a program is missing.
+tls_setup() {
+  local tool f key type id=0
+  for tool in nginx stunnel4 openssl pkcs11-tool python3; do
+    command -v "$tool" >/dev/null || { echo "  $tool not installed (scripts/setup.sh): no TLS figures"; return 1; }
+  done
+  for f in "$engine" "$slow"; do
+    [ -e "$f" ] || { echo "  $f is missing: no TLS figures"; return 1; }
+  done
+  mkdir -p "$tls_dir"
+  tls_engine_conf softhsm "$softhsm"
+  for key in "${tls_keys[@]}"; do
+    case $key in
+      ec) type=EC:prime256v1 ;;
+      rsa) type=rsa:2048 ;;
+      *) echo "bench.sh: unknown TLS key '$key' (ec, rsa)" >&2; return 1 ;;
+    esac
+    id=$((id + 1))
+    pkcs11-tool --module "$softhsm" --token-label bench --login --pin 123456 --keypairgen \
+      --key-type "$type" --label "tls-$key" --id "7e0$id" >"$tls_dir/keygen.log" 2>&1 &&
+      OPENSSL_CONF="$tls_dir/openssl-softhsm.cnf" openssl req -new -x509 -days 30 -subj /CN=localhost \
+        -engine pkcs11 -keyform engine -key "$(tls_key_uri "$key")" -out "$tls_dir/$key.pem" \
+        >>"$tls_dir/keygen.log" 2>&1 ||
+      { echo "  cannot make the TLS key $key:"; sed 's/^/    /' "$tls_dir/keygen.log"; return 1; }
+  done
+}
+
+# tls_select BACKEND CONFIG: $module for the engine and $menv for the server.
+# The slow backend allows 4 sessions per process, like a network HSM's limit.
+tls_select() {
+  local backend_path=$softhsm
+  menv=()
+  if [ "$1" = slow ]; then
+    backend_path=$slow
+    menv=(P11MUX_FAULTY_MAX_SESSIONS=4)
+    [ -z "$tls_slow_latency" ] || menv+=(P11MUX_FAULTY_LATENCY="$tls_slow_latency")
+  fi
+  case $2 in
+    direct) module=$backend_path ;;
+    *) module=$p11mux; menv+=(P11MUX_MODULE="$backend_path" P11MUX_SESSION_MODE="$2") ;;
+  esac
+}
+
+# tls_start SERVER BACKEND CONFIG KEY: starts the server in $tls_dir/run;
+# sets $tls_pid and $tls_port, or fails with the reason in $tls_error.
+tls_start() {
+  local server=$1 key=$4 run="$tls_dir/run" i
+  tls_select "$2" "$3"
+  rm -rf "$run"
+  mkdir -p "$run"
+  tls_engine_conf run "$module"
+  tls_port=$(free_port)
+  if [ "$server" = nginx ]; then
+    # The workers' environment is cleared: p11mux in them starts from the
+    # master's configuration.
+    cat >"$run/nginx.conf" <<EOF
+$([ "$(id -u)" != 0 ] || echo "user root;")
+daemon off;
+master_process on;
+worker_processes 2;
+pid $run/nginx.pid;
+error_log $run/error.log error;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $run/tmp-body;
+  proxy_temp_path $run/tmp-proxy;
+  fastcgi_temp_path $run/tmp-fastcgi;
+  uwsgi_temp_path $run/tmp-uwsgi;
+  scgi_temp_path $run/tmp-scgi;
+  server {
+    listen 127.0.0.1:$tls_port ssl;
+    ssl_certificate $tls_dir/$key.pem;
+    ssl_certificate_key "engine:pkcs11:$(tls_key_uri "$key")";
+    ssl_protocols TLSv1.3;
+    ssl_session_cache off;
+    ssl_session_tickets off;
+  }
+}
+EOF
+    env "${menv[@]}" OPENSSL_CONF="$tls_dir/openssl-run.cnf" nginx -p "$run" -c "$run/nginx.conf" \
+      >"$run/server.log" 2>&1 &
+  else
+    cat >"$run/stunnel.conf" <<EOF
+foreground = yes
+pid = $run/stunnel.pid
+debug = crit
+engine = pkcs11
+engineCtrl = MODULE_PATH:$module
+engineCtrl = PIN:123456
+[tls]
+engineId = pkcs11
+accept = 127.0.0.1:$tls_port
+connect = 127.0.0.1:$(free_port)
+cert = $tls_dir/$key.pem
+key = pkcs11:token=bench;object=tls-$key;type=private
+sslVersion = TLSv1.3
+sessionCacheSize = 1
+options = NO_TICKET
+EOF
+    env "${menv[@]}" stunnel4 "$run/stunnel.conf" >"$run/server.log" 2>&1 &
+  fi
+  tls_pid=$!
+  for ((i = 0; i < 150; i++)); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$tls_port") 2>/dev/null && return 0
+    kill -0 "$tls_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  tls_error=$(cat "$run/server.log" "$run/error.log" 2>/dev/null | grep -v '^\[ \]' | head -1 | tr ',' ';' || true)
+  tls_error=${tls_error:-does not listen}
+  tls_stop
+  return 1
+}
+
+tls_stop() {
+  local i
+  [ -n "$tls_pid" ] || return 0
+  kill "$tls_pid" 2>/dev/null || true
+  for ((i = 0; i < 50; i++)); do kill -0 "$tls_pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$tls_pid" 2>/dev/null || true
+  wait "$tls_pid" 2>/dev/null || true
+  tls_pid=""
+}
+
+# tls_client PORT DEADLINE: s_time until DEADLINE (epoch seconds), again after
+# a failed handshake (s_time stops at the first); prints "handshakes failures".
+tls_client() {
+  local n=0 e=0 left out k
+  while left=$(($2 - $(date +%s))); [ "$left" -gt 0 ]; do
+    if ! out=$(timeout -k 2 $((left + 20)) openssl s_time -connect "127.0.0.1:$1" -new -time "$left" 2>&1); then
+      e=$((e + 1))
+      sleep 0.1
+    fi
+    k=$(sed -n 's/^\([0-9]*\) connections in [0-9.]*s;.*/\1/p' <<<"$out" | head -1 || true)
+    n=$((n + ${k:-0}))
+  done
+  echo "$n $e"
+}
+
+# tls_measure PORT SECONDS: $tls_clients clients at once; sets $hs_s
+# (handshakes per second of wall time) and $hs_err (failed handshakes).
+tls_measure() {
+  local c t0 t1 deadline n=0 e=0 a b
+  local -a pids=()
+  t0=$(date +%s.%N)
+  deadline=$(($(date +%s) + $2))
+  for ((c = 0; c < tls_clients; c++)); do
+    tls_client "$1" "$deadline" >"$tls_dir/client.$c" &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  t1=$(date +%s.%N)
+  for ((c = 0; c < tls_clients; c++)); do
+    read -r a b <"$tls_dir/client.$c"
+    n=$((n + a))
+    e=$((e + b))
+  done
+  hs_s=$(awk -v n="$n" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", n / (b - a) }')
+  hs_err=$e
+}
+
+# tls_case BACKEND KEY SERVER: every configuration $runs times, interleaved,
+# each on a freshly started server with a warm-up second (logins, the
+# sessions the server keeps); the medians, and the ratio to direct (median
+# of the per-run ratios).
+tls_case() {
+  local backend=$1 key=$2 server=$3 c r
+  local -A val=() errs=() states=()
+  for ((r = 1; r <= runs; r++)); do
+    for c in direct serialize multiplex; do
+      local st=ok
+      hs_err=""
+      if tls_start "$server" "$backend" "$c" "$key"; then
+        tls_measure "$tls_port" 1
+        tls_measure "$tls_port" "$tls_duration"
+        kill -0 "$tls_pid" 2>/dev/null || st="server died"
+        tls_stop
+        val[$c/$r]=$hs_s
+        errs[$c]=$((${errs[$c]:-0} + hs_err))
+        [ "$hs_err" = 0 ] || [ "$st" != ok ] || st=errors
+      else
+        st="no start: $tls_error"
+      fi
+      echo "tls,$backend,$key,$server,$c,$r,${val[$c/$r]:-},$hs_err,$st" >>"$out/tls-runs.csv"
+      [[ " ${states[$c]:-} " == *" $st "* ]] || states[$c]+="${states[$c]:+ / }$st"
+    done
+  done
+  local line m lo hi ratio
+  line="  $(printf '%-7s %-3s %-7s' "$backend" "$key" "$server")"
+  for c in direct serialize multiplex; do
+    local -a v=() q=()
+    m="" lo="" hi="" ratio=""
+    for ((r = 1; r <= runs; r++)); do
+      [ -n "${val[$c/$r]:-}" ] || continue
+      v+=("${val[$c/$r]}")
+      [ "$c" = direct ] || [ -z "${val[direct/$r]:-}" ] ||
+        q+=("$(awk -v a="${val[$c/$r]}" -v b="${val[direct/$r]}" 'BEGIN { print (b > 0) ? a / b : 0 }')")
+    done
+    if [ ${#v[@]} -gt 0 ]; then
+      m=$(median "${v[@]}")
+      lo=$(printf '%s\n' "${v[@]}" | sort -g | head -1)
+      hi=$(printf '%s\n' "${v[@]}" | sort -g | tail -1)
+    fi
+    [ ${#q[@]} -eq 0 ] || ratio=$(printf '%.2f' "$(median "${q[@]}")")
+    line+="  $c ${m:+$(printf '%.0f/s' "$m")}${ratio:+ (${ratio}x)}"
+    [ "${states[$c]}" = ok ] || line+=" [${states[$c]}; ${errs[$c]:-0} failed]"
+    echo "$backend,$key,$server,$c,${#v[@]},$m,$lo,$hi,$ratio,${errs[$c]:-0},${states[$c]}" >>"$out/tls.csv"
+  done
+  echo "$line"
+}
+
+if want tls; then
+  echo "== TLS handshakes per second, key on the token ($tls_clients s_time clients, ${tls_duration} s per run; ratio to direct)"
+  echo "backend,key,server,config,runs,median_handshakes_per_sec,min,max,ratio_to_direct,failed_handshakes,status" >"$out/tls.csv"
+  echo "section,backend,key,server,config,run,handshakes_per_sec,failed_handshakes,status" >"$out/tls-runs.csv"
+  if tls_setup; then
+    for backend in "${tls_backends[@]}"; do
+      for key in "${tls_keys[@]}"; do
+        for server in "${tls_servers[@]}"; do
+          tls_case "$backend" "$key" "$server"
+        done
+      done
+    done
+  fi
+fi
+
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 elapsed=$(($(date +%s) - started))
 echo "bench: done in $((elapsed / 60)) min $((elapsed % 60)) s; load average now $load_end"
@@ -434,9 +726,38 @@ load_end='$load_end'
 elapsed='$elapsed'
 EOF
 "$repo/tests/bench/report.sh" "$out"
+if [ -s "$out/tls.csv" ] && [ "$(wc -l <"$out/tls.csv")" -gt 1 ]; then
+  {
+    echo
+    echo "## TLS handshakes per second"
+    echo
+    echo "Full handshakes (TLSv1.3, no resumption), the server key on the token through"
+    echo "the OpenSSL pkcs11 engine; $tls_clients \`openssl s_time -new\` clients for ${tls_duration} s,"
+    echo "median of $runs run(s), ratio to direct. nginx with 2 workers, stunnel with a"
+    echo "thread per connection. \"slow\" is libp11mux-slow.so over SoftHSM2, at most 4"
+    echo "sessions per process, latency (µs) ${tls_slow_latency:-open=2000,close=1000,login=2000,crypto=500}."
+    echo
+    echo "| backend | key | server | direct | serialize | multiplex |"
+    echo "|---|---|---|---|---|---|"
+    awk -F, 'NR > 1 {
+      k = $1 "|" $2 "|" $3
+      if (!(k in seen)) { seen[k] = 1; order[++n] = k }
+      cell = ($6 == "") ? "n/a" : sprintf("%.0f/s", $6)
+      if ($9 != "") cell = cell sprintf(" (%.2fx)", $9)
+      if ($11 != "ok") cell = cell " [" $11 "; " $10 " failed]"
+      c[k "|" $4] = cell
+    } END {
+      for (i = 1; i <= n; i++) {
+        split(order[i], p, "|")
+        printf "| %s | %s | %s | %s | %s | %s |\n", p[1], p[2], p[3],
+          c[order[i] "|direct"], c[order[i] "|serialize"], c[order[i] "|multiplex"]
+      }
+    }' "$out/tls.csv"
+  } >>"$out/results.md"
+fi
 if [ "$publish" = 1 ]; then
   mkdir -p "$repo/docs/bench"
-  for f in results.md results.csv callgrind.csv throughput.png; do
+  for f in results.md results.csv callgrind.csv tls.csv throughput.png; do
     [ ! -e "$out/$f" ] || cp "$out/$f" "$repo/docs/bench/"
   done
   echo "bench: copied to docs/bench/"
