@@ -25,19 +25,19 @@ while IFS= read -r name; do
 done < <(compgen -e P11MUX_)
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/p11mux-client.XXXXXX") || exit 1
-# Every process a test starts in the background is stopped on exit.
+# Every process a mode's steps start in the background (`started PID`) is
+# stopped when those steps end, however they end: compare_modes runs them in a
+# subshell with its own EXIT trap.
 STARTED=()
-cleanup() {
+started() { STARTED+=("$1"); }
+stop_started() {
   local pid
   for pid in "${STARTED[@]}"; do
     kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
   done
-  rm -rf "$WORK"
+  STARTED=()
 }
-trap cleanup EXIT
-
-# started PID: stop PID when the test ends.
-started() { STARTED+=("$1"); }
+trap 'stop_started; rm -rf "$WORK"' EXIT
 
 require_tools() {
   local tool
@@ -107,7 +107,7 @@ compare_modes() {
   local mode rc failed=0
   for mode in "${MODES[@]}"; do
     prepare_case "$mode"
-    (client_steps) >"$WORK/$mode.raw" 2>&1
+    (trap stop_started EXIT; client_steps) >"$WORK/$mode.raw" 2>&1
     rc=$?
     echo "exit $rc" >>"$WORK/$mode.raw"
     normalize <"$WORK/$mode.raw" >"$WORK/$mode.out"

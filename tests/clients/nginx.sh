@@ -46,7 +46,7 @@ http {
 EOF
   OPENSSL_CONF=$CASE/openssl.cnf nginx -p "$CASE" -c "$CASE/nginx.conf" &
   local nginx=$!
-  server_started "$nginx"
+  started "$nginx"
   if ! wait_port "$port" "$nginx"; then
     echo "nginx does not listen"
     cat "$CASE/logs/error.log" 2>/dev/null

@@ -24,7 +24,7 @@ client_steps() {
   "$python" -m http.server --bind 127.0.0.1 --directory "$CASE/www" "$backend_port" \
     >"$CASE/backend.log" 2>&1 &
   local backend=$!
-  server_started "$backend"
+  started "$backend"
   cat >"$CASE/stunnel.conf" <<EOF
 foreground = yes
 pid = $CASE/stunnel.pid
@@ -45,7 +45,7 @@ options = NO_TICKET
 EOF
   stunnel4 "$CASE/stunnel.conf" >"$CASE/stunnel.out" 2>&1 &
   local stunnel=$!
-  server_started "$stunnel"
+  started "$stunnel"
   if ! wait_port "$backend_port" "$backend"; then
     echo "the backend does not listen"
     cat "$CASE/backend.log"

@@ -46,22 +46,6 @@ EOF
   echo "key and certificate on the token"
 }
 
-# Servers a case starts, stopped when client_steps ends however it ends:
-# compare_modes runs client_steps in a subshell, where common.sh's `started`
-# list and EXIT trap do not reach.
-SERVERS=()
-server_started() {
-  SERVERS+=("$1")
-  trap stop_servers EXIT
-}
-stop_servers() {
-  local pid
-  for pid in "${SERVERS[@]}"; do
-    kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-  done
-  SERVERS=()
-}
-
 # Paths that differ between the modes: this mode's directory, the module.
 normalize_paths() {
   sed -e "s|$WORK/[a-z]*/|CASE/|g" -e "s|$SOFTHSM2_MODULE|MODULE|g" -e "s|$P11MUX_LIBRARY|MODULE|g"
