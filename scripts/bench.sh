@@ -73,6 +73,8 @@ EOF
 }
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# The TLS servers' configuration files, shared with the client tests.
+source "$repo/tests/clients/tls_config.sh"
 runs=3
 duration=1.5
 warmup=0.5
@@ -464,18 +466,7 @@ free_port() {
 
 # tls_engine_conf NAME MODULE: an openssl.cnf loading the engine for MODULE.
 tls_engine_conf() {
-  cat >"$tls_dir/openssl-$1.cnf" <<EOF
-openssl_conf = openssl_init
-[openssl_init]
-engines = engine_section
-[engine_section]
-pkcs11 = pkcs11_section
-[pkcs11_section]
-engine_id = pkcs11
-dynamic_path = $engine
-MODULE_PATH = $2
-init = 1
-EOF
+  openssl_engine_conf "$engine" "$2" 1 >"$tls_dir/openssl-$1.cnf"
 }
 
 tls_key_uri() { echo "pkcs11:token=bench;object=tls-$1;type=private;pin-value=123456"; }
@@ -536,31 +527,8 @@ tls_start() {
   if [ "$server" = nginx ]; then
     # The workers' environment is cleared: p11mux in them starts from the
     # master's configuration.
-    cat >"$run/nginx.conf" <<EOF
-$([ "$(id -u)" != 0 ] || echo "user root;")
-daemon off;
-master_process on;
-worker_processes 2;
-pid $run/nginx.pid;
-error_log $run/error.log error;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $run/tmp-body;
-  proxy_temp_path $run/tmp-proxy;
-  fastcgi_temp_path $run/tmp-fastcgi;
-  uwsgi_temp_path $run/tmp-uwsgi;
-  scgi_temp_path $run/tmp-scgi;
-  server {
-    listen 127.0.0.1:$tls_port ssl;
-    ssl_certificate $tls_dir/$key.pem;
-    ssl_certificate_key "engine:pkcs11:$(tls_key_uri "$key")";
-    ssl_protocols TLSv1.3;
-    ssl_session_cache off;
-    ssl_session_tickets off;
-  }
-}
-EOF
+    nginx_conf "$run" "$tls_port" "$tls_dir/$key.pem" "$(tls_key_uri "$key")" error \
+      "ssl_protocols TLSv1.3" >"$run/nginx.conf"
     env "${menv[@]}" OPENSSL_CONF="$tls_dir/openssl-run.cnf" nginx -p "$run" -c "$run/nginx.conf" \
       >"$run/server.log" 2>&1 &
   else

@@ -127,5 +127,13 @@ compare_modes() {
     failed=1
   fi
   [[ $failed == 0 ]] && echo "PASS: serialize and multiplex match SoftHSM2 directly"
+  # What a mode's steps wrote to $WORK/$MODE.info: figures that vary from run
+  # to run (timings, interleavings), shown but not compared.
+  if compgen -G "$WORK/*.info" >/dev/null; then
+    echo "-- not compared (varies from run to run):"
+    for mode in "${MODES[@]}"; do
+      sed "s/^/$mode: /" "$WORK/$mode.info" 2>/dev/null
+    done
+  fi
   return $failed
 }

@@ -16,40 +16,14 @@ client_steps() {
   port=$(free_port)
   mkdir -p "$CASE/www" "$CASE/logs"
   echo "p11mux-page served by nginx" >"$CASE/www/index.html"
-  # nginx needs `user` only when started as root (it then switches to it).
-  local user_line=""
-  [[ $(id -u) == 0 ]] && user_line="user root;"
-  cat >"$CASE/nginx.conf" <<EOF
-$user_line
-daemon off;
-master_process on;
-worker_processes 2;
-pid $CASE/nginx.pid;
-error_log $CASE/logs/error.log notice;
-events { worker_connections 64; }
-http {
-  access_log off;
-  client_body_temp_path $CASE/tmp-body;
-  proxy_temp_path $CASE/tmp-proxy;
-  fastcgi_temp_path $CASE/tmp-fastcgi;
-  uwsgi_temp_path $CASE/tmp-uwsgi;
-  scgi_temp_path $CASE/tmp-scgi;
-  server {
-    listen 127.0.0.1:$port ssl;
-    ssl_certificate $CASE/cert.pem;
-    ssl_certificate_key "engine:pkcs11:$KEY_URI";
-    ssl_session_cache off;
-    ssl_session_tickets off;
-    root $CASE/www;
-  }
-}
-EOF
+  nginx_conf "$CASE" "$port" "$CASE/cert.pem" "$KEY_URI" notice "root $CASE/www" \
+    >"$CASE/nginx.conf"
   OPENSSL_CONF=$CASE/openssl.cnf nginx -p "$CASE" -c "$CASE/nginx.conf" &
   local nginx=$!
   started "$nginx"
   if ! wait_port "$port" "$nginx"; then
     echo "nginx does not listen"
-    cat "$CASE/logs/error.log" 2>/dev/null
+    cat "$CASE/error.log" 2>/dev/null
     return 1
   fi
   # The workers: two, and P11MUX_CONFIG is not in their environment.
@@ -69,9 +43,9 @@ EOF
   wait "$nginx"
   echo "nginx stopped: exit $?"
   local errors
-  errors=$(grep -cE '\[(alert|emerg|crit)\]' "$CASE/logs/error.log")
+  errors=$(grep -cE '\[(alert|emerg|crit)\]' "$CASE/error.log")
   echo "nginx errors logged: $errors"
-  grep -m1 -E '\[(alert|emerg|crit)\]' "$CASE/logs/error.log"
+  grep -m1 -E '\[(alert|emerg|crit)\]' "$CASE/error.log"
   return $rc
 }
 

@@ -4,6 +4,7 @@
 # RSA-PSS. OpenSSL verifies every signature in software with the public key it
 # exported from the token. pkcs11-tool makes the keys, through the same module.
 source "$(dirname "$0")/common.sh"
+source "$(dirname "$0")/tls_config.sh"
 require_tools openssl pkcs11-tool softhsm2-util timeout cmp
 
 ENGINES_DIR=$(openssl version -e | sed -E 's/^ENGINESDIR: "(.*)"$/\1/')
@@ -15,21 +16,9 @@ fi
 
 client_steps() {
   local token="pkcs11:token=$LABEL" key
-  cat >"$CASE/openssl.cnf" <<EOF
-openssl_conf = openssl_init
-
-[openssl_init]
-engines = engine_section
-
-[engine_section]
-pkcs11 = pkcs11_section
-
-[pkcs11_section]
-engine_id = pkcs11
-dynamic_path = $ENGINES_DIR/pkcs11.so
-MODULE_PATH = $MODULE
-PIN = $PIN
-init = 0
+  {
+    openssl_engine_conf "$ENGINES_DIR/pkcs11.so" "$MODULE" 0 "$PIN"
+    cat <<EOF
 
 [req]
 distinguished_name = req_dn
@@ -42,6 +31,7 @@ basicConstraints = critical,CA:TRUE
 keyUsage = critical,digitalSignature,keyCertSign
 subjectKeyIdentifier = hash
 EOF
+  } >"$CASE/openssl.cnf"
   export OPENSSL_CONF=$CASE/openssl.cnf
   local engine=(-engine pkcs11 -keyform engine)
   step "engine" openssl engine -t pkcs11

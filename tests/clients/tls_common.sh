@@ -2,6 +2,7 @@
 # Shared steps of the TLS server tests (nginx.sh, stunnel.sh), sourced after
 # common.sh: a key on the token, its certificate, the OpenSSL engine's
 # configuration, and bounded handshake loops.
+source "$(dirname "${BASH_SOURCE[0]}")/tls_config.sh"
 readonly PKCS11_ENGINE=${P11MUX_TEST_PKCS11_ENGINE:-/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so}
 readonly KEY_LABEL=tls-key
 # The key as the libp11 engine names it; the PIN is in the URI because a
@@ -28,18 +29,7 @@ tls_key_and_cert() {
   pkcs11-tool --module "$MODULE" --login --pin "$PIN" --keypairgen --key-type "$1" \
     --label "$KEY_LABEL" --id 01 >"$CASE/keygen.log" 2>&1 ||
     { echo "keygen failed:"; cat "$CASE/keygen.log"; return 1; }
-  cat >"$CASE/openssl.cnf" <<EOF
-openssl_conf = openssl_init
-[openssl_init]
-engines = engine_section
-[engine_section]
-pkcs11 = pkcs11_section
-[pkcs11_section]
-engine_id = pkcs11
-dynamic_path = $PKCS11_ENGINE
-MODULE_PATH = $MODULE
-init = 1
-EOF
+  openssl_engine_conf "$PKCS11_ENGINE" "$MODULE" 1 >"$CASE/openssl.cnf"
   OPENSSL_CONF=$CASE/openssl.cnf openssl req -new -x509 -days 2 -subj /CN=localhost \
     -engine pkcs11 -keyform engine -key "$KEY_URI" -out "$CASE/cert.pem" \
     >"$CASE/req.log" 2>&1 || { echo "certificate failed:"; cat "$CASE/req.log"; return 1; }
