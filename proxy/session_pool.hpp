@@ -17,9 +17,9 @@
 // Its figures (open, idle, in use, waits, sessions discarded as dead) go to
 // the observer's PoolMetricsRegistry as they change, with relaxed atomics.
 //
-// Lock order (see also session_table.hpp): Session::lock, then the registry
-// lock, then a SlotPool's lock, then a ThreadCache's lock. No backend call
-// and no log record is made under the registry, slot or cache locks.
+// Lock order: proxy/lock.hpp (the registry lock, then a SlotPool's lock, then
+// a ThreadCache's lock, all after Session::lock). No backend call and no log
+// record is made under the registry, slot or cache locks.
 #pragma once
 
 #include "config.hpp"
@@ -178,8 +178,10 @@ class SessionPool {
   std::array<std::atomic<SlotPool*>, kMaxSlots> slots_{};
   std::atomic<std::size_t> slot_count_{0};
   std::atomic<bool> interrupted_{false};  // interrupt_waiters() was called
-  Mutex registry_lock_;  // guards slot creation and caches_
-  std::vector<ThreadCache*> caches_;
+  // Guards slot creation (slots_ and slot_count_ are atomics, written under
+  // it and read without it) and caches_.
+  Mutex registry_lock_;
+  std::vector<ThreadCache*> caches_ GUARDED_BY(registry_lock_);
 };
 
 }  // namespace p11mux
