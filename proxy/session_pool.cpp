@@ -42,7 +42,7 @@ class SessionPool::SlotPool {
       : id(slot_id), lock(locks), figures(reported != nullptr ? reported : &unreported) {}
 
   const CK_SLOT_ID id;
-  Mutex lock;
+  Mutex lock ACQUIRED_AFTER(SessionPool::registry_lock_);
   std::vector<Idle> idle[2] GUARDED_BY(lock);        // [rw]
   unsigned long open[2] GUARDED_BY(lock) = {0, 0};   // backend sessions open or being opened, [rw]
   unsigned long app_sessions GUARDED_BY(lock) = 0;   // the application's virtual sessions on this slot
@@ -151,7 +151,7 @@ class SessionPool::ThreadCache {
     bool rw;
     Idle idle;
   };
-  Mutex lock;
+  Mutex lock ACQUIRED_AFTER(SessionPool::SlotPool::lock);
   std::array<Entry, kThreadCacheSize> entries GUARDED_BY(lock){};
   std::size_t count GUARDED_BY(lock) = 0;
 
