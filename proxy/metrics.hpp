@@ -173,7 +173,9 @@ class PoolMetricsRegistry {
     SlotPoolMetrics metrics;
     Node* next;
   };
-  Mutex lock_;  // serializes additions; readers need none
+  // Serializes additions; readers need none (head_ is an atomic, and a node
+  // is immutable once published). A leaf of the lock order (lock.hpp).
+  Mutex lock_;
   std::atomic<Node*> head_{nullptr};
 };
 

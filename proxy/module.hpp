@@ -73,6 +73,9 @@ class Module {
   std::atomic<std::uint32_t> phase_{uninitialized};
   std::atomic<bool> forked_{false};
   std::atomic<bool> fork_handler_registered_{false};
+  // No lock guards the plain fields below: phase_ (a compare-and-swap) lets
+  // one thread at a time initialize or finalize, and they are written only
+  // then or in the fork handlers, as each says.
   // The forking thread's own entry, from prepare to parent (glibc runs one
   // fork's handlers at a time, under its atfork lock).
   bool fork_entered_ = false;

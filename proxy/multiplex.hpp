@@ -111,8 +111,11 @@ template <class F>
 // The binding holding the call's message-based operation, once it is free
 // (waits_for_its_operation). Called and returns with s.lock held; the caller
 // counts in in_flight, so the session stays open while we wait.
+// NO_THREAD_SAFETY_ANALYSIS: it releases and retakes a lock its caller holds
+// through a SessionLease, which the analysis cannot see (session_table.hpp).
 template <class F>
-[[gnu::cold, gnu::noinline]] Binding* claim_when_free(Session& s, std::uint64_t me) noexcept {
+[[gnu::cold, gnu::noinline]] Binding* claim_when_free(Session& s, std::uint64_t me) noexcept
+    NO_THREAD_SAFETY_ANALYSIS {
   constexpr Effect e = effect<F>;
   for (;;) {
     int holders = 0;
@@ -230,10 +233,13 @@ struct Release {
 // binding that holds (or may hold) one of them, once none of those is busy.
 // False, with nothing done, when no binding holds any: then it runs where
 // any other call would.
+// NO_THREAD_SAFETY_ANALYSIS: it waits with its SessionLease's lock released
+// and retaken, which the analysis cannot see (session_table.hpp).
 template <class Observation, class CallBackend>
 [[gnu::cold, gnu::noinline]] bool cancel_where_held(Runtime& rt, Observation& seen,
                                                     CallBackend call_backend, CK_SESSION_HANDLE handle,
-                                                    CK_FLAGS flags, CK_RV& rv) noexcept {
+                                                    CK_FLAGS flags, CK_RV& rv) noexcept
+    NO_THREAD_SAFETY_ANALYSIS {
   using F = fn::C_SessionCancel;
   const OpMask named = ops_of_cancel_flags(flags);
   // Flags p11mux does not know go to every binding it cancels on.

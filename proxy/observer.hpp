@@ -82,6 +82,10 @@ class Observer {
   LiveFigures live_figures() const;
   void take_summary_request() noexcept;
 
+  // No lock guards these (thread_safety.hpp): the constructor, start() and
+  // stop() write them on the initializing or finalizing thread, before the
+  // stats thread starts and before any call gets in, or after both are over;
+  // in between they are only read. The figures they point at are atomics.
   const std::shared_ptr<spdlog::logger> logger_;  // for dropped_records()
   spdlog::logger& log_;
   const bool may_create_threads_;

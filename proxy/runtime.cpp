@@ -118,7 +118,9 @@ SessionPool::Fate Runtime::reset_backend_session(Binding& s) noexcept {
   return Fate::reuse;
 }
 
-CK_RV Runtime::close_session(SessionLease lease) noexcept {
+// NO_THREAD_SAFETY_ANALYSIS: it hands the session's lock back to a lease
+// (session_table.hpp).
+CK_RV Runtime::close_session(SessionLease lease) noexcept NO_THREAD_SAFETY_ANALYSIS {
   Session* s = &*lease;
   // No new call gets in; multiplexed calls still running finish first.
   s->closing = true;

@@ -92,13 +92,16 @@ class Runtime {
   bool observing_;
   std::unique_ptr<Backend> backend_;
   CK_FUNCTION_LIST_3_0 functions_;  // copied: one indirection less per call
-  std::unique_ptr<Mutex> backend_lock_;
+  std::unique_ptr<Mutex> backend_lock_;  // guards the backend's own state: no field of ours
   SessionTable sessions_;
   std::unique_ptr<SessionPool> pool_;
   std::unique_ptr<PoolMaintenance> maintenance_;  // only with a period configured and threads allowed
-  std::atomic<std::uint32_t> stopping_{0};
   // Held by a polling C_WaitForSlotEvent across "not stopping? then ask the
   // backend", and by shutdown() to set stopping_: no poll after finalization.
+  // stopping_ is an atomic (also read without it); the lock orders a poll
+  // against shutdown(), which GUARDED_BY cannot say. Taken before the backend
+  // lock (lock.hpp).
+  std::atomic<std::uint32_t> stopping_{0};
   Mutex poll_lock_;
   std::atomic<std::uint32_t> waiters_{0};
 

@@ -42,28 +42,30 @@ class SessionPool::SlotPool {
       : id(slot_id), lock(locks), figures(reported != nullptr ? reported : &unreported) {}
 
   const CK_SLOT_ID id;
-  Mutex lock;
-  // Guarded by lock.
-  std::vector<Idle> idle[2];        // [rw]
-  unsigned long open[2] = {0, 0};   // backend sessions open or being opened, [rw]
-  unsigned long app_sessions = 0;   // the application's virtual sessions on this slot
-  unsigned long app_read_only = 0;  // ... of which read-only
+  Mutex lock ACQUIRED_AFTER(SessionPool::registry_lock_);
+  std::vector<Idle> idle[2] GUARDED_BY(lock);        // [rw]
+  unsigned long open[2] GUARDED_BY(lock) = {0, 0};   // backend sessions open or being opened, [rw]
+  unsigned long app_sessions GUARDED_BY(lock) = 0;   // the application's virtual sessions on this slot
+  unsigned long app_read_only GUARDED_BY(lock) = 0;  // ... of which read-only
   // The limit in force; `ceiling` is the configured or reported one. Below
   // the ceiling, the limit was learned from CKR_SESSION_COUNT: from
   // probe_after on, one session above it may be tried (probing).
-  unsigned long limit = kUnlimited, ceiling = kUnlimited, rw_limit = kUnlimited;
-  Clock::time_point probe_after{};
-  bool probing = false;
-  unsigned refusals = 0;  // CKR_SESSION_COUNT answers in a row, below the limit
-  bool logging_out = false;  // the last application session's C_Logout is under way
+  unsigned long limit GUARDED_BY(lock) = kUnlimited;
+  unsigned long ceiling GUARDED_BY(lock) = kUnlimited;
+  unsigned long rw_limit GUARDED_BY(lock) = kUnlimited;
+  Clock::time_point probe_after GUARDED_BY(lock){};
+  bool probing GUARDED_BY(lock) = false;
+  unsigned refusals GUARDED_BY(lock) = 0;  // CKR_SESSION_COUNT answers in a row, below the limit
+  bool logging_out GUARDED_BY(lock) = false;  // the last application session's C_Logout is under way
 
+  // Atomics, read and written without the lock.
   std::atomic<std::uint64_t> generation{0};  // bumped when the device may have restarted
   std::atomic<std::uint32_t> returns{0};     // futex word: bumped whenever room appears
   std::atomic<std::uint32_t> waiters{0};
 
   // For /metrics: the registry's figures, or `unreported` if it had no memory.
   SlotPoolMetrics unreported;
-  SlotPoolMetrics* const figures;
+  SlotPoolMetrics* const figures;  // the pointer is constant; the figures are atomics
   void lent_idle() noexcept {
     figures->idle.add(-1);
     figures->in_use.add(1);
@@ -77,11 +79,13 @@ class SessionPool::SlotPool {
     if (were_idle) figures->idle.add(-n);
   }
 
-  unsigned long open_total() const noexcept { return open[0] + open[1]; }
-  bool kind_has_room(bool rw) const noexcept { return !rw || open[1] < rw_limit; }
-  bool has_room(bool rw) const noexcept { return open_total() < limit && kind_has_room(rw); }
+  unsigned long open_total() const noexcept REQUIRES(lock) { return open[0] + open[1]; }
+  bool kind_has_room(bool rw) const noexcept REQUIRES(lock) { return !rw || open[1] < rw_limit; }
+  bool has_room(bool rw) const noexcept REQUIRES(lock) {
+    return open_total() < limit && kind_has_room(rw);
+  }
   // At a learned limit, time to try one more (kLimitProbeInterval after the refusal).
-  bool may_probe(bool rw, Clock::time_point now) const noexcept {
+  bool may_probe(bool rw, Clock::time_point now) const noexcept REQUIRES(lock) {
     return limit < ceiling && !probing && now >= probe_after && open_total() < ceiling &&
            kind_has_room(rw);
   }
@@ -90,7 +94,8 @@ class SessionPool::SlotPool {
   // an HSM busy for a moment): true means try again at once. Refused twice
   // in a row, or refused a probe, that is the limit for now (never 0),
   // probed again later.
-  bool refused(unsigned long open_now, bool was_probe, Clock::time_point now) noexcept {
+  bool refused(unsigned long open_now, bool was_probe, Clock::time_point now) noexcept
+      REQUIRES(lock) {
     if (!was_probe && ++refusals < 2) return true;
     refusals = 0;
     limit = std::max<unsigned long>(open_now, 1);
@@ -99,7 +104,7 @@ class SessionPool::SlotPool {
   }
   // A session opened above the learned limit: the limit rises with it, and
   // the next probe may follow at once.
-  void probe_succeeded() noexcept {
+  void probe_succeeded() noexcept REQUIRES(lock) {
     limit = std::min(std::max(limit, open_total()), ceiling);
     probe_after = {};
   }
@@ -109,7 +114,7 @@ class SessionPool::SlotPool {
   }
   // Pops an idle session of this kind and generation; stale ones go to `stale`
   // (no longer counted as open: the caller closes them).
-  bool pop(bool rw, CK_SESSION_HANDLE& out, std::vector<CK_SESSION_HANDLE>& stale) {
+  bool pop(bool rw, CK_SESSION_HANDLE& out, std::vector<CK_SESSION_HANDLE>& stale) REQUIRES(lock) {
     std::uint64_t gen = generation.load(std::memory_order_acquire);
     auto& list = idle[rw];
     while (!list.empty()) {
@@ -146,15 +151,16 @@ class SessionPool::ThreadCache {
     bool rw;
     Idle idle;
   };
-  Mutex lock;
-  std::array<Entry, kThreadCacheSize> entries{};
-  std::size_t count = 0;
+  Mutex lock ACQUIRED_AFTER(SessionPool::SlotPool::lock);
+  std::array<Entry, kThreadCacheSize> entries GUARDED_BY(lock){};
+  std::size_t count GUARDED_BY(lock) = 0;
 
   // An idle session of this slot, kind and generation. Entries of the slot
   // from an older generation (given back before the device said a session
   // was gone) are stale: they are taken out too, into `stale`, and the caller
   // closes them and stops counting them as open.
-  bool pop(SlotPool& slot, bool rw, CK_SESSION_HANDLE& out, SessionPool::Stale& stale) noexcept {
+  bool pop(SlotPool& slot, bool rw, CK_SESSION_HANDLE& out, SessionPool::Stale& stale) noexcept
+      REQUIRES(lock) {
     std::uint64_t gen = slot.generation.load(std::memory_order_acquire);
     bool found = false;
     for (std::size_t i = count; i-- > 0;) {
@@ -248,6 +254,9 @@ CK_RV SessionPool::slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept {
     if (!full) {
       try {
         auto p = std::make_unique<SlotPool>(slot, locks_, figures_.slot(slot));
+        // Not yet published, so no other thread can hold it: its lock is
+        // taken only for the analysis (once per slot, uncontended).
+        MutexGuard slot_guard(p->lock);
         p->idle[0].reserve(16);
         p->idle[1].reserve(16);
         if (info_rv == CKR_OK) {

@@ -17,9 +17,9 @@
 // Its figures (open, idle, in use, waits, sessions discarded as dead) go to
 // the observer's PoolMetricsRegistry as they change, with relaxed atomics.
 //
-// Lock order (see also session_table.hpp): Session::lock, then the registry
-// lock, then a SlotPool's lock, then a ThreadCache's lock. No backend call
-// and no log record is made under the registry, slot or cache locks.
+// Lock order: proxy/lock.hpp (the registry lock, then a SlotPool's lock, then
+// a ThreadCache's lock, all after Session::lock). No backend call and no log
+// record is made under the registry, slot or cache locks.
 #pragma once
 
 #include "config.hpp"
@@ -112,7 +112,7 @@ class SessionPool {
   // C_Finalize, once the call gate is closed: calls waiting at the limit
   // (pool.wait_ms) return CKR_CRYPTOKI_NOT_INITIALIZED now, and no call
   // waits any more.
-  void interrupt_waiters() noexcept;
+  void interrupt_waiters() noexcept EXCLUDES(registry_lock_);
   // Closes every idle session (C_Finalize, after all virtual sessions closed).
   void close_all() noexcept;
   // Closes sessions idle longer than `idle`, pings those idle longer than
@@ -127,7 +127,7 @@ class SessionPool {
   static constexpr std::chrono::seconds kLimitProbeInterval{1};
   // Slots with a pool at most (each one the backend confirmed).
   static constexpr std::size_t kMaxSlots = 1024;
-  SlotFigures figures(CK_SLOT_ID slot) noexcept;  // for tests and metrics
+  SlotFigures figures(CK_SLOT_ID slot) noexcept EXCLUDES(registry_lock_);  // for tests and metrics
 
   std::uint64_t epoch() const noexcept { return epoch_; }
 
@@ -143,11 +143,11 @@ class SessionPool {
   };
   // The slot's pool, made on first use once the backend confirms the slot
   // (else its CKR code: CKR_SLOT_ID_INVALID...); find_slot never makes one.
-  CK_RV slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept;
+  CK_RV slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept EXCLUDES(registry_lock_);
   SlotPool* find_slot(CK_SLOT_ID slot) noexcept;
-  ThreadCache* this_thread_cache(bool create) noexcept;
+  ThreadCache* this_thread_cache(bool create) noexcept EXCLUDES(registry_lock_);
   CK_RV take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept;
-  bool steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept;
+  bool steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept EXCLUDES(registry_lock_);
   struct Stale;
   // Closes stale sessions taken out of a thread's cache; they no longer count as open.
   void drop_stale(SlotPool& pool, const Stale& stale) noexcept;
@@ -162,10 +162,11 @@ class SessionPool {
   // (the caller closes them); without, they still count (the caller puts
   // them back or forgets them). The one sweep over pools and caches.
   template <class Pick>
-  void sweep(SlotPool* only, bool forget, Pick pick, std::vector<Taken>& out) noexcept;
+  void sweep(SlotPool* only, bool forget, Pick pick, std::vector<Taken>& out) noexcept
+      EXCLUDES(registry_lock_);
   CK_RV backend_open(CK_SLOT_ID slot, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept;
   void backend_close(CK_SESSION_HANDLE handle) noexcept;
-  void retire(ThreadCache* cache) noexcept;
+  void retire(ThreadCache* cache) noexcept EXCLUDES(registry_lock_);
   friend struct ThreadCacheOwner;
 
   Backend backend_;
@@ -178,8 +179,10 @@ class SessionPool {
   std::array<std::atomic<SlotPool*>, kMaxSlots> slots_{};
   std::atomic<std::size_t> slot_count_{0};
   std::atomic<bool> interrupted_{false};  // interrupt_waiters() was called
-  Mutex registry_lock_;  // guards slot creation and caches_
-  std::vector<ThreadCache*> caches_;
+  // Guards slot creation (slots_ and slot_count_ are atomics, written under
+  // it and read without it) and caches_.
+  Mutex registry_lock_;
+  std::vector<ThreadCache*> caches_ GUARDED_BY(registry_lock_);
 };
 
 }  // namespace p11mux

@@ -7,9 +7,8 @@
 // close finds either the live session or a mismatched handle, never freed
 // memory. Looking up a handle takes no table lock; only open and close do.
 //
-// Lock order (one place, kept everywhere): Session::lock, then the backend
-// lock (Runtime), then SessionTable's free-list lock. The free-list lock is
-// never held across a backend call.
+// Lock order: proxy/lock.hpp. The free-list lock is a leaf, never held
+// across a backend call or together with a Session::lock.
 #pragma once
 
 #include "close_reason.hpp"
@@ -64,6 +63,10 @@ struct Session {
 
   // Guarded by `lock` (read without it only by the notify trampoline, which
   // runs inside a backend call that this session's open or call started).
+  // Not GUARDED_BY(lock) for clang: the lock is held through a SessionLease,
+  // handed from SessionTable::lease() to its caller, and the analysis does
+  // not follow a lock across a function's return. The same holds for the
+  // fields below and for Binding's (anchor, extra, closing).
   CK_SLOT_ID slot = 0;
   bool rw = false;                       // R/W or R/O: the pool kind of its backend sessions
   CK_SESSION_HANDLE opening_handle = 0;  // the handle being opened, for Notify
@@ -81,6 +84,12 @@ struct Session {
 };
 
 // A locked, live session; unlocks when it goes out of scope.
+//
+// Not a SCOPED_CAPABILITY: a lease is returned by value (lease(), reserve())
+// and moved, and clang's analysis forgets a scoped capability across a
+// return, so it would report every lease's unlock as "not held". The
+// functions that hand a session's lock to a lease opt out of the analysis
+// (NO_THREAD_SAFETY_ANALYSIS), each saying so.
 class SessionLease {
  public:
   SessionLease() noexcept = default;
@@ -91,7 +100,7 @@ class SessionLease {
     return *this;
   }
   SessionLease(const SessionLease&) = delete;  // exactly one unlock per lock
-  [[gnu::always_inline]] ~SessionLease() {
+  [[gnu::always_inline]] ~SessionLease() NO_THREAD_SAFETY_ANALYSIS {  // the lease's lock
     if (s_ != nullptr) s_->lock.unlock();
   }
   explicit operator bool() const noexcept { return s_ != nullptr; }
@@ -150,14 +159,17 @@ class SessionTable {
   SessionTable& operator=(const SessionTable&) = delete;
 
   // The live session with this handle, locked; empty for a stale or bogus one.
+  // NO_THREAD_SAFETY_ANALYSIS (here and below): the lock goes to the lease.
   [[gnu::always_inline]] SessionLease lease(CK_SESSION_HANDLE handle) noexcept {
-    return lease(handle, [](Mutex& lock) __attribute__((always_inline)) { lock.lock(); });
+    return lease(handle, [](Mutex& lock) __attribute__((always_inline))
+                             NO_THREAD_SAFETY_ANALYSIS { lock.lock(); });
   }
   // The same, taking the session's lock with lock_session(Mutex&): the hook
   // where metrics time the wait for it (lock contention).
   template <class LockSession>
   [[gnu::always_inline]] SessionLease lease(CK_SESSION_HANDLE handle,
-                                            LockSession&& lock_session) noexcept {
+                                            LockSession&& lock_session) noexcept
+      NO_THREAD_SAFETY_ANALYSIS {
     CK_SESSION_HANDLE slot_number = handle & kIndexMask;
     if (slot_number == 0) return {};
     std::size_t index = slot_number - 1;
@@ -213,11 +225,13 @@ class SessionTable {
   void release_index(std::uint32_t index) noexcept;
 
   const LockSource& locks_;
-  std::uint64_t floor_ = 0;  // generations of this table are above it
+  std::uint64_t floor_ = 0;  // generations of this table are above it; set before any session opens
   std::array<std::atomic<Chunk*>, kMaxChunks> chunks_{};
   std::atomic<std::size_t> chunk_count_{0};
-  Mutex free_lock_;                   // guards free_ and chunk growth
-  std::vector<std::uint32_t> free_;   // entry indexes ready for reuse
+  // Guards free_ and chunk growth (chunks_ and chunk_count_ are atomics,
+  // written under it and read without it).
+  Mutex free_lock_;
+  std::vector<std::uint32_t> free_ GUARDED_BY(free_lock_);  // entry indexes ready for reuse
   std::atomic<std::size_t> live_{0};
 };
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean clone: installs what is needed, builds
 # p11mux three times (plain, ThreadSanitizer, AddressSanitizer+UBSan) with
-# warnings as errors, and runs the tests in each; then fuzzes it for a minute
-# (a fourth build, clang with libFuzzer). Exits non-zero on any failure.
+# warnings as errors, and runs the tests in each; builds the library with
+# clang's thread-safety analysis; then fuzzes it for a minute (clang with
+# libFuzzer). Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -23,6 +24,14 @@ run() {
 echo "== plain build: every test"
 build build/release -DCMAKE_BUILD_TYPE=RelWithDebInfo
 run build/release
+
+# Clang's thread-safety analysis (proxy/lock.hpp): the library only, as
+# errors, then the two tests that show the analysis rejects an unguarded access.
+echo "== thread-safety build (clang -Wthread-safety): the library"
+cmake -S . -B build/thread-safety -G Ninja -DP11MUX_WERROR=ON -DCMAKE_BUILD_TYPE=Debug \
+  -DCMAKE_CXX_COMPILER=clang++ -DP11MUX_THREAD_SAFETY=ON -DP11MUX_BUILD_EXAMPLES=OFF >/dev/null
+cmake --build build/thread-safety -j "$jobs" --target p11mux
+run build/thread-safety -R '^thread-safety-'
 
 # Programs we do not build (pkcs11-tool, p11tool) cannot load a sanitized
 # library, so the sanitizer runs leave out the tests labelled `external`.
