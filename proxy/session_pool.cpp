@@ -269,7 +269,9 @@ CK_RV SessionPool::slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept {
 
 SessionPool::ThreadCache* SessionPool::this_thread_cache(bool create) noexcept {
   ThreadCacheOwner& owner = this_thread_owner;
-  if (owner.cache != nullptr && owner.epoch == epoch_) return owner.cache;
+  // One cache per thread, for one pool: with several pools (one per backend
+  // port) a thread's cache belongs to the pool that made it last.
+  if (owner.cache != nullptr && owner.pool == this && owner.epoch == epoch_) return owner.cache;
   if (!create) return nullptr;
   try {
     auto cache = std::make_unique<ThreadCache>(locks_);
