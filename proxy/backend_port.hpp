@@ -3,7 +3,7 @@
 // backend-loader), a copy of its function table with every NULL entry
 // answering CKR_FUNCTION_NOT_SUPPORTED (backend_table.hpp), and, when the
 // backend is not thread-safe, the lock held around every call into it.
-// A call is call<&CK_FUNCTION_LIST_3_0::C_X>(args...): the lock (if any),
+// A call is call<fn::C_X>(args...) (function_traits.hpp): the lock (if any),
 // one load of the entry, the call; it inlines to what a hand-written call
 // site did. The runtime owns its port and hands it to the session pool; the
 // port is no singleton (one per backend module), so that one runtime could
@@ -33,12 +33,12 @@ class BackendPort {
   BackendPort(const BackendPort&) = delete;  // owns the backend and its lock
   BackendPort& operator=(const BackendPort&) = delete;
 
-  // Calls the backend's `Member` with `a`, under the serialization lock when
-  // there is one. Never jumps through NULL.
-  template <auto Member, class... A>
+  // Calls the backend's function F (fn::C_X) with `a`, under the
+  // serialization lock when there is one. Never jumps through NULL.
+  template <class F, class... A>
   [[gnu::always_inline]] CK_RV call(A... a) const noexcept {
     OptionalGuard serial(lock_.get());
-    return (functions_.*Member)(a...);
+    return (functions_.*F::member)(a...);
   }
 
   // The backend's C_Finalize, serialized like any call (Backend::finalize).

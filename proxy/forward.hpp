@@ -26,7 +26,7 @@ template <class F, class Observation, class... A>
     return handler<F>(rt, a...);
   } else {
     auto call_backend = [&](auto... args) __attribute__((always_inline)) {
-      return rt.port().template call<F::member>(args...);
+      return rt.port().template call<F>(args...);
     };
     if constexpr (F::dispatch == Dispatch::session) {
       return [&](CK_SESSION_HANDLE handle, auto... rest) __attribute__((always_inline)) {

@@ -96,18 +96,18 @@ SessionPool::Fate Runtime::reset_backend_session(Binding& s) noexcept {
   if (s.discard) return SessionPool::unreset_fate(s.discard, s.dead, s.why);
   const OpMask pending = s.ops | s.maybe;
   if (pending != 0 &&
-      port_.call<&CK_FUNCTION_LIST_3_0::C_SessionCancel>(s.backend, cancel_flags(pending)) == CKR_OK) {
+      port_.call<fn::C_SessionCancel>(s.backend, cancel_flags(pending)) == CKR_OK) {
     s.ops = s.maybe = 0;
   }
   if ((s.ops | s.maybe) == op::find) {
     // Either answer proves no search is left.
-    CK_RV rv = port_.call<&CK_FUNCTION_LIST_3_0::C_FindObjectsFinal>(s.backend);
+    CK_RV rv = port_.call<fn::C_FindObjectsFinal>(s.backend);
     if (rv == CKR_OK || rv == CKR_OPERATION_NOT_INITIALIZED) s.ops = s.maybe = 0;
   }
   if (s.ops != 0) return Fate::closed(CloseReason::operation_active);
   if (s.maybe != 0) return Fate::closed(CloseReason::operation_maybe_active);
   for (CK_OBJECT_HANDLE object : s.objects) {
-    CK_RV rv = port_.call<&CK_FUNCTION_LIST_3_0::C_DestroyObject>(s.backend, object);
+    CK_RV rv = port_.call<fn::C_DestroyObject>(s.backend, object);
     if (rv != CKR_OK && rv != CKR_OBJECT_HANDLE_INVALID) {
       return Fate::closed(CloseReason::object_not_destroyed);
     }
@@ -155,7 +155,7 @@ Runtime::WaiterRef::~WaiterRef() {
 
 CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept {
   auto wait = [this, slot](CK_FLAGS f) {
-    return port_.call<&CK_FUNCTION_LIST_3_0::C_WaitForSlotEvent>(f, slot, nullptr);
+    return port_.call<fn::C_WaitForSlotEvent>(f, slot, nullptr);
   };
   if (!port_.serialized()) {
     // Block in the backend; C_Finalize wakes us by finalizing it.

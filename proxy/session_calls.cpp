@@ -61,7 +61,7 @@ CK_RV close_all_sessions(Runtime& rt, CK_SLOT_ID slot) noexcept {
   // idle pooled sessions. Asking for the slot's info validates the slot ID
   // (unless the backend lacks C_GetSlotInfo: then the slot is not checked).
   CK_SLOT_INFO info{};
-  if (CK_RV rv = rt.port().call<&CK_FUNCTION_LIST_3_0::C_GetSlotInfo>(slot, &info);
+  if (CK_RV rv = rt.port().call<fn::C_GetSlotInfo>(slot, &info);
       rv != CKR_OK && rv != CKR_FUNCTION_NOT_SUPPORTED) {
     return rv;
   }

@@ -220,10 +220,10 @@ CK_RV SessionPool::slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept {
   // not take a place in the table), and its token tells the session limits.
   // Asked outside every pool lock.
   CK_TOKEN_INFO info{};
-  CK_RV info_rv = port_.call<&CK_FUNCTION_LIST_3_0::C_GetTokenInfo>(slot, &info);
+  CK_RV info_rv = port_.call<fn::C_GetTokenInfo>(slot, &info);
   if (info_rv == CKR_FUNCTION_NOT_SUPPORTED) {
     CK_SLOT_INFO slot_info{};
-    if (CK_RV rv = port_.call<&CK_FUNCTION_LIST_3_0::C_GetSlotInfo>(slot, &slot_info);
+    if (CK_RV rv = port_.call<fn::C_GetSlotInfo>(slot, &slot_info);
         rv != CKR_OK && rv != CKR_FUNCTION_NOT_SUPPORTED) {
       return rv;
     }
@@ -320,11 +320,11 @@ void SessionPool::retire(ThreadCache* cache) noexcept {
 CK_RV SessionPool::backend_open(CK_SLOT_ID slot, bool rw, Notify notify,
                                 CK_SESSION_HANDLE& out) noexcept {
   CK_FLAGS flags = CKF_SERIAL_SESSION | (rw ? CKF_RW_SESSION : 0);
-  return port_.call<&CK_FUNCTION_LIST_3_0::C_OpenSession>(slot, flags, notify.context, notify.callback, &out);
+  return port_.call<fn::C_OpenSession>(slot, flags, notify.context, notify.callback, &out);
 }
 
 void SessionPool::backend_close(CK_SESSION_HANDLE handle) noexcept {
-  (void)port_.call<&CK_FUNCTION_LIST_3_0::C_CloseSession>(handle);
+  (void)port_.call<fn::C_CloseSession>(handle);
 }
 
 // A C_Logout for the slot's last application session may be under way: a new
@@ -596,7 +596,7 @@ void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate
     if (logout) pool->logging_out = true;
   }
   if (logout) {
-    (void)port_.call<&CK_FUNCTION_LIST_3_0::C_Logout>(handle);
+    (void)port_.call<fn::C_Logout>(handle);
     MutexGuard guard(pool->lock);
     pool->logging_out = false;
     pool->signal();
@@ -722,13 +722,13 @@ void SessionPool::prewarm() noexcept {
   } catch (...) {
     return;
   }
-  if (port_.call<&CK_FUNCTION_LIST_3_0::C_GetSlotList>(CK_BBOOL{CK_TRUE}, slots.data(), &count) != CKR_OK) return;
+  if (port_.call<fn::C_GetSlotList>(CK_BBOOL{CK_TRUE}, slots.data(), &count) != CKR_OK) return;
   slots.resize(std::min<CK_ULONG>(count, slots.size()));
   for (CK_SLOT_ID slot : slots) {
     // A token that is not initialized yet cannot open sessions: not a
     // problem worth a warning at every C_Initialize.
     CK_TOKEN_INFO info{};
-    if (port_.call<&CK_FUNCTION_LIST_3_0::C_GetTokenInfo>(slot, &info) == CKR_OK &&
+    if (port_.call<fn::C_GetTokenInfo>(slot, &info) == CKR_OK &&
         (info.flags & CKF_TOKEN_INITIALIZED) == 0) {
       log_.debug("slot {}: token not initialized; not prewarmed", slot);
       continue;
@@ -799,7 +799,7 @@ void SessionPool::maintain(std::chrono::seconds idle_limit, std::chrono::seconds
         [&](bool, const Idle& idle) { return older_than(keepalive, idle); }, aged);
   for (Taken& t : aged) {
     CK_SESSION_INFO info{};
-    CK_RV rv = port_.call<&CK_FUNCTION_LIST_3_0::C_GetSessionInfo>(t.idle.handle, &info);
+    CK_RV rv = port_.call<fn::C_GetSessionInfo>(t.idle.handle, &info);
     bool kept = false;
     {
       MutexGuard guard(t.pool->lock);

@@ -47,8 +47,9 @@ class SessionPool {
 
   // Every backend call goes through `port`; `gate` is the module's call
   // gate (gate_access.hpp). Both outlive the pool.
-  SessionPool(const BackendPort& port, GateAccess& gate, const Config::Pool& config, const LockSource& locks,
-              std::uint64_t epoch, spdlog::logger& log, PoolMetricsRegistry& figures);
+  SessionPool(const BackendPort& port, GateAccess& gate, const Config::Pool& config,
+              const LockSource& locks, std::uint64_t epoch, spdlog::logger& log,
+              PoolMetricsRegistry& figures);
   ~SessionPool();
   SessionPool(const SessionPool&) = delete;  // owns backend sessions
   SessionPool& operator=(const SessionPool&) = delete;

@@ -48,11 +48,11 @@ CK_FUNCTION_LIST_3_0 fake_table() {
 TEST_CASE("a port answers a NULL entry with CKR_FUNCTION_NOT_SUPPORTED") {
   BackendPort port(fake_table(), /*thread_safe=*/true, LockSource{});
   CK_SLOT_ID slot = 0;
-  CHECK(port.call<&CK_FUNCTION_LIST_3_0::C_WaitForSlotEvent>(CK_FLAGS{0}, &slot, nullptr) ==
+  CHECK(port.call<fn::C_WaitForSlotEvent>(CK_FLAGS{0}, &slot, nullptr) ==
         CKR_FUNCTION_NOT_SUPPORTED);
-  CHECK(port.call<&CK_FUNCTION_LIST_3_0::C_SessionCancel>(CK_SESSION_HANDLE{7}, CK_FLAGS{0}) ==
+  CHECK(port.call<fn::C_SessionCancel>(CK_SESSION_HANDLE{7}, CK_FLAGS{0}) ==
         CKR_FUNCTION_NOT_SUPPORTED);  // v3.0, absent from a 2.40 table
-  CHECK(port.call<&CK_FUNCTION_LIST_3_0::C_Finalize>(nullptr) == CKR_FUNCTION_NOT_SUPPORTED);
+  CHECK(port.call<fn::C_Finalize>(nullptr) == CKR_FUNCTION_NOT_SUPPORTED);
   CHECK(port.version().major == 2);
   CHECK(port.backend() == nullptr);
   CHECK(port.finalize() == CKR_OK);  // no loaded backend: nothing to finalize
@@ -64,15 +64,13 @@ TEST_CASE("a port serializes every call to a backend that is not thread-safe") {
   BackendPort port(fake_table(), /*thread_safe=*/false, recording);
   CHECK(port.serialized());
   CK_BYTE byte = 0;
-  CHECK(port.call<&CK_FUNCTION_LIST_3_0::C_GenerateRandom>(CK_SESSION_HANDLE{7}, &byte,
-                                                             CK_ULONG{1}) == CKR_OK);
+  CHECK(port.call<fn::C_GenerateRandom>(CK_SESSION_HANDLE{7}, &byte, CK_ULONG{1}) == CKR_OK);
   CHECK(byte == 42);
   CHECK(held_in_call);
   CHECK_FALSE(held);  // released after the call
   CHECK(locks == 1);
   // A NULL entry is still a call: serialized too, and answered.
-  CHECK(port.call<&CK_FUNCTION_LIST_3_0::C_Logout>(CK_SESSION_HANDLE{7}) ==
-        CKR_FUNCTION_NOT_SUPPORTED);
+  CHECK(port.call<fn::C_Logout>(CK_SESSION_HANDLE{7}) == CKR_FUNCTION_NOT_SUPPORTED);
   CHECK(locks == 2);
   CHECK_FALSE(held);
 }
@@ -83,8 +81,7 @@ TEST_CASE("a port over a thread-safe backend takes no lock") {
   BackendPort port(fake_table(), /*thread_safe=*/true, recording);
   CHECK_FALSE(port.serialized());
   CK_BYTE byte = 0;
-  CHECK(port.call<&CK_FUNCTION_LIST_3_0::C_GenerateRandom>(CK_SESSION_HANDLE{7}, &byte,
-                                                             CK_ULONG{1}) == CKR_OK);
+  CHECK(port.call<fn::C_GenerateRandom>(CK_SESSION_HANDLE{7}, &byte, CK_ULONG{1}) == CKR_OK);
   CHECK_FALSE(held_in_call);
   CHECK(locks == 0);
 }
