@@ -4,10 +4,56 @@
 #include "interfaces.hpp"
 #include "module.hpp"
 
+#include <new>
 #include <optional>
+#include <vector>
 
 namespace p11mux::entry_points {
+
+// The entry point of every function whose dispatch is global, session or
+// handled: enter the call gate, then forward (forward.hpp).
+template <class F, class Pointer = typename F::Pointer>
+struct Entry;
+
+template <class F, class... A>
+struct Entry<F, CK_RV (*)(A...)> {
+  static CK_RV call(A... a) noexcept {
+    Module::Call call(the_module);
+    Runtime* rt = call.runtime();
+    if (rt == nullptr) [[unlikely]] return CKR_CRYPTOKI_NOT_INITIALIZED;
+    // Tracing or metrics: the one branch they cost when both are off.
+    if (rt->observing()) [[unlikely]] {
+      return observed_call<F>(
+          rt->observer(), rt->log(),
+          [&](CallObservation& seen) { return forward_observed<F>(*rt, seen, a...); }, a...);
+    }
+    return forward<F>(*rt, a...);
+  }
+};
+
 namespace {
+
+// Calls fn with the interfaces on offer, holding what keeps the backend's
+// answer valid meanwhile: the call gate when initialized (C_Finalize waits),
+// otherwise the probe result.
+template <class Fn>
+CK_RV with_offered_interfaces(Fn&& fn) noexcept {
+  try {
+    {
+      Module::Call call(the_module);
+      if (Runtime* rt = call.runtime()) {
+        return fn(offered_interfaces(&rt->backend().interfaces(),
+                                     rt->config().backend.vendor_interfaces));
+      }
+    }
+    std::shared_ptr<const ProbedBackend> probed = the_module.probed_interfaces();
+    const BackendInterfaces* backend =
+        probed && probed->backend ? &probed->backend->interfaces() : nullptr;
+    return fn(offered_interfaces(backend, probed ? probed->vendor : VendorInterfaces::hide));
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+}
 
 // Each `entry` function of the table, by name; everything else is generated.
 #define P11MUX_ENTRY_entry(name) entry_##name
@@ -86,6 +132,38 @@ CK_RV wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot, CK_VOID_PTR reser
     waiter.emplace(*rt);
   }
   return waiter->runtime().wait_for_slot_event(flags, slot);
+}
+
+CK_RV get_interface_list(CK_INTERFACE_PTR list, CK_ULONG_PTR count) noexcept {
+  if (count == nullptr) return CKR_ARGUMENTS_BAD;
+  return with_offered_interfaces([&](const std::vector<const CK_INTERFACE*>& offered) {
+    const CK_ULONG n = offered.size();
+    // The spec's two ways: a NULL list asks for the count only; otherwise
+    // *count is the buffer's size, and is set to n in either outcome.
+    if (list != nullptr) {
+      if (*count < n) {
+        *count = n;
+        return CKR_BUFFER_TOO_SMALL;
+      }
+      for (CK_ULONG i = 0; i < n; ++i) list[i] = *offered[i];
+    }
+    *count = n;
+    return CKR_OK;
+  });
+}
+
+CK_RV get_interface(CK_UTF8CHAR_PTR name, CK_VERSION_PTR version, CK_INTERFACE_PTR_PTR out,
+                    CK_FLAGS flags) noexcept {
+  if (out == nullptr) return CKR_ARGUMENTS_BAD;
+  return with_offered_interfaces([&](const std::vector<const CK_INTERFACE*>& offered) {
+    const CK_INTERFACE* found = select_interface(offered, name, version, flags);
+    // The spec names no code for "no such interface"; CKR_ARGUMENTS_BAD is
+    // among its listed ones and is what NSS softoken answers.
+    if (found == nullptr) return CKR_ARGUMENTS_BAD;
+    // The application must not write through it (spec, C_GetInterface).
+    *out = const_cast<CK_INTERFACE*>(found);
+    return CKR_OK;
+  });
 }
 
 }  // namespace p11mux::entry_points

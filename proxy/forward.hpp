@@ -1,5 +1,6 @@
-// The entry point of every function whose dispatch is global, session or
-// handled, generated from <p11mux/functions.h>. The hot path — a session call
+// Forwarding of every function whose dispatch is global, session or handled,
+// generated from <p11mux/functions.h>; entered from Entry<F> (entry_points.cpp),
+// which holds the call gate open meanwhile. The hot path — a session call
 // — is: enter the call gate (one atomic add on a per-thread shard), check the
 // arguments (compile-time letters), look the handle up (no table lock), lock
 // that session, call the backend, unlock, leave the gate. Nothing allocates,
@@ -9,7 +10,6 @@
 #include "arg_check.hpp"
 #include "function_traits.hpp"
 #include "handled.hpp"
-#include "module.hpp"
 #include "multiplex.hpp"
 #include "observe.hpp"
 #include "session_effects.hpp"
@@ -21,14 +21,12 @@ namespace p11mux {
 // each extra frame costs ~15 instructions of register saves).
 template <class F, class Observation, class... A>
 [[gnu::always_inline]] inline CK_RV forward_observed(Runtime& rt, Observation& seen, A... a) noexcept {
-  if (CK_RV rv = check_arguments<F>(rt.functions().version.major >= 3, a...); rv != CKR_OK) return rv;
+  if (CK_RV rv = check_arguments<F>(rt.port().version().major >= 3, a...); rv != CKR_OK) return rv;
   if constexpr (F::dispatch == Dispatch::handled) {
     return handler<F>(rt, a...);
   } else {
-    auto backend_fn = rt.functions().*F::member;  // never NULL (backend_table.hpp)
     auto call_backend = [&](auto... args) __attribute__((always_inline)) {
-      OptionalGuard serial(rt.backend_lock());
-      return backend_fn(args...);
+      return rt.port().template call<F>(args...);
     };
     if constexpr (F::dispatch == Dispatch::session) {
       return [&](CK_SESSION_HANDLE handle, auto... rest) __attribute__((always_inline)) {
@@ -62,24 +60,5 @@ template <class F, class... A>
   NoObservation none;
   return forward_observed<F>(rt, none, a...);
 }
-
-template <class F, class Pointer = typename F::Pointer>
-struct Entry;
-
-template <class F, class... A>
-struct Entry<F, CK_RV (*)(A...)> {
-  static CK_RV call(A... a) noexcept {
-    Module::Call call(the_module);
-    Runtime* rt = call.runtime();
-    if (rt == nullptr) [[unlikely]] return CKR_CRYPTOKI_NOT_INITIALIZED;
-    // Tracing or metrics: the one branch they cost when both are off.
-    if (rt->observing()) [[unlikely]] {
-      return observed_call<F>(
-          rt->observer(), rt->log(),
-          [&](CallObservation& seen) { return forward_observed<F>(*rt, seen, a...); }, a...);
-    }
-    return forward<F>(*rt, a...);
-  }
-};
 
 }  // namespace p11mux

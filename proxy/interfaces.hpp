@@ -30,10 +30,6 @@
 
 namespace p11mux {
 
-CK_RV get_interface_list(CK_INTERFACE_PTR list, CK_ULONG_PTR count) noexcept;
-CK_RV get_interface(CK_UTF8CHAR_PTR name, CK_VERSION_PTR version, CK_INTERFACE_PTR_PTR out,
-                    CK_FLAGS flags) noexcept;
-
 // What a probe found: the backend still loaded (NULL when the configuration
 // or the backend could not be loaded), and the vendor_interfaces setting.
 struct ProbedBackend {

@@ -12,8 +12,8 @@
 // checks it with -Wthread-safety-beta):
 //   1. Runtime::poll_lock_     (a polling C_WaitForSlotEvent, then a backend call)
 //   2. Session::lock           (one session at a time; never two at once)
-//   3. the backend lock (Runtime::backend_lock(), only for a backend that is
-//      not thread-safe), held around one backend call and nothing else; or
+//   3. the backend lock (a BackendPort's, only for a backend that is not
+//      thread-safe), held around one backend call and nothing else; or
 //      the session pool's locks, which are never held across a backend call:
 //        3a. SessionPool::registry_lock_
 //        3b. SlotPool::lock

@@ -69,7 +69,7 @@ CK_RV Module::start(const InitArgs& args) noexcept {
                         ? *inherited_config_
                         : load_config(process_environment());
     runtime_ = std::make_unique<Runtime>(config, args, entry_points::function_list(), ++epochs_,
-                                         inherited_locking_);
+                                         *this, inherited_locking_);
     runtime_->sessions().start_above(generation_floor_);  // before the gate opens
   } catch (const CkrError& e) {
     log_startup_error(e.what());
@@ -87,6 +87,12 @@ CK_RV Module::start(const InitArgs& args) noexcept {
   inherited_locking_.reset();
   gate_.open();
   return CKR_OK;
+}
+
+// The gate is open only while runtime_ (of epoch epochs_) exists.
+std::uint64_t Module::enter_background(std::size_t& shard) noexcept {
+  if (!gate_.enter(shard)) return 0;
+  return epochs_;
 }
 
 CK_RV Module::finalize(CK_VOID_PTR reserved) noexcept {

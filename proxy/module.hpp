@@ -3,6 +3,7 @@
 #pragma once
 
 #include "call_gate.hpp"
+#include "gate_access.hpp"
 #include "interfaces.hpp"
 #include "runtime.hpp"
 
@@ -13,7 +14,9 @@
 
 namespace p11mux {
 
-class Module {
+// The gate it hands down (GateAccess) is the only way below the entry points
+// to its call gate.
+class Module final : public GateAccess {
  public:
   constexpr Module() = default;
   ~Module();
@@ -48,8 +51,8 @@ class Module {
   // while a fork holds the gate, so that no parked call enters the backend
   // across fork(). C_Finalize wakes parked waiters itself (they return
   // CKR_CRYPTOKI_NOT_INITIALIZED).
-  void park() noexcept { gate_.park(); }
-  void unpark() noexcept { gate_.unpark(); }
+  void park() noexcept override { gate_.park(); }
+  void unpark() noexcept override { gate_.unpark(); }
 
   // pthread_atfork handlers. Calls are kept out of the backend across fork()
   // (the child would inherit the backend's locks as they were held):
@@ -68,6 +71,8 @@ class Module {
  private:
   enum Phase : std::uint32_t { uninitialized, initializing, ready, finalizing };
   CK_RV start(const InitArgs& args) noexcept;
+  std::uint64_t enter_background(std::size_t& shard) noexcept override;
+  void leave_background(std::size_t shard) noexcept override { gate_.leave(shard); }
   void register_fork_handler() noexcept;
 
   std::atomic<std::uint32_t> phase_{uninitialized};

@@ -11,10 +11,10 @@ P11MUX_EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list) {
 
 // v3.0 (both may be called before C_Initialize).
 P11MUX_EXPORT CK_RV C_GetInterfaceList(CK_INTERFACE_PTR list, CK_ULONG_PTR count) {
-  return p11mux::get_interface_list(list, count);
+  return p11mux::entry_points::get_interface_list(list, count);
 }
 
 P11MUX_EXPORT CK_RV C_GetInterface(CK_UTF8CHAR_PTR name, CK_VERSION_PTR version,
                                    CK_INTERFACE_PTR_PTR interface, CK_FLAGS flags) {
-  return p11mux::get_interface(name, version, interface, flags);
+  return p11mux::entry_points::get_interface(name, version, interface, flags);
 }

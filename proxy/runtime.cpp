@@ -1,8 +1,6 @@
 #include "runtime.hpp"
 
-#include "backend_table.hpp"
 #include "logging.hpp"
-#include "module.hpp"
 #include "operation_state.hpp"
 
 #include <p11mux/ckr_error.hpp>
@@ -46,8 +44,10 @@ BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* sel
 }  // namespace
 
 Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self,
-                 std::uint64_t epoch, std::optional<BackendLocking> inherited)
+                 std::uint64_t epoch, GateAccess& gate,
+                 std::optional<BackendLocking> inherited)
     : config_(config),
+      gate_(gate),
       locks_(init.locks),
       may_create_threads_(init.may_create_threads),
       multiplexed_(config.session_mode == SessionMode::multiplex),
@@ -55,12 +55,9 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
       tracing_(log_->should_log(spdlog::level::trace)),
       observer_(std::make_unique<Observer>(config, locks_, init.may_create_threads, log_)),
       observing_(observer_->active()),
-      backend_(std::make_unique<Backend>(backend_options(config, self, inherited))),
-      functions_(without_null_entries(backend_->functions())),
-      backend_lock_(backend_->thread_safe() ? nullptr : std::make_unique<Mutex>(locks_)),
+      port_(std::make_unique<Backend>(backend_options(config, self, inherited)), locks_),
       sessions_(locks_),
-      pool_(std::make_unique<SessionPool>(SessionPool::Backend{functions_, backend_lock_.get()},
-                                          config.pool, locks_, epoch, *log_,
+      pool_(std::make_unique<SessionPool>(port_, gate, config.pool, locks_, epoch, *log_,
                                           observer_->pools())),
       poll_lock_(locks_) {
   pool_->prewarm();
@@ -73,13 +70,14 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
                  "CKF_LIBRARY_CANT_CREATE_OS_THREADS forbids p11mux's maintenance thread");
     }
   }
-  log_->info("backend '{}' initialized: cryptoki {}.{}, locking {}{}{}", backend_->path(),
-             backend_->version().major, backend_->version().minor,
-             to_string(backend_->locking()),
-             backend_->thread_safe() ? "" : " (not thread-safe: every call serialized)",
-             backend_->shared()      ? ", already initialized by another user"
-             : backend_->inherited() ? ", as initialized before fork()"
-                                     : "");
+  const Backend& backend = *port_.backend();
+  log_->info("backend '{}' initialized: cryptoki {}.{}, locking {}{}{}", backend.path(),
+             backend.version().major, backend.version().minor,
+             to_string(backend.locking()),
+             backend.thread_safe() ? "" : " (not thread-safe: every call serialized)",
+             backend.shared()      ? ", already initialized by another user"
+             : backend.inherited() ? ", as initialized before fork()"
+                                   : "");
   if (locks_.uses_app_callbacks()) log_->info("using the application's mutex callbacks");
   observer_->start(sessions_);
 }
@@ -96,20 +94,20 @@ Runtime::~Runtime() { observer_->stop(); }
 SessionPool::Fate Runtime::reset_backend_session(Binding& s) noexcept {
   using Fate = SessionPool::Fate;
   if (s.discard) return SessionPool::unreset_fate(s.discard, s.dead, s.why);
-  OptionalGuard serial(backend_lock());
   const OpMask pending = s.ops | s.maybe;
-  if (pending != 0 && functions_.C_SessionCancel(s.backend, cancel_flags(pending)) == CKR_OK) {
+  if (pending != 0 &&
+      port_.call<fn::C_SessionCancel>(s.backend, cancel_flags(pending)) == CKR_OK) {
     s.ops = s.maybe = 0;
   }
   if ((s.ops | s.maybe) == op::find) {
     // Either answer proves no search is left.
-    CK_RV rv = functions_.C_FindObjectsFinal(s.backend);
+    CK_RV rv = port_.call<fn::C_FindObjectsFinal>(s.backend);
     if (rv == CKR_OK || rv == CKR_OPERATION_NOT_INITIALIZED) s.ops = s.maybe = 0;
   }
   if (s.ops != 0) return Fate::closed(CloseReason::operation_active);
   if (s.maybe != 0) return Fate::closed(CloseReason::operation_maybe_active);
   for (CK_OBJECT_HANDLE object : s.objects) {
-    CK_RV rv = functions_.C_DestroyObject(s.backend, object);
+    CK_RV rv = port_.call<fn::C_DestroyObject>(s.backend, object);
     if (rv != CKR_OK && rv != CKR_OBJECT_HANDLE_INVALID) {
       return Fate::closed(CloseReason::object_not_destroyed);
     }
@@ -158,11 +156,13 @@ Runtime::WaiterRef::~WaiterRef() {
 }
 
 CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept {
-  auto wait = functions_.C_WaitForSlotEvent;
-  if (backend_->thread_safe()) {
+  auto wait = [this, slot](CK_FLAGS f) {
+    return port_.call<fn::C_WaitForSlotEvent>(f, slot, nullptr);
+  };
+  if (!port_.serialized()) {
     // Block in the backend; C_Finalize wakes us by finalizing it.
     if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;
-    CK_RV rv = wait(flags, slot, nullptr);
+    CK_RV rv = wait(flags);
     if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;
     if (rv != CKR_FUNCTION_NOT_SUPPORTED) return rv;
   }
@@ -172,12 +172,11 @@ CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept
     CK_RV rv;
     {
       // A poll is a backend call like any other: fork() waits for it.
-      Module::Call call(the_module);
-      if (call.runtime() != this) return CKR_CRYPTOKI_NOT_INITIALIZED;
+      GateAccess::Background call(gate_);
+      if (call.epoch() != pool_->epoch()) return CKR_CRYPTOKI_NOT_INITIALIZED;
       MutexGuard poll(poll_lock_);
       if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;
-      OptionalGuard serial(backend_lock());
-      rv = wait(flags | CKF_DONT_BLOCK, slot, nullptr);
+      rv = wait(flags | CKF_DONT_BLOCK);
     }
     if (rv != CKR_NO_EVENT) return rv;
     timed_wait(stopping_, 0, kSlotEventPoll);
@@ -194,11 +193,8 @@ bool Runtime::shutdown() noexcept {
     stopping_.store(1, std::memory_order_seq_cst);
   }
   wake_all(stopping_);
-  {
-    OptionalGuard serial(backend_lock());
-    if (CK_RV rv = backend_->finalize(); rv != CKR_OK) {
-      log_->warn("backend C_Finalize returned {}", rv_name(rv));
-    }
+  if (CK_RV rv = port_.finalize(); rv != CKR_OK) {
+    log_->warn("backend C_Finalize returned {}", rv_name(rv));
   }
   auto deadline = std::chrono::steady_clock::now() + kWaiterGrace;
   for (;;) {
@@ -211,10 +207,10 @@ bool Runtime::shutdown() noexcept {
   log_->error("{} C_WaitForSlotEvent call(s) still inside the backend after C_Finalize; "
               "keeping the backend loaded",
               waiters_.load());
-  backend_->abandon();
+  port_.backend()->abandon();
   return false;
 }
 
-void Runtime::abandon() noexcept { backend_->abandon(); }
+void Runtime::abandon() noexcept { port_.backend()->abandon(); }
 
 }  // namespace p11mux

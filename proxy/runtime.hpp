@@ -2,8 +2,9 @@
 // backend, the virtual sessions, the locks and the logger.
 #pragma once
 
-#include "backend.hpp"
+#include "backend_port.hpp"
 #include "config.hpp"
+#include "gate_access.hpp"
 #include "init_args.hpp"
 #include "lock.hpp"
 #include "observer.hpp"
@@ -26,19 +27,18 @@ class Runtime {
   // file that cannot be opened) with a message that names the problem.
   // `epoch` tells this initialization from earlier ones (threads' pool caches).
   // `inherited`: in a forked child, the locking p11mux initialized the
-  // backend with in the parent (BackendOptions::inherited).
+  // backend with in the parent (BackendOptions::inherited). `gate`: the
+  // module's call gate, for the runtime's and the pool's own backend calls.
   Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self,
-          std::uint64_t epoch, std::optional<BackendLocking> inherited = {});
+          std::uint64_t epoch, GateAccess& gate, std::optional<BackendLocking> inherited = {});
   ~Runtime();
   Runtime(const Runtime&) = delete;  // owns the backend and every session
   Runtime& operator=(const Runtime&) = delete;
 
-  // The backend's functions, a NULL entry answering CKR_FUNCTION_NOT_SUPPORTED
-  // (backend_table.hpp); backend().functions() tells which it really has.
-  const CK_FUNCTION_LIST_3_0& functions() const noexcept { return functions_; }
-  const Backend& backend() const noexcept { return *backend_; }
-  // Held around every backend call when the backend is not thread-safe; NULL otherwise.
-  Mutex* backend_lock() noexcept { return backend_lock_.get(); }
+  // Every call into the backend goes through its port (backend_port.hpp).
+  const BackendPort& port() const noexcept { return port_; }
+  // Which functions the backend really has, its interfaces, its locking.
+  const Backend& backend() const noexcept { return *port_.backend(); }
   SessionTable& sessions() noexcept { return sessions_; }
   SessionPool& pool() noexcept { return *pool_; }
   spdlog::logger& log() noexcept { return *log_; }
@@ -81,6 +81,7 @@ class Runtime {
 
  private:
   const Config config_;
+  GateAccess& gate_;
   const LockSource locks_;
   const bool may_create_threads_;
   const bool multiplexed_;
@@ -90,9 +91,7 @@ class Runtime {
   // stopped first thing in shutdown() and ~Runtime().
   std::unique_ptr<Observer> observer_;
   bool observing_;
-  std::unique_ptr<Backend> backend_;
-  CK_FUNCTION_LIST_3_0 functions_;  // copied: one indirection less per call
-  std::unique_ptr<Mutex> backend_lock_;  // guards the backend's own state: no field of ours
+  BackendPort port_;
   SessionTable sessions_;
   std::unique_ptr<SessionPool> pool_;
   std::unique_ptr<PoolMaintenance> maintenance_;  // only with a period configured and threads allowed

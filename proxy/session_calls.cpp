@@ -61,10 +61,9 @@ CK_RV close_all_sessions(Runtime& rt, CK_SLOT_ID slot) noexcept {
   // idle pooled sessions. Asking for the slot's info validates the slot ID
   // (unless the backend lacks C_GetSlotInfo: then the slot is not checked).
   CK_SLOT_INFO info{};
-  {
-    OptionalGuard serial(rt.backend_lock());
-    CK_RV rv = rt.functions().C_GetSlotInfo(slot, &info);
-    if (rv != CKR_OK && rv != CKR_FUNCTION_NOT_SUPPORTED) return rv;
+  if (CK_RV rv = rt.port().call<fn::C_GetSlotInfo>(slot, &info);
+      rv != CKR_OK && rv != CKR_FUNCTION_NOT_SUPPORTED) {
+    return rv;
   }
   rt.sessions().for_each_live([&](SessionLease lease) {
     if (lease->slot == slot) (void)rt.close_session(std::move(lease));

@@ -96,11 +96,8 @@ CreatedBy<F> find_created(Runtime& rt, CK_SESSION_HANDLE backend, CK_RV rv, Rest
     for (std::size_t i = 0; i < keys.count; ++i) {
       CK_BBOOL on_token = CK_FALSE;
       CK_ATTRIBUTE query{CKA_TOKEN, &on_token, sizeof on_token};
-      CK_RV got;
-      {
-        OptionalGuard serial(rt.backend_lock());
-        got = rt.functions().C_GetAttributeValue(backend, keys.handles[i], &query, 1);
-      }
+      CK_RV got =
+          rt.port().call<fn::C_GetAttributeValue>(backend, keys.handles[i], &query, CK_ULONG{1});
       // Unknown: never destroy what may be a token object; close the session
       // at the end instead, which destroys exactly its session objects.
       if (got != CKR_OK) {

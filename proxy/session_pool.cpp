@@ -1,7 +1,5 @@
 #include "session_pool.hpp"
 
-#include "module.hpp"
-
 #include <p11mux/rv_names.hpp>
 
 #include <algorithm>
@@ -184,14 +182,14 @@ class SessionPool::ThreadCache {
 // the cached sessions go back to the shared pool.
 struct ThreadCacheOwner {
   SessionPool::ThreadCache* cache = nullptr;
+  SessionPool* pool = nullptr;  // valid only while its epoch is the gate's
+  GateAccess* gate = nullptr;   // the module's: outlives every pool
   std::uint64_t epoch = 0;
 
   ~ThreadCacheOwner() {
     if (cache == nullptr) return;
-    Module::Call call(the_module);
-    if (Runtime* rt = call.runtime(); rt != nullptr && rt->pool().epoch() == epoch) {
-      rt->pool().retire(cache);
-    }
+    GateAccess::Background call(*gate);
+    if (call.epoch() == epoch) pool->retire(cache);
     // Otherwise the pool that owned the cache has already freed it.
   }
 };
@@ -200,9 +198,11 @@ namespace {
 thread_local ThreadCacheOwner this_thread_owner;
 }  // namespace
 
-SessionPool::SessionPool(Backend backend, const Config::Pool& config, const LockSource& locks,
-                         std::uint64_t epoch, spdlog::logger& log, PoolMetricsRegistry& figures)
-    : backend_(backend), config_(config), locks_(locks), epoch_(epoch), log_(log),
+SessionPool::SessionPool(const BackendPort& port, GateAccess& gate, const Config::Pool& config,
+                         const LockSource& locks, std::uint64_t epoch, spdlog::logger& log,
+                         PoolMetricsRegistry& figures)
+    : port_(port),
+      gate_(gate), config_(config), locks_(locks), epoch_(epoch), log_(log),
       figures_(figures), registry_lock_(locks) {}
 
 SessionPool::~SessionPool() {
@@ -226,15 +226,10 @@ CK_RV SessionPool::slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept {
   // not take a place in the table), and its token tells the session limits.
   // Asked outside every pool lock.
   CK_TOKEN_INFO info{};
-  CK_RV info_rv;
-  {
-    OptionalGuard serial(backend_.lock);
-    info_rv = backend_.functions.C_GetTokenInfo(slot, &info);
-  }
+  CK_RV info_rv = port_.call<fn::C_GetTokenInfo>(slot, &info);
   if (info_rv == CKR_FUNCTION_NOT_SUPPORTED) {
     CK_SLOT_INFO slot_info{};
-    OptionalGuard serial(backend_.lock);
-    if (CK_RV rv = backend_.functions.C_GetSlotInfo(slot, &slot_info);
+    if (CK_RV rv = port_.call<fn::C_GetSlotInfo>(slot, &slot_info);
         rv != CKR_OK && rv != CKR_FUNCTION_NOT_SUPPORTED) {
       return rv;
     }
@@ -283,13 +278,17 @@ CK_RV SessionPool::slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept {
 
 SessionPool::ThreadCache* SessionPool::this_thread_cache(bool create) noexcept {
   ThreadCacheOwner& owner = this_thread_owner;
-  if (owner.cache != nullptr && owner.epoch == epoch_) return owner.cache;
+  // One cache per thread, for one pool: with several pools (one per backend
+  // port) a thread's cache belongs to the pool that made it last.
+  if (owner.cache != nullptr && owner.pool == this && owner.epoch == epoch_) return owner.cache;
   if (!create) return nullptr;
   try {
     auto cache = std::make_unique<ThreadCache>(locks_);
     MutexGuard guard(registry_lock_);
     caches_.push_back(cache.get());
     owner.cache = cache.release();
+    owner.pool = this;
+    owner.gate = &gate_;
     owner.epoch = epoch_;
     return owner.cache;
   } catch (...) {
@@ -329,14 +328,12 @@ void SessionPool::retire(ThreadCache* cache) noexcept {
 
 CK_RV SessionPool::backend_open(CK_SLOT_ID slot, bool rw, Notify notify,
                                 CK_SESSION_HANDLE& out) noexcept {
-  OptionalGuard serial(backend_.lock);
   CK_FLAGS flags = CKF_SERIAL_SESSION | (rw ? CKF_RW_SESSION : 0);
-  return backend_.functions.C_OpenSession(slot, flags, notify.context, notify.callback, &out);
+  return port_.call<fn::C_OpenSession>(slot, flags, notify.context, notify.callback, &out);
 }
 
 void SessionPool::backend_close(CK_SESSION_HANDLE handle) noexcept {
-  OptionalGuard serial(backend_.lock);
-  (void)backend_.functions.C_CloseSession(handle);
+  (void)port_.call<fn::C_CloseSession>(handle);
 }
 
 // A C_Logout for the slot's last application session may be under way: a new
@@ -532,12 +529,12 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     // Parked while asleep: fork() does not wait for us, and we wait for
     // fork() before going on. Read after the ticket: interrupt_waiters()
     // sets interrupted_, then bumps the ticket.
-    the_module.park();
+    gate_.park();
     bool interrupted = interrupted_.load(std::memory_order_seq_cst);
     if (!interrupted) {
       timed_wait(pool.returns, ticket, std::max<Clock::duration>(until - now, std::chrono::milliseconds(1)));
     }
-    the_module.unpark();
+    gate_.unpark();
     pool.waiters.fetch_sub(1, std::memory_order_acq_rel);
     // C_Finalize: give up at once, whatever the deadline.
     if (interrupted || interrupted_.load(std::memory_order_seq_cst)) {
@@ -608,10 +605,7 @@ void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate
     if (logout) pool->logging_out = true;
   }
   if (logout) {
-    {
-      OptionalGuard serial(backend_.lock);
-      (void)backend_.functions.C_Logout(handle);
-    }
+    (void)port_.call<fn::C_Logout>(handle);
     MutexGuard guard(pool->lock);
     pool->logging_out = false;
     pool->signal();
@@ -737,22 +731,16 @@ void SessionPool::prewarm() noexcept {
   } catch (...) {
     return;
   }
-  {
-    OptionalGuard serial(backend_.lock);
-    if (backend_.functions.C_GetSlotList(CK_TRUE, slots.data(), &count) != CKR_OK) return;
-  }
+  if (port_.call<fn::C_GetSlotList>(CK_BBOOL{CK_TRUE}, slots.data(), &count) != CKR_OK) return;
   slots.resize(std::min<CK_ULONG>(count, slots.size()));
   for (CK_SLOT_ID slot : slots) {
     // A token that is not initialized yet cannot open sessions: not a
     // problem worth a warning at every C_Initialize.
     CK_TOKEN_INFO info{};
-    {
-      OptionalGuard serial(backend_.lock);
-      if (backend_.functions.C_GetTokenInfo(slot, &info) == CKR_OK &&
-          (info.flags & CKF_TOKEN_INITIALIZED) == 0) {
-        log_.debug("slot {}: token not initialized; not prewarmed", slot);
-        continue;
-      }
+    if (port_.call<fn::C_GetTokenInfo>(slot, &info) == CKR_OK &&
+        (info.flags & CKF_TOKEN_INITIALIZED) == 0) {
+      log_.debug("slot {}: token not initialized; not prewarmed", slot);
+      continue;
     }
     SlotPool* pool = nullptr;
     if (slot_pool(slot, pool) != CKR_OK) continue;
@@ -805,8 +793,8 @@ void SessionPool::close_all() noexcept {
 void SessionPool::maintain(std::chrono::seconds idle_limit, std::chrono::seconds keepalive) noexcept {
   // The maintenance thread's backend calls are calls like any other: fork()
   // and C_Finalize wait for them.
-  Module::Call call(the_module);
-  if (call.runtime() == nullptr || &call.runtime()->pool() != this) return;
+  GateAccess::Background call(gate_);
+  if (call.epoch() != epoch_) return;
   const auto now = Clock::now();
   auto older_than = [&](std::chrono::seconds limit, const Idle& idle) {
     return limit.count() > 0 && now - idle.since > limit;
@@ -820,11 +808,7 @@ void SessionPool::maintain(std::chrono::seconds idle_limit, std::chrono::seconds
         [&](bool, const Idle& idle) { return older_than(keepalive, idle); }, aged);
   for (Taken& t : aged) {
     CK_SESSION_INFO info{};
-    CK_RV rv;
-    {
-      OptionalGuard serial(backend_.lock);
-      rv = backend_.functions.C_GetSessionInfo(t.idle.handle, &info);
-    }
+    CK_RV rv = port_.call<fn::C_GetSessionInfo>(t.idle.handle, &info);
     bool kept = false;
     {
       MutexGuard guard(t.pool->lock);

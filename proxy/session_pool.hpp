@@ -22,7 +22,9 @@
 // record is made under the registry, slot or cache locks.
 #pragma once
 
+#include "backend_port.hpp"
 #include "config.hpp"
+#include "gate_access.hpp"
 #include "lock.hpp"
 #include "metrics.hpp"
 
@@ -43,13 +45,11 @@ class SessionPool {
  public:
   using Clock = std::chrono::steady_clock;
 
-  struct Backend {
-    const CK_FUNCTION_LIST_3_0& functions;
-    Mutex* lock;  // NULL when the backend is thread-safe
-  };
-
-  SessionPool(Backend backend, const Config::Pool& config, const LockSource& locks,
-              std::uint64_t epoch, spdlog::logger& log, PoolMetricsRegistry& figures);
+  // Every backend call goes through `port`; `gate` is the module's call
+  // gate (gate_access.hpp). Both outlive the pool.
+  SessionPool(const BackendPort& port, GateAccess& gate, const Config::Pool& config,
+              const LockSource& locks, std::uint64_t epoch, spdlog::logger& log,
+              PoolMetricsRegistry& figures);
   ~SessionPool();
   SessionPool(const SessionPool&) = delete;  // owns backend sessions
   SessionPool& operator=(const SessionPool&) = delete;
@@ -169,7 +169,8 @@ class SessionPool {
   void retire(ThreadCache* cache) noexcept EXCLUDES(registry_lock_);
   friend struct ThreadCacheOwner;
 
-  Backend backend_;
+  const BackendPort& port_;
+  GateAccess& gate_;
   const Config::Pool config_;
   const LockSource& locks_;
   const std::uint64_t epoch_;

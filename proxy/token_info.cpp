@@ -18,11 +18,7 @@ void cap(CK_ULONG& limit, unsigned long most) noexcept {
 }  // namespace
 
 CK_RV get_token_info(Runtime& rt, CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) noexcept {
-  CK_RV rv;
-  {
-    OptionalGuard serial(rt.backend_lock());
-    rv = rt.functions().C_GetTokenInfo(slot, info);
-  }
+  CK_RV rv = rt.port().call<fn::C_GetTokenInfo>(slot, info);
   if (rv != CKR_OK) return rv;
   // The backend counts p11mux's sessions, the pooled ones and a multiplexed
   // session's per-thread ones included, not the application's.
