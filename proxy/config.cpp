@@ -199,7 +199,7 @@ constexpr KeySpec number(std::string_view section, std::string_view name) {
 // when converted to nanoseconds; counts stay within what a process can hold.
 constexpr unsigned long kOneHourMs = 3'600'000;
 constexpr unsigned long kOneHourUs = 3'600'000'000;
-constexpr unsigned long kThirtyDaysS = 30 * 24 * 3600;
+constexpr unsigned long kThirtyDaysS = 30UL * 24 * 3600;
 
 // Every configuration key, once. The file parser and the environment overrides both read it.
 constexpr std::array kKeys{

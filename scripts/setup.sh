@@ -5,10 +5,11 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build pkg-config git
-  libboost-dev libboost-thread-dev libboost-program-options-dev
+  libboost-dev libboost-program-options-dev
   libspdlog-dev doctest-dev libp11-kit-dev
   softhsm2 opensc p11-kit p11-kit-modules gnutls-bin libnss3 libnss3-tools
   clang libclang-rt-14-dev valgrind
+  clang-format clang-tidy
   gnuplot-nox
   # tests/clients: the clients and servers p11mux is tried with, and the
   # Debian package build (dpkg-shlibdeps)

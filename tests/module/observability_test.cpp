@@ -4,7 +4,7 @@
 // summary table (C_Finalize, SIGUSR1), log rotation, and fork.
 #include "harness.hpp"
 
-#include "../unit/observe_test_support.hpp"
+#include "unit/observe_test_support.hpp"
 
 #include <dirent.h>
 #include <signal.h>

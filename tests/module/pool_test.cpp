@@ -2,7 +2,7 @@
 // on return, login semantics, dead sessions, thread caches, prewarm.
 #include "harness.hpp"
 
-#include "../unit/observe_test_support.hpp"
+#include "unit/observe_test_support.hpp"
 
 #include <atomic>
 #include <chrono>

@@ -22,8 +22,8 @@
 #include <doctest/doctest.h>
 
 #ifdef P11MUX_RELIABILITY_SOFTHSM2
-#include "../integration/support/slots.h"
-#include "../integration/support/softhsm_token.h"
+#include "support/slots.h"
+#include "support/softhsm_token.h"
 #endif
 
 #include <sys/wait.h>

@@ -1,5 +1,5 @@
 // Unit tests for proxy/config: INI parsing, P11MUX_* environment overrides, error messages.
-#include "../../proxy/config.hpp"
+#include "config.hpp"
 
 #include <doctest/doctest.h>
 

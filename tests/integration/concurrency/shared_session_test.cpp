@@ -4,12 +4,12 @@
 // CKR_OPERATION_ACTIVE. SoftHSM2 called directly crashes here: run only through p11mux.
 //
 // P11MUX_TEST_SHARED_THREADS overrides the thread count (default 32).
-#include "../support/ckr_names.h"
-#include "../support/crypto.h"
-#include "../support/doctest_ck.h"
-#include "../support/environment.h"
-#include "../support/fixture.h"
-#include "../support/threads.h"
+#include "support/ckr_names.h"
+#include "support/crypto.h"
+#include "support/doctest_ck.h"
+#include "support/environment.h"
+#include "support/fixture.h"
+#include "support/threads.h"
 
 #include <algorithm>
 #include <chrono>

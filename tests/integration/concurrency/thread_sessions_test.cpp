@@ -1,10 +1,10 @@
 // Threads with a session each, signing concurrently: each thread opens its own
 // session, generates its own P-256 key pair and signs (C_Digest SHA-256 + ECDSA),
 // verifying every signature and checking that a tampered message fails.
-#include "../support/crypto.h"
-#include "../support/doctest_ck.h"
-#include "../support/fixture.h"
-#include "../support/threads.h"
+#include "support/crypto.h"
+#include "support/doctest_ck.h"
+#include "support/fixture.h"
+#include "support/threads.h"
 
 #include <atomic>
 #include <chrono>

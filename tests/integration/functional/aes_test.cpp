@@ -1,10 +1,10 @@
 // AES-256 key generation and CKM_AES_CBC_PAD encryption, with the length
 // conventions: NULL output gives the size, a too small buffer gives
 // CKR_BUFFER_TOO_SMALL and keeps the operation, the final call ends it.
-#include "../support/crypto.h"
-#include "../support/doctest_ck.h"
-#include "../support/fixture.h"
-#include "../support/objects.h"
+#include "support/crypto.h"
+#include "support/doctest_ck.h"
+#include "support/fixture.h"
+#include "support/objects.h"
 
 #include <algorithm>
 

@@ -1,8 +1,8 @@
 // Digests: known answers, size queries, multi-part, operation state.
-#include "../support/crypto.h"
-#include "../support/doctest_ck.h"
-#include "../support/environment.h"
-#include "../support/fixture.h"
+#include "support/crypto.h"
+#include "support/doctest_ck.h"
+#include "support/environment.h"
+#include "support/fixture.h"
 
 #include <algorithm>
 #include <string>

@@ -1,7 +1,7 @@
 // C_GetInfo, slots, token and mechanism information, and the module lifecycle.
-#include "../support/doctest_ck.h"
-#include "../support/fixture.h"
-#include "../support/slots.h"
+#include "support/doctest_ck.h"
+#include "support/fixture.h"
+#include "support/slots.h"
 
 #include <algorithm>
 #include <vector>

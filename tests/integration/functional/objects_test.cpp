@@ -1,8 +1,8 @@
 // Objects: search by label, attributes, destruction, and object lifetimes.
-#include "../support/crypto.h"
-#include "../support/doctest_ck.h"
-#include "../support/fixture.h"
-#include "../support/objects.h"
+#include "support/crypto.h"
+#include "support/doctest_ck.h"
+#include "support/fixture.h"
+#include "support/objects.h"
 
 #include <algorithm>
 #include <vector>

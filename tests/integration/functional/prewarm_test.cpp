@@ -1,11 +1,11 @@
 // pool.prewarm over SoftHSM2, which always shows one more slot with a token
 // that is not initialized: that slot is left alone, without a warning at
 // every C_Initialize. Through p11mux only (prewarm is p11mux's).
-#include "../support/doctest_ck.h"
-#include "../support/environment.h"
-#include "../support/fixture.h"
-#include "../support/slots.h"
-#include "../support/temp_dir.h"
+#include "support/doctest_ck.h"
+#include "support/environment.h"
+#include "support/fixture.h"
+#include "support/slots.h"
+#include "support/temp_dir.h"
 
 #include <fstream>
 #include <sstream>

@@ -1,6 +1,6 @@
 // Sessions and login: state transitions, login errors, invalid handles and arguments.
-#include "../support/doctest_ck.h"
-#include "../support/fixture.h"
+#include "support/doctest_ck.h"
+#include "support/fixture.h"
 
 #include <string>
 

@@ -1,9 +1,9 @@
 // Key pair generation and signatures: ECDSA P-256 over a C_Digest SHA-256 digest,
 // and RSA-2048 with CKM_SHA256_RSA_PKCS.
-#include "../support/crypto.h"
-#include "../support/doctest_ck.h"
-#include "../support/fixture.h"
-#include "../support/objects.h"
+#include "support/crypto.h"
+#include "support/doctest_ck.h"
+#include "support/fixture.h"
+#include "support/objects.h"
 
 using namespace p11test;
 

@@ -8,8 +8,8 @@
 // per mode).
 #include "nss_support.h"
 
-#include "../support/ckr_names.h"
-#include "../support/doctest_ck.h"
+#include "support/ckr_names.h"
+#include "support/doctest_ck.h"
 
 #include <iterator>
 #include <string>

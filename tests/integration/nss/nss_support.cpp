@@ -1,7 +1,7 @@
 #include "nss_support.h"
 
-#include "../support/ck_error.h"
-#include "../support/process.h"
+#include "support/ck_error.h"
+#include "support/process.h"
 
 #include <dlfcn.h>
 

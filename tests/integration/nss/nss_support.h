@@ -9,9 +9,9 @@
 //   P11MUX_TEST_SOFTHSM2  SoftHSM2 (PKCS#11 2.40)
 #pragma once
 
-#include "../support/bytes.h"
-#include "../support/environment.h"
-#include "../support/temp_dir.h"
+#include "support/bytes.h"
+#include "support/environment.h"
+#include "support/temp_dir.h"
 
 #include <p11mux/pkcs11.h>
 

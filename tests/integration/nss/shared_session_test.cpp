@@ -10,9 +10,9 @@
 // per mode); P11MUX_TEST_V3_THREADS overrides the thread count (default 8).
 #include "nss_support.h"
 
-#include "../support/ckr_names.h"
-#include "../support/doctest_ck.h"
-#include "../support/threads.h"
+#include "support/ckr_names.h"
+#include "support/doctest_ck.h"
+#include "support/threads.h"
 
 #include <atomic>
 #include <barrier>

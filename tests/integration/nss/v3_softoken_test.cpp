@@ -5,9 +5,9 @@
 // with softoken initialized twice at once.
 #include "nss_support.h"
 
-#include "../support/ckr_names.h"
-#include "../support/doctest_ck.h"
-#include "../support/softhsm_token.h"
+#include "support/ckr_names.h"
+#include "support/doctest_ck.h"
+#include "support/softhsm_token.h"
 
 #include <algorithm>
 #include <string>
