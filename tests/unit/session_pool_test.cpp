@@ -1,0 +1,602 @@
+// SessionPool over a fake backend: a BackendPort over a bare function table
+// whose functions work on a test-controlled token (sessions, a session limit,
+// a restart that loses every session, the slots it knows), and a fake call
+// gate. No .so is loaded. Includes the defects of issue 10 that show at this
+// level (the module tests show them through the whole library).
+#include "backend_port.hpp"
+#include "gate_access.hpp"
+#include "session_pool.hpp"
+
+#include <doctest/doctest.h>
+#include <spdlog/sinks/null_sink.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <future>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace p11mux {
+namespace {
+
+using namespace std::chrono_literals;
+
+constexpr CK_SLOT_ID kSlot = 1;        // the one slot the fake token knows
+constexpr CK_SLOT_ID kBogusSlot = 99;  // one it does not
+constexpr unsigned long kUnlimited = std::numeric_limits<unsigned long>::max();
+
+// The fake token. Its functions run on the pool's threads: one mutex guards it.
+struct FakeToken {
+  std::mutex m;
+  std::map<CK_SESSION_HANDLE, CK_FLAGS> sessions;  // open, with their flags
+  CK_SESSION_HANDLE next = 100;
+  unsigned long max_sessions = kUnlimited;  // more opens get CKR_SESSION_COUNT
+  int transient_refusals = 0;               // the next n opens get CKR_SESSION_COUNT
+  CK_ULONG reported_max = CK_EFFECTIVELY_INFINITE;  // CK_TOKEN_INFO's ulMaxSessionCount
+  int open_calls = 0, close_calls = 0, logout_calls = 0, info_calls = 0;
+  int notified_opens = 0;  // opens with a Notify callback
+
+  void reset() {
+    std::lock_guard g(m);
+    sessions.clear();
+    next = 100;
+    max_sessions = kUnlimited;
+    transient_refusals = 0;
+    reported_max = CK_EFFECTIVELY_INFINITE;
+    open_calls = close_calls = logout_calls = info_calls = notified_opens = 0;
+  }
+  // The device restarted: every session is gone (handles are not reused).
+  void restart() {
+    std::lock_guard g(m);
+    sessions.clear();
+  }
+  void lose(CK_SESSION_HANDLE h) {
+    std::lock_guard g(m);
+    sessions.erase(h);
+  }
+  int opens() {
+    std::lock_guard g(m);
+    return open_calls;
+  }
+  int closes() {
+    std::lock_guard g(m);
+    return close_calls;
+  }
+  std::size_t live() {
+    std::lock_guard g(m);
+    return sessions.size();
+  }
+  void set_max(unsigned long n) {
+    std::lock_guard g(m);
+    max_sessions = n;
+  }
+};
+FakeToken token;
+
+CK_RV fake_get_token_info(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) {
+  if (slot != kSlot) return CKR_SLOT_ID_INVALID;
+  std::lock_guard g(token.m);
+  *info = CK_TOKEN_INFO{};
+  info->flags = CKF_TOKEN_INITIALIZED;
+  info->ulMaxSessionCount = info->ulMaxRwSessionCount = token.reported_max;
+  return CKR_OK;
+}
+CK_RV fake_get_slot_info(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info) {
+  if (slot != kSlot) return CKR_SLOT_ID_INVALID;
+  *info = CK_SLOT_INFO{};
+  info->flags = CKF_TOKEN_PRESENT;
+  return CKR_OK;
+}
+CK_RV fake_open_session(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR, CK_NOTIFY notify,
+                        CK_SESSION_HANDLE_PTR out) {
+  if (slot != kSlot) return CKR_SLOT_ID_INVALID;
+  std::lock_guard g(token.m);
+  ++token.open_calls;
+  if (token.transient_refusals > 0) {
+    --token.transient_refusals;
+    return CKR_SESSION_COUNT;
+  }
+  if (token.sessions.size() >= token.max_sessions) return CKR_SESSION_COUNT;
+  token.notified_opens += notify != nullptr;
+  *out = token.next++;
+  token.sessions[*out] = flags;
+  return CKR_OK;
+}
+CK_RV fake_close_session(CK_SESSION_HANDLE h) {
+  std::lock_guard g(token.m);
+  ++token.close_calls;
+  return token.sessions.erase(h) != 0 ? CKR_OK : CKR_SESSION_HANDLE_INVALID;
+}
+CK_RV fake_get_session_info(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info) {
+  std::lock_guard g(token.m);
+  ++token.info_calls;
+  auto it = token.sessions.find(h);
+  if (it == token.sessions.end()) return CKR_SESSION_HANDLE_INVALID;
+  *info = CK_SESSION_INFO{};
+  info->slotID = kSlot;
+  info->flags = it->second;
+  return CKR_OK;
+}
+CK_RV fake_logout(CK_SESSION_HANDLE) {
+  std::lock_guard g(token.m);
+  ++token.logout_calls;
+  return CKR_USER_NOT_LOGGED_IN;
+}
+
+CK_FUNCTION_LIST_3_0 fake_table() {
+  CK_FUNCTION_LIST_3_0 table{};
+  table.version = {2, 40};
+  table.C_GetTokenInfo = &fake_get_token_info;
+  table.C_GetSlotInfo = &fake_get_slot_info;
+  table.C_OpenSession = &fake_open_session;
+  table.C_CloseSession = &fake_close_session;
+  table.C_GetSessionInfo = &fake_get_session_info;
+  table.C_Logout = &fake_logout;
+  return table;
+}
+
+// The call gate: counts parks, and admits background work of the current
+// epoch. It is never destroyed: threads' pool caches keep a pointer to it
+// until thread exit (the module's gate outlives every pool as well).
+class FakeGate final : public GateAccess {
+ public:
+  std::atomic<std::uint64_t> epoch{0};
+  std::atomic<int> parks{0}, unparks{0};
+  void park() noexcept override { parks.fetch_add(1); }
+  void unpark() noexcept override { unparks.fetch_add(1); }
+
+ protected:
+  std::uint64_t enter_background(std::size_t&) noexcept override { return epoch.load(); }
+  void leave_background(std::size_t) noexcept override {}
+};
+FakeGate& gate = *new FakeGate;
+
+// A pool over the fake token. Each has its own epoch, never one an earlier
+// pool had: a thread's cache is tied to its pool by address and epoch, and a
+// new pool may get a freed one's address.
+std::uint64_t next_epoch = std::uint64_t{1} << 40;
+
+Config::Pool pool_config(std::optional<unsigned long> max_sessions, unsigned long wait_ms) {
+  Config::Pool c;
+  c.max_sessions = max_sessions;
+  c.wait_ms = wait_ms;
+  return c;
+}
+
+// Resets the fake token and the gate for a new pool; returns the pool's epoch.
+std::uint64_t fresh_start() {
+  token.reset();
+  gate.parks = 0;
+  gate.unparks = 0;
+  gate.epoch = ++next_epoch;
+  return gate.epoch;
+}
+
+// p11mux's own locks. Mutexes keep a pointer to their source: it outlives them.
+const LockSource own_locks{};
+
+struct Rig {
+  explicit Rig(Config::Pool config)
+      : pool(port, gate, config, own_locks, epoch, log, metrics) {}
+  ~Rig() { gate.epoch = 0; }  // no thread's cache is retired into a pool that is gone
+  Rig(const Rig&) = delete;
+  Rig& operator=(const Rig&) = delete;
+
+  SlotPoolMetrics& slot_metrics() { return *metrics.slot(kSlot); }
+  SessionPool::SlotFigures figures() { return pool.figures(kSlot); }
+
+  std::uint64_t epoch = fresh_start();  // first: before the pool exists
+  BackendPort port{fake_table(), /*thread_safe=*/true, own_locks};
+  PoolMetricsRegistry metrics{own_locks};
+  spdlog::logger log{"pool-test", std::make_shared<spdlog::sinks::null_sink_mt>()};
+  SessionPool pool;
+};
+
+// A thread that borrows `n` sessions and gives them back, so they sit in its
+// cache, then stays alive until release(); at exit its cache goes back to the
+// shared pool.
+class CacheHolder {
+ public:
+  CacheHolder(SessionPool& pool, int n) {
+    std::promise<void> ready;
+    auto filled = ready.get_future();
+    thread_ = std::thread([this, &pool, n, ready = std::move(ready)]() mutable {
+      std::vector<CK_SESSION_HANDLE> held(static_cast<std::size_t>(n));
+      for (auto& h : held) CHECK(pool.borrow(kSlot, false, h) == CKR_OK);
+      for (auto h : held) pool.give(kSlot, false, h, SessionPool::Fate::reuse);
+      handles = held;
+      ready.set_value();
+      std::unique_lock lock(m_);
+      cv_.wait(lock, [this] { return released_; });
+    });
+    filled.wait();
+  }
+  ~CacheHolder() { release(); }
+  void release() {
+    {
+      std::lock_guard g(m_);
+      released_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+  std::vector<CK_SESSION_HANDLE> handles;
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool released_ = false;
+  std::thread thread_;
+};
+
+// Waits (generously) until a thread sleeps at the pool's limit: the pool parks
+// in the gate right before it sleeps.
+void wait_for_parked(int parks) {
+  auto until = std::chrono::steady_clock::now() + 10s;
+  while (gate.parks.load() < parks && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(1ms);
+  }
+  REQUIRE(gate.parks.load() >= parks);
+}
+
+TEST_CASE("pool: a session given back is taken again, of its own kind (R/O or R/W)") {
+  Rig rig(pool_config(std::nullopt, 0));
+  CK_SESSION_HANDLE ro = 0, rw = 0, again = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, ro) == CKR_OK);
+  rig.pool.give(kSlot, false, ro, SessionPool::Fate::reuse);
+  REQUIRE(rig.pool.borrow(kSlot, true, rw) == CKR_OK);
+  CHECK(rw != ro);  // an idle R/O session is no R/W one
+  CHECK(token.sessions.at(rw) == (CKF_SERIAL_SESSION | CKF_RW_SESSION));
+  CHECK(token.sessions.at(ro) == CKF_SERIAL_SESSION);
+  rig.pool.give(kSlot, true, rw, SessionPool::Fate::reuse);
+  CHECK(rig.figures().idle == 2);
+
+  REQUIRE(rig.pool.borrow(kSlot, false, again) == CKR_OK);
+  CHECK(again == ro);
+  REQUIRE(rig.pool.borrow(kSlot, true, again) == CKR_OK);
+  CHECK(again == rw);
+  CHECK(token.opens() == 2);  // no second C_OpenSession
+  CHECK(rig.figures().open == 2);
+  CHECK(rig.figures().idle == 0);
+
+  // The application's sessions (open/close) are pooled the same way.
+  rig.pool.give(kSlot, false, ro, SessionPool::Fate::reuse);
+  REQUIRE(rig.pool.open(kSlot, false, again) == CKR_OK);
+  CHECK(again == ro);
+  rig.pool.close(kSlot, false, again, SessionPool::Fate::reuse);
+  REQUIRE(rig.pool.open(kSlot, false, again) == CKR_OK);
+  CHECK(again == ro);
+  CHECK(token.opens() == 2);
+}
+
+TEST_CASE("pool: a session given back by another thread is taken again") {
+  Rig rig(pool_config(std::nullopt, 0));
+  CacheHolder other(rig.pool, 1);
+  CK_SESSION_HANDLE h = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, h) == CKR_OK);
+  CHECK(token.opens() == 2);  // another thread's cache is not looked at below the limit
+  rig.pool.give(kSlot, false, h, SessionPool::Fate::reuse);
+  other.release();  // at thread exit its cache goes to the shared pool
+  CHECK(rig.figures().idle == 2);
+  CK_SESSION_HANDLE a = 0, b = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, a) == CKR_OK);
+  REQUIRE(rig.pool.borrow(kSlot, false, b) == CKR_OK);
+  CHECK(token.opens() == 2);
+  CHECK(((a == h && b == other.handles[0]) || (b == h && a == other.handles[0])));
+}
+
+TEST_CASE("pool: sessions closed, not pooled, when their fate says so") {
+  Rig rig(pool_config(std::nullopt, 0));
+  CK_SESSION_HANDLE a = 0, b = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, a) == CKR_OK);
+  REQUIRE(rig.pool.borrow(kSlot, false, b) == CKR_OK);
+  rig.pool.give(kSlot, false, a, SessionPool::Fate::closed(CloseReason::operation_maybe_active));
+  rig.pool.give(kSlot, false, b, SessionPool::Fate::dead);
+  CHECK(token.closes() == 2);
+  CHECK(token.live() == 0);
+  CHECK(rig.figures().open == 0);
+  CHECK(rig.figures().idle == 0);
+  auto reason = static_cast<std::size_t>(CloseReason::operation_maybe_active);
+  CHECK(rig.slot_metrics().unclean[reason].load() == 1);
+  CHECK(rig.slot_metrics().discarded_dead.load() == 1);
+  CK_SESSION_HANDLE c = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, c) == CKR_OK);
+  CHECK(token.opens() == 3);
+}
+
+TEST_CASE("pool: pool.max_sessions caps open sessions; beyond it a take waits wait_ms, then CKR_SESSION_COUNT") {
+  Rig rig(pool_config(2, 50));
+  CK_SESSION_HANDLE a = 0, b = 0, c = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, a) == CKR_OK);
+  REQUIRE(rig.pool.borrow(kSlot, true, b) == CKR_OK);
+  auto start = std::chrono::steady_clock::now();
+  CHECK(rig.pool.borrow(kSlot, false, c) == CKR_SESSION_COUNT);
+  CHECK(std::chrono::steady_clock::now() - start >= 50ms);  // it did wait for one to come back
+  CHECK(rig.pool.open(kSlot, true, c) == CKR_SESSION_COUNT);
+  CHECK(token.opens() == 2);
+  CHECK(rig.figures().open == 2);
+  CHECK(rig.figures().limit == 2);
+  CHECK(rig.slot_metrics().waits.load() == 2);
+  CHECK(gate.parks.load() == gate.unparks.load());  // it left the gate while asleep, and came back
+}
+
+TEST_CASE("pool: a session given back, or closed, wakes a thread waiting at the limit") {
+  struct Way {
+    const char* name;
+    SessionPool::Fate fate;
+    int opens;  // backend opens in all, once the waiter has its session
+  };
+  for (Way way : {Way{"given back", SessionPool::Fate::reuse, 1},
+                  Way{"closed unclean", SessionPool::Fate::closed(CloseReason::operation_active), 2},
+                  Way{"dead", SessionPool::Fate::dead, 2}}) {
+    CAPTURE(way.name);
+    // A waiter not woken sleeps the whole wait_ms: far beyond the bound below.
+    Rig rig(pool_config(1, 20000));
+    CK_SESSION_HANDLE held = 0;
+    REQUIRE(rig.pool.borrow(kSlot, false, held) == CKR_OK);
+    auto waiter = std::async(std::launch::async, [&] {
+      CK_SESSION_HANDLE h = 0;
+      CK_RV rv = rig.pool.borrow(kSlot, false, h);
+      if (rv == CKR_OK) rig.pool.give(kSlot, false, h, SessionPool::Fate::reuse);
+      return rv;
+    });
+    wait_for_parked(1);
+    rig.pool.give(kSlot, false, held, way.fate);
+    REQUIRE(waiter.wait_for(10s) == std::future_status::ready);
+    CHECK(waiter.get() == CKR_OK);
+    CHECK(token.opens() == way.opens);
+    CHECK(rig.figures().open == 1);
+  }
+}
+
+TEST_CASE("pool: one CKR_SESSION_COUNT is retried and does not lower the limit (issue 10, defect 8)") {
+  Rig rig(pool_config(std::nullopt, 0));
+  token.transient_refusals = 1;
+  CK_SESSION_HANDLE h = 0;
+  CHECK(rig.pool.borrow(kSlot, false, h) == CKR_OK);
+  CHECK(token.opens() == 2);
+  CHECK(rig.figures().limit == kUnlimited);
+}
+
+TEST_CASE("pool: a limit learned from two CKR_SESSION_COUNT in a row is probed again after kLimitProbeInterval (issue 10, defect 8)") {
+  Rig rig(pool_config(std::nullopt, 0));
+  token.set_max(2);
+  CK_SESSION_HANDLE a = 0, b = 0, c = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, a) == CKR_OK);
+  REQUIRE(rig.pool.borrow(kSlot, false, b) == CKR_OK);
+  CHECK(rig.pool.borrow(kSlot, false, c) == CKR_SESSION_COUNT);
+  CHECK(token.opens() == 4);  // refused twice in a row: that is the limit for now
+  CHECK(rig.figures().limit == 2);
+  CHECK(rig.figures().open == 2);
+
+  // The token has room again, but the learned limit holds for a while:
+  // no open is tried.
+  token.set_max(3);
+  CHECK(rig.pool.borrow(kSlot, false, c) == CKR_SESSION_COUNT);
+  CHECK(token.opens() == 4);
+
+  std::this_thread::sleep_for(SessionPool::kLimitProbeInterval + 100ms);
+  REQUIRE(rig.pool.borrow(kSlot, false, c) == CKR_OK);  // one above the limit: the probe
+  CHECK(token.opens() == 5);
+  CHECK(rig.figures().limit == 3);  // it rose with the probe
+  CHECK(rig.figures().open == 3);
+}
+
+TEST_CASE("pool: a slot the backend does not know leaves no pool (issue 10, defect 4)") {
+  Rig rig(pool_config(std::nullopt, 0));
+  CK_SESSION_HANDLE h = 0;
+  CHECK(rig.pool.open(kBogusSlot, false, h) == CKR_SLOT_ID_INVALID);
+  CHECK(rig.pool.borrow(kBogusSlot, true, h) == CKR_SLOT_ID_INVALID);
+  auto f = rig.pool.figures(kBogusSlot);
+  CHECK(f.open == 0);
+  CHECK(f.idle == 0);
+  CHECK(f.limit == 0);  // no pool: empty figures
+  // More bogus slots than the pool has places for: a real slot still gets one.
+  for (CK_SLOT_ID s = 1000; s < 1000 + SessionPool::kMaxSlots + 8; ++s) {
+    REQUIRE(rig.pool.borrow(s, false, h) == CKR_SLOT_ID_INVALID);
+  }
+  CHECK(rig.pool.open(kSlot, false, h) == CKR_OK);
+  int slots_with_figures = 0;
+  rig.metrics.for_each([&](CK_SLOT_ID s, const SlotPoolMetrics&) {
+    CHECK(s == kSlot);
+    ++slots_with_figures;
+  });
+  CHECK(slots_with_figures == 1);
+  CHECK(token.opens() == 1);
+}
+
+TEST_CASE("pool: after invalidate(slot), idle sessions of the slot are closed, not handed out") {
+  Rig rig(pool_config(std::nullopt, 0));
+  CK_SESSION_HANDLE mine = 0, in_use = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, mine) == CKR_OK);
+  REQUIRE(rig.pool.borrow(kSlot, false, in_use) == CKR_OK);
+  CacheHolder running(rig.pool, 1);  // its session stays in its cache
+  CacheHolder exited(rig.pool, 1);   // its session goes to the shared pool at exit
+  exited.release();
+  rig.pool.give(kSlot, false, mine, SessionPool::Fate::reuse);  // in this thread's cache
+  REQUIRE(token.opens() == 4);
+  REQUIRE(rig.figures().idle == 3);
+
+  // A call on `in_use` finds the device restarted.
+  token.restart();
+  rig.pool.invalidate(kSlot);
+  rig.pool.give(kSlot, false, in_use, SessionPool::Fate::dead);
+
+  std::vector<CK_SESSION_HANDLE> stale{exited.handles[0], running.handles[0], mine, in_use};
+  for (int i = 0; i < 3; ++i) {
+    CK_SESSION_HANDLE h = 0;
+    REQUIRE(rig.pool.borrow(kSlot, false, h) == CKR_OK);
+    for (CK_SESSION_HANDLE s : stale) CHECK(h != s);
+    std::lock_guard g(token.m);
+    CHECK(token.sessions.count(h) == 1);  // a session the backend has
+  }
+  CHECK(token.opens() == 7);
+  CHECK(token.live() == 3);
+  // This thread's and the shared pool's stale sessions were met and closed
+  // (the other thread's cache is searched only at the limit).
+  CHECK(rig.slot_metrics().discarded_dead.load() == 3);
+}
+
+TEST_CASE("pool: stale sessions in this thread's cache stop counting against the limit (issue 10, defect 5)") {
+  Rig rig(pool_config(2, 0));
+  CK_SESSION_HANDLE a = 0, b = 0;
+  REQUIRE(rig.pool.open(kSlot, false, a) == CKR_OK);
+  REQUIRE(rig.pool.open(kSlot, false, b) == CKR_OK);
+  rig.pool.close(kSlot, false, a, SessionPool::Fate::reuse);
+  rig.pool.close(kSlot, false, b, SessionPool::Fate::reuse);
+  token.restart();
+  rig.pool.invalidate(kSlot);
+  REQUIRE(rig.pool.open(kSlot, false, a) == CKR_OK);
+  REQUIRE(rig.pool.open(kSlot, false, b) == CKR_OK);
+  CHECK(token.live() == 2);
+  CHECK(rig.figures().open == 2);
+}
+
+TEST_CASE("pool: stale sessions in another thread's cache are dropped when the pool is full (issue 10, defect 5)") {
+  Rig rig(pool_config(2, 2000));
+  CacheHolder other(rig.pool, 2);
+  token.restart();
+  rig.pool.invalidate(kSlot);
+  CK_SESSION_HANDLE a = 0, b = 0;
+  // At the limit, the other thread's stale sessions are found and closed,
+  // which makes room (the wait ends at once: wait_ms is only an upper bound).
+  REQUIRE(rig.pool.open(kSlot, false, a) == CKR_OK);
+  REQUIRE(rig.pool.open(kSlot, true, b) == CKR_OK);
+  CHECK(token.opens() == 4);
+  CHECK(token.live() == 2);
+  CHECK(rig.figures().open == 2);
+  CHECK(rig.figures().idle == 0);
+}
+
+TEST_CASE("pool: close_all closes every idle session, in the pool and in every thread's cache") {
+  Rig rig(pool_config(std::nullopt, 0));
+  CK_SESSION_HANDLE mine = 0, in_use = 0;
+  REQUIRE(rig.pool.borrow(kSlot, true, mine) == CKR_OK);
+  REQUIRE(rig.pool.borrow(kSlot, false, in_use) == CKR_OK);
+  CacheHolder running(rig.pool, 3);
+  CacheHolder exited(rig.pool, 2);
+  exited.release();
+  rig.pool.give(kSlot, true, mine, SessionPool::Fate::reuse);
+  REQUIRE(rig.figures().idle == 6);
+
+  rig.pool.close_all();
+  CHECK(token.closes() == 6);
+  CHECK(token.live() == 1);  // the one in use stays
+  CHECK(rig.figures().open == 1);
+  CHECK(rig.figures().idle == 0);
+  CHECK(rig.slot_metrics().idle.load() == 0);
+  CHECK(rig.slot_metrics().open.load() == 1);
+  rig.pool.give(kSlot, false, in_use, SessionPool::Fate::reuse);
+}
+
+TEST_CASE("pool: destroying the pool closes every idle session") {
+  {
+    Rig rig(pool_config(std::nullopt, 0));
+    CacheHolder running(rig.pool, 2);
+    CK_SESSION_HANDLE h = 0;
+    REQUIRE(rig.pool.borrow(kSlot, false, h) == CKR_OK);
+    rig.pool.give(kSlot, false, h, SessionPool::Fate::reuse);
+    running.release();
+  }
+  CHECK(token.closes() == 3);
+  CHECK(token.live() == 0);
+}
+
+TEST_CASE("pool: keepalive pings every idle session wherever it sits, and closes those the backend lost") {
+  Rig rig(pool_config(std::nullopt, 0));
+  CK_SESSION_HANDLE mine = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, mine) == CKR_OK);
+  CacheHolder running(rig.pool, 1);
+  CacheHolder exited(rig.pool, 1);
+  exited.release();
+  rig.pool.give(kSlot, false, mine, SessionPool::Fate::reuse);
+  std::this_thread::sleep_for(1100ms);
+  CK_SESSION_HANDLE fresh = 0;
+  REQUIRE(rig.pool.borrow(kSlot, true, fresh) == CKR_OK);
+  rig.pool.give(kSlot, true, fresh, SessionPool::Fate::reuse);  // idle for less than a second
+  token.lose(running.handles[0]);
+
+  rig.pool.maintain(/*idle=*/0s, /*keepalive=*/1s);
+  CHECK(token.info_calls == 3);  // not the fresh one
+  CHECK(token.closes() == 1);    // the lost one, closed rather than forgotten
+  CHECK(rig.slot_metrics().discarded_dead.load() == 1);
+  CHECK(rig.figures().open == 3);
+  CHECK(rig.figures().idle == 3);
+
+  // Pinged, they count as fresh: an idle timeout of 1 s closes none.
+  rig.pool.maintain(/*idle=*/1s, /*keepalive=*/0s);
+  CHECK(token.closes() == 1);
+  CHECK(rig.figures().idle == 3);
+}
+
+TEST_CASE("pool: interrupt_waiters wakes a thread waiting at the limit, and no call waits after it (issue 10, defect 6)") {
+  Rig rig(pool_config(1, 20000));
+  CK_SESSION_HANDLE held = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, held) == CKR_OK);
+  auto waiter = std::async(std::launch::async, [&] {
+    CK_SESSION_HANDLE h = 0;
+    return rig.pool.open(kSlot, false, h);
+  });
+  wait_for_parked(1);
+  rig.pool.interrupt_waiters();
+  REQUIRE(waiter.wait_for(10s) == std::future_status::ready);  // wait_ms is 20 s
+  CHECK(waiter.get() == CKR_CRYPTOKI_NOT_INITIALIZED);
+
+  auto late = std::async(std::launch::async, [&] {
+    CK_SESSION_HANDLE h = 0;
+    return rig.pool.borrow(kSlot, true, h);
+  });
+  REQUIRE(late.wait_for(10s) == std::future_status::ready);
+  CHECK(late.get() == CKR_CRYPTOKI_NOT_INITIALIZED);
+  CHECK(gate.parks.load() == gate.unparks.load());
+  CHECK(token.opens() == 1);
+  rig.pool.give(kSlot, false, held, SessionPool::Fate::reuse);
+}
+
+TEST_CASE("pool: sessions opened with a Notify callback count against the limit (issue 10, defect 10)") {
+  Rig rig(pool_config(2, 0));
+  int context = 0;
+  auto notify = [](CK_SESSION_HANDLE, CK_NOTIFICATION, CK_VOID_PTR) -> CK_RV { return CKR_OK; };
+  CK_SESSION_HANDLE idle = 0, a = 0, b = 0, c = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, idle) == CKR_OK);
+  rig.pool.give(kSlot, false, idle, SessionPool::Fate::reuse);
+  REQUIRE(rig.pool.open_notified(kSlot, false, &context, notify, a) == CKR_OK);
+  CHECK(a != idle);  // never a pooled session
+  // At the limit with a session idle: it is closed to make room.
+  REQUIRE(rig.pool.open_notified(kSlot, true, &context, notify, b) == CKR_OK);
+  CHECK(token.closes() == 1);
+  CHECK(rig.pool.open_notified(kSlot, false, &context, notify, c) == CKR_SESSION_COUNT);
+  CHECK(rig.pool.open(kSlot, false, c) == CKR_SESSION_COUNT);
+  CHECK(token.live() == 2);
+  CHECK(token.notified_opens == 2);
+
+  rig.pool.close(kSlot, false, a, SessionPool::Fate::closed(CloseReason::notify_callback));
+  CHECK(token.live() == 1);
+  CHECK(rig.figures().idle == 0);  // closed, not pooled
+  rig.pool.close(kSlot, true, b, SessionPool::Fate::closed(CloseReason::notify_callback));
+}
+
+TEST_CASE("pool: the application's last session on a slot logs the token out, unless pool.keep_login") {
+  for (bool keep_login : {false, true}) {
+    CAPTURE(keep_login);
+    Config::Pool config = pool_config(std::nullopt, 0);
+    config.keep_login = keep_login;
+    Rig rig(config);
+    CK_SESSION_HANDLE a = 0, b = 0, borrowed = 0;
+    REQUIRE(rig.pool.open(kSlot, false, a) == CKR_OK);
+    REQUIRE(rig.pool.open(kSlot, true, b) == CKR_OK);
+    REQUIRE(rig.pool.borrow(kSlot, false, borrowed) == CKR_OK);
+    rig.pool.give(kSlot, false, borrowed, SessionPool::Fate::reuse);  // no application session
+    rig.pool.close(kSlot, false, a, SessionPool::Fate::reuse);
+    CHECK(token.logout_calls == 0);
+    rig.pool.close(kSlot, true, b, SessionPool::Fate::reuse);
+    CHECK(token.logout_calls == (keep_login ? 0 : 1));
+  }
+}
+
+}  // namespace
+}  // namespace p11mux
