@@ -273,6 +273,19 @@ TEST_CASE("pool: a session given back is taken again, of its own kind (R/O or R/
   CHECK(token.opens() == 2);
 }
 
+TEST_CASE("pool: the shared pool too hands out a session of the kind asked for") {
+  Rig rig(pool_config(std::nullopt, 0));
+  CacheHolder exited(rig.pool, 1);  // an R/O session, in the shared pool once it exits
+  exited.release();
+  CK_SESSION_HANDLE rw = 0, ro = 0;
+  REQUIRE(rig.pool.borrow(kSlot, true, rw) == CKR_OK);
+  CHECK(rw != exited.handles[0]);
+  CHECK(token.sessions.at(rw) == (CKF_SERIAL_SESSION | CKF_RW_SESSION));
+  REQUIRE(rig.pool.borrow(kSlot, false, ro) == CKR_OK);
+  CHECK(ro == exited.handles[0]);
+  CHECK(token.opens() == 2);
+}
+
 TEST_CASE("pool: a session given back by another thread is taken again") {
   Rig rig(pool_config(std::nullopt, 0));
   CacheHolder other(rig.pool, 1);
