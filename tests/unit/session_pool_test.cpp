@@ -17,6 +17,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -335,6 +336,24 @@ TEST_CASE("pool: pool.max_sessions caps open sessions; beyond it a take waits wa
   CHECK(rig.figures().limit == 2);
   CHECK(rig.slot_metrics().waits.load() == 2);
   CHECK(gate.parks.load() == gate.unparks.load());  // it left the gate while asleep, and came back
+}
+
+TEST_CASE("pool: the token's ulMaxSessionCount is the limit, unless it means none") {
+  for (CK_ULONG reported : {CK_ULONG{1}, CK_UNAVAILABLE_INFORMATION, CK_EFFECTIVELY_INFINITE}) {
+    CAPTURE(reported);
+    Rig rig(pool_config(std::nullopt, 0));
+    token.reported_max = reported;
+    CK_SESSION_HANDLE a = 0, b = 0;
+    REQUIRE(rig.pool.borrow(kSlot, false, a) == CKR_OK);
+    if (reported == 1) {
+      CHECK(rig.figures().limit == 1);
+      CHECK(rig.pool.borrow(kSlot, false, b) == CKR_SESSION_COUNT);
+      CHECK(token.opens() == 1);  // refused without asking the backend
+    } else {
+      CHECK(rig.figures().limit == kUnlimited);
+      CHECK(rig.pool.borrow(kSlot, false, b) == CKR_OK);
+    }
+  }
 }
 
 TEST_CASE("pool: a session given back, or closed, wakes a thread waiting at the limit") {
