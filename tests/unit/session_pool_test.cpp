@@ -38,6 +38,7 @@ struct FakeToken {
   unsigned long max_sessions = kUnlimited;  // more opens get CKR_SESSION_COUNT
   int transient_refusals = 0;               // the next n opens get CKR_SESSION_COUNT
   CK_ULONG reported_max = CK_EFFECTIVELY_INFINITE;  // CK_TOKEN_INFO's ulMaxSessionCount
+  bool initialized = true;                          // CKF_TOKEN_INITIALIZED
   int open_calls = 0, close_calls = 0, logout_calls = 0, info_calls = 0;
   int notified_opens = 0;  // opens with a Notify callback
 
@@ -48,6 +49,7 @@ struct FakeToken {
     max_sessions = kUnlimited;
     transient_refusals = 0;
     reported_max = CK_EFFECTIVELY_INFINITE;
+    initialized = true;
     open_calls = close_calls = logout_calls = info_calls = notified_opens = 0;
   }
   // The device restarted: every session is gone (handles are not reused).
@@ -82,7 +84,7 @@ CK_RV fake_get_token_info(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) {
   if (slot != kSlot) return CKR_SLOT_ID_INVALID;
   std::lock_guard g(token.m);
   *info = CK_TOKEN_INFO{};
-  info->flags = CKF_TOKEN_INITIALIZED;
+  info->flags = token.initialized ? CKF_TOKEN_INITIALIZED : 0;
   info->ulMaxSessionCount = info->ulMaxRwSessionCount = token.reported_max;
   return CKR_OK;
 }
@@ -90,6 +92,14 @@ CK_RV fake_get_slot_info(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info) {
   if (slot != kSlot) return CKR_SLOT_ID_INVALID;
   *info = CK_SLOT_INFO{};
   info->flags = CKF_TOKEN_PRESENT;
+  return CKR_OK;
+}
+CK_RV fake_get_slot_list(CK_BBOOL, CK_SLOT_ID_PTR list, CK_ULONG_PTR count) {
+  if (list != nullptr) {
+    if (*count < 1) return CKR_BUFFER_TOO_SMALL;
+    list[0] = kSlot;
+  }
+  *count = 1;
   return CKR_OK;
 }
 CK_RV fake_open_session(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR, CK_NOTIFY notify,
@@ -131,6 +141,7 @@ CK_RV fake_logout(CK_SESSION_HANDLE) {
 CK_FUNCTION_LIST_3_0 fake_table() {
   CK_FUNCTION_LIST_3_0 table{};
   table.version = {2, 40};
+  table.C_GetSlotList = &fake_get_slot_list;
   table.C_GetTokenInfo = &fake_get_token_info;
   table.C_GetSlotInfo = &fake_get_slot_info;
   table.C_OpenSession = &fake_open_session;
@@ -627,6 +638,46 @@ TEST_CASE("pool: the application's last session on a slot logs the token out, un
     CHECK(token.logout_calls == 0);
     rig.pool.close(kSlot, true, b, SessionPool::Fate::reuse);
     CHECK(token.logout_calls == (keep_login ? 0 : 1));
+  }
+}
+
+TEST_CASE("pool: drain_idle closes idle sessions only when the application has none of that kind") {
+  Rig rig(pool_config(std::nullopt, 0));
+  CacheHolder running(rig.pool, 1);  // an idle R/O session in another thread's cache
+  CK_SESSION_HANDLE app_rw = 0, idle_rw = 0;
+  REQUIRE(rig.pool.open(kSlot, true, app_rw) == CKR_OK);
+  REQUIRE(rig.pool.borrow(kSlot, true, idle_rw) == CKR_OK);
+  rig.pool.give(kSlot, true, idle_rw, SessionPool::Fate::reuse);
+  CHECK_FALSE(rig.pool.drain_idle(kSlot, /*read_only_only=*/false));  // the application has one
+  CHECK(token.closes() == 0);
+  // For an SO login only R/O sessions are in the way: the application has none.
+  CHECK(rig.pool.drain_idle(kSlot, /*read_only_only=*/true));
+  CHECK(token.closes() == 1);
+  CHECK(token.sessions.count(running.handles[0]) == 0);
+  CHECK(rig.figures().idle == 1);  // the idle R/W one stays
+  CHECK_FALSE(rig.pool.drain_idle(kSlot, /*read_only_only=*/true));  // nothing left to drain
+  rig.pool.close(kSlot, true, app_rw, SessionPool::Fate::reuse);
+  CHECK(rig.pool.drain_idle(kSlot, /*read_only_only=*/false));
+  CHECK(token.live() == 0);
+  CHECK(rig.figures().open == 0);
+}
+
+TEST_CASE("pool: prewarm opens pool.prewarm R/O sessions on a slot with an initialized token") {
+  for (bool initialized : {true, false}) {
+    CAPTURE(initialized);
+    Config::Pool config = pool_config(std::nullopt, 0);
+    config.prewarm = 3;
+    Rig rig(config);
+    token.initialized = initialized;
+    rig.pool.prewarm();
+    CHECK(token.opens() == (initialized ? 3 : 0));
+    CHECK(rig.figures().idle == (initialized ? 3u : 0u));
+    if (initialized) {
+      CK_SESSION_HANDLE h = 0;
+      REQUIRE(rig.pool.borrow(kSlot, false, h) == CKR_OK);
+      CHECK(token.opens() == 3);  // a prewarmed one
+      CHECK(token.sessions.at(h) == CKF_SERIAL_SESSION);
+    }
   }
 }
 
