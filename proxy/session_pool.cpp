@@ -414,7 +414,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     }
   }
   auto deadline = Clock::now() + std::chrono::milliseconds(config_.wait_ms);
-  bool waited = false;
+  bool waited = false, looked_again = false;
   std::vector<CK_SESSION_HANDLE> stale_shared;
   for (;;) {
     enum { reused, reserved, full } outcome = full;
@@ -521,7 +521,15 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       continue;
     }
     now = Clock::now();
-    if (now >= deadline) return CKR_SESSION_COUNT;
+    if (now >= deadline) {
+      // Room made since this round looked (stale sessions closed on the way,
+      // a session given back): one more round, however short wait_ms is.
+      if (pool.returns.load(std::memory_order_acquire) == ticket ||
+          std::exchange(looked_again, true)) {
+        return CKR_SESSION_COUNT;
+      }
+      continue;
+    }
     if (!std::exchange(waited, true)) pool.figures->waits.fetch_add(1, std::memory_order_relaxed);
     // A learned limit may be probed before the deadline: wake for that too.
     auto until = next_probe > now ? std::min(deadline, next_probe) : deadline;
