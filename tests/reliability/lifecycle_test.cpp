@@ -385,6 +385,9 @@ enum class ForkPoint {
   mid_call,       // whenever: threads may be inside p11mux and the backend
 };
 
+// How long a forked child may take for its few calls before it counts as hung.
+constexpr auto kChildLimit = std::chrono::seconds(30);
+
 // Lets the forking thread hold the traffic between two calls.
 struct ForkGate {
   std::atomic<bool> pause{false};
@@ -436,20 +439,26 @@ ForkResult fork_during_traffic(int forks, std::size_t traffic_threads, const Tra
         break;
       }
       if (pid == 0) {
-        ::alarm(30);
+        ::alarm(2 * kChildLimit.count());  // in case the parent cannot kill it
         ::_exit(steps(p11mux(), context));
       }
       ++result.forks;
       int status = 0;
-      auto deadline = Clock::now() + kLivenessGuard;
+      auto deadline = Clock::now() + kChildLimit;
+      bool killed = false;
       while (::waitpid(pid, &status, WNOHANG) == 0) {
-        if (Clock::now() > deadline) {
+        if (!killed && Clock::now() > deadline) {
+          std::fprintf(stderr, "fork %d: child %d hung for %lld s; its stacks:\n", f, pid,
+                       static_cast<long long>(kChildLimit.count()));
+          print_stacks(pid);
           ::kill(pid, SIGKILL);
-          hung("forked child " + std::to_string(pid) + " did not exit");
+          killed = true;
         }
         std::this_thread::sleep_for(1ms);
       }
-      if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+      if (killed) {
+        std::fprintf(stderr, "fork %d: child killed after hanging\n", f);
+      } else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
         ++result.children_ok;
       } else if (WIFEXITED(status)) {
         std::fprintf(stderr, "fork %d: child failed at step %d\n", f, WEXITSTATUS(status));

@@ -247,6 +247,15 @@ void hung(const std::string& what) {
   std::_Exit(3);
 }
 
+void print_stacks(int pid) {
+  std::string command = "command -v gdb >/dev/null && gdb -p " + std::to_string(pid) +
+                        " -batch -nx -ex 'thread apply all bt' </dev/null 1>&2";
+  std::fflush(nullptr);
+  if (std::system(command.c_str()) != 0) {
+    std::fprintf(stderr, "(no stacks of process %d: gdb missing or failed)\n", pid);
+  }
+}
+
 void run_threads(std::size_t count, const std::function<void(std::size_t)>& body,
                  const char* what) {
   std::latch start(static_cast<std::ptrdiff_t>(count));

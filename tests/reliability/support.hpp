@@ -129,6 +129,10 @@ void run_threads(std::size_t count, const std::function<void(std::size_t)>& body
 // A liveness guard for one wait (a forked child, a future).
 [[noreturn]] void hung(const std::string& what);
 
+// Prints every thread's stack of process `pid` (a hung forked child) to
+// stderr with gdb, when gdb is installed: a hang in CI must say where.
+void print_stacks(int pid);
+
 // ---- objects ----
 
 using Bytes = std::vector<CK_BYTE>;
