@@ -178,7 +178,9 @@ std::uint64_t base_seed() {
 
 bool Tally::record(const char* call, CK_RV rv, RvSet allowed) {
   ++calls_;
-  ++by_call_[call][rv];
+  auto named = by_call_.find(std::string_view(call));
+  if (named == by_call_.end()) named = by_call_.emplace(call, std::map<CK_RV, unsigned long>{}).first;
+  ++named->second[rv];
   bool ok = rv == CKR_OK;
   for (CK_RV a : allowed) ok = ok || rv == a;
   for (CK_RV a : everywhere_) ok = ok || rv == a;

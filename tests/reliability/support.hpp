@@ -110,7 +110,12 @@ class Tally {
   std::string summary() const;
 
  private:
-  std::map<std::string, std::map<CK_RV, unsigned long>> by_call_;
+  // Looked up by string_view: a record allocates only for a name and code
+  // not seen before. A traffic thread that allocates on every call could be
+  // inside the allocator when another thread forks, and GCC 12's
+  // AddressSanitizer does not lock its allocator around fork(), so the child
+  // could hang on that lock (docs/design.md, "How it is tested").
+  std::map<std::string, std::map<CK_RV, unsigned long>, std::less<>> by_call_;
   std::vector<std::string> unexpected_;  // the first few, as text
   unsigned long unexpected_count_ = 0;
   unsigned long invalid_count_ = 0;
