@@ -25,7 +25,7 @@ echo "== plain build: every test"
 build build/release -DCMAKE_BUILD_TYPE=RelWithDebInfo
 run build/release
 
-# Clang's thread-safety analysis (proxy/lock.hpp): the library only, as
+# Clang's thread-safety analysis (proxy/sync/lock.hpp): the library only, as
 # errors, then the two tests that show the analysis rejects an unguarded access.
 echo "== thread-safety build (clang -Wthread-safety): the library"
 cmake -S . -B build/thread-safety -G Ninja -DP11MUX_WERROR=ON -DCMAKE_BUILD_TYPE=Debug \

@@ -196,7 +196,7 @@ typedef CK_FUNCTION_LIST_3_0* CK_FUNCTION_LIST_3_0_PTR;
 // Mechanism parameters through which a module returns key handles besides
 // (or instead of) phKey, and which p11-kit's header lacks: the SSL 3.0 / TLS
 // key-and-MAC derivations (up to four handles), WTLS, and the v3.0 SP 800-108
-// KDFs. p11mux reads them to follow every session key (proxy/key_mechanisms.hpp).
+// KDFs. p11mux reads them to follow every session key (proxy/forward/key_mechanisms.hpp).
 #ifndef P11MUX_HAVE_SSL3_KEY_MAT
 #define P11MUX_HAVE_SSL3_KEY_MAT 1
 extern "C" {

@@ -5,7 +5,7 @@
 // template it answers. The few functions that need more are named below.
 #include "null_backend.h"
 
-#include "function_traits.hpp"
+#include "functions/function_traits.hpp"
 #include "interface_table.hpp"
 
 #include <algorithm>

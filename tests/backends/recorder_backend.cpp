@@ -4,7 +4,7 @@
 // needs. The signatures come from the CK_C_xxx types, not from the table.
 #include "recorder_control.h"
 
-#include "function_traits.hpp"
+#include "functions/function_traits.hpp"
 #include "interface_table.hpp"
 
 #include <array>

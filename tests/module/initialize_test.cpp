@@ -1,6 +1,6 @@
 // C_Initialize and C_Finalize as the application sees them, and how p11mux
 // initializes the backend (docs/pkcs11-facts.md, "C_Initialize", "Initializing the backend").
-#include "function_traits.hpp"
+#include "functions/function_traits.hpp"
 #include "harness.hpp"
 
 #include <sys/wait.h>

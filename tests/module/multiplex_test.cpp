@@ -3,8 +3,8 @@
 // recording backend, which answers CKR_OK and tells which session it got.
 #include "harness.hpp"
 
-#include "function_traits.hpp"
-#include "operation_state.hpp"
+#include "functions/function_traits.hpp"
+#include "forward/operation_state.hpp"
 #include "recorder_control.h"
 
 #include <array>

@@ -5,7 +5,7 @@
 // unchanged and its session mapped, and v3.0 calls on a 2.x backend.
 #include "harness.hpp"
 
-#include "function_traits.hpp"
+#include "functions/function_traits.hpp"
 #include "recorder_control.h"
 
 #include <sys/wait.h>

@@ -3,7 +3,7 @@
 // with P11MUX_UNGUARDED defined, which touches a guarded field without its
 // lock. Empty annotations (thread_safety.hpp under GCC, or a lost attribute
 // on Mutex or MutexGuard) would make the second compile pass, and the test fail.
-#include "lock.hpp"
+#include "sync/lock.hpp"
 
 namespace p11mux {
 

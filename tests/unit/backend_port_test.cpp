@@ -1,6 +1,6 @@
 // BackendPort over a fake function table: NULL entries, and the
 // serialization lock around a call to a backend that is not thread-safe.
-#include "backend_port.hpp"
+#include "port/backend_port.hpp"
 
 #include <doctest/doctest.h>
 

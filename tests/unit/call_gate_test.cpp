@@ -1,6 +1,6 @@
 // The call gate: C_Finalize waits for calls in flight and refuses new ones;
 // fork() holds new ones (without refusing them) and waits, bounded.
-#include "call_gate.hpp"
+#include "lifecycle/call_gate.hpp"
 
 #include <doctest/doctest.h>
 

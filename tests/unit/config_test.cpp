@@ -1,5 +1,5 @@
 // Unit tests for proxy/config: INI parsing, P11MUX_* environment overrides, error messages.
-#include "config.hpp"
+#include "config/config.hpp"
 
 #include <doctest/doctest.h>
 

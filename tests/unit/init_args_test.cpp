@@ -1,5 +1,5 @@
 // C_Initialize's argument rules (docs/pkcs11-facts.md, "C_Initialize").
-#include "init_args.hpp"
+#include "lifecycle/init_args.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,5 +1,5 @@
 // Mutex: the futex path, and the application's callbacks (C_Initialize case 2).
-#include "lock.hpp"
+#include "sync/lock.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,7 +1,7 @@
 // Unit tests for proxy/metrics and proxy/stats_report: exact counts across
 // threads, buckets, errors by code, pool figures, and the three renderings.
-#include "metrics.hpp"
-#include "stats_report.hpp"
+#include "observe/metrics.hpp"
+#include "observe/stats_report.hpp"
 #include "observe_test_support.hpp"
 
 #include <doctest/doctest.h>

@@ -1,8 +1,8 @@
 // The Notify trampoline: the backend's notification reaches the application's
 // callback with the virtual handle, and nobody once the session is closed
 // (a backend may notify late; the entry may be free or reused without one).
-#include "handled.hpp"
-#include "session_table.hpp"
+#include "handled/handled.hpp"
+#include "sessions/session_table.hpp"
 
 #include <doctest/doctest.h>
 

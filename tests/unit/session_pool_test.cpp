@@ -3,9 +3,9 @@
 // a restart that loses every session, the slots it knows), and a fake call
 // gate. No .so is loaded. Includes the defects of issue 10 that show at this
 // level (the module tests show them through the whole library).
-#include "backend_port.hpp"
-#include "gate_access.hpp"
-#include "session_pool.hpp"
+#include "port/backend_port.hpp"
+#include "lifecycle/gate_access.hpp"
+#include "sessions/session_pool.hpp"
 
 #include <doctest/doctest.h>
 #include <spdlog/sinks/null_sink.h>

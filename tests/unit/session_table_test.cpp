@@ -1,5 +1,5 @@
 // The virtual session table: handles, generations, reuse, and locking.
-#include "session_table.hpp"
+#include "sessions/session_table.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,6 +1,6 @@
 // Unit tests for proxy/stats_server: the listen syntax and loopback rule,
 // and the HTTP server itself over TCP and a unix socket.
-#include "stats_server.hpp"
+#include "observe/stats_server.hpp"
 #include "observe_test_support.hpp"
 
 #include <p11mux/ckr_error.hpp>

@@ -1,7 +1,7 @@
 // Unit tests for the trace record: name tables, mechanisms, templates with
 // secrets masked, and the letter-driven argument formatting.
-#include "call_trace.hpp"
-#include "trace_format.hpp"
+#include "observe/call_trace.hpp"
+#include "observe/trace_format.hpp"
 
 #include <p11mux/attribute_names.hpp>
 #include <p11mux/mechanism_names.hpp>

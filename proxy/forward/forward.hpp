@@ -1,0 +1,64 @@
+// Forwarding of every function whose dispatch is global, session or handled,
+// generated from <p11mux/functions.h>; entered from Entry<F> (entry_points.cpp),
+// which holds the call gate open meanwhile. The hot path — a session call
+// — is: enter the call gate (one atomic add on a per-thread shard), check the
+// arguments (compile-time letters), look the handle up (no table lock), lock
+// that session, call the backend, unlock, leave the gate. Nothing allocates,
+// nothing is formatted unless tracing is on.
+#pragma once
+
+#include "functions/arg_check.hpp"
+#include "functions/function_traits.hpp"
+#include "handled/handled.hpp"
+#include "forward/multiplex.hpp"
+#include "observe/observe.hpp"
+#include "forward/session_effects.hpp"
+
+namespace p11mux {
+
+// `seen` is NoObservation on the normal path, CallObservation when observed.
+// Inlined into Entry<F>::call: one stack frame on the hot path (callgrind:
+// each extra frame costs ~15 instructions of register saves).
+template <class F, class Observation, class... A>
+[[gnu::always_inline]] inline CK_RV forward_observed(Runtime& rt, Observation& seen, A... a) noexcept {
+  if (CK_RV rv = check_arguments<F>(rt.port().version().major >= 3, a...); rv != CKR_OK) return rv;
+  if constexpr (F::dispatch == Dispatch::handled) {
+    return handler<F>(rt, a...);
+  } else {
+    auto call_backend = [&](auto... args) __attribute__((always_inline)) {
+      return rt.port().template call<F>(args...);
+    };
+    if constexpr (F::dispatch == Dispatch::session) {
+      return [&](CK_SESSION_HANDLE handle, auto... rest) __attribute__((always_inline)) {
+        if (rt.multiplexed()) return forward_multiplexed<F>(rt, seen, call_backend, handle, rest...);
+        // Serialize mode: the session's lock is held across the call.
+        SessionLease session = seen.lease(rt.sessions(), handle);
+        if (!session) return CKR_SESSION_HANDLE_INVALID;
+        Binding& binding = session->anchor;
+        seen.ran_on(binding.backend);
+        CK_RV rv = call_backend(binding.backend, rest...);
+        if (drained_for_retry<F>(rt, session->slot, rv, rest...)) [[unlikely]] {
+          rv = call_backend(binding.backend, rest...);
+        }
+        note_call<F>(rt, binding, session->slot, rv, rest...);
+        return rv;
+      }(a...);
+    } else {
+      CK_RV rv = call_backend(a...);
+      if constexpr (std::is_same_v<F, fn::C_InitToken>) {
+        if (drained_for_retry<F>(rt, std::get<0>(std::tuple<A...>{a...}), rv)) {
+          rv = call_backend(a...);
+        }
+      }
+      return rv;
+    }
+  }
+}
+
+template <class F, class... A>
+[[gnu::always_inline]] inline CK_RV forward(Runtime& rt, A... a) noexcept {
+  NoObservation none;
+  return forward_observed<F>(rt, none, a...);
+}
+
+}  // namespace p11mux

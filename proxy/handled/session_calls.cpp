@@ -1,0 +1,74 @@
+// C_OpenSession, C_CloseSession and C_CloseAllSessions: the virtual session
+// lifecycle (dispatch `handled`).
+#include "handled/handled.hpp"
+
+#include <p11mux/ckr_error.hpp>
+
+#include <new>
+
+namespace p11mux {
+// The backend hands its Notify our trampoline; the application gets its own
+// callback with the virtual handle (docs/pkcs11-facts.md, "Sessions"). The
+// callback is read once, atomically: a backend that notifies a session after
+// it was closed (its entry free, or reused without a callback) reaches nobody.
+CK_RV notify_trampoline(CK_SESSION_HANDLE, CK_NOTIFICATION event, CK_VOID_PTR context) noexcept {
+  auto* session = static_cast<Session*>(context);
+  CK_NOTIFY notify = session->notify.load(std::memory_order_acquire);
+  if (notify == nullptr) return CKR_OK;
+  return notify(session->opening_handle, event, session->application.load(std::memory_order_relaxed));
+}
+
+// With a Notify callback the backend session is the application's alone:
+// it is opened for it (with p11mux's trampoline) and closed with it, not
+// pooled, because a pooled session cannot change its callback. It counts
+// against the slot's session limit like any other.
+CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR application,
+                   CK_NOTIFY notify, CK_SESSION_HANDLE_PTR session) noexcept {
+  // Checked here because a pooled session would hide the backend's refusal.
+  if ((flags & CKF_SERIAL_SESSION) == 0) return CKR_SESSION_PARALLEL_NOT_SUPPORTED;
+  SessionLease lease;
+  try {
+    lease = rt.sessions().reserve();
+  } catch (const CkrError& e) {
+    return e.rv();
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+  lease->slot = slot;
+  lease->rw = (flags & CKF_RW_SESSION) != 0;
+  lease->application.store(application, std::memory_order_relaxed);
+  lease->notify.store(notify, std::memory_order_release);
+  CK_RV rv = notify != nullptr ? rt.pool().open_notified(slot, lease->rw, lease.operator->(),
+                                                         &notify_trampoline, lease->anchor.backend)
+                               : rt.pool().open(slot, lease->rw, lease->anchor.backend);
+  if (rv != CKR_OK) {
+    rt.sessions().discard(std::move(lease));
+    return rv;
+  }
+  *session = lease->opening_handle;
+  rt.sessions().publish(*lease);
+  return CKR_OK;
+}
+
+CK_RV close_session(Runtime& rt, CK_SESSION_HANDLE session) noexcept {
+  SessionLease lease = rt.sessions().lease(session);
+  if (!lease) return CKR_SESSION_HANDLE_INVALID;
+  return rt.close_session(std::move(lease));
+}
+
+CK_RV close_all_sessions(Runtime& rt, CK_SLOT_ID slot) noexcept {
+  // Not the backend's C_CloseAllSessions: that would also close p11mux's
+  // idle pooled sessions. Asking for the slot's info validates the slot ID
+  // (unless the backend lacks C_GetSlotInfo: then the slot is not checked).
+  CK_SLOT_INFO info{};
+  if (CK_RV rv = rt.port().call<fn::C_GetSlotInfo>(slot, &info);
+      rv != CKR_OK && rv != CKR_FUNCTION_NOT_SUPPORTED) {
+    return rv;
+  }
+  rt.sessions().for_each_live([&](SessionLease lease) {
+    if (lease->slot == slot) (void)rt.close_session(std::move(lease));
+  });
+  return CKR_OK;
+}
+
+}  // namespace p11mux

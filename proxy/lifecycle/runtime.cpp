@@ -1,0 +1,216 @@
+#include "lifecycle/runtime.hpp"
+
+#include "observe/logging.hpp"
+#include "forward/operation_state.hpp"
+
+#include <p11mux/ckr_error.hpp>
+#include <p11mux/rv_names.hpp>
+
+#include <chrono>
+
+namespace p11mux {
+namespace {
+
+using namespace std::chrono_literals;
+
+// How often an emulated blocking C_WaitForSlotEvent asks the backend.
+constexpr auto kSlotEventPoll = 100ms;
+// How long C_Finalize waits for blocked C_WaitForSlotEvent callers to return
+// after the backend was finalized, before it gives up on them.
+constexpr auto kWaiterGrace = 2s;
+
+BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* self,
+                               std::optional<BackendLocking> inherited) {
+  if (config.module.empty()) {
+    throw CkrError(CKR_GENERAL_ERROR,
+                   "no backend module configured: set P11MUX_MODULE, or `module` in the file "
+                   "named by P11MUX_CONFIG or, with that unset, in " +
+                       std::string(default_config_file()));
+  }
+  BackendOptions options;
+  options.path = config.module;
+  options.init_reserved = config.backend.init_reserved;
+  options.self = self;
+  options.inherited = inherited;
+  switch (config.backend.locking) {
+    case LockingMode::automatic: options.locking = BackendLocking::automatic; break;
+    case LockingMode::os: options.locking = BackendLocking::os; break;
+    case LockingMode::callbacks: options.locking = BackendLocking::callbacks; break;
+    case LockingMode::none: options.locking = BackendLocking::none; break;
+  }
+  return options;
+}
+
+}  // namespace
+
+Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self,
+                 std::uint64_t epoch, GateAccess& gate,
+                 std::optional<BackendLocking> inherited)
+    : config_(config),
+      gate_(gate),
+      locks_(init.locks),
+      may_create_threads_(init.may_create_threads),
+      multiplexed_(config.session_mode == SessionMode::multiplex),
+      log_(make_logger(config.log, locks_, init.may_create_threads)),
+      tracing_(log_->should_log(spdlog::level::trace)),
+      observer_(std::make_unique<Observer>(config, locks_, init.may_create_threads, log_)),
+      observing_(observer_->active()),
+      port_(std::make_unique<Backend>(backend_options(config, self, inherited)), locks_),
+      sessions_(locks_),
+      pool_(std::make_unique<SessionPool>(port_, gate, config.pool, locks_, epoch, *log_,
+                                          observer_->pools())),
+      poll_lock_(locks_) {
+  pool_->prewarm();
+  std::chrono::seconds idle(config.pool.idle_timeout_s), keepalive(config.pool.keepalive_s);
+  if (idle.count() > 0 || keepalive.count() > 0) {
+    if (may_create_threads_) {
+      maintenance_ = std::make_unique<PoolMaintenance>(*pool_, idle, keepalive);
+    } else {
+      log_->warn("pool.idle_timeout_s and pool.keepalive_s are off: "
+                 "CKF_LIBRARY_CANT_CREATE_OS_THREADS forbids p11mux's maintenance thread");
+    }
+  }
+  const Backend& backend = *port_.backend();
+  log_->info("backend '{}' initialized: cryptoki {}.{}, locking {}{}{}", backend.path(),
+             backend.version().major, backend.version().minor,
+             to_string(backend.locking()),
+             backend.thread_safe() ? "" : " (not thread-safe: every call serialized)",
+             backend.shared()      ? ", already initialized by another user"
+             : backend.inherited() ? ", as initialized before fork()"
+                                   : "");
+  if (locks_.uses_app_callbacks()) log_->info("using the application's mutex callbacks");
+  observer_->start(sessions_);
+}
+
+// The stats thread reads the sessions and the pool: it stops before they go.
+Runtime::~Runtime() { observer_->stop(); }
+
+// Ends what the virtual session left behind, so that the next user of the
+// backend session sees none of it: active operations, those an error may have
+// left active (v3.0 C_SessionCancel, or C_FindObjectsFinal for a search), and
+// the session objects it created. Fate::reuse only when that is proven done;
+// otherwise closed, with the reason counted (deny by default); Fate::dead when
+// the backend said the session or device is gone.
+SessionPool::Fate Runtime::reset_backend_session(Binding& s) noexcept {
+  using Fate = SessionPool::Fate;
+  if (s.discard) return SessionPool::unreset_fate(s.discard, s.dead, s.why);
+  const OpMask pending = s.ops | s.maybe;
+  if (pending != 0 &&
+      port_.call<fn::C_SessionCancel>(s.backend, cancel_flags(pending)) == CKR_OK) {
+    s.ops = s.maybe = 0;
+  }
+  if ((s.ops | s.maybe) == op::find) {
+    // Either answer proves no search is left.
+    CK_RV rv = port_.call<fn::C_FindObjectsFinal>(s.backend);
+    if (rv == CKR_OK || rv == CKR_OPERATION_NOT_INITIALIZED) s.ops = s.maybe = 0;
+  }
+  if (s.ops != 0) return Fate::closed(CloseReason::operation_active);
+  if (s.maybe != 0) return Fate::closed(CloseReason::operation_maybe_active);
+  for (CK_OBJECT_HANDLE object : s.objects) {
+    CK_RV rv = port_.call<fn::C_DestroyObject>(s.backend, object);
+    if (rv != CKR_OK && rv != CKR_OBJECT_HANDLE_INVALID) {
+      return Fate::closed(CloseReason::object_not_destroyed);
+    }
+  }
+  s.objects.clear();
+  return Fate::reuse;
+}
+
+// NO_THREAD_SAFETY_ANALYSIS: it hands the session's lock back to a lease
+// (session_table.hpp).
+CK_RV Runtime::close_session(SessionLease lease) noexcept NO_THREAD_SAFETY_ANALYSIS {
+  Session* s = &*lease;
+  // No new call gets in; multiplexed calls still running finish first.
+  s->closing = true;
+  s->handle.store(0, std::memory_order_release);
+  if (s->in_flight.load(std::memory_order_acquire) != 0) {
+    { SessionLease unlock = std::move(lease); }
+    for (std::uint32_t n; (n = s->in_flight.load(std::memory_order_acquire)) != 0;) {
+      timed_wait(s->in_flight, n, std::chrono::milliseconds(10));
+    }
+    s->lock.lock();
+    lease = SessionLease(s);
+  }
+  for (auto& extra : s->extra) {
+    if (extra->backend == CK_INVALID_HANDLE) continue;
+    pool_->give(s->slot, s->rw, extra->backend, reset_backend_session(*extra));
+    extra->clear();
+  }
+  // A session opened with a Notify callback carries the application's
+  // callback: never reused.
+  SessionPool::Fate fate = s->notify.load(std::memory_order_relaxed) != nullptr && !s->anchor.discard
+                               ? SessionPool::Fate::closed(CloseReason::notify_callback)
+                               : reset_backend_session(s->anchor);
+  pool_->close(s->slot, s->rw, s->anchor.backend, fate);
+  sessions_.close(std::move(lease));
+  return CKR_OK;
+}
+
+Runtime::WaiterRef::WaiterRef(Runtime& rt) noexcept : rt_(rt) {
+  rt_.waiters_.fetch_add(1, std::memory_order_seq_cst);
+}
+
+Runtime::WaiterRef::~WaiterRef() {
+  rt_.waiters_.fetch_sub(1, std::memory_order_seq_cst);
+  wake_all(rt_.waiters_);
+}
+
+CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept {
+  auto wait = [this, slot](CK_FLAGS f) {
+    return port_.call<fn::C_WaitForSlotEvent>(f, slot, nullptr);
+  };
+  if (!port_.serialized()) {
+    // Block in the backend; C_Finalize wakes us by finalizing it.
+    if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;
+    CK_RV rv = wait(flags);
+    if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;
+    if (rv != CKR_FUNCTION_NOT_SUPPORTED) return rv;
+  }
+  // Not thread-safe (blocking would hold the backend lock for ever) or no
+  // blocking support: poll without blocking, waking early for C_Finalize.
+  for (;;) {
+    CK_RV rv;
+    {
+      // A poll is a backend call like any other: fork() waits for it.
+      GateAccess::Background call(gate_);
+      if (call.epoch() != pool_->epoch()) return CKR_CRYPTOKI_NOT_INITIALIZED;
+      MutexGuard poll(poll_lock_);
+      if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;
+      rv = wait(flags | CKF_DONT_BLOCK);
+    }
+    if (rv != CKR_NO_EVENT) return rv;
+    timed_wait(stopping_, 0, kSlotEventPoll);
+  }
+}
+
+bool Runtime::shutdown() noexcept {
+  maintenance_.reset();  // no pool work may race the backend's finalization
+  observer_->finalize();  // the summary while sessions and pool still show their figures
+  sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
+  pool_->close_all();
+  {
+    MutexGuard poll(poll_lock_);  // a poll in progress finishes first
+    stopping_.store(1, std::memory_order_seq_cst);
+  }
+  wake_all(stopping_);
+  if (CK_RV rv = port_.finalize(); rv != CKR_OK) {
+    log_->warn("backend C_Finalize returned {}", rv_name(rv));
+  }
+  auto deadline = std::chrono::steady_clock::now() + kWaiterGrace;
+  for (;;) {
+    std::uint32_t n = waiters_.load(std::memory_order_seq_cst);
+    if (n == 0) return true;
+    auto left = deadline - std::chrono::steady_clock::now();
+    if (left <= decltype(left)::zero()) break;
+    timed_wait(waiters_, n, std::min<std::chrono::nanoseconds>(left, 10ms));
+  }
+  log_->error("{} C_WaitForSlotEvent call(s) still inside the backend after C_Finalize; "
+              "keeping the backend loaded",
+              waiters_.load());
+  port_.backend()->abandon();
+  return false;
+}
+
+void Runtime::abandon() noexcept { port_.backend()->abandon(); }
+
+}  // namespace p11mux

@@ -1,0 +1,112 @@
+// Everything that exists between C_Initialize and C_Finalize: the loaded
+// backend, the virtual sessions, the locks and the logger.
+#pragma once
+
+#include "port/backend_port.hpp"
+#include "config/config.hpp"
+#include "lifecycle/gate_access.hpp"
+#include "lifecycle/init_args.hpp"
+#include "sync/lock.hpp"
+#include "observe/observer.hpp"
+#include "sessions/pool_maintenance.hpp"
+#include "sessions/session_pool.hpp"
+#include "sessions/session_table.hpp"
+
+#include <spdlog/logger.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+
+namespace p11mux {
+
+class Runtime {
+ public:
+  // Loads and initializes the backend. Throws CkrError (or spdlog_ex for a log
+  // file that cannot be opened) with a message that names the problem.
+  // `epoch` tells this initialization from earlier ones (threads' pool caches).
+  // `inherited`: in a forked child, the locking p11mux initialized the
+  // backend with in the parent (BackendOptions::inherited). `gate`: the
+  // module's call gate, for the runtime's and the pool's own backend calls.
+  Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self,
+          std::uint64_t epoch, GateAccess& gate, std::optional<BackendLocking> inherited = {});
+  ~Runtime();
+  Runtime(const Runtime&) = delete;  // owns the backend and every session
+  Runtime& operator=(const Runtime&) = delete;
+
+  // Every call into the backend goes through its port (backend_port.hpp).
+  const BackendPort& port() const noexcept { return port_; }
+  // Which functions the backend really has, its interfaces, its locking.
+  const Backend& backend() const noexcept { return *port_.backend(); }
+  SessionTable& sessions() noexcept { return sessions_; }
+  SessionPool& pool() noexcept { return *pool_; }
+  spdlog::logger& log() noexcept { return *log_; }
+  bool tracing() const noexcept { return tracing_; }
+  // Tracing or metrics on: calls take the observed path (observe.hpp).
+  bool observing() const noexcept { return observing_; }
+  Observer& observer() noexcept { return *observer_; }
+  const Config& config() const noexcept { return config_; }
+  bool may_create_threads() const noexcept { return may_create_threads_; }
+  // session_mode = multiplex: one backend session per calling thread.
+  bool multiplexed() const noexcept { return multiplexed_; }
+
+  // C_WaitForSlotEvent without CKF_DONT_BLOCK. The caller has left the call
+  // gate (so that C_Finalize is not held up) and holds a WaiterRef.
+  CK_RV wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept;
+
+  // Keeps the runtime alive for a blocked C_WaitForSlotEvent.
+  class WaiterRef {
+   public:
+    explicit WaiterRef(Runtime& rt) noexcept;
+    ~WaiterRef();
+    WaiterRef(const WaiterRef&) = delete;
+    WaiterRef& operator=(const WaiterRef&) = delete;
+    Runtime& runtime() const noexcept { return rt_; }
+
+   private:
+    Runtime& rt_;
+  };
+
+  // C_Finalize, after the call gate has drained: closes every session, wakes
+  // the slot-event waiters, finalizes the backend. Returns false when a waiter
+  // is still stuck inside the backend: the runtime must then be leaked.
+  bool shutdown() noexcept;
+  // After fork(): the parent's backend and sessions are not ours to touch.
+  void abandon() noexcept;
+
+  // Resets a leased session's backend session and gives it back to the pool
+  // (or closes it when it cannot be made clean), then frees the virtual one.
+  CK_RV close_session(SessionLease lease) noexcept;
+
+ private:
+  const Config config_;
+  GateAccess& gate_;
+  const LockSource locks_;
+  const bool may_create_threads_;
+  const bool multiplexed_;
+  std::shared_ptr<spdlog::logger> log_;
+  bool tracing_;
+  // Before the sessions and the pool, which it reports on; its thread is
+  // stopped first thing in shutdown() and ~Runtime().
+  std::unique_ptr<Observer> observer_;
+  bool observing_;
+  BackendPort port_;
+  SessionTable sessions_;
+  std::unique_ptr<SessionPool> pool_;
+  std::unique_ptr<PoolMaintenance> maintenance_;  // only with a period configured and threads allowed
+  // Held by a polling C_WaitForSlotEvent across "not stopping? then ask the
+  // backend", and by shutdown() to set stopping_: no poll after finalization.
+  // stopping_ is an atomic (also read without it); the lock orders a poll
+  // against shutdown(), which GUARDED_BY cannot say. Taken before the backend
+  // lock (lock.hpp).
+  std::atomic<std::uint32_t> stopping_{0};
+  Mutex poll_lock_;
+  std::atomic<std::uint32_t> waiters_{0};
+
+  // Ends what a virtual session left on a backend session; says whether it
+  // can be pooled again.
+  SessionPool::Fate reset_backend_session(Binding& binding) noexcept;
+};
+
+}  // namespace p11mux

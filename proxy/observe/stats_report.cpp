@@ -1,0 +1,284 @@
+#include "observe/stats_report.hpp"
+
+#include <p11mux/rv_names.hpp>
+
+#include <spdlog/fmt/fmt.h>
+
+#include <algorithm>
+#include <iterator>
+#include <numeric>
+
+namespace p11mux {
+namespace {
+
+constexpr double kNsPerSecond = 1e9;
+
+class Text {
+ public:
+  template <class... Args>
+  void put(fmt::format_string<Args...> format, Args&&... args) {
+    fmt::format_to(std::back_inserter(out_), format, std::forward<Args>(args)...);
+  }
+  std::string take() { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+double seconds(std::uint64_t ns) { return static_cast<double>(ns) / kNsPerSecond; }
+double micros(double ns) { return ns / 1000.0; }
+
+std::uint64_t total_calls(const MetricsSnapshot& m) {
+  std::uint64_t n = 0;
+  for (const auto& h : m.latency) n += h.count();
+  return n;
+}
+
+std::uint64_t total_errors(const MetricsSnapshot& m) {
+  return std::accumulate(m.errors.begin(), m.errors.end(), std::uint64_t{0});
+}
+
+void family(Text& t, std::string_view name, std::string_view type, std::string_view help) {
+  t.put("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+}
+
+// A histogram's samples; `labels` is empty or `name="value",` (with the comma).
+void histogram(Text& t, std::string_view name, std::string_view labels, const HistogramCounts& h) {
+  std::uint64_t cumulative = 0;
+  for (std::size_t i = 0; i + 1 < h.buckets.size(); ++i) {
+    cumulative += h.buckets[i];
+    t.put("{}_bucket{{{}le=\"{}\"}} {}\n", name, labels, seconds(LatencyBuckets::upper_ns(i)), cumulative);
+  }
+  cumulative += h.buckets.back();
+  t.put("{}_bucket{{{}le=\"+Inf\"}} {}\n", name, labels, cumulative);
+  std::string braced = labels.empty() ? "" : fmt::format("{{{}}}", labels.substr(0, labels.size() - 1));
+  t.put("{}_sum{} {}\n", name, braced, seconds(h.sum_ns));
+  t.put("{}_count{} {}\n", name, braced, cumulative);
+}
+
+std::string_view error_name(CK_RV rv) { return rv_name(rv); }
+
+// Every name written into JSON here is an identifier or a CKR_ name; this
+// keeps the output valid whatever a future name holds.
+void json_string(Text& t, std::string_view s) {
+  t.put("\"");
+  for (char c : s) {
+    if (c == '"' || c == '\\') {
+      t.put("\\{}", c);
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      t.put("\\u{:04x}", static_cast<unsigned>(c));
+    } else {
+      t.put("{}", c);
+    }
+  }
+  t.put("\"");
+}
+
+void json_latency(Text& t, const HistogramCounts& h) {
+  std::uint64_t n = h.count();
+  double mean = n == 0 ? 0.0 : static_cast<double>(h.sum_ns) / static_cast<double>(n);
+  t.put("{{\"mean\":{:.3f},\"p50\":{:.3f},\"p90\":{:.3f},\"p99\":{:.3f},\"max\":{:.3f}}}",
+        micros(mean), micros(h.quantile_ns(0.5)), micros(h.quantile_ns(0.9)),
+        micros(h.quantile_ns(0.99)), micros(static_cast<double>(h.max_ns)));
+}
+
+}  // namespace
+
+std::vector<SlotFigures> slot_figures(const PoolMetricsRegistry& pools) {
+  std::vector<SlotFigures> out;
+  pools.for_each([&](CK_SLOT_ID slot, const SlotPoolMetrics& m) {
+    SlotFigures& f = out.emplace_back(SlotFigures{
+        slot, m.open.load(std::memory_order_relaxed), m.idle.load(std::memory_order_relaxed),
+        m.in_use.load(std::memory_order_relaxed), m.waits.load(std::memory_order_relaxed),
+        m.wait_ns.load(std::memory_order_relaxed), m.discarded_dead.load(std::memory_order_relaxed)});
+    for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
+      f.unclean[r] = m.unclean[r].load(std::memory_order_relaxed);
+    }
+  });
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.slot < b.slot; });
+  return out;
+}
+
+std::string prometheus_text(const MetricsSnapshot& m, const LiveFigures& live) {
+  Text t;
+  family(t, "p11mux_uptime_seconds", "gauge", "Seconds since C_Initialize.");
+  t.put("p11mux_uptime_seconds {}\n", live.uptime_s);
+
+  family(t, "p11mux_calls_total", "counter", "PKCS#11 calls through p11mux, by function.");
+  for (std::size_t f = 0; f < kFunctionCount; ++f) {
+    if (std::uint64_t n = m.latency[f].count(); n != 0) {
+      t.put("p11mux_calls_total{{function=\"{}\"}} {}\n", kFunctionNames[f], n);
+    }
+  }
+
+  family(t, "p11mux_call_errors_total", "counter",
+         "Calls that returned a code other than CKR_OK, by function and code.");
+  for (const ErrorCount& e : m.errors_by_rv) {
+    t.put("p11mux_call_errors_total{{function=\"{}\",rv=\"{}\"}} {}\n", kFunctionNames[e.function],
+          error_name(e.rv), e.count);
+  }
+  if (m.errors_unclassified != 0) {
+    t.put("p11mux_call_errors_total{{function=\"(any)\",rv=\"(unclassified)\"}} {}\n",
+          m.errors_unclassified);
+  }
+
+  family(t, "p11mux_call_duration_seconds", "histogram",
+         "Time from entry to return of each call, by function.");
+  for (std::size_t f = 0; f < kFunctionCount; ++f) {
+    if (m.latency[f].count() == 0) continue;
+    histogram(t, "p11mux_call_duration_seconds", fmt::format("function=\"{}\",", kFunctionNames[f]),
+              m.latency[f]);
+  }
+
+  family(t, "p11mux_session_lock_wait_seconds", "histogram",
+         "Time calls waited for their session's lock (another call on the same session).");
+  histogram(t, "p11mux_session_lock_wait_seconds", "", m.lock_wait);
+
+  family(t, "p11mux_sessions_open", "gauge", "Virtual sessions the application has open.");
+  t.put("p11mux_sessions_open {}\n", live.sessions_open);
+
+  struct PoolFamily {
+    std::string_view name, type, help;
+    double (*value)(const SlotFigures&);
+  };
+  static constexpr PoolFamily kPool[] = {
+      {"p11mux_pool_sessions_open", "gauge", "Backend sessions open, by slot.",
+       [](const SlotFigures& s) { return static_cast<double>(s.open); }},
+      {"p11mux_pool_sessions_idle", "gauge", "Backend sessions open and ready for reuse, by slot.",
+       [](const SlotFigures& s) { return static_cast<double>(s.idle); }},
+      {"p11mux_pool_sessions_in_use", "gauge", "Backend sessions held by a virtual session, by slot.",
+       [](const SlotFigures& s) { return static_cast<double>(s.in_use); }},
+      {"p11mux_pool_waits_total", "counter",
+       "C_OpenSession calls that waited for a backend session at the limit, by slot.",
+       [](const SlotFigures& s) { return static_cast<double>(s.waits); }},
+      {"p11mux_pool_wait_seconds_total", "counter", "Time those calls waited, by slot.",
+       [](const SlotFigures& s) { return seconds(s.wait_ns); }},
+      {"p11mux_pool_sessions_discarded_total", "counter",
+       "Backend sessions dropped because the backend said they were gone, by slot.",
+       [](const SlotFigures& s) { return static_cast<double>(s.discarded_dead); }},
+  };
+  for (const PoolFamily& p : kPool) {
+    family(t, p.name, p.type, p.help);
+    for (const SlotFigures& s : live.slots) t.put("{}{{slot=\"{}\"}} {}\n", p.name, s.slot, p.value(s));
+  }
+  family(t, "p11mux_pool_sessions_unclean_total", "counter",
+         "Backend sessions closed instead of pooled because p11mux could not prove them clean, "
+         "by slot and reason.");
+  for (const SlotFigures& s : live.slots) {
+    for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
+      t.put("p11mux_pool_sessions_unclean_total{{slot=\"{}\",reason=\"{}\"}} {}\n", s.slot,
+            kCloseReasonNames[r], s.unclean[r]);
+    }
+  }
+
+  family(t, "p11mux_log_records_dropped_total", "counter",
+         "Log records dropped because the asynchronous log queue was full.");
+  t.put("p11mux_log_records_dropped_total {}\n", live.log_records_dropped);
+  return t.take();
+}
+
+std::string stats_json(const MetricsSnapshot& m, const LiveFigures& live) {
+  Text t;
+  t.put("{{\"uptime_seconds\":{:.3f},\"sessions_open\":{},\"calls\":{},\"errors\":{},"
+        "\"log_records_dropped\":{},\"functions\":{{",
+        live.uptime_s, live.sessions_open, total_calls(m), total_errors(m), live.log_records_dropped);
+  bool first = true;
+  for (std::size_t f = 0; f < kFunctionCount; ++f) {
+    std::uint64_t calls = m.latency[f].count();
+    if (calls == 0) continue;
+    t.put("{}", first ? "" : ",");
+    first = false;
+    json_string(t, kFunctionNames[f]);
+    t.put(":{{\"calls\":{},\"errors\":{},\"errors_by_rv\":{{", calls, m.errors[f]);
+    bool first_rv = true;
+    for (const ErrorCount& e : m.errors_by_rv) {
+      if (e.function != f) continue;
+      t.put("{}", first_rv ? "" : ",");
+      first_rv = false;
+      json_string(t, error_name(e.rv));
+      t.put(":{}", e.count);
+    }
+    t.put("}},\"latency_us\":");
+    json_latency(t, m.latency[f]);
+    t.put("}}");
+  }
+  t.put("}},\"session_lock_wait\":{{\"acquisitions\":{},\"total_us\":{:.3f},\"latency_us\":",
+        m.lock_wait.count(), micros(static_cast<double>(m.lock_wait.sum_ns)));
+  json_latency(t, m.lock_wait);
+  t.put("}},\"slots\":[");
+  for (std::size_t i = 0; i < live.slots.size(); ++i) {
+    const SlotFigures& s = live.slots[i];
+    t.put("{}{{\"slot\":{},\"open\":{},\"idle\":{},\"in_use\":{},\"waits\":{},\"wait_us\":{:.3f},"
+          "\"discarded_dead\":{},\"closed_unclean\":{{",
+          i == 0 ? "" : ",", s.slot, s.open, s.idle, s.in_use, s.waits,
+          micros(static_cast<double>(s.wait_ns)), s.discarded_dead);
+    for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
+      t.put("{}", r == 0 ? "" : ",");
+      json_string(t, kCloseReasonNames[r]);
+      t.put(":{}", s.unclean[r]);
+    }
+    t.put("}}}}");
+  }
+  t.put("]}}\n");
+  return t.take();
+}
+
+std::vector<std::string> summary_lines(const MetricsSnapshot& m, const LiveFigures& live) {
+  std::vector<std::string> lines;
+  lines.push_back(fmt::format("metrics summary: {:.1f} s since C_Initialize, {} sessions open, {} calls, "
+                              "{} errors",
+                              live.uptime_s, live.sessions_open, total_calls(m), total_errors(m)));
+  std::vector<std::size_t> order;
+  for (std::size_t f = 0; f < kFunctionCount; ++f) {
+    if (m.latency[f].count() != 0) order.push_back(f);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    return m.latency[a].count() > m.latency[b].count();
+  });
+  if (!order.empty()) {
+    lines.push_back(fmt::format("  {:<24} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10}", "function", "calls",
+                                "errors", "mean us", "p50 us", "p99 us", "max us"));
+  }
+  for (std::size_t f : order) {
+    const HistogramCounts& h = m.latency[f];
+    double mean = static_cast<double>(h.sum_ns) / static_cast<double>(h.count());
+    lines.push_back(fmt::format("  {:<24} {:>10} {:>8} {:>10.1f} {:>10.1f} {:>10.1f} {:>10.1f}",
+                                kFunctionNames[f], h.count(), m.errors[f], micros(mean),
+                                micros(h.quantile_ns(0.5)), micros(h.quantile_ns(0.99)),
+                                micros(static_cast<double>(h.max_ns))));
+  }
+  if (!m.errors_by_rv.empty()) {
+    std::string text = "  errors:";
+    for (std::size_t i = 0; i < m.errors_by_rv.size(); ++i) {
+      const ErrorCount& e = m.errors_by_rv[i];
+      text += fmt::format("{} {} {} x{}", i == 0 ? "" : ",", kFunctionNames[e.function], error_name(e.rv),
+                          e.count);
+    }
+    lines.push_back(std::move(text));
+  }
+  if (std::uint64_t n = m.lock_wait.count(); n != 0) {
+    lines.push_back(fmt::format("  session lock: {} acquisitions, waited {:.1f} us in all, p99 {:.1f} us, "
+                                "max {:.1f} us",
+                                n, micros(static_cast<double>(m.lock_wait.sum_ns)),
+                                micros(m.lock_wait.quantile_ns(0.99)),
+                                micros(static_cast<double>(m.lock_wait.max_ns))));
+  }
+  for (const SlotFigures& s : live.slots) {
+    std::string unclean;
+    for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
+      if (s.unclean[r] == 0) continue;
+      unclean += fmt::format("{} {} {}", unclean.empty() ? "" : ",", kCloseReasonNames[r], s.unclean[r]);
+    }
+    lines.push_back(fmt::format("  slot {} pool: {} open ({} idle, {} in use), {} waits ({:.1f} ms), "
+                                "{} discarded dead, closed unclean:{}",
+                                s.slot, s.open, s.idle, s.in_use, s.waits,
+                                static_cast<double>(s.wait_ns) / 1e6, s.discarded_dead,
+                                unclean.empty() ? " none" : unclean));
+  }
+  if (live.log_records_dropped != 0) {
+    lines.push_back(fmt::format("  log: {} records dropped (asynchronous queue full)", live.log_records_dropped));
+  }
+  return lines;
+}
+
+}  // namespace p11mux

@@ -1,0 +1,39 @@
+// The metrics as text: Prometheus exposition format (/metrics), a JSON
+// snapshot (/stats), and the summary table written to the log at C_Finalize
+// ([metrics] summary) and on SIGUSR1 ([metrics] signal). Pure functions of a snapshot, so tests can check them.
+#pragma once
+
+#include "observe/metrics.hpp"
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace p11mux {
+
+struct SlotFigures {
+  CK_SLOT_ID slot = 0;
+  std::int64_t open = 0, idle = 0, in_use = 0;
+  std::uint64_t waits = 0, wait_ns = 0, discarded_dead = 0;
+  std::array<std::uint64_t, kCloseReasonCount> unclean{};  // closed instead of pooled, by reason
+};
+
+// Figures read at the moment of the report, beside the counters.
+struct LiveFigures {
+  double uptime_s = 0;
+  std::uint64_t sessions_open = 0;  // virtual sessions
+  std::uint64_t log_records_dropped = 0;
+  std::vector<SlotFigures> slots;  // by slot ID
+};
+
+std::vector<SlotFigures> slot_figures(const PoolMetricsRegistry& pools);
+
+// Only functions that were called appear; every metric family has its HELP
+// and TYPE lines even without samples.
+std::string prometheus_text(const MetricsSnapshot& metrics, const LiveFigures& live);
+std::string stats_json(const MetricsSnapshot& metrics, const LiveFigures& live);
+// One log line each; functions by number of calls, most first.
+std::vector<std::string> summary_lines(const MetricsSnapshot& metrics, const LiveFigures& live);
+
+}  // namespace p11mux

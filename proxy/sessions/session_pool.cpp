@@ -1,0 +1,857 @@
+#include "sessions/session_pool.hpp"
+
+#include <p11mux/rv_names.hpp>
+
+#include <algorithm>
+#include <limits>
+#include <utility>
+
+namespace p11mux {
+
+namespace {
+
+constexpr unsigned long kUnlimited = std::numeric_limits<unsigned long>::max();
+constexpr std::size_t kThreadCacheSize = 8;
+
+// CK_UNAVAILABLE_INFORMATION and CK_EFFECTIVELY_INFINITE both mean "no known limit".
+unsigned long token_limit(CK_ULONG reported) noexcept {
+  return reported == CK_UNAVAILABLE_INFORMATION || reported == CK_EFFECTIVELY_INFINITE
+             ? kUnlimited
+             : reported;
+}
+
+}  // namespace
+
+struct SessionPool::Idle {
+  CK_SESSION_HANDLE handle;
+  std::uint64_t generation;  // the slot's generation when it was given back
+  SessionPool::Clock::time_point since;
+};
+
+struct SessionPool::Taken {
+  SlotPool* pool;
+  bool rw;
+  Idle idle;
+};
+
+class SessionPool::SlotPool {
+ public:
+  SlotPool(CK_SLOT_ID slot_id, const LockSource& locks, SlotPoolMetrics* reported)
+      : id(slot_id), lock(locks), figures(reported != nullptr ? reported : &unreported) {}
+
+  const CK_SLOT_ID id;
+  Mutex lock ACQUIRED_AFTER(SessionPool::registry_lock_);
+  std::vector<Idle> idle[2] GUARDED_BY(lock);        // [rw]
+  unsigned long open[2] GUARDED_BY(lock) = {0, 0};   // backend sessions open or being opened, [rw]
+  unsigned long app_sessions GUARDED_BY(lock) = 0;   // the application's virtual sessions on this slot
+  unsigned long app_read_only GUARDED_BY(lock) = 0;  // ... of which read-only
+  // The limit in force; `ceiling` is the configured or reported one. Below
+  // the ceiling, the limit was learned from CKR_SESSION_COUNT: from
+  // probe_after on, one session above it may be tried (probing).
+  unsigned long limit GUARDED_BY(lock) = kUnlimited;
+  unsigned long ceiling GUARDED_BY(lock) = kUnlimited;
+  unsigned long rw_limit GUARDED_BY(lock) = kUnlimited;
+  Clock::time_point probe_after GUARDED_BY(lock){};
+  bool probing GUARDED_BY(lock) = false;
+  unsigned refusals GUARDED_BY(lock) = 0;  // CKR_SESSION_COUNT answers in a row, below the limit
+  bool logging_out GUARDED_BY(lock) = false;  // the last application session's C_Logout is under way
+
+  // Atomics, read and written without the lock.
+  std::atomic<std::uint64_t> generation{0};  // bumped when the device may have restarted
+  std::atomic<std::uint32_t> returns{0};     // futex word: bumped whenever room appears
+  std::atomic<std::uint32_t> waiters{0};
+
+  // For /metrics: the registry's figures, or `unreported` if it had no memory.
+  SlotPoolMetrics unreported;
+  SlotPoolMetrics* const figures;  // the pointer is constant; the figures are atomics
+  void lent_idle() noexcept {
+    figures->idle.add(-1);
+    figures->in_use.add(1);
+  }
+  void lent_new() noexcept {
+    figures->open.fetch_add(1, std::memory_order_relaxed);
+    figures->in_use.add(1);
+  }
+  void closed(std::int64_t n, bool were_idle) noexcept {
+    figures->open.fetch_sub(n, std::memory_order_relaxed);
+    if (were_idle) figures->idle.add(-n);
+  }
+
+  unsigned long open_total() const noexcept REQUIRES(lock) { return open[0] + open[1]; }
+  bool kind_has_room(bool rw) const noexcept REQUIRES(lock) { return !rw || open[1] < rw_limit; }
+  bool has_room(bool rw) const noexcept REQUIRES(lock) {
+    return open_total() < limit && kind_has_room(rw);
+  }
+  // At a learned limit, time to try one more (kLimitProbeInterval after the refusal).
+  bool may_probe(bool rw, Clock::time_point now) const noexcept REQUIRES(lock) {
+    return limit < ceiling && !probing && now >= probe_after && open_total() < ceiling &&
+           kind_has_room(rw);
+  }
+  // The backend refused a session with `open_now` open (the refused one not
+  // counted). A single refusal may be transient (another process's sessions,
+  // an HSM busy for a moment): true means try again at once. Refused twice
+  // in a row, or refused a probe, that is the limit for now (never 0),
+  // probed again later.
+  bool refused(unsigned long open_now, bool was_probe, Clock::time_point now) noexcept
+      REQUIRES(lock) {
+    if (!was_probe && ++refusals < 2) return true;
+    refusals = 0;
+    limit = std::max<unsigned long>(open_now, 1);
+    probe_after = now + kLimitProbeInterval;
+    return false;
+  }
+  // A session opened above the learned limit: the limit rises with it, and
+  // the next probe may follow at once.
+  void probe_succeeded() noexcept REQUIRES(lock) {
+    limit = std::min(std::max(limit, open_total()), ceiling);
+    probe_after = {};
+  }
+  void signal() noexcept {
+    returns.fetch_add(1, std::memory_order_release);
+    if (waiters.load(std::memory_order_acquire) != 0) wake_all(returns);
+  }
+  // Pops an idle session of this kind and generation; stale ones go to `stale`
+  // (no longer counted as open: the caller closes them).
+  bool pop(bool rw, CK_SESSION_HANDLE& out, std::vector<CK_SESSION_HANDLE>& stale) REQUIRES(lock) {
+    std::uint64_t gen = generation.load(std::memory_order_acquire);
+    auto& list = idle[rw];
+    while (!list.empty()) {
+      Idle entry = list.back();
+      list.pop_back();
+      if (entry.generation == gen) {
+        out = entry.handle;
+        return true;
+      }
+      --open[rw];
+      stale.push_back(entry.handle);
+    }
+    return false;
+  }
+};
+
+// Sessions taken out of one thread's cache because they are stale (at most all of them).
+struct SessionPool::Stale {
+  struct Entry {
+    bool rw;
+    CK_SESSION_HANDLE handle;
+  };
+  std::array<Entry, kThreadCacheSize> entries;
+  std::size_t count = 0;
+};
+
+// A thread's few idle sessions; its lock is uncontended except when another
+// thread steals from it or the pool sweeps it.
+class SessionPool::ThreadCache {
+ public:
+  explicit ThreadCache(const LockSource& locks) : lock(locks) {}
+  struct Entry {
+    SlotPool* slot;
+    bool rw;
+    Idle idle;
+  };
+  Mutex lock ACQUIRED_AFTER(SessionPool::SlotPool::lock);
+  std::array<Entry, kThreadCacheSize> entries GUARDED_BY(lock){};
+  std::size_t count GUARDED_BY(lock) = 0;
+
+  // An idle session of this slot, kind and generation. Entries of the slot
+  // from an older generation (given back before the device said a session
+  // was gone) are stale: they are taken out too, into `stale`, and the caller
+  // closes them and stops counting them as open.
+  bool pop(SlotPool& slot, bool rw, CK_SESSION_HANDLE& out, SessionPool::Stale& stale) noexcept
+      REQUIRES(lock) {
+    std::uint64_t gen = slot.generation.load(std::memory_order_acquire);
+    bool found = false;
+    for (std::size_t i = count; i-- > 0;) {
+      Entry& e = entries[i];
+      if (e.slot != &slot) continue;
+      if (e.idle.generation != gen) {
+        stale.entries[stale.count++] = {e.rw, e.idle.handle};
+        e = entries[--count];
+      } else if (!found && e.rw == rw) {
+        out = e.idle.handle;
+        e = entries[--count];
+        found = true;
+      }
+    }
+    return found;
+  }
+};
+
+// This thread's cache, tagged with the pool's epoch: a cache of an earlier
+// initialization (or of the parent process) is never touched. At thread exit
+// the cached sessions go back to the shared pool.
+struct ThreadCacheOwner {
+  SessionPool::ThreadCache* cache = nullptr;
+  SessionPool* pool = nullptr;  // valid only while its epoch is the gate's
+  GateAccess* gate = nullptr;   // the module's: outlives every pool
+  std::uint64_t epoch = 0;
+
+  ~ThreadCacheOwner() {
+    if (cache == nullptr) return;
+    GateAccess::Background call(*gate);
+    if (call.epoch() == epoch) pool->retire(cache);
+    // Otherwise the pool that owned the cache has already freed it.
+  }
+};
+
+namespace {
+thread_local ThreadCacheOwner this_thread_owner;
+}  // namespace
+
+SessionPool::SessionPool(const BackendPort& port, GateAccess& gate, const Config::Pool& config,
+                         const LockSource& locks, std::uint64_t epoch, spdlog::logger& log,
+                         PoolMetricsRegistry& figures)
+    : port_(port),
+      gate_(gate), config_(config), locks_(locks), epoch_(epoch), log_(log),
+      figures_(figures), registry_lock_(locks) {}
+
+SessionPool::~SessionPool() {
+  close_all();
+  for (ThreadCache* c : caches_) delete c;
+  for (auto& s : slots_) delete s.load(std::memory_order_relaxed);
+}
+
+SessionPool::SlotPool* SessionPool::find_slot(CK_SLOT_ID slot) noexcept {
+  std::size_t n = slot_count_.load(std::memory_order_acquire);
+  for (std::size_t i = 0; i < n; ++i) {
+    SlotPool* p = slots_[i].load(std::memory_order_acquire);
+    if (p->id == slot) return p;
+  }
+  return nullptr;
+}
+
+CK_RV SessionPool::slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept {
+  if ((out = find_slot(slot)) != nullptr) return CKR_OK;
+  // First use of this slot: the backend must know it (a bogus slot ID must
+  // not take a place in the table), and its token tells the session limits.
+  // Asked outside every pool lock.
+  CK_TOKEN_INFO info{};
+  CK_RV info_rv = port_.call<fn::C_GetTokenInfo>(slot, &info);
+  if (info_rv == CKR_FUNCTION_NOT_SUPPORTED) {
+    CK_SLOT_INFO slot_info{};
+    if (CK_RV rv = port_.call<fn::C_GetSlotInfo>(slot, &slot_info);
+        rv != CKR_OK && rv != CKR_FUNCTION_NOT_SUPPORTED) {
+      return rv;
+    }
+  } else if (info_rv != CKR_OK) {
+    return info_rv;
+  }
+  bool full = false;
+  {
+    MutexGuard guard(registry_lock_);
+    std::size_t n = slot_count_.load(std::memory_order_relaxed);
+    for (std::size_t i = 0; i < n && out == nullptr; ++i) {
+      SlotPool* p = slots_[i].load(std::memory_order_relaxed);
+      if (p->id == slot) out = p;
+    }
+    if (out != nullptr) return CKR_OK;  // made by another thread meanwhile
+    full = n == kMaxSlots;
+    if (!full) {
+      try {
+        auto p = std::make_unique<SlotPool>(slot, locks_, figures_.slot(slot));
+        // Not yet published, so no other thread can hold it: its lock is
+        // taken only for the analysis (once per slot, uncontended).
+        MutexGuard slot_guard(p->lock);
+        p->idle[0].reserve(16);
+        p->idle[1].reserve(16);
+        if (info_rv == CKR_OK) {
+          p->ceiling = token_limit(info.ulMaxSessionCount);
+          p->rw_limit = token_limit(info.ulMaxRwSessionCount);
+        }
+        if (config_.max_sessions) p->ceiling = std::max<unsigned long>(*config_.max_sessions, 1);
+        p->limit = p->ceiling;
+        p->rw_limit = std::min(p->rw_limit, p->ceiling);
+        out = p.release();
+      } catch (...) {
+        return CKR_HOST_MEMORY;
+      }
+      slots_[n].store(out, std::memory_order_release);
+      slot_count_.store(n + 1, std::memory_order_release);
+    }
+  }
+  if (full) {
+    log_.error("slot {}: more than {} slots in use; no session pool for it", slot, kMaxSlots);
+    return CKR_HOST_MEMORY;
+  }
+  return CKR_OK;
+}
+
+SessionPool::ThreadCache* SessionPool::this_thread_cache(bool create) noexcept {
+  ThreadCacheOwner& owner = this_thread_owner;
+  // One cache per thread, for one pool: with several pools (one per backend
+  // port) a thread's cache belongs to the pool that made it last.
+  if (owner.cache != nullptr && owner.pool == this && owner.epoch == epoch_) return owner.cache;
+  if (!create) return nullptr;
+  try {
+    auto cache = std::make_unique<ThreadCache>(locks_);
+    MutexGuard guard(registry_lock_);
+    caches_.push_back(cache.get());
+    owner.cache = cache.release();
+    owner.pool = this;
+    owner.gate = &gate_;
+    owner.epoch = epoch_;
+    return owner.cache;
+  } catch (...) {
+    return nullptr;  // no cache: the shared pool serves this thread
+  }
+}
+
+void SessionPool::retire(ThreadCache* cache) noexcept {
+  std::array<ThreadCache::Entry, kThreadCacheSize> entries;
+  std::size_t count = 0;
+  {
+    MutexGuard registry(registry_lock_);
+    caches_.erase(std::remove(caches_.begin(), caches_.end(), cache), caches_.end());
+    MutexGuard guard(cache->lock);
+    entries = cache->entries;
+    count = std::exchange(cache->count, 0);
+  }
+  this_thread_owner.cache = nullptr;
+  delete cache;
+  // Slot locks only after the cache lock is released (lock order).
+  for (std::size_t i = 0; i < count; ++i) {
+    auto& e = entries[i];
+    bool kept = true;
+    {
+      MutexGuard guard(e.slot->lock);
+      try {
+        e.slot->idle[e.rw].push_back(e.idle);
+      } catch (...) {
+        --e.slot->open[e.rw];  // cannot keep it: close it
+        kept = false;
+      }
+      e.slot->signal();
+    }
+    if (!kept) drop_idle(*e.slot, e.idle.handle, /*dead=*/false);
+  }
+}
+
+CK_RV SessionPool::backend_open(CK_SLOT_ID slot, bool rw, Notify notify,
+                                CK_SESSION_HANDLE& out) noexcept {
+  CK_FLAGS flags = CKF_SERIAL_SESSION | (rw ? CKF_RW_SESSION : 0);
+  return port_.call<fn::C_OpenSession>(slot, flags, notify.context, notify.callback, &out);
+}
+
+void SessionPool::backend_close(CK_SESSION_HANDLE handle) noexcept {
+  (void)port_.call<fn::C_CloseSession>(handle);
+}
+
+// A C_Logout for the slot's last application session may be under way: a new
+// application session is counted only after it (it must not log out a login
+// made on the new session).
+void SessionPool::count_app_session(SlotPool& pool, bool rw) noexcept {
+  MutexGuard guard(pool.lock);
+  while (pool.logging_out) {
+    std::uint32_t ticket = pool.returns.load(std::memory_order_acquire);
+    pool.waiters.fetch_add(1, std::memory_order_acq_rel);
+    pool.lock.unlock();
+    timed_wait(pool.returns, ticket, std::chrono::milliseconds(10));
+    pool.lock.lock();
+    pool.waiters.fetch_sub(1, std::memory_order_acq_rel);
+  }
+  ++pool.app_sessions;
+  pool.app_read_only += rw ? 0 : 1;
+}
+
+CK_RV SessionPool::open(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept {
+  SlotPool* pool = nullptr;
+  if (CK_RV rv = slot_pool(slot, pool); rv != CKR_OK) return rv;
+  CK_RV rv = take(*pool, rw, Notify{}, out);
+  if (rv == CKR_OK) count_app_session(*pool, rw);
+  return rv;
+}
+
+CK_RV SessionPool::open_notified(CK_SLOT_ID slot, bool rw, CK_VOID_PTR context, CK_NOTIFY notify,
+                                 CK_SESSION_HANDLE& out) noexcept {
+  SlotPool* pool = nullptr;
+  if (CK_RV rv = slot_pool(slot, pool); rv != CKR_OK) return rv;
+  CK_RV rv = take(*pool, rw, Notify{context, notify}, out);
+  if (rv == CKR_OK) count_app_session(*pool, rw);
+  return rv;
+}
+
+CK_RV SessionPool::borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept {
+  SlotPool* pool = nullptr;
+  if (CK_RV rv = slot_pool(slot, pool); rv != CKR_OK) return rv;
+  return take(*pool, rw, Notify{}, out);
+}
+
+void SessionPool::give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
+  SlotPool* pool = find_slot(slot);
+  if (pool == nullptr) {  // cannot happen for a slot that lent this session
+    backend_close(handle);
+    return;
+  }
+  settle(*pool, rw, handle, fate);
+}
+
+void SessionPool::settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
+  pool.figures->in_use.add(-1);
+  if (fate == Fate::reuse) {
+    give_back(pool, rw, handle);
+  } else {
+    discard(pool, rw, handle, fate);
+  }
+}
+
+// Pooled sessions are reused unless the session must be the caller's own
+// (`notify`: opened with the application's callback). At the limit, idle
+// sessions of the other kind, or any idle one for an own session, are closed
+// to make room; failing that the caller waits for a session to come back.
+CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept {
+  const bool reuse = notify.callback == nullptr;
+  if (ThreadCache* cache = this_thread_cache(false); cache != nullptr && reuse) {
+    Stale stale;
+    bool found;
+    {
+      MutexGuard guard(cache->lock);
+      found = cache->pop(pool, rw, out, stale);
+    }
+    if (stale.count != 0) [[unlikely]] drop_stale(pool, stale);
+    if (found) {
+      pool.lent_idle();
+      return CKR_OK;
+    }
+  }
+  auto deadline = Clock::now() + std::chrono::milliseconds(config_.wait_ms);
+  bool waited = false, looked_again = false;
+  std::vector<CK_SESSION_HANDLE> stale_shared;
+  for (;;) {
+    enum { reused, reserved, full } outcome = full;
+    bool probe = false;
+    CK_SESSION_HANDLE victim = CK_INVALID_HANDLE;
+    std::uint32_t ticket = 0;
+    auto now = Clock::now();
+    Clock::time_point next_probe{};
+    {
+      MutexGuard guard(pool.lock);
+      ticket = pool.returns.load(std::memory_order_acquire);
+      try {
+        if (reuse && pool.pop(rw, out, stale_shared)) {
+          outcome = reused;
+        } else if (pool.has_room(rw) || (probe = pool.may_probe(rw, now))) {
+          ++pool.open[rw];
+          pool.probing = probe;
+          outcome = reserved;
+        } else if (pool.kind_has_room(rw)) {
+          // At the limit with an idle session in the way (of the other kind,
+          // or any for an own session): trade it in.
+          for (bool kind : {!rw, rw}) {
+            if ((kind == rw && reuse) || pool.idle[kind].empty()) continue;
+            victim = pool.idle[kind].back().handle;
+            pool.idle[kind].pop_back();
+            --pool.open[kind];
+            ++pool.open[rw];
+            outcome = reserved;
+            break;
+          }
+        }
+      } catch (...) {
+        return CKR_HOST_MEMORY;
+      }
+      if (!stale_shared.empty()) pool.signal();
+      if (pool.limit < pool.ceiling) next_probe = pool.probe_after;
+    }
+    // Stale: given back before the device said a session was gone.
+    for (CK_SESSION_HANDLE h : stale_shared) drop_idle(pool, h, /*dead=*/true);
+    stale_shared.clear();
+    if (victim != CK_INVALID_HANDLE) drop_idle(pool, victim, /*dead=*/false);
+    if (outcome == reused) {
+      pool.lent_idle();
+      return CKR_OK;
+    }
+    if (outcome == reserved) {
+      CK_RV rv = backend_open(pool.id, rw, notify, out);
+      bool learned = false, retry = false;
+      unsigned long open_now = 0;
+      {
+        MutexGuard guard(pool.lock);
+        if (rv == CKR_OK) {
+          pool.refusals = 0;
+          if (probe) pool.probe_succeeded();
+        } else {
+          --pool.open[rw];
+          if (rv == CKR_SESSION_COUNT) {
+            open_now = pool.open_total();
+            if (pool.refused(open_now, probe, Clock::now())) {
+              retry = true;  // once more at once: it may have been transient
+            } else {
+              // The token's limit, for now, is what is open: wait for one.
+              learned = true;
+              retry = open_now > 0;
+            }
+          }
+          pool.signal();  // the reservation is free again
+        }
+        if (probe) pool.probing = false;
+      }
+      if (rv == CKR_OK) {
+        pool.lent_new();
+        return CKR_OK;
+      }
+      if (learned) {
+        log_.info("slot {}: backend refused a session at {} open; limit {} for now", pool.id,
+                  open_now, std::max<unsigned long>(open_now, 1));
+      }
+      if (!retry) return rv;
+      continue;  // the limit is now known: wait below on the next round
+    }
+    if (reuse && steal(pool, rw, out)) {
+      pool.lent_idle();
+      return CKR_OK;
+    }
+    // At the limit with an idle session in some thread's cache that is in the
+    // way: close it and open one of this kind (or our own) in its place.
+    CK_SESSION_HANDLE other = CK_INVALID_HANDLE;
+    bool other_rw = !rw;
+    if (steal(pool, !rw, other) || (!reuse && steal(pool, other_rw = rw, other))) {
+      drop_idle(pool, other, /*dead=*/false);
+      {
+        MutexGuard guard(pool.lock);
+        --pool.open[other_rw];
+        ++pool.open[rw];
+      }
+      if (CK_RV rv = backend_open(pool.id, rw, notify, out); rv == CKR_OK) {
+        pool.lent_new();
+        return CKR_OK;
+      }
+      MutexGuard guard(pool.lock);
+      --pool.open[rw];
+      pool.signal();
+      continue;
+    }
+    now = Clock::now();
+    if (now >= deadline) {
+      // Room made since this round looked (stale sessions closed on the way,
+      // a session given back): one more round, however short wait_ms is.
+      if (pool.returns.load(std::memory_order_acquire) == ticket ||
+          std::exchange(looked_again, true)) {
+        return CKR_SESSION_COUNT;
+      }
+      continue;
+    }
+    if (!std::exchange(waited, true)) pool.figures->waits.fetch_add(1, std::memory_order_relaxed);
+    // A learned limit may be probed before the deadline: wake for that too.
+    auto until = next_probe > now ? std::min(deadline, next_probe) : deadline;
+    pool.waiters.fetch_add(1, std::memory_order_acq_rel);
+    // Parked while asleep: fork() does not wait for us, and we wait for
+    // fork() before going on. Read after the ticket: interrupt_waiters()
+    // sets interrupted_, then bumps the ticket.
+    gate_.park();
+    bool interrupted = interrupted_.load(std::memory_order_seq_cst);
+    if (!interrupted) {
+      timed_wait(pool.returns, ticket, std::max<Clock::duration>(until - now, std::chrono::milliseconds(1)));
+    }
+    gate_.unpark();
+    pool.waiters.fetch_sub(1, std::memory_order_acq_rel);
+    // C_Finalize: give up at once, whatever the deadline.
+    if (interrupted || interrupted_.load(std::memory_order_seq_cst)) {
+      return CKR_CRYPTOKI_NOT_INITIALIZED;
+    }
+    auto slept = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - now);
+    pool.figures->wait_ns.fetch_add(static_cast<std::uint64_t>(slept.count()),
+                                    std::memory_order_relaxed);
+  }
+}
+
+void SessionPool::interrupt_waiters() noexcept {
+  interrupted_.store(true, std::memory_order_seq_cst);
+  // Under the registry lock: a slot pool created meanwhile is either seen
+  // here or its waiters see interrupted_.
+  MutexGuard registry(registry_lock_);
+  for (std::size_t i = 0; i < slot_count_.load(std::memory_order_acquire); ++i) {
+    SlotPool* pool = slots_[i].load(std::memory_order_acquire);
+    pool->returns.fetch_add(1, std::memory_order_seq_cst);
+    wake_all(pool->returns);
+  }
+}
+
+// At the limit, idle sessions in other threads' caches are as good as the
+// pool's own: never wait while one sits unused. Stale ones met on the way
+// are closed.
+bool SessionPool::steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept {
+  for (bool found = false;;) {
+    Stale stale;
+    {
+      MutexGuard guard(registry_lock_);
+      for (ThreadCache* cache : caches_) {
+        MutexGuard cache_guard(cache->lock);
+        found = cache->pop(pool, rw, out, stale);
+        if (found || stale.count != 0) break;
+      }
+    }
+    if (stale.count == 0) return found;
+    drop_stale(pool, stale);  // outside the locks; then look again
+    if (found) return true;
+  }
+}
+
+void SessionPool::drop_stale(SlotPool& pool, const Stale& stale) noexcept {
+  {
+    MutexGuard guard(pool.lock);
+    for (std::size_t i = 0; i < stale.count; ++i) --pool.open[stale.entries[i].rw];
+    pool.signal();
+  }
+  for (std::size_t i = 0; i < stale.count; ++i) {
+    drop_idle(pool, stale.entries[i].handle, /*dead=*/true);
+  }
+}
+
+void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
+  SlotPool* pool = find_slot(slot);
+  if (pool == nullptr) {  // cannot happen for a slot that opened this session
+    backend_close(handle);
+    return;
+  }
+  bool logout = false;
+  {
+    // The application's last session on the token: the spec logs it out.
+    MutexGuard guard(pool->lock);
+    --pool->app_sessions;
+    pool->app_read_only -= rw ? 0 : 1;
+    logout = pool->app_sessions == 0 && !config_.keep_login;
+    if (logout) pool->logging_out = true;
+  }
+  if (logout) {
+    (void)port_.call<fn::C_Logout>(handle);
+    MutexGuard guard(pool->lock);
+    pool->logging_out = false;
+    pool->signal();
+  }
+  settle(*pool, rw, handle, fate);
+}
+
+void SessionPool::give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept {
+  Idle idle{handle, pool.generation.load(std::memory_order_acquire), Clock::now()};
+  // With waiters, the shared pool is where they look.
+  if (pool.waiters.load(std::memory_order_acquire) == 0) {
+    if (ThreadCache* cache = this_thread_cache(true)) {
+      MutexGuard guard(cache->lock);
+      if (cache->count < cache->entries.size()) {
+        cache->entries[cache->count++] = ThreadCache::Entry{&pool, rw, idle};
+        pool.figures->idle.add(1);
+        return;
+      }
+    }
+  }
+  {
+    MutexGuard guard(pool.lock);
+    try {
+      pool.idle[rw].push_back(idle);
+      pool.figures->idle.add(1);
+      pool.signal();
+      return;
+    } catch (...) {
+      --pool.open[rw];
+      pool.signal();
+    }
+  }
+  pool.closed(1, false);
+  backend_close(handle);
+}
+
+void SessionPool::discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
+  backend_close(handle);
+  pool.closed(1, false);
+  if (fate == Fate::dead) {
+    pool.figures->discarded_dead.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    auto& counter = pool.figures->unclean[static_cast<std::size_t>(fate.why)];
+    counter.fetch_add(1, std::memory_order_relaxed);
+  }
+  MutexGuard guard(pool.lock);
+  --pool.open[rw];
+  pool.signal();
+}
+
+// Closes a session taken off the idle lists (pool.open already adjusted).
+void SessionPool::drop_idle(SlotPool& pool, CK_SESSION_HANDLE handle, bool dead) noexcept {
+  backend_close(handle);
+  pool.closed(1, true);
+  if (dead) pool.figures->discarded_dead.fetch_add(1, std::memory_order_relaxed);
+}
+
+template <class Pick>
+void SessionPool::sweep(SlotPool* only, bool forget, Pick pick, std::vector<Taken>& out) noexcept {
+  try {
+    MutexGuard registry(registry_lock_);
+    for (std::size_t i = 0; i < slot_count_.load(std::memory_order_relaxed); ++i) {
+      SlotPool* pool = slots_[i].load(std::memory_order_relaxed);
+      if (only != nullptr && pool != only) continue;
+      MutexGuard guard(pool->lock);
+      bool taken = false;
+      for (bool rw : {false, true}) {
+        auto& list = pool->idle[rw];
+        out.reserve(out.size() + list.size());
+        auto keep = std::partition(list.begin(), list.end(),
+                                   [&](const Idle& idle) { return !pick(rw, idle); });
+        for (auto it = keep; it != list.end(); ++it) out.push_back(Taken{pool, rw, *it});
+        if (forget) pool->open[rw] -= static_cast<unsigned long>(list.end() - keep);
+        taken |= keep != list.end();
+        list.erase(keep, list.end());
+      }
+      for (ThreadCache* cache : caches_) {
+        out.reserve(out.size() + kThreadCacheSize);
+        MutexGuard cache_guard(cache->lock);
+        for (std::size_t j = cache->count; j-- > 0;) {
+          auto& e = cache->entries[j];
+          if (e.slot != pool || !pick(e.rw, e.idle)) continue;
+          out.push_back(Taken{pool, e.rw, e.idle});
+          if (forget) --pool->open[e.rw];
+          e = cache->entries[--cache->count];
+          taken = true;
+        }
+      }
+      if (taken && forget) pool->signal();
+    }
+  } catch (...) {
+    // Out of memory listing them: what was not taken stays where it was.
+  }
+}
+
+void SessionPool::invalidate(CK_SLOT_ID slot) noexcept {
+  if (SlotPool* pool = find_slot(slot)) {
+    pool->generation.fetch_add(1, std::memory_order_acq_rel);
+  }
+}
+
+bool SessionPool::drain_idle(CK_SLOT_ID slot, bool read_only_only) noexcept {
+  SlotPool* pool = find_slot(slot);
+  if (pool == nullptr) return false;
+  {
+    MutexGuard guard(pool->lock);
+    bool app_has = read_only_only ? pool->app_read_only > 0 : pool->app_sessions > 0;
+    if (app_has) return false;
+  }
+  std::vector<Taken> doomed;
+  sweep(pool, /*forget=*/true, [&](bool rw, const Idle&) { return !(rw && read_only_only); },
+        doomed);
+  for (const Taken& t : doomed) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+  return !doomed.empty();
+}
+
+void SessionPool::prewarm() noexcept {
+  if (config_.prewarm == 0) return;
+  std::vector<CK_SLOT_ID> slots;
+  CK_ULONG count = 64;
+  try {
+    slots.resize(count);
+  } catch (...) {
+    return;
+  }
+  if (port_.call<fn::C_GetSlotList>(CK_BBOOL{CK_TRUE}, slots.data(), &count) != CKR_OK) return;
+  slots.resize(std::min<CK_ULONG>(count, slots.size()));
+  for (CK_SLOT_ID slot : slots) {
+    // A token that is not initialized yet cannot open sessions: not a
+    // problem worth a warning at every C_Initialize.
+    CK_TOKEN_INFO info{};
+    if (port_.call<fn::C_GetTokenInfo>(slot, &info) == CKR_OK &&
+        (info.flags & CKF_TOKEN_INITIALIZED) == 0) {
+      log_.debug("slot {}: token not initialized; not prewarmed", slot);
+      continue;
+    }
+    SlotPool* pool = nullptr;
+    if (slot_pool(slot, pool) != CKR_OK) continue;
+    for (unsigned long i = 0; i < config_.prewarm; ++i) {
+      {
+        MutexGuard guard(pool->lock);
+        if (!pool->has_room(false)) break;
+        ++pool->open[0];
+      }
+      CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+      if (CK_RV rv = backend_open(slot, false, Notify{}, h); rv != CKR_OK) {
+        {
+          MutexGuard guard(pool->lock);
+          --pool->open[0];
+        }
+        log_.warn("slot {}: prewarm stopped at {} sessions: {}", slot, i, rv_name(rv));
+        break;
+      }
+      pool->figures->open.fetch_add(1, std::memory_order_relaxed);
+      bool kept = true;
+      {
+        MutexGuard guard(pool->lock);
+        try {
+          pool->idle[0].push_back(Idle{h, pool->generation.load(), Clock::now()});
+          pool->figures->idle.add(1);
+        } catch (...) {
+          --pool->open[0];
+          kept = false;
+        }
+      }
+      if (!kept) {
+        pool->closed(1, false);
+        backend_close(h);
+        break;
+      }
+    }
+  }
+}
+
+void SessionPool::close_all() noexcept {
+  std::vector<Taken> doomed;
+  sweep(nullptr, /*forget=*/true, [](bool, const Idle&) { return true; }, doomed);
+  for (const Taken& t : doomed) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+}
+
+// Idle sessions in the pools and in threads' caches alike: those idle longer
+// than `idle_limit` are closed, those idle longer than `keepalive` are asked
+// for their info (a round trip that keeps them alive in the HSM); one that
+// fails is closed and counted dead.
+void SessionPool::maintain(std::chrono::seconds idle_limit, std::chrono::seconds keepalive) noexcept {
+  // The maintenance thread's backend calls are calls like any other: fork()
+  // and C_Finalize wait for them.
+  GateAccess::Background call(gate_);
+  if (call.epoch() != epoch_) return;
+  const auto now = Clock::now();
+  auto older_than = [&](std::chrono::seconds limit, const Idle& idle) {
+    return limit.count() > 0 && now - idle.since > limit;
+  };
+  std::vector<Taken> expired, aged;
+  sweep(nullptr, /*forget=*/true,
+        [&](bool, const Idle& idle) { return older_than(idle_limit, idle); }, expired);
+  for (const Taken& t : expired) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+  // Still counted as open while pinged: the limit holds throughout.
+  sweep(nullptr, /*forget=*/false,
+        [&](bool, const Idle& idle) { return older_than(keepalive, idle); }, aged);
+  for (Taken& t : aged) {
+    CK_SESSION_INFO info{};
+    CK_RV rv = port_.call<fn::C_GetSessionInfo>(t.idle.handle, &info);
+    bool kept = false;
+    {
+      MutexGuard guard(t.pool->lock);
+      if (rv == CKR_OK) {
+        t.idle.since = Clock::now();
+        try {
+          t.pool->idle[t.rw].push_back(t.idle);
+          kept = true;
+        } catch (...) {
+        }
+      }
+      if (!kept) --t.pool->open[t.rw];
+      t.pool->signal();
+    }
+    // Gone inside the HSM, or no room to keep it: close it all the same.
+    if (!kept) drop_idle(*t.pool, t.idle.handle, /*dead=*/rv != CKR_OK);
+  }
+}
+
+SessionPool::SlotFigures SessionPool::figures(CK_SLOT_ID slot) noexcept {
+  SlotFigures f;
+  SlotPool* pool = find_slot(slot);
+  if (pool == nullptr) return f;
+  MutexGuard registry(registry_lock_);
+  {
+    MutexGuard guard(pool->lock);
+    f.open = pool->open_total();
+    f.idle = pool->idle[0].size() + pool->idle[1].size();
+    f.limit = pool->limit;
+  }
+  for (ThreadCache* cache : caches_) {
+    MutexGuard guard(cache->lock);
+    for (std::size_t i = 0; i < cache->count; ++i) f.idle += cache->entries[i].slot == pool;
+  }
+  return f;
+}
+
+}  // namespace p11mux

@@ -1,0 +1,189 @@
+// Backend sessions, pooled per slot and kind (R/O, R/W), with a small cache
+// per thread in front of the shared pool so that open+close on one thread
+// usually takes no shared lock.
+//
+// The pool owns every backend session that no virtual session holds, and
+// counts every backend session p11mux has open on a slot, so that it never
+// opens more than the token's limit (from the configuration, the token info,
+// or learned from two CKR_SESSION_COUNT in a row; a learned limit is probed
+// again after kLimitProbeInterval, so a transient refusal does not stick). It makes
+// C_OpenSession wait, up to pool.wait_ms, for a session to come back at that
+// limit. Every path that gives a session back or gives up a reservation wakes
+// the waiters, so none sleeps past its deadline.
+//
+// A slot gets a pool only once the backend has confirmed the slot exists: a
+// bogus slot ID leaves no trace.
+//
+// Its figures (open, idle, in use, waits, sessions discarded as dead) go to
+// the observer's PoolMetricsRegistry as they change, with relaxed atomics.
+//
+// Lock order: proxy/sync/lock.hpp (the registry lock, then a SlotPool's lock, then
+// a ThreadCache's lock, all after Session::lock). No backend call and no log
+// record is made under the registry, slot or cache locks.
+#pragma once
+
+#include "port/backend_port.hpp"
+#include "config/config.hpp"
+#include "lifecycle/gate_access.hpp"
+#include "sync/lock.hpp"
+#include "observe/metrics.hpp"
+
+#include <p11mux/pkcs11.h>
+
+#include <spdlog/logger.h>
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace p11mux {
+
+class SessionPool {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  // Every backend call goes through `port`; `gate` is the module's call
+  // gate (gate_access.hpp). Both outlive the pool.
+  SessionPool(const BackendPort& port, GateAccess& gate, const Config::Pool& config,
+              const LockSource& locks, std::uint64_t epoch, spdlog::logger& log,
+              PoolMetricsRegistry& figures);
+  ~SessionPool();
+  SessionPool(const SessionPool&) = delete;  // owns backend sessions
+  SessionPool& operator=(const SessionPool&) = delete;
+
+  // What becomes of a backend session given back: pooled again, closed
+  // because p11mux cannot prove it clean (counted by reason), or closed and
+  // counted as dead (a call marked it discard: the backend said the session
+  // or device is gone).
+  struct Fate {
+    enum Kind : std::uint8_t { reuse, close, dead };
+    Kind kind = reuse;
+    CloseReason why{};  // with close
+    // Fate::reuse or Fate::dead; a close needs its reason: Fate::closed(why).
+    consteval Fate(Kind k = reuse) : kind(k) {  // NOLINT: implicit on purpose
+      if (k == close) throw "SessionPool::Fate: a close needs a reason, Fate::closed(why)";
+    }
+    static constexpr Fate closed(CloseReason why) noexcept {
+      Fate f;
+      f.kind = close;
+      f.why = why;
+      return f;
+    }
+    constexpr bool operator==(Kind k) const noexcept { return kind == k; }
+  };
+
+  // A backend session for a multiplexed call, and its return: like open()
+  // and close() but not the application's session (no login accounting).
+  CK_RV borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept;
+  void give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
+  // A backend session given back without a reset: pooled again unless a
+  // call marked it discard (Binding::discard, Binding::dead, Binding::why).
+  static Fate unreset_fate(bool discard, bool dead, CloseReason why) noexcept {
+    return !discard ? Fate::reuse : dead ? Fate::dead : Fate::closed(why);
+  }
+
+  // A backend session for a new virtual session: from this thread's cache,
+  // the shared pool, another thread's cache, or newly opened. Counts the
+  // application's session on the slot (for logout on the last close).
+  CK_RV open(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept;
+  // A new backend session opened with the application's Notify callback
+  // (`notify`, `context`): never a pooled one, but within the slot's limit
+  // like any other (an idle session is closed to make room). It comes back
+  // through close(), closed with CloseReason::notify_callback.
+  CK_RV open_notified(CK_SLOT_ID slot, bool rw, CK_VOID_PTR context, CK_NOTIFY notify,
+                      CK_SESSION_HANDLE& out) noexcept;
+  // Gives a virtual session's backend session back, to be reused or closed
+  // as `fate` says. Logs the token out when it was the application's last
+  // session on the slot (unless pool.keep_login).
+  void close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
+
+  // A backend call said the session or device is gone: idle sessions of that
+  // slot are not to be trusted either.
+  void invalidate(CK_SLOT_ID slot) noexcept;
+  // Closes idle sessions of a slot (R/O only, or all) when the application
+  // itself has none of that kind open; true if it did (then retry the call).
+  // For SO login (CKR_SESSION_READ_ONLY_EXISTS) and C_InitToken (CKR_SESSION_EXISTS).
+  bool drain_idle(CK_SLOT_ID slot, bool read_only_only) noexcept;
+  // Opens pool.prewarm read-only sessions on every slot with a token.
+  void prewarm() noexcept;
+  // C_Finalize, once the call gate is closed: calls waiting at the limit
+  // (pool.wait_ms) return CKR_CRYPTOKI_NOT_INITIALIZED now, and no call
+  // waits any more.
+  void interrupt_waiters() noexcept EXCLUDES(registry_lock_);
+  // Closes every idle session (C_Finalize, after all virtual sessions closed).
+  void close_all() noexcept;
+  // Closes sessions idle longer than `idle`, pings those idle longer than
+  // `keepalive` (zero: don't); for the maintenance task.
+  void maintain(std::chrono::seconds idle, std::chrono::seconds keepalive) noexcept;
+
+  struct SlotFigures {
+    unsigned long open = 0, idle = 0, limit = 0;
+  };
+  // How long a limit learned from CKR_SESSION_COUNT holds before the pool
+  // tries one session above it again.
+  static constexpr std::chrono::seconds kLimitProbeInterval{1};
+  // Slots with a pool at most (each one the backend confirmed).
+  static constexpr std::size_t kMaxSlots = 1024;
+  SlotFigures figures(CK_SLOT_ID slot) noexcept EXCLUDES(registry_lock_);  // for tests and metrics
+
+  std::uint64_t epoch() const noexcept { return epoch_; }
+
+  class SlotPool;
+  class ThreadCache;
+
+ private:
+  struct Idle;
+  struct Taken;
+  struct Notify {
+    CK_VOID_PTR context = nullptr;
+    CK_NOTIFY callback = nullptr;
+  };
+  // The slot's pool, made on first use once the backend confirms the slot
+  // (else its CKR code: CKR_SLOT_ID_INVALID...); find_slot never makes one.
+  CK_RV slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept EXCLUDES(registry_lock_);
+  SlotPool* find_slot(CK_SLOT_ID slot) noexcept;
+  ThreadCache* this_thread_cache(bool create) noexcept EXCLUDES(registry_lock_);
+  CK_RV take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept;
+  bool steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept EXCLUDES(registry_lock_);
+  struct Stale;
+  // Closes stale sessions taken out of a thread's cache; they no longer count as open.
+  void drop_stale(SlotPool& pool, const Stale& stale) noexcept;
+  void count_app_session(SlotPool& pool, bool rw) noexcept;
+  void settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
+  void give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept;
+  void discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
+  void drop_idle(SlotPool& pool, CK_SESSION_HANDLE handle, bool dead) noexcept;
+  // Takes out of the shared idle lists and every thread's cache the idle
+  // sessions of `only` (every slot when NULL) for which pick(rw, idle) is
+  // true, appending them to `out`. With `forget` they stop counting as open
+  // (the caller closes them); without, they still count (the caller puts
+  // them back or forgets them). The one sweep over pools and caches.
+  template <class Pick>
+  void sweep(SlotPool* only, bool forget, Pick pick, std::vector<Taken>& out) noexcept
+      EXCLUDES(registry_lock_);
+  CK_RV backend_open(CK_SLOT_ID slot, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept;
+  void backend_close(CK_SESSION_HANDLE handle) noexcept;
+  void retire(ThreadCache* cache) noexcept EXCLUDES(registry_lock_);
+  friend struct ThreadCacheOwner;
+
+  const BackendPort& port_;
+  GateAccess& gate_;
+  const Config::Pool config_;
+  const LockSource& locks_;
+  const std::uint64_t epoch_;
+  spdlog::logger& log_;
+  PoolMetricsRegistry& figures_;
+
+  std::array<std::atomic<SlotPool*>, kMaxSlots> slots_{};
+  std::atomic<std::size_t> slot_count_{0};
+  std::atomic<bool> interrupted_{false};  // interrupt_waiters() was called
+  // Guards slot creation (slots_ and slot_count_ are atomics, written under
+  // it and read without it) and caches_.
+  Mutex registry_lock_;
+  std::vector<ThreadCache*> caches_ GUARDED_BY(registry_lock_);
+};
+
+}  // namespace p11mux

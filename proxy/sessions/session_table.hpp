@@ -1,0 +1,238 @@
+// Virtual sessions: the handles the application sees, each mapped to a backend
+// session and guarded by its own lock.
+//
+// A handle is (generation << 24) | (index + 1): never 0, and a stale copy of a
+// closed session's handle never matches the entry's next occupant. Entries live
+// in chunks that are never freed while the table exists, so a lookup racing a
+// close finds either the live session or a mismatched handle, never freed
+// memory. Looking up a handle takes no table lock; only open and close do.
+//
+// Lock order: proxy/sync/lock.hpp. The free-list lock is a leaf, never held
+// across a backend call or together with a Session::lock.
+#pragma once
+
+#include "sessions/close_reason.hpp"
+#include "sync/lock.hpp"
+
+#include <p11mux/pkcs11.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <utility>
+#include <vector>
+
+namespace p11mux {
+
+// One backend session serving a virtual session, with what the virtual
+// session left on it (so that it can be reset before anyone else uses it).
+struct Binding {
+  CK_SESSION_HANDLE backend = CK_INVALID_HANDLE;
+  std::uint16_t ops = 0;       // operations active on it (OpMask, operation_state.hpp)
+  std::uint16_t maybe = 0;     // operations an error may have left active (OpMask)
+  bool discard = false;        // close it at the end, never reuse it
+  CloseReason why{};           // with discard, unless dead: why (counted by the pool)
+  bool dead = false;           // the backend said it (or its device) is gone: discard, counted
+  bool busy = false;           // multiplex: a call is running on it
+  std::uint64_t owner = 0;     // multiplex: the thread that used it last (this_thread_number())
+  std::vector<CK_OBJECT_HANDLE> objects;  // session objects created through it
+
+  void clear() noexcept {
+    backend = CK_INVALID_HANDLE;
+    ops = maybe = 0;
+    discard = dead = busy = false;
+    why = {};
+    owner = 0;
+    objects.clear();
+  }
+};
+
+struct Session {
+  explicit Session(const LockSource& locks) : lock(locks) {}
+  Session(const Session&) = delete;  // lives at a fixed address: handles point at it
+  Session& operator=(const Session&) = delete;
+
+  // Serialize mode: held across every call on the session. Multiplex mode:
+  // held only while bindings are chosen and updated, never across a call.
+  Mutex lock;
+  // The virtual handle while open; 0 while free or closing. Written under `lock`.
+  std::atomic<CK_SESSION_HANDLE> handle{0};
+  std::uint64_t generation = 0;  // owned by the table's free list
+
+  // Guarded by `lock` (read without it only by the notify trampoline, which
+  // runs inside a backend call that this session's open or call started).
+  // Not GUARDED_BY(lock) for clang: the lock is held through a SessionLease,
+  // handed from SessionTable::lease() to its caller, and the analysis does
+  // not follow a lock across a function's return. The same holds for the
+  // fields below and for Binding's (anchor, extra, closing).
+  CK_SLOT_ID slot = 0;
+  bool rw = false;                       // R/W or R/O: the pool kind of its backend sessions
+  CK_SESSION_HANDLE opening_handle = 0;  // the handle being opened, for Notify
+  // Read by the notify trampoline from inside backend calls, without the lock.
+  std::atomic<CK_NOTIFY> notify{nullptr};
+  std::atomic<CK_VOID_PTR> application{nullptr};
+  // The backend session opened with the virtual session, kept until it closes.
+  Binding anchor;
+  // Multiplex mode: more backend sessions, for threads calling at the same time.
+  std::vector<std::unique_ptr<Binding>> extra;
+  // Multiplex mode: calls between choosing a binding and giving it up; a
+  // closing session waits for them.
+  std::atomic<std::uint32_t> in_flight{0};
+  bool closing = false;
+};
+
+// A locked, live session; unlocks when it goes out of scope.
+//
+// Not a SCOPED_CAPABILITY: a lease is returned by value (lease(), reserve())
+// and moved, and clang's analysis forgets a scoped capability across a
+// return, so it would report every lease's unlock as "not held". The
+// functions that hand a session's lock to a lease opt out of the analysis
+// (NO_THREAD_SAFETY_ANALYSIS), each saying so.
+class SessionLease {
+ public:
+  SessionLease() noexcept = default;
+  explicit SessionLease(Session* s) noexcept : s_(s) {}
+  SessionLease(SessionLease&& other) noexcept : s_(other.s_) { other.s_ = nullptr; }
+  SessionLease& operator=(SessionLease&& other) noexcept {
+    std::swap(s_, other.s_);
+    return *this;
+  }
+  SessionLease(const SessionLease&) = delete;  // exactly one unlock per lock
+  [[gnu::always_inline]] ~SessionLease() NO_THREAD_SAFETY_ANALYSIS {  // the lease's lock
+    if (s_ != nullptr) s_->lock.unlock();
+  }
+  explicit operator bool() const noexcept { return s_ != nullptr; }
+  Session* operator->() const noexcept { return s_; }
+  Session& operator*() const noexcept { return *s_; }
+
+ private:
+  Session* s_ = nullptr;
+};
+
+// kSize sessions constructed in place: they hold locks and are pointed
+// at by handles, so they never move.
+class SessionChunk {
+ public:
+  static constexpr std::size_t kSize = 256;
+
+  explicit SessionChunk(const LockSource& locks) {
+    std::size_t built = 0;
+    try {
+      for (; built < kSize; ++built) new (&storage_[built]) Session(locks);
+    } catch (...) {
+      while (built > 0) at(--built).~Session();
+      throw;
+    }
+  }
+  ~SessionChunk() {
+    for (std::size_t i = 0; i < kSize; ++i) at(i).~Session();
+  }
+  SessionChunk(const SessionChunk&) = delete;
+  SessionChunk& operator=(const SessionChunk&) = delete;
+
+  Session& at(std::size_t i) noexcept {
+    return *std::launder(reinterpret_cast<Session*>(&storage_[i]));
+  }
+
+ private:
+  struct alignas(Session) Storage {
+    std::byte bytes[sizeof(Session)];
+  };
+  std::array<Storage, kSize> storage_;
+};
+
+class SessionTable {
+ public:
+  static constexpr unsigned kIndexBits = 24;
+  static constexpr unsigned kChunkBits = 8;
+  static constexpr std::size_t kChunkSize = SessionChunk::kSize;
+  static_assert(kChunkSize == std::size_t{1} << kChunkBits);
+  static constexpr std::size_t kMaxChunks = (std::size_t{1} << kIndexBits) / kChunkSize;
+  static constexpr CK_SESSION_HANDLE kIndexMask = (CK_SESSION_HANDLE{1} << kIndexBits) - 1;
+  static constexpr std::uint64_t kGenerationMask = (std::uint64_t{1} << (64 - kIndexBits)) - 1;
+
+  explicit SessionTable(const LockSource& locks);
+  ~SessionTable();
+  SessionTable(const SessionTable&) = delete;
+  SessionTable& operator=(const SessionTable&) = delete;
+
+  // The live session with this handle, locked; empty for a stale or bogus one.
+  // NO_THREAD_SAFETY_ANALYSIS (here and below): the lock goes to the lease.
+  [[gnu::always_inline]] SessionLease lease(CK_SESSION_HANDLE handle) noexcept {
+    return lease(handle, [](Mutex& lock) __attribute__((always_inline))
+                             NO_THREAD_SAFETY_ANALYSIS { lock.lock(); });
+  }
+  // The same, taking the session's lock with lock_session(Mutex&): the hook
+  // where metrics time the wait for it (lock contention).
+  template <class LockSession>
+  [[gnu::always_inline]] SessionLease lease(CK_SESSION_HANDLE handle,
+                                            LockSession&& lock_session) noexcept
+      NO_THREAD_SAFETY_ANALYSIS {
+    CK_SESSION_HANDLE slot_number = handle & kIndexMask;
+    if (slot_number == 0) return {};
+    std::size_t index = slot_number - 1;
+    Chunk* chunk = chunks_[index >> kChunkBits].load(std::memory_order_acquire);
+    if (chunk == nullptr) return {};
+    Session& s = chunk->at(index & (kChunkSize - 1));
+    if (s.handle.load(std::memory_order_acquire) != handle) return {};
+    lock_session(s.lock);
+    if (s.handle.load(std::memory_order_relaxed) != handle) {
+      s.lock.unlock();
+      return {};
+    }
+    return SessionLease(&s);
+  }
+
+  // A free entry, locked, with its next handle in opening_handle; the caller
+  // fills it and calls publish(), or gives it back with discard().
+  // Throws CkrError(CKR_SESSION_COUNT) when all 16M entries are in use.
+  SessionLease reserve();
+  void publish(Session& s) noexcept;
+  void discard(SessionLease lease) noexcept;
+  // Marks a leased session closed and returns its entry to the free list.
+  void close(SessionLease lease) noexcept;
+
+  // Calls fn(SessionLease) for every live session, locking each in turn.
+  template <class Fn>
+  void for_each_live(Fn&& fn) {
+    std::size_t chunks = chunk_count_.load(std::memory_order_acquire);
+    for (std::size_t c = 0; c < chunks; ++c) {
+      Chunk* chunk = chunks_[c].load(std::memory_order_acquire);
+      for (std::size_t i = 0; i < kChunkSize; ++i) {
+        CK_SESSION_HANDLE h = chunk->at(i).handle.load(std::memory_order_acquire);
+        if (h == 0) continue;
+        if (SessionLease lease = this->lease(h)) fn(std::move(lease));
+      }
+    }
+  }
+
+  // Sessions open now (for tests and metrics).
+  std::size_t live_count() const noexcept;
+
+  // Handles across initializations: a new table starts its generations
+  // above the previous table's highest, so that a handle kept from before
+  // C_Finalize (or from the parent before fork()) never matches a session of
+  // this one. start_above() before the first reserve(); highest_generation()
+  // once no session is being opened (C_Finalize after the drain, or a
+  // forked child, where no other thread exists).
+  void start_above(std::uint64_t floor) noexcept { floor_ = floor & kGenerationMask; }
+  std::uint64_t highest_generation() noexcept;
+
+ private:
+  using Chunk = SessionChunk;
+  void release_index(std::uint32_t index) noexcept;
+
+  const LockSource& locks_;
+  std::uint64_t floor_ = 0;  // generations of this table are above it; set before any session opens
+  std::array<std::atomic<Chunk*>, kMaxChunks> chunks_{};
+  std::atomic<std::size_t> chunk_count_{0};
+  // Guards free_ and chunk growth (chunks_ and chunk_count_ are atomics,
+  // written under it and read without it).
+  Mutex free_lock_;
+  std::vector<std::uint32_t> free_ GUARDED_BY(free_lock_);  // entry indexes ready for reuse
+  std::atomic<std::size_t> live_{0};
+};
+
+}  // namespace p11mux
