@@ -179,6 +179,42 @@ TEST_CASE("SP 800-108 KDFs return their additional keys through pAdditionalDeriv
   CHECK(has(keys, 52));
 }
 
+TEST_CASE("phKey holds a new key, except for the key-and-MAC derivations, which never write it") {
+  // An ordinary derivation, generation or unwrap: phKey is the key made.
+  ReturnedKeys args;
+  args.add(70);
+  ReturnedKeys keys;
+  CHECK(add_argument_keys(KeyOutputs::handle_args, args, keys));
+  CHECK(keys.count == 1);
+  CHECK(has(keys, 70));
+  // SP 800-108: phKey and the additional keys both.
+  ReturnedKeys kdf;
+  kdf.add(51);
+  CHECK(add_argument_keys(KeyOutputs::sp800_108, args, kdf));
+  CHECK(kdf.count == 2);
+
+  // Key-and-MAC: the four keys are in the parameter, and phKey still holds
+  // what the application left there (here, the handle of one of its own
+  // objects, say from another session). Taken for a new key, that object
+  // would be destroyed when this session is reset for the pool.
+  for (KeyOutputs outputs :
+       {KeyOutputs::ssl3_key_mat, KeyOutputs::tls12_key_mat, KeyOutputs::wtls_key_mat}) {
+    ReturnedKeys from_parameter;
+    for (CK_OBJECT_HANDLE h : {11, 12, 13, 14}) from_parameter.add(h);
+    ReturnedKeys leftover;
+    leftover.add(70);
+    CHECK_FALSE(add_argument_keys(outputs, leftover, from_parameter));  // not provably clean
+    CHECK_FALSE(has(from_parameter, 70));                               // and never destroyed
+    CHECK(from_parameter.count == 4);
+    // One of the parameter's own keys, or nothing (NULL or CK_INVALID_HANDLE): fine.
+    ReturnedKeys same;
+    same.add(12);
+    CHECK(add_argument_keys(outputs, same, from_parameter));
+    CHECK(add_argument_keys(outputs, ReturnedKeys{}, from_parameter));
+    CHECK(from_parameter.count == 4);
+  }
+}
+
 TEST_CASE("a parameter p11mux cannot read, or too many keys, is not provably clean") {
   CK_SSL3_KEY_MAT_PARAMS params{};
   params.ulKeySizeInBits = 128;
