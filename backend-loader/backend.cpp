@@ -20,7 +20,17 @@ std::string_view to_string(BackendLocking locking) noexcept {
   return "?";
 }
 
-Backend::Backend(const BackendOptions& options) : path_(options.path), library_(options.path) {
+namespace {
+
+SharedLibrary open_module(const BackendOptions& options) {
+  if (options.module != nullptr) return SharedLibrary(options.module);
+  return SharedLibrary(options.path);
+}
+
+}  // namespace
+
+Backend::Backend(const BackendOptions& options)
+    : path_(options.path), library_(open_module(options)) {
   auto get_list = reinterpret_cast<CK_C_GetFunctionList>(library_.symbol("C_GetFunctionList"));
   if (get_list == nullptr) {
     throw CkrError(CKR_GENERAL_ERROR,

@@ -29,6 +29,9 @@ struct BackendOptions {
   // p11mux's own function list, to refuse loading p11mux as its own backend
   // (which would re-enter its own C_Initialize).
   const CK_FUNCTION_LIST* self = nullptr;
+  // Unit tests: a fake module's symbols, used instead of loading `path`
+  // (which then only names it in messages).
+  SymbolLookup module = nullptr;
 };
 
 class Backend {

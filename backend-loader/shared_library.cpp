@@ -31,6 +31,7 @@ SharedLibrary::~SharedLibrary() {
 }
 
 void* SharedLibrary::symbol(const char* name) const noexcept {
+  if (lookup_ != nullptr) return lookup_(name);
   return handle_ != nullptr ? ::dlsym(handle_, name) : nullptr;
 }
 

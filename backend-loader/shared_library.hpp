@@ -5,10 +5,17 @@
 
 namespace p11mux {
 
+// Finds a symbol of a module that was never loaded: a unit test's fake module
+// (tests/unit/backend_loader_test.cpp). NULL when it has no such symbol.
+using SymbolLookup = void* (*)(const char* name);
+
 class SharedLibrary {
  public:
   // Throws CkrError(CKR_GENERAL_ERROR) naming the path and dlerror()'s reason.
   explicit SharedLibrary(const std::string& path);
+  // A module already in the process, whose symbols `lookup` finds: nothing
+  // is loaded or unloaded.
+  explicit SharedLibrary(SymbolLookup lookup) noexcept : handle_(nullptr), lookup_(lookup) {}
   ~SharedLibrary();
   SharedLibrary(const SharedLibrary&) = delete;  // one dlopen, one dlclose
   SharedLibrary& operator=(const SharedLibrary&) = delete;
@@ -21,6 +28,7 @@ class SharedLibrary {
 
  private:
   void* handle_;
+  SymbolLookup lookup_ = nullptr;
 };
 
 }  // namespace p11mux

@@ -17,6 +17,7 @@
 
 #include <p11mux/pkcs11.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <optional>
 
@@ -193,6 +194,30 @@ inline bool add_parameter_keys(KeyOutputs outputs, const CK_MECHANISM& m, Return
     case KeyOutputs::sp800_108_feedback: return derived(params_of<CK_SP800_108_FEEDBACK_KDF_PARAMS>(m));
   }
   return false;
+}
+
+// Adds the handles the function's own CK_OBJECT_HANDLE_PTR arguments hold
+// after a successful call (`args`). The key-and-MAC derivations return every
+// key in their parameter and nothing writes their phKey (docs/pkcs11-facts.md):
+// what it holds is the application's, maybe a handle of some other object that
+// must be left alone. A value there that is not one of the parameter's keys
+// cannot be told from a key a backend returned there after all: false, not
+// provably clean.
+inline bool add_argument_keys(KeyOutputs outputs, const ReturnedKeys& args,
+                              ReturnedKeys& out) noexcept {
+  const bool in_parameter_only = outputs == KeyOutputs::ssl3_key_mat ||
+                                 outputs == KeyOutputs::tls12_key_mat ||
+                                 outputs == KeyOutputs::wtls_key_mat;
+  bool known = true;
+  for (std::size_t i = 0; i < args.count; ++i) {
+    if (!in_parameter_only) {
+      out.add(args.handles[i]);
+    } else if (std::find(out.handles, out.handles + out.count, args.handles[i]) ==
+               out.handles + out.count) {
+      known = false;
+    }
+  }
+  return known;
 }
 
 }  // namespace p11mux

@@ -75,21 +75,27 @@ CreatedBy<F> find_created(Runtime& rt, CK_SESSION_HANDLE backend, CK_RV rv, Rest
   if constexpr (effect<F>.step == Step::create) {
     if (rv != CKR_OK) return created;
     ReturnedKeys keys;
-    // The handles in the function's own CK_OBJECT_HANDLE_PTR arguments...
-    ([&](auto arg) {
-      if constexpr (std::is_same_v<decltype(arg), CK_OBJECT_HANDLE_PTR>) {
-        if (arg != nullptr) keys.add(*arg);
-      }
-    }(rest), ...);
-    // ... and those a mechanism returns in its parameter.
+    // The handles a mechanism returns in its parameter...
+    std::optional<KeyOutputs> outputs = KeyOutputs::handle_args;
     if constexpr (F::args[1] == 'm') {
       CK_MECHANISM_PTR mechanism = std::get<0>(std::tuple<Rest...>{rest...});
-      std::optional<KeyOutputs> outputs = key_outputs<F>(mechanism);
+      outputs = key_outputs<F>(mechanism);
       if (!outputs) {
         created.deny(CloseReason::unknown_mechanism);
       } else if (!add_parameter_keys(*outputs, *mechanism, keys)) {
         created.deny(CloseReason::object_untracked);
       }
+    }
+    // ... and those in the function's own CK_OBJECT_HANDLE_PTR arguments,
+    // where the mechanism writes them (add_argument_keys).
+    ReturnedKeys in_args;
+    ([&](auto arg) {
+      if constexpr (std::is_same_v<decltype(arg), CK_OBJECT_HANDLE_PTR>) {
+        if (arg != nullptr) in_args.add(*arg);
+      }
+    }(rest), ...);
+    if (outputs && !add_argument_keys(*outputs, in_args, keys)) {
+      created.deny(CloseReason::object_untracked);
     }
     if (!keys.complete) created.deny(CloseReason::object_untracked);
     if (created.unclean) return created;  // closed at the end: what it made dies with it

@@ -187,6 +187,39 @@ TEST_CASE("spec bender: a closed virtual session's objects are neither visible n
   }
 }
 
+TEST_CASE("spec bender: a key-and-MAC derive never destroys what its unused phKey held") {
+  FOR_BOTH_SESSION_MODES(mode);
+  BenderProxy proxy(mode, bends(kBendsButCount));
+  CK_FUNCTION_LIST* p = proxy.p11;
+  CK_SESSION_HANDLE keeper = proxy.open();
+  CK_OBJECT_CLASS data_class = CKO_DATA;
+  CK_ATTRIBUTE data[] = {{CKA_CLASS, &data_class, sizeof data_class}};
+  CK_OBJECT_HANDLE kept = 0;
+  REQUIRE(p->C_CreateObject(keeper, data, 1, &kept) == CKR_OK);
+
+  CK_SESSION_HANDLE other = proxy.open();
+  CK_MECHANISM gen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE base = 0;
+  REQUIRE(p->C_GenerateKey(other, &gen, nullptr, 0, &base) == CKR_OK);
+  // phKey is unnecessary here (docs/pkcs11-facts.md) and the backend does not
+  // write it: it still holds the handle of the keeper's object.
+  KeyMaterialDerive tls;
+  CK_OBJECT_HANDLE leftover = kept;
+  REQUIRE(p->C_DeriveKey(other, &tls.mechanism, base, nullptr, 0, &leftover) == CKR_OK);
+  CHECK(leftover == kept);
+  REQUIRE(p->C_CloseSession(other) == CKR_OK);
+
+  CK_OBJECT_CLASS cls = 0;
+  CK_ATTRIBUTE get{CKA_CLASS, &cls, sizeof cls};
+  CHECK(p->C_GetAttributeValue(keeper, kept, &get, 1) == CKR_OK);
+  for (CK_OBJECT_HANDLE k : tls.keys()) {
+    CAPTURE(k);
+    CHECK(p->C_GetAttributeValue(keeper, k, &get, 1) == CKR_OBJECT_HANDLE_INVALID);
+  }
+  REQUIRE(p->C_CloseSession(keeper) == CKR_OK);
+  CHECK(bender_stats().session_objects == 0);
+}
+
 TEST_CASE("spec bender: no operation of a closed session is active in a new one") {
   FOR_BOTH_SESSION_MODES(mode);
   BenderProxy proxy(mode, bends(kBendsButCount));
