@@ -49,6 +49,8 @@ class CAPABILITY("mutex") Mutex {
   Mutex() noexcept = default;
   // Throws CkrError when the application's CreateMutex fails.
   explicit Mutex(const LockSource& source);
+  // It keeps a pointer to `source`: a temporary would be gone before the first lock.
+  explicit Mutex(const LockSource&& source) = delete;
   ~Mutex();
   Mutex(const Mutex&) = delete;  // a mutex has an identity; copying one is a bug
   Mutex& operator=(const Mutex&) = delete;
