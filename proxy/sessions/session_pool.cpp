@@ -84,7 +84,8 @@ class SessionPool::SlotPool {
       probe_after = {};
     }
     // Pops an idle session of this kind and generation `gen`; stale ones go
-    // to `stale` (no longer counted as open: the caller closes them).
+    // to `stale`, still counted as open: the caller closes them, then stops
+    // counting them.
     bool pop(std::uint64_t gen, bool rw, CK_SESSION_HANDLE& out,
              std::vector<CK_SESSION_HANDLE>& stale) {
       auto& list = idle[rw];
@@ -95,7 +96,6 @@ class SessionPool::SlotPool {
           out = entry.handle;
           return true;
         }
-        --open[rw];
         stale.push_back(entry.handle);
       }
       return false;
@@ -111,7 +111,7 @@ class SessionPool::SlotPool {
         return false;
       }
     }
-    // Stale sessions taken out of a thread's cache no longer count as open.
+    // Stale sessions taken out of a thread's cache, closed: they no longer count as open.
     void forget(const Stale& stale) noexcept {
       for (std::size_t i = 0; i < stale.count; ++i) --open[stale.entries[i].rw];
     }
@@ -501,10 +501,14 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       }
       if (s->limit < s->ceiling) next_probe = s->probe_after;
     }
-    if (!stale_shared.empty()) pool.signal();
-    // Stale: given back before the device said a session was gone.
-    for (CK_SESSION_HANDLE h : stale_shared) drop_idle(pool, h, /*dead=*/true);
-    stale_shared.clear();
+    // Stale: given back before the device said a session was gone. Counted
+    // as open until closed.
+    if (!stale_shared.empty()) [[unlikely]] {
+      for (CK_SESSION_HANDLE h : stale_shared) drop_idle(pool, h, /*dead=*/true);
+      Locked(pool.state)->open[rw] -= stale_shared.size();
+      pool.signal();
+      stale_shared.clear();
+    }
     if (victim != CK_INVALID_HANDLE) drop_idle(pool, victim, /*dead=*/false);
     if (outcome == reused) {
       pool.lent_idle();
@@ -628,27 +632,22 @@ bool SessionPool::steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcep
     const std::uint64_t gen = pool.generation.load(std::memory_order_acquire);
     walk(
         &pool, [](SlotPool&, SlotPool::State&) {},
-        [&](SlotPool&, SlotPool::State& slot, ThreadCache::State& cache) {
+        [&](SlotPool&, SlotPool::State&, ThreadCache::State& cache) {
           found = cache.pop(pool, gen, rw, out, stale);
-          slot.forget(stale);
           return !found && stale.count == 0;
         });
     if (stale.count == 0) return found;
-    close_stale(pool, stale);  // outside the locks; then look again
+    drop_stale(pool, stale);  // outside the locks; then look again
     if (found) return true;
   }
 }
 
 void SessionPool::drop_stale(SlotPool& pool, const Stale& stale) noexcept {
-  Locked(pool.state)->forget(stale);
-  close_stale(pool, stale);
-}
-
-void SessionPool::close_stale(SlotPool& pool, const Stale& stale) noexcept {
-  pool.signal();
   for (std::size_t i = 0; i < stale.count; ++i) {
     drop_idle(pool, stale.entries[i].handle, /*dead=*/true);
   }
+  Locked(pool.state)->forget(stale);
+  pool.signal();
 }
 
 void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
@@ -718,7 +717,7 @@ void SessionPool::discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fat
   pool.signal();
 }
 
-// Closes a session taken off the idle lists (pool.open already adjusted).
+// Closes a session taken off the idle lists (the caller adjusts the count).
 void SessionPool::drop_idle(SlotPool& pool, CK_SESSION_HANDLE handle, bool dead) noexcept {
   backend_close(handle);
   pool.closed(1, true);
@@ -743,8 +742,7 @@ void SessionPool::walk(SlotPool* only, OnSlot on_slot, OnCache on_cache) {
 }
 
 template <class Pick>
-void SessionPool::sweep(SlotPool* only, bool forget, Pick pick, std::vector<Taken>& out) noexcept {
-  const std::size_t first = out.size();
+void SessionPool::sweep(SlotPool* only, Pick pick, std::vector<Taken>& out) noexcept {
   try {
     walk(
         only,
@@ -755,25 +753,26 @@ void SessionPool::sweep(SlotPool* only, bool forget, Pick pick, std::vector<Take
             auto keep = std::partition(list.begin(), list.end(),
                                        [&](const Idle& idle) { return !pick(rw, idle); });
             for (auto it = keep; it != list.end(); ++it) out.push_back(Taken{&pool, rw, *it});
-            if (forget) s.open[rw] -= static_cast<unsigned long>(list.end() - keep);
             list.erase(keep, list.end());
           }
         },
-        [&](SlotPool& pool, SlotPool::State& s, ThreadCache::State& cache) {
+        [&](SlotPool& pool, SlotPool::State&, ThreadCache::State& cache) {
           out.reserve(out.size() + cache.count);
           cache.take_if(pool, pick, [&](bool rw, const Idle& idle) {
             out.push_back(Taken{&pool, rw, idle});
-            if (forget) --s.open[rw];
           });
           return true;
         });
   } catch (...) {
     // Out of memory listing them: what was not taken stays where it was.
   }
-  if (!forget) return;
-  // Room made: the sessions of one slot pool are together in `out`.
-  for (std::size_t i = first; i < out.size(); ++i) {
-    if (i == first || out[i].pool != out[i - 1].pool) out[i].pool->signal();
+}
+
+void SessionPool::close_taken(const std::vector<Taken>& doomed) noexcept {
+  for (const Taken& t : doomed) {
+    drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+    Locked(t.pool->state)->open[t.rw] -= 1;
+    t.pool->signal();
   }
 }
 
@@ -792,9 +791,9 @@ bool SessionPool::drain_idle(CK_SLOT_ID slot, bool read_only_only) noexcept {
     if (app_has) return false;
   }
   std::vector<Taken> doomed;
-  sweep(pool, /*forget=*/true, [&](bool rw, const Idle&) { return !(rw && read_only_only); },
-        doomed);
-  for (const Taken& t : doomed) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+  sweep(
+      pool, [&](bool rw, const Idle&) { return !(rw && read_only_only); }, doomed);
+  close_taken(doomed);
   return !doomed.empty();
 }
 
@@ -850,8 +849,9 @@ void SessionPool::prewarm() noexcept {
 
 void SessionPool::close_all() noexcept {
   std::vector<Taken> doomed;
-  sweep(nullptr, /*forget=*/true, [](bool, const Idle&) { return true; }, doomed);
-  for (const Taken& t : doomed) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+  sweep(
+      nullptr, [](bool, const Idle&) { return true; }, doomed);
+  close_taken(doomed);
 }
 
 // Idle sessions in the pools and in threads' caches alike: those idle longer
@@ -868,28 +868,26 @@ void SessionPool::maintain(std::chrono::seconds idle_limit, std::chrono::seconds
     return limit.count() > 0 && now - idle.since > limit;
   };
   std::vector<Taken> expired, aged;
-  sweep(nullptr, /*forget=*/true,
-        [&](bool, const Idle& idle) { return older_than(idle_limit, idle); }, expired);
-  for (const Taken& t : expired) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+  sweep(
+      nullptr, [&](bool, const Idle& idle) { return older_than(idle_limit, idle); }, expired);
+  close_taken(expired);
   // Still counted as open while pinged: the limit holds throughout.
-  sweep(nullptr, /*forget=*/false,
-        [&](bool, const Idle& idle) { return older_than(keepalive, idle); }, aged);
+  sweep(
+      nullptr, [&](bool, const Idle& idle) { return older_than(keepalive, idle); }, aged);
   for (Taken& t : aged) {
     CK_SESSION_INFO info{};
     CK_RV rv = port_.call<fn::C_GetSessionInfo>(t.idle.handle, &info);
-    bool kept = false;
-    {
-      Locked s(t.pool->state);
-      t.idle.since = Clock::now();
-      if (rv == CKR_OK) {
-        kept = s->keep(t.rw, t.idle);
-      } else {
-        --s->open[t.rw];
-      }
+    if (rv != CKR_OK) {
+      // Gone inside the HSM: closed all the same, then no longer counted.
+      drop_idle(*t.pool, t.idle.handle, /*dead=*/true);
+      Locked(t.pool->state)->open[t.rw] -= 1;
+      t.pool->signal();
+      continue;
     }
+    t.idle.since = Clock::now();
+    bool kept = Locked(t.pool->state)->keep(t.rw, t.idle);
     t.pool->signal();
-    // Gone inside the HSM, or no room to keep it: close it all the same.
-    if (!kept) drop_idle(*t.pool, t.idle.handle, /*dead=*/rv != CKR_OK);
+    if (!kept) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);  // no memory to keep it
   }
 }
 

@@ -171,9 +171,8 @@ class SessionPool {
   bool steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept EXCLUDES(registry_);
   struct Stale;
   class Waiter;
-  // Closes stale sessions taken out of a thread's cache; they no longer count as open.
+  // Closes stale sessions taken out of a thread's cache; then they no longer count as open.
   void drop_stale(SlotPool& pool, const Stale& stale) noexcept;
-  void close_stale(SlotPool& pool, const Stale& stale) noexcept;
   void count_app_session(SlotPool& pool, bool rw) noexcept;
   void settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   void give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept;
@@ -190,12 +189,14 @@ class SessionPool {
   void walk(SlotPool* only, OnSlot on_slot, OnCache on_cache) EXCLUDES(registry_);
   // Takes out of the shared idle lists and every thread's cache the idle
   // sessions of `only` (every slot when NULL) for which pick(rw, idle) is
-  // true, appending them to `out`. With `forget` they stop counting as open
-  // (the caller closes them); without, they still count (the caller puts
-  // them back or forgets them).
+  // true, appending them to `out`. They still count as open: the caller puts
+  // them back, or closes them (close_taken).
   template <class Pick>
-  void sweep(SlotPool* only, bool forget, Pick pick, std::vector<Taken>& out) noexcept
-      EXCLUDES(registry_);
+  void sweep(SlotPool* only, Pick pick, std::vector<Taken>& out) noexcept EXCLUDES(registry_);
+  // Closes sessions sweep() took; each stops counting as open once its
+  // C_CloseSession has returned, so the count is never below what the
+  // backend has open.
+  void close_taken(const std::vector<Taken>& doomed) noexcept;
   CK_RV backend_open(CK_SLOT_ID slot, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept;
   void backend_close(CK_SESSION_HANDLE handle) noexcept;
   void retire(ThreadCache* cache) noexcept EXCLUDES(registry_);

@@ -43,6 +43,8 @@ struct FakeToken {
   bool initialized = true;                          // CKF_TOKEN_INITIALIZED
   int open_calls = 0, close_calls = 0, logout_calls = 0, info_calls = 0;
   int notified_opens = 0;  // opens with a Notify callback
+  // Runs inside C_CloseSession, before the session is gone (under `m`).
+  std::function<void()> on_close;
 
   void reset() {
     std::lock_guard g(m);
@@ -53,6 +55,7 @@ struct FakeToken {
     reported_max = CK_EFFECTIVELY_INFINITE;
     initialized = true;
     open_calls = close_calls = logout_calls = info_calls = notified_opens = 0;
+    on_close = nullptr;
   }
   // The device restarted: every session is gone (handles are not reused).
   void restart() {
@@ -122,6 +125,7 @@ CK_RV fake_open_session(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR, CK_NOTIFY 
 CK_RV fake_close_session(CK_SESSION_HANDLE h) {
   std::lock_guard g(token.m);
   ++token.close_calls;
+  if (token.on_close) token.on_close();
   return token.sessions.erase(h) != 0 ? CKR_OK : CKR_SESSION_HANDLE_INVALID;
 }
 CK_RV fake_get_session_info(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info) {
@@ -823,6 +827,38 @@ TEST_CASE("pool: a session given back to a thread's cache while another thread s
   CHECK(token.opens() == 1);
   done.raise();
   giver.join();
+}
+
+// Issue 11: sweeps and stale sessions stopped counting a session as open
+// before closing it, so a thread could open one more while the backend still
+// had it: above the token's limit, for a moment (and a hard limit answers
+// CKR_SESSION_COUNT, which lowers the learned limit).
+TEST_CASE("pool: an idle session the pool closes counts as open until its C_CloseSession has returned (issue 11)") {
+  Rig rig(pool_config(std::nullopt, 0));
+  CK_SESSION_HANDLE mine = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, mine) == CKR_OK);
+  CacheHolder running(rig.pool, 1);  // idle in another thread's cache
+  CacheHolder exited(rig.pool, 1);   // idle in the shared pool
+  exited.release();
+  rig.pool.give(kSlot, false, mine, SessionPool::Fate::reuse);  // idle in this thread's cache
+  REQUIRE(token.live() == 3);
+  int closes = 0, below = 0;
+  token.on_close = [&] {
+    ++closes;
+    below += rig.figures().open < token.sessions.size();  // the pool counts fewer than are open
+  };
+  int expected = 3;
+  SUBCASE("close_all") { rig.pool.close_all(); }
+  SUBCASE("drain_idle") { CHECK(rig.pool.drain_idle(kSlot, /*read_only_only=*/false)); }
+  SUBCASE("stale ones met by a take, in this thread's cache and the shared pool") {
+    rig.pool.invalidate(kSlot);
+    CK_SESSION_HANDLE h = 0;
+    REQUIRE(rig.pool.borrow(kSlot, false, h) == CKR_OK);
+    expected = 2;  // the other thread's cache is searched only at the limit
+  }
+  token.on_close = nullptr;
+  CHECK(closes == expected);
+  CHECK(below == 0);
 }
 
 TEST_CASE("pool: the pool, a Guarded and a Mutex do not take a temporary LockSource (issue 11)") {
