@@ -3,22 +3,16 @@
 #include <p11mux/rv_names.hpp>
 
 #include <algorithm>
-#include <limits>
+#include <optional>
+#include <type_traits>
 #include <utility>
 
 namespace p11mux {
 
 namespace {
 
-constexpr unsigned long kUnlimited = std::numeric_limits<unsigned long>::max();
+constexpr unsigned long kUnlimited = SessionPool::kNoLimit;
 constexpr std::size_t kThreadCacheSize = 8;
-
-// CK_UNAVAILABLE_INFORMATION and CK_EFFECTIVELY_INFINITE both mean "no known limit".
-unsigned long token_limit(CK_ULONG reported) noexcept {
-  return reported == CK_UNAVAILABLE_INFORMATION || reported == CK_EFFECTIVELY_INFINITE
-             ? kUnlimited
-             : reported;
-}
 
 }  // namespace
 
@@ -34,27 +28,102 @@ struct SessionPool::Taken {
   Idle idle;
 };
 
+// Sessions taken out of one thread's cache because they are stale (at most all of them).
+struct SessionPool::Stale {
+  struct Entry {
+    bool rw;
+    CK_SESSION_HANDLE handle;
+  };
+  std::array<Entry, kThreadCacheSize> entries;
+  std::size_t count = 0;
+};
+
 class SessionPool::SlotPool {
  public:
-  SlotPool(CK_SLOT_ID slot_id, const LockSource& locks, SlotPoolMetrics* reported)
-      : id(slot_id), lock(locks), figures(reported != nullptr ? reported : &unreported) {}
+  // What the slot's lock guards: its idle sessions and its counts.
+  struct State {
+    std::vector<Idle> idle[2];        // [rw]
+    unsigned long open[2] = {0, 0};   // backend sessions open or being opened, [rw]
+    unsigned long app_sessions = 0;   // the application's virtual sessions on this slot
+    unsigned long app_read_only = 0;  // ... of which read-only
+    // The limit in force; `ceiling` is the configured or reported one. Below
+    // the ceiling, the limit was learned from CKR_SESSION_COUNT: from
+    // probe_after on, one session above it may be tried (probing).
+    unsigned long limit = kUnlimited;
+    unsigned long ceiling = kUnlimited;
+    unsigned long rw_limit = kUnlimited;
+    Clock::time_point probe_after{};
+    bool probing = false;
+    unsigned refusals = 0;     // CKR_SESSION_COUNT answers in a row, below the limit
+    bool logging_out = false;  // the last application session's C_Logout is under way
+
+    unsigned long open_total() const noexcept { return open[0] + open[1]; }
+    bool kind_has_room(bool rw) const noexcept { return !rw || open[1] < rw_limit; }
+    bool has_room(bool rw) const noexcept { return open_total() < limit && kind_has_room(rw); }
+    // At a learned limit, time to try one more (kLimitProbeInterval after the refusal).
+    bool may_probe(bool rw, Clock::time_point now) const noexcept {
+      return limit < ceiling && !probing && now >= probe_after && open_total() < ceiling &&
+             kind_has_room(rw);
+    }
+    // The backend refused a session with `open_now` open (the refused one not
+    // counted). A single refusal may be transient (another process's sessions,
+    // an HSM busy for a moment): true means try again at once. Refused twice
+    // in a row, or refused a probe, that is the limit for now (never 0),
+    // probed again later.
+    bool refused(unsigned long open_now, bool was_probe, Clock::time_point now) noexcept {
+      if (!was_probe && ++refusals < 2) return true;
+      refusals = 0;
+      limit = std::max<unsigned long>(open_now, 1);
+      probe_after = now + kLimitProbeInterval;
+      return false;
+    }
+    // A session opened above the learned limit: the limit rises with it, and
+    // the next probe may follow at once.
+    void probe_succeeded() noexcept {
+      limit = std::min(std::max(limit, open_total()), ceiling);
+      probe_after = {};
+    }
+    // Pops an idle session of this kind and generation `gen`; stale ones go
+    // to `stale`, still counted as open: the caller closes them, then stops
+    // counting them.
+    bool pop(std::uint64_t gen, bool rw, CK_SESSION_HANDLE& out,
+             std::vector<CK_SESSION_HANDLE>& stale) {
+      auto& list = idle[rw];
+      while (!list.empty()) {
+        Idle entry = list.back();
+        list.pop_back();
+        if (entry.generation == gen) {
+          out = entry.handle;
+          return true;
+        }
+        stale.push_back(entry.handle);
+      }
+      return false;
+    }
+    // Keeps an idle session in the shared list; false when there is no
+    // memory for it: then it no longer counts as open (the caller closes it).
+    bool keep(bool rw, const Idle& session) noexcept {
+      try {
+        idle[rw].push_back(session);
+        return true;
+      } catch (...) {
+        --open[rw];
+        return false;
+      }
+    }
+    // Stale sessions taken out of a thread's cache, closed: they no longer count as open.
+    void forget(const Stale& stale) noexcept {
+      for (std::size_t i = 0; i < stale.count; ++i) --open[stale.entries[i].rw];
+    }
+  };
+
+  SlotPool(CK_SLOT_ID slot_id, const LockSource& locks, State initial, SlotPoolMetrics* reported)
+      : id(slot_id),
+        state(locks, std::move(initial)),
+        figures(reported != nullptr ? reported : &unreported) {}
 
   const CK_SLOT_ID id;
-  Mutex lock ACQUIRED_AFTER(SessionPool::registry_lock_);
-  std::vector<Idle> idle[2] GUARDED_BY(lock);        // [rw]
-  unsigned long open[2] GUARDED_BY(lock) = {0, 0};   // backend sessions open or being opened, [rw]
-  unsigned long app_sessions GUARDED_BY(lock) = 0;   // the application's virtual sessions on this slot
-  unsigned long app_read_only GUARDED_BY(lock) = 0;  // ... of which read-only
-  // The limit in force; `ceiling` is the configured or reported one. Below
-  // the ceiling, the limit was learned from CKR_SESSION_COUNT: from
-  // probe_after on, one session above it may be tried (probing).
-  unsigned long limit GUARDED_BY(lock) = kUnlimited;
-  unsigned long ceiling GUARDED_BY(lock) = kUnlimited;
-  unsigned long rw_limit GUARDED_BY(lock) = kUnlimited;
-  Clock::time_point probe_after GUARDED_BY(lock){};
-  bool probing GUARDED_BY(lock) = false;
-  unsigned refusals GUARDED_BY(lock) = 0;  // CKR_SESSION_COUNT answers in a row, below the limit
-  bool logging_out GUARDED_BY(lock) = false;  // the last application session's C_Logout is under way
+  Guarded<State> state ACQUIRED_AFTER(SessionPool::registry_);
 
   // Atomics, read and written without the lock.
   std::atomic<std::uint64_t> generation{0};  // bumped when the device may have restarted
@@ -76,106 +145,102 @@ class SessionPool::SlotPool {
     figures->open.fetch_sub(n, std::memory_order_relaxed);
     if (were_idle) figures->idle.add(-n);
   }
-
-  unsigned long open_total() const noexcept REQUIRES(lock) { return open[0] + open[1]; }
-  bool kind_has_room(bool rw) const noexcept REQUIRES(lock) { return !rw || open[1] < rw_limit; }
-  bool has_room(bool rw) const noexcept REQUIRES(lock) {
-    return open_total() < limit && kind_has_room(rw);
-  }
-  // At a learned limit, time to try one more (kLimitProbeInterval after the refusal).
-  bool may_probe(bool rw, Clock::time_point now) const noexcept REQUIRES(lock) {
-    return limit < ceiling && !probing && now >= probe_after && open_total() < ceiling &&
-           kind_has_room(rw);
-  }
-  // The backend refused a session with `open_now` open (the refused one not
-  // counted). A single refusal may be transient (another process's sessions,
-  // an HSM busy for a moment): true means try again at once. Refused twice
-  // in a row, or refused a probe, that is the limit for now (never 0),
-  // probed again later.
-  bool refused(unsigned long open_now, bool was_probe, Clock::time_point now) noexcept
-      REQUIRES(lock) {
-    if (!was_probe && ++refusals < 2) return true;
-    refusals = 0;
-    limit = std::max<unsigned long>(open_now, 1);
-    probe_after = now + kLimitProbeInterval;
-    return false;
-  }
-  // A session opened above the learned limit: the limit rises with it, and
-  // the next probe may follow at once.
-  void probe_succeeded() noexcept REQUIRES(lock) {
-    limit = std::min(std::max(limit, open_total()), ceiling);
-    probe_after = {};
-  }
+  // Room appeared (or the state changed in a way a waiter must see): after
+  // the change, under the lock or after it.
   void signal() noexcept {
-    returns.fetch_add(1, std::memory_order_release);
-    if (waiters.load(std::memory_order_acquire) != 0) wake_all(returns);
-  }
-  // Pops an idle session of this kind and generation; stale ones go to `stale`
-  // (no longer counted as open: the caller closes them).
-  bool pop(bool rw, CK_SESSION_HANDLE& out, std::vector<CK_SESSION_HANDLE>& stale) REQUIRES(lock) {
-    std::uint64_t gen = generation.load(std::memory_order_acquire);
-    auto& list = idle[rw];
-    while (!list.empty()) {
-      Idle entry = list.back();
-      list.pop_back();
-      if (entry.generation == gen) {
-        out = entry.handle;
-        return true;
-      }
-      --open[rw];
-      stale.push_back(entry.handle);
-    }
-    return false;
+    returns.fetch_add(1, std::memory_order_seq_cst);
+    if (waiters.load(std::memory_order_seq_cst) != 0) wake_all(returns);
   }
 };
 
-// Sessions taken out of one thread's cache because they are stale (at most all of them).
-struct SessionPool::Stale {
-  struct Entry {
-    bool rw;
-    CK_SESSION_HANDLE handle;
-  };
-  std::array<Entry, kThreadCacheSize> entries;
-  std::size_t count = 0;
+// Counts a thread waiting for room in a slot pool, for as long as it lives.
+class SessionPool::Waiter {
+ public:
+  explicit Waiter(SlotPool& pool) noexcept : pool_(pool) {
+    pool_.waiters.fetch_add(1, std::memory_order_seq_cst);
+  }
+  ~Waiter() { pool_.waiters.fetch_sub(1, std::memory_order_acq_rel); }
+  Waiter(const Waiter&) = delete;
+  Waiter& operator=(const Waiter&) = delete;
+
+ private:
+  SlotPool& pool_;
 };
 
 // A thread's few idle sessions; its lock is uncontended except when another
-// thread steals from it or the pool sweeps it.
+// thread steals from it or the pool walks over it.
 class SessionPool::ThreadCache {
  public:
-  explicit ThreadCache(const LockSource& locks) : lock(locks) {}
   struct Entry {
     SlotPool* slot;
     bool rw;
     Idle idle;
   };
-  Mutex lock ACQUIRED_AFTER(SessionPool::SlotPool::lock);
-  std::array<Entry, kThreadCacheSize> entries GUARDED_BY(lock){};
-  std::size_t count GUARDED_BY(lock) = 0;
+  // What the cache's lock guards.
+  struct State {
+    std::array<Entry, kThreadCacheSize> entries{};
+    std::size_t count = 0;
 
-  // An idle session of this slot, kind and generation. Entries of the slot
-  // from an older generation (given back before the device said a session
-  // was gone) are stale: they are taken out too, into `stale`, and the caller
-  // closes them and stops counting them as open.
-  bool pop(SlotPool& slot, bool rw, CK_SESSION_HANDLE& out, SessionPool::Stale& stale) noexcept
-      REQUIRES(lock) {
-    std::uint64_t gen = slot.generation.load(std::memory_order_acquire);
-    bool found = false;
-    for (std::size_t i = count; i-- > 0;) {
-      Entry& e = entries[i];
-      if (e.slot != &slot) continue;
-      if (e.idle.generation != gen) {
-        stale.entries[stale.count++] = {e.rw, e.idle.handle};
+    bool push(const Entry& e) noexcept {
+      if (count == entries.size()) return false;
+      entries[count++] = e;
+      return true;
+    }
+    // An idle session of this slot, kind and generation `gen`. Entries of
+    // the slot from an older generation (given back before the device said
+    // a session was gone) are stale: they are taken out too, into `stale`,
+    // and the caller closes them and stops counting them as open.
+    bool pop(const SlotPool& slot, std::uint64_t gen, bool rw, CK_SESSION_HANDLE& out,
+             SessionPool::Stale& stale) noexcept {
+      bool found = false;
+      for (std::size_t i = count; i-- > 0;) {
+        Entry& e = entries[i];
+        if (e.slot != &slot) continue;
+        if (e.idle.generation != gen) {
+          stale.entries[stale.count++] = {e.rw, e.idle.handle};
+          e = entries[--count];
+        } else if (!found && e.rw == rw) {
+          out = e.idle.handle;
+          e = entries[--count];
+          found = true;
+        }
+      }
+      return found;
+    }
+    // Takes out the entries of `slot` for which pick(rw, idle) is true,
+    // handing each to take(rw, idle).
+    template <class Pick, class Take>
+    void take_if(const SlotPool& slot, Pick& pick, Take take) {
+      for (std::size_t i = count; i-- > 0;) {
+        Entry& e = entries[i];
+        if (e.slot != &slot || !pick(e.rw, e.idle)) continue;
+        take(e.rw, e.idle);
         e = entries[--count];
-      } else if (!found && e.rw == rw) {
-        out = e.idle.handle;
-        e = entries[--count];
-        found = true;
       }
     }
-    return found;
-  }
+  };
+
+  explicit ThreadCache(const LockSource& locks) : state(locks) {}
+  Guarded<State> state ACQUIRED_AFTER(SessionPool::SlotPool::state);
 };
+
+SessionPool::SlotPool* SessionPool::Slots::find(CK_SLOT_ID slot) const noexcept {
+  std::size_t n = size();
+  for (std::size_t i = 0; i < n; ++i) {
+    SlotPool* p = (*this)[i];
+    if (p->id == slot) return p;
+  }
+  return nullptr;
+}
+
+bool SessionPool::Slots::add(const Locked<Registry>&, SlotPool* pool) noexcept {
+  // Only one thread adds (the registry's lock is held): a relaxed read suffices.
+  std::size_t n = count_.load(std::memory_order_relaxed);
+  if (n == kMaxSlots) return false;
+  pools_[n].store(pool, std::memory_order_release);
+  count_.store(n + 1, std::memory_order_release);
+  return true;
+}
 
 // This thread's cache, tagged with the pool's epoch: a cache of an earlier
 // initialization (or of the parent process) is never touched. At thread exit
@@ -202,22 +267,21 @@ SessionPool::SessionPool(const BackendPort& port, GateAccess& gate, const Config
                          const LockSource& locks, std::uint64_t epoch, spdlog::logger& log,
                          PoolMetricsRegistry& figures)
     : port_(port),
-      gate_(gate), config_(config), locks_(locks), epoch_(epoch), log_(log),
-      figures_(figures), registry_lock_(locks) {}
+      gate_(gate),
+      config_(config),
+      locks_(locks),
+      epoch_(epoch),
+      log_(log),
+      figures_(figures),
+      registry_(locks) {}
 
 SessionPool::~SessionPool() {
   close_all();
-  for (ThreadCache* c : caches_) delete c;
-  for (auto& s : slots_) delete s.load(std::memory_order_relaxed);
-}
-
-SessionPool::SlotPool* SessionPool::find_slot(CK_SLOT_ID slot) noexcept {
-  std::size_t n = slot_count_.load(std::memory_order_acquire);
-  for (std::size_t i = 0; i < n; ++i) {
-    SlotPool* p = slots_[i].load(std::memory_order_acquire);
-    if (p->id == slot) return p;
+  {
+    Locked registry(registry_);
+    for (ThreadCache* c : registry->caches) delete c;
   }
-  return nullptr;
+  for (std::size_t i = 0; i < slots_.size(); ++i) delete slots_[i];
 }
 
 CK_RV SessionPool::slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept {
@@ -236,38 +300,29 @@ CK_RV SessionPool::slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept {
   } else if (info_rv != CKR_OK) {
     return info_rv;
   }
+  // The new pool's state, complete before it is guarded and published.
+  SlotPool::State initial;
+  if (info_rv == CKR_OK) {
+    initial.ceiling = session_limit(info.ulMaxSessionCount);
+    initial.rw_limit = session_limit(info.ulMaxRwSessionCount);
+  }
+  if (config_.max_sessions) initial.ceiling = std::max<unsigned long>(*config_.max_sessions, 1);
+  initial.limit = initial.ceiling;
+  initial.rw_limit = std::min(initial.rw_limit, initial.ceiling);
   bool full = false;
   {
-    MutexGuard guard(registry_lock_);
-    std::size_t n = slot_count_.load(std::memory_order_relaxed);
-    for (std::size_t i = 0; i < n && out == nullptr; ++i) {
-      SlotPool* p = slots_[i].load(std::memory_order_relaxed);
-      if (p->id == slot) out = p;
+    Locked registry(registry_);
+    if ((out = find_slot(slot)) != nullptr) return CKR_OK;  // made by another thread meanwhile
+    std::unique_ptr<SlotPool> p;
+    try {
+      initial.idle[0].reserve(16);
+      initial.idle[1].reserve(16);
+      p = std::make_unique<SlotPool>(slot, locks_, std::move(initial), figures_.slot(slot));
+    } catch (...) {
+      return CKR_HOST_MEMORY;
     }
-    if (out != nullptr) return CKR_OK;  // made by another thread meanwhile
-    full = n == kMaxSlots;
-    if (!full) {
-      try {
-        auto p = std::make_unique<SlotPool>(slot, locks_, figures_.slot(slot));
-        // Not yet published, so no other thread can hold it: its lock is
-        // taken only for the analysis (once per slot, uncontended).
-        MutexGuard slot_guard(p->lock);
-        p->idle[0].reserve(16);
-        p->idle[1].reserve(16);
-        if (info_rv == CKR_OK) {
-          p->ceiling = token_limit(info.ulMaxSessionCount);
-          p->rw_limit = token_limit(info.ulMaxRwSessionCount);
-        }
-        if (config_.max_sessions) p->ceiling = std::max<unsigned long>(*config_.max_sessions, 1);
-        p->limit = p->ceiling;
-        p->rw_limit = std::min(p->rw_limit, p->ceiling);
-        out = p.release();
-      } catch (...) {
-        return CKR_HOST_MEMORY;
-      }
-      slots_[n].store(out, std::memory_order_release);
-      slot_count_.store(n + 1, std::memory_order_release);
-    }
+    full = !slots_.add(registry, p.get());
+    if (!full) out = p.release();
   }
   if (full) {
     log_.error("slot {}: more than {} slots in use; no session pool for it", slot, kMaxSlots);
@@ -284,8 +339,8 @@ SessionPool::ThreadCache* SessionPool::this_thread_cache(bool create) noexcept {
   if (!create) return nullptr;
   try {
     auto cache = std::make_unique<ThreadCache>(locks_);
-    MutexGuard guard(registry_lock_);
-    caches_.push_back(cache.get());
+    Locked registry(registry_);
+    registry->caches.push_back(cache.get());
     owner.cache = cache.release();
     owner.pool = this;
     owner.gate = &gate_;
@@ -297,31 +352,21 @@ SessionPool::ThreadCache* SessionPool::this_thread_cache(bool create) noexcept {
 }
 
 void SessionPool::retire(ThreadCache* cache) noexcept {
-  std::array<ThreadCache::Entry, kThreadCacheSize> entries;
-  std::size_t count = 0;
+  ThreadCache::State left;
   {
-    MutexGuard registry(registry_lock_);
-    caches_.erase(std::remove(caches_.begin(), caches_.end(), cache), caches_.end());
-    MutexGuard guard(cache->lock);
-    entries = cache->entries;
-    count = std::exchange(cache->count, 0);
+    Locked registry(registry_);
+    auto& caches = registry->caches;
+    caches.erase(std::remove(caches.begin(), caches.end(), cache), caches.end());
+    Locked c(cache->state);
+    left = std::exchange(*c, ThreadCache::State{});
   }
   this_thread_owner.cache = nullptr;
   delete cache;
   // Slot locks only after the cache lock is released (lock order).
-  for (std::size_t i = 0; i < count; ++i) {
-    auto& e = entries[i];
-    bool kept = true;
-    {
-      MutexGuard guard(e.slot->lock);
-      try {
-        e.slot->idle[e.rw].push_back(e.idle);
-      } catch (...) {
-        --e.slot->open[e.rw];  // cannot keep it: close it
-        kept = false;
-      }
-      e.slot->signal();
-    }
+  for (std::size_t i = 0; i < left.count; ++i) {
+    auto& e = left.entries[i];
+    bool kept = Locked(e.slot->state)->keep(e.rw, e.idle);
+    e.slot->signal();
     if (!kept) drop_idle(*e.slot, e.idle.handle, /*dead=*/false);
   }
 }
@@ -340,17 +385,21 @@ void SessionPool::backend_close(CK_SESSION_HANDLE handle) noexcept {
 // application session is counted only after it (it must not log out a login
 // made on the new session).
 void SessionPool::count_app_session(SlotPool& pool, bool rw) noexcept {
-  MutexGuard guard(pool.lock);
-  while (pool.logging_out) {
-    std::uint32_t ticket = pool.returns.load(std::memory_order_acquire);
-    pool.waiters.fetch_add(1, std::memory_order_acq_rel);
-    pool.lock.unlock();
+  for (;;) {
+    std::uint32_t ticket = 0;
+    std::optional<Waiter> waiter;
+    {
+      Locked s(pool.state);
+      if (!s->logging_out) {
+        ++s->app_sessions;
+        s->app_read_only += rw ? 0 : 1;
+        return;
+      }
+      ticket = pool.returns.load(std::memory_order_acquire);
+      waiter.emplace(pool);
+    }
     timed_wait(pool.returns, ticket, std::chrono::milliseconds(10));
-    pool.lock.lock();
-    pool.waiters.fetch_sub(1, std::memory_order_acq_rel);
   }
-  ++pool.app_sessions;
-  pool.app_read_only += rw ? 0 : 1;
 }
 
 CK_RV SessionPool::open(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept {
@@ -404,8 +453,8 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     Stale stale;
     bool found;
     {
-      MutexGuard guard(cache->lock);
-      found = cache->pop(pool, rw, out, stale);
+      Locked c(cache->state);
+      found = c->pop(pool, pool.generation.load(std::memory_order_acquire), rw, out, stale);
     }
     if (stale.count != 0) [[unlikely]] drop_stale(pool, stale);
     if (found) {
@@ -424,24 +473,25 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     auto now = Clock::now();
     Clock::time_point next_probe{};
     {
-      MutexGuard guard(pool.lock);
+      Locked s(pool.state);
       ticket = pool.returns.load(std::memory_order_acquire);
       try {
-        if (reuse && pool.pop(rw, out, stale_shared)) {
+        if (reuse &&
+            s->pop(pool.generation.load(std::memory_order_acquire), rw, out, stale_shared)) {
           outcome = reused;
-        } else if (pool.has_room(rw) || (probe = pool.may_probe(rw, now))) {
-          ++pool.open[rw];
-          pool.probing = probe;
+        } else if (s->has_room(rw) || (probe = s->may_probe(rw, now))) {
+          ++s->open[rw];
+          s->probing = probe;
           outcome = reserved;
-        } else if (pool.kind_has_room(rw)) {
+        } else if (s->kind_has_room(rw)) {
           // At the limit with an idle session in the way (of the other kind,
           // or any for an own session): trade it in.
           for (bool kind : {!rw, rw}) {
-            if ((kind == rw && reuse) || pool.idle[kind].empty()) continue;
-            victim = pool.idle[kind].back().handle;
-            pool.idle[kind].pop_back();
-            --pool.open[kind];
-            ++pool.open[rw];
+            if ((kind == rw && reuse) || s->idle[kind].empty()) continue;
+            victim = s->idle[kind].back().handle;
+            s->idle[kind].pop_back();
+            --s->open[kind];
+            ++s->open[rw];
             outcome = reserved;
             break;
           }
@@ -449,12 +499,16 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       } catch (...) {
         return CKR_HOST_MEMORY;
       }
-      if (!stale_shared.empty()) pool.signal();
-      if (pool.limit < pool.ceiling) next_probe = pool.probe_after;
+      if (s->limit < s->ceiling) next_probe = s->probe_after;
     }
-    // Stale: given back before the device said a session was gone.
-    for (CK_SESSION_HANDLE h : stale_shared) drop_idle(pool, h, /*dead=*/true);
-    stale_shared.clear();
+    // Stale: given back before the device said a session was gone. Counted
+    // as open until closed.
+    if (!stale_shared.empty()) [[unlikely]] {
+      for (CK_SESSION_HANDLE h : stale_shared) drop_idle(pool, h, /*dead=*/true);
+      Locked(pool.state)->open[rw] -= stale_shared.size();
+      pool.signal();
+      stale_shared.clear();
+    }
     if (victim != CK_INVALID_HANDLE) drop_idle(pool, victim, /*dead=*/false);
     if (outcome == reused) {
       pool.lent_idle();
@@ -465,15 +519,15 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       bool learned = false, retry = false;
       unsigned long open_now = 0;
       {
-        MutexGuard guard(pool.lock);
+        Locked s(pool.state);
         if (rv == CKR_OK) {
-          pool.refusals = 0;
-          if (probe) pool.probe_succeeded();
+          s->refusals = 0;
+          if (probe) s->probe_succeeded();
         } else {
-          --pool.open[rw];
+          --s->open[rw];
           if (rv == CKR_SESSION_COUNT) {
-            open_now = pool.open_total();
-            if (pool.refused(open_now, probe, Clock::now())) {
+            open_now = s->open_total();
+            if (s->refused(open_now, probe, Clock::now())) {
               retry = true;  // once more at once: it may have been transient
             } else {
               // The token's limit, for now, is what is open: wait for one.
@@ -481,14 +535,14 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
               retry = open_now > 0;
             }
           }
-          pool.signal();  // the reservation is free again
         }
-        if (probe) pool.probing = false;
+        if (probe) s->probing = false;
       }
       if (rv == CKR_OK) {
         pool.lent_new();
         return CKR_OK;
       }
+      pool.signal();  // the reservation is free again
       if (learned) {
         log_.info("slot {}: backend refused a session at {} open; limit {} for now", pool.id,
                   open_now, std::max<unsigned long>(open_now, 1));
@@ -496,6 +550,10 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       if (!retry) return rv;
       continue;  // the limit is now known: wait below on the next round
     }
+    // At the limit. A waiter from here on, before the threads' caches are
+    // searched: a session given back to a cache after the search sees the
+    // count and signals (give_back), so the sleep below ends at once.
+    Waiter waiter(pool);
     if (reuse && steal(pool, rw, out)) {
       pool.lent_idle();
       return CKR_OK;
@@ -507,16 +565,15 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     if (steal(pool, !rw, other) || (!reuse && steal(pool, other_rw = rw, other))) {
       drop_idle(pool, other, /*dead=*/false);
       {
-        MutexGuard guard(pool.lock);
-        --pool.open[other_rw];
-        ++pool.open[rw];
+        Locked s(pool.state);
+        --s->open[other_rw];
+        ++s->open[rw];
       }
       if (CK_RV rv = backend_open(pool.id, rw, notify, out); rv == CKR_OK) {
         pool.lent_new();
         return CKR_OK;
       }
-      MutexGuard guard(pool.lock);
-      --pool.open[rw];
+      Locked(pool.state)->open[rw] -= 1;
       pool.signal();
       continue;
     }
@@ -533,7 +590,6 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     if (!std::exchange(waited, true)) pool.figures->waits.fetch_add(1, std::memory_order_relaxed);
     // A learned limit may be probed before the deadline: wake for that too.
     auto until = next_probe > now ? std::min(deadline, next_probe) : deadline;
-    pool.waiters.fetch_add(1, std::memory_order_acq_rel);
     // Parked while asleep: fork() does not wait for us, and we wait for
     // fork() before going on. Read after the ticket: interrupt_waiters()
     // sets interrupted_, then bumps the ticket.
@@ -543,7 +599,6 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       timed_wait(pool.returns, ticket, std::max<Clock::duration>(until - now, std::chrono::milliseconds(1)));
     }
     gate_.unpark();
-    pool.waiters.fetch_sub(1, std::memory_order_acq_rel);
     // C_Finalize: give up at once, whatever the deadline.
     if (interrupted || interrupted_.load(std::memory_order_seq_cst)) {
       return CKR_CRYPTOKI_NOT_INITIALIZED;
@@ -558,28 +613,29 @@ void SessionPool::interrupt_waiters() noexcept {
   interrupted_.store(true, std::memory_order_seq_cst);
   // Under the registry lock: a slot pool created meanwhile is either seen
   // here or its waiters see interrupted_.
-  MutexGuard registry(registry_lock_);
-  for (std::size_t i = 0; i < slot_count_.load(std::memory_order_acquire); ++i) {
-    SlotPool* pool = slots_[i].load(std::memory_order_acquire);
-    pool->returns.fetch_add(1, std::memory_order_seq_cst);
-    wake_all(pool->returns);
-  }
+  walk(
+      nullptr,
+      [](SlotPool& pool, SlotPool::State&) {
+        pool.returns.fetch_add(1, std::memory_order_seq_cst);
+        wake_all(pool.returns);
+      },
+      nullptr);
 }
 
 // At the limit, idle sessions in other threads' caches are as good as the
 // pool's own: never wait while one sits unused. Stale ones met on the way
 // are closed.
 bool SessionPool::steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept {
-  for (bool found = false;;) {
+  for (;;) {
     Stale stale;
-    {
-      MutexGuard guard(registry_lock_);
-      for (ThreadCache* cache : caches_) {
-        MutexGuard cache_guard(cache->lock);
-        found = cache->pop(pool, rw, out, stale);
-        if (found || stale.count != 0) break;
-      }
-    }
+    bool found = false;
+    const std::uint64_t gen = pool.generation.load(std::memory_order_acquire);
+    walk(
+        &pool, [](SlotPool&, SlotPool::State&) {},
+        [&](SlotPool&, SlotPool::State&, ThreadCache::State& cache) {
+          found = cache.pop(pool, gen, rw, out, stale);
+          return !found && stale.count == 0;
+        });
     if (stale.count == 0) return found;
     drop_stale(pool, stale);  // outside the locks; then look again
     if (found) return true;
@@ -587,14 +643,11 @@ bool SessionPool::steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcep
 }
 
 void SessionPool::drop_stale(SlotPool& pool, const Stale& stale) noexcept {
-  {
-    MutexGuard guard(pool.lock);
-    for (std::size_t i = 0; i < stale.count; ++i) --pool.open[stale.entries[i].rw];
-    pool.signal();
-  }
   for (std::size_t i = 0; i < stale.count; ++i) {
     drop_idle(pool, stale.entries[i].handle, /*dead=*/true);
   }
+  Locked(pool.state)->forget(stale);
+  pool.signal();
 }
 
 void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
@@ -606,16 +659,15 @@ void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate
   bool logout = false;
   {
     // The application's last session on the token: the spec logs it out.
-    MutexGuard guard(pool->lock);
-    --pool->app_sessions;
-    pool->app_read_only -= rw ? 0 : 1;
-    logout = pool->app_sessions == 0 && !config_.keep_login;
-    if (logout) pool->logging_out = true;
+    Locked s(pool->state);
+    --s->app_sessions;
+    s->app_read_only -= rw ? 0 : 1;
+    logout = s->app_sessions == 0 && !config_.keep_login;
+    if (logout) s->logging_out = true;
   }
   if (logout) {
     (void)port_.call<fn::C_Logout>(handle);
-    MutexGuard guard(pool->lock);
-    pool->logging_out = false;
+    Locked(pool->state)->logging_out = false;
     pool->signal();
   }
   settle(*pool, rw, handle, fate);
@@ -624,27 +676,29 @@ void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate
 void SessionPool::give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept {
   Idle idle{handle, pool.generation.load(std::memory_order_acquire), Clock::now()};
   // With waiters, the shared pool is where they look.
-  if (pool.waiters.load(std::memory_order_acquire) == 0) {
+  if (pool.waiters.load(std::memory_order_seq_cst) == 0) {
     if (ThreadCache* cache = this_thread_cache(true)) {
-      MutexGuard guard(cache->lock);
-      if (cache->count < cache->entries.size()) {
-        cache->entries[cache->count++] = ThreadCache::Entry{&pool, rw, idle};
+      if (Locked(cache->state)->push(ThreadCache::Entry{&pool, rw, idle})) {
         pool.figures->idle.add(1);
+        // A thread that began to wait after the look above may have searched
+        // this cache before the session was in it: it counted itself as a
+        // waiter before searching (take), so it is seen here, and woken to
+        // search again.
+        if (pool.waiters.load(std::memory_order_seq_cst) != 0) [[unlikely]]
+          pool.signal();
         return;
       }
     }
   }
+  bool kept = false;
   {
-    MutexGuard guard(pool.lock);
-    try {
-      pool.idle[rw].push_back(idle);
-      pool.figures->idle.add(1);
-      pool.signal();
-      return;
-    } catch (...) {
-      --pool.open[rw];
-      pool.signal();
-    }
+    Locked s(pool.state);
+    kept = s->keep(rw, idle);
+  }
+  pool.signal();
+  if (kept) {
+    pool.figures->idle.add(1);
+    return;
   }
   pool.closed(1, false);
   backend_close(handle);
@@ -659,53 +713,66 @@ void SessionPool::discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fat
     auto& counter = pool.figures->unclean[static_cast<std::size_t>(fate.why)];
     counter.fetch_add(1, std::memory_order_relaxed);
   }
-  MutexGuard guard(pool.lock);
-  --pool.open[rw];
+  Locked(pool.state)->open[rw] -= 1;
   pool.signal();
 }
 
-// Closes a session taken off the idle lists (pool.open already adjusted).
+// Closes a session taken off the idle lists (the caller adjusts the count).
 void SessionPool::drop_idle(SlotPool& pool, CK_SESSION_HANDLE handle, bool dead) noexcept {
   backend_close(handle);
   pool.closed(1, true);
   if (dead) pool.figures->discarded_dead.fetch_add(1, std::memory_order_relaxed);
 }
 
-template <class Pick>
-void SessionPool::sweep(SlotPool* only, bool forget, Pick pick, std::vector<Taken>& out) noexcept {
-  try {
-    MutexGuard registry(registry_lock_);
-    for (std::size_t i = 0; i < slot_count_.load(std::memory_order_relaxed); ++i) {
-      SlotPool* pool = slots_[i].load(std::memory_order_relaxed);
-      if (only != nullptr && pool != only) continue;
-      MutexGuard guard(pool->lock);
-      bool taken = false;
-      for (bool rw : {false, true}) {
-        auto& list = pool->idle[rw];
-        out.reserve(out.size() + list.size());
-        auto keep = std::partition(list.begin(), list.end(),
-                                   [&](const Idle& idle) { return !pick(rw, idle); });
-        for (auto it = keep; it != list.end(); ++it) out.push_back(Taken{pool, rw, *it});
-        if (forget) pool->open[rw] -= static_cast<unsigned long>(list.end() - keep);
-        taken |= keep != list.end();
-        list.erase(keep, list.end());
+template <class OnSlot, class OnCache>
+void SessionPool::walk(SlotPool* only, OnSlot on_slot, OnCache on_cache) {
+  Locked registry(registry_);
+  for (std::size_t i = 0; i < slots_.size(); ++i) {
+    SlotPool* pool = slots_[i];
+    if (only != nullptr && pool != only) continue;
+    Locked slot(pool->state);
+    on_slot(*pool, *slot);
+    if constexpr (!std::is_null_pointer_v<OnCache>) {
+      for (ThreadCache* cache : registry->caches) {
+        Locked c(cache->state);
+        if (!on_cache(*pool, *slot, *c)) return;
       }
-      for (ThreadCache* cache : caches_) {
-        out.reserve(out.size() + kThreadCacheSize);
-        MutexGuard cache_guard(cache->lock);
-        for (std::size_t j = cache->count; j-- > 0;) {
-          auto& e = cache->entries[j];
-          if (e.slot != pool || !pick(e.rw, e.idle)) continue;
-          out.push_back(Taken{pool, e.rw, e.idle});
-          if (forget) --pool->open[e.rw];
-          e = cache->entries[--cache->count];
-          taken = true;
-        }
-      }
-      if (taken && forget) pool->signal();
     }
+  }
+}
+
+template <class Pick>
+void SessionPool::sweep(SlotPool* only, Pick pick, std::vector<Taken>& out) noexcept {
+  try {
+    walk(
+        only,
+        [&](SlotPool& pool, SlotPool::State& s) {
+          for (bool rw : {false, true}) {
+            auto& list = s.idle[rw];
+            out.reserve(out.size() + list.size());
+            auto keep = std::partition(list.begin(), list.end(),
+                                       [&](const Idle& idle) { return !pick(rw, idle); });
+            for (auto it = keep; it != list.end(); ++it) out.push_back(Taken{&pool, rw, *it});
+            list.erase(keep, list.end());
+          }
+        },
+        [&](SlotPool& pool, SlotPool::State&, ThreadCache::State& cache) {
+          out.reserve(out.size() + cache.count);
+          cache.take_if(pool, pick, [&](bool rw, const Idle& idle) {
+            out.push_back(Taken{&pool, rw, idle});
+          });
+          return true;
+        });
   } catch (...) {
     // Out of memory listing them: what was not taken stays where it was.
+  }
+}
+
+void SessionPool::close_taken(const std::vector<Taken>& doomed) noexcept {
+  for (const Taken& t : doomed) {
+    drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+    Locked(t.pool->state)->open[t.rw] -= 1;
+    t.pool->signal();
   }
 }
 
@@ -719,17 +786,18 @@ bool SessionPool::drain_idle(CK_SLOT_ID slot, bool read_only_only) noexcept {
   SlotPool* pool = find_slot(slot);
   if (pool == nullptr) return false;
   {
-    MutexGuard guard(pool->lock);
-    bool app_has = read_only_only ? pool->app_read_only > 0 : pool->app_sessions > 0;
+    Locked s(pool->state);
+    bool app_has = read_only_only ? s->app_read_only > 0 : s->app_sessions > 0;
     if (app_has) return false;
   }
   std::vector<Taken> doomed;
-  sweep(pool, /*forget=*/true, [&](bool rw, const Idle&) { return !(rw && read_only_only); },
-        doomed);
-  for (const Taken& t : doomed) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+  sweep(
+      pool, [&](bool rw, const Idle&) { return !(rw && read_only_only); }, doomed);
+  close_taken(doomed);
   return !doomed.empty();
 }
 
+// Walks the backend's slot list, not the pool's parts: prewarm makes them.
 void SessionPool::prewarm() noexcept {
   if (config_.prewarm == 0) return;
   std::vector<CK_SLOT_ID> slots;
@@ -754,44 +822,36 @@ void SessionPool::prewarm() noexcept {
     if (slot_pool(slot, pool) != CKR_OK) continue;
     for (unsigned long i = 0; i < config_.prewarm; ++i) {
       {
-        MutexGuard guard(pool->lock);
-        if (!pool->has_room(false)) break;
-        ++pool->open[0];
+        Locked s(pool->state);
+        if (!s->has_room(false)) break;
+        ++s->open[0];
       }
       CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
       if (CK_RV rv = backend_open(slot, false, Notify{}, h); rv != CKR_OK) {
-        {
-          MutexGuard guard(pool->lock);
-          --pool->open[0];
-        }
+        Locked(pool->state)->open[0] -= 1;
+        pool->signal();
         log_.warn("slot {}: prewarm stopped at {} sessions: {}", slot, i, rv_name(rv));
         break;
       }
       pool->figures->open.fetch_add(1, std::memory_order_relaxed);
-      bool kept = true;
-      {
-        MutexGuard guard(pool->lock);
-        try {
-          pool->idle[0].push_back(Idle{h, pool->generation.load(), Clock::now()});
-          pool->figures->idle.add(1);
-        } catch (...) {
-          --pool->open[0];
-          kept = false;
-        }
-      }
+      Idle idle{h, pool->generation.load(std::memory_order_acquire), Clock::now()};
+      bool kept = Locked(pool->state)->keep(false, idle);
+      pool->signal();
       if (!kept) {
         pool->closed(1, false);
         backend_close(h);
         break;
       }
+      pool->figures->idle.add(1);
     }
   }
 }
 
 void SessionPool::close_all() noexcept {
   std::vector<Taken> doomed;
-  sweep(nullptr, /*forget=*/true, [](bool, const Idle&) { return true; }, doomed);
-  for (const Taken& t : doomed) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+  sweep(
+      nullptr, [](bool, const Idle&) { return true; }, doomed);
+  close_taken(doomed);
 }
 
 // Idle sessions in the pools and in threads' caches alike: those idle longer
@@ -808,31 +868,26 @@ void SessionPool::maintain(std::chrono::seconds idle_limit, std::chrono::seconds
     return limit.count() > 0 && now - idle.since > limit;
   };
   std::vector<Taken> expired, aged;
-  sweep(nullptr, /*forget=*/true,
-        [&](bool, const Idle& idle) { return older_than(idle_limit, idle); }, expired);
-  for (const Taken& t : expired) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+  sweep(
+      nullptr, [&](bool, const Idle& idle) { return older_than(idle_limit, idle); }, expired);
+  close_taken(expired);
   // Still counted as open while pinged: the limit holds throughout.
-  sweep(nullptr, /*forget=*/false,
-        [&](bool, const Idle& idle) { return older_than(keepalive, idle); }, aged);
+  sweep(
+      nullptr, [&](bool, const Idle& idle) { return older_than(keepalive, idle); }, aged);
   for (Taken& t : aged) {
     CK_SESSION_INFO info{};
     CK_RV rv = port_.call<fn::C_GetSessionInfo>(t.idle.handle, &info);
-    bool kept = false;
-    {
-      MutexGuard guard(t.pool->lock);
-      if (rv == CKR_OK) {
-        t.idle.since = Clock::now();
-        try {
-          t.pool->idle[t.rw].push_back(t.idle);
-          kept = true;
-        } catch (...) {
-        }
-      }
-      if (!kept) --t.pool->open[t.rw];
+    if (rv != CKR_OK) {
+      // Gone inside the HSM: closed all the same, then no longer counted.
+      drop_idle(*t.pool, t.idle.handle, /*dead=*/true);
+      Locked(t.pool->state)->open[t.rw] -= 1;
       t.pool->signal();
+      continue;
     }
-    // Gone inside the HSM, or no room to keep it: close it all the same.
-    if (!kept) drop_idle(*t.pool, t.idle.handle, /*dead=*/rv != CKR_OK);
+    t.idle.since = Clock::now();
+    bool kept = Locked(t.pool->state)->keep(t.rw, t.idle);
+    t.pool->signal();
+    if (!kept) drop_idle(*t.pool, t.idle.handle, /*dead=*/false);  // no memory to keep it
   }
 }
 
@@ -840,17 +895,17 @@ SessionPool::SlotFigures SessionPool::figures(CK_SLOT_ID slot) noexcept {
   SlotFigures f;
   SlotPool* pool = find_slot(slot);
   if (pool == nullptr) return f;
-  MutexGuard registry(registry_lock_);
-  {
-    MutexGuard guard(pool->lock);
-    f.open = pool->open_total();
-    f.idle = pool->idle[0].size() + pool->idle[1].size();
-    f.limit = pool->limit;
-  }
-  for (ThreadCache* cache : caches_) {
-    MutexGuard guard(cache->lock);
-    for (std::size_t i = 0; i < cache->count; ++i) f.idle += cache->entries[i].slot == pool;
-  }
+  walk(
+      pool,
+      [&](SlotPool&, SlotPool::State& s) {
+        f.open = s.open_total();
+        f.idle = s.idle[0].size() + s.idle[1].size();
+        f.limit = s.limit;
+      },
+      [&](SlotPool&, SlotPool::State&, ThreadCache::State& cache) {
+        for (std::size_t i = 0; i < cache.count; ++i) f.idle += cache.entries[i].slot == pool;
+        return true;
+      });
   return f;
 }
 

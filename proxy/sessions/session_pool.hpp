@@ -17,16 +17,20 @@
 // Its figures (open, idle, in use, waits, sessions discarded as dead) go to
 // the observer's PoolMetricsRegistry as they change, with relaxed atomics.
 //
-// Lock order: proxy/sync/lock.hpp (the registry lock, then a SlotPool's lock, then
-// a ThreadCache's lock, all after Session::lock). No backend call and no log
-// record is made under the registry, slot or cache locks.
+// Its parts each keep their state in a Guarded (sync/guarded.hpp), reachable
+// only under the part's lock: the registry (the thread caches), each
+// SlotPool, each ThreadCache. Lock order: proxy/sync/lock.hpp (the registry,
+// then a SlotPool's state, then a ThreadCache's state, all after
+// Session::lock). No backend call and no log record is made under them.
+// Why this is safe: docs/design.md, "Why the pool is safe".
 #pragma once
 
-#include "port/backend_port.hpp"
 #include "config/config.hpp"
 #include "lifecycle/gate_access.hpp"
-#include "sync/lock.hpp"
 #include "observe/metrics.hpp"
+#include "port/backend_port.hpp"
+#include "sync/guarded.hpp"
+#include "sync/lock.hpp"
 
 #include <p11mux/pkcs11.h>
 
@@ -36,6 +40,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -50,6 +55,11 @@ class SessionPool {
   SessionPool(const BackendPort& port, GateAccess& gate, const Config::Pool& config,
               const LockSource& locks, std::uint64_t epoch, spdlog::logger& log,
               PoolMetricsRegistry& figures);
+  // The pool's locks keep a pointer to `locks`: a temporary would be gone
+  // before the first lock.
+  SessionPool(const BackendPort& port, GateAccess& gate, const Config::Pool& config,
+              const LockSource&& locks, std::uint64_t epoch, spdlog::logger& log,
+              PoolMetricsRegistry& figures) = delete;
   ~SessionPool();
   SessionPool(const SessionPool&) = delete;  // owns backend sessions
   SessionPool& operator=(const SessionPool&) = delete;
@@ -112,7 +122,7 @@ class SessionPool {
   // C_Finalize, once the call gate is closed: calls waiting at the limit
   // (pool.wait_ms) return CKR_CRYPTOKI_NOT_INITIALIZED now, and no call
   // waits any more.
-  void interrupt_waiters() noexcept EXCLUDES(registry_lock_);
+  void interrupt_waiters() noexcept EXCLUDES(registry_);
   // Closes every idle session (C_Finalize, after all virtual sessions closed).
   void close_all() noexcept;
   // Closes sessions idle longer than `idle`, pings those idle longer than
@@ -127,7 +137,18 @@ class SessionPool {
   static constexpr std::chrono::seconds kLimitProbeInterval{1};
   // Slots with a pool at most (each one the backend confirmed).
   static constexpr std::size_t kMaxSlots = 1024;
-  SlotFigures figures(CK_SLOT_ID slot) noexcept EXCLUDES(registry_lock_);  // for tests and metrics
+  SlotFigures figures(CK_SLOT_ID slot) noexcept EXCLUDES(registry_);  // for tests and metrics
+
+  // No known limit.
+  static constexpr unsigned long kNoLimit = std::numeric_limits<unsigned long>::max();
+  // A token's ulMaxSessionCount or ulMaxRwSessionCount as a limit no larger
+  // than `most`: CK_UNAVAILABLE_INFORMATION and CK_EFFECTIVELY_INFINITE mean
+  // none known. The pool's limits and C_GetTokenInfo's answer both.
+  static constexpr unsigned long session_limit(CK_ULONG reported,
+                                               unsigned long most = kNoLimit) noexcept {
+    if (reported == CK_UNAVAILABLE_INFORMATION || reported == CK_EFFECTIVELY_INFINITE) return most;
+    return reported < most ? reported : most;
+  }
 
   std::uint64_t epoch() const noexcept { return epoch_; }
 
@@ -143,30 +164,42 @@ class SessionPool {
   };
   // The slot's pool, made on first use once the backend confirms the slot
   // (else its CKR code: CKR_SLOT_ID_INVALID...); find_slot never makes one.
-  CK_RV slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept EXCLUDES(registry_lock_);
-  SlotPool* find_slot(CK_SLOT_ID slot) noexcept;
-  ThreadCache* this_thread_cache(bool create) noexcept EXCLUDES(registry_lock_);
+  CK_RV slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept EXCLUDES(registry_);
+  SlotPool* find_slot(CK_SLOT_ID slot) noexcept { return slots_.find(slot); }
+  ThreadCache* this_thread_cache(bool create) noexcept EXCLUDES(registry_);
   CK_RV take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept;
-  bool steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept EXCLUDES(registry_lock_);
+  bool steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept EXCLUDES(registry_);
   struct Stale;
-  // Closes stale sessions taken out of a thread's cache; they no longer count as open.
+  class Waiter;
+  // Closes stale sessions taken out of a thread's cache; then they no longer count as open.
   void drop_stale(SlotPool& pool, const Stale& stale) noexcept;
   void count_app_session(SlotPool& pool, bool rw) noexcept;
   void settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   void give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept;
   void discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   void drop_idle(SlotPool& pool, CK_SESSION_HANDLE handle, bool dead) noexcept;
+  // The one walk over the pool's parts, in the lock order: under the
+  // registry, each slot pool (only `only`, unless NULL) with its state
+  // locked, and under that each thread cache with its state locked.
+  // on_slot(SlotPool&, SlotPool::State&) for each slot pool;
+  // on_cache(SlotPool&, SlotPool::State&, ThreadCache::State&) for each
+  // cache, returning false to end the walk (none: caches are not visited).
+  // Every loop over the pool's parts is one of these.
+  template <class OnSlot, class OnCache>
+  void walk(SlotPool* only, OnSlot on_slot, OnCache on_cache) EXCLUDES(registry_);
   // Takes out of the shared idle lists and every thread's cache the idle
   // sessions of `only` (every slot when NULL) for which pick(rw, idle) is
-  // true, appending them to `out`. With `forget` they stop counting as open
-  // (the caller closes them); without, they still count (the caller puts
-  // them back or forgets them). The one sweep over pools and caches.
+  // true, appending them to `out`. They still count as open: the caller puts
+  // them back, or closes them (close_taken).
   template <class Pick>
-  void sweep(SlotPool* only, bool forget, Pick pick, std::vector<Taken>& out) noexcept
-      EXCLUDES(registry_lock_);
+  void sweep(SlotPool* only, Pick pick, std::vector<Taken>& out) noexcept EXCLUDES(registry_);
+  // Closes sessions sweep() took; each stops counting as open once its
+  // C_CloseSession has returned, so the count is never below what the
+  // backend has open.
+  void close_taken(const std::vector<Taken>& doomed) noexcept;
   CK_RV backend_open(CK_SLOT_ID slot, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept;
   void backend_close(CK_SESSION_HANDLE handle) noexcept;
-  void retire(ThreadCache* cache) noexcept EXCLUDES(registry_lock_);
+  void retire(ThreadCache* cache) noexcept EXCLUDES(registry_);
   friend struct ThreadCacheOwner;
 
   const BackendPort& port_;
@@ -177,13 +210,33 @@ class SessionPool {
   spdlog::logger& log_;
   PoolMetricsRegistry& figures_;
 
-  std::array<std::atomic<SlotPool*>, kMaxSlots> slots_{};
-  std::atomic<std::size_t> slot_count_{0};
+  // What the registry's lock guards: every live thread's cache (made at the
+  // thread's first give-back, retired at its exit), and the right to add a
+  // slot pool to slots_.
+  struct Registry {
+    std::vector<ThreadCache*> caches;
+  };
+  // The slot pools, for lookup without a lock: a pool, once published, stays
+  // until the SessionPool is destroyed. Added to only under the registry's
+  // lock, which add() asks for as proof.
+  class Slots {
+   public:
+    std::size_t size() const noexcept { return count_.load(std::memory_order_acquire); }
+    SlotPool* operator[](std::size_t i) const noexcept {
+      return pools_[i].load(std::memory_order_acquire);
+    }
+    SlotPool* find(CK_SLOT_ID slot) const noexcept;
+    // False when there is no place left.
+    bool add(const Locked<Registry>& registry, SlotPool* pool) noexcept;
+
+   private:
+    std::array<std::atomic<SlotPool*>, kMaxSlots> pools_{};
+    std::atomic<std::size_t> count_{0};
+  };
+
+  Slots slots_;
   std::atomic<bool> interrupted_{false};  // interrupt_waiters() was called
-  // Guards slot creation (slots_ and slot_count_ are atomics, written under
-  // it and read without it) and caches_.
-  Mutex registry_lock_;
-  std::vector<ThreadCache*> caches_ GUARDED_BY(registry_lock_);
+  Guarded<Registry> registry_;
 };
 
 }  // namespace p11mux

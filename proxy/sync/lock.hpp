@@ -14,10 +14,11 @@
 //   2. Session::lock           (one session at a time; never two at once)
 //   3. the backend lock (a BackendPort's, only for a backend that is not
 //      thread-safe), held around one backend call and nothing else; or
-//      the session pool's locks, which are never held across a backend call:
-//        3a. SessionPool::registry_lock_
-//        3b. SlotPool::lock
-//        3c. ThreadCache::lock
+//      the session pool's locks, which are never held across a backend call
+//      (each a Guarded, guarded.hpp: the part's state is reachable only under it):
+//        3a. SessionPool::registry_
+//        3b. SlotPool::state
+//        3c. ThreadCache::state
 //   4. leaves, under which no other lock is taken: PoolMetricsRegistry::lock_
 //      (under the registry lock), SessionTable::free_lock_ (under none), the
 //      log sink's lock (no record is logged under the pool's locks).
@@ -49,6 +50,8 @@ class CAPABILITY("mutex") Mutex {
   Mutex() noexcept = default;
   // Throws CkrError when the application's CreateMutex fails.
   explicit Mutex(const LockSource& source);
+  // It keeps a pointer to `source`: a temporary would be gone before the first lock.
+  explicit Mutex(const LockSource&& source) = delete;
   ~Mutex();
   Mutex(const Mutex&) = delete;  // a mutex has an identity; copying one is a bug
   Mutex& operator=(const Mutex&) = delete;

@@ -13,12 +13,14 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <future>
 #include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace p11mux {
@@ -41,6 +43,8 @@ struct FakeToken {
   bool initialized = true;                          // CKF_TOKEN_INITIALIZED
   int open_calls = 0, close_calls = 0, logout_calls = 0, info_calls = 0;
   int notified_opens = 0;  // opens with a Notify callback
+  // Runs inside C_CloseSession, before the session is gone (under `m`).
+  std::function<void()> on_close;
 
   void reset() {
     std::lock_guard g(m);
@@ -51,6 +55,7 @@ struct FakeToken {
     reported_max = CK_EFFECTIVELY_INFINITE;
     initialized = true;
     open_calls = close_calls = logout_calls = info_calls = notified_opens = 0;
+    on_close = nullptr;
   }
   // The device restarted: every session is gone (handles are not reused).
   void restart() {
@@ -120,6 +125,7 @@ CK_RV fake_open_session(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR, CK_NOTIFY 
 CK_RV fake_close_session(CK_SESSION_HANDLE h) {
   std::lock_guard g(token.m);
   ++token.close_calls;
+  if (token.on_close) token.on_close();
   return token.sessions.erase(h) != 0 ? CKR_OK : CKR_SESSION_HANDLE_INVALID;
 }
 CK_RV fake_get_session_info(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info) {
@@ -192,8 +198,8 @@ std::uint64_t fresh_start() {
 const LockSource own_locks{};
 
 struct Rig {
-  explicit Rig(Config::Pool config)
-      : pool(port, gate, config, own_locks, epoch, log, metrics) {}
+  explicit Rig(Config::Pool config, const LockSource& locks = own_locks)
+      : pool(port, gate, config, locks, epoch, log, metrics) {}
   ~Rig() { gate.epoch = 0; }  // no thread's cache is retired into a pool that is gone
   Rig(const Rig&) = delete;
   Rig& operator=(const Rig&) = delete;
@@ -246,14 +252,89 @@ class CacheHolder {
 };
 
 // Waits (generously) until a thread sleeps at the pool's limit: the pool parks
-// in the gate right before it sleeps.
-void wait_for_parked(int parks) {
+// in the gate right before it sleeps. False if none did.
+bool parked(int parks) {
   auto until = std::chrono::steady_clock::now() + 10s;
   while (gate.parks.load() < parks && std::chrono::steady_clock::now() < until) {
     std::this_thread::sleep_for(1ms);
   }
-  REQUIRE(gate.parks.load() >= parks);
+  return gate.parks.load() >= parks;
 }
+void wait_for_parked(int parks) { REQUIRE(parked(parks)); }
+
+// A one-shot signal between threads.
+class Signal {
+ public:
+  void raise() {
+    {
+      std::lock_guard g(m_);
+      raised_ = true;
+    }
+    cv_.notify_all();
+  }
+  void wait() {
+    std::unique_lock lock(m_);
+    cv_.wait(lock, [this] { return raised_; });
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool raised_ = false;
+};
+
+// The application's mutex callbacks (C_Initialize case 2), which can run a
+// hook once, on one thread, right after it unlocks one chosen mutex: a way to
+// step in between two steps of the pool, at a lock it releases.
+struct HookedLocks {
+  std::mutex m;
+  void* last_created = nullptr;  // by the CreateMutex below
+  std::atomic<bool> armed{false};
+  void* target = nullptr;  // set before `armed`
+  std::thread::id thread;
+  std::function<void()> hook;
+
+  void* last() {
+    std::lock_guard g(m);
+    return last_created;
+  }
+  // On the calling thread, at its next unlock of `mutex`.
+  void arm(void* mutex, std::function<void()> fn) {
+    target = mutex;
+    thread = std::this_thread::get_id();
+    hook = std::move(fn);
+    armed.store(true, std::memory_order_release);
+  }
+  void after_unlock(void* mutex) {
+    if (armed.load(std::memory_order_acquire) && mutex == target &&
+        thread == std::this_thread::get_id()) {
+      armed.store(false);
+      hook();
+    }
+  }
+};
+HookedLocks hooked;
+
+CK_RV hooked_create(CK_VOID_PTR_PTR out) {
+  *out = new std::mutex;
+  std::lock_guard g(hooked.m);
+  hooked.last_created = *out;
+  return CKR_OK;
+}
+CK_RV hooked_destroy(CK_VOID_PTR m) {
+  delete static_cast<std::mutex*>(m);
+  return CKR_OK;
+}
+CK_RV hooked_lock(CK_VOID_PTR m) {
+  static_cast<std::mutex*>(m)->lock();
+  return CKR_OK;
+}
+CK_RV hooked_unlock(CK_VOID_PTR m) {
+  static_cast<std::mutex*>(m)->unlock();
+  hooked.after_unlock(m);
+  return CKR_OK;
+}
+const LockSource hooked_locks{&hooked_create, &hooked_destroy, &hooked_lock, &hooked_unlock};
 
 TEST_CASE("pool: a session given back is taken again, of its own kind (R/O or R/W)") {
   Rig rig(pool_config(std::nullopt, 0));
@@ -684,6 +765,132 @@ TEST_CASE("pool: prewarm opens pool.prewarm R/O sessions on a slot with an initi
       CHECK(token.sessions.at(h) == CKF_SERIAL_SESSION);
     }
   }
+}
+
+// Issue 11: give_back put a session in its thread's cache without a wake-up
+// when it saw no waiter, and a waiter counted itself only after searching the
+// caches; a session given back in between sat in the cache while the waiter
+// slept its whole wait_ms. Both orders, stepped in at the registry's lock
+// (the one lock the search and a thread's first cache take).
+TEST_CASE("pool: a session given back to a thread's cache while another thread starts to wait at the limit wakes it (issue 11)") {
+  Rig rig(pool_config(1, 20000), hooked_locks);  // a waiter not woken sleeps 20 s
+  void* registry = hooked.last();                // the one lock the pool made so far
+  Signal holding, give_now, given, start_waiter, done;
+  bool waiter_first = false;
+  SUBCASE("the waiter searched the caches, then the session was given back to one") {}
+  SUBCASE("the giver saw no waiter, then the waiter searched, then the session went to the cache") {
+    waiter_first = true;
+  }
+  CK_SESSION_HANDLE held = 0;
+  std::thread giver([&] {
+    CHECK(rig.pool.borrow(kSlot, false, held) == CKR_OK);  // the only session
+    holding.raise();
+    give_now.wait();
+    if (waiter_first) {
+      // Its first give-back makes its cache, under the registry's lock: the
+      // waiter comes in right after that, and sleeps.
+      hooked.arm(registry, [&] {
+        start_waiter.raise();
+        CHECK(parked(1));
+      });
+    }
+    rig.pool.give(kSlot, false, held, SessionPool::Fate::reuse);
+    given.raise();
+    done.wait();  // its cache stays with it until it exits
+  });
+  holding.wait();
+  auto waiter = std::async(std::launch::async, [&] {
+    if (waiter_first) {
+      start_waiter.wait();
+    } else {
+      // The first time the search lets go of the registry's lock, the
+      // session is given back.
+      hooked.arm(registry, [&] {
+        give_now.raise();
+        given.wait();
+      });
+    }
+    CK_SESSION_HANDLE h = 0;
+    CK_RV rv = rig.pool.borrow(kSlot, false, h);
+    if (rv == CKR_OK) {
+      CHECK(h == held);
+      rig.pool.give(kSlot, false, h, SessionPool::Fate::reuse);
+    }
+    return rv;
+  });
+  if (waiter_first) give_now.raise();
+  bool woken = waiter.wait_for(10s) == std::future_status::ready;
+  give_now.raise();  // in case no hook ran
+  CHECK(woken);
+  CHECK(waiter.get() == CKR_OK);
+  CHECK_FALSE(hooked.armed.load());  // the hook did run
+  CHECK(token.opens() == 1);
+  done.raise();
+  giver.join();
+}
+
+// Issue 11: sweeps and stale sessions stopped counting a session as open
+// before closing it, so a thread could open one more while the backend still
+// had it: above the token's limit, for a moment (and a hard limit answers
+// CKR_SESSION_COUNT, which lowers the learned limit).
+TEST_CASE("pool: an idle session the pool closes counts as open until its C_CloseSession has returned (issue 11)") {
+  Rig rig(pool_config(std::nullopt, 0));
+  CK_SESSION_HANDLE mine = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, mine) == CKR_OK);
+  CacheHolder running(rig.pool, 1);  // idle in another thread's cache
+  CacheHolder exited(rig.pool, 1);   // idle in the shared pool
+  exited.release();
+  rig.pool.give(kSlot, false, mine, SessionPool::Fate::reuse);  // idle in this thread's cache
+  REQUIRE(token.live() == 3);
+  int closes = 0, below = 0;
+  token.on_close = [&] {
+    ++closes;
+    below += rig.figures().open < token.sessions.size();  // the pool counts fewer than are open
+  };
+  int expected = 3;
+  SUBCASE("close_all") { rig.pool.close_all(); }
+  SUBCASE("drain_idle") { CHECK(rig.pool.drain_idle(kSlot, /*read_only_only=*/false)); }
+  SUBCASE("stale ones met by a take, in this thread's cache and the shared pool") {
+    rig.pool.invalidate(kSlot);
+    CK_SESSION_HANDLE h = 0;
+    REQUIRE(rig.pool.borrow(kSlot, false, h) == CKR_OK);
+    expected = 2;  // the other thread's cache is searched only at the limit
+  }
+  token.on_close = nullptr;
+  CHECK(closes == expected);
+  CHECK(below == 0);
+}
+
+TEST_CASE("pool: the pool, a Guarded and a Mutex do not take a temporary LockSource (issue 11)") {
+  // Each keeps a pointer to it: a temporary would be gone before the first
+  // lock. Compiling is the test.
+  static_assert(!std::is_constructible_v<SessionPool, const BackendPort&, GateAccess&,
+                                         const Config::Pool&, LockSource, std::uint64_t,
+                                         spdlog::logger&, PoolMetricsRegistry&>);
+  static_assert(std::is_constructible_v<SessionPool, const BackendPort&, GateAccess&,
+                                        const Config::Pool&, const LockSource&, std::uint64_t,
+                                        spdlog::logger&, PoolMetricsRegistry&>);
+  static_assert(!std::is_constructible_v<Mutex, LockSource>);
+  // And the pool's locks do lock through the application's callbacks.
+  Rig rig(pool_config(std::nullopt, 0), hooked_locks);
+  void* registry = hooked.last();
+  CK_SESSION_HANDLE h = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, h) == CKR_OK);
+  rig.pool.give(kSlot, false, h, SessionPool::Fate::reuse);
+  CHECK(hooked.last() != registry);  // the slot pool's and this thread's cache's
+  CHECK(rig.figures().idle == 1);
+}
+
+TEST_CASE("pool: session_limit reads a token's session counts, for the pool and C_GetTokenInfo alike") {
+  constexpr auto none = SessionPool::kNoLimit;
+  CHECK(SessionPool::session_limit(CK_UNAVAILABLE_INFORMATION) == none);
+  CHECK(SessionPool::session_limit(CK_EFFECTIVELY_INFINITE) == none);
+  CHECK(SessionPool::session_limit(16) == 16);
+  // Capped at pool.max_sessions: the backend's own when lower.
+  CHECK(SessionPool::session_limit(CK_UNAVAILABLE_INFORMATION, 4) == 4);
+  CHECK(SessionPool::session_limit(CK_EFFECTIVELY_INFINITE, 4) == 4);
+  CHECK(SessionPool::session_limit(16, 4) == 4);
+  CHECK(SessionPool::session_limit(2, 4) == 2);
 }
 
 }  // namespace
