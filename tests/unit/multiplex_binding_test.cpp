@@ -130,6 +130,29 @@ TEST_CASE("a v3.0 message call waits while the binding holding its operation is 
   CHECK_FALSE(claimed_early);
 }
 
+TEST_CASE("a message call waiting for the anchor gets it when its call gives it back unlocked") {
+  TestSession t;
+  t.s.anchor.owner = 2;
+  t.s.anchor.ops = op::message_sign;
+  t.s.anchor.busy = true;
+  enter_call(t.s);  // thread 2's call on it (one that changes nothing: give_back)
+  Binding& idle = t.extra(200, /*owner=*/3);
+  Binding* b = nullptr;
+  std::thread caller([&] { b = t.claim<fn::C_SignMessage>(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // likely waiting by now
+  give_back(t.s, t.s.anchor);                                  // without the session lock
+  caller.join();
+  CHECK(b == &t.s.anchor);
+  CHECK(t.s.anchor.owner == kMe);
+  CHECK_FALSE(idle.busy);
+  {
+    MutexGuard guard(t.s.lock);
+    t.s.anchor.busy.store(false);
+    leave_call(t.s);
+  }
+  CHECK(t.s.in_flight.load() == 0);
+}
+
 TEST_CASE("a call that continues no operation runs on this thread's own free binding") {
   TestSession t;
   t.s.anchor.owner = 2;                           // free, no operation: rule 3 would take it
