@@ -22,6 +22,7 @@
 #include "lifecycle/runtime.hpp"
 #include "forward/session_effects.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -102,7 +103,7 @@ template <class F>
     b = find_binding(s, [&](Binding& x) { return !x.busy && (x.ops | x.maybe) == 0; });
   }
   if (b != nullptr) {
-    b->busy = true;
+    b->busy.store(true, std::memory_order_relaxed);
     b->owner = me;
   }
   return b;
@@ -119,21 +120,24 @@ template <class F>
   constexpr Effect e = effect<F>;
   for (;;) {
     int holders = 0;
-    bool busy = false;
+    Binding* holder = nullptr;
     find_binding(s, [&](Binding& x) {
       if ((x.ops & e.ops) != 0) {
         ++holders;
-        busy = x.busy;
+        holder = &x;
       }
       return false;
     });
-    if (s.closing || holders != 1 || !busy) return search_binding<F>(s, me);
-    // Added and read under the lock: the call that frees the binding
-    // changes the count and wakes us under it too.
-    const std::uint32_t now = s.in_flight.fetch_add(kWaiter, std::memory_order_relaxed) + kWaiter;
-    s.lock.unlock();
-    timed_wait(s.in_flight, now, std::chrono::milliseconds(10));  // the bound is a backstop
-    s.lock.lock();
+    if (s.closing || holders != 1 || !holder->busy) return search_binding<F>(s, me);
+    // The call that frees the binding changes the count and wakes us. It may
+    // free it without the lock (give_back): announce, then look again, each
+    // seq_cst, as give_back frees, then reads the count.
+    const std::uint32_t now = s.in_flight.fetch_add(kWaiter, std::memory_order_seq_cst) + kWaiter;
+    if (holder->busy.load(std::memory_order_seq_cst)) {
+      s.lock.unlock();
+      timed_wait(s.in_flight, now, std::chrono::milliseconds(10));  // the bound is a backstop
+      s.lock.lock();
+    }
     s.in_flight.fetch_sub(kWaiter, std::memory_order_relaxed);
   }
 }
@@ -144,8 +148,9 @@ template <class F>
 [[gnu::always_inline]] inline Binding* claim_binding(Session& s, std::uint64_t me) noexcept {
   constexpr Effect e = effect<F>;
   Binding& a = s.anchor;  // valid while the session is open
-  if (a.owner == me && !a.busy && (!continues(e) || (a.ops & e.ops) != 0)) [[likely]] {
-    a.busy = true;
+  if (a.owner == me && !a.busy.load(std::memory_order_acquire) &&
+      (!continues(e) || (a.ops & e.ops) != 0)) [[likely]] {
+    a.busy.store(true, std::memory_order_relaxed);
     return &a;
   }
   if constexpr (waits_for_its_operation(e)) return claim_when_free<F>(s, me);
@@ -187,10 +192,48 @@ inline void leave_call(Session& s) noexcept {
   if (before >= kWaiter || (before == 1 && s.closing)) [[unlikely]] wake_all(s.in_flight);
 }
 
+// A call whose record_call would change nothing on its binding: one with no
+// effect on operations or objects (session_effects.hpp), when it succeeded.
+template <class F>
+inline constexpr bool changes_nothing_on_success =
+    effect<F>.step == Step::none && !std::is_same_v<F, fn::C_DestroyObject>;
+
+// Gives the anchor back after such a call without taking the session lock
+// (the hot path's second lock round trip). Sound because, for the anchor:
+//  - nothing else is written: the anchor stays, with the same owner, ops and
+//    objects; the lock would publish nothing more.
+//  - `busy` is read under the lock by choosers; they either see it set (as
+//    if this call were still running) or see it clear, and then, by this
+//    release store, see this call's backend call finished before theirs.
+//  - the closer (Runtime::close_session) proceeds only once it reads
+//    in_flight at 0, which this release decrement publishes after `busy`.
+//    Whether it is woken: it sets `closing`, then reads the count; we leave
+//    the count, then read `closing` (both seq_cst here); a missed wake would
+//    cost at most its 10 ms backstop, never correctness.
+//  - a call waiting for this binding (claim_when_free, cancel_where_held)
+//    adds kWaiter, then reads `busy` again; we clear `busy`, then leave the
+//    count: all seq_cst, so it sees the binding free or we see it waiting.
+// After the decrement the session may close and reopen: only atomics are
+// touched after it (a spurious wake is harmless).
+[[gnu::always_inline]] inline void give_back(Session& s, Binding& b) noexcept {
+  b.busy.store(false, std::memory_order_seq_cst);
+  const std::uint32_t before = s.in_flight.fetch_sub(1, std::memory_order_seq_cst);
+  if (before >= kWaiter || (before == 1 && s.closing.load(std::memory_order_seq_cst)))
+      [[unlikely]] {
+    wake_all(s.in_flight);
+  }
+}
+
 // No free binding: a new one from the pool (cold). Leaves the call count
-// itself when it fails.
-[[gnu::cold, gnu::noinline]] inline CK_RV bind_from_pool(Runtime& rt, Session& s, std::uint64_t me,
-                                                        Binding*& b) noexcept {
+// itself when it fails. Returned by value, not through an out-parameter:
+// the caller's binding pointer then stays in a register on the hot path.
+struct Bound {
+  Binding* binding;
+  CK_RV rv;
+};
+[[gnu::cold, gnu::noinline]] inline Bound bind_from_pool(Runtime& rt, Session& s,
+                                                         std::uint64_t me) noexcept {
+  Binding* b = nullptr;
   // Fixed while the session is open, which it stays while we count in in_flight.
   const CK_SLOT_ID slot = s.slot;
   const bool rw = s.rw;
@@ -205,11 +248,11 @@ inline void leave_call(Session& s) noexcept {
   if (rv != CKR_OK) {
     if (fresh != CK_INVALID_HANDLE) rt.pool().give(slot, rw, fresh, SessionPool::Fate::reuse);
     leave_call(s);
-    return rv;
+    return {nullptr, rv};
   }
-  b->busy = true;
+  b->busy.store(true, std::memory_order_relaxed);
   b->owner = me;
-  return CKR_OK;
+  return {b, CKR_OK};
 }
 
 // A backend session to give back to the pool after the session lock is
@@ -278,14 +321,21 @@ template <class Observation, class CallBackend>
         return true;
       }
       if (!busy) break;
-      const std::uint32_t now = s->in_flight.fetch_add(kWaiter, std::memory_order_relaxed) + kWaiter;
-      s->lock.unlock();
-      timed_wait(s->in_flight, now, std::chrono::milliseconds(10));  // the bound is a backstop
-      s->lock.lock();
+      // As in claim_when_free: announce, then look again.
+      const std::uint32_t now =
+          s->in_flight.fetch_add(kWaiter, std::memory_order_seq_cst) + kWaiter;
+      const bool still_busy = std::any_of(targets.begin(), targets.end(), [](const Target& t) {
+        return t.binding->busy.load(std::memory_order_seq_cst);
+      });
+      if (still_busy) {
+        s->lock.unlock();
+        timed_wait(s->in_flight, now, std::chrono::milliseconds(10));  // the bound is a backstop
+        s->lock.lock();
+      }
       s->in_flight.fetch_sub(kWaiter, std::memory_order_relaxed);
     }
     releases.reserve(targets.size());
-    for (Target& t : targets) t.binding->busy = true;
+    for (Target& t : targets) t.binding->busy.store(true, std::memory_order_relaxed);
   } catch (...) {
     if (s != nullptr) {
       MutexGuard guard(s->lock);
@@ -305,7 +355,7 @@ template <class Observation, class CallBackend>
     for (Target& t : targets) {
       Binding& b = *t.binding;
       record_call<F>(rt, b, s->slot, t.rv, NothingCreated{}, t.flags);
-      b.busy = false;
+      b.busy.store(false, std::memory_order_relaxed);
       if (&b != &s->anchor) {
         if (Release r = detach_if_idle(*s, b); r.backend != CK_INVALID_HANDLE) releases.push_back(r);
       }
@@ -316,9 +366,50 @@ template <class Observation, class CallBackend>
   return true;
 }
 
+// After the backend call: records what it did on its binding and gives the
+// binding up, under the session's lock (an extra binding left idle goes back
+// to the pool, after the lock).
+template <class F, class... Rest>
+inline CK_RV finish_call(Runtime& rt, Session& s, Binding& b, CK_RV rv, Rest... rest) noexcept {
+  // Backend calls for what the call created, before the lock (the binding is
+  // ours while busy).
+  const CreatedBy<F> created = find_created<F>(rt, b.backend, rv, rest...);
+  Release release;
+  {
+    MutexGuard guard(s.lock);
+    record_call<F>(rt, b, s.slot, rv, created, rest...);
+    if constexpr (std::is_same_v<F, fn::C_DestroyObject>) {
+      // The object may have been created through another binding.
+      if (rv == CKR_OK) {
+        find_binding(s, [&](Binding& x) { return forget_object(x, rest...), false; });
+      }
+    }
+    b.busy.store(false, std::memory_order_relaxed);
+    if (&b != &s.anchor) [[unlikely]]
+      release = detach_if_idle(s, b);
+    leave_call(s);
+  }
+  if (release.backend != CK_INVALID_HANDLE) [[unlikely]] {
+    rt.pool().give(release.slot, release.rw, release.backend, release.fate);
+  }
+  return rv;
+}
+
+// For changes_nothing_on_success<F>, whose record_call needs none of the
+// call's arguments: the hot path keeps none of them across the backend call.
+template <class F>
+[[gnu::noinline]] CK_RV finish_call_out_of_line(Runtime& rt, Session& s, Binding& b,
+                                                CK_RV rv) noexcept {
+  return finish_call<F>(rt, s, b, rv);
+}
+
+// Inlined into Entry<F>::call, which saves every callee-saved register
+// already: a frame of its own cost ~20 instructions per call (callgrind).
 template <class F, class Observation, class CallBackend, class... Rest>
-[[gnu::noinline]] CK_RV forward_multiplexed(Runtime& rt, Observation& seen, CallBackend call_backend,
-                                            CK_SESSION_HANDLE handle, Rest... rest) noexcept {
+[[gnu::always_inline]] inline CK_RV forward_multiplexed(Runtime& rt, Observation& seen,
+                                                        CallBackend call_backend,
+                                                        CK_SESSION_HANDLE handle,
+                                                        Rest... rest) noexcept {
   if constexpr (std::is_same_v<F, fn::C_SessionCancel>) {
     if (CK_RV rv; cancel_where_held(rt, seen, call_backend, handle, rest..., rv)) return rv;
   }
@@ -333,32 +424,22 @@ template <class F, class Observation, class CallBackend, class... Rest>
     b = claim_binding<F>(*s, me);
   }
   if (b == nullptr) [[unlikely]] {
-    if (CK_RV rv = bind_from_pool(rt, *s, me, b); rv != CKR_OK) return rv;
+    const Bound bound = bind_from_pool(rt, *s, me);
+    if (bound.rv != CKR_OK) return bound.rv;
+    b = bound.binding;
   }
   seen.ran_on(b->backend);
   CK_RV rv = call_backend(b->backend, rest...);
   if (drained_for_retry<F>(rt, s->slot, rv, rest...)) [[unlikely]] rv = call_backend(b->backend, rest...);
-  // Backend calls for what the call created, before the lock (the binding is
-  // ours while busy).
-  const CreatedBy<F> created = find_created<F>(rt, b->backend, rv, rest...);
-  Release release;
-  {
-    MutexGuard guard(s->lock);
-    record_call<F>(rt, *b, s->slot, rv, created, rest...);
-    if constexpr (std::is_same_v<F, fn::C_DestroyObject>) {
-      // The object may have been created through another binding.
-      if (rv == CKR_OK) {
-        find_binding(*s, [&](Binding& x) { return forget_object(x, rest...), false; });
-      }
+  if constexpr (changes_nothing_on_success<F>) {
+    if (rv == CKR_OK && b == &s->anchor) [[likely]] {
+      give_back(*s, *b);
+      return rv;
     }
-    b->busy = false;
-    if (b != &s->anchor) [[unlikely]] release = detach_if_idle(*s, *b);
-    leave_call(*s);
+    return finish_call_out_of_line<F>(rt, *s, *b, rv);
+  } else {
+    return finish_call<F>(rt, *s, *b, rv, rest...);
   }
-  if (release.backend != CK_INVALID_HANDLE) [[unlikely]] {
-    rt.pool().give(release.slot, release.rw, release.backend, release.fate);
-  }
-  return rv;
 }
 
 }  // namespace p11mux

@@ -35,14 +35,18 @@ struct Binding {
   bool discard = false;        // close it at the end, never reuse it
   CloseReason why{};           // with discard, unless dead: why (counted by the pool)
   bool dead = false;           // the backend said it (or its device) is gone: discard, counted
-  bool busy = false;           // multiplex: a call is running on it
+  // Multiplex: a call is running on it. Set under the session lock; cleared
+  // under it too, except by give_back() (forward/multiplex.hpp), which
+  // clears it without the lock: hence atomic.
+  std::atomic<bool> busy{false};
   std::uint64_t owner = 0;     // multiplex: the thread that used it last (this_thread_number())
   std::vector<CK_OBJECT_HANDLE> objects;  // session objects created through it
 
   void clear() noexcept {
     backend = CK_INVALID_HANDLE;
     ops = maybe = 0;
-    discard = dead = busy = false;
+    discard = dead = false;
+    busy.store(false, std::memory_order_relaxed);
     why = {};
     owner = 0;
     objects.clear();
@@ -80,7 +84,9 @@ struct Session {
   // Multiplex mode: calls between choosing a binding and giving it up; a
   // closing session waits for them.
   std::atomic<std::uint32_t> in_flight{0};
-  bool closing = false;
+  // Written under `lock`; atomic because give_back() (forward/multiplex.hpp)
+  // reads it without the lock, after leaving in_flight.
+  std::atomic<bool> closing{false};
 };
 
 // A locked, live session; unlocks when it goes out of scope.
