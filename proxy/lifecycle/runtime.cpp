@@ -121,11 +121,14 @@ SessionPool::Fate Runtime::reset_backend_session(Binding& s) noexcept {
 CK_RV Runtime::close_session(SessionLease lease) noexcept NO_THREAD_SAFETY_ANALYSIS {
   Session* s = &*lease;
   // No new call gets in; multiplexed calls still running finish first.
-  s->closing = true;
+  // seq_cst: pairs with give_back() (forward/multiplex.hpp), which leaves
+  // in_flight and then reads closing without the lock; either it sees
+  // closing and wakes us, or we see its call still counted.
+  s->closing.store(true, std::memory_order_seq_cst);
   s->handle.store(0, std::memory_order_release);
-  if (s->in_flight.load(std::memory_order_acquire) != 0) {
+  if (s->in_flight.load(std::memory_order_seq_cst) != 0) {
     { SessionLease unlock = std::move(lease); }
-    for (std::uint32_t n; (n = s->in_flight.load(std::memory_order_acquire)) != 0;) {
+    for (std::uint32_t n; (n = s->in_flight.load(std::memory_order_seq_cst)) != 0;) {
       timed_wait(s->in_flight, n, std::chrono::milliseconds(10));
     }
     s->lock.lock();
