@@ -277,6 +277,18 @@ TEST_CASE("spec bender: the pool never goes above its limit with transient CKR_S
   BenderProxy proxy(mode, c,
                     {{"P11MUX_POOL_WAIT_MS", "200"}, {"P11MUX_POOL_MAX_SESSIONS", "3"}});
   CK_FUNCTION_LIST* p = proxy.p11;
+  // Hold up to the limit at once first: on a busy machine the threads below
+  // may run one after another on a single backend session, and the backend
+  // would never be asked for the second one it refuses.
+  std::vector<CK_SESSION_HANDLE> held;
+  for (int attempt = 0; attempt < 20 && held.size() < kLimit; ++attempt) {
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    CK_RV rv = p->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h);
+    if (rv == CKR_OK) held.push_back(h);
+    CHECK((rv == CKR_OK || rv == CKR_SESSION_COUNT));
+  }
+  CHECK(held.size() > 1);
+  for (CK_SESSION_HANDLE h : held) CHECK(p->C_CloseSession(h) == CKR_OK);
   std::atomic<int> wrong_digest{0}, other_error{0}, done{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 8; ++t)
