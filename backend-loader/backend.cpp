@@ -12,10 +12,14 @@ namespace p11mux {
 
 std::string_view to_string(BackendLocking locking) noexcept {
   switch (locking) {
-    case BackendLocking::automatic: return "auto";
-    case BackendLocking::os: return "os";
-    case BackendLocking::callbacks: return "callbacks";
-    case BackendLocking::none: return "none";
+    case BackendLocking::automatic:
+      return "auto";
+    case BackendLocking::os:
+      return "os";
+    case BackendLocking::callbacks:
+      return "callbacks";
+    case BackendLocking::none:
+      return "none";
   }
   return "?";
 }
@@ -53,13 +57,12 @@ void Backend::resolve_functions() {
   if (interfaces_.v3 != nullptr) {
     functions_ = *interfaces_.v3;  // exactly the 3.0 part of a 3.x list
   } else {
-    auto get_list =
-        reinterpret_cast<CK_C_GetFunctionList>(library_.symbol("C_GetFunctionList"));
+    auto get_list = reinterpret_cast<CK_C_GetFunctionList>(library_.symbol("C_GetFunctionList"));
     CK_FUNCTION_LIST* list = nullptr;
     if (CK_RV rv = get_list(&list); rv != CKR_OK || list == nullptr) {
-      throw CkrError(rv != CKR_OK ? rv : CKR_GENERAL_ERROR,
-                     "backend module '" + path_ + "': C_GetFunctionList failed: " +
-                         std::string(rv_name(rv)));
+      throw CkrError(
+          rv != CKR_OK ? rv : CKR_GENERAL_ERROR,
+          "backend module '" + path_ + "': C_GetFunctionList failed: " + std::string(rv_name(rv)));
     }
     // Copy exactly the v2.x list; the v3.0 tail stays NULL, so those calls
     // return CKR_FUNCTION_NOT_SUPPORTED. A list from C_GetFunctionList that
@@ -145,7 +148,7 @@ void Backend::initialize(const BackendOptions& options) {
   bool misleading = rv == CKR_CANT_LOCK || rv == CKR_ARGUMENTS_BAD;
   throw CkrError(misleading ? CKR_GENERAL_ERROR : rv,
                  "backend module '" + path_ + "': C_Initialize failed: " +
-                         std::string(rv_name(rv)) + " (tried " + tried + ")");
+                     std::string(rv_name(rv)) + " (tried " + tried + ")");
 }
 
 CK_RV Backend::finalize() noexcept {

@@ -87,8 +87,7 @@ bool is_self(const SharedLibrary& library, const CK_FUNCTION_LIST* self) noexcep
   return self != nullptr && get_list != nullptr && get_list(&list) == CKR_OK && list == self;
 }
 
-BackendProbe::BackendProbe(const std::string& path, const CK_FUNCTION_LIST* self)
-    : library_(path) {
+BackendProbe::BackendProbe(const std::string& path, const CK_FUNCTION_LIST* self) : library_(path) {
   // Asking p11mux itself would re-enter this probe: it has nothing to offer.
   if (!is_self(library_, self)) interfaces_ = discover_interfaces(library_);
 }

@@ -409,13 +409,15 @@ TEST_CASE("--stats-url: the endpoint's forms, checked while parsing the command 
   CHECK(tcp.port == 9464);
   CHECK(parse_stats_url("http://localhost:1/metrics").host == "127.0.0.1");
   CHECK(parse_stats_url("unix:/run/p11mux.sock").socket_path == "/run/p11mux.sock");
-  CHECK(plan_of({"--module", "m.so", "--stats-url", "http://127.0.0.1:9464/"}).stats_url == "http://127.0.0.1:9464/");
+  CHECK(plan_of({"--module", "m.so", "--stats-url", "http://127.0.0.1:9464/"}).stats_url ==
+        "http://127.0.0.1:9464/");
   CHECK_FALSE(plan_of({"--module", "m.so"}).stats_url.has_value());
   CHECK(usage_error({"--module", "m.so", "--stats-url", "https://127.0.0.1:9464"}).find("--stats-url") !=
         std::string::npos);
   CHECK(usage_error({"--module", "m.so", "--stats-url", "http://127.0.0.1:9464/stats"}).find("/metrics") !=
         std::string::npos);
-  CHECK(usage_error({"--module", "m.so", "--stats-url", "http://127.0.0.1"}).find("port") != std::string::npos);
+  CHECK(usage_error({"--module", "m.so", "--stats-url", "http://127.0.0.1"}).find("port") !=
+        std::string::npos);
   CHECK(usage_error({"--module", "m.so", "--stats-url", "http://example.com:80"}).find("IPv4") !=
         std::string::npos);
   CHECK(usage_error({"--module", "m.so", "--stats-url", "unix:"}).find("empty") != std::string::npos);
@@ -443,7 +445,8 @@ TEST_CASE("--stats-url: figures summed over series, and the lines shown") {
   P11muxFigures before;
   CHECK(live_line(before, *f, 2.0) ==
         "p11mux: 1000 calls/s, 2 errors/s, lock wait 2.00 us/call, 4 sessions, pool 4 busy 2 idle 5 waits");
-  CHECK(final_line(*f) == "p11mux   2000 calls, 3 errors, session lock wait 4.00 ms in all, 4 sessions open, 5 pool waits");
+  CHECK(final_line(*f) ==
+        "p11mux   2000 calls, 3 errors, session lock wait 4.00 ms in all, 4 sessions open, 5 pool waits");
   std::string error;
   CHECK_FALSE(fetch_metrics(parse_stats_url("unix:/nonexistent/p11mux.sock"), std::chrono::milliseconds(200),
                             &error));

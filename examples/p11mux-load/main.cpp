@@ -143,7 +143,8 @@ int run(const Plan& plan) {
       std::optional<P11muxFigures> now = fetch();
       auto t = std::chrono::steady_clock::now();
       if (now && last_figures) {
-        std::cerr << live_line(*last_figures, *now, std::chrono::duration<double>(t - last_time).count()) << "\n";
+        std::cerr << live_line(*last_figures, *now, std::chrono::duration<double>(t - last_time).count())
+                  << "\n";
       }
       if (now) last_figures = now;
       last_time = t;

@@ -11,8 +11,8 @@
 #include <charconv>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 
 #include "plan.h"
 
@@ -33,7 +33,8 @@ struct Fd {
 
 // Waits until fd is ready for `events`, up to the deadline.
 bool wait_for(int fd, short events, std::chrono::steady_clock::time_point deadline) {
-  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+  auto left =
+      std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
   if (left.count() <= 0) return false;
   pollfd p{fd, events, 0};
   return ::poll(&p, 1, static_cast<int>(left.count())) == 1;
@@ -59,7 +60,8 @@ StatsUrl parse_stats_url(std::string_view url) {
   std::string_view rest = url.substr(7);
   std::size_t slash = rest.find('/');
   std::string_view path = slash == std::string_view::npos ? "/" : rest.substr(slash);
-  if (path != "/" && path != "/metrics") bad_url(url, "p11mux-load reads /metrics; give the endpoint or /metrics");
+  if (path != "/" && path != "/metrics")
+    bad_url(url, "p11mux-load reads /metrics; give the endpoint or /metrics");
   std::string_view authority = rest.substr(0, slash);
   std::size_t colon = authority.rfind(':');
   if (colon == std::string_view::npos) bad_url(url, "no port");
@@ -73,7 +75,8 @@ StatsUrl parse_stats_url(std::string_view url) {
   out.port = static_cast<unsigned short>(value);
   out.host = host == "localhost" ? "127.0.0.1" : std::string(host);
   in_addr probe{};
-  if (::inet_pton(AF_INET, out.host.c_str(), &probe) != 1) bad_url(url, "the host must be an IPv4 address or localhost");
+  if (::inet_pton(AF_INET, out.host.c_str(), &probe) != 1)
+    bad_url(url, "the host must be an IPv4 address or localhost");
   return out;
 }
 
@@ -91,14 +94,22 @@ std::optional<P11muxFigures> parse_metrics(std::string_view text) {
     if (name_end == std::string_view::npos || value_at == std::string_view::npos) continue;
     std::string_view name = line.substr(0, name_end);
     double value = std::strtod(std::string(line.substr(value_at + 1)).c_str(), nullptr);
-    if (name == "p11mux_calls_total") f.calls += value;
-    else if (name == "p11mux_call_errors_total") f.errors += value;
-    else if (name == "p11mux_session_lock_wait_seconds_sum") f.lock_wait_s += value;
-    else if (name == "p11mux_session_lock_wait_seconds_count") f.lock_acquisitions += value;
-    else if (name == "p11mux_sessions_open") f.sessions_open += value;
-    else if (name == "p11mux_pool_sessions_in_use") f.pool_in_use += value;
-    else if (name == "p11mux_pool_sessions_idle") f.pool_idle += value;
-    else if (name == "p11mux_pool_waits_total") f.pool_waits += value;
+    if (name == "p11mux_calls_total")
+      f.calls += value;
+    else if (name == "p11mux_call_errors_total")
+      f.errors += value;
+    else if (name == "p11mux_session_lock_wait_seconds_sum")
+      f.lock_wait_s += value;
+    else if (name == "p11mux_session_lock_wait_seconds_count")
+      f.lock_acquisitions += value;
+    else if (name == "p11mux_sessions_open")
+      f.sessions_open += value;
+    else if (name == "p11mux_pool_sessions_in_use")
+      f.pool_in_use += value;
+    else if (name == "p11mux_pool_sessions_idle")
+      f.pool_idle += value;
+    else if (name == "p11mux_pool_waits_total")
+      f.pool_waits += value;
   }
   if (!seen) return std::nullopt;
   return f;
@@ -128,7 +139,8 @@ std::optional<std::string> fetch_metrics(const StatsUrl& url, std::chrono::milli
     if (s.fd >= 0) rc = ::connect(s.fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa);
   }
   if (s.fd < 0) return fail(std::string("socket: ") + std::strerror(errno));
-  if (rc != 0 && errno != EINPROGRESS && errno != EAGAIN) return fail(std::string("connect: ") + std::strerror(errno));
+  if (rc != 0 && errno != EINPROGRESS && errno != EAGAIN)
+    return fail(std::string("connect: ") + std::strerror(errno));
   if (!wait_for(s.fd, POLLOUT, deadline)) return fail("connect: timed out");
   int so_error = 0;
   socklen_t len = sizeof so_error;
@@ -166,15 +178,16 @@ std::string live_line(const P11muxFigures& before, const P11muxFigures& now, dou
   std::snprintf(wait, sizeof wait, "%.2f", wait_us);
   return "p11mux: " + rate((now.calls - before.calls) / seconds) + " calls/s, " +
          rate((now.errors - before.errors) / seconds) + " errors/s, lock wait " + wait + " us/call, " +
-         rate(now.sessions_open) + " sessions, pool " + rate(now.pool_in_use) + " busy " + rate(now.pool_idle) +
-         " idle " + rate(now.pool_waits - before.pool_waits) + " waits";
+         rate(now.sessions_open) + " sessions, pool " + rate(now.pool_in_use) + " busy " +
+         rate(now.pool_idle) + " idle " + rate(now.pool_waits - before.pool_waits) + " waits";
 }
 
 std::string final_line(const P11muxFigures& now) {
   char wait[32];
   std::snprintf(wait, sizeof wait, "%.2f ms", now.lock_wait_s * 1e3);
-  return "p11mux   " + rate(now.calls) + " calls, " + rate(now.errors) + " errors, session lock wait " + wait +
-         " in all, " + rate(now.sessions_open) + " sessions open, " + rate(now.pool_waits) + " pool waits";
+  return "p11mux   " + rate(now.calls) + " calls, " + rate(now.errors) + " errors, session lock wait " +
+         wait + " in all, " + rate(now.sessions_open) + " sessions open, " + rate(now.pool_waits) +
+         " pool waits";
 }
 
 }  // namespace p11mux::load

@@ -24,7 +24,7 @@ StatsUrl parse_stats_url(std::string_view url);
 struct P11muxFigures {
   double calls = 0;
   double errors = 0;
-  double lock_wait_s = 0;    // session lock wait, summed
+  double lock_wait_s = 0;  // session lock wait, summed
   double lock_acquisitions = 0;
   double sessions_open = 0;  // virtual sessions
   double pool_in_use = 0;

@@ -152,7 +152,8 @@ po::options_description make_options() {
   output.add_options()("json", "print the summary as one JSON object on stdout")(
       "quiet,q", "no progress lines on stderr")(
       "stats-url", po::value<std::string>()->value_name("URL"),
-      "show p11mux's own figures live from its metrics endpoint: http://HOST:PORT or unix:PATH")("help,h", "show this help")("version", "show the version");
+      "show p11mux's own figures live from its metrics endpoint: http://HOST:PORT or unix:PATH")(
+      "help,h", "show this help")("version", "show the version");
 
   po::options_description all(kHelpWidth, kHelpWidth / 2);
   all.add(target).add(load).add(output);

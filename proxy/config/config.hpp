@@ -41,7 +41,7 @@
 namespace p11mux {
 
 // How application sessions map onto backend sessions.
-enum class SessionMode { serialize, multiplex };      // config text: serialize|multiplex
+enum class SessionMode { serialize, multiplex };  // config text: serialize|multiplex
 
 // What the proxy asks of the backend's C_Initialize for locking.
 enum class LockingMode { automatic, os, callbacks, none };  // config text: auto|os|callbacks|none
@@ -50,51 +50,55 @@ enum class LockingMode { automatic, os, callbacks, none };  // config text: auto
 enum class VendorInterfaces { hide, pass };  // config text: hide|pass
 
 struct Config {
-    std::string module;  // top-level `module`: path of the backend PKCS#11 library; empty = not configured
-    SessionMode session_mode = SessionMode::serialize;  // top-level `session_mode`
-    struct Backend {
-        LockingMode locking = LockingMode::automatic;  // [backend] locking
-        // [backend] init_reserved: passed as pReserved to the backend's C_Initialize (NSS
-        // softoken needs one). An empty value leaves it unset (pReserved = NULL).
-        std::optional<std::string> init_reserved;
-        // [backend] vendor_interfaces: pass lists the backend's non-standard interfaces and
-        // returns them unchanged (their calls bypass p11mux: no virtual sessions, no serialization).
-        VendorInterfaces vendor_interfaces = VendorInterfaces::hide;
-    } backend;
-    struct Log {
-        spdlog::level::level_enum level = spdlog::level::warn;  // [log] level: off|error|warn|info|debug|trace
-        std::string file;                                        // [log] file: path; empty = stderr
-        // Trace filters. [log] functions: comma-separated names; "-C_X" leaves one out; empty = all.
-        std::string functions;
-        unsigned long min_duration_us = 0;  // [log] min_duration_us: trace only calls at least this slow
-        bool async = false;                 // [log] async: a p11mux thread writes; callers never wait on I/O
-        unsigned long rotate_size_kb = 0;   // [log] rotate_size_kb: rotate the file at this size (0: never)
-        unsigned long rotate_files = 5;     // [log] rotate_files: rotated files kept
-    } log;
-    // Metrics and the stats endpoint (README, "Observability").
-    struct Metrics {
-        bool enabled = false;       // [metrics] enabled (also on when listen, signal or summary is set)
-        std::string listen;         // [metrics] listen: HOST:PORT or a unix socket path; empty = no endpoint
-        bool allow_remote = false;  // [metrics] allow_remote: let listen name a non-loopback address
-        bool signal = false;        // [metrics] signal: SIGUSR1 logs the summary table
-        bool summary = false;       // [metrics] summary: C_Finalize logs the summary table
-    } metrics;
-    // The backend session pool (README, "Session pool").
-    struct Pool {
-        std::optional<unsigned long> max_sessions;  // [pool] max_sessions: unset = the token's limit
-        unsigned long wait_ms = 5000;               // [pool] wait_ms: wait at the limit, then CKR_SESSION_COUNT
-        unsigned long prewarm = 0;                  // [pool] prewarm: sessions opened at C_Initialize
-        bool keep_login = false;                    // [pool] keep_login: stay logged in with no app session
-        unsigned long idle_timeout_s = 0;           // [pool] idle_timeout_s: close idle sessions (0: never)
-        unsigned long keepalive_s = 0;              // [pool] keepalive_s: ping idle sessions (0: never)
-    } pool;
+  std::string
+      module;  // top-level `module`: path of the backend PKCS#11 library; empty = not configured
+  SessionMode session_mode = SessionMode::serialize;  // top-level `session_mode`
+  struct Backend {
+    LockingMode locking = LockingMode::automatic;  // [backend] locking
+    // [backend] init_reserved: passed as pReserved to the backend's C_Initialize (NSS
+    // softoken needs one). An empty value leaves it unset (pReserved = NULL).
+    std::optional<std::string> init_reserved;
+    // [backend] vendor_interfaces: pass lists the backend's non-standard interfaces and
+    // returns them unchanged (their calls bypass p11mux: no virtual sessions, no serialization).
+    VendorInterfaces vendor_interfaces = VendorInterfaces::hide;
+  } backend;
+  struct Log {
+    spdlog::level::level_enum level =
+        spdlog::level::warn;  // [log] level: off|error|warn|info|debug|trace
+    std::string file;         // [log] file: path; empty = stderr
+    // Trace filters. [log] functions: comma-separated names; "-C_X" leaves one out; empty = all.
+    std::string functions;
+    unsigned long min_duration_us =
+        0;               // [log] min_duration_us: trace only calls at least this slow
+    bool async = false;  // [log] async: a p11mux thread writes; callers never wait on I/O
+    unsigned long rotate_size_kb =
+        0;  // [log] rotate_size_kb: rotate the file at this size (0: never)
+    unsigned long rotate_files = 5;  // [log] rotate_files: rotated files kept
+  } log;
+  // Metrics and the stats endpoint (README, "Observability").
+  struct Metrics {
+    bool enabled = false;  // [metrics] enabled (also on when listen, signal or summary is set)
+    std::string listen;    // [metrics] listen: HOST:PORT or a unix socket path; empty = no endpoint
+    bool allow_remote = false;  // [metrics] allow_remote: let listen name a non-loopback address
+    bool signal = false;        // [metrics] signal: SIGUSR1 logs the summary table
+    bool summary = false;       // [metrics] summary: C_Finalize logs the summary table
+  } metrics;
+  // The backend session pool (README, "Session pool").
+  struct Pool {
+    std::optional<unsigned long> max_sessions;  // [pool] max_sessions: unset = the token's limit
+    unsigned long wait_ms = 5000;      // [pool] wait_ms: wait at the limit, then CKR_SESSION_COUNT
+    unsigned long prewarm = 0;         // [pool] prewarm: sessions opened at C_Initialize
+    bool keep_login = false;           // [pool] keep_login: stay logged in with no app session
+    unsigned long idle_timeout_s = 0;  // [pool] idle_timeout_s: close idle sessions (0: never)
+    unsigned long keepalive_s = 0;     // [pool] keepalive_s: ping idle sessions (0: never)
+  } pool;
 };
 
 // Every configuration problem; the message names the file and line or the environment
 // variable, the key, and what was expected.
 class ConfigError : public std::runtime_error {
-public:
-    using std::runtime_error::runtime_error;
+ public:
+  using std::runtime_error::runtime_error;
 };
 
 // getenv-like: returns nullptr when `name` is unset.
@@ -102,9 +106,9 @@ using EnvLookup = std::function<const char*(const char* name)>;
 
 // The environment as the configuration reads it. Injected so tests need no real environment.
 struct Environment {
-    EnvLookup get;
-    // The names of every variable set (only the P11MUX_* ones matter).
-    std::function<std::vector<std::string>()> names;
+  EnvLookup get;
+  // The names of every variable set (only the P11MUX_* ones matter).
+  std::function<std::vector<std::string>()> names;
 };
 
 // The process's own environment (getenv and environ).
@@ -113,8 +117,8 @@ Environment process_environment();
 // P11MUX_* variables that belong to the project's tools and tests, never to the module:
 // P11MUX_TEST_* (test suites), P11MUX_LOAD_* (the load tester), P11MUX_FAULTY_* (the faulty
 // and slow test backends). No configuration key may map to a name under them.
-inline constexpr std::array<std::string_view, 3> kReservedEnvPrefixes{"P11MUX_TEST_", "P11MUX_LOAD_",
-                                                                      "P11MUX_FAULTY_"};
+inline constexpr std::array<std::string_view, 3> kReservedEnvPrefixes{
+    "P11MUX_TEST_", "P11MUX_LOAD_", "P11MUX_FAULTY_"};
 
 // ${sysconfdir}/p11mux/p11mux.conf of the build (/etc/p11mux/p11mux.conf for prefix /usr).
 std::string_view default_config_file() noexcept;

@@ -1,7 +1,7 @@
 #include "entry/entry_points.hpp"
 
-#include "forward/forward.hpp"
 #include "entry/interfaces.hpp"
+#include "forward/forward.hpp"
 #include "lifecycle/module.hpp"
 
 #include <new>
@@ -20,7 +20,8 @@ struct Entry<F, CK_RV (*)(A...)> {
   static CK_RV call(A... a) noexcept {
     Module::Call call(the_module);
     Runtime* rt = call.runtime();
-    if (rt == nullptr) [[unlikely]] return CKR_CRYPTOKI_NOT_INITIALIZED;
+    if (rt == nullptr) [[unlikely]]
+      return CKR_CRYPTOKI_NOT_INITIALIZED;
     // Tracing or metrics: the one branch they cost when both are off.
     if (rt->observing()) [[unlikely]] {
       return observed_call<F>(
@@ -78,17 +79,13 @@ constexpr auto entry_C_GetInterfaceList = &get_interface_list;
 constexpr auto entry_C_GetInterface = &get_interface;
 
 // The v2.40 list: exactly the 68 functions of CK_FUNCTION_LIST.
-constinit CK_FUNCTION_LIST function_list_v2 = {
-    .version = {2, 40},
-    P11MUX_FUNCTIONS_V2(P11MUX_LIST_MEMBER)
-};
+constinit CK_FUNCTION_LIST function_list_v2 = {.version = {2, 40},
+                                               P11MUX_FUNCTIONS_V2(P11MUX_LIST_MEMBER)};
 
 // The v3.0 list: all 92 functions of CK_FUNCTION_LIST_3_0. On a 2.x backend
 // the v3.0 ones answer CKR_FUNCTION_NOT_SUPPORTED (their backend entry is NULL).
-constinit CK_FUNCTION_LIST_3_0 function_list_v3 = {
-    .version = {3, 0},
-    P11MUX_FUNCTIONS(P11MUX_LIST_3_0_MEMBER)
-};
+constinit CK_FUNCTION_LIST_3_0 function_list_v3 = {.version = {3, 0},
+                                                   P11MUX_FUNCTIONS(P11MUX_LIST_3_0_MEMBER)};
 
 // The name is "PKCS 11" (kStandardInterfaceName); the flags claim nothing.
 constinit CK_CHAR standard_interface_name[] = "PKCS 11";

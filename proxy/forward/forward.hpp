@@ -7,12 +7,12 @@
 // nothing is formatted unless tracing is on.
 #pragma once
 
+#include "forward/multiplex.hpp"
+#include "forward/session_effects.hpp"
 #include "functions/arg_check.hpp"
 #include "functions/function_traits.hpp"
 #include "handled/handled.hpp"
-#include "forward/multiplex.hpp"
 #include "observe/observe.hpp"
-#include "forward/session_effects.hpp"
 
 namespace p11mux {
 
@@ -20,7 +20,8 @@ namespace p11mux {
 // Inlined into Entry<F>::call: one stack frame on the hot path (callgrind:
 // each extra frame costs ~15 instructions of register saves).
 template <class F, class Observation, class... A>
-[[gnu::always_inline]] inline CK_RV forward_observed(Runtime& rt, Observation& seen, A... a) noexcept {
+[[gnu::always_inline]] inline CK_RV forward_observed(Runtime& rt, Observation& seen,
+                                                     A... a) noexcept {
   if (CK_RV rv = check_arguments<F>(rt.port().version().major >= 3, a...); rv != CKR_OK) return rv;
   if constexpr (F::dispatch == Dispatch::handled) {
     return handler<F>(rt, a...);
@@ -30,7 +31,8 @@ template <class F, class Observation, class... A>
     };
     if constexpr (F::dispatch == Dispatch::session) {
       return [&](CK_SESSION_HANDLE handle, auto... rest) __attribute__((always_inline)) {
-        if (rt.multiplexed()) return forward_multiplexed<F>(rt, seen, call_backend, handle, rest...);
+        if (rt.multiplexed())
+          return forward_multiplexed<F>(rt, seen, call_backend, handle, rest...);
         // Serialize mode: the session's lock is held across the call.
         SessionLease session = seen.lease(rt.sessions(), handle);
         if (!session) return CKR_SESSION_HANDLE_INVALID;
@@ -42,7 +44,8 @@ template <class F, class Observation, class... A>
         }
         note_call<F>(rt, binding, session->slot, rv, rest...);
         return rv;
-      }(a...);
+      }
+      (a...);
     } else {
       CK_RV rv = call_backend(a...);
       if constexpr (std::is_same_v<F, fn::C_InitToken>) {

@@ -25,14 +25,13 @@ namespace p11mux {
 
 // Where a mechanism's keys come back (besides phKey, when that is not NULL).
 enum class KeyOutputs : unsigned char {
-  handle_args,   // only the function's CK_OBJECT_HANDLE_PTR arguments
-  ssl3_key_mat,  // CK_SSL3_KEY_MAT_PARAMS.pReturnedKeyMaterial (CK_SSL3_KEY_MAT_OUT)
-  tls12_key_mat, // CK_TLS12_KEY_MAT_PARAMS.pReturnedKeyMaterial (CK_SSL3_KEY_MAT_OUT)
-  wtls_key_mat,  // CK_WTLS_KEY_MAT_PARAMS.pReturnedKeyMaterial (CK_WTLS_KEY_MAT_OUT)
-  sp800_108,     // CK_SP800_108_KDF_PARAMS.pAdditionalDerivedKeys[i].phKey
+  handle_args,         // only the function's CK_OBJECT_HANDLE_PTR arguments
+  ssl3_key_mat,        // CK_SSL3_KEY_MAT_PARAMS.pReturnedKeyMaterial (CK_SSL3_KEY_MAT_OUT)
+  tls12_key_mat,       // CK_TLS12_KEY_MAT_PARAMS.pReturnedKeyMaterial (CK_SSL3_KEY_MAT_OUT)
+  wtls_key_mat,        // CK_WTLS_KEY_MAT_PARAMS.pReturnedKeyMaterial (CK_WTLS_KEY_MAT_OUT)
+  sp800_108,           // CK_SP800_108_KDF_PARAMS.pAdditionalDerivedKeys[i].phKey
   sp800_108_feedback,  // the same in CK_SP800_108_FEEDBACK_KDF_PARAMS
 };
-
 
 struct DeriveMechanism {
   CK_MECHANISM_TYPE type;
@@ -151,7 +150,8 @@ const Params* params_of(const CK_MECHANISM& m) noexcept {
 
 // Adds the handles a successful call returned inside its mechanism parameter.
 // False when the parameter is missing or too short to hold them.
-inline bool add_parameter_keys(KeyOutputs outputs, const CK_MECHANISM& m, ReturnedKeys& out) noexcept {
+inline bool add_parameter_keys(KeyOutputs outputs, const CK_MECHANISM& m,
+                               ReturnedKeys& out) noexcept {
   auto key_mat = [&](const auto* p) {
     if (p == nullptr || p->pReturnedKeyMaterial == nullptr) return false;
     // Key sizes of 0: no such keys made, and the fields hold whatever the
@@ -175,14 +175,18 @@ inline bool add_parameter_keys(KeyOutputs outputs, const CK_MECHANISM& m, Return
       return true;
     }
     for (CK_ULONG i = 0; i < p->ulAdditionalDerivedKeys; ++i) {
-      if (p->pAdditionalDerivedKeys[i].phKey != nullptr) out.add(*p->pAdditionalDerivedKeys[i].phKey);
+      if (p->pAdditionalDerivedKeys[i].phKey != nullptr)
+        out.add(*p->pAdditionalDerivedKeys[i].phKey);
     }
     return true;
   };
   switch (outputs) {
-    case KeyOutputs::handle_args: return true;
-    case KeyOutputs::ssl3_key_mat: return key_mat(params_of<CK_SSL3_KEY_MAT_PARAMS>(m));
-    case KeyOutputs::tls12_key_mat: return key_mat(params_of<CK_TLS12_KEY_MAT_PARAMS>(m));
+    case KeyOutputs::handle_args:
+      return true;
+    case KeyOutputs::ssl3_key_mat:
+      return key_mat(params_of<CK_SSL3_KEY_MAT_PARAMS>(m));
+    case KeyOutputs::tls12_key_mat:
+      return key_mat(params_of<CK_TLS12_KEY_MAT_PARAMS>(m));
     case KeyOutputs::wtls_key_mat: {
       const auto* p = params_of<CK_WTLS_KEY_MAT_PARAMS>(m);
       if (p == nullptr || p->pReturnedKeyMaterial == nullptr) return false;
@@ -190,8 +194,10 @@ inline bool add_parameter_keys(KeyOutputs outputs, const CK_MECHANISM& m, Return
       if (p->ulKeySizeInBits != 0) out.add(p->pReturnedKeyMaterial->hKey);
       return true;
     }
-    case KeyOutputs::sp800_108: return derived(params_of<CK_SP800_108_KDF_PARAMS>(m));
-    case KeyOutputs::sp800_108_feedback: return derived(params_of<CK_SP800_108_FEEDBACK_KDF_PARAMS>(m));
+    case KeyOutputs::sp800_108:
+      return derived(params_of<CK_SP800_108_KDF_PARAMS>(m));
+    case KeyOutputs::sp800_108_feedback:
+      return derived(params_of<CK_SP800_108_FEEDBACK_KDF_PARAMS>(m));
   }
   return false;
 }

@@ -19,8 +19,8 @@
 #pragma once
 
 #include "forward/operation_state.hpp"
-#include "lifecycle/runtime.hpp"
 #include "forward/session_effects.hpp"
+#include "lifecycle/runtime.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -36,7 +36,8 @@ namespace p11mux {
 // inherit the exited one's bindings with their operations). Initial-exec
 // TLS: one %fs-relative load on the hot path, no __tls_get_addr call.
 inline std::atomic<std::uint64_t> thread_numbers{0};
-[[gnu::tls_model("initial-exec")]] inline constinit thread_local std::uint64_t this_thread_number_ = 0;
+[[gnu::tls_model("initial-exec")]] inline constinit thread_local std::uint64_t this_thread_number_ =
+    0;
 
 [[gnu::cold, gnu::noinline]] inline std::uint64_t assign_thread_number() noexcept {
   this_thread_number_ = thread_numbers.fetch_add(1, std::memory_order_relaxed) + 1;
@@ -46,7 +47,8 @@ inline std::atomic<std::uint64_t> thread_numbers{0};
 // Never 0 (a free binding's owner).
 [[gnu::always_inline]] inline std::uint64_t this_thread_number() noexcept {
   std::uint64_t n = this_thread_number_;
-  if (n == 0) [[unlikely]] n = assign_thread_number();
+  if (n == 0) [[unlikely]]
+    n = assign_thread_number();
   return n;
 }
 
@@ -61,7 +63,8 @@ Binding* find_binding(Session& s, Pred pred) noexcept {
 
 // A call that continues an operation: it runs where that operation is.
 constexpr bool continues(Effect e) noexcept {
-  return (e.step == Step::update || e.step == Step::finish || e.step == Step::message) && e.ops != 0;
+  return (e.step == Step::update || e.step == Step::finish || e.step == Step::message) &&
+         e.ops != 0;
 }
 
 // A message-based operation is made for many messages, from many threads at
@@ -189,7 +192,8 @@ inline void enter_call(Session& s) noexcept { s.in_flight.fetch_add(1, std::memo
 inline void leave_call(Session& s) noexcept {
   // Release: the closer reads the count without the lock before taking it.
   const std::uint32_t before = s.in_flight.fetch_sub(1, std::memory_order_release);
-  if (before >= kWaiter || (before == 1 && s.closing)) [[unlikely]] wake_all(s.in_flight);
+  if (before >= kWaiter || (before == 1 && s.closing)) [[unlikely]]
+    wake_all(s.in_flight);
 }
 
 // A call whose record_call would change nothing on its binding: one with no
@@ -280,9 +284,9 @@ struct Release {
 // and retaken, which the analysis cannot see (session_table.hpp).
 template <class Observation, class CallBackend>
 [[gnu::cold, gnu::noinline]] bool cancel_where_held(Runtime& rt, Observation& seen,
-                                                    CallBackend call_backend, CK_SESSION_HANDLE handle,
-                                                    CK_FLAGS flags, CK_RV& rv) noexcept
-    NO_THREAD_SAFETY_ANALYSIS {
+                                                    CallBackend call_backend,
+                                                    CK_SESSION_HANDLE handle, CK_FLAGS flags,
+                                                    CK_RV& rv) noexcept NO_THREAD_SAFETY_ANALYSIS {
   using F = fn::C_SessionCancel;
   const OpMask named = ops_of_cancel_flags(flags);
   // Flags p11mux does not know go to every binding it cancels on.
@@ -357,7 +361,8 @@ template <class Observation, class CallBackend>
       record_call<F>(rt, b, s->slot, t.rv, NothingCreated{}, t.flags);
       b.busy.store(false, std::memory_order_relaxed);
       if (&b != &s->anchor) {
-        if (Release r = detach_if_idle(*s, b); r.backend != CK_INVALID_HANDLE) releases.push_back(r);
+        if (Release r = detach_if_idle(*s, b); r.backend != CK_INVALID_HANDLE)
+          releases.push_back(r);
       }
     }
     leave_call(*s);
@@ -430,7 +435,8 @@ template <class F, class Observation, class CallBackend, class... Rest>
   }
   seen.ran_on(b->backend);
   CK_RV rv = call_backend(b->backend, rest...);
-  if (drained_for_retry<F>(rt, s->slot, rv, rest...)) [[unlikely]] rv = call_backend(b->backend, rest...);
+  if (drained_for_retry<F>(rt, s->slot, rv, rest...)) [[unlikely]]
+    rv = call_backend(b->backend, rest...);
   if constexpr (changes_nothing_on_success<F>) {
     if (rv == CKR_OK && b == &s->anchor) [[likely]] {
       give_back(*s, *b);

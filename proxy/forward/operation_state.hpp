@@ -158,7 +158,8 @@ constexpr bool is_length_query(A... a) noexcept {
   const std::tuple<A...> args{a...};
   return [&]<std::size_t... I>(std::index_sequence<I...>) {
     return (null_output<F, I>(args) || ...);
-  }(std::index_sequence_for<A...>{});
+  }
+  (std::index_sequence_for<A...>{});
 }
 
 // The operations still active after a call, given those active before it.
@@ -184,7 +185,8 @@ constexpr OpMask ops_after(OpMask before, CK_RV rv, A... args) noexcept {
     return before;
   } else if constexpr (e.step == Step::cancel) {
     if (rv != CKR_OK) return before;
-    return static_cast<OpMask>(before & ~ops_of_cancel_flags(std::get<1>(std::tuple<A...>{args...})));
+    return static_cast<OpMask>(before &
+                               ~ops_of_cancel_flags(std::get<1>(std::tuple<A...>{args...})));
   } else {
     return before;
   }

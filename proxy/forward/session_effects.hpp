@@ -20,8 +20,8 @@ namespace p11mux {
 
 // Errors that mean the backend session, or the whole device, is gone.
 constexpr bool session_gone(CK_RV rv) noexcept {
-  return rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED ||
-         rv == CKR_DEVICE_REMOVED || rv == CKR_TOKEN_NOT_PRESENT || rv == CKR_DEVICE_ERROR;
+  return rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED || rv == CKR_DEVICE_REMOVED ||
+         rv == CKR_TOKEN_NOT_PRESENT || rv == CKR_DEVICE_ERROR;
 }
 
 // An object the application destroyed: no longer the binding's to destroy.
@@ -53,7 +53,8 @@ struct CreatedObjects {
 struct NothingCreated {};
 
 template <class F>
-using CreatedBy = std::conditional_t<effect<F>.step == Step::create, CreatedObjects, NothingCreated>;
+using CreatedBy =
+    std::conditional_t<effect<F>.step == Step::create, CreatedObjects, NothingCreated>;
 
 // Where the keys of a call with this mechanism come back: deny by default
 // (key_mechanisms.hpp).
@@ -89,11 +90,13 @@ CreatedBy<F> find_created(Runtime& rt, CK_SESSION_HANDLE backend, CK_RV rv, Rest
     // ... and those in the function's own CK_OBJECT_HANDLE_PTR arguments,
     // where the mechanism writes them (add_argument_keys).
     ReturnedKeys in_args;
-    ([&](auto arg) {
-      if constexpr (std::is_same_v<decltype(arg), CK_OBJECT_HANDLE_PTR>) {
-        if (arg != nullptr) in_args.add(*arg);
-      }
-    }(rest), ...);
+    (
+        [&](auto arg) {
+          if constexpr (std::is_same_v<decltype(arg), CK_OBJECT_HANDLE_PTR>) {
+            if (arg != nullptr) in_args.add(*arg);
+          }
+        }(rest),
+        ...);
     if (outputs && !add_argument_keys(*outputs, in_args, keys)) {
       created.deny(CloseReason::object_untracked);
     }

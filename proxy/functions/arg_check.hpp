@@ -30,7 +30,8 @@ constexpr CK_RV check_arguments(bool v3_backend, A... a) noexcept {
   const std::tuple<A...> args{a...};
   bool ok = [&]<std::size_t... I>(std::index_sequence<I...>) {
     return (argument_ok<F, I>(args, v3_backend) && ...);
-  }(std::index_sequence_for<A...>{});
+  }
+  (std::index_sequence_for<A...>{});
   return ok ? CKR_OK : CKR_ARGUMENTS_BAD;
 }
 

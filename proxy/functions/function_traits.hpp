@@ -24,16 +24,16 @@ struct FunctionArgs<CK_RV (*)(A...)> {
 
 namespace fn {
 
-#define P11MUX_DESCRIBE(name_, since_, dispatch_, args_)                            \
-  struct name_ {                                                                    \
-    static constexpr std::string_view name = #name_;                                \
-    static constexpr unsigned since = since_;                                       \
-    static constexpr Dispatch dispatch = Dispatch::dispatch_;                       \
-    static constexpr std::string_view args = args_;                                 \
-    static constexpr auto member = &CK_FUNCTION_LIST_3_0::name_;                    \
-    using Pointer = CK_##name_;                                                     \
-    static_assert(args.size() == std::tuple_size_v<FunctionArgs<Pointer>::type>,                     \
-                  "functions.h: one argument letter per argument of " #name_);     \
+#define P11MUX_DESCRIBE(name_, since_, dispatch_, args_)                         \
+  struct name_ {                                                                 \
+    static constexpr std::string_view name = #name_;                             \
+    static constexpr unsigned since = since_;                                    \
+    static constexpr Dispatch dispatch = Dispatch::dispatch_;                    \
+    static constexpr std::string_view args = args_;                              \
+    static constexpr auto member = &CK_FUNCTION_LIST_3_0::name_;                 \
+    using Pointer = CK_##name_;                                                  \
+    static_assert(args.size() == std::tuple_size_v<FunctionArgs<Pointer>::type>, \
+                  "functions.h: one argument letter per argument of " #name_);   \
   };
 P11MUX_FUNCTIONS(P11MUX_DESCRIBE)
 #undef P11MUX_DESCRIBE

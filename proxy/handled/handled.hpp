@@ -18,7 +18,8 @@ CK_RV get_token_info(Runtime& rt, CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) noexc
 // What the backend calls for a session opened with a Notify callback
 // (`context` is the Session): the application's callback, with its virtual
 // handle; nothing for a session closed (or reopened without a callback) since.
-CK_RV notify_trampoline(CK_SESSION_HANDLE backend, CK_NOTIFICATION event, CK_VOID_PTR context) noexcept;
+CK_RV notify_trampoline(CK_SESSION_HANDLE backend, CK_NOTIFICATION event,
+                        CK_VOID_PTR context) noexcept;
 
 template <class F>
 constexpr auto handler = nullptr;

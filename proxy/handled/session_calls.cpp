@@ -15,7 +15,8 @@ CK_RV notify_trampoline(CK_SESSION_HANDLE, CK_NOTIFICATION event, CK_VOID_PTR co
   auto* session = static_cast<Session*>(context);
   CK_NOTIFY notify = session->notify.load(std::memory_order_acquire);
   if (notify == nullptr) return CKR_OK;
-  return notify(session->opening_handle, event, session->application.load(std::memory_order_relaxed));
+  return notify(session->opening_handle, event,
+                session->application.load(std::memory_order_relaxed));
 }
 
 // With a Notify callback the backend session is the application's alone:

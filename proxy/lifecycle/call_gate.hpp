@@ -34,15 +34,18 @@ class CallGate {
   // True when the caller may proceed; it must then call leave(shard).
   [[gnu::always_inline]] bool enter(std::size_t& shard) noexcept {
     shard = this_thread_shard();
-    if (state_.load(std::memory_order_relaxed) != kOpen) [[unlikely]] return enter_uncounted(shard);
+    if (state_.load(std::memory_order_relaxed) != kOpen) [[unlikely]]
+      return enter_uncounted(shard);
     shards_[shard].calls.fetch_add(1, std::memory_order_seq_cst);
-    if (state_.load(std::memory_order_seq_cst) == kOpen) [[likely]] return true;
+    if (state_.load(std::memory_order_seq_cst) == kOpen) [[likely]]
+      return true;
     return enter_slow(shard);
   }
 
   [[gnu::always_inline]] void leave(std::size_t shard) noexcept {
     shards_[shard].calls.fetch_sub(1, std::memory_order_seq_cst);
-    if (state_.load(std::memory_order_seq_cst) != kOpen) [[unlikely]] drained();
+    if (state_.load(std::memory_order_seq_cst) != kOpen) [[unlikely]]
+      drained();
   }
 
   void open() noexcept {

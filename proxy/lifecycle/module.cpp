@@ -65,9 +65,8 @@ CK_RV Module::start(const InitArgs& args) noexcept {
     (void)runtime_.release();
   }
   try {
-    Config config = inherited_config_ != nullptr
-                        ? *inherited_config_
-                        : load_config(process_environment());
+    Config config =
+        inherited_config_ != nullptr ? *inherited_config_ : load_config(process_environment());
     runtime_ = std::make_unique<Runtime>(config, args, entry_points::function_list(), ++epochs_,
                                          *this, inherited_locking_);
     runtime_->sessions().start_above(generation_floor_);  // before the gate opens
@@ -124,9 +123,10 @@ void Module::on_fork_prepare() noexcept {
   fork_entered_ = gate_.enter(fork_shard_);
   if (!fork_entered_) return;  // not initialized: no call can be inside the backend
   if (gate_.hold(kForkHoldLimit) == CallGate::Hold::timed_out) {
-    runtime_->log().warn("fork(): calls still inside the backend after {} s; forking anyway "
-                         "(the child may find the backend's locks held)",
-                         kForkHoldLimit.count());
+    runtime_->log().warn(
+        "fork(): calls still inside the backend after {} s; forking anyway "
+        "(the child may find the backend's locks held)",
+        kForkHoldLimit.count());
   }
   hold_log_for_fork(runtime_->log());
 }

@@ -2,9 +2,9 @@
 // and the runtime. This is the only mutable global object in the library.
 #pragma once
 
+#include "entry/interfaces.hpp"
 #include "lifecycle/call_gate.hpp"
 #include "lifecycle/gate_access.hpp"
-#include "entry/interfaces.hpp"
 #include "lifecycle/runtime.hpp"
 
 #include <atomic>

@@ -1,7 +1,7 @@
 #include "lifecycle/runtime.hpp"
 
-#include "observe/logging.hpp"
 #include "forward/operation_state.hpp"
+#include "observe/logging.hpp"
 
 #include <p11mux/ckr_error.hpp>
 #include <p11mux/rv_names.hpp>
@@ -33,10 +33,18 @@ BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* sel
   options.self = self;
   options.inherited = inherited;
   switch (config.backend.locking) {
-    case LockingMode::automatic: options.locking = BackendLocking::automatic; break;
-    case LockingMode::os: options.locking = BackendLocking::os; break;
-    case LockingMode::callbacks: options.locking = BackendLocking::callbacks; break;
-    case LockingMode::none: options.locking = BackendLocking::none; break;
+    case LockingMode::automatic:
+      options.locking = BackendLocking::automatic;
+      break;
+    case LockingMode::os:
+      options.locking = BackendLocking::os;
+      break;
+    case LockingMode::callbacks:
+      options.locking = BackendLocking::callbacks;
+      break;
+    case LockingMode::none:
+      options.locking = BackendLocking::none;
+      break;
   }
   return options;
 }
@@ -44,8 +52,7 @@ BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* sel
 }  // namespace
 
 Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self,
-                 std::uint64_t epoch, GateAccess& gate,
-                 std::optional<BackendLocking> inherited)
+                 std::uint64_t epoch, GateAccess& gate, std::optional<BackendLocking> inherited)
     : config_(config),
       gate_(gate),
       locks_(init.locks),
@@ -66,14 +73,14 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
     if (may_create_threads_) {
       maintenance_ = std::make_unique<PoolMaintenance>(*pool_, idle, keepalive);
     } else {
-      log_->warn("pool.idle_timeout_s and pool.keepalive_s are off: "
-                 "CKF_LIBRARY_CANT_CREATE_OS_THREADS forbids p11mux's maintenance thread");
+      log_->warn(
+          "pool.idle_timeout_s and pool.keepalive_s are off: "
+          "CKF_LIBRARY_CANT_CREATE_OS_THREADS forbids p11mux's maintenance thread");
     }
   }
   const Backend& backend = *port_.backend();
   log_->info("backend '{}' initialized: cryptoki {}.{}, locking {}{}{}", backend.path(),
-             backend.version().major, backend.version().minor,
-             to_string(backend.locking()),
+             backend.version().major, backend.version().minor, to_string(backend.locking()),
              backend.thread_safe() ? "" : " (not thread-safe: every call serialized)",
              backend.shared()      ? ", already initialized by another user"
              : backend.inherited() ? ", as initialized before fork()"
@@ -95,8 +102,7 @@ SessionPool::Fate Runtime::reset_backend_session(Binding& s) noexcept {
   using Fate = SessionPool::Fate;
   if (s.discard) return SessionPool::unreset_fate(s.discard, s.dead, s.why);
   const OpMask pending = s.ops | s.maybe;
-  if (pending != 0 &&
-      port_.call<fn::C_SessionCancel>(s.backend, cancel_flags(pending)) == CKR_OK) {
+  if (pending != 0 && port_.call<fn::C_SessionCancel>(s.backend, cancel_flags(pending)) == CKR_OK) {
     s.ops = s.maybe = 0;
   }
   if ((s.ops | s.maybe) == op::find) {
@@ -141,9 +147,10 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept NO_THREAD_SAFETY_ANALY
   }
   // A session opened with a Notify callback carries the application's
   // callback: never reused.
-  SessionPool::Fate fate = s->notify.load(std::memory_order_relaxed) != nullptr && !s->anchor.discard
-                               ? SessionPool::Fate::closed(CloseReason::notify_callback)
-                               : reset_backend_session(s->anchor);
+  SessionPool::Fate fate =
+      s->notify.load(std::memory_order_relaxed) != nullptr && !s->anchor.discard
+          ? SessionPool::Fate::closed(CloseReason::notify_callback)
+          : reset_backend_session(s->anchor);
   pool_->close(s->slot, s->rw, s->anchor.backend, fate);
   sessions_.close(std::move(lease));
   return CKR_OK;
@@ -187,7 +194,7 @@ CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept
 }
 
 bool Runtime::shutdown() noexcept {
-  maintenance_.reset();  // no pool work may race the backend's finalization
+  maintenance_.reset();   // no pool work may race the backend's finalization
   observer_->finalize();  // the summary while sessions and pool still show their figures
   sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
   pool_->close_all();
@@ -207,9 +214,10 @@ bool Runtime::shutdown() noexcept {
     if (left <= decltype(left)::zero()) break;
     timed_wait(waiters_, n, std::min<std::chrono::nanoseconds>(left, 10ms));
   }
-  log_->error("{} C_WaitForSlotEvent call(s) still inside the backend after C_Finalize; "
-              "keeping the backend loaded",
-              waiters_.load());
+  log_->error(
+      "{} C_WaitForSlotEvent call(s) still inside the backend after C_Finalize; "
+      "keeping the backend loaded",
+      waiters_.load());
   port_.backend()->abandon();
   return false;
 }

@@ -2,15 +2,15 @@
 // backend, the virtual sessions, the locks and the logger.
 #pragma once
 
-#include "port/backend_port.hpp"
 #include "config/config.hpp"
 #include "lifecycle/gate_access.hpp"
 #include "lifecycle/init_args.hpp"
-#include "sync/lock.hpp"
 #include "observe/observer.hpp"
+#include "port/backend_port.hpp"
 #include "sessions/pool_maintenance.hpp"
 #include "sessions/session_pool.hpp"
 #include "sessions/session_table.hpp"
+#include "sync/lock.hpp"
 
 #include <spdlog/logger.h>
 
@@ -94,7 +94,8 @@ class Runtime {
   BackendPort port_;
   SessionTable sessions_;
   std::unique_ptr<SessionPool> pool_;
-  std::unique_ptr<PoolMaintenance> maintenance_;  // only with a period configured and threads allowed
+  std::unique_ptr<PoolMaintenance>
+      maintenance_;  // only with a period configured and threads allowed
   // Held by a polling C_WaitForSlotEvent across "not stopping? then ask the
   // backend", and by shutdown() to set stopping_: no poll after finalization.
   // stopping_ is an atomic (also read without it); the lock orders a poll

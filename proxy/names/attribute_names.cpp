@@ -9,7 +9,6 @@ using name_table::find;
 using name_table::one_name_per_value;
 using name_table::sorted;
 
-
 // Every CKA_, CKO_ and CKK_ of p11-kit's pkcs11.h, generated once from it.
 // Where two names share a value the current one is kept: CKA_EC_PARAMS, not
 // CKA_ECDSA_PARAMS; CKK_EC, not CKK_ECDSA.

@@ -9,7 +9,6 @@ using name_table::find;
 using name_table::one_name_per_value;
 using name_table::sorted;
 
-
 // Every CKM_ of p11-kit's pkcs11.h, generated once from it. Where two names
 // share a value the current one is kept: CKM_EC_KEY_PAIR_GEN, not
 // CKM_ECDSA_KEY_PAIR_GEN; CKM_CAST128_*, not CKM_CAST5_*.

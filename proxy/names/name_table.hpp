@@ -37,4 +37,5 @@ std::string_view find(const std::array<Name, N>& names, CK_ULONG value) noexcept
 
 }  // namespace p11mux::name_table
 
-#define P11MUX_NAME(name) ::p11mux::name_table::Name{name, #name}
+#define P11MUX_NAME(name) \
+  ::p11mux::name_table::Name { name, #name }

@@ -31,8 +31,8 @@ namespace p11mux {
 // too: a refused call's count is never walked.
 struct TemplateCapacities {
   bool captured = false;
-  CK_ULONG count = 0;                                 // min(ulCount, kMaxAttributesShown)
-  std::array<CK_ULONG, kMaxAttributesShown> of;     // left uninitialized: only [0, count) is read
+  CK_ULONG count = 0;                            // min(ulCount, kMaxAttributesShown)
+  std::array<CK_ULONG, kMaxAttributesShown> of;  // left uninitialized: only [0, count) is read
 
   void capture(const CK_ATTRIBUTE* attributes, CK_ULONG attribute_count) noexcept {
     count = attributes == nullptr ? 0 : std::min<CK_ULONG>(attribute_count, kMaxAttributesShown);
@@ -46,7 +46,7 @@ struct CallFacts {
   CK_RV rv = CKR_OK;
   std::uint64_t elapsed_ns = 0;
   std::uint64_t lock_wait_ns = 0;
-  CK_SESSION_HANDLE backend = CK_INVALID_HANDLE;  // the backend session, when known
+  CK_SESSION_HANDLE backend = CK_INVALID_HANDLE;            // the backend session, when known
   const TemplateCapacities* template_capacities = nullptr;  // C_GetAttributeValue's
 };
 
@@ -65,7 +65,8 @@ std::array<CK_ULONG, sizeof...(A)> output_capacities(A... a) noexcept {
           }
         }(),
         ...);
-  }(std::index_sequence_for<A...>{});
+  }
+  (std::index_sequence_for<A...>{});
   return caps;
 }
 
@@ -180,7 +181,8 @@ void write_trace(spdlog::logger& log, const CallFacts& facts,
     const std::tuple<A...> args{a...};
     [&]<std::size_t... I>(std::index_sequence<I...>) {
       (trace_detail::format_argument<F, I>(text, args, facts, caps), ...);
-    }(std::index_sequence_for<A...>{});
+    }
+    (std::index_sequence_for<A...>{});
     append(text, ") = ");
     append(text, rv_name(facts.rv));
     append(text, " [");

@@ -47,4 +47,3 @@ void note_thread_id_after_fork() noexcept;
 void log_startup_error(const std::string& message) noexcept;
 
 }  // namespace p11mux
-

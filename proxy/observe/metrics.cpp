@@ -116,7 +116,8 @@ Metrics::~Metrics() = default;
 void Metrics::record_call(std::size_t function, CK_RV rv, std::uint64_t ns) noexcept {
   Shard& shard = shards_[this_thread_shard()];
   shard.functions[function].latency.add(ns);
-  if (rv != CKR_OK) [[unlikely]] shard.record_error(function, rv);
+  if (rv != CKR_OK) [[unlikely]]
+    shard.record_error(function, rv);
 }
 
 void Metrics::record_lock_wait(std::uint64_t ns) noexcept {
@@ -152,7 +153,8 @@ MetricsSnapshot Metrics::snapshot() const {
 PoolMetricsRegistry::PoolMetricsRegistry(const LockSource& locks) : lock_(locks) {}
 
 PoolMetricsRegistry::~PoolMetricsRegistry() {
-  for (Node* n = head_.load(std::memory_order_relaxed); n != nullptr;) delete std::exchange(n, n->next);
+  for (Node* n = head_.load(std::memory_order_relaxed); n != nullptr;)
+    delete std::exchange(n, n->next);
 }
 
 SlotPoolMetrics* PoolMetricsRegistry::slot(CK_SLOT_ID slot) noexcept {

@@ -9,8 +9,8 @@
 // snapshot taken while calls run is a consistent lower bound.
 #pragma once
 
-#include "sessions/close_reason.hpp"
 #include "functions/function_traits.hpp"
+#include "sessions/close_reason.hpp"
 #include "sync/lock.hpp"
 #include "sync/thread_shard.hpp"
 
@@ -55,7 +55,9 @@ struct LatencyBuckets {
     return i < kCount - 1 ? i : kCount - 1;
   }
   // The inclusive upper bound of bucket i in ns; the last bucket has none.
-  static constexpr std::uint64_t upper_ns(std::size_t i) noexcept { return std::uint64_t{1000} << i; }
+  static constexpr std::uint64_t upper_ns(std::size_t i) noexcept {
+    return std::uint64_t{1000} << i;
+  }
 };
 
 // Plain counts of one histogram, summed over shards.
@@ -140,8 +142,8 @@ struct SlotPoolMetrics {
   std::atomic<std::int64_t> open{0};  // backend sessions open on the slot: idle + in use
   ShardedGauge idle;                  // open, in the pool or a thread cache, ready for reuse
   ShardedGauge in_use;                // open and held by a virtual session (or a multiplexed call)
-  std::atomic<std::uint64_t> waits{0};  // C_OpenSession calls that waited at the session limit
-  std::atomic<std::uint64_t> wait_ns{0};         // the total time those calls waited
+  std::atomic<std::uint64_t> waits{0};    // C_OpenSession calls that waited at the session limit
+  std::atomic<std::uint64_t> wait_ns{0};  // the total time those calls waited
   std::atomic<std::uint64_t> discarded_dead{0};  // sessions dropped because the backend said gone
   // Sessions closed instead of pooled: p11mux could not prove them clean.
   std::array<std::atomic<std::uint64_t>, kCloseReasonCount> unclean{};

@@ -19,7 +19,8 @@
 namespace p11mux {
 
 struct NoObservation {
-  [[gnu::always_inline]] SessionLease lease(SessionTable& sessions, CK_SESSION_HANDLE handle) const noexcept {
+  [[gnu::always_inline]] SessionLease lease(SessionTable& sessions,
+                                            CK_SESSION_HANDLE handle) const noexcept {
     return sessions.lease(handle);
   }
   void ran_on(CK_SESSION_HANDLE) const noexcept {}
@@ -39,9 +40,10 @@ struct CallObservation {
     return sessions.lease(handle, [this](Mutex& lock) NO_THREAD_SAFETY_ANALYSIS {
       auto start = std::chrono::steady_clock::now();
       lock.lock();
-      lock_wait_ns = static_cast<std::uint64_t>(
-          std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
-              .count());
+      lock_wait_ns =
+          static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                         std::chrono::steady_clock::now() - start)
+                                         .count());
       locked = true;
     });
   }
@@ -74,7 +76,8 @@ CK_RV observed_call(Observer& observer, spdlog::logger& log, Body&& body, A... a
   const auto start = std::chrono::steady_clock::now();
   const CK_RV rv = body(seen);
   const auto ns = static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count());
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
+          .count());
   if (Metrics* metrics = observer.metrics()) {
     metrics->record_call(index, rv, ns);
     if (seen.locked) metrics->record_lock_wait(seen.lock_wait_ns);

@@ -99,7 +99,8 @@ std::array<bool, kFunctionCount> parse_functions(std::string_view list) {
     (exclude ? excluded : included)[*index] = true;
     any_included = any_included || !exclude;
   }
-  for (std::size_t f = 0; f < kFunctionCount; ++f) traced[f] = (!any_included || included[f]) && !excluded[f];
+  for (std::size_t f = 0; f < kFunctionCount; ++f)
+    traced[f] = (!any_included || included[f]) && !excluded[f];
   return traced;
 }
 
@@ -130,15 +131,17 @@ Observer::~Observer() { stop(); }
 
 void Observer::start(const SessionTable& sessions) noexcept {
   sessions_ = &sessions;
-  summary_handled_.store(summary_requests_.load(std::memory_order_relaxed), std::memory_order_relaxed);
+  summary_handled_.store(summary_requests_.load(std::memory_order_relaxed),
+                         std::memory_order_relaxed);
   if (signal_) signal_installed_ = install_signal_handler(log_);
   if (!listen_ && !signal_installed_) return;
   if (!may_create_threads_) {
     // The application forbids threads (GnuTLS does): an endpoint asked for
     // does not start, and the user must be told at the default level.
     if (listen_) {
-      log_.warn("[metrics] listen: no endpoint: the application initialized p11mux with "
-                "CKF_LIBRARY_CANT_CREATE_OS_THREADS");
+      log_.warn(
+          "[metrics] listen: no endpoint: the application initialized p11mux with "
+          "CKF_LIBRARY_CANT_CREATE_OS_THREADS");
     }
     polling_ = signal_installed_;
     return;
@@ -196,7 +199,8 @@ std::string Observer::endpoint() const { return server_ ? server_->address() : s
 
 LiveFigures Observer::live_figures() const {
   LiveFigures live;
-  live.uptime_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+  live.uptime_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
   live.sessions_open = sessions_ != nullptr ? sessions_->live_count() : 0;
   live.log_records_dropped = dropped_records(logger_);
   live.slots = slot_figures(pools_);

@@ -1,8 +1,8 @@
 // Everything p11mux does to be watched, for one initialization: the trace
 // filters, the metrics, the stats thread (HTTP endpoint and SIGUSR1), and
-// the summary table at C_Finalize when [metrics] summary asks for it. The runtime owns one; calls reach it only
-// when tracing or metrics are on (Runtime::observing), so with both off the
-// cost is one predictable branch per call.
+// the summary table at C_Finalize when [metrics] summary asks for it. The runtime owns one; calls
+// reach it only when tracing or metrics are on (Runtime::observing), so with both off the cost is
+// one predictable branch per call.
 //
 // Threads: the stats thread is started only when [metrics] listen or signal
 // asks for it, and never under CKF_LIBRARY_CANT_CREATE_OS_THREADS. Without
@@ -10,10 +10,10 @@
 #pragma once
 
 #include "config/config.hpp"
-#include "sync/lock.hpp"
 #include "observe/metrics.hpp"
-#include "sessions/session_table.hpp"
 #include "observe/stats_server.hpp"
+#include "sessions/session_table.hpp"
+#include "sync/lock.hpp"
 
 #include <spdlog/logger.h>
 
@@ -35,7 +35,7 @@ class Observer {
   // value (an unknown function, a non-loopback address...).
   Observer(const Config& config, const LockSource& locks, bool may_create_threads,
            std::shared_ptr<spdlog::logger> log);
-  ~Observer();  // stop()
+  ~Observer();                         // stop()
   Observer(const Observer&) = delete;  // threads and signal handlers point at it
   Observer& operator=(const Observer&) = delete;
 

@@ -47,11 +47,13 @@ void histogram(Text& t, std::string_view name, std::string_view labels, const Hi
   std::uint64_t cumulative = 0;
   for (std::size_t i = 0; i + 1 < h.buckets.size(); ++i) {
     cumulative += h.buckets[i];
-    t.put("{}_bucket{{{}le=\"{}\"}} {}\n", name, labels, seconds(LatencyBuckets::upper_ns(i)), cumulative);
+    t.put("{}_bucket{{{}le=\"{}\"}} {}\n", name, labels, seconds(LatencyBuckets::upper_ns(i)),
+          cumulative);
   }
   cumulative += h.buckets.back();
   t.put("{}_bucket{{{}le=\"+Inf\"}} {}\n", name, labels, cumulative);
-  std::string braced = labels.empty() ? "" : fmt::format("{{{}}}", labels.substr(0, labels.size() - 1));
+  std::string braced =
+      labels.empty() ? "" : fmt::format("{{{}}}", labels.substr(0, labels.size() - 1));
   t.put("{}_sum{} {}\n", name, braced, seconds(h.sum_ns));
   t.put("{}_count{} {}\n", name, braced, cumulative);
 }
@@ -90,7 +92,8 @@ std::vector<SlotFigures> slot_figures(const PoolMetricsRegistry& pools) {
     SlotFigures& f = out.emplace_back(SlotFigures{
         slot, m.open.load(std::memory_order_relaxed), m.idle.load(std::memory_order_relaxed),
         m.in_use.load(std::memory_order_relaxed), m.waits.load(std::memory_order_relaxed),
-        m.wait_ns.load(std::memory_order_relaxed), m.discarded_dead.load(std::memory_order_relaxed)});
+        m.wait_ns.load(std::memory_order_relaxed),
+        m.discarded_dead.load(std::memory_order_relaxed)});
     for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
       f.unclean[r] = m.unclean[r].load(std::memory_order_relaxed);
     }
@@ -146,7 +149,8 @@ std::string prometheus_text(const MetricsSnapshot& m, const LiveFigures& live) {
        [](const SlotFigures& s) { return static_cast<double>(s.open); }},
       {"p11mux_pool_sessions_idle", "gauge", "Backend sessions open and ready for reuse, by slot.",
        [](const SlotFigures& s) { return static_cast<double>(s.idle); }},
-      {"p11mux_pool_sessions_in_use", "gauge", "Backend sessions held by a virtual session, by slot.",
+      {"p11mux_pool_sessions_in_use", "gauge",
+       "Backend sessions held by a virtual session, by slot.",
        [](const SlotFigures& s) { return static_cast<double>(s.in_use); }},
       {"p11mux_pool_waits_total", "counter",
        "C_OpenSession calls that waited for a backend session at the limit, by slot.",
@@ -159,7 +163,8 @@ std::string prometheus_text(const MetricsSnapshot& m, const LiveFigures& live) {
   };
   for (const PoolFamily& p : kPool) {
     family(t, p.name, p.type, p.help);
-    for (const SlotFigures& s : live.slots) t.put("{}{{slot=\"{}\"}} {}\n", p.name, s.slot, p.value(s));
+    for (const SlotFigures& s : live.slots)
+      t.put("{}{{slot=\"{}\"}} {}\n", p.name, s.slot, p.value(s));
   }
   family(t, "p11mux_pool_sessions_unclean_total", "counter",
          "Backend sessions closed instead of pooled because p11mux could not prove them clean, "
@@ -179,9 +184,10 @@ std::string prometheus_text(const MetricsSnapshot& m, const LiveFigures& live) {
 
 std::string stats_json(const MetricsSnapshot& m, const LiveFigures& live) {
   Text t;
-  t.put("{{\"uptime_seconds\":{:.3f},\"sessions_open\":{},\"calls\":{},\"errors\":{},"
-        "\"log_records_dropped\":{},\"functions\":{{",
-        live.uptime_s, live.sessions_open, total_calls(m), total_errors(m), live.log_records_dropped);
+  t.put(
+      "{{\"uptime_seconds\":{:.3f},\"sessions_open\":{},\"calls\":{},\"errors\":{},"
+      "\"log_records_dropped\":{},\"functions\":{{",
+      live.uptime_s, live.sessions_open, total_calls(m), total_errors(m), live.log_records_dropped);
   bool first = true;
   for (std::size_t f = 0; f < kFunctionCount; ++f) {
     std::uint64_t calls = m.latency[f].count();
@@ -208,10 +214,11 @@ std::string stats_json(const MetricsSnapshot& m, const LiveFigures& live) {
   t.put("}},\"slots\":[");
   for (std::size_t i = 0; i < live.slots.size(); ++i) {
     const SlotFigures& s = live.slots[i];
-    t.put("{}{{\"slot\":{},\"open\":{},\"idle\":{},\"in_use\":{},\"waits\":{},\"wait_us\":{:.3f},"
-          "\"discarded_dead\":{},\"closed_unclean\":{{",
-          i == 0 ? "" : ",", s.slot, s.open, s.idle, s.in_use, s.waits,
-          micros(static_cast<double>(s.wait_ns)), s.discarded_dead);
+    t.put(
+        "{}{{\"slot\":{},\"open\":{},\"idle\":{},\"in_use\":{},\"waits\":{},\"wait_us\":{:.3f},"
+        "\"discarded_dead\":{},\"closed_unclean\":{{",
+        i == 0 ? "" : ",", s.slot, s.open, s.idle, s.in_use, s.waits,
+        micros(static_cast<double>(s.wait_ns)), s.discarded_dead);
     for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
       t.put("{}", r == 0 ? "" : ",");
       json_string(t, kCloseReasonNames[r]);
@@ -225,9 +232,10 @@ std::string stats_json(const MetricsSnapshot& m, const LiveFigures& live) {
 
 std::vector<std::string> summary_lines(const MetricsSnapshot& m, const LiveFigures& live) {
   std::vector<std::string> lines;
-  lines.push_back(fmt::format("metrics summary: {:.1f} s since C_Initialize, {} sessions open, {} calls, "
-                              "{} errors",
-                              live.uptime_s, live.sessions_open, total_calls(m), total_errors(m)));
+  lines.push_back(
+      fmt::format("metrics summary: {:.1f} s since C_Initialize, {} sessions open, {} calls, "
+                  "{} errors",
+                  live.uptime_s, live.sessions_open, total_calls(m), total_errors(m)));
   std::vector<std::size_t> order;
   for (std::size_t f = 0; f < kFunctionCount; ++f) {
     if (m.latency[f].count() != 0) order.push_back(f);
@@ -236,8 +244,8 @@ std::vector<std::string> summary_lines(const MetricsSnapshot& m, const LiveFigur
     return m.latency[a].count() > m.latency[b].count();
   });
   if (!order.empty()) {
-    lines.push_back(fmt::format("  {:<24} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10}", "function", "calls",
-                                "errors", "mean us", "p50 us", "p99 us", "max us"));
+    lines.push_back(fmt::format("  {:<24} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10}", "function",
+                                "calls", "errors", "mean us", "p50 us", "p99 us", "max us"));
   }
   for (std::size_t f : order) {
     const HistogramCounts& h = m.latency[f];
@@ -251,32 +259,34 @@ std::vector<std::string> summary_lines(const MetricsSnapshot& m, const LiveFigur
     std::string text = "  errors:";
     for (std::size_t i = 0; i < m.errors_by_rv.size(); ++i) {
       const ErrorCount& e = m.errors_by_rv[i];
-      text += fmt::format("{} {} {} x{}", i == 0 ? "" : ",", kFunctionNames[e.function], error_name(e.rv),
-                          e.count);
+      text += fmt::format("{} {} {} x{}", i == 0 ? "" : ",", kFunctionNames[e.function],
+                          error_name(e.rv), e.count);
     }
     lines.push_back(std::move(text));
   }
   if (std::uint64_t n = m.lock_wait.count(); n != 0) {
-    lines.push_back(fmt::format("  session lock: {} acquisitions, waited {:.1f} us in all, p99 {:.1f} us, "
-                                "max {:.1f} us",
-                                n, micros(static_cast<double>(m.lock_wait.sum_ns)),
-                                micros(m.lock_wait.quantile_ns(0.99)),
-                                micros(static_cast<double>(m.lock_wait.max_ns))));
+    lines.push_back(fmt::format(
+        "  session lock: {} acquisitions, waited {:.1f} us in all, p99 {:.1f} us, "
+        "max {:.1f} us",
+        n, micros(static_cast<double>(m.lock_wait.sum_ns)), micros(m.lock_wait.quantile_ns(0.99)),
+        micros(static_cast<double>(m.lock_wait.max_ns))));
   }
   for (const SlotFigures& s : live.slots) {
     std::string unclean;
     for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
       if (s.unclean[r] == 0) continue;
-      unclean += fmt::format("{} {} {}", unclean.empty() ? "" : ",", kCloseReasonNames[r], s.unclean[r]);
+      unclean +=
+          fmt::format("{} {} {}", unclean.empty() ? "" : ",", kCloseReasonNames[r], s.unclean[r]);
     }
-    lines.push_back(fmt::format("  slot {} pool: {} open ({} idle, {} in use), {} waits ({:.1f} ms), "
-                                "{} discarded dead, closed unclean:{}",
-                                s.slot, s.open, s.idle, s.in_use, s.waits,
-                                static_cast<double>(s.wait_ns) / 1e6, s.discarded_dead,
-                                unclean.empty() ? " none" : unclean));
+    lines.push_back(
+        fmt::format("  slot {} pool: {} open ({} idle, {} in use), {} waits ({:.1f} ms), "
+                    "{} discarded dead, closed unclean:{}",
+                    s.slot, s.open, s.idle, s.in_use, s.waits, static_cast<double>(s.wait_ns) / 1e6,
+                    s.discarded_dead, unclean.empty() ? " none" : unclean));
   }
   if (live.log_records_dropped != 0) {
-    lines.push_back(fmt::format("  log: {} records dropped (asynchronous queue full)", live.log_records_dropped));
+    lines.push_back(fmt::format("  log: {} records dropped (asynchronous queue full)",
+                                live.log_records_dropped));
   }
   return lines;
 }

@@ -1,6 +1,7 @@
 // The metrics as text: Prometheus exposition format (/metrics), a JSON
 // snapshot (/stats), and the summary table written to the log at C_Finalize
-// ([metrics] summary) and on SIGUSR1 ([metrics] signal). Pure functions of a snapshot, so tests can check them.
+// ([metrics] summary) and on SIGUSR1 ([metrics] signal). Pure functions of a snapshot, so tests can
+// check them.
 #pragma once
 
 #include "observe/metrics.hpp"

@@ -42,14 +42,17 @@ constexpr auto kAcceptRetry = 100ms;  // after an accept error such as EMFILE
 // the summary eventfd. Written by the owning server, read by after_fork().
 std::array<std::atomic<int>, 2> g_child_closes{-1, -1};
 
-void forget_in_child(int slot, int fd) noexcept { g_child_closes[slot].store(fd, std::memory_order_release); }
-
-[[noreturn]] void bad_listen(std::string_view text, std::string_view why) {
-  throw CkrError(CKR_GENERAL_ERROR, "bad value '" + std::string(text) + "' for [metrics] listen: " +
-                                        std::string(why));
+void forget_in_child(int slot, int fd) noexcept {
+  g_child_closes[slot].store(fd, std::memory_order_release);
 }
 
-std::string response(std::string_view status, std::string_view type, std::string_view body, bool head) {
+[[noreturn]] void bad_listen(std::string_view text, std::string_view why) {
+  throw CkrError(CKR_GENERAL_ERROR,
+                 "bad value '" + std::string(text) + "' for [metrics] listen: " + std::string(why));
+}
+
+std::string response(std::string_view status, std::string_view type, std::string_view body,
+                     bool head) {
   std::string out = "HTTP/1.1 ";
   out += status;
   out += "\r\nContent-Type: ";
@@ -87,7 +90,8 @@ ListenAddress parse_listen(std::string_view text, bool allow_remote) {
   asio::ip::address address = asio::ip::make_address(std::string(host), parse_error);
   if (parse_error) bad_listen(text, "the host must be an IP address or localhost");
   if (!address.is_loopback() && !allow_remote) {
-    bad_listen(text, "not a loopback address; set [metrics] allow_remote = true to serve other hosts");
+    bad_listen(text,
+               "not a loopback address; set [metrics] allow_remote = true to serve other hosts");
   }
   out.host = address.to_string();
   return out;
@@ -141,7 +145,8 @@ struct StatsServer::Impl {
       if (request.find("\r\n\r\n") == std::string_view::npos &&
           request.find("\n\n") == std::string_view::npos) {
         if (used_ < buffer_.size()) return read();
-        return reply(response("431 Request Header Fields Too Large", "text/plain", "too large\n", false));
+        return reply(
+            response("431 Request Header Fields Too Large", "text/plain", "too large\n", false));
       }
       reply(answer(request));
     }
@@ -150,7 +155,8 @@ struct StatsServer::Impl {
       std::string_view line = request.substr(0, request.find_first_of("\r\n"));
       std::size_t sp1 = line.find(' ');
       std::size_t sp2 = sp1 == std::string_view::npos ? sp1 : line.find(' ', sp1 + 1);
-      if (sp2 == std::string_view::npos) return response("400 Bad Request", "text/plain", "bad request\n", false);
+      if (sp2 == std::string_view::npos)
+        return response("400 Bad Request", "text/plain", "bad request\n", false);
       std::string_view method = line.substr(0, sp1);
       std::string_view target = line.substr(sp1 + 1, sp2 - sp1 - 1);
       target = target.substr(0, target.find('?'));
@@ -160,7 +166,8 @@ struct StatsServer::Impl {
       }
       try {
         if (target == "/metrics") {
-          return response("200 OK", "text/plain; version=0.0.4; charset=utf-8", server_.handlers.metrics(), head);
+          return response("200 OK", "text/plain; version=0.0.4; charset=utf-8",
+                          server_.handlers.metrics(), head);
         }
         if (target == "/stats") {
           return response("200 OK", "application/json", server_.handlers.stats(), head);
@@ -177,8 +184,9 @@ struct StatsServer::Impl {
 
     void reply(std::string text) {
       reply_ = std::move(text);
-      asio::async_write(socket_, asio::buffer(reply_),
-                        [self = this->shared_from_this()](error_code, std::size_t) { self->close(); });
+      asio::async_write(
+          socket_, asio::buffer(reply_),
+          [self = this->shared_from_this()](error_code, std::size_t) { self->close(); });
     }
 
     void close() {
@@ -198,21 +206,24 @@ struct StatsServer::Impl {
 
   template <class Acceptor>
   void accept(Acceptor& acceptor) {
-    acceptor.async_accept([this, &acceptor](error_code ec, typename Acceptor::protocol_type::socket socket) {
-      if (ec == asio::error::operation_aborted) return;
-      if (ec) {
-        // Out of file descriptors or similar: try again shortly, without spinning.
-        retry->expires_after(kAcceptRetry);
-        retry->async_wait([this, &acceptor](error_code e) {
-          if (!e) accept(acceptor);
+    acceptor.async_accept(
+        [this, &acceptor](error_code ec, typename Acceptor::protocol_type::socket socket) {
+          if (ec == asio::error::operation_aborted) return;
+          if (ec) {
+            // Out of file descriptors or similar: try again shortly, without spinning.
+            retry->expires_after(kAcceptRetry);
+            retry->async_wait([this, &acceptor](error_code e) {
+              if (!e) accept(acceptor);
+            });
+            return;
+          }
+          if (connections < kMaxConnections) {
+            std::make_shared<Connection<typename Acceptor::protocol_type::socket>>(
+                std::move(socket), *this)
+                ->start();
+          }
+          accept(acceptor);
         });
-        return;
-      }
-      if (connections < kMaxConnections) {
-        std::make_shared<Connection<typename Acceptor::protocol_type::socket>>(std::move(socket), *this)->start();
-      }
-      accept(acceptor);
-    });
   }
 
   void watch_summary() {
@@ -240,7 +251,8 @@ struct StatsServer::Impl {
   }
 };
 
-StatsServer::StatsServer(const std::optional<ListenAddress>& listen, int summary_fd, Handlers handlers)
+StatsServer::StatsServer(const std::optional<ListenAddress>& listen, int summary_fd,
+                         Handlers handlers)
     : impl_(std::make_unique<Impl>()) {
   try {
     start(listen, summary_fd, std::move(handlers));
@@ -250,7 +262,8 @@ StatsServer::StatsServer(const std::optional<ListenAddress>& listen, int summary
   }
 }
 
-void StatsServer::start(const std::optional<ListenAddress>& listen, int summary_fd, Handlers handlers) {
+void StatsServer::start(const std::optional<ListenAddress>& listen, int summary_fd,
+                        Handlers handlers) {
   Impl& s = *impl_;
   s.handlers = std::move(handlers);
   s.retry.emplace(s.io);
@@ -258,7 +271,8 @@ void StatsServer::start(const std::optional<ListenAddress>& listen, int summary_
     asio::ip::tcp::endpoint endpoint(asio::ip::make_address(listen->host), listen->port);
     s.tcp.emplace(s.io, endpoint);  // reuse_address: a restart must not wait for TIME_WAIT
     asio::ip::tcp::endpoint bound = s.tcp->local_endpoint();
-    address_ = bound.address().is_v6() ? "[" + bound.address().to_string() + "]" : bound.address().to_string();
+    address_ = bound.address().is_v6() ? "[" + bound.address().to_string() + "]"
+                                       : bound.address().to_string();
     address_ += ":" + std::to_string(bound.port());
     forget_in_child(0, s.tcp->native_handle());
     s.accept(*s.tcp);
@@ -274,7 +288,8 @@ void StatsServer::start(const std::optional<ListenAddress>& listen, int summary_
   }
   if (summary_fd >= 0) {
     int copy = ::fcntl(summary_fd, F_DUPFD_CLOEXEC, 0);
-    if (copy < 0) throw std::system_error(errno, std::generic_category(), "dup of the summary eventfd");
+    if (copy < 0)
+      throw std::system_error(errno, std::generic_category(), "dup of the summary eventfd");
     s.summary.emplace(s.io, copy);
     forget_in_child(1, copy);
     s.watch_summary();
@@ -311,7 +326,8 @@ void StatsServer::stop() noexcept {
   if (!s.unix_path.empty()) {
     struct stat st {};
     // Only our own socket: another process may have taken the path since.
-    if (::lstat(s.unix_path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) && st.st_ino == s.unix_inode) {
+    if (::lstat(s.unix_path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) &&
+        st.st_ino == s.unix_inode) {
       ::unlink(s.unix_path.c_str());
     }
   }

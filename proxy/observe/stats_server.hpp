@@ -46,7 +46,7 @@ class StatsServer {
   // the caller keeps its own), and starts the thread. Throws a
   // std::runtime_error (Asio's system_error) when it cannot bind or start.
   StatsServer(const std::optional<ListenAddress>& listen, int summary_fd, Handlers handlers);
-  ~StatsServer();  // stop()
+  ~StatsServer();                            // stop()
   StatsServer(const StatsServer&) = delete;  // owns a thread
   StatsServer& operator=(const StatsServer&) = delete;
 

@@ -9,13 +9,14 @@
 namespace p11mux {
 namespace {
 
-constexpr std::size_t kMaxBytesShown = 32;    // of a public byte string (CKA_ID, CKA_MODULUS...)
-constexpr std::size_t kMaxTextShown = 64;     // of a string attribute
-constexpr std::size_t kMaxListShown = 16;     // of CKA_ALLOWED_MECHANISMS, found handles
-constexpr int kMaxTemplateDepth = 2;          // CKA_WRAP_TEMPLATE inside a template...
+constexpr std::size_t kMaxBytesShown = 32;  // of a public byte string (CKA_ID, CKA_MODULUS...)
+constexpr std::size_t kMaxTextShown = 64;   // of a string attribute
+constexpr std::size_t kMaxListShown = 16;   // of CKA_ALLOWED_MECHANISMS, found handles
+constexpr int kMaxTemplateDepth = 2;        // CKA_WRAP_TEMPLATE inside a template...
 
 void format_template_at(TraceBuffer& out, const CK_ATTRIBUTE* attributes, CK_ULONG count,
-                        bool values, int depth, const CK_ULONG* capacities = nullptr, bool filled = true);
+                        bool values, int depth, const CK_ULONG* capacities = nullptr,
+                        bool filled = true);
 
 template <class... Args>
 void put(TraceBuffer& out, fmt::format_string<Args...> format, Args&&... args) {
@@ -23,10 +24,23 @@ void put(TraceBuffer& out, fmt::format_string<Args...> format, Args&&... args) {
 }
 
 // How an attribute's value is shown. Everything not listed is a byte string.
-enum class Kind { bytes, secret, boolean, number, object_class, key_type, mechanism, text, date, mechanisms, attributes };
+enum class Kind {
+  bytes,
+  secret,
+  boolean,
+  number,
+  object_class,
+  key_type,
+  mechanism,
+  text,
+  date,
+  mechanisms,
+  attributes
+};
 
 Kind kind_of(CK_ATTRIBUTE_TYPE type) noexcept {
   if (attribute_is_secret(type)) return Kind::secret;
+  // clang-format off
   switch (type) {
     case CKA_TOKEN: case CKA_PRIVATE: case CKA_TRUSTED: case CKA_SENSITIVE: case CKA_ENCRYPT:
     case CKA_DECRYPT: case CKA_WRAP: case CKA_UNWRAP: case CKA_SIGN: case CKA_SIGN_RECOVER:
@@ -58,6 +72,7 @@ Kind kind_of(CK_ATTRIBUTE_TYPE type) noexcept {
       return Kind::attributes;
     default: return Kind::bytes;
   }
+  // clang-format on
 }
 
 void format_name(TraceBuffer& out, std::string_view name, std::string_view prefix, CK_ULONG value) {
@@ -106,7 +121,8 @@ void format_padded(TraceBuffer& out, const CK_UTF8CHAR (&field)[N]) {
 
 // `nested_values`: whether a nested template's values may be read (not in an
 // output, whose nested buffers' sizes are unknown).
-void format_attribute_value(TraceBuffer& out, const CK_ATTRIBUTE& a, int depth, bool nested_values) {
+void format_attribute_value(TraceBuffer& out, const CK_ATTRIBUTE& a, int depth,
+                            bool nested_values) {
   const auto* bytes = static_cast<const unsigned char*>(a.pValue);
   const CK_ULONG length = a.ulValueLen;
   auto as_ulong = [&] {
@@ -217,6 +233,7 @@ void format_template_at(TraceBuffer& out, const CK_ATTRIBUTE* attributes, CK_ULO
 }  // namespace
 
 bool attribute_is_secret(CK_ATTRIBUTE_TYPE type) noexcept {
+  // clang-format off
   switch (type) {
     case CKA_VALUE: case CKA_PRIVATE_EXPONENT: case CKA_PRIME_1: case CKA_PRIME_2:
     case CKA_EXPONENT_1: case CKA_EXPONENT_2: case CKA_COEFFICIENT:
@@ -224,6 +241,7 @@ bool attribute_is_secret(CK_ATTRIBUTE_TYPE type) noexcept {
     default:
       return attribute_name(type).empty();
   }
+  // clang-format on
 }
 
 void format_number(TraceBuffer& out, CK_ULONG value) {
@@ -239,7 +257,8 @@ void format_session(TraceBuffer& out, CK_SESSION_HANDLE virtual_handle, CK_SESSI
   if (backend != CK_INVALID_HANDLE) put(out, "->{:#x}", backend);
 }
 
-void format_template(TraceBuffer& out, const CK_ATTRIBUTE* attributes, CK_ULONG count, bool values) {
+void format_template(TraceBuffer& out, const CK_ATTRIBUTE* attributes, CK_ULONG count,
+                     bool values) {
   format_template_at(out, attributes, count, values, 0);
 }
 
@@ -270,6 +289,7 @@ void format_mechanism(TraceBuffer& out, const CK_MECHANISM* mechanism) {
   // Only fields that are never secret; a parameter whose length does not
   // match its structure is shown by length alone.
   auto is = [&](auto* type) { return length == sizeof(*type); };
+  // clang-format off
   switch (mechanism->mechanism) {
     case CKM_RSA_PKCS_PSS: case CKM_SHA1_RSA_PKCS_PSS: case CKM_SHA224_RSA_PKCS_PSS:
     case CKM_SHA256_RSA_PKCS_PSS: case CKM_SHA384_RSA_PKCS_PSS: case CKM_SHA512_RSA_PKCS_PSS:
@@ -322,6 +342,7 @@ void format_mechanism(TraceBuffer& out, const CK_MECHANISM* mechanism) {
     default:
       break;
   }
+  // clang-format on
   put(out, "{{parameter {} bytes}}", length);
 }
 
@@ -358,7 +379,8 @@ void format_output(TraceBuffer& out, const CK_TOKEN_INFO& info) {
   format_padded(out, info.label);
   append(out, ", model ");
   format_padded(out, info.model);
-  put(out, ", flags {:#x}, sessions {}/{}}}", info.flags, info.ulSessionCount, info.ulMaxSessionCount);
+  put(out, ", flags {:#x}, sessions {}/{}}}", info.flags, info.ulSessionCount,
+      info.ulMaxSessionCount);
 }
 
 void format_output(TraceBuffer& out, const CK_SESSION_INFO& info) {

@@ -456,7 +456,8 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       Locked c(cache->state);
       found = c->pop(pool, pool.generation.load(std::memory_order_acquire), rw, out, stale);
     }
-    if (stale.count != 0) [[unlikely]] drop_stale(pool, stale);
+    if (stale.count != 0) [[unlikely]]
+      drop_stale(pool, stale);
     if (found) {
       pool.lent_idle();
       return CKR_OK;
@@ -596,7 +597,8 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     gate_.park();
     bool interrupted = interrupted_.load(std::memory_order_seq_cst);
     if (!interrupted) {
-      timed_wait(pool.returns, ticket, std::max<Clock::duration>(until - now, std::chrono::milliseconds(1)));
+      timed_wait(pool.returns, ticket,
+                 std::max<Clock::duration>(until - now, std::chrono::milliseconds(1)));
     }
     gate_.unpark();
     // C_Finalize: give up at once, whatever the deadline.
@@ -858,7 +860,8 @@ void SessionPool::close_all() noexcept {
 // than `idle_limit` are closed, those idle longer than `keepalive` are asked
 // for their info (a round trip that keeps them alive in the HSM); one that
 // fails is closed and counted dead.
-void SessionPool::maintain(std::chrono::seconds idle_limit, std::chrono::seconds keepalive) noexcept {
+void SessionPool::maintain(std::chrono::seconds idle_limit,
+                           std::chrono::seconds keepalive) noexcept {
   // The maintenance thread's backend calls are calls like any other: fork()
   // and C_Finalize wait for them.
   GateAccess::Background call(gate_);

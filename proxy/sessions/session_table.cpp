@@ -34,8 +34,8 @@ SessionLease SessionTable::reserve() NO_THREAD_SAFETY_ANALYSIS {
     index = free_.back();
     free_.pop_back();
   }
-  Session& s = chunks_[index >> kChunkBits].load(std::memory_order_acquire)->at(
-      index & (kChunkSize - 1));
+  Session& s =
+      chunks_[index >> kChunkBits].load(std::memory_order_acquire)->at(index & (kChunkSize - 1));
   s.lock.lock();
   s.generation = (std::max(s.generation, floor_) + 1) & kGenerationMask;
   if (s.generation == 0) s.generation = 1;
@@ -83,7 +83,8 @@ std::uint64_t SessionTable::highest_generation() noexcept {
   std::size_t chunks = chunk_count_.load(std::memory_order_acquire);
   for (std::size_t c = 0; c < chunks; ++c) {
     Chunk* chunk = chunks_[c].load(std::memory_order_acquire);
-    for (std::size_t i = 0; i < kChunkSize; ++i) highest = std::max(highest, chunk->at(i).generation);
+    for (std::size_t i = 0; i < kChunkSize; ++i)
+      highest = std::max(highest, chunk->at(i).generation);
   }
   return highest;
 }

@@ -30,16 +30,16 @@ namespace p11mux {
 // session left on it (so that it can be reset before anyone else uses it).
 struct Binding {
   CK_SESSION_HANDLE backend = CK_INVALID_HANDLE;
-  std::uint16_t ops = 0;       // operations active on it (OpMask, operation_state.hpp)
-  std::uint16_t maybe = 0;     // operations an error may have left active (OpMask)
-  bool discard = false;        // close it at the end, never reuse it
-  CloseReason why{};           // with discard, unless dead: why (counted by the pool)
-  bool dead = false;           // the backend said it (or its device) is gone: discard, counted
+  std::uint16_t ops = 0;    // operations active on it (OpMask, operation_state.hpp)
+  std::uint16_t maybe = 0;  // operations an error may have left active (OpMask)
+  bool discard = false;     // close it at the end, never reuse it
+  CloseReason why{};        // with discard, unless dead: why (counted by the pool)
+  bool dead = false;        // the backend said it (or its device) is gone: discard, counted
   // Multiplex: a call is running on it. Set under the session lock; cleared
   // under it too, except by give_back() (forward/multiplex.hpp), which
   // clears it without the lock: hence atomic.
   std::atomic<bool> busy{false};
-  std::uint64_t owner = 0;     // multiplex: the thread that used it last (this_thread_number())
+  std::uint64_t owner = 0;  // multiplex: the thread that used it last (this_thread_number())
   std::vector<CK_OBJECT_HANDLE> objects;  // session objects created through it
 
   void clear() noexcept {
@@ -105,7 +105,7 @@ class SessionLease {
     std::swap(s_, other.s_);
     return *this;
   }
-  SessionLease(const SessionLease&) = delete;  // exactly one unlock per lock
+  SessionLease(const SessionLease&) = delete;                         // exactly one unlock per lock
   [[gnu::always_inline]] ~SessionLease() NO_THREAD_SAFETY_ANALYSIS {  // the lease's lock
     if (s_ != nullptr) s_->lock.unlock();
   }
@@ -167,15 +167,15 @@ class SessionTable {
   // The live session with this handle, locked; empty for a stale or bogus one.
   // NO_THREAD_SAFETY_ANALYSIS (here and below): the lock goes to the lease.
   [[gnu::always_inline]] SessionLease lease(CK_SESSION_HANDLE handle) noexcept {
-    return lease(handle, [](Mutex& lock) __attribute__((always_inline))
-                             NO_THREAD_SAFETY_ANALYSIS { lock.lock(); });
+    return lease(
+        handle,
+        [](Mutex & lock) __attribute__((always_inline)) NO_THREAD_SAFETY_ANALYSIS { lock.lock(); });
   }
   // The same, taking the session's lock with lock_session(Mutex&): the hook
   // where metrics time the wait for it (lock contention).
   template <class LockSession>
-  [[gnu::always_inline]] SessionLease lease(CK_SESSION_HANDLE handle,
-                                            LockSession&& lock_session) noexcept
-      NO_THREAD_SAFETY_ANALYSIS {
+  [[gnu::always_inline]] SessionLease lease(
+      CK_SESSION_HANDLE handle, LockSession&& lock_session) noexcept NO_THREAD_SAFETY_ANALYSIS {
     CK_SESSION_HANDLE slot_number = handle & kIndexMask;
     if (slot_number == 0) return {};
     std::size_t index = slot_number - 1;

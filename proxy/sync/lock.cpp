@@ -16,7 +16,8 @@ Mutex::Mutex(const LockSource& source) {
   if (!source.uses_app_callbacks()) return;
   void* handle = nullptr;
   if (CK_RV rv = source.create(&handle); rv != CKR_OK) {
-    throw CkrError(rv, std::string("the application's CreateMutex failed: ") + std::string(rv_name(rv)));
+    throw CkrError(
+        rv, std::string("the application's CreateMutex failed: ") + std::string(rv_name(rv)));
   }
   app_ = handle;
   source_ = &source;
@@ -45,13 +46,13 @@ void timed_wait(std::atomic<std::uint32_t>& word, std::uint32_t old,
   ts.tv_sec = static_cast<time_t>(duration_cast<seconds>(timeout).count());
   ts.tv_nsec = static_cast<long>((timeout - seconds(ts.tv_sec)).count());
   static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t));
-  syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT_PRIVATE, old, &ts,
-          nullptr, 0);
+  syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT_PRIVATE, old, &ts, nullptr,
+          0);
 }
 
 void wake_all(std::atomic<std::uint32_t>& word) noexcept {
-  syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT_MAX,
-          nullptr, nullptr, 0);
+  syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr,
+          nullptr, 0);
 }
 
 }  // namespace p11mux

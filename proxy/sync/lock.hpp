@@ -112,8 +112,8 @@ class SCOPED_CAPABILITY MutexGuard {
 // NO_THREAD_SAFETY_ANALYSIS on them (and only them).
 class SCOPED_CAPABILITY OptionalGuard {
  public:
-  [[gnu::always_inline]] explicit OptionalGuard(Mutex* m) noexcept ACQUIRE(m) NO_THREAD_SAFETY_ANALYSIS
-      : m_(m) {
+  [[gnu::always_inline]] explicit OptionalGuard(Mutex* m) noexcept
+      ACQUIRE(m) NO_THREAD_SAFETY_ANALYSIS : m_(m) {
     if (m_ != nullptr) m_->lock();
   }
   [[gnu::always_inline]] ~OptionalGuard() RELEASE() NO_THREAD_SAFETY_ANALYSIS {

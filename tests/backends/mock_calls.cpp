@@ -42,7 +42,8 @@ constexpr bool same_order() {
     if (kMockOrder[i] != kP11muxOrder[i]) return false;
   return true;
 }
-static_assert(same_order(), "mock_function_table.h must list <p11mux/functions.h>'s functions in order");
+static_assert(same_order(),
+              "mock_function_table.h must list <p11mux/functions.h>'s functions in order");
 }  // namespace
 
 int function_index(const char* name) {
@@ -182,12 +183,27 @@ std::optional<CK_RV> Settings::injected_failure(Fn fn) {
 }
 
 void Counters::reset() {
-  for (auto* c : {&initialize_calls, &initialize_ok, &finalize_calls, &sessions_open,
-                  &sessions_opened_total, &sessions_closed_total, &sessions_closed_by_finalize,
-                  &sessions_dropped, &calls_total, &max_concurrent_calls, &library_violations,
-                  &session_violations, &finalize_during_call, &calls_after_finalize,
-                  &last_session, &last_random_len, &sessions_open_peak, &bend_ops_kept,
-                  &bend_lengths_filled, &bend_handles_reused, &bend_key_mat_keys,
+  for (auto* c : {&initialize_calls,
+                  &initialize_ok,
+                  &finalize_calls,
+                  &sessions_open,
+                  &sessions_opened_total,
+                  &sessions_closed_total,
+                  &sessions_closed_by_finalize,
+                  &sessions_dropped,
+                  &calls_total,
+                  &max_concurrent_calls,
+                  &library_violations,
+                  &session_violations,
+                  &finalize_during_call,
+                  &calls_after_finalize,
+                  &last_session,
+                  &last_random_len,
+                  &sessions_open_peak,
+                  &bend_ops_kept,
+                  &bend_lengths_filled,
+                  &bend_handles_reused,
+                  &bend_key_mat_keys,
                   &bend_session_count})
     c->store(0, std::memory_order_relaxed);
   for (auto& c : calls) c.store(0, std::memory_order_relaxed);

@@ -53,17 +53,15 @@ MOCK_EXPORT int mock_reset(void) { return module().reset(); }
 
 MOCK_EXPORT unsigned long mock_calls(const char* function_name) {
   int i = function_index(function_name);
-  return i < 0 ? ~0UL : module().counters.calls[static_cast<unsigned>(i)].load(
-                            std::memory_order_relaxed);
+  return i < 0 ? ~0UL
+               : module().counters.calls[static_cast<unsigned>(i)].load(std::memory_order_relaxed);
 }
 
 MOCK_EXPORT const char* mock_function_name(unsigned long index) {
   return index < kFunctionCount ? kFunctions[index].name : nullptr;
 }
 
-MOCK_EXPORT void mock_trigger_slot_event(unsigned long slot_id) {
-  module().trigger_event(slot_id);
-}
+MOCK_EXPORT void mock_trigger_slot_event(unsigned long slot_id) { module().trigger_event(slot_id); }
 
 MOCK_EXPORT unsigned long mock_fire_notify(unsigned long event) {
   unsigned long called = 0;
@@ -98,10 +96,18 @@ MOCK_EXPORT unsigned char mock_reference_xor_byte(unsigned long key_id) { return
 
 MOCK_EXPORT const MockControl* mock_get_control(void) {
   static const MockControl control = {
-      mock_configure,        mock_stats,          mock_reset,
-      mock_calls,            mock_function_name,  mock_trigger_slot_event,
-      mock_fire_notify,      mock_drop_sessions,  mock_token_user,
-      mock_reference_digest, mock_reference_signature, mock_reference_xor_byte,
+      mock_configure,
+      mock_stats,
+      mock_reset,
+      mock_calls,
+      mock_function_name,
+      mock_trigger_slot_event,
+      mock_fire_notify,
+      mock_drop_sessions,
+      mock_token_user,
+      mock_reference_digest,
+      mock_reference_signature,
+      mock_reference_xor_byte,
   };
   return &control;
 }

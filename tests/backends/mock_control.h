@@ -139,28 +139,28 @@ typedef struct MockConfig {
   unsigned long slot_count;     /* slots 0..n-1, token present, label
                                    "mock-token-N"; 0 = 1 */
   /* Read on every call: changing them while initialized takes effect at once. */
-  unsigned long max_sessions; /* per token; beyond it C_OpenSession returns
-                                 CKR_SESSION_COUNT; 0 = unlimited */
+  unsigned long max_sessions;               /* per token; beyond it C_OpenSession returns
+                                               CKR_SESSION_COUNT; 0 = unlimited */
   unsigned long token_max_session_count;    /* reported as-is in CK_TOKEN_INFO */
   unsigned long token_max_rw_session_count; /* (0 = CK_EFFECTIVELY_INFINITE) */
-  unsigned long call_spin_us;    /* every session call stays this long inside the
-                                    library (busy-wait up to 100 us, sleep above) */
-  unsigned long slow_us;         /* extra sleep in C_GenerateRandom, C_Digest, C_Sign */
-  unsigned long open_session_us; /* extra sleep in C_OpenSession and C_Login
-                                    (network HSM round trip) */
-  char fail_function[64];        /* e.g. "C_Sign"; "" = no failure injection */
-  unsigned long fail_rv;         /* what it returns instead of doing its work */
-  unsigned long fail_nth;        /* 0 = every call; N = only the Nth call after
-                                    mock_configure() (1-based) */
-  int provide_v3;                /* 1: C_GetInterfaceList/C_GetInterface offer
-                                    "PKCS 11" 3.0 (default) and 2.40; C_GetInfo
-                                    reports 3.0; C_xxxInit(NULL mechanism)
-                                    cancels. 0: both return
-                                    CKR_FUNCTION_NOT_SUPPORTED (the symbols are
-                                    always exported) */
-  int wait_blocking_unsupported; /* 1: C_WaitForSlotEvent without CKF_DONT_BLOCK
-                                    returns CKR_FUNCTION_NOT_SUPPORTED (like
-                                    SoftHSM2); 0 = it blocks */
+  unsigned long call_spin_us;               /* every session call stays this long inside the
+                                               library (busy-wait up to 100 us, sleep above) */
+  unsigned long slow_us;                    /* extra sleep in C_GenerateRandom, C_Digest, C_Sign */
+  unsigned long open_session_us;            /* extra sleep in C_OpenSession and C_Login
+                                               (network HSM round trip) */
+  char fail_function[64];                   /* e.g. "C_Sign"; "" = no failure injection */
+  unsigned long fail_rv;                    /* what it returns instead of doing its work */
+  unsigned long fail_nth;                   /* 0 = every call; N = only the Nth call after
+                                               mock_configure() (1-based) */
+  int provide_v3;                           /* 1: C_GetInterfaceList/C_GetInterface offer
+                                               "PKCS 11" 3.0 (default) and 2.40; C_GetInfo
+                                               reports 3.0; C_xxxInit(NULL mechanism)
+                                               cancels. 0: both return
+                                               CKR_FUNCTION_NOT_SUPPORTED (the symbols are
+                                               always exported) */
+  int wait_blocking_unsupported;            /* 1: C_WaitForSlotEvent without CKF_DONT_BLOCK
+                                               returns CKR_FUNCTION_NOT_SUPPORTED (like
+                                               SoftHSM2); 0 = it blocks */
   /* Appended for the spec-bending backend; read on every call. */
   unsigned long bend;                  /* MOCK_BEND_* bits; 0 = the library's default */
   unsigned long transient_count_every; /* MOCK_BEND_TRANSIENT_COUNT period; 0 =
@@ -234,12 +234,12 @@ typedef struct MockStats {
   unsigned long calls[MOCK_FUNCTION_COUNT]; /* per function, by function index */
 
   /* Appended for the spec-bending backend. */
-  unsigned long sessions_open_peak;   /* most sessions open at once, all slots */
-  unsigned long bend_ops_kept;        /* KEEP_OP: operations left active by an error */
-  unsigned long bend_lengths_filled;  /* FILL_LEN: ulValueLen filled on a short buffer */
-  unsigned long bend_handles_reused;  /* REUSE_HANDLES: handle numbers handed out again */
-  unsigned long bend_key_mat_keys;    /* KEY_MAT: keys returned in a mechanism parameter */
-  unsigned long bend_session_count;   /* TRANSIENT_COUNT: CKR_SESSION_COUNT below the limit */
+  unsigned long sessions_open_peak;  /* most sessions open at once, all slots */
+  unsigned long bend_ops_kept;       /* KEEP_OP: operations left active by an error */
+  unsigned long bend_lengths_filled; /* FILL_LEN: ulValueLen filled on a short buffer */
+  unsigned long bend_handles_reused; /* REUSE_HANDLES: handle numbers handed out again */
+  unsigned long bend_key_mat_keys;   /* KEY_MAT: keys returned in a mechanism parameter */
+  unsigned long bend_session_count;  /* TRANSIENT_COUNT: CKR_SESSION_COUNT below the limit */
 } MockStats;
 
 /* Sets the configuration (NULL = defaults). Returns 0, or -1 if fail_function
@@ -288,8 +288,8 @@ unsigned long mock_token_user(unsigned long slot_id);
  *   derivations: see MOCK_BEND_KEY_MAT. */
 void mock_reference_digest(const unsigned char* data, unsigned long len,
                            unsigned char out[MOCK_DIGEST_LEN]);
-void mock_reference_signature(unsigned long key_id, const unsigned char* data,
-                              unsigned long len, unsigned char out[MOCK_DIGEST_LEN]);
+void mock_reference_signature(unsigned long key_id, const unsigned char* data, unsigned long len,
+                              unsigned char out[MOCK_DIGEST_LEN]);
 unsigned char mock_reference_xor_byte(unsigned long key_id);
 
 typedef int (*MockConfigureFn)(const MockConfig*);
@@ -326,7 +326,7 @@ const MockControl* mock_get_control(void);
 typedef const MockControl* (*MockGetControlFn)(void);
 
 #ifdef __cplusplus
-}  /* extern "C" */
+} /* extern "C" */
 #endif
 
 #endif /* P11MUX_MOCK_CONTROL_H */

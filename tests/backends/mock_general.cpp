@@ -75,8 +75,8 @@ MOCK_EXPORT CK_RV C_GetInfo(CK_INFO_PTR pInfo) {
 
 // ---- slots and tokens ----
 
-MOCK_EXPORT CK_RV C_GetSlotList(CK_BBOOL /*tokenPresent: always present*/,
-                                CK_SLOT_ID_PTR pSlotList, CK_ULONG_PTR pulCount) {
+MOCK_EXPORT CK_RV C_GetSlotList(CK_BBOOL /*tokenPresent: always present*/, CK_SLOT_ID_PTR pSlotList,
+                                CK_ULONG_PTR pulCount) {
   return global_call(Fn::C_GetSlotList, [&]() -> CK_RV {
     if (pulCount == nullptr) return CKR_ARGUMENTS_BAD;
     CK_ULONG n = module().slot_count();
@@ -273,9 +273,8 @@ MOCK_EXPORT CK_RV C_CancelFunction(CK_SESSION_HANDLE hSession) {
 
 MOCK_EXPORT CK_RV C_Login(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8CHAR_PTR pPin,
                           CK_ULONG ulPinLen) {
-  return session_call(Fn::C_Login, hSession, [&](Session& s) {
-    return module().login(s, userType, pPin, ulPinLen);
-  });
+  return session_call(Fn::C_Login, hSession,
+                      [&](Session& s) { return module().login(s, userType, pPin, ulPinLen); });
 }
 
 MOCK_EXPORT CK_RV C_Logout(CK_SESSION_HANDLE hSession) {

@@ -74,8 +74,7 @@ MOCK_EXPORT CK_RV C_GetInterface(CK_UTF8CHAR_PTR pInterfaceName, CK_VERSION_PTR 
                     reinterpret_cast<const char*>(i.pInterfaceName)) != 0)
       continue;
     const CK_VERSION& v = version_of(i);
-    if (pVersion != nullptr && (pVersion->major != v.major || pVersion->minor != v.minor))
-      continue;
+    if (pVersion != nullptr && (pVersion->major != v.major || pVersion->minor != v.minor)) continue;
     if ((i.flags & flags) != flags) continue;
     *ppInterface = &i;
     return CKR_OK;
@@ -85,11 +84,9 @@ MOCK_EXPORT CK_RV C_GetInterface(CK_UTF8CHAR_PTR pInterfaceName, CK_VERSION_PTR 
 
 // Like C_Login; the user name is ignored.
 MOCK_EXPORT CK_RV C_LoginUser(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType,
-                              CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen, CK_UTF8CHAR_PTR,
-                              CK_ULONG) {
-  return session_call(Fn::C_LoginUser, hSession, [&](Session& s) {
-    return module().login(s, userType, pPin, ulPinLen);
-  });
+                              CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen, CK_UTF8CHAR_PTR, CK_ULONG) {
+  return session_call(Fn::C_LoginUser, hSession,
+                      [&](Session& s) { return module().login(s, userType, pPin, ulPinLen); });
 }
 
 // Ends the operations named in flags (CKF_ENCRYPT, CKF_DECRYPT, CKF_DIGEST,
@@ -164,8 +161,8 @@ MOCK_EXPORT CK_RV C_MessageSignFinal(CK_SESSION_HANDLE h) {
 MOCK_EXPORT CK_RV C_MessageVerifyInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR, CK_OBJECT_HANDLE) {
   return session_call(Fn::C_MessageVerifyInit, h, not_supported);
 }
-MOCK_EXPORT CK_RV C_VerifyMessage(CK_SESSION_HANDLE h, CK_VOID_PTR, CK_ULONG, CK_BYTE_PTR,
-                                  CK_ULONG, CK_BYTE_PTR, CK_ULONG) {
+MOCK_EXPORT CK_RV C_VerifyMessage(CK_SESSION_HANDLE h, CK_VOID_PTR, CK_ULONG, CK_BYTE_PTR, CK_ULONG,
+                                  CK_BYTE_PTR, CK_ULONG) {
   return session_call(Fn::C_VerifyMessage, h, not_supported);
 }
 MOCK_EXPORT CK_RV C_VerifyMessageBegin(CK_SESSION_HANDLE h, CK_VOID_PTR, CK_ULONG) {

@@ -29,8 +29,7 @@ void Session::end_all() {
 namespace {
 
 // Which C_Initialize form the arguments ask for; CKR_OK or CKR_ARGUMENTS_BAD.
-CK_RV locking_form(const CK_C_INITIALIZE_ARGS* args, unsigned long accepted,
-                   unsigned long& form) {
+CK_RV locking_form(const CK_C_INITIALIZE_ARGS* args, unsigned long accepted, unsigned long& form) {
   if (args == nullptr) {
     form = MOCK_LOCK_NONE;
     return CKR_OK;

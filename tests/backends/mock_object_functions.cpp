@@ -354,10 +354,8 @@ CK_RV derive_key_material(Session& s, const CK_MECHANISM& mech, const Bytes& bas
   out->hClientKey = handles[2];
   out->hServerKey = handles[3];
   CK_ULONG iv_len = params.ulIVSizeInBits / 8;
-  if (iv_len != 0 && out->pIVClient != nullptr)
-    fill_random(out->pIVClient, iv_len);
-  if (iv_len != 0 && out->pIVServer != nullptr)
-    fill_random(out->pIVServer, iv_len);
+  if (iv_len != 0 && out->pIVClient != nullptr) fill_random(out->pIVClient, iv_len);
+  if (iv_len != 0 && out->pIVServer != nullptr) fill_random(out->pIVServer, iv_len);
   return CKR_OK;
 }
 
@@ -382,9 +380,9 @@ MOCK_EXPORT CK_RV C_DeriveKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMech
     if (pMechanism->pParameter == nullptr && pMechanism->ulParameterLen != 0)
       return CKR_MECHANISM_PARAM_INVALID;
     Object key = new_object(CKO_SECRET_KEY, CKK_GENERIC_SECRET);
-    key.set({CKA_VALUE, derived_value(base_value,
-                                      static_cast<const unsigned char*>(pMechanism->pParameter),
-                                      pMechanism->ulParameterLen, 0, 8 * MOCK_DIGEST_LEN)});
+    key.set({CKA_VALUE,
+             derived_value(base_value, static_cast<const unsigned char*>(pMechanism->pParameter),
+                           pMechanism->ulParameterLen, 0, 8 * MOCK_DIGEST_LEN)});
     key.set(templ);
     if (CK_RV rv = admit(s, key); rv != CKR_OK) return rv;
     *phKey = module().objects.add(std::move(key));

@@ -171,9 +171,8 @@ MOCK_EXPORT CK_RV C_Encrypt(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_UL
   });
 }
 
-MOCK_EXPORT CK_RV C_EncryptUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart,
-                                  CK_ULONG ulPartLen, CK_BYTE_PTR pEncryptedPart,
-                                  CK_ULONG_PTR pulEncryptedPartLen) {
+MOCK_EXPORT CK_RV C_EncryptUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen,
+                                  CK_BYTE_PTR pEncryptedPart, CK_ULONG_PTR pulEncryptedPartLen) {
   return session_call(Fn::C_EncryptUpdate, hSession, [&](Session& s) {
     return crypt_update(s, Op::Encrypt, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen);
   });

@@ -131,8 +131,8 @@ struct Counters {
   std::atomic<unsigned long> sessions_open{0}, sessions_opened_total{0}, sessions_closed_total{0},
       sessions_closed_by_finalize{0}, sessions_dropped{0};
   std::atomic<unsigned long> calls_total{0}, max_concurrent_calls{0};
-  std::atomic<unsigned long> library_violations{0}, session_violations{0},
-      finalize_during_call{0}, calls_after_finalize{0};
+  std::atomic<unsigned long> library_violations{0}, session_violations{0}, finalize_during_call{0},
+      calls_after_finalize{0};
   std::atomic<unsigned long> last_session{0}, last_random_len{0};
   std::array<std::atomic<unsigned long>, kFunctionCount> calls{};
   std::atomic<unsigned long> sessions_open_peak{0}, bend_ops_kept{0}, bend_lengths_filled{0},
@@ -240,8 +240,7 @@ struct OpState {
 };
 
 struct Session {
-  Session(CK_SESSION_HANDLE h, std::shared_ptr<Token> t, CK_FLAGS f, CK_VOID_PTR app,
-          CK_NOTIFY cb)
+  Session(CK_SESSION_HANDLE h, std::shared_ptr<Token> t, CK_FLAGS f, CK_VOID_PTR app, CK_NOTIFY cb)
       : handle(h), token(std::move(t)), flags(f), application(app), notify(cb) {}
   const CK_SESSION_HANDLE handle;
   const std::shared_ptr<Token> token;

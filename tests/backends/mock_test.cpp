@@ -219,7 +219,7 @@ TEST_CASE_FIXTURE(Fixture, "C_Initialize locking acceptance matrix") {
       unsigned long wanted = form == NullArgs || form == NoLocking ? MOCK_LOCK_NONE
                              : form == Os                          ? MOCK_LOCK_OS
                              : form == Callbacks                   ? MOCK_LOCK_CALLBACKS
-                                                                   : MOCK_LOCK_OS | MOCK_LOCK_CALLBACKS;
+                                                 : MOCK_LOCK_OS | MOCK_LOCK_CALLBACKS;
       bool ok = (mask & wanted) != 0;
       CK_C_INITIALIZE_ARGS args = make_args(form);
       CK_RV rv = ck->C_Initialize(form == NullArgs ? nullptr : &args);
@@ -373,7 +373,8 @@ template <class F>
 std::chrono::microseconds time_of(F&& f) {
   auto start = std::chrono::steady_clock::now();
   f();
-  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start);
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() -
+                                                               start);
 }
 
 TEST_CASE_FIXTURE(Fixture, "MOCK_* environment variables configure delays at C_Initialize") {
@@ -983,8 +984,7 @@ TEST_CASE_FIXTURE(Fixture, "bend keep-op: an error leaves the operation active")
     CHECK(ck->C_SignInit(h, &mac, key) == CKR_OPERATION_ACTIVE);
     REQUIRE(ck->C_VerifyInit(h, &mac, key) == CKR_OK);
     unsigned char wrong[MOCK_DIGEST_LEN] = {};
-    CHECK(ck->C_Verify(h, data.data(), data.size(), wrong, sizeof wrong) ==
-          CKR_SIGNATURE_INVALID);
+    CHECK(ck->C_Verify(h, data.data(), data.size(), wrong, sizeof wrong) == CKR_SIGNATURE_INVALID);
     CHECK(ck->C_VerifyInit(h, &mac, key) == CKR_OPERATION_ACTIVE);
     CHECK(stats().bend_ops_kept == 4);
     // Only closing the session ends them.
@@ -1156,8 +1156,8 @@ TEST_CASE_FIXTURE(Fixture, "bend transient-count: every Nth open is refused belo
     CK_SESSION_HANDLE h = 0;
     rvs.push_back(ck->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h));
   }
-  std::vector<CK_RV> expected = {CKR_OK, CKR_OK, CKR_SESSION_COUNT, CKR_OK,
-                                 CKR_OK, CKR_SESSION_COUNT, CKR_OK};
+  std::vector<CK_RV> expected = {
+      CKR_OK, CKR_OK, CKR_SESSION_COUNT, CKR_OK, CKR_OK, CKR_SESSION_COUNT, CKR_OK};
   CHECK(rvs == expected);
   MockStats st = stats();
   CHECK(st.bend_session_count == 2);

@@ -74,9 +74,7 @@ void fill(CK_SESSION_INFO* info) {
   *info = CK_SESSION_INFO{0, CKS_RW_PUBLIC_SESSION, CKF_SERIAL_SESSION | CKF_RW_SESSION, 0};
 }
 
-void fill(CK_MECHANISM_INFO* info) {
-  *info = CK_MECHANISM_INFO{0, 4096, CKF_DIGEST};
-}
+void fill(CK_MECHANISM_INFO* info) { *info = CK_MECHANISM_INFO{0, 4096, CKF_DIGEST}; }
 
 template <class D>
 void fill(CK_ULONG* out) {
@@ -182,7 +180,8 @@ struct Entry<D, CK_RV (*)(A...)> {
       CK_RV rv = CKR_OK;
       [&]<std::size_t... I>(std::index_sequence<I...>) {
         ((rv = rv == CKR_OK ? answer<D, I>(args) : rv), ...);
-      }(std::index_sequence_for<A...>{});
+      }
+      (std::index_sequence_for<A...>{});
       return rv;
     }
   }

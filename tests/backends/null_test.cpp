@@ -22,12 +22,12 @@
 
 // One descriptor per function, from the table.
 namespace p11mux::backends_test::fn {
-#define NULL_TEST_DESCRIBE(name_, since_, dispatch_, args_)       \
-  struct name_ {                                                  \
-    static constexpr std::string_view name = #name_;              \
-    static constexpr std::string_view args = args_;               \
-    static constexpr auto member = &CK_FUNCTION_LIST_3_0::name_;  \
-    using Pointer = CK_##name_;                                   \
+#define NULL_TEST_DESCRIBE(name_, since_, dispatch_, args_)      \
+  struct name_ {                                                 \
+    static constexpr std::string_view name = #name_;             \
+    static constexpr std::string_view args = args_;              \
+    static constexpr auto member = &CK_FUNCTION_LIST_3_0::name_; \
+    using Pointer = CK_##name_;                                  \
   };
 P11MUX_FUNCTIONS(NULL_TEST_DESCRIBE)
 #undef NULL_TEST_DESCRIBE
@@ -123,7 +123,8 @@ void fill(Tuple& t, Run& run) {
       }
     } else if constexpr (letter == 'p') {
       // 32: C_InitToken's label is 32 characters.
-      arg = static_cast<T>(run.storage.block(std::max<std::size_t>(size_of<std::remove_pointer_t<T>>(), 32)));
+      arg = static_cast<T>(
+          run.storage.block(std::max<std::size_t>(size_of<std::remove_pointer_t<T>>(), 32)));
     } else if constexpr (letter == 'n' && D::name == "C_Initialize") {
       arg = os_locking();
     } else {
@@ -138,9 +139,8 @@ template <class D, class... A>
 struct Caller<D, CK_RV (*)(A...)> {
   static void call(Run& run) {
     std::tuple<A...> args{};
-    [&]<std::size_t... I>(std::index_sequence<I...>) {
-      (fill<D, I>(args, run), ...);
-    }(std::index_sequence_for<A...>{});
+    [&]<std::size_t... I>(std::index_sequence<I...>) { (fill<D, I>(args, run), ...); }
+    (std::index_sequence_for<A...>{});
     CK_RV rv = std::apply(run.list->*D::member, args);
     run.results[std::string(D::name)] = rv;
     if constexpr (D::name == "C_OpenSession") {
@@ -222,8 +222,8 @@ TEST_CASE("the null backend's outputs") {
   CHECK(slots[0] == 0);
   CK_TOKEN_INFO token;
   REQUIRE(p11->C_GetTokenInfo(0, &token) == CKR_OK);
-  CHECK(std::string_view(reinterpret_cast<const char*>(token.label), std::strlen(NULL_TOKEN_LABEL)) ==
-        NULL_TOKEN_LABEL);
+  CHECK(std::string_view(reinterpret_cast<const char*>(token.label),
+                         std::strlen(NULL_TOKEN_LABEL)) == NULL_TOKEN_LABEL);
   CHECK((token.flags & CKF_TOKEN_INITIALIZED) != 0);
 
   CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE;

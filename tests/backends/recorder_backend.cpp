@@ -24,7 +24,7 @@ enum Index : std::size_t {
 #define RECORDER_INDEX(name, since, dispatch, args) i_##name,
   P11MUX_FUNCTIONS(RECORDER_INDEX)
 #undef RECORDER_INDEX
-  kEcho,  // the vendor interface's function
+      kEcho,  // the vendor interface's function
   kCount
 };
 
@@ -32,7 +32,7 @@ constexpr std::array<std::string_view, kCount> kNames = {
 #define RECORDER_NAME(name, since, dispatch, args) #name,
     P11MUX_FUNCTIONS(RECORDER_NAME)
 #undef RECORDER_NAME
-    "echo"};
+        "echo"};
 
 struct Records {
   std::mutex mu;
@@ -107,8 +107,8 @@ CK_RV respond(A... a) {
     if (!fits) return CKR_BUFFER_TOO_SMALL;
   } else if constexpr (I == i_C_GetMechanismList) {
     if (auto* count = std::get<2>(args)) *count = 0;
-  } else if constexpr (I == i_C_GetSlotInfo || I == i_C_GetTokenInfo ||
-                       I == i_C_GetSessionInfo || I == i_C_GetMechanismInfo) {
+  } else if constexpr (I == i_C_GetSlotInfo || I == i_C_GetTokenInfo || I == i_C_GetSessionInfo ||
+                       I == i_C_GetMechanismInfo) {
     zero(std::get<sizeof...(A) - 1>(args));
   } else if constexpr (I == i_C_WaitForSlotEvent) {
     return CKR_NO_EVENT;

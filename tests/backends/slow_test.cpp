@@ -22,13 +22,11 @@ FaultyConfig from_env(const FaultyControl& control) {
 }
 
 bool has_latency(const FaultyConfig& c) {
-  return c.open_session_us != 0 && c.close_session_us != 0 && c.login_us != 0 &&
-         c.crypto_us != 0;
+  return c.open_session_us != 0 && c.close_session_us != 0 && c.login_us != 0 && c.crypto_us != 0;
 }
 
 bool no_latency(const FaultyConfig& c) {
-  return c.open_session_us == 0 && c.close_session_us == 0 && c.login_us == 0 &&
-         c.crypto_us == 0;
+  return c.open_session_us == 0 && c.close_session_us == 0 && c.login_us == 0 && c.crypto_us == 0;
 }
 
 TEST_CASE("the slow module has latency by default, the faulty module none") {

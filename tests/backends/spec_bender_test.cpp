@@ -19,7 +19,8 @@ const MockControl& bender_control() {
 TEST_CASE("the spec bender bends by default, and obeys when told to") {
   ::unsetenv("MOCK_BEND");
   const MockControl& bender = bender_control();
-  const MockControl& mock = *symbol<MockGetControlFn>(open_library(MOCK_PATH), "mock_get_control")();
+  const MockControl& mock =
+      *symbol<MockGetControlFn>(open_library(MOCK_PATH), "mock_get_control")();
   REQUIRE(&bender != &mock);
   REQUIRE(bender.reset() == 0);
   REQUIRE(mock.reset() == 0);
@@ -61,7 +62,8 @@ TEST_CASE("the spec bender bends by default, and obeys when told to") {
   for (unsigned long i = 0; i < MOCK_BEND_TRANSIENT_COUNT_EVERY; ++i) {
     CK_SESSION_HANDLE s = 0;
     CK_RV rv = ck->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &s);
-    if (rv == CKR_SESSION_COUNT) ++refused;
+    if (rv == CKR_SESSION_COUNT)
+      ++refused;
     else
       CHECK(rv == CKR_OK);
   }

@@ -16,7 +16,8 @@
 namespace {
 
 [[noreturn]] void die(const std::string& what, CK_RV rv) {
-  std::fprintf(stderr, "call-loop: %s: %s\n", what.c_str(), std::string(p11mux::rv_name(rv)).c_str());
+  std::fprintf(stderr, "call-loop: %s: %s\n", what.c_str(),
+               std::string(p11mux::rv_name(rv)).c_str());
   std::exit(2);
 }
 
@@ -26,11 +27,13 @@ CK_SLOT_ID first_initialized_token(CK_FUNCTION_LIST* p) {
   CK_ULONG count = 0;
   if (CK_RV rv = p->C_GetSlotList(CK_TRUE, nullptr, &count); rv != CKR_OK) die("C_GetSlotList", rv);
   std::vector<CK_SLOT_ID> slots(count);
-  if (CK_RV rv = p->C_GetSlotList(CK_TRUE, slots.data(), &count); rv != CKR_OK) die("C_GetSlotList", rv);
+  if (CK_RV rv = p->C_GetSlotList(CK_TRUE, slots.data(), &count); rv != CKR_OK)
+    die("C_GetSlotList", rv);
   slots.resize(count);
   for (CK_SLOT_ID slot : slots) {
     CK_TOKEN_INFO info;
-    if (p->C_GetTokenInfo(slot, &info) == CKR_OK && (info.flags & CKF_TOKEN_INITIALIZED)) return slot;
+    if (p->C_GetTokenInfo(slot, &info) == CKR_OK && (info.flags & CKF_TOKEN_INITIALIZED))
+      return slot;
   }
   die("no initialized token", CKR_TOKEN_NOT_PRESENT);
 }

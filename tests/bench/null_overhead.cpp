@@ -129,10 +129,14 @@ int main(int argc, char** argv) {
   const char* csv = nullptr;
   for (int i = 3; i + 1 < argc; i += 2) {
     std::string opt = argv[i];
-    if (opt == "--rounds") rounds = std::max(1L, std::atol(argv[i + 1]));
-    else if (opt == "--count") count = std::max(1L, std::atol(argv[i + 1]));
-    else if (opt == "--csv") csv = argv[i + 1];
-    else die("unknown option " + opt);
+    if (opt == "--rounds")
+      rounds = std::max(1L, std::atol(argv[i + 1]));
+    else if (opt == "--count")
+      count = std::max(1L, std::atol(argv[i + 1]));
+    else if (opt == "--csv")
+      csv = argv[i + 1];
+    else
+      die("unknown option " + opt);
   }
   setenv("P11MUX_MODULE", argv[2], 1);
   setenv("P11MUX_LOG_LEVEL", "warn", 1);
@@ -150,9 +154,10 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("null-overhead: CPU ns per call over the null backend, median of %ld rounds of %ld "
-              "iterations, one thread\n",
-              rounds, count);
+  std::printf(
+      "null-overhead: CPU ns per call over the null backend, median of %ld rounds of %ld "
+      "iterations, one thread\n",
+      rounds, count);
   std::printf("  %-30s %10s %22s %22s\n", "op", "direct", "serialize (added)", "multiplex (added)");
   FILE* out = csv != nullptr ? std::fopen(csv, "w") : nullptr;
   if (csv != nullptr && out == nullptr) die(std::string("cannot write ") + csv);
@@ -171,7 +176,8 @@ int main(int argc, char** argv) {
         std::snprintf(cell, sizeof cell, "%.1f (%+.1f)", m, added);
         std::printf(" %22s", cell);
       }
-      if (out != nullptr && c == 0) std::fprintf(out, "%s,%s,%ld,%.1f,\n", kOps[o].name, kConfigs[c], rounds, m);
+      if (out != nullptr && c == 0)
+        std::fprintf(out, "%s,%s,%ld,%.1f,\n", kOps[o].name, kConfigs[c], rounds, m);
       if (out != nullptr && c != 0) {
         std::fprintf(out, "%s,%s,%ld,%.1f,%.1f\n", kOps[o].name, kConfigs[c], rounds, m, added);
       }

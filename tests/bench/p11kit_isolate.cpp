@@ -23,14 +23,16 @@ namespace {
 __attribute__((constructor)) void isolate_p11kit() {
   const char* dir = std::getenv("P11KIT_ISOLATE_MODULES");
   if (dir == nullptr || *dir == '\0') {
-    std::fprintf(stderr, "p11kit-isolate: P11KIT_ISOLATE_MODULES is not set; p11-kit is not isolated\n");
+    std::fprintf(stderr,
+                 "p11kit-isolate: P11KIT_ISOLATE_MODULES is not set; p11-kit is not isolated\n");
     return;
   }
   // Static: p11-kit keeps the pointers. The configuration files need not exist
   // (then p11-kit uses its defaults); only DIR's modules are found.
   static const std::string modules = dir;
   static const std::string none = modules + "/.none";
-  p11_kit_override_system_files(none.c_str(), none.c_str(), modules.c_str(), none.c_str(), none.c_str());
+  p11_kit_override_system_files(none.c_str(), none.c_str(), modules.c_str(), none.c_str(),
+                                none.c_str());
 }
 
 }  // namespace

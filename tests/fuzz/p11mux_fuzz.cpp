@@ -125,14 +125,14 @@ using p11mux::test_backends::unlock_mutex;
 
 struct State {
   Input in;
-  CK_FUNCTION_LIST_3_0* v3 = nullptr;  // p11mux's 3.0 list, when it offers one
+  CK_FUNCTION_LIST_3_0* v3 = nullptr;                  // p11mux's 3.0 list, when it offers one
   std::vector<std::unique_ptr<std::uint8_t[]>> arena;  // every buffer of this input
   std::vector<CK_SESSION_HANDLE> sessions, closed;
   std::vector<CK_OBJECT_HANDLE> objects;
   CK_C_INITIALIZE_ARGS init_args{};
   bool race_detector = false;  // the race detector or the spec bender; else the null backend
   const MockControl* control = nullptr;  // that one's controls
-  MockConfig backend{};        // its configuration for this input
+  MockConfig backend{};                  // its configuration for this input
   unsigned long calls = 0;
 
   explicit State(Input i) : in(i) {}
@@ -154,6 +154,7 @@ struct State {
 
   // A length: mostly small, sometimes 0, huge or random.
   CK_ULONG length(std::size_t small_max) {
+    // clang-format off
     switch (in.below(8)) {
       case 0: return 0;
       case 1: return ~0UL;
@@ -161,9 +162,11 @@ struct State {
       case 3: return 1UL << (in.byte() % 64);
       default: return in.below(small_max + 1);
     }
+    // clang-format on
   }
 
   CK_SESSION_HANDLE session() {
+    // clang-format off
     switch (in.below(10)) {
       case 0: return CK_INVALID_HANDLE;
       case 1: return in.u64();
@@ -172,14 +175,27 @@ struct State {
         return sessions.empty() ? 1 : sessions[in.below(sessions.size())] ^ (1UL << (24 + in.byte() % 8));
       default: return sessions.empty() ? in.byte() : sessions[in.below(sessions.size())];
     }
+    // clang-format on
   }
 
   CK_ULONG value() {
-    static const CK_ULONG interesting[] = {
-        0, 1, 2, 3, CKU_SO, CKU_USER, CKU_CONTEXT_SPECIFIC, CKF_SERIAL_SESSION,
-        CKF_SERIAL_SESSION | CKF_RW_SESSION, CKF_DONT_BLOCK, ~0UL, 0x80000000UL,
-        MOCK_OBJECT_HANDLE_BASE, MOCK_SESSION_HANDLE_BASE, NULL_OBJECT_HANDLE_BASE,
-        NULL_SESSION_HANDLE_BASE};
+    static const CK_ULONG interesting[] = {0,
+                                           1,
+                                           2,
+                                           3,
+                                           CKU_SO,
+                                           CKU_USER,
+                                           CKU_CONTEXT_SPECIFIC,
+                                           CKF_SERIAL_SESSION,
+                                           CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                                           CKF_DONT_BLOCK,
+                                           ~0UL,
+                                           0x80000000UL,
+                                           MOCK_OBJECT_HANDLE_BASE,
+                                           MOCK_SESSION_HANDLE_BASE,
+                                           NULL_OBJECT_HANDLE_BASE,
+                                           NULL_SESSION_HANDLE_BASE};
+    // clang-format off
     switch (in.below(6)) {
       case 0: return in.u64();
       case 1: return in.pick(interesting);
@@ -187,14 +203,26 @@ struct State {
       case 3: return objects.empty() ? in.byte() : objects[in.below(objects.size())];
       default: return in.byte() % 4;
     }
+    // clang-format on
   }
 
   CK_MECHANISM* mechanism() {
-    static const CK_MECHANISM_TYPE types[] = {
-        CKM_SHA256, CKM_SHA_1, CKM_ECDSA, CKM_ECDSA_SHA256, CKM_EC_KEY_PAIR_GEN,
-        CKM_RSA_PKCS, CKM_RSA_PKCS_KEY_PAIR_GEN, CKM_AES_KEY_GEN, CKM_AES_CBC,
-        CKM_AES_CBC_PAD, CKM_AES_GCM, CKM_ECDH1_DERIVE, CKM_GENERIC_SECRET_KEY_GEN,
-        CKM_VENDOR_DEFINED, CKM_TLS_KEY_AND_MAC_DERIVE, CKM_TLS12_KEY_AND_MAC_DERIVE};
+    static const CK_MECHANISM_TYPE types[] = {CKM_SHA256,
+                                              CKM_SHA_1,
+                                              CKM_ECDSA,
+                                              CKM_ECDSA_SHA256,
+                                              CKM_EC_KEY_PAIR_GEN,
+                                              CKM_RSA_PKCS,
+                                              CKM_RSA_PKCS_KEY_PAIR_GEN,
+                                              CKM_AES_KEY_GEN,
+                                              CKM_AES_CBC,
+                                              CKM_AES_CBC_PAD,
+                                              CKM_AES_GCM,
+                                              CKM_ECDH1_DERIVE,
+                                              CKM_GENERIC_SECRET_KEY_GEN,
+                                              CKM_VENDOR_DEFINED,
+                                              CKM_TLS_KEY_AND_MAC_DERIVE,
+                                              CKM_TLS12_KEY_AND_MAC_DERIVE};
     if (in.below(12) == 0) return nullptr;  // v3.0's "cancel"; refused on v2.40
     auto* m = objects_of<CK_MECHANISM>(1);
     m->mechanism = in.below(4) == 0 ? in.u64() : in.pick(types);
@@ -231,11 +259,25 @@ struct State {
 
   // An attribute template; `count` is its length.
   CK_ATTRIBUTE* attributes(CK_ULONG& count) {
-    static const CK_ATTRIBUTE_TYPE types[] = {
-        CKA_CLASS, CKA_TOKEN, CKA_PRIVATE, CKA_LABEL, CKA_ID, CKA_VALUE, CKA_KEY_TYPE,
-        CKA_SIGN, CKA_VERIFY, CKA_ENCRYPT, CKA_DECRYPT, CKA_EC_PARAMS, CKA_MODULUS_BITS,
-        CKA_VALUE_LEN, CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_ALWAYS_AUTHENTICATE, CKA_MODIFIABLE,
-        CKA_VENDOR_DEFINED};
+    static const CK_ATTRIBUTE_TYPE types[] = {CKA_CLASS,
+                                              CKA_TOKEN,
+                                              CKA_PRIVATE,
+                                              CKA_LABEL,
+                                              CKA_ID,
+                                              CKA_VALUE,
+                                              CKA_KEY_TYPE,
+                                              CKA_SIGN,
+                                              CKA_VERIFY,
+                                              CKA_ENCRYPT,
+                                              CKA_DECRYPT,
+                                              CKA_EC_PARAMS,
+                                              CKA_MODULUS_BITS,
+                                              CKA_VALUE_LEN,
+                                              CKA_SENSITIVE,
+                                              CKA_EXTRACTABLE,
+                                              CKA_ALWAYS_AUTHENTICATE,
+                                              CKA_MODIFIABLE,
+                                              CKA_VENDOR_DEFINED};
     count = in.below(7);
     if (count == 0 && in.below(2) == 0) return nullptr;
     auto* t = objects_of<CK_ATTRIBUTE>(count);
@@ -290,6 +332,7 @@ struct State {
   }
 
   CK_VOID_PTR initialize_args() {
+    // clang-format off
     switch (in.below(7)) {
       case 0: return nullptr;
       case 1: init_args = {nullptr, nullptr, nullptr, nullptr, CKF_OS_LOCKING_OK, nullptr}; break;
@@ -311,6 +354,7 @@ struct State {
         init_args.flags &= ~CKF_LIBRARY_CANT_CREATE_OS_THREADS;  // allowed, just dull
         break;
     }
+    // clang-format on
     return &init_args;
   }
 };
@@ -321,13 +365,13 @@ struct State {
 // (Outside the anonymous namespace: clang would warn about members unused
 // by some functions.)
 namespace p11mux_fuzz::desc {
-#define FUZZ_DESCRIBE(name_, since_, dispatch_, args_)            \
-  struct name_ {                                                  \
-    static constexpr std::string_view name = #name_;              \
-    static constexpr unsigned since = since_;                     \
-    static constexpr std::string_view args = args_;               \
-    static constexpr auto member = &CK_FUNCTION_LIST_3_0::name_;  \
-    using Pointer = CK_##name_;                                   \
+#define FUZZ_DESCRIBE(name_, since_, dispatch_, args_)           \
+  struct name_ {                                                 \
+    static constexpr std::string_view name = #name_;             \
+    static constexpr unsigned since = since_;                    \
+    static constexpr std::string_view args = args_;              \
+    static constexpr auto member = &CK_FUNCTION_LIST_3_0::name_; \
+    using Pointer = CK_##name_;                                  \
   };
 P11MUX_FUNCTIONS(FUZZ_DESCRIBE)
 #undef FUZZ_DESCRIBE
@@ -367,7 +411,8 @@ void fill(Tuple& t, State& s) {
       CK_ULONG count = 0;
       arg = s.attributes(count);
       std::get<I + 1>(t) = count;
-      if (arg == nullptr && s.in.below(4) == 0) std::get<I + 1>(t) = 1 + s.in.below(8);  // p11mux refuses
+      if (arg == nullptr && s.in.below(4) == 0)
+        std::get<I + 1>(t) = 1 + s.in.below(8);  // p11mux refuses
     } else if constexpr (letter == 'k') {
       CK_ULONG len = 0;
       arg = s.pin(len);
@@ -475,7 +520,8 @@ void harvest(const Tuple& t, CK_RV rv, State& s) {
         }
       };
       (one(std::get<I>(t)), ...);
-    }(std::make_index_sequence<std::tuple_size_v<Tuple>>{});
+    }
+    (std::make_index_sequence<std::tuple_size_v<Tuple>>{});
   }
 }
 
@@ -500,9 +546,8 @@ struct Caller<D, CK_RV (*)(A...)> {
     if constexpr (D::name == "C_Initialize") {
       std::get<0>(args) = s.initialize_args();
     } else {
-      [&]<std::size_t... I>(std::index_sequence<I...>) {
-        (fill<D, I>(args, s), ...);
-      }(std::index_sequence_for<A...>{});
+      [&]<std::size_t... I>(std::index_sequence<I...>) { (fill<D, I>(args, s), ...); }
+      (std::index_sequence_for<A...>{});
     }
     if constexpr (D::name == "C_WaitForSlotEvent") {
       std::get<0>(args) |= CKF_DONT_BLOCK;  // a blocking wait would never return here
@@ -536,15 +581,30 @@ void extra(State& s, std::size_t op) {
   if (!s.race_detector) return;  // the null backend has no state to disturb
   const MockControl& mock = *s.control;
   switch (op) {
-    case kRestart: mock.drop_sessions(); break;
-    case kSlotEvent: mock.trigger_slot_event(s.in.below(3)); break;
-    case kNotify: mock.fire_notify(s.in.below(2)); break;
+    case kRestart:
+      mock.drop_sessions();
+      break;
+    case kSlotEvent:
+      mock.trigger_slot_event(s.in.below(3));
+      break;
+    case kNotify:
+      mock.fire_notify(s.in.below(2));
+      break;
     case kInjectFailure: {
-      static const CK_RV codes[] = {
-          CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED,
-          CKR_SESSION_COUNT, CKR_HOST_MEMORY, CKR_GENERAL_ERROR, CKR_BUFFER_TOO_SMALL,
-          CKR_OPERATION_ACTIVE, CKR_TOKEN_NOT_PRESENT, CKR_CRYPTOKI_NOT_INITIALIZED,
-          CKR_CRYPTOKI_ALREADY_INITIALIZED, CKR_FUNCTION_NOT_SUPPORTED, CKR_CANT_LOCK};
+      static const CK_RV codes[] = {CKR_DEVICE_ERROR,
+                                    CKR_DEVICE_REMOVED,
+                                    CKR_SESSION_HANDLE_INVALID,
+                                    CKR_SESSION_CLOSED,
+                                    CKR_SESSION_COUNT,
+                                    CKR_HOST_MEMORY,
+                                    CKR_GENERAL_ERROR,
+                                    CKR_BUFFER_TOO_SMALL,
+                                    CKR_OPERATION_ACTIVE,
+                                    CKR_TOKEN_NOT_PRESENT,
+                                    CKR_CRYPTOKI_NOT_INITIALIZED,
+                                    CKR_CRYPTOKI_ALREADY_INITIALIZED,
+                                    CKR_FUNCTION_NOT_SUPPORTED,
+                                    CKR_CANT_LOCK};
       MockConfig c = s.backend;
       std::size_t fn = s.in.below(kFunctionCount);
       // Not C_Finalize: the mock would stay initialized, which is its doing.
@@ -555,7 +615,8 @@ void extra(State& s, std::size_t op) {
       mock.configure(&c);
       break;
     }
-    default: break;
+    default:
+      break;
   }
 }
 

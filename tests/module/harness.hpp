@@ -6,21 +6,21 @@
 
 #include "mock_control.h"
 
-#include <doctest/doctest.h>
 #include <dlfcn.h>
+#include <doctest/doctest.h>
 
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <map>
-#include <utility>
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace p11mux::test {
@@ -93,7 +93,8 @@ class Proxy {
   Proxy(const Proxy&) = delete;
   Proxy& operator=(const Proxy&) = delete;
 
-  CK_SESSION_HANDLE open(CK_SLOT_ID slot = 0, CK_FLAGS flags = CKF_SERIAL_SESSION | CKF_RW_SESSION) {
+  CK_SESSION_HANDLE open(CK_SLOT_ID slot = 0,
+                         CK_FLAGS flags = CKF_SERIAL_SESSION | CKF_RW_SESSION) {
     CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
     REQUIRE(p11->C_OpenSession(slot, flags, nullptr, nullptr, &h) == CKR_OK);
     return h;

@@ -18,12 +18,12 @@ namespace {
 template <class Check>
 void call_every_function(CK_FUNCTION_LIST* list, Check check, bool finalize = true) {
   auto* full = reinterpret_cast<CK_FUNCTION_LIST_3_0*>(list);
-#define P11MUX_CALL_ONE(name, since, dispatch, args)                               \
-  if (since == 2 && std::string_view(#name) != "C_Initialize" &&                   \
-      std::string_view(#name) != "C_GetFunctionList" &&                            \
-      (finalize || std::string_view(#name) != "C_Finalize")) {                     \
-    typename FunctionArgs<fn::name::Pointer>::type zero{};                          \
-    check(#name, std::apply(full->name, zero));                                    \
+#define P11MUX_CALL_ONE(name, since, dispatch, args)             \
+  if (since == 2 && std::string_view(#name) != "C_Initialize" && \
+      std::string_view(#name) != "C_GetFunctionList" &&          \
+      (finalize || std::string_view(#name) != "C_Finalize")) {   \
+    typename FunctionArgs<fn::name::Pointer>::type zero{};       \
+    check(#name, std::apply(full->name, zero));                  \
   }
   P11MUX_FUNCTIONS(P11MUX_CALL_ONE)
 #undef P11MUX_CALL_ONE
@@ -49,12 +49,15 @@ TEST_CASE("every function after C_Finalize: CKR_CRYPTOKI_NOT_INITIALIZED, backen
 
 TEST_CASE("every function with NULL arguments while initialized: an error, no crash") {
   Proxy proxy;
-  call_every_function(proxy.p11, [](const char* name, CK_RV rv) {
-    INFO(name);
-    if (std::string_view(name) == "C_CloseAllSessions") return;  // slot 0 exists: OK
-    CHECK(rv != CKR_OK);
-    CHECK(rv != CKR_CRYPTOKI_NOT_INITIALIZED);
-  }, false);
+  call_every_function(
+      proxy.p11,
+      [](const char* name, CK_RV rv) {
+        INFO(name);
+        if (std::string_view(name) == "C_CloseAllSessions") return;  // slot 0 exists: OK
+        CHECK(rv != CKR_OK);
+        CHECK(rv != CKR_CRYPTOKI_NOT_INITIALIZED);
+      },
+      false);
 }
 
 CK_RV app_create(CK_VOID_PTR_PTR m);
@@ -98,9 +101,9 @@ CK_C_INITIALIZE_ARGS app_args(CK_FLAGS flags, bool callbacks) {
 }
 
 TEST_CASE("the four locking cases all initialize") {
-  for (auto [flags, callbacks] : {std::pair{CK_FLAGS{0}, false}, std::pair{CK_FLAGS{0}, true},
-                                  std::pair{CKF_OS_LOCKING_OK, false},
-                                  std::pair{CKF_OS_LOCKING_OK, true}}) {
+  for (auto [flags, callbacks] :
+       {std::pair{CK_FLAGS{0}, false}, std::pair{CK_FLAGS{0}, true},
+        std::pair{CKF_OS_LOCKING_OK, false}, std::pair{CKF_OS_LOCKING_OK, true}}) {
     CAPTURE(flags);
     CAPTURE(callbacks);
     auto args = app_args(flags, callbacks);
@@ -151,7 +154,8 @@ TEST_CASE("bad initialize arguments: CKR_ARGUMENTS_BAD, and nothing initialized"
   CHECK(libs().p11->C_GetSlotList(CK_FALSE, nullptr, &n) == CKR_CRYPTOKI_NOT_INITIALIZED);
 }
 
-TEST_CASE("second C_Initialize: CKR_CRYPTOKI_ALREADY_INITIALIZED; C_Finalize(non-NULL): ARGUMENTS_BAD") {
+TEST_CASE(
+    "second C_Initialize: CKR_CRYPTOKI_ALREADY_INITIALIZED; C_Finalize(non-NULL): ARGUMENTS_BAD") {
   Proxy proxy;
   CHECK(proxy.p11->C_Initialize(nullptr) == CKR_CRYPTOKI_ALREADY_INITIALIZED);
   char junk[] = "x";

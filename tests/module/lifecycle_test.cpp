@@ -3,8 +3,8 @@
 
 #include <fcntl.h>
 #include <signal.h>
-#include <unistd.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -366,8 +366,10 @@ TEST_CASE("fork does not wait for a thread waiting at the pool limit") {
   ::unlink(log.c_str());
   {
     Proxy proxy({}, nullptr,
-                {{"P11MUX_POOL_MAX_SESSIONS", "1"}, {"P11MUX_POOL_WAIT_MS", "30000"},
-                 {"P11MUX_LOG_LEVEL", "warn"}, {"P11MUX_LOG_FILE", log.c_str()}});
+                {{"P11MUX_POOL_MAX_SESSIONS", "1"},
+                 {"P11MUX_POOL_WAIT_MS", "30000"},
+                 {"P11MUX_LOG_LEVEL", "warn"},
+                 {"P11MUX_LOG_FILE", log.c_str()}});
     CK_SESSION_HANDLE first = proxy.open(0, CKF_SERIAL_SESSION);
     auto waiter = std::async(std::launch::async, [&] {
       CK_SESSION_HANDLE h = CK_INVALID_HANDLE;

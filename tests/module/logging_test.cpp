@@ -62,7 +62,8 @@ class GuardedTemplate {
  public:
   GuardedTemplate() {
     page_ = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
-    void* p = ::mmap(nullptr, 2 * page_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void* p =
+        ::mmap(nullptr, 2 * page_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     REQUIRE(p != MAP_FAILED);
     base_ = static_cast<unsigned char*>(p);
     REQUIRE(::mprotect(base_ + page_, page_, PROT_NONE) == 0);
@@ -91,7 +92,8 @@ TEST_CASE("trace: a stale handle with a huge count over a short template is trac
     CHECK(p->C_FindObjectsInit(stale, guarded.last(), 1'000'000) == CKR_SESSION_HANDLE_INVALID);
     CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
     CHECK(p->C_CreateObject(stale, guarded.last(), 1'000'000, &obj) == CKR_SESSION_HANDLE_INVALID);
-    CHECK(p->C_GetAttributeValue(stale, 1, guarded.last(), 1'000'000) == CKR_SESSION_HANDLE_INVALID);
+    CHECK(p->C_GetAttributeValue(stale, 1, guarded.last(), 1'000'000) ==
+          CKR_SESSION_HANDLE_INVALID);
     // The same template with its true count, on a live session: shown in full.
     CK_SESSION_HANDLE h = proxy.open();
     CHECK(p->C_FindObjectsInit(h, guarded.last(), 1) == CKR_OK);
@@ -108,7 +110,8 @@ TEST_CASE("trace: a stale handle with a huge count over a short template is trac
 TEST_CASE("trace: a backend that reports a length beyond the caller's buffer is not read past it") {
   void* recorder = ::dlopen(P11MUX_TEST_RECORDER_PATH, RTLD_NOW | RTLD_LOCAL);
   REQUIRE_MESSAGE(recorder != nullptr, ::dlerror());
-  auto set_length = reinterpret_cast<RecorderSetAttributeLengthFn>(::dlsym(recorder, "recorder_set_attribute_length"));
+  auto set_length = reinterpret_cast<RecorderSetAttributeLengthFn>(
+      ::dlsym(recorder, "recorder_set_attribute_length"));
   REQUIRE(static_cast<bool>(set_length));
   std::string log = "/tmp/p11mux-trace-length-test.log";
   ::unlink(log.c_str());
@@ -120,7 +123,8 @@ TEST_CASE("trace: a backend that reports a length beyond the caller's buffer is 
   CK_ATTRIBUTE t[] = {{CKA_ID, block.get(), 4}, {CKA_LABEL, block.get(), 4}};
   {
     Proxy proxy({}, nullptr,
-                {{"P11MUX_MODULE", P11MUX_TEST_RECORDER_PATH}, {"P11MUX_LOG_LEVEL", "trace"},
+                {{"P11MUX_MODULE", P11MUX_TEST_RECORDER_PATH},
+                 {"P11MUX_LOG_LEVEL", "trace"},
                  {"P11MUX_LOG_FILE", log.c_str()}});
     CK_SESSION_HANDLE h = proxy.open();
     set_length(64);
@@ -130,7 +134,8 @@ TEST_CASE("trace: a backend that reports a length beyond the caller's buffer is 
   }
   reset_environment();
   std::string text = read_file(log);
-  CHECK(text.find("{CKA_ID [4 bytes]->64, CKA_LABEL [4 bytes]->64}) = CKR_BUFFER_TOO_SMALL") != std::string::npos);
+  CHECK(text.find("{CKA_ID [4 bytes]->64, CKA_LABEL [4 bytes]->64}) = CKR_BUFFER_TOO_SMALL") !=
+        std::string::npos);
   CHECK(text.find("cafe") == std::string::npos);
   CHECK(text.find("\\xca") == std::string::npos);
   ::unlink(log.c_str());
@@ -178,7 +183,7 @@ TEST_CASE("log records survive the process dying: abort() or SIGTERM after 10 ca
     const std::string level = c.level;
     CAPTURE(level);
     ::unlink(log.c_str());
-    (void)libs();  // loaded before fork()
+    (void)libs();         // loaded before fork()
     std::fflush(stdout);  // else the child writes the runner's buffered output again
     pid_t pid = ::fork();
     REQUIRE(pid >= 0);

@@ -3,8 +3,8 @@
 // recording backend, which answers CKR_OK and tells which session it got.
 #include "harness.hpp"
 
-#include "functions/function_traits.hpp"
 #include "forward/operation_state.hpp"
+#include "functions/function_traits.hpp"
 #include "recorder_control.h"
 
 #include <array>
@@ -180,7 +180,9 @@ TEST_CASE("C_GetSessionInfo reports the virtual session's kind and the token's l
   Proxy proxy({}, nullptr, kMultiplex);
   CK_SESSION_HANDLE rw = proxy.open(0, CKF_SERIAL_SESSION | CKF_RW_SESSION);
   CK_SESSION_HANDLE ro = proxy.open(0, CKF_SERIAL_SESSION);
-  REQUIRE(proxy.p11->C_Login(rw, CKU_USER, reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>(MOCK_USER_PIN)), 4) == CKR_OK);
+  REQUIRE(proxy.p11->C_Login(rw, CKU_USER,
+                             reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>(MOCK_USER_PIN)),
+                             4) == CKR_OK);
   std::thread([&] {
     CK_SESSION_INFO info{};
     CHECK(proxy.p11->C_GetSessionInfo(rw, &info) == CKR_OK);
@@ -230,7 +232,8 @@ TEST_CASE("multiplex over a non-thread-safe backend still never overlaps calls")
   for (int t = 0; t < 8; ++t) {
     threads.emplace_back([&] {
       CK_BYTE buf[8];
-      for (int i = 0; i < 100; ++i) CHECK(proxy.p11->C_GenerateRandom(shared, buf, sizeof buf) == CKR_OK);
+      for (int i = 0; i < 100; ++i)
+        CHECK(proxy.p11->C_GenerateRandom(shared, buf, sizeof buf) == CKR_OK);
     });
   }
   for (auto& t : threads) t.join();
@@ -250,8 +253,8 @@ struct V3 {
     REQUIRE(static_cast<bool>(last_call));
     CK_VERSION v30{3, 0};
     CK_INTERFACE* iface = nullptr;
-    REQUIRE(get_interface(reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>("PKCS 11")), &v30, &iface,
-                          0) == CKR_OK);
+    REQUIRE(get_interface(reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>("PKCS 11")), &v30,
+                          &iface, 0) == CKR_OK);
     list = static_cast<CK_FUNCTION_LIST_3_0*>(iface->pFunctionList);
   }
   CK_FUNCTION_LIST_3_0* list = nullptr;
@@ -275,11 +278,14 @@ unsigned long call_on(CK_SESSION_HANDLE h) {
   [&]<std::size_t... I>(std::index_sequence<I...>) {
     auto sample = [&](auto& arg, std::size_t i) {
       using T = std::remove_reference_t<decltype(arg)>;
-      if constexpr (std::is_pointer_v<T>) arg = reinterpret_cast<T>(arena + 64 * (i + 1));
-      else arg = i == 0 ? static_cast<T>(h) : T{};
+      if constexpr (std::is_pointer_v<T>)
+        arg = reinterpret_cast<T>(arena + 64 * (i + 1));
+      else
+        arg = i == 0 ? static_cast<T>(h) : T{};
     };
     (sample(std::get<I>(args), I), ...);
-  }(std::make_index_sequence<std::tuple_size_v<Args>>{});
+  }
+  (std::make_index_sequence<std::tuple_size_v<Args>>{});
   CK_RV rv = std::apply(v3().list->*F::member, args);
   CHECK_MESSAGE(rv == CKR_OK, F::name);
   RecorderCall rec{};
@@ -327,22 +333,26 @@ void message_operation_follows_its_session() {
   DistinctThreads threads;
   unsigned long backend = 0;
   threads.run([&] { backend = call_on<Init>(shared); });
-  ([&] {
-    CAPTURE(Messages::name);
-    threads.run([&] { CHECK(call_on<Messages>(shared) == backend); });
-  }(), ...);
+  (
+      [&] {
+        CAPTURE(Messages::name);
+        threads.run([&] { CHECK(call_on<Messages>(shared) == backend); });
+      }(),
+      ...);
   threads.run([&] { CHECK(call_on<fn::C_GetSessionInfo>(shared) != backend); });
   threads.run([&] { CHECK(call_on<Final>(shared) == backend); });
   threads.run([&] { CHECK(call_on<fn::C_GetSessionInfo>(shared) == backend); });
 }
 
-TEST_CASE("v3.0 message-based encryption: every message reaches the session holding the operation") {
+TEST_CASE(
+    "v3.0 message-based encryption: every message reaches the session holding the operation") {
   message_operation_follows_its_session<fn::C_MessageEncryptInit, fn::C_MessageEncryptFinal,
                                         fn::C_EncryptMessage, fn::C_EncryptMessageBegin,
                                         fn::C_EncryptMessageNext>();
 }
 
-TEST_CASE("v3.0 message-based decryption: every message reaches the session holding the operation") {
+TEST_CASE(
+    "v3.0 message-based decryption: every message reaches the session holding the operation") {
   message_operation_follows_its_session<fn::C_MessageDecryptInit, fn::C_MessageDecryptFinal,
                                         fn::C_DecryptMessage, fn::C_DecryptMessageBegin,
                                         fn::C_DecryptMessageNext>();
@@ -354,7 +364,8 @@ TEST_CASE("v3.0 message-based signing: every message reaches the session holding
                                         fn::C_SignMessageNext>();
 }
 
-TEST_CASE("v3.0 message-based verification: every message reaches the session holding the operation") {
+TEST_CASE(
+    "v3.0 message-based verification: every message reaches the session holding the operation") {
   message_operation_follows_its_session<fn::C_MessageVerifyInit, fn::C_MessageVerifyFinal,
                                         fn::C_VerifyMessage, fn::C_VerifyMessageBegin,
                                         fn::C_VerifyMessageNext>();
@@ -401,8 +412,11 @@ void messages_never_end(OpMask op) {
   for (CK_RV rv : {CKR_OK, CKR_BUFFER_TOO_SMALL, CKR_DATA_LEN_RANGE, CKR_ENCRYPTED_DATA_INVALID,
                    CKR_SIGNATURE_INVALID, CKR_OPERATION_NOT_INITIALIZED}) {
     CAPTURE(rv);
-    ([&] { CHECK_MESSAGE(ops_after<Messages>(op, rv, CK_SESSION_HANDLE{1}) == op, Messages::name); }(),
-     ...);
+    (
+        [&] {
+          CHECK_MESSAGE(ops_after<Messages>(op, rv, CK_SESSION_HANDLE{1}) == op, Messages::name);
+        }(),
+        ...);
   }
 }
 
@@ -448,30 +462,36 @@ TEST_CASE("C_SessionCancel from another thread cancels the operation where it ru
 // Backends that keep an operation after an error (SoftHSM2: a failed
 // C_DigestKey): the operation is "maybe active" until proven ended, and never
 // in the mask multiplex mode routes by.
-TEST_CASE("an error in an operation leaves it maybe active until an Init, a final call or a cancel") {
+TEST_CASE(
+    "an error in an operation leaves it maybe active until an Init, a final call or a cancel") {
   const CK_SESSION_HANDLE h = 1;
   CK_BYTE out[32];
   CK_ULONG len = sizeof out;
   CK_MECHANISM mech = sha256();
   // Errors from calls that continue or end an active operation.
-  CHECK(ops_after<fn::C_DigestKey>(op::digest, CKR_KEY_HANDLE_INVALID, h, CK_OBJECT_HANDLE{7}) == 0);
-  CHECK(maybe_after<fn::C_DigestKey>(op::digest, 0, CKR_KEY_HANDLE_INVALID, h, CK_OBJECT_HANDLE{7}) ==
+  CHECK(ops_after<fn::C_DigestKey>(op::digest, CKR_KEY_HANDLE_INVALID, h, CK_OBJECT_HANDLE{7}) ==
+        0);
+  CHECK(maybe_after<fn::C_DigestKey>(op::digest, 0, CKR_KEY_HANDLE_INVALID, h,
+                                     CK_OBJECT_HANDLE{7}) == op::digest);
+  CHECK(maybe_after<fn::C_DigestFinal>(op::digest, 0, CKR_DEVICE_ERROR, h, out, &len) ==
         op::digest);
-  CHECK(maybe_after<fn::C_DigestFinal>(op::digest, 0, CKR_DEVICE_ERROR, h, out, &len) == op::digest);
-  CHECK(maybe_after<fn::C_DigestEncryptUpdate>(op::digest | op::encrypt, 0, CKR_DATA_LEN_RANGE, h, out,
-                                               CK_ULONG{1}, out, &len) == (op::digest | op::encrypt));
+  CHECK(maybe_after<fn::C_DigestEncryptUpdate>(op::digest | op::encrypt, 0, CKR_DATA_LEN_RANGE, h,
+                                               out, CK_ULONG{1}, out,
+                                               &len) == (op::digest | op::encrypt));
   // Not after a length query, CKR_BUFFER_TOO_SMALL, or for an operation never started.
   CHECK(maybe_after<fn::C_DigestFinal>(op::digest, 0, CKR_BUFFER_TOO_SMALL, h, out, &len) == 0);
   CHECK(maybe_after<fn::C_DigestFinal>(op::digest, 0, CKR_OK, h, nullptr, &len) == 0);
-  CHECK(maybe_after<fn::C_DigestUpdate>(0, 0, CKR_OPERATION_NOT_INITIALIZED, h, out, CK_ULONG{1}) == 0);
+  CHECK(maybe_after<fn::C_DigestUpdate>(0, 0, CKR_OPERATION_NOT_INITIALIZED, h, out, CK_ULONG{1}) ==
+        0);
   // Still maybe after another error; ended by a successful final call, a
   // successful Init (the backend had none left), or C_SessionCancel.
-  CHECK(maybe_after<fn::C_DigestFinal>(0, op::digest, CKR_DEVICE_ERROR, h, out, &len) == op::digest);
+  CHECK(maybe_after<fn::C_DigestFinal>(0, op::digest, CKR_DEVICE_ERROR, h, out, &len) ==
+        op::digest);
   CHECK(maybe_after<fn::C_DigestFinal>(0, op::digest, CKR_OK, h, out, &len) == 0);
   CHECK(maybe_after<fn::C_DigestInit>(0, op::digest, CKR_OK, h, &mech) == 0);
   CHECK(maybe_after<fn::C_DigestInit>(0, op::digest, CKR_OPERATION_ACTIVE, h, &mech) == op::digest);
-  CHECK(maybe_after<fn::C_SessionCancel>(0, op::digest | op::sign, CKR_OK, h, CK_FLAGS{CKF_DIGEST}) ==
-        op::sign);
+  CHECK(maybe_after<fn::C_SessionCancel>(0, op::digest | op::sign, CKR_OK, h,
+                                         CK_FLAGS{CKF_DIGEST}) == op::sign);
   // Whatever C_SetOperationState restored is unknown.
   CHECK(maybe_after<fn::C_SetOperationState>(0, 0, CKR_OK, h, out, CK_ULONG{1}, CK_OBJECT_HANDLE{0},
                                              CK_OBJECT_HANDLE{0}) == kAllOps);

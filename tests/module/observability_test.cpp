@@ -64,7 +64,8 @@ std::string logged_endpoint(const std::string& log_path) {
 }
 
 // Waits (bounded) until the file contains `what`.
-bool eventually_contains(const std::string& path, const std::string& what, std::chrono::seconds limit = 10s) {
+bool eventually_contains(const std::string& path, const std::string& what,
+                         std::chrono::seconds limit = 10s) {
   auto deadline = std::chrono::steady_clock::now() + limit;
   while (std::chrono::steady_clock::now() < deadline) {
     if (slurp(path).find(what) != std::string::npos) return true;
@@ -145,7 +146,9 @@ TEST_CASE("metrics match a known call sequence exactly, over a unix socket") {
   auto prom = parse_prometheus(metrics);
   INFO(metrics);
   for (const auto& e : prom.errors) FAIL_CHECK(e);
-  auto calls = [&](const char* f) { return prom.at(std::string("p11mux_calls_total{function=\"") + f + "\"}"); };
+  auto calls = [&](const char* f) {
+    return prom.at(std::string("p11mux_calls_total{function=\"") + f + "\"}");
+  };
   CHECK(calls("C_OpenSession") == 2);
   CHECK(calls("C_GenerateRandom") == 6);
   CHECK(calls("C_DigestInit") == 3);
@@ -154,11 +157,13 @@ TEST_CASE("metrics match a known call sequence exactly, over a unix socket") {
   CHECK(calls("C_Sign") == 1);
   CHECK(calls("C_CloseSession") == 1);
   CHECK_FALSE(prom.has("p11mux_calls_total{function=\"C_Logout\"}"));
-  CHECK(prom.at("p11mux_call_errors_total{function=\"C_GenerateRandom\",rv=\"CKR_SESSION_HANDLE_INVALID\"}") == 1);
+  CHECK(prom.at("p11mux_call_errors_total{function=\"C_GenerateRandom\",rv=\"CKR_SESSION_HANDLE_"
+                "INVALID\"}") == 1);
   CHECK(prom.at("p11mux_call_errors_total{function=\"C_Login\",rv=\"CKR_PIN_INCORRECT\"}") == 2);
   CHECK(prom.at("p11mux_call_errors_total{function=\"C_Sign\",rv=\"CKR_DEVICE_ERROR\"}") == 1);
   std::size_t error_series = 0;
-  for (const auto& [key, value] : prom.samples) error_series += key.starts_with("p11mux_call_errors_total");
+  for (const auto& [key, value] : prom.samples)
+    error_series += key.starts_with("p11mux_call_errors_total");
   CHECK(error_series == 3);
   CHECK(prom.at("p11mux_call_duration_seconds_count{function=\"C_Digest\"}") == 3);
   // Every session call that found its session took its lock once: 5+3+3+2+1 (not the bogus handle).
@@ -183,8 +188,8 @@ PoolFigures pool_figures(const std::string& sock) {
   INFO(m->body);
   for (const auto& e : prom.errors) FAIL_CHECK(e);
   auto at = [&](const char* name) { return prom.at(std::string(name) + "{slot=\"0\"}"); };
-  return {at("p11mux_pool_sessions_open"),     at("p11mux_pool_sessions_idle"),
-          at("p11mux_pool_sessions_in_use"),   at("p11mux_pool_waits_total"),
+  return {at("p11mux_pool_sessions_open"),      at("p11mux_pool_sessions_idle"),
+          at("p11mux_pool_sessions_in_use"),    at("p11mux_pool_waits_total"),
           at("p11mux_pool_wait_seconds_total"), at("p11mux_pool_sessions_discarded_total")};
 }
 
@@ -235,7 +240,8 @@ TEST_CASE("pool metrics follow the backend sessions: open, idle, in use, waits, 
   CHECK(f.discarded_dead == 1);
 }
 
-TEST_CASE("pool metrics: a session closed for another reason than a dead device is not counted dead") {
+TEST_CASE(
+    "pool metrics: a session closed for another reason than a dead device is not counted dead") {
   std::string sock = temp_path("pool-undead.sock");
   MockConfig mock{};
   // p11mux cannot tell whether the object it created is a session object,
@@ -253,7 +259,8 @@ TEST_CASE("pool metrics: a session closed for another reason than a dead device 
   CHECK(f.discarded_dead == 0);
 }
 
-TEST_CASE("pool metrics add up after multiplexed calls borrow and give back sessions on many threads") {
+TEST_CASE(
+    "pool metrics add up after multiplexed calls borrow and give back sessions on many threads") {
   std::string sock = temp_path("pool-mux.sock");
   MockConfig mock{};
   mock.call_spin_us = 200;  // calls overlap: threads borrow backend sessions of their own
@@ -289,7 +296,8 @@ TEST_CASE("the endpoint answers over loopback TCP with valid Prometheus text and
   Endpoint where;
   {
     Proxy proxy({}, nullptr,
-                {{"P11MUX_METRICS_LISTEN", "127.0.0.1:0"}, {"P11MUX_LOG_LEVEL", "info"},
+                {{"P11MUX_METRICS_LISTEN", "127.0.0.1:0"},
+                 {"P11MUX_LOG_LEVEL", "info"},
                  {"P11MUX_LOG_FILE", log.c_str()}});
     CHECK(has_thread("p11mux-stats"));
     std::string address = logged_endpoint(log);
@@ -320,7 +328,8 @@ TEST_CASE("the endpoint answers over loopback TCP with valid Prometheus text and
 }
 
 // Name -> SigBlk mask of every thread of this process whose name starts with prefix.
-std::multimap<std::string, unsigned long long> blocked_signals_of_threads(const std::string& prefix) {
+std::multimap<std::string, unsigned long long> blocked_signals_of_threads(
+    const std::string& prefix) {
   std::multimap<std::string, unsigned long long> out;
   DIR* dir = ::opendir("/proc/self/task");
   REQUIRE(dir != nullptr);
@@ -333,7 +342,8 @@ std::multimap<std::string, unsigned long long> blocked_signals_of_threads(const 
     std::string status = slurp(task + "/status");
     std::smatch m;
     static const std::regex sigblk("SigBlk:\\s*([0-9a-f]+)");
-    if (std::regex_search(status, m, sigblk)) out.emplace(comm, std::stoull(m[1].str(), nullptr, 16));
+    if (std::regex_search(status, m, sigblk))
+      out.emplace(comm, std::stoull(m[1].str(), nullptr, 16));
   }
   ::closedir(dir);
   return out;
@@ -343,8 +353,11 @@ TEST_CASE("p11mux's threads are named and block every signal: pool maintenance, 
   std::string sock = temp_path("threads.sock");
   ::unlink(sock.c_str());
   Proxy proxy({}, nullptr,
-              {{"P11MUX_POOL_IDLE_TIMEOUT_S", "60"}, {"P11MUX_METRICS_LISTEN", sock.c_str()},
-               {"P11MUX_LOG_ASYNC", "true"}, {"P11MUX_LOG_LEVEL", "info"}, {"P11MUX_LOG_FILE", "/dev/null"}});
+              {{"P11MUX_POOL_IDLE_TIMEOUT_S", "60"},
+               {"P11MUX_METRICS_LISTEN", sock.c_str()},
+               {"P11MUX_LOG_ASYNC", "true"},
+               {"P11MUX_LOG_LEVEL", "info"},
+               {"P11MUX_LOG_FILE", "/dev/null"}});
   // The log thread names itself once it runs: wait for it (a liveness bound).
   auto threads = blocked_signals_of_threads("p11mux-");
   for (int i = 0; i < 250 && threads.count("p11mux-log") == 0; ++i) {
@@ -355,7 +368,8 @@ TEST_CASE("p11mux's threads are named and block every signal: pool maintenance, 
   CHECK(threads.count("p11mux-stats") == 1);
   CHECK(threads.count("p11mux-log") == 1);
   for (const auto& thread : threads) {
-    const std::string& name = thread.first;  // not a structured binding: CAPTURE is a lambda (clang 14)
+    const std::string& name =
+        thread.first;  // not a structured binding: CAPTURE is a lambda (clang 14)
     const unsigned long long mask = thread.second;
     CAPTURE(name);
     for (int sig = 1; sig <= 64; ++sig) {
@@ -376,7 +390,8 @@ TEST_CASE("no endpoint and no p11mux thread by default") {
   for (const std::string& name : thread_names()) CHECK_FALSE(name.starts_with("p11mux-"));
 }
 
-TEST_CASE("CKF_LIBRARY_CANT_CREATE_OS_THREADS: no endpoint, no async log thread, even when configured") {
+TEST_CASE(
+    "CKF_LIBRARY_CANT_CREATE_OS_THREADS: no endpoint, no async log thread, even when configured") {
   std::string sock = temp_path("nothreads.sock");
   std::string log = temp_path("nothreads.log");
   unsigned short port = free_tcp_port();
@@ -386,8 +401,10 @@ TEST_CASE("CKF_LIBRARY_CANT_CREATE_OS_THREADS: no endpoint, no async log thread,
     {
       CK_C_INITIALIZE_ARGS args = no_threads_args();
       Proxy proxy({}, &args,
-                  {{"P11MUX_METRICS_LISTEN", listen.c_str()}, {"P11MUX_LOG_ASYNC", "true"},
-                   {"P11MUX_LOG_LEVEL", "trace"}, {"P11MUX_LOG_FILE", log.c_str()}});
+                  {{"P11MUX_METRICS_LISTEN", listen.c_str()},
+                   {"P11MUX_LOG_ASYNC", "true"},
+                   {"P11MUX_LOG_LEVEL", "trace"},
+                   {"P11MUX_LOG_FILE", log.c_str()}});
       CK_SESSION_HANDLE h = proxy.open();
       CK_BYTE buf[8];
       REQUIRE(proxy.p11->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
@@ -412,15 +429,18 @@ std::size_t occurrences(const std::string& text, const std::string& what) {
 
 // Issue 12: GnuTLS initializes modules with CKF_LIBRARY_CANT_CREATE_OS_THREADS,
 // and the endpoint the user asked for did not start with only an info line.
-TEST_CASE("CKF_LIBRARY_CANT_CREATE_OS_THREADS: each feature asked for and left off is a warning, once") {
+TEST_CASE(
+    "CKF_LIBRARY_CANT_CREATE_OS_THREADS: each feature asked for and left off is a warning, once") {
   std::string sock = temp_path("nothreads-warn.sock");
   std::string log = temp_path("nothreads-warn.log");
   ::unlink(log.c_str());
   {
     CK_C_INITIALIZE_ARGS args = no_threads_args();
     Proxy proxy({}, &args,
-                {{"P11MUX_METRICS_LISTEN", sock.c_str()}, {"P11MUX_LOG_ASYNC", "true"},
-                 {"P11MUX_POOL_IDLE_TIMEOUT_S", "60"}, {"P11MUX_LOG_LEVEL", "warn"},
+                {{"P11MUX_METRICS_LISTEN", sock.c_str()},
+                 {"P11MUX_LOG_ASYNC", "true"},
+                 {"P11MUX_POOL_IDLE_TIMEOUT_S", "60"},
+                 {"P11MUX_LOG_LEVEL", "warn"},
                  {"P11MUX_LOG_FILE", log.c_str()}});
     CK_SESSION_HANDLE h = proxy.open();
     CK_BYTE buf[8];
@@ -428,8 +448,10 @@ TEST_CASE("CKF_LIBRARY_CANT_CREATE_OS_THREADS: each feature asked for and left o
   }
   std::string text = slurp(log);
   INFO(text);
-  CHECK(occurrences(text, "warning: [metrics] listen: no endpoint: the application initialized p11mux with "
-                          "CKF_LIBRARY_CANT_CREATE_OS_THREADS") == 1);
+  CHECK(
+      occurrences(text,
+                  "warning: [metrics] listen: no endpoint: the application initialized p11mux with "
+                  "CKF_LIBRARY_CANT_CREATE_OS_THREADS") == 1);
   CHECK(occurrences(text, "warning: [log] async is off: CKF_LIBRARY_CANT_CREATE_OS_THREADS") == 1);
   CHECK(occurrences(text, "warning: pool.idle_timeout_s and pool.keepalive_s are off") == 1);
   CHECK(occurrences(text, "CKF_LIBRARY_CANT_CREATE_OS_THREADS") == 3);
@@ -449,7 +471,8 @@ TEST_CASE("a remote listen address or an unknown traced function fails C_Initial
   auto [rv, err] = init_with({{"P11MUX_METRICS_LISTEN", "0.0.0.0:9464"}});
   CHECK(rv == CKR_GENERAL_ERROR);
   CHECK(err.find("not a loopback address") != std::string::npos);
-  std::tie(rv, err) = init_with({{"P11MUX_METRICS_LISTEN", "0.0.0.0:0"}, {"P11MUX_METRICS_ALLOW_REMOTE", "true"}});
+  std::tie(rv, err) =
+      init_with({{"P11MUX_METRICS_LISTEN", "0.0.0.0:0"}, {"P11MUX_METRICS_ALLOW_REMOTE", "true"}});
   CHECK(rv == CKR_OK);
   std::tie(rv, err) = init_with({{"P11MUX_LOG_FUNCTIONS", "C_Sign,C_Sgn"}});
   CHECK(rv == CKR_GENERAL_ERROR);
@@ -469,7 +492,8 @@ void secret_workout(CK_FUNCTION_LIST* p, const std::string& so_new, const std::s
   CHECK(p->C_Logout(h) == CKR_OK);
   CHECK(p->C_Login(h, CKU_USER, utf8(wrong), wrong.size()) == CKR_PIN_INCORRECT);
   CHECK(p->C_Login(h, CKU_USER, utf8(user_new), user_new.size()) == CKR_OK);
-  CHECK(p->C_SetPIN(h, utf8(user_new), user_new.size(), utf8(user_newer), user_newer.size()) == CKR_OK);
+  CHECK(p->C_SetPIN(h, utf8(user_new), user_new.size(), utf8(user_newer), user_newer.size()) ==
+        CKR_OK);
   CK_OBJECT_CLASS secret_class = CKO_SECRET_KEY;
   CK_KEY_TYPE generic = CKK_GENERIC_SECRET;
   CK_BBOOL no = CK_FALSE;
@@ -482,8 +506,9 @@ void secret_workout(CK_FUNCTION_LIST* p, const std::string& so_new, const std::s
   CK_OBJECT_HANDLE key_handle = CK_INVALID_HANDLE;
   CHECK(p->C_CreateObject(h, secret, 5, &key_handle) == CKR_OK);
   CK_OBJECT_CLASS private_class = CKO_PRIVATE_KEY;
-  CK_ATTRIBUTE rsa[] = {{CKA_CLASS, &private_class, sizeof private_class},
-                        {CKA_PRIVATE_EXPONENT, const_cast<char*>(exponent.data()), exponent.size()}};
+  CK_ATTRIBUTE rsa[] = {
+      {CKA_CLASS, &private_class, sizeof private_class},
+      {CKA_PRIVATE_EXPONENT, const_cast<char*>(exponent.data()), exponent.size()}};
   CK_OBJECT_HANDLE rsa_handle = CK_INVALID_HANDLE;
   CHECK(p->C_CreateObject(h, rsa, 2, &rsa_handle) == CKR_OK);
   // Reading the key back: the value in the output template must be masked too.
@@ -504,7 +529,8 @@ void secret_workout(CK_FUNCTION_LIST* p, const std::string& so_new, const std::s
 
 TEST_CASE("no PIN and no secret key value in the log, at any level, sync or async") {
   // Unique 8-character PINs (the mock takes 4 to 8) and key bytes, so a hit is ours.
-  const std::string so_new = "Qz8#So7x", user_new = "Kp4!Us9w", user_newer = "Mv2%Nw5r", wrong = "Wr0ng!Pn";
+  const std::string so_new = "Qz8#So7x", user_new = "Kp4!Us9w", user_newer = "Mv2%Nw5r",
+                    wrong = "Wr0ng!Pn";
   const std::string key = "K3yV4lu3-S3cr3t!";
   const std::string exponent = "\x8e\x31\x5f\xa2\x77\x0c\xd4\x19";
   const std::vector<std::string> secrets = {so_new, user_new, user_newer, wrong, key, exponent};
@@ -516,7 +542,9 @@ TEST_CASE("no PIN and no secret key value in the log, at any level, sync or asyn
       ::unlink(log.c_str());
       {
         Proxy proxy({}, nullptr,
-                    {{"P11MUX_LOG_LEVEL", level}, {"P11MUX_LOG_FILE", log.c_str()}, {"P11MUX_LOG_ASYNC", async},
+                    {{"P11MUX_LOG_LEVEL", level},
+                     {"P11MUX_LOG_FILE", log.c_str()},
+                     {"P11MUX_LOG_ASYNC", async},
                      {"P11MUX_METRICS_SUMMARY", "true"}});
         secret_workout(proxy.p11, so_new, user_new, user_newer, wrong, key, exponent);
       }
@@ -531,15 +559,16 @@ TEST_CASE("no PIN and no secret key value in the log, at any level, sync or asyn
       }
       if (std::string_view(level) == "trace") {
         // The calls are there, masked: this test sees the records it checks.
-        for (const char* f : {"C_Login(", "C_SetPIN(", "C_InitPIN(", "C_InitToken(", "C_CreateObject(",
-                              "C_GetAttributeValue("}) {
+        for (const char* f : {"C_Login(", "C_SetPIN(", "C_InitPIN(", "C_InitToken(",
+                              "C_CreateObject(", "C_GetAttributeValue("}) {
           CHECK(text.find(f) != std::string::npos);
         }
         CHECK(text.find("CKA_VALUE=*** (16 bytes)") != std::string::npos);
         CHECK(text.find("CKA_PRIVATE_EXPONENT=*** (8 bytes)") != std::string::npos);
         CHECK(text.find("CKA_LABEL=\"masking-test\"") != std::string::npos);
       }
-      if (std::string_view(level) == "info") CHECK(text.find("metrics summary") != std::string::npos);
+      if (std::string_view(level) == "info")
+        CHECK(text.find("metrics summary") != std::string::npos);
     }
   }
   ::unlink(log.c_str());
@@ -570,9 +599,12 @@ TEST_CASE("trace records: pid and thread, virtual and backend handles, names, le
   std::string text = slurp(log);
   INFO(text);
   std::string pid = std::to_string(::getpid());
-  auto has = [&](const std::string& pattern) { return std::regex_search(text, std::regex(pattern)); };
+  auto has = [&](const std::string& pattern) {
+    return std::regex_search(text, std::regex(pattern));
+  };
   CHECK(has("\\d{4}-\\d\\d-\\d\\dT\\d\\d:\\d\\d:\\d\\d\\.\\d{6} p11mux\\[" + pid +
-            ":\\d+\\] trace: C_OpenSession\\(0, 6, NULL, NULL, ->0x[0-9a-f]+\\) = CKR_OK \\[\\d+\\.\\d us\\]"));
+            ":\\d+\\] trace: C_OpenSession\\(0, 6, NULL, NULL, ->0x[0-9a-f]+\\) = CKR_OK "
+            "\\[\\d+\\.\\d us\\]"));
   // The backend session: the mock's handles start at 0x5000.
   CHECK(has("C_DigestInit\\(0x[0-9a-f]+->0x5[0-9a-f]{3}, CKM_SHA256\\) = CKR_OK"));
   CHECK(has("C_Digest\\(0x[0-9a-f]+->0x5[0-9a-f]{3}, \\[3 bytes\\], NULL->32\\) = CKR_OK"));
@@ -584,9 +616,10 @@ TEST_CASE("trace records: pid and thread, virtual and backend handles, names, le
 
 TEST_CASE("trace filters: a function list, exclusions, and a minimum duration") {
   std::string log = temp_path("filters.log");
-  auto run = [&](std::initializer_list<std::pair<const char*, const char*>> extra, MockConfig mock = {}) {
+  auto run = [&](std::initializer_list<std::pair<const char*, const char*>> extra,
+                 MockConfig mock = {}) {
     std::vector<std::pair<const char*, const char*>> env = {{"P11MUX_LOG_LEVEL", "trace"},
-                                                             {"P11MUX_LOG_FILE", log.c_str()}};
+                                                            {"P11MUX_LOG_FILE", log.c_str()}};
     env.insert(env.end(), extra.begin(), extra.end());
     ::unlink(log.c_str());
     reset_environment();
@@ -611,7 +644,8 @@ TEST_CASE("trace filters: a function list, exclusions, and a minimum duration") 
     return slurp(log);
   };
   std::string all = run({});
-  for (const char* f : {"C_OpenSession(", "C_GenerateRandom(", "C_DigestInit(", "C_Digest(", "C_CloseSession("}) {
+  for (const char* f :
+       {"C_OpenSession(", "C_GenerateRandom(", "C_DigestInit(", "C_Digest(", "C_CloseSession("}) {
     CHECK(all.find(f) != std::string::npos);
   }
   std::string only = run({{"P11MUX_LOG_FUNCTIONS", "C_DigestInit, C_Digest"}});
@@ -640,7 +674,9 @@ TEST_CASE("C_Finalize writes the summary table to the log with [metrics] summary
   ::unlink(log.c_str());
   {
     Proxy proxy({}, nullptr,
-                {{"P11MUX_METRICS_SUMMARY", "true"}, {"P11MUX_LOG_LEVEL", "info"}, {"P11MUX_LOG_FILE", log.c_str()}});
+                {{"P11MUX_METRICS_SUMMARY", "true"},
+                 {"P11MUX_LOG_LEVEL", "info"},
+                 {"P11MUX_LOG_FILE", log.c_str()}});
     CK_SESSION_HANDLE h = proxy.open();
     CK_BYTE buf[8];
     for (int i = 0; i < 7; ++i) REQUIRE(proxy.p11->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
@@ -655,7 +691,8 @@ TEST_CASE("C_Finalize writes the summary table to the log with [metrics] summary
 
 // Issue 12: every short-lived p11tool run printed an 11-line table labelled
 // "warning:" because metrics were on for the endpoint.
-TEST_CASE("no summary at C_Finalize unless [metrics] summary asks for it, at the default level too") {
+TEST_CASE(
+    "no summary at C_Finalize unless [metrics] summary asks for it, at the default level too") {
   std::string log = temp_path("no-summary.log");
   std::string sock = temp_path("no-summary.sock");
   for (const char* level : {"warn", "info"}) {
@@ -666,8 +703,10 @@ TEST_CASE("no summary at C_Finalize unless [metrics] summary asks for it, at the
       ::unlink(sock.c_str());
       {
         Proxy proxy({}, nullptr,
-                    {{"P11MUX_METRICS_LISTEN", sock.c_str()}, {"P11MUX_METRICS_ENABLED", "true"},
-                     {"P11MUX_METRICS_SUMMARY", summary}, {"P11MUX_LOG_LEVEL", level},
+                    {{"P11MUX_METRICS_LISTEN", sock.c_str()},
+                     {"P11MUX_METRICS_ENABLED", "true"},
+                     {"P11MUX_METRICS_SUMMARY", summary},
+                     {"P11MUX_LOG_LEVEL", level},
                      {"P11MUX_LOG_FILE", log.c_str()}});
         CK_SESSION_HANDLE h = proxy.open();
         CK_BYTE buf[8];
@@ -675,8 +714,10 @@ TEST_CASE("no summary at C_Finalize unless [metrics] summary asks for it, at the
       }
       std::string text = slurp(log);
       INFO(text);
-      CHECK((text.find("metrics summary:") != std::string::npos) == (std::string_view(summary) == "true"));
-      CHECK((text.find("C_GenerateRandom") != std::string::npos) == (std::string_view(summary) == "true"));
+      CHECK((text.find("metrics summary:") != std::string::npos) ==
+            (std::string_view(summary) == "true"));
+      CHECK((text.find("C_GenerateRandom") != std::string::npos) ==
+            (std::string_view(summary) == "true"));
     }
   }
   ::unlink(log.c_str());
@@ -686,17 +727,21 @@ TEST_CASE("no summary at C_Finalize unless [metrics] summary asks for it, at the
 std::atomic<int> g_application_usr1{0};
 extern "C" void application_usr1(int) { ++g_application_usr1; }
 
-TEST_CASE("SIGUSR1 writes the summary from the stats thread; the application's handler still runs") {
+TEST_CASE(
+    "SIGUSR1 writes the summary from the stats thread; the application's handler still runs") {
   std::string log = temp_path("usr1.log");
   ::unlink(log.c_str());
-  struct sigaction app {}, saved{};
+  struct sigaction app {
+  }, saved{};
   app.sa_handler = application_usr1;
   sigemptyset(&app.sa_mask);
   REQUIRE(::sigaction(SIGUSR1, &app, &saved) == 0);
   g_application_usr1 = 0;
   {
     Proxy proxy({}, nullptr,
-                {{"P11MUX_METRICS_SIGNAL", "true"}, {"P11MUX_LOG_LEVEL", "info"}, {"P11MUX_LOG_FILE", log.c_str()}});
+                {{"P11MUX_METRICS_SIGNAL", "true"},
+                 {"P11MUX_LOG_LEVEL", "info"},
+                 {"P11MUX_LOG_FILE", log.c_str()}});
     CK_SESSION_HANDLE h = proxy.open();
     CK_BYTE buf[8];
     REQUIRE(proxy.p11->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
@@ -717,13 +762,16 @@ TEST_CASE("SIGUSR1 writes the summary from the stats thread; the application's h
 TEST_CASE("SIGUSR1 without threads: the next call writes the summary") {
   std::string log = temp_path("usr1-nothreads.log");
   ::unlink(log.c_str());
-  struct sigaction ignore {}, saved{};
+  struct sigaction ignore {
+  }, saved{};
   ignore.sa_handler = SIG_IGN;
   REQUIRE(::sigaction(SIGUSR1, &ignore, &saved) == 0);
   {
     CK_C_INITIALIZE_ARGS args = no_threads_args();
     Proxy proxy({}, &args,
-                {{"P11MUX_METRICS_SIGNAL", "true"}, {"P11MUX_LOG_LEVEL", "info"}, {"P11MUX_LOG_FILE", log.c_str()}});
+                {{"P11MUX_METRICS_SIGNAL", "true"},
+                 {"P11MUX_LOG_LEVEL", "info"},
+                 {"P11MUX_LOG_FILE", log.c_str()}});
     CK_SESSION_HANDLE h = proxy.open();
     CHECK_FALSE(has_thread("p11mux-stats"));
     REQUIRE(::raise(SIGUSR1) == 0);
@@ -739,8 +787,11 @@ TEST_CASE("SIGUSR1 without threads: the next call writes the summary") {
 
 TEST_CASE("fork: the child neither serves nor waits for the parent's stats thread") {
   std::string sock = temp_path("fork.sock");
-  Proxy proxy({}, nullptr, {{"P11MUX_METRICS_LISTEN", sock.c_str()}, {"P11MUX_LOG_ASYNC", "true"},
-                            {"P11MUX_LOG_LEVEL", "trace"}, {"P11MUX_LOG_FILE", "/dev/null"}});
+  Proxy proxy({}, nullptr,
+              {{"P11MUX_METRICS_LISTEN", sock.c_str()},
+               {"P11MUX_LOG_ASYNC", "true"},
+               {"P11MUX_LOG_LEVEL", "trace"},
+               {"P11MUX_LOG_FILE", "/dev/null"}});
   CK_SESSION_HANDLE h = proxy.open();
   CK_BYTE buf[8];
   REQUIRE(proxy.p11->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
@@ -769,7 +820,8 @@ TEST_CASE("fork: the child neither serves nor waits for the parent's stats threa
   int status = 0;
   auto deadline = std::chrono::steady_clock::now() + 30s;
   pid_t done = 0;
-  while ((done = ::waitpid(pid, &status, WNOHANG)) == 0 && std::chrono::steady_clock::now() < deadline) {
+  while ((done = ::waitpid(pid, &status, WNOHANG)) == 0 &&
+         std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(10ms);
   }
   if (done == 0) ::kill(pid, SIGKILL);
@@ -788,11 +840,14 @@ TEST_CASE("a rotating log file keeps the configured number of files") {
   for (const char* s : {"", ".1", ".2", ".3"}) ::unlink(file(s).c_str());
   {
     Proxy proxy({}, nullptr,
-                {{"P11MUX_LOG_LEVEL", "trace"}, {"P11MUX_LOG_FILE", file("").c_str()},
-                 {"P11MUX_LOG_ROTATE_SIZE_KB", "1"}, {"P11MUX_LOG_ROTATE_FILES", "2"}});
+                {{"P11MUX_LOG_LEVEL", "trace"},
+                 {"P11MUX_LOG_FILE", file("").c_str()},
+                 {"P11MUX_LOG_ROTATE_SIZE_KB", "1"},
+                 {"P11MUX_LOG_ROTATE_FILES", "2"}});
     CK_SESSION_HANDLE h = proxy.open();
     CK_BYTE buf[8];
-    for (int i = 0; i < 200; ++i) REQUIRE(proxy.p11->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
+    for (int i = 0; i < 200; ++i)
+      REQUIRE(proxy.p11->C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
   }
   struct stat st {};
   CHECK(::stat(file("").c_str(), &st) == 0);
@@ -809,10 +864,13 @@ TEST_CASE("async logging: every record written by C_Finalize, from the callers' 
   std::set<std::string> callers;
   {
     Proxy proxy({}, nullptr,
-                {{"P11MUX_LOG_ASYNC", "true"}, {"P11MUX_LOG_LEVEL", "trace"}, {"P11MUX_LOG_FILE", log.c_str()}});
+                {{"P11MUX_LOG_ASYNC", "true"},
+                 {"P11MUX_LOG_LEVEL", "trace"},
+                 {"P11MUX_LOG_FILE", log.c_str()}});
     // spdlog's writer names itself once it runs.
     bool named = false;
-    for (int i = 0; i < 500 && !(named = has_thread("p11mux-log")); ++i) std::this_thread::sleep_for(10ms);
+    for (int i = 0; i < 500 && !(named = has_thread("p11mux-log")); ++i)
+      std::this_thread::sleep_for(10ms);
     CHECK(named);
     std::vector<std::thread> threads;
     for (int t = 0; t < 4; ++t) {
@@ -828,7 +886,8 @@ TEST_CASE("async logging: every record written by C_Finalize, from the callers' 
   std::string text = slurp(log);
   std::size_t records = 0;
   std::regex tid("p11mux\\[\\d+:(\\d+)\\] trace: C_GenerateRandom\\(");
-  for (auto it = std::sregex_iterator(text.begin(), text.end(), tid); it != std::sregex_iterator(); ++it) {
+  for (auto it = std::sregex_iterator(text.begin(), text.end(), tid); it != std::sregex_iterator();
+       ++it) {
     ++records;
     callers.insert((*it)[1].str());
   }

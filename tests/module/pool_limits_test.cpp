@@ -43,7 +43,8 @@ TEST_CASE("C_GetTokenInfo tells the application's session figures, not p11mux's 
   c.token_max_rw_session_count = CK_EFFECTIVELY_INFINITE;
   CK_TOKEN_INFO info{};
   SUBCASE("pool.max_sessions caps the limits the token reports") {
-    Proxy proxy(c, nullptr, {{"P11MUX_SESSION_MODE", session_mode()}, {"P11MUX_POOL_MAX_SESSIONS", "4"}});
+    Proxy proxy(c, nullptr,
+                {{"P11MUX_SESSION_MODE", session_mode()}, {"P11MUX_POOL_MAX_SESSIONS", "4"}});
     REQUIRE(proxy.p11->C_GetTokenInfo(0, &info) == CKR_OK);
     CHECK(info.ulMaxSessionCount == 4);
     CHECK(info.ulMaxRwSessionCount == 4);
@@ -79,7 +80,7 @@ TEST_CASE("stale sessions in a thread's cache stop counting against the limit") 
   CK_SESSION_HANDLE a = proxy.open(0, CKF_SERIAL_SESSION);
   CK_SESSION_HANDLE b = proxy.open(0, CKF_SERIAL_SESSION);
   REQUIRE(proxy.p11->C_CloseSession(b) == CKR_OK);  // idle, in this thread's cache
-  REQUIRE(libs().mock->drop_sessions() == 2);        // the HSM restarts
+  REQUIRE(libs().mock->drop_sessions() == 2);       // the HSM restarts
   CK_BYTE buf[8];
   REQUIRE(proxy.p11->C_GenerateRandom(a, buf, sizeof buf) == CKR_SESSION_HANDLE_INVALID);
   REQUIRE(proxy.p11->C_CloseSession(a) == CKR_OK);
@@ -120,7 +121,7 @@ TEST_CASE("a limit learned from CKR_SESSION_COUNT rises again when the backend h
   CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE, d = CK_INVALID_HANDLE;
   REQUIRE(open_on(proxy, 0, a) == CKR_OK);
   REQUIRE(open_on(proxy, 0, b) == CKR_SESSION_COUNT);  // the limit is learned: 1
-  c.max_sessions = 8;  // the other process is gone
+  c.max_sessions = 8;                                  // the other process is gone
   REQUIRE(libs().mock->configure(&c) == 0);
   // Within the probe interval the learned limit holds; after it, one more is tried.
   CHECK(eventually([&] { return open_on(proxy, 0, b) == CKR_OK; }));

@@ -100,14 +100,16 @@ TEST_CASE("an open that fails in the backend returns its error and leaves no one
   Proxy proxy(c, nullptr, {{"P11MUX_POOL_MAX_SESSIONS", "1"}});
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
   for (int i = 0; i < 3; ++i) {
-    CHECK(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_DEVICE_ERROR);
+    CHECK(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) ==
+          CKR_DEVICE_ERROR);
   }
   MockConfig ok{};
   libs().mock->configure(&ok);
   CHECK(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
 }
 
-TEST_CASE("reset on return: session objects, operations and searches do not leak to the next user") {
+TEST_CASE(
+    "reset on return: session objects, operations and searches do not leak to the next user") {
   for (int v3 : {0, 1}) {
     CAPTURE(v3);
     MockConfig c{};
@@ -196,7 +198,7 @@ TEST_CASE("a dead backend session is discarded; the next open gets a fresh one")
   CK_SESSION_HANDLE a = proxy.open();
   CK_SESSION_HANDLE idle = proxy.open();
   REQUIRE(proxy.p11->C_CloseSession(idle) == CKR_OK);  // one idle in the pool
-  CHECK(libs().mock->drop_sessions() == 2);           // the HSM restarts
+  CHECK(libs().mock->drop_sessions() == 2);            // the HSM restarts
   CK_BYTE buf[8];
   CHECK(proxy.p11->C_GenerateRandom(a, buf, sizeof buf) == CKR_SESSION_HANDLE_INVALID);
   CHECK(proxy.p11->C_CloseSession(a) == CKR_OK);
@@ -334,7 +336,8 @@ void configure_failure(const char* function, CK_RV rv) {
   REQUIRE(libs().mock->configure(&c) == 0);
 }
 
-TEST_CASE("sessions closed instead of pooled are counted by reason (v2.40 backend: no C_SessionCancel)") {
+TEST_CASE(
+    "sessions closed instead of pooled are counted by reason (v2.40 backend: no C_SessionCancel)") {
   std::string sock = unclean_socket("unclean.sock");
   MockConfig v2{};
   v2.provide_v3 = 0;  // the default; said for the reader

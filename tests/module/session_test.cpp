@@ -15,8 +15,8 @@ namespace {
 
 std::array<CK_BYTE, MOCK_DIGEST_LEN> reference_digest(const std::string& data) {
   std::array<CK_BYTE, MOCK_DIGEST_LEN> out{};
-  libs().mock->reference_digest(reinterpret_cast<const unsigned char*>(data.data()),
-                                data.size(), out.data());
+  libs().mock->reference_digest(reinterpret_cast<const unsigned char*>(data.data()), data.size(),
+                                out.data());
   return out;
 }
 
@@ -129,9 +129,12 @@ TEST_CASE("one session shared by 16 threads: calls serialized, digests always ri
         // Only the thread whose C_DigestInit succeeded calls C_Digest, and no
         // other Init can succeed before that Digest ends the operation: with
         // calls serialized, every digest is this thread's own.
-        if (rv != CKR_OK) errors++;
-        else if (out == expected) good++;
-        else wrong++;
+        if (rv != CKR_OK)
+          errors++;
+        else if (out == expected)
+          good++;
+        else
+          wrong++;
         CK_BYTE r[8];
         if (proxy.p11->C_GenerateRandom(shared, r, sizeof r) != CKR_OK) errors++;
       }
@@ -178,7 +181,9 @@ TEST_CASE("a Notify session as a slot's first, over a backend that is not thread
   std::promise<CK_RV> opened;
   auto result = opened.get_future();
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
-  std::thread opener([&] { opened.set_value(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, notify, &h)); });
+  std::thread opener([&] {
+    opened.set_value(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, notify, &h));
+  });
   if (result.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
     // The opener cannot be joined, so doctest never gets to report: say it here.
     std::fputs("LIVENESS GUARD: C_OpenSession with Notify still blocked after 30 s\n", stderr);

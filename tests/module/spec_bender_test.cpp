@@ -58,8 +58,7 @@ MockConfig bends(unsigned long bits) {
 // libp11mux.so initialized over the spec bender in a session mode.
 class BenderProxy {
  public:
-  BenderProxy(const char* mode, MockConfig config, Proxy::Environment env = {})
-      : p11(libs().p11) {
+  BenderProxy(const char* mode, MockConfig config, Proxy::Environment env = {}) : p11(libs().p11) {
     reset_environment();
     ::setenv("P11MUX_MODULE", P11MUX_TEST_SPEC_BENDER_PATH, 1);
     ::setenv("P11MUX_SESSION_MODE", mode, 1);
@@ -156,8 +155,8 @@ TEST_CASE("spec bender: a closed virtual session's objects are neither visible n
     CK_MECHANISM wrap{CKM_AES_KEY_WRAP, nullptr, 0};
     unsigned char wrapped[32] = {7};
     CK_OBJECT_HANDLE unwrapped = 0;
-    REQUIRE(p->C_UnwrapKey(first, &wrap, base, wrapped, sizeof wrapped, nullptr, 0,
-                           &unwrapped) == CKR_OK);
+    REQUIRE(p->C_UnwrapKey(first, &wrap, base, wrapped, sizeof wrapped, nullptr, 0, &unwrapped) ==
+            CKR_OK);
     keys.push_back(unwrapped);
     objects.insert(objects.end(), keys.begin(), keys.end());
     // The MAC key works in its own session.
@@ -274,8 +273,7 @@ TEST_CASE("spec bender: the pool never goes above its limit with transient CKR_S
   constexpr unsigned long kLimit = 3;
   MockConfig c = bends(MOCK_BEND_ALL);
   c.transient_count_every = 2;  // the pool opens few: refuse often
-  BenderProxy proxy(mode, c,
-                    {{"P11MUX_POOL_WAIT_MS", "200"}, {"P11MUX_POOL_MAX_SESSIONS", "3"}});
+  BenderProxy proxy(mode, c, {{"P11MUX_POOL_WAIT_MS", "200"}, {"P11MUX_POOL_MAX_SESSIONS", "3"}});
   CK_FUNCTION_LIST* p = proxy.p11;
   // Hold up to the limit at once first: on a busy machine the threads below
   // may run one after another on a single backend session, and the backend

@@ -164,7 +164,8 @@ auto sample_arguments(CK_SESSION_HANDLE session) {
   Args args{};
   [&]<std::size_t... I>(std::index_sequence<I...>) {
     ((std::get<I>(args) = sample<std::tuple_element_t<I, Args>>(F::args[I], I, session)), ...);
-  }(std::make_index_sequence<std::tuple_size_v<Args>>{});
+  }
+  (std::make_index_sequence<std::tuple_size_v<Args>>{});
   return args;
 }
 
@@ -191,7 +192,8 @@ unsigned long mock_backend_session(CK_FUNCTION_LIST* p11, CK_SESSION_HANDLE h) {
   return mock_stats().last_session;
 }
 
-TEST_CASE("before C_Initialize: a 3.0 backend gets 3.0 (the default) and 2.40, probed uninitialized") {
+TEST_CASE(
+    "before C_Initialize: a 3.0 backend gets 3.0 (the default) and 2.40, probed uninitialized") {
   before_initialize(mock_with_v3());
   std::vector<CK_INTERFACE> list = interface_list();
   CHECK(described_interfaces() == kBoth);
@@ -206,10 +208,9 @@ TEST_CASE("before C_Initialize: a 3.0 backend gets 3.0 (the default) and 2.40, p
   // points, except C_GetInfo, which reports the list's own version.
   auto* first = reinterpret_cast<void**>(&l3->C_Initialize);
   for (unsigned long i = 0; i < MOCK_FUNCTION_COUNT; ++i) CHECK(first[i] != nullptr);
-#define P11MUX_SAME_ENTRY(name, since, dispatch, args)                                      \
-  if (std::string_view(#name) != "C_GetInfo") {                                             \
-    CHECK_MESSAGE(reinterpret_cast<void*>(l3->name) == reinterpret_cast<void*>(l2->name), \
-                  #name);                                                                   \
+#define P11MUX_SAME_ENTRY(name, since, dispatch, args)                                            \
+  if (std::string_view(#name) != "C_GetInfo") {                                                   \
+    CHECK_MESSAGE(reinterpret_cast<void*>(l3->name) == reinterpret_cast<void*>(l2->name), #name); \
   }
   P11MUX_FUNCTIONS_V2(P11MUX_SAME_ENTRY)
 #undef P11MUX_SAME_ENTRY
@@ -284,8 +285,7 @@ TEST_CASE("C_GetInterface: default, name, version and flags as the spec says") {
   }
   SUBCASE("CKF_INTERFACE_FORK_SAFE requested: never claimed, so no match") {
     CK_VERSION v30{3, 0};
-    CHECK(v3().get_interface(nullptr, nullptr, &got, CKF_INTERFACE_FORK_SAFE) ==
-          CKR_ARGUMENTS_BAD);
+    CHECK(v3().get_interface(nullptr, nullptr, &got, CKF_INTERFACE_FORK_SAFE) == CKR_ARGUMENTS_BAD);
     CHECK(v3().get_interface(utf8("PKCS 11"), &v30, &got, CKF_INTERFACE_FORK_SAFE) ==
           CKR_ARGUMENTS_BAD);
     CHECK(got == nullptr);
@@ -407,7 +407,10 @@ TEST_CASE("the recording backend receives every v3.0 argument unchanged, the ses
     CHECK(after.count == before.count + 1);
     // The session handle mapped, everything else exactly as passed.
     const auto expected = std::apply(
-        [&](auto, auto... rest) { return std::array{backend, as_ulong(rest)...}; }, args);
+        [&](auto, auto... rest) {
+          return std::array{backend, as_ulong(rest)...};
+        },
+        args);
     for (std::size_t i = 0; i < expected.size(); ++i) {
       CAPTURE(i);
       CHECK(after.args[i] == expected[i]);
@@ -476,7 +479,9 @@ TEST_CASE("vendor interfaces: hidden by default; with pass, the backend's own, u
   }
 }
 
-TEST_CASE("the probe is redone after each C_Initialize and C_Finalize; initialized, the backend in use answers") {
+TEST_CASE(
+    "the probe is redone after each C_Initialize and C_Finalize; initialized, the backend in use "
+    "answers") {
   before_initialize(mock_with_v3());
   CHECK(described_interfaces() == kBoth);
   // Cached until the next C_Initialize or C_Finalize.
@@ -524,9 +529,8 @@ TEST_CASE("broken configuration, missing backend, p11mux as its own backend: 2.4
   SUBCASE("missing backend; C_Initialize reports it") {
     ::setenv("P11MUX_MODULE", "/nonexistent/libnothing.so", 1);
     CHECK(described_interfaces() == kOnly240);
-    std::string err = capture_stderr([] {
-      CHECK(libs().p11->C_Initialize(nullptr) == CKR_GENERAL_ERROR);
-    });
+    std::string err =
+        capture_stderr([] { CHECK(libs().p11->C_Initialize(nullptr) == CKR_GENERAL_ERROR); });
     CHECK(err.find("/nonexistent/libnothing.so") != std::string::npos);
   }
   SUBCASE("bad configuration value") {

@@ -63,8 +63,8 @@ FaultyConfig one_percent_faults() {
 
 // A session is dead for the application after these: close it, open another.
 bool session_dead(CK_RV rv) {
-  return rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED ||
-         rv == CKR_DEVICE_REMOVED || rv == CKR_TOKEN_NOT_PRESENT;
+  return rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED || rv == CKR_DEVICE_REMOVED ||
+         rv == CKR_TOKEN_NOT_PRESENT;
 }
 
 // p11mux over the faulty module over `target`; the token is prepared with no
@@ -73,8 +73,8 @@ bool session_dead(CK_RV rv) {
 // environment gives it, P11MUX_FAULTY_LATENCY or its default, until apply()).
 class FaultyBackend {
  public:
-  FaultyBackend(const char* target, CK_SLOT_ID slot_hint, const std::string& label,
-                std::string pin, bool slow_module = false)
+  FaultyBackend(const char* target, CK_SLOT_ID slot_hint, const std::string& label, std::string pin,
+                bool slow_module = false)
       : p11(p11mux()), control(slow_module ? slow() : faulty()) {
     use_backend(slow_module ? slow_path() : faulty_path());
     REQUIRE(control.reset() == 0);
@@ -97,8 +97,9 @@ class FaultyBackend {
                               &setup) == CKR_OK);
     // Token objects: they survive the restart, as keys in an HSM do.
     token.key = make_sign_key(p11, setup, token.key_label.c_str(), true);
-    for (int i = 0; i < 8; ++i) token.messages.push_back(Bytes(static_cast<std::size_t>(i * 13 + 1),
-                                                               static_cast<CK_BYTE>(i)));
+    for (int i = 0; i < 8; ++i)
+      token.messages.push_back(
+          Bytes(static_cast<std::size_t>(i * 13 + 1), static_cast<CK_BYTE>(i)));
     compute_digests(p11, setup, token);
     REQUIRE(p11.C_CloseSession(setup) == CKR_OK);
   }
@@ -202,59 +203,62 @@ FaultResult run_faults(FaultyBackend& b, const FaultRun& run) {
   const auto start = Clock::now();
   const auto end = start + run.cap;
   const std::uint64_t seed = base_seed();
-  run_threads(run.threads + 1, [&](std::size_t i) {
-    if (i == run.threads) {  // the chaos thread
-      if (!run.chaos) return;
-      while (progress < chaos_at && Clock::now() < end) std::this_thread::sleep_for(1ms);
-      run.chaos();
-      if (run.chaos_end) {
-        std::this_thread::sleep_for(run.chaos_pause);
-        run.chaos_end();
-      }
-      chaos_over = true;
-      return;
-    }
-    Rng rng(seed + 1000 + i);
-    Workload w(b.p11, b.token, tallies[i]);
-    CK_SESSION_HANDLE mine = CK_INVALID_HANDLE;
-    long n = 0;
-    // Past its share, a thread goes on until it has worked after the chaos.
-    for (; Clock::now() < end && (n < run.conversations || !recovered[i]); ++n) {
-      bool after_chaos = chaos_over;
-      if (mine == CK_INVALID_HANDLE && w.open(mine, true) != CKR_OK) {
-        mine = CK_INVALID_HANDLE;
-        std::this_thread::yield();
-        continue;
-      }
-      std::size_t m = rng.below(w.message_count());
-      CK_RV rv;
-      auto pick = rng.below(100);
-      if (pick < 35) {
-        rv = w.sign(mine, false, m, mine);
-      } else if (pick < 60) {
-        rv = w.digest(mine, false, m);
-      } else if (pick < 70) {
-        rv = w.find(mine, false);
-      } else if (pick < 80) {
-        rv = w.open_use_close(rng.chance(50));
-      } else if (pick < 85) {
-        rv = w.login_logout(mine);
-      } else if (pick < 93) {
-        rv = w.session_info(mine);
-      } else {
-        rv = w.random(mine);
-      }
-      if (rv == CKR_OK && after_chaos) recovered[i] = 1;
-      if (session_dead(rv)) {
-        w.close(mine);
-        mine = CK_INVALID_HANDLE;
-      }
-      ++progress;
-    }
-    if (mine != CK_INVALID_HANDLE) w.close(mine);
-    wrong[i] = w.wrong_results();
-    done[i] = static_cast<unsigned long>(n);
-  }, "faults");
+  run_threads(
+      run.threads + 1,
+      [&](std::size_t i) {
+        if (i == run.threads) {  // the chaos thread
+          if (!run.chaos) return;
+          while (progress < chaos_at && Clock::now() < end) std::this_thread::sleep_for(1ms);
+          run.chaos();
+          if (run.chaos_end) {
+            std::this_thread::sleep_for(run.chaos_pause);
+            run.chaos_end();
+          }
+          chaos_over = true;
+          return;
+        }
+        Rng rng(seed + 1000 + i);
+        Workload w(b.p11, b.token, tallies[i]);
+        CK_SESSION_HANDLE mine = CK_INVALID_HANDLE;
+        long n = 0;
+        // Past its share, a thread goes on until it has worked after the chaos.
+        for (; Clock::now() < end && (n < run.conversations || !recovered[i]); ++n) {
+          bool after_chaos = chaos_over;
+          if (mine == CK_INVALID_HANDLE && w.open(mine, true) != CKR_OK) {
+            mine = CK_INVALID_HANDLE;
+            std::this_thread::yield();
+            continue;
+          }
+          std::size_t m = rng.below(w.message_count());
+          CK_RV rv;
+          auto pick = rng.below(100);
+          if (pick < 35) {
+            rv = w.sign(mine, false, m, mine);
+          } else if (pick < 60) {
+            rv = w.digest(mine, false, m);
+          } else if (pick < 70) {
+            rv = w.find(mine, false);
+          } else if (pick < 80) {
+            rv = w.open_use_close(rng.chance(50));
+          } else if (pick < 85) {
+            rv = w.login_logout(mine);
+          } else if (pick < 93) {
+            rv = w.session_info(mine);
+          } else {
+            rv = w.random(mine);
+          }
+          if (rv == CKR_OK && after_chaos) recovered[i] = 1;
+          if (session_dead(rv)) {
+            w.close(mine);
+            mine = CK_INVALID_HANDLE;
+          }
+          ++progress;
+        }
+        if (mine != CK_INVALID_HANDLE) w.close(mine);
+        wrong[i] = w.wrong_results();
+        done[i] = static_cast<unsigned long>(n);
+      },
+      "faults");
   FaultResult r;
   r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   for (std::size_t i = 0; i < run.threads; ++i) {
@@ -269,12 +273,13 @@ FaultResult run_faults(FaultyBackend& b, const FaultRun& run) {
 void check_and_report(FaultyBackend& b, const char* name, const FaultRun& run,
                       const FaultResult& r) {
   FaultyStats s = b.stats();
-  std::printf("FIGURES faults %s mode=%s: threads=%zu conversations=%lu calls=%lu "
-              "faults_injected=%lu restarts=%lu sessions_dropped=%lu recovered=%zu/%zu "
-              "invalid_codes=%lu wrong=%lu seconds=%.1f\n",
-              name, session_mode().c_str(), run.threads, r.conversations, r.tally.calls(),
-              s.faults_injected, s.restarts, s.sessions_dropped, r.recovered, run.threads,
-              r.tally.invalid_count(), r.wrong, r.seconds);
+  std::printf(
+      "FIGURES faults %s mode=%s: threads=%zu conversations=%lu calls=%lu "
+      "faults_injected=%lu restarts=%lu sessions_dropped=%lu recovered=%zu/%zu "
+      "invalid_codes=%lu wrong=%lu seconds=%.1f\n",
+      name, session_mode().c_str(), run.threads, r.conversations, r.tally.calls(),
+      s.faults_injected, s.restarts, s.sessions_dropped, r.recovered, run.threads,
+      r.tally.invalid_count(), r.wrong, r.seconds);
   MESSAGE(std::string(name) << " (" << session_mode() << "): " << r.tally.summary());
   CHECK(r.tally.invalid_count() == 0);
   CHECK(r.wrong == 0);
@@ -317,7 +322,8 @@ TEST_CASE("a device removed and put back" * doctest::test_suite("mock")) {
     FaultResult r = run_faults(b, run);
     check_and_report(b, "mock-removed", run, r);
     CHECK(r.tally.count_rv(CKR_DEVICE_REMOVED) + r.tally.count_rv(CKR_TOKEN_NOT_PRESENT) +
-              r.tally.count_rv(CKR_SESSION_HANDLE_INVALID) > 0);
+              r.tally.count_rv(CKR_SESSION_HANDLE_INVALID) >
+          0);
     b.check_fresh_session();
     b.finalize_and_check();
   }
@@ -335,31 +341,35 @@ void session_limit(const char* target_path, bool transient = false) {
     constexpr std::size_t kThreads = 16;
     std::vector<Tally> tallies(kThreads);
     const long rounds = scaled(200, 20);
-    run_threads(kThreads, [&](std::size_t i) {
-      Workload w(b.p11, b.token, tallies[i]);
-      for (long n = 0; n < rounds; ++n) {
-        CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
-        CK_RV rv = b.p11.C_OpenSession(b.token.slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s);
-        tallies[i].record("C_OpenSession", rv, {CKR_SESSION_COUNT});
-        if (rv != CKR_OK) {
-          std::this_thread::yield();
-          continue;
-        }
-        w.random(s);
-        w.digest(s, false, static_cast<std::size_t>(n) % w.message_count());
-        w.close(s);
-      }
-    }, "session limit");
+    run_threads(
+        kThreads,
+        [&](std::size_t i) {
+          Workload w(b.p11, b.token, tallies[i]);
+          for (long n = 0; n < rounds; ++n) {
+            CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+            CK_RV rv = b.p11.C_OpenSession(b.token.slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s);
+            tallies[i].record("C_OpenSession", rv, {CKR_SESSION_COUNT});
+            if (rv != CKR_OK) {
+              std::this_thread::yield();
+              continue;
+            }
+            w.random(s);
+            w.digest(s, false, static_cast<std::size_t>(n) % w.message_count());
+            w.close(s);
+          }
+        },
+        "session limit");
     Tally all;
     for (auto& t : tallies) all.merge(t);
     MESSAGE("session limit (" << session_mode() << "): " << all.summary());
     CHECK(all.unexpected_count() == 0);
     for (const auto& u : all.unexpected()) MESSAGE("unexpected: " << u);
     FaultyStats s = faulty_stats();
-    std::printf("FIGURES faults session-limit mode=%s: threads=%zu calls=%lu "
-                "session_count_refusals=%lu max_sessions_open=%lu\n",
-                session_mode().c_str(), kThreads, all.calls(), s.session_count_refusals,
-                s.max_sessions_open);
+    std::printf(
+        "FIGURES faults session-limit mode=%s: threads=%zu calls=%lu "
+        "session_count_refusals=%lu max_sessions_open=%lu\n",
+        session_mode().c_str(), kThreads, all.calls(), s.session_count_refusals,
+        s.max_sessions_open);
     CHECK(s.max_sessions_open <= 8);
     MESSAGE("backend sessions open after the traffic: " << s.sessions_open);
     // Nothing leaked: all 8 can be open at once again.
@@ -413,7 +423,7 @@ TEST_CASE("1% injected errors and an HSM restart mid-run" * doctest::test_suite(
 }
 
 TEST_CASE("an HSM that allows 8 sessions, 16 threads" * doctest::test_suite("spec-bender")) {
-  MockConfig c{};  // every bend
+  MockConfig c{};               // every bend
   c.transient_count_every = 3;  // the faulty module refuses past 8 first: refuse often
   MockTarget target(c, spec_bender());
   ::setenv("P11MUX_POOL_WAIT_MS", "200", 1);  // at a (learned) limit, not 5 s per open

@@ -54,38 +54,43 @@ FinalizeRound finalize_under_traffic(CK_SLOT_ID slot) {
   REQUIRE(p11.C_Initialize(os_locking()) == CKR_OK);
   std::vector<Tally> tallies(kCallers + kWaiters + 1);
   std::atomic<std::size_t> ready{0};
-  run_threads(kCallers + kWaiters + 1, [&](std::size_t i) {
-    Tally& t = tallies[i];
-    if (i == kCallers + kWaiters) {  // the finalizer
-      while (ready < kCallers + kWaiters) std::this_thread::sleep_for(1ms);
-      std::this_thread::sleep_for(50ms);  // let the waiters block, the callers get inside
-      t.record("C_Finalize", p11.C_Finalize(nullptr));
-      return;
-    }
-    if (i >= kCallers) {  // a waiter
-      ++ready;
-      CK_SLOT_ID event_slot = 0;
-      // SoftHSM2 cannot wait (CKR_FUNCTION_NOT_SUPPORTED).
-      t.record("C_WaitForSlotEvent", p11.C_WaitForSlotEvent(0, &event_slot, nullptr),
-               {CKR_CRYPTOKI_NOT_INITIALIZED, CKR_FUNCTION_NOT_SUPPORTED});
-      return;
-    }
-    // Counted as under way before the first call: over a serialized backend
-    // a thread may wait long for its turn, and that wait is inside p11mux.
-    ++ready;
-    const RvSet finalized{CKR_CRYPTOKI_NOT_INITIALIZED};
-    CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
-    if (!t.record("C_OpenSession", p11.C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr,
-                                                     &s), finalized) || s == CK_INVALID_HANDLE) {
-      return;
-    }
-    for (;;) {
-      CK_BYTE buf[16];
-      CK_RV rv = p11.C_GenerateRandom(s, buf, sizeof buf);
-      t.record("C_GenerateRandom", rv, finalized);
-      if (rv != CKR_OK) break;
-    }
-  }, "finalize under traffic");
+  run_threads(
+      kCallers + kWaiters + 1,
+      [&](std::size_t i) {
+        Tally& t = tallies[i];
+        if (i == kCallers + kWaiters) {  // the finalizer
+          while (ready < kCallers + kWaiters) std::this_thread::sleep_for(1ms);
+          std::this_thread::sleep_for(50ms);  // let the waiters block, the callers get inside
+          t.record("C_Finalize", p11.C_Finalize(nullptr));
+          return;
+        }
+        if (i >= kCallers) {  // a waiter
+          ++ready;
+          CK_SLOT_ID event_slot = 0;
+          // SoftHSM2 cannot wait (CKR_FUNCTION_NOT_SUPPORTED).
+          t.record("C_WaitForSlotEvent", p11.C_WaitForSlotEvent(0, &event_slot, nullptr),
+                   {CKR_CRYPTOKI_NOT_INITIALIZED, CKR_FUNCTION_NOT_SUPPORTED});
+          return;
+        }
+        // Counted as under way before the first call: over a serialized backend
+        // a thread may wait long for its turn, and that wait is inside p11mux.
+        ++ready;
+        const RvSet finalized{CKR_CRYPTOKI_NOT_INITIALIZED};
+        CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+        if (!t.record("C_OpenSession",
+                      p11.C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s),
+                      finalized) ||
+            s == CK_INVALID_HANDLE) {
+          return;
+        }
+        for (;;) {
+          CK_BYTE buf[16];
+          CK_RV rv = p11.C_GenerateRandom(s, buf, sizeof buf);
+          t.record("C_GenerateRandom", rv, finalized);
+          if (rv != CKR_OK) break;
+        }
+      },
+      "finalize under traffic");
   FinalizeRound r;
   for (auto& t : tallies) r.tally.merge(t);
   return r;
@@ -133,9 +138,10 @@ void finalize_over_mock(const char* name, MockConfig c, long rounds, bool racy_w
     CHECK(s.sessions_open == 0);
     CHECK(s.sessions_opened_total == s.sessions_closed_total);
   }
-  std::printf("FIGURES lifecycle finalize-under-traffic %s mode=%s: rounds=%ld threads=%zu "
-              "(waiters %zu) calls=%lu\n",
-              name, session_mode().c_str(), rounds, kCallers + kWaiters, kWaiters, all.calls());
+  std::printf(
+      "FIGURES lifecycle finalize-under-traffic %s mode=%s: rounds=%ld threads=%zu "
+      "(waiters %zu) calls=%lu\n",
+      name, session_mode().c_str(), rounds, kCallers + kWaiters, kWaiters, all.calls());
   MESSAGE(std::string(name) << ": " << all.summary());
 }
 
@@ -170,30 +176,33 @@ double finalize_while_knocking_ms(std::size_t threads) {
   std::atomic<std::size_t> knocking{0};
   std::atomic<bool> stop{false};
   double took_ms = 0;
-  run_threads(threads + 1, [&](std::size_t i) {
-    if (i == threads) {  // the finalizer
-      while (knocking < threads) std::this_thread::sleep_for(1ms);
-      std::this_thread::sleep_for(20ms);
-      auto start = Clock::now();
-      CHECK(p11.C_Finalize(nullptr) == CKR_OK);
-      took_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-      std::this_thread::sleep_for(20ms);  // refused knocks after it, too
-      stop = true;
-      return;
-    }
-    CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
-    CK_RV open_rv = p11.C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &s);
-    ++knocking;
-    if (open_rv != CKR_OK) return;
-    // All open first: the mock's C_OpenSession (a writer) starves behind knockers.
-    while (knocking < threads) std::this_thread::sleep_for(1ms);
-    CK_INFO info{};
-    CK_BYTE buf[8];
-    while (!stop.load(std::memory_order_relaxed)) {
-      (void)p11.C_GetInfo(&info);
-      (void)p11.C_GenerateRandom(s, buf, sizeof buf);
-    }
-  }, "finalize while knocking");
+  run_threads(
+      threads + 1,
+      [&](std::size_t i) {
+        if (i == threads) {  // the finalizer
+          while (knocking < threads) std::this_thread::sleep_for(1ms);
+          std::this_thread::sleep_for(20ms);
+          auto start = Clock::now();
+          CHECK(p11.C_Finalize(nullptr) == CKR_OK);
+          took_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+          std::this_thread::sleep_for(20ms);  // refused knocks after it, too
+          stop = true;
+          return;
+        }
+        CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+        CK_RV open_rv = p11.C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &s);
+        ++knocking;
+        if (open_rv != CKR_OK) return;
+        // All open first: the mock's C_OpenSession (a writer) starves behind knockers.
+        while (knocking < threads) std::this_thread::sleep_for(1ms);
+        CK_INFO info{};
+        CK_BYTE buf[8];
+        while (!stop.load(std::memory_order_relaxed)) {
+          (void)p11.C_GetInfo(&info);
+          (void)p11.C_GenerateRandom(s, buf, sizeof buf);
+        }
+      },
+      "finalize while knocking");
   return took_ms;
 }
 
@@ -217,10 +226,11 @@ TEST_CASE("C_Finalize while 256 threads keep knocking" * doctest::test_suite("mo
     CHECK(st.sessions_open == 0);
   }
   std::sort(times.begin(), times.end());
-  std::printf("FIGURES lifecycle finalize-while-knocking mock mode=%s: threads=%zu rounds=%zu "
-              "finalize_ms_median=%.1f min=%.1f max=%.1f\n",
-              session_mode().c_str(), threads, times.size(), times[times.size() / 2],
-              times.front(), times.back());
+  std::printf(
+      "FIGURES lifecycle finalize-while-knocking mock mode=%s: threads=%zu rounds=%zu "
+      "finalize_ms_median=%.1f min=%.1f max=%.1f\n",
+      session_mode().c_str(), threads, times.size(), times[times.size() / 2], times.front(),
+      times.back());
 }
 
 // The narrow case of the above, made likely: over a serialized backend,
@@ -244,22 +254,26 @@ TEST_CASE("a polled C_WaitForSlotEvent never reaches a finalized backend" *
     c.call_spin_us = 350000;  // its C_CloseSession, at C_Finalize, takes 350 ms
     REQUIRE(mock().configure(&c) == 0);
     std::vector<Tally> tallies(5);
-    run_threads(5, [&](std::size_t i) {
-      if (i == 4) {
-        std::this_thread::sleep_for(150ms);  // the waiters are polling
-        tallies[i].record("C_Finalize", p11.C_Finalize(nullptr));
-        return;
-      }
-      CK_SLOT_ID slot = 0;
-      tallies[i].record("C_WaitForSlotEvent", p11.C_WaitForSlotEvent(0, &slot, nullptr),
-                        {CKR_CRYPTOKI_NOT_INITIALIZED});
-    }, "polled waits and C_Finalize");
+    run_threads(
+        5,
+        [&](std::size_t i) {
+          if (i == 4) {
+            std::this_thread::sleep_for(150ms);  // the waiters are polling
+            tallies[i].record("C_Finalize", p11.C_Finalize(nullptr));
+            return;
+          }
+          CK_SLOT_ID slot = 0;
+          tallies[i].record("C_WaitForSlotEvent", p11.C_WaitForSlotEvent(0, &slot, nullptr),
+                            {CKR_CRYPTOKI_NOT_INITIALIZED});
+        },
+        "polled waits and C_Finalize");
     for (auto& t : tallies) CHECK(t.unexpected_count() == 0);
     after += mock_stats().calls_after_finalize;
   }
-  std::printf("FIGURES lifecycle polled-wait-finalize mode=%s: rounds=%ld "
-              "backend_calls_after_finalize=%lu\n",
-              session_mode().c_str(), rounds, after);
+  std::printf(
+      "FIGURES lifecycle polled-wait-finalize mode=%s: rounds=%ld "
+      "backend_calls_after_finalize=%lu\n",
+      session_mode().c_str(), rounds, after);
   CHECK(after == 0);
 }
 
@@ -290,56 +304,60 @@ void cycles_over_mock(bool blocking_waits, MockConfig c = {}, const char* path =
   std::vector<Tally> tallies(kWorkers + 3);
   std::atomic<bool> stop{false};
   const RvSet down{CKR_CRYPTOKI_NOT_INITIALIZED};
-  run_threads(kWorkers + 3, [&](std::size_t i) {
-    Tally& t = tallies[i];
-    if (i == 0 || i == 1) {
-      for (long n = 0; i == 0 ? n < cycles : !stop.load(); ++n) {
-        t.record("C_Initialize", p11.C_Initialize(os_locking()),
-                 {CKR_CRYPTOKI_ALREADY_INITIALIZED});
-        // Initialized a while, so that the other threads' calls get in.
-        std::this_thread::sleep_for(i == 0 ? 200us : 100us);
-        t.record("C_Finalize", p11.C_Finalize(nullptr), down);
-        if (i == 1) std::this_thread::sleep_for(300us);
-      }
-      if (i == 0) stop = true;
-      return;
-    }
-    if (i == 2) {
-      while (!stop) {
-        CK_SLOT_ID slot = 0;
-        CK_RV rv = p11.C_WaitForSlotEvent(0, &slot, nullptr);
-        t.record("C_WaitForSlotEvent", rv, down);
-        if (rv == CKR_CRYPTOKI_NOT_INITIALIZED) std::this_thread::yield();
-      }
-      return;
-    }
-    // A handle from an earlier cycle is stale: CKR_SESSION_HANDLE_INVALID.
-    const RvSet stale{CKR_CRYPTOKI_NOT_INITIALIZED, CKR_SESSION_HANDLE_INVALID};
-    while (!stop) {
-      CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
-      if (t.record("C_OpenSession",
-                   p11.C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &s), down) &&
-          s != CK_INVALID_HANDLE) {
-        CK_BYTE buf[16];
-        t.record("C_GenerateRandom", p11.C_GenerateRandom(s, buf, sizeof buf), stale);
-        t.record("C_CloseSession", p11.C_CloseSession(s), stale);
-      }
-      CK_ULONG n = 0;
-      t.record("C_GetSlotList", p11.C_GetSlotList(CK_FALSE, nullptr, &n), down);
-      CK_INFO info{};
-      t.record("C_GetInfo", p11.C_GetInfo(&info), down);
-      std::this_thread::yield();
-    }
-  }, "initialize/finalize cycles");
+  run_threads(
+      kWorkers + 3,
+      [&](std::size_t i) {
+        Tally& t = tallies[i];
+        if (i == 0 || i == 1) {
+          for (long n = 0; i == 0 ? n < cycles : !stop.load(); ++n) {
+            t.record("C_Initialize", p11.C_Initialize(os_locking()),
+                     {CKR_CRYPTOKI_ALREADY_INITIALIZED});
+            // Initialized a while, so that the other threads' calls get in.
+            std::this_thread::sleep_for(i == 0 ? 200us : 100us);
+            t.record("C_Finalize", p11.C_Finalize(nullptr), down);
+            if (i == 1) std::this_thread::sleep_for(300us);
+          }
+          if (i == 0) stop = true;
+          return;
+        }
+        if (i == 2) {
+          while (!stop) {
+            CK_SLOT_ID slot = 0;
+            CK_RV rv = p11.C_WaitForSlotEvent(0, &slot, nullptr);
+            t.record("C_WaitForSlotEvent", rv, down);
+            if (rv == CKR_CRYPTOKI_NOT_INITIALIZED) std::this_thread::yield();
+          }
+          return;
+        }
+        // A handle from an earlier cycle is stale: CKR_SESSION_HANDLE_INVALID.
+        const RvSet stale{CKR_CRYPTOKI_NOT_INITIALIZED, CKR_SESSION_HANDLE_INVALID};
+        while (!stop) {
+          CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+          if (t.record("C_OpenSession",
+                       p11.C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &s), down) &&
+              s != CK_INVALID_HANDLE) {
+            CK_BYTE buf[16];
+            t.record("C_GenerateRandom", p11.C_GenerateRandom(s, buf, sizeof buf), stale);
+            t.record("C_CloseSession", p11.C_CloseSession(s), stale);
+          }
+          CK_ULONG n = 0;
+          t.record("C_GetSlotList", p11.C_GetSlotList(CK_FALSE, nullptr, &n), down);
+          CK_INFO info{};
+          t.record("C_GetInfo", p11.C_GetInfo(&info), down);
+          std::this_thread::yield();
+        }
+      },
+      "initialize/finalize cycles");
   Tally all;
   for (auto& t : tallies) all.merge(t);
   all.record("C_Finalize", p11.C_Finalize(nullptr), down);  // whoever initialized last
   MockStats s = mock_stats(control);
   const unsigned long inits = all.count("C_Initialize", CKR_OK);
-  std::printf("FIGURES lifecycle cycles%s mode=%s: cycles=%ld initializations=%lu threads=%zu "
-              "calls=%lu backend_initializations=%lu\n",
-              blocking_waits ? "-blocking-waits" : "", session_mode().c_str(), cycles, inits,
-              kWorkers + 3, all.calls(), s.initialize_ok);
+  std::printf(
+      "FIGURES lifecycle cycles%s mode=%s: cycles=%ld initializations=%lu threads=%zu "
+      "calls=%lu backend_initializations=%lu\n",
+      blocking_waits ? "-blocking-waits" : "", session_mode().c_str(), cycles, inits, kWorkers + 3,
+      all.calls(), s.initialize_ok);
   MESSAGE("cycles (" << session_mode() << "): " << all.summary());
   CHECK(all.unexpected_count() == 0);
   for (const auto& u : all.unexpected()) MESSAGE("unexpected: " << u);
@@ -414,61 +432,64 @@ ForkResult fork_during_traffic(int forks, std::size_t traffic_threads, const Tra
   std::atomic<bool> stop{false};
   std::atomic<std::size_t> started{0};
   ForkGate gate;
-  run_threads(traffic_threads + 1, [&](std::size_t i) {
-    if (i < traffic_threads) {
-      ++started;
-      traffic(i, stop, tallies[i], gate);
-      return;
-    }
-    while (started < traffic_threads) std::this_thread::sleep_for(1ms);
-    for (int f = 0; f < forks; ++f) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(5 + 7 * f));  // amid the traffic
-      if (where == ForkPoint::between_calls) {
-        gate.pause = true;
-        auto deadline = Clock::now() + kLivenessGuard;
-        while (gate.paused.load() < traffic_threads) {
-          if (Clock::now() > deadline) hung("traffic threads did not pause for fork()");
-          std::this_thread::yield();
+  run_threads(
+      traffic_threads + 1,
+      [&](std::size_t i) {
+        if (i < traffic_threads) {
+          ++started;
+          traffic(i, stop, tallies[i], gate);
+          return;
         }
-      }
-      std::fflush(nullptr);
-      pid_t pid = ::fork();
-      gate.pause = false;  // the parent's traffic resumes at once
-      if (pid < 0) {
-        std::perror("fork");
-        break;
-      }
-      if (pid == 0) {
-        ::alarm(2 * kChildLimit.count());  // in case the parent cannot kill it
-        ::_exit(steps(p11mux(), context));
-      }
-      ++result.forks;
-      int status = 0;
-      auto deadline = Clock::now() + kChildLimit;
-      bool killed = false;
-      while (::waitpid(pid, &status, WNOHANG) == 0) {
-        if (!killed && Clock::now() > deadline) {
-          std::fprintf(stderr, "fork %d: child %d hung for %lld s; its stacks:\n", f, pid,
-                       static_cast<long long>(kChildLimit.count()));
-          print_stacks(pid);
-          ::kill(pid, SIGKILL);
-          killed = true;
+        while (started < traffic_threads) std::this_thread::sleep_for(1ms);
+        for (int f = 0; f < forks; ++f) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(5 + 7 * f));  // amid the traffic
+          if (where == ForkPoint::between_calls) {
+            gate.pause = true;
+            auto deadline = Clock::now() + kLivenessGuard;
+            while (gate.paused.load() < traffic_threads) {
+              if (Clock::now() > deadline) hung("traffic threads did not pause for fork()");
+              std::this_thread::yield();
+            }
+          }
+          std::fflush(nullptr);
+          pid_t pid = ::fork();
+          gate.pause = false;  // the parent's traffic resumes at once
+          if (pid < 0) {
+            std::perror("fork");
+            break;
+          }
+          if (pid == 0) {
+            ::alarm(2 * kChildLimit.count());  // in case the parent cannot kill it
+            ::_exit(steps(p11mux(), context));
+          }
+          ++result.forks;
+          int status = 0;
+          auto deadline = Clock::now() + kChildLimit;
+          bool killed = false;
+          while (::waitpid(pid, &status, WNOHANG) == 0) {
+            if (!killed && Clock::now() > deadline) {
+              std::fprintf(stderr, "fork %d: child %d hung for %lld s; its stacks:\n", f, pid,
+                           static_cast<long long>(kChildLimit.count()));
+              print_stacks(pid);
+              ::kill(pid, SIGKILL);
+              killed = true;
+            }
+            std::this_thread::sleep_for(1ms);
+          }
+          if (killed) {
+            std::fprintf(stderr, "fork %d: child killed after hanging\n", f);
+          } else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+            ++result.children_ok;
+          } else if (WIFEXITED(status)) {
+            std::fprintf(stderr, "fork %d: child failed at step %d\n", f, WEXITSTATUS(status));
+          } else {
+            std::fprintf(stderr, "fork %d: child killed by signal %d%s\n", f, WTERMSIG(status),
+                         WTERMSIG(status) == SIGALRM ? " (hung: liveness guard)" : "");
+          }
         }
-        std::this_thread::sleep_for(1ms);
-      }
-      if (killed) {
-        std::fprintf(stderr, "fork %d: child killed after hanging\n", f);
-      } else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
-        ++result.children_ok;
-      } else if (WIFEXITED(status)) {
-        std::fprintf(stderr, "fork %d: child failed at step %d\n", f, WEXITSTATUS(status));
-      } else {
-        std::fprintf(stderr, "fork %d: child killed by signal %d%s\n", f, WTERMSIG(status),
-                     WTERMSIG(status) == SIGALRM ? " (hung: liveness guard)" : "");
-      }
-    }
-    stop = true;
-  }, "fork during traffic");
+        stop = true;
+      },
+      "fork during traffic");
   for (auto& t : tallies) parent.merge(t);
   return result;
 }
@@ -503,7 +524,8 @@ void fork_over_mock(ForkPoint where, MockConfig c = {}, const char* path = mock_
       forks, 8,
       [&](std::size_t i, const std::atomic<bool>& stop, Tally& t, ForkGate& gate) {
         CK_SESSION_HANDLE mine = CK_INVALID_HANDLE;
-        t.record("C_OpenSession", p11.C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &mine));
+        t.record("C_OpenSession",
+                 p11.C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &mine));
         CK_BYTE buf[16];
         while (!stop) {
           gate.checkpoint();
@@ -522,10 +544,11 @@ void fork_over_mock(ForkPoint where, MockConfig c = {}, const char* path = mock_
   CHECK(p11.C_GenerateRandom(shared, buf, sizeof buf) == CKR_OK);  // the parent carries on
   CHECK(p11.C_CloseSession(shared) == CKR_OK);
   CHECK(p11.C_Finalize(nullptr) == CKR_OK);
-  std::printf("FIGURES lifecycle fork-mock-%s mode=%s: forks=%d children_ok=%d "
-              "parent_calls=%lu\n",
-              where == ForkPoint::mid_call ? "mid-call" : "between-calls", session_mode().c_str(),
-              r.forks, r.children_ok, parent.calls());
+  std::printf(
+      "FIGURES lifecycle fork-mock-%s mode=%s: forks=%d children_ok=%d "
+      "parent_calls=%lu\n",
+      where == ForkPoint::mid_call ? "mid-call" : "between-calls", session_mode().c_str(), r.forks,
+      r.children_ok, parent.calls());
   CHECK(r.forks == forks);
   CHECK(r.children_ok == forks);
   CHECK(parent.unexpected_count() == 0);
@@ -599,9 +622,10 @@ TEST_CASE("C_Finalize while 32 threads are inside calls" * doctest::test_suite("
     CHECK(s.sessions_open_at_finalize == 0);
     CHECK(s.sessions_opened == s.sessions_closed + s.sessions_closed_all + s.sessions_dropped);
   }
-  std::printf("FIGURES lifecycle finalize-under-traffic softhsm2 mode=%s: rounds=%ld threads=%zu "
-              "calls=%lu\n",
-              session_mode().c_str(), rounds, kCallers + kWaiters, all.calls());
+  std::printf(
+      "FIGURES lifecycle finalize-under-traffic softhsm2 mode=%s: rounds=%ld threads=%zu "
+      "calls=%lu\n",
+      session_mode().c_str(), rounds, kCallers + kWaiters, all.calls());
 }
 
 TEST_CASE("C_Initialize/C_Finalize cycles, SoftHSM2" * doctest::test_suite("softhsm2")) {
@@ -614,30 +638,34 @@ TEST_CASE("C_Initialize/C_Finalize cycles, SoftHSM2" * doctest::test_suite("soft
   const long cycles = scaled(100, 20);
   std::vector<Tally> tallies(5);
   std::atomic<bool> stop{false};
-  run_threads(5, [&](std::size_t i) {
-    Tally& t = tallies[i];
-    if (i == 0) {
-      for (long n = 0; n < cycles; ++n) {
-        t.record("C_Initialize", p11.C_Initialize(os_locking()));
-        std::this_thread::sleep_for(1ms);
-        t.record("C_Finalize", p11.C_Finalize(nullptr));
-      }
-      stop = true;
-      return;
-    }
-    const RvSet stale{CKR_CRYPTOKI_NOT_INITIALIZED, CKR_SESSION_HANDLE_INVALID};
-    while (!stop) {
-      CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
-      if (t.record("C_OpenSession", p11.C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr,
-                                                      &s), {CKR_CRYPTOKI_NOT_INITIALIZED}) &&
-          s != CK_INVALID_HANDLE) {
-        CK_BYTE buf[16];
-        t.record("C_GenerateRandom", p11.C_GenerateRandom(s, buf, sizeof buf), stale);
-        t.record("C_CloseSession", p11.C_CloseSession(s), stale);
-      }
-      std::this_thread::yield();
-    }
-  }, "SoftHSM2 cycles");
+  run_threads(
+      5,
+      [&](std::size_t i) {
+        Tally& t = tallies[i];
+        if (i == 0) {
+          for (long n = 0; n < cycles; ++n) {
+            t.record("C_Initialize", p11.C_Initialize(os_locking()));
+            std::this_thread::sleep_for(1ms);
+            t.record("C_Finalize", p11.C_Finalize(nullptr));
+          }
+          stop = true;
+          return;
+        }
+        const RvSet stale{CKR_CRYPTOKI_NOT_INITIALIZED, CKR_SESSION_HANDLE_INVALID};
+        while (!stop) {
+          CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+          if (t.record("C_OpenSession",
+                       p11.C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s),
+                       {CKR_CRYPTOKI_NOT_INITIALIZED}) &&
+              s != CK_INVALID_HANDLE) {
+            CK_BYTE buf[16];
+            t.record("C_GenerateRandom", p11.C_GenerateRandom(s, buf, sizeof buf), stale);
+            t.record("C_CloseSession", p11.C_CloseSession(s), stale);
+          }
+          std::this_thread::yield();
+        }
+      },
+      "SoftHSM2 cycles");
   Tally all;
   for (auto& t : tallies) all.merge(t);
   std::printf("FIGURES lifecycle cycles-softhsm2 mode=%s: cycles=%ld threads=5 calls=%lu\n",
@@ -736,10 +764,11 @@ void fork_over_softhsm2(ForkPoint where) {
     CHECK(w.close(s) == CKR_OK);
   }
   CHECK(p11.C_Finalize(nullptr) == CKR_OK);
-  std::printf("FIGURES lifecycle fork-softhsm2-%s mode=%s: forks=%d children_ok=%d "
-              "parent_calls=%lu\n",
-              where == ForkPoint::mid_call ? "mid-call" : "between-calls", session_mode().c_str(),
-              r.forks, r.children_ok, parent.calls());
+  std::printf(
+      "FIGURES lifecycle fork-softhsm2-%s mode=%s: forks=%d children_ok=%d "
+      "parent_calls=%lu\n",
+      where == ForkPoint::mid_call ? "mid-call" : "between-calls", session_mode().c_str(), r.forks,
+      r.children_ok, parent.calls());
   CHECK(r.forks == forks);
   CHECK(r.children_ok == forks);
   CHECK(wrong == 0);

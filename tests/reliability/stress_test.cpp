@@ -75,7 +75,8 @@ struct StressResult {
 // (or until `time_cap`, a bound on the run, not an assertion).
 // C_OpenSession for a suite's own setup, through a backend's transient
 // CKR_SESSION_COUNT (the spec bender) if any.
-CK_RV open_retrying(CK_FUNCTION_LIST& p11, CK_SLOT_ID slot, CK_FLAGS flags, CK_SESSION_HANDLE& out) {
+CK_RV open_retrying(CK_FUNCTION_LIST& p11, CK_SLOT_ID slot, CK_FLAGS flags,
+                    CK_SESSION_HANDLE& out) {
   CK_RV rv = CKR_SESSION_COUNT;
   for (int attempt = 0; attempt < 50 && rv == CKR_SESSION_COUNT; ++attempt) {
     if (attempt > 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -96,43 +97,46 @@ StressResult run_stress(CK_FUNCTION_LIST& p11, const Token& token, long iteratio
   const auto start = Clock::now();
   const auto end = start + time_cap;
   const std::uint64_t seed = base_seed();
-  run_threads(kThreads, [&](std::size_t i) {
-    Rng rng(seed + i);
-    Workload w(p11, token, tallies[i]);
-    if (transient_count) {
-      w.allow_transient_session_count();
-      // A multiplexed call may need a backend session of its own: it waits
-      // for one at the limit, then answers CKR_SESSION_COUNT (README).
-      if (session_mode() == "multiplex") tallies[i].allow_everywhere(CKR_SESSION_COUNT);
-    }
-    CK_SESSION_HANDLE mine = CK_INVALID_HANDLE;
-    if (w.open(mine, i % 2 == 0) != CKR_OK) return;
-    long n = 0;
-    for (; n < iterations && Clock::now() < end; ++n) {
-      bool on_shared = rng.chance(50);
-      CK_SESSION_HANDLE s = on_shared ? shared[rng.below(kSharedSessions)] : mine;
-      std::size_t m = rng.below(w.message_count());
-      auto pick = rng.below(100);
-      if (pick < 10) {
-        w.open_use_close(rng.chance(50));
-      } else if (pick < 35) {
-        w.sign(s, on_shared, m, mine);
-      } else if (pick < 60) {
-        w.digest(s, on_shared, m);
-      } else if (pick < 75) {
-        w.find(s, on_shared);
-      } else if (pick < 80) {
-        w.login_logout(s);
-      } else if (pick < 90) {
-        w.session_info(s);
-      } else {
-        w.random(s);
-      }
-    }
-    w.close(mine);
-    wrong[i] = w.wrong_results();
-    done[i] = static_cast<unsigned long>(n);
-  }, "stress");
+  run_threads(
+      kThreads,
+      [&](std::size_t i) {
+        Rng rng(seed + i);
+        Workload w(p11, token, tallies[i]);
+        if (transient_count) {
+          w.allow_transient_session_count();
+          // A multiplexed call may need a backend session of its own: it waits
+          // for one at the limit, then answers CKR_SESSION_COUNT (README).
+          if (session_mode() == "multiplex") tallies[i].allow_everywhere(CKR_SESSION_COUNT);
+        }
+        CK_SESSION_HANDLE mine = CK_INVALID_HANDLE;
+        if (w.open(mine, i % 2 == 0) != CKR_OK) return;
+        long n = 0;
+        for (; n < iterations && Clock::now() < end; ++n) {
+          bool on_shared = rng.chance(50);
+          CK_SESSION_HANDLE s = on_shared ? shared[rng.below(kSharedSessions)] : mine;
+          std::size_t m = rng.below(w.message_count());
+          auto pick = rng.below(100);
+          if (pick < 10) {
+            w.open_use_close(rng.chance(50));
+          } else if (pick < 35) {
+            w.sign(s, on_shared, m, mine);
+          } else if (pick < 60) {
+            w.digest(s, on_shared, m);
+          } else if (pick < 75) {
+            w.find(s, on_shared);
+          } else if (pick < 80) {
+            w.login_logout(s);
+          } else if (pick < 90) {
+            w.session_info(s);
+          } else {
+            w.random(s);
+          }
+        }
+        w.close(mine);
+        wrong[i] = w.wrong_results();
+        done[i] = static_cast<unsigned long>(n);
+      },
+      "stress");
   StressResult r;
   r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   for (std::size_t i = 0; i < kThreads; ++i) {
@@ -145,11 +149,11 @@ StressResult run_stress(CK_FUNCTION_LIST& p11, const Token& token, long iteratio
 }
 
 void check_and_report(const char* name, const StressResult& r) {
-  std::printf("FIGURES stress %s mode=%s: threads=%zu conversations=%lu calls=%lu "
-              "operation_active=%lu wrong=%lu unexpected=%lu seconds=%.1f\n",
-              name, session_mode().c_str(), kThreads, r.iterations, r.tally.calls(),
-              r.tally.count_rv(CKR_OPERATION_ACTIVE), r.wrong, r.tally.unexpected_count(),
-              r.seconds);
+  std::printf(
+      "FIGURES stress %s mode=%s: threads=%zu conversations=%lu calls=%lu "
+      "operation_active=%lu wrong=%lu unexpected=%lu seconds=%.1f\n",
+      name, session_mode().c_str(), kThreads, r.iterations, r.tally.calls(),
+      r.tally.count_rv(CKR_OPERATION_ACTIVE), r.wrong, r.tally.unexpected_count(), r.seconds);
   MESSAGE(std::string(name) << " (" << session_mode() << "): " << r.tally.summary());
   CHECK(r.tally.unexpected_count() == 0);
   for (const auto& u : r.tally.unexpected()) MESSAGE("unexpected: " << u);
@@ -175,10 +179,11 @@ void stress_over_mock(const char* name, const char* path, const MockControl& con
   REQUIRE(p11.C_Finalize(nullptr) == CKR_OK);
 
   MockStats s = mock_stats(control);
-  std::printf("FIGURES stress %s backend: calls=%lu max_concurrent=%lu library_violations=%lu "
-              "session_violations=%lu sessions_opened=%lu\n",
-              name, s.calls_total, s.max_concurrent_calls, s.library_violations,
-              s.session_violations, s.sessions_opened_total);
+  std::printf(
+      "FIGURES stress %s backend: calls=%lu max_concurrent=%lu library_violations=%lu "
+      "session_violations=%lu sessions_opened=%lu\n",
+      name, s.calls_total, s.max_concurrent_calls, s.library_violations, s.session_violations,
+      s.sessions_opened_total);
   check_and_report(name, r);
   CHECK(s.library_violations == 0);
   CHECK(s.session_violations == 0);
@@ -225,9 +230,8 @@ TEST_CASE("C_CloseAllSessions racing calls on the same slot" * doctest::test_sui
     CK_BYTE buf[16];
     CHECK(p11.C_GenerateRandom(h, buf, sizeof buf) == CKR_SESSION_HANDLE_INVALID);
     // A session of another thread, too.
-    std::thread other([&] {
-      CHECK(p11.C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
-    });
+    std::thread other(
+        [&] { CHECK(p11.C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK); });
     other.join();
     CHECK(p11.C_CloseAllSessions(0) == CKR_OK);
     CHECK(p11.C_GenerateRandom(h, buf, sizeof buf) == CKR_SESSION_HANDLE_INVALID);
@@ -236,44 +240,48 @@ TEST_CASE("C_CloseAllSessions racing calls on the same slot" * doctest::test_sui
   const long rounds = scaled(300, 20);
   std::atomic<bool> stop{false};
   std::vector<Tally> tallies(kUsers + 1);
-  run_threads(kUsers + 1, [&](std::size_t i) {
-    Tally& t = tallies[i];
-    if (i == kUsers) {
-      while (!stop) {
-        t.record("C_CloseAllSessions", p11.C_CloseAllSessions(0));
-        std::this_thread::yield();
-      }
-      return;
-    }
-    const RvSet gone{CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED};
-    for (long r = 0; r < rounds; ++r) {
-      CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
-      if (!t.record("C_OpenSession", p11.C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr,
-                                                       &h))) {
-        continue;
-      }
-      CK_BYTE buf[16];
-      for (int k = 0; k < 3; ++k) {
-        // A pause between calls: a session used back to back keeps its lock
-        // (std::mutex hands nothing over), and the closer would only ever
-        // find sessions already closed.
-        std::this_thread::yield();
-        t.record("C_GenerateRandom", p11.C_GenerateRandom(h, buf, 16), gone);
-      }
-      t.record("C_CloseSession", p11.C_CloseSession(h), gone);
-    }
-    if (i == 0) stop = true;  // the closer stops once one user is done
-  }, "close-all race");
+  run_threads(
+      kUsers + 1,
+      [&](std::size_t i) {
+        Tally& t = tallies[i];
+        if (i == kUsers) {
+          while (!stop) {
+            t.record("C_CloseAllSessions", p11.C_CloseAllSessions(0));
+            std::this_thread::yield();
+          }
+          return;
+        }
+        const RvSet gone{CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED};
+        for (long r = 0; r < rounds; ++r) {
+          CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+          if (!t.record("C_OpenSession",
+                        p11.C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h))) {
+            continue;
+          }
+          CK_BYTE buf[16];
+          for (int k = 0; k < 3; ++k) {
+            // A pause between calls: a session used back to back keeps its lock
+            // (std::mutex hands nothing over), and the closer would only ever
+            // find sessions already closed.
+            std::this_thread::yield();
+            t.record("C_GenerateRandom", p11.C_GenerateRandom(h, buf, 16), gone);
+          }
+          t.record("C_CloseSession", p11.C_CloseSession(h), gone);
+        }
+        if (i == 0) stop = true;  // the closer stops once one user is done
+      },
+      "close-all race");
   stop = true;
   REQUIRE(p11.C_Finalize(nullptr) == CKR_OK);
   Tally all;
   for (auto& t : tallies) all.merge(t);
   MockStats s = mock_stats();
   MESSAGE("C_CloseAllSessions race: " << all.summary());
-  std::printf("FIGURES close-all-race mode=%s: calls=%lu closed_under_user=%lu "
-              "session_violations=%lu\n",
-              session_mode().c_str(), all.calls(), all.count_rv(CKR_SESSION_HANDLE_INVALID),
-              s.session_violations);
+  std::printf(
+      "FIGURES close-all-race mode=%s: calls=%lu closed_under_user=%lu "
+      "session_violations=%lu\n",
+      session_mode().c_str(), all.calls(), all.count_rv(CKR_SESSION_HANDLE_INVALID),
+      s.session_violations);
   CHECK(all.unexpected_count() == 0);
   for (const auto& u : all.unexpected()) MESSAGE("unexpected: " << u);
   CHECK(s.session_violations == 0);
@@ -286,12 +294,13 @@ TEST_CASE("C_CloseAllSessions racing calls on the same slot" * doctest::test_sui
 // The mixed traffic over every bend at once (operations kept after errors,
 // reused handles, transient CKR_SESSION_COUNT, slow opens ...).
 TEST_CASE("stress over the spec bender" * doctest::test_suite("spec-bender")) {
-  stress_over_mock("spec-bender", spec_bender_path(), spec_bender(), MockConfig{},
-                   scaled(300, 20), /*transient_count=*/true, std::chrono::seconds(30));
+  stress_over_mock("spec-bender", spec_bender_path(), spec_bender(), MockConfig{}, scaled(300, 20),
+                   /*transient_count=*/true, std::chrono::seconds(30));
   MockStats s = mock_stats(spec_bender());
-  std::printf("FIGURES stress spec-bender bends: ops_kept=%lu handles_reused=%lu "
-              "session_count=%lu\n",
-              s.bend_ops_kept, s.bend_handles_reused, s.bend_session_count);
+  std::printf(
+      "FIGURES stress spec-bender bends: ops_kept=%lu handles_reused=%lu "
+      "session_count=%lu\n",
+      s.bend_ops_kept, s.bend_handles_reused, s.bend_session_count);
 }
 
 // Sets P11MUX_* variables for one scope.
@@ -377,158 +386,169 @@ TEST_CASE("spec bender: a canary per virtual session, the pool within its limit"
   CK_MECHANISM mac{CKM_SHA256_HMAC, nullptr, 0};
 
   const bool multiplex = session_mode() == "multiplex";
-  run_threads(kCanaryThreads, [&](std::size_t t) {
-    CanaryCounts& c = counts[t];
-    Rng rng(seed + 1000 + t);
-    for (long n = 0; n < iterations && Clock::now() < end; ++n) {
-      Canary canary{t, n};
-      std::string label = canary.label();
-      // A multiplexed call may answer CKR_SESSION_COUNT (README: it waits for
-      // a backend session at the limit first): the session's checks are then off.
-      bool degraded = false;
-      auto fail = [&](const char* call, CK_RV code) {
-        if (code == CKR_SESSION_COUNT && multiplex) {
-          degraded = true;
-          ++c.refused;
-        } else {
-          c.error(std::string(call) + " " + rv_string(code));
-        }
-      };
-      Bytes data(label.begin(), label.end());
-      CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
-      CK_RV rv = p11.C_OpenSession(0, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &s);
-      if (rv == CKR_SESSION_COUNT) {
-        ++c.refused;
-        continue;
-      }
-      if (rv != CKR_OK) {
-        c.error("C_OpenSession " + rv_string(rv));
-        continue;
-      }
-      ++c.sessions;
-      // Its objects: a data object, a key, sometimes keys returned in the
-      // TLS derivation's parameter and an unwrapped key, all labelled.
-      CK_OBJECT_CLASS data_class = CKO_DATA;
-      CK_ATTRIBUTE tagged[] = {{CKA_LABEL, label.data(), label.size()},
-                               {CKA_APPLICATION, application, sizeof application},
-                               {CKA_CLASS, &data_class, sizeof data_class}};
-      CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE, key = CK_INVALID_HANDLE;
-      if ((rv = p11.C_CreateObject(s, tagged, 3, &obj)) != CKR_OK)
-        fail("C_CreateObject", rv);
-      CK_MECHANISM gen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
-      if ((rv = p11.C_GenerateKey(s, &gen, tagged, 2, &key)) != CKR_OK)
-        fail("C_GenerateKey", rv);
-      unsigned long own_objects = 2;
-      if (rng.chance(30)) {
-        test::KeyMaterialDerive tls;
-        if ((rv = p11.C_DeriveKey(s, &tls.mechanism, key, tagged, 2, nullptr)) == CKR_OK)
-          own_objects += 4;
-        else
-          fail("C_DeriveKey", rv);
-      }
-      if (rng.chance(20)) {
-        CK_MECHANISM wrap{CKM_AES_KEY_WRAP, nullptr, 0};
-        CK_BYTE wrapped[32] = {};
-        CK_OBJECT_HANDLE unwrapped = CK_INVALID_HANDLE;
-        if ((rv = p11.C_UnwrapKey(s, &wrap, key, wrapped, sizeof wrapped, tagged, 2,
-                                  &unwrapped)) == CKR_OK)
-          ++own_objects;
-        else
-          fail("C_UnwrapKey", rv);
-      }
-      // Its operations: a fresh session has none active.
-      rv = p11.C_DigestInit(s, &sha);
-      if (rv == CKR_OPERATION_ACTIVE) ++c.inherited_operation;
-      else if (rv != CKR_OK) fail("C_DigestInit", rv);
-      bool digesting = rv == CKR_OK;
-      if (digesting && (rv = p11.C_DigestUpdate(s, data.data(), data.size())) != CKR_OK)
-        fail("C_DigestUpdate", rv);
-      rv = p11.C_SignInit(s, &mac, key);
-      if (rv == CKR_OPERATION_ACTIVE) ++c.inherited_operation;
-      else if (rv != CKR_OK) fail("C_SignInit", rv);
-      if (rv == CKR_OK) {
-        CK_BYTE sig[MOCK_DIGEST_LEN];
-        CK_ULONG len = sizeof sig;
-        if ((rv = p11.C_Sign(s, data.data(), data.size(), sig, &len)) != CKR_OK) {
-          fail("C_Sign", rv);
-        } else if ((rv = p11.C_VerifyInit(s, &mac, key)) == CKR_OK) {
-          // The signature is of its own data with its own key.
-          rv = p11.C_Verify(s, data.data(), data.size(), sig, len);
-          if (rv == CKR_SIGNATURE_INVALID) ++c.wrong;
-          else if (rv != CKR_OK) fail("C_Verify", rv);
-        } else if (rv == CKR_OPERATION_ACTIVE) {
-          ++c.inherited_operation;
-        } else {
-          fail("C_VerifyInit", rv);
-        }
-      }
-      // Its view of the objects: its own, never one of a session already closed.
-      std::array<long, kCanaryThreads> closed_before;
-      for (std::size_t i = 0; i < kCanaryThreads; ++i) closed_before[i] = closed[i].load();
-      CK_ATTRIBUTE find[] = {{CKA_APPLICATION, application, sizeof application}};
-      unsigned long own_found = 0;
-      if ((rv = p11.C_FindObjectsInit(s, find, 1)) != CKR_OK) {
-        fail("C_FindObjectsInit", rv);
-      } else {
-        std::vector<CK_OBJECT_HANDLE> found(512);
-        CK_ULONG count = 0;
-        if ((rv = p11.C_FindObjects(s, found.data(), found.size(), &count)) != CKR_OK)
-          fail("C_FindObjects", rv);
-        p11.C_FindObjectsFinal(s);
-        for (CK_ULONG k = 0; k < count; ++k) {
-          char text[64] = {};
-          CK_ATTRIBUTE get{CKA_LABEL, text, sizeof text - 1};
-          rv = p11.C_GetAttributeValue(s, found[k], &get, 1);
-          if (rv == CKR_OBJECT_HANDLE_INVALID) continue;  // its session closed meanwhile
+  run_threads(
+      kCanaryThreads,
+      [&](std::size_t t) {
+        CanaryCounts& c = counts[t];
+        Rng rng(seed + 1000 + t);
+        for (long n = 0; n < iterations && Clock::now() < end; ++n) {
+          Canary canary{t, n};
+          std::string label = canary.label();
+          // A multiplexed call may answer CKR_SESSION_COUNT (README: it waits for
+          // a backend session at the limit first): the session's checks are then off.
+          bool degraded = false;
+          auto fail = [&](const char* call, CK_RV code) {
+            if (code == CKR_SESSION_COUNT && multiplex) {
+              degraded = true;
+              ++c.refused;
+            } else {
+              c.error(std::string(call) + " " + rv_string(code));
+            }
+          };
+          Bytes data(label.begin(), label.end());
+          CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+          CK_RV rv =
+              p11.C_OpenSession(0, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &s);
+          if (rv == CKR_SESSION_COUNT) {
+            ++c.refused;
+            continue;
+          }
           if (rv != CKR_OK) {
-            fail("C_GetAttributeValue", rv);
+            c.error("C_OpenSession " + rv_string(rv));
             continue;
           }
-          unsigned long owner = 0;
-          long owner_n = 0;
-          if (std::sscanf(text, "canary-%lu-%ld", &owner, &owner_n) != 2 ||
-              owner >= kCanaryThreads) {
-            ++c.wrong;
-            continue;
+          ++c.sessions;
+          // Its objects: a data object, a key, sometimes keys returned in the
+          // TLS derivation's parameter and an unwrapped key, all labelled.
+          CK_OBJECT_CLASS data_class = CKO_DATA;
+          CK_ATTRIBUTE tagged[] = {{CKA_LABEL, label.data(), label.size()},
+                                   {CKA_APPLICATION, application, sizeof application},
+                                   {CKA_CLASS, &data_class, sizeof data_class}};
+          CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE, key = CK_INVALID_HANDLE;
+          if ((rv = p11.C_CreateObject(s, tagged, 3, &obj)) != CKR_OK) fail("C_CreateObject", rv);
+          CK_MECHANISM gen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
+          if ((rv = p11.C_GenerateKey(s, &gen, tagged, 2, &key)) != CKR_OK)
+            fail("C_GenerateKey", rv);
+          unsigned long own_objects = 2;
+          if (rng.chance(30)) {
+            test::KeyMaterialDerive tls;
+            if ((rv = p11.C_DeriveKey(s, &tls.mechanism, key, tagged, 2, nullptr)) == CKR_OK)
+              own_objects += 4;
+            else
+              fail("C_DeriveKey", rv);
           }
-          if (owner == t && owner_n == n) ++own_found;
-          else if (owner_n <= closed_before[owner]) ++c.foreign_object;
+          if (rng.chance(20)) {
+            CK_MECHANISM wrap{CKM_AES_KEY_WRAP, nullptr, 0};
+            CK_BYTE wrapped[32] = {};
+            CK_OBJECT_HANDLE unwrapped = CK_INVALID_HANDLE;
+            if ((rv = p11.C_UnwrapKey(s, &wrap, key, wrapped, sizeof wrapped, tagged, 2,
+                                      &unwrapped)) == CKR_OK)
+              ++own_objects;
+            else
+              fail("C_UnwrapKey", rv);
+          }
+          // Its operations: a fresh session has none active.
+          rv = p11.C_DigestInit(s, &sha);
+          if (rv == CKR_OPERATION_ACTIVE)
+            ++c.inherited_operation;
+          else if (rv != CKR_OK)
+            fail("C_DigestInit", rv);
+          bool digesting = rv == CKR_OK;
+          if (digesting && (rv = p11.C_DigestUpdate(s, data.data(), data.size())) != CKR_OK)
+            fail("C_DigestUpdate", rv);
+          rv = p11.C_SignInit(s, &mac, key);
+          if (rv == CKR_OPERATION_ACTIVE)
+            ++c.inherited_operation;
+          else if (rv != CKR_OK)
+            fail("C_SignInit", rv);
+          if (rv == CKR_OK) {
+            CK_BYTE sig[MOCK_DIGEST_LEN];
+            CK_ULONG len = sizeof sig;
+            if ((rv = p11.C_Sign(s, data.data(), data.size(), sig, &len)) != CKR_OK) {
+              fail("C_Sign", rv);
+            } else if ((rv = p11.C_VerifyInit(s, &mac, key)) == CKR_OK) {
+              // The signature is of its own data with its own key.
+              rv = p11.C_Verify(s, data.data(), data.size(), sig, len);
+              if (rv == CKR_SIGNATURE_INVALID)
+                ++c.wrong;
+              else if (rv != CKR_OK)
+                fail("C_Verify", rv);
+            } else if (rv == CKR_OPERATION_ACTIVE) {
+              ++c.inherited_operation;
+            } else {
+              fail("C_VerifyInit", rv);
+            }
+          }
+          // Its view of the objects: its own, never one of a session already closed.
+          std::array<long, kCanaryThreads> closed_before;
+          for (std::size_t i = 0; i < kCanaryThreads; ++i) closed_before[i] = closed[i].load();
+          CK_ATTRIBUTE find[] = {{CKA_APPLICATION, application, sizeof application}};
+          unsigned long own_found = 0;
+          if ((rv = p11.C_FindObjectsInit(s, find, 1)) != CKR_OK) {
+            fail("C_FindObjectsInit", rv);
+          } else {
+            std::vector<CK_OBJECT_HANDLE> found(512);
+            CK_ULONG count = 0;
+            if ((rv = p11.C_FindObjects(s, found.data(), found.size(), &count)) != CKR_OK)
+              fail("C_FindObjects", rv);
+            p11.C_FindObjectsFinal(s);
+            for (CK_ULONG k = 0; k < count; ++k) {
+              char text[64] = {};
+              CK_ATTRIBUTE get{CKA_LABEL, text, sizeof text - 1};
+              rv = p11.C_GetAttributeValue(s, found[k], &get, 1);
+              if (rv == CKR_OBJECT_HANDLE_INVALID) continue;  // its session closed meanwhile
+              if (rv != CKR_OK) {
+                fail("C_GetAttributeValue", rv);
+                continue;
+              }
+              unsigned long owner = 0;
+              long owner_n = 0;
+              if (std::sscanf(text, "canary-%lu-%ld", &owner, &owner_n) != 2 ||
+                  owner >= kCanaryThreads) {
+                ++c.wrong;
+                continue;
+              }
+              if (owner == t && owner_n == n)
+                ++own_found;
+              else if (owner_n <= closed_before[owner])
+                ++c.foreign_object;
+            }
+          }
+          // Its own, by a search of its label (the search above may be cut short
+          // when objects leak).
+          CK_ATTRIBUTE own[] = {{CKA_APPLICATION, application, sizeof application},
+                                {CKA_LABEL, label.data(), label.size()}};
+          if ((rv = p11.C_FindObjectsInit(s, own, 2)) != CKR_OK) {
+            fail("C_FindObjectsInit", rv);
+          } else {
+            std::vector<CK_OBJECT_HANDLE> found(64);
+            CK_ULONG count = 0;
+            if ((rv = p11.C_FindObjects(s, found.data(), found.size(), &count)) != CKR_OK)
+              fail("C_FindObjects", rv);
+            p11.C_FindObjectsFinal(s);
+            if (!degraded && (count != own_objects || own_found > own_objects)) ++c.own_missing;
+          }
+          // End the digest, or leave it in error (the bender keeps it active).
+          if (digesting) {
+            if (rng.chance(40)) {
+              if ((rv = p11.C_DigestKey(s, 0x7fff0000 + t)) != CKR_KEY_HANDLE_INVALID &&
+                  rv != CKR_OBJECT_HANDLE_INVALID)
+                fail("C_DigestKey", rv);
+            } else {
+              CK_BYTE d[MOCK_DIGEST_LEN], expected[MOCK_DIGEST_LEN];
+              CK_ULONG len = sizeof d;
+              bender.reference_digest(data.data(), data.size(), expected);
+              if ((rv = p11.C_DigestFinal(s, d, &len)) != CKR_OK)
+                fail("C_DigestFinal", rv);
+              else if (len != sizeof d || std::memcmp(d, expected, sizeof d) != 0)
+                ++c.wrong;
+            }
+          }
+          if ((rv = p11.C_CloseSession(s)) != CKR_OK) fail("C_CloseSession", rv);
+          closed[t].store(n);
         }
-      }
-      // Its own, by a search of its label (the search above may be cut short
-      // when objects leak).
-      CK_ATTRIBUTE own[] = {{CKA_APPLICATION, application, sizeof application},
-                            {CKA_LABEL, label.data(), label.size()}};
-      if ((rv = p11.C_FindObjectsInit(s, own, 2)) != CKR_OK) {
-        fail("C_FindObjectsInit", rv);
-      } else {
-        std::vector<CK_OBJECT_HANDLE> found(64);
-        CK_ULONG count = 0;
-        if ((rv = p11.C_FindObjects(s, found.data(), found.size(), &count)) != CKR_OK)
-          fail("C_FindObjects", rv);
-        p11.C_FindObjectsFinal(s);
-        if (!degraded && (count != own_objects || own_found > own_objects)) ++c.own_missing;
-      }
-      // End the digest, or leave it in error (the bender keeps it active).
-      if (digesting) {
-        if (rng.chance(40)) {
-          if ((rv = p11.C_DigestKey(s, 0x7fff0000 + t)) != CKR_KEY_HANDLE_INVALID &&
-              rv != CKR_OBJECT_HANDLE_INVALID)
-            fail("C_DigestKey", rv);
-        } else {
-          CK_BYTE d[MOCK_DIGEST_LEN], expected[MOCK_DIGEST_LEN];
-          CK_ULONG len = sizeof d;
-          bender.reference_digest(data.data(), data.size(), expected);
-          if ((rv = p11.C_DigestFinal(s, d, &len)) != CKR_OK)
-            fail("C_DigestFinal", rv);
-          else if (len != sizeof d || std::memcmp(d, expected, sizeof d) != 0)
-            ++c.wrong;
-        }
-      }
-      if ((rv = p11.C_CloseSession(s)) != CKR_OK) fail("C_CloseSession", rv);
-      closed[t].store(n);
-    }
-  }, "canary");
+      },
+      "canary");
 
   // Every virtual session is closed: the backend holds no object of any.
   MockStats live = mock_stats(bender);
@@ -536,13 +556,13 @@ TEST_CASE("spec bender: a canary per virtual session, the pool within its limit"
   MockStats s = mock_stats(bender);
   CanaryCounts all;
   for (const auto& c : counts) all.merge(c);
-  std::printf("FIGURES canary spec-bender mode=%s: sessions=%lu refused=%lu inherited_operation=%lu "
-              "foreign_object=%lu own_missing=%lu wrong=%lu errors=%lu session_objects_left=%lu "
-              "backend_peak=%lu limit=%lu ops_kept=%lu handles_reused=%lu key_mat_keys=%lu\n",
-              session_mode().c_str(), all.sessions, all.refused, all.inherited_operation,
-              all.foreign_object, all.own_missing, all.wrong, all.other_error,
-              live.session_objects, s.sessions_open_peak, kLimit, s.bend_ops_kept,
-              s.bend_handles_reused, s.bend_key_mat_keys);
+  std::printf(
+      "FIGURES canary spec-bender mode=%s: sessions=%lu refused=%lu inherited_operation=%lu "
+      "foreign_object=%lu own_missing=%lu wrong=%lu errors=%lu session_objects_left=%lu "
+      "backend_peak=%lu limit=%lu ops_kept=%lu handles_reused=%lu key_mat_keys=%lu\n",
+      session_mode().c_str(), all.sessions, all.refused, all.inherited_operation,
+      all.foreign_object, all.own_missing, all.wrong, all.other_error, live.session_objects,
+      s.sessions_open_peak, kLimit, s.bend_ops_kept, s.bend_handles_reused, s.bend_key_mat_keys);
   for (const auto& e : all.first_errors) MESSAGE("error: " << e);
   CHECK(all.sessions > 0);
   CHECK(all.inherited_operation == 0);
@@ -621,8 +641,8 @@ TEST_CASE("stress over SoftHSM2" * doctest::test_suite("softhsm2")) {
   REQUIRE(p11.C_Initialize(os_locking()) == CKR_OK);
   CK_SLOT_ID slot = p11test::require_slot_by_label(p11, softhsm.label());
   CK_SESSION_HANDLE setup = CK_INVALID_HANDLE;
-  REQUIRE(p11.C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr,
-                            &setup) == CKR_OK);
+  REQUIRE(p11.C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &setup) ==
+          CKR_OK);
   Token token = prepare_token(p11, setup, slot, p11test::kUserPin);
   StressResult r = run_stress(p11, token, scaled(150, 10), std::chrono::seconds(60));
   CHECK(p11.C_CloseSession(setup) == CKR_OK);
@@ -644,18 +664,19 @@ TEST_CASE("stress over SoftHSM2, watched by the faulty module" * doctest::test_s
   REQUIRE(p11.C_Initialize(os_locking()) == CKR_OK);
   CK_SLOT_ID slot = p11test::require_slot_by_label(p11, softhsm.label());
   CK_SESSION_HANDLE setup = CK_INVALID_HANDLE;
-  REQUIRE(p11.C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr,
-                            &setup) == CKR_OK);
+  REQUIRE(p11.C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &setup) ==
+          CKR_OK);
   Token token = prepare_token(p11, setup, slot, p11test::kUserPin);
   StressResult r = run_stress(p11, token, scaled(100, 8), std::chrono::seconds(60));
   CHECK(p11.C_CloseSession(setup) == CKR_OK);
   CHECK(p11.C_Finalize(nullptr) == CKR_OK);
   check_and_report("softhsm2-watched", r);
   FaultyStats s = faulty_stats();
-  std::printf("FIGURES stress softhsm2-watched backend: calls=%lu max_concurrent=%lu "
-              "session_violations=%lu sessions_opened=%lu open_at_finalize=%lu\n",
-              s.calls_total, s.max_concurrent_calls, s.session_violations, s.sessions_opened,
-              s.sessions_open_at_finalize);
+  std::printf(
+      "FIGURES stress softhsm2-watched backend: calls=%lu max_concurrent=%lu "
+      "session_violations=%lu sessions_opened=%lu open_at_finalize=%lu\n",
+      s.calls_total, s.max_concurrent_calls, s.session_violations, s.sessions_opened,
+      s.sessions_open_at_finalize);
   CHECK(s.session_violations == 0);
   CHECK(s.finalize_during_call == 0);
   CHECK(s.sessions_open_at_finalize == 0);

@@ -86,8 +86,7 @@ const MockControl* mock_control(const char* path) {
 }
 
 const FaultyControl* faulty_control(const char* path) {
-  return reinterpret_cast<FaultyGetControlFn>(
-      ::dlsym(open_library(path), "faulty_get_control"))();
+  return reinterpret_cast<FaultyGetControlFn>(::dlsym(open_library(path), "faulty_get_control"))();
 }
 
 }  // namespace
@@ -179,7 +178,8 @@ std::uint64_t base_seed() {
 bool Tally::record(const char* call, CK_RV rv, RvSet allowed) {
   ++calls_;
   auto named = by_call_.find(std::string_view(call));
-  if (named == by_call_.end()) named = by_call_.emplace(call, std::map<CK_RV, unsigned long>{}).first;
+  if (named == by_call_.end())
+    named = by_call_.emplace(call, std::map<CK_RV, unsigned long>{}).first;
   ++named->second[rv];
   bool ok = rv == CKR_OK;
   for (CK_RV a : allowed) ok = ok || rv == a;

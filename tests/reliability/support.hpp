@@ -128,8 +128,7 @@ class Tally {
 // Runs body(i) on `count` threads released together, and joins them. If they
 // have not all returned within kLivenessGuard, prints what is stuck and ends
 // the process (exit code 3): a hang must fail the test, not stall CI.
-void run_threads(std::size_t count, const std::function<void(std::size_t)>& body,
-                 const char* what);
+void run_threads(std::size_t count, const std::function<void(std::size_t)>& body, const char* what);
 
 // A liveness guard for one wait (a forked child, a future).
 [[noreturn]] void hung(const std::string& what);

@@ -97,8 +97,8 @@ CK_RV Workload::digest(CK_SESSION_HANDLE s, bool shared, std::size_t m) {
 }
 
 CK_RV Workload::find(CK_SESSION_HANDLE s, bool shared) {
-  CK_ATTRIBUTE templ[] = {{CKA_LABEL, const_cast<char*>(token_.key_label.data()),
-                           token_.key_label.size()}};
+  CK_ATTRIBUTE templ[] = {
+      {CKA_LABEL, const_cast<char*>(token_.key_label.data()), token_.key_label.size()}};
   CK_RV rv = p11_.C_FindObjectsInit(s, templ, 1);
   tally_.record("C_FindObjectsInit", rv, shared ? Allowed::init_shared : RvSet{});
   if (rv != CKR_OK) return rv;

@@ -17,8 +17,8 @@ namespace p11mux::reliability {
 struct Token {
   CK_SLOT_ID slot = 0;
   std::string user_pin;
-  KeyPair key;              // non-private signing pair (make_sign_key)
-  std::string key_label;    // label of exactly the two objects of `key`
+  KeyPair key;                  // non-private signing pair (make_sign_key)
+  std::string key_label;        // label of exactly the two objects of `key`
   std::vector<Bytes> messages;  // inputs for digests and signatures
   std::vector<Bytes> digests;   // their SHA-256 digests, computed up front
 };

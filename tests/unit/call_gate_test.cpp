@@ -55,7 +55,6 @@ TEST_CASE("close_and_drain returns only after every admitted call has left") {
   CHECK(admitted_after_drain.load() == 0);
 }
 
-
 TEST_CASE("fork hold: waits for the calls inside, admits none until resume, refuses none") {
   CallGate gate;
   gate.open();
@@ -110,7 +109,8 @@ TEST_CASE("fork hold is bounded: a call that never leaves makes it time out, not
   gate.leave(shard);
 }
 
-TEST_CASE("fork hold: nothing to hold when closed; C_Finalize during a fork refuses the held callers") {
+TEST_CASE(
+    "fork hold: nothing to hold when closed; C_Finalize during a fork refuses the held callers") {
   CallGate gate;
   CHECK(gate.hold(std::chrono::seconds(1)) == CallGate::Hold::not_open);
   gate.open();

@@ -189,7 +189,8 @@ TEST_CASE("Prometheus text: valid, with exact values") {
   CHECK(p.at("p11mux_call_duration_seconds_bucket{function=\"C_Sign\",le=\"8e-06\"}") == 2);
   CHECK(p.at("p11mux_call_duration_seconds_bucket{function=\"C_Sign\",le=\"+Inf\"}") == 3);
   CHECK(p.at("p11mux_call_duration_seconds_count{function=\"C_Sign\"}") == 3);
-  CHECK(p.at("p11mux_call_duration_seconds_sum{function=\"C_Sign\"}") == doctest::Approx(3.0000065));
+  CHECK(p.at("p11mux_call_duration_seconds_sum{function=\"C_Sign\"}") ==
+        doctest::Approx(3.0000065));
   CHECK(p.at("p11mux_session_lock_wait_seconds_count") == 1);
   CHECK(p.at("p11mux_sessions_open") == 2);
   CHECK(p.at("p11mux_pool_sessions_in_use{slot=\"0\"}") == 3);
@@ -199,13 +200,14 @@ TEST_CASE("Prometheus text: valid, with exact values") {
 }
 
 TEST_CASE("the Prometheus checker rejects what Prometheus would") {
-  CHECK_FALSE(parse_prometheus("x 1\n").errors.empty());                                   // no TYPE
-  CHECK_FALSE(parse_prometheus("# TYPE x counter\nx{a=\"1\" 1\n").errors.empty());         // labels
-  CHECK_FALSE(parse_prometheus("# TYPE x counter\nx one\n").errors.empty());               // value
-  CHECK_FALSE(parse_prometheus("# TYPE x counter\n# TYPE x gauge\nx 1\n").errors.empty()); // 2 TYPEs
+  CHECK_FALSE(parse_prometheus("x 1\n").errors.empty());                            // no TYPE
+  CHECK_FALSE(parse_prometheus("# TYPE x counter\nx{a=\"1\" 1\n").errors.empty());  // labels
+  CHECK_FALSE(parse_prometheus("# TYPE x counter\nx one\n").errors.empty());        // value
+  CHECK_FALSE(
+      parse_prometheus("# TYPE x counter\n# TYPE x gauge\nx 1\n").errors.empty());  // 2 TYPEs
   CHECK_FALSE(parse_prometheus("# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\n"
                                "h_count 1\n")
-                  .errors.empty());  // not cumulative
+                  .errors.empty());                                       // not cumulative
   CHECK_FALSE(parse_prometheus("# TYPE x counter\nx 1").errors.empty());  // no final newline
   CHECK(parse_prometheus("# HELP x a\n# TYPE x counter\nx{a=\"q\\\"\"} 1\n").errors.empty());
 }
@@ -214,8 +216,9 @@ TEST_CASE("JSON snapshot: valid, with the figures") {
   std::string json = stats_json(sample_snapshot(), sample_live());
   INFO(json);
   CHECK(valid_json(json));
-  CHECK(json.find("\"C_Sign\":{\"calls\":3,\"errors\":1,\"errors_by_rv\":{\"CKR_DEVICE_ERROR\":1}") !=
-        std::string::npos);
+  CHECK(
+      json.find("\"C_Sign\":{\"calls\":3,\"errors\":1,\"errors_by_rv\":{\"CKR_DEVICE_ERROR\":1}") !=
+      std::string::npos);
   CHECK(json.find("\"sessions_open\":2") != std::string::npos);
   CHECK(json.find("\"slots\":[{\"slot\":0,\"open\":4,\"idle\":1,\"in_use\":3,\"waits\":2") !=
         std::string::npos);
@@ -227,7 +230,8 @@ TEST_CASE("JSON snapshot: valid, with the figures") {
 TEST_CASE("summary table: busiest function first, errors, lock and pool lines") {
   auto lines = summary_lines(sample_snapshot(), sample_live());
   REQUIRE(lines.size() >= 6);
-  CHECK(lines[0].find("metrics summary: 12.5 s since C_Initialize, 2 sessions open, 4 calls, 2 errors") !=
+  CHECK(lines[0].find(
+            "metrics summary: 12.5 s since C_Initialize, 2 sessions open, 4 calls, 2 errors") !=
         std::string::npos);
   CHECK(lines[1].find("function") != std::string::npos);
   CHECK(lines[2].find("C_Sign") != std::string::npos);

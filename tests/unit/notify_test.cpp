@@ -21,7 +21,8 @@ CK_RV record(CK_SESSION_HANDLE handle, CK_NOTIFICATION event, CK_VOID_PTR applic
   return CKR_OK;
 }
 
-TEST_CASE("notify trampoline: the application's callback with the virtual handle, none after close") {
+TEST_CASE(
+    "notify trampoline: the application's callback with the virtual handle, none after close") {
   LockSource os;
   SessionTable table(os);
   int app_data = 0;

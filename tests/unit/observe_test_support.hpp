@@ -25,9 +25,9 @@ namespace p11mux::test {
 // ---- Prometheus text exposition format (0.0.4) -------------------------------------------
 
 struct PrometheusText {
-  std::vector<std::string> errors;              // empty when valid
-  std::map<std::string, double> samples;        // "name{labels}" (as written) -> value
-  std::map<std::string, std::string> types;     // family -> type
+  std::vector<std::string> errors;           // empty when valid
+  std::map<std::string, double> samples;     // "name{labels}" (as written) -> value
+  std::map<std::string, std::string> types;  // family -> type
 
   bool has(const std::string& key) const { return samples.count(key) != 0; }
   double at(const std::string& key) const {
@@ -39,7 +39,8 @@ struct PrometheusText {
 namespace detail {
 
 inline bool metric_name(std::string_view s) {
-  if (s.empty() || !(std::isalpha(static_cast<unsigned char>(s[0])) || s[0] == '_' || s[0] == ':')) return false;
+  if (s.empty() || !(std::isalpha(static_cast<unsigned char>(s[0])) || s[0] == '_' || s[0] == ':'))
+    return false;
   for (char c : s) {
     if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == ':')) return false;
   }
@@ -55,7 +56,8 @@ inline bool label_name(std::string_view s) {
 }
 
 // Parses `{a="x",b="y"}` at the start of s; returns the labels or nullopt.
-inline std::optional<std::map<std::string, std::string>> labels(std::string_view s, std::size_t& used) {
+inline std::optional<std::map<std::string, std::string>> labels(std::string_view s,
+                                                                std::size_t& used) {
   std::map<std::string, std::string> out;
   std::size_t i = 1;  // after '{'
   while (i < s.size() && s[i] != '}') {
@@ -101,7 +103,7 @@ inline std::optional<double> number(std::string_view s) {
 inline PrometheusText parse_prometheus(std::string_view text) {
   PrometheusText out;
   std::set<std::string> helped, finished;
-  std::string current;  // family whose samples are being read
+  std::string current;                                    // family whose samples are being read
   std::map<std::string, double> last_bucket, inf_bucket;  // per histogram series (labels minus le)
   std::map<std::string, double> counts;
   std::size_t line_no = 0;
@@ -168,7 +170,8 @@ inline PrometheusText parse_prometheus(std::string_view text) {
       continue;
     }
     std::string_view value_text = line.substr(after + 1);
-    if (std::size_t sp = value_text.find(' '); sp != std::string_view::npos) value_text = value_text.substr(0, sp);
+    if (std::size_t sp = value_text.find(' '); sp != std::string_view::npos)
+      value_text = value_text.substr(0, sp);
     auto value = detail::number(value_text);
     if (!value) {
       fail("bad value", line);
@@ -196,7 +199,8 @@ inline PrometheusText parse_prometheus(std::string_view text) {
       for (const auto& [k, v] : series) key += k + "=" + v + ",";
       if (suffix == "_bucket") {
         if (lbl.count("le") == 0) fail("bucket without le", line);
-        if (last_bucket.count(key) != 0 && *value < last_bucket[key]) fail("buckets not cumulative", line);
+        if (last_bucket.count(key) != 0 && *value < last_bucket[key])
+          fail("buckets not cumulative", line);
         last_bucket[key] = *value;
         if (lbl["le"] == "+Inf") inf_bucket[key] = *value;
       } else if (suffix == "_count") {
@@ -230,7 +234,8 @@ class JsonChecker {
 
  private:
   void skip() {
-    while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\n' || s_[i_] == '\r' || s_[i_] == '\t')) ++i_;
+    while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\n' || s_[i_] == '\r' || s_[i_] == '\t'))
+      ++i_;
   }
   bool literal(std::string_view w) {
     if (s_.substr(i_, w.size()) != w) return false;
@@ -250,7 +255,8 @@ class JsonChecker {
         if (++i_ >= s_.size()) return false;
         if (s_[i_] == 'u') {
           for (int k = 0; k < 4; ++k) {
-            if (++i_ >= s_.size() || !std::isxdigit(static_cast<unsigned char>(s_[i_]))) return false;
+            if (++i_ >= s_.size() || !std::isxdigit(static_cast<unsigned char>(s_[i_])))
+              return false;
           }
         } else if (std::string_view("\"\\/bfnrt").find(s_[i_]) == std::string_view::npos) {
           return false;
@@ -400,7 +406,8 @@ inline std::optional<HttpReply> http_request(const Endpoint& e, std::string_view
   }
   std::string raw;
   char buf[4096];
-  for (ssize_t n; (n = ::recv(fd, buf, sizeof buf, 0)) > 0;) raw.append(buf, static_cast<std::size_t>(n));
+  for (ssize_t n; (n = ::recv(fd, buf, sizeof buf, 0)) > 0;)
+    raw.append(buf, static_cast<std::size_t>(n));
   ::close(fd);
   std::size_t end = raw.find("\r\n\r\n");
   if (!raw.starts_with("HTTP/1.") || end == std::string::npos) return std::nullopt;

@@ -12,9 +12,12 @@ namespace {
 TEST_CASE("CKR names: the unwrap and wrap key codes, and an unknown value") {
   // CKR_UNWRAPPING_KEY_HANDLE_INVALID was missing: the fuzzer aborted on the
   // mock's C_UnwrapKey answering it.
-  CHECK(rv_name(CKR_UNWRAPPING_KEY_HANDLE_INVALID) == std::string_view("CKR_UNWRAPPING_KEY_HANDLE_INVALID"));
-  CHECK(rv_name(CKR_UNWRAPPING_KEY_SIZE_RANGE) == std::string_view("CKR_UNWRAPPING_KEY_SIZE_RANGE"));
-  CHECK(rv_name(CKR_WRAPPING_KEY_HANDLE_INVALID) == std::string_view("CKR_WRAPPING_KEY_HANDLE_INVALID"));
+  CHECK(rv_name(CKR_UNWRAPPING_KEY_HANDLE_INVALID) ==
+        std::string_view("CKR_UNWRAPPING_KEY_HANDLE_INVALID"));
+  CHECK(rv_name(CKR_UNWRAPPING_KEY_SIZE_RANGE) ==
+        std::string_view("CKR_UNWRAPPING_KEY_SIZE_RANGE"));
+  CHECK(rv_name(CKR_WRAPPING_KEY_HANDLE_INVALID) ==
+        std::string_view("CKR_WRAPPING_KEY_HANDLE_INVALID"));
   CHECK(rv_name(0x7777) == std::string_view("CKR_(unknown)"));
 }
 

@@ -3,9 +3,9 @@
 // a restart that loses every session, the slots it knows), and a fake call
 // gate. No .so is loaded. Includes the defects of issue 10 that show at this
 // level (the module tests show them through the whole library).
-#include "port/backend_port.hpp"
-#include "lifecycle/gate_access.hpp"
 #include "sessions/session_pool.hpp"
+#include "lifecycle/gate_access.hpp"
+#include "port/backend_port.hpp"
 
 #include <doctest/doctest.h>
 #include <spdlog/sinks/null_sink.h>
@@ -37,8 +37,8 @@ struct FakeToken {
   std::mutex m;
   std::map<CK_SESSION_HANDLE, CK_FLAGS> sessions;  // open, with their flags
   CK_SESSION_HANDLE next = 100;
-  unsigned long max_sessions = kUnlimited;  // more opens get CKR_SESSION_COUNT
-  int transient_refusals = 0;               // the next n opens get CKR_SESSION_COUNT
+  unsigned long max_sessions = kUnlimited;          // more opens get CKR_SESSION_COUNT
+  int transient_refusals = 0;                       // the next n opens get CKR_SESSION_COUNT
   CK_ULONG reported_max = CK_EFFECTIVELY_INFINITE;  // CK_TOKEN_INFO's ulMaxSessionCount
   bool initialized = true;                          // CKF_TOKEN_INITIALIZED
   int open_calls = 0, close_calls = 0, logout_calls = 0, info_calls = 0;
@@ -414,7 +414,9 @@ TEST_CASE("pool: sessions closed, not pooled, when their fate says so") {
   CHECK(token.opens() == 3);
 }
 
-TEST_CASE("pool: pool.max_sessions caps open sessions; beyond it a take waits wait_ms, then CKR_SESSION_COUNT") {
+TEST_CASE(
+    "pool: pool.max_sessions caps open sessions; beyond it a take waits wait_ms, then "
+    "CKR_SESSION_COUNT") {
   Rig rig(pool_config(2, 50));
   CK_SESSION_HANDLE a = 0, b = 0, c = 0;
   REQUIRE(rig.pool.borrow(kSlot, false, a) == CKR_OK);
@@ -454,9 +456,10 @@ TEST_CASE("pool: a session given back, or closed, wakes a thread waiting at the 
     SessionPool::Fate fate;
     int opens;  // backend opens in all, once the waiter has its session
   };
-  for (Way way : {Way{"given back", SessionPool::Fate::reuse, 1},
-                  Way{"closed unclean", SessionPool::Fate::closed(CloseReason::operation_active), 2},
-                  Way{"dead", SessionPool::Fate::dead, 2}}) {
+  for (Way way :
+       {Way{"given back", SessionPool::Fate::reuse, 1},
+        Way{"closed unclean", SessionPool::Fate::closed(CloseReason::operation_active), 2},
+        Way{"dead", SessionPool::Fate::dead, 2}}) {
     CAPTURE(way.name);
     // A waiter not woken sleeps the whole wait_ms: far beyond the bound below.
     Rig rig(pool_config(1, 20000));
@@ -477,7 +480,8 @@ TEST_CASE("pool: a session given back, or closed, wakes a thread waiting at the 
   }
 }
 
-TEST_CASE("pool: one CKR_SESSION_COUNT is retried and does not lower the limit (issue 10, defect 8)") {
+TEST_CASE(
+    "pool: one CKR_SESSION_COUNT is retried and does not lower the limit (issue 10, defect 8)") {
   Rig rig(pool_config(std::nullopt, 0));
   token.transient_refusals = 1;
   CK_SESSION_HANDLE h = 0;
@@ -486,7 +490,9 @@ TEST_CASE("pool: one CKR_SESSION_COUNT is retried and does not lower the limit (
   CHECK(rig.figures().limit == kUnlimited);
 }
 
-TEST_CASE("pool: a limit learned from two CKR_SESSION_COUNT in a row is probed again after kLimitProbeInterval (issue 10, defect 8)") {
+TEST_CASE(
+    "pool: a limit learned from two CKR_SESSION_COUNT in a row is probed again after "
+    "kLimitProbeInterval (issue 10, defect 8)") {
   Rig rig(pool_config(std::nullopt, 0));
   token.set_max(2);
   CK_SESSION_HANDLE a = 0, b = 0, c = 0;
@@ -565,7 +571,9 @@ TEST_CASE("pool: after invalidate(slot), idle sessions of the slot are closed, n
   CHECK(rig.slot_metrics().discarded_dead.load() == 3);
 }
 
-TEST_CASE("pool: stale sessions in this thread's cache stop counting against the limit (issue 10, defect 5)") {
+TEST_CASE(
+    "pool: stale sessions in this thread's cache stop counting against the limit (issue 10, defect "
+    "5)") {
   Rig rig(pool_config(2, 0));
   CK_SESSION_HANDLE a = 0, b = 0;
   REQUIRE(rig.pool.open(kSlot, false, a) == CKR_OK);
@@ -580,7 +588,9 @@ TEST_CASE("pool: stale sessions in this thread's cache stop counting against the
   CHECK(rig.figures().open == 2);
 }
 
-TEST_CASE("pool: stale sessions in another thread's cache are dropped when the pool is full (issue 10, defect 5)") {
+TEST_CASE(
+    "pool: stale sessions in another thread's cache are dropped when the pool is full (issue 10, "
+    "defect 5)") {
   // With wait_ms 0 too: the room their closing makes is taken at once, not
   // after a deadline that has already passed.
   unsigned long wait_ms = 2000;
@@ -635,7 +645,9 @@ TEST_CASE("pool: destroying the pool closes every idle session") {
   CHECK(token.live() == 0);
 }
 
-TEST_CASE("pool: keepalive pings every idle session wherever it sits, and closes those the backend lost") {
+TEST_CASE(
+    "pool: keepalive pings every idle session wherever it sits, and closes those the backend "
+    "lost") {
   Rig rig(pool_config(std::nullopt, 0));
   CK_SESSION_HANDLE mine = 0;
   REQUIRE(rig.pool.borrow(kSlot, false, mine) == CKR_OK);
@@ -662,7 +674,9 @@ TEST_CASE("pool: keepalive pings every idle session wherever it sits, and closes
   CHECK(rig.figures().idle == 3);
 }
 
-TEST_CASE("pool: interrupt_waiters wakes a thread waiting at the limit, and no call waits after it (issue 10, defect 6)") {
+TEST_CASE(
+    "pool: interrupt_waiters wakes a thread waiting at the limit, and no call waits after it "
+    "(issue 10, defect 6)") {
   Rig rig(pool_config(1, 20000));
   CK_SESSION_HANDLE held = 0;
   REQUIRE(rig.pool.borrow(kSlot, false, held) == CKR_OK);
@@ -686,7 +700,8 @@ TEST_CASE("pool: interrupt_waiters wakes a thread waiting at the limit, and no c
   rig.pool.give(kSlot, false, held, SessionPool::Fate::reuse);
 }
 
-TEST_CASE("pool: sessions opened with a Notify callback count against the limit (issue 10, defect 10)") {
+TEST_CASE(
+    "pool: sessions opened with a Notify callback count against the limit (issue 10, defect 10)") {
   Rig rig(pool_config(2, 0));
   int context = 0;
   auto notify = [](CK_SESSION_HANDLE, CK_NOTIFICATION, CK_VOID_PTR) -> CK_RV { return CKR_OK; };
@@ -709,7 +724,8 @@ TEST_CASE("pool: sessions opened with a Notify callback count against the limit 
   rig.pool.close(kSlot, true, b, SessionPool::Fate::closed(CloseReason::notify_callback));
 }
 
-TEST_CASE("pool: the application's last session on a slot logs the token out, unless pool.keep_login") {
+TEST_CASE(
+    "pool: the application's last session on a slot logs the token out, unless pool.keep_login") {
   for (bool keep_login : {false, true}) {
     CAPTURE(keep_login);
     Config::Pool config = pool_config(std::nullopt, 0);
@@ -740,7 +756,7 @@ TEST_CASE("pool: drain_idle closes idle sessions only when the application has n
   CHECK(rig.pool.drain_idle(kSlot, /*read_only_only=*/true));
   CHECK(token.closes() == 1);
   CHECK(token.sessions.count(running.handles[0]) == 0);
-  CHECK(rig.figures().idle == 1);  // the idle R/W one stays
+  CHECK(rig.figures().idle == 1);                                    // the idle R/W one stays
   CHECK_FALSE(rig.pool.drain_idle(kSlot, /*read_only_only=*/true));  // nothing left to drain
   rig.pool.close(kSlot, true, app_rw, SessionPool::Fate::reuse);
   CHECK(rig.pool.drain_idle(kSlot, /*read_only_only=*/false));
@@ -772,7 +788,9 @@ TEST_CASE("pool: prewarm opens pool.prewarm R/O sessions on a slot with an initi
 // caches; a session given back in between sat in the cache while the waiter
 // slept its whole wait_ms. Both orders, stepped in at the registry's lock
 // (the one lock the search and a thread's first cache take).
-TEST_CASE("pool: a session given back to a thread's cache while another thread starts to wait at the limit wakes it (issue 11)") {
+TEST_CASE(
+    "pool: a session given back to a thread's cache while another thread starts to wait at the "
+    "limit wakes it (issue 11)") {
   Rig rig(pool_config(1, 20000), hooked_locks);  // a waiter not woken sleeps 20 s
   void* registry = hooked.last();                // the one lock the pool made so far
   Signal holding, give_now, given, start_waiter, done;
@@ -833,7 +851,9 @@ TEST_CASE("pool: a session given back to a thread's cache while another thread s
 // before closing it, so a thread could open one more while the backend still
 // had it: above the token's limit, for a moment (and a hard limit answers
 // CKR_SESSION_COUNT, which lowers the learned limit).
-TEST_CASE("pool: an idle session the pool closes counts as open until its C_CloseSession has returned (issue 11)") {
+TEST_CASE(
+    "pool: an idle session the pool closes counts as open until its C_CloseSession has returned "
+    "(issue 11)") {
   Rig rig(pool_config(std::nullopt, 0));
   CK_SESSION_HANDLE mine = 0;
   REQUIRE(rig.pool.borrow(kSlot, false, mine) == CKR_OK);
@@ -864,9 +884,9 @@ TEST_CASE("pool: an idle session the pool closes counts as open until its C_Clos
 TEST_CASE("pool: the pool, a Guarded and a Mutex do not take a temporary LockSource (issue 11)") {
   // Each keeps a pointer to it: a temporary would be gone before the first
   // lock. Compiling is the test.
-  static_assert(!std::is_constructible_v<SessionPool, const BackendPort&, GateAccess&,
-                                         const Config::Pool&, LockSource, std::uint64_t,
-                                         spdlog::logger&, PoolMetricsRegistry&>);
+  static_assert(
+      !std::is_constructible_v<SessionPool, const BackendPort&, GateAccess&, const Config::Pool&,
+                               LockSource, std::uint64_t, spdlog::logger&, PoolMetricsRegistry&>);
   static_assert(std::is_constructible_v<SessionPool, const BackendPort&, GateAccess&,
                                         const Config::Pool&, const LockSource&, std::uint64_t,
                                         spdlog::logger&, PoolMetricsRegistry&>);
@@ -881,7 +901,8 @@ TEST_CASE("pool: the pool, a Guarded and a Mutex do not take a temporary LockSou
   CHECK(rig.figures().idle == 1);
 }
 
-TEST_CASE("pool: session_limit reads a token's session counts, for the pool and C_GetTokenInfo alike") {
+TEST_CASE(
+    "pool: session_limit reads a token's session counts, for the pool and C_GetTokenInfo alike") {
   constexpr auto none = SessionPool::kNoLimit;
   CHECK(SessionPool::session_limit(CK_UNAVAILABLE_INFORMATION) == none);
   CHECK(SessionPool::session_limit(CK_EFFECTIVELY_INFINITE) == none);

@@ -59,10 +59,10 @@ TEST_CASE("bogus handles are rejected without touching memory") {
   SessionTable table(os);
   CK_SESSION_HANDLE h = open(table, 0x5001);
   CHECK_FALSE(table.lease(0));
-  CHECK_FALSE(table.lease(h + 1));                               // an unused entry
-  CHECK_FALSE(table.lease(SessionTable::kIndexMask));            // beyond any chunk
-  CHECK_FALSE(table.lease(~CK_SESSION_HANDLE{0}));               // everything set
-  CHECK_FALSE(table.lease(h ^ (CK_SESSION_HANDLE{1} << 40)));    // wrong generation
+  CHECK_FALSE(table.lease(h + 1));                             // an unused entry
+  CHECK_FALSE(table.lease(SessionTable::kIndexMask));          // beyond any chunk
+  CHECK_FALSE(table.lease(~CK_SESSION_HANDLE{0}));             // everything set
+  CHECK_FALSE(table.lease(h ^ (CK_SESSION_HANDLE{1} << 40)));  // wrong generation
   CHECK(table.lease(h));
 }
 

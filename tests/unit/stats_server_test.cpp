@@ -23,7 +23,8 @@ using test::http_get;
 using test::http_request;
 
 StatsServer::Handlers fixed_handlers(std::atomic<int>* summaries = nullptr) {
-  return {[] { return std::string("# TYPE x counter\nx 1\n"); }, [] { return std::string("{\"a\":1}"); },
+  return {[] { return std::string("# TYPE x counter\nx 1\n"); },
+          [] { return std::string("{\"a\":1}"); },
           [summaries] {
             if (summaries != nullptr) ++*summaries;
           }};
@@ -69,7 +70,8 @@ TEST_CASE("listen: a remote address only with allow_remote; bad values named") {
 }
 
 TEST_CASE("TCP on loopback: /metrics, /stats, HEAD, 404, 405; stop closes the port") {
-  auto server = std::make_unique<StatsServer>(parse_listen("127.0.0.1:0", false), -1, fixed_handlers());
+  auto server =
+      std::make_unique<StatsServer>(parse_listen("127.0.0.1:0", false), -1, fixed_handlers());
   auto where = endpoint_of(server->address());
   REQUIRE(where.port != 0);
   auto metrics = http_get(where, "/metrics");

@@ -1,7 +1,7 @@
 // Unit tests for the trace record: name tables, mechanisms, templates with
 // secrets masked, and the letter-driven argument formatting.
-#include "observe/call_trace.hpp"
 #include "observe/trace_format.hpp"
+#include "observe/call_trace.hpp"
 
 #include <p11mux/attribute_names.hpp>
 #include <p11mux/mechanism_names.hpp>
@@ -61,7 +61,8 @@ TEST_CASE("mechanisms: name and a summary of known parameters, never their bytes
   unsigned char iv[12] = {0xde, 0xad};
   unsigned char aad[5] = {};
   CK_GCM_PARAMS gcm{iv, 12, 96, aad, 5, 128};
-  CHECK(mechanism({CKM_AES_GCM, &gcm, sizeof gcm}) == "CKM_AES_GCM{iv 12 bytes, aad 5 bytes, tag 128 bits}");
+  CHECK(mechanism({CKM_AES_GCM, &gcm, sizeof gcm}) ==
+        "CKM_AES_GCM{iv 12 bytes, aad 5 bytes, tag 128 bits}");
   CK_RSA_PKCS_PSS_PARAMS pss{CKM_SHA256, CKG_MGF1_SHA256, 32};
   CHECK(mechanism({CKM_SHA256_RSA_PKCS_PSS, &pss, sizeof pss}) ==
         "CKM_SHA256_RSA_PKCS_PSS{hash CKM_SHA256, mgf CKG_MGF1_SHA256, salt 32 bytes}");
@@ -88,9 +89,11 @@ TEST_CASE("mechanism parameters: MGF, OAEP source and ECDH KDF by name, unknown 
   CHECK(mechanism({CKM_RSA_PKCS_PSS, &pss, sizeof pss}) ==
         "CKM_RSA_PKCS_PSS{hash CKM_SHA384, mgf CKG_0x42, salt 48 bytes}");
   unsigned char label[3] = {1, 2, 3};
-  CK_RSA_PKCS_OAEP_PARAMS oaep{CKM_SHA256, CKG_MGF1_SHA256, CKZ_DATA_SPECIFIED, label, sizeof label};
+  CK_RSA_PKCS_OAEP_PARAMS oaep{CKM_SHA256, CKG_MGF1_SHA256, CKZ_DATA_SPECIFIED, label,
+                               sizeof label};
   CHECK(mechanism({CKM_RSA_PKCS_OAEP, &oaep, sizeof oaep}) ==
-        "CKM_RSA_PKCS_OAEP{hash CKM_SHA256, mgf CKG_MGF1_SHA256, source CKZ_DATA_SPECIFIED, label 3 bytes}");
+        "CKM_RSA_PKCS_OAEP{hash CKM_SHA256, mgf CKG_MGF1_SHA256, source CKZ_DATA_SPECIFIED, label "
+        "3 bytes}");
   CK_RSA_PKCS_OAEP_PARAMS no_source{CKM_SHA_1, CKG_MGF1_SHA1, 0, nullptr, 0};
   CHECK(mechanism({CKM_RSA_PKCS_OAEP, &no_source, sizeof no_source}) ==
         "CKM_RSA_PKCS_OAEP{hash CKM_SHA_1, mgf CKG_MGF1_SHA1, source CKZ_0x0, label 0 bytes}");
@@ -118,15 +121,17 @@ TEST_CASE("templates: types by name, public values shown, secrets masked") {
                               {CKA_LABEL, label, 3},
                               {CKA_ID, id, 2},
                               {CKA_VALUE, value, 3}});
-  CHECK(t == "{CKA_CLASS=CKO_SECRET_KEY, CKA_KEY_TYPE=CKK_AES, CKA_TOKEN=true, CKA_VALUE_LEN=32, "
-             "CKA_LABEL=\"k\\\"1\", CKA_ID=01ff (2 bytes), CKA_VALUE=*** (3 bytes)}");
+  CHECK(t ==
+        "{CKA_CLASS=CKO_SECRET_KEY, CKA_KEY_TYPE=CKK_AES, CKA_TOKEN=true, CKA_VALUE_LEN=32, "
+        "CKA_LABEL=\"k\\\"1\", CKA_ID=01ff (2 bytes), CKA_VALUE=*** (3 bytes)}");
   CHECK(t.find("5ec2") == std::string::npos);
 }
 
 TEST_CASE("every documented secret attribute, unknown and vendor ones are masked") {
   unsigned char v[] = {0xa1, 0xb2, 0xc3, 0xd4};
-  for (CK_ATTRIBUTE_TYPE type : {CKA_VALUE, CKA_PRIVATE_EXPONENT, CKA_PRIME_1, CKA_PRIME_2, CKA_EXPONENT_1,
-                                 CKA_EXPONENT_2, CKA_COEFFICIENT, CKA_VENDOR_DEFINED + 1, 0x7777ul}) {
+  for (CK_ATTRIBUTE_TYPE type :
+       {CKA_VALUE, CKA_PRIVATE_EXPONENT, CKA_PRIME_1, CKA_PRIME_2, CKA_EXPONENT_1, CKA_EXPONENT_2,
+        CKA_COEFFICIENT, CKA_VENDOR_DEFINED + 1, 0x7777ul}) {
     CAPTURE(type);
     CHECK(attribute_is_secret(type));
     std::string t = attributes({{type, v, sizeof v}});
@@ -143,7 +148,9 @@ TEST_CASE("nested templates are masked too; lists of mechanisms by name") {
   CK_MECHANISM_TYPE allowed[] = {CKM_SHA256, CKM_AES_GCM};
   std::string t = attributes({{CKA_WRAP_TEMPLATE, inner, sizeof inner},
                               {CKA_ALLOWED_MECHANISMS, allowed, sizeof allowed}});
-  CHECK(t == "{CKA_WRAP_TEMPLATE={CKA_VALUE=*** (2 bytes)}, CKA_ALLOWED_MECHANISMS=[CKM_SHA256, CKM_AES_GCM]}");
+  CHECK(t ==
+        "{CKA_WRAP_TEMPLATE={CKA_VALUE=*** (2 bytes)}, CKA_ALLOWED_MECHANISMS=[CKM_SHA256, "
+        "CKM_AES_GCM]}");
 }
 
 TEST_CASE("templates the call did not fill show lengths only") {
@@ -157,14 +164,15 @@ TEST_CASE("templates the call did not fill show lengths only") {
 TEST_CASE("a PIN and its length are never written; a call's record reads well") {
   CK_UTF8CHAR pin[] = "S3cr3t-P1n";
   CallFacts facts{CKR_PIN_INCORRECT, 12345, 0, 0x5001};
-  std::string r = record<fn::C_Login>(facts, {}, CK_SESSION_HANDLE{0x1000001}, CK_USER_TYPE{CKU_USER}, pin,
-                                      CK_ULONG{10});
+  std::string r = record<fn::C_Login>(facts, {}, CK_SESSION_HANDLE{0x1000001},
+                                      CK_USER_TYPE{CKU_USER}, pin, CK_ULONG{10});
   CHECK(r == "C_Login(0x1000001->0x5001, 1, ***) = CKR_PIN_INCORRECT [12.3 us]");
   CHECK(r.find("S3cr3t") == std::string::npos);
   CHECK(r.find(", 10") == std::string::npos);  // nor its length
 
   CK_UTF8CHAR new_pin[] = "N3w";
-  r = record<fn::C_SetPIN>(CallFacts{}, {}, CK_SESSION_HANDLE{1}, pin, CK_ULONG{10}, new_pin, CK_ULONG{3});
+  r = record<fn::C_SetPIN>(CallFacts{}, {}, CK_SESSION_HANDLE{1}, pin, CK_ULONG{10}, new_pin,
+                           CK_ULONG{3});
   CHECK(r == "C_SetPIN(0x1, ***, ***) = CKR_OK [0.0 us]");
 
   CK_UTF8CHAR label[32];
@@ -182,20 +190,25 @@ TEST_CASE("buffers by length, output buffers with capacity and returned length")
   CK_BYTE sig[256];
   CK_ULONG sig_len = 64;  // what the call returned
   std::array<CK_ULONG, 5> caps{0, 0, 0, 256, 0};
-  std::string r = record<fn::C_Sign>(CallFacts{CKR_OK, 2'500'000, 1500, 0x5002}, caps,
-                                     CK_SESSION_HANDLE{0x2000003}, data, CK_ULONG{3}, sig, &sig_len);
-  CHECK(r == "C_Sign(0x2000003->0x5002, [3 bytes], [256]->64) = CKR_OK [2500.0 us, session lock wait 1.5 us]");
-  r = record<fn::C_Sign>(CallFacts{}, {}, CK_SESSION_HANDLE{1}, data, CK_ULONG{3}, static_cast<CK_BYTE_PTR>(nullptr),
-                         &sig_len);
+  std::string r =
+      record<fn::C_Sign>(CallFacts{CKR_OK, 2'500'000, 1500, 0x5002}, caps,
+                         CK_SESSION_HANDLE{0x2000003}, data, CK_ULONG{3}, sig, &sig_len);
+  CHECK(r ==
+        "C_Sign(0x2000003->0x5002, [3 bytes], [256]->64) = CKR_OK [2500.0 us, session lock wait "
+        "1.5 us]");
+  r = record<fn::C_Sign>(CallFacts{}, {}, CK_SESSION_HANDLE{1}, data, CK_ULONG{3},
+                         static_cast<CK_BYTE_PTR>(nullptr), &sig_len);
   CHECK(r == "C_Sign(0x1, [3 bytes], NULL->64) = CKR_OK [0.0 us]");  // a length query
-  r = record<fn::C_Sign>(CallFacts{CKR_KEY_HANDLE_INVALID}, caps, CK_SESSION_HANDLE{1}, data, CK_ULONG{3}, sig,
-                         &sig_len);
-  CHECK(r == "C_Sign(0x1, [3 bytes], [256]) = CKR_KEY_HANDLE_INVALID [0.0 us]");  // length not trusted
+  r = record<fn::C_Sign>(CallFacts{CKR_KEY_HANDLE_INVALID}, caps, CK_SESSION_HANDLE{1}, data,
+                         CK_ULONG{3}, sig, &sig_len);
+  CHECK(r ==
+        "C_Sign(0x1, [3 bytes], [256]) = CKR_KEY_HANDLE_INVALID [0.0 us]");  // length not trusted
 }
 
 TEST_CASE("mechanism, template and output handles in one record") {
   CK_MECHANISM mech{CKM_SHA256, nullptr, 0};
-  CHECK(record<fn::C_DigestInit>(CallFacts{CKR_OK, 800, 0, 0x5000}, {}, CK_SESSION_HANDLE{0x1000001}, &mech) ==
+  CHECK(record<fn::C_DigestInit>(CallFacts{CKR_OK, 800, 0, 0x5000}, {},
+                                 CK_SESSION_HANDLE{0x1000001}, &mech) ==
         "C_DigestInit(0x1000001->0x5000, CKM_SHA256) = CKR_OK [0.8 us]");
   CK_OBJECT_CLASS cls = CKO_DATA;
   CK_ATTRIBUTE t[] = {{CKA_CLASS, &cls, sizeof cls}};
@@ -226,17 +239,22 @@ TEST_CASE("C_GetAttributeValue: values only once the call filled them, secrets m
   unsigned char buf[4] = {0xde, 0xad, 0xbe, 0xef};
   CK_ATTRIBUTE t[] = {{CKA_ID, buf, 4}, {CKA_VALUE, buf, 4}};
   std::string ok = get_attributes(t, 2, [] { return CKR_OK; });
-  CHECK(ok == "C_GetAttributeValue(0x1, 7, {CKA_ID=deadbeef (4 bytes), CKA_VALUE=*** (4 bytes)}) = CKR_OK [0.0 us]");
+  CHECK(ok ==
+        "C_GetAttributeValue(0x1, 7, {CKA_ID=deadbeef (4 bytes), CKA_VALUE=*** (4 bytes)}) = "
+        "CKR_OK [0.0 us]");
   std::string failed = get_attributes(t, 2, [] { return CKR_OBJECT_HANDLE_INVALID; });
   CHECK(failed.find("dead") == std::string::npos);
   CHECK(failed.find("{CKA_ID [4 bytes], CKA_VALUE [4 bytes]}") != std::string::npos);
   // A call refused before the backend (no capacities taken): the count alone.
-  std::string refused = record<fn::C_GetAttributeValue>(CallFacts{CKR_SESSION_HANDLE_INVALID}, {},
-                                                        CK_SESSION_HANDLE{1}, CK_OBJECT_HANDLE{7}, t, CK_ULONG{2});
-  CHECK(refused == "C_GetAttributeValue(0x1, 7, {2 attributes}) = CKR_SESSION_HANDLE_INVALID [0.0 us]");
+  std::string refused =
+      record<fn::C_GetAttributeValue>(CallFacts{CKR_SESSION_HANDLE_INVALID}, {},
+                                      CK_SESSION_HANDLE{1}, CK_OBJECT_HANDLE{7}, t, CK_ULONG{2});
+  CHECK(refused ==
+        "C_GetAttributeValue(0x1, 7, {2 attributes}) = CKR_SESSION_HANDLE_INVALID [0.0 us]");
 }
 
-TEST_CASE("C_GetAttributeValue: a backend that reports a length beyond the buffer is not read past it") {
+TEST_CASE(
+    "C_GetAttributeValue: a backend that reports a length beyond the buffer is not read past it") {
   // A 4-byte buffer, then a canary that must never reach the log (under ASan
   // the heap block ends at the canary: reading further is an overflow).
   const unsigned char bytes[8] = {0x11, 0x22, 0x33, 0x44, 0xca, 0xfe, 0xba, 0xbe};
@@ -253,7 +271,8 @@ TEST_CASE("C_GetAttributeValue: a backend that reports a length beyond the buffe
     });
     CHECK(r.find("cafe") == std::string::npos);
     CHECK(r.find("\\xca") == std::string::npos);
-    CHECK(r.find("{CKA_ID [4 bytes]->12, CKA_LABEL [4 bytes]->12, CKA_MODULUS [4 bytes]->12}") != std::string::npos);
+    CHECK(r.find("{CKA_ID [4 bytes]->12, CKA_LABEL [4 bytes]->12, CKA_MODULUS [4 bytes]->12}") !=
+          std::string::npos);
   }
   // A length within the buffer is shown, and no further than that length.
   CK_ATTRIBUTE fits[] = {{CKA_ID, buf, 4}, {CKA_LABEL, nullptr, 0}, {CKA_SUBJECT, buf, 4}};
@@ -263,8 +282,10 @@ TEST_CASE("C_GetAttributeValue: a backend that reports a length beyond the buffe
     fits[2].ulValueLen = CK_UNAVAILABLE_INFORMATION;
     return CKR_BUFFER_TOO_SMALL;
   });
-  CHECK(r == "C_GetAttributeValue(0x1, 7, {CKA_ID=1122 (2 bytes), CKA_LABEL (5 bytes), CKA_SUBJECT=unavailable}) = "
-             "CKR_BUFFER_TOO_SMALL [0.0 us]");
+  CHECK(r ==
+        "C_GetAttributeValue(0x1, 7, {CKA_ID=1122 (2 bytes), CKA_LABEL (5 bytes), "
+        "CKA_SUBJECT=unavailable}) = "
+        "CKR_BUFFER_TOO_SMALL [0.0 us]");
   // A nested template's buffers have no known capacity: lengths only.
   unsigned char inner_value[2] = {0x99, 0x88};
   CK_ATTRIBUTE inner[] = {{CKA_LABEL, inner_value, 1000}};
@@ -273,34 +294,38 @@ TEST_CASE("C_GetAttributeValue: a backend that reports a length beyond the buffe
   CHECK(r.find("{CKA_WRAP_TEMPLATE={CKA_LABEL [1000 bytes]}}") != std::string::npos);
 }
 
-TEST_CASE("output buffers: never read beyond the capacity given on entry, whatever length comes back") {
+TEST_CASE(
+    "output buffers: never read beyond the capacity given on entry, whatever length comes back") {
   // C_FindObjects: a backend claiming more handles than ulMaxObjectCount.
   CK_OBJECT_HANDLE found[3] = {0xb000001, 0xb000002, 0xcafe};  // the third is beyond the capacity
   CK_ULONG n = 1000;
-  std::string r = record<fn::C_FindObjects>(CallFacts{}, {}, CK_SESSION_HANDLE{1}, found, CK_ULONG{2}, &n);
+  std::string r =
+      record<fn::C_FindObjects>(CallFacts{}, {}, CK_SESSION_HANDLE{1}, found, CK_ULONG{2}, &n);
   CHECK(r == "C_FindObjects(0x1, [max 2: 0xb000001, 0xb000002], ->1000) = CKR_OK [0.0 us]");
   // 'o' buffers are shown by capacity and returned length, never by content.
   CK_BYTE out[4] = {0xca, 0xfe, 0xca, 0xfe};
   CK_ULONG out_len = 4096;
   std::array<CK_ULONG, 5> caps{0, 0, 0, 4, 0};
-  r = record<fn::C_Encrypt>(CallFacts{CKR_BUFFER_TOO_SMALL}, caps, CK_SESSION_HANDLE{1}, out, CK_ULONG{4}, out, &out_len);
+  r = record<fn::C_Encrypt>(CallFacts{CKR_BUFFER_TOO_SMALL}, caps, CK_SESSION_HANDLE{1}, out,
+                            CK_ULONG{4}, out, &out_len);
   CHECK(r == "C_Encrypt(0x1, [4 bytes], [4]->4096) = CKR_BUFFER_TOO_SMALL [0.0 us]");
 }
 
 TEST_CASE("a template the call refused is not walked: a huge count over a short template") {
   CK_OBJECT_CLASS cls = CKO_DATA;
   CK_ATTRIBUTE one[] = {{CKA_CLASS, &cls, sizeof cls}};
-  std::string r = record<fn::C_FindObjectsInit>(CallFacts{CKR_SESSION_HANDLE_INVALID}, {}, CK_SESSION_HANDLE{1},
-                                                one, CK_ULONG{1'000'000});
+  std::string r = record<fn::C_FindObjectsInit>(CallFacts{CKR_SESSION_HANDLE_INVALID}, {},
+                                                CK_SESSION_HANDLE{1}, one, CK_ULONG{1'000'000});
   CHECK(r == "C_FindObjectsInit(0x1, {1000000 attributes}) = CKR_SESSION_HANDLE_INVALID [0.0 us]");
-  r = record<fn::C_CreateObject>(CallFacts{CKR_TEMPLATE_INCOMPLETE}, {}, CK_SESSION_HANDLE{1}, one, CK_ULONG{1},
-                                 static_cast<CK_OBJECT_HANDLE_PTR>(nullptr));
+  r = record<fn::C_CreateObject>(CallFacts{CKR_TEMPLATE_INCOMPLETE}, {}, CK_SESSION_HANDLE{1}, one,
+                                 CK_ULONG{1}, static_cast<CK_OBJECT_HANDLE_PTR>(nullptr));
   CHECK(r == "C_CreateObject(0x1, {1 attribute}, NULL) = CKR_TEMPLATE_INCOMPLETE [0.0 us]");
   r = record<fn::C_FindObjectsInit>(CallFacts{CKR_OK}, {}, CK_SESSION_HANDLE{1},
                                     static_cast<CK_ATTRIBUTE_PTR>(nullptr), CK_ULONG{0});
   CHECK(r == "C_FindObjectsInit(0x1, {}) = CKR_OK [0.0 us]");
   // An accepted template is shown, its first kMaxAttributesShown attributes.
-  std::vector<CK_ATTRIBUTE> many(kMaxAttributesShown + 8, CK_ATTRIBUTE{CKA_CLASS, &cls, sizeof cls});
+  std::vector<CK_ATTRIBUTE> many(kMaxAttributesShown + 8,
+                                 CK_ATTRIBUTE{CKA_CLASS, &cls, sizeof cls});
   r = record<fn::C_FindObjectsInit>(CallFacts{CKR_OK}, {}, CK_SESSION_HANDLE{1}, many.data(),
                                     static_cast<CK_ULONG>(many.size()));
   CHECK(r.find("CKA_CLASS=CKO_DATA, ... 40 in all}") != std::string::npos);

@@ -90,15 +90,15 @@ FAULTY_EXPORT const char* faulty_function_name(unsigned long i) {
 
 FAULTY_EXPORT unsigned long faulty_calls(const char* name) {
   int i = name != nullptr ? function_index(name) : -1;
-  return i < 0 ? ~0UL : module().counters.calls[static_cast<std::size_t>(i)].load(
-                            std::memory_order_relaxed);
+  return i < 0
+             ? ~0UL
+             : module().counters.calls[static_cast<std::size_t>(i)].load(std::memory_order_relaxed);
 }
 
 FAULTY_EXPORT const FaultyControl* faulty_get_control(void) {
   static const FaultyControl control = {
-      faulty_configure, faulty_config_from_env, faulty_last_error,
-      faulty_stats,     faulty_reset,           faulty_restart,
-      faulty_set_removed, faulty_function_name, faulty_calls,
+      faulty_configure, faulty_config_from_env, faulty_last_error,    faulty_stats, faulty_reset,
+      faulty_restart,   faulty_set_removed,     faulty_function_name, faulty_calls,
   };
   return &control;
 }

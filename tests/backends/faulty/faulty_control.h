@@ -39,8 +39,9 @@
  * difference: when P11MUX_FAULTY_LATENCY is unset its latency is
  * FAULTY_SLOW_LATENCY (a network HSM over SoftHSM2, or over the target
  * named) instead of none; P11MUX_FAULTY_LATENCY= (empty) turns it off. It is a
- * separate library with its own state and the same control functions. Tests can instead set everything with faulty_configure()
- * (reach it with dlopen of the same path p11mux is given, then dlsym).
+ * separate library with its own state and the same control functions. Tests can instead set
+ * everything with faulty_configure() (reach it with dlopen of the same path p11mux is given, then
+ * dlsym).
  *
  * Plain C, LP64 (CK_ULONG is unsigned long). The library is linked with
  * -z nodelete: its state survives dlclose.
@@ -86,19 +87,19 @@ typedef struct FaultyRule {
 } FaultyRule;
 
 typedef struct FaultyConfig {
-  char target[512];    /* target module; "" = P11MUX_FAULTY_TARGET or the
-                          default. Read by C_Initialize (and by
-                          C_GetInterface* before it) */
-  unsigned long seed;  /* PRNG seed; draws restart at faulty_configure */
+  char target[512];   /* target module; "" = P11MUX_FAULTY_TARGET or the
+                         default. Read by C_Initialize (and by
+                         C_GetInterface* before it) */
+  unsigned long seed; /* PRNG seed; draws restart at faulty_configure */
   FaultyRule rules[FAULTY_MAX_RULES];
   unsigned long max_sessions; /* 0 = no limit */
   /* Latency added before forwarding (microseconds; 0 = none). */
-  unsigned long open_session_us; /* C_OpenSession */
+  unsigned long open_session_us;  /* C_OpenSession */
   unsigned long close_session_us; /* C_CloseSession */
-  unsigned long login_us;        /* C_Login, C_Logout, C_LoginUser */
-  unsigned long crypto_us;       /* every function named after Encrypt,
-                                    Decrypt, Sign, Verify, Digest, Generate,
-                                    Wrap, Derive, Random or Message */
+  unsigned long login_us;         /* C_Login, C_Logout, C_LoginUser */
+  unsigned long crypto_us;        /* every function named after Encrypt,
+                                     Decrypt, Sign, Verify, Digest, Generate,
+                                     Wrap, Derive, Random or Message */
 } FaultyConfig;
 
 typedef struct FaultyStats {
@@ -108,7 +109,7 @@ typedef struct FaultyStats {
   /* Answered CKR_CRYPTOKI_NOT_INITIALIZED; not C_WaitForSlotEvent, which the
    * spec lets race C_Finalize. */
   unsigned long calls_not_initialized;
-  unsigned long max_concurrent_calls;  /* threads inside at once (waiters included) */
+  unsigned long max_concurrent_calls; /* threads inside at once (waiters included) */
   /* Two calls on one session at once, or a session closed (by
    * C_CloseAllSessions) while a call on it was in progress. */
   unsigned long session_violations;
@@ -125,7 +126,7 @@ typedef struct FaultyStats {
   unsigned long sessions_dropped;    /* faulty_restart, faulty_set_removed */
   unsigned long sessions_open_at_finalize;
   unsigned long max_sessions_open;
-  unsigned long stale_handle_calls;  /* calls on unknown or dropped handles */
+  unsigned long stale_handle_calls;     /* calls on unknown or dropped handles */
   unsigned long session_count_refusals; /* CKR_SESSION_COUNT from max_sessions */
   unsigned long restarts;
   unsigned long target_sessions_closed_by_restart;

@@ -9,23 +9,23 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <string_view>
 #include <new>
+#include <string_view>
 #include <tuple>
 #include <type_traits>
 
 // ---- one descriptor per function ----
 // (Outside the anonymous namespace: clang warns about members unused by some.)
 namespace p11mux::faulty::desc {
-#define FAULTY_DESCRIBE(name_, since_, dispatch_, args_)            \
-  struct name_ {                                                    \
-    static constexpr Fn fn = Fn::name_;                             \
-    static constexpr std::string_view name = #name_;                \
-    static constexpr std::string_view args = args_;                 \
-    static constexpr auto member = &CK_FUNCTION_LIST_3_0::name_;    \
-    using Pointer = CK_##name_;                                     \
-    static_assert(args.find('h', 1) == std::string_view::npos,      \
-                  "only a first argument is a session handle");     \
+#define FAULTY_DESCRIBE(name_, since_, dispatch_, args_)         \
+  struct name_ {                                                 \
+    static constexpr Fn fn = Fn::name_;                          \
+    static constexpr std::string_view name = #name_;             \
+    static constexpr std::string_view args = args_;              \
+    static constexpr auto member = &CK_FUNCTION_LIST_3_0::name_; \
+    using Pointer = CK_##name_;                                  \
+    static_assert(args.find('h', 1) == std::string_view::npos,   \
+                  "only a first argument is a session handle");  \
   };
 P11MUX_FUNCTIONS(FAULTY_DESCRIBE)
 #undef FAULTY_DESCRIBE
@@ -61,7 +61,8 @@ class CallScope {
     raise_peak(m.counters.max_concurrent_calls, now);
   }
   ~CallScope() {
-    if (tracked_) (waiter_ ? module().waiting : module().active).fetch_sub(1, std::memory_order_relaxed);
+    if (tracked_)
+      (waiter_ ? module().waiting : module().active).fetch_sub(1, std::memory_order_relaxed);
   }
   CallScope(const CallScope&) = delete;
   CallScope& operator=(const CallScope&) = delete;
@@ -200,11 +201,11 @@ template <class D>
 struct Handler {
   static constexpr bool hand_written = false;
 };
-#define FAULTY_HANDLED(name, function)                 \
-  template <>                                          \
-  struct Handler<desc::name> {                         \
-    static constexpr bool hand_written = true;         \
-    static constexpr CK_##name fn = &function;         \
+#define FAULTY_HANDLED(name, function)         \
+  template <>                                  \
+  struct Handler<desc::name> {                 \
+    static constexpr bool hand_written = true; \
+    static constexpr CK_##name fn = &function; \
   };
 FAULTY_HANDLED(C_Initialize, initialize)
 FAULTY_HANDLED(C_Finalize, finalize)

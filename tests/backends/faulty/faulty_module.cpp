@@ -163,8 +163,8 @@ CK_RV Module::open_session(Fn fn, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR a
   settings.delay(fn, counters);
 
   const Target& t = target();
-  auto s = std::make_shared<Session>(next_handle_.fetch_add(1, std::memory_order_relaxed), slot,
-                                     &t, generation(), notify, application);
+  auto s = std::make_shared<Session>(next_handle_.fetch_add(1, std::memory_order_relaxed), slot, &t,
+                                     generation(), notify, application);
   std::uint64_t epoch;
   {
     std::shared_lock table(table_mu_);

@@ -288,13 +288,27 @@ bool config_from_env(FaultyConfig& out, std::string& error) {
 // ---- counters ----
 
 void Counters::reset() {
-  for (Counter* c :
-       {&initialize_calls, &initialize_ok, &finalize_calls, &calls_total, &calls_not_initialized,
-        &max_concurrent_calls, &session_violations, &finalize_during_call, &sessions_open,
-        &sessions_opened, &sessions_closed, &sessions_closed_all, &sessions_dropped,
-        &sessions_open_at_finalize, &max_sessions_open, &stale_handle_calls,
-        &session_count_refusals, &restarts, &target_sessions_closed_by_restart,
-        &faults_injected, &delayed_calls}) {
+  for (Counter* c : {&initialize_calls,
+                     &initialize_ok,
+                     &finalize_calls,
+                     &calls_total,
+                     &calls_not_initialized,
+                     &max_concurrent_calls,
+                     &session_violations,
+                     &finalize_during_call,
+                     &sessions_open,
+                     &sessions_opened,
+                     &sessions_closed,
+                     &sessions_closed_all,
+                     &sessions_dropped,
+                     &sessions_open_at_finalize,
+                     &max_sessions_open,
+                     &stale_handle_calls,
+                     &session_count_refusals,
+                     &restarts,
+                     &target_sessions_closed_by_restart,
+                     &faults_injected,
+                     &delayed_calls}) {
     c->store(0, std::memory_order_relaxed);
   }
   for (auto& c : calls) c.store(0, std::memory_order_relaxed);

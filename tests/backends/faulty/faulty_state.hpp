@@ -90,8 +90,8 @@ constexpr OpEffect op_effect(std::string_view name) {
         "C_MessageSignFinal", "C_MessageVerifyFinal"}) {
     if (name == ending) return OpEffect::ends;
   }
-  if (contains(name, "Update") || contains(name, "MessageBegin") ||
-      contains(name, "MessageNext") || name == "C_FindObjects" || name == "C_DigestKey") {
+  if (contains(name, "Update") || contains(name, "MessageBegin") || contains(name, "MessageNext") ||
+      name == "C_FindObjects" || name == "C_DigestKey") {
     return OpEffect::continues;
   }
   return OpEffect::none;
@@ -110,8 +110,8 @@ constexpr bool wildcard_excluded(std::string_view name) {
 
 // Calls about the token in a slot: CKR_TOKEN_NOT_PRESENT while it is removed.
 constexpr bool needs_token(std::string_view name) {
-  return name == "C_GetTokenInfo" || name == "C_GetMechanismList" ||
-         name == "C_GetMechanismInfo" || name == "C_InitToken" || name == "C_OpenSession";
+  return name == "C_GetTokenInfo" || name == "C_GetMechanismList" || name == "C_GetMechanismInfo" ||
+         name == "C_InitToken" || name == "C_OpenSession";
 }
 
 // ---- settings ----
@@ -210,8 +210,8 @@ struct Session {
   const CK_VOID_PTR application;
   CK_SESSION_HANDLE target_handle = CK_INVALID_HANDLE;  // set before publication
 
-  std::atomic<unsigned> inside{0};           // calls in progress on it
-  std::atomic<bool> target_closed{false};    // the target session is gone
+  std::atomic<unsigned> inside{0};            // calls in progress on it
+  std::atomic<bool> target_closed{false};     // the target session is gone
   std::atomic<bool> close_on_destroy{false};  // dropped by a restart
 };
 

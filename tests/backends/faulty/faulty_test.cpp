@@ -209,8 +209,7 @@ TEST_CASE("'*' matches every call but the lifecycle and the closes") {
   CK_ULONG count = 0;
   CHECK(f.p11->C_GetSlotList(CK_FALSE, nullptr, &count) == CKR_DEVICE_MEMORY);
   CK_SESSION_HANDLE other = 0;
-  CHECK(f.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &other) ==
-        CKR_DEVICE_MEMORY);
+  CHECK(f.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &other) == CKR_DEVICE_MEMORY);
   CHECK(f.p11->C_CloseSession(h) == CKR_OK);
   CHECK(f.p11->C_CloseAllSessions(0) == CKR_OK);
 }
@@ -416,9 +415,9 @@ TEST_CASE("the configuration from the environment") {
   CHECK(c.close_session_us == 10);
   CHECK(c.crypto_us == 300);
 
-  for (const char* bad : {"C_Nope:CKR_DEVICE_ERROR:p=0.1", "C_Sign:CKR_NOPE:p=0.1",
-                          "C_Sign:CKR_DEVICE_ERROR:p=2", "C_Sign:CKR_DEVICE_ERROR:nth=0",
-                          "C_Sign:CKR_DEVICE_ERROR"}) {
+  for (const char* bad :
+       {"C_Nope:CKR_DEVICE_ERROR:p=0.1", "C_Sign:CKR_NOPE:p=0.1", "C_Sign:CKR_DEVICE_ERROR:p=2",
+        "C_Sign:CKR_DEVICE_ERROR:nth=0", "C_Sign:CKR_DEVICE_ERROR"}) {
     CAPTURE(bad);
     ::setenv("P11MUX_FAULTY_FAIL", bad, 1);
     CHECK(libs().faulty->config_from_env(&c) == -1);
@@ -429,8 +428,8 @@ TEST_CASE("the configuration from the environment") {
   CK_C_INITIALIZE_ARGS args{};
   args.flags = CKF_OS_LOCKING_OK;
   CHECK(libs().p11->C_Initialize(&args) == CKR_GENERAL_ERROR);
-  for (const char* name : {"P11MUX_FAULTY_FAIL", "P11MUX_FAULTY_SEED",
-                           "P11MUX_FAULTY_MAX_SESSIONS", "P11MUX_FAULTY_LATENCY"}) {
+  for (const char* name : {"P11MUX_FAULTY_FAIL", "P11MUX_FAULTY_SEED", "P11MUX_FAULTY_MAX_SESSIONS",
+                           "P11MUX_FAULTY_LATENCY"}) {
     ::unsetenv(name);
   }
 }

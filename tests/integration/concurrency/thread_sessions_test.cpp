@@ -26,7 +26,8 @@ TEST_CASE_FIXTURE(LoggedInFixture, "8 threads, one session each: ECDSA signature
     Session own(p11, slot, Access::read_write);
     const KeyPair key = generate_ec_p256(p11, own, "thread-" + std::to_string(i));
     for (int n = 0; budget.allows(n); ++n) {
-      const Bytes message = to_bytes("thread " + std::to_string(i) + " message " + std::to_string(n));
+      const Bytes message =
+          to_bytes("thread " + std::to_string(i) + " message " + std::to_string(n));
       const Bytes signature = ecdsa_sha256_sign(p11, own, key.private_key, message);
       ++signatures;
       ++per_thread[i];

@@ -75,16 +75,19 @@ TEST_CASE_FIXTURE(LoggedInFixture, "AES-CBC-PAD round trip with length queries")
   // Decrypt.
   REQUIRE_RV(p11.C_DecryptInit(session, &mechanism, key), CKR_OK);
   length = 0;
-  REQUIRE_RV(p11.C_Decrypt(session, ciphertext.data(), ciphertext.size(), nullptr, &length), CKR_OK);
+  REQUIRE_RV(p11.C_Decrypt(session, ciphertext.data(), ciphertext.size(), nullptr, &length),
+             CKR_OK);
   CHECK(length >= 37);
   Bytes decrypted(length);
   length = 8;
-  REQUIRE_RV(p11.C_Decrypt(session, ciphertext.data(), ciphertext.size(), decrypted.data(), &length),
-             CKR_BUFFER_TOO_SMALL);
+  REQUIRE_RV(
+      p11.C_Decrypt(session, ciphertext.data(), ciphertext.size(), decrypted.data(), &length),
+      CKR_BUFFER_TOO_SMALL);
   CHECK(length >= 37);
   length = decrypted.size();
-  REQUIRE_RV(p11.C_Decrypt(session, ciphertext.data(), ciphertext.size(), decrypted.data(), &length),
-             CKR_OK);
+  REQUIRE_RV(
+      p11.C_Decrypt(session, ciphertext.data(), ciphertext.size(), decrypted.data(), &length),
+      CKR_OK);
   decrypted.resize(length);
   CHECK(decrypted == plaintext);
   CHECK_RV(p11.C_Decrypt(session, ciphertext.data(), ciphertext.size(), decrypted.data(), &length),

@@ -16,8 +16,7 @@ const std::string kAbc = "abc";
 const std::string kAbcSha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
 const std::string kLong = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
 const std::string kLongSha256 = "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1";
-const std::string kEmptySha256 =
-    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+const std::string kEmptySha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 CK_MECHANISM sha256{CKM_SHA256, nullptr, 0};
 
@@ -31,7 +30,8 @@ TEST_CASE_FIXTURE(SessionFixture, "SHA-256 known answers") {
         "a9993e364706816aba3e25717850c26c9cd0d89d");
 }
 
-TEST_CASE_FIXTURE(SessionFixture, "C_Digest: size query and a too small buffer keep the operation") {
+TEST_CASE_FIXTURE(SessionFixture,
+                  "C_Digest: size query and a too small buffer keep the operation") {
   Bytes data = to_bytes(kAbc);
   REQUIRE_RV(p11.C_DigestInit(session, &sha256), CKR_OK);
 
@@ -80,8 +80,9 @@ TEST_CASE_FIXTURE(SessionFixture, "multi-part SHA-256 equals single-part") {
   const Bytes single = digest(p11, session, CKM_SHA256, big);
   REQUIRE_RV(p11.C_DigestInit(session, &sha256), CKR_OK);
   for (std::size_t at = 0; at < big.size(); at += 997) {
-    REQUIRE_RV(p11.C_DigestUpdate(session, big.data() + at, std::min<std::size_t>(997, big.size() - at)),
-               CKR_OK);
+    REQUIRE_RV(
+        p11.C_DigestUpdate(session, big.data() + at, std::min<std::size_t>(997, big.size() - at)),
+        CKR_OK);
   }
   length = out.size();
   REQUIRE_RV(p11.C_DigestFinal(session, out.data(), &length), CKR_OK);
@@ -116,8 +117,9 @@ TEST_CASE("an operation an error left active does not reach the next session") {
     {
       Session first(f.p11, f.slot, Access::read_only);
       REQUIRE_RV(f.p11.C_DigestInit(first, &sha256), CKR_OK);
-      REQUIRE_RV(f.p11.C_DigestUpdate(first, const_cast<CK_BYTE*>(previous.data()), previous.size()),
-                 CKR_OK);
+      REQUIRE_RV(
+          f.p11.C_DigestUpdate(first, const_cast<CK_BYTE*>(previous.data()), previous.size()),
+          CKR_OK);
       CHECK(f.p11.C_DigestKey(first, 0x7fffff) != CKR_OK);
     }
     Session next(f.p11, f.slot, Access::read_only);

@@ -64,8 +64,8 @@ TEST_CASE_FIXTURE(TokenFixture, "the token offers the mechanisms the suite uses"
   REQUIRE_RV(p11.C_GetMechanismList(slot, mechanisms.data(), &count), CKR_OK);
   mechanisms.resize(count);
   for (CK_MECHANISM_TYPE wanted :
-       {CKM_SHA256, CKM_EC_KEY_PAIR_GEN, CKM_ECDSA, CKM_RSA_PKCS_KEY_PAIR_GEN,
-        CKM_SHA256_RSA_PKCS, CKM_AES_KEY_GEN, CKM_AES_CBC_PAD}) {
+       {CKM_SHA256, CKM_EC_KEY_PAIR_GEN, CKM_ECDSA, CKM_RSA_PKCS_KEY_PAIR_GEN, CKM_SHA256_RSA_PKCS,
+        CKM_AES_KEY_GEN, CKM_AES_CBC_PAD}) {
     CAPTURE(wanted);
     CHECK(std::count(mechanisms.begin(), mechanisms.end(), wanted) == 1);
   }
@@ -78,8 +78,7 @@ TEST_CASE_FIXTURE(TokenFixture, "the token offers the mechanisms the suite uses"
   REQUIRE_RV(p11.C_GetMechanismInfo(slot, CKM_ECDSA, &info), CKR_OK);
   CHECK((info.flags & CKF_SIGN) != 0);
   CHECK((info.flags & CKF_VERIFY) != 0);
-  CHECK_RV(p11.C_GetMechanismInfo(slot, CKM_VENDOR_DEFINED | 0x4242, &info),
-           CKR_MECHANISM_INVALID);
+  CHECK_RV(p11.C_GetMechanismInfo(slot, CKM_VENDOR_DEFINED | 0x4242, &info), CKR_MECHANISM_INVALID);
 }
 
 TEST_CASE_FIXTURE(TokenFixture, "initialize twice, then finalize: no calls after C_Finalize") {

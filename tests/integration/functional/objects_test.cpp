@@ -1,8 +1,8 @@
 // Objects: search by label, attributes, destruction, and object lifetimes.
+#include "support/objects.h"
 #include "support/crypto.h"
 #include "support/doctest_ck.h"
 #include "support/fixture.h"
-#include "support/objects.h"
 
 #include <algorithm>
 #include <vector>
@@ -118,7 +118,8 @@ TEST_CASE_FIXTURE(LoggedInFixture, "destroyed objects are gone") {
   const KeyPair pair = generate_ec_p256(p11, session, "doomed");
   REQUIRE(find_by_label(p11, session, "doomed").size() == 4);
 
-  for (CK_OBJECT_HANDLE object : {session_object, token_object, pair.public_key, pair.private_key}) {
+  for (CK_OBJECT_HANDLE object :
+       {session_object, token_object, pair.public_key, pair.private_key}) {
     CAPTURE(object);
     REQUIRE_RV(p11.C_DestroyObject(session, object), CKR_OK);
     CK_ATTRIBUTE label{CKA_LABEL, nullptr, 0};

@@ -83,9 +83,9 @@ TEST_CASE_FIXTURE(LoggedInFixture, "RSA-2048 key pair: CKM_SHA256_RSA_PKCS sign 
   CHECK_RV(verify(p11, session, CKM_SHA256_RSA_PKCS, key.public_key, kMessage, signature), CKR_OK);
   CHECK_RV(verify(p11, session, CKM_SHA256_RSA_PKCS, key.public_key, kTampered, signature),
            CKR_SIGNATURE_INVALID);
-  CHECK_RV(verify(p11, session, CKM_SHA256_RSA_PKCS, key.public_key, kMessage,
-                  flipped(signature, 100)),
-           CKR_SIGNATURE_INVALID);
+  CHECK_RV(
+      verify(p11, session, CKM_SHA256_RSA_PKCS, key.public_key, kMessage, flipped(signature, 100)),
+      CKR_SIGNATURE_INVALID);
 
   // PKCS#1 v1.5 is deterministic: the same signature again, also in parts.
   CHECK(sign(p11, session, CKM_SHA256_RSA_PKCS, key.private_key, kMessage) == signature);
@@ -104,7 +104,6 @@ TEST_CASE_FIXTURE(LoggedInFixture, "RSA-2048 key pair: CKM_SHA256_RSA_PKCS sign 
 TEST_CASE_FIXTURE(LoggedInFixture, "private key values are not readable") {
   const KeyPair key = generate_ec_p256(p11, session, "ec-sensitive");
   CK_ATTRIBUTE value{CKA_VALUE, nullptr, 0};
-  CHECK_RV(p11.C_GetAttributeValue(session, key.private_key, &value, 1),
-           CKR_ATTRIBUTE_SENSITIVE);
+  CHECK_RV(p11.C_GetAttributeValue(session, key.private_key, &value, 1), CKR_ATTRIBUTE_SENSITIVE);
   CHECK(value.ulValueLen == CK_UNAVAILABLE_INFORMATION);
 }

@@ -25,8 +25,8 @@ CK_OBJECT_HANDLE import_master_secret(CK_FUNCTION_LIST_3_0* fn, CK_SESSION_HANDL
   CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
   Bytes value(48, 0x5a);
   CK_ATTRIBUTE attrs[] = {
-      {CKA_CLASS, &cls, sizeof cls}, {CKA_KEY_TYPE, &type, sizeof type},
-      {CKA_TOKEN, &no, sizeof no},   {CKA_VALUE, value.data(), value.size()},
+      {CKA_CLASS, &cls, sizeof cls},  {CKA_KEY_TYPE, &type, sizeof type},
+      {CKA_TOKEN, &no, sizeof no},    {CKA_VALUE, value.data(), value.size()},
       {CKA_DERIVE, &yes, sizeof yes},
   };
   CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
@@ -39,21 +39,24 @@ std::vector<CK_OBJECT_HANDLE> derive_tls_key_material(CK_FUNCTION_LIST_3_0* fn,
                                                       CK_SESSION_HANDLE session) {
   CK_OBJECT_HANDLE master = import_master_secret(fn, session);
   Bytes client_random(32, 0x01), server_random(32, 0x02), iv_client(16, 0), iv_server(16, 0);
-  CK_SSL3_KEY_MAT_OUT out{CK_INVALID_HANDLE, CK_INVALID_HANDLE, CK_INVALID_HANDLE, CK_INVALID_HANDLE,
-                    iv_client.data(), iv_server.data()};
-  CK_SSL3_KEY_MAT_PARAMS params{160, 128, 128, CK_FALSE,
-                          {client_random.data(), client_random.size(), server_random.data(),
-                           server_random.size()},
-                          &out};
+  CK_SSL3_KEY_MAT_OUT out{CK_INVALID_HANDLE, CK_INVALID_HANDLE, CK_INVALID_HANDLE,
+                          CK_INVALID_HANDLE, iv_client.data(),  iv_server.data()};
+  CK_SSL3_KEY_MAT_PARAMS params{
+      160,
+      128,
+      128,
+      CK_FALSE,
+      {client_random.data(), client_random.size(), server_random.data(), server_random.size()},
+      &out};
   CK_MECHANISM mech{CKM_TLS_KEY_AND_MAC_DERIVE, &params, sizeof params};
   CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
   CK_KEY_TYPE type = CKK_AES;
   CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
   CK_ULONG key_length = 16;  // softoken makes no cipher keys without it
   CK_ATTRIBUTE tmpl[] = {
-      {CKA_CLASS, &cls, sizeof cls},       {CKA_KEY_TYPE, &type, sizeof type},
-      {CKA_TOKEN, &no, sizeof no},         {CKA_ENCRYPT, &yes, sizeof yes},
-      {CKA_DECRYPT, &yes, sizeof yes},     {CKA_VALUE_LEN, &key_length, sizeof key_length},
+      {CKA_CLASS, &cls, sizeof cls},   {CKA_KEY_TYPE, &type, sizeof type},
+      {CKA_TOKEN, &no, sizeof no},     {CKA_ENCRYPT, &yes, sizeof yes},
+      {CKA_DECRYPT, &yes, sizeof yes}, {CKA_VALUE_LEN, &key_length, sizeof key_length},
   };
   // phKey is NULL for this mechanism: every key comes back in `out`.
   REQUIRE_RV(fn->C_DeriveKey(session, &mech, master, tmpl, std::size(tmpl), nullptr), CKR_OK);
@@ -114,7 +117,8 @@ void derived_keys_die_with_their_session(CK_FUNCTION_LIST_3_0* fn) {
 
 }  // namespace
 
-TEST_CASE("TLS key material derived in a closed session is gone from the next one: softoken directly") {
+TEST_CASE(
+    "TLS key material derived in a closed session is gone from the next one: softoken directly") {
   Library softoken(required_env("P11MUX_TEST_SOFTOKEN"));
   NssDatabase db;
   CK_FUNCTION_LIST_3_0* fn = function_list_3_0(softoken);
@@ -123,7 +127,8 @@ TEST_CASE("TLS key material derived in a closed session is gone from the next on
   derived_keys_die_with_their_session(fn);
 }
 
-TEST_CASE("TLS key material derived in a closed session is gone from the next one: through p11mux") {
+TEST_CASE(
+    "TLS key material derived in a closed session is gone from the next one: through p11mux") {
   MESSAGE("session_mode = " << env_or("P11MUX_SESSION_MODE", "serialize"));
   Library p11mux(required_env("P11MUX_TEST_P11MUX"));
   NssDatabase db;

@@ -29,8 +29,8 @@ namespace {
 // it). LeakSanitizer can attribute them only to a library still mapped when
 // the process exits, so these tests never let softoken unload.
 void keep_softoken_mapped() {
-  static void* const pinned = ::dlopen(required_env("P11MUX_TEST_SOFTOKEN").c_str(),
-                                       RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
+  static void* const pinned =
+      ::dlopen(required_env("P11MUX_TEST_SOFTOKEN").c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
   (void)pinned;
 }
 
@@ -39,12 +39,12 @@ void keep_softoken_mapped() {
 NssDatabase::NssDatabase() : dir_("p11mux-nss-") {
   keep_softoken_mapped();  // every test makes its database before loading modules
   const std::string certutil = required_env("P11MUX_TEST_CERTUTIL");
-  const int status = run_process({certutil, "-N", "-d", "sql:" + dir_.path().string(),
-                                  "--empty-password"},
-                                 dir_.path() / "certutil.log");
+  const int status =
+      run_process({certutil, "-N", "-d", "sql:" + dir_.path().string(), "--empty-password"},
+                  dir_.path() / "certutil.log");
   if (status != 0) {
-    throw std::runtime_error("certutil -N failed with status " + std::to_string(status) +
-                             " (see " + (dir_.path() / "certutil.log").string() + ")");
+    throw std::runtime_error("certutil -N failed with status " + std::to_string(status) + " (see " +
+                             (dir_.path() / "certutil.log").string() + ")");
   }
 }
 
@@ -149,9 +149,9 @@ CK_OBJECT_HANDLE import_aes_key(CK_FUNCTION_LIST_3_0* fn, CK_SESSION_HANDLE sess
   CK_BBOOL no = CK_FALSE;
   Bytes copy = value;
   CK_ATTRIBUTE attrs[] = {
-      {CKA_CLASS, &cls, sizeof cls},       {CKA_KEY_TYPE, &type, sizeof type},
-      {CKA_TOKEN, &no, sizeof no},         {CKA_VALUE, copy.data(), copy.size()},
-      {CKA_ENCRYPT, &yes, sizeof yes},     {CKA_DECRYPT, &yes, sizeof yes},
+      {CKA_CLASS, &cls, sizeof cls},   {CKA_KEY_TYPE, &type, sizeof type},
+      {CKA_TOKEN, &no, sizeof no},     {CKA_VALUE, copy.data(), copy.size()},
+      {CKA_ENCRYPT, &yes, sizeof yes}, {CKA_DECRYPT, &yes, sizeof yes},
   };
   CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
   ck_check(fn->C_CreateObject(session, attrs, std::size(attrs), &key), "C_CreateObject(AES)");
@@ -165,9 +165,8 @@ CK_RV encrypt_message(CK_FUNCTION_LIST_3_0* fn, CK_SESSION_HANDLE session, const
   GcmMessageParams params{iv_copy.data(), iv_copy.size(), 0, 0, tag.data(), 128};
   ciphertext.assign(plaintext.size() + 16, 0);
   CK_ULONG length = ciphertext.size();
-  CK_RV rv = fn->C_EncryptMessage(session, &params, sizeof params, aad_copy.data(),
-                                  aad_copy.size(), in.data(), in.size(), ciphertext.data(),
-                                  &length);
+  CK_RV rv = fn->C_EncryptMessage(session, &params, sizeof params, aad_copy.data(), aad_copy.size(),
+                                  in.data(), in.size(), ciphertext.data(), &length);
   ciphertext.resize(rv == CKR_OK ? length : 0);
   return rv;
 }
@@ -178,9 +177,8 @@ CK_RV decrypt_message(CK_FUNCTION_LIST_3_0* fn, CK_SESSION_HANDLE session, const
   GcmMessageParams params{iv_copy.data(), iv_copy.size(), 0, 0, tag.data(), 128};
   plaintext.assign(ciphertext.size() + 16, 0);
   CK_ULONG length = plaintext.size();
-  CK_RV rv = fn->C_DecryptMessage(session, &params, sizeof params, aad_copy.data(),
-                                  aad_copy.size(), in.data(), in.size(), plaintext.data(),
-                                  &length);
+  CK_RV rv = fn->C_DecryptMessage(session, &params, sizeof params, aad_copy.data(), aad_copy.size(),
+                                  in.data(), in.size(), plaintext.data(), &length);
   plaintext.resize(rv == CKR_OK ? length : 0);
   return rv;
 }

@@ -90,8 +90,8 @@ TEST_CASE("threads sharing one session: AES-GCM message encryption and decryptio
   bool more = true;  // read by all after each phase; written only by the completion step
   // Runs on one thread while the others wait: switches the session's operation.
   auto switch_phase = [&]() noexcept {
-    CK_RV final_rv = decrypting ? fn->C_MessageDecryptFinal(session)
-                                : fn->C_MessageEncryptFinal(session);
+    CK_RV final_rv =
+        decrypting ? fn->C_MessageDecryptFinal(session) : fn->C_MessageEncryptFinal(session);
     CK_RV init_rv = decrypting ? fn->C_MessageEncryptInit(session, &gcm, key)
                                : fn->C_MessageDecryptInit(session, &gcm, key);
     if (final_rv != CKR_OK || init_rv != CKR_OK) {

@@ -17,8 +17,7 @@ using namespace p11test;
 
 namespace {
 
-const std::vector<std::string> kP11muxInterfaces = {"PKCS 11 3.0 flags=0",
-                                                    "PKCS 11 2.40 flags=0"};
+const std::vector<std::string> kP11muxInterfaces = {"PKCS 11 3.0 flags=0", "PKCS 11 2.40 flags=0"};
 
 std::vector<std::string> described(const std::vector<CK_INTERFACE>& list) {
   std::vector<std::string> out;
@@ -74,7 +73,7 @@ Answers session_cancel_run(CK_FUNCTION_LIST_3_0* fn) {
   out.push_back(ckr_string(fn->C_MessageDecryptInit(s, &gcm, key)));
   out.push_back(ckr_string(fn->C_MessageDecryptInit(s, &gcm, key)));  // already active
   out.push_back(ckr_string(fn->C_SessionCancel(s, CKF_MESSAGE_DECRYPT)));
-  out.push_back(ckr_string(fn->C_MessageDecryptFinal(s)));  // nothing left to finish
+  out.push_back(ckr_string(fn->C_MessageDecryptFinal(s)));            // nothing left to finish
   out.push_back(ckr_string(fn->C_MessageDecryptInit(s, &gcm, key)));  // free again
   out.push_back(ckr_string(fn->C_MessageDecryptFinal(s)));
   CHECK_RV(fn->C_CloseSession(s), CKR_OK);
@@ -98,9 +97,8 @@ Answers gcm_message_run(CK_FUNCTION_LIST_3_0* fn) {
     Bytes iv = v.iv, aad = v.aad, in = v.plaintext, tag(16);
     GcmMessageParams params{iv.data(), iv.size(), 0, 0, tag.data(), 128};
     CK_ULONG length = 0;
-    out.push_back(ckr_string(fn->C_EncryptMessage(s, &params, sizeof params, aad.data(),
-                                                  aad.size(), in.data(), in.size(), nullptr,
-                                                  &length)));
+    out.push_back(ckr_string(fn->C_EncryptMessage(s, &params, sizeof params, aad.data(), aad.size(),
+                                                  in.data(), in.size(), nullptr, &length)));
     out.push_back("length " + std::to_string(length));
   }
   Bytes ciphertext, tag;
@@ -110,8 +108,8 @@ Answers gcm_message_run(CK_FUNCTION_LIST_3_0* fn) {
   {
     Bytes iv = v.iv, aad = v.aad, tag2(16);
     GcmMessageParams params{iv.data(), iv.size(), 0, 0, tag2.data(), 128};
-    out.push_back(ckr_string(
-        fn->C_EncryptMessageBegin(s, &params, sizeof params, aad.data(), aad.size())));
+    out.push_back(
+        ckr_string(fn->C_EncryptMessageBegin(s, &params, sizeof params, aad.data(), aad.size())));
   }
   REQUIRE_RV(fn->C_MessageEncryptFinal(s), CKR_OK);
 
@@ -236,7 +234,8 @@ TEST_CASE("C_LoginUser: the same answers through p11mux as from softoken directl
   CHECK(answers.back() == "state " + std::to_string(CKS_RW_USER_FUNCTIONS));
 }
 
-TEST_CASE("C_SessionCancel: the same answers, and it cancels the operation on the backend session") {
+TEST_CASE(
+    "C_SessionCancel: the same answers, and it cancels the operation on the backend session") {
   const Answers answers = same_direct_and_through_p11mux(session_cancel_run);
   REQUIRE(answers.size() == 8);
   CHECK(answers[2] == "CKR_OK");
@@ -281,8 +280,8 @@ TEST_CASE("SoftHSM2 (2.40) behind p11mux: only 2.40 offered; v3.0 calls fail cle
   CHECK(got->pFunctionList == p11mux.function_list());
 
   CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
-  REQUIRE_RV(fn->C_OpenSession(slot_labelled(fn, kTokenLabel),
-                               CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &s),
+  REQUIRE_RV(fn->C_OpenSession(slot_labelled(fn, kTokenLabel), CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                               nullptr, nullptr, &s),
              CKR_OK);
   CK_MECHANISM gcm{CKM_AES_GCM, nullptr, 0};
   Bytes buffer(64);
@@ -291,9 +290,9 @@ TEST_CASE("SoftHSM2 (2.40) behind p11mux: only 2.40 offered; v3.0 calls fail cle
            CKR_FUNCTION_NOT_SUPPORTED);
   CHECK_RV(fn->C_SessionCancel(s, 0), CKR_FUNCTION_NOT_SUPPORTED);
   CHECK_RV(fn->C_MessageEncryptInit(s, &gcm, 1), CKR_FUNCTION_NOT_SUPPORTED);
-  CHECK_RV(fn->C_EncryptMessage(s, nullptr, 0, nullptr, 0, buffer.data(), 16, buffer.data(),
-                                &length),
-           CKR_FUNCTION_NOT_SUPPORTED);
+  CHECK_RV(
+      fn->C_EncryptMessage(s, nullptr, 0, nullptr, 0, buffer.data(), 16, buffer.data(), &length),
+      CKR_FUNCTION_NOT_SUPPORTED);
   CHECK_RV(fn->C_MessageDecryptInit(s, &gcm, 1), CKR_FUNCTION_NOT_SUPPORTED);
   CHECK_RV(fn->C_MessageSignInit(s, &gcm, 1), CKR_FUNCTION_NOT_SUPPORTED);
   CHECK_RV(fn->C_MessageVerifyFinal(s), CKR_FUNCTION_NOT_SUPPORTED);

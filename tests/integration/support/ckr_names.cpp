@@ -7,7 +7,8 @@
 namespace p11test {
 namespace {
 
-#define P11TEST_CKR(name) std::pair<CK_RV, std::string_view>{name, #name}
+#define P11TEST_CKR(name) \
+  std::pair<CK_RV, std::string_view> { name, #name }
 
 // One table for every return code a test is likely to see (PKCS#11 v2.40 + v3.0).
 constexpr std::array kCkrNames{

@@ -12,8 +12,8 @@ KeyPair generate_key_pair(const CK_FUNCTION_LIST& fn, CK_SESSION_HANDLE session,
   CK_MECHANISM mech{mechanism, nullptr, 0};
   KeyPair pair;
   ck_check(fn.C_GenerateKeyPair(session, &mech, public_template.data(), public_template.size(),
-                                private_template.data(), private_template.size(),
-                                &pair.public_key, &pair.private_key),
+                                private_template.data(), private_template.size(), &pair.public_key,
+                                &pair.private_key),
            "C_GenerateKeyPair");
   return pair;
 }

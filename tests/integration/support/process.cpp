@@ -47,7 +47,8 @@ int run_process(const std::vector<std::string>& argv, const std::filesystem::pat
   }
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0) {
-    if (errno != EINTR) throw std::runtime_error("waitpid " + argv[0] + ": " + std::strerror(errno));
+    if (errno != EINTR)
+      throw std::runtime_error("waitpid " + argv[0] + ": " + std::strerror(errno));
   }
   if (!WIFEXITED(status)) throw std::runtime_error(argv[0] + " was killed by a signal");
   return WEXITSTATUS(status);
