@@ -4,6 +4,8 @@
 // thread-safety build (the pool's Guarded members, ACQUIRED_AFTER).
 #include "sync/guarded.hpp"
 
+#include "counting_mutexes.hpp"
+
 #include <doctest/doctest.h>
 
 #include <atomic>
@@ -16,36 +18,9 @@
 namespace p11mux {
 namespace {
 
-// Recording callbacks: each lock and unlock, and whether the lock was held
+// The callbacks count each lock and unlock, and whether the lock was held
 // when the guarded value was touched.
-struct Calls {
-  std::atomic<int> created{0}, destroyed{0}, locked{0}, unlocked{0};
-  std::atomic<int> held{0};  // locked - unlocked, as the callbacks saw it
-};
-Calls calls;
-
-CK_RV create(CK_VOID_PTR_PTR m) {
-  calls.created++;
-  *m = new std::mutex;
-  return CKR_OK;
-}
-CK_RV destroy(CK_VOID_PTR m) {
-  calls.destroyed++;
-  delete static_cast<std::mutex*>(m);
-  return CKR_OK;
-}
-CK_RV lock(CK_VOID_PTR m) {
-  static_cast<std::mutex*>(m)->lock();
-  calls.locked++;
-  calls.held++;
-  return CKR_OK;
-}
-CK_RV unlock(CK_VOID_PTR m) {
-  calls.unlocked++;
-  calls.held--;
-  static_cast<std::mutex*>(m)->unlock();
-  return CKR_OK;
-}
+auto& calls = test::mutex_calls;
 
 struct Tally {
   long sum = 0;
@@ -78,8 +53,9 @@ TEST_CASE("guarded: the futex lock excludes, through Locked and with_lock alike"
 TEST_CASE(
     "guarded: with the application's callbacks the value is touched only between LockMutex and "
     "UnlockMutex") {
-  calls.created = calls.destroyed = calls.locked = calls.unlocked = calls.held = 0;
-  const LockSource app{&create, &destroy, &lock, &unlock};
+  test::reset_mutex_calls();
+  const LockSource app{&test::create_counted_mutex, &test::destroy_counted_mutex,
+                       &test::lock_counted_mutex, &test::unlock_counted_mutex};
   {
     Guarded<Tally> tally(app, Tally{5, {1, 2}});
     CHECK(calls.created == 1);

@@ -1,6 +1,8 @@
 // Mutex: the futex path, and the application's callbacks (C_Initialize case 2).
 #include "sync/lock.hpp"
 
+#include "counting_mutexes.hpp"
+
 #include <doctest/doctest.h>
 
 #include <atomic>
@@ -11,31 +13,12 @@
 namespace p11mux {
 namespace {
 
-struct Counts {
-  std::atomic<int> created{0}, destroyed{0}, locked{0}, unlocked{0};
-};
-Counts counts;
+using test::create_counted_mutex;
+using test::destroy_counted_mutex;
+using test::lock_counted_mutex;
+using test::unlock_counted_mutex;
+auto& counts = test::mutex_calls;
 
-CK_RV create(CK_VOID_PTR_PTR m) {
-  counts.created++;
-  *m = new std::mutex;
-  return CKR_OK;
-}
-CK_RV destroy(CK_VOID_PTR m) {
-  counts.destroyed++;
-  delete static_cast<std::mutex*>(m);
-  return CKR_OK;
-}
-CK_RV lock(CK_VOID_PTR m) {
-  counts.locked++;
-  static_cast<std::mutex*>(m)->lock();
-  return CKR_OK;
-}
-CK_RV unlock(CK_VOID_PTR m) {
-  counts.unlocked++;
-  static_cast<std::mutex*>(m)->unlock();
-  return CKR_OK;
-}
 CK_RV failing_create(CK_VOID_PTR_PTR) { return CKR_HOST_MEMORY; }
 
 template <class Body>
@@ -60,8 +43,9 @@ TEST_CASE("the futex mutex excludes") {
 }
 
 TEST_CASE("with the application's callbacks every lock goes through them") {
-  counts.created = counts.destroyed = counts.locked = counts.unlocked = 0;
-  LockSource app{&create, &destroy, &lock, &unlock};
+  test::reset_mutex_calls();
+  LockSource app{&create_counted_mutex, &destroy_counted_mutex, &lock_counted_mutex,
+                 &unlock_counted_mutex};
   {
     Mutex m(app);
     CHECK(counts.created == 1);
@@ -73,7 +57,8 @@ TEST_CASE("with the application's callbacks every lock goes through them") {
 }
 
 TEST_CASE("a failing CreateMutex is reported with its CKR code") {
-  LockSource app{&failing_create, &destroy, &lock, &unlock};
+  LockSource app{&failing_create, &destroy_counted_mutex, &lock_counted_mutex,
+                 &unlock_counted_mutex};
   CHECK_THROWS_WITH(Mutex{app}, doctest::Contains("CKR_HOST_MEMORY"));
 }
 
