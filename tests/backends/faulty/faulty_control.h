@@ -100,6 +100,14 @@ typedef struct FaultyConfig {
   unsigned long crypto_us;        /* every function named after Encrypt,
                                      Decrypt, Sign, Verify, Digest, Generate,
                                      Wrap, Derive, Random or Message */
+  /* Nonzero: the faulty module holds one target session of its own on each
+     slot it has opened a session on, from that first open until C_Finalize or
+     C_CloseAllSessions, and a restart does not drop it. SoftHSM2 renumbers a
+     slot's object handles when its last session closes (docs/pkcs11-facts.md,
+     "Object handles"); with this set, a restart loses the sessions but the
+     application's object handles stay valid, as on an HSM whose handles name
+     stored objects. */
+  int keep_object_handles;
 } FaultyConfig;
 
 typedef struct FaultyStats {

@@ -90,6 +90,7 @@ bool Module::finalize_locked() {
   // The target's C_Finalize closes them.
   for (auto& s : left) s->target_closed.store(true, std::memory_order_relaxed);
   bump(counters.sessions_open_at_finalize, left.size());
+  close_kept_sessions(target());
   if (owns_target_init_) (void)target().functions.C_Finalize(nullptr);
   owns_target_init_ = false;
   return true;
@@ -163,6 +164,7 @@ CK_RV Module::open_session(Fn fn, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR a
   settings.delay(fn, counters);
 
   const Target& t = target();
+  if (settings.keep_object_handles()) keep_target_session(t, slot);
   auto s = std::make_shared<Session>(next_handle_.fetch_add(1, std::memory_order_relaxed), slot, &t,
                                      generation(), notify, application);
   std::uint64_t epoch;
@@ -193,6 +195,21 @@ CK_RV Module::open_session(Fn fn, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR a
   raise_peak(counters.max_sessions_open, now);
   *out = s->handle;
   return CKR_OK;
+}
+
+void Module::keep_target_session(const Target& t, CK_SLOT_ID slot) {
+  std::lock_guard kept(kept_mu_);
+  if (kept_.contains(slot)) return;
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  // A failure here is the application's open failing next, with its own code.
+  if (t.functions.C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK)
+    kept_.emplace(slot, h);
+}
+
+void Module::close_kept_sessions(const Target& t) {
+  std::lock_guard kept(kept_mu_);
+  for (auto [slot, h] : kept_) (void)t.functions.C_CloseSession(h);
+  kept_.clear();
 }
 
 CK_RV Module::close_session(Fn fn, CK_SESSION_HANDLE handle) {
@@ -229,6 +246,10 @@ CK_RV Module::close_all_sessions(Fn fn, CK_SLOT_ID slot) {
   std::unique_lock opening(open_mu_);
   CK_RV rv = target().functions.C_CloseAllSessions(slot);
   if (rv != CKR_OK) return rv;
+  {
+    std::lock_guard kept(kept_mu_);
+    kept_.erase(slot);  // closed with the others
+  }
   std::vector<std::shared_ptr<Session>> closed;
   {
     std::unique_lock table(table_mu_);

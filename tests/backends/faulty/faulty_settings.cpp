@@ -76,6 +76,7 @@ bool Settings::apply(const FaultyConfig& c) {
     r.fn.store(fns[i], relaxed);
   }
   max_sessions_.store(c.max_sessions, relaxed);
+  keep_object_handles_.store(c.keep_object_handles != 0, relaxed);
   latency_us_[static_cast<std::size_t>(Latency::open)].store(c.open_session_us, relaxed);
   latency_us_[static_cast<std::size_t>(Latency::close)].store(c.close_session_us, relaxed);
   latency_us_[static_cast<std::size_t>(Latency::login)].store(c.login_us, relaxed);

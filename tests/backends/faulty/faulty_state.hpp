@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -139,6 +140,7 @@ class Settings {
   // Sleeps for fn's latency, if any.
   void delay(Fn fn, Counters& counters) const;
   unsigned long max_sessions() const { return max_sessions_.load(std::memory_order_relaxed); }
+  bool keep_object_handles() const { return keep_object_handles_.load(std::memory_order_relaxed); }
 
  private:
   bool fires(Rule& rule);
@@ -149,6 +151,7 @@ class Settings {
   std::atomic<std::uint64_t> draws_{0};
   std::array<Rule, FAULTY_MAX_RULES> rules_{};
   std::atomic<unsigned long> max_sessions_{0};
+  std::atomic<bool> keep_object_handles_{false};
   std::array<std::atomic<unsigned long>, 5> latency_us_{};  // by Latency
 };
 
@@ -250,6 +253,10 @@ class Module {
   template <class Pred>
   std::vector<std::shared_ptr<Session>> take_locked(Pred&& pred);
   bool finalize_locked();
+  // FaultyConfig::keep_object_handles: the module's own target session on
+  // `slot`, opened if there is none yet.
+  void keep_target_session(const Target& t, CK_SLOT_ID slot);
+  void close_kept_sessions(const Target& t);
 
   std::mutex lifecycle_mu_;
   std::shared_mutex open_mu_;
@@ -260,8 +267,10 @@ class Module {
   std::atomic<const Target*> target_{nullptr};
   std::atomic<std::uint64_t> generation_{0};
   std::atomic<bool> removed_{false};
-  std::uint64_t restart_epoch_ = 0;  // bumped by every restart; table_mu_
-  bool owns_target_init_ = false;    // lifecycle_mu_
+  std::uint64_t restart_epoch_ = 0;               // bumped by every restart; table_mu_
+  bool owns_target_init_ = false;                 // lifecycle_mu_
+  std::mutex kept_mu_;                            // guards kept_
+  std::map<CK_SLOT_ID, CK_SESSION_HANDLE> kept_;  // target sessions, by slot
 };
 
 // The one instance, deliberately leaked (threads may outlive static destructors).
