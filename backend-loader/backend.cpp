@@ -59,10 +59,13 @@ void Backend::resolve_functions() {
   } else {
     auto get_list = reinterpret_cast<CK_C_GetFunctionList>(library_.symbol("C_GetFunctionList"));
     CK_FUNCTION_LIST* list = nullptr;
-    if (CK_RV rv = get_list(&list); rv != CKR_OK || list == nullptr) {
-      throw CkrError(
-          rv != CKR_OK ? rv : CKR_GENERAL_ERROR,
-          "backend module '" + path_ + "': C_GetFunctionList failed: " + std::string(rv_name(rv)));
+    if (CK_RV rv = get_list(&list); rv != CKR_OK) {
+      throw CkrError(rv, "backend module '" + path_ +
+                             "': C_GetFunctionList failed: " + std::string(rv_name(rv)));
+    }
+    if (list == nullptr) {
+      throw CkrError(CKR_GENERAL_ERROR, "backend module '" + path_ +
+                                            "': C_GetFunctionList returned CKR_OK and no list");
     }
     // Copy exactly the v2.x list; the v3.0 tail stays NULL, so those calls
     // return CKR_FUNCTION_NOT_SUPPORTED. A list from C_GetFunctionList that

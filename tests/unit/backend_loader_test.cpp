@@ -210,12 +210,15 @@ TEST_CASE("a module whose C_GetFunctionList fails, returns NULL or is missing is
   fake::module.get_function_list_rv = CKR_HOST_MEMORY;
   Failure f = load_failure(fake_options());
   CHECK(f.rv == CKR_HOST_MEMORY);
+  CHECK(f.what.find("C_GetFunctionList failed: CKR_HOST_MEMORY") != std::string::npos);
   CHECK(fake::module.initialize_args.empty());
 
   fake::reset();
   fake::module.function_list = nullptr;
   f = load_failure(fake_options());
   CHECK(f.rv == CKR_GENERAL_ERROR);
+  // Not "failed: CKR_OK": it answered CKR_OK with nothing in it.
+  CHECK(f.what.find("C_GetFunctionList returned CKR_OK and no list") != std::string::npos);
   CHECK(fake::module.initialize_args.empty());
 
   fake::reset();
