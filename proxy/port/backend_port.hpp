@@ -30,6 +30,10 @@ class BackendPort {
   BackendPort(const CK_FUNCTION_LIST_3_0& functions, bool thread_safe, const LockSource& locks)
       : functions_(without_null_entries(functions)),
         lock_(thread_safe ? nullptr : std::make_unique<Mutex>(locks)) {}
+  // The lock keeps a pointer to `locks` (the application's callbacks, held by
+  // the runtime): a temporary would leave it dangling.
+  BackendPort(std::unique_ptr<Backend>, const LockSource&&) = delete;
+  BackendPort(const CK_FUNCTION_LIST_3_0&, bool, const LockSource&&) = delete;
   BackendPort(const BackendPort&) = delete;  // owns the backend and its lock
   BackendPort& operator=(const BackendPort&) = delete;
 

@@ -4,6 +4,9 @@
 
 #include <doctest/doctest.h>
 
+#include <memory>
+#include <type_traits>
+
 namespace p11mux {
 namespace {
 
@@ -45,8 +48,15 @@ CK_FUNCTION_LIST_3_0 fake_table() {
   return table;
 }
 
+// A port's lock points at its LockSource: a temporary one is refused at compile time.
+static_assert(!std::is_constructible_v<BackendPort, const CK_FUNCTION_LIST_3_0&, bool, LockSource>);
+static_assert(!std::is_constructible_v<BackendPort, std::unique_ptr<Backend>, LockSource>);
+static_assert(
+    std::is_constructible_v<BackendPort, const CK_FUNCTION_LIST_3_0&, bool, const LockSource&>);
+
 TEST_CASE("a port answers a NULL entry with CKR_FUNCTION_NOT_SUPPORTED") {
-  BackendPort port(fake_table(), /*thread_safe=*/true, LockSource{});
+  const LockSource none{};
+  BackendPort port(fake_table(), /*thread_safe=*/true, none);
   CK_SLOT_ID slot = 0;
   CHECK(port.call<fn::C_WaitForSlotEvent>(CK_FLAGS{0}, &slot, nullptr) ==
         CKR_FUNCTION_NOT_SUPPORTED);
