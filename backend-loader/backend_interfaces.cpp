@@ -47,13 +47,14 @@ BackendInterfaces discover_interfaces(const SharedLibrary& library) {
   auto get_interface = reinterpret_cast<CK_C_GetInterface>(library.symbol("C_GetInterface"));
   if (get_interface == nullptr) return found;  // a 2.x module
 
-  // Ask for exactly the interface p11mux forwards to. A list that claims
-  // another major version under that request is not trusted to be 3.0-sized.
+  // Ask for exactly the interface p11mux forwards to. An answer under another
+  // name (a vendor's table, any layout) or that claims another major version
+  // is not trusted to be a 3.0 function list.
   CK_VERSION v30{3, 0};
   CK_INTERFACE* standard = nullptr;
   auto* name = reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>(kStandardInterfaceName));
   if (get_interface(name, &v30, &standard, 0) == CKR_OK && usable(standard) &&
-      interface_version(*standard).major == 3) {
+      is_standard_interface(*standard) && interface_version(*standard).major == 3) {
     found.v3 = static_cast<const CK_FUNCTION_LIST_3_0*>(standard->pFunctionList);
   }
 

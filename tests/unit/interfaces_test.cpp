@@ -52,6 +52,20 @@ TEST_CASE("spec bender: a 2.x list returned for a 3.0 request is not taken for a
   CHECK(discover().v3 == nullptr);
 }
 
+TEST_CASE("spec bender: a vendor interface returned for the \"PKCS 11\" 3.0 request is not used") {
+  // Its table has the vendor's layout: calling it as CK_FUNCTION_LIST_3_0 would
+  // jump to whatever sits at each offset.
+  fake::reset();
+  fake::module.has_get_interface = true;
+  VendorList vendor_3_0{{3, 0}, {nullptr, nullptr}};
+  CK_INTERFACE vendor{fake::utf8("Vendor X"), &vendor_3_0, 0};
+  fake::module.standard_answer = &vendor;
+  fake::module.interfaces.push_back(vendor);
+  BackendInterfaces found = discover();
+  CHECK(found.v3 == nullptr);
+  REQUIRE(found.vendor.size() == 1);  // still offered, as the vendor interface it is
+}
+
 TEST_CASE("a module offering only a later 3.x: its list extends the 3.0 layout") {
   fake::reset();
   fake::module.has_get_interface = true;
