@@ -35,7 +35,8 @@ inline constexpr OpMask kAllOps = (op::message_verify << 1) - 1;
 
 // `message`: one message of a v3.0 message-based operation, which needs the
 // operation (so multiplex mode runs it where the operation is) but never ends it.
-// `restore`: C_SetOperationState, which may make any operation active.
+// `restore`: C_SetOperationState, which makes active whatever the saved state
+// held: any operation, as far as p11mux can tell.
 enum class Step : std::uint8_t { none, start, update, finish, cancel, create, message, restore };
 
 struct Effect {
@@ -187,6 +188,12 @@ constexpr OpMask ops_after(OpMask before, CK_RV rv, A... args) noexcept {
     if (rv != CKR_OK) return before;
     return static_cast<OpMask>(before &
                                ~ops_of_cancel_flags(std::get<1>(std::tuple<A...>{args...})));
+  } else if constexpr (e.step == Step::restore) {
+    // The saved state is opaque: any operation may be active now, and a call
+    // continuing one must run here (multiplex mode routes by `ops`). The
+    // backend session then stays with its virtual session until each is
+    // ended or cancelled, or the session closes.
+    return rv == CKR_OK ? e.ops : before;
   } else {
     return before;
   }

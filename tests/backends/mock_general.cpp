@@ -248,15 +248,55 @@ MOCK_EXPORT CK_RV C_GetSessionInfo(CK_SESSION_HANDLE hSession, CK_SESSION_INFO_P
   });
 }
 
-MOCK_EXPORT CK_RV C_GetOperationState(CK_SESSION_HANDLE hSession, CK_BYTE_PTR, CK_ULONG_PTR) {
-  return session_call(Fn::C_GetOperationState, hSession,
-                      [](Session&) { return CKR_FUNCTION_NOT_SUPPORTED; });
+// A digest in progress can be saved and restored (the spec's example use of
+// C_GetOperationState): the state is a tag and the input so far. Any other
+// operation is CKR_STATE_UNSAVEABLE.
+constexpr std::string_view kDigestStateTag = "mock-digest:";
+
+MOCK_EXPORT CK_RV C_GetOperationState(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pOperationState,
+                                      CK_ULONG_PTR pulOperationStateLen) {
+  return session_call(Fn::C_GetOperationState, hSession, [&](Session& s) {
+    if (pulOperationStateLen == nullptr) return CKR_ARGUMENTS_BAD;
+    bool others = false;
+    for (std::size_t i = 0; i < kOpCount; ++i) {
+      others = others || (s.ops[i].active && static_cast<Op>(i) != Op::Digest);
+    }
+    const OpState& digest = s.op(Op::Digest);
+    if (!digest.active) return others ? CKR_STATE_UNSAVEABLE : CKR_OPERATION_NOT_INITIALIZED;
+    if (others) return CKR_STATE_UNSAVEABLE;
+    const CK_ULONG need = kDigestStateTag.size() + digest.data.size();
+    if (pOperationState == nullptr) {
+      *pulOperationStateLen = need;
+      return CKR_OK;
+    }
+    if (*pulOperationStateLen < need) {
+      *pulOperationStateLen = need;
+      return CKR_BUFFER_TOO_SMALL;
+    }
+    std::memcpy(pOperationState, kDigestStateTag.data(), kDigestStateTag.size());
+    std::copy(digest.data.begin(), digest.data.end(), pOperationState + kDigestStateTag.size());
+    *pulOperationStateLen = need;
+    return CKR_OK;
+  });
 }
 
-MOCK_EXPORT CK_RV C_SetOperationState(CK_SESSION_HANDLE hSession, CK_BYTE_PTR, CK_ULONG,
-                                      CK_OBJECT_HANDLE, CK_OBJECT_HANDLE) {
-  return session_call(Fn::C_SetOperationState, hSession,
-                      [](Session&) { return CKR_FUNCTION_NOT_SUPPORTED; });
+MOCK_EXPORT CK_RV C_SetOperationState(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pOperationState,
+                                      CK_ULONG ulOperationStateLen, CK_OBJECT_HANDLE,
+                                      CK_OBJECT_HANDLE) {
+  return session_call(Fn::C_SetOperationState, hSession, [&](Session& s) {
+    if (pOperationState == nullptr) return CKR_ARGUMENTS_BAD;
+    const std::string_view state(reinterpret_cast<const char*>(pOperationState),
+                                 ulOperationStateLen);
+    if (!state.starts_with(kDigestStateTag)) return CKR_SAVED_STATE_INVALID;
+    // The saved state replaces whatever the session was doing.
+    s.end_all();
+    OpState& digest = s.op(Op::Digest);
+    digest.active = true;
+    digest.multipart = true;
+    digest.data.assign(pOperationState + kDigestStateTag.size(),
+                       pOperationState + ulOperationStateLen);
+    return CKR_OK;
+  });
 }
 
 MOCK_EXPORT CK_RV C_GetFunctionStatus(CK_SESSION_HANDLE hSession) {

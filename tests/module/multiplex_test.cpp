@@ -118,6 +118,46 @@ TEST_CASE("an operation started on one thread continues on another (hand-off)") 
   b.join();
 }
 
+// The state C_SetOperationState restores is opaque to p11mux: the backend
+// session it ran on must count as holding every operation, or a thread
+// continuing the restored digest runs on another backend session
+// (CKR_OPERATION_NOT_INITIALIZED, before the fix).
+TEST_CASE("an operation restored with C_SetOperationState continues on another thread") {
+  Proxy proxy({}, nullptr, kMultiplex);
+  CK_SESSION_HANDLE shared = proxy.open();
+  CK_MECHANISM mech{CKM_SHA256, nullptr, 0};
+  std::string part1 = "hello, ", part2 = "world";
+  std::vector<CK_BYTE> state(256);
+  CK_ULONG state_len = state.size();
+  // Saved, then finished: no backend session of the session holds a digest.
+  std::thread([&] {
+    CHECK(proxy.p11->C_DigestInit(shared, &mech) == CKR_OK);
+    CHECK(proxy.p11->C_DigestUpdate(shared, reinterpret_cast<CK_BYTE*>(part1.data()),
+                                    part1.size()) == CKR_OK);
+    CHECK(proxy.p11->C_GetOperationState(shared, state.data(), &state_len) == CKR_OK);
+    Signature discarded{};
+    CK_ULONG discarded_len = discarded.size();
+    CHECK(proxy.p11->C_DigestFinal(shared, discarded.data(), &discarded_len) == CKR_OK);
+  }).join();
+  std::thread([&] {
+    CHECK(proxy.p11->C_SetOperationState(shared, state.data(), state_len, CK_INVALID_HANDLE,
+                                         CK_INVALID_HANDLE) == CKR_OK);
+  }).join();
+  Signature out{};
+  CK_ULONG len = out.size();
+  std::thread([&] {
+    CHECK(proxy.p11->C_DigestUpdate(shared, reinterpret_cast<CK_BYTE*>(part2.data()),
+                                    part2.size()) == CKR_OK);
+    CHECK(proxy.p11->C_DigestFinal(shared, out.data(), &len) == CKR_OK);
+  }).join();
+  Signature expected{};
+  std::string whole = part1 + part2;
+  libs().mock->reference_digest(reinterpret_cast<const unsigned char*>(whole.data()), whole.size(),
+                                expected.data());
+  CHECK(out == expected);
+  CHECK(proxy.p11->C_CloseSession(shared) == CKR_OK);
+}
+
 // Issue 10, defect 9: bindings used to be keyed by std::thread::id, which a
 // new thread gets again once the old one exited: it inherited the exited
 // thread's digest (CKR_OPERATION_ACTIVE on its own C_DigestInit).

@@ -186,9 +186,13 @@ TEST_CASE("C_SetOperationState may leave any operation active, even when it fail
   State s = after<fn::C_SetOperationState>({}, CKR_OK, state, CK_ULONG{8}, CK_OBJECT_HANDLE{0},
                                            CK_OBJECT_HANDLE{0});
   CHECK(s.maybe == kAllOps);
-  s = after<fn::C_SetOperationState>({}, CKR_SAVED_STATE_INVALID, state, CK_ULONG{8},
+  // And the spec says it is active: a call continuing any operation must run
+  // on the backend session that holds the restored state (multiplex mode).
+  CHECK(s.ops == kAllOps);
+  s = after<fn::C_SetOperationState>({op::sign, 0}, CKR_SAVED_STATE_INVALID, state, CK_ULONG{8},
                                      CK_OBJECT_HANDLE{0}, CK_OBJECT_HANDLE{0});
   CHECK(s.maybe == kAllOps);
+  CHECK(s.ops == op::sign);  // a failed restore changed nothing the spec knows of
 }
 
 TEST_CASE("calls that are no operation leave the masks alone") {
@@ -199,6 +203,15 @@ TEST_CASE("calls that are no operation leave the masks alone") {
   CHECK(s.ops == s0.ops);
   CHECK(s.maybe == s0.maybe);
   s = after<fn::C_GetSessionInfo>(s0, CKR_DEVICE_ERROR, CK_SESSION_INFO_PTR{nullptr});
+  CHECK(s.ops == s0.ops);
+  CHECK(s.maybe == s0.maybe);
+  // Successful ones too.
+  CK_BYTE random[4];
+  s = after<fn::C_GenerateRandom>(s0, CKR_OK, random, CK_ULONG{sizeof random});
+  CHECK(s.ops == s0.ops);
+  CHECK(s.maybe == s0.maybe);
+  s = after<fn::C_GenerateKey>(s0, CKR_OK, &mechanism, CK_ATTRIBUTE_PTR{nullptr}, count,
+                               CK_OBJECT_HANDLE_PTR{nullptr});
   CHECK(s.ops == s0.ops);
   CHECK(s.maybe == s0.maybe);
 }
