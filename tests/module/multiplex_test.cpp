@@ -75,6 +75,24 @@ TEST_CASE("16 threads sign on one shared session in parallel: no OPERATION_ACTIV
   CHECK(s.max_concurrent_calls >= 2);  // really in parallel
 }
 
+// On a thread of its own: the digest active on `shared`, which has been fed
+// `before`, is fed `rest` and finished; it must be the digest of both.
+void finish_digest_on_new_thread(Proxy& proxy, CK_SESSION_HANDLE shared, const std::string& before,
+                                 std::string rest) {
+  Signature out{};
+  CK_ULONG len = out.size();
+  std::thread([&] {
+    CHECK(proxy.p11->C_DigestUpdate(shared, reinterpret_cast<CK_BYTE*>(rest.data()), rest.size()) ==
+          CKR_OK);
+    CHECK(proxy.p11->C_DigestFinal(shared, out.data(), &len) == CKR_OK);
+  }).join();
+  Signature expected{};
+  std::string whole = before + rest;
+  libs().mock->reference_digest(reinterpret_cast<const unsigned char*>(whole.data()), whole.size(),
+                                expected.data());
+  CHECK(out == expected);
+}
+
 TEST_CASE("an operation started on one thread continues on another (hand-off)") {
   Proxy proxy({}, nullptr, kMultiplex);
   CK_SESSION_HANDLE shared = proxy.open();
@@ -85,18 +103,9 @@ TEST_CASE("an operation started on one thread continues on another (hand-off)") 
     CHECK(proxy.p11->C_DigestUpdate(shared, reinterpret_cast<CK_BYTE*>(part1.data()),
                                     part1.size()) == CKR_OK);
   }).join();
+  finish_digest_on_new_thread(proxy, shared, part1, part2);
   Signature out{};
   CK_ULONG len = out.size();
-  std::thread([&] {
-    CHECK(proxy.p11->C_DigestUpdate(shared, reinterpret_cast<CK_BYTE*>(part2.data()),
-                                    part2.size()) == CKR_OK);
-    CHECK(proxy.p11->C_DigestFinal(shared, out.data(), &len) == CKR_OK);
-  }).join();
-  Signature expected{};
-  std::string whole = part1 + part2;
-  libs().mock->reference_digest(reinterpret_cast<const unsigned char*>(whole.data()), whole.size(),
-                                expected.data());
-  CHECK(out == expected);
   // Ambiguous: two live threads each have a digest active; a third cannot
   // tell whose to continue. (Threads stay alive: a joined thread's id may be
   // reused by the next one, which then counts as the same thread.)
@@ -143,18 +152,7 @@ TEST_CASE("an operation restored with C_SetOperationState continues on another t
     CHECK(proxy.p11->C_SetOperationState(shared, state.data(), state_len, CK_INVALID_HANDLE,
                                          CK_INVALID_HANDLE) == CKR_OK);
   }).join();
-  Signature out{};
-  CK_ULONG len = out.size();
-  std::thread([&] {
-    CHECK(proxy.p11->C_DigestUpdate(shared, reinterpret_cast<CK_BYTE*>(part2.data()),
-                                    part2.size()) == CKR_OK);
-    CHECK(proxy.p11->C_DigestFinal(shared, out.data(), &len) == CKR_OK);
-  }).join();
-  Signature expected{};
-  std::string whole = part1 + part2;
-  libs().mock->reference_digest(reinterpret_cast<const unsigned char*>(whole.data()), whole.size(),
-                                expected.data());
-  CHECK(out == expected);
+  finish_digest_on_new_thread(proxy, shared, part1, part2);
   CHECK(proxy.p11->C_CloseSession(shared) == CKR_OK);
 }
 
