@@ -3,12 +3,32 @@
 #include "entry/interfaces.hpp"
 #include "forward/forward.hpp"
 #include "lifecycle/module.hpp"
+#include "policy/enforce.hpp"
 
 #include <new>
 #include <optional>
 #include <vector>
 
 namespace p11mux::entry_points {
+
+// A call with tracing, metrics or a policy on: observed (observe.hpp) when
+// the first two are, checked against the policy (enforce.hpp) when it is.
+// Out of line: the hot path keeps one branch and one call for all three.
+template <class F, class... A>
+[[gnu::noinline]] CK_RV slow_call(Runtime& rt, A... a) noexcept {
+  const Policy* policy = rt.policy();
+  if (rt.observer().active()) {
+    return observed_call<F>(
+        rt.observer(), rt.log(),
+        [&](CallObservation& seen) {
+          return policy != nullptr ? policed_forward<F>(rt, *policy, seen, a...)
+                                   : forward_observed<F>(rt, seen, a...);
+        },
+        a...);
+  }
+  NoObservation none;
+  return policed_forward<F>(rt, *policy, none, a...);  // slow_path() without the observer
+}
 
 // The entry point of every function whose dispatch is global, session or
 // handled: enter the call gate, then forward (forward.hpp).
@@ -22,12 +42,9 @@ struct Entry<F, CK_RV (*)(A...)> {
     Runtime* rt = call.runtime();
     if (rt == nullptr) [[unlikely]]
       return CKR_CRYPTOKI_NOT_INITIALIZED;
-    // Tracing or metrics: the one branch they cost when both are off.
-    if (rt->observing()) [[unlikely]] {
-      return observed_call<F>(
-          rt->observer(), rt->log(),
-          [&](CallObservation& seen) { return forward_observed<F>(*rt, seen, a...); }, a...);
-    }
+    // Tracing, metrics or a policy: the one branch they cost when all are off.
+    if (rt->slow_path()) [[unlikely]]
+      return slow_call<F>(*rt, a...);
     return forward<F>(*rt, a...);
   }
 };
@@ -117,6 +134,12 @@ CK_RV wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot, CK_VOID_PTR reser
     Module::Call call(the_module);
     Runtime* rt = call.runtime();
     if (rt == nullptr) return CKR_CRYPTOKI_NOT_INITIALIZED;
+    if (rt->policy() != nullptr) {
+      if (CK_RV rv = policy_refusal<fn::C_WaitForSlotEvent>(*rt, flags, slot, reserved);
+          rv != CKR_OK) {
+        return rv;
+      }
+    }
     if ((flags & CKF_DONT_BLOCK) != 0) {
       return forward<fn::C_WaitForSlotEvent>(*rt, flags, slot, reserved);
     }
