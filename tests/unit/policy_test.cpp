@@ -324,4 +324,29 @@ TEST_CASE("policy: refusals are counted by rule in p11mux_policy_denied_total") 
   CHECK(text.find("p11mux_policy_denied_total{rule=\"read_only\"} 1\n") != std::string::npos);
 }
 
+// The two examples of README.md, "Policy", as written there.
+TEST_CASE("policy: the README's examples parse and do what the README says") {
+  const Policy tls = policy_of(
+      "[policy]\n"
+      "mechanisms_allow = CKM_ECDSA CKM_ECDSA_SHA256 CKM_RSA_PKCS_PSS CKM_SHA256_RSA_PKCS_PSS\n"
+      "functions_deny = C_InitToken, C_InitPIN, C_SetPIN\n");
+  CHECK(tls.mechanism_allowed(CKM_ECDSA));
+  CHECK(tls.mechanism_allowed(CKM_SHA256_RSA_PKCS_PSS));
+  CHECK_FALSE(tls.mechanism_allowed(CKM_RSA_PKCS));
+  CHECK_FALSE(tls.mechanism_allowed(CKM_AES_GCM));
+  CHECK(tls.function_denied(*policy_function_index("C_SetPIN")));
+  const Policy auditor = policy_of(
+      "[policy]\n"
+      "read_only = true\n"
+      "functions_deny = C_SignInit C_SignRecoverInit C_DecryptInit C_WrapKey C_MessageSignInit "
+      "C_MessageDecryptInit\n");
+  CHECK(auditor.read_only());
+  CHECK_FALSE(auditor.filters_mechanisms());
+  for (std::string_view f : {"C_SignInit", "C_SignRecoverInit", "C_DecryptInit", "C_WrapKey",
+                             "C_MessageSignInit", "C_MessageDecryptInit"})
+    CHECK(auditor.function_denied(*policy_function_index(f)));
+  CHECK_FALSE(auditor.function_denied(*policy_function_index("C_VerifyInit")));
+  CHECK_FALSE(auditor.function_denied(*policy_function_index("C_FindObjectsInit")));
+}
+
 }  // namespace p11mux
