@@ -13,21 +13,33 @@ namespace p11mux::entry_points {
 
 // A call with tracing, metrics or a policy on: observed (observe.hpp) when
 // the first two are, checked against the policy (enforce.hpp) when it is.
-// Out of line: the hot path keeps one branch and one call for all three.
+// Out of line, so that the hot path keeps one branch and one call for all
+// three. With a policy alone, an allowed call comes back unanswered and goes
+// on through the hot path's own forward<F>: the forwarding code is inlined
+// in as few places as before, and the compiler keeps it inlined there.
 template <class F, class... A>
-[[gnu::noinline]] CK_RV slow_call(Runtime& rt, A... a) noexcept {
+[[gnu::noinline]] std::optional<CK_RV> slow_call(Runtime& rt, A... a) noexcept {
   const Policy* policy = rt.policy();
   if (rt.observer().active()) {
     return observed_call<F>(
         rt.observer(), rt.log(),
         [&](CallObservation& seen) {
-          return policy != nullptr ? policed_forward<F>(rt, *policy, seen, a...)
-                                   : forward_observed<F>(rt, seen, a...);
+          if (policy != nullptr) {
+            if (std::optional<CK_RV> answer = policy_before<F>(rt, *policy, a...)) return *answer;
+          }
+          const CK_RV rv = forward_observed<F>(rt, seen, a...);
+          if (policy != nullptr) policy_after<F>(*policy, rv, a...);
+          return rv;
         },
         a...);
   }
-  NoObservation none;
-  return policed_forward<F>(rt, *policy, none, a...);  // slow_path() without the observer
+  if (std::optional<CK_RV> answer = policy_before<F>(rt, *policy, a...)) return answer;
+  if constexpr (kPolicyAfter<F>) {
+    const CK_RV rv = forward<F>(rt, a...);
+    policy_after<F>(*policy, rv, a...);
+    return rv;
+  }
+  return std::nullopt;
 }
 
 // The entry point of every function whose dispatch is global, session or
@@ -43,8 +55,9 @@ struct Entry<F, CK_RV (*)(A...)> {
     if (rt == nullptr) [[unlikely]]
       return CKR_CRYPTOKI_NOT_INITIALIZED;
     // Tracing, metrics or a policy: the one branch they cost when all are off.
-    if (rt->slow_path()) [[unlikely]]
-      return slow_call<F>(*rt, a...);
+    if (rt->slow_path()) [[unlikely]] {
+      if (std::optional<CK_RV> answer = slow_call<F>(*rt, a...)) return *answer;
+    }
     return forward<F>(*rt, a...);
   }
 };

@@ -1,5 +1,9 @@
 #include "policy/enforce.hpp"
 
+#include <algorithm>
+#include <new>
+#include <vector>
+
 namespace p11mux {
 
 void report_refusal(Runtime& rt, std::string_view function, const PolicyDecision& d) noexcept {

@@ -12,9 +12,8 @@
 #include <p11mux/mechanism_names.hpp>
 #include <p11mux/rv_names.hpp>
 
-#include <algorithm>
-#include <new>
-#include <vector>
+#include <optional>
+#include <tuple>
 
 namespace p11mux {
 
@@ -40,9 +39,11 @@ CK_RV policy_refusal(Runtime& rt, A... a) noexcept {
   return CKR_OK;
 }
 
-// forward_observed<F>, after the arguments' checks and the policy's.
-template <class F, class Observation, class... A>
-CK_RV policed_forward(Runtime& rt, const Policy& policy, Observation& seen, A... a) noexcept {
+// What the policy says before the backend: the answer (bad arguments, a
+// refusal, a filtered C_GetMechanismList), or nothing when the call is to
+// be forwarded as without a policy.
+template <class F, class... A>
+std::optional<CK_RV> policy_before(Runtime& rt, const Policy& policy, A... a) noexcept {
   // Bad arguments are told as such before any rule: as without a policy.
   if (CK_RV rv = check_arguments<F>(rt.port().version().major >= 3, a...); rv != CKR_OK) return rv;
   if (PolicyDecision d = policy.check<F>(a...); d.refused()) {
@@ -52,13 +53,21 @@ CK_RV policed_forward(Runtime& rt, const Policy& policy, Observation& seen, A...
   if constexpr (F::name == "C_GetMechanismList") {
     if (policy.filters_mechanisms()) return filtered_mechanism_list(rt, policy, a...);
   }
-  const CK_RV rv = forward_observed<F>(rt, seen, a...);
-  if constexpr (F::name == "C_GetTokenInfo") {
+  return std::nullopt;
+}
+
+// Whether F's answer is changed by the policy after the backend (policy_after).
+template <class F>
+inline constexpr bool kPolicyAfter = F::name == "C_GetTokenInfo";
+
+// The backend's answer as the policy shows it.
+template <class F, class... A>
+void policy_after(const Policy& policy, CK_RV rv, A... a) noexcept {
+  if constexpr (kPolicyAfter<F>) {
     // A read-only deployment says so, as a write-protected token does.
     const CK_TOKEN_INFO_PTR info = std::get<1>(std::tuple<A...>{a...});
     if (rv == CKR_OK && policy.read_only()) info->flags |= CKF_WRITE_PROTECTED;
   }
-  return rv;
 }
 
 }  // namespace p11mux
