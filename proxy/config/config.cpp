@@ -231,6 +231,10 @@ constexpr std::array kKeys{
     key<&Config::metrics, &Config::Metrics::allow_remote>("metrics", "allow_remote"),
     key<&Config::metrics, &Config::Metrics::signal>("metrics", "signal"),
     key<&Config::metrics, &Config::Metrics::summary>("metrics", "summary"),
+    key<&Config::policy, &Config::Policy::mechanisms_allow>("policy", "mechanisms_allow"),
+    key<&Config::policy, &Config::Policy::mechanisms_deny>("policy", "mechanisms_deny"),
+    key<&Config::policy, &Config::Policy::functions_deny>("policy", "functions_deny"),
+    key<&Config::policy, &Config::Policy::read_only>("policy", "read_only"),
 };
 
 constexpr std::string_view kEnvPrefix = "P11MUX_";

@@ -15,6 +15,8 @@
 //   file = /var/log/p11mux.log
 //   [metrics]
 //   listen = 127.0.0.1:9464
+//   [policy]
+//   mechanisms_deny = CKM_RSA_PKCS, CKM_RSA_X_509
 //
 // Keys before any section are top-level. A value may be double-quoted (the quotes are
 // stripped, there are no escapes, so a quoted value cannot contain '"'); an unquoted value
@@ -92,6 +94,19 @@ struct Config {
     unsigned long idle_timeout_s = 0;  // [pool] idle_timeout_s: close idle sessions (0: never)
     unsigned long keepalive_s = 0;     // [pool] keepalive_s: ping idle sessions (0: never)
   } pool;
+  // What the application may do (README, "Policy"). Kept as written: the
+  // names are checked, and turned into sets, by policy/ at C_Initialize.
+  struct Policy {
+    std::string mechanisms_allow;  // [policy] mechanisms_allow: CKM_ names or 0x hex; empty = all
+    std::string mechanisms_deny;   // [policy] mechanisms_deny: CKM_ names or 0x hex
+    std::string functions_deny;    // [policy] functions_deny: C_ names
+    bool read_only = false;        // [policy] read_only: nothing on the token changes
+    // Any rule set: only then do calls take the policy's path.
+    bool any() const noexcept {
+      return !mechanisms_allow.empty() || !mechanisms_deny.empty() || !functions_deny.empty() ||
+             read_only;
+    }
+  } policy;
 };
 
 // Every configuration problem; the message names the file and line or the environment

@@ -3,12 +3,44 @@
 #include "entry/interfaces.hpp"
 #include "forward/forward.hpp"
 #include "lifecycle/module.hpp"
+#include "policy/enforce.hpp"
 
 #include <new>
 #include <optional>
 #include <vector>
 
 namespace p11mux::entry_points {
+
+// A call with tracing, metrics or a policy on: observed (observe.hpp) when
+// the first two are, checked against the policy (enforce.hpp) when it is.
+// Out of line, so that the hot path keeps one branch and one call for all
+// three. With a policy alone, an allowed call comes back unanswered and goes
+// on through the hot path's own forward<F>: the forwarding code is inlined
+// in as few places as before, and the compiler keeps it inlined there.
+template <class F, class... A>
+[[gnu::noinline]] std::optional<CK_RV> slow_call(Runtime& rt, A... a) noexcept {
+  const Policy* policy = rt.policy();
+  if (rt.observer().active()) {
+    return observed_call<F>(
+        rt.observer(), rt.log(),
+        [&](CallObservation& seen) {
+          if (policy != nullptr) {
+            if (std::optional<CK_RV> answer = policy_before<F>(rt, *policy, a...)) return *answer;
+          }
+          const CK_RV rv = forward_observed<F>(rt, seen, a...);
+          if (policy != nullptr) policy_after<F>(*policy, rv, a...);
+          return rv;
+        },
+        a...);
+  }
+  if (std::optional<CK_RV> answer = policy_before<F>(rt, *policy, a...)) return answer;
+  if constexpr (kPolicyAfter<F>) {
+    const CK_RV rv = forward<F>(rt, a...);
+    policy_after<F>(*policy, rv, a...);
+    return rv;
+  }
+  return std::nullopt;
+}
 
 // The entry point of every function whose dispatch is global, session or
 // handled: enter the call gate, then forward (forward.hpp).
@@ -22,11 +54,9 @@ struct Entry<F, CK_RV (*)(A...)> {
     Runtime* rt = call.runtime();
     if (rt == nullptr) [[unlikely]]
       return CKR_CRYPTOKI_NOT_INITIALIZED;
-    // Tracing or metrics: the one branch they cost when both are off.
-    if (rt->observing()) [[unlikely]] {
-      return observed_call<F>(
-          rt->observer(), rt->log(),
-          [&](CallObservation& seen) { return forward_observed<F>(*rt, seen, a...); }, a...);
+    // Tracing, metrics or a policy: the one branch they cost when all are off.
+    if (rt->slow_path()) [[unlikely]] {
+      if (std::optional<CK_RV> answer = slow_call<F>(*rt, a...)) return *answer;
     }
     return forward<F>(*rt, a...);
   }
@@ -117,6 +147,12 @@ CK_RV wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot, CK_VOID_PTR reser
     Module::Call call(the_module);
     Runtime* rt = call.runtime();
     if (rt == nullptr) return CKR_CRYPTOKI_NOT_INITIALIZED;
+    if (rt->policy() != nullptr) {
+      if (CK_RV rv = policy_refusal<fn::C_WaitForSlotEvent>(*rt, flags, slot, reserved);
+          rv != CKR_OK) {
+        return rv;
+      }
+    }
     if ((flags & CKF_DONT_BLOCK) != 0) {
       return forward<fn::C_WaitForSlotEvent>(*rt, flags, slot, reserved);
     }

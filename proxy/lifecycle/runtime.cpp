@@ -61,7 +61,8 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
       log_(make_logger(config.log, locks_, init.may_create_threads)),
       tracing_(log_->should_log(spdlog::level::trace)),
       observer_(std::make_unique<Observer>(config, locks_, init.may_create_threads, log_)),
-      observing_(observer_->active()),
+      policy_(config.policy.any() ? std::make_unique<const Policy>(config.policy) : nullptr),
+      slow_path_(observer_->active() || policy_ != nullptr),
       port_(std::make_unique<Backend>(backend_options(config, self, inherited)), locks_),
       sessions_(locks_),
       pool_(std::make_unique<SessionPool>(port_, gate, config.pool, locks_, epoch, *log_,
@@ -86,6 +87,7 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
              : backend.inherited() ? ", as initialized before fork()"
                                    : "");
   if (locks_.uses_app_callbacks()) log_->info("using the application's mutex callbacks");
+  if (policy_) log_->info("{}", policy_->describe());
   observer_->start(sessions_);
 }
 

@@ -6,6 +6,7 @@
 #include "lifecycle/gate_access.hpp"
 #include "lifecycle/init_args.hpp"
 #include "observe/observer.hpp"
+#include "policy/policy.hpp"
 #include "port/backend_port.hpp"
 #include "sessions/pool_maintenance.hpp"
 #include "sessions/session_pool.hpp"
@@ -43,9 +44,12 @@ class Runtime {
   SessionPool& pool() noexcept { return *pool_; }
   spdlog::logger& log() noexcept { return *log_; }
   bool tracing() const noexcept { return tracing_; }
-  // Tracing or metrics on: calls take the observed path (observe.hpp).
-  bool observing() const noexcept { return observing_; }
+  // Tracing, metrics or a policy on: calls take Entry<F>'s slow path
+  // (entry_points.cpp); with all three off, the one branch they cost.
+  bool slow_path() const noexcept { return slow_path_; }
   Observer& observer() noexcept { return *observer_; }
+  // The [policy] rules; NULL when the configuration sets none.
+  const Policy* policy() const noexcept { return policy_.get(); }
   const Config& config() const noexcept { return config_; }
   bool may_create_threads() const noexcept { return may_create_threads_; }
   // session_mode = multiplex: one backend session per calling thread.
@@ -90,7 +94,9 @@ class Runtime {
   // Before the sessions and the pool, which it reports on; its thread is
   // stopped first thing in shutdown() and ~Runtime().
   std::unique_ptr<Observer> observer_;
-  bool observing_;
+  // Before the backend is loaded: a bad rule fails C_Initialize first.
+  std::unique_ptr<const Policy> policy_;
+  bool slow_path_;
   BackendPort port_;
   SessionTable sessions_;
   std::unique_ptr<SessionPool> pool_;

@@ -373,6 +373,12 @@ std::string_view mechanism_name(CK_MECHANISM_TYPE mechanism) noexcept {
   return find(kNames, mechanism);
 }
 
+std::optional<CK_MECHANISM_TYPE> mechanism_by_name(std::string_view name) noexcept {
+  for (const auto& [value, known] : kNames)
+    if (known == name) return value;
+  return std::nullopt;
+}
+
 std::string_view mgf_name(CK_RSA_PKCS_MGF_TYPE mgf) noexcept { return find(kMgfs, mgf); }
 
 std::string_view oaep_source_name(CK_RSA_PKCS_OAEP_SOURCE_TYPE source) noexcept {

@@ -147,6 +147,8 @@ MetricsSnapshot Metrics::snapshot() const {
   for (const auto& [k, count] : by_rv) {
     if (count != 0) out.errors_by_rv.push_back({k.first, k.second, count});
   }
+  for (std::size_t r = 0; r < kPolicyRuleCount; ++r)
+    out.policy_denied[r] = policy_denied_[r].load(std::memory_order_relaxed);
   return out;
 }
 

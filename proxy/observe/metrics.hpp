@@ -10,6 +10,7 @@
 #pragma once
 
 #include "functions/function_traits.hpp"
+#include "policy/policy_rule.hpp"
 #include "sessions/close_reason.hpp"
 #include "sync/lock.hpp"
 #include "sync/thread_shard.hpp"
@@ -85,6 +86,7 @@ struct MetricsSnapshot {
   // distinct pairs on one shard): counted in `errors`, not by rv.
   std::uint64_t errors_unclassified = 0;
   HistogramCounts lock_wait;  // one entry per session-lock acquisition
+  std::array<std::uint64_t, kPolicyRuleCount> policy_denied{};  // calls the policy refused
 };
 
 class Metrics {
@@ -96,12 +98,17 @@ class Metrics {
 
   void record_call(std::size_t function, CK_RV rv, std::uint64_t ns) noexcept;
   void record_lock_wait(std::uint64_t ns) noexcept;
+  // A call the policy refused (policy/enforce.hpp): rare, so not sharded.
+  void record_policy_denied(PolicyRule rule) noexcept {
+    policy_denied_[static_cast<std::size_t>(rule)].fetch_add(1, std::memory_order_relaxed);
+  }
   MetricsSnapshot snapshot() const;
 
   struct Shard;
 
  private:
   std::unique_ptr<Shard[]> shards_;
+  std::array<std::atomic<std::uint64_t>, kPolicyRuleCount> policy_denied_{};
 };
 
 // A gauge that a thread moves on its own shard (picked like Metrics' from its

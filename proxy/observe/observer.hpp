@@ -1,7 +1,7 @@
 // Everything p11mux does to be watched, for one initialization: the trace
 // filters, the metrics, the stats thread (HTTP endpoint and SIGUSR1), and
 // the summary table at C_Finalize when [metrics] summary asks for it. The runtime owns one; calls
-// reach it only when tracing or metrics are on (Runtime::observing), so with both off the cost is
+// reach it only when tracing or metrics are on (Runtime::slow_path), so with both off the cost is
 // one predictable branch per call.
 //
 // Threads: the stats thread is started only when [metrics] listen or signal

@@ -179,6 +179,12 @@ std::string prometheus_text(const MetricsSnapshot& m, const LiveFigures& live) {
   family(t, "p11mux_log_records_dropped_total", "counter",
          "Log records dropped because the asynchronous log queue was full.");
   t.put("p11mux_log_records_dropped_total {}\n", live.log_records_dropped);
+
+  family(t, "p11mux_policy_denied_total", "counter",
+         "Calls the [policy] refused before the backend, by rule.");
+  for (std::size_t r = 0; r < kPolicyRuleCount; ++r)
+    t.put("p11mux_policy_denied_total{{rule=\"{}\"}} {}\n", kPolicyRuleNames[r],
+          m.policy_denied[r]);
   return t.take();
 }
 

@@ -2,7 +2,10 @@
 // with callgrind: run it at two lengths and the difference is the per-call cost.
 // Uses the first slot with an initialized token; no login.
 //   call-loop MODULE OP COUNT
-//   OP: random (C_GenerateRandom, 16 bytes) | session-info | open-close
+//   OP: random (C_GenerateRandom, 16 bytes) | session-info | open-close |
+//       sign (C_SignInit + C_Sign, HMAC-SHA256 of 32 bytes with a session key
+//       made once before the loop: a fixed instruction count per call, unlike
+//       a signature with a random nonce)
 #include <p11mux/pkcs11.h>
 #include <p11mux/rv_names.hpp>
 
@@ -42,7 +45,7 @@ CK_SLOT_ID first_initialized_token(CK_FUNCTION_LIST* p) {
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: call-loop MODULE random|session-info|open-close COUNT\n");
+    std::fprintf(stderr, "usage: call-loop MODULE random|session-info|open-close|sign COUNT\n");
     return 2;
   }
   void* lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
@@ -65,6 +68,20 @@ int main(int argc, char** argv) {
   long n = std::atol(argv[3]);
   CK_BYTE buf[16];
   CK_SESSION_INFO info;
+  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+  CK_MECHANISM hmac{CKM_SHA256_HMAC, nullptr, 0};
+  CK_BYTE data[32] = {}, mac[32];
+  if (op == "sign") {
+    // A public session object: no login needed.
+    CK_MECHANISM gen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_ULONG len = 32;
+    CK_ATTRIBUTE tmpl[] = {{CKA_TOKEN, &no, sizeof no},
+                           {CKA_PRIVATE, &no, sizeof no},
+                           {CKA_SIGN, &yes, sizeof yes},
+                           {CKA_VALUE_LEN, &len, sizeof len}};
+    if (CK_RV rv = p->C_GenerateKey(h, &gen, tmpl, 4, &key); rv != CKR_OK) die("C_GenerateKey", rv);
+  }
   for (long i = 0; i < n; ++i) {
     CK_RV rv = CKR_OK;
     if (op == "random") {
@@ -75,6 +92,10 @@ int main(int argc, char** argv) {
       CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
       rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s);
       if (rv == CKR_OK) rv = p->C_CloseSession(s);
+    } else if (op == "sign") {
+      CK_ULONG mac_len = sizeof mac;
+      rv = p->C_SignInit(h, &hmac, key);
+      if (rv == CKR_OK) rv = p->C_Sign(h, data, sizeof data, mac, &mac_len);
     } else {
       die("unknown op " + op, CKR_ARGUMENTS_BAD);
     }

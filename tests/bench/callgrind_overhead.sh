@@ -20,13 +20,17 @@ Options:
   --configs LIST    direct, serialize, multiplex, p11kit (default: all; p11kit
                     only over SoftHSM2)
   --ops LIST        random (C_GenerateRandom, 16 bytes), session-info,
-                    open-close (default: all three)
+                    open-close (default: all three); also sign (C_SignInit +
+                    C_Sign, HMAC-SHA256 with a session key made before the loop)
   --short N         calls in the short run (default 2000)
   --long N          calls in the long run (default 12000)
   --csv FILE        also write the rows as CSV
   -h, --help        this text
 A configuration whose module refuses to initialize (e.g. session_mode =
-multiplex before it exists) is reported as unavailable.
+multiplex before it exists) is reported as unavailable. P11MUX_* variables
+set when the script is run reach p11mux, e.g. a policy:
+  P11MUX_POLICY_MECHANISMS_ALLOW="CKM_SHA256_HMAC CKM_GENERIC_SECRET_KEY_GEN" \
+    tests/bench/callgrind_overhead.sh --backends softhsm --ops sign
 EOF
 }
 

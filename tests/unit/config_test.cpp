@@ -349,7 +349,11 @@ TEST_CASE("only the table's P11MUX_* names and P11MUX_CONFIG are looked up") {
                                        "P11MUX_METRICS_LISTEN",
                                        "P11MUX_METRICS_ALLOW_REMOTE",
                                        "P11MUX_METRICS_SIGNAL",
-                                       "P11MUX_METRICS_SUMMARY"});
+                                       "P11MUX_METRICS_SUMMARY",
+                                       "P11MUX_POLICY_MECHANISMS_ALLOW",
+                                       "P11MUX_POLICY_MECHANISMS_DENY",
+                                       "P11MUX_POLICY_FUNCTIONS_DENY",
+                                       "P11MUX_POLICY_READ_ONLY"});
 }
 
 TEST_CASE("load_config reads the file named by P11MUX_CONFIG, then applies overrides") {
