@@ -26,7 +26,7 @@ build build/release -DCMAKE_BUILD_TYPE=RelWithDebInfo
 run build/release
 
 # Clang's thread-safety analysis (proxy/sync/lock.hpp): the library only, as
-# errors, then the two tests that show the analysis rejects an unguarded access.
+# errors, then the tests that show the analysis rejects an unguarded access.
 echo "== thread-safety build (clang -Wthread-safety): the library"
 cmake -S . -B build/thread-safety -G Ninja -DP11MUX_WERROR=ON -DCMAKE_BUILD_TYPE=Debug \
   -DCMAKE_CXX_COMPILER=clang++ -DP11MUX_THREAD_SAFETY=ON -DP11MUX_BUILD_EXAMPLES=OFF >/dev/null

@@ -36,6 +36,7 @@ template <class F, class Observation, class... A>
         // Serialize mode: the session's lock is held across the call.
         SessionLease session = seen.lease(rt.sessions(), handle);
         if (!session) return CKR_SESSION_HANDLE_INVALID;
+        HeldLock leased(session->lock);
         Binding& binding = session->anchor;
         seen.ran_on(binding.backend);
         CK_RV rv = call_backend(binding.backend, rest...);

@@ -53,7 +53,7 @@ inline std::atomic<std::uint64_t> thread_numbers{0};
 }
 
 template <class Pred>
-Binding* find_binding(Session& s, Pred pred) noexcept {
+Binding* find_binding(Session& s, Pred pred) noexcept REQUIRES(s.lock) {
   if (s.anchor.backend != CK_INVALID_HANDLE && pred(s.anchor)) return &s.anchor;
   for (auto& b : s.extra) {
     if (b->backend != CK_INVALID_HANDLE && pred(*b)) return b.get();
@@ -82,7 +82,7 @@ constexpr bool waits_for_its_operation(Effect e) noexcept {
 inline constexpr std::uint32_t kWaiter = 1u << 16;
 
 template <class F>
-[[gnu::noinline]] Binding* search_binding(Session& s, std::uint64_t me) noexcept {
+[[gnu::noinline]] Binding* search_binding(Session& s, std::uint64_t me) noexcept REQUIRES(s.lock) {
   constexpr Effect e = effect<F>;
   Binding* b = nullptr;
   if constexpr (continues(e)) {
@@ -115,11 +115,9 @@ template <class F>
 // The binding holding the call's message-based operation, once it is free
 // (waits_for_its_operation). Called and returns with s.lock held; the caller
 // counts in in_flight, so the session stays open while we wait.
-// NO_THREAD_SAFETY_ANALYSIS: it releases and retakes a lock its caller holds
-// through a SessionLease, which the analysis cannot see (session_table.hpp).
 template <class F>
 [[gnu::cold, gnu::noinline]] Binding* claim_when_free(Session& s, std::uint64_t me) noexcept
-    NO_THREAD_SAFETY_ANALYSIS {
+    REQUIRES(s.lock) {
   constexpr Effect e = effect<F>;
   for (;;) {
     int holders = 0;
@@ -148,7 +146,8 @@ template <class F>
 // Inline, the common case: the anchor is this thread's, free, and holds the
 // operation the call continues, if any. The search would pick it first.
 template <class F>
-[[gnu::always_inline]] inline Binding* claim_binding(Session& s, std::uint64_t me) noexcept {
+[[gnu::always_inline]] inline Binding* claim_binding(Session& s, std::uint64_t me) noexcept
+    REQUIRES(s.lock) {
   constexpr Effect e = effect<F>;
   Binding& a = s.anchor;  // valid while the session is open
   if (a.owner == me && !a.busy.load(std::memory_order_acquire) &&
@@ -161,7 +160,7 @@ template <class F>
 }
 
 // A new binding for a backend session from the pool; NULL without memory.
-inline Binding* add_binding(Session& s, CK_SESSION_HANDLE backend) noexcept {
+inline Binding* add_binding(Session& s, CK_SESSION_HANDLE backend) noexcept REQUIRES(s.lock) {
   Binding* b = nullptr;
   for (auto& x : s.extra) {
     if (x->backend == CK_INVALID_HANDLE) {
@@ -185,11 +184,13 @@ inline Binding* add_binding(Session& s, CK_SESSION_HANDLE backend) noexcept {
 // session's lock, as does the closer's "closing = true, then read in_flight":
 // either the closer sees our decrement, or we see `closing` and wake it. So
 // the futex wake (a syscall) happens only when a closer waits, not per call.
-inline void enter_call(Session& s) noexcept { s.in_flight.fetch_add(1, std::memory_order_relaxed); }
+inline void enter_call(Session& s) noexcept REQUIRES(s.lock) {
+  s.in_flight.fetch_add(1, std::memory_order_relaxed);
+}
 
 // Also wakes the calls waiting for a busy binding (claim_when_free): this
 // one may have freed theirs.
-inline void leave_call(Session& s) noexcept {
+inline void leave_call(Session& s) noexcept REQUIRES(s.lock) {
   // Release: the closer reads the count without the lock before taking it.
   const std::uint32_t before = s.in_flight.fetch_sub(1, std::memory_order_release);
   if (before >= kWaiter || (before == 1 && s.closing)) [[unlikely]]
@@ -236,11 +237,12 @@ struct Bound {
   CK_RV rv;
 };
 [[gnu::cold, gnu::noinline]] inline Bound bind_from_pool(Runtime& rt, Session& s,
-                                                         std::uint64_t me) noexcept {
+                                                         std::uint64_t me) noexcept
+    EXCLUDES(s.lock) {
   Binding* b = nullptr;
   // Fixed while the session is open, which it stays while we count in in_flight.
-  const CK_SLOT_ID slot = s.slot;
-  const bool rw = s.rw;
+  const CK_SLOT_ID slot = s.slot_while_open();
+  const bool rw = s.rw_while_open();
   CK_SESSION_HANDLE fresh = CK_INVALID_HANDLE;
   CK_RV rv = rt.pool().borrow(slot, rw, fresh);
   MutexGuard guard(s.lock);
@@ -269,7 +271,7 @@ struct Release {
 };
 
 // With s.lock held, after a call on an extra binding.
-[[gnu::noinline]] inline Release detach_if_idle(Session& s, Binding& b) noexcept {
+[[gnu::noinline]] inline Release detach_if_idle(Session& s, Binding& b) noexcept REQUIRES(s.lock) {
   if (b.ops != 0 || b.maybe != 0 || !b.objects.empty()) return {};
   Release r{b.backend, SessionPool::unreset_fate(b.discard, b.dead, b.why), s.slot, s.rw};
   b.clear();
@@ -280,13 +282,11 @@ struct Release {
 // binding that holds (or may hold) one of them, once none of those is busy.
 // False, with nothing done, when no binding holds any: then it runs where
 // any other call would.
-// NO_THREAD_SAFETY_ANALYSIS: it waits with its SessionLease's lock released
-// and retaken, which the analysis cannot see (session_table.hpp).
 template <class Observation, class CallBackend>
 [[gnu::cold, gnu::noinline]] bool cancel_where_held(Runtime& rt, Observation& seen,
                                                     CallBackend call_backend,
                                                     CK_SESSION_HANDLE handle, CK_FLAGS flags,
-                                                    CK_RV& rv) noexcept NO_THREAD_SAFETY_ANALYSIS {
+                                                    CK_RV& rv) noexcept {
   using F = fn::C_SessionCancel;
   const OpMask named = ops_of_cancel_flags(flags);
   // Flags p11mux does not know go to every binding it cancels on.
@@ -307,6 +307,7 @@ template <class Observation, class CallBackend>
       return true;
     }
     s = &*lease;
+    HeldLock leased(s->lock);
     enter_call(*s);
     for (;;) {
       bool busy = false;
@@ -425,6 +426,7 @@ template <class F, class Observation, class CallBackend, class... Rest>
     SessionLease lease = seen.lease(rt.sessions(), handle);
     if (!lease) return CKR_SESSION_HANDLE_INVALID;
     s = &*lease;
+    HeldLock leased(s->lock);
     enter_call(*s);  // first: claim_binding may wait, the lock released
     b = claim_binding<F>(*s, me);
   }
@@ -435,7 +437,7 @@ template <class F, class Observation, class CallBackend, class... Rest>
   }
   seen.ran_on(b->backend);
   CK_RV rv = call_backend(b->backend, rest...);
-  if (drained_for_retry<F>(rt, s->slot, rv, rest...)) [[unlikely]]
+  if (drained_for_retry<F>(rt, s->slot_while_open(), rv, rest...)) [[unlikely]]
     rv = call_backend(b->backend, rest...);
   if constexpr (changes_nothing_on_success<F>) {
     if (rv == CKR_OK && b == &s->anchor) [[likely]] {

@@ -11,7 +11,12 @@ namespace p11mux {
 // callback with the virtual handle (docs/pkcs11-facts.md, "Sessions"). The
 // callback is read once, atomically: a backend that notifies a session after
 // it was closed (its entry free, or reused without a callback) reaches nobody.
-CK_RV notify_trampoline(CK_SESSION_HANDLE, CK_NOTIFICATION event, CK_VOID_PTR context) noexcept {
+// NO_THREAD_SAFETY_ANALYSIS: it reads opening_handle without the session's
+// lock (held, in serialize mode, by the very call that notifies). It runs
+// inside a backend call this session's open or call started, and the entry
+// is not reused before that call returns: the handle does not change meanwhile.
+CK_RV notify_trampoline(CK_SESSION_HANDLE, CK_NOTIFICATION event,
+                        CK_VOID_PTR context) noexcept NO_THREAD_SAFETY_ANALYSIS {
   auto* session = static_cast<Session*>(context);
   CK_NOTIFY notify = session->notify.load(std::memory_order_acquire);
   if (notify == nullptr) return CKR_OK;
@@ -35,6 +40,7 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
   } catch (const std::bad_alloc&) {
     return CKR_HOST_MEMORY;
   }
+  HeldLock leased(lease->lock);
   lease->slot = slot;
   lease->rw = (flags & CKF_RW_SESSION) != 0;
   lease->application.store(application, std::memory_order_relaxed);
@@ -67,6 +73,7 @@ CK_RV close_all_sessions(Runtime& rt, CK_SLOT_ID slot) noexcept {
     return rv;
   }
   rt.sessions().for_each_live([&](SessionLease lease) {
+    HeldLock leased(lease->lock);
     if (lease->slot == slot) (void)rt.close_session(std::move(lease));
   });
   return CKR_OK;

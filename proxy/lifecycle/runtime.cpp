@@ -124,10 +124,9 @@ SessionPool::Fate Runtime::reset_backend_session(Binding& s) noexcept {
   return Fate::reuse;
 }
 
-// NO_THREAD_SAFETY_ANALYSIS: it hands the session's lock back to a lease
-// (session_table.hpp).
-CK_RV Runtime::close_session(SessionLease lease) noexcept NO_THREAD_SAFETY_ANALYSIS {
+CK_RV Runtime::close_session(SessionLease lease) noexcept {
   Session* s = &*lease;
+  HeldLock leased(s->lock);
   // No new call gets in; multiplexed calls still running finish first.
   // seq_cst: pairs with give_back() (forward/multiplex.hpp), which leaves
   // in_flight and then reads closing without the lock; either it sees
@@ -135,12 +134,13 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept NO_THREAD_SAFETY_ANALY
   s->closing.store(true, std::memory_order_seq_cst);
   s->handle.store(0, std::memory_order_release);
   if (s->in_flight.load(std::memory_order_seq_cst) != 0) {
-    { SessionLease unlock = std::move(lease); }
+    // Unlocked while we wait (the calls need the lock to finish), and
+    // locked again before the lease, which unlocks, can end.
+    s->lock.unlock();
     for (std::uint32_t n; (n = s->in_flight.load(std::memory_order_seq_cst)) != 0;) {
       timed_wait(s->in_flight, n, std::chrono::milliseconds(10));
     }
     s->lock.lock();
-    lease = SessionLease(s);
   }
   for (auto& extra : s->extra) {
     if (extra->backend == CK_INVALID_HANDLE) continue;

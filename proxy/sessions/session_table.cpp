@@ -13,9 +13,16 @@ SessionTable::~SessionTable() {
   for (auto& c : chunks_) delete c.load(std::memory_order_relaxed);
 }
 
-// NO_THREAD_SAFETY_ANALYSIS: the entry's lock goes to the lease it returns
-// (session_table.hpp); free_lock_ alone would pass the analysis.
-SessionLease SessionTable::reserve() NO_THREAD_SAFETY_ANALYSIS {
+namespace {
+// Locks `s` into a lease. NO_THREAD_SAFETY_ANALYSIS: the lock goes to the
+// lease, which the analysis cannot follow (session_table.hpp).
+SessionLease lock_into_lease(Session& s) noexcept NO_THREAD_SAFETY_ANALYSIS {
+  s.lock.lock();
+  return SessionLease(&s);
+}
+}  // namespace
+
+SessionLease SessionTable::reserve() {
   std::uint32_t index = 0;
   {
     MutexGuard guard(free_lock_);
@@ -36,7 +43,8 @@ SessionLease SessionTable::reserve() NO_THREAD_SAFETY_ANALYSIS {
   }
   Session& s =
       chunks_[index >> kChunkBits].load(std::memory_order_acquire)->at(index & (kChunkSize - 1));
-  s.lock.lock();
+  SessionLease lease = lock_into_lease(s);
+  HeldLock leased(s.lock);
   s.generation = (std::max(s.generation, floor_) + 1) & kGenerationMask;
   if (s.generation == 0) s.generation = 1;
   s.opening_handle = (s.generation << kIndexBits) | (index + 1);
@@ -46,7 +54,7 @@ SessionLease SessionTable::reserve() NO_THREAD_SAFETY_ANALYSIS {
   s.anchor.clear();
   for (auto& b : s.extra) b->clear();
   s.closing = false;
-  return SessionLease(&s);
+  return lease;
 }
 
 void SessionTable::publish(Session& s) noexcept {
@@ -55,20 +63,28 @@ void SessionTable::publish(Session& s) noexcept {
 }
 
 void SessionTable::discard(SessionLease lease) noexcept {
-  auto index = static_cast<std::uint32_t>((lease->opening_handle & kIndexMask) - 1);
-  lease->notify.store(nullptr, std::memory_order_release);  // a late notification reaches nobody
-  { SessionLease unlock = std::move(lease); }
+  std::uint32_t index = 0;
+  {
+    HeldLock leased(lease->lock);
+    index = static_cast<std::uint32_t>((lease->opening_handle & kIndexMask) - 1);
+    lease->notify.store(nullptr, std::memory_order_release);  // a late notification reaches nobody
+    SessionLease unlock = std::move(lease);
+  }
   release_index(index);
 }
 
 void SessionTable::close(SessionLease lease) noexcept {
-  // opening_handle, not handle: a closing multiplexed session is already at 0.
-  CK_SESSION_HANDLE h = lease->opening_handle;
-  lease->handle.store(0, std::memory_order_release);
-  lease->anchor.backend = CK_INVALID_HANDLE;
-  lease->notify.store(nullptr, std::memory_order_release);  // a late notification reaches nobody
-  live_.fetch_sub(1, std::memory_order_relaxed);
-  { SessionLease unlock = std::move(lease); }
+  CK_SESSION_HANDLE h = 0;
+  {
+    HeldLock leased(lease->lock);
+    // opening_handle, not handle: a closing multiplexed session is already at 0.
+    h = lease->opening_handle;
+    lease->handle.store(0, std::memory_order_release);
+    lease->anchor.backend = CK_INVALID_HANDLE;
+    lease->notify.store(nullptr, std::memory_order_release);  // a late notification reaches nobody
+    live_.fetch_sub(1, std::memory_order_relaxed);
+    SessionLease unlock = std::move(lease);
+  }
   release_index(static_cast<std::uint32_t>((h & kIndexMask) - 1));
 }
 

@@ -28,6 +28,11 @@ namespace p11mux {
 
 // One backend session serving a virtual session, with what the virtual
 // session left on it (so that it can be reset before anyone else uses it).
+// Guarded by its Session's lock: the analysis checks it where it is reached
+// through Session::anchor or Session::extra (both GUARDED_BY the lock); a
+// Binding& or Binding* taken there is trusted beyond that, as a multiplexed
+// call's own binding is used without the lock while `busy` says it is
+// the call's.
 struct Binding {
   CK_SESSION_HANDLE backend = CK_INVALID_HANDLE;
   std::uint16_t ops = 0;    // operations active on it (OpMask, operation_state.hpp)
@@ -65,28 +70,38 @@ struct Session {
   std::atomic<CK_SESSION_HANDLE> handle{0};
   std::uint64_t generation = 0;  // owned by the table's free list
 
-  // Guarded by `lock` (read without it only by the notify trampoline, which
-  // runs inside a backend call that this session's open or call started).
-  // Not GUARDED_BY(lock) for clang: the lock is held through a SessionLease,
-  // handed from SessionTable::lease() to its caller, and the analysis does
-  // not follow a lock across a function's return. The same holds for the
-  // fields below and for Binding's (anchor, extra, closing).
-  CK_SLOT_ID slot = 0;
-  bool rw = false;                       // R/W or R/O: the pool kind of its backend sessions
-  CK_SESSION_HANDLE opening_handle = 0;  // the handle being opened, for Notify
+  // The fields GUARDED_BY(lock) are checked by clang's analysis (the
+  // thread-safety CI build). A SessionLease holds the lock where the
+  // analysis cannot see it (returned by value), so the code holding a lease
+  // says so once with a HeldLock (sync/lock.hpp), and functions given a
+  // locked Session& say REQUIRES(s.lock). Read without the lock, on
+  // purpose: the atomics below; opening_handle by the notify trampoline
+  // (handled/session_calls.cpp says why); slot and rw through
+  // slot_while_open() and rw_while_open().
+  CK_SLOT_ID slot GUARDED_BY(lock) = 0;
+  bool rw GUARDED_BY(lock) = false;  // R/W or R/O: the pool kind of its backend sessions
+  CK_SESSION_HANDLE opening_handle GUARDED_BY(lock) = 0;  // the handle being opened, for Notify
   // Read by the notify trampoline from inside backend calls, without the lock.
   std::atomic<CK_NOTIFY> notify{nullptr};
   std::atomic<CK_VOID_PTR> application{nullptr};
   // The backend session opened with the virtual session, kept until it closes.
-  Binding anchor;
+  Binding anchor GUARDED_BY(lock);
   // Multiplex mode: more backend sessions, for threads calling at the same time.
-  std::vector<std::unique_ptr<Binding>> extra;
+  std::vector<std::unique_ptr<Binding>> extra GUARDED_BY(lock);
   // Multiplex mode: calls between choosing a binding and giving it up; a
   // closing session waits for them.
   std::atomic<std::uint32_t> in_flight{0};
   // Written under `lock`; atomic because give_back() (forward/multiplex.hpp)
   // reads it without the lock, after leaving in_flight.
   std::atomic<bool> closing{false};
+
+  // slot and rw without the lock: written once, under it, before the
+  // session is published, and not again until it has closed. A multiplexed
+  // call counted in in_flight keeps it open (Runtime::close_session waits
+  // for the count), so it may read them after releasing the lock.
+  // NO_THREAD_SAFETY_ANALYSIS: that argument is this comment, not a lock.
+  CK_SLOT_ID slot_while_open() const noexcept NO_THREAD_SAFETY_ANALYSIS { return slot; }
+  bool rw_while_open() const noexcept NO_THREAD_SAFETY_ANALYSIS { return rw; }
 };
 
 // A locked, live session; unlocks when it goes out of scope.
@@ -95,7 +110,11 @@ struct Session {
 // and moved, and clang's analysis forgets a scoped capability across a
 // return, so it would report every lease's unlock as "not held". The
 // functions that hand a session's lock to a lease opt out of the analysis
-// (NO_THREAD_SAFETY_ANALYSIS), each saying so.
+// (NO_THREAD_SAFETY_ANALYSIS), each saying so; the code that receives a
+// lease says, for the analysis, that the lock is held:
+//   SessionLease lease = table.lease(handle);
+//   if (!lease) return CKR_SESSION_HANDLE_INVALID;
+//   HeldLock leased(lease->lock);  // no code; lease->slot etc. are now checked
 class SessionLease {
  public:
   SessionLease() noexcept = default;
@@ -195,7 +214,7 @@ class SessionTable {
   // fills it and calls publish(), or gives it back with discard().
   // Throws CkrError(CKR_SESSION_COUNT) when all 16M entries are in use.
   SessionLease reserve();
-  void publish(Session& s) noexcept;
+  void publish(Session& s) noexcept REQUIRES(s.lock);
   void discard(SessionLease lease) noexcept;
   // Marks a leased session closed and returns its entry to the free list.
   void close(SessionLease lease) noexcept;

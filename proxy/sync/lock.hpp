@@ -30,6 +30,7 @@
 #include <p11mux/pkcs11.h>
 
 #include <atomic>
+#include <cassert>
 #include <chrono>
 #include <cstdint>
 
@@ -80,6 +81,13 @@ class CAPABILITY("mutex") Mutex {
     }
   }
 
+  // False only when no thread holds it; true while one does, and always
+  // with the application's callbacks (they cannot tell). For HeldLock's
+  // debug check.
+  bool maybe_locked() const noexcept {
+    return app_ != nullptr || state_.load(std::memory_order_relaxed) != 0;
+  }
+
  private:
   [[gnu::cold]] void lock_contended() noexcept;
   [[gnu::cold]] void app_lock() noexcept;
@@ -100,6 +108,27 @@ class SCOPED_CAPABILITY MutexGuard {
 
  private:
   Mutex& m_;
+};
+
+// For the analysis only: `m`, which this thread locked through an owner the
+// analysis cannot follow, is held until the end of this scope. That owner is
+// a SessionLease (sessions/session_table.hpp): returned by value, which
+// clang's analysis does not carry across a return. The lease unlocks; this
+// generates no code (in a debug build, it checks that `m` is locked).
+//
+// Scoped rather than an assert_capability on Mutex: an asserted lock stays
+// held for the analysis to the end of the function, past the lease's scope,
+// and cannot be unlocked and retaken (a wait) without a false report.
+class SCOPED_CAPABILITY HeldLock {
+ public:
+  [[gnu::always_inline]] explicit HeldLock(const Mutex& m) noexcept
+      ACQUIRE(m) NO_THREAD_SAFETY_ANALYSIS {
+    assert(m.maybe_locked());
+    (void)m;
+  }
+  [[gnu::always_inline]] ~HeldLock() RELEASE() NO_THREAD_SAFETY_ANALYSIS {}
+  HeldLock(const HeldLock&) = delete;
+  HeldLock& operator=(const HeldLock&) = delete;
 };
 
 // Locks only when given a mutex: the backend lock exists only for a backend

@@ -62,5 +62,20 @@ TEST_CASE("a failing CreateMutex is reported with its CKR code") {
   CHECK_THROWS_WITH(Mutex{app}, doctest::Contains("CKR_HOST_MEMORY"));
 }
 
+// HeldLock's debug check (sync/lock.hpp): a futex lock says whether it is
+// held; the application's cannot tell, so it never claims "unlocked".
+TEST_CASE("maybe_locked is false only for a futex lock that no thread holds") {
+  Mutex m;
+  CHECK_FALSE(m.maybe_locked());
+  m.lock();
+  CHECK(m.maybe_locked());
+  m.unlock();
+  CHECK_FALSE(m.maybe_locked());
+  LockSource app{&create_counted_mutex, &destroy_counted_mutex, &lock_counted_mutex,
+                 &unlock_counted_mutex};
+  Mutex a(app);
+  CHECK(a.maybe_locked());
+}
+
 }  // namespace
 }  // namespace p11mux
