@@ -3,8 +3,10 @@
 // which holds the call gate open meanwhile. The hot path — a session call
 // — is: enter the call gate (one atomic add on a per-thread shard), check the
 // arguments (compile-time letters), look the handle up (no table lock), lock
-// that session, call the backend, unlock, leave the gate. Nothing allocates,
-// nothing is formatted unless tracing is on.
+// that session, call the backend, unlock, leave the gate; in multiplex mode
+// the session's lock gives way to a count and a claim of the thread's own
+// backend session (multiplex.hpp). Nothing allocates, nothing is formatted
+// unless tracing is on.
 #pragma once
 
 #include "forward/multiplex.hpp"

@@ -1,9 +1,12 @@
 // Multiplex mode: one virtual session, one backend session per calling
-// thread. Each call picks a binding (a backend session of the virtual
-// session) under the session's lock, runs the backend call without it, and
-// gives the binding up afterwards: a binding with nothing left on it goes
-// back to the pool (the thread's cache), one with an operation active or
-// session objects stays with the virtual session.
+// thread. Each call counts itself in the session's in_flight, claims a
+// binding (a backend session of the virtual session), runs the backend call
+// on it, and gives the binding up afterwards: a binding with nothing left on
+// it goes back to the pool (the thread's cache), one with an operation
+// active or session objects stays with the virtual session. The common case,
+// this thread's own anchor, is claimed and given back without the session's
+// lock (claim_anchor, give_back); every other choice is made under it.
+// Why that is safe: docs/design.md, "Multiplex mode".
 //
 // Which binding a call runs on:
 //   1. A call that continues an operation (Update, Final, single-part,
@@ -77,38 +80,40 @@ constexpr bool waits_for_its_operation(Effect e) noexcept {
   return continues(e) && (e.ops & message_ops) != 0;
 }
 
-// Session::in_flight: calls in its low bits, plus this for each call waiting
-// for a busy binding (so leaving a binding wakes them).
-inline constexpr std::uint32_t kWaiter = 1u << 16;
+// Session::in_flight: calls in its low bits, plus this for each thread
+// waiting for it to change (so leaving a call wakes them).
+inline constexpr std::uint32_t kWaiter = Session::kWaiter;
 
 template <class F>
 [[gnu::noinline]] Binding* search_binding(Session& s, std::uint64_t me) noexcept REQUIRES(s.lock) {
   constexpr Effect e = effect<F>;
   Binding* b = nullptr;
   if constexpr (continues(e)) {
-    b = find_binding(s, [&](Binding& x) { return !x.busy && x.owner == me && (x.ops & e.ops); });
+    b = find_binding(s,
+                     [&](Binding& x) { return !x.busy() && x.owner() == me && (x.ops & e.ops); });
     if (b == nullptr) {
       int active = 0;
       Binding* free_one = nullptr;
       find_binding(s, [&](Binding& x) {
         if ((x.ops & e.ops) != 0) {
           ++active;
-          if (!x.busy) free_one = &x;
+          if (!x.busy()) free_one = &x;
         }
         return false;
       });
       if (active == 1) b = free_one;
     }
   }
-  if (b == nullptr) b = find_binding(s, [&](Binding& x) { return !x.busy && x.owner == me; });
+  if (b == nullptr) b = find_binding(s, [&](Binding& x) { return !x.busy() && x.owner() == me; });
   // Not one an error may have left an operation on: its owner may still end it.
   if (b == nullptr) {
-    b = find_binding(s, [&](Binding& x) { return !x.busy && (x.ops | x.maybe) == 0; });
+    b = find_binding(s, [&](Binding& x) { return !x.busy() && (x.ops | x.maybe) == 0; });
   }
-  if (b != nullptr) {
-    b->busy.store(true, std::memory_order_relaxed);
-    b->owner = me;
-  }
+  if (b == nullptr) return nullptr;
+  // The anchor may have been claimed without the lock since we read it free
+  // (claim_anchor): then choose again, with it busy.
+  if (!b->try_claim(me)) [[unlikely]]
+    return search_binding<F>(s, me);
   return b;
 }
 
@@ -129,12 +134,17 @@ template <class F>
       }
       return false;
     });
-    if (s.closing || holders != 1 || !holder->busy) return search_binding<F>(s, me);
+    if (s.closing || holders != 1) return search_binding<F>(s, me);
+    // Claimed here, not by search_binding (which would choose the same one):
+    // the anchor's owner may claim it without the lock at any moment, and
+    // then search_binding would run this call elsewhere, where it does not
+    // wait (tests/integration/nss/shared_session_test.cpp saw that).
+    if (holder->try_claim(me)) return holder;
     // The call that frees the binding changes the count and wakes us. It may
-    // free it without the lock (give_back): announce, then look again, each
-    // seq_cst, as give_back frees, then reads the count.
+    // free it without the lock (give_back, unclaim): announce, then look
+    // again, each seq_cst (why that suffices: give_back, unclaim).
     const std::uint32_t now = s.in_flight.fetch_add(kWaiter, std::memory_order_seq_cst) + kWaiter;
-    if (holder->busy.load(std::memory_order_seq_cst)) {
+    if (holder->busy(std::memory_order_seq_cst)) {
       s.lock.unlock();
       timed_wait(s.in_flight, now, std::chrono::milliseconds(10));  // the bound is a backstop
       s.lock.lock();
@@ -143,20 +153,48 @@ template <class F>
   }
 }
 
-// Inline, the common case: the anchor is this thread's, free, and holds the
-// operation the call continues, if any. The search would pick it first.
+// With s.lock held, the call counted: the binding the rules choose, claimed;
+// NULL when a new one from the pool is needed.
 template <class F>
-[[gnu::always_inline]] inline Binding* claim_binding(Session& s, std::uint64_t me) noexcept
-    REQUIRES(s.lock) {
-  constexpr Effect e = effect<F>;
-  Binding& a = s.anchor;  // valid while the session is open
-  if (a.owner == me && !a.busy.load(std::memory_order_acquire) &&
-      (!continues(e) || (a.ops & e.ops) != 0)) [[likely]] {
-    a.busy.store(true, std::memory_order_relaxed);
-    return &a;
+inline Binding* choose_binding(Session& s, std::uint64_t me) noexcept REQUIRES(s.lock) {
+  if constexpr (waits_for_its_operation(effect<F>)) {
+    return claim_when_free<F>(s, me);
+  } else {
+    return search_binding<F>(s, me);
   }
-  if constexpr (waits_for_its_operation(e)) return claim_when_free<F>(s, me);
-  return search_binding<F>(s, me);
+}
+
+// Frees a binding this call claimed but will not use (claim_anchor), waking
+// whoever saw it busy meanwhile: a waiter adds kWaiter, then reads `busy`;
+// we clear `busy`, then read the count; all seq_cst, so one sees the other.
+[[gnu::cold, gnu::noinline]] inline void unclaim(Session& s, Binding& b) noexcept {
+  b.release(std::memory_order_seq_cst);
+  if (s.in_flight.load(std::memory_order_seq_cst) >= kWaiter) wake_all(s.in_flight);
+}
+
+// Inline, the common case, without the session lock (the call is counted and
+// its handle checked since): the anchor is this thread's, free, and holds the
+// operation the call continues, if any; the rules would choose it first.
+// NULL otherwise, the anchor as it was. One compare-exchange claims it only
+// if it is free and this thread's (Binding::claim): another thread's anchor
+// is never held, not even for a moment. Its operations are read only once it
+// is claimed: only its holder writes them, and publishes them by releasing
+// it. When they lack the call's operation it is freed again at once; that
+// moment is one in which this thread, its owner, could have been running a
+// call on it anyway.
+template <class F>
+[[gnu::always_inline]] inline Binding* claim_anchor(Session& s, std::uint64_t me) noexcept {
+  constexpr Effect e = effect<F>;
+  Binding& a = s.anchor_while_counted();
+  if (!a.try_claim_own(me)) [[unlikely]]
+    return nullptr;  // busy, or another thread's: left as it was
+  if constexpr (continues(e)) {
+    if ((a.ops & e.ops) == 0) [[unlikely]] {
+      unclaim(s, a);
+      return nullptr;
+    }
+  }
+  return &a;
 }
 
 // A new binding for a backend session from the pool; NULL without memory.
@@ -179,21 +217,24 @@ inline Binding* add_binding(Session& s, CK_SESSION_HANDLE backend) noexcept REQU
   return b;
 }
 
-// A call counts in Session::in_flight from choosing its binding until giving
-// it up, so that C_CloseSession can wait for it. Both ends run under the
-// session's lock, as does the closer's "closing = true, then read in_flight":
-// either the closer sees our decrement, or we see `closing` and wake it. So
-// the futex wake (a syscall) happens only when a closer waits, not per call.
-inline void enter_call(Session& s) noexcept REQUIRES(s.lock) {
-  s.in_flight.fetch_add(1, std::memory_order_relaxed);
+// A call counts in Session::in_flight from before choosing its binding until
+// giving it up, so that C_CloseSession can wait for it. Without the session
+// lock: seq_cst, then the handle is checked (seq_cst too), as the closer
+// stores handle 0, then reads the count: either the call sees the session
+// closing, or the closer sees the call counted and waits for it.
+[[gnu::always_inline]] inline void enter_call(Session& s) noexcept {
+  s.in_flight.fetch_add(1, std::memory_order_seq_cst);
 }
 
-// Also wakes the calls waiting for a busy binding (claim_when_free): this
-// one may have freed theirs.
-inline void leave_call(Session& s) noexcept REQUIRES(s.lock) {
-  // Release: the closer reads the count without the lock before taking it.
-  const std::uint32_t before = s.in_flight.fetch_sub(1, std::memory_order_release);
-  if (before >= kWaiter || (before == 1 && s.closing)) [[unlikely]]
+// Leaves the count, with or without the lock; wakes the threads waiting for
+// it to change: calls waiting for a busy binding (claim_when_free,
+// cancel_where_held), which this one may have freed, and a closer waiting
+// for the calls (Runtime::close_session). Each counts itself as a kWaiter
+// first, so this one decrement decides whether to wake (a futex syscall),
+// rarely. Release: the closer's acquire load of the count then sees this
+// call's backend call done.
+[[gnu::always_inline]] inline void leave_call(Session& s) noexcept {
+  if (s.in_flight.fetch_sub(1, std::memory_order_seq_cst) >= kWaiter) [[unlikely]]
     wake_all(s.in_flight);
 }
 
@@ -207,26 +248,22 @@ inline constexpr bool changes_nothing_on_success =
 // (the hot path's second lock round trip). Sound because, for the anchor:
 //  - nothing else is written: the anchor stays, with the same owner, ops and
 //    objects; the lock would publish nothing more.
-//  - `busy` is read under the lock by choosers; they either see it set (as
-//    if this call were still running) or see it clear, and then, by this
-//    release store, see this call's backend call finished before theirs.
+//  - the next claimer (a compare-exchange, acquire) finds `busy` set (as if
+//    this call were still running) or clear, and then, by this release,
+//    sees this call's backend call finished before its own.
 //  - the closer (Runtime::close_session) proceeds only once it reads
-//    in_flight at 0, which this release decrement publishes after `busy`.
-//    Whether it is woken: it sets `closing`, then reads the count; we leave
-//    the count, then read `closing` (both seq_cst here); a missed wake would
-//    cost at most its 10 ms backstop, never correctness.
+//    in_flight without calls, which the decrement publishes after `busy`;
+//    it counts itself as a waiter first, so the decrement wakes it.
 //  - a call waiting for this binding (claim_when_free, cancel_where_held)
 //    adds kWaiter, then reads `busy` again; we clear `busy`, then leave the
-//    count: all seq_cst, so it sees the binding free or we see it waiting.
-// After the decrement the session may close and reopen: only atomics are
+//    count. Both read-modify-write the count: if ours comes first, theirs
+//    reads it and, acquiring, sees `busy` clear; otherwise ours sees theirs
+//    and wakes them.
+// After the decrement the session may close and reopen: only the count is
 // touched after it (a spurious wake is harmless).
 [[gnu::always_inline]] inline void give_back(Session& s, Binding& b) noexcept {
-  b.busy.store(false, std::memory_order_seq_cst);
-  const std::uint32_t before = s.in_flight.fetch_sub(1, std::memory_order_seq_cst);
-  if (before >= kWaiter || (before == 1 && s.closing.load(std::memory_order_seq_cst)))
-      [[unlikely]] {
-    wake_all(s.in_flight);
-  }
+  b.release();
+  leave_call(s);
 }
 
 // No free binding: a new one from the pool (cold). Leaves the call count
@@ -256,8 +293,30 @@ struct Bound {
     leave_call(s);
     return {nullptr, rv};
   }
-  b->busy.store(true, std::memory_order_relaxed);
-  b->owner = me;
+  b->claim.store((me << 1) | Binding::kBusy, std::memory_order_relaxed);  // not visible yet
+  return {b, CKR_OK};
+}
+
+// The uncommon case (claim_anchor found the anchor in use, another
+// thread's, or without the call's operation): the rules, under the session
+// lock, or a new binding from the pool. The call is counted; this leaves the
+// count itself when it fails.
+template <class F, class Observation>
+inline Bound claim_locked(Runtime& rt, Observation& seen, Session& s, CK_SESSION_HANDLE handle,
+                          std::uint64_t me) noexcept {
+  Binding* b = nullptr;
+  {
+    // The same entry (the handle named it); empty if it began closing since
+    // the caller checked the handle: the closer waits for our count.
+    SessionLease lease = seen.lease(rt.sessions(), handle);
+    if (!lease) {
+      leave_call(s);
+      return {nullptr, CKR_SESSION_HANDLE_INVALID};
+    }
+    HeldLock leased(s.lock);
+    b = choose_binding<F>(s, me);
+  }
+  if (b == nullptr) return bind_from_pool(rt, s, me);
   return {b, CKR_OK};
 }
 
@@ -314,7 +373,7 @@ template <class Observation, class CallBackend>
       targets.clear();
       find_binding(*s, [&](Binding& x) {
         if (const OpMask held = (x.ops | x.maybe) & named; held != 0) {
-          busy = busy || x.busy;
+          busy = busy || x.busy();
           targets.push_back({&x, (flags & cancel_flags(held)) | unknown, CKR_OK});
         }
         return false;
@@ -325,12 +384,19 @@ template <class Observation, class CallBackend>
         rv = CKR_SESSION_CLOSED;
         return true;
       }
-      if (!busy) break;
+      if (!busy) {
+        // Claimed one by one: the anchor may be claimed without the lock
+        // meanwhile (claim_anchor). If one is taken, free the others and wait.
+        std::size_t claimed = 0;
+        while (claimed < targets.size() && targets[claimed].binding->try_claim(0)) ++claimed;
+        if (claimed == targets.size()) break;
+        while (claimed > 0) unclaim(*s, *targets[--claimed].binding);
+      }
       // As in claim_when_free: announce, then look again.
       const std::uint32_t now =
           s->in_flight.fetch_add(kWaiter, std::memory_order_seq_cst) + kWaiter;
       const bool still_busy = std::any_of(targets.begin(), targets.end(), [](const Target& t) {
-        return t.binding->busy.load(std::memory_order_seq_cst);
+        return t.binding->busy(std::memory_order_seq_cst);
       });
       if (still_busy) {
         s->lock.unlock();
@@ -340,7 +406,6 @@ template <class Observation, class CallBackend>
       s->in_flight.fetch_sub(kWaiter, std::memory_order_relaxed);
     }
     releases.reserve(targets.size());
-    for (Target& t : targets) t.binding->busy.store(true, std::memory_order_relaxed);
   } catch (...) {
     if (s != nullptr) {
       MutexGuard guard(s->lock);
@@ -360,7 +425,7 @@ template <class Observation, class CallBackend>
     for (Target& t : targets) {
       Binding& b = *t.binding;
       record_call<F>(rt, b, s->slot, t.rv, NothingCreated{}, t.flags);
-      b.busy.store(false, std::memory_order_relaxed);
+      b.release();  // publishes ops to a lock-free claimer
       if (&b != &s->anchor) {
         if (Release r = detach_if_idle(*s, b); r.backend != CK_INVALID_HANDLE)
           releases.push_back(r);
@@ -390,7 +455,7 @@ inline CK_RV finish_call(Runtime& rt, Session& s, Binding& b, CK_RV rv, Rest... 
         find_binding(s, [&](Binding& x) { return forget_object(x, rest...), false; });
       }
     }
-    b.busy.store(false, std::memory_order_relaxed);
+    b.release();  // publishes ops to a lock-free claimer
     if (&b != &s.anchor) [[unlikely]]
       release = detach_if_idle(s, b);
     leave_call(s);
@@ -409,6 +474,37 @@ template <class F>
   return finish_call<F>(rt, s, b, rv);
 }
 
+// The backend call on a claimed binding, and the binding given up.
+template <class F, class Observation, class CallBackend, class... Rest>
+[[gnu::always_inline]] inline CK_RV run_on(Runtime& rt, Observation& seen, CallBackend call_backend,
+                                           Session& s, Binding& b, Rest... rest) noexcept {
+  seen.ran_on(b.backend);
+  CK_RV rv = call_backend(b.backend, rest...);
+  if (drained_for_retry<F>(rt, s.slot_while_open(), rv, rest...)) [[unlikely]]
+    rv = call_backend(b.backend, rest...);
+  if constexpr (changes_nothing_on_success<F>) {
+    if (rv == CKR_OK && &b == &s.anchor_while_counted()) [[likely]] {
+      give_back(s, b);
+      return rv;
+    }
+    return finish_call_out_of_line<F>(rt, s, b, rv);
+  } else {
+    return finish_call<F>(rt, s, b, rv, rest...);
+  }
+}
+
+// A call claim_anchor found no binding for (cold): the rest of the call,
+// out of line, so that the inline path knows its binding is the anchor.
+template <class F, class Observation, class CallBackend, class... Rest>
+[[gnu::cold, gnu::noinline]] CK_RV forward_elsewhere(Runtime& rt, Observation& seen,
+                                                     CallBackend call_backend, Session& s,
+                                                     CK_SESSION_HANDLE handle, std::uint64_t me,
+                                                     Rest... rest) noexcept {
+  const Bound bound = claim_locked<F>(rt, seen, s, handle, me);
+  if (bound.rv != CKR_OK) return bound.rv;
+  return run_on<F>(rt, seen, call_backend, s, *bound.binding, rest...);
+}
+
 // Inlined into Entry<F>::call, which saves every callee-saved register
 // already: a frame of its own cost ~20 instructions per call (callgrind).
 template <class F, class Observation, class CallBackend, class... Rest>
@@ -420,34 +516,20 @@ template <class F, class Observation, class CallBackend, class... Rest>
     if (CK_RV rv; cancel_where_held(rt, seen, call_backend, handle, rest..., rv)) return rv;
   }
   const std::uint64_t me = this_thread_number();
+  // No lock: count, then check the handle (enter_call); the entry is never
+  // freed, so a stale handle costs only a count taken and left.
   Session* s = nullptr;
-  Binding* b = nullptr;
-  {
-    SessionLease lease = seen.lease(rt.sessions(), handle);
-    if (!lease) return CKR_SESSION_HANDLE_INVALID;
-    s = &*lease;
-    HeldLock leased(s->lock);
-    enter_call(*s);  // first: claim_binding may wait, the lock released
-    b = claim_binding<F>(*s, me);
+  if (!rt.sessions().find_entry(handle, s)) [[unlikely]]
+    return CKR_SESSION_HANDLE_INVALID;
+  enter_call(*s);
+  if (s->handle.load(std::memory_order_seq_cst) != handle) [[unlikely]] {
+    leave_call(*s);
+    return CKR_SESSION_HANDLE_INVALID;
   }
-  if (b == nullptr) [[unlikely]] {
-    const Bound bound = bind_from_pool(rt, *s, me);
-    if (bound.rv != CKR_OK) return bound.rv;
-    b = bound.binding;
-  }
-  seen.ran_on(b->backend);
-  CK_RV rv = call_backend(b->backend, rest...);
-  if (drained_for_retry<F>(rt, s->slot_while_open(), rv, rest...)) [[unlikely]]
-    rv = call_backend(b->backend, rest...);
-  if constexpr (changes_nothing_on_success<F>) {
-    if (rv == CKR_OK && b == &s->anchor) [[likely]] {
-      give_back(*s, *b);
-      return rv;
-    }
-    return finish_call_out_of_line<F>(rt, *s, *b, rv);
-  } else {
-    return finish_call<F>(rt, *s, *b, rv, rest...);
-  }
+  Binding* b = claim_anchor<F>(*s, me);
+  if (b == nullptr) [[unlikely]]
+    return forward_elsewhere<F>(rt, seen, call_backend, *s, handle, me, rest...);
+  return run_on<F>(rt, seen, call_backend, *s, *b, rest...);
 }
 
 }  // namespace p11mux

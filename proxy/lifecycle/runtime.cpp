@@ -128,18 +128,25 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
   Session* s = &*lease;
   HeldLock leased(s->lock);
   // No new call gets in; multiplexed calls still running finish first.
-  // seq_cst: pairs with give_back() (forward/multiplex.hpp), which leaves
-  // in_flight and then reads closing without the lock; either it sees
-  // closing and wakes us, or we see its call still counted.
-  s->closing.store(true, std::memory_order_seq_cst);
-  s->handle.store(0, std::memory_order_release);
+  // The handle's store and the count's load are seq_cst: a multiplexed
+  // call counts itself, then loads the handle, without the lock
+  // (forward_multiplexed, forward/multiplex.hpp); either it sees 0 and
+  // leaves, or we see it counted.
+  s->closing = true;
+  s->handle.store(0, std::memory_order_seq_cst);
   if (s->in_flight.load(std::memory_order_seq_cst) != 0) {
     // Unlocked while we wait (the calls need the lock to finish), and
     // locked again before the lease, which unlocks, can end.
     s->lock.unlock();
-    for (std::uint32_t n; (n = s->in_flight.load(std::memory_order_seq_cst)) != 0;) {
-      timed_wait(s->in_flight, n, std::chrono::milliseconds(10));
+    // Counted as a waiter, so that the last call to leave wakes us (one
+    // atomic decrement decides it: no other flag to read after it).
+    std::uint32_t n =
+        s->in_flight.fetch_add(Session::kWaiter, std::memory_order_seq_cst) + Session::kWaiter;
+    while (n % Session::kWaiter != 0) {
+      timed_wait(s->in_flight, n, std::chrono::milliseconds(10));  // the bound is a backstop
+      n = s->in_flight.load(std::memory_order_acquire);
     }
+    s->in_flight.fetch_sub(Session::kWaiter, std::memory_order_relaxed);
     s->lock.lock();
   }
   for (auto& extra : s->extra) {

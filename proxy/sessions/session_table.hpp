@@ -40,21 +40,51 @@ struct Binding {
   bool discard = false;     // close it at the end, never reuse it
   CloseReason why{};        // with discard, unless dead: why (counted by the pool)
   bool dead = false;        // the backend said it (or its device) is gone: discard, counted
-  // Multiplex: a call is running on it. Set under the session lock; cleared
-  // under it too, except by give_back() (forward/multiplex.hpp), which
-  // clears it without the lock: hence atomic.
-  std::atomic<bool> busy{false};
-  std::uint64_t owner = 0;  // multiplex: the thread that used it last (this_thread_number())
+  // Multiplex: the thread that used it last (this_thread_number(), 0 for
+  // none) and whether a call is running on it (busy), in one word:
+  // (owner << 1) | kBusy. One word so that one compare-exchange claims the
+  // anchor only if it is both free and this thread's (try_claim_own, without
+  // the session lock): a call never holds another thread's binding, even for
+  // a moment. Claimed only by a compare-exchange that finds it free
+  // (acquire), so two claimers never both get it; freed only by its holder,
+  // with release order, so the next claimer reads what the last one wrote
+  // (ops, maybe) even without the lock. docs/design.md, "Multiplex mode".
+  std::atomic<std::uint64_t> claim{0};
+  static constexpr std::uint64_t kBusy = 1;
+
+  bool busy(std::memory_order order = std::memory_order_acquire) const noexcept {
+    return (claim.load(order) & kBusy) != 0;
+  }
+  std::uint64_t owner() const noexcept { return claim.load(std::memory_order_relaxed) >> 1; }
+  // Free and me's: now busy. Nothing changes otherwise.
+  [[gnu::always_inline]] bool try_claim_own(std::uint64_t me) noexcept {
+    std::uint64_t free_mine = me << 1;
+    return claim.compare_exchange_strong(free_mine, free_mine | kBusy, std::memory_order_acquire,
+                                         std::memory_order_relaxed);
+  }
+  // Free, whoever's: now busy and me's (me == 0: the owner kept).
+  bool try_claim(std::uint64_t me) noexcept {
+    std::uint64_t now = claim.load(std::memory_order_relaxed);
+    do {
+      if ((now & kBusy) != 0) return false;
+    } while (!claim.compare_exchange_weak(now, (me != 0 ? me << 1 : now) | kBusy,
+                                          std::memory_order_acquire, std::memory_order_relaxed));
+    return true;
+  }
+  // By the holder: free again, the owner kept.
+  [[gnu::always_inline]] void release(
+      std::memory_order order = std::memory_order_release) noexcept {
+    claim.fetch_and(~kBusy, order);
+  }
   std::vector<CK_OBJECT_HANDLE> objects;  // session objects created through it
 
   void clear() noexcept {
     backend = CK_INVALID_HANDLE;
     ops = maybe = 0;
     discard = dead = false;
-    busy.store(false, std::memory_order_relaxed);
     why = {};
-    owner = 0;
     objects.clear();
+    claim.store(0, std::memory_order_relaxed);
   }
 };
 
@@ -66,7 +96,10 @@ struct Session {
   // Serialize mode: held across every call on the session. Multiplex mode:
   // held only while bindings are chosen and updated, never across a call.
   Mutex lock;
-  // The virtual handle while open; 0 while free or closing. Written under `lock`.
+  // The virtual handle while open; 0 while free or closing. Written under
+  // `lock`; the closer's store of 0 is seq_cst, as is the multiplex call's
+  // load of it after counting itself in in_flight (forward_multiplexed): either the
+  // call sees 0, or the closer sees the call counted.
   std::atomic<CK_SESSION_HANDLE> handle{0};
   std::uint64_t generation = 0;  // owned by the table's free list
 
@@ -88,12 +121,14 @@ struct Session {
   Binding anchor GUARDED_BY(lock);
   // Multiplex mode: more backend sessions, for threads calling at the same time.
   std::vector<std::unique_ptr<Binding>> extra GUARDED_BY(lock);
-  // Multiplex mode: calls between choosing a binding and giving it up; a
-  // closing session waits for them.
+  // Multiplex mode: in the low 16 bits, calls between counting themselves
+  // (before choosing a binding) and giving their binding up; a closing
+  // session waits for them. Plus kWaiter for each thread waiting for it to
+  // change (a call waiting for a busy binding, a closer waiting for the
+  // calls): a call that leaves it wakes them only then.
+  static constexpr std::uint32_t kWaiter = 1u << 16;
   std::atomic<std::uint32_t> in_flight{0};
-  // Written under `lock`; atomic because give_back() (forward/multiplex.hpp)
-  // reads it without the lock, after leaving in_flight.
-  std::atomic<bool> closing{false};
+  bool closing GUARDED_BY(lock) = false;  // multiplex: set by the closer
 
   // slot and rw without the lock: written once, under it, before the
   // session is published, and not again until it has closed. A multiplexed
@@ -102,6 +137,11 @@ struct Session {
   // NO_THREAD_SAFETY_ANALYSIS: that argument is this comment, not a lock.
   CK_SLOT_ID slot_while_open() const noexcept NO_THREAD_SAFETY_ANALYSIS { return slot; }
   bool rw_while_open() const noexcept NO_THREAD_SAFETY_ANALYSIS { return rw; }
+  // The anchor for a multiplexed call counted in in_flight, without the
+  // lock: it stays while the session is open, and a call uses it only once
+  // it has claimed it (Binding::claim; docs/design.md, "Multiplex mode").
+  // NO_THREAD_SAFETY_ANALYSIS: that argument is this comment, not a lock.
+  Binding& anchor_while_counted() noexcept NO_THREAD_SAFETY_ANALYSIS { return anchor; }
 };
 
 // A locked, live session; unlocks when it goes out of scope.
@@ -195,12 +235,9 @@ class SessionTable {
   template <class LockSession>
   [[gnu::always_inline]] SessionLease lease(
       CK_SESSION_HANDLE handle, LockSession&& lock_session) noexcept NO_THREAD_SAFETY_ANALYSIS {
-    CK_SESSION_HANDLE slot_number = handle & kIndexMask;
-    if (slot_number == 0) return {};
-    std::size_t index = slot_number - 1;
-    Chunk* chunk = chunks_[index >> kChunkBits].load(std::memory_order_acquire);
-    if (chunk == nullptr) return {};
-    Session& s = chunk->at(index & (kChunkSize - 1));
+    Session* entry = nullptr;
+    if (!find_entry(handle, entry)) return {};
+    Session& s = *entry;
     if (s.handle.load(std::memory_order_acquire) != handle) return {};
     lock_session(s.lock);
     if (s.handle.load(std::memory_order_relaxed) != handle) {
@@ -208,6 +245,22 @@ class SessionTable {
       return {};
     }
     return SessionLease(&s);
+  }
+
+  // The entry a handle points at, whatever it holds now (live, closing, free
+  // or another session); false for an index never allocated. Entries are
+  // never freed while the table exists, so it may be read without a lock;
+  // the caller compares its `handle` with the one it was given. (A bool,
+  // not a pointer that may be NULL: the compiler cannot tell that an
+  // entry's address is never NULL, and would test it again.)
+  [[gnu::always_inline]] bool find_entry(CK_SESSION_HANDLE handle, Session*& entry) noexcept {
+    CK_SESSION_HANDLE slot_number = handle & kIndexMask;
+    if (slot_number == 0) return false;
+    std::size_t index = slot_number - 1;
+    Chunk* chunk = chunks_[index >> kChunkBits].load(std::memory_order_acquire);
+    if (chunk == nullptr) return false;
+    entry = &chunk->at(index & (kChunkSize - 1));
+    return true;
   }
 
   // A free entry, locked, with its next handle in opening_handle; the caller

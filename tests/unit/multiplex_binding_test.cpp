@@ -16,6 +16,36 @@ namespace {
 constexpr std::uint64_t kMe = 1;
 const LockSource kNoCallbacks{};
 
+// A binding's owner and busy flag, as the tests set them (Binding::claim).
+void set_owner(Binding& b, std::uint64_t owner) { b.claim = owner << 1; }
+void hold(Binding& b) { b.claim |= Binding::kBusy; }
+
+// Runs body(1) and body(2) on two threads at once, over and over, for
+// `length`: for races whose window is a few instructions wide.
+template <class Body>
+void race(Body body, std::chrono::milliseconds length = std::chrono::milliseconds(300)) {
+  std::atomic<int> ready{0};
+  std::atomic<bool> stop{false};
+  auto loop = [&](std::uint64_t me) {
+    ready.fetch_add(1);
+    while (ready.load() < 2) {
+    }
+    while (!stop.load(std::memory_order_relaxed)) body(me);
+  };
+  std::thread one(loop, 1);
+  std::thread two(loop, 2);
+  std::this_thread::sleep_for(length);
+  stop = true;
+  one.join();
+  two.join();
+}
+
+void spin_a_moment() {
+  std::atomic<int> n{0};
+  while (n.fetch_add(1, std::memory_order_relaxed) < 200) {
+  }
+}
+
 // A session with its anchor open on backend session 100.
 struct TestSession {
   Session s{kNoCallbacks};
@@ -24,17 +54,19 @@ struct TestSession {
   // An extra binding on backend session `backend`, as bind_from_pool leaves one.
   Binding& extra(CK_SESSION_HANDLE backend, std::uint64_t owner, OpMask ops = 0) {
     Binding& b = *add_binding(s, backend);
-    b.owner = owner;
+    set_owner(b, owner);
     b.ops = ops;
     return b;
   }
 
-  // claim_binding as forward_multiplexed calls it: counted, under the lock.
+  // The claim as forward_multiplexed makes it: counted, then the anchor
+  // without the lock, then the rules under it.
   template <class F>
   Binding* claim(std::uint64_t me = kMe) {
-    MutexGuard guard(s.lock);
     enter_call(s);
-    Binding* b = claim_binding<F>(s, me);
+    if (Binding* b = claim_anchor<F>(s, me)) return b;
+    MutexGuard guard(s.lock);
+    Binding* b = choose_binding<F>(s, me);
     if (b == nullptr) leave_call(s);  // forward_multiplexed would go to the pool
     return b;
   }
@@ -42,26 +74,26 @@ struct TestSession {
 
 TEST_CASE("a call continuing an operation runs on this thread's binding where it is active") {
   TestSession t;
-  t.s.anchor.owner = kMe;  // free, but without the operation
+  set_owner(t.s.anchor, kMe);  // free, but without the operation
   Binding& other = t.extra(200, /*owner=*/2, op::encrypt);
   Binding& mine = t.extra(201, kMe, op::encrypt);
   Binding* b = t.claim<fn::C_EncryptUpdate>();
   CHECK(b == &mine);  // not the anchor (rule 2), not the other thread's (rule 1's hand-off)
-  CHECK(b->busy);
-  CHECK_FALSE(other.busy);
-  CHECK_FALSE(t.s.anchor.busy);
+  CHECK(b->busy());
+  CHECK_FALSE(other.busy());
+  CHECK_FALSE(t.s.anchor.busy());
 }
 
 TEST_CASE("the inline path takes this thread's anchor only if it holds the continued operation") {
   TestSession t;
-  t.s.anchor.owner = kMe;  // free, this thread's, but the operation is elsewhere
+  set_owner(t.s.anchor, kMe);  // free, this thread's, but the operation is elsewhere
   Binding& holder = t.extra(200, /*owner=*/2, op::sign);
   CHECK(t.claim<fn::C_SignUpdate>() == &holder);
-  CHECK(holder.owner == kMe);
-  CHECK_FALSE(t.s.anchor.busy);
+  CHECK(holder.owner() == kMe);
+  CHECK_FALSE(t.s.anchor.busy());
   // It does take the anchor when the anchor holds it.
   TestSession u;
-  u.s.anchor.owner = kMe;
+  set_owner(u.s.anchor, kMe);
   u.s.anchor.ops = op::sign;
   u.extra(200, /*owner=*/2, op::sign);
   CHECK(u.claim<fn::C_SignFinal>() == &u.s.anchor);
@@ -69,43 +101,43 @@ TEST_CASE("the inline path takes this thread's anchor only if it holds the conti
 
 TEST_CASE("an operation is handed off from its one free holder to another thread") {
   TestSession t;
-  t.s.anchor.owner = 2;
+  set_owner(t.s.anchor, 2);
   t.s.anchor.ops = op::digest;
   Binding& mine = t.extra(200, kMe);  // free and this thread's, but without the operation
   Binding* b = t.claim<fn::C_DigestUpdate>();
   CHECK(b == &t.s.anchor);
-  CHECK(t.s.anchor.owner == kMe);  // the binding follows the operation to this thread
-  CHECK(t.s.anchor.busy);
-  CHECK_FALSE(mine.busy);
+  CHECK(t.s.anchor.owner() == kMe);  // the binding follows the operation to this thread
+  CHECK(t.s.anchor.busy());
+  CHECK_FALSE(mine.busy());
 }
 
 TEST_CASE("no hand-off when two other bindings hold the operation") {
   TestSession t;
-  t.s.anchor.owner = 2;
+  set_owner(t.s.anchor, 2);
   t.s.anchor.ops = op::find;
   Binding& third = t.extra(200, /*owner=*/3, op::find);
   Binding& mine = t.extra(201, kMe);
   // Which one is meant is unknowable: the call runs as any other would, and
   // the backend answers it (CKR_OPERATION_NOT_INITIALIZED).
   CHECK(t.claim<fn::C_FindObjects>() == &mine);
-  CHECK(t.s.anchor.owner == 2);
-  CHECK(third.owner == 3);
+  CHECK(t.s.anchor.owner() == 2);
+  CHECK(third.owner() == 3);
 }
 
 TEST_CASE("no hand-off from a busy holder: the call runs elsewhere") {
   TestSession t;
-  t.s.anchor.owner = 2;
+  set_owner(t.s.anchor, 2);
   t.s.anchor.ops = op::encrypt;
-  t.s.anchor.busy = true;
+  hold(t.s.anchor);
   Binding& mine = t.extra(200, kMe);
   CHECK(t.claim<fn::C_EncryptUpdate>() == &mine);
 }
 
 TEST_CASE("a v3.0 message call waits while the binding holding its operation is busy") {
   TestSession t;
-  t.s.anchor.owner = 2;
+  set_owner(t.s.anchor, 2);
   t.s.anchor.ops = op::message_encrypt;
-  t.s.anchor.busy = true;
+  hold(t.s.anchor);
   enter_call(t.s);                            // thread 2's call on it
   Binding& idle = t.extra(200, /*owner=*/3);  // free, no operation: rule 3 would take it
   std::atomic<bool> claimed{false};
@@ -120,21 +152,21 @@ TEST_CASE("a v3.0 message call waits while the binding holding its operation is 
   const bool claimed_early = claimed;
   {
     MutexGuard guard(t.s.lock);  // thread 2's call ends
-    t.s.anchor.busy = false;
+    t.s.anchor.release();
     leave_call(t.s);
   }
   caller.join();
   CHECK(b == &t.s.anchor);
-  CHECK(t.s.anchor.owner == kMe);
-  CHECK_FALSE(idle.busy);
+  CHECK(t.s.anchor.owner() == kMe);
+  CHECK_FALSE(idle.busy());
   CHECK_FALSE(claimed_early);
 }
 
 TEST_CASE("a message call waiting for the anchor gets it when its call gives it back unlocked") {
   TestSession t;
-  t.s.anchor.owner = 2;
+  set_owner(t.s.anchor, 2);
   t.s.anchor.ops = op::message_sign;
-  t.s.anchor.busy = true;
+  hold(t.s.anchor);
   enter_call(t.s);  // thread 2's call on it (one that changes nothing: give_back)
   Binding& idle = t.extra(200, /*owner=*/3);
   Binding* b = nullptr;
@@ -143,11 +175,11 @@ TEST_CASE("a message call waiting for the anchor gets it when its call gives it 
   give_back(t.s, t.s.anchor);                                  // without the session lock
   caller.join();
   CHECK(b == &t.s.anchor);
-  CHECK(t.s.anchor.owner == kMe);
-  CHECK_FALSE(idle.busy);
+  CHECK(t.s.anchor.owner() == kMe);
+  CHECK_FALSE(idle.busy());
   {
     MutexGuard guard(t.s.lock);
-    t.s.anchor.busy.store(false);
+    t.s.anchor.release();
     leave_call(t.s);
   }
   CHECK(t.s.in_flight.load() == 0);
@@ -155,13 +187,13 @@ TEST_CASE("a message call waiting for the anchor gets it when its call gives it 
 
 TEST_CASE("a call that continues no operation runs on this thread's own free binding") {
   TestSession t;
-  t.s.anchor.owner = 2;                           // free, no operation: rule 3 would take it
+  set_owner(t.s.anchor, 2);                       // free, no operation: rule 3 would take it
   Binding& mine = t.extra(200, kMe, op::verify);  // an operation on it does not matter
   CHECK(t.claim<fn::C_GenerateRandom>() == &mine);
-  CHECK_FALSE(t.s.anchor.busy);
+  CHECK_FALSE(t.s.anchor.busy());
   // The anchor too, on the inline path.
   TestSession u;
-  u.s.anchor.owner = kMe;
+  set_owner(u.s.anchor, kMe);
   u.s.anchor.ops = op::verify;
   u.extra(200, /*owner=*/2);
   CHECK(u.claim<fn::C_GenerateRandom>() == &u.s.anchor);
@@ -169,8 +201,8 @@ TEST_CASE("a call that continues no operation runs on this thread's own free bin
 
 TEST_CASE("a call on a busy binding of its own runs elsewhere") {
   TestSession t;
-  t.s.anchor.owner = kMe;
-  t.s.anchor.busy = true;  // this thread, re-entered from a callback (Notify)
+  set_owner(t.s.anchor, kMe);
+  hold(t.s.anchor);  // this thread, re-entered from a callback (Notify)
   Binding& other = t.extra(200, /*owner=*/2);
   CHECK(t.claim<fn::C_GenerateRandom>() == &other);
 }
@@ -178,25 +210,25 @@ TEST_CASE("a call on a busy binding of its own runs elsewhere") {
 TEST_CASE(
     "otherwise any free binding with no operation active, and not one an error may have left") {
   TestSession t;
-  t.s.anchor.owner = 2;
-  t.s.anchor.busy = true;
+  set_owner(t.s.anchor, 2);
+  hold(t.s.anchor);
   Binding& active = t.extra(200, /*owner=*/3, op::sign);
   Binding& maybe = t.extra(201, /*owner=*/4);
   maybe.maybe = op::decrypt;
   Binding& idle = t.extra(202, /*owner=*/5);
   Binding* b = t.claim<fn::C_GenerateRandom>();
   CHECK(b == &idle);
-  CHECK(idle.owner == kMe);  // now this thread's
-  CHECK(idle.busy);
-  CHECK_FALSE(active.busy);
-  CHECK_FALSE(maybe.busy);
-  CHECK(maybe.owner == 4);
+  CHECK(idle.owner() == kMe);  // now this thread's
+  CHECK(idle.busy());
+  CHECK_FALSE(active.busy());
+  CHECK_FALSE(maybe.busy());
+  CHECK(maybe.owner() == 4);
 }
 
 TEST_CASE("otherwise none: a new binding from the pool, in a detached binding's place") {
   TestSession t;
-  t.s.anchor.owner = 2;
-  t.s.anchor.busy = true;
+  set_owner(t.s.anchor, 2);
+  hold(t.s.anchor);
   t.extra(200, /*owner=*/3, op::sign);
   Binding& maybe = t.extra(201, /*owner=*/4);
   maybe.maybe = op::decrypt;
@@ -207,6 +239,100 @@ TEST_CASE("otherwise none: a new binding from the pool, in a detached binding's 
   // The pool's session takes the detached binding's place.
   CHECK(add_binding(t.s, 300) == &detached);
   CHECK(t.s.extra.size() == 3);
+}
+
+TEST_CASE("the anchor claimed without the lock is never also chosen under it") {
+  // Thread 1 claims its anchor without the lock (claim_anchor); thread 2 has
+  // no binding, so the rules under the lock choose the anchor whenever they
+  // find it free (rule 3), and make it thread 2's; thread 2 hands it back to
+  // thread 1 before freeing it, so that thread 1 keeps claiming it without
+  // the lock. Each checks that nobody else runs on it. Fails when a claim
+  // under the lock sets `busy` after reading it clear instead of claiming it
+  // with a compare-exchange (search_binding): thread 1 can claim it in
+  // between.
+  TestSession t;
+  set_owner(t.s.anchor, kMe);
+  std::atomic<int> running{0};
+  std::atomic<int> overlaps{0};
+  std::atomic<int> lock_free_claims{0};
+  race([&](std::uint64_t me) {
+    enter_call(t.s);
+    Binding* b = claim_anchor<fn::C_GenerateRandom>(t.s, me);
+    if (b != nullptr) {
+      lock_free_claims.fetch_add(1);
+    } else {
+      MutexGuard guard(t.s.lock);
+      b = choose_binding<fn::C_GenerateRandom>(t.s, me);
+      if (b == nullptr) {  // the anchor was busy: forward_multiplexed would go to the pool
+        leave_call(t.s);
+        return;
+      }
+    }
+    if (running.fetch_add(1) != 0) overlaps.fetch_add(1);
+    spin_a_moment();  // a backend call: long enough for an overlap to show
+    running.fetch_sub(1);
+    if (me != kMe) t.s.anchor.claim.store((kMe << 1) | Binding::kBusy);  // still held
+    give_back(t.s, *b);
+  });
+  CHECK(overlaps.load() == 0);
+  CHECK(lock_free_claims.load() > 0);
+  CHECK(t.s.in_flight.load() == 0);
+  CHECK_FALSE(t.s.anchor.busy());
+}
+
+TEST_CASE("message calls from two threads always reach the anchor holding their operation") {
+  // Thread 1 owns the anchor and claims it without the lock; thread 2 (and
+  // thread 1, once thread 2 has taken it over) waits for it under the lock
+  // (claim_when_free). Thread 2 has a free binding of its own: a message
+  // call must never run there. Fails when claim_when_free sees the holder
+  // free and leaves the claim to search_binding: the owner can claim it
+  // without the lock in between, and the search then picks the free one.
+  TestSession t;
+  set_owner(t.s.anchor, kMe);
+  t.s.anchor.ops = op::message_encrypt;
+  t.extra(200, /*owner=*/2);
+  std::atomic<int> elsewhere{0};
+  std::atomic<int> running{0};
+  std::atomic<int> overlaps{0};
+  race([&](std::uint64_t me) {
+    Binding* b = t.claim<fn::C_EncryptMessage>(me);
+    if (b != &t.s.anchor) {
+      elsewhere.fetch_add(1);
+      if (b == nullptr) return;
+    }
+    if (running.fetch_add(1) != 0) overlaps.fetch_add(1);
+    spin_a_moment();  // a backend call: long enough for an overlap to show
+    running.fetch_sub(1);
+    give_back(t.s, *b);
+  });
+  CHECK(elsewhere.load() == 0);
+  CHECK(overlaps.load() == 0);
+  CHECK(t.s.in_flight.load() == 0);
+}
+
+TEST_CASE("a call never holds another thread's anchor, nor its own without the call's operation") {
+  // claim_anchor's one compare-exchange fails on another thread's anchor,
+  // leaving it untouched (a continuing call of its owner must find it free).
+  TestSession t;
+  set_owner(t.s.anchor, 2);
+  t.s.anchor.ops = op::sign;  // thread 2's operation: rule 3 does not take it either
+  Binding& mine = t.extra(200, kMe);
+  enter_call(t.s);
+  CHECK(claim_anchor<fn::C_GenerateRandom>(t.s, kMe) == nullptr);
+  CHECK(t.s.anchor.claim.load() == (std::uint64_t{2} << 1));  // never claimed, not even briefly
+  leave_call(t.s);
+  CHECK(t.claim<fn::C_GenerateRandom>() == &mine);
+  // Its own anchor without the operation a call continues: claimed, then
+  // freed at once, the owner kept.
+  TestSession u;
+  set_owner(u.s.anchor, kMe);
+  u.s.anchor.ops = op::digest;
+  enter_call(u.s);
+  CHECK(claim_anchor<fn::C_SignUpdate>(u.s, kMe) == nullptr);
+  leave_call(u.s);
+  CHECK_FALSE(u.s.anchor.busy());
+  CHECK(u.s.anchor.owner() == kMe);
+  CHECK(u.s.in_flight.load() == 0);
 }
 
 }  // namespace
