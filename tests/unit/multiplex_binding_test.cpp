@@ -273,6 +273,7 @@ TEST_CASE("the anchor claimed without the lock is never also chosen under it") {
     running.fetch_sub(1);
     if (me != kMe) t.s.anchor.claim.store((kMe << 1) | Binding::kBusy);  // still held
     give_back(t.s, *b);
+    if (me == kMe) spin_a_moment();  // between calls: thread 2 finds the anchor free
   });
   CHECK(overlaps.load() == 0);
   CHECK(lock_free_claims.load() > 0);
@@ -304,6 +305,7 @@ TEST_CASE("message calls from two threads always reach the anchor holding their 
     spin_a_moment();  // a backend call: long enough for an overlap to show
     running.fetch_sub(1);
     give_back(t.s, *b);
+    if (me == kMe) spin_a_moment();  // between calls: thread 2 finds the anchor free
   });
   CHECK(elsewhere.load() == 0);
   CHECK(overlaps.load() == 0);
