@@ -15,8 +15,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <initializer_list>
 #include <map>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -24,6 +26,20 @@
 #include <vector>
 
 namespace p11mux::test {
+
+// The whole of a file ("" if it cannot be read).
+inline std::string slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// A path under /tmp unique to this suite and process: engineers and CI run
+// suites side by side.
+inline std::string unique_temp_path(std::string_view suite, const std::string& name) {
+  return "/tmp/p11mux-" + std::string(suite) + "-" + std::to_string(::getpid()) + "-" + name;
+}
 
 // Every test starts from a clean environment: no config file (P11MUX_CONFIG set but
 // empty: not even the default file of a p11mux installed on the host), the mock as backend.

@@ -26,17 +26,7 @@ namespace {
 
 using namespace std::chrono_literals;
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-// A unique path per test and process: engineers and CI run suites side by side.
-std::string temp_path(const std::string& name) {
-  return "/tmp/p11mux-obs-" + std::to_string(::getpid()) + "-" + name;
-}
+std::string temp_path(const std::string& name) { return unique_temp_path("obs", name); }
 
 // The names of this process's threads (p11mux names its own p11mux-*).
 std::multiset<std::string> thread_names() {

@@ -15,16 +15,7 @@
 namespace p11mux::test {
 namespace {
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-std::string temp_path(const std::string& name) {
-  return "/tmp/p11mux-policy-" + std::to_string(::getpid()) + "-" + name;
-}
+std::string temp_path(const std::string& name) { return unique_temp_path("policy", name); }
 
 unsigned long calls(const char* function) { return libs().mock->calls(function); }
 

@@ -1,6 +1,8 @@
 // Unit tests for proxy/config: INI parsing, P11MUX_* environment overrides, error messages.
 #include "config/config.hpp"
 
+#include "fake_environment.hpp"
+
 #include <doctest/doctest.h>
 
 #include <chrono>
@@ -13,29 +15,14 @@
 
 using p11mux::Config;
 using p11mux::ConfigError;
+using p11mux::env_from;
 using p11mux::Environment;
 using p11mux::EnvLookup;
+using p11mux::EnvMap;
 using p11mux::LockingMode;
 using p11mux::SessionMode;
 
 namespace {
-
-using EnvMap = std::map<std::string, std::string>;
-
-// A getenv stand-in over a fixed map; the std::functions share the map, so the returned
-// pointers live as long as the environment does.
-Environment env_from(EnvMap vars = {}) {
-  auto shared = std::make_shared<const EnvMap>(std::move(vars));
-  return {[shared](const char* name) -> const char* {
-            const auto it = shared->find(name);
-            return it == shared->end() ? nullptr : it->second.c_str();
-          },
-          [shared] {
-            std::vector<std::string> names;
-            for (const auto& entry : *shared) names.push_back(entry.first);
-            return names;
-          }};
-}
 
 // load_config with no default file, so that the host's own never gets in.
 Config load(EnvMap vars = {}) { return p11mux::load_config(env_from(std::move(vars)), ""); }

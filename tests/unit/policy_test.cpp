@@ -5,6 +5,8 @@
 #include "observe/metrics.hpp"
 #include "observe/stats_report.hpp"
 
+#include "fake_environment.hpp"
+
 #include <doctest/doctest.h>
 
 #include <map>
@@ -13,21 +15,6 @@
 
 namespace p11mux {
 namespace {
-
-using EnvMap = std::map<std::string, std::string>;
-
-Environment env_from(EnvMap vars = {}) {
-  auto shared = std::make_shared<const EnvMap>(std::move(vars));
-  return {[shared](const char* name) -> const char* {
-            const auto it = shared->find(name);
-            return it == shared->end() ? nullptr : it->second.c_str();
-          },
-          [shared] {
-            std::vector<std::string> names;
-            for (const auto& entry : *shared) names.push_back(entry.first);
-            return names;
-          }};
-}
 
 Config parse(std::string_view text, EnvMap vars = {}) {
   return parse_config(text, "test.conf", env_from(std::move(vars)));
