@@ -674,11 +674,12 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       } catch (...) {
         return CKR_HOST_MEMORY;
       }
-      if (outcome != full) place.served(*s);
+      // Served once it has a session: a reservation may still be refused.
+      if (outcome == reused) place.served(*s);
       if (s->limit < s->ceiling) next_probe = s->probe_after;
     }
     // Served after waiting in line: the next in line may go now.
-    if (outcome != full && waited) pool.signal();
+    if (outcome == reused && waited) pool.signal();
     // Stale: given back before the device said a session was gone. Counted
     // as open until closed.
     if (!stale_shared.empty()) [[unlikely]] {
@@ -701,6 +702,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
         if (rv == CKR_OK) {
           s->refusals = 0;
           if (probe) s->probe_succeeded();
+          place.served(*s);
         } else {
           --s->open[rw];
           if (rv == CKR_SESSION_COUNT) {
@@ -717,6 +719,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
         if (probe) s->probing = false;
       }
       if (rv == CKR_OK) {
+        if (waited) pool.signal();  // the next in line may go now
         pool.lent_new();
         return CKR_OK;
       }
@@ -751,10 +754,12 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
           Locked s(pool.state);
           --s->open[other_rw];
           ++s->open[rw];
-          place.served(*s);
         }
-        pool.signal();
         if (CK_RV rv = backend_open(pool.id, rw, notify, out); rv == CKR_OK) {
+          if (place.queued()) {
+            place.served(*Locked(pool.state));
+            pool.signal();
+          }
           pool.lent_new();
           return CKR_OK;
         }
