@@ -158,7 +158,8 @@ Bytes rfc3394_unwrap(const CK_FUNCTION_LIST& p11, CK_SESSION_HANDLE s, CK_OBJECT
 
 }  // namespace
 
-TEST_CASE_FIXTURE(AttackFixture, "attack 1: wrap a sensitive key with the attacker's key, decrypt the blob") {
+TEST_CASE_FIXTURE(AttackFixture,
+                  "attack 1: wrap a sensitive key with the attacker's key, decrypt the blob") {
   const CK_OBJECT_HANDLE target = victim(p11, session);
   // The attacker's key, known to it, twice: one to wrap, one to decrypt
   // (so that conflicting-attributes does not stop it: this is the wrap rule's case).
@@ -179,8 +180,7 @@ TEST_CASE_FIXTURE(AttackFixture, "attack 1: wrap a sensitive key with the attack
     // A wrapping key the SO trusts would be allowed: SoftHSM2 lets only the
     // SO set CKA_TRUSTED, so an attacker cannot make one.
     CK_OBJECT_HANDLE fake = CK_INVALID_HANDLE;
-    CHECK_RV(create_aes(p11, session, known, {{CKA_WRAP, true}, {CKA_TRUSTED, true}}, "fake",
-                        fake),
+    CHECK_RV(create_aes(p11, session, known, {{CKA_WRAP, true}, {CKA_TRUSTED, true}}, "fake", fake),
              CKR_ATTRIBUTE_READ_ONLY);
   } else {
     REQUIRE_RV(rv, CKR_OK);
@@ -249,7 +249,8 @@ TEST_CASE_FIXTURE(AttackFixture, "attack 3: a key that wraps and decrypts recove
   REQUIRE_RV(p11.C_GenerateKey(session, &gen, wrap_only.data(), wrap_only.size(), &later), CKR_OK);
   Template decrypt_on;
   decrypt_on.add_bool(CKA_DECRYPT, true);
-  const CK_RV turned = p11.C_SetAttributeValue(session, later, decrypt_on.data(), decrypt_on.size());
+  const CK_RV turned =
+      p11.C_SetAttributeValue(session, later, decrypt_on.data(), decrypt_on.size());
   say(3, "C_SetAttributeValue(wrap key, CKA_DECRYPT=true)", turned);
 
   if (protected_run()) {
@@ -296,7 +297,9 @@ TEST_CASE_FIXTURE(AttackFixture, "attack 4: the PKCS#1 v1.5 decryption oracle") 
   say(4, "C_DecryptInit(CKM_RSA_PKCS)", init);
   CK_OBJECT_HANDLE unwrapped = CK_INVALID_HANDLE;
   Template secret;
-  secret.add_ulong(CKA_CLASS, CKO_SECRET_KEY).add_ulong(CKA_KEY_TYPE, CKK_AES).add_bool(CKA_TOKEN, false);
+  secret.add_ulong(CKA_CLASS, CKO_SECRET_KEY)
+      .add_ulong(CKA_KEY_TYPE, CKK_AES)
+      .add_bool(CKA_TOKEN, false);
   const CK_RV unwrap = p11.C_UnwrapKey(session, &pkcs, priv_key, forged.data(), forged.size(),
                                        secret.data(), secret.size(), &unwrapped);
   say(4, "C_UnwrapKey(CKM_RSA_PKCS, bad padding)", unwrap);
@@ -340,4 +343,31 @@ TEST_CASE_FIXTURE(AttackFixture, "attack 4: the PKCS#1 v1.5 decryption oracle") 
   REQUIRE_RV(p11.C_Decrypt(session, cipher.data(), len, plain.data(), &plain_len), CKR_OK);
   plain.resize(plain_len);
   CHECK(plain == message);
+}
+
+TEST_CASE_FIXTURE(AttackFixture,
+                  "attack 3 by the token's defaults: a template that says only CKA_WRAP") {
+  const CK_OBJECT_HANDLE target = victim(p11, session);
+  Template wrap_only;
+  wrap_only.add_bool(CKA_TOKEN, false)
+      .add_bool(CKA_PRIVATE, true)
+      .add_bool(CKA_WRAP, true)
+      .add_ulong(CKA_VALUE_LEN, 16)
+      .add_string(CKA_LABEL, "wrap-by-default");
+  CK_MECHANISM gen{CKM_AES_KEY_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+  // Allowed through p11mux too: conflicting-attributes sees only the template.
+  REQUIRE_RV(p11.C_GenerateKey(session, &gen, wrap_only.data(), wrap_only.size(), &key), CKR_OK);
+  // SoftHSM2's default makes it a decryption key as well (docs/policy.md).
+  CHECK(attribute_bytes(p11, session, key, CKA_DECRYPT) == Bytes{CK_TRUE});
+  Bytes blob;
+  const CK_RV rv = wrap(p11, session, key, target, blob);
+  say(3, "C_GenerateKey(CKA_WRAP=true only) -> CKR_OK; C_WrapKey(victim) with it", rv);
+  if (protected_run()) {
+    CHECK_RV(rv, CKR_KEY_NOT_WRAPPABLE);  // wrap-trusted covers what the template hid
+    CHECK(refused_by("C_WrapKey", "wrap-trusted"));
+  } else {
+    REQUIRE_RV(rv, CKR_OK);
+    CHECK(rfc3394_unwrap(p11, session, key, blob) == kSecret);
+  }
 }
