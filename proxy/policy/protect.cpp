@@ -64,8 +64,8 @@ KeyAttributes KeyAttributes::from_template(const CK_ATTRIBUTE* attributes,
 }
 
 KeyAttributes KeyAttributes::changed_by(const KeyAttributes& change) const noexcept {
-  return {replaced(wrap, change.wrap),         replaced(unwrap, change.unwrap),
-          replaced(encrypt, change.encrypt),   replaced(decrypt, change.decrypt),
+  return {replaced(wrap, change.wrap),           replaced(unwrap, change.unwrap),
+          replaced(encrypt, change.encrypt),     replaced(decrypt, change.decrypt),
           replaced(sensitive, change.sensitive), replaced(extractable, change.extractable)};
 }
 

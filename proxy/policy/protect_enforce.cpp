@@ -29,7 +29,8 @@ std::string printable(const CK_ATTRIBUTE& a) {
   const auto* bytes = static_cast<const unsigned char*>(a.pValue);
   std::string out;
   for (CK_ULONG i = 0; i < std::min<CK_ULONG>(a.ulValueLen, kNameBytes); ++i)
-    out += bytes[i] >= 0x20 && bytes[i] < 0x7f && bytes[i] != '\'' ? static_cast<char>(bytes[i]) : '.';
+    out +=
+        bytes[i] >= 0x20 && bytes[i] < 0x7f && bytes[i] != '\'' ? static_cast<char>(bytes[i]) : '.';
   if (a.ulValueLen > kNameBytes) out += "...";
   return "'" + out + "'";
 }
@@ -57,8 +58,8 @@ ObjectName name_in_template(const CK_ATTRIBUTE* attributes, CK_ULONG count) {
 // (the backend answers CKR_BUFFER_TOO_SMALL for it and fills the other).
 ObjectName name_of(Runtime& rt, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object) {
   std::array<unsigned char, 256> label{}, id{};
-  std::array<CK_ATTRIBUTE, 2> read{{{CKA_LABEL, label.data(), label.size()},
-                                    {CKA_ID, id.data(), id.size()}}};
+  std::array<CK_ATTRIBUTE, 2> read{
+      {{CKA_LABEL, label.data(), label.size()}, {CKA_ID, id.data(), id.size()}}};
   const CK_RV rv = forward<fn::C_GetAttributeValue>(rt, session, object, read.data(),
                                                     static_cast<CK_ULONG>(read.size()));
   if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL && rv != CKR_ATTRIBUTE_TYPE_INVALID) return {};
@@ -68,8 +69,7 @@ ObjectName name_of(Runtime& rt, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE obje
 // The log line and the count of one refusal.
 CK_RV report(Runtime& rt, std::string_view function, ProtectRule rule, CK_RV rv,
              std::string_view detail, const ObjectName& object) noexcept {
-  if (Metrics* metrics = rt.observer().metrics())
-    metrics->record_policy_denied(policy_rule(rule));
+  if (Metrics* metrics = rt.observer().metrics()) metrics->record_policy_denied(policy_rule(rule));
   try {
     rt.log().warn("policy refused {}: rule {} ({}): object label {} id {}: {}", function,
                   kProtectRuleNames[static_cast<std::size_t>(rule)], detail, object.label,
@@ -112,8 +112,8 @@ CK_RV read_key(Runtime& rt, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object, 
   const CK_RV rv = forward<fn::C_GetAttributeValue>(rt, session, object, read.data(),
                                                     static_cast<CK_ULONG>(read.size()));
   if (rv != CKR_OK && rv != CKR_ATTRIBUTE_TYPE_INVALID && rv != CKR_ATTRIBUTE_SENSITIVE) return rv;
-  BoolAttribute* fields[] = {&out.key.wrap,      &out.key.unwrap,      &out.key.encrypt,
-                             &out.key.decrypt,   &out.key.sensitive,   &out.key.extractable};
+  BoolAttribute* fields[] = {&out.key.wrap,    &out.key.unwrap,    &out.key.encrypt,
+                             &out.key.decrypt, &out.key.sensitive, &out.key.extractable};
   for (std::size_t i = 0; i < kTypes.size(); ++i) {
     if (read[i].ulValueLen != sizeof(CK_BBOOL)) continue;
     const bool on = values[i] != CK_FALSE;
@@ -154,9 +154,9 @@ std::optional<CK_RV> protect_new_key(Runtime& rt, const Protect& protect, std::s
   return check_template(rt, protect, function, attributes, count);
 }
 
-std::optional<CK_RV> protect_key_pair(Runtime& rt, const Protect& protect,
-                                      const CK_ATTRIBUTE* pub, CK_ULONG pub_count,
-                                      const CK_ATTRIBUTE* priv, CK_ULONG priv_count) noexcept {
+std::optional<CK_RV> protect_key_pair(Runtime& rt, const Protect& protect, const CK_ATTRIBUTE* pub,
+                                      CK_ULONG pub_count, const CK_ATTRIBUTE* priv,
+                                      CK_ULONG priv_count) noexcept {
   if (auto answer = check_template(rt, protect, "C_GenerateKeyPair", pub, pub_count)) return answer;
   return check_template(rt, protect, "C_GenerateKeyPair", priv, priv_count);
 }

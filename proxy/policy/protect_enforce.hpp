@@ -25,9 +25,9 @@ namespace p11mux {
 // A new key's template alone (C_CreateObject, C_GenerateKey, C_DeriveKey).
 std::optional<CK_RV> protect_new_key(Runtime& rt, const Protect& protect, std::string_view function,
                                      const CK_ATTRIBUTE* attributes, CK_ULONG count) noexcept;
-std::optional<CK_RV> protect_key_pair(Runtime& rt, const Protect& protect,
-                                      const CK_ATTRIBUTE* pub, CK_ULONG pub_count,
-                                      const CK_ATTRIBUTE* priv, CK_ULONG priv_count) noexcept;
+std::optional<CK_RV> protect_key_pair(Runtime& rt, const Protect& protect, const CK_ATTRIBUTE* pub,
+                                      CK_ULONG pub_count, const CK_ATTRIBUTE* priv,
+                                      CK_ULONG priv_count) noexcept;
 // C_SetAttributeValue (new_object NULL) or C_CopyObject: checked and, when
 // a rule that reads the key is on, forwarded here (the answer is the call's).
 std::optional<CK_RV> protect_change(Runtime& rt, const Protect& protect, CK_SESSION_HANDLE session,

@@ -89,8 +89,8 @@ struct Reader {
 };
 
 constexpr std::array<CK_ATTRIBUTE_TYPE, 10> kTypes{
-    CKA_WRAP,    CKA_UNWRAP, CKA_ENCRYPT, CKA_DECRYPT, CKA_SENSITIVE, CKA_EXTRACTABLE,
-    CKA_TRUSTED, CKA_LABEL,  CKA_TOKEN,   CKA_WRAP_WITH_TRUSTED};
+    CKA_WRAP,        CKA_UNWRAP,  CKA_ENCRYPT, CKA_DECRYPT, CKA_SENSITIVE,
+    CKA_EXTRACTABLE, CKA_TRUSTED, CKA_LABEL,   CKA_TOKEN,   CKA_WRAP_WITH_TRUSTED};
 
 constexpr std::array<CK_MECHANISM_TYPE, 4> kMechanisms{CKM_RSA_PKCS, CKM_RSA_PKCS_OAEP,
                                                        CKM_AES_KEY_WRAP, CKM_SHA256_HMAC};
@@ -173,14 +173,16 @@ void one_call(Reader& in) {
     case 0: {
       const unsigned long before = count_of("C_CreateObject");
       p->C_CreateObject(s, a.data(), a.count(), &out);
-      if (reached("C_CreateObject", before, call) && conflicting(as_template(call.args[1]), call.args[2]))
+      if (reached("C_CreateObject", before, call) &&
+          conflicting(as_template(call.args[1]), call.args[2]))
         violation("C_CreateObject", "a conflicting template");
       break;
     }
     case 1: {
       const unsigned long before = count_of("C_GenerateKey");
       p->C_GenerateKey(s, &mechanism, a.data(), a.count(), &out);
-      if (reached("C_GenerateKey", before, call) && conflicting(as_template(call.args[2]), call.args[3]))
+      if (reached("C_GenerateKey", before, call) &&
+          conflicting(as_template(call.args[2]), call.args[3]))
         violation("C_GenerateKey", "a conflicting template");
       break;
     }
@@ -208,7 +210,8 @@ void one_call(Reader& in) {
     case 4: {
       const unsigned long before = count_of("C_DeriveKey");
       p->C_DeriveKey(s, &mechanism, object, a.data(), a.count(), &out);
-      if (reached("C_DeriveKey", before, call) && conflicting(as_template(call.args[3]), call.args[4]))
+      if (reached("C_DeriveKey", before, call) &&
+          conflicting(as_template(call.args[3]), call.args[4]))
         violation("C_DeriveKey", "a conflicting template");
       break;
     }

@@ -6,7 +6,9 @@
 
 #include "unit/observe_test_support.hpp"
 
+#include <latch>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace p11mux::test {
@@ -73,10 +75,10 @@ CK_BBOOL read_bool(Proxy& proxy, CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATT
   return v;
 }
 
-
 }  // namespace
 
-TEST_CASE("protect: a template with wrap and decrypt, or unwrap and encrypt, never reaches the backend") {
+TEST_CASE(
+    "protect: a template with wrap and decrypt, or unwrap and encrypt, never reaches the backend") {
   Proxy proxy({}, nullptr, {{"P11MUX_POLICY_PROTECT", "all"}});
   CK_FUNCTION_LIST* p = proxy.p11;
   CK_SESSION_HANDLE h = proxy.open();
@@ -87,7 +89,8 @@ TEST_CASE("protect: a template with wrap and decrypt, or unwrap and encrypt, nev
         CKR_TEMPLATE_INCONSISTENT);
   CHECK(p->C_CreateObject(h, unwrap_encrypt.data(), unwrap_encrypt.size(), &out) ==
         CKR_TEMPLATE_INCONSISTENT);
-  Flags bad({{CKA_WRAP, true}, {CKA_DECRYPT, true}}), good({{CKA_WRAP, true}, {CKA_DECRYPT, false}});
+  Flags bad({{CKA_WRAP, true}, {CKA_DECRYPT, true}}),
+      good({{CKA_WRAP, true}, {CKA_DECRYPT, false}});
   CK_MECHANISM gen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
   CHECK(p->C_GenerateKey(h, &gen, bad.data(), bad.size(), &out) == CKR_TEMPLATE_INCONSISTENT);
   CK_MECHANISM pair{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
@@ -97,7 +100,8 @@ TEST_CASE("protect: a template with wrap and decrypt, or unwrap and encrypt, nev
                              &out2) == CKR_TEMPLATE_INCONSISTENT);
   const CK_OBJECT_HANDLE base = create(proxy, h, Key({{CKA_DERIVE, true}}));
   CK_MECHANISM derive{CKM_SHA256_KEY_DERIVATION, nullptr, 0};
-  CHECK(p->C_DeriveKey(h, &derive, base, bad.data(), bad.size(), &out) == CKR_TEMPLATE_INCONSISTENT);
+  CHECK(p->C_DeriveKey(h, &derive, base, bad.data(), bad.size(), &out) ==
+        CKR_TEMPLATE_INCONSISTENT);
   CK_MECHANISM aes_wrap{CKM_AES_KEY_WRAP, nullptr, 0};
   CK_BYTE blob[24] = {};
   CHECK(p->C_UnwrapKey(h, &aes_wrap, base, blob, sizeof blob, bad.data(), bad.size(), &out) ==
@@ -158,6 +162,37 @@ TEST_CASE("protect: a change that would make a key both wrap and decrypt is refu
   CHECK(calls("C_CopyObject") == 1);
 }
 
+TEST_CASE("protect: two changes racing on one key cannot each complete half of a pair") {
+  // Every backend call lasts 20 ms: without protect's lock both threads would
+  // read the key before either changed it, and both changes would pass.
+  MockConfig slow{};
+  slow.call_spin_us = 20'000;
+  Proxy proxy(slow, nullptr, {{"P11MUX_POLICY_PROTECT", "conflicting-attributes"}});
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE h1 = proxy.open(), h2 = proxy.open();
+  for (int round = 0; round < 3; ++round) {
+    CAPTURE(round);
+    const CK_OBJECT_HANDLE key = create(proxy, h1, Key({{CKA_WRAP, false}, {CKA_DECRYPT, false}}));
+    Flags wrap({{CKA_WRAP, true}}), decrypt({{CKA_DECRYPT, true}});
+    CK_RV rv1 = CKR_GENERAL_ERROR, rv2 = CKR_GENERAL_ERROR;
+    std::latch start(2);
+    std::thread t1([&] {
+      start.arrive_and_wait();
+      rv1 = p->C_SetAttributeValue(h1, key, wrap.data(), wrap.size());
+    });
+    std::thread t2([&] {
+      start.arrive_and_wait();
+      rv2 = p->C_SetAttributeValue(h2, key, decrypt.data(), decrypt.size());
+    });
+    t1.join();
+    t2.join();
+    CHECK(((rv1 == CKR_OK && rv2 == CKR_ACTION_PROHIBITED) ||
+           (rv2 == CKR_OK && rv1 == CKR_ACTION_PROHIBITED)));
+    CHECK_FALSE((read_bool(proxy, h1, key, CKA_WRAP) == CK_TRUE &&
+                 read_bool(proxy, h1, key, CKA_DECRYPT) == CK_TRUE));
+  }
+}
+
 TEST_CASE("protect: CKA_SENSITIVE stays on and CKA_EXTRACTABLE stays off") {
   Proxy proxy({}, nullptr, {{"P11MUX_POLICY_PROTECT", "all"}});
   CK_FUNCTION_LIST* p = proxy.p11;
@@ -199,8 +234,9 @@ TEST_CASE("protect: CKA_SENSITIVE stays on and CKA_EXTRACTABLE stays off") {
 }
 
 TEST_CASE("protect: the attribute rules hold in multiplex mode") {
-  Proxy proxy({}, nullptr,
-              {{"P11MUX_POLICY_PROTECT", "sticky-attributes"}, {"P11MUX_SESSION_MODE", "multiplex"}});
+  Proxy proxy(
+      {}, nullptr,
+      {{"P11MUX_POLICY_PROTECT", "sticky-attributes"}, {"P11MUX_SESSION_MODE", "multiplex"}});
   CK_SESSION_HANDLE h = proxy.open();
   const CK_OBJECT_HANDLE secret = create(proxy, h, Key({{CKA_SENSITIVE, true}}));
   Flags unsensitive({{CKA_SENSITIVE, false}});
@@ -329,6 +365,11 @@ TEST_CASE("protect: refusals are counted by rule at /metrics") {
   CK_ULONG len = 0;
   CHECK(p->C_WrapKey(h, &wrap, attacker, victim, nullptr, &len) == CKR_KEY_NOT_WRAPPABLE);
   CHECK(p->C_DecryptInit(h, &pkcs, victim) == CKR_MECHANISM_INVALID);
+  // An allowed change, forwarded by protect itself, is observed as any call.
+  CK_UTF8CHAR label[] = "renamed";
+  CK_ATTRIBUTE relabel{CKA_LABEL, label, 7};
+  CHECK(p->C_SetAttributeValue(h, victim, &relabel, 1) == CKR_OK);
+  CHECK(calls("C_SetAttributeValue") == 1);
   auto m = http_get(endpoint_of(sock), "/metrics");
   REQUIRE(m);
   const auto prom = parse_prometheus(m->body);
@@ -339,6 +380,7 @@ TEST_CASE("protect: refusals are counted by rule at /metrics") {
   CHECK(prom.at("p11mux_policy_denied_total{rule=\"wrap-trusted\"}") == 1);
   CHECK(prom.at("p11mux_policy_denied_total{rule=\"no-padding-oracle\"}") == 1);
   CHECK(prom.at("p11mux_policy_denied_total{rule=\"mechanism\"}") == 0);
+  CHECK(prom.at("p11mux_calls_total{function=\"C_SetAttributeValue\"}") == 3);
 }
 
 TEST_CASE("protect: an unknown rule fails C_Initialize, naming it") {

@@ -1,9 +1,9 @@
 // Unit tests for proxy/policy/protect: the `protect` key, its rule names, and
 // the pure checks of each rule (conflicting and sticky attributes, wrapping
 // with a trusted key, the padding oracle).
-#include "policy/protect.hpp"
 #include "config/config.hpp"
 #include "policy/policy.hpp"
+#include "policy/protect.hpp"
 
 #include "fake_environment.hpp"
 
@@ -82,9 +82,12 @@ TEST_CASE("protect: an unknown rule fails naming it, the key and the variable") 
   // Through the policy, as C_Initialize builds it.
   CHECK_THROWS_WITH_AS(Policy(parse("[policy]\nprotect = All\n").policy),
                        doctest::Contains("unknown rule 'All'"), ConfigError);
-  CHECK(Policy(parse("[policy]\nprotect = all\n").policy).describe().find(
-            "protect conflicting-attributes,sticky-attributes,wrap-trusted,no-padding-oracle") !=
-        std::string::npos);
+  CHECK(
+      Policy(parse("[policy]\nprotect = all\n").policy)
+          .describe()
+          .find(
+              "protect conflicting-attributes,sticky-attributes,wrap-trusted,no-padding-oracle") !=
+      std::string::npos);
 }
 
 TEST_CASE("protect: each refusal is counted under its own rule name") {
@@ -129,8 +132,8 @@ TEST_CASE("protect: a change conflicts with what the key already is") {
   const KeyAttributes wrap_key = Template{{CKA_WRAP, true}, {CKA_DECRYPT, false}}.key();
   CHECK(conflicting(wrap_key.changed_by(Template{{CKA_DECRYPT, true}}.key())));
   // Turning wrap off in the same change makes it fine.
-  CHECK_FALSE(conflicting(
-      wrap_key.changed_by(Template{{CKA_DECRYPT, true}, {CKA_WRAP, false}}.key())));
+  CHECK_FALSE(
+      conflicting(wrap_key.changed_by(Template{{CKA_DECRYPT, true}, {CKA_WRAP, false}}.key())));
   CHECK_FALSE(conflicting(wrap_key.changed_by(Template{{CKA_LABEL, true}}.key())));
   const KeyAttributes encrypt_key = Template{{CKA_ENCRYPT, true}}.key();
   CHECK(conflicting(encrypt_key.changed_by(Template{{CKA_UNWRAP, true}}.key())));
@@ -149,8 +152,9 @@ TEST_CASE("protect: sticky attributes only move the safe way") {
   CHECK_FALSE(sticky_violation(sensitive, Template{{CKA_EXTRACTABLE, false}}.key()));
   CHECK_FALSE(sticky_violation(sensitive, Template{{CKA_WRAP, true}}.key()));
   // Twice in one template: the false one may be taken.
-  CHECK(sticky_violation(sensitive, Template{{CKA_SENSITIVE, true}, {CKA_SENSITIVE, false}}.key()) ==
-        CKA_SENSITIVE);
+  CHECK(
+      sticky_violation(sensitive, Template{{CKA_SENSITIVE, true}, {CKA_SENSITIVE, false}}.key()) ==
+      CKA_SENSITIVE);
 
   const KeyAttributes open = Template{{CKA_SENSITIVE, false}, {CKA_EXTRACTABLE, true}}.key();
   CHECK_FALSE(sticky_violation(open, Template{{CKA_SENSITIVE, true}}.key()));
