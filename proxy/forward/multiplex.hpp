@@ -117,9 +117,10 @@ template <class F>
   return b;
 }
 
-// The binding holding the call's message-based operation, once it is free
-// (waits_for_its_operation). Called and returns with s.lock held; the caller
-// counts in in_flight, so the session stays open while we wait.
+// The binding holding the call's operation, once it is free (a message-based
+// one: waits_for_its_operation; any, with bind = state: choose_binding).
+// Called and returns with s.lock held; the caller counts in in_flight, so
+// the session stays open while we wait.
 template <class F>
 [[gnu::cold, gnu::noinline]] Binding* claim_when_free(Session& s, std::uint64_t me) noexcept
     REQUIRES(s.lock) {
@@ -153,12 +154,65 @@ template <class F>
   }
 }
 
-// With s.lock held, the call counted: the binding the rules choose, claimed;
-// NULL when a new one from the pool is needed.
+// A binding the session holds that is free now, claimed; NULL when none
+// is. This thread's own first, then one with no operation, then any. Another
+// thread's is claimed without taking it over (try_claim(0) keeps its owner),
+// so that its owner's calls continuing an operation there still find it
+// theirs (claim_own_operation).
+inline Binding* claim_held_now(Session& s, std::uint64_t me) noexcept REQUIRES(s.lock) {
+  Binding* b = find_binding(s, [&](Binding& x) { return x.owner() == me && x.try_claim(me); });
+  if (b == nullptr) {
+    b = find_binding(s, [](Binding& x) { return (x.ops | x.maybe) == 0 && x.try_claim(0); });
+  }
+  if (b == nullptr) b = find_binding(s, [](Binding& x) { return x.try_claim(0); });
+  return b;
+}
+
+// Waits, with s.lock released, until a call on the session ends (or 10 ms,
+// a backstop), unless one of its bindings is free already. As in
+// claim_when_free: announce, then look again.
+[[gnu::cold]] inline void wait_for_a_call(Session& s) noexcept REQUIRES(s.lock) {
+  const std::uint32_t now = s.in_flight.fetch_add(kWaiter, std::memory_order_seq_cst) + kWaiter;
+  const bool all_busy =
+      find_binding(s, [](Binding& x) { return !x.busy(std::memory_order_seq_cst); }) == nullptr;
+  if (all_busy) {
+    s.lock.unlock();
+    timed_wait(s.in_flight, now, std::chrono::milliseconds(10));
+    s.lock.lock();
+  }
+  s.in_flight.fetch_sub(kWaiter, std::memory_order_relaxed);
+}
+
+// With bind = state, a call continuing an operation this thread started
+// waits for the binding holding it while another thread's call runs there
+// (claim_held_now, at the pool's limit); an operation it did not start
+// follows the rules of claim_when_free. Called and returns with s.lock held.
 template <class F>
-inline Binding* choose_binding(Session& s, std::uint64_t me) noexcept REQUIRES(s.lock) {
+[[gnu::cold, gnu::noinline]] Binding* claim_own_operation(Session& s, std::uint64_t me) noexcept
+    REQUIRES(s.lock) {
+  constexpr Effect e = effect<F>;
+  for (;;) {
+    Binding* mine =
+        find_binding(s, [&](Binding& x) { return x.owner() == me && (x.ops & e.ops) != 0; });
+    if (mine == nullptr || s.closing) return claim_when_free<F>(s, me);
+    if (mine->try_claim(me)) return mine;
+    wait_for_a_call(s);
+  }
+}
+
+// With s.lock held, the call counted: the binding the rules choose, claimed;
+// NULL when a new one from the pool is needed. With [pool] bind = state
+// (`on_state`), a call that continues an operation also waits while the one
+// binding holding it is in use: at the pool's limit another thread's call
+// may run there (claim_held_now), and running elsewhere would only get
+// CKR_OPERATION_NOT_INITIALIZED and leave the operation active.
+template <class F>
+inline Binding* choose_binding(Session& s, std::uint64_t me, bool on_state = false) noexcept
+    REQUIRES(s.lock) {
   if constexpr (waits_for_its_operation(effect<F>)) {
     return claim_when_free<F>(s, me);
+  } else if constexpr (continues(effect<F>)) {
+    return on_state ? claim_own_operation<F>(s, me) : search_binding<F>(s, me);
   } else {
     return search_binding<F>(s, me);
   }
@@ -271,35 +325,6 @@ inline bool holds_any(Session& s) noexcept REQUIRES(s.lock) {
   return find_binding(s, [](Binding&) { return true; }) != nullptr;
 }
 
-// A binding the session holds, claimed once a call on it ends (the one it
-// holds is busy, or every one is); NULL when it holds none any more, or is
-// closing. Called and returns with s.lock held; the caller counts in
-// in_flight. The wait is for calls on the session's own backend sessions,
-// which end: never for the pool (docs/design.md, "Binding on state").
-[[gnu::cold, gnu::noinline]] inline Binding* claim_held(Session& s, std::uint64_t me) noexcept
-    REQUIRES(s.lock) {
-  for (;;) {
-    if (s.closing || !holds_any(s)) return nullptr;
-    // This thread's own first, then one with no operation, then any.
-    Binding* b = find_binding(s, [&](Binding& x) { return x.owner() == me && x.try_claim(me); });
-    if (b == nullptr) {
-      b = find_binding(s, [&](Binding& x) { return (x.ops | x.maybe) == 0 && x.try_claim(me); });
-    }
-    if (b == nullptr) b = find_binding(s, [&](Binding& x) { return x.try_claim(me); });
-    if (b != nullptr) return b;
-    // As in claim_when_free: announce, then look again.
-    const std::uint32_t now = s.in_flight.fetch_add(kWaiter, std::memory_order_seq_cst) + kWaiter;
-    const bool all_busy =
-        find_binding(s, [](Binding& x) { return !x.busy(std::memory_order_seq_cst); }) == nullptr;
-    if (all_busy) {
-      s.lock.unlock();
-      timed_wait(s.in_flight, now, std::chrono::milliseconds(10));  // the bound is a backstop
-      s.lock.lock();
-    }
-    s.in_flight.fetch_sub(kWaiter, std::memory_order_relaxed);
-  }
-}
-
 // No free binding: a new one from the pool (cold). Leaves the call count
 // itself when it fails. Returned by value, not through an out-parameter:
 // the caller's binding pointer then stays in a register on the hot path.
@@ -324,12 +349,15 @@ struct Bound {
     using Wait = SessionPool::Wait;
     CK_RV rv = rt.pool().borrow(slot, rw, fresh, holds ? Wait::never : Wait::at_limit);
     MutexGuard guard(s.lock);
-    if (rv == CKR_SESSION_COUNT && holds) {
-      if (Binding* b = claim_held(s, me)) return {b, CKR_OK};
-      if (!s.closing) {
-        holds = false;  // it gave back what it held meanwhile: wait like any other
-        continue;
-      }
+    if (rv == CKR_SESSION_COUNT && holds && !s.closing) {
+      // It gave back what it held meanwhile: wait for the pool like any other.
+      holds = holds_any(s);
+      if (!holds) continue;
+      if (Binding* b = claim_held_now(s, me)) return {b, CKR_OK};
+      // Every one in use: once a call ends, the pool first again (a binding
+      // left idle goes back there).
+      wait_for_a_call(s);
+      continue;
     }
     if (rv == CKR_OK && s.closing) rv = CKR_SESSION_CLOSED;
     Binding* b = nullptr;
@@ -365,7 +393,7 @@ inline Bound claim_locked(Runtime& rt, Observation& seen, Session& s, CK_SESSION
       return {nullptr, CKR_SESSION_HANDLE_INVALID};
     }
     HeldLock leased(s.lock);
-    b = choose_binding<F>(s, me);
+    b = choose_binding<F>(s, me, rt.binds_on_state());
     holds = b == nullptr && holds_any(s);
   }
   if (b == nullptr) return bind_from_pool(rt, s, me, holds);
