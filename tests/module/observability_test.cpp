@@ -254,8 +254,11 @@ TEST_CASE(
   std::string sock = temp_path("pool-mux.sock");
   MockConfig mock{};
   mock.call_spin_us = 200;  // calls overlap: threads borrow backend sessions of their own
+  // bind = open: the session keeps a backend session of its own.
   Proxy proxy(mock, nullptr,
-              {{"P11MUX_METRICS_LISTEN", sock.c_str()}, {"P11MUX_SESSION_MODE", "multiplex"}});
+              {{"P11MUX_METRICS_LISTEN", sock.c_str()},
+               {"P11MUX_SESSION_MODE", "multiplex"},
+               {"P11MUX_POOL_BIND", "open"}});
   CK_SESSION_HANDLE shared = proxy.open();
   std::vector<std::thread> threads;
   for (int t = 0; t < 8; ++t) {
