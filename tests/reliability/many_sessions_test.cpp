@@ -511,14 +511,16 @@ BackendView faulty_view(const char* name) {
           }};
 }
 
-// The faulty module over `target`, refusing a fifth session; no latency.
-void faulty_limit(const char* target) {
+// The faulty module over `target`, refusing a fifth session; no latency
+// unless `open_us` (a network HSM's round trip in C_OpenSession).
+void faulty_limit(const char* target, unsigned long open_us = 0) {
   use_backend(faulty_path());
   REQUIRE(faulty().reset() == 0);
   FaultyConfig c{};
   std::snprintf(c.target, sizeof c.target, "%s", target);
   c.seed = base_seed();
   c.max_sessions = kBackendLimit;
+  c.open_session_us = open_us;
   REQUIRE(faulty().configure(&c) == 0);
 }
 
@@ -564,6 +566,87 @@ TEST_CASE("1,000 virtual sessions from 64 threads over SoftHSM2 that refuses a f
   Token token =
       prepare_token(p11, p11test::require_slot_by_label(p11, softhsm.label()), p11test::kUserPin);
   many_sessions(faulty_view("faulty-softhsm2"), token, scaled(40, 8));
+}
+
+// What p11mux-load does on a network HSM (scripts/bench.sh, section
+// capacity): log in on an R/W session, then threads each with an R/O session
+// of their own sign with a private token key. SoftHSM2 logs the application
+// out, and forgets its object handles, when its last session closes
+// (docs/pkcs11-facts.md, "Object handles"): the pool must never close the
+// last backend session while the application has sessions open, not even to
+// trade the idle R/W one for an R/O one at the limit while the new sessions
+// are still on their way (C_OpenSession takes 2 ms here, as on a network HSM).
+TEST_CASE(
+    "logged in over SoftHSM2 that refuses a fifth session, 8 threads sign with a private key" *
+    doctest::test_suite("softhsm2")) {
+  p11test::SoftHsmToken softhsm;
+  ScopedEnv env({{"P11MUX_POOL_BIND", "state"}, {"P11MUX_POOL_WAIT_MS", "30000"}});
+  faulty_limit(softhsm2_path(), 2000);
+  CK_FUNCTION_LIST& p11 = p11mux();
+  REQUIRE(p11.C_Initialize(os_locking()) == CKR_OK);
+  const CK_SLOT_ID slot = p11test::require_slot_by_label(p11, softhsm.label());
+  CK_SESSION_HANDLE setup = CK_INVALID_HANDLE;
+  REQUIRE(p11.C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &setup) ==
+          CKR_OK);
+  std::string pin = p11test::kUserPin;
+  REQUIRE(p11.C_Login(setup, CKU_USER, bytes(pin), pin.size()) == CKR_OK);
+  static const CK_BYTE p256[] = {0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07};
+  CK_BBOOL yes = CK_TRUE;
+  CK_ATTRIBUTE pub[] = {{CKA_TOKEN, &yes, sizeof yes},
+                        {CKA_VERIFY, &yes, sizeof yes},
+                        {CKA_EC_PARAMS, const_cast<CK_BYTE*>(p256), sizeof p256}};
+  CK_ATTRIBUTE priv[] = {
+      {CKA_TOKEN, &yes, sizeof yes}, {CKA_PRIVATE, &yes, sizeof yes}, {CKA_SIGN, &yes, sizeof yes}};
+  CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  KeyPair key;
+  REQUIRE(p11.C_GenerateKeyPair(setup, &gen, pub, std::size(pub), priv, std::size(priv),
+                                &key.public_key, &key.private_key) == CKR_OK);
+  constexpr std::size_t kSigners = 8;
+  const long rounds = scaled(40, 8);
+  std::vector<Counts> counts(kSigners);
+  run_threads(
+      kSigners,
+      [&](std::size_t t) {
+        Counts& c = counts[t];
+        CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+        CK_RV rv = p11.C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s);
+        if (!c.tally.record("C_OpenSession", rv) || rv != CKR_OK) return;
+        CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
+        CK_BYTE hash[32];
+        for (std::size_t i = 0; i < sizeof hash; ++i) hash[i] = static_cast<CK_BYTE>(t + i);
+        for (long r = 0; r < rounds; ++r) {
+          CK_BYTE sig[128];
+          CK_ULONG len = sizeof sig;
+          rv = p11.C_SignInit(s, &ecdsa, key.private_key);
+          if (!c.tally.record("C_SignInit", rv) || rv != CKR_OK) continue;
+          rv = p11.C_Sign(s, hash, sizeof hash, sig, &len);
+          if (!c.tally.record("C_Sign", rv) || rv != CKR_OK) continue;
+          rv = p11.C_VerifyInit(s, &ecdsa, key.public_key);
+          if (!c.tally.record("C_VerifyInit", rv) || rv != CKR_OK) continue;
+          rv = p11.C_Verify(s, hash, sizeof hash, sig, len);
+          if (rv == CKR_SIGNATURE_INVALID) c.bad("signature does not verify");
+          c.tally.record("C_Verify", rv);
+        }
+        c.tally.record("C_CloseSession", p11.C_CloseSession(s));
+      },
+      "logged-in signers");
+  Counts all;
+  for (const auto& c : counts) all.merge(c);
+  MESSAGE("logged-in signers (" << session_mode() << "): " << all.tally.summary());
+  for (const auto& u : all.tally.unexpected()) MESSAGE("unexpected: " << u);
+  CHECK(all.tally.unexpected_count() == 0);
+  CHECK(all.wrong == 0);
+  CHECK(p11.C_DestroyObject(setup, key.private_key) == CKR_OK);
+  CHECK(p11.C_DestroyObject(setup, key.public_key) == CKR_OK);
+  CHECK(p11.C_CloseSession(setup) == CKR_OK);
+  REQUIRE(p11.C_Finalize(nullptr) == CKR_OK);
+  FaultyStats st = faulty_stats();
+  std::printf(
+      "FIGURES many-sessions logged-in signers mode=%s: calls=%lu backend_peak=%lu "
+      "backend_opened=%lu refused=%lu\n",
+      session_mode().c_str(), all.tally.calls(), st.max_sessions_open, st.sessions_opened,
+      st.session_count_refusals);
+  CHECK(st.sessions_open_at_finalize == 0);
 }
 #endif
 
