@@ -19,6 +19,13 @@
 //     the answer its own backend session gives; a watchdog fails the test
 //     after 30 s (the pool's wait is set to 60 s, so a call that waited for
 //     the pool shows as a hang, not as CKR_SESSION_COUNT).
+//   - 16 threads sign and verify on ONE virtual session over 4 backend
+//     sessions (test suite shared-session, over the mock; and network-hsm,
+//     over SoftHSM2 with 0.5 ms per crypto call): every thread finishes.
+//   - Logged in, 8 threads with R/O sessions of their own sign with a private
+//     key over SoftHSM2 whose C_OpenSession takes 2 ms (network-hsm): the
+//     pool never closes the HSM's last session, which would log the
+//     application out and lose its object handles.
 // Both session modes (ctest sets P11MUX_SESSION_MODE); P11MUX_TEST_SCALE
 // scales the rounds.
 #include "support.hpp"
@@ -512,8 +519,9 @@ BackendView faulty_view(const char* name) {
 }
 
 // The faulty module over `target`, refusing a fifth session; no latency
-// unless `open_us` (a network HSM's round trip in C_OpenSession).
-void faulty_limit(const char* target, unsigned long open_us = 0) {
+// unless `open_us` (a network HSM's round trip in C_OpenSession) or
+// `crypto_us` (in every crypto call, C_SignInit included).
+void faulty_limit(const char* target, unsigned long open_us = 0, unsigned long crypto_us = 0) {
   use_backend(faulty_path());
   REQUIRE(faulty().reset() == 0);
   FaultyConfig c{};
@@ -521,6 +529,7 @@ void faulty_limit(const char* target, unsigned long open_us = 0) {
   c.seed = base_seed();
   c.max_sessions = kBackendLimit;
   c.open_session_us = open_us;
+  c.crypto_us = crypto_us;
   REQUIRE(faulty().configure(&c) == 0);
 }
 
@@ -555,6 +564,95 @@ TEST_CASE("1,000 virtual sessions from 64 threads over a backend that refuses a 
   CHECK(mock_stats().sessions_open == 0);
 }
 
+// 16 threads sign and verify on ONE virtual session over a backend of 4
+// sessions (what p11mux-load --sessions shared does in scripts/bench.sh,
+// section capacity). An Init that finds an operation under way answers
+// CKR_OPERATION_ACTIVE and the thread tries again; once it succeeds, the
+// thread's C_Sign or C_Verify must find its operation (in multiplex mode a
+// thread's operation is its own). Every thread must finish: an operation no
+// thread can reach stays active on its backend session for good, and once
+// all 4 carry one every Init answers CKR_OPERATION_ACTIVE forever (the
+// watchdog). p11mux is initialized over the backend by the caller.
+void shared_signers(const Token& token, const BackendView& backend, long rounds) {
+  constexpr std::size_t kSigners = 16;
+  CK_FUNCTION_LIST& p11 = p11mux();
+  CK_SESSION_HANDLE shared = CK_INVALID_HANDLE;
+  REQUIRE(p11.C_OpenSession(token.slot, CKF_SERIAL_SESSION, nullptr, nullptr, &shared) == CKR_OK);
+  std::vector<Counts> counts(kSigners);
+  std::atomic<unsigned long> collisions{0};
+  {
+    Watchdog watchdog(30s, "16 threads signing on one virtual session");
+    run_threads(
+        kSigners,
+        [&](std::size_t t) {
+          Counts& cnt = counts[t];
+          CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
+          auto init = [&](const char* call, auto&& f) {
+            CK_RV rv;
+            while ((rv = f()) == CKR_OPERATION_ACTIVE) {
+              ++collisions;
+              std::this_thread::yield();
+            }
+            return cnt.tally.record(call, rv) && rv == CKR_OK;
+          };
+          for (long r = 0; r < rounds; ++r) {
+            const Bytes& data =
+                token.digests[(t + static_cast<std::size_t>(r)) % token.digests.size()];
+            if (!init("C_SignInit",
+                      [&] { return p11.C_SignInit(shared, &ecdsa, token.key.private_key); }))
+              continue;
+            CK_BYTE sig[256];
+            CK_ULONG len = sizeof sig;
+            CK_RV rv = p11.C_Sign(shared, bytes(data), data.size(), sig, &len);
+            if (!cnt.tally.record("C_Sign", rv) || rv != CKR_OK) continue;
+            if (!init("C_VerifyInit",
+                      [&] { return p11.C_VerifyInit(shared, &ecdsa, token.key.public_key); }))
+              continue;
+            rv = p11.C_Verify(shared, bytes(data), data.size(), sig, len);
+            if (rv == CKR_SIGNATURE_INVALID) {
+              cnt.bad("a signature of other data");
+              continue;
+            }
+            if (!cnt.tally.record("C_Verify", rv) || rv != CKR_OK) continue;
+            ++cnt.lifecycles;
+          }
+        },
+        "shared-session signers");
+  }
+  CHECK(p11.C_CloseSession(shared) == CKR_OK);
+  REQUIRE(p11.C_Finalize(nullptr) == CKR_OK);
+  Counts all;
+  for (const auto& cnt : counts) all.merge(cnt);
+  const unsigned long peak = backend.peak();
+  std::printf(
+      "FIGURES many-sessions shared-session signers %s mode=%s: threads=%zu signatures=%lu "
+      "collisions=%lu backend_peak=%lu\n",
+      backend.name.c_str(), session_mode().c_str(), kSigners, all.lifecycles, collisions.load(),
+      peak);
+  MESSAGE("shared-session signers (" << session_mode() << "): " << all.tally.summary());
+  for (const auto& u : all.tally.unexpected()) MESSAGE("unexpected: " << u);
+  for (const auto& w : all.first_wrong) MESSAGE("wrong: " << w);
+  CHECK(all.tally.unexpected_count() == 0);
+  CHECK(all.wrong == 0);
+  CHECK(all.lifecycles == kSigners * static_cast<unsigned long>(rounds));
+  CHECK(peak <= kBackendLimit);
+  backend.check_finalized();
+}
+
+TEST_CASE("16 threads sign on one virtual session over a backend of 4 sessions" *
+          doctest::test_suite("shared-session")) {
+  ScopedEnv env({{"P11MUX_POOL_BIND", "state"}, {"P11MUX_POOL_WAIT_MS", "30000"}});
+  use_backend(mock_path());
+  REQUIRE(mock().reset() == 0);
+  MockConfig c{};
+  c.token_max_session_count = kBackendLimit;
+  c.call_spin_us = 50;  // calls linger, so that they overlap
+  REQUIRE(mock().configure(&c) == 0);
+  CK_FUNCTION_LIST& p11 = p11mux();
+  REQUIRE(p11.C_Initialize(os_locking()) == CKR_OK);
+  shared_signers(prepare_token(p11, 0, MOCK_USER_PIN), mock_view("mock"), scaled(100, 20));
+}
+
 #ifdef P11MUX_RELIABILITY_SOFTHSM2
 TEST_CASE("1,000 virtual sessions from 64 threads over SoftHSM2 that refuses a fifth session" *
           doctest::test_suite("softhsm2")) {
@@ -577,8 +675,8 @@ TEST_CASE("1,000 virtual sessions from 64 threads over SoftHSM2 that refuses a f
 // trade the idle R/W one for an R/O one at the limit while the new sessions
 // are still on their way (C_OpenSession takes 2 ms here, as on a network HSM).
 TEST_CASE(
-    "logged in over SoftHSM2 that refuses a fifth session, 8 threads sign with a private key" *
-    doctest::test_suite("softhsm2")) {
+    "logged in over a network HSM that refuses a fifth session, 8 threads sign with a private key" *
+    doctest::test_suite("network-hsm")) {
   p11test::SoftHsmToken softhsm;
   ScopedEnv env({{"P11MUX_POOL_BIND", "state"}, {"P11MUX_POOL_WAIT_MS", "30000"}});
   faulty_limit(softhsm2_path(), 2000);
@@ -647,6 +745,21 @@ TEST_CASE(
       session_mode().c_str(), all.tally.calls(), st.max_sessions_open, st.sessions_opened,
       st.session_count_refusals);
   CHECK(st.sessions_open_at_finalize == 0);
+}
+
+// SoftHSM2 runs one operation at a time per session (a sign under way makes
+// C_VerifyInit answer CKR_OPERATION_ACTIVE), unlike the mock; each crypto
+// call takes 0.5 ms, as on the slow backend (a network HSM).
+TEST_CASE("16 threads sign on one virtual session over a network HSM that refuses a fifth session" *
+          doctest::test_suite("network-hsm")) {
+  p11test::SoftHsmToken softhsm;
+  ScopedEnv env({{"P11MUX_POOL_BIND", "state"}, {"P11MUX_POOL_WAIT_MS", "30000"}});
+  faulty_limit(softhsm2_path(), 0, 500);
+  CK_FUNCTION_LIST& p11 = p11mux();
+  REQUIRE(p11.C_Initialize(os_locking()) == CKR_OK);
+  shared_signers(
+      prepare_token(p11, p11test::require_slot_by_label(p11, softhsm.label()), p11test::kUserPin),
+      faulty_view("faulty-softhsm2"), scaled(20, 5));
 }
 #endif
 
