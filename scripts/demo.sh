@@ -185,7 +185,7 @@ if P11MUX_MODULE="$slow" P11MUX_POOL_BIND=state P11MUX_FAULTY_MAX_SESSIONS=4 tim
   "$load" --module "$p11mux" "${hsm[@]}" --warmup 0.5 --duration 3 >"$work/hsm-p11mux.txt" 2>&1; then
   hsm_ok=1
 fi
-grep -E '^(measured|sign-ec|errors|checks|result)|^op ' "$work/hsm-p11mux.txt" | indent | indent
+grep -E '^(measured|sign-ec|errors|  |checks|result)|^op ' "$work/hsm-p11mux.txt" | indent | indent
 if [ "$hsm_ok" = 1 ]; then
   echo "    ${green}=> OK: $hsm_threads sessions open over the HSM's 4, no errors, every signature verified${reset}"
   echo "       (at most ~4,000 signatures/s are possible: 4 sessions x 1 ms of HSM time each)"
