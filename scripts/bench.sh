@@ -44,7 +44,8 @@ Sections (--only):
              which the HSM refuses (CKR_SESSION_COUNT), as does p11mux with
              bind = open (wait_ms = 0: at once). Ratio to the physical
              capacity of the same run, errors, p99 latency (which includes
-             any wait for a backend session). Writes capacity.csv and a table
+             any wait for a backend session); a run with errors gives no
+             figure. Writes capacity.csv and a table
              in results.md. About 2 minutes
   tls        full TLS handshakes per second (TLSv1.3, no resumption) through
              stunnel (threads) and nginx (2 workers) with the server key on
@@ -509,9 +510,10 @@ capacity_section() {
       [ "$bind" = - ] || cenv+=(P11MUX_POOL_BIND="$bind")
       [ "$bind" != open ] || cenv+=(P11MUX_POOL_WAIT_MS=0)
       run_one capacity slow "$config" sign-ec "$sessions" "$threads" "$r" "${cenv[@]}"
-      [ -z "$ops_s" ] || val[$key/$r]=$ops_s
+      # A run with errors has no figure: failed ops are fast and would count.
+      [ -z "$ops_s" ] || [ "$status" != ok ] || val[$key/$r]=$ops_s
       p99=$(json_number p99 <"$work/run.json" 2>/dev/null || true)
-      [ -z "$ops_s" ] || [ -z "$p99" ] || p99s[$key/$r]=$p99
+      [ -z "$ops_s" ] || [ "$status" != ok ] || [ -z "$p99" ] || p99s[$key/$r]=$p99
       errs[$key]=$((${errs[$key]:-0} + ${errors:-0}))
       [[ " ${states[$key]:-} " == *" $status "* ]] || states[$key]+="${states[$key]:+ / }$status"
     done
@@ -541,7 +543,8 @@ capacity_section() {
       [ ${#l[@]} -eq 0 ] || lat=$(awk -v us="$(median "${l[@]}")" 'BEGIN { printf "%.2f", us / 1000 }')
     fi
     line="  $(printf '%-9s %-10s %3s thr  limit %s' "$label" "$sessions" "$threads" "$limit")"
-    [ -z "$m" ] || line+="  $(printf '%6.0f/s' "$m")${ratio:+ (${ratio}x)}  p99 ${lat:-?} ms  ${errs[$key]:-0} errors"
+    [ -z "$m" ] || line+="  $(printf '%6.0f/s' "$m")${ratio:+ (${ratio}x)}  p99 ${lat:-?} ms"
+    [ "${errs[$key]:-0}" = 0 ] || line+="  ${errs[$key]} errors"
     [ "$st" = ok ] || line+="  [$st]"
     echo "$line"
     echo "$label,$config,$bind,$sessions,$threads,$limit,${#v[@]},$m,$lo,$hi,$ratio,${errs[$key]:-0},$lat,$st" >>"$out/capacity.csv"
