@@ -115,10 +115,11 @@ struct Config {
     std::string mechanisms_deny;   // [policy] mechanisms_deny: CKM_ names or 0x hex
     std::string functions_deny;    // [policy] functions_deny: C_ names
     bool read_only = false;        // [policy] read_only: nothing on the token changes
+    std::string protect;           // [policy] protect: attack rules (policy/protect.hpp), or all
     // Any rule set: only then do calls take the policy's path.
     bool any() const noexcept {
       return !mechanisms_allow.empty() || !mechanisms_deny.empty() || !functions_deny.empty() ||
-             read_only;
+             read_only || !protect.empty();
     }
   } policy;
 };

@@ -62,7 +62,8 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
       log_(make_logger(config.log, locks_, init.may_create_threads)),
       tracing_(log_->should_log(spdlog::level::trace)),
       observer_(std::make_unique<Observer>(config, locks_, init.may_create_threads, log_)),
-      policy_(config.policy.any() ? std::make_unique<const Policy>(config.policy) : nullptr),
+      policy_(config.policy.any() ? std::make_unique<const Policy>(config.policy, locks_)
+                                  : nullptr),
       slow_path_(observer_->active() || policy_ != nullptr),
       port_(std::make_unique<Backend>(backend_options(config, self, inherited)), locks_),
       sessions_(locks_),

@@ -8,6 +8,7 @@
 #include "forward/forward.hpp"
 #include "lifecycle/runtime.hpp"
 #include "policy/policy.hpp"
+#include "policy/protect_enforce.hpp"
 
 #include <p11mux/mechanism_names.hpp>
 #include <p11mux/rv_names.hpp>
@@ -49,6 +50,9 @@ std::optional<CK_RV> policy_before(Runtime& rt, const Policy& policy, A... a) no
   if (PolicyDecision d = policy.check<F>(a...); d.refused()) {
     report_refusal(rt, F::name, d);
     return d.rv;
+  }
+  if constexpr (kProtected<F>) {
+    if (policy.protect().any()) return protect_call<F>(rt, policy.protect(), a...);
   }
   if constexpr (F::name == "C_GetMechanismList") {
     if (policy.filters_mechanisms()) return filtered_mechanism_list(rt, policy, a...);

@@ -13,10 +13,16 @@ enum class PolicyRule : std::uint8_t {
   mechanism,  // mechanisms_allow / mechanisms_deny
   function,   // functions_deny
   read_only,  // read_only = true
+  // protect = ... (policy/protect.hpp), named as in the configuration
+  conflicting_attributes,
+  sticky_attributes,
+  wrap_trusted,
+  no_padding_oracle,
 };
 
-inline constexpr std::array<std::string_view, 3> kPolicyRuleNames{"mechanism", "function",
-                                                                  "read_only"};
+inline constexpr std::array<std::string_view, 7> kPolicyRuleNames{
+    "mechanism",         "function",     "read_only",        "conflicting-attributes",
+    "sticky-attributes", "wrap-trusted", "no-padding-oracle"};
 inline constexpr std::size_t kPolicyRuleCount = kPolicyRuleNames.size();
 
 constexpr std::string_view to_string(PolicyRule rule) noexcept {

@@ -44,6 +44,7 @@ class SessionPool::SlotPool {
   struct State {
     std::vector<Idle> idle[2];        // [rw]
     unsigned long open[2] = {0, 0};   // backend sessions open or being opened, [rw]
+    unsigned long opening = 0;        // ... of which being opened (C_OpenSession under way)
     unsigned long app_sessions = 0;   // the application's virtual sessions on this slot
     unsigned long app_read_only = 0;  // ... of which read-only
     // The limit in force; `ceiling` is the configured or reported one. Below
@@ -64,6 +65,11 @@ class SessionPool::SlotPool {
     std::vector<std::uint64_t> abandoned;
 
     unsigned long open_total() const noexcept { return open[0] + open[1]; }
+    // Whether an idle session may be closed to make room: not the token's
+    // last established one while the application has sessions there (that
+    // would log the token out, and SoftHSM2 would renumber its objects:
+    // docs/pkcs11-facts.md, "Object handles"), even with others being opened.
+    bool may_close_idle() const noexcept { return app_sessions == 0 || open_total() - opening > 1; }
     bool kind_has_room(bool rw) const noexcept { return !rw || open[1] < rw_limit; }
     bool has_room(bool rw) const noexcept { return open_total() < limit && kind_has_room(rw); }
     // At a learned limit, time to try one more (kLimitProbeInterval after the refusal).
@@ -517,7 +523,7 @@ CK_RV SessionPool::admit(CK_SLOT_ID slot, bool rw) noexcept {
   // The backend's own answer when a backend session of this kind is at hand
   // (or may be opened) without waiting: token present, writable...
   CK_SESSION_HANDLE probe = CK_INVALID_HANDLE;
-  CK_RV rv = take(*pool, rw, Notify{}, probe, Wait::never);
+  CK_RV rv = take(*pool, rw, Notify{}, probe, Wait::never, Trade::never);
   if (rv == CKR_OK) {
     settle(*pool, rw, probe, Fate::reuse);
   } else if (rv == CKR_SESSION_COUNT) {
@@ -603,8 +609,8 @@ void SessionPool::settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate
 // sessions of the other kind, or any idle one for an own session, are closed
 // to make room; failing that the caller waits for a session to come back,
 // in turn (Place): first come, first served.
-CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out,
-                        Wait wait) noexcept {
+CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out, Wait wait,
+                        Trade trade) noexcept {
   const bool reuse = notify.callback == nullptr;
   if (ThreadCache* cache = this_thread_cache(false); cache != nullptr && reuse) {
     Stale stale;
@@ -656,9 +662,10 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
           outcome = reused;
         } else if (s->has_room(rw) || (probe = s->may_probe(rw, now))) {
           ++s->open[rw];
+          ++s->opening;
           s->probing = probe;
           outcome = reserved;
-        } else if (s->kind_has_room(rw)) {
+        } else if (trade == Trade::idle && s->kind_has_room(rw) && s->may_close_idle()) {
           // At the limit with an idle session in the way (of the other kind,
           // or any for an own session): trade it in.
           for (bool kind : {!rw, rw}) {
@@ -667,6 +674,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
             s->idle[kind].pop_back();
             --s->open[kind];
             ++s->open[rw];
+            ++s->opening;
             outcome = reserved;
             break;
           }
@@ -674,11 +682,12 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       } catch (...) {
         return CKR_HOST_MEMORY;
       }
-      if (outcome != full) place.served(*s);
+      // Served once it has a session: a reservation may still be refused.
+      if (outcome == reused) place.served(*s);
       if (s->limit < s->ceiling) next_probe = s->probe_after;
     }
     // Served after waiting in line: the next in line may go now.
-    if (outcome != full && waited) pool.signal();
+    if (outcome == reused && waited) pool.signal();
     // Stale: given back before the device said a session was gone. Counted
     // as open until closed.
     if (!stale_shared.empty()) [[unlikely]] {
@@ -698,9 +707,11 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       unsigned long open_now = 0;
       {
         Locked s(pool.state);
+        --s->opening;
         if (rv == CKR_OK) {
           s->refusals = 0;
           if (probe) s->probe_succeeded();
+          place.served(*s);
         } else {
           --s->open[rw];
           if (rv == CKR_SESSION_COUNT) {
@@ -717,6 +728,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
         if (probe) s->probing = false;
       }
       if (rv == CKR_OK) {
+        if (waited) pool.signal();  // the next in line may go now
         pool.lent_new();
         return CKR_OK;
       }
@@ -745,22 +757,45 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       // the way: close it and open one of this kind (or our own) in its place.
       CK_SESSION_HANDLE other = CK_INVALID_HANDLE;
       bool other_rw = !rw;
-      if (steal(pool, !rw, other) || (!reuse && steal(pool, other_rw = rw, other))) {
-        drop_idle(pool, other, /*dead=*/false);
+      if (trade == Trade::idle &&
+          (steal(pool, !rw, other) || (!reuse && steal(pool, other_rw = rw, other)))) {
+        bool traded = false, close_it = false;
         {
           Locked s(pool.state);
-          --s->open[other_rw];
-          ++s->open[rw];
-          place.served(*s);
+          if (s->may_close_idle()) {
+            traded = true;
+            --s->open[other_rw];
+            ++s->open[rw];
+            ++s->opening;
+          } else {
+            // The token's last established session: back to the shared
+            // pool (no memory for that: closed after all, not counted).
+            Idle back{other, pool.generation.load(std::memory_order_acquire), Clock::now()};
+            close_it = !s->keep(other_rw, back);
+          }
         }
-        pool.signal();
-        if (CK_RV rv = backend_open(pool.id, rw, notify, out); rv == CKR_OK) {
-          pool.lent_new();
-          return CKR_OK;
+        if (!traded) {
+          if (close_it) drop_idle(pool, other, /*dead=*/false);
+          pool.signal();
+        } else {
+          drop_idle(pool, other, /*dead=*/false);
+          CK_RV rv = backend_open(pool.id, rw, notify, out);
+          {
+            Locked s(pool.state);
+            --s->opening;
+            if (rv == CKR_OK) {
+              place.served(*s);
+            } else {
+              --s->open[rw];
+            }
+          }
+          pool.signal();
+          if (rv == CKR_OK) {
+            pool.lent_new();
+            return CKR_OK;
+          }
+          continue;
         }
-        Locked(pool.state)->open[rw] -= 1;
-        pool.signal();
-        continue;
       }
     }
     now = Clock::now();
@@ -967,7 +1002,7 @@ void SessionPool::spare_last(std::vector<Taken>& doomed) noexcept {
         static_cast<unsigned long>(std::count_if(doomed.begin(), doomed.end(), mine));
     if (taken == 0) continue;
     Locked s(pool->state);
-    if (s->app_sessions == 0 || s->open_total() > taken) continue;
+    if (s->app_sessions == 0 || s->open_total() - s->opening > taken) continue;
     auto kept = std::find_if(doomed.begin(), doomed.end(), mine);
     if (s->keep(kept->rw, kept->idle)) {
       doomed.erase(kept);

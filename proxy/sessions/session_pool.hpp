@@ -201,8 +201,11 @@ class SessionPool {
   CK_RV slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept EXCLUDES(registry_);
   SlotPool* find_slot(CK_SLOT_ID slot) noexcept { return slots_.find(slot); }
   ThreadCache* this_thread_cache(bool create) noexcept EXCLUDES(registry_);
+  // Whether, at the limit, an idle session of the other kind may be closed
+  // to open one of this kind (never just to check that one could be opened).
+  enum class Trade : bool { never, idle };
   CK_RV take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out,
-             Wait wait = Wait::at_limit) noexcept;
+             Wait wait = Wait::at_limit, Trade trade = Trade::idle) noexcept;
   class Place;
   bool steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept EXCLUDES(registry_);
   struct Stale;
