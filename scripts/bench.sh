@@ -19,7 +19,7 @@ results directory:
   null-overhead.csv CPU ns per call, by function, over the null backend
   callgrind.csv     instructions per call
   runs.csv          every single run
-A full run takes about 21 minutes on 2 cores (9 of them tls); --quick about 4.
+A full run takes about 23 minutes on 2 cores (9 of them tls); --quick about 5.
 
 Sections (--only):
   matrix     ops x threads x {direct, serialize, multiplex, p11kit}, one
@@ -32,6 +32,21 @@ Sections (--only):
   shared     all threads on ONE session (sign-ec, digest; 8 and 64 threads):
              SoftHSM2 directly crashes, which is recorded as a crash
   callgrind  instructions per call (tests/bench/callgrind_overhead.sh)
+  capacity   many application sessions over few HSM sessions (issue 13):
+             the slow backend (libp11mux-slow.so over SoftHSM2: 0.5 ms per
+             crypto call, at most 4 sessions), op sign-ec (C_SignInit +
+             C_Sign, 1 ms of backend time). The physical capacity: 4 threads
+             each with its own session, directly (the limit raised to 5 for
+             p11mux-load's idle setup session, which holds the login). Then
+             through p11mux with [pool] bind = state: 32 and 256 threads each
+             with its own session and 64 threads on one shared session, in
+             both modes; and 32 threads with their own sessions directly,
+             which the HSM refuses (CKR_SESSION_COUNT), as does p11mux with
+             bind = open (wait_ms = 0: at once). Ratio to the physical
+             capacity of the same run, errors, p99 latency (which includes
+             any wait for a backend session); a run with errors gives no
+             figure. Writes capacity.csv and a table
+             in results.md. About 2 minutes
   tls        full TLS handshakes per second (TLSv1.3, no resumption) through
              stunnel (threads) and nginx (2 workers) with the server key on
              the token, loaded by the OpenSSL pkcs11 engine: directly and
@@ -79,7 +94,7 @@ runs=3
 duration=1.5
 warmup=0.5
 quick=0
-sections="matrix,overhead,open,shared,callgrind,tls"
+sections="matrix,overhead,open,shared,callgrind,capacity,tls"
 ops="random,digest,sign-ec,sign-rsa,open-close"
 threads_list="1,2,8,64"
 configs="direct,serialize,multiplex,p11kit"
@@ -128,7 +143,7 @@ IFS=, read -r -a tls_servers <<<"$tls_servers"
 IFS=, read -r -a tls_backends <<<"$tls_backends"
 want() { [[ ",$sections," == *",$1,"* ]]; }
 for s in ${sections//,/ }; do
-  [[ " matrix overhead open shared callgrind tls " == *" $s "* ]] ||
+  [[ " matrix overhead open shared callgrind capacity tls " == *" $s "* ]] ||
     { echo "bench.sh: unknown section '$s' (see --help)" >&2; exit 2; }
 done
 
@@ -188,6 +203,9 @@ select_config() {
   elif [ "$backend" = null ]; then
     backend_path=$null
     token=(--token-label null-token --no-login)
+  elif [ "$backend" = slow ]; then
+    backend_path=$slow
+    token=(--token-label bench)
   else
     backend_path=$softhsm
     token=(--token-label bench)
@@ -452,6 +470,92 @@ if want callgrind; then
   "$repo/tests/bench/callgrind_overhead.sh" "${cg[@]}" | sed 's/^/  /'
 fi
 
+# ---- capacity: many application sessions over few HSM sessions ----
+# The cases: LABEL CONFIG SESSIONS THREADS BACKEND_LIMIT BIND. The slow
+# backend (the faulty module's network-HSM latency over the bench token)
+# refuses sessions beyond BACKEND_LIMIT with CKR_SESSION_COUNT, and reports
+# no limit in its token info: p11mux learns it. "physical" is 4 busy
+# sessions driven directly (p11mux-load's setup session, idle, is the fifth);
+# every other case has the limit of 4. Through p11mux, [pool] bind = BIND;
+# "bind-open" is the binding before issue 13 (a backend session per open
+# session), with [pool] wait_ms = 0 so that it is refused at once rather than
+# after 5 s.
+capacity_cases=(
+  "physical direct per-thread 4 5 -"
+  "direct direct per-thread 32 4 -"
+  "bind-open serialize per-thread 32 4 open"
+  "serialize serialize per-thread 32 4 state"
+  "multiplex multiplex per-thread 32 4 state"
+  "serialize serialize per-thread 256 4 state"
+  "multiplex multiplex per-thread 256 4 state"
+  "serialize serialize shared 64 4 state"
+  "multiplex multiplex shared 64 4 state"
+)
+
+# capacity_section: every case $runs times, interleaved (run 1 of each, then
+# run 2...); medians, and each case's ratio to the physical capacity (median
+# of the per-run ratios against the physical run of the same round).
+capacity_section() {
+  local r spec label config sessions threads limit bind key p99
+  local -A val=() p99s=() errs=() states=()
+  [ -e "$slow" ] || { echo "  $slow is missing: no capacity figures"; return 0; }
+  echo "label,config,bind,sessions,threads,backend_limit,runs,median_ops_per_sec,min_ops_per_sec,max_ops_per_sec,ratio_to_physical,errors,median_p99_latency_ms,status" \
+    >"$out/capacity.csv"
+  for ((r = 1; r <= runs; r++)); do
+    for spec in "${capacity_cases[@]}"; do
+      read -r label config sessions threads limit bind <<<"$spec"
+      key="$label/$sessions/$threads"
+      probe slow "$config" || continue
+      local -a cenv=(P11MUX_FAULTY_MAX_SESSIONS="$limit")
+      [ "$bind" = - ] || cenv+=(P11MUX_POOL_BIND="$bind")
+      [ "$bind" != open ] || cenv+=(P11MUX_POOL_WAIT_MS=0)
+      run_one capacity slow "$config" sign-ec "$sessions" "$threads" "$r" "${cenv[@]}"
+      # A run with errors has no figure: failed ops are fast and would count.
+      [ -z "$ops_s" ] || [ "$status" != ok ] || val[$key/$r]=$ops_s
+      p99=$(json_number p99 <"$work/run.json" 2>/dev/null || true)
+      [ -z "$ops_s" ] || [ "$status" != ok ] || [ -z "$p99" ] || p99s[$key/$r]=$p99
+      errs[$key]=$((${errs[$key]:-0} + ${errors:-0}))
+      [[ " ${states[$key]:-} " == *" $status "* ]] || states[$key]+="${states[$key]:+ / }$status"
+    done
+  done
+  for spec in "${capacity_cases[@]}"; do
+    read -r label config sessions threads limit bind <<<"$spec"
+    key="$label/$sessions/$threads"
+    local -a v=() q=() l=()
+    local m="" lo="" hi="" ratio="" lat="" st line
+    if ! probe slow "$config"; then
+      st="unavailable: ${unavailable[slow/$config]}"
+    else
+      st=${states[$key]:-}
+      for ((r = 1; r <= runs; r++)); do
+        [ -n "${val[$key/$r]:-}" ] || continue
+        v+=("${val[$key/$r]}")
+        [ -z "${p99s[$key/$r]:-}" ] || l+=("${p99s[$key/$r]}")
+        [ "$label" = physical ] || [ -z "${val[physical/per-thread/4/$r]:-}" ] ||
+          q+=("$(awk -v a="${val[$key/$r]}" -v b="${val[physical/per-thread/4/$r]}" 'BEGIN { print a / b }')")
+      done
+      if [ ${#v[@]} -gt 0 ]; then
+        m=$(median "${v[@]}")
+        lo=$(printf '%s\n' "${v[@]}" | sort -g | head -1)
+        hi=$(printf '%s\n' "${v[@]}" | sort -g | tail -1)
+      fi
+      [ ${#q[@]} -eq 0 ] || ratio=$(printf '%.3f' "$(median "${q[@]}")")
+      [ ${#l[@]} -eq 0 ] || lat=$(awk -v us="$(median "${l[@]}")" 'BEGIN { printf "%.2f", us / 1000 }')
+    fi
+    line="  $(printf '%-9s %-10s %3s thr  limit %s' "$label" "$sessions" "$threads" "$limit")"
+    [ -z "$m" ] || line+="  $(printf '%6.0f/s' "$m")${ratio:+ (${ratio}x)}  p99 ${lat:-?} ms"
+    [ "${errs[$key]:-0}" = 0 ] || line+="  ${errs[$key]} errors"
+    [ "$st" = ok ] || line+="  [$st]"
+    echo "$line"
+    echo "$label,$config,$bind,$sessions,$threads,$limit,${#v[@]},$m,$lo,$hi,$ratio,${errs[$key]:-0},$lat,$st" >>"$out/capacity.csv"
+  done
+}
+
+if want capacity; then
+  echo "== capacity on a network HSM (libp11mux-slow.so over SoftHSM2, 0.5 ms per crypto call, at most 4 sessions; sign-ec; ratio to the physical capacity)"
+  capacity_section
+fi
+
 # ---- TLS handshakes through servers with the key on the token ----
 # One server at a time on 127.0.0.1, its key loaded by the OpenSSL pkcs11
 # engine (libp11) from the bench token; $tls_clients openssl s_time processes
@@ -694,6 +798,30 @@ load_end='$load_end'
 elapsed='$elapsed'
 EOF
 "$repo/tests/bench/report.sh" "$out"
+if [ -s "$out/capacity.csv" ] && [ "$(wc -l <"$out/capacity.csv")" -gt 1 ]; then
+  {
+    echo
+    echo "## Capacity on a network HSM"
+    echo
+    echo "libp11mux-slow.so over SoftHSM2: 0.5 ms per crypto call, so at most 1,000 ECDSA"
+    echo "signatures (C_SignInit + C_Sign) per second per backend session, and at most 4"
+    echo "sessions (CKR_SESSION_COUNT beyond; its token info reports no limit, so p11mux"
+    echo "learns it). The physical capacity is 4 threads each driving its own session"
+    echo "directly. Through p11mux, \`[pool] bind = state\`. Median of $runs run(s) of ${duration} s;"
+    echo "the ratio is to the physical capacity of the same round; p99 latency includes any"
+    echo "wait for a backend session."
+    echo
+    echo "| case | module | bind | sessions | threads | backend limit | ops/s | ratio | errors | p99 latency | status |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
+    awk -F, 'NR > 1 {
+      ops = ($8 == "") ? "n/a" : sprintf("%.0f", $8)
+      ratio = ($11 == "") ? "" : sprintf("%.2fx", $11)
+      lat = ($13 == "") ? "" : $13 " ms"
+      module = ($2 == "direct") ? "slow directly" : "p11mux " $2
+      printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, module, $3, $4, $5, $6, ops, ratio, $12, lat, $14
+    }' "$out/capacity.csv"
+  } >>"$out/results.md"
+fi
 if [ -s "$out/tls.csv" ] && [ "$(wc -l <"$out/tls.csv")" -gt 1 ]; then
   {
     echo
@@ -725,7 +853,7 @@ if [ -s "$out/tls.csv" ] && [ "$(wc -l <"$out/tls.csv")" -gt 1 ]; then
 fi
 if [ "$publish" = 1 ]; then
   mkdir -p "$repo/docs/bench"
-  for f in results.md results.csv callgrind.csv tls.csv throughput.png; do
+  for f in results.md results.csv callgrind.csv capacity.csv tls.csv throughput.png; do
     [ ! -e "$out/$f" ] || cp "$out/$f" "$repo/docs/bench/"
   done
   echo "bench: copied to docs/bench/"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The point of p11mux in under a minute: many threads sharing one PKCS#11
-# session through p11mux are correct, while SoftHSM2 called directly crashes.
+# session through p11mux are correct, while SoftHSM2 called directly crashes;
+# and many threads, each with its own session, run through p11mux on a
+# network HSM that allows 4 sessions, which refuses them directly.
 set -euo pipefail
 
 usage() {
@@ -13,13 +15,19 @@ shared session (ECDSA P-256 signatures and SHA-256 digests, every result
 verified): through p11mux (session_mode = multiplex, or serialize in a build
 without it), then against SoftHSM2 directly, which crashes (run in a
 subprocess; that crash is the expected outcome). Last, the same load with
-one session per thread, SoftHSM2 directly vs through p11mux.
+one session per thread, SoftHSM2 directly vs through p11mux. Then a network
+HSM that allows 4 sessions (libp11mux-slow.so, the test backend: SoftHSM2 with
+0.5 ms per crypto call): --hsm-threads threads each opening its own session,
+directly (refused with CKR_SESSION_COUNT) and through p11mux ([pool] bind =
+state: a session holds one of the HSM's 4 only while it has an operation
+under way).
 
-Exit status 0 when the run through p11mux had no errors and no failed checks.
+Exit status 0 when the runs through p11mux had no errors and no failed checks.
 
 Options:
   --threads N     threads (default 64)
   --duration S    seconds of the shared-session run (default 5)
+  --hsm-threads N threads of the network-HSM run (default 32)
   --build DIR     build tree (default build/release)
   --no-setup      skip scripts/setup.sh (packages already installed)
   --no-build      use the build tree as it is
@@ -30,6 +38,7 @@ EOF
 repo=$(cd "$(dirname "$0")/.." && pwd)
 threads=64
 duration=5
+hsm_threads=32
 build="$repo/build/release"
 setup=1
 do_build=1
@@ -37,6 +46,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --threads) threads=$2; shift 2 ;;
     --duration) duration=$2; shift 2 ;;
+    --hsm-threads) hsm_threads=$2; shift 2 ;;
     --build) build=$2; shift 2 ;;
     --no-setup) setup=0; shift ;;
     --no-build) do_build=0; shift ;;
@@ -68,14 +78,16 @@ step "2. Build ($build)"
 if [ "$do_build" = 1 ]; then
   {
     cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo &&
-      cmake --build "$build" --target p11mux p11mux-load
+      cmake --build "$build" --target p11mux p11mux-load p11mux-slow
   } >"$work/build.log" 2>&1 || { tail -30 "$work/build.log"; echo "demo.sh: the build failed" >&2; exit 1; }
 fi
-for f in "$build/proxy/libp11mux.so" "$build/examples/p11mux-load/p11mux-load"; do
+for f in "$build/proxy/libp11mux.so" "$build/examples/p11mux-load/p11mux-load" \
+  "$build/tests/backends/faulty/libp11mux-slow.so"; do
   [ -e "$f" ] || { echo "demo.sh: $f is missing" >&2; exit 1; }
 done
 p11mux="$build/proxy/libp11mux.so"
 load="$build/examples/p11mux-load/p11mux-load"
+slow="$build/tests/backends/faulty/libp11mux-slow.so"
 softhsm=/usr/lib/softhsm/libsofthsm2.so
 echo "    ok: $p11mux"
 
@@ -151,9 +163,41 @@ else
   p11mux_ok=0
 fi
 
+step "7. A network HSM that allows 4 sessions (libp11mux-slow.so: SoftHSM2 with 0.5 ms per crypto call), $hsm_threads threads each with its own session, 3 s each"
+# The slow backend refuses a fifth session (P11MUX_FAULTY_MAX_SESSIONS); its
+# token info reports no limit, so p11mux learns it from that refusal.
+hsm=(--token-label demo --op sign-ec --threads "$hsm_threads" --sessions per-thread --verify-all --quiet)
+echo "    directly:"
+rc=0
+P11MUX_FAULTY_MAX_SESSIONS=4 timeout -k 5 60 "$load" --module "$slow" "${hsm[@]}" --duration 3 \
+  >"$work/hsm-direct.txt" 2>&1 || rc=$?
+if [ "$rc" = 2 ] && grep -q CKR_SESSION_COUNT "$work/hsm-direct.txt"; then
+  grep -m1 'error' "$work/hsm-direct.txt" | indent | indent
+  echo "    ${yellow}=> REFUSED with CKR_SESSION_COUNT: the HSM allows 4 sessions, the application needs $((hsm_threads + 1))${reset}"
+  echo "       (one per thread, and p11mux-load's setup session, which holds the login)."
+else
+  grep -E '^(measured|errors|checks|result)' "$work/hsm-direct.txt" | indent | indent
+  echo "    ${yellow}=> not refused this time (exit status $rc)${reset}"
+fi
+echo "    through p11mux (session_mode = $P11MUX_SESSION_MODE, [pool] bind = state):"
+hsm_ok=0
+if P11MUX_MODULE="$slow" P11MUX_POOL_BIND=state P11MUX_FAULTY_MAX_SESSIONS=4 timeout -k 5 60 \
+  "$load" --module "$p11mux" "${hsm[@]}" --warmup 0.5 --duration 3 >"$work/hsm-p11mux.txt" 2>&1; then
+  hsm_ok=1
+fi
+grep -E '^(measured|sign-ec|errors|  |checks|result)|^op ' "$work/hsm-p11mux.txt" | indent | indent
+if [ "$hsm_ok" = 1 ]; then
+  echo "    ${green}=> OK: $hsm_threads sessions open over the HSM's 4, no errors, every signature verified${reset}"
+  echo "       (at most ~4,000 signatures/s are possible: 4 sessions x 1 ms of HSM time each)"
+else
+  echo "    ${red}=> FAILED through p11mux (see above)${reset}"
+  p11mux_ok=0
+fi
+
 echo
 if [ "$p11mux_ok" = 1 ]; then
   echo "${green}${bold}Done:${reset} through p11mux, $threads threads shared one session with no errors; directly, SoftHSM2 did not survive it."
+  echo "      And $hsm_threads threads with a session each ran on an HSM that allows 4; directly, it refused them."
   echo "Next: scripts/test.sh (the test suite), scripts/bench.sh (the benchmarks), README.md (configuration)."
   exit 0
 fi
