@@ -158,24 +158,30 @@ template <class F>
 // is. This thread's own first, then one with no operation, then any. Another
 // thread's is claimed without taking it over (try_claim(0) keeps its owner),
 // so that its owner's calls continuing an operation there still find it
-// theirs (claim_own_operation).
+// theirs (claim_own_operation); one its owner waits for is not taken, nor
+// one that has a guest already (Binding::guest).
 inline Binding* claim_held_now(Session& s, std::uint64_t me) noexcept REQUIRES(s.lock) {
   Binding* b = find_binding(s, [&](Binding& x) { return x.owner() == me && x.try_claim(me); });
+  if (b == nullptr)
+    b = find_binding(s, [&](Binding& x) { return x.guest == me && x.try_claim(0); });
   if (b == nullptr) {
-    b = find_binding(s, [](Binding& x) { return (x.ops | x.maybe) == 0 && x.try_claim(0); });
+    b = find_binding(s, [&](Binding& x) { return (x.ops | x.maybe) == 0 && x.try_claim(me); });
   }
-  if (b == nullptr) b = find_binding(s, [](Binding& x) { return x.try_claim(0); });
+  if (b == nullptr) {
+    // Another thread's, with its operations: as its one guest.
+    b = find_binding(s, [](Binding& x) { return !x.wanted && x.guest == 0 && x.try_claim(0); });
+    if (b != nullptr) b->guest = me;
+  }
   return b;
 }
 
 // Waits, with s.lock released, until a call on the session ends (or 10 ms,
-// a backstop), unless one of its bindings is free already. As in
-// claim_when_free: announce, then look again.
-[[gnu::cold]] inline void wait_for_a_call(Session& s) noexcept REQUIRES(s.lock) {
+// a backstop), unless blocked() says that what the caller waits for has
+// changed already. As in claim_when_free: announce, then look again.
+template <class Blocked>
+[[gnu::cold]] void wait_for_a_call(Session& s, Blocked blocked) noexcept REQUIRES(s.lock) {
   const std::uint32_t now = s.in_flight.fetch_add(kWaiter, std::memory_order_seq_cst) + kWaiter;
-  const bool all_busy =
-      find_binding(s, [](Binding& x) { return !x.busy(std::memory_order_seq_cst); }) == nullptr;
-  if (all_busy) {
+  if (blocked()) {
     s.lock.unlock();
     timed_wait(s.in_flight, now, std::chrono::milliseconds(10));
     s.lock.lock();
@@ -192,11 +198,15 @@ template <class F>
     REQUIRES(s.lock) {
   constexpr Effect e = effect<F>;
   for (;;) {
-    Binding* mine =
-        find_binding(s, [&](Binding& x) { return x.owner() == me && (x.ops & e.ops) != 0; });
+    Binding* mine = find_binding(
+        s, [&](Binding& x) { return (x.owner() == me || x.guest == me) && (x.ops & e.ops) != 0; });
     if (mine == nullptr || s.closing) return claim_when_free<F>(s, me);
-    if (mine->try_claim(me)) return mine;
-    wait_for_a_call(s);
+    if (mine->try_claim(mine->owner() == me ? me : 0)) {
+      mine->wanted = false;
+      return mine;
+    }
+    mine->wanted = true;  // claim_held_now leaves it to us now
+    wait_for_a_call(s, [mine] { return mine->busy(std::memory_order_seq_cst); });
   }
 }
 
@@ -356,7 +366,10 @@ struct Bound {
       if (Binding* b = claim_held_now(s, me)) return {b, CKR_OK};
       // Every one in use: once a call ends, the pool first again (a binding
       // left idle goes back there).
-      wait_for_a_call(s);
+      wait_for_a_call(s, [&s]() NO_THREAD_SAFETY_ANALYSIS {  // under the caller's s.lock
+        return find_binding(s, [](Binding& x) { return !x.busy(std::memory_order_seq_cst); }) ==
+               nullptr;
+      });
       continue;
     }
     if (rv == CKR_OK && s.closing) rv = CKR_SESSION_CLOSED;
@@ -537,6 +550,7 @@ inline CK_RV finish_call(Runtime& rt, Session& s, Binding& b, CK_RV rv, Rest... 
   {
     MutexGuard guard(s.lock);
     record_call<F>(rt, b, s.slot, rv, created, rest...);
+    if ((b.ops | b.maybe) == 0) b.guest = 0;
     if constexpr (std::is_same_v<F, fn::C_DestroyObject>) {
       // The object may have been created through another binding.
       if (rv == CKR_OK) {

@@ -40,6 +40,15 @@ struct Binding {
   bool discard = false;     // close it at the end, never reuse it
   CloseReason why{};        // with discard, unless dead: why (counted by the pool)
   bool dead = false;        // the backend said it (or its device) is gone: discard, counted
+  // Multiplex, bind = state: its owner waits to continue an operation on it
+  // while another thread's call runs there; no other call may take it then
+  // (claim_held_now), or the owner could wait for ever (multiplex.hpp).
+  bool wanted = false;
+  // Multiplex, bind = state: the one other thread whose call ran here at the
+  // pool's limit (claim_held_now), so that an operation it started here is
+  // found again as its own (claim_own_operation); 0 for none. Cleared when
+  // no operation is left.
+  std::uint64_t guest = 0;
   // Multiplex: the thread that used it last (this_thread_number(), 0 for
   // none) and whether a call is running on it (busy), in one word:
   // (owner << 1) | kBusy. One word so that one compare-exchange claims the
@@ -85,7 +94,8 @@ struct Binding {
   void clear() noexcept {
     backend = CK_INVALID_HANDLE;
     ops = maybe = 0;
-    discard = dead = false;
+    discard = dead = wanted = false;
+    guest = 0;
     why = {};
     objects.clear();
     claim.store(0, std::memory_order_relaxed);
