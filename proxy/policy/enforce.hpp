@@ -7,6 +7,7 @@
 
 #include "forward/forward.hpp"
 #include "lifecycle/runtime.hpp"
+#include "policy/filter_calls.hpp"
 #include "policy/policy.hpp"
 
 #include <p11mux/mechanism_names.hpp>
@@ -49,6 +50,15 @@ std::optional<CK_RV> policy_before(Runtime& rt, const Policy& policy, A... a) no
   if (PolicyDecision d = policy.check<F>(a...); d.refused()) {
     report_refusal(rt, F::name, d);
     return d.rv;
+  }
+  if constexpr (kNamesSlot<F>) {
+    if (policy.tokens().on()) {
+      const CK_SLOT_ID slot = std::get<0>(std::tuple<A...>{a...});
+      if (CK_RV rv = token_refusal(rt, policy.tokens(), F::name, slot); rv != CKR_OK) return rv;
+    }
+  }
+  if constexpr (F::name == "C_GetSlotList") {
+    if (policy.tokens().on()) return filtered_slot_list(rt, policy.tokens(), a...);
   }
   if constexpr (F::name == "C_GetMechanismList") {
     if (policy.filters_mechanisms()) return filtered_mechanism_list(rt, policy, a...);

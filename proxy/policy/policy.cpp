@@ -81,7 +81,8 @@ std::vector<std::size_t> parse_functions(std::string_view text, std::string_view
   return out;
 }
 
-Policy::Policy(const Config::Policy& config) : read_only_(config.read_only) {
+Policy::Policy(const Config::Policy& config)
+    : read_only_(config.read_only), tokens_(config.tokens), objects_(config.objects) {
   const std::vector<CK_MECHANISM_TYPE> allow =
       parse_mechanisms(config.mechanisms_allow, "mechanisms_allow");
   const std::vector<CK_MECHANISM_TYPE> deny =
@@ -126,6 +127,8 @@ std::string Policy::describe() const {
   }
   if (!functions.empty()) out += " functions denied " + functions;
   if (read_only_) out += " read-only";
+  if (tokens_.on()) out += " tokens " + tokens_.describe();
+  if (objects_.on()) out += " objects " + objects_.describe();
   return "policy:" + (out.empty() ? std::string(" nothing refused") : out);
 }
 

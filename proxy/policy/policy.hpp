@@ -21,6 +21,7 @@
 
 #include "config/config.hpp"
 #include "functions/function_traits.hpp"
+#include "policy/filters.hpp"
 #include "policy/policy_rule.hpp"
 
 #include <p11mux/pkcs11.h>
@@ -93,6 +94,9 @@ class Policy {
   bool filters_mechanisms() const noexcept { return mode_ != Mode::all; }
   bool function_denied(std::size_t index) const noexcept { return denied_functions_[index]; }
   bool read_only() const noexcept { return read_only_; }
+  // tokens and objects (filters.hpp); applied by filter_calls.hpp.
+  const TokenFilter& tokens() const noexcept { return tokens_; }
+  const ObjectFilter& objects() const noexcept { return objects_; }
 
   // One line for the log at C_Initialize: what is on.
   std::string describe() const;
@@ -134,6 +138,8 @@ class Policy {
   std::vector<CK_MECHANISM_TYPE> mechanisms_;  // sorted; what mode_ lists
   std::array<bool, kPolicyFunctionNames.size()> denied_functions_{};
   bool read_only_ = false;
+  TokenFilter tokens_;
+  ObjectFilter objects_;
 };
 
 // Parses a mechanism list ("CKM_SHA256, 0x80000001"): names from p11mux's CKM_

@@ -13,10 +13,12 @@ enum class PolicyRule : std::uint8_t {
   mechanism,  // mechanisms_allow / mechanisms_deny
   function,   // functions_deny
   read_only,  // read_only = true
+  token,      // tokens (filters.hpp)
+  object,     // objects (filters.hpp)
 };
 
-inline constexpr std::array<std::string_view, 3> kPolicyRuleNames{"mechanism", "function",
-                                                                  "read_only"};
+inline constexpr std::array<std::string_view, 5> kPolicyRuleNames{"mechanism", "function",
+                                                                  "read_only", "token", "object"};
 inline constexpr std::size_t kPolicyRuleCount = kPolicyRuleNames.size();
 
 constexpr std::string_view to_string(PolicyRule rule) noexcept {
