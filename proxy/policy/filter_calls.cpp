@@ -42,9 +42,8 @@ void count(Runtime& rt, PolicyRule rule) noexcept {
 
 // One attribute's value past the inline buffer: asked its length, then read.
 // No value when the object has none or will not give it.
-std::optional<std::string_view> read_long(Runtime& rt, CK_SESSION_HANDLE s,
-                                          CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type,
-                                          std::string& storage) noexcept {
+std::optional<std::string_view> read_long(Runtime& rt, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE object,
+                                          CK_ATTRIBUTE_TYPE type, std::string& storage) noexcept {
   CK_ATTRIBUTE a{type, nullptr, 0};
   if (rt.port().call<fn::C_GetAttributeValue>(s, object, &a, 1) != CKR_OK ||
       a.ulValueLen == CK_UNAVAILABLE_INFORMATION) {
@@ -65,30 +64,39 @@ std::optional<std::string_view> read_long(Runtime& rt, CK_SESSION_HANDLE s,
 
 }  // namespace
 
-CK_RV read_identity(Runtime& rt, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE object,
-                    ObjectIdentity& out) noexcept {
+CK_RV read_identity(Runtime& rt, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE object, ObjectIdentity& out,
+                    bool labels, bool ids) noexcept {
   constexpr CK_ULONG kInline = ObjectIdentity::kInline;
-  CK_ATTRIBUTE both[] = {{CKA_LABEL, out.label_buf.data(), kInline},
-                         {CKA_ID, out.id_buf.data(), kInline}};
-  const CK_RV rv = rt.port().call<fn::C_GetAttributeValue>(s, object, both, 2);
+  CK_ATTRIBUTE wanted[2];
+  std::optional<std::string_view>* values[2];
+  std::string* big[2];
+  CK_ULONG n = 0;
+  if (labels) {
+    wanted[n] = {CKA_LABEL, out.label_buf.data(), kInline};
+    values[n] = &out.label;
+    big[n++] = &out.label_big;
+  }
+  if (ids) {
+    wanted[n] = {CKA_ID, out.id_buf.data(), kInline};
+    values[n] = &out.id;
+    big[n++] = &out.id_big;
+  }
+  const CK_RV rv = rt.port().call<fn::C_GetAttributeValue>(s, object, wanted, n);
   // Any other code says nothing of the attributes (the object or the
   // session is not there): the caller answers it.
   if (rv != CKR_OK && rv != CKR_ATTRIBUTE_TYPE_INVALID && rv != CKR_ATTRIBUTE_SENSITIVE &&
       rv != CKR_BUFFER_TOO_SMALL) {
     return rv;
   }
-  const CK_ATTRIBUTE_TYPE types[] = {CKA_LABEL, CKA_ID};
-  std::optional<std::string_view>* values[] = {&out.label, &out.id};
-  std::string* big[] = {&out.label_big, &out.id_big};
-  for (std::size_t i = 0; i < 2; ++i) {
-    const CK_ULONG len = both[i].ulValueLen;
+  for (CK_ULONG i = 0; i < n; ++i) {
+    const CK_ULONG len = wanted[i].ulValueLen;
     if (len != CK_UNAVAILABLE_INFORMATION && len <= kInline) {
-      *values[i] = std::string_view(static_cast<const char*>(both[i].pValue), len);
+      *values[i] = std::string_view(static_cast<const char*>(wanted[i].pValue), len);
     } else if (rv == CKR_BUFFER_TOO_SMALL) {
       // Too long for the inline buffer (or absent: the same mark): ask alone.
       // Never past the buffer on a length the backend reports
       // (docs/pkcs11-facts.md).
-      *values[i] = read_long(rt, s, object, types[i], *big[i]);
+      *values[i] = read_long(rt, s, object, wanted[i].type, *big[i]);
     }
   }
   return CKR_OK;
@@ -107,8 +115,8 @@ void report_token_refusal(Runtime& rt, std::string_view function, CK_SLOT_ID slo
 }
 
 void report_object_refusal(Runtime& rt, std::string_view function,
-                           std::optional<std::string_view> label, std::optional<std::string_view> id,
-                           CK_RV rv) noexcept {
+                           std::optional<std::string_view> label,
+                           std::optional<std::string_view> id, CK_RV rv) noexcept {
   count(rt, PolicyRule::object);
   try {
     rt.log().warn("policy refused {}: rule object (label {}, id {}): {}", function,
@@ -180,19 +188,25 @@ CK_RV object_refusal(Runtime& rt, const ObjectFilter& objects, std::string_view 
                      CK_SESSION_HANDLE s, CK_OBJECT_HANDLE object, CK_RV invalid,
                      const CK_ATTRIBUTE* change, CK_ULONG change_count) noexcept {
   ObjectIdentity identity;
-  if (CK_RV rv = read_identity(rt, s, object, identity); rv != CKR_OK) {
+  if (CK_RV rv = read_identity(rt, s, object, identity, objects.uses_labels(), objects.uses_ids());
+      rv != CKR_OK) {
     // Not there (or not visible to this session): the call's own code for
     // an unknown handle, as the backend would answer. Anything else (the
     // session or the device gone) is the backend's answer to this call too.
     return rv == CKR_OBJECT_HANDLE_INVALID ? invalid : rv;
   }
   if (!objects.exposes(identity.label, identity.id)) {
+    // The log line names both (a refusal is rare: read again for it).
+    if (!objects.uses_labels() || !objects.uses_ids()) (void)read_identity(rt, s, object, identity);
     report_object_refusal(rt, function, identity.label, identity.id, invalid);
     return invalid;
   }
   if (change != nullptr) {
     if (CK_RV rv = objects.check_template(change, change_count, identity.label, identity.id);
         rv != CKR_OK) {
+      if (!objects.uses_labels() || !objects.uses_ids()) {
+        (void)read_identity(rt, s, object, identity);
+      }
       report_object_refusal(rt, function, identity.label, identity.id, rv);
       return rv;
     }
@@ -237,7 +251,8 @@ CK_RV filtered_find_objects(Runtime& rt, const ObjectFilter& objects, CK_SESSION
     for (CK_ULONG i = 0; i < got; ++i) {
       ObjectIdentity identity;
       // Unreadable: hidden (deny by default).
-      if (read_identity(rt, s, chunk[i], identity) == CKR_OK &&
+      if (read_identity(rt, s, chunk[i], identity, objects.uses_labels(), objects.uses_ids()) ==
+              CKR_OK &&
           objects.exposes(identity.label, identity.id)) {
         found[kept++] = chunk[i];
       }

@@ -27,17 +27,19 @@ struct ObjectIdentity {
   std::string label_big, id_big;
 };
 
-// Reads `object`'s identity on backend session `s`. CKR_OK, or the
+// Reads `object`'s identity on backend session `s`: its CKA_LABEL when
+// `labels`, its CKA_ID when `ids` (one backend call for both; a backend's
+// C_GetAttributeValue is most of what the filter costs). CKR_OK, or the
 // backend's error (CKR_OBJECT_HANDLE_INVALID for an object it does not know).
-CK_RV read_identity(Runtime& rt, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE object,
-                    ObjectIdentity& out) noexcept;
+CK_RV read_identity(Runtime& rt, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE object, ObjectIdentity& out,
+                    bool labels = true, bool ids = true) noexcept;
 
 // The log line (warn) and the count of one filter refusal.
 void report_token_refusal(Runtime& rt, std::string_view function, CK_SLOT_ID slot,
                           const CK_TOKEN_INFO& token, CK_RV rv) noexcept;
 void report_object_refusal(Runtime& rt, std::string_view function,
-                           std::optional<std::string_view> label, std::optional<std::string_view> id,
-                           CK_RV rv) noexcept;
+                           std::optional<std::string_view> label,
+                           std::optional<std::string_view> id, CK_RV rv) noexcept;
 
 // ---- tokens -----------------------------------------------------------------
 
@@ -107,7 +109,8 @@ CK_RV ObjectFiltered::call(Runtime& rt, A... a) noexcept {
                               0);
         }
       }());
-    }(std::make_index_sequence<handles.size()>{});
+    }
+    (std::make_index_sequence<handles.size()>{});
     [&]<std::size_t... I>(std::index_sequence<I...>) {
       (..., [&] {
         constexpr std::size_t t = templates[I];
@@ -115,7 +118,8 @@ CK_RV ObjectFiltered::call(Runtime& rt, A... a) noexcept {
           rv = creation_refusal(rt, objects, F::name, std::get<t>(args), std::get<t + 1>(args));
         }
       }());
-    }(std::make_index_sequence<templates.size()>{});
+    }
+    (std::make_index_sequence<templates.size()>{});
     if (rv != CKR_OK) return rv;
     return rt.port().template call<F>(a...);
   }

@@ -100,10 +100,10 @@ TokenFilter::TokenFilter(std::string_view text) {
     }
     const std::size_t most = e.field == Field::serial ? kSerialSize : kLabelSize;
     if (e.field != Field::either && value.size() > most) {
-      throw ConfigError(fmt::format("{}: '{}' is longer than a token's {} ({} bytes): it can "
-                                    "never match",
-                                    where("tokens"), entry,
-                                    e.field == Field::label ? "label" : "serial number", most));
+      throw ConfigError(fmt::format(
+          "{}: '{}' is longer than a token's {} ({} bytes): it can "
+          "never match",
+          where("tokens"), entry, e.field == Field::label ? "label" : "serial number", most));
     }
     if (e.field == Field::either && value.size() > kLabelSize) {
       throw ConfigError(fmt::format(
@@ -149,9 +149,9 @@ ObjectFilter::ObjectFilter(std::string_view text) {
     } else if (entry.starts_with("id:")) {
       std::optional<std::string> bytes = parse_hex_bytes(trimmed(entry.substr(3)));
       if (!bytes) {
-        throw ConfigError(fmt::format(
-            "{}: '{}' is not an ID in hex (two hex digits per byte, e.g. id:0a1b)",
-            where("objects"), entry));
+        throw ConfigError(
+            fmt::format("{}: '{}' is not an ID in hex (two hex digits per byte, e.g. id:0a1b)",
+                        where("objects"), entry));
       }
       ids_.push_back(std::move(*bytes));
     } else {

@@ -73,6 +73,9 @@ class ObjectFilter {
   // Throws ConfigError naming the key and the entry it cannot take.
   explicit ObjectFilter(std::string_view text);
   bool on() const noexcept { return !labels_.empty() || !ids_.empty(); }
+  // Which attributes the entries look at: only those need reading.
+  bool uses_labels() const noexcept { return !labels_.empty(); }
+  bool uses_ids() const noexcept { return !ids_.empty(); }
   bool exposes(std::optional<std::string_view> label,
                std::optional<std::string_view> id) const noexcept;
   // An object made from `tmpl`, over what it had before (a copy's source,
@@ -160,8 +163,8 @@ constexpr auto creation_templates() noexcept {
 
 // The functions the objects filter changes: those above, and C_FindObjects.
 template <class F>
-inline constexpr bool kFiltersObjects = F::name == "C_FindObjects" ||
-                                        object_handle_args<F>().size() != 0 ||
-                                        creation_templates<F>().size() != 0;
+inline constexpr bool kFiltersObjects =
+    F::name == "C_FindObjects" ||
+    object_handle_args<F>().size() != 0 || creation_templates<F>().size() != 0;
 
 }  // namespace p11mux
