@@ -109,7 +109,8 @@ int main(int argc, char** argv) {
       CK_ULONG count = 0;
       rv = p->C_FindObjectsInit(h, &by_label, 1);
       if (rv == CKR_OK) rv = p->C_FindObjects(h, found, 16, &count);
-      if (rv == CKR_OK && (count != 1 || found[0] != key)) die("find: not the key", CKR_GENERAL_ERROR);
+      if (rv == CKR_OK && (count != 1 || found[0] != key))
+        die("find: not the key", CKR_GENERAL_ERROR);
       if (rv == CKR_OK) rv = p->C_FindObjectsFinal(h);
     } else {
       die("unknown op " + op, CKR_ARGUMENTS_BAD);

@@ -51,8 +51,7 @@ CK_FUNCTION_LIST* mock_direct() {
 CK_OBJECT_HANDLE make_key(const char* label, std::string_view id = {}) {
   CK_FUNCTION_LIST* m = mock_direct();
   CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
-  REQUIRE(m->C_OpenSession(0, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &s) ==
-          CKR_OK);
+  REQUIRE(m->C_OpenSession(0, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &s) == CKR_OK);
   CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
   CK_BBOOL yes = CK_TRUE;
   CK_BYTE value[16] = {1, 2, 3};
@@ -207,9 +206,9 @@ TEST_CASE("filters: a token refusal is logged with the slot, label and serial, a
 TEST_CASE("filters: objects hides the other objects from C_FindObjects and every handle use") {
   for (const char* mode : {"serialize", "multiplex"}) {
     CAPTURE(mode);
-    Proxy proxy({}, nullptr,
-                {{"P11MUX_POLICY_OBJECTS", "label:tls-key, id:0a1b"},
-                 {"P11MUX_SESSION_MODE", mode}});
+    Proxy proxy(
+        {}, nullptr,
+        {{"P11MUX_POLICY_OBJECTS", "label:tls-key, id:0a1b"}, {"P11MUX_SESSION_MODE", mode}});
     CK_FUNCTION_LIST* p = proxy.p11;
     // Hidden objects first: a search meets them before the shown ones.
     std::vector<CK_OBJECT_HANDLE> hidden;

@@ -3,10 +3,10 @@
 // of an object (label, label prefix, ID), the check of a template that makes
 // or changes an object, which calls each filter changes, and the counter of
 // their refusals in the /stats report.
-#include "policy/filters.hpp"
 #include "config/config.hpp"
 #include "observe/metrics.hpp"
 #include "observe/stats_report.hpp"
+#include "policy/filters.hpp"
 #include "policy/policy.hpp"
 
 #include "fake_environment.hpp"
@@ -63,7 +63,7 @@ TEST_CASE("filters: tokens and objects are read from the file and the environmen
 TEST_CASE("filters: a token matches by label or serial, less its padding") {
   const TokenFilter filter("web token, serial:0042, label:db");
   CHECK(filter.on());
-  CHECK(filter.exposes(token("web token", "1")));  // bare: label...
+  CHECK(filter.exposes(token("web token", "1")));      // bare: label...
   CHECK(filter.exposes(token("other", "web token")));  // ... or serial
   CHECK(filter.exposes(token("x", "0042")));
   CHECK_FALSE(filter.exposes(token("0042", "x")));  // serial: only the serial
