@@ -122,6 +122,9 @@ constexpr std::array<EnumName<LockingMode>, 4> names_of(std::type_identity<Locki
            {"callbacks", LockingMode::callbacks},
            {"none", LockingMode::none}}};
 }
+constexpr std::array<EnumName<BindMode>, 3> names_of(std::type_identity<BindMode>) {
+  return {{{"auto", BindMode::automatic}, {"open", BindMode::open}, {"state", BindMode::state}}};
+}
 constexpr std::array<EnumName<VendorInterfaces>, 2> names_of(std::type_identity<VendorInterfaces>) {
   return {{{"hide", VendorInterfaces::hide}, {"pass", VendorInterfaces::pass}}};
 }
@@ -226,6 +229,9 @@ constexpr std::array kKeys{
     key<&Config::pool, &Config::Pool::keep_login>("pool", "keep_login"),
     number<0, kThirtyDaysS, &Config::pool, &Config::Pool::idle_timeout_s>("pool", "idle_timeout_s"),
     number<0, kThirtyDaysS, &Config::pool, &Config::Pool::keepalive_s>("pool", "keepalive_s"),
+    key<&Config::pool, &Config::Pool::bind>("pool", "bind"),
+    number<1, 10'000'000, &Config::pool, &Config::Pool::max_virtual_sessions>(
+        "pool", "max_virtual_sessions"),
     key<&Config::metrics, &Config::Metrics::enabled>("metrics", "enabled"),
     key<&Config::metrics, &Config::Metrics::listen>("metrics", "listen"),
     key<&Config::metrics, &Config::Metrics::allow_remote>("metrics", "allow_remote"),
@@ -235,6 +241,7 @@ constexpr std::array kKeys{
     key<&Config::policy, &Config::Policy::mechanisms_deny>("policy", "mechanisms_deny"),
     key<&Config::policy, &Config::Policy::functions_deny>("policy", "functions_deny"),
     key<&Config::policy, &Config::Policy::read_only>("policy", "read_only"),
+    key<&Config::policy, &Config::Policy::protect>("policy", "protect"),
     key<&Config::policy, &Config::Policy::tokens>("policy", "tokens"),
     key<&Config::policy, &Config::Policy::objects>("policy", "objects"),
 };
@@ -566,5 +573,6 @@ Config load_config(const Environment& env, std::string_view default_file) {
 
 std::string_view to_string(SessionMode mode) noexcept { return ValueKind<SessionMode>::name(mode); }
 std::string_view to_string(LockingMode mode) noexcept { return ValueKind<LockingMode>::name(mode); }
+std::string_view to_string(BindMode mode) noexcept { return ValueKind<BindMode>::name(mode); }
 
 }  // namespace p11mux

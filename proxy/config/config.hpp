@@ -48,6 +48,11 @@ enum class SessionMode { serialize, multiplex };  // config text: serialize|mult
 // What the proxy asks of the backend's C_Initialize for locking.
 enum class LockingMode { automatic, os, callbacks, none };  // config text: auto|os|callbacks|none
 
+// When a virtual session holds a backend session (README, "Session pool"):
+// from C_OpenSession to C_CloseSession (open), or only while it has state to
+// keep (state); auto is state in multiplex mode, open in serialize mode.
+enum class BindMode { automatic, open, state };  // config text: auto|open|state
+
 // Whether C_GetInterfaceList/C_GetInterface pass on the backend's vendor interfaces.
 enum class VendorInterfaces { hide, pass };  // config text: hide|pass
 
@@ -93,7 +98,16 @@ struct Config {
     bool keep_login = false;           // [pool] keep_login: stay logged in with no app session
     unsigned long idle_timeout_s = 0;  // [pool] idle_timeout_s: close idle sessions (0: never)
     unsigned long keepalive_s = 0;     // [pool] keepalive_s: ping idle sessions (0: never)
+    BindMode bind = BindMode::automatic;  // [pool] bind
+    // [pool] max_virtual_sessions: the application's sessions per token at
+    // most; beyond it C_OpenSession answers CKR_SESSION_COUNT.
+    unsigned long max_virtual_sessions = 100'000;
   } pool;
+  // [pool] bind, with auto resolved by the session mode.
+  bool binds_on_state() const noexcept {
+    return pool.bind == BindMode::state ||
+           (pool.bind == BindMode::automatic && session_mode == SessionMode::multiplex);
+  }
   // What the application may do (README, "Policy"). Kept as written: the
   // names are checked, and turned into sets, by policy/ at C_Initialize.
   struct Policy {
@@ -101,12 +115,13 @@ struct Config {
     std::string mechanisms_deny;   // [policy] mechanisms_deny: CKM_ names or 0x hex
     std::string functions_deny;    // [policy] functions_deny: C_ names
     bool read_only = false;        // [policy] read_only: nothing on the token changes
+    std::string protect;           // [policy] protect: attack rules (policy/protect.hpp), or all
     std::string tokens;            // [policy] tokens: labels or serials; empty = every token
     std::string objects;           // [policy] objects: label:/id: matchers; empty = every object
     // Any rule set: only then do calls take the policy's path.
     bool any() const noexcept {
       return !mechanisms_allow.empty() || !mechanisms_deny.empty() || !functions_deny.empty() ||
-             read_only || !tokens.empty() || !objects.empty();
+             read_only || !protect.empty() || !tokens.empty() || !objects.empty();
     }
   } policy;
 };
@@ -153,5 +168,6 @@ Config parse_config(std::string_view text, std::string_view file_name, const Env
 // The configuration spelling of a value, for log messages.
 std::string_view to_string(SessionMode mode) noexcept;
 std::string_view to_string(LockingMode mode) noexcept;
+std::string_view to_string(BindMode mode) noexcept;
 
 }  // namespace p11mux

@@ -11,6 +11,7 @@
 
 #include "forward/multiplex.hpp"
 #include "forward/session_effects.hpp"
+#include "forward/state_binding.hpp"
 #include "functions/arg_check.hpp"
 #include "functions/function_traits.hpp"
 #include "handled/handled.hpp"
@@ -49,13 +50,21 @@ template <class F, class Via = ToPort, class Observation, class... A>
         SessionLease session = seen.lease(rt.sessions(), handle);
         if (!session) return CKR_SESSION_HANDLE_INVALID;
         HeldLock leased(session->lock);
+        if (CK_RV rv = refused_for_sessions<F>(rt, session->slot, rest...); rv != CKR_OK) return rv;
         Binding& binding = session->anchor;
+        // [pool] bind = state: an idle session holds none; it waits for one
+        // holding nothing else (docs/design.md, "Binding on state").
+        if (binding.backend == CK_INVALID_HANDLE) [[unlikely]] {
+          if (CK_RV rv = bind_anchor(rt, *session); rv != CKR_OK) return rv;
+        }
         seen.ran_on(binding.backend);
         CK_RV rv = call_backend(binding.backend, rest...);
         if (drained_for_retry<F>(rt, session->slot, rv, rest...)) [[unlikely]] {
           rv = call_backend(binding.backend, rest...);
         }
         note_call<F>(rt, binding, session->slot, rv, rest...);
+        note_login<F>(rt, session->slot, rv, rest...);
+        if (rt.binds_on_state()) unbind_if_idle(rt, *session);
         return rv;
       }
       (a...);

@@ -198,13 +198,13 @@ template <class F>
 }
 
 // A new binding for a backend session from the pool; NULL without memory.
-inline Binding* add_binding(Session& s, CK_SESSION_HANDLE backend) noexcept REQUIRES(s.lock) {
-  Binding* b = nullptr;
-  for (auto& x : s.extra) {
-    if (x->backend == CK_INVALID_HANDLE) {
-      b = x.get();
-      break;
-    }
+// `anchor_first` ([pool] bind = state): an empty anchor first, so that a
+// call that leaves state on it finds it again without the lock (claim_anchor).
+inline Binding* add_binding(Session& s, CK_SESSION_HANDLE backend,
+                            bool anchor_first = false) noexcept REQUIRES(s.lock) {
+  Binding* b = anchor_first && s.anchor.backend == CK_INVALID_HANDLE ? &s.anchor : nullptr;
+  for (auto it = s.extra.begin(); b == nullptr && it != s.extra.end(); ++it) {
+    if ((*it)->backend == CK_INVALID_HANDLE) b = it->get();
   }
   if (b == nullptr) {
     try {
@@ -266,35 +266,85 @@ inline constexpr bool changes_nothing_on_success =
   leave_call(s);
 }
 
+// Whether the session holds a backend session now.
+inline bool holds_any(Session& s) noexcept REQUIRES(s.lock) {
+  return find_binding(s, [](Binding&) { return true; }) != nullptr;
+}
+
+// A binding the session holds, claimed once a call on it ends (the one it
+// holds is busy, or every one is); NULL when it holds none any more, or is
+// closing. Called and returns with s.lock held; the caller counts in
+// in_flight. The wait is for calls on the session's own backend sessions,
+// which end: never for the pool (docs/design.md, "Binding on state").
+[[gnu::cold, gnu::noinline]] inline Binding* claim_held(Session& s, std::uint64_t me) noexcept
+    REQUIRES(s.lock) {
+  for (;;) {
+    if (s.closing || !holds_any(s)) return nullptr;
+    // This thread's own first, then one with no operation, then any.
+    Binding* b = find_binding(s, [&](Binding& x) { return x.owner() == me && x.try_claim(me); });
+    if (b == nullptr) {
+      b = find_binding(s, [&](Binding& x) { return (x.ops | x.maybe) == 0 && x.try_claim(me); });
+    }
+    if (b == nullptr) b = find_binding(s, [&](Binding& x) { return x.try_claim(me); });
+    if (b != nullptr) return b;
+    // As in claim_when_free: announce, then look again.
+    const std::uint32_t now = s.in_flight.fetch_add(kWaiter, std::memory_order_seq_cst) + kWaiter;
+    const bool all_busy =
+        find_binding(s, [](Binding& x) { return !x.busy(std::memory_order_seq_cst); }) == nullptr;
+    if (all_busy) {
+      s.lock.unlock();
+      timed_wait(s.in_flight, now, std::chrono::milliseconds(10));  // the bound is a backstop
+      s.lock.lock();
+    }
+    s.in_flight.fetch_sub(kWaiter, std::memory_order_relaxed);
+  }
+}
+
 // No free binding: a new one from the pool (cold). Leaves the call count
 // itself when it fails. Returned by value, not through an out-parameter:
 // the caller's binding pointer then stays in a register on the hot path.
+//
+// A session that holds a backend session (`holds`, read under its lock)
+// never waits for the pool: at the limit the call runs on one it holds, once
+// that one is free. Only a session holding none waits, so the backend
+// sessions waited for are held by sessions that wait for nothing but their
+// own calls: N sessions each holding one and wanting another cannot wait
+// for each other (docs/design.md, "Binding on state").
 struct Bound {
   Binding* binding;
   CK_RV rv;
 };
-[[gnu::cold, gnu::noinline]] inline Bound bind_from_pool(Runtime& rt, Session& s,
-                                                         std::uint64_t me) noexcept
-    EXCLUDES(s.lock) {
-  Binding* b = nullptr;
+[[gnu::cold, gnu::noinline]] inline Bound bind_from_pool(Runtime& rt, Session& s, std::uint64_t me,
+                                                         bool holds) noexcept EXCLUDES(s.lock) {
   // Fixed while the session is open, which it stays while we count in in_flight.
   const CK_SLOT_ID slot = s.slot_while_open();
   const bool rw = s.rw_while_open();
-  CK_SESSION_HANDLE fresh = CK_INVALID_HANDLE;
-  CK_RV rv = rt.pool().borrow(slot, rw, fresh);
-  MutexGuard guard(s.lock);
-  if (rv == CKR_OK && s.closing) rv = CKR_SESSION_CLOSED;
-  if (rv == CKR_OK) {
-    b = add_binding(s, fresh);
-    if (b == nullptr) rv = CKR_HOST_MEMORY;
+  for (;;) {
+    CK_SESSION_HANDLE fresh = CK_INVALID_HANDLE;
+    using Wait = SessionPool::Wait;
+    CK_RV rv = rt.pool().borrow(slot, rw, fresh, holds ? Wait::never : Wait::at_limit);
+    MutexGuard guard(s.lock);
+    if (rv == CKR_SESSION_COUNT && holds) {
+      if (Binding* b = claim_held(s, me)) return {b, CKR_OK};
+      if (!s.closing) {
+        holds = false;  // it gave back what it held meanwhile: wait like any other
+        continue;
+      }
+    }
+    if (rv == CKR_OK && s.closing) rv = CKR_SESSION_CLOSED;
+    Binding* b = nullptr;
+    if (rv == CKR_OK) {
+      b = add_binding(s, fresh, rt.binds_on_state());
+      if (b == nullptr) rv = CKR_HOST_MEMORY;
+    }
+    if (rv != CKR_OK) {
+      if (fresh != CK_INVALID_HANDLE) rt.pool().give(slot, rw, fresh, SessionPool::Fate::reuse);
+      leave_call(s);
+      return {nullptr, rv};
+    }
+    b->claim.store((me << 1) | Binding::kBusy, std::memory_order_relaxed);  // not visible yet
+    return {b, CKR_OK};
   }
-  if (rv != CKR_OK) {
-    if (fresh != CK_INVALID_HANDLE) rt.pool().give(slot, rw, fresh, SessionPool::Fate::reuse);
-    leave_call(s);
-    return {nullptr, rv};
-  }
-  b->claim.store((me << 1) | Binding::kBusy, std::memory_order_relaxed);  // not visible yet
-  return {b, CKR_OK};
 }
 
 // The uncommon case (claim_anchor found the anchor in use, another
@@ -305,6 +355,7 @@ template <class F, class Observation>
 inline Bound claim_locked(Runtime& rt, Observation& seen, Session& s, CK_SESSION_HANDLE handle,
                           std::uint64_t me) noexcept {
   Binding* b = nullptr;
+  bool holds = false;
   {
     // The same entry (the handle named it); empty if it began closing since
     // the caller checked the handle: the closer waits for our count.
@@ -315,8 +366,9 @@ inline Bound claim_locked(Runtime& rt, Observation& seen, Session& s, CK_SESSION
     }
     HeldLock leased(s.lock);
     b = choose_binding<F>(s, me);
+    holds = b == nullptr && holds_any(s);
   }
-  if (b == nullptr) return bind_from_pool(rt, s, me);
+  if (b == nullptr) return bind_from_pool(rt, s, me, holds);
   return {b, CKR_OK};
 }
 
@@ -329,9 +381,17 @@ struct Release {
   bool rw = false;
 };
 
-// With s.lock held, after a call on an extra binding.
+// With s.lock held, after a call: whether the binding goes back to the pool
+// when idle. An extra one does; the anchor too with [pool] bind = state,
+// unless the session has a Notify callback (its backend session carries it).
+inline bool detaches_when_idle(Runtime& rt, Session& s, Binding& b) noexcept REQUIRES(s.lock) {
+  return &b != &s.anchor ||
+         (rt.binds_on_state() && s.notify.load(std::memory_order_relaxed) == nullptr);
+}
+
+// With s.lock held, after a call on a binding that detaches_when_idle.
 [[gnu::noinline]] inline Release detach_if_idle(Session& s, Binding& b) noexcept REQUIRES(s.lock) {
-  if (b.ops != 0 || b.maybe != 0 || !b.objects.empty()) return {};
+  if (b.holds_state()) return {};
   Release r{b.backend, SessionPool::unreset_fate(b.discard, b.dead, b.why), s.slot, s.rw};
   b.clear();
   return r;
@@ -426,7 +486,7 @@ template <class Observation, class CallBackend>
       Binding& b = *t.binding;
       record_call<F>(rt, b, s->slot, t.rv, NothingCreated{}, t.flags);
       b.release();  // publishes ops to a lock-free claimer
-      if (&b != &s->anchor) {
+      if (detaches_when_idle(rt, *s, b)) {
         if (Release r = detach_if_idle(*s, b); r.backend != CK_INVALID_HANDLE)
           releases.push_back(r);
       }
@@ -456,8 +516,7 @@ inline CK_RV finish_call(Runtime& rt, Session& s, Binding& b, CK_RV rv, Rest... 
       }
     }
     b.release();  // publishes ops to a lock-free claimer
-    if (&b != &s.anchor) [[unlikely]]
-      release = detach_if_idle(s, b);
+    if (detaches_when_idle(rt, s, b)) release = detach_if_idle(s, b);
     leave_call(s);
   }
   if (release.backend != CK_INVALID_HANDLE) [[unlikely]] {
@@ -474,16 +533,22 @@ template <class F>
   return finish_call<F>(rt, s, b, rv);
 }
 
-// The backend call on a claimed binding, and the binding given up.
+// The backend call on a claimed binding, and the binding given up: without
+// the lock (give_back) when `claimed_unlocked` (claim_anchor found it, so
+// it stays bound whatever this call does), else under it.
 template <class F, class Observation, class CallBackend, class... Rest>
 [[gnu::always_inline]] inline CK_RV run_on(Runtime& rt, Observation& seen, CallBackend call_backend,
-                                           Session& s, Binding& b, Rest... rest) noexcept {
+                                           Session& s, Binding& b, bool claimed_unlocked,
+                                           Rest... rest) noexcept {
+  if (CK_RV rv = refused_for_sessions<F>(rt, s.slot_while_open(), rest...); rv != CKR_OK)
+    return finish_call<F>(rt, s, b, rv, rest...);
   seen.ran_on(b.backend);
   CK_RV rv = call_backend(b.backend, rest...);
   if (drained_for_retry<F>(rt, s.slot_while_open(), rv, rest...)) [[unlikely]]
     rv = call_backend(b.backend, rest...);
+  note_login<F>(rt, s.slot_while_open(), rv, rest...);
   if constexpr (changes_nothing_on_success<F>) {
-    if (rv == CKR_OK && &b == &s.anchor_while_counted()) [[likely]] {
+    if (rv == CKR_OK && claimed_unlocked) [[likely]] {
       give_back(s, b);
       return rv;
     }
@@ -502,7 +567,10 @@ template <class F, class Observation, class CallBackend, class... Rest>
                                                      Rest... rest) noexcept {
   const Bound bound = claim_locked<F>(rt, seen, s, handle, me);
   if (bound.rv != CKR_OK) return bound.rv;
-  return run_on<F>(rt, seen, call_backend, s, *bound.binding, rest...);
+  // The anchor stays bound after this call in bind = open (only an extra
+  // binding may go back); in bind = state it may go back too, under the lock.
+  const bool stays = bound.binding == &s.anchor_while_counted() && !rt.binds_on_state();
+  return run_on<F>(rt, seen, call_backend, s, *bound.binding, stays, rest...);
 }
 
 // Inlined into Entry<F>::call, which saves every callee-saved register
@@ -529,7 +597,7 @@ template <class F, class Observation, class CallBackend, class... Rest>
   Binding* b = claim_anchor<F>(*s, me);
   if (b == nullptr) [[unlikely]]
     return forward_elsewhere<F>(rt, seen, call_backend, *s, handle, me, rest...);
-  return run_on<F>(rt, seen, call_backend, *s, *b, rest...);
+  return run_on<F>(rt, seen, call_backend, *s, *b, true, rest...);
 }
 
 }  // namespace p11mux

@@ -155,6 +155,30 @@ void note_call(Runtime& rt, Binding& s, CK_SLOT_ID slot, CK_RV rv, Rest... rest)
   record_call<F>(rt, s, slot, rv, find_created<F>(rt, s.backend, rv, rest...), rest...);
 }
 
+// Refusals p11mux makes before the call because the backend may not see the
+// application's sessions: with [pool] bind = state they may hold no backend
+// session. An SO login while the application has a read-only session
+// (docs/pkcs11-facts.md, "Sessions").
+template <class F, class... A>
+[[gnu::always_inline]] inline CK_RV refused_for_sessions(Runtime& rt, CK_SLOT_ID slot,
+                                                         A... a) noexcept {
+  if constexpr (std::is_same_v<F, fn::C_Login> || std::is_same_v<F, fn::C_LoginUser>) {
+    if (std::get<0>(std::tuple<A...>{a...}) == CKU_SO) return rt.pool().may_log_in_so(slot);
+  }
+  return CKR_OK;
+}
+
+// After the call: the login state it changed, for the same checks.
+template <class F, class... A>
+[[gnu::always_inline]] inline void note_login(Runtime& rt, CK_SLOT_ID slot, CK_RV rv,
+                                              A... a) noexcept {
+  if constexpr (std::is_same_v<F, fn::C_Login> || std::is_same_v<F, fn::C_LoginUser>) {
+    rt.pool().logged_in(slot, std::get<0>(std::tuple<A...>{a...}), rv);
+  } else if constexpr (std::is_same_v<F, fn::C_Logout>) {
+    rt.pool().logged_out(slot, rv);
+  }
+}
+
 // SO login fails while R/O sessions exist, C_InitToken while any exist; the
 // ones in the way may be p11mux's idle pooled sessions, not the application's.
 template <class F, class... A>

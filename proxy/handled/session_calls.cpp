@@ -45,9 +45,12 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
   lease->rw = (flags & CKF_RW_SESSION) != 0;
   lease->application.store(application, std::memory_order_relaxed);
   lease->notify.store(notify, std::memory_order_release);
-  CK_RV rv = notify != nullptr ? rt.pool().open_notified(slot, lease->rw, lease.operator->(),
-                                                         &notify_trampoline, lease->anchor.backend)
-                               : rt.pool().open(slot, lease->rw, lease->anchor.backend);
+  // [pool] bind = state: no backend session until a call needs one (a
+  // session with a Notify callback keeps its own from the start).
+  CK_RV rv = notify != nullptr     ? rt.pool().open_notified(slot, lease->rw, lease.operator->(),
+                                                             &notify_trampoline, lease->anchor.backend)
+             : rt.binds_on_state() ? rt.pool().admit(slot, lease->rw)
+                                   : rt.pool().open(slot, lease->rw, lease->anchor.backend);
   if (rv != CKR_OK) {
     rt.sessions().discard(std::move(lease));
     return rv;

@@ -58,10 +58,12 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
       locks_(init.locks),
       may_create_threads_(init.may_create_threads),
       multiplexed_(config.session_mode == SessionMode::multiplex),
+      binds_on_state_(config.binds_on_state()),
       log_(make_logger(config.log, locks_, init.may_create_threads)),
       tracing_(log_->should_log(spdlog::level::trace)),
       observer_(std::make_unique<Observer>(config, locks_, init.may_create_threads, log_)),
-      policy_(config.policy.any() ? std::make_unique<const Policy>(config.policy) : nullptr),
+      policy_(config.policy.any() ? std::make_unique<const Policy>(config.policy, locks_)
+                                  : nullptr),
       slow_path_(observer_->active() || policy_ != nullptr),
       port_(std::make_unique<Backend>(backend_options(config, self, inherited)), locks_),
       sessions_(locks_),
@@ -80,6 +82,8 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
     }
   }
   const Backend& backend = *port_.backend();
+  log_->info("sessions: mode {}, bind {}", to_string(config.session_mode),
+             binds_on_state_ ? "state" : "open");
   log_->info("backend '{}' initialized: cryptoki {}.{}, locking {}{}{}", backend.path(),
              backend.version().major, backend.version().minor, to_string(backend.locking()),
              backend.thread_safe() ? "" : " (not thread-safe: every call serialized)",
@@ -154,13 +158,17 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
     pool_->give(s->slot, s->rw, extra->backend, reset_backend_session(*extra));
     extra->clear();
   }
-  // A session opened with a Notify callback carries the application's
-  // callback: never reused.
-  SessionPool::Fate fate =
-      s->notify.load(std::memory_order_relaxed) != nullptr && !s->anchor.discard
-          ? SessionPool::Fate::closed(CloseReason::notify_callback)
-          : reset_backend_session(s->anchor);
-  pool_->close(s->slot, s->rw, s->anchor.backend, fate);
+  if (s->anchor.backend == CK_INVALID_HANDLE) {
+    pool_->leave(s->slot, s->rw);  // [pool] bind = state: it held none
+  } else {
+    // A session opened with a Notify callback carries the application's
+    // callback: never reused.
+    SessionPool::Fate fate =
+        s->notify.load(std::memory_order_relaxed) != nullptr && !s->anchor.discard
+            ? SessionPool::Fate::closed(CloseReason::notify_callback)
+            : reset_backend_session(s->anchor);
+    pool_->close(s->slot, s->rw, s->anchor.backend, fate);
+  }
   sessions_.close(std::move(lease));
   return CKR_OK;
 }

@@ -54,6 +54,10 @@ class Runtime {
   bool may_create_threads() const noexcept { return may_create_threads_; }
   // session_mode = multiplex: one backend session per calling thread.
   bool multiplexed() const noexcept { return multiplexed_; }
+  // [pool] bind = state (or auto in multiplex mode): a virtual session holds
+  // a backend session only while it has state to keep (docs/design.md,
+  // "Binding on state").
+  bool binds_on_state() const noexcept { return binds_on_state_; }
 
   // C_WaitForSlotEvent without CKF_DONT_BLOCK. The caller has left the call
   // gate (so that C_Finalize is not held up) and holds a WaiterRef.
@@ -89,6 +93,7 @@ class Runtime {
   const LockSource locks_;
   const bool may_create_threads_;
   const bool multiplexed_;
+  const bool binds_on_state_;
   std::shared_ptr<spdlog::logger> log_;
   bool tracing_;
   // Before the sessions and the pool, which it reports on; its thread is

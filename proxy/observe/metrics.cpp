@@ -109,6 +109,16 @@ double HistogramCounts::quantile_ns(double q) const noexcept {
   return static_cast<double>(max_ns);
 }
 
+HistogramCounts SlotPoolMetrics::wait_histogram() const noexcept {
+  HistogramCounts h;
+  for (std::size_t i = 0; i < h.buckets.size(); ++i) {
+    h.buckets[i] = wait_buckets[i].load(std::memory_order_relaxed);
+  }
+  h.sum_ns = wait_ns.load(std::memory_order_relaxed);
+  h.max_ns = wait_max_ns.load(std::memory_order_relaxed);
+  return h;
+}
+
 Metrics::Metrics() : shards_(new Shard[kShards]) {}
 
 Metrics::~Metrics() = default;

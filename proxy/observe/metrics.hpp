@@ -17,8 +17,10 @@
 
 #include <p11mux/pkcs11.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -149,8 +151,23 @@ struct SlotPoolMetrics {
   std::atomic<std::int64_t> open{0};  // backend sessions open on the slot: idle + in use
   ShardedGauge idle;                  // open, in the pool or a thread cache, ready for reuse
   ShardedGauge in_use;                // open and held by a virtual session (or a multiplexed call)
-  std::atomic<std::uint64_t> waits{0};    // C_OpenSession calls that waited at the session limit
+  std::atomic<std::uint64_t> waits{0};    // calls that waited for a backend session at the limit
   std::atomic<std::uint64_t> wait_ns{0};  // the total time those calls waited
+  // How long each of those calls waited, in LatencyBuckets.
+  std::array<std::atomic<std::uint64_t>, LatencyBuckets::kCount> wait_buckets{};
+  // The application's sessions open on the slot (virtual sessions).
+  std::atomic<std::int64_t> virtual_sessions{0};
+
+  std::atomic<std::uint64_t> wait_max_ns{0};
+
+  void record_wait(std::chrono::nanoseconds waited) noexcept {
+    const auto ns = static_cast<std::uint64_t>(std::max<std::int64_t>(waited.count(), 0));
+    wait_buckets[LatencyBuckets::index(ns)].fetch_add(1, std::memory_order_relaxed);
+    std::uint64_t max = wait_max_ns.load(std::memory_order_relaxed);
+    while (ns > max && !wait_max_ns.compare_exchange_weak(max, ns, std::memory_order_relaxed)) {
+    }
+  }
+  HistogramCounts wait_histogram() const noexcept;
   std::atomic<std::uint64_t> discarded_dead{0};  // sessions dropped because the backend said gone
   // Sessions closed instead of pooled: p11mux could not prove them clean.
   std::array<std::atomic<std::uint64_t>, kCloseReasonCount> unclean{};

@@ -89,14 +89,19 @@ void json_latency(Text& t, const HistogramCounts& h) {
 std::vector<SlotFigures> slot_figures(const PoolMetricsRegistry& pools) {
   std::vector<SlotFigures> out;
   pools.for_each([&](CK_SLOT_ID slot, const SlotPoolMetrics& m) {
-    SlotFigures& f = out.emplace_back(SlotFigures{
-        slot, m.open.load(std::memory_order_relaxed), m.idle.load(std::memory_order_relaxed),
-        m.in_use.load(std::memory_order_relaxed), m.waits.load(std::memory_order_relaxed),
-        m.wait_ns.load(std::memory_order_relaxed),
-        m.discarded_dead.load(std::memory_order_relaxed)});
+    SlotFigures& f = out.emplace_back();
+    f.slot = slot;
+    f.open = m.open.load(std::memory_order_relaxed);
+    f.idle = m.idle.load(std::memory_order_relaxed);
+    f.in_use = m.in_use.load(std::memory_order_relaxed);
+    f.waits = m.waits.load(std::memory_order_relaxed);
+    f.wait_ns = m.wait_ns.load(std::memory_order_relaxed);
+    f.discarded_dead = m.discarded_dead.load(std::memory_order_relaxed);
     for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
       f.unclean[r] = m.unclean[r].load(std::memory_order_relaxed);
     }
+    f.virtual_sessions = m.virtual_sessions.load(std::memory_order_relaxed);
+    f.wait = m.wait_histogram();
   });
   std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.slot < b.slot; });
   return out;
@@ -150,10 +155,16 @@ std::string prometheus_text(const MetricsSnapshot& m, const LiveFigures& live) {
       {"p11mux_pool_sessions_idle", "gauge", "Backend sessions open and ready for reuse, by slot.",
        [](const SlotFigures& s) { return static_cast<double>(s.idle); }},
       {"p11mux_pool_sessions_in_use", "gauge",
-       "Backend sessions held by a virtual session, by slot.",
+       "Backend sessions bound to a virtual session (or a call), by slot.",
        [](const SlotFigures& s) { return static_cast<double>(s.in_use); }},
+      {"p11mux_pool_virtual_sessions", "gauge",
+       "The application's sessions open (virtual sessions), by slot.",
+       [](const SlotFigures& s) { return static_cast<double>(s.virtual_sessions); }},
+      {"p11mux_pool_virtual_per_backend", "gauge",
+       "Virtual sessions per backend session open, by slot.",
+       [](const SlotFigures& s) { return s.virtual_per_backend(); }},
       {"p11mux_pool_waits_total", "counter",
-       "C_OpenSession calls that waited for a backend session at the limit, by slot.",
+       "Calls that waited for a backend session at the limit, by slot.",
        [](const SlotFigures& s) { return static_cast<double>(s.waits); }},
       {"p11mux_pool_wait_seconds_total", "counter", "Time those calls waited, by slot.",
        [](const SlotFigures& s) { return seconds(s.wait_ns); }},
@@ -165,6 +176,11 @@ std::string prometheus_text(const MetricsSnapshot& m, const LiveFigures& live) {
     family(t, p.name, p.type, p.help);
     for (const SlotFigures& s : live.slots)
       t.put("{}{{slot=\"{}\"}} {}\n", p.name, s.slot, p.value(s));
+  }
+  family(t, "p11mux_pool_wait_duration_seconds", "histogram",
+         "How long each call that waited for a backend session at the limit waited, by slot.");
+  for (const SlotFigures& s : live.slots) {
+    histogram(t, "p11mux_pool_wait_duration_seconds", fmt::format("slot=\"{}\",", s.slot), s.wait);
   }
   family(t, "p11mux_pool_sessions_unclean_total", "counter",
          "Backend sessions closed instead of pooled because p11mux could not prove them clean, "
@@ -221,10 +237,12 @@ std::string stats_json(const MetricsSnapshot& m, const LiveFigures& live) {
   for (std::size_t i = 0; i < live.slots.size(); ++i) {
     const SlotFigures& s = live.slots[i];
     t.put(
-        "{}{{\"slot\":{},\"open\":{},\"idle\":{},\"in_use\":{},\"waits\":{},\"wait_us\":{:.3f},"
-        "\"discarded_dead\":{},\"closed_unclean\":{{",
-        i == 0 ? "" : ",", s.slot, s.open, s.idle, s.in_use, s.waits,
-        micros(static_cast<double>(s.wait_ns)), s.discarded_dead);
+        "{}{{\"slot\":{},\"open\":{},\"idle\":{},\"in_use\":{},\"virtual_sessions\":{},"
+        "\"virtual_per_backend\":{:.3f},\"waits\":{},\"wait_us\":{:.3f},\"wait_latency_us\":",
+        i == 0 ? "" : ",", s.slot, s.open, s.idle, s.in_use, s.virtual_sessions,
+        s.virtual_per_backend(), s.waits, micros(static_cast<double>(s.wait_ns)));
+    json_latency(t, s.wait);
+    t.put(",\"discarded_dead\":{},\"closed_unclean\":{{", s.discarded_dead);
     for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
       t.put("{}", r == 0 ? "" : ",");
       json_string(t, kCloseReasonNames[r]);
@@ -291,9 +309,10 @@ std::vector<std::string> summary_lines(const MetricsSnapshot& m, const LiveFigur
           fmt::format("{} {} {}", unclean.empty() ? "" : ",", kCloseReasonNames[r], s.unclean[r]);
     }
     lines.push_back(
-        fmt::format("  slot {} pool: {} open ({} idle, {} in use), {} waits ({:.1f} ms), "
-                    "{} discarded dead, closed unclean:{}",
-                    s.slot, s.open, s.idle, s.in_use, s.waits, static_cast<double>(s.wait_ns) / 1e6,
+        fmt::format("  slot {} pool: {} virtual sessions on {} open ({} idle, {} in use), "
+                    "{} waits ({:.1f} ms, p99 {:.1f} ms), {} discarded dead, closed unclean:{}",
+                    s.slot, s.virtual_sessions, s.open, s.idle, s.in_use, s.waits,
+                    static_cast<double>(s.wait_ns) / 1e6, s.wait.quantile_ns(0.99) / 1e6,
                     s.discarded_dead, unclean.empty() ? " none" : unclean));
   }
   if (live.log_records_dropped != 0) {

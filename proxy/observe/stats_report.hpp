@@ -18,6 +18,14 @@ struct SlotFigures {
   std::int64_t open = 0, idle = 0, in_use = 0;
   std::uint64_t waits = 0, wait_ns = 0, discarded_dead = 0;
   std::array<std::uint64_t, kCloseReasonCount> unclean{};  // closed instead of pooled, by reason
+  std::int64_t virtual_sessions = 0;                       // the application's sessions on the slot
+  HistogramCounts wait;                                    // how long each call that waited did
+
+  // Virtual sessions per backend session open ([pool] bind = state shares
+  // few backend sessions among many); with none open, the virtual ones.
+  double virtual_per_backend() const noexcept {
+    return static_cast<double>(virtual_sessions) / static_cast<double>(open > 0 ? open : 1);
+  }
 };
 
 // Figures read at the moment of the report, beside the counters.

@@ -9,6 +9,7 @@
 #include "lifecycle/runtime.hpp"
 #include "policy/filter_calls.hpp"
 #include "policy/policy.hpp"
+#include "policy/protect_enforce.hpp"
 
 #include <p11mux/mechanism_names.hpp>
 #include <p11mux/rv_names.hpp>
@@ -59,6 +60,9 @@ std::optional<CK_RV> policy_before(Runtime& rt, const Policy& policy, A... a) no
   }
   if constexpr (F::name == "C_GetSlotList") {
     if (policy.tokens().on()) return filtered_slot_list(rt, policy.tokens(), a...);
+  }
+  if constexpr (kProtected<F>) {
+    if (policy.protect().any()) return protect_call<F>(rt, policy.protect(), a...);
   }
   if constexpr (F::name == "C_GetMechanismList") {
     if (policy.filters_mechanisms()) return filtered_mechanism_list(rt, policy, a...);

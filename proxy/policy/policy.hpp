@@ -23,6 +23,7 @@
 #include "functions/function_traits.hpp"
 #include "policy/filters.hpp"
 #include "policy/policy_rule.hpp"
+#include "policy/protect.hpp"
 
 #include <p11mux/pkcs11.h>
 
@@ -87,6 +88,8 @@ class Policy {
   // Throws ConfigError naming the key and the name it does not know (an
   // unknown CKM_ or C_ name, a bad hex value, an undeniable function).
   explicit Policy(const Config::Policy& config);
+  // The same, with the runtime's locks for protect's lock (protect.hpp).
+  Policy(const Config::Policy& config, const LockSource& locks);
 
   // mechanisms_allow and mechanisms_deny together: allowed when listed in
   // mechanisms_allow (or it is empty) and not listed in mechanisms_deny.
@@ -94,6 +97,8 @@ class Policy {
   bool filters_mechanisms() const noexcept { return mode_ != Mode::all; }
   bool function_denied(std::size_t index) const noexcept { return denied_functions_[index]; }
   bool read_only() const noexcept { return read_only_; }
+  // protect = ...: applied after check<F> by protect_enforce.hpp.
+  const Protect& protect() const noexcept { return protect_; }
   // tokens and objects (filters.hpp); applied by filter_calls.hpp.
   const TokenFilter& tokens() const noexcept { return tokens_; }
   const ObjectFilter& objects() const noexcept { return objects_; }
@@ -133,11 +138,13 @@ class Policy {
   }
 
  private:
+  Policy(const Config::Policy& config, const LockSource* locks);
   enum class Mode { all, only_listed, all_but_listed };
   Mode mode_ = Mode::all;
   std::vector<CK_MECHANISM_TYPE> mechanisms_;  // sorted; what mode_ lists
   std::array<bool, kPolicyFunctionNames.size()> denied_functions_{};
   bool read_only_ = false;
+  Protect protect_;
   TokenFilter tokens_;
   ObjectFilter objects_;
 };

@@ -13,12 +13,24 @@ enum class PolicyRule : std::uint8_t {
   mechanism,  // mechanisms_allow / mechanisms_deny
   function,   // functions_deny
   read_only,  // read_only = true
-  token,      // tokens (filters.hpp)
-  object,     // objects (filters.hpp)
+  // protect = ... (policy/protect.hpp), named as in the configuration
+  conflicting_attributes,
+  sticky_attributes,
+  wrap_trusted,
+  no_padding_oracle,
+  token,   // tokens (filters.hpp)
+  object,  // objects (filters.hpp)
 };
 
-inline constexpr std::array<std::string_view, 5> kPolicyRuleNames{"mechanism", "function",
-                                                                  "read_only", "token", "object"};
+inline constexpr std::array<std::string_view, 9> kPolicyRuleNames{"mechanism",
+                                                                  "function",
+                                                                  "read_only",
+                                                                  "conflicting-attributes",
+                                                                  "sticky-attributes",
+                                                                  "wrap-trusted",
+                                                                  "no-padding-oracle",
+                                                                  "token",
+                                                                  "object"};
 inline constexpr std::size_t kPolicyRuleCount = kPolicyRuleNames.size();
 
 constexpr std::string_view to_string(PolicyRule rule) noexcept {

@@ -44,6 +44,7 @@ class SessionPool::SlotPool {
   struct State {
     std::vector<Idle> idle[2];        // [rw]
     unsigned long open[2] = {0, 0};   // backend sessions open or being opened, [rw]
+    unsigned long opening = 0;        // ... of which being opened (C_OpenSession under way)
     unsigned long app_sessions = 0;   // the application's virtual sessions on this slot
     unsigned long app_read_only = 0;  // ... of which read-only
     // The limit in force; `ceiling` is the configured or reported one. Below
@@ -54,10 +55,21 @@ class SessionPool::SlotPool {
     unsigned long rw_limit = kUnlimited;
     Clock::time_point probe_after{};
     bool probing = false;
-    unsigned refusals = 0;     // CKR_SESSION_COUNT answers in a row, below the limit
-    bool logging_out = false;  // the last application session's C_Logout is under way
+    unsigned refusals = 0;      // CKR_SESSION_COUNT answers in a row, below the limit
+    bool logging_out = false;   // the last application session's C_Logout is under way
+    bool so_logged_in = false;  // the application's C_Login as SO succeeded, no logout since
+    // The calls waiting at the limit, first come first served: each takes
+    // a number (tail) and is served only when it is the head. Numbers given
+    // up before their turn wait in `abandoned` until the head reaches them.
+    std::uint64_t queue_head = 0, queue_tail = 0;
+    std::vector<std::uint64_t> abandoned;
 
     unsigned long open_total() const noexcept { return open[0] + open[1]; }
+    // Whether an idle session may be closed to make room: not the token's
+    // last established one while the application has sessions there (that
+    // would log the token out, and SoftHSM2 would renumber its objects:
+    // docs/pkcs11-facts.md, "Object handles"), even with others being opened.
+    bool may_close_idle() const noexcept { return app_sessions == 0 || open_total() - opening > 1; }
     bool kind_has_room(bool rw) const noexcept { return !rw || open[1] < rw_limit; }
     bool has_room(bool rw) const noexcept { return open_total() < limit && kind_has_room(rw); }
     // At a learned limit, time to try one more (kLimitProbeInterval after the refusal).
@@ -165,6 +177,65 @@ class SessionPool::Waiter {
 
  private:
   SlotPool& pool_;
+};
+
+// A call's place in the slot's queue at the limit (State::queue_head), from
+// its first round without room until it is served or gives up. Taken and
+// left under the slot's lock; a place given up without being served is
+// skipped by the head.
+class SessionPool::Place {
+ public:
+  explicit Place(SlotPool& pool) noexcept : pool_(pool) {}
+  ~Place() {
+    if (!number_) return;
+    abandon(*Locked(pool_.state));
+    pool_.signal();  // the next one may be the head now
+  }
+  Place(const Place&) = delete;
+  Place& operator=(const Place&) = delete;
+
+  // Whether this call may take a session now: nobody is queued, or it is
+  // the head of the queue.
+  bool turn(const SlotPool::State& s) const noexcept {
+    return number_ ? *number_ == s.queue_head : s.queue_head == s.queue_tail;
+  }
+  void join(SlotPool::State& s) noexcept {
+    if (!number_) number_ = s.queue_tail++;
+  }
+  // Took a session: the head moves on (signal the pool afterwards).
+  void served(SlotPool::State& s) noexcept {
+    if (!number_) return;
+    abandon(s);
+  }
+  bool queued() const noexcept { return number_.has_value(); }
+
+ private:
+  void abandon(SlotPool::State& s) noexcept {
+    const std::uint64_t n = *std::exchange(number_, std::nullopt);
+    if (n != s.queue_head) {
+      try {
+        s.abandoned.push_back(n);
+      } catch (...) {
+        // Out of memory: the head would stop at n for ever; serving out of
+        // order is the lesser harm.
+        s.queue_head = s.queue_tail;
+      }
+      return;
+    }
+    ++s.queue_head;
+    for (auto it = s.abandoned.begin(); it != s.abandoned.end();) {
+      if (*it == s.queue_head) {
+        ++s.queue_head;
+        s.abandoned.erase(it);
+        it = s.abandoned.begin();
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  SlotPool& pool_;
+  std::optional<std::uint64_t> number_;
 };
 
 // A thread's few idle sessions; its lock is uncontended except when another
@@ -384,16 +455,18 @@ void SessionPool::backend_close(CK_SESSION_HANDLE handle) noexcept {
 // A C_Logout for the slot's last application session may be under way: a new
 // application session is counted only after it (it must not log out a login
 // made on the new session).
-void SessionPool::count_app_session(SlotPool& pool, bool rw) noexcept {
+bool SessionPool::count_app_session(SlotPool& pool, bool rw) noexcept {
   for (;;) {
     std::uint32_t ticket = 0;
     std::optional<Waiter> waiter;
     {
       Locked s(pool.state);
       if (!s->logging_out) {
+        if (s->app_sessions >= config_.max_virtual_sessions) return false;
         ++s->app_sessions;
         s->app_read_only += rw ? 0 : 1;
-        return;
+        pool.figures->virtual_sessions.fetch_add(1, std::memory_order_relaxed);
+        return true;
       }
       ticket = pool.returns.load(std::memory_order_acquire);
       waiter.emplace(pool);
@@ -402,12 +475,28 @@ void SessionPool::count_app_session(SlotPool& pool, bool rw) noexcept {
   }
 }
 
+bool SessionPool::uncount_app_session(SlotPool& pool, bool rw) noexcept {
+  pool.figures->virtual_sessions.fetch_sub(1, std::memory_order_relaxed);
+  // The application's last session on the token: the spec logs it out.
+  Locked s(pool.state);
+  --s->app_sessions;
+  s->app_read_only -= rw ? 0 : 1;
+  const bool logout = s->app_sessions == 0 && !config_.keep_login;
+  if (logout) s->logging_out = true;
+  return logout;
+}
+
+void SessionPool::logged_out_done(SlotPool& pool) noexcept {
+  {
+    Locked s(pool.state);
+    s->logging_out = false;
+    s->so_logged_in = false;
+  }
+  pool.signal();
+}
+
 CK_RV SessionPool::open(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept {
-  SlotPool* pool = nullptr;
-  if (CK_RV rv = slot_pool(slot, pool); rv != CKR_OK) return rv;
-  CK_RV rv = take(*pool, rw, Notify{}, out);
-  if (rv == CKR_OK) count_app_session(*pool, rw);
-  return rv;
+  return open_notified(slot, rw, nullptr, nullptr, out);
 }
 
 CK_RV SessionPool::open_notified(CK_SLOT_ID slot, bool rw, CK_VOID_PTR context, CK_NOTIFY notify,
@@ -415,14 +504,86 @@ CK_RV SessionPool::open_notified(CK_SLOT_ID slot, bool rw, CK_VOID_PTR context, 
   SlotPool* pool = nullptr;
   if (CK_RV rv = slot_pool(slot, pool); rv != CKR_OK) return rv;
   CK_RV rv = take(*pool, rw, Notify{context, notify}, out);
-  if (rv == CKR_OK) count_app_session(*pool, rw);
+  if (rv == CKR_OK && !count_app_session(*pool, rw)) {
+    settle(*pool, rw, out,
+           notify != nullptr ? Fate::closed(CloseReason::notify_callback) : Fate::reuse);
+    out = CK_INVALID_HANDLE;
+    rv = CKR_SESSION_COUNT;  // pool.max_virtual_sessions
+  }
   return rv;
 }
 
-CK_RV SessionPool::borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept {
+CK_RV SessionPool::admit(CK_SLOT_ID slot, bool rw) noexcept {
   SlotPool* pool = nullptr;
   if (CK_RV rv = slot_pool(slot, pool); rv != CKR_OK) return rv;
-  return take(*pool, rw, Notify{}, out);
+  {
+    Locked s(pool->state);
+    if (!rw && s->so_logged_in) return CKR_SESSION_READ_WRITE_SO_EXISTS;
+  }
+  // The backend's own answer when a backend session of this kind is at hand
+  // (or may be opened) without waiting: token present, writable...
+  CK_SESSION_HANDLE probe = CK_INVALID_HANDLE;
+  CK_RV rv = take(*pool, rw, Notify{}, probe, Wait::never, Trade::never);
+  if (rv == CKR_OK) {
+    settle(*pool, rw, probe, Fate::reuse);
+  } else if (rv == CKR_SESSION_COUNT) {
+    // Every backend session is in use: then the token's info tells.
+    CK_TOKEN_INFO info{};
+    rv = port_.call<fn::C_GetTokenInfo>(slot, &info);
+    if (rv == CKR_OK && rw && (info.flags & CKF_WRITE_PROTECTED) != 0) {
+      rv = CKR_TOKEN_WRITE_PROTECTED;
+    }
+  }
+  if (rv != CKR_OK) return rv;
+  if (!count_app_session(*pool, rw)) return CKR_SESSION_COUNT;  // pool.max_virtual_sessions
+  return CKR_OK;
+}
+
+void SessionPool::leave(CK_SLOT_ID slot, bool rw) noexcept {
+  SlotPool* pool = find_slot(slot);
+  if (pool == nullptr) return;  // cannot happen for a slot that admitted this session
+  if (!uncount_app_session(*pool, rw)) return;
+  // The token's login ends with the application's last session: on a
+  // backend session of the pool, which is idle now (no application session
+  // is left to hold one), unless C_Finalize is under way.
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  if (take(*pool, rw, Notify{}, h) == CKR_OK) {
+    (void)port_.call<fn::C_Logout>(h);
+    settle(*pool, rw, h, Fate::reuse);
+  }
+  logged_out_done(*pool);
+}
+
+void SessionPool::logged_in(CK_SLOT_ID slot, CK_USER_TYPE user, CK_RV rv) noexcept {
+  if (rv != CKR_OK || user != CKU_SO) return;
+  if (SlotPool* pool = find_slot(slot)) Locked(pool->state)->so_logged_in = true;
+}
+
+void SessionPool::logged_out(CK_SLOT_ID slot, CK_RV rv) noexcept {
+  if (rv != CKR_OK && rv != CKR_USER_NOT_LOGGED_IN) return;
+  if (SlotPool* pool = find_slot(slot)) Locked(pool->state)->so_logged_in = false;
+}
+
+CK_RV SessionPool::may_log_in_so(CK_SLOT_ID slot) noexcept {
+  SlotPool* pool = find_slot(slot);
+  if (pool == nullptr) return CKR_OK;
+  return Locked(pool->state)->app_read_only > 0 ? CKR_SESSION_READ_ONLY_EXISTS : CKR_OK;
+}
+
+SessionPool::AppSessions SessionPool::app_sessions(CK_SLOT_ID slot) noexcept {
+  AppSessions n;
+  if (SlotPool* pool = find_slot(slot)) {
+    Locked s(pool->state);
+    n.all = s->app_sessions;
+    n.read_write = s->app_sessions - s->app_read_only;
+  }
+  return n;
+}
+
+CK_RV SessionPool::borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out, Wait wait) noexcept {
+  SlotPool* pool = nullptr;
+  if (CK_RV rv = slot_pool(slot, pool); rv != CKR_OK) return rv;
+  return take(*pool, rw, Notify{}, out, wait);
 }
 
 void SessionPool::give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
@@ -446,8 +607,10 @@ void SessionPool::settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate
 // Pooled sessions are reused unless the session must be the caller's own
 // (`notify`: opened with the application's callback). At the limit, idle
 // sessions of the other kind, or any idle one for an own session, are closed
-// to make room; failing that the caller waits for a session to come back.
-CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept {
+// to make room; failing that the caller waits for a session to come back,
+// in turn (Place): first come, first served.
+CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out, Wait wait,
+                        Trade trade) noexcept {
   const bool reuse = notify.callback == nullptr;
   if (ThreadCache* cache = this_thread_cache(false); cache != nullptr && reuse) {
     Stale stale;
@@ -463,9 +626,22 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       return CKR_OK;
     }
   }
-  auto deadline = Clock::now() + std::chrono::milliseconds(config_.wait_ms);
+  const auto started = Clock::now();
+  const auto deadline =
+      started + std::chrono::milliseconds(wait == Wait::never ? 0 : config_.wait_ms);
   bool waited = false, looked_again = false;
   std::vector<CK_SESSION_HANDLE> stale_shared;
+  // Outside every lock (its destructor takes the slot's lock).
+  Place place(pool);
+  // The time this call waited, in the histogram, however it ends.
+  struct WaitRecord {
+    SlotPool& pool;
+    const bool& waited;
+    Clock::time_point started;
+    ~WaitRecord() {
+      if (waited) pool.figures->record_wait(Clock::now() - started);
+    }
+  } record{pool, waited, started};
   for (;;) {
     enum { reused, reserved, full } outcome = full;
     bool probe = false;
@@ -473,18 +649,23 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     std::uint32_t ticket = 0;
     auto now = Clock::now();
     Clock::time_point next_probe{};
+    bool my_turn = false;
     {
       Locked s(pool.state);
       ticket = pool.returns.load(std::memory_order_acquire);
+      my_turn = place.turn(*s);
       try {
-        if (reuse &&
-            s->pop(pool.generation.load(std::memory_order_acquire), rw, out, stale_shared)) {
+        if (!my_turn) {
+          // Others wait before us: no barging in.
+        } else if (reuse &&
+                   s->pop(pool.generation.load(std::memory_order_acquire), rw, out, stale_shared)) {
           outcome = reused;
         } else if (s->has_room(rw) || (probe = s->may_probe(rw, now))) {
           ++s->open[rw];
+          ++s->opening;
           s->probing = probe;
           outcome = reserved;
-        } else if (s->kind_has_room(rw)) {
+        } else if (trade == Trade::idle && s->kind_has_room(rw) && s->may_close_idle()) {
           // At the limit with an idle session in the way (of the other kind,
           // or any for an own session): trade it in.
           for (bool kind : {!rw, rw}) {
@@ -493,6 +674,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
             s->idle[kind].pop_back();
             --s->open[kind];
             ++s->open[rw];
+            ++s->opening;
             outcome = reserved;
             break;
           }
@@ -500,8 +682,12 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       } catch (...) {
         return CKR_HOST_MEMORY;
       }
+      // Served once it has a session: a reservation may still be refused.
+      if (outcome == reused) place.served(*s);
       if (s->limit < s->ceiling) next_probe = s->probe_after;
     }
+    // Served after waiting in line: the next in line may go now.
+    if (outcome == reused && waited) pool.signal();
     // Stale: given back before the device said a session was gone. Counted
     // as open until closed.
     if (!stale_shared.empty()) [[unlikely]] {
@@ -521,9 +707,11 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       unsigned long open_now = 0;
       {
         Locked s(pool.state);
+        --s->opening;
         if (rv == CKR_OK) {
           s->refusals = 0;
           if (probe) s->probe_succeeded();
+          place.served(*s);
         } else {
           --s->open[rw];
           if (rv == CKR_SESSION_COUNT) {
@@ -540,6 +728,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
         if (probe) s->probing = false;
       }
       if (rv == CKR_OK) {
+        if (waited) pool.signal();  // the next in line may go now
         pool.lent_new();
         return CKR_OK;
       }
@@ -555,28 +744,59 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     // searched: a session given back to a cache after the search sees the
     // count and signals (give_back), so the sleep below ends at once.
     Waiter waiter(pool);
-    if (reuse && steal(pool, rw, out)) {
-      pool.lent_idle();
-      return CKR_OK;
-    }
-    // At the limit with an idle session in some thread's cache that is in the
-    // way: close it and open one of this kind (or our own) in its place.
-    CK_SESSION_HANDLE other = CK_INVALID_HANDLE;
-    bool other_rw = !rw;
-    if (steal(pool, !rw, other) || (!reuse && steal(pool, other_rw = rw, other))) {
-      drop_idle(pool, other, /*dead=*/false);
-      {
-        Locked s(pool.state);
-        --s->open[other_rw];
-        ++s->open[rw];
-      }
-      if (CK_RV rv = backend_open(pool.id, rw, notify, out); rv == CKR_OK) {
-        pool.lent_new();
+    if (my_turn) {
+      if (reuse && steal(pool, rw, out)) {
+        if (place.queued()) {
+          place.served(*Locked(pool.state));
+          pool.signal();
+        }
+        pool.lent_idle();
         return CKR_OK;
       }
-      Locked(pool.state)->open[rw] -= 1;
-      pool.signal();
-      continue;
+      // At the limit with an idle session in some thread's cache that is in
+      // the way: close it and open one of this kind (or our own) in its place.
+      CK_SESSION_HANDLE other = CK_INVALID_HANDLE;
+      bool other_rw = !rw;
+      if (trade == Trade::idle &&
+          (steal(pool, !rw, other) || (!reuse && steal(pool, other_rw = rw, other)))) {
+        bool traded = false, close_it = false;
+        {
+          Locked s(pool.state);
+          if (s->may_close_idle()) {
+            traded = true;
+            --s->open[other_rw];
+            ++s->open[rw];
+            ++s->opening;
+          } else {
+            // The token's last established session: back to the shared
+            // pool (no memory for that: closed after all, not counted).
+            Idle back{other, pool.generation.load(std::memory_order_acquire), Clock::now()};
+            close_it = !s->keep(other_rw, back);
+          }
+        }
+        if (!traded) {
+          if (close_it) drop_idle(pool, other, /*dead=*/false);
+          pool.signal();
+        } else {
+          drop_idle(pool, other, /*dead=*/false);
+          CK_RV rv = backend_open(pool.id, rw, notify, out);
+          {
+            Locked s(pool.state);
+            --s->opening;
+            if (rv == CKR_OK) {
+              place.served(*s);
+            } else {
+              --s->open[rw];
+            }
+          }
+          pool.signal();
+          if (rv == CKR_OK) {
+            pool.lent_new();
+            return CKR_OK;
+          }
+          continue;
+        }
+      }
     }
     now = Clock::now();
     if (now >= deadline) {
@@ -588,6 +808,8 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       }
       continue;
     }
+    // In line from now on.
+    if (!place.queued()) place.join(*Locked(pool.state));
     if (!std::exchange(waited, true)) pool.figures->waits.fetch_add(1, std::memory_order_relaxed);
     // A learned limit may be probed before the deadline: wake for that too.
     auto until = next_probe > now ? std::min(deadline, next_probe) : deadline;
@@ -658,19 +880,9 @@ void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate
     backend_close(handle);
     return;
   }
-  bool logout = false;
-  {
-    // The application's last session on the token: the spec logs it out.
-    Locked s(pool->state);
-    --s->app_sessions;
-    s->app_read_only -= rw ? 0 : 1;
-    logout = s->app_sessions == 0 && !config_.keep_login;
-    if (logout) s->logging_out = true;
-  }
-  if (logout) {
+  if (uncount_app_session(*pool, rw)) {
     (void)port_.call<fn::C_Logout>(handle);
-    Locked(pool->state)->logging_out = false;
-    pool->signal();
+    logged_out_done(*pool);
   }
   settle(*pool, rw, handle, fate);
 }
@@ -778,6 +990,28 @@ void SessionPool::close_taken(const std::vector<Taken>& doomed) noexcept {
   }
 }
 
+// A token on which the application still has sessions keeps one backend
+// session open: closing the last would log the token out and (SoftHSM2)
+// renumber its objects (docs/pkcs11-facts.md, "Object handles"). With
+// [pool] bind = state the application's sessions may hold none.
+void SessionPool::spare_last(std::vector<Taken>& doomed) noexcept {
+  for (std::size_t i = 0; i < slots_.size(); ++i) {
+    SlotPool* pool = slots_[i];
+    auto mine = [pool](const Taken& t) { return t.pool == pool; };
+    const auto taken =
+        static_cast<unsigned long>(std::count_if(doomed.begin(), doomed.end(), mine));
+    if (taken == 0) continue;
+    Locked s(pool->state);
+    if (s->app_sessions == 0 || s->open_total() - s->opening > taken) continue;
+    auto kept = std::find_if(doomed.begin(), doomed.end(), mine);
+    if (s->keep(kept->rw, kept->idle)) {
+      doomed.erase(kept);
+    } else {
+      ++s->open[kept->rw];  // keep() stopped counting it; close_taken() does that
+    }
+  }
+}
+
 void SessionPool::invalidate(CK_SLOT_ID slot) noexcept {
   if (SlotPool* pool = find_slot(slot)) {
     pool->generation.fetch_add(1, std::memory_order_acq_rel);
@@ -873,6 +1107,7 @@ void SessionPool::maintain(std::chrono::seconds idle_limit,
   std::vector<Taken> expired, aged;
   sweep(
       nullptr, [&](bool, const Idle& idle) { return older_than(idle_limit, idle); }, expired);
+  spare_last(expired);
   close_taken(expired);
   // Still counted as open while pinged: the limit holds throughout.
   sweep(

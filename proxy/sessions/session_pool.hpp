@@ -88,9 +88,13 @@ class SessionPool {
     constexpr bool operator==(Kind k) const noexcept { return kind == k; }
   };
 
-  // A backend session for a multiplexed call, and its return: like open()
-  // and close() but not the application's session (no login accounting).
-  CK_RV borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept;
+  // A backend session for a call, and its return: like open() and close()
+  // but not the application's session (no login accounting). At the limit
+  // it waits up to pool.wait_ms (Wait::at_limit) or not at all (Wait::never:
+  // CKR_SESSION_COUNT at once), fairly: first come, first served.
+  enum class Wait : bool { never, at_limit };
+  CK_RV borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out,
+               Wait wait = Wait::at_limit) noexcept;
   void give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   // A backend session given back without a reset: pooled again unless a
   // call marked it discard (Binding::discard, Binding::dead, Binding::why).
@@ -112,6 +116,33 @@ class SessionPool {
   // as `fate` says. Logs the token out when it was the application's last
   // session on the slot (unless pool.keep_login).
   void close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
+
+  // [pool] bind = state: a virtual session that holds no backend session.
+  // admit() is its C_OpenSession: the slot and the kind of session checked
+  // (by the backend itself when a backend session is at hand, else from
+  // the token's info and the application's sessions: docs/design.md,
+  // "Binding on state"), and the application's session counted, without
+  // keeping a backend session. leave() is its C_CloseSession, when it holds
+  // none any more (the token logged out as close() would).
+  CK_RV admit(CK_SLOT_ID slot, bool rw) noexcept;
+  void leave(CK_SLOT_ID slot, bool rw) noexcept;
+
+  // What the application's calls did to the login state, for the checks
+  // the backend cannot make when p11mux holds no backend session for an
+  // application's session: CKR_SESSION_READ_WRITE_SO_EXISTS for a read-only
+  // C_OpenSession while the SO is logged in, CKR_SESSION_READ_ONLY_EXISTS
+  // for an SO C_Login while the application has a read-only session.
+  void logged_in(CK_SLOT_ID slot, CK_USER_TYPE user, CK_RV rv) noexcept;
+  void logged_out(CK_SLOT_ID slot, CK_RV rv) noexcept;
+  // CKR_SESSION_READ_ONLY_EXISTS when the application has a read-only
+  // session on the slot (an SO C_Login must then fail), else CKR_OK.
+  CK_RV may_log_in_so(CK_SLOT_ID slot) noexcept;
+
+  // The application's sessions on a slot, for C_GetTokenInfo.
+  struct AppSessions {
+    unsigned long all = 0, read_write = 0;
+  };
+  AppSessions app_sessions(CK_SLOT_ID slot) noexcept;
 
   // A backend call said the session or device is gone: idle sessions of that
   // slot are not to be trusted either.
@@ -170,13 +201,24 @@ class SessionPool {
   CK_RV slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept EXCLUDES(registry_);
   SlotPool* find_slot(CK_SLOT_ID slot) noexcept { return slots_.find(slot); }
   ThreadCache* this_thread_cache(bool create) noexcept EXCLUDES(registry_);
-  CK_RV take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept;
+  // Whether, at the limit, an idle session of the other kind may be closed
+  // to open one of this kind (never just to check that one could be opened).
+  enum class Trade : bool { never, idle };
+  CK_RV take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out,
+             Wait wait = Wait::at_limit, Trade trade = Trade::idle) noexcept;
+  class Place;
   bool steal(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept EXCLUDES(registry_);
   struct Stale;
   class Waiter;
   // Closes stale sessions taken out of a thread's cache; then they no longer count as open.
   void drop_stale(SlotPool& pool, const Stale& stale) noexcept;
-  void count_app_session(SlotPool& pool, bool rw) noexcept;
+  // False at pool.max_virtual_sessions: then it is not counted.
+  bool count_app_session(SlotPool& pool, bool rw) noexcept;
+  // Stops counting one; true when it was the last and the token is to be
+  // logged out (logging_out is then set: the caller logs out, then
+  // logged_out_done()).
+  bool uncount_app_session(SlotPool& pool, bool rw) noexcept;
+  void logged_out_done(SlotPool& pool) noexcept;
   void settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
   void give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept;
   void discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
@@ -200,6 +242,9 @@ class SessionPool {
   // C_CloseSession has returned, so the count is never below what the
   // backend has open.
   void close_taken(const std::vector<Taken>& doomed) noexcept;
+  // Takes out of `doomed` one session of each slot that would otherwise be
+  // left with none while the application has sessions on it.
+  void spare_last(std::vector<Taken>& doomed) noexcept;
   CK_RV backend_open(CK_SLOT_ID slot, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept;
   void backend_close(CK_SESSION_HANDLE handle) noexcept;
   void retire(ThreadCache* cache) noexcept EXCLUDES(registry_);

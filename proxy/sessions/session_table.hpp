@@ -78,6 +78,10 @@ struct Binding {
   }
   std::vector<CK_OBJECT_HANDLE> objects;  // session objects created through it
 
+  // What keeps it with its virtual session ([pool] bind = state): an
+  // operation active or maybe active, or session objects made through it.
+  bool holds_state() const noexcept { return ops != 0 || maybe != 0 || !objects.empty(); }
+
   void clear() noexcept {
     backend = CK_INVALID_HANDLE;
     ops = maybe = 0;

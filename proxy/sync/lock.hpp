@@ -10,6 +10,8 @@
 // Lock order: a thread holding several locks took them in this order (the
 // one statement of it; ACQUIRED_AFTER on the members says it to clang, which
 // checks it with -Wthread-safety-beta):
+//   0. Protect::change_lock()  ([policy] protect: a key read, then its change;
+//                              each backend call under it takes 2. and 3.)
 //   1. Runtime::poll_lock_     (a polling C_WaitForSlotEvent, then a backend call)
 //   2. Session::lock           (one session at a time; never two at once)
 //   3. the backend lock (a BackendPort's, only for a backend that is not

@@ -1,7 +1,9 @@
 # Shared steps of the client tests (tests/clients/README.md). Source it, then:
 #   require_tools TOOL...      skip (77) when a tool is missing; fail under CI=true
 #   client_steps() { ...; }    the client's steps, run once per mode with:
-#       $MODE    direct | serialize | multiplex
+#       $MODE    direct | serialize | multiplex, or a session mode and a
+#                [pool] bind joined by '-' (serialize-state, multiplex-open):
+#                a test adds those to MODES
 #       $MODULE  the PKCS#11 module to load (SoftHSM2, or libp11mux.so)
 #       $CASE    a fresh directory for this mode's files
 #       $LABEL $PIN $SO_PIN   a fresh SoftHSM2 token (SOFTHSM2_CONF points to it)
@@ -90,8 +92,10 @@ prepare_case() {
     unset P11MUX_CONFIG
   else
     MODULE=$P11MUX_LIBRARY
-    printf 'module = %s\nsession_mode = %s\n[log]\nlevel = warn\nfile = %s\n' \
-      "$SOFTHSM2_MODULE" "$MODE" "$CASE/p11mux.log" >"$CASE/p11mux.conf"
+    local bind=auto
+    [[ $MODE == *-* ]] && bind=${MODE#*-}
+    printf 'module = %s\nsession_mode = %s\n[pool]\nbind = %s\n[log]\nlevel = warn\nfile = %s\n' \
+      "$SOFTHSM2_MODULE" "${MODE%-*}" "$bind" "$CASE/p11mux.log" >"$CASE/p11mux.conf"
     export P11MUX_CONFIG=$CASE/p11mux.conf
   fi
 }
@@ -126,7 +130,7 @@ compare_modes() {
     echo "FAIL: the direct run itself failed"
     failed=1
   fi
-  [[ $failed == 0 ]] && echo "PASS: serialize and multiplex match SoftHSM2 directly"
+  [[ $failed == 0 ]] && echo "PASS: ${MODES[*]:1} match SoftHSM2 directly"
   # What a mode's steps wrote to $WORK/$MODE.info: figures that vary from run
   # to run (timings, interleavings), shown but not compared.
   if compgen -G "$WORK/*.info" >/dev/null; then

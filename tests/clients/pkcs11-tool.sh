@@ -6,6 +6,9 @@ source "$(dirname "$0")/common.sh"
 require_tools pkcs11-tool softhsm2-util timeout
 
 EXPECT_DIRECT_FAILURE=1
+# The spec's session rules in both bindings of each mode (multiplex's default
+# is bind = state, serialize's bind = open).
+MODES+=(serialize-state multiplex-open)
 
 client_steps() {
   local tool=(pkcs11-tool --module "$MODULE" --token-label "$LABEL" --login --pin "$PIN")

@@ -364,8 +364,10 @@ class DistinctThreads {
 // call runs elsewhere while the operation is active, there once Final ended it.
 template <class Init, class Final, class... Messages>
 void message_operation_follows_its_session() {
+  // bind = open: the last check needs the session's own backend session.
   const Proxy::Environment env = {{"P11MUX_MODULE", P11MUX_TEST_RECORDER_PATH},
-                                  {"P11MUX_SESSION_MODE", "multiplex"}};
+                                  {"P11MUX_SESSION_MODE", "multiplex"},
+                                  {"P11MUX_POOL_BIND", "open"}};
   Proxy proxy({}, nullptr, env);
   CK_SESSION_HANDLE shared = proxy.open();
   DistinctThreads threads;

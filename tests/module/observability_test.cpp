@@ -254,8 +254,11 @@ TEST_CASE(
   std::string sock = temp_path("pool-mux.sock");
   MockConfig mock{};
   mock.call_spin_us = 200;  // calls overlap: threads borrow backend sessions of their own
+  // bind = open: the session keeps a backend session of its own.
   Proxy proxy(mock, nullptr,
-              {{"P11MUX_METRICS_LISTEN", sock.c_str()}, {"P11MUX_SESSION_MODE", "multiplex"}});
+              {{"P11MUX_METRICS_LISTEN", sock.c_str()},
+               {"P11MUX_SESSION_MODE", "multiplex"},
+               {"P11MUX_POOL_BIND", "open"}});
   CK_SESSION_HANDLE shared = proxy.open();
   std::vector<std::thread> threads;
   for (int t = 0; t < 8; ++t) {
@@ -278,6 +281,50 @@ TEST_CASE(
   f = pool_figures(sock);
   CHECK(f.in_use == 0);
   CHECK(f.idle == f.open);
+}
+
+TEST_CASE("bind = state: metrics tell virtual sessions, bound and idle backend sessions, waits") {
+  std::string sock = temp_path("pool-state.sock");
+  MockConfig mock{};
+  mock.max_sessions = 2;
+  Proxy proxy(mock, nullptr,
+              {{"P11MUX_METRICS_LISTEN", sock.c_str()},
+               {"P11MUX_SESSION_MODE", "multiplex"},
+               {"P11MUX_POOL_BIND", "state"},
+               {"P11MUX_POOL_WAIT_MS", "5000"}});
+  CK_FUNCTION_LIST* p = proxy.p11;
+  std::vector<CK_SESSION_HANDLE> sessions;
+  for (int i = 0; i < 10; ++i) sessions.push_back(proxy.open());
+  // Two digests active hold both backend sessions; a third call waits until
+  // one ends.
+  CK_MECHANISM mech = sha256();
+  REQUIRE(p->C_DigestInit(sessions[0], &mech) == CKR_OK);
+  REQUIRE(p->C_DigestInit(sessions[1], &mech) == CKR_OK);
+  auto at = [&](const char* name) {
+    auto m = http_get(endpoint_of(sock), "/metrics");
+    REQUIRE(m);
+    auto prom = parse_prometheus(m->body);
+    for (const auto& e : prom.errors) FAIL_CHECK(e);
+    return prom.at(std::string(name) + "{slot=\"0\"}");
+  };
+  CHECK(at("p11mux_pool_virtual_sessions") == 10);
+  CHECK(at("p11mux_pool_sessions_in_use") == 2);
+  CHECK(at("p11mux_pool_virtual_per_backend") == 5);
+  std::thread waiter([&] {
+    CK_BYTE random[8];
+    CHECK(p->C_GenerateRandom(sessions[2], random, sizeof random) == CKR_OK);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  CK_BYTE data[] = "abc", digest[MOCK_DIGEST_LEN];
+  CK_ULONG len = sizeof digest;
+  REQUIRE(p->C_Digest(sessions[0], data, 3, digest, &len) == CKR_OK);
+  waiter.join();
+  CHECK(at("p11mux_pool_wait_duration_seconds_count") == 1);
+  CHECK(at("p11mux_pool_waits_total") == 1);
+  CHECK(at("p11mux_pool_sessions_in_use") == 1);  // the digest still active
+  CHECK(at("p11mux_pool_sessions_idle") == 1);
+  for (CK_SESSION_HANDLE h : sessions) REQUIRE(p->C_CloseSession(h) == CKR_OK);
+  CHECK(at("p11mux_pool_virtual_sessions") == 0);
 }
 
 TEST_CASE("the endpoint answers over loopback TCP with valid Prometheus text and JSON") {

@@ -18,7 +18,9 @@ CK_RV open_on(Proxy& proxy, CK_SLOT_ID slot, CK_SESSION_HANDLE& h, CK_NOTIFY not
   return proxy.p11->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, notify, &h);
 }
 
-// Each test runs in both session modes, one SUBCASE each.
+// Each test runs in both session modes, one SUBCASE each, with [pool] bind =
+// open: each virtual session holds a backend session (state_binding_test.cpp
+// has bind = state).
 const char* session_mode() {
   const char* mode = "serialize";
   SUBCASE("serialize") {}
@@ -27,7 +29,7 @@ const char* session_mode() {
 }
 
 TEST_CASE("slot IDs the backend does not know leave no trace in the pool") {
-  Proxy proxy({}, nullptr, {{"P11MUX_SESSION_MODE", session_mode()}});
+  Proxy proxy({}, nullptr, {{"P11MUX_SESSION_MODE", session_mode()}, {"P11MUX_POOL_BIND", "open"}});
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
   for (CK_SLOT_ID bogus = 1000; bogus < 1300; ++bogus) {
     REQUIRE(open_on(proxy, bogus, h) == CKR_SLOT_ID_INVALID);
@@ -44,7 +46,9 @@ TEST_CASE("C_GetTokenInfo tells the application's session figures, not p11mux's 
   CK_TOKEN_INFO info{};
   SUBCASE("pool.max_sessions caps the limits the token reports") {
     Proxy proxy(c, nullptr,
-                {{"P11MUX_SESSION_MODE", session_mode()}, {"P11MUX_POOL_MAX_SESSIONS", "4"}});
+                {{"P11MUX_SESSION_MODE", session_mode()},
+                 {"P11MUX_POOL_BIND", "open"},
+                 {"P11MUX_POOL_MAX_SESSIONS", "4"}});
     REQUIRE(proxy.p11->C_GetTokenInfo(0, &info) == CKR_OK);
     CHECK(info.ulMaxSessionCount == 4);
     CHECK(info.ulMaxRwSessionCount == 4);
@@ -52,16 +56,20 @@ TEST_CASE("C_GetTokenInfo tells the application's session figures, not p11mux's 
     // would count them.
     CK_SESSION_HANDLE a = proxy.open(0, CKF_SERIAL_SESSION | CKF_RW_SESSION);
     CK_SESSION_HANDLE b = proxy.open(0, CKF_SERIAL_SESSION);
+    REQUIRE(proxy.p11->C_GetTokenInfo(0, &info) == CKR_OK);
+    CHECK(info.ulSessionCount == 2);
+    CHECK(info.ulRwSessionCount == 1);
     REQUIRE(proxy.p11->C_CloseSession(a) == CKR_OK);
     REQUIRE(proxy.p11->C_CloseSession(b) == CKR_OK);
     REQUIRE(mock_stats().sessions_open == 2);
     REQUIRE(proxy.p11->C_GetTokenInfo(0, &info) == CKR_OK);
-    CHECK(info.ulSessionCount == CK_UNAVAILABLE_INFORMATION);
-    CHECK(info.ulRwSessionCount == CK_UNAVAILABLE_INFORMATION);
+    CHECK(info.ulSessionCount == 0);
+    CHECK(info.ulRwSessionCount == 0);
   }
   SUBCASE("without it, a lower limit of the token's stands") {
     c.token_max_session_count = 3;
-    Proxy proxy(c, nullptr, {{"P11MUX_SESSION_MODE", session_mode()}});
+    Proxy proxy(c, nullptr,
+                {{"P11MUX_SESSION_MODE", session_mode()}, {"P11MUX_POOL_BIND", "open"}});
     REQUIRE(proxy.p11->C_GetTokenInfo(0, &info) == CKR_OK);
     CHECK(info.ulMaxSessionCount == 3);
     CHECK(info.ulMaxRwSessionCount == CK_EFFECTIVELY_INFINITE);
@@ -75,6 +83,7 @@ TEST_CASE("C_GetTokenInfo tells the application's session figures, not p11mux's 
 TEST_CASE("stale sessions in a thread's cache stop counting against the limit") {
   Proxy proxy({}, nullptr,
               {{"P11MUX_SESSION_MODE", session_mode()},
+               {"P11MUX_POOL_BIND", "open"},
                {"P11MUX_POOL_MAX_SESSIONS", "2"},
                {"P11MUX_POOL_WAIT_MS", "100"}});
   CK_SESSION_HANDLE a = proxy.open(0, CKF_SERIAL_SESSION);
@@ -96,6 +105,7 @@ TEST_CASE("stale sessions in a thread's cache stop counting against the limit") 
 TEST_CASE("stale sessions in another thread's cache are dropped when the pool is full") {
   Proxy proxy({}, nullptr,
               {{"P11MUX_SESSION_MODE", session_mode()},
+               {"P11MUX_POOL_BIND", "open"},
                {"P11MUX_POOL_MAX_SESSIONS", "2"},
                {"P11MUX_POOL_WAIT_MS", "100"}});
   CK_SESSION_HANDLE a = proxy.open(0, CKF_SERIAL_SESSION);
@@ -117,7 +127,10 @@ TEST_CASE("stale sessions in another thread's cache are dropped when the pool is
 TEST_CASE("a limit learned from CKR_SESSION_COUNT rises again when the backend has room") {
   MockConfig c{};
   c.max_sessions = 1;  // for now: another process holds the HSM's sessions
-  Proxy proxy(c, nullptr, {{"P11MUX_SESSION_MODE", session_mode()}, {"P11MUX_POOL_WAIT_MS", "0"}});
+  Proxy proxy(c, nullptr,
+              {{"P11MUX_SESSION_MODE", session_mode()},
+               {"P11MUX_POOL_BIND", "open"},
+               {"P11MUX_POOL_WAIT_MS", "0"}});
   CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE, d = CK_INVALID_HANDLE;
   REQUIRE(open_on(proxy, 0, a) == CKR_OK);
   REQUIRE(open_on(proxy, 0, b) == CKR_SESSION_COUNT);  // the limit is learned: 1
@@ -134,7 +147,10 @@ TEST_CASE("one transient CKR_SESSION_COUNT does not lower the limit: the open is
   std::snprintf(c.fail_function, sizeof c.fail_function, "C_OpenSession");
   c.fail_rv = CKR_SESSION_COUNT;
   c.fail_nth = 2;  // the HSM is busy for a moment, once
-  Proxy proxy(c, nullptr, {{"P11MUX_SESSION_MODE", session_mode()}, {"P11MUX_POOL_WAIT_MS", "0"}});
+  Proxy proxy(c, nullptr,
+              {{"P11MUX_SESSION_MODE", session_mode()},
+               {"P11MUX_POOL_BIND", "open"},
+               {"P11MUX_POOL_WAIT_MS", "0"}});
   CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE, d = CK_INVALID_HANDLE;
   REQUIRE(open_on(proxy, 0, a) == CKR_OK);
   CHECK(open_on(proxy, 0, b) == CKR_OK);
@@ -145,6 +161,7 @@ TEST_CASE("one transient CKR_SESSION_COUNT does not lower the limit: the open is
 TEST_CASE("sessions opened with a Notify callback count against the session limit") {
   Proxy proxy({}, nullptr,
               {{"P11MUX_SESSION_MODE", session_mode()},
+               {"P11MUX_POOL_BIND", "open"},
                {"P11MUX_POOL_MAX_SESSIONS", "2"},
                {"P11MUX_POOL_WAIT_MS", "100"}});
   auto notify = [](CK_SESSION_HANDLE, CK_NOTIFICATION, CK_VOID_PTR) -> CK_RV { return CKR_OK; };
@@ -163,7 +180,9 @@ TEST_CASE("sessions opened with a Notify callback count against the session limi
 
 TEST_CASE("maintenance: idle sessions in threads' caches time out too") {
   Proxy proxy({}, nullptr,
-              {{"P11MUX_SESSION_MODE", session_mode()}, {"P11MUX_POOL_IDLE_TIMEOUT_S", "1"}});
+              {{"P11MUX_SESSION_MODE", session_mode()},
+               {"P11MUX_POOL_BIND", "open"},
+               {"P11MUX_POOL_IDLE_TIMEOUT_S", "1"}});
   CK_SESSION_HANDLE h = proxy.open();
   REQUIRE(proxy.p11->C_CloseSession(h) == CKR_OK);  // into this thread's cache
   CHECK(eventually([] { return mock_stats().sessions_open == 0; }));
@@ -179,6 +198,7 @@ TEST_CASE("maintenance: a session whose keepalive ping fails is closed, not forg
   c.fail_rv = CKR_DEVICE_ERROR;
   Proxy proxy(c, nullptr,
               {{"P11MUX_SESSION_MODE", session_mode()},
+               {"P11MUX_POOL_BIND", "open"},
                {"P11MUX_POOL_KEEPALIVE_S", "1"},
                {"P11MUX_POOL_MAX_SESSIONS", "1"},
                {"P11MUX_POOL_WAIT_MS", "100"}});

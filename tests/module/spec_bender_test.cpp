@@ -47,12 +47,23 @@ MockConfig bends(unsigned long bits) {
   return c;
 }
 
-// The session mode of this run: each test case runs once per mode.
+// The session mode of this run: each test case runs once per mode, with
+// [pool] bind = open (a virtual session holds a backend session while open).
 #define FOR_BOTH_SESSION_MODES(mode)           \
   const char* mode = "serialize";              \
   SUBCASE("serialize") {}                      \
   SUBCASE("multiplex") { mode = "multiplex"; } \
   std::string session_mode = mode;             \
+  CAPTURE(session_mode)
+
+// The same, and multiplex mode with [pool] bind = state: the benders' effects
+// must stay with their virtual session while backend sessions come and go.
+#define FOR_EACH_SESSION_MODE(mode)                                \
+  const char* mode = "serialize";                                  \
+  SUBCASE("serialize") {}                                          \
+  SUBCASE("multiplex") { mode = "multiplex"; }                     \
+  SUBCASE("multiplex, bind = state") { mode = "multiplex-state"; } \
+  std::string session_mode = mode;                                 \
   CAPTURE(session_mode)
 
 // libp11mux.so initialized over the spec bender in a session mode.
@@ -61,7 +72,9 @@ class BenderProxy {
   BenderProxy(const char* mode, MockConfig config, Proxy::Environment env = {}) : p11(libs().p11) {
     reset_environment();
     ::setenv("P11MUX_MODULE", P11MUX_TEST_SPEC_BENDER_PATH, 1);
-    ::setenv("P11MUX_SESSION_MODE", mode, 1);
+    const bool state = std::string_view(mode) == "multiplex-state";
+    ::setenv("P11MUX_SESSION_MODE", state ? "multiplex" : mode, 1);
+    ::setenv("P11MUX_POOL_BIND", state ? "state" : "open", 1);
     for (auto [name, value] : env) ::setenv(name, value, 1);
     CHECK(bender().reset() == 0);
     REQUIRE(bender().configure(&config) == 0);
@@ -120,7 +133,7 @@ std::vector<CK_OBJECT_HANDLE> find_all(CK_FUNCTION_LIST* p11, CK_SESSION_HANDLE 
 }
 
 TEST_CASE("spec bender: a closed virtual session's objects are neither visible nor usable") {
-  FOR_BOTH_SESSION_MODES(mode);
+  FOR_EACH_SESSION_MODE(mode);
   BenderProxy proxy(mode, bends(kBendsButCount));
   CK_FUNCTION_LIST* p = proxy.p11;
 
@@ -187,7 +200,7 @@ TEST_CASE("spec bender: a closed virtual session's objects are neither visible n
 }
 
 TEST_CASE("spec bender: a key-and-MAC derive never destroys what its unused phKey held") {
-  FOR_BOTH_SESSION_MODES(mode);
+  FOR_EACH_SESSION_MODE(mode);
   BenderProxy proxy(mode, bends(kBendsButCount));
   CK_FUNCTION_LIST* p = proxy.p11;
   CK_SESSION_HANDLE keeper = proxy.open();
@@ -220,7 +233,7 @@ TEST_CASE("spec bender: a key-and-MAC derive never destroys what its unused phKe
 }
 
 TEST_CASE("spec bender: no operation of a closed session is active in a new one") {
-  FOR_BOTH_SESSION_MODES(mode);
+  FOR_EACH_SESSION_MODE(mode);
   BenderProxy proxy(mode, bends(kBendsButCount));
   CK_FUNCTION_LIST* p = proxy.p11;
   // A token key both sessions can use for sign/verify.
@@ -362,7 +375,7 @@ std::string read_file(const std::string& path) {
 // A backend that fills ulValueLen with the length it needs: the trace shows at
 // most what the caller's buffer holds (ASan: no read past a heap buffer).
 TEST_CASE("spec bender: tracing C_GetAttributeValue never reads past the caller's buffer") {
-  FOR_BOTH_SESSION_MODES(mode);
+  FOR_EACH_SESSION_MODE(mode);
   std::string log = std::string("/tmp/p11mux-bender-trace-") + mode + ".log";
   ::unlink(log.c_str());
   const std::string label(200, 'L');

@@ -585,12 +585,13 @@ TEST_CASE("spec bender: C_Finalize and fork() are bounded with threads waiting a
   ScopedEnv env({{"P11MUX_POOL_MAX_SESSIONS", "2"}, {"P11MUX_POOL_WAIT_MS", "30000"}});
   REQUIRE(spec_bender().reset() == 0);
   REQUIRE(p11.C_Initialize(os_locking()) == CKR_OK);
-  // Two sessions in use hold the limit.
+  // Two sessions in use hold the limit: each with a digest active, so that
+  // it keeps its backend session with [pool] bind = state too.
   std::vector<CK_SESSION_HANDLE> held(2);
   for (auto& h : held) {
     REQUIRE(open_retrying(p11, 0, CKF_SERIAL_SESSION, h) == CKR_OK);
-    CK_BYTE buf[8];
-    REQUIRE(p11.C_GenerateRandom(h, buf, sizeof buf) == CKR_OK);
+    CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
+    REQUIRE(p11.C_DigestInit(h, &sha) == CKR_OK);
   }
   constexpr int kWaiters = 4;
   std::atomic<int> started{0}, returned{0};

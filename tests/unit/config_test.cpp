@@ -305,6 +305,21 @@ TEST_CASE("bad environment value: message names the variable and the key") {
       ConfigError);
 }
 
+TEST_CASE("[pool] bind: auto follows the session mode; open and state are chosen") {
+  CHECK_FALSE(parse("").binds_on_state());
+  CHECK(parse("session_mode = multiplex\n").binds_on_state());
+  CHECK_FALSE(parse("session_mode = multiplex\n[pool]\nbind = open\n").binds_on_state());
+  CHECK(parse("[pool]\nbind = state\n").binds_on_state());
+  CHECK(parse("", {{"P11MUX_POOL_BIND", "state"}}).binds_on_state());
+  CHECK_THROWS_WITH_AS(
+      parse("[pool]\nbind = transaction\n"),
+      "test.conf:2: bad value 'transaction' for [pool] bind (expected auto|open|state)",
+      ConfigError);
+  CHECK(parse("").pool.max_virtual_sessions == 100'000);
+  CHECK(parse("[pool]\nmax_virtual_sessions = 7\n").pool.max_virtual_sessions == 7);
+  CHECK_THROWS_AS(parse("[pool]\nmax_virtual_sessions = 0\n"), ConfigError);
+}
+
 TEST_CASE("only the table's P11MUX_* names and P11MUX_CONFIG are looked up") {
   std::set<std::string> asked;
   const EnvLookup recording = [&asked](const char* name) -> const char* {
@@ -323,6 +338,8 @@ TEST_CASE("only the table's P11MUX_* names and P11MUX_CONFIG are looked up") {
                                        "P11MUX_LOG_FILE",
                                        "P11MUX_POOL_MAX_SESSIONS",
                                        "P11MUX_POOL_WAIT_MS",
+                                       "P11MUX_POOL_BIND",
+                                       "P11MUX_POOL_MAX_VIRTUAL_SESSIONS",
                                        "P11MUX_POOL_PREWARM",
                                        "P11MUX_POOL_KEEP_LOGIN",
                                        "P11MUX_POOL_IDLE_TIMEOUT_S",
@@ -341,6 +358,7 @@ TEST_CASE("only the table's P11MUX_* names and P11MUX_CONFIG are looked up") {
                                        "P11MUX_POLICY_MECHANISMS_DENY",
                                        "P11MUX_POLICY_FUNCTIONS_DENY",
                                        "P11MUX_POLICY_READ_ONLY",
+                                       "P11MUX_POLICY_PROTECT",
                                        "P11MUX_POLICY_TOKENS",
                                        "P11MUX_POLICY_OBJECTS"});
 }

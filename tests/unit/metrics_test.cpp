@@ -168,7 +168,18 @@ LiveFigures sample_live() {
   live.uptime_s = 12.5;
   live.sessions_open = 2;
   live.log_records_dropped = 3;
-  live.slots.push_back({0, 4, 1, 3, 2, 1'500'000, 1});
+  SlotFigures& slot = live.slots.emplace_back();
+  slot.open = 4;
+  slot.idle = 1;
+  slot.in_use = 3;
+  slot.waits = 2;
+  slot.wait_ns = 1'500'000;
+  slot.discarded_dead = 1;
+  slot.virtual_sessions = 10;
+  slot.wait.buckets[LatencyBuckets::index(500'000)] = 1;    // 0.5 ms
+  slot.wait.buckets[LatencyBuckets::index(1'000'000)] = 1;  // 1 ms
+  slot.wait.sum_ns = 1'500'000;
+  slot.wait.max_ns = 1'000'000;
   return live;
 }
 
@@ -195,6 +206,12 @@ TEST_CASE("Prometheus text: valid, with exact values") {
   CHECK(p.at("p11mux_sessions_open") == 2);
   CHECK(p.at("p11mux_pool_sessions_in_use{slot=\"0\"}") == 3);
   CHECK(p.at("p11mux_pool_wait_seconds_total{slot=\"0\"}") == doctest::Approx(0.0015));
+  CHECK(p.at("p11mux_pool_virtual_sessions{slot=\"0\"}") == 10);
+  CHECK(p.at("p11mux_pool_virtual_per_backend{slot=\"0\"}") == 2.5);
+  CHECK(p.types["p11mux_pool_wait_duration_seconds"] == "histogram");
+  CHECK(p.at("p11mux_pool_wait_duration_seconds_bucket{slot=\"0\",le=\"0.000512\"}") == 1);
+  CHECK(p.at("p11mux_pool_wait_duration_seconds_bucket{slot=\"0\",le=\"+Inf\"}") == 2);
+  CHECK(p.at("p11mux_pool_wait_duration_seconds_count{slot=\"0\"}") == 2);
   CHECK(p.at("p11mux_log_records_dropped_total") == 3);
   CHECK(p.at("p11mux_uptime_seconds") == 12.5);
 }
@@ -220,8 +237,10 @@ TEST_CASE("JSON snapshot: valid, with the figures") {
       json.find("\"C_Sign\":{\"calls\":3,\"errors\":1,\"errors_by_rv\":{\"CKR_DEVICE_ERROR\":1}") !=
       std::string::npos);
   CHECK(json.find("\"sessions_open\":2") != std::string::npos);
-  CHECK(json.find("\"slots\":[{\"slot\":0,\"open\":4,\"idle\":1,\"in_use\":3,\"waits\":2") !=
+  CHECK(json.find("\"slots\":[{\"slot\":0,\"open\":4,\"idle\":1,\"in_use\":3,"
+                  "\"virtual_sessions\":10,\"virtual_per_backend\":2.500,\"waits\":2") !=
         std::string::npos);
+  CHECK(json.find("\"wait_latency_us\":{\"mean\":750.000,") != std::string::npos);
   CHECK(valid_json(stats_json(MetricsSnapshot{}, LiveFigures{})));
   CHECK_FALSE(valid_json("{\"a\":1,}"));
   CHECK_FALSE(valid_json("{\"a\":01}"));
@@ -240,8 +259,8 @@ TEST_CASE("summary table: busiest function first, errors, lock and pool lines") 
   for (const auto& l : lines) all += l + "\n";
   CHECK(all.find("C_Login CKR_PIN_INCORRECT x1") != std::string::npos);
   CHECK(all.find("session lock: 1 acquisitions") != std::string::npos);
-  CHECK(all.find("slot 0 pool: 4 open (1 idle, 3 in use), 2 waits (1.5 ms), 1 discarded dead") !=
-        std::string::npos);
+  CHECK(all.find("slot 0 pool: 10 virtual sessions on 4 open (1 idle, 3 in use), 2 waits (1.5 ms, "
+                 "p99 1.0 ms), 1 discarded dead") != std::string::npos);
   CHECK(all.find("3 records dropped") != std::string::npos);
 }
 
