@@ -62,7 +62,10 @@ std::optional<CK_RV> policy_before(Runtime& rt, const Policy& policy, A... a) no
     if (policy.tokens().on()) return filtered_slot_list(rt, policy.tokens(), a...);
   }
   if constexpr (kProtected<F>) {
-    if (policy.protect().any()) return protect_call<F>(rt, policy.protect(), a...);
+    // With objects on, ObjectFiltered applies protect after the filter.
+    static_assert(kFiltersObjects<F>);
+    if (policy.protect().any() && !policy.objects().on())
+      return protect_call<F>(rt, policy.protect(), a...);
   }
   if constexpr (F::name == "C_GetMechanismList") {
     if (policy.filters_mechanisms()) return filtered_mechanism_list(rt, policy, a...);

@@ -4,6 +4,7 @@
 
 #include "lifecycle/runtime.hpp"
 #include "policy/filters.hpp"
+#include "policy/protect_enforce.hpp"
 
 #include <p11mux/pkcs11.h>
 
@@ -77,7 +78,8 @@ CK_RV filtered_find_objects(Runtime& rt, const ObjectFilter& objects, CK_SESSION
                             CK_OBJECT_HANDLE_PTR found, CK_ULONG max, CK_ULONG_PTR count) noexcept;
 
 // How forward/ calls the backend when objects are filtered: the checks
-// above, on the backend session the call runs on, then the call itself.
+// above, on the backend session the call runs on, then protect's (when on:
+// only on what the filter shows, protect_enforce.hpp), then the call itself.
 struct ObjectFiltered {
   template <class F, class... A>
   static CK_RV call(Runtime& rt, A... a) noexcept;
@@ -121,6 +123,12 @@ CK_RV ObjectFiltered::call(Runtime& rt, A... a) noexcept {
     }
     (std::make_index_sequence<templates.size()>{});
     if (rv != CKR_OK) return rv;
+    if constexpr (kProtected<F>) {
+      const Protect& protect = rt.policy()->protect();
+      if (protect.any()) {
+        if (std::optional<CK_RV> answer = protect_call<F, true>(rt, protect, a...)) return *answer;
+      }
+    }
     return rt.port().template call<F>(a...);
   }
 }

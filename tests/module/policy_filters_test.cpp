@@ -9,7 +9,9 @@
 #include "unit/observe_test_support.hpp"
 
 #include <algorithm>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace p11mux::test {
@@ -304,6 +306,104 @@ TEST_CASE("filters: objects made or changed through p11mux are checked from thei
   CK_OBJECT_HANDLE copy = 0;
   CHECK(p->C_CopyObject(h, made, nullptr, 0, &copy) == CKR_OK);
   CHECK(p->C_DestroyObject(h, copy) == CKR_OK);
+}
+
+namespace {
+
+// A token AES key with the given booleans, made directly on the mock.
+CK_OBJECT_HANDLE make_key_with(const char* label,
+                               std::initializer_list<std::pair<CK_ATTRIBUTE_TYPE, bool>> flags) {
+  CK_FUNCTION_LIST* m = mock_direct();
+  CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+  REQUIRE(m->C_OpenSession(0, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &s) == CKR_OK);
+  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+  CK_KEY_TYPE type = CKK_AES;
+  CK_BBOOL yes = CK_TRUE;
+  CK_BYTE value[16] = {1, 2, 3};
+  std::vector<CK_BBOOL> values;
+  values.reserve(flags.size());
+  std::vector<CK_ATTRIBUTE> tmpl = {{CKA_CLASS, &cls, sizeof cls},
+                                    {CKA_KEY_TYPE, &type, sizeof type},
+                                    {CKA_TOKEN, &yes, sizeof yes},
+                                    {CKA_VALUE, value, sizeof value},
+                                    text_attr(CKA_LABEL, label)};
+  for (auto [t, on] : flags) {
+    values.push_back(on ? CK_TRUE : CK_FALSE);
+    tmpl.push_back({t, &values.back(), sizeof(CK_BBOOL)});
+  }
+  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+  REQUIRE(m->C_CreateObject(s, tmpl.data(), tmpl.size(), &key) == CKR_OK);
+  REQUIRE(m->C_CloseSession(s) == CKR_OK);
+  return key;
+}
+
+}  // namespace
+
+// protect reads a key's attributes and makes the changes it allows itself:
+// with objects on, only after the filter and through it, so a hidden key
+// gets the filter's answer (protect neither reads nor names it) and a change
+// protect allows is still checked by the filter.
+TEST_CASE("filters: with protect on too, a hidden key gets the filter's answer, not protect's") {
+  const std::string log = temp_path("protect.log");
+  for (const char* mode : {"serialize", "multiplex"}) {
+    CAPTURE(mode);
+    {
+      Proxy proxy({}, nullptr,
+                  {{"P11MUX_POLICY_OBJECTS", "label:app-*"},
+                   {"P11MUX_POLICY_PROTECT", "all"},
+                   {"P11MUX_SESSION_MODE", mode},
+                   {"P11MUX_LOG_LEVEL", "warn"},
+                   {"P11MUX_LOG_FILE", log.c_str()}});
+      CK_FUNCTION_LIST* p = proxy.p11;
+      CK_SESSION_HANDLE h = proxy.open();
+      const CK_OBJECT_HANDLE secret =
+          make_key_with("db-secret", {{CKA_SENSITIVE, true}, {CKA_EXTRACTABLE, true}});
+      const CK_OBJECT_HANDLE wrapper = make_key_with("db-wrapper", {{CKA_WRAP, true}});
+      const CK_OBJECT_HANDLE mine =
+          make_key_with("app-secret", {{CKA_SENSITIVE, true}, {CKA_EXTRACTABLE, true}});
+      const CK_OBJECT_HANDLE my_wrapper = make_key_with("app-wrapper", {{CKA_WRAP, true}});
+      CK_BBOOL no = CK_FALSE;
+      CK_ATTRIBUTE unsensitive[] = {{CKA_SENSITIVE, &no, sizeof no}};
+      CK_OBJECT_HANDLE copy = 0;
+      CHECK(p->C_SetAttributeValue(h, secret, unsensitive, 1) == CKR_OBJECT_HANDLE_INVALID);
+      CHECK(p->C_CopyObject(h, secret, unsensitive, 1, &copy) == CKR_OBJECT_HANDLE_INVALID);
+      CK_MECHANISM wrap{CKM_AES_KEY_WRAP, nullptr, 0};
+      CK_BYTE blob[64];
+      CK_ULONG len = sizeof blob;
+      CHECK(p->C_WrapKey(h, &wrap, my_wrapper, secret, blob, &len) == CKR_KEY_HANDLE_INVALID);
+      CHECK(p->C_WrapKey(h, &wrap, wrapper, mine, blob, &len) == CKR_WRAPPING_KEY_HANDLE_INVALID);
+      // A shown key: protect's own codes, as without objects.
+      CHECK(p->C_SetAttributeValue(h, mine, unsensitive, 1) == CKR_ATTRIBUTE_READ_ONLY);
+      CHECK(p->C_WrapKey(h, &wrap, my_wrapper, mine, blob, &len) == CKR_KEY_NOT_WRAPPABLE);
+      // A change protect allows that would hide the key: the filter refuses it.
+      CK_ATTRIBUTE rename_wrong[] = {text_attr(CKA_LABEL, "other")};
+      CHECK(p->C_SetAttributeValue(h, mine, rename_wrong, 1) == CKR_ATTRIBUTE_VALUE_INVALID);
+      CHECK(p->C_CopyObject(h, mine, rename_wrong, 1, &copy) == CKR_ATTRIBUTE_VALUE_INVALID);
+      CHECK(calls("C_SetAttributeValue") + calls("C_CopyObject") + calls("C_WrapKey") == 0);
+      // ... one that keeps it shown reaches the backend.
+      CK_ATTRIBUTE rename_right[] = {text_attr(CKA_LABEL, "app-renamed")};
+      CHECK(p->C_SetAttributeValue(h, mine, rename_right, 1) == CKR_OK);
+      CHECK(calls("C_SetAttributeValue") == 1);
+    }
+    const std::string text = slurp(log);
+    ::unlink(log.c_str());
+    INFO(text);
+    // protect refused the shown key, naming it...
+    CHECK(text.find("rule sticky-attributes (CKA_SENSITIVE true -> false): object label "
+                    "'app-secret'") != std::string::npos);
+    CHECK(text.find("rule wrap-trusted") != std::string::npos);
+    // ... and never looked at the hidden ones: only the filter's own lines
+    // (the operator's log names what it hid, as without protect) name them.
+    std::size_t at = 0;
+    while ((at = text.find("'db-", at)) != std::string::npos) {
+      const std::size_t begin = text.rfind('\n', at) + 1;
+      const std::string line = text.substr(begin, text.find('\n', at) - begin);
+      CAPTURE(line);
+      CHECK(line.find(": rule object (label 'db-") != std::string::npos);
+      ++at;
+    }
+    CHECK(text.find("object label 'db-") == std::string::npos);
+  }
 }
 
 TEST_CASE("filters: an object refusal is logged with the label and ID, and counted") {
