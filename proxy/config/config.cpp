@@ -242,6 +242,8 @@ constexpr std::array kKeys{
     key<&Config::policy, &Config::Policy::functions_deny>("policy", "functions_deny"),
     key<&Config::policy, &Config::Policy::read_only>("policy", "read_only"),
     key<&Config::policy, &Config::Policy::protect>("policy", "protect"),
+    key<&Config::policy, &Config::Policy::tokens>("policy", "tokens"),
+    key<&Config::policy, &Config::Policy::objects>("policy", "objects"),
 };
 
 constexpr std::string_view kEnvPrefix = "P11MUX_";

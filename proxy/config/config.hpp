@@ -116,10 +116,12 @@ struct Config {
     std::string functions_deny;    // [policy] functions_deny: C_ names
     bool read_only = false;        // [policy] read_only: nothing on the token changes
     std::string protect;           // [policy] protect: attack rules (policy/protect.hpp), or all
+    std::string tokens;            // [policy] tokens: labels or serials; empty = every token
+    std::string objects;           // [policy] objects: label:/id: matchers; empty = every object
     // Any rule set: only then do calls take the policy's path.
     bool any() const noexcept {
       return !mechanisms_allow.empty() || !mechanisms_deny.empty() || !functions_deny.empty() ||
-             read_only || !protect.empty();
+             read_only || !protect.empty() || !tokens.empty() || !objects.empty();
     }
   } policy;
 };

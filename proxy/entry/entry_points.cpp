@@ -27,7 +27,14 @@ template <class F, class... A>
           if (policy != nullptr) {
             if (std::optional<CK_RV> answer = policy_before<F>(rt, *policy, a...)) return *answer;
           }
-          const CK_RV rv = forward_observed<F>(rt, seen, a...);
+          CK_RV rv;
+          if constexpr (kFiltersObjects<F>) {
+            rv = policy != nullptr && policy->objects().on()
+                     ? forward_observed<F, ObjectFiltered>(rt, seen, a...)
+                     : forward_observed<F>(rt, seen, a...);
+          } else {
+            rv = forward_observed<F>(rt, seen, a...);
+          }
           if (policy != nullptr) policy_after<F>(*policy, rv, a...);
           return rv;
         },
@@ -38,6 +45,10 @@ template <class F, class... A>
     const CK_RV rv = forward<F>(rt, a...);
     policy_after<F>(*policy, rv, a...);
     return rv;
+  }
+  if constexpr (kFiltersObjects<F>) {
+    // Objects filtered: on the backend session the call runs on.
+    if (policy->objects().on()) return forward<F, ObjectFiltered>(rt, a...);
   }
   return std::nullopt;
 }
@@ -139,9 +150,11 @@ const CK_FUNCTION_LIST_3_0* function_list_3_0() noexcept { return &function_list
 const CK_INTERFACE* interface_3_0() noexcept { return &standard_interface_v3; }
 const CK_INTERFACE* interface_2_40() noexcept { return &standard_interface_v2; }
 
+namespace {
+
 // Blocking waits must not hold the call gate, or C_Finalize could never drain:
 // the caller registers as a waiter inside the gate, then leaves it to wait.
-CK_RV wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot, CK_VOID_PTR reserved) {
+CK_RV wait_once(CK_FLAGS flags, CK_SLOT_ID_PTR slot, CK_VOID_PTR reserved) {
   std::optional<Runtime::WaiterRef> waiter;
   {
     Module::Call call(the_module);
@@ -165,6 +178,30 @@ CK_RV wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot, CK_VOID_PTR reser
     waiter.emplace(*rt);
   }
   return waiter->runtime().wait_for_slot_event(flags, slot);
+}
+
+// With [policy] tokens: whether the event is on a slot the policy hides
+// (asked inside the call gate, after the wait).
+bool event_hidden(CK_SLOT_ID slot) {
+  Module::Call call(the_module);
+  Runtime* rt = call.runtime();
+  if (rt == nullptr || rt->policy() == nullptr || !rt->policy()->tokens().on()) return false;
+  return !slot_exposed(*rt, rt->policy()->tokens(), slot);
+}
+
+}  // namespace
+
+// An event on a hidden slot is not the application's: dropped, and the
+// wait goes on (or, with CKF_DONT_BLOCK, the next pending event is taken).
+CK_RV wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot, CK_VOID_PTR reserved) {
+  const CK_SLOT_ID asked = slot != nullptr ? *slot : 0;
+  for (int dropped = 0;; ++dropped) {
+    const CK_RV rv = wait_once(flags, slot, reserved);
+    if (rv != CKR_OK || !event_hidden(*slot)) return rv;
+    *slot = asked;  // a hidden slot's ID is not told either
+    // Pending events end; a backend reporting hidden slots without end ends too.
+    if ((flags & CKF_DONT_BLOCK) != 0 && dropped == 64) return CKR_NO_EVENT;
+  }
 }
 
 CK_RV get_interface_list(CK_INTERFACE_PTR list, CK_ULONG_PTR count) noexcept {

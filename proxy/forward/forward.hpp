@@ -19,10 +19,20 @@
 
 namespace p11mux {
 
+// How a forwarded call reaches the backend: straight through its port, or
+// through a wrapper that runs on the same backend session (the policy's
+// object filter, policy/filter_calls.hpp: ObjectFiltered).
+struct ToPort {
+  template <class F, class... A>
+  [[gnu::always_inline]] static CK_RV call(Runtime& rt, A... a) noexcept {
+    return rt.port().template call<F>(a...);
+  }
+};
+
 // `seen` is NoObservation on the normal path, CallObservation when observed.
 // Inlined into Entry<F>::call: one stack frame on the hot path (callgrind:
 // each extra frame costs ~15 instructions of register saves).
-template <class F, class Observation, class... A>
+template <class F, class Via = ToPort, class Observation, class... A>
 [[gnu::always_inline]] inline CK_RV forward_observed(Runtime& rt, Observation& seen,
                                                      A... a) noexcept {
   if (CK_RV rv = check_arguments<F>(rt.port().version().major >= 3, a...); rv != CKR_OK) return rv;
@@ -30,7 +40,7 @@ template <class F, class Observation, class... A>
     return handler<F>(rt, a...);
   } else {
     auto call_backend = [&](auto... args) __attribute__((always_inline)) {
-      return rt.port().template call<F>(args...);
+      return Via::template call<F>(rt, args...);
     };
     if constexpr (F::dispatch == Dispatch::session) {
       return [&](CK_SESSION_HANDLE handle, auto... rest) __attribute__((always_inline)) {
@@ -70,10 +80,10 @@ template <class F, class Observation, class... A>
   }
 }
 
-template <class F, class... A>
+template <class F, class Via = ToPort, class... A>
 [[gnu::always_inline]] inline CK_RV forward(Runtime& rt, A... a) noexcept {
   NoObservation none;
-  return forward_observed<F>(rt, none, a...);
+  return forward_observed<F, Via>(rt, none, a...);
 }
 
 }  // namespace p11mux

@@ -250,7 +250,13 @@ std::string stats_json(const MetricsSnapshot& m, const LiveFigures& live) {
     }
     t.put("}}}}");
   }
-  t.put("]}}\n");
+  t.put("],\"policy_denied\":{{");
+  for (std::size_t r = 0; r < kPolicyRuleCount; ++r) {
+    t.put("{}", r == 0 ? "" : ",");
+    json_string(t, kPolicyRuleNames[r]);
+    t.put(":{}", m.policy_denied[r]);
+  }
+  t.put("}}}}\n");
   return t.take();
 }
 

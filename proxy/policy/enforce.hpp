@@ -7,6 +7,7 @@
 
 #include "forward/forward.hpp"
 #include "lifecycle/runtime.hpp"
+#include "policy/filter_calls.hpp"
 #include "policy/policy.hpp"
 #include "policy/protect_enforce.hpp"
 
@@ -51,8 +52,20 @@ std::optional<CK_RV> policy_before(Runtime& rt, const Policy& policy, A... a) no
     report_refusal(rt, F::name, d);
     return d.rv;
   }
+  if constexpr (kNamesSlot<F>) {
+    if (policy.tokens().on()) {
+      const CK_SLOT_ID slot = std::get<0>(std::tuple<A...>{a...});
+      if (CK_RV rv = token_refusal(rt, policy.tokens(), F::name, slot); rv != CKR_OK) return rv;
+    }
+  }
+  if constexpr (F::name == "C_GetSlotList") {
+    if (policy.tokens().on()) return filtered_slot_list(rt, policy.tokens(), a...);
+  }
   if constexpr (kProtected<F>) {
-    if (policy.protect().any()) return protect_call<F>(rt, policy.protect(), a...);
+    // With objects on, ObjectFiltered applies protect after the filter.
+    static_assert(kFiltersObjects<F>);
+    if (policy.protect().any() && !policy.objects().on())
+      return protect_call<F>(rt, policy.protect(), a...);
   }
   if constexpr (F::name == "C_GetMechanismList") {
     if (policy.filters_mechanisms()) return filtered_mechanism_list(rt, policy, a...);

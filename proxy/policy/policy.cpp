@@ -86,7 +86,10 @@ Policy::Policy(const Config::Policy& config) : Policy(config, nullptr) {}
 Policy::Policy(const Config::Policy& config, const LockSource& locks) : Policy(config, &locks) {}
 
 Policy::Policy(const Config::Policy& config, const LockSource* locks)
-    : read_only_(config.read_only), protect_(config.protect, locks) {
+    : read_only_(config.read_only),
+      protect_(config.protect, locks),
+      tokens_(config.tokens),
+      objects_(config.objects) {
   const std::vector<CK_MECHANISM_TYPE> allow =
       parse_mechanisms(config.mechanisms_allow, "mechanisms_allow");
   const std::vector<CK_MECHANISM_TYPE> deny =
@@ -132,6 +135,8 @@ std::string Policy::describe() const {
   if (!functions.empty()) out += " functions denied " + functions;
   if (read_only_) out += " read-only";
   if (protect_.any()) out += " protect " + protect_.describe();
+  if (tokens_.on()) out += " tokens " + tokens_.describe();
+  if (objects_.on()) out += " objects " + objects_.describe();
   return "policy:" + (out.empty() ? std::string(" nothing refused") : out);
 }
 

@@ -21,6 +21,7 @@
 
 #include "config/config.hpp"
 #include "functions/function_traits.hpp"
+#include "policy/filters.hpp"
 #include "policy/policy_rule.hpp"
 #include "policy/protect.hpp"
 
@@ -98,6 +99,9 @@ class Policy {
   bool read_only() const noexcept { return read_only_; }
   // protect = ...: applied after check<F> by protect_enforce.hpp.
   const Protect& protect() const noexcept { return protect_; }
+  // tokens and objects (filters.hpp); applied by filter_calls.hpp.
+  const TokenFilter& tokens() const noexcept { return tokens_; }
+  const ObjectFilter& objects() const noexcept { return objects_; }
 
   // One line for the log at C_Initialize: what is on.
   std::string describe() const;
@@ -141,6 +145,8 @@ class Policy {
   std::array<bool, kPolicyFunctionNames.size()> denied_functions_{};
   bool read_only_ = false;
   Protect protect_;
+  TokenFilter tokens_;
+  ObjectFilter objects_;
 };
 
 // Parses a mechanism list ("CKM_SHA256, 0x80000001"): names from p11mux's CKM_

@@ -18,11 +18,19 @@ enum class PolicyRule : std::uint8_t {
   sticky_attributes,
   wrap_trusted,
   no_padding_oracle,
+  token,   // tokens (filters.hpp)
+  object,  // objects (filters.hpp)
 };
 
-inline constexpr std::array<std::string_view, 7> kPolicyRuleNames{
-    "mechanism",         "function",     "read_only",        "conflicting-attributes",
-    "sticky-attributes", "wrap-trusted", "no-padding-oracle"};
+inline constexpr std::array<std::string_view, 9> kPolicyRuleNames{"mechanism",
+                                                                  "function",
+                                                                  "read_only",
+                                                                  "conflicting-attributes",
+                                                                  "sticky-attributes",
+                                                                  "wrap-trusted",
+                                                                  "no-padding-oracle",
+                                                                  "token",
+                                                                  "object"};
 inline constexpr std::size_t kPolicyRuleCount = kPolicyRuleNames.size();
 
 constexpr std::string_view to_string(PolicyRule rule) noexcept {

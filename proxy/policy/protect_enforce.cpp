@@ -15,6 +15,15 @@
 namespace p11mux {
 namespace {
 
+// A backend call on the session protect reads and changes through: the
+// application's (forward<F>: looked up and locked there), or, inside
+// ObjectFiltered (policy/filter_calls.hpp), the backend session the call
+// already runs on and holds, after the object filter let the call through.
+template <class F, class... A>
+CK_RV call_on(Runtime& rt, bool backend, CK_SESSION_HANDLE session, A... a) noexcept {
+  return backend ? rt.port().template call<F>(session, a...) : forward<F>(rt, session, a...);
+}
+
 // What the log says of the object a refusal is about: its CKA_LABEL (as
 // printable text) and CKA_ID (hex), both public attributes, never a value.
 struct ObjectName {
@@ -56,11 +65,11 @@ ObjectName name_in_template(const CK_ATTRIBUTE* attributes, CK_ULONG count) {
 
 // Read on a refusal only. A label or ID longer than the buffer is left out
 // (the backend answers CKR_BUFFER_TOO_SMALL for it and fills the other).
-ObjectName name_of(Runtime& rt, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object) {
+ObjectName name_of(Runtime& rt, bool backend, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object) {
   std::array<unsigned char, 256> label{}, id{};
   std::array<CK_ATTRIBUTE, 2> read{
       {{CKA_LABEL, label.data(), label.size()}, {CKA_ID, id.data(), id.size()}}};
-  const CK_RV rv = forward<fn::C_GetAttributeValue>(rt, session, object, read.data(),
+  const CK_RV rv = call_on<fn::C_GetAttributeValue>(rt, backend, session, object, read.data(),
                                                     static_cast<CK_ULONG>(read.size()));
   if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL && rv != CKR_ATTRIBUTE_TYPE_INVALID) return {};
   return {printable(read[0]), hex(read[1])};
@@ -101,7 +110,8 @@ struct CurrentKey {
 
 // An attribute the object does not have (CKR_ATTRIBUTE_TYPE_INVALID: a
 // certificate has no CKA_WRAP) is left unknown; any other failure is the answer.
-CK_RV read_key(Runtime& rt, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object, CurrentKey& out) {
+CK_RV read_key(Runtime& rt, bool backend, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object,
+               CurrentKey& out) {
   constexpr std::array<CK_ATTRIBUTE_TYPE, 8> kTypes{
       CKA_WRAP,      CKA_UNWRAP,      CKA_ENCRYPT, CKA_DECRYPT,
       CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_TRUSTED, CKA_WRAP_WITH_TRUSTED};
@@ -109,7 +119,7 @@ CK_RV read_key(Runtime& rt, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object, 
   std::array<CK_ATTRIBUTE, kTypes.size()> read{};
   for (std::size_t i = 0; i < kTypes.size(); ++i)
     read[i] = {kTypes[i], &values[i], sizeof(CK_BBOOL)};
-  const CK_RV rv = forward<fn::C_GetAttributeValue>(rt, session, object, read.data(),
+  const CK_RV rv = call_on<fn::C_GetAttributeValue>(rt, backend, session, object, read.data(),
                                                     static_cast<CK_ULONG>(read.size()));
   if (rv != CKR_OK && rv != CKR_ATTRIBUTE_TYPE_INVALID && rv != CKR_ATTRIBUTE_SENSITIVE) return rv;
   BoolAttribute* fields[] = {&out.key.wrap,    &out.key.unwrap,    &out.key.encrypt,
@@ -161,9 +171,10 @@ std::optional<CK_RV> protect_key_pair(Runtime& rt, const Protect& protect, const
   return check_template(rt, protect, "C_GenerateKeyPair", priv, priv_count);
 }
 
-std::optional<CK_RV> protect_change(Runtime& rt, const Protect& protect, CK_SESSION_HANDLE session,
-                                    CK_OBJECT_HANDLE object, CK_ATTRIBUTE_PTR attributes,
-                                    CK_ULONG count, CK_OBJECT_HANDLE_PTR new_object) noexcept {
+std::optional<CK_RV> protect_change(Runtime& rt, const Protect& protect, bool backend,
+                                    CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object,
+                                    CK_ATTRIBUTE_PTR attributes, CK_ULONG count,
+                                    CK_OBJECT_HANDLE_PTR new_object) noexcept {
   const std::string_view function = new_object != nullptr ? "C_CopyObject" : "C_SetAttributeValue";
   // The template alone first: its code does not depend on the key.
   if (auto answer = check_template(rt, protect, function, attributes, count)) return answer;
@@ -172,9 +183,9 @@ std::optional<CK_RV> protect_change(Runtime& rt, const Protect& protect, CK_SESS
   try {
     MutexGuard changing(*lock);
     CurrentKey current;
-    if (CK_RV rv = read_key(rt, session, object, current); rv != CKR_OK) return rv;
+    if (CK_RV rv = read_key(rt, backend, session, object, current); rv != CKR_OK) return rv;
     const KeyAttributes change = KeyAttributes::from_template(attributes, count);
-    auto name = [&] { return name_of(rt, session, object); };
+    auto name = [&] { return name_of(rt, backend, session, object); };
     if (protect.on(ProtectRule::sticky_attributes)) {
       if (std::optional<CK_ATTRIBUTE_TYPE> moved = sticky_violation(current.key, change)) {
         return refuse(rt, function, ProtectRule::sticky_attributes, CKR_ATTRIBUTE_READ_ONLY,
@@ -190,15 +201,16 @@ std::optional<CK_RV> protect_change(Runtime& rt, const Protect& protect, CK_SESS
                       conflict_detail(after), name);
       }
     }
-    if (new_object != nullptr)
-      return forward<fn::C_CopyObject>(rt, session, object, attributes, count, new_object);
-    return forward<fn::C_SetAttributeValue>(rt, session, object, attributes, count);
+    if (new_object != nullptr) {
+      return call_on<fn::C_CopyObject>(rt, backend, session, object, attributes, count, new_object);
+    }
+    return call_on<fn::C_SetAttributeValue>(rt, backend, session, object, attributes, count);
   } catch (const std::bad_alloc&) {
     return CKR_HOST_MEMORY;
   }
 }
 
-std::optional<CK_RV> protect_decrypt_init(Runtime& rt, const Protect& protect,
+std::optional<CK_RV> protect_decrypt_init(Runtime& rt, const Protect& protect, bool backend,
                                           CK_SESSION_HANDLE session, const CK_MECHANISM* mechanism,
                                           CK_OBJECT_HANDLE key) noexcept {
   if (!protect.on(ProtectRule::no_padding_oracle) || mechanism == nullptr ||
@@ -206,34 +218,36 @@ std::optional<CK_RV> protect_decrypt_init(Runtime& rt, const Protect& protect,
     return std::nullopt;
   }
   return refuse(rt, "C_DecryptInit", ProtectRule::no_padding_oracle, CKR_MECHANISM_INVALID,
-                "CKM_RSA_PKCS", [&] { return name_of(rt, session, key); });
+                "CKM_RSA_PKCS", [&] { return name_of(rt, backend, session, key); });
 }
 
-std::optional<CK_RV> protect_unwrap(Runtime& rt, const Protect& protect, CK_SESSION_HANDLE session,
-                                    const CK_MECHANISM* mechanism, CK_OBJECT_HANDLE unwrapping_key,
-                                    const CK_ATTRIBUTE* attributes, CK_ULONG count) noexcept {
+std::optional<CK_RV> protect_unwrap(Runtime& rt, const Protect& protect, bool backend,
+                                    CK_SESSION_HANDLE session, const CK_MECHANISM* mechanism,
+                                    CK_OBJECT_HANDLE unwrapping_key, const CK_ATTRIBUTE* attributes,
+                                    CK_ULONG count) noexcept {
   if (protect.on(ProtectRule::no_padding_oracle) && mechanism != nullptr &&
       padding_oracle(mechanism->mechanism)) {
     return refuse(rt, "C_UnwrapKey", ProtectRule::no_padding_oracle, CKR_MECHANISM_INVALID,
-                  "CKM_RSA_PKCS", [&] { return name_of(rt, session, unwrapping_key); });
+                  "CKM_RSA_PKCS", [&] { return name_of(rt, backend, session, unwrapping_key); });
   }
   return check_template(rt, protect, "C_UnwrapKey", attributes, count);
 }
 
-std::optional<CK_RV> protect_wrap(Runtime& rt, const Protect& protect, CK_SESSION_HANDLE session,
-                                  CK_OBJECT_HANDLE wrapping_key, CK_OBJECT_HANDLE key) noexcept {
+std::optional<CK_RV> protect_wrap(Runtime& rt, const Protect& protect, bool backend,
+                                  CK_SESSION_HANDLE session, CK_OBJECT_HANDLE wrapping_key,
+                                  CK_OBJECT_HANDLE key) noexcept {
   if (!protect.on(ProtectRule::wrap_trusted)) return std::nullopt;
   CurrentKey wrapped, wrapping;
-  if (CK_RV rv = read_key(rt, session, key, wrapped); rv != CKR_OK)
+  if (CK_RV rv = read_key(rt, backend, session, key, wrapped); rv != CKR_OK)
     return as_key_handle(rv, CKR_KEY_HANDLE_INVALID);
   // A key that is not sensitive needs nothing of the wrapping key.
   if (!wrapped.key.sensitive.may_be_true) return std::nullopt;
-  if (CK_RV rv = read_key(rt, session, wrapping_key, wrapping); rv != CKR_OK)
+  if (CK_RV rv = read_key(rt, backend, session, wrapping_key, wrapping); rv != CKR_OK)
     return as_key_handle(rv, CKR_WRAPPING_KEY_HANDLE_INVALID);
   if (wrap_allowed(true, wrapped.wrap_with_trusted, wrapping.trusted)) return std::nullopt;
   return refuse(rt, "C_WrapKey", ProtectRule::wrap_trusted, CKR_KEY_NOT_WRAPPABLE,
                 "a sensitive key, a wrapping key without CKA_TRUSTED",
-                [&] { return name_of(rt, session, key); });
+                [&] { return name_of(rt, backend, session, key); });
 }
 
 }  // namespace p11mux

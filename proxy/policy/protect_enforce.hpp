@@ -9,6 +9,13 @@
 // forwarded. A change (C_SetAttributeValue, C_CopyObject) is then forwarded
 // from here, under Protect::change_lock(), so that no other change can come
 // between the read and the change.
+//
+// With [policy] objects on too, protect runs inside ObjectFiltered
+// (filter_calls.hpp) instead, after the object filter, on the backend
+// session the call runs on (`backend` true: the handle is that session's):
+// a hidden object gets the filter's answer, as without protect, and protect
+// never reads, logs or changes it; a change protect lets through is made
+// there, so the filter has checked it too.
 #pragma once
 
 #include "lifecycle/runtime.hpp"
@@ -30,17 +37,20 @@ std::optional<CK_RV> protect_key_pair(Runtime& rt, const Protect& protect, const
                                       CK_ULONG priv_count) noexcept;
 // C_SetAttributeValue (new_object NULL) or C_CopyObject: checked and, when
 // a rule that reads the key is on, forwarded here (the answer is the call's).
-std::optional<CK_RV> protect_change(Runtime& rt, const Protect& protect, CK_SESSION_HANDLE session,
-                                    CK_OBJECT_HANDLE object, CK_ATTRIBUTE_PTR attributes,
-                                    CK_ULONG count, CK_OBJECT_HANDLE_PTR new_object) noexcept;
-std::optional<CK_RV> protect_decrypt_init(Runtime& rt, const Protect& protect,
+std::optional<CK_RV> protect_change(Runtime& rt, const Protect& protect, bool backend,
+                                    CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object,
+                                    CK_ATTRIBUTE_PTR attributes, CK_ULONG count,
+                                    CK_OBJECT_HANDLE_PTR new_object) noexcept;
+std::optional<CK_RV> protect_decrypt_init(Runtime& rt, const Protect& protect, bool backend,
                                           CK_SESSION_HANDLE session, const CK_MECHANISM* mechanism,
                                           CK_OBJECT_HANDLE key) noexcept;
-std::optional<CK_RV> protect_unwrap(Runtime& rt, const Protect& protect, CK_SESSION_HANDLE session,
-                                    const CK_MECHANISM* mechanism, CK_OBJECT_HANDLE unwrapping_key,
-                                    const CK_ATTRIBUTE* attributes, CK_ULONG count) noexcept;
-std::optional<CK_RV> protect_wrap(Runtime& rt, const Protect& protect, CK_SESSION_HANDLE session,
-                                  CK_OBJECT_HANDLE wrapping_key, CK_OBJECT_HANDLE key) noexcept;
+std::optional<CK_RV> protect_unwrap(Runtime& rt, const Protect& protect, bool backend,
+                                    CK_SESSION_HANDLE session, const CK_MECHANISM* mechanism,
+                                    CK_OBJECT_HANDLE unwrapping_key, const CK_ATTRIBUTE* attributes,
+                                    CK_ULONG count) noexcept;
+std::optional<CK_RV> protect_wrap(Runtime& rt, const Protect& protect, bool backend,
+                                  CK_SESSION_HANDLE session, CK_OBJECT_HANDLE wrapping_key,
+                                  CK_OBJECT_HANDLE key) noexcept;
 
 // The functions some protect rule looks at.
 template <class F>
@@ -50,8 +60,9 @@ inline constexpr bool kProtected =
     F::name == "C_DeriveKey" || F::name == "C_WrapKey" || F::name == "C_DecryptInit";
 
 // The answer protect gives F (a refusal, or the forwarded change), or
-// nothing when the call goes on as without it.
-template <class F, class... A>
+// nothing when the call goes on as without it. kOnBackend: called from
+// ObjectFiltered, the session argument is the backend session.
+template <class F, bool kOnBackend = false, class... A>
 std::optional<CK_RV> protect_call(Runtime& rt, const Protect& protect, A... a) noexcept {
   const std::tuple<A...> args{a...};
   using std::get;
@@ -64,18 +75,18 @@ std::optional<CK_RV> protect_call(Runtime& rt, const Protect& protect, A... a) n
   } else if constexpr (F::name == "C_GenerateKeyPair") {
     return protect_key_pair(rt, protect, get<2>(args), get<3>(args), get<4>(args), get<5>(args));
   } else if constexpr (F::name == "C_SetAttributeValue") {
-    return protect_change(rt, protect, get<0>(args), get<1>(args), get<2>(args), get<3>(args),
-                          nullptr);
+    return protect_change(rt, protect, kOnBackend, get<0>(args), get<1>(args), get<2>(args),
+                          get<3>(args), nullptr);
   } else if constexpr (F::name == "C_CopyObject") {
-    return protect_change(rt, protect, get<0>(args), get<1>(args), get<2>(args), get<3>(args),
-                          get<4>(args));
+    return protect_change(rt, protect, kOnBackend, get<0>(args), get<1>(args), get<2>(args),
+                          get<3>(args), get<4>(args));
   } else if constexpr (F::name == "C_DecryptInit") {
-    return protect_decrypt_init(rt, protect, get<0>(args), get<1>(args), get<2>(args));
+    return protect_decrypt_init(rt, protect, kOnBackend, get<0>(args), get<1>(args), get<2>(args));
   } else if constexpr (F::name == "C_UnwrapKey") {
-    return protect_unwrap(rt, protect, get<0>(args), get<1>(args), get<2>(args), get<5>(args),
-                          get<6>(args));
+    return protect_unwrap(rt, protect, kOnBackend, get<0>(args), get<1>(args), get<2>(args),
+                          get<5>(args), get<6>(args));
   } else if constexpr (F::name == "C_WrapKey") {
-    return protect_wrap(rt, protect, get<0>(args), get<2>(args), get<3>(args));
+    return protect_wrap(rt, protect, kOnBackend, get<0>(args), get<2>(args), get<3>(args));
   } else {
     return std::nullopt;
   }

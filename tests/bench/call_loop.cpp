@@ -5,7 +5,11 @@
 //   OP: random (C_GenerateRandom, 16 bytes) | session-info | open-close |
 //       sign (C_SignInit + C_Sign, HMAC-SHA256 of 32 bytes with a session key
 //       made once before the loop: a fixed instruction count per call, unlike
-//       a signature with a random nonce)
+//       a signature with a random nonce) | find (C_FindObjectsInit by
+//       label + C_FindObjects for up to 16 + C_FindObjectsFinal, finding that
+//       same key, the token's only object with its label)
+// The key is labelled "call-loop-key", so that a [policy] objects filter
+// can let it through (P11MUX_POLICY_OBJECTS=label:call-loop-key).
 #include <p11mux/pkcs11.h>
 #include <p11mux/rv_names.hpp>
 
@@ -45,7 +49,8 @@ CK_SLOT_ID first_initialized_token(CK_FUNCTION_LIST* p) {
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: call-loop MODULE random|session-info|open-close|sign COUNT\n");
+    std::fprintf(stderr,
+                 "usage: call-loop MODULE random|session-info|open-close|sign|find COUNT\n");
     return 2;
   }
   void* lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
@@ -71,7 +76,9 @@ int main(int argc, char** argv) {
   CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
   CK_MECHANISM hmac{CKM_SHA256_HMAC, nullptr, 0};
   CK_BYTE data[32] = {}, mac[32];
-  if (op == "sign") {
+  static char key_label[] = "call-loop-key";
+  CK_ATTRIBUTE by_label{CKA_LABEL, key_label, sizeof key_label - 1};
+  if (op == "sign" || op == "find") {
     // A public session object: no login needed.
     CK_MECHANISM gen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
     CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
@@ -79,8 +86,9 @@ int main(int argc, char** argv) {
     CK_ATTRIBUTE tmpl[] = {{CKA_TOKEN, &no, sizeof no},
                            {CKA_PRIVATE, &no, sizeof no},
                            {CKA_SIGN, &yes, sizeof yes},
-                           {CKA_VALUE_LEN, &len, sizeof len}};
-    if (CK_RV rv = p->C_GenerateKey(h, &gen, tmpl, 4, &key); rv != CKR_OK) die("C_GenerateKey", rv);
+                           {CKA_VALUE_LEN, &len, sizeof len},
+                           by_label};
+    if (CK_RV rv = p->C_GenerateKey(h, &gen, tmpl, 5, &key); rv != CKR_OK) die("C_GenerateKey", rv);
   }
   for (long i = 0; i < n; ++i) {
     CK_RV rv = CKR_OK;
@@ -96,6 +104,14 @@ int main(int argc, char** argv) {
       CK_ULONG mac_len = sizeof mac;
       rv = p->C_SignInit(h, &hmac, key);
       if (rv == CKR_OK) rv = p->C_Sign(h, data, sizeof data, mac, &mac_len);
+    } else if (op == "find") {
+      CK_OBJECT_HANDLE found[16];
+      CK_ULONG count = 0;
+      rv = p->C_FindObjectsInit(h, &by_label, 1);
+      if (rv == CKR_OK) rv = p->C_FindObjects(h, found, 16, &count);
+      if (rv == CKR_OK && (count != 1 || found[0] != key))
+        die("find: not the key", CKR_GENERAL_ERROR);
+      if (rv == CKR_OK) rv = p->C_FindObjectsFinal(h);
     } else {
       die("unknown op " + op, CKR_ARGUMENTS_BAD);
     }

@@ -22,6 +22,8 @@ Options:
   --ops LIST        random (C_GenerateRandom, 16 bytes), session-info,
                     open-close (default: all three); also sign (C_SignInit +
                     C_Sign, HMAC-SHA256 with a session key made before the loop)
+                    and find (C_FindObjectsInit by label + C_FindObjects +
+                    C_FindObjectsFinal, finding that key)
   --short N         calls in the short run (default 2000)
   --long N          calls in the long run (default 12000)
   --csv FILE        also write the rows as CSV

@@ -174,9 +174,10 @@ list_slots "$WORK/shipped.txt" P11MUX_CONFIG="$CONFIG" P11MUX_MODULE="$SOFTHSM2_
   { cat "$WORK/shipped.txt"; fail "pkcs11-tool with the shipped configuration and P11MUX_MODULE"; }
 
 # Every key of the example uncommented (the first line of each) is a valid configuration.
-# Replaced: what names this host's files and sockets, and init_reserved (SoftHSM2 refuses a
-# non-NULL pReserved).
-awk -v module="$SOFTHSM2_MODULE" -v logfile="$WORK/example.log" -v sock="unix:$WORK/metrics.sock" '
+# Replaced: what names this host's files, sockets and token, and init_reserved (SoftHSM2
+# refuses a non-NULL pReserved).
+awk -v module="$SOFTHSM2_MODULE" -v logfile="$WORK/example.log" -v sock="unix:$WORK/metrics.sock" \
+  -v token="$LABEL" '
   /^# [a-z_]+ = / {
     key = section "." $2
     if (key in seen || $2 == "init_reserved") next
@@ -185,6 +186,7 @@ awk -v module="$SOFTHSM2_MODULE" -v logfile="$WORK/example.log" -v sock="unix:$W
     if ($2 == "module") line = "module = " module
     if ($2 == "file") line = "file = " logfile
     if ($2 == "listen") line = "listen = " sock
+    if ($2 == "tokens") line = "tokens = label:" token
     print line
     next
   }

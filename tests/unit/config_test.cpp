@@ -358,7 +358,9 @@ TEST_CASE("only the table's P11MUX_* names and P11MUX_CONFIG are looked up") {
                                        "P11MUX_POLICY_MECHANISMS_DENY",
                                        "P11MUX_POLICY_FUNCTIONS_DENY",
                                        "P11MUX_POLICY_READ_ONLY",
-                                       "P11MUX_POLICY_PROTECT"});
+                                       "P11MUX_POLICY_PROTECT",
+                                       "P11MUX_POLICY_TOKENS",
+                                       "P11MUX_POLICY_OBJECTS"});
 }
 
 TEST_CASE("load_config reads the file named by P11MUX_CONFIG, then applies overrides") {
