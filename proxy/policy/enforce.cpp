@@ -1,8 +1,6 @@
 #include "policy/enforce.hpp"
 
-#include <algorithm>
-#include <new>
-#include <vector>
+#include "policy/filtered_list.hpp"
 
 namespace p11mux {
 
@@ -24,38 +22,11 @@ void report_refusal(Runtime& rt, std::string_view function, const PolicyDecision
 
 CK_RV filtered_mechanism_list(Runtime& rt, const Policy& policy, CK_SLOT_ID slot,
                               CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR count) noexcept {
-  std::vector<CK_MECHANISM_TYPE> all;
-  // The backend's whole list, asked twice (count, then fill); again if it
-  // grew in between (a token inserted).
-  for (int attempt = 0;; ++attempt) {
-    CK_ULONG n = 0;
-    CK_RV rv = forward<fn::C_GetMechanismList>(rt, slot, nullptr, &n);
-    if (rv != CKR_OK) return rv;
-    try {
-      all.resize(n);
-    } catch (const std::bad_alloc&) {
-      return CKR_HOST_MEMORY;
-    }
-    if (n == 0) break;
-    rv = forward<fn::C_GetMechanismList>(rt, slot, all.data(), &n);
-    if (rv == CKR_OK) {
-      all.resize(std::min<std::size_t>(n, all.size()));
-      break;
-    }
-    if (rv != CKR_BUFFER_TOO_SMALL) return rv;
-    if (attempt == 3) return CKR_FUNCTION_FAILED;  // still growing: no answer to trust
-  }
-  std::erase_if(all, [&](CK_MECHANISM_TYPE m) { return !policy.mechanism_allowed(m); });
-  const CK_ULONG kept = all.size();
-  if (list != nullptr) {
-    if (*count < kept) {
-      *count = kept;
-      return CKR_BUFFER_TOO_SMALL;
-    }
-    std::copy(all.begin(), all.end(), list);
-  }
-  *count = kept;
-  return CKR_OK;
+  return filtered_list(
+      [&](CK_MECHANISM_TYPE_PTR l, CK_ULONG_PTR n) {
+        return forward<fn::C_GetMechanismList>(rt, slot, l, n);
+      },
+      [&](CK_MECHANISM_TYPE m) { return policy.mechanism_allowed(m); }, list, count);
 }
 
 }  // namespace p11mux

@@ -1,5 +1,7 @@
 #include "policy/filter_calls.hpp"
 
+#include "policy/filtered_list.hpp"
+
 #include <p11mux/rv_names.hpp>
 
 #include <spdlog/fmt/fmt.h>
@@ -148,38 +150,11 @@ CK_RV token_refusal(Runtime& rt, const TokenFilter& tokens, std::string_view fun
 
 CK_RV filtered_slot_list(Runtime& rt, const TokenFilter& tokens, CK_BBOOL token_present,
                          CK_SLOT_ID_PTR list, CK_ULONG_PTR count) noexcept {
-  std::vector<CK_SLOT_ID> all;
-  // The backend's whole list, asked twice (count, then fill); again if it
-  // grew in between (a reader plugged in).
-  for (int attempt = 0;; ++attempt) {
-    CK_ULONG n = 0;
-    CK_RV rv = rt.port().call<fn::C_GetSlotList>(token_present, nullptr, &n);
-    if (rv != CKR_OK) return rv;
-    try {
-      all.resize(n);
-    } catch (const std::bad_alloc&) {
-      return CKR_HOST_MEMORY;
-    }
-    if (n == 0) break;
-    rv = rt.port().call<fn::C_GetSlotList>(token_present, all.data(), &n);
-    if (rv == CKR_OK) {
-      all.resize(std::min<std::size_t>(n, all.size()));
-      break;
-    }
-    if (rv != CKR_BUFFER_TOO_SMALL) return rv;
-    if (attempt == 3) return CKR_FUNCTION_FAILED;  // still growing: no answer to trust
-  }
-  std::erase_if(all, [&](CK_SLOT_ID slot) { return !slot_exposed(rt, tokens, slot); });
-  const CK_ULONG kept = all.size();
-  if (list != nullptr) {
-    if (*count < kept) {
-      *count = kept;
-      return CKR_BUFFER_TOO_SMALL;
-    }
-    std::copy(all.begin(), all.end(), list);
-  }
-  *count = kept;
-  return CKR_OK;
+  return filtered_list(
+      [&](CK_SLOT_ID_PTR l, CK_ULONG_PTR n) {
+        return rt.port().call<fn::C_GetSlotList>(token_present, l, n);
+      },
+      [&](CK_SLOT_ID slot) { return slot_exposed(rt, tokens, slot); }, list, count);
 }
 
 // ---- objects -----------------------------------------------------------------
