@@ -5,6 +5,7 @@
 // pool; waiters served in turn; the token's login kept and ended as the
 // application's sessions say.
 #include "harness.hpp"
+#include "unit/observe_test_support.hpp"
 
 #include <atomic>
 #include <chrono>
@@ -233,10 +234,18 @@ TEST_CASE("bind = state: a session holding a backend session never waits for the
 
 TEST_CASE("bind = state: calls waiting at the backend's limit are served in turn") {
   const char* mode = session_mode();
+  const std::string sock = unique_temp_path("state", "turn.sock");
   Proxy proxy(limited(1), nullptr,
               {{"P11MUX_SESSION_MODE", mode},
                {"P11MUX_POOL_BIND", "state"},
-               {"P11MUX_POOL_WAIT_MS", "30000"}});
+               {"P11MUX_POOL_WAIT_MS", "30000"},
+               {"P11MUX_METRICS_LISTEN", sock.c_str()}});
+  // Calls that have begun to wait at the limit (each counts itself first).
+  auto waiting = [&] {
+    auto m = http_get(endpoint_of(sock), "/metrics");
+    REQUIRE(m);
+    return parse_prometheus(m->body).at("p11mux_pool_waits_total{slot=\"0\"}");
+  };
   CK_FUNCTION_LIST* p = proxy.p11;
   CK_SESSION_HANDLE holder = proxy.open();
   CK_MECHANISM mech = sha256();
@@ -246,11 +255,9 @@ TEST_CASE("bind = state: calls waiting at the backend's limit are served in turn
   for (int i = 0; i < kWaiters; ++i) sessions.push_back(proxy.open());
   std::mutex order_lock;
   std::vector<int> order;
-  std::atomic<int> started{0};
   std::vector<std::thread> threads;
   for (int i = 0; i < kWaiters; ++i) {
     threads.emplace_back([&, i] {
-      ++started;
       // Noted while it holds the one backend session (its digest active):
       // the next cannot have been served yet.
       CK_MECHANISM sha = sha256();
@@ -264,8 +271,7 @@ TEST_CASE("bind = state: calls waiting at the backend's limit are served in turn
       CHECK(p->C_Digest(sessions[i], data, 3, digest, &len) == CKR_OK);
     });
     // Each in line before the next comes: the order of arrival is known.
-    while (started <= i) std::this_thread::yield();
-    std::this_thread::sleep_for(200ms);
+    REQUIRE(eventually([&] { return waiting() == i + 1; }));
   }
   {
     std::lock_guard guard(order_lock);
