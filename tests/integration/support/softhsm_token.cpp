@@ -32,10 +32,14 @@ SoftHsmToken::SoftHsmToken(const std::string& label)
     : dir_("p11mux-itest-"),
       conf_("SOFTHSM2_CONF", write_config(dir_.path()).string()),
       label_(label) {
+  add_token(label_);
+}
+
+void SoftHsmToken::add_token(const std::string& label) const {
   const auto log = dir_.path() / "softhsm2-util.log";
   const std::string util = env_or("P11MUX_TEST_SOFTHSM2_UTIL", "softhsm2-util");
   const int status = run_process(
-      {util, "--init-token", "--free", "--label", label_, "--so-pin", kSoPin, "--pin", kUserPin},
+      {util, "--init-token", "--free", "--label", label, "--so-pin", kSoPin, "--pin", kUserPin},
       log);
   if (status != 0) {
     throw std::runtime_error(util + " --init-token exited with " + std::to_string(status) + ": " +

@@ -29,6 +29,10 @@ class SoftHsmToken {
   const std::string& label() const noexcept { return label_; }
   const std::filesystem::path& directory() const noexcept { return dir_.path(); }
 
+  // Initializes one more token, labelled label, in the same store (the next free
+  // slot), with the same PINs: several tokens behind one SOFTHSM2_CONF.
+  void add_token(const std::string& label) const;
+
  private:
   TempDir dir_;
   ScopedEnv conf_;
