@@ -95,10 +95,40 @@ FAULTY_EXPORT unsigned long faulty_calls(const char* name) {
              : module().counters.calls[static_cast<std::size_t>(i)].load(std::memory_order_relaxed);
 }
 
+FAULTY_EXPORT void faulty_fail_slot(unsigned long slot, unsigned long rv) {
+  module().slot_faults.fail(slot, rv);
+}
+
+FAULTY_EXPORT void faulty_set_slot_removed(unsigned long slot, int removed) {
+  module().set_slot_removed(slot, removed != 0);
+}
+
+FAULTY_EXPORT unsigned long faulty_restart_slot(unsigned long slot) {
+  return module().restart_slot(slot);
+}
+
+FAULTY_EXPORT void faulty_hang_slot(unsigned long slot, unsigned long ms) {
+  module().slot_faults.hang(slot, ms);
+}
+
+FAULTY_EXPORT unsigned long faulty_release_slot(unsigned long slot) {
+  return module().slot_faults.release(slot);
+}
+
+FAULTY_EXPORT void faulty_clear_slot(unsigned long slot) { module().slot_faults.clear(slot); }
+
+FAULTY_EXPORT void faulty_slot_stats(unsigned long slot, FaultySlotStats* out) {
+  if (out == nullptr) return;
+  *out = module().slot_faults.stats(slot);
+  out->sessions_open = module().sessions_on(slot);
+}
+
 FAULTY_EXPORT const FaultyControl* faulty_get_control(void) {
   static const FaultyControl control = {
-      faulty_configure, faulty_config_from_env, faulty_last_error,    faulty_stats, faulty_reset,
-      faulty_restart,   faulty_set_removed,     faulty_function_name, faulty_calls,
+      faulty_configure, faulty_config_from_env, faulty_last_error,       faulty_stats,
+      faulty_reset,     faulty_restart,         faulty_set_removed,      faulty_function_name,
+      faulty_calls,     faulty_fail_slot,       faulty_set_slot_removed, faulty_restart_slot,
+      faulty_hang_slot, faulty_release_slot,    faulty_clear_slot,       faulty_slot_stats,
   };
   return &control;
 }

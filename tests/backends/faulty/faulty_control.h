@@ -13,7 +13,10 @@
  *   - simulates a removed device (faulty_set_removed): session calls return
  *     CKR_DEVICE_REMOVED, token calls CKR_TOKEN_NOT_PRESENT;
  *   - adds latency to C_OpenSession, C_CloseSession, C_Login and the crypto
- *     calls, like a network HSM (the "slow" backend, over a real token).
+ *     calls, like a network HSM (the "slow" backend, over a real token);
+ *   - aims faults at one slot while the others keep working (the members of
+ *     an HSM group, issue 15): a chosen code, a removed token, a restart, a
+ *     hang; see "Faults aimed at one slot" below and README.md.
  * It hands out its own session handles (never reused), so stale handles are
  * always recognised, and it counts what the tests assert on: sessions opened
  * and closed, faults injected, calls overlapping on one session.
@@ -155,7 +158,8 @@ int faulty_configure(const FaultyConfig* config);
 int faulty_config_from_env(FaultyConfig* out);
 const char* faulty_last_error(void);
 void faulty_stats(FaultyStats* out);
-/* Configuration from the environment, counters zero, device present. Call
+/* Configuration from the environment, counters zero, device present, no slot
+ * faults (calls hung on one go on). Call
  * while not initialized (returns 1 if it was: it then finalizes first). */
 int faulty_reset(void);
 /* HSM restart: every open session is dropped at once (target sessions closed
@@ -168,6 +172,64 @@ void faulty_set_removed(int removed);
 const char* faulty_function_name(unsigned long index);
 unsigned long faulty_calls(const char* function_name);
 
+/* ---- Faults aimed at one slot ----
+ * A slot fault touches only the calls that concern that slot: C_GetSlotInfo,
+ * C_GetTokenInfo, C_GetMechanismList, C_GetMechanismInfo, C_InitToken,
+ * C_OpenSession and C_CloseAllSessions with its slot ID, and every call on a
+ * session opened on it, C_CloseSession included. Calls on other slots, and
+ * C_GetSlotList, C_WaitForSlotEvent and the lifecycle, go on as before. Slot
+ * faults are set at run time only (no variable), may be set before
+ * C_Initialize (a member down from the start) and survive C_Finalize and
+ * C_Initialize; faulty_clear_slot and faulty_reset clear them. The faults of
+ * one slot combine: a hang comes first, then a removal, then a failure code.
+ * Release hung calls before C_Finalize: a call still waiting then reaches a
+ * finalized target when it goes on. */
+
+/* faulty_hang_slot: until faulty_release_slot (or faulty_clear_slot). */
+#define FAULTY_HANG_UNTIL_RELEASED (~0UL)
+
+/* rv != CKR_OK: every call concerning the slot answers rv (CKR_DEVICE_ERROR,
+ * CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, ...) instead of reaching the
+ * target; CKR_OK: no more. The slot's sessions stay open in the target, so
+ * they work again once the code is cleared (restart the slot as well to lose
+ * them). As with rules, a call that ends an operation (C_Sign, C_xxxFinal)
+ * is forwarded and its answer replaced; a call that continues one
+ * (C_xxxUpdate, C_FindObjects) is replaced, and the target's operation stays
+ * active. */
+void faulty_fail_slot(unsigned long slot, unsigned long rv);
+/* 1: the slot's token is removed: its sessions are dropped (their target
+ * sessions closed), calls on them answer CKR_DEVICE_REMOVED, C_OpenSession
+ * and the token calls CKR_TOKEN_NOT_PRESENT, C_GetSlotInfo clears
+ * CKF_TOKEN_PRESENT. 0: the token is back; the old handles then answer
+ * CKR_SESSION_HANDLE_INVALID, new sessions work. */
+void faulty_set_slot_removed(unsigned long slot, int removed);
+/* A restart of the slot's token only: its sessions are dropped as by
+ * faulty_restart (target sessions closed once no call is inside them; later
+ * calls on the old handles answer CKR_SESSION_HANDLE_INVALID). Returns how
+ * many. Nothing stays set: new sessions work at once. */
+unsigned long faulty_restart_slot(unsigned long slot);
+/* The slot stops answering: calls concerning it wait, from now for ms
+ * milliseconds or, with FAULTY_HANG_UNTIL_RELEASED, until released; then they
+ * go on (forwarded, unless another fault of the slot answers them). Calls on
+ * other slots do not wait. A new hang replaces the old one's deadline. */
+void faulty_hang_slot(unsigned long slot, unsigned long ms);
+/* Ends the slot's hang; the calls waiting go on at once. Returns how many were
+ * waiting. */
+unsigned long faulty_release_slot(unsigned long slot);
+/* Clears every fault of the slot (code, removal, hang: waiting calls go on). */
+void faulty_clear_slot(unsigned long slot);
+
+typedef struct FaultySlotStats {
+  unsigned long sessions_open;    /* sessions on the slot now */
+  unsigned long faults;           /* calls answered by a code or a removal */
+  unsigned long hung_now;         /* calls waiting in a hang now */
+  unsigned long hung_total;       /* calls that waited in a hang */
+  unsigned long restarts;         /* faulty_restart_slot and removals */
+  unsigned long sessions_dropped; /* by those (also in FaultyStats) */
+} FaultySlotStats;
+/* Counters of one slot since faulty_reset (zero for a slot never faulted). */
+void faulty_slot_stats(unsigned long slot, FaultySlotStats* out);
+
 typedef int (*FaultyConfigureFn)(const FaultyConfig*);
 typedef int (*FaultyConfigFromEnvFn)(FaultyConfig*);
 typedef const char* (*FaultyLastErrorFn)(void);
@@ -177,6 +239,13 @@ typedef unsigned long (*FaultyRestartFn)(void);
 typedef void (*FaultySetRemovedFn)(int);
 typedef const char* (*FaultyFunctionNameFn)(unsigned long);
 typedef unsigned long (*FaultyCallsFn)(const char*);
+typedef void (*FaultyFailSlotFn)(unsigned long, unsigned long);
+typedef void (*FaultySetSlotRemovedFn)(unsigned long, int);
+typedef unsigned long (*FaultyRestartSlotFn)(unsigned long);
+typedef void (*FaultyHangSlotFn)(unsigned long, unsigned long);
+typedef unsigned long (*FaultyReleaseSlotFn)(unsigned long);
+typedef void (*FaultyClearSlotFn)(unsigned long);
+typedef void (*FaultySlotStatsFn)(unsigned long, FaultySlotStats*);
 
 typedef struct FaultyControl {
   FaultyConfigureFn configure;
@@ -188,6 +257,14 @@ typedef struct FaultyControl {
   FaultySetRemovedFn set_removed;
   FaultyFunctionNameFn function_name;
   FaultyCallsFn calls;
+  /* Faults aimed at one slot (appended: the members above keep their places). */
+  FaultyFailSlotFn fail_slot;
+  FaultySetSlotRemovedFn set_slot_removed;
+  FaultyRestartSlotFn restart_slot;
+  FaultyHangSlotFn hang_slot;
+  FaultyReleaseSlotFn release_slot;
+  FaultyClearSlotFn clear_slot;
+  FaultySlotStatsFn slot_stats;
 } FaultyControl;
 
 const FaultyControl* faulty_get_control(void);

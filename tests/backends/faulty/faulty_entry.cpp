@@ -126,6 +126,10 @@ struct Forward<D, CK_RV (*)(A...)> {
           if (CK_RV rv = m.lookup(handle, s); rv != CKR_OK) return rv;
           SessionUse use(*s);
           if (m.removed()) return CKR_DEVICE_REMOVED;
+          if (m.slot_faults.any()) {
+            constexpr bool replace = op_effect(D::name) != OpEffect::ends;
+            if (auto rv = m.slot_faults.enter(s->slot, SlotCall::session, replace)) return *rv;
+          }
           if constexpr (op_effect(D::name) != OpEffect::ends) {
             if (auto rv = m.settings.inject(D::fn, m.counters)) return *rv;
           }
@@ -134,6 +138,9 @@ struct Forward<D, CK_RV (*)(A...)> {
           CK_RV rv = target_fn(s->target_handle, rest...);
           if constexpr (op_effect(D::name) == OpEffect::ends) {
             if (ended_operation<D>(rv, a...)) {
+              if (m.slot_faults.any()) {
+                if (auto failed = m.slot_faults.failing(s->slot)) return *failed;
+              }
               if (auto injected = m.settings.inject(D::fn, m.counters)) return *injected;
             }
           }
@@ -141,10 +148,26 @@ struct Forward<D, CK_RV (*)(A...)> {
         }(a...);
       } else {
         if (needs_token(D::name) && m.removed()) return CKR_TOKEN_NOT_PRESENT;
+        constexpr bool slot_info = D::fn == Fn::C_GetSlotInfo;
+        bool token_removed = false;
+        if constexpr (takes_slot(D::name)) {
+          if (m.slot_faults.any()) {
+            const CK_SLOT_ID slot = std::get<0>(std::tuple<A...>{a...});
+            const SlotCall call = slot_info ? SlotCall::slot_info : SlotCall::token;
+            if (auto rv = m.slot_faults.enter(slot, call, true)) return *rv;
+            token_removed = slot_info && m.slot_faults.removed(slot);
+          }
+        }
         if (auto rv = m.settings.inject(D::fn, m.counters)) return *rv;
         m.settings.delay(D::fn, m.counters);
         if (target_fn == nullptr) return CKR_FUNCTION_NOT_SUPPORTED;
-        return target_fn(a...);
+        CK_RV rv = target_fn(a...);
+        if constexpr (slot_info) {
+          // A slot whose token was removed (faulty_set_slot_removed) says so.
+          CK_SLOT_INFO* info = std::get<1>(std::tuple<A...>{a...});
+          if (rv == CKR_OK && token_removed && info != nullptr) info->flags &= ~CKF_TOKEN_PRESENT;
+        }
+        return rv;
       }
     });
   }

@@ -87,6 +87,10 @@ bool Module::finalize_locked() {
     std::unique_lock table(table_mu_);
     left = take_locked([](const Session&) { return true; });
   }
+  {
+    std::unique_lock table(table_mu_);
+    removed_sessions_.clear();  // handles are never reused: any of them is stale now
+  }
   // The target's C_Finalize closes them.
   for (auto& s : left) s->target_closed.store(true, std::memory_order_relaxed);
   bump(counters.sessions_open_at_finalize, left.size());
@@ -112,6 +116,7 @@ int Module::reset() {
   settings.apply(config);
   counters.reset();
   removed_.store(false, std::memory_order_relaxed);
+  slot_faults.reset();
   return was_initialized;
 }
 
@@ -132,7 +137,17 @@ CK_RV Module::lookup(CK_SESSION_HANDLE handle, std::shared_ptr<Session>& out) {
     }
   }
   bump(counters.stale_handle_calls);
-  return removed() ? CKR_DEVICE_REMOVED : CKR_SESSION_HANDLE_INVALID;
+  if (removed()) return CKR_DEVICE_REMOVED;
+  if (slot_faults.any()) {
+    std::optional<CK_SLOT_ID> slot;
+    {
+      std::shared_lock table(table_mu_);
+      if (auto it = removed_sessions_.find(handle); it != removed_sessions_.end())
+        slot = it->second;
+    }
+    if (slot && slot_faults.removed(*slot)) return CKR_DEVICE_REMOVED;
+  }
+  return CKR_SESSION_HANDLE_INVALID;
 }
 
 namespace {
@@ -149,6 +164,9 @@ CK_RV Module::open_session(Fn fn, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR a
                            CK_NOTIFY notify, CK_SESSION_HANDLE_PTR out) {
   if (out == nullptr) return CKR_ARGUMENTS_BAD;
   if (removed()) return CKR_TOKEN_NOT_PRESENT;
+  if (slot_faults.any()) {
+    if (auto rv = slot_faults.enter(slot, SlotCall::token, true)) return *rv;
+  }
   // Reserve a place first, so that racing opens never exceed the limit.
   unsigned long now = counters.sessions_open.fetch_add(1, std::memory_order_relaxed) + 1;
   auto unreserve = [&] { counters.sessions_open.fetch_sub(1, std::memory_order_relaxed); };
@@ -167,10 +185,11 @@ CK_RV Module::open_session(Fn fn, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR a
   if (settings.keep_object_handles()) keep_target_session(t, slot);
   auto s = std::make_shared<Session>(next_handle_.fetch_add(1, std::memory_order_relaxed), slot, &t,
                                      generation(), notify, application);
-  std::uint64_t epoch;
+  std::uint64_t epoch, slot_epoch;
   {
     std::shared_lock table(table_mu_);
     epoch = restart_epoch_;
+    slot_epoch = slot_epoch_locked(slot);
   }
   std::shared_lock opening(open_mu_);
   CK_RV rv = t.functions.C_OpenSession(slot, flags, notify ? s.get() : application,
@@ -182,14 +201,15 @@ CK_RV Module::open_session(Fn fn, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR a
   bool published = false;
   {
     std::unique_lock table(table_mu_);
-    if (restart_epoch_ == epoch) published = sessions_.emplace(s->handle, s).second;
+    if (restart_epoch_ == epoch && slot_epoch_locked(slot) == slot_epoch)
+      published = sessions_.emplace(s->handle, s).second;
   }
   if (!published) {
-    // The device restarted (or went away) while the session was being opened:
-    // it is gone with the others, and the open failed.
+    // The device (or the slot's token) restarted or went away while the
+    // session was being opened: it is gone with the others, and the open failed.
     unreserve();
     s->close_on_destroy.store(true, std::memory_order_relaxed);
-    return removed() ? CKR_DEVICE_REMOVED : CKR_DEVICE_ERROR;
+    return removed() || slot_faults.removed(slot) ? CKR_DEVICE_REMOVED : CKR_DEVICE_ERROR;
   }
   bump(counters.sessions_opened);
   raise_peak(counters.max_sessions_open, now);
@@ -221,6 +241,10 @@ CK_RV Module::close_session(Fn fn, CK_SESSION_HANDLE handle) {
     ~Leave() { s.inside.fetch_sub(1, std::memory_order_relaxed); }
   } leave{*s};
   if (removed()) return CKR_DEVICE_REMOVED;
+  if (slot_faults.any()) {
+    // A failed close leaves the session open, as a failing HSM would.
+    if (auto rv = slot_faults.enter(s->slot, SlotCall::session, true)) return *rv;
+  }
   // An injected failure leaves the session open, as a failing HSM would.
   if (auto rv = settings.inject(fn, counters)) return *rv;
   settings.delay(fn, counters);
@@ -242,6 +266,9 @@ CK_RV Module::close_session(Fn fn, CK_SESSION_HANDLE handle) {
 
 CK_RV Module::close_all_sessions(Fn fn, CK_SLOT_ID slot) {
   if (removed()) return CKR_TOKEN_NOT_PRESENT;
+  if (slot_faults.any()) {
+    if (auto rv = slot_faults.enter(slot, SlotCall::token, true)) return *rv;
+  }
   if (auto rv = settings.inject(fn, counters)) return *rv;
   std::unique_lock opening(open_mu_);
   CK_RV rv = target().functions.C_CloseAllSessions(slot);
@@ -278,6 +305,41 @@ unsigned long Module::restart() {
   // Each target session is closed by whoever drops the last reference: here,
   // or the call still inside it when that call returns.
   return dropped.size();
+}
+
+std::uint64_t Module::slot_epoch_locked(CK_SLOT_ID slot) const {
+  auto it = slot_epochs_.find(slot);
+  return it == slot_epochs_.end() ? 0 : it->second;
+}
+
+unsigned long Module::restart_slot(CK_SLOT_ID slot, bool removal) {
+  std::vector<std::shared_ptr<Session>> dropped;
+  {
+    std::unique_lock table(table_mu_);
+    ++slot_epochs_[slot];  // an open in progress on the slot fails
+    dropped = take_locked([slot](const Session& s) { return s.slot == slot; });
+    if (removal) {
+      for (const auto& s : dropped) removed_sessions_.emplace(s->handle, slot);
+    }
+  }
+  // Closed in the target as for a whole restart: by the last reference.
+  for (auto& s : dropped) s->close_on_destroy.store(true, std::memory_order_relaxed);
+  bump(counters.sessions_dropped, dropped.size());
+  slot_faults.count_restart(slot, dropped.size());
+  return dropped.size();
+}
+
+void Module::set_slot_removed(CK_SLOT_ID slot, bool removed) {
+  // Removed first, then the restart, as for the whole device.
+  slot_faults.set_removed(slot, removed);
+  if (removed) restart_slot(slot, true);
+}
+
+unsigned long Module::sessions_on(CK_SLOT_ID slot) {
+  std::shared_lock table(table_mu_);
+  unsigned long n = 0;
+  for (const auto& [handle, s] : sessions_) n += s->slot == slot ? 1 : 0;
+  return n;
 }
 
 void Module::set_removed(bool removed) {

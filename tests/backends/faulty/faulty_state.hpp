@@ -19,6 +19,8 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -114,6 +116,59 @@ constexpr bool needs_token(std::string_view name) {
   return name == "C_GetTokenInfo" || name == "C_GetMechanismList" || name == "C_GetMechanismInfo" ||
          name == "C_InitToken" || name == "C_OpenSession";
 }
+
+// Calls whose first argument is a slot ID: a slot fault touches them.
+constexpr bool takes_slot(std::string_view name) {
+  return needs_token(name) || name == "C_GetSlotInfo" || name == "C_CloseAllSessions";
+}
+
+// ---- faults aimed at one slot ----
+// What a call is to its slot: the answer a removed token gives depends on it.
+enum class SlotCall { session, token, slot_info };
+
+class SlotFaults {
+ public:
+  // Whether any slot has a fault set: one relaxed load on calls when none does.
+  bool any() const { return active_.load(std::memory_order_relaxed) != 0; }
+  // For a call concerning slot, before it is forwarded: waits while the slot
+  // hangs, then the answer of a removal, then (if replace) of a failure code;
+  // nullopt: go on. Counts what it answers.
+  std::optional<CK_RV> enter(CK_SLOT_ID slot, SlotCall call, bool replace);
+  // The failure code of slot, for a call that was forwarded to end its operation.
+  std::optional<CK_RV> failing(CK_SLOT_ID slot);
+  bool removed(CK_SLOT_ID slot) const;
+
+  void fail(CK_SLOT_ID slot, CK_RV rv);
+  void set_removed(CK_SLOT_ID slot, bool removed);
+  void hang(CK_SLOT_ID slot, unsigned long ms);
+  unsigned long release(CK_SLOT_ID slot);
+  void clear(CK_SLOT_ID slot);
+  void count_restart(CK_SLOT_ID slot, unsigned long dropped);
+  // Counters only; sessions_open is the module's to fill in.
+  FaultySlotStats stats(CK_SLOT_ID slot) const;
+  // No faults, counters zero, every waiting call released.
+  void reset();
+
+ private:
+  struct Slot {
+    CK_RV fail = CKR_OK;
+    bool removed = false;
+    bool hanging = false;
+    std::chrono::steady_clock::time_point hang_until{};  // max(): until released
+    std::uint64_t releases = 0;                          // waiters leave when it changes
+    FaultySlotStats stats{};
+    bool faulty() const { return fail != CKR_OK || removed || hanging; }
+  };
+  // mu_ held. Entries are never erased: a waiting call keeps a reference.
+  Slot& slot_locked(CK_SLOT_ID slot) { return slots_[slot]; }
+  void update_active_locked();
+  unsigned long release_locked(Slot& s);
+
+  mutable std::mutex mu_;
+  std::condition_variable released_;
+  std::map<CK_SLOT_ID, Slot> slots_;  // guarded by mu_
+  std::atomic<unsigned long> active_{0};
+};
 
 // ---- settings ----
 inline constexpr int kUnusedRule = -1;
@@ -222,6 +277,7 @@ class Module {
  public:
   Settings settings;
   Counters counters;
+  SlotFaults slot_faults;
 
   CK_RV initialize(CK_VOID_PTR init_args);
   CK_RV finalize(CK_VOID_PTR reserved);
@@ -243,6 +299,10 @@ class Module {
   CK_RV close_all_sessions(Fn fn, CK_SLOT_ID slot);
   unsigned long restart();
   void set_removed(bool removed);
+  // Faults aimed at one slot (faulty_control.h).
+  unsigned long restart_slot(CK_SLOT_ID slot, bool removal = false);
+  void set_slot_removed(CK_SLOT_ID slot, bool removed);
+  unsigned long sessions_on(CK_SLOT_ID slot);
 
   // Threads inside a call: for max_concurrent_calls and finalize_during_call.
   std::atomic<unsigned long> active{0};   // blocked C_WaitForSlotEvent excluded
@@ -253,6 +313,7 @@ class Module {
   template <class Pred>
   std::vector<std::shared_ptr<Session>> take_locked(Pred&& pred);
   bool finalize_locked();
+  std::uint64_t slot_epoch_locked(CK_SLOT_ID slot) const;  // table_mu_ held
   // FaultyConfig::keep_object_handles: the module's own target session on
   // `slot`, opened if there is none yet.
   void keep_target_session(const Target& t, CK_SLOT_ID slot);
@@ -267,7 +328,11 @@ class Module {
   std::atomic<const Target*> target_{nullptr};
   std::atomic<std::uint64_t> generation_{0};
   std::atomic<bool> removed_{false};
-  std::uint64_t restart_epoch_ = 0;               // bumped by every restart; table_mu_
+  std::uint64_t restart_epoch_ = 0;                  // bumped by every restart; table_mu_
+  std::map<CK_SLOT_ID, std::uint64_t> slot_epochs_;  // by every restart of a slot; table_mu_
+  // Sessions dropped by a slot's removal, by handle: CKR_DEVICE_REMOVED on
+  // them while it lasts. Emptied by C_Finalize; table_mu_.
+  std::unordered_map<CK_SESSION_HANDLE, CK_SLOT_ID> removed_sessions_;
   bool owns_target_init_ = false;                 // lifecycle_mu_
   std::mutex kept_mu_;                            // guards kept_
   std::map<CK_SLOT_ID, CK_SESSION_HANDLE> kept_;  // target sessions, by slot

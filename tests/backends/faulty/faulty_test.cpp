@@ -12,6 +12,7 @@
 #include <dlfcn.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
@@ -438,6 +439,218 @@ TEST_CASE("an unknown function in a rule is refused") {
   FaultyConfig c = over_mock();
   add_rule(c, "C_Nope", CKR_DEVICE_ERROR, 0, 1);
   CHECK(libs().faulty->configure(&c) == -1);
+}
+
+// ---- faults aimed at one slot (the members of an HSM group, issue 15) ----
+
+// Two slots over the mock: slot 0 gets the faults, slot 1 must not notice.
+constexpr CK_SLOT_ID kSlotA = 0, kSlotB = 1;
+
+MockConfig two_slots() {
+  MockConfig m{};
+  m.slot_count = 2;
+  return m;
+}
+
+CK_SESSION_HANDLE open_on(Fixture& f, CK_SLOT_ID slot) {
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  REQUIRE(f.p11->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &h) ==
+          CKR_OK);
+  return h;
+}
+
+CK_RV try_open(Fixture& f, CK_SLOT_ID slot) {
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  return f.p11->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &h);
+}
+
+CK_RV token_info(Fixture& f, CK_SLOT_ID slot) {
+  CK_TOKEN_INFO info{};
+  return f.p11->C_GetTokenInfo(slot, &info);
+}
+
+FaultySlotStats slot_stats(CK_SLOT_ID slot) {
+  FaultySlotStats s{};
+  libs().faulty->slot_stats(slot, &s);
+  return s;
+}
+
+TEST_CASE("a code aimed at one slot fails that slot's calls only, until cleared") {
+  for (CK_RV code : {CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT}) {
+    CAPTURE(code);
+    Fixture f(over_mock(), two_slots());
+    CK_SESSION_HANDLE a = open_on(f, kSlotA), b = open_on(f, kSlotB);
+    libs().faulty->fail_slot(kSlotA, code);
+    CHECK(f.random(a) == code);
+    CHECK(f.random(b) == CKR_OK);
+    CHECK(token_info(f, kSlotA) == code);
+    CHECK(token_info(f, kSlotB) == CKR_OK);
+    CK_SLOT_INFO info{};
+    CHECK(f.p11->C_GetSlotInfo(kSlotA, &info) == code);
+    CHECK(f.p11->C_GetSlotInfo(kSlotB, &info) == CKR_OK);
+    CHECK(try_open(f, kSlotA) == code);
+    CHECK(f.random(open_on(f, kSlotB)) == CKR_OK);
+    CK_ULONG count = 0;
+    CHECK(f.p11->C_GetSlotList(CK_TRUE, nullptr, &count) == CKR_OK);
+    CHECK(count == 2);
+    CHECK(f.p11->C_CloseSession(a) == code);             // and it stays open
+    CHECK(libs().mock->calls("C_GenerateRandom") == 2);  // slot B's calls only reached it
+    CHECK(slot_stats(kSlotA).faults == 5);
+    CHECK(slot_stats(kSlotA).sessions_open == 1);
+    CHECK(slot_stats(kSlotB).faults == 0);
+
+    libs().faulty->fail_slot(kSlotA, CKR_OK);
+    CHECK(f.random(a) == CKR_OK);  // the session survived the fault
+    CHECK(f.random(open_on(f, kSlotA)) == CKR_OK);
+    CHECK(token_info(f, kSlotA) == CKR_OK);
+    CHECK(f.p11->C_CloseSession(a) == CKR_OK);
+    check_session_balance(faulty_stats());
+  }
+}
+
+TEST_CASE("a slot's code on a call that ends an operation ends it in the target too") {
+  Fixture f(over_mock(), two_slots());
+  CK_SESSION_HANDLE h = open_on(f, kSlotA);
+  CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
+  CK_BYTE data[8] = {}, out[64];
+  CK_ULONG len = sizeof out;
+  REQUIRE(f.p11->C_DigestInit(h, &sha) == CKR_OK);
+  libs().faulty->fail_slot(kSlotA, CKR_DEVICE_ERROR);
+  CHECK(f.p11->C_Digest(h, data, sizeof data, out, &len) == CKR_DEVICE_ERROR);
+  CHECK(libs().mock->calls("C_Digest") == 1);               // forwarded, its answer replaced
+  CHECK(f.p11->C_DigestInit(h, &sha) == CKR_DEVICE_ERROR);  // replaced: nothing started
+  libs().faulty->clear_slot(kSlotA);
+  CHECK(f.p11->C_DigestInit(h, &sha) == CKR_OK);  // not CKR_OPERATION_ACTIVE
+}
+
+TEST_CASE("a token removed from one slot: its sessions gone, the other slot untouched") {
+  Fixture f(over_mock(), two_slots());
+  CK_SESSION_HANDLE a = open_on(f, kSlotA), b = open_on(f, kSlotB);
+  libs().faulty->set_slot_removed(kSlotA, 1);
+  CHECK(mock_stats().sessions_open == 1);  // a's target session really closed
+  CHECK(f.random(a) == CKR_DEVICE_REMOVED);
+  CHECK(f.p11->C_CloseSession(a) == CKR_DEVICE_REMOVED);
+  CHECK(try_open(f, kSlotA) == CKR_TOKEN_NOT_PRESENT);
+  CHECK(token_info(f, kSlotA) == CKR_TOKEN_NOT_PRESENT);
+  CHECK(f.p11->C_CloseAllSessions(kSlotA) == CKR_TOKEN_NOT_PRESENT);
+  CK_SLOT_INFO info{};
+  REQUIRE(f.p11->C_GetSlotInfo(kSlotA, &info) == CKR_OK);
+  CHECK((info.flags & CKF_TOKEN_PRESENT) == 0);
+  REQUIRE(f.p11->C_GetSlotInfo(kSlotB, &info) == CKR_OK);
+  CHECK((info.flags & CKF_TOKEN_PRESENT) != 0);
+  CHECK(f.random(b) == CKR_OK);
+  CHECK(token_info(f, kSlotB) == CKR_OK);
+  CHECK(f.random(open_on(f, kSlotB)) == CKR_OK);
+
+  libs().faulty->set_slot_removed(kSlotA, 0);
+  CHECK(f.random(a) == CKR_SESSION_HANDLE_INVALID);  // gone with the token
+  CK_SESSION_HANDLE again = open_on(f, kSlotA);
+  CHECK(f.random(again) == CKR_OK);
+  REQUIRE(f.p11->C_GetSlotInfo(kSlotA, &info) == CKR_OK);
+  CHECK((info.flags & CKF_TOKEN_PRESENT) != 0);
+  CHECK(f.random(b) == CKR_OK);
+  FaultySlotStats s = slot_stats(kSlotA);
+  CHECK(s.restarts == 1);
+  CHECK(s.sessions_dropped == 1);
+  CHECK(s.sessions_open == 1);
+  CHECK(slot_stats(kSlotB).sessions_open == 2);
+  CHECK(faulty_stats().sessions_dropped == 1);
+  check_session_balance(faulty_stats());
+}
+
+TEST_CASE("a restart of one slot drops its sessions only; new ones work at once") {
+  Fixture f(over_mock(), two_slots());
+  CK_SESSION_HANDLE a1 = open_on(f, kSlotA), a2 = open_on(f, kSlotA), b = open_on(f, kSlotB);
+  CHECK(libs().faulty->restart_slot(kSlotA) == 2);
+  CHECK(mock_stats().sessions_open == 1);
+  CHECK(f.random(a1) == CKR_SESSION_HANDLE_INVALID);
+  CHECK(f.random(a2) == CKR_SESSION_HANDLE_INVALID);
+  CHECK(f.p11->C_CloseSession(a1) == CKR_SESSION_HANDLE_INVALID);
+  CHECK(f.random(b) == CKR_OK);
+  CHECK(f.random(open_on(f, kSlotA)) == CKR_OK);
+  FaultyStats s = faulty_stats();
+  CHECK(s.sessions_dropped == 2);
+  CHECK(s.target_sessions_closed_by_restart == 2);
+  CHECK(s.restarts == 0);  // the whole device did not restart
+  CHECK(slot_stats(kSlotA).restarts == 1);
+  check_session_balance(s);
+}
+
+TEST_CASE("a hang on one slot does not block another; released, the call returns") {
+  Fixture f(over_mock(), two_slots());
+  CK_SESSION_HANDLE a = open_on(f, kSlotA), b = open_on(f, kSlotB);
+  libs().faulty->hang_slot(kSlotA, FAULTY_HANG_UNTIL_RELEASED);
+  std::atomic<bool> returned{false};
+  CK_RV rv = CKR_GENERAL_ERROR;
+  std::thread call([&] {
+    rv = f.random(a);
+    returned = true;
+  });
+  while (slot_stats(kSlotA).hung_now == 0) std::this_thread::yield();
+  CHECK(f.random(b) == CKR_OK);
+  CHECK(token_info(f, kSlotB) == CKR_OK);
+  CHECK(f.random(open_on(f, kSlotB)) == CKR_OK);
+  CHECK(libs().mock->calls("C_GenerateRandom") == 2);  // slot B's only
+  CHECK_FALSE(returned.load());
+  CHECK(libs().faulty->release_slot(kSlotA) == 1);
+  call.join();
+  CHECK(rv == CKR_OK);  // it went on to the target
+  CHECK(slot_stats(kSlotA).hung_now == 0);
+  CHECK(slot_stats(kSlotA).hung_total == 1);
+  CHECK(f.random(a) == CKR_OK);  // no longer hanging
+  CHECK(slot_stats(kSlotA).hung_total == 1);
+}
+
+TEST_CASE("a hang for N ms; then a code: the call waits, then fails") {
+  Fixture f(over_mock(), two_slots());
+  CK_SESSION_HANDLE a = open_on(f, kSlotA);
+  libs().faulty->hang_slot(kSlotA, 100);
+  libs().faulty->fail_slot(kSlotA, CKR_DEVICE_ERROR);
+  auto start = std::chrono::steady_clock::now();
+  CHECK(f.random(a) == CKR_DEVICE_ERROR);
+  CHECK(std::chrono::steady_clock::now() - start >= std::chrono::milliseconds(100));
+  CHECK(slot_stats(kSlotA).hung_total == 1);
+  // The deadline passed: the slot answers at once again (with its code).
+  CHECK(f.random(a) == CKR_DEVICE_ERROR);
+  CHECK(slot_stats(kSlotA).hung_total == 1);
+}
+
+TEST_CASE("clearing a slot releases its hung calls; faulty_reset clears every slot") {
+  Fixture f(over_mock(), two_slots());
+  CK_SESSION_HANDLE a = open_on(f, kSlotA);
+  libs().faulty->hang_slot(kSlotA, FAULTY_HANG_UNTIL_RELEASED);
+  CK_RV rv = CKR_GENERAL_ERROR;
+  std::thread call([&] { rv = f.random(a); });
+  while (slot_stats(kSlotA).hung_now == 0) std::this_thread::yield();
+  libs().faulty->clear_slot(kSlotA);
+  call.join();
+  CHECK(rv == CKR_OK);
+
+  libs().faulty->fail_slot(kSlotB, CKR_DEVICE_ERROR);
+  libs().faulty->set_slot_removed(kSlotA, 1);
+  CHECK(libs().faulty->reset() == 1);  // it finalized first
+  FaultyConfig c = over_mock();        // reset read the environment: SoftHSM2 again
+  REQUIRE(libs().faulty->configure(&c) == 0);
+  CK_C_INITIALIZE_ARGS args{};
+  args.flags = CKF_OS_LOCKING_OK;
+  REQUIRE(f.p11->C_Initialize(&args) == CKR_OK);
+  CHECK(token_info(f, kSlotA) == CKR_OK);
+  CHECK(token_info(f, kSlotB) == CKR_OK);
+  CHECK(slot_stats(kSlotA).restarts == 0);
+}
+
+TEST_CASE("a slot's fault set before C_Initialize holds from the start") {
+  Fixture f(over_mock(), two_slots());
+  REQUIRE(f.p11->C_Finalize(nullptr) == CKR_OK);
+  libs().faulty->fail_slot(kSlotB, CKR_DEVICE_ERROR);
+  CK_C_INITIALIZE_ARGS args{};
+  args.flags = CKF_OS_LOCKING_OK;
+  REQUIRE(f.p11->C_Initialize(&args) == CKR_OK);
+  CHECK(token_info(f, kSlotB) == CKR_DEVICE_ERROR);
+  CHECK(try_open(f, kSlotB) == CKR_DEVICE_ERROR);
+  CHECK(f.random(open_on(f, kSlotA)) == CKR_OK);
+  libs().faulty->clear_slot(kSlotB);
+  CHECK(f.random(open_on(f, kSlotB)) == CKR_OK);
 }
 
 }  // namespace
