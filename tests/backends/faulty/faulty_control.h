@@ -31,6 +31,7 @@
  *                         CKR_ name or a number. Example:
  *                         "*:CKR_DEVICE_ERROR:p=0.01,C_OpenSession:CKR_DEVICE_MEMORY:nth=3"
  *   P11MUX_FAULTY_MAX_SESSIONS  CKR_SESSION_COUNT beyond this many (0 = no limit)
+ *   P11MUX_FAULTY_MAX_SLOT_SESSIONS  the same on each slot (0 = no limit)
  *   P11MUX_FAULTY_LATENCY open=US,close=US,login=US,crypto=US (microseconds)
  *   P11MUX_FAULTY_MISSING  functions left NULL in the lists it hands out,
  *                         comma-separated names (a module lacking them); read
@@ -111,6 +112,10 @@ typedef struct FaultyConfig {
      application's object handles stay valid, as on an HSM whose handles name
      stored objects. */
   int keep_object_handles;
+  /* CKR_SESSION_COUNT beyond this many open sessions on one slot (0 = no
+     limit), as each HSM of a group has its own limit; max_sessions still
+     bounds them all. Appended: the fields above keep their places. */
+  unsigned long max_sessions_per_slot;
 } FaultyConfig;
 
 typedef struct FaultyStats {
@@ -138,7 +143,8 @@ typedef struct FaultyStats {
   unsigned long sessions_open_at_finalize;
   unsigned long max_sessions_open;
   unsigned long stale_handle_calls;     /* calls on unknown or dropped handles */
-  unsigned long session_count_refusals; /* CKR_SESSION_COUNT from max_sessions */
+  unsigned long session_count_refusals; /* CKR_SESSION_COUNT from max_sessions
+                                           or max_sessions_per_slot */
   unsigned long restarts;
   unsigned long target_sessions_closed_by_restart;
 

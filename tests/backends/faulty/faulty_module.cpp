@@ -74,6 +74,7 @@ std::vector<std::shared_ptr<Session>> Module::take_locked(Pred&& pred) {
     }
   }
   counters.sessions_open.fetch_sub(taken.size(), std::memory_order_relaxed);
+  for (const auto& s : taken) release_slot_places(s->slot);
   return taken;
 }
 
@@ -169,12 +170,20 @@ CK_RV Module::open_session(Fn fn, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR a
   }
   // Reserve a place first, so that racing opens never exceed the limit.
   unsigned long now = counters.sessions_open.fetch_add(1, std::memory_order_relaxed) + 1;
-  auto unreserve = [&] { counters.sessions_open.fetch_sub(1, std::memory_order_relaxed); };
   if (unsigned long max = settings.max_sessions(); max != 0 && now > max) {
-    unreserve();
+    counters.sessions_open.fetch_sub(1, std::memory_order_relaxed);
     bump(counters.session_count_refusals);
     return CKR_SESSION_COUNT;
   }
+  if (!reserve_slot_place(slot)) {
+    counters.sessions_open.fetch_sub(1, std::memory_order_relaxed);
+    bump(counters.session_count_refusals);
+    return CKR_SESSION_COUNT;
+  }
+  auto unreserve = [&] {
+    counters.sessions_open.fetch_sub(1, std::memory_order_relaxed);
+    release_slot_places(slot);
+  };
   if (auto rv = settings.inject(fn, counters)) {
     unreserve();
     return *rv;
@@ -259,6 +268,7 @@ CK_RV Module::close_session(Fn fn, CK_SESSION_HANDLE handle) {
   if (auto it = sessions_.find(handle); it != sessions_.end() && it->second == s) {
     sessions_.erase(it);
     counters.sessions_open.fetch_sub(1, std::memory_order_relaxed);
+    release_slot_places(s->slot);
     bump(counters.sessions_closed);
   }
   return rv;
@@ -310,6 +320,19 @@ unsigned long Module::restart() {
 std::uint64_t Module::slot_epoch_locked(CK_SLOT_ID slot) const {
   auto it = slot_epochs_.find(slot);
   return it == slot_epochs_.end() ? 0 : it->second;
+}
+
+bool Module::reserve_slot_place(CK_SLOT_ID slot) {
+  std::lock_guard places(slot_open_mu_);
+  unsigned long& open = slot_open_[slot];
+  if (unsigned long max = settings.max_slot_sessions(); max != 0 && open >= max) return false;
+  ++open;
+  return true;
+}
+
+void Module::release_slot_places(CK_SLOT_ID slot, unsigned long n) {
+  std::lock_guard places(slot_open_mu_);
+  slot_open_[slot] -= n;
 }
 
 unsigned long Module::restart_slot(CK_SLOT_ID slot, bool removal) {

@@ -76,6 +76,7 @@ bool Settings::apply(const FaultyConfig& c) {
     r.fn.store(fns[i], relaxed);
   }
   max_sessions_.store(c.max_sessions, relaxed);
+  max_slot_sessions_.store(c.max_sessions_per_slot, relaxed);
   keep_object_handles_.store(c.keep_object_handles != 0, relaxed);
   latency_us_[static_cast<std::size_t>(Latency::open)].store(c.open_session_us, relaxed);
   latency_us_[static_cast<std::size_t>(Latency::close)].store(c.close_session_us, relaxed);
@@ -276,6 +277,14 @@ bool config_from_env(FaultyConfig& out, std::string& error) {
       return false;
     }
     c.max_sessions = *n;
+  }
+  if (auto max = env("P11MUX_FAULTY_MAX_SLOT_SESSIONS"); !max.empty()) {
+    auto n = parse_ulong(max);
+    if (!n) {
+      error = "P11MUX_FAULTY_MAX_SLOT_SESSIONS: '" + std::string(max) + "' is not a number";
+      return false;
+    }
+    c.max_sessions_per_slot = *n;
   }
   const char* latency = std::getenv("P11MUX_FAULTY_LATENCY");
   if (!parse_latency(latency != nullptr ? latency : FAULTY_DEFAULT_LATENCY, c, error)) {

@@ -195,6 +195,9 @@ class Settings {
   // Sleeps for fn's latency, if any.
   void delay(Fn fn, Counters& counters) const;
   unsigned long max_sessions() const { return max_sessions_.load(std::memory_order_relaxed); }
+  unsigned long max_slot_sessions() const {
+    return max_slot_sessions_.load(std::memory_order_relaxed);
+  }
   bool keep_object_handles() const { return keep_object_handles_.load(std::memory_order_relaxed); }
 
  private:
@@ -206,6 +209,7 @@ class Settings {
   std::atomic<std::uint64_t> draws_{0};
   std::array<Rule, FAULTY_MAX_RULES> rules_{};
   std::atomic<unsigned long> max_sessions_{0};
+  std::atomic<unsigned long> max_slot_sessions_{0};
   std::atomic<bool> keep_object_handles_{false};
   std::array<std::atomic<unsigned long>, 5> latency_us_{};  // by Latency
 };
@@ -314,6 +318,10 @@ class Module {
   std::vector<std::shared_ptr<Session>> take_locked(Pred&& pred);
   bool finalize_locked();
   std::uint64_t slot_epoch_locked(CK_SLOT_ID slot) const;  // table_mu_ held
+  // Open sessions by slot, places reserved by opens in progress included:
+  // false (nothing reserved) beyond max_slot_sessions.
+  bool reserve_slot_place(CK_SLOT_ID slot);
+  void release_slot_places(CK_SLOT_ID slot, unsigned long n = 1);
   // FaultyConfig::keep_object_handles: the module's own target session on
   // `slot`, opened if there is none yet.
   void keep_target_session(const Target& t, CK_SLOT_ID slot);
@@ -333,9 +341,11 @@ class Module {
   // Sessions dropped by a slot's removal, by handle: CKR_DEVICE_REMOVED on
   // them while it lasts. Emptied by C_Finalize; table_mu_.
   std::unordered_map<CK_SESSION_HANDLE, CK_SLOT_ID> removed_sessions_;
-  bool owns_target_init_ = false;                 // lifecycle_mu_
-  std::mutex kept_mu_;                            // guards kept_
-  std::map<CK_SLOT_ID, CK_SESSION_HANDLE> kept_;  // target sessions, by slot
+  std::mutex slot_open_mu_;                        // after table_mu_
+  std::map<CK_SLOT_ID, unsigned long> slot_open_;  // guarded by slot_open_mu_
+  bool owns_target_init_ = false;                  // lifecycle_mu_
+  std::mutex kept_mu_;                             // guards kept_
+  std::map<CK_SLOT_ID, CK_SESSION_HANDLE> kept_;   // target sessions, by slot
 };
 
 // The one instance, deliberately leaked (threads may outlive static destructors).

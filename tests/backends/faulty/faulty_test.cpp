@@ -400,6 +400,7 @@ TEST_CASE("the configuration from the environment") {
   ::setenv("P11MUX_FAULTY_FAIL", "*:CKR_DEVICE_ERROR:p=0.01,C_OpenSession:0x31:nth=3", 1);
   ::setenv("P11MUX_FAULTY_SEED", "42", 1);
   ::setenv("P11MUX_FAULTY_MAX_SESSIONS", "16", 1);
+  ::setenv("P11MUX_FAULTY_MAX_SLOT_SESSIONS", "4", 1);
   ::setenv("P11MUX_FAULTY_LATENCY", "open=2000,close=10,login=2000,crypto=300", 1);
   FaultyConfig c{};
   REQUIRE(libs().faulty->config_from_env(&c) == 0);
@@ -412,6 +413,7 @@ TEST_CASE("the configuration from the environment") {
   CHECK(c.rules[2].function[0] == '\0');
   CHECK(c.seed == 42);
   CHECK(c.max_sessions == 16);
+  CHECK(c.max_sessions_per_slot == 4);
   CHECK(c.open_session_us == 2000);
   CHECK(c.close_session_us == 10);
   CHECK(c.crypto_us == 300);
@@ -430,7 +432,7 @@ TEST_CASE("the configuration from the environment") {
   args.flags = CKF_OS_LOCKING_OK;
   CHECK(libs().p11->C_Initialize(&args) == CKR_GENERAL_ERROR);
   for (const char* name : {"P11MUX_FAULTY_FAIL", "P11MUX_FAULTY_SEED", "P11MUX_FAULTY_MAX_SESSIONS",
-                           "P11MUX_FAULTY_LATENCY"}) {
+                           "P11MUX_FAULTY_MAX_SLOT_SESSIONS", "P11MUX_FAULTY_LATENCY"}) {
     ::unsetenv(name);
   }
 }
@@ -637,6 +639,32 @@ TEST_CASE("clearing a slot releases its hung calls; faulty_reset clears every sl
   CHECK(token_info(f, kSlotA) == CKR_OK);
   CHECK(token_info(f, kSlotB) == CKR_OK);
   CHECK(slot_stats(kSlotA).restarts == 0);
+}
+
+TEST_CASE("a session limit on each slot") {
+  FaultyConfig c = over_mock();
+  c.max_sessions_per_slot = 2;
+  Fixture f(c, two_slots());
+  CK_SESSION_HANDLE a1 = open_on(f, kSlotA);
+  open_on(f, kSlotA);
+  CHECK(try_open(f, kSlotA) == CKR_SESSION_COUNT);
+  open_on(f, kSlotB);  // the other slot has its own places
+  open_on(f, kSlotB);
+  CHECK(try_open(f, kSlotB) == CKR_SESSION_COUNT);
+  CHECK(f.p11->C_CloseSession(a1) == CKR_OK);
+  open_on(f, kSlotA);
+  CHECK(try_open(f, kSlotA) == CKR_SESSION_COUNT);
+  CHECK(libs().faulty->restart_slot(kSlotA) == 2);  // a restart frees its places
+  open_on(f, kSlotA);
+  open_on(f, kSlotA);
+  CHECK(try_open(f, kSlotA) == CKR_SESSION_COUNT);
+  CHECK(f.p11->C_CloseAllSessions(kSlotB) == CKR_OK);
+  open_on(f, kSlotB);
+  FaultyStats s = faulty_stats();
+  CHECK(s.session_count_refusals == 4);
+  CHECK(s.max_sessions_open == 4);
+  CHECK(mock_stats().sessions_open == 3);
+  check_session_balance(s);
 }
 
 TEST_CASE("a slot's fault set before C_Initialize holds from the start") {
