@@ -19,12 +19,11 @@ std::optional<CK_RV> SlotFaults::enter(CK_SLOT_ID slot, SlotCall call, bool repl
     const std::uint64_t releases = s.releases;
     ++s.stats.hung_now;
     ++s.stats.hung_total;
-    auto released = [&] { return s.releases != releases; };
-    if (s.hang_until == std::chrono::steady_clock::time_point::max()) {
-      released_.wait(lock, released);
-    } else {
-      // A later hang_slot may move the deadline: wait for the one in force.
-      while (!released() && std::chrono::steady_clock::now() < s.hang_until) {
+    // Until released, or until the deadline in force (a later hang_slot may move it).
+    while (s.releases == releases && std::chrono::steady_clock::now() < s.hang_until) {
+      if (s.hang_until == std::chrono::steady_clock::time_point::max()) {
+        released_.wait(lock);
+      } else {
         released_.wait_until(lock, s.hang_until);
       }
     }

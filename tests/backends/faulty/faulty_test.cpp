@@ -617,6 +617,19 @@ TEST_CASE("a hang for N ms; then a code: the call waits, then fails") {
   CHECK(slot_stats(kSlotA).hung_total == 1);
 }
 
+TEST_CASE("a new hang replaces the deadline of the calls already waiting") {
+  Fixture f(over_mock(), two_slots());
+  CK_SESSION_HANDLE a = open_on(f, kSlotA);
+  libs().faulty->hang_slot(kSlotA, FAULTY_HANG_UNTIL_RELEASED);
+  CK_RV rv = CKR_GENERAL_ERROR;
+  std::thread call([&] { rv = f.random(a); });
+  while (slot_stats(kSlotA).hung_now == 0) std::this_thread::yield();
+  libs().faulty->hang_slot(kSlotA, 50);
+  call.join();  // returns by itself once the new deadline passes
+  CHECK(rv == CKR_OK);
+  CHECK(libs().faulty->release_slot(kSlotA) == 0);
+}
+
 TEST_CASE("clearing a slot releases its hung calls; faulty_reset clears every slot") {
   Fixture f(over_mock(), two_slots());
   CK_SESSION_HANDLE a = open_on(f, kSlotA);
