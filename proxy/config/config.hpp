@@ -22,17 +22,34 @@
 // stripped, there are no escapes, so a quoted value cannot contain '"'); an unquoted value
 // ends at a '#' or ';' that follows whitespace. A key may appear once per file.
 //
+// Named sections (several HSMs as one slot, docs/groups.md; checked, not yet served):
+//
+//   [backend.hsm1]
+//   module = /usr/lib/vendor/libvendor.so
+//   [group.signing]
+//   members = hsm1/label:signing, hsm1/serial:4711, hsm2/label:"EU, signing"
+//   balance = least-busy
+//
+// In `members`, a label in double quotes may hold commas (the value as a whole is then not
+// quoted). A label holding " #" or " ;" needs the whole value quoted (its labels then cannot
+// be), or the environment, whose values have no comments.
+//
 // Environment overrides: P11MUX_<KEY> for top-level keys, P11MUX_<SECTION>_<KEY> otherwise
-// (upper case), e.g. P11MUX_MODULE, P11MUX_BACKEND_LOCKING, P11MUX_LOG_LEVEL. A set variable
-// wins over the file; an empty value means "empty" (for module and init_reserved: not
-// configured). Any other P11MUX_* variable is an error, like an unknown key in the file
-// (a misspelled setting must not be silently ignored), except under the prefixes reserved
-// for the project's own tools (kReservedEnvPrefixes), which p11mux never reads.
+// (upper case), e.g. P11MUX_MODULE, P11MUX_BACKEND_LOCKING, P11MUX_LOG_LEVEL; for a named
+// section P11MUX_<KIND>_<NAME>_<KEY>, e.g. P11MUX_BACKEND_HSM1_MODULE,
+// P11MUX_GROUP_SIGNING_MEMBERS. A NAME is lower case ([a-z][a-z0-9_]*), so the mapping is
+// one-to-one; a variable only overrides a key of a section the file defines (one naming
+// any other section is an error). A set variable wins over the file; an empty value means
+// "empty" (for module and init_reserved: not configured). Any other P11MUX_* variable is an
+// error, like an unknown key in the file (a misspelled setting must not be silently
+// ignored), except under the prefixes reserved for the project's own tools
+// (kReservedEnvPrefixes), which p11mux never reads.
 #pragma once
 
 #include <spdlog/common.h>
 
 #include <array>
+#include <cstddef>
 #include <functional>
 #include <optional>
 #include <stdexcept>
@@ -55,6 +72,59 @@ enum class BindMode { automatic, open, state };  // config text: auto|open|state
 
 // Whether C_GetInterfaceList/C_GetInterface pass on the backend's vendor interfaces.
 enum class VendorInterfaces { hide, pass };  // config text: hide|pass
+
+// ---- Several HSMs as one slot (issue 15, docs/groups.md) -----------------
+// Parsed and checked here; the runtime does not serve groups yet and refuses
+// a configuration that names backends or groups at C_Initialize.
+
+// Where a group's calls go: the member with the fewest calls in flight, each
+// member in turn, or the first healthy member until it is at capacity.
+enum class Balance { least_busy, round_robin, primary };  // least-busy|round-robin|primary
+
+// How a token object is recognised on every member (always with its
+// CKA_CLASS): by CKA_ID, or CKA_LABEL where CKA_ID is empty (id-or-label);
+// by CKA_ID alone; by CKA_LABEL alone; by both.
+enum class ObjectKey { id_or_label, id, label, id_and_label };  // id-or-label|id|label|id+label
+
+// C_GenerateKey / C_GenerateKeyPair with CKA_TOKEN=true on a group: a key
+// made on one HSM cannot in general be copied to the others, so refused
+// (CKR_ATTRIBUTE_VALUE_INVALID and a log line), or made on the primary only.
+enum class GenerateTokenKeys { refuse, primary };  // refuse|primary
+
+// [backend.NAME]: one PKCS#11 module, which may serve several members.
+struct NamedBackend {
+  std::string name;                              // NAME: [a-z][a-z0-9_]*, at most kMaxSectionName
+  std::string module;                            // module: path of the PKCS#11 library (required)
+  LockingMode locking = LockingMode::automatic;  // locking, as [backend] locking
+  std::optional<std::string> init_reserved;      // init_reserved, as [backend] init_reserved
+};
+
+// One member of a group: a token of a named backend, by label or serial
+// number, compared without the token's padding (group/group_slot.hpp,
+// member_token_matches).
+struct GroupMember {
+  enum class By { label, serial };
+  std::string backend;  // a [backend.NAME]
+  By by = By::label;
+  std::string token;  // the label or serial number, without padding
+};
+
+// [group.NAME]: several members shown as one slot whose token is labelled NAME.
+struct Group {
+  std::string name;  // NAME: as a backend's; the group token's label
+  // members: BACKEND/label:LABEL or BACKEND/serial:SERIAL, comma-separated;
+  // a LABEL holding a comma is written in double quotes (label:"a, b").
+  std::vector<GroupMember> members;
+  Balance balance = Balance::least_busy;          // balance
+  unsigned long recovery_interval_s = 60;         // recovery_interval_s: probe a down member
+  bool hide_members = true;                       // hide_members: only the group's slot is seen
+  ObjectKey object_key = ObjectKey::id_or_label;  // object_key
+  GenerateTokenKeys generate_token_keys = GenerateTokenKeys::refuse;  // generate_token_keys
+};
+
+// The longest NAME of [backend.NAME] and [group.NAME]: a group's name is its
+// token's label, 32 bytes.
+inline constexpr std::size_t kMaxSectionName = 32;
 
 struct Config {
   std::string
@@ -124,6 +194,16 @@ struct Config {
              read_only || !protect.empty() || !tokens.empty() || !objects.empty();
     }
   } policy;
+  // [backend.NAME] and [group.NAME] sections, in file order. Either these or
+  // the top-level module (with [backend]) configure the backends, never both.
+  std::vector<NamedBackend> backends;
+  std::vector<Group> groups;
+  bool has_groups() const noexcept { return !backends.empty() || !groups.empty(); }
+  const NamedBackend* find_backend(std::string_view name) const noexcept {
+    for (const NamedBackend& b : backends)
+      if (b.name == name) return &b;
+    return nullptr;
+  }
 };
 
 // Every configuration problem; the message names the file and line or the environment
@@ -169,5 +249,8 @@ Config parse_config(std::string_view text, std::string_view file_name, const Env
 std::string_view to_string(SessionMode mode) noexcept;
 std::string_view to_string(LockingMode mode) noexcept;
 std::string_view to_string(BindMode mode) noexcept;
+std::string_view to_string(Balance balance) noexcept;
+std::string_view to_string(ObjectKey key) noexcept;
+std::string_view to_string(GenerateTokenKeys what) noexcept;
 
 }  // namespace p11mux

@@ -21,6 +21,11 @@ constexpr auto kWaiterGrace = 2s;
 
 BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* self,
                                std::optional<BackendLocking> inherited) {
+  if (config.has_groups()) {
+    throw ConfigError(
+        "[backend.NAME] and [group.NAME] are not served yet (docs/groups.md): configure the "
+        "top-level module");
+  }
   if (config.module.empty()) {
     throw CkrError(CKR_GENERAL_ERROR,
                    "no backend module configured: set P11MUX_MODULE, or `module` in the file "

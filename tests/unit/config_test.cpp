@@ -666,3 +666,337 @@ TEST_CASE("[backend] vendor_interfaces: hide by default, pass from the file or t
   CHECK(error_of("[backend]\nvendor_interfaces = yes\n") ==
         "test.conf:2: bad value 'yes' for [backend] vendor_interfaces (expected hide|pass)");
 }
+
+// ---- Named backends and groups (issue 15, docs/groups.md) ----------------------------------
+
+namespace {
+
+using p11mux::Balance;
+using p11mux::GenerateTokenKeys;
+using p11mux::GroupMember;
+using p11mux::ObjectKey;
+
+// Two backends, one group over both: the smallest valid configuration of its kind.
+constexpr std::string_view kTwoHsms =
+    "[backend.hsm1]\n"                                   // 1
+    "module = /usr/lib/vendor1.so\n"                     // 2
+    "[backend.hsm2]\n"                                   // 3
+    "module = /usr/lib/vendor2.so\n"                     // 4
+    "[group.signing]\n"                                  // 5
+    "members = hsm1/label:signing, hsm2/serial:4711\n";  // 6
+
+std::string members_error(std::string_view members) {
+  return error_of(std::string(kTwoHsms.substr(0, kTwoHsms.find("[group"))) +
+                  "[group.g]\nmembers = " + std::string(members) + "\n");
+}
+
+std::vector<GroupMember> members_of(std::string_view members) {
+  const Config c = parse(std::string(kTwoHsms.substr(0, kTwoHsms.find("[group"))) +
+                         "[group.g]\nmembers = " + std::string(members) + "\n");
+  REQUIRE(c.groups.size() == 1);
+  return c.groups[0].members;
+}
+
+}  // namespace
+
+TEST_CASE("named backends and a group: every key, and the defaults") {
+  const Config c = parse(kTwoHsms);
+  CHECK(c.has_groups());
+  CHECK(c.module.empty());
+  REQUIRE(c.backends.size() == 2);
+  CHECK(c.backends[0].name == "hsm1");
+  CHECK(c.backends[0].module == "/usr/lib/vendor1.so");
+  CHECK(c.backends[0].locking == LockingMode::automatic);
+  CHECK_FALSE(c.backends[0].init_reserved.has_value());
+  CHECK(c.find_backend("hsm2") == &c.backends[1]);
+  CHECK(c.find_backend("hsm3") == nullptr);
+  REQUIRE(c.groups.size() == 1);
+  const p11mux::Group& g = c.groups[0];
+  CHECK(g.name == "signing");
+  REQUIRE(g.members.size() == 2);
+  CHECK(g.members[0].backend == "hsm1");
+  CHECK(g.members[0].by == GroupMember::By::label);
+  CHECK(g.members[0].token == "signing");
+  CHECK(g.members[1].backend == "hsm2");
+  CHECK(g.members[1].by == GroupMember::By::serial);
+  CHECK(g.members[1].token == "4711");
+  CHECK(g.balance == Balance::least_busy);
+  CHECK(g.recovery_interval_s == 60);
+  CHECK(g.hide_members);
+  CHECK(g.object_key == ObjectKey::id_or_label);
+  CHECK(g.generate_token_keys == GenerateTokenKeys::refuse);
+
+  const Config all = parse(
+      "session_mode = multiplex\n"
+      "[backend.a]\nmodule = /a.so\nlocking = none\ninit_reserved = \"x='1'\"\n"
+      "[group.g]\nmembers = a/label:one, a/label:two\nbalance = primary\n"
+      "recovery_interval_s = 5\nhide_members = false\nobject_key = id+label\n"
+      "generate_token_keys = primary\n"
+      "[pool]\nmax_sessions = 4\n");
+  CHECK(all.session_mode == SessionMode::multiplex);  // global keys still apply
+  CHECK(all.pool.max_sessions == 4UL);
+  CHECK(all.backends[0].locking == LockingMode::none);
+  CHECK(all.backends[0].init_reserved == "x='1'");
+  CHECK(all.groups[0].balance == Balance::primary);
+  CHECK(all.groups[0].recovery_interval_s == 5);
+  CHECK_FALSE(all.groups[0].hide_members);
+  CHECK(all.groups[0].object_key == ObjectKey::id_and_label);
+  CHECK(all.groups[0].generate_token_keys == GenerateTokenKeys::primary);
+  // One module, several members.
+  CHECK(all.groups[0].members.size() == 2);
+  CHECK_FALSE(parse("module = /lib/x.so\n").has_groups());
+}
+
+TEST_CASE("group enums: every spelling, and a bad one names the section and the choices") {
+  auto group_with = [](std::string_view line) {
+    return std::string(kTwoHsms) + std::string(line) + "\n";
+  };
+  CHECK(parse(group_with("balance = least-busy")).groups[0].balance == Balance::least_busy);
+  CHECK(parse(group_with("balance = round-robin")).groups[0].balance == Balance::round_robin);
+  CHECK(parse(group_with("balance = primary")).groups[0].balance == Balance::primary);
+  CHECK(parse(group_with("object_key = id")).groups[0].object_key == ObjectKey::id);
+  CHECK(parse(group_with("object_key = label")).groups[0].object_key == ObjectKey::label);
+  CHECK(parse(group_with("object_key = id-or-label")).groups[0].object_key ==
+        ObjectKey::id_or_label);
+  CHECK(parse(group_with("generate_token_keys = refuse")).groups[0].generate_token_keys ==
+        GenerateTokenKeys::refuse);
+  CHECK(error_of(group_with("balance = fastest")) ==
+        "test.conf:7: bad value 'fastest' for [group.signing] balance (expected "
+        "least-busy|round-robin|primary)");
+  CHECK(error_of(group_with("object_key = cka_id")) ==
+        "test.conf:7: bad value 'cka_id' for [group.signing] object_key (expected "
+        "id-or-label|id|label|id+label)");
+  CHECK(error_of(group_with("recovery_interval_s = 0")) ==
+        "test.conf:7: bad value '0' for [group.signing] recovery_interval_s (expected a whole "
+        "number from 1 to 86400)");
+  CHECK(error_of(group_with("hide_members = yes")) ==
+        "test.conf:7: bad value 'yes' for [group.signing] hide_members (expected true|false)");
+  CHECK(error_of(group_with("members2 = x")) ==
+        "test.conf:7: unknown key 'members2' in section [group.signing]");
+  CHECK(error_of(group_with("balance = primary\nbalance = primary")) ==
+        "test.conf:8: duplicate key 'balance' in section [group.signing] (first set on "
+        "test.conf:7)");
+  CHECK(
+      error_of("[backend.a]\nmodule = /a.so\nlocking = maybe\n[group.g]\nmembers = a/label:x\n") ==
+      "test.conf:3: bad value 'maybe' for [backend.a] locking (expected auto|os|callbacks|none)");
+  CHECK(error_of("[backend.a]\nmodule = /a.so\nvendor_interfaces = pass\n") ==
+        "test.conf:3: unknown key 'vendor_interfaces' in section [backend.a]");
+  CHECK(p11mux::to_string(Balance::round_robin) == "round-robin");
+  CHECK(p11mux::to_string(ObjectKey::id_and_label) == "id+label");
+  CHECK(p11mux::to_string(GenerateTokenKeys::primary) == "primary");
+}
+
+TEST_CASE("members: label and serial, blanks, quotes, commas, empty entries") {
+  auto m = members_of("hsm1/label:signing key ,  hsm2 / serial: 4711 ,, ");
+  REQUIRE(m.size() == 2);
+  CHECK(m[0].token == "signing key");  // inner blanks kept, outer ones trimmed
+  CHECK(m[1].backend == "hsm2");
+  CHECK(m[1].by == GroupMember::By::serial);
+  CHECK(m[1].token == "4711");
+  // Quotes: a comma, and leading blanks, belong to the label.
+  m = members_of("hsm1/label:\"EU, signing\", hsm2/label:\"  padded left\" , hsm1/label:x");
+  REQUIRE(m.size() == 3);
+  CHECK(m[0].token == "EU, signing");
+  CHECK(m[1].token == "  padded left");
+  CHECK(m[2].token == "x");
+  // Comment characters after a blank: the whole value quoted keeps them.
+  m = members_of("\"hsm1/label:tls #1; eu, hsm2/label:b\"");
+  REQUIRE(m.size() == 2);
+  CHECK(m[0].token == "tls #1; eu");
+  m = members_of("hsm1/label:a, hsm2/label:b   # a comment");
+  CHECK(m[1].token == "b");
+  // The same token through one module twice is no duplicate when named differently.
+  CHECK(members_of("hsm1/label:a, hsm1/serial:a, hsm2/label:a").size() == 3);
+  // A label of exactly 32 bytes, a serial of 16.
+  CHECK(members_of("hsm1/label:" + std::string(32, 'L') + ", hsm2/serial:" + std::string(16, '9'))
+            .size() == 2);
+}
+
+TEST_CASE("members: each malformed entry is named with what is wrong") {
+  const std::string where = "test.conf:6: [group.g] members: ";
+  CHECK(members_error("hsm1") ==
+        where + "'hsm1' is not BACKEND/label:LABEL or BACKEND/serial:SERIAL");
+  CHECK(members_error("hsm1, hsm2/label:x") ==
+        where + "'hsm1' is not BACKEND/label:LABEL or BACKEND/serial:SERIAL");
+  CHECK(members_error("hsm1/signing") ==
+        where + "'hsm1/signing' names its token neither by label: nor by serial:");
+  CHECK(members_error("HSM1/label:x") == where +
+                                             "'HSM1/label:x' names backend 'HSM1': a name is a "
+                                             "lower-case letter, then lower-case letters, digits "
+                                             "or '_', at most 32 in all (it is part of P11MUX_* "
+                                             "variable names)");
+  CHECK(members_error("hsm1/label:") == where + "'hsm1/label:' names no token");
+  CHECK(members_error("hsm1/label:\"\"") == where + "'hsm1/label:\"\"' names no token");
+  CHECK(members_error("hsm1/label:\"a, b") == where + "'hsm1/label:\"a, b' has no closing '\"'");
+  CHECK(members_error("hsm1/label:\"a\"b, hsm2/label:c") ==
+        where + "'hsm1/label:\"a\"b' has text after its closing '\"'");
+  CHECK(members_error("hsm1/label:\"a \"") ==
+        where +
+            "'hsm1/label:\"a \"' ends in blanks: a token's padding is blanks, so it can never "
+            "match");
+  CHECK(members_error("hsm1/label:" + std::string(33, 'L')) ==
+        where + "'hsm1/label:" + std::string(33, 'L') +
+            "' is longer than a token's label (32 bytes): it can never match");
+  CHECK(members_error("hsm1/serial:" + std::string(17, '9')) ==
+        where + "'hsm1/serial:" + std::string(17, '9') +
+            "' is longer than a token's serial number (16 bytes): it can never match");
+}
+
+TEST_CASE("groups and backends: the whole is checked, each error naming where") {
+  // A group without members, in the file or emptied by the environment.
+  CHECK(error_of("[backend.a]\nmodule = /a.so\n[group.g]\nbalance = primary\n") ==
+        "test.conf:3: [group.g] has no members (members = BACKEND/label:LABEL, ...)");
+  CHECK(error_of("[backend.a]\nmodule = /a.so\n[group.g]\nmembers = , ,\n") ==
+        "test.conf:4: [group.g] has no members (members = BACKEND/label:LABEL, ...)");
+  CHECK(error_of(kTwoHsms, {{"P11MUX_GROUP_SIGNING_MEMBERS", ""}}) ==
+        "environment variable P11MUX_GROUP_SIGNING_MEMBERS: [group.signing] has no members "
+        "(members = BACKEND/label:LABEL, ...)");
+  // A member naming a backend no section defines.
+  CHECK(error_of(std::string(kTwoHsms) + "[group.other]\nmembers = hsm3/label:x\n") ==
+        "test.conf:8: [group.other] members: 'hsm3/label:x' names backend 'hsm3', and there is "
+        "no [backend.hsm3] section");
+  // The same member twice.
+  CHECK(members_error("hsm1/label:a, hsm2/label:b, hsm1/label:a") ==
+        "test.conf:6: [group.g] members: 'hsm1/label:a' is listed twice");
+  // A backend without a module; one no group uses.
+  CHECK(error_of("[backend.a]\n[group.g]\nmembers = a/label:x\n") ==
+        "test.conf:1: [backend.a] has no module (module = PATH, or P11MUX_BACKEND_A_MODULE)");
+  CHECK(error_of(std::string(kTwoHsms) + "[backend.spare]\nmodule = /s.so\n") ==
+        "test.conf:7: [backend.spare] is a member of no group (a named backend serves groups "
+        "only)");
+  CHECK(error_of("[backend.a]\nmodule = /a.so\n") ==
+        "test.conf:1: [backend.a] is a member of no group (a named backend serves groups only)");
+  // Duplicate sections.
+  CHECK(error_of(std::string(kTwoHsms) + "[backend.hsm1]\n") ==
+        "test.conf:7: duplicate section [backend.hsm1] (first on test.conf:1)");
+  CHECK(error_of(std::string(kTwoHsms) + "[group.signing]\n") ==
+        "test.conf:7: duplicate section [group.signing] (first on test.conf:5)");
+  // A backend and a group may share a name: their variables differ.
+  CHECK(
+      parse("[backend.hsm]\nmodule = /a.so\n[group.hsm]\nmembers = hsm/label:x\n").groups.size() ==
+      1);
+}
+
+TEST_CASE("section names: lower case, mappable to a variable, at most 32") {
+  const std::string rule =
+      ": a name is a lower-case letter, then lower-case letters, digits or '_', at most 32 in "
+      "all (it is part of P11MUX_* variable names)";
+  CHECK(error_of("[backend.HSM1]\n") ==
+        "test.conf:1: bad section name [backend.HSM1]" + rule + " (e.g. [backend.hsm1])");
+  CHECK(error_of("[group.hsm-1]\n") ==
+        "test.conf:1: bad section name [group.hsm-1]" + rule + " (e.g. [group.hsm1])");
+  CHECK(error_of("[group.]\n") ==
+        "test.conf:1: bad section name [group.]" + rule + " (e.g. [group.hsm1])");
+  CHECK(error_of("[group.1st]\n") ==
+        "test.conf:1: bad section name [group.1st]" + rule + " (e.g. [group.hsm1])");
+  CHECK(error_of("[group.a b]\n") ==
+        "test.conf:1: bad section name [group.a b]" + rule + " (e.g. [group.hsm1])");
+  CHECK(error_of("[group." + std::string(33, 'g') + "]\n")
+            .starts_with("test.conf:1: bad section name [group.ggg"));
+  CHECK(parse("[backend.a]\nmodule = /a.so\n[group." + std::string(32, 'g') +
+              "]\nmembers = a/label:x\n")
+            .groups[0]
+            .name.size() == 32);
+  CHECK(error_of("[group]\n") == "test.conf:1: unknown section [group] (a group is [group.NAME])");
+  CHECK(error_of("[hsm.a]\n") == "test.conf:1: unknown section [hsm.a]");
+}
+
+TEST_CASE("a group with the top-level module, or [backend] keys of that module, is ambiguous") {
+  CHECK(error_of("module = /lib/x.so\n" + std::string(kTwoHsms)) ==
+        "test.conf:1: the top-level module cannot be combined with [group.signing] (test.conf:6): "
+        "a configuration has one backend (top-level module, [backend]) or named backends in "
+        "groups; move the module into a [backend.NAME] section");
+  CHECK(error_of(kTwoHsms, {{"P11MUX_MODULE", "/lib/x.so"}}) ==
+        "environment variable P11MUX_MODULE: the top-level module cannot be combined with "
+        "[group.signing] (test.conf:5): a configuration has one backend (top-level module, "
+        "[backend]) or named backends in groups; move the module into a [backend.NAME] section");
+  // Emptied by the environment: not configured, so no conflict.
+  CHECK(
+      parse("module = /lib/x.so\n" + std::string(kTwoHsms), {{"P11MUX_MODULE", ""}}).has_groups());
+  CHECK(error_of(std::string(kTwoHsms) + "[backend]\nlocking = os\n") ==
+        "test.conf:8: [backend] locking is the top-level module's, and there is none with "
+        "[group.signing] (test.conf:5): set locking in each [backend.NAME]");
+  CHECK(error_of(kTwoHsms, {{"P11MUX_BACKEND_INIT_RESERVED", "x"}}) ==
+        "environment variable P11MUX_BACKEND_INIT_RESERVED: [backend] init_reserved is the "
+        "top-level module's, and there is none with [group.signing] (test.conf:5): set "
+        "init_reserved in each [backend.NAME]");
+  // vendor_interfaces is not the module's alone: kept.
+  CHECK(parse(std::string(kTwoHsms) + "[backend]\nvendor_interfaces = pass\n").has_groups());
+}
+
+TEST_CASE("environment: named sections' keys are overridden as P11MUX_<KIND>_<NAME>_<KEY>") {
+  const Config c =
+      parse(kTwoHsms, {{"P11MUX_BACKEND_HSM1_MODULE", "/env/v1.so"},
+                       {"P11MUX_BACKEND_HSM2_LOCKING", "os"},
+                       {"P11MUX_BACKEND_HSM2_INIT_RESERVED", "x"},
+                       {"P11MUX_GROUP_SIGNING_MEMBERS", "hsm2/label:\"a, b\", hsm1/label:x"},
+                       {"P11MUX_GROUP_SIGNING_BALANCE", "round-robin"},
+                       {"P11MUX_GROUP_SIGNING_RECOVERY_INTERVAL_S", "10"},
+                       {"P11MUX_GROUP_SIGNING_HIDE_MEMBERS", "false"},
+                       {"P11MUX_GROUP_SIGNING_OBJECT_KEY", "label"},
+                       {"P11MUX_GROUP_SIGNING_GENERATE_TOKEN_KEYS", "primary"}});
+  CHECK(c.backends[0].module == "/env/v1.so");
+  CHECK(c.backends[1].locking == LockingMode::os);
+  CHECK(c.backends[1].init_reserved == "x");
+  REQUIRE(c.groups[0].members.size() == 2);
+  CHECK(c.groups[0].members[0].token == "a, b");
+  CHECK(c.groups[0].balance == Balance::round_robin);
+  CHECK(c.groups[0].recovery_interval_s == 10);
+  CHECK_FALSE(c.groups[0].hide_members);
+  CHECK(c.groups[0].object_key == ObjectKey::label);
+  CHECK(c.groups[0].generate_token_keys == GenerateTokenKeys::primary);
+  // The unnamed [backend]'s variables are its own, and apply as before.
+  CHECK(parse("module = /x.so\n", {{"P11MUX_BACKEND_LOCKING", "os"}}).backend.locking ==
+        LockingMode::os);
+  // Bad values name the variable.
+  CHECK(error_of(kTwoHsms, {{"P11MUX_GROUP_SIGNING_BALANCE", "random"}}) ==
+        "environment variable P11MUX_GROUP_SIGNING_BALANCE: bad value 'random' for "
+        "[group.signing] balance (expected least-busy|round-robin|primary)");
+  CHECK(error_of(kTwoHsms, {{"P11MUX_GROUP_SIGNING_MEMBERS", "hsm1"}}) ==
+        "environment variable P11MUX_GROUP_SIGNING_MEMBERS: [group.signing] members: 'hsm1' is "
+        "not BACKEND/label:LABEL or BACKEND/serial:SERIAL");
+  CHECK(error_of(kTwoHsms, {{"P11MUX_BACKEND_HSM1_MODULE", ""}}) ==
+        "environment variable P11MUX_BACKEND_HSM1_MODULE: [backend.hsm1] has no module (module "
+        "= PATH, or P11MUX_BACKEND_HSM1_MODULE)");
+}
+
+TEST_CASE("environment: a variable for a section the file does not define is an error") {
+  // Close to a defined one: the likely one is named.
+  CHECK(error_of(kTwoHsms, {{"P11MUX_GROUP_SIGNNG_MEMBERS", "hsm1/label:x"}}) ==
+        "unknown environment variable P11MUX_GROUP_SIGNNG_MEMBERS (did you mean "
+        "P11MUX_GROUP_SIGNING_MEMBERS?)");
+  // Not close to anything: the section it would set is named.
+  CHECK(error_of(kTwoHsms, {{"P11MUX_GROUP_VERIFICATION_MEMBERS", "hsm1/label:x"}}) ==
+        "unknown environment variable P11MUX_GROUP_VERIFICATION_MEMBERS: the configuration has "
+        "no [group.verification] (the environment sets keys of the sections the file defines; "
+        "it adds none)");
+  CHECK(error_of("", {{"P11MUX_BACKEND_PRIMARYHSM_MODULE", "/x.so"}}) ==
+        "unknown environment variable P11MUX_BACKEND_PRIMARYHSM_MODULE: the configuration has "
+        "no [backend.primaryhsm] (the environment sets keys of the sections the file defines; "
+        "it adds none)");
+  // hide_members ends in _members: the shorter name is the likelier reading.
+  CHECK(error_of("", {{"P11MUX_GROUP_PAYMENTS_EU_HIDE_MEMBERS", "true"}}) ==
+        "unknown environment variable P11MUX_GROUP_PAYMENTS_EU_HIDE_MEMBERS: the configuration "
+        "has no [group.payments_eu] (the environment sets keys of the sections the file "
+        "defines; it adds none)");
+  // Only the variables of defined sections are read.
+  std::set<std::string> asked;
+  const auto env = p11mux::env_from({});
+  const p11mux::Environment recording{[&asked, env](const char* name) {
+                                        asked.insert(name);
+                                        return env.get(name);
+                                      },
+                                      env.names};
+  (void)p11mux::parse_config(kTwoHsms, "test.conf", recording);
+  CHECK(asked.count("P11MUX_BACKEND_HSM1_MODULE") == 1);
+  CHECK(asked.count("P11MUX_GROUP_SIGNING_GENERATE_TOKEN_KEYS") == 1);
+  CHECK(asked.count("P11MUX_BACKEND_HSM3_MODULE") == 0);
+}
+
+TEST_CASE("two sections whose variables would coincide are an error") {
+  CHECK(error_of("[backend.a]\nmodule = /a.so\n"
+                 "[group.x]\nmembers = a/label:x\n"
+                 "[group.x_hide]\nmembers = a/label:y\n") ==
+        "[group.x] hide_members and [group.x_hide] members map to the same environment variable "
+        "P11MUX_GROUP_X_HIDE_MEMBERS: rename one of the sections");
+}
