@@ -392,22 +392,50 @@ struct Bound {
 // thread's, or without the call's operation): the rules, under the session
 // lock, or a new binding from the pool. The call is counted; this leaves the
 // count itself when it fails.
+//
+// With [pool] bind = state, a call on a session that holds no backend
+// session (its anchor free and owned by nobody: Binding::clear) takes one
+// from this thread's cache before the lock, without waiting, so that the
+// binding is chosen and added in one lock round trip instead of two
+// (README, "What bind = state costs"). Taken from the cache only, it waits
+// for nothing, so the session may hold one meanwhile; if the rules choose
+// another binding, it goes back to the pool after the lock.
 template <class F, class Observation>
 inline Bound claim_locked(Runtime& rt, Observation& seen, Session& s, CK_SESSION_HANDLE handle,
                           std::uint64_t me) noexcept {
   Binding* b = nullptr;
   bool holds = false;
+  CK_SESSION_HANDLE cached = CK_INVALID_HANDLE;
+  if (rt.binds_on_state() && s.anchor_while_counted().claim.load(std::memory_order_relaxed) == 0)
+    rt.pool().borrow_cached(s.slot_while_open(), s.rw_while_open(), cached);
+  bool open = false;
   {
     // The same entry (the handle named it); empty if it began closing since
     // the caller checked the handle: the closer waits for our count.
     SessionLease lease = seen.lease(rt.sessions(), handle);
-    if (!lease) {
-      leave_call(s);
-      return {nullptr, CKR_SESSION_HANDLE_INVALID};
+    if (lease) {
+      HeldLock leased(s.lock);
+      open = true;
+      b = choose_binding<F>(s, me, rt.binds_on_state());
+      if (b == nullptr && cached != CK_INVALID_HANDLE && !s.closing) {
+        // As bind_from_pool would, had the pool lent it at once (the empty
+        // anchor first, without add_binding's call: the common case).
+        b = s.anchor.backend == CK_INVALID_HANDLE ? &s.anchor : add_binding(s, cached);
+        if (b != nullptr) {
+          b->backend = cached;
+          b->claim.store((me << 1) | Binding::kBusy, std::memory_order_relaxed);
+          cached = CK_INVALID_HANDLE;
+        }
+      }
+      holds = b == nullptr && holds_any(s);
     }
-    HeldLock leased(s.lock);
-    b = choose_binding<F>(s, me, rt.binds_on_state());
-    holds = b == nullptr && holds_any(s);
+  }
+  // Not used: back to the pool, without the session's lock.
+  if (cached != CK_INVALID_HANDLE) [[unlikely]]
+    rt.pool().give(s.slot_while_open(), s.rw_while_open(), cached, SessionPool::Fate::reuse);
+  if (!open) {
+    leave_call(s);
+    return {nullptr, CKR_SESSION_HANDLE_INVALID};
   }
   if (b == nullptr) return bind_from_pool(rt, s, me, holds);
   return {b, CKR_OK};
@@ -431,7 +459,7 @@ inline bool detaches_when_idle(Runtime& rt, Session& s, Binding& b) noexcept REQ
 }
 
 // With s.lock held, after a call on a binding that detaches_when_idle.
-[[gnu::noinline]] inline Release detach_if_idle(Session& s, Binding& b) noexcept REQUIRES(s.lock) {
+inline Release detach_if_idle(Session& s, Binding& b) noexcept REQUIRES(s.lock) {
   if (b.holds_state()) return {};
   Release r{b.backend, SessionPool::unreset_fate(b.discard, b.dead, b.why), s.slot, s.rw};
   b.clear();

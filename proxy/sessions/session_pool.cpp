@@ -322,17 +322,32 @@ struct ThreadCacheOwner {
   GateAccess* gate = nullptr;   // the module's: outlives every pool
   std::uint64_t epoch = 0;
 
-  ~ThreadCacheOwner() {
-    if (cache == nullptr) return;
-    GateAccess::Background call(*gate);
-    if (call.epoch() == epoch) pool->retire(cache);
-    // Otherwise the pool that owned the cache has already freed it.
-  }
+  ~ThreadCacheOwner();
 };
 
 namespace {
+// The same cache, pool and epoch, read on every borrow and give: a plain
+// struct in initial-exec TLS is a few %fs-relative loads, where the owner
+// (a thread_local with a destructor, in a shared library) costs a
+// __tls_get_addr call and a guard per access (callgrind: ~55 instructions,
+// twice per call with [pool] bind = state). The owner is touched only when a
+// cache is made, and at thread exit.
+struct ThreadCacheFast {
+  SessionPool::ThreadCache* cache;
+  const SessionPool* pool;
+  std::uint64_t epoch;
+};
+[[gnu::tls_model("initial-exec")]] constinit thread_local ThreadCacheFast this_thread_fast{};
 thread_local ThreadCacheOwner this_thread_owner;
 }  // namespace
+
+ThreadCacheOwner::~ThreadCacheOwner() {
+  if (cache == nullptr) return;
+  this_thread_fast = {};
+  GateAccess::Background call(*gate);
+  if (call.epoch() == epoch) pool->retire(cache);
+  // Otherwise the pool that owned the cache has already freed it.
+}
 
 SessionPool::SessionPool(const BackendPort& port, GateAccess& gate, const Config::Pool& config,
                          const LockSource& locks, std::uint64_t epoch, spdlog::logger& log,
@@ -403,11 +418,17 @@ CK_RV SessionPool::slot_pool(CK_SLOT_ID slot, SlotPool*& out) noexcept {
 }
 
 SessionPool::ThreadCache* SessionPool::this_thread_cache(bool create) noexcept {
-  ThreadCacheOwner& owner = this_thread_owner;
   // One cache per thread, for one pool: with several pools (one per backend
   // port) a thread's cache belongs to the pool that made it last.
-  if (owner.cache != nullptr && owner.pool == this && owner.epoch == epoch_) return owner.cache;
+  const ThreadCacheFast& fast = this_thread_fast;
+  if (fast.cache != nullptr && fast.pool == this && fast.epoch == epoch_) [[likely]]
+    return fast.cache;
   if (!create) return nullptr;
+  return make_thread_cache();
+}
+
+SessionPool::ThreadCache* SessionPool::make_thread_cache() noexcept {
+  ThreadCacheOwner& owner = this_thread_owner;
   try {
     auto cache = std::make_unique<ThreadCache>(locks_);
     Locked registry(registry_);
@@ -416,6 +437,7 @@ SessionPool::ThreadCache* SessionPool::this_thread_cache(bool create) noexcept {
     owner.pool = this;
     owner.gate = &gate_;
     owner.epoch = epoch_;
+    this_thread_fast = {owner.cache, this, epoch_};
     return owner.cache;
   } catch (...) {
     return nullptr;  // no cache: the shared pool serves this thread
@@ -432,6 +454,7 @@ void SessionPool::retire(ThreadCache* cache) noexcept {
     left = std::exchange(*c, ThreadCache::State{});
   }
   this_thread_owner.cache = nullptr;
+  this_thread_fast = {};
   delete cache;
   // Slot locks only after the cache lock is released (lock order).
   for (std::size_t i = 0; i < left.count; ++i) {
@@ -580,19 +603,67 @@ SessionPool::AppSessions SessionPool::app_sessions(CK_SLOT_ID slot) noexcept {
   return n;
 }
 
+inline bool SessionPool::take_cached(SlotPool& pool, bool rw, CK_SESSION_HANDLE& out) noexcept {
+  ThreadCache* cache = this_thread_cache(false);
+  if (cache == nullptr) return false;
+  Stale stale;
+  bool found;
+  {
+    Locked c(cache->state);
+    found = c->pop(pool, pool.generation.load(std::memory_order_acquire), rw, out, stale);
+  }
+  if (stale.count != 0) [[unlikely]]
+    drop_stale(pool, stale);
+  if (found) pool.lent_idle();
+  return found;
+}
+
+inline bool SessionPool::give_cached(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept {
+  // With waiters, the shared pool is where they look.
+  if (pool.waiters.load(std::memory_order_seq_cst) != 0) return false;
+  ThreadCache* cache = this_thread_cache(true);
+  if (cache == nullptr) return false;
+  Idle idle{handle, pool.generation.load(std::memory_order_acquire), Clock::now()};
+  if (!Locked(cache->state)->push(ThreadCache::Entry{&pool, rw, idle})) return false;
+  pool.figures->idle.add(1);
+  // A thread that began to wait after the look above may have searched
+  // this cache before the session was in it: it counted itself as a
+  // waiter before searching (take), so it is seen here, and woken to
+  // search again.
+  if (pool.waiters.load(std::memory_order_seq_cst) != 0) [[unlikely]]
+    pool.signal();
+  return true;
+}
+
+// borrow() and give() are the per-call cost of [pool] bind = state: this
+// thread's cache first, without take()'s and give_back()'s set-up for the
+// shared pool and its queue (README, "What bind = state costs").
 CK_RV SessionPool::borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out, Wait wait) noexcept {
-  SlotPool* pool = nullptr;
-  if (CK_RV rv = slot_pool(slot, pool); rv != CKR_OK) return rv;
+  SlotPool* pool = find_slot(slot);
+  if (pool == nullptr) [[unlikely]] {
+    if (CK_RV rv = slot_pool(slot, pool); rv != CKR_OK) return rv;
+  }
+  if (take_cached(*pool, rw, out)) [[likely]]
+    return CKR_OK;
   return take(*pool, rw, Notify{}, out, wait);
 }
 
 void SessionPool::give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
   SlotPool* pool = find_slot(slot);
-  if (pool == nullptr) {  // cannot happen for a slot that lent this session
+  if (pool == nullptr) [[unlikely]] {  // cannot happen for a slot that lent this session
     backend_close(handle);
     return;
   }
+  if (fate == Fate::reuse && give_cached(*pool, rw, handle)) [[likely]] {
+    pool->figures->in_use.add(-1);
+    return;
+  }
   settle(*pool, rw, handle, fate);
+}
+
+bool SessionPool::borrow_cached(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept {
+  SlotPool* pool = find_slot(slot);
+  return pool != nullptr && take_cached(*pool, rw, out);
 }
 
 void SessionPool::settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
@@ -612,20 +683,7 @@ void SessionPool::settle(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate
 CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDLE& out, Wait wait,
                         Trade trade) noexcept {
   const bool reuse = notify.callback == nullptr;
-  if (ThreadCache* cache = this_thread_cache(false); cache != nullptr && reuse) {
-    Stale stale;
-    bool found;
-    {
-      Locked c(cache->state);
-      found = c->pop(pool, pool.generation.load(std::memory_order_acquire), rw, out, stale);
-    }
-    if (stale.count != 0) [[unlikely]]
-      drop_stale(pool, stale);
-    if (found) {
-      pool.lent_idle();
-      return CKR_OK;
-    }
-  }
+  if (reuse && take_cached(pool, rw, out)) return CKR_OK;
   const auto started = Clock::now();
   const auto deadline =
       started + std::chrono::milliseconds(wait == Wait::never ? 0 : config_.wait_ms);
@@ -888,22 +946,8 @@ void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate
 }
 
 void SessionPool::give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) noexcept {
+  if (give_cached(pool, rw, handle)) return;
   Idle idle{handle, pool.generation.load(std::memory_order_acquire), Clock::now()};
-  // With waiters, the shared pool is where they look.
-  if (pool.waiters.load(std::memory_order_seq_cst) == 0) {
-    if (ThreadCache* cache = this_thread_cache(true)) {
-      if (Locked(cache->state)->push(ThreadCache::Entry{&pool, rw, idle})) {
-        pool.figures->idle.add(1);
-        // A thread that began to wait after the look above may have searched
-        // this cache before the session was in it: it counted itself as a
-        // waiter before searching (take), so it is seen here, and woken to
-        // search again.
-        if (pool.waiters.load(std::memory_order_seq_cst) != 0) [[unlikely]]
-          pool.signal();
-        return;
-      }
-    }
-  }
   bool kept = false;
   {
     Locked s(pool.state);

@@ -232,6 +232,45 @@ TEST_CASE("bind = state: a session holding a backend session never waits for the
   CHECK(mock_stats().sessions_open_peak == 1);
 }
 
+TEST_CASE("bind = state: a backend session taken from the cache but not used goes back") {
+  // Multiplex: a call on a session whose anchor is empty takes a backend
+  // session from its thread's cache before choosing (multiplex.hpp,
+  // claim_locked). Here the rules choose the session's other binding (free,
+  // pinned by another thread's object), so the one taken must go back to the
+  // pool: lost, it would count against the limit of 2 for ever, and the last
+  // call below would wait and get CKR_SESSION_COUNT.
+  Proxy proxy(limited(2), nullptr,
+              {{"P11MUX_SESSION_MODE", "multiplex"},
+               {"P11MUX_POOL_BIND", "state"},
+               {"P11MUX_POOL_WAIT_MS", "200"}});
+  CK_FUNCTION_LIST* p = proxy.p11;
+  CK_SESSION_HANDLE a = proxy.open();
+  std::thread([&] {
+    CK_MECHANISM mech = sha256();
+    CHECK(p->C_DigestInit(a, &mech) == CKR_OK);  // the anchor, this thread's
+    // Another thread's object, on a second backend session (the anchor holds
+    // the digest).
+    CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
+    std::thread([&] { CHECK(proxy.create_data_object(a, false, object) == CKR_OK); }).join();
+    CK_BYTE data[] = "abc", digest[MOCK_DIGEST_LEN];
+    CK_ULONG len = sizeof digest;
+    // The anchor goes back to this thread's cache, and is taken from there again.
+    CHECK(p->C_Digest(a, data, 3, digest, &len) == CKR_OK);
+    for (int i = 0; i < 3; ++i) {
+      CK_BYTE random[8];
+      CHECK(p->C_GenerateRandom(a, random, sizeof random) == CKR_OK);
+    }
+  }).join();
+  CHECK(mock_stats().sessions_open_peak == 2);
+  // The other backend session is free again: another session's call gets it.
+  CK_SESSION_HANDLE b = proxy.open();
+  CK_BYTE random[8];
+  CHECK(p->C_GenerateRandom(b, random, sizeof random) == CKR_OK);
+  CHECK(p->C_CloseSession(b) == CKR_OK);
+  CHECK(p->C_CloseSession(a) == CKR_OK);
+  CHECK(mock_stats().session_objects == 0);
+}
+
 TEST_CASE("bind = state: calls waiting at the backend's limit are served in turn") {
   const char* mode = session_mode();
   const std::string sock = unique_temp_path("state", "turn.sock");

@@ -366,6 +366,46 @@ TEST_CASE("pool: a session given back is taken again, of its own kind (R/O or R/
   CHECK(token.opens() == 2);
 }
 
+TEST_CASE("pool: borrow_cached takes only from this thread's cache, never opening or waiting") {
+  Rig rig(pool_config(2, 2000));
+  CK_SESSION_HANDLE h = 0;
+  // Nothing cached (and no slot pool yet): nothing opened.
+  CHECK_FALSE(rig.pool.borrow_cached(kSlot, false, h));
+  CHECK(token.opens() == 0);
+  CK_SESSION_HANDLE ro = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, ro) == CKR_OK);
+  CHECK_FALSE(rig.pool.borrow_cached(kSlot, false, h));  // lent, not idle
+  rig.pool.give(kSlot, false, ro, SessionPool::Fate::reuse);
+  CHECK_FALSE(rig.pool.borrow_cached(kSlot, true, h));  // of the other kind
+  REQUIRE(rig.pool.borrow_cached(kSlot, false, h));
+  CHECK(h == ro);
+  CHECK(rig.figures().idle == 0);
+  CHECK(rig.slot_metrics().in_use.load() == 1);
+  rig.pool.give(kSlot, false, h, SessionPool::Fate::reuse);
+  CHECK(rig.slot_metrics().in_use.load() == 0);
+  CHECK(rig.figures().idle == 1);
+
+  // Another thread's cached session is not taken, even at the limit (where
+  // borrow() would look there), and the call does not wait.
+  REQUIRE(rig.pool.borrow_cached(kSlot, false, h));
+  CacheHolder other(rig.pool, 1);
+  CHECK(rig.figures().open == 2);
+  CK_SESSION_HANDLE none = 0;
+  auto started = std::chrono::steady_clock::now();
+  CHECK_FALSE(rig.pool.borrow_cached(kSlot, false, none));
+  CHECK(std::chrono::steady_clock::now() - started < 1s);
+  rig.pool.give(kSlot, false, h, SessionPool::Fate::reuse);
+
+  // A stale one (given back before the device restarted) is closed, not lent.
+  token.restart();
+  rig.pool.invalidate(kSlot);
+  CHECK_FALSE(rig.pool.borrow_cached(kSlot, false, h));
+  CHECK(rig.slot_metrics().discarded_dead.load() == 1);
+  CHECK(rig.figures().open == 1);  // the other thread's, still in its cache
+  CHECK(token.opens() == 2);
+  other.release();
+}
+
 TEST_CASE("pool: the shared pool too hands out a session of the kind asked for") {
   Rig rig(pool_config(std::nullopt, 0));
   CacheHolder exited(rig.pool, 1);  // an R/O session, in the shared pool once it exits
