@@ -58,11 +58,18 @@ class SessionPool::SlotPool {
     unsigned refusals = 0;      // CKR_SESSION_COUNT answers in a row, below the limit
     bool logging_out = false;   // the last application session's C_Logout is under way
     bool so_logged_in = false;  // the application's C_Login as SO succeeded, no logout since
-    // The calls waiting at the limit, first come first served: each takes
-    // a number (tail) and is served only when it is the head. Numbers given
-    // up before their turn wait in `abandoned` until the head reaches them.
-    std::uint64_t queue_head = 0, queue_tail = 0;
-    std::vector<std::uint64_t> abandoned;
+    // The calls waiting at the limit, first come first served: a list of
+    // their places (Place), linked through the places themselves, so that
+    // joining and leaving it allocate nothing. Only the first may take a
+    // session, and only the first is woken when one comes back.
+    Place* queue_first = nullptr;
+    Place* queue_last = nullptr;
+
+    // Room appeared, or the head of the queue changed: the head looks again
+    // (under the lock, so the place is still there when its word is bumped).
+    void wake_head() noexcept;
+    // C_Finalize: every place in the queue looks again (and sees interrupted_).
+    void wake_queue() noexcept;
 
     unsigned long open_total() const noexcept { return open[0] + open[1]; }
     // Whether an idle session may be closed to make room: not the token's
@@ -139,8 +146,11 @@ class SessionPool::SlotPool {
 
   // Atomics, read and written without the lock.
   std::atomic<std::uint64_t> generation{0};  // bumped when the device may have restarted
-  std::atomic<std::uint32_t> returns{0};     // futex word: bumped whenever room appears
-  std::atomic<std::uint32_t> waiters{0};
+  // Bumped whenever room appears (signal); also the futex word of the calls
+  // waiting for a C_Logout to end (count_app_session).
+  std::atomic<std::uint32_t> returns{0};
+  std::atomic<std::uint32_t> waiters{0};  // calls at the limit: give_back skips the thread caches
+  std::atomic<std::uint32_t> queued{0};   // places in the queue (State::queue_first...)
 
   // For /metrics: the registry's figures, or `unreported` if it had no memory.
   SlotPoolMetrics unreported;
@@ -158,10 +168,20 @@ class SessionPool::SlotPool {
     if (were_idle) figures->idle.add(-n);
   }
   // Room appeared (or the state changed in a way a waiter must see): after
-  // the change, under the lock or after it.
-  void signal() noexcept {
+  // the change, not under the lock. Wakes the head of the queue only: it
+  // alone may take what came back (the others would look and sleep again,
+  // a storm of context switches per return with hundreds waiting); the next
+  // is woken when the head leaves the queue (Place). The load of `queued`
+  // pairs with the one in Place::join (both seq_cst): a place that joins
+  // after it was read sees the bump of `returns` and looks again.
+  void signal() noexcept EXCLUDES(state) {
     returns.fetch_add(1, std::memory_order_seq_cst);
-    if (waiters.load(std::memory_order_seq_cst) != 0) wake_all(returns);
+    if (queued.load(std::memory_order_seq_cst) != 0) Locked(state)->wake_head();
+  }
+  // The same, with the slot's state already locked.
+  void signal(State& s) noexcept {
+    returns.fetch_add(1, std::memory_order_seq_cst);
+    s.wake_head();
   }
 };
 
@@ -179,17 +199,16 @@ class SessionPool::Waiter {
   SlotPool& pool_;
 };
 
-// A call's place in the slot's queue at the limit (State::queue_head), from
-// its first round without room until it is served or gives up. Taken and
-// left under the slot's lock; a place given up without being served is
-// skipped by the head.
+// A call's place in the slot's queue at the limit (State::queue_first),
+// from its first sleep until it is served or gives up. Joined and left under
+// the slot's lock. A place has its own futex word: the call sleeps on it, and
+// it is bumped only when this place is the head and should look again
+// (State::wake_head), or at C_Finalize (State::wake_queue).
 class SessionPool::Place {
  public:
   explicit Place(SlotPool& pool) noexcept : pool_(pool) {}
   ~Place() {
-    if (!number_) return;
-    abandon(*Locked(pool_.state));
-    pool_.signal();  // the next one may be the head now
+    if (queued_) leave(*Locked(pool_.state));
   }
   Place(const Place&) = delete;
   Place& operator=(const Place&) = delete;
@@ -197,46 +216,63 @@ class SessionPool::Place {
   // Whether this call may take a session now: nobody is queued, or it is
   // the head of the queue.
   bool turn(const SlotPool::State& s) const noexcept {
-    return number_ ? *number_ == s.queue_head : s.queue_head == s.queue_tail;
+    return queued_ ? s.queue_first == this : s.queue_first == nullptr;
   }
+  // In line from now on. The caller then reads `returns` again: room that
+  // appeared before `queued` counted this place woke nobody (signal).
   void join(SlotPool::State& s) noexcept {
-    if (!number_) number_ = s.queue_tail++;
+    if (queued_) return;
+    prev_ = s.queue_last;
+    next_ = nullptr;
+    (prev_ != nullptr ? prev_->next_ : s.queue_first) = this;
+    s.queue_last = this;
+    queued_ = true;
+    pool_.queued.fetch_add(1, std::memory_order_seq_cst);
   }
-  // Took a session: the head moves on (signal the pool afterwards).
+  // Took a session: out of the line, and the next one is the head now.
   void served(SlotPool::State& s) noexcept {
-    if (!number_) return;
-    abandon(s);
+    if (queued_) leave(s);
   }
-  bool queued() const noexcept { return number_.has_value(); }
+  bool queued() const noexcept { return queued_; }
+
+  // What the word holds now: read under the slot's lock, before this call
+  // looks at the pool, so that a wake-up after the look ends the sleep.
+  std::uint32_t ticket() const noexcept { return word_.load(std::memory_order_acquire); }
+  void sleep(std::uint32_t ticket, Clock::duration d) noexcept { timed_wait(word_, ticket, d); }
+  // Under the slot's lock (the place is in the queue, so it still exists).
+  void wake() noexcept {
+    word_.fetch_add(1, std::memory_order_release);
+    wake_all(word_);  // one thread sleeps on this word: this one
+  }
+  Place* next() const noexcept { return next_; }
 
  private:
-  void abandon(SlotPool::State& s) noexcept {
-    const std::uint64_t n = *std::exchange(number_, std::nullopt);
-    if (n != s.queue_head) {
-      try {
-        s.abandoned.push_back(n);
-      } catch (...) {
-        // Out of memory: the head would stop at n for ever; serving out of
-        // order is the lesser harm.
-        s.queue_head = s.queue_tail;
-      }
-      return;
-    }
-    ++s.queue_head;
-    for (auto it = s.abandoned.begin(); it != s.abandoned.end();) {
-      if (*it == s.queue_head) {
-        ++s.queue_head;
-        s.abandoned.erase(it);
-        it = s.abandoned.begin();
-      } else {
-        ++it;
-      }
-    }
+  void leave(SlotPool::State& s) noexcept {
+    const bool was_head = s.queue_first == this;
+    (prev_ != nullptr ? prev_->next_ : s.queue_first) = next_;
+    (next_ != nullptr ? next_->prev_ : s.queue_last) = prev_;
+    prev_ = next_ = nullptr;
+    queued_ = false;
+    pool_.queued.fetch_sub(1, std::memory_order_seq_cst);
+    // The next one is the head now: it may take what is there.
+    if (was_head && s.queue_first != nullptr) s.queue_first->wake();
   }
 
   SlotPool& pool_;
-  std::optional<std::uint64_t> number_;
+  // The links and queued_ are read and written under the slot's lock only.
+  Place* prev_ = nullptr;
+  Place* next_ = nullptr;
+  bool queued_ = false;
+  std::atomic<std::uint32_t> word_{0};
 };
+
+void SessionPool::SlotPool::State::wake_head() noexcept {
+  if (queue_first != nullptr) queue_first->wake();
+}
+
+void SessionPool::SlotPool::State::wake_queue() noexcept {
+  for (Place* p = queue_first; p != nullptr; p = p->next()) p->wake();
+}
 
 // A thread's few idle sessions; its lock is uncontended except when another
 // thread steals from it or the pool walks over it.
@@ -493,6 +529,9 @@ void SessionPool::logged_out_done(SlotPool& pool) noexcept {
     s->so_logged_in = false;
   }
   pool.signal();
+  // The calls waiting for this C_Logout (count_app_session: they count as
+  // waiters under the lock before they sleep on `returns`).
+  if (pool.waiters.load(std::memory_order_seq_cst) != 0) wake_all(pool.returns);
 }
 
 CK_RV SessionPool::open(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept {
@@ -646,13 +685,14 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     enum { reused, reserved, full } outcome = full;
     bool probe = false;
     CK_SESSION_HANDLE victim = CK_INVALID_HANDLE;
-    std::uint32_t ticket = 0;
+    std::uint32_t ticket = 0, word = 0;
     auto now = Clock::now();
     Clock::time_point next_probe{};
     bool my_turn = false;
     {
       Locked s(pool.state);
       ticket = pool.returns.load(std::memory_order_acquire);
+      word = place.ticket();
       my_turn = place.turn(*s);
       try {
         if (!my_turn) {
@@ -682,12 +722,11 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       } catch (...) {
         return CKR_HOST_MEMORY;
       }
-      // Served once it has a session: a reservation may still be refused.
+      // Served once it has a session (the next in line is woken): a
+      // reservation may still be refused.
       if (outcome == reused) place.served(*s);
       if (s->limit < s->ceiling) next_probe = s->probe_after;
     }
-    // Served after waiting in line: the next in line may go now.
-    if (outcome == reused && waited) pool.signal();
     // Stale: given back before the device said a session was gone. Counted
     // as open until closed.
     if (!stale_shared.empty()) [[unlikely]] {
@@ -711,7 +750,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
         if (rv == CKR_OK) {
           s->refusals = 0;
           if (probe) s->probe_succeeded();
-          place.served(*s);
+          place.served(*s);  // the next in line is woken
         } else {
           --s->open[rw];
           if (rv == CKR_SESSION_COUNT) {
@@ -728,7 +767,6 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
         if (probe) s->probing = false;
       }
       if (rv == CKR_OK) {
-        if (waited) pool.signal();  // the next in line may go now
         pool.lent_new();
         return CKR_OK;
       }
@@ -746,10 +784,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     Waiter waiter(pool);
     if (my_turn) {
       if (reuse && steal(pool, rw, out)) {
-        if (place.queued()) {
-          place.served(*Locked(pool.state));
-          pool.signal();
-        }
+        if (place.queued()) place.served(*Locked(pool.state));  // the next in line is woken
         pool.lent_idle();
         return CKR_OK;
       }
@@ -808,8 +843,14 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       }
       continue;
     }
-    // In line from now on.
-    if (!place.queued()) place.join(*Locked(pool.state));
+    // In line from now on. Room made since this round looked, before the
+    // place counted in `queued`, woke nobody: look again (in line now).
+    if (!place.queued()) {
+      Locked s(pool.state);
+      place.join(*s);
+      if (pool.returns.load(std::memory_order_seq_cst) != ticket) continue;
+      word = place.ticket();
+    }
     if (!std::exchange(waited, true)) pool.figures->waits.fetch_add(1, std::memory_order_relaxed);
     // A learned limit may be probed before the deadline: wake for that too.
     auto until = next_probe > now ? std::min(deadline, next_probe) : deadline;
@@ -819,8 +860,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     gate_.park();
     bool interrupted = interrupted_.load(std::memory_order_seq_cst);
     if (!interrupted) {
-      timed_wait(pool.returns, ticket,
-                 std::max<Clock::duration>(until - now, std::chrono::milliseconds(1)));
+      place.sleep(word, std::max<Clock::duration>(until - now, std::chrono::milliseconds(1)));
     }
     gate_.unpark();
     // C_Finalize: give up at once, whatever the deadline.
@@ -839,9 +879,10 @@ void SessionPool::interrupt_waiters() noexcept {
   // here or its waiters see interrupted_.
   walk(
       nullptr,
-      [](SlotPool& pool, SlotPool::State&) {
+      [](SlotPool& pool, SlotPool::State& s) {
         pool.returns.fetch_add(1, std::memory_order_seq_cst);
-        wake_all(pool.returns);
+        wake_all(pool.returns);  // calls waiting for a C_Logout (count_app_session)
+        s.wake_queue();
       },
       nullptr);
 }
@@ -908,8 +949,8 @@ void SessionPool::give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) n
   {
     Locked s(pool.state);
     kept = s->keep(rw, idle);
+    pool.signal(*s);  // the head of the queue, if any, takes it
   }
-  pool.signal();
   if (kept) {
     pool.figures->idle.add(1);
     return;
