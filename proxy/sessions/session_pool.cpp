@@ -38,6 +38,29 @@ struct SessionPool::Stale {
   std::size_t count = 0;
 };
 
+// A waiter to wake once the lock under which it was chosen is released:
+// declared before that lock's Locked, so that it runs after it. The waiter
+// woken then does not find the lock still held by the thread that woke it.
+// Its word was bumped under the lock, while its place was in the line; the
+// place may be gone by the time of the system call, which then wakes nobody
+// (a futex wake-up only wakes threads sleeping on that address, and every
+// sleeper in p11mux looks again after waking).
+class Wakeup {
+ public:
+  Wakeup() noexcept = default;
+  ~Wakeup() {
+    if (word_ != nullptr) wake_all(*word_);
+  }
+  Wakeup(const Wakeup&) = delete;
+  Wakeup& operator=(const Wakeup&) = delete;
+  void operator=(std::atomic<std::uint32_t>* word) noexcept {
+    if (word != nullptr) word_ = word;
+  }
+
+ private:
+  std::atomic<std::uint32_t>* word_ = nullptr;
+};
+
 class SessionPool::SlotPool {
  public:
   // What the slot's lock guards: its idle sessions and its counts.
@@ -65,9 +88,10 @@ class SessionPool::SlotPool {
     Place* queue_first = nullptr;
     Place* queue_last = nullptr;
 
-    // Room appeared, or the head of the queue changed: the head looks again
-    // (under the lock, so the place is still there when its word is bumped).
-    void wake_head() noexcept;
+    // Room appeared, or the head of the queue changed: the head is to look
+    // again. Bumps its word (under the lock: the place is still there) and
+    // returns it, for a Wakeup; NULL when nobody waits.
+    std::atomic<std::uint32_t>* wake_head() noexcept;
     // C_Finalize: every place in the queue looks again (and sees interrupted_).
     void wake_queue() noexcept;
 
@@ -79,6 +103,14 @@ class SessionPool::SlotPool {
     bool may_close_idle() const noexcept { return app_sessions == 0 || open_total() - opening > 1; }
     bool kind_has_room(bool rw) const noexcept { return !rw || open[1] < rw_limit; }
     bool has_room(bool rw) const noexcept { return open_total() < limit && kind_has_room(rw); }
+    // Whether the next in line may find something once the head took its
+    // session from the shared lists or opened one: an idle session (of
+    // either kind: it may trade it), or room. Sessions in threads' caches
+    // are not seen here; a head that stole one wakes the next regardless,
+    // and one given to a cache while a call waits wakes the head (give_back).
+    bool more_for_next() const noexcept {
+      return !idle[0].empty() || !idle[1].empty() || has_room(false) || has_room(true);
+    }
     // At a learned limit, time to try one more (kLimitProbeInterval after the refusal).
     bool may_probe(bool rw, Clock::time_point now) const noexcept {
       return limit < ceiling && !probing && now >= probe_after && open_total() < ceiling &&
@@ -176,12 +208,15 @@ class SessionPool::SlotPool {
   // after it was read sees the bump of `returns` and looks again.
   void signal() noexcept EXCLUDES(state) {
     returns.fetch_add(1, std::memory_order_seq_cst);
-    if (queued.load(std::memory_order_seq_cst) != 0) Locked(state)->wake_head();
+    if (queued.load(std::memory_order_seq_cst) == 0) return;
+    Wakeup wake;
+    wake = Locked(state)->wake_head();
   }
-  // The same, with the slot's state already locked.
-  void signal(State& s) noexcept {
+  // The same, with the slot's state locked: `wake` wakes the head once it
+  // is released.
+  void signal(State& s, Wakeup& wake) noexcept {
     returns.fetch_add(1, std::memory_order_seq_cst);
-    s.wake_head();
+    wake = s.wake_head();
   }
 };
 
@@ -208,7 +243,9 @@ class SessionPool::Place {
  public:
   explicit Place(SlotPool& pool) noexcept : pool_(pool) {}
   ~Place() {
-    if (queued_) leave(*Locked(pool_.state));
+    if (!queued_) return;
+    Wakeup wake;
+    wake = leave(*Locked(pool_.state), /*wake_next=*/true);
   }
   Place(const Place&) = delete;
   Place& operator=(const Place&) = delete;
@@ -229,9 +266,12 @@ class SessionPool::Place {
     queued_ = true;
     pool_.queued.fetch_add(1, std::memory_order_seq_cst);
   }
-  // Took a session: out of the line, and the next one is the head now.
-  void served(SlotPool::State& s) noexcept {
-    if (queued_) leave(s);
+  // Took a session: out of the line, and the next one is the head now. It
+  // is woken only if there may be more for it (`more`: else the next return
+  // wakes it), so that a return costs one wake-up, not two.
+  // Returns the next one's word for a Wakeup (NULL: none to wake).
+  [[nodiscard]] std::atomic<std::uint32_t>* served(SlotPool::State& s, bool more) noexcept {
+    return queued_ ? leave(s, more) : nullptr;
   }
   bool queued() const noexcept { return queued_; }
 
@@ -239,15 +279,17 @@ class SessionPool::Place {
   // looks at the pool, so that a wake-up after the look ends the sleep.
   std::uint32_t ticket() const noexcept { return word_.load(std::memory_order_acquire); }
   void sleep(std::uint32_t ticket, Clock::duration d) noexcept { timed_wait(word_, ticket, d); }
-  // Under the slot's lock (the place is in the queue, so it still exists).
-  void wake() noexcept {
+  // Under the slot's lock (the place is in the queue, so it still exists):
+  // the word to wake once the lock is released (one thread sleeps on it:
+  // this place's).
+  std::atomic<std::uint32_t>* wake() noexcept {
     word_.fetch_add(1, std::memory_order_release);
-    wake_all(word_);  // one thread sleeps on this word: this one
+    return &word_;
   }
   Place* next() const noexcept { return next_; }
 
  private:
-  void leave(SlotPool::State& s) noexcept {
+  std::atomic<std::uint32_t>* leave(SlotPool::State& s, bool wake_next) noexcept {
     const bool was_head = s.queue_first == this;
     (prev_ != nullptr ? prev_->next_ : s.queue_first) = next_;
     (next_ != nullptr ? next_->prev_ : s.queue_last) = prev_;
@@ -255,7 +297,8 @@ class SessionPool::Place {
     queued_ = false;
     pool_.queued.fetch_sub(1, std::memory_order_seq_cst);
     // The next one is the head now: it may take what is there.
-    if (was_head && s.queue_first != nullptr) s.queue_first->wake();
+    if (was_head && wake_next && s.queue_first != nullptr) return s.queue_first->wake();
+    return nullptr;
   }
 
   SlotPool& pool_;
@@ -266,12 +309,13 @@ class SessionPool::Place {
   std::atomic<std::uint32_t> word_{0};
 };
 
-void SessionPool::SlotPool::State::wake_head() noexcept {
-  if (queue_first != nullptr) queue_first->wake();
+std::atomic<std::uint32_t>* SessionPool::SlotPool::State::wake_head() noexcept {
+  return queue_first != nullptr ? queue_first->wake() : nullptr;
 }
 
+// Rare (C_Finalize): woken under the lock.
 void SessionPool::SlotPool::State::wake_queue() noexcept {
-  for (Place* p = queue_first; p != nullptr; p = p->next()) p->wake();
+  for (Place* p = queue_first; p != nullptr; p = p->next()) wake_all(*p->wake());
 }
 
 // A thread's few idle sessions; its lock is uncontended except when another
@@ -690,13 +734,17 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     Clock::time_point next_probe{};
     bool my_turn = false;
     {
+      Wakeup wake;  // after the lock: the next in line, once this call is served
       Locked s(pool.state);
       ticket = pool.returns.load(std::memory_order_acquire);
-      word = place.ticket();
       my_turn = place.turn(*s);
+      // Others wait before us: no barging in. In line at once (one lock
+      // round trip less); woken when it is our turn.
+      if (!my_turn && now < deadline) place.join(*s);
+      word = place.ticket();
       try {
         if (!my_turn) {
-          // Others wait before us: no barging in.
+          // Nothing to take before those before us.
         } else if (reuse &&
                    s->pop(pool.generation.load(std::memory_order_acquire), rw, out, stale_shared)) {
           outcome = reused;
@@ -724,7 +772,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       }
       // Served once it has a session (the next in line is woken): a
       // reservation may still be refused.
-      if (outcome == reused) place.served(*s);
+      if (outcome == reused) wake = place.served(*s, s->more_for_next());
       if (s->limit < s->ceiling) next_probe = s->probe_after;
     }
     // Stale: given back before the device said a session was gone. Counted
@@ -745,12 +793,13 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       bool learned = false, retry = false;
       unsigned long open_now = 0;
       {
+        Wakeup wake;  // after the lock
         Locked s(pool.state);
         --s->opening;
         if (rv == CKR_OK) {
           s->refusals = 0;
           if (probe) s->probe_succeeded();
-          place.served(*s);  // the next in line is woken
+          wake = place.served(*s, s->more_for_next());
         } else {
           --s->open[rw];
           if (rv == CKR_SESSION_COUNT) {
@@ -784,7 +833,11 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     Waiter waiter(pool);
     if (my_turn) {
       if (reuse && steal(pool, rw, out)) {
-        if (place.queued()) place.served(*Locked(pool.state));  // the next in line is woken
+        // Other threads' caches may hold more: the next in line looks too.
+        if (place.queued()) {
+          Wakeup wake;
+          wake = place.served(*Locked(pool.state), /*more=*/true);
+        }
         pool.lent_idle();
         return CKR_OK;
       }
@@ -816,10 +869,11 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
           drop_idle(pool, other, /*dead=*/false);
           CK_RV rv = backend_open(pool.id, rw, notify, out);
           {
+            Wakeup wake;  // after the lock
             Locked s(pool.state);
             --s->opening;
             if (rv == CKR_OK) {
-              place.served(*s);
+              wake = place.served(*s, /*more=*/true);  // as after a steal
             } else {
               --s->open[rw];
             }
@@ -947,9 +1001,10 @@ void SessionPool::give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) n
   }
   bool kept = false;
   {
+    Wakeup wake;  // after the lock
     Locked s(pool.state);
     kept = s->keep(rw, idle);
-    pool.signal(*s);  // the head of the queue, if any, takes it
+    pool.signal(*s, wake);  // the head of the queue, if any, takes it
   }
   if (kept) {
     pool.figures->idle.add(1);
