@@ -38,6 +38,29 @@ struct SessionPool::Stale {
   std::size_t count = 0;
 };
 
+// A waiter to wake once the lock under which it was chosen is released:
+// declared before that lock's Locked, so that it runs after it. The waiter
+// woken then does not find the lock still held by the thread that woke it.
+// Its word was bumped under the lock, while its place was in the line; the
+// place may be gone by the time of the system call, which then wakes nobody
+// (a futex wake-up only wakes threads sleeping on that address, and every
+// sleeper in p11mux looks again after waking).
+class Wakeup {
+ public:
+  Wakeup() noexcept = default;
+  ~Wakeup() {
+    if (word_ != nullptr) wake_all(*word_);
+  }
+  Wakeup(const Wakeup&) = delete;
+  Wakeup& operator=(const Wakeup&) = delete;
+  void operator=(std::atomic<std::uint32_t>* word) noexcept {
+    if (word != nullptr) word_ = word;
+  }
+
+ private:
+  std::atomic<std::uint32_t>* word_ = nullptr;
+};
+
 class SessionPool::SlotPool {
  public:
   // What the slot's lock guards: its idle sessions and its counts.
@@ -58,11 +81,19 @@ class SessionPool::SlotPool {
     unsigned refusals = 0;      // CKR_SESSION_COUNT answers in a row, below the limit
     bool logging_out = false;   // the last application session's C_Logout is under way
     bool so_logged_in = false;  // the application's C_Login as SO succeeded, no logout since
-    // The calls waiting at the limit, first come first served: each takes
-    // a number (tail) and is served only when it is the head. Numbers given
-    // up before their turn wait in `abandoned` until the head reaches them.
-    std::uint64_t queue_head = 0, queue_tail = 0;
-    std::vector<std::uint64_t> abandoned;
+    // The calls waiting at the limit, first come first served: a list of
+    // their places (Place), linked through the places themselves, so that
+    // joining and leaving it allocate nothing. Only the first may take a
+    // session, and only the first is woken when one comes back.
+    Place* queue_first = nullptr;
+    Place* queue_last = nullptr;
+
+    // Room appeared, or the head of the queue changed: the head is to look
+    // again. Bumps its word (under the lock: the place is still there) and
+    // returns it, for a Wakeup; NULL when nobody waits.
+    std::atomic<std::uint32_t>* wake_head() noexcept;
+    // C_Finalize: every place in the queue looks again (and sees interrupted_).
+    void wake_queue() noexcept;
 
     unsigned long open_total() const noexcept { return open[0] + open[1]; }
     // Whether an idle session may be closed to make room: not the token's
@@ -72,6 +103,14 @@ class SessionPool::SlotPool {
     bool may_close_idle() const noexcept { return app_sessions == 0 || open_total() - opening > 1; }
     bool kind_has_room(bool rw) const noexcept { return !rw || open[1] < rw_limit; }
     bool has_room(bool rw) const noexcept { return open_total() < limit && kind_has_room(rw); }
+    // Whether the next in line may find something once the head took its
+    // session from the shared lists or opened one: an idle session (of
+    // either kind: it may trade it), or room. Sessions in threads' caches
+    // are not seen here; a head that stole one wakes the next regardless,
+    // and one given to a cache while a call waits wakes the head (give_back).
+    bool more_for_next() const noexcept {
+      return !idle[0].empty() || !idle[1].empty() || has_room(false) || has_room(true);
+    }
     // At a learned limit, time to try one more (kLimitProbeInterval after the refusal).
     bool may_probe(bool rw, Clock::time_point now) const noexcept {
       return limit < ceiling && !probing && now >= probe_after && open_total() < ceiling &&
@@ -139,8 +178,11 @@ class SessionPool::SlotPool {
 
   // Atomics, read and written without the lock.
   std::atomic<std::uint64_t> generation{0};  // bumped when the device may have restarted
-  std::atomic<std::uint32_t> returns{0};     // futex word: bumped whenever room appears
-  std::atomic<std::uint32_t> waiters{0};
+  // Bumped whenever room appears (signal); also the futex word of the calls
+  // waiting for a C_Logout to end (count_app_session).
+  std::atomic<std::uint32_t> returns{0};
+  std::atomic<std::uint32_t> waiters{0};  // calls at the limit: give_back skips the thread caches
+  std::atomic<std::uint32_t> queued{0};   // places in the queue (State::queue_first...)
 
   // For /metrics: the registry's figures, or `unreported` if it had no memory.
   SlotPoolMetrics unreported;
@@ -158,10 +200,23 @@ class SessionPool::SlotPool {
     if (were_idle) figures->idle.add(-n);
   }
   // Room appeared (or the state changed in a way a waiter must see): after
-  // the change, under the lock or after it.
-  void signal() noexcept {
+  // the change, not under the lock. Wakes the head of the queue only: it
+  // alone may take what came back (the others would look and sleep again,
+  // a storm of context switches per return with hundreds waiting); the next
+  // is woken when the head leaves the queue (Place). The load of `queued`
+  // pairs with the one in Place::join (both seq_cst): a place that joins
+  // after it was read sees the bump of `returns` and looks again.
+  void signal() noexcept EXCLUDES(state) {
     returns.fetch_add(1, std::memory_order_seq_cst);
-    if (waiters.load(std::memory_order_seq_cst) != 0) wake_all(returns);
+    if (queued.load(std::memory_order_seq_cst) == 0) return;
+    Wakeup wake;
+    wake = Locked(state)->wake_head();
+  }
+  // The same, with the slot's state locked: `wake` wakes the head once it
+  // is released.
+  void signal(State& s, Wakeup& wake) noexcept {
+    returns.fetch_add(1, std::memory_order_seq_cst);
+    wake = s.wake_head();
   }
 };
 
@@ -179,17 +234,18 @@ class SessionPool::Waiter {
   SlotPool& pool_;
 };
 
-// A call's place in the slot's queue at the limit (State::queue_head), from
-// its first round without room until it is served or gives up. Taken and
-// left under the slot's lock; a place given up without being served is
-// skipped by the head.
+// A call's place in the slot's queue at the limit (State::queue_first),
+// from its first sleep until it is served or gives up. Joined and left under
+// the slot's lock. A place has its own futex word: the call sleeps on it, and
+// it is bumped only when this place is the head and should look again
+// (State::wake_head), or at C_Finalize (State::wake_queue).
 class SessionPool::Place {
  public:
   explicit Place(SlotPool& pool) noexcept : pool_(pool) {}
   ~Place() {
-    if (!number_) return;
-    abandon(*Locked(pool_.state));
-    pool_.signal();  // the next one may be the head now
+    if (!queued_) return;
+    Wakeup wake;
+    wake = leave(*Locked(pool_.state), /*wake_next=*/true);
   }
   Place(const Place&) = delete;
   Place& operator=(const Place&) = delete;
@@ -197,46 +253,70 @@ class SessionPool::Place {
   // Whether this call may take a session now: nobody is queued, or it is
   // the head of the queue.
   bool turn(const SlotPool::State& s) const noexcept {
-    return number_ ? *number_ == s.queue_head : s.queue_head == s.queue_tail;
+    return queued_ ? s.queue_first == this : s.queue_first == nullptr;
   }
+  // In line from now on. The caller then reads `returns` again: room that
+  // appeared before `queued` counted this place woke nobody (signal).
   void join(SlotPool::State& s) noexcept {
-    if (!number_) number_ = s.queue_tail++;
+    if (queued_) return;
+    prev_ = s.queue_last;
+    next_ = nullptr;
+    (prev_ != nullptr ? prev_->next_ : s.queue_first) = this;
+    s.queue_last = this;
+    queued_ = true;
+    pool_.queued.fetch_add(1, std::memory_order_seq_cst);
   }
-  // Took a session: the head moves on (signal the pool afterwards).
-  void served(SlotPool::State& s) noexcept {
-    if (!number_) return;
-    abandon(s);
+  // Took a session: out of the line, and the next one is the head now. It
+  // is woken only if there may be more for it (`more`: else the next return
+  // wakes it), so that a return costs one wake-up, not two.
+  // Returns the next one's word for a Wakeup (NULL: none to wake).
+  [[nodiscard]] std::atomic<std::uint32_t>* served(SlotPool::State& s, bool more) noexcept {
+    return queued_ ? leave(s, more) : nullptr;
   }
-  bool queued() const noexcept { return number_.has_value(); }
+  bool queued() const noexcept { return queued_; }
+
+  // What the word holds now: read under the slot's lock, before this call
+  // looks at the pool, so that a wake-up after the look ends the sleep.
+  std::uint32_t ticket() const noexcept { return word_.load(std::memory_order_acquire); }
+  void sleep(std::uint32_t ticket, Clock::duration d) noexcept { timed_wait(word_, ticket, d); }
+  // Under the slot's lock (the place is in the queue, so it still exists):
+  // the word to wake once the lock is released (one thread sleeps on it:
+  // this place's).
+  std::atomic<std::uint32_t>* wake() noexcept {
+    word_.fetch_add(1, std::memory_order_release);
+    return &word_;
+  }
+  Place* next() const noexcept { return next_; }
 
  private:
-  void abandon(SlotPool::State& s) noexcept {
-    const std::uint64_t n = *std::exchange(number_, std::nullopt);
-    if (n != s.queue_head) {
-      try {
-        s.abandoned.push_back(n);
-      } catch (...) {
-        // Out of memory: the head would stop at n for ever; serving out of
-        // order is the lesser harm.
-        s.queue_head = s.queue_tail;
-      }
-      return;
-    }
-    ++s.queue_head;
-    for (auto it = s.abandoned.begin(); it != s.abandoned.end();) {
-      if (*it == s.queue_head) {
-        ++s.queue_head;
-        s.abandoned.erase(it);
-        it = s.abandoned.begin();
-      } else {
-        ++it;
-      }
-    }
+  std::atomic<std::uint32_t>* leave(SlotPool::State& s, bool wake_next) noexcept {
+    const bool was_head = s.queue_first == this;
+    (prev_ != nullptr ? prev_->next_ : s.queue_first) = next_;
+    (next_ != nullptr ? next_->prev_ : s.queue_last) = prev_;
+    prev_ = next_ = nullptr;
+    queued_ = false;
+    pool_.queued.fetch_sub(1, std::memory_order_seq_cst);
+    // The next one is the head now: it may take what is there.
+    if (was_head && wake_next && s.queue_first != nullptr) return s.queue_first->wake();
+    return nullptr;
   }
 
   SlotPool& pool_;
-  std::optional<std::uint64_t> number_;
+  // The links and queued_ are read and written under the slot's lock only.
+  Place* prev_ = nullptr;
+  Place* next_ = nullptr;
+  bool queued_ = false;
+  std::atomic<std::uint32_t> word_{0};
 };
+
+std::atomic<std::uint32_t>* SessionPool::SlotPool::State::wake_head() noexcept {
+  return queue_first != nullptr ? queue_first->wake() : nullptr;
+}
+
+// Rare (C_Finalize): woken under the lock.
+void SessionPool::SlotPool::State::wake_queue() noexcept {
+  for (Place* p = queue_first; p != nullptr; p = p->next()) wake_all(*p->wake());
+}
 
 // A thread's few idle sessions; its lock is uncontended except when another
 // thread steals from it or the pool walks over it.
@@ -516,6 +596,9 @@ void SessionPool::logged_out_done(SlotPool& pool) noexcept {
     s->so_logged_in = false;
   }
   pool.signal();
+  // The calls waiting for this C_Logout (count_app_session: they count as
+  // waiters under the lock before they sleep on `returns`).
+  if (pool.waiters.load(std::memory_order_seq_cst) != 0) wake_all(pool.returns);
 }
 
 CK_RV SessionPool::open(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept {
@@ -704,17 +787,22 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     enum { reused, reserved, full } outcome = full;
     bool probe = false;
     CK_SESSION_HANDLE victim = CK_INVALID_HANDLE;
-    std::uint32_t ticket = 0;
+    std::uint32_t ticket = 0, word = 0;
     auto now = Clock::now();
     Clock::time_point next_probe{};
     bool my_turn = false;
     {
+      Wakeup wake;  // after the lock: the next in line, once this call is served
       Locked s(pool.state);
       ticket = pool.returns.load(std::memory_order_acquire);
       my_turn = place.turn(*s);
+      // Others wait before us: no barging in. In line at once (one lock
+      // round trip less); woken when it is our turn.
+      if (!my_turn && now < deadline) place.join(*s);
+      word = place.ticket();
       try {
         if (!my_turn) {
-          // Others wait before us: no barging in.
+          // Nothing to take before those before us.
         } else if (reuse &&
                    s->pop(pool.generation.load(std::memory_order_acquire), rw, out, stale_shared)) {
           outcome = reused;
@@ -740,12 +828,11 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       } catch (...) {
         return CKR_HOST_MEMORY;
       }
-      // Served once it has a session: a reservation may still be refused.
-      if (outcome == reused) place.served(*s);
+      // Served once it has a session (the next in line is woken): a
+      // reservation may still be refused.
+      if (outcome == reused) wake = place.served(*s, s->more_for_next());
       if (s->limit < s->ceiling) next_probe = s->probe_after;
     }
-    // Served after waiting in line: the next in line may go now.
-    if (outcome == reused && waited) pool.signal();
     // Stale: given back before the device said a session was gone. Counted
     // as open until closed.
     if (!stale_shared.empty()) [[unlikely]] {
@@ -764,12 +851,13 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       bool learned = false, retry = false;
       unsigned long open_now = 0;
       {
+        Wakeup wake;  // after the lock
         Locked s(pool.state);
         --s->opening;
         if (rv == CKR_OK) {
           s->refusals = 0;
           if (probe) s->probe_succeeded();
-          place.served(*s);
+          wake = place.served(*s, s->more_for_next());
         } else {
           --s->open[rw];
           if (rv == CKR_SESSION_COUNT) {
@@ -786,7 +874,6 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
         if (probe) s->probing = false;
       }
       if (rv == CKR_OK) {
-        if (waited) pool.signal();  // the next in line may go now
         pool.lent_new();
         return CKR_OK;
       }
@@ -804,9 +891,10 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     Waiter waiter(pool);
     if (my_turn) {
       if (reuse && steal(pool, rw, out)) {
+        // Other threads' caches may hold more: the next in line looks too.
         if (place.queued()) {
-          place.served(*Locked(pool.state));
-          pool.signal();
+          Wakeup wake;
+          wake = place.served(*Locked(pool.state), /*more=*/true);
         }
         pool.lent_idle();
         return CKR_OK;
@@ -839,10 +927,11 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
           drop_idle(pool, other, /*dead=*/false);
           CK_RV rv = backend_open(pool.id, rw, notify, out);
           {
+            Wakeup wake;  // after the lock
             Locked s(pool.state);
             --s->opening;
             if (rv == CKR_OK) {
-              place.served(*s);
+              wake = place.served(*s, /*more=*/true);  // as after a steal
             } else {
               --s->open[rw];
             }
@@ -866,8 +955,14 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       }
       continue;
     }
-    // In line from now on.
-    if (!place.queued()) place.join(*Locked(pool.state));
+    // In line from now on. Room made since this round looked, before the
+    // place counted in `queued`, woke nobody: look again (in line now).
+    if (!place.queued()) {
+      Locked s(pool.state);
+      place.join(*s);
+      if (pool.returns.load(std::memory_order_seq_cst) != ticket) continue;
+      word = place.ticket();
+    }
     if (!std::exchange(waited, true)) pool.figures->waits.fetch_add(1, std::memory_order_relaxed);
     // A learned limit may be probed before the deadline: wake for that too.
     auto until = next_probe > now ? std::min(deadline, next_probe) : deadline;
@@ -877,8 +972,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     gate_.park();
     bool interrupted = interrupted_.load(std::memory_order_seq_cst);
     if (!interrupted) {
-      timed_wait(pool.returns, ticket,
-                 std::max<Clock::duration>(until - now, std::chrono::milliseconds(1)));
+      place.sleep(word, std::max<Clock::duration>(until - now, std::chrono::milliseconds(1)));
     }
     gate_.unpark();
     // C_Finalize: give up at once, whatever the deadline.
@@ -897,9 +991,10 @@ void SessionPool::interrupt_waiters() noexcept {
   // here or its waiters see interrupted_.
   walk(
       nullptr,
-      [](SlotPool& pool, SlotPool::State&) {
+      [](SlotPool& pool, SlotPool::State& s) {
         pool.returns.fetch_add(1, std::memory_order_seq_cst);
-        wake_all(pool.returns);
+        wake_all(pool.returns);  // calls waiting for a C_Logout (count_app_session)
+        s.wake_queue();
       },
       nullptr);
 }
@@ -950,10 +1045,11 @@ void SessionPool::give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) n
   Idle idle{handle, pool.generation.load(std::memory_order_acquire), Clock::now()};
   bool kept = false;
   {
+    Wakeup wake;  // after the lock
     Locked s(pool.state);
     kept = s->keep(rw, idle);
+    pool.signal(*s, wake);  // the head of the queue, if any, takes it
   }
-  pool.signal();
   if (kept) {
     pool.figures->idle.add(1);
     return;

@@ -8,8 +8,9 @@
 // or learned from two CKR_SESSION_COUNT in a row; a learned limit is probed
 // again after kLimitProbeInterval, so a transient refusal does not stick). It makes
 // C_OpenSession wait, up to pool.wait_ms, for a session to come back at that
-// limit. Every path that gives a session back or gives up a reservation wakes
-// the waiters, so none sleeps past its deadline.
+// limit, in line (first come, first served). Every path that gives a session
+// back or gives up a reservation wakes the head of the line, the one waiter
+// that may take it, so none sleeps while a session is free.
 //
 // A slot gets a pool only once the backend has confirmed the slot exists: a
 // bogus slot ID leaves no trace.
