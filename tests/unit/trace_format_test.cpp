@@ -185,6 +185,26 @@ TEST_CASE("a PIN and its length are never written; a call's record reads well") 
   CHECK(r == "C_Login(0x1, 1, NULL) = CKR_OK [0.0 us]");  // protected authentication path
 }
 
+// The other two calls that carry a secret (docs/pkcs11-facts.md, "Logging"):
+// C_LoginUser's PIN, and its username, whose bytes are never written either
+// (only their count, as any input buffer's); C_InitPIN's PIN.
+TEST_CASE("C_LoginUser's PIN and username, and C_InitPIN's PIN, are never written") {
+  CK_UTF8CHAR pin[] = "S3cr3t-P1n";
+  CK_UTF8CHAR user[] = "alice";
+  std::string r =
+      record<fn::C_LoginUser>(CallFacts{}, {}, CK_SESSION_HANDLE{1}, CK_USER_TYPE{CKU_USER}, pin,
+                              CK_ULONG{10}, user, CK_ULONG{5});
+  CHECK(r == "C_LoginUser(0x1, 1, ***, [5 bytes]) = CKR_OK [0.0 us]");
+  CHECK(r.find("S3cr3t") == std::string::npos);
+  CHECK(r.find("alice") == std::string::npos);
+  CHECK(r.find("616c696365") == std::string::npos);  // nor in hex
+
+  r = record<fn::C_InitPIN>(CallFacts{CKR_PIN_LEN_RANGE}, {}, CK_SESSION_HANDLE{1}, pin,
+                            CK_ULONG{10});
+  CHECK(r == "C_InitPIN(0x1, ***) = CKR_PIN_LEN_RANGE [0.0 us]");
+  CHECK(r.find("S3cr3t") == std::string::npos);
+}
+
 TEST_CASE("buffers by length, output buffers with capacity and returned length") {
   CK_BYTE data[3] = {'a', 'b', 'c'};
   CK_BYTE sig[256];
