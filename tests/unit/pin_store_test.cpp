@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <doctest/doctest.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <atomic>
@@ -44,6 +45,10 @@ constexpr bool kRealMlock = false;
 #else
 constexpr bool kRealMlock = true;
 #endif
+
+// Nothing formats a kept login: a log line cannot take one by mistake.
+static_assert(!fmt::is_formattable<KeptLogin>::value);
+static_assert(!fmt::is_formattable<PinStore>::value);
 
 using Bytes = std::vector<unsigned char>;
 
