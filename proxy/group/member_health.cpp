@@ -57,6 +57,14 @@ const char* to_string(DownReason reason) noexcept {
   return "?";
 }
 
+MemberHealthRules member_health_rules(const Group& group, std::uint32_t watched_calls) noexcept {
+  MemberHealthRules r;
+  r.recovery_interval = std::chrono::seconds(group.recovery_interval_s);
+  r.hang_timeout = std::chrono::seconds(group.hang_timeout_s);
+  r.watched_calls = watched_calls;
+  return r;
+}
+
 MemberHealth::MemberHealth(const MemberHealthRules& rules)
     : rules_(rules),
       watches_(std::make_unique<Watch[]>(std::max<std::uint32_t>(rules.watched_calls, 1))) {}

@@ -14,6 +14,7 @@
 // session; it is a leaf (sync/lock.hpp's order: no other lock under it).
 #pragma once
 
+#include "config/config.hpp"
 #include "sync/guarded.hpp"
 
 #include <p11mux/pkcs11.h>
@@ -61,8 +62,9 @@ struct MemberHealthRules {
   // A down member's next probe is this long after it went down or its last
   // probe failed ([group.NAME] recovery_interval_s).
   std::chrono::nanoseconds recovery_interval = std::chrono::seconds(60);
-  // A call in flight longer than this marks its member down (hung).
-  std::chrono::nanoseconds hang_timeout = std::chrono::seconds(30);
+  // A call in flight longer than this marks its member down (hung;
+  // [group.NAME] hang_timeout_s).
+  std::chrono::nanoseconds hang_timeout = std::chrono::seconds(60);
   // Session-gone codes from this many distinct backend sessions in a row,
   // with no other answer between, mark the member down ("on every session",
   // issue 15). Fewer when the member has fewer sessions open (end()'s
@@ -73,6 +75,10 @@ struct MemberHealthRules {
   // beyond them runs unwatched (counted in calls_unwatched).
   std::uint32_t watched_calls = 256;
 };
+
+// A group's rules: its recovery_interval_s and hang_timeout_s, and as many
+// watched calls as the member can have in flight (its session limit).
+MemberHealthRules member_health_rules(const Group& group, std::uint32_t watched_calls) noexcept;
 
 // The counters /metrics and /stats read (relaxed loads: each is exact, the
 // set is not one snapshot).

@@ -268,6 +268,19 @@ TEST_CASE("member_health: failover and replay counters") {
   CHECK(std::string(to_string(DownReason::sessions_gone)) == "sessions-gone");
 }
 
+TEST_CASE("member_health: a group's rules come from its configuration") {
+  Group g;
+  g.recovery_interval_s = 5;
+  g.hang_timeout_s = 7;
+  const MemberHealthRules r = member_health_rules(g, 16);
+  CHECK(r.recovery_interval == 5s);
+  CHECK(r.hang_timeout == 7s);
+  CHECK(r.watched_calls == 16);
+  MemberHealth m(r);
+  m.mark_down(DownReason::device, t0);
+  CHECK(m.next_probe() == t0 + 5s);
+}
+
 TEST_CASE("member_health: many threads begin and end calls; the counts balance") {
   MemberHealthRules r = rules(3);
   r.watched_calls = 64;
