@@ -405,6 +405,7 @@ constexpr std::array kGroupKeys{
     field<Group, &Group::members>("members"),
     field<Group, &Group::balance>("balance"),
     number_field<Group, 1, kOneDayS, &Group::recovery_interval_s>("recovery_interval_s"),
+    number_field<Group, 1, kOneDayS, &Group::hang_timeout_s>("hang_timeout_s"),
     field<Group, &Group::hide_members>("hide_members"),
     field<Group, &Group::object_key>("object_key"),
     field<Group, &Group::generate_token_keys>("generate_token_keys"),

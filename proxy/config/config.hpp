@@ -115,8 +115,11 @@ struct Group {
   // members: BACKEND/label:LABEL or BACKEND/serial:SERIAL, comma-separated;
   // a LABEL holding a comma is written in double quotes (label:"a, b").
   std::vector<GroupMember> members;
-  Balance balance = Balance::least_busy;          // balance
-  unsigned long recovery_interval_s = 60;         // recovery_interval_s: probe a down member
+  Balance balance = Balance::least_busy;   // balance
+  unsigned long recovery_interval_s = 60;  // recovery_interval_s: probe a down member
+  // hang_timeout_s: a call in flight this long marks its member down
+  // (group/member_health.hpp); above the slowest legitimate call (key generation).
+  unsigned long hang_timeout_s = 60;
   bool hide_members = true;                       // hide_members: only the group's slot is seen
   ObjectKey object_key = ObjectKey::id_or_label;  // object_key
   GenerateTokenKeys generate_token_keys = GenerateTokenKeys::refuse;  // generate_token_keys

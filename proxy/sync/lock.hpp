@@ -24,8 +24,10 @@
 //        3b. SlotPool::state
 //        3c. ThreadCache::state
 //   4. leaves, under which no other lock is taken: PoolMetricsRegistry::lock_
-//      (under the registry lock), SessionTable::free_lock_ (under none), the
-//      log sink's lock (no record is logged under the pool's locks).
+//      (under the registry lock), SessionTable::free_lock_ (under none),
+//      MemberHealth::streak_ (group/member_health.hpp: a member's run of
+//      session-gone answers), the log sink's lock (no record is logged under
+//      the pool's locks).
 // The backend lock and the pool's locks are never held together.
 #pragma once
 

@@ -722,6 +722,7 @@ TEST_CASE("named backends and a group: every key, and the defaults") {
   CHECK(g.members[1].token == "4711");
   CHECK(g.balance == Balance::least_busy);
   CHECK(g.recovery_interval_s == 60);
+  CHECK(g.hang_timeout_s == 60);
   CHECK(g.hide_members);
   CHECK(g.object_key == ObjectKey::id_or_label);
   CHECK(g.generate_token_keys == GenerateTokenKeys::refuse);
@@ -730,7 +731,8 @@ TEST_CASE("named backends and a group: every key, and the defaults") {
       "session_mode = multiplex\n"
       "[backend.a]\nmodule = /a.so\nlocking = none\ninit_reserved = \"x='1'\"\n"
       "[group.g]\nmembers = a/label:one, a/label:two\nbalance = primary\n"
-      "recovery_interval_s = 5\nhide_members = false\nobject_key = id+label\n"
+      "recovery_interval_s = 5\nhang_timeout_s = 7\nhide_members = false\n"
+      "object_key = id+label\n"
       "generate_token_keys = primary\n"
       "[pool]\nmax_sessions = 4\n");
   CHECK(all.session_mode == SessionMode::multiplex);  // global keys still apply
@@ -739,6 +741,7 @@ TEST_CASE("named backends and a group: every key, and the defaults") {
   CHECK(all.backends[0].init_reserved == "x='1'");
   CHECK(all.groups[0].balance == Balance::primary);
   CHECK(all.groups[0].recovery_interval_s == 5);
+  CHECK(all.groups[0].hang_timeout_s == 7);
   CHECK_FALSE(all.groups[0].hide_members);
   CHECK(all.groups[0].object_key == ObjectKey::id_and_label);
   CHECK(all.groups[0].generate_token_keys == GenerateTokenKeys::primary);
@@ -768,6 +771,12 @@ TEST_CASE("group enums: every spelling, and a bad one names the section and the 
         "id-or-label|id|label|id+label)");
   CHECK(error_of(group_with("recovery_interval_s = 0")) ==
         "test.conf:7: bad value '0' for [group.signing] recovery_interval_s (expected a whole "
+        "number from 1 to 86400)");
+  CHECK(error_of(group_with("hang_timeout_s = 0")) ==
+        "test.conf:7: bad value '0' for [group.signing] hang_timeout_s (expected a whole "
+        "number from 1 to 86400)");
+  CHECK(error_of(group_with("hang_timeout_s = 86401")) ==
+        "test.conf:7: bad value '86401' for [group.signing] hang_timeout_s (expected a whole "
         "number from 1 to 86400)");
   CHECK(error_of(group_with("hide_members = yes")) ==
         "test.conf:7: bad value 'yes' for [group.signing] hide_members (expected true|false)");
@@ -932,6 +941,7 @@ TEST_CASE("environment: named sections' keys are overridden as P11MUX_<KIND>_<NA
                        {"P11MUX_GROUP_SIGNING_MEMBERS", "hsm2/label:\"a, b\", hsm1/label:x"},
                        {"P11MUX_GROUP_SIGNING_BALANCE", "round-robin"},
                        {"P11MUX_GROUP_SIGNING_RECOVERY_INTERVAL_S", "10"},
+                       {"P11MUX_GROUP_SIGNING_HANG_TIMEOUT_S", "20"},
                        {"P11MUX_GROUP_SIGNING_HIDE_MEMBERS", "false"},
                        {"P11MUX_GROUP_SIGNING_OBJECT_KEY", "label"},
                        {"P11MUX_GROUP_SIGNING_GENERATE_TOKEN_KEYS", "primary"}});
@@ -942,6 +952,7 @@ TEST_CASE("environment: named sections' keys are overridden as P11MUX_<KIND>_<NA
   CHECK(c.groups[0].members[0].token == "a, b");
   CHECK(c.groups[0].balance == Balance::round_robin);
   CHECK(c.groups[0].recovery_interval_s == 10);
+  CHECK(c.groups[0].hang_timeout_s == 20);
   CHECK_FALSE(c.groups[0].hide_members);
   CHECK(c.groups[0].object_key == ObjectKey::label);
   CHECK(c.groups[0].generate_token_keys == GenerateTokenKeys::primary);

@@ -1,0 +1,112 @@
+#include "group/balancer.hpp"
+
+namespace p11mux {
+
+namespace {
+
+std::vector<std::uint32_t> capacities(std::size_t n, std::span<const std::uint32_t> given) {
+  std::vector<std::uint32_t> out(n, Balancer::kUnlimited);
+  for (std::size_t i = 0; i < n && i < given.size(); ++i) out[i] = given[i];
+  return out;
+}
+
+}  // namespace
+
+Balancer::Balancer(Balance rule, std::span<MemberHealth* const> members,
+                   std::span<const std::uint32_t> capacity)
+    : rule_(rule),
+      members_(members.begin(), members.end()),
+      capacity_(capacities(members.size(), capacity)) {}
+
+Balancer::Pick Balancer::keep_if_up(std::size_t i, MemberHealth::Call call) noexcept {
+  // Counted first, checked after: a member marked down before this load is
+  // never kept, and one marked down after it sees this call in flight.
+  if (members_[i]->up()) return Pick{i, call};
+  members_[i]->cancel(call);
+  return Pick{};
+}
+
+Balancer::Pick Balancer::pick(MemberHealth::Time now) noexcept {
+  // A member can go down between the choice and the count: choose again, at
+  // most once per member (each retry found one more member down, or lost a
+  // race to a thread that then holds a call on it).
+  for (std::size_t attempt = 0; attempt <= members_.size(); ++attempt) {
+    Pick p;
+    switch (rule_) {
+      case Balance::least_busy:
+        p = least_busy(now);
+        break;
+      case Balance::round_robin:
+        p = round_robin(now);
+        break;
+      case Balance::primary:
+        p = primary(now);
+        break;
+    }
+    if (p) return p;
+    bool any_up = false;
+    for (const MemberHealth* m : members_) any_up = any_up || m->up();
+    if (!any_up) return Pick{};
+  }
+  return Pick{};
+}
+
+Balancer::Pick Balancer::least_busy(MemberHealth::Time now) noexcept {
+  const std::size_t n = members_.size();
+  std::uint32_t least = ~std::uint32_t{0};
+  std::size_t ties = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!members_[i]->up()) continue;
+    const std::uint32_t busy = members_[i]->in_flight();
+    if (busy < least) {
+      least = busy;
+      ties = 1;
+    } else if (busy == least) {
+      ++ties;
+    }
+  }
+  if (ties == 0) return Pick{};
+  // Among equals, take turns: with one call at a time (all idle), a
+  // sequential application still spreads its sessions over the members.
+  std::size_t k = ties == 1 ? 0 : rotor_.fetch_add(1, std::memory_order_relaxed) % ties;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!members_[i]->up() || members_[i]->in_flight() != least) continue;
+    if (k-- == 0) return keep_if_up(i, members_[i]->begin(now));
+  }
+  // The counts moved under the second pass: take the least busy of now.
+  std::size_t best = kNone;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (members_[i]->up() &&
+        (best == kNone || members_[i]->in_flight() < members_[best]->in_flight())) {
+      best = i;
+    }
+  }
+  return best == kNone ? Pick{} : keep_if_up(best, members_[best]->begin(now));
+}
+
+Balancer::Pick Balancer::round_robin(MemberHealth::Time now) noexcept {
+  // The turn is among the members up, so each takes an equal share: passing
+  // a down member's turn to its neighbour would give that one twice as many.
+  std::size_t up = 0;
+  for (const MemberHealth* m : members_) up += m->up() ? 1 : 0;
+  if (up == 0) return Pick{};
+  std::size_t k = rotor_.fetch_add(1, std::memory_order_relaxed) % up;
+  for (std::size_t i = 0; i < members_.size(); ++i) {
+    if (members_[i]->up() && k-- == 0) return keep_if_up(i, members_[i]->begin(now));
+  }
+  return Pick{};  // one went down between the passes: pick() chooses again
+}
+
+Balancer::Pick Balancer::primary(MemberHealth::Time now) noexcept {
+  for (std::size_t i = 0; i < members_.size(); ++i) {
+    if (!members_[i]->up()) continue;
+    if (capacity_[i] == kUnlimited) return keep_if_up(i, members_[i]->begin(now));
+    MemberHealth::Call call;
+    if (members_[i]->begin_below(capacity_[i], now, call)) return keep_if_up(i, call);
+  }
+  // Every member up is full: the call goes where the fewest wait (the
+  // runtime's session limit then decides whether it waits).
+  return least_busy(now);
+}
+
+}  // namespace p11mux

@@ -1,0 +1,68 @@
+// Which member of a group a new backend session (or a call that needs one)
+// goes to ([group.NAME] balance, issue 15; this folder's README.md,
+// "Balancer"): least-busy, round-robin, or primary. Only members that are up
+// (member_health.hpp) are chosen.
+//
+// On the per-call path when a call needs a backend session: no lock, no
+// allocation. The choice and the count of the call in flight are one step
+// (pick() begins the call on the member it returns), so threads choosing at
+// once see each other's choices; a member found down after it was counted is
+// let go and the choice made again.
+#pragma once
+
+#include "config/config.hpp"
+#include "group/member_health.hpp"
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace p11mux {
+
+class Balancer {
+ public:
+  static constexpr std::size_t kNone = ~std::size_t{0};
+  static constexpr std::uint32_t kUnlimited = 0;
+
+  // `members` in configuration order (the order `primary` fills them), each
+  // outliving the balancer; `capacity[i]`: how many calls member i takes in
+  // flight at once before `primary` moves on (its session limit, or a limit
+  // the runtime sets; kUnlimited: never full). Missing entries are kUnlimited.
+  Balancer(Balance rule, std::span<MemberHealth* const> members,
+           std::span<const std::uint32_t> capacity = {});
+  Balancer(const Balancer&) = delete;  // its rotor is shared by the threads choosing
+  Balancer& operator=(const Balancer&) = delete;
+
+  // A member chosen, with its call begun (MemberHealth::begin): the caller
+  // ends it with members[member]->end(call, ...). `member` is kNone when no
+  // member is up: the runtime answers CKR_DEVICE_ERROR (README.md, "When no
+  // member is up").
+  struct Pick {
+    std::size_t member = kNone;
+    MemberHealth::Call call{};
+    explicit operator bool() const noexcept { return member != kNone; }
+  };
+  Pick pick(MemberHealth::Time now) noexcept;
+
+  Balance rule() const noexcept { return rule_; }
+  std::size_t size() const noexcept { return members_.size(); }
+  MemberHealth& member(std::size_t i) const noexcept { return *members_[i]; }
+
+ private:
+  Pick least_busy(MemberHealth::Time now) noexcept;
+  Pick round_robin(MemberHealth::Time now) noexcept;
+  Pick primary(MemberHealth::Time now) noexcept;
+  // Member i's call, begun; kNone if it went down meanwhile (the call undone).
+  Pick keep_if_up(std::size_t i, MemberHealth::Call call) noexcept;
+
+  const Balance rule_;
+  const std::vector<MemberHealth*> members_;  // fixed at construction: nothing allocates after
+  const std::vector<std::uint32_t> capacity_;
+  // Turns for round-robin, and among least-busy's ties: a spread of choices
+  // no thread's stack decides.
+  alignas(64) std::atomic<std::uint64_t> rotor_{0};
+};
+
+}  // namespace p11mux

@@ -1,0 +1,215 @@
+// One member of a group as the runtime's failover sees it (issue 15,
+// docs/groups.md): its state, its calls in flight with their start times,
+// and its counters; which call outcomes count against it; when a down member
+// may be probed. The rules, and why, are in this folder's README.md,
+// "Member health".
+//
+// No clock of its own: every function that needs the time takes it (`now`),
+// so the runtime passes std::chrono::steady_clock::now() and the tests a
+// time of their choosing (tests/unit/member_health_test.cpp).
+//
+// Thread-safe. The per-call path (begin/end of a call that succeeds) is
+// atomics only: no lock, no allocation. The session-gone streak, a cold path,
+// is a Guarded (sync/guarded.hpp) taken only when a call reports a gone
+// session; it is a leaf (sync/lock.hpp's order: no other lock under it).
+#pragma once
+
+#include "config/config.hpp"
+#include "sync/guarded.hpp"
+
+#include <p11mux/pkcs11.h>
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+namespace p11mux {
+
+using HealthClock = std::chrono::steady_clock;
+
+// What a call's return value says about the member that answered it.
+enum class CallOutcome : std::uint8_t {
+  ok,            // CKR_OK
+  application,   // any other code: the application's (a wrong PIN, a bad handle); proves the
+                 // member and the session alive
+  session_gone,  // CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED: the backend session is gone
+  member_down,   // CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT
+};
+CallOutcome classify(CK_RV rv) noexcept;
+
+// up: takes calls. down: takes none; a probe is due once recovery_interval
+// has passed since it went down (or since its last failed probe). probing:
+// one thread is probing it. joining: the probe succeeded; the runtime logs it
+// in (if the application is logged in to the group) and then admits it.
+enum class MemberState : std::uint8_t { up, down, probing, joining };
+const char* to_string(MemberState state) noexcept;
+
+// Why a member went down (the last time), for the log and /stats.
+enum class DownReason : std::uint8_t {
+  none,
+  device,
+  sessions_gone,
+  hung,
+  probe_failed,
+  login_failed
+};
+const char* to_string(DownReason reason) noexcept;
+
+struct MemberHealthRules {
+  // A down member's next probe is this long after it went down or its last
+  // probe failed ([group.NAME] recovery_interval_s).
+  std::chrono::nanoseconds recovery_interval = std::chrono::seconds(60);
+  // A call in flight longer than this marks its member down (hung;
+  // [group.NAME] hang_timeout_s).
+  std::chrono::nanoseconds hang_timeout = std::chrono::seconds(60);
+  // Session-gone codes from this many distinct backend sessions in a row,
+  // with no other answer between, mark the member down ("on every session",
+  // issue 15). Fewer when the member has fewer sessions open (end()'s
+  // open_sessions): one session gone out of one is every session.
+  std::uint32_t sessions_gone_quorum = 3;
+  // How many of its calls' start times are kept to find a hung one: at
+  // least the member's calls in flight at once (its session limit). A call
+  // beyond them runs unwatched (counted in calls_unwatched).
+  std::uint32_t watched_calls = 256;
+};
+
+// A group's rules: its recovery_interval_s and hang_timeout_s, and as many
+// watched calls as the member can have in flight (its session limit).
+MemberHealthRules member_health_rules(const Group& group, std::uint32_t watched_calls) noexcept;
+
+// The counters /metrics and /stats read (relaxed loads: each is exact, the
+// set is not one snapshot).
+struct MemberCounters {
+  MemberState state = MemberState::up;
+  DownReason last_down = DownReason::none;
+  std::uint32_t in_flight = 0;
+  std::uint64_t calls = 0;      // calls ended (end()), whatever their outcome
+  std::uint64_t errors = 0;     // calls that counted against it: member_down, session_gone
+  std::uint64_t downs = 0;      // times it went down
+  std::uint64_t hung = 0;       // of those, for a hung call
+  std::uint64_t failovers = 0;  // sessions moved off it (count_failover)
+  std::uint64_t replays = 0;    // operations replayed elsewhere after it failed (count_replay)
+  std::uint64_t calls_unwatched = 0;  // calls begun with every watch slot taken
+};
+
+class MemberHealth {
+ public:
+  using Time = HealthClock::time_point;
+
+  // A call in flight: which watch slot holds its start time (kUnwatched:
+  // none was free). Given back to end() or cancel().
+  struct Call {
+    static constexpr std::uint32_t kUnwatched = ~std::uint32_t{0};
+    std::uint32_t slot = kUnwatched;
+  };
+
+  // Allocates the watch slots; nothing allocates afterwards.
+  explicit MemberHealth(const MemberHealthRules& rules);
+  MemberHealth(const MemberHealth&) = delete;  // the runtime and the balancer point at it
+  MemberHealth& operator=(const MemberHealth&) = delete;
+
+  MemberState state() const noexcept { return state_.load(std::memory_order_acquire); }
+  bool up() const noexcept { return state() == MemberState::up; }
+  std::uint32_t in_flight() const noexcept { return in_flight_.load(std::memory_order_relaxed); }
+
+  // A call to the member starts: counted in flight, its start time kept.
+  Call begin(Time now) noexcept;
+  // Only if fewer than `limit` calls are in flight (the balancer's primary
+  // rule: exact under concurrency). False: nothing was counted.
+  bool begin_below(std::uint32_t limit, Time now, Call& call) noexcept;
+  // A call begun and not made (the balancer found the member down after
+  // counting it): undone, not counted in `calls`.
+  void cancel(Call call) noexcept;
+
+  // The call returned `rv` on backend session `session` (CK_INVALID_HANDLE:
+  // a call without one). Classifies it and applies the rules: member_down
+  // marks the member down; session_gone counts toward the streak, down at
+  // min(sessions_gone_quorum, open_sessions) distinct sessions; anything
+  // else ends the streak. `open_sessions`: the member's backend sessions
+  // open before this call's was found gone, if the runtime knows them.
+  // A call ending on a member that is no longer up changes nothing but the
+  // counters: only a probe brings a member back.
+  CallOutcome end(Call call, CK_RV rv, CK_SESSION_HANDLE session, Time now,
+                  std::size_t open_sessions = ~std::size_t{0}) noexcept;
+
+  // Marks it down now, for `reason` (also the runtime's, e.g. a C_Login that
+  // fails on a member joining). True if this call took it down.
+  bool mark_down(DownReason reason, Time now) noexcept;
+
+  // The watchdog: is a call in flight for longer than hang_timeout? Then
+  // the member is marked down (DownReason::hung) and true is returned. The
+  // hung call still returns only when the backend returns it (README.md,
+  // "A hung member"). Scans watched_calls slots: for a periodic thread, not
+  // for every call.
+  bool check_hung(Time now) noexcept;
+  // The start time of its oldest watched call in flight begun since it was
+  // last admitted, if any.
+  bool oldest_call(Time& started) const noexcept;
+
+  // Recovery. True for exactly one caller once a probe is due: the member
+  // is then `probing` until probe_done().
+  bool claim_probe(Time now) noexcept;
+  // The probe's result: true makes it `joining`, false `down` until the
+  // next interval.
+  void probe_done(bool ok, Time now) noexcept;
+  // A joining member (logged in, when the group needs it) takes calls again.
+  // False if it was not joining. Calls begun before `now` (a hung call of
+  // its previous life, still in the backend) no longer count as hung.
+  bool admit(Time now) noexcept;
+  // When its next probe is due (meaningful while down).
+  Time next_probe() const noexcept;
+
+  void count_failover() noexcept { failovers_.fetch_add(1, std::memory_order_relaxed); }
+  void count_replay() noexcept { replays_.fetch_add(1, std::memory_order_relaxed); }
+
+  MemberCounters counters() const noexcept;
+  const MemberHealthRules& rules() const noexcept { return rules_; }
+
+ private:
+  static std::int64_t ticks(Time t) noexcept { return t.time_since_epoch().count(); }
+  std::uint32_t watch(Time now) noexcept;
+  void unwatch(std::uint32_t slot) noexcept;
+  void session_gone(CK_SESSION_HANDLE session, Time now, std::size_t open_sessions) noexcept;
+  void end_streak() noexcept;
+  void went_down(DownReason reason, Time now) noexcept;
+
+  const MemberHealthRules rules_;
+
+  // One cache line for what every call touches.
+  alignas(64) std::atomic<MemberState> state_{MemberState::up};
+  std::atomic<std::uint32_t> in_flight_{0};
+  std::atomic<std::uint64_t> calls_{0};
+  std::atomic<bool> streak_open_{false};  // a session-gone streak has begun
+
+  alignas(64) std::atomic<std::uint64_t> errors_{0};
+  std::atomic<std::uint64_t> downs_{0};
+  std::atomic<std::uint64_t> hung_{0};
+  std::atomic<std::uint64_t> failovers_{0};
+  std::atomic<std::uint64_t> replays_{0};
+  std::atomic<std::uint64_t> unwatched_{0};
+  std::atomic<std::int64_t> next_probe_{0};
+  std::atomic<std::int64_t> up_since_{0};  // admit()'s time, as a watch's stamp
+  std::atomic<DownReason> last_down_{DownReason::none};
+  // Bumped by every answer that ends a streak; the streak belongs to one epoch.
+  std::atomic<std::uint64_t> streak_epoch_{0};
+
+  // The distinct backend sessions found gone since the last other answer.
+  struct Streak {
+    std::uint64_t epoch = 0;
+    std::uint32_t count = 0;
+    std::array<CK_SESSION_HANDLE, 16> sessions{};  // quorum is capped at this
+  };
+  Guarded<Streak> streak_;
+
+  // A watched call's start (ticks + 1, never 0), or 0: free. One per cache
+  // line: threads starting calls at once do not share one.
+  struct alignas(64) Watch {
+    std::atomic<std::int64_t> started{0};
+  };
+  std::unique_ptr<Watch[]> watches_;
+};
+
+}  // namespace p11mux
