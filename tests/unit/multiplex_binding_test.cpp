@@ -210,7 +210,12 @@ TEST_CASE(
         if (Binding* b = claim_held_now(t.s, me)) {
           leave_line(t.s);
           served.fetch_add(1);
-          b->release();  // this call ends at once: the next in line gets it
+          // Its backend call, without the lock: a waiter woken now finds
+          // the binding busy and sleeps again.
+          t.s.lock.unlock();
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+          t.s.lock.lock();
+          b->release();  // the next in line gets it
           leave_call(t.s);
           return;
         }
