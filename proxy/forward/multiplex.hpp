@@ -84,6 +84,37 @@ constexpr bool waits_for_its_operation(Effect e) noexcept {
 // waiting for it to change (so leaving a call wakes them).
 inline constexpr std::uint32_t kWaiter = Session::kWaiter;
 
+// Two kinds of waiters (docs/design.md, "Multiplex mode"). A call waiting
+// for one binding in particular (claim_when_free, claim_own_operation,
+// cancel_where_held: wait_for_a_call) and a closer waiting for the calls
+// (Runtime::close_session) sleep on in_flight, and every change may be
+// theirs: all are woken (few, at most one per binding, and one closer).
+// Calls waiting for any binding (bind_from_pool at the pool's limit:
+// wait_in_line) may be many, and one binding freed serves one of them: a
+// leaving call wakes one, the one asleep longest. Waking all of them cost
+// a storm of context switches per call with 64 threads on one session
+// (issue 13).
+
+// One of the calls waiting in line looks again: whoever looked before this
+// bump (each reads `line` before it looks: line_ticket) does not sleep.
+[[gnu::cold, gnu::noinline]] inline void wake_line(Session& s) noexcept {
+  s.line.fetch_add(1, std::memory_order_seq_cst);
+  wake_one(s.line);
+}
+
+// Once a call has left (or freed a binding: unclaim), seeing waiters counted
+// in in_flight. `last`: it was the session's last call (a closer waits for
+// that). The loads are seq_cst, after the count's read-modify-write: a
+// waiter counts itself in watchers or in_line before in in_flight, so the
+// one seen in in_flight is seen here too.
+template <bool kLine = true>
+[[gnu::cold, gnu::noinline]] void wake_waiters(Session& s, bool last) noexcept {
+  if (last || s.watchers.load(std::memory_order_seq_cst) != 0) wake_all(s.in_flight);
+  if constexpr (kLine) {
+    if (s.in_line.load(std::memory_order_seq_cst) != 0) wake_line(s);
+  }
+}
+
 template <class F>
 [[gnu::noinline]] Binding* search_binding(Session& s, std::uint64_t me) noexcept REQUIRES(s.lock) {
   constexpr Effect e = effect<F>;
@@ -117,6 +148,58 @@ template <class F>
   return b;
 }
 
+// Waits, with s.lock released, until a call on the session ends (or 10 ms,
+// a backstop), unless blocked() says that what the caller waits for has
+// changed already: announce (in watchers, then in in_flight), then look
+// again, each seq_cst. For a caller waiting for one binding in particular:
+// it is woken with every other such caller (wake_waiters).
+template <class Blocked>
+[[gnu::cold]] void wait_for_a_call(Session& s, Blocked blocked) noexcept REQUIRES(s.lock) {
+  s.watchers.fetch_add(1, std::memory_order_seq_cst);
+  const std::uint32_t now = s.in_flight.fetch_add(kWaiter, std::memory_order_seq_cst) + kWaiter;
+  if (blocked()) {
+    s.lock.unlock();
+    timed_wait(s.in_flight, now, std::chrono::milliseconds(10));
+    s.lock.lock();
+  }
+  s.in_flight.fetch_sub(kWaiter, std::memory_order_relaxed);
+  s.watchers.fetch_sub(1, std::memory_order_relaxed);
+}
+
+// A call waiting for any binding (bind_from_pool): in line from before it
+// looks (join_line, then line_ticket) until it has one or gives up
+// (leave_line). A binding freed in the session, or a backend session given
+// back to the pool by one of its calls, bumps `line` and wakes one caller in
+// line (wake_waiters, wake_line_after_give); one that looked after the bump
+// sees what it brought, one that looked before does not sleep on its ticket.
+// Counted in in_line before it looks: a call giving a backend session back
+// to the pool (under the pool's lock) that reads in_line without it has
+// given it back before our look, which then finds it.
+inline void join_line(Session& s) noexcept { s.in_line.fetch_add(1, std::memory_order_seq_cst); }
+inline void leave_line(Session& s) noexcept { s.in_line.fetch_sub(1, std::memory_order_relaxed); }
+inline std::uint32_t line_ticket(Session& s) noexcept {
+  return s.line.load(std::memory_order_seq_cst);
+}
+
+// In line (join_line), having looked since `ticket` and found nothing:
+// sleeps with s.lock released until a wake_line (or 10 ms, a backstop),
+// unless blocked() says a binding is free now. Counted in in_flight while
+// it waits, so that a leaving call takes the slow path and wakes it: a
+// call that freed a binding before the count reads it here (seq_cst).
+// `backstop`: longer only in tests, which count the wake-ups.
+template <class Blocked>
+[[gnu::cold]] void wait_in_line(
+    Session& s, std::uint32_t ticket, Blocked blocked,
+    std::chrono::nanoseconds backstop = std::chrono::milliseconds(10)) noexcept REQUIRES(s.lock) {
+  s.in_flight.fetch_add(kWaiter, std::memory_order_seq_cst);
+  if (blocked()) {
+    s.lock.unlock();
+    timed_wait(s.line, ticket, backstop);
+    s.lock.lock();
+  }
+  s.in_flight.fetch_sub(kWaiter, std::memory_order_relaxed);
+}
+
 // The binding holding the call's operation, once it is free (a message-based
 // one: waits_for_its_operation; any, with bind = state: choose_binding).
 // Called and returns with s.lock held; the caller counts in in_flight, so
@@ -144,13 +227,7 @@ template <class F>
     // The call that frees the binding changes the count and wakes us. It may
     // free it without the lock (give_back, unclaim): announce, then look
     // again, each seq_cst (why that suffices: give_back, unclaim).
-    const std::uint32_t now = s.in_flight.fetch_add(kWaiter, std::memory_order_seq_cst) + kWaiter;
-    if (holder->busy(std::memory_order_seq_cst)) {
-      s.lock.unlock();
-      timed_wait(s.in_flight, now, std::chrono::milliseconds(10));  // the bound is a backstop
-      s.lock.lock();
-    }
-    s.in_flight.fetch_sub(kWaiter, std::memory_order_relaxed);
+    wait_for_a_call(s, [holder] { return holder->busy(std::memory_order_seq_cst); });
   }
 }
 
@@ -173,20 +250,6 @@ inline Binding* claim_held_now(Session& s, std::uint64_t me) noexcept REQUIRES(s
     if (b != nullptr) b->guest = me;
   }
   return b;
-}
-
-// Waits, with s.lock released, until a call on the session ends (or 10 ms,
-// a backstop), unless blocked() says that what the caller waits for has
-// changed already. As in claim_when_free: announce, then look again.
-template <class Blocked>
-[[gnu::cold]] void wait_for_a_call(Session& s, Blocked blocked) noexcept REQUIRES(s.lock) {
-  const std::uint32_t now = s.in_flight.fetch_add(kWaiter, std::memory_order_seq_cst) + kWaiter;
-  if (blocked()) {
-    s.lock.unlock();
-    timed_wait(s.in_flight, now, std::chrono::milliseconds(10));
-    s.lock.lock();
-  }
-  s.in_flight.fetch_sub(kWaiter, std::memory_order_relaxed);
 }
 
 // With bind = state, a call continuing an operation this thread started
@@ -233,7 +296,7 @@ inline Binding* choose_binding(Session& s, std::uint64_t me, bool on_state = fal
 // we clear `busy`, then read the count; all seq_cst, so one sees the other.
 [[gnu::cold, gnu::noinline]] inline void unclaim(Session& s, Binding& b) noexcept {
   b.release(std::memory_order_seq_cst);
-  if (s.in_flight.load(std::memory_order_seq_cst) >= kWaiter) wake_all(s.in_flight);
+  if (s.in_flight.load(std::memory_order_seq_cst) >= kWaiter) wake_waiters(s, /*last=*/false);
 }
 
 // Inline, the common case, without the session lock (the call is counted and
@@ -292,14 +355,28 @@ inline Binding* add_binding(Session& s, CK_SESSION_HANDLE backend,
 
 // Leaves the count, with or without the lock; wakes the threads waiting for
 // it to change: calls waiting for a busy binding (claim_when_free,
-// cancel_where_held), which this one may have freed, and a closer waiting
-// for the calls (Runtime::close_session). Each counts itself as a kWaiter
-// first, so this one decrement decides whether to wake (a futex syscall),
-// rarely. Release: the closer's acquire load of the count then sees this
-// call's backend call done.
+// cancel_where_held), which this one may have freed, one call waiting for
+// any binding (wait_in_line), and a closer waiting for the calls
+// (Runtime::close_session), once this was the last (wake_waiters). Each
+// counts itself as a kWaiter first, so this one decrement decides whether to
+// wake (a futex syscall), rarely. Release: the closer's acquire load of the
+// count then sees this call's backend call done. `kLine` false: the call
+// freed no binding in the session but gives a backend session back to the
+// pool, and wakes one in line once it is there (wake_line_after_give).
+template <bool kLine = true>
 [[gnu::always_inline]] inline void leave_call(Session& s) noexcept {
-  if (s.in_flight.fetch_sub(1, std::memory_order_seq_cst) >= kWaiter) [[unlikely]]
-    wake_all(s.in_flight);
+  const std::uint32_t old = s.in_flight.fetch_sub(1, std::memory_order_seq_cst);
+  if (old >= kWaiter) [[unlikely]]
+    wake_waiters<kLine>(s, (old & (kWaiter - 1)) == 1);
+}
+
+// After a call gave a backend session back to the pool, one call waiting in
+// line may borrow it (wait_in_line). A load, not a read-modify-write, when
+// nobody waits: this is every call's path with [pool] bind = state. The
+// session may have closed since (the entry stays): a spurious wake only.
+inline void wake_line_after_give(Session& s) noexcept {
+  if (s.in_line.load(std::memory_order_seq_cst) != 0) [[unlikely]]
+    wake_line(s);
 }
 
 // A call whose record_call would change nothing on its binding: one with no
@@ -357,6 +434,15 @@ struct Bound {
   for (;;) {
     CK_SESSION_HANDLE fresh = CK_INVALID_HANDLE;
     using Wait = SessionPool::Wait;
+    // Holding one, it looks without waiting, in the session's line.
+    struct InLine {
+      Session* s;
+      ~InLine() {
+        if (s != nullptr) leave_line(*s);
+      }
+    } in_line{holds ? &s : nullptr};
+    if (holds) join_line(s);
+    const std::uint32_t ticket = line_ticket(s);
     CK_RV rv = rt.pool().borrow(slot, rw, fresh, holds ? Wait::never : Wait::at_limit);
     MutexGuard guard(s.lock);
     if (rv == CKR_SESSION_COUNT && holds && !s.closing) {
@@ -366,7 +452,7 @@ struct Bound {
       if (Binding* b = claim_held_now(s, me)) return {b, CKR_OK};
       // Every one in use: once a call ends, the pool first again (a binding
       // left idle goes back there).
-      wait_for_a_call(s, [&s]() NO_THREAD_SAFETY_ANALYSIS {  // under the caller's s.lock
+      wait_in_line(s, ticket, [&s]() NO_THREAD_SAFETY_ANALYSIS {  // under the caller's s.lock
         return find_binding(s, [](Binding& x) { return !x.busy(std::memory_order_seq_cst); }) ==
                nullptr;
       });
@@ -522,17 +608,11 @@ template <class Observation, class CallBackend>
         while (claimed > 0) unclaim(*s, *targets[--claimed].binding);
       }
       // As in claim_when_free: announce, then look again.
-      const std::uint32_t now =
-          s->in_flight.fetch_add(kWaiter, std::memory_order_seq_cst) + kWaiter;
-      const bool still_busy = std::any_of(targets.begin(), targets.end(), [](const Target& t) {
-        return t.binding->busy(std::memory_order_seq_cst);
+      wait_for_a_call(*s, [&targets] {
+        return std::any_of(targets.begin(), targets.end(), [](const Target& t) {
+          return t.binding->busy(std::memory_order_seq_cst);
+        });
       });
-      if (still_busy) {
-        s->lock.unlock();
-        timed_wait(s->in_flight, now, std::chrono::milliseconds(10));  // the bound is a backstop
-        s->lock.lock();
-      }
-      s->in_flight.fetch_sub(kWaiter, std::memory_order_relaxed);
     }
     releases.reserve(targets.size());
   } catch (...) {
@@ -563,6 +643,7 @@ template <class Observation, class CallBackend>
     leave_call(*s);
   }
   for (const Release& r : releases) rt.pool().give(r.slot, r.rw, r.backend, r.fate);
+  if (!releases.empty()) wake_line_after_give(*s);
   return true;
 }
 
@@ -587,10 +668,15 @@ inline CK_RV finish_call(Runtime& rt, Session& s, Binding& b, CK_RV rv, Rest... 
     }
     b.release();  // publishes ops to a lock-free claimer
     if (detaches_when_idle(rt, s, b)) release = detach_if_idle(s, b);
-    leave_call(s);
+    if (release.backend == CK_INVALID_HANDLE) {
+      leave_call(s);
+    } else {
+      leave_call</*kLine=*/false>(s);  // it freed none here: the pool gets one
+    }
   }
   if (release.backend != CK_INVALID_HANDLE) [[unlikely]] {
     rt.pool().give(release.slot, release.rw, release.backend, release.fate);
+    wake_line_after_give(s);
   }
   return rv;
 }

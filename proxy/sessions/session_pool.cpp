@@ -1141,14 +1141,23 @@ void SessionPool::spare_last(std::vector<Taken>& doomed) noexcept {
     const auto taken =
         static_cast<unsigned long>(std::count_if(doomed.begin(), doomed.end(), mine));
     if (taken == 0) continue;
-    Locked s(pool->state);
-    if (s->app_sessions == 0 || s->open_total() - s->opening > taken) continue;
-    auto kept = std::find_if(doomed.begin(), doomed.end(), mine);
-    if (s->keep(kept->rw, kept->idle)) {
-      doomed.erase(kept);
-    } else {
-      ++s->open[kept->rw];  // keep() stopped counting it; close_taken() does that
+    bool kept_one = false;
+    {
+      Locked s(pool->state);
+      if (s->app_sessions == 0 || s->open_total() - s->opening > taken) continue;
+      auto kept = std::find_if(doomed.begin(), doomed.end(), mine);
+      kept_one = s->keep(kept->rw, kept->idle);
+      if (kept_one) {
+        doomed.erase(kept);
+      } else {
+        ++s->open[kept->rw];  // keep() stopped counting it; close_taken() does that
+      }
     }
+    // Idle again: a call that came to the limit after the sweep took it
+    // (and found nothing to take) waits in line; nothing else would wake it
+    // (when this was the only one taken, none is closed, so close_taken
+    // signals nothing), and it would wait out pool.wait_ms.
+    if (kept_one) pool->signal();
   }
 }
 

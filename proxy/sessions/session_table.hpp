@@ -142,6 +142,13 @@ struct Session {
   // calls): a call that leaves it wakes them only then.
   static constexpr std::uint32_t kWaiter = 1u << 16;
   std::atomic<std::uint32_t> in_flight{0};
+  // Multiplex mode, of those waiters: `watchers` wait for one binding in
+  // particular and sleep on in_flight; `in_line` wait for any binding and
+  // sleep on `line`, which a leaving call bumps, waking one of them
+  // (forward/multiplex.hpp, wake_waiters).
+  std::atomic<std::uint32_t> watchers{0};
+  std::atomic<std::uint32_t> in_line{0};
+  std::atomic<std::uint32_t> line{0};
   bool closing GUARDED_BY(lock) = false;  // multiplex: set by the closer
 
   // slot and rw without the lock: written once, under it, before the

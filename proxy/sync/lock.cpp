@@ -55,4 +55,9 @@ void wake_all(std::atomic<std::uint32_t>& word) noexcept {
           nullptr, 0);
 }
 
+void wake_one(std::atomic<std::uint32_t>& word) noexcept {
+  syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE_PRIVATE, 1, nullptr,
+          nullptr, 0);
+}
+
 }  // namespace p11mux

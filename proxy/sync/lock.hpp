@@ -166,5 +166,8 @@ class SCOPED_CAPABILITY OptionalGuard {
 void timed_wait(std::atomic<std::uint32_t>& word, std::uint32_t old,
                 std::chrono::nanoseconds timeout) noexcept;
 void wake_all(std::atomic<std::uint32_t>& word) noexcept;
+// Wakes one thread sleeping on `word` (the one asleep longest, the kernel
+// keeping a FIFO among threads of one priority).
+void wake_one(std::atomic<std::uint32_t>& word) noexcept;
 
 }  // namespace p11mux

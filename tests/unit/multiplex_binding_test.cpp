@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <thread>
+#include <vector>
 
 namespace p11mux {
 namespace {
@@ -183,6 +184,66 @@ TEST_CASE("a message call waiting for the anchor gets it when its call gives it 
     leave_call(t.s);
   }
   CHECK(t.s.in_flight.load() == 0);
+}
+
+// Issue 13: 64 threads on one session at the pool's limit wait for any
+// binding (bind_from_pool); each call that ended woke all of them, and all
+// but one found nothing and slept again. A call that ends wakes one now.
+// The waiters below do what bind_from_pool does (the pool left out), with a
+// backstop long enough that every wake-up counted is one a call made.
+TEST_CASE(
+    "a call that frees a binding wakes one call waiting in line for any, not all (issue 13)") {
+  TestSession t;
+  set_owner(t.s.anchor, 2);
+  hold(t.s.anchor);
+  enter_call(t.s);  // thread 2's call on the session's one binding
+  constexpr int kWaiters = 8;
+  std::atomic<int> wakeups{0}, served{0};
+  std::vector<std::thread> waiters;
+  for (int i = 0; i < kWaiters; ++i) {
+    waiters.emplace_back([&t, &wakeups, &served, me = std::uint64_t(10 + i)] {
+      enter_call(t.s);
+      MutexGuard guard(t.s.lock);
+      for (;;) {
+        join_line(t.s);
+        const std::uint32_t ticket = line_ticket(t.s);
+        if (Binding* b = claim_held_now(t.s, me)) {
+          leave_line(t.s);
+          served.fetch_add(1);
+          // Its backend call, without the lock: a waiter woken now finds
+          // the binding busy and sleeps again.
+          t.s.lock.unlock();
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+          t.s.lock.lock();
+          b->release();  // the next in line gets it
+          leave_call(t.s);
+          return;
+        }
+        wait_in_line(
+            t.s, ticket,
+            [&t]() NO_THREAD_SAFETY_ANALYSIS { return t.s.anchor.busy(std::memory_order_seq_cst); },
+            std::chrono::seconds(30));
+        leave_line(t.s);
+        wakeups.fetch_add(1);
+      }
+    });
+  }
+  // All in line, and (likely, after the sleep) asleep: one that is not yet
+  // only adds a wake-up or two below.
+  while (t.s.in_flight.load() < 1 + kWaiters + kWaiters * kWaiter) std::this_thread::yield();
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  {
+    MutexGuard guard(t.s.lock);  // thread 2's call ends
+    t.s.anchor.release();
+    leave_call(t.s);
+  }
+  for (auto& w : waiters) w.join();
+  CHECK(served.load() == kWaiters);
+  // At most one wake-up each: each call that ended woke the next (one that
+  // was not asleep yet needed none). Waking all would make 8 + 7 + ... + 1.
+  CHECK(wakeups.load() <= kWaiters + 4);
+  CHECK(t.s.in_flight.load() == 0);
+  CHECK(t.s.in_line.load() == 0);
 }
 
 TEST_CASE("a call that continues no operation runs on this thread's own free binding") {

@@ -933,6 +933,45 @@ TEST_CASE(
   giver.join();
 }
 
+// With [pool] bind = state the application's sessions may hold no backend
+// session, and the maintenance sweep keeps the token's last one idle
+// (spare_last) after taking it out of the caches: a call that came to the
+// limit in between waits in line, and must be woken when it is idle again.
+TEST_CASE(
+    "pool: the token's last session, kept by the idle sweep, wakes a thread that started to wait "
+    "while the sweep held it (issue 13)") {
+  Rig rig(pool_config(1, 20000), hooked_locks);     // a waiter not woken sleeps 20 s
+  void* registry = hooked.last();                   // the one lock the pool made so far
+  REQUIRE(rig.pool.admit(kSlot, false) == CKR_OK);  // an application session holding none
+  CK_SESSION_HANDLE h = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, h) == CKR_OK);  // the only session
+  rig.pool.give(kSlot, false, h, SessionPool::Fate::reuse);
+  std::this_thread::sleep_for(1100ms);  // idle longer than the sweep's 1 s
+  std::future<CK_RV> waiter;
+  // Right after the sweep took it (its walk lets go of the registry's lock):
+  // a call at the limit finds nothing idle and waits.
+  hooked.arm(registry, [&] {
+    waiter = std::async(std::launch::async, [&] {
+      CK_SESSION_HANDLE got = 0;
+      CK_RV rv = rig.pool.borrow(kSlot, false, got);
+      if (rv == CKR_OK) {
+        CHECK(got == h);
+        rig.pool.give(kSlot, false, got, SessionPool::Fate::reuse);
+      }
+      return rv;
+    });
+    CHECK(parked(1));
+  });
+  rig.pool.maintain(/*idle=*/1s, /*keepalive=*/0s);
+  REQUIRE_FALSE(hooked.armed.load());  // the hook did run
+  REQUIRE(waiter.valid());
+  CHECK(waiter.wait_for(10s) == std::future_status::ready);  // wait_ms is 20 s
+  CHECK(waiter.get() == CKR_OK);
+  CHECK(token.closes() == 0);  // kept: the application's sessions hold the login
+  CHECK(token.opens() == 1);
+  rig.pool.leave(kSlot, false);
+}
+
 // Issue 11: sweeps and stale sessions stopped counting a session as open
 // before closing it, so a thread could open one more while the backend still
 // had it: above the token's limit, for a moment (and a hard limit answers
