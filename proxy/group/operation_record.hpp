@@ -234,7 +234,7 @@ class MechanismCopy {
   static constexpr std::size_t kInline = 64;
   // More than this in nested byte strings (AAD, an OAEP label, an EdDSA
   // context) is not copied: the operation is then not replayable.
-  static constexpr std::size_t kMaxBytes = 64 * 1024;
+  static constexpr std::size_t kMaxBytes = std::size_t{64} * 1024;
 
   MechanismCopy() noexcept = default;
   ~MechanismCopy() { delete[] heap_; }
