@@ -35,6 +35,9 @@ bool attributes_processed(CK_RV rv) noexcept {
 // The first read's buffer for CKA_ID and CKA_LABEL: most fit, so most
 // objects are read in one call.
 constexpr std::size_t kFirstRead = 64;
+// A longer CKA_ID or CKA_LABEL is not read (nor matched): no allocation on
+// the strength of a length a module reports.
+constexpr CK_ULONG kMaxValue = 64 * 1024;
 // A changing attribute (another thread relabelling) is read again at most so often.
 constexpr int kReadAttempts = 3;
 // At most this many candidates are checked one by one when the search
@@ -132,24 +135,30 @@ ObjectRead read_object(MemberObjects& members, MemberIndex member, CK_OBJECT_HAN
     const CK_RV rv = members.get_attribute_value(member, object, templ.data(), count);
     if (!attributes_processed(rv)) return {rv, false, std::nullopt};
 
-    if (rv == CKR_BUFFER_TOO_SMALL) {
-      // CK_UNAVAILABLE_INFORMATION marks both a buffer too small and an
-      // attribute absent or sensitive: ask the lengths alone to tell them
-      // apart (docs/pkcs11-facts.md, "Attributes").
+    // A buffer too small shows as CK_UNAVAILABLE_INFORMATION, which also
+    // marks an attribute absent or sensitive; some modules write the length
+    // needed instead (docs/pkcs11-facts.md, "Backends that bend the
+    // specification"). Either way, ask the lengths alone, then read again.
+    const auto unsure = [&](const CK_ATTRIBUTE* a, std::size_t room) {
+      if (a == nullptr) return false;
+      return a->ulValueLen == CK_UNAVAILABLE_INFORMATION ? rv == CKR_BUFFER_TOO_SMALL
+                                                         : a->ulValueLen > room;
+    };
+    const bool id_unsure = unsure(id_attr, id.size());
+    const bool label_unsure = unsure(label_attr, label.size());
+    if (rv == CKR_BUFFER_TOO_SMALL || id_unsure || label_unsure) {
       std::array<CK_ATTRIBUTE, 2> lengths{};
       CK_ULONG asked = 0;
-      if (id_attr != nullptr && id_attr->ulValueLen == CK_UNAVAILABLE_INFORMATION) {
-        lengths[asked++] = {CKA_ID, nullptr, 0};
-      }
-      if (label_attr != nullptr && label_attr->ulValueLen == CK_UNAVAILABLE_INFORMATION) {
-        lengths[asked++] = {CKA_LABEL, nullptr, 0};
-      }
-      if (asked == 0) return {CKR_GENERAL_ERROR, false, std::nullopt};  // no attribute too small
+      if (id_unsure) lengths[asked++] = {CKA_ID, nullptr, 0};
+      if (label_unsure) lengths[asked++] = {CKA_LABEL, nullptr, 0};
+      // Too small, says the module, yet nothing is: its values cannot be trusted.
+      if (asked == 0) return {CKR_OK, false, std::nullopt};
       const CK_RV lrv = members.get_attribute_value(member, object, lengths.data(), asked);
       if (!attributes_processed(lrv)) return {lrv, false, std::nullopt};
       for (CK_ULONG i = 0; i < asked; ++i) {
         const bool is_id = lengths[i].type == CKA_ID;
-        if (lengths[i].ulValueLen == CK_UNAVAILABLE_INFORMATION) {
+        if (lengths[i].ulValueLen == CK_UNAVAILABLE_INFORMATION ||
+            lengths[i].ulValueLen > kMaxValue) {
           (is_id ? id_unreadable : label_unreadable) = true;
         } else {
           (is_id ? id : label).resize(lengths[i].ulValueLen);

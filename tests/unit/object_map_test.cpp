@@ -99,7 +99,7 @@ class FakeMembers final : public MemberObjects {
         if (!value.empty()) std::memcpy(a.pValue, value.data(), value.size());
         a.ulValueLen = value.size();
       } else {
-        a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+        a.ulValueLen = length_when_small ? value.size() : CK_UNAVAILABLE_INFORMATION;
         rv = CKR_BUFFER_TOO_SMALL;
       }
     }
@@ -122,6 +122,7 @@ class FakeMembers final : public MemberObjects {
   std::atomic<int> reads{0};
   std::atomic<int> finds{0};
   CK_RV find_error = CKR_OK;
+  bool length_when_small = false;  // as some modules: the length needed, not unavailable
   std::function<void()> during_call;
 
  private:
@@ -254,6 +255,14 @@ TEST_CASE("read_object: one call, the length query only for a long attribute") {
   CHECK(read.identity->label == bytes(long_label));
   CHECK(read.identity->id == bytes("\x15\x01"));
 
+  SUBCASE("a module that writes the length needed on CKR_BUFFER_TOO_SMALL") {
+    fake.length_when_small = true;
+    fake.reads = 0;
+    read = read_object(fake, 0, h, ObjectKey::label);
+    CHECK(fake.reads == 3);
+    REQUIRE(read.identity);
+    CHECK(read.identity->label == bytes(long_label));
+  }
   SUBCASE("a sensitive ID: id-or-label takes the label, id cannot match") {
     FakeObject o = key("\x15\x03", "label-of-3");
     o.id_sensitive = true;
