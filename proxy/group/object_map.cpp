@@ -192,8 +192,9 @@ ObjectRead read_object(MemberObjects& members, MemberIndex member, CK_OBJECT_HAN
   return read;
 }
 
-ObjectMap::ObjectMap(std::size_t members, ObjectKey rule, const LockSource& locks)
-    : rule_(rule), generations_(members) {
+ObjectMap::ObjectMap(std::size_t members, ObjectKey rule, const LockSource& locks,
+                     spdlog::logger* log)
+    : rule_(rule), log_(log), generations_(members) {
   for (std::size_t i = 0; i < kShards; ++i) shards_.emplace_back(locks);
   // Generation 0 is a Copy never filled: a fresh Copy is never current.
   for (auto& g : generations_) g.store(1, std::memory_order_relaxed);
@@ -358,6 +359,7 @@ ObjectMap::Resolved ObjectMap::resolve(MemberObjects& members, CK_OBJECT_HANDLE 
   // Not known on this member yet: search it, without a lock held.
   CK_RV rv = CKR_OK;
   const Copy found = search(members, member, *identity, rv);
+  bool first_ambiguity = false;
   if (rv != CKR_OK) return {Status::failed, CK_INVALID_HANDLE, rv, 0};
   {
     Locked shard(shard_of(handle));
@@ -365,7 +367,23 @@ ObjectMap::Resolved ObjectMap::resolve(MemberObjects& members, CK_OBJECT_HANDLE 
     if (it == shard->entries.end()) return {};  // destroyed meanwhile
     // A member that restarted meanwhile numbers its objects anew: the
     // result is not kept (the caller's own call will fail on it and retry).
-    if (generation(member) == gen) it->second.copies[member] = found;
+    if (generation(member) == gen) {
+      Copy& copy = it->second.copies[member];
+      first_ambiguity = found.state == CacheState::ambiguous &&
+                        !(copy.generation == gen && copy.state == CacheState::ambiguous);
+      copy = found;
+    }
+  }
+  if (first_ambiguity && log_ != nullptr) {
+    // Not under the lock: no log record is made under a shard's lock.
+    log_->warn(
+        "group object handle {}: member {} holds {} objects of class {:#x} with its {}; "
+        "refused there (object_key = {})",
+        handle, member, found.matches, identity->cls,
+        identity->by_id && identity->by_label ? "CKA_ID and CKA_LABEL"
+        : identity->by_id                     ? "CKA_ID"
+                                              : "CKA_LABEL",
+        to_string(rule_));
   }
   switch (found.state) {
     case CacheState::found:

@@ -33,6 +33,8 @@
 
 #include <p11mux/pkcs11.h>
 
+#include <spdlog/logger.h>
+
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -108,8 +110,10 @@ ObjectRead read_object(MemberObjects& members, MemberIndex member, CK_OBJECT_HAN
 
 class ObjectMap {
  public:
-  // `members`: the group's member count (fixed). `locks` must outlive the map.
-  ObjectMap(std::size_t members, ObjectKey rule, const LockSource& locks);
+  // `members`: the group's member count (fixed). `locks` must outlive the
+  // map, and `log` (nullptr: no log), where an ambiguous member is told.
+  ObjectMap(std::size_t members, ObjectKey rule, const LockSource& locks,
+            spdlog::logger* log = nullptr);
   ObjectMap(const ObjectMap&) = delete;  // it hands out handles; a copy would hand out the same
   ObjectMap& operator=(const ObjectMap&) = delete;
 
@@ -155,7 +159,8 @@ class ObjectMap {
 
   // `handle`'s object on `member`. From the cache when it has it (no
   // backend call, no allocation); else a search on the member, cached
-  // unless the member restarted meanwhile.
+  // unless the member restarted meanwhile. A member found ambiguous is
+  // logged (warn) once per generation of it.
   Resolved resolve(MemberObjects& members, CK_OBJECT_HANDLE handle, MemberIndex member);
 
   // The member a pinned handle is on; nullopt for a replicated or unknown one.
@@ -236,6 +241,7 @@ class ObjectMap {
               CK_RV& rv) const;
 
   const ObjectKey rule_;
+  spdlog::logger* const log_;
   std::deque<Guarded<Shard>> shards_;  // a deque: a Guarded cannot move
   std::vector<std::atomic<std::uint64_t>> generations_;
 };

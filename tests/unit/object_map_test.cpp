@@ -4,6 +4,7 @@
 #include "group/object_map.hpp"
 
 #include <doctest/doctest.h>
+#include <spdlog/sinks/ostream_sink.h>
 
 #include <atomic>
 #include <chrono>
@@ -13,6 +14,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -310,7 +312,9 @@ TEST_CASE_FIXTURE(ThreeMembers, "resolving on another member searches once, then
 
 TEST_CASE("resolving: missing on a member, ambiguous on another, a failing one") {
   FakeMembers fake(3);
-  ObjectMap map(3, ObjectKey::id, kLocks);
+  std::ostringstream logged;
+  spdlog::logger log("object-map-test", std::make_shared<spdlog::sinks::ostream_sink_mt>(logged));
+  ObjectMap map(3, ObjectKey::id, kLocks, &log);
   const CK_OBJECT_HANDLE h0 = fake.add(0, key("\x15\x01"));
   fake.add(2, key("\x15\x01", "one"));
   fake.add(2, key("\x15\x01", "two"));
@@ -330,6 +334,11 @@ TEST_CASE("resolving: missing on a member, ambiguous on another, a failing one")
   CHECK(map.resolve(fake, v, 2).status == ObjectMap::Status::ambiguous);  // cached
   CHECK(map.resolve(fake, v, 1).status == ObjectMap::Status::missing);
   CHECK(fake.finds == finds);
+  // Told once, naming the member and the count.
+  const std::string told = logged.str();
+  CHECK(told.find("member 2 holds 2 objects of class 0x3 with its CKA_ID") != std::string::npos);
+  CHECK(told.find("object_key = id") != std::string::npos);
+  CHECK(told.find('\n') == told.rfind('\n'));
 
   SUBCASE("found there later: a find result replaces the cached miss") {
     const CK_OBJECT_HANDLE h1 = fake.add(1, key("\x15\x01"));
