@@ -500,20 +500,24 @@ TEST_CASE_FIXTURE(ThreeMembers, "record: a created object's copies are known wit
 
 TEST_CASE_FIXTURE(ThreeMembers, "no lock is held while a member is called") {
   const CK_OBJECT_HANDLE v = issue(0, on[0]);
-  std::atomic<bool> other_thread_got_every_shard{false};
+  // During the member's call, another thread takes every shard's lock
+  // (size()); it would wait for a lock held across the call. Its future is
+  // kept outside the call, so a held lock fails the check, not the test's
+  // progress: the thread finishes once the call has returned.
+  std::vector<std::future<void>> others;
+  std::atomic<int> got_every_shard{0};
   fake.during_call = [&] {
-    // Another thread takes every shard's lock (size()); it would wait for a
-    // lock held across this call.
-    auto done = std::async(std::launch::async, [&] { (void)map.size(); });
-    other_thread_got_every_shard =
-        done.wait_for(std::chrono::seconds(5)) == std::future_status::ready;
+    others.push_back(std::async(std::launch::async, [&] { (void)map.size(); }));
+    if (others.back().wait_for(std::chrono::seconds(2)) == std::future_status::ready) {
+      ++got_every_shard;
+    }
   };
   CHECK(map.resolve(fake, v, 1).status == ObjectMap::Status::found);
-  CHECK(other_thread_got_every_shard);
-  other_thread_got_every_shard = false;
+  CHECK(got_every_shard == 1);
   CHECK(map.issue_found(fake, 2, on[2]).handle == v);
-  CHECK(other_thread_got_every_shard);
+  CHECK(got_every_shard == 2);
   fake.during_call = nullptr;
+  for (auto& other : others) other.wait();
 }
 
 TEST_CASE("many threads issuing and resolving agree on every handle") {
