@@ -37,7 +37,7 @@ bool attributes_processed(CK_RV rv) noexcept {
 constexpr std::size_t kFirstRead = 64;
 // A longer CKA_ID or CKA_LABEL is not read (nor matched): no allocation on
 // the strength of a length a module reports.
-constexpr CK_ULONG kMaxValue = 64 * 1024;
+constexpr CK_ULONG kMaxValue = CK_ULONG{64} * 1024;
 // A changing attribute (another thread relabelling) is read again at most so often.
 constexpr int kReadAttempts = 3;
 // At most this many candidates are checked one by one when the search
