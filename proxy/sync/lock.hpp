@@ -27,8 +27,8 @@
 //      (under the registry lock), SessionTable::free_lock_ (under none),
 //      MemberHealth::streak_ (group/member_health.hpp: a member's run of
 //      session-gone answers), ObjectMap's shards (group/object_map.hpp: one
-//      at a time, never across a member's call), the log sink's lock (no record is logged under
-//      the pool's locks).
+//      at a time, never across a member's call), the log sink's lock (no
+//      record is logged under the pool's locks).
 // The backend lock and the pool's locks are never held together.
 #pragma once
 
