@@ -290,6 +290,31 @@ typedef struct CK_SP800_108_FEEDBACK_KDF_PARAMS {
 }  // extern "C"
 #endif  // P11MUX_HAVE_SSL3_KEY_MAT
 
+// Parameter structures p11-kit's header (v2.40) lacks, as PKCS#11 v2.40 and
+// v3.0 define them, for copying an Init's mechanism (proxy/group/operation_record.hpp): AES-CCM
+// (v2.40 section 2.12.3), EdDSA (v3.0 section 2.3.14), and the MAC length of the *_GENERAL MACs.
+#ifndef P11MUX_HAVE_CCM_EDDSA_PARAMS
+#define P11MUX_HAVE_CCM_EDDSA_PARAMS 1
+extern "C" {
+typedef struct CK_CCM_PARAMS {
+  CK_ULONG ulDataLen;
+  CK_BYTE_PTR pNonce;
+  CK_ULONG ulNonceLen;
+  CK_BYTE_PTR pAAD;
+  CK_ULONG ulAADLen;
+  CK_ULONG ulMACLen;
+} CK_CCM_PARAMS;
+
+typedef struct CK_EDDSA_PARAMS {
+  CK_BBOOL phFlag;
+  CK_ULONG ulContextDataLen;
+  CK_BYTE_PTR pContextData;
+} CK_EDDSA_PARAMS;
+
+typedef CK_ULONG CK_MAC_GENERAL_PARAMS;
+}  // extern "C"
+#endif  // P11MUX_HAVE_CCM_EDDSA_PARAMS
+
 // MGF1 over SHA-3 (v2.40 errata, v3.0), which p11-kit's header lacks: named in traces.
 #ifndef CKG_MGF1_SHA3_224
 #define CKG_MGF1_SHA3_224 0x00000006UL

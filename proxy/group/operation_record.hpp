@@ -27,31 +27,6 @@
 #include <cstdint>
 #include <tuple>
 
-// Parameter structures p11-kit's header (v2.40) lacks, as PKCS#11 v2.40 and
-// v3.0 define them: AES-CCM (v2.40 section 2.12.3), EdDSA (v3.0 section
-// 2.3.14), and the MAC length of the *_GENERAL MACs.
-#ifndef P11MUX_HAVE_CCM_EDDSA_PARAMS
-#define P11MUX_HAVE_CCM_EDDSA_PARAMS 1
-extern "C" {
-typedef struct CK_CCM_PARAMS {
-  CK_ULONG ulDataLen;
-  CK_BYTE_PTR pNonce;
-  CK_ULONG ulNonceLen;
-  CK_BYTE_PTR pAAD;
-  CK_ULONG ulAADLen;
-  CK_ULONG ulMACLen;
-} CK_CCM_PARAMS;
-
-typedef struct CK_EDDSA_PARAMS {
-  CK_BBOOL phFlag;
-  CK_ULONG ulContextDataLen;
-  CK_BYTE_PTR pContextData;
-} CK_EDDSA_PARAMS;
-
-typedef CK_ULONG CK_MAC_GENERAL_PARAMS;
-}  // extern "C"
-#endif
-
 namespace p11mux {
 
 // CK_GCM_PARAMS as the v2.40 specification's text gives it, without the
