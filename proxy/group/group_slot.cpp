@@ -1,5 +1,6 @@
 #include "group/group_slot.hpp"
 
+#include "group/fnv1a.hpp"
 #include "policy/filtered_list.hpp"
 #include "policy/filters.hpp"
 
@@ -88,14 +89,11 @@ bool no_key_size(const CK_MECHANISM_INFO& info) noexcept {
   return info.ulMinKeySize == 0 && info.ulMaxKeySize == 0;
 }
 
-// FNV-1a, 64 bits, in 16 hex digits: the same on every build and platform,
-// unlike std::hash.
+// Fnv1a in 16 hex digits: the same on every build and platform.
 void serial_digits(std::string_view group, CK_UTF8CHAR (&out)[16]) noexcept {
-  std::uint64_t hash = 0xcbf29ce484222325ULL;
-  for (unsigned char c : group) {
-    hash ^= c;
-    hash *= 0x100000001b3ULL;
-  }
+  Fnv1a f;
+  f.add(group.data(), group.size());
+  std::uint64_t hash = f.h;
   static constexpr char kHex[] = "0123456789ABCDEF";
   for (int i = 15; i >= 0; --i, hash >>= 4) out[i] = static_cast<CK_UTF8CHAR>(kHex[hash & 0xF]);
 }

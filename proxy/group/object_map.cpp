@@ -1,5 +1,7 @@
 #include "group/object_map.hpp"
 
+#include "group/fnv1a.hpp"
+
 #include <algorithm>
 #include <array>
 #include <limits>
@@ -8,22 +10,6 @@
 namespace p11mux {
 
 namespace {
-
-// FNV-1a, 64 bits: handles and identities are not chosen by an adversary.
-struct Fnv {
-  std::uint64_t h = 14695981039346656037ULL;
-  void add(const void* data, std::size_t size) noexcept {
-    const auto* p = static_cast<const unsigned char*>(data);
-    for (std::size_t i = 0; i < size; ++i) {
-      h ^= p[i];
-      h *= 1099511628211ULL;
-    }
-  }
-  template <class T>
-  void add(const T& value) noexcept {
-    add(&value, sizeof value);
-  }
-};
 
 // The return values after which C_GetAttributeValue has processed every
 // attribute of the template (each one's ulValueLen says what it got).
@@ -47,7 +33,7 @@ constexpr std::size_t kVerifyLimit = 256;
 }  // namespace
 
 std::size_t ObjectIdentityHash::operator()(const ObjectIdentity& identity) const noexcept {
-  Fnv f;
+  Fnv1a f;
   f.add(identity.cls);
   f.add(identity.by_id);
   f.add(identity.by_label);
@@ -58,7 +44,7 @@ std::size_t ObjectIdentityHash::operator()(const ObjectIdentity& identity) const
 }
 
 std::size_t ObjectMap::PinKeyHash::operator()(const PinKey& key) const noexcept {
-  Fnv f;
+  Fnv1a f;
   f.add(key.member);
   f.add(key.handle);
   return static_cast<std::size_t>(f.h);
