@@ -9,6 +9,7 @@
 #include "forward/key_mechanisms.hpp"
 #include "forward/operation_state.hpp"
 #include "lifecycle/runtime.hpp"
+#include "sessions/gone_codes.hpp"
 
 #include <algorithm>
 #include <cstddef>
@@ -17,12 +18,6 @@
 #include <type_traits>
 
 namespace p11mux {
-
-// Errors that mean the backend session, or the whole device, is gone.
-constexpr bool session_gone(CK_RV rv) noexcept {
-  return rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED || rv == CKR_DEVICE_REMOVED ||
-         rv == CKR_TOKEN_NOT_PRESENT || rv == CKR_DEVICE_ERROR;
-}
 
 // An object the application destroyed: no longer the binding's to destroy.
 inline void forget_object(Binding& s, CK_OBJECT_HANDLE object) noexcept {

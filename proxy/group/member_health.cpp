@@ -1,5 +1,6 @@
 #include "group/member_health.hpp"
 
+#include "sessions/gone_codes.hpp"
 #include "sync/thread_shard.hpp"
 
 #include <algorithm>
@@ -7,22 +8,13 @@
 namespace p11mux {
 
 CallOutcome classify(CK_RV rv) noexcept {
-  switch (rv) {
-    case CKR_OK:
-      return CallOutcome::ok;
-    // The device, not the call: nothing on this member can be trusted to work.
-    case CKR_DEVICE_ERROR:
-    case CKR_DEVICE_REMOVED:
-    case CKR_TOKEN_NOT_PRESENT:
-      return CallOutcome::member_down;
-    // One session gone is a session (closed by the backend, or a module that
-    // restarted under us); the member is down only when every session is.
-    case CKR_SESSION_HANDLE_INVALID:
-    case CKR_SESSION_CLOSED:
-      return CallOutcome::session_gone;
-    default:
-      return CallOutcome::application;
-  }
+  if (rv == CKR_OK) return CallOutcome::ok;
+  // The device, not the call: nothing on this member can be trusted to work.
+  if (device_gone(rv)) return CallOutcome::member_down;
+  // One session gone is a session; the member is down only when every
+  // session is.
+  if (session_handle_gone(rv)) return CallOutcome::session_gone;
+  return CallOutcome::application;
 }
 
 const char* to_string(MemberState state) noexcept {
