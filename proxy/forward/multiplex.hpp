@@ -344,6 +344,16 @@ inline Binding* add_binding(Session& s, CK_SESSION_HANDLE backend,
   return b;
 }
 
+// A backend session just lent by the pool, as a binding claimed by this call
+// (not visible to other threads before the session's lock is released).
+// NULL when there is no memory for another binding.
+inline Binding* bind_new(Session& s, CK_SESSION_HANDLE backend, std::uint64_t me,
+                         bool anchor_first) noexcept REQUIRES(s.lock) {
+  Binding* b = add_binding(s, backend, anchor_first);
+  if (b != nullptr) b->claim.store((me << 1) | Binding::kBusy, std::memory_order_relaxed);
+  return b;
+}
+
 // A call counts in Session::in_flight from before choosing its binding until
 // giving it up, so that C_CloseSession can wait for it. Without the session
 // lock: seq_cst, then the handle is checked (seq_cst too), as the closer
@@ -461,7 +471,7 @@ struct Bound {
     if (rv == CKR_OK && s.closing) rv = CKR_SESSION_CLOSED;
     Binding* b = nullptr;
     if (rv == CKR_OK) {
-      b = add_binding(s, fresh, rt.binds_on_state());
+      b = bind_new(s, fresh, me, rt.binds_on_state());
       if (b == nullptr) rv = CKR_HOST_MEMORY;
     }
     if (rv != CKR_OK) {
@@ -469,7 +479,6 @@ struct Bound {
       leave_call(s);
       return {nullptr, rv};
     }
-    b->claim.store((me << 1) | Binding::kBusy, std::memory_order_relaxed);  // not visible yet
     return {b, CKR_OK};
   }
 }
@@ -504,14 +513,9 @@ inline Bound claim_locked(Runtime& rt, Observation& seen, Session& s, CK_SESSION
       open = true;
       b = choose_binding<F>(s, me, rt.binds_on_state());
       if (b == nullptr && cached != CK_INVALID_HANDLE && !s.closing) {
-        // As bind_from_pool would, had the pool lent it at once (the empty
-        // anchor first, without add_binding's call: the common case).
-        b = s.anchor.backend == CK_INVALID_HANDLE ? &s.anchor : add_binding(s, cached);
-        if (b != nullptr) {
-          b->backend = cached;
-          b->claim.store((me << 1) | Binding::kBusy, std::memory_order_relaxed);
-          cached = CK_INVALID_HANDLE;
-        }
+        // As bind_from_pool would, had the pool lent it at once.
+        b = bind_new(s, cached, me, /*anchor_first=*/true);
+        if (b != nullptr) cached = CK_INVALID_HANDLE;
       }
       holds = b == nullptr && holds_any(s);
     }
