@@ -324,23 +324,27 @@ template <class F>
   return &a;
 }
 
+// An unused extra binding, or a new one; NULL without memory.
+[[gnu::cold, gnu::noinline]] inline Binding* free_extra_binding(Session& s) noexcept
+    REQUIRES(s.lock) {
+  for (auto& extra : s.extra) {
+    if (extra->backend == CK_INVALID_HANDLE) return extra.get();
+  }
+  try {
+    return s.extra.emplace_back(std::make_unique<Binding>()).get();
+  } catch (...) {
+    return nullptr;
+  }
+}
+
 // A new binding for a backend session from the pool; NULL without memory.
 // `anchor_first` ([pool] bind = state): an empty anchor first, so that a
 // call that leaves state on it finds it again without the lock (claim_anchor).
 inline Binding* add_binding(Session& s, CK_SESSION_HANDLE backend,
                             bool anchor_first = false) noexcept REQUIRES(s.lock) {
-  Binding* b = anchor_first && s.anchor.backend == CK_INVALID_HANDLE ? &s.anchor : nullptr;
-  for (auto it = s.extra.begin(); b == nullptr && it != s.extra.end(); ++it) {
-    if ((*it)->backend == CK_INVALID_HANDLE) b = it->get();
-  }
-  if (b == nullptr) {
-    try {
-      b = s.extra.emplace_back(std::make_unique<Binding>()).get();
-    } catch (...) {
-      return nullptr;
-    }
-  }
-  b->backend = backend;
+  Binding* b =
+      anchor_first && s.anchor.backend == CK_INVALID_HANDLE ? &s.anchor : free_extra_binding(s);
+  if (b != nullptr) b->backend = backend;
   return b;
 }
 

@@ -54,10 +54,11 @@ struct TestSession {
 
   // An extra binding on backend session `backend`, as bind_from_pool leaves one.
   Binding& extra(CK_SESSION_HANDLE backend, std::uint64_t owner, OpMask ops = 0) {
-    Binding& b = *add_binding(s, backend);
-    set_owner(b, owner);
-    b.ops = ops;
-    return b;
+    Binding* b = add_binding(s, backend);
+    REQUIRE(b != nullptr);
+    set_owner(*b, owner);
+    b->ops = ops;
+    return *b;
   }
 
   // The claim as forward_multiplexed makes it: counted, then the anchor
