@@ -10,13 +10,14 @@
 //
 // Which binding a call runs on:
 //   1. A call that continues an operation (Update, Final, single-part,
-//      FindObjects...) runs where that operation is: on this thread's own
-//      binding if the operation is active there; otherwise on the one other
+//      FindObjects...) runs where that operation is: on the binding where
+//      this thread started it (own_ops), if any; otherwise on the one other
 //      binding that has it active, when there is exactly one and it is not in
 //      use (a hand-off between threads: thread pools, coroutines). A v3.0
 //      message (C_EncryptMessage...) or C_Message*Final waits while it is in
 //      use: many threads sending messages through one operation is its point.
-//   2. Otherwise on this thread's own binding, if it has one free.
+//   2. Otherwise on this thread's own binding, if it has one free (and
+//      its guest has no operation of the call's kind there).
 //   3. Otherwise on any free binding with no operation active.
 //   4. Otherwise on a new binding from the pool.
 #pragma once
@@ -62,6 +63,19 @@ Binding* find_binding(Session& s, Pred pred) noexcept REQUIRES(s.lock) {
     if (b->backend != CK_INVALID_HANDLE && pred(*b)) return b.get();
   }
   return nullptr;
+}
+
+// The operations on a binding that thread `me` started: its guest's are in
+// guest_ops, the rest are its owner's. Kinds alone are not enough: an owner
+// whose anchor held its guest's verification would continue that one, not
+// its own on another binding, and leave its own active for good
+// (docs/design.md, "Binding on state").
+inline OpMask own_ops(const Binding& x, std::uint64_t me) noexcept {
+  if (x.owner() == me) return static_cast<OpMask>(x.ops & ~x.guest_ops);
+  return x.guest == me ? x.guest_ops : OpMask{0};
+}
+inline OpMask others_ops(const Binding& x, std::uint64_t me) noexcept {
+  return static_cast<OpMask>(x.ops & ~own_ops(x, me));
 }
 
 // A call that continues an operation: it runs where that operation is.
@@ -120,8 +134,7 @@ template <class F>
   constexpr Effect e = effect<F>;
   Binding* b = nullptr;
   if constexpr (continues(e)) {
-    b = find_binding(s,
-                     [&](Binding& x) { return !x.busy() && x.owner() == me && (x.ops & e.ops); });
+    b = find_binding(s, [&](Binding& x) { return !x.busy() && (own_ops(x, me) & e.ops) != 0; });
     if (b == nullptr) {
       int active = 0;
       Binding* free_one = nullptr;
@@ -135,15 +148,21 @@ template <class F>
       if (active == 1) b = free_one;
     }
   }
-  if (b == nullptr) b = find_binding(s, [&](Binding& x) { return !x.busy() && x.owner() == me; });
+  // Not its own where its guest has the call's kind of operation active: the
+  // call would start, or continue, the guest's.
+  if (b == nullptr) {
+    b = find_binding(s, [&](Binding& x) {
+      return !x.busy() && x.owner() == me && (others_ops(x, me) & e.ops) == 0;
+    });
+  }
   // Not one an error may have left an operation on: its owner may still end it.
   if (b == nullptr) {
     b = find_binding(s, [&](Binding& x) { return !x.busy() && (x.ops | x.maybe) == 0; });
   }
   if (b == nullptr) return nullptr;
   // The anchor may have been claimed without the lock since we read it free
-  // (claim_anchor): then choose again, with it busy.
-  if (!b->try_claim(me)) [[unlikely]]
+  // (claim_anchor): then choose again, with it busy. A guest stays a guest.
+  if (!b->try_claim(b->guest == me && b->owner() != me ? 0 : me)) [[unlikely]]
     return search_binding<F>(s, me);
   return b;
 }
@@ -236,20 +255,53 @@ template <class F>
 // thread's is claimed without taking it over (try_claim(0) keeps its owner),
 // so that its owner's calls continuing an operation there still find it
 // theirs (claim_own_operation); one its owner waits for is not taken, nor
-// one that has a guest already (Binding::guest).
-inline Binding* claim_held_now(Session& s, std::uint64_t me) noexcept REQUIRES(s.lock) {
-  Binding* b = find_binding(s, [&](Binding& x) { return x.owner() == me && x.try_claim(me); });
-  if (b == nullptr)
-    b = find_binding(s, [&](Binding& x) { return x.guest == me && x.try_claim(0); });
+// one that has a guest already (Binding::guest). `kinds`: the operations the
+// call starts or continues; a binding where another thread has one of them
+// active is not taken (the call would continue or collide with it).
+inline Binding* claim_held_now(Session& s, std::uint64_t me, OpMask kinds = 0) noexcept
+    REQUIRES(s.lock) {
+  const auto clear_of_others = [&](Binding& x) {
+    return !x.wanted && (others_ops(x, me) & kinds) == 0;
+  };
+  Binding* b = find_binding(
+      s, [&](Binding& x) { return x.owner() == me && clear_of_others(x) && x.try_claim(me); });
+  if (b == nullptr) {
+    b = find_binding(
+        s, [&](Binding& x) { return x.guest == me && clear_of_others(x) && x.try_claim(0); });
+  }
   if (b == nullptr) {
     b = find_binding(s, [&](Binding& x) { return (x.ops | x.maybe) == 0 && x.try_claim(me); });
   }
   if (b == nullptr) {
     // Another thread's, with its operations: as its one guest.
-    b = find_binding(s, [](Binding& x) { return !x.wanted && x.guest == 0 && x.try_claim(0); });
-    if (b != nullptr) b->guest = me;
+    b = find_binding(
+        s, [&](Binding& x) { return x.guest == 0 && clear_of_others(x) && x.try_claim(0); });
+    if (b != nullptr && b->owner() != me) b->guest = me;
   }
   return b;
+}
+
+// No binding clear of others' operations of the call's kinds is free: a call
+// starting one runs on its own (or its guest) binding anyway, and the backend
+// answers (CKR_OPERATION_ACTIVE, as on one session), rather than wait for an
+// operation its application may never end.
+inline Binding* claim_own_held_now(Session& s, std::uint64_t me) noexcept REQUIRES(s.lock) {
+  Binding* b =
+      find_binding(s, [&](Binding& x) { return x.owner() == me && !x.wanted && x.try_claim(me); });
+  if (b == nullptr) {
+    b = find_binding(s, [&](Binding& x) { return x.guest == me && !x.wanted && x.try_claim(0); });
+  }
+  return b;
+}
+
+// Whether claim_held_now, or claim_own_held_now for a call that does not
+// continue an operation, could take `x` once it is free: what a call waiting
+// for a held binding waits for (bind_from_pool).
+inline bool could_take_held(const Binding& x, std::uint64_t me, OpMask kinds,
+                            bool continuing) noexcept {
+  const bool clear = !x.wanted && (others_ops(x, me) & kinds) == 0;
+  if (x.owner() == me || x.guest == me) return clear || (!continuing && !x.wanted);
+  return (x.ops | x.maybe) == 0 || (x.guest == 0 && clear);
 }
 
 // With bind = state, a call continuing an operation this thread started
@@ -261,8 +313,7 @@ template <class F>
     REQUIRES(s.lock) {
   constexpr Effect e = effect<F>;
   for (;;) {
-    Binding* mine = find_binding(
-        s, [&](Binding& x) { return (x.owner() == me || x.guest == me) && (x.ops & e.ops) != 0; });
+    Binding* mine = find_binding(s, [&](Binding& x) { return (own_ops(x, me) & e.ops) != 0; });
     if (mine == nullptr || s.closing) return claim_when_free<F>(s, me);
     if (mine->try_claim(mine->owner() == me ? me : 0)) {
       mine->wanted = false;
@@ -315,8 +366,12 @@ template <class F>
   Binding& a = s.anchor_while_counted();
   if (!a.try_claim_own(me)) [[unlikely]]
     return nullptr;  // busy, or another thread's: left as it was
-  if constexpr (continues(e)) {
-    if ((a.ops & e.ops) == 0) [[unlikely]] {
+  if constexpr (e.ops != 0) {
+    // Continuing: its own operation must be here. Otherwise: its guest's
+    // operation of this kind must not (own_ops).
+    const bool elsewhere =
+        continues(e) ? (a.ops & ~a.guest_ops & e.ops) == 0 : (a.guest_ops & e.ops) != 0;
+    if (elsewhere) [[unlikely]] {
       unclaim(s, a);
       return nullptr;
     }
@@ -440,8 +495,10 @@ struct Bound {
   Binding* binding;
   CK_RV rv;
 };
+// `e`: the call's effect (which operations it starts or continues).
 [[gnu::cold, gnu::noinline]] inline Bound bind_from_pool(Runtime& rt, Session& s, std::uint64_t me,
-                                                         bool holds) noexcept EXCLUDES(s.lock) {
+                                                         bool holds, Effect e) noexcept
+    EXCLUDES(s.lock) {
   // Fixed while the session is open, which it stays while we count in in_flight.
   const CK_SLOT_ID slot = s.slot_while_open();
   const bool rw = s.rw_while_open();
@@ -463,12 +520,25 @@ struct Bound {
       // It gave back what it held meanwhile: wait for the pool like any other.
       holds = holds_any(s);
       if (!holds) continue;
-      if (Binding* b = claim_held_now(s, me)) return {b, CKR_OK};
-      // Every one in use: once a call ends, the pool first again (a binding
-      // left idle goes back there).
-      wait_in_line(s, ticket, [&s]() NO_THREAD_SAFETY_ANALYSIS {  // under the caller's s.lock
-        return find_binding(s, [](Binding& x) { return !x.busy(std::memory_order_seq_cst); }) ==
-               nullptr;
+      if (Binding* b = claim_held_now(s, me, e.ops)) return {b, CKR_OK};
+      if (continues(e)) {
+        // p11mux knows each thread's operations (own_ops): with none of this
+        // kind, the thread has nothing to continue, and another thread's is
+        // not its to take.
+        if (find_binding(s, [&](Binding& x) { return (own_ops(x, me) & e.ops) != 0; }) == nullptr) {
+          leave_call(s);
+          return {nullptr, CKR_OPERATION_NOT_INITIALIZED};
+        }
+      } else if (e.ops != 0) {
+        if (Binding* b = claim_own_held_now(s, me)) return {b, CKR_OK};
+      }
+      // Every one it could take in use: once a call ends, the pool first
+      // again (a binding left idle goes back there).
+      wait_in_line(s, ticket, [&]() NO_THREAD_SAFETY_ANALYSIS {  // under the caller's s.lock
+        return find_binding(s, [&](Binding& x) {
+                 return !x.busy(std::memory_order_seq_cst) &&
+                        could_take_held(x, me, e.ops, continues(e));
+               }) == nullptr;
       });
       continue;
     }
@@ -531,8 +601,17 @@ inline Bound claim_locked(Runtime& rt, Observation& seen, Session& s, CK_SESSION
     leave_call(s);
     return {nullptr, CKR_SESSION_HANDLE_INVALID};
   }
-  if (b == nullptr) return bind_from_pool(rt, s, me, holds);
+  if (b == nullptr) return bind_from_pool(rt, s, me, holds, effect<F>);
   return {b, CKR_OK};
+}
+
+// With s.lock held, after a call on `b` that found `before` active there:
+// the operations it started are its guest's when the caller is not the
+// owner (claimed with try_claim(0): claim_held_now, claim_own_operation);
+// ended ones are nobody's.
+inline void note_guest_ops(Binding& b, OpMask before) noexcept {
+  if (b.owner() != this_thread_number()) b.guest_ops |= static_cast<OpMask>(b.ops & ~before);
+  b.guest_ops &= b.ops;
 }
 
 // A backend session to give back to the pool after the session lock is
@@ -642,6 +721,7 @@ template <class Observation, class CallBackend>
     for (Target& t : targets) {
       Binding& b = *t.binding;
       record_call<F>(rt, b, s->slot, t.rv, NothingCreated{}, t.flags);
+      note_guest_ops(b, b.ops);
       b.release();  // publishes ops to a lock-free claimer
       if (detaches_when_idle(rt, *s, b)) {
         if (Release r = detach_if_idle(*s, b); r.backend != CK_INVALID_HANDLE)
@@ -666,7 +746,9 @@ inline CK_RV finish_call(Runtime& rt, Session& s, Binding& b, CK_RV rv, Rest... 
   Release release;
   {
     MutexGuard guard(s.lock);
+    const OpMask before = b.ops;
     record_call<F>(rt, b, s.slot, rv, created, rest...);
+    note_guest_ops(b, before);
     if ((b.ops | b.maybe) == 0) b.guest = 0;
     if constexpr (std::is_same_v<F, fn::C_DestroyObject>) {
       // The object may have been created through another binding.

@@ -49,6 +49,12 @@ struct Binding {
   // found again as its own (claim_own_operation); 0 for none. Cleared when
   // no operation is left.
   std::uint64_t guest = 0;
+  // Of `ops`, those its guest started; the rest are its owner's. A call
+  // continuing an operation runs only where its own thread started one, and
+  // one starting an operation never where another thread has that kind active
+  // (multiplex.hpp, own_ops): kinds alone would let the owner continue its
+  // guest's operation and orphan its own (docs/design.md, "Binding on state").
+  std::uint16_t guest_ops = 0;
   // Multiplex: the thread that used it last (this_thread_number(), 0 for
   // none) and whether a call is running on it (busy), in one word:
   // (owner << 1) | kBusy. One word so that one compare-exchange claims the
@@ -93,7 +99,7 @@ struct Binding {
 
   void clear() noexcept {
     backend = CK_INVALID_HANDLE;
-    ops = maybe = 0;
+    ops = maybe = guest_ops = 0;
     discard = dead = wanted = false;
     guest = 0;
     why = {};

@@ -7,8 +7,11 @@
 #include "harness.hpp"
 #include "unit/observe_test_support.hpp"
 
+#include <array>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <functional>
 #include <future>
 #include <mutex>
 #include <string>
@@ -323,6 +326,113 @@ TEST_CASE("bind = state: calls waiting at the backend's limit are served in turn
   std::string seen;
   for (int i : order) seen += std::to_string(i);
   CHECK(seen == "01234");
+}
+
+// A thread of its own that runs one step at a time, when told: multiplex
+// mode tells threads apart, and an arrangement of bindings needs the same
+// thread for several steps.
+class Worker {
+ public:
+  Worker() : thread_([this] { loop(); }) {}
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  template <class F>
+  auto run(F step) {
+    std::packaged_task<decltype(step())()> task(std::move(step));
+    auto result = task.get_future();
+    {
+      std::lock_guard guard(lock_);
+      job_ = [&task] { task(); };
+    }
+    wake_.notify_all();
+    return result.get();
+  }
+
+  ~Worker() {
+    run([this] { done_ = true; });
+    thread_.join();
+  }
+
+ private:
+  void loop() {
+    while (!done_) {
+      std::function<void()> job;
+      {
+        std::unique_lock guard(lock_);
+        wake_.wait(guard, [this] { return job_ != nullptr; });
+        job = std::exchange(job_, nullptr);
+      }
+      job();
+    }
+  }
+  std::mutex lock_;
+  std::condition_variable wake_;
+  std::function<void()> job_;
+  bool done_ = false;  // written and read by the worker's own thread only
+  std::thread thread_;
+};
+
+TEST_CASE("bind = state: at the limit, each thread's operation stays its own, as owner or guest") {
+  // Issue 13: 16 threads signing and verifying on one multiplexed session
+  // over 4 backend sessions hung now and then. A binding's operations were
+  // known by kind only: G verified as the guest of A's binding, H as the
+  // guest of G's; G's C_Verify took G's own binding (it held "a
+  // verification") and ended H's, and G's own stayed on A's binding for
+  // good. The arrangement, step by step, over 3 backend sessions.
+  Proxy proxy(limited(3), nullptr,
+              {{"P11MUX_SESSION_MODE", "multiplex"},
+               {"P11MUX_POOL_BIND", "state"},
+               {"P11MUX_POOL_WAIT_MS", "30000"}});
+  CK_FUNCTION_LIST* p = proxy.p11;
+  // Two key pairs on a session of their own (the objects pin its backend
+  // session): a signature by one never verifies with the other.
+  CK_SESSION_HANDLE keys = proxy.open();
+  CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, key_g = CK_INVALID_HANDLE, key_h = CK_INVALID_HANDLE;
+  REQUIRE(p->C_GenerateKeyPair(keys, &gen, nullptr, 0, nullptr, 0, &pub, &key_g) == CKR_OK);
+  REQUIRE(p->C_GenerateKeyPair(keys, &gen, nullptr, 0, nullptr, 0, &pub, &key_h) == CKR_OK);
+  CK_SESSION_HANDLE shared = proxy.open();
+  CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
+  CK_MECHANISM sha = sha256();
+  auto verify = [&](CK_OBJECT_HANDLE key, std::string text) {
+    std::array<CK_BYTE, MOCK_DIGEST_LEN> sig{};
+    libs().mock->reference_signature(key, reinterpret_cast<const unsigned char*>(text.data()),
+                                     text.size(), sig.data());
+    return p->C_Verify(shared, reinterpret_cast<CK_BYTE*>(text.data()), text.size(), sig.data(),
+                       sig.size());
+  };
+  Worker g, h, a;
+  // G's binding (the anchor) holds G's signature; A's holds A's digest. The
+  // pool is at its limit: keys, G's, A's.
+  REQUIRE(g.run([&] { return p->C_SignInit(shared, &ecdsa, key_g); }) == CKR_OK);
+  REQUIRE(a.run([&] { return p->C_DigestInit(shared, &sha); }) == CKR_OK);
+  // H has none: it verifies as the guest of G's binding.
+  REQUIRE(h.run([&] { return p->C_VerifyInit(shared, &ecdsa, key_h); }) == CKR_OK);
+  // G's own binding holds H's verification: G's goes to A's, as its guest
+  // (it collided with H's before: CKR_OPERATION_ACTIVE).
+  CHECK(g.run([&] { return p->C_VerifyInit(shared, &ecdsa, key_g); }) == CKR_OK);
+  // A has no verification: it may not take G's, nor H's.
+  CHECK(a.run([&] { return verify(key_g, "by A"); }) == CKR_OPERATION_NOT_INITIALIZED);
+  // Each verification is its thread's.
+  CHECK(g.run([&] { return verify(key_g, "by G"); }) == CKR_OK);
+  CHECK(h.run([&] { return verify(key_h, "by H"); }) == CKR_OK);
+  // Nothing is left behind: A verifies on its own binding, G signs on its.
+  CHECK(a.run([&] { return p->C_VerifyInit(shared, &ecdsa, key_g); }) == CKR_OK);
+  CHECK(a.run([&] { return verify(key_g, "by A"); }) == CKR_OK);
+  CHECK(g.run([&] {
+    CK_BYTE data[] = "abc", sig[MOCK_DIGEST_LEN];
+    CK_ULONG len = sizeof sig;
+    return p->C_Sign(shared, data, 3, sig, &len);
+  }) == CKR_OK);
+  CHECK(a.run([&] {
+    CK_BYTE data[] = "abc", digest[MOCK_DIGEST_LEN];
+    CK_ULONG len = sizeof digest;
+    return p->C_Digest(shared, data, 3, digest, &len);
+  }) == CKR_OK);
+  CHECK(mock_stats().sessions_open_peak == 3);
+  CHECK(p->C_CloseSession(shared) == CKR_OK);
+  CHECK(p->C_CloseSession(keys) == CKR_OK);
 }
 
 TEST_CASE("bind = state: the token stays logged in while the application has a session") {

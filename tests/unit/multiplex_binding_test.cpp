@@ -247,6 +247,116 @@ TEST_CASE(
   CHECK(t.s.in_line.load() == 0);
 }
 
+// Issue 13, the livelock of 16 threads on one session at the pool's limit:
+// a binding's operations were known by kind only. Thread kMe (G) verifies
+// as the guest of thread 2's binding; thread 3 (H) verifies as the guest of
+// G's anchor. G's C_Verify took its anchor (its own, holding "a
+// verification") and ended H's; its own stayed active on thread 2's binding
+// for good, and every C_VerifyInit of thread 2 answered CKR_OPERATION_ACTIVE.
+struct GuestsOfEachOther : TestSession {
+  Binding* other = nullptr;  // thread 2's, where G verifies as its guest
+  GuestsOfEachOther() {
+    set_owner(s.anchor, kMe);
+    s.anchor.ops = op::sign | op::verify;  // G's signature, H's verification
+    s.anchor.guest = 3;
+    s.anchor.guest_ops = op::verify;
+    other = &extra(200, /*owner=*/2, op::digest | op::verify);
+    other->guest = kMe;
+    other->guest_ops = op::verify;
+  }
+  template <class F>
+  Binding* claim_on_state(std::uint64_t me = kMe) {
+    enter_call(s);
+    if (Binding* b = claim_anchor<F>(s, me)) return b;
+    MutexGuard guard(s.lock);
+    Binding* b = choose_binding<F>(s, me, /*on_state=*/true);
+    if (b == nullptr) leave_call(s);
+    return b;
+  }
+};
+
+TEST_CASE("a call continuing an operation runs where its thread started it, as owner or guest") {
+  for (bool on_state : {false, true}) {
+    CAPTURE(on_state);
+    GuestsOfEachOther t;
+    Binding* b = on_state ? t.claim_on_state<fn::C_Verify>() : t.claim<fn::C_Verify>();
+    CHECK(b == t.other);             // G's verification, not H's on G's anchor
+    CHECK(t.other->owner() == 2);    // still thread 2's: G is its guest
+    CHECK_FALSE(t.s.anchor.busy());  // claimed without the lock, and given up
+    GuestsOfEachOther u;
+    CHECK(u.claim_on_state<fn::C_Verify>(3) == &u.s.anchor);  // H's is on G's anchor
+    CHECK(u.claim_on_state<fn::C_Verify>(2) == nullptr);      // thread 2 has none: the pool decides
+    GuestsOfEachOther v;
+    CHECK(v.claim<fn::C_SignFinal>() == &v.s.anchor);  // G's own signature, inline
+  }
+}
+
+// G's anchor holds H's verification (H its guest), thread 2's binding its
+// own; G has none: G's C_VerifyInit would collide with either
+// (CKR_OPERATION_ACTIVE), on a backend where G has no verification at all.
+struct VerifiedByOthers : TestSession {
+  Binding* other = nullptr;
+  VerifiedByOthers() {
+    set_owner(s.anchor, kMe);
+    s.anchor.ops = op::sign | op::verify;
+    s.anchor.guest = 3;
+    s.anchor.guest_ops = op::verify;
+    other = &extra(200, /*owner=*/2, op::verify);
+  }
+};
+
+TEST_CASE("a call starting an operation never runs where another thread has that kind active") {
+  VerifiedByOthers t;
+  Binding& idle = t.extra(201, /*owner=*/4);
+  CHECK(t.claim<fn::C_VerifyInit>() == &idle);
+  CHECK_FALSE(t.s.anchor.busy());
+  // Another kind is no obstacle: the anchor, inline.
+  VerifiedByOthers u;
+  CHECK(u.claim<fn::C_DecryptInit>() == &u.s.anchor);
+  // At the pool's limit (claim_held_now): thread 5's binding is clear of
+  // verifications, and G becomes its guest.
+  VerifiedByOthers v;
+  Binding& fifth = v.extra(201, /*owner=*/5, op::sign);
+  {
+    MutexGuard guard(v.s.lock);
+    CHECK(could_take_held(v.s.anchor, kMe, op::verify, /*continuing=*/true) == false);
+    CHECK(could_take_held(*v.other, kMe, op::verify, /*continuing=*/false) == false);
+    CHECK(claim_held_now(v.s, kMe, op::verify) == &fifth);
+    CHECK(fifth.guest == kMe);
+    CHECK(fifth.owner() == 5);
+  }
+  // With none clear, a call starting one falls back to its own binding,
+  // where the backend answers; one continuing waits, or is refused.
+  VerifiedByOthers w;
+  {
+    MutexGuard guard(w.s.lock);
+    CHECK(claim_held_now(w.s, kMe, op::verify) == nullptr);
+    CHECK(could_take_held(w.s.anchor, kMe, op::verify, /*continuing=*/false));
+    CHECK(claim_own_held_now(w.s, kMe) == &w.s.anchor);
+  }
+}
+
+TEST_CASE("the operations a guest starts are its own; ended ones are nobody's") {
+  const std::uint64_t me = this_thread_number();
+  Binding b;
+  b.backend = 100;
+  set_owner(b, me + 1);  // another thread's: this call runs as its guest
+  b.ops = op::sign;      // the owner's
+  b.ops |= op::verify;   // what this call started
+  note_guest_ops(b, op::sign);
+  CHECK(b.guest_ops == op::verify);
+  b.ops = op::verify;  // the owner's signature ended, by its owner
+  set_owner(b, me);
+  note_guest_ops(b, op::sign | op::verify);
+  CHECK(b.guest_ops == op::verify);  // still the guest's
+  b.ops = op::verify | op::digest;   // the owner starts a digest
+  note_guest_ops(b, op::verify);
+  CHECK(b.guest_ops == op::verify);
+  b.ops = op::digest;  // the guest's verification ended
+  note_guest_ops(b, op::verify | op::digest);
+  CHECK(b.guest_ops == 0);
+}
+
 TEST_CASE("a call that continues no operation runs on this thread's own free binding") {
   TestSession t;
   set_owner(t.s.anchor, 2);                       // free, no operation: rule 3 would take it
