@@ -31,16 +31,15 @@ inline CK_RV group_answer(const GroupRuntime& g, fn::C_GetMechanismInfo, CK_SLOT
   return g.get_mechanism_info(slot, type, info);
 }
 // Sessions on groups are the next step (docs/groups.md, "Not built yet").
-inline CK_RV group_answer(const GroupRuntime& g, fn::C_InitToken, CK_SLOT_ID slot,
-                          CK_UTF8CHAR_PTR, CK_ULONG, CK_UTF8CHAR_PTR) noexcept {
+inline CK_RV group_answer(const GroupRuntime& g, fn::C_InitToken, CK_SLOT_ID slot, CK_UTF8CHAR_PTR,
+                          CK_ULONG, CK_UTF8CHAR_PTR) noexcept {
   return g.refuse("C_InitToken", slot);
 }
 inline CK_RV group_answer(const GroupRuntime& g, fn::C_OpenSession, CK_SLOT_ID slot, CK_FLAGS,
                           CK_VOID_PTR, CK_NOTIFY, CK_SESSION_HANDLE_PTR) noexcept {
   return g.refuse("C_OpenSession", slot);
 }
-inline CK_RV group_answer(const GroupRuntime& g, fn::C_CloseAllSessions,
-                          CK_SLOT_ID slot) noexcept {
+inline CK_RV group_answer(const GroupRuntime& g, fn::C_CloseAllSessions, CK_SLOT_ID slot) noexcept {
   return g.close_all_sessions(slot);
 }
 // With CKF_DONT_BLOCK (the blocking wait: Runtime::wait_for_slot_event).
@@ -50,7 +49,8 @@ inline CK_RV group_answer(const GroupRuntime& g, fn::C_WaitForSlotEvent, CK_FLAG
 }
 
 template <class F, class... A>
-inline constexpr bool kGroupAnswered =
-    requires(const GroupRuntime& g, A... a) { group_answer(g, F{}, a...); };
+inline constexpr bool kGroupAnswered = requires(const GroupRuntime& g, A... a) {
+  group_answer(g, F{}, a...);
+};
 
 }  // namespace p11mux

@@ -103,8 +103,8 @@ GroupRuntime::GroupRuntime(const Config& config, std::span<const BackendPort* co
       const BackendPort* port = port_of(m.backend);
       const auto held = tokens.find(m.backend);
       if (port == nullptr || held == tokens.end()) {
-        throw ConfigError("[group." + g.name + "] member " + describe(m) +
-                          ": no [backend." + m.backend + "] is configured");
+        throw ConfigError("[group." + g.name + "] member " + describe(m) + ": no [backend." +
+                          m.backend + "] is configured");
       }
       std::vector<const Token*> found;
       std::string seen;
@@ -118,10 +118,10 @@ GroupRuntime::GroupRuntime(const Config& config, std::span<const BackendPort* co
         throw CkrError(
             CKR_GENERAL_ERROR,
             "[group." + g.name + "] member " + describe(m) + ": " +
-                (found.empty() ? "no token of [backend." + m.backend + "] matches (its tokens: " +
-                                     (seen.empty() ? std::string("none") : seen) + ")"
-                               : std::to_string(found.size()) +
-                                     " tokens match; name the member by serial:"));
+                (found.empty()
+                     ? "no token of [backend." + m.backend + "] matches (its tokens: " +
+                           (seen.empty() ? std::string("none") : seen) + ")"
+                     : std::to_string(found.size()) + " tokens match; name the member by serial:"));
       }
       slot.members.push_back(Member{port, found.front()->slot, m});
     }

@@ -44,8 +44,8 @@ class GroupRuntime {
   // A member as found: its backend's port and its slot on that backend.
   struct Member {
     const BackendPort* port;
-    CK_SLOT_ID slot;      // the backend's own slot ID
-    GroupMember config;   // its backend and token, as configured
+    CK_SLOT_ID slot;     // the backend's own slot ID
+    GroupMember config;  // its backend and token, as configured
   };
 
   std::size_t group_count() const noexcept { return groups_.size(); }
@@ -56,7 +56,8 @@ class GroupRuntime {
   // The slot functions, on the slot IDs above: the group's slot synthesized
   // from its members (group_slot.hpp), a member shown answered by its
   // backend, any other ID CKR_SLOT_ID_INVALID.
-  CK_RV get_slot_list(CK_BBOOL token_present, CK_SLOT_ID_PTR list, CK_ULONG_PTR count) const noexcept;
+  CK_RV get_slot_list(CK_BBOOL token_present, CK_SLOT_ID_PTR list,
+                      CK_ULONG_PTR count) const noexcept;
   CK_RV get_slot_info(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info) const noexcept;
   CK_RV get_token_info(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) const noexcept;
   CK_RV get_mechanism_list(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list,

@@ -108,9 +108,9 @@ MockConfig three_tokens() {
 }  // namespace
 
 TEST_CASE("groups: one slot per group, members hidden by default, one module loaded once") {
-  GroupProxy proxy(mock_backend() +
-                       "[group.signing]\nmembers = mock/label:mock-token-0, mock/serial:2\n",
-                   three_tokens());
+  GroupProxy proxy(
+      mock_backend() + "[group.signing]\nmembers = mock/label:mock-token-0, mock/serial:2\n",
+      three_tokens());
   REQUIRE(proxy.initialize() == CKR_OK);
   // Two members of one [backend.NAME]: the module is initialized once.
   CHECK(mock_stats().initialize_calls == 1);
@@ -130,11 +130,12 @@ TEST_CASE("groups: one slot per group, members hidden by default, one module loa
 }
 
 TEST_CASE("groups: hide_members = false shows each member's slot after the groups'") {
-  GroupProxy proxy(mock_backend() +
-                       "[group.signing]\nmembers = mock/label:mock-token-2, mock/label:mock-token-0\n"
-                       "hide_members = false\n"
-                       "[group.verify]\nmembers = mock/label:mock-token-1, mock/label:mock-token-2\n",
-                   three_tokens());
+  GroupProxy proxy(
+      mock_backend() +
+          "[group.signing]\nmembers = mock/label:mock-token-2, mock/label:mock-token-0\n"
+          "hide_members = false\n"
+          "[group.verify]\nmembers = mock/label:mock-token-1, mock/label:mock-token-2\n",
+      three_tokens());
   REQUIRE(proxy.initialize() == CKR_OK);
   // Groups 0 and 1; then signing's members, except mock-token-2, which
   // group verify (hide_members = true by default) hides.
@@ -155,9 +156,10 @@ TEST_CASE("groups: the slot and token info are the group's, session counts summe
   MockConfig mock = three_tokens();
   mock.token_max_session_count = 10;
   mock.token_max_rw_session_count = 4;
-  GroupProxy proxy(mock_backend() +
-                       "[group.signing]\nmembers = mock/label:mock-token-0, mock/label:mock-token-2\n",
-                   mock);
+  GroupProxy proxy(
+      mock_backend() +
+          "[group.signing]\nmembers = mock/label:mock-token-0, mock/label:mock-token-2\n",
+      mock);
   REQUIRE(proxy.initialize() == CKR_OK);
   CK_SLOT_INFO slot{};
   REQUIRE(proxy.p11->C_GetSlotInfo(0, &slot) == CKR_OK);
@@ -199,13 +201,14 @@ TEST_CASE("groups: the mechanisms are those every member has") {
   std::strcpy(mock.fail_function, "C_GetMechanismInfo");
   mock.fail_rv = CKR_MECHANISM_INVALID;
   mock.fail_nth = 7;
-  GroupProxy proxy(mock_backend() +
-                       "[group.signing]\nmembers = mock/label:mock-token-0, mock/label:mock-token-1\n",
-                   mock);
+  GroupProxy proxy(
+      mock_backend() +
+          "[group.signing]\nmembers = mock/label:mock-token-0, mock/label:mock-token-1\n",
+      mock);
   REQUIRE(proxy.initialize() == CKR_OK);
   CHECK(proxy.mechanisms(0) == std::vector<CK_MECHANISM_TYPE>{CKM_SHA256, CKM_AES_ECB,
-                                                               CKM_GENERIC_SECRET_KEY_GEN,
-                                                               CKM_EC_KEY_PAIR_GEN});
+                                                              CKM_GENERIC_SECRET_KEY_GEN,
+                                                              CKM_EC_KEY_PAIR_GEN});
   CK_MECHANISM_INFO info{};
   CHECK(proxy.p11->C_GetMechanismInfo(0, CKM_ECDSA, &info) == CKR_MECHANISM_INVALID);
   REQUIRE(proxy.p11->C_GetMechanismInfo(0, CKM_AES_ECB, &info) == CKR_OK);
@@ -220,9 +223,8 @@ TEST_CASE("groups: sessions on a group are refused for now, with a log line") {
   REQUIRE(proxy.initialize() == CKR_OK);
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
   CK_RV rv = CKR_OK;
-  std::string err = capture_stderr([&] {
-    rv = proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h);
-  });
+  std::string err = capture_stderr(
+      [&] { rv = proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h); });
   CHECK(rv == CKR_FUNCTION_NOT_SUPPORTED);
   CHECK_MESSAGE(err.find("C_OpenSession on slot 0 refused") != std::string::npos, err);
   CHECK_MESSAGE(err.find("the next step") != std::string::npos, err);
@@ -234,8 +236,7 @@ TEST_CASE("groups: sessions on a group are refused for now, with a log line") {
   (void)capture_stderr([&] { rv = proxy.p11->C_InitToken(0, pin, 4, label); });
   CHECK(rv == CKR_FUNCTION_NOT_SUPPORTED);
   CK_SLOT_ID slot = 0;
-  err = capture_stderr(
-      [&] { rv = proxy.p11->C_WaitForSlotEvent(CKF_DONT_BLOCK, &slot, nullptr); });
+  err = capture_stderr([&] { rv = proxy.p11->C_WaitForSlotEvent(CKF_DONT_BLOCK, &slot, nullptr); });
   CHECK(rv == CKR_FUNCTION_NOT_SUPPORTED);
   CHECK_MESSAGE(err.find("C_WaitForSlotEvent refused") != std::string::npos, err);
   (void)capture_stderr([&] { rv = proxy.p11->C_WaitForSlotEvent(0, &slot, nullptr); });
@@ -247,15 +248,15 @@ TEST_CASE("groups: sessions on a group are refused for now, with a log line") {
 }
 
 TEST_CASE("groups: a member whose token is not there fails C_Initialize, naming it") {
-  GroupProxy proxy(mock_backend() +
-                       "[group.signing]\nmembers = mock/label:mock-token-0, mock/label:absent\n",
-                   three_tokens());
+  GroupProxy proxy(
+      mock_backend() + "[group.signing]\nmembers = mock/label:mock-token-0, mock/label:absent\n",
+      three_tokens());
   std::string err;
   CHECK(proxy.initialize(&err) == CKR_GENERAL_ERROR);
-  CHECK_MESSAGE(err.find("[group.signing] member mock/label:absent: no token of [backend.mock] "
-                         "matches (its tokens: label:'mock-token-0' serial:'0'") !=
-                    std::string::npos,
-                err);
+  CHECK_MESSAGE(
+      err.find("[group.signing] member mock/label:absent: no token of [backend.mock] "
+               "matches (its tokens: label:'mock-token-0' serial:'0'") != std::string::npos,
+      err);
   CK_ULONG n = 0;
   CHECK(proxy.p11->C_GetSlotList(CK_FALSE, nullptr, &n) == CKR_CRYPTOKI_NOT_INITIALIZED);
   // The backend loaded for it is finalized again.
@@ -275,8 +276,9 @@ TEST_CASE("groups: a backend that cannot be loaded fails C_Initialize, and the o
 }
 
 TEST_CASE("groups: [policy] tokens is refused beside groups (their slot IDs are p11mux's)") {
-  GroupProxy proxy(mock_backend() + "[group.signing]\nmembers = mock/label:mock-token-0\n"
-                                    "[policy]\ntokens = label:signing\n",
+  GroupProxy proxy(mock_backend() +
+                       "[group.signing]\nmembers = mock/label:mock-token-0\n"
+                       "[policy]\ntokens = label:signing\n",
                    three_tokens());
   std::string err;
   CHECK(proxy.initialize(&err) == CKR_GENERAL_ERROR);
