@@ -263,6 +263,39 @@ TEST_CASE("groups: a member whose token is not there fails C_Initialize, naming 
   CHECK(mock_stats().initialized == 0);
 }
 
+TEST_CASE(
+    "groups: a member whose label two tokens have fails C_Initialize; by serial it is found") {
+  auto relabel_token_2 = [] {
+    // Labels survive the mock's C_Finalize (until mock_reset).
+    CK_FUNCTION_LIST* direct = mock_functions();
+    REQUIRE(direct->C_Initialize(nullptr) == CKR_OK);
+    CK_UTF8CHAR so_pin[] = MOCK_SO_PIN;
+    CK_UTF8CHAR label[32];
+    std::memset(label, ' ', sizeof label);
+    std::memcpy(label, "mock-token-0", 12);
+    REQUIRE(direct->C_InitToken(2, so_pin, 4, label) == CKR_OK);
+    REQUIRE(direct->C_Finalize(nullptr) == CKR_OK);
+  };
+  {
+    GroupProxy proxy(mock_backend() + "[group.signing]\nmembers = mock/label:mock-token-0\n",
+                     three_tokens());
+    relabel_token_2();
+    std::string err;
+    CHECK(proxy.initialize(&err) == CKR_GENERAL_ERROR);
+    CHECK_MESSAGE(err.find("[group.signing] member mock/label:mock-token-0: 2 tokens match; "
+                           "name the member by serial:") != std::string::npos,
+                  err);
+  }
+  GroupProxy proxy(mock_backend() +
+                       "[group.signing]\nmembers = mock/serial:2\n"
+                       "hide_members = false\n",
+                   three_tokens());
+  relabel_token_2();
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_TOKEN_INFO token = proxy.token(1);
+  CHECK(padded_text(token.serialNumber, 16) == "2");
+}
+
 TEST_CASE("groups: a backend that cannot be loaded fails C_Initialize, and the others are let go") {
   GroupProxy proxy(mock_backend() + "[backend.gone]\nmodule = /nonexistent/libgone.so\n" +
                        "[group.signing]\nmembers = mock/label:mock-token-0\n"
