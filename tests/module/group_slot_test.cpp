@@ -129,6 +129,17 @@ TEST_CASE("groups: one slot per group, members hidden by default, one module loa
   CHECK(mock_stats().sessions_opened_total == 0);
 }
 
+TEST_CASE("groups: a [backend.NAME] is initialized with its own locking and init_reserved") {
+  GroupProxy proxy("[backend.mock]\nmodule = " + std::string(P11MUX_TEST_MOCK_PATH) +
+                       "\nlocking = callbacks\ninit_reserved = \"configdir='sql:/tmp/x'\"\n"
+                       "[group.signing]\nmembers = mock/label:mock-token-0\n",
+                   three_tokens());
+  REQUIRE(proxy.initialize() == CKR_OK);
+  const MockStats stats = mock_stats();
+  CHECK(stats.init_locking == MOCK_LOCK_CALLBACKS);  // automatic would pick OS locking
+  CHECK(std::string(stats.init_reserved) == "configdir='sql:/tmp/x'");
+}
+
 TEST_CASE("groups: hide_members = false shows each member's slot after the groups'") {
   GroupProxy proxy(
       mock_backend() +
