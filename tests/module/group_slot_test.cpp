@@ -4,6 +4,8 @@
 // refused for now. Over the mock, whose slots hold "mock-token-N", serial N.
 #include "harness.hpp"
 
+#include "faulty_control.h"
+
 #include <dlfcn.h>
 
 #include <cstring>
@@ -226,6 +228,40 @@ TEST_CASE("groups: the mechanisms are those every member has") {
   CHECK(info.flags == (CKF_ENCRYPT | CKF_DECRYPT));
   CHECK(info.ulMaxKeySize == 4096);
   CHECK(proxy.p11->C_GetMechanismInfo(9, CKM_AES_ECB, &info) == CKR_SLOT_ID_INVALID);
+}
+
+TEST_CASE("groups: a member that fails or lost its token does not count; none left, no token") {
+  // The faulty module over the mock: slot faults on one member at a time.
+  void* lib = ::dlopen(P11MUX_TEST_FAULTY_PATH, RTLD_NOW | RTLD_LOCAL);  // -z nodelete
+  REQUIRE(lib != nullptr);
+  const FaultyControl* faulty =
+      reinterpret_cast<FaultyGetControlFn>(::dlsym(lib, "faulty_get_control"))();
+  MockConfig mock = three_tokens();
+  mock.token_max_session_count = 10;
+  GroupProxy proxy("[backend.f]\nmodule = " + std::string(P11MUX_TEST_FAULTY_PATH) +
+                       "\n[group.signing]\nmembers = f/label:mock-token-0, f/label:mock-token-1\n",
+                   mock, {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}});
+  REQUIRE(faulty->reset() == 0);
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CHECK(proxy.token(0).ulMaxSessionCount == 20);
+
+  faulty->set_slot_removed(1, 1);  // the second member's token removed
+  CHECK(proxy.token(0).ulMaxSessionCount == 10);
+  CHECK(proxy.slots(CK_TRUE) == std::vector<CK_SLOT_ID>{0});
+
+  faulty->fail_slot(0, CKR_DEVICE_ERROR);  // and the first one failing
+  CK_TOKEN_INFO token{};
+  CHECK(proxy.p11->C_GetTokenInfo(0, &token) == CKR_TOKEN_NOT_PRESENT);
+  CK_SLOT_INFO slot{};
+  REQUIRE(proxy.p11->C_GetSlotInfo(0, &slot) == CKR_OK);
+  CHECK((slot.flags & CKF_TOKEN_PRESENT) == 0);
+  CHECK(proxy.slots(CK_TRUE).empty());
+  CHECK(proxy.slots(CK_FALSE) == std::vector<CK_SLOT_ID>{0});
+
+  faulty->clear_slot(0);
+  faulty->clear_slot(1);
+  CHECK(proxy.token(0).ulMaxSessionCount == 20);
+  CHECK(proxy.slots(CK_TRUE) == std::vector<CK_SLOT_ID>{0});
 }
 
 TEST_CASE("groups: sessions on a group are refused for now, with a log line") {
