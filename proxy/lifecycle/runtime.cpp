@@ -56,6 +56,14 @@ BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* sel
           "[policy] tokens does not apply to [group.NAME] configurations yet (docs/groups.md); "
           "a group's hide_members hides its members");
     }
+    // The vendor's interfaces call one module with its own slot IDs,
+    // bypassing p11mux: in a group configuration, which module is unclear
+    // and its slot IDs are not the application's.
+    if (config.backend.vendor_interfaces == VendorInterfaces::pass) {
+      throw ConfigError(
+          "[backend] vendor_interfaces = pass does not apply to [group.NAME] configurations "
+          "(docs/groups.md)");
+    }
     BackendOptions options = named_backend_options(config.backends.front(), self);
     options.inherited = inherited;
     return options;
@@ -122,7 +130,14 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
                                           observer_->pools())),
       poll_lock_(locks_) {
   // A group configuration opens no sessions yet (docs/groups.md).
-  if (!groups_) pool_->prewarm();
+  if (!groups_) {
+    pool_->prewarm();
+  } else if (config.pool.prewarm > 0) {
+    log_->warn(
+        "[pool] prewarm = {} is not applied to groups: sessions on groups are not served "
+        "yet (docs/groups.md)",
+        config.pool.prewarm);
+  }
   std::chrono::seconds idle(config.pool.idle_timeout_s), keepalive(config.pool.keepalive_s);
   if (idle.count() > 0 || keepalive.count() > 0) {
     if (may_create_threads_) {

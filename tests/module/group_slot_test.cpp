@@ -355,6 +355,26 @@ TEST_CASE("groups: a backend that cannot be loaded fails C_Initialize, and the o
   CHECK(mock_stats().initialized == 0);
 }
 
+TEST_CASE(
+    "groups: [pool] prewarm is not applied, with a warning; vendor_interfaces = pass refused") {
+  {
+    GroupProxy proxy(mock_backend() +
+                         "[group.signing]\nmembers = mock/label:mock-token-0\n"
+                         "[pool]\nprewarm = 2\n",
+                     three_tokens(), {{"P11MUX_LOG_LEVEL", "warn"}});
+    std::string err;
+    REQUIRE(proxy.initialize(&err) == CKR_OK);
+    CHECK_MESSAGE(err.find("[pool] prewarm = 2 is not applied to groups") != std::string::npos,
+                  err);
+    CHECK(mock_stats().sessions_opened_total == 0);
+  }
+  GroupProxy proxy(mock_backend() + "[group.signing]\nmembers = mock/label:mock-token-0\n",
+                   three_tokens(), {{"P11MUX_BACKEND_VENDOR_INTERFACES", "pass"}});
+  std::string err;
+  CHECK(proxy.initialize(&err) == CKR_GENERAL_ERROR);
+  CHECK_MESSAGE(err.find("vendor_interfaces = pass does not apply") != std::string::npos, err);
+}
+
 TEST_CASE("groups: [policy] tokens is refused beside groups (their slot IDs are p11mux's)") {
   GroupProxy proxy(mock_backend() +
                        "[group.signing]\nmembers = mock/label:mock-token-0\n"
