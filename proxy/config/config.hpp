@@ -22,7 +22,7 @@
 // stripped, there are no escapes, so a quoted value cannot contain '"'); an unquoted value
 // ends at a '#' or ';' that follows whitespace. A key may appear once per file.
 //
-// Named sections (several HSMs as one slot, docs/groups.md; checked, not yet served):
+// Named sections (several HSMs as one slot, docs/groups.md; their slots served, not yet sessions):
 //
 //   [backend.hsm1]
 //   module = /usr/lib/vendor/libvendor.so
@@ -74,8 +74,8 @@ enum class BindMode { automatic, open, state };  // config text: auto|open|state
 enum class VendorInterfaces { hide, pass };  // config text: hide|pass
 
 // ---- Several HSMs as one slot (issue 15, docs/groups.md) -----------------
-// Parsed and checked here; the runtime does not serve groups yet and refuses
-// a configuration that names backends or groups at C_Initialize.
+// Parsed and checked here; the runtime shows each group as a slot
+// (group/group_runtime.hpp) but opens no session on it yet.
 
 // Where a group's calls go: the member with the fewest calls in flight, each
 // member in turn, or the first healthy member until it is at capacity.

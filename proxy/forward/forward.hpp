@@ -14,6 +14,7 @@
 #include "forward/state_binding.hpp"
 #include "functions/arg_check.hpp"
 #include "functions/function_traits.hpp"
+#include "group/group_calls.hpp"
 #include "handled/handled.hpp"
 #include "observe/observe.hpp"
 
@@ -36,6 +37,11 @@ template <class F, class Via = ToPort, class Observation, class... A>
 [[gnu::always_inline]] inline CK_RV forward_observed(Runtime& rt, Observation& seen,
                                                      A... a) noexcept {
   if (CK_RV rv = check_arguments<F>(rt.port().version().major >= 3, a...); rv != CKR_OK) return rv;
+  // The slot functions of a group configuration (none of the session ones).
+  if constexpr (kGroupAnswered<F, A...>) {
+    if (const GroupRuntime* groups = rt.groups()) [[unlikely]]
+      return group_answer(*groups, F{}, a...);
+  }
   if constexpr (F::dispatch == Dispatch::handled) {
     return handler<F>(rt, a...);
   } else {

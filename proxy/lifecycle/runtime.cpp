@@ -19,12 +19,54 @@ constexpr auto kSlotEventPoll = 100ms;
 // after the backend was finalized, before it gives up on them.
 constexpr auto kWaiterGrace = 2s;
 
+BackendLocking backend_locking(LockingMode mode) noexcept {
+  switch (mode) {
+    case LockingMode::automatic:
+      return BackendLocking::automatic;
+    case LockingMode::os:
+      return BackendLocking::os;
+    case LockingMode::callbacks:
+      return BackendLocking::callbacks;
+    case LockingMode::none:
+      return BackendLocking::none;
+  }
+  return BackendLocking::automatic;
+}
+
+BackendOptions named_backend_options(const NamedBackend& backend, const CK_FUNCTION_LIST* self) {
+  BackendOptions options;
+  options.path = backend.module;
+  options.init_reserved = backend.init_reserved;
+  options.self = self;
+  options.locking = backend_locking(backend.locking);
+  return options;
+}
+
+// The runtime's own port: the top-level module, or in a group configuration
+// the first [backend.NAME] (the others: load_named_backends).
 BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* self,
                                std::optional<BackendLocking> inherited) {
   if (config.has_groups()) {
-    throw ConfigError(
-        "[backend.NAME] and [group.NAME] are not served yet (docs/groups.md): configure the "
-        "top-level module");
+    // config.cpp refuses a named backend no group uses, so there is one.
+    if (config.backends.empty()) throw ConfigError("[group.NAME] without any [backend.NAME]");
+    // [policy] tokens picks slots by asking the backend about a slot ID;
+    // a group configuration's slot IDs are p11mux's (group_runtime.hpp).
+    if (!config.policy.tokens.empty()) {
+      throw ConfigError(
+          "[policy] tokens does not apply to [group.NAME] configurations yet (docs/groups.md); "
+          "a group's hide_members hides its members");
+    }
+    // The vendor's interfaces call one module with its own slot IDs,
+    // bypassing p11mux: in a group configuration, which module is unclear
+    // and its slot IDs are not the application's.
+    if (config.backend.vendor_interfaces == VendorInterfaces::pass) {
+      throw ConfigError(
+          "[backend] vendor_interfaces = pass does not apply to [group.NAME] configurations "
+          "(docs/groups.md)");
+    }
+    BackendOptions options = named_backend_options(config.backends.front(), self);
+    options.inherited = inherited;
+    return options;
   }
   if (config.module.empty()) {
     throw CkrError(CKR_GENERAL_ERROR,
@@ -37,21 +79,30 @@ BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* sel
   options.init_reserved = config.backend.init_reserved;
   options.self = self;
   options.inherited = inherited;
-  switch (config.backend.locking) {
-    case LockingMode::automatic:
-      options.locking = BackendLocking::automatic;
-      break;
-    case LockingMode::os:
-      options.locking = BackendLocking::os;
-      break;
-    case LockingMode::callbacks:
-      options.locking = BackendLocking::callbacks;
-      break;
-    case LockingMode::none:
-      options.locking = BackendLocking::none;
-      break;
-  }
+  options.locking = backend_locking(config.backend.locking);
   return options;
+}
+
+// Each [backend.NAME] after the first, loaded once however many members it
+// serves, each with its own locking and init_reserved.
+std::vector<std::unique_ptr<BackendPort>> load_named_backends(const Config& config,
+                                                              const CK_FUNCTION_LIST* self,
+                                                              const LockSource& locks) {
+  std::vector<std::unique_ptr<BackendPort>> ports;
+  for (std::size_t i = 1; i < config.backends.size(); ++i) {
+    ports.push_back(std::make_unique<BackendPort>(
+        std::make_unique<Backend>(named_backend_options(config.backends[i], self)), locks));
+  }
+  return ports;
+}
+
+void log_backend(spdlog::logger& log, const Backend& backend, std::string_view name) {
+  log.info("backend {}'{}' initialized: cryptoki {}.{}, locking {}{}{}", name, backend.path(),
+           backend.version().major, backend.version().minor, to_string(backend.locking()),
+           backend.thread_safe() ? "" : " (not thread-safe: every call serialized)",
+           backend.shared()      ? ", already initialized by another user"
+           : backend.inherited() ? ", as initialized before fork()"
+                                 : "");
 }
 
 }  // namespace
@@ -71,11 +122,22 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
                                   : nullptr),
       slow_path_(observer_->active() || policy_ != nullptr),
       port_(std::make_unique<Backend>(backend_options(config, self, inherited)), locks_),
+      extra_ports_(load_named_backends(config, self, locks_)),
+      groups_(config.has_groups() ? std::make_unique<const GroupRuntime>(config, ports(), *log_)
+                                  : nullptr),
       sessions_(locks_),
       pool_(std::make_unique<SessionPool>(port_, gate, config.pool, locks_, epoch, *log_,
                                           observer_->pools())),
       poll_lock_(locks_) {
-  pool_->prewarm();
+  // A group configuration opens no sessions yet (docs/groups.md).
+  if (!groups_) {
+    pool_->prewarm();
+  } else if (config.pool.prewarm > 0) {
+    log_->warn(
+        "[pool] prewarm = {} is not applied to groups: sessions on groups are not served "
+        "yet (docs/groups.md)",
+        config.pool.prewarm);
+  }
   std::chrono::seconds idle(config.pool.idle_timeout_s), keepalive(config.pool.keepalive_s);
   if (idle.count() > 0 || keepalive.count() > 0) {
     if (may_create_threads_) {
@@ -86,15 +148,15 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
           "CKF_LIBRARY_CANT_CREATE_OS_THREADS forbids p11mux's maintenance thread");
     }
   }
-  const Backend& backend = *port_.backend();
   log_->info("sessions: mode {}, bind {}", to_string(config.session_mode),
              binds_on_state_ ? "state" : "open");
-  log_->info("backend '{}' initialized: cryptoki {}.{}, locking {}{}{}", backend.path(),
-             backend.version().major, backend.version().minor, to_string(backend.locking()),
-             backend.thread_safe() ? "" : " (not thread-safe: every call serialized)",
-             backend.shared()      ? ", already initialized by another user"
-             : backend.inherited() ? ", as initialized before fork()"
-                                   : "");
+  if (groups_) {
+    for (std::size_t i = 0; i < config.backends.size(); ++i) {
+      log_backend(*log_, *ports()[i]->backend(), "[backend." + config.backends[i].name + "] ");
+    }
+  } else {
+    log_backend(*log_, *port_.backend(), "");
+  }
   if (locks_.uses_app_callbacks()) log_->info("using the application's mutex callbacks");
   if (policy_) log_->info("{}", policy_->describe());
   observer_->start(sessions_);
@@ -187,7 +249,14 @@ Runtime::WaiterRef::~WaiterRef() {
   wake_all(rt_.waiters_);
 }
 
+std::vector<const BackendPort*> Runtime::ports() const {
+  std::vector<const BackendPort*> all{&port_};
+  for (const auto& p : extra_ports_) all.push_back(p.get());
+  return all;
+}
+
 CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept {
+  if (groups_) return groups_->refuse_slot_events();
   auto wait = [this, slot](CK_FLAGS f) {
     return port_.call<fn::C_WaitForSlotEvent>(f, slot, nullptr);
   };
@@ -225,6 +294,11 @@ bool Runtime::shutdown() noexcept {
     stopping_.store(1, std::memory_order_seq_cst);
   }
   wake_all(stopping_);
+  for (auto& extra : extra_ports_) {
+    if (CK_RV rv = extra->finalize(); rv != CKR_OK) {
+      log_->warn("backend '{}' C_Finalize returned {}", extra->backend()->path(), rv_name(rv));
+    }
+  }
   if (CK_RV rv = port_.finalize(); rv != CKR_OK) {
     log_->warn("backend C_Finalize returned {}", rv_name(rv));
   }
@@ -244,6 +318,9 @@ bool Runtime::shutdown() noexcept {
   return false;
 }
 
-void Runtime::abandon() noexcept { port_.backend()->abandon(); }
+void Runtime::abandon() noexcept {
+  for (auto& extra : extra_ports_) extra->backend()->abandon();
+  port_.backend()->abandon();
+}
 
 }  // namespace p11mux

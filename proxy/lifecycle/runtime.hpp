@@ -3,6 +3,7 @@
 #pragma once
 
 #include "config/config.hpp"
+#include "group/group_runtime.hpp"
 #include "lifecycle/gate_access.hpp"
 #include "lifecycle/init_args.hpp"
 #include "observe/observer.hpp"
@@ -19,6 +20,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <vector>
 
 namespace p11mux {
 
@@ -40,6 +42,10 @@ class Runtime {
   const BackendPort& port() const noexcept { return port_; }
   // Which functions the backend really has, its interfaces, its locking.
   const Backend& backend() const noexcept { return *port_.backend(); }
+  // A group configuration ([backend.NAME], [group.NAME]; docs/groups.md): its
+  // groups, which answer the slot functions (group/group_calls.hpp); NULL for
+  // the single backend. port() is then the first [backend.NAME]'s.
+  const GroupRuntime* groups() const noexcept { return groups_.get(); }
   SessionTable& sessions() noexcept { return sessions_; }
   SessionPool& pool() noexcept { return *pool_; }
   spdlog::logger& log() noexcept { return *log_; }
@@ -103,6 +109,9 @@ class Runtime {
   std::unique_ptr<const Policy> policy_;
   bool slow_path_;
   BackendPort port_;
+  // The other [backend.NAME]s of a group configuration, in file order.
+  std::vector<std::unique_ptr<BackendPort>> extra_ports_;
+  std::unique_ptr<const GroupRuntime> groups_;
   SessionTable sessions_;
   std::unique_ptr<SessionPool> pool_;
   std::unique_ptr<PoolMaintenance>
@@ -116,6 +125,8 @@ class Runtime {
   Mutex poll_lock_;
   std::atomic<std::uint32_t> waiters_{0};
 
+  // Every port, config.backends' order in a group configuration.
+  std::vector<const BackendPort*> ports() const;
   // Ends what a virtual session left on a backend session; says whether it
   // can be pooled again.
   SessionPool::Fate reset_backend_session(Binding& binding) noexcept;

@@ -331,26 +331,6 @@ TEST_CASE("a bad configuration file: C_Initialize fails naming file, line and ke
   reset_environment();
 }
 
-// Issue 15: groups are parsed and checked, but not served yet; until they are,
-// C_Initialize says so rather than start without the slots they describe.
-TEST_CASE("a configuration with groups: C_Initialize fails saying they are not served yet") {
-  reset_environment();
-  const std::string path = "/tmp/p11mux-test-groups-" + std::to_string(::getpid()) + ".conf";
-  std::ofstream(path) << "[backend.mock]\nmodule = " << P11MUX_TEST_MOCK_PATH
-                      << "\n[group.signing]\nmembers = mock/label:token\n";
-  ::setenv("P11MUX_CONFIG", path.c_str(), 1);
-  ::setenv("P11MUX_MODULE", "", 1);  // the harness's module: with groups, it would be ambiguous
-  CK_RV rv = CKR_OK;
-  std::string err = capture_stderr([&] { rv = libs().p11->C_Initialize(nullptr); });
-  ::unlink(path.c_str());
-  CHECK(rv == CKR_GENERAL_ERROR);
-  CHECK_MESSAGE(err.find("[backend.NAME] and [group.NAME] are not served yet") != std::string::npos,
-                err);
-  CK_ULONG n = 0;
-  CHECK(libs().p11->C_GetSlotList(CK_FALSE, nullptr, &n) == CKR_CRYPTOKI_NOT_INITIALIZED);
-  reset_environment();
-}
-
 // Issue 12: a misspelled variable was ignored, leaving its setting at the default.
 TEST_CASE("a misspelled P11MUX_ variable fails C_Initialize as an unknown key in the file does") {
   auto initialize = [](std::string& err) {

@@ -1,0 +1,294 @@
+#include "group/group_runtime.hpp"
+
+#include "policy/filters.hpp"
+
+#include <p11mux/ckr_error.hpp>
+#include <p11mux/rv_names.hpp>
+
+#include <algorithm>
+#include <map>
+#include <new>
+
+namespace p11mux {
+namespace {
+
+// What one backend holds at C_Initialize: each slot with a token, and its token.
+struct Token {
+  CK_SLOT_ID slot;
+  CK_TOKEN_INFO info;
+};
+
+std::string describe(const GroupMember& m) {
+  return m.backend + (m.by == GroupMember::By::label ? "/label:" : "/serial:") + m.token;
+}
+
+std::string field(const CK_UTF8CHAR* text, std::size_t size) {
+  return std::string(unpadded(std::string_view(reinterpret_cast<const char*>(text), size)));
+}
+
+std::vector<Token> tokens_of(const NamedBackend& backend, const BackendPort& port) {
+  std::vector<CK_SLOT_ID> slots;
+  CK_ULONG n = 0;
+  CK_RV list_rv = port.call<fn::C_GetSlotList>(CK_BBOOL{CK_TRUE}, nullptr, &n);
+  for (int attempt = 0; list_rv == CKR_OK && attempt < 4; ++attempt) {
+    slots.resize(n);
+    list_rv = port.call<fn::C_GetSlotList>(CK_BBOOL{CK_TRUE}, slots.data(), &n);
+    if (list_rv == CKR_OK) slots.resize(std::min<std::size_t>(n, slots.size()));
+    if (list_rv != CKR_BUFFER_TOO_SMALL) break;
+    list_rv = CKR_OK;
+  }
+  if (list_rv != CKR_OK) {
+    throw CkrError(CKR_GENERAL_ERROR, "[backend." + backend.name + "] '" + backend.module +
+                                          "': C_GetSlotList returned " +
+                                          std::string(rv_name(list_rv)));
+  }
+  std::vector<Token> tokens;
+  for (CK_SLOT_ID slot : slots) {
+    Token t{slot, {}};
+    // A slot whose token will not describe itself cannot be matched: left out.
+    if (port.call<fn::C_GetTokenInfo>(slot, &t.info) == CKR_OK) tokens.push_back(t);
+  }
+  return tokens;
+}
+
+// One member's mechanisms with their infos; one whose info it will not give is left out.
+MechanismList mechanisms_of(const GroupRuntime::Member& m, std::string_view group) {
+  std::vector<CK_MECHANISM_TYPE> types;
+  CK_ULONG n = 0;
+  CK_RV rv = m.port->call<fn::C_GetMechanismList>(m.slot, nullptr, &n);
+  for (int attempt = 0; rv == CKR_OK && attempt < 4; ++attempt) {
+    types.resize(n);
+    rv = m.port->call<fn::C_GetMechanismList>(m.slot, types.data(), &n);
+    if (rv == CKR_OK) types.resize(std::min<std::size_t>(n, types.size()));
+    if (rv != CKR_BUFFER_TOO_SMALL) break;
+    rv = CKR_OK;
+  }
+  if (rv != CKR_OK) {
+    throw CkrError(CKR_GENERAL_ERROR, "[group." + std::string(group) + "] member " +
+                                          describe(m.config) + ": C_GetMechanismList returned " +
+                                          std::string(rv_name(rv)));
+  }
+  MechanismList out;
+  out.reserve(types.size());
+  for (CK_MECHANISM_TYPE type : types) {
+    CK_MECHANISM_INFO info{};
+    if (m.port->call<fn::C_GetMechanismInfo>(m.slot, type, &info) == CKR_OK)
+      out.push_back({type, info});
+  }
+  return out;
+}
+
+}  // namespace
+
+GroupRuntime::GroupRuntime(const Config& config, std::span<const BackendPort* const> ports,
+                           spdlog::logger& log)
+    : log_(log) {
+  // Each backend's tokens, asked once however many members it serves.
+  std::map<std::string, std::vector<Token>, std::less<>> tokens;
+  for (std::size_t i = 0; i < config.backends.size(); ++i) {
+    tokens.emplace(config.backends[i].name, tokens_of(config.backends[i], *ports[i]));
+  }
+  auto port_of = [&](std::string_view name) -> const BackendPort* {
+    for (std::size_t i = 0; i < config.backends.size(); ++i)
+      if (config.backends[i].name == name) return ports[i];
+    return nullptr;
+  };
+  groups_.reserve(config.groups.size());
+  for (const Group& g : config.groups) {
+    // config.cpp refuses these; checked again so that no group slot is empty.
+    if (g.members.empty()) throw ConfigError("[group." + g.name + "] has no members");
+    GroupSlot& slot = groups_.emplace_back();
+    slot.name = g.name;
+    for (const GroupMember& m : g.members) {
+      const BackendPort* port = port_of(m.backend);
+      const auto held = tokens.find(m.backend);
+      if (port == nullptr || held == tokens.end()) {
+        throw ConfigError("[group." + g.name + "] member " + describe(m) + ": no [backend." +
+                          m.backend + "] is configured");
+      }
+      std::vector<const Token*> found;
+      std::string seen;
+      for (const Token& t : held->second) {
+        if (member_token_matches(m, t.info)) found.push_back(&t);
+        seen += (seen.empty() ? "" : ", ") + std::string("label:'") +
+                field(t.info.label, sizeof t.info.label) + "' serial:'" +
+                field(t.info.serialNumber, sizeof t.info.serialNumber) + "'";
+      }
+      if (found.size() != 1) {
+        throw CkrError(
+            CKR_GENERAL_ERROR,
+            "[group." + g.name + "] member " + describe(m) + ": " +
+                (found.empty()
+                     ? "no token of [backend." + m.backend + "] matches (its tokens: " +
+                           (seen.empty() ? std::string("none") : seen) + ")"
+                     : std::to_string(found.size()) + " tokens match; name the member by serial:"));
+      }
+      slot.members.push_back(Member{port, found.front()->slot, m});
+    }
+    std::vector<MechanismList> lists;
+    lists.reserve(slot.members.size());
+    for (const Member& m : slot.members) lists.push_back(mechanisms_of(m, g.name));
+    slot.mechanisms = intersect_mechanisms(lists);
+    log_.info("group '{}' is slot {}: {} member(s), {} mechanism(s) in common", g.name,
+              group_slot_id(groups_.size() - 1), slot.members.size(), slot.mechanisms.size());
+  }
+  // The members shown: a token hidden by any group it is in stays hidden
+  // (a session straight on a member would change it behind its group).
+  auto hidden = [&](const Member& m) {
+    for (std::size_t i = 0; i < groups_.size(); ++i) {
+      if (!config.groups[i].hide_members) continue;
+      for (const Member& other : groups_[i].members)
+        if (other.port == m.port && other.slot == m.slot) return true;
+    }
+    return false;
+  };
+  for (const GroupSlot& g : groups_) {
+    for (const Member& m : g.members) {
+      const bool already = std::any_of(shown_.begin(), shown_.end(), [&](const Shown& s) {
+        return s.port == m.port && s.slot == m.slot;
+      });
+      if (!already && !hidden(m)) {
+        shown_.push_back({m.port, m.slot});
+        log_.info("member {} of group '{}' is shown as slot {}", describe(m.config), g.name,
+                  groups_.size() + shown_.size() - 1);
+      }
+    }
+  }
+}
+
+const GroupRuntime::GroupSlot* GroupRuntime::group_at(CK_SLOT_ID slot) const noexcept {
+  return slot < groups_.size() ? &groups_[slot] : nullptr;
+}
+
+const GroupRuntime::Shown* GroupRuntime::shown_at(CK_SLOT_ID slot) const noexcept {
+  if (slot < groups_.size() || slot - groups_.size() >= shown_.size()) return nullptr;
+  return &shown_[slot - groups_.size()];
+}
+
+bool GroupRuntime::known(CK_SLOT_ID slot) const noexcept {
+  return slot < groups_.size() + shown_.size();
+}
+
+std::vector<MemberSlot> GroupRuntime::member_slots(const GroupSlot& group) const {
+  std::vector<MemberSlot> out;
+  out.reserve(group.members.size());
+  for (const Member& m : group.members) {
+    MemberSlot s;
+    // A member that does not answer does not count (docs/groups.md: slot and
+    // token info from the members that are up).
+    if (m.port->call<fn::C_GetSlotInfo>(m.slot, &s.slot) != CKR_OK) continue;
+    CK_TOKEN_INFO token{};
+    if ((s.slot.flags & CKF_TOKEN_PRESENT) != 0 &&
+        m.port->call<fn::C_GetTokenInfo>(m.slot, &token) == CKR_OK &&
+        member_token_matches(m.config, token)) {
+      s.token = token;
+    } else {
+      s.slot.flags &= ~CKF_TOKEN_PRESENT;  // not the member's token: the member has none
+    }
+    out.push_back(s);
+  }
+  return out;
+}
+
+CK_RV GroupRuntime::get_slot_list(CK_BBOOL token_present, CK_SLOT_ID_PTR list,
+                                  CK_ULONG_PTR count) const noexcept {
+  try {
+    std::vector<CK_SLOT_ID> ids;
+    for (std::size_t i = 0; i < groups_.size(); ++i) {
+      if (token_present) {
+        const std::vector<MemberSlot> members = member_slots(groups_[i]);
+        if ((group_slot_info(groups_[i].name, members).flags & CKF_TOKEN_PRESENT) == 0) continue;
+      }
+      ids.push_back(group_slot_id(i));
+    }
+    for (std::size_t i = 0; i < shown_.size(); ++i) {
+      if (token_present) {
+        CK_SLOT_INFO info{};
+        if (shown_[i].port->call<fn::C_GetSlotInfo>(shown_[i].slot, &info) != CKR_OK ||
+            (info.flags & CKF_TOKEN_PRESENT) == 0)
+          continue;
+      }
+      ids.push_back(groups_.size() + i);
+    }
+    if (list != nullptr) {
+      if (*count < ids.size()) {
+        *count = ids.size();
+        return CKR_BUFFER_TOO_SMALL;
+      }
+      std::copy(ids.begin(), ids.end(), list);
+    }
+    *count = ids.size();
+    return CKR_OK;
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+}
+
+CK_RV GroupRuntime::get_slot_info(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info) const noexcept {
+  if (const Shown* s = shown_at(slot)) return s->port->call<fn::C_GetSlotInfo>(s->slot, info);
+  const GroupSlot* g = group_at(slot);
+  if (g == nullptr) return CKR_SLOT_ID_INVALID;
+  try {
+    *info = group_slot_info(g->name, member_slots(*g));
+    return CKR_OK;
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+}
+
+CK_RV GroupRuntime::get_token_info(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) const noexcept {
+  if (const Shown* s = shown_at(slot)) return s->port->call<fn::C_GetTokenInfo>(s->slot, info);
+  const GroupSlot* g = group_at(slot);
+  if (g == nullptr) return CKR_SLOT_ID_INVALID;
+  try {
+    std::vector<CK_TOKEN_INFO> tokens;
+    for (const MemberSlot& m : member_slots(*g))
+      if (m.token) tokens.push_back(*m.token);
+    const std::optional<CK_TOKEN_INFO> token = group_token_info(g->name, tokens);
+    if (!token) return CKR_TOKEN_NOT_PRESENT;
+    *info = *token;
+    return CKR_OK;
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+}
+
+CK_RV GroupRuntime::get_mechanism_list(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list,
+                                       CK_ULONG_PTR count) const noexcept {
+  if (const Shown* s = shown_at(slot))
+    return s->port->call<fn::C_GetMechanismList>(s->slot, list, count);
+  const GroupSlot* g = group_at(slot);
+  if (g == nullptr) return CKR_SLOT_ID_INVALID;
+  return answer_mechanism_list(g->mechanisms, list, count);
+}
+
+CK_RV GroupRuntime::get_mechanism_info(CK_SLOT_ID slot, CK_MECHANISM_TYPE type,
+                                       CK_MECHANISM_INFO_PTR info) const noexcept {
+  if (const Shown* s = shown_at(slot))
+    return s->port->call<fn::C_GetMechanismInfo>(s->slot, type, info);
+  const GroupSlot* g = group_at(slot);
+  if (g == nullptr) return CKR_SLOT_ID_INVALID;
+  return answer_mechanism_info(g->mechanisms, type, info);
+}
+
+CK_RV GroupRuntime::refuse(std::string_view function, CK_SLOT_ID slot) const noexcept {
+  if (!known(slot)) return CKR_SLOT_ID_INVALID;
+  log_.warn(
+      "{} on slot {} refused (CKR_FUNCTION_NOT_SUPPORTED): sessions on groups and their "
+      "members are not served yet; they are the next step (docs/groups.md, \"Not built yet\")",
+      function, slot);
+  return CKR_FUNCTION_NOT_SUPPORTED;
+}
+
+CK_RV GroupRuntime::refuse_slot_events() const noexcept {
+  log_.warn(
+      "C_WaitForSlotEvent refused (CKR_FUNCTION_NOT_SUPPORTED): slot events of groups are not "
+      "served yet; they come with sessions on groups (docs/groups.md, \"Not built yet\")");
+  return CKR_FUNCTION_NOT_SUPPORTED;
+}
+
+CK_RV GroupRuntime::close_all_sessions(CK_SLOT_ID slot) const noexcept {
+  return known(slot) ? CKR_OK : CKR_SLOT_ID_INVALID;  // no session can be open on it
+}
+
+}  // namespace p11mux

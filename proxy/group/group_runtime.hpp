@@ -1,0 +1,97 @@
+// The groups of one initialization (issue 15, docs/groups.md): which slot of
+// which backend each member is, the slot IDs the application sees, and the
+// answers of the slot functions on them.
+//
+// Built at C_Initialize over the named backends' ports, which the runtime
+// owns (lifecycle/runtime.hpp); immutable afterwards, so it is read without a
+// lock. Sessions on a group are not served yet: the functions that would open
+// one answer a refusal and a log line (docs/groups.md, "Not built yet").
+//
+// Slot IDs: in a group configuration no top-level module is loaded
+// (config.cpp refuses both), so every slot the application sees is one of
+// p11mux's, numbered by p11mux: the groups first, 0 to G-1 in file order,
+// then the members shown (hide_members = false), G onwards, in the order
+// their groups and members are written. The members' own slot IDs are never
+// shown: two modules may both number a slot 0.
+#pragma once
+
+#include "config/config.hpp"
+#include "group/group_slot.hpp"
+#include "port/backend_port.hpp"
+
+#include <p11mux/pkcs11.h>
+
+#include <spdlog/logger.h>
+
+#include <span>
+#include <string>
+#include <vector>
+
+namespace p11mux {
+
+class GroupRuntime {
+ public:
+  // `ports[i]` serves config.backends[i]. Finds each member's slot by its
+  // token, and reads each member's mechanisms. Throws CkrError
+  // (CKR_GENERAL_ERROR) naming the group and the member when a member's
+  // token is not found, is found twice, or a member will not say what it
+  // holds; ConfigError for a group without members.
+  GroupRuntime(const Config& config, std::span<const BackendPort* const> ports,
+               spdlog::logger& log);
+  GroupRuntime(const GroupRuntime&) = delete;  // the members point into it
+  GroupRuntime& operator=(const GroupRuntime&) = delete;
+
+  // A member as found: its backend's port and its slot on that backend.
+  struct Member {
+    const BackendPort* port;
+    CK_SLOT_ID slot;     // the backend's own slot ID
+    GroupMember config;  // its backend and token, as configured
+  };
+
+  std::size_t group_count() const noexcept { return groups_.size(); }
+  const std::vector<Member>& members(std::size_t group) const { return groups_.at(group).members; }
+  // The slot ID the application sees for group `group` (0-based, file order).
+  static CK_SLOT_ID group_slot_id(std::size_t group) noexcept { return group; }
+
+  // The slot functions, on the slot IDs above: the group's slot synthesized
+  // from its members (group_slot.hpp), a member shown answered by its
+  // backend, any other ID CKR_SLOT_ID_INVALID.
+  CK_RV get_slot_list(CK_BBOOL token_present, CK_SLOT_ID_PTR list,
+                      CK_ULONG_PTR count) const noexcept;
+  CK_RV get_slot_info(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info) const noexcept;
+  CK_RV get_token_info(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) const noexcept;
+  CK_RV get_mechanism_list(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list,
+                           CK_ULONG_PTR count) const noexcept;
+  CK_RV get_mechanism_info(CK_SLOT_ID slot, CK_MECHANISM_TYPE type,
+                           CK_MECHANISM_INFO_PTR info) const noexcept;
+  // Not served yet (sessions on groups are the next step): C_OpenSession,
+  // C_InitToken and C_WaitForSlotEvent answer CKR_FUNCTION_NOT_SUPPORTED
+  // (docs/pkcs11-facts.md, "Policy": every function may answer it) with a
+  // log line; C_CloseAllSessions has no session to close.
+  CK_RV refuse(std::string_view function, CK_SLOT_ID slot) const noexcept;
+  CK_RV refuse_slot_events() const noexcept;
+  CK_RV close_all_sessions(CK_SLOT_ID slot) const noexcept;
+
+ private:
+  struct GroupSlot {
+    std::string name;
+    std::vector<Member> members;
+    MechanismList mechanisms;  // the intersection, read at C_Initialize
+  };
+  // A member's slot shown as its own (hide_members = false).
+  struct Shown {
+    const BackendPort* port;
+    CK_SLOT_ID slot;
+  };
+  const GroupSlot* group_at(CK_SLOT_ID slot) const noexcept;
+  const Shown* shown_at(CK_SLOT_ID slot) const noexcept;
+  bool known(CK_SLOT_ID slot) const noexcept;
+  // The members' slot infos and tokens, those that answer.
+  std::vector<MemberSlot> member_slots(const GroupSlot& group) const;
+
+  std::vector<GroupSlot> groups_;
+  std::vector<Shown> shown_;
+  spdlog::logger& log_;
+};
+
+}  // namespace p11mux

@@ -1,0 +1,115 @@
+// Issue 15, the groups' slots through p11mux over real modules: three
+// SoftHSM2 tokens holding the same keys (support/replicated_tokens.h), one
+// module serving them all, and the mock beside it as a second module with
+// other mechanisms. p11mux is P11MUX_TEST_MODULE; the mock P11MUX_TEST_MOCK.
+#include "support/ck_error.h"
+#include "support/doctest_ck.h"
+#include "support/environment.h"
+#include "support/replicated_tokens.h"
+#include "support/temp_dir.h"
+
+#include <algorithm>
+#include <fstream>
+#include <optional>
+#include <string>
+#include <vector>
+
+using namespace p11test;
+
+namespace {
+
+std::string text(const CK_UTF8CHAR* field, std::size_t size) {
+  std::string s(reinterpret_cast<const char*>(field), size);
+  return s.substr(0, s.find_last_not_of(' ') + 1);
+}
+
+std::vector<CK_MECHANISM_TYPE> mechanisms(const CK_FUNCTION_LIST& p11, CK_SLOT_ID slot) {
+  CK_ULONG n = 0;
+  CHECK_RV(p11.C_GetMechanismList(slot, nullptr, &n), CKR_OK);
+  std::vector<CK_MECHANISM_TYPE> list(n);
+  CHECK_RV(p11.C_GetMechanismList(slot, list.data(), &n), CKR_OK);
+  list.resize(n);
+  return list;
+}
+
+std::optional<CK_MECHANISM_INFO> info(const CK_FUNCTION_LIST& p11, CK_SLOT_ID slot,
+                                      CK_MECHANISM_TYPE type) {
+  CK_MECHANISM_INFO i{};
+  if (p11.C_GetMechanismInfo(slot, type, &i) != CKR_OK) return std::nullopt;
+  return i;
+}
+
+}  // namespace
+
+TEST_CASE("groups over SoftHSM2 and the mock: slots, synthesized token, mechanisms in common") {
+  ReplicatedTokens tokens;  // before p11mux: SoftHSM2 reads SOFTHSM2_CONF at C_Initialize
+  TempDir dir("p11mux-group-slot-");
+  const std::string conf = (dir.path() / "p11mux.conf").string();
+  std::ofstream(conf) << "[backend.soft]\nmodule = "
+                      << env_or("P11MUX_TEST_SOFTHSM2_MODULE", "/usr/lib/softhsm/libsofthsm2.so")
+                      << "\n[backend.mock]\nmodule = " << required_env("P11MUX_TEST_MOCK")
+                      << "\n[group.replicas]\nmembers = soft/label:" << tokens.label(0)
+                      << ", soft/label:" << tokens.label(1) << ", soft/serial:" << tokens.serial(2)
+                      << "\nhide_members = false\n"
+                      << "[group.mixed]\nmembers = soft/label:" << tokens.label(0)
+                      << ", mock/label:mock-token-0\nhide_members = false\n";
+  ScopedEnv config("P11MUX_CONFIG", conf);
+  ScopedEnv no_module("P11MUX_MODULE", "");
+  Module module(required_env("P11MUX_TEST_MODULE"));
+  const CK_FUNCTION_LIST& p11 = module.fn();
+
+  // The groups, then the members shown: the three SoftHSM2 tokens, the mock's.
+  CK_ULONG n = 0;
+  CHECK_RV(p11.C_GetSlotList(CK_TRUE, nullptr, &n), CKR_OK);
+  std::vector<CK_SLOT_ID> slots(n);
+  CHECK_RV(p11.C_GetSlotList(CK_TRUE, slots.data(), &n), CKR_OK);
+  CHECK(slots == std::vector<CK_SLOT_ID>{0, 1, 2, 3, 4, 5});
+  CK_TOKEN_INFO token{};
+  for (std::size_t i = 0; i < 3; ++i) {
+    CHECK_RV(p11.C_GetTokenInfo(2 + i, &token), CKR_OK);
+    CHECK(text(token.label, sizeof token.label) == tokens.label(i));
+  }
+  CHECK_RV(p11.C_GetTokenInfo(5, &token), CKR_OK);
+  CHECK(text(token.label, sizeof token.label) == "mock-token-0");
+
+  CK_TOKEN_INFO member{};
+  CHECK_RV(p11.C_GetTokenInfo(2, &member), CKR_OK);
+  CHECK_RV(p11.C_GetTokenInfo(0, &token), CKR_OK);
+  CHECK(text(token.label, sizeof token.label) == "replicas");
+  CHECK(text(token.model, sizeof token.model) == "group");
+  CHECK(text(token.serialNumber, sizeof token.serialNumber) !=
+        text(member.serialNumber, sizeof member.serialNumber));
+  // Alike members: the group can do what each can.
+  CHECK((token.flags & CKF_TOKEN_INITIALIZED) != 0);
+  CHECK((token.flags & CKF_RNG) == (member.flags & CKF_RNG));
+  CHECK(token.ulMinPinLen == member.ulMinPinLen);
+  CHECK(token.ulMaxPinLen == member.ulMaxPinLen);
+
+  // Three SoftHSM2 tokens: SoftHSM2's mechanisms.
+  const std::vector<CK_MECHANISM_TYPE> soft = mechanisms(p11, 2);
+  const std::vector<CK_MECHANISM_TYPE> mock = mechanisms(p11, 5);
+  CHECK(mechanisms(p11, 0) == soft);
+  // SoftHSM2 with the mock: those both have, in the first member's order,
+  // each with the flags and key sizes both take.
+  std::vector<CK_MECHANISM_TYPE> common;
+  for (CK_MECHANISM_TYPE m : soft)
+    if (std::find(mock.begin(), mock.end(), m) != mock.end()) common.push_back(m);
+  REQUIRE(!common.empty());
+  REQUIRE(common.size() < soft.size());
+  CHECK(mechanisms(p11, 1) == common);
+  for (CK_MECHANISM_TYPE m : common) {
+    const CK_MECHANISM_INFO a = *info(p11, 2, m), b = *info(p11, 5, m);
+    const std::optional<CK_MECHANISM_INFO> group = info(p11, 1, m);
+    REQUIRE(group.has_value());
+    CHECK(group->flags == (a.flags & b.flags));
+    if (a.ulMaxKeySize != 0 && b.ulMaxKeySize != 0) {
+      CHECK(group->ulMinKeySize == std::max(a.ulMinKeySize, b.ulMinKeySize));
+      CHECK(group->ulMaxKeySize == std::min(a.ulMaxKeySize, b.ulMaxKeySize));
+    }
+  }
+  const CK_MECHANISM_TYPE soft_only = *std::find_if(soft.begin(), soft.end(), [&](auto m) {
+    return std::find(mock.begin(), mock.end(), m) == mock.end();
+  });
+  CHECK(!info(p11, 1, soft_only).has_value());
+  CHECK(info(p11, 0, soft_only).has_value());
+}

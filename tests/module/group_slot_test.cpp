@@ -1,0 +1,388 @@
+// Issue 15, first runtime slice (docs/groups.md): a configuration of named
+// backends and groups is served; each group is one slot whose slot, token and
+// mechanism answers are synthesized from its members; sessions on it are
+// refused for now. Over the mock, whose slots hold "mock-token-N", serial N.
+#include "harness.hpp"
+
+#include "faulty_control.h"
+
+#include <dlfcn.h>
+
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace p11mux::test {
+namespace {
+
+std::string padded_text(const CK_UTF8CHAR* field, std::size_t size) {
+  std::string s(reinterpret_cast<const char*>(field), size);
+  return s.substr(0, s.find_last_not_of(' ') + 1);
+}
+
+// p11mux initialized with `conf` as its file (the harness's top-level module
+// unset: it cannot stand beside named backends), the mock configured first.
+class GroupProxy {
+ public:
+  GroupProxy(const std::string& conf, MockConfig mock = {},
+             std::initializer_list<std::pair<const char*, const char*>> env = {})
+      : path_(unique_temp_path("group-slot", "conf")) {
+    reset_environment();
+    std::ofstream(path_) << conf;
+    ::setenv("P11MUX_CONFIG", path_.c_str(), 1);
+    ::setenv("P11MUX_MODULE", "", 1);
+    for (auto [name, value] : env) ::setenv(name, value, 1);
+    CHECK(libs().mock->reset() == 0);
+    REQUIRE(libs().mock->configure(&mock) == 0);
+  }
+  ~GroupProxy() {
+    if (initialized_) p11->C_Finalize(nullptr);
+    ::unlink(path_.c_str());
+    reset_environment();
+  }
+  GroupProxy(const GroupProxy&) = delete;
+  GroupProxy& operator=(const GroupProxy&) = delete;
+
+  // C_Initialize; `err` gets what it wrote on stderr.
+  CK_RV initialize(std::string* err = nullptr) {
+    CK_C_INITIALIZE_ARGS os{};
+    os.flags = CKF_OS_LOCKING_OK;
+    CK_RV rv = CKR_OK;
+    std::string text = capture_stderr([&] { rv = p11->C_Initialize(&os); });
+    if (err != nullptr) *err = text;
+    initialized_ = rv == CKR_OK;
+    return rv;
+  }
+
+  std::vector<CK_SLOT_ID> slots(CK_BBOOL present = CK_FALSE) {
+    CK_ULONG n = 0;
+    REQUIRE(p11->C_GetSlotList(present, nullptr, &n) == CKR_OK);
+    std::vector<CK_SLOT_ID> ids(n);
+    REQUIRE(p11->C_GetSlotList(present, ids.data(), &n) == CKR_OK);
+    ids.resize(n);
+    return ids;
+  }
+
+  CK_TOKEN_INFO token(CK_SLOT_ID slot) {
+    CK_TOKEN_INFO info{};
+    REQUIRE(p11->C_GetTokenInfo(slot, &info) == CKR_OK);
+    return info;
+  }
+
+  std::vector<CK_MECHANISM_TYPE> mechanisms(CK_SLOT_ID slot) {
+    CK_ULONG n = 0;
+    REQUIRE(p11->C_GetMechanismList(slot, nullptr, &n) == CKR_OK);
+    std::vector<CK_MECHANISM_TYPE> list(n);
+    REQUIRE(p11->C_GetMechanismList(slot, list.data(), &n) == CKR_OK);
+    list.resize(n);
+    return list;
+  }
+
+  CK_FUNCTION_LIST* p11 = libs().p11;
+
+ private:
+  std::string path_;
+  bool initialized_ = false;
+};
+
+std::string mock_backend(const std::string& name = "mock") {
+  return "[backend." + name + "]\nmodule = " + P11MUX_TEST_MOCK_PATH + "\n";
+}
+
+// The mock's own function list (the instance p11mux loaded), to act on its
+// tokens behind p11mux's back.
+CK_FUNCTION_LIST* mock_functions() {
+  void* lib = ::dlopen(P11MUX_TEST_MOCK_PATH, RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(lib != nullptr);
+  auto get = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(lib, "C_GetFunctionList"));
+  CK_FUNCTION_LIST* list = nullptr;
+  REQUIRE(get(&list) == CKR_OK);
+  return list;
+}
+
+MockConfig three_tokens() {
+  MockConfig mock{};
+  mock.slot_count = 3;
+  return mock;
+}
+
+}  // namespace
+
+TEST_CASE("groups: one slot per group, members hidden by default, one module loaded once") {
+  GroupProxy proxy(
+      mock_backend() + "[group.signing]\nmembers = mock/label:mock-token-0, mock/serial:2\n",
+      three_tokens());
+  REQUIRE(proxy.initialize() == CKR_OK);
+  // Two members of one [backend.NAME]: the module is initialized once.
+  CHECK(mock_stats().initialize_calls == 1);
+  CHECK(proxy.slots() == std::vector<CK_SLOT_ID>{0});
+  CHECK(proxy.slots(CK_TRUE) == std::vector<CK_SLOT_ID>{0});
+  // The spec's length rules: a short buffer gets the count.
+  CK_SLOT_ID none[1];
+  CK_ULONG n = 0;
+  CHECK(proxy.p11->C_GetSlotList(CK_FALSE, none, &n) == CKR_BUFFER_TOO_SMALL);
+  CHECK(n == 1);
+  // The members' own slots (the mock's 0 and 2) are not p11mux's slots.
+  CK_SLOT_INFO info{};
+  CHECK(proxy.p11->C_GetSlotInfo(1, &info) == CKR_SLOT_ID_INVALID);
+  CHECK(proxy.p11->C_GetSlotInfo(2, &info) == CKR_SLOT_ID_INVALID);
+  // No session was opened on any member (no prewarm for groups yet).
+  CHECK(mock_stats().sessions_opened_total == 0);
+}
+
+TEST_CASE("groups: a [backend.NAME] is initialized with its own locking and init_reserved") {
+  GroupProxy proxy("[backend.mock]\nmodule = " + std::string(P11MUX_TEST_MOCK_PATH) +
+                       "\nlocking = callbacks\ninit_reserved = \"configdir='sql:/tmp/x'\"\n"
+                       "[group.signing]\nmembers = mock/label:mock-token-0\n",
+                   three_tokens());
+  REQUIRE(proxy.initialize() == CKR_OK);
+  const MockStats stats = mock_stats();
+  CHECK(stats.init_locking == MOCK_LOCK_CALLBACKS);  // automatic would pick OS locking
+  CHECK(std::string(stats.init_reserved) == "configdir='sql:/tmp/x'");
+}
+
+TEST_CASE("groups: hide_members = false shows each member's slot after the groups'") {
+  GroupProxy proxy(
+      mock_backend() +
+          "[group.signing]\nmembers = mock/label:mock-token-2, mock/label:mock-token-0\n"
+          "hide_members = false\n"
+          "[group.verify]\nmembers = mock/label:mock-token-1, mock/label:mock-token-2\n",
+      three_tokens());
+  REQUIRE(proxy.initialize() == CKR_OK);
+  // Groups 0 and 1; then signing's members, except mock-token-2, which
+  // group verify (hide_members = true by default) hides.
+  CHECK(proxy.slots() == std::vector<CK_SLOT_ID>{0, 1, 2});
+  CHECK(padded_text(proxy.token(0).label, 32) == "signing");
+  CHECK(padded_text(proxy.token(1).label, 32) == "verify");
+  // The member shown is answered by its backend.
+  CHECK(padded_text(proxy.token(2).label, 32) == "mock-token-0");
+  CK_SLOT_INFO info{};
+  REQUIRE(proxy.p11->C_GetSlotInfo(2, &info) == CKR_OK);
+  CHECK(padded_text(info.slotDescription, 64) == "mock slot 0");
+  CHECK(proxy.mechanisms(2).size() == 5);
+  CK_TOKEN_INFO token{};
+  CHECK(proxy.p11->C_GetTokenInfo(3, &token) == CKR_SLOT_ID_INVALID);
+}
+
+TEST_CASE("groups: the slot and token info are the group's, session counts summed") {
+  MockConfig mock = three_tokens();
+  mock.token_max_session_count = 10;
+  mock.token_max_rw_session_count = 4;
+  GroupProxy proxy(
+      mock_backend() +
+          "[group.signing]\nmembers = mock/label:mock-token-0, mock/label:mock-token-2\n",
+      mock);
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_SLOT_INFO slot{};
+  REQUIRE(proxy.p11->C_GetSlotInfo(0, &slot) == CKR_OK);
+  CHECK(padded_text(slot.slotDescription, 64) == "signing");
+  CHECK(padded_text(slot.manufacturerID, 32) == "p11mux");
+  CHECK((slot.flags & CKF_TOKEN_PRESENT) != 0);
+  CHECK((slot.flags & CKF_HW_SLOT) == 0);  // the mock's slots are not hardware slots
+
+  // Sessions opened on the members directly: the group counts them all.
+  CK_FUNCTION_LIST* direct = mock_functions();
+  CK_SESSION_HANDLE h[3];
+  REQUIRE(direct->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h[0]) == CKR_OK);
+  REQUIRE(direct->C_OpenSession(2, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &h[1]) ==
+          CKR_OK);
+  REQUIRE(direct->C_OpenSession(2, CKF_SERIAL_SESSION, nullptr, nullptr, &h[2]) == CKR_OK);
+  // A session on a token that is no member does not count.
+  CK_SESSION_HANDLE other;
+  REQUIRE(direct->C_OpenSession(1, CKF_SERIAL_SESSION, nullptr, nullptr, &other) == CKR_OK);
+
+  const CK_TOKEN_INFO token = proxy.token(0);
+  CHECK(padded_text(token.label, 32) == "signing");
+  CHECK(padded_text(token.manufacturerID, 32) == "p11mux");
+  CHECK(padded_text(token.model, 16) == "group");
+  CHECK(token.ulSessionCount == 3);
+  CHECK(token.ulRwSessionCount == 1);
+  CHECK(token.ulMaxSessionCount == 20);
+  CHECK(token.ulMaxRwSessionCount == 8);
+  CHECK(token.flags ==
+        (CKF_RNG | CKF_LOGIN_REQUIRED | CKF_USER_PIN_INITIALIZED | CKF_TOKEN_INITIALIZED));
+  CHECK(token.ulMinPinLen == 4);
+  CHECK(token.ulMaxPinLen == 8);
+  for (CK_SESSION_HANDLE s : {h[0], h[1], h[2], other}) CHECK(direct->C_CloseSession(s) == CKR_OK);
+}
+
+TEST_CASE("groups: the mechanisms are those every member has") {
+  // The 7th C_GetMechanismInfo fails: the second member's second mechanism
+  // (CKM_ECDSA), which that member then does not offer.
+  MockConfig mock = three_tokens();
+  std::strcpy(mock.fail_function, "C_GetMechanismInfo");
+  mock.fail_rv = CKR_MECHANISM_INVALID;
+  mock.fail_nth = 7;
+  GroupProxy proxy(
+      mock_backend() +
+          "[group.signing]\nmembers = mock/label:mock-token-0, mock/label:mock-token-1\n",
+      mock);
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CHECK(proxy.mechanisms(0) == std::vector<CK_MECHANISM_TYPE>{CKM_SHA256, CKM_AES_ECB,
+                                                              CKM_GENERIC_SECRET_KEY_GEN,
+                                                              CKM_EC_KEY_PAIR_GEN});
+  CK_MECHANISM_INFO info{};
+  CHECK(proxy.p11->C_GetMechanismInfo(0, CKM_ECDSA, &info) == CKR_MECHANISM_INVALID);
+  REQUIRE(proxy.p11->C_GetMechanismInfo(0, CKM_AES_ECB, &info) == CKR_OK);
+  CHECK(info.flags == (CKF_ENCRYPT | CKF_DECRYPT));
+  CHECK(info.ulMaxKeySize == 4096);
+  CHECK(proxy.p11->C_GetMechanismInfo(9, CKM_AES_ECB, &info) == CKR_SLOT_ID_INVALID);
+}
+
+TEST_CASE("groups: a member that fails or lost its token does not count; none left, no token") {
+  // The faulty module over the mock: slot faults on one member at a time.
+  void* lib = ::dlopen(P11MUX_TEST_FAULTY_PATH, RTLD_NOW | RTLD_LOCAL);  // -z nodelete
+  REQUIRE(lib != nullptr);
+  const FaultyControl* faulty =
+      reinterpret_cast<FaultyGetControlFn>(::dlsym(lib, "faulty_get_control"))();
+  MockConfig mock = three_tokens();
+  mock.token_max_session_count = 10;
+  GroupProxy proxy("[backend.f]\nmodule = " + std::string(P11MUX_TEST_FAULTY_PATH) +
+                       "\n[group.signing]\nmembers = f/label:mock-token-0, f/label:mock-token-1\n",
+                   mock, {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}});
+  REQUIRE(faulty->reset() == 0);
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CHECK(proxy.token(0).ulMaxSessionCount == 20);
+
+  faulty->set_slot_removed(1, 1);  // the second member's token removed
+  CHECK(proxy.token(0).ulMaxSessionCount == 10);
+  CHECK(proxy.slots(CK_TRUE) == std::vector<CK_SLOT_ID>{0});
+
+  faulty->fail_slot(0, CKR_DEVICE_ERROR);  // and the first one failing
+  CK_TOKEN_INFO token{};
+  CHECK(proxy.p11->C_GetTokenInfo(0, &token) == CKR_TOKEN_NOT_PRESENT);
+  CK_SLOT_INFO slot{};
+  REQUIRE(proxy.p11->C_GetSlotInfo(0, &slot) == CKR_OK);
+  CHECK((slot.flags & CKF_TOKEN_PRESENT) == 0);
+  CHECK(proxy.slots(CK_TRUE).empty());
+  CHECK(proxy.slots(CK_FALSE) == std::vector<CK_SLOT_ID>{0});
+
+  faulty->clear_slot(0);
+  faulty->clear_slot(1);
+  CHECK(proxy.token(0).ulMaxSessionCount == 20);
+  CHECK(proxy.slots(CK_TRUE) == std::vector<CK_SLOT_ID>{0});
+}
+
+TEST_CASE("groups: sessions on a group are refused for now, with a log line") {
+  GroupProxy proxy(mock_backend() + "[group.signing]\nmembers = mock/label:mock-token-0\n",
+                   three_tokens(), {{"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  CK_RV rv = CKR_OK;
+  std::string err = capture_stderr(
+      [&] { rv = proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h); });
+  CHECK(rv == CKR_FUNCTION_NOT_SUPPORTED);
+  CHECK_MESSAGE(err.find("C_OpenSession on slot 0 refused") != std::string::npos, err);
+  CHECK_MESSAGE(err.find("the next step") != std::string::npos, err);
+  CHECK(proxy.p11->C_OpenSession(1, CKF_SERIAL_SESSION, nullptr, nullptr, &h) ==
+        CKR_SLOT_ID_INVALID);
+  CK_UTF8CHAR pin[] = "0000";
+  CK_UTF8CHAR label[32];
+  std::memset(label, ' ', sizeof label);
+  (void)capture_stderr([&] { rv = proxy.p11->C_InitToken(0, pin, 4, label); });
+  CHECK(rv == CKR_FUNCTION_NOT_SUPPORTED);
+  CK_SLOT_ID slot = 0;
+  err = capture_stderr([&] { rv = proxy.p11->C_WaitForSlotEvent(CKF_DONT_BLOCK, &slot, nullptr); });
+  CHECK(rv == CKR_FUNCTION_NOT_SUPPORTED);
+  CHECK_MESSAGE(err.find("C_WaitForSlotEvent refused") != std::string::npos, err);
+  (void)capture_stderr([&] { rv = proxy.p11->C_WaitForSlotEvent(0, &slot, nullptr); });
+  CHECK(rv == CKR_FUNCTION_NOT_SUPPORTED);
+  CHECK(proxy.p11->C_CloseAllSessions(0) == CKR_OK);
+  CHECK(proxy.p11->C_CloseAllSessions(1) == CKR_SLOT_ID_INVALID);
+  CHECK(mock_stats().sessions_opened_total == 0);
+  CHECK(libs().mock->calls("C_InitToken") == 0);
+}
+
+TEST_CASE("groups: a member whose token is not there fails C_Initialize, naming it") {
+  GroupProxy proxy(
+      mock_backend() + "[group.signing]\nmembers = mock/label:mock-token-0, mock/label:absent\n",
+      three_tokens());
+  std::string err;
+  CHECK(proxy.initialize(&err) == CKR_GENERAL_ERROR);
+  CHECK_MESSAGE(
+      err.find("[group.signing] member mock/label:absent: no token of [backend.mock] "
+               "matches (its tokens: label:'mock-token-0' serial:'0'") != std::string::npos,
+      err);
+  CK_ULONG n = 0;
+  CHECK(proxy.p11->C_GetSlotList(CK_FALSE, nullptr, &n) == CKR_CRYPTOKI_NOT_INITIALIZED);
+  // The backend loaded for it is finalized again.
+  CHECK(mock_stats().initialized == 0);
+}
+
+TEST_CASE(
+    "groups: a member whose label two tokens have fails C_Initialize; by serial it is found") {
+  auto relabel_token_2 = [] {
+    // Labels survive the mock's C_Finalize (until mock_reset).
+    CK_FUNCTION_LIST* direct = mock_functions();
+    REQUIRE(direct->C_Initialize(nullptr) == CKR_OK);
+    CK_UTF8CHAR so_pin[] = MOCK_SO_PIN;
+    CK_UTF8CHAR label[32];
+    std::memset(label, ' ', sizeof label);
+    std::memcpy(label, "mock-token-0", 12);
+    REQUIRE(direct->C_InitToken(2, so_pin, 4, label) == CKR_OK);
+    REQUIRE(direct->C_Finalize(nullptr) == CKR_OK);
+  };
+  {
+    GroupProxy proxy(mock_backend() + "[group.signing]\nmembers = mock/label:mock-token-0\n",
+                     three_tokens());
+    relabel_token_2();
+    std::string err;
+    CHECK(proxy.initialize(&err) == CKR_GENERAL_ERROR);
+    CHECK_MESSAGE(err.find("[group.signing] member mock/label:mock-token-0: 2 tokens match; "
+                           "name the member by serial:") != std::string::npos,
+                  err);
+  }
+  GroupProxy proxy(mock_backend() +
+                       "[group.signing]\nmembers = mock/serial:2\n"
+                       "hide_members = false\n",
+                   three_tokens());
+  relabel_token_2();
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_TOKEN_INFO token = proxy.token(1);
+  CHECK(padded_text(token.serialNumber, 16) == "2");
+}
+
+TEST_CASE("groups: a backend that cannot be loaded fails C_Initialize, and the others are let go") {
+  GroupProxy proxy(mock_backend() + "[backend.gone]\nmodule = /nonexistent/libgone.so\n" +
+                       "[group.signing]\nmembers = mock/label:mock-token-0\n"
+                       "[group.other]\nmembers = gone/label:x\n",
+                   three_tokens());
+  std::string err;
+  CHECK(proxy.initialize(&err) != CKR_OK);
+  CHECK_MESSAGE(err.find("/nonexistent/libgone.so") != std::string::npos, err);
+  CHECK(mock_stats().initialize_ok == 1);
+  CHECK(mock_stats().initialized == 0);
+}
+
+TEST_CASE(
+    "groups: [pool] prewarm is not applied, with a warning; vendor_interfaces = pass refused") {
+  {
+    GroupProxy proxy(mock_backend() +
+                         "[group.signing]\nmembers = mock/label:mock-token-0\n"
+                         "[pool]\nprewarm = 2\n",
+                     three_tokens(), {{"P11MUX_LOG_LEVEL", "warn"}});
+    std::string err;
+    REQUIRE(proxy.initialize(&err) == CKR_OK);
+    CHECK_MESSAGE(err.find("[pool] prewarm = 2 is not applied to groups") != std::string::npos,
+                  err);
+    CHECK(mock_stats().sessions_opened_total == 0);
+  }
+  GroupProxy proxy(mock_backend() + "[group.signing]\nmembers = mock/label:mock-token-0\n",
+                   three_tokens(), {{"P11MUX_BACKEND_VENDOR_INTERFACES", "pass"}});
+  std::string err;
+  CHECK(proxy.initialize(&err) == CKR_GENERAL_ERROR);
+  CHECK_MESSAGE(err.find("vendor_interfaces = pass does not apply") != std::string::npos, err);
+}
+
+TEST_CASE("groups: [policy] tokens is refused beside groups (their slot IDs are p11mux's)") {
+  GroupProxy proxy(mock_backend() +
+                       "[group.signing]\nmembers = mock/label:mock-token-0\n"
+                       "[policy]\ntokens = label:signing\n",
+                   three_tokens());
+  std::string err;
+  CHECK(proxy.initialize(&err) == CKR_GENERAL_ERROR);
+  CHECK_MESSAGE(err.find("[policy] tokens does not apply") != std::string::npos, err);
+}
+
+}  // namespace p11mux::test
