@@ -20,13 +20,14 @@
 
 namespace p11mux {
 
-// How a forwarded call reaches the backend: straight through its port, or
-// through a wrapper that runs on the same backend session (the policy's
-// object filter, policy/filter_calls.hpp: ObjectFiltered).
+// How a forwarded call reaches the backend: straight through `port` (the
+// session's, or the runtime's for a call without a session), or through a
+// wrapper that runs on the same backend session (the policy's object
+// filter, policy/filter_calls.hpp: ObjectFiltered).
 struct ToPort {
   template <class F, class... A>
-  [[gnu::always_inline]] static CK_RV call(Runtime& rt, A... a) noexcept {
-    return rt.port().template call<F>(a...);
+  [[gnu::always_inline]] static CK_RV call(Runtime&, const BackendPort& port, A... a) noexcept {
+    return port.template call<F>(a...);
   }
 };
 
@@ -45,40 +46,49 @@ template <class F, class Via = ToPort, class Observation, class... A>
   if constexpr (F::dispatch == Dispatch::handled) {
     return handler<F>(rt, a...);
   } else {
-    auto call_backend = [&](auto... args) __attribute__((always_inline)) {
-      return Via::template call<F>(rt, args...);
+    auto call_backend = [&](const BackendPort& port, auto... args) __attribute__((always_inline)) {
+      return Via::template call<F>(rt, port, args...);
     };
     if constexpr (F::dispatch == Dispatch::session) {
       return [&](CK_SESSION_HANDLE handle, auto... rest) __attribute__((always_inline)) {
-        if (rt.multiplexed())
-          return forward_multiplexed<F>(rt, seen, call_backend, handle, rest...);
+        // Multiplex mode serves the single backend only (a group's slot
+        // refuses it: docs/groups.md): its calls take the runtime's port.
+        if (rt.multiplexed()) {
+          auto on_runtime_port = [&](auto... args) __attribute__((always_inline)) {
+            return call_backend(rt.port(), args...);
+          };
+          return forward_multiplexed<F>(rt, seen, on_runtime_port, handle, rest...);
+        }
         // Serialize mode: the session's lock is held across the call.
         SessionLease session = seen.lease(rt.sessions(), handle);
         if (!session) return CKR_SESSION_HANDLE_INVALID;
         HeldLock leased(session->lock);
-        if (CK_RV rv = refused_for_sessions<F>(rt, session->slot, rest...); rv != CKR_OK) return rv;
+        // The backend the session's sessions come from (Session::pool).
+        SessionPool& pool = *session->pool;
+        if (CK_RV rv = refused_for_sessions<F>(pool, session->slot, rest...); rv != CKR_OK)
+          return rv;
         Binding& binding = session->anchor;
         // [pool] bind = state: an idle session holds none; it waits for one
         // holding nothing else (docs/design.md, "Binding on state").
         if (binding.backend == CK_INVALID_HANDLE) [[unlikely]] {
-          if (CK_RV rv = bind_anchor(rt, *session); rv != CKR_OK) return rv;
+          if (CK_RV rv = bind_anchor(*session); rv != CKR_OK) return rv;
         }
         seen.ran_on(binding.backend);
-        CK_RV rv = call_backend(binding.backend, rest...);
-        if (drained_for_retry<F>(rt, session->slot, rv, rest...)) [[unlikely]] {
-          rv = call_backend(binding.backend, rest...);
+        CK_RV rv = call_backend(pool.port(), binding.backend, rest...);
+        if (drained_for_retry<F>(pool, session->slot, rv, rest...)) [[unlikely]] {
+          rv = call_backend(pool.port(), binding.backend, rest...);
         }
-        note_call<F>(rt, binding, session->slot, rv, rest...);
-        note_login<F>(rt, session->slot, rv, rest...);
-        if (rt.binds_on_state()) unbind_if_idle(rt, *session);
+        note_call<F>(pool, binding, session->slot, rv, rest...);
+        note_login<F>(pool, session->slot, rv, rest...);
+        if (rt.binds_on_state()) unbind_if_idle(*session);
         return rv;
       }
       (a...);
     } else {
-      CK_RV rv = call_backend(a...);
+      CK_RV rv = call_backend(rt.port(), a...);
       if constexpr (std::is_same_v<F, fn::C_InitToken>) {
-        if (drained_for_retry<F>(rt, std::get<0>(std::tuple<A...>{a...}), rv)) {
-          rv = call_backend(a...);
+        if (drained_for_retry<F>(rt.pool(), std::get<0>(std::tuple<A...>{a...}), rv)) {
+          rv = call_backend(rt.port(), a...);
         }
       }
       return rv;

@@ -720,7 +720,7 @@ template <class Observation, class CallBackend>
     MutexGuard guard(s->lock);
     for (Target& t : targets) {
       Binding& b = *t.binding;
-      record_call<F>(rt, b, s->slot, t.rv, NothingCreated{}, t.flags);
+      record_call<F>(rt.pool(), b, s->slot, t.rv, NothingCreated{}, t.flags);
       note_guest_ops(b, b.ops);
       b.release();  // publishes ops to a lock-free claimer
       if (detaches_when_idle(rt, *s, b)) {
@@ -742,12 +742,12 @@ template <class F, class... Rest>
 inline CK_RV finish_call(Runtime& rt, Session& s, Binding& b, CK_RV rv, Rest... rest) noexcept {
   // Backend calls for what the call created, before the lock (the binding is
   // ours while busy).
-  const CreatedBy<F> created = find_created<F>(rt, b.backend, rv, rest...);
+  const CreatedBy<F> created = find_created<F>(rt.port(), b.backend, rv, rest...);
   Release release;
   {
     MutexGuard guard(s.lock);
     const OpMask before = b.ops;
-    record_call<F>(rt, b, s.slot, rv, created, rest...);
+    record_call<F>(rt.pool(), b, s.slot, rv, created, rest...);
     note_guest_ops(b, before);
     if ((b.ops | b.maybe) == 0) b.guest = 0;
     if constexpr (std::is_same_v<F, fn::C_DestroyObject>) {
@@ -786,13 +786,13 @@ template <class F, class Observation, class CallBackend, class... Rest>
 [[gnu::always_inline]] inline CK_RV run_on(Runtime& rt, Observation& seen, CallBackend call_backend,
                                            Session& s, Binding& b, bool claimed_unlocked,
                                            Rest... rest) noexcept {
-  if (CK_RV rv = refused_for_sessions<F>(rt, s.slot_while_open(), rest...); rv != CKR_OK)
+  if (CK_RV rv = refused_for_sessions<F>(rt.pool(), s.slot_while_open(), rest...); rv != CKR_OK)
     return finish_call<F>(rt, s, b, rv, rest...);
   seen.ran_on(b.backend);
   CK_RV rv = call_backend(b.backend, rest...);
-  if (drained_for_retry<F>(rt, s.slot_while_open(), rv, rest...)) [[unlikely]]
+  if (drained_for_retry<F>(rt.pool(), s.slot_while_open(), rv, rest...)) [[unlikely]]
     rv = call_backend(b.backend, rest...);
-  note_login<F>(rt, s.slot_while_open(), rv, rest...);
+  note_login<F>(rt.pool(), s.slot_while_open(), rv, rest...);
   if constexpr (changes_nothing_on_success<F>) {
     if (rv == CKR_OK && claimed_unlocked) [[likely]] {
       give_back(s, b);

@@ -66,7 +66,8 @@ std::optional<KeyOutputs> key_outputs(CK_MECHANISM_PTR mechanism) noexcept {
 // The objects a call created, with `backend` the session it ran on. Makes
 // backend calls: in multiplex mode, call it without the session lock.
 template <class F, class... Rest>
-CreatedBy<F> find_created(Runtime& rt, CK_SESSION_HANDLE backend, CK_RV rv, Rest... rest) noexcept {
+CreatedBy<F> find_created(const BackendPort& port, CK_SESSION_HANDLE backend, CK_RV rv,
+                          Rest... rest) noexcept {
   CreatedBy<F> created{};
   if constexpr (effect<F>.step == Step::create) {
     if (rv != CKR_OK) return created;
@@ -100,8 +101,7 @@ CreatedBy<F> find_created(Runtime& rt, CK_SESSION_HANDLE backend, CK_RV rv, Rest
     for (std::size_t i = 0; i < keys.count; ++i) {
       CK_BBOOL on_token = CK_FALSE;
       CK_ATTRIBUTE query{CKA_TOKEN, &on_token, sizeof on_token};
-      CK_RV got =
-          rt.port().call<fn::C_GetAttributeValue>(backend, keys.handles[i], &query, CK_ULONG{1});
+      CK_RV got = port.call<fn::C_GetAttributeValue>(backend, keys.handles[i], &query, CK_ULONG{1});
       // Unknown: never destroy what may be a token object; close the session
       // at the end instead, which destroys exactly its session objects.
       if (got != CKR_OK) {
@@ -118,8 +118,8 @@ CreatedBy<F> find_created(Runtime& rt, CK_SESSION_HANDLE backend, CK_RV rv, Rest
 // left active, the session objects it created or destroyed, a dead session.
 // Makes no backend call (multiplex mode runs it under the session lock).
 template <class F, class... Rest>
-void record_call(Runtime& rt, Binding& s, CK_SLOT_ID slot, CK_RV rv, const CreatedBy<F>& created,
-                 Rest... rest) noexcept {
+void record_call(SessionPool& pool, Binding& s, CK_SLOT_ID slot, CK_RV rv,
+                 const CreatedBy<F>& created, Rest... rest) noexcept {
   constexpr Effect e = effect<F>;
   if constexpr (e.step == Step::create) {
     if (created.unclean) mark_unclean(s, created.why);
@@ -140,14 +140,14 @@ void record_call(Runtime& rt, Binding& s, CK_SLOT_ID slot, CK_RV rv, const Creat
   }
   if (rv != CKR_OK && session_gone(rv)) [[unlikely]] {
     s.discard = s.dead = true;
-    rt.pool().invalidate(slot);
+    pool.invalidate(slot);
   }
 }
 
 // Both, for serialize mode, where the session lock is held across the call anyway.
 template <class F, class... Rest>
-void note_call(Runtime& rt, Binding& s, CK_SLOT_ID slot, CK_RV rv, Rest... rest) noexcept {
-  record_call<F>(rt, s, slot, rv, find_created<F>(rt, s.backend, rv, rest...), rest...);
+void note_call(SessionPool& pool, Binding& s, CK_SLOT_ID slot, CK_RV rv, Rest... rest) noexcept {
+  record_call<F>(pool, s, slot, rv, find_created<F>(pool.port(), s.backend, rv, rest...), rest...);
 }
 
 // Refusals p11mux makes before the call because the backend may not see the
@@ -155,35 +155,35 @@ void note_call(Runtime& rt, Binding& s, CK_SLOT_ID slot, CK_RV rv, Rest... rest)
 // session. An SO login while the application has a read-only session
 // (docs/pkcs11-facts.md, "Sessions").
 template <class F, class... A>
-[[gnu::always_inline]] inline CK_RV refused_for_sessions(Runtime& rt, CK_SLOT_ID slot,
+[[gnu::always_inline]] inline CK_RV refused_for_sessions(SessionPool& pool, CK_SLOT_ID slot,
                                                          A... a) noexcept {
   if constexpr (std::is_same_v<F, fn::C_Login> || std::is_same_v<F, fn::C_LoginUser>) {
-    if (std::get<0>(std::tuple<A...>{a...}) == CKU_SO) return rt.pool().may_log_in_so(slot);
+    if (std::get<0>(std::tuple<A...>{a...}) == CKU_SO) return pool.may_log_in_so(slot);
   }
   return CKR_OK;
 }
 
 // After the call: the login state it changed, for the same checks.
 template <class F, class... A>
-[[gnu::always_inline]] inline void note_login(Runtime& rt, CK_SLOT_ID slot, CK_RV rv,
+[[gnu::always_inline]] inline void note_login(SessionPool& pool, CK_SLOT_ID slot, CK_RV rv,
                                               A... a) noexcept {
   if constexpr (std::is_same_v<F, fn::C_Login> || std::is_same_v<F, fn::C_LoginUser>) {
-    rt.pool().logged_in(slot, std::get<0>(std::tuple<A...>{a...}), rv);
+    pool.logged_in(slot, std::get<0>(std::tuple<A...>{a...}), rv);
   } else if constexpr (std::is_same_v<F, fn::C_Logout>) {
-    rt.pool().logged_out(slot, rv);
+    pool.logged_out(slot, rv);
   }
 }
 
 // SO login fails while R/O sessions exist, C_InitToken while any exist; the
 // ones in the way may be p11mux's idle pooled sessions, not the application's.
 template <class F, class... A>
-bool drained_for_retry(Runtime& rt, CK_SLOT_ID slot, CK_RV rv, A... a) noexcept {
+bool drained_for_retry(SessionPool& pool, CK_SLOT_ID slot, CK_RV rv, A... a) noexcept {
   if constexpr (std::is_same_v<F, fn::C_Login>) {
     CK_USER_TYPE user = std::get<0>(std::tuple<A...>{a...});
     return rv == CKR_SESSION_READ_ONLY_EXISTS && user == CKU_SO &&
-           rt.pool().drain_idle(slot, /*read_only_only=*/true);
+           pool.drain_idle(slot, /*read_only_only=*/true);
   } else if constexpr (std::is_same_v<F, fn::C_InitToken>) {
-    return rv == CKR_SESSION_EXISTS && rt.pool().drain_idle(slot, /*read_only_only=*/false);
+    return rv == CKR_SESSION_EXISTS && pool.drain_idle(slot, /*read_only_only=*/false);
   } else {
     return false;
   }

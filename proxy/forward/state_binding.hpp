@@ -12,10 +12,9 @@ namespace p11mux {
 // A backend session for an idle session's call: waits up to pool.wait_ms at
 // the limit. The session holds no backend session meanwhile, so waiting
 // cannot hold up one that others wait for.
-[[gnu::cold, gnu::noinline]] inline CK_RV bind_anchor(Runtime& rt, Session& s) noexcept
-    REQUIRES(s.lock) {
+[[gnu::cold, gnu::noinline]] inline CK_RV bind_anchor(Session& s) noexcept REQUIRES(s.lock) {
   CK_SESSION_HANDLE fresh = CK_INVALID_HANDLE;
-  CK_RV rv = rt.pool().borrow(s.slot, s.rw, fresh);
+  CK_RV rv = s.pool->borrow(s.slot, s.rw, fresh);
   if (rv == CKR_OK) s.anchor.backend = fresh;
   return rv;
 }
@@ -23,10 +22,10 @@ namespace p11mux {
 // After the call: a binding with no state goes back to the pool (or is
 // closed, if a call marked it unclean or dead). A session opened with a
 // Notify callback keeps its own backend session (it carries the callback).
-inline void unbind_if_idle(Runtime& rt, Session& s) noexcept REQUIRES(s.lock) {
+inline void unbind_if_idle(Session& s) noexcept REQUIRES(s.lock) {
   Binding& b = s.anchor;
   if (b.holds_state() || s.notify.load(std::memory_order_relaxed) != nullptr) return;
-  rt.pool().give(s.slot, s.rw, b.backend, SessionPool::unreset_fate(b.discard, b.dead, b.why));
+  s.pool->give(s.slot, s.rw, b.backend, SessionPool::unreset_fate(b.discard, b.dead, b.why));
   b.clear();
 }
 

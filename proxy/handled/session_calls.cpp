@@ -41,16 +41,18 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
     return CKR_HOST_MEMORY;
   }
   HeldLock leased(lease->lock);
-  lease->slot = slot;
+  SessionPool& pool = rt.pool();
+  lease->slot = lease->shown = slot;
+  lease->pool = &pool;
   lease->rw = (flags & CKF_RW_SESSION) != 0;
   lease->application.store(application, std::memory_order_relaxed);
   lease->notify.store(notify, std::memory_order_release);
   // [pool] bind = state: no backend session until a call needs one (a
   // session with a Notify callback keeps its own from the start).
-  CK_RV rv = notify != nullptr     ? rt.pool().open_notified(slot, lease->rw, lease.operator->(),
-                                                             &notify_trampoline, lease->anchor.backend)
-             : rt.binds_on_state() ? rt.pool().admit(slot, lease->rw)
-                                   : rt.pool().open(slot, lease->rw, lease->anchor.backend);
+  CK_RV rv = notify != nullptr     ? pool.open_notified(slot, lease->rw, lease.operator->(),
+                                                        &notify_trampoline, lease->anchor.backend)
+             : rt.binds_on_state() ? pool.admit(slot, lease->rw)
+                                   : pool.open(slot, lease->rw, lease->anchor.backend);
   if (rv != CKR_OK) {
     rt.sessions().discard(std::move(lease));
     return rv;
@@ -77,7 +79,7 @@ CK_RV close_all_sessions(Runtime& rt, CK_SLOT_ID slot) noexcept {
   }
   rt.sessions().for_each_live([&](SessionLease lease) {
     HeldLock leased(lease->lock);
-    if (lease->slot == slot) (void)rt.close_session(std::move(lease));
+    if (lease->shown == slot) (void)rt.close_session(std::move(lease));
   });
   return CKR_OK;
 }

@@ -104,7 +104,7 @@ CK_RV Module::finalize(CK_VOID_PTR reserved) noexcept {
   // before the backend is finalized under them. Calls waiting for a pooled
   // session are woken to return at once rather than at their deadline.
   gate_.close();
-  runtime_->pool().interrupt_waiters();
+  runtime_->interrupt_waiters();
   gate_.drain();
   generation_floor_ = runtime_->sessions().highest_generation();
   if (runtime_->shutdown()) {

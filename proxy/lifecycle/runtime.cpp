@@ -126,12 +126,14 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
       groups_(config.has_groups() ? std::make_unique<const GroupRuntime>(config, ports(), *log_)
                                   : nullptr),
       sessions_(locks_),
-      pool_(std::make_unique<SessionPool>(port_, gate, config.pool, locks_, epoch, *log_,
-                                          observer_->pools())),
       poll_lock_(locks_) {
+  for (const BackendPort* port : ports()) {
+    pools_.push_back(std::make_unique<SessionPool>(*port, gate, config.pool, locks_, epoch, *log_,
+                                                   observer_->pools()));
+  }
   // A group configuration opens no sessions yet (docs/groups.md).
   if (!groups_) {
-    pool_->prewarm();
+    pool().prewarm();
   } else if (config.pool.prewarm > 0) {
     log_->warn(
         "[pool] prewarm = {} is not applied to groups: sessions on groups are not served "
@@ -141,7 +143,9 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
   std::chrono::seconds idle(config.pool.idle_timeout_s), keepalive(config.pool.keepalive_s);
   if (idle.count() > 0 || keepalive.count() > 0) {
     if (may_create_threads_) {
-      maintenance_ = std::make_unique<PoolMaintenance>(*pool_, idle, keepalive);
+      for (auto& pool : pools_) {
+        maintenance_.push_back(std::make_unique<PoolMaintenance>(*pool, idle, keepalive));
+      }
     } else {
       log_->warn(
           "pool.idle_timeout_s and pool.keepalive_s are off: "
@@ -171,22 +175,22 @@ Runtime::~Runtime() { observer_->stop(); }
 // the session objects it created. Fate::reuse only when that is proven done;
 // otherwise closed, with the reason counted (deny by default); Fate::dead when
 // the backend said the session or device is gone.
-SessionPool::Fate Runtime::reset_backend_session(Binding& s) noexcept {
+SessionPool::Fate Runtime::reset_backend_session(const BackendPort& port, Binding& s) noexcept {
   using Fate = SessionPool::Fate;
   if (s.discard) return SessionPool::unreset_fate(s.discard, s.dead, s.why);
   const OpMask pending = s.ops | s.maybe;
-  if (pending != 0 && port_.call<fn::C_SessionCancel>(s.backend, cancel_flags(pending)) == CKR_OK) {
+  if (pending != 0 && port.call<fn::C_SessionCancel>(s.backend, cancel_flags(pending)) == CKR_OK) {
     s.ops = s.maybe = 0;
   }
   if ((s.ops | s.maybe) == op::find) {
     // Either answer proves no search is left.
-    CK_RV rv = port_.call<fn::C_FindObjectsFinal>(s.backend);
+    CK_RV rv = port.call<fn::C_FindObjectsFinal>(s.backend);
     if (rv == CKR_OK || rv == CKR_OPERATION_NOT_INITIALIZED) s.ops = s.maybe = 0;
   }
   if (s.ops != 0) return Fate::closed(CloseReason::operation_active);
   if (s.maybe != 0) return Fate::closed(CloseReason::operation_maybe_active);
   for (CK_OBJECT_HANDLE object : s.objects) {
-    CK_RV rv = port_.call<fn::C_DestroyObject>(s.backend, object);
+    CK_RV rv = port.call<fn::C_DestroyObject>(s.backend, object);
     if (rv != CKR_OK && rv != CKR_OBJECT_HANDLE_INVALID) {
       return Fate::closed(CloseReason::object_not_destroyed);
     }
@@ -220,21 +224,22 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
     s->in_flight.fetch_sub(Session::kWaiter, std::memory_order_relaxed);
     s->lock.lock();
   }
+  SessionPool& pool = *s->pool;
   for (auto& extra : s->extra) {
     if (extra->backend == CK_INVALID_HANDLE) continue;
-    pool_->give(s->slot, s->rw, extra->backend, reset_backend_session(*extra));
+    pool.give(s->slot, s->rw, extra->backend, reset_backend_session(pool.port(), *extra));
     extra->clear();
   }
   if (s->anchor.backend == CK_INVALID_HANDLE) {
-    pool_->leave(s->slot, s->rw);  // [pool] bind = state: it held none
+    pool.leave(s->slot, s->rw);  // [pool] bind = state: it held none
   } else {
     // A session opened with a Notify callback carries the application's
     // callback: never reused.
     SessionPool::Fate fate =
         s->notify.load(std::memory_order_relaxed) != nullptr && !s->anchor.discard
             ? SessionPool::Fate::closed(CloseReason::notify_callback)
-            : reset_backend_session(s->anchor);
-    pool_->close(s->slot, s->rw, s->anchor.backend, fate);
+            : reset_backend_session(pool.port(), s->anchor);
+    pool.close(s->slot, s->rw, s->anchor.backend, fate);
   }
   sessions_.close(std::move(lease));
   return CKR_OK;
@@ -247,6 +252,16 @@ Runtime::WaiterRef::WaiterRef(Runtime& rt) noexcept : rt_(rt) {
 Runtime::WaiterRef::~WaiterRef() {
   rt_.waiters_.fetch_sub(1, std::memory_order_seq_cst);
   wake_all(rt_.waiters_);
+}
+
+SessionPool& Runtime::pool_of(const BackendPort& port) noexcept {
+  for (auto& pool : pools_)
+    if (&pool->port() == &port) return *pool;
+  return pool();  // not reached: every port has its pool
+}
+
+void Runtime::interrupt_waiters() noexcept {
+  for (auto& pool : pools_) pool->interrupt_waiters();
 }
 
 std::vector<const BackendPort*> Runtime::ports() const {
@@ -274,7 +289,7 @@ CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept
     {
       // A poll is a backend call like any other: fork() waits for it.
       GateAccess::Background call(gate_);
-      if (call.epoch() != pool_->epoch()) return CKR_CRYPTOKI_NOT_INITIALIZED;
+      if (call.epoch() != pool().epoch()) return CKR_CRYPTOKI_NOT_INITIALIZED;
       MutexGuard poll(poll_lock_);
       if (stopping_.load(std::memory_order_seq_cst) != 0) return CKR_CRYPTOKI_NOT_INITIALIZED;
       rv = wait(flags | CKF_DONT_BLOCK);
@@ -285,10 +300,10 @@ CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept
 }
 
 bool Runtime::shutdown() noexcept {
-  maintenance_.reset();   // no pool work may race the backend's finalization
+  maintenance_.clear();   // no pool work may race the backend's finalization
   observer_->finalize();  // the summary while sessions and pool still show their figures
   sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
-  pool_->close_all();
+  for (auto& pool : pools_) pool->close_all();
   {
     MutexGuard poll(poll_lock_);  // a poll in progress finishes first
     stopping_.store(1, std::memory_order_seq_cst);

@@ -47,7 +47,11 @@ class Runtime {
   // the single backend. port() is then the first [backend.NAME]'s.
   const GroupRuntime* groups() const noexcept { return groups_.get(); }
   SessionTable& sessions() noexcept { return sessions_; }
-  SessionPool& pool() noexcept { return *pool_; }
+  // The pool of port()'s backend sessions. A session's calls take its own
+  // pool (Session::pool): there is one per port (pool_of).
+  SessionPool& pool() noexcept { return *pools_.front(); }
+  // The pool of `port`'s backend sessions: one of ports().
+  SessionPool& pool_of(const BackendPort& port) noexcept;
   spdlog::logger& log() noexcept { return *log_; }
   bool tracing() const noexcept { return tracing_; }
   // Tracing, metrics or a policy on: calls take Entry<F>'s slow path
@@ -82,6 +86,9 @@ class Runtime {
     Runtime& rt_;
   };
 
+  // C_Finalize, once the call gate is closed: every pool's waiters return
+  // (SessionPool::interrupt_waiters).
+  void interrupt_waiters() noexcept;
   // C_Finalize, after the call gate has drained: closes every session, wakes
   // the slot-event waiters, finalizes the backend. Returns false when a waiter
   // is still stuck inside the backend: the runtime must then be leaked.
@@ -113,9 +120,10 @@ class Runtime {
   std::vector<std::unique_ptr<BackendPort>> extra_ports_;
   std::unique_ptr<const GroupRuntime> groups_;
   SessionTable sessions_;
-  std::unique_ptr<SessionPool> pool_;
-  std::unique_ptr<PoolMaintenance>
-      maintenance_;  // only with a period configured and threads allowed
+  // One per port, ports()' order: a backend's sessions are its own.
+  std::vector<std::unique_ptr<SessionPool>> pools_;
+  // One per pool, only with a period configured and threads allowed.
+  std::vector<std::unique_ptr<PoolMaintenance>> maintenance_;
   // Held by a polling C_WaitForSlotEvent across "not stopping? then ask the
   // backend", and by shutdown() to set stopping_: no poll after finalization.
   // stopping_ is an atomic (also read without it); the lock orders a poll
@@ -129,7 +137,7 @@ class Runtime {
   std::vector<const BackendPort*> ports() const;
   // Ends what a virtual session left on a backend session; says whether it
   // can be pooled again.
-  SessionPool::Fate reset_backend_session(Binding& binding) noexcept;
+  SessionPool::Fate reset_backend_session(const BackendPort& port, Binding& binding) noexcept;
 };
 
 }  // namespace p11mux

@@ -82,11 +82,11 @@ CK_RV filtered_find_objects(Runtime& rt, const ObjectFilter& objects, CK_SESSION
 // only on what the filter shows, protect_enforce.hpp), then the call itself.
 struct ObjectFiltered {
   template <class F, class... A>
-  static CK_RV call(Runtime& rt, A... a) noexcept;
+  static CK_RV call(Runtime& rt, const BackendPort& port, A... a) noexcept;
 };
 
 template <class F, class... A>
-CK_RV ObjectFiltered::call(Runtime& rt, A... a) noexcept {
+CK_RV ObjectFiltered::call(Runtime& rt, const BackendPort& port, A... a) noexcept {
   const ObjectFilter& objects = rt.policy()->objects();
   if constexpr (F::name == "C_FindObjects") {
     return filtered_find_objects(rt, objects, a...);
@@ -129,7 +129,7 @@ CK_RV ObjectFiltered::call(Runtime& rt, A... a) noexcept {
         if (std::optional<CK_RV> answer = protect_call<F, true>(rt, protect, a...)) return *answer;
       }
     }
-    return rt.port().template call<F>(a...);
+    return port.template call<F>(a...);
   }
 }
 

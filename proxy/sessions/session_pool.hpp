@@ -189,6 +189,9 @@ class SessionPool {
   }
 
   std::uint64_t epoch() const noexcept { return epoch_; }
+  // The backend whose sessions it keeps: a session's calls go through its
+  // pool's port (Session::pool).
+  const BackendPort& port() const noexcept { return port_; }
 
   class SlotPool;
   class ThreadCache;

@@ -26,6 +26,8 @@
 
 namespace p11mux {
 
+class SessionPool;
+
 // One backend session serving a virtual session, with what the virtual
 // session left on it (so that it can be reset before anyone else uses it).
 // Guarded by its Session's lock: the analysis checks it where it is reached
@@ -131,7 +133,14 @@ struct Session {
   // purpose: the atomics below; opening_handle by the notify trampoline
   // (handled/session_calls.cpp says why); slot and rw through
   // slot_while_open() and rw_while_open().
+  // `slot` is the backend's own slot ID, on the backend whose sessions
+  // `pool` keeps (and whose port every call takes: pool->port()); `shown` is
+  // the slot the application opened it on (C_GetSessionInfo,
+  // C_CloseAllSessions): `slot` for the single backend, a group's slot ID
+  // in a group configuration (docs/groups.md).
   CK_SLOT_ID slot GUARDED_BY(lock) = 0;
+  CK_SLOT_ID shown GUARDED_BY(lock) = 0;
+  SessionPool* pool GUARDED_BY(lock) = nullptr;
   bool rw GUARDED_BY(lock) = false;  // R/W or R/O: the pool kind of its backend sessions
   CK_SESSION_HANDLE opening_handle GUARDED_BY(lock) = 0;  // the handle being opened, for Notify
   // Read by the notify trampoline from inside backend calls, without the lock.
