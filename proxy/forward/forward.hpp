@@ -78,6 +78,11 @@ template <class F, class Via = ToPort, class Observation, class... A>
         if (drained_for_retry<F>(pool, session->slot, rv, rest...)) [[unlikely]] {
           rv = call_backend(pool.port(), binding.backend, rest...);
         }
+        // The slot the application opened it on: a group's, not its member's.
+        if constexpr (std::is_same_v<F, fn::C_GetSessionInfo>) {
+          if (rv == CKR_OK)
+            std::get<0>(std::tuple<decltype(rest)...>{rest...})->slotID = session->shown;
+        }
         note_call<F>(pool, binding, session->slot, rv, rest...);
         note_login<F>(pool, session->slot, rv, rest...);
         if (rt.binds_on_state()) unbind_if_idle(*session);

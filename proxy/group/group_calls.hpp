@@ -30,17 +30,11 @@ inline CK_RV group_answer(const GroupRuntime& g, fn::C_GetMechanismInfo, CK_SLOT
                           CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info) noexcept {
   return g.get_mechanism_info(slot, type, info);
 }
-// Sessions on groups are the next step (docs/groups.md, "Not built yet").
+// Not built yet (docs/groups.md, "Not built yet"). C_OpenSession and
+// C_CloseAllSessions are the runtime's (handled/session_calls.cpp).
 inline CK_RV group_answer(const GroupRuntime& g, fn::C_InitToken, CK_SLOT_ID slot, CK_UTF8CHAR_PTR,
                           CK_ULONG, CK_UTF8CHAR_PTR) noexcept {
-  return g.refuse("C_InitToken", slot);
-}
-inline CK_RV group_answer(const GroupRuntime& g, fn::C_OpenSession, CK_SLOT_ID slot, CK_FLAGS,
-                          CK_VOID_PTR, CK_NOTIFY, CK_SESSION_HANDLE_PTR) noexcept {
-  return g.refuse("C_OpenSession", slot);
-}
-inline CK_RV group_answer(const GroupRuntime& g, fn::C_CloseAllSessions, CK_SLOT_ID slot) noexcept {
-  return g.close_all_sessions(slot);
+  return g.refuse("C_InitToken", slot, "initializing every member's token is not built");
 }
 // With CKF_DONT_BLOCK (the blocking wait: Runtime::wait_for_slot_event).
 inline CK_RV group_answer(const GroupRuntime& g, fn::C_WaitForSlotEvent, CK_FLAGS, CK_SLOT_ID_PTR,

@@ -271,12 +271,29 @@ CK_RV GroupRuntime::get_mechanism_info(CK_SLOT_ID slot, CK_MECHANISM_TYPE type,
   return answer_mechanism_info(g->mechanisms, type, info);
 }
 
-CK_RV GroupRuntime::refuse(std::string_view function, CK_SLOT_ID slot) const noexcept {
+const GroupRuntime::Member* GroupRuntime::session_member(CK_SLOT_ID slot) const noexcept {
+  const GroupSlot* g = group_at(slot);
+  if (g == nullptr) return nullptr;
+  for (const Member& m : g->members) {
+    CK_SLOT_INFO info{};
+    CK_TOKEN_INFO token{};
+    if (m.port->call<fn::C_GetSlotInfo>(m.slot, &info) == CKR_OK &&
+        (info.flags & CKF_TOKEN_PRESENT) != 0 &&
+        m.port->call<fn::C_GetTokenInfo>(m.slot, &token) == CKR_OK &&
+        member_token_matches(m.config, token)) {
+      return &m;
+    }
+  }
+  return nullptr;
+}
+
+CK_RV GroupRuntime::refuse(std::string_view function, CK_SLOT_ID slot,
+                           std::string_view why) const noexcept {
   if (!known(slot)) return CKR_SLOT_ID_INVALID;
   log_.warn(
-      "{} on slot {} refused (CKR_FUNCTION_NOT_SUPPORTED): sessions on groups and their "
-      "members are not served yet; they are the next step (docs/groups.md, \"Not built yet\")",
-      function, slot);
+      "{} on slot {} refused (CKR_FUNCTION_NOT_SUPPORTED): not served on groups and their "
+      "members yet; {} (docs/groups.md, \"Not built yet\")",
+      function, slot, why);
   return CKR_FUNCTION_NOT_SUPPORTED;
 }
 
@@ -285,10 +302,6 @@ CK_RV GroupRuntime::refuse_slot_events() const noexcept {
       "C_WaitForSlotEvent refused (CKR_FUNCTION_NOT_SUPPORTED): slot events of groups are not "
       "served yet; they come with sessions on groups (docs/groups.md, \"Not built yet\")");
   return CKR_FUNCTION_NOT_SUPPORTED;
-}
-
-CK_RV GroupRuntime::close_all_sessions(CK_SLOT_ID slot) const noexcept {
-  return known(slot) ? CKR_OK : CKR_SLOT_ID_INVALID;  // no session can be open on it
 }
 
 }  // namespace p11mux

@@ -4,8 +4,10 @@
 //
 // Built at C_Initialize over the named backends' ports, which the runtime
 // owns (lifecycle/runtime.hpp); immutable afterwards, so it is read without a
-// lock. Sessions on a group are not served yet: the functions that would open
-// one answer a refusal and a log line (docs/groups.md, "Not built yet").
+// lock. A session on a group's slot runs on one member, the group's first
+// whose token is present (session_member: the interim rule of
+// docs/groups.md, "The runtime so far"); the runtime opens it
+// (handled/session_calls.cpp).
 //
 // Slot IDs: in a group configuration no top-level module is loaded
 // (config.cpp refuses both), so every slot the application sees is one of
@@ -64,13 +66,23 @@ class GroupRuntime {
                            CK_ULONG_PTR count) const noexcept;
   CK_RV get_mechanism_info(CK_SLOT_ID slot, CK_MECHANISM_TYPE type,
                            CK_MECHANISM_INFO_PTR info) const noexcept;
-  // Not served yet (sessions on groups are the next step): C_OpenSession,
-  // C_InitToken and C_WaitForSlotEvent answer CKR_FUNCTION_NOT_SUPPORTED
-  // (docs/pkcs11-facts.md, "Policy": every function may answer it) with a
-  // log line; C_CloseAllSessions has no session to close.
-  CK_RV refuse(std::string_view function, CK_SLOT_ID slot) const noexcept;
+  // The member a new session on group slot `slot` runs on: the group's
+  // first member whose token is present, so that every session of a group
+  // is on one member and object handles agree until the object map is used
+  // (docs/groups.md, "The runtime so far"). NULL when no member has its
+  // token. `slot` must be a group's (is_group).
+  const Member* session_member(CK_SLOT_ID slot) const noexcept;
+  bool is_group(CK_SLOT_ID slot) const noexcept { return group_at(slot) != nullptr; }
+  // Any slot ID the application may see: a group's or a member shown.
+  bool known(CK_SLOT_ID slot) const noexcept;
+
+  // Not served yet: C_InitToken, C_WaitForSlotEvent, and C_OpenSession on
+  // a member shown answer CKR_FUNCTION_NOT_SUPPORTED (docs/pkcs11-facts.md,
+  // "Policy": every function may answer it) with a log line saying why
+  // (`why`: what is not built yet).
+  CK_RV refuse(std::string_view function, CK_SLOT_ID slot,
+               std::string_view why = "the next step") const noexcept;
   CK_RV refuse_slot_events() const noexcept;
-  CK_RV close_all_sessions(CK_SLOT_ID slot) const noexcept;
 
  private:
   struct GroupSlot {
@@ -85,7 +97,6 @@ class GroupRuntime {
   };
   const GroupSlot* group_at(CK_SLOT_ID slot) const noexcept;
   const Shown* shown_at(CK_SLOT_ID slot) const noexcept;
-  bool known(CK_SLOT_ID slot) const noexcept;
   // The members' slot infos and tokens, those that answer.
   std::vector<MemberSlot> member_slots(const GroupSlot& group) const;
 

@@ -24,6 +24,33 @@ CK_RV notify_trampoline(CK_SESSION_HANDLE, CK_NOTIFICATION event,
                 session->application.load(std::memory_order_relaxed));
 }
 
+namespace {
+
+// In a group configuration, where a new session on `slot` runs: a group's
+// current member (GroupRuntime::session_member), its pool and its own slot
+// ID; else the refusal (docs/groups.md, "The runtime so far").
+CK_RV group_session_place(Runtime& rt, const GroupRuntime& groups, CK_SLOT_ID slot,
+                          SessionPool*& pool, CK_SLOT_ID& backend_slot) noexcept {
+  if (!groups.is_group(slot)) {
+    return groups.refuse("C_OpenSession", slot, "sessions on a member shown are not built");
+  }
+  // Multiplex mode's per-thread sessions and the policy's own backend calls
+  // take the runtime's first port only.
+  if (rt.multiplexed()) {
+    return groups.refuse("C_OpenSession", slot, "session_mode = multiplex on groups is not built");
+  }
+  if (rt.policy() != nullptr) {
+    return groups.refuse("C_OpenSession", slot, "a [policy] on group sessions is not built");
+  }
+  const GroupRuntime::Member* member = groups.session_member(slot);
+  if (member == nullptr) return CKR_TOKEN_NOT_PRESENT;
+  pool = &rt.pool_of(*member->port);
+  backend_slot = member->slot;
+  return CKR_OK;
+}
+
+}  // namespace
+
 // With a Notify callback the backend session is the application's alone:
 // it is opened for it (with p11mux's trampoline) and closed with it, not
 // pooled, because a pooled session cannot change its callback. It counts
@@ -32,6 +59,13 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
                    CK_NOTIFY notify, CK_SESSION_HANDLE_PTR session) noexcept {
   // Checked here because a pooled session would hide the backend's refusal.
   if ((flags & CKF_SERIAL_SESSION) == 0) return CKR_SESSION_PARALLEL_NOT_SUPPORTED;
+  SessionPool* pool = &rt.pool();
+  CK_SLOT_ID backend_slot = slot;
+  if (const GroupRuntime* groups = rt.groups()) {
+    if (CK_RV rv = group_session_place(rt, *groups, slot, pool, backend_slot); rv != CKR_OK) {
+      return rv;
+    }
+  }
   SessionLease lease;
   try {
     lease = rt.sessions().reserve();
@@ -41,18 +75,18 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
     return CKR_HOST_MEMORY;
   }
   HeldLock leased(lease->lock);
-  SessionPool& pool = rt.pool();
-  lease->slot = lease->shown = slot;
-  lease->pool = &pool;
+  lease->slot = backend_slot;
+  lease->shown = slot;
+  lease->pool = pool;
   lease->rw = (flags & CKF_RW_SESSION) != 0;
   lease->application.store(application, std::memory_order_relaxed);
   lease->notify.store(notify, std::memory_order_release);
   // [pool] bind = state: no backend session until a call needs one (a
   // session with a Notify callback keeps its own from the start).
-  CK_RV rv = notify != nullptr     ? pool.open_notified(slot, lease->rw, lease.operator->(),
-                                                        &notify_trampoline, lease->anchor.backend)
-             : rt.binds_on_state() ? pool.admit(slot, lease->rw)
-                                   : pool.open(slot, lease->rw, lease->anchor.backend);
+  CK_RV rv = notify != nullptr ? pool->open_notified(backend_slot, lease->rw, lease.operator->(),
+                                                     &notify_trampoline, lease->anchor.backend)
+             : rt.binds_on_state() ? pool->admit(backend_slot, lease->rw)
+                                   : pool->open(backend_slot, lease->rw, lease->anchor.backend);
   if (rv != CKR_OK) {
     rt.sessions().discard(std::move(lease));
     return rv;
@@ -72,9 +106,12 @@ CK_RV close_all_sessions(Runtime& rt, CK_SLOT_ID slot) noexcept {
   // Not the backend's C_CloseAllSessions: that would also close p11mux's
   // idle pooled sessions. Asking for the slot's info validates the slot ID
   // (unless the backend lacks C_GetSlotInfo: then the slot is not checked).
+  // In a group configuration the slot IDs are p11mux's (group_runtime.hpp).
   CK_SLOT_INFO info{};
-  if (CK_RV rv = rt.port().call<fn::C_GetSlotInfo>(slot, &info);
-      rv != CKR_OK && rv != CKR_FUNCTION_NOT_SUPPORTED) {
+  if (const GroupRuntime* groups = rt.groups()) {
+    if (!groups->known(slot)) return CKR_SLOT_ID_INVALID;
+  } else if (CK_RV rv = rt.port().call<fn::C_GetSlotInfo>(slot, &info);
+             rv != CKR_OK && rv != CKR_FUNCTION_NOT_SUPPORTED) {
     return rv;
   }
   rt.sessions().for_each_live([&](SessionLease lease) {

@@ -113,3 +113,35 @@ TEST_CASE("groups over SoftHSM2 and the mock: slots, synthesized token, mechanis
   CHECK(!info(p11, 1, soft_only).has_value());
   CHECK(info(p11, 0, soft_only).has_value());
 }
+
+TEST_CASE("groups over SoftHSM2: a session on the group logs in, signs and verifies on a member") {
+  ReplicatedTokens tokens(2);  // before p11mux: SoftHSM2 reads SOFTHSM2_CONF at C_Initialize
+  TempDir dir("p11mux-group-session-");
+  const std::string conf = (dir.path() / "p11mux.conf").string();
+  std::ofstream(conf) << "[backend.soft]\nmodule = "
+                      << env_or("P11MUX_TEST_SOFTHSM2_MODULE", "/usr/lib/softhsm/libsofthsm2.so")
+                      << "\n[group.replicas]\nmembers = soft/label:" << tokens.label(0)
+                      << ", soft/label:" << tokens.label(1) << "\n";
+  ScopedEnv config("P11MUX_CONFIG", conf);
+  ScopedEnv no_module("P11MUX_MODULE", "");
+  Module module(required_env("P11MUX_TEST_MODULE"));
+  const CK_FUNCTION_LIST& p11 = module.fn();
+
+  Session s(p11, 0, Access::read_only);
+  CK_SESSION_INFO info{};
+  CHECK_RV(p11.C_GetSessionInfo(s, &info), CKR_OK);
+  CHECK(info.slotID == 0);
+  CHECK_RV(login_user(p11, s, kUserPin), CKR_OK);
+  const CK_OBJECT_HANDLE priv = require_replica_key(p11, s, CKO_PRIVATE_KEY, kReplicaEc);
+  const CK_OBJECT_HANDLE pub = require_replica_key(p11, s, CKO_PUBLIC_KEY, kReplicaEc);
+  CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
+  CK_BYTE digest[32] = {1, 2, 3};
+  CK_BYTE sig[64];
+  CK_ULONG sig_len = sizeof sig;
+  CHECK_RV(p11.C_SignInit(s, &ecdsa, priv), CKR_OK);
+  CHECK_RV(p11.C_Sign(s, digest, sizeof digest, sig, &sig_len), CKR_OK);
+  // A second session of the group is on the same member: the handles agree.
+  Session t(p11, 0, Access::read_only);
+  CHECK_RV(p11.C_VerifyInit(t, &ecdsa, pub), CKR_OK);
+  CHECK_RV(p11.C_Verify(t, digest, sizeof digest, sig, sig_len), CKR_OK);
+}
