@@ -12,6 +12,7 @@
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace p11mux::test {
@@ -489,16 +490,22 @@ TEST_CASE("group sessions: a member without its token is passed over; none, no t
   faulty->clear_slot(2);
 }
 
+// C_OpenSession on `slot` is refused with CKR_FUNCTION_NOT_SUPPORTED and a
+// log line that names `why`.
+void check_open_refused(GroupProxy& proxy, CK_SLOT_ID slot, std::string_view why) {
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  CK_RV rv = CKR_OK;
+  const std::string err = capture_stderr(
+      [&] { rv = proxy.p11->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &h); });
+  CHECK(rv == CKR_FUNCTION_NOT_SUPPORTED);
+  CHECK_MESSAGE(err.find(why) != std::string::npos, err);
+}
+
 TEST_CASE("group sessions: refused in multiplex mode and on a member shown, with a log line") {
   GroupProxy proxy(two_member_group(), three_tokens(),
                    {{"P11MUX_LOG_LEVEL", "warn"}, {"P11MUX_SESSION_MODE", "multiplex"}});
   REQUIRE(proxy.initialize() == CKR_OK);
-  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
-  CK_RV rv = CKR_OK;
-  std::string err = capture_stderr(
-      [&] { rv = proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h); });
-  CHECK(rv == CKR_FUNCTION_NOT_SUPPORTED);
-  CHECK_MESSAGE(err.find("multiplex") != std::string::npos, err);
+  check_open_refused(proxy, 0, "multiplex");
   CHECK(mock_stats().sessions_opened_total == 0);
 }
 
@@ -507,16 +514,8 @@ TEST_CASE("group sessions: refused with a [policy] and on a member shown, with a
                    {{"P11MUX_LOG_LEVEL", "warn"},
                     {"P11MUX_POLICY_MECHANISMS_ALLOW", "CKM_ECDSA CKM_EC_KEY_PAIR_GEN"}});
   REQUIRE(proxy.initialize() == CKR_OK);
-  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
-  CK_RV rv = CKR_OK;
-  std::string err = capture_stderr(
-      [&] { rv = proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h); });
-  CHECK(rv == CKR_FUNCTION_NOT_SUPPORTED);
-  CHECK_MESSAGE(err.find("[policy]") != std::string::npos, err);
-  err = capture_stderr(
-      [&] { rv = proxy.p11->C_OpenSession(1, CKF_SERIAL_SESSION, nullptr, nullptr, &h); });
-  CHECK(rv == CKR_FUNCTION_NOT_SUPPORTED);
-  CHECK_MESSAGE(err.find("member shown") != std::string::npos, err);
+  check_open_refused(proxy, 0, "[policy]");
+  check_open_refused(proxy, 1, "member shown");
   CHECK(mock_stats().sessions_opened_total == 0);
 }
 
