@@ -78,6 +78,13 @@ inline OpMask others_ops(const Binding& x, std::uint64_t me) noexcept {
   return static_cast<OpMask>(x.ops & ~own_ops(x, me));
 }
 
+// Claims a free binding for `me`: as its owner from now on, unless `me` is
+// its guest, which stays one (try_claim(0) keeps the owner, and with it the
+// owner's claim to its operations).
+inline bool claim_for(Binding& x, std::uint64_t me) noexcept {
+  return x.try_claim(x.guest == me && x.owner() != me ? 0 : me);
+}
+
 // A call that continues an operation: it runs where that operation is.
 constexpr bool continues(Effect e) noexcept {
   return (e.step == Step::update || e.step == Step::finish || e.step == Step::message) &&
@@ -161,8 +168,8 @@ template <class F>
   }
   if (b == nullptr) return nullptr;
   // The anchor may have been claimed without the lock since we read it free
-  // (claim_anchor): then choose again, with it busy. A guest stays a guest.
-  if (!b->try_claim(b->guest == me && b->owner() != me ? 0 : me)) [[unlikely]]
+  // (claim_anchor): then choose again, with it busy.
+  if (!claim_for(*b, me)) [[unlikely]]
     return search_binding<F>(s, me);
   return b;
 }
@@ -315,7 +322,7 @@ template <class F>
   for (;;) {
     Binding* mine = find_binding(s, [&](Binding& x) { return (own_ops(x, me) & e.ops) != 0; });
     if (mine == nullptr || s.closing) return claim_when_free<F>(s, me);
-    if (mine->try_claim(mine->owner() == me ? me : 0)) {
+    if (claim_for(*mine, me)) {
       mine->wanted = false;
       return mine;
     }
