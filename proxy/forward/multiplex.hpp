@@ -617,6 +617,7 @@ inline Bound claim_locked(Runtime& rt, Observation& seen, Session& s, CK_SESSION
 // owner (claimed with try_claim(0): claim_held_now, claim_own_operation);
 // ended ones are nobody's.
 inline void note_guest_ops(Binding& b, OpMask before) noexcept {
+  if (b.ops == before) return;  // most calls: nothing started or ended
   if (b.owner() != this_thread_number()) b.guest_ops |= static_cast<OpMask>(b.ops & ~before);
   b.guest_ops &= b.ops;
 }
@@ -727,8 +728,9 @@ template <class Observation, class CallBackend>
     MutexGuard guard(s->lock);
     for (Target& t : targets) {
       Binding& b = *t.binding;
+      const OpMask before = b.ops;
       record_call<F>(rt.pool(), b, s->slot, t.rv, NothingCreated{}, t.flags);
-      note_guest_ops(b, b.ops);
+      note_guest_ops(b, before);
       b.release();  // publishes ops to a lock-free claimer
       if (detaches_when_idle(rt, *s, b)) {
         if (Release r = detach_if_idle(*s, b); r.backend != CK_INVALID_HANDLE)

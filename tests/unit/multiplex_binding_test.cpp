@@ -355,6 +355,10 @@ TEST_CASE("the operations a guest starts are its own; ended ones are nobody's") 
   b.ops = op::digest;  // the guest's verification ended
   note_guest_ops(b, op::verify | op::digest);
   CHECK(b.guest_ops == 0);
+  // A call that changed nothing changes nothing.
+  b.guest_ops = op::digest;
+  note_guest_ops(b, op::digest);
+  CHECK(b.guest_ops == op::digest);
 }
 
 TEST_CASE("a call that continues no operation runs on this thread's own free binding") {
