@@ -271,20 +271,21 @@ CK_RV GroupRuntime::get_mechanism_info(CK_SLOT_ID slot, CK_MECHANISM_TYPE type,
   return answer_mechanism_info(g->mechanisms, type, info);
 }
 
-const GroupRuntime::Member* GroupRuntime::session_member(CK_SLOT_ID slot) const noexcept {
+std::size_t GroupRuntime::session_member(CK_SLOT_ID slot) const noexcept {
   const GroupSlot* g = group_at(slot);
-  if (g == nullptr) return nullptr;
-  for (const Member& m : g->members) {
+  if (g == nullptr) return kNoMember;
+  for (std::size_t i = 0; i < g->members.size(); ++i) {
+    const Member& m = g->members[i];
     CK_SLOT_INFO info{};
     CK_TOKEN_INFO token{};
     if (m.port->call<fn::C_GetSlotInfo>(m.slot, &info) == CKR_OK &&
         (info.flags & CKF_TOKEN_PRESENT) != 0 &&
         m.port->call<fn::C_GetTokenInfo>(m.slot, &token) == CKR_OK &&
         member_token_matches(m.config, token)) {
-      return &m;
+      return i;
     }
   }
-  return nullptr;
+  return kNoMember;
 }
 
 CK_RV GroupRuntime::refuse(std::string_view function, CK_SLOT_ID slot,

@@ -69,9 +69,10 @@ class GroupRuntime {
   // The member a new session on group slot `slot` runs on: the group's
   // first member whose token is present, so that every session of a group
   // is on one member and object handles agree until the object map is used
-  // (docs/groups.md, "The runtime so far"). NULL when no member has its
-  // token. `slot` must be a group's (is_group).
-  const Member* session_member(CK_SLOT_ID slot) const noexcept;
+  // (docs/groups.md, "The runtime so far"). `slot` must be a group's (is_group).
+  // The member's index in members(group); kNoMember when none.
+  static constexpr std::size_t kNoMember = ~std::size_t{0};
+  std::size_t session_member(CK_SLOT_ID slot) const noexcept;
   bool is_group(CK_SLOT_ID slot) const noexcept { return group_at(slot) != nullptr; }
   // Any slot ID the application may see: a group's or a member shown.
   bool known(CK_SLOT_ID slot) const noexcept;

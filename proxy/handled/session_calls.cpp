@@ -30,7 +30,8 @@ namespace {
 // current member (GroupRuntime::session_member), its pool and its own slot
 // ID; else the refusal (docs/groups.md, "The runtime so far").
 CK_RV group_session_place(Runtime& rt, const GroupRuntime& groups, CK_SLOT_ID slot,
-                          SessionPool*& pool, CK_SLOT_ID& backend_slot) noexcept {
+                          SessionPool*& pool, CK_SLOT_ID& backend_slot,
+                          std::size_t& member_index) noexcept {
   if (!groups.is_group(slot)) {
     return groups.refuse("C_OpenSession", slot, "sessions on a member shown are not built");
   }
@@ -42,10 +43,11 @@ CK_RV group_session_place(Runtime& rt, const GroupRuntime& groups, CK_SLOT_ID sl
   if (rt.policy() != nullptr) {
     return groups.refuse("C_OpenSession", slot, "a [policy] on group sessions is not built");
   }
-  const GroupRuntime::Member* member = groups.session_member(slot);
-  if (member == nullptr) return CKR_TOKEN_NOT_PRESENT;
-  pool = &rt.pool_of(*member->port);
-  backend_slot = member->slot;
+  member_index = groups.session_member(slot);
+  if (member_index == GroupRuntime::kNoMember) return CKR_TOKEN_NOT_PRESENT;
+  const GroupRuntime::Member& member = groups.members(slot).at(member_index);
+  pool = &rt.pool_of(*member.port);
+  backend_slot = member.slot;
   return CKR_OK;
 }
 
@@ -61,10 +63,14 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
   if ((flags & CKF_SERIAL_SESSION) == 0) return CKR_SESSION_PARALLEL_NOT_SUPPORTED;
   SessionPool* pool = &rt.pool();
   CK_SLOT_ID backend_slot = slot;
+  std::uint32_t group = Session::kNoGroup;
+  std::size_t member = 0;
   if (const GroupRuntime* groups = rt.groups()) {
-    if (CK_RV rv = group_session_place(rt, *groups, slot, pool, backend_slot); rv != CKR_OK) {
+    if (CK_RV rv = group_session_place(rt, *groups, slot, pool, backend_slot, member);
+        rv != CKR_OK) {
       return rv;
     }
+    group = static_cast<std::uint32_t>(slot);  // a group's slot ID is its index
   }
   SessionLease lease;
   try {
@@ -78,6 +84,8 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
   lease->slot = backend_slot;
   lease->shown = slot;
   lease->pool = pool;
+  lease->group = group;
+  lease->member = static_cast<std::uint32_t>(member);
   lease->rw = (flags & CKF_RW_SESSION) != 0;
   lease->application.store(application, std::memory_order_relaxed);
   lease->notify.store(notify, std::memory_order_release);

@@ -141,6 +141,12 @@ struct Session {
   CK_SLOT_ID slot GUARDED_BY(lock) = 0;
   CK_SLOT_ID shown GUARDED_BY(lock) = 0;
   SessionPool* pool GUARDED_BY(lock) = nullptr;
+  // In a group configuration, the group (GroupRuntime's index, which is
+  // also its slot ID) and the member (its index in the group's `members`)
+  // the session runs on; kNoGroup for the single backend.
+  static constexpr std::uint32_t kNoGroup = ~std::uint32_t{0};
+  std::uint32_t group GUARDED_BY(lock) = kNoGroup;
+  std::uint32_t member GUARDED_BY(lock) = 0;
   bool rw GUARDED_BY(lock) = false;  // R/W or R/O: the pool kind of its backend sessions
   CK_SESSION_HANDLE opening_handle GUARDED_BY(lock) = 0;  // the handle being opened, for Notify
   // Read by the notify trampoline from inside backend calls, without the lock.
