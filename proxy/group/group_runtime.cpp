@@ -99,6 +99,7 @@ GroupRuntime::GroupRuntime(const Config& config, std::span<const BackendPort* co
     if (g.members.empty()) throw ConfigError("[group." + g.name + "] has no members");
     GroupSlot& slot = groups_.emplace_back();
     slot.name = g.name;
+    std::vector<std::uint32_t> capacity;  // each member's sessions, for `primary`
     for (const GroupMember& m : g.members) {
       const BackendPort* port = port_of(m.backend);
       const auto held = tokens.find(m.backend);
@@ -124,7 +125,9 @@ GroupRuntime::GroupRuntime(const Config& config, std::span<const BackendPort* co
                      : std::to_string(found.size()) + " tokens match; name the member by serial:"));
       }
       slot.members.push_back(Member{port, found.front()->slot, m});
+      capacity.push_back(session_capacity(found.front()->info.ulMaxSessionCount));
     }
+    slot.placement = std::make_unique<SessionPlacement>(g.balance, capacity);
     std::vector<MechanismList> lists;
     lists.reserve(slot.members.size());
     for (const Member& m : slot.members) lists.push_back(mechanisms_of(m, g.name));
@@ -271,21 +274,30 @@ CK_RV GroupRuntime::get_mechanism_info(CK_SLOT_ID slot, CK_MECHANISM_TYPE type,
   return answer_mechanism_info(g->mechanisms, type, info);
 }
 
-std::size_t GroupRuntime::session_member(CK_SLOT_ID slot) const noexcept {
+bool GroupRuntime::token_present(const Member& m) noexcept {
+  CK_SLOT_INFO info{};
+  CK_TOKEN_INFO token{};
+  return m.port->call<fn::C_GetSlotInfo>(m.slot, &info) == CKR_OK &&
+         (info.flags & CKF_TOKEN_PRESENT) != 0 &&
+         m.port->call<fn::C_GetTokenInfo>(m.slot, &token) == CKR_OK &&
+         member_token_matches(m.config, token);
+}
+
+std::size_t GroupRuntime::place_session(CK_SLOT_ID slot) const {
   const GroupSlot* g = group_at(slot);
   if (g == nullptr) return kNoMember;
-  for (std::size_t i = 0; i < g->members.size(); ++i) {
-    const Member& m = g->members[i];
-    CK_SLOT_INFO info{};
-    CK_TOKEN_INFO token{};
-    if (m.port->call<fn::C_GetSlotInfo>(m.slot, &info) == CKR_OK &&
-        (info.flags & CKF_TOKEN_PRESENT) != 0 &&
-        m.port->call<fn::C_GetTokenInfo>(m.slot, &token) == CKR_OK &&
-        member_token_matches(m.config, token)) {
-      return i;
-    }
-  }
-  return kNoMember;
+  const std::size_t member =
+      g->placement->place([&](std::size_t i) { return token_present(g->members[i]); });
+  return member == SessionPlacement::kNone ? kNoMember : member;
+}
+
+void GroupRuntime::release_session(CK_SLOT_ID slot, std::size_t member) const noexcept {
+  if (const GroupSlot* g = group_at(slot)) g->placement->release(member);
+}
+
+std::uint32_t GroupRuntime::member_sessions(CK_SLOT_ID slot, std::size_t member) const noexcept {
+  const GroupSlot* g = group_at(slot);
+  return g == nullptr || member >= g->members.size() ? 0 : g->placement->sessions(member);
 }
 
 CK_RV GroupRuntime::refuse(std::string_view function, CK_SLOT_ID slot,

@@ -4,10 +4,9 @@
 //
 // Built at C_Initialize over the named backends' ports, which the runtime
 // owns (lifecycle/runtime.hpp); immutable afterwards, so it is read without a
-// lock. A session on a group's slot runs on one member, the group's first
-// whose token is present (session_member: the interim rule of
-// docs/groups.md, "The runtime so far"); the runtime opens it
-// (handled/session_calls.cpp).
+// lock (the session counts of placement are atomics of their own). A session
+// on a group's slot runs on one member, chosen when it opens by the group's
+// `balance` (place_session); the runtime opens it (handled/session_calls.cpp).
 //
 // Slot IDs: in a group configuration no top-level module is loaded
 // (config.cpp refuses both), so every slot the application sees is one of
@@ -19,12 +18,14 @@
 
 #include "config/config.hpp"
 #include "group/group_slot.hpp"
+#include "group/session_placement.hpp"
 #include "port/backend_port.hpp"
 
 #include <p11mux/pkcs11.h>
 
 #include <spdlog/logger.h>
 
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -66,13 +67,16 @@ class GroupRuntime {
                            CK_ULONG_PTR count) const noexcept;
   CK_RV get_mechanism_info(CK_SLOT_ID slot, CK_MECHANISM_TYPE type,
                            CK_MECHANISM_INFO_PTR info) const noexcept;
-  // The member a new session on group slot `slot` runs on: the group's
-  // first member whose token is present, so that every session of a group
-  // is on one member and object handles agree until the object map is used
-  // (docs/groups.md, "The runtime so far"). `slot` must be a group's (is_group).
-  // The member's index in members(group); kNoMember when none.
+  // The member a new session on group slot `slot` runs on, by the group's
+  // `balance` (session_placement.hpp) among the members whose token is
+  // present, counted there until release_session: its index in
+  // members(slot); kNoMember when no member has its token. `slot` must be a
+  // group's (is_group).
   static constexpr std::size_t kNoMember = ~std::size_t{0};
-  std::size_t session_member(CK_SLOT_ID slot) const noexcept;
+  std::size_t place_session(CK_SLOT_ID slot) const;
+  void release_session(CK_SLOT_ID slot, std::size_t member) const noexcept;
+  // The group's sessions on each member (tests, /stats).
+  std::uint32_t member_sessions(CK_SLOT_ID slot, std::size_t member) const noexcept;
   bool is_group(CK_SLOT_ID slot) const noexcept { return group_at(slot) != nullptr; }
   // Any slot ID the application may see: a group's or a member shown.
   bool known(CK_SLOT_ID slot) const noexcept;
@@ -90,7 +94,11 @@ class GroupRuntime {
     std::string name;
     std::vector<Member> members;
     MechanismList mechanisms;  // the intersection, read at C_Initialize
+    // Thread-safe on its own: placing a session changes only its counts.
+    std::unique_ptr<SessionPlacement> placement;
   };
+  // Whether member `m`'s token is in its slot now.
+  static bool token_present(const Member& m) noexcept;
   // A member's slot shown as its own (hide_members = false).
   struct Shown {
     const BackendPort* port;

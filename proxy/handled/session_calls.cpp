@@ -43,7 +43,11 @@ CK_RV group_session_place(Runtime& rt, const GroupRuntime& groups, CK_SLOT_ID sl
   if (rt.policy() != nullptr) {
     return groups.refuse("C_OpenSession", slot, "a [policy] on group sessions is not built");
   }
-  member_index = groups.session_member(slot);
+  try {
+    member_index = groups.place_session(slot);
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
   if (member_index == GroupRuntime::kNoMember) return CKR_TOKEN_NOT_PRESENT;
   const GroupRuntime::Member& member = groups.members(slot).at(member_index);
   pool = &rt.pool_of(*member.port);
@@ -72,13 +76,18 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
     }
     group = static_cast<std::uint32_t>(slot);  // a group's slot ID is its index
   }
+  // The member counted when the session was placed, let go if it does not open.
+  auto unplace = [&](CK_RV rv) {
+    if (group != Session::kNoGroup) rt.groups()->release_session(group, member);
+    return rv;
+  };
   SessionLease lease;
   try {
     lease = rt.sessions().reserve();
   } catch (const CkrError& e) {
-    return e.rv();
+    return unplace(e.rv());
   } catch (const std::bad_alloc&) {
-    return CKR_HOST_MEMORY;
+    return unplace(CKR_HOST_MEMORY);
   }
   HeldLock leased(lease->lock);
   lease->slot = backend_slot;
@@ -97,7 +106,7 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
                                    : pool->open(backend_slot, lease->rw, lease->anchor.backend);
   if (rv != CKR_OK) {
     rt.sessions().discard(std::move(lease));
-    return rv;
+    return unplace(rv);
   }
   *session = lease->opening_handle;
   rt.sessions().publish(*lease);

@@ -241,6 +241,7 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
             : reset_backend_session(pool.port(), s->anchor);
     pool.close(s->slot, s->rw, s->anchor.backend, fate);
   }
+  if (s->group != Session::kNoGroup) groups()->release_session(s->group, s->member);
   sessions_.close(std::move(lease));
   return CKR_OK;
 }

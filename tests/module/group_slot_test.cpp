@@ -407,14 +407,15 @@ std::string two_member_group() {
 
 }  // namespace
 
-TEST_CASE("group sessions: open on the first member with a token, sign and verify there") {
-  GroupProxy proxy(two_member_group(), three_tokens());
+TEST_CASE("group sessions: balance = primary keeps them on the first member; sign and verify") {
+  GroupProxy proxy(two_member_group() + "balance = primary\n", three_tokens());
   REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE;
   REQUIRE(p->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &a) == CKR_OK);
   REQUIRE(p->C_OpenSession(0, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &b) == CKR_OK);
-  // Both on the first member (mock slot 2), none on the second.
+  // Both on the first member (mock slot 2), none on the second: the
+  // mock's tokens set no session limit, so the primary is never full.
   CHECK(member_sessions(2) == 2);
   CHECK(member_sessions(1) == 0);
   // The application sees the group's slot; its token counts the sessions
@@ -466,6 +467,73 @@ TEST_CASE("group sessions: open on the first member with a token, sign and verif
   const MockStats stats = mock_stats();
   CHECK(stats.sessions_open == 0);
   CHECK(stats.sessions_closed_by_finalize == 0);
+}
+
+TEST_CASE("group sessions: least-busy spreads them over the members; each runs on its own") {
+  GroupProxy proxy(two_member_group(), three_tokens());
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  std::vector<CK_SESSION_HANDLE> open(4, CK_INVALID_HANDLE);
+  for (CK_SESSION_HANDLE& h : open)
+    REQUIRE(p->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
+  CHECK(member_sessions(2) == 2);
+  CHECK(member_sessions(1) == 2);
+  // Each session's calls go to its member: a session object made on one is
+  // that member's alone (the mock's object count per slot says where).
+  auto mock_objects = [](CK_SLOT_ID mock_slot) {
+    CK_SESSION_HANDLE d = CK_INVALID_HANDLE;
+    REQUIRE(mock_functions()->C_OpenSession(mock_slot, CKF_SERIAL_SESSION, nullptr, nullptr, &d) ==
+            CKR_OK);
+    REQUIRE(mock_functions()->C_FindObjectsInit(d, nullptr, 0) == CKR_OK);
+    std::array<CK_OBJECT_HANDLE, 64> found{};
+    CK_ULONG n = 0;
+    REQUIRE(mock_functions()->C_FindObjects(d, found.data(), found.size(), &n) == CKR_OK);
+    REQUIRE(mock_functions()->C_FindObjectsFinal(d) == CKR_OK);
+    REQUIRE(mock_functions()->C_CloseSession(d) == CKR_OK);
+    return n;
+  };
+  const CK_ULONG before1 = mock_objects(1), before2 = mock_objects(2);
+  CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
+  for (CK_SESSION_HANDLE h : open)
+    REQUIRE(p->C_GenerateKeyPair(h, &gen, nullptr, 0, nullptr, 0, &pub, &priv) == CKR_OK);
+  CHECK(mock_objects(1) == before1 + 4);
+  CHECK(mock_objects(2) == before2 + 4);
+  // Two sessions of one member close (the first and third opened: ties are
+  // taken in turn from member 0). Their backend sessions stay open in that
+  // member's pool; the next two sessions go to that member, the least busy
+  // now, and reuse them. Had the closed sessions not been let go, one would
+  // go to the other member and open a third backend session there.
+  REQUIRE(p->C_CloseSession(open[0]) == CKR_OK);
+  REQUIRE(p->C_CloseSession(open[2]) == CKR_OK);
+  REQUIRE(p->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &open[0]) == CKR_OK);
+  REQUIRE(p->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &open[2]) == CKR_OK);
+  CHECK(member_sessions(2) == 2);
+  CHECK(member_sessions(1) == 2);
+}
+
+TEST_CASE("group sessions: round-robin, and primary moving on at its token's session limit") {
+  SUBCASE("round-robin") {
+    GroupProxy proxy(two_member_group() + "balance = round-robin\n", three_tokens());
+    REQUIRE(proxy.initialize() == CKR_OK);
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    for (CK_ULONG expected : {1, 1, 2}) {  // members 0, 1, 0: mock slots 2, 1, 2
+      REQUIRE(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
+      CHECK(member_sessions(2) == expected);
+    }
+    CHECK(member_sessions(1) == 1);
+  }
+  SUBCASE("primary") {
+    MockConfig mock = three_tokens();
+    mock.token_max_session_count = 2;
+    GroupProxy proxy(two_member_group() + "balance = primary\n", mock);
+    REQUIRE(proxy.initialize() == CKR_OK);
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    for (int i = 0; i < 3; ++i)
+      REQUIRE(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
+    CHECK(member_sessions(2) == 2);
+    CHECK(member_sessions(1) == 1);
+  }
 }
 
 TEST_CASE("group sessions: a member without its token is passed over; none, no token") {
