@@ -47,6 +47,14 @@ Sections (--only):
              any wait for a backend session); a run with errors gives no
              figure. Writes capacity.csv and a table
              in results.md. About 2 minutes
+  groups     several HSMs as one slot (issue 15): three SoftHSM2 tokens
+             holding the same imported EC key, each a member on the slow
+             backend (at most 4 sessions per token), 64 threads signing
+             (sign-ec) with their own sessions through groups of 1, 2 and 3
+             members ([pool] bind = state), beside one member directly
+             ("physical", 4 threads) and through p11mux's single backend.
+             Scaling is groupN / (N x group1). Writes groups.csv and a table
+             in results.md. About 1 minute
   tls        full TLS handshakes per second (TLSv1.3, no resumption) through
              stunnel (threads) and nginx (2 workers) with the server key on
              the token, loaded by the OpenSSL pkcs11 engine: directly and
@@ -94,7 +102,7 @@ runs=3
 duration=1.5
 warmup=0.5
 quick=0
-sections="matrix,overhead,open,shared,callgrind,capacity,tls"
+sections="matrix,overhead,open,shared,callgrind,capacity,groups,tls"
 ops="random,digest,sign-ec,sign-rsa,open-close"
 threads_list="1,2,8,64"
 configs="direct,serialize,multiplex,p11kit"
@@ -143,7 +151,7 @@ IFS=, read -r -a tls_servers <<<"$tls_servers"
 IFS=, read -r -a tls_backends <<<"$tls_backends"
 want() { [[ ",$sections," == *",$1,"* ]]; }
 for s in ${sections//,/ }; do
-  [[ " matrix overhead open shared callgrind capacity tls " == *" $s "* ]] ||
+  [[ " matrix overhead open shared callgrind capacity groups tls " == *" $s "* ]] ||
     { echo "bench.sh: unknown section '$s' (see --help)" >&2; exit 2; }
 done
 
@@ -219,6 +227,15 @@ select_config() {
     p11kit)
       module=$p11kit
       menv=(LD_PRELOAD="$shim" P11KIT_ISOLATE_MODULES="$work/p11kit-$backend") ;;
+    # The groups section: one member's token, directly or through p11mux's
+    # single backend; and groups of its first N members (groups_setup).
+    member-direct) module=$backend_path token=(--token-label member-1) ;;
+    member-serialize)
+      module=$p11mux token=(--token-label member-1)
+      menv=(P11MUX_MODULE="$backend_path" P11MUX_SESSION_MODE=serialize) ;;
+    group[1-3])
+      module=$p11mux token=(--token-label signing)
+      menv=(P11MUX_CONFIG="$work/$config.conf" P11MUX_SESSION_MODE=serialize) ;;
   esac
 }
 
@@ -492,24 +509,28 @@ capacity_cases=(
   "multiplex multiplex shared 64 4 state"
 )
 
-# capacity_section: every case $runs times, interleaved (run 1 of each, then
-# run 2...); medians, and each case's ratio to the physical capacity (median
-# of the per-run ratios against the physical run of the same round).
-capacity_section() {
-  local r spec label config sessions threads limit bind key p99
+# limit_section CSV CASES LIMIT_VAR: every case of the array named CASES
+# ("LABEL CONFIG SESSIONS THREADS BACKEND_LIMIT BIND") $runs times,
+# interleaved (run 1 of each, then run 2...), over the slow backend with
+# LIMIT_VAR=BACKEND_LIMIT; medians, and each case's ratio to the case
+# labelled "physical" (median of the per-run ratios against the physical run
+# of the same round). Writes $out/CSV.
+limit_section() {
+  local csv=$1 limit_var=$3 r spec label config sessions threads limit bind key p99
+  local -n cases=$2
   local -A val=() p99s=() errs=() states=()
-  [ -e "$slow" ] || { echo "  $slow is missing: no capacity figures"; return 0; }
+  [ -e "$slow" ] || { echo "  $slow is missing: no figures"; return 0; }
   echo "label,config,bind,sessions,threads,backend_limit,runs,median_ops_per_sec,min_ops_per_sec,max_ops_per_sec,ratio_to_physical,errors,median_p99_latency_ms,status" \
-    >"$out/capacity.csv"
+    >"$out/$csv"
   for ((r = 1; r <= runs; r++)); do
-    for spec in "${capacity_cases[@]}"; do
+    for spec in "${cases[@]}"; do
       read -r label config sessions threads limit bind <<<"$spec"
       key="$label/$sessions/$threads"
       probe slow "$config" || continue
-      local -a cenv=(P11MUX_FAULTY_MAX_SESSIONS="$limit")
+      local -a cenv=("$limit_var=$limit")
       [ "$bind" = - ] || cenv+=(P11MUX_POOL_BIND="$bind")
       [ "$bind" != open ] || cenv+=(P11MUX_POOL_WAIT_MS=0)
-      run_one capacity slow "$config" sign-ec "$sessions" "$threads" "$r" "${cenv[@]}"
+      run_one "${csv%.csv}" slow "$config" sign-ec "$sessions" "$threads" "$r" "${cenv[@]}"
       # A run with errors has no figure: failed ops are fast and would count.
       [ -z "$ops_s" ] || [ "$status" != ok ] || val[$key/$r]=$ops_s
       p99=$(json_number p99 <"$work/run.json" 2>/dev/null || true)
@@ -518,7 +539,7 @@ capacity_section() {
       [[ " ${states[$key]:-} " == *" $status "* ]] || states[$key]+="${states[$key]:+ / }$status"
     done
   done
-  for spec in "${capacity_cases[@]}"; do
+  for spec in "${cases[@]}"; do
     read -r label config sessions threads limit bind <<<"$spec"
     key="$label/$sessions/$threads"
     local -a v=() q=() l=()
@@ -547,13 +568,58 @@ capacity_section() {
     [ "${errs[$key]:-0}" = 0 ] || line+="  ${errs[$key]} errors"
     [ "$st" = ok ] || line+="  [$st]"
     echo "$line"
-    echo "$label,$config,$bind,$sessions,$threads,$limit,${#v[@]},$m,$lo,$hi,$ratio,${errs[$key]:-0},$lat,$st" >>"$out/capacity.csv"
+    echo "$label,$config,$bind,$sessions,$threads,$limit,${#v[@]},$m,$lo,$hi,$ratio,${errs[$key]:-0},$lat,$st" >>"$out/$csv"
   done
 }
 
 if want capacity; then
   echo "== capacity on a network HSM (libp11mux-slow.so over SoftHSM2, 0.5 ms per crypto call, at most 4 sessions; sign-ec; ratio to the physical capacity)"
-  capacity_section
+  limit_section capacity.csv capacity_cases P11MUX_FAULTY_MAX_SESSIONS
+fi
+
+# ---- groups: several HSMs as one slot (issue 15) ----
+# Three tokens member-1..3 holding the same EC key (imported: same value,
+# CKA_ID and label, as a vendor's cloning provisions them), each a member
+# on the slow backend with at most 4 sessions per slot (its token info says
+# no limit: p11mux learns it). 64 threads, each with its own session,
+# signing. "physical" is one member's capacity driven directly (4 threads;
+# the limit 5 for p11mux-load's idle setup session, which holds the login),
+# "member" the same token through p11mux's single backend, "groupN" a group
+# of the first N members, [pool] bind = state.
+groups_cases=(
+  "physical member-direct per-thread 4 5 -"
+  "member member-serialize per-thread 64 4 state"
+  "group1 group1 per-thread 64 4 state"
+  "group2 group2 per-thread 64 4 state"
+  "group3 group3 per-thread 64 4 state"
+)
+
+# groups_setup: the member tokens beside the bench token, and group1..3.conf.
+groups_setup() {
+  local i members=""
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$work/member.pem" 2>/dev/null &&
+    openssl pkey -in "$work/member.pem" -pubout -out "$work/member.pub" || return 1
+  for i in 1 2 3; do
+    softhsm2-util --init-token --free --label "member-$i" --so-pin 12345678 --pin 123456 >/dev/null &&
+      pkcs11-tool --module "$softhsm" --token-label "member-$i" --login --pin 123456 \
+        --write-object "$work/member.pem" --type privkey --id 01 --label p11mux-load-ec \
+        --usage-sign >/dev/null 2>&1 &&
+      pkcs11-tool --module "$softhsm" --token-label "member-$i" --login --pin 123456 \
+        --write-object "$work/member.pub" --type pubkey --id 01 --label p11mux-load-ec \
+        >/dev/null 2>&1 || return 1
+    members+="${members:+, }slow/label:member-$i"
+    printf '[backend.slow]\nmodule = %s\n[group.signing]\nmembers = %s\n' "$slow" "$members" \
+      >"$work/group$i.conf"
+  done
+}
+
+if want groups; then
+  echo "== groups: 1, 2 and 3 members on the slow backend (0.5 ms per crypto call, at most 4 sessions per member; sign-ec, 64 threads; ratio to one member's physical capacity)"
+  if [ -e "$slow" ] && groups_setup; then
+    limit_section groups.csv groups_cases P11MUX_FAULTY_MAX_SLOT_SESSIONS
+  else
+    echo "  the member tokens could not be made (softhsm2-util, pkcs11-tool, openssl): no figures"
+  fi
 fi
 
 # ---- TLS handshakes through servers with the key on the token ----
@@ -822,6 +888,31 @@ if [ -s "$out/capacity.csv" ] && [ "$(wc -l <"$out/capacity.csv")" -gt 1 ]; then
     }' "$out/capacity.csv"
   } >>"$out/results.md"
 fi
+if [ -s "$out/groups.csv" ] && [ "$(wc -l <"$out/groups.csv")" -gt 1 ]; then
+  {
+    echo
+    echo "## Several HSMs as one slot"
+    echo
+    echo "Members: SoftHSM2 tokens holding the same imported EC key, each on"
+    echo "libp11mux-slow.so (0.5 ms per crypto call, at most 4 sessions per token). 64"
+    echo "threads, each with its own session, signing (C_SignInit + C_Sign); groups of the"
+    echo "first N members in serialize mode, \`[pool] bind = state\`. \"physical\" is one member"
+    echo "driven directly by 4 threads. Median of $runs run(s) of ${duration} s; scaling is"
+    echo "groupN / (N x group1) of the medians (goal: 0.9 or more)."
+    echo
+    echo "| case | sessions | threads | limit per member | ops/s | ratio to physical | scaling | errors | p99 latency | status |"
+    echo "|---|---|---|---|---|---|---|---|---|---|"
+    awk -F, 'NR > 1 {
+      ops = ($8 == "") ? "n/a" : sprintf("%.0f", $8)
+      ratio = ($11 == "") ? "" : sprintf("%.2fx", $11)
+      lat = ($13 == "") ? "" : $13 " ms"
+      if ($1 == "group1") one = $8
+      scaling = ""
+      if ($1 ~ /^group[0-9]$/ && one != "" && $8 != "") scaling = sprintf("%.2f", $8 / (substr($1, 6) * one))
+      printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $4, $5, $6, ops, ratio, scaling, $12, lat, $14
+    }' "$out/groups.csv"
+  } >>"$out/results.md"
+fi
 if [ -s "$out/tls.csv" ] && [ "$(wc -l <"$out/tls.csv")" -gt 1 ]; then
   {
     echo
@@ -853,7 +944,7 @@ if [ -s "$out/tls.csv" ] && [ "$(wc -l <"$out/tls.csv")" -gt 1 ]; then
 fi
 if [ "$publish" = 1 ]; then
   mkdir -p "$repo/docs/bench"
-  for f in results.md results.csv callgrind.csv capacity.csv tls.csv throughput.png; do
+  for f in results.md results.csv callgrind.csv capacity.csv groups.csv tls.csv throughput.png; do
     [ ! -e "$out/$f" ] || cp "$out/$f" "$repo/docs/bench/"
   done
   echo "bench: copied to docs/bench/"
