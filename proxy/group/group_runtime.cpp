@@ -126,7 +126,13 @@ GroupRuntime::GroupRuntime(const Config& config, std::span<const BackendPort* co
       }
       slot.members.push_back(Member{port, found.front()->slot, m});
       capacity.push_back(session_capacity(found.front()->info.ulMaxSessionCount));
+      // As many watched calls as the member takes sessions (at least the default).
+      const MemberHealthRules rules = member_health_rules(
+          g, std::max<std::uint32_t>(capacity.back(), MemberHealthRules{}.watched_calls));
+      slot.health.push_back(std::make_unique<MemberHealth>(rules));
+      slot.shortest_period = std::min(rules.recovery_interval, rules.hang_timeout);
     }
+    slot.downs_told = std::make_unique<std::atomic<std::uint64_t>[]>(slot.members.size());
     slot.placement = std::make_unique<SessionPlacement>(g.balance, capacity);
     std::vector<MechanismList> lists;
     lists.reserve(slot.members.size());
@@ -286,8 +292,8 @@ bool GroupRuntime::token_present(const Member& m) noexcept {
 std::size_t GroupRuntime::place_session(CK_SLOT_ID slot) const {
   const GroupSlot* g = group_at(slot);
   if (g == nullptr) return kNoMember;
-  const std::size_t member =
-      g->placement->place([&](std::size_t i) { return token_present(g->members[i]); });
+  const std::size_t member = g->placement->place(
+      [&](std::size_t i) { return g->health[i]->up() && token_present(g->members[i]); });
   return member == SessionPlacement::kNone ? kNoMember : member;
 }
 
@@ -298,6 +304,55 @@ void GroupRuntime::release_session(CK_SLOT_ID slot, std::size_t member) const no
 std::uint32_t GroupRuntime::member_sessions(CK_SLOT_ID slot, std::size_t member) const noexcept {
   const GroupSlot* g = group_at(slot);
   return g == nullptr || member >= g->members.size() ? 0 : g->placement->sessions(member);
+}
+
+bool GroupRuntime::probe(const GroupSlot& group, const Member& m) const noexcept {
+  if (!token_present(m)) return false;
+  CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+  const CK_RV rv = m.port->call<fn::C_OpenSession>(m.slot, CK_FLAGS{CKF_SERIAL_SESSION},
+                                                   CK_VOID_PTR{nullptr}, CK_NOTIFY{nullptr}, &s);
+  if (rv != CKR_OK) {
+    log_.info("group '{}' member {}: probe's C_OpenSession returned {}", group.name,
+              describe(m.config), rv_name(rv));
+    return false;
+  }
+  (void)m.port->call<fn::C_CloseSession>(s);
+  return true;
+}
+
+void GroupRuntime::maintain(HealthClock::time_point now) const noexcept try {
+  for (const GroupSlot& g : groups_) {
+    for (std::size_t i = 0; i < g.members.size(); ++i) {
+      MemberHealth& h = *g.health[i];
+      // A call's answer takes a member down without a line (it may be one of
+      // many failing at once): said here, once per time it went down.
+      const MemberCounters c = h.counters();
+      if (c.downs > g.downs_told[i].exchange(c.downs, std::memory_order_relaxed)) {
+        log_.warn(
+            "group '{}' member {} is down ({}); probed every {} s", g.name,
+            describe(g.members[i].config), to_string(c.last_down),
+            std::chrono::duration_cast<std::chrono::seconds>(h.rules().recovery_interval).count());
+      }
+      (void)h.check_hung(now);  // said next round, as any other down
+      if (!h.claim_probe(now)) continue;
+      const bool ok = probe(g, g.members[i]);
+      h.probe_done(ok, HealthClock::now());
+      // Logging a joining member in before it takes calls is not built yet
+      // (docs/groups.md, "Not built yet").
+      if (ok && h.admit(HealthClock::now())) {
+        log_.warn("group '{}' member {} is up again", g.name, describe(g.members[i].config));
+      }
+    }
+  }
+} catch (...) {
+  // A log line that could not be made: the next round tries again.
+}
+
+std::chrono::milliseconds GroupRuntime::maintenance_period() const noexcept {
+  auto shortest = std::chrono::nanoseconds::max();
+  for (const GroupSlot& g : groups_) shortest = std::min(shortest, g.shortest_period);
+  return std::max(std::chrono::duration_cast<std::chrono::milliseconds>(shortest) / 4,
+                  std::chrono::milliseconds(100));
 }
 
 CK_RV GroupRuntime::refuse(std::string_view function, CK_SLOT_ID slot,

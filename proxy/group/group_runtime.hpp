@@ -18,6 +18,7 @@
 
 #include "config/config.hpp"
 #include "group/group_slot.hpp"
+#include "group/member_health.hpp"
 #include "group/session_placement.hpp"
 #include "port/backend_port.hpp"
 
@@ -75,6 +76,19 @@ class GroupRuntime {
   static constexpr std::size_t kNoMember = ~std::size_t{0};
   std::size_t place_session(CK_SLOT_ID slot) const;
   void release_session(CK_SLOT_ID slot, std::size_t member) const noexcept;
+  // A member's health: its calls counted, down and up again
+  // (member_health.hpp). Thread-safe on its own.
+  MemberHealth& health(CK_SLOT_ID slot, std::size_t member) const noexcept {
+    return *groups_[slot].health[member];
+  }
+  // Every member's watch: a call in flight past hang_timeout_s marks its
+  // member down; a down member whose probe is due is probed (its token
+  // present, a session opened and closed on it) and admitted again if it
+  // answers. Run every maintenance_period() on a p11mux thread.
+  void maintain(HealthClock::time_point now) const noexcept;
+  // A quarter of the shortest recovery_interval_s or hang_timeout_s, at
+  // least 100 ms: a probe or a hung call is found at most 25% late.
+  std::chrono::milliseconds maintenance_period() const noexcept;
   // The group's sessions on each member (tests, /stats).
   std::uint32_t member_sessions(CK_SLOT_ID slot, std::size_t member) const noexcept;
   bool is_group(CK_SLOT_ID slot) const noexcept { return group_at(slot) != nullptr; }
@@ -96,9 +110,16 @@ class GroupRuntime {
     MechanismList mechanisms;  // the intersection, read at C_Initialize
     // Thread-safe on its own: placing a session changes only its counts.
     std::unique_ptr<SessionPlacement> placement;
+    std::vector<std::unique_ptr<MemberHealth>> health;  // one per member
+    std::chrono::nanoseconds shortest_period{};
+    // Per member: the times it went down that maintain() has logged.
+    std::unique_ptr<std::atomic<std::uint64_t>[]> downs_told;
   };
   // Whether member `m`'s token is in its slot now.
   static bool token_present(const Member& m) noexcept;
+  // A down member's probe: its token present, and a session opened and
+  // closed on it (straight on its port, not through the pool).
+  bool probe(const GroupSlot& group, const Member& m) const noexcept;
   // A member's slot shown as its own (hide_members = false).
   struct Shown {
     const BackendPort* port;

@@ -152,6 +152,22 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
           "CKF_LIBRARY_CANT_CREATE_OS_THREADS forbids p11mux's maintenance thread");
     }
   }
+  if (groups_) {
+    if (may_create_threads_) {
+      member_watch_ =
+          std::make_unique<PeriodicTask>("p11mux-members", groups_->maintenance_period(), [this] {
+            // Probes are backend calls like any other: fork() and
+            // C_Finalize wait for them.
+            GateAccess::Background call(gate_);
+            if (call.epoch() != pool().epoch()) return;
+            groups_->maintain(HealthClock::now());
+          });
+    } else {
+      log_->warn(
+          "groups: down members are never probed nor hung calls found: "
+          "CKF_LIBRARY_CANT_CREATE_OS_THREADS forbids p11mux's maintenance thread");
+    }
+  }
   log_->info("sessions: mode {}, bind {}", to_string(config.session_mode),
              binds_on_state_ ? "state" : "open");
   if (groups_) {
@@ -301,7 +317,8 @@ CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept
 }
 
 bool Runtime::shutdown() noexcept {
-  maintenance_.clear();   // no pool work may race the backend's finalization
+  maintenance_.clear();
+  member_watch_.reset();  // no pool work may race the backend's finalization
   observer_->finalize();  // the summary while sessions and pool still show their figures
   sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
   for (auto& pool : pools_) pool->close_all();

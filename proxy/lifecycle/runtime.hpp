@@ -13,6 +13,7 @@
 #include "sessions/session_pool.hpp"
 #include "sessions/session_table.hpp"
 #include "sync/lock.hpp"
+#include "sync/periodic_task.hpp"
 
 #include <spdlog/logger.h>
 
@@ -124,6 +125,8 @@ class Runtime {
   std::vector<std::unique_ptr<SessionPool>> pools_;
   // One per pool, only with a period configured and threads allowed.
   std::vector<std::unique_ptr<PoolMaintenance>> maintenance_;
+  // The groups' member checks (GroupRuntime::maintain), with threads allowed.
+  std::unique_ptr<PeriodicTask> member_watch_;
   // Held by a polling C_WaitForSlotEvent across "not stopping? then ask the
   // backend", and by shutdown() to set stopping_: no poll after finalization.
   // stopping_ is an atomic (also read without it); the lock orders a poll

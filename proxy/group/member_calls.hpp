@@ -1,0 +1,68 @@
+// A call on a group's session as its member's health sees it (issue 15;
+// docs/groups.md, "Members up and down"): counted in flight on the member
+// while it runs, its answer classified (member_health.hpp: a device code
+// marks the member down), and a session whose member is down moved to one
+// that is up before its next call.
+//
+// Serialize mode, under the session's lock. forward.hpp calls these only for
+// a session with a group (Session::group): the single backend's calls pay
+// one predictable branch (call_on_session<F, false>).
+#pragma once
+
+#include "forward/multiplex.hpp"
+#include "group/group_runtime.hpp"
+#include "lifecycle/runtime.hpp"
+#include "sessions/session_table.hpp"
+
+#include <p11mux/pkcs11.h>
+
+namespace p11mux {
+
+// The operation a down member held is gone with it (docs/groups.md,
+// "Replay": replay is not built yet): a call continuing it answers this.
+inline constexpr CK_RV kOperationLost = CKR_DEVICE_ERROR;
+
+// Moves `s` off its member, which is down, to a member placed anew: its
+// backend session there (bind = open) or its admission (bind = state). What
+// the old member held for it (its backend session, an operation, session
+// objects) is dropped: the member is gone. CKR_OK, or why no member can
+// take it (CKR_DEVICE_ERROR when none is up: docs/groups.md).
+CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept
+    REQUIRES(s.lock);
+
+// Before a call of F on group session `s`. CKR_OK to go on.
+template <class F>
+[[gnu::noinline]] CK_RV before_member_call(Runtime& rt, Session& s) noexcept REQUIRES(s.lock) {
+  const GroupRuntime& groups = *rt.groups();
+  if (groups.health(s.group, s.member).up()) [[likely]]
+    return CKR_OK;
+  const bool had_operation = s.anchor.ops != 0 || s.anchor.maybe != 0;
+  if (CK_RV rv = move_off_down_member(rt, groups, s); rv != CKR_OK) return rv;
+  // The session lives on; an operation it had on the dead member does not.
+  if (had_operation && continues(effect<F>)) return kOperationLost;
+  return CKR_OK;
+}
+
+// The call's span on its member: begun before the backend call, ended with
+// its answer.
+class MemberCall {
+ public:
+  MemberCall(Runtime& rt, const Session& s) noexcept REQUIRES(s.lock)
+      : health_(rt.groups()->health(s.group, s.member)),
+        call_(health_.begin(HealthClock::now())) {}
+  void end(CK_RV rv, CK_SESSION_HANDLE backend) noexcept {
+    health_.end(call_, rv, backend, HealthClock::now());
+  }
+
+ private:
+  MemberHealth& health_;
+  MemberHealth::Call call_;
+};
+
+// MemberCall's place in a call on a session without a group: nothing.
+struct NoMemberCall {
+  NoMemberCall(Runtime&, const Session&) noexcept {}
+  void end(CK_RV, CK_SESSION_HANDLE) noexcept {}
+};
+
+}  // namespace p11mux
