@@ -348,6 +348,19 @@ void GroupRuntime::maintain(HealthClock::time_point now) const noexcept try {
   // A log line that could not be made: the next round tries again.
 }
 
+std::vector<MemberFigures> GroupRuntime::member_figures() const {
+  std::vector<MemberFigures> out;
+  for (const GroupSlot& g : groups_) {
+    for (std::size_t i = 0; i < g.members.size(); ++i) {
+      const MemberCounters c = g.health[i]->counters();
+      out.push_back({g.name, describe(g.members[i].config), to_string(c.state),
+                     to_string(c.last_down), c.in_flight, c.calls, c.errors, c.downs, c.hung,
+                     c.failovers, c.replays, g.placement->sessions(i)});
+    }
+  }
+  return out;
+}
+
 std::chrono::milliseconds GroupRuntime::maintenance_period() const noexcept {
   auto shortest = std::chrono::nanoseconds::max();
   for (const GroupSlot& g : groups_) shortest = std::min(shortest, g.shortest_period);

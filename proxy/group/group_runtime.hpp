@@ -20,6 +20,7 @@
 #include "group/group_slot.hpp"
 #include "group/member_health.hpp"
 #include "group/session_placement.hpp"
+#include "observe/stats_report.hpp"
 #include "port/backend_port.hpp"
 
 #include <p11mux/pkcs11.h>
@@ -89,6 +90,8 @@ class GroupRuntime {
   // A quarter of the shortest recovery_interval_s or hang_timeout_s, at
   // least 100 ms: a probe or a hung call is found at most 25% late.
   std::chrono::milliseconds maintenance_period() const noexcept;
+  // Every member's figures, for /metrics, /stats and the summary.
+  std::vector<MemberFigures> member_figures() const;
   // The group's sessions on each member (tests, /stats).
   std::uint32_t member_sessions(CK_SLOT_ID slot, std::size_t member) const noexcept;
   bool is_group(CK_SLOT_ID slot) const noexcept { return group_at(slot) != nullptr; }

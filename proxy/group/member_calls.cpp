@@ -20,8 +20,8 @@ CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) 
   // Its place on the new member first: if that fails, it stays where it was.
   CK_SESSION_HANDLE fresh = CK_INVALID_HANDLE;
   const CK_NOTIFY notify = s.notify.load(std::memory_order_relaxed);
-  const CK_RV rv = notify != nullptr ? pool.open_notified(member.slot, s.rw, &s,
-                                                          &notify_trampoline, fresh)
+  const CK_RV rv = notify != nullptr
+                       ? pool.open_notified(member.slot, s.rw, &s, &notify_trampoline, fresh)
                    : rt.binds_on_state() ? pool.admit(member.slot, s.rw)
                                          : pool.open(member.slot, s.rw, fresh);
   if (rv != CKR_OK) {

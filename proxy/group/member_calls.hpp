@@ -48,8 +48,7 @@ template <class F>
 class MemberCall {
  public:
   MemberCall(Runtime& rt, const Session& s) noexcept REQUIRES(s.lock)
-      : health_(rt.groups()->health(s.group, s.member)),
-        call_(health_.begin(HealthClock::now())) {}
+      : health_(rt.groups()->health(s.group, s.member)), call_(health_.begin(HealthClock::now())) {}
   void end(CK_RV rv, CK_SESSION_HANDLE backend) noexcept {
     health_.end(call_, rv, backend, HealthClock::now());
   }

@@ -179,7 +179,11 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
   }
   if (locks_.uses_app_callbacks()) log_->info("using the application's mutex callbacks");
   if (policy_) log_->info("{}", policy_->describe());
-  observer_->start(sessions_);
+  if (groups_) {
+    observer_->start(sessions_, [g = groups_.get()] { return g->member_figures(); });
+  } else {
+    observer_->start(sessions_);
+  }
 }
 
 // The stats thread reads the sessions and the pool: it stops before they go.

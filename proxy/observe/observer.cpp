@@ -129,8 +129,10 @@ Observer::Observer(const Config& config, const LockSource& locks, bool may_creat
 
 Observer::~Observer() { stop(); }
 
-void Observer::start(const SessionTable& sessions) noexcept {
+void Observer::start(const SessionTable& sessions,
+                     std::function<std::vector<MemberFigures>()> members) noexcept {
   sessions_ = &sessions;
+  members_ = std::move(members);
   summary_handled_.store(summary_requests_.load(std::memory_order_relaxed),
                          std::memory_order_relaxed);
   if (signal_) signal_installed_ = install_signal_handler(log_);
@@ -204,6 +206,7 @@ LiveFigures Observer::live_figures() const {
   live.sessions_open = sessions_ != nullptr ? sessions_->live_count() : 0;
   live.log_records_dropped = dropped_records(logger_);
   live.slots = slot_figures(pools_);
+  if (members_) live.members = members_();
   return live;
 }
 

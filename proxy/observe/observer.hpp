@@ -11,6 +11,7 @@
 
 #include "config/config.hpp"
 #include "observe/metrics.hpp"
+#include "observe/stats_report.hpp"
 #include "observe/stats_server.hpp"
 #include "sessions/session_table.hpp"
 #include "sync/lock.hpp"
@@ -21,6 +22,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -51,7 +53,10 @@ class Observer {
   // Once the runtime is complete: installs the SIGUSR1 handler and starts the
   // stats thread as configured. An endpoint that cannot be bound (address in
   // use: a parent process may still serve it after fork) is logged, not fatal.
-  void start(const SessionTable& sessions) noexcept;
+  // `members` (may be empty: no groups) gives the groups' member figures
+  // for each report; it must stay valid until stop().
+  void start(const SessionTable& sessions,
+             std::function<std::vector<MemberFigures>()> members = {}) noexcept;
   // C_Finalize, after the last call: the summary table to the log if
   // [metrics] summary asks for it (a short-lived tool must not print a table
   // at every exit because an endpoint is configured), then stop().
@@ -99,6 +104,7 @@ class Observer {
   std::optional<ListenAddress> listen_;
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   const SessionTable* sessions_ = nullptr;
+  std::function<std::vector<MemberFigures>()> members_;
   std::unique_ptr<StatsServer> server_;
   bool polling_ = false;
   bool signal_installed_ = false;

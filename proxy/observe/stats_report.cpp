@@ -38,6 +38,22 @@ std::uint64_t total_errors(const MetricsSnapshot& m) {
   return std::accumulate(m.errors.begin(), m.errors.end(), std::uint64_t{0});
 }
 
+// A label value as the exposition format wants it: backslash, double quote
+// and newline escaped (a member's label may hold any of them).
+std::string prometheus_label(std::string_view value) {
+  std::string out;
+  out.reserve(value.size());
+  for (char c : value) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
 void family(Text& t, std::string_view name, std::string_view type, std::string_view help) {
   t.put("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
 }
@@ -192,6 +208,42 @@ std::string prometheus_text(const MetricsSnapshot& m, const LiveFigures& live) {
     }
   }
 
+  struct MemberFamily {
+    std::string_view name, type, help;
+    std::uint64_t MemberFigures::*value;
+  };
+  static constexpr MemberFamily kMember[] = {
+      {"p11mux_member_calls_in_flight", "gauge", "Calls in a group member now.",
+       &MemberFigures::in_flight},
+      {"p11mux_member_calls_total", "counter", "Calls a group member answered.",
+       &MemberFigures::calls},
+      {"p11mux_member_errors_total", "counter",
+       "Answers that counted against a group member (device and session-gone codes).",
+       &MemberFigures::errors},
+      {"p11mux_member_downs_total", "counter", "Times a group member went down.",
+       &MemberFigures::downs},
+      {"p11mux_member_hung_total", "counter", "Of those, for a call in flight too long.",
+       &MemberFigures::hung},
+      {"p11mux_member_failovers_total", "counter", "Sessions moved off a group member.",
+       &MemberFigures::failovers},
+      {"p11mux_member_replays_total", "counter",
+       "Operations replayed elsewhere after a group member failed.", &MemberFigures::replays},
+      {"p11mux_member_sessions", "gauge", "The group's sessions placed on a member.",
+       &MemberFigures::sessions},
+  };
+  family(t, "p11mux_member_up", "gauge", "1 if a group member takes calls, else 0.");
+  for (const MemberFigures& f : live.members) {
+    t.put("p11mux_member_up{{group=\"{}\",member=\"{}\"}} {}\n", f.group,
+          prometheus_label(f.member), f.state == "up" ? 1 : 0);
+  }
+  for (const MemberFamily& p : kMember) {
+    family(t, p.name, p.type, p.help);
+    for (const MemberFigures& f : live.members) {
+      t.put("{}{{group=\"{}\",member=\"{}\"}} {}\n", p.name, f.group, prometheus_label(f.member),
+            f.*p.value);
+    }
+  }
+
   family(t, "p11mux_log_records_dropped_total", "counter",
          "Log records dropped because the asynchronous log queue was full.");
   t.put("p11mux_log_records_dropped_total {}\n", live.log_records_dropped);
@@ -249,6 +301,22 @@ std::string stats_json(const MetricsSnapshot& m, const LiveFigures& live) {
       t.put(":{}", s.unclean[r]);
     }
     t.put("}}}}");
+  }
+  t.put("],\"members\":[");
+  for (std::size_t i = 0; i < live.members.size(); ++i) {
+    const MemberFigures& f = live.members[i];
+    t.put("{}{{\"group\":", i == 0 ? "" : ",");
+    json_string(t, f.group);
+    t.put(",\"member\":");
+    json_string(t, f.member);
+    t.put(",\"state\":");
+    json_string(t, f.state);
+    t.put(",\"last_down\":");
+    json_string(t, f.last_down);
+    t.put(
+        ",\"in_flight\":{},\"calls\":{},\"errors\":{},\"downs\":{},\"hung\":{},"
+        "\"failovers\":{},\"replays\":{},\"sessions\":{}}}",
+        f.in_flight, f.calls, f.errors, f.downs, f.hung, f.failovers, f.replays, f.sessions);
   }
   t.put("],\"policy_denied\":{{");
   for (std::size_t r = 0; r < kPolicyRuleCount; ++r) {
@@ -314,6 +382,13 @@ std::vector<std::string> summary_lines(const MetricsSnapshot& m, const LiveFigur
                     s.slot, s.virtual_sessions, s.open, s.idle, s.in_use, s.waits,
                     static_cast<double>(s.wait_ns) / 1e6, s.wait.quantile_ns(0.99) / 1e6,
                     s.discarded_dead, unclean.empty() ? " none" : unclean));
+  }
+  for (const MemberFigures& f : live.members) {
+    lines.push_back(fmt::format(
+        "  group {} member {}: {}, {} sessions, {} calls ({} in flight), {} errors, {} downs "
+        "({} hung; last: {}), {} failovers, {} replays",
+        f.group, f.member, f.state, f.sessions, f.calls, f.in_flight, f.errors, f.downs, f.hung,
+        f.last_down, f.failovers, f.replays));
   }
   if (live.log_records_dropped != 0) {
     lines.push_back(fmt::format("  log: {} records dropped (asynchronous queue full)",

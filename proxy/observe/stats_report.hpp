@@ -9,6 +9,7 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace p11mux {
@@ -28,12 +29,24 @@ struct SlotFigures {
   }
 };
 
+// One member of a group (docs/groups.md, "Members up and down"): its
+// health's counters and the group's sessions placed on it.
+struct MemberFigures {
+  std::string group;      // the group's name
+  std::string member;     // as configured: BACKEND/label:LABEL or BACKEND/serial:SERIAL
+  std::string state;      // up, down, probing, joining
+  std::string last_down;  // why it last went down: none, device, sessions_gone, hung, ...
+  std::uint64_t in_flight = 0, calls = 0, errors = 0, downs = 0, hung = 0, failovers = 0,
+                replays = 0, sessions = 0;
+};
+
 // Figures read at the moment of the report, beside the counters.
 struct LiveFigures {
   double uptime_s = 0;
   std::uint64_t sessions_open = 0;  // virtual sessions
   std::uint64_t log_records_dropped = 0;
-  std::vector<SlotFigures> slots;  // by slot ID
+  std::vector<SlotFigures> slots;      // by slot ID
+  std::vector<MemberFigures> members;  // of every group, in configuration order
 };
 
 std::vector<SlotFigures> slot_figures(const PoolMetricsRegistry& pools);

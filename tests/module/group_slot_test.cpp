@@ -493,7 +493,9 @@ TEST_CASE("group members: a member answering a device error goes down; its sessi
 }
 
 TEST_CASE("group members: none up, calls answer CKR_DEVICE_ERROR at once; C_OpenSession no token") {
-  FaultyGroup g;
+  FaultyGroup g("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                     {"P11MUX_METRICS_SUMMARY", "true"},
+                     {"P11MUX_LOG_LEVEL", "info"}});
   REQUIRE(g.proxy.initialize() == CKR_OK);
   const CK_SESSION_HANDLE a = g.open();
   const CK_SESSION_HANDLE b = g.open();
@@ -507,6 +509,17 @@ TEST_CASE("group members: none up, calls answer CKR_DEVICE_ERROR at once; C_Open
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
   CHECK(g.proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) ==
         CKR_TOKEN_NOT_PRESENT);
+  // The summary at C_Finalize has each member's figures.
+  const std::string log =
+      capture_stderr([&] { CHECK(g.proxy.p11->C_Finalize(nullptr) == CKR_OK); });
+  g.proxy.finalized();
+  CHECK_MESSAGE(log.find("group signing member faulty/serial:2: down, 1 sessions, 1 calls") !=
+                    std::string::npos,
+                log);
+  CHECK_MESSAGE(
+      log.find("group signing member faulty/label:mock-token-1: down, 1 sessions, 1 calls") !=
+          std::string::npos,
+      log);
 }
 
 }  // namespace p11mux::test

@@ -180,6 +180,9 @@ LiveFigures sample_live() {
   slot.wait.buckets[LatencyBuckets::index(1'000'000)] = 1;  // 1 ms
   slot.wait.sum_ns = 1'500'000;
   slot.wait.max_ns = 1'000'000;
+  // A group's member, its label holding what the exposition format escapes.
+  live.members.push_back(
+      {"signing", "hsm1/label:\"EU\", signing", "down", "device", 1, 40, 2, 1, 0, 3, 0, 5});
   return live;
 }
 
@@ -214,6 +217,15 @@ TEST_CASE("Prometheus text: valid, with exact values") {
   CHECK(p.at("p11mux_pool_wait_duration_seconds_count{slot=\"0\"}") == 2);
   CHECK(p.at("p11mux_log_records_dropped_total") == 3);
   CHECK(p.at("p11mux_uptime_seconds") == 12.5);
+  const std::string member = "{group=\"signing\",member=\"hsm1/label:\\\"EU\\\", signing\"}";
+  CHECK(p.at("p11mux_member_up" + member) == 0);
+  CHECK(p.at("p11mux_member_calls_in_flight" + member) == 1);
+  CHECK(p.at("p11mux_member_calls_total" + member) == 40);
+  CHECK(p.at("p11mux_member_errors_total" + member) == 2);
+  CHECK(p.at("p11mux_member_downs_total" + member) == 1);
+  CHECK(p.at("p11mux_member_failovers_total" + member) == 3);
+  CHECK(p.at("p11mux_member_sessions" + member) == 5);
+  CHECK(p.types["p11mux_member_calls_total"] == "counter");
 }
 
 TEST_CASE("the Prometheus checker rejects what Prometheus would") {
@@ -241,6 +253,10 @@ TEST_CASE("JSON snapshot: valid, with the figures") {
                   "\"virtual_sessions\":10,\"virtual_per_backend\":2.500,\"waits\":2") !=
         std::string::npos);
   CHECK(json.find("\"wait_latency_us\":{\"mean\":750.000,") != std::string::npos);
+  CHECK(json.find("\"members\":[{\"group\":\"signing\",\"member\":\"hsm1/label:\\\"EU\\\", "
+                  "signing\",\"state\":\"down\",\"last_down\":\"device\",\"in_flight\":1,"
+                  "\"calls\":40,\"errors\":2,\"downs\":1,\"hung\":0,\"failovers\":3,"
+                  "\"replays\":0,\"sessions\":5}]") != std::string::npos);
   CHECK(valid_json(stats_json(MetricsSnapshot{}, LiveFigures{})));
   CHECK_FALSE(valid_json("{\"a\":1,}"));
   CHECK_FALSE(valid_json("{\"a\":01}"));
@@ -258,6 +274,9 @@ TEST_CASE("summary table: busiest function first, errors, lock and pool lines") 
   std::string all;
   for (const auto& l : lines) all += l + "\n";
   CHECK(all.find("C_Login CKR_PIN_INCORRECT x1") != std::string::npos);
+  CHECK(all.find("group signing member hsm1/label:\"EU\", signing: down, 5 sessions, 40 calls "
+                 "(1 in flight), 2 errors, 1 downs (0 hung; last: device), 3 failovers") !=
+        std::string::npos);
   CHECK(all.find("session lock: 1 acquisitions") != std::string::npos);
   CHECK(all.find("slot 0 pool: 10 virtual sessions on 4 open (1 idle, 3 in use), 2 waits (1.5 ms, "
                  "p99 1.0 ms), 1 discarded dead") != std::string::npos);
