@@ -388,6 +388,207 @@ TEST_CASE("groups: [policy] tokens is refused beside groups (their slot IDs are 
   CHECK_MESSAGE(err.find("[policy] tokens does not apply") != std::string::npos, err);
 }
 
+}  // namespace p11mux::test
+
+namespace p11mux::test {
+namespace {
+
+// The mock's own count of sessions open on a token (p11mux's pooled ones
+// included): which member p11mux's backend sessions are on.
+CK_ULONG member_sessions(CK_SLOT_ID mock_slot) {
+  CK_TOKEN_INFO info{};
+  REQUIRE(mock_functions()->C_GetTokenInfo(mock_slot, &info) == CKR_OK);
+  return info.ulSessionCount;
+}
+
+// A group whose first member is the mock's slot 2 (so that the member's own
+// slot ID is not the group's, 0), the second its slot 1.
+std::string two_member_group() {
+  return mock_backend() + "[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n";
+}
+
+}  // namespace
+
+TEST_CASE("group sessions: balance = primary keeps them on the first member; sign and verify") {
+  GroupProxy proxy(two_member_group() + "balance = primary\n", three_tokens());
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE;
+  REQUIRE(p->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &a) == CKR_OK);
+  REQUIRE(p->C_OpenSession(0, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &b) == CKR_OK);
+  // Both on the first member (mock slot 2), none on the second: the
+  // mock's tokens set no session limit, so the primary is never full.
+  CHECK(member_sessions(2) == 2);
+  CHECK(member_sessions(1) == 0);
+  // The application sees the group's slot; its token counts the sessions
+  // on the members (here p11mux's two, both in use).
+  CK_SESSION_INFO info{};
+  REQUIRE(p->C_GetSessionInfo(b, &info) == CKR_OK);
+  CHECK(info.slotID == 0);
+  CHECK((info.flags & CKF_RW_SESSION) != 0);
+  const CK_TOKEN_INFO token = proxy.token(0);
+  CHECK(token.ulSessionCount == 2);
+  CHECK(token.ulRwSessionCount == 1);
+  // A key pair made on one session signs on it and verifies on the other.
+  CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
+  REQUIRE(p->C_GenerateKeyPair(a, &gen, nullptr, 0, nullptr, 0, &pub, &priv) == CKR_OK);
+  CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
+  std::string text = "over a group";
+  auto* data = reinterpret_cast<CK_BYTE*>(text.data());
+  std::array<CK_BYTE, MOCK_DIGEST_LEN> sig{};
+  CK_ULONG sig_len = sig.size();
+  REQUIRE(p->C_SignInit(a, &ecdsa, priv) == CKR_OK);
+  REQUIRE(p->C_Sign(a, data, text.size(), sig.data(), &sig_len) == CKR_OK);
+  REQUIRE(p->C_VerifyInit(b, &ecdsa, priv) == CKR_OK);
+  CHECK(p->C_Verify(b, data, text.size(), sig.data(), sig_len) == CKR_OK);
+  // C_Login reaches the session's member only, for now (docs/groups.md).
+  std::string pin = MOCK_USER_PIN;
+  REQUIRE(p->C_Login(a, CKU_USER, reinterpret_cast<CK_UTF8CHAR_PTR>(pin.data()), pin.size()) ==
+          CKR_OK);
+  auto mock_state = [](CK_SLOT_ID mock_slot) {
+    CK_SESSION_HANDLE d = CK_INVALID_HANDLE;
+    CK_SESSION_INFO di{};
+    REQUIRE(mock_functions()->C_OpenSession(mock_slot, CKF_SERIAL_SESSION, nullptr, nullptr, &d) ==
+            CKR_OK);
+    REQUIRE(mock_functions()->C_GetSessionInfo(d, &di) == CKR_OK);
+    REQUIRE(mock_functions()->C_CloseSession(d) == CKR_OK);
+    return di.state;
+  };
+  CHECK(mock_state(2) == CKS_RO_USER_FUNCTIONS);
+  CHECK(mock_state(1) == CKS_RO_PUBLIC_SESSION);
+  // C_CloseAllSessions on the group's slot closes both.
+  CHECK(p->C_CloseAllSessions(0) == CKR_OK);
+  CHECK(p->C_GetSessionInfo(a, &info) == CKR_SESSION_HANDLE_INVALID);
+  CHECK(p->C_GetSessionInfo(b, &info) == CKR_SESSION_HANDLE_INVALID);
+  CHECK(p->C_CloseAllSessions(7) == CKR_SLOT_ID_INVALID);
+  // Nothing left open on the mock at C_Finalize.
+  REQUIRE(p->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &a) == CKR_OK);
+  REQUIRE(p->C_Finalize(nullptr) == CKR_OK);
+  proxy.finalized();
+  const MockStats stats = mock_stats();
+  CHECK(stats.sessions_open == 0);
+  CHECK(stats.sessions_closed_by_finalize == 0);
+}
+
+TEST_CASE("group sessions: least-busy spreads them over the members; each runs on its own") {
+  GroupProxy proxy(two_member_group(), three_tokens());
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  std::vector<CK_SESSION_HANDLE> open(4, CK_INVALID_HANDLE);
+  for (CK_SESSION_HANDLE& h : open)
+    REQUIRE(p->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
+  CHECK(member_sessions(2) == 2);
+  CHECK(member_sessions(1) == 2);
+  // Each session's calls go to its member: a session object made on one is
+  // that member's alone (the mock's object count per slot says where).
+  auto mock_objects = [](CK_SLOT_ID mock_slot) {
+    CK_SESSION_HANDLE d = CK_INVALID_HANDLE;
+    REQUIRE(mock_functions()->C_OpenSession(mock_slot, CKF_SERIAL_SESSION, nullptr, nullptr, &d) ==
+            CKR_OK);
+    REQUIRE(mock_functions()->C_FindObjectsInit(d, nullptr, 0) == CKR_OK);
+    std::array<CK_OBJECT_HANDLE, 64> found{};
+    CK_ULONG n = 0;
+    REQUIRE(mock_functions()->C_FindObjects(d, found.data(), found.size(), &n) == CKR_OK);
+    REQUIRE(mock_functions()->C_FindObjectsFinal(d) == CKR_OK);
+    REQUIRE(mock_functions()->C_CloseSession(d) == CKR_OK);
+    return n;
+  };
+  const CK_ULONG before1 = mock_objects(1), before2 = mock_objects(2);
+  CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
+  for (CK_SESSION_HANDLE h : open)
+    REQUIRE(p->C_GenerateKeyPair(h, &gen, nullptr, 0, nullptr, 0, &pub, &priv) == CKR_OK);
+  CHECK(mock_objects(1) == before1 + 4);
+  CHECK(mock_objects(2) == before2 + 4);
+  // Two sessions of one member close (the first and third opened: ties are
+  // taken in turn from member 0). Their backend sessions stay open in that
+  // member's pool; the next two sessions go to that member, the least busy
+  // now, and reuse them. Had the closed sessions not been let go, one would
+  // go to the other member and open a third backend session there.
+  REQUIRE(p->C_CloseSession(open[0]) == CKR_OK);
+  REQUIRE(p->C_CloseSession(open[2]) == CKR_OK);
+  REQUIRE(p->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &open[0]) == CKR_OK);
+  REQUIRE(p->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &open[2]) == CKR_OK);
+  CHECK(member_sessions(2) == 2);
+  CHECK(member_sessions(1) == 2);
+}
+
+TEST_CASE("group sessions: round-robin, and primary moving on at its token's session limit") {
+  SUBCASE("round-robin") {
+    GroupProxy proxy(two_member_group() + "balance = round-robin\n", three_tokens());
+    REQUIRE(proxy.initialize() == CKR_OK);
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    for (CK_ULONG expected : {1, 1, 2}) {  // members 0, 1, 0: mock slots 2, 1, 2
+      REQUIRE(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
+      CHECK(member_sessions(2) == expected);
+    }
+    CHECK(member_sessions(1) == 1);
+  }
+  SUBCASE("primary") {
+    MockConfig mock = three_tokens();
+    mock.token_max_session_count = 2;
+    GroupProxy proxy(two_member_group() + "balance = primary\n", mock);
+    REQUIRE(proxy.initialize() == CKR_OK);
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    for (int i = 0; i < 3; ++i)
+      REQUIRE(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
+    CHECK(member_sessions(2) == 2);
+    CHECK(member_sessions(1) == 1);
+  }
+}
+
+TEST_CASE("group sessions: a member without its token is passed over; none, no token") {
+  void* lib = ::dlopen(P11MUX_TEST_FAULTY_PATH, RTLD_NOW | RTLD_LOCAL);  // -z nodelete
+  REQUIRE(lib != nullptr);
+  const FaultyControl* faulty =
+      reinterpret_cast<FaultyGetControlFn>(::dlsym(lib, "faulty_get_control"))();
+  GroupProxy proxy(std::string("[backend.faulty]\nmodule = ") + P11MUX_TEST_FAULTY_PATH +
+                       "\n[group.signing]\nmembers = faulty/serial:2, faulty/label:mock-token-1\n",
+                   three_tokens(), {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}});
+  REQUIRE(faulty->reset() == 0);
+  REQUIRE(proxy.initialize() == CKR_OK);
+  faulty->set_slot_removed(2, 1);  // the first member's token removed
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  REQUIRE(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
+  CHECK(member_sessions(1) == 1);
+  CHECK(member_sessions(2) == 0);
+  faulty->set_slot_removed(1, 1);
+  CHECK(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) ==
+        CKR_TOKEN_NOT_PRESENT);
+  faulty->clear_slot(1);
+  faulty->clear_slot(2);
+}
+
+// C_OpenSession on `slot` is refused with CKR_FUNCTION_NOT_SUPPORTED and a
+// log line that names `why`.
+void check_open_refused(GroupProxy& proxy, CK_SLOT_ID slot, std::string_view why) {
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  CK_RV rv = CKR_OK;
+  const std::string err = capture_stderr(
+      [&] { rv = proxy.p11->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &h); });
+  CHECK(rv == CKR_FUNCTION_NOT_SUPPORTED);
+  CHECK_MESSAGE(err.find(why) != std::string::npos, err);
+}
+
+TEST_CASE("group sessions: refused in multiplex mode and on a member shown, with a log line") {
+  GroupProxy proxy(two_member_group(), three_tokens(),
+                   {{"P11MUX_LOG_LEVEL", "warn"}, {"P11MUX_SESSION_MODE", "multiplex"}});
+  REQUIRE(proxy.initialize() == CKR_OK);
+  check_open_refused(proxy, 0, "multiplex");
+  CHECK(mock_stats().sessions_opened_total == 0);
+}
+
+TEST_CASE("group sessions: refused with a [policy] and on a member shown, with a log line") {
+  GroupProxy proxy(two_member_group() + "hide_members = false\n", three_tokens(),
+                   {{"P11MUX_LOG_LEVEL", "warn"},
+                    {"P11MUX_POLICY_MECHANISMS_ALLOW", "CKM_ECDSA CKM_EC_KEY_PAIR_GEN"}});
+  REQUIRE(proxy.initialize() == CKR_OK);
+  check_open_refused(proxy, 0, "[policy]");
+  check_open_refused(proxy, 1, "member shown");
+  CHECK(mock_stats().sessions_opened_total == 0);
+}
+
 namespace {
 
 // The faulty module over the mock's three tokens, as a group of its slots 2
