@@ -15,6 +15,7 @@
 #include "functions/arg_check.hpp"
 #include "functions/function_traits.hpp"
 #include "group/group_calls.hpp"
+#include "group/group_login.hpp"
 #include "handled/handled.hpp"
 #include "observe/observe.hpp"
 
@@ -72,6 +73,14 @@ template <class F, class Via = ToPort, class Observation, class... A>
         // holding nothing else (docs/design.md, "Binding on state").
         if (binding.backend == CK_INVALID_HANDLE) [[unlikely]] {
           if (CK_RV rv = bind_anchor(*session); rv != CKR_OK) return rv;
+        }
+        // A group's login is every member's (group/group_login.hpp).
+        if constexpr (kGroupLoginCall<F>) {
+          if (session->group != Session::kNoGroup) [[unlikely]] {
+            CK_RV rv = group_login_call<F>(*rt.group_login(), *session, rest...);
+            if (rt.binds_on_state()) unbind_if_idle(*session);
+            return rv;
+          }
         }
         seen.ran_on(binding.backend);
         CK_RV rv = call_backend(pool.port(), binding.backend, rest...);

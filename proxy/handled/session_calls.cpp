@@ -2,6 +2,8 @@
 // lifecycle (dispatch `handled`).
 #include "handled/handled.hpp"
 
+#include "group/group_login.hpp"
+
 #include <p11mux/ckr_error.hpp>
 
 #include <new>
@@ -71,13 +73,22 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
       return rv;
     }
     group = static_cast<std::uint32_t>(slot);  // a group's slot ID is its index
+    // The application logged in: so is the member, before the session is
+    // there (group/group_login.hpp). Counted; closed() below undoes it.
+    if (CK_RV rv = rt.group_login()->opening(group, member); rv != CKR_OK) return rv;
   }
+  // A group's session that does not open after all.
+  auto not_opened = [&rt, group] {
+    if (group != Session::kNoGroup) rt.group_login()->closed(group);
+  };
   SessionLease lease;
   try {
     lease = rt.sessions().reserve();
   } catch (const CkrError& e) {
+    not_opened();
     return e.rv();
   } catch (const std::bad_alloc&) {
+    not_opened();
     return CKR_HOST_MEMORY;
   }
   HeldLock leased(lease->lock);
@@ -97,6 +108,7 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
                                    : pool->open(backend_slot, lease->rw, lease->anchor.backend);
   if (rv != CKR_OK) {
     rt.sessions().discard(std::move(lease));
+    not_opened();
     return rv;
   }
   *session = lease->opening_handle;

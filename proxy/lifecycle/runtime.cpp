@@ -1,5 +1,7 @@
 #include "lifecycle/runtime.hpp"
 
+#include "group/group_login.hpp"
+
 #include "forward/operation_state.hpp"
 #include "observe/logging.hpp"
 
@@ -131,6 +133,17 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
     pools_.push_back(std::make_unique<SessionPool>(*port, gate, config.pool, locks_, epoch, *log_,
                                                    observer_->pools()));
   }
+  if (groups_) {
+    std::vector<std::string> names;
+    std::vector<std::vector<SessionPool*>> member_pools;
+    for (std::size_t g = 0; g < groups_->group_count(); ++g) {
+      names.push_back(config.groups.at(g).name);
+      auto& pools = member_pools.emplace_back();
+      for (const GroupRuntime::Member& m : groups_->members(g)) pools.push_back(&pool_of(*m.port));
+    }
+    group_login_ = std::make_unique<GroupLogin>(*groups_, std::move(names), std::move(member_pools),
+                                                locks_, config.pool.keep_login, *log_);
+  }
   // A group configuration opens no sessions yet (docs/groups.md).
   if (!groups_) {
     pool().prewarm();
@@ -241,7 +254,10 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
             : reset_backend_session(pool.port(), s->anchor);
     pool.close(s->slot, s->rw, s->anchor.backend, fate);
   }
+  const std::uint32_t group = s->group;
   sessions_.close(std::move(lease));
+  // The group's last session logs every member out (group_login.hpp).
+  if (group != Session::kNoGroup && group_login_) group_login_->closed(group);
   return CKR_OK;
 }
 
@@ -303,6 +319,7 @@ bool Runtime::shutdown() noexcept {
   maintenance_.clear();   // no pool work may race the backend's finalization
   observer_->finalize();  // the summary while sessions and pool still show their figures
   sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
+  if (group_login_) group_login_->finalize();  // every kept PIN zeroed
   for (auto& pool : pools_) pool->close_all();
   {
     MutexGuard poll(poll_lock_);  // a poll in progress finishes first
