@@ -37,6 +37,9 @@ bool logged_in_as(CK_STATE state, CK_USER_TYPE user) noexcept {
   return state == CKS_RO_USER_FUNCTIONS || state == CKS_RW_USER_FUNCTIONS;
 }
 
+// Logged out, or never logged in: either way not logged in any more.
+bool logged_out_now(CK_RV rv) noexcept { return rv == CKR_OK || rv == CKR_USER_NOT_LOGGED_IN; }
+
 }  // namespace
 
 GroupLogin::GroupLogin(const GroupRuntime& groups, std::vector<std::string> names,
@@ -51,6 +54,7 @@ GroupLogin::GroupLogin(const GroupRuntime& groups, std::vector<std::string> name
     {
       MutexGuard guard(g->mutex);
       g->refused.assign(g->members->size(), 0);
+      g->stale.assign(g->members->size(), 0);
     }
     // One line for the first store without its page: the others share its
     // cause (RLIMIT_MEMLOCK is the process's).
@@ -67,8 +71,7 @@ GroupLogin::GroupLogin(const GroupRuntime& groups, std::vector<std::string> name
 GroupLogin::~GroupLogin() = default;
 
 template <class Fn>
-CK_RV GroupLogin::on_borrowed(const Group& g, std::size_t member, bool rw,
-                              Fn&& fn) const noexcept {
+CK_RV GroupLogin::on_borrowed(const Group& g, std::size_t member, bool rw, Fn&& fn) const noexcept {
   const GroupRuntime::Member& m = (*g.members)[member];
   SessionPool& pool = *g.pools[member];
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
@@ -101,9 +104,8 @@ CK_RV GroupLogin::member_login(const Group& g, std::size_t member, CK_USER_TYPE 
     if (CK_RV rv = pool.may_log_in_so(m.slot); rv != CKR_OK) return rv;
   }
   auto call = [&](const BackendPort& port, CK_SESSION_HANDLE h) {
-    return by_username
-               ? port.call<fn::C_LoginUser>(h, user, pin, pin_len, username, username_len)
-               : port.call<fn::C_Login>(h, user, pin, pin_len);
+    return by_username ? port.call<fn::C_LoginUser>(h, user, pin, pin_len, username, username_len)
+                       : port.call<fn::C_Login>(h, user, pin, pin_len);
   };
   const bool rw = user == CKU_SO;
   CK_RV rv = on_borrowed(g, member, rw, call);
@@ -118,10 +120,9 @@ CK_RV GroupLogin::member_login(const Group& g, std::size_t member, CK_USER_TYPE 
 
 CK_RV GroupLogin::member_logout(const Group& g, std::size_t member) const noexcept {
   const GroupRuntime::Member& m = (*g.members)[member];
-  const CK_RV rv = on_borrowed(
-      g, member, false, [](const BackendPort& port, CK_SESSION_HANDLE h) {
-        return port.call<fn::C_Logout>(h);
-      });
+  const CK_RV rv = on_borrowed(g, member, false, [](const BackendPort& port, CK_SESSION_HANDLE h) {
+    return port.call<fn::C_Logout>(h);
+  });
   g.pools[member]->logged_out(m.slot, rv);
   return rv;
 }
@@ -159,6 +160,9 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
   // The application's login is the group's (docs/pkcs11-facts.md, "Sessions").
   if (g.user == user) return CKR_USER_ALREADY_LOGGED_IN;
   if (g.user != kNobody) return CKR_USER_ANOTHER_ALREADY_LOGGED_IN;
+  // A member still logged in from before would answer "already logged in"
+  // without checking this PIN.
+  retry_stale(g);
   if (user == CKU_SO) {
     for (std::size_t i = 0; i < g.pools.size(); ++i) {
       if (CK_RV rv = g.pools[i]->may_log_in_so((*g.members)[i].slot); rv != CKR_OK) return rv;
@@ -213,6 +217,9 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
   }
   g.user = user;
   g.refused.assign(g.refused.size(), 0);
+  for (std::size_t i = 0; i < took.size(); ++i) {
+    if (took[i] != 0) g.stale[i] = 0;
+  }
   const bool verified = std::find(took.begin(), took.end(), 1) != took.end();
   // Only a PIN a member took is kept: one no member checked (every member
   // was logged in already) could be wrong, and each late login would count
@@ -222,8 +229,8 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
                              ? g.store.keep_by_username(user, pin, pin_len, username, username_len)
                              : g.store.keep(user, pin, pin_len);
     if (kept != PinKeep::kept) {
-      log_.info("group '{}': the login is not kept ({}); members that join later stay out",
-                g.name, to_string(kept));
+      log_.info("group '{}': the login is not kept ({}); members that join later stay out", g.name,
+                to_string(kept));
     }
   }
   // The application was not logged in: the login is new to it, whatever a
@@ -232,8 +239,25 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
   return verified ? CKR_OK : CKR_USER_ALREADY_LOGGED_IN;
 }
 
+void GroupLogin::log_out(Group& g, std::size_t member) noexcept {
+  const CK_RV rv = member_logout(g, member);
+  g.stale[member] = logged_out_now(rv) ? 0 : 1;
+  if (g.stale[member] != 0) {
+    log_.warn(
+        "group '{}': member {} ({}) did not take the logout ({}); it is logged out at the "
+        "group's next C_OpenSession, C_CloseSession or C_Login",
+        g.name, member + 1, member_name((*g.members)[member].config), rv_name(rv));
+  }
+}
+
+void GroupLogin::retry_stale(Group& g) noexcept {
+  for (std::size_t i = 0; i < g.stale.size(); ++i) {
+    if (g.stale[i] != 0 && logged_out_now(member_logout(g, i))) g.stale[i] = 0;
+  }
+}
+
 void GroupLogin::log_out_all(Group& g) noexcept {
-  for (std::size_t i = 0; i < g.pools.size(); ++i) (void)member_logout(g, i);
+  for (std::size_t i = 0; i < g.pools.size(); ++i) log_out(g, i);
   g.store.clear_all();
   g.user = kNobody;
   g.refused.assign(g.refused.size(), 0);
@@ -247,8 +271,9 @@ CK_RV GroupLogin::logout(Session& s) noexcept {
   note_call<fn::C_Logout>(pool, s.anchor, s.slot, rv);
   pool.logged_out(s.slot, rv);
   if (g.user == kNobody) return rv;  // the member's answer: CKR_USER_NOT_LOGGED_IN
+  if (!logged_out_now(rv)) g.stale[s.member] = 1;
   for (std::size_t i = 0; i < g.pools.size(); ++i) {
-    if (i != s.member) (void)member_logout(g, i);
+    if (i != s.member) log_out(g, i);
   }
   g.store.clear_all();
   g.user = kNobody;
@@ -270,9 +295,10 @@ CK_RV GroupLogin::refuse_pin_change(const char* function, const Session& s) noex
 CK_RV GroupLogin::bring_in(Group& g, std::size_t member) noexcept {
   const std::string name = member_name((*g.members)[member].config);
   if (g.refused[member] != 0) {
-    log_.warn("group '{}': member {} ({}) is not logged in (see above); C_OpenSession on it "
-              "answers CKR_DEVICE_ERROR until the application logs in again",
-              g.name, member + 1, name);
+    log_.warn(
+        "group '{}': member {} ({}) is not logged in (see above); C_OpenSession on it "
+        "answers CKR_DEVICE_ERROR until the application logs in again",
+        g.name, member + 1, name);
     return CKR_DEVICE_ERROR;
   }
   const bool rw = g.user == CKU_SO;
@@ -295,8 +321,7 @@ CK_RV GroupLogin::bring_in(Group& g, std::size_t member) noexcept {
     return CKR_DEVICE_ERROR;
   }
   if (*login == CKR_OK || *login == CKR_USER_ALREADY_LOGGED_IN) {
-    log_.info("group '{}': member {} ({}) logged in from the kept login", g.name, member + 1,
-              name);
+    log_.info("group '{}': member {} ({}) logged in from the kept login", g.name, member + 1, name);
     return CKR_OK;
   }
   if (pin_refused(*login)) {
@@ -316,6 +341,7 @@ CK_RV GroupLogin::bring_in(Group& g, std::size_t member) noexcept {
 CK_RV GroupLogin::opening(std::size_t group, std::size_t member) noexcept {
   Group& g = *groups_.at(group);
   MutexGuard guard(g.mutex);
+  if (g.user == kNobody) retry_stale(g);
   if (g.user != kNobody) {
     if (CK_RV rv = bring_in(g, member); rv != CKR_OK) return rv;
   }
@@ -327,6 +353,7 @@ void GroupLogin::closed(std::size_t group) noexcept {
   Group& g = *groups_.at(group);
   MutexGuard guard(g.mutex);
   if (g.sessions > 0) --g.sessions;
+  if (g.user == kNobody) retry_stale(g);
   // The pools log a member out with the application's last session there;
   // members logged in through borrowed sessions have none, so the group
   // logs them all out with its last session.

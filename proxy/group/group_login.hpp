@@ -21,8 +21,8 @@
 // backend's locks through the members' calls; never a Session::lock under it.
 #pragma once
 
-#include "group/group_runtime.hpp"
 #include "functions/function_traits.hpp"
+#include "group/group_runtime.hpp"
 #include "group/pin_store.hpp"
 #include "sessions/session_table.hpp"
 #include "sync/lock.hpp"
@@ -52,8 +52,8 @@ class GroupLogin {
   // locked page (PinStore::memory_problem: RLIMIT_MEMLOCK and errno).
   // `names[g]`: group g's name, for the log.
   GroupLogin(const GroupRuntime& groups, std::vector<std::string> names,
-             std::vector<std::vector<SessionPool*>> pools, const LockSource& locks,
-             bool keep_login, spdlog::logger& log);
+             std::vector<std::vector<SessionPool*>> pools, const LockSource& locks, bool keep_login,
+             spdlog::logger& log);
   GroupLogin(const GroupLogin&) = delete;
   GroupLogin& operator=(const GroupLogin&) = delete;
   ~GroupLogin();
@@ -99,6 +99,9 @@ class GroupLogin {
     // Member i refused the kept PIN, or could not be logged in without one:
     // not tried again until the next login.
     std::vector<std::uint8_t> refused GUARDED_BY(mutex);
+    // Member i did not take a logout (absent, or failing, at the time): it
+    // may still be logged in, and is logged out at the group's next call.
+    std::vector<std::uint8_t> stale GUARDED_BY(mutex);
     std::size_t sessions GUARDED_BY(mutex) = 0;  // the application's, open on the group
   };
 
@@ -113,6 +116,10 @@ class GroupLogin {
   // The member logged in as the group is, from the kept PIN if need be.
   CK_RV bring_in(Group& g, std::size_t member) noexcept REQUIRES(g.mutex);
   void log_out_all(Group& g) noexcept REQUIRES(g.mutex);
+  // Member i logged out, or marked stale when it did not take it.
+  void log_out(Group& g, std::size_t member) noexcept REQUIRES(g.mutex);
+  // The stale members logged out, those that take it now.
+  void retry_stale(Group& g) noexcept REQUIRES(g.mutex);
 
   const bool keep_login_;
   spdlog::logger& log_;

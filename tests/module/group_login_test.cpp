@@ -154,6 +154,23 @@ TEST_CASE("group login: C_Login on one session logs in every member; C_Logout ev
   for (CK_SLOT_ID slot = 0; slot < 3; ++slot) CHECK(token_state(slot) == CKS_RO_USER_FUNCTIONS);
 }
 
+TEST_CASE("group login: a member absent at C_Logout is logged out when it is back") {
+  GroupLoginProxy proxy;
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(a) == CKR_OK);
+  REQUIRE(proxy.login(a) == CKR_OK);
+  faulty().fail_slot(1, CKR_DEVICE_ERROR);  // down, its sessions (and login) kept
+  CHECK(proxy.logged([&] { return proxy.p11->C_Logout(a); }) == CKR_OK);
+  CHECK(token_state(1) == CKS_RO_USER_FUNCTIONS);  // behind the fault: still logged in
+  CHECK_MESSAGE(proxy.log().find("member 2 (f/label:mock-token-1) did not take the logout "
+                                 "(CKR_DEVICE_ERROR)") != std::string::npos,
+                proxy.log());
+  faulty().clear_slot(1);
+  CK_SESSION_HANDLE b = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(b) == CKR_OK);  // the group's next call
+  for (CK_SLOT_ID slot = 0; slot < 3; ++slot) CHECK(token_state(slot) == CKS_RO_PUBLIC_SESSION);
+}
+
 TEST_CASE("group login: a wrong PIN on one member leaves no member logged in, and says which") {
   GroupLoginProxy proxy;
   set_token_pin(1, kPin, "otherpin");  // the second member's PIN differs
