@@ -130,15 +130,16 @@ CK_RV GroupLogin::member_logout(const Group& g, std::size_t member) const noexce
 CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len,
                         CK_UTF8CHAR_PTR username, CK_ULONG username_len,
                         bool by_username) noexcept {
-  // The session's lock is held throughout: its fields, taken here, stay.
+  // The session's lock is held throughout: its fields, read here, stay.
   SessionPool& pool = *s.pool;
-  Binding& anchor = s.anchor;
+  const CK_SESSION_HANDLE backend = s.anchor.backend;
   const CK_SLOT_ID slot = s.slot;
   auto own_call = [&] {
-    return by_username ? pool.port().call<fn::C_LoginUser>(anchor.backend, user, pin, pin_len,
-                                                           username, username_len)
-                       : pool.port().call<fn::C_Login>(anchor.backend, user, pin, pin_len);
+    return by_username ? pool.port().call<fn::C_LoginUser>(backend, user, pin, pin_len, username,
+                                                           username_len)
+                       : pool.port().call<fn::C_Login>(backend, user, pin, pin_len);
   };
+  // On the application's session, as forward.hpp would call it.
   auto own_login = [&] {
     CK_RV rv = own_call();
     // p11mux's own idle read-only sessions may be what is in the way.
@@ -146,14 +147,17 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
         pool.drain_idle(slot, /*read_only_only=*/true)) {
       rv = own_call();
     }
-    note_call<fn::C_Login>(pool, anchor, slot, rv, user, pin, pin_len);
     pool.logged_in(slot, user, rv == CKR_USER_ALREADY_LOGGED_IN ? CKR_OK : rv);
     return rv;
   };
   // CKU_CONTEXT_SPECIFIC authorizes one operation of this session, which
   // runs on its member: that member only, never kept. A user type neither
   // USER nor SO: the member's own answer (CKR_USER_TYPE_INVALID).
-  if (user != CKU_USER && user != CKU_SO) return own_login();
+  if (user != CKU_USER && user != CKU_SO) {
+    const CK_RV rv = own_login();
+    note_call<fn::C_Login>(pool, s.anchor, slot, rv, user, pin, pin_len);
+    return rv;
+  }
 
   Group& g = *groups_.at(s.group);
   MutexGuard guard(g.mutex);
@@ -180,7 +184,7 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
     for (std::size_t i = 0; i < took.size(); ++i) {
       if (took[i] != 1) continue;
       if (i == own) {
-        const CK_RV out = pool.port().call<fn::C_Logout>(anchor.backend);
+        const CK_RV out = pool.port().call<fn::C_Logout>(backend);
         pool.logged_out(slot, out);
       } else {
         (void)member_logout(g, i);
@@ -195,6 +199,7 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
   // The session's own member first, on the application's session: a wrong
   // PIN then costs one try on one member.
   CK_RV rv = own_login();
+  note_call<fn::C_Login>(pool, s.anchor, slot, rv, user, pin, pin_len);
   if (rv == CKR_OK) {
     took[own] = 1;
   } else if (rv == CKR_USER_ALREADY_LOGGED_IN) {

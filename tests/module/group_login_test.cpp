@@ -12,13 +12,34 @@
 #include "faulty_control.h"
 
 #include <dlfcn.h>
+#include <linux/capability.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <string>
 #include <string_view>
 
+// The sanitizers' mlock does nothing and answers 0: RLIMIT_MEMLOCK's
+// refusal is checked only without them (as in tests/unit/pin_store_test.cpp).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define P11MUX_GROUP_LOGIN_FAKE_MLOCK 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define P11MUX_GROUP_LOGIN_FAKE_MLOCK 1
+#endif
+#endif
+
 namespace p11mux::test {
 namespace {
+
+#ifdef P11MUX_GROUP_LOGIN_FAKE_MLOCK
+constexpr bool kRealMlock = false;
+#else
+constexpr bool kRealMlock = true;
+#endif
 
 // A PIN unlike anything else in a log line (the mock's own is "1234").
 constexpr std::string_view kPin = "Zq8xW3pn";
@@ -82,6 +103,7 @@ class GroupLoginProxy {
     CHECK(libs().mock->reset() == 0);
     MockConfig config{};
     config.slot_count = 3;
+    config.provide_v3 = 1;  // C_LoginUser
     REQUIRE(libs().mock->configure(&config) == 0);
     REQUIRE(faulty().reset() == 0);
     CK_C_INITIALIZE_ARGS os{};
@@ -278,6 +300,85 @@ TEST_CASE("group login: C_SetPIN and C_InitPIN on a group are refused, with a lo
   // Every member's PIN is what it was.
   REQUIRE(proxy.p11->C_Logout(a) == CKR_OK);
   for (CK_SLOT_ID slot = 0; slot < 3; ++slot) set_token_pin(slot, kPin, kPin);
+}
+
+TEST_CASE(
+    "group login: C_LoginUser (v3.0) logs in every member, and a late one with its username") {
+  GroupLoginProxy proxy;
+  void* lib = ::dlopen(P11MUX_TEST_LIBRARY_PATH, RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(lib != nullptr);
+  auto get_interface = reinterpret_cast<CK_C_GetInterface>(::dlsym(lib, "C_GetInterface"));
+  REQUIRE(static_cast<bool>(get_interface));
+  CK_VERSION v30{3, 0};
+  CK_INTERFACE_PTR interface = nullptr;
+  REQUIRE(get_interface(utf8("PKCS 11"), &v30, &interface, 0) == CKR_OK);
+  auto* f3 = static_cast<CK_FUNCTION_LIST_3_0*>(interface->pFunctionList);
+  faulty().fail_slot(2, CKR_TOKEN_NOT_PRESENT);  // the third member away at the login
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(a) == CKR_OK);
+  std::string_view user = "alice";
+  REQUIRE(f3->C_LoginUser(a, CKU_USER, utf8(kPin), kPin.size(), utf8(user), user.size()) == CKR_OK);
+  CHECK(token_state(0) == CKS_RO_USER_FUNCTIONS);
+  CHECK(token_state(1) == CKS_RO_USER_FUNCTIONS);
+  CHECK(token_state(2) == CKS_RO_PUBLIC_SESSION);
+  faulty().clear_slot(2);
+  faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+  faulty().fail_slot(1, CKR_TOKEN_NOT_PRESENT);
+  CK_SESSION_HANDLE b = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(b) == CKR_OK);
+  CHECK(proxy.state(b) == CKS_RO_USER_FUNCTIONS);
+}
+
+// Drops CAP_IPC_LOCK (root has it; with it RLIMIT_MEMLOCK does not apply).
+bool drop_ipc_lock() {
+  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3]{};
+  if (::syscall(SYS_capget, &header, data) != 0) return false;
+  const unsigned bit = 1U << (CAP_IPC_LOCK % 32);
+  data[CAP_IPC_LOCK / 32].effective &= ~bit;
+  data[CAP_IPC_LOCK / 32].permitted &= ~bit;
+  return ::syscall(SYS_capset, &header, data) == 0;
+}
+
+TEST_CASE("group login: without a locked page, a warning at C_Initialize and no late login") {
+  if (!kRealMlock) return;
+  // In a child: the capability and the limit are the process's.
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    bool ok = false;
+    try {
+      rlimit none{0, 0};
+      if (drop_ipc_lock() && ::setrlimit(RLIMIT_MEMLOCK, &none) == 0) {
+        GroupLoginProxy proxy;
+        const bool warned =
+            proxy.log().find(
+                "group 'signing': the group's PIN is not kept: cannot lock its page "
+                "in memory (mlock, RLIMIT_MEMLOCK 0 bytes): ") != std::string::npos;
+        faulty().fail_slot(1, CKR_TOKEN_NOT_PRESENT);
+        CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE;
+        // The members present are logged in all the same.
+        const bool logged_in = proxy.open(a) == CKR_OK && proxy.login(a) == CKR_OK &&
+                               token_state(0) == CKS_RO_USER_FUNCTIONS &&
+                               token_state(2) == CKS_RO_USER_FUNCTIONS;
+        faulty().clear_slot(1);
+        faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+        faulty().fail_slot(2, CKR_TOKEN_NOT_PRESENT);
+        // The late member cannot be logged in: its session is refused.
+        const bool refused =
+            proxy.open(b) == CKR_DEVICE_ERROR &&
+            proxy.log().find("no login is kept to log it in") != std::string::npos &&
+            token_state(1) == CKS_RO_PUBLIC_SESSION;
+        ok = warned && logged_in && refused;
+      }
+    } catch (...) {
+    }
+    ::_exit(ok ? 0 : 1);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
 }
 
 }  // namespace p11mux::test

@@ -55,8 +55,8 @@ std::vector<CK_SLOT_ID> prepare(const ReplicatedTokens& tokens,
   for (std::size_t i = 0; i < slots.size(); ++i) {
     Session s(soft.fn(), slots[i], Access::read_write);
     REQUIRE_RV(login_user(soft.fn(), s, kUserPin), CKR_OK);
-    REQUIRE_RV(soft->C_SetPIN(s, utf8(kUserPin), std::string_view(kUserPin).size(),
-                              utf8(pins[i]), pins[i].size()),
+    REQUIRE_RV(soft->C_SetPIN(s, utf8(kUserPin), std::string_view(kUserPin).size(), utf8(pins[i]),
+                              pins[i].size()),
                CKR_OK);
   }
   return slots;
@@ -104,7 +104,8 @@ struct GroupOverFaulty {
 
   // C_SignInit + C_Sign with the replicated EC private key, found on `s`.
   CK_RV sign(CK_SESSION_HANDLE s) {
-    const std::vector<CK_OBJECT_HANDLE> keys = find_replica_key(p11, s, CKO_PRIVATE_KEY, kReplicaEc);
+    const std::vector<CK_OBJECT_HANDLE> keys =
+        find_replica_key(p11, s, CKO_PRIVATE_KEY, kReplicaEc);
     if (keys.size() != 1) return CKR_USER_NOT_LOGGED_IN;  // private objects hidden
     CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
     Bytes hash(32, 0x5a), out(64);
@@ -182,8 +183,8 @@ TEST_CASE("group login over SoftHSM2: a wrong PIN on one member leaves no member
     CHECK_RV(g.sign(s), CKR_USER_NOT_LOGGED_IN);
   }
   g.all_present();
-  CHECK(g.log().find("failed on member 2 (f/label:" + g.tokens.label(1) +
-                     "): CKR_PIN_INCORRECT") != std::string::npos);
+  CHECK(g.log().find("failed on member 2 (f/label:" + g.tokens.label(1) + "): CKR_PIN_INCORRECT") !=
+        std::string::npos);
 }
 
 TEST_CASE("group login over SoftHSM2: a member absent at C_Login is logged in when it is back") {
