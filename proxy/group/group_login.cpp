@@ -370,6 +370,7 @@ void GroupLogin::finalize() noexcept {
     MutexGuard guard(g->mutex);
     g->store.clear_all();
     g->user = kNobody;
+    g->stale.assign(g->stale.size(), 0);
   }
 }
 

@@ -77,7 +77,8 @@ class GroupLogin {
   // last one logs every member out and clears the kept PIN, as the spec
   // logs the application out with its last session on the token.
   void closed(std::size_t group) noexcept;
-  // C_Finalize: every kept PIN zeroed.
+  // C_Finalize, before the sessions close: every kept PIN zeroed, the group
+  // logged out (the backends' C_Finalize ends the members' logins).
   void finalize() noexcept;
 
   // Whether the member is logged in as the group is, as far as p11mux knows

@@ -318,8 +318,10 @@ CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept
 bool Runtime::shutdown() noexcept {
   maintenance_.clear();   // no pool work may race the backend's finalization
   observer_->finalize();  // the summary while sessions and pool still show their figures
+  // Every kept PIN zeroed first; the backends' C_Finalize ends the logins
+  // (no member's logout on a borrowed session while the pools are closing).
+  if (group_login_) group_login_->finalize();
   sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
-  if (group_login_) group_login_->finalize();  // every kept PIN zeroed
   for (auto& pool : pools_) pool->close_all();
   {
     MutexGuard poll(poll_lock_);  // a poll in progress finishes first
