@@ -193,6 +193,37 @@ TEST_CASE("group login: a member absent at C_Logout is logged out when it is bac
   for (CK_SLOT_ID slot = 0; slot < 3; ++slot) CHECK(token_state(slot) == CKS_RO_PUBLIC_SESSION);
 }
 
+TEST_CASE(
+    "group login: CKU_CONTEXT_SPECIFIC goes to the session's member, the group's login stays") {
+  GroupLoginProxy proxy;
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(a, CKF_SERIAL_SESSION | CKF_RW_SESSION) == CKR_OK);
+  REQUIRE(proxy.login(a) == CKR_OK);
+  // A key that wants its own authorization for each signature.
+  CK_BBOOL yes = CK_TRUE;
+  CK_ATTRIBUTE templ[] = {{CKA_PRIVATE, &yes, sizeof yes},
+                          {CKA_ALWAYS_AUTHENTICATE, &yes, sizeof yes}};
+  CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
+  CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  REQUIRE(proxy.p11->C_GenerateKeyPair(a, &gen, nullptr, 0, templ, 2, &pub, &priv) == CKR_OK);
+  CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
+  std::string text = "authorized once";
+  CK_BYTE sig[MOCK_DIGEST_LEN * 2];
+  CK_ULONG len = sizeof sig;
+  REQUIRE(proxy.p11->C_SignInit(a, &ecdsa, priv) == CKR_OK);
+  CHECK(proxy.p11->C_Login(a, CKU_CONTEXT_SPECIFIC, utf8(kPin), kPin.size()) == CKR_OK);
+  CHECK(proxy.p11->C_Sign(a, reinterpret_cast<CK_BYTE_PTR>(text.data()), text.size(), sig, &len) ==
+        CKR_OK);
+  // Not the group's login: that is still the user's, on every member.
+  CHECK(proxy.login(a) == CKR_USER_ALREADY_LOGGED_IN);
+  for (CK_SLOT_ID slot = 0; slot < 3; ++slot) {
+    const CK_STATE state = token_state(slot);
+    CHECK((state == CKS_RO_USER_FUNCTIONS || state == CKS_RW_USER_FUNCTIONS));
+  }
+  REQUIRE(proxy.p11->C_Logout(a) == CKR_OK);
+  for (CK_SLOT_ID slot = 0; slot < 3; ++slot) CHECK(token_state(slot) == CKS_RO_PUBLIC_SESSION);
+}
+
 TEST_CASE("group login: a wrong PIN on one member leaves no member logged in, and says which") {
   GroupLoginProxy proxy;
   set_token_pin(1, kPin, "otherpin");  // the second member's PIN differs
