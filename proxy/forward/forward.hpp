@@ -15,6 +15,7 @@
 #include "functions/arg_check.hpp"
 #include "functions/function_traits.hpp"
 #include "group/group_calls.hpp"
+#include "group/group_login.hpp"
 #include "group/member_calls.hpp"
 #include "handled/handled.hpp"
 #include "observe/observe.hpp"
@@ -52,6 +53,12 @@ template <class F, bool kOnGroup, class Observation, class CallBackend, class...
   // holding nothing else (docs/design.md, "Binding on state").
   if (binding.backend == CK_INVALID_HANDLE) [[unlikely]] {
     if (CK_RV rv = bind_anchor(s); rv != CKR_OK) return rv;
+  }
+  // A group's login is every member's (group/group_login.hpp).
+  if constexpr (kOnGroup && kGroupLoginCall<F>) {
+    CK_RV rv = group_login_call<F>(*rt.group_login(), s, rest...);
+    if (rt.binds_on_state()) unbind_if_idle(s);
+    return rv;
   }
   seen.ran_on(binding.backend);
   std::conditional_t<kOnGroup, MemberCall, NoMemberCall> member(rt, s);

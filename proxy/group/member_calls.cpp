@@ -1,5 +1,6 @@
 #include "group/member_calls.hpp"
 
+#include "group/group_login.hpp"
 #include "handled/handled.hpp"
 
 namespace p11mux {
@@ -15,6 +16,13 @@ CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) 
   // No member up: CKR_DEVICE_ERROR at once (proxy/group/README.md, "When no
   // member is up"), not a wait for a recovery that may be minutes away.
   if (to == GroupRuntime::kNoMember) return CKR_DEVICE_ERROR;
+  // Logged in there as the group is (group_login.hpp); counted as one more
+  // of the group's sessions until the old one is let go below.
+  GroupLogin& login = *rt.group_login();
+  if (CK_RV rv = login.opening(s.group, to); rv != CKR_OK) {
+    groups.release_session(s.group, to);
+    return rv;
+  }
   const GroupRuntime::Member& member = groups.members(s.group)[to];
   SessionPool& pool = rt.pool_of(*member.port);
   // Its place on the new member first: if that fails, it stays where it was.
@@ -26,6 +34,7 @@ CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) 
                                          : pool.open(member.slot, s.rw, fresh);
   if (rv != CKR_OK) {
     groups.release_session(s.group, to);
+    login.closed(s.group);
     return rv;
   }
   // The old member's session is dead with it: forgotten, never reused.
@@ -37,6 +46,7 @@ CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) 
   s.anchor.clear();
   s.anchor.backend = fresh;
   groups.release_session(s.group, from);
+  login.closed(s.group);  // the count opening() took: the session is still one
   groups.health(s.group, from).count_failover();
   s.pool = &pool;
   s.slot = member.slot;

@@ -26,9 +26,11 @@
 // logs in on the members that are up, and the others stay out until the
 // application logs in again.
 //
-// Lock order (sync/lock.hpp): the store's lock is held across the members'
-// C_Login calls, which take a session's lock and the backend lock under it;
-// it is taken under none of the pool's locks.
+// Lock order (sync/lock.hpp): the store's lock is taken under a group's
+// login lock (group_login.hpp) and held across a member's C_Login from the
+// kept login, on a borrowed session (the pool's and the backend's locks
+// under it); it is taken under none of the pool's locks and no session's
+// lock is taken under it.
 #pragma once
 
 #include "sync/lock.hpp"

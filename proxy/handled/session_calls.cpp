@@ -2,6 +2,8 @@
 // lifecycle (dispatch `handled`).
 #include "handled/handled.hpp"
 
+#include "group/group_login.hpp"
+
 #include <p11mux/ckr_error.hpp>
 
 #include <new>
@@ -75,10 +77,20 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
       return rv;
     }
     group = static_cast<std::uint32_t>(slot);  // a group's slot ID is its index
+    // The application logged in: so is the member, before the session is
+    // there (group/group_login.hpp). Counted; closed() below undoes it.
+    if (CK_RV rv = rt.group_login()->opening(group, member); rv != CKR_OK) {
+      groups->release_session(group, member);  // placed, not opened
+      return rv;
+    }
   }
-  // The member counted when the session was placed, let go if it does not open.
+  // The member counted when the session was placed, and its login's count
+  // (group_login.hpp), let go if it does not open.
   auto unplace = [&](CK_RV rv) {
-    if (group != Session::kNoGroup) rt.groups()->release_session(group, member);
+    if (group != Session::kNoGroup) {
+      rt.groups()->release_session(group, member);
+      rt.group_login()->closed(group);
+    }
     return rv;
   };
   SessionLease lease;

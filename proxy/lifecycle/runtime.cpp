@@ -1,5 +1,7 @@
 #include "lifecycle/runtime.hpp"
 
+#include "group/group_login.hpp"
+
 #include "forward/operation_state.hpp"
 #include "observe/logging.hpp"
 
@@ -127,9 +129,25 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
                                   : nullptr),
       sessions_(locks_),
       poll_lock_(locks_) {
+  // A group's login is the group's, not a member's: its last session logs
+  // every member out (GroupLogin::closed), so a member's pool never logs out
+  // on its own when the last of the group's sessions on that member closes.
+  Config::Pool pool_config = config.pool;
+  if (groups_) pool_config.keep_login = true;
   for (const BackendPort* port : ports()) {
-    pools_.push_back(std::make_unique<SessionPool>(*port, gate, config.pool, locks_, epoch, *log_,
+    pools_.push_back(std::make_unique<SessionPool>(*port, gate, pool_config, locks_, epoch, *log_,
                                                    observer_->pools()));
+  }
+  if (groups_) {
+    std::vector<std::string> names;
+    std::vector<std::vector<SessionPool*>> member_pools;
+    for (std::size_t g = 0; g < groups_->group_count(); ++g) {
+      names.push_back(config.groups.at(g).name);
+      auto& pools = member_pools.emplace_back();
+      for (const GroupRuntime::Member& m : groups_->members(g)) pools.push_back(&pool_of(*m.port));
+    }
+    group_login_ = std::make_unique<GroupLogin>(*groups_, std::move(names), std::move(member_pools),
+                                                locks_, config.pool.keep_login, *log_);
   }
   // A group configuration opens no sessions yet (docs/groups.md).
   if (!groups_) {
@@ -262,7 +280,10 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
     pool.close(s->slot, s->rw, s->anchor.backend, fate);
   }
   if (s->group != Session::kNoGroup) groups()->release_session(s->group, s->member);
+  const std::uint32_t group = s->group;
   sessions_.close(std::move(lease));
+  // The group's last session logs every member out (group_login.hpp).
+  if (group != Session::kNoGroup && group_login_) group_login_->closed(group);
   return CKR_OK;
 }
 
@@ -324,6 +345,9 @@ bool Runtime::shutdown() noexcept {
   maintenance_.clear();
   member_watch_.reset();  // no pool work may race the backend's finalization
   observer_->finalize();  // the summary while sessions and pool still show their figures
+  // Every kept PIN zeroed first; the backends' C_Finalize ends the logins
+  // (no member's logout on a borrowed session while the pools are closing).
+  if (group_login_) group_login_->finalize();
   sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
   for (auto& pool : pools_) pool->close_all();
   {

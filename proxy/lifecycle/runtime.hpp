@@ -25,6 +25,8 @@
 
 namespace p11mux {
 
+class GroupLogin;
+
 class Runtime {
  public:
   // Loads and initializes the backend. Throws CkrError (or spdlog_ex for a log
@@ -48,6 +50,8 @@ class Runtime {
   // the single backend. port() is then the first [backend.NAME]'s.
   const GroupRuntime* groups() const noexcept { return groups_.get(); }
   SessionTable& sessions() noexcept { return sessions_; }
+  // The groups' logins (group/group_login.hpp); NULL for the single backend.
+  GroupLogin* group_login() noexcept { return group_login_.get(); }
   // The pool of port()'s backend sessions. A session's calls take its own
   // pool (Session::pool): there is one per port (pool_of).
   SessionPool& pool() noexcept { return *pools_.front(); }
@@ -123,6 +127,8 @@ class Runtime {
   SessionTable sessions_;
   // One per port, ports()' order: a backend's sessions are its own.
   std::vector<std::unique_ptr<SessionPool>> pools_;
+  // After the pools, whose sessions it borrows; gone before them.
+  std::unique_ptr<GroupLogin> group_login_;
   // One per pool, only with a period configured and threads allowed.
   std::vector<std::unique_ptr<PoolMaintenance>> maintenance_;
   // The groups' member checks (GroupRuntime::maintain), with threads allowed.

@@ -13,9 +13,12 @@
 //   0. Protect::change_lock()  ([policy] protect: a key read, then its change;
 //                              each backend call under it takes 2. and 3.)
 //   1. Runtime::poll_lock_     (a polling C_WaitForSlotEvent, then a backend call)
-//   1a. PinStore::mutex_       (a group's kept login, group/pin_store.hpp: held
-//                              across the members' C_Login calls, which take 2. and 3.)
 //   2. Session::lock           (one session at a time; never two at once)
+//   2a. GroupLogin's group lock (group/group_login.hpp: a group's login, under
+//                              the C_Login's session lock or none; held across
+//                              the members' calls, which take 2b. and 3.)
+//   2b. PinStore::mutex_       (a group's kept login, group/pin_store.hpp: held
+//                              across a member's C_Login from it, which takes 3.)
 //   3. the backend lock (a BackendPort's, only for a backend that is not
 //      thread-safe), held around one backend call and nothing else; or
 //      the session pool's locks, which are never held across a backend call

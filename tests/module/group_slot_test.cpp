@@ -442,7 +442,7 @@ TEST_CASE("group sessions: balance = primary keeps them on the first member; sig
   REQUIRE(p->C_Sign(a, data, text.size(), sig.data(), &sig_len) == CKR_OK);
   REQUIRE(p->C_VerifyInit(b, &ecdsa, priv) == CKR_OK);
   CHECK(p->C_Verify(b, data, text.size(), sig.data(), sig_len) == CKR_OK);
-  // C_Login reaches the session's member only, for now (docs/groups.md).
+  // C_Login reaches every member (group_login_test.cpp has the details).
   std::string pin = MOCK_USER_PIN;
   REQUIRE(p->C_Login(a, CKU_USER, reinterpret_cast<CK_UTF8CHAR_PTR>(pin.data()), pin.size()) ==
           CKR_OK);
@@ -456,7 +456,7 @@ TEST_CASE("group sessions: balance = primary keeps them on the first member; sig
     return di.state;
   };
   CHECK(mock_state(2) == CKS_RO_USER_FUNCTIONS);
-  CHECK(mock_state(1) == CKS_RO_PUBLIC_SESSION);
+  CHECK(mock_state(1) == CKS_RO_USER_FUNCTIONS);
   // C_CloseAllSessions on the group's slot closes both.
   CHECK(p->C_CloseAllSessions(0) == CKR_OK);
   CHECK(p->C_GetSessionInfo(a, &info) == CKR_SESSION_HANDLE_INVALID);

@@ -1,0 +1,383 @@
+#include "group/group_login.hpp"
+
+#include "forward/session_effects.hpp"
+#include "group/group_slot.hpp"
+#include "sessions/gone_codes.hpp"
+#include "sessions/session_pool.hpp"
+
+#include <p11mux/rv_names.hpp>
+
+#include <algorithm>
+#include <new>
+#include <optional>
+#include <string>
+#include <utility>
+
+namespace p11mux {
+namespace {
+
+std::string member_name(const GroupMember& m) {
+  return m.backend + (m.by == GroupMember::By::label ? "/label:" : "/serial:") + m.token;
+}
+
+// A kept PIN the member will not take: trying it again counts toward the
+// member's lockout (docs/groups.md, "Keeping the PIN").
+bool pin_refused(CK_RV rv) noexcept {
+  return rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LOCKED || rv == CKR_PIN_EXPIRED;
+}
+
+// The member's token went away during the call: it counts as absent.
+bool token_gone(CK_RV rv) noexcept {
+  return rv == CKR_TOKEN_NOT_PRESENT || rv == CKR_DEVICE_REMOVED;
+}
+
+// A session's state says the token is logged in as `user`.
+bool logged_in_as(CK_STATE state, CK_USER_TYPE user) noexcept {
+  if (user == CKU_SO) return state == CKS_RW_SO_FUNCTIONS;
+  return state == CKS_RO_USER_FUNCTIONS || state == CKS_RW_USER_FUNCTIONS;
+}
+
+// Logged out, or never logged in: either way not logged in any more.
+bool logged_out_now(CK_RV rv) noexcept { return rv == CKR_OK || rv == CKR_USER_NOT_LOGGED_IN; }
+
+}  // namespace
+
+GroupLogin::GroupLogin(const GroupRuntime& groups, std::vector<std::string> names,
+                       std::vector<std::vector<SessionPool*>> pools, const LockSource& locks,
+                       bool keep_login, spdlog::logger& log)
+    : keep_login_(keep_login), log_(log) {
+  for (std::size_t i = 0; i < groups.group_count(); ++i) {
+    auto g = std::make_unique<Group>(locks);
+    g->name = std::move(names.at(i));
+    g->members = &groups.members(i);
+    g->pools = std::move(pools.at(i));
+    {
+      MutexGuard guard(g->mutex);
+      g->refused.assign(g->members->size(), 0);
+      g->stale.assign(g->members->size(), 0);
+    }
+    // One line for the first store without its page: the others share its
+    // cause (RLIMIT_MEMLOCK is the process's).
+    if (g->store.memory() != PinStore::Memory::locked &&
+        std::none_of(groups_.begin(), groups_.end(), [](const auto& other) {
+          return other->store.memory() != PinStore::Memory::locked;
+        })) {
+      log_.warn("group '{}': {}", g->name, g->store.memory_problem());
+    }
+    groups_.push_back(std::move(g));
+  }
+}
+
+GroupLogin::~GroupLogin() = default;
+
+template <class Fn>
+CK_RV GroupLogin::on_borrowed(const Group& g, std::size_t member, bool rw, Fn&& fn) const noexcept {
+  const GroupRuntime::Member& m = (*g.members)[member];
+  SessionPool& pool = *g.pools[member];
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  if (CK_RV rv = pool.borrow(m.slot, rw, h); rv != CKR_OK) return rv;
+  const CK_RV rv = std::forward<Fn>(fn)(*m.port, h);
+  // A login changes the token, not the session: it goes back as it was.
+  const bool gone = session_gone(rv);
+  pool.give(m.slot, rw, h, SessionPool::unreset_fate(gone, gone, CloseReason{}));
+  if (gone) pool.invalidate(m.slot);
+  return rv;
+}
+
+bool GroupLogin::present(const Group& g, std::size_t member) const noexcept {
+  const GroupRuntime::Member& m = (*g.members)[member];
+  CK_SLOT_INFO slot{};
+  CK_TOKEN_INFO token{};
+  return m.port->call<fn::C_GetSlotInfo>(m.slot, &slot) == CKR_OK &&
+         (slot.flags & CKF_TOKEN_PRESENT) != 0 &&
+         m.port->call<fn::C_GetTokenInfo>(m.slot, &token) == CKR_OK &&
+         member_token_matches(m.config, token);
+}
+
+CK_RV GroupLogin::member_login(const Group& g, std::size_t member, CK_USER_TYPE user,
+                               CK_UTF8CHAR_PTR pin, CK_ULONG pin_len, CK_UTF8CHAR_PTR username,
+                               CK_ULONG username_len, bool by_username) const noexcept {
+  const GroupRuntime::Member& m = (*g.members)[member];
+  SessionPool& pool = *g.pools[member];
+  // An SO login fails while the application has a read-only session there.
+  if (user == CKU_SO) {
+    if (CK_RV rv = pool.may_log_in_so(m.slot); rv != CKR_OK) return rv;
+  }
+  auto call = [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+    return by_username ? port.call<fn::C_LoginUser>(h, user, pin, pin_len, username, username_len)
+                       : port.call<fn::C_Login>(h, user, pin, pin_len);
+  };
+  const bool rw = user == CKU_SO;
+  CK_RV rv = on_borrowed(g, member, rw, call);
+  // p11mux's own idle read-only sessions may be what is in the way.
+  if (rv == CKR_SESSION_READ_ONLY_EXISTS && user == CKU_SO &&
+      pool.drain_idle(m.slot, /*read_only_only=*/true)) {
+    rv = on_borrowed(g, member, rw, call);
+  }
+  pool.logged_in(m.slot, user, rv == CKR_USER_ALREADY_LOGGED_IN ? CKR_OK : rv);
+  return rv;
+}
+
+CK_RV GroupLogin::member_logout(const Group& g, std::size_t member) const noexcept {
+  const GroupRuntime::Member& m = (*g.members)[member];
+  const CK_RV rv = on_borrowed(g, member, false, [](const BackendPort& port, CK_SESSION_HANDLE h) {
+    return port.call<fn::C_Logout>(h);
+  });
+  g.pools[member]->logged_out(m.slot, rv);
+  return rv;
+}
+
+CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len,
+                        CK_UTF8CHAR_PTR username, CK_ULONG username_len,
+                        bool by_username) noexcept {
+  // The session's lock is held throughout: its fields, read here, stay.
+  SessionPool& pool = *s.pool;
+  const CK_SESSION_HANDLE backend = s.anchor.backend;
+  const CK_SLOT_ID slot = s.slot;
+  auto own_call = [&] {
+    return by_username ? pool.port().call<fn::C_LoginUser>(backend, user, pin, pin_len, username,
+                                                           username_len)
+                       : pool.port().call<fn::C_Login>(backend, user, pin, pin_len);
+  };
+  // On the application's session, as forward.hpp would call it.
+  auto own_login = [&] {
+    CK_RV rv = own_call();
+    // p11mux's own idle read-only sessions may be what is in the way.
+    if (rv == CKR_SESSION_READ_ONLY_EXISTS && user == CKU_SO &&
+        pool.drain_idle(slot, /*read_only_only=*/true)) {
+      rv = own_call();
+    }
+    pool.logged_in(slot, user, rv == CKR_USER_ALREADY_LOGGED_IN ? CKR_OK : rv);
+    return rv;
+  };
+  // CKU_CONTEXT_SPECIFIC authorizes one operation of this session, which
+  // runs on its member: that member only, never kept. A user type neither
+  // USER nor SO: the member's own answer (CKR_USER_TYPE_INVALID).
+  if (user != CKU_USER && user != CKU_SO) {
+    const CK_RV rv = own_login();
+    note_call<fn::C_Login>(pool, s.anchor, slot, rv, user, pin, pin_len);
+    return rv;
+  }
+
+  Group& g = *groups_.at(s.group);
+  MutexGuard guard(g.mutex);
+  // The application's login is the group's (docs/pkcs11-facts.md, "Sessions").
+  if (g.user == user) return CKR_USER_ALREADY_LOGGED_IN;
+  if (g.user != kNobody) return CKR_USER_ANOTHER_ALREADY_LOGGED_IN;
+  // A member still logged in from before would answer "already logged in"
+  // without checking this PIN.
+  retry_stale(g);
+  if (user == CKU_SO) {
+    for (std::size_t i = 0; i < g.pools.size(); ++i) {
+      if (CK_RV rv = g.pools[i]->may_log_in_so((*g.members)[i].slot); rv != CKR_OK) return rv;
+    }
+  }
+  // 1: logged in by this call; 2: was logged in already (not ours to undo).
+  std::vector<std::uint8_t> took;
+  try {
+    took.assign(g.members->size(), 0);
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+  const std::size_t own = s.member;
+  auto undo = [&](std::size_t failed, CK_RV rv) {
+    for (std::size_t i = 0; i < took.size(); ++i) {
+      if (took[i] != 1) continue;
+      if (i == own) {
+        const CK_RV out = pool.port().call<fn::C_Logout>(backend);
+        pool.logged_out(slot, out);
+      } else {
+        (void)member_logout(g, i);
+      }
+    }
+    log_.warn(
+        "C_Login on group '{}' failed on member {} ({}): {}; the members it had logged in are "
+        "logged out again",
+        g.name, failed + 1, member_name((*g.members)[failed].config), rv_name(rv));
+    return rv;
+  };
+  // The session's own member first, on the application's session: a wrong
+  // PIN then costs one try on one member.
+  CK_RV rv = own_login();
+  note_call<fn::C_Login>(pool, s.anchor, slot, rv, user, pin, pin_len);
+  if (rv == CKR_OK) {
+    took[own] = 1;
+  } else if (rv == CKR_USER_ALREADY_LOGGED_IN) {
+    took[own] = 2;
+  } else {
+    return undo(own, rv);
+  }
+  for (std::size_t i = 0; i < took.size(); ++i) {
+    if (i == own) continue;
+    // An absent member is logged in from the kept PIN when it is back.
+    if (!present(g, i)) continue;
+    rv = member_login(g, i, user, pin, pin_len, username, username_len, by_username);
+    if (rv == CKR_OK) {
+      took[i] = 1;
+    } else if (rv == CKR_USER_ALREADY_LOGGED_IN) {
+      took[i] = 2;
+    } else if (!token_gone(rv)) {
+      return undo(i, rv);
+    }
+  }
+  g.user = user;
+  g.refused.assign(g.refused.size(), 0);
+  for (std::size_t i = 0; i < took.size(); ++i) {
+    if (took[i] != 0) g.stale[i] = 0;
+  }
+  const bool verified = std::find(took.begin(), took.end(), 1) != took.end();
+  // Only a PIN a member took is kept: one no member checked (every member
+  // was logged in already) could be wrong, and each late login would count
+  // a wrong try toward that member's lockout.
+  if (verified) {
+    const PinKeep kept = by_username
+                             ? g.store.keep_by_username(user, pin, pin_len, username, username_len)
+                             : g.store.keep(user, pin, pin_len);
+    if (kept != PinKeep::kept) {
+      log_.info("group '{}': the login is not kept ({}); members that join later stay out", g.name,
+                to_string(kept));
+    }
+  }
+  // The application was not logged in: the login is new to it, whatever a
+  // member said, unless no member took it (every one was logged in already,
+  // as one token logged in by another user of its module would say).
+  return verified ? CKR_OK : CKR_USER_ALREADY_LOGGED_IN;
+}
+
+void GroupLogin::log_out(Group& g, std::size_t member) noexcept {
+  const CK_RV rv = member_logout(g, member);
+  g.stale[member] = logged_out_now(rv) ? 0 : 1;
+  if (g.stale[member] != 0) {
+    log_.warn(
+        "group '{}': member {} ({}) did not take the logout ({}); it is logged out at the "
+        "group's next C_OpenSession, C_CloseSession or C_Login",
+        g.name, member + 1, member_name((*g.members)[member].config), rv_name(rv));
+  }
+}
+
+void GroupLogin::retry_stale(Group& g) noexcept {
+  for (std::size_t i = 0; i < g.stale.size(); ++i) {
+    if (g.stale[i] != 0 && logged_out_now(member_logout(g, i))) g.stale[i] = 0;
+  }
+}
+
+void GroupLogin::log_out_all(Group& g) noexcept {
+  for (std::size_t i = 0; i < g.pools.size(); ++i) log_out(g, i);
+  g.store.clear_all();
+  g.user = kNobody;
+  g.refused.assign(g.refused.size(), 0);
+}
+
+CK_RV GroupLogin::logout(Session& s) noexcept {
+  SessionPool& pool = *s.pool;
+  Group& g = *groups_.at(s.group);
+  MutexGuard guard(g.mutex);
+  CK_RV rv = pool.port().call<fn::C_Logout>(s.anchor.backend);
+  note_call<fn::C_Logout>(pool, s.anchor, s.slot, rv);
+  pool.logged_out(s.slot, rv);
+  if (g.user == kNobody) return rv;  // the member's answer: CKR_USER_NOT_LOGGED_IN
+  if (!logged_out_now(rv)) g.stale[s.member] = 1;
+  for (std::size_t i = 0; i < g.pools.size(); ++i) {
+    if (i != s.member) log_out(g, i);
+  }
+  g.store.clear_all();
+  g.user = kNobody;
+  g.refused.assign(g.refused.size(), 0);
+  // The application was logged in: its member having lost the login (its
+  // pool logged it out with its last session there) changes nothing for it.
+  return rv == CKR_USER_NOT_LOGGED_IN ? CKR_OK : rv;
+}
+
+CK_RV GroupLogin::refuse_pin_change(const char* function, const Session& s) noexcept {
+  log_.warn(
+      "{} on group '{}' refused (CKR_FUNCTION_NOT_SUPPORTED): it would change one member's PIN "
+      "and not the others', and the kept login would then fail on them; change it on each "
+      "member's token (docs/groups.md, \"Keeping the PIN\")",
+      function, groups_.at(s.group)->name);
+  return CKR_FUNCTION_NOT_SUPPORTED;
+}
+
+CK_RV GroupLogin::bring_in(Group& g, std::size_t member) noexcept {
+  const std::string name = member_name((*g.members)[member].config);
+  if (g.refused[member] != 0) {
+    log_.warn(
+        "group '{}': member {} ({}) is not logged in (see above); C_OpenSession on it "
+        "answers CKR_DEVICE_ERROR until the application logs in again",
+        g.name, member + 1, name);
+    return CKR_DEVICE_ERROR;
+  }
+  const bool rw = g.user == CKU_SO;
+  CK_SESSION_INFO info{};
+  CK_RV rv = on_borrowed(g, member, rw, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+    return port.call<fn::C_GetSessionInfo>(h, &info);
+  });
+  if (rv != CKR_OK) return rv;
+  if (logged_in_as(info.state, g.user)) return CKR_OK;
+  std::optional<CK_RV> login = g.store.use(g.user, [&](const KeptLogin& k) {
+    return member_login(g, member, k.user_type, k.pin, k.pin_len, k.username, k.username_len,
+                        k.by_username);
+  });
+  if (!login) {
+    g.refused[member] = 1;
+    log_.warn(
+        "group '{}': member {} ({}) is not logged in and no login is kept to log it in; "
+        "C_OpenSession on it answers CKR_DEVICE_ERROR until the application logs in again",
+        g.name, member + 1, name);
+    return CKR_DEVICE_ERROR;
+  }
+  if (*login == CKR_OK || *login == CKR_USER_ALREADY_LOGGED_IN) {
+    log_.info("group '{}': member {} ({}) logged in from the kept login", g.name, member + 1, name);
+    return CKR_OK;
+  }
+  if (pin_refused(*login)) {
+    // Never again with this PIN: each try counts toward the member's lockout.
+    g.refused[member] = 1;
+    log_.warn(
+        "group '{}': member {} ({}) refused the kept login ({}); not tried again until the "
+        "application logs in again; C_OpenSession on it answers CKR_DEVICE_ERROR",
+        g.name, member + 1, name, rv_name(*login));
+    return CKR_DEVICE_ERROR;
+  }
+  log_.warn("group '{}': member {} ({}) could not be logged in from the kept login: {}", g.name,
+            member + 1, name, rv_name(*login));
+  return *login;
+}
+
+CK_RV GroupLogin::opening(std::size_t group, std::size_t member) noexcept {
+  Group& g = *groups_.at(group);
+  MutexGuard guard(g.mutex);
+  if (g.user == kNobody) retry_stale(g);
+  if (g.user != kNobody) {
+    if (CK_RV rv = bring_in(g, member); rv != CKR_OK) return rv;
+  }
+  ++g.sessions;
+  return CKR_OK;
+}
+
+void GroupLogin::closed(std::size_t group) noexcept {
+  Group& g = *groups_.at(group);
+  MutexGuard guard(g.mutex);
+  if (g.sessions > 0) --g.sessions;
+  if (g.user == kNobody) retry_stale(g);
+  // The pools log a member out with the application's last session there;
+  // members logged in through borrowed sessions have none, so the group
+  // logs them all out with its last session.
+  if (g.sessions == 0 && g.user != kNobody && !keep_login_) log_out_all(g);
+}
+
+void GroupLogin::finalize() noexcept {
+  for (auto& g : groups_) {
+    MutexGuard guard(g->mutex);
+    g->store.clear_all();
+    g->user = kNobody;
+    g->stale.assign(g->stale.size(), 0);
+  }
+}
+
+bool GroupLogin::member_ready(std::size_t group, std::size_t member) const noexcept {
+  const Group& g = *groups_.at(group);
+  MutexGuard guard(g.mutex);
+  return g.user == kNobody || g.refused.at(member) == 0;
+}
+
+}  // namespace p11mux

@@ -1,0 +1,152 @@
+// A group's login (issue 15; docs/groups.md, "Keeping the PIN"): in PKCS#11
+// the login belongs to the token and the application, not to one session
+// (docs/pkcs11-facts.md, "Sessions"), so a C_Login on any session of a group
+// logs in every member whose token is present, and a member that did not
+// take it (absent then, or logged out since by its pool or its backend) is
+// logged in from the kept PIN before a session opens on it.
+//
+// Per group: the application's login as p11mux answers it (`user`), the
+// PinStore with its secret, the application's sessions on the group, and
+// the members that refused the kept PIN (never tried again: each wrong try
+// counts toward a lockout). The members' own sessions for these calls are
+// borrowed from their pools (SessionPool::borrow) and given back; the
+// session's own member is logged in through the application's session.
+//
+// Serialize mode only (groups refuse multiplex: docs/groups.md). Not on the
+// hot path: only C_Login, C_LoginUser, C_Logout, C_SetPIN, C_InitPIN on a
+// group's session, and C_OpenSession / C_CloseSession on a group's slot.
+//
+// Lock order (sync/lock.hpp): a group's lock is taken under a Session::lock
+// (the call's own, or none), then the PinStore's, then the pools' and the
+// backend's locks through the members' calls; never a Session::lock under it.
+#pragma once
+
+#include "functions/function_traits.hpp"
+#include "group/group_runtime.hpp"
+#include "group/pin_store.hpp"
+#include "sessions/session_table.hpp"
+#include "sync/lock.hpp"
+#include "sync/thread_safety.hpp"
+
+#include <p11mux/pkcs11.h>
+
+#include <spdlog/logger.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace p11mux {
+
+class Runtime;
+class SessionPool;
+
+class GroupLogin {
+ public:
+  // `pools[g][m]`: the pool of member m of group g (Runtime::pool_of its
+  // port). `keep_login`: [pool] keep_login, the application's last session
+  // does not log the token out. Logs one warning line when a store has no
+  // locked page (PinStore::memory_problem: RLIMIT_MEMLOCK and errno).
+  // `names[g]`: group g's name, for the log.
+  GroupLogin(const GroupRuntime& groups, std::vector<std::string> names,
+             std::vector<std::vector<SessionPool*>> pools, const LockSource& locks, bool keep_login,
+             spdlog::logger& log);
+  GroupLogin(const GroupLogin&) = delete;
+  GroupLogin& operator=(const GroupLogin&) = delete;
+  ~GroupLogin();
+
+  // The calls on a group's session, its lock held (forward.hpp). `s.anchor`
+  // holds its backend session.
+  CK_RV login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len,
+              CK_UTF8CHAR_PTR username, CK_ULONG username_len, bool by_username) noexcept
+      REQUIRES(s.lock);
+  CK_RV logout(Session& s) noexcept REQUIRES(s.lock);
+  // C_SetPIN and C_InitPIN: refused (CKR_FUNCTION_NOT_SUPPORTED) with a log
+  // line: the members' PINs would diverge (docs/groups.md).
+  CK_RV refuse_pin_change(const char* function, const Session& s) noexcept REQUIRES(s.lock);
+
+  // Before a session opens on `member` of `group`: while the application is
+  // logged in, the member is logged in too (from the kept PIN if it is
+  // not), else the open fails (CKR_DEVICE_ERROR, a log line saying why).
+  // Counts the application's session on the group; closed() undoes it.
+  CK_RV opening(std::size_t group, std::size_t member) noexcept;
+  // A session of the group closed (or did not open after opening()): the
+  // last one logs every member out and clears the kept PIN, as the spec
+  // logs the application out with its last session on the token.
+  void closed(std::size_t group) noexcept;
+  // C_Finalize, before the sessions close: every kept PIN zeroed, the group
+  // logged out (the backends' C_Finalize ends the members' logins).
+  void finalize() noexcept;
+
+  // Whether the member is logged in as the group is, as far as p11mux knows
+  // (for the balancer, and tests): the group not logged in, or the member
+  // neither refused the kept PIN nor missed the login without a store.
+  bool member_ready(std::size_t group, std::size_t member) const noexcept;
+
+ private:
+  static constexpr CK_USER_TYPE kNobody = ~CK_USER_TYPE{0};
+  struct Group {
+    explicit Group(const LockSource& locks) : mutex(locks), store(locks) {}
+    std::string name;
+    const std::vector<GroupRuntime::Member>* members = nullptr;
+    std::vector<SessionPool*> pools;  // member i's
+    mutable Mutex mutex;
+    PinStore store;  // its own lock, taken under `mutex`
+    // The application's login on the group: CKU_USER, CKU_SO, or kNobody.
+    CK_USER_TYPE user GUARDED_BY(mutex) = kNobody;
+    // Member i refused the kept PIN, or could not be logged in without one:
+    // not tried again until the next login.
+    std::vector<std::uint8_t> refused GUARDED_BY(mutex);
+    // Member i did not take a logout (absent, or failing, at the time): it
+    // may still be logged in, and is logged out at the group's next call.
+    std::vector<std::uint8_t> stale GUARDED_BY(mutex);
+    std::size_t sessions GUARDED_BY(mutex) = 0;  // the application's, open on the group
+  };
+
+  // A member's call on a session borrowed from its pool.
+  template <class Fn>
+  CK_RV on_borrowed(const Group& g, std::size_t member, bool rw, Fn&& fn) const noexcept;
+  CK_RV member_login(const Group& g, std::size_t member, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin,
+                     CK_ULONG pin_len, CK_UTF8CHAR_PTR username, CK_ULONG username_len,
+                     bool by_username) const noexcept;
+  CK_RV member_logout(const Group& g, std::size_t member) const noexcept;
+  bool present(const Group& g, std::size_t member) const noexcept;
+  // The member logged in as the group is, from the kept PIN if need be.
+  CK_RV bring_in(Group& g, std::size_t member) noexcept REQUIRES(g.mutex);
+  void log_out_all(Group& g) noexcept REQUIRES(g.mutex);
+  // Member i logged out, or marked stale when it did not take it.
+  void log_out(Group& g, std::size_t member) noexcept REQUIRES(g.mutex);
+  // The stale members logged out, those that take it now.
+  void retry_stale(Group& g) noexcept REQUIRES(g.mutex);
+
+  const bool keep_login_;
+  spdlog::logger& log_;
+  std::vector<std::unique_ptr<Group>> groups_;
+};
+
+// The group's calls that forward.hpp hands over (serialize mode).
+template <class F>
+inline constexpr bool kGroupLoginCall =
+    std::is_same_v<F, fn::C_Login> || std::is_same_v<F, fn::C_LoginUser> ||
+    std::is_same_v<F, fn::C_Logout> || std::is_same_v<F, fn::C_SetPIN> ||
+    std::is_same_v<F, fn::C_InitPIN>;
+
+template <class F, class... A>
+CK_RV group_login_call(GroupLogin& login, Session& s, A... a) noexcept REQUIRES(s.lock) {
+  if constexpr (std::is_same_v<F, fn::C_Login>) {
+    return login.login(s, a..., nullptr, 0, false);
+  } else if constexpr (std::is_same_v<F, fn::C_LoginUser>) {
+    return login.login(s, a..., true);
+  } else if constexpr (std::is_same_v<F, fn::C_Logout>) {
+    return login.logout(s);
+  } else if constexpr (std::is_same_v<F, fn::C_SetPIN>) {
+    return login.refuse_pin_change("C_SetPIN", s);
+  } else {
+    return login.refuse_pin_change("C_InitPIN", s);
+  }
+}
+
+}  // namespace p11mux

@@ -1,0 +1,415 @@
+// Issue 15, a group's login (docs/groups.md, "Keeping the PIN";
+// proxy/group/group_login.hpp): C_Login on one session of a group logs in
+// every member, a member that was absent is logged in from the kept PIN when
+// a session opens on it, C_Logout and the group's last session log every
+// member out, C_SetPIN and C_InitPIN are refused. Over the faulty module in
+// front of the mock's three tokens, so that a member's token can be made
+// absent (its slot answers CKR_TOKEN_NOT_PRESENT, its sessions kept) and the
+// next session opened on another member. The mock itself is reached behind
+// both to read and change each token's login and PIN.
+#include "harness.hpp"
+
+#include "faulty_control.h"
+
+#include <dlfcn.h>
+#include <linux/capability.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <string>
+#include <string_view>
+
+// The sanitizers' mlock does nothing and answers 0: RLIMIT_MEMLOCK's
+// refusal is checked only without them (as in tests/unit/pin_store_test.cpp).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define P11MUX_GROUP_LOGIN_FAKE_MLOCK 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define P11MUX_GROUP_LOGIN_FAKE_MLOCK 1
+#endif
+#endif
+
+namespace p11mux::test {
+namespace {
+
+#ifdef P11MUX_GROUP_LOGIN_FAKE_MLOCK
+constexpr bool kRealMlock = false;
+#else
+constexpr bool kRealMlock = true;
+#endif
+
+// A PIN unlike anything else in a log line (the mock's own is "1234").
+constexpr std::string_view kPin = "Zq8xW3pn";
+
+CK_UTF8CHAR_PTR utf8(std::string_view text) {
+  return reinterpret_cast<CK_UTF8CHAR_PTR>(const_cast<char*>(text.data()));
+}
+
+const FaultyControl& faulty() {
+  void* lib = ::dlopen(P11MUX_TEST_FAULTY_PATH, RTLD_NOW | RTLD_LOCAL);  // -z nodelete
+  REQUIRE(lib != nullptr);
+  return *reinterpret_cast<FaultyGetControlFn>(::dlsym(lib, "faulty_get_control"))();
+}
+
+// The mock's own function list (the instance the faulty module loaded).
+CK_FUNCTION_LIST* mock() {
+  void* lib = ::dlopen(P11MUX_TEST_MOCK_PATH, RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(lib != nullptr);
+  auto get = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(lib, "C_GetFunctionList"));
+  CK_FUNCTION_LIST* list = nullptr;
+  REQUIRE(get(&list) == CKR_OK);
+  return list;
+}
+
+// The login state of the mock's token in `slot`, read on a session of its own.
+CK_STATE token_state(CK_SLOT_ID slot) {
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  CK_SESSION_INFO info{};
+  REQUIRE(mock()->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
+  REQUIRE(mock()->C_GetSessionInfo(h, &info) == CKR_OK);
+  REQUIRE(mock()->C_CloseSession(h) == CKR_OK);
+  return info.state;
+}
+
+// Changes the user PIN of the mock's token in `slot` behind p11mux's back.
+void set_token_pin(CK_SLOT_ID slot, std::string_view from, std::string_view to) {
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  REQUIRE(mock()->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &h) ==
+          CKR_OK);
+  REQUIRE(mock()->C_Login(h, CKU_USER, utf8(from), from.size()) == CKR_OK);
+  REQUIRE(mock()->C_SetPIN(h, utf8(from), from.size(), utf8(to), to.size()) == CKR_OK);
+  REQUIRE(mock()->C_Logout(h) == CKR_OK);
+  REQUIRE(mock()->C_CloseSession(h) == CKR_OK);
+}
+
+// p11mux over the faulty module over the mock's three tokens, one group of
+// all three (member i is the mock's slot i), every token's PIN kPin.
+class GroupLoginProxy {
+ public:
+  explicit GroupLoginProxy(std::initializer_list<std::pair<const char*, const char*>> env = {})
+      : path_(unique_temp_path("group-login", "conf")) {
+    reset_environment();
+    std::ofstream(path_) << "[backend.f]\nmodule = " << P11MUX_TEST_FAULTY_PATH
+                         << "\n[group.signing]\nmembers = f/label:mock-token-0, "
+                            "f/label:mock-token-1, f/label:mock-token-2\n";
+    ::setenv("P11MUX_CONFIG", path_.c_str(), 1);
+    ::setenv("P11MUX_MODULE", "", 1);
+    ::setenv("P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH, 1);
+    ::setenv("P11MUX_LOG_LEVEL", "info", 1);
+    for (auto [name, value] : env) ::setenv(name, value, 1);
+    CHECK(libs().mock->reset() == 0);
+    MockConfig config{};
+    config.slot_count = 3;
+    config.provide_v3 = 1;  // C_LoginUser
+    REQUIRE(libs().mock->configure(&config) == 0);
+    REQUIRE(faulty().reset() == 0);
+    CK_C_INITIALIZE_ARGS os{};
+    os.flags = CKF_OS_LOCKING_OK;
+    CK_RV rv = CKR_OK;
+    log_ += capture_stderr([&] { rv = p11->C_Initialize(&os); });
+    REQUIRE(rv == CKR_OK);
+    for (CK_SLOT_ID slot = 0; slot < 3; ++slot) set_token_pin(slot, MOCK_USER_PIN, kPin);
+  }
+  ~GroupLoginProxy() {
+    faulty().reset();
+    p11->C_Finalize(nullptr);
+    ::unlink(path_.c_str());
+    reset_environment();
+  }
+  GroupLoginProxy(const GroupLoginProxy&) = delete;
+  GroupLoginProxy& operator=(const GroupLoginProxy&) = delete;
+
+  // What the call returns; what p11mux logged meanwhile goes to log().
+  template <class Call>
+  CK_RV logged(Call&& call) {
+    CK_RV rv = CKR_OK;
+    log_ += capture_stderr([&] { rv = call(); });
+    return rv;
+  }
+  CK_RV open(CK_SESSION_HANDLE& h, CK_FLAGS flags = CKF_SERIAL_SESSION) {
+    return logged([&] { return p11->C_OpenSession(0, flags, nullptr, nullptr, &h); });
+  }
+  CK_RV login(CK_SESSION_HANDLE h, std::string_view pin = kPin) {
+    return logged([&] { return p11->C_Login(h, CKU_USER, utf8(pin), pin.size()); });
+  }
+  CK_STATE state(CK_SESSION_HANDLE h) {
+    CK_SESSION_INFO info{};
+    REQUIRE(p11->C_GetSessionInfo(h, &info) == CKR_OK);
+    return info.state;
+  }
+  const std::string& log() const { return log_; }
+
+  CK_FUNCTION_LIST* p11 = libs().p11;
+
+ private:
+  std::string path_;
+  std::string log_;
+};
+
+}  // namespace
+
+TEST_CASE("group login: C_Login on one session logs in every member; C_Logout every one out") {
+  GroupLoginProxy proxy;
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(a) == CKR_OK);  // on member 1, the mock's slot 0
+  REQUIRE(proxy.login(a) == CKR_OK);
+  for (CK_SLOT_ID slot = 0; slot < 3; ++slot) CHECK(token_state(slot) == CKS_RO_USER_FUNCTIONS);
+  // The application's login is the group's: a second one gets what the
+  // spec says, on any session.
+  REQUIRE(proxy.open(b) == CKR_OK);
+  CHECK(proxy.login(b) == CKR_USER_ALREADY_LOGGED_IN);
+  // A session on another member (the first one's token absent) is logged in.
+  faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+  CK_SESSION_HANDLE c = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(c) == CKR_OK);
+  faulty().clear_slot(0);
+  CHECK(proxy.state(c) == CKS_RO_USER_FUNCTIONS);
+  // C_Logout on that session reaches every member.
+  CHECK(proxy.p11->C_Logout(c) == CKR_OK);
+  for (CK_SLOT_ID slot = 0; slot < 3; ++slot) CHECK(token_state(slot) == CKS_RO_PUBLIC_SESSION);
+  CHECK(proxy.p11->C_Logout(a) == CKR_USER_NOT_LOGGED_IN);
+  // Logged in again after the logout: every member again.
+  REQUIRE(proxy.login(b) == CKR_OK);
+  for (CK_SLOT_ID slot = 0; slot < 3; ++slot) CHECK(token_state(slot) == CKS_RO_USER_FUNCTIONS);
+}
+
+TEST_CASE("group login: a member absent at C_Logout is logged out when it is back") {
+  GroupLoginProxy proxy;
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(a) == CKR_OK);
+  REQUIRE(proxy.login(a) == CKR_OK);
+  faulty().fail_slot(1, CKR_DEVICE_ERROR);  // down, its sessions (and login) kept
+  CHECK(proxy.logged([&] { return proxy.p11->C_Logout(a); }) == CKR_OK);
+  CHECK(token_state(1) == CKS_RO_USER_FUNCTIONS);  // behind the fault: still logged in
+  CHECK_MESSAGE(proxy.log().find("member 2 (f/label:mock-token-1) did not take the logout "
+                                 "(CKR_DEVICE_ERROR)") != std::string::npos,
+                proxy.log());
+  faulty().clear_slot(1);
+  CK_SESSION_HANDLE b = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(b) == CKR_OK);  // the group's next call
+  for (CK_SLOT_ID slot = 0; slot < 3; ++slot) CHECK(token_state(slot) == CKS_RO_PUBLIC_SESSION);
+}
+
+TEST_CASE(
+    "group login: CKU_CONTEXT_SPECIFIC goes to the session's member, the group's login stays") {
+  GroupLoginProxy proxy;
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(a, CKF_SERIAL_SESSION | CKF_RW_SESSION) == CKR_OK);
+  REQUIRE(proxy.login(a) == CKR_OK);
+  // A key that wants its own authorization for each signature.
+  CK_BBOOL yes = CK_TRUE;
+  CK_ATTRIBUTE templ[] = {{CKA_PRIVATE, &yes, sizeof yes},
+                          {CKA_ALWAYS_AUTHENTICATE, &yes, sizeof yes}};
+  CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
+  CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  REQUIRE(proxy.p11->C_GenerateKeyPair(a, &gen, nullptr, 0, templ, 2, &pub, &priv) == CKR_OK);
+  CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
+  std::string text = "authorized once";
+  CK_BYTE sig[MOCK_DIGEST_LEN * 2];
+  CK_ULONG len = sizeof sig;
+  REQUIRE(proxy.p11->C_SignInit(a, &ecdsa, priv) == CKR_OK);
+  CHECK(proxy.p11->C_Login(a, CKU_CONTEXT_SPECIFIC, utf8(kPin), kPin.size()) == CKR_OK);
+  CHECK(proxy.p11->C_Sign(a, reinterpret_cast<CK_BYTE_PTR>(text.data()), text.size(), sig, &len) ==
+        CKR_OK);
+  // Not the group's login: that is still the user's, on every member.
+  CHECK(proxy.login(a) == CKR_USER_ALREADY_LOGGED_IN);
+  for (CK_SLOT_ID slot = 0; slot < 3; ++slot) {
+    const CK_STATE state = token_state(slot);
+    CHECK((state == CKS_RO_USER_FUNCTIONS || state == CKS_RW_USER_FUNCTIONS));
+  }
+  REQUIRE(proxy.p11->C_Logout(a) == CKR_OK);
+  for (CK_SLOT_ID slot = 0; slot < 3; ++slot) CHECK(token_state(slot) == CKS_RO_PUBLIC_SESSION);
+}
+
+TEST_CASE("group login: a wrong PIN on one member leaves no member logged in, and says which") {
+  GroupLoginProxy proxy;
+  set_token_pin(1, kPin, "otherpin");  // the second member's PIN differs
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(a) == CKR_OK);
+  CHECK(proxy.login(a) == CKR_PIN_INCORRECT);
+  for (CK_SLOT_ID slot = 0; slot < 3; ++slot) CHECK(token_state(slot) == CKS_RO_PUBLIC_SESSION);
+  CHECK(proxy.state(a) == CKS_RO_PUBLIC_SESSION);
+  CHECK_MESSAGE(proxy.log().find("failed on member 2 (f/label:mock-token-1): CKR_PIN_INCORRECT") !=
+                    std::string::npos,
+                proxy.log());
+  // Nothing was kept: a session on the third member is not logged in.
+  faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+  faulty().fail_slot(1, CKR_TOKEN_NOT_PRESENT);
+  CK_SESSION_HANDLE c = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(c) == CKR_OK);
+  CHECK(proxy.state(c) == CKS_RO_PUBLIC_SESSION);
+  CHECK(token_state(2) == CKS_RO_PUBLIC_SESSION);
+}
+
+TEST_CASE("group login: a member absent at C_Login is logged in from the kept PIN when it opens") {
+  GroupLoginProxy proxy({{"P11MUX_LOG_LEVEL", "trace"}});
+  faulty().fail_slot(1, CKR_TOKEN_NOT_PRESENT);  // the second member absent at the login
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(a) == CKR_OK);
+  REQUIRE(proxy.login(a) == CKR_OK);
+  CHECK(token_state(0) == CKS_RO_USER_FUNCTIONS);
+  CHECK(token_state(1) == CKS_RO_PUBLIC_SESSION);
+  CHECK(token_state(2) == CKS_RO_USER_FUNCTIONS);
+  // Back, and the only member with its token: its new session is logged in.
+  faulty().clear_slot(1);
+  faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+  CK_SESSION_HANDLE b = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(b) == CKR_OK);
+  CHECK(proxy.state(b) == CKS_RO_USER_FUNCTIONS);
+  CHECK(token_state(1) == CKS_RO_USER_FUNCTIONS);
+  CHECK_MESSAGE(proxy.log().find("member 2 (f/label:mock-token-1) logged in from the kept login") !=
+                    std::string::npos,
+                proxy.log());
+  // Traced, every call of it: the PIN is in no line.
+  CHECK(proxy.log().find("C_Login") != std::string::npos);
+  CHECK_MESSAGE(proxy.log().find(kPin) == std::string::npos, proxy.log());
+  REQUIRE(proxy.p11->C_Logout(b) == CKR_OK);
+  CHECK(proxy.log().find(kPin) == std::string::npos);
+}
+
+TEST_CASE("group login: a kept PIN a late member refuses is not tried again") {
+  GroupLoginProxy proxy;
+  faulty().fail_slot(1, CKR_TOKEN_NOT_PRESENT);
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(a) == CKR_OK);
+  REQUIRE(proxy.login(a) == CKR_OK);
+  set_token_pin(1, kPin, "changed");  // out of band, while it was away
+  faulty().clear_slot(1);
+  faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+  faulty().fail_slot(2, CKR_TOKEN_NOT_PRESENT);
+  CK_SESSION_HANDLE b = CK_INVALID_HANDLE;
+  CHECK(proxy.open(b) == CKR_DEVICE_ERROR);
+  CHECK_MESSAGE(proxy.log().find("member 2 (f/label:mock-token-1) refused the kept login "
+                                 "(CKR_PIN_INCORRECT); not tried again") != std::string::npos,
+                proxy.log());
+  // Its PIN back as it was: still not tried (each try could count toward a lockout).
+  set_token_pin(1, "changed", kPin);
+  CHECK(proxy.open(b) == CKR_DEVICE_ERROR);
+  CHECK(token_state(1) == CKS_RO_PUBLIC_SESSION);
+  // The application logs out and in again: the member is tried again.
+  faulty().clear_slot(0);
+  REQUIRE(proxy.p11->C_Logout(a) == CKR_OK);
+  REQUIRE(proxy.login(a) == CKR_OK);
+  faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+  REQUIRE(proxy.open(b) == CKR_OK);
+  CHECK(proxy.state(b) == CKS_RO_USER_FUNCTIONS);
+}
+
+TEST_CASE("group login: the group's last session closed logs every member out") {
+  GroupLoginProxy proxy;
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(a) == CKR_OK);
+  REQUIRE(proxy.open(b) == CKR_OK);
+  REQUIRE(proxy.login(a) == CKR_OK);
+  REQUIRE(proxy.p11->C_CloseSession(a) == CKR_OK);
+  for (CK_SLOT_ID slot = 0; slot < 3; ++slot) CHECK(token_state(slot) == CKS_RO_USER_FUNCTIONS);
+  REQUIRE(proxy.p11->C_CloseSession(b) == CKR_OK);
+  // p11mux's idle pooled sessions keep the tokens open: the logout is its.
+  for (CK_SLOT_ID slot = 0; slot < 3; ++slot) CHECK(token_state(slot) == CKS_RO_PUBLIC_SESSION);
+  // And the kept PIN went with it: a new session is not logged in.
+  REQUIRE(proxy.open(a) == CKR_OK);
+  CHECK(proxy.state(a) == CKS_RO_PUBLIC_SESSION);
+}
+
+TEST_CASE("group login: C_SetPIN and C_InitPIN on a group are refused, with a log line") {
+  GroupLoginProxy proxy;
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(a, CKF_SERIAL_SESSION | CKF_RW_SESSION) == CKR_OK);
+  REQUIRE(proxy.login(a) == CKR_OK);
+  std::string_view next = "next-pin";
+  CHECK(proxy.logged([&] {
+    return proxy.p11->C_SetPIN(a, utf8(kPin), kPin.size(), utf8(next), next.size());
+  }) == CKR_FUNCTION_NOT_SUPPORTED);
+  CHECK_MESSAGE(proxy.log().find("C_SetPIN on group 'signing' refused") != std::string::npos,
+                proxy.log());
+  CHECK(proxy.logged([&] { return proxy.p11->C_InitPIN(a, utf8(next), next.size()); }) ==
+        CKR_FUNCTION_NOT_SUPPORTED);
+  CHECK(proxy.log().find("C_InitPIN on group 'signing' refused") != std::string::npos);
+  // Every member's PIN is what it was.
+  REQUIRE(proxy.p11->C_Logout(a) == CKR_OK);
+  for (CK_SLOT_ID slot = 0; slot < 3; ++slot) set_token_pin(slot, kPin, kPin);
+}
+
+TEST_CASE(
+    "group login: C_LoginUser (v3.0) logs in every member, and a late one with its username") {
+  GroupLoginProxy proxy;
+  void* lib = ::dlopen(P11MUX_TEST_LIBRARY_PATH, RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(lib != nullptr);
+  auto get_interface = reinterpret_cast<CK_C_GetInterface>(::dlsym(lib, "C_GetInterface"));
+  REQUIRE(static_cast<bool>(get_interface));
+  CK_VERSION v30{3, 0};
+  CK_INTERFACE_PTR interface = nullptr;
+  REQUIRE(get_interface(utf8("PKCS 11"), &v30, &interface, 0) == CKR_OK);
+  auto* f3 = static_cast<CK_FUNCTION_LIST_3_0*>(interface->pFunctionList);
+  faulty().fail_slot(2, CKR_TOKEN_NOT_PRESENT);  // the third member away at the login
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(a) == CKR_OK);
+  std::string_view user = "alice";
+  REQUIRE(f3->C_LoginUser(a, CKU_USER, utf8(kPin), kPin.size(), utf8(user), user.size()) == CKR_OK);
+  CHECK(token_state(0) == CKS_RO_USER_FUNCTIONS);
+  CHECK(token_state(1) == CKS_RO_USER_FUNCTIONS);
+  CHECK(token_state(2) == CKS_RO_PUBLIC_SESSION);
+  faulty().clear_slot(2);
+  faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+  faulty().fail_slot(1, CKR_TOKEN_NOT_PRESENT);
+  CK_SESSION_HANDLE b = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(b) == CKR_OK);
+  CHECK(proxy.state(b) == CKS_RO_USER_FUNCTIONS);
+}
+
+// Drops CAP_IPC_LOCK (root has it; with it RLIMIT_MEMLOCK does not apply).
+bool drop_ipc_lock() {
+  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3]{};
+  if (::syscall(SYS_capget, &header, data) != 0) return false;
+  const unsigned bit = 1U << (CAP_IPC_LOCK % 32);
+  data[CAP_IPC_LOCK / 32].effective &= ~bit;
+  data[CAP_IPC_LOCK / 32].permitted &= ~bit;
+  return ::syscall(SYS_capset, &header, data) == 0;
+}
+
+TEST_CASE("group login: without a locked page, a warning at C_Initialize and no late login") {
+  if (!kRealMlock) return;
+  // In a child: the capability and the limit are the process's.
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    bool ok = false;
+    try {
+      rlimit none{0, 0};
+      if (drop_ipc_lock() && ::setrlimit(RLIMIT_MEMLOCK, &none) == 0) {
+        GroupLoginProxy proxy;
+        const bool warned =
+            proxy.log().find(
+                "group 'signing': the group's PIN is not kept: cannot lock its page "
+                "in memory (mlock, RLIMIT_MEMLOCK 0 bytes): ") != std::string::npos;
+        faulty().fail_slot(1, CKR_TOKEN_NOT_PRESENT);
+        CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE;
+        // The members present are logged in all the same.
+        const bool logged_in = proxy.open(a) == CKR_OK && proxy.login(a) == CKR_OK &&
+                               token_state(0) == CKS_RO_USER_FUNCTIONS &&
+                               token_state(2) == CKS_RO_USER_FUNCTIONS;
+        faulty().clear_slot(1);
+        faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+        faulty().fail_slot(2, CKR_TOKEN_NOT_PRESENT);
+        // The late member cannot be logged in: its session is refused.
+        const bool refused =
+            proxy.open(b) == CKR_DEVICE_ERROR &&
+            proxy.log().find("no login is kept to log it in") != std::string::npos &&
+            token_state(1) == CKS_RO_PUBLIC_SESSION;
+        ok = warned && logged_in && refused;
+      }
+    } catch (...) {
+    }
+    ::_exit(ok ? 0 : 1);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+
+}  // namespace p11mux::test
