@@ -15,6 +15,7 @@
 #include "functions/arg_check.hpp"
 #include "functions/function_traits.hpp"
 #include "group/group_calls.hpp"
+#include "group/group_object_calls.hpp"
 #include "handled/handled.hpp"
 #include "observe/observe.hpp"
 
@@ -23,7 +24,9 @@ namespace p11mux {
 // How a forwarded call reaches the backend: straight through `port` (the
 // session's, or the runtime's for a call without a session), or through a
 // wrapper that runs on the same backend session (the policy's object
-// filter, policy/filter_calls.hpp: ObjectFiltered).
+// filter, policy/filter_calls.hpp: ObjectFiltered). With InGroup
+// (group/group_object_calls.hpp) a group's session calls also translate
+// their object handles.
 struct ToPort {
   template <class F, class... A>
   [[gnu::always_inline]] static CK_RV call(Runtime&, const BackendPort& port, A... a) noexcept {
@@ -73,20 +76,30 @@ template <class F, class Via = ToPort, class Observation, class... A>
         if (binding.backend == CK_INVALID_HANDLE) [[unlikely]] {
           if (CK_RV rv = bind_anchor(*session); rv != CKR_OK) return rv;
         }
-        seen.ran_on(binding.backend);
-        CK_RV rv = call_backend(pool.port(), binding.backend, rest...);
-        if (drained_for_retry<F>(pool, session->slot, rv, rest...)) [[unlikely]] {
-          rv = call_backend(pool.port(), binding.backend, rest...);
+        auto run = [&](auto... args) __attribute__((always_inline)) {
+          HeldLock held(session->lock);  // the lambda's body runs under `leased`
+          seen.ran_on(binding.backend);
+          CK_RV rv = call_backend(pool.port(), binding.backend, args...);
+          if (drained_for_retry<F>(pool, session->slot, rv, args...)) [[unlikely]] {
+            rv = call_backend(pool.port(), binding.backend, args...);
+          }
+          // The slot the application opened it on: a group's, not its member's.
+          if constexpr (std::is_same_v<F, fn::C_GetSessionInfo>) {
+            if (rv == CKR_OK)
+              std::get<0>(std::tuple<decltype(args)...>{args...})->slotID = session->shown;
+          }
+          note_call<F>(pool, binding, session->slot, rv, args...);
+          note_login<F>(pool, session->slot, rv, args...);
+          if (rt.binds_on_state()) unbind_if_idle(*session);
+          return rv;
+        };
+        // A group's session (on the slow path only: InGroup): its object
+        // handles are virtual (group/group_object_calls.hpp).
+        if constexpr (requires { Via::kGroupObjects; }) {
+          if (session->group != Session::kNoGroup)
+            return group_session_call<F>(rt, *session, run, rest...);
         }
-        // The slot the application opened it on: a group's, not its member's.
-        if constexpr (std::is_same_v<F, fn::C_GetSessionInfo>) {
-          if (rv == CKR_OK)
-            std::get<0>(std::tuple<decltype(rest)...>{rest...})->slotID = session->shown;
-        }
-        note_call<F>(pool, binding, session->slot, rv, rest...);
-        note_login<F>(pool, session->slot, rv, rest...);
-        if (rt.binds_on_state()) unbind_if_idle(*session);
-        return rv;
+        return run(rest...);
       }
       (a...);
     } else {

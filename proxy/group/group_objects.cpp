@@ -1,0 +1,310 @@
+#include "group/group_objects.hpp"
+
+#include "forward/key_mechanisms.hpp"
+#include "group/group_runtime.hpp"
+#include "group/object_map.hpp"
+#include "lifecycle/runtime.hpp"
+#include "sessions/gone_codes.hpp"
+
+#include <p11mux/rv_names.hpp>
+
+#include <algorithm>
+#include <new>
+
+namespace p11mux {
+
+class GroupObjects {
+ public:
+  GroupObjects(const Group& config, const LockSource& locks, spdlog::logger& log)
+      : name(config.name),
+        generate_token_keys(config.generate_token_keys),
+        map(config.members.size(), config.object_key, locks, &log) {}
+  const std::string name;
+  const GenerateTokenKeys generate_token_keys;
+  ObjectMap map;
+};
+
+void destroy_group_objects(GroupObjects* objects) noexcept { delete objects; }
+
+std::vector<GroupObjectsPtr> make_group_objects(const Config& config, const LockSource& locks,
+                                                spdlog::logger& log) {
+  std::vector<GroupObjectsPtr> out;
+  out.reserve(config.groups.size());
+  for (const Group& g : config.groups) out.emplace_back(new GroupObjects(g, locks, log));
+  return out;
+}
+
+namespace {
+
+// A backend session of one member for the map's own calls, borrowed from the
+// member's pool and given back clean: a search it ran has been ended
+// (C_FindObjectsFinal answered), else it is closed; one the backend says is
+// gone is counted dead.
+class Borrowed {
+ public:
+  Borrowed(Runtime& rt, const GroupRuntime::Member& member) noexcept
+      : pool_(rt.pool_of(*member.port)), slot_(member.slot) {
+    rv_ = pool_.borrow(slot_, rw_, handle_);
+    // An SO logged in on the token refuses read-only sessions.
+    if (rv_ == CKR_SESSION_READ_WRITE_SO_EXISTS) {
+      rw_ = true;
+      rv_ = pool_.borrow(slot_, rw_, handle_);
+    }
+  }
+  ~Borrowed() {
+    if (rv_ != CKR_OK) return;
+    pool_.give(slot_, rw_, handle_, fate_);
+  }
+  Borrowed(const Borrowed&) = delete;  // gives its session back once
+  Borrowed& operator=(const Borrowed&) = delete;
+
+  CK_RV rv() const noexcept { return rv_; }
+  CK_SESSION_HANDLE handle() const noexcept { return handle_; }
+  const BackendPort& port() const noexcept { return pool_.port(); }
+  // What a call on it answered: a session (or device) gone is not pooled again.
+  void answered(CK_RV rv) noexcept {
+    if (rv != CKR_OK && session_gone(rv)) {
+      fate_ = SessionPool::Fate::dead;
+      pool_.invalidate(slot_);
+    }
+  }
+  // A search may still be active on it: closed, not pooled.
+  void maybe_active() noexcept {
+    if (fate_ == SessionPool::Fate::reuse)
+      fate_ = SessionPool::Fate::closed(CloseReason::operation_maybe_active);
+  }
+
+ private:
+  SessionPool& pool_;
+  CK_SLOT_ID slot_;
+  bool rw_ = false;
+  CK_SESSION_HANDLE handle_ = CK_INVALID_HANDLE;
+  CK_RV rv_ = CKR_OK;
+  SessionPool::Fate fate_ = SessionPool::Fate::reuse;
+};
+
+// The map's calls on the group's members: attribute reads on the
+// application's own backend session when the call runs on that member (a
+// read is no operation, so it does not disturb one in progress there), on a
+// borrowed one otherwise; searches always on a borrowed one.
+class MemberCalls final : public MemberObjects {
+ public:
+  explicit MemberCalls(GroupCall& call) noexcept
+      : call_(call), members_(call.rt.groups()->members(call.group)) {}
+
+  CK_RV get_attribute_value(MemberIndex member, CK_OBJECT_HANDLE object, CK_ATTRIBUTE* templ,
+                            CK_ULONG count) override {
+    const GroupRuntime::Member& m = members_.at(member);
+    if (member == call_.member && call_.backend != CK_INVALID_HANDLE) {
+      return m.port->call<fn::C_GetAttributeValue>(call_.backend, object, templ, count);
+    }
+    Borrowed s(call_.rt, m);
+    if (s.rv() != CKR_OK) return s.rv();
+    const CK_RV rv = s.port().call<fn::C_GetAttributeValue>(s.handle(), object, templ, count);
+    s.answered(rv);
+    return rv;
+  }
+
+  CK_RV find_objects(MemberIndex member, const CK_ATTRIBUTE* templ, CK_ULONG count,
+                     std::size_t limit, std::vector<CK_OBJECT_HANDLE>& found) override {
+    Borrowed s(call_.rt, members_.at(member));
+    if (s.rv() != CKR_OK) return s.rv();
+    const BackendPort& port = s.port();
+    CK_RV rv =
+        port.call<fn::C_FindObjectsInit>(s.handle(), const_cast<CK_ATTRIBUTE*>(templ), count);
+    s.answered(rv);
+    if (rv != CKR_OK) {
+      s.maybe_active();  // some modules keep an operation after a failed Init
+      return rv;
+    }
+    std::array<CK_OBJECT_HANDLE, 16> batch{};
+    while (found.size() < limit) {
+      CK_ULONG n = 0;
+      const CK_ULONG want =
+          static_cast<CK_ULONG>(std::min<std::size_t>(batch.size(), limit - found.size()));
+      rv = port.call<fn::C_FindObjects>(s.handle(), batch.data(), want, &n);
+      s.answered(rv);
+      if (rv != CKR_OK || n == 0) break;
+      found.insert(found.end(), batch.begin(), batch.begin() + std::min<CK_ULONG>(n, want));
+    }
+    const CK_RV final_rv = port.call<fn::C_FindObjectsFinal>(s.handle());
+    s.answered(final_rv);
+    if (final_rv != CKR_OK && final_rv != CKR_OPERATION_NOT_INITIALIZED) s.maybe_active();
+    return rv != CKR_OK ? rv : final_rv == CKR_OPERATION_NOT_INITIALIZED ? CKR_OK : final_rv;
+  }
+
+ private:
+  GroupCall& call_;
+  const std::vector<GroupRuntime::Member>& members_;
+};
+
+// Destroys an object the application will never hear of (its handle could
+// not be made virtual), on the session that made it.
+void destroy_unnamed(GroupCall& call, CK_SESSION_HANDLE made_on, CK_OBJECT_HANDLE object) noexcept {
+  const GroupRuntime::Member& m = call.rt.groups()->members(call.group).at(call.member);
+  const CK_RV rv = m.port->call<fn::C_DestroyObject>(made_on, object);
+  call.rt.log().warn(
+      "{} on group '{}': the object it made (member {}'s handle {}) could not be given a "
+      "handle; destroyed again: {}",
+      call.function, call.objects.name, call.member, object, rv_name(rv));
+}
+
+}  // namespace
+
+CK_RV group_resolve(GroupCall& call, CK_OBJECT_HANDLE handle, CK_RV invalid,
+                    CK_OBJECT_HANDLE& out) noexcept {
+  try {
+    MemberCalls members(call);
+    const ObjectMap::Resolved r = call.objects.map.resolve(members, handle, call.member);
+    switch (r.status) {
+      case ObjectMap::Status::found:
+        out = r.object;
+        return CKR_OK;
+      case ObjectMap::Status::ambiguous:
+      case ObjectMap::Status::failed:
+        return ObjectMap::to_ckr(r);
+      case ObjectMap::Status::unknown:
+      case ObjectMap::Status::missing:
+      case ObjectMap::Status::elsewhere:
+        break;
+    }
+    return invalid;
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+}
+
+CK_RV group_issue_made(GroupCall& call, CK_SESSION_HANDLE made_on,
+                       CK_OBJECT_HANDLE& handle) noexcept {
+  ObjectMap::Issued issued{CKR_HOST_MEMORY, CK_INVALID_HANDLE};
+  try {
+    MemberCalls members(call);
+    const ObjectRead read = read_object(members, call.member, handle, call.objects.map.rule());
+    if (read.rv != CKR_OK) {
+      issued.rv = read.rv;
+    } else if (read.token) {
+      issued = call.objects.map.issue_found(call.member, handle, read);
+    } else {
+      // It lives in the backend session that made it, and dies with it.
+      issued = call.objects.map.issue_session_object(call.member, made_on, handle);
+    }
+  } catch (const std::bad_alloc&) {
+    issued.rv = CKR_HOST_MEMORY;
+  }
+  if (issued.rv != CKR_OK) {
+    destroy_unnamed(call, made_on, handle);
+    return issued.rv;
+  }
+  handle = issued.handle;
+  return CKR_OK;
+}
+
+CK_RV group_issue_found(GroupCall& call, CK_OBJECT_HANDLE* found, CK_ULONG& count) noexcept {
+  try {
+    MemberCalls members(call);
+    CK_ULONG kept = 0;
+    for (CK_ULONG i = 0; i < count; ++i) {
+      const ObjectMap::Issued issued = call.objects.map.issue_found(members, call.member, found[i]);
+      // Destroyed since the search found it (by another session): not found.
+      if (issued.rv == CKR_OBJECT_HANDLE_INVALID) continue;
+      if (issued.rv != CKR_OK) return issued.rv;
+      // Two objects of one identity on a member (the map refuses to pick):
+      // one handle, given once.
+      if (std::find(found, found + kept, issued.handle) != found + kept) continue;
+      found[kept++] = issued.handle;
+    }
+    count = kept;
+    return CKR_OK;
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+}
+
+void group_destroyed(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept {
+  call.objects.map.destroy(handle);
+}
+
+void group_session_ended(Runtime& rt, std::size_t group, std::size_t member,
+                         CK_SESSION_HANDLE backend) noexcept {
+  try {
+    rt.group_objects(group).map.forget_session(member, backend);
+  } catch (const std::bad_alloc&) {
+    // Its handles stay in the map; each names a pinned object of a session
+    // that is gone, which the member answers CKR_OBJECT_HANDLE_INVALID for
+    // unless it reuses the number: logged, the only trace.
+    rt.log().error("group '{}': the session objects of member {}'s session {} were not forgotten",
+                   rt.group_objects(group).name, member, backend);
+  }
+}
+
+CK_RV group_mechanism(GroupCall& call, CK_MECHANISM_PTR mechanism, CK_MECHANISM& copy,
+                      MechanismCopyParam& param, CK_MECHANISM_PTR& out) noexcept {
+  const CK_MECHANISM_TYPE type = mechanism->mechanism;
+  const char* why = nullptr;
+  switch (type) {
+    case CKM_CONCATENATE_BASE_AND_KEY: {
+      // The parameter is the other key's handle (docs/pkcs11-facts.md).
+      if (mechanism->pParameter == nullptr ||
+          mechanism->ulParameterLen != sizeof(CK_OBJECT_HANDLE)) {
+        return CKR_MECHANISM_PARAM_INVALID;
+      }
+      CK_OBJECT_HANDLE other = CK_INVALID_HANDLE;
+      if (CK_RV rv =
+              group_resolve(call, *static_cast<const CK_OBJECT_HANDLE*>(mechanism->pParameter),
+                            CKR_KEY_HANDLE_INVALID, other);
+          rv != CKR_OK) {
+        return rv;
+      }
+      param.handle = other;
+      copy = *mechanism;
+      copy.pParameter = &param.handle;
+      out = &copy;
+      return CKR_OK;
+    }
+    // Handles of keys inside the parameter, not translated yet.
+    case CKM_ECMQV_DERIVE:
+    case CKM_X9_42_DH_HYBRID_DERIVE:
+    case CKM_X9_42_MQV_DERIVE:
+    case CKM_KIP_DERIVE:
+    case CKM_KIP_WRAP:
+    case CKM_KIP_MAC:
+    case CKM_CMS_SIG:
+      why = "its parameter names an object, which p11mux does not translate yet";
+      break;
+    default:
+      // Keys returned inside the parameter (key_mechanisms.hpp).
+      if (std::optional<KeyOutputs> outputs = derive_outputs(type);
+          outputs && *outputs != KeyOutputs::handle_args) {
+        why = "it returns keys inside its parameter, which p11mux does not translate yet";
+      } else if (type >= CKM_VENDOR_DEFINED) {
+        why = "a vendor-defined mechanism's parameter may name an object p11mux cannot translate";
+      }
+      break;
+  }
+  if (why == nullptr) return CKR_OK;
+  call.rt.log().warn(
+      "{} on group '{}' refused (CKR_MECHANISM_PARAM_INVALID): mechanism {:#x}: {} "
+      "(docs/groups.md, \"Objects\")",
+      call.function, call.objects.name, type, why);
+  return CKR_MECHANISM_PARAM_INVALID;
+}
+
+CK_RV group_token_key_refusal(GroupCall& call, const CK_ATTRIBUTE* templ, CK_ULONG count) noexcept {
+  if (call.objects.generate_token_keys != GenerateTokenKeys::refuse || templ == nullptr) {
+    return CKR_OK;
+  }
+  for (CK_ULONG i = 0; i < count; ++i) {
+    const CK_ATTRIBUTE& a = templ[i];
+    if (a.type != CKA_TOKEN || a.pValue == nullptr || a.ulValueLen != sizeof(CK_BBOOL)) continue;
+    if (*static_cast<const CK_BBOOL*>(a.pValue) == CK_FALSE) continue;
+    call.rt.log().warn(
+        "{} on group '{}' refused (CKR_ATTRIBUTE_VALUE_INVALID): a key generated with "
+        "CKA_TOKEN=true would exist on one member only, and a key generated in an HSM cannot in "
+        "general be copied to the others; generate_token_keys = refuse (docs/groups.md)",
+        call.function, call.objects.name);
+    return CKR_ATTRIBUTE_VALUE_INVALID;
+  }
+  return CKR_OK;
+}
+
+}  // namespace p11mux
