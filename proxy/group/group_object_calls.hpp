@@ -97,7 +97,16 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
             rv = group_issue_made(call, made_on, *arg);
         }
       };
+      CK_OBJECT_HANDLE own = CK_INVALID_HANDLE;  // C_CreateObject's, the member's number
+      if constexpr (F::name == "C_CreateObject") own = *std::get<2>(args);
       std::apply([&](auto... a) { (issue(a), ...); }, args);
+      // A token object made: on every member (docs/groups.md, "Objects").
+      if constexpr (F::name == "C_CreateObject") {
+        CK_OBJECT_HANDLE_PTR out = std::get<2>(args);
+        if (rv == CKR_OK && group_replicated(call, *out)) {
+          rv = group_replicate_create(call, *out, std::get<0>(args), std::get<1>(args), own);
+        }
+      }
     }
   } else if constexpr (F::name == "C_FindObjects") {
     // A count of 0 ends the search (docs/pkcs11-facts.md): answers whose
@@ -110,7 +119,12 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
       rv = std::apply(run, args);
     }
   } else if constexpr (F::name == "C_DestroyObject") {
-    if (rv == CKR_OK) group_destroyed(call, std::get<0>(std::tuple<Rest...>{rest...}));
+    if (rv == CKR_OK) {
+      const CK_OBJECT_HANDLE handle = std::get<0>(std::tuple<Rest...>{rest...});
+      // A token object: its copies on the other members too.
+      if (group_replicated(call, handle)) rv = group_replicate_destroy(call, handle);
+      group_destroyed(call, handle);
+    }
   }
   // [pool] bind = state gave the backend session back (forward.hpp's
   // unbind_if_idle): whatever pinned to it is gone with it.

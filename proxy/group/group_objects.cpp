@@ -9,7 +9,9 @@
 #include <p11mux/rv_names.hpp>
 
 #include <algorithm>
+#include <array>
 #include <new>
+#include <string>
 
 namespace p11mux {
 
@@ -42,8 +44,8 @@ namespace {
 // gone is counted dead.
 class Borrowed {
  public:
-  Borrowed(Runtime& rt, const GroupRuntime::Member& member) noexcept
-      : pool_(rt.pool_of(*member.port)), slot_(member.slot) {
+  Borrowed(Runtime& rt, const GroupRuntime::Member& member, bool rw = false) noexcept
+      : pool_(rt.pool_of(*member.port)), slot_(member.slot), rw_(rw) {
     rv_ = pool_.borrow(slot_, rw_, handle_);
     // An SO logged in on the token refuses read-only sessions.
     if (rv_ == CKR_SESSION_READ_WRITE_SO_EXISTS) {
@@ -77,7 +79,7 @@ class Borrowed {
  private:
   SessionPool& pool_;
   CK_SLOT_ID slot_;
-  bool rw_ = false;
+  bool rw_;
   CK_SESSION_HANDLE handle_ = CK_INVALID_HANDLE;
   CK_RV rv_ = CKR_OK;
   SessionPool::Fate fate_ = SessionPool::Fate::reuse;
@@ -222,6 +224,117 @@ CK_RV group_issue_found(GroupCall& call, CK_OBJECT_HANDLE* found, CK_ULONG& coun
 
 void group_destroyed(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept {
   call.objects.map.destroy(handle);
+}
+
+bool group_replicated(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept {
+  try {
+    // Pinned objects (session objects, token objects without an identity)
+    // are on one member; a replicated one is a token object with one.
+    return !call.objects.map.pinned_member(handle).has_value();
+  } catch (...) {
+    return false;
+  }
+}
+
+namespace {
+
+// A member whose token is absent or whose device failed: the change is not
+// made there (docs/groups.md, "Objects": on every member whose token is present).
+bool member_absent(CK_RV rv) noexcept { return device_gone(rv); }
+
+}  // namespace
+
+CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIBUTE_PTR templ,
+                             CK_ULONG count, CK_OBJECT_HANDLE own) noexcept {
+  const std::vector<GroupRuntime::Member>& members = call.rt.groups()->members(call.group);
+  struct Made {
+    std::size_t member;
+    CK_OBJECT_HANDLE object;
+  };
+  std::array<Made, 64> made{};  // members of a group: a handful
+  std::size_t n = 0;
+  CK_RV rv = CKR_OK;
+  std::size_t failed = 0;
+  for (std::size_t m = 0; m < members.size() && rv == CKR_OK; ++m) {
+    if (m == call.member) continue;
+    Borrowed s(call.rt, members[m], /*rw=*/true);
+    CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
+    rv = s.rv() == CKR_OK ? s.port().call<fn::C_CreateObject>(s.handle(), templ, count, &object)
+                          : s.rv();
+    s.answered(rv);
+    if (member_absent(rv)) {
+      call.rt.log().warn(
+          "{} on group '{}': member {} is absent ({}); the token object is not made there",
+          call.function, call.objects.name, m, rv_name(rv));
+      rv = CKR_OK;
+      continue;
+    }
+    if (rv != CKR_OK) {
+      failed = m;
+      break;
+    }
+    try {
+      call.objects.map.record(handle, m, object);
+    } catch (...) {
+    }
+    if (n < made.size()) made[n++] = {m, object};
+  }
+  if (rv == CKR_OK) return CKR_OK;
+  // Undone: the copies made, then the session's member's own.
+  std::size_t left = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    Borrowed s(call.rt, members[made[i].member], /*rw=*/true);
+    const CK_RV undo =
+        s.rv() == CKR_OK ? s.port().call<fn::C_DestroyObject>(s.handle(), made[i].object) : s.rv();
+    s.answered(undo);
+    if (undo != CKR_OK) ++left;
+  }
+  const CK_RV own_undo = members[call.member].port->call<fn::C_DestroyObject>(call.backend, own);
+  if (own_undo != CKR_OK) ++left;
+  call.objects.map.destroy(handle);
+  call.rt.log().warn(
+      "{} on group '{}': member {} answered {}; the object made on the other {} member(s) was "
+      "destroyed again{}",
+      call.function, call.objects.name, failed, rv_name(rv), n + 1,
+      left == 0 ? std::string() : ", except on " + std::to_string(left) + " (left there)");
+  return rv;
+}
+
+CK_RV group_replicate_destroy(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept {
+  const std::vector<GroupRuntime::Member>& members = call.rt.groups()->members(call.group);
+  CK_RV first = CKR_OK;
+  for (std::size_t m = 0; m < members.size(); ++m) {
+    if (m == call.member) continue;
+    CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
+    CK_RV rv = CKR_OK;
+    try {
+      MemberCalls calls(call);
+      const ObjectMap::Resolved r = call.objects.map.resolve(calls, handle, m);
+      if (r.status == ObjectMap::Status::missing) continue;  // nothing to destroy there
+      rv = r.status == ObjectMap::Status::found ? CKR_OK : ObjectMap::to_ckr(r);
+      object = r.object;
+    } catch (const std::bad_alloc&) {
+      rv = CKR_HOST_MEMORY;
+    }
+    if (rv == CKR_OK) {
+      Borrowed s(call.rt, members[m], /*rw=*/true);
+      rv = s.rv() == CKR_OK ? s.port().call<fn::C_DestroyObject>(s.handle(), object) : s.rv();
+      s.answered(rv);
+    }
+    if (rv == CKR_OK || rv == CKR_OBJECT_HANDLE_INVALID) continue;
+    if (member_absent(rv)) {
+      call.rt.log().warn(
+          "{} on group '{}': member {} is absent ({}); its copy of the token object is left there",
+          call.function, call.objects.name, m, rv_name(rv));
+      continue;
+    }
+    // A destroyed object cannot be made again: the error, and the copy left.
+    call.rt.log().warn(
+        "{} on group '{}': member {} answered {}; its copy of the token object is left there",
+        call.function, call.objects.name, m, rv_name(rv));
+    if (first == CKR_OK) first = rv;
+  }
+  return first;
 }
 
 void group_session_ended(Runtime& rt, std::size_t group, std::size_t member,

@@ -81,6 +81,22 @@ CK_RV group_issue_found(GroupCall& call, CK_OBJECT_HANDLE* found, CK_ULONG& coun
 // C_DestroyObject succeeded: `handle` is never valid again.
 void group_destroyed(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept;
 
+// Token objects are on every member (docs/groups.md, "Objects"): whether
+// `handle` names one (not pinned to a member).
+bool group_replicated(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept;
+// C_CreateObject of a token object succeeded on the session's member (`own`,
+// now `handle`): made with `templ` on every other member whose token is
+// present, through borrowed R/W sessions. A member that refuses: the copies
+// made, and `own`, destroyed again, `handle` ended, that member's error
+// answered, and a log line.
+CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIBUTE_PTR templ,
+                             CK_ULONG count, CK_OBJECT_HANDLE own) noexcept;
+// C_DestroyObject of a token object succeeded on the session's member: its
+// copies on the other members present destroyed too. A member that fails
+// keeps its copy (a destroyed object cannot be made again): its error is
+// answered, and logged.
+CK_RV group_replicate_destroy(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept;
+
 // A backend session of `member` of group `group` ends (closed, or given back
 // to the pool after its session objects were destroyed): the session
 // objects made there are gone.

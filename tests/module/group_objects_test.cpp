@@ -11,6 +11,7 @@
 #include <dlfcn.h>
 
 #include <array>
+#include <cstring>
 #include <fstream>
 #include <string>
 #include <string_view>
@@ -335,6 +336,88 @@ TEST_CASE("group objects: generate_token_keys = refuse refuses token keys, with 
   CHECK(mock_stats().token_objects == 0);
   // Session keys are made as ever.
   CHECK(p->C_GenerateKeyPair(s, &gen, nullptr, 0, nullptr, 0, &pub, &priv) == CKR_OK);
+}
+
+}  // namespace p11mux::test
+
+namespace p11mux::test {
+namespace {
+
+// The token objects labelled `label` on the mock's `slot`, seen directly.
+CK_ULONG objects_on(CK_SLOT_ID slot, const std::string& label) {
+  CK_FUNCTION_LIST* mock = mock_functions();
+  CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+  REQUIRE(mock->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s) == CKR_OK);
+  CK_ATTRIBUTE templ[] = {{CKA_LABEL, const_cast<char*>(label.data()), label.size()}};
+  REQUIRE(mock->C_FindObjectsInit(s, templ, 1) == CKR_OK);
+  std::array<CK_OBJECT_HANDLE, 8> found{};
+  CK_ULONG n = 0;
+  REQUIRE(mock->C_FindObjects(s, found.data(), found.size(), &n) == CKR_OK);
+  REQUIRE(mock->C_FindObjectsFinal(s) == CKR_OK);
+  REQUIRE(mock->C_CloseSession(s) == CKR_OK);
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("group objects: a token object is made and destroyed on every member present") {
+  const FaultyControl* faulty = faulty_control();
+  GroupProxy proxy(faulty_group(), three_tokens(),
+                   {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}});
+  REQUIRE(faulty->reset() == 0);
+  proxy.initialize();
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE a = proxy.open();
+  const CK_OBJECT_HANDLE object = create_data(p, a, true, "replicated");
+  CHECK(objects_on(2, "replicated") == 1);
+  CHECK(objects_on(1, "replicated") == 1);
+  CHECK(objects_on(0, "replicated") == 0);  // no member
+  // Session objects stay in their session's member.
+  create_data(p, a, false, "session only");
+  CHECK(objects_on(1, "session only") == 0);
+  // Destroyed from a session on the second member: gone from both.
+  faulty->set_slot_removed(2, 1);
+  const CK_SESSION_HANDLE b = proxy.open();
+  faulty->clear_slot(2);
+  CHECK(label_of(p, b, object) == "replicated");
+  REQUIRE(p->C_DestroyObject(b, object) == CKR_OK);
+  CHECK(objects_on(2, "replicated") == 0);
+  CHECK(objects_on(1, "replicated") == 0);
+  // A member whose token is absent is passed over, with a log line.
+  faulty->set_slot_removed(1, 1);
+  const CK_SESSION_HANDLE c = proxy.open();  // on the first member
+  CK_OBJECT_HANDLE absent_one = CK_INVALID_HANDLE;
+  const std::string err = capture_stderr([&] { absent_one = create_data(p, c, true, "partial"); });
+  faulty->clear_slot(1);
+  CHECK(objects_on(2, "partial") == 1);
+  CHECK(objects_on(1, "partial") == 0);
+  CHECK(absent_one != CK_INVALID_HANDLE);
+}
+
+TEST_CASE("group objects: a token object one member refuses is undone on the others") {
+  MockConfig mock = three_tokens();
+  // The second C_CreateObject: the copy on the second member.
+  std::strncpy(mock.fail_function, "C_CreateObject", sizeof mock.fail_function - 1);
+  mock.fail_rv = CKR_DEVICE_MEMORY;
+  mock.fail_nth = 2;
+  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
+                   mock, {{"P11MUX_LOG_LEVEL", "warn"}});
+  proxy.initialize();
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();
+  CK_OBJECT_CLASS cls = CKO_DATA;
+  CK_BBOOL yes = CK_TRUE;
+  std::string label = "undone";
+  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls},
+                          {CKA_TOKEN, &yes, sizeof yes},
+                          {CKA_LABEL, label.data(), label.size()}};
+  CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+  CK_RV rv = CKR_OK;
+  const std::string err = capture_stderr([&] { rv = p->C_CreateObject(s, templ, 3, &h); });
+  CHECK(rv == CKR_DEVICE_MEMORY);
+  CHECK_MESSAGE(err.find("destroyed again") != std::string::npos, err);
+  CHECK(mock_stats().token_objects == 0);
 }
 
 }  // namespace p11mux::test
