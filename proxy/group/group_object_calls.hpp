@@ -87,6 +87,9 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
   // The backend session this call makes session objects in.
   const CK_SESSION_HANDLE made_on = s.anchor.backend;
   rv = std::apply(run, args);
+  // [pool] bind = state may have given the backend session back: the map's
+  // reads then borrow one (group_objects.hpp, GroupCall::backend).
+  if (s.anchor.backend != made_on) call.backend = CK_INVALID_HANDLE;
   if constexpr (effect<F>.step == Step::create) {
     // Every CK_OBJECT_HANDLE_PTR of a function that makes objects receives
     // one (session_effects.hpp, find_created).

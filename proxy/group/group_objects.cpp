@@ -140,11 +140,24 @@ class MemberCalls final : public MemberObjects {
   const std::vector<GroupRuntime::Member>& members_;
 };
 
-// Destroys an object the application will never hear of (its handle could
-// not be made virtual), on the session that made it.
-void destroy_unnamed(GroupCall& call, CK_SESSION_HANDLE made_on, CK_OBJECT_HANDLE object) noexcept {
+// C_DestroyObject of `object` on the call's member: on the application's
+// backend session while it still holds it, else on a borrowed one (never on
+// one given back to the pool, which another thread may hold by now).
+CK_RV destroy_on_member(GroupCall& call, CK_OBJECT_HANDLE object) noexcept {
   const GroupRuntime::Member& m = call.rt.groups()->members(call.group).at(call.member);
-  const CK_RV rv = m.port->call<fn::C_DestroyObject>(made_on, object);
+  if (call.backend != CK_INVALID_HANDLE)
+    return m.port->call<fn::C_DestroyObject>(call.backend, object);
+  Borrowed s(call.rt, m, /*rw=*/true);
+  const CK_RV rv =
+      s.rv() == CKR_OK ? s.port().call<fn::C_DestroyObject>(s.handle(), object) : s.rv();
+  s.answered(rv);
+  return rv;
+}
+
+// Destroys an object the application will never hear of (its handle could
+// not be made virtual). A session object whose session is gone is gone too.
+void destroy_unnamed(GroupCall& call, CK_OBJECT_HANDLE object) noexcept {
+  const CK_RV rv = destroy_on_member(call, object);
   call.rt.log().warn(
       "{} on group '{}': the object it made (member {}'s handle {}) could not be given a "
       "handle; destroyed again: {}",
@@ -194,7 +207,7 @@ CK_RV group_issue_made(GroupCall& call, CK_SESSION_HANDLE made_on,
     issued.rv = CKR_HOST_MEMORY;
   }
   if (issued.rv != CKR_OK) {
-    destroy_unnamed(call, made_on, handle);
+    destroy_unnamed(call, handle);
     return issued.rv;
   }
   handle = issued.handle;
@@ -289,7 +302,7 @@ CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIB
     s.answered(undo);
     if (undo != CKR_OK) ++left;
   }
-  const CK_RV own_undo = members[call.member].port->call<fn::C_DestroyObject>(call.backend, own);
+  const CK_RV own_undo = destroy_on_member(call, own);
   if (own_undo != CKR_OK) ++left;
   call.objects.map.destroy(handle);
   call.rt.log().warn(

@@ -45,7 +45,8 @@ std::vector<GroupObjectsPtr> make_group_objects(const Config& config, const Lock
 
 // One call on a group's session: where it runs. `backend` is the
 // application's own backend session on `member` (CK_INVALID_HANDLE when it
-// holds none yet): attributes are read there, searches on a borrowed one.
+// holds none, or gave it back during the call): attributes are read there,
+// searches on a borrowed one.
 struct GroupCall {
   Runtime& rt;
   GroupObjects& objects;

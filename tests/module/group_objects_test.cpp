@@ -421,3 +421,30 @@ TEST_CASE("group objects: a token object one member refuses is undone on the oth
 }
 
 }  // namespace p11mux::test
+
+namespace p11mux::test {
+
+// [pool] bind = state: an idle session holds no backend session, so a call
+// that makes a token object gives its backend session back before the map
+// reads the object (on a borrowed one then).
+TEST_CASE("group objects: with [pool] bind = state, objects made, found and ended alike") {
+  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
+                   three_tokens(MOCK_BEND_REUSE_HANDLES), {{"P11MUX_POOL_BIND", "state"}});
+  proxy.initialize();
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE a = proxy.open();
+  const CK_SESSION_HANDLE b = proxy.open();
+  const CK_OBJECT_HANDLE token = create_data(p, a, true, "state token");
+  CHECK(label_of(p, b, token) == "state token");
+  const CK_OBJECT_HANDLE session = create_data(p, a, false, "state session");
+  CHECK(label_of(p, b, session) == "state session");
+  REQUIRE(p->C_CloseSession(a) == CKR_OK);
+  CK_RV rv = CKR_OK;
+  label_of(p, b, session, &rv);
+  CHECK(rv == CKR_OBJECT_HANDLE_INVALID);
+  REQUIRE(p->C_DestroyObject(b, token) == CKR_OK);
+  CHECK(mock_stats().token_objects == 0);
+}
+
+}  // namespace p11mux::test
