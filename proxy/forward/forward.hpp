@@ -16,6 +16,7 @@
 #include "functions/function_traits.hpp"
 #include "group/group_calls.hpp"
 #include "group/group_login.hpp"
+#include "group/group_object_calls.hpp"
 #include "group/member_calls.hpp"
 #include "handled/handled.hpp"
 #include "observe/observe.hpp"
@@ -25,7 +26,9 @@ namespace p11mux {
 // How a forwarded call reaches the backend: straight through `port` (the
 // session's, or the runtime's for a call without a session), or through a
 // wrapper that runs on the same backend session (the policy's object
-// filter, policy/filter_calls.hpp: ObjectFiltered).
+// filter, policy/filter_calls.hpp: ObjectFiltered). With InGroup
+// (group/group_object_calls.hpp) a group's session calls also translate
+// their object handles.
 struct ToPort {
   template <class F, class... A>
   [[gnu::always_inline]] static CK_RV call(Runtime&, const BackendPort& port, A... a) noexcept {
@@ -38,7 +41,7 @@ struct ToPort {
 // off its member if that is down and counts the call on its member
 // (group/member_calls.hpp); instantiated apart, so that a single backend's
 // calls carry none of it.
-template <class F, bool kOnGroup, class Observation, class CallBackend, class... R>
+template <class F, bool kOnGroup, class Via, class Observation, class CallBackend, class... R>
 [[gnu::always_inline]] inline CK_RV call_on_session(Runtime& rt, Session& s, Observation& seen,
                                                     CallBackend& call_backend, R... rest) noexcept
     REQUIRES(s.lock) {
@@ -60,30 +63,40 @@ template <class F, bool kOnGroup, class Observation, class CallBackend, class...
     if (rt.binds_on_state()) unbind_if_idle(s);
     return rv;
   }
-  seen.ran_on(binding.backend);
-  std::conditional_t<kOnGroup, MemberCall, NoMemberCall> member(rt, s);
-  CK_RV rv = call_backend(pool.port(), binding.backend, rest...);
-  if (drained_for_retry<F>(pool, s.slot, rv, rest...)) [[unlikely]] {
-    rv = call_backend(pool.port(), binding.backend, rest...);
+  auto run = [&](auto... args) __attribute__((always_inline)) {
+    HeldLock held(s.lock);  // the lambda's body runs under the caller's lock
+    seen.ran_on(binding.backend);
+    std::conditional_t<kOnGroup, MemberCall, NoMemberCall> member(rt, s);
+    CK_RV rv = call_backend(pool.port(), binding.backend, args...);
+    if (drained_for_retry<F>(pool, s.slot, rv, args...)) [[unlikely]] {
+      rv = call_backend(pool.port(), binding.backend, args...);
+    }
+    member.end(rv, binding.backend);
+    // The slot the application opened it on: a group's, not its member's.
+    if constexpr (std::is_same_v<F, fn::C_GetSessionInfo>) {
+      if (rv == CKR_OK) std::get<0>(std::tuple<decltype(args)...>{args...})->slotID = s.shown;
+    }
+    note_call<F>(pool, binding, s.slot, rv, args...);
+    note_login<F>(pool, s.slot, rv, args...);
+    if (rt.binds_on_state()) unbind_if_idle(s);
+    return rv;
+  };
+  // A group's session on the slow path (Via InGroup): its object handles
+  // are virtual (group/group_object_calls.hpp).
+  if constexpr (kOnGroup && requires { Via::kGroupObjects; }) {
+    return group_session_call<F>(rt, s, run, rest...);
+  } else {
+    return run(rest...);
   }
-  member.end(rv, binding.backend);
-  // The slot the application opened it on: a group's, not its member's.
-  if constexpr (std::is_same_v<F, fn::C_GetSessionInfo>) {
-    if (rv == CKR_OK) std::get<0>(std::tuple<R...>{rest...})->slotID = s.shown;
-  }
-  note_call<F>(pool, binding, s.slot, rv, rest...);
-  note_login<F>(pool, s.slot, rv, rest...);
-  if (rt.binds_on_state()) unbind_if_idle(s);
-  return rv;
 }
 
 // Out of line: inlined, the group's instantiation costs the single
 // backend's calls 10 instructions each (callgrind), in register saves.
-template <class F, class Observation, class CallBackend, class... R>
+template <class F, class Via, class Observation, class CallBackend, class... R>
 [[gnu::noinline]] CK_RV call_on_group_session(Runtime& rt, Session& s, Observation& seen,
                                               CallBackend& call_backend, R... rest) noexcept
     REQUIRES(s.lock) {
-  return call_on_session<F, true>(rt, s, seen, call_backend, rest...);
+  return call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);
 }
 
 // `seen` is NoObservation on the normal path, CallObservation when observed.
@@ -120,8 +133,8 @@ template <class F, class Via = ToPort, class Observation, class... A>
         HeldLock leased(session->lock);
         // A group's session also reports to its member (member_calls.hpp).
         if (session->group != Session::kNoGroup) [[unlikely]]
-          return call_on_group_session<F>(rt, *session, seen, call_backend, rest...);
-        return call_on_session<F, false>(rt, *session, seen, call_backend, rest...);
+          return call_on_group_session<F, Via>(rt, *session, seen, call_backend, rest...);
+        return call_on_session<F, false, Via>(rt, *session, seen, call_backend, rest...);
       }
       (a...);
     } else {

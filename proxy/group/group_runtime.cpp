@@ -320,8 +320,11 @@ bool GroupRuntime::probe(const GroupSlot& group, const Member& m) const noexcept
   return true;
 }
 
-void GroupRuntime::maintain(HealthClock::time_point now) const noexcept try {
-  for (const GroupSlot& g : groups_) {
+void GroupRuntime::maintain(
+    HealthClock::time_point now,
+    const std::function<void(std::size_t, std::size_t)>& admitted) const noexcept try {
+  for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
+    const GroupSlot& g = groups_[gi];
     for (std::size_t i = 0; i < g.members.size(); ++i) {
       MemberHealth& h = *g.health[i];
       // A call's answer takes a member down without a line (it may be one of
@@ -339,6 +342,8 @@ void GroupRuntime::maintain(HealthClock::time_point now) const noexcept try {
       h.probe_done(ok, HealthClock::now());
       // Logging a joining member in before it takes calls is not built yet
       // (docs/groups.md, "Not built yet").
+      // What the map cached of it may be stale: dropped before it takes calls.
+      if (ok) admitted(gi, i);
       if (ok && h.admit(HealthClock::now())) {
         log_.warn("group '{}' member {} is up again", g.name, describe(g.members[i].config));
       }

@@ -27,6 +27,7 @@
 
 #include <spdlog/logger.h>
 
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -86,7 +87,9 @@ class GroupRuntime {
   // member down; a down member whose probe is due is probed (its token
   // present, a session opened and closed on it) and admitted again if it
   // answers. Run every maintenance_period() on a p11mux thread.
-  void maintain(HealthClock::time_point now) const noexcept;
+  // `admitted(group, member)` is told of each member admitted again.
+  void maintain(HealthClock::time_point now,
+                const std::function<void(std::size_t, std::size_t)>& admitted) const noexcept;
   // A quarter of the shortest recovery_interval_s or hang_timeout_s, at
   // least 100 ms: a probe or a hung call is found at most 25% late.
   std::chrono::milliseconds maintenance_period() const noexcept;

@@ -1,6 +1,7 @@
 #include "group/member_calls.hpp"
 
 #include "group/group_login.hpp"
+#include "group/group_objects.hpp"
 #include "handled/handled.hpp"
 
 namespace p11mux {
@@ -37,7 +38,10 @@ CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) 
     login.closed(s.group);
     return rv;
   }
-  // The old member's session is dead with it: forgotten, never reused.
+  // The old member's session is dead with it: forgotten, never reused, and
+  // the session objects made there with it.
+  if (s.anchor.backend != CK_INVALID_HANDLE)
+    group_session_ended(rt, s.group, from, s.anchor.backend);
   if (s.anchor.backend == CK_INVALID_HANDLE) {
     s.pool->leave(s.slot, s.rw);
   } else {

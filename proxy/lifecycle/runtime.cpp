@@ -122,11 +122,14 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
       observer_(std::make_unique<Observer>(config, locks_, init.may_create_threads, log_)),
       policy_(config.policy.any() ? std::make_unique<const Policy>(config.policy, locks_)
                                   : nullptr),
-      slow_path_(observer_->active() || policy_ != nullptr),
+      // A group's session calls translate object handles (group_object_calls.hpp).
+      slow_path_(observer_->active() || policy_ != nullptr || config.has_groups()),
       port_(std::make_unique<Backend>(backend_options(config, self, inherited)), locks_),
       extra_ports_(load_named_backends(config, self, locks_)),
       groups_(config.has_groups() ? std::make_unique<const GroupRuntime>(config, ports(), *log_)
                                   : nullptr),
+      group_objects_(groups_ ? make_group_objects(config, locks_, *log_)
+                             : std::vector<GroupObjectsPtr>{}),
       sessions_(locks_),
       poll_lock_(locks_) {
   // A group's login is the group's, not a member's: its last session logs
@@ -178,7 +181,9 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
             // C_Finalize wait for them.
             GateAccess::Background call(gate_);
             if (call.epoch() != pool().epoch()) return;
-            groups_->maintain(HealthClock::now());
+            groups_->maintain(HealthClock::now(), [this](std::size_t g, std::size_t m) {
+              group_member_readmitted(*this, g, m);
+            });
           });
     } else {
       log_->warn(
@@ -263,6 +268,10 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
     s->lock.lock();
   }
   SessionPool& pool = *s->pool;
+  // A group's session objects made there die with it (docs/groups.md, "Objects").
+  if (s->group != Session::kNoGroup && s->anchor.backend != CK_INVALID_HANDLE) {
+    group_session_ended(*this, s->group, s->member, s->anchor.backend);
+  }
   for (auto& extra : s->extra) {
     if (extra->backend == CK_INVALID_HANDLE) continue;
     pool.give(s->slot, s->rw, extra->backend, reset_backend_session(pool.port(), *extra));

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "config/config.hpp"
+#include "group/group_objects.hpp"
 #include "group/group_runtime.hpp"
 #include "lifecycle/gate_access.hpp"
 #include "lifecycle/init_args.hpp"
@@ -49,6 +50,8 @@ class Runtime {
   // groups, which answer the slot functions (group/group_calls.hpp); NULL for
   // the single backend. port() is then the first [backend.NAME]'s.
   const GroupRuntime* groups() const noexcept { return groups_.get(); }
+  // Group `group`'s object handles (group/group_objects.hpp); groups() only.
+  GroupObjects& group_objects(std::size_t group) noexcept { return *group_objects_[group]; }
   SessionTable& sessions() noexcept { return sessions_; }
   // The groups' logins (group/group_login.hpp); NULL for the single backend.
   GroupLogin* group_login() noexcept { return group_login_.get(); }
@@ -59,8 +62,8 @@ class Runtime {
   SessionPool& pool_of(const BackendPort& port) noexcept;
   spdlog::logger& log() noexcept { return *log_; }
   bool tracing() const noexcept { return tracing_; }
-  // Tracing, metrics or a policy on: calls take Entry<F>'s slow path
-  // (entry_points.cpp); with all three off, the one branch they cost.
+  // Tracing, metrics, a policy or groups: calls take Entry<F>'s slow path
+  // (entry_points.cpp); with all four off, the one branch they cost.
   bool slow_path() const noexcept { return slow_path_; }
   Observer& observer() noexcept { return *observer_; }
   // The [policy] rules; NULL when the configuration sets none.
@@ -124,6 +127,7 @@ class Runtime {
   // The other [backend.NAME]s of a group configuration, in file order.
   std::vector<std::unique_ptr<BackendPort>> extra_ports_;
   std::unique_ptr<const GroupRuntime> groups_;
+  std::vector<GroupObjectsPtr> group_objects_;  // one per group
   SessionTable sessions_;
   // One per port, ports()' order: a backend's sessions are its own.
   std::vector<std::unique_ptr<SessionPool>> pools_;

@@ -8,6 +8,10 @@
 #include "support/replicated_tokens.h"
 #include "support/temp_dir.h"
 
+#include "faulty_control.h"
+
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <fstream>
 #include <optional>
@@ -144,4 +148,86 @@ TEST_CASE("groups over SoftHSM2: a session on the group logs in, signs and verif
   Session t(p11, 0, Access::read_only);
   CHECK_RV(p11.C_VerifyInit(t, &ecdsa, pub), CKR_OK);
   CHECK_RV(p11.C_Verify(t, digest, sizeof digest, sig, sig_len), CKR_OK);
+}
+
+namespace {
+
+const FaultyControl& faulty_control(const std::string& path) {
+  void* library = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);  // -z nodelete: never unloaded
+  REQUIRE_MESSAGE(library != nullptr, ::dlerror());
+  auto get = reinterpret_cast<FaultyGetControlFn>(::dlsym(library, "faulty_get_control"));
+  REQUIRE(static_cast<bool>(get));
+  return *get();
+}
+
+// The faulty module's own function list, the instance p11mux loaded.
+const CK_FUNCTION_LIST& faulty_functions(const std::string& path) {
+  void* library = ::dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(library != nullptr);
+  auto get = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(library, "C_GetFunctionList"));
+  CK_FUNCTION_LIST* list = nullptr;
+  REQUIRE(get(&list) == CKR_OK);
+  return *list;
+}
+
+}  // namespace
+
+// docs/groups.md, "Objects": the application's handles are the group's; a
+// session on another member resolves them to that member's copies, whose
+// SoftHSM2 numbers differ. The first member's token is removed (the faulty
+// module in front of SoftHSM2) to put the second session on the second member.
+TEST_CASE("groups over SoftHSM2: a key found on one member signs in a session on another") {
+  ReplicatedTokens tokens(2);  // before p11mux: SoftHSM2 reads SOFTHSM2_CONF at C_Initialize
+  TempDir dir("p11mux-group-objects-");
+  const std::string faulty_path = required_env("P11MUX_TEST_FAULTY");
+  const std::string conf = (dir.path() / "p11mux.conf").string();
+  std::ofstream(conf) << "[backend.soft]\nmodule = " << faulty_path
+                      << "\n[group.replicas]\nmembers = soft/label:" << tokens.label(0)
+                      << ", soft/label:" << tokens.label(1) << "\n";
+  ScopedEnv config("P11MUX_CONFIG", conf);
+  ScopedEnv no_module("P11MUX_MODULE", "");
+  ScopedEnv target("P11MUX_FAULTY_TARGET",
+                   env_or("P11MUX_TEST_SOFTHSM2_MODULE", "/usr/lib/softhsm/libsofthsm2.so"));
+  const FaultyControl& faulty = faulty_control(faulty_path);
+  REQUIRE(faulty.reset() == 0);
+  Module module(required_env("P11MUX_TEST_MODULE"));
+  const CK_FUNCTION_LIST& p11 = module.fn();
+  const std::vector<CK_SLOT_ID> slots = replica_slots(faulty_functions(faulty_path), tokens);
+
+  CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
+  CK_BYTE digest[32] = {4, 5, 6};
+  CK_BYTE sig[64];
+  CK_ULONG sig_len = sizeof sig;
+  CK_OBJECT_HANDLE priv = CK_INVALID_HANDLE, pub = CK_INVALID_HANDLE;
+  {
+    Session first(p11, 0, Access::read_only);  // on the first member
+    CHECK_RV(login_user(p11, first, kUserPin), CKR_OK);
+    priv = require_replica_key(p11, first, CKO_PRIVATE_KEY, kReplicaEc);
+    pub = require_replica_key(p11, first, CKO_PUBLIC_KEY, kReplicaEc);
+    CHECK_RV(p11.C_SignInit(first, &ecdsa, priv), CKR_OK);
+    CHECK_RV(p11.C_Sign(first, digest, sizeof digest, sig, &sig_len), CKR_OK);
+  }
+  // The members' own numbers for the key differ (SoftHSM2 numbers objects
+  // across its slots): the group's handle names the key on either.
+  faulty.set_slot_removed(slots[0], 1);
+  {
+    Session second(p11, 0, Access::read_only);  // on the second member
+    CHECK_RV(login_user(p11, second, kUserPin), CKR_OK);
+    CHECK_RV(p11.C_VerifyInit(second, &ecdsa, pub), CKR_OK);
+    CHECK_RV(p11.C_Verify(second, digest, sizeof digest, sig, sig_len), CKR_OK);
+    CHECK_RV(p11.C_SignInit(second, &ecdsa, priv), CKR_OK);
+    sig_len = sizeof sig;
+    CHECK_RV(p11.C_Sign(second, digest, sizeof digest, sig, &sig_len), CKR_OK);
+    // Found there, the same handles.
+    CHECK(require_replica_key(p11, second, CKO_PRIVATE_KEY, kReplicaEc) == priv);
+    // A session object made there, destroyed: its handle names nothing after.
+    CK_OBJECT_CLASS cls = CKO_DATA;
+    CK_ATTRIBUTE data[] = {{CKA_CLASS, &cls, sizeof cls}};
+    CK_OBJECT_HANDLE made = CK_INVALID_HANDLE;
+    CHECK_RV(p11.C_CreateObject(second, data, 1, &made), CKR_OK);
+    CHECK_RV(p11.C_DestroyObject(second, made), CKR_OK);
+    CK_ULONG size = 0;
+    CHECK_RV(p11.C_GetObjectSize(second, made, &size), CKR_OBJECT_HANDLE_INVALID);
+  }
+  faulty.reset();
 }

@@ -1,0 +1,140 @@
+// A session call on a group's session, with object handles translated
+// (docs/groups.md, "Objects"): forward.hpp runs the call through
+// group_session_call when its Via is InGroup, which only Entry<F>'s slow path
+// uses (a group configuration takes it: Runtime::slow_path), so the single
+// backend's forwarding is compiled without any of this.
+//
+// Which arguments are object handles, and the code each gets when the
+// member cannot serve it, come from the function's traits
+// (policy/filters.hpp object_handle_args); which calls make objects, and
+// where they return them, from forward/operation_state.hpp (Step::create)
+// and the arguments' types, as forward/session_effects.hpp finds them.
+#pragma once
+
+#include "forward/operation_state.hpp"
+#include "forward/state_binding.hpp"
+#include "group/group_objects.hpp"
+#include "lifecycle/runtime.hpp"
+#include "policy/filters.hpp"
+
+#include <p11mux/pkcs11.h>
+
+#include <cstddef>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace p11mux {
+
+// forward.hpp's Via for a group configuration: the backend call as ToPort's,
+// and kGroupObjects, which sends a group's session calls through
+// group_session_call.
+struct InGroup {
+  static constexpr bool kGroupObjects = true;
+  template <class F, class... A>
+  [[gnu::always_inline]] static CK_RV call(Runtime&, const BackendPort& port, A... a) noexcept {
+    return port.template call<F>(a...);
+  }
+};
+
+// `run(args...)` is forward.hpp's call on the session's backend session,
+// with what it notes afterwards (session_effects.hpp), which must see the
+// member's handles: it gets them, the application the virtual ones.
+// `rest`: the arguments after the session handle.
+template <class F, class Run, class... Rest>
+CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcept REQUIRES(s.lock) {
+  GroupCall call{rt, rt.group_objects(s.group), s.group, s.member, s.anchor.backend, F::name};
+  std::tuple<Rest...> args{rest...};
+  CK_RV rv = CKR_OK;
+  // The handles the application passes: the member's own.
+  constexpr auto handles = object_handle_args<F>();
+  [&]<std::size_t... I>(std::index_sequence<I...>) {
+    (..., [&] {
+      constexpr HandleArg h = handles[I];
+      auto& object = std::get<h.index - 1>(args);
+      // C_SetOperationState: 0 is "no key".
+      if (rv != CKR_OK || (F::name == "C_SetOperationState" && object == CK_INVALID_HANDLE)) return;
+      rv = group_resolve(call, object, h.invalid, object);
+    }());
+  }
+  (std::make_index_sequence<handles.size()>{});
+  // A mechanism whose parameter names an object (group_mechanism).
+  CK_MECHANISM mechanism_copy{};
+  MechanismCopyParam param{};
+  if constexpr (F::args.size() > 1 && F::args[1] == 'm') {
+    CK_MECHANISM_PTR& mechanism = std::get<0>(args);
+    if (rv == CKR_OK && mechanism != nullptr && mechanism->ulParameterLen != 0) {
+      rv = group_mechanism(call, mechanism, mechanism_copy, param, mechanism);
+    }
+  }
+  // generate_token_keys (docs/groups.md, "Configuration").
+  if constexpr (F::name == "C_GenerateKey" || F::name == "C_GenerateKeyPair") {
+    constexpr auto templates = creation_templates<F>();
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (..., [&] {
+        constexpr std::size_t t = templates[I];
+        if (rv == CKR_OK)
+          rv = group_token_key_refusal(call, std::get<t - 1>(args), std::get<t>(args));
+      }());
+    }
+    (std::make_index_sequence<templates.size()>{});
+  }
+  if (rv != CKR_OK) {
+    // forward.hpp bound a backend session for this call ([pool] bind = state).
+    if (rt.binds_on_state()) unbind_if_idle(s);
+    return rv;
+  }
+  // The backend session this call makes session objects in.
+  const CK_SESSION_HANDLE made_on = s.anchor.backend;
+  rv = std::apply(run, args);
+  // [pool] bind = state may have given the backend session back: the map's
+  // reads then borrow one (group_objects.hpp, GroupCall::backend).
+  if (s.anchor.backend != made_on) call.backend = CK_INVALID_HANDLE;
+  if constexpr (effect<F>.step == Step::create) {
+    // Every CK_OBJECT_HANDLE_PTR of a function that makes objects receives
+    // one (session_effects.hpp, find_created).
+    if (rv == CKR_OK) {
+      auto issue = [&](auto arg) {
+        if constexpr (std::is_same_v<decltype(arg), CK_OBJECT_HANDLE_PTR>) {
+          if (rv == CKR_OK && arg != nullptr && *arg != CK_INVALID_HANDLE)
+            rv = group_issue_made(call, made_on, *arg);
+        }
+      };
+      CK_OBJECT_HANDLE own = CK_INVALID_HANDLE;  // C_CreateObject's, the member's number
+      if constexpr (F::name == "C_CreateObject") own = *std::get<2>(args);
+      std::apply([&](auto... a) { (issue(a), ...); }, args);
+      // A token object made: on every member (docs/groups.md, "Objects").
+      if constexpr (F::name == "C_CreateObject") {
+        CK_OBJECT_HANDLE_PTR out = std::get<2>(args);
+        if (rv == CKR_OK && group_replicated(call, *out)) {
+          rv = group_replicate_create(call, *out, std::get<0>(args), std::get<1>(args), own);
+        }
+      }
+    }
+  } else if constexpr (F::name == "C_FindObjects") {
+    // A count of 0 ends the search (docs/pkcs11-facts.md): answers whose
+    // handles were all left out are asked again.
+    CK_OBJECT_HANDLE_PTR found = std::get<0>(args);
+    CK_ULONG_PTR count = std::get<2>(args);
+    while (rv == CKR_OK && *count != 0) {
+      rv = group_issue_found(call, found, *count);
+      if (rv != CKR_OK || *count != 0) break;
+      rv = std::apply(run, args);
+    }
+  } else if constexpr (F::name == "C_DestroyObject") {
+    if (rv == CKR_OK) {
+      const CK_OBJECT_HANDLE handle = std::get<0>(std::tuple<Rest...>{rest...});
+      // A token object: its copies on the other members too.
+      if (group_replicated(call, handle)) rv = group_replicate_destroy(call, handle);
+      group_destroyed(call, handle);
+    }
+  }
+  // [pool] bind = state gave the backend session back (forward.hpp's
+  // unbind_if_idle): whatever pinned to it is gone with it.
+  if (made_on != CK_INVALID_HANDLE && s.anchor.backend != made_on) {
+    group_session_ended(rt, s.group, s.member, made_on);
+  }
+  return rv;
+}
+
+}  // namespace p11mux

@@ -1,0 +1,445 @@
+#include "group/group_objects.hpp"
+
+#include "forward/key_mechanisms.hpp"
+#include "group/group_runtime.hpp"
+#include "group/object_map.hpp"
+#include "lifecycle/runtime.hpp"
+#include "sessions/gone_codes.hpp"
+
+#include <p11mux/rv_names.hpp>
+
+#include <algorithm>
+#include <array>
+#include <new>
+#include <string>
+
+namespace p11mux {
+
+class GroupObjects {
+ public:
+  GroupObjects(const Group& config, const LockSource& locks, spdlog::logger& log)
+      : name(config.name),
+        generate_token_keys(config.generate_token_keys),
+        map(config.members.size(), config.object_key, locks, &log) {}
+  const std::string name;
+  const GenerateTokenKeys generate_token_keys;
+  ObjectMap map;
+};
+
+void destroy_group_objects(GroupObjects* objects) noexcept { delete objects; }
+
+std::vector<GroupObjectsPtr> make_group_objects(const Config& config, const LockSource& locks,
+                                                spdlog::logger& log) {
+  std::vector<GroupObjectsPtr> out;
+  out.reserve(config.groups.size());
+  for (const Group& g : config.groups) out.emplace_back(new GroupObjects(g, locks, log));
+  return out;
+}
+
+namespace {
+
+// A backend session of one member for the map's own calls, borrowed from the
+// member's pool and given back clean: a search it ran has been ended
+// (C_FindObjectsFinal answered), else it is closed; one the backend says is
+// gone is counted dead.
+class Borrowed {
+ public:
+  Borrowed(Runtime& rt, const GroupRuntime::Member& member, bool rw = false) noexcept
+      : pool_(rt.pool_of(*member.port)), slot_(member.slot), rw_(rw) {
+    rv_ = pool_.borrow(slot_, rw_, handle_);
+    // An SO logged in on the token refuses read-only sessions.
+    if (rv_ == CKR_SESSION_READ_WRITE_SO_EXISTS) {
+      rw_ = true;
+      rv_ = pool_.borrow(slot_, rw_, handle_);
+    }
+  }
+  ~Borrowed() {
+    if (rv_ != CKR_OK) return;
+    pool_.give(slot_, rw_, handle_, fate_);
+  }
+  Borrowed(const Borrowed&) = delete;  // gives its session back once
+  Borrowed& operator=(const Borrowed&) = delete;
+
+  CK_RV rv() const noexcept { return rv_; }
+  CK_SESSION_HANDLE handle() const noexcept { return handle_; }
+  const BackendPort& port() const noexcept { return pool_.port(); }
+  // What a call on it answered: a session (or device) gone is not pooled again.
+  void answered(CK_RV rv) noexcept {
+    if (rv != CKR_OK && session_gone(rv)) {
+      fate_ = SessionPool::Fate::dead;
+      pool_.invalidate(slot_);
+    }
+  }
+  // A search may still be active on it: closed, not pooled.
+  void maybe_active() noexcept {
+    if (fate_ == SessionPool::Fate::reuse)
+      fate_ = SessionPool::Fate::closed(CloseReason::operation_maybe_active);
+  }
+
+ private:
+  SessionPool& pool_;
+  CK_SLOT_ID slot_;
+  bool rw_;
+  CK_SESSION_HANDLE handle_ = CK_INVALID_HANDLE;
+  CK_RV rv_ = CKR_OK;
+  SessionPool::Fate fate_ = SessionPool::Fate::reuse;
+};
+
+// The map's calls on the group's members: attribute reads on the
+// application's own backend session when the call runs on that member (a
+// read is no operation, so it does not disturb one in progress there), on a
+// borrowed one otherwise; searches always on a borrowed one.
+class MemberCalls final : public MemberObjects {
+ public:
+  explicit MemberCalls(GroupCall& call) noexcept
+      : call_(call), members_(call.rt.groups()->members(call.group)) {}
+
+  CK_RV get_attribute_value(MemberIndex member, CK_OBJECT_HANDLE object, CK_ATTRIBUTE* templ,
+                            CK_ULONG count) override {
+    const GroupRuntime::Member& m = members_.at(member);
+    if (member == call_.member && call_.backend != CK_INVALID_HANDLE) {
+      return m.port->call<fn::C_GetAttributeValue>(call_.backend, object, templ, count);
+    }
+    Borrowed s(call_.rt, m);
+    if (s.rv() != CKR_OK) return s.rv();
+    const CK_RV rv = s.port().call<fn::C_GetAttributeValue>(s.handle(), object, templ, count);
+    s.answered(rv);
+    return rv;
+  }
+
+  CK_RV find_objects(MemberIndex member, const CK_ATTRIBUTE* templ, CK_ULONG count,
+                     std::size_t limit, std::vector<CK_OBJECT_HANDLE>& found) override {
+    Borrowed s(call_.rt, members_.at(member));
+    if (s.rv() != CKR_OK) return s.rv();
+    const BackendPort& port = s.port();
+    CK_RV rv =
+        port.call<fn::C_FindObjectsInit>(s.handle(), const_cast<CK_ATTRIBUTE*>(templ), count);
+    s.answered(rv);
+    if (rv != CKR_OK) {
+      s.maybe_active();  // some modules keep an operation after a failed Init
+      return rv;
+    }
+    std::array<CK_OBJECT_HANDLE, 16> batch{};
+    while (found.size() < limit) {
+      CK_ULONG n = 0;
+      const CK_ULONG want =
+          static_cast<CK_ULONG>(std::min<std::size_t>(batch.size(), limit - found.size()));
+      rv = port.call<fn::C_FindObjects>(s.handle(), batch.data(), want, &n);
+      s.answered(rv);
+      if (rv != CKR_OK || n == 0) break;
+      found.insert(found.end(), batch.begin(), batch.begin() + std::min<CK_ULONG>(n, want));
+    }
+    const CK_RV final_rv = port.call<fn::C_FindObjectsFinal>(s.handle());
+    s.answered(final_rv);
+    if (final_rv != CKR_OK && final_rv != CKR_OPERATION_NOT_INITIALIZED) s.maybe_active();
+    return rv != CKR_OK ? rv : final_rv == CKR_OPERATION_NOT_INITIALIZED ? CKR_OK : final_rv;
+  }
+
+ private:
+  GroupCall& call_;
+  const std::vector<GroupRuntime::Member>& members_;
+};
+
+// C_DestroyObject of `object` on the call's member: on the application's
+// backend session while it still holds it, else on a borrowed one (never on
+// one given back to the pool, which another thread may hold by now).
+CK_RV destroy_on_member(GroupCall& call, CK_OBJECT_HANDLE object) noexcept {
+  const GroupRuntime::Member& m = call.rt.groups()->members(call.group).at(call.member);
+  if (call.backend != CK_INVALID_HANDLE)
+    return m.port->call<fn::C_DestroyObject>(call.backend, object);
+  Borrowed s(call.rt, m, /*rw=*/true);
+  const CK_RV rv =
+      s.rv() == CKR_OK ? s.port().call<fn::C_DestroyObject>(s.handle(), object) : s.rv();
+  s.answered(rv);
+  return rv;
+}
+
+// Destroys an object the application will never hear of (its handle could
+// not be made virtual). A session object whose session is gone is gone too.
+void destroy_unnamed(GroupCall& call, CK_OBJECT_HANDLE object) noexcept {
+  const CK_RV rv = destroy_on_member(call, object);
+  call.rt.log().warn(
+      "{} on group '{}': the object it made (member {}'s handle {}) could not be given a "
+      "handle; destroyed again: {}",
+      call.function, call.objects.name, call.member, object, rv_name(rv));
+}
+
+}  // namespace
+
+CK_RV group_resolve(GroupCall& call, CK_OBJECT_HANDLE handle, CK_RV invalid,
+                    CK_OBJECT_HANDLE& out) noexcept {
+  try {
+    MemberCalls members(call);
+    const ObjectMap::Resolved r = call.objects.map.resolve(members, handle, call.member);
+    switch (r.status) {
+      case ObjectMap::Status::found:
+        out = r.object;
+        return CKR_OK;
+      case ObjectMap::Status::ambiguous:
+      case ObjectMap::Status::failed:
+        return ObjectMap::to_ckr(r);
+      case ObjectMap::Status::unknown:
+      case ObjectMap::Status::missing:
+      case ObjectMap::Status::elsewhere:
+        break;
+    }
+    return invalid;
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+}
+
+CK_RV group_issue_made(GroupCall& call, CK_SESSION_HANDLE made_on,
+                       CK_OBJECT_HANDLE& handle) noexcept {
+  ObjectMap::Issued issued{CKR_HOST_MEMORY, CK_INVALID_HANDLE};
+  try {
+    MemberCalls members(call);
+    const ObjectRead read = read_object(members, call.member, handle, call.objects.map.rule());
+    if (read.rv != CKR_OK) {
+      issued.rv = read.rv;
+    } else if (read.token) {
+      issued = call.objects.map.issue_found(call.member, handle, read);
+    } else {
+      // It lives in the backend session that made it, and dies with it.
+      issued = call.objects.map.issue_session_object(call.member, made_on, handle);
+    }
+  } catch (const std::bad_alloc&) {
+    issued.rv = CKR_HOST_MEMORY;
+  }
+  if (issued.rv != CKR_OK) {
+    destroy_unnamed(call, handle);
+    return issued.rv;
+  }
+  handle = issued.handle;
+  return CKR_OK;
+}
+
+CK_RV group_issue_found(GroupCall& call, CK_OBJECT_HANDLE* found, CK_ULONG& count) noexcept {
+  try {
+    MemberCalls members(call);
+    CK_ULONG kept = 0;
+    for (CK_ULONG i = 0; i < count; ++i) {
+      const ObjectMap::Issued issued = call.objects.map.issue_found(members, call.member, found[i]);
+      // Destroyed since the search found it (by another session): not found.
+      if (issued.rv == CKR_OBJECT_HANDLE_INVALID) continue;
+      if (issued.rv != CKR_OK) return issued.rv;
+      // Two objects of one identity on a member (the map refuses to pick):
+      // one handle, given once.
+      if (std::find(found, found + kept, issued.handle) != found + kept) continue;
+      found[kept++] = issued.handle;
+    }
+    count = kept;
+    return CKR_OK;
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+}
+
+void group_destroyed(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept {
+  call.objects.map.destroy(handle);
+}
+
+bool group_replicated(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept {
+  try {
+    // Pinned objects (session objects, token objects without an identity)
+    // are on one member; a replicated one is a token object with one.
+    return !call.objects.map.pinned_member(handle).has_value();
+  } catch (...) {
+    return false;
+  }
+}
+
+namespace {
+
+// A member whose token is absent or whose device failed: the change is not
+// made there (docs/groups.md, "Objects": on every member whose token is present).
+bool member_absent(CK_RV rv) noexcept { return device_gone(rv); }
+
+}  // namespace
+
+CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIBUTE_PTR templ,
+                             CK_ULONG count, CK_OBJECT_HANDLE own) noexcept {
+  const std::vector<GroupRuntime::Member>& members = call.rt.groups()->members(call.group);
+  struct Made {
+    std::size_t member;
+    CK_OBJECT_HANDLE object;
+  };
+  std::array<Made, 64> made{};  // members of a group: a handful
+  std::size_t n = 0;
+  CK_RV rv = CKR_OK;
+  std::size_t failed = 0;
+  for (std::size_t m = 0; m < members.size() && rv == CKR_OK; ++m) {
+    if (m == call.member) continue;
+    Borrowed s(call.rt, members[m], /*rw=*/true);
+    CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
+    rv = s.rv() == CKR_OK ? s.port().call<fn::C_CreateObject>(s.handle(), templ, count, &object)
+                          : s.rv();
+    s.answered(rv);
+    if (member_absent(rv)) {
+      call.rt.log().warn(
+          "{} on group '{}': member {} is absent ({}); the token object is not made there",
+          call.function, call.objects.name, m, rv_name(rv));
+      rv = CKR_OK;
+      continue;
+    }
+    if (rv != CKR_OK) {
+      failed = m;
+      break;
+    }
+    try {
+      call.objects.map.record(handle, m, object);
+    } catch (...) {
+    }
+    if (n < made.size()) made[n++] = {m, object};
+  }
+  if (rv == CKR_OK) return CKR_OK;
+  // Undone: the copies made, then the session's member's own.
+  std::size_t left = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    Borrowed s(call.rt, members[made[i].member], /*rw=*/true);
+    const CK_RV undo =
+        s.rv() == CKR_OK ? s.port().call<fn::C_DestroyObject>(s.handle(), made[i].object) : s.rv();
+    s.answered(undo);
+    if (undo != CKR_OK) ++left;
+  }
+  const CK_RV own_undo = destroy_on_member(call, own);
+  if (own_undo != CKR_OK) ++left;
+  call.objects.map.destroy(handle);
+  call.rt.log().warn(
+      "{} on group '{}': member {} answered {}; the object made on the other {} member(s) was "
+      "destroyed again{}",
+      call.function, call.objects.name, failed, rv_name(rv), n + 1,
+      left == 0 ? std::string() : ", except on " + std::to_string(left) + " (left there)");
+  return rv;
+}
+
+CK_RV group_replicate_destroy(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept {
+  const std::vector<GroupRuntime::Member>& members = call.rt.groups()->members(call.group);
+  CK_RV first = CKR_OK;
+  for (std::size_t m = 0; m < members.size(); ++m) {
+    if (m == call.member) continue;
+    CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
+    CK_RV rv = CKR_OK;
+    try {
+      MemberCalls calls(call);
+      const ObjectMap::Resolved r = call.objects.map.resolve(calls, handle, m);
+      if (r.status == ObjectMap::Status::missing) continue;  // nothing to destroy there
+      rv = r.status == ObjectMap::Status::found ? CKR_OK : ObjectMap::to_ckr(r);
+      object = r.object;
+    } catch (const std::bad_alloc&) {
+      rv = CKR_HOST_MEMORY;
+    }
+    if (rv == CKR_OK) {
+      Borrowed s(call.rt, members[m], /*rw=*/true);
+      rv = s.rv() == CKR_OK ? s.port().call<fn::C_DestroyObject>(s.handle(), object) : s.rv();
+      s.answered(rv);
+    }
+    if (rv == CKR_OK || rv == CKR_OBJECT_HANDLE_INVALID) continue;
+    if (member_absent(rv)) {
+      call.rt.log().warn(
+          "{} on group '{}': member {} is absent ({}); its copy of the token object is left there",
+          call.function, call.objects.name, m, rv_name(rv));
+      continue;
+    }
+    // A destroyed object cannot be made again: the error, and the copy left.
+    call.rt.log().warn(
+        "{} on group '{}': member {} answered {}; its copy of the token object is left there",
+        call.function, call.objects.name, m, rv_name(rv));
+    if (first == CKR_OK) first = rv;
+  }
+  return first;
+}
+
+void group_member_readmitted(Runtime& rt, std::size_t group, std::size_t member) noexcept {
+  try {
+    rt.group_objects(group).map.member_restarted(member);
+  } catch (...) {
+    rt.log().error("group '{}': member {}'s cached object handles were not dropped",
+                   rt.group_objects(group).name, member);
+  }
+}
+
+void group_session_ended(Runtime& rt, std::size_t group, std::size_t member,
+                         CK_SESSION_HANDLE backend) noexcept {
+  try {
+    rt.group_objects(group).map.forget_session(member, backend);
+  } catch (const std::bad_alloc&) {
+    // Its handles stay in the map; each names a pinned object of a session
+    // that is gone, which the member answers CKR_OBJECT_HANDLE_INVALID for
+    // unless it reuses the number: logged, the only trace.
+    rt.log().error("group '{}': the session objects of member {}'s session {} were not forgotten",
+                   rt.group_objects(group).name, member, backend);
+  }
+}
+
+CK_RV group_mechanism(GroupCall& call, CK_MECHANISM_PTR mechanism, CK_MECHANISM& copy,
+                      MechanismCopyParam& param, CK_MECHANISM_PTR& out) noexcept {
+  const CK_MECHANISM_TYPE type = mechanism->mechanism;
+  const char* why = nullptr;
+  switch (type) {
+    case CKM_CONCATENATE_BASE_AND_KEY: {
+      // The parameter is the other key's handle (docs/pkcs11-facts.md).
+      if (mechanism->pParameter == nullptr ||
+          mechanism->ulParameterLen != sizeof(CK_OBJECT_HANDLE)) {
+        return CKR_MECHANISM_PARAM_INVALID;
+      }
+      CK_OBJECT_HANDLE other = CK_INVALID_HANDLE;
+      if (CK_RV rv =
+              group_resolve(call, *static_cast<const CK_OBJECT_HANDLE*>(mechanism->pParameter),
+                            CKR_KEY_HANDLE_INVALID, other);
+          rv != CKR_OK) {
+        return rv;
+      }
+      param.handle = other;
+      copy = *mechanism;
+      copy.pParameter = &param.handle;
+      out = &copy;
+      return CKR_OK;
+    }
+    // Handles of keys inside the parameter, not translated yet.
+    case CKM_ECMQV_DERIVE:
+    case CKM_X9_42_DH_HYBRID_DERIVE:
+    case CKM_X9_42_MQV_DERIVE:
+    case CKM_KIP_DERIVE:
+    case CKM_KIP_WRAP:
+    case CKM_KIP_MAC:
+    case CKM_CMS_SIG:
+      why = "its parameter names an object, which p11mux does not translate yet";
+      break;
+    default:
+      // Keys returned inside the parameter (key_mechanisms.hpp).
+      if (std::optional<KeyOutputs> outputs = derive_outputs(type);
+          outputs && *outputs != KeyOutputs::handle_args) {
+        why = "it returns keys inside its parameter, which p11mux does not translate yet";
+      } else if (type >= CKM_VENDOR_DEFINED) {
+        why = "a vendor-defined mechanism's parameter may name an object p11mux cannot translate";
+      }
+      break;
+  }
+  if (why == nullptr) return CKR_OK;
+  call.rt.log().warn(
+      "{} on group '{}' refused (CKR_MECHANISM_PARAM_INVALID): mechanism {:#x}: {} "
+      "(docs/groups.md, \"Objects\")",
+      call.function, call.objects.name, type, why);
+  return CKR_MECHANISM_PARAM_INVALID;
+}
+
+CK_RV group_token_key_refusal(GroupCall& call, const CK_ATTRIBUTE* templ, CK_ULONG count) noexcept {
+  if (call.objects.generate_token_keys != GenerateTokenKeys::refuse || templ == nullptr) {
+    return CKR_OK;
+  }
+  for (CK_ULONG i = 0; i < count; ++i) {
+    const CK_ATTRIBUTE& a = templ[i];
+    if (a.type != CKA_TOKEN || a.pValue == nullptr || a.ulValueLen != sizeof(CK_BBOOL)) continue;
+    if (*static_cast<const CK_BBOOL*>(a.pValue) == CK_FALSE) continue;
+    call.rt.log().warn(
+        "{} on group '{}' refused (CKR_ATTRIBUTE_VALUE_INVALID): a key generated with "
+        "CKA_TOKEN=true would exist on one member only, and a key generated in an HSM cannot in "
+        "general be copied to the others; generate_token_keys = refuse (docs/groups.md)",
+        call.function, call.objects.name);
+    return CKR_ATTRIBUTE_VALUE_INVALID;
+  }
+  return CKR_OK;
+}
+
+}  // namespace p11mux

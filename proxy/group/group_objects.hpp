@@ -1,0 +1,129 @@
+// A group's object handles on its sessions (issue 15, docs/groups.md
+// "Objects"): every object handle a call on a group's session passes is a
+// virtual one, resolved for the session's member; every handle a member
+// returns is turned into a virtual one. The group's ObjectMap
+// (object_map.hpp) keeps them; its backend calls are made on sessions
+// borrowed from the member's pool, never on the application's session (a
+// search of the application's in progress there would make the map's
+// C_FindObjectsInit fail with CKR_OPERATION_ACTIVE).
+//
+// This header is what the forwarding code sees (group_object_calls.hpp): the
+// map stays behind these functions, out of line, so that the group path adds
+// one call per handle and nothing to the forwarding of the single backend.
+#pragma once
+
+#include "config/config.hpp"
+#include "sync/lock.hpp"
+
+#include <p11mux/pkcs11.h>
+
+#include <spdlog/logger.h>
+
+#include <cstddef>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+namespace p11mux {
+
+class Runtime;
+
+// One group's map of virtual object handles, and how it makes token keys.
+// Defined in group_objects.cpp (it holds an ObjectMap).
+class GroupObjects;
+
+void destroy_group_objects(GroupObjects* objects) noexcept;
+struct GroupObjectsDeleter {
+  void operator()(GroupObjects* objects) const noexcept { destroy_group_objects(objects); }
+};
+using GroupObjectsPtr = std::unique_ptr<GroupObjects, GroupObjectsDeleter>;
+
+// The map of each group of `config` (as GroupRuntime numbers them), for
+// `locks` and `log`, which must outlive them (Runtime owns both).
+std::vector<GroupObjectsPtr> make_group_objects(const Config& config, const LockSource& locks,
+                                                spdlog::logger& log);
+
+// One call on a group's session: where it runs. `backend` is the
+// application's own backend session on `member` (CK_INVALID_HANDLE when it
+// holds none, or gave it back during the call): attributes are read there,
+// searches on a borrowed one.
+struct GroupCall {
+  Runtime& rt;
+  GroupObjects& objects;
+  std::size_t group;
+  std::size_t member;
+  CK_SESSION_HANDLE backend;
+  std::string_view function;
+};
+
+// `handle` as the member's own handle in `out`: CKR_OK, or the code for a
+// handle this member cannot serve: `invalid` (the function's code for that
+// argument, policy/filters.hpp object_handle_args) for an unknown,
+// destroyed, missing or pinned-elsewhere one; CKR_GENERAL_ERROR when the
+// member holds several objects of its identity (refused, never guessed);
+// the member's error when its search failed. A cached handle: one shard
+// lock and one hash lookup, no allocation, no backend call.
+CK_RV group_resolve(GroupCall& call, CK_OBJECT_HANDLE handle, CK_RV invalid,
+                    CK_OBJECT_HANDLE& out) noexcept;
+
+// After a successful call, `handle` (the member's, made by this call on
+// backend session `made_on`) replaced by its virtual handle: a session object
+// pinned to that backend session, a token object by its identity. On an
+// error nothing is issued and the object is destroyed again on the member
+// (the application cannot name it).
+CK_RV group_issue_made(GroupCall& call, CK_SESSION_HANDLE made_on,
+                       CK_OBJECT_HANDLE& handle) noexcept;
+
+// C_FindObjects' results, `count` of them in `found`, replaced by virtual
+// handles; an object that vanished meanwhile, or one whose handle came
+// earlier in the same answer, is left out (`count` shrinks).
+CK_RV group_issue_found(GroupCall& call, CK_OBJECT_HANDLE* found, CK_ULONG& count) noexcept;
+
+// C_DestroyObject succeeded: `handle` is never valid again.
+void group_destroyed(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept;
+
+// Token objects are on every member (docs/groups.md, "Objects"): whether
+// `handle` names one (not pinned to a member).
+bool group_replicated(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept;
+// C_CreateObject of a token object succeeded on the session's member (`own`,
+// now `handle`): made with `templ` on every other member whose token is
+// present, through borrowed R/W sessions. A member that refuses: the copies
+// made, and `own`, destroyed again, `handle` ended, that member's error
+// answered, and a log line.
+CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIBUTE_PTR templ,
+                             CK_ULONG count, CK_OBJECT_HANDLE own) noexcept;
+// C_DestroyObject of a token object succeeded on the session's member: its
+// copies on the other members present destroyed too. A member that fails
+// keeps its copy (a destroyed object cannot be made again): its error is
+// answered, and logged.
+CK_RV group_replicate_destroy(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept;
+
+// A backend session of `member` of group `group` ends (closed, or given back
+// to the pool after its session objects were destroyed): the session
+// objects made there are gone.
+void group_session_ended(Runtime& rt, std::size_t group, std::size_t member,
+                         CK_SESSION_HANDLE backend) noexcept;
+// `member` of group `group` is admitted again after it was down: it may have
+// restarted and numbered its objects anew, so its cached handles are
+// dropped and its pinned (session) objects are gone (ObjectMap::member_restarted).
+void group_member_readmitted(Runtime& rt, std::size_t group, std::size_t member) noexcept;
+
+// The mechanism a call on the member gets for the application's
+// `mechanism`: itself when its parameter holds no object handle; a copy in
+// `copy` (parameter in `param`) with the handle resolved for a parameter
+// that names a key and whose layout p11mux knows; else refused
+// (CKR_MECHANISM_PARAM_INVALID, with a log line): a vendor-defined
+// mechanism's parameter, or one that returns handles inside its parameter,
+// might carry a handle the member does not know, and p11mux does not guess.
+struct MechanismCopyParam {
+  CK_OBJECT_HANDLE handle;
+};
+CK_RV group_mechanism(GroupCall& call, CK_MECHANISM_PTR mechanism, CK_MECHANISM& copy,
+                      MechanismCopyParam& param, CK_MECHANISM_PTR& out) noexcept;
+
+// C_GenerateKey / C_GenerateKeyPair with CKA_TOKEN true in `templ` on a
+// group: CKR_OK to go on, or (generate_token_keys = refuse) the refusal,
+// CKR_ATTRIBUTE_VALUE_INVALID, with a log line saying why.
+CK_RV group_token_key_refusal(GroupCall& call, const CK_ATTRIBUTE* templ, CK_ULONG count) noexcept;
+
+}  // namespace p11mux

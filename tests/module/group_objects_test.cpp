@@ -1,0 +1,452 @@
+// Issue 15, virtual object handles on a group's sessions (docs/groups.md,
+// "Objects"): the application sees the group's handles, resolved for the
+// member each session runs on. Over the mock (its slots hold "mock-token-N",
+// serial N, and number objects across all of them, so one object's copies
+// have different handles on different members), behind the faulty module
+// where a member's token must be absent.
+#include "harness.hpp"
+
+#include "faulty_control.h"
+
+#include <dlfcn.h>
+
+#include <array>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace p11mux::test {
+namespace {
+
+// p11mux initialized with `conf` as its file, the mock configured first
+// (as group_slot_test.cpp's).
+class GroupProxy {
+ public:
+  GroupProxy(const std::string& conf, MockConfig mock,
+             std::initializer_list<std::pair<const char*, const char*>> env = {})
+      : path_(unique_temp_path("group-objects", "conf")) {
+    reset_environment();
+    std::ofstream(path_) << conf;
+    ::setenv("P11MUX_CONFIG", path_.c_str(), 1);
+    ::setenv("P11MUX_MODULE", "", 1);
+    for (auto [name, value] : env) ::setenv(name, value, 1);
+    CHECK(libs().mock->reset() == 0);
+    REQUIRE(libs().mock->configure(&mock) == 0);
+  }
+  ~GroupProxy() {
+    if (initialized_) p11->C_Finalize(nullptr);
+    ::unlink(path_.c_str());
+    reset_environment();
+  }
+  GroupProxy(const GroupProxy&) = delete;
+  GroupProxy& operator=(const GroupProxy&) = delete;
+
+  void initialize() {
+    CK_C_INITIALIZE_ARGS os{};
+    os.flags = CKF_OS_LOCKING_OK;
+    REQUIRE(p11->C_Initialize(&os) == CKR_OK);
+    initialized_ = true;
+  }
+  CK_SESSION_HANDLE open(bool rw = true) {
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    REQUIRE(p11->C_OpenSession(0, CKF_SERIAL_SESSION | (rw ? CKF_RW_SESSION : 0), nullptr, nullptr,
+                               &h) == CKR_OK);
+    return h;
+  }
+
+  CK_FUNCTION_LIST* p11 = libs().p11;
+
+ private:
+  std::string path_;
+  bool initialized_ = false;
+};
+
+// The mock's own function list (the instance p11mux loaded).
+CK_FUNCTION_LIST* mock_functions() {
+  void* lib = ::dlopen(P11MUX_TEST_MOCK_PATH, RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(lib != nullptr);
+  auto get = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(lib, "C_GetFunctionList"));
+  CK_FUNCTION_LIST* list = nullptr;
+  REQUIRE(get(&list) == CKR_OK);
+  return list;
+}
+
+const FaultyControl* faulty_control() {
+  void* lib = ::dlopen(P11MUX_TEST_FAULTY_PATH, RTLD_NOW | RTLD_LOCAL);  // -z nodelete
+  REQUIRE(lib != nullptr);
+  return reinterpret_cast<FaultyGetControlFn>(::dlsym(lib, "faulty_get_control"))();
+}
+
+MockConfig three_tokens(unsigned long bend = 0) {
+  MockConfig mock{};
+  mock.slot_count = 3;
+  mock.bend = bend;
+  return mock;
+}
+
+// A group over the faulty module (over the mock): first member the mock's
+// slot 2, then its slot 1.
+std::string faulty_group(const std::string& extra = "") {
+  return std::string("[backend.faulty]\nmodule = ") + P11MUX_TEST_FAULTY_PATH +
+         "\n[group.signing]\nmembers = faulty/serial:2, faulty/label:mock-token-1\n" + extra;
+}
+
+// A token secret key with CKA_ID "k1" and `label`, made straight on the
+// mock's `slot` (the members' copies, as provisioning would make them).
+CK_OBJECT_HANDLE provision(CK_SLOT_ID slot, const std::string& label) {
+  CK_FUNCTION_LIST* mock = mock_functions();
+  CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+  REQUIRE(mock->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &s) ==
+          CKR_OK);
+  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+  CK_KEY_TYPE type = CKK_GENERIC_SECRET;
+  CK_BBOOL yes = CK_TRUE;
+  std::string id = "k1";
+  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls},
+                          {CKA_KEY_TYPE, &type, sizeof type},
+                          {CKA_TOKEN, &yes, sizeof yes},
+                          {CKA_ID, id.data(), id.size()},
+                          {CKA_LABEL, const_cast<char*>(label.data()), label.size()}};
+  CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+  REQUIRE(mock->C_CreateObject(s, templ, 5, &h) == CKR_OK);
+  REQUIRE(mock->C_CloseSession(s) == CKR_OK);
+  return h;
+}
+
+// The handles a search by CKA_ID "k1" finds on session `s`.
+std::vector<CK_OBJECT_HANDLE> find_k1(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s) {
+  std::string id = "k1";
+  CK_ATTRIBUTE templ[] = {{CKA_ID, id.data(), id.size()}};
+  REQUIRE(p->C_FindObjectsInit(s, templ, 1) == CKR_OK);
+  std::array<CK_OBJECT_HANDLE, 8> found{};
+  CK_ULONG n = 0;
+  REQUIRE(p->C_FindObjects(s, found.data(), found.size(), &n) == CKR_OK);
+  REQUIRE(p->C_FindObjectsFinal(s) == CKR_OK);
+  return {found.begin(), found.begin() + n};
+}
+
+std::string label_of(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE object,
+                     CK_RV* rv = nullptr) {
+  std::array<char, 64> text{};
+  CK_ATTRIBUTE a{CKA_LABEL, text.data(), text.size()};
+  const CK_RV got = p->C_GetAttributeValue(s, object, &a, 1);
+  if (rv != nullptr) *rv = got;
+  if (got != CKR_OK) return {};
+  return {text.data(), a.ulValueLen};
+}
+
+CK_OBJECT_HANDLE create_data(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, bool token,
+                             const std::string& label) {
+  CK_OBJECT_CLASS cls = CKO_DATA;
+  CK_BBOOL on_token = token ? CK_TRUE : CK_FALSE;
+  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls},
+                          {CKA_TOKEN, &on_token, sizeof on_token},
+                          {CKA_LABEL, const_cast<char*>(label.data()), label.size()}};
+  CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+  REQUIRE(p->C_CreateObject(s, templ, 3, &h) == CKR_OK);
+  return h;
+}
+
+}  // namespace
+
+TEST_CASE("group objects: a handle found on one member serves a session on another") {
+  const FaultyControl* faulty = faulty_control();
+  GroupProxy proxy(faulty_group(), three_tokens(),
+                   {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}});
+  REQUIRE(faulty->reset() == 0);
+  // The same key on both members, each with its own handle (and, to tell
+  // which copy a call reached, its own label).
+  proxy.initialize();
+  const CK_OBJECT_HANDLE on_first = provision(2, "copy-on-slot-2");
+  const CK_OBJECT_HANDLE on_second = provision(1, "copy-on-slot-1");
+  REQUIRE(on_first != on_second);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE a = proxy.open();  // on the first member
+  const std::vector<CK_OBJECT_HANDLE> found = find_k1(p, a);
+  REQUIRE(found.size() == 1);
+  const CK_OBJECT_HANDLE key = found[0];
+  CHECK(label_of(p, a, key) == "copy-on-slot-2");
+  // The first member's token gone: a new session runs on the second.
+  faulty->set_slot_removed(2, 1);
+  const CK_SESSION_HANDLE b = proxy.open();
+  CHECK(label_of(p, b, key) == "copy-on-slot-1");
+  // The same object found there is the same handle.
+  CHECK(find_k1(p, b) == std::vector<CK_OBJECT_HANDLE>{key});
+  // A member's own number is none of the group's handles.
+  CK_RV rv = CKR_OK;
+  for (CK_OBJECT_HANDLE raw : {on_first, on_second}) {
+    if (raw == key) continue;
+    label_of(p, b, raw, &rv);
+    CHECK(rv == CKR_OBJECT_HANDLE_INVALID);
+  }
+  faulty->clear_slot(2);
+}
+
+TEST_CASE("group objects: a destroyed handle stays invalid when the backend reuses its number") {
+  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
+                   three_tokens(MOCK_BEND_REUSE_HANDLES));
+  proxy.initialize();
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();
+  const CK_OBJECT_HANDLE first = create_data(p, s, true, "first");
+  CHECK(label_of(p, s, first) == "first");
+  REQUIRE(p->C_DestroyObject(s, first) == CKR_OK);
+  CK_RV rv = CKR_OK;
+  label_of(p, s, first, &rv);
+  CHECK(rv == CKR_OBJECT_HANDLE_INVALID);
+  CHECK(p->C_DestroyObject(s, first) == CKR_OBJECT_HANDLE_INVALID);
+  // The mock gives the next object the number the first one had: the
+  // group's handle is new, and the old one names nothing.
+  const CK_OBJECT_HANDLE second = create_data(p, s, true, "second");
+  CHECK(mock_stats().bend_handles_reused >= 1);
+  CHECK(second != first);
+  label_of(p, s, first, &rv);
+  CHECK(rv == CKR_OBJECT_HANDLE_INVALID);
+  CHECK(label_of(p, s, second) == "second");
+}
+
+TEST_CASE("group objects: session objects live in their session, on their member") {
+  const FaultyControl* faulty = faulty_control();
+  // primary: the sessions opened while the first member is there go to it.
+  GroupProxy proxy(faulty_group("balance = primary\n"), three_tokens(MOCK_BEND_REUSE_HANDLES),
+                   {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}});
+  REQUIRE(faulty->reset() == 0);
+  proxy.initialize();
+  CK_FUNCTION_LIST* p = proxy.p11;
+  // A session on the second member (the first's token absent meanwhile;
+  // removing it drops the sessions there, so before the others open).
+  faulty->set_slot_removed(2, 1);
+  const CK_SESSION_HANDLE elsewhere = proxy.open();
+  faulty->clear_slot(2);
+  const CK_SESSION_HANDLE a = proxy.open();
+  const CK_SESSION_HANDLE b = proxy.open();
+  const CK_OBJECT_HANDLE object = create_data(p, a, false, "session object");
+  // Any session of the application on that member may use it.
+  CHECK(label_of(p, b, object) == "session object");
+  // Not one on another member: the object is not there.
+  CK_RV rv = CKR_OK;
+  label_of(p, elsewhere, object, &rv);
+  CHECK(rv == CKR_OBJECT_HANDLE_INVALID);
+  // Gone with its session; the next object made takes its number on the
+  // mock, not its handle.
+  REQUIRE(p->C_CloseSession(a) == CKR_OK);
+  label_of(p, b, object, &rv);
+  CHECK(rv == CKR_OBJECT_HANDLE_INVALID);
+  const CK_OBJECT_HANDLE next = create_data(p, b, false, "next");
+  CHECK(next != object);
+  label_of(p, b, object, &rv);
+  CHECK(rv == CKR_OBJECT_HANDLE_INVALID);
+  CHECK(label_of(p, b, next) == "next");
+}
+
+TEST_CASE("group objects: key arguments get their own codes; keys made are the group's") {
+  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
+                   three_tokens());
+  proxy.initialize();
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();
+  CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
+  REQUIRE(p->C_GenerateKeyPair(s, &gen, nullptr, 0, nullptr, 0, &pub, &priv) == CKR_OK);
+  // The mock's own numbers for them are not the group's handles.
+  CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
+  CHECK(p->C_SignInit(s, &ecdsa, priv) == CKR_OK);
+  std::string text = "over a group";
+  std::array<CK_BYTE, MOCK_DIGEST_LEN> sig{};
+  CK_ULONG sig_len = sig.size();
+  REQUIRE(p->C_Sign(s, reinterpret_cast<CK_BYTE_PTR>(text.data()), text.size(), sig.data(),
+                    &sig_len) == CKR_OK);
+  REQUIRE(p->C_VerifyInit(s, &ecdsa, pub) == CKR_OK);
+  CHECK(p->C_Verify(s, reinterpret_cast<CK_BYTE_PTR>(text.data()), text.size(), sig.data(),
+                    sig_len) == CKR_OK);
+  // A handle the group never issued: the code of that argument.
+  const CK_OBJECT_HANDLE bogus = priv + pub + 4096;
+  CHECK(p->C_SignInit(s, &ecdsa, bogus) == CKR_KEY_HANDLE_INVALID);
+  CK_MECHANISM wrap{CKM_AES_KEY_WRAP, nullptr, 0};
+  CK_ULONG wrapped_len = 0;
+  CHECK(p->C_WrapKey(s, &wrap, bogus, priv, nullptr, &wrapped_len) ==
+        CKR_WRAPPING_KEY_HANDLE_INVALID);
+  CHECK(p->C_WrapKey(s, &wrap, pub, bogus, nullptr, &wrapped_len) == CKR_KEY_HANDLE_INVALID);
+  CHECK(p->C_GetObjectSize(s, bogus, &wrapped_len) == CKR_OBJECT_HANDLE_INVALID);
+  // The mock numbers the pair it made from MOCK_OBJECT_HANDLE_BASE: those
+  // numbers name nothing of the group's, though the member has the keys.
+  for (CK_OBJECT_HANDLE raw : {MOCK_OBJECT_HANDLE_BASE, MOCK_OBJECT_HANDLE_BASE + 1}) {
+    CHECK(p->C_GetObjectSize(s, raw, &wrapped_len) == CKR_OBJECT_HANDLE_INVALID);
+    CHECK(p->C_SignInit(s, &ecdsa, raw) == CKR_KEY_HANDLE_INVALID);
+  }
+}
+
+TEST_CASE("group objects: a mechanism parameter that may name an object is refused, logged") {
+  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+                       "\n[group.signing]\nmembers = mock/serial:2\n",
+                   three_tokens(), {{"P11MUX_LOG_LEVEL", "warn"}});
+  proxy.initialize();
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();
+  CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
+  CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  REQUIRE(p->C_GenerateKeyPair(s, &gen, nullptr, 0, nullptr, 0, &pub, &priv) == CKR_OK);
+  // A vendor's mechanism with a parameter: p11mux cannot know its layout.
+  CK_ULONG vendor_param = priv;
+  CK_MECHANISM vendor{CKM_VENDOR_DEFINED + 7, &vendor_param, sizeof vendor_param};
+  CK_RV rv = CKR_OK;
+  std::string err = capture_stderr([&] { rv = p->C_SignInit(s, &vendor, priv); });
+  CHECK(rv == CKR_MECHANISM_PARAM_INVALID);
+  CHECK_MESSAGE(err.find("C_SignInit on group 'signing' refused") != std::string::npos, err);
+  // CKM_CONCATENATE_BASE_AND_KEY's parameter is the other key: resolved
+  // like any key argument.
+  CK_OBJECT_HANDLE other = priv + pub + 4096;  // never issued
+  CK_MECHANISM concatenate{CKM_CONCATENATE_BASE_AND_KEY, &other, sizeof other};
+  CK_OBJECT_HANDLE derived = CK_INVALID_HANDLE;
+  CHECK(p->C_DeriveKey(s, &concatenate, priv, nullptr, 0, &derived) == CKR_KEY_HANDLE_INVALID);
+  other = pub;
+  REQUIRE(p->C_DeriveKey(s, &concatenate, priv, nullptr, 0, &derived) == CKR_OK);
+  CHECK(other == pub);  // the application's parameter is left as it was
+  CK_ULONG size = 0;
+  CHECK(p->C_GetObjectSize(s, derived, &size) == CKR_OK);
+  // A derivation that returns its keys inside the parameter.
+  CK_SSL3_KEY_MAT_OUT out{};
+  CK_SSL3_KEY_MAT_PARAMS tls{};
+  tls.pReturnedKeyMaterial = &out;
+  CK_MECHANISM derive{CKM_TLS_KEY_AND_MAC_DERIVE, &tls, sizeof tls};
+  err = capture_stderr([&] { rv = p->C_DeriveKey(s, &derive, priv, nullptr, 0, nullptr); });
+  CHECK(rv == CKR_MECHANISM_PARAM_INVALID);
+  CHECK_MESSAGE(err.find("returns keys inside its parameter") != std::string::npos, err);
+}
+
+TEST_CASE("group objects: generate_token_keys = refuse refuses token keys, with a log line") {
+  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
+                   three_tokens(), {{"P11MUX_LOG_LEVEL", "warn"}});
+  proxy.initialize();
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();
+  CK_BBOOL yes = CK_TRUE;
+  CK_ATTRIBUTE token[] = {{CKA_TOKEN, &yes, sizeof yes}};
+  CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
+  CK_RV rv = CKR_OK;
+  const std::string err = capture_stderr(
+      [&] { rv = p->C_GenerateKeyPair(s, &gen, nullptr, 0, token, 1, &pub, &priv); });
+  CHECK(rv == CKR_ATTRIBUTE_VALUE_INVALID);
+  CHECK_MESSAGE(err.find("generate_token_keys = refuse") != std::string::npos, err);
+  CHECK(mock_stats().token_objects == 0);
+  // Session keys are made as ever.
+  CHECK(p->C_GenerateKeyPair(s, &gen, nullptr, 0, nullptr, 0, &pub, &priv) == CKR_OK);
+}
+
+}  // namespace p11mux::test
+
+namespace p11mux::test {
+namespace {
+
+// The token objects labelled `label` on the mock's `slot`, seen directly.
+CK_ULONG objects_on(CK_SLOT_ID slot, const std::string& label) {
+  CK_FUNCTION_LIST* mock = mock_functions();
+  CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+  REQUIRE(mock->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s) == CKR_OK);
+  CK_ATTRIBUTE templ[] = {{CKA_LABEL, const_cast<char*>(label.data()), label.size()}};
+  REQUIRE(mock->C_FindObjectsInit(s, templ, 1) == CKR_OK);
+  std::array<CK_OBJECT_HANDLE, 8> found{};
+  CK_ULONG n = 0;
+  REQUIRE(mock->C_FindObjects(s, found.data(), found.size(), &n) == CKR_OK);
+  REQUIRE(mock->C_FindObjectsFinal(s) == CKR_OK);
+  REQUIRE(mock->C_CloseSession(s) == CKR_OK);
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("group objects: a token object is made and destroyed on every member present") {
+  const FaultyControl* faulty = faulty_control();
+  GroupProxy proxy(faulty_group(), three_tokens(),
+                   {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}});
+  REQUIRE(faulty->reset() == 0);
+  proxy.initialize();
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE a = proxy.open();
+  const CK_OBJECT_HANDLE object = create_data(p, a, true, "replicated");
+  CHECK(objects_on(2, "replicated") == 1);
+  CHECK(objects_on(1, "replicated") == 1);
+  CHECK(objects_on(0, "replicated") == 0);  // no member
+  // Session objects stay in their session's member.
+  create_data(p, a, false, "session only");
+  CHECK(objects_on(1, "session only") == 0);
+  // Destroyed from a session on the second member: gone from both.
+  faulty->set_slot_removed(2, 1);
+  const CK_SESSION_HANDLE b = proxy.open();
+  faulty->clear_slot(2);
+  CHECK(label_of(p, b, object) == "replicated");
+  REQUIRE(p->C_DestroyObject(b, object) == CKR_OK);
+  CHECK(objects_on(2, "replicated") == 0);
+  CHECK(objects_on(1, "replicated") == 0);
+  // A member whose token is absent is passed over, with a log line.
+  faulty->set_slot_removed(1, 1);
+  const CK_SESSION_HANDLE c = proxy.open();  // on the first member
+  CK_OBJECT_HANDLE absent_one = CK_INVALID_HANDLE;
+  const std::string err = capture_stderr([&] { absent_one = create_data(p, c, true, "partial"); });
+  faulty->clear_slot(1);
+  CHECK(objects_on(2, "partial") == 1);
+  CHECK(objects_on(1, "partial") == 0);
+  CHECK(absent_one != CK_INVALID_HANDLE);
+}
+
+TEST_CASE("group objects: a token object one member refuses is undone on the others") {
+  MockConfig mock = three_tokens();
+  // The second C_CreateObject: the copy on the second member.
+  std::strncpy(mock.fail_function, "C_CreateObject", sizeof mock.fail_function - 1);
+  mock.fail_rv = CKR_DEVICE_MEMORY;
+  mock.fail_nth = 2;
+  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
+                   mock, {{"P11MUX_LOG_LEVEL", "warn"}});
+  proxy.initialize();
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();
+  CK_OBJECT_CLASS cls = CKO_DATA;
+  CK_BBOOL yes = CK_TRUE;
+  std::string label = "undone";
+  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls},
+                          {CKA_TOKEN, &yes, sizeof yes},
+                          {CKA_LABEL, label.data(), label.size()}};
+  CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+  CK_RV rv = CKR_OK;
+  const std::string err = capture_stderr([&] { rv = p->C_CreateObject(s, templ, 3, &h); });
+  CHECK(rv == CKR_DEVICE_MEMORY);
+  CHECK_MESSAGE(err.find("destroyed again") != std::string::npos, err);
+  CHECK(mock_stats().token_objects == 0);
+}
+
+}  // namespace p11mux::test
+
+namespace p11mux::test {
+
+// [pool] bind = state: an idle session holds no backend session, so a call
+// that makes a token object gives its backend session back before the map
+// reads the object (on a borrowed one then).
+TEST_CASE("group objects: with [pool] bind = state, objects made, found and ended alike") {
+  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n"
+                       "balance = primary\n",  // a and b on one member: its session objects
+                   three_tokens(MOCK_BEND_REUSE_HANDLES), {{"P11MUX_POOL_BIND", "state"}});
+  proxy.initialize();
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE a = proxy.open();
+  const CK_SESSION_HANDLE b = proxy.open();
+  const CK_OBJECT_HANDLE token = create_data(p, a, true, "state token");
+  CHECK(label_of(p, b, token) == "state token");
+  const CK_OBJECT_HANDLE session = create_data(p, a, false, "state session");
+  CHECK(label_of(p, b, session) == "state session");
+  REQUIRE(p->C_CloseSession(a) == CKR_OK);
+  CK_RV rv = CKR_OK;
+  label_of(p, b, session, &rv);
+  CHECK(rv == CKR_OBJECT_HANDLE_INVALID);
+  REQUIRE(p->C_DestroyObject(b, token) == CKR_OK);
+  CHECK(mock_stats().token_objects == 0);
+}
+
+}  // namespace p11mux::test
