@@ -43,7 +43,13 @@ struct InGroup {
 // `rest`: the arguments after the session handle.
 template <class F, class Run, class... Rest>
 CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcept REQUIRES(s.lock) {
-  GroupCall call{rt, rt.group_objects(s.group), s.group, s.member, s.anchor.backend, F::name};
+  GroupCall call{rt,
+                 rt.group_objects(s.group),
+                 s.group,
+                 s.member,
+                 s.anchor.backend,
+                 F::name,
+                 ((s.anchor.ops | s.anchor.maybe) & op::find) != 0};
   std::tuple<Rest...> args{rest...};
   CK_RV rv = CKR_OK;
   // The handles the application passes: the member's own.

@@ -85,10 +85,11 @@ class Borrowed {
   SessionPool::Fate fate_ = SessionPool::Fate::reuse;
 };
 
-// The map's calls on the group's members: attribute reads on the
+// The map's calls on the group's members: attribute reads, and searches
+// when no search of the application's is active there, on the
 // application's own backend session when the call runs on that member (a
-// read is no operation, so it does not disturb one in progress there), on a
-// borrowed one otherwise; searches always on a borrowed one.
+// read is no operation, and a search ended before the call goes on leaves
+// none), on a borrowed one otherwise.
 class MemberCalls final : public MemberObjects {
  public:
   explicit MemberCalls(GroupCall& call) noexcept
@@ -109,14 +110,44 @@ class MemberCalls final : public MemberObjects {
 
   CK_RV find_objects(MemberIndex member, const CK_ATTRIBUTE* templ, CK_ULONG count,
                      std::size_t limit, std::vector<CK_OBJECT_HANDLE>& found) override {
-    Borrowed s(call_.rt, members_.at(member));
+    const GroupRuntime::Member& m = members_.at(member);
+    // On the application's own backend session when the call runs on that
+    // member and no search of the application's is active there: a
+    // borrowed one would be a second session of this thread's on the
+    // member, which at the member's session limit waits for sessions that
+    // threads doing the same hold (docs/groups.md, "Objects").
+    if (member == call_.member && call_.backend != CK_INVALID_HANDLE && !call_.searching) {
+      bool maybe_active = false;
+      const CK_RV rv = search(
+          *m.port, call_.backend, templ, count, limit, found, [&](CK_RV) {},
+          [&] { maybe_active = true; });
+      if (maybe_active) {
+        call_.rt.log().warn(
+            "group '{}': a search of member {} for {} may still be active on the "
+            "application's session",
+            call_.objects.name, member, call_.function);
+      }
+      return rv;
+    }
+    Borrowed s(call_.rt, m);
     if (s.rv() != CKR_OK) return s.rv();
-    const BackendPort& port = s.port();
-    CK_RV rv =
-        port.call<fn::C_FindObjectsInit>(s.handle(), const_cast<CK_ATTRIBUTE*>(templ), count);
-    s.answered(rv);
+    return search(
+        s.port(), s.handle(), templ, count, limit, found, [&](CK_RV rv) { s.answered(rv); },
+        [&] { s.maybe_active(); });
+  }
+
+ private:
+  // C_FindObjectsInit, C_FindObjects until 0 or `limit`, C_FindObjectsFinal
+  // on backend session `h`; `answered` sees each answer, `maybe_active` is
+  // told when a search may be left active.
+  template <class Answered, class MaybeActive>
+  static CK_RV search(const BackendPort& port, CK_SESSION_HANDLE h, const CK_ATTRIBUTE* templ,
+                      CK_ULONG count, std::size_t limit, std::vector<CK_OBJECT_HANDLE>& found,
+                      Answered&& answered, MaybeActive&& maybe_active) {
+    CK_RV rv = port.call<fn::C_FindObjectsInit>(h, const_cast<CK_ATTRIBUTE*>(templ), count);
+    answered(rv);
     if (rv != CKR_OK) {
-      s.maybe_active();  // some modules keep an operation after a failed Init
+      maybe_active();  // some modules keep an operation after a failed Init
       return rv;
     }
     std::array<CK_OBJECT_HANDLE, 16> batch{};
@@ -124,14 +155,14 @@ class MemberCalls final : public MemberObjects {
       CK_ULONG n = 0;
       const CK_ULONG want =
           static_cast<CK_ULONG>(std::min<std::size_t>(batch.size(), limit - found.size()));
-      rv = port.call<fn::C_FindObjects>(s.handle(), batch.data(), want, &n);
-      s.answered(rv);
+      rv = port.call<fn::C_FindObjects>(h, batch.data(), want, &n);
+      answered(rv);
       if (rv != CKR_OK || n == 0) break;
       found.insert(found.end(), batch.begin(), batch.begin() + std::min<CK_ULONG>(n, want));
     }
-    const CK_RV final_rv = port.call<fn::C_FindObjectsFinal>(s.handle());
-    s.answered(final_rv);
-    if (final_rv != CKR_OK && final_rv != CKR_OPERATION_NOT_INITIALIZED) s.maybe_active();
+    const CK_RV final_rv = port.call<fn::C_FindObjectsFinal>(h);
+    answered(final_rv);
+    if (final_rv != CKR_OK && final_rv != CKR_OPERATION_NOT_INITIALIZED) maybe_active();
     return rv != CKR_OK ? rv : final_rv == CKR_OPERATION_NOT_INITIALIZED ? CKR_OK : final_rv;
   }
 

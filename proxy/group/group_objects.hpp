@@ -54,6 +54,9 @@ struct GroupCall {
   std::size_t member;
   CK_SESSION_HANDLE backend;
   std::string_view function;
+  // The application has a search active (or maybe active) on `backend`:
+  // the map's own searches then run on a borrowed session.
+  bool searching = false;
 };
 
 // `handle` as the member's own handle in `out`: CKR_OK, or the code for a

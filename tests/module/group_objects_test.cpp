@@ -184,6 +184,40 @@ TEST_CASE("group objects: a handle found on one member serves a session on anoth
   faulty->clear_slot(2);
 }
 
+TEST_CASE("group objects: at a member's session limit, a handle resolves on the call's session") {
+  // One backend session per token: a search on a second session of the
+  // member would wait for the one this call holds (and time out).
+  const FaultyControl* faulty = faulty_control();
+  GroupProxy proxy(faulty_group(), three_tokens(),
+                   {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                    {"P11MUX_FAULTY_MAX_SLOT_SESSIONS", "1"},
+                    {"P11MUX_POOL_WAIT_MS", "200"}});
+  REQUIRE(faulty->reset() == 0);
+  proxy.initialize();
+  provision(2, "copy-on-slot-2");
+  provision(1, "copy-on-slot-1");
+  CK_FUNCTION_LIST* p = proxy.p11;
+  // The handle is found on the second member only (the first is absent).
+  faulty->set_slot_removed(2, 1);
+  const CK_SESSION_HANDLE b = proxy.open();
+  const std::vector<CK_OBJECT_HANDLE> found = find_k1(p, b);
+  REQUIRE(found.size() == 1);
+  faulty->clear_slot(2);
+  // A session on the first member holds its only backend session; the
+  // handle is resolved there for the first time.
+  const CK_SESSION_HANDLE a = proxy.open();
+  CK_RV rv = CKR_OK;
+  CHECK(label_of(p, a, found[0], &rv) == "copy-on-slot-2");
+  CHECK(rv == CKR_OK);
+  // A search of the application's own in progress is left alone: the map
+  // then needs another session, which the limit refuses.
+  CK_OBJECT_CLASS data_class = CKO_DATA;
+  CK_ATTRIBUTE any_data{CKA_CLASS, &data_class, sizeof data_class};
+  REQUIRE(p->C_FindObjectsInit(a, &any_data, 1) == CKR_OK);
+  CHECK(label_of(p, a, found[0]) == "copy-on-slot-2");  // cached now: no search
+  REQUIRE(p->C_FindObjectsFinal(a) == CKR_OK);
+}
+
 TEST_CASE("group objects: a destroyed handle stays invalid when the backend reuses its number") {
   GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
                        "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
