@@ -84,16 +84,6 @@ CK_RV GroupLogin::on_borrowed(const Group& g, std::size_t member, bool rw, Fn&& 
   return rv;
 }
 
-bool GroupLogin::present(const Group& g, std::size_t member) const noexcept {
-  const GroupRuntime::Member& m = (*g.members)[member];
-  CK_SLOT_INFO slot{};
-  CK_TOKEN_INFO token{};
-  return m.port->call<fn::C_GetSlotInfo>(m.slot, &slot) == CKR_OK &&
-         (slot.flags & CKF_TOKEN_PRESENT) != 0 &&
-         m.port->call<fn::C_GetTokenInfo>(m.slot, &token) == CKR_OK &&
-         member_token_matches(m.config, token);
-}
-
 CK_RV GroupLogin::member_login(const Group& g, std::size_t member, CK_USER_TYPE user,
                                CK_UTF8CHAR_PTR pin, CK_ULONG pin_len, CK_UTF8CHAR_PTR username,
                                CK_ULONG username_len, bool by_username) const noexcept {
@@ -210,7 +200,7 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
   for (std::size_t i = 0; i < took.size(); ++i) {
     if (i == own) continue;
     // An absent member is logged in from the kept PIN when it is back.
-    if (!present(g, i)) continue;
+    if (!GroupRuntime::token_present((*g.members)[i])) continue;
     rv = member_login(g, i, user, pin, pin_len, username, username_len, by_username);
     if (rv == CKR_OK) {
       took[i] = 1;

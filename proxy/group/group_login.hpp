@@ -113,7 +113,6 @@ class GroupLogin {
                      CK_ULONG pin_len, CK_UTF8CHAR_PTR username, CK_ULONG username_len,
                      bool by_username) const noexcept;
   CK_RV member_logout(const Group& g, std::size_t member) const noexcept;
-  bool present(const Group& g, std::size_t member) const noexcept;
   // The member logged in as the group is, from the kept PIN if need be.
   CK_RV bring_in(Group& g, std::size_t member) noexcept REQUIRES(g.mutex);
   void log_out_all(Group& g) noexcept REQUIRES(g.mutex);

@@ -97,6 +97,9 @@ class GroupRuntime {
   std::vector<MemberFigures> member_figures() const;
   // The group's sessions on each member (tests, /stats).
   std::uint32_t member_sessions(CK_SLOT_ID slot, std::size_t member) const noexcept;
+  // Whether member `m`'s token is in its slot now (its slot says
+  // CKF_TOKEN_PRESENT and the token there is the member's).
+  static bool token_present(const Member& m) noexcept;
   bool is_group(CK_SLOT_ID slot) const noexcept { return group_at(slot) != nullptr; }
   // Any slot ID the application may see: a group's or a member shown.
   bool known(CK_SLOT_ID slot) const noexcept;
@@ -121,8 +124,6 @@ class GroupRuntime {
     // Per member: the times it went down that maintain() has logged.
     std::unique_ptr<std::atomic<std::uint64_t>[]> downs_told;
   };
-  // Whether member `m`'s token is in its slot now.
-  static bool token_present(const Member& m) noexcept;
   // A down member's probe: its token present, and a session opened and
   // closed on it (straight on its port, not through the pool).
   bool probe(const GroupSlot& group, const Member& m) const noexcept;
