@@ -7,9 +7,7 @@
 // absent (its slot answers CKR_TOKEN_NOT_PRESENT, its sessions kept) and the
 // next session opened on another member. The mock itself is reached behind
 // both to read and change each token's login and PIN.
-#include "harness.hpp"
-
-#include "faulty_control.h"
+#include "group_harness.hpp"
 
 #include <dlfcn.h>
 #include <linux/capability.h>
@@ -48,41 +46,26 @@ CK_UTF8CHAR_PTR utf8(std::string_view text) {
   return reinterpret_cast<CK_UTF8CHAR_PTR>(const_cast<char*>(text.data()));
 }
 
-const FaultyControl& faulty() {
-  void* lib = ::dlopen(P11MUX_TEST_FAULTY_PATH, RTLD_NOW | RTLD_LOCAL);  // -z nodelete
-  REQUIRE(lib != nullptr);
-  return *reinterpret_cast<FaultyGetControlFn>(::dlsym(lib, "faulty_get_control"))();
-}
-
-// The mock's own function list (the instance the faulty module loaded).
-CK_FUNCTION_LIST* mock() {
-  void* lib = ::dlopen(P11MUX_TEST_MOCK_PATH, RTLD_NOW | RTLD_NOLOAD);
-  REQUIRE(lib != nullptr);
-  auto get = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(lib, "C_GetFunctionList"));
-  CK_FUNCTION_LIST* list = nullptr;
-  REQUIRE(get(&list) == CKR_OK);
-  return list;
-}
-
 // The login state of the mock's token in `slot`, read on a session of its own.
 CK_STATE token_state(CK_SLOT_ID slot) {
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
   CK_SESSION_INFO info{};
-  REQUIRE(mock()->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
-  REQUIRE(mock()->C_GetSessionInfo(h, &info) == CKR_OK);
-  REQUIRE(mock()->C_CloseSession(h) == CKR_OK);
+  REQUIRE(mock_functions()->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &h) ==
+          CKR_OK);
+  REQUIRE(mock_functions()->C_GetSessionInfo(h, &info) == CKR_OK);
+  REQUIRE(mock_functions()->C_CloseSession(h) == CKR_OK);
   return info.state;
 }
 
 // Changes the user PIN of the mock's token in `slot` behind p11mux's back.
 void set_token_pin(CK_SLOT_ID slot, std::string_view from, std::string_view to) {
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
-  REQUIRE(mock()->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &h) ==
-          CKR_OK);
-  REQUIRE(mock()->C_Login(h, CKU_USER, utf8(from), from.size()) == CKR_OK);
-  REQUIRE(mock()->C_SetPIN(h, utf8(from), from.size(), utf8(to), to.size()) == CKR_OK);
-  REQUIRE(mock()->C_Logout(h) == CKR_OK);
-  REQUIRE(mock()->C_CloseSession(h) == CKR_OK);
+  REQUIRE(mock_functions()->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr,
+                                          nullptr, &h) == CKR_OK);
+  REQUIRE(mock_functions()->C_Login(h, CKU_USER, utf8(from), from.size()) == CKR_OK);
+  REQUIRE(mock_functions()->C_SetPIN(h, utf8(from), from.size(), utf8(to), to.size()) == CKR_OK);
+  REQUIRE(mock_functions()->C_Logout(h) == CKR_OK);
+  REQUIRE(mock_functions()->C_CloseSession(h) == CKR_OK);
 }
 
 // p11mux over the faulty module over the mock's three tokens, one group of
@@ -105,7 +88,7 @@ class GroupLoginProxy {
     config.slot_count = 3;
     config.provide_v3 = 1;  // C_LoginUser
     REQUIRE(libs().mock->configure(&config) == 0);
-    REQUIRE(faulty().reset() == 0);
+    REQUIRE(faulty_control()->reset() == 0);
     CK_C_INITIALIZE_ARGS os{};
     os.flags = CKF_OS_LOCKING_OK;
     CK_RV rv = CKR_OK;
@@ -114,7 +97,7 @@ class GroupLoginProxy {
     for (CK_SLOT_ID slot = 0; slot < 3; ++slot) set_token_pin(slot, MOCK_USER_PIN, kPin);
   }
   ~GroupLoginProxy() {
-    faulty().reset();
+    faulty_control()->reset();
     p11->C_Finalize(nullptr);
     ::unlink(path_.c_str());
     reset_environment();
@@ -162,10 +145,10 @@ TEST_CASE("group login: C_Login on one session logs in every member; C_Logout ev
   REQUIRE(proxy.open(b) == CKR_OK);
   CHECK(proxy.login(b) == CKR_USER_ALREADY_LOGGED_IN);
   // A session on another member (the first one's token absent) is logged in.
-  faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+  faulty_control()->fail_slot(0, CKR_TOKEN_NOT_PRESENT);
   CK_SESSION_HANDLE c = CK_INVALID_HANDLE;
   REQUIRE(proxy.open(c) == CKR_OK);
-  faulty().clear_slot(0);
+  faulty_control()->clear_slot(0);
   CHECK(proxy.state(c) == CKS_RO_USER_FUNCTIONS);
   // C_Logout on that session reaches every member.
   CHECK(proxy.p11->C_Logout(c) == CKR_OK);
@@ -181,13 +164,13 @@ TEST_CASE("group login: a member absent at C_Logout is logged out when it is bac
   CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
   REQUIRE(proxy.open(a) == CKR_OK);
   REQUIRE(proxy.login(a) == CKR_OK);
-  faulty().fail_slot(1, CKR_DEVICE_ERROR);  // down, its sessions (and login) kept
+  faulty_control()->fail_slot(1, CKR_DEVICE_ERROR);  // down, its sessions (and login) kept
   CHECK(proxy.logged([&] { return proxy.p11->C_Logout(a); }) == CKR_OK);
   CHECK(token_state(1) == CKS_RO_USER_FUNCTIONS);  // behind the fault: still logged in
   CHECK_MESSAGE(proxy.log().find("member 2 (f/label:mock-token-1) did not take the logout "
                                  "(CKR_DEVICE_ERROR)") != std::string::npos,
                 proxy.log());
-  faulty().clear_slot(1);
+  faulty_control()->clear_slot(1);
   CK_SESSION_HANDLE b = CK_INVALID_HANDLE;
   REQUIRE(proxy.open(b) == CKR_OK);  // the group's next call
   for (CK_SLOT_ID slot = 0; slot < 3; ++slot) CHECK(token_state(slot) == CKS_RO_PUBLIC_SESSION);
@@ -236,8 +219,8 @@ TEST_CASE("group login: a wrong PIN on one member leaves no member logged in, an
                     std::string::npos,
                 proxy.log());
   // Nothing was kept: a session on the third member is not logged in.
-  faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
-  faulty().fail_slot(1, CKR_TOKEN_NOT_PRESENT);
+  faulty_control()->fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+  faulty_control()->fail_slot(1, CKR_TOKEN_NOT_PRESENT);
   CK_SESSION_HANDLE c = CK_INVALID_HANDLE;
   REQUIRE(proxy.open(c) == CKR_OK);
   CHECK(proxy.state(c) == CKS_RO_PUBLIC_SESSION);
@@ -246,7 +229,7 @@ TEST_CASE("group login: a wrong PIN on one member leaves no member logged in, an
 
 TEST_CASE("group login: a member absent at C_Login is logged in from the kept PIN when it opens") {
   GroupLoginProxy proxy({{"P11MUX_LOG_LEVEL", "trace"}});
-  faulty().fail_slot(1, CKR_TOKEN_NOT_PRESENT);  // the second member absent at the login
+  faulty_control()->fail_slot(1, CKR_TOKEN_NOT_PRESENT);  // the second member absent at the login
   CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
   REQUIRE(proxy.open(a) == CKR_OK);
   REQUIRE(proxy.login(a) == CKR_OK);
@@ -254,8 +237,8 @@ TEST_CASE("group login: a member absent at C_Login is logged in from the kept PI
   CHECK(token_state(1) == CKS_RO_PUBLIC_SESSION);
   CHECK(token_state(2) == CKS_RO_USER_FUNCTIONS);
   // Back, and the only member with its token: its new session is logged in.
-  faulty().clear_slot(1);
-  faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+  faulty_control()->clear_slot(1);
+  faulty_control()->fail_slot(0, CKR_TOKEN_NOT_PRESENT);
   CK_SESSION_HANDLE b = CK_INVALID_HANDLE;
   REQUIRE(proxy.open(b) == CKR_OK);
   CHECK(proxy.state(b) == CKS_RO_USER_FUNCTIONS);
@@ -272,14 +255,14 @@ TEST_CASE("group login: a member absent at C_Login is logged in from the kept PI
 
 TEST_CASE("group login: a kept PIN a late member refuses is not tried again") {
   GroupLoginProxy proxy;
-  faulty().fail_slot(1, CKR_TOKEN_NOT_PRESENT);
+  faulty_control()->fail_slot(1, CKR_TOKEN_NOT_PRESENT);
   CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
   REQUIRE(proxy.open(a) == CKR_OK);
   REQUIRE(proxy.login(a) == CKR_OK);
   set_token_pin(1, kPin, "changed");  // out of band, while it was away
-  faulty().clear_slot(1);
-  faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
-  faulty().fail_slot(2, CKR_TOKEN_NOT_PRESENT);
+  faulty_control()->clear_slot(1);
+  faulty_control()->fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+  faulty_control()->fail_slot(2, CKR_TOKEN_NOT_PRESENT);
   CK_SESSION_HANDLE b = CK_INVALID_HANDLE;
   CHECK(proxy.open(b) == CKR_DEVICE_ERROR);
   CHECK_MESSAGE(proxy.log().find("member 2 (f/label:mock-token-1) refused the kept login "
@@ -290,10 +273,10 @@ TEST_CASE("group login: a kept PIN a late member refuses is not tried again") {
   CHECK(proxy.open(b) == CKR_DEVICE_ERROR);
   CHECK(token_state(1) == CKS_RO_PUBLIC_SESSION);
   // The application logs out and in again: the member is tried again.
-  faulty().clear_slot(0);
+  faulty_control()->clear_slot(0);
   REQUIRE(proxy.p11->C_Logout(a) == CKR_OK);
   REQUIRE(proxy.login(a) == CKR_OK);
-  faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+  faulty_control()->fail_slot(0, CKR_TOKEN_NOT_PRESENT);
   REQUIRE(proxy.open(b) == CKR_OK);
   CHECK(proxy.state(b) == CKS_RO_USER_FUNCTIONS);
 }
@@ -344,7 +327,7 @@ TEST_CASE(
   CK_INTERFACE_PTR interface = nullptr;
   REQUIRE(get_interface(utf8("PKCS 11"), &v30, &interface, 0) == CKR_OK);
   auto* f3 = static_cast<CK_FUNCTION_LIST_3_0*>(interface->pFunctionList);
-  faulty().fail_slot(2, CKR_TOKEN_NOT_PRESENT);  // the third member away at the login
+  faulty_control()->fail_slot(2, CKR_TOKEN_NOT_PRESENT);  // the third member away at the login
   CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
   REQUIRE(proxy.open(a) == CKR_OK);
   std::string_view user = "alice";
@@ -352,9 +335,9 @@ TEST_CASE(
   CHECK(token_state(0) == CKS_RO_USER_FUNCTIONS);
   CHECK(token_state(1) == CKS_RO_USER_FUNCTIONS);
   CHECK(token_state(2) == CKS_RO_PUBLIC_SESSION);
-  faulty().clear_slot(2);
-  faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
-  faulty().fail_slot(1, CKR_TOKEN_NOT_PRESENT);
+  faulty_control()->clear_slot(2);
+  faulty_control()->fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+  faulty_control()->fail_slot(1, CKR_TOKEN_NOT_PRESENT);
   CK_SESSION_HANDLE b = CK_INVALID_HANDLE;
   REQUIRE(proxy.open(b) == CKR_OK);
   CHECK(proxy.state(b) == CKS_RO_USER_FUNCTIONS);
@@ -386,15 +369,15 @@ TEST_CASE("group login: without a locked page, a warning at C_Initialize and no 
             proxy.log().find(
                 "group 'signing': the group's PIN is not kept: cannot lock its page "
                 "in memory (mlock, RLIMIT_MEMLOCK 0 bytes): ") != std::string::npos;
-        faulty().fail_slot(1, CKR_TOKEN_NOT_PRESENT);
+        faulty_control()->fail_slot(1, CKR_TOKEN_NOT_PRESENT);
         CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE;
         // The members present are logged in all the same.
         const bool logged_in = proxy.open(a) == CKR_OK && proxy.login(a) == CKR_OK &&
                                token_state(0) == CKS_RO_USER_FUNCTIONS &&
                                token_state(2) == CKS_RO_USER_FUNCTIONS;
-        faulty().clear_slot(1);
-        faulty().fail_slot(0, CKR_TOKEN_NOT_PRESENT);
-        faulty().fail_slot(2, CKR_TOKEN_NOT_PRESENT);
+        faulty_control()->clear_slot(1);
+        faulty_control()->fail_slot(0, CKR_TOKEN_NOT_PRESENT);
+        faulty_control()->fail_slot(2, CKR_TOKEN_NOT_PRESENT);
         // The late member cannot be logged in: its session is refused.
         const bool refused =
             proxy.open(b) == CKR_DEVICE_ERROR &&

@@ -4,11 +4,7 @@
 // serial N, and number objects across all of them, so one object's copies
 // have different handles on different members), behind the faulty module
 // where a member's token must be absent.
-#include "harness.hpp"
-
-#include "faulty_control.h"
-
-#include <dlfcn.h>
+#include "group_harness.hpp"
 
 #include <array>
 #include <cstring>
@@ -19,65 +15,6 @@
 
 namespace p11mux::test {
 namespace {
-
-// p11mux initialized with `conf` as its file, the mock configured first
-// (as group_slot_test.cpp's).
-class GroupProxy {
- public:
-  GroupProxy(const std::string& conf, MockConfig mock,
-             std::initializer_list<std::pair<const char*, const char*>> env = {})
-      : path_(unique_temp_path("group-objects", "conf")) {
-    reset_environment();
-    std::ofstream(path_) << conf;
-    ::setenv("P11MUX_CONFIG", path_.c_str(), 1);
-    ::setenv("P11MUX_MODULE", "", 1);
-    for (auto [name, value] : env) ::setenv(name, value, 1);
-    CHECK(libs().mock->reset() == 0);
-    REQUIRE(libs().mock->configure(&mock) == 0);
-  }
-  ~GroupProxy() {
-    if (initialized_) p11->C_Finalize(nullptr);
-    ::unlink(path_.c_str());
-    reset_environment();
-  }
-  GroupProxy(const GroupProxy&) = delete;
-  GroupProxy& operator=(const GroupProxy&) = delete;
-
-  void initialize() {
-    CK_C_INITIALIZE_ARGS os{};
-    os.flags = CKF_OS_LOCKING_OK;
-    REQUIRE(p11->C_Initialize(&os) == CKR_OK);
-    initialized_ = true;
-  }
-  CK_SESSION_HANDLE open(bool rw = true) {
-    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
-    REQUIRE(p11->C_OpenSession(0, CKF_SERIAL_SESSION | (rw ? CKF_RW_SESSION : 0), nullptr, nullptr,
-                               &h) == CKR_OK);
-    return h;
-  }
-
-  CK_FUNCTION_LIST* p11 = libs().p11;
-
- private:
-  std::string path_;
-  bool initialized_ = false;
-};
-
-// The mock's own function list (the instance p11mux loaded).
-CK_FUNCTION_LIST* mock_functions() {
-  void* lib = ::dlopen(P11MUX_TEST_MOCK_PATH, RTLD_NOW | RTLD_NOLOAD);
-  REQUIRE(lib != nullptr);
-  auto get = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(lib, "C_GetFunctionList"));
-  CK_FUNCTION_LIST* list = nullptr;
-  REQUIRE(get(&list) == CKR_OK);
-  return list;
-}
-
-const FaultyControl* faulty_control() {
-  void* lib = ::dlopen(P11MUX_TEST_FAULTY_PATH, RTLD_NOW | RTLD_LOCAL);  // -z nodelete
-  REQUIRE(lib != nullptr);
-  return reinterpret_cast<FaultyGetControlFn>(::dlsym(lib, "faulty_get_control"))();
-}
 
 MockConfig three_tokens(unsigned long bend = 0) {
   MockConfig mock{};
@@ -158,7 +95,7 @@ TEST_CASE("group objects: a handle found on one member serves a session on anoth
   REQUIRE(faulty->reset() == 0);
   // The same key on both members, each with its own handle (and, to tell
   // which copy a call reached, its own label).
-  proxy.initialize();
+  REQUIRE(proxy.initialize() == CKR_OK);
   const CK_OBJECT_HANDLE on_first = provision(2, "copy-on-slot-2");
   const CK_OBJECT_HANDLE on_second = provision(1, "copy-on-slot-1");
   REQUIRE(on_first != on_second);
@@ -193,7 +130,7 @@ TEST_CASE("group objects: at a member's session limit, a handle resolves on the 
                     {"P11MUX_FAULTY_MAX_SLOT_SESSIONS", "1"},
                     {"P11MUX_POOL_WAIT_MS", "200"}});
   REQUIRE(faulty->reset() == 0);
-  proxy.initialize();
+  REQUIRE(proxy.initialize() == CKR_OK);
   provision(2, "copy-on-slot-2");
   provision(1, "copy-on-slot-1");
   CK_FUNCTION_LIST* p = proxy.p11;
@@ -222,7 +159,7 @@ TEST_CASE("group objects: a destroyed handle stays invalid when the backend reus
   GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
                        "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
                    three_tokens(MOCK_BEND_REUSE_HANDLES));
-  proxy.initialize();
+  REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE s = proxy.open();
   const CK_OBJECT_HANDLE first = create_data(p, s, true, "first");
@@ -248,7 +185,7 @@ TEST_CASE("group objects: session objects live in their session, on their member
   GroupProxy proxy(faulty_group("balance = primary\n"), three_tokens(MOCK_BEND_REUSE_HANDLES),
                    {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}});
   REQUIRE(faulty->reset() == 0);
-  proxy.initialize();
+  REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   // A session on the second member (the first's token absent meanwhile;
   // removing it drops the sessions there, so before the others open).
@@ -280,7 +217,7 @@ TEST_CASE("group objects: key arguments get their own codes; keys made are the g
   GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
                        "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
                    three_tokens());
-  proxy.initialize();
+  REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE s = proxy.open();
   CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
@@ -318,7 +255,7 @@ TEST_CASE("group objects: a mechanism parameter that may name an object is refus
   GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
                        "\n[group.signing]\nmembers = mock/serial:2\n",
                    three_tokens(), {{"P11MUX_LOG_LEVEL", "warn"}});
-  proxy.initialize();
+  REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE s = proxy.open();
   CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
@@ -356,7 +293,7 @@ TEST_CASE("group objects: generate_token_keys = refuse refuses token keys, with 
   GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
                        "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
                    three_tokens(), {{"P11MUX_LOG_LEVEL", "warn"}});
-  proxy.initialize();
+  REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE s = proxy.open();
   CK_BBOOL yes = CK_TRUE;
@@ -400,7 +337,7 @@ TEST_CASE("group objects: a token object is made and destroyed on every member p
   GroupProxy proxy(faulty_group(), three_tokens(),
                    {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}});
   REQUIRE(faulty->reset() == 0);
-  proxy.initialize();
+  REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE a = proxy.open();
   const CK_OBJECT_HANDLE object = create_data(p, a, true, "replicated");
@@ -438,7 +375,7 @@ TEST_CASE("group objects: a token object one member refuses is undone on the oth
   GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
                        "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
                    mock, {{"P11MUX_LOG_LEVEL", "warn"}});
-  proxy.initialize();
+  REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE s = proxy.open();
   CK_OBJECT_CLASS cls = CKO_DATA;
@@ -467,7 +404,7 @@ TEST_CASE("group objects: with [pool] bind = state, objects made, found and ende
                        "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n"
                        "balance = primary\n",  // a and b on one member: its session objects
                    three_tokens(MOCK_BEND_REUSE_HANDLES), {{"P11MUX_POOL_BIND", "state"}});
-  proxy.initialize();
+  REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE a = proxy.open();
   const CK_SESSION_HANDLE b = proxy.open();

@@ -2,11 +2,7 @@
 // backends and groups is served; each group is one slot whose slot, token and
 // mechanism answers are synthesized from its members; sessions on it are
 // refused for now. Over the mock, whose slots hold "mock-token-N", serial N.
-#include "harness.hpp"
-
-#include "faulty_control.h"
-
-#include <dlfcn.h>
+#include "group_harness.hpp"
 
 #include <array>
 #include <chrono>
@@ -25,87 +21,8 @@ std::string padded_text(const CK_UTF8CHAR* field, std::size_t size) {
   return s.substr(0, s.find_last_not_of(' ') + 1);
 }
 
-// p11mux initialized with `conf` as its file (the harness's top-level module
-// unset: it cannot stand beside named backends), the mock configured first.
-class GroupProxy {
- public:
-  GroupProxy(const std::string& conf, MockConfig mock = {},
-             std::initializer_list<std::pair<const char*, const char*>> env = {})
-      : path_(unique_temp_path("group-slot", "conf")) {
-    reset_environment();
-    std::ofstream(path_) << conf;
-    ::setenv("P11MUX_CONFIG", path_.c_str(), 1);
-    ::setenv("P11MUX_MODULE", "", 1);
-    for (auto [name, value] : env) ::setenv(name, value, 1);
-    CHECK(libs().mock->reset() == 0);
-    REQUIRE(libs().mock->configure(&mock) == 0);
-  }
-  ~GroupProxy() {
-    if (initialized_) p11->C_Finalize(nullptr);
-    ::unlink(path_.c_str());
-    reset_environment();
-  }
-  GroupProxy(const GroupProxy&) = delete;
-  GroupProxy& operator=(const GroupProxy&) = delete;
-
-  // C_Initialize; `err` gets what it wrote on stderr.
-  CK_RV initialize(std::string* err = nullptr) {
-    CK_C_INITIALIZE_ARGS os{};
-    os.flags = CKF_OS_LOCKING_OK;
-    CK_RV rv = CKR_OK;
-    std::string text = capture_stderr([&] { rv = p11->C_Initialize(&os); });
-    if (err != nullptr) *err = text;
-    initialized_ = rv == CKR_OK;
-    return rv;
-  }
-
-  std::vector<CK_SLOT_ID> slots(CK_BBOOL present = CK_FALSE) {
-    CK_ULONG n = 0;
-    REQUIRE(p11->C_GetSlotList(present, nullptr, &n) == CKR_OK);
-    std::vector<CK_SLOT_ID> ids(n);
-    REQUIRE(p11->C_GetSlotList(present, ids.data(), &n) == CKR_OK);
-    ids.resize(n);
-    return ids;
-  }
-
-  CK_TOKEN_INFO token(CK_SLOT_ID slot) {
-    CK_TOKEN_INFO info{};
-    REQUIRE(p11->C_GetTokenInfo(slot, &info) == CKR_OK);
-    return info;
-  }
-
-  std::vector<CK_MECHANISM_TYPE> mechanisms(CK_SLOT_ID slot) {
-    CK_ULONG n = 0;
-    REQUIRE(p11->C_GetMechanismList(slot, nullptr, &n) == CKR_OK);
-    std::vector<CK_MECHANISM_TYPE> list(n);
-    REQUIRE(p11->C_GetMechanismList(slot, list.data(), &n) == CKR_OK);
-    list.resize(n);
-    return list;
-  }
-
-  // The test called C_Finalize itself.
-  void finalized() { initialized_ = false; }
-
-  CK_FUNCTION_LIST* p11 = libs().p11;
-
- private:
-  std::string path_;
-  bool initialized_ = false;
-};
-
 std::string mock_backend(const std::string& name = "mock") {
   return "[backend." + name + "]\nmodule = " + P11MUX_TEST_MOCK_PATH + "\n";
-}
-
-// The mock's own function list (the instance p11mux loaded), to act on its
-// tokens behind p11mux's back.
-CK_FUNCTION_LIST* mock_functions() {
-  void* lib = ::dlopen(P11MUX_TEST_MOCK_PATH, RTLD_NOW | RTLD_NOLOAD);
-  REQUIRE(lib != nullptr);
-  auto get = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(lib, "C_GetFunctionList"));
-  CK_FUNCTION_LIST* list = nullptr;
-  REQUIRE(get(&list) == CKR_OK);
-  return list;
 }
 
 MockConfig three_tokens() {
@@ -239,10 +156,7 @@ TEST_CASE("groups: the mechanisms are those every member has") {
 
 TEST_CASE("groups: a member that fails or lost its token does not count; none left, no token") {
   // The faulty module over the mock: slot faults on one member at a time.
-  void* lib = ::dlopen(P11MUX_TEST_FAULTY_PATH, RTLD_NOW | RTLD_LOCAL);  // -z nodelete
-  REQUIRE(lib != nullptr);
-  const FaultyControl* faulty =
-      reinterpret_cast<FaultyGetControlFn>(::dlsym(lib, "faulty_get_control"))();
+  const FaultyControl* faulty = faulty_control();
   MockConfig mock = three_tokens();
   mock.token_max_session_count = 10;
   GroupProxy proxy("[backend.f]\nmodule = " + std::string(P11MUX_TEST_FAULTY_PATH) +
@@ -539,10 +453,7 @@ TEST_CASE("group sessions: round-robin, and primary moving on at its token's ses
 }
 
 TEST_CASE("group sessions: a member without its token is passed over; none, no token") {
-  void* lib = ::dlopen(P11MUX_TEST_FAULTY_PATH, RTLD_NOW | RTLD_LOCAL);  // -z nodelete
-  REQUIRE(lib != nullptr);
-  const FaultyControl* faulty =
-      reinterpret_cast<FaultyGetControlFn>(::dlsym(lib, "faulty_get_control"))();
+  const FaultyControl* faulty = faulty_control();
   GroupProxy proxy(std::string("[backend.faulty]\nmodule = ") + P11MUX_TEST_FAULTY_PATH +
                        "\n[group.signing]\nmembers = faulty/serial:2, faulty/label:mock-token-1\n",
                    three_tokens(), {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}});
@@ -596,7 +507,7 @@ namespace {
 struct FaultyGroup {
   FaultyGroup(std::string extra = "", std::initializer_list<std::pair<const char*, const char*>>
                                           env = {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}})
-      : faulty(control()),
+      : faulty(faulty_control()),
         proxy(std::string("[backend.faulty]\nmodule = ") + P11MUX_TEST_FAULTY_PATH +
                   "\n[group.signing]\nmembers = faulty/serial:2, faulty/label:mock-token-1\n"
                   "recovery_interval_s = 1\n" +
@@ -608,11 +519,6 @@ struct FaultyGroup {
   FaultyGroup(const FaultyGroup&) = delete;
   FaultyGroup& operator=(const FaultyGroup&) = delete;
 
-  static const FaultyControl* control() {
-    void* lib = ::dlopen(P11MUX_TEST_FAULTY_PATH, RTLD_NOW | RTLD_LOCAL);  // -z nodelete
-    REQUIRE(lib != nullptr);
-    return reinterpret_cast<FaultyGetControlFn>(::dlsym(lib, "faulty_get_control"))();
-  }
   unsigned long sessions_on(CK_SLOT_ID slot) const {
     FaultySlotStats stats{};
     faulty->slot_stats(slot, &stats);

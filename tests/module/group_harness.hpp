@@ -1,0 +1,116 @@
+// What the module tests of groups (issue 15) share: p11mux initialized with a
+// configuration file of named backends and groups, and the test backends'
+// own handles behind it (the mock p11mux or the faulty module loaded, and
+// the faulty module's control).
+#pragma once
+
+#include "harness.hpp"
+
+#include "faulty_control.h"
+
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace p11mux::test {
+
+// The mock's own function list (the instance p11mux, or the faulty module in
+// front of it, loaded): to act on its tokens behind p11mux's back.
+inline CK_FUNCTION_LIST* mock_functions() {
+  void* lib = ::dlopen(P11MUX_TEST_MOCK_PATH, RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(lib != nullptr);
+  auto get = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(lib, "C_GetFunctionList"));
+  REQUIRE(static_cast<bool>(get));
+  CK_FUNCTION_LIST* list = nullptr;
+  REQUIRE(get(&list) == CKR_OK);
+  return list;
+}
+
+// The faulty module's control (tests/backends/faulty/faulty_control.h).
+inline const FaultyControl* faulty_control() {
+  void* lib = ::dlopen(P11MUX_TEST_FAULTY_PATH, RTLD_NOW | RTLD_LOCAL);  // -z nodelete
+  REQUIRE(lib != nullptr);
+  auto get = reinterpret_cast<FaultyGetControlFn>(::dlsym(lib, "faulty_get_control"));
+  REQUIRE(static_cast<bool>(get));
+  return get();
+}
+
+// p11mux initialized with `conf` as its file (the harness's top-level module
+// unset: it cannot stand beside named backends), the mock configured first.
+class GroupProxy {
+ public:
+  GroupProxy(const std::string& conf, MockConfig mock = {},
+             std::initializer_list<std::pair<const char*, const char*>> env = {})
+      : path_(unique_temp_path("group", "conf")) {
+    reset_environment();
+    std::ofstream(path_) << conf;
+    ::setenv("P11MUX_CONFIG", path_.c_str(), 1);
+    ::setenv("P11MUX_MODULE", "", 1);
+    for (auto [name, value] : env) ::setenv(name, value, 1);
+    CHECK(libs().mock->reset() == 0);
+    REQUIRE(libs().mock->configure(&mock) == 0);
+  }
+  ~GroupProxy() {
+    if (initialized_) p11->C_Finalize(nullptr);
+    ::unlink(path_.c_str());
+    reset_environment();
+  }
+  GroupProxy(const GroupProxy&) = delete;
+  GroupProxy& operator=(const GroupProxy&) = delete;
+
+  // C_Initialize; `err` gets what it wrote on stderr.
+  CK_RV initialize(std::string* err = nullptr) {
+    CK_C_INITIALIZE_ARGS os{};
+    os.flags = CKF_OS_LOCKING_OK;
+    CK_RV rv = CKR_OK;
+    std::string text = capture_stderr([&] { rv = p11->C_Initialize(&os); });
+    if (err != nullptr) *err = text;
+    initialized_ = rv == CKR_OK;
+    return rv;
+  }
+  // The test called C_Finalize itself.
+  void finalized() { initialized_ = false; }
+
+  // A session on the first group's slot.
+  CK_SESSION_HANDLE open(bool rw = true) {
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    REQUIRE(p11->C_OpenSession(0, CKF_SERIAL_SESSION | (rw ? CKF_RW_SESSION : 0), nullptr, nullptr,
+                               &h) == CKR_OK);
+    return h;
+  }
+
+  std::vector<CK_SLOT_ID> slots(CK_BBOOL present = CK_FALSE) {
+    CK_ULONG n = 0;
+    REQUIRE(p11->C_GetSlotList(present, nullptr, &n) == CKR_OK);
+    std::vector<CK_SLOT_ID> ids(n);
+    REQUIRE(p11->C_GetSlotList(present, ids.data(), &n) == CKR_OK);
+    ids.resize(n);
+    return ids;
+  }
+
+  CK_TOKEN_INFO token(CK_SLOT_ID slot) {
+    CK_TOKEN_INFO info{};
+    REQUIRE(p11->C_GetTokenInfo(slot, &info) == CKR_OK);
+    return info;
+  }
+
+  std::vector<CK_MECHANISM_TYPE> mechanisms(CK_SLOT_ID slot) {
+    CK_ULONG n = 0;
+    REQUIRE(p11->C_GetMechanismList(slot, nullptr, &n) == CKR_OK);
+    std::vector<CK_MECHANISM_TYPE> list(n);
+    REQUIRE(p11->C_GetMechanismList(slot, list.data(), &n) == CKR_OK);
+    list.resize(n);
+    return list;
+  }
+
+  CK_FUNCTION_LIST* p11 = libs().p11;
+
+ private:
+  std::string path_;
+  bool initialized_ = false;
+};
+
+}  // namespace p11mux::test
