@@ -12,7 +12,7 @@
 #include "support/replicated_tokens.h"
 #include "support/temp_dir.h"
 
-#include "faulty_control.h"
+#include "support/faulty_module.h"
 
 #include <dlfcn.h>
 
@@ -29,14 +29,6 @@ namespace {
 
 // Every token's user PIN for these tests: unlike anything else in a log.
 constexpr std::string_view kGroupPin = "Gl0gin-pin-7Qx";
-
-const FaultyControl& faulty_control(const std::string& path) {
-  void* library = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);  // -z nodelete: never unloaded
-  REQUIRE_MESSAGE(library != nullptr, ::dlerror());
-  auto get = reinterpret_cast<FaultyGetControlFn>(::dlsym(library, "faulty_get_control"));
-  REQUIRE(static_cast<bool>(get));
-  return *get();
-}
 
 std::string softhsm_path() {
   return env_or("P11MUX_TEST_SOFTHSM2_MODULE", "/usr/lib/softhsm/libsofthsm2.so");

@@ -8,7 +8,7 @@
 #include "support/replicated_tokens.h"
 #include "support/temp_dir.h"
 
-#include "faulty_control.h"
+#include "support/faulty_module.h"
 
 #include <dlfcn.h>
 
@@ -151,14 +151,6 @@ TEST_CASE("groups over SoftHSM2: a session on the group logs in, signs and verif
 }
 
 namespace {
-
-const FaultyControl& faulty_control(const std::string& path) {
-  void* library = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);  // -z nodelete: never unloaded
-  REQUIRE_MESSAGE(library != nullptr, ::dlerror());
-  auto get = reinterpret_cast<FaultyGetControlFn>(::dlsym(library, "faulty_get_control"));
-  REQUIRE(static_cast<bool>(get));
-  return *get();
-}
 
 // The faulty module's own function list, the instance p11mux loaded.
 const CK_FUNCTION_LIST& faulty_functions(const std::string& path) {

@@ -9,7 +9,7 @@
 #include "support/environment.h"
 #include "support/replicated_tokens.h"
 
-#include "faulty_control.h"
+#include "support/faulty_module.h"
 
 #include <dlfcn.h>
 
@@ -22,14 +22,6 @@ using namespace p11test;
 namespace {
 
 const Bytes kMessage = to_bytes("members come and go");
-
-const FaultyControl& faulty_control(const std::string& path) {
-  void* library = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);  // -z nodelete: never unloaded
-  REQUIRE_MESSAGE(library != nullptr, ::dlerror());
-  auto get = reinterpret_cast<FaultyGetControlFn>(::dlsym(library, "faulty_get_control"));
-  REQUIRE(static_cast<bool>(get));
-  return *get();
-}
 
 // The replicated tokens seen through the faulty module, a logged-in session on each.
 struct FaultyMembers {
