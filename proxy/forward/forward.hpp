@@ -18,6 +18,7 @@
 #include "group/group_login.hpp"
 #include "group/group_object_calls.hpp"
 #include "group/member_calls.hpp"
+#include "group/replay_calls.hpp"
 #include "handled/handled.hpp"
 #include "observe/observe.hpp"
 
@@ -57,6 +58,14 @@ template <class F, bool kOnGroup, class Via, class Observation, class CallBacken
   if (binding.backend == CK_INVALID_HANDLE) [[unlikely]] {
     if (CK_RV rv = bind_anchor(s); rv != CKR_OK) return rv;
   }
+  // What a failover left: operations to replay here, or lost
+  // (group/replay_calls.hpp).
+  if constexpr (kOnGroup) {
+    if (CK_RV rv = restore_operations<F>(rt, s); rv != CKR_OK) {
+      if (rt.binds_on_state()) unbind_if_idle(s);
+      return rv;
+    }
+  }
   // A group's login is every member's (group/group_login.hpp).
   if constexpr (kOnGroup && kGroupLoginCall<F>) {
     CK_RV rv = group_login_call<F>(*rt.group_login(), s, rest...);
@@ -84,7 +93,9 @@ template <class F, bool kOnGroup, class Via, class Observation, class CallBacken
   // A group's session on the slow path (Via InGroup): its object handles
   // are virtual (group/group_object_calls.hpp).
   if constexpr (kOnGroup && requires { Via::kGroupObjects; }) {
-    return group_session_call<F>(rt, s, run, rest...);
+    const CK_RV rv = group_session_call<F>(rt, s, run, rest...);
+    note_operations<F>(rt, s, rv, rest...);
+    return rv;
   } else {
     return run(rest...);
   }
@@ -92,11 +103,29 @@ template <class F, bool kOnGroup, class Via, class Observation, class CallBacken
 
 // Out of line: inlined, the group's instantiation costs the single
 // backend's calls 10 instructions each (callgrind), in register saves.
+// A call its member's failure interrupted is made again on the next member
+// when that is the same call (group/replay_calls.hpp), at most once per
+// member; else the member's answer reaches the application, and ends what
+// any error of that call ends.
 template <class F, class Via, class Observation, class CallBackend, class... R>
 [[gnu::noinline]] CK_RV call_on_group_session(Runtime& rt, Session& s, Observation& seen,
                                               CallBackend& call_backend, R... rest) noexcept
     REQUIRES(s.lock) {
-  return call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);
+  if constexpr (requires { Via::kGroupObjects; }) {
+    const OutputLengths<F, R...> lengths(rest...);
+    const std::size_t members = rt.groups()->members(s.group).size();
+    for (std::size_t tried = 1;; ++tried) {
+      const CK_RV rv = call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);
+      if (rv == CKR_OK || !member_failed(rt, s, rv)) return rv;
+      if (!kRetriedOnFailover<F> || tried >= members || !retried_on_failover<F>(s)) {
+        s.operations->template after<F>(rv, CK_SESSION_HANDLE{}, rest...);
+        return rv;
+      }
+      lengths.restore(rest...);
+    }
+  } else {
+    return call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);
+  }
 }
 
 // `seen` is NoObservation on the normal path, CallObservation when observed.

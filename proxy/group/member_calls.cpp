@@ -2,7 +2,11 @@
 
 #include "group/group_login.hpp"
 #include "group/group_objects.hpp"
+#include "group/replay_calls.hpp"
 #include "handled/handled.hpp"
+
+#include <p11mux/mechanism_names.hpp>
+#include <p11mux/rv_names.hpp>
 
 namespace p11mux {
 
@@ -55,6 +59,50 @@ CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) 
   s.pool = &pool;
   s.slot = member.slot;
   s.member = static_cast<std::uint32_t>(to);
+  return CKR_OK;
+}
+
+CK_RV replay_pending(Runtime& rt, Session& s) noexcept {
+  SessionOperations& ops = *s.operations;
+  const GroupRuntime& groups = *rt.groups();
+  MemberHealth& health = groups.health(s.group, s.member);
+  const BackendPort& port = s.pool->port();
+  const CK_SESSION_HANDLE backend = s.anchor.backend;
+  const std::size_t group = s.group;
+  const std::size_t member = s.member;
+  for (std::size_t i = 0; i < SessionOperations::kKinds; ++i) {
+    const auto kind = static_cast<OpMask>(1u << i);
+    if ((ops.pending() & kind) == 0) continue;
+    OperationRecord& record = ops.of(kind);
+    if (!record.replayable()) {
+      ops.drop_pending(kind);
+      continue;
+    }
+    // The key's handle on this member, as any call of the session resolves it.
+    auto resolve = [&](CK_OBJECT_HANDLE key, CK_OBJECT_HANDLE& out) {
+      GroupCall call{rt, rt.group_objects(group), group, member, backend, "replay"};
+      return group_resolve(call, key, CKR_KEY_HANDLE_INVALID, out);
+    };
+    const MemberHealth::Call counted = health.begin(HealthClock::now());
+    const CK_RV rv = replay_init(record, port, backend, resolve);
+    health.end(counted, rv, backend, HealthClock::now());
+    if (rv == CKR_OK) {
+      s.anchor.ops |= kind;  // as its Init would have been noted
+      ops.replayed(kind, true);
+      groups.health(s.group, ops.replayed_from()).count_replay();
+      continue;
+    }
+    // This member failed too: the operation waits for the next one.
+    if (member_failed(rt, s, rv)) return rv;
+    try {
+      rt.log().warn(
+          "group {}: an operation ({}) could not be replayed on member {} ({}): the call "
+          "continuing it answers CKR_DEVICE_ERROR (docs/groups.md, \"Replay\")",
+          s.group, mechanism_name(record.mechanism().get()->mechanism), s.member, rv_name(rv));
+    } catch (...) {
+    }
+    ops.replayed(kind, false);
+  }
   return CKR_OK;
 }
 

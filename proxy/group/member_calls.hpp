@@ -11,16 +11,13 @@
 
 #include "forward/multiplex.hpp"
 #include "group/group_runtime.hpp"
+#include "group/operation_record.hpp"
 #include "lifecycle/runtime.hpp"
 #include "sessions/session_table.hpp"
 
 #include <p11mux/pkcs11.h>
 
 namespace p11mux {
-
-// The operation a down member held is gone with it (docs/groups.md,
-// "Replay": replay is not built yet): a call continuing it answers this.
-inline constexpr CK_RV kOperationLost = CKR_DEVICE_ERROR;
 
 // Moves `s` off its member, which is down, to a member placed anew: its
 // backend session there (bind = open) or its admission (bind = state). What
@@ -36,11 +33,30 @@ template <class F>
   const GroupRuntime& groups = *rt.groups();
   if (groups.health(s.group, s.member).up()) [[likely]]
     return CKR_OK;
+  const std::uint32_t from = s.member;
   const bool had_operation = s.anchor.ops != 0 || s.anchor.maybe != 0;
   if (CK_RV rv = move_off_down_member(rt, groups, s); rv != CKR_OK) return rv;
-  // The session lives on; an operation it had on the dead member does not.
-  if (had_operation && continues(effect<F>)) return kOperationLost;
+  // The session lives on. Its operations of the kinds replay knows are
+  // replayed on the new member, or told lost, once the call has its backend
+  // session there (replay_calls.hpp); the others (a search, a message-based
+  // operation) are lost with the member, told to a call continuing them now.
+  s.operations->moved(from);
+  if (had_operation && continues(effect<F>) && (effect<F>.ops & ~kReplayableOps) != 0)
+    return kOperationLostRv;
   return CKR_OK;
+}
+
+// Whether `rv`, F's answer on `s`'s member, was that member failing: a
+// device code, or a gone session once the member is down for it.
+inline bool member_failed(const Runtime& rt, const Session& s, CK_RV rv) noexcept REQUIRES(s.lock) {
+  switch (classify(rv)) {
+    case CallOutcome::member_down:
+      return true;
+    case CallOutcome::session_gone:
+      return !rt.groups()->health(s.group, s.member).up();
+    default:
+      return false;
+  }
 }
 
 // The call's span on its member: begun before the backend call, ended with

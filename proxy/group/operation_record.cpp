@@ -1,5 +1,7 @@
 #include "group/operation_record.hpp"
 
+#include "sessions/session_table.hpp"
+
 #include <cstring>
 #include <new>
 
@@ -81,6 +83,10 @@ CopyResult MechanismCopy::assign(const CK_MECHANISM& m) noexcept {
   mechanism_ = {m.mechanism, buffer, m.ulParameterLen};
   held_ = true;
   return CopyResult::ok;
+}
+
+void SessionOperationsDeleter::operator()(SessionOperations* operations) const noexcept {
+  delete operations;
 }
 
 }  // namespace p11mux

@@ -337,6 +337,52 @@ class SessionOperations {
   OperationRecord& of(OpMask kind) noexcept { return records_[index(kind)]; }
   const OperationRecord& of(OpMask kind) const noexcept { return records_[index(kind)]; }
 
+  // A session opened: nothing recorded, nothing pending.
+  void reset() noexcept {
+    for (OperationRecord& r : records_) r.end();
+    pending_ = lost_ = 0;
+  }
+
+  // The session moved off `from`, a member that failed, with its backend
+  // session: the operations it had there are to be replayed on the new
+  // member (pending()), or lost, each told to the application by the next
+  // call continuing it (take_lost), not by a later one of another kind.
+  void moved(std::uint32_t from) noexcept {
+    from_ = from;
+    for (std::size_t i = 0; i < kKinds; ++i) {
+      const auto kind = static_cast<OpMask>(1u << i);
+      OperationRecord& r = records_[i];
+      if (r.replayable()) {
+        pending_ |= kind;
+      } else if (r.phase() != Phase::finished) {
+        r.end();
+        lost_ |= kind;
+      }
+    }
+  }
+  // The kinds waiting to be replayed on the session's member, and the member
+  // they were lost on (for its replay count).
+  OpMask pending() const noexcept { return pending_; }
+  std::uint32_t replayed_from() const noexcept { return from_; }
+  // A pending kind whose operation ended meanwhile (a call the member failed
+  // under answered the application, which ends it): nothing to replay.
+  void drop_pending(OpMask kind) noexcept { pending_ &= static_cast<OpMask>(~kind); }
+  // The replay of `kind` ran: it is live on the member (ok), or lost.
+  void replayed(OpMask kind, bool ok) noexcept {
+    pending_ &= static_cast<OpMask>(~kind);
+    if (!ok) {
+      of(kind).end();
+      lost_ |= kind;
+    }
+  }
+  // True once for a kind of `kinds` that a failover lost: the call
+  // continuing it answers kOperationLostRv instead of reaching the member.
+  bool take_lost(OpMask kinds) noexcept {
+    const auto hit = static_cast<OpMask>(lost_ & kinds);
+    lost_ &= static_cast<OpMask>(~hit);
+    return hit != 0;
+  }
+
   // After the member answered rv to F (fn::C_X) with `args` (the session
   // handle included), unless the member failed: a member's failure changes
   // nothing, so that a single-part call it interrupted stays replayable.
@@ -362,6 +408,7 @@ class SessionOperations {
       CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
       if constexpr (F::args.size() > 2) key = std::get<2>(t);
       // v3.0: an Init with a NULL mechanism cancels the operation.
+      lost_ &= static_cast<OpMask>(~kinds);
       if (m == nullptr) {
         of(kinds).end();
       } else {
@@ -387,6 +434,9 @@ class SessionOperations {
   }
 
   std::array<OperationRecord, kKinds> records_;
+  OpMask pending_ = 0;  // replayable, to be replayed on the new member
+  OpMask lost_ = 0;     // lost by a failover, not yet told
+  std::uint32_t from_ = 0;
 };
 
 // Runs the record's Init again on another member's session, so that the

@@ -3,6 +3,7 @@
 #include "handled/handled.hpp"
 
 #include "group/group_login.hpp"
+#include "group/operation_record.hpp"
 
 #include <p11mux/ckr_error.hpp>
 
@@ -108,6 +109,17 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
   lease->group = group;
   lease->member = static_cast<std::uint32_t>(member);
   lease->rw = (flags & CKF_RW_SESSION) != 0;
+  // A group's session: what failover replays (group/operation_record.hpp).
+  if (group != Session::kNoGroup) {
+    if (!lease->operations) {
+      lease->operations.reset(new (std::nothrow) SessionOperations);
+      if (!lease->operations) {
+        rt.sessions().discard(std::move(lease));
+        return unplace(CKR_HOST_MEMORY);
+      }
+    }
+    lease->operations->reset();
+  }
   lease->application.store(application, std::memory_order_relaxed);
   lease->notify.store(notify, std::memory_order_release);
   // [pool] bind = state: no backend session until a call needs one (a

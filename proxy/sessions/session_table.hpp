@@ -110,6 +110,13 @@ struct Binding {
   }
 };
 
+// What a group's failover keeps of a session's operations, to replay them on
+// another member (group/operation_record.hpp): only its name here.
+class SessionOperations;
+struct SessionOperationsDeleter {
+  void operator()(SessionOperations* operations) const noexcept;  // operation_record.cpp
+};
+
 struct Session {
   explicit Session(const LockSource& locks) : lock(locks) {}
   Session(const Session&) = delete;  // lives at a fixed address: handles point at it
@@ -148,6 +155,10 @@ struct Session {
   std::uint32_t group GUARDED_BY(lock) = kNoGroup;
   std::uint32_t member GUARDED_BY(lock) = 0;
   bool rw GUARDED_BY(lock) = false;  // R/W or R/O: the pool kind of its backend sessions
+  // A group's session: its operations as failover replays them (made at its
+  // first C_OpenSession on a group, kept while the table reuses the slot,
+  // reset at each open); NULL for the single backend's.
+  std::unique_ptr<SessionOperations, SessionOperationsDeleter> operations GUARDED_BY(lock);
   CK_SESSION_HANDLE opening_handle GUARDED_BY(lock) = 0;  // the handle being opened, for Notify
   // Read by the notify trampoline from inside backend calls, without the lock.
   std::atomic<CK_NOTIFY> notify{nullptr};

@@ -11,6 +11,7 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <array>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -111,6 +112,50 @@ class GroupProxy {
  private:
   std::string path_;
   bool initialized_ = false;
+};
+
+// The mock with `count` tokens (slots 0..count-1, labels mock-token-N, serial N).
+inline MockConfig mock_tokens(unsigned long count) {
+  MockConfig mock{};
+  mock.slot_count = count;
+  return mock;
+}
+
+// The faulty module over the mock's three tokens, as a group of its slots 2
+// (member 0) and 1 (member 1), probed every second.
+struct FaultyGroup {
+  FaultyGroup(std::string extra = "", std::initializer_list<std::pair<const char*, const char*>>
+                                          env = {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}})
+      : faulty(faulty_control()),
+        proxy(std::string("[backend.faulty]\nmodule = ") + P11MUX_TEST_FAULTY_PATH +
+                  "\n[group.signing]\nmembers = faulty/serial:2, faulty/label:mock-token-1\n"
+                  "recovery_interval_s = 1\n" +
+                  extra,
+              mock_tokens(3), env) {
+    REQUIRE(faulty->reset() == 0);
+  }
+  ~FaultyGroup() { faulty->reset(); }
+  FaultyGroup(const FaultyGroup&) = delete;
+  FaultyGroup& operator=(const FaultyGroup&) = delete;
+
+  unsigned long sessions_on(CK_SLOT_ID slot) const {
+    FaultySlotStats stats{};
+    faulty->slot_stats(slot, &stats);
+    return stats.sessions_open;
+  }
+  CK_SESSION_HANDLE open(bool rw = false) {
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    REQUIRE(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION | (rw ? CKF_RW_SESSION : 0), nullptr,
+                                     nullptr, &h) == CKR_OK);
+    return h;
+  }
+  CK_RV random(CK_SESSION_HANDLE h) {
+    std::array<CK_BYTE, 8> bytes{};
+    return proxy.p11->C_GenerateRandom(h, bytes.data(), bytes.size());
+  }
+
+  const FaultyControl* faulty;
+  GroupProxy proxy;
 };
 
 }  // namespace p11mux::test

@@ -3,6 +3,7 @@
 // phases an operation goes through, and the Init run again on a second member
 // (a fake function table behind a BackendPort).
 #include "group/operation_record.hpp"
+#include "group/replay_calls.hpp"
 
 #include "port/backend_port.hpp"
 
@@ -599,6 +600,53 @@ TEST_CASE("replay refuses what it cannot replay, and passes failures on") {
   CHECK(s.of(op::verify).replayable());
   CHECK(s.of(op::verify).lose() == CKR_DEVICE_ERROR);
   CHECK_FALSE(s.of(op::verify).replayable());
+}
+
+TEST_CASE("a move: replayable operations pending, the others lost and told once") {
+  SessionOperations s;
+  s.after<fn::C_SignInit>(CKR_OK, kSession, &ecdsa, kVirtualKey);  // replayable
+  s.after<fn::C_DigestInit>(CKR_OK, kSession, &ecdsa);
+  s.after<fn::C_DigestUpdate>(CKR_OK, kSession, data, CK_ULONG{32});  // took data
+  s.moved(4);
+  CHECK(s.pending() == op::sign);
+  CHECK(s.replayed_from() == 4);
+  CHECK(s.of(op::digest).phase() == Phase::finished);
+  // The digest's loss is told to the first call continuing a digest, once.
+  CHECK_FALSE(s.take_lost(op::sign));
+  CHECK(s.take_lost(op::digest));
+  CHECK_FALSE(s.take_lost(op::digest));
+  // A replay that ran keeps the operation; one that failed loses it.
+  s.replayed(op::sign, true);
+  CHECK(s.pending() == 0);
+  CHECK(s.of(op::sign).replayable());
+  s.moved(5);
+  s.replayed(op::sign, false);
+  CHECK_FALSE(s.of(op::sign).replayable());
+  // A new Init of a lost kind is a fresh operation: nothing to tell.
+  s.after<fn::C_SignInit>(CKR_OK, kSession, &ecdsa, kVirtualKey);
+  CHECK_FALSE(s.take_lost(op::sign));
+  // reset() forgets everything.
+  s.moved(6);
+  s.reset();
+  CHECK(s.pending() == 0);
+  CHECK(s.of(op::sign).phase() == Phase::finished);
+}
+
+TEST_CASE("output lengths: restored for a call made again, the NULL ones left alone") {
+  CK_ULONG given = 64;
+  OutputLengths<fn::C_Sign, CK_BYTE_PTR, CK_ULONG, CK_BYTE_PTR, CK_ULONG_PTR> saved(
+      data, CK_ULONG{32}, out, &given);
+  given = 7;  // a member that failed wrote it
+  saved.restore(data, CK_ULONG{32}, out, &given);
+  CHECK(given == 64);
+  // Another function's output, and a NULL length pointer left alone.
+  CK_ULONG state_len = 9;
+  OutputLengths<fn::C_GetOperationState, CK_BYTE_PTR, CK_ULONG_PTR> state(out, &state_len);
+  state_len = 1;
+  state.restore(out, &state_len);
+  CHECK(state_len == 9);
+  OutputLengths<fn::C_GetOperationState, CK_BYTE_PTR, CK_ULONG_PTR> none(out, nullptr);
+  none.restore(out, nullptr);
 }
 
 }  // namespace

@@ -1,0 +1,138 @@
+// Failover without an error for the application (issue 15; docs/groups.md,
+// "Replay"): a call on a group's session that its member's failure
+// interrupted is made again on another member, when doing so is the same
+// call. That holds for
+//   - an Init (the failed member kept nothing the new one lacks);
+//   - a call continuing an operation of a kind replay knows that had not
+//     yet taken data (OperationRecord::replayable: only its Init ran): the
+//     Init is replayed on the new member from the record's copy of the
+//     mechanism and the key's virtual handle, then the call is made there.
+// Anything else that a member's failure interrupted answers the member's
+// code, and an operation that cannot be replayed answers kOperationLostRv to
+// the call continuing it (member_calls.hpp).
+//
+// Serialize mode, under the session's lock, on the group's path only
+// (forward.hpp's call_on_group_session).
+#pragma once
+
+#include "forward/multiplex.hpp"
+#include "functions/function_traits.hpp"
+#include "group/member_calls.hpp"
+#include "group/operation_record.hpp"
+#include "sessions/session_table.hpp"
+
+#include <p11mux/pkcs11.h>
+
+#include <array>
+#include <cstddef>
+#include <tuple>
+
+namespace p11mux {
+
+// The kinds replay knows that F continues (an Update, a Final, a single-part call).
+template <class F>
+inline constexpr OpMask kContinuedReplayable =
+    continues(effect<F>) ? static_cast<OpMask>(effect<F>.ops & kReplayableOps) : OpMask{0};
+
+// F is made again on another member when its member fails under it: an
+// Init, or a call continuing only kinds replay knows.
+template <class F>
+inline constexpr bool kRetriedOnFailover =
+    effect<F>.step == Step::start ||
+    (kContinuedReplayable<F> != 0 && kContinuedReplayable<F> == effect<F>.ops);
+
+// Replays the operations pending since `s` moved (SessionOperations::moved)
+// on its backend session on its new member, which it holds. CKR_OK, or the
+// new member's failure (what is not replayed stays pending for the next
+// member); an operation the new member refuses is lost.
+CK_RV replay_pending(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
+
+// Before F runs on `s`, bound to its backend session: what a failover left.
+template <class F>
+[[gnu::always_inline]] inline CK_RV restore_operations(Runtime& rt, Session& s) noexcept
+    REQUIRES(s.lock) {
+  SessionOperations& ops = *s.operations;
+  if (ops.pending() != 0) [[unlikely]] {
+    if (CK_RV rv = replay_pending(rt, s); rv != CKR_OK) return rv;
+  }
+  if constexpr (kContinuedReplayable<F> != 0) {
+    if (ops.take_lost(kContinuedReplayable<F>)) [[unlikely]]
+      return kOperationLostRv;
+  }
+  return CKR_OK;
+}
+
+// After F answered `rv` on `s`'s member (`args`: the application's, after
+// the session handle): the session's records follow, unless the member
+// failed under the call, which then stays as it was before it (so that it
+// can be made again elsewhere).
+template <class F, class... A>
+[[gnu::always_inline]] inline void note_operations(const Runtime& rt, Session& s, CK_RV rv,
+                                                   A... args) noexcept REQUIRES(s.lock) {
+  if (rv != CKR_OK && member_failed(rt, s, rv)) return;
+  s.operations->template after<F>(rv, CK_SESSION_HANDLE{}, args...);
+}
+
+// Whether F, which `s`'s member failed under (member_failed), is made again
+// on another member. An Init always; a continuing call if every kind it
+// continues is still replayable.
+template <class F>
+bool retried_on_failover(const Session& s) noexcept REQUIRES(s.lock) {
+  if constexpr (effect<F>.step == Step::start) {
+    return true;
+  } else if constexpr (kRetriedOnFailover<F>) {
+    const SessionOperations& ops = *s.operations;
+    for (std::size_t i = 0; i < SessionOperations::kKinds; ++i) {
+      const auto kind = static_cast<OpMask>(1u << i);
+      if ((kContinuedReplayable<F> & kind) != 0 && !ops.of(kind).replayable()) return false;
+    }
+    return true;
+  } else {
+    return false;
+  }
+}
+
+// The lengths F's output buffers were given (the CK_ULONG_PTR after each 'o'
+// argument, include/p11mux/functions.h): a member that failed may have
+// written one, and the call made again must see the application's.
+// `A...`: the arguments after the session handle.
+template <class F, class... A>
+class OutputLengths {
+  static constexpr std::size_t kCount = [] {
+    std::size_t n = 0;
+    for (std::size_t i = 1; i + 1 < F::args.size(); ++i) n += F::args[i] == 'o';
+    return n;
+  }();
+
+ public:
+  explicit OutputLengths(A... args) noexcept {
+    std::size_t n = 0;
+    each(args..., [&](CK_ULONG_PTR length) { saved_[n++] = length == nullptr ? 0 : *length; });
+  }
+  void restore(A... args) const noexcept {
+    std::size_t n = 0;
+    each(args..., [&](CK_ULONG_PTR length) {
+      if (length != nullptr) *length = saved_[n];
+      ++n;
+    });
+  }
+
+ private:
+  // `fn` on each output length pointer among `args`, in order.
+  template <class Fn>
+  static void each(A... args, Fn fn) noexcept {
+    const std::tuple<A...> t{args...};
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (..., [&] {
+        // Argument I is letter I + 1 (letter 0 is the session handle): an
+        // output's length when letter I is that output's 'o'.
+        if constexpr (I >= 1 && F::args[I] == 'o') fn(std::get<I>(t));
+      }());
+    }
+    (std::index_sequence_for<A...>{});
+  }
+
+  std::array<CK_ULONG, kCount> saved_{};
+};
+
+}  // namespace p11mux

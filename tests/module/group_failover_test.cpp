@@ -1,0 +1,204 @@
+// Issue 15, failover without an error (docs/groups.md, "Replay"): a call on
+// a group's session that its member's failure interrupted is made again on
+// another member when it is the same call there: an Init, or a call
+// continuing an operation that had taken no data yet, whose Init is
+// replayed first. Over the faulty module in front of the mock's tokens
+// (FaultyGroup: member 0 is the mock's slot 2, member 1 its slot 1).
+#include "group_harness.hpp"
+
+#include <algorithm>
+#include <array>
+#include <string>
+#include <string_view>
+
+namespace p11mux::test {
+namespace {
+
+// A token secret key made through p11mux on `s`: one copy on each member
+// (docs/groups.md, "Objects"), each with its own mock handle, so each
+// member's signatures with it are its own.
+CK_OBJECT_HANDLE make_token_key(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s) {
+  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+  CK_KEY_TYPE type = CKK_GENERIC_SECRET;
+  CK_BBOOL yes = CK_TRUE;
+  std::string id = "replayed";
+  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls},
+                          {CKA_KEY_TYPE, &type, sizeof type},
+                          {CKA_TOKEN, &yes, sizeof yes},
+                          {CKA_ID, id.data(), id.size()}};
+  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+  REQUIRE(p->C_CreateObject(s, templ, 4, &key) == CKR_OK);
+  return key;
+}
+
+struct Signed {
+  CK_RV rv;
+  std::array<CK_BYTE, 64> bytes;
+  CK_ULONG len;
+};
+
+constexpr std::string_view kData = "signed across a failover";
+
+Signed sign(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, CK_ULONG len = 64) {
+  Signed out{CKR_OK, {}, len};
+  std::string data(kData);
+  out.rv = p->C_Sign(s, reinterpret_cast<CK_BYTE*>(data.data()), data.size(), out.bytes.data(),
+                     &out.len);
+  return out;
+}
+
+// The signature verifies on session `s` (its member's copy of `key`).
+CK_RV verify(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key, Signed& sig) {
+  CK_MECHANISM hmac{CKM_SHA256_HMAC, nullptr, 0};
+  std::string data(kData);
+  REQUIRE(p->C_VerifyInit(s, &hmac, key) == CKR_OK);
+  return p->C_Verify(s, reinterpret_cast<CK_BYTE*>(data.data()), data.size(), sig.bytes.data(),
+                     sig.len);
+}
+
+}  // namespace
+
+TEST_CASE("group failover: a C_Sign whose member failed after its C_SignInit is replayed") {
+  for (const char* bind : {"open", "state"}) {
+    CAPTURE(bind);
+    FaultyGroup g("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                       {"P11MUX_POOL_BIND", bind},
+                       {"P11MUX_LOG_LEVEL", "warn"}});
+    REQUIRE(g.proxy.initialize() == CKR_OK);
+    CK_FUNCTION_LIST* p = g.proxy.p11;
+    const CK_SESSION_HANDLE a = g.open(true);  // member 0
+    const CK_SESSION_HANDLE b = g.open(true);  // member 1
+    const CK_OBJECT_HANDLE key = make_token_key(p, a);
+    CK_MECHANISM hmac{CKM_SHA256_HMAC, nullptr, 0};
+
+    SUBCASE("the member fails between the Init and the single-part call") {
+      REQUIRE(p->C_SignInit(a, &hmac, key) == CKR_OK);
+      const unsigned long inits = g.faulty->calls("C_SignInit");
+      g.faulty->fail_slot(2, CKR_DEVICE_ERROR);
+      // Member 0 answers C_Sign with its error and goes down; the call is
+      // made again on member 1, after its C_SignInit there.
+      Signed sig = sign(p, a);
+      CHECK(sig.rv == CKR_OK);
+      CHECK(sig.len == MOCK_DIGEST_LEN);
+      CHECK(g.faulty->calls("C_SignInit") == inits + 1);
+      // Made with member 1's copy of the key: it verifies there.
+      CHECK(verify(p, b, key, sig) == CKR_OK);
+      // The operation ended; the session goes on on member 1.
+      CHECK(sign(p, a).rv == CKR_OPERATION_NOT_INITIALIZED);
+      REQUIRE(p->C_SignInit(a, &hmac, key) == CKR_OK);
+      Signed again = sign(p, a);
+      CHECK(again.rv == CKR_OK);
+      CHECK(verify(p, b, key, again) == CKR_OK);
+    }
+    SUBCASE("after a length query; the length the application gave is the one used") {
+      REQUIRE(p->C_SignInit(a, &hmac, key) == CKR_OK);
+      CK_ULONG len = 0;
+      std::string data(kData);
+      auto* bytes = reinterpret_cast<CK_BYTE*>(data.data());
+      REQUIRE(p->C_Sign(a, bytes, data.size(), nullptr, &len) == CKR_OK);
+      CHECK(len == MOCK_DIGEST_LEN);
+      g.faulty->fail_slot(2, CKR_DEVICE_ERROR);
+      // Too small a buffer: member 1 says so, and the operation stays.
+      Signed small = sign(p, a, MOCK_DIGEST_LEN - 1);
+      CHECK(small.rv == CKR_BUFFER_TOO_SMALL);
+      CHECK(small.len == MOCK_DIGEST_LEN);
+      Signed sig = sign(p, a);
+      CHECK(sig.rv == CKR_OK);
+      CHECK(verify(p, b, key, sig) == CKR_OK);
+    }
+    SUBCASE("a member down before the call: the session moves and the Init is replayed") {
+      REQUIRE(p->C_SignInit(a, &hmac, key) == CKR_OK);
+      const CK_SESSION_HANDLE c = g.open(true);  // member 0 again (least-busy)
+      g.faulty->fail_slot(2, CKR_DEVICE_ERROR);
+      CHECK(g.random(c) == CKR_DEVICE_ERROR);  // c's call takes member 0 down
+      Signed sig = sign(p, a);
+      CHECK(sig.rv == CKR_OK);
+      CHECK(verify(p, b, key, sig) == CKR_OK);
+    }
+    SUBCASE("an Init whose member fails is made on the next member") {
+      g.faulty->fail_slot(2, CKR_DEVICE_ERROR);
+      CHECK(p->C_SignInit(a, &hmac, key) == CKR_OK);
+      Signed sig = sign(p, a);
+      CHECK(sig.rv == CKR_OK);
+      CHECK(verify(p, b, key, sig) == CKR_OK);
+    }
+    SUBCASE("no member left to take it: an error, and the operation ended") {
+      REQUIRE(p->C_SignInit(a, &hmac, key) == CKR_OK);
+      g.faulty->fail_slot(2, CKR_DEVICE_ERROR);
+      g.faulty->fail_slot(1, CKR_DEVICE_REMOVED);  // its token reported absent
+      CHECK(sign(p, a).rv == CKR_DEVICE_ERROR);
+      // Member 1 back: the session moves there, with nothing to replay (the
+      // error ended the operation, as any error of C_Sign does).
+      g.faulty->clear_slot(1);
+      CHECK(sign(p, a).rv == CKR_OPERATION_NOT_INITIALIZED);
+      g.faulty->clear_slot(2);
+    }
+  }
+}
+
+TEST_CASE("group failover: a member failing under the single-part call itself") {
+  // The faulty module forwards the first C_Digest and replaces its answer:
+  // member 0 did the work, and its answer says the device failed.
+  FaultyGroup g("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                     {"P11MUX_FAULTY_FAIL", "C_Digest:CKR_DEVICE_ERROR:nth=1"},
+                     {"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(g.proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = g.proxy.p11;
+  const CK_SESSION_HANDLE a = g.open();
+  CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
+  std::string data = "digested twice, answered once";
+  REQUIRE(p->C_DigestInit(a, &sha) == CKR_OK);
+  std::array<CK_BYTE, 64> digest{};
+  CK_ULONG len = digest.size();
+  CHECK(p->C_Digest(a, reinterpret_cast<CK_BYTE*>(data.data()), data.size(), digest.data(),
+                    &len) == CKR_OK);
+  CHECK(g.faulty->calls("C_Digest") == 2);
+  std::array<CK_BYTE, MOCK_DIGEST_LEN> expected{};
+  libs().mock->reference_digest(reinterpret_cast<const CK_BYTE*>(data.data()), data.size(),
+                        expected.data());
+  REQUIRE(len == MOCK_DIGEST_LEN);
+  CHECK(std::equal(expected.begin(), expected.end(), digest.begin()));
+  CHECK(g.sessions_on(1) >= 1);  // a moved to member 1
+}
+
+TEST_CASE("group failover: what cannot be replayed is told lost once, then the session goes on") {
+  FaultyGroup g("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                     {"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(g.proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = g.proxy.p11;
+  const CK_SESSION_HANDLE a = g.open();  // member 0
+  const CK_SESSION_HANDLE b = g.open();  // member 1
+  const CK_SESSION_HANDLE c = g.open();  // member 0
+  std::string part = "fed to member 0";
+  auto* bytes = reinterpret_cast<CK_BYTE*>(part.data());
+  std::array<CK_BYTE, 64> out{};
+  CK_ULONG len = out.size();
+
+  SUBCASE("a multi-part operation that took data") {
+    CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
+    REQUIRE(p->C_DigestInit(a, &sha) == CKR_OK);
+    REQUIRE(p->C_DigestUpdate(a, bytes, part.size()) == CKR_OK);
+    g.faulty->fail_slot(2, CKR_DEVICE_ERROR);
+    CHECK(g.random(c) == CKR_DEVICE_ERROR);  // member 0 down
+    CHECK(p->C_DigestFinal(a, out.data(), &len) == CKR_DEVICE_ERROR);
+    CHECK(p->C_DigestFinal(a, out.data(), &len) == CKR_OPERATION_NOT_INITIALIZED);
+  }
+  SUBCASE("a mechanism replay does not know") {
+    CK_MECHANISM vendor{CKM_VENDOR_DEFINED | 0x11, nullptr, 0};
+    REQUIRE(p->C_DigestInit(a, &vendor) == CKR_OK);
+    g.faulty->fail_slot(2, CKR_DEVICE_ERROR);
+    CHECK(g.random(c) == CKR_DEVICE_ERROR);
+    const unsigned long digests = g.faulty->calls("C_Digest");
+    CHECK(p->C_Digest(a, bytes, part.size(), out.data(), &len) == CKR_DEVICE_ERROR);
+    CHECK(g.faulty->calls("C_Digest") == digests);  // not sent
+  }
+  // Either way the session works on member 1, and so does b.
+  CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
+  REQUIRE(p->C_DigestInit(a, &sha) == CKR_OK);
+  len = out.size();
+  CHECK(p->C_Digest(a, bytes, part.size(), out.data(), &len) == CKR_OK);
+  CHECK(g.random(b) == CKR_OK);
+  g.faulty->clear_slot(2);
+}
+
+}  // namespace p11mux::test
