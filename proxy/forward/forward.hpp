@@ -93,9 +93,7 @@ template <class F, bool kOnGroup, class Via, class Observation, class CallBacken
   // A group's session on the slow path (Via InGroup): its object handles
   // are virtual (group/group_object_calls.hpp).
   if constexpr (kOnGroup && requires { Via::kGroupObjects; }) {
-    const CK_RV rv = group_session_call<F>(rt, s, run, rest...);
-    note_operations<F>(rt, s, rv, rest...);
-    return rv;
+    return group_session_call<F>(rt, s, run, rest...);
   } else {
     return run(rest...);
   }
@@ -103,25 +101,37 @@ template <class F, bool kOnGroup, class Via, class Observation, class CallBacken
 
 // Out of line: inlined, the group's instantiation costs the single
 // backend's calls 10 instructions each (callgrind), in register saves.
-// A call its member's failure interrupted is made again on the next member
-// when that is the same call (group/replay_calls.hpp), at most once per
-// member; else the member's answer reaches the application, and ends what
-// any error of that call ends.
+// A call interrupted by its member's failure, or by its backend session
+// vanishing, is made again when that is the same call
+// (group/replay_calls.hpp): on the next member, at most once per member,
+// or on a fresh backend session of the same member; else the member's
+// answer reaches the application, and ends what any error of that call ends.
 template <class F, class Via, class Observation, class CallBackend, class... R>
 [[gnu::noinline]] CK_RV call_on_group_session(Runtime& rt, Session& s, Observation& seen,
                                               CallBackend& call_backend, R... rest) noexcept
     REQUIRES(s.lock) {
   if constexpr (requires { Via::kGroupObjects; }) {
+    SessionOperations& operations = *s.operations;
     const OutputLengths<F, R...> lengths(rest...);
-    const std::size_t members = rt.groups()->members(s.group).size();
+    const std::size_t tries = rt.groups()->members(s.group).size() + 1;
     for (std::size_t tried = 1;; ++tried) {
-      const CK_RV rv = call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);
-      if (rv == CKR_OK || !member_failed(rt, s, rv)) return rv;
-      if (!kRetriedOnFailover<F> || tried >= members || !retried_on_failover<F>(s)) {
-        s.operations->template after<F>(rv, CK_SESSION_HANDLE{}, rest...);
-        return rv;
+      CK_RV rv = call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);
+      if (operations.take_interrupted() && rv != CKR_OK && interrupted(rv) && tried < tries) {
+        // Down: the next try moves it (before_member_call). Up: its backend
+        // session went, and it gets a fresh one; the virtual session lives
+        // on, so an answer saying it is gone would mislead the application.
+        const bool member_up = rt.groups()->health(s.group, s.member).up();
+        const bool renewed = member_up && renew_gone_session(rt, s) == CKR_OK;
+        if ((!member_up || renewed) && retried_on_failover<F>(s, member_up)) {
+          lengths.restore(rest...);
+          continue;
+        }
+        if (renewed) rv = kOperationLostRv;
       }
-      lengths.restore(rest...);
+      // The application's answer: the records follow it (an interrupted try
+      // made again is not one).
+      operations.template after<F>(rv, CK_SESSION_HANDLE{}, rest...);
+      return rv;
     }
   } else {
     return call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);

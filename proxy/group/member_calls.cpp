@@ -62,6 +62,33 @@ CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) 
   return CKR_OK;
 }
 
+CK_RV renew_gone_session(Runtime& rt, Session& s) noexcept {
+  const CK_SESSION_HANDLE gone = s.anchor.backend;
+  SessionPool& pool = *s.pool;
+  CK_SESSION_HANDLE fresh = CK_INVALID_HANDLE;
+  const CK_NOTIFY notify = s.notify.load(std::memory_order_relaxed);
+  if (gone != CK_INVALID_HANDLE) {
+    // The fresh one first (counted as the application's), then the gone one
+    // let go: the count of the application's sessions never touches 0, so
+    // the token is not logged out between.
+    if (notify != nullptr) {
+      if (CK_RV rv = pool.open_notified(s.slot, s.rw, &s, &notify_trampoline, fresh); rv != CKR_OK)
+        return rv;
+      pool.close(s.slot, s.rw, gone, SessionPool::Fate::dead);
+    } else if (rt.binds_on_state()) {
+      pool.give(s.slot, s.rw, gone, SessionPool::Fate::dead);  // the next call borrows one
+    } else {
+      if (CK_RV rv = pool.open(s.slot, s.rw, fresh); rv != CKR_OK) return rv;
+      pool.close(s.slot, s.rw, gone, SessionPool::Fate::dead);
+    }
+    group_session_ended(rt, s.group, s.member, gone);
+  }
+  s.anchor.clear();
+  s.anchor.backend = fresh;
+  s.operations->moved(s.member);
+  return CKR_OK;
+}
+
 CK_RV replay_pending(Runtime& rt, Session& s) noexcept {
   SessionOperations& ops = *s.operations;
   const GroupRuntime& groups = *rt.groups();
@@ -86,6 +113,7 @@ CK_RV replay_pending(Runtime& rt, Session& s) noexcept {
     const MemberHealth::Call counted = health.begin(HealthClock::now());
     const CK_RV rv = replay_init(record, port, backend, resolve);
     health.end(counted, rv, backend, HealthClock::now());
+    if (rv != CKR_OK && interrupted(rv)) ops.member_interrupted();
     if (rv == CKR_OK) {
       s.anchor.ops |= kind;  // as its Init would have been noted
       ops.replayed(kind, true);
@@ -93,7 +121,7 @@ CK_RV replay_pending(Runtime& rt, Session& s) noexcept {
       continue;
     }
     // This member failed too: the operation waits for the next one.
-    if (member_failed(rt, s, rv)) return rv;
+    if (interrupted(rv)) return rv;
     try {
       rt.log().warn(
           "group {}: an operation ({}) could not be replayed on member {} ({}): the call "

@@ -46,31 +46,39 @@ template <class F>
   return CKR_OK;
 }
 
-// Whether `rv`, F's answer on `s`'s member, was that member failing: a
-// device code, or a gone session once the member is down for it.
-inline bool member_failed(const Runtime& rt, const Session& s, CK_RV rv) noexcept REQUIRES(s.lock) {
-  switch (classify(rv)) {
-    case CallOutcome::member_down:
-      return true;
-    case CallOutcome::session_gone:
-      return !rt.groups()->health(s.group, s.member).up();
-    default:
-      return false;
-  }
+// Whether `rv`, a member's answer, says the call did not reach the end of
+// it: the member failed (a device code) or the backend session is gone (the
+// member restarted, or dropped it).
+inline bool interrupted(CK_RV rv) noexcept {
+  const CallOutcome outcome = classify(rv);
+  return outcome == CallOutcome::member_down || outcome == CallOutcome::session_gone;
 }
 
+// `s`'s backend session on its member is gone while the member is up (it
+// restarted, or dropped the session): the session gets a fresh one there
+// (bind = open; with bind = state, at its next call), and its operations are
+// sorted as at a move (SessionOperations::moved): the gone session took them.
+// CKR_OK, or why no fresh one could be had.
+CK_RV renew_gone_session(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
+
 // The call's span on its member: begun before the backend call, ended with
-// its answer.
+// its answer, which the session's operations hear of when it says the call
+// was interrupted (replay_calls.hpp makes such a call again; an answer
+// p11mux made itself is never taken for one).
 class MemberCall {
  public:
   MemberCall(Runtime& rt, const Session& s) noexcept REQUIRES(s.lock)
-      : health_(rt.groups()->health(s.group, s.member)), call_(health_.begin(HealthClock::now())) {}
+      : health_(rt.groups()->health(s.group, s.member)),
+        operations_(*s.operations),
+        call_(health_.begin(HealthClock::now())) {}
   void end(CK_RV rv, CK_SESSION_HANDLE backend) noexcept {
     health_.end(call_, rv, backend, HealthClock::now());
+    if (rv != CKR_OK && interrupted(rv)) operations_.member_interrupted();
   }
 
  private:
   MemberHealth& health_;
+  SessionOperations& operations_;
   MemberHealth::Call call_;
 };
 

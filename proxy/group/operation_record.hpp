@@ -26,6 +26,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 
 namespace p11mux {
 
@@ -341,6 +342,7 @@ class SessionOperations {
   void reset() noexcept {
     for (OperationRecord& r : records_) r.end();
     pending_ = lost_ = 0;
+    interrupted_ = false;
   }
 
   // The session moved off `from`, a member that failed, with its backend
@@ -364,6 +366,11 @@ class SessionOperations {
   // they were lost on (for its replay count).
   OpMask pending() const noexcept { return pending_; }
   std::uint32_t replayed_from() const noexcept { return from_; }
+  // A member answered one of the session's calls with a code saying the call
+  // was interrupted (member_calls.hpp, MemberCall); true once per attempt.
+  void member_interrupted() noexcept { interrupted_ = true; }
+  bool take_interrupted() noexcept { return std::exchange(interrupted_, false); }
+
   // A pending kind whose operation ended meanwhile (a call the member failed
   // under answered the application, which ends it): nothing to replay.
   void drop_pending(OpMask kind) noexcept { pending_ &= static_cast<OpMask>(~kind); }
@@ -437,6 +444,7 @@ class SessionOperations {
   OpMask pending_ = 0;  // replayable, to be replayed on the new member
   OpMask lost_ = 0;     // lost by a failover, not yet told
   std::uint32_t from_ = 0;
+  bool interrupted_ = false;
 };
 
 // Runs the record's Init again on another member's session, so that the

@@ -32,14 +32,14 @@ namespace p11mux {
 // The kinds replay knows that F continues (an Update, a Final, a single-part call).
 template <class F>
 inline constexpr OpMask kContinuedReplayable =
-    continues(effect<F>) ? static_cast<OpMask>(effect<F>.ops & kReplayableOps) : OpMask{0};
+    continues(effect<F>) ? static_cast<OpMask>(effect<F>.ops& kReplayableOps) : OpMask{0};
 
 // F is made again on another member when its member fails under it: an
 // Init, or a call continuing only kinds replay knows.
 template <class F>
-inline constexpr bool kRetriedOnFailover =
-    effect<F>.step == Step::start ||
-    (kContinuedReplayable<F> != 0 && kContinuedReplayable<F> == effect<F>.ops);
+inline constexpr bool kRetriedOnFailover = effect<F>.step == Step::start ||
+                                           (kContinuedReplayable<F> != 0 &&
+                                            kContinuedReplayable<F> == effect<F>.ops);
 
 // Replays the operations pending since `s` moved (SessionOperations::moved)
 // on its backend session on its new member, which it holds. CKR_OK, or the
@@ -62,22 +62,15 @@ template <class F>
   return CKR_OK;
 }
 
-// After F answered `rv` on `s`'s member (`args`: the application's, after
-// the session handle): the session's records follow, unless the member
-// failed under the call, which then stays as it was before it (so that it
-// can be made again elsewhere).
-template <class F, class... A>
-[[gnu::always_inline]] inline void note_operations(const Runtime& rt, Session& s, CK_RV rv,
-                                                   A... args) noexcept REQUIRES(s.lock) {
-  if (rv != CKR_OK && member_failed(rt, s, rv)) return;
-  s.operations->template after<F>(rv, CK_SESSION_HANDLE{}, args...);
-}
-
-// Whether F, which `s`'s member failed under (member_failed), is made again
-// on another member. An Init always; a continuing call if every kind it
-// continues is still replayable.
+// Whether F, interrupted on `s`'s member, is made again. Its backend
+// session gone while the member is up (renew_gone_session): any call (the
+// backend did not run it), unless it continues an operation replay does
+// not record (a search, a message-based one), which is lost. Its member
+// down: on the next member, an Init, or a call continuing operations that
+// are all still replayable.
 template <class F>
-bool retried_on_failover(const Session& s) noexcept REQUIRES(s.lock) {
+bool retried_on_failover(const Session& s, bool member_up) noexcept REQUIRES(s.lock) {
+  if (member_up) return !continues(effect<F>) || (effect<F>.ops & ~kReplayableOps) == 0;
   if constexpr (effect<F>.step == Step::start) {
     return true;
   } else if constexpr (kRetriedOnFailover<F>) {
