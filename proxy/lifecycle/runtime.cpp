@@ -192,9 +192,10 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
             // C_Finalize wait for them.
             GateAccess::Background call(gate_);
             if (call.epoch() != pool().epoch()) return;
-            groups_->maintain(HealthClock::now(), [this](std::size_t g, std::size_t m) {
-              group_member_readmitted(*this, g, m);
-            });
+            groups_->maintain(
+                HealthClock::now(),
+                [this](std::size_t g, std::size_t m) { return group_login_->join(g, m); },
+                [this](std::size_t g, std::size_t m) { group_member_readmitted(*this, g, m); });
           });
     } else {
       log_->warn(
