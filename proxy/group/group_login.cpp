@@ -210,7 +210,7 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
       return undo(i, rv);
     }
   }
-  g.user = user;
+  set_user(g, user);
   g.refused.assign(g.refused.size(), 0);
   for (std::size_t i = 0; i < took.size(); ++i) {
     if (took[i] != 0) g.stale[i] = 0;
@@ -254,7 +254,7 @@ void GroupLogin::retry_stale(Group& g) noexcept {
 void GroupLogin::log_out_all(Group& g) noexcept {
   for (std::size_t i = 0; i < g.pools.size(); ++i) log_out(g, i);
   g.store.clear_all();
-  g.user = kNobody;
+  set_user(g, kNobody);
   g.refused.assign(g.refused.size(), 0);
 }
 
@@ -271,7 +271,7 @@ CK_RV GroupLogin::logout(Session& s) noexcept {
     if (i != s.member) log_out(g, i);
   }
   g.store.clear_all();
-  g.user = kNobody;
+  set_user(g, kNobody);
   g.refused.assign(g.refused.size(), 0);
   // The application was logged in: its member having lost the login (its
   // pool logged it out with its last session there) changes nothing for it.
@@ -356,12 +356,97 @@ void GroupLogin::closed(std::size_t group) noexcept {
 }
 
 void GroupLogin::finalize() noexcept {
-  for (auto& g : groups_) {
-    MutexGuard guard(g->mutex);
-    g->store.clear_all();
-    g->user = kNobody;
-    g->stale.assign(g->stale.size(), 0);
+  for (auto& group : groups_) {
+    Group& g = *group;
+    MutexGuard guard(g.mutex);
+    g.store.clear_all();
+    set_user(g, kNobody);
+    g.stale.assign(g.stale.size(), 0);
   }
+}
+
+void GroupLogin::set_user(Group& g, CK_USER_TYPE user) noexcept {
+  g.user = user;
+  ++g.logins;
+}
+
+GroupLogin::Joining GroupLogin::join_login(Group& g, std::size_t member,
+                                           CK_USER_TYPE user) const noexcept {
+  Joining out;
+  const bool rw = user == CKU_SO;
+  CK_SESSION_INFO info{};
+  auto session_info = [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+    return port.call<fn::C_GetSessionInfo>(h, &info);
+  };
+  out.rv = on_borrowed(g, member, rw, session_info);
+  // The pool's idle sessions from before it went down may be gone with its
+  // restart: on_borrowed dropped them, and a fresh one is opened.
+  if (session_gone(out.rv)) out.rv = on_borrowed(g, member, rw, session_info);
+  if (out.rv != CKR_OK || logged_in_as(info.state, user)) return out;
+  const std::optional<CK_RV> login = g.store.use(user, [&](const KeptLogin& k) {
+    return member_login(g, member, k.user_type, k.pin, k.pin_len, k.username, k.username_len,
+                        k.by_username);
+  });
+  if (!login) {
+    out.rv = CKR_USER_NOT_LOGGED_IN;
+    out.nothing_kept = true;
+    return out;
+  }
+  out.rv = *login == CKR_USER_ALREADY_LOGGED_IN ? CKR_OK : *login;
+  out.ours = *login == CKR_OK;
+  return out;
+}
+
+bool GroupLogin::join(std::size_t group, std::size_t member) noexcept {
+  Group& g = *groups_.at(group);
+  CK_USER_TYPE user = kNobody;
+  std::uint64_t logins = 0;
+  {
+    MutexGuard guard(g.mutex);
+    user = g.user;
+    logins = g.logins;
+    if (user == kNobody) return true;
+    // Not tried again (bring_in): said when it was refused.
+    if (g.refused[member] != 0) return false;
+  }
+  // Without the group's lock (group_login.hpp): the member's calls may hang.
+  const Joining j = join_login(g, member, user);
+  const std::string name = member_name((*g.members)[member].config);
+  MutexGuard guard(g.mutex);
+  if (g.logins != logins) {
+    // The application logged out (or out and in again) meanwhile. Logged out,
+    // the member may join: a login of ours is undone at the group's next call.
+    if (j.ours) g.stale[member] = 1;
+    if (g.user == kNobody) return true;
+    log_.warn(
+        "group '{}': member {} ({}) stays down until its next probe: the group's login "
+        "changed while it was being logged in",
+        g.name, member + 1, name);
+    return false;
+  }
+  if (j.rv == CKR_OK) {
+    if (j.ours) {
+      log_.info("group '{}': member {} ({}) logged in from the kept login by its probe", g.name,
+                member + 1, name);
+    }
+    return true;
+  }
+  if (j.nothing_kept || pin_refused(j.rv)) {
+    // Never again with this PIN: each try counts toward the member's lockout.
+    g.refused[member] = 1;
+    log_.warn(
+        "group '{}': member {} ({}) stays down: {} ({}); not tried again until the application "
+        "logs in again or out",
+        g.name, member + 1, name,
+        j.nothing_kept ? "no login is kept to log it in" : "it refused the kept login",
+        rv_name(j.rv));
+    return false;
+  }
+  log_.warn(
+      "group '{}': member {} ({}) stays down until its next probe: its login from the "
+      "kept login returned {}",
+      g.name, member + 1, name, rv_name(j.rv));
+  return false;
 }
 
 bool GroupLogin::member_ready(std::size_t group, std::size_t member) const noexcept {

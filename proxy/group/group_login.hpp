@@ -14,7 +14,8 @@
 //
 // Serialize mode only (groups refuse multiplex: docs/groups.md). Not on the
 // hot path: only C_Login, C_LoginUser, C_Logout, C_SetPIN, C_InitPIN on a
-// group's session, and C_OpenSession / C_CloseSession on a group's slot.
+// group's session, C_OpenSession / C_CloseSession on a group's slot, and
+// the probe of a member that recovers (join).
 //
 // Lock order (sync/lock.hpp): a group's lock is taken under a Session::lock
 // (the call's own, or none), then the PinStore's, then the pools' and the
@@ -81,6 +82,21 @@ class GroupLogin {
   // logged out (the backends' C_Finalize ends the members' logins).
   void finalize() noexcept;
 
+  // A down member whose probe succeeded, before it is admitted again
+  // (GroupRuntime::maintain, on the p11mux-members thread): while the
+  // application is logged in to the group, the member is logged in as the
+  // group is, from the kept PIN unless it is already (a
+  // CKR_USER_ALREADY_LOGGED_IN counts as in). True: it may be admitted
+  // (the group not logged in, or the member in). False, with a log line:
+  // it stays down until its next probe. A member that refuses the kept PIN,
+  // or that no kept login can log in, is not tried again (each wrong try
+  // counts toward its lockout) until the application logs in again or out.
+  // The group's lock is held only to read and to record, never across the
+  // member's calls: a member that hangs in them holds up its own probe, and
+  // a C_Login, C_Logout or last C_CloseSession of the group only while it
+  // needs the kept PIN, whose lock the member's C_Login holds (pin_store.hpp).
+  bool join(std::size_t group, std::size_t member) noexcept;
+
   // Whether the member is logged in as the group is, as far as p11mux knows
   // (for the balancer, and tests): the group not logged in, or the member
   // neither refused the kept PIN nor missed the login without a store.
@@ -104,6 +120,9 @@ class GroupLogin {
     // may still be logged in, and is logged out at the group's next call.
     std::vector<std::uint8_t> stale GUARDED_BY(mutex);
     std::size_t sessions GUARDED_BY(mutex) = 0;  // the application's, open on the group
+    // Bumped at every change of `user`: join() tells from it whether the
+    // login changed while it worked without the lock.
+    std::uint64_t logins GUARDED_BY(mutex) = 0;
   };
 
   // A member's call on a session borrowed from its pool.
@@ -120,6 +139,17 @@ class GroupLogin {
   void log_out(Group& g, std::size_t member) noexcept REQUIRES(g.mutex);
   // The stale members logged out, those that take it now.
   void retry_stale(Group& g) noexcept REQUIRES(g.mutex);
+  // The application's login on the group is now `user`.
+  static void set_user(Group& g, CK_USER_TYPE user) noexcept REQUIRES(g.mutex);
+  // join()'s calls on the member, without the group's lock: whether it is
+  // logged in as `user`, and if not, its login from the kept one.
+  struct Joining {
+    CK_RV rv = CKR_OK;          // CKR_OK: logged in as the group is
+    bool nothing_kept = false;  // not logged in, and no login kept to do it
+    bool ours = false;          // logged in by this join, from the kept login
+  };
+  Joining join_login(Group& g, std::size_t member, CK_USER_TYPE user) const noexcept
+      EXCLUDES(g.mutex);
 
   const bool keep_login_;
   spdlog::logger& log_;

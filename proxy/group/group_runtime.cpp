@@ -322,6 +322,13 @@ bool GroupRuntime::probe(const GroupSlot& group, const Member& m) const noexcept
 
 void GroupRuntime::maintain(
     HealthClock::time_point now,
+    const std::function<void(std::size_t, std::size_t)>& admitted) const noexcept {
+  maintain(
+      now, [](std::size_t, std::size_t) { return true; }, admitted);
+}
+
+void GroupRuntime::maintain(
+    HealthClock::time_point now, const std::function<bool(std::size_t, std::size_t)>& join,
     const std::function<void(std::size_t, std::size_t)>& admitted) const noexcept try {
   for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
     const GroupSlot& g = groups_[gi];
@@ -340,11 +347,16 @@ void GroupRuntime::maintain(
       if (!h.claim_probe(now)) continue;
       const bool ok = probe(g, g.members[i]);
       h.probe_done(ok, HealthClock::now());
-      // Logging a joining member in before it takes calls is not built yet
-      // (docs/groups.md, "Not built yet").
+      if (!ok) continue;
+      // Joining: logged in before it takes calls (issue 15, "Login"). A
+      // login that fails keeps it down, said next round as any other down.
+      if (!join(gi, i)) {
+        (void)h.mark_down(DownReason::login_failed, HealthClock::now());
+        continue;
+      }
       // What the map cached of it may be stale: dropped before it takes calls.
-      if (ok) admitted(gi, i);
-      if (ok && h.admit(HealthClock::now())) {
+      admitted(gi, i);
+      if (h.admit(HealthClock::now())) {
         log_.warn("group '{}' member {} is up again", g.name, describe(g.members[i].config));
       }
     }

@@ -85,9 +85,16 @@ class GroupRuntime {
   }
   // Every member's watch: a call in flight past hang_timeout_s marks its
   // member down; a down member whose probe is due is probed (its token
-  // present, a session opened and closed on it) and admitted again if it
-  // answers. Run every maintenance_period() on a p11mux thread.
-  // `admitted(group, member)` is told of each member admitted again.
+  // present, a session opened and closed on it) and, if it answers, joins:
+  // `join(group, member)` logs it in as the group is (GroupLogin::join)
+  // before it takes calls; true admits it again, false keeps it down
+  // (DownReason::login_failed) until its next probe. Run every
+  // maintenance_period() on a p11mux thread. `admitted(group, member)` is
+  // told of each member admitted again.
+  void maintain(HealthClock::time_point now,
+                const std::function<bool(std::size_t, std::size_t)>& join,
+                const std::function<void(std::size_t, std::size_t)>& admitted) const noexcept;
+  // The same without a login to bring members in: every member that answers joins.
   void maintain(HealthClock::time_point now,
                 const std::function<void(std::size_t, std::size_t)>& admitted) const noexcept;
   // A quarter of the shortest recovery_interval_s or hang_timeout_s, at

@@ -27,10 +27,11 @@
 // application logs in again.
 //
 // Lock order (sync/lock.hpp): the store's lock is taken under a group's
-// login lock (group_login.hpp) and held across a member's C_Login from the
-// kept login, on a borrowed session (the pool's and the backend's locks
-// under it); it is taken under none of the pool's locks and no session's
-// lock is taken under it.
+// login lock (group_login.hpp), or under none (a recovering member's probe,
+// GroupLogin::join), and held across a member's C_Login from the kept
+// login, on a borrowed session (the pool's and the backend's locks under
+// it); it is taken under none of the pool's locks and no session's lock is
+// taken under it.
 #pragma once
 
 #include "sync/lock.hpp"

@@ -8,6 +8,7 @@
 #include <pthread.h>
 
 #include <chrono>
+#include <new>
 #include <utility>
 
 namespace p11mux {
@@ -56,9 +57,12 @@ CK_RV Module::start(const InitArgs& args) noexcept {
     if (runtime_) {
       generation_floor_ = runtime_->sessions().highest_generation();
       inherited_config_ = &runtime_->config();
-      inherited_locking_.reset();
-      if (runtime_->backend().initialized_by_us()) {
-        inherited_locking_ = runtime_->backend().locking();
+      // Every backend's, not only the first's (a group configuration has one
+      // per [backend.NAME]). Memory is the only failure: those start afresh.
+      try {
+        inherited_locking_ = runtime_->inherited_locking();
+      } catch (const std::bad_alloc&) {
+        inherited_locking_.clear();
       }
       runtime_->abandon();
     }
@@ -83,7 +87,7 @@ CK_RV Module::start(const InitArgs& args) noexcept {
     return CKR_GENERAL_ERROR;
   }
   inherited_config_ = nullptr;
-  inherited_locking_.reset();
+  inherited_locking_.clear();
   gate_.open();
   return CKR_OK;
 }

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <vector>
 
 namespace p11mux {
 
@@ -95,11 +96,12 @@ class Module final : public GateAccess {
   // reads the environment again, as in any process). The configuration the
   // parent was initialized with, in the parent's runtime, which the child
   // leaks: the child's environment may have been cleared (nginx does so for
-  // its workers). And the locking p11mux had initialized the backend with,
-  // when it had: the child's copy of a backend answers
+  // its workers). And the locking p11mux had initialized each backend with
+  // (Runtime::inherited_locking: every [backend.NAME] of a group
+  // configuration), when it had: the child's copy of a backend answers
   // CKR_CRYPTOKI_ALREADY_INITIALIZED, and is still p11mux's own.
   const Config* inherited_config_ = nullptr;
-  std::optional<BackendLocking> inherited_locking_;
+  std::vector<std::optional<BackendLocking>> inherited_locking_;
   CallGate gate_;
   // Written only while the gate is closed and drained; read inside a Call.
   std::unique_ptr<Runtime> runtime_;

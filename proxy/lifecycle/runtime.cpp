@@ -35,8 +35,16 @@ BackendLocking backend_locking(LockingMode mode) noexcept {
   return BackendLocking::automatic;
 }
 
-BackendOptions named_backend_options(const NamedBackend& backend, const CK_FUNCTION_LIST* self) {
+// In a forked child, the locking port `i` had in the parent (Runtime::inherited_locking).
+std::optional<BackendLocking> inherited_at(std::span<const std::optional<BackendLocking>> inherited,
+                                           std::size_t i) noexcept {
+  return i < inherited.size() ? inherited[i] : std::nullopt;
+}
+
+BackendOptions named_backend_options(const NamedBackend& backend, const CK_FUNCTION_LIST* self,
+                                     std::optional<BackendLocking> inherited) {
   BackendOptions options;
+  options.inherited = inherited;
   options.path = backend.module;
   options.init_reserved = backend.init_reserved;
   options.self = self;
@@ -66,9 +74,7 @@ BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* sel
           "[backend] vendor_interfaces = pass does not apply to [group.NAME] configurations "
           "(docs/groups.md)");
     }
-    BackendOptions options = named_backend_options(config.backends.front(), self);
-    options.inherited = inherited;
-    return options;
+    return named_backend_options(config.backends.front(), self, inherited);
   }
   if (config.module.empty()) {
     throw CkrError(CKR_GENERAL_ERROR,
@@ -86,14 +92,17 @@ BackendOptions backend_options(const Config& config, const CK_FUNCTION_LIST* sel
 }
 
 // Each [backend.NAME] after the first, loaded once however many members it
-// serves, each with its own locking and init_reserved.
-std::vector<std::unique_ptr<BackendPort>> load_named_backends(const Config& config,
-                                                              const CK_FUNCTION_LIST* self,
-                                                              const LockSource& locks) {
+// serves, each with its own locking and init_reserved, and in a forked
+// child the locking it had in the parent (port i + 1's of `inherited`).
+std::vector<std::unique_ptr<BackendPort>> load_named_backends(
+    const Config& config, const CK_FUNCTION_LIST* self, const LockSource& locks,
+    std::span<const std::optional<BackendLocking>> inherited) {
   std::vector<std::unique_ptr<BackendPort>> ports;
   for (std::size_t i = 1; i < config.backends.size(); ++i) {
-    ports.push_back(std::make_unique<BackendPort>(
-        std::make_unique<Backend>(named_backend_options(config.backends[i], self)), locks));
+    ports.push_back(
+        std::make_unique<BackendPort>(std::make_unique<Backend>(named_backend_options(
+                                          config.backends[i], self, inherited_at(inherited, i))),
+                                      locks));
   }
   return ports;
 }
@@ -110,7 +119,8 @@ void log_backend(spdlog::logger& log, const Backend& backend, std::string_view n
 }  // namespace
 
 Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self,
-                 std::uint64_t epoch, GateAccess& gate, std::optional<BackendLocking> inherited)
+                 std::uint64_t epoch, GateAccess& gate,
+                 std::span<const std::optional<BackendLocking>> inherited)
     : config_(config),
       gate_(gate),
       locks_(init.locks),
@@ -124,8 +134,9 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
                                   : nullptr),
       // A group's session calls translate object handles (group_object_calls.hpp).
       slow_path_(observer_->active() || policy_ != nullptr || config.has_groups()),
-      port_(std::make_unique<Backend>(backend_options(config, self, inherited)), locks_),
-      extra_ports_(load_named_backends(config, self, locks_)),
+      port_(std::make_unique<Backend>(backend_options(config, self, inherited_at(inherited, 0))),
+            locks_),
+      extra_ports_(load_named_backends(config, self, locks_, inherited)),
       groups_(config.has_groups() ? std::make_unique<const GroupRuntime>(config, ports(), *log_)
                                   : nullptr),
       group_objects_(groups_ ? make_group_objects(config, locks_, *log_)
@@ -181,9 +192,10 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
             // C_Finalize wait for them.
             GateAccess::Background call(gate_);
             if (call.epoch() != pool().epoch()) return;
-            groups_->maintain(HealthClock::now(), [this](std::size_t g, std::size_t m) {
-              group_member_readmitted(*this, g, m);
-            });
+            groups_->maintain(
+                HealthClock::now(),
+                [this](std::size_t g, std::size_t m) { return group_login_->join(g, m); },
+                [this](std::size_t g, std::size_t m) { group_member_readmitted(*this, g, m); });
           });
     } else {
       log_->warn(
@@ -386,6 +398,15 @@ bool Runtime::shutdown() noexcept {
       waiters_.load());
   port_.backend()->abandon();
   return false;
+}
+
+std::vector<std::optional<BackendLocking>> Runtime::inherited_locking() const {
+  std::vector<std::optional<BackendLocking>> out;
+  for (const BackendPort* port : ports()) {
+    const Backend& b = *port->backend();
+    out.push_back(b.initialized_by_us() ? std::optional(b.locking()) : std::nullopt);
+  }
+  return out;
 }
 
 void Runtime::abandon() noexcept {

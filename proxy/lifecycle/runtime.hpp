@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <vector>
 
 namespace p11mux {
@@ -33,11 +34,14 @@ class Runtime {
   // Loads and initializes the backend. Throws CkrError (or spdlog_ex for a log
   // file that cannot be opened) with a message that names the problem.
   // `epoch` tells this initialization from earlier ones (threads' pool caches).
-  // `inherited`: in a forked child, the locking p11mux initialized the
-  // backend with in the parent (BackendOptions::inherited). `gate`: the
-  // module's call gate, for the runtime's and the pool's own backend calls.
+  // `inherited`: in a forked child, the locking p11mux initialized each
+  // backend with in the parent (BackendOptions::inherited), in ports()'
+  // order (the parent's inherited_locking()); empty, or nullopt for one,
+  // outside a child. `gate`: the module's call gate, for the runtime's and
+  // the pool's own backend calls.
   Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_LIST* self,
-          std::uint64_t epoch, GateAccess& gate, std::optional<BackendLocking> inherited = {});
+          std::uint64_t epoch, GateAccess& gate,
+          std::span<const std::optional<BackendLocking>> inherited = {});
   ~Runtime();
   Runtime(const Runtime&) = delete;  // owns the backend and every session
   Runtime& operator=(const Runtime&) = delete;
@@ -103,6 +107,10 @@ class Runtime {
   bool shutdown() noexcept;
   // After fork(): the parent's backend and sessions are not ours to touch.
   void abandon() noexcept;
+  // For a forked child's runtime (`inherited` above): each backend's
+  // locking, ports()' order, where p11mux initialized it (nullopt where
+  // another user of the process had).
+  std::vector<std::optional<BackendLocking>> inherited_locking() const;
 
   // Resets a leased session's backend session and gives it back to the pool
   // (or closes it when it cannot be made clean), then frees the virtual one.

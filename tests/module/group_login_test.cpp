@@ -16,9 +16,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
+#include <chrono>
 #include <fstream>
 #include <string>
 #include <string_view>
+#include <thread>
+#include <utility>
 
 // The sanitizers' mlock does nothing and answers 0: RLIMIT_MEMLOCK's
 // refusal is checked only without them (as in tests/unit/pin_store_test.cpp).
@@ -70,14 +74,17 @@ void set_token_pin(CK_SLOT_ID slot, std::string_view from, std::string_view to) 
 
 // p11mux over the faulty module over the mock's three tokens, one group of
 // all three (member i is the mock's slot i), every token's PIN kPin.
+// `group`: more of the group's settings.
 class GroupLoginProxy {
  public:
-  explicit GroupLoginProxy(std::initializer_list<std::pair<const char*, const char*>> env = {})
+  explicit GroupLoginProxy(std::initializer_list<std::pair<const char*, const char*>> env = {},
+                           std::string_view group = "")
       : path_(unique_temp_path("group-login", "conf")) {
     reset_environment();
     std::ofstream(path_) << "[backend.f]\nmodule = " << P11MUX_TEST_FAULTY_PATH
                          << "\n[group.signing]\nmembers = f/label:mock-token-0, "
-                            "f/label:mock-token-1, f/label:mock-token-2\n";
+                            "f/label:mock-token-1, f/label:mock-token-2\n"
+                         << group;
     ::setenv("P11MUX_CONFIG", path_.c_str(), 1);
     ::setenv("P11MUX_MODULE", "", 1);
     ::setenv("P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH, 1);
@@ -124,6 +131,37 @@ class GroupLoginProxy {
     return info.state;
   }
   const std::string& log() const { return log_; }
+  // Waits up to `limit` for done(log), `log` being log() with what p11mux
+  // logged since (its p11mux-members thread's lines too), which stays in log().
+  template <class Done>
+  bool log_until(Done done, std::chrono::milliseconds limit = std::chrono::seconds(5)) {
+    char path[] = "/tmp/p11mux-group-login-XXXXXX";
+    const int fd = ::mkstemp(path);
+    REQUIRE(fd >= 0);
+    ::unlink(path);
+    std::fflush(stderr);
+    const int saved = ::dup(2);
+    ::dup2(fd, 2);
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    const std::size_t before = log_.size();
+    bool met = false;
+    for (;;) {
+      log_.resize(before);
+      char buf[4096];
+      for (off_t at = 0;;) {
+        const ssize_t n = ::pread(fd, buf, sizeof buf, at);
+        if (n <= 0) break;
+        log_.append(buf, static_cast<std::size_t>(n));
+        at += n;
+      }
+      if ((met = done(std::as_const(log_))) || std::chrono::steady_clock::now() > deadline) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    ::dup2(saved, 2);
+    ::close(saved);
+    ::close(fd);
+    return met;
+  }
 
   CK_FUNCTION_LIST* p11 = libs().p11;
 
@@ -341,6 +379,90 @@ TEST_CASE(
   CK_SESSION_HANDLE b = CK_INVALID_HANDLE;
   REQUIRE(proxy.open(b) == CKR_OK);
   CHECK(proxy.state(b) == CKS_RO_USER_FUNCTIONS);
+}
+
+namespace {
+
+// Member 2 (the mock's slot 1) down: its device failing, found so by a call
+// of session `b` placed on it. Session `a` is on member 1. Probed every
+// second once it answers again.
+void take_member_2_down(GroupLoginProxy& proxy, CK_SESSION_HANDLE& a, CK_SESSION_HANDLE& b) {
+  REQUIRE(proxy.open(a) == CKR_OK);  // member 1: least busy, first
+  REQUIRE(proxy.open(b) == CKR_OK);  // member 2
+  faulty_control()->fail_slot(1, CKR_DEVICE_ERROR);
+  std::array<CK_BYTE, 8> bytes{};
+  REQUIRE(proxy.logged([&] {
+    return proxy.p11->C_GenerateRandom(b, bytes.data(), bytes.size());
+  }) == CKR_DEVICE_ERROR);
+}
+
+}  // namespace
+
+// Issue 15, "Failover and recovery": a member that recovers is "logged in
+// again, and re-admitted". It used to be admitted logged out, and logged
+// in only when a session was placed on it.
+TEST_CASE("group login: a member that recovers is logged in by its probe, before it is admitted") {
+  GroupLoginProxy proxy({}, "recovery_interval_s = 1\n");
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE;
+  take_member_2_down(proxy, a, b);
+  // Down at the login: the others take it, it does not.
+  REQUIRE(proxy.login(a) == CKR_OK);
+  CHECK(token_state(0) == CKS_RO_USER_FUNCTIONS);
+  CHECK(token_state(1) == CKS_RO_PUBLIC_SESSION);
+  CHECK(token_state(2) == CKS_RO_USER_FUNCTIONS);
+  // It answers again: its probe logs it in, no session of the
+  // application's placed on it.
+  faulty_control()->clear_slot(1);
+  const std::string up = "group 'signing' member f/label:mock-token-1 is up again";
+  CHECK(proxy.log_until([&](const std::string& log) {
+    return log.find(up) != std::string::npos && token_state(1) == CKS_RO_USER_FUNCTIONS;
+  }));
+  const std::string in =
+      "group 'signing': member 2 (f/label:mock-token-1) logged in from the kept login by its probe";
+  const std::size_t logged_in = proxy.log().find(in);
+  CHECK_MESSAGE(logged_in != std::string::npos, proxy.log());
+  CHECK_MESSAGE(logged_in < proxy.log().find(up), proxy.log());  // before it was admitted
+  CHECK_MESSAGE(proxy.log().find(kPin) == std::string::npos, proxy.log());
+  // Admitted: sessions go to it again, logged in.
+  CHECK(proxy.p11->C_CloseSession(b) == CKR_OK);
+  CK_SESSION_HANDLE c = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(c) == CKR_OK);
+  CHECK(proxy.state(c) == CKS_RO_USER_FUNCTIONS);
+  // Never lazily, when a session was placed on it.
+  const std::string any = "member 2 (f/label:mock-token-1) logged in from the kept login";
+  CHECK_MESSAGE(proxy.log().find(any, logged_in + in.size()) == std::string::npos, proxy.log());
+}
+
+TEST_CASE("group login: a member whose login fails at its probe stays down") {
+  GroupLoginProxy proxy({}, "recovery_interval_s = 1\n");
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE, b = CK_INVALID_HANDLE;
+  take_member_2_down(proxy, a, b);
+  REQUIRE(proxy.login(a) == CKR_OK);
+  set_token_pin(1, kPin, "changed");  // out of band, while it was down
+  faulty_control()->clear_slot(1);
+  const std::string refused =
+      "group 'signing': member 2 (f/label:mock-token-1) stays down: it refused the kept login "
+      "(CKR_PIN_INCORRECT)";
+  CHECK(proxy.log_until(
+      [&](const std::string& log) { return log.find(refused) != std::string::npos; }));
+  // Down for it, and probed again a second later: the PIN not tried again
+  // (each try counts toward a lockout), not logged in, not admitted.
+  const std::string down = "member f/label:mock-token-1 is down (login-failed)";
+  CHECK_MESSAGE(proxy.log_until([&](const std::string& log) {
+    const std::size_t first = log.find(down);
+    return first != std::string::npos && log.find(down, first + 1) != std::string::npos;
+  }),
+                proxy.log());
+  CHECK_MESSAGE(proxy.log().find("is up again") == std::string::npos, proxy.log());
+  CHECK(proxy.log().find(refused, proxy.log().find(refused) + 1) == std::string::npos);
+  CHECK(token_state(1) == CKS_RO_PUBLIC_SESSION);
+  // Its sessions go elsewhere: members 1 and 3, logged in.
+  for (int i = 0; i < 4; ++i) {
+    CK_SESSION_HANDLE c = CK_INVALID_HANDLE;
+    REQUIRE(proxy.open(c) == CKR_OK);
+    CHECK(proxy.state(c) == CKS_RO_USER_FUNCTIONS);
+  }
+  CHECK(token_state(1) == CKS_RO_PUBLIC_SESSION);
 }
 
 // Drops CAP_IPC_LOCK (root has it; with it RLIMIT_MEMLOCK does not apply).

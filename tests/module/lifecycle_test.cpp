@@ -1,4 +1,5 @@
 // C_Finalize while calls are running, blocking slot events, and fork().
+#include "group_harness.hpp"
 #include "harness.hpp"
 
 #include <fcntl.h>
@@ -447,6 +448,18 @@ TEST_CASE("a parent's session handle names no session of the child's initializat
   CHECK(proxy.p11->C_GetSessionInfo(parent_session, &info) == CKR_OK);
 }
 
+// The lines of `log` in which the backends of forked child `pid` said how
+// they were initialized, in order.
+std::vector<std::string> child_init_lines(const std::string& log, pid_t pid) {
+  std::ifstream in(log);
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) {
+    if (line.find("p11mux[" + std::to_string(pid) + ":") == std::string::npos) continue;
+    if (line.find("initialized: cryptoki") != std::string::npos) lines.push_back(line);
+  }
+  return lines;
+}
+
 // Issue 12, defect 4: the child's copy of the backend answers
 // CKR_CRYPTOKI_ALREADY_INITIALIZED (the mock does, as SoftHSM2 does); p11mux
 // took it for someone else's and serialized every call in the child.
@@ -481,12 +494,7 @@ TEST_CASE("fork: the child keeps the locking p11mux initialized the backend with
     CHECK(child_status(pid) == 0);
   }
   reset_environment();
-  std::ifstream in(log);
-  std::vector<std::string> child_inits;
-  for (std::string line; std::getline(in, line);) {
-    if (line.find("p11mux[" + std::to_string(pid) + ":") == std::string::npos) continue;
-    if (line.find("initialized: cryptoki") != std::string::npos) child_inits.push_back(line);
-  }
+  const std::vector<std::string> child_inits = child_init_lines(log, pid);
   REQUIRE(child_inits.size() == 2);
   for (const std::string& line : child_inits) {
     CAPTURE(line);
@@ -496,6 +504,51 @@ TEST_CASE("fork: the child keeps the locking p11mux initialized the backend with
   }
   CHECK(child_inits[0].find("as initialized before fork()") != std::string::npos);
   CHECK(child_inits[1].find("before fork()") == std::string::npos);
+  ::unlink(log.c_str());
+}
+
+// The same in a group configuration (issue 15, docs/groups.md), for every
+// [backend.NAME]: only the first was told its locking in the parent, and the
+// others took their copy for another user's (every call serialized). Two
+// backends: the mock and the spec-bender (the mock's code in a library of
+// its own, so a state of its own).
+TEST_CASE("fork: in a group configuration, every backend keeps its locking and is owned") {
+  const std::string log = "/tmp/p11mux-fork-backends-test.log";
+  ::unlink(log.c_str());
+  pid_t pid = -1;
+  {
+    GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+                         "\n[backend.bender]\nmodule = " + P11MUX_TEST_SPEC_BENDER_PATH +
+                         "\n[group.signing]\nmembers = mock/label:mock-token-0, "
+                         "bender/label:mock-token-0\n",
+                     {}, {{"P11MUX_LOG_LEVEL", "info"}, {"P11MUX_LOG_FILE", log.c_str()}});
+    REQUIRE(proxy.initialize() == CKR_OK);
+    pid = in_child([&] {
+      CK_C_INITIALIZE_ARGS os{};
+      os.flags = CKF_OS_LOCKING_OK;
+      CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+      if (int step = initialize_and_open(proxy.p11, h, &os)) return step;
+      const unsigned long finalized = mock_stats().finalize_calls;
+      if (proxy.p11->C_Finalize(nullptr) != CKR_OK) return 4;
+      // Owned: the child's C_Finalize finalized its copy.
+      if (mock_stats().finalize_calls != finalized + 1) return 5;
+      std::fflush(nullptr);  // as exit() would
+      return 0;
+    });
+    CHECK(child_status(pid) == 0);
+  }
+  reset_environment();
+  const std::vector<std::string> child_inits = child_init_lines(log, pid);
+  REQUIRE(child_inits.size() == 2);
+  CHECK(child_inits[0].find("[backend.mock]") != std::string::npos);
+  CHECK(child_inits[1].find("[backend.bender]") != std::string::npos);
+  for (const std::string& line : child_inits) {
+    CAPTURE(line);
+    CHECK(line.find("locking os") != std::string::npos);
+    CHECK(line.find("as initialized before fork()") != std::string::npos);
+    CHECK(line.find("serialized") == std::string::npos);
+    CHECK(line.find("another user") == std::string::npos);
+  }
   ::unlink(log.c_str());
 }
 
