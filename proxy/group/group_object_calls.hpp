@@ -13,6 +13,7 @@
 
 #include "forward/operation_state.hpp"
 #include "forward/state_binding.hpp"
+#include "group/attribute_snapshot.hpp"
 #include "group/group_objects.hpp"
 #include "lifecycle/runtime.hpp"
 #include "policy/filters.hpp"
@@ -23,6 +24,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <variant>
 
 namespace p11mux {
 
@@ -85,6 +87,19 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
     }
     (std::make_index_sequence<templates.size()>{});
   }
+  // C_SetAttributeValue of a token object: the values it changes, read on
+  // the session's member before the change, to set them back if another
+  // member refuses it.
+  constexpr bool kSet = F::name == "C_SetAttributeValue";
+  [[maybe_unused]] std::conditional_t<kSet, AttributeSnapshot, std::monostate> old{};
+  [[maybe_unused]] bool replicated_set = false;
+  if constexpr (kSet) {
+    const CK_OBJECT_HANDLE handle = std::get<0>(std::tuple<Rest...>{rest...});
+    if (rv == CKR_OK && group_replicated(call, handle)) {
+      replicated_set = true;
+      group_set_snapshot(call, std::get<0>(args), std::get<1>(args), std::get<2>(args), old);
+    }
+  }
   if (rv != CKR_OK) {
     // forward.hpp bound a backend session for this call ([pool] bind = state).
     if (rt.binds_on_state()) unbind_if_idle(s);
@@ -106,14 +121,24 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
             rv = group_issue_made(call, made_on, *arg);
         }
       };
-      CK_OBJECT_HANDLE own = CK_INVALID_HANDLE;  // C_CreateObject's, the member's number
+      // C_CreateObject's and C_CopyObject's object, the member's number.
+      CK_OBJECT_HANDLE own = CK_INVALID_HANDLE;
       if constexpr (F::name == "C_CreateObject") own = *std::get<2>(args);
+      if constexpr (F::name == "C_CopyObject") own = *std::get<3>(args);
       std::apply([&](auto... a) { (issue(a), ...); }, args);
       // A token object made: on every member (docs/groups.md, "Objects").
       if constexpr (F::name == "C_CreateObject") {
         CK_OBJECT_HANDLE_PTR out = std::get<2>(args);
         if (rv == CKR_OK && group_replicated(call, *out)) {
           rv = group_replicate_create(call, *out, std::get<0>(args), std::get<1>(args), own);
+        }
+      }
+      if constexpr (F::name == "C_CopyObject") {
+        CK_OBJECT_HANDLE_PTR out = std::get<3>(args);
+        const CK_OBJECT_HANDLE original = std::get<0>(std::tuple<Rest...>{rest...});
+        if (rv == CKR_OK && group_replicated(call, *out)) {
+          rv =
+              group_replicate_copy(call, *out, original, std::get<1>(args), std::get<2>(args), own);
         }
       }
     }
@@ -133,6 +158,13 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
       // A token object: its copies on the other members too.
       if (group_replicated(call, handle)) rv = group_replicate_destroy(call, handle);
       group_destroyed(call, handle);
+    }
+  } else if constexpr (kSet) {
+    // A token object: changed on the other members too.
+    if (rv == CKR_OK && replicated_set) {
+      const CK_OBJECT_HANDLE handle = std::get<0>(std::tuple<Rest...>{rest...});
+      rv = group_replicate_set(call, handle, std::get<0>(args), std::get<1>(args),
+                               std::get<2>(args), old);
     }
   }
   // [pool] bind = state gave the backend session back (forward.hpp's

@@ -1,6 +1,7 @@
 #include "group/group_objects.hpp"
 
 #include "forward/key_mechanisms.hpp"
+#include "group/attribute_snapshot.hpp"
 #include "group/group_runtime.hpp"
 #include "group/object_map.hpp"
 #include "lifecycle/runtime.hpp"
@@ -171,18 +172,28 @@ class MemberCalls final : public MemberObjects {
   const std::vector<GroupRuntime::Member>& members_;
 };
 
-// C_DestroyObject of `object` on the call's member: on the application's
-// backend session while it still holds it, else on a borrowed one (never on
-// one given back to the pool, which another thread may hold by now).
-CK_RV destroy_on_member(GroupCall& call, CK_OBJECT_HANDLE object) noexcept {
-  const GroupRuntime::Member& m = call.rt.groups()->members(call.group).at(call.member);
-  if (call.backend != CK_INVALID_HANDLE)
-    return m.port->call<fn::C_DestroyObject>(call.backend, object);
-  Borrowed s(call.rt, m, /*rw=*/true);
-  const CK_RV rv =
-      s.rv() == CKR_OK ? s.port().call<fn::C_DestroyObject>(s.handle(), object) : s.rv();
+// `f(port, session)` on member `m`: on the application's backend session when
+// `m` is the call's member and the call still holds it, else on a borrowed
+// R/W one (never on one given back to the pool, which another thread may
+// hold by now).
+template <class Call>
+CK_RV on_member(GroupCall& call, std::size_t m, Call&& f) noexcept {
+  const GroupRuntime::Member& member = call.rt.groups()->members(call.group).at(m);
+  if (m == call.member && call.backend != CK_INVALID_HANDLE) return f(*member.port, call.backend);
+  Borrowed s(call.rt, member, /*rw=*/true);
+  const CK_RV rv = s.rv() == CKR_OK ? f(s.port(), s.handle()) : s.rv();
   s.answered(rv);
   return rv;
+}
+
+// C_DestroyObject of `object` on member `m`.
+CK_RV destroy_on_member(GroupCall& call, std::size_t m, CK_OBJECT_HANDLE object) noexcept {
+  return on_member(call, m, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+    return port.call<fn::C_DestroyObject>(h, object);
+  });
+}
+CK_RV destroy_on_member(GroupCall& call, CK_OBJECT_HANDLE object) noexcept {
+  return destroy_on_member(call, call.member, object);
 }
 
 // Destroys an object the application will never hear of (its handle could
@@ -288,9 +299,18 @@ bool member_absent(CK_RV rv) noexcept { return device_gone(rv); }
 
 }  // namespace
 
-CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIBUTE_PTR templ,
-                             CK_ULONG count, CK_OBJECT_HANDLE own) noexcept {
-  const std::vector<GroupRuntime::Member>& members = call.rt.groups()->members(call.group);
+namespace {
+
+// A token object made on the session's member (`own`, the group's `handle`),
+// then on each other member present by `make(m, object)`: CKR_OK with
+// `object` still CK_INVALID_HANDLE when `make` passed the member over (and
+// logged why). A member that refuses: every copy made, `own` included,
+// destroyed again, `handle` ended, that member's error answered, and a log
+// line.
+template <class Make>
+CK_RV replicate_made(GroupCall& call, CK_OBJECT_HANDLE handle, CK_OBJECT_HANDLE own,
+                     Make&& make) noexcept {
+  const std::size_t count = call.rt.groups()->members(call.group).size();
   struct Made {
     std::size_t member;
     CK_OBJECT_HANDLE object;
@@ -299,13 +319,10 @@ CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIB
   std::size_t n = 0;
   CK_RV rv = CKR_OK;
   std::size_t failed = 0;
-  for (std::size_t m = 0; m < members.size() && rv == CKR_OK; ++m) {
+  for (std::size_t m = 0; m < count && rv == CKR_OK; ++m) {
     if (m == call.member) continue;
-    Borrowed s(call.rt, members[m], /*rw=*/true);
     CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
-    rv = s.rv() == CKR_OK ? s.port().call<fn::C_CreateObject>(s.handle(), templ, count, &object)
-                          : s.rv();
-    s.answered(rv);
+    rv = make(m, object);
     if (member_absent(rv)) {
       call.rt.log().warn(
           "{} on group '{}': member {} is absent ({}); the token object is not made there",
@@ -317,6 +334,7 @@ CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIB
       failed = m;
       break;
     }
+    if (object == CK_INVALID_HANDLE) continue;
     try {
       call.objects.map.record(handle, m, object);
     } catch (...) {
@@ -327,14 +345,9 @@ CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIB
   // Undone: the copies made, then the session's member's own.
   std::size_t left = 0;
   for (std::size_t i = 0; i < n; ++i) {
-    Borrowed s(call.rt, members[made[i].member], /*rw=*/true);
-    const CK_RV undo =
-        s.rv() == CKR_OK ? s.port().call<fn::C_DestroyObject>(s.handle(), made[i].object) : s.rv();
-    s.answered(undo);
-    if (undo != CKR_OK) ++left;
+    if (destroy_on_member(call, made[i].member, made[i].object) != CKR_OK) ++left;
   }
-  const CK_RV own_undo = destroy_on_member(call, own);
-  if (own_undo != CKR_OK) ++left;
+  if (destroy_on_member(call, own) != CKR_OK) ++left;
   call.objects.map.destroy(handle);
   call.rt.log().warn(
       "{} on group '{}': member {} answered {}; the object made on the other {} member(s) was "
@@ -344,27 +357,158 @@ CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIB
   return rv;
 }
 
-CK_RV group_replicate_destroy(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept {
-  const std::vector<GroupRuntime::Member>& members = call.rt.groups()->members(call.group);
-  CK_RV first = CKR_OK;
-  for (std::size_t m = 0; m < members.size(); ++m) {
+// `handle` on member `m` (not the call's: a search there runs on a
+// borrowed session), as `resolve` finds it.
+ObjectMap::Resolved resolve_on(GroupCall& call, CK_OBJECT_HANDLE handle, std::size_t m) noexcept {
+  try {
+    MemberCalls calls(call);
+    return call.objects.map.resolve(calls, handle, m);
+  } catch (const std::bad_alloc&) {
+    return {ObjectMap::Status::failed, CK_INVALID_HANDLE, CKR_HOST_MEMORY, 0};
+  }
+}
+
+}  // namespace
+
+CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIBUTE_PTR templ,
+                             CK_ULONG count, CK_OBJECT_HANDLE own) noexcept {
+  return replicate_made(call, handle, own, [&](std::size_t m, CK_OBJECT_HANDLE& object) {
+    return on_member(call, m, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+      return port.call<fn::C_CreateObject>(h, templ, count, &object);
+    });
+  });
+}
+
+CK_RV group_replicate_copy(GroupCall& call, CK_OBJECT_HANDLE handle, CK_OBJECT_HANDLE source,
+                           CK_ATTRIBUTE_PTR templ, CK_ULONG count, CK_OBJECT_HANDLE own) noexcept {
+  const char* why = nullptr;
+  if (handle == source) {
+    // The copy has the original's identity: every member would then hold
+    // two objects of it, which the map refuses to tell apart.
+    why =
+        "the copy would have the original's identity (object_key); give it another CKA_ID "
+        "or CKA_LABEL";
+  } else if (!group_replicated(call, source)) {
+    // A session object (or one without identity) lives on one member: its
+    // token copy could be made there only.
+    why =
+        "the original is on one member only (a session object, or a token object without "
+        "identity), so its token copy could not be made on the others";
+  }
+  if (why != nullptr) {
+    const CK_RV undo = destroy_on_member(call, own);
+    if (handle != source) call.objects.map.destroy(handle);
+    call.rt.log().warn(
+        "{} on group '{}' refused (CKR_ATTRIBUTE_VALUE_INVALID): {}; the copy made on member {} "
+        "was destroyed again{} (docs/groups.md, \"Objects\")",
+        call.function, call.objects.name, why, call.member,
+        undo == CKR_OK ? std::string() : std::string(" except: ").append(rv_name(undo)));
+    return CKR_ATTRIBUTE_VALUE_INVALID;
+  }
+  return replicate_made(call, handle, own, [&](std::size_t m, CK_OBJECT_HANDLE& object) -> CK_RV {
+    const ObjectMap::Resolved original = resolve_on(call, source, m);
+    if (original.status == ObjectMap::Status::missing) {
+      // The member was absent when the original was made: it lacks both.
+      call.rt.log().warn(
+          "{} on group '{}': member {} holds no copy of the original; the copy is not made there",
+          call.function, call.objects.name, m);
+      return CKR_OK;
+    }
+    if (original.status != ObjectMap::Status::found) return ObjectMap::to_ckr(original);
+    return on_member(call, m, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+      return port.call<fn::C_CopyObject>(h, original.object, templ, count, &object);
+    });
+  });
+}
+
+void group_set_snapshot(GroupCall& call, CK_OBJECT_HANDLE object, const CK_ATTRIBUTE* templ,
+                        CK_ULONG count, AttributeSnapshot& old) noexcept {
+  on_member(call, call.member, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+    old.read(port, h, object, templ, count);
+    return CKR_OK;
+  });
+}
+
+CK_RV group_replicate_set(GroupCall& call, CK_OBJECT_HANDLE handle, CK_OBJECT_HANDLE own,
+                          CK_ATTRIBUTE_PTR templ, CK_ULONG count,
+                          const AttributeSnapshot& own_old) noexcept {
+  const std::size_t members = call.rt.groups()->members(call.group).size();
+  struct Changed {
+    std::size_t member;
+    CK_OBJECT_HANDLE object;
+    AttributeSnapshot old;
+  };
+  std::vector<Changed> changed;
+  CK_RV rv = CKR_OK;
+  try {
+    changed.resize(members);
+  } catch (const std::bad_alloc&) {
+    rv = CKR_HOST_MEMORY;  // undone on the session's member below
+  }
+  std::size_t n = 0;
+  std::size_t failed = call.member;
+  for (std::size_t m = 0; m < members && rv == CKR_OK; ++m) {
     if (m == call.member) continue;
-    CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
-    CK_RV rv = CKR_OK;
-    try {
-      MemberCalls calls(call);
-      const ObjectMap::Resolved r = call.objects.map.resolve(calls, handle, m);
-      if (r.status == ObjectMap::Status::missing) continue;  // nothing to destroy there
-      rv = r.status == ObjectMap::Status::found ? CKR_OK : ObjectMap::to_ckr(r);
-      object = r.object;
-    } catch (const std::bad_alloc&) {
-      rv = CKR_HOST_MEMORY;
+    const ObjectMap::Resolved r = resolve_on(call, handle, m);
+    if (r.status == ObjectMap::Status::missing) {
+      call.rt.log().warn(
+          "{} on group '{}': member {} holds no copy of the token object; not changed there",
+          call.function, call.objects.name, m);
+      continue;
     }
+    rv = r.status == ObjectMap::Status::found ? CKR_OK : ObjectMap::to_ckr(r);
+    Changed& c = changed[n];
+    c = {m, r.object, {}};
+    // The old values first, on the session that then changes them.
     if (rv == CKR_OK) {
-      Borrowed s(call.rt, members[m], /*rw=*/true);
-      rv = s.rv() == CKR_OK ? s.port().call<fn::C_DestroyObject>(s.handle(), object) : s.rv();
-      s.answered(rv);
+      rv = on_member(call, m, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+        c.old.read(port, h, c.object, templ, count);
+        return port.call<fn::C_SetAttributeValue>(h, c.object, templ, count);
+      });
     }
+    if (member_absent(rv)) {
+      call.rt.log().warn(
+          "{} on group '{}': member {} is absent ({}); the token object is not changed there",
+          call.function, call.objects.name, m, rv_name(rv));
+      rv = CKR_OK;
+      continue;
+    }
+    if (rv != CKR_OK) {
+      failed = m;
+      break;
+    }
+    ++n;
+  }
+  if (rv == CKR_OK) return CKR_OK;
+  // Undone: the old values set back where the change was made, the
+  // session's member's included. A value that could not be read is left.
+  std::size_t left = 0;
+  const auto restore = [&](std::size_t m, CK_OBJECT_HANDLE object, const AttributeSnapshot& old) {
+    const CK_RV undo = on_member(call, m, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+      return old.restore(port, h, object);
+    });
+    if (undo != CKR_OK || !old.complete()) ++left;
+  };
+  for (std::size_t i = 0; i < n; ++i) restore(changed[i].member, changed[i].object, changed[i].old);
+  restore(call.member, own, own_old);
+  call.rt.log().warn(
+      "{} on group '{}': member {} answered {}; the change made on the other {} member(s) was "
+      "undone{}",
+      call.function, call.objects.name, failed, rv_name(rv), n + 1,
+      left == 0 ? std::string()
+                : ", except on " + std::to_string(left) + " (their new values left there)");
+  return rv;
+}
+
+CK_RV group_replicate_destroy(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept {
+  const std::size_t members = call.rt.groups()->members(call.group).size();
+  CK_RV first = CKR_OK;
+  for (std::size_t m = 0; m < members; ++m) {
+    if (m == call.member) continue;
+    const ObjectMap::Resolved r = resolve_on(call, handle, m);
+    if (r.status == ObjectMap::Status::missing) continue;  // nothing to destroy there
+    CK_RV rv = r.status == ObjectMap::Status::found ? CKR_OK : ObjectMap::to_ckr(r);
+    if (rv == CKR_OK) rv = destroy_on_member(call, m, r.object);
     if (rv == CKR_OK || rv == CKR_OBJECT_HANDLE_INVALID) continue;
     if (member_absent(rv)) {
       call.rt.log().warn(

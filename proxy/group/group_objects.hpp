@@ -26,6 +26,7 @@
 
 namespace p11mux {
 
+class AttributeSnapshot;
 class Runtime;
 
 // One group's map of virtual object handles, and how it makes token keys.
@@ -95,6 +96,29 @@ bool group_replicated(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept;
 // answered, and a log line.
 CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIBUTE_PTR templ,
                              CK_ULONG count, CK_OBJECT_HANDLE own) noexcept;
+// C_CopyObject of a token object (`handle`, the member's `own`) from
+// `original` succeeded on the session's member: made with `templ` from each
+// other member present's copy of `original`, undone as group_replicate_create
+// undoes. A member that holds no copy of `original` is passed over, logged.
+// Refused (CKR_ATTRIBUTE_VALUE_INVALID, the copy destroyed again, a log line)
+// when the copy has `original`'s identity (every member would hold two objects
+// of it) or `original` is on one member only (a session object).
+CK_RV group_replicate_copy(GroupCall& call, CK_OBJECT_HANDLE handle, CK_OBJECT_HANDLE original,
+                           CK_ATTRIBUTE_PTR templ, CK_ULONG count, CK_OBJECT_HANDLE own) noexcept;
+// C_SetAttributeValue of a token object `handle` (`own` on the session's
+// member): before the change, the values `templ` names read there into `old`
+// (on the call's backend session).
+void group_set_snapshot(GroupCall& call, CK_OBJECT_HANDLE own, const CK_ATTRIBUTE* templ,
+                        CK_ULONG count, AttributeSnapshot& old) noexcept;
+// After it succeeded there: the change made on each other member present,
+// each one's old values read first on the borrowed R/W session that makes
+// it. A member that refuses: the old values set back where the change was
+// made (`old` on the session's member), that member's error answered, and a
+// log line naming what could not be set back (a value unreadable, or
+// refused). A member that holds no copy is passed over, logged.
+CK_RV group_replicate_set(GroupCall& call, CK_OBJECT_HANDLE handle, CK_OBJECT_HANDLE own,
+                          CK_ATTRIBUTE_PTR templ, CK_ULONG count,
+                          const AttributeSnapshot& old) noexcept;
 // C_DestroyObject of a token object succeeded on the session's member: its
 // copies on the other members present destroyed too. A member that fails
 // keeps its copy (a destroyed object cannot be made again): its error is
