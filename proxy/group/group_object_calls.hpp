@@ -20,6 +20,7 @@
 
 #include <p11mux/pkcs11.h>
 
+#include <array>
 #include <cstddef>
 #include <tuple>
 #include <type_traits>
@@ -75,17 +76,38 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
       rv = group_mechanism(call, mechanism, mechanism_copy, param, mechanism);
     }
   }
-  // generate_token_keys (docs/groups.md, "Configuration").
+  // generate_token_keys (docs/groups.md, "Configuration"): a token key is
+  // refused, or made on the primary member.
   if constexpr (F::name == "C_GenerateKey" || F::name == "C_GenerateKeyPair") {
     constexpr auto templates = creation_templates<F>();
+    std::size_t tokens = 0;
     [&]<std::size_t... I>(std::index_sequence<I...>) {
       (..., [&] {
         constexpr std::size_t t = templates[I];
-        if (rv == CKR_OK)
-          rv = group_token_key_refusal(call, std::get<t - 1>(args), std::get<t>(args));
+        if (group_token_template(std::get<t - 1>(args), std::get<t>(args))) ++tokens;
       }());
     }
     (std::make_index_sequence<templates.size()>{});
+    std::size_t maker = s.member;
+    if (rv == CKR_OK && tokens != 0)
+      rv = group_token_key_member(call, tokens == templates.size(), maker);
+    if (rv == CKR_OK && maker != s.member) {
+      std::array<CK_OBJECT_HANDLE_PTR, 2> made{};
+      std::size_t n = 0;
+      auto keep = [&](auto arg) {
+        if constexpr (std::is_same_v<decltype(arg), CK_OBJECT_HANDLE_PTR>) made[n++] = arg;
+      };
+      std::apply([&](auto... a) { (keep(a), ...); }, args);
+      rv = group_generate_on(
+          call, maker,
+          [](void* ctx, const BackendPort& port, CK_SESSION_HANDLE h) noexcept -> CK_RV {
+            return std::apply([&](auto... a) { return port.template call<F>(h, a...); },
+                              *static_cast<std::tuple<Rest...>*>(ctx));
+          },
+          &args, made.data(), n);
+      if (rt.binds_on_state()) unbind_if_idle(s);
+      return rv;
+    }
   }
   // C_SetAttributeValue of a token object: the values it changes, read on
   // the session's member before the change, to set them back if another

@@ -297,6 +297,16 @@ namespace {
 // made there (docs/groups.md, "Objects": on every member whose token is present).
 bool member_absent(CK_RV rv) noexcept { return device_gone(rv); }
 
+// An answer of member `m` that says it is absent: logged, `rv` cleared, and
+// true: the token object is not `changed` there.
+bool passed_over(GroupCall& call, std::size_t m, CK_RV& rv, std::string_view changed) noexcept {
+  if (!member_absent(rv)) return false;
+  call.rt.log().warn("{} on group '{}': member {} is absent ({}); the token object is not {} there",
+                     call.function, call.objects.name, m, rv_name(rv), changed);
+  rv = CKR_OK;
+  return true;
+}
+
 }  // namespace
 
 namespace {
@@ -323,13 +333,7 @@ CK_RV replicate_made(GroupCall& call, CK_OBJECT_HANDLE handle, CK_OBJECT_HANDLE 
     if (m == call.member) continue;
     CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
     rv = make(m, object);
-    if (member_absent(rv)) {
-      call.rt.log().warn(
-          "{} on group '{}': member {} is absent ({}); the token object is not made there",
-          call.function, call.objects.name, m, rv_name(rv));
-      rv = CKR_OK;
-      continue;
-    }
+    if (passed_over(call, m, rv, "made")) continue;
     if (rv != CKR_OK) {
       failed = m;
       break;
@@ -466,13 +470,7 @@ CK_RV group_replicate_set(GroupCall& call, CK_OBJECT_HANDLE handle, CK_OBJECT_HA
         return port.call<fn::C_SetAttributeValue>(h, c.object, templ, count);
       });
     }
-    if (member_absent(rv)) {
-      call.rt.log().warn(
-          "{} on group '{}': member {} is absent ({}); the token object is not changed there",
-          call.function, call.objects.name, m, rv_name(rv));
-      rv = CKR_OK;
-      continue;
-    }
+    if (passed_over(call, m, rv, "changed")) continue;
     if (rv != CKR_OK) {
       failed = m;
       break;
@@ -599,14 +597,19 @@ CK_RV group_mechanism(GroupCall& call, CK_MECHANISM_PTR mechanism, CK_MECHANISM&
   return CKR_MECHANISM_PARAM_INVALID;
 }
 
-CK_RV group_token_key_refusal(GroupCall& call, const CK_ATTRIBUTE* templ, CK_ULONG count) noexcept {
-  if (call.objects.generate_token_keys != GenerateTokenKeys::refuse || templ == nullptr) {
-    return CKR_OK;
-  }
+bool group_token_template(const CK_ATTRIBUTE* templ, CK_ULONG count) noexcept {
+  if (templ == nullptr) return false;
   for (CK_ULONG i = 0; i < count; ++i) {
     const CK_ATTRIBUTE& a = templ[i];
     if (a.type != CKA_TOKEN || a.pValue == nullptr || a.ulValueLen != sizeof(CK_BBOOL)) continue;
-    if (*static_cast<const CK_BBOOL*>(a.pValue) == CK_FALSE) continue;
+    if (*static_cast<const CK_BBOOL*>(a.pValue) != CK_FALSE) return true;
+  }
+  return false;
+}
+
+CK_RV group_token_key_member(GroupCall& call, bool whole, std::size_t& member) noexcept {
+  member = call.member;
+  if (call.objects.generate_token_keys == GenerateTokenKeys::refuse) {
     call.rt.log().warn(
         "{} on group '{}' refused (CKR_ATTRIBUTE_VALUE_INVALID): a key generated with "
         "CKA_TOKEN=true would exist on one member only, and a key generated in an HSM cannot in "
@@ -614,7 +617,50 @@ CK_RV group_token_key_refusal(GroupCall& call, const CK_ATTRIBUTE* templ, CK_ULO
         call.function, call.objects.name);
     return CKR_ATTRIBUTE_VALUE_INVALID;
   }
+  // The primary member: the first up whose token is there, as balance =
+  // primary places sessions (docs/groups.md, "Configuration").
+  const GroupRuntime& groups = *call.rt.groups();
+  const std::vector<GroupRuntime::Member>& members = groups.members(call.group);
+  for (std::size_t m = 0; m < members.size(); ++m) {
+    if (groups.health(call.group, m).up() && GroupRuntime::token_present(members[m])) {
+      member = m;
+      break;
+    }
+  }
+  if (member != call.member && !whole) {
+    call.rt.log().warn(
+        "{} on group '{}' refused (CKR_ATTRIBUTE_VALUE_INVALID): generate_token_keys = primary "
+        "makes token keys on member {}, and this session runs on member {}: the pair's session "
+        "key would be out of its reach; make both halves token keys, or generate from a session "
+        "on member {} (docs/groups.md)",
+        call.function, call.objects.name, member, call.member, member);
+    return CKR_ATTRIBUTE_VALUE_INVALID;
+  }
   return CKR_OK;
+}
+
+CK_RV group_generate_on(GroupCall& call, std::size_t member, GroupRunOn run, void* ctx,
+                        CK_OBJECT_HANDLE* const* made, std::size_t n) noexcept {
+  const GroupRuntime::Member& m = call.rt.groups()->members(call.group).at(member);
+  Borrowed s(call.rt, m, /*rw=*/true);
+  if (s.rv() != CKR_OK) return s.rv();
+  CK_RV rv = run(ctx, s.port(), s.handle());
+  s.answered(rv);
+  if (rv != CKR_OK) return rv;
+  // Read and issued as that member's, on the session that made them.
+  GroupCall there{call.rt, call.objects, call.group, member, s.handle(), call.function, false};
+  for (std::size_t i = 0; i < n && rv == CKR_OK; ++i) {
+    if (made[i] != nullptr && *made[i] != CK_INVALID_HANDLE)
+      rv = group_issue_made(there, s.handle(), *made[i]);
+  }
+  if (rv == CKR_OK) {
+    call.rt.log().info(
+        "{} on group '{}': the token key was generated on the primary member {} "
+        "(generate_token_keys = primary) and is usable on that member only, not from this "
+        "session's member {}",
+        call.function, call.objects.name, member, call.member);
+  }
+  return rv;
 }
 
 }  // namespace p11mux

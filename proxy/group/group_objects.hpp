@@ -27,6 +27,7 @@
 namespace p11mux {
 
 class AttributeSnapshot;
+class BackendPort;
 class Runtime;
 
 // One group's map of virtual object handles, and how it makes token keys.
@@ -148,9 +149,25 @@ struct MechanismCopyParam {
 CK_RV group_mechanism(GroupCall& call, CK_MECHANISM_PTR mechanism, CK_MECHANISM& copy,
                       MechanismCopyParam& param, CK_MECHANISM_PTR& out) noexcept;
 
-// C_GenerateKey / C_GenerateKeyPair with CKA_TOKEN true in `templ` on a
-// group: CKR_OK to go on, or (generate_token_keys = refuse) the refusal,
-// CKR_ATTRIBUTE_VALUE_INVALID, with a log line saying why.
-CK_RV group_token_key_refusal(GroupCall& call, const CK_ATTRIBUTE* templ, CK_ULONG count) noexcept;
+// Whether `templ` asks for a token object (CKA_TOKEN true).
+bool group_token_template(const CK_ATTRIBUTE* templ, CK_ULONG count) noexcept;
+// C_GenerateKey / C_GenerateKeyPair with CKA_TOKEN true in a template on a
+// group (`whole`: in every template, so no half of a pair is a session key):
+// where it runs (docs/groups.md, "Configuration", generate_token_keys).
+// generate_token_keys = refuse: CKR_ATTRIBUTE_VALUE_INVALID, with a log line
+// saying why. primary: CKR_OK and `member` the primary member, the first in
+// `members` order that is up with its token present (the session's own when
+// none is); a pair with a session half from a session on another member:
+// CKR_ATTRIBUTE_VALUE_INVALID, logged (the session key would be made in a
+// borrowed session of the primary, out of the application's reach).
+CK_RV group_token_key_member(GroupCall& call, bool whole, std::size_t& member) noexcept;
+// The generation on `member`, not the session's (generate_token_keys =
+// primary): `run(ctx, port, session)` on a borrowed R/W session of `member`,
+// then the `n` handles it wrote (`made`) turned into the group's as
+// `member`'s objects, and a log line: the key is on that member only.
+using GroupRunOn = CK_RV (*)(void* ctx, const BackendPort& port,
+                             CK_SESSION_HANDLE session) noexcept;
+CK_RV group_generate_on(GroupCall& call, std::size_t member, GroupRunOn run, void* ctx,
+                        CK_OBJECT_HANDLE* const* made, std::size_t n) noexcept;
 
 }  // namespace p11mux

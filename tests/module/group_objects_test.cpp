@@ -475,6 +475,16 @@ CK_RV set_label(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE objec
 
 using Labels = std::vector<std::string>;
 
+// Three tokens, the second call of `function` answering CKR_DEVICE_MEMORY:
+// the call on the second member, after the session's member's.
+MockConfig second_call_fails(const char* function) {
+  MockConfig mock = three_tokens();
+  std::strncpy(mock.fail_function, function, sizeof mock.fail_function - 1);
+  mock.fail_rv = CKR_DEVICE_MEMORY;
+  mock.fail_nth = 2;
+  return mock;
+}
+
 }  // namespace
 
 TEST_CASE("group objects: a token object copied is on every member, with its identity") {
@@ -531,12 +541,8 @@ TEST_CASE("group objects: a token object copied is on every member, with its ide
 }
 
 TEST_CASE("group objects: a token object's copy one member refuses is undone on the others") {
-  MockConfig mock = three_tokens();
-  // The second C_CopyObject: the copy on the second member.
-  std::strncpy(mock.fail_function, "C_CopyObject", sizeof mock.fail_function - 1);
-  mock.fail_rv = CKR_DEVICE_MEMORY;
-  mock.fail_nth = 2;
-  GroupProxy proxy(two_mock_members(), mock, {{"P11MUX_LOG_LEVEL", "warn"}});
+  GroupProxy proxy(two_mock_members(), second_call_fails("C_CopyObject"),
+                   {{"P11MUX_LOG_LEVEL", "warn"}});
   REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE s = proxy.open();
@@ -600,12 +606,8 @@ TEST_CASE("group objects: a token object's attributes are changed on every membe
 }
 
 TEST_CASE("group objects: a token object's change one member refuses is undone on the others") {
-  MockConfig mock = three_tokens();
-  // The second C_SetAttributeValue: the change on the second member.
-  std::strncpy(mock.fail_function, "C_SetAttributeValue", sizeof mock.fail_function - 1);
-  mock.fail_rv = CKR_DEVICE_MEMORY;
-  mock.fail_nth = 2;
-  GroupProxy proxy(two_mock_members(), mock, {{"P11MUX_LOG_LEVEL", "warn"}});
+  GroupProxy proxy(two_mock_members(), second_call_fails("C_SetAttributeValue"),
+                   {{"P11MUX_LOG_LEVEL", "warn"}});
   REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE s = proxy.open();
@@ -639,6 +641,64 @@ TEST_CASE("group objects: at a member's session limit, copies and changes use th
   CHECK(keys_on(2, "k2") == Labels{"after"});
   CHECK(keys_on(1, "k2") == Labels{"after"});
   CHECK(keys_on(1, "k1") == Labels{"after"});
+}
+
+TEST_CASE("group objects: generate_token_keys = primary makes token keys on the primary member") {
+  const FaultyControl* faulty = faulty_control();
+  GroupProxy proxy(faulty_group("balance = primary\ngenerate_token_keys = primary\n"),
+                   three_tokens(),
+                   {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}, {"P11MUX_LOG_LEVEL", "info"}});
+  REQUIRE(faulty->reset() == 0);
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  // b on the second member (the first's token absent meanwhile), a on the
+  // first, the primary.
+  faulty->set_slot_removed(2, 1);
+  const CK_SESSION_HANDLE b = proxy.open();
+  faulty->clear_slot(2);
+  const CK_SESSION_HANDLE a = proxy.open();
+  CK_BBOOL yes = CK_TRUE;
+  CK_ULONG length = 32;
+  std::string id = "gen";
+  std::string label = "generated";
+  CK_ATTRIBUTE templ[] = {{CKA_TOKEN, &yes, sizeof yes},
+                          {CKA_VALUE_LEN, &length, sizeof length},
+                          {CKA_ID, id.data(), id.size()},
+                          {CKA_LABEL, label.data(), label.size()}};
+  CK_MECHANISM gen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+  CK_RV rv = CKR_OK;
+  std::string err = capture_stderr([&] { rv = p->C_GenerateKey(b, &gen, templ, 4, &key); });
+  REQUIRE(rv == CKR_OK);
+  CHECK_MESSAGE(err.find("generated on the primary member 0") != std::string::npos, err);
+  CHECK(keys_on(2, "gen") == Labels{"generated"});
+  CHECK(keys_on(1, "gen").empty());
+  // Usable on the primary only.
+  CHECK(label_of(p, a, key) == "generated");
+  label_of(p, b, key, &rv);
+  CHECK(rv == CKR_OBJECT_HANDLE_INVALID);
+  // A pair: both halves token keys from b; a session half only from a.
+  CK_MECHANISM pair{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  CK_ATTRIBUTE token[] = {{CKA_TOKEN, &yes, sizeof yes}};
+  CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
+  const unsigned long tokens = mock_stats().token_objects;
+  REQUIRE(p->C_GenerateKeyPair(b, &pair, token, 1, token, 1, &pub, &priv) == CKR_OK);
+  CHECK(mock_stats().token_objects == tokens + 2);
+  CK_ULONG size = 0;
+  CHECK(p->C_GetObjectSize(a, priv, &size) == CKR_OK);
+  CHECK(p->C_GetObjectSize(b, priv, &size) == CKR_OBJECT_HANDLE_INVALID);
+  err = capture_stderr(
+      [&] { rv = p->C_GenerateKeyPair(b, &pair, nullptr, 0, token, 1, &pub, &priv); });
+  CHECK(rv == CKR_ATTRIBUTE_VALUE_INVALID);
+  CHECK_MESSAGE(err.find("out of its reach") != std::string::npos, err);
+  CHECK(mock_stats().token_objects == tokens + 2);
+  REQUIRE(p->C_GenerateKeyPair(a, &pair, nullptr, 0, token, 1, &pub, &priv) == CKR_OK);
+  CHECK(p->C_GetObjectSize(a, pub, &size) == CKR_OK);
+  CHECK(mock_stats().token_objects == tokens + 3);
+  // Session keys are made on the session's member, as ever.
+  CK_OBJECT_HANDLE session_key = CK_INVALID_HANDLE;
+  REQUIRE(p->C_GenerateKey(b, &gen, templ + 1, 1, &session_key) == CKR_OK);
+  CHECK(p->C_GetObjectSize(b, session_key, &size) == CKR_OK);
 }
 
 }  // namespace p11mux::test
