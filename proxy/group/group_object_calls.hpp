@@ -13,16 +13,19 @@
 
 #include "forward/operation_state.hpp"
 #include "forward/state_binding.hpp"
+#include "group/attribute_snapshot.hpp"
 #include "group/group_objects.hpp"
 #include "lifecycle/runtime.hpp"
 #include "policy/filters.hpp"
 
 #include <p11mux/pkcs11.h>
 
+#include <array>
 #include <cstddef>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <variant>
 
 namespace p11mux {
 
@@ -73,17 +76,51 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
       rv = group_mechanism(call, mechanism, mechanism_copy, param, mechanism);
     }
   }
-  // generate_token_keys (docs/groups.md, "Configuration").
+  // generate_token_keys (docs/groups.md, "Configuration"): a token key is
+  // refused, or made on the primary member.
   if constexpr (F::name == "C_GenerateKey" || F::name == "C_GenerateKeyPair") {
     constexpr auto templates = creation_templates<F>();
+    std::size_t tokens = 0;
     [&]<std::size_t... I>(std::index_sequence<I...>) {
       (..., [&] {
         constexpr std::size_t t = templates[I];
-        if (rv == CKR_OK)
-          rv = group_token_key_refusal(call, std::get<t - 1>(args), std::get<t>(args));
+        if (group_token_template(std::get<t - 1>(args), std::get<t>(args))) ++tokens;
       }());
     }
     (std::make_index_sequence<templates.size()>{});
+    std::size_t maker = s.member;
+    if (rv == CKR_OK && tokens != 0)
+      rv = group_token_key_member(call, tokens == templates.size(), maker);
+    if (rv == CKR_OK && maker != s.member) {
+      std::array<CK_OBJECT_HANDLE_PTR, 2> made{};
+      std::size_t n = 0;
+      auto keep = [&](auto arg) {
+        if constexpr (std::is_same_v<decltype(arg), CK_OBJECT_HANDLE_PTR>) made[n++] = arg;
+      };
+      std::apply([&](auto... a) { (keep(a), ...); }, args);
+      rv = group_generate_on(
+          call, maker,
+          [](void* ctx, const BackendPort& port, CK_SESSION_HANDLE h) noexcept -> CK_RV {
+            return std::apply([&](auto... a) { return port.template call<F>(h, a...); },
+                              *static_cast<std::tuple<Rest...>*>(ctx));
+          },
+          &args, made.data(), n);
+      if (rt.binds_on_state()) unbind_if_idle(s);
+      return rv;
+    }
+  }
+  // C_SetAttributeValue of a token object: the values it changes, read on
+  // the session's member before the change, to set them back if another
+  // member refuses it.
+  constexpr bool kSet = F::name == "C_SetAttributeValue";
+  [[maybe_unused]] std::conditional_t<kSet, AttributeSnapshot, std::monostate> old{};
+  [[maybe_unused]] bool replicated_set = false;
+  if constexpr (kSet) {
+    const CK_OBJECT_HANDLE handle = std::get<0>(std::tuple<Rest...>{rest...});
+    if (rv == CKR_OK && group_replicated(call, handle)) {
+      replicated_set = true;
+      group_set_snapshot(call, std::get<0>(args), std::get<1>(args), std::get<2>(args), old);
+    }
   }
   if (rv != CKR_OK) {
     // forward.hpp bound a backend session for this call ([pool] bind = state).
@@ -106,14 +143,24 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
             rv = group_issue_made(call, made_on, *arg);
         }
       };
-      CK_OBJECT_HANDLE own = CK_INVALID_HANDLE;  // C_CreateObject's, the member's number
+      // C_CreateObject's and C_CopyObject's object, the member's number.
+      CK_OBJECT_HANDLE own = CK_INVALID_HANDLE;
       if constexpr (F::name == "C_CreateObject") own = *std::get<2>(args);
+      if constexpr (F::name == "C_CopyObject") own = *std::get<3>(args);
       std::apply([&](auto... a) { (issue(a), ...); }, args);
       // A token object made: on every member (docs/groups.md, "Objects").
       if constexpr (F::name == "C_CreateObject") {
         CK_OBJECT_HANDLE_PTR out = std::get<2>(args);
         if (rv == CKR_OK && group_replicated(call, *out)) {
           rv = group_replicate_create(call, *out, std::get<0>(args), std::get<1>(args), own);
+        }
+      }
+      if constexpr (F::name == "C_CopyObject") {
+        CK_OBJECT_HANDLE_PTR out = std::get<3>(args);
+        const CK_OBJECT_HANDLE original = std::get<0>(std::tuple<Rest...>{rest...});
+        if (rv == CKR_OK && group_replicated(call, *out)) {
+          rv =
+              group_replicate_copy(call, *out, original, std::get<1>(args), std::get<2>(args), own);
         }
       }
     }
@@ -133,6 +180,13 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
       // A token object: its copies on the other members too.
       if (group_replicated(call, handle)) rv = group_replicate_destroy(call, handle);
       group_destroyed(call, handle);
+    }
+  } else if constexpr (kSet) {
+    // A token object: changed on the other members too.
+    if (rv == CKR_OK && replicated_set) {
+      const CK_OBJECT_HANDLE handle = std::get<0>(std::tuple<Rest...>{rest...});
+      rv = group_replicate_set(call, handle, std::get<0>(args), std::get<1>(args),
+                               std::get<2>(args), old);
     }
   }
   // [pool] bind = state gave the backend session back (forward.hpp's

@@ -1,6 +1,7 @@
 #include "group/group_objects.hpp"
 
 #include "forward/key_mechanisms.hpp"
+#include "group/attribute_snapshot.hpp"
 #include "group/group_runtime.hpp"
 #include "group/object_map.hpp"
 #include "lifecycle/runtime.hpp"
@@ -171,18 +172,28 @@ class MemberCalls final : public MemberObjects {
   const std::vector<GroupRuntime::Member>& members_;
 };
 
-// C_DestroyObject of `object` on the call's member: on the application's
-// backend session while it still holds it, else on a borrowed one (never on
-// one given back to the pool, which another thread may hold by now).
-CK_RV destroy_on_member(GroupCall& call, CK_OBJECT_HANDLE object) noexcept {
-  const GroupRuntime::Member& m = call.rt.groups()->members(call.group).at(call.member);
-  if (call.backend != CK_INVALID_HANDLE)
-    return m.port->call<fn::C_DestroyObject>(call.backend, object);
-  Borrowed s(call.rt, m, /*rw=*/true);
-  const CK_RV rv =
-      s.rv() == CKR_OK ? s.port().call<fn::C_DestroyObject>(s.handle(), object) : s.rv();
+// `f(port, session)` on member `m`: on the application's backend session when
+// `m` is the call's member and the call still holds it, else on a borrowed
+// R/W one (never on one given back to the pool, which another thread may
+// hold by now).
+template <class Call>
+CK_RV on_member(GroupCall& call, std::size_t m, Call&& f) noexcept {
+  const GroupRuntime::Member& member = call.rt.groups()->members(call.group).at(m);
+  if (m == call.member && call.backend != CK_INVALID_HANDLE) return f(*member.port, call.backend);
+  Borrowed s(call.rt, member, /*rw=*/true);
+  const CK_RV rv = s.rv() == CKR_OK ? f(s.port(), s.handle()) : s.rv();
   s.answered(rv);
   return rv;
+}
+
+// C_DestroyObject of `object` on member `m`.
+CK_RV destroy_on_member(GroupCall& call, std::size_t m, CK_OBJECT_HANDLE object) noexcept {
+  return on_member(call, m, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+    return port.call<fn::C_DestroyObject>(h, object);
+  });
+}
+CK_RV destroy_on_member(GroupCall& call, CK_OBJECT_HANDLE object) noexcept {
+  return destroy_on_member(call, call.member, object);
 }
 
 // Destroys an object the application will never hear of (its handle could
@@ -286,11 +297,30 @@ namespace {
 // made there (docs/groups.md, "Objects": on every member whose token is present).
 bool member_absent(CK_RV rv) noexcept { return device_gone(rv); }
 
+// An answer of member `m` that says it is absent: logged, `rv` cleared, and
+// true: the token object is not `changed` there.
+bool passed_over(GroupCall& call, std::size_t m, CK_RV& rv, std::string_view changed) noexcept {
+  if (!member_absent(rv)) return false;
+  call.rt.log().warn("{} on group '{}': member {} is absent ({}); the token object is not {} there",
+                     call.function, call.objects.name, m, rv_name(rv), changed);
+  rv = CKR_OK;
+  return true;
+}
+
 }  // namespace
 
-CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIBUTE_PTR templ,
-                             CK_ULONG count, CK_OBJECT_HANDLE own) noexcept {
-  const std::vector<GroupRuntime::Member>& members = call.rt.groups()->members(call.group);
+namespace {
+
+// A token object made on the session's member (`own`, the group's `handle`),
+// then on each other member present by `make(m, object)`: CKR_OK with
+// `object` still CK_INVALID_HANDLE when `make` passed the member over (and
+// logged why). A member that refuses: every copy made, `own` included,
+// destroyed again, `handle` ended, that member's error answered, and a log
+// line.
+template <class Make>
+CK_RV replicate_made(GroupCall& call, CK_OBJECT_HANDLE handle, CK_OBJECT_HANDLE own,
+                     Make&& make) noexcept {
+  const std::size_t count = call.rt.groups()->members(call.group).size();
   struct Made {
     std::size_t member;
     CK_OBJECT_HANDLE object;
@@ -299,24 +329,16 @@ CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIB
   std::size_t n = 0;
   CK_RV rv = CKR_OK;
   std::size_t failed = 0;
-  for (std::size_t m = 0; m < members.size() && rv == CKR_OK; ++m) {
+  for (std::size_t m = 0; m < count && rv == CKR_OK; ++m) {
     if (m == call.member) continue;
-    Borrowed s(call.rt, members[m], /*rw=*/true);
     CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
-    rv = s.rv() == CKR_OK ? s.port().call<fn::C_CreateObject>(s.handle(), templ, count, &object)
-                          : s.rv();
-    s.answered(rv);
-    if (member_absent(rv)) {
-      call.rt.log().warn(
-          "{} on group '{}': member {} is absent ({}); the token object is not made there",
-          call.function, call.objects.name, m, rv_name(rv));
-      rv = CKR_OK;
-      continue;
-    }
+    rv = make(m, object);
+    if (passed_over(call, m, rv, "made")) continue;
     if (rv != CKR_OK) {
       failed = m;
       break;
     }
+    if (object == CK_INVALID_HANDLE) continue;
     try {
       call.objects.map.record(handle, m, object);
     } catch (...) {
@@ -327,14 +349,9 @@ CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIB
   // Undone: the copies made, then the session's member's own.
   std::size_t left = 0;
   for (std::size_t i = 0; i < n; ++i) {
-    Borrowed s(call.rt, members[made[i].member], /*rw=*/true);
-    const CK_RV undo =
-        s.rv() == CKR_OK ? s.port().call<fn::C_DestroyObject>(s.handle(), made[i].object) : s.rv();
-    s.answered(undo);
-    if (undo != CKR_OK) ++left;
+    if (destroy_on_member(call, made[i].member, made[i].object) != CKR_OK) ++left;
   }
-  const CK_RV own_undo = destroy_on_member(call, own);
-  if (own_undo != CKR_OK) ++left;
+  if (destroy_on_member(call, own) != CKR_OK) ++left;
   call.objects.map.destroy(handle);
   call.rt.log().warn(
       "{} on group '{}': member {} answered {}; the object made on the other {} member(s) was "
@@ -344,27 +361,152 @@ CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIB
   return rv;
 }
 
-CK_RV group_replicate_destroy(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept {
-  const std::vector<GroupRuntime::Member>& members = call.rt.groups()->members(call.group);
-  CK_RV first = CKR_OK;
-  for (std::size_t m = 0; m < members.size(); ++m) {
+// `handle` on member `m` (not the call's: a search there runs on a
+// borrowed session), as `resolve` finds it.
+ObjectMap::Resolved resolve_on(GroupCall& call, CK_OBJECT_HANDLE handle, std::size_t m) noexcept {
+  try {
+    MemberCalls calls(call);
+    return call.objects.map.resolve(calls, handle, m);
+  } catch (const std::bad_alloc&) {
+    return {ObjectMap::Status::failed, CK_INVALID_HANDLE, CKR_HOST_MEMORY, 0};
+  }
+}
+
+}  // namespace
+
+CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIBUTE_PTR templ,
+                             CK_ULONG count, CK_OBJECT_HANDLE own) noexcept {
+  return replicate_made(call, handle, own, [&](std::size_t m, CK_OBJECT_HANDLE& object) {
+    return on_member(call, m, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+      return port.call<fn::C_CreateObject>(h, templ, count, &object);
+    });
+  });
+}
+
+CK_RV group_replicate_copy(GroupCall& call, CK_OBJECT_HANDLE handle, CK_OBJECT_HANDLE source,
+                           CK_ATTRIBUTE_PTR templ, CK_ULONG count, CK_OBJECT_HANDLE own) noexcept {
+  const char* why = nullptr;
+  if (handle == source) {
+    // The copy has the original's identity: every member would then hold
+    // two objects of it, which the map refuses to tell apart.
+    why =
+        "the copy would have the original's identity (object_key); give it another CKA_ID "
+        "or CKA_LABEL";
+  } else if (!group_replicated(call, source)) {
+    // A session object (or one without identity) lives on one member: its
+    // token copy could be made there only.
+    why =
+        "the original is on one member only (a session object, or a token object without "
+        "identity), so its token copy could not be made on the others";
+  }
+  if (why != nullptr) {
+    const CK_RV undo = destroy_on_member(call, own);
+    if (handle != source) call.objects.map.destroy(handle);
+    call.rt.log().warn(
+        "{} on group '{}' refused (CKR_ATTRIBUTE_VALUE_INVALID): {}; the copy made on member {} "
+        "was destroyed again{} (docs/groups.md, \"Objects\")",
+        call.function, call.objects.name, why, call.member,
+        undo == CKR_OK ? std::string() : std::string(" except: ").append(rv_name(undo)));
+    return CKR_ATTRIBUTE_VALUE_INVALID;
+  }
+  return replicate_made(call, handle, own, [&](std::size_t m, CK_OBJECT_HANDLE& object) -> CK_RV {
+    const ObjectMap::Resolved original = resolve_on(call, source, m);
+    if (original.status == ObjectMap::Status::missing) {
+      // The member was absent when the original was made: it lacks both.
+      call.rt.log().warn(
+          "{} on group '{}': member {} holds no copy of the original; the copy is not made there",
+          call.function, call.objects.name, m);
+      return CKR_OK;
+    }
+    if (original.status != ObjectMap::Status::found) return ObjectMap::to_ckr(original);
+    return on_member(call, m, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+      return port.call<fn::C_CopyObject>(h, original.object, templ, count, &object);
+    });
+  });
+}
+
+void group_set_snapshot(GroupCall& call, CK_OBJECT_HANDLE object, const CK_ATTRIBUTE* templ,
+                        CK_ULONG count, AttributeSnapshot& old) noexcept {
+  on_member(call, call.member, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+    old.read(port, h, object, templ, count);
+    return CKR_OK;
+  });
+}
+
+CK_RV group_replicate_set(GroupCall& call, CK_OBJECT_HANDLE handle, CK_OBJECT_HANDLE own,
+                          CK_ATTRIBUTE_PTR templ, CK_ULONG count,
+                          const AttributeSnapshot& own_old) noexcept {
+  const std::size_t members = call.rt.groups()->members(call.group).size();
+  struct Changed {
+    std::size_t member;
+    CK_OBJECT_HANDLE object;
+    AttributeSnapshot old;
+  };
+  std::vector<Changed> changed;
+  CK_RV rv = CKR_OK;
+  try {
+    changed.resize(members);
+  } catch (const std::bad_alloc&) {
+    rv = CKR_HOST_MEMORY;  // undone on the session's member below
+  }
+  std::size_t n = 0;
+  std::size_t failed = call.member;
+  for (std::size_t m = 0; m < members && rv == CKR_OK; ++m) {
     if (m == call.member) continue;
-    CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
-    CK_RV rv = CKR_OK;
-    try {
-      MemberCalls calls(call);
-      const ObjectMap::Resolved r = call.objects.map.resolve(calls, handle, m);
-      if (r.status == ObjectMap::Status::missing) continue;  // nothing to destroy there
-      rv = r.status == ObjectMap::Status::found ? CKR_OK : ObjectMap::to_ckr(r);
-      object = r.object;
-    } catch (const std::bad_alloc&) {
-      rv = CKR_HOST_MEMORY;
+    const ObjectMap::Resolved r = resolve_on(call, handle, m);
+    if (r.status == ObjectMap::Status::missing) {
+      call.rt.log().warn(
+          "{} on group '{}': member {} holds no copy of the token object; not changed there",
+          call.function, call.objects.name, m);
+      continue;
     }
+    rv = r.status == ObjectMap::Status::found ? CKR_OK : ObjectMap::to_ckr(r);
+    Changed& c = changed[n];
+    c = {m, r.object, {}};
+    // The old values first, on the session that then changes them.
     if (rv == CKR_OK) {
-      Borrowed s(call.rt, members[m], /*rw=*/true);
-      rv = s.rv() == CKR_OK ? s.port().call<fn::C_DestroyObject>(s.handle(), object) : s.rv();
-      s.answered(rv);
+      rv = on_member(call, m, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+        c.old.read(port, h, c.object, templ, count);
+        return port.call<fn::C_SetAttributeValue>(h, c.object, templ, count);
+      });
     }
+    if (passed_over(call, m, rv, "changed")) continue;
+    if (rv != CKR_OK) {
+      failed = m;
+      break;
+    }
+    ++n;
+  }
+  if (rv == CKR_OK) return CKR_OK;
+  // Undone: the old values set back where the change was made, the
+  // session's member's included. A value that could not be read is left.
+  std::size_t left = 0;
+  const auto restore = [&](std::size_t m, CK_OBJECT_HANDLE object, const AttributeSnapshot& old) {
+    const CK_RV undo = on_member(call, m, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
+      return old.restore(port, h, object);
+    });
+    if (undo != CKR_OK || !old.complete()) ++left;
+  };
+  for (std::size_t i = 0; i < n; ++i) restore(changed[i].member, changed[i].object, changed[i].old);
+  restore(call.member, own, own_old);
+  call.rt.log().warn(
+      "{} on group '{}': member {} answered {}; the change made on the other {} member(s) was "
+      "undone{}",
+      call.function, call.objects.name, failed, rv_name(rv), n + 1,
+      left == 0 ? std::string()
+                : ", except on " + std::to_string(left) + " (their new values left there)");
+  return rv;
+}
+
+CK_RV group_replicate_destroy(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept {
+  const std::size_t members = call.rt.groups()->members(call.group).size();
+  CK_RV first = CKR_OK;
+  for (std::size_t m = 0; m < members; ++m) {
+    if (m == call.member) continue;
+    const ObjectMap::Resolved r = resolve_on(call, handle, m);
+    if (r.status == ObjectMap::Status::missing) continue;  // nothing to destroy there
+    CK_RV rv = r.status == ObjectMap::Status::found ? CKR_OK : ObjectMap::to_ckr(r);
+    if (rv == CKR_OK) rv = destroy_on_member(call, m, r.object);
     if (rv == CKR_OK || rv == CKR_OBJECT_HANDLE_INVALID) continue;
     if (member_absent(rv)) {
       call.rt.log().warn(
@@ -455,14 +597,19 @@ CK_RV group_mechanism(GroupCall& call, CK_MECHANISM_PTR mechanism, CK_MECHANISM&
   return CKR_MECHANISM_PARAM_INVALID;
 }
 
-CK_RV group_token_key_refusal(GroupCall& call, const CK_ATTRIBUTE* templ, CK_ULONG count) noexcept {
-  if (call.objects.generate_token_keys != GenerateTokenKeys::refuse || templ == nullptr) {
-    return CKR_OK;
-  }
+bool group_token_template(const CK_ATTRIBUTE* templ, CK_ULONG count) noexcept {
+  if (templ == nullptr) return false;
   for (CK_ULONG i = 0; i < count; ++i) {
     const CK_ATTRIBUTE& a = templ[i];
     if (a.type != CKA_TOKEN || a.pValue == nullptr || a.ulValueLen != sizeof(CK_BBOOL)) continue;
-    if (*static_cast<const CK_BBOOL*>(a.pValue) == CK_FALSE) continue;
+    if (*static_cast<const CK_BBOOL*>(a.pValue) != CK_FALSE) return true;
+  }
+  return false;
+}
+
+CK_RV group_token_key_member(GroupCall& call, bool whole, std::size_t& member) noexcept {
+  member = call.member;
+  if (call.objects.generate_token_keys == GenerateTokenKeys::refuse) {
     call.rt.log().warn(
         "{} on group '{}' refused (CKR_ATTRIBUTE_VALUE_INVALID): a key generated with "
         "CKA_TOKEN=true would exist on one member only, and a key generated in an HSM cannot in "
@@ -470,7 +617,50 @@ CK_RV group_token_key_refusal(GroupCall& call, const CK_ATTRIBUTE* templ, CK_ULO
         call.function, call.objects.name);
     return CKR_ATTRIBUTE_VALUE_INVALID;
   }
+  // The primary member: the first up whose token is there, as balance =
+  // primary places sessions (docs/groups.md, "Configuration").
+  const GroupRuntime& groups = *call.rt.groups();
+  const std::vector<GroupRuntime::Member>& members = groups.members(call.group);
+  for (std::size_t m = 0; m < members.size(); ++m) {
+    if (groups.health(call.group, m).up() && GroupRuntime::token_present(members[m])) {
+      member = m;
+      break;
+    }
+  }
+  if (member != call.member && !whole) {
+    call.rt.log().warn(
+        "{} on group '{}' refused (CKR_ATTRIBUTE_VALUE_INVALID): generate_token_keys = primary "
+        "makes token keys on member {}, and this session runs on member {}: the pair's session "
+        "key would be out of its reach; make both halves token keys, or generate from a session "
+        "on member {} (docs/groups.md)",
+        call.function, call.objects.name, member, call.member, member);
+    return CKR_ATTRIBUTE_VALUE_INVALID;
+  }
   return CKR_OK;
+}
+
+CK_RV group_generate_on(GroupCall& call, std::size_t member, GroupRunOn run, void* ctx,
+                        CK_OBJECT_HANDLE* const* made, std::size_t n) noexcept {
+  const GroupRuntime::Member& m = call.rt.groups()->members(call.group).at(member);
+  Borrowed s(call.rt, m, /*rw=*/true);
+  if (s.rv() != CKR_OK) return s.rv();
+  CK_RV rv = run(ctx, s.port(), s.handle());
+  s.answered(rv);
+  if (rv != CKR_OK) return rv;
+  // Read and issued as that member's, on the session that made them.
+  GroupCall there{call.rt, call.objects, call.group, member, s.handle(), call.function, false};
+  for (std::size_t i = 0; i < n && rv == CKR_OK; ++i) {
+    if (made[i] != nullptr && *made[i] != CK_INVALID_HANDLE)
+      rv = group_issue_made(there, s.handle(), *made[i]);
+  }
+  if (rv == CKR_OK) {
+    call.rt.log().info(
+        "{} on group '{}': the token key was generated on the primary member {} "
+        "(generate_token_keys = primary) and is usable on that member only, not from this "
+        "session's member {}",
+        call.function, call.objects.name, member, call.member);
+  }
+  return rv;
 }
 
 }  // namespace p11mux

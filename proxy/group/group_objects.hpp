@@ -26,6 +26,8 @@
 
 namespace p11mux {
 
+class AttributeSnapshot;
+class BackendPort;
 class Runtime;
 
 // One group's map of virtual object handles, and how it makes token keys.
@@ -95,6 +97,29 @@ bool group_replicated(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept;
 // answered, and a log line.
 CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIBUTE_PTR templ,
                              CK_ULONG count, CK_OBJECT_HANDLE own) noexcept;
+// C_CopyObject of a token object (`handle`, the member's `own`) from
+// `original` succeeded on the session's member: made with `templ` from each
+// other member present's copy of `original`, undone as group_replicate_create
+// undoes. A member that holds no copy of `original` is passed over, logged.
+// Refused (CKR_ATTRIBUTE_VALUE_INVALID, the copy destroyed again, a log line)
+// when the copy has `original`'s identity (every member would hold two objects
+// of it) or `original` is on one member only (a session object).
+CK_RV group_replicate_copy(GroupCall& call, CK_OBJECT_HANDLE handle, CK_OBJECT_HANDLE original,
+                           CK_ATTRIBUTE_PTR templ, CK_ULONG count, CK_OBJECT_HANDLE own) noexcept;
+// C_SetAttributeValue of a token object `handle` (`own` on the session's
+// member): before the change, the values `templ` names read there into `old`
+// (on the call's backend session).
+void group_set_snapshot(GroupCall& call, CK_OBJECT_HANDLE own, const CK_ATTRIBUTE* templ,
+                        CK_ULONG count, AttributeSnapshot& old) noexcept;
+// After it succeeded there: the change made on each other member present,
+// each one's old values read first on the borrowed R/W session that makes
+// it. A member that refuses: the old values set back where the change was
+// made (`old` on the session's member), that member's error answered, and a
+// log line naming what could not be set back (a value unreadable, or
+// refused). A member that holds no copy is passed over, logged.
+CK_RV group_replicate_set(GroupCall& call, CK_OBJECT_HANDLE handle, CK_OBJECT_HANDLE own,
+                          CK_ATTRIBUTE_PTR templ, CK_ULONG count,
+                          const AttributeSnapshot& old) noexcept;
 // C_DestroyObject of a token object succeeded on the session's member: its
 // copies on the other members present destroyed too. A member that fails
 // keeps its copy (a destroyed object cannot be made again): its error is
@@ -124,9 +149,25 @@ struct MechanismCopyParam {
 CK_RV group_mechanism(GroupCall& call, CK_MECHANISM_PTR mechanism, CK_MECHANISM& copy,
                       MechanismCopyParam& param, CK_MECHANISM_PTR& out) noexcept;
 
-// C_GenerateKey / C_GenerateKeyPair with CKA_TOKEN true in `templ` on a
-// group: CKR_OK to go on, or (generate_token_keys = refuse) the refusal,
-// CKR_ATTRIBUTE_VALUE_INVALID, with a log line saying why.
-CK_RV group_token_key_refusal(GroupCall& call, const CK_ATTRIBUTE* templ, CK_ULONG count) noexcept;
+// Whether `templ` asks for a token object (CKA_TOKEN true).
+bool group_token_template(const CK_ATTRIBUTE* templ, CK_ULONG count) noexcept;
+// C_GenerateKey / C_GenerateKeyPair with CKA_TOKEN true in a template on a
+// group (`whole`: in every template, so no half of a pair is a session key):
+// where it runs (docs/groups.md, "Configuration", generate_token_keys).
+// generate_token_keys = refuse: CKR_ATTRIBUTE_VALUE_INVALID, with a log line
+// saying why. primary: CKR_OK and `member` the primary member, the first in
+// `members` order that is up with its token present (the session's own when
+// none is); a pair with a session half from a session on another member:
+// CKR_ATTRIBUTE_VALUE_INVALID, logged (the session key would be made in a
+// borrowed session of the primary, out of the application's reach).
+CK_RV group_token_key_member(GroupCall& call, bool whole, std::size_t& member) noexcept;
+// The generation on `member`, not the session's (generate_token_keys =
+// primary): `run(ctx, port, session)` on a borrowed R/W session of `member`,
+// then the `n` handles it wrote (`made`) turned into the group's as
+// `member`'s objects, and a log line: the key is on that member only.
+using GroupRunOn = CK_RV (*)(void* ctx, const BackendPort& port,
+                             CK_SESSION_HANDLE session) noexcept;
+CK_RV group_generate_on(GroupCall& call, std::size_t member, GroupRunOn run, void* ctx,
+                        CK_OBJECT_HANDLE* const* made, std::size_t n) noexcept;
 
 }  // namespace p11mux

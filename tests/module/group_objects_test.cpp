@@ -421,3 +421,284 @@ TEST_CASE("group objects: with [pool] bind = state, objects made, found and ende
 }
 
 }  // namespace p11mux::test
+
+// C_CopyObject and C_SetAttributeValue of token objects (docs/groups.md,
+// "Objects": every member, or undone).
+namespace p11mux::test {
+namespace {
+
+std::string two_mock_members() {
+  return std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+         "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n";
+}
+
+// The mock's token secret keys with CKA_ID `id` on `slot`, and their labels.
+std::vector<std::string> keys_on(CK_SLOT_ID slot, const std::string& id) {
+  CK_FUNCTION_LIST* mock = mock_functions();
+  CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+  REQUIRE(mock->C_OpenSession(slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s) == CKR_OK);
+  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls},
+                          {CKA_ID, const_cast<char*>(id.data()), id.size()}};
+  REQUIRE(mock->C_FindObjectsInit(s, templ, 2) == CKR_OK);
+  std::array<CK_OBJECT_HANDLE, 8> found{};
+  CK_ULONG n = 0;
+  REQUIRE(mock->C_FindObjects(s, found.data(), found.size(), &n) == CKR_OK);
+  REQUIRE(mock->C_FindObjectsFinal(s) == CKR_OK);
+  std::vector<std::string> labels;
+  for (CK_ULONG i = 0; i < n; ++i) labels.push_back(label_of(mock, s, found[i]));
+  REQUIRE(mock->C_CloseSession(s) == CKR_OK);
+  return labels;
+}
+
+// A token secret key with CKA_ID `id` and `label`, made through the group.
+CK_OBJECT_HANDLE create_key(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, const std::string& id,
+                            const std::string& label) {
+  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+  CK_KEY_TYPE type = CKK_GENERIC_SECRET;
+  CK_BBOOL yes = CK_TRUE;
+  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls},
+                          {CKA_KEY_TYPE, &type, sizeof type},
+                          {CKA_TOKEN, &yes, sizeof yes},
+                          {CKA_ID, const_cast<char*>(id.data()), id.size()},
+                          {CKA_LABEL, const_cast<char*>(label.data()), label.size()}};
+  CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+  REQUIRE(p->C_CreateObject(s, templ, 5, &h) == CKR_OK);
+  return h;
+}
+
+CK_RV set_label(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE object,
+                const std::string& label) {
+  CK_ATTRIBUTE a{CKA_LABEL, const_cast<char*>(label.data()), label.size()};
+  return p->C_SetAttributeValue(s, object, &a, 1);
+}
+
+using Labels = std::vector<std::string>;
+
+// Three tokens, the second call of `function` answering CKR_DEVICE_MEMORY:
+// the call on the second member, after the session's member's.
+MockConfig second_call_fails(const char* function) {
+  MockConfig mock = three_tokens();
+  std::strncpy(mock.fail_function, function, sizeof mock.fail_function - 1);
+  mock.fail_rv = CKR_DEVICE_MEMORY;
+  mock.fail_nth = 2;
+  return mock;
+}
+
+}  // namespace
+
+TEST_CASE("group objects: a token object copied is on every member, with its identity") {
+  GroupProxy proxy(two_mock_members(), three_tokens(), {{"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();
+  const CK_OBJECT_HANDLE key = create_key(p, s, "k1", "original");
+  std::string id = "k2";
+  std::string label = "copy";
+  CK_ATTRIBUTE templ[] = {{CKA_ID, id.data(), id.size()}, {CKA_LABEL, label.data(), label.size()}};
+  CK_OBJECT_HANDLE copy = CK_INVALID_HANDLE;
+  REQUIRE(p->C_CopyObject(s, key, templ, 2, &copy) == CKR_OK);
+  CHECK(copy != key);
+  CHECK(keys_on(2, "k2") == Labels{"copy"});
+  CHECK(keys_on(1, "k2") == Labels{"copy"});
+  CHECK(keys_on(0, "k2").empty());  // no member
+  CHECK(keys_on(1, "k1") == Labels{"original"});
+  CHECK(label_of(p, s, copy) == "copy");
+  // The copy is one object of the group: destroyed everywhere.
+  REQUIRE(p->C_DestroyObject(s, copy) == CKR_OK);
+  CHECK(keys_on(2, "k2").empty());
+  CHECK(keys_on(1, "k2").empty());
+
+  // A copy with the original's identity would make two objects of it on
+  // every member: refused, the copy destroyed again, logged.
+  CK_RV rv = CKR_OK;
+  std::string err = capture_stderr([&] { rv = p->C_CopyObject(s, key, nullptr, 0, &copy); });
+  CHECK(rv == CKR_ATTRIBUTE_VALUE_INVALID);
+  CHECK_MESSAGE(err.find("the original's identity") != std::string::npos, err);
+  CHECK(keys_on(2, "k1") == Labels{"original"});
+  CHECK(keys_on(1, "k1") == Labels{"original"});
+  CHECK(label_of(p, s, key) == "original");
+
+  // A session object's token copy could be made on its member only.
+  const CK_OBJECT_HANDLE session_object = create_data(p, s, false, "in the session");
+  CK_BBOOL yes = CK_TRUE;
+  std::string persisted = "persisted";
+  CK_ATTRIBUTE to_token[] = {{CKA_TOKEN, &yes, sizeof yes},
+                             {CKA_LABEL, persisted.data(), persisted.size()}};
+  err = capture_stderr([&] { rv = p->C_CopyObject(s, session_object, to_token, 2, &copy); });
+  CHECK(rv == CKR_ATTRIBUTE_VALUE_INVALID);
+  CHECK_MESSAGE(err.find("on one member only") != std::string::npos, err);
+  CHECK(objects_on(2, "persisted") == 0);
+  CHECK(objects_on(1, "persisted") == 0);
+  CHECK(mock_stats().token_objects == 2);  // the key on each member
+
+  // A session copy of a session object stays on its member.
+  std::string session_copy = "session copy";
+  CK_ATTRIBUTE relabel[] = {{CKA_LABEL, session_copy.data(), session_copy.size()}};
+  REQUIRE(p->C_CopyObject(s, session_object, relabel, 1, &copy) == CKR_OK);
+  CHECK(label_of(p, s, copy) == "session copy");
+  CHECK(mock_stats().token_objects == 2);
+}
+
+TEST_CASE("group objects: a token object's copy one member refuses is undone on the others") {
+  GroupProxy proxy(two_mock_members(), second_call_fails("C_CopyObject"),
+                   {{"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();
+  const CK_OBJECT_HANDLE key = create_key(p, s, "k1", "original");
+  std::string id = "k2";
+  CK_ATTRIBUTE templ[] = {{CKA_ID, id.data(), id.size()}};
+  CK_OBJECT_HANDLE copy = CK_INVALID_HANDLE;
+  CK_RV rv = CKR_OK;
+  const std::string err = capture_stderr([&] { rv = p->C_CopyObject(s, key, templ, 1, &copy); });
+  CHECK(rv == CKR_DEVICE_MEMORY);
+  CHECK_MESSAGE(err.find("destroyed again") != std::string::npos, err);
+  CHECK(keys_on(2, "k2").empty());
+  CHECK(keys_on(1, "k2").empty());
+  CHECK(mock_stats().token_objects == 2);  // the original on each member
+  CHECK(label_of(p, s, key) == "original");
+}
+
+TEST_CASE("group objects: a token object's attributes are changed on every member") {
+  const FaultyControl* faulty = faulty_control();
+  // primary: the sessions opened while the first member is there go to it.
+  GroupProxy proxy(faulty_group("balance = primary\n"), three_tokens(),
+                   {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}});
+  REQUIRE(faulty->reset() == 0);
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  // A session on the second member (the first's token absent meanwhile;
+  // removing it drops the sessions there, so before the others open).
+  faulty->set_slot_removed(2, 1);
+  const CK_SESSION_HANDLE b = proxy.open();
+  faulty->clear_slot(2);
+  const CK_SESSION_HANDLE a = proxy.open();  // on the first member
+  const CK_OBJECT_HANDLE key = create_key(p, a, "k1", "before");
+  REQUIRE(set_label(p, a, key, "after") == CKR_OK);
+  CHECK(keys_on(2, "k1") == Labels{"after"});
+  CHECK(keys_on(1, "k1") == Labels{"after"});
+  // Seen so from the session on the second member.
+  CHECK(label_of(p, b, key) == "after");
+  // Changed from there: on the first member too.
+  REQUIRE(set_label(p, b, key, "from b") == CKR_OK);
+  CHECK(keys_on(2, "k1") == Labels{"from b"});
+  CHECK(keys_on(1, "k1") == Labels{"from b"});
+  CHECK(label_of(p, a, key) == "from b");
+
+  // A session object is changed in its session, on its member only.
+  const CK_OBJECT_HANDLE session_object = create_data(p, a, false, "session");
+  REQUIRE(set_label(p, a, session_object, "session, changed") == CKR_OK);
+  CHECK(label_of(p, a, session_object) == "session, changed");
+  CHECK(mock_stats().session_objects == 1);
+  CHECK(objects_on(1, "session, changed") == 0);
+
+  // Bad input: the spec's codes, nothing changed.
+  CHECK(p->C_SetAttributeValue(a, key, nullptr, 1) == CKR_ARGUMENTS_BAD);
+  CK_OBJECT_HANDLE copy = CK_INVALID_HANDLE;
+  CHECK(p->C_CopyObject(a, key, nullptr, 1, &copy) == CKR_ARGUMENTS_BAD);
+  const CK_OBJECT_HANDLE bogus = key + session_object + 4096;  // never issued
+  CHECK(set_label(p, a, bogus, "none") == CKR_OBJECT_HANDLE_INVALID);
+  CHECK(p->C_CopyObject(a, bogus, nullptr, 0, &copy) == CKR_OBJECT_HANDLE_INVALID);
+  CHECK(keys_on(2, "k1") == Labels{"from b"});
+  CHECK(keys_on(1, "k1") == Labels{"from b"});
+  CHECK(mock_stats().token_objects == 2);
+}
+
+TEST_CASE("group objects: a token object's change one member refuses is undone on the others") {
+  GroupProxy proxy(two_mock_members(), second_call_fails("C_SetAttributeValue"),
+                   {{"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();
+  const CK_OBJECT_HANDLE key = create_key(p, s, "k1", "old");
+  CK_RV rv = CKR_OK;
+  const std::string err = capture_stderr([&] { rv = set_label(p, s, key, "new"); });
+  CHECK(rv == CKR_DEVICE_MEMORY);
+  CHECK_MESSAGE(err.find("was undone") != std::string::npos, err);
+  CHECK(keys_on(2, "k1") == Labels{"old"});
+  CHECK(keys_on(1, "k1") == Labels{"old"});
+  CHECK(label_of(p, s, key) == "old");
+}
+
+TEST_CASE("group objects: at a member's session limit, copies and changes use the call's session") {
+  // One backend session per token: the session's member has none to lend.
+  const FaultyControl* faulty = faulty_control();
+  GroupProxy proxy(faulty_group(), three_tokens(),
+                   {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                    {"P11MUX_FAULTY_MAX_SLOT_SESSIONS", "1"},
+                    {"P11MUX_POOL_WAIT_MS", "200"}});
+  REQUIRE(faulty->reset() == 0);
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE a = proxy.open();
+  const CK_OBJECT_HANDLE key = create_key(p, a, "k1", "before");
+  REQUIRE(set_label(p, a, key, "after") == CKR_OK);
+  std::string id = "k2";
+  CK_ATTRIBUTE templ[] = {{CKA_ID, id.data(), id.size()}};
+  CK_OBJECT_HANDLE copy = CK_INVALID_HANDLE;
+  REQUIRE(p->C_CopyObject(a, key, templ, 1, &copy) == CKR_OK);
+  CHECK(keys_on(2, "k2") == Labels{"after"});
+  CHECK(keys_on(1, "k2") == Labels{"after"});
+  CHECK(keys_on(1, "k1") == Labels{"after"});
+}
+
+TEST_CASE("group objects: generate_token_keys = primary makes token keys on the primary member") {
+  const FaultyControl* faulty = faulty_control();
+  GroupProxy proxy(faulty_group("balance = primary\ngenerate_token_keys = primary\n"),
+                   three_tokens(),
+                   {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}, {"P11MUX_LOG_LEVEL", "info"}});
+  REQUIRE(faulty->reset() == 0);
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  // b on the second member (the first's token absent meanwhile), a on the
+  // first, the primary.
+  faulty->set_slot_removed(2, 1);
+  const CK_SESSION_HANDLE b = proxy.open();
+  faulty->clear_slot(2);
+  const CK_SESSION_HANDLE a = proxy.open();
+  CK_BBOOL yes = CK_TRUE;
+  CK_ULONG length = 32;
+  std::string id = "gen";
+  std::string label = "generated";
+  CK_ATTRIBUTE templ[] = {{CKA_TOKEN, &yes, sizeof yes},
+                          {CKA_VALUE_LEN, &length, sizeof length},
+                          {CKA_ID, id.data(), id.size()},
+                          {CKA_LABEL, label.data(), label.size()}};
+  CK_MECHANISM gen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+  CK_RV rv = CKR_OK;
+  std::string err = capture_stderr([&] { rv = p->C_GenerateKey(b, &gen, templ, 4, &key); });
+  REQUIRE(rv == CKR_OK);
+  CHECK_MESSAGE(err.find("generated on the primary member 0") != std::string::npos, err);
+  CHECK(keys_on(2, "gen") == Labels{"generated"});
+  CHECK(keys_on(1, "gen").empty());
+  // Usable on the primary only.
+  CHECK(label_of(p, a, key) == "generated");
+  label_of(p, b, key, &rv);
+  CHECK(rv == CKR_OBJECT_HANDLE_INVALID);
+  // A pair: both halves token keys from b; a session half only from a.
+  CK_MECHANISM pair{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  CK_ATTRIBUTE token[] = {{CKA_TOKEN, &yes, sizeof yes}};
+  CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
+  const unsigned long tokens = mock_stats().token_objects;
+  REQUIRE(p->C_GenerateKeyPair(b, &pair, token, 1, token, 1, &pub, &priv) == CKR_OK);
+  CHECK(mock_stats().token_objects == tokens + 2);
+  CK_ULONG size = 0;
+  CHECK(p->C_GetObjectSize(a, priv, &size) == CKR_OK);
+  CHECK(p->C_GetObjectSize(b, priv, &size) == CKR_OBJECT_HANDLE_INVALID);
+  err = capture_stderr(
+      [&] { rv = p->C_GenerateKeyPair(b, &pair, nullptr, 0, token, 1, &pub, &priv); });
+  CHECK(rv == CKR_ATTRIBUTE_VALUE_INVALID);
+  CHECK_MESSAGE(err.find("out of its reach") != std::string::npos, err);
+  CHECK(mock_stats().token_objects == tokens + 2);
+  REQUIRE(p->C_GenerateKeyPair(a, &pair, nullptr, 0, token, 1, &pub, &priv) == CKR_OK);
+  CHECK(p->C_GetObjectSize(a, pub, &size) == CKR_OK);
+  CHECK(mock_stats().token_objects == tokens + 3);
+  // Session keys are made on the session's member, as ever.
+  CK_OBJECT_HANDLE session_key = CK_INVALID_HANDLE;
+  REQUIRE(p->C_GenerateKey(b, &gen, templ + 1, 1, &session_key) == CKR_OK);
+  CHECK(p->C_GetObjectSize(b, session_key, &size) == CKR_OK);
+}
+
+}  // namespace p11mux::test
