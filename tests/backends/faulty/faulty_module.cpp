@@ -3,6 +3,7 @@
 #include "faulty_state.hpp"
 
 #include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 namespace p11mux::faulty {
@@ -59,6 +60,10 @@ CK_RV Module::initialize(CK_VOID_PTR init_args) {
   removed_.store(false, std::memory_order_relaxed);
   initialized_.store(true, std::memory_order_release);
   bump(counters.initialize_ok);
+  // Checked by config_from_env above; its clock starts now.
+  const char* schedule = std::getenv("P11MUX_FAULTY_SCHEDULE");
+  if (auto faults = parse_schedule(schedule != nullptr ? schedule : "", error))
+    scheduler.start(std::move(*faults));
   return rv;
 }
 
@@ -80,6 +85,7 @@ std::vector<std::shared_ptr<Session>> Module::take_locked(Pred&& pred) {
 
 bool Module::finalize_locked() {
   if (!initialized()) return false;
+  scheduler.stop();  // its faults touch the session table and the target
   unsigned long inside = active.load(std::memory_order_relaxed);
   if (inside != 0) bump(counters.finalize_during_call, inside);
   initialized_.store(false, std::memory_order_release);
