@@ -54,6 +54,8 @@
  *                         for each fault, with the wall clock ("... at unix_ms
  *                         N") so that a benchmark can place it on its own
  *                         timeline; C_Finalize drops the faults not yet due.
+ *                         With CKF_LIBRARY_CANT_CREATE_OS_THREADS, C_Initialize
+ *                         answers CKR_NEED_TO_CREATE_THREADS.
  *                         For programs that cannot reach the control functions
  *                         (p11mux-load through p11mux: scripts/bench.sh, failover).
  * A malformed variable makes C_Initialize fail with CKR_GENERAL_ERROR and a

@@ -44,6 +44,21 @@ CK_RV Module::initialize(CK_VOID_PTR init_args) {
     std::fprintf(stderr, "libp11mux-faulty: %s\n", error.c_str());
     return CKR_GENERAL_ERROR;
   }
+  // Checked by config_from_env above.
+  const char* schedule_text = std::getenv("P11MUX_FAULTY_SCHEDULE");
+  std::vector<ScheduledFault> schedule =
+      parse_schedule(schedule_text != nullptr ? schedule_text : "", error)
+          .value_or(std::vector<ScheduledFault>{});
+  // The schedule needs a thread of ours, which the application may forbid
+  // (PKCS#11 3.0, 5.4 C_Initialize).
+  if (!schedule.empty() && init_args != nullptr &&
+      (static_cast<CK_C_INITIALIZE_ARGS*>(init_args)->flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS) !=
+          0) {
+    std::fprintf(stderr,
+                 "libp11mux-faulty: P11MUX_FAULTY_SCHEDULE needs a thread: "
+                 "CKF_LIBRARY_CANT_CREATE_OS_THREADS\n");
+    return CKR_NEED_TO_CREATE_THREADS;
+  }
   const Target* t = load_target(settings.target_path(), error);
   if (t == nullptr) {
     std::fprintf(stderr, "libp11mux-faulty: %s\n", error.c_str());
@@ -60,10 +75,7 @@ CK_RV Module::initialize(CK_VOID_PTR init_args) {
   removed_.store(false, std::memory_order_relaxed);
   initialized_.store(true, std::memory_order_release);
   bump(counters.initialize_ok);
-  // Checked by config_from_env above; its clock starts now.
-  const char* schedule = std::getenv("P11MUX_FAULTY_SCHEDULE");
-  if (auto faults = parse_schedule(schedule != nullptr ? schedule : "", error))
-    scheduler.start(std::move(*faults));
+  scheduler.start(std::move(schedule));  // its clock starts now
   return rv;
 }
 

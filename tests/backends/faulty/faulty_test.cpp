@@ -739,6 +739,15 @@ TEST_CASE("C_Finalize drops the faults not yet due; each C_Initialize starts the
   CHECK(f.random(a) == CKR_SESSION_HANDLE_INVALID);
 }
 
+TEST_CASE("a schedule needs a thread: CKR_NEED_TO_CREATE_THREADS if the application forbids one") {
+  ScopedEnv schedule("P11MUX_FAULTY_SCHEDULE", "1:slot=0:removed");
+  CHECK(libs().faulty->reset() == 0);
+  CK_C_INITIALIZE_ARGS args{};
+  args.flags = CKF_OS_LOCKING_OK | CKF_LIBRARY_CANT_CREATE_OS_THREADS;
+  CHECK(libs().p11->C_Initialize(&args) == CKR_NEED_TO_CREATE_THREADS);
+  CHECK_FALSE(faulty_stats().initialized);
+}
+
 TEST_CASE("a malformed schedule fails C_Initialize") {
   {
     ScopedEnv good("P11MUX_FAULTY_SCHEDULE",
