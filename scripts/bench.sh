@@ -55,6 +55,20 @@ Sections (--only):
              ("physical", 4 threads) and through p11mux's single backend.
              Scaling is groupN / (N x group1). Writes groups.csv and a table
              in results.md. About 1 minute
+  failover   a member dying under load (issue 15): the group of 3 members above
+             (serialize mode, recovery_interval_s = 1), 64 threads signing
+             (sign-ec) for 12 s; member-2's token is removed about 4 s into
+             the run and back about 4 s later (P11MUX_FAULTY_SCHEDULE).
+             Reports the failed ops the application saw (by CKR), the
+             throughput before the kill (median of 100 ms intervals), the
+             time from the kill until throughput (0.5 s sliding mean) is
+             back to 2/3 of it or more and stays there until the member
+             returns, and the time from the member's return
+             until it carries load again (p11mux's /metrics, polled every
+             0.2 s). Writes failover.csv, failover-timeline.csv (ops/s and
+             errors per 100 ms), failover-member-calls.csv (the samples),
+             failover-runN.log (p11mux-load's stderr: the fault times) and
+             a table in results.md. About 20 s per run
   tls        full TLS handshakes per second (TLSv1.3, no resumption) through
              stunnel (threads) and nginx (2 workers) with the server key on
              the token, loaded by the OpenSSL pkcs11 engine: directly and
@@ -102,7 +116,7 @@ runs=3
 duration=1.5
 warmup=0.5
 quick=0
-sections="matrix,overhead,open,shared,callgrind,capacity,groups,tls"
+sections="matrix,overhead,open,shared,callgrind,capacity,groups,failover,tls"
 ops="random,digest,sign-ec,sign-rsa,open-close"
 threads_list="1,2,8,64"
 configs="direct,serialize,multiplex,p11kit"
@@ -151,7 +165,7 @@ IFS=, read -r -a tls_servers <<<"$tls_servers"
 IFS=, read -r -a tls_backends <<<"$tls_backends"
 want() { [[ ",$sections," == *",$1,"* ]]; }
 for s in ${sections//,/ }; do
-  [[ " matrix overhead open shared callgrind capacity groups tls " == *" $s "* ]] ||
+  [[ " matrix overhead open shared callgrind capacity groups failover tls " == *" $s "* ]] ||
     { echo "bench.sh: unknown section '$s' (see --help)" >&2; exit 2; }
 done
 
@@ -271,6 +285,9 @@ raw="$out/runs.csv"
 echo "section,backend,config,op,sessions,threads,run,ops_per_sec,errors,failed_checks,status" >"$raw"
 limit=$(awk -v d="$duration" -v w="$warmup" 'BEGIN { printf "%d", d + w + 60 }')
 
+# More p11mux-load options for run_one (the failover section's --timeline).
+load_extra=()
+
 # run_one SECTION BACKEND CONFIG OP SESSIONS THREADS RUN [VAR=VALUE...]
 # One p11mux-load process; sets $ops_s, $errors, $failed (verification
 # failures) and $status (ok, errors, crash SIGxxx, hang, failed: ...) and
@@ -286,7 +303,7 @@ run_one() {
   {
     env "${menv[@]}" "$@" timeout -k 5 "$limit" "$load" --module "$module" "${token[@]}" \
       --op "$op" --threads "$threads" --sessions "${sessions_of[$config]:-$sessions}" --warmup "$warmup" \
-      --duration "$duration" --quiet --json >"$json" 2>"$err"
+      --duration "$duration" --quiet --json "${load_extra[@]}" >"$json" 2>"$err"
   } 2>/dev/null || rc=$?
   ops_s=""
   if [ "$rc" -le 1 ] && grep -q '"ops_per_sec"' "$json"; then
@@ -594,8 +611,11 @@ groups_cases=(
   "group3 group3 per-thread 64 4 state"
 )
 
-# groups_setup: the member tokens beside the bench token, and group1..3.conf.
+# groups_setup: the member tokens beside the bench token, and group1..3.conf;
+# once, for the groups and failover sections.
+groups_made=0
 groups_setup() {
+  [ "$groups_made" = 0 ] || return 0
   local i members=""
   openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$work/member.pem" 2>/dev/null &&
     openssl pkey -in "$work/member.pem" -pubout -out "$work/member.pub" || return 1
@@ -611,6 +631,7 @@ groups_setup() {
     printf '[backend.slow]\nmodule = %s\n[group.signing]\nmembers = %s\n' "$slow" "$members" \
       >"$work/group$i.conf"
   done
+  groups_made=1
 }
 
 if want groups; then
@@ -619,6 +640,158 @@ if want groups; then
     limit_section groups.csv groups_cases P11MUX_FAULTY_MAX_SLOT_SESSIONS
   else
     echo "  the member tokens could not be made (softhsm2-util, pkcs11-tool, openssl): no figures"
+  fi
+fi
+
+# ---- failover: a member dies under load (issue 15) ----
+# The group of 3 (groups_setup) in serialize mode, recovery_interval_s = 1, 64
+# threads signing for $failover_duration s after a warmup of 1 s. The slow
+# backend removes member-2's token $failover_kill s after its C_Initialize
+# (p11mux's, at p11mux-load's start) and brings it back $failover_back s after
+# it (P11MUX_FAULTY_SCHEDULE); it writes the wall-clock time of each to
+# stderr, and p11mux-load's --timeline (ops and errors per 100 ms) gives the
+# measured phase's start, so the times below are measured, not assumed.
+# p11mux's /metrics (a unix socket) is polled every 0.2 s for the member's
+# calls. Single-part operations whose member died between C_SignInit and
+# C_Sign fail until p11mux replays them: they are counted, not hidden.
+failover_duration=12
+failover_kill=5
+failover_back=9
+failover_member=member-2
+
+# failover_analyse JSON ERR METRICS TIMELINE_CSV RUN: prints the run's row of
+# failover.csv and writes its timeline.
+failover_analyse() {
+  python3 - "$@" <<'PY'
+import json, math, re, statistics, sys
+jpath, errpath, mpath, tpath, run = sys.argv[1:6]
+j = json.load(open(jpath))
+t = j["timeline"]
+step = t["interval_ms"] / 1000.0
+ops = [n / step for n in t["ops_per_interval"]]
+errs = t["errors_per_interval"]
+start = t["start_unix_ms"] / 1000.0
+events = {}
+for line in open(errpath):
+    m = re.search(r"schedule: [0-9.]+:slot=[0-9]+:(\w+) at unix_ms ([0-9]+)", line)
+    if m:
+        events[m.group(1)] = int(m.group(2)) / 1000.0 - start
+kill, back = events.get("removed"), events.get("back")
+# The last interval is cut short by the end of the run: left out.
+full = len(ops) - 1
+with open(tpath, "a") as out:
+    for i in range(full):
+        out.write(f"{run},{i * step:.3f},{ops[i]:.0f},{errs[i]}\n")
+def median(xs):
+    return statistics.median(xs) if xs else None
+def fmt(x, f="{:.2f}"):
+    return "" if x is None else f.format(x)
+base = back_first = recovery = lowest = degraded = after = None
+if kill is not None:
+    base = median([ops[i] for i in range(full) if (i + 1) * step <= kill])
+    end = back if back is not None else full * step
+    first = math.ceil(kill / step)  # the first interval wholly after the kill
+    last = min(full, int(end / step))  # the first one the return touches
+    lowest = min(ops[first:min(last, first + int(round(1 / step)))], default=None)
+    # Back to 2/3 of the throughput before the kill, and staying there until
+    # the member returns, by the mean of 0.5 s windows (sliding, in steps of
+    # one interval: one slow 100 ms interval on a shared machine is noise).
+    w = max(1, int(round(0.5 / step)))
+    low = [i for i in range(first, last - w + 1) if statistics.mean(ops[i:i + w]) < base * 2 / 3]
+    # With two members of three left, the level held is about 2/3 when the
+    # members bound the throughput: also the first time it is back there.
+    if low and low[0] == first:
+        back_first = next(((i + w) * step - kill for i in range(first, last - w + 1) if i not in low), None)
+    else:
+        back_first = 0.0
+    # Back at the end of the first window at or above 2/3 (after the last low
+    # one, for good); 0 if none was below.
+    recovery = max(0.0, (low[-1] + 1 + w) * step - kill) if low else 0.0
+    if low and low[-1] + w >= last:
+        recovery = None  # not back before the member returned
+    degraded = median([ops[i] for i in range(first, last) if i * step >= kill + (recovery or 0)])
+if back is not None:
+    after = median([ops[i] for i in range(full) if i * step >= back + 1.0])
+# The member's calls from /metrics: (seconds into the run, calls).
+samples = []
+for line in open(mpath):
+    parts = line.split()
+    if len(parts) == 2:
+        samples.append((float(parts[0]) - start, float(parts[1])))
+rates = [(b[0], (b[1] - a[1]) / (b[0] - a[0])) for a, b in zip(samples, samples[1:]) if b[0] > a[0]]
+member_base = median([r for s, r in rates if 0 <= s <= (kill if kill is not None else 0)])
+first_call = carries = None
+if back is not None:
+    later = [(s, r) for s, r in rates if s > back]
+    first_call = next((s - back for s, r in later if r > 0), None)
+    if member_base:
+        carries = next((s - back for s, r in later if r >= member_base / 2), None)
+# Which call failed matters: C_SignInit (nothing started) or C_Sign (an
+# operation lost with its member, until p11mux replays it).
+by_rv = ";".join(f"{e['call']} {e['rv']}={e['count']}" for e in j.get("error_details", []))
+ratio = None if degraded is None or not base else degraded / base
+print(",".join([run, fmt(base, "{:.0f}"), fmt(kill), fmt(back), str(j["errors"]), by_rv,
+                fmt(back_first), fmt(recovery), fmt(lowest, "{:.0f}"), fmt(degraded, "{:.0f}"), fmt(ratio), fmt(after, "{:.0f}"),
+                fmt(member_base, "{:.0f}"), fmt(first_call), fmt(carries), fmt(j["ops_per_sec"], "{:.0f}")]))
+PY
+}
+
+if want failover; then
+  echo "== failover: a group of 3 members on the slow backend, $failover_member's token removed under load (sign-ec, 64 threads, ${failover_duration} s; serialize, recovery_interval_s = 1)"
+  if [ ! -e "$slow" ] || ! groups_setup; then
+    echo "  the member tokens could not be made (softhsm2-util, pkcs11-tool, openssl): no figures"
+  elif ! probe slow group3; then
+    :
+  else
+    fo_slot=$("$load" --module "$softhsm" --list-tokens |
+      awk -v l="'$failover_member'" '/^slot / { s = $2 } $1 == "token" && $2 == l { print s }')
+    echo "run,ops_per_sec_before,kill_s,back_s,failed_ops,errors_by_rv,first_back_s,recovery_s,ops_per_sec_lowest,ops_per_sec_degraded,ratio_degraded,ops_per_sec_after_back,member_calls_per_sec_before,member_first_call_s,member_carries_load_s,ops_per_sec_run,status" \
+      >"$out/failover.csv"
+    echo "run,t_s,ops_per_sec,errors" >"$out/failover-timeline.csv"
+    echo "run,unix_s,member_calls_total" >"$out/failover-member-calls.csv"
+    for ((r = 1; r <= runs; r++)); do
+      fo_sock="$work/metrics-$r.sock"
+      : >"$work/member-calls.txt"
+      # The member's calls, with the wall clock, until the run ends (no
+      # answer before p11mux listens: not fatal here).
+      (
+        while :; do
+          n=$(curl -s --max-time 1 --unix-socket "$fo_sock" http://localhost/metrics 2>/dev/null |
+            awk -v m="label:$failover_member\"" 'index($0, "p11mux_member_calls_total{") == 1 && index($0, m) { print $2 }') || n=""
+          [ -z "$n" ] || echo "$EPOCHREALTIME $n" >>"$work/member-calls.txt"
+          sleep 0.2
+        done
+      ) &
+      fo_poller=$!
+      load_extra=(--timeline 100)
+      duration=$failover_duration warmup=1 run_one failover slow group3 sign-ec per-thread 64 "$r" \
+        P11MUX_FAULTY_MAX_SLOT_SESSIONS=4 P11MUX_POOL_BIND=state \
+        P11MUX_GROUP_SIGNING_RECOVERY_INTERVAL_S=1 P11MUX_METRICS_LISTEN="unix:$fo_sock" \
+        P11MUX_FAULTY_SCHEDULE="$failover_kill:slot=$fo_slot:removed,$failover_back:slot=$fo_slot:back"
+      load_extra=()
+      kill "$fo_poller" 2>/dev/null || true
+      wait "$fo_poller" 2>/dev/null || true
+      # The faulty module's schedule lines and anything else on stderr.
+      cp "$work/run.err" "$out/failover-run$r.log"
+      awk -v r="$r" '{ print r "," $1 "," $2 }' "$work/member-calls.txt" >>"$out/failover-member-calls.csv"
+      if [ -z "$ops_s" ]; then
+        echo "  run $r: no figures [$status]"
+        echo "$r,,,,,,,,,,,,,,,,$status" >>"$out/failover.csv"
+        continue
+      fi
+      fo_row=$(failover_analyse "$work/run.json" "$work/run.err" "$work/member-calls.txt" \
+        "$out/failover-timeline.csv" "$r")
+      echo "$fo_row,$status" >>"$out/failover.csv"
+      IFS=, read -r _ fo_base fo_kill fo_back fo_failed fo_by_rv fo_first_back fo_recovery fo_lowest fo_degraded fo_ratio fo_after _ fo_first fo_carries _ <<<"$fo_row"
+      echo "  run $r: before the kill ${fo_base:-?}/s; killed at ${fo_kill:-?} s, back at ${fo_back:-?} s;" \
+        "failed ops $fo_failed${fo_by_rv:+ ($fo_by_rv)}"
+      [ -n "$fo_recovery" ] && fo_recovery="$fo_recovery s after the kill" || fo_recovery="not before the return"
+      [ -n "$fo_carries" ] && fo_carries="$fo_carries s after its return" || fo_carries="not within the run"
+      [ -z "$fo_first" ] || fo_first="$fo_first s after its return"
+      echo "         lowest 100 ms in the second after the kill ${fo_lowest:-?}/s; throughput >= 2/3 first" \
+        "${fo_first_back:-never} s after the kill, for good $fo_recovery (then ${fo_degraded:-?}/s, ${fo_ratio:-?}x);" \
+        "after the return ${fo_after:-?}/s; $failover_member carries load $fo_carries (first call: ${fo_first:-none})"
+    done
   fi
 fi
 
@@ -913,6 +1086,36 @@ if [ -s "$out/groups.csv" ] && [ "$(wc -l <"$out/groups.csv")" -gt 1 ]; then
     }' "$out/groups.csv"
   } >>"$out/results.md"
 fi
+if [ -s "$out/failover.csv" ] && [ "$(wc -l <"$out/failover.csv")" -gt 1 ]; then
+  {
+    echo
+    echo "## Failover under load"
+    echo
+    echo "The group of 3 members above in serialize mode, \`recovery_interval_s = 1\`; 64"
+    echo "threads signing (C_SignInit + C_Sign) for ${failover_duration} s; $failover_member's token removed"
+    echo "(P11MUX_FAULTY_SCHEDULE) at \"kill\" and back at \"back\" (seconds into the measured"
+    echo "run). \"before\" is the median throughput of the 100 ms intervals before the kill;"
+    echo "\"lowest 100 ms\" the lowest throughput in the second after the kill; \"2/3 first\""
+    echo "the time from the kill until throughput (0.5 s sliding mean) is at least 2/3 of"
+    echo "\"before\" again, \"2/3 for good\" until it stays there until the member returns"
+    echo "(0: it never fell below; two members of three hold about 2/3 when the members"
+    echo "bound the throughput, so that one is at the mercy of noise);"
+    echo "\"degraded\" the median from then to the return; \"carries load\" the time from its return"
+    echo "until its calls (p11mux's /metrics, polled every 0.2 s) reach half their rate"
+    echo "before the kill. Failed ops are those the application saw (goal: 0)."
+    echo
+    echo "| run | before | kill | back | failed ops | by call and CKR | lowest 100 ms | 2/3 first | 2/3 for good | degraded | after return | carries load | status |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    awk -F, 'NR > 1 {
+      fst = ($7 == "") ? "not before the return" : $7 " s"
+      rec = ($8 == "") ? "not before the return" : $8 " s"
+      deg = ($10 == "") ? "" : $10 "/s (" $11 "x)"
+      car = ($15 == "") ? "not within the run" : $15 " s"
+      gsub(";", ", ", $6)
+      printf "| %s | %s/s | %s s | %s s | %s | %s | %s/s | %s | %s | %s | %s/s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $9, fst, rec, deg, $12, car, $17
+    }' "$out/failover.csv"
+  } >>"$out/results.md"
+fi
 if [ -s "$out/tls.csv" ] && [ "$(wc -l <"$out/tls.csv")" -gt 1 ]; then
   {
     echo
@@ -944,7 +1147,7 @@ if [ -s "$out/tls.csv" ] && [ "$(wc -l <"$out/tls.csv")" -gt 1 ]; then
 fi
 if [ "$publish" = 1 ]; then
   mkdir -p "$repo/docs/bench"
-  for f in results.md results.csv callgrind.csv capacity.csv groups.csv tls.csv throughput.png; do
+  for f in results.md results.csv callgrind.csv capacity.csv groups.csv failover.csv tls.csv throughput.png; do
     [ ! -e "$out/$f" ] || cp "$out/$f" "$repo/docs/bench/"
   done
   echo "bench: copied to docs/bench/"

@@ -7,6 +7,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ckr_names.h"
@@ -16,6 +17,7 @@
 #include "report.h"
 #include "schedule.h"
 #include "stats.h"
+#include "timeline.h"
 
 using namespace p11mux::load;
 
@@ -451,4 +453,65 @@ TEST_CASE("--stats-url: figures summed over series, and the lines shown") {
   CHECK_FALSE(fetch_metrics(parse_stats_url("unix:/nonexistent/p11mux.sock"), std::chrono::milliseconds(200),
                             &error));
   CHECK(error.find("connect") != std::string::npos);
+}
+
+TEST_CASE("--timeline: an interval in milliseconds, with --duration only") {
+  CHECK_FALSE(plan_of({"--module", "m"}).timeline_ms);
+  CHECK(plan_of({"--module", "m", "--timeline", "100"}).timeline_ms == 100u);
+  CHECK(contains(usage_error({"--module", "m", "--timeline", "0"}), "--timeline: 0 is out of range"));
+  CHECK(contains(usage_error({"--module", "m", "--timeline", "60001"}), "out of range"));
+  CHECK(contains(usage_error({"--module", "m", "--timeline", "x"}), "--timeline: 'x'"));
+  CHECK(contains(usage_error({"--module", "m", "--count", "10", "--timeline", "100"}),
+                 "--timeline needs --duration"));
+  CHECK(contains(parse({"--help"}).text, "--timeline"));
+}
+
+TEST_CASE("--timeline: ops and errors by the interval of their end") {
+  using std::chrono::milliseconds;
+  Timeline t(milliseconds(100), milliseconds(1000));  // 0..1 s and the overflow interval
+  CHECK(t.size() == 11);
+  t.record(milliseconds(-5), true);  // warmup: not counted
+  t.record(milliseconds(0), true);
+  t.record(milliseconds(99), true);
+  t.record(milliseconds(100), false);
+  t.record(milliseconds(250), true);
+  t.record(milliseconds(5000), true);  // past the span: the last interval
+  // Many threads at once: nothing lost.
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&t] {
+      for (int k = 0; k < 1000; ++k) t.record(milliseconds(350), k % 10 != 0);
+    });
+  }
+  for (auto& th : threads) th.join();
+  t.set_start_unix_ms(1764771234567);
+
+  TimelineReport r = t.report(milliseconds(420));  // up to the interval of the last op's end
+  CHECK(r.interval == milliseconds(100));
+  CHECK(r.start_unix_ms == 1764771234567);
+  CHECK(r.ops == std::vector<std::uint64_t>{2, 0, 1, 3600, 0});
+  CHECK(r.errors == std::vector<std::uint64_t>{0, 1, 0, 400, 0});
+  CHECK(t.report(milliseconds(9000)).ops.back() == 1);
+  CHECK(t.report(milliseconds(0)).ops.size() == 1);
+
+  std::ostringstream human;
+  print_timeline(human, r);
+  CHECK(contains(human.str(), "timeline every 100 ms"));
+  CHECK(contains(human.str(), "0.300"));
+  CHECK(json_timeline(r) ==
+        "{\"interval_ms\":100,\"start_unix_ms\":1764771234567,\"ops_per_interval\":[2,0,1,3600,0],"
+        "\"errors_per_interval\":[0,1,0,400,0]}");
+
+  Mix mix = Mix::parse("random");
+  std::vector<std::unique_ptr<ThreadStats>> none;
+  Summary s = merge_stats(mix, none);
+  Plan plan = plan_of({"--module", "m", "--timeline", "100"});
+  RunInfo info{"/lib/x.so", "", "load", 3, true, true};
+  std::ostringstream json;
+  print_json(json, plan, info, s);
+  CHECK(contains(json.str(), "\"timeline\":null"));
+  s.timeline = r;
+  json.str("");
+  print_json(json, plan, info, s);
+  CHECK(contains(json.str(), "\"timeline\":{\"interval_ms\":100"));
 }

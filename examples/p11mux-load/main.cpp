@@ -154,6 +154,10 @@ int run(const Plan& plan) {
   Summary summary = merge_stats(plan.mix, out.threads);
   summary.elapsed = out.elapsed;
   summary.interrupted = out.interrupted;
+  if (out.timeline) {
+    summary.timeline = out.timeline->report(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::duration<double>(out.elapsed)));
+  }
   if (pin) wipe(*pin);
 
   RunInfo info{module.path(), module.description(), token.label, token.slot, logged_in, module.thread_safe()};

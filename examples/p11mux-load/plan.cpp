@@ -81,6 +81,10 @@ const char* const kNotes =
     "a line on stderr with its calls/s, errors/s, session lock wait and pool use, and a\n"
     "summary line after the report (not with --json).\n"
     "\n"
+    "Timeline (--timeline MS): successful ops and errors in each MS of the measured phase,\n"
+    "by each op's end, after the report (in --json: \"timeline\", with the wall-clock time\n"
+    "the measured phase began, to line it up with events elsewhere, such as a fault).\n"
+    "\n"
     "Exit status: 0 success; 1 if any error or verification failure happened during the\n"
     "measured phase (collisions and warmup errors do not count); 2 bad usage or setup.\n"
     "\n"
@@ -153,6 +157,8 @@ po::options_description make_options() {
       "quiet,q", "no progress lines on stderr")(
       "stats-url", po::value<std::string>()->value_name("URL"),
       "show p11mux's own figures live from its metrics endpoint: http://HOST:PORT or unix:PATH")(
+      "timeline", po::value<std::string>()->value_name("MS"),
+      "also report successful ops and errors per MS milliseconds of the measured phase")(
       "help,h", "show this help")("version", "show the version");
 
   po::options_description all(kHelpWidth, kHelpWidth / 2);
@@ -366,6 +372,17 @@ ParseResult parse_command_line(int argc, const char* const argv[]) {
   if (vm.count("stats-url")) {
     (void)parse_stats_url(str("stats-url"));  // a bad URL is a usage error, before any setup
     p.stats_url = str("stats-url");
+  }
+
+  if (vm.count("timeline")) {
+    unsigned long ms = parse_number<unsigned long>(str("timeline"), "timeline");
+    if (ms < 1 || ms > kMaxTimelineMs) {
+      throw UsageError("--timeline: " + str("timeline") + " is out of range 1.." +
+                       std::to_string(kMaxTimelineMs) + " (milliseconds)");
+    }
+    // Its counters are sized from the duration before the run.
+    if (!p.duration) throw UsageError("--timeline needs --duration, not --count");
+    p.timeline_ms = static_cast<unsigned>(ms);
   }
 
   if (p.mix.contains(OpKind::login_logout)) {

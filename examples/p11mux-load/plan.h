@@ -69,6 +69,7 @@ std::string_view session_mode_name(SessionMode mode);
 inline constexpr unsigned kMaxThreads = 10000;
 inline constexpr double kDefaultDuration = 10.0;
 inline constexpr unsigned kDefaultVerifyEvery = 16;
+inline constexpr unsigned kMaxTimelineMs = 60000;
 
 struct Plan {
   std::string module;
@@ -91,6 +92,7 @@ struct Plan {
   bool json = false;
   bool quiet = false;
   std::optional<std::string> stats_url;  // p11mux's metrics endpoint, checked by parse_stats_url
+  std::optional<unsigned> timeline_ms;   // ops and errors per interval (timeline.h)
 };
 
 struct ParseResult {

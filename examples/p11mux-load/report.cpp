@@ -102,6 +102,27 @@ std::string json_string(std::string_view s) {
   return out + "\"";
 }
 
+void print_timeline(std::ostream& out, const TimelineReport& t) {
+  const double seconds = static_cast<double>(t.interval.count()) / 1000.0;
+  out << "timeline every " << t.interval.count() << " ms (from the measured start; by each op's end)\n";
+  out << fmt("  %9s %10s %8s\n", "t (s)", "ops/s", "errors");
+  for (std::size_t i = 0; i < t.ops.size(); ++i) {
+    out << fmt("  %9.3f %10s %8" PRIu64 "\n", static_cast<double>(i) * seconds,
+               rate_text(static_cast<double>(t.ops[i]) / seconds).c_str(), t.errors[i]);
+  }
+}
+
+std::string json_timeline(const TimelineReport& t) {
+  auto list = [](const std::vector<std::uint64_t>& v) {
+    std::string out = "[";
+    for (std::size_t i = 0; i < v.size(); ++i) out += (i ? "," : "") + std::to_string(v[i]);
+    return out + "]";
+  };
+  return "{\"interval_ms\":" + std::to_string(t.interval.count()) +
+         ",\"start_unix_ms\":" + std::to_string(t.start_unix_ms) + ",\"ops_per_interval\":" + list(t.ops) +
+         ",\"errors_per_interval\":" + list(t.errors) + "}";
+}
+
 void print_human(std::ostream& out, const Plan& plan, const RunInfo& info, const Summary& s) {
   out << "module   " << info.module_path;
   if (!info.module_description.empty()) out << " (" << info.module_description << ")";
@@ -160,6 +181,7 @@ void print_human(std::ostream& out, const Plan& plan, const RunInfo& info, const
         << "while another thread held the session or login; retried)\n";
   }
   out << "checks   " << s.total.checks << " results verified, " << s.total.check_failures << " failed\n";
+  if (s.timeline) print_timeline(out, *s.timeline);
   if (!info.module_thread_safe)
     out << "warning  the module refused CKF_OS_LOCKING_OK: it may not be thread-safe\n";
   out << "result   " << (s.failed() ? "FAILED" : "OK") << "\n";
@@ -220,6 +242,7 @@ void print_json(std::ostream& out, const Plan& plan, const RunInfo& info, const 
     first = false;
   }
   j += "},\"interrupted\":" + std::string(s.interrupted ? "true" : "false");
+  j += ",\"timeline\":" + (s.timeline ? json_timeline(*s.timeline) : std::string("null"));
   j += ",\"ok\":" + std::string(s.failed() ? "false" : "true");
   j += "}\n";
   out << j;

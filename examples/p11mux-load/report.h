@@ -23,6 +23,10 @@ struct RunInfo {
 
 void print_human(std::ostream& out, const Plan& plan, const RunInfo& info, const Summary& s);
 void print_json(std::ostream& out, const Plan& plan, const RunInfo& info, const Summary& s);
+// --timeline: one line per interval (print_human calls it).
+void print_timeline(std::ostream& out, const TimelineReport& t);
+// {"interval_ms":..,"start_unix_ms":..,"ops_per_interval":[..],"errors_per_interval":[..]}
+std::string json_timeline(const TimelineReport& t);
 
 // "812 ns", "12.3 us", "1.23 ms", "1.05 s": three significant digits.
 std::string format_ns(std::uint64_t ns);

@@ -56,6 +56,12 @@ class Run {
     for (unsigned i = 0; i < plan.threads; ++i) {
       out_.threads.push_back(std::make_unique<ThreadStats>(plan.mix, plan.rate.has_value()));
     }
+    if (plan.timeline_ms && plan.duration) {
+      // A margin for the ops in flight when the duration ends (a hung backend).
+      const auto span = std::chrono::duration<double>(*plan.duration + 30.0);
+      out_.timeline = std::make_unique<Timeline>(std::chrono::milliseconds(*plan.timeline_ms),
+                                                 duration_cast<nanoseconds>(span));
+    }
   }
 
   RunOutput run(bool show_progress, const std::function<void()>& each_second) {
@@ -70,6 +76,12 @@ class Run {
     InterruptCatcher interrupts;
     const Clock::time_point t0 = Clock::now();
     schedule_.begin(t0);
+    if (out_.timeline) {
+      const auto to_start = schedule_.measure_start() - Clock::now();
+      const auto unix_start = std::chrono::system_clock::now().time_since_epoch() +
+                              duration_cast<std::chrono::system_clock::duration>(to_start);
+      out_.timeline->set_start_unix_ms(duration_cast<std::chrono::milliseconds>(unix_start).count());
+    }
     go_.count_down();
     monitor(t0, show_progress, each_second);
     join();
@@ -122,6 +134,7 @@ class Run {
     const std::vector<MixEntry>& mix = plan_.mix.entries();
     const Clock::time_point measure_start = schedule_.measure_start();
     const bool paced = schedule_.paced();
+    Timeline* const timeline = out_.timeline.get();
     // Paced threads sleep until each op is due; the default 50 us timer slack
     // would show up as latency of every op.
     if (paced) ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
@@ -149,6 +162,7 @@ class Run {
         if (!o.ok()) ++st.warmup_errors;
         continue;
       }
+      if (timeline != nullptr) timeline->record(end - measure_start, o.ok());
       OpStats& os = *st.per_op[static_cast<std::size_t>(op)];
       ++os.ops;
       os.collisions += o.collisions;

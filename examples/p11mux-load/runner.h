@@ -9,6 +9,7 @@
 #include "operations.h"
 #include "plan.h"
 #include "stats.h"
+#include "timeline.h"
 
 namespace p11mux::load {
 
@@ -16,6 +17,7 @@ struct RunOutput {
   std::vector<std::unique_ptr<ThreadStats>> threads;
   double elapsed = 0.0;  // seconds from the start of the measured phase to the end of its last op
   bool interrupted = false;
+  std::unique_ptr<Timeline> timeline;  // with --timeline
 };
 
 // ctx.schedule is filled in here. Throws SetupError if a worker cannot set up

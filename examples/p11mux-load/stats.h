@@ -10,11 +10,13 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string_view>
 #include <tuple>
 
 #include "histogram.h"
 #include "plan.h"
+#include "timeline.h"
 
 namespace p11mux::load {
 
@@ -124,6 +126,7 @@ struct Summary {
   std::uint64_t warmup_errors = 0;
   double elapsed = 0.0;  // seconds, measured phase
   bool interrupted = false;
+  std::optional<TimelineReport> timeline;  // with --timeline
 
   double ops_per_sec() const { return elapsed > 0 ? static_cast<double>(total.ops) / elapsed : 0.0; }
   bool failed() const { return total.errors > 0 || total.check_failures > 0; }

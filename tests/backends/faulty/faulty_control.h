@@ -36,6 +36,28 @@
  *   P11MUX_FAULTY_MISSING  functions left NULL in the lists it hands out,
  *                         comma-separated names (a module lacking them); read
  *                         by C_GetFunctionList and C_GetInterface*
+ *   P11MUX_FAULTY_SCHEDULE  slot faults at fixed times, comma-separated
+ *                         SECONDS:slot=ID:ACTION, SECONDS after each successful
+ *                         C_Initialize (a monotonic clock), ID the target's slot
+ *                         ID, ACTION one of
+ *                           removed, back      faulty_set_slot_removed(ID, 1 / 0)
+ *                           restart            faulty_restart_slot(ID)
+ *                           hang, hang=MS      faulty_hang_slot(ID, until
+ *                                              released / MS)
+ *                           release            faulty_release_slot(ID)
+ *                           fail=RV            faulty_fail_slot(ID, RV), RV a
+ *                                              CKR_ name or a number
+ *                           clear              faulty_clear_slot(ID)
+ *                         Example: "4:slot=1:removed,8:slot=1:back". Read by
+ *                         C_Initialize and applied by a thread of the module
+ *                         (no cost on the calls), which writes a line to stderr
+ *                         for each fault, with the wall clock ("... at unix_ms
+ *                         N") so that a benchmark can place it on its own
+ *                         timeline; C_Finalize drops the faults not yet due.
+ *                         With CKF_LIBRARY_CANT_CREATE_OS_THREADS, C_Initialize
+ *                         answers CKR_NEED_TO_CREATE_THREADS.
+ *                         For programs that cannot reach the control functions
+ *                         (p11mux-load through p11mux: scripts/bench.sh, failover).
  * A malformed variable makes C_Initialize fail with CKR_GENERAL_ERROR and a
  * message on stderr.
  *
@@ -184,7 +206,7 @@ unsigned long faulty_calls(const char* function_name);
  * C_OpenSession and C_CloseAllSessions with its slot ID, and every call on a
  * session opened on it, C_CloseSession included. Calls on other slots, and
  * C_GetSlotList, C_WaitForSlotEvent and the lifecycle, go on as before. Slot
- * faults are set at run time only (no variable), may be set before
+ * faults are set at run time (or at fixed times by P11MUX_FAULTY_SCHEDULE), may be set before
  * C_Initialize (a member down from the start) and survive C_Finalize and
  * C_Initialize; faulty_clear_slot and faulty_reset clear them. The faults of
  * one slot combine: a hang comes first, then a removal, then a failure code.

@@ -3,6 +3,7 @@
 #include "faulty_state.hpp"
 
 #include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 namespace p11mux::faulty {
@@ -43,6 +44,21 @@ CK_RV Module::initialize(CK_VOID_PTR init_args) {
     std::fprintf(stderr, "libp11mux-faulty: %s\n", error.c_str());
     return CKR_GENERAL_ERROR;
   }
+  // Checked by config_from_env above.
+  const char* schedule_text = std::getenv("P11MUX_FAULTY_SCHEDULE");
+  std::vector<ScheduledFault> schedule =
+      parse_schedule(schedule_text != nullptr ? schedule_text : "", error)
+          .value_or(std::vector<ScheduledFault>{});
+  // The schedule needs a thread of ours, which the application may forbid
+  // (PKCS#11 3.0, 5.4 C_Initialize).
+  if (!schedule.empty() && init_args != nullptr &&
+      (static_cast<CK_C_INITIALIZE_ARGS*>(init_args)->flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS) !=
+          0) {
+    std::fprintf(stderr,
+                 "libp11mux-faulty: P11MUX_FAULTY_SCHEDULE needs a thread: "
+                 "CKF_LIBRARY_CANT_CREATE_OS_THREADS\n");
+    return CKR_NEED_TO_CREATE_THREADS;
+  }
   const Target* t = load_target(settings.target_path(), error);
   if (t == nullptr) {
     std::fprintf(stderr, "libp11mux-faulty: %s\n", error.c_str());
@@ -59,6 +75,7 @@ CK_RV Module::initialize(CK_VOID_PTR init_args) {
   removed_.store(false, std::memory_order_relaxed);
   initialized_.store(true, std::memory_order_release);
   bump(counters.initialize_ok);
+  scheduler.start(std::move(schedule));  // its clock starts now
   return rv;
 }
 
@@ -80,6 +97,7 @@ std::vector<std::shared_ptr<Session>> Module::take_locked(Pred&& pred) {
 
 bool Module::finalize_locked() {
   if (!initialized()) return false;
+  scheduler.stop();  // its faults touch the session table and the target
   unsigned long inside = active.load(std::memory_order_relaxed);
   if (inside != 0) bump(counters.finalize_during_call, inside);
   initialized_.store(false, std::memory_order_release);

@@ -291,6 +291,12 @@ bool config_from_env(FaultyConfig& out, std::string& error) {
     error = "P11MUX_FAULTY_LATENCY: " + error;
     return false;
   }
+  // Applied by C_Initialize (Module::initialize); checked here so that a
+  // malformed schedule fails it as the other variables do.
+  if (!parse_schedule(env("P11MUX_FAULTY_SCHEDULE"), error)) {
+    error = "P11MUX_FAULTY_SCHEDULE: " + error;
+    return false;
+  }
   out = c;
   return true;
 }

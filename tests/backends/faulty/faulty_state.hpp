@@ -10,12 +10,16 @@
 //   open_mu_ is held shared across a target C_OpenSession and exclusively
 //   across a target C_CloseAllSessions, so a session opened meanwhile is
 //   never half-closed.
+//   C_Finalize joins the schedule's thread (Scheduler) under lifecycle_mu_;
+//   that thread takes the locks after it (table_mu_, SlotFaults), never
+//   lifecycle_mu_.
 #pragma once
 
 #include <p11mux/functions.h>
 #include <p11mux/pkcs11.h>
 
 #include "faulty_control.h"
+#include "faulty_schedule.hpp"
 
 #include <array>
 #include <atomic>
@@ -282,6 +286,7 @@ class Module {
   Settings settings;
   Counters counters;
   SlotFaults slot_faults;
+  Scheduler scheduler;  // P11MUX_FAULTY_SCHEDULE, from each C_Initialize to C_Finalize
 
   CK_RV initialize(CK_VOID_PTR init_args);
   CK_RV finalize(CK_VOID_PTR reserved);

@@ -694,4 +694,81 @@ TEST_CASE("a slot's fault set before C_Initialize holds from the start") {
   CHECK(f.random(open_on(f, kSlotB)) == CKR_OK);
 }
 
+// ---- P11MUX_FAULTY_SCHEDULE: slot faults at fixed times after C_Initialize ----
+
+// Sets a variable for one test case.
+struct ScopedEnv {
+  ScopedEnv(const char* variable, const char* value) : name(variable) {
+    ::setenv(variable, value, 1);
+  }
+  ~ScopedEnv() { ::unsetenv(name); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+  const char* name;
+};
+
+TEST_CASE("a schedule removes a slot's token and brings it back, at its times") {
+  ScopedEnv schedule("P11MUX_FAULTY_SCHEDULE", "1.0:slot=0:back,0.5:slot=0:removed");
+  Fixture f(over_mock(), two_slots());
+  const auto t0 = std::chrono::steady_clock::now();
+  CK_SESSION_HANDLE a = open_on(f, kSlotA), b = open_on(f, kSlotB);
+  CHECK(f.random(a) == CKR_OK);  // nothing before its time
+  std::this_thread::sleep_until(t0 + std::chrono::milliseconds(750));
+  CHECK(f.random(a) == CKR_DEVICE_REMOVED);
+  CHECK(try_open(f, kSlotA) == CKR_TOKEN_NOT_PRESENT);
+  CHECK(f.random(b) == CKR_OK);
+  std::this_thread::sleep_until(t0 + std::chrono::milliseconds(1300));
+  CHECK(f.random(open_on(f, kSlotA)) == CKR_OK);
+  CHECK(f.random(a) == CKR_SESSION_HANDLE_INVALID);  // gone with the token
+  CHECK(slot_stats(kSlotA).restarts == 1);
+  CHECK(slot_stats(kSlotB).restarts == 0);
+}
+
+TEST_CASE("C_Finalize drops the faults not yet due; each C_Initialize starts the clock again") {
+  ScopedEnv schedule("P11MUX_FAULTY_SCHEDULE", "0.3:slot=0:restart");
+  Fixture f(over_mock(), two_slots());
+  REQUIRE(f.p11->C_Finalize(nullptr) == CKR_OK);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  CHECK(slot_stats(kSlotA).restarts == 0);
+  CK_C_INITIALIZE_ARGS args{};
+  args.flags = CKF_OS_LOCKING_OK;
+  REQUIRE(f.p11->C_Initialize(&args) == CKR_OK);
+  CK_SESSION_HANDLE a = open_on(f, kSlotA);
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  CHECK(slot_stats(kSlotA).restarts == 1);
+  CHECK(f.random(a) == CKR_SESSION_HANDLE_INVALID);
+}
+
+TEST_CASE("a schedule needs a thread: CKR_NEED_TO_CREATE_THREADS if the application forbids one") {
+  ScopedEnv schedule("P11MUX_FAULTY_SCHEDULE", "1:slot=0:removed");
+  CHECK(libs().faulty->reset() == 0);
+  CK_C_INITIALIZE_ARGS args{};
+  args.flags = CKF_OS_LOCKING_OK | CKF_LIBRARY_CANT_CREATE_OS_THREADS;
+  CHECK(libs().p11->C_Initialize(&args) == CKR_NEED_TO_CREATE_THREADS);
+  CHECK_FALSE(faulty_stats().initialized);
+}
+
+TEST_CASE("a malformed schedule fails C_Initialize") {
+  {
+    ScopedEnv good("P11MUX_FAULTY_SCHEDULE",
+                   "0:slot=7:removed,1.5:slot=7:back,2:slot=1:restart,3:slot=1:hang,3.5:slot=1:"
+                   "release,4:slot=1:hang=200,5:slot=1:fail=CKR_DEVICE_ERROR,6:slot=1:clear");
+    FaultyConfig c{};
+    CHECK(libs().faulty->config_from_env(&c) == 0);
+  }
+  for (const char* bad : {"1.0:slot=0", "x:slot=0:removed", "-1:slot=0:removed", "1:slot=a:removed",
+                          "1:0:removed", "1:slot=0:explode", "1:slot=0:fail=CKR_NOPE",
+                          "1:slot=0:hang=x", "1:slot=0:removed,2:slot=0"}) {
+    CAPTURE(bad);
+    ScopedEnv schedule("P11MUX_FAULTY_SCHEDULE", bad);
+    FaultyConfig c{};
+    CHECK(libs().faulty->config_from_env(&c) == -1);
+    CHECK(std::strstr(libs().faulty->last_error(), "P11MUX_FAULTY_SCHEDULE") != nullptr);
+    CHECK(libs().faulty->reset() == 0);
+    CK_C_INITIALIZE_ARGS args{};
+    args.flags = CKF_OS_LOCKING_OK;
+    CHECK(libs().p11->C_Initialize(&args) == CKR_GENERAL_ERROR);
+  }
+}
+
 }  // namespace
