@@ -28,7 +28,7 @@ class AttributeSnapshot {
 
  private:
   // Values over this are not kept (as the object map reads none over 64 KiB).
-  static constexpr CK_ULONG kMaxValue = 64 * 1024;
+  static constexpr CK_ULONG kMaxValue = CK_ULONG{64} * 1024;
   std::vector<CK_ATTRIBUTE> attributes_;  // pValue into values_
   std::vector<std::max_align_t> values_;  // aligned: a module may read a CK_ULONG in place
   bool complete_ = true;

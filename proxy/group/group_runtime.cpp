@@ -134,6 +134,7 @@ GroupRuntime::GroupRuntime(const Config& config, std::span<const BackendPort* co
     }
     slot.downs_told = std::make_unique<std::atomic<std::uint64_t>[]>(slot.members.size());
     slot.placement = std::make_unique<SessionPlacement>(g.balance, capacity);
+    slot.ordered = g.balance == Balance::primary;
     std::vector<MechanismList> lists;
     lists.reserve(slot.members.size());
     for (const Member& m : slot.members) lists.push_back(mechanisms_of(m, g.name));
@@ -357,6 +358,7 @@ void GroupRuntime::maintain(
       // What the map cached of it may be stale: dropped before it takes calls.
       admitted(gi, i);
       if (h.admit(HealthClock::now())) {
+        g.admissions->fetch_add(1, std::memory_order_acq_rel);
         log_.warn("group '{}' member {} is up again", g.name, describe(g.members[i].config));
       }
     }

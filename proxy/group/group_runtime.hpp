@@ -102,6 +102,14 @@ class GroupRuntime {
   std::chrono::milliseconds maintenance_period() const noexcept;
   // Every member's figures, for /metrics, /stats and the summary.
   std::vector<MemberFigures> member_figures() const;
+  // How many times a member of group `slot` was admitted again: a session
+  // that has not seen the latest count may move to it (member_calls.hpp,
+  // rebalance), so that load spreads to a member that returns.
+  std::uint32_t admissions(CK_SLOT_ID slot) const noexcept {
+    return groups_[slot].admissions->load(std::memory_order_acquire);
+  }
+  // Whether the group's balance is `primary`: its members' order counts.
+  bool ordered(CK_SLOT_ID slot) const noexcept { return groups_[slot].ordered; }
   // The group's sessions on each member (tests, /stats).
   std::uint32_t member_sessions(CK_SLOT_ID slot, std::size_t member) const noexcept;
   // Whether member `m`'s token is in its slot now (its slot says
@@ -130,6 +138,9 @@ class GroupRuntime {
     std::chrono::nanoseconds shortest_period{};
     // Per member: the times it went down that maintain() has logged.
     std::unique_ptr<std::atomic<std::uint64_t>[]> downs_told;
+    std::unique_ptr<std::atomic<std::uint32_t>> admissions =
+        std::make_unique<std::atomic<std::uint32_t>>(0);
+    bool ordered = false;  // balance = primary
   };
   // A down member's probe: its token present, and a session opened and
   // closed on it (straight on its port, not through the pool).

@@ -10,17 +10,15 @@
 
 namespace p11mux {
 
-CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept {
+namespace {
+
+// Moves `s` to member `to`, which place_session counted for it: its place
+// there first (if that fails, it stays where it was, and `to`'s count is
+// let go), then its backend session on the old member let go, closed as
+// gone when that member is down (`from_down`), else put back for reuse.
+CK_RV move_session(Runtime& rt, const GroupRuntime& groups, Session& s, std::size_t to,
+                   bool from_down) noexcept REQUIRES(s.lock) {
   const std::size_t from = s.member;
-  std::size_t to = GroupRuntime::kNoMember;
-  try {
-    to = groups.place_session(s.group);
-  } catch (const std::bad_alloc&) {
-    return CKR_HOST_MEMORY;
-  }
-  // No member up: CKR_DEVICE_ERROR at once (proxy/group/README.md, "When no
-  // member is up"), not a wait for a recovery that may be minutes away.
-  if (to == GroupRuntime::kNoMember) return CKR_DEVICE_ERROR;
   // Logged in there as the group is (group_login.hpp); counted as one more
   // of the group's sessions until the old one is let go below.
   GroupLogin& login = *rt.group_login();
@@ -30,7 +28,6 @@ CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) 
   }
   const GroupRuntime::Member& member = groups.members(s.group)[to];
   SessionPool& pool = rt.pool_of(*member.port);
-  // Its place on the new member first: if that fails, it stays where it was.
   CK_SESSION_HANDLE fresh = CK_INVALID_HANDLE;
   const CK_NOTIFY notify = s.notify.load(std::memory_order_relaxed);
   const CK_RV rv = notify != nullptr
@@ -42,24 +39,69 @@ CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) 
     login.closed(s.group);
     return rv;
   }
-  // The old member's session is dead with it: forgotten, never reused, and
-  // the session objects made there with it.
-  if (s.anchor.backend != CK_INVALID_HANDLE)
-    group_session_ended(rt, s.group, from, s.anchor.backend);
   if (s.anchor.backend == CK_INVALID_HANDLE) {
     s.pool->leave(s.slot, s.rw);
   } else {
-    s.pool->close(s.slot, s.rw, s.anchor.backend, SessionPool::Fate::dead);
+    // The old member's session: dead with a member that is down (forgotten,
+    // never reused, and the session objects made there with it).
+    group_session_ended(rt, s.group, from, s.anchor.backend);
+    if (from_down) {
+      s.pool->close(s.slot, s.rw, s.anchor.backend, SessionPool::Fate::dead);
+    } else {
+      s.pool->close(s.slot, s.rw, s.anchor.backend, SessionPool::Fate::reuse);
+    }
   }
   s.anchor.clear();
   s.anchor.backend = fresh;
   groups.release_session(s.group, from);
   login.closed(s.group);  // the count opening() took: the session is still one
-  groups.health(s.group, from).count_failover();
   s.pool = &pool;
   s.slot = member.slot;
   s.member = static_cast<std::uint32_t>(to);
   return CKR_OK;
+}
+
+}  // namespace
+
+CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept {
+  std::size_t to = GroupRuntime::kNoMember;
+  try {
+    to = groups.place_session(s.group);
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+  // No member up: CKR_DEVICE_ERROR at once (proxy/group/README.md, "When no
+  // member is up"), not a wait for a recovery that may be minutes away.
+  if (to == GroupRuntime::kNoMember) return CKR_DEVICE_ERROR;
+  const std::size_t from = s.member;
+  if (CK_RV rv = move_session(rt, groups, s, to, /*from_down=*/true); rv != CKR_OK) return rv;
+  groups.health(s.group, from).count_failover();
+  return CKR_OK;
+}
+
+void rebalance(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept {
+  SessionOperations& ops = *s.operations;
+  ops.admissions_seen = groups.admissions(s.group);
+  if (s.anchor.holds_state() || s.notify.load(std::memory_order_relaxed) != nullptr ||
+      !ops.idle()) {
+    return;  // it has something on its member
+  }
+  std::size_t to = GroupRuntime::kNoMember;
+  try {
+    to = groups.place_session(s.group);
+  } catch (const std::bad_alloc&) {
+    return;
+  }
+  if (to == GroupRuntime::kNoMember) return;
+  // Counted on `to` already; this session still counts on its own member.
+  const bool spreads = groups.ordered(s.group) ? to < s.member
+                                               : groups.member_sessions(s.group, to) <
+                                                     groups.member_sessions(s.group, s.member);
+  if (to == s.member || !spreads) {
+    groups.release_session(s.group, to);
+    return;
+  }
+  (void)move_session(rt, groups, s, to, /*from_down=*/false);  // else it stays: no harm
 }
 
 CK_RV renew_gone_session(Runtime& rt, Session& s) noexcept {

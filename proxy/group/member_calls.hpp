@@ -27,12 +27,23 @@ namespace p11mux {
 CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept
     REQUIRES(s.lock);
 
+// A member of `s`'s group was admitted again since `s` last looked: `s`,
+// if it holds nothing on its member (no operation, no session object, no
+// Notify callback), is placed anew by the group's balance and moves when
+// that spreads the load (least-busy, round-robin: the new member holds fewer
+// of the group's sessions; primary: it comes earlier in the order). Once per
+// session per admission.
+void rebalance(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept REQUIRES(s.lock);
+
 // Before a call of F on group session `s`. CKR_OK to go on.
 template <class F>
 [[gnu::noinline]] CK_RV before_member_call(Runtime& rt, Session& s) noexcept REQUIRES(s.lock) {
   const GroupRuntime& groups = *rt.groups();
-  if (groups.health(s.group, s.member).up()) [[likely]]
+  if (groups.health(s.group, s.member).up()) [[likely]] {
+    if (s.operations->admissions_seen != groups.admissions(s.group)) [[unlikely]]
+      rebalance(rt, groups, s);
     return CKR_OK;
+  }
   const std::uint32_t from = s.member;
   const bool had_operation = s.anchor.ops != 0 || s.anchor.maybe != 0;
   if (CK_RV rv = move_off_down_member(rt, groups, s); rv != CKR_OK) return rv;

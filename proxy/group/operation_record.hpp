@@ -366,6 +366,18 @@ class SessionOperations {
   // they were lost on (for its replay count).
   OpMask pending() const noexcept { return pending_; }
   std::uint32_t replayed_from() const noexcept { return from_; }
+  // No operation recorded, pending or lost: the session may move to another
+  // member without losing anything (member_calls.hpp, rebalance).
+  bool idle() const noexcept {
+    if (pending_ != 0 || lost_ != 0) return false;
+    for (const OperationRecord& r : records_) {
+      if (r.phase() != Phase::finished) return false;
+    }
+    return true;
+  }
+  // The group's admissions the session has seen (GroupRuntime::admissions).
+  std::uint32_t admissions_seen = 0;
+
   // A member answered one of the session's calls with a code saying the call
   // was interrupted (member_calls.hpp, MemberCall); true once per attempt.
   void member_interrupted() noexcept { interrupted_ = true; }

@@ -119,6 +119,7 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
       }
     }
     lease->operations->reset();
+    lease->operations->admissions_seen = rt.groups()->admissions(group);
   }
   lease->application.store(application, std::memory_order_relaxed);
   lease->notify.store(notify, std::memory_order_release);

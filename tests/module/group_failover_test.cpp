@@ -311,4 +311,59 @@ TEST_CASE("group failover: a member that restarted under a session: a fresh sess
   }
 }
 
+TEST_CASE("group failover: a member admitted again takes its share of the sessions back") {
+  for (const char* bind : {"open", "state"}) {
+    CAPTURE(bind);
+    FaultyGroup g("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                       {"P11MUX_POOL_BIND", bind},
+                       {"P11MUX_LOG_LEVEL", "error"}});
+    REQUIRE(g.proxy.initialize() == CKR_OK);
+    CK_FUNCTION_LIST* p = g.proxy.p11;
+    // Which member a session is on, without taking any down: member 1 (the
+    // mock's slot 1) answers a code that says nothing of its health. (Its
+    // slot answers it too, so no session can move onto it meanwhile.)
+    auto on_member_0 = [&](CK_SESSION_HANDLE s) {
+      g.faulty->fail_slot(1, CKR_FUNCTION_FAILED);
+      const CK_RV rv = g.random(s);
+      g.faulty->clear_slot(1);
+      CAPTURE(rv);
+      REQUIRE((rv == CKR_OK || rv == CKR_FUNCTION_FAILED));
+      return rv == CKR_OK;
+    };
+    std::vector<CK_SESSION_HANDLE> sessions;
+    for (int i = 0; i < 4; ++i) sessions.push_back(g.open());  // two on each member
+    g.faulty->fail_slot(2, CKR_DEVICE_ERROR);
+    for (CK_SESSION_HANDLE s : sessions) (void)g.random(s);               // member 0 goes down
+    for (CK_SESSION_HANDLE s : sessions) REQUIRE(g.random(s) == CKR_OK);  // its two move
+    for (CK_SESSION_HANDLE s : sessions) REQUIRE_FALSE(on_member_0(s));
+    // One has a digest in progress: it stays on member 1 to finish it.
+    CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
+    const CK_SESSION_HANDLE busy = sessions[0];
+    REQUIRE(p->C_DigestInit(busy, &sha) == CKR_OK);
+    g.faulty->clear_slot(2);
+    // Member 0 is admitted again within about a second: a new session goes
+    // there (it holds none).
+    bool rejoined = false;
+    for (int i = 0; i < 100 && !rejoined; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      const CK_SESSION_HANDLE probe = g.open();
+      rejoined = on_member_0(probe);
+      REQUIRE(p->C_CloseSession(probe) == CKR_OK);
+    }
+    REQUIRE(rejoined);
+    // Each session at its next call: the busy one finishes its digest where
+    // it is; the idle ones spread again, until member 0 holds two.
+    std::string data = "finished where it began";
+    std::array<CK_BYTE, 64> out{};
+    CK_ULONG len = out.size();
+    CHECK(p->C_Digest(busy, reinterpret_cast<CK_BYTE*>(data.data()), data.size(), out.data(),
+                      &len) == CKR_OK);
+    for (CK_SESSION_HANDLE s : sessions) CHECK(g.random(s) == CKR_OK);
+    CHECK_FALSE(on_member_0(busy));
+    int back = 0;
+    for (CK_SESSION_HANDLE s : sessions) back += on_member_0(s);
+    CHECK(back == 2);
+  }
+}
+
 }  // namespace p11mux::test
