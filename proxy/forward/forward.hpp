@@ -56,7 +56,10 @@ template <class F, bool kOnGroup, class Via, class Observation, class CallBacken
   // [pool] bind = state: an idle session holds none; it waits for one
   // holding nothing else (docs/design.md, "Binding on state").
   if (binding.backend == CK_INVALID_HANDLE) [[unlikely]] {
-    if (CK_RV rv = bind_anchor(s); rv != CKR_OK) return rv;
+    if (CK_RV rv = bind_anchor(s); rv != CKR_OK) {
+      if constexpr (kOnGroup) member_unreached(rt, s, rv);
+      return rv;
+    }
   }
   // What a failover left: operations to replay here, or lost
   // (group/replay_calls.hpp).
@@ -116,13 +119,15 @@ template <class F, class Via, class Observation, class CallBackend, class... R>
     const std::size_t tries = rt.groups()->members(s.group).size() + 1;
     for (std::size_t tried = 1;; ++tried) {
       CK_RV rv = call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);
+      const bool unreached = operations.take_unreached();
       if (operations.take_interrupted() && rv != CKR_OK && interrupted(rv) && tried < tries) {
         // Down: the next try moves it (before_member_call). Up: its backend
         // session went, and it gets a fresh one; the virtual session lives
         // on, so an answer saying it is gone would mislead the application.
         const bool member_up = rt.groups()->health(s.group, s.member).up();
-        const bool renewed = member_up && renew_gone_session(rt, s) == CKR_OK;
-        if ((!member_up || renewed) && retried_on_failover<F>(s, member_up)) {
+        const bool renewed = member_up && !unreached && renew_gone_session(rt, s) == CKR_OK;
+        if ((!member_up || renewed || unreached) &&
+            retried_on_failover<F>(s, /*not_run=*/renewed || unreached)) {
           lengths.restore(rest...);
           continue;
         }

@@ -65,6 +65,18 @@ inline bool interrupted(CK_RV rv) noexcept {
   return outcome == CallOutcome::member_down || outcome == CallOutcome::session_gone;
 }
 
+// No backend session could be had on `s`'s member for a call (`rv`: the
+// pool's answer, e.g. the member's C_OpenSession): a device code counts
+// against the member as a call's would (its token was removed, say), and
+// the call, which did not reach it, may be made again.
+[[gnu::cold]] inline void member_unreached(Runtime& rt, Session& s, CK_RV rv) noexcept
+    REQUIRES(s.lock) {
+  if (!interrupted(rv)) return;
+  MemberHealth& health = rt.groups()->health(s.group, s.member);
+  health.end(health.begin(HealthClock::now()), rv, CK_INVALID_HANDLE, HealthClock::now());
+  s.operations->member_unreached();
+}
+
 // `s`'s backend session on its member is gone while the member is up (it
 // restarted, or dropped the session): the session gets a fresh one there
 // (bind = open; with bind = state, at its next call), and its operations are

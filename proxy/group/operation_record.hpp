@@ -342,7 +342,7 @@ class SessionOperations {
   void reset() noexcept {
     for (OperationRecord& r : records_) r.end();
     pending_ = lost_ = 0;
-    interrupted_ = false;
+    interrupted_ = unreached_ = false;
   }
 
   // The session moved off `from`, a member that failed, with its backend
@@ -382,6 +382,9 @@ class SessionOperations {
   // was interrupted (member_calls.hpp, MemberCall); true once per attempt.
   void member_interrupted() noexcept { interrupted_ = true; }
   bool take_interrupted() noexcept { return std::exchange(interrupted_, false); }
+  // ... before the call reached it: no backend session could be had there.
+  void member_unreached() noexcept { interrupted_ = unreached_ = true; }
+  bool take_unreached() noexcept { return std::exchange(unreached_, false); }
 
   // A pending kind whose operation ended meanwhile (a call the member failed
   // under answered the application, which ends it): nothing to replay.
@@ -457,6 +460,7 @@ class SessionOperations {
   OpMask lost_ = 0;     // lost by a failover, not yet told
   std::uint32_t from_ = 0;
   bool interrupted_ = false;
+  bool unreached_ = false;
 };
 
 // Runs the record's Init again on another member's session, so that the

@@ -62,15 +62,15 @@ template <class F>
   return CKR_OK;
 }
 
-// Whether F, interrupted on `s`'s member, is made again. Its backend
-// session gone while the member is up (renew_gone_session): any call (the
-// backend did not run it), unless it continues an operation replay does
-// not record (a search, a message-based one), which is lost. Its member
-// down: on the next member, an Init, or a call continuing operations that
-// are all still replayable.
+// Whether F, interrupted on `s`'s member, is made again. When the member
+// did not run it (`not_run`: its backend session was gone, or none could be
+// had): any call, unless it continues an operation replay does not record
+// (a search, a message-based one), which is lost. Else, its member down:
+// on the next member, an Init, or a call continuing operations that are
+// all still replayable.
 template <class F>
-bool retried_on_failover(const Session& s, bool member_up) noexcept REQUIRES(s.lock) {
-  if (member_up) return !continues(effect<F>) || (effect<F>.ops & ~kReplayableOps) == 0;
+bool retried_on_failover(const Session& s, bool not_run) noexcept REQUIRES(s.lock) {
+  if (not_run) return !continues(effect<F>) || (effect<F>.ops & ~kReplayableOps) == 0;
   if constexpr (effect<F>.step == Step::start) {
     return true;
   } else if constexpr (kRetriedOnFailover<F>) {

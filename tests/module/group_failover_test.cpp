@@ -366,4 +366,27 @@ TEST_CASE("group failover: a member admitted again takes its share of the sessio
   }
 }
 
+TEST_CASE("group failover: bind = state, a member whose token went before the call's session") {
+  // An idle session holds no backend session: its call borrows one, and
+  // the member's C_OpenSession answers CKR_TOKEN_NOT_PRESENT. The call
+  // reached nothing: it is made on the next member, whatever it is.
+  FaultyGroup g("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                     {"P11MUX_POOL_BIND", "state"},
+                     {"P11MUX_LOG_LEVEL", "error"}});
+  REQUIRE(g.proxy.initialize() == CKR_OK);
+  const CK_SESSION_HANDLE a = g.open();  // member 0, no backend session yet
+  (void)g.open();                        // member 1
+  // Member 0's pooled session taken and kept by another session's digest.
+  const CK_SESSION_HANDLE c = g.open();  // member 0
+  CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
+  REQUIRE(g.proxy.p11->C_DigestInit(c, &sha) == CKR_OK);
+  const unsigned long opens = g.faulty->calls("C_OpenSession");
+  g.faulty->set_slot_removed(2, 1);
+  CHECK(g.random(a) == CKR_OK);
+  CHECK(g.faulty->calls("C_OpenSession") > opens);  // member 0's was tried, then member 1's
+  CK_SESSION_INFO info{};
+  CHECK(g.proxy.p11->C_GetSessionInfo(a, &info) == CKR_OK);
+  g.faulty->set_slot_removed(2, 0);
+}
+
 }  // namespace p11mux::test
