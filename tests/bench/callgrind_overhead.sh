@@ -17,8 +17,10 @@ Options:
   --build DIR       build tree with call-loop, libp11mux.so, the mock and the
                     p11-kit shim (default: build/release)
   --backends LIST   softhsm, mock (default: "softhsm mock")
-  --configs LIST    direct, serialize, multiplex, p11kit (default: all; p11kit
-                    only over SoftHSM2)
+  --configs LIST    direct, serialize, multiplex, p11kit, group (default: all;
+                    p11kit and group only over SoftHSM2; group: a group of
+                    one member, the token, in serialize mode, against
+                    serialize: the cost of a group with nothing to balance)
   --ops LIST        random (C_GenerateRandom, 16 bytes), session-info,
                     open-close (default: all three); also sign (C_SignInit +
                     C_Sign, HMAC-SHA256 with a session key made before the loop)
@@ -39,7 +41,7 @@ EOF
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 build="$repo/build/release"
 backends="softhsm mock"
-configs="direct serialize multiplex p11kit"
+configs="direct serialize multiplex p11kit group"
 ops="random session-info open-close"
 short=2000
 long=12000
@@ -78,6 +80,9 @@ export SOFTHSM2_CONF="$work/softhsm2.conf"
 softhsm2-util --init-token --free --label bench --so-pin 12345678 --pin 123456 >/dev/null
 # p11-kit-proxy with SoftHSM2 as its only module (see p11kit_isolate.cpp).
 printf 'module: %s\n' "$softhsm" >"$work/p11kit/softhsm2.module"
+# A group of one member, the token above (README.md, "Several HSMs").
+printf '[backend.hsm]\nmodule = %s\n[group.one]\nmembers = hsm/label:bench\n' "$softhsm" \
+  >"$work/group.conf"
 export P11MUX_LOG_LEVEL=off
 
 # run BACKEND CONFIG OP COUNT: total instructions, or fails with the reason on stderr.
@@ -92,6 +97,9 @@ run() {
     p11kit)
       module=$p11kit
       env=(P11KIT_ISOLATE_MODULES="$work/p11kit" LD_PRELOAD="$shim") ;;
+    group)
+      module=$p11mux
+      env=(P11MUX_CONFIG="$work/group.conf" P11MUX_MODULE= P11MUX_SESSION_MODE=serialize) ;;
   esac
   local out="$work/callgrind.out"
   rm -f "$out"
@@ -109,7 +117,7 @@ for backend in $backends; do
   for op in $ops; do
     base=""
     for config in $configs; do
-      [ "$config" != p11kit ] || [ "$backend" = softhsm ] || continue
+      case $config in p11kit | group) [ "$backend" = softhsm ] || continue ;; esac
       if a=$(run "$backend" "$config" "$op" "$short" 2>"$work/why") &&
         b=$(run "$backend" "$config" "$op" "$long" 2>"$work/why"); then
         per=$(((b - a) / (long - short)))
