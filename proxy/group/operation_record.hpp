@@ -310,13 +310,6 @@ class OperationRecord {
     copied_ = CopyResult::ok;
     mechanism_.clear();
   }
-  // The member serving the operation failed and it cannot be replayed (or
-  // replay failed on every member tried): ends it, and gives the code the
-  // application gets.
-  CK_RV lose() noexcept {
-    end();
-    return kOperationLostRv;
-  }
 
  private:
   MechanismCopy mechanism_;
@@ -470,7 +463,8 @@ class SessionOperations {
 // CK_OBJECT_HANDLE& member) (not called for a digest, which has no key).
 // Returns CKR_OK when the member's Init succeeded; kOperationLostRv when the
 // record is not replayable; else the resolver's or the member's answer (the
-// runtime may try another member, or give up with record.lose()).
+// runtime may try another member, or count the operation lost:
+// SessionOperations::replayed).
 template <class Member, class Resolve>
 CK_RV replay_init(OperationRecord& record, const Member& member, CK_SESSION_HANDLE session,
                   Resolve&& resolve) noexcept {

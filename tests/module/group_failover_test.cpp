@@ -65,9 +65,7 @@ CK_RV verify(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key, Sig
 TEST_CASE("group failover: a C_Sign whose member failed after its C_SignInit is replayed") {
   for (const char* bind : {"open", "state"}) {
     CAPTURE(bind);
-    FaultyGroup g("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
-                       {"P11MUX_POOL_BIND", bind},
-                       {"P11MUX_LOG_LEVEL", "warn"}});
+    FaultyGroup g(FaultyGroup::Bind{bind});
     REQUIRE(g.proxy.initialize() == CKR_OK);
     CK_FUNCTION_LIST* p = g.proxy.p11;
     const CK_SESSION_HANDLE a = g.open(true);  // member 0
@@ -274,9 +272,7 @@ TEST_CASE(
 TEST_CASE("group failover: a member that restarted under a session: a fresh session, replayed") {
   for (const char* bind : {"open", "state"}) {
     CAPTURE(bind);
-    FaultyGroup g("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
-                       {"P11MUX_POOL_BIND", bind},
-                       {"P11MUX_LOG_LEVEL", "warn"}});
+    FaultyGroup g(FaultyGroup::Bind{bind});
     REQUIRE(g.proxy.initialize() == CKR_OK);
     CK_FUNCTION_LIST* p = g.proxy.p11;
     const CK_SESSION_HANDLE a = g.open();  // member 0
@@ -314,9 +310,7 @@ TEST_CASE("group failover: a member that restarted under a session: a fresh sess
 TEST_CASE("group failover: a member admitted again takes its share of the sessions back") {
   for (const char* bind : {"open", "state"}) {
     CAPTURE(bind);
-    FaultyGroup g("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
-                       {"P11MUX_POOL_BIND", bind},
-                       {"P11MUX_LOG_LEVEL", "error"}});
+    FaultyGroup g(FaultyGroup::Bind{bind}, "error");
     REQUIRE(g.proxy.initialize() == CKR_OK);
     CK_FUNCTION_LIST* p = g.proxy.p11;
     // Which member a session is on, without taking any down: member 1 (the
@@ -370,9 +364,7 @@ TEST_CASE("group failover: bind = state, a member whose token went before the ca
   // An idle session holds no backend session: its call borrows one, and
   // the member's C_OpenSession answers CKR_TOKEN_NOT_PRESENT. The call
   // reached nothing: it is made on the next member, whatever it is.
-  FaultyGroup g("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
-                     {"P11MUX_POOL_BIND", "state"},
-                     {"P11MUX_LOG_LEVEL", "error"}});
+  FaultyGroup g(FaultyGroup::Bind{"state"}, "error");
   REQUIRE(g.proxy.initialize() == CKR_OK);
   const CK_SESSION_HANDLE a = g.open();  // member 0, no backend session yet
   (void)g.open();                        // member 1

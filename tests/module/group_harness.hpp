@@ -134,6 +134,14 @@ struct FaultyGroup {
               mock_tokens(3), env) {
     REQUIRE(faulty->reset() == 0);
   }
+  // Over the mock, with [pool] bind = `mode` and the log at `level`.
+  struct Bind {
+    const char* mode;
+  };
+  explicit FaultyGroup(Bind bind, const char* level = "warn")
+      : FaultyGroup("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                         {"P11MUX_POOL_BIND", bind.mode},
+                         {"P11MUX_LOG_LEVEL", level}}) {}
   ~FaultyGroup() { faulty->reset(); }
   FaultyGroup(const FaultyGroup&) = delete;
   FaultyGroup& operator=(const FaultyGroup&) = delete;

@@ -503,9 +503,7 @@ TEST_CASE("group sessions: refused with a [policy] and on a member shown, with a
 TEST_CASE("group members: a member answering a device error goes down; its sessions move") {
   for (const char* bind : {"open", "state"}) {
     CAPTURE(bind);
-    FaultyGroup g("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
-                       {"P11MUX_POOL_BIND", bind},
-                       {"P11MUX_LOG_LEVEL", "warn"}});
+    FaultyGroup g(FaultyGroup::Bind{bind});
     REQUIRE(g.proxy.initialize() == CKR_OK);
     CK_FUNCTION_LIST* p = g.proxy.p11;
     const CK_SESSION_HANDLE a = g.open();  // member 0: the faulty module's slot 2

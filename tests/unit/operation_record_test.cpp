@@ -406,7 +406,8 @@ TEST_CASE("an unknown mechanism: active, not replayable, and lost with CKR_DEVIC
   CHECK(sign.phase() == Phase::initialized);
   CHECK(sign.copy_result() == CopyResult::unknown_mechanism);
   CHECK_FALSE(sign.replayable());
-  CHECK(sign.lose() == CKR_DEVICE_ERROR);
+  sign.end();
+  CHECK(kOperationLostRv == CKR_DEVICE_ERROR);
   CHECK(sign.phase() == Phase::finished);
   CHECK(sign.copy_result() == CopyResult::ok);
 }
@@ -592,13 +593,14 @@ TEST_CASE("replay refuses what it cannot replay, and passes failures on") {
   CHECK(replay_init(s.of(op::verify), member, kMemberSession, resolve) == CKR_KEY_HANDLE_INVALID);
   CHECK(seen.calls == 0);
   // The member refuses the Init: its answer; the record stays replayable
-  // (the runtime may try a third member, or give up with lose()).
+  // (the runtime may try a third member, or count it lost: replayed()).
   resolve.answer = CKR_OK;
   seen.answer = CKR_DEVICE_REMOVED;
   CHECK(replay_init(s.of(op::verify), member, kMemberSession, resolve) == CKR_DEVICE_REMOVED);
   CHECK(seen.calls == 1);
   CHECK(s.of(op::verify).replayable());
-  CHECK(s.of(op::verify).lose() == CKR_DEVICE_ERROR);
+  s.replayed(op::verify, false);
+  CHECK(s.take_lost(op::verify));
   CHECK_FALSE(s.of(op::verify).replayable());
 }
 
