@@ -19,6 +19,7 @@
 #include "group/group_object_calls.hpp"
 #include "group/member_calls.hpp"
 #include "group/replay_calls.hpp"
+#include "group/session_lanes.hpp"
 #include "handled/handled.hpp"
 #include "observe/observe.hpp"
 
@@ -143,6 +144,34 @@ template <class F, class Via, class Observation, class CallBackend, class... R>
   }
 }
 
+// Multiplex mode on a group's slot: the call runs on this thread's lane of
+// the session (group/session_lanes.hpp), as serialize mode runs a call on a
+// group's session. A lane found closed (its session closing, or a stale
+// entry of the thread's cache) is looked up once more through its lead.
+template <class F, class Via, class Observation, class CallBackend, class... R>
+[[gnu::cold, gnu::noinline]] CK_RV call_on_lane(Runtime& rt, Observation& seen,
+                                                CallBackend& call_backend, CK_SESSION_HANDLE handle,
+                                                R... rest) noexcept {
+  LaneCache::Entry& cached = lane_cache.at(handle);
+  for (int looked = 0; looked < 2; ++looked) {
+    CK_SESSION_HANDLE lane = cached.lead == handle ? cached.lane : CK_INVALID_HANDLE;
+    if (lane == CK_INVALID_HANDLE) {
+      if (CK_RV rv = lane_of(rt, handle, this_thread_number(), lane); rv != CKR_OK) return rv;
+      cached = {handle, lane};
+    }
+    if (SessionLease session = seen.lease(rt.sessions(), lane)) {
+      HeldLock leased(session->lock);
+      if (session->lead == handle) {
+        const CK_RV rv = call_on_group_session<F, Via>(rt, *session, seen, call_backend, rest...);
+        note_lane_objects(*session);
+        return rv;
+      }
+    }
+    cached = {};
+  }
+  return CKR_SESSION_HANDLE_INVALID;
+}
+
 // `seen` is NoObservation on the normal path, CallObservation when observed.
 // Inlined into Entry<F>::call: one stack frame on the hot path (callgrind:
 // each extra frame costs ~15 instructions of register saves).
@@ -163,9 +192,11 @@ template <class F, class Via = ToPort, class Observation, class... A>
     };
     if constexpr (F::dispatch == Dispatch::session) {
       return [&](CK_SESSION_HANDLE handle, auto... rest) __attribute__((always_inline)) {
-        // Multiplex mode serves the single backend only (a group's slot
-        // refuses it: docs/groups.md): its calls take the runtime's port.
         if (rt.multiplexed()) {
+          // A group's slot: each thread on a lane of its own.
+          if (rt.groups() != nullptr) [[unlikely]]
+            return call_on_lane<F, Via>(rt, seen, call_backend, handle, rest...);
+          // The single backend: its calls take the runtime's port.
           auto on_runtime_port = [&](auto... args) __attribute__((always_inline)) {
             return call_backend(rt.port(), args...);
           };

@@ -12,7 +12,8 @@
 // borrowed from their pools (SessionPool::borrow) and given back; the
 // session's own member is logged in through the application's session.
 //
-// Serialize mode only (groups refuse multiplex: docs/groups.md). Not on the
+// In multiplex mode each thread's lane is a group's session of its own
+// (session_lanes.hpp): the same calls, on the lane. Not on the
 // hot path: only C_Login, C_LoginUser, C_Logout, C_SetPIN, C_InitPIN on a
 // group's session, C_OpenSession / C_CloseSession on a group's slot, and
 // the probe of a member that recovers (join).

@@ -134,6 +134,9 @@ GroupRuntime::GroupRuntime(const Config& config, std::span<const BackendPort* co
     }
     slot.downs_told = std::make_unique<std::atomic<std::uint64_t>[]>(slot.members.size());
     slot.placement = std::make_unique<SessionPlacement>(g.balance, capacity);
+    std::vector<MemberHealth*> healths;
+    for (auto& h : slot.health) healths.push_back(h.get());
+    slot.balancer = std::make_unique<Balancer>(g.balance, healths, capacity);
     slot.ordered = g.balance == Balance::primary;
     std::vector<MechanismList> lists;
     lists.reserve(slot.members.size());
@@ -296,6 +299,21 @@ std::size_t GroupRuntime::place_session(CK_SLOT_ID slot) const {
   const std::size_t member = g->placement->place(
       [&](std::size_t i) { return g->health[i]->up() && token_present(g->members[i]); });
   return member == SessionPlacement::kNone ? kNoMember : member;
+}
+
+std::size_t GroupRuntime::choose_member(CK_SLOT_ID slot) const noexcept {
+  const GroupSlot* g = group_at(slot);
+  if (g == nullptr) return kNoMember;
+  // The pick counts a call on its member; the lane's own call counts it
+  // again when it runs (member_calls.hpp, MemberCall), so this one is undone.
+  const Balancer::Pick pick = g->balancer->pick(HealthClock::now());
+  if (!pick) return kNoMember;
+  g->health[pick.member]->cancel(pick.call);
+  return pick.member;
+}
+
+void GroupRuntime::count_session(CK_SLOT_ID slot, std::size_t member) const noexcept {
+  if (const GroupSlot* g = group_at(slot)) g->placement->add(member);
 }
 
 void GroupRuntime::release_session(CK_SLOT_ID slot, std::size_t member) const noexcept {

@@ -17,6 +17,7 @@
 #pragma once
 
 #include "config/config.hpp"
+#include "group/balancer.hpp"
 #include "group/group_slot.hpp"
 #include "group/member_health.hpp"
 #include "group/session_placement.hpp"
@@ -78,6 +79,14 @@ class GroupRuntime {
   static constexpr std::size_t kNoMember = ~std::size_t{0};
   std::size_t place_session(CK_SLOT_ID slot) const;
   void release_session(CK_SLOT_ID slot, std::size_t member) const noexcept;
+  // Multiplex mode (session_lanes.hpp): the member a lane's next backend
+  // session comes from, by the group's `balance` over calls in flight
+  // (balancer.hpp) among the members up; kNoMember when none is up. Chosen
+  // without a lock and without asking the member anything; not counted.
+  std::size_t choose_member(CK_SLOT_ID slot) const noexcept;
+  // A session placed on `member` without place_session (a lane), counted
+  // there until release_session.
+  void count_session(CK_SLOT_ID slot, std::size_t member) const noexcept;
   // A member's health: its calls counted, down and up again
   // (member_health.hpp). Thread-safe on its own.
   MemberHealth& health(CK_SLOT_ID slot, std::size_t member) const noexcept {
@@ -110,6 +119,7 @@ class GroupRuntime {
   }
   // Whether the group's balance is `primary`: its members' order counts.
   bool ordered(CK_SLOT_ID slot) const noexcept { return groups_[slot].ordered; }
+  Balance balance(CK_SLOT_ID slot) const noexcept { return groups_[slot].balancer->rule(); }
   // The group's sessions on each member (tests, /stats).
   std::uint32_t member_sessions(CK_SLOT_ID slot, std::size_t member) const noexcept;
   // Whether member `m`'s token is in its slot now (its slot says
@@ -134,6 +144,8 @@ class GroupRuntime {
     MechanismList mechanisms;  // the intersection, read at C_Initialize
     // Thread-safe on its own: placing a session changes only its counts.
     std::unique_ptr<SessionPlacement> placement;
+    // Thread-safe on its own; over `health` (multiplex mode's choices).
+    std::unique_ptr<Balancer> balancer;
     std::vector<std::unique_ptr<MemberHealth>> health;  // one per member
     std::chrono::nanoseconds shortest_period{};
     // Per member: the times it went down that maintain() has logged.

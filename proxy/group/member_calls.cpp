@@ -3,6 +3,7 @@
 #include "group/group_login.hpp"
 #include "group/group_objects.hpp"
 #include "group/replay_calls.hpp"
+#include "group/session_lanes.hpp"
 #include "handled/handled.hpp"
 
 #include <p11mux/mechanism_names.hpp>
@@ -102,6 +103,45 @@ void rebalance(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept {
     return;
   }
   (void)move_session(rt, groups, s, to, /*from_down=*/false);  // else it stays: no harm
+}
+
+void place_lane(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept {
+  SessionOperations& ops = *s.operations;
+  ops.admissions_seen = groups.admissions(s.group);  // it is placed anew here
+  if (!rt.binds_on_state() || s.anchor.holds_state() ||
+      s.notify.load(std::memory_order_relaxed) != nullptr || !ops.idle()) {
+    return;
+  }
+  const std::size_t from = s.member;
+  std::size_t to = GroupRuntime::kNoMember;
+  const std::uint32_t pinned = s.lanes_of_lead->pinned.load(std::memory_order_relaxed);
+  if (pinned != SessionLanes::kNone && groups.health(s.group, pinned).up()) {
+    to = pinned;
+  } else {
+    to = groups.choose_member(s.group);
+    if (to == GroupRuntime::kNoMember || to == from) return;
+    bool moves = false;
+    switch (groups.balance(s.group)) {
+      case Balance::least_busy:
+        moves = groups.health(s.group, to).in_flight() < groups.health(s.group, from).in_flight();
+        break;
+      case Balance::round_robin:
+        moves = true;
+        break;
+      case Balance::primary:
+        moves = to < from;
+        break;
+    }
+    if (!moves) return;
+  }
+  if (to == from) return;
+  groups.count_session(s.group, to);
+  // Else it stays: no harm. A member whose token went counts it, as a call would.
+  if (const CK_RV rv = move_session(rt, groups, s, to, /*from_down=*/false);
+      classify(rv) == CallOutcome::member_down) {
+    MemberHealth& health = groups.health(s.group, to);
+    health.end(health.begin(HealthClock::now()), rv, CK_INVALID_HANDLE, HealthClock::now());
+  }
 }
 
 CK_RV renew_gone_session(Runtime& rt, Session& s) noexcept {

@@ -35,13 +35,25 @@ CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) 
 // session per admission.
 void rebalance(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept REQUIRES(s.lock);
 
+// Multiplex mode, [pool] bind = state: lane `s` (session_lanes.hpp) is
+// about to take a backend session, holding nothing on its member: it moves to
+// the member its session's objects pin it to, or to the one the group's
+// `balance` chooses over calls in flight: least-busy when that member has
+// fewer calls in flight than its own (among equals it stays, and keeps its
+// thread's cached backend sessions), round-robin whenever the turn is
+// another's, primary when that one comes earlier in the order.
+void place_lane(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept REQUIRES(s.lock);
+
 // Before a call of F on group session `s`. CKR_OK to go on.
 template <class F>
 [[gnu::noinline]] CK_RV before_member_call(Runtime& rt, Session& s) noexcept REQUIRES(s.lock) {
   const GroupRuntime& groups = *rt.groups();
   if (groups.health(s.group, s.member).up()) [[likely]] {
-    if (s.operations->admissions_seen != groups.admissions(s.group)) [[unlikely]]
+    if (s.lead != 0 && s.anchor.backend == CK_INVALID_HANDLE) {
+      place_lane(rt, groups, s);
+    } else if (s.operations->admissions_seen != groups.admissions(s.group)) [[unlikely]] {
       rebalance(rt, groups, s);
+    }
     return CKR_OK;
   }
   const std::uint32_t from = s.member;

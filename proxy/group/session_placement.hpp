@@ -55,6 +55,9 @@ class SessionPlacement {
       refused[member] = true;
     }
   }
+  // A session counted on `member` whatever its capacity (one moved there
+  // by a choice of its own: a lane, group/session_lanes.hpp).
+  void add(std::size_t member) noexcept { take(member, kUnlimited); }
   // The session on `member` closed.
   void release(std::size_t member) noexcept;
 

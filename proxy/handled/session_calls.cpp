@@ -4,6 +4,7 @@
 
 #include "group/group_login.hpp"
 #include "group/operation_record.hpp"
+#include "group/session_lanes.hpp"
 
 #include <p11mux/ckr_error.hpp>
 
@@ -23,65 +24,54 @@ CK_RV notify_trampoline(CK_SESSION_HANDLE, CK_NOTIFICATION event,
   auto* session = static_cast<Session*>(context);
   CK_NOTIFY notify = session->notify.load(std::memory_order_acquire);
   if (notify == nullptr) return CKR_OK;
-  return notify(session->opening_handle, event,
-                session->application.load(std::memory_order_relaxed));
+  // A lane's callback is its lead's, with the handle the application knows.
+  const CK_SESSION_HANDLE shown = session->lead != 0 ? session->lead : session->opening_handle;
+  return notify(shown, event, session->application.load(std::memory_order_relaxed));
 }
 
 namespace {
 
-// In a group configuration, where a new session on `slot` runs: a group's
-// current member (GroupRuntime::session_member), its pool and its own slot
-// ID; else the refusal (docs/groups.md, "The runtime so far").
-CK_RV group_session_place(Runtime& rt, const GroupRuntime& groups, CK_SLOT_ID slot,
-                          SessionPool*& pool, CK_SLOT_ID& backend_slot,
-                          std::size_t& member_index) noexcept {
+// Where a new session runs: its backend's pool and slot, and in a group
+// configuration its group (Session::group) and member.
+struct Placement {
+  SessionPool* pool;
+  CK_SLOT_ID backend_slot;
+  std::uint32_t group = Session::kNoGroup;
+  std::size_t member = 0;
+};
+
+// In a group configuration, whether sessions on `slot` are served: a
+// group's slot, without a [policy]; else the refusal (docs/groups.md, "The
+// runtime so far").
+CK_RV group_serves(Runtime& rt, const GroupRuntime& groups, CK_SLOT_ID slot) noexcept {
   if (!groups.is_group(slot)) {
     return groups.refuse("C_OpenSession", slot, "sessions on a member shown are not built");
   }
-  // Multiplex mode's per-thread sessions and the policy's own backend calls
-  // take the runtime's first port only.
-  if (rt.multiplexed()) {
-    return groups.refuse("C_OpenSession", slot, "session_mode = multiplex on groups is not built");
-  }
+  // The policy's own backend calls take the runtime's first port only.
   if (rt.policy() != nullptr) {
     return groups.refuse("C_OpenSession", slot, "a [policy] on group sessions is not built");
   }
-  try {
-    member_index = groups.place_session(slot);
-  } catch (const std::bad_alloc&) {
-    return CKR_HOST_MEMORY;
-  }
-  if (member_index == GroupRuntime::kNoMember) return CKR_TOKEN_NOT_PRESENT;
-  const GroupRuntime::Member& member = groups.members(slot).at(member_index);
-  pool = &rt.pool_of(*member.port);
-  backend_slot = member.slot;
   return CKR_OK;
 }
 
-}  // namespace
+// Member `member` of group `slot`, counted there already: its placement.
+Placement on_member(Runtime& rt, const GroupRuntime& groups, CK_SLOT_ID slot, std::size_t member) {
+  const GroupRuntime::Member& m = groups.members(slot).at(member);
+  return {&rt.pool_of(*m.port), m.slot, static_cast<std::uint32_t>(slot), member};
+}
 
-// With a Notify callback the backend session is the application's alone:
-// it is opened for it (with p11mux's trampoline) and closed with it, not
-// pooled, because a pooled session cannot change its callback. It counts
-// against the slot's session limit like any other.
-CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR application,
-                   CK_NOTIFY notify, CK_SESSION_HANDLE_PTR session) noexcept {
-  // Checked here because a pooled session would hide the backend's refusal.
-  if ((flags & CKF_SERIAL_SESSION) == 0) return CKR_SESSION_PARALLEL_NOT_SUPPORTED;
-  SessionPool* pool = &rt.pool();
-  CK_SLOT_ID backend_slot = slot;
-  std::uint32_t group = Session::kNoGroup;
-  std::size_t member = 0;
-  if (const GroupRuntime* groups = rt.groups()) {
-    if (CK_RV rv = group_session_place(rt, *groups, slot, pool, backend_slot, member);
-        rv != CKR_OK) {
-      return rv;
-    }
-    group = static_cast<std::uint32_t>(slot);  // a group's slot ID is its index
+// Opens a session placed at `at` (a group's member counted there, which
+// this lets go if it does not open) and writes its handle to `out`;
+// `lane`, if not NULL, makes it a lane of that lead (group/session_lanes.hpp).
+CK_RV open_placed(Runtime& rt, CK_SLOT_ID shown, CK_FLAGS flags, CK_VOID_PTR application,
+                  CK_NOTIFY notify, const Placement& at, const LaneOrigin* lane,
+                  CK_SESSION_HANDLE& out) noexcept {
+  const std::uint32_t group = at.group;
+  if (group != Session::kNoGroup) {
     // The application logged in: so is the member, before the session is
     // there (group/group_login.hpp). Counted; closed() below undoes it.
-    if (CK_RV rv = rt.group_login()->opening(group, member); rv != CKR_OK) {
-      groups->release_session(group, member);  // placed, not opened
+    if (CK_RV rv = rt.group_login()->opening(group, at.member); rv != CKR_OK) {
+      rt.groups()->release_session(group, at.member);  // placed, not opened
       return rv;
     }
   }
@@ -89,7 +79,7 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
   // (group_login.hpp), let go if it does not open.
   auto unplace = [&](CK_RV rv) {
     if (group != Session::kNoGroup) {
-      rt.groups()->release_session(group, member);
+      rt.groups()->release_session(group, at.member);
       rt.group_login()->closed(group);
     }
     return rv;
@@ -103,12 +93,17 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
     return unplace(CKR_HOST_MEMORY);
   }
   HeldLock leased(lease->lock);
-  lease->slot = backend_slot;
-  lease->shown = slot;
-  lease->pool = pool;
+  SessionPool& pool = *at.pool;
+  lease->slot = at.backend_slot;
+  lease->shown = shown;
+  lease->pool = &pool;
   lease->group = group;
-  lease->member = static_cast<std::uint32_t>(member);
+  lease->member = static_cast<std::uint32_t>(at.member);
   lease->rw = (flags & CKF_RW_SESSION) != 0;
+  if (lane != nullptr) {
+    lease->lead = lane->lead;
+    lease->lanes_of_lead = lane->lanes;
+  }
   // A group's session: what failover replays (group/operation_record.hpp).
   if (group != Session::kNoGroup) {
     if (!lease->operations) {
@@ -125,22 +120,106 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
   lease->notify.store(notify, std::memory_order_release);
   // [pool] bind = state: no backend session until a call needs one (a
   // session with a Notify callback keeps its own from the start).
-  CK_RV rv = notify != nullptr ? pool->open_notified(backend_slot, lease->rw, lease.operator->(),
-                                                     &notify_trampoline, lease->anchor.backend)
-             : rt.binds_on_state() ? pool->admit(backend_slot, lease->rw)
-                                   : pool->open(backend_slot, lease->rw, lease->anchor.backend);
+  CK_RV rv = notify != nullptr ? pool.open_notified(at.backend_slot, lease->rw, lease.operator->(),
+                                                    &notify_trampoline, lease->anchor.backend)
+             : rt.binds_on_state() ? pool.admit(at.backend_slot, lease->rw)
+                                   : pool.open(at.backend_slot, lease->rw, lease->anchor.backend);
   if (rv != CKR_OK) {
     rt.sessions().discard(std::move(lease));
     return unplace(rv);
   }
-  *session = lease->opening_handle;
+  out = lease->opening_handle;
   rt.sessions().publish(*lease);
   return CKR_OK;
+}
+
+// Multiplex mode on a group's slot: the session the application sees leads
+// lanes opened as its threads call (group/session_lanes.hpp); it holds no
+// backend session itself. It opens only while a member has its token, as a
+// session placed would.
+CK_RV open_lead(Runtime& rt, const GroupRuntime& groups, CK_SLOT_ID slot, CK_FLAGS flags,
+                CK_VOID_PTR application, CK_NOTIFY notify, CK_SESSION_HANDLE& out) noexcept {
+  try {
+    const std::size_t member = groups.place_session(slot);
+    if (member == GroupRuntime::kNoMember) return CKR_TOKEN_NOT_PRESENT;
+    groups.release_session(slot, member);
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+  SessionLease lease;
+  try {
+    lease = rt.sessions().reserve();
+  } catch (const CkrError& e) {
+    return e.rv();
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+  HeldLock leased(lease->lock);
+  if (!lease->lanes) {
+    lease->lanes.reset(new (std::nothrow) SessionLanes);
+    if (!lease->lanes) {
+      rt.sessions().discard(std::move(lease));
+      return CKR_HOST_MEMORY;
+    }
+  }
+  lease->lanes->reset();
+  lease->leads = true;
+  lease->slot = 0;
+  lease->pool = nullptr;  // never used: a lead makes no backend call
+  lease->shown = slot;
+  lease->group = static_cast<std::uint32_t>(slot);
+  lease->member = 0;
+  lease->rw = (flags & CKF_RW_SESSION) != 0;
+  lease->application.store(application, std::memory_order_relaxed);
+  lease->notify.store(notify, std::memory_order_release);
+  out = lease->opening_handle;
+  rt.sessions().publish(*lease);
+  return CKR_OK;
+}
+
+}  // namespace
+
+// With a Notify callback the backend session is the application's alone:
+// it is opened for it (with p11mux's trampoline) and closed with it, not
+// pooled, because a pooled session cannot change its callback. It counts
+// against the slot's session limit like any other.
+CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR application,
+                   CK_NOTIFY notify, CK_SESSION_HANDLE_PTR session) noexcept {
+  // Checked here because a pooled session would hide the backend's refusal.
+  if ((flags & CKF_SERIAL_SESSION) == 0) return CKR_SESSION_PARALLEL_NOT_SUPPORTED;
+  const GroupRuntime* groups = rt.groups();
+  if (groups == nullptr) {
+    return open_placed(rt, slot, flags, application, notify, Placement{&rt.pool(), slot}, nullptr,
+                       *session);
+  }
+  if (CK_RV rv = group_serves(rt, *groups, slot); rv != CKR_OK) return rv;
+  if (rt.multiplexed()) return open_lead(rt, *groups, slot, flags, application, notify, *session);
+  std::size_t member = GroupRuntime::kNoMember;
+  try {
+    member = groups->place_session(slot);
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+  if (member == GroupRuntime::kNoMember) return CKR_TOKEN_NOT_PRESENT;
+  return open_placed(rt, slot, flags, application, notify, on_member(rt, *groups, slot, member),
+                     nullptr, *session);
+}
+
+CK_RV open_lane(Runtime& rt, const LaneOrigin& origin, std::size_t member,
+                CK_SESSION_HANDLE& lane) noexcept {
+  const GroupRuntime& groups = *rt.groups();
+  groups.count_session(origin.group, member);
+  return open_placed(rt, origin.group, CKF_SERIAL_SESSION | (origin.rw ? CKF_RW_SESSION : 0),
+                     origin.application, origin.notify, on_member(rt, groups, origin.group, member),
+                     &origin, lane);
 }
 
 CK_RV close_session(Runtime& rt, CK_SESSION_HANDLE session) noexcept {
   SessionLease lease = rt.sessions().lease(session);
   if (!lease) return CKR_SESSION_HANDLE_INVALID;
+  HeldLock leased(lease->lock);
+  // A lane's handle is never the application's (group/session_lanes.hpp).
+  if (lease->lead != 0) return CKR_SESSION_HANDLE_INVALID;
   return rt.close_session(std::move(lease));
 }
 

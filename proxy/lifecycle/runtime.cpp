@@ -1,6 +1,7 @@
 #include "lifecycle/runtime.hpp"
 
 #include "group/group_login.hpp"
+#include "group/session_lanes.hpp"
 
 #include "forward/operation_state.hpp"
 #include "observe/logging.hpp"
@@ -278,6 +279,13 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
     }
     s->in_flight.fetch_sub(Session::kWaiter, std::memory_order_relaxed);
     s->lock.lock();
+  }
+  // A lead (multiplex mode on a group's slot) holds no backend session: its
+  // lanes do, and close with it (group/session_lanes.hpp).
+  if (s->leads) {
+    close_lanes(*this, *s);
+    sessions_.close(std::move(lease));
+    return CKR_OK;
   }
   SessionPool& pool = *s->pool;
   // A group's session objects made there die with it (docs/groups.md, "Objects").

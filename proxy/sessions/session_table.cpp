@@ -54,6 +54,9 @@ SessionLease SessionTable::reserve() {
   s.anchor.clear();
   for (auto& b : s.extra) b->clear();
   s.closing = false;
+  s.leads = false;
+  s.lead = 0;
+  s.lanes_of_lead = nullptr;
   return lease;
 }
 

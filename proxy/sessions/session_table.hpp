@@ -117,6 +117,14 @@ struct SessionOperationsDeleter {
   void operator()(SessionOperations* operations) const noexcept;  // operation_record.cpp
 };
 
+// A multiplexed session on a group's slot: the backend sessions its threads
+// run on, each a session of its own (group/session_lanes.hpp): only its
+// name here.
+struct SessionLanes;
+struct SessionLanesDeleter {
+  void operator()(SessionLanes* lanes) const noexcept;  // session_lanes.cpp
+};
+
 struct Session {
   explicit Session(const LockSource& locks) : lock(locks) {}
   Session(const Session&) = delete;  // lives at a fixed address: handles point at it
@@ -159,6 +167,15 @@ struct Session {
   // first C_OpenSession on a group, kept while the table reuses the slot,
   // reset at each open); NULL for the single backend's.
   std::unique_ptr<SessionOperations, SessionOperationsDeleter> operations GUARDED_BY(lock);
+  // Multiplex mode on a group's slot (group/session_lanes.hpp): the
+  // session the application sees `leads` its lanes, one per thread calling
+  // it, in `lanes` (made at its first open as a lead, kept while the table
+  // reuses the entry); a lane's `lead` is its lead's handle (0 otherwise)
+  // and `lanes_of_lead` its lead's lanes, for what they share without a lock.
+  bool leads GUARDED_BY(lock) = false;
+  std::unique_ptr<SessionLanes, SessionLanesDeleter> lanes GUARDED_BY(lock);
+  CK_SESSION_HANDLE lead GUARDED_BY(lock) = 0;
+  SessionLanes* lanes_of_lead GUARDED_BY(lock) = nullptr;
   CK_SESSION_HANDLE opening_handle GUARDED_BY(lock) = 0;  // the handle being opened, for Notify
   // Read by the notify trampoline from inside backend calls, without the lock.
   std::atomic<CK_NOTIFY> notify{nullptr};

@@ -10,6 +10,7 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <future>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -208,65 +209,73 @@ TEST_CASE(
   // Digests, not the mock's signatures: those differ between members (each
   // copy of a key has its own mock handle), where real members' cloned keys
   // agree; a digest is the same on every member.
-  FaultyGroup g("",
-                {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}, {"P11MUX_LOG_LEVEL", "error"}});
-  REQUIRE(g.proxy.initialize() == CKR_OK);
-  CK_FUNCTION_LIST* p = g.proxy.p11;
-  constexpr int kThreads = 6;
-  constexpr int kDigests = 400;
-  std::string data = "digested by whichever member is up";
-  std::array<CK_BYTE, MOCK_DIGEST_LEN> expected{};
-  libs().mock->reference_digest(reinterpret_cast<const CK_BYTE*>(data.data()), data.size(),
-                                expected.data());
-  auto digest = [&](CK_SESSION_HANDLE s) {
-    CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
-    CK_RV rv = p->C_DigestInit(s, &sha);
-    if (rv != CKR_OK) return rv;
-    std::array<CK_BYTE, 64> out{};
-    CK_ULONG len = out.size();
-    rv = p->C_Digest(s, reinterpret_cast<CK_BYTE*>(data.data()), data.size(), out.data(), &len);
-    if (rv == CKR_OK &&
-        (len != expected.size() || !std::equal(expected.begin(), expected.end(), out.begin()))) {
-      rv = CKR_GENERAL_ERROR;
-    }
-    return rv;
-  };
-  std::vector<CK_SESSION_HANDLE> sessions;
-  for (int t = 0; t < kThreads; ++t) sessions.push_back(g.open());  // on both members
-  std::atomic<int> done{0};
-  std::atomic<int> errors{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, s = sessions[t]] {
-      for (int i = 0; i < kDigests; ++i) {
-        if (const CK_RV rv = digest(s); rv != CKR_OK) {
-          errors.fetch_add(1);
-          MESSAGE("digest " << i << ": " << rv);
-        }
-        done.fetch_add(1);
+  // Serialize mode: a session per thread. Multiplex mode: the threads share
+  // one session, each on a lane of its own.
+  for (const bool multiplex : {false, true}) {
+    CAPTURE(multiplex);
+    FaultyGroup g("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                       {"P11MUX_SESSION_MODE", multiplex ? "multiplex" : "serialize"},
+                       {"P11MUX_LOG_LEVEL", "error"}});
+    REQUIRE(g.proxy.initialize() == CKR_OK);
+    CK_FUNCTION_LIST* p = g.proxy.p11;
+    constexpr int kThreads = 6;
+    constexpr int kDigests = 400;
+    std::string data = "digested by whichever member is up";
+    std::array<CK_BYTE, MOCK_DIGEST_LEN> expected{};
+    libs().mock->reference_digest(reinterpret_cast<const CK_BYTE*>(data.data()), data.size(),
+                                  expected.data());
+    auto digest = [&](CK_SESSION_HANDLE s) {
+      CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
+      CK_RV rv = p->C_DigestInit(s, &sha);
+      if (rv != CKR_OK) return rv;
+      std::array<CK_BYTE, 64> out{};
+      CK_ULONG len = out.size();
+      rv = p->C_Digest(s, reinterpret_cast<CK_BYTE*>(data.data()), data.size(), out.data(), &len);
+      if (rv == CKR_OK &&
+          (len != expected.size() || !std::equal(expected.begin(), expected.end(), out.begin()))) {
+        rv = CKR_GENERAL_ERROR;
       }
-    });
+      return rv;
+    };
+    std::vector<CK_SESSION_HANDLE> sessions;
+    const CK_SESSION_HANDLE shared = g.open();
+    for (int t = 0; t < kThreads; ++t) sessions.push_back(multiplex ? shared : g.open());
+    std::atomic<int> done{0};
+    std::atomic<int> errors{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, s = sessions[t]] {
+        for (int i = 0; i < kDigests; ++i) {
+          if (const CK_RV rv = digest(s); rv != CKR_OK) {
+            errors.fetch_add(1);
+            MESSAGE("digest " << i << ": " << rv);
+          }
+          done.fetch_add(1);
+        }
+      });
+    }
+    auto wait_for = [&](int count) {
+      while (done.load() < count) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    };
+    wait_for(kThreads * kDigests / 4);
+    g.faulty->set_slot_removed(2, 1);  // member 0's token gone, its sessions with it
+    wait_for(kThreads * kDigests / 2);
+    g.faulty->set_slot_removed(2, 0);  // back, without the sessions it had
+    for (std::thread& t : threads) t.join();
+    CHECK(errors.load() == 0);
+    if (multiplex) continue;  // its lanes return to member 0 when that spreads the calls in flight
+    // Member 0 is admitted again within about a second (recovery_interval_s =
+    // 1); a session placed there then works on a fresh backend session.
+    bool rejoined = false;
+    for (int i = 0; i < 100 && !rejoined; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      const unsigned long before = g.sessions_on(2);
+      const CK_SESSION_HANDLE s = g.open();
+      rejoined = g.sessions_on(2) > before;
+      CHECK(digest(s) == CKR_OK);
+    }
+    CHECK(rejoined);
   }
-  auto wait_for = [&](int count) {
-    while (done.load() < count) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  };
-  wait_for(kThreads * kDigests / 4);
-  g.faulty->set_slot_removed(2, 1);  // member 0's token gone, its sessions with it
-  wait_for(kThreads * kDigests / 2);
-  g.faulty->set_slot_removed(2, 0);  // back, without the sessions it had
-  for (std::thread& t : threads) t.join();
-  CHECK(errors.load() == 0);
-  // Member 0 is admitted again within about a second (recovery_interval_s =
-  // 1); a session placed there then works on a fresh backend session.
-  bool rejoined = false;
-  for (int i = 0; i < 100 && !rejoined; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    const unsigned long before = g.sessions_on(2);
-    const CK_SESSION_HANDLE s = g.open();
-    rejoined = g.sessions_on(2) > before;
-    CHECK(digest(s) == CKR_OK);
-  }
-  CHECK(rejoined);
 }
 
 TEST_CASE("group failover: a member that restarted under a session: a fresh session, replayed") {
@@ -379,6 +388,60 @@ TEST_CASE("group failover: bind = state, a member whose token went before the ca
   CK_SESSION_INFO info{};
   CHECK(g.proxy.p11->C_GetSessionInfo(a, &info) == CKR_OK);
   g.faulty->set_slot_removed(2, 0);
+}
+
+// Multiplex mode (docs/groups.md, "Multiplex mode"): each thread's lane of a
+// session is a group's session of its own, failed over and replayed as in
+// serialize mode. balance = primary: every lane on member 0 while it is up.
+TEST_CASE("group failover: multiplex mode, single-part replayed, multi-part told lost") {
+  FaultyGroup g("balance = primary\n", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                                        {"P11MUX_SESSION_MODE", "multiplex"},
+                                        {"P11MUX_LOG_LEVEL", "error"}});
+  REQUIRE(g.proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = g.proxy.p11;
+  const CK_SESSION_HANDLE a = g.open(true);
+  const CK_OBJECT_HANDLE key = make_token_key(p, a);
+  CK_MECHANISM hmac{CKM_SHA256_HMAC, nullptr, 0};
+  CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
+  std::string part = "fed to member 0";
+  auto* bytes = reinterpret_cast<CK_BYTE*>(part.data());
+  std::array<CK_BYTE, 64> out{};
+  CK_ULONG len = out.size();
+
+  SUBCASE("a C_Sign whose member failed after its C_SignInit, on another thread's lane too") {
+    REQUIRE(p->C_SignInit(a, &hmac, key) == CKR_OK);
+    // A second thread's lane, with a signature begun on member 0 as well.
+    std::promise<CK_RV> begun;
+    std::promise<void> member_failed;
+    std::thread other([&, failed = member_failed.get_future()]() mutable {
+      begun.set_value(p->C_SignInit(a, &hmac, key));
+      failed.wait();
+      Signed sig = sign(p, a);
+      CHECK(sig.rv == CKR_OK);
+      CHECK(sig.len == MOCK_DIGEST_LEN);
+    });
+    CHECK(begun.get_future().get() == CKR_OK);
+    g.faulty->fail_slot(2, CKR_DEVICE_ERROR);
+    member_failed.set_value();
+    Signed sig = sign(p, a);
+    other.join();
+    CHECK(sig.rv == CKR_OK);
+    // Made with member 1's copy of the key: it verifies there, where every
+    // lane now runs.
+    CHECK(verify(p, a, key, sig) == CKR_OK);
+  }
+  SUBCASE("a multi-part operation that took data") {
+    REQUIRE(p->C_DigestInit(a, &sha) == CKR_OK);
+    REQUIRE(p->C_DigestUpdate(a, bytes, part.size()) == CKR_OK);
+    g.faulty->fail_slot(2, CKR_DEVICE_ERROR);
+    CHECK(p->C_DigestFinal(a, out.data(), &len) == CKR_DEVICE_ERROR);
+    CHECK(p->C_DigestFinal(a, out.data(), &len) == CKR_OPERATION_NOT_INITIALIZED);
+  }
+  // Either way the session works on member 1.
+  REQUIRE(p->C_DigestInit(a, &sha) == CKR_OK);
+  len = out.size();
+  CHECK(p->C_Digest(a, bytes, part.size(), out.data(), &len) == CKR_OK);
+  g.faulty->clear_slot(2);
 }
 
 }  // namespace p11mux::test

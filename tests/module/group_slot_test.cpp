@@ -482,12 +482,16 @@ void check_open_refused(GroupProxy& proxy, CK_SLOT_ID slot, std::string_view why
   CHECK_MESSAGE(err.find(why) != std::string::npos, err);
 }
 
-TEST_CASE("group sessions: refused in multiplex mode and on a member shown, with a log line") {
-  GroupProxy proxy(two_member_group(), three_tokens(),
+TEST_CASE("group sessions: multiplex mode opens a session that holds none on a member") {
+  // Its lanes hold them, one per calling thread (group_multiplex_test.cpp).
+  GroupProxy proxy(two_member_group() + "hide_members = false\n", three_tokens(),
                    {{"P11MUX_LOG_LEVEL", "warn"}, {"P11MUX_SESSION_MODE", "multiplex"}});
   REQUIRE(proxy.initialize() == CKR_OK);
-  check_open_refused(proxy, 0, "multiplex");
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  CHECK(proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &h) == CKR_OK);
   CHECK(mock_stats().sessions_opened_total == 0);
+  check_open_refused(proxy, 1, "member shown");
+  CHECK(proxy.p11->C_CloseSession(h) == CKR_OK);
 }
 
 TEST_CASE("group sessions: refused with a [policy] and on a member shown, with a log line") {
