@@ -149,9 +149,12 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
   // on its own when the last of the group's sessions on that member closes.
   Config::Pool pool_config = config.pool;
   if (groups_) pool_config.keep_login = true;
-  for (const BackendPort* port : ports()) {
-    pools_.push_back(std::make_unique<SessionPool>(*port, gate, pool_config, locks_, epoch, *log_,
-                                                   observer_->pools()));
+  // Each port's pool reports to its backend's own figures (Observer::pools):
+  // two backends may both have a slot 0.
+  const std::vector<const BackendPort*> all = ports();
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    pools_.push_back(std::make_unique<SessionPool>(*all[i], gate, pool_config, locks_, epoch, *log_,
+                                                   observer_->pools(i)));
   }
   if (groups_) {
     std::vector<std::string> names;

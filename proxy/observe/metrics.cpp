@@ -162,7 +162,8 @@ MetricsSnapshot Metrics::snapshot() const {
   return out;
 }
 
-PoolMetricsRegistry::PoolMetricsRegistry(const LockSource& locks) : lock_(locks) {}
+PoolMetricsRegistry::PoolMetricsRegistry(const LockSource& locks, std::string backend)
+    : lock_(locks), backend_(std::move(backend)) {}
 
 PoolMetricsRegistry::~PoolMetricsRegistry() {
   for (Node* n = head_.load(std::memory_order_relaxed); n != nullptr;)

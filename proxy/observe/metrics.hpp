@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -173,17 +174,22 @@ struct SlotPoolMetrics {
   std::array<std::atomic<std::uint64_t>, kCloseReasonCount> unclean{};
 };
 
-// One SlotPoolMetrics per slot, created on first use and never moved or freed
-// while the registry exists. Readers walk the list without a lock.
+// One SlotPoolMetrics per slot of one backend, created on first use and never
+// moved or freed while the registry exists. Readers walk the list without a
+// lock. Each backend's SessionPool has a registry of its own (Observer::pools):
+// slot IDs are the backend's, and two backends may both have a slot 0.
 class PoolMetricsRegistry {
  public:
-  explicit PoolMetricsRegistry(const LockSource& locks);
+  // `backend`: the [backend.NAME] name in a group configuration; empty in the
+  // single-backend configuration, whose figures carry no backend name.
+  explicit PoolMetricsRegistry(const LockSource& locks, std::string backend = {});
   ~PoolMetricsRegistry();
   PoolMetricsRegistry(const PoolMetricsRegistry&) = delete;  // hands out references
   PoolMetricsRegistry& operator=(const PoolMetricsRegistry&) = delete;
 
   // The slot's figures; NULL only when out of memory.
   SlotPoolMetrics* slot(CK_SLOT_ID slot) noexcept;
+  const std::string& backend() const noexcept { return backend_; }
 
   // fn(CK_SLOT_ID, const SlotPoolMetrics&) for every slot, newest first.
   template <class Fn>
@@ -203,6 +209,7 @@ class PoolMetricsRegistry {
   // is immutable once published). A leaf of the lock order (lock.hpp).
   Mutex lock_;
   std::atomic<Node*> head_{nullptr};
+  const std::string backend_;
 };
 
 }  // namespace p11mux

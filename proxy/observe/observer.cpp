@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <iterator>
 
 namespace p11mux {
 namespace {
@@ -117,8 +118,12 @@ Observer::Observer(const Config& config, const LockSource& locks, bool may_creat
       signal_(config.metrics.signal),
       summary_at_finalize_(config.metrics.summary),
       traced_(parse_functions(config.log.functions)),
-      min_trace_ns_(config.log.min_duration_us * 1000),
-      pools_(locks) {
+      min_trace_ns_(config.log.min_duration_us * 1000) {
+  // A group configuration's backends are config.backends (Runtime::ports());
+  // the single backend's figures carry no name (SlotFigures::backend).
+  if (config.backends.empty()) pools_.push_back(std::make_unique<PoolMetricsRegistry>(locks));
+  for (const NamedBackend& b : config.backends)
+    pools_.push_back(std::make_unique<PoolMetricsRegistry>(locks, b.name));
   if (!config.metrics.listen.empty()) {
     listen_ = parse_listen(config.metrics.listen, config.metrics.allow_remote);
   }
@@ -205,7 +210,11 @@ LiveFigures Observer::live_figures() const {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
   live.sessions_open = sessions_ != nullptr ? sessions_->live_count() : 0;
   live.log_records_dropped = dropped_records(logger_);
-  live.slots = slot_figures(pools_);
+  for (const auto& pools : pools_) {
+    std::vector<SlotFigures> slots = slot_figures(*pools);
+    live.slots.insert(live.slots.end(), std::make_move_iterator(slots.begin()),
+                      std::make_move_iterator(slots.end()));
+  }
   if (members_) live.members = members_();
   return live;
 }

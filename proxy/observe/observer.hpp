@@ -26,6 +26,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace p11mux {
 
@@ -47,8 +48,11 @@ class Observer {
   bool traces(std::size_t function) const noexcept { return tracing_ && traced_[function]; }
   std::uint64_t min_trace_ns() const noexcept { return min_trace_ns_; }
   Metrics* metrics() noexcept { return metrics_.get(); }
-  // The pool's per-slot figures (updated by the pool whether metrics are on or not).
-  PoolMetricsRegistry& pools() noexcept { return pools_; }
+  // The per-slot figures of backend `backend`'s pool (updated by the pool
+  // whether metrics are on or not): in a group configuration, config.backends'
+  // in that order, one registry each (slot IDs are each backend's own); in
+  // the single-backend configuration, one for backend 0.
+  PoolMetricsRegistry& pools(std::size_t backend) noexcept { return *pools_[backend]; }
 
   // Once the runtime is complete: installs the SIGUSR1 handler and starts the
   // stats thread as configured. An endpoint that cannot be bound (address in
@@ -100,7 +104,7 @@ class Observer {
   std::array<bool, kFunctionCount> traced_{};
   std::uint64_t min_trace_ns_ = 0;
   std::unique_ptr<Metrics> metrics_;
-  PoolMetricsRegistry pools_;
+  std::vector<std::unique_ptr<PoolMetricsRegistry>> pools_;  // by backend; never empty
   std::optional<ListenAddress> listen_;
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   const SessionTable* sessions_ = nullptr;

@@ -54,6 +54,13 @@ std::string prometheus_label(std::string_view value) {
   return out;
 }
 
+// A pool sample's labels, without braces: `slot="N"`, with the backend's name
+// before it in a group configuration (SlotFigures::backend).
+std::string pool_labels(const SlotFigures& s) {
+  if (s.backend.empty()) return fmt::format("slot=\"{}\"", s.slot);
+  return fmt::format("backend=\"{}\",slot=\"{}\"", prometheus_label(s.backend), s.slot);
+}
+
 void family(Text& t, std::string_view name, std::string_view type, std::string_view help) {
   t.put("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
 }
@@ -106,6 +113,7 @@ std::vector<SlotFigures> slot_figures(const PoolMetricsRegistry& pools) {
   std::vector<SlotFigures> out;
   pools.for_each([&](CK_SLOT_ID slot, const SlotPoolMetrics& m) {
     SlotFigures& f = out.emplace_back();
+    f.backend = pools.backend();
     f.slot = slot;
     f.open = m.open.load(std::memory_order_relaxed);
     f.idle = m.idle.load(std::memory_order_relaxed);
@@ -191,19 +199,19 @@ std::string prometheus_text(const MetricsSnapshot& m, const LiveFigures& live) {
   for (const PoolFamily& p : kPool) {
     family(t, p.name, p.type, p.help);
     for (const SlotFigures& s : live.slots)
-      t.put("{}{{slot=\"{}\"}} {}\n", p.name, s.slot, p.value(s));
+      t.put("{}{{{}}} {}\n", p.name, pool_labels(s), p.value(s));
   }
   family(t, "p11mux_pool_wait_duration_seconds", "histogram",
          "How long each call that waited for a backend session at the limit waited, by slot.");
   for (const SlotFigures& s : live.slots) {
-    histogram(t, "p11mux_pool_wait_duration_seconds", fmt::format("slot=\"{}\",", s.slot), s.wait);
+    histogram(t, "p11mux_pool_wait_duration_seconds", pool_labels(s) + ",", s.wait);
   }
   family(t, "p11mux_pool_sessions_unclean_total", "counter",
          "Backend sessions closed instead of pooled because p11mux could not prove them clean, "
          "by slot and reason.");
   for (const SlotFigures& s : live.slots) {
     for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
-      t.put("p11mux_pool_sessions_unclean_total{{slot=\"{}\",reason=\"{}\"}} {}\n", s.slot,
+      t.put("p11mux_pool_sessions_unclean_total{{{},reason=\"{}\"}} {}\n", pool_labels(s),
             kCloseReasonNames[r], s.unclean[r]);
     }
   }
@@ -288,11 +296,17 @@ std::string stats_json(const MetricsSnapshot& m, const LiveFigures& live) {
   t.put("}},\"slots\":[");
   for (std::size_t i = 0; i < live.slots.size(); ++i) {
     const SlotFigures& s = live.slots[i];
+    t.put("{}{{", i == 0 ? "" : ",");
+    if (!s.backend.empty()) {  // a group configuration's (SlotFigures::backend)
+      t.put("\"backend\":");
+      json_string(t, s.backend);
+      t.put(",");
+    }
     t.put(
-        "{}{{\"slot\":{},\"open\":{},\"idle\":{},\"in_use\":{},\"virtual_sessions\":{},"
+        "\"slot\":{},\"open\":{},\"idle\":{},\"in_use\":{},\"virtual_sessions\":{},"
         "\"virtual_per_backend\":{:.3f},\"waits\":{},\"wait_us\":{:.3f},\"wait_latency_us\":",
-        i == 0 ? "" : ",", s.slot, s.open, s.idle, s.in_use, s.virtual_sessions,
-        s.virtual_per_backend(), s.waits, micros(static_cast<double>(s.wait_ns)));
+        s.slot, s.open, s.idle, s.in_use, s.virtual_sessions, s.virtual_per_backend(), s.waits,
+        micros(static_cast<double>(s.wait_ns)));
     json_latency(t, s.wait);
     t.put(",\"discarded_dead\":{},\"closed_unclean\":{{", s.discarded_dead);
     for (std::size_t r = 0; r < kCloseReasonCount; ++r) {
@@ -376,12 +390,13 @@ std::vector<std::string> summary_lines(const MetricsSnapshot& m, const LiveFigur
       unclean +=
           fmt::format("{} {} {}", unclean.empty() ? "" : ",", kCloseReasonNames[r], s.unclean[r]);
     }
-    lines.push_back(
-        fmt::format("  slot {} pool: {} virtual sessions on {} open ({} idle, {} in use), "
-                    "{} waits ({:.1f} ms, p99 {:.1f} ms), {} discarded dead, closed unclean:{}",
-                    s.slot, s.virtual_sessions, s.open, s.idle, s.in_use, s.waits,
-                    static_cast<double>(s.wait_ns) / 1e6, s.wait.quantile_ns(0.99) / 1e6,
-                    s.discarded_dead, unclean.empty() ? " none" : unclean));
+    // "backend NAME " only in a group configuration (SlotFigures::backend).
+    lines.push_back(fmt::format(
+        "  {}slot {} pool: {} virtual sessions on {} open ({} idle, {} in use), "
+        "{} waits ({:.1f} ms, p99 {:.1f} ms), {} discarded dead, closed unclean:{}",
+        s.backend.empty() ? std::string() : fmt::format("backend {} ", s.backend), s.slot,
+        s.virtual_sessions, s.open, s.idle, s.in_use, s.waits, static_cast<double>(s.wait_ns) / 1e6,
+        s.wait.quantile_ns(0.99) / 1e6, s.discarded_dead, unclean.empty() ? " none" : unclean));
   }
   for (const MemberFigures& f : live.members) {
     lines.push_back(fmt::format(

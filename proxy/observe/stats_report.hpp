@@ -14,7 +14,14 @@
 
 namespace p11mux {
 
+// One backend's pool on one of its slots. In a group configuration several
+// backends may share a slot ID, and `backend` tells their figures apart: each
+// rendering names it (a `backend` label, a "backend" key, "backend NAME" in
+// the summary). In the single-backend configuration it is empty and named
+// nowhere, so the output stays as it was before groups (dashboards and
+// scrapers keep working).
 struct SlotFigures {
+  std::string backend;  // the [backend.NAME] name; empty: the single backend
   CK_SLOT_ID slot = 0;
   std::int64_t open = 0, idle = 0, in_use = 0;
   std::uint64_t waits = 0, wait_ns = 0, discarded_dead = 0;
@@ -45,10 +52,11 @@ struct LiveFigures {
   double uptime_s = 0;
   std::uint64_t sessions_open = 0;  // virtual sessions
   std::uint64_t log_records_dropped = 0;
-  std::vector<SlotFigures> slots;      // by slot ID
+  std::vector<SlotFigures> slots;      // by backend (in configuration order), then slot ID
   std::vector<MemberFigures> members;  // of every group, in configuration order
 };
 
+// One backend's slots (its registry's), by slot ID.
 std::vector<SlotFigures> slot_figures(const PoolMetricsRegistry& pools);
 
 // Only functions that were called appear; every metric family has its HELP

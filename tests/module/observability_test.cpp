@@ -2,6 +2,7 @@
 // known call sequence exactly, the stats endpoint (and when it must not
 // exist), secrets absent from every log level, trace records, filters, the
 // summary table (C_Finalize, SIGUSR1), log rotation, and fork.
+#include "group_harness.hpp"
 #include "harness.hpp"
 
 #include "unit/observe_test_support.hpp"
@@ -932,6 +933,65 @@ TEST_CASE("async logging: every record written by C_Finalize, from the callers' 
   CHECK(records == 1000);
   CHECK(callers.size() == 4);
   ::unlink(log.c_str());
+}
+
+// A /stats "slots" entry of the mock's slot 1 through `backend`, up to its open count.
+std::string slot_entry(const std::string& backend, double open) {
+  return "{\"backend\":\"" + backend +
+         "\",\"slot\":1,\"open\":" + std::to_string(static_cast<long>(open)) + ",";
+}
+
+// docs/groups.md, "Per-member figures": two [backend.NAME] modules whose
+// slot IDs coincide (the mock's slot 1, directly and through the faulty
+// module) keep their pools' figures apart, by backend and slot, in /metrics,
+// /stats and the summary.
+TEST_CASE("pool metrics of two backends with one slot ID: apart, labelled by backend") {
+  std::string sock = temp_path("backends.sock");
+  const FaultyControl* faulty = faulty_control();
+  REQUIRE(faulty->reset() == 0);
+  GroupProxy proxy(std::string("[backend.a]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+                       "\n[backend.b]\nmodule = " + P11MUX_TEST_FAULTY_PATH +
+                       "\n[group.signing]\nmembers = a/serial:1, b/serial:1\n",
+                   mock_tokens(3),
+                   {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                    {"P11MUX_METRICS_LISTEN", sock.c_str()},
+                    {"P11MUX_METRICS_SUMMARY", "true"},
+                    {"P11MUX_LOG_LEVEL", "info"}});
+  REQUIRE(proxy.initialize() == CKR_OK);
+  // Least-busy: the three sessions on both members, two on one of them.
+  for (int i = 0; i < 3; ++i) proxy.open();
+  FaultySlotStats through_b{};
+  faulty->slot_stats(1, &through_b);
+  CK_TOKEN_INFO token{};
+  REQUIRE(mock_functions()->C_GetTokenInfo(1, &token) == CKR_OK);
+  const double on_b = static_cast<double>(through_b.sessions_open);
+  const double on_a = static_cast<double>(token.ulSessionCount) - on_b;  // the mock counts both
+  CHECK(on_a + on_b == 3);
+  CHECK(on_a >= 1);
+  CHECK(on_b >= 1);
+
+  auto m = http_get(endpoint_of(sock), "/metrics");
+  REQUIRE(m);
+  auto prom = parse_prometheus(m->body);
+  INFO(m->body);
+  for (const auto& e : prom.errors) FAIL_CHECK(e);
+  CHECK(prom.at("p11mux_pool_sessions_open{backend=\"a\",slot=\"1\"}") == on_a);
+  CHECK(prom.at("p11mux_pool_sessions_open{backend=\"b\",slot=\"1\"}") == on_b);
+  CHECK(prom.at("p11mux_pool_sessions_in_use{backend=\"a\",slot=\"1\"}") == on_a);
+  CHECK(prom.at("p11mux_pool_sessions_in_use{backend=\"b\",slot=\"1\"}") == on_b);
+  CHECK(prom.at("p11mux_pool_wait_duration_seconds_count{backend=\"b\",slot=\"1\"}") == 0);
+  CHECK_FALSE(prom.has("p11mux_pool_sessions_open{slot=\"1\"}"));
+  auto s = http_get(endpoint_of(sock), "/stats");
+  REQUIRE(s);
+  CHECK(valid_json(s->body));
+  CHECK_MESSAGE(s->body.find(slot_entry("a", on_a)) != std::string::npos, s->body);
+  CHECK_MESSAGE(s->body.find(slot_entry("b", on_b)) != std::string::npos, s->body);
+
+  const std::string log = capture_stderr([&] { CHECK(proxy.p11->C_Finalize(nullptr) == CKR_OK); });
+  proxy.finalized();
+  CHECK_MESSAGE(log.find("backend a slot 1 pool: ") != std::string::npos, log);
+  CHECK_MESSAGE(log.find("backend b slot 1 pool: ") != std::string::npos, log);
+  faulty->reset();
 }
 
 }  // namespace

@@ -1,10 +1,13 @@
 // Unit tests for proxy/metrics and proxy/stats_report: exact counts across
 // threads, buckets, errors by code, pool figures, and the three renderings.
 #include "observe/metrics.hpp"
+#include "observe/observer.hpp"
 #include "observe/stats_report.hpp"
 #include "observe_test_support.hpp"
 
 #include <doctest/doctest.h>
+
+#include <spdlog/sinks/null_sink.h>
 
 #include <thread>
 #include <vector>
@@ -151,6 +154,114 @@ TEST_CASE("pool figures: one entry per slot, stable, safe to register concurrent
   CHECK(figures[0].in_use == 3);
   CHECK(figures[0].wait_ns == 1'500'000);
   CHECK(figures[1].slot == 7);
+}
+
+// docs/groups.md, "Per-member figures": each [backend.NAME] has its own slot
+// IDs, so two backends' pools on one slot ID are two entries, each named by
+// its backend, never one sum.
+TEST_CASE("pool figures of two backends sharing a slot ID: apart, named in every rendering") {
+  LockSource os;
+  PoolMetricsRegistry a(os, "a"), b(os, "b");
+  REQUIRE(a.slot(0) != nullptr);
+  REQUIRE(b.slot(0) != nullptr);
+  a.slot(0)->open = 3;
+  a.slot(0)->in_use = 3;
+  a.slot(0)->unclean[0] = 2;
+  b.slot(0)->open = 1;
+  b.slot(0)->idle = 1;
+  LiveFigures live;
+  for (const PoolMetricsRegistry* r : {&a, &b}) {
+    for (SlotFigures& f : slot_figures(*r)) live.slots.push_back(std::move(f));
+  }
+  REQUIRE(live.slots.size() == 2);
+  CHECK(live.slots[0].backend == "a");
+  CHECK(live.slots[0].open == 3);
+  CHECK(live.slots[1].backend == "b");
+  CHECK(live.slots[1].open == 1);
+
+  std::string text = prometheus_text(MetricsSnapshot{}, live);
+  INFO(text);
+  auto p = parse_prometheus(text);
+  for (const auto& e : p.errors) FAIL_CHECK(e);
+  CHECK(p.at("p11mux_pool_sessions_open{backend=\"a\",slot=\"0\"}") == 3);
+  CHECK(p.at("p11mux_pool_sessions_open{backend=\"b\",slot=\"0\"}") == 1);
+  CHECK(p.at("p11mux_pool_sessions_idle{backend=\"b\",slot=\"0\"}") == 1);
+  CHECK(p.at("p11mux_pool_wait_duration_seconds_count{backend=\"a\",slot=\"0\"}") == 0);
+  CHECK(p.at("p11mux_pool_sessions_unclean_total{backend=\"a\",slot=\"0\",reason=\"" +
+             std::string(kCloseReasonNames[0]) + "\"}") == 2);
+  CHECK(p.at("p11mux_pool_sessions_unclean_total{backend=\"b\",slot=\"0\",reason=\"" +
+             std::string(kCloseReasonNames[0]) + "\"}") == 0);
+  CHECK_FALSE(p.has("p11mux_pool_sessions_open{slot=\"0\"}"));
+
+  std::string json = stats_json(MetricsSnapshot{}, live);
+  CHECK(valid_json(json));
+  CHECK_MESSAGE(
+      json.find("\"slots\":[{\"backend\":\"a\",\"slot\":0,\"open\":3,") != std::string::npos, json);
+  CHECK_MESSAGE(
+      json.find("{\"backend\":\"b\",\"slot\":0,\"open\":1,\"idle\":1,") != std::string::npos, json);
+
+  std::string all;
+  for (const auto& l : summary_lines(MetricsSnapshot{}, live)) all += l + "\n";
+  CHECK_MESSAGE(
+      all.find("  backend a slot 0 pool: 0 virtual sessions on 3 open (0 idle, 3 in use)") !=
+          std::string::npos,
+      all);
+  CHECK_MESSAGE(
+      all.find("  backend b slot 0 pool: 0 virtual sessions on 1 open (1 idle, 0 in use)") !=
+          std::string::npos,
+      all);
+}
+
+// The single-backend configuration's figures stay as they were before groups:
+// no backend name anywhere (dashboards and scrapers keep working).
+TEST_CASE("pool figures of the single backend carry no backend name") {
+  LockSource os;
+  PoolMetricsRegistry only(os);
+  only.slot(0)->open = 2;
+  LiveFigures live;
+  live.slots = slot_figures(only);
+  REQUIRE(live.slots.size() == 1);
+  CHECK(live.slots[0].backend.empty());
+  std::string text = prometheus_text(MetricsSnapshot{}, live);
+  CHECK(text.find("backend=") == std::string::npos);
+  CHECK(parse_prometheus(text).at("p11mux_pool_sessions_open{slot=\"0\"}") == 2);
+  std::string json = stats_json(MetricsSnapshot{}, live);
+  CHECK(json.find("\"backend\"") == std::string::npos);
+  CHECK(json.find("\"slots\":[{\"slot\":0,\"open\":2,") != std::string::npos);
+  std::string all;
+  for (const auto& l : summary_lines(MetricsSnapshot{}, live)) all += l + "\n";
+  CHECK(all.find("\n  slot 0 pool: 0 virtual sessions on 2 open") != std::string::npos);
+}
+
+// The observer gives each [backend.NAME] a registry of its own, in the
+// configuration's order (Runtime::ports()'s), and reports them all.
+TEST_CASE("the observer keeps each backend's pool figures apart, in configuration order") {
+  LockSource os;
+  Config config;
+  for (const char* name : {"hsm_b", "hsm_a"}) {
+    NamedBackend& b = config.backends.emplace_back();
+    b.name = name;
+  }
+  auto log = std::make_shared<spdlog::logger>("observer-test",
+                                              std::make_shared<spdlog::sinks::null_sink_mt>());
+  Observer observer(config, os, false, log);
+  REQUIRE(&observer.pools(0) != &observer.pools(1));
+  observer.pools(0).slot(0)->open = 5;
+  observer.pools(1).slot(0)->open = 7;
+  observer.pools(1).slot(2)->open = 1;
+  auto p = parse_prometheus(observer.prometheus());
+  CHECK(p.at("p11mux_pool_sessions_open{backend=\"hsm_b\",slot=\"0\"}") == 5);
+  CHECK(p.at("p11mux_pool_sessions_open{backend=\"hsm_a\",slot=\"0\"}") == 7);
+  CHECK(p.at("p11mux_pool_sessions_open{backend=\"hsm_a\",slot=\"2\"}") == 1);
+  std::string json = observer.json();
+  const auto b0 = json.find("{\"backend\":\"hsm_b\",\"slot\":0,\"open\":5,");
+  const auto a0 = json.find("{\"backend\":\"hsm_a\",\"slot\":0,\"open\":7,");
+  const auto a2 = json.find("{\"backend\":\"hsm_a\",\"slot\":2,\"open\":1,");
+  REQUIRE(b0 != std::string::npos);
+  REQUIRE(a0 != std::string::npos);
+  REQUIRE(a2 != std::string::npos);
+  CHECK(b0 < a0);  // by backend in configuration order, then by slot
+  CHECK(a0 < a2);
 }
 
 MetricsSnapshot sample_snapshot() {
