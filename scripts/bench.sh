@@ -52,8 +52,10 @@ Sections (--only):
              backend (at most 4 sessions per token), 64 threads signing
              (sign-ec) with their own sessions through groups of 1, 2 and 3
              members ([pool] bind = state), beside one member directly
-             ("physical", 4 threads) and through p11mux's single backend.
-             Scaling is groupN / (N x group1). Writes groups.csv and a table
+             ("physical", 4 threads) and through p11mux's single backend;
+             groups of 1 and 3 in multiplex mode, the 64 threads sharing one
+             session. Scaling is groupN / (N x group1), and the same in
+             multiplex mode. Writes groups.csv and a table
              in results.md. About 1 minute
   failover   a member dying under load (issue 15): the group of 3 members above
              (serialize mode, recovery_interval_s = 1), 64 threads signing
@@ -250,6 +252,11 @@ select_config() {
     group[1-3])
       module=$p11mux token=(--token-label signing)
       menv=(P11MUX_CONFIG="$work/$config.conf" P11MUX_SESSION_MODE=serialize) ;;
+    # The same groups in multiplex mode: the threads share one session, each
+    # on a lane of its own (docs/groups.md, "Multiplex mode").
+    group[1-3]-multiplex)
+      module=$p11mux token=(--token-label signing)
+      menv=(P11MUX_CONFIG="$work/${config%-multiplex}.conf" P11MUX_SESSION_MODE=multiplex) ;;
   esac
 }
 
@@ -602,13 +609,16 @@ fi
 # signing. "physical" is one member's capacity driven directly (4 threads;
 # the limit 5 for p11mux-load's idle setup session, which holds the login),
 # "member" the same token through p11mux's single backend, "groupN" a group
-# of the first N members, [pool] bind = state.
+# of the first N members, [pool] bind = state; "groupN-mux" the same group
+# in multiplex mode, the 64 threads sharing one session.
 groups_cases=(
   "physical member-direct per-thread 4 5 -"
   "member member-serialize per-thread 64 4 state"
   "group1 group1 per-thread 64 4 state"
   "group2 group2 per-thread 64 4 state"
   "group3 group3 per-thread 64 4 state"
+  "group1-mux group1-multiplex shared 64 4 state"
+  "group3-mux group3-multiplex shared 64 4 state"
 )
 
 # groups_setup: the member tokens beside the bench token, and group1..3.conf;
@@ -1069,9 +1079,11 @@ if [ -s "$out/groups.csv" ] && [ "$(wc -l <"$out/groups.csv")" -gt 1 ]; then
     echo "Members: SoftHSM2 tokens holding the same imported EC key, each on"
     echo "libp11mux-slow.so (0.5 ms per crypto call, at most 4 sessions per token). 64"
     echo "threads, each with its own session, signing (C_SignInit + C_Sign); groups of the"
-    echo "first N members in serialize mode, \`[pool] bind = state\`. \"physical\" is one member"
+    echo "first N members in serialize mode, \`[pool] bind = state\`; groupN-mux the same in"
+    echo "multiplex mode, the threads sharing one session. \"physical\" is one member"
     echo "driven directly by 4 threads. Median of $runs run(s) of ${duration} s; scaling is"
-    echo "groupN / (N x group1) of the medians (goal: 0.9 or more)."
+    echo "groupN / (N x group1) of the medians, and groupN-mux / (N x group1-mux) (goal: 0.9"
+    echo "or more)."
     echo
     echo "| case | sessions | threads | limit per member | ops/s | ratio to physical | scaling | errors | p99 latency | status |"
     echo "|---|---|---|---|---|---|---|---|---|---|"
@@ -1080,8 +1092,10 @@ if [ -s "$out/groups.csv" ] && [ "$(wc -l <"$out/groups.csv")" -gt 1 ]; then
       ratio = ($11 == "") ? "" : sprintf("%.2fx", $11)
       lat = ($13 == "") ? "" : $13 " ms"
       if ($1 == "group1") one = $8
+      if ($1 == "group1-mux") one_mux = $8
       scaling = ""
       if ($1 ~ /^group[0-9]$/ && one != "" && $8 != "") scaling = sprintf("%.2f", $8 / (substr($1, 6) * one))
+      if ($1 ~ /^group[0-9]-mux$/ && one_mux != "" && $8 != "") scaling = sprintf("%.2f", $8 / (substr($1, 6, 1) * one_mux))
       printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $4, $5, $6, ops, ratio, scaling, $12, lat, $14
     }' "$out/groups.csv"
   } >>"$out/results.md"
