@@ -57,6 +57,8 @@ template <class F, bool kOnGroup, class Via, class Observation, class CallBacken
   // [pool] bind = state: an idle session holds none; it waits for one
   // holding nothing else (docs/design.md, "Binding on state").
   if (binding.backend == CK_INVALID_HANDLE) [[unlikely]] {
+    // A group's member weighs the wait as work queued for it (balancer.hpp).
+    std::conditional_t<kOnGroup, MemberWait, NoMemberWait> waiting(rt, s);
     if (CK_RV rv = bind_anchor(s); rv != CKR_OK) {
       if constexpr (kOnGroup) member_unreached(rt, s, rv);
       return rv;

@@ -57,7 +57,7 @@ Balancer::Pick Balancer::least_busy(MemberHealth::Time now) noexcept {
   std::size_t ties = 0;
   for (std::size_t i = 0; i < n; ++i) {
     if (!members_[i]->up()) continue;
-    const std::uint32_t busy = members_[i]->in_flight();
+    const std::uint32_t busy = members_[i]->load();
     if (busy < least) {
       least = busy;
       ties = 1;
@@ -70,14 +70,13 @@ Balancer::Pick Balancer::least_busy(MemberHealth::Time now) noexcept {
   // sequential application still spreads its sessions over the members.
   std::size_t k = ties == 1 ? 0 : rotor_.fetch_add(1, std::memory_order_relaxed) % ties;
   for (std::size_t i = 0; i < n; ++i) {
-    if (!members_[i]->up() || members_[i]->in_flight() != least) continue;
+    if (!members_[i]->up() || members_[i]->load() != least) continue;
     if (k-- == 0) return keep_if_up(i, members_[i]->begin(now));
   }
   // The counts moved under the second pass: take the least busy of now.
   std::size_t best = kNone;
   for (std::size_t i = 0; i < n; ++i) {
-    if (members_[i]->up() &&
-        (best == kNone || members_[i]->in_flight() < members_[best]->in_flight())) {
+    if (members_[i]->up() && (best == kNone || members_[i]->load() < members_[best]->load())) {
       best = i;
     }
   }

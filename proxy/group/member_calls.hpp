@@ -117,6 +117,25 @@ class MemberCall {
   MemberHealth::Call call_;
 };
 
+// A group's session waiting for a backend session on its member, counted
+// there while it waits (MemberHealth::wait_begin).
+class MemberWait {
+ public:
+  MemberWait(Runtime& rt, const Session& s) noexcept REQUIRES(s.lock)
+      : health_(rt.groups()->health(s.group, s.member)) {
+    health_.wait_begin();
+  }
+  ~MemberWait() { health_.wait_end(); }
+  MemberWait(const MemberWait&) = delete;
+  MemberWait& operator=(const MemberWait&) = delete;
+
+ private:
+  MemberHealth& health_;
+};
+struct NoMemberWait {
+  NoMemberWait(Runtime&, const Session&) noexcept {}
+};
+
 // MemberCall's place in a call on a session without a group: nothing.
 struct NoMemberCall {
   NoMemberCall(Runtime&, const Session&) noexcept {}

@@ -114,6 +114,14 @@ class MemberHealth {
   MemberState state() const noexcept { return state_.load(std::memory_order_acquire); }
   bool up() const noexcept { return state() == MemberState::up; }
   std::uint32_t in_flight() const noexcept { return in_flight_.load(std::memory_order_relaxed); }
+  // Calls waiting for one of its backend sessions (at its pool's limit): not
+  // in flight (a wait is not the member hanging), but work queued for it,
+  // which the balancer weighs with the calls in flight (load()).
+  void wait_begin() noexcept { waiting_.fetch_add(1, std::memory_order_relaxed); }
+  void wait_end() noexcept { waiting_.fetch_sub(1, std::memory_order_relaxed); }
+  std::uint32_t load() const noexcept {
+    return in_flight() + waiting_.load(std::memory_order_relaxed);
+  }
 
   // A call to the member starts: counted in flight, its start time kept.
   Call begin(Time now) noexcept;
@@ -183,6 +191,7 @@ class MemberHealth {
   std::atomic<std::uint32_t> in_flight_{0};
   std::atomic<std::uint64_t> calls_{0};
   std::atomic<bool> streak_open_{false};  // a session-gone streak has begun
+  std::atomic<std::uint32_t> waiting_{0};
 
   alignas(64) std::atomic<std::uint64_t> errors_{0};
   std::atomic<std::uint64_t> downs_{0};

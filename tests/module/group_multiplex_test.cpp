@@ -10,7 +10,11 @@
 
 #include <array>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
 #include <future>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -52,6 +56,54 @@ bool wait_hung(const FaultyControl* faulty, unsigned long slot) {
   }
   return false;
 }
+
+// A thread of its own that runs what it is given, in turn: one lane, used
+// at several moments of a test.
+class Worker {
+ public:
+  Worker() : thread_([this] { serve(); }) {}
+  ~Worker() {
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      stop_ = true;
+    }
+    ready_.notify_one();
+    thread_.join();
+  }
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  CK_RV run(std::function<CK_RV()> call) {
+    std::packaged_task<CK_RV()> task(std::move(call));
+    std::future<CK_RV> answer = task.get_future();
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      tasks_.push_back(std::move(task));
+    }
+    ready_.notify_one();
+    return answer.get();
+  }
+
+ private:
+  void serve() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      ready_.wait(lock, [this] { return stop_ || !tasks_.empty(); });
+      if (tasks_.empty()) return;
+      std::packaged_task<CK_RV()> task = std::move(tasks_.front());
+      tasks_.pop_front();
+      lock.unlock();
+      task();
+      lock.lock();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<std::packaged_task<CK_RV()>> tasks_;
+  bool stop_ = false;
+  std::thread thread_;
+};
 
 }  // namespace
 
@@ -122,6 +174,50 @@ TEST_CASE("group multiplex: the lane of a thread that exited closes when another
   ::unlink(sock.c_str());
 }
 
+TEST_CASE("group multiplex: balance = primary, an idle lane goes back to the first member") {
+  const std::string sock = unique_temp_path("primary", "sock");
+  FaultyGroup g("balance = primary\n", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                                        {"P11MUX_SESSION_MODE", "multiplex"},
+                                        {"P11MUX_LOG_LEVEL", "error"},
+                                        {"P11MUX_METRICS_LISTEN", sock.c_str()}});
+  // Each member takes one call at a time (its token says one session).
+  MockConfig mock = mock_tokens(3);
+  mock.token_max_session_count = 1;
+  REQUIRE(libs().mock->configure(&mock) == 0);
+  REQUIRE(g.proxy.initialize() == CKR_OK);
+  auto lanes_on = [&](const char* member) {
+    auto m = http_get(endpoint_of(sock), "/metrics");
+    REQUIRE(m);
+    return parse_prometheus(m->body).at(
+        std::string("p11mux_member_sessions{group=\"signing\",member=\"") + member + "\"}");
+  };
+  const CK_SESSION_HANDLE s = g.open();
+  // A first worker's lane on member 0; then a call of it hangs there, in
+  // flight, so the second worker's lane opens on member 1.
+  Worker first;
+  CHECK(first.run([&] { return g.random(s); }) == CKR_OK);
+  g.faulty->hang_slot(2, FAULTY_HANG_UNTIL_RELEASED);
+  auto hung =
+      std::async(std::launch::async, [&] { return first.run([&] { return g.random(s); }); });
+  struct Released {
+    const FaultyControl* faulty;
+    ~Released() { faulty->release_slot(2); }  // before `hung` waits, if a check fails
+  } released{g.faulty};
+  REQUIRE(wait_hung(g.faulty, 2));
+  Worker worker;
+  CHECK(worker.run([&] { return g.random(s); }) == CKR_OK);
+  CHECK(lanes_on("faulty/serial:2") == 1);
+  CHECK(lanes_on("faulty/label:mock-token-1") == 1);
+  g.faulty->release_slot(2);
+  CHECK(hung.get() == CKR_OK);
+  // Member 0 has room again: the worker's lane, holding nothing, goes back
+  // there before its next call takes a backend session.
+  CHECK(worker.run([&] { return g.random(s); }) == CKR_OK);
+  CHECK(lanes_on("faulty/serial:2") == 2);
+  CHECK(lanes_on("faulty/label:mock-token-1") == 0);
+  ::unlink(sock.c_str());
+}
+
 TEST_CASE("group multiplex: a lane's handle is never the application's") {
   MultiplexGroup g;
   CK_FUNCTION_LIST* p = g.proxy.p11;
@@ -175,8 +271,7 @@ TEST_CASE("group multiplex: a session object pins the session's lanes to its mem
   const CK_SESSION_HANDLE s = g.open(true);
   CK_OBJECT_CLASS cls = CKO_DATA;
   std::string label = "session object of a multiplexed session";
-  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls},
-                          {CKA_LABEL, label.data(), label.size()}};
+  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_LABEL, label.data(), label.size()}};
   CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;
   REQUIRE(g.random(s) == CKR_OK);
   REQUIRE(p->C_CreateObject(s, templ, 2, &object) == CKR_OK);

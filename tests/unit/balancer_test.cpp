@@ -56,6 +56,24 @@ TEST_CASE("balancer: least-busy takes the member with the fewest calls in flight
   for (auto& h : held) finish(b, h);
 }
 
+TEST_CASE("balancer: least-busy weighs the calls waiting for a member's sessions") {
+  // Member 0 has no call in flight but three waiting for a backend session
+  // (its pool at the limit); member 1 has one call in flight.
+  Members m(2);
+  Balancer b(Balance::least_busy, m.ptrs);
+  for (int i = 0; i < 3; ++i) m[0].wait_begin();
+  const Balancer::Pick busy{1, m[1].begin(t0)};
+  CHECK(m[0].load() == 3);
+  CHECK(m[1].load() == 1);
+  Balancer::Pick p = b.pick(t0);
+  REQUIRE(p);
+  CHECK(p.member == 1);
+  finish(b, p);
+  finish(b, busy);
+  for (int i = 0; i < 3; ++i) m[0].wait_end();
+  CHECK(m[0].load() == 0);
+}
+
 TEST_CASE("balancer: least-busy spreads ties, even one call at a time") {
   Members m(3);
   Balancer b(Balance::least_busy, m.ptrs);
