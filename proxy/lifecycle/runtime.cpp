@@ -198,7 +198,10 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
             if (call.epoch() != pool().epoch()) return;
             groups_->maintain(
                 HealthClock::now(),
-                [this](std::size_t g, std::size_t m) { return group_login_->join(g, m); },
+                // Logged in, then given the changes to token objects it missed.
+                [this](std::size_t g, std::size_t m) {
+                  return group_login_->join(g, m) && group_catch_up(*this, g, m);
+                },
                 [this](std::size_t g, std::size_t m) { group_member_readmitted(*this, g, m); });
           });
     } else {
