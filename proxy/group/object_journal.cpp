@@ -57,7 +57,7 @@ ObjectJournal::Kept ObjectJournal::keep(Member& m, std::size_t limit, MissedChan
   return Kept::kept;
 }
 
-ObjectJournal::Batch ObjectJournal::take(std::size_t member) {
+ObjectJournal::Batch ObjectJournal::take(std::size_t member, std::uint64_t downs) {
   Batch out;
   Locked s(state_);
   Member& m = s->members.at(member);
@@ -65,6 +65,7 @@ ObjectJournal::Batch ObjectJournal::take(std::size_t member) {
   if (m.lost != JournalLost::none) return out;
   if (m.changes.empty()) {
     m.behind = false;  // in step: changes are made on it directly again
+    m.in_step_at = downs;
     return out;
   }
   out.changes.assign(std::make_move_iterator(m.changes.begin()),

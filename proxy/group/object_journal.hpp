@@ -22,6 +22,7 @@
 // call and no other lock under it.
 #pragma once
 
+#include "group/member_health.hpp"
 #include "group/object_map.hpp"
 #include "group/template_copy.hpp"
 #include "sync/guarded.hpp"
@@ -78,26 +79,36 @@ class ObjectJournal {
     lost_now,  // not kept: the member is lost from now on (log it once)
     lost,      // the member was lost already
   };
-  // A change for `member`: when it is `reachable` (up, or joining) and
-  // missed nothing, `take`; else the change (`change`, built by `build()`
-  // once, shared by every member that misses it) is kept for it. One lock:
-  // the choice and the keeping are one step, so a member being brought up
-  // to date never misses a change between the two.
+  // A member as its health tells it now (member_health.hpp): its state,
+  // and how many times it went down.
+  struct MemberNow {
+    MemberState state = MemberState::up;
+    std::uint64_t downs = 0;
+  };
+  // A change for `member`: `take` when it missed nothing and is up, or is
+  // joining and was brought up to date since it last went down (take()
+  // found nothing left: it is logged in and in step, and about to be
+  // admitted). Else the change (`change`, built by `build()` once, shared by
+  // every member that misses it) is kept for it: a member down, probing, or
+  // joining before its login and catch-up are done. One lock: the choice and
+  // the keeping are one step, so a member being brought up to date never
+  // misses a change between the two.
   template <class Build>
-  Kept keep_unless_reachable(std::size_t member, bool reachable, MissedChangePtr& change,
+  Kept keep_unless_reachable(std::size_t member, MemberNow now, MissedChangePtr& change,
                              Build&& build);
   // The member took the change and answered as absent: kept for it.
   template <class Build>
   Kept missed(std::size_t member, MissedChangePtr& change, Build&& build);
 
-  // What the member missed, for its return (group_catch_up). `lost`: it
-  // cannot be brought up to date. No change and not lost: it is in step
-  // from now on (changes are made on it directly again).
+  // What the member missed, for its return (group_catch_up), `downs` its
+  // count of downs now. `lost`: it cannot be brought up to date. No change
+  // and not lost: it is in step from now on (changes are made on it directly
+  // again, joining already).
   struct Batch {
     JournalLost lost = JournalLost::none;
     std::vector<MissedChangePtr> changes;
   };
-  Batch take(std::size_t member);
+  Batch take(std::size_t member, std::uint64_t downs);
   // Changes not made after all (a member absent again): first in line again,
   // in their order, before any kept meanwhile.
   void put_back(std::size_t member, std::vector<MissedChangePtr> changes);
@@ -118,6 +129,9 @@ class ObjectJournal {
   struct Member {
     std::deque<MissedChangePtr> changes;
     bool behind = false;  // changes go to `changes`, not to the member
+    // Its count of downs when take() last found it in step: while joining
+    // with the same count, it takes changes (its catch-up is done).
+    std::uint64_t in_step_at = ~std::uint64_t{0};
     JournalLost lost = JournalLost::none;
   };
   struct State {
@@ -132,11 +146,13 @@ class ObjectJournal {
 };
 
 template <class Build>
-ObjectJournal::Kept ObjectJournal::keep_unless_reachable(std::size_t member, bool reachable,
+ObjectJournal::Kept ObjectJournal::keep_unless_reachable(std::size_t member, MemberNow now,
                                                          MissedChangePtr& change, Build&& build) {
   Locked s(state_);
   Member& m = s->members.at(member);
   if (m.lost != JournalLost::none) return Kept::lost;
+  const bool reachable = now.state == MemberState::up ||
+                         (now.state == MemberState::joining && m.in_step_at == now.downs);
   if (reachable && !m.behind) return Kept::take;
   return keep(
       m, limit_, change,

@@ -34,11 +34,14 @@ std::vector<std::string> labels(const ObjectJournal::Batch& batch) {
   return out;
 }
 
-// Keeps `c` for `member` as a call that finds it unreachable does.
+constexpr ObjectJournal::MemberNow kUp{MemberState::up, 0};
+constexpr ObjectJournal::MemberNow kDown{MemberState::down, 1};
+
+// Offers `c` to `member` as a call does (kDown: it is down).
 ObjectJournal::Kept keep(ObjectJournal& j, std::size_t member, MissedChangePtr c,
-                         bool reachable = false) {
+                         ObjectJournal::MemberNow now = kDown) {
   MissedChangePtr built;
-  return j.keep_unless_reachable(member, reachable, built, [&] { return c; });
+  return j.keep_unless_reachable(member, now, built, [&] { return c; });
 }
 
 }  // namespace
@@ -107,17 +110,17 @@ TEST_CASE("object journal: a reachable member in step takes changes; the others 
     ++builds;
     return change(MissedChange::Kind::create, "a");
   };
-  CHECK(j.keep_unless_reachable(0, true, built, build) == ObjectJournal::Kept::take);
+  CHECK(j.keep_unless_reachable(0, kUp, built, build) == ObjectJournal::Kept::take);
   CHECK(builds == 0);  // nothing built for a member that takes it
-  CHECK(j.keep_unless_reachable(1, false, built, build) == ObjectJournal::Kept::kept);
-  CHECK(j.keep_unless_reachable(2, false, built, build) == ObjectJournal::Kept::kept);
+  CHECK(j.keep_unless_reachable(1, kDown, built, build) == ObjectJournal::Kept::kept);
+  CHECK(j.keep_unless_reachable(2, kDown, built, build) == ObjectJournal::Kept::kept);
   CHECK(builds == 1);  // one change, shared
   CHECK(built.use_count() == 3);
   CHECK(j.behind(1));
   CHECK_FALSE(j.behind(0));
   // Behind, a member keeps getting changes kept even when reachable again:
   // in the group's order, never one made directly before those it missed.
-  CHECK(keep(j, 1, change(MissedChange::Kind::set, "b"), true) == ObjectJournal::Kept::kept);
+  CHECK(keep(j, 1, change(MissedChange::Kind::set, "b"), kUp) == ObjectJournal::Kept::kept);
   CHECK(j.pending(1) == 2);
   // A member that took it and answered as absent.
   MissedChangePtr destroy = change(MissedChange::Kind::destroy, "c");
@@ -129,20 +132,38 @@ TEST_CASE("object journal: taken in order; changes kept meanwhile come next; in 
   const LockSource locks;
   ObjectJournal j(2, locks);
   for (const char* l : {"1", "2", "3"}) keep(j, 1, change(MissedChange::Kind::set, l));
-  ObjectJournal::Batch first = j.take(1);
+  ObjectJournal::Batch first = j.take(1, 1);
   CHECK(first.lost == JournalLost::none);
   CHECK(labels(first) == std::vector<std::string>{"1", "2", "3"});
   // While it is brought back, it is still behind: a change goes to the journal.
   CHECK(j.behind(1));
-  CHECK(keep(j, 1, change(MissedChange::Kind::set, "4"), true) == ObjectJournal::Kept::kept);
+  CHECK(keep(j, 1, change(MissedChange::Kind::set, "4"), kUp) == ObjectJournal::Kept::kept);
   // Absent again after "1": "2", "3" back in front of "4".
   first.changes.erase(first.changes.begin());
   j.put_back(1, std::move(first.changes));
-  CHECK(labels(j.take(1)) == std::vector<std::string>{"2", "3", "4"});
+  CHECK(labels(j.take(1, 1)) == std::vector<std::string>{"2", "3", "4"});
   // Nothing left: in step, and changes are taken directly again.
-  CHECK(j.take(1).changes.empty());
+  CHECK(j.take(1, 1).changes.empty());
   CHECK_FALSE(j.behind(1));
-  CHECK(keep(j, 1, change(MissedChange::Kind::set, "5"), true) == ObjectJournal::Kept::take);
+  CHECK(keep(j, 1, change(MissedChange::Kind::set, "5"), kUp) == ObjectJournal::Kept::take);
+}
+
+TEST_CASE("object journal: a joining member takes changes only once brought up to date") {
+  const LockSource locks;
+  ObjectJournal j(1, locks);
+  // Joining (its login not done yet), having missed nothing: kept, not made
+  // there (a change would meet a member not logged in yet).
+  const ObjectJournal::MemberNow joining{MemberState::joining, 1};
+  CHECK(keep(j, 0, change(MissedChange::Kind::create, "a"), joining) == ObjectJournal::Kept::kept);
+  CHECK(labels(j.take(0, 1)) == std::vector<std::string>{"a"});
+  CHECK(j.take(0, 1).changes.empty());  // brought up to date
+  // Joining still (about to be admitted), in step: it takes changes.
+  CHECK(keep(j, 0, change(MissedChange::Kind::set, "b"), joining) == ObjectJournal::Kept::take);
+  // Down again, then joining again: its catch-up of that return is not done.
+  const ObjectJournal::MemberNow again{MemberState::joining, 2};
+  CHECK(keep(j, 0, change(MissedChange::Kind::set, "c"), again) == ObjectJournal::Kept::kept);
+  CHECK(keep(j, 0, change(MissedChange::Kind::set, "d"), {MemberState::probing, 2}) ==
+        ObjectJournal::Kept::kept);
 }
 
 TEST_CASE("object journal: bounded; past the limit the member is lost and its changes freed") {
@@ -158,13 +179,13 @@ TEST_CASE("object journal: bounded; past the limit the member is lost and its ch
   CHECK(keep(j, 0, change(MissedChange::Kind::create, "3")) == ObjectJournal::Kept::lost_now);
   CHECK(first.expired());  // dropped: a template's secret zeroed with it
   CHECK(keep(j, 0, change(MissedChange::Kind::create, "4")) == ObjectJournal::Kept::lost);
-  CHECK(keep(j, 0, change(MissedChange::Kind::create, "5"), true) == ObjectJournal::Kept::lost);
-  const ObjectJournal::Batch batch = j.take(0);
+  CHECK(keep(j, 0, change(MissedChange::Kind::create, "5"), kUp) == ObjectJournal::Kept::lost);
+  const ObjectJournal::Batch batch = j.take(0, 1);
   CHECK(batch.lost == JournalLost::overflow);
   CHECK(batch.changes.empty());
   // A change that cannot be kept loses the member too.
   MissedChangePtr none;
-  CHECK(j.keep_unless_reachable(1, false, none, [] { return MissedChangePtr(); }) ==
+  CHECK(j.keep_unless_reachable(1, kDown, none, [] { return MissedChangePtr(); }) ==
         ObjectJournal::Kept::lost_now);
   CHECK(j.lost(1) == JournalLost::not_kept);
 }
@@ -177,11 +198,11 @@ TEST_CASE("object journal: a change undone is withdrawn; a failed replay loses t
   keep(j, 0, kept);
   j.withdraw(0, kept);
   CHECK(kept.use_count() == 1);
-  CHECK(labels(j.take(0)) == std::vector<std::string>{"earlier"});
+  CHECK(labels(j.take(0, 1)) == std::vector<std::string>{"earlier"});
   keep(j, 0, change(MissedChange::Kind::set, "later"));
   j.lose(0, JournalLost::replay_failed);
   CHECK(j.pending(0) == 0);
-  CHECK(j.take(0).lost == JournalLost::replay_failed);
+  CHECK(j.take(0, 1).lost == JournalLost::replay_failed);
   CHECK(std::string(to_string(JournalLost::replay_failed)) == "replay_failed");
 }
 
