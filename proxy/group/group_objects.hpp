@@ -31,7 +31,7 @@ class BackendPort;
 class Runtime;
 
 // One group's map of virtual object handles, and how it makes token keys.
-// Defined in group_objects.cpp (it holds an ObjectMap).
+// Defined in group_objects_shared.hpp (it holds an ObjectMap and an ObjectJournal).
 class GroupObjects;
 
 void destroy_group_objects(GroupObjects* objects) noexcept;
