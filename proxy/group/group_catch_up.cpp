@@ -193,4 +193,26 @@ bool group_catch_up(Runtime& rt, std::size_t group, std::size_t member) noexcept
   return false;  // a log line that could not be made: its next probe tries again
 }
 
+void group_objects_finalize(Runtime& rt) noexcept {
+  const GroupRuntime& groups = *rt.groups();
+  for (std::size_t g = 0; g < groups.group_count(); ++g) {
+    GroupObjects& objects = rt.group_objects(g);
+    for (std::size_t m = 0; m < groups.members(g).size(); ++m) {
+      const ObjectJournal::Dropped d = objects.journal.drop(m);
+      if (d.changes == 0 && d.lost == JournalLost::none) continue;
+      try {
+        rt.log().warn(
+            "group '{}': member {} {}; it is behind the other members: bring its token up to "
+            "date (the vendor's backup or cloning) before the next start (docs/groups.md, "
+            "\"Objects\")",
+            objects.name, m,
+            d.lost == JournalLost::none
+                ? fmt::format("did not get {} change(s) to token objects", d.changes)
+                : std::string("was out of step already"));
+      } catch (...) {
+      }
+    }
+  }
+}
+
 }  // namespace p11mux

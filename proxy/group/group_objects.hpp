@@ -148,6 +148,11 @@ void group_session_ended(Runtime& rt, std::size_t group, std::size_t member,
 // more than the journal keeps (the operator must then bring its token up to
 // date).
 bool group_catch_up(Runtime& rt, std::size_t group, std::size_t member) noexcept;
+// C_Finalize: the changes kept for members that did not return dropped
+// (their templates zeroed now, not when the runtime goes: one kept for a
+// thread stuck in a backend never goes), and a warning line for each such
+// member: it is behind the others at the next start.
+void group_objects_finalize(Runtime& rt) noexcept;
 // `member` of group `group` is admitted again after it was down: it may have
 // restarted and numbered its objects anew, so its cached handles are
 // dropped and its pinned (session) objects are gone (ObjectMap::member_restarted).

@@ -104,6 +104,14 @@ void ObjectJournal::lose(std::size_t member, JournalLost why) {
   m.lost = why;
 }
 
+ObjectJournal::Dropped ObjectJournal::drop(std::size_t member) {
+  Locked s(state_);
+  Member& m = s->members.at(member);
+  const Dropped out{m.changes.size(), m.lost};
+  m.changes.clear();
+  return out;
+}
+
 bool ObjectJournal::behind(std::size_t member) {
   Locked s(state_);
   return s->members.at(member).behind;

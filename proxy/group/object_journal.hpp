@@ -120,6 +120,14 @@ class ObjectJournal {
   // no more, until the journal goes (p11mux initialized again).
   void lose(std::size_t member, JournalLost why);
 
+  // C_Finalize: the member's changes dropped (their templates zeroed, the
+  // last holder's); how many there were, and whether it was lost already.
+  struct Dropped {
+    std::size_t changes = 0;
+    JournalLost lost = JournalLost::none;
+  };
+  Dropped drop(std::size_t member);
+
   // Whether the member has changes kept, and how many (tests, logs).
   bool behind(std::size_t member);
   std::size_t pending(std::size_t member);

@@ -383,6 +383,7 @@ bool Runtime::shutdown() noexcept {
   // Every kept PIN zeroed first; the backends' C_Finalize ends the logins
   // (no member's logout on a borrowed session while the pools are closing).
   if (group_login_) group_login_->finalize();
+  if (groups_) group_objects_finalize(*this);  // missed changes' templates zeroed
   sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
   for (auto& pool : pools_) pool->close_all();
   {

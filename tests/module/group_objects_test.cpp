@@ -894,3 +894,22 @@ TEST_CASE("group objects: a missed change that fails on the returning member kee
 }
 
 }  // namespace p11mux::test
+
+namespace p11mux::test {
+
+TEST_CASE("group objects: C_Finalize drops the changes a member did not get, and says so") {
+  FaultyGroup g("",
+                {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}, {"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(g.proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = g.proxy.p11;
+  const CK_SESSION_HANDLE a = g.open(true);  // member 0
+  g.faulty->set_slot_removed(1, 1);          // member 1 stays away until the end
+  (void)capture_stderr([&] { create_data(p, a, true, "never on member 1"); });
+  const std::string err = capture_stderr([&] { CHECK(p->C_Finalize(nullptr) == CKR_OK); });
+  g.proxy.finalized();
+  g.faulty->clear_slot(1);
+  CHECK_MESSAGE(err.find("member 1 did not get 1 change(s) to token objects") != std::string::npos,
+                err);
+}
+
+}  // namespace p11mux::test
