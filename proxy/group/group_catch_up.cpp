@@ -190,7 +190,11 @@ bool group_catch_up(Runtime& rt, std::size_t group, std::size_t member) noexcept
       objects.name, member);
   return stay_down();
 } catch (...) {
-  return false;  // a log line that could not be made: its next probe tries again
+  // No memory for a log line, say, perhaps with changes taken and not made:
+  // not guessed back into step (docs/groups.md, "Objects").
+  rt.group_objects(group).journal.lose(member, JournalLost::not_kept);
+  (void)rt.groups()->health(group, member).mark_down(DownReason::out_of_sync, HealthClock::now());
+  return false;
 }
 
 void group_objects_finalize(Runtime& rt) noexcept {
