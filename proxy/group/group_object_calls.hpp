@@ -147,6 +147,13 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
       CK_OBJECT_HANDLE own = CK_INVALID_HANDLE;
       if constexpr (F::name == "C_CreateObject") own = *std::get<2>(args);
       if constexpr (F::name == "C_CopyObject") own = *std::get<3>(args);
+      // A token object whose identity another has: refused (group_refuse_taken).
+      // (A template without CKA_TOKEN true makes a session object: spec default.)
+      if constexpr (F::name == "C_CreateObject") {
+        if (group_token_template(std::get<0>(args), std::get<1>(args)))
+          rv = group_refuse_taken(call, own);
+      }
+      if constexpr (F::name == "C_CopyObject") rv = group_refuse_taken(call, own);
       std::apply([&](auto... a) { (issue(a), ...); }, args);
       // A token object made: on every member (docs/groups.md, "Objects").
       if constexpr (F::name == "C_CreateObject") {

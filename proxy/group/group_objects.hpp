@@ -31,7 +31,7 @@ class BackendPort;
 class Runtime;
 
 // One group's map of virtual object handles, and how it makes token keys.
-// Defined in group_objects.cpp (it holds an ObjectMap).
+// Defined in group_objects_shared.hpp (it holds an ObjectMap and an ObjectJournal).
 class GroupObjects;
 
 void destroy_group_objects(GroupObjects* objects) noexcept;
@@ -90,9 +90,16 @@ void group_destroyed(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept;
 // Token objects are on every member (docs/groups.md, "Objects"): whether
 // `handle` names one (not pinned to a member).
 bool group_replicated(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept;
+// C_CreateObject or C_CopyObject made `own` on the session's member: if it is
+// a token object whose identity another object there has, it is destroyed
+// again and the call refused (CKR_ATTRIBUTE_VALUE_INVALID, a log line): every
+// member would hold two objects of one identity, which the map refuses to
+// tell apart (docs/groups.md, "Objects"). Else CKR_OK.
+CK_RV group_refuse_taken(GroupCall& call, CK_OBJECT_HANDLE own) noexcept;
 // C_CreateObject of a token object succeeded on the session's member (`own`,
 // now `handle`): made with `templ` on every other member whose token is
-// present, through borrowed R/W sessions. A member that refuses: the copies
+// present, through borrowed R/W sessions (a member down, or absent, gets it at
+// its return: group_catch_up). A member that refuses: the copies
 // made, and `own`, destroyed again, `handle` ended, that member's error
 // answered, and a log line.
 CK_RV group_replicate_create(GroupCall& call, CK_OBJECT_HANDLE handle, CK_ATTRIBUTE_PTR templ,
@@ -131,6 +138,21 @@ CK_RV group_replicate_destroy(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept
 // objects made there are gone.
 void group_session_ended(Runtime& rt, std::size_t group, std::size_t member,
                          CK_SESSION_HANDLE backend) noexcept;
+// `member` of group `group` joins after it was down (its probe answered, its
+// login done; GroupRuntime::maintain's join step): the changes to token
+// objects it missed (object_journal.hpp) are made on it, in order, on a
+// session borrowed from its pool. True: it is in step and may be admitted.
+// False, with a log line and counted in its errors, it stays down
+// (DownReason::out_of_sync): until its next probe when it was absent again;
+// until p11mux is initialized again when a change failed there, or it missed
+// more than the journal keeps (the operator must then bring its token up to
+// date).
+bool group_catch_up(Runtime& rt, std::size_t group, std::size_t member) noexcept;
+// C_Finalize: the changes kept for members that did not return dropped
+// (their templates zeroed now, not when the runtime goes: one kept for a
+// thread stuck in a backend never goes), and a warning line for each such
+// member: it is behind the others at the next start.
+void group_objects_finalize(Runtime& rt) noexcept;
 // `member` of group `group` is admitted again after it was down: it may have
 // restarted and numbered its objects anew, so its cached handles are
 // dropped and its pinned (session) objects are gone (ObjectMap::member_restarted).

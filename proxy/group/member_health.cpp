@@ -45,6 +45,8 @@ const char* to_string(DownReason reason) noexcept {
       return "probe-failed";
     case DownReason::login_failed:
       return "login-failed";
+    case DownReason::out_of_sync:
+      return "out-of-sync";
   }
   return "?";
 }

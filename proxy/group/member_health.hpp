@@ -54,7 +54,8 @@ enum class DownReason : std::uint8_t {
   sessions_gone,
   hung,
   probe_failed,
-  login_failed
+  login_failed,
+  out_of_sync  // it missed changes to token objects it could not be given (group_objects.hpp)
 };
 const char* to_string(DownReason reason) noexcept;
 
@@ -172,6 +173,8 @@ class MemberHealth {
 
   void count_failover() noexcept { failovers_.fetch_add(1, std::memory_order_relaxed); }
   void count_replay() noexcept { replays_.fetch_add(1, std::memory_order_relaxed); }
+  // An error of the runtime's own about it (a missed change it could not be given).
+  void count_error() noexcept { errors_.fetch_add(1, std::memory_order_relaxed); }
 
   MemberCounters counters() const noexcept;
   const MemberHealthRules& rules() const noexcept { return rules_; }

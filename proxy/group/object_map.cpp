@@ -209,27 +209,62 @@ ObjectMap::Issued ObjectMap::issue_found(MemberIndex member, CK_OBJECT_HANDLE ob
   const ObjectIdentity& identity = *read.identity;
   const std::uint64_t gen = generation(member);
   const std::size_t index = ObjectIdentityHash{}(identity) & (kShards - 1);
-  Locked shard(shards_[index]);
-  if (auto it = shard->by_identity.find(identity); it != shard->by_identity.end()) {
-    Copy& copy = shard->entries.at(it->second).copies[member];
+  // The member's object is the entry's copy there (a second object of the
+  // identity on the member, or one made again: the next resolve searches).
+  const auto seen = [&](Entry& entry) {
+    Copy& copy = entry.copies[member];
     if (copy.generation != gen || copy.state == CacheState::missing) {
       copy = {gen, CacheState::found, 1, object};
     } else if (copy.state == CacheState::found && copy.object != object) {
-      // Two objects of this identity on the member, or the object moved
-      // (destroyed and made again elsewhere): the next resolve searches.
       copy = {};
     }
-    return {CKR_OK, it->second};
+  };
+  // The identity is looked up in the shard its hash picks; its entry is in
+  // its handle's shard: the same one, unless the handle was re-keyed
+  // (rekey), when the identity's shard holds an alias. An alias whose entry
+  // no longer has the identity (re-keyed again, destroyed) is dropped.
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    CK_OBJECT_HANDLE aliased = CK_INVALID_HANDLE;
+    {
+      Locked shard(shards_[index]);
+      auto it = shard->by_identity.find(identity);
+      if (it == shard->by_identity.end()) {
+        const CK_OBJECT_HANDLE handle = new_handle(*shard, index);
+        if (handle == CK_INVALID_HANDLE) return {CKR_GENERAL_ERROR, CK_INVALID_HANDLE};
+        Entry entry;
+        entry.identity = identity;
+        entry.copies.resize(members());
+        entry.copies[member] = {gen, CacheState::found, 1, object};
+        shard->entries.emplace(handle, std::move(entry));
+        shard->by_identity.emplace(identity, handle);
+        return {CKR_OK, handle};
+      }
+      if ((it->second & (kShards - 1)) == index) {
+        auto e = shard->entries.find(it->second);
+        if (e != shard->entries.end() && e->second.identity == identity) {
+          seen(e->second);
+          return {CKR_OK, it->second};
+        }
+        shard->by_identity.erase(it);
+        continue;
+      }
+      aliased = it->second;
+    }
+    {
+      Locked shard(shard_of(aliased));
+      auto e = shard->entries.find(aliased);
+      if (e != shard->entries.end() && e->second.identity == identity) {
+        seen(e->second);
+        return {CKR_OK, aliased};
+      }
+    }
+    Locked shard(shards_[index]);
+    if (auto it = shard->by_identity.find(identity);
+        it != shard->by_identity.end() && it->second == aliased) {
+      shard->by_identity.erase(it);
+    }
   }
-  const CK_OBJECT_HANDLE handle = new_handle(*shard, index);
-  if (handle == CK_INVALID_HANDLE) return {CKR_GENERAL_ERROR, CK_INVALID_HANDLE};
-  Entry entry;
-  entry.identity = identity;
-  entry.copies.resize(members());
-  entry.copies[member] = {gen, CacheState::found, 1, object};
-  shard->entries.emplace(handle, std::move(entry));
-  shard->by_identity.emplace(identity, handle);
-  return {CKR_OK, handle};
+  return {CKR_GENERAL_ERROR, CK_INVALID_HANDLE};  // re-keyed to and fro meanwhile, each time
 }
 
 ObjectMap::Issued ObjectMap::issue_session_object(MemberIndex member,
@@ -371,6 +406,10 @@ ObjectMap::Resolved ObjectMap::resolve(MemberObjects& members, CK_OBJECT_HANDLE 
                                               : "CKA_LABEL",
         to_string(rule_));
   }
+  return resolved(found);
+}
+
+ObjectMap::Resolved ObjectMap::resolved(const Copy& found) noexcept {
   switch (found.state) {
     case CacheState::found:
       return {Status::found, found.object, CKR_OK, 1};
@@ -436,9 +475,65 @@ std::optional<MemberIndex> ObjectMap::pinned_member(CK_OBJECT_HANDLE handle) {
   return it->second.member;
 }
 
-void ObjectMap::destroy(CK_OBJECT_HANDLE handle) {
+std::optional<ObjectIdentity> ObjectMap::identity_of(CK_OBJECT_HANDLE handle) {
   Locked shard(shard_of(handle));
-  erase(*shard, handle);
+  auto it = shard->entries.find(handle);
+  if (it == shard->entries.end()) return std::nullopt;
+  return it->second.identity;
+}
+
+ObjectMap::Resolved ObjectMap::find(MemberObjects& members, MemberIndex member,
+                                    const ObjectIdentity& identity) const {
+  if (member >= this->members()) return {};
+  CK_RV rv = CKR_OK;
+  const Copy found = search(members, member, identity, rv);
+  if (rv != CKR_OK) return {Status::failed, CK_INVALID_HANDLE, rv, 0};
+  return resolved(found);
+}
+
+bool ObjectMap::rekey(CK_OBJECT_HANDLE handle, const ObjectIdentity& identity) {
+  ObjectIdentity old;
+  {
+    Locked shard(shard_of(handle));
+    auto it = shard->entries.find(handle);
+    if (it == shard->entries.end() || !it->second.identity) return false;
+    if (*it->second.identity == identity) return true;
+    old = std::exchange(*it->second.identity, identity);
+  }
+  // One shard at a time (a leaf lock): the entry first, then the new
+  // identity's alias, then the old one's dropped. A search result seen in
+  // between is issued a handle of its own (issue_found), never another
+  // object's.
+  {
+    Locked shard(shards_[ObjectIdentityHash{}(identity) & (kShards - 1)]);
+    shard->by_identity.insert_or_assign(identity, handle);
+  }
+  Locked shard(shards_[ObjectIdentityHash{}(old) & (kShards - 1)]);
+  if (auto it = shard->by_identity.find(old);
+      it != shard->by_identity.end() && it->second == handle) {
+    shard->by_identity.erase(it);
+  }
+  return true;
+}
+
+void ObjectMap::destroy(CK_OBJECT_HANDLE handle) {
+  std::optional<ObjectIdentity> identity;
+  {
+    Locked shard(shard_of(handle));
+    if (auto it = shard->entries.find(handle); it != shard->entries.end()) {
+      identity = it->second.identity;
+    }
+    erase(*shard, handle);
+  }
+  // A re-keyed handle's alias, in its identity's shard.
+  if (!identity) return;
+  const std::size_t index = ObjectIdentityHash{}(*identity) & (kShards - 1);
+  if (index == (handle & (kShards - 1))) return;
+  Locked shard(shards_[index]);
+  if (auto it = shard->by_identity.find(*identity);
+      it != shard->by_identity.end() && it->second == handle) {
+    shard->by_identity.erase(it);
+  }
 }
 
 void ObjectMap::forget_session(MemberIndex member, CK_SESSION_HANDLE backend_session) {

@@ -165,6 +165,20 @@ class ObjectMap {
 
   // The member a pinned handle is on; nullopt for a replicated or unknown one.
   std::optional<MemberIndex> pinned_member(CK_OBJECT_HANDLE handle);
+  // A replicated handle's identity; nullopt for a pinned or unknown one.
+  std::optional<ObjectIdentity> identity_of(CK_OBJECT_HANDLE handle);
+
+  // The objects of `identity` on `member`, searched now (nothing cached, no
+  // handle issued): found (one), missing, ambiguous (several), or failed.
+  Resolved find(MemberObjects& members, MemberIndex member, const ObjectIdentity& identity) const;
+
+  // `handle`'s object now has `identity` (a C_SetAttributeValue changed the
+  // attributes of object_key on every member): the handle and its cached
+  // copies stay; it is found by the new identity, and the old one names
+  // nothing. False if `handle` is unknown or pinned. The identity is looked
+  // up in the shard its hash picks, which may not be the handle's: an alias
+  // there points to the handle (issue_found follows it).
+  bool rekey(CK_OBJECT_HANDLE handle, const ObjectIdentity& identity);
 
   // The object is gone (C_DestroyObject done): its handle is never valid again.
   void destroy(CK_OBJECT_HANDLE handle);
@@ -236,6 +250,8 @@ class ObjectMap {
   Issued issue_pinned(MemberIndex member, CK_OBJECT_HANDLE object,
                       CK_SESSION_HANDLE backend_session, bool made_now);
   static void erase(Shard& shard, CK_OBJECT_HANDLE handle);
+  // A search's outcome as resolve answers it.
+  static Resolved resolved(const Copy& found) noexcept;
   // Searches `member` for `identity`: the outcome, with the object when found.
   Copy search(MemberObjects& members, MemberIndex member, const ObjectIdentity& identity,
               CK_RV& rv) const;

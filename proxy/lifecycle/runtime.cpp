@@ -198,7 +198,10 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
             if (call.epoch() != pool().epoch()) return;
             groups_->maintain(
                 HealthClock::now(),
-                [this](std::size_t g, std::size_t m) { return group_login_->join(g, m); },
+                // Logged in, then given the changes to token objects it missed.
+                [this](std::size_t g, std::size_t m) {
+                  return group_login_->join(g, m) && group_catch_up(*this, g, m);
+                },
                 [this](std::size_t g, std::size_t m) { group_member_readmitted(*this, g, m); });
           });
     } else {
@@ -380,6 +383,7 @@ bool Runtime::shutdown() noexcept {
   // Every kept PIN zeroed first; the backends' C_Finalize ends the logins
   // (no member's logout on a borrowed session while the pools are closing).
   if (group_login_) group_login_->finalize();
+  if (groups_) group_objects_finalize(*this);  // missed changes' templates zeroed
   sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
   for (auto& pool : pools_) pool->close_all();
   {

@@ -7,10 +7,12 @@
 #include "group_harness.hpp"
 
 #include <array>
+#include <chrono>
 #include <cstring>
 #include <fstream>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 namespace p11mux::test {
@@ -699,6 +701,215 @@ TEST_CASE("group objects: generate_token_keys = primary makes token keys on the 
   CK_OBJECT_HANDLE session_key = CK_INVALID_HANDLE;
   REQUIRE(p->C_GenerateKey(b, &gen, templ + 1, 1, &session_key) == CKR_OK);
   CHECK(p->C_GetObjectSize(b, session_key, &size) == CKR_OK);
+}
+
+}  // namespace p11mux::test
+
+// Identity changes, identities taken, and members that missed changes
+// (docs/groups.md, "Objects").
+namespace p11mux::test {
+namespace {
+
+CK_RV set_id(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE object,
+             const std::string& id) {
+  CK_ATTRIBUTE a{CKA_ID, const_cast<char*>(id.data()), id.size()};
+  return p->C_SetAttributeValue(s, object, &a, 1);
+}
+
+// The group's handles a search by CKA_ID `id` finds on session `s`.
+std::vector<CK_OBJECT_HANDLE> find_id(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s,
+                                      const std::string& id) {
+  CK_ATTRIBUTE templ[] = {{CKA_ID, const_cast<char*>(id.data()), id.size()}};
+  REQUIRE(p->C_FindObjectsInit(s, templ, 1) == CKR_OK);
+  std::array<CK_OBJECT_HANDLE, 8> found{};
+  CK_ULONG n = 0;
+  REQUIRE(p->C_FindObjects(s, found.data(), found.size(), &n) == CKR_OK);
+  REQUIRE(p->C_FindObjectsFinal(s) == CKR_OK);
+  return {found.begin(), found.begin() + n};
+}
+
+CK_RV try_create_key(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, const std::string& id,
+                     const std::string& label) {
+  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+  CK_KEY_TYPE type = CKK_GENERIC_SECRET;
+  CK_BBOOL yes = CK_TRUE;
+  std::string value = "a secret value of 32 bytes......";
+  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls},
+                          {CKA_KEY_TYPE, &type, sizeof type},
+                          {CKA_TOKEN, &yes, sizeof yes},
+                          {CKA_ID, const_cast<char*>(id.data()), id.size()},
+                          {CKA_LABEL, const_cast<char*>(label.data()), label.size()},
+                          {CKA_VALUE, value.data(), value.size()}};
+  CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+  return p->C_CreateObject(s, templ, 6, &h);
+}
+
+}  // namespace
+
+TEST_CASE("group objects: an identity changed, the handle follows it on every member") {
+  const FaultyControl* faulty = faulty_control();
+  GroupProxy proxy(faulty_group("balance = primary\n"), three_tokens(),
+                   {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}, {"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(faulty->reset() == 0);
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  faulty->set_slot_removed(2, 1);
+  const CK_SESSION_HANDLE b = proxy.open();  // on the second member
+  faulty->clear_slot(2);
+  const CK_SESSION_HANDLE a = proxy.open();  // on the first
+  const CK_OBJECT_HANDLE key = create_key(p, a, "k1", "renamed");
+  REQUIRE(set_id(p, a, key, "k9") == CKR_OK);
+  CHECK(keys_on(2, "k9") == Labels{"renamed"});
+  CHECK(keys_on(1, "k9") == Labels{"renamed"});
+  // Found by its new identity on the other member: the same handle.
+  CHECK(find_id(p, b, "k9") == std::vector<CK_OBJECT_HANDLE>{key});
+  CHECK(find_id(p, a, "k9") == std::vector<CK_OBJECT_HANDLE>{key});
+  CHECK(find_id(p, b, "k1").empty());
+  CHECK(label_of(p, b, key) == "renamed");
+  // The old identity names nothing now: a new object with it is another handle.
+  const CK_OBJECT_HANDLE again = create_key(p, a, "k1", "new k1");
+  CHECK(again != key);
+  CHECK(label_of(p, b, again) == "new k1");
+  CHECK(label_of(p, b, key) == "renamed");
+  // A data object is known by its label: relabelled, the handle follows.
+  const CK_OBJECT_HANDLE data = create_data(p, a, true, "data before");
+  REQUIRE(set_label(p, b, data, "data after") == CKR_OK);
+  CHECK(objects_on(2, "data after") == 1);
+  CHECK(objects_on(1, "data after") == 1);
+  CHECK(label_of(p, a, data) == "data after");
+  REQUIRE(p->C_DestroyObject(a, data) == CKR_OK);
+  CHECK(objects_on(2, "data after") == 0);
+  CHECK(objects_on(1, "data after") == 0);
+}
+
+TEST_CASE("group objects: a token object whose identity is taken is refused, logged") {
+  GroupProxy proxy(two_mock_members(), three_tokens(), {{"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();
+  const CK_OBJECT_HANDLE first = create_key(p, s, "k1", "first");
+  CK_RV rv = CKR_OK;
+  std::string err = capture_stderr([&] { rv = try_create_key(p, s, "k1", "second"); });
+  CHECK(rv == CKR_ATTRIBUTE_VALUE_INVALID);
+  CHECK_MESSAGE(err.find("another token object has its identity") != std::string::npos, err);
+  CHECK(keys_on(2, "k1") == Labels{"first"});
+  CHECK(keys_on(1, "k1") == Labels{"first"});
+  CHECK(label_of(p, s, first) == "first");
+  // An identity change onto a taken identity: refused, undone on every member.
+  const CK_OBJECT_HANDLE second = create_key(p, s, "k2", "second");
+  err = capture_stderr([&] { rv = set_id(p, s, second, "k1"); });
+  CHECK(rv == CKR_ATTRIBUTE_VALUE_INVALID);
+  CHECK_MESSAGE(err.find("another token object has the new identity") != std::string::npos, err);
+  CHECK(keys_on(2, "k2") == Labels{"second"});
+  CHECK(keys_on(1, "k2") == Labels{"second"});
+  CHECK(label_of(p, s, second) == "second");
+}
+
+TEST_CASE("group objects: a token object taken on one member only is refused everywhere") {
+  GroupProxy proxy(two_mock_members(), three_tokens(), {{"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();
+  provision(1, "stray");  // CKA_ID "k1" on the second member only
+  CK_RV rv = CKR_OK;
+  const std::string err = capture_stderr([&] { rv = try_create_key(p, s, "k1", "made"); });
+  CHECK(rv == CKR_ATTRIBUTE_VALUE_INVALID);
+  CHECK_MESSAGE(err.find("holds another token object of its identity") != std::string::npos, err);
+  CHECK(keys_on(2, "k1").empty());
+  CHECK(keys_on(1, "k1") == Labels{"stray"});
+}
+
+TEST_CASE("group objects: a member down during changes is given them when it returns") {
+  FaultyGroup g("",
+                {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}, {"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(g.proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = g.proxy.p11;
+  const CK_SESSION_HANDLE a = g.open(true);  // member 0 (the mock's slot 2)
+  const CK_OBJECT_HANDLE doomed = create_key(p, a, "doomed", "doomed");
+  const CK_OBJECT_HANDLE changed = create_key(p, a, "changed", "old label");
+  const CK_OBJECT_HANDLE renamed = create_data(p, a, true, "renamed before");
+  REQUIRE(keys_on(1, "doomed") == Labels{"doomed"});
+  // Member 1 (slot 1) fails; the changes meanwhile are kept for it.
+  g.faulty->fail_slot(1, CKR_DEVICE_ERROR);
+  std::string err = capture_stderr([&] {
+    CHECK(try_create_key(p, a, "made", "made while down") == CKR_OK);
+    CHECK(p->C_DestroyObject(a, doomed) == CKR_OK);
+    CHECK(set_label(p, a, changed, "new label") == CKR_OK);
+    CHECK(set_label(p, a, renamed, "renamed after") == CKR_OK);
+    CK_OBJECT_HANDLE copy = CK_INVALID_HANDLE;
+    std::string id = "copied";
+    CK_ATTRIBUTE templ[] = {{CKA_ID, id.data(), id.size()}};
+    CHECK(p->C_CopyObject(a, changed, templ, 1, &copy) == CKR_OK);
+  });
+  CHECK_MESSAGE(err.find("kept for its return") != std::string::npos, err);
+  // Behind p11mux's back: member 1 still has what it had.
+  CHECK(keys_on(1, "doomed") == Labels{"doomed"});
+  CHECK(keys_on(1, "made").empty());
+  CHECK(keys_on(2, "made") == Labels{"made while down"});
+  g.faulty->clear_slot(1);
+  // Its next probe: the changes are made there, in order, before it is admitted.
+  CHECK(eventually([] { return keys_on(1, "copied").size() == 1; }));
+  CHECK(keys_on(1, "made") == Labels{"made while down"});
+  CHECK(keys_on(1, "doomed").empty());
+  CHECK(keys_on(1, "changed") == Labels{"new label"});
+  CHECK(keys_on(1, "copied") == Labels{"new label"});
+  CHECK(objects_on(1, "renamed after") == 1);
+  CHECK(objects_on(1, "renamed before") == 0);
+  // The same objects on both members, and the secret key's value with them.
+  for (const char* id : {"made", "doomed", "changed", "copied"}) {
+    CAPTURE(id);
+    CHECK(keys_on(1, id) == keys_on(2, id));
+  }
+  CHECK(mock_stats().token_objects == 2 * 4);  // made, changed, copied, renamed on each
+  // Admitted (just after): a change is made on it directly again.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  create_data(p, a, true, "after");
+  CHECK(objects_on(1, "after") == 1);
+}
+
+TEST_CASE("group objects: a missed change that fails on the returning member keeps it down") {
+  FaultyGroup g("",
+                {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}, {"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(g.proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = g.proxy.p11;
+  const CK_SESSION_HANDLE a = g.open(true);  // member 0
+  g.faulty->fail_slot(1, CKR_DEVICE_ERROR);
+  (void)capture_stderr([&] { CHECK(try_create_key(p, a, "k1", "made while down") == CKR_OK); });
+  // Meanwhile an object of that identity appears on member 1 (out of band):
+  // which one would be the group's cannot be told.
+  provision(1, "out of band");
+  g.faulty->clear_slot(1);
+  const std::string err =
+      capture_stderr([] { std::this_thread::sleep_for(std::chrono::seconds(3)); });
+  CHECK_MESSAGE(err.find("member 1 stays out of the group") != std::string::npos, err);
+  CHECK_MESSAGE(err.find("bring the token up to date") != std::string::npos, err);
+  CHECK(keys_on(1, "k1") == Labels{"out of band"});
+  // Down: every session runs on member 0 (member 1's slot answers a code
+  // that would show a session there).
+  std::vector<CK_SESSION_HANDLE> sessions;
+  for (int i = 0; i < 4; ++i) sessions.push_back(g.open());
+  g.faulty->fail_slot(1, CKR_FUNCTION_FAILED);
+  for (CK_SESSION_HANDLE s : sessions) CHECK(g.random(s) == CKR_OK);
+  g.faulty->clear_slot(1);
+}
+
+}  // namespace p11mux::test
+
+namespace p11mux::test {
+
+TEST_CASE("group objects: C_Finalize drops the changes a member did not get, and says so") {
+  FaultyGroup g("",
+                {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}, {"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(g.proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = g.proxy.p11;
+  const CK_SESSION_HANDLE a = g.open(true);  // member 0
+  g.faulty->set_slot_removed(1, 1);          // member 1 stays away until the end
+  (void)capture_stderr([&] { create_data(p, a, true, "never on member 1"); });
+  const std::string err = capture_stderr([&] { CHECK(p->C_Finalize(nullptr) == CKR_OK); });
+  g.proxy.finalized();
+  g.faulty->clear_slot(1);
+  CHECK_MESSAGE(err.find("member 1 did not get 1 change(s) to token objects") != std::string::npos,
+                err);
 }
 
 }  // namespace p11mux::test

@@ -561,3 +561,37 @@ TEST_CASE("many threads issuing and resolving agree on every handle") {
 
 }  // namespace
 }  // namespace p11mux
+
+namespace p11mux {
+namespace {
+
+ObjectIdentity key_identity(std::string_view id) {
+  return *identity_under(ObjectKey::id_or_label, CKO_PRIVATE_KEY, bytes(id), bytes("key"));
+}
+
+}  // namespace
+
+TEST_CASE_FIXTURE(ThreeMembers, "rekey: the handle follows its object's new identity") {
+  const CK_OBJECT_HANDLE h = issue(0, on[0]);
+  CHECK_FALSE(map.rekey(h + 16 * 1000, key_identity("x")));  // unknown
+  // Identities whose shards differ from the handle's: the alias is followed.
+  for (int i = 0; i < 32; ++i) {
+    const std::string id = "renamed-" + std::to_string(i);
+    REQUIRE(map.rekey(h, key_identity(id)));
+    CHECK(map.identity_of(h) == key_identity(id));
+    const CK_OBJECT_HANDLE there = fake.add(1, key(id));
+    CHECK(issue(1, there) == h);
+    CHECK(map.find(fake, 1, key_identity(id)).status == ObjectMap::Status::found);
+  }
+  // The old identity names nothing: an object with it is another handle.
+  CHECK(issue(2, on[2]) != h);
+  // Destroyed: its last identity names nothing either.
+  const std::string last = "renamed-31";
+  map.destroy(h);
+  CHECK(map.identity_of(h) == std::nullopt);
+  const CK_OBJECT_HANDLE again = issue(2, fake.add(2, key(last)));
+  CHECK(again != h);
+  CHECK(issue(2, fake.add(2, key("renamed-30"))) != h);
+}
+
+}  // namespace p11mux
