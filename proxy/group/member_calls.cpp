@@ -183,6 +183,47 @@ CK_RV renew_gone_session(Runtime& rt, Session& s) noexcept {
   return CKR_OK;
 }
 
+void end_kept_replays(Runtime& rt, Session& s) noexcept {
+  SessionOperations& ops = *s.operations;
+  const OpMask ended = ops.replayed_ended();
+  ops.settled(ended);
+  Binding& b = s.anchor;
+  // Those the binding still holds (an error may have left them: maybe).
+  const auto kept = static_cast<OpMask>(ended & (b.ops | b.maybe));
+  if (kept == 0) return;
+  SessionPool& pool = *s.pool;
+  if (pool.port().version().major >= 3) {
+    MemberHealth& health = rt.groups()->health(s.group, s.member);
+    const MemberHealth::Call counted = health.begin(HealthClock::now());
+    const CK_RV rv = pool.port().call<fn::C_SessionCancel>(b.backend, cancel_flags(kept));
+    health.end(counted, rv, b.backend, HealthClock::now());
+    if (rv == CKR_OK) {
+      b.ops &= static_cast<OpMask>(~kept);
+      b.maybe &= static_cast<OpMask>(~kept);
+      return;
+    }
+  }
+  // v2.40 has no cancel: a fresh backend session in place of one that holds
+  // nothing else (its other operations and session objects would end with it).
+  if (((b.ops | b.maybe) & ~kept) != 0 || !b.objects.empty()) return;
+  CK_SESSION_HANDLE fresh = CK_INVALID_HANDLE;
+  const CK_NOTIFY notify = s.notify.load(std::memory_order_relaxed);
+  const bool borrowed = rt.binds_on_state() && notify == nullptr;
+  const CK_RV rv = notify != nullptr
+                       ? pool.open_notified(s.slot, s.rw, &s, &notify_trampoline, fresh)
+                   : borrowed ? pool.borrow(s.slot, s.rw, fresh)
+                              : pool.open(s.slot, s.rw, fresh);
+  if (rv != CKR_OK) return;  // the member answers the next Init as it would have
+  const auto fate = SessionPool::Fate::closed(CloseReason::operation_maybe_active);
+  if (borrowed) {
+    pool.give(s.slot, s.rw, b.backend, fate);
+  } else {
+    pool.close(s.slot, s.rw, b.backend, fate);
+  }
+  b.clear();
+  b.backend = fresh;
+}
+
 CK_RV replay_pending(Runtime& rt, Session& s) noexcept {
   SessionOperations& ops = *s.operations;
   const GroupRuntime& groups = *rt.groups();

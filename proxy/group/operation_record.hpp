@@ -334,7 +334,7 @@ class SessionOperations {
   // A session opened: nothing recorded, nothing pending.
   void reset() noexcept {
     for (OperationRecord& r : records_) r.end();
-    pending_ = lost_ = 0;
+    pending_ = lost_ = replayed_ = 0;
     interrupted_ = unreached_ = false;
   }
 
@@ -344,6 +344,7 @@ class SessionOperations {
   // call continuing it (take_lost), not by a later one of another kind.
   void moved(std::uint32_t from) noexcept {
     from_ = from;
+    replayed_ = 0;  // the backend session that had them is gone
     for (std::size_t i = 0; i < kKinds; ++i) {
       const auto kind = static_cast<OpMask>(1u << i);
       OperationRecord& r = records_[i];
@@ -385,11 +386,27 @@ class SessionOperations {
   // The replay of `kind` ran: it is live on the member (ok), or lost.
   void replayed(OpMask kind, bool ok) noexcept {
     pending_ &= static_cast<OpMask>(~kind);
-    if (!ok) {
+    if (ok) {
+      replayed_ |= kind;
+    } else {
       of(kind).end();
       lost_ |= kind;
     }
   }
+  // The kinds replayed on the session's backend session, until a call
+  // after their end has looked (replayed_ended, settled): the member's
+  // operation was p11mux's Init, so p11mux ends it if the member kept it
+  // past the application's end of it (replay_calls.hpp, end_kept_replays).
+  OpMask replayed() const noexcept { return replayed_; }
+  OpMask replayed_ended() const noexcept {
+    OpMask ended = 0;
+    for (std::size_t i = 0; i < kKinds; ++i) {
+      if ((replayed_ & (1u << i)) != 0 && records_[i].phase() == Phase::finished)
+        ended |= static_cast<OpMask>(1u << i);
+    }
+    return ended;
+  }
+  void settled(OpMask kinds) noexcept { replayed_ &= static_cast<OpMask>(~kinds); }
   // True once for a kind of `kinds` that a failover lost: the call
   // continuing it answers kOperationLostRv instead of reaching the member.
   bool take_lost(OpMask kinds) noexcept {
@@ -449,8 +466,9 @@ class SessionOperations {
   }
 
   std::array<OperationRecord, kKinds> records_;
-  OpMask pending_ = 0;  // replayable, to be replayed on the new member
-  OpMask lost_ = 0;     // lost by a failover, not yet told
+  OpMask pending_ = 0;   // replayable, to be replayed on the new member
+  OpMask lost_ = 0;      // lost by a failover, not yet told
+  OpMask replayed_ = 0;  // replayed on the backend session the session holds
   std::uint32_t from_ = 0;
   bool interrupted_ = false;
   bool unreached_ = false;

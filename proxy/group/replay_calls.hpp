@@ -47,13 +47,27 @@ inline constexpr bool kRetriedOnFailover = effect<F>.step == Step::start ||
 // member); an operation the new member refuses is lost.
 CK_RV replay_pending(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
 
+// Ends on `s`'s member the operations replayed there that the
+// application's calls have ended since (an error of the call continuing
+// one, or an answer p11mux gave without reaching the member) but the
+// member may have kept: a module that keeps an operation after an error
+// (SoftHSM2; the spec bender's KEEP_OP) would otherwise refuse the
+// application's next Init with CKR_OPERATION_ACTIVE, for an operation
+// p11mux started. v3.0 C_SessionCancel; else (v2.40) a fresh backend
+// session in place of one holding nothing else; else the member answers
+// as it would have.
+void end_kept_replays(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
+
 // Before F runs on `s`, bound to its backend session: what a failover left.
 template <class F>
 [[gnu::always_inline]] inline CK_RV restore_operations(Runtime& rt, Session& s) noexcept
     REQUIRES(s.lock) {
   SessionOperations& ops = *s.operations;
-  if (ops.pending() != 0) [[unlikely]] {
-    if (CK_RV rv = replay_pending(rt, s); rv != CKR_OK) return rv;
+  if ((ops.pending() | ops.replayed()) != 0) [[unlikely]] {
+    if (ops.replayed() != 0) end_kept_replays(rt, s);
+    if (ops.pending() != 0) {
+      if (CK_RV rv = replay_pending(rt, s); rv != CKR_OK) return rv;
+    }
   }
   if constexpr (kContinuedReplayable<F> != 0) {
     if (ops.take_lost(kContinuedReplayable<F>)) [[unlikely]]

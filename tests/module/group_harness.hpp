@@ -139,7 +139,12 @@ struct FaultyGroup {
     const char* mode;
   };
   explicit FaultyGroup(Bind bind, const char* level = "warn")
-      : FaultyGroup("", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+      : FaultyGroup(bind, P11MUX_TEST_MOCK_PATH, level) {}
+  // The same over another build of the mock (`target`: the spec bender,
+  // say), which the test configures before initialize(): this configures
+  // only the mock.
+  FaultyGroup(Bind bind, const char* target, const char* level)
+      : FaultyGroup("", {{"P11MUX_FAULTY_TARGET", target},
                          {"P11MUX_POOL_BIND", bind.mode},
                          {"P11MUX_LOG_LEVEL", level}}) {}
   ~FaultyGroup() { faulty->reset(); }
