@@ -15,6 +15,7 @@
 #include "forward/state_binding.hpp"
 #include "group/attribute_snapshot.hpp"
 #include "group/group_objects.hpp"
+#include "group/member_calls.hpp"
 #include "lifecycle/runtime.hpp"
 #include "policy/filters.hpp"
 
@@ -123,6 +124,9 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
     }
   }
   if (rv != CKR_OK) {
+    // An error of C_DigestKey ends the digest (docs/pkcs11-facts.md): this
+    // one is p11mux's and never reached the member, which still has it.
+    if constexpr (F::name == "C_DigestKey") end_digest_on_member(rt, s);
     // forward.hpp bound a backend session for this call ([pool] bind = state).
     if (rt.binds_on_state()) unbind_if_idle(s);
     return rv;

@@ -253,6 +253,35 @@ TEST_CASE("group objects: key arguments get their own codes; keys made are the g
   }
 }
 
+TEST_CASE("group objects: a C_DigestKey p11mux refuses ends the digest on the member too") {
+  // The spec ends a digest at any error of C_DigestKey; this one p11mux
+  // answers itself (the key is none of the group's), so the member, which
+  // never saw it, still has the digest, and would refuse the next Init.
+  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
+                   three_tokens());
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();
+  CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
+  std::string part = "digested after a refused key";
+  auto* bytes = reinterpret_cast<CK_BYTE*>(part.data());
+  for (int round = 0; round < 2; ++round) {
+    CAPTURE(round);
+    REQUIRE(p->C_DigestInit(s, &sha) == CKR_OK);
+    REQUIRE(p->C_DigestUpdate(s, bytes, part.size()) == CKR_OK);
+    CHECK(p->C_DigestKey(s, 0x7fff0000) == CKR_KEY_HANDLE_INVALID);
+    std::array<CK_BYTE, 64> out{};
+    CK_ULONG len = out.size();
+    CHECK(p->C_DigestFinal(s, out.data(), &len) == CKR_OPERATION_NOT_INITIALIZED);
+  }
+  // And the session digests as before.
+  REQUIRE(p->C_DigestInit(s, &sha) == CKR_OK);
+  std::array<CK_BYTE, 64> out{};
+  CK_ULONG len = out.size();
+  CHECK(p->C_Digest(s, bytes, part.size(), out.data(), &len) == CKR_OK);
+}
+
 TEST_CASE("group objects: a mechanism parameter that may name an object is refused, logged") {
   GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
                        "\n[group.signing]\nmembers = mock/serial:2\n",
