@@ -1,7 +1,9 @@
 // Which member of a group a new backend session (or a call that needs one)
 // goes to ([group.NAME] balance, issue 15; this folder's README.md,
 // "Balancer"): least-busy, round-robin, or primary. Only members that are up
-// (member_health.hpp) are chosen.
+// (member_health.hpp) are chosen. least-busy weighs a member's calls in
+// flight plus the calls waiting for one of its backend sessions
+// (MemberHealth::load): calls queued at a full pool are work for it too.
 //
 // On the per-call path when a call needs a backend session: no lock, no
 // allocation. The choice and the count of the call in flight are one step

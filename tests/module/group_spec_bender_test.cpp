@@ -27,21 +27,6 @@ namespace {
 // tests' own C_OpenSession now and then (spec_bender_test.cpp tests that one).
 constexpr unsigned long kBends = MOCK_BEND_ALL & ~MOCK_BEND_TRANSIENT_COUNT;
 
-const MockControl& bender() {
-  static const MockControl* control = [] {
-    void* lib = ::dlopen(P11MUX_TEST_SPEC_BENDER_PATH, RTLD_NOW | RTLD_LOCAL);
-    REQUIRE_MESSAGE(lib != nullptr, ::dlerror());
-    return reinterpret_cast<MockGetControlFn>(::dlsym(lib, "mock_get_control"))();
-  }();
-  return *control;
-}
-
-MockStats bender_stats() {
-  MockStats s{};
-  bender().stats(&s);
-  return s;
-}
-
 // The bender's three tokens, and a failure of its own when `fail` names a
 // function: the Nth call of it answers `rv` without doing its work, and
 // (KEEP_OP) leaves its operation active.

@@ -89,6 +89,23 @@ inline MockStats mock_stats() {
   return s;
 }
 
+// The spec bender's control (libp11mux-spec-bender.so: the mock bending the
+// specification as real modules do), loaded once.
+inline const MockControl& bender() {
+  static const MockControl* control = [] {
+    void* lib = ::dlopen(P11MUX_TEST_SPEC_BENDER_PATH, RTLD_NOW | RTLD_LOCAL);
+    REQUIRE_MESSAGE(lib != nullptr, ::dlerror());
+    return reinterpret_cast<MockGetControlFn>(::dlsym(lib, "mock_get_control"))();
+  }();
+  return *control;
+}
+
+inline MockStats bender_stats() {
+  MockStats s{};
+  bender().stats(&s);
+  return s;
+}
+
 // A test's p11mux: resets the mock, configures it, initializes p11mux, and
 // finalizes it at the end whatever happened.
 class Proxy {

@@ -26,21 +26,6 @@ using namespace std::chrono_literals;
 // not about the limit (so that each open succeeds).
 constexpr unsigned long kBendsButCount = MOCK_BEND_ALL & ~MOCK_BEND_TRANSIENT_COUNT;
 
-const MockControl& bender() {
-  static const MockControl* control = [] {
-    void* lib = ::dlopen(P11MUX_TEST_SPEC_BENDER_PATH, RTLD_NOW | RTLD_LOCAL);
-    REQUIRE_MESSAGE(lib != nullptr, ::dlerror());
-    return reinterpret_cast<MockGetControlFn>(::dlsym(lib, "mock_get_control"))();
-  }();
-  return *control;
-}
-
-MockStats bender_stats() {
-  MockStats s{};
-  bender().stats(&s);
-  return s;
-}
-
 MockConfig bends(unsigned long bits) {
   MockConfig c{};
   c.bend = bits;
