@@ -1,5 +1,6 @@
 #include "group/member_calls.hpp"
 
+#include "forward/end_digest.hpp"
 #include "group/group_login.hpp"
 #include "group/group_objects.hpp"
 #include "group/replay_calls.hpp"
@@ -8,10 +9,6 @@
 
 #include <p11mux/mechanism_names.hpp>
 #include <p11mux/rv_names.hpp>
-
-#include <string.h>
-
-#include <array>
 
 namespace p11mux {
 
@@ -231,19 +228,9 @@ void end_kept_replays(Runtime& rt, Session& s) noexcept {
 void end_digest_on_member(Runtime& rt, Session& s) noexcept {
   Binding& b = s.anchor;
   if (b.backend == CK_INVALID_HANDLE || ((b.ops | b.maybe) & op::digest) == 0) return;
-  const BackendPort& port = s.pool->port();
   MemberHealth& health = rt.groups()->health(s.group, s.member);
   const MemberHealth::Call counted = health.begin(HealthClock::now());
-  CK_RV rv = CKR_FUNCTION_NOT_SUPPORTED;
-  if (port.version().major >= 3) rv = port.call<fn::C_SessionCancel>(b.backend, CKF_DIGEST);
-  if (rv != CKR_OK) {
-    // Larger than any digest: a final call that fits ends the operation.
-    std::array<CK_BYTE, 1024> out{};
-    CK_ULONG len = out.size();
-    rv = port.call<fn::C_DigestFinal>(b.backend, out.data(), &len);
-    explicit_bzero(out.data(), out.size());
-    if (rv == CKR_OPERATION_NOT_INITIALIZED) rv = CKR_OK;  // it had ended after all
-  }
+  const CK_RV rv = end_digest(s.pool->port(), b.backend);
   health.end(counted, rv, b.backend, HealthClock::now());
   if (rv == CKR_OK) {
     b.ops &= static_cast<OpMask>(~op::digest);

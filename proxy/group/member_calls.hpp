@@ -138,9 +138,7 @@ struct NoMemberWait {
 
 // The digest active on `s`'s backend session ended there, for an error of
 // C_DigestKey that p11mux answered without reaching the member (its key not
-// on that member): by the spec the error ends the digest, and the member's
-// next C_DigestInit would answer CKR_OPERATION_ACTIVE. v3.0
-// C_SessionCancel; else a C_DigestFinal into a buffer of p11mux's.
+// on that member): forward/end_digest.hpp, counted on the member.
 void end_digest_on_member(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
 
 // MemberCall's place in a call on a session without a group: nothing.

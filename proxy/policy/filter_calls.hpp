@@ -2,6 +2,7 @@
 // Entry<F>'s slow path only, which calls take when a [policy] is set.
 #pragma once
 
+#include "forward/end_digest.hpp"
 #include "lifecycle/runtime.hpp"
 #include "policy/filters.hpp"
 #include "policy/protect_enforce.hpp"
@@ -122,7 +123,11 @@ CK_RV ObjectFiltered::call(Runtime& rt, const BackendPort& port, A... a) noexcep
       }());
     }
     (std::make_index_sequence<templates.size()>{});
-    if (rv != CKR_OK) return rv;
+    if (rv != CKR_OK) {
+      // The refusal of a C_DigestKey ends the digest, on the backend too.
+      if constexpr (F::name == "C_DigestKey") (void)end_digest(port, std::get<0>(args));
+      return rv;
+    }
     if constexpr (kProtected<F>) {
       const Protect& protect = rt.policy()->protect();
       if (protect.any()) {

@@ -250,6 +250,13 @@ TEST_CASE("filters: objects hides the other objects from C_FindObjects and every
     CK_MECHANISM sha = sha256();
     REQUIRE(p->C_DigestInit(h, &sha) == CKR_OK);
     CHECK(p->C_DigestKey(h, other) == CKR_KEY_HANDLE_INVALID);
+    // That error ended the digest, on the backend too (it never saw it).
+    CK_BYTE digest[MOCK_DIGEST_LEN];
+    CK_ULONG digest_len = sizeof digest;
+    CHECK(p->C_DigestFinal(h, digest, &digest_len) == CKR_OPERATION_NOT_INITIALIZED);
+    REQUIRE(p->C_DigestInit(h, &sha) == CKR_OK);
+    digest_len = sizeof digest;
+    CHECK(p->C_DigestFinal(h, digest, &digest_len) == CKR_OK);
     for (const char* f : {"C_SignInit", "C_VerifyInit", "C_EncryptInit", "C_DecryptInit",
                           "C_DeriveKey", "C_WrapKey", "C_GetObjectSize", "C_DestroyObject",
                           "C_CopyObject", "C_SetAttributeValue", "C_DigestKey"}) {
