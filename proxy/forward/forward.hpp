@@ -154,6 +154,27 @@ template <class F, class Via, class Observation, class CallBackend, class... R>
 [[gnu::cold, gnu::noinline]] CK_RV call_on_lane(Runtime& rt, Observation& seen,
                                                 CallBackend& call_backend, CK_SESSION_HANDLE handle,
                                                 R... rest) noexcept {
+  // C_SessionCancel names operations, not a thread: it runs on every lane
+  // holding one of them (as multiplex.hpp's cancel_where_held on bindings);
+  // where none does, on the thread's own lane, as any call.
+  if constexpr (std::is_same_v<F, fn::C_SessionCancel>) {
+    std::vector<CK_SESSION_HANDLE> lanes;
+    if (CK_RV rv = lanes_of(rt, handle, lanes); rv != CKR_OK) return rv;
+    const OpMask named = ops_of_cancel_flags(rest...);
+    bool ran = false;
+    CK_RV first = CKR_OK;
+    for (const CK_SESSION_HANDLE lane : lanes) {
+      SessionLease session = seen.lease(rt.sessions(), lane);
+      if (!session) continue;
+      HeldLock leased(session->lock);
+      if (session->lead != handle || ((session->anchor.ops | session->anchor.maybe) & named) == 0)
+        continue;
+      ran = true;
+      const CK_RV rv = call_on_group_session<F, Via>(rt, *session, seen, call_backend, rest...);
+      if (first == CKR_OK) first = rv;
+    }
+    if (ran) return first;
+  }
   LaneCache::Entry& cached = lane_cache.at(handle);
   for (int looked = 0; looked < 2; ++looked) {
     CK_SESSION_HANDLE lane = cached.lead == handle ? cached.lane : CK_INVALID_HANDLE;

@@ -132,6 +132,19 @@ CK_RV lane_of(Runtime& rt, CK_SESSION_HANDLE lead, std::uint64_t me,
   return CKR_OK;
 }
 
+CK_RV lanes_of(Runtime& rt, CK_SESSION_HANDLE lead, std::vector<CK_SESSION_HANDLE>& out) noexcept {
+  SessionLease lease = rt.sessions().lease(lead);
+  if (!lease) return CKR_SESSION_HANDLE_INVALID;
+  HeldLock leased(lease->lock);
+  if (!lease->leads) return CKR_SESSION_HANDLE_INVALID;
+  try {
+    for (const SessionLanes::Lane& l : lease->lanes->lanes) out.push_back(l.handle);
+  } catch (const std::bad_alloc&) {
+    return CKR_HOST_MEMORY;
+  }
+  return CKR_OK;
+}
+
 void close_lanes(Runtime& rt, Session& lead) noexcept {
   std::vector<SessionLanes::Lane> lanes;
   lanes.swap(lead.lanes->lanes);

@@ -78,6 +78,10 @@ CK_RV open_lane(Runtime& rt, const LaneOrigin& origin, std::size_t member,
 CK_RV lane_of(Runtime& rt, CK_SESSION_HANDLE lead, std::uint64_t me,
               CK_SESSION_HANDLE& lane) noexcept;
 
+// The lanes of the session `lead`, appended to `out`;
+// CKR_SESSION_HANDLE_INVALID when `lead` is not a lead open now.
+CK_RV lanes_of(Runtime& rt, CK_SESSION_HANDLE lead, std::vector<CK_SESSION_HANDLE>& out) noexcept;
+
 // The last leads this thread called and its lanes of them, so that a call
 // finds its lane without the lead's lock. A stale entry is harmless: the
 // lane's handle no longer leases, or its lead is another (lane_call checks).

@@ -8,6 +8,8 @@
 
 #include "unit/observe_test_support.hpp"
 
+#include <dlfcn.h>
+
 #include <array>
 #include <chrono>
 #include <condition_variable>
@@ -287,6 +289,42 @@ TEST_CASE("group multiplex: a session object pins the session's lanes to its mem
     }) == CKR_OK);
   }
   CHECK(p->C_DestroyObject(s, object) == CKR_OK);
+}
+
+TEST_CASE("group multiplex: C_SessionCancel from one thread cancels on every lane holding it") {
+  MockConfig mock = mock_tokens(3);
+  mock.provide_v3 = 1;
+  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
+                   mock, {{"P11MUX_SESSION_MODE", "multiplex"}, {"P11MUX_LOG_LEVEL", "error"}});
+  REQUIRE(proxy.initialize() == CKR_OK);
+  void* p11mux = ::dlopen(P11MUX_TEST_LIBRARY_PATH, RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(p11mux != nullptr);
+  auto get_interface = reinterpret_cast<CK_C_GetInterface>(::dlsym(p11mux, "C_GetInterface"));
+  REQUIRE(static_cast<bool>(get_interface));
+  CK_VERSION v30{3, 0};
+  CK_INTERFACE* iface = nullptr;
+  REQUIRE(get_interface(reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>("PKCS 11")), &v30, &iface,
+                        0) == CKR_OK);
+  auto* p3 = static_cast<CK_FUNCTION_LIST_3_0*>(iface->pFunctionList);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();
+  CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
+  // Two other threads' digests, on their own lanes.
+  Worker first, second;
+  for (Worker* w : {&first, &second}) {
+    CHECK(w->run([&] { return p->C_DigestInit(s, &sha); }) == CKR_OK);
+  }
+  // Cancelled from this thread, which has no lane of its own yet.
+  CHECK(p3->C_SessionCancel(s, CKF_DIGEST) == CKR_OK);
+  for (Worker* w : {&first, &second}) {
+    CHECK(w->run([&] {
+      std::array<CK_BYTE, 64> out{};
+      CK_ULONG len = out.size();
+      return p->C_DigestFinal(s, out.data(), &len);
+    }) == CKR_OPERATION_NOT_INITIALIZED);
+    CHECK(w->run([&] { return p->C_DigestInit(s, &sha); }) == CKR_OK);
+  }
 }
 
 TEST_CASE("group multiplex: one thread's C_Login is every lane's") {
