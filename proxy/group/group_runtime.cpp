@@ -137,7 +137,6 @@ GroupRuntime::GroupRuntime(const Config& config, std::span<const BackendPort* co
     std::vector<MemberHealth*> healths;
     for (auto& h : slot.health) healths.push_back(h.get());
     slot.balancer = std::make_unique<Balancer>(g.balance, healths, capacity);
-    slot.ordered = g.balance == Balance::primary;
     std::vector<MechanismList> lists;
     lists.reserve(slot.members.size());
     for (const Member& m : slot.members) lists.push_back(mechanisms_of(m, g.name));

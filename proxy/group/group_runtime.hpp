@@ -118,7 +118,7 @@ class GroupRuntime {
     return groups_[slot].admissions->load(std::memory_order_acquire);
   }
   // Whether the group's balance is `primary`: its members' order counts.
-  bool ordered(CK_SLOT_ID slot) const noexcept { return groups_[slot].ordered; }
+  bool ordered(CK_SLOT_ID slot) const noexcept { return balance(slot) == Balance::primary; }
   Balance balance(CK_SLOT_ID slot) const noexcept { return groups_[slot].balancer->rule(); }
   // The group's sessions on each member (tests, /stats).
   std::uint32_t member_sessions(CK_SLOT_ID slot, std::size_t member) const noexcept;
@@ -152,7 +152,6 @@ class GroupRuntime {
     std::unique_ptr<std::atomic<std::uint64_t>[]> downs_told;
     std::unique_ptr<std::atomic<std::uint32_t>> admissions =
         std::make_unique<std::atomic<std::uint32_t>>(0);
-    bool ordered = false;  // balance = primary
   };
   // A down member's probe: its token present, and a session opened and
   // closed on it (straight on its port, not through the pool).

@@ -121,6 +121,12 @@ inline MockConfig mock_tokens(unsigned long count) {
   return mock;
 }
 
+// A group over the mock itself: member 0 its slot 2, member 1 its slot 1.
+inline std::string two_mock_members() {
+  return std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
+         "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n";
+}
+
 // The faulty module over the mock's three tokens, as a group of its slots 2
 // (member 0) and 1 (member 1), probed every second.
 struct FaultyGroup {

@@ -294,9 +294,8 @@ TEST_CASE("group multiplex: a session object pins the session's lanes to its mem
 TEST_CASE("group multiplex: C_SessionCancel from one thread cancels on every lane holding it") {
   MockConfig mock = mock_tokens(3);
   mock.provide_v3 = 1;
-  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
-                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
-                   mock, {{"P11MUX_SESSION_MODE", "multiplex"}, {"P11MUX_LOG_LEVEL", "error"}});
+  GroupProxy proxy(two_mock_members(), mock,
+                   {{"P11MUX_SESSION_MODE", "multiplex"}, {"P11MUX_LOG_LEVEL", "error"}});
   REQUIRE(proxy.initialize() == CKR_OK);
   void* p11mux = ::dlopen(P11MUX_TEST_LIBRARY_PATH, RTLD_NOW | RTLD_NOLOAD);
   REQUIRE(p11mux != nullptr);

@@ -158,9 +158,7 @@ TEST_CASE("group objects: at a member's session limit, a handle resolves on the 
 }
 
 TEST_CASE("group objects: a destroyed handle stays invalid when the backend reuses its number") {
-  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
-                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
-                   three_tokens(MOCK_BEND_REUSE_HANDLES));
+  GroupProxy proxy(two_mock_members(), three_tokens(MOCK_BEND_REUSE_HANDLES));
   REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE s = proxy.open();
@@ -216,9 +214,7 @@ TEST_CASE("group objects: session objects live in their session, on their member
 }
 
 TEST_CASE("group objects: key arguments get their own codes; keys made are the group's") {
-  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
-                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
-                   three_tokens());
+  GroupProxy proxy(two_mock_members(), three_tokens());
   REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE s = proxy.open();
@@ -257,9 +253,7 @@ TEST_CASE("group objects: a C_DigestKey p11mux refuses ends the digest on the me
   // The spec ends a digest at any error of C_DigestKey; this one p11mux
   // answers itself (the key is none of the group's), so the member, which
   // never saw it, still has the digest, and would refuse the next Init.
-  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
-                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
-                   three_tokens());
+  GroupProxy proxy(two_mock_members(), three_tokens());
   REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE s = proxy.open();
@@ -321,9 +315,7 @@ TEST_CASE("group objects: a mechanism parameter that may name an object is refus
 }
 
 TEST_CASE("group objects: generate_token_keys = refuse refuses token keys, with a log line") {
-  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
-                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
-                   three_tokens(), {{"P11MUX_LOG_LEVEL", "warn"}});
+  GroupProxy proxy(two_mock_members(), three_tokens(), {{"P11MUX_LOG_LEVEL", "warn"}});
   REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE s = proxy.open();
@@ -403,9 +395,7 @@ TEST_CASE("group objects: a token object one member refuses is undone on the oth
   std::strncpy(mock.fail_function, "C_CreateObject", sizeof mock.fail_function - 1);
   mock.fail_rv = CKR_DEVICE_MEMORY;
   mock.fail_nth = 2;
-  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
-                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n",
-                   mock, {{"P11MUX_LOG_LEVEL", "warn"}});
+  GroupProxy proxy(two_mock_members(), mock, {{"P11MUX_LOG_LEVEL", "warn"}});
   REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE s = proxy.open();
@@ -431,10 +421,9 @@ namespace p11mux::test {
 // that makes a token object gives its backend session back before the map
 // reads the object (on a borrowed one then).
 TEST_CASE("group objects: with [pool] bind = state, objects made, found and ended alike") {
-  GroupProxy proxy(std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
-                       "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n"
-                       "balance = primary\n",  // a and b on one member: its session objects
-                   three_tokens(MOCK_BEND_REUSE_HANDLES), {{"P11MUX_POOL_BIND", "state"}});
+  GroupProxy proxy(
+      two_mock_members() + "balance = primary\n",  // a and b on one member: its session objects
+      three_tokens(MOCK_BEND_REUSE_HANDLES), {{"P11MUX_POOL_BIND", "state"}});
   REQUIRE(proxy.initialize() == CKR_OK);
   CK_FUNCTION_LIST* p = proxy.p11;
   const CK_SESSION_HANDLE a = proxy.open();
@@ -457,11 +446,6 @@ TEST_CASE("group objects: with [pool] bind = state, objects made, found and ende
 // "Objects": every member, or undone).
 namespace p11mux::test {
 namespace {
-
-std::string two_mock_members() {
-  return std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
-         "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n";
-}
 
 // The mock's token secret keys with CKA_ID `id` on `slot`, and their labels.
 std::vector<std::string> keys_on(CK_SLOT_ID slot, const std::string& id) {
