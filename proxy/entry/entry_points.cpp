@@ -20,22 +20,6 @@ namespace p11mux::entry_points {
 template <class F, class... A>
 [[gnu::noinline]] std::optional<CK_RV> slow_call(Runtime& rt, A... a) noexcept {
   const Policy* policy = rt.policy();
-  // A group configuration: its sessions' object handles are virtual
-  // (group/group_object_calls.hpp). A [policy] refuses group sessions
-  // (handled/session_calls.cpp), so the two never meet on a session.
-  if (policy == nullptr && rt.groups() != nullptr) {
-    if constexpr (F::dispatch == Dispatch::session) {
-      if (rt.observer().active()) {
-        return observed_call<F>(
-            rt.observer(), rt.log(),
-            [&](CallObservation& seen) { return forward_observed<F, InGroup>(rt, seen, a...); },
-            a...);
-      }
-      return forward<F, InGroup>(rt, a...);
-    } else if (!rt.observer().active()) {
-      return std::nullopt;  // the hot path's own forward<F>
-    }
-  }
   if (rt.observer().active()) {
     return observed_call<F>(
         rt.observer(), rt.log(),

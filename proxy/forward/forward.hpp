@@ -119,11 +119,11 @@ template <class F, class Via, class Observation, class CallBackend, class... R>
   if constexpr (requires { Via::kGroupObjects; }) {
     SessionOperations& operations = *s.operations;
     const OutputLengths<F, R...> lengths(rest...);
-    const std::size_t tries = rt.groups()->members(s.group).size() + 1;
     for (std::size_t tried = 1;; ++tried) {
       CK_RV rv = call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);
       const bool unreached = operations.take_unreached();
-      if (operations.take_interrupted() && rv != CKR_OK && interrupted(rv) && tried < tries) {
+      if (operations.take_interrupted() && rv != CKR_OK && interrupted(rv) &&
+          tried <= rt.groups()->members(s.group).size()) {
         // Down: the next try moves it (before_member_call). Up: its backend
         // session went, and it gets a fresh one; the virtual session lives
         // on, so an answer saying it is gone would mislead the application.
@@ -214,11 +214,15 @@ template <class F, class Via = ToPort, class Observation, class... A>
       return Via::template call<F>(rt, port, args...);
     };
     if constexpr (F::dispatch == Dispatch::session) {
+      // A group's session: its object handles are virtual (InGroup,
+      // group/group_object_calls.hpp). A [policy] refuses group sessions
+      // (handled/session_calls.cpp), so its Via never meets one.
+      using OnGroup = std::conditional_t<std::is_same_v<Via, ToPort>, InGroup, Via>;
       return [&](CK_SESSION_HANDLE handle, auto... rest) __attribute__((always_inline)) {
         if (rt.multiplexed()) {
           // A group's slot: each thread on a lane of its own.
           if (rt.groups() != nullptr) [[unlikely]]
-            return call_on_lane<F, Via>(rt, seen, call_backend, handle, rest...);
+            return call_on_lane<F, OnGroup>(rt, seen, call_backend, handle, rest...);
           // The single backend: its calls take the runtime's port.
           auto on_runtime_port = [&](auto... args) __attribute__((always_inline)) {
             return call_backend(rt.port(), args...);
@@ -231,7 +235,7 @@ template <class F, class Via = ToPort, class Observation, class... A>
         HeldLock leased(session->lock);
         // A group's session also reports to its member (member_calls.hpp).
         if (session->group != Session::kNoGroup) [[unlikely]]
-          return call_on_group_session<F, Via>(rt, *session, seen, call_backend, rest...);
+          return call_on_group_session<F, OnGroup>(rt, *session, seen, call_backend, rest...);
         return call_on_session<F, false, Via>(rt, *session, seen, call_backend, rest...);
       }
       (a...);

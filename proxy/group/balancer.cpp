@@ -18,15 +18,20 @@ Balancer::Balancer(Balance rule, std::span<MemberHealth* const> members,
       members_(members.begin(), members.end()),
       capacity_(capacities(members.size(), capacity)) {}
 
-Balancer::Pick Balancer::keep_if_up(std::size_t i, MemberHealth::Call call) noexcept {
+Balancer::Pick Balancer::begin_on(std::size_t i) noexcept {
+  members_[i]->begin();
+  return keep_if_up(i);
+}
+
+Balancer::Pick Balancer::keep_if_up(std::size_t i) noexcept {
   // Counted first, checked after: a member marked down before this load is
   // never kept, and one marked down after it sees this call in flight.
-  if (members_[i]->up()) return Pick{i, call};
-  members_[i]->cancel(call);
+  if (members_[i]->up()) return Pick{i};
+  members_[i]->cancel();
   return Pick{};
 }
 
-Balancer::Pick Balancer::pick(MemberHealth::Time now) noexcept {
+Balancer::Pick Balancer::pick() noexcept {
   // A member can go down between the choice and the count: choose again, at
   // most once per member (each retry found one more member down, or lost a
   // race to a thread that then holds a call on it).
@@ -34,13 +39,13 @@ Balancer::Pick Balancer::pick(MemberHealth::Time now) noexcept {
     Pick p;
     switch (rule_) {
       case Balance::least_busy:
-        p = least_busy(now);
+        p = least_busy();
         break;
       case Balance::round_robin:
-        p = round_robin(now);
+        p = round_robin();
         break;
       case Balance::primary:
-        p = primary(now);
+        p = primary();
         break;
     }
     if (p) return p;
@@ -51,7 +56,7 @@ Balancer::Pick Balancer::pick(MemberHealth::Time now) noexcept {
   return Pick{};
 }
 
-Balancer::Pick Balancer::least_busy(MemberHealth::Time now) noexcept {
+Balancer::Pick Balancer::least_busy() noexcept {
   const std::size_t n = members_.size();
   std::uint32_t least = ~std::uint32_t{0};
   std::size_t ties = 0;
@@ -71,7 +76,7 @@ Balancer::Pick Balancer::least_busy(MemberHealth::Time now) noexcept {
   std::size_t k = ties == 1 ? 0 : rotor_.fetch_add(1, std::memory_order_relaxed) % ties;
   for (std::size_t i = 0; i < n; ++i) {
     if (!members_[i]->up() || members_[i]->load() != least) continue;
-    if (k-- == 0) return keep_if_up(i, members_[i]->begin(now));
+    if (k-- == 0) return begin_on(i);
   }
   // The counts moved under the second pass: take the least busy of now.
   std::size_t best = kNone;
@@ -80,10 +85,10 @@ Balancer::Pick Balancer::least_busy(MemberHealth::Time now) noexcept {
       best = i;
     }
   }
-  return best == kNone ? Pick{} : keep_if_up(best, members_[best]->begin(now));
+  return best == kNone ? Pick{} : begin_on(best);
 }
 
-Balancer::Pick Balancer::round_robin(MemberHealth::Time now) noexcept {
+Balancer::Pick Balancer::round_robin() noexcept {
   // The turn is among the members up, so each takes an equal share: passing
   // a down member's turn to its neighbour would give that one twice as many.
   std::size_t up = 0;
@@ -91,21 +96,20 @@ Balancer::Pick Balancer::round_robin(MemberHealth::Time now) noexcept {
   if (up == 0) return Pick{};
   std::size_t k = rotor_.fetch_add(1, std::memory_order_relaxed) % up;
   for (std::size_t i = 0; i < members_.size(); ++i) {
-    if (members_[i]->up() && k-- == 0) return keep_if_up(i, members_[i]->begin(now));
+    if (members_[i]->up() && k-- == 0) return begin_on(i);
   }
   return Pick{};  // one went down between the passes: pick() chooses again
 }
 
-Balancer::Pick Balancer::primary(MemberHealth::Time now) noexcept {
+Balancer::Pick Balancer::primary() noexcept {
   for (std::size_t i = 0; i < members_.size(); ++i) {
     if (!members_[i]->up()) continue;
-    if (capacity_[i] == kUnlimited) return keep_if_up(i, members_[i]->begin(now));
-    MemberHealth::Call call;
-    if (members_[i]->begin_below(capacity_[i], now, call)) return keep_if_up(i, call);
+    if (capacity_[i] == kUnlimited) return begin_on(i);
+    if (members_[i]->begin_below(capacity_[i])) return keep_if_up(i);
   }
   // Every member up is full: the call goes where the fewest wait (the
   // runtime's session limit then decides whether it waits).
-  return least_busy(now);
+  return least_busy();
 }
 
 }  // namespace p11mux

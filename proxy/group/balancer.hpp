@@ -38,26 +38,27 @@ class Balancer {
   Balancer& operator=(const Balancer&) = delete;
 
   // A member chosen, with its call begun (MemberHealth::begin): the caller
-  // ends it with members[member]->end(call, ...). `member` is kNone when no
+  // ends it with members[member]->end(...) or cancel(). `member` is kNone when no
   // member is up: the runtime answers CKR_DEVICE_ERROR (README.md, "When no
   // member is up").
   struct Pick {
     std::size_t member = kNone;
-    MemberHealth::Call call{};
     explicit operator bool() const noexcept { return member != kNone; }
   };
-  Pick pick(MemberHealth::Time now) noexcept;
+  Pick pick() noexcept;
 
   Balance rule() const noexcept { return rule_; }
   std::size_t size() const noexcept { return members_.size(); }
   MemberHealth& member(std::size_t i) const noexcept { return *members_[i]; }
 
  private:
-  Pick least_busy(MemberHealth::Time now) noexcept;
-  Pick round_robin(MemberHealth::Time now) noexcept;
-  Pick primary(MemberHealth::Time now) noexcept;
+  Pick least_busy() noexcept;
+  Pick round_robin() noexcept;
+  Pick primary() noexcept;
   // Member i's call, begun; kNone if it went down meanwhile (the call undone).
-  Pick keep_if_up(std::size_t i, MemberHealth::Call call) noexcept;
+  Pick begin_on(std::size_t i) noexcept;
+  // The same for a call begun already (MemberHealth::begin_below).
+  Pick keep_if_up(std::size_t i) noexcept;
 
   const Balance rule_;
   const std::vector<MemberHealth*> members_;  // fixed at construction: nothing allocates after

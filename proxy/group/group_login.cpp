@@ -51,6 +51,7 @@ GroupLogin::GroupLogin(const GroupRuntime& groups, std::vector<std::string> name
     g->name = std::move(names.at(i));
     g->members = &groups.members(i);
     g->pools = std::move(pools.at(i));
+    for (std::size_t m = 0; m < g->members->size(); ++m) g->health.push_back(&groups.health(i, m));
     {
       MutexGuard guard(g->mutex);
       g->refused.assign(g->members->size(), 0);
@@ -109,6 +110,9 @@ CK_RV GroupLogin::member_login(const Group& g, std::size_t member, CK_USER_TYPE 
 }
 
 CK_RV GroupLogin::member_logout(const Group& g, std::size_t member) const noexcept {
+  // A member that hangs is not called (the caller would hang too): it did
+  // not take the logout, and gets it when it answers again (`stale`).
+  if (g.health[member]->hung()) return CKR_DEVICE_ERROR;
   const GroupRuntime::Member& m = (*g.members)[member];
   const CK_RV rv = on_borrowed(g, member, false, [](const BackendPort& port, CK_SESSION_HANDLE h) {
     return port.call<fn::C_Logout>(h);

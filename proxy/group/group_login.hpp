@@ -109,7 +109,8 @@ class GroupLogin {
     explicit Group(const LockSource& locks) : mutex(locks), store(locks) {}
     std::string name;
     const std::vector<GroupRuntime::Member>* members = nullptr;
-    std::vector<SessionPool*> pools;  // member i's
+    std::vector<SessionPool*> pools;          // member i's
+    std::vector<const MemberHealth*> health;  // member i's
     mutable Mutex mutex;
     PinStore store;  // its own lock, taken under `mutex`
     // The application's login on the group: CKU_USER, CKU_SO, or kNobody.

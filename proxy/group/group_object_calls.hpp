@@ -1,8 +1,8 @@
 // A session call on a group's session, with object handles translated
 // (docs/groups.md, "Objects"): forward.hpp runs the call through
-// group_session_call when its Via is InGroup, which only Entry<F>'s slow path
-// uses (a group configuration takes it: Runtime::slow_path), so the single
-// backend's forwarding is compiled without any of this.
+// group_session_call when its Via is InGroup, which it takes for a session
+// with a group only (Session::group), so the single backend's forwarding
+// pays one branch for all of this.
 //
 // Which arguments are object handles, and the code each gets when the
 // member cannot serve it, come from the function's traits
@@ -41,12 +41,30 @@ struct InGroup {
   }
 };
 
+// Whether group_session_call has anything to do for F: an object handle or
+// a mechanism (whose parameter may name one) among its arguments, or
+// object handles it returns. The others (C_GenerateRandom, C_Sign, ...)
+// go straight through.
+template <class F>
+inline constexpr bool kTouchesObjects =
+    object_handle_args<F>().size() != 0 ||
+    (F::args.size() > 1 && F::args[1] == 'm') || effect<F>.step == Step::create
+    || F::name == "C_FindObjects";
+
 // `run(args...)` is forward.hpp's call on the session's backend session,
 // with what it notes afterwards (session_effects.hpp), which must see the
 // member's handles: it gets them, the application the virtual ones.
 // `rest`: the arguments after the session handle.
 template <class F, class Run, class... Rest>
 CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcept REQUIRES(s.lock) {
+  if constexpr (!kTouchesObjects<F>) {
+    const CK_SESSION_HANDLE made_on = s.anchor.backend;
+    const CK_RV rv = run(rest...);
+    // As below: what pinned to a backend session given back is gone with it.
+    if (made_on != CK_INVALID_HANDLE && s.anchor.backend != made_on) [[unlikely]]
+      group_session_ended(rt, s.group, s.member, made_on);
+    return rv;
+  }
   GroupCall call{rt,
                  rt.group_objects(s.group),
                  s.group,

@@ -126,9 +126,7 @@ GroupRuntime::GroupRuntime(const Config& config, std::span<const BackendPort* co
       }
       slot.members.push_back(Member{port, found.front()->slot, m});
       capacity.push_back(session_capacity(found.front()->info.ulMaxSessionCount));
-      // As many watched calls as the member takes sessions (at least the default).
-      const MemberHealthRules rules = member_health_rules(
-          g, std::max<std::uint32_t>(capacity.back(), MemberHealthRules{}.watched_calls));
+      const MemberHealthRules rules = member_health_rules(g);
       slot.health.push_back(std::make_unique<MemberHealth>(rules));
       slot.shortest_period = std::min(rules.recovery_interval, rules.hang_timeout);
     }
@@ -305,9 +303,9 @@ std::size_t GroupRuntime::choose_member(CK_SLOT_ID slot) const noexcept {
   if (g == nullptr) return kNoMember;
   // The pick counts a call on its member; the lane's own call counts it
   // again when it runs (member_calls.hpp, MemberCall), so this one is undone.
-  const Balancer::Pick pick = g->balancer->pick(HealthClock::now());
+  const Balancer::Pick pick = g->balancer->pick();
   if (!pick) return kNoMember;
-  g->health[pick.member]->cancel(pick.call);
+  g->health[pick.member]->cancel();
   return pick.member;
 }
 
@@ -362,6 +360,10 @@ void GroupRuntime::maintain(
             std::chrono::duration_cast<std::chrono::seconds>(h.rules().recovery_interval).count());
       }
       (void)h.check_hung(now);  // said next round, as any other down
+      // A hung member is probed once its hung calls have returned: a probe
+      // would hang the same way, and with it this thread, which watches
+      // every member (proxy/group/README.md, "A hung member").
+      if (h.hung() && h.in_flight() != 0) continue;
       if (!h.claim_probe(now)) continue;
       const bool ok = probe(g, g.members[i]);
       h.probe_done(ok, HealthClock::now());
@@ -374,7 +376,7 @@ void GroupRuntime::maintain(
       }
       // What the map cached of it may be stale: dropped before it takes calls.
       admitted(gi, i);
-      if (h.admit(HealthClock::now())) {
+      if (h.admit()) {
         g.admissions->fetch_add(1, std::memory_order_acq_rel);
         log_.warn("group '{}' member {} is up again", g.name, describe(g.members[i].config));
       }
@@ -400,7 +402,7 @@ std::vector<MemberFigures> GroupRuntime::member_figures() const {
 std::chrono::milliseconds GroupRuntime::maintenance_period() const noexcept {
   auto shortest = std::chrono::nanoseconds::max();
   for (const GroupSlot& g : groups_) shortest = std::min(shortest, g.shortest_period);
-  return std::max(std::chrono::duration_cast<std::chrono::milliseconds>(shortest) / 4,
+  return std::max(std::chrono::duration_cast<std::chrono::milliseconds>(shortest) / 8,
                   std::chrono::milliseconds(100));
 }
 

@@ -92,7 +92,7 @@ class GroupRuntime {
   MemberHealth& health(CK_SLOT_ID slot, std::size_t member) const noexcept {
     return *groups_[slot].health[member];
   }
-  // Every member's watch: a call in flight past hang_timeout_s marks its
+  // Every member's watch: calls in flight and none answered for hang_timeout_s mark its
   // member down; a down member whose probe is due is probed (its token
   // present, a session opened and closed on it) and, if it answers, joins:
   // `join(group, member)` logs it in as the group is (GroupLogin::join)
@@ -106,8 +106,9 @@ class GroupRuntime {
   // The same without a login to bring members in: every member that answers joins.
   void maintain(HealthClock::time_point now,
                 const std::function<void(std::size_t, std::size_t)>& admitted) const noexcept;
-  // A quarter of the shortest recovery_interval_s or hang_timeout_s, at
-  // least 100 ms: a probe or a hung call is found at most 25% late.
+  // An eighth of the shortest recovery_interval_s or hang_timeout_s, at
+  // least 100 ms: a probe is due at most 12.5% late, and a hung member
+  // (found at most two looks late: MemberHealth::check_hung) 25%.
   std::chrono::milliseconds maintenance_period() const noexcept;
   // Every member's figures, for /metrics, /stats and the summary.
   std::vector<MemberFigures> member_figures() const;

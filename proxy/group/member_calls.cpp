@@ -48,7 +48,11 @@ CK_RV move_session(Runtime& rt, const GroupRuntime& groups, Session& s, std::siz
     // never reused, and the session objects made there with it).
     group_session_ended(rt, s.group, from, s.anchor.backend);
     if (from_down) {
-      s.pool->close(s.slot, s.rw, s.anchor.backend, SessionPool::Fate::dead);
+      if (groups.health(s.group, from).hung()) {
+        s.pool->close(s.slot, s.rw, s.anchor.backend, SessionPool::Fate::abandon);
+      } else {
+        s.pool->close(s.slot, s.rw, s.anchor.backend, SessionPool::Fate::dead);
+      }
     } else {
       s.pool->close(s.slot, s.rw, s.anchor.backend, SessionPool::Fate::reuse);
     }
@@ -153,7 +157,7 @@ void place_lane(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept {
   if (const CK_RV rv = move_session(rt, groups, s, to, /*from_down=*/false);
       classify(rv) == CallOutcome::member_down) {
     MemberHealth& health = groups.health(s.group, to);
-    health.end(health.begin(HealthClock::now()), rv, CK_INVALID_HANDLE, HealthClock::now());
+    (void)health.count(rv, HealthClock::now());
   }
 }
 
@@ -195,9 +199,9 @@ void end_kept_replays(Runtime& rt, Session& s) noexcept {
   SessionPool& pool = *s.pool;
   if (pool.port().version().major >= 3) {
     MemberHealth& health = rt.groups()->health(s.group, s.member);
-    const MemberHealth::Call counted = health.begin(HealthClock::now());
+    health.begin();
     const CK_RV rv = pool.port().call<fn::C_SessionCancel>(b.backend, cancel_flags(kept));
-    health.end(counted, rv, b.backend, HealthClock::now());
+    health.end(rv, b.backend, HealthClock::now());
     if (rv == CKR_OK) {
       b.ops &= static_cast<OpMask>(~kept);
       b.maybe &= static_cast<OpMask>(~kept);
@@ -229,9 +233,9 @@ void end_digest_on_member(Runtime& rt, Session& s) noexcept {
   Binding& b = s.anchor;
   if (b.backend == CK_INVALID_HANDLE || ((b.ops | b.maybe) & op::digest) == 0) return;
   MemberHealth& health = rt.groups()->health(s.group, s.member);
-  const MemberHealth::Call counted = health.begin(HealthClock::now());
+  health.begin();
   const CK_RV rv = end_digest(s.pool->port(), b.backend);
-  health.end(counted, rv, b.backend, HealthClock::now());
+  health.end(rv, b.backend, HealthClock::now());
   if (rv == CKR_OK) {
     b.ops &= static_cast<OpMask>(~op::digest);
     b.maybe &= static_cast<OpMask>(~op::digest);
@@ -259,9 +263,9 @@ CK_RV replay_pending(Runtime& rt, Session& s) noexcept {
       GroupCall call{rt, rt.group_objects(group), group, member, backend, "replay"};
       return group_resolve(call, key, CKR_KEY_HANDLE_INVALID, out);
     };
-    const MemberHealth::Call counted = health.begin(HealthClock::now());
+    health.begin();
     const CK_RV rv = replay_init(record, port, backend, resolve);
-    health.end(counted, rv, backend, HealthClock::now());
+    health.end(rv, backend, HealthClock::now());
     if (rv != CKR_OK && interrupted(rv)) ops.member_interrupted();
     if (rv == CKR_OK) {
       s.anchor.ops |= kind;  // as its Init would have been noted

@@ -44,11 +44,28 @@ void rebalance(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept REQ
 // another's, primary when that one comes earlier in the order.
 void place_lane(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept REQUIRES(s.lock);
 
-// Before a call of F on group session `s`. CKR_OK to go on.
+// before_member_call's work when there is some: out of line.
 template <class F>
-[[gnu::noinline]] CK_RV before_member_call(Runtime& rt, Session& s) noexcept REQUIRES(s.lock) {
+[[gnu::noinline]] CK_RV before_member_call_slow(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
+
+// Before a call of F on group session `s`. CKR_OK to go on. Inline, the
+// common case: its member up, nothing to place, no admission unseen.
+template <class F>
+[[gnu::always_inline]] inline CK_RV before_member_call(Runtime& rt, Session& s) noexcept
+    REQUIRES(s.lock) {
   const GroupRuntime& groups = *rt.groups();
-  if (groups.health(s.group, s.member).up()) [[likely]] {
+  if (groups.health(s.group, s.member).up() &&
+      (s.lead == 0 || s.anchor.backend != CK_INVALID_HANDLE) &&
+      s.operations->admissions_seen == groups.admissions(s.group)) [[likely]] {
+    return CKR_OK;
+  }
+  return before_member_call_slow<F>(rt, s);
+}
+
+template <class F>
+CK_RV before_member_call_slow(Runtime& rt, Session& s) noexcept REQUIRES(s.lock) {
+  const GroupRuntime& groups = *rt.groups();
+  if (groups.health(s.group, s.member).up()) {
     if (s.lead != 0 && s.anchor.backend == CK_INVALID_HANDLE) {
       place_lane(rt, groups, s);
     } else if (s.operations->admissions_seen != groups.admissions(s.group)) [[unlikely]] {
@@ -85,7 +102,7 @@ inline bool interrupted(CK_RV rv) noexcept {
     REQUIRES(s.lock) {
   if (!interrupted(rv)) return;
   MemberHealth& health = rt.groups()->health(s.group, s.member);
-  health.end(health.begin(HealthClock::now()), rv, CK_INVALID_HANDLE, HealthClock::now());
+  (void)health.count(rv, HealthClock::now());
   s.operations->member_unreached();
 }
 
@@ -103,18 +120,21 @@ CK_RV renew_gone_session(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
 class MemberCall {
  public:
   MemberCall(Runtime& rt, const Session& s) noexcept REQUIRES(s.lock)
-      : health_(rt.groups()->health(s.group, s.member)),
-        operations_(*s.operations),
-        call_(health_.begin(HealthClock::now())) {}
+      : health_(rt.groups()->health(s.group, s.member)), operations_(*s.operations) {
+    health_.begin();
+  }
   void end(CK_RV rv, CK_SESSION_HANDLE backend) noexcept {
-    health_.end(call_, rv, backend, HealthClock::now());
-    if (rv != CKR_OK && interrupted(rv)) operations_.member_interrupted();
+    if (rv == CKR_OK) [[likely]] {
+      health_.end_ok();
+      return;
+    }
+    health_.end(rv, backend, HealthClock::now());
+    if (interrupted(rv)) operations_.member_interrupted();
   }
 
  private:
   MemberHealth& health_;
   SessionOperations& operations_;
-  MemberHealth::Call call_;
 };
 
 // A group's session waiting for a backend session on its member, counted

@@ -1,7 +1,6 @@
 #include "group/member_health.hpp"
 
 #include "sessions/gone_codes.hpp"
-#include "sync/thread_shard.hpp"
 
 #include <algorithm>
 
@@ -51,65 +50,24 @@ const char* to_string(DownReason reason) noexcept {
   return "?";
 }
 
-MemberHealthRules member_health_rules(const Group& group, std::uint32_t watched_calls) noexcept {
+MemberHealthRules member_health_rules(const Group& group) noexcept {
   MemberHealthRules r;
   r.recovery_interval = std::chrono::seconds(group.recovery_interval_s);
   r.hang_timeout = std::chrono::seconds(group.hang_timeout_s);
-  r.watched_calls = watched_calls;
   return r;
 }
 
-MemberHealth::MemberHealth(const MemberHealthRules& rules)
-    : rules_(rules),
-      watches_(std::make_unique<Watch[]>(std::max<std::uint32_t>(rules.watched_calls, 1))) {}
-
-std::uint32_t MemberHealth::watch(Time now) noexcept {
-  const std::uint32_t n = std::max<std::uint32_t>(rules_.watched_calls, 1);
-  const std::int64_t stamp = std::max<std::int64_t>(ticks(now), 1);  // 0 means free
-  // Start where this thread's shard points, so threads starting calls at once
-  // try different slots; with slots for every call in flight, the first is
-  // usually free.
-  const auto first = static_cast<std::uint32_t>(thread_shard<1024>() % n);
-  for (std::uint32_t i = 0; i < n; ++i) {
-    std::uint32_t slot = first + i < n ? first + i : first + i - n;
-    std::int64_t expected = 0;
-    if (watches_[slot].started.load(std::memory_order_relaxed) == 0 &&
-        watches_[slot].started.compare_exchange_strong(expected, stamp,
-                                                       std::memory_order_relaxed)) {
-      return slot;
-    }
-  }
-  unwatched_.fetch_add(1, std::memory_order_relaxed);
-  return Call::kUnwatched;
-}
-
-void MemberHealth::unwatch(std::uint32_t slot) noexcept {
-  if (slot != Call::kUnwatched) watches_[slot].started.store(0, std::memory_order_relaxed);
-}
-
-MemberHealth::Call MemberHealth::begin(Time now) noexcept {
-  in_flight_.fetch_add(1, std::memory_order_acq_rel);
-  return Call{watch(now)};
-}
-
-bool MemberHealth::begin_below(std::uint32_t limit, Time now, Call& call) noexcept {
+bool MemberHealth::begin_below(std::uint32_t limit) noexcept {
   std::uint32_t n = in_flight_.load(std::memory_order_relaxed);
   do {
     if (n >= limit) return false;
   } while (!in_flight_.compare_exchange_weak(n, n + 1, std::memory_order_acq_rel,
                                              std::memory_order_relaxed));
-  call = Call{watch(now)};
   return true;
 }
 
-void MemberHealth::cancel(Call call) noexcept {
-  unwatch(call.slot);
-  in_flight_.fetch_sub(1, std::memory_order_acq_rel);
-}
-
-CallOutcome MemberHealth::end(Call call, CK_RV rv, CK_SESSION_HANDLE session, Time now,
+CallOutcome MemberHealth::end(CK_RV rv, CK_SESSION_HANDLE session, Time now,
                               std::size_t open_sessions) noexcept {
-  unwatch(call.slot);
   in_flight_.fetch_sub(1, std::memory_order_acq_rel);
   calls_.fetch_add(1, std::memory_order_relaxed);
   const CallOutcome outcome = classify(rv);
@@ -130,12 +88,9 @@ CallOutcome MemberHealth::end(Call call, CK_RV rv, CK_SESSION_HANDLE session, Ti
   return outcome;
 }
 
-// The per-call path: a load that finds no streak, nearly always.
-void MemberHealth::end_streak() noexcept {
-  if (streak_open_.load(std::memory_order_relaxed)) [[unlikely]] {
-    streak_epoch_.fetch_add(1, std::memory_order_acq_rel);
-    streak_open_.store(false, std::memory_order_relaxed);
-  }
+void MemberHealth::close_streak() noexcept {
+  streak_epoch_.fetch_add(1, std::memory_order_acq_rel);
+  streak_open_.store(false, std::memory_order_relaxed);
 }
 
 void MemberHealth::session_gone(CK_SESSION_HANDLE session, Time now,
@@ -182,23 +137,23 @@ bool MemberHealth::mark_down(DownReason reason, Time now) noexcept {
   return false;
 }
 
-bool MemberHealth::oldest_call(Time& started) const noexcept {
-  const std::uint32_t n = std::max<std::uint32_t>(rules_.watched_calls, 1);
-  const std::int64_t since = up_since_.load(std::memory_order_relaxed);
-  std::int64_t oldest = 0;
-  for (std::uint32_t i = 0; i < n; ++i) {
-    const std::int64_t t = watches_[i].started.load(std::memory_order_relaxed);
-    if (t != 0 && t >= since && (oldest == 0 || t < oldest)) oldest = t;
-  }
-  if (oldest == 0) return false;
-  started = Time(HealthClock::duration(oldest));
-  return true;
-}
-
 bool MemberHealth::check_hung(Time now) noexcept {
-  Time started;
-  if (state() != MemberState::up || !oldest_call(started)) return false;
-  if (now - started <= rules_.hang_timeout) return false;
+  const std::uint64_t answered = calls_.load(std::memory_order_relaxed);
+  const std::uint32_t flying = in_flight();
+  const bool progressed = answered != answered_seen_.exchange(answered, std::memory_order_relaxed);
+  const std::uint32_t stale = std::min(stale_.load(std::memory_order_relaxed), flying);
+  stale_.store(stale, std::memory_order_relaxed);
+  if (state() != MemberState::up || flying <= stale || progressed) {
+    quiet_since_.store(0, std::memory_order_relaxed);
+    return false;
+  }
+  const std::int64_t since = quiet_since_.load(std::memory_order_relaxed);
+  if (since == 0) {
+    quiet_since_.store(std::max<std::int64_t>(ticks(now), 1), std::memory_order_relaxed);
+    return false;
+  }
+  if (now - Time(HealthClock::duration(since)) <= rules_.hang_timeout) return false;
+  quiet_since_.store(0, std::memory_order_relaxed);
   return mark_down(DownReason::hung, now);
 }
 
@@ -218,13 +173,14 @@ void MemberHealth::probe_done(bool ok, Time now) noexcept {
   state_.store(MemberState::down, std::memory_order_release);
 }
 
-bool MemberHealth::admit(Time now) noexcept {
+bool MemberHealth::admit() noexcept {
   // A streak from before it went down says nothing about its new sessions.
   streak_epoch_.fetch_add(1, std::memory_order_acq_rel);
   streak_open_.store(false, std::memory_order_relaxed);
   MemberState expected = MemberState::joining;
   if (state_.load(std::memory_order_acquire) != expected) return false;
-  up_since_.store(std::max<std::int64_t>(ticks(now), 1), std::memory_order_relaxed);
+  stale_.store(in_flight(), std::memory_order_relaxed);
+  quiet_since_.store(0, std::memory_order_relaxed);
   return state_.compare_exchange_strong(expected, MemberState::up, std::memory_order_acq_rel);
 }
 
@@ -243,7 +199,6 @@ MemberCounters MemberHealth::counters() const noexcept {
   c.hung = hung_.load(std::memory_order_relaxed);
   c.failovers = failovers_.load(std::memory_order_relaxed);
   c.replays = replays_.load(std::memory_order_relaxed);
-  c.calls_unwatched = unwatched_.load(std::memory_order_relaxed);
   return c;
 }
 

@@ -1,17 +1,16 @@
 // One member of a group as the runtime's failover sees it (issue 15,
-// docs/groups.md): its state, its calls in flight with their start times,
-// and its counters; which call outcomes count against it; when a down member
-// may be probed. The rules, and why, are in this folder's README.md,
+// docs/groups.md): its state, its calls in flight, and its counters; which call outcomes count
+// against it; when a down member may be probed. The rules, and why, are in this folder's README.md,
 // "Member health".
 //
 // No clock of its own: every function that needs the time takes it (`now`),
 // so the runtime passes std::chrono::steady_clock::now() and the tests a
 // time of their choosing (tests/unit/member_health_test.cpp).
 //
-// Thread-safe. The per-call path (begin/end of a call that succeeds) is
-// atomics only: no lock, no allocation. The session-gone streak, a cold path,
-// is a Guarded (sync/guarded.hpp) taken only when a call reports a gone
-// session; it is a leaf (sync/lock.hpp's order: no other lock under it).
+// Thread-safe. The per-call path (begin/end_ok of a call that succeeds) is
+// three relaxed atomic counts: no clock, no lock, no allocation. The session-gone streak, a cold
+// path, is a Guarded (sync/guarded.hpp) taken only when a call reports a gone session; it is a leaf
+// (sync/lock.hpp's order: no other lock under it).
 #pragma once
 
 #include "config/config.hpp"
@@ -24,7 +23,6 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 
 namespace p11mux {
 
@@ -63,23 +61,18 @@ struct MemberHealthRules {
   // A down member's next probe is this long after it went down or its last
   // probe failed ([group.NAME] recovery_interval_s).
   std::chrono::nanoseconds recovery_interval = std::chrono::seconds(60);
-  // A call in flight longer than this marks its member down (hung;
-  // [group.NAME] hang_timeout_s).
+  // Calls in flight and none answered for this long mark the member down
+  // (hung; [group.NAME] hang_timeout_s).
   std::chrono::nanoseconds hang_timeout = std::chrono::seconds(60);
   // Session-gone codes from this many distinct backend sessions in a row,
   // with no other answer between, mark the member down ("on every session",
   // issue 15). Fewer when the member has fewer sessions open (end()'s
   // open_sessions): one session gone out of one is every session.
   std::uint32_t sessions_gone_quorum = 3;
-  // How many of its calls' start times are kept to find a hung one: at
-  // least the member's calls in flight at once (its session limit). A call
-  // beyond them runs unwatched (counted in calls_unwatched).
-  std::uint32_t watched_calls = 256;
 };
 
-// A group's rules: its recovery_interval_s and hang_timeout_s, and as many
-// watched calls as the member can have in flight (its session limit).
-MemberHealthRules member_health_rules(const Group& group, std::uint32_t watched_calls) noexcept;
+// A group's rules: its recovery_interval_s and hang_timeout_s.
+MemberHealthRules member_health_rules(const Group& group) noexcept;
 
 // The counters /metrics and /stats read (relaxed loads: each is exact, the
 // set is not one snapshot).
@@ -93,27 +86,24 @@ struct MemberCounters {
   std::uint64_t hung = 0;       // of those, for a hung call
   std::uint64_t failovers = 0;  // sessions moved off it (count_failover)
   std::uint64_t replays = 0;    // operations replayed elsewhere after it failed (count_replay)
-  std::uint64_t calls_unwatched = 0;  // calls begun with every watch slot taken
 };
 
 class MemberHealth {
  public:
   using Time = HealthClock::time_point;
 
-  // A call in flight: which watch slot holds its start time (kUnwatched:
-  // none was free). Given back to end() or cancel().
-  struct Call {
-    static constexpr std::uint32_t kUnwatched = ~std::uint32_t{0};
-    std::uint32_t slot = kUnwatched;
-  };
-
-  // Allocates the watch slots; nothing allocates afterwards.
-  explicit MemberHealth(const MemberHealthRules& rules);
+  explicit MemberHealth(const MemberHealthRules& rules) noexcept : rules_(rules) {}
   MemberHealth(const MemberHealth&) = delete;  // the runtime and the balancer point at it
   MemberHealth& operator=(const MemberHealth&) = delete;
 
   MemberState state() const noexcept { return state_.load(std::memory_order_acquire); }
   bool up() const noexcept { return state() == MemberState::up; }
+  // Down, for a hang (check_hung): its backend sessions are not to be
+  // called (a call would hang the caller too) until it answers a probe.
+  bool hung() const noexcept {
+    return state() != MemberState::up &&
+           last_down_.load(std::memory_order_relaxed) == DownReason::hung;
+  }
   std::uint32_t in_flight() const noexcept { return in_flight_.load(std::memory_order_relaxed); }
   // Calls waiting for one of its backend sessions (at its pool's limit): not
   // in flight (a wait is not the member hanging), but work queued for it,
@@ -124,14 +114,15 @@ class MemberHealth {
     return in_flight() + waiting_.load(std::memory_order_relaxed);
   }
 
-  // A call to the member starts: counted in flight, its start time kept.
-  Call begin(Time now) noexcept;
+  // A call to the member starts: counted in flight. Each begin is matched
+  // by one end, end_ok or cancel.
+  void begin() noexcept { in_flight_.fetch_add(1, std::memory_order_acq_rel); }
   // Only if fewer than `limit` calls are in flight (the balancer's primary
   // rule: exact under concurrency). False: nothing was counted.
-  bool begin_below(std::uint32_t limit, Time now, Call& call) noexcept;
+  bool begin_below(std::uint32_t limit) noexcept;
   // A call begun and not made (the balancer found the member down after
   // counting it): undone, not counted in `calls`.
-  void cancel(Call call) noexcept;
+  void cancel() noexcept { in_flight_.fetch_sub(1, std::memory_order_acq_rel); }
 
   // The call returned `rv` on backend session `session` (CK_INVALID_HANDLE:
   // a call without one). Classifies it and applies the rules: member_down
@@ -141,22 +132,37 @@ class MemberHealth {
   // open before this call's was found gone, if the runtime knows them.
   // A call ending on a member that is no longer up changes nothing but the
   // counters: only a probe brings a member back.
-  CallOutcome end(Call call, CK_RV rv, CK_SESSION_HANDLE session, Time now,
+  CallOutcome end(CK_RV rv, CK_SESSION_HANDLE session, Time now,
                   std::size_t open_sessions = ~std::size_t{0}) noexcept;
+  // An answer without a call in flight (a backend session for a call could
+  // not be had there): counted as a call's answer, as begin() then end().
+  CallOutcome count(CK_RV rv, Time now) noexcept {
+    begin();
+    return end(rv, CK_INVALID_HANDLE, now);
+  }
+  // end() of a call that returned CKR_OK, which needs no time: inline, the
+  // per-call path.
+  void end_ok() noexcept {
+    in_flight_.fetch_sub(1, std::memory_order_acq_rel);
+    calls_.fetch_add(1, std::memory_order_relaxed);
+    end_streak();
+  }
 
   // Marks it down now, for `reason` (also the runtime's, e.g. a C_Login that
   // fails on a member joining). True if this call took it down.
   bool mark_down(DownReason reason, Time now) noexcept;
 
-  // The watchdog: is a call in flight for longer than hang_timeout? Then
-  // the member is marked down (DownReason::hung) and true is returned. The
-  // hung call still returns only when the backend returns it (README.md,
-  // "A hung member"). Scans watched_calls slots: for a periodic thread, not
-  // for every call.
+  // The watchdog, called periodically by one thread at a time (the
+  // runtime's maintenance; README.md, "A hung member"): has the member had
+  // calls in flight and answered none for longer than hang_timeout? Then it
+  // is marked down (DownReason::hung) and true is returned. The quiet span
+  // starts at the first look that finds calls in flight and no answer since
+  // the look before, so it never starts before those calls did: a member is
+  // never called hung early, and is found at most two looks late. Calls
+  // keep no time (no clock on the call path); one slow call among calls
+  // that are answered is the HSM working, not hanging. The hung calls still
+  // return only when the backend returns them.
   bool check_hung(Time now) noexcept;
-  // The start time of its oldest watched call in flight begun since it was
-  // last admitted, if any.
-  bool oldest_call(Time& started) const noexcept;
 
   // Recovery. True for exactly one caller once a probe is due: the member
   // is then `probing` until probe_done().
@@ -165,9 +171,9 @@ class MemberHealth {
   // next interval.
   void probe_done(bool ok, Time now) noexcept;
   // A joining member (logged in, when the group needs it) takes calls again.
-  // False if it was not joining. Calls begun before `now` (a hung call of
-  // its previous life, still in the backend) no longer count as hung.
-  bool admit(Time now) noexcept;
+  // False if it was not joining. The calls in flight now (hung calls of its
+  // previous life, still in the backend) no longer count toward a hang.
+  bool admit() noexcept;
   // When its next probe is due (meaningful while down).
   Time next_probe() const noexcept;
 
@@ -181,10 +187,13 @@ class MemberHealth {
 
  private:
   static std::int64_t ticks(Time t) noexcept { return t.time_since_epoch().count(); }
-  std::uint32_t watch(Time now) noexcept;
-  void unwatch(std::uint32_t slot) noexcept;
   void session_gone(CK_SESSION_HANDLE session, Time now, std::size_t open_sessions) noexcept;
-  void end_streak() noexcept;
+  // The per-call path: a load that finds no streak, nearly always.
+  void end_streak() noexcept {
+    if (streak_open_.load(std::memory_order_relaxed)) [[unlikely]]
+      close_streak();
+  }
+  void close_streak() noexcept;
   void went_down(DownReason reason, Time now) noexcept;
 
   const MemberHealthRules rules_;
@@ -201,9 +210,7 @@ class MemberHealth {
   std::atomic<std::uint64_t> hung_{0};
   std::atomic<std::uint64_t> failovers_{0};
   std::atomic<std::uint64_t> replays_{0};
-  std::atomic<std::uint64_t> unwatched_{0};
   std::atomic<std::int64_t> next_probe_{0};
-  std::atomic<std::int64_t> up_since_{0};  // admit()'s time, as a watch's stamp
   std::atomic<DownReason> last_down_{DownReason::none};
   // Bumped by every answer that ends a streak; the streak belongs to one epoch.
   std::atomic<std::uint64_t> streak_epoch_{0};
@@ -216,12 +223,13 @@ class MemberHealth {
   };
   Guarded<Streak> streak_;
 
-  // A watched call's start (ticks + 1, never 0), or 0: free. One per cache
-  // line: threads starting calls at once do not share one.
-  struct alignas(64) Watch {
-    std::atomic<std::int64_t> started{0};
-  };
-  std::unique_ptr<Watch[]> watches_;
+  // The watchdog's (check_hung, admit), off the calls' cache line: calls_
+  // at its last look; when its quiet span began (ticks + 1; 0: none); how
+  // many calls in flight are a previous life's (those at the last
+  // admission, fewer as they end).
+  alignas(64) std::atomic<std::uint64_t> answered_seen_{0};
+  std::atomic<std::int64_t> quiet_since_{0};
+  std::atomic<std::uint32_t> stale_{0};
 };
 
 }  // namespace p11mux

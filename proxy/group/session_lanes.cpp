@@ -107,7 +107,7 @@ CK_RV lane_of(Runtime& rt, CK_SESSION_HANDLE lead, std::uint64_t me,
     if (outcome != CallOutcome::member_down || tried == groups.members(origin.group).size())
       return rv;
     MemberHealth& health = groups.health(origin.group, member);
-    health.end(health.begin(HealthClock::now()), rv, CK_INVALID_HANDLE, HealthClock::now());
+    (void)health.count(rv, HealthClock::now());
   }
   SessionLease lease = rt.sessions().lease(lead);
   bool kept = false;

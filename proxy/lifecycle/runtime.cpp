@@ -134,7 +134,7 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
       policy_(config.policy.any() ? std::make_unique<const Policy>(config.policy, locks_)
                                   : nullptr),
       // A group's session calls translate object handles (group_object_calls.hpp).
-      slow_path_(observer_->active() || policy_ != nullptr || config.has_groups()),
+      slow_path_(observer_->active() || policy_ != nullptr),
       port_(std::make_unique<Backend>(backend_options(config, self, inherited_at(inherited, 0))),
             locks_),
       extra_ports_(load_named_backends(config, self, locks_, inherited)),
@@ -200,6 +200,10 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
                 HealthClock::now(),
                 // Logged in, then given the changes to token objects it missed.
                 [this](std::size_t g, std::size_t m) {
+                  // It answers again: the sessions abandoned while it hung
+                  // are closed first (SessionPool::Fate::abandon).
+                  const GroupRuntime::Member& member = groups_->members(g)[m];
+                  pool_of(*member.port).close_abandoned(member.slot);
                   return group_login_->join(g, m) && group_catch_up(*this, g, m);
                 },
                 [this](std::size_t g, std::size_t m) { group_member_readmitted(*this, g, m); });
@@ -308,10 +312,14 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
   } else {
     // A session opened with a Notify callback carries the application's
     // callback: never reused.
-    SessionPool::Fate fate =
-        s->notify.load(std::memory_order_relaxed) != nullptr && !s->anchor.discard
-            ? SessionPool::Fate::closed(CloseReason::notify_callback)
-            : reset_backend_session(pool.port(), s->anchor);
+    // A group's member that hangs is not called: abandoned until it answers
+    // (SessionPool::Fate::abandon; proxy/group/README.md, "A hung member").
+    SessionPool::Fate fate = SessionPool::Fate::abandon;
+    if (s->group == Session::kNoGroup || !groups()->health(s->group, s->member).hung()) {
+      fate = s->notify.load(std::memory_order_relaxed) != nullptr && !s->anchor.discard
+                 ? SessionPool::Fate::closed(CloseReason::notify_callback)
+                 : reset_backend_session(pool.port(), s->anchor);
+    }
     pool.close(s->slot, s->rw, s->anchor.backend, fate);
   }
   if (s->group != Session::kNoGroup) groups()->release_session(s->group, s->member);

@@ -66,8 +66,9 @@ class Runtime {
   SessionPool& pool_of(const BackendPort& port) noexcept;
   spdlog::logger& log() noexcept { return *log_; }
   bool tracing() const noexcept { return tracing_; }
-  // Tracing, metrics, a policy or groups: calls take Entry<F>'s slow path
-  // (entry_points.cpp); with all four off, the one branch they cost.
+  // Tracing, metrics or a policy: calls take Entry<F>'s slow path
+  // (entry_points.cpp); with all three off, the one branch they cost. A
+  // group's session takes its own branch on the hot path (forward.hpp).
   bool slow_path() const noexcept { return slow_path_; }
   Observer& observer() noexcept { return *observer_; }
   // The [policy] rules; NULL when the configuration sets none.

@@ -65,7 +65,9 @@ class SessionPool::SlotPool {
  public:
   // What the slot's lock guards: its idle sessions and its counts.
   struct State {
-    std::vector<Idle> idle[2];        // [rw]
+    std::vector<Idle> idle[2];  // [rw]
+    // Fate::abandon's sessions, each with its kind (rw), still counted in `open`.
+    std::vector<std::pair<CK_SESSION_HANDLE, bool>> abandoned;
     unsigned long open[2] = {0, 0};   // backend sessions open or being opened, [rw]
     unsigned long opening = 0;        // ... of which being opened (C_OpenSession under way)
     unsigned long app_sessions = 0;   // the application's virtual sessions on this slot
@@ -1034,7 +1036,8 @@ void SessionPool::close(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate
     return;
   }
   if (uncount_app_session(*pool, rw)) {
-    (void)port_.call<fn::C_Logout>(handle);
+    // An abandoned session's token does not answer: no logout there.
+    if (fate != Fate::abandon) (void)port_.call<fn::C_Logout>(handle);
     logged_out_done(*pool);
   }
   settle(*pool, rw, handle, fate);
@@ -1059,6 +1062,18 @@ void SessionPool::give_back(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle) n
 }
 
 void SessionPool::discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept {
+  if (fate == Fate::abandon) {
+    try {
+      Locked(pool.state)->abandoned.emplace_back(handle, rw);
+      return;
+    } catch (const std::bad_alloc&) {
+      // Not kept: forgotten (counted closed), never closed on the backend.
+      pool.closed(1, false);
+      Locked(pool.state)->open[rw] -= 1;
+      pool.signal();
+      return;
+    }
+  }
   backend_close(handle);
   pool.closed(1, false);
   if (fate == Fate::dead) {
@@ -1069,6 +1084,20 @@ void SessionPool::discard(SlotPool& pool, bool rw, CK_SESSION_HANDLE handle, Fat
   }
   Locked(pool.state)->open[rw] -= 1;
   pool.signal();
+}
+
+void SessionPool::close_abandoned(CK_SLOT_ID slot) noexcept {
+  SlotPool* pool = find_slot(slot);
+  if (pool == nullptr) return;
+  std::vector<std::pair<CK_SESSION_HANDLE, bool>> abandoned;
+  std::swap(abandoned, Locked(pool->state)->abandoned);
+  for (const auto& [handle, rw] : abandoned) {
+    backend_close(handle);
+    pool->closed(1, false);
+    pool->figures->discarded_dead.fetch_add(1, std::memory_order_relaxed);
+    Locked(pool->state)->open[rw] -= 1;
+    pool->signal();
+  }
 }
 
 // Closes a session taken off the idle lists (the caller adjusts the count).

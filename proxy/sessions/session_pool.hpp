@@ -66,11 +66,13 @@ class SessionPool {
   SessionPool& operator=(const SessionPool&) = delete;
 
   // What becomes of a backend session given back: pooled again, closed
-  // because p11mux cannot prove it clean (counted by reason), or closed and
+  // because p11mux cannot prove it clean (counted by reason), closed and
   // counted as dead (a call marked it discard: the backend said the session
-  // or device is gone).
+  // or device is gone), or abandoned: its token does not answer (a group's
+  // hung member), so a C_CloseSession would hang the caller too; it stays
+  // counted open until close_abandoned() closes it, once the token answers.
   struct Fate {
-    enum Kind : std::uint8_t { reuse, close, dead };
+    enum Kind : std::uint8_t { reuse, close, dead, abandon };
     Kind kind = reuse;
     CloseReason why{};  // with close
     // Fate::reuse or Fate::dead; a close needs its reason: Fate::closed(why).
@@ -97,6 +99,9 @@ class SessionPool {
   CK_RV borrow(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out,
                Wait wait = Wait::at_limit) noexcept;
   void give(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE handle, Fate fate) noexcept;
+  // Closes the sessions of `slot` given back as Fate::abandon (its token
+  // answers again), as dead ones. Not under any of the pool's locks.
+  void close_abandoned(CK_SLOT_ID slot) noexcept;
   // Only from this thread's cache, never waiting nor opening one: false when
   // it holds none of this slot and kind.
   bool borrow_cached(CK_SLOT_ID slot, bool rw, CK_SESSION_HANDLE& out) noexcept;

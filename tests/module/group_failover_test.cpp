@@ -6,6 +6,9 @@
 // (FaultyGroup: member 0 is the mock's slot 2, member 1 its slot 1).
 #include "group_harness.hpp"
 
+#include "unit/observe_test_support.hpp"
+
+#include <unistd.h>
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -442,6 +445,61 @@ TEST_CASE("group failover: multiplex mode, single-part replayed, multi-part told
   len = out.size();
   CHECK(p->C_Digest(a, bytes, part.size(), out.data(), &len) == CKR_OK);
   g.faulty->clear_slot(2);
+}
+
+TEST_CASE("group failover: a member that answers nothing for hang_timeout_s goes down") {
+  const std::string sock = unique_temp_path("hung", "sock");
+  FaultyGroup g("balance = primary\nhang_timeout_s = 1\n",
+                {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                 {"P11MUX_LOG_LEVEL", "error"},
+                 {"P11MUX_METRICS_LISTEN", sock.c_str()}});
+  REQUIRE(g.proxy.initialize() == CKR_OK);
+  auto figure = [&](const char* name) {
+    auto m = http_get(endpoint_of(sock), "/metrics");
+    REQUIRE(m);
+    return parse_prometheus(m->body).at(std::string(name) +
+                                        "{group=\"signing\",member=\"faulty/serial:2\"}");
+  };
+  // Both on member 0 (primary), which then stops answering under a's call.
+  const CK_SESSION_HANDLE a = g.open(), b = g.open();
+  REQUIRE(g.random(a) == CKR_OK);
+  REQUIRE(g.random(b) == CKR_OK);
+  g.faulty->hang_slot(2, FAULTY_HANG_UNTIL_RELEASED);
+  auto hung = std::async(std::launch::async, [&] { return g.random(a); });
+  struct Released {
+    const FaultyControl* faulty;
+    ~Released() { faulty->release_slot(2); }  // before `hung` waits, if a check fails
+  } released{g.faulty};
+  REQUIRE(wait_hung(g.faulty, 2));
+  // The members' thread looks every 125 ms (an eighth of the 1 s timeout)
+  // and finds it within 1.25 s; 10 s is a liveness guard, not a timing.
+  bool down = false;
+  for (int i = 0; i < 200 && !down; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    down = figure("p11mux_member_hung_total") == 1;
+  }
+  REQUIRE(down);
+  CHECK(figure("p11mux_member_calls_in_flight") == 1);  // a's call, still in the backend
+  // b moves to member 1 at its next call, answered while a's call waits.
+  auto moved = std::async(std::launch::async, [&] { return g.random(b); });
+  const bool answered = moved.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+  if (!answered) g.faulty->release_slot(2);  // so that `moved` can end
+  REQUIRE(answered);
+  CHECK(moved.get() == CKR_OK);
+  // b's backend session there was abandoned, not closed (the close would
+  // have hung b's thread): still open on the member.
+  CHECK(g.sessions_on(2) == 2);
+  g.faulty->release_slot(2);
+  CHECK(hung.get() == CKR_OK);  // the backend did the work: its answer stands
+  // The member answers its probe, and the abandoned session is closed
+  // before it is admitted again: only a's is left there.
+  bool closed = false;
+  for (int i = 0; i < 200 && !closed; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    closed = g.sessions_on(2) == 1;
+  }
+  CHECK(closed);
+  ::unlink(sock.c_str());
 }
 
 }  // namespace p11mux::test

@@ -12,8 +12,10 @@
 #include <unistd.h>
 
 #include <array>
+#include <chrono>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace p11mux::test {
@@ -125,6 +127,17 @@ inline MockConfig mock_tokens(unsigned long count) {
 inline std::string two_mock_members() {
   return std::string("[backend.mock]\nmodule = ") + P11MUX_TEST_MOCK_PATH +
          "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n";
+}
+
+// Waits (at most 5 s) until `slot` of the faulty module has a call hung in it.
+inline bool wait_hung(const FaultyControl* faulty, unsigned long slot) {
+  for (int i = 0; i < 500; ++i) {
+    FaultySlotStats stats{};
+    faulty->slot_stats(slot, &stats);
+    if (stats.hung_now > 0) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return false;
 }
 
 // The faulty module over the mock's three tokens, as a group of its slots 2

@@ -48,17 +48,6 @@ struct MultiplexGroup : FaultyGroup {
   }
 };
 
-// Waits (at most 5 s) until `slot` has a call hung in it.
-bool wait_hung(const FaultyControl* faulty, unsigned long slot) {
-  for (int i = 0; i < 500; ++i) {
-    FaultySlotStats stats{};
-    faulty->slot_stats(slot, &stats);
-    if (stats.hung_now > 0) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return false;
-}
-
 // A thread of its own that runs what it is given, in turn: one lane, used
 // at several moments of a test.
 class Worker {

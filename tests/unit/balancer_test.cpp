@@ -23,7 +23,6 @@ const Time t0 = Time(1000s);
 struct Members {
   explicit Members(std::size_t n) {
     MemberHealthRules r;
-    r.watched_calls = 64;
     for (std::size_t i = 0; i < n; ++i) {
       owned.push_back(std::make_unique<MemberHealth>(r));
       ptrs.push_back(owned.back().get());
@@ -34,22 +33,25 @@ struct Members {
   std::vector<MemberHealth*> ptrs;
 };
 
-void finish(Balancer& b, const Balancer::Pick& p) { b.member(p.member).end(p.call, CKR_OK, 1, t0); }
+void finish(Balancer& b, const Balancer::Pick& p) { b.member(p.member).end(CKR_OK, 1, t0); }
 
 TEST_CASE("balancer: least-busy takes the member with the fewest calls in flight") {
   Members m(3);
   Balancer b(Balance::least_busy, m.ptrs);
   std::vector<Balancer::Pick> held;
   // Two calls on member 0, one on member 2: member 1 is the least busy.
-  held.push_back({0, m[0].begin(t0)});
-  held.push_back({0, m[0].begin(t0)});
-  held.push_back({2, m[2].begin(t0)});
-  Balancer::Pick p = b.pick(t0);
+  m[0].begin();
+  held.push_back({0});
+  m[0].begin();
+  held.push_back({0});
+  m[2].begin();
+  held.push_back({2});
+  Balancer::Pick p = b.pick();
   REQUIRE(p);
   CHECK(p.member == 1);
   CHECK(m[1].in_flight() == 1);  // counted by the pick
   // Now 1 and 2 tie at one call each; 0 has two.
-  Balancer::Pick q = b.pick(t0);
+  Balancer::Pick q = b.pick();
   CHECK((q.member == 1 || q.member == 2));
   finish(b, p);
   finish(b, q);
@@ -62,10 +64,11 @@ TEST_CASE("balancer: least-busy weighs the calls waiting for a member's sessions
   Members m(2);
   Balancer b(Balance::least_busy, m.ptrs);
   for (int i = 0; i < 3; ++i) m[0].wait_begin();
-  const Balancer::Pick busy{1, m[1].begin(t0)};
+  m[1].begin();
+  const Balancer::Pick busy{1};
   CHECK(m[0].load() == 3);
   CHECK(m[1].load() == 1);
-  Balancer::Pick p = b.pick(t0);
+  Balancer::Pick p = b.pick();
   REQUIRE(p);
   CHECK(p.member == 1);
   finish(b, p);
@@ -79,7 +82,7 @@ TEST_CASE("balancer: least-busy spreads ties, even one call at a time") {
   Balancer b(Balance::least_busy, m.ptrs);
   std::array<int, 3> chosen{};
   for (int i = 0; i < 300; ++i) {
-    Balancer::Pick p = b.pick(t0);
+    Balancer::Pick p = b.pick();
     REQUIRE(p);
     ++chosen[p.member];
     finish(b, p);
@@ -92,11 +95,11 @@ TEST_CASE("balancer: least-busy spreads ties, even one call at a time") {
 TEST_CASE("balancer: least-busy skips a member that is down, however idle") {
   Members m(3);
   Balancer b(Balance::least_busy, m.ptrs);
-  Balancer::Pick busy0 = b.pick(t0), busy1 = b.pick(t0), busy2 = b.pick(t0);
+  Balancer::Pick busy0 = b.pick(), busy1 = b.pick(), busy2 = b.pick();
   m[1].mark_down(DownReason::device, t0);
   finish(b, busy1);  // member 1 now idle, but down
   for (int i = 0; i < 10; ++i) {
-    Balancer::Pick p = b.pick(t0);
+    Balancer::Pick p = b.pick();
     REQUIRE(p);
     CHECK(p.member != 1);
     finish(b, p);
@@ -110,7 +113,7 @@ TEST_CASE("balancer: round-robin takes each member up in turn") {
   Balancer b(Balance::round_robin, m.ptrs);
   std::vector<std::size_t> order;
   for (int i = 0; i < 6; ++i) {
-    Balancer::Pick p = b.pick(t0);
+    Balancer::Pick p = b.pick();
     order.push_back(p.member);
     // Held, not finished: round-robin does not look at load.
   }
@@ -119,7 +122,7 @@ TEST_CASE("balancer: round-robin takes each member up in turn") {
   m[1].mark_down(DownReason::device, t0);
   std::array<int, 3> chosen{};
   for (int i = 0; i < 100; ++i) {
-    Balancer::Pick p = b.pick(t0);
+    Balancer::Pick p = b.pick();
     ++chosen[p.member];
     finish(b, p);
   }
@@ -133,7 +136,7 @@ TEST_CASE("balancer: primary fills the first member up to its capacity, then the
   const std::array<std::uint32_t, 3> capacity{2, 2, 2};
   Balancer b(Balance::primary, m.ptrs, capacity);
   std::vector<Balancer::Pick> held;
-  for (int i = 0; i < 5; ++i) held.push_back(b.pick(t0));
+  for (int i = 0; i < 5; ++i) held.push_back(b.pick());
   CHECK(held[0].member == 0);
   CHECK(held[1].member == 0);
   CHECK(held[2].member == 1);
@@ -141,12 +144,12 @@ TEST_CASE("balancer: primary fills the first member up to its capacity, then the
   CHECK(held[4].member == 2);
   // A call on the primary ends: it has room again, and takes the next.
   finish(b, held[0]);
-  held[0] = b.pick(t0);
+  held[0] = b.pick();
   CHECK(held[0].member == 0);
   // Member 2 still has room (2, 2, 1).
-  held.push_back(b.pick(t0));
+  held.push_back(b.pick());
   CHECK(held.back().member == 2);
-  held.push_back(b.pick(t0));  // 2, 2, 2 are full: least busy, a tie
+  held.push_back(b.pick());  // 2, 2, 2 are full: least busy, a tie
   CHECK(m[0].in_flight() + m[1].in_flight() + m[2].in_flight() == 7);
   for (auto& h : held) finish(b, h);
 }
@@ -154,20 +157,20 @@ TEST_CASE("balancer: primary fills the first member up to its capacity, then the
 TEST_CASE("balancer: primary skips a primary that is down, and returns to it when it is back") {
   Members m(2);
   Balancer b(Balance::primary, m.ptrs);  // no capacity given: unlimited
-  Balancer::Pick p = b.pick(t0);
+  Balancer::Pick p = b.pick();
   CHECK(p.member == 0);
   finish(b, p);
   m[0].mark_down(DownReason::device, t0);
-  p = b.pick(t0);
+  p = b.pick();
   CHECK(p.member == 1);
   finish(b, p);
   REQUIRE(m[0].claim_probe(t0 + 60s));
   m[0].probe_done(true, t0 + 60s);
-  p = b.pick(t0);
+  p = b.pick();
   CHECK(p.member == 1);  // joining: not yet
   finish(b, p);
-  REQUIRE(m[0].admit(t0 + 60s));
-  p = b.pick(t0);
+  REQUIRE(m[0].admit());
+  p = b.pick();
   CHECK(p.member == 0);
   finish(b, p);
 }
@@ -178,17 +181,17 @@ TEST_CASE("balancer: no member when none is up") {
     Balancer b(rule, m.ptrs);
     m[0].mark_down(DownReason::device, t0);
     m[1].mark_down(DownReason::hung, t0);
-    Balancer::Pick p = b.pick(t0);
+    Balancer::Pick p = b.pick();
     CHECK_FALSE(p);
     CHECK(p.member == Balancer::kNone);
     CHECK(m[0].in_flight() == 0);
     CHECK(m[1].in_flight() == 0);
     REQUIRE(m[1].claim_probe(t0 + 60s));  // probing: still not chosen
-    CHECK_FALSE(b.pick(t0));
+    CHECK_FALSE(b.pick());
   }
   Members none(0);
   Balancer empty(Balance::round_robin, none.ptrs);
-  CHECK_FALSE(empty.pick(t0));
+  CHECK_FALSE(empty.pick());
 }
 
 // Many threads choosing and finishing: every call is counted on the member it
@@ -214,7 +217,7 @@ void run_concurrently(Balance rule) {
           two_down.store(true, std::memory_order_release);
         }
         const bool down_before = two_down.load(std::memory_order_acquire);
-        Balancer::Pick p = b.pick(t0);
+        Balancer::Pick p = b.pick();
         if (!p) {
           bad.fetch_add(1);
           continue;
@@ -222,7 +225,7 @@ void run_concurrently(Balance rule) {
         if (p.member == 3 || (down_before && p.member == 2)) bad.fetch_add(1);
         if (down_before) after_down.fetch_add(1);
         chosen[p.member].fetch_add(1);
-        b.member(p.member).end(p.call, i % 11 == 0 ? CKR_PIN_INCORRECT : CKR_OK, 1, t0);
+        b.member(p.member).end(i % 11 == 0 ? CKR_PIN_INCORRECT : CKR_OK, 1, t0);
       }
     });
   }
@@ -259,7 +262,7 @@ TEST_CASE("balancer: primary never puts more than capacity on a member while ano
         // Three held at once: one thread alone would overfill a member.
         std::array<Balancer::Pick, 3> held;
         for (auto& p : held) {
-          p = b.pick(t0);
+          p = b.pick();
           if (p.member < 2 && b.member(p.member).in_flight() > 2) over.fetch_add(1);
         }
         for (auto& p : held) finish(b, p);

@@ -1,6 +1,6 @@
 // Unit tests for proxy/group/member_health (proxy/group/README.md, "Member
 // health"): which call outcomes count against a member, the session-gone
-// streak, a hung call found with a given time (no sleeping), recovery by
+// streak, a hung member found with a given time (no sleeping), recovery by
 // probe, and the counters.
 #include "group/member_health.hpp"
 
@@ -24,13 +24,13 @@ MemberHealthRules rules(std::uint32_t quorum = 3) {
   r.recovery_interval = 60s;
   r.hang_timeout = 10s;
   r.sessions_gone_quorum = quorum;
-  r.watched_calls = 8;
   return r;
 }
 
 CallOutcome call(MemberHealth& m, CK_RV rv, CK_SESSION_HANDLE session = 1, Time now = t0,
                  std::size_t open_sessions = ~std::size_t{0}) {
-  return m.end(m.begin(now), rv, session, now, open_sessions);
+  m.begin();
+  return m.end(rv, session, now, open_sessions);
 }
 
 TEST_CASE("member_health: classify sorts return codes into member's and application's") {
@@ -129,16 +129,12 @@ TEST_CASE("member_health: a session-gone code without a session does not count t
   CHECK(m.counters().errors == 1);
 }
 
-TEST_CASE("member_health: a call in flight past hang_timeout marks the member down") {
+TEST_CASE("member_health: calls in flight and no answer for hang_timeout mark the member down") {
   MemberHealth m(rules());
-  const MemberHealth::Call hung = m.begin(t0);
-  const MemberHealth::Call quick = m.begin(t0 + 5s);
-  m.end(quick, CKR_OK, 2, t0 + 6s);
+  m.begin();
+  CHECK_FALSE(m.check_hung(t0));        // the first look that finds it: the quiet span starts
   CHECK_FALSE(m.check_hung(t0 + 10s));  // exactly the timeout: not yet
   CHECK(m.up());
-  Time oldest;
-  REQUIRE(m.oldest_call(oldest));
-  CHECK(oldest == t0);
   CHECK(m.check_hung(t0 + 10s + 1ns));
   CHECK(m.state() == MemberState::down);
   CHECK(m.counters().last_down == DownReason::hung);
@@ -149,26 +145,67 @@ TEST_CASE("member_health: a call in flight past hang_timeout marks the member do
   CHECK(m.next_probe() == t0 + 10s + 1ns + 60s);
 
   // It returns at last, successfully: its answer stands, the member stays down.
-  CHECK(m.end(hung, CKR_OK, 1, t0 + 30s) == CallOutcome::ok);
+  CHECK(m.end(CKR_OK, 1, t0 + 30s) == CallOutcome::ok);
   CHECK(m.state() == MemberState::down);
   CHECK(m.counters().in_flight == 0);
-  CHECK_FALSE(m.oldest_call(oldest));
+}
+
+TEST_CASE("member_health: the quiet span starts at the look that finds calls, not before") {
+  MemberHealth m(rules());
+  CHECK_FALSE(m.check_hung(t0));  // nothing in flight
+  m.begin();                      // begun some time after that look
+  CHECK_FALSE(m.check_hung(t0 + 9s));
+  // 10 s after the first look, but perhaps not after the call began.
+  CHECK_FALSE(m.check_hung(t0 + 11s));
+  CHECK(m.up());
+  CHECK(m.check_hung(t0 + 19s + 1ns));
+  m.end(CKR_OK, 1, t0 + 30s);
+}
+
+TEST_CASE("member_health: a slow call among calls answered is not a hang") {
+  MemberHealth m(rules());
+  m.begin();  // slow: a key generation, say
+  CHECK_FALSE(m.check_hung(t0));
+  for (int i = 1; i <= 5; ++i) {
+    m.begin();
+    m.end_ok();  // another session's call, answered
+    CHECK_FALSE(m.check_hung(t0 + std::chrono::seconds(8 * i)));
+  }
+  CHECK(m.up());
+  // The answers stop with the slow call still in flight: from the look
+  // after the last answer, a hang_timeout of quiet.
+  CHECK_FALSE(m.check_hung(t0 + 41s));
+  CHECK_FALSE(m.check_hung(t0 + 51s));
+  CHECK(m.check_hung(t0 + 51s + 1ns));
+  m.end(CKR_OK, 1, t0 + 60s);
 }
 
 TEST_CASE("member_health: a hung call from before a recovery does not take the member down again") {
   MemberHealth m(rules());
-  const MemberHealth::Call hung = m.begin(t0);
+  m.begin();  // hangs
+  CHECK_FALSE(m.check_hung(t0));
   REQUIRE(m.check_hung(t0 + 11s));
   REQUIRE(m.claim_probe(t0 + 71s));
   m.probe_done(true, t0 + 72s);
-  REQUIRE(m.admit(t0 + 72s));
+  REQUIRE(m.admit());
   CHECK_FALSE(m.check_hung(t0 + 100s));
+  CHECK_FALSE(m.check_hung(t0 + 200s));
   CHECK(m.up());
-  // A call begun since does.
-  const MemberHealth::Call again = m.begin(t0 + 101s);
-  CHECK(m.check_hung(t0 + 112s));
-  m.end(hung, CKR_OK, 1, t0 + 120s);
-  m.end(again, CKR_OK, 2, t0 + 120s);
+  // A call begun since, unanswered, does.
+  m.begin();
+  CHECK_FALSE(m.check_hung(t0 + 201s));
+  CHECK(m.check_hung(t0 + 212s));
+  // The old call ends; a new one hangs alone: still found.
+  m.end(CKR_OK, 1, t0 + 220s);
+  m.end(CKR_OK, 2, t0 + 220s);
+  REQUIRE(m.claim_probe(t0 + 300s));
+  m.probe_done(true, t0 + 300s);
+  REQUIRE(m.admit());
+  m.begin();
+  CHECK_FALSE(m.check_hung(t0 + 301s));  // the two answers above: progress
+  CHECK_FALSE(m.check_hung(t0 + 302s));
+  CHECK(m.check_hung(t0 + 313s));
+  m.end(CKR_OK, 3, t0 + 320s);
 }
 
 TEST_CASE("member_health: probes are due every recovery interval; one succeeding re-admits it") {
@@ -179,7 +216,7 @@ TEST_CASE("member_health: probes are due every recovery interval; one succeeding
   CHECK(m.claim_probe(t0 + 60s));
   CHECK(m.state() == MemberState::probing);
   CHECK_FALSE(m.claim_probe(t0 + 61s));  // one prober
-  CHECK_FALSE(m.admit(t0 + 61s));        // not before the probe succeeded
+  CHECK_FALSE(m.admit());                // not before the probe succeeded
 
   m.probe_done(false, t0 + 61s);  // still gone: the next probe an interval later
   CHECK(m.state() == MemberState::down);
@@ -190,7 +227,7 @@ TEST_CASE("member_health: probes are due every recovery interval; one succeeding
   m.probe_done(true, t0 + 122s);
   CHECK(m.state() == MemberState::joining);  // the runtime logs it in before it takes calls
   CHECK_FALSE(m.up());
-  CHECK(m.admit(t0 + 123s));
+  CHECK(m.admit());
   CHECK(m.up());
   CHECK(m.counters().downs == 1);
 }
@@ -204,14 +241,14 @@ TEST_CASE("member_health: a login that fails on a joining member takes it down a
   CHECK(m.state() == MemberState::down);
   CHECK(m.counters().last_down == DownReason::login_failed);
   CHECK(m.next_probe() == t0 + 121s);
-  CHECK_FALSE(m.admit(t0 + 62s));
+  CHECK_FALSE(m.admit());
 }
 
 TEST_CASE("member_health: a success on a down member does not bring it back") {
   MemberHealth m(rules());
-  const MemberHealth::Call late = m.begin(t0);
+  m.begin();  // a call late to answer
   call(m, CKR_DEVICE_ERROR);
-  m.end(late, CKR_OK, 1, t0 + 1s);
+  m.end(CKR_OK, 1, t0 + 1s);
   CHECK(m.state() == MemberState::down);
   CHECK_FALSE(m.mark_down(DownReason::device, t0 + 2s));  // already down
 }
@@ -223,37 +260,21 @@ TEST_CASE("member_health: a session streak from before a recovery does not carry
   m.mark_down(DownReason::device, t0);
   REQUIRE(m.claim_probe(t0 + 60s));
   m.probe_done(true, t0 + 60s);
-  REQUIRE(m.admit(t0 + 60s));
+  REQUIRE(m.admit());
   call(m, CKR_SESSION_HANDLE_INVALID, 13);
   CHECK(m.up());
 }
 
-TEST_CASE("member_health: calls beyond the watched slots are counted, not lost") {
-  MemberHealth m(rules());  // 8 watched
-  std::vector<MemberHealth::Call> calls;
-  for (int i = 0; i < 10; ++i) calls.push_back(m.begin(t0 + std::chrono::seconds(i)));
-  CHECK(m.in_flight() == 10);
-  CHECK(m.counters().calls_unwatched == 2);
-  for (const auto& c : calls) m.end(c, CKR_OK, 1, t0 + 20s);
-  CHECK(m.in_flight() == 0);
-  Time oldest;
-  CHECK_FALSE(m.oldest_call(oldest));
-  // Every slot is free again.
-  for (int i = 0; i < 8; ++i) calls[static_cast<std::size_t>(i)] = m.begin(t0);
-  CHECK(m.counters().calls_unwatched == 2);
-}
-
 TEST_CASE("member_health: begin_below never goes past its limit; cancel undoes a begin") {
   MemberHealth m(rules());
-  MemberHealth::Call a, b, c;
-  CHECK(m.begin_below(2, t0, a));
-  CHECK(m.begin_below(2, t0, b));
-  CHECK_FALSE(m.begin_below(2, t0, c));
+  CHECK(m.begin_below(2));
+  CHECK(m.begin_below(2));
+  CHECK_FALSE(m.begin_below(2));
   CHECK(m.in_flight() == 2);
-  m.cancel(b);
+  m.cancel();
   CHECK(m.in_flight() == 1);
   CHECK(m.counters().calls == 0);  // a cancelled call was never made
-  m.end(a, CKR_OK, 1, t0);
+  m.end(CKR_OK, 1, t0);
   CHECK(m.counters().calls == 1);
 }
 
@@ -272,19 +293,16 @@ TEST_CASE("member_health: a group's rules come from its configuration") {
   Group g;
   g.recovery_interval_s = 5;
   g.hang_timeout_s = 7;
-  const MemberHealthRules r = member_health_rules(g, 16);
+  const MemberHealthRules r = member_health_rules(g);
   CHECK(r.recovery_interval == 5s);
   CHECK(r.hang_timeout == 7s);
-  CHECK(r.watched_calls == 16);
   MemberHealth m(r);
   m.mark_down(DownReason::device, t0);
   CHECK(m.next_probe() == t0 + 5s);
 }
 
 TEST_CASE("member_health: many threads begin and end calls; the counts balance") {
-  MemberHealthRules r = rules(3);
-  r.watched_calls = 64;
-  MemberHealth m(r);
+  MemberHealth m(rules(3));
   constexpr int kThreads = 8;
   constexpr int kCalls = 20000;
   std::vector<std::thread> threads;
@@ -292,7 +310,12 @@ TEST_CASE("member_health: many threads begin and end calls; the counts balance")
     threads.emplace_back([&m, t] {
       for (int i = 0; i < kCalls; ++i) {
         const CK_RV rv = i % 7 == 0 ? CKR_PIN_INCORRECT : CKR_OK;
-        m.end(m.begin(t0), rv, static_cast<CK_SESSION_HANDLE>(t + 1), t0);
+        m.begin();
+        if (rv == CKR_OK) {
+          m.end_ok();
+        } else {
+          m.end(rv, static_cast<CK_SESSION_HANDLE>(t + 1), t0);
+        }
       }
     });
   }
@@ -301,10 +324,7 @@ TEST_CASE("member_health: many threads begin and end calls; the counts balance")
   CHECK(c.in_flight == 0);
   CHECK(c.calls == std::uint64_t{kThreads} * kCalls);
   CHECK(c.errors == 0);
-  CHECK(c.calls_unwatched == 0);
   CHECK(m.up());
-  Time oldest;
-  CHECK_FALSE(m.oldest_call(oldest));
 }
 
 TEST_CASE("member_health: session-gone reports from many threads take it down once") {
