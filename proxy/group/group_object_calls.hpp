@@ -51,6 +51,34 @@ inline constexpr bool kTouchesObjects =
     (F::args.size() > 1 && F::args[1] == 'm') || effect<F>.step == Step::create
     || F::name == "C_FindObjects";
 
+// How many of the templates of F that make objects ask for a token object
+// (CKA_TOKEN true): 0 for a call that makes session objects only.
+template <class F, class Args>
+std::size_t token_templates(const Args& args) noexcept {
+  constexpr auto templates = creation_templates<F>();
+  std::size_t tokens = 0;
+  [&]<std::size_t... I>(std::index_sequence<I...>) {
+    (..., [&] {
+      constexpr std::size_t t = templates[I];
+      if (group_token_template(std::get<t - 1>(args), std::get<t>(args))) ++tokens;
+    }());
+  }
+  (std::make_index_sequence<templates.size()>{});
+  return tokens;
+}
+
+// The CK_OBJECT_HANDLE_PTR arguments of a call that makes objects, where the
+// member writes them (a pair: two), and how many.
+template <class Args>
+std::size_t made_handles(const Args& args, std::array<CK_OBJECT_HANDLE_PTR, 2>& made) noexcept {
+  std::size_t n = 0;
+  auto keep = [&](auto arg) {
+    if constexpr (std::is_same_v<decltype(arg), CK_OBJECT_HANDLE_PTR>) made[n++] = arg;
+  };
+  std::apply([&](auto... a) { (keep(a), ...); }, args);
+  return n;
+}
+
 // `run(args...)` is forward.hpp's call on the session's backend session,
 // with what it notes afterwards (session_effects.hpp), which must see the
 // member's handles: it gets them, the application the virtual ones.
@@ -98,25 +126,13 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
   // generate_token_keys (docs/groups.md, "Configuration"): a token key is
   // refused, or made on the primary member.
   if constexpr (F::name == "C_GenerateKey" || F::name == "C_GenerateKeyPair") {
-    constexpr auto templates = creation_templates<F>();
-    std::size_t tokens = 0;
-    [&]<std::size_t... I>(std::index_sequence<I...>) {
-      (..., [&] {
-        constexpr std::size_t t = templates[I];
-        if (group_token_template(std::get<t - 1>(args), std::get<t>(args))) ++tokens;
-      }());
-    }
-    (std::make_index_sequence<templates.size()>{});
+    const std::size_t tokens = token_templates<F>(args);
     std::size_t maker = s.member;
     if (rv == CKR_OK && tokens != 0)
-      rv = group_token_key_member(call, tokens == templates.size(), maker);
+      rv = group_token_key_member(call, tokens == creation_templates<F>().size(), maker);
     if (rv == CKR_OK && maker != s.member) {
       std::array<CK_OBJECT_HANDLE_PTR, 2> made{};
-      std::size_t n = 0;
-      auto keep = [&](auto arg) {
-        if constexpr (std::is_same_v<decltype(arg), CK_OBJECT_HANDLE_PTR>) made[n++] = arg;
-      };
-      std::apply([&](auto... a) { (keep(a), ...); }, args);
+      const std::size_t n = made_handles(args, made);
       rv = group_generate_on(
           call, maker,
           [](void* ctx, const BackendPort& port, CK_SESSION_HANDLE h) noexcept -> CK_RV {
@@ -173,9 +189,18 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
       // (A template without CKA_TOKEN true makes a session object: spec default.)
       if constexpr (F::name == "C_CreateObject") {
         if (group_token_template(std::get<0>(args), std::get<1>(args)))
-          rv = group_refuse_taken(call, own);
+          rv = group_refuse_taken(call, &std::get<2>(args), 1);
       }
-      if constexpr (F::name == "C_CopyObject") rv = group_refuse_taken(call, own);
+      if constexpr (F::name == "C_CopyObject") rv = group_refuse_taken(call, &std::get<3>(args), 1);
+      // A token key (generated here, unwrapped, derived) stays on this member:
+      // its identity must be free on the others too.
+      if constexpr (F::name == "C_GenerateKey" || F::name == "C_GenerateKeyPair" ||
+                    F::name == "C_UnwrapKey" || F::name == "C_DeriveKey") {
+        if (token_templates<F>(args) != 0) {
+          std::array<CK_OBJECT_HANDLE_PTR, 2> made{};
+          rv = group_refuse_taken(call, made.data(), made_handles(args, made), &call);
+        }
+      }
       std::apply([&](auto... a) { (issue(a), ...); }, args);
       // A token object made: on every member (docs/groups.md, "Objects").
       if constexpr (F::name == "C_CreateObject") {

@@ -251,8 +251,10 @@ CK_RV group_generate_on(GroupCall& call, std::size_t member, GroupRunOn run, voi
   CK_RV rv = run(ctx, s.port(), s.handle());
   s.answered(rv);
   if (rv != CKR_OK) return rv;
-  // Read and issued as that member's, on the session that made them.
+  // Read and issued as that member's, on the session that made them; an
+  // identity taken there or on another member refuses them.
   GroupCall there{call.rt, call.objects, call.group, member, s.handle(), call.function, false};
+  rv = group_refuse_taken(there, made, n, &call);
   for (std::size_t i = 0; i < n && rv == CKR_OK; ++i) {
     if (made[i] != nullptr && *made[i] != CK_INVALID_HANDLE)
       rv = group_issue_made(there, s.handle(), *made[i]);

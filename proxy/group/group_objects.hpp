@@ -90,12 +90,20 @@ void group_destroyed(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept;
 // Token objects are on every member (docs/groups.md, "Objects"): whether
 // `handle` names one (not pinned to a member).
 bool group_replicated(GroupCall& call, CK_OBJECT_HANDLE handle) noexcept;
-// C_CreateObject or C_CopyObject made `own` on the session's member: if it is
-// a token object whose identity another object there has, it is destroyed
-// again and the call refused (CKR_ATTRIBUTE_VALUE_INVALID, a log line): every
-// member would hold two objects of one identity, which the map refuses to
-// tell apart (docs/groups.md, "Objects"). Else CKR_OK.
-CK_RV group_refuse_taken(GroupCall& call, CK_OBJECT_HANDLE own) noexcept;
+// A call made the objects its `n` handle arguments `made` name on `call`'s
+// member (C_CreateObject's, C_CopyObject's, a key or a pair's two halves;
+// a null argument, or one left CK_INVALID_HANDLE, names none): if one is a token object
+// whose identity another object there has, all are destroyed again and the
+// call refused (CKR_ATTRIBUTE_VALUE_INVALID, a log line): the member would
+// hold two objects of one identity, which the map refuses to tell apart
+// (docs/groups.md, "Objects"). `others`, for objects that stay on that member
+// (token keys, not replicated; nullptr for the replicated, checked where each
+// copy is made): every other member up is searched too, through that call
+// (on its backend session on its own member), and one holding an object of
+// the identity refuses them too: the group's handle would name both. Else
+// CKR_OK.
+CK_RV group_refuse_taken(GroupCall& call, CK_OBJECT_HANDLE* const* made, std::size_t n,
+                         GroupCall* others = nullptr) noexcept;
 // C_CreateObject of a token object succeeded on the session's member (`own`,
 // now `handle`): made with `templ` on every other member whose token is
 // present, through borrowed R/W sessions (a member down, or absent, gets it at
@@ -185,8 +193,9 @@ bool group_token_template(const CK_ATTRIBUTE* templ, CK_ULONG count) noexcept;
 CK_RV group_token_key_member(GroupCall& call, bool whole, std::size_t& member) noexcept;
 // The generation on `member`, not the session's (generate_token_keys =
 // primary): `run(ctx, port, session)` on a borrowed R/W session of `member`,
-// then the `n` handles it wrote (`made`) turned into the group's as
-// `member`'s objects, and a log line: the key is on that member only.
+// then the `n` handles it wrote (`made`) refused if their identity is taken
+// (group_refuse_taken), else turned into the group's as `member`'s objects,
+// and a log line: the key is on that member only.
 using GroupRunOn = CK_RV (*)(void* ctx, const BackendPort& port,
                              CK_SESSION_HANDLE session) noexcept;
 CK_RV group_generate_on(GroupCall& call, std::size_t member, GroupRunOn run, void* ctx,

@@ -208,33 +208,83 @@ bool names_identity(const CK_ATTRIBUTE* templ, CK_ULONG count) noexcept {
   return false;
 }
 
+// No member holds another object of the identity (taken_on).
+constexpr std::size_t kFree = static_cast<std::size_t>(-1);
+
+// The member where `own` (made on `call`'s member) finds its identity taken:
+// its own member when another object there has it, else (with `others`)
+// the first other member up holding one; kFree when none. Unreadable, a
+// session object, or one without identity: kFree (issued, or refused, as
+// any object made).
+std::size_t taken_on(GroupCall& call, CK_OBJECT_HANDLE own, GroupCall* others) {
+  MemberCalls members(call);
+  const ObjectRead read = read_object(members, call.member, own, call.objects.map.rule());
+  if (read.rv != CKR_OK || !read.token || !read.identity) return kFree;
+  if (call.objects.map.find(members, call.member, *read.identity).status ==
+      ObjectMap::Status::ambiguous) {
+    return call.member;
+  }
+  if (others == nullptr) return kFree;
+  // A member down or absent is not asked (as group_token_key_member passes
+  // it over): an object of the identity it holds is found at its return.
+  const GroupRuntime& groups = *call.rt.groups();
+  const std::vector<GroupRuntime::Member>& list = groups.members(call.group);
+  for (std::size_t m = 0; m < list.size(); ++m) {
+    if (m == call.member || !groups.health(call.group, m).up() ||
+        !GroupRuntime::token_present(list[m])) {
+      continue;
+    }
+    const ObjectMap::Status status = find_on(*others, m, *read.identity).status;
+    if (status == ObjectMap::Status::found || status == ObjectMap::Status::ambiguous) return m;
+  }
+  return kFree;
+}
+
 }  // namespace
 
-CK_RV group_refuse_taken(GroupCall& call, CK_OBJECT_HANDLE own) noexcept {
+CK_RV group_refuse_taken(GroupCall& call, CK_OBJECT_HANDLE* const* made, std::size_t n,
+                         GroupCall* others) noexcept {
+  const auto names = [&](std::size_t i) {
+    return made[i] != nullptr && *made[i] != CK_INVALID_HANDLE;
+  };
+  std::size_t where = kFree;
+  std::size_t objects = 0;
   try {
-    MemberCalls members(call);
-    const ObjectRead read = read_object(members, call.member, own, call.objects.map.rule());
-    // Unreadable, a session object, or one without identity: issued (or
-    // refused) as any object made.
-    if (read.rv != CKR_OK || !read.token || !read.identity) return CKR_OK;
-    const ObjectMap::Resolved r = call.objects.map.find(members, call.member, *read.identity);
-    if (r.status != ObjectMap::Status::ambiguous) return CKR_OK;
+    for (std::size_t i = 0; i < n && where == kFree; ++i) {
+      if (names(i)) where = taken_on(call, *made[i], others);
+    }
   } catch (const std::bad_alloc&) {
     return CKR_OK;  // the issue that follows meets the same shortage, and undoes
   }
-  // Two objects of one identity on every member: the map could tell neither
-  // apart (docs/groups.md, "Objects").
-  const CK_RV undo = destroy_on_member(call, own);
+  if (where == kFree) return CKR_OK;
+  // Two objects of one identity on a member: the map could tell neither
+  // apart; on two members: one handle would name both (docs/groups.md,
+  // "Objects").
+  CK_RV undo = CKR_OK;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!names(i)) continue;
+    ++objects;
+    const CK_RV rv = destroy_on_member(call, *made[i]);
+    if (undo == CKR_OK) undo = rv;
+  }
+  std::string why;
+  if (call.function == "C_CopyObject") {
+    why =
+        "the copy would have the original's identity or another token object's (object_key); "
+        "give it another CKA_ID or CKA_LABEL";
+  } else if (where == call.member) {
+    why = "another token object has its identity (object_key); give it another CKA_ID or CKA_LABEL";
+  } else {
+    why = "member " + std::to_string(where) +
+          " holds a token object of its identity (object_key), and the group's handle would "
+          "name both; give it another CKA_ID or CKA_LABEL";
+  }
   call.rt.log().warn(
-      "{} on group '{}' refused (CKR_ATTRIBUTE_VALUE_INVALID): {}; the object made on member {} "
-      "was destroyed again{} (docs/groups.md, \"Objects\")",
-      call.function, call.objects.name,
-      call.function == "C_CopyObject"
-          ? "the copy would have the original's identity or another token object's (object_key); "
-            "give it another CKA_ID or CKA_LABEL"
-          : "another token object has its identity (object_key); give it another CKA_ID or "
-            "CKA_LABEL",
-      call.member, undo == CKR_OK ? std::string() : std::string(" except: ").append(rv_name(undo)));
+      "{} on group '{}' refused (CKR_ATTRIBUTE_VALUE_INVALID): {}; the {} made on member {} "
+      "{} destroyed again{} (docs/groups.md, \"Objects\")",
+      call.function, call.objects.name, why, objects == 1 ? "object" : "objects", call.member,
+      objects == 1 ? "was" : "were",
+      undo == CKR_OK ? std::string() : std::string(" except: ").append(rv_name(undo)));
   return CKR_ATTRIBUTE_VALUE_INVALID;
 }
 

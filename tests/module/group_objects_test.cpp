@@ -13,6 +13,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace p11mux::test {
@@ -923,6 +924,206 @@ TEST_CASE("group objects: C_Finalize drops the changes a member did not get, and
   g.faulty->clear_slot(1);
   CHECK_MESSAGE(err.find("member 1 did not get 1 change(s) to token objects") != std::string::npos,
                 err);
+}
+
+}  // namespace p11mux::test
+
+// Token keys made by C_GenerateKey(Pair), C_UnwrapKey and C_DeriveKey: on one
+// member only, and refused when another token object has their identity
+// (docs/groups.md, "Objects").
+namespace p11mux::test {
+namespace {
+
+// A token secret key's template: CKA_TOKEN true, `id` and `label`.
+class TokenKey {
+ public:
+  TokenKey(std::string id, std::string label) : id_(std::move(id)), label_(std::move(label)) {}
+  TokenKey(const TokenKey&) = delete;  // attrs_ points into it
+  TokenKey& operator=(const TokenKey&) = delete;
+  CK_ATTRIBUTE* attrs() { return attrs_.data(); }
+  CK_ULONG count() const { return attrs_.size(); }
+
+ private:
+  CK_BBOOL yes_ = CK_TRUE;
+  std::string id_;
+  std::string label_;
+  std::array<CK_ATTRIBUTE, 3> attrs_{{{CKA_TOKEN, &yes_, sizeof yes_},
+                                      {CKA_ID, id_.data(), id_.size()},
+                                      {CKA_LABEL, label_.data(), label_.size()}}};
+};
+
+// A session secret key on `s`'s member: the unwrapping or base key.
+CK_OBJECT_HANDLE session_key(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s) {
+  CK_MECHANISM gen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+  REQUIRE(p->C_GenerateKey(s, &gen, nullptr, 0, &key) == CKR_OK);
+  return key;
+}
+
+CK_RV unwrap_token_key(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE kek,
+                       const std::string& id, const std::string& label, CK_OBJECT_HANDLE& out) {
+  TokenKey t(id, label);
+  CK_MECHANISM wrap{CKM_AES_KEY_WRAP, nullptr, 0};
+  std::array<CK_BYTE, 32> wrapped{};
+  return p->C_UnwrapKey(s, &wrap, kek, wrapped.data(), wrapped.size(), t.attrs(), t.count(), &out);
+}
+
+CK_RV derive_token_key(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE base,
+                       const std::string& id, const std::string& label, CK_OBJECT_HANDLE& out) {
+  TokenKey t(id, label);
+  CK_MECHANISM derive{CKM_SHA256_KEY_DERIVATION, nullptr, 0};
+  return p->C_DeriveKey(s, &derive, base, t.attrs(), t.count(), &out);
+}
+
+CK_RV generate_token_key(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, const std::string& id,
+                         const std::string& label, CK_OBJECT_HANDLE& out) {
+  TokenKey t(id, label);
+  CK_MECHANISM gen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
+  return p->C_GenerateKey(s, &gen, t.attrs(), t.count(), &out);
+}
+
+using MakeKey = CK_RV (*)(CK_FUNCTION_LIST*, CK_SESSION_HANDLE, CK_OBJECT_HANDLE,
+                          const std::string&, const std::string&, CK_OBJECT_HANDLE&);
+
+// The faulty module's group with balance = primary and `extra`, warnings
+// logged: session `b` on member 1 (the mock's slot 1; the first member's
+// token absent meanwhile), then `a` on member 0 (slot 2).
+struct SessionsOnBoth {
+  explicit SessionsOnBoth(const std::string& extra)
+      : faulty(faulty_control()),
+        proxy(faulty_group("balance = primary\n" + extra), three_tokens(),
+              {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}, {"P11MUX_LOG_LEVEL", "warn"}}) {
+    REQUIRE(faulty->reset() == 0);
+    REQUIRE(proxy.initialize() == CKR_OK);
+    faulty->set_slot_removed(2, 1);
+    b = proxy.open();
+    faulty->clear_slot(2);
+    a = proxy.open();
+  }
+  const FaultyControl* faulty;
+  GroupProxy proxy;
+  CK_FUNCTION_LIST* p = proxy.p11;
+  CK_SESSION_HANDLE b = CK_INVALID_HANDLE;
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
+};
+
+}  // namespace
+
+TEST_CASE("group objects: a token key unwrapped or derived with a taken identity is refused") {
+  GroupProxy proxy(two_mock_members() + "balance = primary\n", three_tokens(),
+                   {{"P11MUX_LOG_LEVEL", "warn"}});
+  REQUIRE(proxy.initialize() == CKR_OK);
+  CK_FUNCTION_LIST* p = proxy.p11;
+  const CK_SESSION_HANDLE s = proxy.open();  // on member 0 (the mock's slot 2)
+  const CK_OBJECT_HANDLE first = create_key(p, s, "k1", "first");
+  const CK_OBJECT_HANDLE base = session_key(p, s);
+  const unsigned long tokens = mock_stats().token_objects;
+  for (auto [name, make] : {std::pair<const char*, MakeKey>{"C_UnwrapKey", unwrap_token_key},
+                            std::pair<const char*, MakeKey>{"C_DeriveKey", derive_token_key}}) {
+    CAPTURE(name);
+    CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+    CK_RV rv = CKR_OK;
+    const std::string err = capture_stderr([&] { rv = make(p, s, base, "k1", "second", key); });
+    // Accepted, the key would be `first`'s handle, and member 0 would hold
+    // two objects of one identity: `first` ambiguous there.
+    CHECK(rv == CKR_ATTRIBUTE_VALUE_INVALID);
+    CHECK_MESSAGE(err.find(std::string(name) + " on group 'signing' refused") != std::string::npos,
+                  err);
+    CHECK_MESSAGE(err.find("another token object has its identity") != std::string::npos, err);
+    CHECK(mock_stats().token_objects == tokens);  // destroyed again
+    CHECK(keys_on(2, "k1") == Labels{"first"});
+    CHECK(label_of(p, s, first) == "first");
+    CHECK(find_id(p, s, "k1") == std::vector<CK_OBJECT_HANDLE>{first});
+  }
+}
+
+TEST_CASE("group objects: a token key unwrapped or derived is on its session's member only") {
+  SessionsOnBoth g("");
+  CK_FUNCTION_LIST* p = g.p;
+  const CK_SESSION_HANDLE a = g.a;
+  const CK_SESSION_HANDLE b = g.b;
+  // Made where the session runs, usable there only (not replicated).
+  CK_OBJECT_HANDLE derived = CK_INVALID_HANDLE;
+  REQUIRE(derive_token_key(p, a, session_key(p, a), "d1", "derived", derived) == CKR_OK);
+  CHECK(keys_on(2, "d1") == Labels{"derived"});
+  CHECK(keys_on(1, "d1").empty());
+  CHECK(label_of(p, a, derived) == "derived");
+  CK_RV rv = CKR_OK;
+  label_of(p, b, derived, &rv);
+  CHECK(rv == CKR_OBJECT_HANDLE_INVALID);
+  // The same identity made on the other member: two keys under one handle
+  // (`derived` on member 0, this one on member 1). Refused.
+  CK_OBJECT_HANDLE unwrapped = CK_INVALID_HANDLE;
+  const CK_OBJECT_HANDLE kek = session_key(p, b);
+  std::string err =
+      capture_stderr([&] { rv = unwrap_token_key(p, b, kek, "d1", "unwrapped", unwrapped); });
+  CHECK(rv == CKR_ATTRIBUTE_VALUE_INVALID);
+  CHECK_MESSAGE(err.find("member 0 holds a token object of its identity") != std::string::npos,
+                err);
+  CHECK(keys_on(1, "d1").empty());
+  label_of(p, b, derived, &rv);
+  CHECK(rv == CKR_OBJECT_HANDLE_INVALID);
+  // So with an object the group never saw (provisioned on member 0 only).
+  provision(2, "stray");  // CKA_ID "k1"
+  err = capture_stderr(
+      [&] { rv = derive_token_key(p, b, session_key(p, b), "k1", "derived", derived); });
+  CHECK(rv == CKR_ATTRIBUTE_VALUE_INVALID);
+  CHECK(keys_on(1, "k1").empty());
+  // A free identity: made on member 1 only.
+  REQUIRE(unwrap_token_key(p, b, kek, "u1", "unwrapped", unwrapped) == CKR_OK);
+  CHECK(keys_on(1, "u1") == Labels{"unwrapped"});
+  CHECK(keys_on(2, "u1").empty());
+  CHECK(label_of(p, b, unwrapped) == "unwrapped");
+}
+
+TEST_CASE("group objects: a token key generated on the primary with a taken identity is refused") {
+  SessionsOnBoth g("generate_token_keys = primary\n");
+  CK_FUNCTION_LIST* p = g.p;
+  const CK_SESSION_HANDLE a = g.a;  // on member 0, the primary
+  const CK_SESSION_HANDLE b = g.b;
+  const CK_OBJECT_HANDLE first = create_key(p, a, "k1", "first");
+  const unsigned long tokens = mock_stats().token_objects;
+  // From the primary's own session, and from another member's (made on a
+  // session borrowed from the primary).
+  for (CK_SESSION_HANDLE s : {a, b}) {
+    CAPTURE(s);
+    CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+    CK_RV rv = CKR_OK;
+    const std::string err = capture_stderr([&] { rv = generate_token_key(p, s, "k1", "k", key); });
+    CHECK(rv == CKR_ATTRIBUTE_VALUE_INVALID);
+    CHECK_MESSAGE(err.find("C_GenerateKey on group 'signing' refused") != std::string::npos, err);
+    CHECK(mock_stats().token_objects == tokens);
+    CHECK(keys_on(2, "k1") == Labels{"first"});
+    CHECK(label_of(p, a, first) == "first");
+    CHECK(label_of(p, b, first) == "first");
+  }
+  // A pair whose private half's identity is taken: both halves destroyed.
+  CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+  CK_KEY_TYPE type = CKK_EC;
+  CK_BBOOL yes = CK_TRUE;
+  std::string id = "pair";
+  CK_ATTRIBUTE held[] = {{CKA_CLASS, &cls, sizeof cls},
+                         {CKA_KEY_TYPE, &type, sizeof type},
+                         {CKA_TOKEN, &yes, sizeof yes},
+                         {CKA_ID, id.data(), id.size()}};
+  CK_OBJECT_HANDLE private_key = CK_INVALID_HANDLE;
+  REQUIRE(p->C_CreateObject(a, held, 4, &private_key) == CKR_OK);
+  const unsigned long before_pair = mock_stats().token_objects;
+  CK_ATTRIBUTE half[] = {{CKA_TOKEN, &yes, sizeof yes}, {CKA_ID, id.data(), id.size()}};
+  CK_MECHANISM pair{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  for (CK_SESSION_HANDLE s : {a, b}) {
+    CAPTURE(s);
+    CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
+    CK_RV rv = CKR_OK;
+    const std::string err =
+        capture_stderr([&] { rv = p->C_GenerateKeyPair(s, &pair, half, 2, half, 2, &pub, &priv); });
+    CHECK(rv == CKR_ATTRIBUTE_VALUE_INVALID);
+    CHECK_MESSAGE(err.find("C_GenerateKeyPair on group 'signing' refused") != std::string::npos,
+                  err);
+    CHECK(mock_stats().token_objects == before_pair);
+    CK_ULONG size = 0;
+    CHECK(p->C_GetObjectSize(a, private_key, &size) == CKR_OK);
+  }
 }
 
 }  // namespace p11mux::test
