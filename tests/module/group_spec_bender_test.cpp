@@ -226,7 +226,8 @@ TEST_CASE("group over the spec bender: a member that restarted under a session: 
 TEST_CASE("group over the spec bender: an error the member keeps active after a replay") {
   // The spec ends an operation on an error of the call continuing it; the
   // bender does not. After a replay, the member's operation is p11mux's
-  // doing: the application's next Init must work. Over a v2.40 member (no
+  // doing; without one, the member's bend: either way the application's
+  // next Init must work. Over a v2.40 member (no
   // C_SessionCancel) and a v3.0 one, in both bind modes.
   for (const int v3 : {0, 1})
     for (const char* bind : {"open", "state"}) {
@@ -250,6 +251,18 @@ TEST_CASE("group over the spec bender: an error the member keeps active after a 
         CHECK(bender().calls("C_SessionCancel") == cancels + (v3 ? 1 : 0));
         REQUIRE(p->C_SignInit(b, &hmac, key) == CKR_OK);
         const Mac right = sign(p, b);
+        REQUIRE(right.rv == CKR_OK);
+        CHECK(verify(p, a, right) == CKR_OK);
+      }
+      SUBCASE("a verification that fails on its own member, which keeps it") {
+        REQUIRE(p->C_VerifyInit(a, &hmac, key) == CKR_OK);
+        Mac wrong;
+        wrong.len = MOCK_DIGEST_LEN;
+        CHECK(verify(p, a, wrong) == CKR_SIGNATURE_INVALID);
+        CHECK(bender_stats().bend_ops_kept >= 1);
+        REQUIRE(p->C_VerifyInit(a, &hmac, key) == CKR_OK);
+        REQUIRE(p->C_SignInit(a, &hmac, key) == CKR_OK);
+        const Mac right = sign(p, a);
         REQUIRE(right.rv == CKR_OK);
         CHECK(verify(p, a, right) == CKR_OK);
       }
