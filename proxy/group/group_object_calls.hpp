@@ -16,6 +16,7 @@
 #include "group/attribute_snapshot.hpp"
 #include "group/group_objects.hpp"
 #include "group/member_calls.hpp"
+#include "group/replay_calls.hpp"
 #include "lifecycle/runtime.hpp"
 #include "policy/filters.hpp"
 
@@ -168,6 +169,8 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
   // The backend session this call makes session objects in.
   const CK_SESSION_HANDLE made_on = s.anchor.backend;
   rv = std::apply(run, args);
+  // An Init the member refused for an operation an error ended (replay_calls.hpp).
+  rv = init_past_kept<F>(rt, s, rv, [&] { return std::apply(run, args); });
   // [pool] bind = state may have given the backend session back: the map's
   // reads then borrow one (group_objects.hpp, GroupCall::backend).
   if (s.anchor.backend != made_on) call.backend = CK_INVALID_HANDLE;

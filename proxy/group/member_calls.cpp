@@ -188,14 +188,14 @@ CK_RV renew_gone_session(Runtime& rt, Session& s) noexcept {
   return CKR_OK;
 }
 
-void end_kept_replays(Runtime& rt, Session& s) noexcept {
-  SessionOperations& ops = *s.operations;
-  const OpMask ended = ops.replayed_ended();
-  ops.settled(ended);
+namespace {
+
+// Ends `kept`, operations the application's calls have ended but that `s`'s
+// member may still hold: v3.0 C_SessionCancel; on a v2.40 member a fresh
+// backend session in place of one that holds nothing else (its other
+// operations and session objects would end with it). Whether they are ended.
+bool end_on_member(Runtime& rt, Session& s, OpMask kept) noexcept REQUIRES(s.lock) {
   Binding& b = s.anchor;
-  // Those the binding still holds (an error may have left them: maybe).
-  const auto kept = static_cast<OpMask>(ended & (b.ops | b.maybe));
-  if (kept == 0) return;
   SessionPool& pool = *s.pool;
   if (pool.port().version().major >= 3) {
     MemberHealth& health = rt.groups()->health(s.group, s.member);
@@ -205,12 +205,10 @@ void end_kept_replays(Runtime& rt, Session& s) noexcept {
     if (rv == CKR_OK) {
       b.ops &= static_cast<OpMask>(~kept);
       b.maybe &= static_cast<OpMask>(~kept);
-      return;
+      return true;
     }
   }
-  // v2.40 has no cancel: a fresh backend session in place of one that holds
-  // nothing else (its other operations and session objects would end with it).
-  if (((b.ops | b.maybe) & ~kept) != 0 || !b.objects.empty()) return;
+  if (((b.ops | b.maybe) & ~kept) != 0 || !b.objects.empty()) return false;
   CK_SESSION_HANDLE fresh = CK_INVALID_HANDLE;
   const CK_NOTIFY notify = s.notify.load(std::memory_order_relaxed);
   const bool borrowed = rt.binds_on_state() && notify == nullptr;
@@ -218,7 +216,7 @@ void end_kept_replays(Runtime& rt, Session& s) noexcept {
                        ? pool.open_notified(s.slot, s.rw, &s, &notify_trampoline, fresh)
                    : borrowed ? pool.borrow(s.slot, s.rw, fresh)
                               : pool.open(s.slot, s.rw, fresh);
-  if (rv != CKR_OK) return;  // the member answers the next Init as it would have
+  if (rv != CKR_OK) return false;
   const auto fate = SessionPool::Fate::closed(CloseReason::operation_maybe_active);
   if (borrowed) {
     pool.give(s.slot, s.rw, b.backend, fate);
@@ -227,6 +225,26 @@ void end_kept_replays(Runtime& rt, Session& s) noexcept {
   }
   b.clear();
   b.backend = fresh;
+  return true;
+}
+
+}  // namespace
+
+void end_kept_replays(Runtime& rt, Session& s) noexcept {
+  SessionOperations& ops = *s.operations;
+  const OpMask ended = ops.replayed_ended();
+  ops.settled(ended);
+  Binding& b = s.anchor;
+  // Those the binding still holds (an error may have left them: maybe).
+  const auto kept = static_cast<OpMask>(ended & (b.ops | b.maybe));
+  // Not ended: the member answers the next Init as it would have.
+  if (kept != 0) (void)end_on_member(rt, s, kept);
+}
+
+bool end_kept_after_error(Runtime& rt, Session& s, OpMask kinds) noexcept {
+  Binding& b = s.anchor;
+  const auto kept = static_cast<OpMask>(kinds & b.maybe & ~b.ops);
+  return kept != 0 && b.backend != CK_INVALID_HANDLE && end_on_member(rt, s, kept);
 }
 
 void end_digest_on_member(Runtime& rt, Session& s) noexcept {

@@ -58,6 +58,28 @@ CK_RV replay_pending(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
 // as it would have.
 void end_kept_replays(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
 
+// Ends on `s`'s member the operations of `kinds` that an error of the
+// application's call ended (the spec ends them: PKCS#11 v2.40 5.x) but that
+// the member may have kept (Binding::maybe, not ops), as end_kept_replays
+// does. Whether there were any, and they are ended.
+bool end_kept_after_error(Runtime& rt, Session& s, OpMask kinds) noexcept REQUIRES(s.lock);
+
+// After F ran on `s` and its member answered `rv`: an Init refused with
+// CKR_OPERATION_ACTIVE for an operation of its kind that only a module
+// keeping operations after errors still holds (SoftHSM2; the spec bender's
+// KEEP_OP) is made again, by `again()`, once that operation is ended: the
+// application gets the spec's answer (docs/groups.md, "Replay"). No cost to
+// an Init the member accepts.
+template <class F, class Again>
+[[gnu::always_inline]] inline CK_RV init_past_kept(Runtime& rt, Session& s, CK_RV rv,
+                                                   Again again) noexcept REQUIRES(s.lock) {
+  if constexpr (effect<F>.step == Step::start) {
+    if (rv == CKR_OPERATION_ACTIVE && end_kept_after_error(rt, s, effect<F>.ops)) [[unlikely]]
+      return again();
+  }
+  return rv;
+}
+
 // Before F runs on `s`, bound to its backend session: what a failover left.
 template <class F>
 [[gnu::always_inline]] inline CK_RV restore_operations(Runtime& rt, Session& s) noexcept

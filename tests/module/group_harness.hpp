@@ -13,7 +13,13 @@
 
 #include <array>
 #include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
 #include <fstream>
+#include <functional>
+#include <future>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -185,9 +191,89 @@ struct FaultyGroup {
     std::array<CK_BYTE, 8> bytes{};
     return proxy.p11->C_GenerateRandom(h, bytes.data(), bytes.size());
   }
+  // Member 0 taken down by a call on another session (`other`, on member 0;
+  // in multiplex mode the calling thread's lane of it). With bind = state an
+  // idle session borrows a backend session for its call: member 0's
+  // C_OpenSession fails, which takes it down as well, and the call is made
+  // on member 1.
+  void take_member_0_down(CK_SESSION_HANDLE other) {
+    faulty->fail_slot(2, CKR_DEVICE_ERROR);
+    const CK_RV rv = random(other);
+    CHECK((rv == CKR_DEVICE_ERROR || rv == CKR_OK));
+  }
+  // Whether `s` (in multiplex mode, the calling thread's lane of it) is on
+  // member 0, without taking either down: member 1 answers a code that says
+  // nothing of its health (group_failover_test.cpp).
+  bool on_member_0(CK_SESSION_HANDLE s) {
+    faulty->fail_slot(1, CKR_FUNCTION_FAILED);
+    const CK_RV rv = random(s);
+    faulty->clear_slot(1);
+    CAPTURE(rv);
+    REQUIRE((rv == CKR_OK || rv == CKR_FUNCTION_FAILED));
+    return rv == CKR_OK;
+  }
+  // The faulty module's rule: the Nth `function` is forwarded (the member
+  // does its work) and answered `rv` (faulty_control.h: on a call ending an
+  // operation; any other call it replaces).
+  void fail_nth(const char* function, CK_RV rv, unsigned long nth) {
+    FaultyConfig c{};
+    REQUIRE(faulty->config_from_env(&c) == 0);
+    std::strncpy(c.rules[0].function, function, sizeof c.rules[0].function - 1);
+    c.rules[0].rv = rv;
+    c.rules[0].nth = nth;
+    REQUIRE(faulty->configure(&c) == 0);
+  }
 
   const FaultyControl* faulty;
   GroupProxy proxy;
+};
+
+// A thread of its own that runs what it is given, in turn: in multiplex
+// mode, one lane of each session it calls, used at several moments of a test.
+class Worker {
+ public:
+  Worker() : thread_([this] { serve(); }) {}
+  ~Worker() {
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      stop_ = true;
+    }
+    ready_.notify_one();
+    thread_.join();
+  }
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  CK_RV run(std::function<CK_RV()> call) {
+    std::packaged_task<CK_RV()> task(std::move(call));
+    std::future<CK_RV> answer = task.get_future();
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      tasks_.push_back(std::move(task));
+    }
+    ready_.notify_one();
+    return answer.get();
+  }
+
+ private:
+  void serve() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      ready_.wait(lock, [this] { return stop_ || !tasks_.empty(); });
+      if (tasks_.empty()) return;
+      std::packaged_task<CK_RV()> task = std::move(tasks_.front());
+      tasks_.pop_front();
+      lock.unlock();
+      task();
+      lock.lock();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<std::packaged_task<CK_RV()>> tasks_;
+  bool stop_ = false;
+  std::thread thread_;
 };
 
 }  // namespace p11mux::test

@@ -12,11 +12,7 @@
 
 #include <array>
 #include <chrono>
-#include <condition_variable>
-#include <deque>
-#include <functional>
 #include <future>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -46,54 +42,6 @@ struct MultiplexGroup : FaultyGroup {
     }
     return answer.get();
   }
-};
-
-// A thread of its own that runs what it is given, in turn: one lane, used
-// at several moments of a test.
-class Worker {
- public:
-  Worker() : thread_([this] { serve(); }) {}
-  ~Worker() {
-    {
-      std::lock_guard<std::mutex> guard(mutex_);
-      stop_ = true;
-    }
-    ready_.notify_one();
-    thread_.join();
-  }
-  Worker(const Worker&) = delete;
-  Worker& operator=(const Worker&) = delete;
-
-  CK_RV run(std::function<CK_RV()> call) {
-    std::packaged_task<CK_RV()> task(std::move(call));
-    std::future<CK_RV> answer = task.get_future();
-    {
-      std::lock_guard<std::mutex> guard(mutex_);
-      tasks_.push_back(std::move(task));
-    }
-    ready_.notify_one();
-    return answer.get();
-  }
-
- private:
-  void serve() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-      ready_.wait(lock, [this] { return stop_ || !tasks_.empty(); });
-      if (tasks_.empty()) return;
-      std::packaged_task<CK_RV()> task = std::move(tasks_.front());
-      tasks_.pop_front();
-      lock.unlock();
-      task();
-      lock.lock();
-    }
-  }
-
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<std::packaged_task<CK_RV()>> tasks_;
-  bool stop_ = false;
-  std::thread thread_;
 };
 
 }  // namespace

@@ -8,11 +8,9 @@
 // error, a lost one is told once and the next Init works, and a virtual
 // object handle never names another object. FaultyGroup: member 0 is the
 // bender's slot 2, member 1 its slot 1.
-#include "group_harness.hpp"
+#include "group_bender.hpp"
 
-#include <array>
 #include <chrono>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -23,22 +21,6 @@
 namespace p11mux::test {
 namespace {
 
-// Every bend but the transient CKR_SESSION_COUNT, which would refuse the
-// tests' own C_OpenSession now and then (spec_bender_test.cpp tests that one).
-constexpr unsigned long kBends = MOCK_BEND_ALL & ~MOCK_BEND_TRANSIENT_COUNT;
-
-// The bender's three tokens, and a failure of its own when `fail` names a
-// function: the Nth call of it answers `rv` without doing its work, and
-// (KEEP_OP) leaves its operation active.
-MockConfig bender_config(const char* fail = "", CK_RV rv = CKR_OK, unsigned long nth = 0) {
-  MockConfig c = mock_tokens(3);
-  c.bend = kBends;
-  std::strncpy(c.fail_function, fail, sizeof c.fail_function - 1);
-  c.fail_rv = rv;
-  c.fail_nth = nth;
-  return c;
-}
-
 // The group of FaultyGroup over the spec bender, with [pool] bind = `bind`.
 struct BenderGroup : FaultyGroup {
   explicit BenderGroup(const char* bind, const char* level = "warn",
@@ -47,35 +29,6 @@ struct BenderGroup : FaultyGroup {
     CHECK(bender().reset() == 0);
     REQUIRE(bender().configure(&config) == 0);
     REQUIRE(proxy.initialize() == CKR_OK);
-  }
-  // The faulty module's rule: the Nth `function` is forwarded (the member
-  // does its work) and answered `rv` (faulty_control.h).
-  void fail_nth(const char* function, CK_RV rv, unsigned long nth) {
-    FaultyConfig c{};
-    REQUIRE(faulty->config_from_env(&c) == 0);
-    std::strncpy(c.rules[0].function, function, sizeof c.rules[0].function - 1);
-    c.rules[0].rv = rv;
-    c.rules[0].nth = nth;
-    REQUIRE(faulty->configure(&c) == 0);
-  }
-  // Member 0 taken down by another session's call (`other`, on member 0).
-  // With bind = state an idle session borrows a backend session for its
-  // call: member 0's C_OpenSession fails, which takes it down as well, and
-  // the call is made on member 1.
-  void take_member_0_down(CK_SESSION_HANDLE other) {
-    faulty->fail_slot(2, CKR_DEVICE_ERROR);
-    const CK_RV rv = random(other);
-    CHECK((rv == CKR_DEVICE_ERROR || rv == CKR_OK));
-  }
-  // Whether `s` is on member 0, without taking either down: member 1 answers
-  // a code that says nothing of its health (group_failover_test.cpp).
-  bool on_member_0(CK_SESSION_HANDLE s) {
-    faulty->fail_slot(1, CKR_FUNCTION_FAILED);
-    const CK_RV rv = random(s);
-    faulty->clear_slot(1);
-    CAPTURE(rv);
-    REQUIRE((rv == CKR_OK || rv == CKR_FUNCTION_FAILED));
-    return rv == CKR_OK;
   }
   // Member 0 back and admitted again (recovery_interval_s = 1), polled the
   // way group_failover_test.cpp does: a new session goes there. That
@@ -90,21 +43,6 @@ struct BenderGroup : FaultyGroup {
     return CK_INVALID_HANDLE;
   }
 };
-
-// A token secret key made through the group: one copy on each member, each
-// with its own handle there, so each member's MACs with it are its own.
-CK_OBJECT_HANDLE make_token_key(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, std::string id,
-                                CK_BBOOL on_token = CK_TRUE) {
-  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-  CK_KEY_TYPE type = CKK_GENERIC_SECRET;
-  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls},
-                          {CKA_KEY_TYPE, &type, sizeof type},
-                          {CKA_TOKEN, &on_token, sizeof on_token},
-                          {CKA_ID, id.data(), id.size()}};
-  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
-  REQUIRE(p->C_CreateObject(s, templ, 4, &key) == CKR_OK);
-  return key;
-}
 
 // The group with a session on each member and a token key made through
 // the first: a on member 0, b on member 1.
@@ -121,30 +59,6 @@ struct KeyOnBoth {
   CK_OBJECT_HANDLE key;
 };
 
-constexpr std::string_view kData = "signed over the spec bender";
-CK_MECHANISM hmac{CKM_SHA256_HMAC, nullptr, 0};
-
-struct Mac {
-  CK_RV rv = CKR_OK;
-  std::array<CK_BYTE, 64> bytes{};
-  CK_ULONG len = 64;
-};
-
-Mac sign(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, CK_ULONG len = 64) {
-  Mac out;
-  out.len = len;
-  std::string data(kData);
-  out.rv = p->C_Sign(s, reinterpret_cast<CK_BYTE*>(data.data()), data.size(), out.bytes.data(),
-                     &out.len);
-  return out;
-}
-
-CK_RV verify(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, const Mac& mac) {
-  std::string data(kData);
-  return p->C_Verify(s, reinterpret_cast<CK_BYTE*>(data.data()), data.size(),
-                     const_cast<CK_BYTE*>(mac.bytes.data()), mac.len);
-}
-
 // The session works as new for signing: an Init, a MAC that `checker`
 // (a session on the same member) verifies.
 void signs_afresh(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, CK_SESSION_HANDLE checker,
@@ -155,42 +69,6 @@ void signs_afresh(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, CK_SESSION_HANDLE ch
   REQUIRE(p->C_VerifyInit(checker, &hmac, key) == CKR_OK);
   CHECK(verify(p, checker, mac) == CKR_OK);
 }
-
-// SHA-256 of one text on one session, part by part or at once; each
-// answer checked by the caller, the digest against the bender's reference.
-class Digests {
- public:
-  Digests(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, std::string data)
-      : p_(p), s_(s), data_(std::move(data)) {}
-  CK_RV init() {
-    CK_MECHANISM sha{CKM_SHA256, nullptr, 0};
-    return p_->C_DigestInit(s_, &sha);
-  }
-  CK_RV update() { return p_->C_DigestUpdate(s_, bytes(), data_.size()); }
-  CK_RV final_part() {
-    len_ = out_.size();
-    return p_->C_DigestFinal(s_, out_.data(), &len_);
-  }
-  CK_RV digest() {
-    len_ = out_.size();
-    return p_->C_Digest(s_, bytes(), data_.size(), out_.data(), &len_);
-  }
-  // The last digest is the text's.
-  bool right() const {
-    std::array<CK_BYTE, MOCK_DIGEST_LEN> expected{};
-    bender().reference_digest(reinterpret_cast<const CK_BYTE*>(data_.data()), data_.size(),
-                              expected.data());
-    return len_ == expected.size() && std::memcmp(expected.data(), out_.data(), len_) == 0;
-  }
-
- private:
-  CK_BYTE* bytes() { return reinterpret_cast<CK_BYTE*>(data_.data()); }
-  CK_FUNCTION_LIST* p_;
-  CK_SESSION_HANDLE s_;
-  std::string data_;
-  std::array<CK_BYTE, 64> out_{};
-  CK_ULONG len_ = 0;
-};
 
 }  // namespace
 
@@ -348,7 +226,8 @@ TEST_CASE("group over the spec bender: a member that restarted under a session: 
 TEST_CASE("group over the spec bender: an error the member keeps active after a replay") {
   // The spec ends an operation on an error of the call continuing it; the
   // bender does not. After a replay, the member's operation is p11mux's
-  // doing: the application's next Init must work. Over a v2.40 member (no
+  // doing; without one, the member's bend: either way the application's
+  // next Init must work. Over a v2.40 member (no
   // C_SessionCancel) and a v3.0 one, in both bind modes.
   for (const int v3 : {0, 1})
     for (const char* bind : {"open", "state"}) {
@@ -372,6 +251,18 @@ TEST_CASE("group over the spec bender: an error the member keeps active after a 
         CHECK(bender().calls("C_SessionCancel") == cancels + (v3 ? 1 : 0));
         REQUIRE(p->C_SignInit(b, &hmac, key) == CKR_OK);
         const Mac right = sign(p, b);
+        REQUIRE(right.rv == CKR_OK);
+        CHECK(verify(p, a, right) == CKR_OK);
+      }
+      SUBCASE("a verification that fails on its own member, which keeps it") {
+        REQUIRE(p->C_VerifyInit(a, &hmac, key) == CKR_OK);
+        Mac wrong;
+        wrong.len = MOCK_DIGEST_LEN;
+        CHECK(verify(p, a, wrong) == CKR_SIGNATURE_INVALID);
+        CHECK(bender_stats().bend_ops_kept >= 1);
+        REQUIRE(p->C_VerifyInit(a, &hmac, key) == CKR_OK);
+        REQUIRE(p->C_SignInit(a, &hmac, key) == CKR_OK);
+        const Mac right = sign(p, a);
         REQUIRE(right.rv == CKR_OK);
         CHECK(verify(p, a, right) == CKR_OK);
       }
