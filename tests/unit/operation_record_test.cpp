@@ -89,10 +89,17 @@ TEST_CASE("every replayable mechanism with a parameter has a layout") {
     for (const ParamLayout& l : kParamLayouts) found = found || l.param == m.param;
     CHECK(found);
   }
+  // Each found by the binary search, with its own parameter (listed once:
+  // a static_assert); one not listed is not.
   for (const ReplayMechanism& m : kReplayMechanisms) {
     CAPTURE(m.type);
-    CHECK(replay_mechanism(m.type) == &m);  // listed once
+    const ReplayMechanism* found = replay_mechanism(m.type);
+    REQUIRE(found != nullptr);
+    CHECK(found->param == m.param);
+    CHECK(found->optional == m.optional);
   }
+  CHECK(replay_mechanism(CKM_VENDOR_DEFINED + 1) == nullptr);
+  CHECK(replay_mechanism(0xFFFFFFFFul) == nullptr);
 }
 
 TEST_CASE("a mechanism without a parameter is copied without allocating") {
