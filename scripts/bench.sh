@@ -509,6 +509,12 @@ if want callgrind; then
   cg=(--build "$build" --csv "$out/callgrind.csv")
   [ "$quick" = 0 ] || cg+=(--ops random --short 1000 --long 4000)
   "$repo/tests/bench/callgrind_overhead.sh" "${cg[@]}" | sed 's/^/  /'
+  # A group against the plain configuration, both multi-threaded (the
+  # group's members' thread makes it so: README.md, "Several HSMs").
+  echo "  a one-member group against the plain configuration, with --idle-thread:"
+  cg=(--build "$build" --backends softhsm --configs "direct serialize group" --idle-thread)
+  [ "$quick" = 0 ] && cg+=(--ops "random sign") || cg+=(--ops random --short 1000 --long 4000)
+  "$repo/tests/bench/callgrind_overhead.sh" "${cg[@]}" | sed 's/^/  /'
 fi
 
 # ---- capacity: many application sessions over few HSM sessions ----

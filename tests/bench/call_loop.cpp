@@ -1,23 +1,31 @@
 // A fixed number of calls through any PKCS#11 module, for instruction counting
 // with callgrind: run it at two lengths and the difference is the per-call cost.
 // Uses the first slot with an initialized token; no login.
-//   call-loop MODULE OP COUNT
+//   call-loop MODULE OP COUNT [--idle-thread]
 //   OP: random (C_GenerateRandom, 16 bytes) | session-info | open-close |
 //       sign (C_SignInit + C_Sign, HMAC-SHA256 of 32 bytes with a session key
 //       made once before the loop: a fixed instruction count per call, unlike
 //       a signature with a random nonce) | find (C_FindObjectsInit by
 //       label + C_FindObjects for up to 16 + C_FindObjectsFinal, finding that
 //       same key, the token's only object with its label)
+// --idle-thread starts a thread that only sleeps, before the module is
+// loaded: glibc's malloc then takes its multi-threaded path (arena locks),
+// as in any application with a second thread, such as one whose p11mux
+// runs a group (its members' thread). Compare a group with the plain
+// configuration in the same state: SoftHSM2's allocations alone cost
+// ~1,500 instructions more per signature in a multi-threaded process.
 // The key is labelled "call-loop-key", so that a [policy] objects filter
 // can let it through (P11MUX_POLICY_OBJECTS=label:call-loop-key).
 #include <p11mux/pkcs11.h>
 #include <p11mux/rv_names.hpp>
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -48,10 +56,16 @@ CK_SLOT_ID first_initialized_token(CK_FUNCTION_LIST* p) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 4) {
+  if (argc < 4 || (argc > 4 && std::string(argv[4]) != "--idle-thread")) {
     std::fprintf(stderr,
-                 "usage: call-loop MODULE random|session-info|open-close|sign|find COUNT\n");
+                 "usage: call-loop MODULE random|session-info|open-close|sign|find COUNT "
+                 "[--idle-thread]\n");
     return 2;
+  }
+  if (argc > 4) {
+    std::thread([] {
+      for (;;) ::pause();
+    }).detach();
   }
   void* lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
   if (lib == nullptr) {

@@ -29,6 +29,11 @@ Options:
   --short N         calls in the short run (default 2000)
   --long N          calls in the long run (default 12000)
   --csv FILE        also write the rows as CSV
+  --idle-thread     every case runs with a second thread that only sleeps
+                    (call-loop --idle-thread): glibc's malloc then takes its
+                    multi-threaded path in every configuration, as it does
+                    anyway in a group's (its members' thread); compare a
+                    group with the plain configuration this way
   -h, --help        this text
 A configuration whose module refuses to initialize (e.g. session_mode =
 multiplex before it exists) is reported as unavailable. P11MUX_* variables
@@ -46,6 +51,7 @@ ops="random session-info open-close"
 short=2000
 long=12000
 csv=""
+idle=""
 while [ $# -gt 0 ]; do
   case $1 in
     --build) build=$2; shift 2 ;;
@@ -55,6 +61,7 @@ while [ $# -gt 0 ]; do
     --short) short=$2; shift 2 ;;
     --long) long=$2; shift 2 ;;
     --csv) csv=$2; shift 2 ;;
+    --idle-thread) idle=--idle-thread; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "callgrind_overhead.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -104,7 +111,7 @@ run() {
   local out="$work/callgrind.out"
   rm -f "$out"
   if ! env "${env[@]}" valgrind --tool=callgrind --callgrind-out-file="$out" \
-    "$loop" "$module" "$op" "$count" >/dev/null 2>"$work/valgrind.err"; then
+    "$loop" "$module" "$op" "$count" $idle >/dev/null 2>"$work/valgrind.err"; then
     grep -v '^==' "$work/valgrind.err" | head -1 >&2
     return 1
   fi
