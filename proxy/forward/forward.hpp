@@ -119,6 +119,7 @@ template <class F, class Via, class Observation, class CallBackend, class... R>
   if constexpr (requires { Via::kGroupObjects; }) {
     SessionOperations& operations = *s.operations;
     const OutputLengths<F, R...> lengths(rest...);
+    const TemplateLengths<F, R...> template_lengths(rest...);
     for (std::size_t tried = 1;; ++tried) {
       CK_RV rv = call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);
       const bool unreached = operations.take_unreached();
@@ -129,9 +130,10 @@ template <class F, class Via, class Observation, class CallBackend, class... R>
         // on, so an answer saying it is gone would mislead the application.
         const bool member_up = rt.groups()->health(s.group, s.member).up();
         const bool renewed = member_up && !unreached && renew_gone_session(rt, s) == CKR_OK;
-        if ((!member_up || renewed || unreached) &&
+        if ((!member_up || renewed || unreached) && template_lengths.restorable() &&
             retried_on_failover<F>(s, /*not_run=*/renewed || unreached)) {
           lengths.restore(rest...);
+          template_lengths.restore(rest...);
           continue;
         }
         if (renewed) rv = kOperationLostRv;

@@ -164,4 +164,45 @@ class OutputLengths {
   std::array<CK_ULONG, kCount> saved_{};
 };
 
+// The value lengths of C_GetAttributeValue's template, which the member
+// writes (the needed length, or CK_UNAVAILABLE_INFORMATION): a member that
+// wrote them and then answered that its session is gone (a module failing
+// late) must not hand the call made again a length the application's
+// buffer does not have. Other functions' templates are read only: nothing
+// kept. Up to kMax attributes, inline; a longer template is not restorable,
+// and its call is not made again.
+template <class F, class... A>
+class TemplateLengths {
+  static constexpr bool kWritten = F::name == "C_GetAttributeValue";
+  static constexpr std::size_t kMax = 64;
+
+ public:
+  explicit TemplateLengths(A... args) noexcept {
+    if constexpr (kWritten) {
+      const std::tuple<A...> t{args...};
+      const CK_ATTRIBUTE_PTR templ = std::get<1>(t);
+      const CK_ULONG count = std::get<2>(t);
+      if (templ == nullptr || count > kMax) {
+        restorable_ = templ == nullptr;
+        return;
+      }
+      for (CK_ULONG i = 0; i < count; ++i) saved_[i] = templ[i].ulValueLen;
+    }
+  }
+  bool restorable() const noexcept { return restorable_; }
+  void restore(A... args) const noexcept {
+    if constexpr (kWritten) {
+      const std::tuple<A...> t{args...};
+      const CK_ATTRIBUTE_PTR templ = std::get<1>(t);
+      const CK_ULONG count = std::get<2>(t);
+      if (templ == nullptr || count > kMax) return;
+      for (CK_ULONG i = 0; i < count; ++i) templ[i].ulValueLen = saved_[i];
+    }
+  }
+
+ private:
+  std::array<CK_ULONG, kWritten ? kMax : 0> saved_{};
+  bool restorable_ = true;
+};
+
 }  // namespace p11mux

@@ -502,4 +502,30 @@ TEST_CASE("group failover: a member that answers nothing for hang_timeout_s goes
   ::unlink(sock.c_str());
 }
 
+TEST_CASE("group failover: a call made again gets the application's template lengths") {
+  // A member that writes the lengths of C_GetAttributeValue's template and
+  // then answers that its session is gone (the faulty module's `after`):
+  // the call is made again on a fresh session, which must see the lengths
+  // the application gave, not CK_UNAVAILABLE_INFORMATION, or it writes the
+  // whole value into a 4-byte buffer.
+  for (const char* bind : {"open", "state"}) {
+    CAPTURE(bind);
+    FaultyGroup g(FaultyGroup::Bind{bind}, "error");
+    REQUIRE(g.proxy.initialize() == CKR_OK);
+    CK_FUNCTION_LIST* p = g.proxy.p11;
+    const CK_SESSION_HANDLE s = g.open(true);
+    const CK_OBJECT_HANDLE key = make_token_key(p, s);  // CKA_ID "replayed": 8 bytes
+    g.fail_nth("C_GetAttributeValue", CKR_SESSION_HANDLE_INVALID, 1, /*after=*/true);
+    std::array<CK_BYTE, 16> buffer{};
+    CK_ATTRIBUTE id{CKA_ID, buffer.data(), 4};
+    CHECK(p->C_GetAttributeValue(s, key, &id, 1) == CKR_BUFFER_TOO_SMALL);
+    CHECK(id.ulValueLen == CK_UNAVAILABLE_INFORMATION);
+    CHECK(std::all_of(buffer.begin() + 4, buffer.end(), [](CK_BYTE b) { return b == 0; }));
+    // The call after it is answered as usual.
+    id.ulValueLen = buffer.size();
+    CHECK(p->C_GetAttributeValue(s, key, &id, 1) == CKR_OK);
+    CHECK(id.ulValueLen == 8);
+  }
+}
+
 }  // namespace p11mux::test

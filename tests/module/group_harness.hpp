@@ -214,13 +214,14 @@ struct FaultyGroup {
   }
   // The faulty module's rule: the Nth `function` is forwarded (the member
   // does its work) and answered `rv` (faulty_control.h: on a call ending an
-  // operation; any other call it replaces).
-  void fail_nth(const char* function, CK_RV rv, unsigned long nth) {
+  // operation, or any call with `after`; any other call it replaces).
+  void fail_nth(const char* function, CK_RV rv, unsigned long nth, bool after = false) {
     FaultyConfig c{};
     REQUIRE(faulty->config_from_env(&c) == 0);
     std::strncpy(c.rules[0].function, function, sizeof c.rules[0].function - 1);
     c.rules[0].rv = rv;
     c.rules[0].nth = nth;
+    c.rules[0].after = after ? 1 : 0;
     REQUIRE(faulty->configure(&c) == 0);
   }
 

@@ -28,7 +28,9 @@
  *   P11MUX_FAULTY_SEED    PRNG seed (default 1)
  *   P11MUX_FAULTY_FAIL    rules, comma-separated, FUNCTION:RV:p=PROBABILITY or
  *                         FUNCTION:RV:nth=N; FUNCTION is a name or "*", RV a
- *                         CKR_ name or a number. Example:
+ *                         CKR_ name or a number; ":after" at the end forwards
+ *                         the call before answering RV (FaultyRule.after).
+ *                         Example:
  *                         "*:CKR_DEVICE_ERROR:p=0.01,C_OpenSession:CKR_DEVICE_MEMORY:nth=3"
  *   P11MUX_FAULTY_MAX_SESSIONS  CKR_SESSION_COUNT beyond this many (0 = no limit)
  *   P11MUX_FAULTY_MAX_SLOT_SESSIONS  the same on each slot (0 = no limit)
@@ -110,6 +112,10 @@ typedef struct FaultyRule {
   unsigned long per_million; /* probability, in millionths (used when nth == 0) */
   unsigned long nth;         /* only the Nth matching call since faulty_configure
                                 (1-based); 0 = use per_million */
+  unsigned long after;       /* 1: on a call that does not end an operation, the
+                                call is forwarded first and its answer replaced
+                                (the target did the work, its outputs written: a
+                                module failing late); env: FUNCTION:RV:nth=N:after */
 } FaultyRule;
 
 typedef struct FaultyConfig {

@@ -131,11 +131,14 @@ struct Forward<D, CK_RV (*)(A...)> {
             if (auto rv = m.slot_faults.enter(s->slot, SlotCall::session, replace)) return *rv;
           }
           if constexpr (op_effect(D::name) != OpEffect::ends) {
-            if (auto rv = m.settings.inject(D::fn, m.counters)) return *rv;
+            if (auto rv = m.settings.inject(D::fn, m.counters, InjectAt::before)) return *rv;
           }
           m.settings.delay(D::fn, m.counters);
           if (target_fn == nullptr) return CKR_FUNCTION_NOT_SUPPORTED;
           CK_RV rv = target_fn(s->target_handle, rest...);
+          if constexpr (op_effect(D::name) != OpEffect::ends) {
+            if (auto late = m.settings.inject(D::fn, m.counters, InjectAt::after)) return *late;
+          }
           if constexpr (op_effect(D::name) == OpEffect::ends) {
             if (ended_operation<D>(rv, a...)) {
               if (m.slot_faults.any()) {

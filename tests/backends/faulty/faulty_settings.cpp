@@ -72,6 +72,7 @@ bool Settings::apply(const FaultyConfig& c) {
     r.rv.store(c.rules[i].rv, relaxed);
     r.per_million.store(c.rules[i].per_million, relaxed);
     r.nth.store(c.rules[i].nth, relaxed);
+    r.after.store(c.rules[i].after != 0, relaxed);
     r.seen.store(0, relaxed);
     r.fn.store(fns[i], relaxed);
   }
@@ -105,12 +106,14 @@ bool Settings::fires(Rule& rule) {
   return draw % 1'000'000 < rule.per_million.load(relaxed);
 }
 
-std::optional<CK_RV> Settings::inject(Fn fn, Counters& counters) {
+std::optional<CK_RV> Settings::inject(Fn fn, Counters& counters, InjectAt at) {
   const int i = static_cast<int>(index(fn));
   for (Rule& rule : rules_) {
     int target = rule.fn.load(std::memory_order_relaxed);
     if (target == kUnusedRule) continue;
     if (target != i && !(target == kWildcard && !wildcard_excluded(kNames[index(fn)]))) continue;
+    if (at != InjectAt::any && rule.after.load(std::memory_order_relaxed) != (at == InjectAt::after))
+      continue;
     if (!fires(rule)) continue;
     bump(counters.faults_injected);
     bump(counters.faults[index(fn)]);
@@ -180,7 +183,11 @@ void for_each_item(std::string_view text, char separator, Fn&& fn) {
 }
 
 bool parse_rule(std::string_view text, FaultyRule& rule, std::string& error) {
-  // FUNCTION:RV:p=P or FUNCTION:RV:nth=N
+  // FUNCTION:RV:p=P or FUNCTION:RV:nth=N, then perhaps :after
+  if (text.ends_with(":after")) {
+    rule.after = 1;
+    text.remove_suffix(6);
+  }
   std::size_t a = text.find(':');
   std::size_t b = a == std::string_view::npos ? a : text.find(':', a + 1);
   if (b == std::string_view::npos) {

@@ -183,8 +183,14 @@ struct Rule {
   std::atomic<CK_RV> rv{CKR_OK};
   std::atomic<unsigned long> per_million{0};
   std::atomic<unsigned long> nth{0};
+  std::atomic<bool> after{false};      // FaultyRule.after
   std::atomic<unsigned long> seen{0};  // matching calls since configure
 };
+
+// Which rules a call's injection point may fire: before the target call,
+// after it (FaultyRule.after), or either (a call that ends an operation,
+// which always injects after).
+enum class InjectAt : std::uint8_t { before, after, any };
 
 struct Counters;
 
@@ -195,7 +201,7 @@ class Settings {
   // The target path to load: the configured one, else the environment's, else SoftHSM2.
   std::string target_path() const;
   // The injected return code for this call of fn, if a rule fires.
-  std::optional<CK_RV> inject(Fn fn, Counters& counters);
+  std::optional<CK_RV> inject(Fn fn, Counters& counters, InjectAt at = InjectAt::any);
   // Sleeps for fn's latency, if any.
   void delay(Fn fn, Counters& counters) const;
   unsigned long max_sessions() const { return max_sessions_.load(std::memory_order_relaxed); }
