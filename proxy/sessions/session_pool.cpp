@@ -38,27 +38,39 @@ struct SessionPool::Stale {
   std::size_t count = 0;
 };
 
-// A waiter to wake once the lock under which it was chosen is released:
-// declared before that lock's Locked, so that it runs after it. The waiter
-// woken then does not find the lock still held by the thread that woke it.
-// Its word was bumped under the lock, while its place was in the line; the
-// place may be gone by the time of the system call, which then wakes nobody
-// (a futex wake-up only wakes threads sleeping on that address, and every
-// sleeper in p11mux looks again after waking).
+// The waiters to wake once the lock under which they were chosen is
+// released: declared before that lock's Locked, so that it runs after it.
+// The waiter woken then does not find the lock still held by the thread
+// that woke it. Its word was bumped under the lock, while its place was in
+// the line; the place may be gone by the time of the system call, which
+// then wakes nobody (a futex wake-up only wakes threads sleeping on that
+// address, and every sleeper in p11mux looks again after waking).
 class Wakeup {
  public:
   Wakeup() noexcept = default;
   ~Wakeup() {
-    if (word_ != nullptr) wake_all(*word_);
+    for (auto* word : words_) {
+      if (word != nullptr) wake_all(*word);
+    }
   }
   Wakeup(const Wakeup&) = delete;
   Wakeup& operator=(const Wakeup&) = delete;
-  void operator=(std::atomic<std::uint32_t>* word) noexcept {
-    if (word != nullptr) word_ = word;
+  // A word to wake (NULL: none). One lock chooses at most two: the next in
+  // line and the prober (Place). A third would be woken at once, under the
+  // lock: slower, never lost.
+  void add(std::atomic<std::uint32_t>* word) noexcept {
+    if (word == nullptr) return;
+    for (auto*& w : words_) {
+      if (w == nullptr || w == word) {
+        w = word;
+        return;
+      }
+    }
+    wake_all(*word);
   }
 
  private:
-  std::atomic<std::uint32_t>* word_ = nullptr;
+  std::array<std::atomic<std::uint32_t>*, 2> words_{};
 };
 
 class SessionPool::SlotPool {
@@ -89,6 +101,12 @@ class SessionPool::SlotPool {
     // session, and only the first is woken when one comes back.
     Place* queue_first = nullptr;
     Place* queue_last = nullptr;
+    // The one place in the queue whose sleep ends when a learned limit may
+    // be probed (may_probe); it wakes the head, which probes. The others
+    // sleep until their deadline: were every waiter to wake for the probe,
+    // each probe would wake the whole line at once (256 threads every
+    // kLimitProbeInterval, and a convoy on this lock; issue 13).
+    Place* prober = nullptr;
 
     // Room appeared, or the head of the queue changed: the head is to look
     // again. Bumps its word (under the lock: the place is still there) and
@@ -96,6 +114,17 @@ class SessionPool::SlotPool {
     std::atomic<std::uint32_t>* wake_head() noexcept;
     // C_Finalize: every place in the queue looks again (and sees interrupted_).
     void wake_queue() noexcept;
+    // When `p` is to look again for a probe of a learned limit: the prober
+    // at the next probe (or a probe interval from now, when one is due and
+    // the head is to make it); never for the others, nor without a learned limit.
+    Clock::time_point probe_time(const Place* p, Clock::time_point now) const noexcept {
+      if (limit >= ceiling || prober != p) return Clock::time_point::max();
+      return probe_after > now ? probe_after : now + kLimitProbeInterval;
+    }
+    // A probe may be made now by the head (its kind aside: the head checks).
+    bool probe_due(Clock::time_point now) const noexcept {
+      return limit < ceiling && !probing && now >= probe_after && open_total() < ceiling;
+    }
 
     unsigned long open_total() const noexcept { return open[0] + open[1]; }
     // Whether an idle session may be closed to make room: not the token's
@@ -212,13 +241,13 @@ class SessionPool::SlotPool {
     returns.fetch_add(1, std::memory_order_seq_cst);
     if (queued.load(std::memory_order_seq_cst) == 0) return;
     Wakeup wake;
-    wake = Locked(state)->wake_head();
+    wake.add(Locked(state)->wake_head());
   }
   // The same, with the slot's state locked: `wake` wakes the head once it
   // is released.
   void signal(State& s, Wakeup& wake) noexcept {
     returns.fetch_add(1, std::memory_order_seq_cst);
-    wake = s.wake_head();
+    wake.add(s.wake_head());
   }
 };
 
@@ -240,14 +269,15 @@ class SessionPool::Waiter {
 // from its first sleep until it is served or gives up. Joined and left under
 // the slot's lock. A place has its own futex word: the call sleeps on it, and
 // it is bumped only when this place is the head and should look again
-// (State::wake_head), or at C_Finalize (State::wake_queue).
+// (State::wake_head), when it becomes the prober (State::prober), or at
+// C_Finalize (State::wake_queue).
 class SessionPool::Place {
  public:
   explicit Place(SlotPool& pool) noexcept : pool_(pool) {}
   ~Place() {
     if (!queued_) return;
     Wakeup wake;
-    wake = leave(*Locked(pool_.state), /*wake_next=*/true);
+    leave(*Locked(pool_.state), /*wake_next=*/true, wake);
   }
   Place(const Place&) = delete;
   Place& operator=(const Place&) = delete;
@@ -257,23 +287,25 @@ class SessionPool::Place {
   bool turn(const SlotPool::State& s) const noexcept {
     return queued_ ? s.queue_first == this : s.queue_first == nullptr;
   }
-  // In line from now on. The caller then reads `returns` again: room that
-  // appeared before `queued` counted this place woke nobody (signal).
+  // In line from now on, and the prober if there is none. The caller then
+  // reads `returns` again: room that appeared before `queued` counted this
+  // place woke nobody (signal).
   void join(SlotPool::State& s) noexcept {
     if (queued_) return;
     prev_ = s.queue_last;
     next_ = nullptr;
     (prev_ != nullptr ? prev_->next_ : s.queue_first) = this;
     s.queue_last = this;
+    if (s.prober == nullptr) s.prober = this;
     queued_ = true;
     pool_.queued.fetch_add(1, std::memory_order_seq_cst);
   }
   // Took a session: out of the line, and the next one is the head now. It
   // is woken only if there may be more for it (`more`: else the next return
-  // wakes it), so that a return costs one wake-up, not two.
-  // Returns the next one's word for a Wakeup (NULL: none to wake).
-  [[nodiscard]] std::atomic<std::uint32_t>* served(SlotPool::State& s, bool more) noexcept {
-    return queued_ ? leave(s, more) : nullptr;
+  // wakes it), so that a return costs one wake-up, not two. `wake` gets the
+  // places to wake once the lock is released.
+  void served(SlotPool::State& s, bool more, Wakeup& wake) noexcept {
+    if (queued_) leave(s, more, wake);
   }
   bool queued() const noexcept { return queued_; }
 
@@ -291,7 +323,7 @@ class SessionPool::Place {
   Place* next() const noexcept { return next_; }
 
  private:
-  std::atomic<std::uint32_t>* leave(SlotPool::State& s, bool wake_next) noexcept {
+  void leave(SlotPool::State& s, bool wake_next, Wakeup& wake) noexcept {
     const bool was_head = s.queue_first == this;
     (prev_ != nullptr ? prev_->next_ : s.queue_first) = next_;
     (next_ != nullptr ? next_->prev_ : s.queue_last) = prev_;
@@ -299,8 +331,16 @@ class SessionPool::Place {
     queued_ = false;
     pool_.queued.fetch_sub(1, std::memory_order_seq_cst);
     // The next one is the head now: it may take what is there.
-    if (was_head && wake_next && s.queue_first != nullptr) return s.queue_first->wake();
-    return nullptr;
+    if (was_head && wake_next && s.queue_first != nullptr) wake.add(s.queue_first->wake());
+    // The prober's part goes to the last in line, the one likely to wait
+    // longest (the head leaves next: with it, the part would move, at a
+    // wake-up each, at every session served). It sleeps until its deadline,
+    // so it is woken to sleep again until the probe; only while a limit
+    // learned from the backend is in force (else there is nothing to probe).
+    if (s.prober == this) {
+      s.prober = s.queue_last;
+      if (s.prober != nullptr && s.limit < s.ceiling) wake.add(s.prober->wake());
+    }
   }
 
   SlotPool& pool_;
@@ -791,7 +831,8 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
     CK_SESSION_HANDLE victim = CK_INVALID_HANDLE;
     std::uint32_t ticket = 0, word = 0;
     auto now = Clock::now();
-    Clock::time_point next_probe{};
+    // When to look again for a probe of a learned limit: the prober only.
+    Clock::time_point next_probe = Clock::time_point::max();
     bool my_turn = false;
     {
       Wakeup wake;  // after the lock: the next in line, once this call is served
@@ -832,8 +873,11 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       }
       // Served once it has a session (the next in line is woken): a
       // reservation may still be refused.
-      if (outcome == reused) wake = place.served(*s, s->more_for_next());
-      if (s->limit < s->ceiling) next_probe = s->probe_after;
+      if (outcome == reused) place.served(*s, s->more_for_next(), wake);
+      // The prober woke for a probe: the head makes it (only the head may
+      // take a session, and a probe that succeeds gives one).
+      if (!my_turn && s->prober == &place && s->probe_due(now)) wake.add(s->wake_head());
+      next_probe = s->probe_time(&place, now);
     }
     // Stale: given back before the device said a session was gone. Counted
     // as open until closed.
@@ -859,7 +903,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
         if (rv == CKR_OK) {
           s->refusals = 0;
           if (probe) s->probe_succeeded();
-          wake = place.served(*s, s->more_for_next());
+          place.served(*s, s->more_for_next(), wake);
         } else {
           --s->open[rw];
           if (rv == CKR_SESSION_COUNT) {
@@ -870,6 +914,11 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
               // The token's limit, for now, is what is open: wait for one.
               learned = true;
               retry = open_now > 0;
+              // A prober asleep since before the limit was learned sleeps
+              // until its deadline: it is to sleep until the probe now.
+              if (!probe && s->prober != &place && s->prober != nullptr) {
+                wake.add(s->prober->wake());
+              }
             }
           }
         }
@@ -896,7 +945,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
         // Other threads' caches may hold more: the next in line looks too.
         if (place.queued()) {
           Wakeup wake;
-          wake = place.served(*Locked(pool.state), /*more=*/true);
+          place.served(*Locked(pool.state), /*more=*/true, wake);
         }
         pool.lent_idle();
         return CKR_OK;
@@ -933,7 +982,7 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
             Locked s(pool.state);
             --s->opening;
             if (rv == CKR_OK) {
-              wake = place.served(*s, /*more=*/true);  // as after a steal
+              place.served(*s, /*more=*/true, wake);  // as after a steal
             } else {
               --s->open[rw];
             }
@@ -964,10 +1013,11 @@ CK_RV SessionPool::take(SlotPool& pool, bool rw, Notify notify, CK_SESSION_HANDL
       place.join(*s);
       if (pool.returns.load(std::memory_order_seq_cst) != ticket) continue;
       word = place.ticket();
+      next_probe = s->probe_time(&place, now);
     }
     if (!std::exchange(waited, true)) pool.figures->waits.fetch_add(1, std::memory_order_relaxed);
-    // A learned limit may be probed before the deadline: wake for that too.
-    auto until = next_probe > now ? std::min(deadline, next_probe) : deadline;
+    // The prober wakes for the probe of a learned limit too (State::prober).
+    auto until = std::min(deadline, next_probe);
     // Parked while asleep: fork() does not wait for us, and we wait for
     // fork() before going on. Read after the ticket: interrupt_waiters()
     // sets interrupted_, then bumps the ticket.

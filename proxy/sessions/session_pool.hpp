@@ -10,7 +10,8 @@
 // C_OpenSession wait, up to pool.wait_ms, for a session to come back at that
 // limit, in line (first come, first served). Every path that gives a session
 // back or gives up a reservation wakes the head of the line, the one waiter
-// that may take it, so none sleeps while a session is free.
+// that may take it, so none sleeps while a session is free. At a learned
+// limit one waiter, the prober, also wakes for the next probe of it.
 //
 // A slot gets a pool only once the backend has confirmed the slot exists: a
 // bogus slot ID leaves no trace.
