@@ -112,7 +112,8 @@ std::optional<CK_RV> Settings::inject(Fn fn, Counters& counters, InjectAt at) {
     int target = rule.fn.load(std::memory_order_relaxed);
     if (target == kUnusedRule) continue;
     if (target != i && !(target == kWildcard && !wildcard_excluded(kNames[index(fn)]))) continue;
-    if (at != InjectAt::any && rule.after.load(std::memory_order_relaxed) != (at == InjectAt::after))
+    if (at != InjectAt::any &&
+        rule.after.load(std::memory_order_relaxed) != (at == InjectAt::after))
       continue;
     if (!fires(rule)) continue;
     bump(counters.faults_injected);

@@ -397,7 +397,10 @@ TEST_CASE("the 3.0 interface when the target has one") {
 }
 
 TEST_CASE("the configuration from the environment") {
-  ::setenv("P11MUX_FAULTY_FAIL", "*:CKR_DEVICE_ERROR:p=0.01,C_OpenSession:0x31:nth=3", 1);
+  ::setenv("P11MUX_FAULTY_FAIL",
+           "*:CKR_DEVICE_ERROR:p=0.01,C_OpenSession:0x31:nth=3,"
+           "C_GetAttributeValue:CKR_SESSION_CLOSED:nth=1:after",
+           1);
   ::setenv("P11MUX_FAULTY_SEED", "42", 1);
   ::setenv("P11MUX_FAULTY_MAX_SESSIONS", "16", 1);
   ::setenv("P11MUX_FAULTY_MAX_SLOT_SESSIONS", "4", 1);
@@ -410,7 +413,12 @@ TEST_CASE("the configuration from the environment") {
   CHECK(std::strcmp(c.rules[1].function, "C_OpenSession") == 0);
   CHECK(c.rules[1].rv == CKR_DEVICE_MEMORY);
   CHECK(c.rules[1].nth == 3);
-  CHECK(c.rules[2].function[0] == '\0');
+  CHECK(c.rules[1].after == 0);
+  CHECK(std::strcmp(c.rules[2].function, "C_GetAttributeValue") == 0);
+  CHECK(c.rules[2].rv == CKR_SESSION_CLOSED);
+  CHECK(c.rules[2].nth == 1);
+  CHECK(c.rules[2].after == 1);
+  CHECK(c.rules[3].function[0] == '\0');
   CHECK(c.seed == 42);
   CHECK(c.max_sessions == 16);
   CHECK(c.max_sessions_per_slot == 4);
@@ -418,9 +426,9 @@ TEST_CASE("the configuration from the environment") {
   CHECK(c.close_session_us == 10);
   CHECK(c.crypto_us == 300);
 
-  for (const char* bad :
-       {"C_Nope:CKR_DEVICE_ERROR:p=0.1", "C_Sign:CKR_NOPE:p=0.1", "C_Sign:CKR_DEVICE_ERROR:p=2",
-        "C_Sign:CKR_DEVICE_ERROR:nth=0", "C_Sign:CKR_DEVICE_ERROR"}) {
+  for (const char* bad : {"C_Nope:CKR_DEVICE_ERROR:p=0.1", "C_Sign:CKR_NOPE:p=0.1",
+                          "C_Sign:CKR_DEVICE_ERROR:p=2", "C_Sign:CKR_DEVICE_ERROR:nth=0",
+                          "C_Sign:CKR_DEVICE_ERROR", "C_Sign:CKR_DEVICE_ERROR:after"}) {
     CAPTURE(bad);
     ::setenv("P11MUX_FAULTY_FAIL", bad, 1);
     CHECK(libs().faulty->config_from_env(&c) == -1);
