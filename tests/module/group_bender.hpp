@@ -31,21 +31,6 @@ inline MockConfig bender_config(const char* fail = "", CK_RV rv = CKR_OK, unsign
   return c;
 }
 
-// A token secret key made through the group: one copy on each member, each
-// with its own handle there, so each member's MACs with it are its own.
-inline CK_OBJECT_HANDLE make_token_key(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s, std::string id,
-                                       CK_BBOOL on_token = CK_TRUE) {
-  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-  CK_KEY_TYPE type = CKK_GENERIC_SECRET;
-  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls},
-                          {CKA_KEY_TYPE, &type, sizeof type},
-                          {CKA_TOKEN, &on_token, sizeof on_token},
-                          {CKA_ID, id.data(), id.size()}};
-  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
-  REQUIRE(p->C_CreateObject(s, templ, 4, &key) == CKR_OK);
-  return key;
-}
-
 inline constexpr std::string_view kData = "signed over the spec bender";
 inline CK_MECHANISM hmac{CKM_SHA256_HMAC, nullptr, 0};
 

@@ -22,23 +22,6 @@
 namespace p11mux::test {
 namespace {
 
-// A token secret key made through p11mux on `s`: one copy on each member
-// (docs/groups.md, "Objects"), each with its own mock handle, so each
-// member's signatures with it are its own.
-CK_OBJECT_HANDLE make_token_key(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s) {
-  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-  CK_KEY_TYPE type = CKK_GENERIC_SECRET;
-  CK_BBOOL yes = CK_TRUE;
-  std::string id = "replayed";
-  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls},
-                          {CKA_KEY_TYPE, &type, sizeof type},
-                          {CKA_TOKEN, &yes, sizeof yes},
-                          {CKA_ID, id.data(), id.size()}};
-  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
-  REQUIRE(p->C_CreateObject(s, templ, 4, &key) == CKR_OK);
-  return key;
-}
-
 struct Signed {
   CK_RV rv;
   std::array<CK_BYTE, 64> bytes;

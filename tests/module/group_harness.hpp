@@ -135,6 +135,21 @@ inline std::string two_mock_members() {
          "\n[group.signing]\nmembers = mock/serial:2, mock/label:mock-token-1\n";
 }
 
+// A token secret key made through the group: one copy on each member, each
+// with its own handle there, so each member's MACs with it are its own.
+inline CK_OBJECT_HANDLE make_token_key(CK_FUNCTION_LIST* p, CK_SESSION_HANDLE s,
+                                       std::string id = "replayed", CK_BBOOL on_token = CK_TRUE) {
+  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+  CK_KEY_TYPE type = CKK_GENERIC_SECRET;
+  CK_ATTRIBUTE templ[] = {{CKA_CLASS, &cls, sizeof cls},
+                          {CKA_KEY_TYPE, &type, sizeof type},
+                          {CKA_TOKEN, &on_token, sizeof on_token},
+                          {CKA_ID, id.data(), id.size()}};
+  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+  REQUIRE(p->C_CreateObject(s, templ, 4, &key) == CKR_OK);
+  return key;
+}
+
 // Waits (at most 5 s) until `slot` of the faulty module has a call hung in it.
 inline bool wait_hung(const FaultyControl* faulty, unsigned long slot) {
   for (int i = 0; i < 500; ++i) {
