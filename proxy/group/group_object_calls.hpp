@@ -105,13 +105,14 @@ CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
   CK_RV rv = CKR_OK;
   // The handles the application passes: the member's own.
   constexpr auto handles = object_handle_args<F>();
+  ResolvedHandle& last = s.operations->last_resolved;
   [&]<std::size_t... I>(std::index_sequence<I...>) {
     (..., [&] {
       constexpr HandleArg h = handles[I];
       auto& object = std::get<h.index - 1>(args);
       // C_SetOperationState: 0 is "no key".
       if (rv != CKR_OK || (F::name == "C_SetOperationState" && object == CK_INVALID_HANDLE)) return;
-      rv = group_resolve(call, object, h.invalid, object);
+      rv = group_resolve(call, last, object, h.invalid, object);
     }());
   }
   (std::make_index_sequence<handles.size()>{});

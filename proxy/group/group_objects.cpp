@@ -67,6 +67,21 @@ CK_RV group_resolve(GroupCall& call, CK_OBJECT_HANDLE handle, CK_RV invalid,
   }
 }
 
+CK_RV group_resolve(GroupCall& call, ResolvedHandle& last, CK_OBJECT_HANDLE handle, CK_RV invalid,
+                    CK_OBJECT_HANDLE& out) noexcept {
+  // Read before the lookup: a change after it bumps the version
+  // (ObjectMap::version), and the resolution is not used again.
+  const std::uint64_t version = call.objects.map.version();
+  if (handle != CK_INVALID_HANDLE && last.handle == handle && last.member == call.member &&
+      last.version == version) {
+    out = last.object;
+    return CKR_OK;
+  }
+  const CK_RV rv = group_resolve(call, handle, invalid, out);
+  if (rv == CKR_OK) last = {handle, out, call.member, version};
+  return rv;
+}
+
 CK_RV group_issue_made(GroupCall& call, CK_SESSION_HANDLE made_on,
                        CK_OBJECT_HANDLE& handle) noexcept {
   ObjectMap::Issued issued{CKR_HOST_MEMORY, CK_INVALID_HANDLE};

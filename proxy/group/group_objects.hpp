@@ -13,6 +13,7 @@
 #pragma once
 
 #include "config/config.hpp"
+#include "group/resolved_handle.hpp"
 #include "sync/lock.hpp"
 
 #include <p11mux/pkcs11.h>
@@ -69,6 +70,10 @@ struct GroupCall {
 // the member's error when its search failed. A cached handle: one shard
 // lock and one hash lookup, no allocation, no backend call.
 CK_RV group_resolve(GroupCall& call, CK_OBJECT_HANDLE handle, CK_RV invalid,
+                    CK_OBJECT_HANDLE& out) noexcept;
+// The same, first from the session's last resolution (`last`), which it
+// keeps up to date (resolved_handle.hpp).
+CK_RV group_resolve(GroupCall& call, ResolvedHandle& last, CK_OBJECT_HANDLE handle, CK_RV invalid,
                     CK_OBJECT_HANDLE& out) noexcept;
 
 // After a successful call, `handle` (the member's, made by this call on

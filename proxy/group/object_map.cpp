@@ -201,6 +201,7 @@ ObjectMap::Issued ObjectMap::issue_found(MemberObjects& members, MemberIndex mem
 
 ObjectMap::Issued ObjectMap::issue_found(MemberIndex member, CK_OBJECT_HANDLE object,
                                          const ObjectRead& read) {
+  const Changed changed{*this};
   if (member >= members()) return {CKR_GENERAL_ERROR, CK_INVALID_HANDLE};
   if (read.rv != CKR_OK) return {read.rv, CK_INVALID_HANDLE};
   if (!read.token || !read.identity) {
@@ -276,6 +277,7 @@ ObjectMap::Issued ObjectMap::issue_session_object(MemberIndex member,
 
 ObjectMap::Issued ObjectMap::issue_pinned(MemberIndex member, CK_OBJECT_HANDLE object,
                                           CK_SESSION_HANDLE backend_session, bool made_now) {
+  const Changed changed{*this};
   const std::uint64_t gen = generation(member);
   const PinKey key{member, object};
   const std::size_t index = PinKeyHash{}(key) & (kShards - 1);
@@ -332,6 +334,7 @@ void ObjectMap::erase(Shard& shard, CK_OBJECT_HANDLE handle) {
 }
 
 bool ObjectMap::record(CK_OBJECT_HANDLE handle, MemberIndex member, CK_OBJECT_HANDLE object) {
+  const Changed changed{*this};
   if (member >= members()) return false;
   const std::uint64_t gen = generation(member);
   Locked shard(shard_of(handle));
@@ -492,6 +495,7 @@ ObjectMap::Resolved ObjectMap::find(MemberObjects& members, MemberIndex member,
 }
 
 bool ObjectMap::rekey(CK_OBJECT_HANDLE handle, const ObjectIdentity& identity) {
+  const Changed changed{*this};
   ObjectIdentity old;
   {
     Locked shard(shard_of(handle));
@@ -517,6 +521,7 @@ bool ObjectMap::rekey(CK_OBJECT_HANDLE handle, const ObjectIdentity& identity) {
 }
 
 void ObjectMap::destroy(CK_OBJECT_HANDLE handle) {
+  const Changed changed{*this};
   std::optional<ObjectIdentity> identity;
   {
     Locked shard(shard_of(handle));
@@ -545,10 +550,14 @@ void ObjectMap::forget_session(MemberIndex member, CK_SESSION_HANDLE backend_ses
     auto [first, last] = shard->by_session.equal_range(key);
     for (auto it = first; it != last; ++it) gone.push_back(it->second);
     for (CK_OBJECT_HANDLE handle : gone) erase(*shard, handle);
+    // After the change (version()): a session without objects, the common
+    // case, changes nothing.
+    if (!gone.empty()) version_.fetch_add(1, std::memory_order_acq_rel);
   }
 }
 
 void ObjectMap::member_restarted(MemberIndex member) {
+  const Changed changed{*this};
   if (member >= members()) return;
   generations_[member].fetch_add(1, std::memory_order_acq_rel);
   // Cached copies are dropped lazily (their generation is old); pinned

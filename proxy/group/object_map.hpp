@@ -192,6 +192,13 @@ class ObjectMap {
   // The live virtual handles (tests, metrics).
   std::size_t size();
 
+  // Bumped by every call that changes the map (issue, record, rekey,
+  // destroy, forget_session, member_restarted), after its change: a
+  // resolution of a handle made after reading a version is still right while
+  // the version stays the same, so a session may keep its last one
+  // (group_objects.hpp, ResolvedHandle) and skip the shard's lock.
+  std::uint64_t version() const noexcept { return version_.load(std::memory_order_acquire); }
+
   // Beside the member's handle, how a member's copy is cached.
   enum class CacheState : std::uint8_t { unknown, found, missing, ambiguous };
 
@@ -260,6 +267,14 @@ class ObjectMap {
   spdlog::logger* const log_;
   std::deque<Guarded<Shard>> shards_;  // a deque: a Guarded cannot move
   std::vector<std::atomic<std::uint64_t>> generations_;
+  alignas(64) std::atomic<std::uint64_t> version_{0};
+  // Bumps version_ when the changing call returns, after its change: a
+  // resolution that read the version before it then never keeps an entry
+  // the change removed.
+  struct Changed {
+    ObjectMap& map;
+    ~Changed() { map.version_.fetch_add(1, std::memory_order_acq_rel); }
+  };
 };
 
 }  // namespace p11mux

@@ -18,6 +18,7 @@
 #pragma once
 
 #include "forward/operation_state.hpp"
+#include "group/resolved_handle.hpp"
 
 #include <p11mux/pkcs11.h>
 
@@ -351,6 +352,7 @@ class SessionOperations {
   // A session opened: nothing recorded, nothing pending.
   void reset() noexcept {
     for (OperationRecord& r : records_) r.end();
+    last_resolved = {};
     pending_ = lost_ = replayed_ = 0;
     interrupted_ = unreached_ = false;
   }
@@ -388,6 +390,8 @@ class SessionOperations {
   }
   // The group's admissions the session has seen (GroupRuntime::admissions).
   std::uint32_t admissions_seen = 0;
+  // Its last object handle resolved (resolved_handle.hpp).
+  ResolvedHandle last_resolved;
 
   // A member answered one of the session's calls with a code saying the call
   // was interrupted (member_calls.hpp, MemberCall); true once per attempt.

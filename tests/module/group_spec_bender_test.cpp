@@ -342,6 +342,9 @@ TEST_CASE("group over the spec bender: reused handle numbers never revive a virt
 
     SUBCASE("a token key destroyed on every member, another made") {
       const CK_OBJECT_HANDLE old_key = make_token_key(p, a, "destroyed");
+      // Each session's last resolution is old_key's (resolved_handle.hpp):
+      // the map's changes below must not let it revive.
+      for (CK_SESSION_HANDLE s : {a, b}) REQUIRE(alive(s, old_key) == CKR_OK);
       REQUIRE(p->C_DestroyObject(a, old_key) == CKR_OK);
       const CK_OBJECT_HANDLE new_key = make_token_key(p, a, "made after");
       CHECK(bender_stats().bend_handles_reused >= reused + 2);  // its number on each member

@@ -498,6 +498,43 @@ TEST_CASE_FIXTURE(ThreeMembers, "record: a created object's copies are known wit
   CHECK_FALSE(map.record(v + 1, 1, on[1]));
 }
 
+TEST_CASE_FIXTURE(ThreeMembers, "every change of the map bumps its version; a lookup does not") {
+  // A session keeps its last resolution while the version stays
+  // (proxy/group/resolved_handle.hpp): every change must bump it.
+  std::uint64_t seen = map.version();
+  auto bumped = [&] {
+    const std::uint64_t now = map.version();
+    const bool moved = now != seen;
+    seen = now;
+    return moved;
+  };
+  const CK_OBJECT_HANDLE v = issue(0, on[0]);
+  CHECK(bumped());
+  CHECK(map.resolve(fake, v, 1).object == on[1]);  // a search, cached
+  CHECK(map.resolve(fake, v, 1).object == on[1]);
+  CHECK_FALSE(bumped());
+  CHECK(map.record(v, 2, on[2]));
+  CHECK(bumped());
+  ObjectIdentity renamed;
+  renamed.cls = CKO_PRIVATE_KEY;
+  renamed.by_id = true;
+  renamed.id = bytes("\x15\x02");
+  CHECK(map.rekey(v, renamed));
+  CHECK(bumped());
+  const CK_OBJECT_HANDLE pinned =
+      map.issue_session_object(0, 42, fake.add(0, key("\x15\x03"))).handle;
+  CHECK(bumped());
+  map.forget_session(0, 41);  // holds nothing: nothing changes
+  CHECK_FALSE(bumped());
+  map.forget_session(0, 42);
+  CHECK(bumped());
+  CHECK(map.resolve(fake, pinned, 0).status == ObjectMap::Status::unknown);
+  map.member_restarted(1);
+  CHECK(bumped());
+  map.destroy(v);
+  CHECK(bumped());
+}
+
 TEST_CASE_FIXTURE(ThreeMembers, "no lock is held while a member is called") {
   const CK_OBJECT_HANDLE v = issue(0, on[0]);
   // During the member's call, another thread takes every shard's lock
