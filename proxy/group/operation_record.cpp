@@ -29,7 +29,8 @@ void write_pointer(unsigned char* base, std::size_t offset, const void* p) noexc
 
 CopyResult MechanismCopy::assign(const CK_MECHANISM& m) noexcept {
   held_ = false;
-  const ReplayMechanism* known = replay_mechanism(m.mechanism);
+  if (known_ == nullptr || known_->type != m.mechanism) known_ = replay_mechanism(m.mechanism);
+  const ReplayMechanism* known = known_;
   if (known == nullptr) return CopyResult::unknown_mechanism;
 
   // No parameter: nothing to copy, nothing allocated (the ECDSA sign path).
@@ -60,7 +61,7 @@ CopyResult MechanismCopy::assign(const CK_MECHANISM& m) noexcept {
       if (grown == nullptr) return CopyResult::no_memory;
       delete[] heap_;
       heap_ = grown;
-      heap_size_ = total;
+      heap_size_ = static_cast<std::uint32_t>(total);
     }
     buffer = heap_;
   }

@@ -253,9 +253,12 @@ class MechanismCopy {
 
  private:
   CK_MECHANISM mechanism_{};
-  bool held_ = false;
-  std::size_t heap_size_ = 0;
+  // The table's entry for the last mechanism copied: a session's Inits
+  // mostly repeat one mechanism, which then needs no search.
+  const ReplayMechanism* known_ = nullptr;
   unsigned char* heap_ = nullptr;
+  std::uint32_t heap_size_ = 0;  // at most kMaxBytes and a structure: 32 bits keep 112 bytes
+  bool held_ = false;
   alignas(std::max_align_t) unsigned char inline_[kInline];
 };
 

@@ -130,6 +130,28 @@ TEST_CASE("an unknown mechanism is not copied") {
   CHECK(copy.empty());
 }
 
+TEST_CASE("a copy reused for one mechanism, then others: each by its own entry") {
+  // MechanismCopy keeps the table's entry of its last mechanism.
+  MechanismCopy copy;
+  CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
+  for (int i = 0; i < 2; ++i) {
+    REQUIRE(copy.assign(ecdsa) == CopyResult::ok);
+    check_same(ecdsa, copy);
+  }
+  CK_ULONG stray = 5;
+  CK_MECHANISM with{CKM_ECDSA, &stray, sizeof stray};  // ECDSA takes no parameter
+  CHECK(copy.assign(with) == CopyResult::bad_parameter);
+  CK_MECHANISM vendor{CKM_VENDOR_DEFINED | 0x42, nullptr, 0};
+  CHECK(copy.assign(vendor) == CopyResult::unknown_mechanism);
+  CHECK(copy.assign(vendor) == CopyResult::unknown_mechanism);
+  CK_RSA_PKCS_PSS_PARAMS pss{CKM_SHA256, CKG_MGF1_SHA256, 32};
+  CK_MECHANISM rsa_pss{CKM_SHA256_RSA_PKCS_PSS, &pss, sizeof pss};
+  REQUIRE(copy.assign(rsa_pss) == CopyResult::ok);
+  check_same(rsa_pss, copy);
+  REQUIRE(copy.assign(ecdsa) == CopyResult::ok);
+  check_same(ecdsa, copy);
+}
+
 TEST_CASE("IVs: 16 bytes for AES CBC, 8 for DES3 CBC") {
   unsigned char iv16[16];
   for (int i = 0; i < 16; ++i) iv16[i] = static_cast<unsigned char>(0xa0 + i);
