@@ -60,6 +60,13 @@ std::string json_op(const OpStats& op, double elapsed) {
          ",\"latency_us\":" + json_latency(op.latency) + "}";
 }
 
+std::string json_by_rv(const std::map<CK_RV, std::uint64_t>& counts) {
+  std::string out = "{";
+  for (const auto& [rv, count] : counts)
+    out += (out.size() > 1 ? "," : "") + json_string(ckr_name(rv)) + ":" + std::to_string(count);
+  return out + "}";
+}
+
 void print_error_kinds(std::ostream& out, const std::map<ErrorKey, std::uint64_t>& kinds,
                        std::uint64_t overflow) {
   for (const auto& [key, count] : kinds) {
@@ -231,13 +238,8 @@ void print_json(std::ostream& out, const Plan& plan, const RunInfo& info, const 
   j += ",\"latency_us\":" + json_latency(s.total.latency);
   j += ",\"service_time_us\":" + (s.service ? json_latency(*s.service) : std::string("null"));
   j += ",\"errors\":" + std::to_string(s.total.errors);
-  j += ",\"errors_by_rv\":{";
-  first = true;
-  for (const auto& [rv, count] : s.errors_by_rv) {
-    j += (first ? "" : ",") + json_string(ckr_name(rv)) + ":" + std::to_string(count);
-    first = false;
-  }
-  j += "},\"error_details\":[";
+  j += ",\"errors_by_rv\":" + json_by_rv(s.errors_by_rv);
+  j += ",\"error_details\":[";
   first = true;
   for (const auto& [key, count] : s.errors) {
     j += std::string(first ? "" : ",") + "{\"op\":" + json_string(op_name(key.op)) +
@@ -252,15 +254,10 @@ void print_json(std::ostream& out, const Plan& plan, const RunInfo& info, const 
   j += ",\"warmup_errors\":" + std::to_string(s.warmup_errors);
   j += ",\"after_window\":{\"ops\":" + std::to_string(s.after_window.ops) +
        ",\"errors\":" + std::to_string(s.after_window.errors) +
-       ",\"verification_failures\":" + std::to_string(s.after_window.check_failures) + ",\"errors_by_rv\":{";
+       ",\"verification_failures\":" + std::to_string(s.after_window.check_failures) + ",\"errors_by_rv\":";
   std::map<CK_RV, std::uint64_t> after_by_rv;
   for (const auto& [key, count] : s.after_window.kinds) after_by_rv[key.rv] += count;
-  first = true;
-  for (const auto& [rv, count] : after_by_rv) {
-    j += (first ? "" : ",") + json_string(ckr_name(rv)) + ":" + std::to_string(count);
-    first = false;
-  }
-  j += "}}";
+  j += json_by_rv(after_by_rv) + "}";
   j += ",\"ops\":{";
   first = true;
   for (const MixEntry& e : plan.mix.entries()) {
