@@ -290,7 +290,7 @@ declare -A probed=()
 # ---- running p11mux-load ----
 raw="$out/runs.csv"
 echo "section,backend,config,op,sessions,threads,run,ops_per_sec,errors,failed_checks,status" >"$raw"
-limit=$(awk -v d="$duration" -v w="$warmup" 'BEGIN { printf "%d", d + w + 60 }')
+run_timeout=$(awk -v d="$duration" -v w="$warmup" 'BEGIN { printf "%d", d + w + 60 }')
 
 # More p11mux-load options for run_one (the failover section's --timeline).
 load_extra=()
@@ -308,7 +308,7 @@ run_one() {
   errors=""
   failed=""
   {
-    env "${menv[@]}" "$@" timeout -k 5 "$limit" "$load" --module "$module" "${token[@]}" \
+    env "${menv[@]}" "$@" timeout -k 5 "$run_timeout" "$load" --module "$module" "${token[@]}" \
       --op "$op" --threads "$threads" --sessions "${sessions_of[$config]:-$sessions}" --warmup "$warmup" \
       --duration "$duration" --quiet --json "${load_extra[@]}" >"$json" 2>"$err"
   } 2>/dev/null || rc=$?
@@ -546,7 +546,8 @@ capacity_cases=(
 # labelled "physical" (median of the per-run ratios against the physical run
 # of the same round). Writes $out/CSV.
 limit_section() {
-  local csv=$1 limit_var=$3 r spec label config sessions threads limit bind key p99
+  # backend_limit: once named limit, it hid the global run timeout (now run_timeout).
+  local csv=$1 limit_var=$3 r spec label config sessions threads backend_limit bind key p99
   local -n cases=$2
   local -A val=() p99s=() errs=() states=()
   [ -e "$slow" ] || { echo "  $slow is missing: no figures"; return 0; }
@@ -554,10 +555,10 @@ limit_section() {
     >"$out/$csv"
   for ((r = 1; r <= runs; r++)); do
     for spec in "${cases[@]}"; do
-      read -r label config sessions threads limit bind <<<"$spec"
+      read -r label config sessions threads backend_limit bind <<<"$spec"
       key="$label/$sessions/$threads"
       probe slow "$config" || continue
-      local -a cenv=("$limit_var=$limit")
+      local -a cenv=("$limit_var=$backend_limit")
       [ "$bind" = - ] || cenv+=(P11MUX_POOL_BIND="$bind")
       [ "$bind" != open ] || cenv+=(P11MUX_POOL_WAIT_MS=0)
       run_one "${csv%.csv}" slow "$config" sign-ec "$sessions" "$threads" "$r" "${cenv[@]}"
@@ -570,7 +571,7 @@ limit_section() {
     done
   done
   for spec in "${cases[@]}"; do
-    read -r label config sessions threads limit bind <<<"$spec"
+    read -r label config sessions threads backend_limit bind <<<"$spec"
     key="$label/$sessions/$threads"
     local -a v=() q=() l=()
     local m="" lo="" hi="" ratio="" lat="" st line
@@ -593,12 +594,12 @@ limit_section() {
       [ ${#q[@]} -eq 0 ] || ratio=$(printf '%.3f' "$(median "${q[@]}")")
       [ ${#l[@]} -eq 0 ] || lat=$(awk -v us="$(median "${l[@]}")" 'BEGIN { printf "%.2f", us / 1000 }')
     fi
-    line="  $(printf '%-9s %-10s %3s thr  limit %s' "$label" "$sessions" "$threads" "$limit")"
+    line="  $(printf '%-9s %-10s %3s thr  limit %s' "$label" "$sessions" "$threads" "$backend_limit")"
     [ -z "$m" ] || line+="  $(printf '%6.0f/s' "$m")${ratio:+ (${ratio}x)}  p99 ${lat:-?} ms"
     [ "${errs[$key]:-0}" = 0 ] || line+="  ${errs[$key]} errors"
     [ "$st" = ok ] || line+="  [$st]"
     echo "$line"
-    echo "$label,$config,$bind,$sessions,$threads,$limit,${#v[@]},$m,$lo,$hi,$ratio,${errs[$key]:-0},$lat,$st" >>"$out/$csv"
+    echo "$label,$config,$bind,$sessions,$threads,$backend_limit,${#v[@]},$m,$lo,$hi,$ratio,${errs[$key]:-0},$lat,$st" >>"$out/$csv"
   done
 }
 
@@ -693,7 +694,7 @@ for line in open(errpath):
     if m:
         events[m.group(1)] = int(m.group(2)) / 1000.0 - start
 kill, back = events.get("removed"), events.get("back")
-# The last interval is cut short by the end of the run: left out.
+# The last interval may be cut short by the window's end: left out.
 full = len(ops) - 1
 with open(tpath, "a") as out:
     for i in range(full):

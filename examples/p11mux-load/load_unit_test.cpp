@@ -18,6 +18,7 @@
 #include "schedule.h"
 #include "stats.h"
 #include "timeline.h"
+#include "window.h"
 
 using namespace p11mux::load;
 
@@ -160,6 +161,7 @@ TEST_CASE("help and version") {
   CHECK(contains(h.text, "Examples:"));
   CHECK(contains(h.text, "may crash"));  // shared sessions on a plain module
   CHECK(contains(h.text, "SCHEDULED start"));
+  CHECK(contains(h.text, "the ops that ENDED inside the measured window"));
   CHECK(parse({"--version"}).kind == ParseResult::Kind::version);
 }
 
@@ -514,4 +516,124 @@ TEST_CASE("--timeline: ops and errors by the interval of their end") {
   json.str("");
   print_json(json, plan, info, s);
   CHECK(contains(json.str(), "\"timeline\":{\"interval_ms\":100"));
+}
+
+// A saturated backend behind a queue (issue 13's capacity case): it ends an op
+// every `step`, and each op waited `wait` (a full line of threads) before it
+// ended. The measured window starts after a warmup; tickets are given out
+// until the window's end, so the ops in line then end after it.
+TEST_CASE("ops/s: the ops ending in the --duration window over its length, not one queue wait more") {
+  using std::chrono::milliseconds;
+  using std::chrono::nanoseconds;
+  using std::chrono::seconds;
+  const nanoseconds step = std::chrono::microseconds(344);  // 4 sessions, 1.376 ms a signature
+  const nanoseconds wait = 256 * step;                      // 256 threads in line: 88 ms
+  const nanoseconds warmup = milliseconds(500);
+  const nanoseconds length = milliseconds(1500);
+  const double true_rate = 1e9 / static_cast<double>(step.count());
+
+  MeasuredWindow window(length);
+  std::uint64_t counted = 0, warm = 0, after = 0, issued_in_window = 0;
+  nanoseconds last_end{0}, last_issued_end{0};
+  for (nanoseconds end = step;; end += step) {
+    const nanoseconds start = end - wait;  // both from the run's start
+    if (start >= warmup + length) break;   // no ticket after the window
+    const Ticket::Phase phase = start < warmup ? Ticket::Phase::warmup : Ticket::Phase::measure;
+    if (phase == Ticket::Phase::measure) {
+      ++issued_in_window;
+      last_issued_end = end - warmup;
+    }
+    switch (window.part(phase, end - warmup)) {
+      case Part::warmup:
+        ++warm;
+        break;
+      case Part::measured:
+        ++counted;
+        last_end = std::max(last_end, end - warmup);
+        break;
+      case Part::after_window:
+        ++after;
+        break;
+    }
+  }
+  Summary s;
+  s.total.ops = counted;
+  s.elapsed = window.seconds(last_end);
+  CHECK(s.elapsed == doctest::Approx(1.5));
+  CHECK(s.ops_per_sec() == doctest::Approx(true_rate).epsilon(0.001));
+  CHECK(after == 256);  // the line at the window's end
+  CHECK(warm > 0);
+  // The old figure had as many ops (those issued in the window) but divided
+  // them by the time until the last of them ended, one wait (88 ms) longer
+  // than the window: 5.5% low.
+  CHECK(issued_in_window == counted);
+  const double old_rate =
+      static_cast<double>(issued_in_window) / (static_cast<double>(last_issued_end.count()) / 1e9);
+  CHECK(old_rate < true_rate * 0.95);
+}
+
+TEST_CASE("measured window: its edges, Ctrl-C, and --count runs by ticket") {
+  using std::chrono::milliseconds;
+  using M = Ticket::Phase;
+  SUBCASE("--duration: by the op's end, [0, length)") {
+    MeasuredWindow w(milliseconds(1000));
+    CHECK(w.part(M::warmup, milliseconds(-1)) == Part::warmup);
+    CHECK(w.part(M::warmup, milliseconds(0)) == Part::measured);  // issued in the warmup, ended in the window
+    CHECK(w.part(M::measure, milliseconds(999)) == Part::measured);
+    CHECK(w.part(M::measure, milliseconds(1000)) == Part::after_window);
+    CHECK(w.seconds(milliseconds(1090)) == 1.0);
+    w.cut(milliseconds(400));  // Ctrl-C
+    CHECK(w.part(M::measure, milliseconds(399)) == Part::measured);
+    CHECK(w.part(M::measure, milliseconds(400)) == Part::after_window);
+    CHECK(w.seconds(milliseconds(420)) == 0.4);
+    w.cut(milliseconds(700));  // never longer again
+    CHECK(w.seconds(milliseconds(0)) == 0.4);
+    w.cut(milliseconds(-5));  // during the warmup
+    CHECK(w.seconds(milliseconds(0)) == 0.0);
+  }
+  SUBCASE("--count: by the ticket, until the last measured op ended") {
+    MeasuredWindow w(std::nullopt);
+    CHECK(w.part(M::warmup, milliseconds(50)) == Part::warmup);
+    CHECK(w.part(M::measure, milliseconds(99999)) == Part::measured);
+    w.cut(milliseconds(10));
+    CHECK(w.part(M::measure, milliseconds(99999)) == Part::measured);
+    CHECK(w.seconds(milliseconds(2500)) == 2.5);
+  }
+}
+
+TEST_CASE("reports: what ops/s is of, and the ops after the window") {
+  Mix mix = Mix::parse("sign-ec");
+  std::vector<std::unique_ptr<ThreadStats>> threads;
+  auto t = std::make_unique<ThreadStats>(mix, false);
+  t->per_op[static_cast<std::size_t>(OpKind::sign_ec)]->ops = 30;
+  t->after_window.ops = 4;
+  t->after_window.errors = 1;
+  t->after_window.kinds.add(OpKind::sign_ec, Call::Sign, CKR_DEVICE_ERROR);
+  threads.push_back(std::move(t));
+  Summary s = merge_stats(mix, threads);
+  s.elapsed = 1.5;
+  CHECK(s.after_window.ops == 4);
+  CHECK(s.total.errors == 0);
+  CHECK(s.failed());  // an op of the window failing after it still fails the run
+
+  RunInfo info{"/lib/x.so", "", "load", 3, true, true};
+  Plan timed = plan_of({"--module", "m", "--op", "sign-ec", "--duration", "1.5"});
+  std::ostringstream human, json;
+  print_human(human, timed, info, s);
+  print_json(json, timed, info, s);
+  CHECK(contains(human.str(), "measured 30 ops ending in the 1.500 s window = 20.0 ops/s"));
+  CHECK(contains(human.str(), "after    4 ops in flight at the window's end ended after it"));
+  CHECK(contains(human.str(), "CKR_DEVICE_ERROR"));
+  CHECK(contains(json.str(), "\"ops_per_sec_of\":\"ops_ending_in_window\""));
+  CHECK(contains(json.str(),
+                 "\"after_window\":{\"ops\":4,\"errors\":1,\"verification_failures\":0,"
+                 "\"errors_by_rv\":{\"CKR_DEVICE_ERROR\":1}}"));
+
+  Plan counted = plan_of({"--module", "m", "--op", "sign-ec", "--count", "30"});
+  human.str("");
+  json.str("");
+  print_human(human, counted, info, s);
+  print_json(json, counted, info, s);
+  CHECK(contains(human.str(), "measured 30 ops in 1.500 s, until the last ended = 20.0 ops/s"));
+  CHECK(contains(json.str(), "\"ops_per_sec_of\":\"ops_until_last_end\""));
 }

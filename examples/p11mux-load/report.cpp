@@ -3,6 +3,7 @@
 #include <array>
 #include <cinttypes>
 #include <cstdio>
+#include <map>
 
 #include "ckr_names.h"
 
@@ -57,6 +58,22 @@ std::string json_op(const OpStats& op, double elapsed) {
          ",\"checks\":" + std::to_string(op.checks) +
          ",\"verification_failures\":" + std::to_string(op.check_failures) +
          ",\"latency_us\":" + json_latency(op.latency) + "}";
+}
+
+std::string json_by_rv(const std::map<CK_RV, std::uint64_t>& counts) {
+  std::string out = "{";
+  for (const auto& [rv, count] : counts)
+    out += (out.size() > 1 ? "," : "") + json_string(ckr_name(rv)) + ":" + std::to_string(count);
+  return out + "}";
+}
+
+void print_error_kinds(std::ostream& out, const std::map<ErrorKey, std::uint64_t>& kinds,
+                       std::uint64_t overflow) {
+  for (const auto& [key, count] : kinds) {
+    out << fmt("  %-12s %-18s %-32s %" PRIu64 "\n", std::string(op_name(key.op)).c_str(),
+               std::string(call_name(key.call)).c_str(), ckr_name(key.rv).c_str(), count);
+  }
+  if (overflow > 0) out << "  (" << overflow << " more of other kinds)\n";
 }
 
 }  // namespace
@@ -129,8 +146,11 @@ void print_human(std::ostream& out, const Plan& plan, const RunInfo& info, const
   out << "\ntoken    '" << info.token_label << "' in slot " << info.slot
       << (info.logged_in ? ", logged in" : ", not logged in") << "\n";
   out << "run      " << run_description(plan) << "\n";
-  out << "measured " << s.total.ops << " ops in " << fmt("%.3f", s.elapsed)
-      << " s = " << rate_text(s.ops_per_sec()) << " ops/s" << (s.interrupted ? "  (interrupted)" : "")
+  // What ops/s divides by: window.h.
+  out << "measured " << s.total.ops
+      << (plan.duration ? " ops ending in the " + fmt("%.3f", s.elapsed) + " s window"
+                        : " ops in " + fmt("%.3f", s.elapsed) + " s, until the last ended")
+      << " = " << rate_text(s.ops_per_sec()) << " ops/s" << (s.interrupted ? "  (interrupted)" : "")
       << "\n\n";
 
   out << fmt("%-12s %10s %10s", "op", "ops", "ops/s");
@@ -169,13 +189,15 @@ void print_human(std::ostream& out, const Plan& plan, const RunInfo& info, const
     out << "errors   none\n";
   } else {
     out << "errors   (op, call, return value, count)\n";
-    for (const auto& [key, count] : s.errors) {
-      out << fmt("  %-12s %-18s %-32s %" PRIu64 "\n", std::string(op_name(key.op)).c_str(),
-                 std::string(call_name(key.call)).c_str(), ckr_name(key.rv).c_str(), count);
-    }
-    if (s.error_overflow > 0) out << "  (" << s.error_overflow << " more of other kinds)\n";
+    print_error_kinds(out, s.errors, s.error_overflow);
   }
   if (s.warmup_errors > 0) out << "warmup   " << s.warmup_errors << " errors (not counted)\n";
+  if (s.after_window.ops > 0) {
+    const auto& a = s.after_window;
+    out << "after    " << a.ops << " ops in flight at the window's end ended after it (not in ops/s or "
+        << "latency), " << a.errors << " errors, " << a.check_failures << " failed checks\n";
+    print_error_kinds(out, a.kinds, a.overflow);
+  }
   if (s.total.collisions > 0) {
     out << "collisions " << s.total.collisions << " (CKR_OPERATION_ACTIVE or CKR_USER_ALREADY_LOGGED_IN "
         << "while another thread held the session or login; retried)\n";
@@ -210,18 +232,14 @@ void print_json(std::ostream& out, const Plan& plan, const RunInfo& info, const 
   j += ",\"verify_every\":" + std::to_string(plan.verify_every);
   j += ",\"total_ops\":" + std::to_string(s.total.ops);
   j += ",\"elapsed_s\":" + json_number(s.elapsed);
+  j += ",\"ops_per_sec_of\":" + json_string(plan.duration ? "ops_ending_in_window" : "ops_until_last_end");
   j += ",\"ops_per_sec\":" + json_number(s.ops_per_sec());
   j += ",\"latency_from\":" + json_string(plan.rate ? "scheduled_start" : "start");
   j += ",\"latency_us\":" + json_latency(s.total.latency);
   j += ",\"service_time_us\":" + (s.service ? json_latency(*s.service) : std::string("null"));
   j += ",\"errors\":" + std::to_string(s.total.errors);
-  j += ",\"errors_by_rv\":{";
-  first = true;
-  for (const auto& [rv, count] : s.errors_by_rv) {
-    j += (first ? "" : ",") + json_string(ckr_name(rv)) + ":" + std::to_string(count);
-    first = false;
-  }
-  j += "},\"error_details\":[";
+  j += ",\"errors_by_rv\":" + json_by_rv(s.errors_by_rv);
+  j += ",\"error_details\":[";
   first = true;
   for (const auto& [key, count] : s.errors) {
     j += std::string(first ? "" : ",") + "{\"op\":" + json_string(op_name(key.op)) +
@@ -234,6 +252,12 @@ void print_json(std::ostream& out, const Plan& plan, const RunInfo& info, const 
   j += ",\"verification_failures\":" + std::to_string(s.total.check_failures);
   j += ",\"warmup_ops\":" + std::to_string(s.warmup_ops);
   j += ",\"warmup_errors\":" + std::to_string(s.warmup_errors);
+  j += ",\"after_window\":{\"ops\":" + std::to_string(s.after_window.ops) +
+       ",\"errors\":" + std::to_string(s.after_window.errors) +
+       ",\"verification_failures\":" + std::to_string(s.after_window.check_failures) + ",\"errors_by_rv\":";
+  std::map<CK_RV, std::uint64_t> after_by_rv;
+  for (const auto& [key, count] : s.after_window.kinds) after_by_rv[key.rv] += count;
+  j += json_by_rv(after_by_rv) + "}";
   j += ",\"ops\":{";
   first = true;
   for (const MixEntry& e : plan.mix.entries()) {

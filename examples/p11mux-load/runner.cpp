@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "signals.h"
+#include "window.h"
 
 namespace p11mux::load {
 namespace {
@@ -49,6 +50,7 @@ class Run {
       : plan_(plan),
         ctx_(ctx),
         schedule_(plan.warmup, plan.duration, plan.count, plan.rate),
+        window_(window_length(plan)),
         ready_(plan.threads),
         go_(1) {
     ctx_.schedule = &schedule_;
@@ -57,10 +59,9 @@ class Run {
       out_.threads.push_back(std::make_unique<ThreadStats>(plan.mix, plan.rate.has_value()));
     }
     if (plan.timeline_ms && plan.duration) {
-      // A margin for the ops in flight when the duration ends (a hung backend).
-      const auto span = std::chrono::duration<double>(*plan.duration + 30.0);
-      out_.timeline = std::make_unique<Timeline>(std::chrono::milliseconds(*plan.timeline_ms),
-                                                 duration_cast<nanoseconds>(span));
+      // Only ops ending in the window are recorded (window.h).
+      out_.timeline =
+          std::make_unique<Timeline>(std::chrono::milliseconds(*plan.timeline_ms), *window_length(plan));
     }
   }
 
@@ -88,11 +89,16 @@ class Run {
 
     std::uint64_t last_end = 0;
     for (const auto& t : out_.threads) last_end = std::max(last_end, t->last_end_ns);
-    out_.elapsed = static_cast<double>(last_end) / 1e9;
+    out_.elapsed = window_.seconds(nanoseconds(last_end));
     return std::move(out_);
   }
 
  private:
+  static std::optional<nanoseconds> window_length(const Plan& plan) {
+    if (!plan.duration) return std::nullopt;
+    return duration_cast<nanoseconds>(std::chrono::duration<double>(*plan.duration));
+  }
+
   void start_threads() {
     for (unsigned i = 0; i < plan_.threads; ++i) {
       try {
@@ -157,12 +163,24 @@ class Run {
 
       st.bump(st.live_ops);
       if (!o.ok()) st.bump(st.live_errors);
-      if (ticket.phase == Ticket::Phase::warmup) {
+      const nanoseconds since = duration_cast<nanoseconds>(end - measure_start);
+      const Part part = window_.part(ticket.phase, since);
+      if (part == Part::warmup) {
         ++st.warmup_ops;
         if (!o.ok()) ++st.warmup_errors;
         continue;
       }
-      if (timeline != nullptr) timeline->record(end - measure_start, o.ok());
+      if (part == Part::after_window) {
+        AfterWindow& a = st.after_window;
+        ++a.ops;
+        a.check_failures += o.check_failures;
+        if (!o.ok()) {
+          ++a.errors;
+          a.kinds.add(op, o.call, o.rv);
+        }
+        continue;
+      }
+      if (timeline != nullptr) timeline->record(since, o.ok());
       OpStats& os = *st.per_op[static_cast<std::size_t>(op)];
       ++os.ops;
       os.collisions += o.collisions;
@@ -175,7 +193,7 @@ class Run {
         ++os.errors;
         st.errors.add(op, o.call, o.rv);
       }
-      st.last_end_ns = std::max(st.last_end_ns, to_ns(end - measure_start));
+      st.last_end_ns = std::max(st.last_end_ns, to_ns(end - measure_start));  // for --count
     }
   }
 
@@ -190,6 +208,7 @@ class Run {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
       if (InterruptCatcher::requested() && !out_.interrupted) {
         out_.interrupted = true;
+        window_.cut(duration_cast<nanoseconds>(Clock::now() - measure_start));
         schedule_.stop();
         if (show_progress) std::fputs("p11mux-load: interrupted, finishing the ops in flight\n", stderr);
       }
@@ -226,6 +245,7 @@ class Run {
   const Plan& plan_;
   RunContext ctx_;
   Schedule schedule_;
+  MeasuredWindow window_;
   std::latch ready_;
   std::latch go_;
   std::vector<std::thread> threads_;

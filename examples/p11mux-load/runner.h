@@ -15,7 +15,7 @@ namespace p11mux::load {
 
 struct RunOutput {
   std::vector<std::unique_ptr<ThreadStats>> threads;
-  double elapsed = 0.0;  // seconds from the start of the measured phase to the end of its last op
+  double elapsed = 0.0;  // seconds ops/s divides by: MeasuredWindow::seconds (window.h)
   bool interrupted = false;
   std::unique_ptr<Timeline> timeline;  // with --timeline
 };

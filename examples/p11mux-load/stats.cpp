@@ -94,6 +94,12 @@ Summary merge_stats(const Mix& mix, const std::vector<std::unique_ptr<ThreadStat
     s.error_overflow += t->errors.overflow();
     s.warmup_ops += t->warmup_ops;
     s.warmup_errors += t->warmup_errors;
+    const AfterWindow& a = t->after_window;
+    s.after_window.ops += a.ops;
+    s.after_window.errors += a.errors;
+    s.after_window.check_failures += a.check_failures;
+    for (const ErrorTable::Entry& e : a.kinds) s.after_window.kinds[ErrorKey{e.op, e.call, e.rv}] += e.count;
+    s.after_window.overflow += a.kinds.overflow();
   }
   for (const auto& op : s.per_op) {
     if (op) s.total.merge(*op);

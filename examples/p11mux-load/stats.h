@@ -87,6 +87,16 @@ class ErrorTable {
   std::uint64_t overflow_ = 0;
 };
 
+// Ops in flight at the end of a --duration window, which ended after it
+// (window.h): left out of ops/s and latency, but their failures still fail
+// the run.
+struct AfterWindow {
+  std::uint64_t ops = 0;
+  std::uint64_t errors = 0;
+  std::uint64_t check_failures = 0;
+  ErrorTable kinds;
+};
+
 struct alignas(64) ThreadStats {
   // Allocated before the thread starts, for the ops in the mix only.
   ThreadStats(const Mix& mix, bool track_service_time);
@@ -96,6 +106,7 @@ struct alignas(64) ThreadStats {
   ErrorTable errors;
   std::uint64_t warmup_ops = 0;
   std::uint64_t warmup_errors = 0;
+  AfterWindow after_window;
   std::uint64_t last_end_ns = 0;  // of the last measured op, since the measured phase began
 
   // Single writer (the worker), read by the progress line: relaxed is enough.
@@ -124,12 +135,25 @@ struct Summary {
   std::uint64_t error_overflow = 0;
   std::uint64_t warmup_ops = 0;
   std::uint64_t warmup_errors = 0;
-  double elapsed = 0.0;  // seconds, measured phase
+  struct AfterWindowSummary {
+    std::uint64_t ops = 0;
+    std::uint64_t errors = 0;
+    std::uint64_t check_failures = 0;
+    std::map<ErrorKey, std::uint64_t> kinds;
+    std::uint64_t overflow = 0;  // distinct kinds beyond the threads' tables
+  };
+  AfterWindowSummary after_window;
+  // Seconds ops/s divides by (MeasuredWindow::seconds): the window's length
+  // with --duration, until the last measured op ended with --count.
+  double elapsed = 0.0;
   bool interrupted = false;
   std::optional<TimelineReport> timeline;  // with --timeline
 
   double ops_per_sec() const { return elapsed > 0 ? static_cast<double>(total.ops) / elapsed : 0.0; }
-  bool failed() const { return total.errors > 0 || total.check_failures > 0; }
+  bool failed() const {
+    return total.errors > 0 || total.check_failures > 0 || after_window.errors > 0 ||
+           after_window.check_failures > 0;
+  }
 };
 
 Summary merge_stats(const Mix& mix, const std::vector<std::unique_ptr<ThreadStats>>& threads);

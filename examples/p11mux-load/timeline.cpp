@@ -25,9 +25,10 @@ TimelineReport Timeline::report(std::chrono::nanoseconds elapsed) const {
   TimelineReport r;
   r.interval = interval_;
   r.start_unix_ms = start_unix_ms_;
-  // The interval holding the last op's end, whole intervals or not.
-  const auto last = static_cast<std::size_t>(std::max<std::int64_t>(elapsed / interval_, 0));
-  const std::size_t n = std::min(last + 1, size_);
+  // The intervals that cover [0, elapsed), the last whole or not; at least one.
+  const std::int64_t covered =
+      (std::max(elapsed, std::chrono::nanoseconds(0)) + interval_ - std::chrono::nanoseconds(1)) / interval_;
+  const std::size_t n = std::min(static_cast<std::size_t>(std::max<std::int64_t>(covered, 1)), size_);
   for (std::size_t i = 0; i < n; ++i) {
     r.ops.push_back(ops_[i].load(std::memory_order_relaxed));
     r.errors.push_back(errors_[i].load(std::memory_order_relaxed));

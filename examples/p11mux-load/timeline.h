@@ -24,8 +24,8 @@ struct TimelineReport {
 
 class Timeline {
  public:
-  // Intervals for `span` (the measured duration and a margin for the ops in
-  // flight at its end); an op ending later counts in the last interval.
+  // Intervals for `span` (the measured window); an op ending later counts in
+  // the last interval.
   Timeline(std::chrono::milliseconds interval, std::chrono::nanoseconds span);
   Timeline(const Timeline&) = delete;
   Timeline& operator=(const Timeline&) = delete;
@@ -34,7 +34,7 @@ class Timeline {
   void record(std::chrono::nanoseconds since_start, bool ok) noexcept;
   void set_start_unix_ms(std::int64_t ms) noexcept { start_unix_ms_ = ms; }
   std::size_t size() const noexcept { return size_; }
-  // The intervals up to `elapsed` (the end of the last op), at least one.
+  // The intervals covering [0, elapsed) (the measured window), at least one.
   TimelineReport report(std::chrono::nanoseconds elapsed) const;
 
  private:
