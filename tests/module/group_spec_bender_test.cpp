@@ -10,6 +10,8 @@
 // bender's slot 2, member 1 its slot 1.
 #include "group_bender.hpp"
 
+#include <algorithm>
+
 #include <chrono>
 #include <memory>
 #include <string>
@@ -386,6 +388,28 @@ TEST_CASE("group over the spec bender: reused handle numbers never revive a virt
       }
       CHECK(alive(c, new_key) == CKR_OK);
     }
+  }
+}
+
+TEST_CASE(
+    "group over the spec bender: a call made again keeps the application's template lengths") {
+  // FILL_LEN: a short buffer gets the needed length written. The faulty
+  // module then answers that the session is gone (`after`): the call made
+  // again on a fresh session must see the 4 bytes the application gave.
+  for (const char* bind : {"open", "state"}) {
+    CAPTURE(bind);
+    BenderGroup g(bind, "error");
+    CK_FUNCTION_LIST* p = g.proxy.p11;
+    const CK_SESSION_HANDLE s = g.open(true);
+    const CK_OBJECT_HANDLE key = make_token_key(p, s, "lengths");  // a 7-byte CKA_ID
+    g.fail_nth("C_GetAttributeValue", CKR_SESSION_HANDLE_INVALID, 1, /*after=*/true);
+    std::array<CK_BYTE, 16> buffer{};
+    CK_ATTRIBUTE id{CKA_ID, buffer.data(), 4};
+    CHECK(p->C_GetAttributeValue(s, key, &id, 1) == CKR_BUFFER_TOO_SMALL);
+    CHECK(std::all_of(buffer.begin() + 4, buffer.end(), [](CK_BYTE b) { return b == 0; }));
+    id.ulValueLen = buffer.size();
+    CHECK(p->C_GetAttributeValue(s, key, &id, 1) == CKR_OK);
+    CHECK(id.ulValueLen == 7);
   }
 }
 
