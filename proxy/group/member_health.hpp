@@ -1,16 +1,17 @@
 // One member of a group as the runtime's failover sees it (issue 15,
-// docs/groups.md): its state, its calls in flight, and its counters; which call outcomes count
-// against it; when a down member may be probed. The rules, and why, are in this folder's README.md,
-// "Member health".
+// docs/groups.md): its state, its calls in flight, and its counters; which
+// call outcomes count against it; when a down member may be probed. The
+// rules, and why, are in this folder's README.md, "Member health".
 //
 // No clock of its own: every function that needs the time takes it (`now`),
 // so the runtime passes std::chrono::steady_clock::now() and the tests a
 // time of their choosing (tests/unit/member_health_test.cpp).
 //
 // Thread-safe. The per-call path (begin/end_ok of a call that succeeds) is
-// three relaxed atomic counts: no clock, no lock, no allocation. The session-gone streak, a cold
-// path, is a Guarded (sync/guarded.hpp) taken only when a call reports a gone session; it is a leaf
-// (sync/lock.hpp's order: no other lock under it).
+// three atomic counts: no clock, no lock, no allocation. The session-gone
+// streak, a cold path, is a Guarded (sync/guarded.hpp) taken only when a
+// call reports a gone session; it is a leaf (sync/lock.hpp's order: no
+// other lock under it).
 #pragma once
 
 #include "config/config.hpp"
