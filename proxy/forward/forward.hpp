@@ -105,44 +105,71 @@ template <class F, bool kOnGroup, class Via, class Observation, class CallBacken
   }
 }
 
-// Out of line: inlined, the group's instantiation costs the single
-// backend's calls 10 instructions each (callgrind), in register saves.
-// A call interrupted by its member's failure, or by its backend session
-// vanishing, is made again when that is the same call
-// (group/replay_calls.hpp): on the next member, at most once per member,
-// or on a fresh backend session of the same member; else the member's
-// answer reaches the application, and ends what any error of that call ends.
+// Whether F, which `s`'s member answered `rv` after `interruption`
+// (SessionOperations::take_interruption) on try `tried`, is made again
+// (group/replay_calls.hpp): on the next member, at most once per member, or
+// on a fresh backend session of the same member. `rv` may become the answer
+// for an operation the renewal lost.
+template <class F>
+bool made_again(Runtime& rt, Session& s, CK_RV& rv, SessionOperations::Interruption interruption,
+                std::size_t tried, bool restorable) noexcept REQUIRES(s.lock) {
+  if (rv == CKR_OK || !interrupted(rv) || tried > rt.groups()->members(s.group).size())
+    return false;
+  const bool unreached = interruption == SessionOperations::Interruption::unreached;
+  // Down: the next try moves it (before_member_call). Up: its backend
+  // session went, and it gets a fresh one; the virtual session lives on, so
+  // an answer saying it is gone would mislead the application.
+  const bool member_up = rt.groups()->health(s.group, s.member).up();
+  const bool renewed = member_up && !unreached && renew_gone_session(rt, s) == CKR_OK;
+  if ((!member_up || renewed || unreached) && restorable &&
+      retried_on_failover<F>(s, /*not_run=*/renewed || unreached))
+    return true;
+  if (renewed) rv = kOperationLostRv;
+  return false;
+}
+
+// call_on_group_session's first try was interrupted, and answered `rv`:
+// made again while made_again says so, each time with the application's
+// lengths. Out of line: only a member's failure comes here.
+template <class F, class Via, class Observation, class CallBackend, class Lengths,
+          class TemplateLengths, class... R>
+[[gnu::cold, gnu::noinline]] CK_RV call_again(Runtime& rt, Session& s, Observation& seen,
+                                              CallBackend& call_backend, CK_RV rv,
+                                              const Lengths& lengths,
+                                              const TemplateLengths& template_lengths,
+                                              R... rest) noexcept REQUIRES(s.lock) {
+  for (std::size_t tried = 1;; ++tried) {
+    const auto interruption = s.operations->take_interruption();
+    if (interruption == SessionOperations::Interruption::none ||
+        !made_again<F>(rt, s, rv, interruption, tried, template_lengths.restorable()))
+      return rv;
+    lengths.restore(rest...);
+    template_lengths.restore(rest...);
+    rv = call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);
+  }
+}
+
+// A call on a group's session: call_on_session with the member's part,
+// made again when an interruption allows (call_again); else the member's
+// answer reaches the application, and ends what any error of that call
+// ends. Inlined into Entry<F>::call, whose frame it shares: out of line,
+// its own frame cost a group's call 30 instructions (callgrind).
 template <class F, class Via, class Observation, class CallBackend, class... R>
-[[gnu::noinline]] CK_RV call_on_group_session(Runtime& rt, Session& s, Observation& seen,
-                                              CallBackend& call_backend, R... rest) noexcept
-    REQUIRES(s.lock) {
+[[gnu::always_inline]] inline CK_RV call_on_group_session(Runtime& rt, Session& s,
+                                                          Observation& seen,
+                                                          CallBackend& call_backend,
+                                                          R... rest) noexcept REQUIRES(s.lock) {
   if constexpr (requires { Via::kGroupObjects; }) {
     SessionOperations& operations = *s.operations;
     const OutputLengths<F, R...> lengths(rest...);
     const TemplateLengths<F, R...> template_lengths(rest...);
-    for (std::size_t tried = 1;; ++tried) {
-      CK_RV rv = call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);
-      const bool unreached = operations.take_unreached();
-      if (operations.take_interrupted() && rv != CKR_OK && interrupted(rv) &&
-          tried <= rt.groups()->members(s.group).size()) {
-        // Down: the next try moves it (before_member_call). Up: its backend
-        // session went, and it gets a fresh one; the virtual session lives
-        // on, so an answer saying it is gone would mislead the application.
-        const bool member_up = rt.groups()->health(s.group, s.member).up();
-        const bool renewed = member_up && !unreached && renew_gone_session(rt, s) == CKR_OK;
-        if ((!member_up || renewed || unreached) && template_lengths.restorable() &&
-            retried_on_failover<F>(s, /*not_run=*/renewed || unreached)) {
-          lengths.restore(rest...);
-          template_lengths.restore(rest...);
-          continue;
-        }
-        if (renewed) rv = kOperationLostRv;
-      }
-      // The application's answer: the records follow it (an interrupted try
-      // made again is not one).
-      operations.template after<F>(rv, CK_SESSION_HANDLE{}, rest...);
-      return rv;
-    }
+    CK_RV rv = call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);
+    if (operations.interrupted()) [[unlikely]]
+      rv = call_again<F, Via>(rt, s, seen, call_backend, rv, lengths, template_lengths, rest...);
+    // The application's answer: the records follow it (an interrupted try
+    // made again is not one).
+    operations.template after<F>(rv, CK_SESSION_HANDLE{}, rest...);
+    return rv;
   } else {
     return call_on_session<F, true, Via>(rt, s, seen, call_backend, rest...);
   }

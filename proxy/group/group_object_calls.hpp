@@ -52,6 +52,17 @@ inline constexpr bool kTouchesObjects =
     (F::args.size() > 1 && F::args[1] == 'm') || effect<F>.step == Step::create
     || F::name == "C_FindObjects";
 
+// Whether F's only object work is its one handle argument, or its
+// mechanism (an Init, C_GetAttributeValue, C_DigestKey): it makes, finds,
+// changes and destroys none. group_session_call takes those inline when the
+// session resolved the same handle last.
+template <class F>
+inline constexpr bool kResolvesOnly =
+    object_handle_args<F>().size() <= 1 &&
+    effect<F>.step != Step::create&& F::name != "C_FindObjects" && F::name != "C_DestroyObject" &&
+    F::name != "C_SetAttributeValue" && F::name != "C_GenerateKey" &&
+    F::name != "C_GenerateKeyPair";
+
 // How many of the templates of F that make objects ask for a token object
 // (CKA_TOKEN true): 0 for a call that makes session objects only.
 template <class F, class Args>
@@ -85,15 +96,57 @@ std::size_t made_handles(const Args& args, std::array<CK_OBJECT_HANDLE_PTR, 2>& 
 // member's handles: it gets them, the application the virtual ones.
 // `rest`: the arguments after the session handle.
 template <class F, class Run, class... Rest>
-CK_RV group_session_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcept REQUIRES(s.lock) {
-  if constexpr (!kTouchesObjects<F>) {
-    const CK_SESSION_HANDLE made_on = s.anchor.backend;
-    const CK_RV rv = run(rest...);
-    // As below: what pinned to a backend session given back is gone with it.
+CK_RV group_objects_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcept REQUIRES(s.lock);
+
+// The calls with no object work, and the common case of those with a
+// little, inline; the rest is group_objects_call's.
+template <class F, class Run, class... Rest>
+[[gnu::always_inline]] inline CK_RV group_session_call(Runtime& rt, Session& s, Run run,
+                                                       Rest... rest) noexcept REQUIRES(s.lock) {
+  // The call on the member as it is, then, as group_objects_call does: what
+  // pinned to a backend session given back is gone with it.
+  // ([pool] bind = open never gives one back during a call.)
+  auto run_as_is = [&](auto... args) __attribute__((always_inline)) {
+    HeldLock held(s.lock);  // the lambda's body runs under the caller's lock
+    const CK_SESSION_HANDLE made_on = rt.binds_on_state() ? s.anchor.backend : CK_INVALID_HANDLE;
+    CK_RV rv = run(args...);
+    // An Init the member refused for an operation an error ended (replay_calls.hpp).
+    if constexpr (kTouchesObjects<F>)
+      rv = init_past_kept<F>(rt, s, rv, [&] { return run(args...); });
     if (made_on != CK_INVALID_HANDLE && s.anchor.backend != made_on) [[unlikely]]
       group_session_ended(rt, s.group, s.member, made_on);
     return rv;
+  };
+  if constexpr (!kTouchesObjects<F>) {
+    return run_as_is(rest...);
+  } else {
+    if constexpr (kResolvesOnly<F>) {
+      // Without group_objects_call's GroupCall: the session's last handle
+      // again (ResolvedHandle), a mechanism without a parameter.
+      std::tuple<Rest...> args{rest...};
+      bool as_is = true;
+      if constexpr (F::args.size() > 1 && F::args[1] == 'm') {
+        const CK_MECHANISM_PTR mechanism = std::get<0>(args);
+        as_is = mechanism == nullptr || mechanism->ulParameterLen == 0;
+      }
+      if constexpr (constexpr auto handles = object_handle_args<F>(); handles.size() == 1) {
+        auto& object = std::get<handles[0].index - 1>(args);
+        as_is = as_is && s.operations->last_resolved.reuse(object, s.member, object);
+      }
+      // (std::apply's call would not be inlined.)
+      if (as_is) [[likely]] {
+        return [&]<std::size_t... I>(std::index_sequence<I...>) __attribute__((always_inline)) {
+          return run_as_is(std::get<I>(args)...);
+        }
+        (std::index_sequence_for<Rest...>{});
+      }
+    }
+    return group_objects_call<F>(rt, s, run, rest...);
   }
+}
+
+template <class F, class Run, class... Rest>
+CK_RV group_objects_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcept REQUIRES(s.lock) {
   GroupCall call{rt,
                  rt.group_objects(s.group),
                  s.group,

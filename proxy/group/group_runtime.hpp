@@ -116,7 +116,10 @@ class GroupRuntime {
   // that has not seen the latest count may move to it (member_calls.hpp,
   // rebalance), so that load spreads to a member that returns.
   std::uint32_t admissions(CK_SLOT_ID slot) const noexcept {
-    return groups_[slot].admissions->load(std::memory_order_acquire);
+    return admission_count(slot).load(std::memory_order_acquire);
+  }
+  const std::atomic<std::uint32_t>& admission_count(CK_SLOT_ID slot) const noexcept {
+    return *groups_[slot].admissions;
   }
   // Whether the group's balance is `primary`: its members' order counts.
   bool ordered(CK_SLOT_ID slot) const noexcept { return balance(slot) == Balance::primary; }

@@ -63,7 +63,7 @@ CK_RV move_session(Runtime& rt, const GroupRuntime& groups, Session& s, std::siz
   login.closed(s.group);  // the count opening() took: the session is still one
   s.pool = &pool;
   s.slot = member.slot;
-  s.member = static_cast<std::uint32_t>(to);
+  on_member(groups, s, to);
   return CKR_OK;
 }
 

@@ -44,6 +44,14 @@ void rebalance(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept REQ
 // another's, primary when that one comes earlier in the order.
 void place_lane(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept REQUIRES(s.lock);
 
+// `s` runs on `member` of its group from now on: Session::member, and the
+// health its calls check there (SessionOperations::member_health).
+inline void on_member(const GroupRuntime& groups, Session& s, std::size_t member) noexcept
+    REQUIRES(s.lock) {
+  s.member = static_cast<std::uint32_t>(member);
+  s.operations->member_health = &groups.health(s.group, member);
+}
+
 // before_member_call's work when there is some: out of line.
 template <class F>
 [[gnu::noinline]] CK_RV before_member_call_slow(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
@@ -53,10 +61,9 @@ template <class F>
 template <class F>
 [[gnu::always_inline]] inline CK_RV before_member_call(Runtime& rt, Session& s) noexcept
     REQUIRES(s.lock) {
-  const GroupRuntime& groups = *rt.groups();
-  if (groups.health(s.group, s.member).up() &&
-      (s.lead == 0 || s.anchor.backend != CK_INVALID_HANDLE) &&
-      s.operations->admissions_seen == groups.admissions(s.group)) [[likely]] {
+  const SessionOperations& ops = *s.operations;
+  if (ops.member_health->up() && (s.lead == 0 || s.anchor.backend != CK_INVALID_HANDLE) &&
+      ops.admissions_seen == ops.group_admissions->load(std::memory_order_acquire)) [[likely]] {
     return CKR_OK;
   }
   return before_member_call_slow<F>(rt, s);
@@ -119,20 +126,24 @@ CK_RV renew_gone_session(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
 // p11mux made itself is never taken for one).
 class MemberCall {
  public:
-  MemberCall(Runtime& rt, const Session& s) noexcept REQUIRES(s.lock)
-      : health_(rt.groups()->health(s.group, s.member)), operations_(*s.operations) {
+  MemberCall(Runtime&, const Session& s) noexcept REQUIRES(s.lock)
+      : health_(*s.operations->member_health), operations_(*s.operations) {
     health_.begin();
   }
-  void end(CK_RV rv, CK_SESSION_HANDLE backend) noexcept {
+  [[gnu::always_inline]] void end(CK_RV rv, CK_SESSION_HANDLE backend) noexcept {
     if (rv == CKR_OK) [[likely]] {
       health_.end_ok();
       return;
     }
+    end_failed(rv, backend);
+  }
+
+ private:
+  [[gnu::cold, gnu::noinline]] void end_failed(CK_RV rv, CK_SESSION_HANDLE backend) noexcept {
     health_.end(rv, backend, HealthClock::now());
     if (interrupted(rv)) operations_.member_interrupted();
   }
 
- private:
   MemberHealth& health_;
   SessionOperations& operations_;
 };

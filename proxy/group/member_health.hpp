@@ -117,7 +117,9 @@ class MemberHealth {
 
   // A call to the member starts: counted in flight. Each begin is matched
   // by one end, end_ok or cancel.
-  void begin() noexcept { in_flight_.fetch_add(1, std::memory_order_acq_rel); }
+  [[gnu::always_inline]] void begin() noexcept {
+    in_flight_.fetch_add(1, std::memory_order_acq_rel);
+  }
   // Only if fewer than `limit` calls are in flight (the balancer's primary
   // rule: exact under concurrency). False: nothing was counted.
   bool begin_below(std::uint32_t limit) noexcept;
@@ -143,7 +145,7 @@ class MemberHealth {
   }
   // end() of a call that returned CKR_OK, which needs no time: inline, the
   // per-call path.
-  void end_ok() noexcept {
+  [[gnu::always_inline]] void end_ok() noexcept {
     in_flight_.fetch_sub(1, std::memory_order_acq_rel);
     calls_.fetch_add(1, std::memory_order_relaxed);
     end_streak();

@@ -198,6 +198,7 @@ class ObjectMap {
   // the version stays the same, so a session may keep its last one
   // (group_objects.hpp, ResolvedHandle) and skip the shard's lock.
   std::uint64_t version() const noexcept { return version_.load(std::memory_order_acquire); }
+  const std::atomic<std::uint64_t>& version_counter() const noexcept { return version_; }
 
   // Beside the member's handle, how a member's copy is cached.
   enum class CacheState : std::uint8_t { unknown, found, missing, ambiguous };

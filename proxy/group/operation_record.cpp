@@ -27,7 +27,7 @@ void write_pointer(unsigned char* base, std::size_t offset, const void* p) noexc
 
 }  // namespace
 
-CopyResult MechanismCopy::assign(const CK_MECHANISM& m) noexcept {
+CopyResult MechanismCopy::assign_looked_up(const CK_MECHANISM& m) noexcept {
   held_ = false;
   if (known_ == nullptr || known_->type != m.mechanism) known_ = replay_mechanism(m.mechanism);
   const ReplayMechanism* known = known_;

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <bit>
 #include <cstddef>
 #include <cstdint>
@@ -31,6 +32,8 @@
 #include <utility>
 
 namespace p11mux {
+
+class MemberHealth;
 
 // CK_GCM_PARAMS as the v2.40 specification's text gives it, without the
 // ulIvBits that the v2.40 header and v3.0 have (docs/pkcs11-facts.md,
@@ -237,8 +240,17 @@ class MechanismCopy {
 
   // Copies `m`; on any result but ok the copy is empty. A mechanism without
   // a parameter (ulParameterLen 0, pParameter ignored) is copied with a NULL
-  // pParameter.
-  CopyResult assign(const CK_MECHANISM& m) noexcept;
+  // pParameter. Inline, the common case: the session's last mechanism
+  // again, without a parameter (an ECDSA or HMAC key signing).
+  CopyResult assign(const CK_MECHANISM& m) noexcept {
+    if (m.ulParameterLen == 0 && known_ != nullptr && known_->type == m.mechanism &&
+        (known_->param == Param::none || known_->optional)) [[likely]] {
+      mechanism_ = {m.mechanism, nullptr, 0};
+      held_ = true;
+      return CopyResult::ok;
+    }
+    return assign_looked_up(m);
+  }
   void clear() noexcept { held_ = false; }
   bool empty() const noexcept { return !held_; }
 
@@ -252,6 +264,8 @@ class MechanismCopy {
   }
 
  private:
+  CopyResult assign_looked_up(const CK_MECHANISM& m) noexcept;
+
   CK_MECHANISM mechanism_{};
   // The table's entry for the last mechanism copied: a session's Inits
   // mostly repeat one mechanism, which then needs no search.
@@ -357,7 +371,7 @@ class SessionOperations {
     for (OperationRecord& r : records_) r.end();
     last_resolved = {};
     pending_ = lost_ = replayed_ = 0;
-    interrupted_ = unreached_ = false;
+    interruption_ = Interruption::none;
   }
 
   // The session moved off `from`, a member that failed, with its backend
@@ -393,16 +407,28 @@ class SessionOperations {
   }
   // The group's admissions the session has seen (GroupRuntime::admissions).
   std::uint32_t admissions_seen = 0;
+  // What each call on the session checks (group/member_calls.hpp,
+  // before_member_call, MemberCall), kept here so that it is one load away:
+  // its member's health, which follows Session::member (on_member), and
+  // its group's count of admissions (GroupRuntime::admission_count).
+  MemberHealth* member_health = nullptr;
+  const std::atomic<std::uint32_t>* group_admissions = nullptr;
   // Its last object handle resolved (resolved_handle.hpp).
   ResolvedHandle last_resolved;
 
   // A member answered one of the session's calls with a code saying the call
   // was interrupted (member_calls.hpp, MemberCall); true once per attempt.
-  void member_interrupted() noexcept { interrupted_ = true; }
-  bool take_interrupted() noexcept { return std::exchange(interrupted_, false); }
   // ... before the call reached it: no backend session could be had there.
-  void member_unreached() noexcept { interrupted_ = unreached_ = true; }
-  bool take_unreached() noexcept { return std::exchange(unreached_, false); }
+  // Read and cleared once per attempt (take_interruption).
+  enum class Interruption : std::uint8_t { none, interrupted, unreached };
+  void member_interrupted() noexcept {
+    if (interruption_ == Interruption::none) interruption_ = Interruption::interrupted;
+  }
+  void member_unreached() noexcept { interruption_ = Interruption::unreached; }
+  bool interrupted() const noexcept { return interruption_ != Interruption::none; }
+  Interruption take_interruption() noexcept {
+    return std::exchange(interruption_, Interruption::none);
+  }
 
   // A pending kind whose operation ended meanwhile (a call the member failed
   // under answered the application, which ends it): nothing to replay.
@@ -471,10 +497,10 @@ class SessionOperations {
         of(kinds).started(kinds, *m, key);
       }
     } else if constexpr (e.step == Step::update) {
-      for_each(kinds, [rv](OperationRecord& r) { r.continued(rv); });
+      for_each<kinds>([rv](OperationRecord& r) { r.continued(rv); });
     } else if constexpr (e.step == Step::finish) {
       const bool query = is_length_query<F>(args...);
-      for_each(kinds, [rv, query](OperationRecord& r) { r.finishing(rv, query); });
+      for_each<kinds>([rv, query](OperationRecord& r) { r.finishing(rv, query); });
     }
   }
 
@@ -488,14 +514,24 @@ class SessionOperations {
       if (kinds & (1u << i)) fn(records_[i]);
     }
   }
+  // The same for kinds known when compiled (a function's own): no loop, a
+  // scan cost a C_Sign 30 instructions (callgrind, issue 15's "+50").
+  template <OpMask kMask, class Fn>
+  void for_each(Fn fn) noexcept {
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (..., [&] {
+        if constexpr ((kMask & (1u << I)) != 0) fn(records_[I]);
+      }());
+    }
+    (std::make_index_sequence<kKinds>{});
+  }
 
   std::array<OperationRecord, kKinds> records_;
   OpMask pending_ = 0;   // replayable, to be replayed on the new member
   OpMask lost_ = 0;      // lost by a failover, not yet told
   OpMask replayed_ = 0;  // replayed on the backend session the session holds
   std::uint32_t from_ = 0;
-  bool interrupted_ = false;
-  bool unreached_ = false;
+  Interruption interruption_ = Interruption::none;
 };
 
 // Runs the record's Init again on another member's session, so that the

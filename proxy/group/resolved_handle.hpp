@@ -7,15 +7,35 @@
 
 #include <p11mux/pkcs11.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace p11mux {
+
+// What an empty ResolvedHandle points at: a counter at 0, which its
+// version (kNoVersion) never equals; so reuse() needs no test for it.
+inline constexpr std::uint64_t kNoVersion = ~std::uint64_t{0};
+inline const std::atomic<std::uint64_t> kNoMapVersion{0};
 
 struct ResolvedHandle {
   CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;  // the application's (virtual)
   CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;  // the member's
   std::uint64_t member = ~std::uint64_t{0};
-  std::uint64_t version = 0;  // ObjectMap::version() read before the lookup
+  std::uint64_t version = kNoVersion;  // the map's version, read before the lookup
+  // The map's version counter (ObjectMap::version_counter): kept here, so
+  // that the check is inline on a group's call path (group_object_calls.hpp).
+  const std::atomic<std::uint64_t>* map_version = &kNoMapVersion;
+
+  // The member's handle for `virtual_handle` on `on_member`, if this
+  // resolution still holds: the map has not changed since it was made.
+  bool reuse(CK_OBJECT_HANDLE virtual_handle, std::uint64_t on_member,
+             CK_OBJECT_HANDLE& out) const noexcept {
+    if (virtual_handle != handle || on_member != member ||
+        map_version->load(std::memory_order_acquire) != version)
+      return false;
+    out = object;
+    return true;
+  }
 };
 
 }  // namespace p11mux

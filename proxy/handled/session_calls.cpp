@@ -3,6 +3,7 @@
 #include "handled/handled.hpp"
 
 #include "group/group_login.hpp"
+#include "group/member_calls.hpp"
 #include "group/operation_record.hpp"
 #include "group/session_lanes.hpp"
 
@@ -115,6 +116,8 @@ CK_RV open_placed(Runtime& rt, CK_SLOT_ID shown, CK_FLAGS flags, CK_VOID_PTR app
     }
     lease->operations->reset();
     lease->operations->admissions_seen = rt.groups()->admissions(group);
+    lease->operations->group_admissions = &rt.groups()->admission_count(group);
+    on_member(*rt.groups(), *lease, at.member);
   }
   lease->application.store(application, std::memory_order_relaxed);
   lease->notify.store(notify, std::memory_order_release);

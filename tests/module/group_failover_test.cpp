@@ -511,4 +511,33 @@ TEST_CASE("group failover: a call made again gets the application's template len
   }
 }
 
+TEST_CASE("group failover: a session moved off a down member counts its calls on its new member") {
+  // Each call checks and counts on the health its session keeps of its
+  // member (SessionOperations::member_health), which must follow the move.
+  const std::string sock = unique_temp_path("moved", "sock");
+  FaultyGroup g("balance = primary\n", {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH},
+                                        {"P11MUX_LOG_LEVEL", "error"},
+                                        {"P11MUX_METRICS_LISTEN", sock.c_str()}});
+  REQUIRE(g.proxy.initialize() == CKR_OK);
+  auto calls = [&](const char* member) {
+    auto m = http_get(endpoint_of(sock), "/metrics");
+    REQUIRE(m);
+    return parse_prometheus(m->body).at(
+        std::string("p11mux_member_calls_total{group=\"signing\",member=\"") + member + "\"}");
+  };
+  const CK_SESSION_HANDLE a = g.open();
+  REQUIRE(g.random(a) == CKR_OK);  // on member 0 (primary)
+  g.faulty->fail_slot(2, CKR_DEVICE_ERROR);
+  // A call that is not an Init is not made again: the member's answer,
+  // which marks it down; the next call moves the session to member 1.
+  REQUIRE(g.random(a) == CKR_DEVICE_ERROR);
+  REQUIRE(g.random(a) == CKR_OK);
+  const double before_0 = calls("faulty/serial:2");
+  const double before_1 = calls("faulty/label:mock-token-1");
+  for (int i = 0; i < 5; ++i) REQUIRE(g.random(a) == CKR_OK);
+  CHECK(calls("faulty/label:mock-token-1") == before_1 + 5);
+  CHECK(calls("faulty/serial:2") == before_0);
+  g.faulty->clear_slot(2);
+}
+
 }  // namespace p11mux::test
