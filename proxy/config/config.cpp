@@ -551,6 +551,42 @@ std::string key_in_section(std::string_view section, std::string_view name) {
   return "key '" + std::string(name) + "' in section [" + std::string(section) + "]";
 }
 
+// Edit distance (insertions, deletions, substitutions), for "did you mean".
+std::size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diagonal = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t above = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+// What an unknown key of [backend.NAME] or [group.NAME] most likely meant (a
+// key close to it, as check_variable_names guesses for a variable), else the
+// keys such a section has: "unknown key 'balanse'" alone leaves the reader to
+// find the spelling in the README.
+template <class Target>
+std::string named_key_hint(std::string_view unknown) {
+  std::string best;
+  std::size_t best_distance = std::max<std::size_t>(2, unknown.size() / 4) + 1;  // "close"
+  std::string all;
+  for (const FieldSpec<Target>& f : Kind<Target>::keys) {
+    if (const std::size_t d = edit_distance(unknown, f.name); d < best_distance) {
+      best_distance = d;
+      best.assign(f.name);
+    }
+    all += (all.empty() ? "" : ", ") + std::string(f.name);
+  }
+  if (!best.empty()) return " (did you mean '" + best + "'?)";
+  return " (the keys of [" + std::string(Kind<Target>::section) + ".NAME]: " + all + ")";
+}
+
 // ---- INI parsing -------------------------------------------------------------------------
 
 constexpr std::string_view kSpace = " \t\r\v\f";
@@ -637,7 +673,8 @@ class IniParser {
     const auto& keys = Kind<Target>::keys;
     const auto k = std::find_if(keys.begin(), keys.end(),
                                 [name](const FieldSpec<Target>& f) { return f.name == name; });
-    if (k == keys.end()) fail(line_no, "unknown " + key_in_section(full, name));
+    if (k == keys.end())
+      fail(line_no, "unknown " + key_in_section(full, name) + named_key_hint<Target>(name));
     std::optional<Setting>& setting = section.settings[static_cast<std::size_t>(k - keys.begin())];
     if (setting) {
       fail(line_no,
@@ -709,22 +746,6 @@ class IniParser {
 };
 
 // ---- Environment overrides ---------------------------------------------------------------
-
-// Edit distance (insertions, deletions, substitutions), for "did you mean".
-std::size_t edit_distance(std::string_view a, std::string_view b) {
-  std::vector<std::size_t> row(b.size() + 1);
-  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (std::size_t i = 1; i <= a.size(); ++i) {
-    std::size_t diagonal = row[0];
-    row[0] = i;
-    for (std::size_t j = 1; j <= b.size(); ++j) {
-      const std::size_t above = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diagonal = above;
-    }
-  }
-  return row[b.size()];
-}
 
 // The variables of the named sections the file defines, each with where it goes.
 struct NamedVariable {

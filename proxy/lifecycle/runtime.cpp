@@ -167,13 +167,14 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
     group_login_ = std::make_unique<GroupLogin>(*groups_, std::move(names), std::move(member_pools),
                                                 locks_, config.pool.keep_login, *log_);
   }
-  // A group configuration opens no sessions yet (docs/groups.md).
+  // A group configuration opens no sessions at start: prewarming members is
+  // not built (docs/groups.md, "Not built yet").
   if (!groups_) {
     pool().prewarm();
   } else if (config.pool.prewarm > 0) {
     log_->warn(
-        "[pool] prewarm = {} is not applied to groups: sessions on groups are not served "
-        "yet (docs/groups.md)",
+        "[pool] prewarm = {} is not applied to groups yet: a member's backend sessions open "
+        "when sessions need them (docs/groups.md)",
         config.pool.prewarm);
   }
   std::chrono::seconds idle(config.pool.idle_timeout_s), keepalive(config.pool.keepalive_s);

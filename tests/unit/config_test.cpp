@@ -685,6 +685,11 @@ constexpr std::string_view kTwoHsms =
     "[group.signing]\n"                                  // 5
     "members = hsm1/label:signing, hsm2/serial:4711\n";  // 6
 
+// kTwoHsms with one more line in [group.signing] (line 7).
+std::string group_with(std::string_view line) {
+  return std::string(kTwoHsms) + std::string(line) + "\n";
+}
+
 std::string members_error(std::string_view members) {
   return error_of(std::string(kTwoHsms.substr(0, kTwoHsms.find("[group"))) +
                   "[group.g]\nmembers = " + std::string(members) + "\n");
@@ -751,9 +756,6 @@ TEST_CASE("named backends and a group: every key, and the defaults") {
 }
 
 TEST_CASE("group enums: every spelling, and a bad one names the section and the choices") {
-  auto group_with = [](std::string_view line) {
-    return std::string(kTwoHsms) + std::string(line) + "\n";
-  };
   CHECK(parse(group_with("balance = least-busy")).groups[0].balance == Balance::least_busy);
   CHECK(parse(group_with("balance = round-robin")).groups[0].balance == Balance::round_robin);
   CHECK(parse(group_with("balance = primary")).groups[0].balance == Balance::primary);
@@ -781,7 +783,8 @@ TEST_CASE("group enums: every spelling, and a bad one names the section and the 
   CHECK(error_of(group_with("hide_members = yes")) ==
         "test.conf:7: bad value 'yes' for [group.signing] hide_members (expected true|false)");
   CHECK(error_of(group_with("members2 = x")) ==
-        "test.conf:7: unknown key 'members2' in section [group.signing]");
+        "test.conf:7: unknown key 'members2' in section [group.signing] (did you mean "
+        "'members'?)");
   CHECK(error_of(group_with("balance = primary\nbalance = primary")) ==
         "test.conf:8: duplicate key 'balance' in section [group.signing] (first set on "
         "test.conf:7)");
@@ -789,10 +792,30 @@ TEST_CASE("group enums: every spelling, and a bad one names the section and the 
       error_of("[backend.a]\nmodule = /a.so\nlocking = maybe\n[group.g]\nmembers = a/label:x\n") ==
       "test.conf:3: bad value 'maybe' for [backend.a] locking (expected auto|os|callbacks|none)");
   CHECK(error_of("[backend.a]\nmodule = /a.so\nvendor_interfaces = pass\n") ==
-        "test.conf:3: unknown key 'vendor_interfaces' in section [backend.a]");
+        "test.conf:3: unknown key 'vendor_interfaces' in section [backend.a] (the keys of "
+        "[backend.NAME]: module, locking, init_reserved)");
   CHECK(p11mux::to_string(Balance::round_robin) == "round-robin");
   CHECK(p11mux::to_string(ObjectKey::id_and_label) == "id+label");
   CHECK(p11mux::to_string(GenerateTokenKeys::primary) == "primary");
+}
+
+// A misspelled key of a named section names the key it most likely meant, as
+// a misspelled variable does; one far from every key lists the section's keys.
+TEST_CASE("an unknown key of a named section names the likely key, else the section's keys") {
+  CHECK(error_of(group_with("balanse = primary")) ==
+        "test.conf:7: unknown key 'balanse' in section [group.signing] (did you mean "
+        "'balance'?)");
+  CHECK(error_of(group_with("member = hsm1/label:x")) ==
+        "test.conf:7: unknown key 'member' in section [group.signing] (did you mean 'members'?)");
+  CHECK(error_of(group_with("recovery_interval = 5")) ==
+        "test.conf:7: unknown key 'recovery_interval' in section [group.signing] (did you mean "
+        "'recovery_interval_s'?)");
+  CHECK(error_of(group_with("weight = 2")) ==
+        "test.conf:7: unknown key 'weight' in section [group.signing] (the keys of "
+        "[group.NAME]: members, balance, recovery_interval_s, hang_timeout_s, hide_members, "
+        "object_key, generate_token_keys)");
+  CHECK(error_of("[backend.a]\nmodule = /a.so\nlockng = os\n") ==
+        "test.conf:3: unknown key 'lockng' in section [backend.a] (did you mean 'locking'?)");
 }
 
 TEST_CASE("members: label and serial, blanks, quotes, commas, empty entries") {

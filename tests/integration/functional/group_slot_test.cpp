@@ -162,6 +162,47 @@ const CK_FUNCTION_LIST& faulty_functions(const std::string& path) {
   return *list;
 }
 
+// p11mux over the faulty module over SoftHSM2's replicated tokens, one
+// group of them all: the faulty module's slot faults fail a member.
+struct GroupOverFaulty {
+  explicit GroupOverFaulty(std::size_t members, const std::string& group_keys = "")
+      : tokens(members),  // before p11mux: SoftHSM2 reads SOFTHSM2_CONF at C_Initialize
+        dir("p11mux-group-faulty-"),
+        faulty_path(required_env("P11MUX_TEST_FAULTY")),
+        config("P11MUX_CONFIG", write_conf(group_keys)),
+        no_module("P11MUX_MODULE", ""),
+        target("P11MUX_FAULTY_TARGET",
+               env_or("P11MUX_TEST_SOFTHSM2_MODULE", "/usr/lib/softhsm/libsofthsm2.so")),
+        faulty(faulty_control(faulty_path)),
+        reset(faulty.reset() == 0),
+        module(required_env("P11MUX_TEST_MODULE")),
+        p11(module.fn()),
+        slots(replica_slots(faulty_functions(faulty_path), tokens)) {}
+  ~GroupOverFaulty() { faulty.reset(); }
+  GroupOverFaulty(const GroupOverFaulty&) = delete;
+  GroupOverFaulty& operator=(const GroupOverFaulty&) = delete;
+
+  std::string write_conf(const std::string& group_keys) const {
+    const std::string conf = (dir.path() / "p11mux.conf").string();
+    std::ofstream out(conf);
+    out << "[backend.soft]\nmodule = " << faulty_path << "\n[group.replicas]\nmembers = ";
+    for (std::size_t i = 0; i < tokens.size(); ++i)
+      out << (i == 0 ? "" : ", ") << "soft/label:" << tokens.label(i);
+    out << "\n" << group_keys;
+    return conf;
+  }
+
+  ReplicatedTokens tokens;
+  TempDir dir;
+  std::string faulty_path;
+  ScopedEnv config, no_module, target;
+  const FaultyControl& faulty;
+  bool reset;
+  Module module;
+  const CK_FUNCTION_LIST& p11;
+  std::vector<CK_SLOT_ID> slots;  // SoftHSM2's, of each member's token
+};
+
 }  // namespace
 
 // docs/groups.md, "Objects": the application's handles are the group's; a
@@ -169,23 +210,11 @@ const CK_FUNCTION_LIST& faulty_functions(const std::string& path) {
 // SoftHSM2 numbers differ. The first member's token is removed (the faulty
 // module in front of SoftHSM2) to put the second session on the second member.
 TEST_CASE("groups over SoftHSM2: a key found on one member signs in a session on another") {
-  ReplicatedTokens tokens(2);  // before p11mux: SoftHSM2 reads SOFTHSM2_CONF at C_Initialize
-  TempDir dir("p11mux-group-objects-");
-  const std::string faulty_path = required_env("P11MUX_TEST_FAULTY");
-  const std::string conf = (dir.path() / "p11mux.conf").string();
-  std::ofstream(conf) << "[backend.soft]\nmodule = " << faulty_path
-                      << "\n[group.replicas]\nmembers = soft/label:" << tokens.label(0)
-                      << ", soft/label:" << tokens.label(1) << "\n";
-  ScopedEnv config("P11MUX_CONFIG", conf);
-  ScopedEnv no_module("P11MUX_MODULE", "");
-  ScopedEnv target("P11MUX_FAULTY_TARGET",
-                   env_or("P11MUX_TEST_SOFTHSM2_MODULE", "/usr/lib/softhsm/libsofthsm2.so"));
-  const FaultyControl& faulty = faulty_control(faulty_path);
-  REQUIRE(faulty.reset() == 0);
-  Module module(required_env("P11MUX_TEST_MODULE"));
-  const CK_FUNCTION_LIST& p11 = module.fn();
-  const std::vector<CK_SLOT_ID> slots = replica_slots(faulty_functions(faulty_path), tokens);
-
+  GroupOverFaulty g(2);
+  REQUIRE(g.reset);
+  const CK_FUNCTION_LIST& p11 = g.p11;
+  const FaultyControl& faulty = g.faulty;
+  const std::vector<CK_SLOT_ID>& slots = g.slots;
   CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
   CK_BYTE digest[32] = {4, 5, 6};
   CK_BYTE sig[64];
@@ -222,4 +251,49 @@ TEST_CASE("groups over SoftHSM2: a key found on one member signs in a session on
     CHECK_RV(p11.C_GetObjectSize(second, made, &size), CKR_OBJECT_HANDLE_INVALID);
   }
   faulty.reset();
+}
+
+// docs/groups.md, "Replay" and "Members up and down", over real members: the
+// first member's token is removed between a C_SignInit and its C_Sign, and
+// under a digest that took data. The signature is made on another member
+// without an error and verifies on a third; the digest is told lost once,
+// and the session goes on. Both session modes (multiplex: the session's
+// lane moves).
+TEST_CASE("groups over SoftHSM2: a member removed mid-operation; the signature replayed") {
+  for (const char* mode : {"serialize", "multiplex"}) {
+    CAPTURE(mode);
+    ScopedEnv session_mode("P11MUX_SESSION_MODE", mode);  // before p11mux loads
+    GroupOverFaulty g(3, "balance = primary\n");          // sessions on the first member up
+    REQUIRE(g.reset);
+    const CK_FUNCTION_LIST& p11 = g.p11;
+    Session s(p11, 0, Access::read_only), t(p11, 0, Access::read_only);
+    REQUIRE_RV(login_user(p11, s, kUserPin), CKR_OK);
+    const CK_OBJECT_HANDLE priv = require_replica_key(p11, s, CKO_PRIVATE_KEY, kReplicaEc);
+    const CK_OBJECT_HANDLE pub = require_replica_key(p11, s, CKO_PUBLIC_KEY, kReplicaEc);
+    CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0}, sha{CKM_SHA256, nullptr, 0};
+    CK_BYTE hash[32] = {7, 8, 9};
+    CK_BYTE sig[64];
+    CK_ULONG sig_len = sizeof sig;
+    CK_BYTE out[32];
+    CK_ULONG out_len = sizeof out;
+    REQUIRE_RV(p11.C_SignInit(s, &ecdsa, priv), CKR_OK);
+    REQUIRE_RV(p11.C_DigestInit(t, &sha), CKR_OK);
+    REQUIRE_RV(p11.C_DigestUpdate(t, hash, sizeof hash), CKR_OK);
+
+    g.faulty.set_slot_removed(g.slots[0], 1);
+    FaultySlotStats dropped{};
+    g.faulty.slot_stats(g.slots[0], &dropped);
+    CHECK(dropped.sessions_dropped >= 2);  // s's and t's were there
+    CHECK_RV(p11.C_Sign(s, hash, sizeof hash, sig, &sig_len), CKR_OK);
+    CHECK_RV(p11.C_DigestFinal(t, out, &out_len), CKR_DEVICE_ERROR);  // its data is lost
+    CHECK_RV(p11.C_DigestFinal(t, out, &out_len), CKR_OPERATION_NOT_INITIALIZED);
+    REQUIRE_RV(p11.C_DigestInit(t, &sha), CKR_OK);
+    CHECK_RV(p11.C_Digest(t, hash, sizeof hash, out, &out_len), CKR_OK);
+
+    // Verified on the third member: the second is taken out of the way.
+    g.faulty.set_slot_removed(g.slots[1], 1);
+    Session v(p11, 0, Access::read_only);
+    CHECK_RV(p11.C_VerifyInit(v, &ecdsa, pub), CKR_OK);
+    CHECK_RV(p11.C_Verify(v, hash, sizeof hash, sig, sig_len), CKR_OK);
+  }
 }
