@@ -86,7 +86,9 @@ template <class F, bool kOnGroup, class Via, class Observation, class CallBacken
     if (drained_for_retry<F>(pool, s.slot, rv, args...)) [[unlikely]] {
       rv = call_backend(pool.port(), binding.backend, args...);
     }
-    member.end(rv, binding.backend);
+    if constexpr (kOnGroup) {
+      member.end(rv, binding.backend, *s.operations);
+    }
     // The slot the application opened it on: a group's, not its member's.
     if constexpr (std::is_same_v<F, fn::C_GetSessionInfo>) {
       if (rv == CKR_OK) std::get<0>(std::tuple<decltype(args)...>{args...})->slotID = s.shown;

@@ -127,25 +127,27 @@ CK_RV renew_gone_session(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
 class MemberCall {
  public:
   MemberCall(Runtime&, const Session& s) noexcept REQUIRES(s.lock)
-      : health_(*s.operations->member_health), operations_(*s.operations) {
+      : health_(*s.operations->member_health) {
     health_.begin();
   }
-  [[gnu::always_inline]] void end(CK_RV rv, CK_SESSION_HANDLE backend) noexcept {
+  // `operations`: the session's, which hear of an interruption.
+  [[gnu::always_inline]] void end(CK_RV rv, CK_SESSION_HANDLE backend,
+                                  SessionOperations& operations) noexcept {
     if (rv == CKR_OK) [[likely]] {
       health_.end_ok();
       return;
     }
-    end_failed(rv, backend);
+    end_failed(rv, backend, operations);
   }
 
  private:
-  [[gnu::cold, gnu::noinline]] void end_failed(CK_RV rv, CK_SESSION_HANDLE backend) noexcept {
+  [[gnu::cold, gnu::noinline]] void end_failed(CK_RV rv, CK_SESSION_HANDLE backend,
+                                               SessionOperations& operations) noexcept {
     health_.end(rv, backend, HealthClock::now());
-    if (interrupted(rv)) operations_.member_interrupted();
+    if (interrupted(rv)) operations.member_interrupted();
   }
 
   MemberHealth& health_;
-  SessionOperations& operations_;
 };
 
 // A group's session waiting for a backend session on its member, counted
@@ -175,7 +177,6 @@ void end_digest_on_member(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
 // MemberCall's place in a call on a session without a group: nothing.
 struct NoMemberCall {
   NoMemberCall(Runtime&, const Session&) noexcept {}
-  void end(CK_RV, CK_SESSION_HANDLE) noexcept {}
 };
 
 }  // namespace p11mux

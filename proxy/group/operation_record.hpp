@@ -461,8 +461,10 @@ class SessionOperations {
   // continuing it answers kOperationLostRv instead of reaching the member.
   bool take_lost(OpMask kinds) noexcept {
     const auto hit = static_cast<OpMask>(lost_ & kinds);
+    if (hit == 0) [[likely]]
+      return false;
     lost_ &= static_cast<OpMask>(~hit);
-    return hit != 0;
+    return true;
   }
 
   // After the member answered rv to F (fn::C_X) with `args` (the session

@@ -26,6 +26,8 @@
 #include <array>
 #include <cstddef>
 #include <tuple>
+#include <type_traits>
+#include <variant>
 
 namespace p11mux {
 
@@ -179,6 +181,7 @@ class TemplateLengths {
  public:
   explicit TemplateLengths(A... args) noexcept {
     if constexpr (kWritten) {
+      restorable_ = true;
       const std::tuple<A...> t{args...};
       const CK_ATTRIBUTE_PTR templ = std::get<1>(t);
       const CK_ULONG count = std::get<2>(t);
@@ -189,7 +192,13 @@ class TemplateLengths {
       for (CK_ULONG i = 0; i < count; ++i) saved_[i] = templ[i].ulValueLen;
     }
   }
-  bool restorable() const noexcept { return restorable_; }
+  bool restorable() const noexcept {
+    if constexpr (kWritten) {
+      return restorable_;
+    } else {
+      return true;
+    }
+  }
   void restore(A... args) const noexcept {
     if constexpr (kWritten) {
       const std::tuple<A...> t{args...};
@@ -202,7 +211,7 @@ class TemplateLengths {
 
  private:
   std::array<CK_ULONG, kWritten ? kMax : 0> saved_{};
-  bool restorable_ = true;
+  [[no_unique_address]] std::conditional_t<kWritten, bool, std::monostate> restorable_{};
 };
 
 }  // namespace p11mux
