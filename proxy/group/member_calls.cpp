@@ -45,14 +45,14 @@ CK_RV move_session(Runtime& rt, const GroupRuntime& groups, Session& s, std::siz
     s.pool->leave(s.slot, s.rw);
   } else {
     // The old member's session: dead with a member that is down (forgotten,
-    // never reused, and the session objects made there with it).
+    // never reused, and the session objects made there with it). Not
+    // closed now: a hung member would hang the caller, and one failing
+    // with a device code refuses the close but may keep the session (a
+    // network outage); closed when the member answers again, before it is
+    // admitted (SessionPool::close_abandoned).
     group_session_ended(rt, s.group, from, s.anchor.backend);
     if (from_down) {
-      if (groups.health(s.group, from).hung()) {
-        s.pool->close(s.slot, s.rw, s.anchor.backend, SessionPool::Fate::abandon);
-      } else {
-        s.pool->close(s.slot, s.rw, s.anchor.backend, SessionPool::Fate::dead);
-      }
+      s.pool->close(s.slot, s.rw, s.anchor.backend, SessionPool::Fate::abandon);
     } else {
       s.pool->close(s.slot, s.rw, s.anchor.backend, SessionPool::Fate::reuse);
     }

@@ -540,4 +540,31 @@ TEST_CASE("group failover: a session moved off a down member counts its calls on
   g.faulty->clear_slot(2);
 }
 
+TEST_CASE("group failover: a down member's sessions are closed when it answers again") {
+  // A member that fails with a device code may keep its sessions (a network
+  // outage): the C_CloseSession a move sends it then fails, and the session
+  // would stay open there for good. It is closed at its return instead.
+  FaultyGroup g("balance = primary\n",
+                {{"P11MUX_FAULTY_TARGET", P11MUX_TEST_MOCK_PATH}, {"P11MUX_LOG_LEVEL", "error"}});
+  REQUIRE(g.proxy.initialize() == CKR_OK);
+  const CK_SESSION_HANDLE a = g.open();
+  REQUIRE(g.random(a) == CKR_OK);  // on member 0 (primary)
+  REQUIRE(g.sessions_on(2) == 1);
+  g.faulty->fail_slot(2, CKR_DEVICE_ERROR);
+  REQUIRE(g.random(a) == CKR_DEVICE_ERROR);  // the member's answer: down
+  REQUIRE(g.random(a) == CKR_OK);            // moved to member 1
+  CHECK(g.sessions_on(2) == 1);              // its close refused: still there
+  g.faulty->clear_slot(2);
+  // Probed every recovery_interval_s (1 s) and admitted again, after its
+  // abandoned sessions are closed; 10 s is a liveness guard, not a timing.
+  bool closed = false;
+  for (int i = 0; i < 200 && !closed; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    closed = g.sessions_on(2) == 0;
+  }
+  CHECK(closed);
+  CHECK(g.proxy.p11->C_CloseSession(a) == CKR_OK);
+  CHECK(g.sessions_on(2) == 0);
+}
+
 }  // namespace p11mux::test
