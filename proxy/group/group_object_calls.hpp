@@ -105,14 +105,21 @@ template <class F, class Run, class... Rest>
                                                        Rest... rest) noexcept REQUIRES(s.lock) {
   // The call on the member as it is, then, as group_objects_call does: what
   // pinned to a backend session given back is gone with it.
-  // ([pool] bind = open never gives one back during a call.)
   auto run_as_is = [&](auto... args) __attribute__((always_inline)) {
     HeldLock held(s.lock);  // the lambda's body runs under the caller's lock
-    const CK_SESSION_HANDLE made_on = rt.binds_on_state() ? s.anchor.backend : CK_INVALID_HANDLE;
-    CK_RV rv = run(args...);
-    // An Init the member refused for an operation an error ended (replay_calls.hpp).
-    if constexpr (kTouchesObjects<F>)
-      rv = init_past_kept<F>(rt, s, rv, [&] { return run(args...); });
+    auto run_once = [&]() __attribute__((always_inline)) {
+      HeldLock held_here(s.lock);  // as above
+      CK_RV rv = run(args...);
+      // An Init the member refused for an operation an error ended (replay_calls.hpp).
+      if constexpr (kTouchesObjects<F>)
+        rv = init_past_kept<F>(rt, s, rv, [&] { return run(args...); });
+      return rv;
+    };
+    // [pool] bind = open never gives a backend session back during a call.
+    if (!rt.binds_on_state()) [[likely]]
+      return run_once();
+    const CK_SESSION_HANDLE made_on = s.anchor.backend;
+    const CK_RV rv = run_once();
     if (made_on != CK_INVALID_HANDLE && s.anchor.backend != made_on) [[unlikely]]
       group_session_ended(rt, s.group, s.member, made_on);
     return rv;
