@@ -110,9 +110,10 @@ CK_RV GroupLogin::member_login(const Group& g, std::size_t member, CK_USER_TYPE 
 }
 
 CK_RV GroupLogin::member_logout(const Group& g, std::size_t member) const noexcept {
-  // A member that hangs is not called (the caller would hang too): it did
-  // not take the logout, and gets it when it answers again (`stale`).
-  if (g.health[member]->hung()) return CKR_DEVICE_ERROR;
+  // A member that is not up (down, hung, being probed) is not called (the
+  // caller would hang with it): it did not take the logout, and gets it when
+  // it answers again (`stale`).
+  if (!g.health[member]->up()) return CKR_DEVICE_ERROR;
   const GroupRuntime::Member& m = (*g.members)[member];
   const CK_RV rv = on_borrowed(g, member, false, [](const BackendPort& port, CK_SESSION_HANDLE h) {
     return port.call<fn::C_Logout>(h);
@@ -203,8 +204,10 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
   }
   for (std::size_t i = 0; i < took.size(); ++i) {
     if (i == own) continue;
-    // An absent member is logged in from the kept PIN when it is back.
-    if (!GroupRuntime::token_present((*g.members)[i])) continue;
+    // An absent member is logged in from the kept PIN when it is back; so is
+    // one that is not up, which is not asked (the application's call would
+    // hang with it) and joins through its probe (join).
+    if (!g.health[i]->up() || !GroupRuntime::token_present((*g.members)[i])) continue;
     rv = member_login(g, i, user, pin, pin_len, username, username_len, by_username);
     if (rv == CKR_OK) {
       took[i] = 1;

@@ -182,7 +182,11 @@ bool GroupRuntime::known(CK_SLOT_ID slot) const noexcept {
 std::vector<MemberSlot> GroupRuntime::member_slots(const GroupSlot& group) const {
   std::vector<MemberSlot> out;
   out.reserve(group.members.size());
-  for (const Member& m : group.members) {
+  for (std::size_t i = 0; i < group.members.size(); ++i) {
+    const Member& m = group.members[i];
+    // A hung member is not asked (the application's call would hang with
+    // it): it counts as one that does not answer.
+    if (group.health[i]->hung()) continue;
     MemberSlot s;
     // A member that does not answer does not count (docs/groups.md: slot and
     // token info from the members that are up).
@@ -336,18 +340,8 @@ bool GroupRuntime::probe(const GroupSlot& group, const Member& m) const noexcept
   return true;
 }
 
-void GroupRuntime::maintain(
-    HealthClock::time_point now,
-    const std::function<void(std::size_t, std::size_t)>& admitted) const noexcept {
-  maintain(
-      now, [](std::size_t, std::size_t) { return true; }, admitted);
-}
-
-void GroupRuntime::maintain(
-    HealthClock::time_point now, const std::function<bool(std::size_t, std::size_t)>& join,
-    const std::function<void(std::size_t, std::size_t)>& admitted) const noexcept try {
-  for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
-    const GroupSlot& g = groups_[gi];
+void GroupRuntime::watch(HealthClock::time_point now) const noexcept try {
+  for (const GroupSlot& g : groups_) {
     for (std::size_t i = 0; i < g.members.size(); ++i) {
       MemberHealth& h = *g.health[i];
       // A call's answer takes a member down without a line (it may be one of
@@ -360,27 +354,36 @@ void GroupRuntime::maintain(
             std::chrono::duration_cast<std::chrono::seconds>(h.rules().recovery_interval).count());
       }
       (void)h.check_hung(now);  // said next round, as any other down
-      // A hung member is probed once its hung calls have returned: a probe
-      // would hang the same way, and with it this thread, which watches
-      // every member (proxy/group/README.md, "A hung member").
-      if (h.hung() && h.in_flight() != 0) continue;
-      if (!h.claim_probe(now)) continue;
-      const bool ok = probe(g, g.members[i]);
-      h.probe_done(ok, HealthClock::now());
-      if (!ok) continue;
-      // Joining: logged in before it takes calls (issue 15, "Login"). A
-      // login that fails keeps it down, said next round as any other down.
-      if (!join(gi, i)) {
-        (void)h.mark_down(DownReason::login_failed, HealthClock::now());
-        continue;
-      }
-      // What the map cached of it may be stale: dropped before it takes calls.
-      admitted(gi, i);
-      if (h.admit()) {
-        g.admissions->fetch_add(1, std::memory_order_acq_rel);
-        log_.warn("group '{}' member {} is up again", g.name, describe(g.members[i].config));
-      }
     }
+  }
+} catch (...) {
+  // A log line that could not be made: the next round tries again.
+}
+
+void GroupRuntime::recover(
+    std::size_t group, std::size_t member, HealthClock::time_point now,
+    const std::function<bool(std::size_t, std::size_t)>& join,
+    const std::function<void(std::size_t, std::size_t)>& admitted) const noexcept try {
+  const GroupSlot& g = groups_.at(group);
+  MemberHealth& h = *g.health.at(member);
+  // A hung member is probed once its hung calls have returned: a probe
+  // would hang the same way (proxy/group/README.md, "A hung member").
+  if (h.hung() && h.in_flight() != 0) return;
+  if (!h.claim_probe(now)) return;
+  const bool ok = probe(g, g.members[member]);
+  h.probe_done(ok, HealthClock::now());
+  if (!ok) return;
+  // Joining: logged in before it takes calls (issue 15, "Login"). A login
+  // that fails keeps it down, said next round as any other down.
+  if (!join(group, member)) {
+    (void)h.mark_down(DownReason::login_failed, HealthClock::now());
+    return;
+  }
+  // What the map cached of it may be stale: dropped before it takes calls.
+  admitted(group, member);
+  if (h.admit()) {
+    g.admissions->fetch_add(1, std::memory_order_acq_rel);
+    log_.warn("group '{}' member {} is up again", g.name, describe(g.members[member].config));
   }
 } catch (...) {
   // A log line that could not be made: the next round tries again.

@@ -92,20 +92,24 @@ class GroupRuntime {
   MemberHealth& health(CK_SLOT_ID slot, std::size_t member) const noexcept {
     return *groups_[slot].health[member];
   }
-  // Every member's watch: calls in flight and none answered for hang_timeout_s mark its
-  // member down; a down member whose probe is due is probed (its token
-  // present, a session opened and closed on it) and, if it answers, joins:
-  // `join(group, member)` logs it in as the group is (GroupLogin::join)
-  // before it takes calls; true admits it again, false keeps it down
-  // (DownReason::login_failed) until its next probe. Run every
-  // maintenance_period() on a p11mux thread. `admitted(group, member)` is
-  // told of each member admitted again.
-  void maintain(HealthClock::time_point now,
-                const std::function<bool(std::size_t, std::size_t)>& join,
-                const std::function<void(std::size_t, std::size_t)>& admitted) const noexcept;
-  // The same without a login to bring members in: every member that answers joins.
-  void maintain(HealthClock::time_point now,
-                const std::function<void(std::size_t, std::size_t)>& admitted) const noexcept;
+  // Every member's watch: calls in flight and none answered for
+  // hang_timeout_s mark its member down (hung); each member that went down
+  // is logged once. It calls no member, so that a member that stops
+  // answering cannot stop it: run every maintenance_period() on a p11mux
+  // thread of its own.
+  void watch(HealthClock::time_point now) const noexcept;
+  // Member `member` of group `group`'s recovery: a down member whose probe
+  // is due is probed (its token present, a session opened and closed on it)
+  // and, if it answers, joins: `join(group, member)` logs it in as the group
+  // is (GroupLogin::join) before it takes calls; true admits it again, false
+  // keeps it down (DownReason::login_failed) until its next probe.
+  // `admitted(group, member)` is told of it, then it is admitted. Run every
+  // maintenance_period() on a p11mux thread per member: a probe that hangs
+  // holds up that member's recovery only (proxy/group/README.md, "A hung
+  // member").
+  void recover(std::size_t group, std::size_t member, HealthClock::time_point now,
+               const std::function<bool(std::size_t, std::size_t)>& join,
+               const std::function<void(std::size_t, std::size_t)>& admitted) const noexcept;
   // An eighth of the shortest recovery_interval_s or hang_timeout_s, at
   // least 100 ms: a probe is due at most 12.5% late, and a hung member
   // (found at most two looks late: MemberHealth::check_hung) 25%.
@@ -152,7 +156,7 @@ class GroupRuntime {
     std::unique_ptr<Balancer> balancer;
     std::vector<std::unique_ptr<MemberHealth>> health;  // one per member
     std::chrono::nanoseconds shortest_period{};
-    // Per member: the times it went down that maintain() has logged.
+    // Per member: the times it went down that watch() has logged.
     std::unique_ptr<std::atomic<std::uint64_t>[]> downs_told;
     std::unique_ptr<std::atomic<std::uint32_t>> admissions =
         std::make_unique<std::atomic<std::uint32_t>>(0);

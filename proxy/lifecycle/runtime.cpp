@@ -1,6 +1,7 @@
 #include "lifecycle/runtime.hpp"
 
 #include "group/group_login.hpp"
+#include "group/member_pool_calls.hpp"
 #include "group/session_lanes.hpp"
 
 #include "forward/operation_state.hpp"
@@ -9,6 +10,7 @@
 #include <p11mux/ckr_error.hpp>
 #include <p11mux/rv_names.hpp>
 
+#include <algorithm>
 #include <chrono>
 
 namespace p11mux {
@@ -179,7 +181,9 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
   }
   std::chrono::seconds idle(config.pool.idle_timeout_s), keepalive(config.pool.keepalive_s);
   if (idle.count() > 0 || keepalive.count() > 0) {
-    if (may_create_threads_) {
+    if (may_create_threads_ && groups_) {
+      start_member_maintenance(idle, keepalive);
+    } else if (may_create_threads_) {
       for (auto& pool : pools_) {
         maintenance_.push_back(std::make_unique<PoolMaintenance>(*pool, idle, keepalive));
       }
@@ -191,24 +195,7 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
   }
   if (groups_) {
     if (may_create_threads_) {
-      member_watch_ =
-          std::make_unique<PeriodicTask>("p11mux-members", groups_->maintenance_period(), [this] {
-            // Probes are backend calls like any other: fork() and
-            // C_Finalize wait for them.
-            GateAccess::Background call(gate_);
-            if (call.epoch() != pool().epoch()) return;
-            groups_->maintain(
-                HealthClock::now(),
-                // Logged in, then given the changes to token objects it missed.
-                [this](std::size_t g, std::size_t m) {
-                  // It answers again: the sessions abandoned while it hung
-                  // are closed first (SessionPool::Fate::abandon).
-                  const GroupRuntime::Member& member = groups_->members(g)[m];
-                  pool_of(*member.port).close_abandoned(member.slot);
-                  return group_login_->join(g, m) && group_catch_up(*this, g, m);
-                },
-                [this](std::size_t g, std::size_t m) { group_member_readmitted(*this, g, m); });
-          });
+      start_member_watch();
     } else {
       log_->warn(
           "groups: down members are never probed nor hung calls found: "
@@ -231,6 +218,82 @@ Runtime::Runtime(const Config& config, const InitArgs& init, const CK_FUNCTION_L
   } else {
     observer_->start(sessions_);
   }
+}
+
+// A group's members each get their own pool maintenance, which leaves them
+// alone while they are not up (group/member_pool_calls.hpp): a member that
+// stops answering holds up no other member's keepalive, nor its own hang's
+// detection (docs/groups.md, "Members up and down"). A token in several
+// groups is one: maintained once, called only while it is up in each.
+void Runtime::start_member_maintenance(std::chrono::seconds idle, std::chrono::seconds keepalive) {
+  struct Token {
+    const BackendPort* port;
+    CK_SLOT_ID slot;
+    std::vector<MemberHealth*> members;
+  };
+  std::vector<Token> tokens;
+  for (std::size_t g = 0; g < groups_->group_count(); ++g) {
+    for (std::size_t m = 0; m < groups_->members(g).size(); ++m) {
+      const GroupRuntime::Member& member = groups_->members(g)[m];
+      auto same = [&](const Token& t) { return t.port == member.port && t.slot == member.slot; };
+      auto it = std::find_if(tokens.begin(), tokens.end(), same);
+      if (it == tokens.end()) it = tokens.insert(tokens.end(), Token{member.port, member.slot, {}});
+      it->members.push_back(&groups_->health(g, m));
+    }
+  }
+  for (Token& t : tokens) {
+    auto& calls =
+        member_pool_calls_.emplace_back(std::make_unique<MemberPoolCalls>(std::move(t.members)));
+    maintenance_.push_back(
+        std::make_unique<PoolMaintenance>(pool_of(*t.port), t.slot, *calls, idle, keepalive));
+  }
+}
+
+// The members' watch on a thread that calls no member, and each member's
+// recovery on a thread of its own: a member whose probe, login or catch-up
+// hangs holds up neither the hang detection of the others nor their
+// recovery (docs/groups.md, "Members up and down").
+void Runtime::start_member_watch() {
+  const auto period = groups_->maintenance_period();
+  member_watch_.push_back(std::make_unique<PeriodicTask>(
+      "p11mux-members", period, [this] { groups_->watch(HealthClock::now()); }));
+  for (std::size_t g = 0; g < groups_->group_count(); ++g) {
+    for (std::size_t m = 0; m < groups_->members(g).size(); ++m) {
+      member_watch_.push_back(std::make_unique<PeriodicTask>("p11mux-probe", period, [this, g, m] {
+        // Probes are backend calls like any other: fork() and C_Finalize
+        // wait for them.
+        GateAccess::Background call(gate_);
+        if (call.epoch() != pool().epoch()) return;
+        groups_->recover(
+            g, m, HealthClock::now(),
+            // Logged in, then given the changes to token objects it missed.
+            [this](std::size_t group, std::size_t member) {
+              // It answers again: the sessions abandoned while it hung are
+              // closed first (SessionPool::Fate::abandon).
+              const GroupRuntime::Member& mm = groups_->members(group)[member];
+              pool_of(*mm.port).close_abandoned(mm.slot);
+              return group_login_->join(group, member) && group_catch_up(*this, group, member);
+            },
+            [this](std::size_t group, std::size_t member) {
+              group_member_readmitted(*this, group, member);
+            });
+        // Sessions abandoned while it was not up (joining, say) are closed
+        // once it is: an empty list costs a look.
+        const GroupRuntime::Member& mm = groups_->members(g)[m];
+        if (groups_->health(g, m).up()) pool_of(*mm.port).close_abandoned(mm.slot);
+      }));
+    }
+  }
+}
+
+bool Runtime::token_hung(const BackendPort& port, CK_SLOT_ID slot) const noexcept {
+  for (std::size_t g = 0; groups_ && g < groups_->group_count(); ++g) {
+    for (std::size_t m = 0; m < groups_->members(g).size(); ++m) {
+      const GroupRuntime::Member& member = groups_->members(g)[m];
+      if (member.port == &port && member.slot == slot && !groups_->health(g, m).up()) return true;
+    }
+  }
+  return false;
 }
 
 // The stats thread reads the sessions and the pool: it stops before they go.
@@ -303,9 +366,15 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
   if (s->group != Session::kNoGroup && s->anchor.backend != CK_INVALID_HANDLE) {
     group_session_ended(*this, s->group, s->member, s->anchor.backend);
   }
+  // A group's member that is not up (down, hung, or being probed) is not
+  // called (it may hang the application's C_CloseSession): its backend
+  // sessions are abandoned until it answers a probe, or is up again
+  // (SessionPool::Fate::abandon; proxy/group/README.md, "A hung member").
+  const bool hung = s->group != Session::kNoGroup && !groups()->health(s->group, s->member).up();
   for (auto& extra : s->extra) {
     if (extra->backend == CK_INVALID_HANDLE) continue;
-    pool.give(s->slot, s->rw, extra->backend, reset_backend_session(pool.port(), *extra));
+    pool.give(s->slot, s->rw, extra->backend,
+              hung ? SessionPool::Fate::abandon : reset_backend_session(pool.port(), *extra));
     extra->clear();
   }
   if (s->anchor.backend == CK_INVALID_HANDLE) {
@@ -313,10 +382,8 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
   } else {
     // A session opened with a Notify callback carries the application's
     // callback: never reused.
-    // A group's member that hangs is not called: abandoned until it answers
-    // (SessionPool::Fate::abandon; proxy/group/README.md, "A hung member").
     SessionPool::Fate fate = SessionPool::Fate::abandon;
-    if (s->group == Session::kNoGroup || !groups()->health(s->group, s->member).hung()) {
+    if (!hung) {
       fate = s->notify.load(std::memory_order_relaxed) != nullptr && !s->anchor.discard
                  ? SessionPool::Fate::closed(CloseReason::notify_callback)
                  : reset_backend_session(pool.port(), s->anchor);
@@ -387,14 +454,22 @@ CK_RV Runtime::wait_for_slot_event(CK_FLAGS flags, CK_SLOT_ID_PTR slot) noexcept
 
 bool Runtime::shutdown() noexcept {
   maintenance_.clear();
-  member_watch_.reset();  // no pool work may race the backend's finalization
+  member_watch_.clear();  // no pool work may race the backend's finalization
   observer_->finalize();  // the summary while sessions and pool still show their figures
   // Every kept PIN zeroed first; the backends' C_Finalize ends the logins
   // (no member's logout on a borrowed session while the pools are closing).
   if (group_login_) group_login_->finalize();
   if (groups_) group_objects_finalize(*this);  // missed changes' templates zeroed
   sessions_.for_each_live([this](SessionLease lease) { (void)close_session(std::move(lease)); });
-  for (auto& pool : pools_) pool->close_all();
+  for (auto& pool : pools_) {
+    if (!groups_) {
+      pool->close_all();
+      continue;
+    }
+    // The idle sessions of a member down or hung are not closed (C_Finalize
+    // would hang with it); its backend's C_Finalize, below, ends them.
+    pool->close_all([&](CK_SLOT_ID slot) { return !token_hung(pool->port(), slot); });
+  }
   {
     MutexGuard poll(poll_lock_);  // a poll in progress finishes first
     stopping_.store(1, std::memory_order_seq_cst);

@@ -19,6 +19,7 @@
 #include <spdlog/logger.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -28,6 +29,7 @@
 namespace p11mux {
 
 class GroupLogin;
+class MemberPoolCalls;
 
 class Runtime {
  public:
@@ -142,10 +144,15 @@ class Runtime {
   std::vector<std::unique_ptr<SessionPool>> pools_;
   // After the pools, whose sessions it borrows; gone before them.
   std::unique_ptr<GroupLogin> group_login_;
-  // One per pool, only with a period configured and threads allowed.
+  // A group member's pool maintenance calls, one per token (runtime.cpp,
+  // start_member_maintenance); before the maintenance that uses them.
+  std::vector<std::unique_ptr<MemberPoolCalls>> member_pool_calls_;
+  // One per pool (a group configuration: one per member's token), only with
+  // a period configured and threads allowed.
   std::vector<std::unique_ptr<PoolMaintenance>> maintenance_;
-  // The groups' member checks (GroupRuntime::maintain), with threads allowed.
-  std::unique_ptr<PeriodicTask> member_watch_;
+  // The groups' member watch (GroupRuntime::watch), then each member's
+  // recovery (GroupRuntime::recover), with threads allowed.
+  std::vector<std::unique_ptr<PeriodicTask>> member_watch_;
   // Held by a polling C_WaitForSlotEvent across "not stopping? then ask the
   // backend", and by shutdown() to set stopping_: no poll after finalization.
   // stopping_ is an atomic (also read without it); the lock orders a poll
@@ -155,6 +162,13 @@ class Runtime {
   Mutex poll_lock_;
   std::atomic<std::uint32_t> waiters_{0};
 
+  // The groups' watch, and a recovery thread per member (member_watch_).
+  void start_member_watch();
+  // The pool maintenance of a group configuration: a thread per member's token.
+  void start_member_maintenance(std::chrono::seconds idle, std::chrono::seconds keepalive);
+  // Whether `port`'s `slot` is a group member's token that is not up (down,
+  // hung, or being probed) in any of its groups: not to be called.
+  bool token_hung(const BackendPort& port, CK_SLOT_ID slot) const noexcept;
   // Every port, config.backends' order in a group configuration.
   std::vector<const BackendPort*> ports() const;
   // Ends what a virtual session left on a backend session; says whether it

@@ -22,4 +22,14 @@ PoolMaintenance::PoolMaintenance(SessionPool& pool, std::chrono::seconds idle_ti
       [&pool, idle_timeout, keepalive] { pool.maintain(idle_timeout, keepalive); });
 }
 
+PoolMaintenance::PoolMaintenance(SessionPool& pool, CK_SLOT_ID slot, SessionPool::SlotCalls& calls,
+                                 std::chrono::seconds idle_timeout,
+                                 std::chrono::seconds keepalive) {
+  if (idle_timeout.count() == 0 && keepalive.count() == 0) return;
+  task_ = std::make_unique<PeriodicTask>("p11mux-pool", interval(idle_timeout, keepalive),
+                                         [&pool, slot, &calls, idle_timeout, keepalive] {
+                                           pool.maintain(slot, idle_timeout, keepalive, calls);
+                                         });
+}
+
 }  // namespace p11mux

@@ -17,6 +17,11 @@ class PoolMaintenance {
   // Starts the thread; does nothing when both periods are zero.
   PoolMaintenance(SessionPool& pool, std::chrono::seconds idle_timeout,
                   std::chrono::seconds keepalive);
+  // The same for one slot of the pool, on a thread of its own, its calls
+  // through `calls` (which outlives it): a group's member, so that one that
+  // stops answering holds up only its own maintenance (docs/groups.md).
+  PoolMaintenance(SessionPool& pool, CK_SLOT_ID slot, SessionPool::SlotCalls& calls,
+                  std::chrono::seconds idle_timeout, std::chrono::seconds keepalive);
 
   // How often the pool is looked at: often enough for both periods.
   static std::chrono::milliseconds interval(std::chrono::seconds idle_timeout,

@@ -1318,12 +1318,47 @@ void SessionPool::close_all() noexcept {
   close_taken(doomed);
 }
 
+void SessionPool::close_all(const std::function<bool(CK_SLOT_ID)>& may_call) noexcept {
+  std::vector<Taken> doomed;
+  sweep(
+      nullptr, [](bool, const Idle&) { return true; }, doomed);
+  for (const Taken& t : doomed) {
+    if (may_call(t.pool->id)) {
+      drop_idle(*t.pool, t.idle.handle, /*dead=*/false);
+    } else {
+      t.pool->closed(1, true);
+    }
+    Locked(t.pool->state)->open[t.rw] -= 1;
+    t.pool->signal();
+  }
+}
+
 // Idle sessions in the pools and in threads' caches alike: those idle longer
 // than `idle_limit` are closed, those idle longer than `keepalive` are asked
 // for their info (a round trip that keeps them alive in the HSM); one that
 // fails is closed and counted dead.
 void SessionPool::maintain(std::chrono::seconds idle_limit,
                            std::chrono::seconds keepalive) noexcept {
+  tend(nullptr, idle_limit, keepalive, nullptr);
+}
+
+void SessionPool::maintain(CK_SLOT_ID slot, std::chrono::seconds idle_limit,
+                           std::chrono::seconds keepalive, SlotCalls& calls) noexcept {
+  if (SlotPool* pool = find_slot(slot)) tend(pool, idle_limit, keepalive, &calls);
+}
+
+void SessionPool::put_back(std::span<const Taken> left) noexcept {
+  for (const Taken& t : left) {
+    const bool kept = Locked(t.pool->state)->keep(t.rw, t.idle);
+    t.pool->signal();
+    // No memory to keep it, nor to close it (its token is not to be called):
+    // forgotten, counted closed.
+    if (!kept) t.pool->closed(1, true);
+  }
+}
+
+void SessionPool::tend(SlotPool* only, std::chrono::seconds idle_limit,
+                       std::chrono::seconds keepalive, SlotCalls* calls) noexcept {
   // The maintenance thread's backend calls are calls like any other: fork()
   // and C_Finalize wait for them.
   GateAccess::Background call(gate_);
@@ -1332,22 +1367,53 @@ void SessionPool::maintain(std::chrono::seconds idle_limit,
   auto older_than = [&](std::chrono::seconds limit, const Idle& idle) {
     return limit.count() > 0 && now - idle.since > limit;
   };
+  // One call on a taken session, through `calls`; nullopt when its token is
+  // not to be called now.
+  auto ask = [calls](auto&& backend_call) noexcept -> std::optional<CK_RV> {
+    if (calls != nullptr && !calls->begin()) return std::nullopt;
+    const CK_RV rv = backend_call();
+    if (calls != nullptr) calls->end(rv);
+    return rv;
+  };
   std::vector<Taken> expired, aged;
   sweep(
-      nullptr, [&](bool, const Idle& idle) { return older_than(idle_limit, idle); }, expired);
+      only, [&](bool, const Idle& idle) { return older_than(idle_limit, idle); }, expired);
   spare_last(expired);
-  close_taken(expired);
+  for (std::size_t i = 0; i < expired.size(); ++i) {
+    const Taken& t = expired[i];
+    if (!ask([&] { return port_.call<fn::C_CloseSession>(t.idle.handle); })) {
+      put_back(std::span(expired).subspan(i));
+      return;
+    }
+    t.pool->closed(1, true);
+    Locked(t.pool->state)->open[t.rw] -= 1;
+    t.pool->signal();
+  }
   // Still counted as open while pinged: the limit holds throughout.
   sweep(
-      nullptr, [&](bool, const Idle& idle) { return older_than(keepalive, idle); }, aged);
-  for (Taken& t : aged) {
+      only, [&](bool, const Idle& idle) { return older_than(keepalive, idle); }, aged);
+  for (std::size_t i = 0; i < aged.size(); ++i) {
+    Taken& t = aged[i];
     CK_SESSION_INFO info{};
-    CK_RV rv = port_.call<fn::C_GetSessionInfo>(t.idle.handle, &info);
-    if (rv != CKR_OK) {
-      // Gone inside the HSM: closed all the same, then no longer counted.
-      drop_idle(*t.pool, t.idle.handle, /*dead=*/true);
-      Locked(t.pool->state)->open[t.rw] -= 1;
-      t.pool->signal();
+    const std::optional<CK_RV> rv =
+        ask([&] { return port_.call<fn::C_GetSessionInfo>(t.idle.handle, &info); });
+    if (!rv) {
+      put_back(std::span(aged).subspan(i));
+      return;
+    }
+    if (*rv != CKR_OK) {
+      // Gone inside the HSM: closed all the same, then no longer counted; or,
+      // its token not to be called any more (the answer took the member
+      // down), left to close_abandoned().
+      if (ask([&] { return port_.call<fn::C_CloseSession>(t.idle.handle); })) {
+        t.pool->closed(1, true);
+        t.pool->figures->discarded_dead.fetch_add(1, std::memory_order_relaxed);
+        Locked(t.pool->state)->open[t.rw] -= 1;
+        t.pool->signal();
+      } else {
+        t.pool->figures->idle.add(-1);
+        discard(*t.pool, t.rw, t.idle.handle, Fate::abandon);
+      }
       continue;
     }
     t.idle.since = Clock::now();

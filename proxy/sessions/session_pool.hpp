@@ -42,8 +42,10 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <memory>
+#include <span>
 #include <vector>
 
 namespace p11mux {
@@ -169,9 +171,34 @@ class SessionPool {
   void interrupt_waiters() noexcept EXCLUDES(registry_);
   // Closes every idle session (C_Finalize, after all virtual sessions closed).
   void close_all() noexcept;
+  // The same, except that the sessions of a slot for which `may_call(slot)`
+  // is false (a group's hung member: a C_CloseSession would hang
+  // C_Finalize with it) are forgotten rather than closed: the backend's
+  // C_Finalize, which follows, ends them.
+  void close_all(const std::function<bool(CK_SLOT_ID)>& may_call) noexcept;
   // Closes sessions idle longer than `idle`, pings those idle longer than
   // `keepalive` (zero: don't); for the maintenance task.
   void maintain(std::chrono::seconds idle, std::chrono::seconds keepalive) noexcept;
+  // The calls maintain() makes on one slot whose token may stop answering (a
+  // group's member: group/member_pool_calls.hpp). begin() before each; false
+  // when the token is not to be called now (a member down or hung: a call
+  // would hang the maintenance with it), and its sessions then stay as they
+  // are until a later round. end() with each answer, so that a call that
+  // hangs is seen as one in flight.
+  class SlotCalls {
+   public:
+    virtual bool begin() noexcept = 0;
+    virtual void end(CK_RV rv) noexcept = 0;
+
+   protected:
+    SlotCalls() = default;
+    ~SlotCalls() = default;  // not owned through this interface
+    SlotCalls(const SlotCalls&) = default;
+    SlotCalls& operator=(const SlotCalls&) = default;
+  };
+  // The same for `slot`'s sessions only, each call through `calls`.
+  void maintain(CK_SLOT_ID slot, std::chrono::seconds idle, std::chrono::seconds keepalive,
+                SlotCalls& calls) noexcept;
 
   struct SlotFigures {
     unsigned long open = 0, idle = 0, limit = 0;
@@ -269,6 +296,13 @@ class SessionPool {
   // Takes out of `doomed` one session of each slot that would otherwise be
   // left with none while the application has sessions on it.
   void spare_last(std::vector<Taken>& doomed) noexcept;
+  // maintain() over `only` (every slot when NULL), its calls through `calls`
+  // when not NULL.
+  void tend(SlotPool* only, std::chrono::seconds idle, std::chrono::seconds keepalive,
+            SlotCalls* calls) noexcept;
+  // Sessions maintain() took and did not handle (their token is not to be
+  // called now): idle again, as they were.
+  void put_back(std::span<const Taken> left) noexcept;
   CK_RV backend_open(CK_SLOT_ID slot, bool rw, Notify notify, CK_SESSION_HANDLE& out) noexcept;
   void backend_close(CK_SESSION_HANDLE handle) noexcept;
   void retire(ThreadCache* cache) noexcept EXCLUDES(registry_);

@@ -852,6 +852,52 @@ TEST_CASE(
   CHECK(rig.figures().idle == 3);
 }
 
+// A slot's calls as a group member's token makes them (member_pool_calls.hpp):
+// counted, and refused while `allow` is false.
+struct CountedCalls final : SessionPool::SlotCalls {
+  bool allow = false;
+  int begun = 0, ended = 0;
+  bool begin() noexcept override {
+    if (allow) ++begun;
+    return allow;
+  }
+  void end(CK_RV) noexcept override { ++ended; }
+};
+
+TEST_CASE(
+    "pool: a slot's maintenance calls its token only while its SlotCalls allow, each counted; "
+    "the sessions it leaves stay idle as they were") {
+  Rig rig(pool_config(std::nullopt, 0));
+  CK_SESSION_HANDLE a = 0, b = 0;
+  REQUIRE(rig.pool.borrow(kSlot, false, a) == CKR_OK);
+  REQUIRE(rig.pool.borrow(kSlot, false, b) == CKR_OK);
+  rig.pool.give(kSlot, false, a, SessionPool::Fate::reuse);
+  rig.pool.give(kSlot, false, b, SessionPool::Fate::reuse);
+  std::this_thread::sleep_for(1100ms);
+  const int pings = token.info_calls, closes = token.closes();
+  CountedCalls calls;
+  // Its token is not to be called (a member down or hung): no ping, no close.
+  rig.pool.maintain(kSlot, /*idle=*/0s, /*keepalive=*/1s, calls);
+  rig.pool.maintain(kSlot, /*idle=*/1s, /*keepalive=*/0s, calls);
+  CHECK(token.info_calls == pings);
+  CHECK(token.closes() == closes);
+  CHECK(rig.figures().open == 2);
+  CHECK(rig.figures().idle == 2);
+  // Up again: both pinged, each ping counted and answered.
+  calls.allow = true;
+  rig.pool.maintain(kSlot, /*idle=*/0s, /*keepalive=*/1s, calls);
+  CHECK(token.info_calls == pings + 2);
+  CHECK(calls.begun == 2);
+  CHECK(calls.ended == 2);
+  // Still idle a second later: both closed, each close counted.
+  std::this_thread::sleep_for(1100ms);
+  rig.pool.maintain(kSlot, /*idle=*/1s, /*keepalive=*/0s, calls);
+  CHECK(token.closes() == closes + 2);
+  CHECK(calls.ended == 4);
+  CHECK(rig.figures().open == 0);
+  CHECK(rig.figures().idle == 0);
+}
+
 TEST_CASE(
     "pool: interrupt_waiters wakes a thread waiting at the limit, and no call waits after it "
     "(issue 10, defect 6)") {
