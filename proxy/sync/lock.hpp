@@ -1,6 +1,11 @@
 // Every lock p11mux takes is a Mutex. With the application's mutex callbacks
 // (C_Initialize case 2) it locks through them, as the spec requires; otherwise
 // it is a small futex lock: uncontended lock+unlock is two atomic instructions.
+// Not fair, on purpose: a thread that unlocks and locks again at once keeps
+// it, which keeps the calls of one operation on a session together. Handing
+// the lock to the longest waiter per call split them (CKR_OPERATION_ACTIVE
+// on a shared session, 25 signatures/s instead of 713); fairness per
+// operation is what works (docs/design.md, "Capacity at the limit").
 //
 // Each Mutex is a capability for clang's thread-safety analysis
 // (thread_safety.hpp): the fields a lock guards are marked GUARDED_BY it, and
