@@ -10,8 +10,6 @@
 
 #include "support/faulty_module.h"
 
-#include <dlfcn.h>
-
 #include <algorithm>
 #include <fstream>
 #include <optional>
@@ -152,16 +150,6 @@ TEST_CASE("groups over SoftHSM2: a session on the group logs in, signs and verif
 
 namespace {
 
-// The faulty module's own function list, the instance p11mux loaded.
-const CK_FUNCTION_LIST& faulty_functions(const std::string& path) {
-  void* library = ::dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);
-  REQUIRE(library != nullptr);
-  auto get = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(library, "C_GetFunctionList"));
-  CK_FUNCTION_LIST* list = nullptr;
-  REQUIRE(get(&list) == CKR_OK);
-  return *list;
-}
-
 // p11mux over the faulty module over SoftHSM2's replicated tokens, one
 // group of them all: the faulty module's slot faults fail a member.
 struct GroupOverFaulty {
@@ -177,7 +165,7 @@ struct GroupOverFaulty {
         reset(faulty.reset() == 0),
         module(required_env("P11MUX_TEST_MODULE")),
         p11(module.fn()),
-        slots(replica_slots(faulty_functions(faulty_path), tokens)) {}
+        slots(replica_slots(loaded_functions(faulty_path), tokens)) {}
   ~GroupOverFaulty() { faulty.reset(); }
   GroupOverFaulty(const GroupOverFaulty&) = delete;
   GroupOverFaulty& operator=(const GroupOverFaulty&) = delete;

@@ -7,6 +7,8 @@
 
 #include "faulty_control.h"
 
+#include <p11mux/pkcs11.h>
+
 #include <dlfcn.h>
 
 #include <string>
@@ -19,6 +21,18 @@ inline const FaultyControl& faulty_control(const std::string& path) {
   auto get = reinterpret_cast<FaultyGetControlFn>(::dlsym(library, "faulty_get_control"));
   REQUIRE(static_cast<bool>(get));
   return *get();
+}
+
+// The faulty (or slow) module's own function list, the instance the module
+// under test loaded from `path`: its slot IDs are the target's, which
+// replica_slots finds by token label.
+inline const CK_FUNCTION_LIST& loaded_functions(const std::string& path) {
+  void* library = ::dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(library != nullptr);
+  auto get = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(library, "C_GetFunctionList"));
+  CK_FUNCTION_LIST* list = nullptr;
+  REQUIRE(get(&list) == CKR_OK);
+  return *list;
 }
 
 }  // namespace p11test
