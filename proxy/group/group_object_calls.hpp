@@ -101,7 +101,7 @@ CK_RV group_objects_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
 // The calls with no object work, and the common case of those with a
 // little, inline; the rest is group_objects_call's.
 template <class F, class Run, class... Rest>
-[[gnu::always_inline]] inline CK_RV group_session_call(Runtime& rt, Session& s, Run run,
+[[gnu::always_inline]] inline CK_RV group_session_call(Runtime& rt, Session& s, Run& run,
                                                        Rest... rest) noexcept REQUIRES(s.lock) {
   // The call on the member as it is, then, as group_objects_call does: what
   // pinned to a backend session given back is gone with it.
@@ -111,8 +111,10 @@ template <class F, class Run, class... Rest>
       HeldLock held_here(s.lock);  // as above
       CK_RV rv = run(args...);
       // An Init the member refused for an operation an error ended (replay_calls.hpp).
-      if constexpr (kTouchesObjects<F>)
-        rv = init_past_kept<F>(rt, s, rv, [&] { return run(args...); });
+      if constexpr (kTouchesObjects<F>) {
+        if (init_past_kept<F>(rt, s, rv)) [[unlikely]]
+          rv = run(args...);
+      }
       return rv;
     };
     // [pool] bind = open never gives a backend session back during a call.
@@ -231,7 +233,8 @@ CK_RV group_objects_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
   const CK_SESSION_HANDLE made_on = s.anchor.backend;
   rv = std::apply(run, args);
   // An Init the member refused for an operation an error ended (replay_calls.hpp).
-  rv = init_past_kept<F>(rt, s, rv, [&] { return std::apply(run, args); });
+  if (init_past_kept<F>(rt, s, rv)) [[unlikely]]
+    rv = std::apply(run, args);
   // [pool] bind = state may have given the backend session back: the map's
   // reads then borrow one (group_objects.hpp, GroupCall::backend).
   if (s.anchor.backend != made_on) call.backend = CK_INVALID_HANDLE;
