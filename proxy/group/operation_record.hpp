@@ -370,8 +370,7 @@ class SessionOperations {
   void reset() noexcept {
     for (OperationRecord& r : records_) r.end();
     last_resolved = {};
-    pending_ = lost_ = replayed_ = 0;
-    interruption_ = Interruption::none;
+    marks_ = {};
   }
 
   // The session moved off `from`, a member that failed, with its backend
@@ -380,26 +379,30 @@ class SessionOperations {
   // call continuing it (take_lost), not by a later one of another kind.
   void moved(std::uint32_t from) noexcept {
     from_ = from;
-    replayed_ = 0;  // the backend session that had them is gone
+    marks_.replayed = 0;  // the backend session that had them is gone
     for (std::size_t i = 0; i < kKinds; ++i) {
       const auto kind = static_cast<OpMask>(1u << i);
       OperationRecord& r = records_[i];
       if (r.replayable()) {
-        pending_ |= kind;
+        marks_.pending |= kind;
       } else if (r.phase() != Phase::finished) {
         r.end();
-        lost_ |= kind;
+        marks_.lost |= kind;
       }
     }
   }
   // The kinds waiting to be replayed on the session's member, and the member
   // they were lost on (for its replay count).
-  OpMask pending() const noexcept { return pending_; }
+  OpMask pending() const noexcept { return marks_.pending; }
+  // Anything pending, lost, replayed or interrupted: one load and a test on
+  // every call (replay_calls.hpp, restore_operations), where each alone cost
+  // a C_Sign 8 (callgrind, issue 15's "+50").
+  bool marked() const noexcept { return std::bit_cast<std::uint64_t>(marks_) != 0; }
   std::uint32_t replayed_from() const noexcept { return from_; }
   // No operation recorded, pending or lost: the session may move to another
   // member without losing anything (member_calls.hpp, rebalance).
   bool idle() const noexcept {
-    if (pending_ != 0 || lost_ != 0) return false;
+    if (marks_.pending != 0 || marks_.lost != 0) return false;
     for (const OperationRecord& r : records_) {
       if (r.phase() != Phase::finished) return false;
     }
@@ -422,48 +425,48 @@ class SessionOperations {
   // Read and cleared once per attempt (take_interruption).
   enum class Interruption : std::uint8_t { none, interrupted, unreached };
   void member_interrupted() noexcept {
-    if (interruption_ == Interruption::none) interruption_ = Interruption::interrupted;
+    if (marks_.interruption == Interruption::none) marks_.interruption = Interruption::interrupted;
   }
-  void member_unreached() noexcept { interruption_ = Interruption::unreached; }
-  bool interrupted() const noexcept { return interruption_ != Interruption::none; }
+  void member_unreached() noexcept { marks_.interruption = Interruption::unreached; }
+  bool interrupted() const noexcept { return marks_.interruption != Interruption::none; }
   Interruption take_interruption() noexcept {
-    return std::exchange(interruption_, Interruption::none);
+    return std::exchange(marks_.interruption, Interruption::none);
   }
 
   // A pending kind whose operation ended meanwhile (a call the member failed
   // under answered the application, which ends it): nothing to replay.
-  void drop_pending(OpMask kind) noexcept { pending_ &= static_cast<OpMask>(~kind); }
+  void drop_pending(OpMask kind) noexcept { marks_.pending &= static_cast<OpMask>(~kind); }
   // The replay of `kind` ran: it is live on the member (ok), or lost.
   void replayed(OpMask kind, bool ok) noexcept {
-    pending_ &= static_cast<OpMask>(~kind);
+    marks_.pending &= static_cast<OpMask>(~kind);
     if (ok) {
-      replayed_ |= kind;
+      marks_.replayed |= kind;
     } else {
       of(kind).end();
-      lost_ |= kind;
+      marks_.lost |= kind;
     }
   }
   // The kinds replayed on the session's backend session, until a call
   // after their end has looked (replayed_ended, settled): the member's
   // operation was p11mux's Init, so p11mux ends it if the member kept it
   // past the application's end of it (replay_calls.hpp, end_kept_replays).
-  OpMask replayed() const noexcept { return replayed_; }
+  OpMask replayed() const noexcept { return marks_.replayed; }
   OpMask replayed_ended() const noexcept {
     OpMask ended = 0;
     for (std::size_t i = 0; i < kKinds; ++i) {
-      if ((replayed_ & (1u << i)) != 0 && records_[i].phase() == Phase::finished)
+      if ((marks_.replayed & (1u << i)) != 0 && records_[i].phase() == Phase::finished)
         ended |= static_cast<OpMask>(1u << i);
     }
     return ended;
   }
-  void settled(OpMask kinds) noexcept { replayed_ &= static_cast<OpMask>(~kinds); }
+  void settled(OpMask kinds) noexcept { marks_.replayed &= static_cast<OpMask>(~kinds); }
   // True once for a kind of `kinds` that a failover lost: the call
   // continuing it answers kOperationLostRv instead of reaching the member.
   bool take_lost(OpMask kinds) noexcept {
-    const auto hit = static_cast<OpMask>(lost_ & kinds);
+    const auto hit = static_cast<OpMask>(marks_.lost & kinds);
     if (hit == 0) [[likely]]
       return false;
-    lost_ &= static_cast<OpMask>(~hit);
+    marks_.lost &= static_cast<OpMask>(~hit);
     return true;
   }
 
@@ -492,7 +495,7 @@ class SessionOperations {
       CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
       if constexpr (F::args.size() > 2) key = std::get<2>(t);
       // v3.0: an Init with a NULL mechanism cancels the operation.
-      lost_ &= static_cast<OpMask>(~kinds);
+      marks_.lost &= static_cast<OpMask>(~kinds);
       if (m == nullptr) {
         of(kinds).end();
       } else {
@@ -528,12 +531,20 @@ class SessionOperations {
     (std::make_index_sequence<kKinds>{});
   }
 
+  // What a failover or a member's failure left, in one word that a call
+  // tests once (marked()).
+  struct alignas(8) Marks {
+    OpMask pending = 0;   // replayable, to be replayed on the new member
+    OpMask lost = 0;      // lost by a failover, not yet told
+    OpMask replayed = 0;  // replayed on the backend session the session holds
+    Interruption interruption = Interruption::none;
+    std::uint8_t zero = 0;  // never set: the word has no padding
+  };
+  static_assert(sizeof(Marks) == sizeof(std::uint64_t));
+
   std::array<OperationRecord, kKinds> records_;
-  OpMask pending_ = 0;   // replayable, to be replayed on the new member
-  OpMask lost_ = 0;      // lost by a failover, not yet told
-  OpMask replayed_ = 0;  // replayed on the backend session the session holds
+  Marks marks_;
   std::uint32_t from_ = 0;
-  Interruption interruption_ = Interruption::none;
 };
 
 // Runs the record's Init again on another member's session, so that the

@@ -89,15 +89,14 @@ template <class F>
 [[gnu::always_inline]] inline CK_RV restore_operations(Runtime& rt, Session& s) noexcept
     REQUIRES(s.lock) {
   SessionOperations& ops = *s.operations;
-  if ((ops.pending() | ops.replayed()) != 0) [[unlikely]] {
-    if (ops.replayed() != 0) end_kept_replays(rt, s);
-    if (ops.pending() != 0) {
-      if (CK_RV rv = replay_pending(rt, s); rv != CKR_OK) return rv;
-    }
+  if (!ops.marked()) [[likely]]
+    return CKR_OK;
+  if (ops.replayed() != 0) end_kept_replays(rt, s);
+  if (ops.pending() != 0) {
+    if (CK_RV rv = replay_pending(rt, s); rv != CKR_OK) return rv;
   }
   if constexpr (kContinuedReplayable<F> != 0) {
-    if (ops.take_lost(kContinuedReplayable<F>)) [[unlikely]]
-      return kOperationLostRv;
+    if (ops.take_lost(kContinuedReplayable<F>)) return kOperationLostRv;
   }
   return CKR_OK;
 }

@@ -663,6 +663,35 @@ TEST_CASE("a move: replayable operations pending, the others lost and told once"
   CHECK(s.of(op::sign).phase() == Phase::finished);
 }
 
+TEST_CASE("marked(): set by whatever a call must look at before it runs, and only by that") {
+  // restore_operations tests marked() alone on every call (replay_calls.hpp).
+  SessionOperations s;
+  CHECK_FALSE(s.marked());
+  s.after<fn::C_SignInit>(CKR_OK, kSession, &ecdsa, kVirtualKey);
+  CHECK_FALSE(s.marked());  // an operation recorded is not a mark
+  s.moved(1);               // pending
+  CHECK(s.marked());
+  s.replayed(op::sign, true);  // replayed
+  CHECK(s.marked());
+  s.settled(op::sign);
+  CHECK_FALSE(s.marked());
+  s.after<fn::C_DigestInit>(CKR_OK, kSession, &ecdsa);
+  s.after<fn::C_DigestUpdate>(CKR_OK, kSession, data, CK_ULONG{32});
+  s.moved(2);  // the sign pending, the digest lost
+  s.drop_pending(op::sign);
+  CHECK(s.marked());
+  CHECK(s.take_lost(op::digest));
+  CHECK_FALSE(s.marked());
+  s.member_interrupted();
+  CHECK(s.marked());
+  CHECK(s.take_interruption() == SessionOperations::Interruption::interrupted);
+  CHECK_FALSE(s.marked());
+  s.member_unreached();
+  CHECK(s.marked());
+  s.reset();
+  CHECK_FALSE(s.marked());
+}
+
 TEST_CASE("output lengths: restored for a call made again, the NULL ones left alone") {
   CK_ULONG given = 64;
   OutputLengths<fn::C_Sign, CK_BYTE_PTR, CK_ULONG, CK_BYTE_PTR, CK_ULONG_PTR> saved(
