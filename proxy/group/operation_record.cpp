@@ -29,6 +29,7 @@ void write_pointer(unsigned char* base, std::size_t offset, const void* p) noexc
 
 CopyResult MechanismCopy::assign_looked_up(const CK_MECHANISM& m) noexcept {
   held_ = false;
+  plain_ = false;
   if (known_ == nullptr || known_->type != m.mechanism) known_ = replay_mechanism(m.mechanism);
   const ReplayMechanism* known = known_;
   if (known == nullptr) return CopyResult::unknown_mechanism;
@@ -37,6 +38,7 @@ CopyResult MechanismCopy::assign_looked_up(const CK_MECHANISM& m) noexcept {
   if (m.ulParameterLen == 0 && (known->param == Param::none || known->optional)) {
     mechanism_ = {m.mechanism, nullptr, 0};
     held_ = true;
+    plain_ = true;
     return CopyResult::ok;
   }
   const ParamLayout* layout = param_layout(known->param, m.ulParameterLen);

@@ -265,6 +265,44 @@ TEST_CASE("EdDSA: the context copied; the parameter may be absent") {
   check_same(pure, copy);
 }
 
+TEST_CASE(
+    "the last mechanism again without a parameter: a copy of its own, whatever came between") {
+  // MechanismCopy::assign's inline path takes the last copy when it had no
+  // parameter; anything else in between must send it to the table again.
+  unsigned char context[4] = {'c', 't', 'x', '!'};
+  CK_EDDSA_PARAMS eddsa;
+  std::memset(&eddsa, 0, sizeof eddsa);
+  eddsa.ulContextDataLen = sizeof context;
+  eddsa.pContextData = context;
+  CK_MECHANISM with_context = mechanism_of(CKM_EDDSA, eddsa);
+  CK_MECHANISM pure{CKM_EDDSA, nullptr, 0};
+  MechanismCopy copy;
+  REQUIRE(copy.assign(pure) == CopyResult::ok);
+  REQUIRE(copy.assign(with_context) == CopyResult::ok);
+  check_same(with_context, copy);
+  REQUIRE(copy.assign(pure) == CopyResult::ok);
+  check_same(pure, copy);  // not the context left from before
+  REQUIRE(copy.assign(pure) == CopyResult::ok);
+  check_same(pure, copy);
+  // A refused copy in between leaves it empty; the next is copied anew.
+  CK_ULONG stray = 5;
+  CK_MECHANISM ecdsa{CKM_ECDSA, nullptr, 0};
+  CK_MECHANISM ecdsa_with{CKM_ECDSA, &stray, sizeof stray};
+  REQUIRE(copy.assign(ecdsa) == CopyResult::ok);
+  CHECK(copy.assign(ecdsa_with) == CopyResult::bad_parameter);
+  CHECK(copy.empty());
+  REQUIRE(copy.assign(ecdsa) == CopyResult::ok);
+  check_same(ecdsa, copy);
+  // A type no entry knows is never taken for the last one, nor held.
+  CK_MECHANISM unknown{0xFFFFFFFFul, nullptr, 0};
+  CHECK(copy.assign(unknown) == CopyResult::unknown_mechanism);
+  CHECK(copy.assign(unknown) == CopyResult::unknown_mechanism);
+  CHECK(copy.empty());
+  copy.clear();
+  REQUIRE(copy.assign(ecdsa) == CopyResult::ok);
+  check_same(ecdsa, copy);
+}
+
 TEST_CASE("the copy owns its bytes: the application's buffers may go") {
   auto iv = std::make_unique<unsigned char[]>(12);
   auto aad = std::make_unique<unsigned char[]>(100);
