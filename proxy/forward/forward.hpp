@@ -38,6 +38,48 @@ struct ToPort {
   }
 };
 
+// The call on `s`'s backend session, which it holds: made, and noted
+// (call_on_session's last step, and group_objects_call's through
+// call_with_objects).
+template <class F, bool kOnGroup, class Observation, class CallBackend, class... A>
+[[gnu::always_inline]] inline CK_RV call_on_binding(Runtime& rt, Session& s, Observation& seen,
+                                                    CallBackend& call_backend, A... args) noexcept
+    REQUIRES(s.lock) {
+  SessionPool& pool = *s.pool;
+  Binding& binding = s.anchor;
+  seen.ran_on(binding.backend);
+  std::conditional_t<kOnGroup, MemberCall, NoMemberCall> member(rt, s);
+  CK_RV rv = call_backend(pool.port(), binding.backend, args...);
+  if (drained_for_retry<F>(pool, s.slot, rv, args...)) [[unlikely]] {
+    rv = call_backend(pool.port(), binding.backend, args...);
+  }
+  if constexpr (kOnGroup) {
+    member.end(rv, binding.backend, *s.operations);
+  }
+  // The slot the application opened it on: a group's, not its member's.
+  if constexpr (std::is_same_v<F, fn::C_GetSessionInfo>) {
+    if (rv == CKR_OK) std::get<0>(std::tuple<decltype(args)...>{args...})->slotID = s.shown;
+  }
+  note_call<F>(pool, binding, s.slot, rv, args...);
+  note_login<F>(pool, s.slot, rv, args...);
+  if (rt.binds_on_state()) unbind_if_idle(s);
+  return rv;
+}
+
+// A group's call whose object handles need more than the session's last
+// resolution (group_objects_call): out of line, with its own `run`, so
+// that no closure of the common path's is kept in memory for it.
+template <class F, class Observation, class CallBackend, class... R>
+[[gnu::cold, gnu::noinline]] CK_RV call_with_objects(Runtime& rt, Session& s, Observation& seen,
+                                                     CallBackend& call_backend, R... rest) noexcept
+    REQUIRES(s.lock) {
+  auto run = [&](auto... args) __attribute__((always_inline)) {
+    HeldLock held(s.lock);  // the lambda's body runs under the caller's lock
+    return call_on_binding<F, true>(rt, s, seen, call_backend, args...);
+  };
+  return group_objects_call<F>(rt, s, run, rest...);
+}
+
 // A serialize-mode call on session `s`, its lock held: bound to a backend
 // session, made, and noted. kOnGroup: a group's session, which first moves
 // off its member if that is down and counts the call on its member
@@ -80,28 +122,16 @@ template <class F, bool kOnGroup, class Via, class Observation, class CallBacken
   }
   auto run = [&](auto... args) __attribute__((always_inline)) {
     HeldLock held(s.lock);  // the lambda's body runs under the caller's lock
-    seen.ran_on(binding.backend);
-    std::conditional_t<kOnGroup, MemberCall, NoMemberCall> member(rt, s);
-    CK_RV rv = call_backend(pool.port(), binding.backend, args...);
-    if (drained_for_retry<F>(pool, s.slot, rv, args...)) [[unlikely]] {
-      rv = call_backend(pool.port(), binding.backend, args...);
-    }
-    if constexpr (kOnGroup) {
-      member.end(rv, binding.backend, *s.operations);
-    }
-    // The slot the application opened it on: a group's, not its member's.
-    if constexpr (std::is_same_v<F, fn::C_GetSessionInfo>) {
-      if (rv == CKR_OK) std::get<0>(std::tuple<decltype(args)...>{args...})->slotID = s.shown;
-    }
-    note_call<F>(pool, binding, s.slot, rv, args...);
-    note_login<F>(pool, s.slot, rv, args...);
-    if (rt.binds_on_state()) unbind_if_idle(s);
-    return rv;
+    return call_on_binding<F, kOnGroup>(rt, s, seen, call_backend, args...);
   };
   // A group's session on the slow path (Via InGroup): its object handles
   // are virtual (group/group_object_calls.hpp).
   if constexpr (kOnGroup && requires { Via::kGroupObjects; }) {
-    return group_session_call<F>(rt, s, run, rest...);
+    auto with_objects = [&](auto... args) __attribute__((always_inline)) {
+      HeldLock held(s.lock);  // as in `run`
+      return call_with_objects<F>(rt, s, seen, call_backend, args...);
+    };
+    return group_session_call<F>(rt, s, run, with_objects, rest...);
   } else {
     return run(rest...);
   }

@@ -100,8 +100,9 @@ CK_RV group_objects_call(Runtime& rt, Session& s, Run run, Rest... rest) noexcep
 
 // The calls with no object work, and the common case of those with a
 // little, inline; the rest is group_objects_call's.
-template <class F, class Run, class... Rest>
+template <class F, class Run, class WithObjects, class... Rest>
 [[gnu::always_inline]] inline CK_RV group_session_call(Runtime& rt, Session& s, Run& run,
+                                                       WithObjects with_objects,
                                                        Rest... rest) noexcept REQUIRES(s.lock) {
   // The call on the member as it is, then, as group_objects_call does: what
   // pinned to a backend session given back is gone with it.
@@ -150,7 +151,7 @@ template <class F, class Run, class... Rest>
         (std::index_sequence_for<Rest...>{});
       }
     }
-    return group_objects_call<F>(rt, s, run, rest...);
+    return with_objects(rest...);
   }
 }
 
