@@ -141,7 +141,7 @@ template <class F, class Run, class WithObjects, class... Rest>
       }
       if constexpr (constexpr auto handles = object_handle_args<F>(); handles.size() == 1) {
         auto& object = std::get<handles[0].index - 1>(args);
-        as_is = as_is && s.operations->last_resolved.reuse(object, s.member, object);
+        as_is = as_is && s.operations->last_resolved.reuse(object, object);
       }
       // (std::apply's call would not be inlined.)
       if (as_is) [[likely]] {

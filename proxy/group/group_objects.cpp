@@ -69,12 +69,12 @@ CK_RV group_resolve(GroupCall& call, CK_OBJECT_HANDLE handle, CK_RV invalid,
 
 CK_RV group_resolve(GroupCall& call, ResolvedHandle& last, CK_OBJECT_HANDLE handle, CK_RV invalid,
                     CK_OBJECT_HANDLE& out) noexcept {
-  if (last.reuse(handle, call.member, out)) return CKR_OK;
+  if (last.reuse(handle, out)) return CKR_OK;
   // Read before the lookup: a change after it bumps the version
   // (ObjectMap::version), and the resolution is not used again.
   const std::uint64_t version = call.objects.map.version();
   const CK_RV rv = group_resolve(call, handle, invalid, out);
-  if (rv == CKR_OK) last = {handle, out, call.member, version, &call.objects.map.version_counter()};
+  if (rv == CKR_OK) last = {handle, out, version, &call.objects.map.version_counter()};
   return rv;
 }
 

@@ -44,12 +44,14 @@ void rebalance(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept REQ
 // another's, primary when that one comes earlier in the order.
 void place_lane(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept REQUIRES(s.lock);
 
-// `s` runs on `member` of its group from now on: Session::member, and the
-// health its calls check there (SessionOperations::member_health).
+// `s` runs on `member` of its group from now on: Session::member, the
+// health its calls check there (SessionOperations::member_health), and no
+// resolution made on another member (ResolvedHandle).
 inline void on_member(const GroupRuntime& groups, Session& s, std::size_t member) noexcept
     REQUIRES(s.lock) {
   s.member = static_cast<std::uint32_t>(member);
   s.operations->member_health = &groups.health(s.group, member);
+  s.operations->last_resolved = {};
 }
 
 // before_member_call's work when there is some: out of line.

@@ -17,21 +17,20 @@ namespace p11mux {
 inline constexpr std::uint64_t kNoVersion = ~std::uint64_t{0};
 inline const std::atomic<std::uint64_t> kNoMapVersion{0};
 
+// On the session's member only: the session forgets it when it moves
+// (member_calls.hpp, on_member), so that reuse() compares no member.
 struct ResolvedHandle {
   CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;  // the application's (virtual)
-  CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;  // the member's
-  std::uint64_t member = ~std::uint64_t{0};
+  CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;  // the session's member's
   std::uint64_t version = kNoVersion;  // the map's version, read before the lookup
   // The map's version counter (ObjectMap::version_counter): kept here, so
   // that the check is inline on a group's call path (group_object_calls.hpp).
   const std::atomic<std::uint64_t>* map_version = &kNoMapVersion;
 
-  // The member's handle for `virtual_handle` on `on_member`, if this
-  // resolution still holds: the map has not changed since it was made.
-  bool reuse(CK_OBJECT_HANDLE virtual_handle, std::uint64_t on_member,
-             CK_OBJECT_HANDLE& out) const noexcept {
-    if (virtual_handle != handle || on_member != member ||
-        map_version->load(std::memory_order_acquire) != version)
+  // The member's handle for `virtual_handle`, if this resolution still
+  // holds: the map has not changed since it was made.
+  bool reuse(CK_OBJECT_HANDLE virtual_handle, CK_OBJECT_HANDLE& out) const noexcept {
+    if (virtual_handle != handle || map_version->load(std::memory_order_acquire) != version)
       return false;
     out = object;
     return true;
