@@ -383,6 +383,9 @@ void GroupRuntime::recover(
   admitted(group, member);
   if (h.admit()) {
     g.admissions->fetch_add(1, std::memory_order_acq_rel);
+    // After the count: every session of the group looks at it before its
+    // next call (member_calls.hpp, before_member_call).
+    for (const auto& health : g.health) health->reopened();
     log_.warn("group '{}' member {} is up again", g.name, describe(g.members[member].config));
   }
 } catch (...) {

@@ -50,8 +50,11 @@ void place_lane(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept RE
 inline void on_member(const GroupRuntime& groups, Session& s, std::size_t member) noexcept
     REQUIRES(s.lock) {
   s.member = static_cast<std::uint32_t>(member);
-  s.operations->member_health = &groups.health(s.group, member);
+  MemberHealth& health = groups.health(s.group, member);
+  s.operations->member_health = &health;
   s.operations->last_resolved = {};
+  // Not seen yet: its next call looks (before_member_call_slow).
+  s.operations->gate_seen = health.gate() - 1;
 }
 
 // before_member_call's work when there is some: out of line.
@@ -59,16 +62,27 @@ template <class F>
 [[gnu::noinline]] CK_RV before_member_call_slow(Runtime& rt, Session& s) noexcept REQUIRES(s.lock);
 
 // Before a call of F on group session `s`. CKR_OK to go on. Inline, the
-// common case: its member up, nothing to place, no admission unseen.
+// common case: its member's gate where the session last saw the member up
+// and every admission (MemberHealth::gate), and nothing to place.
 template <class F>
 [[gnu::always_inline]] inline CK_RV before_member_call(Runtime& rt, Session& s) noexcept
     REQUIRES(s.lock) {
   const SessionOperations& ops = *s.operations;
-  if (ops.member_health->up() && (s.lead == 0 || s.anchor.backend != CK_INVALID_HANDLE) &&
-      ops.admissions_seen == ops.group_admissions->load(std::memory_order_acquire)) [[likely]] {
+  if (ops.member_health->gate() == ops.gate_seen &&
+      (s.lead == 0 || s.anchor.backend != CK_INVALID_HANDLE)) [[likely]] {
     return CKR_OK;
   }
   return before_member_call_slow<F>(rt, s);
+}
+
+// The session's member up, and every admission seen: its calls need not
+// look again while the member's gate stays (read first: a gate moved
+// after it was read is a member that went down, or an admission, since).
+inline void seen_open(const GroupRuntime& groups, Session& s) noexcept REQUIRES(s.lock) {
+  SessionOperations& ops = *s.operations;
+  const std::uint32_t gate = ops.member_health->gate();
+  if (ops.member_health->up() && ops.admissions_seen == groups.admissions(s.group))
+    ops.gate_seen = gate;
 }
 
 template <class F>
@@ -80,6 +94,7 @@ CK_RV before_member_call_slow(Runtime& rt, Session& s) noexcept REQUIRES(s.lock)
     } else if (s.operations->admissions_seen != groups.admissions(s.group)) [[unlikely]] {
       rebalance(rt, groups, s);
     }
+    seen_open(groups, s);
     return CKR_OK;
   }
   const std::uint32_t from = s.member;
@@ -90,6 +105,7 @@ CK_RV before_member_call_slow(Runtime& rt, Session& s) noexcept REQUIRES(s.lock)
   // session there (replay_calls.hpp); the others (a search, a message-based
   // operation) are lost with the member, told to a call continuing them now.
   s.operations->moved(from);
+  seen_open(groups, s);
   if (had_operation && continues(effect<F>) && (effect<F>.ops & ~kReplayableOps) != 0)
     return kOperationLostRv;
   return CKR_OK;

@@ -130,6 +130,8 @@ bool MemberHealth::mark_down(DownReason reason, Time now) noexcept {
   while (s == MemberState::up || s == MemberState::joining) {
     if (state_.compare_exchange_weak(s, MemberState::down, std::memory_order_acq_rel,
                                      std::memory_order_acquire)) {
+      // After the state: a session that sees the gate moved sees it down.
+      reopened();
       went_down(reason, now);
       return true;
     }

@@ -412,12 +412,13 @@ class SessionOperations {
   }
   // The group's admissions the session has seen (GroupRuntime::admissions).
   std::uint32_t admissions_seen = 0;
+  // Its member's gate (MemberHealth::gate) when the session last saw that
+  // member up and every admission (member_calls.hpp, before_member_call).
+  std::uint32_t gate_seen = 0;
   // What each call on the session checks (group/member_calls.hpp,
   // before_member_call, MemberCall), kept here so that it is one load away:
-  // its member's health, which follows Session::member (on_member), and
-  // its group's count of admissions (GroupRuntime::admission_count).
+  // its member's health, which follows Session::member (on_member).
   MemberHealth* member_health = nullptr;
-  const std::atomic<std::uint32_t>* group_admissions = nullptr;
   // Its last object handle resolved (resolved_handle.hpp).
   ResolvedHandle last_resolved;
 

@@ -22,7 +22,7 @@ inline const std::atomic<std::uint64_t> kNoMapVersion{0};
 struct ResolvedHandle {
   CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;  // the application's (virtual)
   CK_OBJECT_HANDLE object = CK_INVALID_HANDLE;  // the session's member's
-  std::uint64_t version = kNoVersion;  // the map's version, read before the lookup
+  std::uint64_t version = kNoVersion;           // the map's version, read before the lookup
   // The map's version counter (ObjectMap::version_counter): kept here, so
   // that the check is inline on a group's call path (group_object_calls.hpp).
   const std::atomic<std::uint64_t>* map_version = &kNoMapVersion;

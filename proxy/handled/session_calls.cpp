@@ -116,7 +116,6 @@ CK_RV open_placed(Runtime& rt, CK_SLOT_ID shown, CK_FLAGS flags, CK_VOID_PTR app
     }
     lease->operations->reset();
     lease->operations->admissions_seen = rt.groups()->admissions(group);
-    lease->operations->group_admissions = &rt.groups()->admission_count(group);
     on_member(*rt.groups(), *lease, at.member);
   }
   lease->application.store(application, std::memory_order_relaxed);

@@ -62,6 +62,40 @@ TEST_CASE("member_health: a device code marks the member down at once") {
   }
 }
 
+TEST_CASE(
+    "member_health: the gate moves when the member leaves up, or is reopened; not with calls") {
+  // A session calls without looking while the gate stays where it saw the
+  // member up (member_calls.hpp, before_member_call).
+  MemberHealth m(rules(2));
+  const std::uint32_t open = m.gate();
+  m.begin();
+  m.end_ok();
+  CHECK(call(m, CKR_PIN_INCORRECT) == CallOutcome::application);
+  CHECK(call(m, CKR_SESSION_HANDLE_INVALID, 7) == CallOutcome::session_gone);  // 1 of 2
+  CHECK(m.gate() == open);
+  // Down by a session-gone quorum: moved, once.
+  CHECK(call(m, CKR_SESSION_CLOSED, 8) == CallOutcome::session_gone);
+  REQUIRE(m.state() == MemberState::down);
+  const std::uint32_t down = m.gate();
+  CHECK(down != open);
+  CHECK_FALSE(m.mark_down(DownReason::device, t0));  // down already: stays
+  CHECK(m.gate() == down);
+  // Back up: the group reopens every member's gate (GroupRuntime::recover).
+  REQUIRE(m.claim_probe(t0 + 61s));
+  m.probe_done(true, t0 + 61s);
+  REQUIRE(m.admit());
+  m.reopened();
+  CHECK(m.gate() != down);
+  // A joining member whose login fails goes down again: moved.
+  MemberHealth j(rules());
+  REQUIRE(j.mark_down(DownReason::device, t0));
+  REQUIRE(j.claim_probe(t0 + 61s));
+  j.probe_done(true, t0 + 61s);
+  const std::uint32_t joining = j.gate();
+  REQUIRE(j.mark_down(DownReason::login_failed, t0 + 61s));
+  CHECK(j.gate() != joining);
+}
+
 TEST_CASE("member_health: the application's codes never count against the member") {
   MemberHealth m(rules());
   for (int i = 0; i < 100; ++i) {
