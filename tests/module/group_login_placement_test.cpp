@@ -241,4 +241,35 @@ TEST_CASE(
   CHECK(proxy.state(c) == CKS_RO_USER_FUNCTIONS);
 }
 
+TEST_CASE(
+    "group login placement: a member that hangs under C_CloseSession's own calls is found hung") {
+  MeteredLogin m("serialize", "balance = primary\nhang_timeout_s = 1\n");
+  GroupLoginProxy& proxy = m.proxy;
+  CK_SESSION_HANDLE a = CK_INVALID_HANDLE;
+  REQUIRE(proxy.open(a) == CKR_OK);  // on member 1, the mock's slot 0
+  // A search left active: the close ends it on the member before the
+  // backend session goes back to the pool (Runtime::reset_backend_session),
+  // which member 1, silent by then, does not answer.
+  REQUIRE(proxy.p11->C_FindObjectsInit(a, nullptr, 0) == CKR_OK);
+  std::future<CK_RV> closed;
+  struct Released {
+    ~Released() { faulty_control()->release_slot(0); }
+  } released;
+  faulty_control()->hang_slot(0, FAULTY_HANG_UNTIL_RELEASED);
+  closed = std::async(std::launch::async, [&] { return proxy.p11->C_CloseSession(a); });
+  REQUIRE(wait_hung(faulty_control(), 0));
+  // Counted in flight: found hung (within 1.25 s; 10 s is a liveness
+  // guard). Before, never: no other call was in flight there.
+  const char* member1 = "f/label:mock-token-0";
+  bool found = false;
+  for (int i = 0; i < 200 && !found; ++i) {
+    found = m.figure("p11mux_member_hung_total", member1) == 1;
+    if (!found) std::this_thread::sleep_for(50ms);
+  }
+  CHECK(found);
+  faulty_control()->release_slot(0);
+  REQUIRE(closed.wait_for(10s) == std::future_status::ready);
+  CHECK(closed.get() == CKR_OK);
+}
+
 }  // namespace p11mux::test
