@@ -297,6 +297,23 @@ bool GroupRuntime::token_present(const Member& m) noexcept {
          member_token_matches(m.config, token);
 }
 
+bool GroupRuntime::present_and_up(const GroupSlot& group, std::size_t member) const noexcept {
+  MemberHealth& health = *group.health[member];
+  // Counted first, the state read after (as the balancer does): a member
+  // marked down before this look is not asked.
+  health.begin();
+  if (!health.up()) {
+    health.cancel();
+    return false;
+  }
+  const bool present = token_present(group.members[member]);
+  // In flight only while it runs: not one of the member's calls in its
+  // figures, and an absent token is no failure of it.
+  health.cancel();
+  // Found hung while it was asked: not placed there.
+  return present && health.up();
+}
+
 std::size_t GroupRuntime::place_session(CK_SLOT_ID slot) const {
   const GroupSlot* g = group_at(slot);
   if (g == nullptr) return kNoMember;
@@ -305,10 +322,10 @@ std::size_t GroupRuntime::place_session(CK_SLOT_ID slot) const {
   // no other member can take the session.
   std::size_t unready = kNoMember;
   const std::size_t member = g->placement->place([&](std::size_t i) {
-    if (!g->health[i]->up()) return false;
-    if (login_ready(slot, i)) return token_present(g->members[i]);
-    if (unready == kNoMember && token_present(g->members[i])) unready = i;
-    return false;
+    const bool ready = login_ready(slot, i);
+    if ((!ready && unready != kNoMember) || !present_and_up(*g, i)) return false;
+    if (!ready) unready = i;
+    return ready;
   });
   if (member != SessionPlacement::kNone) return member;
   if (unready != kNoMember) g->placement->add(unready);

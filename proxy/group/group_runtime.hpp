@@ -210,6 +210,10 @@ class GroupRuntime {
     std::unique_ptr<std::atomic<std::uint32_t>> admissions =
         std::make_unique<std::atomic<std::uint32_t>>(0);
   };
+  // Placement's look at a member: up, and its token present (token_present),
+  // the look in flight on the member while it runs, so that one that stops
+  // answering under it is found hung; false if it is not up after.
+  bool present_and_up(const GroupSlot& group, std::size_t member) const noexcept;
   // A down member's probe: its token present, and a session opened and
   // closed on it (straight on its port, not through the pool).
   bool probe(const GroupSlot& group, const Member& m) const noexcept;

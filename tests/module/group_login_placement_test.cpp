@@ -40,6 +40,15 @@ class MeteredLogin {
     return parse_prometheus(m->body).at(std::string(name) + "{group=\"signing\",member=\"" +
                                         member + "\"}");
   }
+  // Whether `member` is found hung, polled for at most 10 s (a liveness
+  // guard, not a timing: hang_timeout_s = 1 finds it within 1.25 s).
+  bool hung_within_10s(const char* member) const {
+    for (int i = 0; i < 200; ++i) {
+      if (figure("p11mux_member_hung_total", member) == 1) return true;
+      std::this_thread::sleep_for(50ms);
+    }
+    return false;
+  }
   // A session opened on the group, logged in, serving calls; CK_INVALID_HANDLE
   // if it did not open.
   CK_SESSION_HANDLE open_logged_in() {
@@ -161,12 +170,12 @@ namespace {
 
 // The mock's three tokens as GroupLoginProxy configures them, C_OpenSession
 // taking `open_us` in the mock (after the faulty module's own checks).
-void mock_open_takes(unsigned long open_us) {
+bool mock_open_takes(unsigned long open_us) {
   MockConfig config{};
   config.slot_count = 3;
   config.provide_v3 = 1;
   config.open_session_us = open_us;
-  REQUIRE(libs().mock->configure(&config) == 0);
+  return libs().mock->configure(&config) == 0;
 }
 
 }  // namespace
@@ -192,7 +201,7 @@ TEST_CASE(
     ~Released() {
       faulty_control()->clear_slot(0);
       faulty_control()->release_slot(1);
-      mock_open_takes(0);
+      (void)mock_open_takes(0);
     }
   } released;
 
@@ -201,18 +210,18 @@ TEST_CASE(
   // that b's open hangs in member 2's C_GetSessionInfo (GroupLogin asking
   // whether it is logged in).
   faulty_control()->fail_slot(0, CKR_TOKEN_NOT_PRESENT);
-  mock_open_takes(1'000'000);
+  REQUIRE(mock_open_takes(2'000'000));
   const unsigned long opens = faulty_control()->calls("C_OpenSession");
   first = std::async(std::launch::async, [&] {
     return proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &b);
   });
-  for (int i = 0; i < 250 && faulty_control()->calls("C_OpenSession") == opens; ++i) {
+  for (int i = 0; i < 2500 && faulty_control()->calls("C_OpenSession") == opens; ++i) {
     std::this_thread::sleep_for(2ms);
   }
   REQUIRE(faulty_control()->calls("C_OpenSession") > opens);
   faulty_control()->hang_slot(1, FAULTY_HANG_UNTIL_RELEASED);
   faulty_control()->clear_slot(0);
-  mock_open_takes(0);
+  REQUIRE(mock_open_takes(0));
   REQUIRE(wait_hung(faulty_control(), 1));
 
   // Another open goes to member 1 and completes at once: the group's
@@ -261,15 +270,39 @@ TEST_CASE(
   // Counted in flight: found hung (within 1.25 s; 10 s is a liveness
   // guard). Before, never: no other call was in flight there.
   const char* member1 = "f/label:mock-token-0";
-  bool found = false;
-  for (int i = 0; i < 200 && !found; ++i) {
-    found = m.figure("p11mux_member_hung_total", member1) == 1;
-    if (!found) std::this_thread::sleep_for(50ms);
-  }
-  CHECK(found);
+  CHECK(m.hung_within_10s(member1));
   faulty_control()->release_slot(0);
   REQUIRE(closed.wait_for(10s) == std::future_status::ready);
   CHECK(closed.get() == CKR_OK);
+}
+
+TEST_CASE(
+    "group login placement: a member that hangs while placement looks at its token is found "
+    "hung, and the session goes elsewhere") {
+  // balance = primary: member 1 first.
+  MeteredLogin m("serialize", "balance = primary\nhang_timeout_s = 1\n");
+  GroupLoginProxy& proxy = m.proxy;
+  CK_SESSION_HANDLE b = CK_INVALID_HANDLE;
+  std::future<CK_RV> opened;
+  struct Released {
+    ~Released() { faulty_control()->release_slot(0); }
+  } released;
+  // Member 1 silent: placement's look at its token (C_GetSlotInfo) hangs.
+  faulty_control()->hang_slot(0, FAULTY_HANG_UNTIL_RELEASED);
+  opened = std::async(std::launch::async, [&] {
+    return proxy.p11->C_OpenSession(0, CKF_SERIAL_SESSION, nullptr, nullptr, &b);
+  });
+  REQUIRE(wait_hung(faulty_control(), 0));
+  // Counted in flight: found hung (within 1.25 s; 10 s is a liveness
+  // guard). Before, never: no other call was in flight there.
+  const char* member1 = "f/label:mock-token-0";
+  CHECK(m.hung_within_10s(member1));
+  // It answers: down by now, so the session goes to member 2.
+  faulty_control()->release_slot(0);
+  REQUIRE(opened.wait_for(10s) == std::future_status::ready);
+  CHECK(opened.get() == CKR_OK);
+  CHECK(m.figure("p11mux_member_sessions", member1) == 0);
+  CHECK(m.figure("p11mux_member_sessions", kMember2) == 1);
 }
 
 }  // namespace p11mux::test
