@@ -13,10 +13,12 @@ std::vector<std::uint32_t> capacities(std::size_t n, std::span<const std::uint32
 }  // namespace
 
 Balancer::Balancer(Balance rule, std::span<MemberHealth* const> members,
-                   std::span<const std::uint32_t> capacity)
+                   std::span<const std::uint32_t> capacity,
+                   std::span<const std::atomic<bool>> passed_over)
     : rule_(rule),
       members_(members.begin(), members.end()),
-      capacity_(capacities(members.size(), capacity)) {}
+      capacity_(capacities(members.size(), capacity)),
+      passed_over_(passed_over) {}
 
 Balancer::Pick Balancer::begin_on(std::size_t i) noexcept {
   members_[i]->begin();
@@ -50,7 +52,7 @@ Balancer::Pick Balancer::pick() noexcept {
     }
     if (p) return p;
     bool any_up = false;
-    for (const MemberHealth* m : members_) any_up = any_up || m->up();
+    for (std::size_t i = 0; i < members_.size(); ++i) any_up = any_up || eligible(i);
     if (!any_up) return Pick{};
   }
   return Pick{};
@@ -61,7 +63,7 @@ Balancer::Pick Balancer::least_busy() noexcept {
   std::uint32_t least = ~std::uint32_t{0};
   std::size_t ties = 0;
   for (std::size_t i = 0; i < n; ++i) {
-    if (!members_[i]->up()) continue;
+    if (!eligible(i)) continue;
     const std::uint32_t busy = members_[i]->load();
     if (busy < least) {
       least = busy;
@@ -75,13 +77,13 @@ Balancer::Pick Balancer::least_busy() noexcept {
   // sequential application still spreads its sessions over the members.
   std::size_t k = ties == 1 ? 0 : rotor_.fetch_add(1, std::memory_order_relaxed) % ties;
   for (std::size_t i = 0; i < n; ++i) {
-    if (!members_[i]->up() || members_[i]->load() != least) continue;
+    if (!eligible(i) || members_[i]->load() != least) continue;
     if (k-- == 0) return begin_on(i);
   }
   // The counts moved under the second pass: take the least busy of now.
   std::size_t best = kNone;
   for (std::size_t i = 0; i < n; ++i) {
-    if (members_[i]->up() && (best == kNone || members_[i]->load() < members_[best]->load())) {
+    if (eligible(i) && (best == kNone || members_[i]->load() < members_[best]->load())) {
       best = i;
     }
   }
@@ -92,18 +94,18 @@ Balancer::Pick Balancer::round_robin() noexcept {
   // The turn is among the members up, so each takes an equal share: passing
   // a down member's turn to its neighbour would give that one twice as many.
   std::size_t up = 0;
-  for (const MemberHealth* m : members_) up += m->up() ? 1 : 0;
+  for (std::size_t i = 0; i < members_.size(); ++i) up += eligible(i) ? 1 : 0;
   if (up == 0) return Pick{};
   std::size_t k = rotor_.fetch_add(1, std::memory_order_relaxed) % up;
   for (std::size_t i = 0; i < members_.size(); ++i) {
-    if (members_[i]->up() && k-- == 0) return begin_on(i);
+    if (eligible(i) && k-- == 0) return begin_on(i);
   }
   return Pick{};  // one went down between the passes: pick() chooses again
 }
 
 Balancer::Pick Balancer::primary() noexcept {
   for (std::size_t i = 0; i < members_.size(); ++i) {
-    if (!members_[i]->up()) continue;
+    if (!eligible(i)) continue;
     if (capacity_[i] == kUnlimited) return begin_on(i);
     if (members_[i]->begin_below(capacity_[i])) return keep_if_up(i);
   }

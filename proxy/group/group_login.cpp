@@ -45,16 +45,16 @@ bool logged_out_now(CK_RV rv) noexcept { return rv == CKR_OK || rv == CKR_USER_N
 GroupLogin::GroupLogin(const GroupRuntime& groups, std::vector<std::string> names,
                        std::vector<std::vector<SessionPool*>> pools, const LockSource& locks,
                        bool keep_login, spdlog::logger& log)
-    : keep_login_(keep_login), log_(log) {
+    : runtime_(groups), keep_login_(keep_login), log_(log) {
   for (std::size_t i = 0; i < groups.group_count(); ++i) {
     auto g = std::make_unique<Group>(locks);
     g->name = std::move(names.at(i));
+    g->index = i;
     g->members = &groups.members(i);
     g->pools = std::move(pools.at(i));
     for (std::size_t m = 0; m < g->members->size(); ++m) g->health.push_back(&groups.health(i, m));
     {
       MutexGuard guard(g->mutex);
-      g->refused.assign(g->members->size(), 0);
       g->stale.assign(g->members->size(), 0);
     }
     // One line for the first store without its page: the others share its
@@ -72,12 +72,31 @@ GroupLogin::GroupLogin(const GroupRuntime& groups, std::vector<std::string> name
 GroupLogin::~GroupLogin() = default;
 
 template <class Fn>
-CK_RV GroupLogin::on_borrowed(const Group& g, std::size_t member, bool rw, Fn&& fn) const noexcept {
+CK_RV GroupLogin::on_borrowed(const Group& g, std::size_t member, bool rw, Reach reach,
+                              Fn&& fn) const noexcept {
   const GroupRuntime::Member& m = (*g.members)[member];
   SessionPool& pool = *g.pools[member];
+  MemberHealth& health = *g.health[member];
+  // Borrowing may open a session there: not on a member that is not up.
+  if (reach == Reach::up && !health.up()) return CKR_DEVICE_ERROR;
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
   if (CK_RV rv = pool.borrow(m.slot, rw, h); rv != CKR_OK) return rv;
+  // In flight on the member, so that one that stops answering under the call
+  // is found hung (member_health.hpp); counted first, the state read after
+  // (as the balancer does): a member marked down before this look is not
+  // called, and its session is left to it (SessionPool::Fate::abandon).
+  health.begin();
+  if (reach == Reach::up && !health.up()) {
+    health.cancel();
+    pool.give(m.slot, rw, h, SessionPool::Fate::abandon);
+    return CKR_DEVICE_ERROR;
+  }
   const CK_RV rv = std::forward<Fn>(fn)(*m.port, h);
+  if (reach == Reach::plain) {
+    health.end_ok();  // answered
+  } else {
+    (void)health.end(rv, h, HealthClock::now());
+  }
   // A login changes the token, not the session: it goes back as it was.
   const bool gone = session_gone(rv);
   pool.give(m.slot, rw, h, SessionPool::unreset_fate(gone, gone, CloseReason{}));
@@ -85,7 +104,7 @@ CK_RV GroupLogin::on_borrowed(const Group& g, std::size_t member, bool rw, Fn&& 
   return rv;
 }
 
-CK_RV GroupLogin::member_login(const Group& g, std::size_t member, CK_USER_TYPE user,
+CK_RV GroupLogin::member_login(const Group& g, std::size_t member, Reach reach, CK_USER_TYPE user,
                                CK_UTF8CHAR_PTR pin, CK_ULONG pin_len, CK_UTF8CHAR_PTR username,
                                CK_ULONG username_len, bool by_username) const noexcept {
   const GroupRuntime::Member& m = (*g.members)[member];
@@ -99,11 +118,11 @@ CK_RV GroupLogin::member_login(const Group& g, std::size_t member, CK_USER_TYPE 
                        : port.call<fn::C_Login>(h, user, pin, pin_len);
   };
   const bool rw = user == CKU_SO;
-  CK_RV rv = on_borrowed(g, member, rw, call);
+  CK_RV rv = on_borrowed(g, member, rw, reach, call);
   // p11mux's own idle read-only sessions may be what is in the way.
   if (rv == CKR_SESSION_READ_ONLY_EXISTS && user == CKU_SO &&
       pool.drain_idle(m.slot, /*read_only_only=*/true)) {
-    rv = on_borrowed(g, member, rw, call);
+    rv = on_borrowed(g, member, rw, reach, call);
   }
   pool.logged_in(m.slot, user, rv == CKR_USER_ALREADY_LOGGED_IN ? CKR_OK : rv);
   return rv;
@@ -115,9 +134,9 @@ CK_RV GroupLogin::member_logout(const Group& g, std::size_t member) const noexce
   // it answers again (`stale`).
   if (!g.health[member]->up()) return CKR_DEVICE_ERROR;
   const GroupRuntime::Member& m = (*g.members)[member];
-  const CK_RV rv = on_borrowed(g, member, false, [](const BackendPort& port, CK_SESSION_HANDLE h) {
-    return port.call<fn::C_Logout>(h);
-  });
+  const CK_RV rv = on_borrowed(
+      g, member, false, Reach::plain,
+      [](const BackendPort& port, CK_SESSION_HANDLE h) { return port.call<fn::C_Logout>(h); });
   g.pools[member]->logged_out(m.slot, rv);
   return rv;
 }
@@ -208,7 +227,7 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
     // one that is not up, which is not asked (the application's call would
     // hang with it) and joins through its probe (join).
     if (!g.health[i]->up() || !GroupRuntime::token_present((*g.members)[i])) continue;
-    rv = member_login(g, i, user, pin, pin_len, username, username_len, by_username);
+    rv = member_login(g, i, Reach::plain, user, pin, pin_len, username, username_len, by_username);
     if (rv == CKR_OK) {
       took[i] = 1;
     } else if (rv == CKR_USER_ALREADY_LOGGED_IN) {
@@ -218,7 +237,6 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
     }
   }
   set_user(g, user);
-  g.refused.assign(g.refused.size(), 0);
   for (std::size_t i = 0; i < took.size(); ++i) {
     if (took[i] != 0) g.stale[i] = 0;
   }
@@ -262,7 +280,6 @@ void GroupLogin::log_out_all(Group& g) noexcept {
   for (std::size_t i = 0; i < g.pools.size(); ++i) log_out(g, i);
   g.store.clear_all();
   set_user(g, kNobody);
-  g.refused.assign(g.refused.size(), 0);
 }
 
 CK_RV GroupLogin::logout(Session& s) noexcept {
@@ -279,7 +296,6 @@ CK_RV GroupLogin::logout(Session& s) noexcept {
   }
   g.store.clear_all();
   set_user(g, kNobody);
-  g.refused.assign(g.refused.size(), 0);
   // The application was logged in: its member having lost the login (its
   // pool logged it out with its last session there) changes nothing for it.
   return rv == CKR_USER_NOT_LOGGED_IN ? CKR_OK : rv;
@@ -294,72 +310,124 @@ CK_RV GroupLogin::refuse_pin_change(const char* function, const Session& s) noex
   return CKR_FUNCTION_NOT_SUPPORTED;
 }
 
-CK_RV GroupLogin::bring_in(Group& g, std::size_t member) noexcept {
-  const std::string name = member_name((*g.members)[member].config);
-  if (g.refused[member] != 0) {
-    log_.warn(
-        "group '{}': member {} ({}) is not logged in (see above); C_OpenSession on it "
-        "answers CKR_DEVICE_ERROR until the application logs in again",
-        g.name, member + 1, name);
-    return CKR_DEVICE_ERROR;
-  }
-  const bool rw = g.user == CKU_SO;
-  CK_SESSION_INFO info{};
-  CK_RV rv = on_borrowed(g, member, rw, [&](const BackendPort& port, CK_SESSION_HANDLE h) {
-    return port.call<fn::C_GetSessionInfo>(h, &info);
-  });
-  if (rv != CKR_OK) return rv;
-  if (logged_in_as(info.state, g.user)) return CKR_OK;
-  std::optional<CK_RV> login = g.store.use(g.user, [&](const KeptLogin& k) {
-    return member_login(g, member, k.user_type, k.pin, k.pin_len, k.username, k.username_len,
-                        k.by_username);
-  });
-  if (!login) {
-    g.refused[member] = 1;
-    log_.warn(
-        "group '{}': member {} ({}) is not logged in and no login is kept to log it in; "
-        "C_OpenSession on it answers CKR_DEVICE_ERROR until the application logs in again",
-        g.name, member + 1, name);
-    return CKR_DEVICE_ERROR;
-  }
-  if (*login == CKR_OK || *login == CKR_USER_ALREADY_LOGGED_IN) {
-    log_.info("group '{}': member {} ({}) logged in from the kept login", g.name, member + 1, name);
-    return CKR_OK;
-  }
-  if (pin_refused(*login)) {
-    // Never again with this PIN: each try counts toward the member's lockout.
-    g.refused[member] = 1;
-    log_.warn(
-        "group '{}': member {} ({}) refused the kept login ({}); not tried again until the "
-        "application logs in again; C_OpenSession on it answers CKR_DEVICE_ERROR",
-        g.name, member + 1, name, rv_name(*login));
-    return CKR_DEVICE_ERROR;
-  }
-  log_.warn("group '{}': member {} ({}) could not be logged in from the kept login: {}", g.name,
-            member + 1, name, rv_name(*login));
-  return *login;
-}
-
 CK_RV GroupLogin::opening(std::size_t group, std::size_t member) noexcept {
   Group& g = *groups_.at(group);
-  MutexGuard guard(g.mutex);
-  if (g.user == kNobody) retry_stale(g);
-  if (g.user != kNobody) {
-    if (CK_RV rv = bring_in(g, member); rv != CKR_OK) return rv;
+  CK_USER_TYPE user = kNobody;
+  std::uint64_t logins = 0;
+  {
+    MutexGuard guard(g.mutex);
+    if (g.user == kNobody) retry_stale(g);
+    // Counted before the member's calls: the group's last session closing
+    // meanwhile does not log the group out under this open.
+    ++g.sessions;
+    if (g.user == kNobody) return CKR_OK;
+    if (refused(g, member)) {
+      // Placed here only when no other member can be logged in either
+      // (GroupRuntime::place_session), or refused since it was placed.
+      log_.warn(
+          "group '{}': member {} ({}) is not logged in (see above): no session opens on it "
+          "until the application logs in again",
+          g.name, member + 1, member_name((*g.members)[member].config));
+      count_closed(g);
+      return CKR_DEVICE_ERROR;
+    }
+    user = g.user;
+    logins = g.logins;
   }
-  ++g.sessions;
-  return CKR_OK;
+  // Without the group's lock (group_login.hpp), as join(): the member's
+  // calls may hang. Made again (at most twice) if the group's login changed
+  // meanwhile to another one.
+  for (int tries = 0;; ++tries) {
+    const Joining j = join_login(g, member, user, Reach::up);
+    MutexGuard guard(g.mutex);
+    bool again = false;
+    const CK_RV rv = brought_in(g, member, j, logins, again);
+    if (again && tries < 2) {
+      user = g.user;
+      logins = g.logins;
+      continue;
+    }
+    if (again) {
+      log_.warn(
+          "group '{}': member {} ({}) could not be logged in: the group's login changed while "
+          "it was being logged in",
+          g.name, member + 1, member_name((*g.members)[member].config));
+    }
+    if (rv != CKR_OK) count_closed(g);
+    return rv;
+  }
 }
 
-void GroupLogin::closed(std::size_t group) noexcept {
-  Group& g = *groups_.at(group);
-  MutexGuard guard(g.mutex);
+CK_RV GroupLogin::brought_in(Group& g, std::size_t member, const Joining& j, std::uint64_t logins,
+                             bool& again) noexcept {
+  again = false;
+  if (g.logins != logins) {
+    // The application logged out meanwhile: the session opens logged out, as
+    // it now is; a login of ours is undone at the group's next call. Logged
+    // in again: the member is asked again.
+    if (g.user != kNobody) {
+      again = true;
+      return CKR_DEVICE_ERROR;
+    }
+    if (j.ours) g.stale[member] = 1;
+    return CKR_OK;
+  }
+  const std::string name = member_name((*g.members)[member].config);
+  if (j.rv == CKR_OK) {
+    if (j.ours) {
+      log_.info("group '{}': member {} ({}) logged in from the kept login", g.name, member + 1,
+                name);
+    }
+    return CKR_OK;
+  }
+  // Another open's (or its probe's) try was refused meanwhile: said there.
+  if (j.refused) return CKR_DEVICE_ERROR;
+  if (j.nothing_kept) {
+    refuse(g, member);
+    log_.warn(
+        "group '{}': member {} ({}) is not logged in and no login is kept to log it in; "
+        "sessions open on the other members until the application logs in again",
+        g.name, member + 1, name);
+    return CKR_DEVICE_ERROR;
+  }
+  if (pin_refused(j.rv)) {
+    // Never again with this PIN: each try counts toward the member's lockout.
+    refuse(g, member);
+    log_.warn(
+        "group '{}': member {} ({}) refused the kept login ({}); not tried again until the "
+        "application logs in again; sessions open on the other members",
+        g.name, member + 1, name, rv_name(j.rv));
+    return CKR_DEVICE_ERROR;
+  }
+  // A member gone down meanwhile is said by the members' watch.
+  if (j.tried && g.health[member]->up()) {
+    log_.warn("group '{}': member {} ({}) could not be logged in from the kept login: {}", g.name,
+              member + 1, name, rv_name(j.rv));
+  }
+  return j.rv;
+}
+
+void GroupLogin::count_closed(Group& g) noexcept {
   if (g.sessions > 0) --g.sessions;
   if (g.user == kNobody) retry_stale(g);
   // The pools log a member out with the application's last session there;
   // members logged in through borrowed sessions have none, so the group
   // logs them all out with its last session.
   if (g.sessions == 0 && g.user != kNobody && !keep_login_) log_out_all(g);
+}
+
+void GroupLogin::closed(std::size_t group) noexcept {
+  Group& g = *groups_.at(group);
+  MutexGuard guard(g.mutex);
+  count_closed(g);
+}
+
+void GroupLogin::refuse(const Group& g, std::size_t member) const noexcept {
+  runtime_.set_login_ready(g.index, member, false);
+}
+
+bool GroupLogin::refused(const Group& g, std::size_t member) const noexcept {
+  return !runtime_.login_ready(g.index, member);
 }
 
 void GroupLogin::finalize() noexcept {
@@ -372,27 +440,40 @@ void GroupLogin::finalize() noexcept {
   }
 }
 
-void GroupLogin::set_user(Group& g, CK_USER_TYPE user) noexcept {
+void GroupLogin::set_user(Group& g, CK_USER_TYPE user) const noexcept {
   g.user = user;
   ++g.logins;
+  // A new login, or none: members that refused the last are tried again.
+  for (std::size_t i = 0; i < g.members->size(); ++i) runtime_.set_login_ready(g.index, i, true);
 }
 
-GroupLogin::Joining GroupLogin::join_login(Group& g, std::size_t member,
-                                           CK_USER_TYPE user) const noexcept {
+GroupLogin::Joining GroupLogin::join_login(Group& g, std::size_t member, CK_USER_TYPE user,
+                                           Reach reach) const noexcept {
   Joining out;
   const bool rw = user == CKU_SO;
   CK_SESSION_INFO info{};
   auto session_info = [&](const BackendPort& port, CK_SESSION_HANDLE h) {
     return port.call<fn::C_GetSessionInfo>(h, &info);
   };
-  out.rv = on_borrowed(g, member, rw, session_info);
+  out.rv = on_borrowed(g, member, rw, reach, session_info);
   // The pool's idle sessions from before it went down may be gone with its
   // restart: on_borrowed dropped them, and a fresh one is opened.
-  if (session_gone(out.rv)) out.rv = on_borrowed(g, member, rw, session_info);
+  if (session_gone(out.rv)) out.rv = on_borrowed(g, member, rw, reach, session_info);
   if (out.rv != CKR_OK || logged_in_as(info.state, user)) return out;
+  // The store's lock is held across the login, so the logins from the kept
+  // PIN of one group are one at a time: a refusal is noted before the next
+  // one looks, and the PIN is tried once (each try counts toward the
+  // member's lockout), however many opens and probes want the member.
   const std::optional<CK_RV> login = g.store.use(user, [&](const KeptLogin& k) {
-    return member_login(g, member, k.user_type, k.pin, k.pin_len, k.username, k.username_len,
-                        k.by_username);
+    if (!runtime_.login_ready(g.index, member)) {
+      out.refused = true;
+      return CKR_DEVICE_ERROR;
+    }
+    out.tried = true;
+    const CK_RV rv = member_login(g, member, reach, k.user_type, k.pin, k.pin_len, k.username,
+                                  k.username_len, k.by_username);
+    if (pin_refused(rv)) runtime_.set_login_ready(g.index, member, false);
+    return rv;
   });
   if (!login) {
     out.rv = CKR_USER_NOT_LOGGED_IN;
@@ -413,11 +494,11 @@ bool GroupLogin::join(std::size_t group, std::size_t member) noexcept {
     user = g.user;
     logins = g.logins;
     if (user == kNobody) return true;
-    // Not tried again (bring_in): said when it was refused.
-    if (g.refused[member] != 0) return false;
+    // Not tried again (opening): said when it was refused.
+    if (refused(g, member)) return false;
   }
   // Without the group's lock (group_login.hpp): the member's calls may hang.
-  const Joining j = join_login(g, member, user);
+  const Joining j = join_login(g, member, user, Reach::joining);
   const std::string name = member_name((*g.members)[member].config);
   MutexGuard guard(g.mutex);
   if (g.logins != logins) {
@@ -438,9 +519,10 @@ bool GroupLogin::join(std::size_t group, std::size_t member) noexcept {
     }
     return true;
   }
+  if (j.refused) return false;  // said by the open that was refused
   if (j.nothing_kept || pin_refused(j.rv)) {
     // Never again with this PIN: each try counts toward the member's lockout.
-    g.refused[member] = 1;
+    refuse(g, member);
     log_.warn(
         "group '{}': member {} ({}) stays down: {} ({}); not tried again until the application "
         "logs in again or out",
@@ -457,9 +539,7 @@ bool GroupLogin::join(std::size_t group, std::size_t member) noexcept {
 }
 
 bool GroupLogin::member_ready(std::size_t group, std::size_t member) const noexcept {
-  const Group& g = *groups_.at(group);
-  MutexGuard guard(g.mutex);
-  return g.user == kNobody || g.refused.at(member) == 0;
+  return runtime_.login_ready(group, member);
 }
 
 }  // namespace p11mux

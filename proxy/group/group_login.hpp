@@ -8,15 +8,21 @@
 // Per group: the application's login as p11mux answers it (`user`), the
 // PinStore with its secret, the application's sessions on the group, and
 // the members that refused the kept PIN (never tried again: each wrong try
-// counts toward a lockout). The members' own sessions for these calls are
+// counts toward a lockout; GroupRuntime::login_ready, which placement reads
+// to pass them over). The members' own sessions for these calls are
 // borrowed from their pools (SessionPool::borrow) and given back; the
 // session's own member is logged in through the application's session.
+// Each call on a borrowed session is counted in flight on its member
+// (MemberHealth), as the application's calls are, so that a member that
+// stops answering under one is found hung.
 //
 // In multiplex mode each thread's lane is a group's session of its own
 // (session_lanes.hpp): the same calls, on the lane. Not on the
 // hot path: only C_Login, C_LoginUser, C_Logout, C_SetPIN, C_InitPIN on a
 // group's session, C_OpenSession / C_CloseSession on a group's slot, and
-// the probe of a member that recovers (join).
+// the probe of a member that recovers (join). C_Login and C_Logout call the
+// members under the group's lock; a session opening (opening) and a probe
+// (join) only read and record under it, and call the member without it.
 //
 // Lock order (sync/lock.hpp): a group's lock is taken under a Session::lock
 // (the call's own, or none), then the PinStore's, then the pools' and the
@@ -72,7 +78,12 @@ class GroupLogin {
 
   // Before a session opens on `member` of `group`: while the application is
   // logged in, the member is logged in too (from the kept PIN if it is
-  // not), else the open fails (CKR_DEVICE_ERROR, a log line saying why).
+  // not), else the open fails: CKR_DEVICE_ERROR, with a log line, when the
+  // member cannot be logged in (it refused the kept PIN, or none is kept:
+  // member_ready is false from then on, and placement passes it over) or is
+  // no longer up; the member's error otherwise. The member's calls are made
+  // without the group's lock, as join()'s: a member that hangs in them holds
+  // up this open only (and is found hung: they are counted in flight).
   // Counts the application's session on the group; closed() undoes it.
   CK_RV opening(std::size_t group, std::size_t member) noexcept;
   // A session of the group closed (or did not open after opening()): the
@@ -98,9 +109,10 @@ class GroupLogin {
   // needs the kept PIN, whose lock the member's C_Login holds (pin_store.hpp).
   bool join(std::size_t group, std::size_t member) noexcept;
 
-  // Whether the member is logged in as the group is, as far as p11mux knows
-  // (for the balancer, and tests): the group not logged in, or the member
-  // neither refused the kept PIN nor missed the login without a store.
+  // Whether the member can be logged in as the group is, as far as p11mux
+  // knows: the group not logged in, or the member neither refused the kept
+  // PIN nor missed the login without a store (GroupRuntime::login_ready,
+  // which placement reads). Takes no lock.
   bool member_ready(std::size_t group, std::size_t member) const noexcept;
 
  private:
@@ -108,51 +120,76 @@ class GroupLogin {
   struct Group {
     explicit Group(const LockSource& locks) : mutex(locks), store(locks) {}
     std::string name;
+    std::size_t index = 0;  // in GroupRuntime
     const std::vector<GroupRuntime::Member>* members = nullptr;
-    std::vector<SessionPool*> pools;          // member i's
-    std::vector<const MemberHealth*> health;  // member i's
+    std::vector<SessionPool*> pools;    // member i's
+    std::vector<MemberHealth*> health;  // member i's
     mutable Mutex mutex;
     PinStore store;  // its own lock, taken under `mutex`
     // The application's login on the group: CKU_USER, CKU_SO, or kNobody.
     CK_USER_TYPE user GUARDED_BY(mutex) = kNobody;
-    // Member i refused the kept PIN, or could not be logged in without one:
-    // not tried again until the next login.
-    std::vector<std::uint8_t> refused GUARDED_BY(mutex);
     // Member i did not take a logout (absent, or failing, at the time): it
     // may still be logged in, and is logged out at the group's next call.
     std::vector<std::uint8_t> stale GUARDED_BY(mutex);
     std::size_t sessions GUARDED_BY(mutex) = 0;  // the application's, open on the group
-    // Bumped at every change of `user`: join() tells from it whether the
-    // login changed while it worked without the lock.
+    // Bumped at every change of `user`: join() and opening() tell from it
+    // whether the login changed while they worked without the lock.
     std::uint64_t logins GUARDED_BY(mutex) = 0;
   };
 
-  // A member's call on a session borrowed from its pool.
+  // How a member's call on a borrowed session is made. `plain`: the group's
+  // C_Login and C_Logout, on a member they found up; its answer is theirs to
+  // judge (a member that does not take a logout gets it later), so it counts
+  // as answered whatever its code. `up`: a session opening; not made on a
+  // member that is not up (CKR_DEVICE_ERROR: the caller would hang with a
+  // hung one), and its answer counted as a call's (member_health.hpp: a
+  // device code takes the member down, and the open goes elsewhere).
+  // `joining`: the same on a member being admitted (its probe's join).
+  enum class Reach : std::uint8_t { plain, up, joining };
+  // A member's call on a session borrowed from its pool, counted in flight
+  // on the member (a member that stops answering under it is found hung).
   template <class Fn>
-  CK_RV on_borrowed(const Group& g, std::size_t member, bool rw, Fn&& fn) const noexcept;
-  CK_RV member_login(const Group& g, std::size_t member, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin,
-                     CK_ULONG pin_len, CK_UTF8CHAR_PTR username, CK_ULONG username_len,
-                     bool by_username) const noexcept;
+  CK_RV on_borrowed(const Group& g, std::size_t member, bool rw, Reach reach,
+                    Fn&& fn) const noexcept;
+  CK_RV member_login(const Group& g, std::size_t member, Reach reach, CK_USER_TYPE user,
+                     CK_UTF8CHAR_PTR pin, CK_ULONG pin_len, CK_UTF8CHAR_PTR username,
+                     CK_ULONG username_len, bool by_username) const noexcept;
   CK_RV member_logout(const Group& g, std::size_t member) const noexcept;
-  // The member logged in as the group is, from the kept PIN if need be.
-  CK_RV bring_in(Group& g, std::size_t member) noexcept REQUIRES(g.mutex);
+  // One of the application's sessions on the group less: the last logs
+  // every member out (closed()).
+  void count_closed(Group& g) noexcept REQUIRES(g.mutex);
+  // Member i cannot be logged in as the group is until the login changes
+  // (GroupRuntime::login_ready); refused(): whether it is so.
+  void refuse(const Group& g, std::size_t member) const noexcept REQUIRES(g.mutex);
+  bool refused(const Group& g, std::size_t member) const noexcept REQUIRES(g.mutex);
   void log_out_all(Group& g) noexcept REQUIRES(g.mutex);
   // Member i logged out, or marked stale when it did not take it.
   void log_out(Group& g, std::size_t member) noexcept REQUIRES(g.mutex);
   // The stale members logged out, those that take it now.
   void retry_stale(Group& g) noexcept REQUIRES(g.mutex);
-  // The application's login on the group is now `user`.
-  static void set_user(Group& g, CK_USER_TYPE user) noexcept REQUIRES(g.mutex);
-  // join()'s calls on the member, without the group's lock: whether it is
-  // logged in as `user`, and if not, its login from the kept one.
+  // The application's login on the group is now `user`: every member may be
+  // tried again.
+  void set_user(Group& g, CK_USER_TYPE user) const noexcept REQUIRES(g.mutex);
+  // join()'s and opening()'s calls on the member, without the group's lock:
+  // whether it is logged in as `user`, and if not, its login from the kept
+  // one.
   struct Joining {
     CK_RV rv = CKR_OK;          // CKR_OK: logged in as the group is
     bool nothing_kept = false;  // not logged in, and no login kept to do it
     bool ours = false;          // logged in by this join, from the kept login
+    bool tried = false;         // a login from the kept one was made
+    bool refused = false;       // not tried: the member refused the kept login meanwhile
   };
-  Joining join_login(Group& g, std::size_t member, CK_USER_TYPE user) const noexcept
+  Joining join_login(Group& g, std::size_t member, CK_USER_TYPE user, Reach reach) const noexcept
       EXCLUDES(g.mutex);
+  // What opening() makes of its calls `j`, made for the login `logins`
+  // counted: CKR_OK, or the open's error (the member then refused, and said
+  // so, when it cannot be logged in). `again`: the group's login changed
+  // meanwhile to another one: the calls are to be made again.
+  CK_RV brought_in(Group& g, std::size_t member, const Joining& j, std::uint64_t logins,
+                   bool& again) noexcept REQUIRES(g.mutex);
 
+  const GroupRuntime& runtime_;
   const bool keep_login_;
   spdlog::logger& log_;
   std::vector<std::unique_ptr<Group>> groups_;

@@ -131,10 +131,13 @@ GroupRuntime::GroupRuntime(const Config& config, std::span<const BackendPort* co
       slot.shortest_period = std::min(rules.recovery_interval, rules.hang_timeout);
     }
     slot.downs_told = std::make_unique<std::atomic<std::uint64_t>[]>(slot.members.size());
+    slot.login_refused = std::make_unique<std::atomic<bool>[]>(slot.members.size());
     slot.placement = std::make_unique<SessionPlacement>(g.balance, capacity);
     std::vector<MemberHealth*> healths;
     for (auto& h : slot.health) healths.push_back(h.get());
-    slot.balancer = std::make_unique<Balancer>(g.balance, healths, capacity);
+    slot.balancer = std::make_unique<Balancer>(
+        g.balance, healths, capacity,
+        std::span<const std::atomic<bool>>(slot.login_refused.get(), slot.members.size()));
     std::vector<MechanismList> lists;
     lists.reserve(slot.members.size());
     for (const Member& m : slot.members) lists.push_back(mechanisms_of(m, g.name));
@@ -294,12 +297,39 @@ bool GroupRuntime::token_present(const Member& m) noexcept {
          member_token_matches(m.config, token);
 }
 
+bool GroupRuntime::present_and_up(const GroupSlot& group, std::size_t member) const noexcept {
+  MemberHealth& health = *group.health[member];
+  // Counted first, the state read after (as the balancer does): a member
+  // marked down before this look is not asked.
+  health.begin();
+  if (!health.up()) {
+    health.cancel();
+    return false;
+  }
+  const bool present = token_present(group.members[member]);
+  // In flight only while it runs: not one of the member's calls in its
+  // figures, and an absent token is no failure of it.
+  health.cancel();
+  // Found hung while it was asked: not placed there.
+  return present && health.up();
+}
+
 std::size_t GroupRuntime::place_session(CK_SLOT_ID slot) const {
   const GroupSlot* g = group_at(slot);
   if (g == nullptr) return kNoMember;
-  const std::size_t member = g->placement->place(
-      [&](std::size_t i) { return g->health[i]->up() && token_present(g->members[i]); });
-  return member == SessionPlacement::kNone ? kNoMember : member;
+  // A member that cannot be logged in is passed over (its token asked only
+  // while no such member is noted): the first one present is taken only when
+  // no other member can take the session.
+  std::size_t unready = kNoMember;
+  const std::size_t member = g->placement->place([&](std::size_t i) {
+    const bool ready = login_ready(slot, i);
+    if ((!ready && unready != kNoMember) || !present_and_up(*g, i)) return false;
+    if (!ready) unready = i;
+    return ready;
+  });
+  if (member != SessionPlacement::kNone) return member;
+  if (unready != kNoMember) g->placement->add(unready);
+  return unready;
 }
 
 std::size_t GroupRuntime::choose_member(CK_SLOT_ID slot) const noexcept {
@@ -308,9 +338,16 @@ std::size_t GroupRuntime::choose_member(CK_SLOT_ID slot) const noexcept {
   // The pick counts a call on its member; the lane's own call counts it
   // again when it runs (member_calls.hpp, MemberCall), so this one is undone.
   const Balancer::Pick pick = g->balancer->pick();
-  if (!pick) return kNoMember;
-  g->health[pick.member]->cancel();
-  return pick.member;
+  if (pick) {
+    g->health[pick.member]->cancel();
+    return pick.member;
+  }
+  // No member up can be logged in: one that cannot, whose open says so
+  // (GroupLogin::opening), as place_session does.
+  for (std::size_t i = 0; i < g->members.size(); ++i) {
+    if (g->health[i]->up()) return i;
+  }
+  return kNoMember;
 }
 
 void GroupRuntime::count_session(CK_SLOT_ID slot, std::size_t member) const noexcept {

@@ -28,8 +28,10 @@
 
 #include <spdlog/logger.h>
 
+#include <atomic>
 #include <functional>
 #include <memory>
+#include <new>
 #include <span>
 #include <string>
 #include <vector>
@@ -72,18 +74,63 @@ class GroupRuntime {
   CK_RV get_mechanism_info(CK_SLOT_ID slot, CK_MECHANISM_TYPE type,
                            CK_MECHANISM_INFO_PTR info) const noexcept;
   // The member a new session on group slot `slot` runs on, by the group's
-  // `balance` (session_placement.hpp) among the members whose token is
-  // present, counted there until release_session: its index in
-  // members(slot); kNoMember when no member has its token. `slot` must be a
-  // group's (is_group).
+  // `balance` (session_placement.hpp) among the members up whose token is
+  // present and that can be logged in as the group is (login_ready),
+  // counted there until release_session: its index in members(slot). When
+  // only members that cannot be logged in are left, the first of them (its
+  // open then fails, GroupLogin::opening); kNoMember when no member up has
+  // its token. `slot` must be a group's (is_group).
   static constexpr std::size_t kNoMember = ~std::size_t{0};
   std::size_t place_session(CK_SLOT_ID slot) const;
   void release_session(CK_SLOT_ID slot, std::size_t member) const noexcept;
   // Multiplex mode (session_lanes.hpp): the member a lane's next backend
   // session comes from, by the group's `balance` over calls in flight
-  // (balancer.hpp) among the members up; kNoMember when none is up. Chosen
-  // without a lock and without asking the member anything; not counted.
+  // (balancer.hpp) among the members up that can be logged in; when none
+  // can, the first member up (as place_session); kNoMember when none is up.
+  // Chosen without a lock and without asking the member anything; not counted.
   std::size_t choose_member(CK_SLOT_ID slot) const noexcept;
+  // Whether `member` can be logged in as the group is, as far as p11mux
+  // knows: false while the application is logged in to the group and the
+  // member refused the kept PIN, or missed the login with none kept, until
+  // the application logs in again or out (GroupLogin; docs/groups.md,
+  // "Keeping the PIN"). Placement passes over such a member while another
+  // can take the session. An atomic per member: set by GroupLogin under its
+  // group's lock or its kept login's (a refusal noted as the member answers),
+  // read by placement without either (no lock taken here).
+  bool login_ready(CK_SLOT_ID slot, std::size_t member) const noexcept {
+    return !groups_[slot].login_refused[member].load(std::memory_order_acquire);
+  }
+  void set_login_ready(CK_SLOT_ID slot, std::size_t member, bool ready) const noexcept {
+    groups_[slot].login_refused[member].store(!ready, std::memory_order_release);
+  }
+  // Whether `member` takes a new session now: up, and login_ready.
+  bool takes_sessions(CK_SLOT_ID slot, std::size_t member) const noexcept {
+    return health(slot, member).up() && login_ready(slot, member);
+  }
+  // A session of group `slot` placed by `place()` (a member, counted there;
+  // kNoMember: none) and opened there by `open(member)` (which lets the
+  // count go if it fails). When the member is found unable to take it while
+  // it opens (it refused the kept PIN, or went down: GroupLogin::opening),
+  // the session is placed anew, at most once per member; a member that
+  // could not take it when placed (no other could either) keeps its answer.
+  // `none`: the answer when nothing is placed at first.
+  template <class Place, class Open>
+  CK_RV place_and_open(CK_SLOT_ID slot, CK_RV none, Place&& place, Open&& open) const noexcept {
+    CK_RV rv = none;
+    for (std::size_t tries = 0; tries < members(slot).size(); ++tries) {
+      std::size_t member = kNoMember;
+      try {
+        member = place();
+      } catch (const std::bad_alloc&) {
+        return CKR_HOST_MEMORY;
+      }
+      if (member == kNoMember) return rv;
+      const bool could = takes_sessions(slot, member);
+      rv = open(member);
+      if (rv == CKR_OK || !could || takes_sessions(slot, member)) return rv;
+    }
+    return rv;
+  }
   // A session placed on `member` without place_session (a lane), counted
   // there until release_session.
   void count_session(CK_SLOT_ID slot, std::size_t member) const noexcept;
@@ -158,9 +205,15 @@ class GroupRuntime {
     std::chrono::nanoseconds shortest_period{};
     // Per member: the times it went down that watch() has logged.
     std::unique_ptr<std::atomic<std::uint64_t>[]> downs_told;
+    // Per member: it cannot be logged in as the group is (login_ready).
+    std::unique_ptr<std::atomic<bool>[]> login_refused;
     std::unique_ptr<std::atomic<std::uint32_t>> admissions =
         std::make_unique<std::atomic<std::uint32_t>>(0);
   };
+  // Placement's look at a member: up, and its token present (token_present),
+  // the look in flight on the member while it runs, so that one that stops
+  // answering under it is found hung; false if it is not up after.
+  bool present_and_up(const GroupSlot& group, std::size_t member) const noexcept;
   // A down member's probe: its token present, and a session opened and
   // closed on it (straight on its port, not through the pool).
   bool probe(const GroupSlot& group, const Member& m) const noexcept;

@@ -70,19 +70,20 @@ CK_RV move_session(Runtime& rt, const GroupRuntime& groups, Session& s, std::siz
 }  // namespace
 
 CK_RV move_off_down_member(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept {
-  std::size_t to = GroupRuntime::kNoMember;
-  try {
-    to = groups.place_session(s.group);
-  } catch (const std::bad_alloc&) {
-    return CKR_HOST_MEMORY;
-  }
-  // No member up: CKR_DEVICE_ERROR at once (proxy/group/README.md, "When no
-  // member is up"), not a wait for a recovery that may be minutes away.
-  if (to == GroupRuntime::kNoMember) return CKR_DEVICE_ERROR;
   const std::size_t from = s.member;
-  if (CK_RV rv = move_session(rt, groups, s, to, /*from_down=*/true); rv != CKR_OK) return rv;
-  groups.health(s.group, from).count_failover();
-  return CKR_OK;
+  const std::uint32_t group = s.group;
+  // No member up: CKR_DEVICE_ERROR at once (proxy/group/README.md, "When no
+  // member is up"), not a wait for a recovery that may be minutes away. A
+  // member that cannot be logged in is passed over (docs/groups.md,
+  // "Keeping the PIN").
+  const CK_RV rv = groups.place_and_open(
+      group, CKR_DEVICE_ERROR, [&] { return groups.place_session(group); },
+      // Run within this call, under s.lock (held by the caller).
+      [&](std::size_t to) NO_THREAD_SAFETY_ANALYSIS {
+        return move_session(rt, groups, s, to, /*from_down=*/true);
+      });
+  if (rv == CKR_OK) groups.health(group, from).count_failover();
+  return rv;
 }
 
 void rebalance(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept {
@@ -103,7 +104,8 @@ void rebalance(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept {
   const bool spreads = groups.ordered(s.group) ? to < s.member
                                                : groups.member_sessions(s.group, to) <
                                                      groups.member_sessions(s.group, s.member);
-  if (to == s.member || !spreads) {
+  // Not to a member that cannot be logged in (placed only when no member can).
+  if (to == s.member || !spreads || !groups.login_ready(s.group, to)) {
     groups.release_session(s.group, to);
     return;
   }
@@ -136,7 +138,8 @@ void place_lane(Runtime& rt, const GroupRuntime& groups, Session& s) noexcept {
     to = pinned;
   } else {
     to = groups.choose_member(s.group);
-    if (to == GroupRuntime::kNoMember || to == from) return;
+    // Not to a member that cannot be logged in (chosen only when no member can).
+    if (to == GroupRuntime::kNoMember || to == from || !groups.login_ready(s.group, to)) return;
     bool moves = false;
     switch (groups.balance(s.group)) {
       case Balance::least_busy:

@@ -102,9 +102,11 @@ CK_RV lane_of(Runtime& rt, CK_SESSION_HANDLE lead, std::uint64_t me,
     if (rv == CKR_OK) break;
     // A member that is up to p11mux but whose token went (its backend
     // session for the lane answered so): it counts against the member, as a
-    // call's answer would, and the next member is tried, once each.
+    // call's answer would, and the next member is tried, once each. Not one
+    // that cannot be logged in (GroupLogin::opening): it has not failed.
     const CallOutcome outcome = classify(rv);
-    if (outcome != CallOutcome::member_down || tried == groups.members(origin.group).size())
+    if (outcome != CallOutcome::member_down || tried == groups.members(origin.group).size() ||
+        !groups.login_ready(origin.group, member))
       return rv;
     MemberHealth& health = groups.health(origin.group, member);
     (void)health.count(rv, HealthClock::now());

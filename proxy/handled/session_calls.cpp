@@ -196,24 +196,37 @@ CK_RV open_session(Runtime& rt, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app
   }
   if (CK_RV rv = group_serves(rt, *groups, slot); rv != CKR_OK) return rv;
   if (rt.multiplexed()) return open_lead(rt, *groups, slot, flags, application, notify, *session);
-  std::size_t member = GroupRuntime::kNoMember;
-  try {
-    member = groups->place_session(slot);
-  } catch (const std::bad_alloc&) {
-    return CKR_HOST_MEMORY;
-  }
-  if (member == GroupRuntime::kNoMember) return CKR_TOKEN_NOT_PRESENT;
-  return open_placed(rt, slot, flags, application, notify, on_member(rt, *groups, slot, member),
-                     nullptr, *session);
+  // Passing over a member that cannot be logged in (docs/groups.md,
+  // "Keeping the PIN").
+  return groups->place_and_open(
+      slot, CKR_TOKEN_NOT_PRESENT, [&] { return groups->place_session(slot); },
+      [&](std::size_t member) {
+        return open_placed(rt, slot, flags, application, notify,
+                           on_member(rt, *groups, slot, member), nullptr, *session);
+      });
 }
 
 CK_RV open_lane(Runtime& rt, const LaneOrigin& origin, std::size_t member,
                 CK_SESSION_HANDLE& lane) noexcept {
   const GroupRuntime& groups = *rt.groups();
-  groups.count_session(origin.group, member);
-  return open_placed(rt, origin.group, CKF_SERIAL_SESSION | (origin.rw ? CKF_RW_SESSION : 0),
-                     origin.application, origin.notify, on_member(rt, groups, origin.group, member),
-                     &origin, lane);
+  std::size_t first = member;
+  // `member` first; placed anew as lane_of places, unless the lane is pinned
+  // to it (its session's objects are there).
+  auto place = [&] {
+    std::size_t m = first;
+    first = GroupRuntime::kNoMember;
+    if (m == GroupRuntime::kNoMember &&
+        origin.lanes->pinned.load(std::memory_order_relaxed) == SessionLanes::kNone) {
+      m = groups.choose_member(origin.group);
+    }
+    if (m != GroupRuntime::kNoMember) groups.count_session(origin.group, m);
+    return m;
+  };
+  return groups.place_and_open(origin.group, CKR_DEVICE_ERROR, place, [&](std::size_t m) {
+    return open_placed(rt, origin.group, CKF_SERIAL_SESSION | (origin.rw ? CKF_RW_SESSION : 0),
+                       origin.application, origin.notify, on_member(rt, groups, origin.group, m),
+                       &origin, lane);
+  });
 }
 
 CK_RV close_session(Runtime& rt, CK_SESSION_HANDLE session) noexcept {

@@ -370,7 +370,19 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
   // called (it may hang the application's C_CloseSession): its backend
   // sessions are abandoned until it answers a probe, or is up again
   // (SessionPool::Fate::abandon; proxy/group/README.md, "A hung member").
-  const bool hung = s->group != Session::kNoGroup && !groups()->health(s->group, s->member).up();
+  // On one up, the reset and close below are counted in flight, so that a
+  // member that stops answering under them is found hung (counted first,
+  // the state read after, as the balancer does).
+  MemberHealth* member = nullptr;
+  if (s->group != Session::kNoGroup) {
+    member = &groups()->health(s->group, s->member);
+    member->begin();
+    if (!member->up()) {
+      member->cancel();
+      member = nullptr;
+    }
+  }
+  const bool hung = s->group != Session::kNoGroup && member == nullptr;
   for (auto& extra : s->extra) {
     if (extra->backend == CK_INVALID_HANDLE) continue;
     pool.give(s->slot, s->rw, extra->backend,
@@ -390,6 +402,9 @@ CK_RV Runtime::close_session(SessionLease lease) noexcept {
     }
     pool.close(s->slot, s->rw, s->anchor.backend, fate);
   }
+  // Answered (their codes are the reset's own business: it closes a session
+  // it cannot prove clean).
+  if (member != nullptr) member->end_ok();
   if (s->group != Session::kNoGroup) groups()->release_session(s->group, s->member);
   const std::uint32_t group = s->group;
   sessions_.close(std::move(lease));

@@ -1,6 +1,7 @@
 // Unit tests for proxy/group/balancer (proxy/group/README.md, "Balancer"):
-// least-busy, round-robin and primary; only members that are up; no member
-// when none is; and many threads choosing and finishing at once.
+// least-busy, round-robin and primary; only members that are up, and not
+// passed over for their login; no member when none is; and many threads
+// choosing and finishing at once.
 #include "group/balancer.hpp"
 
 #include <doctest/doctest.h>
@@ -173,6 +174,32 @@ TEST_CASE("balancer: primary skips a primary that is down, and returns to it whe
   p = b.pick();
   CHECK(p.member == 0);
   finish(b, p);
+}
+
+TEST_CASE("balancer: every rule passes over a member that cannot be logged in") {
+  for (Balance rule : {Balance::least_busy, Balance::round_robin, Balance::primary}) {
+    CAPTURE(static_cast<int>(rule));
+    Members m(3);
+    // Member 0 cannot be logged in as its group is (GroupRuntime::login_ready).
+    std::array<std::atomic<bool>, 3> passed_over{};
+    passed_over[0].store(true);
+    Balancer b(rule, m.ptrs, {}, passed_over);
+    for (int i = 0; i < 6; ++i) {
+      const Balancer::Pick p = b.pick();
+      REQUIRE(p);
+      CHECK(p.member != 0);
+      finish(b, p);
+    }
+    // Only it left up: none, as if it were down.
+    m[1].mark_down(DownReason::device, t0);
+    m[2].mark_down(DownReason::device, t0);
+    CHECK_FALSE(b.pick());
+    // It can be logged in again: chosen.
+    passed_over[0].store(false);
+    const Balancer::Pick p = b.pick();
+    CHECK(p.member == 0);
+    finish(b, p);
+  }
 }
 
 TEST_CASE("balancer: no member when none is up") {
