@@ -436,7 +436,8 @@ std::vector<MemberFigures> GroupRuntime::member_figures() const {
       const MemberCounters c = g.health[i]->counters();
       out.push_back({g.name, describe(g.members[i].config), to_string(c.state),
                      to_string(c.last_down), c.in_flight, c.calls, c.errors, c.downs, c.hung,
-                     c.failovers, c.replays, g.placement->sessions(i)});
+                     c.failovers, c.replays, g.placement->sessions(i),
+                     !g.login_refused[i].load(std::memory_order_acquire)});
     }
   }
   return out;

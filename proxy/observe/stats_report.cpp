@@ -244,6 +244,12 @@ std::string prometheus_text(const MetricsSnapshot& m, const LiveFigures& live) {
     t.put("p11mux_member_up{{group=\"{}\",member=\"{}\"}} {}\n", f.group,
           prometheus_label(f.member), f.state == "up" ? 1 : 0);
   }
+  family(t, "p11mux_member_login_ready", "gauge",
+         "0 if a group member refused the group's kept login: new sessions pass it over.");
+  for (const MemberFigures& f : live.members) {
+    t.put("p11mux_member_login_ready{{group=\"{}\",member=\"{}\"}} {}\n", f.group,
+          prometheus_label(f.member), f.login_ready ? 1 : 0);
+  }
   for (const MemberFamily& p : kMember) {
     family(t, p.name, p.type, p.help);
     for (const MemberFigures& f : live.members) {
@@ -329,8 +335,9 @@ std::string stats_json(const MetricsSnapshot& m, const LiveFigures& live) {
     json_string(t, f.last_down);
     t.put(
         ",\"in_flight\":{},\"calls\":{},\"errors\":{},\"downs\":{},\"hung\":{},"
-        "\"failovers\":{},\"replays\":{},\"sessions\":{}}}",
-        f.in_flight, f.calls, f.errors, f.downs, f.hung, f.failovers, f.replays, f.sessions);
+        "\"failovers\":{},\"replays\":{},\"sessions\":{},\"login_ready\":{}}}",
+        f.in_flight, f.calls, f.errors, f.downs, f.hung, f.failovers, f.replays, f.sessions,
+        f.login_ready);
   }
   t.put("],\"policy_denied\":{{");
   for (std::size_t r = 0; r < kPolicyRuleCount; ++r) {
@@ -401,9 +408,10 @@ std::vector<std::string> summary_lines(const MetricsSnapshot& m, const LiveFigur
   for (const MemberFigures& f : live.members) {
     lines.push_back(fmt::format(
         "  group {} member {}: {}, {} sessions, {} calls ({} in flight), {} errors, {} downs "
-        "({} hung; last: {}), {} failovers, {} replays",
+        "({} hung; last: {}), {} failovers, {} replays{}",
         f.group, f.member, f.state, f.sessions, f.calls, f.in_flight, f.errors, f.downs, f.hung,
-        f.last_down, f.failovers, f.replays));
+        f.last_down, f.failovers, f.replays,
+        f.login_ready ? "" : "; refused the kept login: new sessions pass it over"));
   }
   if (live.log_records_dropped != 0) {
     lines.push_back(fmt::format("  log: {} records dropped (asynchronous queue full)",

@@ -45,6 +45,10 @@ struct MemberFigures {
   std::string last_down;  // why it last went down: none, device, sessions_gone, hung, ...
   std::uint64_t in_flight = 0, calls = 0, errors = 0, downs = 0, hung = 0, failovers = 0,
                 replays = 0, sessions = 0;
+  // False: it refused the group's kept login (or none was kept to log it
+  // in), and new sessions pass it over until the application logs in
+  // again (docs/groups.md, "Keeping the PIN").
+  bool login_ready = true;
 };
 
 // Figures read at the moment of the report, beside the counters.

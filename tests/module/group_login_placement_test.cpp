@@ -118,6 +118,8 @@ void sessions_pass_over_a_refusing_member(const char* mode) {
   }
   CHECK(more == 0);
   CHECK(m.figure("p11mux_member_up", kMember2) == 1);
+  CHECK(m.figure("p11mux_member_login_ready", kMember2) == 0);
+  CHECK(m.figure("p11mux_member_login_ready", "f/label:mock-token-0") == 1);
   CHECK(m.figure("p11mux_member_sessions", kMember2) == 0);
   CHECK(m.figure("p11mux_member_sessions", "f/label:mock-token-0") > 0);
   CHECK(m.figure("p11mux_member_sessions", "f/label:mock-token-2") > 0);
@@ -134,6 +136,7 @@ void sessions_pass_over_a_refusing_member(const char* mode) {
   CHECK(token_state(1) == CKS_RO_USER_FUNCTIONS);
   for (int i = 0; i < 6; ++i) CHECK(m.open_logged_in() != CK_INVALID_HANDLE);
   CHECK(m.figure("p11mux_member_sessions", kMember2) > 0);
+  CHECK(m.figure("p11mux_member_login_ready", kMember2) == 1);
 }
 
 }  // namespace

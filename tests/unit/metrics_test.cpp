@@ -293,7 +293,7 @@ LiveFigures sample_live() {
   slot.wait.max_ns = 1'000'000;
   // A group's member, its label holding what the exposition format escapes.
   live.members.push_back(
-      {"signing", "hsm1/label:\"EU\", signing", "down", "device", 1, 40, 2, 1, 0, 3, 0, 5});
+      {"signing", "hsm1/label:\"EU\", signing", "down", "device", 1, 40, 2, 1, 0, 3, 0, 5, false});
   return live;
 }
 
@@ -336,6 +336,7 @@ TEST_CASE("Prometheus text: valid, with exact values") {
   CHECK(p.at("p11mux_member_downs_total" + member) == 1);
   CHECK(p.at("p11mux_member_failovers_total" + member) == 3);
   CHECK(p.at("p11mux_member_sessions" + member) == 5);
+  CHECK(p.at("p11mux_member_login_ready" + member) == 0);
   CHECK(p.types["p11mux_member_calls_total"] == "counter");
 }
 
@@ -367,7 +368,7 @@ TEST_CASE("JSON snapshot: valid, with the figures") {
   CHECK(json.find("\"members\":[{\"group\":\"signing\",\"member\":\"hsm1/label:\\\"EU\\\", "
                   "signing\",\"state\":\"down\",\"last_down\":\"device\",\"in_flight\":1,"
                   "\"calls\":40,\"errors\":2,\"downs\":1,\"hung\":0,\"failovers\":3,"
-                  "\"replays\":0,\"sessions\":5}]") != std::string::npos);
+                  "\"replays\":0,\"sessions\":5,\"login_ready\":false}]") != std::string::npos);
   CHECK(valid_json(stats_json(MetricsSnapshot{}, LiveFigures{})));
   CHECK_FALSE(valid_json("{\"a\":1,}"));
   CHECK_FALSE(valid_json("{\"a\":01}"));
@@ -386,8 +387,8 @@ TEST_CASE("summary table: busiest function first, errors, lock and pool lines") 
   for (const auto& l : lines) all += l + "\n";
   CHECK(all.find("C_Login CKR_PIN_INCORRECT x1") != std::string::npos);
   CHECK(all.find("group signing member hsm1/label:\"EU\", signing: down, 5 sessions, 40 calls "
-                 "(1 in flight), 2 errors, 1 downs (0 hung; last: device), 3 failovers") !=
-        std::string::npos);
+                 "(1 in flight), 2 errors, 1 downs (0 hung; last: device), 3 failovers, 0 replays; "
+                 "refused the kept login: new sessions pass it over") != std::string::npos);
   CHECK(all.find("session lock: 1 acquisitions") != std::string::npos);
   CHECK(all.find("slot 0 pool: 10 virtual sessions on 4 open (1 idle, 3 in use), 2 waits (1.5 ms, "
                  "p99 1.0 ms), 1 discarded dead") != std::string::npos);
