@@ -174,25 +174,61 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
   }
 
   Group& g = *groups_.at(s.group);
-  MutexGuard guard(g.mutex);
-  // The application's login is the group's (docs/pkcs11-facts.md, "Sessions").
-  if (g.user == user) return CKR_USER_ALREADY_LOGGED_IN;
-  if (g.user != kNobody) return CKR_USER_ANOTHER_ALREADY_LOGGED_IN;
-  // A member still logged in from before would answer "already logged in"
-  // without checking this PIN.
-  retry_stale(g);
-  if (user == CKU_SO) {
-    for (std::size_t i = 0; i < g.pools.size(); ++i) {
-      if (CK_RV rv = g.pools[i]->may_log_in_so((*g.members)[i].slot); rv != CKR_OK) return rv;
-    }
-  }
   // 1: logged in by this call; 2: was logged in already (not ours to undo).
   std::vector<std::uint8_t> took;
+  // A stale member this call logs out first: 1, then 2 once it took it.
+  std::vector<std::uint8_t> retried;
   try {
     took.assign(g.members->size(), 0);
+    retried.assign(g.members->size(), 0);
   } catch (const std::bad_alloc&) {
     return CKR_HOST_MEMORY;
   }
+  {
+    MutexGuard guard(g.mutex);
+    // The application's login is the group's (docs/pkcs11-facts.md,
+    // "Sessions"). Another thread's login in progress is answered as if it
+    // had taken, a logout in progress as if it had not yet: neither is
+    // waited for (its member may hang).
+    if (g.claimed == user) return CKR_USER_ALREADY_LOGGED_IN;
+    if (g.claimed != kNobody) return CKR_USER_ANOTHER_ALREADY_LOGGED_IN;
+    if (user == CKU_SO) {
+      for (std::size_t i = 0; i < g.pools.size(); ++i) {
+        if (CK_RV rv = g.pools[i]->may_log_in_so((*g.members)[i].slot); rv != CKR_OK) return rv;
+      }
+    }
+    // A member still logged in from before would answer "already logged in"
+    // without checking this PIN: this call logs it out first.
+    for (std::size_t i = 0; i < g.stale.size(); ++i) {
+      if (g.stale[i] == kStale) {
+        g.stale[i] = kStaleInFlight;
+        retried[i] = 1;
+      }
+    }
+    g.change = Change::logging_in;
+    g.claimed = user;
+    ++g.login_starts;
+  }
+  // The members' calls without the group's lock (group_login.hpp).
+  for (std::size_t i = 0; i < retried.size(); ++i) {
+    if (retried[i] != 0 && logged_out_now(member_logout(g, i))) retried[i] = 2;
+  }
+  // The login's end, recorded: `user` logged in (kNobody: not).
+  auto end = [&](CK_USER_TYPE now) {
+    MutexGuard guard(g.mutex);
+    for (std::size_t i = 0; i < retried.size(); ++i) {
+      if (retried[i] != 0 && g.stale[i] == kStaleInFlight)
+        g.stale[i] = retried[i] == 2 ? 0 : kStale;
+    }
+    if (now != kNobody) {
+      set_user(g, now);
+      for (std::size_t i = 0; i < took.size(); ++i) {
+        if (took[i] != 0) g.stale[i] = 0;
+      }
+    }
+    g.claimed = now;
+    g.change = Change::none;
+  };
   const std::size_t own = s.member;
   auto undo = [&](std::size_t failed, CK_RV rv) {
     for (std::size_t i = 0; i < took.size(); ++i) {
@@ -204,6 +240,7 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
         (void)member_logout(g, i);
       }
     }
+    end(kNobody);
     log_.warn(
         "C_Login on group '{}' failed on member {} ({}): {}; the members it had logged in are "
         "logged out again",
@@ -232,18 +269,18 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
       took[i] = 1;
     } else if (rv == CKR_USER_ALREADY_LOGGED_IN) {
       took[i] = 2;
-    } else if (!token_gone(rv)) {
+    } else if (!token_gone(rv) && g.health[i]->up()) {
       return undo(i, rv);
     }
-  }
-  set_user(g, user);
-  for (std::size_t i = 0; i < took.size(); ++i) {
-    if (took[i] != 0) g.stale[i] = 0;
+    // Gone down under the call (found hung while it hung, say): skipped as
+    // one that was not up, it is logged in by its probe.
   }
   const bool verified = std::find(took.begin(), took.end(), 1) != took.end();
   // Only a PIN a member took is kept: one no member checked (every member
   // was logged in already) could be wrong, and each late login would count
-  // a wrong try toward that member's lockout.
+  // a wrong try toward that member's lockout. Kept before the login is
+  // recorded, so that an open that sees the login finds it; no logout can
+  // clear it meanwhile (`claimed`).
   if (verified) {
     const PinKeep kept = by_username
                              ? g.store.keep_by_username(user, pin, pin_len, username, username_len)
@@ -253,6 +290,7 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
                 to_string(kept));
     }
   }
+  end(user);
   // The application was not logged in: the login is new to it, whatever a
   // member said, unless no member took it (every one was logged in already,
   // as one token logged in by another user of its module would say).
@@ -261,7 +299,8 @@ CK_RV GroupLogin::login(Session& s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_U
 
 void GroupLogin::log_out(Group& g, std::size_t member) noexcept {
   const CK_RV rv = member_logout(g, member);
-  g.stale[member] = logged_out_now(rv) ? 0 : 1;
+  MutexGuard guard(g.mutex);
+  g.stale[member] = logged_out_now(rv) ? 0 : kStale;
   if (g.stale[member] != 0) {
     log_.warn(
         "group '{}': member {} ({}) did not take the logout ({}); it is logged out at the "
@@ -270,32 +309,70 @@ void GroupLogin::log_out(Group& g, std::size_t member) noexcept {
   }
 }
 
-void GroupLogin::retry_stale(Group& g) noexcept {
-  for (std::size_t i = 0; i < g.stale.size(); ++i) {
-    if (g.stale[i] != 0 && logged_out_now(member_logout(g, i))) g.stale[i] = 0;
+void GroupLogin::tidy_stale(Group& g) noexcept {
+  for (std::size_t i = 0; i < g.members->size(); ++i) {
+    std::uint64_t starts = 0;
+    {
+      MutexGuard guard(g.mutex);
+      if (g.stale[i] != kStale || g.user != kNobody || g.change != Change::none) continue;
+      g.stale[i] = kStaleInFlight;
+      starts = g.login_starts;
+    }
+    const CK_RV rv = member_logout(g, i);
+    MutexGuard guard(g.mutex);
+    if (g.stale[i] == kStaleInFlight) g.stale[i] = logged_out_now(rv) ? 0 : kStale;
+    // A C_Login began meanwhile and may have logged the member in before
+    // this logout reached it: its login is not known. Down, its probe logs
+    // it in as the group is (join), and its sessions move.
+    if (rv == CKR_OK && g.login_starts != starts && g.claimed != kNobody &&
+        g.health[i]->mark_down(DownReason::login_failed, HealthClock::now())) {
+      log_.warn(
+          "group '{}': member {} ({}) was logged out of its old login while the group's C_Login "
+          "ran; it is taken down and logged in again by its probe",
+          g.name, i + 1, member_name((*g.members)[i].config));
+    }
   }
 }
 
-void GroupLogin::log_out_all(Group& g) noexcept {
-  for (std::size_t i = 0; i < g.pools.size(); ++i) log_out(g, i);
-  g.store.clear_all();
+void GroupLogin::begin_log_out(Group& g) noexcept {
+  g.change = Change::logging_out;
   set_user(g, kNobody);
+}
+
+void GroupLogin::log_out_members(Group& g, std::size_t skip) noexcept {
+  for (std::size_t i = 0; i < g.pools.size(); ++i) {
+    if (i != skip) log_out(g, i);
+  }
+  // Without the group's lock: it waits for a login from the kept PIN in
+  // progress (pin_store.hpp), which a hung member may hold.
+  g.store.clear_all();
+  MutexGuard guard(g.mutex);
+  g.claimed = kNobody;
+  g.change = Change::none;
 }
 
 CK_RV GroupLogin::logout(Session& s) noexcept {
   SessionPool& pool = *s.pool;
   Group& g = *groups_.at(s.group);
-  MutexGuard guard(g.mutex);
+  bool logged_in = false;
+  {
+    MutexGuard guard(g.mutex);
+    // Another thread's login in progress is not the application's yet, and
+    // its logout in progress is the application's already: either way not
+    // logged in, and neither is waited for (its member may hang).
+    if (g.change != Change::none) return CKR_USER_NOT_LOGGED_IN;
+    logged_in = g.user != kNobody;
+    if (logged_in) begin_log_out(g);
+  }
   CK_RV rv = pool.port().call<fn::C_Logout>(s.anchor.backend);
   note_call<fn::C_Logout>(pool, s.anchor, s.slot, rv);
   pool.logged_out(s.slot, rv);
-  if (g.user == kNobody) return rv;  // the member's answer: CKR_USER_NOT_LOGGED_IN
-  if (!logged_out_now(rv)) g.stale[s.member] = 1;
-  for (std::size_t i = 0; i < g.pools.size(); ++i) {
-    if (i != s.member) log_out(g, i);
+  if (!logged_in) return rv;  // the member's answer: CKR_USER_NOT_LOGGED_IN
+  if (!logged_out_now(rv)) {
+    MutexGuard guard(g.mutex);
+    g.stale[s.member] = kStale;
   }
-  g.store.clear_all();
-  set_user(g, kNobody);
+  log_out_members(g, s.member);
   // The application was logged in: its member having lost the login (its
   // pool logged it out with its last session there) changes nothing for it.
   return rv == CKR_USER_NOT_LOGGED_IN ? CKR_OK : rv;
@@ -314,46 +391,58 @@ CK_RV GroupLogin::opening(std::size_t group, std::size_t member) noexcept {
   Group& g = *groups_.at(group);
   CK_USER_TYPE user = kNobody;
   std::uint64_t logins = 0;
+  AfterClose after = AfterClose::nothing;
+  bool passed = false;  // refused before: not tried
   {
     MutexGuard guard(g.mutex);
-    if (g.user == kNobody) retry_stale(g);
     // Counted before the member's calls: the group's last session closing
     // meanwhile does not log the group out under this open.
     ++g.sessions;
-    if (g.user == kNobody) return CKR_OK;
-    if (refused(g, member)) {
+    user = g.user;
+    logins = g.logins;
+    if (user != kNobody && refused(g, member)) {
       // Placed here only when no other member can be logged in either
       // (GroupRuntime::place_session), or refused since it was placed.
       log_.warn(
           "group '{}': member {} ({}) is not logged in (see above): no session opens on it "
           "until the application logs in again",
           g.name, member + 1, member_name((*g.members)[member].config));
-      count_closed(g);
-      return CKR_DEVICE_ERROR;
+      after = count_closed(g);
+      passed = true;
     }
-    user = g.user;
-    logins = g.logins;
+  }
+  if (user == kNobody) {
+    tidy_stale(g);
+    return CKR_OK;
+  }
+  if (passed) {
+    after_close(g, after);
+    return CKR_DEVICE_ERROR;
   }
   // Without the group's lock (group_login.hpp), as join(): the member's
   // calls may hang. Made again (at most twice) if the group's login changed
   // meanwhile to another one.
   for (int tries = 0;; ++tries) {
     const Joining j = join_login(g, member, user, Reach::up);
-    MutexGuard guard(g.mutex);
-    bool again = false;
-    const CK_RV rv = brought_in(g, member, j, logins, again);
-    if (again && tries < 2) {
-      user = g.user;
-      logins = g.logins;
-      continue;
+    CK_RV rv = CKR_OK;
+    {
+      MutexGuard guard(g.mutex);
+      bool again = false;
+      rv = brought_in(g, member, j, logins, again);
+      if (again && tries < 2) {
+        user = g.user;
+        logins = g.logins;
+        continue;
+      }
+      if (again) {
+        log_.warn(
+            "group '{}': member {} ({}) could not be logged in: the group's login changed while "
+            "it was being logged in",
+            g.name, member + 1, member_name((*g.members)[member].config));
+      }
+      if (rv != CKR_OK) after = count_closed(g);
     }
-    if (again) {
-      log_.warn(
-          "group '{}': member {} ({}) could not be logged in: the group's login changed while "
-          "it was being logged in",
-          g.name, member + 1, member_name((*g.members)[member].config));
-    }
-    if (rv != CKR_OK) count_closed(g);
+    after_close(g, after);
     return rv;
   }
 }
@@ -407,19 +496,32 @@ CK_RV GroupLogin::brought_in(Group& g, std::size_t member, const Joining& j, std
   return j.rv;
 }
 
-void GroupLogin::count_closed(Group& g) noexcept {
+GroupLogin::AfterClose GroupLogin::count_closed(Group& g) noexcept {
   if (g.sessions > 0) --g.sessions;
-  if (g.user == kNobody) retry_stale(g);
+  if (g.user == kNobody) return AfterClose::tidy;
   // The pools log a member out with the application's last session there;
   // members logged in through borrowed sessions have none, so the group
   // logs them all out with its last session.
-  if (g.sessions == 0 && g.user != kNobody && !keep_login_) log_out_all(g);
+  if (g.sessions == 0 && !keep_login_ && g.change == Change::none) {
+    begin_log_out(g);
+    return AfterClose::log_out;
+  }
+  return AfterClose::nothing;
+}
+
+void GroupLogin::after_close(Group& g, AfterClose after) noexcept {
+  if (after == AfterClose::tidy) tidy_stale(g);
+  if (after == AfterClose::log_out) log_out_members(g, g.members->size());
 }
 
 void GroupLogin::closed(std::size_t group) noexcept {
   Group& g = *groups_.at(group);
-  MutexGuard guard(g.mutex);
-  count_closed(g);
+  AfterClose after = AfterClose::nothing;
+  {
+    MutexGuard guard(g.mutex);
+    after = count_closed(g);
+  }
+  after_close(g, after);
 }
 
 void GroupLogin::refuse(const Group& g, std::size_t member) const noexcept {
@@ -436,6 +538,7 @@ void GroupLogin::finalize() noexcept {
     MutexGuard guard(g.mutex);
     g.store.clear_all();
     set_user(g, kNobody);
+    g.claimed = kNobody;
     g.stale.assign(g.stale.size(), 0);
   }
 }

@@ -20,9 +20,12 @@
 // (session_lanes.hpp): the same calls, on the lane. Not on the
 // hot path: only C_Login, C_LoginUser, C_Logout, C_SetPIN, C_InitPIN on a
 // group's session, C_OpenSession / C_CloseSession on a group's slot, and
-// the probe of a member that recovers (join). C_Login and C_Logout call the
-// members under the group's lock; a session opening (opening) and a probe
-// (join) only read and record under it, and call the member without it.
+// the probe of a member that recovers (join). None of them calls a member
+// under the group's lock: they read and record under it, and call without
+// it, so that a member that hangs in one holds up only the thread that
+// called into it. A C_Login, C_Logout or last session's logout in progress
+// is recorded (`change`) so that the others answer as the spec's one token
+// would without waiting for it (docs/groups.md, "Keeping the PIN").
 //
 // Lock order (sync/lock.hpp): a group's lock is taken under a Session::lock
 // (the call's own, or none), then the PinStore's, then the pools' and the
@@ -105,8 +108,8 @@ class GroupLogin {
   // counts toward its lockout) until the application logs in again or out.
   // The group's lock is held only to read and to record, never across the
   // member's calls: a member that hangs in them holds up its own probe, and
-  // a C_Login, C_Logout or last C_CloseSession of the group only while it
-  // needs the kept PIN, whose lock the member's C_Login holds (pin_store.hpp).
+  // a C_Logout or last C_CloseSession of the group only when it clears the
+  // kept PIN, whose lock the member's C_Login holds (pin_store.hpp).
   bool join(std::size_t group, std::size_t member) noexcept;
 
   // Whether the member can be logged in as the group is, as far as p11mux
@@ -117,6 +120,11 @@ class GroupLogin {
 
  private:
   static constexpr CK_USER_TYPE kNobody = ~CK_USER_TYPE{0};
+  // A change of the group's login whose members' calls are in progress,
+  // made without the group's lock by the thread that asked for it.
+  enum class Change : std::uint8_t { none, logging_in, logging_out };
+  // What a session's close leaves to do once the group's lock is let go.
+  enum class AfterClose : std::uint8_t { nothing, tidy, log_out };
   struct Group {
     explicit Group(const LockSource& locks) : mutex(locks), store(locks) {}
     std::string name;
@@ -130,7 +138,15 @@ class GroupLogin {
     CK_USER_TYPE user GUARDED_BY(mutex) = kNobody;
     // Member i did not take a logout (absent, or failing, at the time): it
     // may still be logged in, and is logged out at the group's next call.
+    // kStale, or kStaleInFlight while a thread makes that logout.
     std::vector<std::uint8_t> stale GUARDED_BY(mutex);
+    Change change GUARDED_BY(mutex) = Change::none;
+    // The login as C_Login answers it: `user`, the login in progress, or the
+    // one a logout in progress ends.
+    CK_USER_TYPE claimed GUARDED_BY(mutex) = kNobody;
+    // Bumped when a C_Login begins: a stale member's logout made meanwhile
+    // may have undone that login on it (tidy_stale).
+    std::uint64_t login_starts GUARDED_BY(mutex) = 0;
     std::size_t sessions GUARDED_BY(mutex) = 0;  // the application's, open on the group
     // Bumped at every change of `user`: join() and opening() tell from it
     // whether the login changed while they worked without the lock.
@@ -155,18 +171,28 @@ class GroupLogin {
                      CK_UTF8CHAR_PTR pin, CK_ULONG pin_len, CK_UTF8CHAR_PTR username,
                      CK_ULONG username_len, bool by_username) const noexcept;
   CK_RV member_logout(const Group& g, std::size_t member) const noexcept;
-  // One of the application's sessions on the group less: the last logs
-  // every member out (closed()).
-  void count_closed(Group& g) noexcept REQUIRES(g.mutex);
+  static constexpr std::uint8_t kStale = 1;
+  static constexpr std::uint8_t kStaleInFlight = 2;
+  // One of the application's sessions on the group less: the last begins
+  // the logout of every member (closed()), which after_close makes.
+  AfterClose count_closed(Group& g) noexcept REQUIRES(g.mutex);
+  void after_close(Group& g, AfterClose after) noexcept EXCLUDES(g.mutex);
   // Member i cannot be logged in as the group is until the login changes
   // (GroupRuntime::login_ready); refused(): whether it is so.
   void refuse(const Group& g, std::size_t member) const noexcept REQUIRES(g.mutex);
   bool refused(const Group& g, std::size_t member) const noexcept REQUIRES(g.mutex);
-  void log_out_all(Group& g) noexcept REQUIRES(g.mutex);
+  // The group's logout begins: the application is logged out from now on
+  // for opens and probes (`user`), still logged in for C_Login (`claimed`)
+  // until log_out_members ends it.
+  void begin_log_out(Group& g) noexcept REQUIRES(g.mutex);
+  // Every member but `skip` logged out (or marked stale), the kept PIN
+  // cleared, the logout ended.
+  void log_out_members(Group& g, std::size_t skip) noexcept EXCLUDES(g.mutex);
   // Member i logged out, or marked stale when it did not take it.
-  void log_out(Group& g, std::size_t member) noexcept REQUIRES(g.mutex);
-  // The stale members logged out, those that take it now.
-  void retry_stale(Group& g) noexcept REQUIRES(g.mutex);
+  void log_out(Group& g, std::size_t member) noexcept EXCLUDES(g.mutex);
+  // While the group is logged out and no change is in progress: the stale
+  // members logged out, those that take it now.
+  void tidy_stale(Group& g) noexcept EXCLUDES(g.mutex);
   // The application's login on the group is now `user`: every member may be
   // tried again.
   void set_user(Group& g, CK_USER_TYPE user) const noexcept REQUIRES(g.mutex);

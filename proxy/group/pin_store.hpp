@@ -26,9 +26,10 @@
 // logs in on the members that are up, and the others stay out until the
 // application logs in again.
 //
-// Lock order (sync/lock.hpp): the store's lock is taken under a group's
-// login lock (group_login.hpp), or under none (a recovering member's probe,
-// GroupLogin::join), and held across a member's C_Login from the kept
+// Lock order (sync/lock.hpp): the store's lock is taken under the calling
+// session's lock (C_Login, C_Logout), under a group's login lock (C_Finalize;
+// group_login.hpp), or under none (an open, a recovering member's probe,
+// the last session's logout), and held across a member's C_Login from the kept
 // login, on a borrowed session (the pool's and the backend's locks under
 // it); it is taken under none of the pool's locks and no session's lock is
 // taken under it.

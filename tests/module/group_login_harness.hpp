@@ -48,6 +48,16 @@ inline void set_token_pin(CK_SLOT_ID slot, std::string_view from, std::string_vi
   REQUIRE(mock_functions()->C_CloseSession(h) == CKR_OK);
 }
 
+// The mock's three tokens as GroupLoginProxy configures them, C_OpenSession
+// taking `open_us` in the mock (after the faulty module's own checks).
+inline bool mock_open_takes(unsigned long open_us) {
+  MockConfig config{};
+  config.slot_count = 3;
+  config.provide_v3 = 1;
+  config.open_session_us = open_us;
+  return libs().mock->configure(&config) == 0;
+}
+
 // p11mux over the faulty module over the mock's three tokens, one group of
 // all three (member i is the mock's slot i), every token's PIN kPin.
 // `group`: more of the group's settings.

@@ -169,20 +169,6 @@ TEST_CASE("group login placement: no member can be logged in: the open answers C
   CHECK(token_state(1) == CKS_RO_PUBLIC_SESSION);
 }
 
-namespace {
-
-// The mock's three tokens as GroupLoginProxy configures them, C_OpenSession
-// taking `open_us` in the mock (after the faulty module's own checks).
-bool mock_open_takes(unsigned long open_us) {
-  MockConfig config{};
-  config.slot_count = 3;
-  config.provide_v3 = 1;
-  config.open_session_us = open_us;
-  return libs().mock->configure(&config) == 0;
-}
-
-}  // namespace
-
 TEST_CASE(
     "group login placement: a member that hangs while a session opens on it holds up neither "
     "the group's other opens nor its hang detection") {
