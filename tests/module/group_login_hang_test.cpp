@@ -160,8 +160,9 @@ TEST_CASE(
   faulty_control()->clear_slot(1);
   CHECK(proxy.log_until(
       [](const std::string& log) {
-        return log.find("member 2 (f/label:mock-token-1) logged in from the kept login by its "
-                        "probe") != std::string::npos;
+        return log.find(
+                   "member 2 (f/label:mock-token-1) logged in from the kept login by its "
+                   "probe") != std::string::npos;
       },
       10s));
   CHECK(token_state(1) == CKS_RO_USER_FUNCTIONS);
