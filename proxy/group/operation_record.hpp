@@ -272,8 +272,9 @@ class MechanismCopy {
   std::uint32_t heap_size_ = 0;  // at most kMaxBytes and a structure: 32 bits keep 112 bytes
   bool held_ = false;
   // mechanism_ is a copy of a mechanism that needs no parameter, without
-  // one: the same again needs no write but held_ (assign; the table's
-  // entry checked each time cost a C_SignInit 9 instructions, callgrind).
+  // one: the same again needs no write but held_ (assign; checking the
+  // table's entry each time cost a C_SignInit about 8 instructions,
+  // callgrind).
   bool plain_ = false;
   alignas(std::max_align_t) unsigned char inline_[kInline];
 };
@@ -397,8 +398,8 @@ class SessionOperations {
   // they were lost on (for its replay count).
   OpMask pending() const noexcept { return marks_.pending; }
   // Anything pending, lost, replayed or interrupted: one load and a test on
-  // every call (replay_calls.hpp, restore_operations), where each alone cost
-  // a C_Sign 8 (callgrind, issue 15's "+50").
+  // every call (replay_calls.hpp, restore_operations), where the separate
+  // tests cost a C_Sign 8 instructions (callgrind, issue 15's "+50").
   bool marked() const noexcept { return std::bit_cast<std::uint64_t>(marks_) != 0; }
   std::uint32_t replayed_from() const noexcept { return from_; }
   // No operation recorded, pending or lost: the session may move to another
