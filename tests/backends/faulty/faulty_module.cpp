@@ -186,15 +186,18 @@ CK_RV Module::open_session(Fn fn, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR a
   if (slot_faults.any()) {
     if (auto rv = slot_faults.enter(slot, SlotCall::token, true)) return *rv;
   }
-  // Reserve a place first, so that racing opens never exceed the limit.
-  unsigned long now = counters.sessions_open.fetch_add(1, std::memory_order_relaxed) + 1;
-  if (unsigned long max = settings.max_sessions(); max != 0 && now > max) {
-    counters.sessions_open.fetch_sub(1, std::memory_order_relaxed);
+  // Reserve a place first, so that racing opens never exceed the limit:
+  // the slot's first, so that an open its slot refuses is never counted
+  // in sessions_open, whose peak (max_sessions_open) tests compare with the
+  // slots' limits together.
+  if (!reserve_slot_place(slot)) {
     bump(counters.session_count_refusals);
     return CKR_SESSION_COUNT;
   }
-  if (!reserve_slot_place(slot)) {
+  unsigned long now = counters.sessions_open.fetch_add(1, std::memory_order_relaxed) + 1;
+  if (unsigned long max = settings.max_sessions(); max != 0 && now > max) {
     counters.sessions_open.fetch_sub(1, std::memory_order_relaxed);
+    release_slot_places(slot);
     bump(counters.session_count_refusals);
     return CKR_SESSION_COUNT;
   }
