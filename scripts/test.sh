@@ -21,6 +21,12 @@ run() {
   ctest --test-dir "$dir" --output-on-failure --timeout 600 -j "$jobs" "$@"
 }
 
+# The sanitizer and fuzzer builds: -O1 and line tables only (-g1), which is
+# all their reports' stack traces need. Under ASan+UBSan that halves the
+# build, the suite's longest stage (entry_points.cpp: 136 s against 291 s
+# at -O2 -g; docs/bench/ci-time.md).
+sanitized=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG")
+
 echo "== plain build: every test"
 build build/release -DCMAKE_BUILD_TYPE=RelWithDebInfo
 run build/release
@@ -36,12 +42,12 @@ run build/thread-safety -R '^thread-safety-'
 # Programs we do not build (pkcs11-tool, p11tool) cannot load a sanitized
 # library, so the sanitizer runs leave out the tests labelled `external`.
 echo "== ThreadSanitizer build: concurrency tests"
-build build/tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DP11MUX_SANITIZE=thread -DP11MUX_BUILD_EXAMPLES=OFF
+build build/tsan "${sanitized[@]}" -DP11MUX_SANITIZE=thread -DP11MUX_BUILD_EXAMPLES=OFF
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp" \
   run build/tsan -L 'concurrency|unit' -LE external
 
 echo "== AddressSanitizer+UBSan build: every test"
-build build/asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DP11MUX_SANITIZE=address -DP11MUX_BUILD_EXAMPLES=OFF
+build build/asan "${sanitized[@]}" -DP11MUX_SANITIZE=address -DP11MUX_BUILD_EXAMPLES=OFF
 ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
   LSAN_OPTIONS="suppressions=$PWD/tests/lsan.supp" \
   run build/asan -LE external
@@ -51,7 +57,7 @@ ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1
 # of fuzzing from it with a fixed seed (tests/fuzz/README.md). A crash, leak
 # or sanitizer report fails the run and leaves the input in build/fuzz/.
 echo "== libFuzzer build (clang): fuzzing p11mux over the null, race-detector and spec-bender backends for 60 s"
-cmake -S . -B build/fuzz -G Ninja -DP11MUX_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+cmake -S . -B build/fuzz -G Ninja -DP11MUX_WERROR=ON "${sanitized[@]}" \
   -DCMAKE_CXX_COMPILER=clang++ -DP11MUX_FUZZ=ON -DP11MUX_BUILD_EXAMPLES=OFF >/dev/null
 cmake --build build/fuzz -j "$jobs" --target p11mux-fuzz
 rm -rf build/fuzz/corpus && mkdir -p build/fuzz/corpus
