@@ -121,8 +121,11 @@ template <class F, class Run, class WithObjects, class... Rest>
     // [pool] bind = open never gives a backend session back during a call.
     if (!rt.binds_on_state()) [[likely]]
       return run_once();
+    // `run` leaves the giving back to this (forward.hpp, call_on_binding's
+    // kUnbinds), so that bind = open tests the mode once a call.
     const CK_SESSION_HANDLE made_on = s.anchor.backend;
     const CK_RV rv = run_once();
+    unbind_if_idle(s);
     if (made_on != CK_INVALID_HANDLE && s.anchor.backend != made_on) [[unlikely]]
       group_session_ended(rt, s.group, s.member, made_on);
     return rv;

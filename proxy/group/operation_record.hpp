@@ -243,11 +243,19 @@ class MechanismCopy {
   // pParameter. Inline, the common case: the session's last mechanism
   // again, without a parameter (an ECDSA or HMAC key signing).
   CopyResult assign(const CK_MECHANISM& m) noexcept {
+    if (assign_again(m)) [[likely]]
+      return CopyResult::ok;
+    return assign_looked_up(m);
+  }
+  // assign's common case alone: true when `m` is the copy's mechanism
+  // again, without a parameter, which it now holds; false when it needs
+  // assign (and nothing changed).
+  bool assign_again(const CK_MECHANISM& m) noexcept {
     if (plain_ && m.ulParameterLen == 0 && m.mechanism == mechanism_.mechanism) [[likely]] {
       held_ = true;
-      return CopyResult::ok;
+      return true;
     }
-    return assign_looked_up(m);
+    return false;
   }
   void clear() noexcept { held_ = false; }
   bool empty() const noexcept { return !held_; }
@@ -318,9 +326,17 @@ class OperationRecord {
   // A successful Init: copies the mechanism (a failed copy leaves the
   // operation active but not replayable; the application's call is unaffected).
   void started(OpMask kind, const CK_MECHANISM& m, CK_OBJECT_HANDLE virtual_key) noexcept {
-    phase_ = Phase::initialized;
-    kind_ = kind;
     key_ = virtual_key;
+    // The common case writes kind_, phase_ and copied_, which are adjacent,
+    // as constants: one store (callgrind: 4 instructions a C_SignInit).
+    if (mechanism_.assign_again(m)) [[likely]] {
+      kind_ = kind;
+      phase_ = Phase::initialized;
+      copied_ = CopyResult::ok;
+      return;
+    }
+    kind_ = kind;
+    phase_ = Phase::initialized;
     copied_ = mechanism_.assign(m);
   }
   // A call that continues the operation (Update, C_DigestKey) returned rv.
