@@ -22,9 +22,9 @@ Options:
                     p11-kit shim (default: build/release)
   --backends LIST   softhsm, mock (default: "softhsm mock")
   --configs LIST    direct, serialize, multiplex, p11kit, group (default: all;
-                    p11kit and group only over SoftHSM2; group: a group of
-                    one member, the token, in serialize mode, against
-                    serialize: the cost of a group with nothing to balance)
+                    p11kit only over SoftHSM2; group: a group of one member,
+                    the token, in serialize mode, against serialize: the
+                    cost of a group with nothing to balance)
   --ops LIST        random (C_GenerateRandom, 16 bytes), session-info,
                     open-close (default: all three); also sign (C_SignInit +
                     C_Sign, HMAC-SHA256 with a session key made before the loop)
@@ -91,9 +91,12 @@ export SOFTHSM2_CONF="$work/softhsm2.conf"
 softhsm2-util --init-token --free --label bench --so-pin 12345678 --pin 123456 >/dev/null
 # p11-kit-proxy with SoftHSM2 as its only module (see p11kit_isolate.cpp).
 printf 'module: %s\n' "$softhsm" >"$work/p11kit/softhsm2.module"
-# A group of one member, the token above (README.md, "Several HSMs").
+# A group of one member (README.md, "Several HSMs"): the token above, or
+# the mock's first.
 printf '[backend.hsm]\nmodule = %s\n[group.one]\nmembers = hsm/label:bench\n' "$softhsm" \
-  >"$work/group.conf"
+  >"$work/group-softhsm.conf"
+printf '[backend.hsm]\nmodule = %s\n[group.one]\nmembers = hsm/label:mock-token-0\n' "$mock" \
+  >"$work/group-mock.conf"
 export P11MUX_LOG_LEVEL=off
 
 # run BACKEND CONFIG OP COUNT: "TOTAL IN_P11MUX" instructions, or fails with
@@ -112,7 +115,7 @@ run() {
       env=(P11KIT_ISOLATE_MODULES="$work/p11kit" LD_PRELOAD="$shim") ;;
     group)
       module=$p11mux
-      env=(P11MUX_CONFIG="$work/group.conf" P11MUX_MODULE= P11MUX_SESSION_MODE=serialize) ;;
+      env=(P11MUX_CONFIG="$work/group-$1.conf" P11MUX_MODULE= P11MUX_SESSION_MODE=serialize) ;;
   esac
   local out="$work/callgrind.out"
   rm -f "$out"
@@ -127,7 +130,7 @@ run() {
   awk -v total="$total" '
     /^ob=/ { ob = substr($0, 4); next }
     /^calls=/ { skip = 1; next }
-    /^[0-9]/ { if (skip) { skip = 0; next } if (ob ~ /libp11mux/) own += $2 }
+    /^[0-9]/ { if (skip) { skip = 0; next } if (ob ~ /libp11mux\.so/) own += $2 }
     END { print total, own + 0 }' "$out"
 }
 
@@ -137,7 +140,7 @@ for backend in $backends; do
   for op in $ops; do
     base=""
     for config in $configs; do
-      case $config in p11kit | group) [ "$backend" = softhsm ] || continue ;; esac
+      case $config in p11kit) [ "$backend" = softhsm ] || continue ;; esac
       if a=$(run "$backend" "$config" "$op" "$short" 2>"$work/why") &&
         b=$(run "$backend" "$config" "$op" "$long" 2>"$work/why"); then
         read -r a a_own <<<"$a"
