@@ -611,6 +611,14 @@ void extra(State& s, std::size_t op) {
       if (std::string_view(mock.function_name(fn)) == "C_Finalize") fn = 0;
       std::snprintf(c.fail_function, sizeof c.fail_function, "%s", mock.function_name(fn));
       c.fail_rv = s.in.pick(codes);
+      // Nor a C_Initialize answering CKR_CRYPTOKI_ALREADY_INITIALIZED: that
+      // says another user of the process initialized the backend, which
+      // p11mux takes at its word (docs/pkcs11-facts.md, "Initializing the backend");
+      // the mock, still uninitialized, would then count p11mux's next call
+      // as one after finalization (corpus/6093030bd408930396abe13b54ddb576904700ce).
+      if (std::string_view(c.fail_function) == "C_Initialize" &&
+          c.fail_rv == CKR_CRYPTOKI_ALREADY_INITIALIZED)
+        c.fail_rv = CKR_DEVICE_ERROR;
       c.fail_nth = s.in.below(4);
       mock.configure(&c);
       break;
