@@ -206,8 +206,8 @@ template <class F, class Via, class Observation, class CallBackend, class... R>
     // made again is not one). Only a member's answer other than CKR_OK
     // marks an interruption, and no later step of the call turns that
     // answer into CKR_OK: a success needs no look, and its records' update
-    // is compiled for CKR_OK (callgrind: 5 instructions a C_Sign, issue
-    // 15's "+50").
+    // is compiled for CKR_OK (callgrind: 8 instructions a C_Sign, 3 a
+    // C_SignInit; issue 15's "+50").
     if (rv == CKR_OK) [[likely]] {
       operations.template after<F>(CKR_OK, CK_SESSION_HANDLE{}, rest...);
       return CKR_OK;
