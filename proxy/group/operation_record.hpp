@@ -327,17 +327,14 @@ class OperationRecord {
   // operation active but not replayable; the application's call is unaffected).
   void started(OpMask kind, const CK_MECHANISM& m, CK_OBJECT_HANDLE virtual_key) noexcept {
     key_ = virtual_key;
-    // The common case writes kind_, phase_ and copied_, which are adjacent,
-    // as constants: one store (callgrind: 4 instructions a C_SignInit).
-    if (mechanism_.assign_again(m)) [[likely]] {
-      kind_ = kind;
-      phase_ = Phase::initialized;
-      copied_ = CopyResult::ok;
-      return;
-    }
+    // kind_, phase_ and copied_ are adjacent: written as constants, they are
+    // one store, which a copy that needs more than assign_again then
+    // corrects (callgrind: 4 instructions a C_SignInit).
     kind_ = kind;
     phase_ = Phase::initialized;
-    copied_ = mechanism_.assign(m);
+    copied_ = CopyResult::ok;
+    if (!mechanism_.assign_again(m)) [[unlikely]]
+      copied_ = mechanism_.assign(m);
   }
   // A call that continues the operation (Update, C_DigestKey) returned rv.
   void continued(CK_RV rv) noexcept {
