@@ -23,8 +23,9 @@ Options:
   --backends LIST   softhsm, mock (default: "softhsm mock")
   --configs LIST    direct, serialize, multiplex, p11kit, group (default: all;
                     p11kit only over SoftHSM2; group: a group of one member,
-                    the token, in serialize mode, against serialize: the
-                    cost of a group with nothing to balance)
+                    SoftHSM2's token or the mock's first, in serialize mode,
+                    against serialize: the cost of a group with nothing to
+                    balance)
   --ops LIST        random (C_GenerateRandom, 16 bytes), session-info,
                     open-close (default: all three); also sign (C_SignInit +
                     C_Sign, HMAC-SHA256 with a session key made before the loop)
